@@ -1,0 +1,126 @@
+"""The typed schema of a preset: every key a `.toml` preset may hold, its type, range and default.
+
+Unknown keys are rejected (`extra="forbid"`) so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Auto = Literal["auto"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name: str = Field("builtin:demo-tiny", description="Hub id, local directory, or builtin:demo-tiny")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
+    load_in_4bit: bool = Field(False, description="QLoRA: load the base weights as NF4 (bitsandbytes)")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Compute dtype; auto = bf16 where supported, else fp16; fp32 on CPU"
+    )
+    trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+
+
+class LoraSection(_Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank")
+    alpha: int = Field(16, ge=1, le=4096, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout; 0 keeps the fused fast path")
+    targets: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="Module names to adapt, or all-linear"
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _non_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one module name, or 'all-linear'")
+        return value
+
+
+DataFormat = Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text"]
+
+
+class DataSection(_Section):
+    source: str = Field("builtin:arithmetic", description="File, directory, hub id, or builtin:NAME")
+    format: DataFormat = Field("auto", description="Force a format instead of detecting it")
+    split: str = Field("train", description="Split to read from a hub dataset or a saved DatasetDict")
+    max_length: int = Field(2048, ge=16, le=1_048_576, description="Longest sequence in tokens")
+    packing: bool = Field(True, description="Pack rows into padding-free batches")
+    loss_on: Literal["assistant", "all"] = Field("assistant", description="Tokens that are trained on")
+    max_bad_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="Stop when more than this share of rows is unusable"
+    )
+    eval_fraction: float = Field(0.0, ge=0.0, lt=0.5, description="Share of rows held out for eval")
+    max_rows: int | None = Field(None, ge=1, description="Use at most this many rows")
+
+
+class TrainSection(_Section):
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set")
+    epochs: float = Field(1.0, gt=0.0, le=1000.0, description="Passes over the data")
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate")
+    effective_batch: int = Field(8, ge=1, le=65536, description="Rows per optimizer step")
+    seed: int = Field(42, ge=0, description="Seed for data order, init and dropout")
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit needs bitsandbytes")
+    logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(100, ge=1, description="Checkpoint every N optimizer steps")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk")
+    eval_steps: int | None = Field(None, ge=1)
+    max_bad_steps: int = Field(
+        5, ge=1, description="Consecutive NaN/inf steps (skipped) before the run stops"
+    )
+    kernels: Literal["auto", "on", "off"] = Field("auto", description="sftop's fused Triton kernels")
+
+
+class PlanSection(_Section):
+    micro_batch: Union[Auto, int] = Field("auto", description="Sequences per micro-batch, or auto")
+    grad_accum: Union[Auto, int] = Field("auto", description="Micro-batches per optimizer step, or auto")
+    gradient_checkpointing: Union[Auto, Literal["off", "on", "offload"]] = Field(
+        "auto", description="Recompute activations to save memory"
+    )
+
+    @field_validator("micro_batch", "grad_accum")
+    @classmethod
+    def _positive(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1, or \"auto\"")
+        return value
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _bool_alias(cls, value):
+        if value is True:
+            return "on"
+        if value is False:
+            return "off"
+        return value
+
+
+class Preset(_Section):
+    """A whole preset. Section and key names are part of the public interface: keep them."""
+
+    name: str = Field("unnamed", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    description: str = ""
+    model: ModelSection = Field(default_factory=ModelSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    plan: PlanSection = Field(default_factory=PlanSection)
+
+
+SECTIONS = {
+    "model": ModelSection,
+    "lora": LoraSection,
+    "data": DataSection,
+    "train": TrainSection,
+    "plan": PlanSection,
+}

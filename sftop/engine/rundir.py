@@ -1,0 +1,115 @@
+"""A run directory and what lives in it.
+
+    runs/<timestamp>-<name>/
+        preset.toml      the fully resolved preset the run used (repeat with `sftop run THIS/preset.toml`)
+        events.jsonl     the event stream (see sftop.engine.events)
+        stdout.log       everything the trainer printed
+        status.json      written by the supervisor: pid, pgid, start time, exit code, final status
+        checkpoints/     checkpoint-<step>/ directories, each complete or absent (atomic rename)
+        adapter/         the final LoRA adapter (PEFT format)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sftop.engine.paths import runs_dir
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def preset(self) -> Path:
+        return self.path / "preset.toml"
+
+    @property
+    def events(self) -> Path:
+        return self.path / "events.jsonl"
+
+    @property
+    def stdout_log(self) -> Path:
+        return self.path / "stdout.log"
+
+    @property
+    def status_file(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    def create(self) -> "RunDir":
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(exist_ok=True)
+        return self
+
+    def read_status(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.status_file.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def write_status(self, **fields: Any) -> dict[str, Any]:
+        """Merge `fields` into status.json atomically (write a temp file, then rename)."""
+        status = {**self.read_status(), **fields}
+        tmp = self.status_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(status, indent=2), encoding="utf-8")
+        os.replace(tmp, self.status_file)
+        return status
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Finished checkpoints, oldest first. Temp dirs of an interrupted save never match."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = []
+        for child in self.checkpoints.iterdir():
+            match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", child.name)
+            if match and child.is_dir():
+                found.append((int(match.group(1)), child))
+        return [p for _, p in sorted(found)]
+
+    def latest_checkpoint(self) -> Path | None:
+        done = self.complete_checkpoints()
+        return done[-1] if done else None
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+
+
+def new_run_dir(name: str, base: Path | None = None, when: float | None = None) -> RunDir:
+    base = base or runs_dir()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when or time.time()))
+    path = base / f"{stamp}-{_slug(name)}"
+    n = 1
+    while path.exists():  # two runs started in the same second
+        n += 1
+        path = base / f"{stamp}-{_slug(name)}-{n}"
+    return RunDir(path).create()
+
+
+def list_run_dirs(base: Path | None = None) -> list[RunDir]:
+    """Run directories, newest first."""
+    base = base or runs_dir()
+    if not base.is_dir():
+        return []
+    runs = [RunDir(p) for p in base.iterdir() if p.is_dir() and (p / "preset.toml").exists()]
+    return sorted(runs, key=lambda r: r.path.name, reverse=True)
