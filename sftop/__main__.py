@@ -1,0 +1,5 @@
+import sys
+
+from sftop.cli import main
+
+sys.exit(main())

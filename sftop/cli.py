@@ -1,0 +1,265 @@
+"""The `sftop` command line.
+
+`sftop` alone opens the TUI; every subcommand is a thin front for an engine function, so the TUI,
+the CLI and the tests all run the same code. Heavy imports (torch, transformers, textual) happen
+inside the handlers, so `sftop --help` stays instant.
+
+User errors (`SftopError`) print as one paragraph and exit non-zero; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from sftop import __version__
+from sftop.engine.errors import SftopError
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _color() -> bool:
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from sftop.engine.presets import list_presets, load_preset, to_toml
+
+    if args.action == "list" or args.action is None:
+        presets = list_presets()
+        width = max((len(p.name) for p in presets), default=4)
+        for p in presets:
+            _out(f"{p.name:<{width}}  {p.origin:<8}  {p.description}")
+        return 0
+    if not args.name:
+        raise SftopError("`sftop presets show` needs a preset name", hint="Run `sftop presets list` to see them")
+    preset, path = load_preset(args.name, args.set)
+    _out(f"# {path}")
+    _out(to_toml(preset).rstrip())
+    return 0
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from sftop.engine.data.check import check_data, render_check
+    from sftop.engine.presets import load_preset
+
+    preset, _ = load_preset(args.preset, args.set)
+    result = check_data(preset)
+    _out(render_check(result, color=_color()))
+    return 0
+
+
+# --- plan ----------------------------------------------------------------------------------------
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sftop.engine.planner import load_model_config, plan_run, render_plan
+    from sftop.engine.presets import load_preset
+
+    preset, _ = load_preset(args.preset, args.set)
+    plan = plan_run(preset, load_model_config(preset), gpu_memory_gib=args.gpu_memory)
+    if args.json:
+        _out(json.dumps(plan.to_dict(), indent=2))
+    else:
+        _out(render_plan(plan, color=_color()))
+    return 0
+
+
+# --- run / resume --------------------------------------------------------------------------------
+
+
+def _run(preset_ref: str, overrides: list[str], run_dir_arg: str | None, resume: bool) -> int:
+    from sftop.engine.presets import load_preset
+    from sftop.engine.rundir import RunDir, new_run_dir
+
+    preset, path = load_preset(preset_ref, overrides)  # before the heavy imports: a typo fails at once
+    from sftop.engine.train.runner import run_training
+
+    if run_dir_arg:
+        run_dir = RunDir(Path(run_dir_arg).expanduser().resolve()).create()
+    elif resume and path.name == "preset.toml" and (path.parent / "events.jsonl").exists():
+        run_dir = RunDir(path.parent.resolve())  # resuming the run this preset came from
+    else:
+        run_dir = new_run_dir(preset.name)
+    if not resume:
+        _out(f"sftop: run directory {run_dir.path}")
+    return run_training(preset, run_dir, resume=resume)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run(args.preset, args.set, args.run_dir, args.resume)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from sftop.engine.runs import find_run
+
+    run = find_run(args.run)
+    return _run(str(run.path / "preset.toml"), [], str(run.path), resume=True)
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sftop.engine.export import export_run
+    from sftop.engine.runs import find_run
+
+    run = find_run(args.run_dir)
+    out = export_run(run, merged=args.merged, out=Path(args.out).expanduser() if args.out else None)
+    _out(f"sftop: {'merged model' if args.merged else 'adapter'} written to {out}")
+    return 0
+
+
+# --- runs / attach / stop ------------------------------------------------------------------------
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from sftop.engine.runs import list_runs
+
+    runs = list_runs()
+    if not runs:
+        _out("No runs yet. Start one with `sftop run demo` or open the TUI with `sftop`.")
+        return 0
+    for r in runs:
+        _out(r.one_line())
+    return 0
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from sftop.engine.runs import find_run
+    from sftop.tui import run_app
+
+    run = find_run(args.run)
+    return run_app(start="dashboard", run=run)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from sftop.engine.runs import find_run, stop_run
+
+    run = find_run(args.run)
+    _out(stop_run(run, wait=args.wait))
+    return 0
+
+
+# --- doctor --------------------------------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from sftop.engine.doctor import diagnose, render_report
+
+    report = diagnose()
+    _out(json.dumps(report.to_dict(), indent=2) if args.json else render_report(report, color=_color()))
+    return 0 if report.ok else 1
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from sftop.tui import run_app
+
+    return run_app(start="home", preset=getattr(args, "preset", None))
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a preset key, e.g. --set train.max_steps=20 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sftop",
+        description="Fine-tune LLMs from a terminal. Run `sftop` alone for the TUI.",
+    )
+    parser.add_argument("--version", action="version", version=f"sftop {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("tui", help="open the TUI (the default)")
+    p.add_argument("preset", nargs="?", help="start the wizard with this preset")
+    p.set_defaults(func=cmd_tui)
+
+    p = sub.add_parser("run", help="train headless from a preset (name, user preset or .toml path)")
+    p.add_argument("preset")
+    _add_set(p)
+    p.add_argument("--run-dir", help="write the run here instead of a new directory under the state dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="continue a stopped or failed run from its newest complete checkpoint")
+    p.add_argument("run", help="run directory or run name")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("presets", help="list the presets, or show one with every key resolved")
+    p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p.add_argument("name", nargs="?")
+    _add_set(p)
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("data", help="check a preset's dataset before training")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("preset")
+    _add_set(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("plan", help="show how the run would be sized for the GPU, and its memory breakdown")
+    p.add_argument("preset")
+    _add_set(p)
+    p.add_argument("--gpu-memory", type=float, metavar="GIB", help="plan for a GPU with this much free memory")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("export", help="write a run's adapter, or with --merged a full merged model")
+    p.add_argument("run_dir")
+    p.add_argument("--merged", action="store_true", help="merge the adapter into the base model")
+    p.add_argument("--out", help="output directory (default: inside the run directory)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("runs", help="list runs")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("attach", help="open the dashboard on a run (default: the newest)")
+    p.add_argument("run", nargs="?")
+    p.set_defaults(func=cmd_attach)
+
+    p = sub.add_parser("stop", help="stop a run: it saves a checkpoint first")
+    p.add_argument("run")
+    p.add_argument("--wait", action="store_true", help="wait until the run has exited")
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("doctor", help="check Python, torch, CUDA, GPUs, disk and terminal")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = getattr(args, "func", cmd_tui)
+    try:
+        return int(func(args) or 0)
+    except SftopError as exc:
+        print(f"sftop: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("sftop: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
