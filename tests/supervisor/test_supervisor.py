@@ -1,0 +1,134 @@
+import os
+import time
+
+import pytest
+
+from sftop.engine.errors import SftopError
+from sftop.engine.events import read_events
+from sftop.engine.presets import load_preset
+from sftop.engine.rundir import new_run_dir
+from sftop.engine.runs import EventFollower, find_run, list_runs, request_checkpoint, stop_run, summarize
+from sftop.engine.supervisor import launch_run, process_alive
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+def final_status(run):
+    return wait_for(lambda: run.read_status().get("status") in ("finished", "failed", "stopped") and run.read_status())
+
+
+def test_detached_supervisor_records_a_finished_run(fake_trainer):
+    run = new_run_dir("demo")
+    launched = launch_run("demo", run, command=fake_trainer(run, steps=3))
+    assert launched == run
+    assert run.preset.read_text().startswith('name = "demo"')
+    status = final_status(run)
+    assert status["status"] == "finished"
+    assert status["exit_code"] == 0
+    assert status["pid"] != status["supervisor_pid"]
+    assert status["pgid"] == status["pid"]
+    assert status["started"] <= status["ended"]
+    # Its own session: an SSH hangup of ours never reaches it.
+    assert status["supervisor_session"] != os.getsid(0)
+    summary = summarize(run)
+    assert (summary.status, summary.step, summary.total_steps) == ("finished", 3, 3)
+    assert summary.final_loss == pytest.approx(2 / 3)
+    assert summary.model == "builtin:demo-tiny" and summary.preset_name == "demo"
+    assert "fake trainer started" in run.stdout_log.read_text()
+
+
+def test_trainer_dying_without_terminal_event_is_recorded_as_failed(fake_trainer):
+    run = new_run_dir("crash")
+    launch_run("demo", run, command=fake_trainer(run, steps=2, exit_code=3))
+    status = final_status(run)
+    assert status["status"] == "failed" and status["exit_code"] == 3
+    records, _ = read_events(run.events)
+    assert records[-1]["type"] == "run_failed"
+    assert "exited with code 3" in records[-1]["reason"] and records[-1]["step"] == 2
+    assert summarize(run).reason == records[-1]["reason"]
+
+
+def test_stop_run_sends_sigterm_and_the_trainer_checkpoints(fake_trainer):
+    run = new_run_dir("long")
+    launch_run("demo", run, command=fake_trainer(run, steps=10_000, delay=0.02))
+    wait_for(lambda: summarize(run).step)
+    assert summarize(run).status == "running"
+    assert stop_run(run, wait=20) == "stopped"
+    status = run.read_status()
+    assert status["status"] == "stopped" and status["exit_code"] == 0
+    assert run.latest_checkpoint() is not None
+    assert not process_alive(status["pid"], status["trainer_start"])
+    assert stop_run(run) == "stopped"  # stopping a stopped run is a no-op
+
+
+def test_supervisor_killed_hard_is_reported_lost(fake_trainer):
+    run = new_run_dir("lost")
+    launch_run("demo", run, command=fake_trainer(run, steps=10_000, delay=0.02))
+    wait_for(lambda: summarize(run).step)
+    status = run.read_status()
+    os.killpg(status["pgid"], 9)
+    os.kill(status["supervisor_pid"], 9)
+    wait_for(lambda: summarize(run).status == "lost", timeout=10)
+
+
+def test_list_and_find_runs(fake_trainer):
+    with pytest.raises(SftopError, match="no runs yet"):
+        find_run()
+    a = new_run_dir("alpha", when=1_700_000_000)
+    b = new_run_dir("beta", when=1_700_000_100)
+    for run in (a, b):
+        launch_run("demo", run, command=fake_trainer(run, steps=1, delay=0))
+    for run in (a, b):
+        final_status(run)
+    assert [s.name for s in list_runs()] == [b.name, a.name]
+    assert find_run() == b
+    assert find_run("alpha") == a
+    assert find_run(b.name) == b
+    assert find_run(str(a.path)) == a
+    with pytest.raises(SftopError, match="No run named"):
+        find_run("gamma")
+    with pytest.raises(SftopError, match="matches 2 runs"):
+        find_run("2023")
+
+
+def test_preset_object_is_written_resolved(fake_trainer):
+    preset, _ = load_preset("demo", ["train.max_steps=7"])
+    run = new_run_dir("obj")
+    launch_run(preset, run, command=fake_trainer(run, steps=1, delay=0))
+    final_status(run)
+    text = run.preset.read_text()
+    assert "max_steps = 7" in text and "[lora]" in text and "effective_batch = 16" in text
+
+
+def test_event_follower_replays_then_tails(tmp_path):
+    from sftop.engine.events import EventWriter, Message
+
+    path = tmp_path / "events.jsonl"
+    follower = EventFollower(path, poll_interval=0.01)
+    assert follower.read_new() == []
+    with EventWriter(path) as writer:
+        writer.write(Message(level="info", text="one"))
+        writer.write(Message(level="info", text="two"))
+    assert [r["text"] for r in follower.read_new()] == ["one", "two"]
+    with open(path, "a") as fh:
+        fh.write('{"v": 1, "type": "message", "text": "half')  # being written
+    assert follower.read_new() == []
+    with open(path, "a") as fh:
+        fh.write('"}\n')
+    assert [r["text"] for r in follower.read_new()] == ["half"]
+    batches = follower.follow()
+    assert next(batches) == []
+
+
+def test_request_checkpoint_writes_control_file(tmp_path):
+    run = new_run_dir("ctl")
+    path = request_checkpoint(run)
+    assert path == run.path / "control" / "checkpoint" and path.exists()
