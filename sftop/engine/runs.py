@@ -49,6 +49,19 @@ class RunSummary:
     def active(self) -> bool:
         return self.status in ACTIVE_STATUSES
 
+    @property
+    def progress(self) -> str:
+        if self.step is None:
+            return "-"
+        return f"{self.step}/{self.total_steps}" if self.total_steps else str(self.step)
+
+    def one_line(self) -> str:
+        loss = self.final_loss if self.final_loss is not None else self.loss
+        loss_text = f"loss {loss:.4f}" if loss is not None else "loss -"
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.started)) if self.started else "-"
+        return (f"{self.name:<40} {self.status:<9} step {self.progress:<11} {loss_text:<12} "
+                f"{started}  {self.model or '?'}")
+
 
 def _first_record(path: Path) -> dict[str, Any] | None:
     try:
@@ -174,16 +187,17 @@ def find_run(ref: str | Path | None = None, base: Path | None = None) -> RunDir:
     )
 
 
-def stop_run(run: RunDir, wait: float | None = None, force: bool = False) -> str:
-    """Ask a run to stop: SIGTERM, so the trainer saves a checkpoint and exits.
+def stop_run(run: RunDir, wait: bool | float = False, force: bool = False) -> str:
+    """Ask a run to stop: SIGTERM, so the trainer saves a checkpoint and exits. Returns a message.
 
-    Returns at once unless `wait` seconds are given, then the status it reached. With
-    `force`, a run still alive after `wait` gets SIGKILL (its last checkpoint stays).
+    Returns at once unless `wait` (True: up to 10 minutes, or a number of seconds). With
+    `force`, a trainer still alive after the wait gets SIGKILL (its last checkpoint stays).
+    `effective_status(run)` gives the status afterwards.
     """
     status = run.read_status()
     current = effective_status(run, status)
     if current not in ACTIVE_STATUSES:
-        return current
+        return f"Run {run.name} is not running (status: {current})"
     sent = False
     # The supervisor forwards the signal to the trainer's process group and records the outcome.
     if process_alive(status.get("supervisor_pid"), status.get("supervisor_start")):
@@ -199,14 +213,15 @@ def stop_run(run: RunDir, wait: float | None = None, force: bool = False) -> str
         except ProcessLookupError:
             pass
     if not sent:
-        return effective_status(run)
-    if wait is None:
-        return "stopping"
-    deadline = time.monotonic() + wait
+        return f"Run {run.name} is no longer running (status: {effective_status(run)})"
+    if wait is False:
+        return f"Stopping run {run.name}: it saves a checkpoint, then exits. `sftop runs` shows when it has."
+    timeout = 600.0 if wait is True else float(wait)
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         now = effective_status(run)
         if now not in ACTIVE_STATUSES:
-            return now
+            return _stopped_message(run, now)
         time.sleep(0.1)
     if force:
         status = run.read_status()
@@ -217,7 +232,14 @@ def stop_run(run: RunDir, wait: float | None = None, force: bool = False) -> str
                 pass
             # The supervisor sees the kill and records the run as failed.
             time.sleep(0.5)
-    return effective_status(run)
+        return _stopped_message(run, effective_status(run))
+    return f"Run {run.name} is still saving after {timeout:.0f} s; it keeps going in the background"
+
+
+def _stopped_message(run: RunDir, status: str) -> str:
+    latest = run.latest_checkpoint()
+    where = f"; newest checkpoint: {latest}" if latest else ""
+    return f"Run {run.name} {status}{where}. Resume it with `sftop resume {run.name}`"
 
 
 def request_checkpoint(run: RunDir) -> Path:

@@ -3,7 +3,7 @@
 `launch_run` writes the run's resolved `preset.toml` and starts a detached supervisor:
 its own session (so an SSH hangup never reaches it), stdin from /dev/null, output to the
 run's `stdout.log`. The supervisor (`python -m sftop.engine.supervisor RUN_DIR`) runs the
-trainer (`python -m sftop.cli run RUN_DIR/preset.toml --run-dir RUN_DIR`) as its child in
+trainer (`python -m sftop run RUN_DIR/preset.toml --run-dir RUN_DIR`) as its child in
 the child's own process group, and records in `status.json`:
 
     status             starting -> running -> finished | failed | stopped
@@ -38,7 +38,7 @@ ACTIVE_STATUSES = frozenset({"starting", "running", "stopping"})
 
 
 def trainer_command(run_dir: RunDir, resume: bool = False) -> list[str]:
-    cmd = [sys.executable, "-m", "sftop.cli", "run", str(run_dir.preset), "--run-dir", str(run_dir.path)]
+    cmd = [sys.executable, "-m", "sftop", "run", str(run_dir.preset), "--run-dir", str(run_dir.path)]
     if resume:
         cmd.append("--resume")
     return cmd

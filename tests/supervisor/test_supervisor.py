@@ -42,6 +42,8 @@ def test_detached_supervisor_records_a_finished_run(fake_trainer):
     assert (summary.status, summary.step, summary.total_steps) == ("finished", 3, 3)
     assert summary.final_loss == pytest.approx(2 / 3)
     assert summary.model == "builtin:demo-tiny" and summary.preset_name == "demo"
+    line = summary.one_line()
+    assert run.name in line and "finished" in line and "step 3/3" in line and "loss 0.6667" in line
     assert "fake trainer started" in run.stdout_log.read_text()
 
 
@@ -61,12 +63,13 @@ def test_stop_run_sends_sigterm_and_the_trainer_checkpoints(fake_trainer):
     launch_run("demo", run, command=fake_trainer(run, steps=10_000, delay=0.02))
     wait_for(lambda: summarize(run).step)
     assert summarize(run).status == "running"
-    assert stop_run(run, wait=20) == "stopped"
+    message = stop_run(run, wait=20)
+    assert message.startswith(f"Run {run.name} stopped; newest checkpoint: ") and "sftop resume" in message
     status = run.read_status()
     assert status["status"] == "stopped" and status["exit_code"] == 0
     assert run.latest_checkpoint() is not None
     assert not process_alive(status["pid"], status["trainer_start"])
-    assert stop_run(run) == "stopped"  # stopping a stopped run is a no-op
+    assert stop_run(run) == f"Run {run.name} is not running (status: stopped)"
 
 
 def test_supervisor_killed_hard_is_reported_lost(fake_trainer):
