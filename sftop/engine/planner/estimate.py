@@ -1,0 +1,333 @@
+"""Analytic peak memory of one LoRA/QLoRA training step, term by term, from the model's config alone.
+
+The model follows docs/planner.md (and the measurements in the research notes it cites):
+
+    peak allocated = weights + dequant transient + LoRA (params, grads, optimizer states)
+                     + cuBLAS workspace + max(loss phase, backward phase)
+      loss phase     = saved activations + the loss's own peak
+      backward phase = saved activations + one recomputed layer (checkpointing) + backward transient
+                       + the gradient the loss hands back
+    peak on the device = peak allocated + allocator margin + CUDA context
+
+"peak allocated" is what `torch.cuda.max_memory_allocated` reads; the device peak is what NVML
+would see and is what must fit in the GPU's free memory.
+
+All sizes are bytes. Per-token terms are multiplied by the tokens in one micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Mapping
+
+GIB = 1024**3
+MIB = 1024**2
+
+Checkpointing = Literal["off", "on", "offload"]
+LossImpl = Literal["fused", "chunked", "full"]
+
+# The seven projections of a Llama-like decoder block, as PEFT names them.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Measured on an H100 with CUDA 13 (research notes §A5); not part of max_memory_allocated.
+CUDA_CONTEXT_BYTES = int(0.6 * GIB)
+# cuBLAS/cuBLASLt workspaces come from the caching allocator: one per handle, and autograd's
+# backward thread holds its own handle, hence two.
+CUBLAS_WORKSPACE_BYTES = 2 * 32 * MIB
+# Reserved ran 4-23% above allocated with the default allocator (research §A5); sftop sets
+# expandable_segments, which keeps the low end, so 10% of the memory that changes within a step.
+ALLOCATOR_MARGIN = 0.10
+# sftop's fused linear+CE keeps one chunk of logits under this size (sftop.kernels).
+FUSED_CE_CHUNK_BYTES = 512 * MIB
+# TRL's chunked log-prob head: a [4096, 32768] tile in the compute dtype.
+TRL_CE_TILE_BYTES = 4096 * 32768 * 2
+NF4_BLOCK = 64
+NF4_DQ_GROUP = 256  # double quantisation: 8-bit absmax with one fp32 constant per 256 blocks
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that decide memory, read from an HF config (no weights needed)."""
+
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    attn_bias: bool = False
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def projection_dims(self) -> dict[str, tuple[int, int]]:
+        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters of the decoder blocks' projections: what NF4 quantises."""
+        return self.layers * sum(a * b for a, b in self.projection_dims().values())
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embeddings plus an untied lm_head: these stay 16-bit under NF4."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def small_params(self) -> int:
+        """Norm weights and attention biases."""
+        bias = (self.q_dim + 2 * self.kv_dim) if self.attn_bias else 0
+        return self.layers * (2 * self.hidden + bias) + self.hidden
+
+    @property
+    def total_params(self) -> int:
+        return self.linear_params + self.embedding_params + self.small_params
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        """From a transformers `PretrainedConfig` or a plain dict (config.json). VLMs: the text model."""
+        cfg = _as_mapping(config)
+        text = cfg.get("text_config")
+        if text is not None:
+            text_cfg = _as_mapping(text)
+            # Tying is often declared on the outer config of a VLM.
+            if "tie_word_embeddings" not in text_cfg and "tie_word_embeddings" in cfg:
+                text_cfg = {**text_cfg, "tie_word_embeddings": cfg["tie_word_embeddings"]}
+            cfg = text_cfg
+        try:
+            hidden = int(cfg["hidden_size"])
+            layers = int(cfg["num_hidden_layers"])
+            heads = int(cfg["num_attention_heads"])
+            intermediate = int(cfg.get("intermediate_size") or 4 * hidden)
+            vocab = int(cfg["vocab_size"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"the model config lacks {exc} needed to size memory") from None
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        model_type = str(cfg.get("model_type") or "unknown")
+        # Qwen2 has q/k/v biases without declaring them; others say so with attention_bias.
+        attn_bias = bool(cfg.get("attention_bias", model_type in ("qwen2", "qwen2_vl", "qwen2_5_vl")))
+        return cls(
+            model_type=model_type,
+            hidden=hidden,
+            intermediate=intermediate,
+            layers=layers,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            vocab=vocab,
+            tied=bool(cfg.get("tie_word_embeddings", False)),
+            attn_bias=attn_bias,
+        )
+
+
+def _as_mapping(config: Any) -> Mapping[str, Any]:
+    if isinstance(config, Mapping):
+        return config
+    if hasattr(config, "to_dict"):
+        data = config.to_dict()
+        # to_dict() turns a nested sub-config into a dict already; keep the object's attributes too
+        # because some configs expose computed values (head_dim) only as attributes.
+        for key in ("head_dim", "num_key_value_heads", "tie_word_embeddings"):
+            if key not in data and getattr(config, key, None) is not None:
+                data[key] = getattr(config, key)
+        return data
+    return vars(config)
+
+
+def lora_modules(targets: str | Iterable[str]) -> tuple[str, ...]:
+    """Which of the seven projections the LoRA targets name. PEFT's "all-linear" skips lm_head."""
+    if targets == "all-linear":
+        return PROJECTIONS
+    names = set(targets)  # type: ignore[arg-type]
+    return tuple(p for p in PROJECTIONS if p in names)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything besides the model shape and batch that changes memory."""
+
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    load_in_4bit: bool = False
+    double_quant: bool = True
+    # PEFT's prepare_model_for_kbit_training upcasts the non-quantised weights to fp32.
+    upcast_non_quantized: bool = False
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] = PROJECTIONS
+    lora_dropout: float = 0.0
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    checkpointing: Checkpointing = "off"
+    kernels: bool = True  # sftop's fused RMSNorm, SwiGLU and linear+cross-entropy
+    loss: LossImpl = "fused"
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+@dataclass
+class Estimate:
+    """Peak memory of one step, each term separately (bytes)."""
+
+    terms: dict[str, int]
+    allocated_bytes: int  # what torch.cuda.max_memory_allocated should read
+    device_bytes: int  # allocated + allocator margin + CUDA context: what must fit in free memory
+    peak_phase: str  # "loss" or "backward": where the peak happens
+    tokens: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def allocated_gib(self) -> float:
+        return self.allocated_bytes / GIB
+
+    @property
+    def device_gib(self) -> float:
+        return self.device_bytes / GIB
+
+    def breakdown_gib(self) -> dict[str, float]:
+        return {k: round(v / GIB, 4) for k, v in self.terms.items()}
+
+
+def weight_bytes(shape: ModelShape, setup: Setup) -> int:
+    """The frozen base model as loaded."""
+    dt = DTYPE_BYTES[setup.dtype]
+    if not setup.load_in_4bit:
+        return shape.total_params * dt
+    per_param_bits = 4 + (8 / NF4_BLOCK + 32 / (NF4_BLOCK * NF4_DQ_GROUP) if setup.double_quant else 32 / NF4_BLOCK)
+    quantised = shape.linear_params * per_param_bits / 8
+    other_dt = 4 if setup.upcast_non_quantized else 2
+    return int(quantised + (shape.embedding_params + shape.small_params) * other_dt)
+
+
+def dequant_transient_bytes(shape: ModelShape, setup: Setup) -> int:
+    """NF4 matmuls dequantise one weight to 16-bit at a time; backward can overlap two."""
+    if not setup.load_in_4bit:
+        return 0
+    biggest = max(a * b for a, b in shape.projection_dims().values())
+    return 2 * biggest * 2
+
+
+def lora_params(shape: ModelShape, r: int, targets: Iterable[str]) -> int:
+    dims = shape.projection_dims()
+    return shape.layers * r * sum(sum(dims[name]) for name in targets)
+
+
+def lora_state_bytes(shape: ModelShape, setup: Setup) -> dict[str, int]:
+    """Adapters are kept fp32 by PEFT (autocast_adapter_dtype), so are their grads."""
+    p = lora_params(shape, setup.lora_r, setup.lora_targets)
+    optim = 8 * p if setup.optimizer == "adamw" else 2 * p  # m and v: fp32 each, or 8-bit each
+    return {"lora_params": 4 * p, "lora_grads": 4 * p, "optimizer_states": optim}
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, setup: Setup, seq_len: int) -> int:
+    """Bytes one decoder block saves for backward, per token (HF block + PEFT LoRA, SDPA).
+
+    Stock (research §A3, matched measurement within 1%): bf16 Q, K, V and attention output;
+    gate, up and SiLU(gate); the fp32 input each RMSNorm keeps; the fp32 copy of each adapted
+    projection's input that PEFT saves for lora_A. sftop's kernels save the norms' bf16 input
+    (plus one fp32 rstd) and SwiGLU's gate and up only.
+    """
+    h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
+    dt = DTYPE_BYTES[setup.dtype]
+    attention = dt * (2 * q + 2 * kv)
+    mlp = dt * (2 * i) if setup.kernels else dt * (3 * i)
+    norms = 2 * (dt * h + 4) if setup.kernels else 2 * (4 * h)
+    dims = shape.projection_dims()
+    adapted_inputs = sum(dims[name][0] for name in setup.lora_targets)
+    total = attention + mlp + norms + 4 * adapted_inputs
+    if setup.lora_dropout > 0:
+        total += adapted_inputs  # one-byte keep mask per adapted input element
+    if setup.attention == "eager":
+        total += (4 + dt) * shape.heads * seq_len  # fp32 softmax and its copy, per query token
+    return total
+
+
+def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None = None) -> Estimate:
+    """Peak memory for a micro-batch of `tokens` tokens (rows of at most `seq_len` each)."""
+    seq_len = seq_len or tokens
+    h = shape.hidden
+    dt = DTYPE_BYTES[setup.dtype]
+    notes: list[str] = []
+    terms: dict[str, int] = {}
+    terms["weights"] = weight_bytes(shape, setup)
+    terms["dequant_transient"] = dequant_transient_bytes(shape, setup)
+    terms.update(lora_state_bytes(shape, setup))
+    terms["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
+
+    a_layer = layer_activation_bytes_per_token(shape, setup, seq_len)
+    final_norm = (dt * h + 4) if setup.kernels else 4 * h
+    if setup.checkpointing == "off":
+        saved_tok = shape.layers * a_layer + final_norm
+        recompute_tok = 0
+    elif setup.checkpointing == "on":
+        saved_tok = shape.layers * dt * h + final_norm  # each block's input
+        recompute_tok = a_layer
+    else:  # offload: block inputs live in pinned host memory; two are on the GPU in flight
+        saved_tok = 2 * dt * h + final_norm
+        recompute_tok = a_layer
+        notes.append(
+            f"offloaded checkpointing keeps {shape.layers * dt * h * tokens / GIB:.2f} GiB of block inputs in CPU RAM"
+        )
+
+    # What the loss holds: per-token saved tensors, a fixed transient, and its peak per token.
+    if setup.loss == "full":
+        # HF ForCausalLMLoss: 16-bit logits, their fp32 copy, fp32 log-softmax and gradients (~14 V measured at the anchors, 12 V in research §A8).
+        loss_saved_tok = 0
+        loss_peak = 14 * shape.vocab * tokens
+        loss_grad_tok = dt * h
+    elif setup.loss == "chunked":
+        # TRL's chunked log-prob head saves a copy of the scored hidden states; backward
+        # accumulates an fp32 gradient for them.
+        loss_saved_tok = dt * h + 16
+        loss_peak = min(TRL_CE_TILE_BYTES, tokens * 32768 * 2)
+        loss_grad_tok = 4 * h + dt * h
+    else:
+        # sftop's fused linear+CE computes dX in forward (kept for backward) through one chunk of logits.
+        loss_saved_tok = dt * h + 4
+        chunk = min(FUSED_CE_CHUNK_BYTES, tokens * shape.vocab * dt)
+        loss_peak = 2 * chunk + 2 * dt * h * tokens  # logits chunk, its product, the gathered rows and dX
+        loss_grad_tok = dt * h
+
+    # During one block's backward: gradients of its MLP (gate/up width) and hidden width in flight,
+    # net of the saved tensors it frees as it goes (fits the measured GC peak, research §A8).
+    backward_tok = 4 * shape.intermediate + 4 * h
+    if setup.dtype == "fp32":
+        backward_tok *= 2
+
+    saved = (saved_tok + loss_saved_tok) * tokens
+    loss_phase = saved + loss_peak
+    backward_phase = saved + (recompute_tok + backward_tok + loss_grad_tok) * tokens
+    terms["activations"] = saved_tok * tokens
+    terms["loss_saved"] = loss_saved_tok * tokens
+    if loss_phase >= backward_phase:
+        phase = "loss"
+        terms["loss_peak"] = loss_peak
+    else:
+        phase = "backward"
+        if recompute_tok:
+            terms["recomputed_layer"] = recompute_tok * tokens
+        terms["backward_transient"] = (backward_tok + loss_grad_tok) * tokens
+    allocated = sum(terms.values())
+    dynamic = allocated - terms["weights"] - terms["lora_params"]
+    terms["allocator_margin"] = int(ALLOCATOR_MARGIN * dynamic)
+    terms["cuda_context"] = CUDA_CONTEXT_BYTES
+    device = sum(terms.values())
+    return Estimate(
+        terms=terms, allocated_bytes=allocated, device_bytes=device, peak_phase=phase, tokens=tokens, notes=notes
+    )

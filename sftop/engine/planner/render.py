@@ -1,0 +1,70 @@
+"""`sftop plan` output: the chosen plan, why, and its memory breakdown."""
+
+from __future__ import annotations
+
+from sftop.engine.planner.solve import Plan
+
+_LABELS = {
+    "weights": "base weights" ,
+    "dequant_transient": "NF4 dequantised weight (transient)",
+    "lora_params": "LoRA parameters (fp32)",
+    "lora_grads": "LoRA gradients (fp32)",
+    "optimizer_states": "optimizer states",
+    "cublas_workspace": "cuBLAS workspace",
+    "activations": "saved activations",
+    "loss_saved": "loss: saved per token",
+    "loss_peak": "loss: logits chunk peak",
+    "recomputed_layer": "recomputed block (checkpointing)",
+    "backward_transient": "backward transient",
+    "probe_correction": "probe correction",
+    "allocator_margin": "allocator margin",
+    "cuda_context": "CUDA context",
+}
+
+
+def render_plan(plan: Plan, color: bool = False) -> str:
+    def bold(text: str) -> str:
+        return f"\033[1m{text}\033[0m" if color else text
+
+    def tone(text: str, ok: bool) -> str:
+        if not color:
+            return text
+        return f"\033[32m{text}\033[0m" if ok else f"\033[33m{text}\033[0m"
+
+    where = plan.device + (f" ({plan.gpu_name})" if plan.gpu_name else "")
+    lines = [
+        bold(f"Plan for {plan.model_name} on {where}"),
+        f"  micro-batch      {plan.micro_batch} rows"
+        + (f" (packed, up to {plan.tokens_per_micro_batch} tokens)" if plan.packing else f" x {plan.max_length} tokens"),
+        f"  accumulation     {plan.grad_accum}  (effective batch {plan.effective_batch})",
+        f"  checkpointing    {plan.gradient_checkpointing}",
+        f"  weights          {'NF4 (4-bit)' if plan.load_in_4bit else plan.dtype}, LoRA r={plan.lora_r}, "
+        f"optimizer {plan.optimizer}, kernels {'sftop fused' if plan.kernels else 'stock'}",
+        f"  peak memory      {plan.predicted_peak_gib:.2f} GiB of {plan.budget_gib:.2f} GiB budget "
+        + tone(f"(headroom {plan.headroom_gib:.2f} GiB)", plan.headroom_gib >= 0),
+        f"  why              {plan.reason}",
+        "",
+        bold("Memory breakdown (GiB)"),
+    ]
+    width = max(len(v) for v in _LABELS.values())
+    for key, value in plan.breakdown.items():
+        if value == 0:
+            continue
+        lines.append(f"  {_LABELS.get(key, key):<{width}}  {value:8.3f}")
+    lines.append(f"  {'total (device peak)':<{width}}  {plan.predicted_peak_gib:8.3f}")
+    lines.append(f"  {'of which torch allocated':<{width}}  {plan.predicted_allocated_gib:8.3f}")
+    fitting = [c for c in plan.candidates if c["fits"]]
+    if len(plan.candidates) > 1:
+        lines += ["", bold("Candidates (fastest first)"), "  micro x accum  checkpointing  peak GiB  rel. time"]
+        for c in plan.candidates[:12]:
+            mark = "*" if (c["micro_batch"], c["gradient_checkpointing"]) == (plan.micro_batch, plan.gradient_checkpointing) else " "
+            fit = f"{c['relative_step_time']:.2f}" if c["fits"] else "does not fit"
+            lines.append(
+                f"{mark} {c['micro_batch']:>5} x {c['grad_accum']:<5}  {c['gradient_checkpointing']:<13}  "
+                f"{c['predicted_peak_gib']:8.2f}  {fit}"
+            )
+        if len(plan.candidates) > 12:
+            lines.append(f"  ... {len(plan.candidates) - 12} more ({len(fitting)} fit in all)")
+    if plan.notes:
+        lines += ["", bold("Notes")] + [f"  - {n}" for n in plan.notes]
+    return "\n".join(lines)

@@ -1,0 +1,501 @@
+"""Choose micro-batch, gradient accumulation and checkpointing so a run fits its GPU and runs fast.
+
+Every candidate (checkpointing mode x micro-batch dividing the effective batch) is sized for its
+worst micro-batch (micro_batch rows of max_length tokens) with `estimate`, kept if its device peak
+fits the budget, and ranked by a relative step-time model; the fastest wins. More memory only adds
+candidates, so a bigger GPU never gets a slower plan. docs/planner.md states the rules.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sftop.engine.errors import PresetError, ResourceError
+from sftop.engine.gpu import GIB, GpuStatus, read_gpus
+from sftop.engine.planner.estimate import (
+    Estimate,
+    ModelShape,
+    Setup,
+    estimate,
+    lora_modules,
+)
+
+CHECKPOINTING_ORDER = ("off", "on", "offload")
+# Bigger than this and a CPU run would take hours per step: refuse instead of planning for the CPU.
+CPU_MAX_PARAMS = 200_000_000
+# GPU sizes people rent or own (GB as sold, GiB usable), smallest first, for the refusal's advice.
+COMMON_GPUS = (
+    (8, 7.6, "RTX 4060 / 3070"),
+    (12, 11.6, "RTX 3060 / 4070"),
+    (16, 15.6, "RTX 4080 / A4000 / T4"),
+    (24, 23.6, "RTX 3090 / 4090 / A10 / L4"),
+    (40, 39.4, "A100 40GB"),
+    (48, 47.4, "L40S / A6000"),
+    (80, 79.2, "A100 80GB / H100"),
+    (141, 139.8, "H200"),
+)
+# Relative step-time model (see docs/planner.md): a nominal matmul rate, the tokens at which a
+# micro-batch reaches half of it, and the fixed launch/Python cost of a micro-batch.
+NOMINAL_FLOPS = 400e12
+HALF_EFFICIENCY_TOKENS = 512
+MICRO_BATCH_OVERHEAD_S = 0.004
+PER_LAYER_OVERHEAD_S = 0.0004
+DEQUANT_FLOP_EQUIV_PER_PARAM = 1200.0  # NF4 dequantisation is memory-bound: bytes moved in matmul-time
+OFFLOAD_SLOWDOWN = 1.05
+
+
+@dataclass(frozen=True)
+class Constraints:
+    micro_batch: int | None = None
+    grad_accum: int | None = None
+    checkpointing: str | None = None
+
+
+@dataclass
+class PlanContext:
+    """What a plan was solved from, so it can be stepped down or re-solved without the preset."""
+
+    shape: ModelShape
+    setup: Setup  # checkpointing here is ignored; each candidate sets its own
+    model_name: str
+    max_length: int
+    packing: bool
+    effective_batch: int
+    row_tokens_mean: float
+    budget_bytes: int
+    device: str
+    gpu_name: str | None
+    constraints: Constraints
+    calibration: float = 1.0  # measured / predicted dynamic memory, from a probe
+
+
+@dataclass
+class Plan:
+    micro_batch: int
+    grad_accum: int
+    effective_batch: int
+    tokens_per_micro_batch: int
+    packing: bool
+    max_length: int
+    gradient_checkpointing: str
+    load_in_4bit: bool
+    device: str
+    gpu_name: str | None
+    predicted_peak_gib: float
+    predicted_allocated_gib: float
+    budget_gib: float
+    headroom_gib: float
+    breakdown: dict[str, float]
+    predicted_relative_step_time: float
+    candidates: list[dict[str, Any]]
+    reason: str
+    notes: list[str] = field(default_factory=list)
+    model_name: str = ""
+    dtype: str = "bf16"
+    kernels: bool = True
+    loss: str = "fused"
+    lora_r: int = 16
+    optimizer: str = "adamw"
+    context: PlanContext | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "context"}
+        data["breakdown"] = dict(self.breakdown)
+        data["candidates"] = [dict(c) for c in self.candidates]
+        data["notes"] = list(self.notes)
+        return data
+
+    def describe(self) -> str:
+        return (
+            f"micro-batch {self.micro_batch} x accumulation {self.grad_accum}, "
+            f"checkpointing {self.gradient_checkpointing}" + (", 4-bit" if self.load_in_4bit else "")
+        )
+
+
+@dataclass
+class _Candidate:
+    micro_batch: int
+    grad_accum: int
+    checkpointing: str
+    estimate: Estimate
+    device_bytes: int
+    allocated_bytes: int
+    time_s: float
+    fits: bool
+
+    def key(self) -> tuple:
+        # Fastest first; on a tie, less recomputation, then the bigger micro-batch.
+        return (round(self.time_s, 9), CHECKPOINTING_ORDER.index(self.checkpointing), -self.micro_batch)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def setup_from_preset(preset: Any, device: str) -> Setup:
+    """Memory-relevant choices of a preset, for the device it will run on."""
+    on_cpu = device == "cpu"
+    dtype = preset.model.dtype
+    if dtype == "auto":
+        dtype = "fp32" if on_cpu else "bf16"
+    kernels = preset.train.kernels != "off" and not on_cpu
+    attention = preset.model.attn_implementation
+    return Setup(
+        dtype=dtype,
+        load_in_4bit=bool(preset.model.load_in_4bit),
+        lora_r=preset.lora.r,
+        lora_targets=lora_modules(preset.lora.targets),
+        lora_dropout=preset.lora.dropout,
+        optimizer=preset.train.optimizer,
+        kernels=kernels,
+        # Without sftop's kernels TRL's own chunked log-prob head computes the loss.
+        loss="fused" if kernels else "chunked",
+        attention="eager" if attention == "eager" else "sdpa",
+    )
+
+
+def constraints_from_preset(preset: Any) -> Constraints:
+    plan = preset.plan
+    c = Constraints(
+        micro_batch=None if plan.micro_batch == "auto" else int(plan.micro_batch),
+        grad_accum=None if plan.grad_accum == "auto" else int(plan.grad_accum),
+        checkpointing=None if plan.gradient_checkpointing == "auto" else str(plan.gradient_checkpointing),
+    )
+    e = preset.train.effective_batch
+    if c.micro_batch and c.grad_accum and c.micro_batch * c.grad_accum != e:
+        raise PresetError(
+            f"plan.micro_batch ({c.micro_batch}) x plan.grad_accum ({c.grad_accum}) = {c.micro_batch * c.grad_accum}, "
+            f"but train.effective_batch is {e}",
+            where="plan.micro_batch / plan.grad_accum",
+            hint='Make their product equal train.effective_batch, or set one of them to "auto"',
+        )
+    for key, value in (("micro_batch", c.micro_batch), ("grad_accum", c.grad_accum)):
+        if value and e % value:
+            fits = ", ".join(str(d) for d in divisors(e))
+            raise PresetError(
+                f"plan.{key} = {value} does not divide train.effective_batch = {e}, so the effective batch "
+                "could not be kept exactly",
+                where=f"plan.{key}",
+                hint=f"Use one of {fits}, or \"auto\"",
+            )
+    return c
+
+
+def step_time_s(shape: ModelShape, setup: Setup, checkpointing: str, micro_batch: int, grad_accum: int,
+                row_tokens_mean: float, max_length: int, packing: bool) -> float:
+    """Modelled seconds per optimizer step; only ratios between candidates mean anything."""
+    rows = micro_batch
+    if packing:
+        tokens = rows * row_tokens_mean
+    else:
+        # Padded batches grow to their longest row; the expected maximum grows about with log(rows).
+        tokens = rows * min(max_length, row_tokens_mean * (1 + 0.35 * math.log(rows)))
+    matmul_params = shape.linear_params + shape.vocab * shape.hidden
+    # Forward plus input-gradient backward (frozen weights get no weight gradient).
+    flops_tok = 4 * matmul_params
+    ctx = row_tokens_mean / 2  # causal attention: average context per token
+    attn_fwd = 4 * ctx * shape.q_dim * shape.layers
+    flops_tok += 3 * attn_fwd
+    if checkpointing != "off":
+        flops_tok += 2 * shape.linear_params + attn_fwd
+    efficiency = tokens / (tokens + HALF_EFFICIENCY_TOKENS)
+    t = flops_tok * tokens / (NOMINAL_FLOPS * efficiency)
+    if setup.load_in_4bit:
+        passes = 3 if checkpointing != "off" else 2
+        t += passes * shape.linear_params * DEQUANT_FLOP_EQUIV_PER_PARAM / NOMINAL_FLOPS
+    t += MICRO_BATCH_OVERHEAD_S + PER_LAYER_OVERHEAD_S * shape.layers * (1.5 if checkpointing != "off" else 1)
+    if checkpointing == "offload":
+        t *= OFFLOAD_SLOWDOWN
+    return t * grad_accum
+
+
+def _candidate(ctx: PlanContext, checkpointing: str, micro_batch: int) -> _Candidate:
+    setup = replace(ctx.setup, checkpointing=checkpointing)
+    tokens = micro_batch * ctx.max_length
+    est = estimate(ctx.shape, setup, tokens, seq_len=ctx.max_length)
+    allocated, device = est.allocated_bytes, est.device_bytes
+    if ctx.calibration != 1.0:
+        static = est.terms["weights"] + est.terms["lora_params"]
+        extra = int((ctx.calibration - 1.0) * (allocated - static))
+        allocated += extra
+        device += int(extra * 1.1)
+    grad_accum = ctx.effective_batch // micro_batch
+    t = step_time_s(ctx.shape, setup, checkpointing, micro_batch, grad_accum, ctx.row_tokens_mean,
+                    ctx.max_length, ctx.packing)
+    return _Candidate(micro_batch, grad_accum, checkpointing, est, device, allocated, t, device <= ctx.budget_bytes)
+
+
+def _allowed(ctx: PlanContext, constraints: Constraints | None = None) -> list[tuple[str, int]]:
+    c = ctx.constraints if constraints is None else constraints
+    modes = [c.checkpointing] if c.checkpointing else list(CHECKPOINTING_ORDER)
+    if c.micro_batch:
+        sizes = [c.micro_batch]
+    elif c.grad_accum:
+        sizes = [ctx.effective_batch // c.grad_accum]
+    else:
+        sizes = divisors(ctx.effective_batch)
+    return [(m, b) for m in modes for b in sizes]
+
+
+def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate], reason: str,
+               notes: list[str]) -> Plan:
+    fitting = [c for c in candidates if c.fits]
+    best_time = min(c.time_s for c in fitting) if fitting else chosen.time_s
+    budget_gib = ctx.budget_bytes / GIB
+    listing = [
+        {
+            "micro_batch": c.micro_batch,
+            "grad_accum": c.grad_accum,
+            "gradient_checkpointing": c.checkpointing,
+            "predicted_peak_gib": round(c.device_bytes / GIB, 3),
+            "fits": c.fits,
+            "relative_step_time": round(c.time_s / best_time, 3),
+        }
+        for c in sorted(candidates, key=lambda c: c.key())
+    ]
+    breakdown = chosen.estimate.breakdown_gib()
+    if ctx.calibration != 1.0:
+        breakdown["probe_correction"] = round((chosen.allocated_bytes - chosen.estimate.allocated_bytes) / GIB, 4)
+    return Plan(
+        micro_batch=chosen.micro_batch,
+        grad_accum=chosen.grad_accum,
+        effective_batch=ctx.effective_batch,
+        tokens_per_micro_batch=chosen.micro_batch * ctx.max_length,
+        packing=ctx.packing,
+        max_length=ctx.max_length,
+        gradient_checkpointing=chosen.checkpointing,
+        load_in_4bit=ctx.setup.load_in_4bit,
+        device=ctx.device,
+        gpu_name=ctx.gpu_name,
+        predicted_peak_gib=round(chosen.device_bytes / GIB, 3),
+        predicted_allocated_gib=round(chosen.allocated_bytes / GIB, 3),
+        budget_gib=round(budget_gib, 3),
+        headroom_gib=round(budget_gib - chosen.device_bytes / GIB, 3),
+        breakdown=breakdown,
+        predicted_relative_step_time=round(chosen.time_s / best_time, 3),
+        candidates=listing,
+        reason=reason,
+        notes=notes + chosen.estimate.notes,
+        model_name=ctx.model_name,
+        dtype=ctx.setup.dtype,
+        kernels=ctx.setup.kernels,
+        loss=ctx.setup.loss,
+        lora_r=ctx.setup.lora_r,
+        optimizer=ctx.setup.optimizer,
+        context=ctx,
+    )
+
+
+def solve(ctx: PlanContext, notes: list[str] | None = None) -> Plan:
+    """The fastest candidate that fits, or ResourceError naming what would fit."""
+    notes = list(notes or [])
+    candidates = [_candidate(ctx, m, b) for m, b in _allowed(ctx)]
+    fitting = [c for c in candidates if c.fits]
+    if not fitting:
+        raise _refusal(ctx, candidates)
+    chosen = min(fitting, key=lambda c: c.key())
+    reason = _why(ctx, chosen, candidates)
+    return _plan_from(ctx, chosen, candidates, reason, notes)
+
+
+def _why(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate]) -> str:
+    where = f"{ctx.budget_bytes / GIB:.1f} GiB budget on {ctx.device}" + (f" ({ctx.gpu_name})" if ctx.gpu_name else "")
+    text = (
+        f"fastest of {sum(c.fits for c in candidates)} fitting candidates (of {len(candidates)}) in the {where}: "
+        f"micro-batch {chosen.micro_batch} x {chosen.grad_accum}, checkpointing {chosen.checkpointing}"
+    )
+    faster_unfit = [c for c in candidates if not c.fits and c.key() < chosen.key()]
+    if faster_unfit:
+        best = min(faster_unfit, key=lambda c: c.key())
+        text += (
+            f"; micro-batch {best.micro_batch} with checkpointing {best.checkpointing} would be faster but needs "
+            f"{best.device_bytes / GIB:.1f} GiB"
+        )
+    return text
+
+
+def _smallest(ctx: PlanContext, constraints: Constraints | None = None) -> _Candidate:
+    return min((_candidate(ctx, m, b) for m, b in _allowed(ctx, constraints)), key=lambda c: c.device_bytes)
+
+
+def _refusal(ctx: PlanContext, candidates: list[_Candidate]) -> ResourceError:
+    smallest = min(candidates, key=lambda c: c.device_bytes)
+    need = smallest.device_bytes / GIB
+    have = ctx.budget_bytes / GIB
+    where = ctx.device + (f" ({ctx.gpu_name})" if ctx.gpu_name else "")
+    options: list[str] = []
+
+    def fits_with(label: str, new_ctx: PlanContext, constraints: Constraints | None = None) -> bool:
+        c = _smallest(new_ctx, constraints)
+        if c.device_bytes <= ctx.budget_bytes:
+            options.append(f"{label} (needs {c.device_bytes / GIB:.1f} GiB)")
+            return True
+        return False
+
+    if ctx.constraints != Constraints():
+        fits_with('set plan.micro_batch, plan.grad_accum and plan.gradient_checkpointing to "auto"', ctx, Constraints())
+    if not ctx.setup.load_in_4bit:
+        fits_with("set model.load_in_4bit = true (QLoRA)", replace(ctx, setup=replace(ctx.setup, load_in_4bit=True)))
+    length = ctx.max_length // 2
+    while length >= 128:
+        if fits_with(f"set data.max_length = {length}", replace(ctx, max_length=length)):
+            break
+        length //= 2
+    for r in (8, 4):
+        if r < ctx.setup.lora_r and fits_with(f"set lora.r = {r}", replace(ctx, setup=replace(ctx.setup, lora_r=r))):
+            break
+    if ctx.setup.optimizer == "adamw":
+        fits_with('set train.optimizer = "adamw_8bit"', replace(ctx, setup=replace(ctx.setup, optimizer="adamw_8bit")))
+    reserve = _reserve_bytes(ctx.budget_bytes) / GIB
+    gpu = next((g for g in COMMON_GPUS if g[1] - reserve >= need), None)
+    if gpu:
+        options.append(f"use a GPU with at least {gpu[0]} GB such as {gpu[2]}")
+    else:
+        options.append("no single common GPU is large enough as configured")
+    desc = f"micro-batch {smallest.micro_batch}, checkpointing {smallest.checkpointing}"
+    what = (
+        f"{ctx.model_name} does not fit: the smallest plan ({desc}, {ctx.max_length} tokens per row"
+        + (", 4-bit" if ctx.setup.load_in_4bit else "")
+        + f") needs {need:.2f} GiB but {where} has {have:.2f} GiB to spare"
+    )
+    hint = "Changes that would fit: " + "; ".join(options) + ". Check any size with `sftop plan PRESET --gpu-memory GIB`"
+    err = ResourceError(what, where="GPU memory", hint=hint)
+    err.needed_gib = need  # type: ignore[attr-defined]
+    err.options = options  # type: ignore[attr-defined]
+    return err
+
+
+def _reserve_bytes(total_bytes: int) -> int:
+    """Memory left untouched on the GPU: driver growth, other processes' spikes, NCCL and friends."""
+    return int(max(0.25 * GIB, 0.02 * total_bytes))
+
+
+def _host_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 * GIB
+
+
+def plan_run(
+    preset: Any,
+    model_config: Any,
+    *,
+    gpus: GpuStatus | None = None,
+    gpu_memory_gib: float | None = None,
+    row_tokens_mean: float | None = None,
+) -> Plan:
+    """Plan a run of `preset` for the model described by `model_config` (no weights are loaded).
+
+    gpus: the GPUs to plan for (read through NVML when None). gpu_memory_gib: plan for a
+    hypothetical empty GPU of that many GiB instead. row_tokens_mean: mean tokens per row from
+    the data check; it only changes the speed ranking (default: a quarter of max_length).
+    Raises ResourceError when nothing fits, PresetError for contradictory plan.* values.
+    """
+    shape = ModelShape.from_config(model_config)
+    constraints = constraints_from_preset(preset)
+    notes: list[str] = []
+    gpu_name = None
+    if gpu_memory_gib is not None:
+        if gpu_memory_gib <= 0:
+            raise PresetError(f"--gpu-memory must be positive, not {gpu_memory_gib}", hint="Give a size in GiB, e.g. 24")
+        total = int(gpu_memory_gib * GIB)
+        device, gpu_name = "cuda:0", f"hypothetical {gpu_memory_gib:g} GiB GPU"
+        budget = total - _reserve_bytes(total)
+    else:
+        status = gpus if gpus is not None else read_gpus()
+        best = status.best()
+        if best is None:
+            return _plan_cpu(preset, shape, constraints, status.reason or "no GPU is visible", row_tokens_mean)
+        device, gpu_name = best.device, best.name
+        free, total = best.memory_free_bytes or 0, best.memory_total_bytes or best.memory_free_bytes or 0
+        budget = free - _reserve_bytes(total)
+        used_by_others = (best.memory_used_bytes or 0)
+        if used_by_others > 0.5 * GIB:
+            notes.append(f"other processes hold {used_by_others / GIB:.1f} GiB on {device}; the plan uses what is left")
+        others = [g for g in status.gpus if g is not best]
+        if others:
+            notes.append(
+                f"planned for {device}, the GPU with the most free memory; sftop trains on one GPU "
+                f"({len(others)} other visible)"
+            )
+    setup = setup_from_preset(preset, device)
+    if setup.optimizer == "adamw_8bit" and setup.dtype == "fp32" and device == "cpu":
+        notes.append("adamw_8bit needs bitsandbytes on a GPU")
+    ctx = _context(preset, shape, setup, constraints, max(0, budget), device, gpu_name, row_tokens_mean)
+    return solve(ctx, notes)
+
+
+def _context(preset: Any, shape: ModelShape, setup: Setup, constraints: Constraints, budget: int, device: str,
+             gpu_name: str | None, row_tokens_mean: float | None) -> PlanContext:
+    max_length = int(preset.data.max_length)
+    mean = float(row_tokens_mean) if row_tokens_mean else max(1.0, max_length / 4)
+    return PlanContext(
+        shape=shape,
+        setup=setup,
+        model_name=preset.model.name,
+        max_length=max_length,
+        packing=bool(preset.data.packing),
+        effective_batch=int(preset.train.effective_batch),
+        row_tokens_mean=min(mean, max_length),
+        budget_bytes=budget,
+        device=device,
+        gpu_name=gpu_name,
+        constraints=constraints,
+    )
+
+
+def _plan_cpu(preset: Any, shape: ModelShape, constraints: Constraints, reason: str,
+              row_tokens_mean: float | None) -> Plan:
+    name = preset.model.name
+    if shape.total_params > CPU_MAX_PARAMS:
+        raise ResourceError(
+            f"No usable GPU ({reason}), and {name} ({shape.total_params / 1e9:.2f} B parameters) is too big to "
+            "train on the CPU",
+            where="GPU",
+            hint="Run on a machine with an NVIDIA GPU; `sftop plan PRESET --gpu-memory GIB` shows what size it "
+            "needs. The `demo` preset trains on the CPU",
+        )
+    if preset.model.load_in_4bit:
+        raise ResourceError(
+            f"No usable GPU ({reason}), and model.load_in_4bit needs a CUDA GPU",
+            where="model.load_in_4bit",
+            hint="Set model.load_in_4bit = false to train this small model on the CPU, or run on a GPU machine",
+        )
+    setup = setup_from_preset(preset, "cpu")
+    # Leave most of the RAM to the OS, the data pipeline and the tokenizer.
+    budget = int(0.7 * _host_available_bytes())
+    ctx = _context(preset, shape, setup, constraints, budget, "cpu", None, row_tokens_mean)
+    plan = solve(ctx, notes=[f"no GPU: {reason}"])
+    plan.reason = f"training on the CPU because there is no usable GPU ({reason}); " + plan.reason
+    return plan
+
+
+def replan(plan: Plan, *, calibration: float | None = None, constraints: Constraints | None = None,
+           budget_bytes: int | None = None) -> Plan:
+    """Solve again from a plan's context with a measured correction, other constraints or budget."""
+    if plan.context is None:
+        raise ValueError("this plan has no context to re-solve from")
+    ctx = plan.context
+    ctx = replace(
+        ctx,
+        calibration=ctx.calibration if calibration is None else calibration,
+        constraints=ctx.constraints if constraints is None else constraints,
+        budget_bytes=ctx.budget_bytes if budget_bytes is None else budget_bytes,
+    )
+    return solve(ctx, notes=[n for n in plan.notes if n not in ctx_notes(plan)])
+
+
+def ctx_notes(plan: Plan) -> list[str]:
+    return [n for n in plan.notes if n.startswith("offloaded checkpointing keeps")]
+
