@@ -1,0 +1,141 @@
+"""Small generated datasets that ship with sftop, named `builtin:NAME` in `data.source`.
+
+They make the demo and the tests work offline. Every set is generated from a fixed seed, so the
+same name always yields the same rows.
+
+- `arithmetic`: "What is 7+5?" -> "12". Single-digit operands keep the answers one or two
+  characters long, so a tiny model with a character-level tokenizer learns the format and most
+  sums within a few dozen optimizer steps (the demo preset).
+- `reverse`: "Reverse: kato" -> "otak" on short made-up words.
+- `sample-messages`, `sample-sharegpt`, `sample-prompt-completion`, `sample-alpaca`, `sample-text`:
+  the same kind of rows in each supported layout, to show format detection (`sftop data check`).
+- `sample-broken`: chat rows of which a few are malformed, to show how problems are reported.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+from sftop.engine.errors import DataError
+
+PREFIX = "builtin:"
+_SEED = 1234
+
+
+def _arithmetic_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if rng.random() < 0.5:
+            pairs.append((f"What is {a}+{b}?", str(a + b)))
+        else:
+            a, b = max(a, b), min(a, b)  # no negative answers: keeps them short
+            pairs.append((f"What is {a}-{b}?", str(a - b)))
+    return pairs
+
+
+_LETTERS = "abdefiklmnoprstu"
+
+
+def _reverse_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        word = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 5)))
+        pairs.append((f"Reverse: {word}", word[::-1]))
+    return pairs
+
+
+def _chat(pairs: list[tuple[str, str]]) -> list[dict]:
+    return [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in pairs
+    ]
+
+
+def arithmetic() -> list[dict]:
+    return _chat(_arithmetic_pairs(1000, _SEED))
+
+
+def reverse() -> list[dict]:
+    return _chat(_reverse_pairs(1000, _SEED + 1))
+
+
+def _mixed(n: int) -> list[tuple[str, str]]:
+    a, r = _arithmetic_pairs(n, _SEED + 2), _reverse_pairs(n, _SEED + 3)
+    return [p for pair in zip(a, r) for p in pair][:n]
+
+
+def sample_messages() -> list[dict]:
+    rows = _chat(_mixed(24))
+    # Content-parts form, as multimodal datasets store it, alongside plain string content.
+    rows[1]["messages"][0]["content"] = [{"type": "text", "text": rows[1]["messages"][0]["content"]}]
+    rows[2]["messages"].insert(0, {"role": "system", "content": "Answer with the result only."})
+    return rows
+
+
+def sample_sharegpt() -> list[dict]:
+    rows = []
+    for i, (q, a) in enumerate(_mixed(24)):
+        conv = [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+        if i % 6 == 0:
+            conv.insert(0, {"from": "system", "value": "Answer with the result only."})
+        rows.append({"conversations": conv})
+    return rows
+
+
+def sample_prompt_completion() -> list[dict]:
+    return [{"prompt": q, "completion": a} for q, a in _mixed(24)]
+
+
+def sample_alpaca() -> list[dict]:
+    rows = []
+    for q, a in _mixed(24):
+        instruction, _, rest = q.partition(": ")
+        if rest:  # "Reverse: word" -> instruction + input
+            rows.append({"instruction": f"{instruction} the word.", "input": rest, "output": a})
+        else:
+            rows.append({"instruction": q, "input": "", "output": a})
+    return rows
+
+
+def sample_text() -> list[dict]:
+    return [{"text": f"Q: {q}\nA: {a}"} for q, a in _mixed(24)]
+
+
+def sample_broken() -> list[dict]:
+    rows = _chat(_mixed(20))
+    rows[3] = {"messages": [{"role": "user", "content": "What is 2+2?"}]}  # no assistant turn
+    rows[7]["messages"][1]["content"] = ""  # empty answer
+    rows[11]["messages"] = [rows[11]["messages"][1], rows[11]["messages"][0]]  # assistant first
+    rows[15]["messages"][0]["content"] = 42  # not a string
+    return rows
+
+
+BUILTINS: dict[str, Callable[[], list[dict]]] = {
+    "arithmetic": arithmetic,
+    "reverse": reverse,
+    "sample-messages": sample_messages,
+    "sample-sharegpt": sample_sharegpt,
+    "sample-prompt-completion": sample_prompt_completion,
+    "sample-alpaca": sample_alpaca,
+    "sample-text": sample_text,
+    "sample-broken": sample_broken,
+}
+
+
+def builtin_names() -> list[str]:
+    return [PREFIX + name for name in BUILTINS]
+
+
+def load_builtin(source: str) -> list[dict]:
+    name = source[len(PREFIX):] if source.startswith(PREFIX) else source
+    if name not in BUILTINS:
+        raise DataError(
+            f"There is no built-in dataset named `{name}`",
+            where=f"data.source = {source!r}",
+            hint="Built-in datasets: " + ", ".join(builtin_names()),
+        )
+    return BUILTINS[name]()

@@ -1,0 +1,178 @@
+"""`sftop data check PRESET`: what a run would train on, before paying for a GPU.
+
+`check_data` runs the same pipeline as a run (never stopping at `data.max_bad_fraction`, so every
+problem can be listed) and returns a `DataCheckResult`; `render_check` turns it into text for the
+terminal. The TUI reads the dataclass directly: `sample_spans` is the sample as (text, trained)
+runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sftop.engine.data.conversation import RowProblem
+from sftop.engine.data.prepare import DataStats, encode_structured, validate_structure
+from sftop.engine.data.tokenize import trained_spans
+from sftop.engine.presets.schema import Preset
+
+PROBLEMS_KEPT = 50
+PROBLEMS_SHOWN = 10
+
+_DIM, _BOLD, _RED, _GREEN, _RESET = "\x1b[2m", "\x1b[1m", "\x1b[31m", "\x1b[32m", "\x1b[0m"
+TRAINED_OPEN, TRAINED_CLOSE = "«", "»"
+
+
+@dataclass
+class DataCheckResult:
+    source: str
+    source_kind: str
+    format: str
+    format_forced: bool
+    tokenizer: str
+    loss_on: str
+    max_length: int
+    max_bad_fraction: float
+    rows_in_source: int  # before data.max_rows
+    rows_read: int
+    bad_rows: int
+    stats: DataStats
+    problems: list[RowProblem] = field(default_factory=list)  # first PROBLEMS_KEPT, by row index
+    problem_kinds: dict[str, int] = field(default_factory=dict)  # reason kind -> rows
+    sample_index: int | None = None  # source row shown
+    sample_spans: list[tuple[str, bool]] = field(default_factory=list)
+
+    @property
+    def usable_rows(self) -> int:
+        return self.rows_read - self.bad_rows
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.bad_rows / self.rows_read if self.rows_read else 0.0
+
+    @property
+    def would_stop(self) -> bool:
+        """A run with this preset would stop with a DataError before training."""
+        return self.usable_rows == 0 or self.bad_fraction > self.max_bad_fraction
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "source_kind": self.source_kind,
+            "format": self.format,
+            "tokenizer": self.tokenizer,
+            "rows_in_source": self.rows_in_source,
+            "rows_read": self.rows_read,
+            "bad_rows": self.bad_rows,
+            "would_stop": self.would_stop,
+            "stats": self.stats.to_dict(),
+            "problems": [p.to_dict() for p in self.problems],
+            "sample_index": self.sample_index,
+            "sample_spans": [[t, trained] for t, trained in self.sample_spans],
+        }
+
+
+def check_data(preset: Preset, tokenizer=None) -> DataCheckResult:
+    """Run the data pipeline of `preset` and summarise it. Loads the model's tokenizer if not given."""
+    section = preset.data
+    structured = validate_structure(section, strict=False)
+    if tokenizer is None:
+        from sftop.engine.models.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(preset.model)
+    encoding = encode_structured(structured, section, tokenizer)
+    encoded, report = encoding.encoded, encoding.report
+    sample = encoded[0] if encoded else None
+    return DataCheckResult(
+        source=structured.raw.source,
+        source_kind=structured.raw.kind,
+        format=structured.format,
+        format_forced=section.format != "auto",
+        tokenizer=getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+        loss_on=section.loss_on,
+        max_length=section.max_length,
+        max_bad_fraction=section.max_bad_fraction,
+        rows_in_source=structured.raw.total_rows if structured.raw.total_rows is not None else report.total_rows,
+        rows_read=report.total_rows,
+        bad_rows=report.bad_rows,
+        stats=DataStats.from_encoded(encoded),
+        problems=report.problems[:PROBLEMS_KEPT],
+        problem_kinds=report.reason_counts(),
+        sample_index=sample.source_index if sample else None,
+        sample_spans=trained_spans(tokenizer, sample.input_ids, sample.labels) if sample else [],
+    )
+
+
+_KIND_NAMES = {
+    "builtin": "built-in set",
+    "saved": "saved dataset",
+    "hub": "hub dataset",
+    "jsonl": "JSON Lines file",
+    "json": "JSON file",
+    "csv": "CSV file",
+    "tsv": "TSV file",
+    "parquet": "Parquet file",
+}
+
+
+def render_check(result: DataCheckResult, color: bool = False) -> str:
+    def style(text: str, code: str) -> str:
+        return f"{code}{text}{_RESET}" if color else text
+
+    s = result.stats
+    kind = _KIND_NAMES.get(result.source_kind, result.source_kind)
+    fmt = f"{result.format} format" + (" (forced by data.format)" if result.format_forced else " (detected)")
+    lines = [style(f"Data check: {result.source}", _BOLD), f"  {kind}, {fmt}, tokenizer {result.tokenizer}"]
+    limited = ""
+    if result.rows_in_source > result.rows_read:
+        limited = f" (first {result.rows_read:,} of {result.rows_in_source:,}: data.max_rows)"
+    lines.append(
+        f"  rows      {result.rows_read:,} read{limited}, {result.usable_rows:,} usable, {result.bad_rows:,} skipped"
+    )
+    lines.append(
+        f"  tokens    p50 {s.length_p50:,} · p90 {s.length_p90:,} · p99 {s.length_p99:,} · max {s.length_max:,}"
+        f"  (data.max_length {result.max_length:,})"
+    )
+    on = "assistant turns" if result.loss_on == "assistant" else "every token"
+    lines.append(f"  trained   {s.trained_share:.1%} of {s.tokens:,} tokens ({s.trained_tokens:,}; loss on {on})")
+
+    if result.problems:
+        lines.append(style(f"Problems ({result.bad_rows:,} row(s) skipped):", _BOLD))
+        if result.bad_rows > PROBLEMS_SHOWN:
+            for kind_text, count in result.problem_kinds.items():
+                lines.append(f"  {count:>6,} × {kind_text}")
+        for p in result.problems[:PROBLEMS_SHOWN]:
+            lines.append(f"  row {p.index}: {p.reason}")
+        if result.bad_rows > PROBLEMS_SHOWN:
+            lines.append(f"  … and {result.bad_rows - PROBLEMS_SHOWN:,} more row(s)")
+    else:
+        lines.append("Problems: none")
+
+    if result.would_stop:
+        if result.usable_rows == 0:
+            verdict = "STOP: no row can be used; a run would stop before training."
+        else:
+            verdict = (
+                f"STOP: {result.bad_fraction:.1%} of rows are unusable, more than data.max_bad_fraction = "
+                f"{result.max_bad_fraction:g}; a run would stop before training. Fix the rows listed, "
+                "or raise data.max_bad_fraction to skip them."
+            )
+        lines.append(style(verdict, _RED))
+    else:
+        skipped = f" ({result.bad_rows:,} skipped)" if result.bad_rows else ""
+        lines.append(style(f"OK: a run would train on {result.usable_rows:,} rows{skipped}.", _GREEN))
+
+    if result.sample_spans:
+        legend = "dim = context, not trained" if color else f"trained tokens {TRAINED_OPEN}marked{TRAINED_CLOSE}, the rest is context"
+        lines.append(style(f"Sample (row {result.sample_index}; {legend}):", _BOLD))
+        parts = []
+        spans = list(result.sample_spans)
+        while spans and not spans[-1][0].strip("\n"):
+            spans.pop()  # trailing template newline: an empty last line says nothing
+        for text, trained in spans:
+            if color:
+                parts.append(text if trained else style(text, _DIM))
+            else:
+                parts.append(f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if trained else text)
+        body = "".join(parts)
+        lines.extend("  " + line for line in body.split("\n"))
+    return "\n".join(lines)

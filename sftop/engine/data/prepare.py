@@ -1,0 +1,186 @@
+"""The data pipeline's entry point for the trainer: `prepare_data(preset, tokenizer)`.
+
+source -> rows -> format detection -> structural validation -> chat template + masks -> length
+validation -> train/eval split -> `datasets.Dataset` with `input_ids` and `labels` (-100 where not
+trained). TRL's SFTTrainer takes such a dataset as it is (it sees `input_ids` and skips its own
+tokenisation, keeps our `labels`, and can pack it). Leave `assistant_only_loss` and
+`completion_only_loss` off in SFTConfig: the labels already carry the mask.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+
+from sftop.engine.data.conversation import Conversation
+from sftop.engine.data.formats import RowError
+from sftop.engine.data.sources import RawRows, load_rows
+from sftop.engine.data.tokenize import Encoded, Encoder
+from sftop.engine.data.validate import ValidationReport, resolve_format, validate_rows
+from sftop.engine.presets.schema import DataSection, Preset
+
+
+@dataclass
+class DataStats:
+    rows: int  # usable rows (train + eval)
+    train_rows: int
+    eval_rows: int
+    tokens: int  # over usable rows
+    trained_tokens: int
+    length_p50: int
+    length_p90: int
+    length_p99: int
+    length_max: int
+
+    @property
+    def trained_share(self) -> float:
+        return self.trained_tokens / self.tokens if self.tokens else 0.0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["trained_share"] = round(self.trained_share, 4)
+        return out
+
+    @classmethod
+    def from_encoded(cls, encoded: list[Encoded], eval_rows: int = 0) -> "DataStats":
+        lengths = sorted(len(e.input_ids) for e in encoded)
+        return cls(
+            rows=len(encoded),
+            train_rows=len(encoded) - eval_rows,
+            eval_rows=eval_rows,
+            tokens=sum(lengths),
+            trained_tokens=sum(e.trained_tokens for e in encoded),
+            length_p50=_percentile(lengths, 50),
+            length_p90=_percentile(lengths, 90),
+            length_p99=_percentile(lengths, 99),
+            length_max=lengths[-1] if lengths else 0,
+        )
+
+
+def _percentile(sorted_values: list[int], q: float) -> int:
+    """Nearest-rank percentile: always a length that some row really has."""
+    if not sorted_values:
+        return 0
+    rank = max(1, -(-len(sorted_values) * q // 100))  # ceil(n * q / 100)
+    return sorted_values[int(rank) - 1]
+
+
+@dataclass
+class Structured:
+    """The result of the structural pass (no tokenizer needed)."""
+
+    raw: RawRows
+    format: str
+    conversations: list[Conversation]
+    report: ValidationReport
+
+
+@dataclass
+class Encoding:
+    structured: Structured
+    encoded: list[Encoded] = field(default_factory=list)
+
+    @property
+    def report(self) -> ValidationReport:
+        return self.structured.report
+
+
+def validate_structure(section: DataSection, *, strict: bool = True) -> Structured:
+    """Read the source and check every row's structure; runs before any model is loaded.
+
+    With `strict`, raises `DataError` when more than `data.max_bad_fraction` of the rows are bad.
+    """
+    raw = load_rows(section)
+    fmt = resolve_format(raw, section.format)
+    conversations, report = validate_rows(raw, fmt, section.loss_on)
+    if strict:
+        report.raise_if_too_many(section.max_bad_fraction)
+    return Structured(raw, fmt, conversations, report)
+
+
+def encode_structured(structured: Structured, section: DataSection, tokenizer) -> Encoding:
+    """Tokenise the rows that passed the structural pass; rows that fail here join the report."""
+    encoder = Encoder(tokenizer, loss_on=section.loss_on, max_length=section.max_length)
+    if any(not c.is_document for c in structured.conversations):
+        encoder.require_chat_template()
+    result = Encoding(structured)
+    for conv in structured.conversations:
+        try:
+            result.encoded.append(encoder.encode(conv))
+        except RowError as exc:
+            structured.report.add(conv.source_index, str(exc))
+    return result
+
+
+def split_eval(n: int, fraction: float, seed: int) -> list[int]:
+    """Indices (sorted) of the rows held out for evaluation; same seed, same rows."""
+    if fraction <= 0 or n < 2:
+        return []
+    count = min(n - 1, max(1, round(n * fraction)))
+    return sorted(random.Random(seed).sample(range(n), count))
+
+
+@dataclass
+class PreparedData:
+    train: "object"  # datasets.Dataset with input_ids, labels
+    eval: "object | None"
+    report: ValidationReport
+    stats: DataStats
+    format: str
+    source: str
+    source_kind: str
+    loss_on: str
+    max_length: int
+    train_source_rows: list[int] = field(default_factory=list)  # source row index per train row
+    eval_source_rows: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """A small JSON-able summary (for the run_started event)."""
+        return {
+            "source": self.source,
+            "source_kind": self.source_kind,
+            "format": self.format,
+            "loss_on": self.loss_on,
+            "max_length": self.max_length,
+            "rows_read": self.report.total_rows,
+            "rows_skipped": self.report.bad_rows,
+            **self.stats.to_dict(),
+            "problems": [p.to_dict() for p in self.report.problems[:5]],
+        }
+
+
+def _to_dataset(encoded: list[Encoded]):
+    from datasets import Dataset, Features, Sequence, Value
+
+    features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32"))})
+    return Dataset.from_dict(
+        {"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]},
+        features=features,
+    )
+
+
+def prepare_data(preset: Preset, tokenizer) -> PreparedData:
+    """Everything the trainer needs from `preset.data`, or a `DataError` the user can act on."""
+    section = preset.data
+    structured = validate_structure(section, strict=True)
+    encoding = encode_structured(structured, section, tokenizer)
+    report = encoding.report
+    report.raise_if_too_many(section.max_bad_fraction)
+    encoded = encoding.encoded
+    eval_idx = split_eval(len(encoded), section.eval_fraction, preset.train.seed)
+    eval_set = set(eval_idx)
+    train_rows = [e for i, e in enumerate(encoded) if i not in eval_set]
+    eval_rows = [encoded[i] for i in eval_idx]
+    return PreparedData(
+        train=_to_dataset(train_rows),
+        eval=_to_dataset(eval_rows) if eval_rows else None,
+        report=report,
+        stats=DataStats.from_encoded(encoded, eval_rows=len(eval_rows)),
+        format=structured.format,
+        source=structured.raw.source,
+        source_kind=structured.raw.kind,
+        loss_on=section.loss_on,
+        max_length=section.max_length,
+        train_source_rows=[e.source_index for e in train_rows],
+        eval_source_rows=[e.source_index for e in eval_rows],
+    )

@@ -1,0 +1,299 @@
+"""Read the rows named by `data.source`: a local file, a folder, a hub id, or `builtin:NAME`.
+
+Rows come back as plain dicts. JSON Lines files are parsed line by line so that one malformed line
+becomes one reported bad row rather than a failed run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from sftop.engine.data.builtin import PREFIX as BUILTIN_PREFIX
+from sftop.engine.data.builtin import load_builtin
+from sftop.engine.errors import DataError
+from sftop.engine.presets.schema import DataSection
+
+FILE_KINDS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_SUPPORTED = "JSONL, JSON, CSV, TSV or Parquet file, a folder written by `datasets.save_to_disk`, a Hugging Face hub id, or builtin:NAME"
+
+
+@dataclass
+class RawRows:
+    """The rows of one source. `rows[i]` is None where `errors[i]` says why the row is unreadable."""
+
+    source: str  # as the user wrote it
+    kind: str  # jsonl, json, csv, tsv, parquet, saved, hub, builtin
+    rows: Sequence[Any]
+    errors: dict[int, str] = field(default_factory=dict)
+    total_rows: int | None = None  # rows in the source before data.max_rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rows)
+
+    @property
+    def columns(self) -> list[str]:
+        """Column names, from the first rows (JSON rows need not all share the same keys)."""
+        features = getattr(self.rows, "column_names", None)
+        if features is not None:
+            return list(features)
+        seen: dict[str, None] = {}
+        for i, row in enumerate(self.rows):
+            if i >= 200:
+                break
+            if isinstance(row, dict):
+                seen.update(dict.fromkeys(row))
+        return list(seen)
+
+
+class _ArrowRows(Sequence):
+    """A pyarrow table read as dict rows in batches, without converting it all at once."""
+
+    def __init__(self, table):
+        self.table = table
+        self.column_names = list(table.column_names)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, _ = index.indices(len(self))
+            return _ArrowRows(self.table.slice(start, max(0, stop - start)))
+        return self.table.slice(index, 1).to_pylist()[0]
+
+    def __iter__(self):
+        for batch in self.table.to_batches(max_chunksize=1024):
+            yield from batch.to_pylist()
+
+
+def _missing(path: Path, source: str) -> DataError:
+    return DataError(
+        f"Dataset file {path} does not exist",
+        where=f"data.source = {source!r}",
+        hint=f"Check the path (relative paths are resolved from {Path.cwd()}), or use one of the built-in sets such as builtin:arithmetic",
+    )
+
+
+def _read_jsonl(path: Path) -> tuple[list, dict[int, str]]:
+    rows: list = []
+    errors: dict[int, str] = {}
+    with path.open("r", encoding="utf-8-sig") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue  # blank lines (often a trailing one) are not rows
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                errors[len(rows)] = f"line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})"
+                rows.append(None)
+    return rows, errors
+
+
+def _read_json(path: Path, split: str) -> tuple[list, dict[int, str]]:
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # JSON Lines saved under a .json name
+            return _read_jsonl(path)
+        raise DataError(
+            f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}",
+            where=str(path),
+            hint="Fix the file, or save it as JSON Lines (one object per line) so one bad row does not stop the run",
+        ) from None
+    if isinstance(data, dict):
+        lists = {k: v for k, v in data.items() if isinstance(v, list)}
+        if split in lists:
+            data = lists[split]
+        elif len(lists) == 1:
+            data = next(iter(lists.values()))
+        else:
+            raise DataError(
+                f"{path} holds a JSON object, not a list of rows",
+                where=str(path),
+                hint=f"Store the rows as a top-level list, or under a key named after data.split ({split!r})",
+            )
+    if not isinstance(data, list):
+        raise DataError(f"{path} holds a JSON {type(data).__name__}, not a list of rows", where=str(path),
+                        hint="Store the rows as a list of objects, or as JSON Lines")
+    return data, {}
+
+
+def _read_csv(path: Path, delimiter: str) -> list[dict]:
+    csv.field_size_limit(sys.maxsize)
+    with path.open("r", encoding="utf-8-sig", newline="") as fh:
+        return list(csv.DictReader(fh, delimiter=delimiter))
+
+
+def _read_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return _ArrowRows(pq.read_table(path))
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise DataError(f"Cannot read Parquet file {path}: {exc}", where=str(path),
+                        hint="Check that the file is a complete Parquet file") from None
+
+
+def _read_file(path: Path, kind: str, split: str) -> tuple[Sequence, dict[int, str]]:
+    if kind == "jsonl":
+        return _read_jsonl(path)
+    if kind == "json":
+        return _read_json(path, split)
+    if kind in ("csv", "tsv"):
+        return _read_csv(path, "," if kind == "csv" else "\t"), {}
+    return _read_parquet(path), {}
+
+
+def _read_saved(path: Path, split: str, source: str):
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    try:
+        loaded = load_from_disk(str(path))
+    except Exception as exc:
+        raise DataError(f"Cannot read the saved dataset in {path}: {exc}", where=f"data.source = {source!r}",
+                        hint="Point data.source at the folder `save_to_disk` wrote") from None
+    if isinstance(loaded, DatasetDict):
+        if split not in loaded:
+            raise DataError(
+                f"The saved dataset in {path} has no split {split!r}",
+                where=f"data.split = {split!r}",
+                hint="Its splits are " + ", ".join(loaded) + "; set data.split to one of them",
+            )
+        loaded = loaded[split]
+    assert isinstance(loaded, Dataset)
+    return loaded
+
+
+def _read_folder(path: Path, split: str, source: str) -> tuple[str, Sequence, dict[int, str]]:
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return "saved", _read_saved(path, split, source), {}
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_KINDS)
+    kinds = {FILE_KINDS[p.suffix.lower()] for p in files}
+    if not files or len(kinds) > 1:
+        found = "no data files" if not files else "files of several types (" + ", ".join(sorted(kinds)) + ")"
+        raise DataError(
+            f"The folder {path} holds {found}",
+            where=f"data.source = {source!r}",
+            hint=f"Point data.source at a {_SUPPORTED}; a folder may hold data files of one type, which are read in name order",
+        )
+    kind = kinds.pop()
+    rows: list = []
+    errors: dict[int, str] = {}
+    for file in files:
+        part, part_errors = _read_file(file, kind, split)
+        errors.update({len(rows) + i: f"{file.name}: {reason}" for i, reason in part_errors.items()})
+        rows.extend(part)
+    return kind, rows, errors
+
+
+def _offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except Exception:  # pragma: no cover - huggingface_hub ships with datasets
+        pass
+    return os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _read_hub(source: str, section: DataSection):
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetNotFoundError
+
+    offline = _offline()
+    try:
+        return load_dataset(source, split=section.split)
+    except DatasetNotFoundError:
+        if offline:
+            raise _offline_error(source) from None
+        raise DataError(
+            f"No dataset named {source!r} on the Hugging Face hub, and no such local file or folder",
+            where=f"data.source = {source!r}",
+            hint="Check the spelling; for a gated or private dataset run `huggingface-cli login` first",
+        ) from None
+    except (ConnectionError, OSError) as exc:
+        if offline or "offline" in str(exc).lower() or "connect" in str(exc).lower():
+            raise _offline_error(source) from None
+        raise DataError(f"Cannot load {source!r} from the hub: {exc}", where=f"data.source = {source!r}",
+                        hint="Check the dataset id and your network") from None
+    except ValueError as exc:
+        message = str(exc)
+        if "split" in message.lower():
+            raise DataError(f"The hub dataset {source!r} has no split {section.split!r}: {message}",
+                            where=f"data.split = {section.split!r}",
+                            hint="Set data.split to one of the dataset's splits") from None
+        raise DataError(f"Cannot load {source!r} from the hub: {message}", where=f"data.source = {source!r}",
+                        hint="Check the dataset id, or download it and point data.source at the files") from None
+
+
+def _offline_error(source: str) -> DataError:
+    return DataError(
+        f"{source!r} looks like a Hugging Face hub dataset, but the hub cannot be reached (offline) and it is not in the local cache",
+        where=f"data.source = {source!r}",
+        hint=(
+            "Download it on a machine with network access (`datasets.load_dataset(...).save_to_disk(DIR)` "
+            "or the JSONL/Parquet files) and point data.source at that folder or file; if it is a local path, check the spelling"
+        ),
+    )
+
+
+def _looks_like_path(source: str) -> bool:
+    return (
+        source.startswith(("/", "./", "../", "~", "."))
+        or Path(source).suffix.lower() in FILE_KINDS
+        or os.sep in source.strip("/").replace("/", "", 1)  # more than one level: owner/name/...
+        or not _HUB_ID.match(source)
+    )
+
+
+def load_rows(section: DataSection) -> RawRows:
+    """Read the rows `data.source` names, at most `data.max_rows` of them."""
+    source = section.source.strip()
+    if not source:
+        raise DataError("data.source is empty", where="data.source",
+                        hint=f"Set it to a {_SUPPORTED}")
+    errors: dict[int, str] = {}
+    if source.startswith(BUILTIN_PREFIX):
+        kind, rows = "builtin", load_builtin(source)
+    else:
+        path = Path(source).expanduser()
+        if path.is_file():
+            kind = FILE_KINDS.get(path.suffix.lower())
+            if kind is None:
+                raise DataError(
+                    f"sftop cannot read {path.suffix or 'extension-less'} files ({path})",
+                    where=f"data.source = {source!r}",
+                    hint=f"Use a {_SUPPORTED}",
+                )
+            rows, errors = _read_file(path, kind, section.split)
+        elif path.is_dir():
+            kind, rows, errors = _read_folder(path, section.split, source)
+        elif _looks_like_path(source):
+            raise _missing(path, source)
+        else:
+            kind, rows = "hub", _read_hub(source, section)
+    total = len(rows)
+    if section.max_rows is not None and total > section.max_rows:
+        rows = rows.select(range(section.max_rows)) if hasattr(rows, "select") else rows[: section.max_rows]
+        errors = {i: r for i, r in errors.items() if i < section.max_rows}
+    return RawRows(source=source, kind=kind, rows=rows, errors=errors, total_rows=total)

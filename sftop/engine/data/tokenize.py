@@ -1,0 +1,176 @@
+"""Turn conversations into `input_ids` and `labels` with exact loss masks.
+
+The chat template decides what the model sees. To find which tokens belong to assistant turns
+without relying on `{% generation %}` markers (most templates lack them), each assistant turn is
+located by rendering the conversation up to it twice: once ending in the generation prompt (where
+the assistant starts writing) and once including the turn. Both renders must be prefixes of the
+full render; their lengths are the turn's character span. Character positions are then mapped to
+token positions by tokenising the prefix and checking, token by token, that it matches the start
+of the full sequence; only where a merge crosses the boundary do we fall back to offsets.
+
+A turn's span ends with the template's end-of-turn token (trained: the model must learn to stop),
+but whitespace the template puts after that special token (ChatML's newline) is not trained,
+since generation stops before it.
+
+Rows longer than `data.max_length` are skipped and reported, never silently truncated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sftop.engine.data.conversation import Conversation
+from sftop.engine.data.formats import RowError
+from sftop.engine.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    source_index: int
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def _template_error_text(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]
+
+
+class Encoder:
+    """Encodes conversations for one tokenizer and one `data` section."""
+
+    def __init__(self, tokenizer, *, loss_on: str = "assistant", max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.loss_on = loss_on
+        self.max_length = max_length
+        self._special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self._special_ids.update(i for i, tok in decoder.items() if getattr(tok, "special", False))
+        self._whitespace_cache: dict[int, bool] = {}
+
+    # -- chat ---------------------------------------------------------------------------------
+
+    def require_chat_template(self) -> None:
+        if not getattr(self.tokenizer, "chat_template", None):
+            name = getattr(self.tokenizer, "name_or_path", "") or "this model"
+            raise DataError(
+                f"The tokenizer of {name} has no chat template, so chat rows cannot be formatted",
+                where="model.name",
+                hint=(
+                    "Use an instruct/chat model (they ship a template), or give the data as plain `text` "
+                    'rows and set data.format = "text"'
+                ),
+            )
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _ids(self, text: str, *, offsets: bool = False):
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
+        return enc
+
+    def _is_whitespace_token(self, token_id: int) -> bool:
+        cached = self._whitespace_cache.get(token_id)
+        if cached is None:
+            cached = self.tokenizer.decode([token_id]).strip() == ""
+            self._whitespace_cache[token_id] = cached
+        return cached
+
+    def assistant_spans(self, conv: Conversation, full: str) -> list[tuple[int, int]]:
+        """Character spans of the assistant turns in `full`, found by incremental rendering."""
+        messages = conv.template_messages()
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            try:
+                before = self.render(messages[:i], add_generation_prompt=True)
+                through = self.render(messages[: i + 1])
+            except Exception as exc:  # a template's raise_exception() lands here
+                raise RowError(f"the chat template rejected it: {_template_error_text(exc)}") from None
+            if not (full.startswith(before) and full.startswith(through)) or len(through) < len(before):
+                raise RowError(
+                    f"the chat template renders message {i} differently once later messages follow, "
+                    "so its trained tokens cannot be located (split the conversation into one row per assistant turn, "
+                    'or set data.loss_on = "all")'
+                )
+            spans.append((len(before), len(through)))
+        return spans
+
+    def _char_to_token(self, full: str, ids: list[int], offsets, boundary: int, *, is_end: bool) -> int:
+        """Index of the first token at or after character `boundary` of `full`."""
+        if boundary >= len(full):
+            return len(ids)
+        prefix_ids = self._ids(full[:boundary])["input_ids"]
+        if ids[: len(prefix_ids)] == prefix_ids:
+            return len(prefix_ids)
+        # A token straddles the boundary. Count it as part of the trained span on either side.
+        if offsets is None:
+            raise RowError("a token crosses an assistant-turn boundary and this tokenizer gives no offsets")
+        if is_end:
+            return next((t for t, (s, _) in enumerate(offsets) if s >= boundary), len(ids))
+        return next((t for t, (_, e) in enumerate(offsets) if e > boundary), len(ids))
+
+    def encode_chat(self, conv: Conversation) -> tuple[list[int], list[bool]]:
+        messages = conv.template_messages()
+        try:
+            full = self.render(messages)
+        except Exception as exc:
+            raise RowError(f"the chat template rejected it: {_template_error_text(exc)}") from None
+        fast = bool(getattr(self.tokenizer, "is_fast", False))
+        enc = self._ids(full, offsets=fast)
+        ids = list(enc["input_ids"])
+        if self.loss_on == "all":
+            return ids, [True] * len(ids)
+        offsets = enc.get("offset_mapping") if fast else None
+        mask = [False] * len(ids)
+        for start, end in self.assistant_spans(conv, full):
+            t0 = self._char_to_token(full, ids, offsets, start, is_end=False)
+            t1 = self._char_to_token(full, ids, offsets, end, is_end=True)
+            # Whitespace after the end-of-turn token is template glue the model never generates.
+            while t1 - 1 > t0 and self._is_whitespace_token(ids[t1 - 1]) and ids[t1 - 2] in self._special_ids:
+                t1 -= 1
+            for t in range(t0, t1):
+                mask[t] = True
+        return ids, mask
+
+    # -- plain text ---------------------------------------------------------------------------
+
+    def encode_document(self, conv: Conversation) -> tuple[list[int], list[bool]]:
+        ids = list(self.tokenizer(conv.document, add_special_tokens=True)["input_ids"])
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)  # so the model learns where a document ends
+        return ids, [True] * len(ids)
+
+    # -- both -----------------------------------------------------------------------------------
+
+    def encode(self, conv: Conversation) -> Encoded:
+        """Encode one conversation, or raise `RowError` (too long, nothing to train on, template refused)."""
+        ids, mask = self.encode_document(conv) if conv.is_document else self.encode_chat(conv)
+        if self.max_length is not None and len(ids) > self.max_length:
+            raise RowError(f"{len(ids)} tokens, longer than data.max_length = {self.max_length}")
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+        if not any(mask):
+            raise RowError("no tokens to train on after tokenisation")
+        return Encoded(ids, labels, conv.source_index)
+
+
+def trained_spans(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
+    """The sequence as (text, trained) runs, for showing what a row trains on."""
+    runs: list[tuple[str, bool]] = []
+    start = 0
+    for t in range(1, len(input_ids) + 1):
+        if t == len(input_ids) or (labels[t] != IGNORE_INDEX) != (labels[start] != IGNORE_INDEX):
+            text = tokenizer.decode(input_ids[start:t], skip_special_tokens=False)
+            runs.append((text, labels[start] != IGNORE_INDEX))
+            start = t
+    return runs
