@@ -1,0 +1,293 @@
+"""patch_model and the four parts it can patch (rms_norm, rope, mlp, loss)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import types
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .._runtime import kernels_available
+from .registry import FAMILIES, FamilySpec
+
+PARTS = ("rms_norm", "rope", "mlp", "loss")
+FUSED = "fused"
+
+# Marks on patched instances: the forward we replaced (None when the instance had no forward of
+# its own, i.e. it used the class method) and which part did it.
+_ORIG = "_sftop_orig_forward"
+_PART = "_sftop_part"
+
+
+@dataclass
+class PatchReport:
+    family: str
+    parts: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def any_fused(self) -> bool:
+        return any(v == FUSED for v in self.parts.values())
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The HF PreTrainedModel under a PeftModel (or the model itself)."""
+    if type(model).__module__.startswith("peft") and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def _set_forward(module: nn.Module, fn, part: str) -> None:
+    if _ORIG in module.__dict__:  # already patched: keep the first original
+        module.__dict__.pop("forward", None)
+        original = module.__dict__[_ORIG]
+    else:
+        original = module.__dict__.get("forward")
+        module.__dict__[_ORIG] = original
+    base = original if original is not None else types.MethodType(type(module).forward, module)
+    module.forward = types.MethodType(lambda self, *a, **k: fn(self, base, *a, **k), module)
+    module.__dict__[_PART] = part
+
+
+def _restore_forward(module: nn.Module) -> None:
+    if _ORIG not in module.__dict__:
+        return
+    original = module.__dict__.pop(_ORIG)
+    module.__dict__.pop(_PART, None)
+    module.__dict__.pop("forward", None)
+    if original is not None:
+        module.forward = original
+
+
+def _modules_of(model: nn.Module, class_name: str) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ == class_name]
+
+
+# --------------------------------------------------------------------------- rms_norm
+
+
+def _patch_rms_norm(model: nn.Module, spec: FamilySpec) -> str:
+    from ..rms_norm import rms_norm
+
+    mods = _modules_of(model, spec.norm_class)
+    if not mods:
+        return f"stock: no {spec.norm_class} modules found"
+    gemma = spec.gemma_norm
+
+    def forward(self, _orig, x):
+        eps = getattr(self, "variance_epsilon", None)
+        if eps is None:
+            eps = self.eps
+        return rms_norm(x, self.weight, eps, gemma)
+
+    for m in mods:
+        if not isinstance(getattr(m, "weight", None), torch.Tensor):
+            return f"stock: {spec.norm_class} without a weight tensor"
+    for m in mods:
+        _set_forward(m, forward, "rms_norm")
+    return FUSED
+
+
+# --------------------------------------------------------------------------- rope
+
+_rope_state = threading.local()
+
+
+def _rope_active() -> bool:
+    return getattr(_rope_state, "depth", 0) > 0
+
+
+def _install_rope_dispatcher(modeling) -> None:
+    original = modeling.apply_rotary_pos_emb
+    if getattr(original, "_sftop_dispatcher", False):
+        return
+    from ..rope import apply_rope, rope_supported
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        unsqueeze_dim = kwargs.get("unsqueeze_dim", args[-1] if args and isinstance(args[-1], int) else 1)
+        if _rope_active() and unsqueeze_dim in (1, 2):
+            qq, kk = (q, k) if unsqueeze_dim == 1 else (q.transpose(1, 2), k.transpose(1, 2))
+            if rope_supported(qq, kk, cos, sin):
+                return apply_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._sftop_dispatcher = True
+    apply_rotary_pos_emb._sftop_original = original
+    modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+
+def _patch_rope(model: nn.Module, spec: FamilySpec) -> str:
+    try:
+        modeling = importlib.import_module(spec.modeling_module)
+    except ImportError as exc:
+        return f"stock: {spec.modeling_module} not importable ({exc})"
+    if not callable(getattr(modeling, "apply_rotary_pos_emb", None)):
+        return f"stock: {spec.modeling_module} has no apply_rotary_pos_emb"
+    mods = _modules_of(model, spec.attention_class)
+    if not mods:
+        return f"stock: no {spec.attention_class} modules found"
+    _install_rope_dispatcher(modeling)
+
+    def forward(self, orig, *args, **kwargs):
+        _rope_state.depth = getattr(_rope_state, "depth", 0) + 1
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            _rope_state.depth -= 1
+
+    for m in mods:
+        _set_forward(m, forward, "rope")
+    return FUSED
+
+
+# --------------------------------------------------------------------------- mlp
+
+
+def _glu_kind(act: nn.Module) -> int | None:
+    """Which fused activation reproduces `act` exactly, by class (names differ across HF releases)."""
+    from ..glu import GEGLU, SWIGLU
+
+    name = type(act).__name__
+    if isinstance(act, nn.SiLU) or name == "SiLUActivation":
+        return SWIGLU
+    # GELUTanh is gelu_pytorch_tanh; NewGELUActivation (gelu_new) is the same tanh formula
+    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation") or (
+        isinstance(act, nn.GELU) and act.approximate == "tanh"
+    ):
+        return GEGLU
+    return None
+
+
+def _patch_mlp(model: nn.Module, spec: FamilySpec) -> str:
+    from ..glu import GLUFunction
+
+    mods = _modules_of(model, spec.mlp_class)
+    if not mods:
+        return f"stock: no {spec.mlp_class} modules found"
+    kinds = []
+    for m in mods:
+        if not all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            return f"stock: {spec.mlp_class} is not a gate/up/down MLP"
+        kind = _glu_kind(m.act_fn)
+        if kind is None:
+            return f"stock: activation {type(m.act_fn).__name__} has no fused kernel"
+        kinds.append(kind)
+
+    def forward(self, _orig, x):
+        return self.down_proj(GLUFunction.apply(self.gate_proj(x), self.up_proj(x), self._sftop_glu))
+
+    for m, kind in zip(mods, kinds):
+        m._sftop_glu = kind
+        _set_forward(m, forward, "mlp")
+    return FUSED
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def _loss_forward(self, orig, *args, **kwargs):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from ..fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    labels = kwargs.get("labels")
+    shift_labels = kwargs.get("shift_labels")
+    # Paths that need the stock forward: no labels (generation, metrics), TRL's own fused LM head
+    # (it wants per-token log-probs, not a loss), positional calls we can't map safely, and an
+    # explicit request for logits.
+    if (
+        (labels is None and shift_labels is None)
+        or kwargs.get("fused_lm_head")
+        or len(args) > 1
+        or os.environ.get("SFTOP_RETURN_LOGITS", "0") not in ("", "0")
+    ):
+        return orig(*args, **kwargs)
+    if args:
+        kwargs["input_ids"] = args[0]
+    kwargs.pop("labels", None)
+    kwargs.pop("shift_labels", None)
+    kwargs.pop("logits_to_keep", None)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    return_dict = kwargs.pop("return_dict", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+
+    backbone = getattr(self, self.base_model_prefix)
+    out = backbone(**kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if shift_labels is None:
+        # as HF: token t predicts label t+1; the last position predicts nothing
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    head = self.get_output_embeddings()
+    softcap = getattr(self.config, "final_logit_softcapping", None)
+    loss = fused_linear_cross_entropy(
+        hidden, head.weight, shift_labels.to(hidden.device),
+        num_items_in_batch=num_items, ignore_index=ignore_index, softcap=softcap,
+    )
+    result = CausalLMOutputWithPast(
+        loss=loss,
+        logits=None,
+        past_key_values=getattr(out, "past_key_values", None),
+        hidden_states=getattr(out, "hidden_states", None),
+        attentions=getattr(out, "attentions", None),
+    )
+    return result.to_tuple() if return_dict is False else result
+
+
+def _patch_loss(model: nn.Module, spec: FamilySpec) -> str:
+    if type(model).__name__ != spec.causal_lm_class:
+        return f"stock: {type(model).__name__} is not {spec.causal_lm_class}"
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        # PEFT-wrapped or quantised heads have no plain weight to multiply by
+        return f"stock: lm_head is {type(head).__name__}, not a plain nn.Linear"
+    if head.bias is not None:
+        return "stock: lm_head has a bias"
+    if not isinstance(getattr(model, model.base_model_prefix, None), nn.Module):
+        return f"stock: no backbone at .{model.base_model_prefix}"
+    _set_forward(model, _loss_forward, "loss")
+    return FUSED
+
+
+_PATCHERS = {"rms_norm": _patch_rms_norm, "rope": _patch_rope, "mlp": _patch_mlp, "loss": _patch_loss}
+
+
+def _unpatch(model: nn.Module) -> None:
+    for m in model.modules():
+        _restore_forward(m)
+
+
+def patch_model(model: nn.Module, *, enable: bool = True) -> PatchReport:
+    """Patch `model` (an HF causal LM, possibly inside a PeftModel) in place with the fused kernels.
+
+    Returns which parts were fused and, for the others, why they stayed stock.  `enable=False`
+    removes any earlier patch from this model and reports every part as stock.
+    """
+    base = _unwrap_peft(model)
+    config = getattr(base, "config", None)
+    family = getattr(config, "model_type", None) or type(base).__name__
+    if not enable:
+        _unpatch(base)
+        return PatchReport(family, {p: "stock: disabled" for p in PARTS})
+    ok, why = kernels_available()
+    if not ok:
+        return PatchReport(family, {p: f"stock: {why}" for p in PARTS})
+    spec = FAMILIES.get(family)
+    if spec is None:
+        why = f"family '{family}' not supported (supported: {', '.join(sorted(FAMILIES))})"
+        return PatchReport(family, {p: f"stock: {why}" for p in PARTS})
+    parts = {}
+    for part in PARTS:
+        try:
+            parts[part] = _PATCHERS[part](base, spec)
+        except Exception as exc:  # a part that can't be applied must not take the others down
+            parts[part] = f"stock: patch failed ({type(exc).__name__}: {exc})"
+    return PatchReport(family, parts)

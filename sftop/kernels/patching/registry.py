@@ -1,0 +1,46 @@
+"""Per-family facts the patcher needs: where HF keeps the pieces and which norm form they use.
+
+Only names are recorded here; the patcher looks classes up in the loaded transformers at patch
+time, so a transformers release that renames or drops a class makes that part fall back to the
+stock path with a reason instead of failing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    model_type: str
+    modeling_module: str  # holds the module-level apply_rotary_pos_emb the attention calls
+    norm_class: str
+    attention_class: str
+    mlp_class: str
+    causal_lm_class: str
+    gemma_norm: bool = False  # y = x * r * (1 + w) computed in fp32
+
+
+def _spec(model_type: str, module: str, prefix: str, gemma: bool = False) -> FamilySpec:
+    return FamilySpec(
+        model_type=model_type,
+        modeling_module=f"transformers.models.{module}.modeling_{module}",
+        norm_class=f"{prefix}RMSNorm",
+        attention_class=f"{prefix}Attention",
+        mlp_class=f"{prefix}MLP",
+        causal_lm_class=f"{prefix}ForCausalLM",
+        gemma_norm=gemma,
+    )
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    s.model_type: s
+    for s in (
+        _spec("llama", "llama", "Llama"),
+        _spec("mistral", "mistral", "Mistral"),
+        _spec("qwen2", "qwen2", "Qwen2"),
+        _spec("qwen3", "qwen3", "Qwen3"),
+        _spec("gemma2", "gemma2", "Gemma2", gemma=True),
+        _spec("gemma3_text", "gemma3", "Gemma3", gemma=True),
+    )
+}

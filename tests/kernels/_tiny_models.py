@@ -1,0 +1,54 @@
+"""Tiny random-weight models of each supported family, built from configs (no downloads)."""
+
+import copy
+
+import torch
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"]
+VOCAB = 301  # not a power of two
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_config(family: str):
+    from transformers import AutoConfig
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    extra = {}
+    if family == "gemma2":
+        extra = dict(final_logit_softcapping=30.0, attn_logit_softcapping=50.0, sliding_window=8,
+                     query_pre_attn_scalar=16)
+    elif family == "gemma3_text":
+        extra = dict(final_logit_softcapping=30.0, sliding_window=8, query_pre_attn_scalar=16)
+    elif family in ("qwen2", "mistral"):
+        extra = dict(sliding_window=None)
+    return AutoConfig.for_model(family, **common, **extra)
+
+
+def tiny_model(family: str, seed: int = 0, lora: bool = True, **lora_kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family)
+    # gemma2 soft-caps attention logits, which only HF's eager attention implements
+    attn = "eager" if family == "gemma2" else "sdpa"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
+    with torch.no_grad():  # gemma norms start at zero weight; make the (1 + w) path non-trivial
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        kw = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                  init_lora_weights=False)  # B != 0 so every LoRA matrix gets a gradient
+        kw.update(lora_kw)
+        model = get_peft_model(model, LoraConfig(**kw))
+    return model
+
+
+def twin(model):
+    return copy.deepcopy(model)

@@ -1,0 +1,141 @@
+"""Whole tiny models: the patched forward/backward must match the stock one."""
+
+import pytest
+import torch
+
+import sftop.kernels as K
+from sftop.kernels.patching.core import _ORIG
+
+from _kernel_testutil import rel_err
+from _tiny_models import FAMILIES, VOCAB, tiny_model, twin
+
+
+def _batch(kind: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "packed":
+        # three documents in one padding-free row; positions restart per document
+        lens = [7, 12, 9]
+        ids = torch.randint(3, VOCAB, (1, sum(lens)), generator=g)
+        pos = torch.cat([torch.arange(n) for n in lens])[None]
+        labels = ids.clone()
+        starts = torch.tensor([0, 7, 19])
+        labels[0, starts] = -100  # a document's first token has no in-document predecessor
+        return dict(input_ids=ids, position_ids=pos, labels=labels)
+    ids = torch.randint(3, VOCAB, (2, 15), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0  # right padding on the second row
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100  # a masked prompt
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def _loss_and_grads(model, batch, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, **kw)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out, grads
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["padded", "packed", "checkpointed"])
+def test_patched_model_matches_stock(family, mode):
+    stock = tiny_model(family)
+    fused = twin(stock)
+    report = K.patch_model(fused)
+    assert report.family == family
+    assert report.parts == {"rms_norm": "fused", "rope": "fused", "mlp": "fused", "loss": "fused"}
+    for m in (stock, fused):
+        m.train()
+        if mode == "checkpointed":
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = _batch("packed" if mode == "packed" else "padded", seed=hash((family, mode)) % 1000)
+    kw = {"num_items_in_batch": torch.tensor(40)} if mode == "packed" else {}
+
+    s_out, s_grads = _loss_and_grads(stock, batch, **kw)
+    f_out, f_grads = _loss_and_grads(fused, batch, **kw)
+
+    assert f_out.logits is None  # the full logits were never built
+    assert rel_err(f_out.loss, s_out.loss) < 1e-5
+    assert len(f_grads) == len(s_grads) > 0
+    for name, g in s_grads.items():
+        assert g.abs().sum() > 0, name
+        assert rel_err(f_grads[name], g) < 1e-4, name
+
+
+def test_loss_honours_shift_labels_and_num_items():
+    stock = tiny_model("llama")
+    fused = twin(stock)
+    K.patch_model(fused)
+    b = _batch("packed", 3)
+    shift = torch.nn.functional.pad(b["labels"], (0, 1), value=-100)[..., 1:]
+    inputs = dict(input_ids=b["input_ids"], position_ids=b["position_ids"])
+    s = stock(**inputs, labels=b["labels"], num_items_in_batch=torch.tensor(11))
+    f = fused(**inputs, shift_labels=shift, num_items_in_batch=torch.tensor(11))
+    assert rel_err(f.loss, s.loss) < 1e-5
+    # dividing by a different count must change the loss: the argument is really used
+    f2 = fused(**inputs, shift_labels=shift, num_items_in_batch=torch.tensor(22))
+    assert abs(f2.loss.item() * 2 - f.loss.item()) < 1e-5
+
+
+def test_unpatched_models_and_generation_stay_stock():
+    a = tiny_model("llama")
+    b = twin(a)
+    K.patch_model(a)
+    assert any(_ORIG in m.__dict__ for m in a.modules())
+    assert not any(_ORIG in m.__dict__ for m in b.modules())
+    ids = torch.randint(3, VOCAB, (1, 6))
+    # without labels the stock forward runs and logits come back (generation, metrics)
+    out = a(input_ids=ids)
+    assert out.logits is not None and out.logits.shape == (1, 6, VOCAB)
+    assert rel_err(out.logits, b(input_ids=ids).logits) < 1e-5
+    report = K.patch_model(a, enable=False)
+    assert set(report.parts.values()) == {"stock: disabled"}
+    assert not any(_ORIG in m.__dict__ for m in a.modules())
+    assert a(input_ids=ids, labels=ids).logits is not None
+
+
+def test_patch_is_idempotent():
+    a = tiny_model("qwen3")
+    b = twin(a)
+    K.patch_model(a)
+    K.patch_model(a)
+    batch = _batch("padded", 5)
+    assert rel_err(a(**batch).loss, b(**batch).loss) < 1e-5
+
+
+def test_unavailable_kernels_change_nothing(monkeypatch):
+    import sftop.kernels.patching.core as core
+
+    monkeypatch.setattr(core, "kernels_available", lambda: (False, "no CUDA GPU: test"))
+    m = tiny_model("llama")
+    report = K.patch_model(m)
+    assert report.parts == {p: "stock: no CUDA GPU: test" for p in core.PARTS}
+    assert report.to_dict()["family"] == "llama"
+    assert not any(_ORIG in mod.__dict__ for mod in m.modules())
+
+
+def test_unsupported_family_reports_reason():
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    m = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    report = K.patch_model(m)
+    assert report.family == "gpt2"
+    assert all(v.startswith("stock: family 'gpt2' not supported") for v in report.parts.values())
+
+
+def test_lora_on_lm_head_keeps_stock_loss():
+    m = tiny_model("llama", target_modules=["q_proj", "lm_head"])
+    report = K.patch_model(m)
+    assert report.parts["loss"].startswith("stock: lm_head is")
+    assert report.parts["rms_norm"] == "fused"
+
+
+def test_kernels_available_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ok, why = K.kernels_available()
+    assert ok == torch.cuda.is_available()
+    if not ok:
+        assert "TRITON_INTERPRET=1" in why
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert K.kernels_available() == (True, "")
