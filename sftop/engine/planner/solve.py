@@ -89,7 +89,8 @@ class Plan:
     budget_gib: float
     headroom_gib: float
     breakdown: dict[str, float]
-    predicted_relative_step_time: float
+    predicted_relative_step_time: float  # vs the fastest fitting candidate (1.0 = it)
+    modelled_step_s: float  # the step-time model's seconds per optimizer step; only ratios are meaningful
     candidates: list[dict[str, Any]]
     reason: str
     notes: list[str] = field(default_factory=list)
@@ -276,6 +277,7 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
         headroom_gib=round(budget_gib - chosen.device_bytes / GIB, 3),
         breakdown=breakdown,
         predicted_relative_step_time=round(chosen.time_s / best_time, 3),
+        modelled_step_s=chosen.time_s,
         candidates=listing,
         reason=reason,
         notes=notes + chosen.estimate.notes,

@@ -1,0 +1,142 @@
+"""The memory model's terms, checked against numbers worked out by hand for Llama-3.2-1B."""
+
+from __future__ import annotations
+
+import pytest
+from _shapes import llama_1b, llama_8b, qwen_1_5b
+
+from sftop.engine.planner.estimate import (
+    GIB,
+    PROJECTIONS,
+    ModelShape,
+    Setup,
+    estimate,
+    layer_activation_bytes_per_token,
+    lora_modules,
+    lora_params,
+    weight_bytes,
+)
+
+L1B = ModelShape.from_config(llama_1b())
+
+
+def test_shape_from_config_and_dict():
+    s = L1B
+    assert (s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim, s.vocab, s.tied) == (
+        2048, 8192, 16, 32, 8, 64, 128256, True)
+    assert ModelShape.from_config(llama_1b().to_dict()) == s
+    # per block: q,o 2048^2 each; k,v 2048*512 each; gate,up,down 2048*8192 each
+    assert s.linear_params == 16 * (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192) == 973_078_528
+    assert s.embedding_params == 128256 * 2048  # tied: one matrix
+    assert s.total_params == 1_235_814_400  # Llama-3.2-1B's published 1.24 B
+
+
+def test_vlm_text_config_and_qwen_bias():
+    q = ModelShape.from_config(qwen_1_5b())
+    assert q.attn_bias and q.tied and q.head_dim == 128 and q.kv_dim == 256
+    assert 1.5e9 < q.total_params < 1.6e9  # Qwen2.5-1.5B has 1.54 B
+    nested = {"model_type": "llava", "tie_word_embeddings": False, "text_config": llama_1b().to_dict()}
+    nested["text_config"].pop("tie_word_embeddings")
+    assert ModelShape.from_config(nested).hidden == 2048
+    assert ModelShape.from_config(nested).tied is False
+    with pytest.raises(ValueError, match="hidden_size"):
+        ModelShape.from_config({"vocab_size": 10})
+
+
+def test_weights_bf16_fp32_nf4():
+    assert weight_bytes(L1B, Setup()) == 2 * 1_235_814_400
+    assert weight_bytes(L1B, Setup(dtype="fp32")) == 4 * 1_235_814_400
+    # NF4: 4 bits + 8-bit absmax per 64 + fp32 per 256 blocks = 4.126953125 bits per linear param;
+    # embeddings and norms stay bf16.
+    nf4 = 973_078_528 * 4.126953125 / 8
+    assert nf4 == 501_981_184
+    assert weight_bytes(L1B, Setup(load_in_4bit=True)) == 501_981_184 + 2 * (262_668_288 + 67_584)
+    no_dq = weight_bytes(L1B, Setup(load_in_4bit=True, double_quant=False))
+    assert no_dq == int(973_078_528 * 4.5 / 8 + 2 * (262_668_288 + 67_584))
+    upcast = weight_bytes(L1B, Setup(load_in_4bit=True, upcast_non_quantized=True))
+    assert upcast - weight_bytes(L1B, Setup(load_in_4bit=True)) == 2 * (262_668_288 + 67_584)
+
+
+def test_8b_weights_match_research_numbers():
+    s = ModelShape.from_config(llama_8b())
+    assert weight_bytes(s, Setup()) / GIB == pytest.approx(14.96, abs=0.01)
+    nf4_linear = s.linear_params * 4.126953125 / 8 / GIB
+    assert nf4_linear == pytest.approx(3.35, abs=0.01)
+    # r=16 on all seven projections: 41.9 M parameters (research §A2)
+    assert lora_params(s, 16, PROJECTIONS) / 1e6 == pytest.approx(41.9, abs=0.05)
+
+
+def test_lora_terms():
+    # per block sum(d_in + d_out) = 4096 + 2560 + 2560 + 4096 + 3 * 10240 = 44032
+    p = 16 * 16 * 44032
+    assert lora_params(L1B, 16, PROJECTIONS) == p == 11_272_192
+    e = estimate(L1B, Setup(), 1024)
+    assert e.terms["lora_params"] == 4 * p and e.terms["lora_grads"] == 4 * p
+    assert e.terms["optimizer_states"] == 8 * p
+    assert estimate(L1B, Setup(optimizer="adamw_8bit"), 1024).terms["optimizer_states"] == 2 * p
+    assert lora_modules(["q_proj", "v_proj", "lm_head"]) == ("q_proj", "v_proj")
+    assert lora_params(L1B, 8, ("q_proj", "v_proj")) == 16 * 8 * (4096 + 2560)
+
+
+def test_activation_per_token_per_layer():
+    # stock: 36h + 4h_kv + 10i (research §A3) = 73728 + 2048 + 81920
+    assert layer_activation_bytes_per_token(L1B, Setup(kernels=False), 2048) == 157_696
+    # fused norms save bf16 + rstd, fused SwiGLU saves only gate and up
+    assert layer_activation_bytes_per_token(L1B, Setup(kernels=True), 2048) == 157_696 - 4 * 2048 + 8 - 2 * 8192
+    dropout = layer_activation_bytes_per_token(L1B, Setup(kernels=False, lora_dropout=0.05), 2048)
+    assert dropout - 157_696 == 6 * 2048 + 8192  # (6h + i) one-byte masks
+    eager = layer_activation_bytes_per_token(L1B, Setup(kernels=False, attention="eager"), 4096)
+    assert eager - 157_696 == 6 * 32 * 4096
+
+
+def test_full_estimate_by_hand_no_checkpointing_hf_loss():
+    t = 2048
+    e = estimate(L1B, Setup(kernels=False, loss="full"), t)
+    saved_tok = 16 * 157_696 + 4 * 2048  # every block + the fp32 final-norm input
+    assert e.terms["activations"] == saved_tok * t == 5_184_159_744
+    assert e.terms["loss_peak"] == 14 * 128256 * t
+    assert e.peak_phase == "loss"
+    allocated = 2_471_628_800 + 3 * 45_088_768 + 45_088_768 + 64 * 2**20 + 5_184_159_744 + 14 * 128256 * t
+    assert e.allocated_bytes == allocated
+    margin = int(0.10 * (allocated - 2_471_628_800 - 45_088_768))
+    assert e.device_bytes == allocated + margin + int(0.6 * GIB)
+
+
+def test_checkpointing_keeps_block_inputs_and_one_recomputed_block():
+    t = 4096
+    on = estimate(L1B, Setup(checkpointing="on", kernels=False, loss="chunked"), t)
+    assert on.terms["activations"] == (16 * 2 * 2048 + 4 * 2048) * t
+    assert on.peak_phase == "backward"
+    assert on.terms["recomputed_layer"] == 157_696 * t
+    off = estimate(L1B, Setup(checkpointing="off", kernels=False, loss="chunked"), t)
+    offload = estimate(L1B, Setup(checkpointing="offload", kernels=False, loss="chunked"), t)
+    assert offload.allocated_bytes < on.allocated_bytes < off.allocated_bytes
+    assert offload.terms["activations"] == (2 * 2 * 2048 + 4 * 2048) * t
+    assert "CPU RAM" in offload.notes[0]
+
+
+def test_fused_loss_is_far_below_full_logits():
+    t = 8192
+    full = estimate(L1B, Setup(checkpointing="on", kernels=False, loss="full"), t)
+    fused = estimate(L1B, Setup(checkpointing="on", kernels=True, loss="fused"), t)
+    assert full.allocated_gib - fused.allocated_gib > 9  # 14 V bytes/token of fp32 logits at 8k tokens
+    assert fused.terms.get("loss_peak", 0) <= 2 * 512 * 2**20 + 2 * 2 * 2048 * t
+
+
+@pytest.mark.parametrize("tokens", [512, 2048, 8192])
+def test_monotone_in_tokens(tokens):
+    for gc in ("off", "on", "offload"):
+        a = estimate(L1B, Setup(checkpointing=gc), tokens)
+        b = estimate(L1B, Setup(checkpointing=gc), tokens * 2)
+        assert b.allocated_bytes > a.allocated_bytes
+
+
+def test_peers_anchor_magnitudes():
+    """The H100 anchors (shared/anchors.md) are within 10% for the paths we can model."""
+    s8 = ModelShape.from_config(llama_8b())
+    stock_8b = estimate(s8, Setup(checkpointing="on", kernels=False, loss="full"), 2 * 2048)
+    assert stock_8b.allocated_gib == pytest.approx(23.40, rel=0.10)
+    fused_8b = estimate(s8, Setup(checkpointing="on", kernels=True, loss="fused"), 2 * 2048)
+    assert fused_8b.allocated_gib == pytest.approx(17.79, rel=0.10)  # Liger: fused norms, SwiGLU, linear+CE
+    fused_1b = estimate(L1B, Setup(checkpointing="on", kernels=True, loss="fused"), 4 * 2048)
+    assert fused_1b.allocated_gib == pytest.approx(4.39, rel=0.10)

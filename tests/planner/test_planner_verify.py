@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import pytest
+from _shapes import llama_1b, one_gpu, preset
+
+from sftop.engine.errors import ResourceError
+from sftop.engine.gpu import GIB
+from sftop.engine.planner import check_probe, on_oom, plan_run, probe_shape, step_down
+from sftop.engine.planner.solve import replan
+
+
+def test_probe_shape():
+    plan = plan_run(preset(), llama_1b(), gpus=one_gpu(80))
+    assert probe_shape(plan) == (1, plan.micro_batch * 2048)
+    padded = plan_run(preset(packing=False), llama_1b(), gpus=one_gpu(80))
+    assert probe_shape(padded) == (padded.micro_batch, 2048)
+
+
+def test_probe_as_predicted_is_ok():
+    plan = plan_run(preset(), llama_1b(), gpus=one_gpu(24))
+    verdict = check_probe(plan, int(plan.predicted_allocated_gib * GIB))
+    assert verdict.ok and verdict.next_plan is None
+    assert verdict.ratio == pytest.approx(1.0, abs=1e-3)
+    assert verdict.to_dict()["next_plan"] is None
+
+
+def test_probe_over_budget_gives_a_smaller_plan_that_fits_the_measurement():
+    plan = plan_run(preset(), llama_1b(), gpus=one_gpu(24))
+    measured = int(plan.budget_gib * GIB)  # with the CUDA context on top this cannot fit
+    verdict = check_probe(plan, measured, max_reserved_bytes=int(measured * 1.05))
+    assert not verdict.ok and "over the" in verdict.reason
+    new = verdict.next_plan
+    assert new.effective_batch == plan.effective_batch == new.micro_batch * new.grad_accum
+    smaller = new.micro_batch < plan.micro_batch or (
+        ("off", "on", "offload").index(new.gradient_checkpointing)
+        > ("off", "on", "offload").index(plan.gradient_checkpointing))
+    assert smaller
+    assert new.predicted_peak_gib <= new.budget_gib  # sized with the measured correction
+    assert new.breakdown["probe_correction"] > 0
+    assert new.reason.startswith("stepped down")
+    assert verdict.to_dict()["next_plan"]["micro_batch"] == new.micro_batch
+
+
+def test_step_down_chain_keeps_effective_batch_and_ends_in_refusal():
+    plan = plan_run(preset(micro_batch=16, gradient_checkpointing="off"), llama_1b(), gpus=one_gpu(80))
+    seen = [(plan.micro_batch, plan.gradient_checkpointing)]
+    with pytest.raises(ResourceError, match="even at micro-batch 1 with offloaded"):
+        for _ in range(20):
+            plan = step_down(plan)
+            assert plan.micro_batch * plan.grad_accum == 16
+            seen.append((plan.micro_batch, plan.gradient_checkpointing))
+    assert seen == [(16, "off"), (8, "off"), (4, "off"), (2, "off"), (1, "off"), (1, "on"), (1, "offload")]
+
+
+def test_on_oom_halves_micro_batch_doubles_accumulation():
+    plan = plan_run(preset(micro_batch=8), llama_1b(), gpus=one_gpu(80))
+    new = on_oom(plan, step=120)
+    assert (new.micro_batch, new.grad_accum) == (4, 4)
+    assert new.gradient_checkpointing == plan.gradient_checkpointing
+    assert "out of memory at step 120" in new.reason
+    assert new.predicted_allocated_gib < plan.predicted_allocated_gib
+
+
+def test_on_oom_with_odd_effective_batch():
+    plan = plan_run(preset(effective_batch=6, micro_batch=3), llama_1b(), gpus=one_gpu(80))
+    new = on_oom(plan)
+    assert (new.micro_batch, new.grad_accum) == (1, 6)
+
+
+def test_replan_with_calibration_never_grows():
+    plan = plan_run(preset(), llama_1b(), gpus=one_gpu(16))
+    again = replan(plan, calibration=1.3)
+    assert again.modelled_step_s >= plan.modelled_step_s
