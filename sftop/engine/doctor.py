@@ -6,7 +6,7 @@ Nothing here may raise: a broken driver or a missing package is a finding, not a
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -42,9 +42,11 @@ class DoctorReport:
 
 
 def _version(module: str) -> str | None:
+    # Installed metadata, not an import: importing trl/peft/bitsandbytes costs many seconds and
+    # doctor must answer quickly on a slow disk.
     try:
-        return getattr(importlib.import_module(module), "__version__", "installed")
-    except Exception:  # an import can fail in many ways (missing libs, ABI); all mean "not usable"
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
