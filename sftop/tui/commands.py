@@ -1,0 +1,50 @@
+"""Command palette (ctrl+p): the same actions as the keys, plus one entry per run and preset."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+
+from sftop.engine.presets import list_presets
+from sftop.engine.runs import list_runs, stop_run
+
+
+class SftopCommands(Provider):
+    async def startup(self) -> None:
+        # Listing runs reads files: do it once per palette opening, off the event loop.
+        worker = self.app.run_worker(self._collect, thread=True)
+        self._entries = await worker.wait()
+
+    def _collect(self) -> list[tuple[str, str, object]]:
+        app = self.app
+        entries: list[tuple[str, str, object]] = [
+            ("New run", "Start the new-run wizard", app.action_new_run),
+            ("Runs", "List every run: attach, inspect, resume, stop, export", app.action_runs),
+            ("Attach to the newest run", "Open the dashboard of the newest run", app.action_attach_latest),
+            ("Quit", "Quit sftop (training keeps running)", app.action_request_quit),
+        ]
+        for summary in list_runs():
+            entries.append((f"Attach {summary.name}", f"{summary.status}, step {summary.progress}",
+                            partial(app.attach, summary.run)))
+            if summary.active:
+                entries.append((f"Stop {summary.name}", "SIGTERM: it saves a checkpoint, then exits",
+                                partial(self._stop, summary.run)))
+        for info in list_presets():
+            entries.append((f"Re-run preset {info.name}", info.description or info.origin,
+                            partial(app.new_run, preset=info.name, jump_to_plan=True)))
+        return entries
+
+    def _stop(self, run) -> None:
+        self.app.notify(stop_run(run))
+
+    async def discover(self) -> Hits:
+        for name, help_text, callback in self._entries[:12]:
+            yield DiscoveryHit(name, callback, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for name, help_text, callback in self._entries:
+            score = matcher.match(name)
+            if score > 0:
+                yield Hit(score, matcher.highlight(name), callback, help=help_text)

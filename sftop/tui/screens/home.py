@@ -1,0 +1,114 @@
+"""Home: the GPUs, recent runs and saved presets, with keys to start, re-run or attach."""
+
+from __future__ import annotations
+
+import time
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+from textual.worker import get_current_worker
+
+from sftop.engine.presets import list_presets
+from sftop.engine.runs import list_runs
+from sftop.tui.messages import GpuRead, RunsRead
+from sftop.tui.widgets.gpu_panel import GpuPanel
+from sftop.tui.widgets.runs_table import RunsTable
+
+_RECENT = 8
+
+
+class HomeScreen(Screen):
+    CSS_PATH = "home.tcss"
+    BINDINGS = [
+        Binding("n", "app.new_run", "New run"),
+        Binding("r", "rerun", "Re-run preset"),
+        Binding("a", "attach", "Attach"),
+        Binding("R", "app.runs", "All runs"),
+        Binding("q", "app.request_quit", "Quit"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Vertical(id="home"):
+            yield GpuPanel(id="gpus")
+            yield RunsTable(id="recent-runs")
+            yield Static("No runs yet. Press n to start one (the demo trains on a CPU in about a minute).",
+                         id="no-runs")
+            yield DataTable(id="presets", cursor_type="row")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.title = "sftop"
+        self.sub_title = "fine-tune from the terminal"
+        self.query_one("#gpus").border_title = "GPUs"
+        self.query_one("#recent-runs").border_title = "Recent runs (a: attach, R: all runs)"
+        presets = self.query_one("#presets", DataTable)
+        presets.border_title = "Presets (r: re-run, n: new run)"
+        presets.add_column("preset", key="name")
+        presets.add_column("from", key="origin")
+        presets.add_column("description", key="description")
+        self.load_presets()
+        self.refresh_runs()
+        self.watch_gpus()
+        self.set_interval(2.0, self.refresh_runs)
+
+    def on_screen_resume(self) -> None:
+        self.load_presets()
+        self.refresh_runs()
+
+    def load_presets(self) -> None:
+        table = self.query_one("#presets", DataTable)
+        table.clear()
+        for info in list_presets():
+            table.add_row(info.name, info.origin, info.description, key=info.name)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="runs", description="list runs")
+    def refresh_runs(self) -> None:
+        self.post_message(RunsRead(list_runs()[:_RECENT]))
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="gpus", description="sample GPUs")
+    def watch_gpus(self) -> None:
+        worker = get_current_worker()
+        services = self.app.services  # type: ignore[attr-defined]
+        while not worker.is_cancelled:
+            self.post_message(GpuRead(services.gpu_reader()))
+            deadline = time.monotonic() + max(services.gpu_interval, 2.0)
+            while time.monotonic() < deadline and not worker.is_cancelled:
+                time.sleep(0.05)
+
+    @on(RunsRead)
+    def on_runs(self, message: RunsRead) -> None:
+        table = self.query_one("#recent-runs", RunsTable)
+        table.show(message.runs)
+        table.display = bool(message.runs)
+        self.query_one("#no-runs").display = not message.runs
+
+    @on(GpuRead)
+    def on_gpu(self, message: GpuRead) -> None:
+        self.query_one("#gpus", GpuPanel).show(message.status)
+
+    @on(DataTable.RowSelected, "#recent-runs")
+    def on_run_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_attach()
+
+    @on(DataTable.RowSelected, "#presets")
+    def on_preset_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_rerun()
+
+    def action_attach(self) -> None:
+        run = self.query_one("#recent-runs", RunsTable).selected
+        if run is None:
+            self.notify("No run to attach to yet: press n to start one", severity="warning")
+            return
+        self.app.attach(run.run)  # type: ignore[attr-defined]
+
+    def action_rerun(self) -> None:
+        table = self.query_one("#presets", DataTable)
+        if table.row_count == 0:
+            return
+        name = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value
+        self.app.new_run(preset=name, jump_to_plan=True)  # type: ignore[attr-defined]

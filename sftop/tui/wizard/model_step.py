@@ -1,0 +1,117 @@
+"""Step 1, the model: the built-in demo, models in the local Hugging Face cache, a path or a hub id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.message import Message
+from textual.widgets import Input, OptionList, Static
+from textual.widgets.option_list import Option
+
+from sftop.engine.presets import Preset
+from sftop.tui.wizard.base import Step, StepError, with_fields
+
+DEMO = "builtin:demo-tiny"
+
+
+@dataclass
+class CachedModels(Message):
+    models: list[tuple[str, float]]  # repo id, size in GiB
+    note: str | None
+
+
+def scan_cached_models() -> tuple[list[tuple[str, float]], str | None]:
+    """Model repos in the local Hugging Face cache (disk only: never touches the network)."""
+    try:
+        from huggingface_hub import scan_cache_dir
+        from huggingface_hub.errors import CacheNotFound
+    except ImportError as exc:
+        return [], f"cannot read the Hugging Face cache ({exc})"
+    try:
+        info = scan_cache_dir()
+    except CacheNotFound:
+        return [], "the Hugging Face cache is empty"
+    except OSError as exc:
+        return [], f"cannot read the Hugging Face cache ({exc})"
+    repos = sorted((r for r in info.repos if r.repo_type == "model"), key=lambda r: r.repo_id.lower())
+    return [(r.repo_id, r.size_on_disk / 2**30) for r in repos], None
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().is_dir()
+
+
+class ModelStep(Step):
+    title = "Model"
+
+    def compose(self) -> ComposeResult:
+        yield Static("Pick a model, or type a hub id (org/name) or a local directory.", classes="help")
+        yield OptionList(Option(f"{DEMO}  built-in demo: tiny, trains on a CPU", id=DEMO), id="model-choices")
+        yield Input(placeholder="hub id, local path, or builtin:demo-tiny", id="model-input", compact=True)
+        yield Static("", id="model-note", classes="note")
+
+    def on_mount(self) -> None:
+        self.query_one("#model-choices").border_title = "Built-in and cached models"
+        self.scan()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="hf-cache", description="scan the HF cache")
+    def scan(self) -> None:
+        models, note = scan_cached_models()
+        self.post_message(CachedModels(models, note))
+
+    @on(CachedModels)
+    def on_cached(self, message: CachedModels) -> None:
+        choices = self.query_one("#model-choices", OptionList)
+        choices.add_options(Option(f"{repo}  cached, {size:.1f} GiB", id=repo) for repo, size in message.models)
+        if message.note and not message.models:
+            choices.add_option(Option(f"({message.note})", disabled=True))
+
+    @on(OptionList.OptionSelected, "#model-choices")
+    @on(OptionList.OptionHighlighted, "#model-choices")
+    def on_choice(self, event: OptionList.OptionMessage) -> None:
+        # Highlighting happens on mount too; only a user moving through the list picks a model.
+        if event.option_id and event.option_list.has_focus:
+            self.query_one("#model-input", Input).value = event.option_id
+        if isinstance(event, OptionList.OptionSelected):
+            self.wizard.action_next()
+
+    @on(Input.Changed, "#model-input")
+    def on_typed(self, event: Input.Changed) -> None:
+        self.query_one("#model-note", Static).update(self.describe(event.value.strip()))
+
+    @on(Input.Submitted, "#model-input")
+    def on_submitted(self) -> None:
+        self.wizard.action_next()
+
+    @staticmethod
+    def describe(name: str) -> str:
+        if not name:
+            return ""
+        if name == DEMO:
+            return "A tiny random-initialised Llama: shows the whole flow in about a minute, no download."
+        if looks_like_path(name):
+            path = Path(name).expanduser()
+            if (path / "config.json").is_file():
+                return f"Local model directory {path}"
+            return f"[yellow]{path} is not a model directory (no config.json)[/]"
+        if "/" in name:
+            return "A hub id: downloaded when the run starts unless it is already cached."
+        return "[yellow]Hub ids look like org/name[/]"
+
+    def load(self, draft: Preset) -> None:
+        self.query_one("#model-input", Input).value = draft.model.name
+
+    def apply(self, draft: Preset) -> Preset:
+        name = self.query_one("#model-input", Input).value.strip()
+        if not name:
+            raise StepError("Choose a model, or type a hub id or a local path")
+        if looks_like_path(name) and not (Path(name).expanduser() / "config.json").is_file():
+            raise StepError(f"{name} is not a model directory (it has no config.json)")
+        if name.startswith("builtin:") and name != DEMO:
+            raise StepError(f"The only built-in model is {DEMO}")
+        if looks_like_path(name):
+            name = str(Path(name).expanduser().resolve())
+        return with_fields(draft, model={"name": name})
