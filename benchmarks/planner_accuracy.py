@@ -1,0 +1,291 @@
+"""How close is the planner's peak-memory estimate to `torch.cuda.max_memory_allocated`? (GPU only)
+
+Matrix: Llama-3.2-1B, Qwen2.5-1.5B and Llama-3.1-8B shapes x bf16/NF4 x gradient checkpointing
+off/on x sequence 512/2048/8192 x loss path, with PEFT LoRA r=16 on all linear layers, batch 1,
+random token ids (labels = inputs), two AdamW steps (Adam states appear at the first step).
+Models are random-init from configs (no downloads): built on the meta device, materialised on the
+GPU and filled in place; NF4 swaps each decoder projection for a bitsandbytes Linear4bit.
+
+Loss paths: "trl" = TRL's chunked log-prob head (SFTTrainer's default, `fused_lm_head=True`);
+"sftop" = sftop.kernels.patch_model (fused RMSNorm/SwiGLU/RoPE + fused linear-CE); "hf" = plain
+`model(labels=...)` with full fp32 logits. Combos the estimate says cannot fit the GPU are skipped
+with a note. Writes planner_accuracy.json and planner_accuracy.md to --out.
+
+    python benchmarks/planner_accuracy.py --out /tmp/acc            # about 5-8 minutes on an H100
+    python benchmarks/planner_accuracy.py --out /tmp/acc --shapes llama-1b --seqs 512 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from sftop.engine.planner.estimate import GIB, ModelShape, Setup, estimate  # noqa: E402
+
+SHAPES = {
+    "llama-1b": dict(
+        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+    ),
+    "qwen-1.5b": dict(
+        model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
+    ),
+    # Only for a CPU smoke test of this script (--device cpu): not part of the matrix.
+    "tiny": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
+    ),
+    "llama-8b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+    ),
+}
+LOSS_TO_SETUP = {"hf": ("full", False), "trl": ("chunked", False), "sftop": ("fused", True)}
+
+
+def make_config(name: str):
+    from transformers import AutoConfig
+
+    spec = dict(SHAPES[name])
+    return AutoConfig.for_model(spec.pop("model_type"), **spec)
+
+
+def build_model(config, nf4: bool, loss: str, device: str = "cuda"):
+    """Random-init bf16 model on the GPU (NF4 projections if asked), LoRA r=16 all-linear."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    # Non-persistent buffers (RoPE inv_freq) are garbage after to_empty: rebuild that module.
+    rotary = model.model.rotary_emb
+    with torch.device(device):
+        model.model.rotary_emb = type(rotary)(config=config)
+    model.tie_weights()
+    if nf4:
+        import bitsandbytes as bnb
+
+        for layer in model.model.layers:
+            for parent in list(layer.modules()):
+                for child_name, child in list(parent.named_children()):
+                    if type(child) is nn.Linear:
+                        q = bnb.nn.Linear4bit(
+                            child.in_features, child.out_features, bias=child.bias is not None,
+                            compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4", device="meta",
+                        )
+                        q.weight = bnb.nn.Params4bit(
+                            child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                            module=q,
+                        ).to(device)
+                        if child.bias is not None:
+                            q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+                        setattr(parent, child_name, q)
+        gc.collect()
+        torch.cuda.empty_cache()
+    model.config.use_cache = False
+    if loss == "trl":
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model)  # before PEFT, as TRL's SFTTrainer does
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    if loss == "sftop":
+        from sftop.kernels import patch_model
+
+        report = patch_model(model)
+        print("  sftop kernels:", report.to_dict(), flush=True)
+    model.train()
+    return model
+
+
+def set_checkpointing(model, mode: str) -> None:
+    base = model.get_base_model()
+    if mode == "off":
+        base.gradient_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def loss_of(model, ids, loss: str):
+    if loss == "trl":
+        out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+        return -out.log_probs.sum() / out.label_mask.sum().clamp(min=1)
+    out = model(input_ids=ids, labels=ids)
+    return out.loss
+
+
+def measure(model, seq: int, loss: str, steps: int, vocab: int, device: str = "cuda") -> dict:
+    cuda = device != "cpu"
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated() if cuda else 0
+    ids = torch.randint(0, vocab, (1, seq), device=device)
+    times = []
+    for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        value = loss_of(model, ids, loss)
+        value.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        del value
+    result = {
+        "measured_gib": torch.cuda.max_memory_allocated() / GIB if cuda else float("nan"),
+        "reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else float("nan"),
+        "baseline_gib": baseline / GIB,
+        "step_s": min(times),
+    }
+    del opt, ids
+    for p in params:
+        p.grad = None
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--shapes", nargs="+", default=[s for s in SHAPES if s != "tiny"], choices=list(SHAPES))
+    ap.add_argument("--device", default="cuda", help="cpu only smoke-tests this script (no memory numbers)")
+    ap.add_argument("--weights", nargs="+", default=["bf16", "nf4"], choices=["bf16", "nf4"])
+    ap.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    ap.add_argument("--seqs", nargs="+", type=int, default=[512, 2048, 8192])
+    ap.add_argument("--losses", nargs="+", default=None, choices=list(LOSS_TO_SETUP),
+                    help="default: trl, plus sftop when its kernels are available")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--time-budget", type=float, default=450.0, help="seconds; later combos are skipped")
+    args = ap.parse_args()
+    cuda = args.device != "cpu"
+    if cuda and not torch.cuda.is_available():
+        print("planner_accuracy needs a CUDA GPU (or --device cpu for a smoke test)", file=sys.stderr)
+        return 2
+    losses = args.losses
+    if losses is None:
+        losses = ["trl"]
+        try:
+            from sftop.kernels import kernels_available
+
+            if kernels_available():
+                losses.append("sftop")
+        except Exception as exc:  # noqa: BLE001 - the kernels are optional here
+            print("sftop kernels unavailable:", exc)
+    total_gib = torch.cuda.get_device_properties(0).total_memory / GIB if cuda else 1e9
+    start = time.time()
+    rows: list[dict] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    for shape_name in args.shapes:
+        config = make_config(shape_name)
+        shape = ModelShape.from_config(config)
+        for weights in args.weights:
+            for loss in losses:
+                loss_impl, kernels = LOSS_TO_SETUP[loss]
+                combos = [(gc_mode, seq) for gc_mode in args.checkpointing for seq in args.seqs]
+                model = None
+                for gc_mode, seq in combos:
+                    setup = Setup(load_in_4bit=weights == "nf4", checkpointing=gc_mode, kernels=kernels, loss=loss_impl)
+                    est = estimate(shape, setup, seq, seq_len=seq)
+                    row = {
+                        "shape": shape_name, "weights": weights, "checkpointing": gc_mode, "seq": seq, "loss": loss,
+                        "predicted_gib": round(est.allocated_gib, 3), "predicted_device_gib": round(est.device_gib, 3),
+                        "peak_phase": est.peak_phase, "terms_gib": est.breakdown_gib(),
+                    }
+                    rows.append(row)
+                    if est.device_gib > 0.97 * total_gib:
+                        row["status"] = f"skipped: predicted {est.device_gib:.1f} GiB cannot fit {total_gib:.0f} GiB"
+                        continue
+                    if time.time() - start > args.time_budget:
+                        row["status"] = "skipped: time budget spent"
+                        continue
+                    try:
+                        if model is None:
+                            t0 = time.time()
+                            model = build_model(config, weights == "nf4", loss, args.device)
+                            print(f"built {shape_name} {weights} {loss} in {time.time() - t0:.1f}s", flush=True)
+                        set_checkpointing(model, gc_mode)
+                        row.update(measure(model, seq, loss, args.steps, shape.vocab, args.device))
+                        row["error_pct"] = round(100 * (row["predicted_gib"] / row["measured_gib"] - 1), 2)
+                        row["status"] = "ok"
+                    except torch.cuda.OutOfMemoryError:
+                        row["status"] = "out of memory"
+                    except Exception as exc:  # noqa: BLE001 - one bad combo must not lose the matrix
+                        row["status"] = f"error: {type(exc).__name__}: {exc}"[:300]
+                    print(json.dumps({k: v for k, v in row.items() if k != "terms_gib"}), flush=True)
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                del model
+                gc.collect()
+                torch.cuda.empty_cache()
+    write(args.out, rows, total_gib, time.time() - start, args.device)
+    return 0
+
+
+def write(out: Path, rows: list[dict], total_gib: float, wall_s: float, device: str) -> None:
+    import peft
+    import transformers
+
+    meta = {
+        "gpu": torch.cuda.get_device_name(0) if device != "cpu" else "cpu (smoke test)",
+        "gpu_total_gib": round(total_gib, 2),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "wall_s": round(wall_s, 1),
+    }
+    (out / "planner_accuracy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    ok = [r for r in rows if r.get("status") == "ok"]
+    within = sum(abs(r["error_pct"]) <= 10 for r in ok)
+    lines = [
+        f"Measured on {meta['gpu']} ({meta['gpu_total_gib']} GiB), torch {meta['torch']}, transformers "
+        f"{meta['transformers']}, peft {meta['peft']}; LoRA r=16 all-linear, batch 1, AdamW, {wall_s:.0f} s in all.",
+        f"Within +-10%: {within} of {len(ok)} measured combinations.",
+        "",
+        "| shape | weights | loss | checkpointing | seq | predicted GiB | measured GiB | error | reserved GiB | step s | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.get("status") == "ok":
+            lines.append(
+                f"| {r['shape']} | {r['weights']} | {r['loss']} | {r['checkpointing']} | {r['seq']} | "
+                f"{r['predicted_gib']:.2f} | {r['measured_gib']:.2f} | {r['error_pct']:+.1f}% | "
+                f"{r['reserved_gib']:.2f} | {r['step_s']:.3f} | |"
+            )
+        else:
+            lines.append(
+                f"| {r['shape']} | {r['weights']} | {r['loss']} | {r['checkpointing']} | {r['seq']} | "
+                f"{r['predicted_gib']:.2f} | | | | | {r.get('status', '')} |"
+            )
+    (out / "planner_accuracy.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
