@@ -80,7 +80,8 @@ class DashboardScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static(id="run-status")
-        yield ProgressBar(id="progress", show_eta=False)
+        # A known total from the start: an indeterminate bar animates forever, even on a finished run.
+        yield ProgressBar(total=1, id="progress", show_eta=False)
         with Horizontal(id="main"):
             yield LineChart(id="loss-chart", empty_text="waiting for the first step…")
             with Vertical(id="stats"):
@@ -213,6 +214,7 @@ class DashboardScreen(Screen):
         spark = self.query_one("#tps-spark", Sparkline)
         width = max(1, spark.content_size.width or 60)
         spark.data = s.tokens_per_s.downsample(width)[1]
+        spark.display = len(s.tokens_per_s) > 1
         self.query_one("#tps-label", Static).update(f"tokens/s {format_count(s.last_tokens_per_s):>6}")
 
     def _set(self, key: str, value: str) -> None:

@@ -1,0 +1,128 @@
+import os
+import time
+
+from helpers import text_of, wait_until
+from tui_fixtures import T0, big_history, loss_at, recorded_run, write_events
+
+from sftop.engine.events import Eval, Step
+from sftop.engine.supervisor import process_start_time
+from sftop.tui.app import SftopApp
+from sftop.tui.screens.confirm import ConfirmScreen
+from sftop.tui.screens.dashboard import DashboardScreen
+from sftop.tui.screens.home import HomeScreen
+from sftop.tui.widgets.line_chart import LineChart
+
+
+def mark_alive(run):
+    """Make the run look supervised by this test process, so it counts as running."""
+    run.write_status(status="running", supervisor_pid=os.getpid(), supervisor_start=process_start_time(os.getpid()))
+
+
+async def test_recorded_run_shows_loss_step_and_throughput(services):
+    run = recorded_run(steps=60, total=60)
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
+                                  and app.screen)
+        await pilot.pause(0.2)
+        assert screen.state.step == 60 and len(screen.state.loss) == 60 and len(screen.state.eval_loss) == 3
+        assert text_of(app, "#stat-loss") == f"{loss_at(60):.4f}"
+        assert text_of(app, "#stat-eval") == f"{loss_at(60) + 0.1:.4f}"
+        assert text_of(app, "#stat-tps") == "1.1k"  # 1060 tokens/s at the last step
+        assert text_of(app, "#stat-tokens") == "30.7k"
+        assert text_of(app, "#stat-ckpt") == "step 60"
+        status = text_of(app, "#run-status")
+        assert "finished" in status and "step 60/60" in status and "elapsed 1m30s" in status
+        assert f"final loss {loss_at(60):.4f}" in status
+        assert "training" in "\n".join(screen.query_one("#log").lines)
+        chart = screen.query_one("#loss-chart", LineChart)
+        assert chart.last_points == 60  # fewer points than the chart is wide: drawn as they are
+
+
+async def test_live_run_updates_as_events_arrive(services):
+    run = recorded_run("live", steps=10, total=100, finished=False)
+    mark_alive(run)
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
+                                  and app.screen)
+        await wait_until(pilot, lambda: "step 10/100" in text_of(app, "#run-status"))
+        assert "running" in text_of(app, "#run-status") and "ETA 2m15s" in text_of(app, "#run-status")
+        t = T0 + 20
+        write_events(run.events, [
+            {**Step(step=11, epoch=0.11, loss=0.123, learning_rate=1e-3, grad_norm=0.9, tokens_seen=6000,
+                    tokens_per_s=2345.0, samples_per_s=4.0, total_steps=100).to_dict(), "time": t},
+            {**Eval(step=11, eval_loss=0.456).to_dict(), "time": t},
+        ])
+        await wait_until(pilot, lambda: text_of(app, "#stat-loss") == "0.1230")
+        assert text_of(app, "#stat-eval") == "0.4560"
+        assert text_of(app, "#stat-tps") == "2.3k"
+        assert "step 11/100" in text_of(app, "#run-status")
+
+
+async def test_checkpoint_key_writes_the_control_file(services):
+    run = recorded_run("ckpt", steps=5, total=100, finished=False)
+    mark_alive(run)
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed)
+        await wait_until(pilot, lambda: app.screen.process_status == "running")
+        await pilot.press("c")
+        assert (run.path / "control" / "checkpoint").exists()
+
+
+async def test_stop_asks_first_and_detach_returns_home(services):
+    run = recorded_run("stopme", steps=5, total=100, finished=False)
+    mark_alive(run)
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.process_status)
+        await pilot.press("s")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        assert "saves a checkpoint first" in text_of(app, "#dialog-body")
+        await pilot.press("n")  # keep training: nothing is signalled
+        await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        assert run.read_status()["status"] == "running"
+        await pilot.press("d")
+        await wait_until(pilot, lambda: isinstance(app.screen, HomeScreen))
+
+
+async def test_finished_run_refuses_checkpoint_and_stop(services):
+    run = recorded_run("done")
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed)
+        await pilot.press("c", "s")
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, DashboardScreen)
+        assert not (run.path / "control").exists()
+        messages = [n.message for n in app._notifications]
+        assert any("nothing to checkpoint" in m for m in messages)
+        assert any("already finished" in m for m in messages)
+
+
+async def test_100k_step_history_is_downsampled_and_stays_responsive(services):
+    run = recorded_run("long", steps=0, total=200_000, finished=False)
+    big_history(run.events, 100_000)
+    mark_alive(run)
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
+                                  and app.screen, timeout=60)
+        await wait_until(pilot, lambda: "step 100000/200000" in text_of(app, "#run-status"), timeout=10)
+        chart = screen.query_one("#loss-chart", LineChart)
+        await pilot.pause(0.3)
+        plot_width = chart.content_size.width - 8
+        assert len(screen.state.loss) == 100_000
+        assert 0 < chart.last_points <= 2 * plot_width  # two braille dots per cell
+        started = time.monotonic()
+        await pilot.press("s")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=2)
+        assert time.monotonic() - started < 2.0
+        await pilot.press("n")
+        # A redraw of the full chart stays cheap whatever the history.
+        started = time.perf_counter()
+        for _ in range(5):
+            chart._cache = None
+            chart.render()
+        assert (time.perf_counter() - started) / 5 < 0.1
