@@ -12,7 +12,10 @@ def test_demo_config_without_building_the_model(tmp_path, monkeypatch):
     monkeypatch.setenv("SFTOP_HOME", str(tmp_path))
     config = load_model_config(preset("builtin:demo-tiny"))
     shape = ModelShape.from_config(config)
-    assert (shape.hidden, shape.layers) == (256, 4)
+    from sftop.engine.models.demo import MODEL_SIZE
+
+    assert (shape.hidden, shape.layers) == (MODEL_SIZE["hidden_size"], MODEL_SIZE["num_hidden_layers"])
+    assert shape.total_params < 50_000_000  # small enough for the CPU plan
     assert not any(tmp_path.rglob("*.safetensors"))  # nothing was built or downloaded
 
 

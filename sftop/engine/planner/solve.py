@@ -70,6 +70,7 @@ class PlanContext:
     gpu_name: str | None
     constraints: Constraints
     calibration: float = 1.0  # measured / predicted dynamic memory, from a probe
+    notes: list[str] = field(default_factory=list)  # about the GPU and inputs; each plan adds its estimate's
 
 
 @dataclass
@@ -241,8 +242,7 @@ def _allowed(ctx: PlanContext, constraints: Constraints | None = None) -> list[t
     return [(m, b) for m in modes for b in sizes]
 
 
-def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate], reason: str,
-               notes: list[str]) -> Plan:
+def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate], reason: str) -> Plan:
     fitting = [c for c in candidates if c.fits]
     best_time = min(c.time_s for c in fitting) if fitting else chosen.time_s
     budget_gib = ctx.budget_bytes / GIB
@@ -280,7 +280,7 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
         modelled_step_s=chosen.time_s,
         candidates=listing,
         reason=reason,
-        notes=notes + chosen.estimate.notes,
+        notes=list(ctx.notes) + chosen.estimate.notes,
         model_name=ctx.model_name,
         dtype=ctx.setup.dtype,
         kernels=ctx.setup.kernels,
@@ -291,16 +291,15 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
     )
 
 
-def solve(ctx: PlanContext, notes: list[str] | None = None) -> Plan:
+def solve(ctx: PlanContext) -> Plan:
     """The fastest candidate that fits, or ResourceError naming what would fit."""
-    notes = list(notes or [])
     candidates = [_candidate(ctx, m, b) for m, b in _allowed(ctx)]
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         raise _refusal(ctx, candidates)
     chosen = min(fitting, key=lambda c: c.key())
     reason = _why(ctx, chosen, candidates)
-    return _plan_from(ctx, chosen, candidates, reason, notes)
+    return _plan_from(ctx, chosen, candidates, reason)
 
 
 def _why(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate]) -> str:
@@ -435,7 +434,8 @@ def plan_run(
     if setup.optimizer == "adamw_8bit" and setup.dtype == "fp32" and device == "cpu":
         notes.append("adamw_8bit needs bitsandbytes on a GPU")
     ctx = _context(preset, shape, setup, constraints, max(0, budget), device, gpu_name, row_tokens_mean)
-    return solve(ctx, notes)
+    ctx.notes = notes
+    return solve(ctx)
 
 
 def _context(preset: Any, shape: ModelShape, setup: Setup, constraints: Constraints, budget: int, device: str,
@@ -478,7 +478,8 @@ def _plan_cpu(preset: Any, shape: ModelShape, constraints: Constraints, reason: 
     # Leave most of the RAM to the OS, the data pipeline and the tokenizer.
     budget = int(0.7 * _host_available_bytes())
     ctx = _context(preset, shape, setup, constraints, budget, "cpu", None, row_tokens_mean)
-    plan = solve(ctx, notes=[f"no GPU: {reason}"])
+    ctx.notes = [f"no GPU: {reason}"]
+    plan = solve(ctx)
     plan.reason = f"training on the CPU because there is no usable GPU ({reason}); " + plan.reason
     return plan
 
@@ -495,9 +496,4 @@ def replan(plan: Plan, *, calibration: float | None = None, constraints: Constra
         constraints=ctx.constraints if constraints is None else constraints,
         budget_bytes=ctx.budget_bytes if budget_bytes is None else budget_bytes,
     )
-    return solve(ctx, notes=[n for n in plan.notes if n not in ctx_notes(plan)])
-
-
-def ctx_notes(plan: Plan) -> list[str]:
-    return [n for n in plan.notes if n.startswith("offloaded checkpointing keeps")]
-
+    return solve(ctx)

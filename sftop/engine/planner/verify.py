@@ -92,7 +92,7 @@ def _smaller_plan(plan: Plan, calibration: float, reason: str) -> Plan:
     if not fitting:
         return step_down(plan, reason)
     chosen = min(fitting, key=lambda c: c.key())
-    return _plan_from(ctx, chosen, candidates, f"stepped down: {reason}", list(plan.notes))
+    return _plan_from(ctx, chosen, candidates, f"stepped down: {reason}")
 
 
 def step_down(plan: Plan, reason: str = "stepped down") -> Plan:
@@ -123,7 +123,7 @@ def step_down(plan: Plan, reason: str = "stepped down") -> Plan:
             gradient_checkpointing=mode, reason=f"stepped down: {reason}",
         )
     chosen = _candidate(ctx, mode, smaller)
-    return _plan_from(ctx, chosen, [chosen], f"stepped down: {reason}", list(plan.notes))
+    return _plan_from(ctx, chosen, [chosen], f"stepped down: {reason}")
 
 
 def on_oom(plan: Plan, step: int | None = None) -> Plan:
