@@ -38,13 +38,17 @@ CHAT_TEMPLATE = (
 )
 
 MODEL_SIZE = dict(
-    hidden_size=256,
-    intermediate_size=688,
+    hidden_size=128,
+    intermediate_size=352,
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=1024,
 )
+# A random LM head at the usual 0.02 scale caps the logits near +-5 (the final RMSNorm fixes the
+# hidden-state norm), so LoRA alone could never make a confident prediction. A wider head lets the
+# adapter learn sharp answers while the base stays a plain random-init Llama.
+LM_HEAD_STD = 0.1
 VOCAB_SIZE = 512
 
 _WORDS = (
@@ -123,6 +127,8 @@ def build_model(tokenizer, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, LM_HEAD_STD)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
     )

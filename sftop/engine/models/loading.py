@@ -1,0 +1,212 @@
+"""Load the base model (hub id, local directory or built-in), optionally in 4-bit, and add LoRA.
+
+The dtype, attention implementation and device are resolved here once and reported in `info`,
+so the run's `preset.toml` and `run_started` event record what was actually used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sftop.engine.errors import ModelError
+from sftop.engine.models.tokenizer import hub_call, load_tokenizer
+
+_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass
+class ModelInfo:
+    """What was loaded and how; `to_dict()` goes into the `run_started` event."""
+
+    source: str
+    device: str
+    dtype: str  # "bf16" | "fp16" | "fp32"
+    attn_implementation: str
+    load_in_4bit: bool
+    params_total: int = 0
+    params_trainable: int = 0
+    kernels: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "device": self.device,
+            "dtype": self.dtype,
+            "attn_implementation": self.attn_implementation,
+            "load_in_4bit": self.load_in_4bit,
+            "params_total": self.params_total,
+            "params_trainable": self.params_trainable,
+        }
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_dtype(requested: str, on_cuda: bool | None = None) -> str:
+    """`auto` -> bf16 where the GPU supports it, else fp16; fp32 on CPU."""
+    import torch
+
+    on_cuda = cuda_available() if on_cuda is None else on_cuda
+    if not on_cuda:
+        if requested == "fp16":
+            raise ModelError(
+                "fp16 training needs a CUDA GPU and none is available",
+                where="model.dtype",
+                hint='Set model.dtype = "auto" (fp32 on CPU) or run on a machine with a GPU',
+            )
+        return "bf16" if requested == "bf16" else "fp32"
+    if requested == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ModelError(
+            f"This GPU ({torch.cuda.get_device_name()}) does not support bf16",
+            where="model.dtype",
+            hint='Set model.dtype = "fp16" or "auto"',
+        )
+    return requested
+
+
+def resolve_attn_implementation(requested: str, dtype: str, on_cuda: bool | None = None) -> str:
+    on_cuda = cuda_available() if on_cuda is None else on_cuda
+    if requested == "flash_attention_2" and not (on_cuda and dtype in ("bf16", "fp16")):
+        raise ModelError(
+            "flash_attention_2 needs a CUDA GPU and bf16/fp16 weights",
+            where="model.attn_implementation",
+            hint='Set model.attn_implementation = "auto"',
+        )
+    if requested != "auto":
+        return requested
+    if on_cuda and dtype in ("bf16", "fp16"):
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+    return "sdpa"
+
+
+def lora_config(lora_section):
+    from peft import LoraConfig
+
+    targets = lora_section.targets
+    return LoraConfig(
+        r=lora_section.r,
+        lora_alpha=lora_section.alpha,
+        lora_dropout=lora_section.dropout,
+        target_modules=targets if targets == "all-linear" else list(targets),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+
+
+def _quantization_config(dtype: str):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means no 4-bit
+        raise ModelError(
+            f"4-bit loading needs bitsandbytes, which cannot be imported ({exc})",
+            where="model.load_in_4bit",
+            hint="Install it with `pip install bitsandbytes`, or set model.load_in_4bit = false",
+        ) from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=getattr(torch, _DTYPE_NAMES[dtype]),
+    )
+
+
+def load_base_model(model_section, *, dtype: str | None = None, attn_implementation: str | None = None):
+    """The base causal LM alone (no LoRA). Used for training and for merged export."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    on_cuda = cuda_available()
+    dtype = dtype or resolve_dtype(model_section.dtype, on_cuda)
+    attn = attn_implementation or resolve_attn_implementation(model_section.attn_implementation, dtype, on_cuda)
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, _DTYPE_NAMES[dtype]),
+        "attn_implementation": attn,
+        "revision": model_section.revision,
+        "trust_remote_code": model_section.trust_remote_code,
+    }
+    if model_section.load_in_4bit:
+        if not on_cuda:
+            raise ModelError(
+                "4-bit (QLoRA) loading needs a CUDA GPU and none is available",
+                where="model.load_in_4bit",
+                hint="Set model.load_in_4bit = false, or run on a machine with an NVIDIA GPU",
+            )
+        kwargs["quantization_config"] = _quantization_config(dtype)
+    if on_cuda:
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+
+    def load(source, local_files_only):
+        return AutoModelForCausalLM.from_pretrained(source, local_files_only=local_files_only, **kwargs)
+
+    model = hub_call(model_section, "model", load)
+    return model, dtype, attn
+
+
+def apply_kernels(model, mode: str) -> dict[str, Any]:
+    """Patch in sftop's fused kernels. Any failure leaves the stock model and says why."""
+    if mode == "off":
+        return {"enabled": False, "reason": "train.kernels = off"}
+    if mode == "auto" and not cuda_available():
+        # On CPU the Triton kernels could only run in the (very slow) interpreter.
+        return {"enabled": False, "reason": "no CUDA GPU: stock PyTorch layers"}
+    try:
+        from sftop.kernels import patch_model
+
+        report = patch_model(model)
+        data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+        return {"enabled": bool(getattr(report, "any_fused", True)), **data}
+    except Exception as exc:  # noqa: BLE001 - kernels are an optimisation, never a reason to fail
+        if mode == "on":
+            raise ModelError(
+                f"train.kernels = on, but sftop's kernels could not be applied ({type(exc).__name__}: {exc})",
+                where="train.kernels",
+                hint='Set train.kernels = "auto" to fall back to the stock layers',
+            ) from None
+        return {"enabled": False, "reason": f"kernels unavailable: {type(exc).__name__}: {exc}"}
+
+
+def load_model(preset, plan=None):
+    """Return `(model, tokenizer, info)`: the LoRA-wrapped model ready for SFTTrainer.
+
+    `plan` is accepted for symmetry with the trainer (gradient checkpointing is applied by the
+    Trainer from the plan); it may be None.
+    """
+    from peft import get_peft_model
+
+    tokenizer = load_tokenizer(preset.model)
+    base, dtype, attn = load_base_model(preset.model)
+    try:
+        model = get_peft_model(base, lora_config(preset.lora))
+    except ValueError as exc:
+        raise ModelError(
+            f"Cannot add LoRA to this model: {exc}",
+            where="lora.targets",
+            hint='Use lora.targets = "all-linear", or list module names that exist in the model (e.g. q_proj, v_proj)',
+        ) from None
+    kernels = apply_kernels(model, preset.train.kernels)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    device = str(next(base.parameters()).device)
+    info = ModelInfo(
+        source=preset.model.name,
+        device=device,
+        dtype=dtype,
+        attn_implementation=attn,
+        load_in_4bit=preset.model.load_in_4bit,
+        params_total=total,
+        params_trainable=trainable,
+        kernels=kernels,
+    )
+    return model, tokenizer, info

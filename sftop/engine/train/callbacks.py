@@ -1,0 +1,101 @@
+"""Turns the Trainer's callbacks into `events.jsonl` records and honours stop requests."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+from transformers import TrainerCallback
+
+from sftop.engine.events import BadStep, Eval, EventWriter, RunStarted, Step, clean_number
+
+GIB = 1024**3
+
+
+def gpu_memory_gib() -> tuple[float | None, float | None]:
+    if not torch.cuda.is_available():
+        return None, None
+    return round(torch.cuda.memory_allocated() / GIB, 3), round(torch.cuda.memory_reserved() / GIB, 3)
+
+
+class RunEvents(TrainerCallback):
+    def __init__(self, writer: EventWriter, *, started: Callable[[int], RunStarted], stop_requested: Callable[[], str | None]):
+        self.writer = writer
+        self._started = started
+        self._stop_requested = stop_requested
+        self.trainer = None  # set after the trainer exists (it owns the per-step token counts)
+        self.guard = None
+        self.total_steps: int | None = None
+        self.first_step: int = 0
+        self.last_loss: float | None = None
+        self.last_logged_step: int = 0
+        self.tokens_seen = 0
+        self._step_time = None
+        self._pending: dict[str, Any] = {}
+        self.stopped_by: str | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.total_steps = state.max_steps
+        self.first_step = state.global_step
+        self.tokens_seen = int(state.num_input_tokens_seen or 0)
+        self.writer.write(self._started(state.max_steps))
+        self._step_time = time.perf_counter()
+        self._window_tokens = 0
+        self._window_samples = 0
+        self._window_start = self._step_time
+
+    def on_step_end(self, args, state, control, **kwargs):
+        tokens, samples = self.trainer.take_step_counts()
+        self.tokens_seen += tokens
+        # Saved in trainer_state.json with every checkpoint, so a resumed run keeps counting.
+        state.num_input_tokens_seen = self.tokens_seen
+        self._window_tokens += tokens
+        self._window_samples += samples
+        guard = self.guard
+        if guard is not None and guard.step_bad:
+            self.writer.write(BadStep(step=state.global_step, loss=None, grad_norm=None, consecutive=guard.consecutive))
+        signal_name = self._stop_requested()
+        if signal_name and not (guard is not None and guard.failed):
+            self.stopped_by = signal_name
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs or state.global_step <= self.last_logged_step and state.global_step != 0:
+            return
+        now = time.perf_counter()
+        elapsed = max(now - self._window_start, 1e-9)
+        bad = self.guard is not None and self.guard.step_bad
+        loss = None if bad else clean_number(logs.get("loss"))
+        if loss is not None:
+            self.last_loss = loss
+        allocated, reserved = gpu_memory_gib()
+        self.writer.write(
+            Step(
+                step=state.global_step,
+                epoch=round(float(state.epoch or 0.0), 4),
+                loss=loss,
+                learning_rate=clean_number(logs.get("learning_rate")),
+                grad_norm=None if bad else clean_number(logs.get("grad_norm")),
+                tokens_seen=self.tokens_seen,
+                tokens_per_s=round(self._window_tokens / elapsed, 1),
+                samples_per_s=round(self._window_samples / elapsed, 2),
+                gpu_mem_allocated_gib=allocated,
+                gpu_mem_reserved_gib=reserved,
+                total_steps=self.total_steps,
+            )
+        )
+        self.last_logged_step = state.global_step
+        self._window_tokens = 0
+        self._window_samples = 0
+        self._window_start = now
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics = metrics or {}
+        extra = {k: v for k, v in ((k, clean_number(v)) for k, v in metrics.items() if k != "eval_loss") if v is not None}
+        self.writer.write(Eval(step=state.global_step, eval_loss=clean_number(metrics.get("eval_loss")), metrics=extra))
+        # Evaluation time is not training time: do not count it against tokens/s.
+        self._window_start = time.perf_counter()

@@ -1,0 +1,74 @@
+"""Translate a resolved preset + plan into TRL's `SFTConfig`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def optimizer_name(choice: str, on_cuda: bool) -> tuple[str, str | None]:
+    """(TrainingArguments.optim, note). adamw_8bit without a GPU falls back to plain AdamW."""
+    if choice == "adamw_8bit":
+        if on_cuda:
+            return "adamw_bnb_8bit", None
+        return "adamw_torch", "train.optimizer = adamw_8bit needs a CUDA GPU: using adamw (fp32 states) on CPU"
+    return ("adamw_torch_fused" if on_cuda else "adamw_torch"), None
+
+
+def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: bool, has_eval: bool,
+                     on_cuda: bool | None = None):
+    from trl import SFTConfig
+
+    on_cuda = torch.cuda.is_available() if on_cuda is None else on_cuda
+    train = preset.train
+    optim, _ = optimizer_name(train.optimizer, on_cuda)
+    checkpointing = str(plan.gradient_checkpointing)
+    eval_steps = train.eval_steps if has_eval else None
+    warmup = train.warmup_ratio if train.warmup_ratio < 1.0 else 0.999  # >= 1 would mean "steps"
+    return SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=int(plan.micro_batch),
+        per_device_eval_batch_size=int(plan.micro_batch),
+        gradient_accumulation_steps=int(plan.grad_accum),
+        max_steps=train.max_steps if train.max_steps else -1,
+        num_train_epochs=train.epochs,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=warmup,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=optim,
+        seed=train.seed,
+        data_seed=train.seed,
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        gradient_checkpointing=checkpointing in ("on", "offload"),
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing != "off" else None,
+        activation_offloading=checkpointing == "offload",
+        logging_strategy="steps",
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        disable_tqdm=True,  # progress bars turn stdout.log into carriage-return soup
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=None,  # SftopTrainer rotates its atomic checkpoints itself
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        report_to="none",
+        push_to_hub=False,
+        hub_token=None,
+        include_num_input_tokens_seen="no",  # counted by sftop (non-padding tokens)
+        dataloader_num_workers=0,
+        use_cpu=not on_cuda,
+        max_length=preset.data.max_length,
+        packing=packing,
+        packing_strategy="bfd",
+        padding_free=packing,
+        pad_to_multiple_of=None,
+        loss_type="nll",
+        completion_only_loss=None,
+        assistant_only_loss=False,  # labels come pre-masked from sftop.engine.data
+        shuffle_dataset=False,
+        dataset_num_proc=None,
+    )

@@ -1,0 +1,401 @@
+"""`run_training`: the headless job behind `sftop run` (normally inside the detached supervisor).
+
+Order matters: resolve the plan and write the fully resolved `preset.toml` first (so the run can
+be repeated exactly even if it dies while loading), then load model and data, check the disk,
+train, and save the adapter. Every outcome ends with exactly one terminal event.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import gc
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from sftop.engine.errors import ResourceError, SftopError
+from sftop.engine.events import (
+    Checkpoint,
+    EventWriter,
+    Message,
+    PlanChanged,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    RunStopped,
+)
+from sftop.engine.presets import save_preset
+from sftop.engine.rundir import RunDir
+from sftop.engine.train.plan import make_plan, resolved_plan_section
+from sftop.engine.train.signals import StopSignals
+
+MAX_OOM_RETRIES = 4
+
+
+class _Tee:
+    """Copy Python-level stdout/stderr into stdout.log, unless they already go there (supervisor)."""
+
+    def __init__(self, log_path: Path):
+        self.log_path = Path(log_path)
+        self._file = None
+        self._saved = None
+
+    def __enter__(self):
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.log_path, "a", encoding="utf-8", errors="replace", buffering=1)
+        faulthandler.enable(self._file)  # a segfault still leaves a Python stack in the log
+        if self._already_logged():
+            return self
+        self._saved = (sys.stdout, sys.stderr)
+        sys.stdout = _TeeStream(sys.stdout, self._file)
+        sys.stderr = _TeeStream(sys.stderr, self._file)
+        return self
+
+    def _already_logged(self) -> bool:
+        try:
+            log = os.stat(self.log_path)
+            out = os.fstat(1)
+        except OSError:
+            return False
+        return (log.st_dev, log.st_ino) == (out.st_dev, out.st_ino)
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.stdout, sys.stderr = self._saved
+        faulthandler.disable()
+        self._file.close()
+
+
+class _TeeStream:
+    def __init__(self, stream, file):
+        self._stream = stream
+        self._file = file
+
+    def write(self, text):
+        try:
+            self._file.write(text)
+        except ValueError:
+            pass  # log closed during interpreter shutdown
+        return self._stream.write(text)
+
+    def flush(self):
+        self._stream.flush()
+        try:
+            self._file.flush()
+        except ValueError:
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def environment_info(device: str, dtype: str, attn: str) -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        "dtype": dtype,
+        "attn_implementation": attn,
+        "cuda": torch.version.cuda,
+    }
+    try:
+        from sftop import __version__ as sftop_version
+
+        info["sftop"] = sftop_version
+    except ImportError:
+        pass
+    return info
+
+
+def pick_checkpoint(run_dir: RunDir, writer: EventWriter) -> Path | None:
+    """Newest checkpoint that has every file a resume needs; incomplete ones are reported and skipped."""
+    from sftop.engine.train.trainer import checkpoint_is_complete
+
+    for path in reversed(run_dir.complete_checkpoints()):
+        if checkpoint_is_complete(path):
+            return path
+        writer.write(Message(level="warning", text=f"Skipping incomplete checkpoint {path.name} (files missing)"))
+    return None
+
+
+def _model_config(preset):
+    try:
+        from sftop.engine.planner import load_model_config
+    except ImportError:
+        from transformers import AutoConfig
+
+        from sftop.engine.models.tokenizer import hub_call
+
+        return hub_call(
+            preset.model,
+            "model config",
+            lambda src, local_files_only: AutoConfig.from_pretrained(
+                src, revision=preset.model.revision, trust_remote_code=preset.model.trust_remote_code,
+                local_files_only=local_files_only,
+            ),
+        )
+    return load_model_config(preset)
+
+
+class _Run:
+    def __init__(self, preset, run_dir: RunDir, writer: EventWriter, resume: bool):
+        self.preset = preset
+        self.run_dir = run_dir
+        self.writer = writer
+        self.resume = resume
+        self.step = 0
+        self.trainer = None
+        self.signals = StopSignals(run_dir.events, lambda: self.step, self.latest_checkpoint)
+        self.t0 = time.time()
+
+    def latest_checkpoint(self) -> str | None:
+        path = self.run_dir.latest_checkpoint()
+        return str(path) if path else None
+
+    def message(self, text: str, level: str = "info") -> None:
+        print(f"sftop: {text}", flush=True)
+        self.writer.write(Message(level=level, text=text))
+
+    # ------------------------------------------------------------------ setup
+    def resolve(self):
+        import torch
+
+        from sftop.engine.models.loading import resolve_attn_implementation, resolve_dtype
+
+        preset = self.preset
+        on_cuda = torch.cuda.is_available()
+        config = _model_config(preset)
+        self.plan = make_plan(preset, config)
+        dtype = resolve_dtype(preset.model.dtype, on_cuda)
+        attn = resolve_attn_implementation(preset.model.attn_implementation, dtype, on_cuda)
+        data = preset.model_dump(mode="json")
+        data["model"].update(dtype=dtype, attn_implementation=attn)
+        data["plan"].update(resolved_plan_section(self.plan))
+        from sftop.engine.presets import Preset
+
+        self.preset = Preset.model_validate(data)
+        save_preset(self.preset, self.run_dir.preset)
+
+    def load(self):
+        from sftop.engine.data import prepare_data
+        from sftop.engine.models.loading import load_model
+        from sftop.engine.train.packing import packing_isolated
+
+        self.model, self.tokenizer, self.info = load_model(self.preset, self.plan)
+        self.data = prepare_data(self.preset, self.tokenizer)
+        self.packing = self.preset.data.packing
+        if self.packing:
+            ok, detail = packing_isolated(self.model, len(self.tokenizer), self.tokenizer.pad_token_id)
+            if not ok:
+                self.packing = False
+                self.message(
+                    "Packing turned off: this model's attention lets packed documents see each other "
+                    f"({detail}); training on padded batches instead", level="warning")
+
+    def check_disk(self):
+        from sftop.engine.train.resources import check_disk_space, expected_disk_bytes
+
+        needs = expected_disk_bytes(
+            trainable_params=self.info.params_trainable,
+            total_params=self.info.params_total,
+            save_total_limit=self.preset.train.save_total_limit,
+        )
+        check_disk_space(self.run_dir.path, needs)
+
+    # ------------------------------------------------------------------ training
+    def build_trainer(self):
+        import torch
+
+        from sftop.engine.train.callbacks import RunEvents
+        from sftop.engine.train.config import build_sft_config, optimizer_name
+        from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
+
+        on_cuda = torch.cuda.is_available()
+        _, note = optimizer_name(self.preset.train.optimizer, on_cuda)
+        if note:
+            self.message(note, level="warning")
+        args = build_sft_config(
+            self.preset, self.plan, output_dir=self.run_dir.checkpoints, dtype=self.info.dtype,
+            packing=self.packing, has_eval=self.data.eval is not None, on_cuda=on_cuda,
+        )
+        guard = UpdateGuard(self.preset.train.max_bad_steps)
+        events = RunEvents(self.writer, started=self.started_event, stop_requested=lambda: self.signals.requested)
+        trainer = SftopTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=self.data.train,
+            eval_dataset=self.data.eval,
+            processing_class=self.tokenizer,
+            callbacks=[guard, events],
+            guard=guard,
+            save_total_limit=self.preset.train.save_total_limit,
+            on_checkpoint=self.on_checkpoint,
+        )
+        events.trainer = trainer
+        events.guard = guard
+        self.events, self.guard, self.trainer = events, guard, trainer
+        return trainer
+
+    def started_event(self, total_steps: int) -> RunStarted:
+        return RunStarted(
+            run_dir=str(self.run_dir.path),
+            preset=self.preset.model_dump(mode="json"),
+            environment={
+                **environment_info(self.info.device, self.info.dtype, self.info.attn_implementation),
+                "model": self.info.to_dict(),
+                "packing": self.packing,
+            },
+            plan=self.plan.to_dict(),
+            kernels=self.info.kernels,
+            data=self.data.to_dict(),
+            total_steps=total_steps,
+            resumed_from_step=self.resumed_from,
+        )
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.step = step
+        self.writer.write(Checkpoint(step=step, path=str(path)))
+
+    def train(self) -> int:
+        import torch
+
+        checkpoint = pick_checkpoint(self.run_dir, self.writer) if self.resume else None
+        if self.resume and checkpoint is None:
+            self.message("No complete checkpoint to resume from: starting from step 0", level="warning")
+        for attempt in range(MAX_OOM_RETRIES + 1):
+            self.resumed_from = int(checkpoint.name.split("-")[-1]) if checkpoint else None
+            trainer = self.build_trainer()
+            if self.signals.requested:  # stopped while loading: nothing trained, nothing to save
+                self.writer.write(RunStopped(step=self.resumed_from or 0, signal=self.signals.requested,
+                                             checkpoint=str(checkpoint) if checkpoint else None))
+                return 0
+            try:
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+                break
+            except torch.cuda.OutOfMemoryError as exc:
+                step = trainer.state.global_step
+                self.step = step
+                checkpoint = self.recover_from_oom(step, exc)
+        return self.finish()
+
+    def recover_from_oom(self, step: int, exc: Exception) -> Path | None:
+        """Smaller micro-batch, more accumulation (same effective batch), from the last checkpoint."""
+        import torch
+
+        old = self.plan
+        try:
+            from sftop.engine.planner import on_oom
+
+            new = on_oom(old)
+        except ImportError:
+            if old.micro_batch <= 1:
+                raise ResourceError(
+                    f"Out of GPU memory at step {step} even with micro_batch 1",
+                    hint="Use a smaller model, load_in_4bit = true, a shorter data.max_length, or a bigger GPU",
+                ) from exc
+            from sftop.engine.train.plan import LocalPlan
+
+            micro = old.micro_batch // 2
+            new = LocalPlan(micro, old.micro_batch * old.grad_accum // micro, "on" if old.gradient_checkpointing == "off" else old.gradient_checkpointing)
+        self.writer.write(PlanChanged(step=step, reason=f"out of memory at step {step}", old=old.to_dict(), new=new.to_dict()))
+        self.plan = new
+        data = self.preset.model_dump(mode="json")
+        data["plan"].update(resolved_plan_section(new))
+        from sftop.engine.presets import Preset
+
+        self.preset = Preset.model_validate(data)
+        save_preset(self.preset, self.run_dir.preset)  # a repeat should start with the plan that fits
+        # Drop every reference to the failed step's tensors before trying again.
+        for p in self.model.parameters():
+            p.grad = None
+        self.trainer = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        checkpoint = pick_checkpoint(self.run_dir, self.writer)
+        self.message(f"Out of GPU memory at step {step}: continuing with micro_batch {new.micro_batch} x "
+                     f"grad_accum {new.grad_accum} from {checkpoint.name if checkpoint else 'the start'}", level="warning")
+        return checkpoint
+
+    def finish(self) -> int:
+        trainer, guard, events = self.trainer, self.guard, self.events
+        step = trainer.state.global_step
+        self.step = step
+        if guard.failed:
+            self.writer.write(RunFailed(
+                step=step,
+                reason=f"{guard.consecutive} optimizer steps in a row had a NaN/inf loss or gradient "
+                       f"(train.max_bad_steps = {self.preset.train.max_bad_steps}); try a lower learning_rate "
+                       f"or max_grad_norm, or check the data",
+                checkpoint=self.latest_checkpoint(),
+            ))
+            return 4
+        if events.stopped_by:
+            self.writer.write(RunStopped(step=step, signal=events.stopped_by, checkpoint=self.latest_checkpoint()))
+            return 0
+        adapter = self.save_adapter()
+        self.writer.write(RunFinished(step=step, final_loss=events.last_loss, adapter_path=str(adapter),
+                                      runtime_s=round(time.time() - self.t0, 2)))
+        return 0
+
+    def save_adapter(self) -> Path:
+        """PEFT adapter + tokenizer into RUN_DIR/adapter, via a temp dir and a rename."""
+        target = self.run_dir.adapter
+        tmp = target.with_name(".adapter-saving")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.trainer.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        return target
+
+
+def run_training(preset, run_dir, *, resume: bool = False) -> int:
+    """Run (or resume) training into `run_dir`; returns the process exit code. Never raises for user errors."""
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))
+    run_dir.create()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # avoids fork warnings + deadlocks in datasets.map
+    with _Tee(run_dir.stdout_log), EventWriter(run_dir.events) as writer:
+        run = _Run(preset, run_dir, writer, resume)
+        run.signals.install()
+        try:
+            run.resolve()
+            run.load()
+            run.check_disk()
+            return run.train()
+        except SftopError as exc:
+            print(f"sftop: {exc}", file=sys.stderr, flush=True)
+            writer.write(RunFailed(step=_step(run), reason=str(exc), checkpoint=run.latest_checkpoint()))
+            return exc.exit_code
+        except Exception as exc:  # noqa: BLE001 - a bug: keep the traceback in stdout.log, end the run cleanly
+            traceback.print_exc()
+            writer.write(RunFailed(
+                step=_step(run),
+                reason=f"internal error ({type(exc).__name__}: {exc}); the traceback is in {run_dir.stdout_log}",
+                checkpoint=run.latest_checkpoint(),
+            ))
+            return 1
+        finally:
+            run.signals.uninstall()
+
+
+def _step(run: _Run) -> int | None:
+    trainer = run.trainer
+    return trainer.state.global_step if trainer is not None else run.step or None

@@ -1,0 +1,68 @@
+"""SIGTERM/SIGINT: stop cleanly after the current step; a second signal stops at once. SIGHUP is ignored."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+from sftop.engine.events import SCHEMA_VERSION
+
+
+class StopSignals:
+    """Installs the handlers in the main thread; `requested` names the first signal received."""
+
+    def __init__(self, events_path: Path, current_step: Callable[[], int], latest_checkpoint: Callable[[], str | None]):
+        self.requested: str | None = None
+        self._events_path = Path(events_path)
+        self._current_step = current_step
+        self._latest_checkpoint = latest_checkpoint
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "StopSignals":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        if hasattr(signal, "SIGHUP"):
+            # The run must outlive a dropped SSH session even if it was started in the foreground.
+            self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is None:
+            self.requested = name
+            print(f"\nsftop: {name} received: finishing this step, saving a checkpoint, then stopping "
+                  f"(send it again to stop at once)", flush=True)
+            return
+        # Second signal: leave now. The EventWriter's lock may be held by the interrupted code in this
+        # very thread, so write the last record through a separate file handle instead.
+        record = {
+            "v": SCHEMA_VERSION,
+            "type": "run_stopped",
+            "time": time.time(),
+            "step": self._safe(self._current_step),
+            "signal": f"{self.requested}+{name}",
+            "checkpoint": self._safe(self._latest_checkpoint),
+        }
+        try:
+            with open(self._events_path, "a", encoding="utf-8") as fh:
+                fh.write("\n" + json.dumps(record) + "\n")  # leading newline ends any torn line
+                fh.flush()
+                os.fsync(fh.fileno())
+        finally:
+            os._exit(128 + signum)
+
+    @staticmethod
+    def _safe(fn):
+        try:
+            return fn()
+        except Exception:  # noqa: BLE001 - best effort while exiting
+            return None

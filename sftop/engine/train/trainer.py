@@ -1,0 +1,179 @@
+"""TRL's SFTTrainer with three additions: atomic checkpoints, NaN/inf update skipping, token counting.
+
+Everything else (the loop, packing, loss, optimizer, scheduler, resume) is TRL/transformers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import Trainer, TrainerCallback
+from trl import SFTTrainer
+
+from sftop.engine.rundir import CHECKPOINT_PREFIX
+
+# Files without which a checkpoint cannot be resumed (the adapter, optimizer, scheduler, position).
+REQUIRED_CHECKPOINT_FILES = (
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "optimizer.pt",
+    "scheduler.pt",
+    "trainer_state.json",
+)
+
+
+def checkpoint_is_complete(path: Path) -> bool:
+    return path.is_dir() and all((path / name).is_file() for name in REQUIRED_CHECKPOINT_FILES)
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class UpdateGuard(TrainerCallback):
+    """Skips an optimizer update whose loss or gradients are NaN/inf, and counts them in a row.
+
+    The gradients are dropped (set to None, which every torch optimizer treats as "no update for
+    this parameter", so Adam's moments and step counts stay untouched) and the scheduler step is
+    skipped the same way transformers skips it after an fp16 overflow.
+    """
+
+    def __init__(self, max_bad_steps: int):
+        self.max_bad_steps = max_bad_steps
+        self.loss_bad = False  # set by the trainer when a micro-batch loss was not finite
+        self.step_bad = False  # the update just attempted was skipped
+        self.consecutive = 0
+        self.last_grad_norm: float | None = None
+        self.failed = False
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        params = [p for p in model.parameters() if p.grad is not None]
+        grads_bad = False
+        if params:
+            norms = torch._foreach_norm([p.grad for p in params])
+            total = torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms]))
+            grads_bad = not bool(torch.isfinite(total))
+            self.last_grad_norm = None if grads_bad else float(total)
+        self.step_bad = self.loss_bad or grads_bad
+        self.loss_bad = False
+        if self.step_bad:
+            for p in params:
+                p.grad = None
+            self.consecutive += 1
+        else:
+            self.consecutive = 0
+        if optimizer is not None and getattr(optimizer, "scaler", None) is None:
+            optimizer._is_overflow = self.step_bad
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # With an fp16 grad scaler, accelerate recomputes the flag in step(): set it again.
+        if self.step_bad and optimizer is not None:
+            optimizer._is_overflow = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.consecutive >= self.max_bad_steps:
+            self.failed = True
+            control.should_training_stop = True
+            control.should_save = False  # keep the last good checkpoint as the newest one
+        return control
+
+
+class SftopTrainer(SFTTrainer):
+    def __init__(self, *args, guard: UpdateGuard, save_total_limit: int,
+                 on_checkpoint: Callable[[int, Path], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sftop_guard = guard
+        self.sftop_save_total_limit = save_total_limit
+        self.sftop_on_checkpoint = on_checkpoint
+        self.sftop_step_tokens = 0
+        self.sftop_step_samples = 0
+        self.sftop_last_checkpoint: Path | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if "attention_mask" in inputs:
+            tokens = inputs["attention_mask"].sum()
+            samples = inputs["attention_mask"].shape[0]
+        else:  # padding-free: one row of real tokens, documents delimited by cu_seq_lens
+            tokens = inputs["input_ids"].numel()
+            samples = inputs["cu_seq_lens_q"].numel() - 1 if "cu_seq_lens_q" in inputs else inputs["input_ids"].shape[0]
+        self.sftop_step_tokens += tokens
+        self.sftop_step_samples += samples
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(loss)):
+            self.sftop_guard.loss_bad = True
+        return loss
+
+    def take_step_counts(self) -> tuple[int, int]:
+        tokens, samples = int(self.sftop_step_tokens), int(self.sftop_step_samples)
+        self.sftop_step_tokens = 0
+        self.sftop_step_samples = 0
+        return tokens, samples
+
+    def _save_checkpoint(self, model, trial):
+        """Write into a temp dir next to the checkpoints, then rename: a checkpoint is complete or absent."""
+        step = self.state.global_step
+        root = Path(self.args.output_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"{CHECKPOINT_PREFIX}{step}"
+        staging = Path(tempfile.mkdtemp(prefix=f".saving-{step}-", dir=root))
+        output_dir = self.args.output_dir
+        self.args.output_dir = str(staging)
+        try:
+            # Skip SFTTrainer's override: it only adds a model card (README) to every checkpoint.
+            Trainer._save_checkpoint(self, model, trial)
+        finally:
+            self.args.output_dir = output_dir
+        written = staging / f"{CHECKPOINT_PREFIX}{step}"
+        _fsync_tree(written)
+        if final.exists():  # saved at this step before (e.g. resumed and stopped at once)
+            shutil.rmtree(final)
+        os.replace(written, final)
+        _fsync_dir(root)
+        shutil.rmtree(staging, ignore_errors=True)
+        self.sftop_last_checkpoint = final
+        self._rotate_sftop_checkpoints(root)
+        if self.sftop_on_checkpoint is not None:
+            self.sftop_on_checkpoint(step, final)
+
+    def _rotate_sftop_checkpoints(self, root: Path) -> None:
+        done = []
+        for child in root.iterdir():
+            name = child.name
+            if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit() and child.is_dir():
+                done.append((int(name[len(CHECKPOINT_PREFIX):]), child))
+        done.sort()
+        for _, old in done[: max(0, len(done) - self.sftop_save_total_limit)]:
+            shutil.rmtree(old, ignore_errors=True)
+        # Temp dirs of a save that crashed are never loaded; tidy them once they are stale.
+        for child in root.glob(".saving-*"):
+            try:
+                if time.time() - child.stat().st_mtime > 60:
+                    shutil.rmtree(child, ignore_errors=True)
+            except OSError:
+                pass
