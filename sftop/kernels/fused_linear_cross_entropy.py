@@ -32,62 +32,63 @@ def _tanh(x):
 def _ce_rows(
     LOGITS, LABELS, LOSS,
     stride_l, n_rows, n_vocab, ignore_index, softcap,
-    SOFTCAP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, N_VB: tl.constexpr,
+    SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, N_VB: tl.constexpr,
 ):
     """Per row: loss = lse - logit[label]; then LOGITS[row] <- softmax - onehot (x softcap')."""
-    pid = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    for i in tl.range(0, ROWS):
-        row = pid * ROWS + i
-        ok = row < n_rows
-        label = tl.load(LABELS + row, mask=ok, other=ignore_index).to(tl.int64)
-        counted = ok & (label != ignore_index)
-        base = LOGITS + row * stride_l
-        # pass 1: online max / sum-exp in fp32
-        # finite start: rows past n_rows see only masked blocks, and -inf - -inf would be NaN there
-        m_run = -1.0e30
-        s_run = 0.0
-        # N_VB (vocab blocks) is a compile-time count: the vocab is fixed per model, and Triton's
-        # interpreter cannot loop to a run-time bound under numpy 2.
-        for j in tl.range(0, N_VB):
-            c = j * BLOCK + cols
-            cm = (c < n_vocab) & ok
-            z = tl.load(base + c, mask=cm, other=0.0).to(tl.float32)
-            if SOFTCAP:
-                z = softcap * _tanh(z / softcap)
-            z = tl.where(cm, z, -float("inf"))
-            m_new = tl.maximum(m_run, tl.max(z, axis=0))
-            s_run = s_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-            m_run = m_new
-        lse = m_run + tl.log(s_run)
-        safe_label = tl.where(counted, label, 0)
-        zt = tl.load(base + safe_label, mask=counted, other=0.0).to(tl.float32)
+    rvec = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rvec < n_rows
+    label = tl.load(LABELS + rvec, mask=ok, other=ignore_index).to(tl.int64)
+    counted = ok & (label != ignore_index)
+    rows = rvec[:, None]
+    lab = label[:, None]
+    base = LOGITS + rows * stride_l
+    cols = tl.arange(0, BLOCK)[None, :]
+    # pass 1: online max / sum-exp in fp32.  The start is finite so that rows past n_rows, which
+    # see only masked blocks, never compute -inf - -inf = NaN.
+    m_run = tl.full([BLOCK_R], -1.0e30, tl.float32)
+    s_run = tl.zeros([BLOCK_R], tl.float32)
+    # N_VB (vocab blocks) is a compile-time count: the vocab is fixed per model, and Triton's
+    # interpreter cannot loop to a run-time bound under numpy 2.
+    for j in tl.range(0, N_VB):
+        c = j * BLOCK + cols
+        cm = (c < n_vocab) & ok[:, None]
+        z = tl.load(base + c, mask=cm, other=0.0).to(tl.float32)
         if SOFTCAP:
-            zt = softcap * _tanh(zt / softcap)
-        tl.store(LOSS + row, tl.where(counted, lse - zt, 0.0), mask=ok)
-        # pass 2: gradient of this row's (unscaled) loss, written over its logits
-        # N_VB (vocab blocks) is a compile-time count: the vocab is fixed per model, and Triton's
-        # interpreter cannot loop to a run-time bound under numpy 2.
-        for j in tl.range(0, N_VB):
-            c = j * BLOCK + cols
-            cm = (c < n_vocab) & ok
-            z = tl.load(base + c, mask=cm, other=0.0).to(tl.float32)
-            if SOFTCAP:
-                t = _tanh(z / softcap)
-                zc = softcap * t
-            else:
-                zc = z
-            g = tl.exp(zc - lse) - tl.where(c == label, 1.0, 0.0)
-            if SOFTCAP:
-                g = g * (1.0 - t * t)
-            g = tl.where(counted, g, 0.0)
-            tl.store(base + c, g.to(LOGITS.dtype.element_ty), mask=cm)
+            z = softcap * _tanh(z / softcap)
+        z = tl.where(cm, z, -float("inf"))
+        m_new = tl.maximum(m_run, tl.max(z, axis=1))
+        s_run = s_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_run = m_new
+    lse = m_run + tl.log(tl.where(ok, s_run, 1.0))
+    safe_label = tl.where(counted, label, 0)
+    zt = tl.load(LOGITS + rvec * stride_l + safe_label, mask=counted, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        zt = softcap * _tanh(zt / softcap)
+    tl.store(LOSS + rvec, tl.where(counted, lse - zt, 0.0), mask=ok)
+    # pass 2: gradient of each row's (unscaled) loss, written over its logits
+    for j in tl.range(0, N_VB):
+        c = j * BLOCK + cols
+        cm = (c < n_vocab) & ok[:, None]
+        z = tl.load(base + c, mask=cm, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            t = _tanh(z / softcap)
+            zc = softcap * t
+        else:
+            zc = z
+        g = tl.exp(zc - lse[:, None]) - tl.where(c == lab, 1.0, 0.0)
+        if SOFTCAP:
+            g = g * (1.0 - t * t)
+        g = tl.where(counted[:, None], g, 0.0)
+        tl.store(base + c, g.to(LOGITS.dtype.element_ty), mask=cm)
 
 
-def _ce_block(n_vocab: int, device) -> int:
+def _ce_tile(n_rows: int, n_vocab: int, device) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK) for the row kernel."""
     if device.type != "cuda":
-        return triton.next_power_of_2(n_vocab)  # one block per row: the interpreter pays per loop trip
-    return min(8192, triton.next_power_of_2(n_vocab))
+        # the interpreter pays per operation: whole vocab and as many rows as fit in ~1M elements
+        block = triton.next_power_of_2(n_vocab)
+        return max(1, min(triton.next_power_of_2(n_rows), (1 << 20) // block)), block
+    return 1, min(8192, triton.next_power_of_2(n_vocab))
 
 
 def chunk_rows(n_rows: int, n_vocab: int, elem_bytes: int, chunk_bytes: int | None = None) -> int:
@@ -122,17 +123,16 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
         dxs = torch.empty(n, x.shape[1], dtype=x.dtype, device=x.device) if need_dx else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-        block = _ce_block(n_vocab, x.device)
         for s in range(0, n, step):
             e = min(n, s + step)
             xc = xs[s:e]
             logits = xc.to(compute_dtype) @ weight.to(compute_dtype).t()
             rows = e - s
-            rpp = 1 if x.device.type == "cuda" else max(1, rows // 2)
-            _ce_rows[(triton.cdiv(rows, rpp),)](
+            block_r, block = _ce_tile(rows, n_vocab, x.device)
+            _ce_rows[(triton.cdiv(rows, block_r),)](
                 logits, ys[s:e], loss_rows[s:e], logits.stride(0), rows, n_vocab, ignore_index,
                 float(softcap) if softcap else 1.0,
-                SOFTCAP=bool(softcap), ROWS=rpp, BLOCK=block, N_VB=triton.cdiv(n_vocab, block),
+                SOFTCAP=bool(softcap), BLOCK_R=block_r, BLOCK=block, N_VB=triton.cdiv(n_vocab, block),
                 num_warps=8 if block >= 4096 else 4,
             )
             if need_dx:

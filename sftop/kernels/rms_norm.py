@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import launch_rows_per_program
 
 
 @triton.jit
@@ -23,26 +22,27 @@ def _rms_fwd(
     X, Y, W, RSTD,
     stride_x, stride_y,
     n_rows, n_cols, eps,
-    GEMMA: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    GEMMA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # A [BLOCK_R, BLOCK] tile: several short rows per program on a GPU, and on the CPU
+    # interpreter (whose cost is per operation, not per element) all rows at once.
     pid = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
     cmask = cols < n_cols
+    m = cmask & (rows < n_rows)
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    for i in tl.range(0, ROWS):
-        row = pid * ROWS + i
-        ok = row < n_rows
-        m = cmask & ok
-        x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-        r = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-        n = x * r
-        if GEMMA:
-            y = n * (1.0 + w)
-        else:
-            # HF casts the normalised row to the activation dtype before the weight multiply
-            y = n.to(X.dtype.element_ty).to(tl.float32) * w
-        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=m)
-        tl.store(RSTD + row, r, mask=ok)
+    x = tl.load(X + rows * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    n = x * r[:, None]
+    if GEMMA:
+        y = n * (1.0 + w)
+    else:
+        # HF casts the normalised row to the activation dtype before the weight multiply
+        y = n.to(X.dtype.element_ty).to(tl.float32) * w
+    tl.store(Y + rows * stride_y + cols, y.to(Y.dtype.element_ty), mask=m)
+    rvec = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    tl.store(RSTD + rvec, r, mask=rvec < n_rows)
 
 
 @triton.jit
@@ -50,42 +50,50 @@ def _rms_bwd(
     DY, X, W, RSTD, DX, DW_PART,
     stride_dy, stride_x, stride_dx,
     n_rows, n_cols,
-    GEMMA: tl.constexpr, NEED_DW: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    GEMMA: tl.constexpr, NEED_DW: tl.constexpr, TILES: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # Each program walks TILES consecutive tiles so that, when dW is needed, its partial sum is
+    # one [BLOCK] row of DW_PART per program rather than one per input row.
     pid = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK)[None, :]
     cmask = cols < n_cols
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     if GEMMA:
         w = w + 1.0
-    dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in tl.range(0, ROWS):
-        row = pid * ROWS + i
-        ok = row < n_rows
-        m = cmask & ok
-        x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
-        r = tl.load(RSTD + row, mask=ok, other=0.0)
+    dw_acc = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
+    for i in tl.range(0, TILES):
+        rvec = (pid * TILES + i) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows = rvec[:, None]
+        m = cmask & (rows < n_rows)
+        x = tl.load(X + rows * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
+        r = tl.load(RSTD + rvec, mask=rvec < n_rows, other=0.0)[:, None]
         n = x * r
         dn = dy * w
         # d/dx of x*r with r = (mean(x^2)+eps)^-1/2:  r * (dn - n * mean(dn * n))
-        dx = r * (dn - n * (tl.sum(dn * n, axis=0) / n_cols))
-        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=m)
+        dx = r * (dn - n * (tl.sum(dn * n, axis=1)[:, None] / n_cols))
+        tl.store(DX + rows * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=m)
         if NEED_DW:
             if GEMMA:
                 dw_acc += dy * n
             else:
                 dw_acc += dy * n.to(X.dtype.element_ty).to(tl.float32)
     if NEED_DW:
-        tl.store(DW_PART + pid * n_cols + cols, dw_acc, mask=cmask)
+        dcols = tl.arange(0, BLOCK)
+        tl.store(DW_PART + pid * n_cols + dcols, tl.sum(dw_acc, axis=0), mask=dcols < n_cols)
 
 
-def _block(n_cols: int) -> int:
-    return triton.next_power_of_2(n_cols)
-
-
-def _warps(block: int) -> int:
-    return 4 if block <= 2048 else (8 if block <= 8192 else 16)
+def _tile(n_rows: int, n_cols: int, device) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK, num_warps) for a row-wise pass."""
+    block = triton.next_power_of_2(n_cols)
+    if device.type != "cuda":
+        return max(1, triton.next_power_of_2(n_rows)) if n_rows * block <= (1 << 20) else 16, block, 4
+    # about 4K elements per program: several rows when the rows are short (e.g. Qwen3's per-head
+    # q/k norms over 128 dims), one row of a 2048..8192-wide hidden state otherwise
+    block_r = max(1, min(16, 4096 // block))
+    warps = 4 if block * block_r <= 4096 else (8 if block <= 8192 else 16)
+    return block_r, block, warps
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -101,12 +109,10 @@ class RMSNormFunction(torch.autograd.Function):
         out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
         y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        rows = launch_rows_per_program(n_rows, x.device)
-        block = _block(n_cols)
-        grid = (triton.cdiv(n_rows, rows),)
-        _rms_fwd[grid](
+        block_r, block, warps = _tile(n_rows, n_cols, x.device)
+        _rms_fwd[(triton.cdiv(n_rows, block_r),)](
             x2, y, weight, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps,
-            GEMMA=gemma, ROWS=rows, BLOCK=block, num_warps=_warps(block),
+            GEMMA=gemma, BLOCK_R=block_r, BLOCK=block, num_warps=warps,
         )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.gemma = gemma
@@ -122,24 +128,19 @@ class RMSNormFunction(torch.autograd.Function):
             dy2 = dy2.contiguous()
         dx = torch.empty_like(x2)
         need_dw = ctx.needs_input_grad[1]
-        block = _block(n_cols)
-        if need_dw:
-            # A bounded number of programs, each summing its rows' dW in registers: the partial
-            # buffer stays [programs, dim] instead of [rows, dim].
-            if x2.device.type == "cuda":
-                progs = min(n_rows, 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count)
-            else:
-                progs = min(n_rows, 4)
-            rows = triton.cdiv(n_rows, max(progs, 1))
+        block_r, block, warps = _tile(n_rows, n_cols, x2.device)
+        n_tiles = triton.cdiv(n_rows, block_r)
+        if need_dw and x2.device.type == "cuda":
+            # a bounded number of programs keeps the fp32 partial-dW buffer small
+            progs = min(n_tiles, 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count)
         else:
-            rows = launch_rows_per_program(n_rows, x2.device)
-        grid = (triton.cdiv(n_rows, rows),)
-        dw_part = (
-            torch.empty(grid[0], n_cols, dtype=torch.float32, device=x2.device) if need_dw else rstd
-        )
+            progs = n_tiles
+        tiles = triton.cdiv(n_tiles, progs)
+        grid = (triton.cdiv(n_tiles, tiles),)
+        dw_part = torch.empty(grid[0], n_cols, dtype=torch.float32, device=x2.device) if need_dw else rstd
         _rms_bwd[grid](
             dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols,
-            GEMMA=ctx.gemma, NEED_DW=need_dw, ROWS=rows, BLOCK=block, num_warps=_warps(block),
+            GEMMA=ctx.gemma, NEED_DW=need_dw, TILES=tiles, BLOCK_R=block_r, BLOCK=block, num_warps=warps,
         )
         dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
         return dx.view(ctx.shape), dw, None, None

@@ -17,17 +17,28 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import launch_rows_per_program
 
 
 @triton.jit
 def _rope_one(
-    X, O, sxb, sxh, sxt, sob, soh, sot, b, t, n_heads, c1, c2, s1, s2, ok,
-    HALF: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, BACKWARD: tl.constexpr,
+    X, O, sxb, sxh, sxt, sob, soh, sot, COS, SIN, scb, sct,
+    first_pos, n_pos, seq_len, n_heads,
+    HALF: tl.constexpr, BP: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, BACKWARD: tl.constexpr,
 ):
-    h = tl.arange(0, BH)[:, None]
+    # rows of the tile are (position, head) pairs: BP positions x BH heads, flattened
+    i = tl.arange(0, BP * BH)[:, None]
+    p = first_pos + i // BH
+    h = i % BH
+    b = p // seq_len
+    t = p % seq_len
     d = tl.arange(0, BD)[None, :]
-    m = (h < n_heads) & (d < HALF) & ok
+    m = (p < n_pos) & (h < n_heads) & (d < HALF)
+    cp = COS + b * scb + t * sct + d
+    sp = SIN + b * scb + t * sct + d
+    c1 = tl.load(cp, mask=m, other=0.0).to(tl.float32)
+    c2 = tl.load(cp + HALF, mask=m, other=0.0).to(tl.float32)
+    s1 = tl.load(sp, mask=m, other=0.0).to(tl.float32)
+    s2 = tl.load(sp + HALF, mask=m, other=0.0).to(tl.float32)
     xp = X + b * sxb + t * sxt + h * sxh + d
     x1 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(xp + HALF, mask=m, other=0.0).to(tl.float32)
@@ -48,28 +59,16 @@ def _rope_kernel(
     sqb, sqh, sqt, skb, skh, skt,
     sqob, sqoh, sqot, skob, skoh, skot,
     scb, sct,
-    n_rows, seq_len, n_qh, n_kh,
+    n_pos, seq_len, n_qh, n_kh,
     HALF: tl.constexpr, BQH: tl.constexpr, BKH: tl.constexpr, BD: tl.constexpr,
-    ROWS: tl.constexpr, BACKWARD: tl.constexpr,
+    BP: tl.constexpr, BACKWARD: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    d = tl.arange(0, BD)[None, :]
-    for i in tl.range(0, ROWS):
-        row = pid * ROWS + i
-        ok = row < n_rows
-        b = row // seq_len
-        t = row % seq_len
-        cm = (d < HALF) & ok
-        cp = COS + b * scb + t * sct + d
-        sp = SIN + b * scb + t * sct + d
-        c1 = tl.load(cp, mask=cm, other=0.0).to(tl.float32)
-        c2 = tl.load(cp + HALF, mask=cm, other=0.0).to(tl.float32)
-        s1 = tl.load(sp, mask=cm, other=0.0).to(tl.float32)
-        s2 = tl.load(sp + HALF, mask=cm, other=0.0).to(tl.float32)
-        _rope_one(Q, QO, sqb, sqh, sqt, sqob, sqoh, sqot, b, t, n_qh, c1, c2, s1, s2, ok,
-                  HALF, BQH, BD, BACKWARD)
-        _rope_one(K, KO, skb, skh, skt, skob, skoh, skot, b, t, n_kh, c1, c2, s1, s2, ok,
-                  HALF, BKH, BD, BACKWARD)
+    # one program: BP (batch, position) pairs, all their Q heads and all their K heads
+    first = tl.program_id(0).to(tl.int64) * BP
+    _rope_one(Q, QO, sqb, sqh, sqt, sqob, sqoh, sqot, COS, SIN, scb, sct, first, n_pos, seq_len, n_qh,
+              HALF, BP, BQH, BD, BACKWARD)
+    _rope_one(K, KO, skb, skh, skt, skob, skoh, skot, COS, SIN, scb, sct, first, n_pos, seq_len, n_kh,
+              HALF, BP, BKH, BD, BACKWARD)
 
 
 def _launch(q, k, cos, sin, backward: bool):
@@ -89,17 +88,21 @@ def _launch(q, k, cos, sin, backward: bool):
     qo = torch.empty(bsz, seq, n_qh, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     ko = torch.empty(bsz, seq, n_kh, dim, dtype=k.dtype, device=k.device).transpose(1, 2)
     scb = 0 if cos.shape[0] == 1 else cos.stride(0)
-    n_rows = bsz * seq
-    rows = launch_rows_per_program(n_rows, q.device)
+    n_pos = bsz * seq
     half = dim // 2
-    _rope_kernel[(triton.cdiv(n_rows, rows),)](
+    bd = triton.next_power_of_2(half)
+    bqh, bkh = triton.next_power_of_2(n_qh), triton.next_power_of_2(n_kh)
+    if q.device.type == "cuda":
+        bp = max(1, min(8, 4096 // (bqh * bd)))
+    else:  # the interpreter pays per operation: everything in as few programs as memory allows
+        bp = max(1, min(triton.next_power_of_2(n_pos), (1 << 18) // (bqh * bd)))
+    _rope_kernel[(triton.cdiv(n_pos, bp),)](
         q, k, qo, ko, cos, sin,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
         scb, cos.stride(-2),
-        n_rows, seq, n_qh, n_kh,
-        HALF=half, BQH=triton.next_power_of_2(n_qh), BKH=triton.next_power_of_2(n_kh),
-        BD=triton.next_power_of_2(half), ROWS=rows, BACKWARD=backward,
+        n_pos, seq, n_qh, n_kh,
+        HALF=half, BQH=bqh, BKH=bkh, BD=bd, BP=bp, BACKWARD=backward,
     )
     return qo, ko
 
