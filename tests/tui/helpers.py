@@ -16,6 +16,17 @@ async def wait_until(pilot, predicate, timeout: float = 10.0, step: float = 0.05
 
 
 def text_of(app, selector: str) -> str:
-    """The plain text a Static shows."""
+    """The plain text a Static shows (Rich groups and tables too), unwrapped."""
+    import io
+
+    from rich.console import Console
+
     widget = app.screen.query_one(selector)
-    return str(widget.render())
+    content = widget.content
+    if isinstance(content, str):
+        return content
+    # Wide, so that assertions never depend on where a line happened to wrap.
+    console = Console(width=400, file=io.StringIO(), record=True,
+                      color_system=None)
+    console.print(content)
+    return console.export_text()
