@@ -154,6 +154,8 @@ def test_no_gpu_plans_the_demo_on_cpu_and_refuses_big_models():
     assert plan.device == "cpu" and plan.dtype == "fp32" and not plan.kernels
     assert "CPU" in plan.reason and "driver not found" in plan.reason
     assert plan.micro_batch * plan.grad_accum == 16
+    assert plan.breakdown["cuda_context"] == 0 and plan.breakdown["cublas_workspace"] == 0
+    assert "peak RAM" in render_plan(plan)
     with pytest.raises(ResourceError, match="too big to train on the CPU"):
         plan_run(preset(), llama_1b(), gpus=no_gpu)
     with pytest.raises(ResourceError, match="load_in_4bit needs a CUDA GPU"):

@@ -11,8 +11,9 @@ def load_model_config(preset: Any) -> Any:
     """The transformers config of `preset.model`, without downloading or loading weights.
 
     `builtin:demo-tiny` is described from its definition in sftop.engine.models.demo (no build);
-    a local directory or a hub id goes through AutoConfig, cache first, with the same actionable
-    errors as model loading (offline, gated, not found).
+    popular hub models not in the local cache come from the published shapes in known_shapes.py;
+    any other local directory or hub id goes through AutoConfig, cache first, with the same
+    actionable errors as model loading (offline, gated, not found).
     """
     section = preset.model
     name = section.name
@@ -37,6 +38,18 @@ def load_model_config(preset: Any) -> Any:
         return LlamaConfig(vocab_size=demo.VOCAB_SIZE + 8, tie_word_embeddings=False, **demo.MODEL_SIZE)
 
     from transformers import AutoConfig
+
+    from sftop.engine.planner.known_shapes import known_config
+
+    table = known_config(name) if section.revision is None else None
+    if table is not None:
+        # A cached config.json wins; otherwise the published shape spares a hub round trip (and a
+        # gated model's login) just to plan.
+        try:
+            return AutoConfig.from_pretrained(name, local_files_only=True,
+                                              trust_remote_code=section.trust_remote_code)
+        except (OSError, ValueError):
+            return table
 
     try:
         from sftop.engine.models.tokenizer import hub_call

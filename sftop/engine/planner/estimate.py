@@ -179,6 +179,7 @@ class Setup:
     kernels: bool = True  # sftop's fused RMSNorm, SwiGLU and linear+cross-entropy
     loss: LossImpl = "fused"
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    on_gpu: bool = True  # on the CPU there is no CUDA context or cuBLAS workspace
 
 
 @dataclass
@@ -268,7 +269,7 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
     terms["weights"] = weight_bytes(shape, setup)
     terms["dequant_transient"] = dequant_transient_bytes(shape, setup)
     terms.update(lora_state_bytes(shape, setup))
-    terms["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
+    terms["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES if setup.on_gpu else 0
 
     a_layer = layer_activation_bytes_per_token(shape, setup, seq_len)
     final_norm = (dt * h + 4) if setup.kernels else 4 * h
@@ -326,7 +327,7 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
     allocated = sum(terms.values())
     dynamic = allocated - terms["weights"] - terms["lora_params"]
     terms["allocator_margin"] = int(ALLOCATOR_MARGIN * dynamic)
-    terms["cuda_context"] = CUDA_CONTEXT_BYTES
+    terms["cuda_context"] = CUDA_CONTEXT_BYTES if setup.on_gpu else 0
     device = sum(terms.values())
     return Estimate(
         terms=terms, allocated_bytes=allocated, device_bytes=device, peak_phase=phase, tokens=tokens, notes=notes

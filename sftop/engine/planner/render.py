@@ -40,7 +40,7 @@ def render_plan(plan: Plan, color: bool = False) -> str:
         f"  checkpointing    {plan.gradient_checkpointing}",
         f"  weights          {'NF4 (4-bit)' if plan.load_in_4bit else plan.dtype}, LoRA r={plan.lora_r}, "
         f"optimizer {plan.optimizer}, kernels {'sftop fused' if plan.kernels else 'stock'}",
-        f"  peak memory      {plan.predicted_peak_gib:.2f} GiB of {plan.budget_gib:.2f} GiB budget "
+        f"  peak {'RAM   ' if plan.device == 'cpu' else 'memory'}      {plan.predicted_peak_gib:.2f} GiB of {plan.budget_gib:.2f} GiB budget "
         + tone(f"(headroom {plan.headroom_gib:.2f} GiB)", plan.headroom_gib >= 0),
         f"  why              {plan.reason}",
         "",

@@ -156,6 +156,7 @@ def setup_from_preset(preset: Any, device: str) -> Setup:
         # Without sftop's kernels TRL's own chunked log-prob head computes the loss.
         loss="fused" if kernels else "chunked",
         attention="eager" if attention == "eager" else "sdpa",
+        on_gpu=not on_cpu,
     )
 
 
