@@ -140,3 +140,18 @@ def test_peers_anchor_magnitudes():
     assert fused_8b.allocated_gib == pytest.approx(17.79, rel=0.10)  # Liger: fused norms, SwiGLU, linear+CE
     fused_1b = estimate(L1B, Setup(checkpointing="on", kernels=True, loss="fused"), 4 * 2048)
     assert fused_1b.allocated_gib == pytest.approx(4.39, rel=0.10)
+
+
+def test_vlm_vision_tower_weights_count_and_stay_16bit():
+    # Qwen2.5-VL-3B's config.json: 1280-wide, 32-deep gated ViT with a 2x2 merger into 2048
+    text = qwen_1_5b().to_dict()
+    vision = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "hidden_act": "silu",
+              "out_hidden_size": 2048}
+    shape = ModelShape.from_config({"model_type": "qwen2_5_vl", "text_config": text, "vision_config": vision})
+    per_layer = 4 * 1280 * 1280 + 3 * 1280 * 3420
+    assert shape.vision_params == 32 * per_layer + 5120 * 5120 + 5120 * 2048
+    assert 0.6e9 < shape.vision_params < 0.7e9  # Qwen2.5-VL's tower is about 670 M parameters
+    text_only = ModelShape.from_config(qwen_1_5b())
+    assert weight_bytes(shape, Setup()) - weight_bytes(text_only, Setup()) == 2 * shape.vision_params
+    assert weight_bytes(shape, Setup(load_in_4bit=True)) - weight_bytes(text_only, Setup(load_in_4bit=True)) == (
+        2 * shape.vision_params)

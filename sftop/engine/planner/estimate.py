@@ -61,6 +61,7 @@ class ModelShape:
     vocab: int
     tied: bool
     attn_bias: bool = False
+    vision_params: int = 0  # a VLM's vision tower and projector: loaded 16-bit, frozen
 
     @property
     def q_dim(self) -> int:
@@ -100,13 +101,14 @@ class ModelShape:
 
     @property
     def total_params(self) -> int:
-        return self.linear_params + self.embedding_params + self.small_params
+        return self.linear_params + self.embedding_params + self.small_params + self.vision_params
 
     @classmethod
     def from_config(cls, config: Any) -> "ModelShape":
         """From a transformers `PretrainedConfig` or a plain dict (config.json). VLMs: the text model."""
         cfg = _as_mapping(config)
         text = cfg.get("text_config")
+        vision_params = _vision_params(cfg.get("vision_config"))
         if text is not None:
             text_cfg = _as_mapping(text)
             # Tying is often declared on the outer config of a VLM.
@@ -125,7 +127,7 @@ class ModelShape:
         head_dim = int(cfg.get("head_dim") or hidden // heads)
         model_type = str(cfg.get("model_type") or "unknown")
         # Qwen2 has q/k/v biases without declaring them; others say so with attention_bias.
-        attn_bias = bool(cfg.get("attention_bias", model_type in ("qwen2", "qwen2_vl", "qwen2_5_vl")))
+        attn_bias = bool(cfg.get("attention_bias", model_type.startswith("qwen2")))
         return cls(
             model_type=model_type,
             hidden=hidden,
@@ -137,7 +139,28 @@ class ModelShape:
             vocab=vocab,
             tied=bool(cfg.get("tie_word_embeddings", False)),
             attn_bias=attn_bias,
+            vision_params=vision_params,
         )
+
+
+def _vision_params(vision: Any) -> int:
+    """Approximate size of a ViT tower: per layer 4h^2 attention + an MLP (gated when it says so).
+
+    Qwen2-VL calls the layer count `depth` and the width `embed_dim`; CLIP/SigLIP use the usual names.
+    """
+    if vision is None:
+        return 0
+    v = _as_mapping(vision)
+    h = int(v.get("hidden_size") or v.get("embed_dim") or 0)
+    layers = int(v.get("num_hidden_layers") or v.get("depth") or 0)
+    if not h or not layers:
+        return 0
+    i = int(v.get("intermediate_size") or 4 * h)
+    gated = str(v.get("hidden_act", "")).lower() in ("silu", "swiglu")
+    per_layer = 4 * h * h + (3 if gated else 2) * h * i
+    out = int(v.get("out_hidden_size") or 0)
+    projector = 4 * h * (4 * h) + 4 * h * out if out else 0  # Qwen's 2x2 patch merger
+    return layers * per_layer + projector
 
 
 def _as_mapping(config: Any) -> Mapping[str, Any]:
@@ -213,7 +236,8 @@ def weight_bytes(shape: ModelShape, setup: Setup) -> int:
     per_param_bits = 4 + (8 / NF4_BLOCK + 32 / (NF4_BLOCK * NF4_DQ_GROUP) if setup.double_quant else 32 / NF4_BLOCK)
     quantised = shape.linear_params * per_param_bits / 8
     other_dt = 4 if setup.upcast_non_quantized else 2
-    return int(quantised + (shape.embedding_params + shape.small_params) * other_dt)
+    # The vision tower is kept 16-bit (llm_int8_skip_modules), like embeddings and lm_head.
+    return int(quantised + (shape.embedding_params + shape.small_params) * other_dt + shape.vision_params * 2)
 
 
 def dequant_transient_bytes(shape: ModelShape, setup: Setup) -> int:
