@@ -97,6 +97,8 @@ class UpdateGuard(TrainerCallback):
             optimizer._is_overflow = True
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.step_bad:
+            control.should_save = False  # checkpoints only at good steps: resuming never starts mid-streak
         if self.consecutive >= self.max_bad_steps:
             self.failed = True
             control.should_training_stop = True

@@ -1,0 +1,116 @@
+"""Export a run's result: the LoRA adapter as is, or merged into the base model.
+
+The merged model is a plain Hugging Face model directory (safetensors + tokenizer) that
+`AutoModelForCausalLM.from_pretrained` loads without peft or sftop.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from sftop.engine.errors import SftopError
+from sftop.engine.rundir import RunDir
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _run_dir(run) -> RunDir:
+    if isinstance(run, RunDir):
+        return run
+    return RunDir(Path(getattr(run, "path", run)))
+
+
+def find_adapter(run_dir: RunDir) -> Path:
+    """The final adapter, or for a stopped run the newest complete checkpoint's."""
+    from sftop.engine.train.trainer import checkpoint_is_complete
+
+    if (run_dir.adapter / "adapter_config.json").is_file():
+        return run_dir.adapter
+    for path in reversed(run_dir.complete_checkpoints()):
+        if checkpoint_is_complete(path):
+            return path
+    raise SftopError(
+        f"Run {run_dir.name} has no adapter and no complete checkpoint to export",
+        where=str(run_dir.path),
+        hint="Export a run that finished or saved a checkpoint (`sftop runs` lists them), or resume this one first",
+    )
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SftopError(
+            f"{out} already exists and is not empty",
+            where=str(out),
+            hint="Pass another --out directory, or delete this one first",
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _finish(tmp: Path, out: Path) -> Path:
+    if out.exists():
+        out.rmdir()  # empty (checked before): rename needs it gone
+    os.replace(tmp, out)
+    return out
+
+
+def export_run(run, merged: bool = False, out: Path | None = None) -> Path:
+    """Write the adapter (or the merged model) to `out` (default RUN_DIR/export-adapter|export-merged)."""
+    run_dir = _run_dir(run)
+    if not run_dir.path.is_dir():
+        raise SftopError(f"No run directory at {run_dir.path}", hint="`sftop runs` lists the runs")
+    adapter = find_adapter(run_dir)
+    out = Path(out).expanduser() if out else run_dir.path / ("export-merged" if merged else "export-adapter")
+    _prepare_out(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        if merged:
+            _write_merged(run_dir, adapter, tmp)
+        else:
+            for item in adapter.iterdir():
+                # Only what a PEFT adapter + tokenizer needs; optimizer/RNG states stay behind.
+                if item.is_file() and not item.name.endswith((".pt", ".pth", ".bin")) and item.name != "trainer_state.json":
+                    shutil.copy2(item, tmp / item.name)
+        return _finish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_merged(run_dir: RunDir, adapter: Path, tmp: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sftop.engine.models.tokenizer import hub_call, load_tokenizer
+    from sftop.engine.presets import load_preset
+    from sftop.engine.train.resources import check_disk_space
+
+    if not run_dir.preset.is_file():
+        raise SftopError(f"{run_dir.preset} is missing, so the base model is unknown", where=str(run_dir.path),
+                         hint="Export the adapter alone (without --merged)")
+    preset, _ = load_preset(run_dir.preset)
+    section = preset.model
+    # Merge into 16-bit (or fp32) weights even after QLoRA: a merged NF4 model would lose precision twice.
+    dtype = section.dtype if section.dtype in _DTYPES else "fp32"
+
+    def load(source, local_files_only):
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=getattr(torch, _DTYPES[dtype]), revision=section.revision,
+            trust_remote_code=section.trust_remote_code, local_files_only=local_files_only,
+        )
+
+    base = hub_call(section, "model", load)
+    params = sum(p.numel() for p in base.parameters())
+    check_disk_space(tmp, {"merged model": params * base.dtype.itemsize})
+    model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    model.save_pretrained(tmp)
+    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else None
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+    else:
+        load_tokenizer(section).save_pretrained(tmp)

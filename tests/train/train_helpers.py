@@ -1,0 +1,65 @@
+"""Helpers shared by the training tests (fixtures live in conftest.py)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sftop.engine.events import read_events
+from sftop.engine.presets import load_preset
+
+# Small and fast, but the real pipeline: the built-in model, built-in data, TRL, PEFT.
+FAST = [
+    'train.kernels="off"',
+    "train.effective_batch=4",
+    "plan.micro_batch=4",
+    "plan.grad_accum=1",
+    "data.max_length=32",
+    "train.warmup_ratio=0.0",
+    "train.logging_steps=1",
+]
+
+
+def fast_preset(*overrides):
+    preset, _ = load_preset("demo", FAST + list(overrides))
+    return preset
+
+
+def events_of(run_dir: Path) -> list[dict]:
+    records, _ = read_events(Path(run_dir) / "events.jsonl")
+    return records
+
+
+def of_type(records, kind):
+    return [r for r in records if r["type"] == kind]
+
+
+def start_trainer(run_dir: Path, overrides: list[str], home: Path) -> subprocess.Popen:
+    """The trainer in its own process, as the supervisor runs it (so signals hit it alone)."""
+    code = (
+        "import sys\n"
+        "from sftop.engine.presets import load_preset\n"
+        "from sftop.engine.train.runner import run_training\n"
+        f"preset, _ = load_preset('demo', {json.dumps(FAST + overrides)})\n"
+        f"sys.exit(run_training(preset, {str(run_dir)!r}))\n"
+    )
+    env = {**os.environ, "SFTOP_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> list[dict]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = of_type(events_of(run_dir), "step")
+        if len(steps) >= n:
+            return steps
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early with {proc.returncode}: {events_of(run_dir)[-3:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no {n} step events within {timeout}s")
