@@ -28,14 +28,29 @@ def tiny_config(family: str):
     return AutoConfig.for_model(family, **common, **extra)
 
 
-def tiny_model(family: str, seed: int = 0, lora: bool = True, **lora_kw):
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tiny_model(family: str, seed: int = 0, lora: bool = True, dtype=torch.float32, quant=None, **lora_kw):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     cfg = tiny_config(family)
     # gemma2 soft-caps attention logits, which only HF's eager attention implements
     attn = "eager" if family == "gemma2" else "sdpa"
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
+    if quant is not None:
+        import tempfile
+
+        from peft import prepare_model_for_kbit_training
+
+        with tempfile.TemporaryDirectory() as d:
+            AutoModelForCausalLM.from_config(cfg, dtype=dtype).save_pretrained(d)
+            model = AutoModelForCausalLM.from_pretrained(
+                d, quantization_config=quant, dtype=dtype, attn_implementation=attn, device_map={"": 0}
+            )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype).to(DEVICE)
     with torch.no_grad():  # gemma norms start at zero weight; make the (1 + w) path non-trivial
         for name, p in model.named_parameters():
             if "norm" in name:

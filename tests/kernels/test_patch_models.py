@@ -7,7 +7,7 @@ import sftop.kernels as K
 from sftop.kernels.patching.core import _ORIG
 
 from _kernel_testutil import rel_err
-from _tiny_models import FAMILIES, VOCAB, tiny_model, twin
+from _tiny_models import DEVICE, FAMILIES, VOCAB, tiny_model, twin
 
 
 def _batch(kind: str, seed: int):
@@ -20,13 +20,17 @@ def _batch(kind: str, seed: int):
         labels = ids.clone()
         starts = torch.tensor([0, 7, 19])
         labels[0, starts] = -100  # a document's first token has no in-document predecessor
-        return dict(input_ids=ids, position_ids=pos, labels=labels)
+        return _to(dict(input_ids=ids, position_ids=pos, labels=labels))
     ids = torch.randint(3, VOCAB, (2, 15), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 11:] = 0  # right padding on the second row
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :4] = -100  # a masked prompt
-    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+    return _to(dict(input_ids=ids, attention_mask=mask, labels=labels))
+
+
+def _to(batch):
+    return {k: v.to(DEVICE) for k, v in batch.items()}
 
 
 def _loss_and_grads(model, batch, **kw):
@@ -84,7 +88,7 @@ def test_unpatched_models_and_generation_stay_stock():
     K.patch_model(a)
     assert any(_ORIG in m.__dict__ for m in a.modules())
     assert not any(_ORIG in m.__dict__ for m in b.modules())
-    ids = torch.randint(3, VOCAB, (1, 6))
+    ids = torch.randint(3, VOCAB, (1, 6), device=DEVICE)
     # without labels the stock forward runs and logits come back (generation, metrics)
     out = a(input_ids=ids)
     assert out.logits is not None and out.logits.shape == (1, 6, VOCAB)
@@ -139,3 +143,47 @@ def test_kernels_available_reason(monkeypatch):
         assert "TRITON_INTERPRET=1" in why
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert K.kernels_available() == (True, "")
+
+
+def _vs_reference(model, ref_grads, ref_loss, batch):
+    out, grads = _loss_and_grads(model, batch)
+    return rel_err(out.loss, ref_loss), max(rel_err(grads[n], g) for n, g in ref_grads.items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 model check runs on the GPU")
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
+def test_bf16_patched_model_no_worse_than_stock_bf16(family):
+    # both bf16 runs are compared with an fp32 stock run of the same weights: the fused path
+    # must be about as close to it as HF's own bf16 path is
+    ref = tiny_model(family)
+    batch = _batch("packed", 11)
+    r_out, r_grads = _loss_and_grads(ref, batch)
+    stock = twin(ref).to(torch.bfloat16)
+    fused = twin(ref).to(torch.bfloat16)
+    K.patch_model(fused)
+    s_loss_err, s_grad_err = _vs_reference(stock, r_grads, r_out.loss, batch)
+    f_loss_err, f_grad_err = _vs_reference(fused, r_grads, r_out.loss, batch)
+    assert f_loss_err < max(2 * s_loss_err, 1e-2)
+    assert f_grad_err < max(2 * s_grad_err, 5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes 4-bit needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_qlora_4bit_patched_matches_stock(family):
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    # the same seed gives the same weights, hence the same quantised model (4-bit params don't deepcopy)
+    stock = tiny_model(family, dtype=torch.bfloat16, quant=quant)
+    fused = tiny_model(family, dtype=torch.bfloat16, quant=quant)
+    report = K.patch_model(fused)
+    assert report.parts["rms_norm"] == report.parts["rope"] == report.parts["mlp"] == "fused"
+    batch = _batch("padded", 13)
+    s_out, s_grads = _loss_and_grads(stock, batch)
+    f_out, f_grads = _loss_and_grads(fused, batch)
+    assert rel_err(f_out.loss, s_out.loss) < 1e-2
+    for name, g in s_grads.items():
+        assert rel_err(f_grads[name], g) < 5e-2, name

@@ -4,7 +4,7 @@ import torch
 
 import sftop.kernels as K
 
-from _tiny_models import VOCAB, tiny_model, twin
+from _tiny_models import DEVICE, VOCAB, tiny_model, twin
 
 STEPS = 20
 # fp32 everywhere; the two runs differ only in summation order inside the kernels, which AdamW's
@@ -39,7 +39,7 @@ def test_twenty_adamw_steps_track_stock():
     ids = pat.repeat(1, 4)
     labels = ids.clone()
     labels[:, :3] = -100
-    data = [(ids, labels)]
+    data = [(ids.to(DEVICE), labels.to(DEVICE))]
     # standard LoRA init (B = 0), as a real run starts
     stock = tiny_model("llama", seed=1, init_lora_weights=True)
     fused = twin(stock)

@@ -1,0 +1,251 @@
+"""Training-step throughput and peak memory: stock HF + PEFT vs sftop's patched path.
+
+Random-init models of real shapes, random token ids with labels = inputs, LoRA r=16 on all seven
+linear layers, gradient checkpointing (non-reentrant), fused AdamW at lr 2e-4 -- the setup in
+shared/anchors.md.  Each path runs in its own subprocess so that memory peaks and patches never
+leak from one into the other.
+
+  python benchmarks/step_bench.py --model llama-3.2-1b --batch 4 --seq 2048 --steps 10 --json out.json
+  python benchmarks/step_bench.py --model llama-3.2-1b --4bit --json out4.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+SHAPES = {
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, head_dim=64,
+                         rope_theta=500000.0, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, head_dim=128,
+                         rope_theta=500000.0, tie_word_embeddings=False),
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
+                         rope_theta=1000000.0, tie_word_embeddings=True),
+}
+# for a CPU smoke run of the script itself (TRITON_INTERPRET=1 --device cpu), not for numbers
+SHAPES["tiny"] = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, vocab_size=300, head_dim=16)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _config(name: str):
+    from transformers import AutoConfig
+
+    shape = dict(SHAPES[name])
+    model_type = shape.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, max_position_embeddings=8192, **shape)
+    cfg.use_cache = False
+    return cfg
+
+
+def _build(args, path: str):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    cfg = _config(args.model)
+    if args.four_bit:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        # bitsandbytes quantises at load time, so the random model goes through a local directory
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=quant,
+                                                     dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                     device_map={"": 0})
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    else:
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                                             task_type="CAUSAL_LM"))
+    report = None
+    if path == "sftop":
+        from sftop.kernels import patch_model
+
+        report = patch_model(model).to_dict()
+    return model, report
+
+
+def _category(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("gemm", "cutlass", "sm90_xmma", "cublas", "matmul", "nvjet", "splitk")):
+        return "matmul"
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "efficient_attention")):
+        return "attention"
+    if any(k in n for k in ("_rms_", "_rope_", "_glu_", "_ce_rows")):
+        return "sftop triton"
+    if "triton" in n:
+        return "other triton"
+    if any(k in n for k in ("dequant", "kdequantize", "quant")):
+        return "4-bit dequant"
+    if any(k in n for k in ("adam", "foreach", "multi_tensor")):
+        return "optimizer"
+    if any(k in n for k in ("elementwise", "vectorized", "reduce", "copy", "cast", "fill", "index",
+                             "cat", "where", "softmax", "nll", "log_softmax")):
+        return "elementwise/reduce/copy"
+    return "other"
+
+
+def _one(args, path: str) -> dict:
+    import torch
+
+    model, report = _build(args, path)
+    params = [p for p in model.parameters() if p.requires_grad]
+    cuda = args.device == "cuda"
+    opt = torch.optim.AdamW(params, lr=2e-4, fused=cuda)
+    model.train()
+    gen = torch.Generator(device=args.device).manual_seed(1)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    vocab = model.config.vocab_size
+
+    def step():
+        ids = torch.randint(0, vocab, (args.batch, args.seq), device=args.device, generator=gen)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    losses = [step().item() for _ in range(args.warmup)]
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    sync()
+    dt = time.perf_counter() - t0
+    losses.append(loss.item())
+    result = dict(
+        path=path,
+        tokens_per_s=args.batch * args.seq * args.steps / dt,
+        step_s=dt / args.steps,
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        losses=losses,
+        patch=report,
+    )
+    if args.profile:
+        try:
+            result.update(_profile(step))
+        except Exception as exc:  # the timing above must survive a profiler problem
+            result["profile_error"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def _profile(step) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    result = {}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    cats: dict[str, float] = {}
+    top = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        # kernels only: CPU-side ops would count their kernels' time a second time
+        cpu_side = str(getattr(evt, "device_type", "CUDA")).endswith("CPU")
+        if t <= 0 or evt.key.startswith("ProfilerStep") or cpu_side:
+            continue
+        cats[_category(evt.key)] = cats.get(_category(evt.key), 0.0) + t
+        top.append((t, evt.key[:90]))
+    total = sum(cats.values()) or 1.0
+    result["profile_share"] = {k: round(v / total, 4) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
+    result["profile_gpu_ms_per_step"] = total / 1e3 / 2
+    result["profile_top"] = [(round(t / 1e3 / 2, 2), k) for t, k in sorted(top, reverse=True)[:12]]
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(SHAPES), default="llama-3.2-1b")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--4bit", dest="four_bit", action="store_true")
+    ap.add_argument("--paths", default="stock,sftop")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler share of GPU time by kernel category")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.one:
+        print("RESULT " + json.dumps(_one(args, args.one)), flush=True)
+        return 0
+
+    import torch
+    import transformers
+    import triton
+
+    tmp = None
+    if args.four_bit and not args.model_dir:
+        from transformers import AutoModelForCausalLM
+
+        tmp = tempfile.TemporaryDirectory()
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(_config(args.model), dtype=torch.bfloat16).save_pretrained(tmp.name)
+        args.model_dir = tmp.name
+
+    results = []
+    for path in args.paths.split(","):
+        cmd = [sys.executable, __file__, "--one", path, "--model", args.model, "--batch", str(args.batch),
+               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--device", args.device]
+        if args.four_bit:
+            cmd += ["--4bit", "--model-dir", args.model_dir]
+        if args.profile:
+            cmd.append("--profile")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            err = (proc.stderr or proc.stdout)[-3000:]
+            print(f"[{path}] failed (rc {proc.returncode}):\n{err}", file=sys.stderr)
+            results.append(dict(path=path, error=err[-800:]))
+            continue
+        results.append(json.loads(line[len("RESULT "):]))
+    stock = next((r for r in results if r.get("path") == "stock" and "tokens_per_s" in r), None)
+    for r in results:
+        if stock and "tokens_per_s" in r:
+            r["speed_vs_stock"] = r["tokens_per_s"] / stock["tokens_per_s"]
+    out = dict(
+        model=args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+        four_bit=args.four_bit,
+        device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", torch=torch.__version__,
+        triton=triton.__version__, transformers=transformers.__version__,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(sys.argv), results=results,
+    )
+    print(f"{args.model} {'nf4' if args.four_bit else 'bf16'} batch {args.batch} x {args.seq} on {out['device']}")
+    for r in results:
+        if "tokens_per_s" in r:
+            print(f"  {r['path']:6s} {r['tokens_per_s']:10,.0f} tok/s  peak {r['peak_gib']:6.2f} GiB  "
+                  f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  loss {r['losses'][-1]:.3f}")
+            if "profile_share" in r:
+                print("         profile:", r["profile_share"])
+        else:
+            print(f"  {r['path']:6s} FAILED")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    if tmp:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
