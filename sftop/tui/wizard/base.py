@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+
 from textual.containers import Vertical
 
 from sftop.engine.presets import Preset
+
+
+# One heavy engine call at a time (data check, planning): they import transformers and may build
+# the demo model, and two threads doing that at once can trip over each other's imports.
+ENGINE_LOCK = threading.Lock()
 
 
 class StepError(Exception):

@@ -18,10 +18,11 @@ from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option
+from textual.worker import get_current_worker
 
 from sftop.engine.errors import SftopError
 from sftop.engine.presets import Preset
-from sftop.tui.wizard.base import Step, StepError, with_fields
+from sftop.tui.wizard.base import ENGINE_LOCK, Step, StepError, with_fields
 
 _SHOWN_PROBLEMS = 12
 
@@ -158,11 +159,17 @@ class DatasetStep(Step):
         except ImportError as exc:
             self.post_message(DataChecked(draft.data.source, error=f"The data check is unavailable ({exc})"))
             return
-        try:
-            result = check_data(draft)
-        except SftopError as exc:
-            self.post_message(DataChecked(draft.data.source, error=str(exc)))
-            return
+        with ENGINE_LOCK:
+            if get_current_worker().is_cancelled:
+                return  # the user picked another source while an earlier check ran
+            try:
+                result = check_data(draft)
+            except SftopError as exc:
+                self.post_message(DataChecked(draft.data.source, error=str(exc)))
+                return
+            except Exception as exc:  # a bug, but the wizard must still say what happened
+                self.post_message(DataChecked(draft.data.source, error=f"The data check failed: {exc!r}"))
+                raise
         self.post_message(DataChecked(draft.data.source, result=result))
 
     @on(DataChecked)

@@ -19,7 +19,7 @@ from textual.widgets import Static
 from sftop.engine.errors import SftopError
 from sftop.engine.presets import Preset
 from sftop.tui.widgets.memory_bar import legend, stacked_bar
-from sftop.tui.wizard.base import Step, StepError
+from sftop.tui.wizard.base import ENGINE_LOCK, Step, StepError
 
 # Breakdown terms grouped into the four parts the bar shows.
 GROUPS = [
@@ -109,13 +109,17 @@ class PlanStep(Step):
             from sftop.engine.gpu import GpuStatus
 
             gpus = GpuStatus(gpus=[], reason=gpus)
-        try:
-            plan = plan_run(draft, load_model_config(draft), gpus=gpus)
-        except SftopError as exc:
-            from sftop.engine.errors import ResourceError
+        with ENGINE_LOCK:
+            try:
+                plan = plan_run(draft, load_model_config(draft), gpus=gpus)
+            except SftopError as exc:
+                from sftop.engine.errors import ResourceError
 
-            self.post_message(PlanMade(key, error=str(exc), refused=isinstance(exc, ResourceError)))
-            return
+                self.post_message(PlanMade(key, error=str(exc), refused=isinstance(exc, ResourceError)))
+                return
+            except Exception as exc:  # a bug, but the wizard must still say what happened
+                self.post_message(PlanMade(key, error=f"Planning failed: {exc!r}"))
+                raise
         self.post_message(PlanMade(key, plan=plan))
 
     @on(PlanMade)
