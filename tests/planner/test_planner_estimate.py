@@ -155,3 +155,19 @@ def test_vlm_vision_tower_weights_count_and_stay_16bit():
     assert weight_bytes(shape, Setup()) - weight_bytes(text_only, Setup()) == 2 * shape.vision_params
     assert weight_bytes(shape, Setup(load_in_4bit=True)) - weight_bytes(text_only, Setup(load_in_4bit=True)) == (
         2 * shape.vision_params)
+
+
+def test_packed_and_padded_batches_pay_for_the_sdpa_mask():
+    t = 8192
+    packed = estimate(L1B, Setup(packed=True), t)
+    # one [1, 1, T, T] bool mask, plus a bf16 bias per layer kept for backward
+    assert packed.terms["attention_mask"] == t * t + 16 * 2 * t * t
+    flash = estimate(L1B, Setup(packed=True, attention="flash_attention_2"), t)
+    assert "attention_mask" not in flash.terms
+    assert packed.allocated_bytes - flash.allocated_bytes == t * t + 16 * 2 * t * t
+    padded = estimate(L1B, Setup(), 4 * 2048, seq_len=2048)
+    assert padded.terms["attention_mask"] == 4 * 2048 * 2048 * (1 + 16 * 2)
+    single = estimate(L1B, Setup(), 2048, seq_len=2048)
+    assert "attention_mask" not in single.terms  # causal SDPA, no mask
+    gc_on = estimate(L1B, Setup(packed=True, checkpointing="on"), t)
+    assert gc_on.terms["attention_mask"] == t * t  # the per-layer bias is rebuilt with its block

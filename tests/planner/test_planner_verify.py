@@ -42,14 +42,14 @@ def test_probe_over_budget_gives_a_smaller_plan_that_fits_the_measurement():
 
 
 def test_step_down_chain_keeps_effective_batch_and_ends_in_refusal():
-    plan = plan_run(preset(micro_batch=16, gradient_checkpointing="off"), llama_1b(), gpus=one_gpu(80))
+    plan = plan_run(preset(micro_batch=8, gradient_checkpointing="off"), llama_1b(), gpus=one_gpu(80))
     seen = [(plan.micro_batch, plan.gradient_checkpointing)]
     with pytest.raises(ResourceError, match="even at micro-batch 1 with offloaded"):
         for _ in range(20):
             plan = step_down(plan)
             assert plan.micro_batch * plan.grad_accum == 16
             seen.append((plan.micro_batch, plan.gradient_checkpointing))
-    assert seen == [(16, "off"), (8, "off"), (4, "off"), (2, "off"), (1, "off"), (1, "on"), (1, "offload")]
+    assert seen == [(8, "off"), (4, "off"), (2, "off"), (1, "off"), (1, "on"), (1, "offload")]
 
 
 def test_on_oom_halves_micro_batch_doubles_accumulation():

@@ -203,6 +203,7 @@ class Setup:
     loss: LossImpl = "fused"
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     on_gpu: bool = True  # on the CPU there is no CUDA context or cuBLAS workspace
+    packed: bool = False  # padding-free rows concatenated into one sequence per micro-batch
 
 
 @dataclass
@@ -283,9 +284,26 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: Setup, seq_len: i
     return total
 
 
+def attention_mask_bytes(setup: Setup, tokens: int, seq_len: int) -> tuple[int, int]:
+    """(shared mask, float bias saved per attention call) for SDPA/eager with an explicit mask.
+
+    Padding-free packing (one row of `tokens`) and padded rows both make transformers build a 4-D
+    boolean mask ([rows, 1, s, s]); torch's SDPA turns it into a float bias in the compute dtype
+    and its memory-efficient kernel keeps that bias for backward, once per layer. flash-attention
+    takes sequence boundaries instead and needs neither.
+    """
+    if setup.attention == "flash_attention_2":
+        return 0, 0
+    s = tokens if setup.packed else seq_len
+    rows = max(1, tokens // s)
+    if not setup.packed and rows == 1:
+        return 0, 0  # one unpadded row: SDPA runs causal without a mask
+    return rows * s * s, rows * s * s * DTYPE_BYTES[setup.dtype]
+
+
 def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None = None) -> Estimate:
-    """Peak memory for a micro-batch of `tokens` tokens (rows of at most `seq_len` each)."""
-    seq_len = seq_len or tokens
+    """Peak memory for a micro-batch of `tokens` tokens: one packed row, or rows of `seq_len` each."""
+    seq_len = tokens if setup.packed else (seq_len or tokens)
     h = shape.hidden
     dt = DTYPE_BYTES[setup.dtype]
     notes: list[str] = []
@@ -335,10 +353,16 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
     if setup.dtype == "fp32":
         backward_tok *= 2
 
-    saved = (saved_tok + loss_saved_tok) * tokens
+    mask, bias = attention_mask_bytes(setup, tokens, seq_len)
+    mask_saved = mask + (shape.layers * bias if setup.checkpointing == "off" else 0)
+    mask_recompute = bias if setup.checkpointing != "off" else 0
+
+    saved = (saved_tok + loss_saved_tok) * tokens + mask_saved
     loss_phase = saved + loss_peak
-    backward_phase = saved + (recompute_tok + backward_tok + loss_grad_tok) * tokens
+    backward_phase = saved + (recompute_tok + backward_tok + loss_grad_tok) * tokens + mask_recompute
     terms["activations"] = saved_tok * tokens
+    if mask_saved:
+        terms["attention_mask"] = mask_saved
     terms["loss_saved"] = loss_saved_tok * tokens
     if loss_phase >= backward_phase:
         phase = "loss"
@@ -346,7 +370,7 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
     else:
         phase = "backward"
         if recompute_tok:
-            terms["recomputed_layer"] = recompute_tok * tokens
+            terms["recomputed_layer"] = recompute_tok * tokens + mask_recompute
         terms["backward_transient"] = (backward_tok + loss_grad_tok) * tokens
     allocated = sum(terms.values())
     dynamic = allocated - terms["weights"] - terms["lora_params"]

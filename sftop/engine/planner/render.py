@@ -12,6 +12,7 @@ _LABELS = {
     "optimizer_states": "optimizer states",
     "cublas_workspace": "cuBLAS workspace",
     "activations": "saved activations",
+    "attention_mask": "attention mask + saved SDPA bias",
     "loss_saved": "loss: saved per token",
     "loss_peak": "loss: logits chunk peak",
     "recomputed_layer": "recomputed block (checkpointing)",

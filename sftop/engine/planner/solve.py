@@ -145,6 +145,12 @@ def setup_from_preset(preset: Any, device: str) -> Setup:
         dtype = "fp32" if on_cpu else "bf16"
     kernels = preset.train.kernels != "off" and not on_cpu
     attention = preset.model.attn_implementation
+    if attention == "auto":
+        # What the model loader picks: flash-attention on a GPU when it is installed, else SDPA.
+        import importlib.util
+
+        has_flash = not on_cpu and dtype in ("bf16", "fp16") and importlib.util.find_spec("flash_attn") is not None
+        attention = "flash_attention_2" if has_flash else "sdpa"
     return Setup(
         dtype=dtype,
         load_in_4bit=bool(preset.model.load_in_4bit),
@@ -155,8 +161,9 @@ def setup_from_preset(preset: Any, device: str) -> Setup:
         kernels=kernels,
         # Without sftop's kernels TRL's own chunked log-prob head computes the loss.
         loss="fused" if kernels else "chunked",
-        attention="eager" if attention == "eager" else "sdpa",
+        attention=attention,
         on_gpu=not on_cpu,
+        packed=bool(preset.data.packing),
     )
 
 
@@ -200,6 +207,8 @@ def step_time_s(shape: ModelShape, setup: Setup, checkpointing: str, micro_batch
     # Forward plus input-gradient backward (frozen weights get no weight gradient).
     flops_tok = 4 * matmul_params
     ctx = row_tokens_mean / 2  # causal attention: average context per token
+    if packing and setup.attention != "flash_attention_2":
+        ctx = tokens  # SDPA with a block-diagonal mask computes every query against the whole packed row
     attn_fwd = 4 * ctx * shape.q_dim * shape.layers
     flops_tok += 3 * attn_fwd
     if checkpointing != "off":
