@@ -170,7 +170,8 @@ def render_check(result: DataCheckResult, color: bool = False) -> str:
             spans.pop()  # trailing template newline: an empty last line says nothing
         for text, trained in spans:
             if color:
-                parts.append(text if trained else style(text, _DIM))
+                # Dim each line on its own so the indentation added below stays outside the codes.
+                parts.append(text if trained else "\n".join(style(seg, _DIM) if seg else seg for seg in text.split("\n")))
             else:
                 parts.append(f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if trained else text)
         body = "".join(parts)

@@ -232,7 +232,8 @@ def _read_hub(source: str, section: DataSection):
             hint="Check the spelling; for a gated or private dataset run `huggingface-cli login` first",
         ) from None
     except (ConnectionError, OSError) as exc:
-        if offline or "offline" in str(exc).lower() or "connect" in str(exc).lower():
+        text = str(exc).lower()
+        if offline or any(word in text for word in ("offline", "connect", "reach", "resolve", "network")):
             raise _offline_error(source) from None
         raise DataError(f"Cannot load {source!r} from the hub: {exc}", where=f"data.source = {source!r}",
                         hint="Check the dataset id and your network") from None
@@ -248,7 +249,7 @@ def _read_hub(source: str, section: DataSection):
 
 def _offline_error(source: str) -> DataError:
     return DataError(
-        f"{source!r} looks like a Hugging Face hub dataset, but the hub cannot be reached (offline) and it is not in the local cache",
+        f"{source!r} looks like a Hugging Face hub dataset, but the hub cannot be reached (offline or no network) and it is not in the local cache",
         where=f"data.source = {source!r}",
         hint=(
             "Download it on a machine with network access (`datasets.load_dataset(...).save_to_disk(DIR)` "
