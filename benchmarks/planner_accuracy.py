@@ -127,15 +127,16 @@ def set_checkpointing(model, mode: str) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def loss_of(model, ids, loss: str):
+def loss_of(model, ids, loss: str, position_ids=None):
+    extra = {} if position_ids is None else {"position_ids": position_ids}
     if loss == "trl":
-        out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+        out = model(input_ids=ids, labels=ids, fused_lm_head=True, **extra)
         return -out.log_probs.sum() / out.label_mask.sum().clamp(min=1)
-    out = model(input_ids=ids, labels=ids)
+    out = model(input_ids=ids, labels=ids, **extra)
     return out.loss
 
 
-def measure(model, seq: int, loss: str, steps: int, vocab: int, device: str = "cuda") -> dict:
+def measure(model, seq: int, loss: str, steps: int, vocab: int, device: str = "cuda", packed: bool = False) -> dict:
     cuda = device != "cpu"
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
@@ -145,12 +146,15 @@ def measure(model, seq: int, loss: str, steps: int, vocab: int, device: str = "c
         torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated() if cuda else 0
     ids = torch.randint(0, vocab, (1, seq), device=device)
+    # Packed: four documents in one padding-free row, positions restarting at each (as TRL's collator
+    # does); transformers then builds a block-diagonal mask for SDPA.
+    position_ids = torch.arange(seq, device=device).remainder(max(1, seq // 4)).unsqueeze(0) if packed else None
     times = []
     for _ in range(steps):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        value = loss_of(model, ids, loss)
+        value = loss_of(model, ids, loss, position_ids)
         value.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -181,6 +185,8 @@ def main() -> int:
     ap.add_argument("--losses", nargs="+", default=None, choices=list(LOSS_TO_SETUP),
                     help="default: trl, plus sftop when its kernels are available")
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--packed-seqs", nargs="*", type=int, default=[2048, 8192],
+                    help="extra packed (4 documents per row) cases, bf16 only, on the first shape")
     ap.add_argument("--time-budget", type=float, default=450.0, help="seconds; later combos are skipped")
     args = ap.parse_args()
     cuda = args.device != "cpu"
@@ -207,13 +213,17 @@ def main() -> int:
         for weights in args.weights:
             for loss in losses:
                 loss_impl, kernels = LOSS_TO_SETUP[loss]
-                combos = [(gc_mode, seq) for gc_mode in args.checkpointing for seq in args.seqs]
+                combos = [(gc_mode, seq, False) for gc_mode in args.checkpointing for seq in args.seqs]
+                if weights == "bf16" and shape_name == args.shapes[0]:
+                    combos += [(gc_mode, seq, True) for gc_mode in args.checkpointing for seq in args.packed_seqs]
                 model = None
-                for gc_mode, seq in combos:
-                    setup = Setup(load_in_4bit=weights == "nf4", checkpointing=gc_mode, kernels=kernels, loss=loss_impl)
+                for gc_mode, seq, packed in combos:
+                    setup = Setup(load_in_4bit=weights == "nf4", checkpointing=gc_mode, kernels=kernels, loss=loss_impl,
+                                  packed=packed)
                     est = estimate(shape, setup, seq, seq_len=seq)
                     row = {
                         "shape": shape_name, "weights": weights, "checkpointing": gc_mode, "seq": seq, "loss": loss,
+                        "packed": packed,
                         "predicted_gib": round(est.allocated_gib, 3), "predicted_device_gib": round(est.device_gib, 3),
                         "peak_phase": est.peak_phase, "terms_gib": est.breakdown_gib(),
                     }
@@ -230,7 +240,7 @@ def main() -> int:
                             model = build_model(config, weights == "nf4", loss, args.device)
                             print(f"built {shape_name} {weights} {loss} in {time.time() - t0:.1f}s", flush=True)
                         set_checkpointing(model, gc_mode)
-                        row.update(measure(model, seq, loss, args.steps, shape.vocab, args.device))
+                        row.update(measure(model, seq, loss, args.steps, shape.vocab, args.device, packed))
                         row["error_pct"] = round(100 * (row["predicted_gib"] / row["measured_gib"] - 1), 2)
                         row["status"] = "ok"
                     except torch.cuda.OutOfMemoryError:
@@ -266,21 +276,23 @@ def write(out: Path, rows: list[dict], total_gib: float, wall_s: float, device: 
     lines = [
         f"Measured on {meta['gpu']} ({meta['gpu_total_gib']} GiB), torch {meta['torch']}, transformers "
         f"{meta['transformers']}, peft {meta['peft']}; LoRA r=16 all-linear, batch 1, AdamW, {wall_s:.0f} s in all.",
-        f"Within +-10%: {within} of {len(ok)} measured combinations.",
+        f"Within +-10%: {within} of {len(ok)} measured combinations. Seq `Np` is one padding-free row of 4 packed "
+        "documents (SDPA gets a block-diagonal mask); error = predicted / measured - 1.",
         "",
         "| shape | weights | loss | checkpointing | seq | predicted GiB | measured GiB | error | reserved GiB | step s | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        seq = f"{r['seq']}p" if r.get("packed") else str(r["seq"])
         if r.get("status") == "ok":
             lines.append(
-                f"| {r['shape']} | {r['weights']} | {r['loss']} | {r['checkpointing']} | {r['seq']} | "
+                f"| {r['shape']} | {r['weights']} | {r['loss']} | {r['checkpointing']} | {seq} | "
                 f"{r['predicted_gib']:.2f} | {r['measured_gib']:.2f} | {r['error_pct']:+.1f}% | "
                 f"{r['reserved_gib']:.2f} | {r['step_s']:.3f} | |"
             )
         else:
             lines.append(
-                f"| {r['shape']} | {r['weights']} | {r['loss']} | {r['checkpointing']} | {r['seq']} | "
+                f"| {r['shape']} | {r['weights']} | {r['loss']} | {r['checkpointing']} | {seq} | "
                 f"{r['predicted_gib']:.2f} | | | | | {r.get('status', '')} |"
             )
     (out / "planner_accuracy.md").write_text("\n".join(lines) + "\n")
