@@ -187,6 +187,10 @@ def load_model(preset, plan=None):
 
     tokenizer = load_tokenizer(preset.model)
     base, dtype, attn = load_base_model(preset.model)
+    # LoRA's A matrices are drawn from the global RNG: seed it so a run (and its resume) is repeatable.
+    from transformers import set_seed
+
+    set_seed(preset.train.seed)
     try:
         model = get_peft_model(base, lora_config(preset.lora))
     except ValueError as exc:
