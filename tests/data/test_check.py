@@ -68,3 +68,10 @@ def test_check_caps_the_problem_list(tmp_path, tok):
 def test_check_mentions_max_rows(tok):
     text = render_check(check_data(Preset(data={"source": "builtin:arithmetic", "max_rows": 10}), tok))
     assert "10 read (first 10 of 1,000: data.max_rows)" in text
+
+
+def test_check_with_the_demo_models_tokenizer():
+    # The path `sftop data check demo` takes: no tokenizer given, the model section names it.
+    result = check_data(Preset(model={"name": "builtin:demo-tiny"}, data={"source": "builtin:arithmetic", "max_length": 64}))
+    assert result.usable_rows == 1000 and result.stats.length_max <= 64
+    assert [text for text, trained in result.sample_spans if trained] == ["8<|im_end|>"]

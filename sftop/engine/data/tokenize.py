@@ -5,8 +5,10 @@ without relying on `{% generation %}` markers (most templates lack them), each a
 located by rendering the conversation up to it twice: once ending in the generation prompt (where
 the assistant starts writing) and once including the turn. Both renders must be prefixes of the
 full render; their lengths are the turn's character span. Character positions are then mapped to
-token positions by tokenising the prefix and checking, token by token, that it matches the start
-of the full sequence; only where a merge crosses the boundary do we fall back to offsets.
+token positions: where one token ends exactly at the boundary and the next starts there (offsets),
+that is the split; otherwise the prefix is tokenised and checked token by token against the start
+of the full sequence; only where a merge crosses the boundary do we fall back to the token that
+straddles it, and count it as trained.
 
 A turn's span ends with the template's end-of-turn token (trained: the model must learn to stop),
 but whitespace the template puts after that special token (ChatML's newline) is not trained,
@@ -17,6 +19,7 @@ Rows longer than `data.max_length` are skipped and reported, never silently trun
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from sftop.engine.data.conversation import Conversation
@@ -53,6 +56,8 @@ class Encoder:
         decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
         self._special_ids.update(i for i, tok in decoder.items() if getattr(tok, "special", False))
         self._whitespace_cache: dict[int, bool] = {}
+        self._starts_of = None
+        self._starts_cache: list[int] = []
 
     # -- chat ---------------------------------------------------------------------------------
 
@@ -109,6 +114,11 @@ class Encoder:
         """Index of the first token at or after character `boundary` of `full`."""
         if boundary >= len(full):
             return len(ids)
+        if offsets is not None:
+            # Fast exact case: one token ends at the boundary and the next starts there.
+            t = bisect.bisect_left(self._starts(offsets), boundary)
+            if 0 < t < len(ids) and offsets[t][0] == boundary and offsets[t - 1][1] == boundary:
+                return t
         prefix_ids = self._ids(full[:boundary])["input_ids"]
         if ids[: len(prefix_ids)] == prefix_ids:
             return len(prefix_ids)
@@ -118,6 +128,12 @@ class Encoder:
         if is_end:
             return next((t for t, (s, _) in enumerate(offsets) if s >= boundary), len(ids))
         return next((t for t, (_, e) in enumerate(offsets) if e > boundary), len(ids))
+
+    def _starts(self, offsets) -> list[int]:
+        if self._starts_of is not offsets:
+            self._starts_cache = [start for start, _ in offsets]
+            self._starts_of = offsets
+        return self._starts_cache
 
     def encode_chat(self, conv: Conversation) -> tuple[list[int], list[bool]]:
         messages = conv.template_messages()
