@@ -75,3 +75,4 @@ def test_check_with_the_demo_models_tokenizer():
     result = check_data(Preset(model={"name": "builtin:demo-tiny"}, data={"source": "builtin:arithmetic", "max_length": 64}))
     assert result.usable_rows == 1000 and result.stats.length_max <= 64
     assert [text for text, trained in result.sample_spans if trained] == ["8<|im_end|>"]
+    assert "tokenizer of builtin:demo-tiny" in render_check(result)

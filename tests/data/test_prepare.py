@@ -106,3 +106,13 @@ def test_trl_sft_trainer_keeps_our_labels(tmp_path, tok, packing):
         assert sorted(t for labels in ds["labels"] for t in labels) == sorted(t for _, labels in ours for t in labels)
     result = trainer.train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+
+
+def test_prepare_reuses_an_early_structural_pass(tok):
+    from sftop.engine.data import validate_structure
+
+    preset = Preset(data={"source": "builtin:sample-broken", "max_bad_fraction": 0.25})
+    structured = validate_structure(preset.data)  # before any model is loaded
+    assert structured.report.bad_rows == 4 and len(structured.conversations) == 16
+    prepared = prepare_data(preset, tok, structured=structured)
+    assert len(prepared.train) == 16 and prepared.report is structured.report

@@ -75,10 +75,13 @@ def check_data(preset: Preset, tokenizer=None) -> DataCheckResult:
     """Run the data pipeline of `preset` and summarise it. Loads the model's tokenizer if not given."""
     section = preset.data
     structured = validate_structure(section, strict=False)
+    tokenizer_name = preset.model.name
     if tokenizer is None:
         from sftop.engine.models.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(preset.model)
+    else:
+        tokenizer_name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     encoding = encode_structured(structured, section, tokenizer)
     encoded, report = encoding.encoded, encoding.report
     sample = encoded[0] if encoded else None
@@ -87,7 +90,7 @@ def check_data(preset: Preset, tokenizer=None) -> DataCheckResult:
         source_kind=structured.raw.kind,
         format=structured.format,
         format_forced=section.format != "auto",
-        tokenizer=getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+        tokenizer=tokenizer_name,
         loss_on=section.loss_on,
         max_length=section.max_length,
         max_bad_fraction=section.max_bad_fraction,
@@ -121,7 +124,7 @@ def render_check(result: DataCheckResult, color: bool = False) -> str:
     s = result.stats
     kind = _KIND_NAMES.get(result.source_kind, result.source_kind)
     fmt = f"{result.format} format" + (" (forced by data.format)" if result.format_forced else " (detected)")
-    lines = [style(f"Data check: {result.source}", _BOLD), f"  {kind}, {fmt}, tokenizer {result.tokenizer}"]
+    lines = [style(f"Data check: {result.source}", _BOLD), f"  {kind}, {fmt}, tokenizer of {result.tokenizer}"]
     limited = ""
     if result.rows_in_source > result.rows_read:
         limited = f" (first {result.rows_read:,} of {result.rows_in_source:,}: data.max_rows)"

@@ -159,10 +159,15 @@ def _to_dataset(encoded: list[Encoded]):
     )
 
 
-def prepare_data(preset: Preset, tokenizer) -> PreparedData:
-    """Everything the trainer needs from `preset.data`, or a `DataError` the user can act on."""
+def prepare_data(preset: Preset, tokenizer, *, structured: Structured | None = None) -> PreparedData:
+    """Everything the trainer needs from `preset.data`, or a `DataError` the user can act on.
+
+    Pass the result of an earlier `validate_structure(preset.data)` (run before the model was
+    loaded, to fail fast) as `structured` to skip reading the source again.
+    """
     section = preset.data
-    structured = validate_structure(section, strict=True)
+    if structured is None:
+        structured = validate_structure(section, strict=True)
     encoding = encode_structured(structured, section, tokenizer)
     report = encoding.report
     report.raise_if_too_many(section.max_bad_fraction)
