@@ -205,7 +205,7 @@ class DashboardScreen(Screen):
         loss = s.final_loss if s.final_loss is not None else s.last_loss
         self._set("loss", format_number(loss))
         self._set("eval", format_number(s.eval_loss.last))
-        self._set("lr", f"{s.learning_rate:.2e}" if s.learning_rate is not None else "-")
+        self._set("lr", "-" if s.learning_rate is None else f"{s.learning_rate:.2e}" if s.learning_rate else "0")
         self._set("grad", format_number(s.grad_norm, 3))
         self._set("tps", format_count(s.last_tokens_per_s))
         self._set("tokens", format_count(s.tokens_seen))
