@@ -98,7 +98,7 @@ def chunk_rows(n_rows: int, n_vocab: int, elem_bytes: int, chunk_bytes: int | No
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, num_items_in_batch, ignore_index, softcap, chunk_bytes):
+    def forward(ctx, hidden, weight, labels, num_items_in_batch, ignore_index, softcap, chunk_bytes, compute_dtype):
         h_shape = hidden.shape
         x = hidden.reshape(-1, h_shape[-1])
         y = labels.reshape(-1).to(x.device)
@@ -117,7 +117,10 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ys = y.index_select(0, idx)
         n = xs.shape[0]
 
-        compute_dtype = torch.promote_types(x.dtype, weight.dtype)
+        if compute_dtype is None:
+            compute_dtype = torch.promote_types(x.dtype, weight.dtype)
+        # cast once per call, not once per chunk
+        w_c = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
         elem = torch.empty((), dtype=compute_dtype).element_size()
         step = chunk_rows(n, n_vocab, elem, chunk_bytes)
         loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -126,7 +129,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         for s in range(0, n, step):
             e = min(n, s + step)
             xc = xs[s:e]
-            logits = xc.to(compute_dtype) @ weight.to(compute_dtype).t()
+            logits = xc.to(compute_dtype) @ w_c.t()
             rows = e - s
             block_r, block = _ce_tile(rows, n_vocab, x.device)
             _ce_rows[(triton.cdiv(rows, block_r),)](
@@ -136,7 +139,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 num_warps=8 if block >= 4096 else 4,
             )
             if need_dx:
-                dxs[s:e] = (logits @ weight.to(compute_dtype)).to(x.dtype)
+                dxs[s:e] = (logits @ w_c).to(x.dtype)
             if need_dw:
                 dw.addmm_(logits.t().to(torch.float32), xc.to(torch.float32))
 
@@ -169,7 +172,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             dx = saved.pop(0) * scale
         if ctx.has[1]:
             dw = (saved.pop(0) * scale).to(ctx.w_dtype)
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -181,11 +184,14 @@ def fused_linear_cross_entropy(
     ignore_index: int = -100,
     softcap: float | None = None,
     chunk_bytes: int | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Mean (or sum / num_items_in_batch) cross-entropy of `hidden @ weight.T` against `labels`.
 
     `labels` must already be aligned with `hidden` rows (shift them first for causal LM).
+    `compute_dtype` sets the dtype of the two matmuls (default: promoted from hidden and weight);
+    the softmax and the loss are fp32 either way.
     """
     return FusedLinearCrossEntropyFunction.apply(
-        hidden, weight, labels, num_items_in_batch, ignore_index, softcap, chunk_bytes
+        hidden, weight, labels, num_items_in_batch, ignore_index, softcap, chunk_bytes, compute_dtype
     )

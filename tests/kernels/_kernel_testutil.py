@@ -5,6 +5,7 @@ import math
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 # (device, dtype, relative-error bound vs a float64 reference).  On the CPU the interpreter runs
 # float32 only (numpy has no bfloat16); on a GPU the same tests also run in bf16.

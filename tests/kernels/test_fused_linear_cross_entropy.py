@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from sftop.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
-from _kernel_testutil import rel_err
+from _kernel_testutil import DEVICE, rel_err
 
 
 def _ref(h, w, y, num_items, softcap):
@@ -47,9 +47,9 @@ def test_flce_matches_reference(case, poison, n, hid, vocab, softcap, num_items,
 
 
 def test_flce_3d_hidden_and_all_ignored_rows():
-    h = torch.randn(2, 5, 16, requires_grad=True)
-    w = torch.randn(50, 16)
-    y = torch.full((2, 5), -100)
+    h = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(50, 16, device=DEVICE)
+    y = torch.full((2, 5), -100, device=DEVICE)
     loss = fused_linear_cross_entropy(h, w, y)
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(h.grad) == 0
@@ -58,3 +58,15 @@ def test_flce_3d_hidden_and_all_ignored_rows():
     fused_linear_cross_entropy(h, w, y).backward()
     ref = torch.autograd.grad(F.cross_entropy(h[1, 2:3] @ w.t(), y[1, 2:3]), h)[0]
     assert rel_err(h.grad, ref) < 1e-6
+
+
+def test_flce_compute_dtype_runs_matmuls_in_it():
+    # an fp32 head computed in bf16 (the QLoRA case): close to fp32, but not bit-equal
+    h = torch.randn(9, 32, device=DEVICE, requires_grad=True)
+    w = torch.randn(70, 32, device=DEVICE) / 4
+    y = torch.randint(0, 70, (9,), device=DEVICE)
+    exact = fused_linear_cross_entropy(h, w, y)
+    if DEVICE == "cpu":
+        return  # the interpreter cannot hold bf16 logits
+    low = fused_linear_cross_entropy(h, w, y, compute_dtype=torch.bfloat16)
+    assert 0 < rel_err(low, exact) < 1e-2

@@ -3,7 +3,7 @@ import torch
 
 from sftop.kernels.glu import geglu, swiglu
 
-from _kernel_testutil import rel_err
+from _kernel_testutil import DEVICE, rel_err
 
 
 def _ref(g, u, kind):
@@ -36,6 +36,6 @@ def test_glu_matches_reference(case, poison, shape, kind):
 
 
 def test_glu_float32_matches_torch_float32():
-    g, u = torch.randn(4, 77) * 4, torch.randn(4, 77)
+    g, u = torch.randn(4, 77, device=DEVICE) * 4, torch.randn(4, 77, device=DEVICE)
     assert rel_err(swiglu(g, u), torch.nn.functional.silu(g) * u) < 1e-6
     assert rel_err(geglu(g, u), torch.nn.functional.gelu(g, approximate="tanh") * u) < 1e-6

@@ -48,7 +48,7 @@ def test_patched_model_matches_stock(family, mode):
     fused = twin(stock)
     report = K.patch_model(fused)
     assert report.family == family
-    assert report.parts == {"rms_norm": "fused", "rope": "fused", "mlp": "fused", "loss": "fused"}
+    assert report.parts == {p: "fused" for p in ("rms_norm", "rope", "mlp", "lora", "loss")}
     for m in (stock, fused):
         m.train()
         if mode == "checkpointed":
@@ -180,10 +180,34 @@ def test_qlora_4bit_patched_matches_stock(family):
     stock = tiny_model(family, dtype=torch.bfloat16, quant=quant)
     fused = tiny_model(family, dtype=torch.bfloat16, quant=quant)
     report = K.patch_model(fused)
-    assert report.parts["rms_norm"] == report.parts["rope"] == report.parts["mlp"] == "fused"
+    assert set(report.parts.values()) == {"fused"}
     batch = _batch("padded", 13)
     s_out, s_grads = _loss_and_grads(stock, batch)
     f_out, f_grads = _loss_and_grads(fused, batch)
     assert rel_err(f_out.loss, s_out.loss) < 1e-2
     for name, g in s_grads.items():
         assert rel_err(f_grads[name], g) < 5e-2, name
+
+
+@pytest.mark.parametrize(
+    "lora_kw,reason",
+    [(dict(lora_dropout=0.1), "LoRA dropout > 0"), (dict(use_dora=True), "DoRA"),
+     (dict(lora_bias=True), "LoRA bias")],
+)
+def test_lora_configs_the_fast_path_cannot_reproduce_stay_stock(lora_kw, reason):
+    m = tiny_model("llama", **lora_kw)
+    report = K.patch_model(m)
+    assert report.parts["lora"].startswith("stock: ") and reason in report.parts["lora"]
+    assert report.parts["rms_norm"] == "fused"
+
+
+def test_lora_fast_path_defers_to_peft_when_adapters_are_disabled():
+    stock = tiny_model("llama")
+    fused = twin(stock)
+    assert K.patch_model(fused).parts["lora"] == "fused"
+    batch = _batch("padded", 9)
+    with stock.disable_adapter(), fused.disable_adapter():
+        a, b = stock(**batch).loss, fused(**batch).loss
+    assert rel_err(b, a) < 1e-5
+    # and the adapters really are on otherwise (a different loss)
+    assert abs(fused(**batch).loss.item() - a.item()) > 1e-4

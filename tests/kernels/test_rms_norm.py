@@ -3,7 +3,7 @@ import torch
 
 from sftop.kernels.rms_norm import rms_norm
 
-from _kernel_testutil import rel_err
+from _kernel_testutil import DEVICE, rel_err
 
 
 def _ref(x, w, eps, gemma):
@@ -40,15 +40,16 @@ def test_rms_norm_matches_hf_llama_and_gemma_forms():
     from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    x = torch.randn(4, 9, 48) * 2
+    x = torch.randn(4, 9, 48, device=DEVICE) * 2
     for mod, gemma in ((LlamaRMSNorm(48, eps=1e-5), False), (Gemma2RMSNorm(48, eps=1e-5), True)):
+        mod.to(DEVICE)
         with torch.no_grad():
             mod.weight.copy_(torch.randn(48) * 0.3)
         assert rel_err(rms_norm(x, mod.weight, 1e-5, gemma), mod(x)) < 1e-6
 
 
 def test_rms_norm_nan_input_propagates():
-    x = torch.randn(2, 16)
+    x = torch.randn(2, 16, device=DEVICE)
     x[1, 3] = float("nan")
-    y = rms_norm(x, torch.ones(16))
+    y = rms_norm(x, torch.ones(16, device=DEVICE))
     assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all()

@@ -4,7 +4,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from sftop.kernels.rope import apply_rope
 
-from _kernel_testutil import rel_err
+from _kernel_testutil import DEVICE, rel_err
 
 
 def _cos_sin(position_ids, dim, base=10000.0):
@@ -53,8 +53,8 @@ def test_rope_matches_hf(case, poison, b, hq, hk, t, d, packed):
 def test_rope_broadcast_cos_and_unsqueeze_dim_2():
     b, h, t, d = 2, 3, 6, 8
     cos, sin = _cos_sin(torch.arange(t)[None], d)
-    cos, sin = cos.float(), sin.float()
-    q, k = torch.randn(b, t, h, d), torch.randn(b, t, h, d)
+    cos, sin = cos.float().to(DEVICE), sin.float().to(DEVICE)
+    q, k = torch.randn(b, t, h, d, device=DEVICE), torch.randn(b, t, h, d, device=DEVICE)
     qo, ko = apply_rope(q, k, cos, sin, unsqueeze_dim=2)
     qr, kr = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
     assert rel_err(qo, qr) < 1e-6 and rel_err(ko, kr) < 1e-6

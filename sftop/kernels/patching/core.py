@@ -14,7 +14,7 @@ from torch import nn
 from .._runtime import kernels_available
 from .registry import FAMILIES, FamilySpec
 
-PARTS = ("rms_norm", "rope", "mlp", "loss")
+PARTS = ("rms_norm", "rope", "mlp", "lora", "loss")
 FUSED = "fused"
 
 # Marks on patched instances: the forward we replaced (None when the instance had no forward of
@@ -231,6 +231,7 @@ def _loss_forward(self, orig, *args, **kwargs):
     loss = fused_linear_cross_entropy(
         hidden, head.weight, shift_labels.to(hidden.device),
         num_items_in_batch=num_items, ignore_index=ignore_index, softcap=softcap,
+        compute_dtype=getattr(self, "_sftop_loss_dtype", None),
     )
     result = CausalLMOutputWithPast(
         loss=loss,
@@ -253,11 +254,110 @@ def _patch_loss(model: nn.Module, spec: FamilySpec) -> str:
         return "stock: lm_head has a bias"
     if not isinstance(getattr(model, model.base_model_prefix, None), nn.Module):
         return f"stock: no backbone at .{model.base_model_prefix}"
+    model._sftop_loss_dtype = _quantised_compute_dtype(model)
     _set_forward(model, _loss_forward, "loss")
     return FUSED
 
 
-_PATCHERS = {"rms_norm": _patch_rms_norm, "rope": _patch_rope, "mlp": _patch_mlp, "loss": _patch_loss}
+def _quantised_compute_dtype(model: nn.Module):
+    """The bitsandbytes compute dtype of a k-bit model, else None.
+
+    prepare_model_for_kbit_training leaves lm_head and the residual stream in fp32, which makes
+    the head matmul an fp32 (non-tensor-core) GEMM over the whole vocabulary -- the largest single
+    cost of a QLoRA step.  The quantised layers already compute in this dtype, so the fused loss
+    runs its two head matmuls in it too (the softmax and loss stay fp32).
+    """
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is None:
+        return None
+    get = qc.get if isinstance(qc, dict) else (lambda k, d=None: getattr(qc, k, d))
+    if not (get("load_in_4bit", False) or get("load_in_8bit", False)):
+        return None
+    dt = get("bnb_4bit_compute_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt.replace("torch.", ""), None)
+    return dt if isinstance(dt, torch.dtype) and dt != torch.float32 else None
+
+
+# --------------------------------------------------------------------------- lora
+
+_LORA_CLASSES = ("Linear", "Linear4bit", "Linear8bitLt")
+
+
+def _lora_layers(model: nn.Module) -> list[nn.Module]:
+    return [
+        m for m in model.modules()
+        if type(m).__module__.startswith("peft.tuners.lora") and type(m).__name__ in _LORA_CLASSES
+        and hasattr(m, "lora_A") and hasattr(m, "base_layer")
+    ]
+
+
+def _lora_refusal(m: nn.Module) -> str | None:
+    """Why this LoRA layer must keep PEFT's own forward, or None when the fast path is exact."""
+    active = list(getattr(m, "active_adapters", []))
+    if len(active) != 1:
+        return f"{len(active)} active adapters"
+    name = active[0]
+    if name not in m.lora_A:
+        return "adapter not on this layer"
+    if name in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(name, False):
+        return "DoRA or another LoRA variant"
+    if not isinstance(m.lora_dropout[name], nn.Identity):
+        return "LoRA dropout > 0"
+    if m.lora_A[name].bias is not None or m.lora_B[name].bias is not None:
+        return "LoRA bias"
+    if type(m.lora_A[name]) is not nn.Linear or type(m.lora_B[name]) is not nn.Linear:
+        return f"LoRA matrices are {type(m.lora_A[name]).__name__}"
+    return None
+
+
+def _lora_forward(self, orig, x, *args, **kwargs):
+    # anything PEFT decides per call (mixed adapter batches, disabled or merged adapters, a
+    # switched adapter) goes back to PEFT
+    active = self.active_adapters
+    if (
+        self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
+        or len(active) != 1 or active[0] != self._sftop_adapter
+    ):
+        return orig(x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    name = self._sftop_adapter
+    a = self.lora_A[name].weight
+    b = self.lora_B[name].weight
+    scale = self.scaling[name]
+    # PEFT keeps adapters in fp32 and runs them (and the residual add) in fp32 without tensor
+    # cores; the adapter product is computed here in the base layer's compute dtype instead, and
+    # scale-and-add folds into one addmm when dtypes line up.
+    dt = getattr(self.base_layer, "compute_dtype", None) or result.dtype
+    xa = x.to(dt) @ a.to(dt).t()
+    b_t = b.to(dt).t()
+    if result.dtype == dt:
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]), b_t, alpha=scale)
+        return flat.view(result.shape)
+    return result + (xa @ b_t) * scale
+
+
+def _patch_lora(model: nn.Module, spec: FamilySpec) -> str:
+    layers = _lora_layers(model)
+    if not layers:
+        return "stock: no PEFT LoRA layers"
+    refusals = {}
+    for m in layers:
+        why = _lora_refusal(m)
+        if why:
+            refusals[why] = refusals.get(why, 0) + 1
+    if refusals:
+        why, n = max(refusals.items(), key=lambda kv: kv[1])
+        return f"stock: {why} ({n} of {len(layers)} layers)"
+    for m in layers:
+        m._sftop_adapter = m.active_adapters[0]
+        _set_forward(m, _lora_forward, "lora")
+    return FUSED
+
+
+_PATCHERS = {
+    "rms_norm": _patch_rms_norm, "rope": _patch_rope, "mlp": _patch_mlp, "lora": _patch_lora, "loss": _patch_loss,
+}
 
 
 def _unpatch(model: nn.Module) -> None:
