@@ -116,3 +116,8 @@ def test_row_errors_say_what_is_wrong(row, fmt, reason):
     with pytest.raises(RowError) as info:
         normalise_row(row, fmt)
     assert reason in str(info.value)
+
+
+def test_prompt_completion_mixed_string_and_list():
+    conv = normalise_row({"prompt": "Q", "completion": [{"role": "assistant", "content": "A"}]}, "prompt_completion")
+    assert roles_texts(conv) == [("user", "Q"), ("assistant", "A")]

@@ -133,3 +133,18 @@ def test_missing_chat_template_is_a_data_error():
     with pytest.raises(DataError, match="no chat template") as info:
         Encoder(tok).require_chat_template()
     assert 'data.format = "text"' in str(info.value)
+
+
+def test_template_that_decorates_only_the_last_turn():
+    # Like Qwen3: the last assistant turn gets an (empty) think block, earlier ones do not. The
+    # render up to an earlier turn is then not a prefix of the full render; the turn is located
+    # from where the generation prompt ends to the end of its content and closing token.
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' and loop.last %}<think></think>{% endif %}{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok = make_tokenizer("char", "chatml")
+    tok.chat_template = template
+    encoded = Encoder(tok).encode(conv("What is 1+1?", "2", "And 2+2?", "4"))
+    assert [t for t, trained in runs(tok, encoded) if trained] == ["2<|im_end|>", "<think></think>4<|im_end|>"]

@@ -122,3 +122,22 @@ def test_builtin_and_max_rows():
     with pytest.raises(DataError, match="no built-in dataset named `nope`") as info:
         load("builtin:nope")
     assert "builtin:arithmetic" in str(info.value)
+
+
+def test_not_utf8(tmp_path):
+    (tmp_path / "d.csv").write_bytes("prompt,completion\ncaf\xe9,x\n".encode("latin-1"))
+    with pytest.raises(DataError, match="is not UTF-8 text"):
+        load(tmp_path / "d.csv")
+
+
+def test_csv_with_json_message_lists(tmp_path):
+    from sftop.engine.data.formats import normalise_row
+
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    with (tmp_path / "d.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["messages"])
+        writer.writerow([json.dumps(messages)])
+    (row,) = list(load(tmp_path / "d.csv"))
+    conv = normalise_row(row, "messages")
+    assert [(m.role, m.text_content) for m in conv.messages] == [("user", "Q"), ("assistant", "A")]

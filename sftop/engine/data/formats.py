@@ -16,6 +16,7 @@ against the row index and carries on.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable
 
 from sftop.engine.data.conversation import Conversation, ImagePart, Message, Part, TextPart
@@ -133,6 +134,12 @@ def _message_list(value: Any, what: str, *, role_key: str = "role", content_key:
                   role_map: dict[str, str] | None = None) -> list[Message]:
     if value is None:
         raise RowError(f"`{what}` is missing")
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        # CSV cells and some exports hold the message list as JSON text.
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowError(f"`{what}` holds text that is not a valid JSON list ({exc.msg})") from None
     if not isinstance(value, list):
         raise RowError(f"`{what}` is {_a(value)}, expected a list of messages")
     messages = []
@@ -174,7 +181,13 @@ def normalise_row(row: dict, fmt: str, index: int = -1) -> Conversation:
         if completion is None:
             raise RowError("`completion` is missing")
         if isinstance(prompt, list) or isinstance(completion, list):
-            msgs = _message_list(prompt, "prompt") + _message_list(completion, "completion")
+            # Conversational form; a plain string on either side stands for one message.
+            msgs = (
+                [Message.text("user", prompt)] if isinstance(prompt, str) else _message_list(prompt, "prompt")
+            ) + (
+                [Message.text("assistant", completion)] if isinstance(completion, str)
+                else _message_list(completion, "completion")
+            )
         else:
             msgs = [
                 Message.text("user", _text(prompt, "`prompt`")),

@@ -154,6 +154,19 @@ def _read_parquet(path: Path):
 
 
 def _read_file(path: Path, kind: str, split: str) -> tuple[Sequence, dict[int, str]]:
+    try:
+        return _read_file_as(path, kind, split)
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded)", where=str(path),
+            hint="Save the file as UTF-8 (most editors and `iconv -t UTF-8` can convert it)",
+        ) from None
+    except OSError as exc:
+        raise DataError(f"Cannot read {path}: {exc.strerror or exc}", where=str(path),
+                        hint="Check the file's permissions") from None
+
+
+def _read_file_as(path: Path, kind: str, split: str) -> tuple[Sequence, dict[int, str]]:
     if kind == "jsonl":
         return _read_jsonl(path)
     if kind == "json":

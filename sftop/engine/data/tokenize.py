@@ -101,14 +101,34 @@ class Encoder:
                 through = self.render(messages[: i + 1])
             except Exception as exc:  # a template's raise_exception() lands here
                 raise RowError(f"the chat template rejected it: {_template_error_text(exc)}") from None
-            if not (full.startswith(before) and full.startswith(through)) or len(through) < len(before):
+            start = len(before)
+            if full.startswith(before) and full.startswith(through) and len(through) >= start:
+                end = len(through)
+            elif full.startswith(before):
+                # Some templates render the last assistant turn differently from earlier ones (Qwen3
+                # adds an empty think block to the last). The turn still starts where the generation
+                # prompt ends; it ends after its content and the closing text the template gives it.
+                end = self._end_by_content(full, through, m["content"], start)
+            else:
+                end = -1
+            if end < start or (spans and start < spans[-1][1]):
                 raise RowError(
                     f"the chat template renders message {i} differently once later messages follow, "
                     "so its trained tokens cannot be located (split the conversation into one row per assistant turn, "
                     'or set data.loss_on = "all")'
                 )
-            spans.append((len(before), len(through)))
+            spans.append((start, end))
         return spans
+
+    @staticmethod
+    def _end_by_content(full: str, through: str, content: str, start: int) -> int:
+        content = content.strip()  # templates often trim
+        at = through.rfind(content) if content else -1
+        if at < 0:
+            return -1
+        anchor = content + through[at + len(content):]  # content + end-of-turn text
+        found = full.find(anchor, start)
+        return found + len(anchor) if found >= 0 else -1
 
     def _char_to_token(self, full: str, ids: list[int], offsets, boundary: int, *, is_end: bool) -> int:
         """Index of the first token at or after character `boundary` of `full`."""
