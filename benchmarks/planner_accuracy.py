@@ -121,10 +121,10 @@ def build_model(config, nf4: bool, loss: str, device: str = "cuda"):
 
 def set_checkpointing(model, mode: str) -> None:
     base = model.get_base_model()
-    if mode == "off":
-        base.gradient_checkpointing_disable()
-    else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.gradient_checkpointing_disable()
+    if mode != "off":
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
+                                           offload=mode == "offload")
 
 
 def loss_of(model, ids, loss: str, position_ids=None):
@@ -136,7 +136,8 @@ def loss_of(model, ids, loss: str, position_ids=None):
     return out.loss
 
 
-def measure(model, seq: int, loss: str, steps: int, vocab: int, device: str = "cuda", packed: bool = False) -> dict:
+def measure(model, seq: int, loss: str, steps: int, vocab: int, device: str = "cuda", packed: bool = False,
+            doc_len: int | None = None) -> dict:
     cuda = device != "cpu"
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
@@ -148,7 +149,8 @@ def measure(model, seq: int, loss: str, steps: int, vocab: int, device: str = "c
     ids = torch.randint(0, vocab, (1, seq), device=device)
     # Packed: four documents in one padding-free row, positions restarting at each (as TRL's collator
     # does); transformers then builds a block-diagonal mask for SDPA.
-    position_ids = torch.arange(seq, device=device).remainder(max(1, seq // 4)).unsqueeze(0) if packed else None
+    doc_len = doc_len or max(1, seq // 4)
+    position_ids = torch.arange(seq, device=device).remainder(doc_len).unsqueeze(0) if packed else None
     times = []
     for _ in range(steps):
         if cuda:
@@ -174,6 +176,49 @@ def measure(model, seq: int, loss: str, steps: int, vocab: int, device: str = "c
     return result
 
 
+def check_plan(model, config, shape, shape_name: str, weights: str, loss: str, total_gib: float, args) -> dict:
+    """Does the planner's own choice for an empty GPU of this size run without OOM, and fit?
+
+    Preset: max_length 2048, packing, effective batch 16, SDPA. The worst micro-batch is one
+    padding-free row of micro_batch documents of 2048 tokens.
+    """
+    from sftop.engine.planner import plan_run
+    from sftop.engine.planner.estimate import CUDA_CONTEXT_BYTES
+    from sftop.engine.presets.schema import Preset
+
+    preset = Preset.model_validate({
+        "name": "acc",
+        "model": {"name": shape_name, "load_in_4bit": weights == "nf4", "attn_implementation": "sdpa"},
+        "lora": {"r": 16, "alpha": 16},
+        "data": {"max_length": 2048, "packing": True},
+        "train": {"effective_batch": 16, "kernels": "on" if loss == "sftop" else "off"},
+    })
+    row = {"shape": shape_name, "weights": weights, "loss": loss, "plan_check": True, "packed": True}
+    try:
+        plan = plan_run(preset, config, gpu_memory_gib=total_gib)
+    except Exception as exc:  # noqa: BLE001 - a refusal is a result too
+        row["status"] = f"refused: {exc}"[:300]
+        return row
+    row.update(checkpointing=plan.gradient_checkpointing, seq=plan.tokens_per_micro_batch,
+               predicted_gib=plan.predicted_allocated_gib, predicted_device_gib=plan.predicted_peak_gib,
+               budget_gib=plan.budget_gib, plan=plan.to_dict())
+    try:
+        set_checkpointing(model, plan.gradient_checkpointing)
+        row.update(measure(model, plan.tokens_per_micro_batch, loss, args.steps, shape.vocab, args.device,
+                           packed=True, doc_len=2048))
+        device_peak = row["reserved_gib"] + CUDA_CONTEXT_BYTES / GIB
+        row["error_pct"] = round(100 * (row["predicted_gib"] / row["measured_gib"] - 1), 2)
+        row["fits_budget"] = device_peak <= plan.budget_gib
+        row["status"] = "ok" if row["fits_budget"] else f"over budget: {device_peak:.2f} GiB on the device"
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "OUT OF MEMORY with the planner's choice"
+    except Exception as exc:  # noqa: BLE001
+        row["status"] = f"error: {type(exc).__name__}: {exc}"[:300]
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
@@ -188,6 +233,8 @@ def main() -> int:
     ap.add_argument("--packed-seqs", nargs="*", type=int, default=[2048, 8192],
                     help="extra packed (4 documents per row) cases, bf16 only, on the first shape")
     ap.add_argument("--time-budget", type=float, default=450.0, help="seconds; later combos are skipped")
+    ap.add_argument("--no-plan-check", dest="plan_check", action="store_false",
+                    help="skip running the planner's own choice (micro-batch x 2048 packed) per model")
     args = ap.parse_args()
     cuda = args.device != "cpu"
     if cuda and not torch.cuda.is_available():
@@ -250,6 +297,9 @@ def main() -> int:
                     print(json.dumps({k: v for k, v in row.items() if k != "terms_gib"}), flush=True)
                     gc.collect()
                     torch.cuda.empty_cache()
+                if args.plan_check and model is not None and time.time() - start < args.time_budget + 60:
+                    rows.append(check_plan(model, config, shape, shape_name, weights, loss, total_gib, args))
+                    print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("terms_gib", "plan")}), flush=True)
                 del model
                 gc.collect()
                 torch.cuda.empty_cache()
@@ -271,6 +321,8 @@ def write(out: Path, rows: list[dict], total_gib: float, wall_s: float, device: 
         "wall_s": round(wall_s, 1),
     }
     (out / "planner_accuracy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    checks = [r for r in rows if r.get("plan_check")]
+    rows = [r for r in rows if not r.get("plan_check")]
     ok = [r for r in rows if r.get("status") == "ok"]
     within = sum(abs(r["error_pct"]) <= 10 for r in ok)
     lines = [
@@ -294,6 +346,25 @@ def write(out: Path, rows: list[dict], total_gib: float, wall_s: float, device: 
             lines.append(
                 f"| {r['shape']} | {r['weights']} | {r['loss']} | {r['checkpointing']} | {seq} | "
                 f"{r['predicted_gib']:.2f} | | | | | {r.get('status', '')} |"
+            )
+    if checks:
+        lines += [
+            "",
+            "The planner's own choice for an empty GPU of this size (max_length 2048, packing, effective batch 16), "
+            "one padding-free row of micro_batch documents:",
+            "",
+            "| shape | weights | loss | plan | tokens | predicted GiB | measured GiB | error | device peak fits budget | status |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in checks:
+            plan = r.get("plan") or {}
+            desc = f"{plan.get('micro_batch')} x {plan.get('grad_accum')}, ckpt {plan.get('gradient_checkpointing')}" if plan else ""
+            measured = f"{r['measured_gib']:.2f}" if "measured_gib" in r else ""
+            err = f"{r['error_pct']:+.1f}%" if "error_pct" in r else ""
+            lines.append(
+                f"| {r['shape']} | {r['weights']} | {r['loss']} | {desc} | {r.get('seq', '')} | "
+                f"{r.get('predicted_gib', float('nan')):.2f} | {measured} | {err} | {r.get('fits_budget', '')} | "
+                f"{r.get('status', '')} |"
             )
     (out / "planner_accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
