@@ -427,7 +427,9 @@ def plan_run(
         status = gpus if gpus is not None else read_gpus()
         best = status.best()
         if best is None:
-            return _plan_cpu(preset, shape, constraints, status.reason or "no GPU is visible", row_tokens_mean)
+            reason = status.reason or (
+                "NVML reports no memory figures for the visible GPUs" if status.gpus else "no GPU is visible")
+            return _plan_cpu(preset, shape, constraints, reason, row_tokens_mean)
         device, gpu_name = best.device, best.name
         free, total = best.memory_free_bytes or 0, best.memory_total_bytes or best.memory_free_bytes or 0
         budget = free - _reserve_bytes(total)
