@@ -148,3 +148,42 @@ def test_template_that_decorates_only_the_last_turn():
     tok.chat_template = template
     encoded = Encoder(tok).encode(conv("What is 1+1?", "2", "And 2+2?", "4"))
     assert [t for t, trained in runs(tok, encoded) if trained] == ["2<|im_end|>", "<think></think>4<|im_end|>"]
+
+
+# Real chat templates, as TRL ships them (trl/chat_templates/*.jinja), without generation markers.
+# Expected trained text per assistant turn, checked by hand against each template's rendering.
+TWO_TURNS = conv("What is 7+5?", "12", "And 2+2?", "4", system="Be brief.")
+REAL_TEMPLATES = [
+    ("llama3_1", ["12<|eot_id|>", "4<|eot_id|>"]),
+    ("llama3_2", ["12<|eot_id|>", "4<|eot_id|>"]),
+    ("qwen2_5", ["12<|im_end|>", "4<|im_end|>"]),
+    # Qwen3 shows the empty think block on the last turn only; the generation prompt ends before it.
+    ("qwen3", ["12<|im_end|>", "<think>\n\n</think>\n\n4<|im_end|>"]),
+    # The generation prompt opens a think block that past turns do not have: the turn starts where they part.
+    ("nemotron_3_nano", ["</think>12<|im_end|>", "</think>4<|im_end|>"]),
+    ("deepseekv3", ["12<｜end▁of▁sentence｜>", "4<｜end▁of▁sentence｜>"]),
+    ("gemma3", ["12<end_of_turn>", "4<end_of_turn>"]),
+    # Phi-3 appends end-of-text after the whole conversation: part of the last turn only.
+    ("phi3", ["12<|end|>", "4<|end|>\n<|im_end|>"]),
+]
+
+
+@pytest.mark.parametrize("name, expected", REAL_TEMPLATES, ids=[n for n, _ in REAL_TEMPLATES])
+def test_real_chat_templates(name, expected):
+    import re
+    from pathlib import Path
+
+    import trl
+
+    path = Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja"
+    if not path.is_file():
+        pytest.skip(f"this TRL version ships no {name}.jinja")
+    template = path.read_text()
+    tok = make_tokenizer("char", "chatml")
+    specials = re.findall(r"<[|｜][^<>\s]{0,40}?[|｜]>|<start_of_turn>|<end_of_turn>|<think>|</think>", template)
+    tok.add_special_tokens({"additional_special_tokens": sorted(set(specials))})
+    tok.chat_template = template
+    encoded = Encoder(tok).encode(TWO_TURNS)
+    assert [t for t, trained in runs(tok, encoded) if trained] == expected
+    # Nothing from the user or system messages is trained.
+    assert all("Be brief" not in t and "2+2" not in t for t, trained in runs(tok, encoded) if trained)

@@ -40,6 +40,14 @@ class Encoded:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def _template_error_text(exc: Exception) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:200]
@@ -101,13 +109,13 @@ class Encoder:
                 through = self.render(messages[: i + 1])
             except Exception as exc:  # a template's raise_exception() lands here
                 raise RowError(f"the chat template rejected it: {_template_error_text(exc)}") from None
-            start = len(before)
-            if full.startswith(before) and full.startswith(through) and len(through) >= start:
+            start = self._turn_start(messages, i, before, full)
+            if start >= 0 and full.startswith(through) and len(through) >= start:
                 end = len(through)
-            elif full.startswith(before):
+            elif start >= 0:
                 # Some templates render the last assistant turn differently from earlier ones (Qwen3
-                # adds an empty think block to the last). The turn still starts where the generation
-                # prompt ends; it ends after its content and the closing text the template gives it.
+                # adds an empty think block to the last, Phi-3 an end-of-text after it). The turn
+                # ends after its content and as much of the closing text as the full render shares.
                 end = self._end_by_content(full, through, m["content"], start)
             else:
                 end = -1
@@ -120,15 +128,39 @@ class Encoder:
             spans.append((start, end))
         return spans
 
-    @staticmethod
-    def _end_by_content(full: str, through: str, content: str, start: int) -> int:
+    def _turn_start(self, messages: list[dict], i: int, before: str, full: str) -> int:
+        """Where assistant message `i` starts in `full`: the end of the generation prompt.
+
+        Some templates' generation prompt opens a think block (`<think>\n`) that earlier turns do
+        not have in the full render; then the turn starts where the two renders part, provided
+        that is after everything rendered for the earlier messages (so no earlier text is trained).
+        """
+        if full.startswith(before):
+            return len(before)
+        shared = _common_prefix_len(before, full)
+        try:
+            previous = self.render(messages[:i]) if i else ""
+        except Exception:  # noqa: BLE001 - a template may refuse to end on a user turn; no fallback then
+            return -1
+        if full.startswith(previous) and shared >= len(previous):
+            return shared
+        return -1
+
+    def _end_by_content(self, full: str, through: str, content: str, start: int) -> int:
         content = content.strip()  # templates often trim
         at = through.rfind(content) if content else -1
-        if at < 0:
+        found = full.find(content, start) if at >= 0 else -1
+        if found < 0:
             return -1
-        anchor = content + through[at + len(content):]  # content + end-of-turn text
-        found = full.find(anchor, start)
-        return found + len(anchor) if found >= 0 else -1
+        after = found + len(content)
+        tail = through[at + len(content):]
+        shared = _common_prefix_len(tail, full[after:])
+        if 0 < shared < len(tail) and getattr(self.tokenizer, "is_fast", False):
+            # Cut at a token boundary of the closing text: "<|end|>\n<|im_end|>" and
+            # "<|end|>\n<|user|>" share "<|end|>\n<|", and half a special token is no boundary.
+            offsets = self._ids(tail, offsets=True)["offset_mapping"]
+            shared = max((e for _, e in offsets if e <= shared), default=0)
+        return after + shared
 
     def _char_to_token(self, full: str, ids: list[int], offsets, boundary: int, *, is_end: bool) -> int:
         """Index of the first token at or after character `boundary` of `full`."""
