@@ -5,7 +5,7 @@ from _shapes import llama_1b, one_gpu, preset
 
 from sftop.engine.errors import ResourceError
 from sftop.engine.gpu import GIB
-from sftop.engine.planner import check_probe, on_oom, plan_run, probe_shape, step_down
+from sftop.engine.planner import check_probe, on_oom, plan_run, probe_shape, run_probe, step_down
 from sftop.engine.planner.solve import replan
 
 
@@ -71,3 +71,86 @@ def test_replan_with_calibration_never_grows():
     plan = plan_run(preset(), llama_1b(), gpus=one_gpu(16))
     again = replan(plan, calibration=1.3)
     assert again.modelled_step_s >= plan.modelled_step_s
+
+
+class FakeMemory:
+    """Allocator counters for run_probe: each probe 'uses' what a rule says for its shape."""
+
+    class OOM(RuntimeError):
+        pass
+
+    oom_error = OOM
+
+    def __init__(self):
+        self.peak = 0
+        self.released = 0
+
+    def reset_peak(self):
+        self.peak = 0
+
+    def peak_allocated(self):
+        return self.peak
+
+    def peak_reserved(self):
+        return int(self.peak * 1.05)
+
+    def release(self):
+        self.released += 1
+
+
+def test_run_probe_keeps_a_plan_that_fits():
+    plan = plan_run(preset(), llama_1b(), gpus=one_gpu(24))
+    mem = FakeMemory()
+    shapes = []
+
+    def step(rows, tokens):
+        shapes.append((rows, tokens))
+        mem.peak = int(plan.predicted_allocated_gib * GIB)
+
+    final, verdicts = run_probe(plan, step, memory=mem)
+    assert final is plan and len(verdicts) == 1 and verdicts[0].ok
+    assert shapes == [probe_shape(plan)]
+
+
+def test_run_probe_steps_down_on_oom_and_over_budget_until_it_fits():
+    plan = plan_run(preset(), llama_1b(), gpus=one_gpu(24))
+    mem = FakeMemory()
+    changes = []
+
+    def step(rows, tokens):
+        if tokens > 8192:
+            mem.peak = int(3 * GIB)
+            raise FakeMemory.OOM("CUDA out of memory. Tried to allocate 2.00 GiB")
+        # the real run needs 40% more per token than predicted
+        mem.peak = int(2.3 * GIB + 1.4 * tokens * 300_000)
+
+    final, verdicts = run_probe(plan, step, memory=mem, on_change=lambda old, new, why: changes.append((old, new, why)))
+    assert verdicts[-1].ok and not verdicts[0].ok
+    assert "ran out of memory" in verdicts[0].reason
+    assert final.tokens_per_micro_batch <= 8192
+    assert final.micro_batch * final.grad_accum == 16
+    assert len(changes) == len(verdicts) - 1 and changes[0][0] is plan
+    assert mem.released >= 2 * len(verdicts)
+
+
+def test_run_probe_refuses_when_nothing_fits():
+    plan = plan_run(preset(effective_batch=2), llama_1b(), gpus=one_gpu(24))
+    mem = FakeMemory()
+
+    def step(rows, tokens):
+        raise FakeMemory.OOM("CUDA out of memory")
+
+    with pytest.raises(ResourceError):
+        run_probe(plan, step, memory=mem)
+
+
+def test_run_probe_skips_cpu_plans():
+    from _shapes import preset as make_preset
+
+    from sftop.engine.gpu import GpuStatus
+    from sftop.engine.planner import load_model_config
+
+    demo = make_preset("builtin:demo-tiny", max_length=64)
+    plan = plan_run(demo, load_model_config(demo), gpus=GpuStatus(reason="no driver"))
+    final, verdicts = run_probe(plan, lambda r, t: pytest.fail("no probe on the CPU"))
+    assert final is plan and verdicts == []

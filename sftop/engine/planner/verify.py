@@ -8,8 +8,9 @@ mid-run `torch.cuda.OutOfMemoryError` goes through `on_oom`. The effective batch
 
 from __future__ import annotations
 
+import gc
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Callable, Protocol
 
 from sftop.engine.errors import ResourceError
 from sftop.engine.gpu import GIB
@@ -135,4 +136,96 @@ def on_oom(plan: Plan, step: int | None = None) -> Plan:
     return step_down(plan, f"out of memory{where}")
 
 
-__all__ = ["ProbeVerdict", "check_probe", "on_oom", "probe_shape", "step_down", "solve"]
+class DeviceMemory(Protocol):
+    """The allocator counters a probe reads; `CudaMemory` is the real one."""
+
+    oom_error: type[BaseException]
+
+    def reset_peak(self) -> None: ...
+
+    def peak_allocated(self) -> int: ...
+
+    def peak_reserved(self) -> int: ...
+
+    def release(self) -> None: ...
+
+
+class CudaMemory:
+    """torch.cuda's counters for one device."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self._torch = torch
+        self.device = torch.device(device)
+        self.oom_error = torch.cuda.OutOfMemoryError
+
+    def reset_peak(self) -> None:
+        self._torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_allocated(self) -> int:
+        return int(self._torch.cuda.max_memory_allocated(self.device))
+
+    def peak_reserved(self) -> int:
+        return int(self._torch.cuda.max_memory_reserved(self.device))
+
+    def release(self) -> None:
+        self._torch.cuda.empty_cache()
+
+
+def run_probe(
+    plan: Plan,
+    step_fn: Callable[[int, int], None],
+    *,
+    memory: DeviceMemory | None = None,
+    on_change: Callable[[Plan, Plan, str], None] | None = None,
+    max_tries: int = 8,
+) -> tuple[Plan, list[ProbeVerdict]]:
+    """Probe the plan's largest micro-batch, stepping down until one fits; returns (plan, verdicts).
+
+    `step_fn(rows, tokens_per_row)` must run one full optimizer step (forward, backward,
+    optimizer.step, zero_grad(set_to_none=True)) on a batch of that shape and drop its tensors.
+    An out-of-memory error in it counts as "does not fit". `on_change(old, new, reason)` is called
+    before each step-down (write PlanChanged there). CPU plans are returned unprobed. Raises
+    ResourceError when even the smallest plan does not fit.
+    """
+    if plan.device == "cpu":
+        return plan, []
+    memory = memory or CudaMemory(plan.device)
+    verdicts: list[ProbeVerdict] = []
+    for _ in range(max_tries):
+        memory.release()
+        memory.reset_peak()
+        failed: str | None = None
+        try:
+            step_fn(*probe_shape(plan))
+        except memory.oom_error as exc:  # type: ignore[misc]
+            failed = str(exc).splitlines()[0] if str(exc) else "out of memory"
+        # Outside the except block: its traceback would keep the failed step's tensors alive.
+        gc.collect()
+        memory.release()
+        if failed is None:
+            verdict = check_probe(plan, memory.peak_allocated(), memory.peak_reserved())
+        else:
+            reason = f"the probe step ran out of memory ({failed[:120]})"
+            measured = memory.peak_allocated() / GIB
+            verdict = ProbeVerdict(False, round(measured, 3), round(memory.peak_reserved() / GIB, 3),
+                                   plan.predicted_allocated_gib, round(measured / max(plan.predicted_allocated_gib, 1e-9), 3),
+                                   reason, _smaller_plan(plan, 1.25, reason))
+        verdicts.append(verdict)
+        if verdict.ok:
+            return plan, verdicts
+        new = verdict.next_plan
+        assert new is not None  # _smaller_plan raises when there is nothing smaller
+        if on_change is not None:
+            on_change(plan, new, verdict.reason)
+        plan = new
+    raise ResourceError(
+        f"{plan.model_name or 'The model'} still does not fit on {plan.device} after {max_tries} smaller plans",
+        where="GPU memory",
+        hint="Set model.load_in_4bit = true, lower data.max_length, or use a bigger GPU",
+    )
+
+
+__all__ = ["CudaMemory", "DeviceMemory", "ProbeVerdict", "check_probe", "on_oom", "probe_shape", "run_probe",
+           "step_down", "solve"]
