@@ -107,13 +107,22 @@ def test_adapter_loads_and_answers_with_a_number(demo_run):
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
     base = AutoModelForCausalLM.from_pretrained(demo_dir())
     model = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
-    answers = []
-    for question in ("What is 3+4?", "What is 9-2?", "What is 6+7?"):
-        inputs = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:]))
-    # A random-init model answers with arbitrary tokens; the trained adapter answers like the data.
-    assert all(re.fullmatch(r"\d{1,2}<\|im_end\|>.*", a, flags=re.S) for a in answers), answers
+
+    def answers():
+        out = []
+        for question in ("What is 3+4?", "What is 9-2?", "What is 6+7?"):
+            inputs = tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt",
+                return_dict=True,
+            )
+            with torch.no_grad():
+                ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+            out.append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:]))
+        return out
+
+    looks_right = re.compile(r"\d{1,3}<\|im_end\|>.*", flags=re.S)
+    trained = answers()
+    assert all(looks_right.fullmatch(a) for a in trained), trained
+    with model.disable_adapter():  # the random-init base alone does not answer like the data
+        untrained = answers()
+    assert not any(looks_right.fullmatch(a) for a in untrained), untrained

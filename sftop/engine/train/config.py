@@ -44,8 +44,11 @@ def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: boo
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
         gradient_checkpointing=checkpointing in ("on", "offload"),
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing != "off" else None,
-        activation_offloading=checkpointing == "offload",
+        # "offload" keeps the checkpointed activations in pinned host memory (transformers' own
+        # gradient_checkpointing_enable(offload=True)), which is what the planner's estimate assumes.
+        gradient_checkpointing_kwargs=(
+            {"use_reentrant": False, "offload": checkpointing == "offload"} if checkpointing != "off" else None
+        ),
         logging_strategy="steps",
         logging_steps=train.logging_steps,
         logging_first_step=True,
@@ -61,9 +64,13 @@ def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: boo
         include_num_input_tokens_seen="no",  # counted by sftop (non-padding tokens)
         dataloader_num_workers=0,
         use_cpu=not on_cuda,
-        max_length=preset.data.max_length,
-        packing=packing,
-        packing_strategy="bfd",
+        # sftop.engine.data already dropped rows longer than data.max_length (it never truncates).
+        # "Packing" here is padding-free batching: each micro-batch concatenates exactly micro_batch
+        # rows into one row with restarting position_ids, so train.effective_batch stays "rows per
+        # optimizer step". TRL's own packing (bfd) would instead fill max_length-token bins and put
+        # several times more rows into every step than the preset says.
+        max_length=None if packing else preset.data.max_length,
+        packing=False,
         padding_free=packing,
         pad_to_multiple_of=None,
         loss_type="nll",
