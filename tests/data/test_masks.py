@@ -187,3 +187,20 @@ def test_real_chat_templates(name, expected):
     assert [t for t, trained in runs(tok, encoded) if trained] == expected
     # Nothing from the user or system messages is trained.
     assert all("Be brief" not in t and "2+2" not in t for t, trained in runs(tok, encoded) if trained)
+
+
+def test_encode_many_equals_one_by_one(any_tokenizer):
+    tok = any_tokenizer
+    rows = [conv("What is 7+5?", "12"), Conversation(document="Q: What is 3+4?\nA: 7"),
+            conv("x" * 80, "y"), conv("Again", "first\n\nsecond", "Hi", "there")] * 3
+    encoder = Encoder(tok, max_length=60)
+    many = list(encoder.encode_many(rows, batch_size=5))
+    assert len(many) == len(rows)
+    for row, got in zip(rows, many):
+        try:
+            want = encoder.encode(row)
+        except RowError as exc:
+            assert isinstance(got, RowError) and str(got) == str(exc)
+        else:
+            assert (got.input_ids, got.labels) == (want.input_ids, want.labels)
+    assert sum(isinstance(g, RowError) for g in many) == 3  # the long rows

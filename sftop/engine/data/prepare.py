@@ -104,11 +104,11 @@ def encode_structured(structured: Structured, section: DataSection, tokenizer) -
     if any(not c.is_document for c in structured.conversations):
         encoder.require_chat_template()
     result = Encoding(structured)
-    for conv in structured.conversations:
-        try:
-            result.encoded.append(encoder.encode(conv))
-        except RowError as exc:
-            structured.report.add(conv.source_index, str(exc))
+    for conv, outcome in zip(structured.conversations, encoder.encode_many(structured.conversations)):
+        if isinstance(outcome, RowError):
+            structured.report.add(conv.source_index, str(outcome))
+        else:
+            result.encoded.append(outcome)
     return result
 
 

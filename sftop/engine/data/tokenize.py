@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import Iterator
 
 from sftop.engine.data.conversation import Conversation
 from sftop.engine.data.formats import RowError
@@ -187,18 +188,26 @@ class Encoder:
             self._starts_of = offsets
         return self._starts_cache
 
-    def encode_chat(self, conv: Conversation) -> tuple[list[int], list[bool]]:
-        messages = conv.template_messages()
+    def _render_full(self, conv: Conversation) -> str:
         try:
-            full = self.render(messages)
+            return self.render(conv.template_messages())
         except Exception as exc:
             raise RowError(f"the chat template rejected it: {_template_error_text(exc)}") from None
-        fast = bool(getattr(self.tokenizer, "is_fast", False))
-        enc = self._ids(full, offsets=fast)
+
+    @property
+    def _fast(self) -> bool:
+        return bool(getattr(self.tokenizer, "is_fast", False))
+
+    def encode_chat(self, conv: Conversation, full: str | None = None, enc=None) -> tuple[list[int], list[bool]]:
+        """Token ids and trained flags of a chat; `full`/`enc` pass in a render and its tokenisation."""
+        if full is None:
+            full = self._render_full(conv)
+        if enc is None:
+            enc = self._ids(full, offsets=self._fast)
         ids = list(enc["input_ids"])
         if self.loss_on == "all":
             return ids, [True] * len(ids)
-        offsets = enc.get("offset_mapping") if fast else None
+        offsets = enc.get("offset_mapping") if self._fast else None
         mask = [False] * len(ids)
         for start, end in self.assistant_spans(conv, full):
             t0 = self._char_to_token(full, ids, offsets, start, is_end=False)
@@ -212,8 +221,10 @@ class Encoder:
 
     # -- plain text ---------------------------------------------------------------------------
 
-    def encode_document(self, conv: Conversation) -> tuple[list[int], list[bool]]:
-        ids = list(self.tokenizer(conv.document, add_special_tokens=True)["input_ids"])
+    def encode_document(self, conv: Conversation, ids: list[int] | None = None) -> tuple[list[int], list[bool]]:
+        if ids is None:
+            ids = self.tokenizer(conv.document, add_special_tokens=True)["input_ids"]
+        ids = list(ids)
         eos = getattr(self.tokenizer, "eos_token_id", None)
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)  # so the model learns where a document ends
@@ -221,15 +232,52 @@ class Encoder:
 
     # -- both -----------------------------------------------------------------------------------
 
+    def _finish(self, conv: Conversation, ids: list[int], mask: list[bool]) -> Encoded:
+        if self.max_length is not None and len(ids) > self.max_length:
+            raise RowError(f"{len(ids)} tokens, longer than data.max_length = {self.max_length}")
+        if not any(mask):
+            raise RowError("no tokens to train on after tokenisation")
+        return Encoded(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)], conv.source_index)
+
     def encode(self, conv: Conversation) -> Encoded:
         """Encode one conversation, or raise `RowError` (too long, nothing to train on, template refused)."""
         ids, mask = self.encode_document(conv) if conv.is_document else self.encode_chat(conv)
-        if self.max_length is not None and len(ids) > self.max_length:
-            raise RowError(f"{len(ids)} tokens, longer than data.max_length = {self.max_length}")
-        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-        if not any(mask):
-            raise RowError("no tokens to train on after tokenisation")
-        return Encoded(ids, labels, conv.source_index)
+        return self._finish(conv, ids, mask)
+
+    def encode_many(self, convs: list[Conversation], batch_size: int = 512) -> Iterator[Encoded | RowError]:
+        """`encode` for many rows, in order; the full sequences are tokenised in batches (in parallel)."""
+        for first in range(0, len(convs), batch_size):
+            chunk = convs[first:first + batch_size]
+            texts: list[str | RowError] = []
+            for conv in chunk:
+                try:
+                    texts.append(conv.document if conv.is_document else self._render_full(conv))
+                except RowError as exc:
+                    texts.append(exc)
+            ok = [k for k, t in enumerate(texts) if isinstance(t, str)]
+            docs = [k for k in ok if chunk[k].is_document]
+            chats = [k for k in ok if not chunk[k].is_document]
+            encoded: dict[int, object] = {}
+            if docs:
+                batch = self.tokenizer([texts[k] for k in docs], add_special_tokens=True)["input_ids"]
+                encoded.update(zip(docs, batch))
+            if chats:
+                batch = self.tokenizer([texts[k] for k in chats], add_special_tokens=False,
+                                       return_offsets_mapping=self._fast)
+                for n, k in enumerate(chats):
+                    encoded[k] = {key: batch[key][n] for key in batch.keys()}
+            for k, conv in enumerate(chunk):
+                if isinstance(texts[k], RowError):
+                    yield texts[k]
+                    continue
+                try:
+                    if conv.is_document:
+                        ids, mask = self.encode_document(conv, encoded[k])
+                    else:
+                        ids, mask = self.encode_chat(conv, texts[k], encoded[k])
+                    yield self._finish(conv, ids, mask)
+                except RowError as exc:
+                    yield exc
 
 
 def trained_spans(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
