@@ -121,3 +121,10 @@ def test_row_errors_say_what_is_wrong(row, fmt, reason):
 def test_prompt_completion_mixed_string_and_list():
     conv = normalise_row({"prompt": "Q", "completion": [{"role": "assistant", "content": "A"}]}, "prompt_completion")
     assert roles_texts(conv) == [("user", "Q"), ("assistant", "A")]
+
+
+def test_messages_with_speaker_aliases():
+    conv = normalise_row({"messages": [{"role": "Human", "content": "Q"}, {"role": "model", "content": "A"}]}, "messages")
+    assert roles_texts(conv) == [("user", "Q"), ("assistant", "A")]
+    conv = normalise_row({"messages": [{"role": "tool", "content": "T"}]}, "messages")
+    assert conv.messages[0].role == "tool"  # left for validation to report

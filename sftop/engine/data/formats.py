@@ -159,6 +159,9 @@ def _message_list(value: Any, what: str, *, role_key: str = "role", content_key:
                 known = ", ".join(sorted(role_map))
                 raise RowError(f"{what}[{i}] has unknown speaker {role!r} (known: {known})")
             role = mapped
+        else:
+            # Speaker names like "human"/"gpt"/"model" also turn up in role/content data.
+            role = SHAREGPT_ROLES.get(role.lower(), role)
         messages.append(Message(role, _parts(content, f"{what}[{i}] content")))
     return messages
 
