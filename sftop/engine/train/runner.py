@@ -164,6 +164,7 @@ class _Run:
         self.trainer = None
         self.signals = StopSignals(run_dir.events, lambda: self.step, self.latest_checkpoint)
         self.t0 = time.time()
+        self.probe_verdict: dict[str, Any] | None = None
 
     def latest_checkpoint(self) -> str | None:
         path = self.run_dir.latest_checkpoint()
@@ -262,7 +263,7 @@ class _Run:
                 "model": self.info.to_dict(),
                 "packing": self.packing,
             },
-            plan=self.plan.to_dict(),
+            plan={**self.plan.to_dict(), **({"probe": self.probe_verdict} if self.probe_verdict else {})},
             kernels=self.info.kernels,
             data=self.data.to_dict(),
             total_steps=total_steps,
@@ -282,6 +283,8 @@ class _Run:
         for attempt in range(MAX_OOM_RETRIES + 1):
             self.resumed_from = int(checkpoint.name.split("-")[-1]) if checkpoint else None
             trainer = self.build_trainer()
+            if attempt == 0:
+                trainer = self.probe()
             if self.signals.requested:  # stopped while loading: nothing trained, nothing to save
                 self.writer.write(RunStopped(step=self.resumed_from or 0, signal=self.signals.requested,
                                              checkpoint=str(checkpoint) if checkpoint else None))
@@ -290,12 +293,55 @@ class _Run:
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
                 break
             except torch.cuda.OutOfMemoryError as exc:
-                step = trainer.state.global_step
-                self.step = step
-                checkpoint = self.recover_from_oom(step, exc)
+                oom = (str(exc).splitlines() or ["out of memory"])[0][:200]
+            # Outside the except block, so the traceback no longer pins the failed step's tensors.
+            step = trainer.state.global_step
+            self.step = step
+            trainer = None
+            checkpoint = self.recover_from_oom(step, oom)
+        else:
+            raise ResourceError(
+                f"Ran out of GPU memory {MAX_OOM_RETRIES + 1} times, even after making the micro-batch smaller",
+                where="GPU memory",
+                hint="Set model.load_in_4bit = true, lower data.max_length, or use a bigger GPU",
+            )
         return self.finish()
 
-    def recover_from_oom(self, step: int, exc: Exception) -> Path | None:
+    def set_plan(self, new, step: int, reason: str) -> None:
+        """Switch to a smaller plan: record it, and make preset.toml repeat the plan that fits."""
+        from sftop.engine.presets import Preset
+
+        self.writer.write(PlanChanged(step=step, reason=reason, old=self.plan.to_dict(), new=new.to_dict()))
+        self.plan = new
+        data = self.preset.model_dump(mode="json")
+        data["plan"].update(resolved_plan_section(new))
+        self.preset = Preset.model_validate(data)
+        save_preset(self.preset, self.run_dir.preset)
+
+    def probe(self):
+        """On a GPU, measure one step at the plan's largest shape and step the plan down until it fits."""
+        if not str(getattr(self.plan, "device", "cpu")).startswith("cuda"):
+            return self.trainer
+        from sftop.engine.planner.verify import run_probe
+        from sftop.engine.train.probe import probe_step
+
+        def step_fn(rows: int, tokens_per_row: int) -> None:
+            probe_step(self.trainer, rows, tokens_per_row, self.preset.data.max_length)
+
+        def on_change(old, new, reason: str) -> None:
+            self.set_plan(new, 0, reason)
+            self.message(f"Plan stepped down before training: {reason}", level="warning")
+            self.trainer = None
+            self.build_trainer()
+
+        _, verdicts = run_probe(self.plan, step_fn, on_change=on_change)
+        if verdicts:
+            last = verdicts[-1].to_dict()
+            last.pop("next_plan", None)
+            self.probe_verdict = last
+        return self.trainer
+
+    def recover_from_oom(self, step: int, error: str) -> Path | None:
         """Smaller micro-batch, more accumulation (same effective batch), from the last checkpoint."""
         import torch
 
@@ -303,33 +349,26 @@ class _Run:
         try:
             from sftop.engine.planner import on_oom
 
-            new = on_oom(old)
+            new = on_oom(old, step)
         except ImportError:
             if old.micro_batch <= 1:
                 raise ResourceError(
-                    f"Out of GPU memory at step {step} even with micro_batch 1",
+                    f"Out of GPU memory at step {step} even with micro_batch 1 ({error})",
                     hint="Use a smaller model, load_in_4bit = true, a shorter data.max_length, or a bigger GPU",
-                ) from exc
+                ) from None
             from sftop.engine.train.plan import LocalPlan
 
             micro = old.micro_batch // 2
             new = LocalPlan(micro, old.micro_batch * old.grad_accum // micro, "on" if old.gradient_checkpointing == "off" else old.gradient_checkpointing)
-        self.writer.write(PlanChanged(step=step, reason=f"out of memory at step {step}", old=old.to_dict(), new=new.to_dict()))
-        self.plan = new
-        data = self.preset.model_dump(mode="json")
-        data["plan"].update(resolved_plan_section(new))
-        from sftop.engine.presets import Preset
-
-        self.preset = Preset.model_validate(data)
-        save_preset(self.preset, self.run_dir.preset)  # a repeat should start with the plan that fits
+        self.set_plan(new, step, f"out of memory at step {step}")
         # Drop every reference to the failed step's tensors before trying again.
         for p in self.model.parameters():
             p.grad = None
-        self.trainer = None
+        self.trainer = self.events = self.guard = None
         gc.collect()
         torch.cuda.empty_cache()
         checkpoint = pick_checkpoint(self.run_dir, self.writer)
-        self.message(f"Out of GPU memory at step {step}: continuing with micro_batch {new.micro_batch} x "
+        self.message(f"Out of GPU memory at step {step} ({error}): continuing with micro_batch {new.micro_batch} x "
                      f"grad_accum {new.grad_accum} from {checkpoint.name if checkpoint else 'the start'}", level="warning")
         return checkpoint
 

@@ -1,0 +1,83 @@
+"""GPU memory safety paths, exercised on CPU: the probe step leaves no trace, and an OOM mid-run
+continues from the last checkpoint with a smaller micro-batch (same effective batch)."""
+
+import pytest
+import torch
+
+from sftop.engine.events import EventWriter
+from sftop.engine.presets import load_preset
+from sftop.engine.rundir import RunDir
+from sftop.engine.train.probe import probe_step
+from sftop.engine.train.runner import _Run
+from train_helpers import events_of, fast_preset, of_type
+
+
+def _prepared(preset, path):
+    run_dir = RunDir(path).create()
+    writer = EventWriter(run_dir.events)
+    run = _Run(preset, run_dir, writer, resume=False)
+    run.resolve()
+    run.load()
+    run.resumed_from = None
+    return run, writer
+
+
+@pytest.mark.parametrize("checkpointing", ["off", "on"])
+def test_probe_step_leaves_weights_rng_and_metrics_untouched(home, tmp_path, checkpointing):
+    run, writer = _prepared(fast_preset(f'plan.gradient_checkpointing="{checkpointing}"'), tmp_path / "run")
+    trainer = run.build_trainer()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    rng = torch.get_rng_state()
+    probe_step(trainer, rows=4, tokens_per_row=32, max_length=32)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for name, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, before[name]), name
+            assert p.grad is None
+    assert trainer.sftop_step_tokens == 0 and not trainer._metrics["train"]
+    writer.close()
+
+
+def test_probe_step_then_training_matches_a_run_without_it(home, tmp_path):
+    losses = []
+    for probe in (False, True):
+        run, writer = _prepared(fast_preset("train.max_steps=3", "train.save_steps=100"), tmp_path / f"run{probe}")
+        trainer = run.build_trainer()
+        if probe:
+            probe_step(trainer, rows=4, tokens_per_row=32, max_length=32)
+        trainer.train()
+        writer.close()
+        losses.append([s["loss"] for s in of_type(events_of(run.run_dir.path), "step")])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_out_of_memory_mid_run_continues_with_a_smaller_micro_batch(home, tmp_path):
+    preset = fast_preset("train.max_steps=8", "train.save_steps=2", "train.save_total_limit=3")
+    run, writer = _prepared(preset, tmp_path / "run")
+    calls = {"n": 0}
+
+    def out_of_memory_once(module, args, output):
+        # Test-only fault injection: the 6th training forward (step 6) runs out of GPU memory.
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return output
+
+    run.model.get_base_model().model.norm.register_forward_hook(out_of_memory_once)
+    code = run.train()
+    writer.close()
+    assert code == 0
+    records = events_of(run.run_dir.path)
+    changed = of_type(records, "plan_changed")
+    assert len(changed) == 1
+    assert changed[0]["step"] == 5 and "out of memory" in changed[0]["reason"]
+    assert (changed[0]["old"]["micro_batch"], changed[0]["old"]["grad_accum"]) == (4, 1)
+    assert (changed[0]["new"]["micro_batch"], changed[0]["new"]["grad_accum"]) == (2, 2)
+    started = of_type(records, "run_started")
+    assert [s["resumed_from_step"] for s in started] == [None, 4]
+    assert started[1]["plan"]["micro_batch"] == 2
+    steps = [s["step"] for s in of_type(records, "step")]
+    assert steps == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # step 5 is redone from checkpoint-4
+    assert records[-1]["type"] == "run_finished" and records[-1]["step"] == 8
+    repeated, _ = load_preset(run.run_dir.preset)
+    assert (repeated.plan.micro_batch, repeated.plan.grad_accum) == (2, 2)
