@@ -76,3 +76,15 @@ def test_check_with_the_demo_models_tokenizer():
     assert result.usable_rows == 1000 and result.stats.length_max <= 64
     assert [text for text, trained in result.sample_spans if trained] == ["8<|im_end|>"]
     assert "tokenizer of builtin:demo-tiny" in render_check(result)
+
+
+def test_warns_when_turns_end_without_a_special_token():
+    tok = make_tokenizer("char", "chatml")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    result = check_data(Preset(data={"source": "builtin:sample-messages"}), tok)
+    assert len(result.warnings) == 1 and "without a special end-of-turn token" in result.warnings[0]
+    assert "Warning: The chat template closes assistant turns" in render_check(result)
+    assert check_data(Preset(data={"source": "builtin:sample-messages"}), make_tokenizer("char", "chatml")).warnings == []

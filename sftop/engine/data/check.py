@@ -18,7 +18,7 @@ from sftop.engine.presets.schema import Preset
 PROBLEMS_KEPT = 50
 PROBLEMS_SHOWN = 10
 
-_DIM, _BOLD, _RED, _GREEN, _RESET = "\x1b[2m", "\x1b[1m", "\x1b[31m", "\x1b[32m", "\x1b[0m"
+_DIM, _BOLD, _RED, _GREEN, _YELLOW, _RESET = "\x1b[2m", "\x1b[1m", "\x1b[31m", "\x1b[32m", "\x1b[33m", "\x1b[0m"
 TRAINED_OPEN, TRAINED_CLOSE = "«", "»"
 
 
@@ -40,6 +40,7 @@ class DataCheckResult:
     problem_kinds: dict[str, int] = field(default_factory=dict)  # reason kind -> rows
     sample_index: int | None = None  # source row shown
     sample_spans: list[tuple[str, bool]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def usable_rows(self) -> int:
@@ -68,6 +69,7 @@ class DataCheckResult:
             "problems": [p.to_dict() for p in self.problems],
             "sample_index": self.sample_index,
             "sample_spans": [[t, trained] for t, trained in self.sample_spans],
+            "warnings": list(self.warnings),
         }
 
 
@@ -102,6 +104,7 @@ def check_data(preset: Preset, tokenizer=None) -> DataCheckResult:
         problem_kinds=report.reason_counts(),
         sample_index=sample.source_index if sample else None,
         sample_spans=trained_spans(tokenizer, sample.input_ids, sample.labels) if sample else [],
+        warnings=encoding.warnings,
     )
 
 
@@ -150,6 +153,8 @@ def render_check(result: DataCheckResult, color: bool = False) -> str:
     else:
         lines.append("Problems: none")
 
+    for warning in result.warnings:
+        lines.append(style(f"Warning: {warning}.", _YELLOW))
     if result.would_stop:
         if result.usable_rows == 0:
             verdict = "STOP: no row can be used; a run would stop before training."

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from sftop.engine.data.conversation import Conversation
 from sftop.engine.data.formats import RowError
 from sftop.engine.data.sources import RawRows, load_rows
-from sftop.engine.data.tokenize import Encoded, Encoder
+from sftop.engine.data.tokenize import IGNORE_INDEX, Encoded, Encoder
 from sftop.engine.data.validate import ValidationReport, resolve_format, validate_rows
 from sftop.engine.presets.schema import DataSection, Preset
 
@@ -79,6 +79,7 @@ class Structured:
 class Encoding:
     structured: Structured
     encoded: list[Encoded] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def report(self) -> ValidationReport:
@@ -109,7 +110,25 @@ def encode_structured(structured: Structured, section: DataSection, tokenizer) -
             structured.report.add(conv.source_index, str(outcome))
         else:
             result.encoded.append(outcome)
+    result.warnings = _warnings(result.encoded, encoder, section, structured.format)
     return result
+
+
+def _warnings(encoded: list[Encoded], encoder: Encoder, section: DataSection, fmt: str) -> list[str]:
+    """Dataset-wide concerns that do not make any single row bad."""
+    warnings = []
+    if fmt != "text" and section.loss_on == "assistant" and encoded:
+        ends = []
+        for row in encoded[:200]:
+            labels = row.labels
+            ends += [row.input_ids[t] for t in range(len(labels))
+                     if labels[t] != IGNORE_INDEX and (t + 1 == len(labels) or labels[t + 1] == IGNORE_INDEX)]
+        if ends and not any(token in encoder.special_ids for token in ends):
+            warnings.append(
+                "The chat template closes assistant turns without a special end-of-turn token, so the model "
+                "may not learn where to stop answering; prefer a model whose template ends turns with one"
+            )
+    return warnings
 
 
 def split_eval(n: int, fraction: float, seed: int) -> list[int]:
@@ -131,6 +150,7 @@ class PreparedData:
     source_kind: str
     loss_on: str
     max_length: int
+    warnings: list[str] = field(default_factory=list)
     train_source_rows: list[int] = field(default_factory=list)  # source row index per train row
     eval_source_rows: list[int] = field(default_factory=list)
 
@@ -146,6 +166,7 @@ class PreparedData:
             "rows_skipped": self.report.bad_rows,
             **self.stats.to_dict(),
             "problems": [p.to_dict() for p in self.report.problems[:5]],
+            "warnings": list(self.warnings),
         }
 
 
@@ -186,6 +207,7 @@ def prepare_data(preset: Preset, tokenizer, *, structured: Structured | None = N
         source_kind=structured.raw.kind,
         loss_on=section.loss_on,
         max_length=section.max_length,
+        warnings=encoding.warnings,
         train_source_rows=[e.source_index for e in train_rows],
         eval_source_rows=[e.source_index for e in eval_rows],
     )

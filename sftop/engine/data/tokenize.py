@@ -61,9 +61,9 @@ class Encoder:
         self.tokenizer = tokenizer
         self.loss_on = loss_on
         self.max_length = max_length
-        self._special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
         decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-        self._special_ids.update(i for i, tok in decoder.items() if getattr(tok, "special", False))
+        self.special_ids.update(i for i, tok in decoder.items() if getattr(tok, "special", False))
         self._whitespace_cache: dict[int, bool] = {}
         self._starts_of = None
         self._starts_cache: list[int] = []
@@ -213,7 +213,7 @@ class Encoder:
             t0 = self._char_to_token(full, ids, offsets, start, is_end=False)
             t1 = self._char_to_token(full, ids, offsets, end, is_end=True)
             # Whitespace after the end-of-turn token is template glue the model never generates.
-            while t1 - 1 > t0 and self._is_whitespace_token(ids[t1 - 1]) and ids[t1 - 2] in self._special_ids:
+            while t1 - 1 > t0 and self._is_whitespace_token(ids[t1 - 1]) and ids[t1 - 2] in self.special_ids:
                 t1 -= 1
             for t in range(t0, t1):
                 mask[t] = True
