@@ -171,3 +171,18 @@ def test_packed_and_padded_batches_pay_for_the_sdpa_mask():
     assert "attention_mask" not in single.terms  # causal SDPA, no mask
     gc_on = estimate(L1B, Setup(packed=True, checkpointing="on"), t)
     assert gc_on.terms["attention_mask"] == t * t  # the per-layer bias is rebuilt with its block
+
+
+def test_partial_checkpointing_keeps_the_other_blocks_whole():
+    from sftop.engine.planner.estimate import checkpointed_layers
+
+    t = 4096
+    a = layer_activation_bytes_per_token(L1B, Setup(kernels=False), t)
+    half = Setup(checkpointing="on", checkpoint_every=2, kernels=False, loss="chunked")
+    assert checkpointed_layers(L1B, half) == 8
+    assert checkpointed_layers(L1B, Setup(checkpointing="on", checkpoint_every=3)) == 6  # blocks 0, 3, ..., 15
+    e = estimate(L1B, half, t)
+    assert e.terms["activations"] == (8 * 2 * 2048 + 8 * a + 4 * 2048) * t
+    full = estimate(L1B, Setup(checkpointing="on", kernels=False, loss="chunked"), t)
+    off = estimate(L1B, Setup(checkpointing="off", kernels=False, loss="chunked"), t)
+    assert full.allocated_bytes < e.allocated_bytes < off.allocated_bytes

@@ -48,7 +48,8 @@ def test_more_memory_never_gives_a_slower_or_smaller_plan(make, qlora):
         if previous is not None:
             assert plan.modelled_step_s <= previous.modelled_step_s + 1e-12
             # a bigger GPU never forces more recomputation at the same micro-batch or a smaller batch with the same mode
-            if plan.gradient_checkpointing == previous.gradient_checkpointing:
+            rung = (plan.gradient_checkpointing, plan.checkpoint_every_n_layers)
+            if rung == (previous.gradient_checkpointing, previous.checkpoint_every_n_layers):
                 assert plan.micro_batch >= previous.micro_batch
         previous = plan
     assert previous is not None
@@ -187,3 +188,22 @@ def test_to_dict_is_json_and_render_shows_breakdown():
     assert "Memory breakdown (GiB)" in text and "saved activations" in text and "CUDA context" in text
     assert f"{plan.predicted_peak_gib:8.3f}" in text
     assert "\033[" not in text and "\033[" in render_plan(plan, color=True)
+
+
+def test_partial_checkpointing_fills_the_gap_between_off_and_on():
+    # Between "on" and "off" in memory, recomputing only some blocks is the fastest that fits.
+    seen = set()
+    for size in (10, 12, 14, 16, 20, 24, 28, 32):
+        plan = plan_run(preset(), llama_1b(), gpus=one_gpu(size))
+        seen.add((plan.gradient_checkpointing, plan.checkpoint_every_n_layers))
+        if plan.checkpoint_every_n_layers > 1:
+            assert plan.gradient_checkpointing == "on"
+            assert "blocks" in render_plan(plan)
+            assert plan.to_dict()["checkpoint_every_n_layers"] == plan.checkpoint_every_n_layers
+    assert any(n > 1 for _, n in seen)
+
+
+def test_fixed_checkpointing_on_means_every_block():
+    plan = plan_run(preset(gradient_checkpointing="on"), llama_1b(), gpus=one_gpu(80))
+    assert plan.checkpoint_every_n_layers == 1
+    assert {c["checkpoint_every_n_layers"] for c in plan.candidates} == {1}

@@ -6,7 +6,7 @@ from _shapes import llama_1b, one_gpu, preset
 from sftop.engine.errors import ResourceError
 from sftop.engine.gpu import GIB
 from sftop.engine.planner import check_probe, on_oom, plan_run, probe_shape, run_probe, step_down
-from sftop.engine.planner.solve import replan
+from sftop.engine.planner.solve import memory_rank, replan
 
 
 def test_probe_shape():
@@ -31,10 +31,10 @@ def test_probe_over_budget_gives_a_smaller_plan_that_fits_the_measurement():
     assert not verdict.ok and "over the" in verdict.reason
     new = verdict.next_plan
     assert new.effective_batch == plan.effective_batch == new.micro_batch * new.grad_accum
-    smaller = new.micro_batch < plan.micro_batch or (
-        ("off", "on", "offload").index(new.gradient_checkpointing)
-        > ("off", "on", "offload").index(plan.gradient_checkpointing))
-    assert smaller
+    old_rank = memory_rank(plan.gradient_checkpointing, plan.checkpoint_every_n_layers)
+    new_rank = memory_rank(new.gradient_checkpointing, new.checkpoint_every_n_layers)
+    assert (new.micro_batch < plan.micro_batch and new_rank >= old_rank) or (
+        new.micro_batch <= plan.micro_batch and new_rank > old_rank)
     assert new.predicted_peak_gib <= new.budget_gib  # sized with the measured correction
     assert new.breakdown["probe_correction"] > 0
     assert new.reason.startswith("stepped down")
@@ -43,13 +43,14 @@ def test_probe_over_budget_gives_a_smaller_plan_that_fits_the_measurement():
 
 def test_step_down_chain_keeps_effective_batch_and_ends_in_refusal():
     plan = plan_run(preset(micro_batch=8, gradient_checkpointing="off"), llama_1b(), gpus=one_gpu(80))
-    seen = [(plan.micro_batch, plan.gradient_checkpointing)]
+    seen = [(plan.micro_batch, plan.gradient_checkpointing, plan.checkpoint_every_n_layers)]
     with pytest.raises(ResourceError, match="even at micro-batch 1 with offloaded"):
         for _ in range(20):
             plan = step_down(plan)
             assert plan.micro_batch * plan.grad_accum == 16
-            seen.append((plan.micro_batch, plan.gradient_checkpointing))
-    assert seen == [(8, "off"), (4, "off"), (2, "off"), (1, "off"), (1, "on"), (1, "offload")]
+            seen.append((plan.micro_batch, plan.gradient_checkpointing, plan.checkpoint_every_n_layers))
+    assert seen == [(8, "off", 1), (4, "off", 1), (2, "off", 1), (1, "off", 1), (1, "on", 2), (1, "on", 1),
+                    (1, "offload", 1)]
 
 
 def test_on_oom_halves_micro_batch_doubles_accumulation():
@@ -118,7 +119,7 @@ def test_run_probe_steps_down_on_oom_and_over_budget_until_it_fits():
     changes = []
 
     def step(rows, tokens):
-        if tokens > 8192:
+        if tokens > 4096:
             mem.peak = int(3 * GIB)
             raise FakeMemory.OOM("CUDA out of memory. Tried to allocate 2.00 GiB")
         # the real run needs 40% more per token than predicted
@@ -127,7 +128,7 @@ def test_run_probe_steps_down_on_oom_and_over_budget_until_it_fits():
     final, verdicts = run_probe(plan, step, memory=mem, on_change=lambda old, new, why: changes.append((old, new, why)))
     assert verdicts[-1].ok and not verdicts[0].ok
     assert "ran out of memory" in verdicts[0].reason
-    assert final.tokens_per_micro_batch <= 8192
+    assert final.tokens_per_micro_batch <= 4096
     assert final.micro_batch * final.grad_accum == 16
     assert len(changes) == len(verdicts) - 1 and changes[0][0] is plan
     assert mem.released >= 2 * len(verdicts)

@@ -199,6 +199,9 @@ class Setup:
     lora_dropout: float = 0.0
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     checkpointing: Checkpointing = "off"
+    # With "on": checkpoint only every n-th block (transformers' every_n_layers); the others keep
+    # their activations, trading memory back for less recomputation.
+    checkpoint_every: int = 1
     kernels: bool = True  # sftop's fused RMSNorm, SwiGLU and linear+cross-entropy
     loss: LossImpl = "fused"
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -301,6 +304,15 @@ def attention_mask_bytes(setup: Setup, tokens: int, seq_len: int) -> tuple[int, 
     return rows * s * s, rows * s * s * DTYPE_BYTES[setup.dtype]
 
 
+def checkpointed_layers(shape: ModelShape, setup: Setup) -> int:
+    """How many blocks recompute in backward (transformers checkpoints those with index % n == 0)."""
+    if setup.checkpointing == "off":
+        return 0
+    if setup.checkpointing == "offload":
+        return shape.layers
+    return -(-shape.layers // max(1, setup.checkpoint_every))
+
+
 def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None = None) -> Estimate:
     """Peak memory for a micro-batch of `tokens` tokens: one packed row, or rows of `seq_len` each."""
     seq_len = tokens if setup.packed else (seq_len or tokens)
@@ -319,7 +331,9 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
         saved_tok = shape.layers * a_layer + final_norm
         recompute_tok = 0
     elif setup.checkpointing == "on":
-        saved_tok = shape.layers * dt * h + final_norm  # each block's input
+        n_ckpt = checkpointed_layers(shape, setup)
+        # checkpointed blocks keep their input; the others keep everything
+        saved_tok = n_ckpt * dt * h + (shape.layers - n_ckpt) * a_layer + final_norm
         recompute_tok = a_layer
     else:  # offload: block inputs live in pinned host memory; two are on the GPU in flight
         saved_tok = 2 * dt * h + final_norm
@@ -354,7 +368,7 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
         backward_tok *= 2
 
     mask, bias = attention_mask_bytes(setup, tokens, seq_len)
-    mask_saved = mask + (shape.layers * bias if setup.checkpointing == "off" else 0)
+    mask_saved = mask + (shape.layers - checkpointed_layers(shape, setup)) * bias
     mask_recompute = bias if setup.checkpointing != "off" else 0
 
     saved = (saved_tok + loss_saved_tok) * tokens + mask_saved

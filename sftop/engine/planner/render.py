@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sftop.engine.planner.solve import Plan
+from sftop.engine.planner.solve import Plan, rung_label
 
 _LABELS = {
     "weights": "base weights" ,
@@ -38,7 +38,7 @@ def render_plan(plan: Plan, color: bool = False) -> str:
         f"  micro-batch      {plan.micro_batch} rows"
         + (f" (packed, up to {plan.tokens_per_micro_batch} tokens)" if plan.packing else f" x {plan.max_length} tokens"),
         f"  accumulation     {plan.grad_accum}  (effective batch {plan.effective_batch})",
-        f"  checkpointing    {plan.gradient_checkpointing}",
+        f"  checkpointing    {rung_label(plan.gradient_checkpointing, plan.checkpoint_every_n_layers)}",
         f"  weights          {'NF4 (4-bit)' if plan.load_in_4bit else plan.dtype}, LoRA r={plan.lora_r}, "
         f"optimizer {plan.optimizer}, kernels {'sftop fused' if plan.kernels else 'stock'}",
         f"  peak {'RAM   ' if plan.device == 'cpu' else 'memory'}      {plan.predicted_peak_gib:.2f} GiB of {plan.budget_gib:.2f} GiB budget "
@@ -55,17 +55,23 @@ def render_plan(plan: Plan, color: bool = False) -> str:
     lines.append(f"  {'total (device peak)':<{width}}  {plan.predicted_peak_gib:8.3f}")
     lines.append(f"  {'of which torch allocated':<{width}}  {plan.predicted_allocated_gib:8.3f}")
     fitting = [c for c in plan.candidates if c["fits"]]
+    unfit = [c for c in plan.candidates if not c["fits"]]
     if len(plan.candidates) > 1:
-        lines += ["", bold("Candidates (fastest first)"), "  micro x accum  checkpointing  peak GiB  rel. time"]
-        for c in plan.candidates[:12]:
-            mark = "*" if (c["micro_batch"], c["gradient_checkpointing"]) == (plan.micro_batch, plan.gradient_checkpointing) else " "
-            fit = f"{c['relative_step_time']:.2f}" if c["fits"] else "does not fit"
+        lines += ["", bold("Candidates that fit (fastest first)"),
+                  "  micro x accum  checkpointing          peak GiB  rel. time"]
+        mine = (plan.micro_batch, plan.gradient_checkpointing, plan.checkpoint_every_n_layers)
+        for c in fitting[:10]:
+            ident = (c["micro_batch"], c["gradient_checkpointing"], c.get("checkpoint_every_n_layers", 1))
+            label = rung_label(c["gradient_checkpointing"], c.get("checkpoint_every_n_layers", 1))
             lines.append(
-                f"{mark} {c['micro_batch']:>5} x {c['grad_accum']:<5}  {c['gradient_checkpointing']:<13}  "
-                f"{c['predicted_peak_gib']:8.2f}  {fit}"
+                f"{'*' if ident == mine else ' '} {c['micro_batch']:>5} x {c['grad_accum']:<5}  {label:<21}  "
+                f"{c['predicted_peak_gib']:8.2f}  {c['relative_step_time']:.2f}"
             )
-        if len(plan.candidates) > 12:
-            lines.append(f"  ... {len(plan.candidates) - 12} more ({len(fitting)} fit in all)")
+        if len(fitting) > 10:
+            lines.append(f"  ... {len(fitting) - 10} slower ones")
+        if unfit:
+            lines.append(f"  {len(unfit)} more need more memory than the budget (up to "
+                         f"{max(c['predicted_peak_gib'] for c in unfit):.1f} GiB)")
     if plan.notes:
         lines += ["", bold("Notes")] + [f"  - {n}" for n in plan.notes]
     return "\n".join(lines)

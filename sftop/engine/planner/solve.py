@@ -17,6 +17,7 @@ from sftop.engine.errors import PresetError, ResourceError
 from sftop.engine.gpu import GIB, GpuStatus, read_gpus
 from sftop.engine.planner.estimate import (
     Estimate,
+    checkpointed_layers,
     ModelShape,
     Setup,
     estimate,
@@ -24,6 +25,23 @@ from sftop.engine.planner.estimate import (
 )
 
 CHECKPOINTING_ORDER = ("off", "on", "offload")
+# Checkpoint only every n-th block (transformers' every_n_layers) as rungs between "off" and "on".
+PARTIAL_EVERY = (4, 3, 2)
+
+
+def rungs(layers: int, fixed: str | None = None) -> list[tuple[str, int]]:
+    """(checkpointing, every_n_layers) from most memory / least recomputation to least memory.
+
+    A fixed `plan.gradient_checkpointing` keeps its plain meaning ("on" = every block).
+    """
+    if fixed is not None:
+        return [(fixed, 1)]
+    partial = [("on", n) for n in PARTIAL_EVERY if n < layers]
+    return [("off", 1), *partial, ("on", 1), ("offload", 1)]
+
+
+def rung_label(mode: str, every: int) -> str:
+    return mode if every == 1 else f"on (1 in {every} blocks)"
 # Bigger than this and a CPU run would take hours per step: refuse instead of planning for the CPU.
 CPU_MAX_PARAMS = 200_000_000
 # GPU sizes people rent or own (GB as sold, GiB usable), smallest first, for the refusal's advice.
@@ -101,6 +119,9 @@ class Plan:
     loss: str = "fused"
     lora_r: int = 16
     optimizer: str = "adamw"
+    # With gradient_checkpointing "on": checkpoint every n-th decoder block only. Trainer: pass it
+    # as gradient_checkpointing_kwargs["every_n_layers"] (transformers' Trainer pops it there).
+    checkpoint_every_n_layers: int = 1
     context: PlanContext | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,7 +134,8 @@ class Plan:
     def describe(self) -> str:
         return (
             f"micro-batch {self.micro_batch} x accumulation {self.grad_accum}, "
-            f"checkpointing {self.gradient_checkpointing}" + (", 4-bit" if self.load_in_4bit else "")
+            f"checkpointing {rung_label(self.gradient_checkpointing, self.checkpoint_every_n_layers)}"
+            + (", 4-bit" if self.load_in_4bit else "")
         )
 
 
@@ -122,6 +144,7 @@ class _Candidate:
     micro_batch: int
     grad_accum: int
     checkpointing: str
+    every: int
     estimate: Estimate
     device_bytes: int
     allocated_bytes: int
@@ -130,7 +153,20 @@ class _Candidate:
 
     def key(self) -> tuple:
         # Fastest first; on a tie, less recomputation, then the bigger micro-batch.
-        return (round(self.time_s, 9), CHECKPOINTING_ORDER.index(self.checkpointing), -self.micro_batch)
+        return (round(self.time_s, 9), memory_rank(self.checkpointing, self.every), -self.micro_batch)
+
+    @property
+    def label(self) -> str:
+        return rung_label(self.checkpointing, self.every)
+
+
+def memory_rank(mode: str, every: int) -> int:
+    """Order of rungs by recomputation: off, 1 in 4, 1 in 3, 1 in 2, every block, offload."""
+    if mode == "off":
+        return 0
+    if mode == "offload":
+        return 10
+    return 5 if every == 1 else 5 - (every - 1)
 
 
 def divisors(n: int) -> list[int]:
@@ -196,6 +232,7 @@ def constraints_from_preset(preset: Any) -> Constraints:
 
 def step_time_s(shape: ModelShape, setup: Setup, checkpointing: str, micro_batch: int, grad_accum: int,
                 row_tokens_mean: float, max_length: int, packing: bool) -> float:
+    # setup.checkpointing / checkpoint_every say how many blocks recompute
     """Modelled seconds per optimizer step; only ratios between candidates mean anything."""
     rows = micro_batch
     if packing:
@@ -211,21 +248,21 @@ def step_time_s(shape: ModelShape, setup: Setup, checkpointing: str, micro_batch
         ctx = tokens  # SDPA with a block-diagonal mask computes every query against the whole packed row
     attn_fwd = 4 * ctx * shape.q_dim * shape.layers
     flops_tok += 3 * attn_fwd
-    if checkpointing != "off":
-        flops_tok += 2 * shape.linear_params + attn_fwd
+    recompute = checkpointed_layers(shape, setup) / shape.layers
+    flops_tok += recompute * (2 * shape.linear_params + attn_fwd)
     efficiency = tokens / (tokens + HALF_EFFICIENCY_TOKENS)
     t = flops_tok * tokens / (NOMINAL_FLOPS * efficiency)
     if setup.load_in_4bit:
         passes = 3 if checkpointing != "off" else 2
         t += passes * shape.linear_params * DEQUANT_FLOP_EQUIV_PER_PARAM / NOMINAL_FLOPS
-    t += MICRO_BATCH_OVERHEAD_S + PER_LAYER_OVERHEAD_S * shape.layers * (1.5 if checkpointing != "off" else 1)
+    t += MICRO_BATCH_OVERHEAD_S + PER_LAYER_OVERHEAD_S * shape.layers * (1 + 0.5 * recompute)
     if checkpointing == "offload":
         t *= OFFLOAD_SLOWDOWN
     return t * grad_accum
 
 
-def _candidate(ctx: PlanContext, checkpointing: str, micro_batch: int) -> _Candidate:
-    setup = replace(ctx.setup, checkpointing=checkpointing)
+def _candidate(ctx: PlanContext, checkpointing: str, micro_batch: int, every: int = 1) -> _Candidate:
+    setup = replace(ctx.setup, checkpointing=checkpointing, checkpoint_every=every)
     tokens = micro_batch * ctx.max_length
     est = estimate(ctx.shape, setup, tokens, seq_len=ctx.max_length)
     allocated, device = est.allocated_bytes, est.device_bytes
@@ -237,19 +274,21 @@ def _candidate(ctx: PlanContext, checkpointing: str, micro_batch: int) -> _Candi
     grad_accum = ctx.effective_batch // micro_batch
     t = step_time_s(ctx.shape, setup, checkpointing, micro_batch, grad_accum, ctx.row_tokens_mean,
                     ctx.max_length, ctx.packing)
-    return _Candidate(micro_batch, grad_accum, checkpointing, est, device, allocated, t, device <= ctx.budget_bytes)
+    return _Candidate(micro_batch, grad_accum, checkpointing, every, est, device, allocated, t,
+                      device <= ctx.budget_bytes)
 
 
-def _allowed(ctx: PlanContext, constraints: Constraints | None = None) -> list[tuple[str, int]]:
+def _allowed(ctx: PlanContext, constraints: Constraints | None = None) -> list[tuple[str, int, int]]:
+    """(checkpointing, micro_batch, every_n_layers) candidates the constraints allow."""
     c = ctx.constraints if constraints is None else constraints
-    modes = [c.checkpointing] if c.checkpointing else list(CHECKPOINTING_ORDER)
+    modes = rungs(ctx.shape.layers, c.checkpointing)
     if c.micro_batch:
         sizes = [c.micro_batch]
     elif c.grad_accum:
         sizes = [ctx.effective_batch // c.grad_accum]
     else:
         sizes = divisors(ctx.effective_batch)
-    return [(m, b) for m in modes for b in sizes]
+    return [(m, b, n) for m, n in modes for b in sizes]
 
 
 def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate], reason: str) -> Plan:
@@ -261,6 +300,7 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
             "micro_batch": c.micro_batch,
             "grad_accum": c.grad_accum,
             "gradient_checkpointing": c.checkpointing,
+            "checkpoint_every_n_layers": c.every,
             "predicted_peak_gib": round(c.device_bytes / GIB, 3),
             "fits": c.fits,
             "relative_step_time": round(c.time_s / best_time, 3),
@@ -278,6 +318,7 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
         packing=ctx.packing,
         max_length=ctx.max_length,
         gradient_checkpointing=chosen.checkpointing,
+        checkpoint_every_n_layers=chosen.every,
         load_in_4bit=ctx.setup.load_in_4bit,
         device=ctx.device,
         gpu_name=ctx.gpu_name,
@@ -303,7 +344,7 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
 
 def solve(ctx: PlanContext) -> Plan:
     """The fastest candidate that fits, or ResourceError naming what would fit."""
-    candidates = [_candidate(ctx, m, b) for m, b in _allowed(ctx)]
+    candidates = [_candidate(ctx, m, b, n) for m, b, n in _allowed(ctx)]
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         raise _refusal(ctx, candidates)
@@ -316,20 +357,20 @@ def _why(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate]) -> 
     where = f"{ctx.budget_bytes / GIB:.1f} GiB budget on {ctx.device}" + (f" ({ctx.gpu_name})" if ctx.gpu_name else "")
     text = (
         f"fastest of {sum(c.fits for c in candidates)} fitting candidates (of {len(candidates)}) in the {where}: "
-        f"micro-batch {chosen.micro_batch} x {chosen.grad_accum}, checkpointing {chosen.checkpointing}"
+        f"micro-batch {chosen.micro_batch} x {chosen.grad_accum}, checkpointing {chosen.label}"
     )
     faster_unfit = [c for c in candidates if not c.fits and c.key() < chosen.key()]
     if faster_unfit:
         best = min(faster_unfit, key=lambda c: c.key())
         text += (
-            f"; micro-batch {best.micro_batch} with checkpointing {best.checkpointing} would be faster but needs "
+            f"; micro-batch {best.micro_batch} with checkpointing {best.label} would be faster but needs "
             f"{best.device_bytes / GIB:.1f} GiB"
         )
     return text
 
 
 def _smallest(ctx: PlanContext, constraints: Constraints | None = None) -> _Candidate:
-    return min((_candidate(ctx, m, b) for m, b in _allowed(ctx, constraints)), key=lambda c: c.device_bytes)
+    return min((_candidate(ctx, m, b, n) for m, b, n in _allowed(ctx, constraints)), key=lambda c: c.device_bytes)
 
 
 def _refusal(ctx: PlanContext, candidates: list[_Candidate]) -> ResourceError:
@@ -366,7 +407,7 @@ def _refusal(ctx: PlanContext, candidates: list[_Candidate]) -> ResourceError:
         options.append(f"use a GPU with at least {gpu[0]} GB such as {gpu[2]}")
     else:
         options.append("no single common GPU is large enough as configured")
-    desc = f"micro-batch {smallest.micro_batch}, checkpointing {smallest.checkpointing}"
+    desc = f"micro-batch {smallest.micro_batch}, checkpointing {smallest.label}"
     what = (
         f"{ctx.model_name} does not fit: the smallest plan ({desc}, {ctx.max_length} tokens per row"
         + (", 4-bit" if ctx.setup.load_in_4bit else "")

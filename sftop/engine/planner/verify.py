@@ -15,7 +15,16 @@ from typing import Any, Callable, Protocol
 from sftop.engine.errors import ResourceError
 from sftop.engine.gpu import GIB
 from sftop.engine.planner.estimate import CUDA_CONTEXT_BYTES
-from sftop.engine.planner.solve import CHECKPOINTING_ORDER, Constraints, Plan, _candidate, _plan_from, divisors, solve
+from sftop.engine.planner.solve import (
+    Constraints,
+    Plan,
+    _candidate,
+    _plan_from,
+    divisors,
+    memory_rank,
+    rungs,
+    solve,
+)
 
 
 def probe_shape(plan: Plan) -> tuple[int, int]:
@@ -80,15 +89,15 @@ def _smaller_plan(plan: Plan, calibration: float, reason: str) -> Plan:
         return step_down(plan, reason)
     ctx = replace(ctx, calibration=ctx.calibration * calibration, constraints=Constraints())
     # Only plans that need less memory than the one that failed: fewer rows, or more recomputation.
-    rank = CHECKPOINTING_ORDER.index(plan.gradient_checkpointing)
+    rank = memory_rank(plan.gradient_checkpointing, plan.checkpoint_every_n_layers)
     allowed = [
-        (m, b)
-        for m in CHECKPOINTING_ORDER
+        (m, b, n)
+        for m, n in rungs(ctx.shape.layers)
         for b in divisors(ctx.effective_batch)
-        if (b < plan.micro_batch and CHECKPOINTING_ORDER.index(m) >= rank)
-        or (b <= plan.micro_batch and CHECKPOINTING_ORDER.index(m) > rank)
+        if (b < plan.micro_batch and memory_rank(m, n) >= rank)
+        or (b <= plan.micro_batch and memory_rank(m, n) > rank)
     ]
-    candidates = [_candidate(ctx, m, b) for m, b in allowed]
+    candidates = [_candidate(ctx, m, b, n) for m, b, n in allowed]
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         return step_down(plan, reason)
@@ -100,15 +109,20 @@ def step_down(plan: Plan, reason: str = "stepped down") -> Plan:
     """The next smaller plan with the same effective batch, without consulting the budget.
 
     Halve the micro-batch (to the largest divisor of the effective batch at most half of it) and
-    grow accumulation to match; at micro-batch 1, recompute more (off -> on -> offload).
+    grow accumulation to match; at micro-batch 1, recompute more (off -> every 2nd block -> every
+    block -> offload).
     """
     e = plan.effective_batch
+    every = plan.checkpoint_every_n_layers
     if plan.micro_batch > 1:
         smaller = max(d for d in divisors(e) if d <= plan.micro_batch // 2)
         mode = plan.gradient_checkpointing
     else:
-        rank = CHECKPOINTING_ORDER.index(plan.gradient_checkpointing)
-        if rank + 1 >= len(CHECKPOINTING_ORDER):
+        rank = memory_rank(plan.gradient_checkpointing, every)
+        # Coarse steps, since each may cost a restart: half the blocks, every block, then offload.
+        ladder = [("on", 2), ("on", 1), ("offload", 1)]
+        stronger = [(m, n) for m, n in ladder if memory_rank(m, n) > rank]
+        if not stronger:
             raise ResourceError(
                 f"{plan.model_name or 'The model'} does not fit on {plan.device} even at micro-batch 1 with offloaded "
                 f"checkpointing ({reason})",
@@ -116,14 +130,14 @@ def step_down(plan: Plan, reason: str = "stepped down") -> Plan:
                 hint="Set model.load_in_4bit = true, lower data.max_length, or use a bigger GPU; "
                 "`sftop plan PRESET --gpu-memory GIB` shows what fits",
             )
-        smaller, mode = 1, CHECKPOINTING_ORDER[rank + 1]
+        smaller, (mode, every) = 1, stronger[0]
     ctx = plan.context
     if ctx is None:
         return replace(
             plan, micro_batch=smaller, grad_accum=e // smaller, tokens_per_micro_batch=smaller * plan.max_length,
-            gradient_checkpointing=mode, reason=f"stepped down: {reason}",
+            gradient_checkpointing=mode, checkpoint_every_n_layers=every, reason=f"stepped down: {reason}",
         )
-    chosen = _candidate(ctx, mode, smaller)
+    chosen = _candidate(ctx, mode, smaller, every)
     return _plan_from(ctx, chosen, [chosen], f"stepped down: {reason}")
 
 
