@@ -319,7 +319,9 @@ def write_markdown(out: Path, report: dict) -> None:
         plan = r.get("plan") or {}
         plan_text = (
             f"micro-batch {plan.get('micro_batch')} x {plan.get('grad_accum')}, checkpointing "
-            f"{plan.get('gradient_checkpointing')}" if plan else ("batch 2 x 4, padded, checkpointing" if name == "trl" else "")
+            f"{plan.get('gradient_checkpointing')}"
+            + (f" (1 in {plan['checkpoint_every_n_layers']} blocks)" if plan.get("checkpoint_every_n_layers", 1) > 1 else "")
+            if plan else ("batch 2 x 4, padded, checkpointing" if name == "trl" else "")
         )
         peak = r.get("peak_allocated_gib")
         lines.append(
