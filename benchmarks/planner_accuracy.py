@@ -119,12 +119,12 @@ def build_model(config, nf4: bool, loss: str, device: str = "cuda"):
     return model
 
 
-def set_checkpointing(model, mode: str) -> None:
+def set_checkpointing(model, mode: str, every: int = 1) -> None:
     base = model.get_base_model()
     base.gradient_checkpointing_disable()
     if mode != "off":
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
-                                           offload=mode == "offload")
+                                           offload=mode == "offload", every_n_layers=every)
 
 
 def loss_of(model, ids, loss: str, position_ids=None):
@@ -203,7 +203,7 @@ def check_plan(model, config, shape, shape_name: str, weights: str, loss: str, t
                predicted_gib=plan.predicted_allocated_gib, predicted_device_gib=plan.predicted_peak_gib,
                budget_gib=plan.budget_gib, plan=plan.to_dict())
     try:
-        set_checkpointing(model, plan.gradient_checkpointing)
+        set_checkpointing(model, plan.gradient_checkpointing, plan.checkpoint_every_n_layers)
         row.update(measure(model, plan.tokens_per_micro_batch, loss, args.steps, shape.vocab, args.device,
                            packed=True, doc_len=2048))
         device_peak = row["reserved_gib"] + CUDA_CONTEXT_BYTES / GIB
@@ -358,7 +358,9 @@ def write(out: Path, rows: list[dict], total_gib: float, wall_s: float, device: 
         ]
         for r in checks:
             plan = r.get("plan") or {}
-            desc = f"{plan.get('micro_batch')} x {plan.get('grad_accum')}, ckpt {plan.get('gradient_checkpointing')}" if plan else ""
+            every = plan.get("checkpoint_every_n_layers", 1) if plan else 1
+            desc = (f"{plan.get('micro_batch')} x {plan.get('grad_accum')}, ckpt {plan.get('gradient_checkpointing')}"
+                    + (f" 1 in {every}" if every > 1 else "")) if plan else ""
             measured = f"{r['measured_gib']:.2f}" if "measured_gib" in r else ""
             err = f"{r['error_pct']:+.1f}%" if "error_pct" in r else ""
             lines.append(
