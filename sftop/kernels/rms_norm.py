@@ -98,7 +98,7 @@ def _tile(n_rows: int, n_cols: int, device) -> tuple[int, int, int]:
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool, out_dtype=None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.stride(-1) != 1:
@@ -106,7 +106,8 @@ class RMSNormFunction(torch.autograd.Function):
         n_rows, n_cols = x2.shape
         # HF's Llama form multiplies by the weight in the promoted dtype (an fp32 weight, as left by
         # prepare_model_for_kbit_training, yields fp32 output); Gemma's casts back to x's dtype.
-        out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
+        if out_dtype is None:
+            out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
         y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block_r, block, warps = _tile(n_rows, n_cols, x.device)
@@ -143,9 +144,14 @@ class RMSNormFunction(torch.autograd.Function):
             GEMMA=ctx.gemma, NEED_DW=need_dw, TILES=tiles, BLOCK_R=block_r, BLOCK=block, num_warps=warps,
         )
         dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
-        return dx.view(ctx.shape), dw, None, None
+        return dx.view(ctx.shape), dw, None, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False) -> torch.Tensor:
-    """RMSNorm over the last dimension; `gemma=True` uses the (1 + w) weight form."""
-    return RMSNormFunction.apply(x, weight, eps, gemma)
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False, out_dtype=None
+) -> torch.Tensor:
+    """RMSNorm over the last dimension; `gemma=True` uses the (1 + w) weight form.
+
+    `out_dtype` overrides HF's output dtype (the statistics are fp32 regardless).
+    """
+    return RMSNormFunction.apply(x, weight, eps, gemma, out_dtype)

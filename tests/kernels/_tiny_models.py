@@ -44,9 +44,11 @@ def tiny_model(family: str, seed: int = 0, lora: bool = True, dtype=torch.float3
         from peft import prepare_model_for_kbit_training
 
         with tempfile.TemporaryDirectory() as d:
-            AutoModelForCausalLM.from_config(cfg, dtype=dtype).save_pretrained(d)
+            # saved in bf16 whatever the compute dtype, so that every quantised twin of one seed
+            # holds the same 4-bit weights
+            AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(d)
             model = AutoModelForCausalLM.from_pretrained(
-                d, quantization_config=quant, dtype=dtype, attn_implementation=attn, device_map={"": 0}
+                d, quantization_config=quant, dtype=dtype, attn_implementation=attn, device_map={"": DEVICE}
             )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:

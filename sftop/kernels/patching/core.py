@@ -82,12 +82,18 @@ def _patch_rms_norm(model: nn.Module, spec: FamilySpec) -> str:
     if not mods:
         return f"stock: no {spec.norm_class} modules found"
     gemma = spec.gemma_norm
+    # prepare_model_for_kbit_training leaves norms (and so the residual stream) in fp32; HF then
+    # hands fp32 activations to every consumer, which runs SDPA on its fp32 math path (full
+    # [T, T] scores) and the LoRA GEMMs without tensor cores.  The quantised linears cast their
+    # input to the compute dtype anyway, so on k-bit models the norms emit that dtype; the
+    # residual stream itself stays fp32.
+    out_dtype = _quantised_compute_dtype(model)
 
     def forward(self, _orig, x):
         eps = getattr(self, "variance_epsilon", None)
         if eps is None:
             eps = self.eps
-        return rms_norm(x, self.weight, eps, gemma)
+        return rms_norm(x, self.weight, eps, gemma, out_dtype)
 
     for m in mods:
         if not isinstance(getattr(m, "weight", None), torch.Tensor):
