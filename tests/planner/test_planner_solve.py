@@ -120,6 +120,7 @@ def test_two_gpus_plan_for_the_one_with_most_free_memory():
     status = read_gpus(FakeNvml([gpu(0, 24.0, used=2.0), gpu(1, 48.0, used=40.0), gpu(2, 48.0, used=1.0)]), env={})
     plan = plan_run(preset(), llama_1b(), gpus=status)
     assert plan.device == "cuda:2"
+    assert plan.gpu_uuid == status.gpus[2].uuid
     assert any("most free memory" in n for n in plan.notes)
 
 

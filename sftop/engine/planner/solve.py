@@ -87,6 +87,7 @@ class PlanContext:
     device: str
     gpu_name: str | None
     constraints: Constraints
+    gpu_uuid: str | None = None
     calibration: float = 1.0  # measured / predicted dynamic memory, from a probe
     notes: list[str] = field(default_factory=list)  # about the GPU and inputs; each plan adds its estimate's
 
@@ -122,6 +123,8 @@ class Plan:
     # With gradient_checkpointing "on": checkpoint every n-th decoder block only. Trainer: pass it
     # as gradient_checkpointing_kwargs["every_n_layers"] (transformers' Trainer pops it there).
     checkpoint_every_n_layers: int = 1
+    # The chosen GPU's UUID: pin the trainer to it (CUDA_VISIBLE_DEVICES=<uuid>, then it is cuda:0).
+    gpu_uuid: str | None = None
     context: PlanContext | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -319,6 +322,7 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
         max_length=ctx.max_length,
         gradient_checkpointing=chosen.checkpointing,
         checkpoint_every_n_layers=chosen.every,
+        gpu_uuid=ctx.gpu_uuid,
         load_in_4bit=ctx.setup.load_in_4bit,
         device=ctx.device,
         gpu_name=ctx.gpu_name,
@@ -457,7 +461,7 @@ def plan_run(
     shape = ModelShape.from_config(model_config)
     constraints = constraints_from_preset(preset)
     notes: list[str] = []
-    gpu_name = None
+    gpu_name = gpu_uuid = None
     if gpu_memory_gib is not None:
         if gpu_memory_gib <= 0:
             raise PresetError(f"--gpu-memory must be positive, not {gpu_memory_gib}", hint="Give a size in GiB, e.g. 24")
@@ -471,7 +475,7 @@ def plan_run(
             reason = status.reason or (
                 "NVML reports no memory figures for the visible GPUs" if status.gpus else "no GPU is visible")
             return _plan_cpu(preset, shape, constraints, reason, row_tokens_mean)
-        device, gpu_name = best.device, best.name
+        device, gpu_name, gpu_uuid = best.device, best.name, best.uuid
         free, total = best.memory_free_bytes or 0, best.memory_total_bytes or best.memory_free_bytes or 0
         budget = free - _reserve_bytes(total)
         used_by_others = (best.memory_used_bytes or 0)
@@ -488,6 +492,7 @@ def plan_run(
         notes.append("adamw_8bit needs bitsandbytes on a GPU")
     ctx = _context(preset, shape, setup, constraints, max(0, budget), device, gpu_name, row_tokens_mean)
     ctx.notes = notes
+    ctx.gpu_uuid = gpu_uuid
     return solve(ctx)
 
 
