@@ -248,6 +248,7 @@ class _Run:
             guard=guard,
             save_total_limit=self.preset.train.save_total_limit,
             on_checkpoint=self.on_checkpoint,
+            kernel_loss=(self.info.kernels.get("parts") or {}).get("loss") == "fused",
         )
         events.trainer = trainer
         events.guard = guard

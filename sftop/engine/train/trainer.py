@@ -108,8 +108,11 @@ class UpdateGuard(TrainerCallback):
 
 class SftopTrainer(SFTTrainer):
     def __init__(self, *args, guard: UpdateGuard, save_total_limit: int,
-                 on_checkpoint: Callable[[int, Path], None] | None = None, **kwargs):
+                 on_checkpoint: Callable[[int, Path], None] | None = None, kernel_loss: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        # sftop's fused linear+cross-entropy kernel is on the model's own forward, which SFTTrainer's
+        # compute_loss bypasses (it asks TRL's fused LM head for per-token log-probs instead).
+        self.sftop_kernel_loss = kernel_loss
         self.sftop_guard = guard
         self.sftop_save_total_limit = save_total_limit
         self.sftop_on_checkpoint = on_checkpoint
@@ -130,6 +133,15 @@ class SftopTrainer(SFTTrainer):
         if not bool(torch.isfinite(loss)):
             self.sftop_guard.loss_bad = True
         return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not (self.sftop_kernel_loss and model.training and not return_outputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Same normalisation as TRL's path: summed token loss / trained tokens of the whole step.
+        outputs = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            return outputs.loss * self.accelerator.num_processes
+        return outputs.loss
 
     def take_step_counts(self) -> tuple[int, int]:
         tokens, samples = int(self.sftop_step_tokens), int(self.sftop_step_samples)
