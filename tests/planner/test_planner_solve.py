@@ -208,3 +208,19 @@ def test_fixed_checkpointing_on_means_every_block():
     plan = plan_run(preset(gradient_checkpointing="on"), llama_1b(), gpus=one_gpu(80))
     assert plan.checkpoint_every_n_layers == 1
     assert {c["checkpoint_every_n_layers"] for c in plan.candidates} == {1}
+
+
+def test_lora_targets_subset_and_unknown_names():
+    from sftop.engine.presets.schema import Preset
+
+    def with_targets(targets):
+        p = preset()
+        return Preset.model_validate({**p.model_dump(), "lora": {"r": 16, "targets": targets}})
+
+    qv = plan_run(with_targets(["q_proj", "v_proj"]), llama_1b(), gpus=one_gpu(80))
+    full = plan_run(preset(micro_batch=qv.micro_batch, gradient_checkpointing=qv.gradient_checkpointing),
+                    llama_1b(), gpus=one_gpu(80))
+    assert qv.breakdown["lora_params"] < full.breakdown["lora_params"]
+    fused = plan_run(with_targets(["qkv_proj"]), llama_1b(), gpus=one_gpu(80))
+    assert fused.breakdown["lora_params"] == plan_run(preset(), llama_1b(), gpus=one_gpu(80)).breakdown["lora_params"]
+    assert any("qkv_proj" in n and "upper bound" in n for n in fused.notes)

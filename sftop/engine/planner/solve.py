@@ -194,7 +194,8 @@ def setup_from_preset(preset: Any, device: str) -> Setup:
         dtype=dtype,
         load_in_4bit=bool(preset.model.load_in_4bit),
         lora_r=preset.lora.r,
-        lora_targets=lora_modules(preset.lora.targets),
+        # Names the model does not use (fused qkv_proj, ...) are sized as all-linear, an upper bound.
+        lora_targets=lora_modules(preset.lora.targets) or lora_modules("all-linear"),
         lora_dropout=preset.lora.dropout,
         optimizer=preset.train.optimizer,
         kernels=kernels,
@@ -204,6 +205,19 @@ def setup_from_preset(preset: Any, device: str) -> Setup:
         on_gpu=not on_cpu,
         packed=bool(preset.data.packing),
     )
+
+
+def _target_notes(preset: Any) -> list[str]:
+    targets = preset.lora.targets
+    if targets == "all-linear":
+        return []
+    unknown = [t for t in targets if t not in lora_modules(targets)]
+    if not unknown:
+        return []
+    if not lora_modules(targets):
+        return [f"LoRA targets {', '.join(unknown)} are not Llama-style projection names; memory is sized as for "
+                "all-linear (an upper bound)"]
+    return [f"LoRA targets {', '.join(unknown)} are not sized (not Llama-style projection names)"]
 
 
 def constraints_from_preset(preset: Any) -> Constraints:
@@ -488,6 +502,7 @@ def plan_run(
                 f"({len(others)} other visible)"
             )
     setup = setup_from_preset(preset, device)
+    notes += _target_notes(preset)
     if setup.optimizer == "adamw_8bit" and setup.dtype == "fp32" and device == "cpu":
         notes.append("adamw_8bit needs bitsandbytes on a GPU")
     ctx = _context(preset, shape, setup, constraints, max(0, budget), device, gpu_name, row_tokens_mean)
