@@ -138,3 +138,35 @@ async def test_plan_refuses_a_model_too_big_without_a_gpu(no_gpu_services, tmp_p
         await pilot.press("ctrl+n")
         assert current_step(app) == "step-plan"
         assert "does not fit" in text_of(app, "#wizard-error")
+
+
+async def test_dataset_file_is_picked_from_a_tree(services, tmp_path, monkeypatch):
+    import json
+
+    from sftop.engine.data.builtin import load_builtin
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    rows = load_builtin("builtin:sample-messages")
+    (folder / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "notes.txt").write_text("not data")
+    monkeypatch.chdir(folder)
+    app = SftopApp(start="wizard", services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, WizardScreen))
+        await pilot.press("ctrl+n")
+        await pilot.press("ctrl+o")
+        from sftop.tui.screens.path_picker import PathPickerScreen
+
+        picker = await wait_until(pilot, lambda: isinstance(app.screen, PathPickerScreen) and app.screen)
+        tree = picker.query_one("#picker-tree")
+        await wait_until(pilot, lambda: len(tree.root.children) == 1)  # notes.txt is filtered out
+        await pilot.press("down", "enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, WizardScreen))
+        data = app.screen.query_one(DatasetStep)
+        assert app.screen.query_one("#data-input").value == str(folder / "chat.jsonl")
+        await wait_until(pilot, lambda: data.checked_source == str(folder / "chat.jsonl")
+                         and (data.result is not None or data.error), timeout=120)
+        assert data.error is None and data.result.rows_read == len(rows)
+        await pilot.press("ctrl+n")
+        assert current_step(app) == "step-preset"

@@ -7,6 +7,7 @@ the format, tokenizes with the model's tokenizer and reports problems row by row
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rich.console import Group
@@ -14,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.widgets import Input, OptionList, Static
@@ -88,6 +90,7 @@ def render_result(result: Any) -> Group:
 
 class DatasetStep(Step):
     title = "Dataset"
+    BINDINGS = [Binding("ctrl+o", "browse", "Browse files")]
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -98,8 +101,8 @@ class DatasetStep(Step):
         self._draft: Preset | None = None
 
     def compose(self) -> ComposeResult:
-        yield Static("Pick a built-in sample, or type a file path (jsonl, json, csv, parquet) or a hub id.",
-                     classes="help")
+        yield Static("Pick a built-in sample, type a file path (jsonl, json, csv, parquet) or a hub id, "
+                     "or browse files with ctrl+o.", classes="help")
         yield OptionList(*(Option(name, id=name) for name in builtin_datasets()), id="data-choices")
         yield Input(placeholder="path to a file, hub id, or builtin:NAME (enter checks it)", id="data-input", compact=True)
         with VerticalScroll(id="data-report-scroll"):
@@ -135,6 +138,17 @@ class DatasetStep(Step):
             self.wizard.action_next()
         elif source:
             self.start_check(source)
+
+    def action_browse(self) -> None:
+        from sftop.tui.screens.path_picker import PathPickerScreen
+
+        def picked(path: Path | None) -> None:
+            if path is not None:
+                self.query_one("#data-input", Input).value = str(path)
+                self.start_check(str(path))
+                self.query_one("#data-input", Input).focus()
+
+        self.app.push_screen(PathPickerScreen("file"), picked)
 
     def start_check(self, source: str) -> None:
         if self._draft is None or not source:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from textual import on, work
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option
@@ -46,9 +47,11 @@ def looks_like_path(name: str) -> bool:
 
 class ModelStep(Step):
     title = "Model"
+    BINDINGS = [Binding("ctrl+o", "browse", "Browse folders")]
 
     def compose(self) -> ComposeResult:
-        yield Static("Pick a model, or type a hub id (org/name) or a local directory.", classes="help")
+        yield Static("Pick a model, type a hub id (org/name) or a local directory, or browse with ctrl+o.",
+                     classes="help")
         yield OptionList(Option(f"{DEMO}  built-in demo: tiny, trains on a CPU", id=DEMO), id="model-choices")
         yield Input(placeholder="hub id, local path, or builtin:demo-tiny", id="model-input", compact=True)
         yield Static("", id="model-note", classes="note")
@@ -85,6 +88,16 @@ class ModelStep(Step):
     @on(Input.Submitted, "#model-input")
     def on_submitted(self) -> None:
         self.wizard.action_next()
+
+    def action_browse(self) -> None:
+        from sftop.tui.screens.path_picker import PathPickerScreen
+
+        def picked(path: Path | None) -> None:
+            if path is not None:
+                self.query_one("#model-input", Input).value = str(path)
+                self.query_one("#model-input", Input).focus()
+
+        self.app.push_screen(PathPickerScreen("dir"), picked)
 
     @staticmethod
     def describe(name: str) -> str:
