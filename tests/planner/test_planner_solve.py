@@ -224,3 +224,12 @@ def test_lora_targets_subset_and_unknown_names():
     fused = plan_run(with_targets(["qkv_proj"]), llama_1b(), gpus=one_gpu(80))
     assert fused.breakdown["lora_params"] == plan_run(preset(), llama_1b(), gpus=one_gpu(80)).breakdown["lora_params"]
     assert any("qkv_proj" in n and "upper bound" in n for n in fused.notes)
+
+
+def test_rungs_are_distinct():
+    from sftop.engine.planner.solve import rungs
+
+    assert rungs(16) == [("off", 1), ("on", 4), ("on", 3), ("on", 2), ("on", 1), ("offload", 1)]
+    assert rungs(4) == [("off", 1), ("on", 3), ("on", 1), ("offload", 1)]  # 1 in 2 = 1 in 3 here: 2 blocks
+    assert rungs(1) == [("off", 1), ("on", 1), ("offload", 1)]
+    assert rungs(16, "on") == [("on", 1)]

@@ -36,7 +36,12 @@ def rungs(layers: int, fixed: str | None = None) -> list[tuple[str, int]]:
     """
     if fixed is not None:
         return [(fixed, 1)]
-    partial = [("on", n) for n in PARTIAL_EVERY if n < layers]
+    partial, counts = [], {layers}
+    for n in PARTIAL_EVERY:
+        c = -(-layers // n)  # blocks checkpointed; two n's that checkpoint as many blocks are one rung
+        if n < layers and c not in counts:
+            counts.add(c)
+            partial.append(("on", n))
     return [("off", 1), *partial, ("on", 1), ("offload", 1)]
 
 
