@@ -156,6 +156,29 @@ def _last_step(run_dir: RunDir) -> int | None:
     return None
 
 
+def choose_gpu(env: dict[str, str]) -> dict[str, str]:
+    """With several GPUs visible, pin the trainer to the one with the most free memory.
+
+    The planner plans for that GPU; pinning it (by UUID, immune to index reordering) makes it
+    cuda:0 inside the trainer, so the plan and the device agree. A user's own
+    CUDA_VISIBLE_DEVICES is always respected.
+    """
+    if env.get("CUDA_VISIBLE_DEVICES") is not None:
+        return {}
+    try:
+        from sftop.engine.gpu import read_gpus
+
+        status = read_gpus()
+    except Exception:  # no GPU module or NVML: let the trainer see whatever there is
+        return {}
+    if len(status.gpus) < 2:
+        return {}
+    best = status.best()
+    if best is None or not best.uuid:
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": best.uuid, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
 def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None = None) -> int:
     """Run the trainer to completion and record the outcome. Returns the final exit code."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -163,7 +186,9 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
     started = time.time()
     # The trainer gets its own process group so `stop` can signal it and any workers it forks
     # without also signalling this supervisor (which must live on to record the outcome).
-    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, process_group=0, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    pinned = choose_gpu(dict(os.environ))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **pinned)
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, process_group=0, env=env)
     run_dir.write_status(
         status="running",
         supervisor_pid=os.getpid(),
@@ -174,6 +199,7 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
         trainer_start=process_start_time(child.pid),
         started=started,
         command=cmd,
+        cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
     )
 
     def forward(signum, _frame):

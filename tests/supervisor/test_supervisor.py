@@ -135,3 +135,31 @@ def test_request_checkpoint_writes_control_file(tmp_path):
     run = new_run_dir("ctl")
     path = request_checkpoint(run)
     assert path == run.path / "control" / "checkpoint" and path.exists()
+
+
+def test_choose_gpu_pins_the_freest_of_several(monkeypatch):
+    from sftop.engine import gpu
+    from sftop.engine.gpu import GpuInfo, GpuStatus
+    from sftop.engine.supervisor import choose_gpu
+
+    gib = 2**30
+
+    def card(i, free):
+        return GpuInfo(index=i, nvml_index=i, name="L4", uuid=f"GPU-{i}", memory_total_bytes=24 * gib,
+                       memory_used_bytes=(24 - free) * gib, memory_free_bytes=free * gib)
+
+    monkeypatch.setattr(gpu, "read_gpus", lambda backend=None: GpuStatus(gpus=[card(0, 2), card(1, 20)]))
+    assert choose_gpu({}) == {"CUDA_VISIBLE_DEVICES": "GPU-1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    assert choose_gpu({"CUDA_VISIBLE_DEVICES": "0"}) == {}  # the user's choice stands
+    monkeypatch.setattr(gpu, "read_gpus", lambda backend=None: GpuStatus(gpus=[card(0, 2)]))
+    assert choose_gpu({}) == {}
+
+
+def test_engine_modules_do_not_import_textual():
+    import subprocess
+    import sys
+
+    code = ("import sys, sftop.engine.supervisor, sftop.engine.runs; "
+            "print([m for m in sys.modules if m.split('.')[0] in ('textual', 'rich')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
