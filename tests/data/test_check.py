@@ -88,3 +88,11 @@ def test_warns_when_turns_end_without_a_special_token():
     assert len(result.warnings) == 1 and "without a special end-of-turn token" in result.warnings[0]
     assert "Warning: The chat template closes assistant turns" in render_check(result)
     assert check_data(Preset(data={"source": "builtin:sample-messages"}), make_tokenizer("char", "chatml")).warnings == []
+
+
+def test_quick_check_reads_only_the_first_rows(tok):
+    result = check_data(Preset(data={"source": "builtin:arithmetic"}), tok, max_rows=50)
+    assert result.rows_read == 50 and result.rows_in_source == 1000 and result.quick
+    assert "50 read (first 50 of 1,000: a quick check)" in render_check(result)
+    full = check_data(Preset(data={"source": "builtin:arithmetic", "max_rows": 20}), tok, max_rows=50)
+    assert full.rows_read == 20 and not full.quick  # the preset's own limit is smaller

@@ -41,6 +41,7 @@ class DataCheckResult:
     sample_index: int | None = None  # source row shown
     sample_spans: list[tuple[str, bool]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    quick: bool = False  # only the first rows were checked (check_data's max_rows), not data.max_rows
 
     @property
     def usable_rows(self) -> int:
@@ -70,12 +71,19 @@ class DataCheckResult:
             "sample_index": self.sample_index,
             "sample_spans": [[t, trained] for t, trained in self.sample_spans],
             "warnings": list(self.warnings),
+            "quick": self.quick,
         }
 
 
-def check_data(preset: Preset, tokenizer=None) -> DataCheckResult:
-    """Run the data pipeline of `preset` and summarise it. Loads the model's tokenizer if not given."""
+def check_data(preset: Preset, tokenizer=None, *, max_rows: int | None = None) -> DataCheckResult:
+    """Run the data pipeline of `preset` and summarise it. Loads the model's tokenizer if not given.
+
+    `max_rows` checks only the first rows (a quick look at a big dataset); a run reads them all.
+    """
     section = preset.data
+    quick = max_rows is not None and (section.max_rows is None or max_rows < section.max_rows)
+    if quick:
+        section = section.model_copy(update={"max_rows": max_rows})
     structured = validate_structure(section, strict=False)
     tokenizer_name = preset.model.name
     if tokenizer is None:
@@ -105,6 +113,7 @@ def check_data(preset: Preset, tokenizer=None) -> DataCheckResult:
         sample_index=sample.source_index if sample else None,
         sample_spans=trained_spans(tokenizer, sample.input_ids, sample.labels) if sample else [],
         warnings=encoding.warnings,
+        quick=quick and structured.raw.total_rows is not None and structured.raw.total_rows > report.total_rows,
     )
 
 
@@ -130,7 +139,8 @@ def render_check(result: DataCheckResult, color: bool = False) -> str:
     lines = [style(f"Data check: {result.source}", _BOLD), f"  {kind}, {fmt}, tokenizer of {result.tokenizer}"]
     limited = ""
     if result.rows_in_source > result.rows_read:
-        limited = f" (first {result.rows_read:,} of {result.rows_in_source:,}: data.max_rows)"
+        why = "a quick check" if result.quick else "data.max_rows"
+        limited = f" (first {result.rows_read:,} of {result.rows_in_source:,}: {why})"
     lines.append(
         f"  rows      {result.rows_read:,} read{limited}, {result.usable_rows:,} usable, {result.bad_rows:,} skipped"
     )
