@@ -26,7 +26,8 @@ class SftopApp(App[int]):
     COMMANDS = App.COMMANDS | {SftopCommands}
     BINDINGS = [
         Binding("ctrl+q", "request_quit", "Quit", show=False, priority=True),
-        Binding("ctrl+c", "request_quit", "Quit", show=False),
+        # Over SSH people press ctrl+c to leave; it asks first, and training is never touched.
+        Binding("ctrl+c", "request_quit", "Quit", show=False, priority=True),
     ]
 
     def __init__(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 
@@ -28,4 +28,3 @@ class Services:
     poll_interval: float = 0.25
     # The dashboard redraws charts at most this often (seconds).
     redraw_interval: float = 0.5
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -163,3 +163,16 @@ def test_engine_modules_do_not_import_textual():
             "print([m for m in sys.modules if m.split('.')[0] in ('textual', 'rich')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_resume_keeps_the_run_and_its_preset(fake_trainer):
+    run = new_run_dir("again")
+    launch_run("demo", run, command=fake_trainer(run, steps=1, delay=0))
+    final_status(run)
+    run.preset.write_text(run.preset.read_text() + "# resolved by the trainer\n")
+    before = run.preset.read_text()
+    launch_run(run.preset, run, resume=True, command=fake_trainer(run, steps=2, delay=0))
+    status = wait_for(lambda: (s := run.read_status()).get("resume") and s.get("status") == "finished" and s)
+    assert status["resume"] is True and run.preset.read_text() == before  # not rewritten on resume
+    assert before.endswith("# resolved by the trainer\n")
+    assert [r.name for r in list_runs()] == [run.name]
