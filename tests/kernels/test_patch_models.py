@@ -239,3 +239,26 @@ def test_lora_fast_path_defers_to_peft_when_adapters_are_disabled():
     assert rel_err(b, a) < 1e-5
     # and the adapters really are on otherwise (a different loss)
     assert abs(fused(**batch).loss.item() - a.item()) > 1e-4
+
+
+def test_unpatch_under_a_foreign_wrapper_keeps_the_wrapper():
+    import types
+
+    m = tiny_model("llama")
+    base = m.get_base_model()
+    K.patch_model(m)
+    inner = base.forward
+    seen = []
+
+    def outer(self, *a, **k):  # what TRL's add_fused_lm_head does to the CausalLM
+        seen.append(1)
+        return inner(*a, **k)
+
+    base.forward = types.MethodType(outer, base)
+    batch = _batch("padded", 2)
+    assert m(**batch).logits is None  # ours still runs under the wrapper
+    K.patch_model(m, enable=False)
+    out = m(**batch)
+    assert out.logits is not None and len(seen) == 2  # wrapper kept, ours passes through
+    K.patch_model(m)
+    assert m(**batch).logits is None and len(seen) == 3  # and can be switched back on

@@ -18,8 +18,12 @@ PARTS = ("rms_norm", "rope", "mlp", "lora", "loss")
 FUSED = "fused"
 
 # Marks on patched instances: the forward we replaced (None when the instance had no forward of
-# its own, i.e. it used the class method) and which part did it.
+# its own, i.e. it used the class method), our wrapper, the part function it calls, and an "off"
+# switch for when someone else has wrapped the forward on top of ours.
 _ORIG = "_sftop_orig_forward"
+_FWD = "_sftop_forward"
+_FN = "_sftop_fn"
+_OFF = "_sftop_off"
 _PART = "_sftop_part"
 
 
@@ -47,23 +51,42 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
 
 
 def _set_forward(module: nn.Module, fn, part: str) -> None:
-    if _ORIG in module.__dict__:  # already patched: keep the first original
-        module.__dict__.pop("forward", None)
-        original = module.__dict__[_ORIG]
+    d = module.__dict__
+    d[_FN] = fn
+    d[_PART] = part
+    d[_OFF] = False
+    if _ORIG in d:
+        if d.get("forward") is not d.get(_FWD):
+            # another library (TRL's fused LM head, say) wrapped our wrapper: it keeps calling
+            # ours, which now runs `fn` again; nothing to re-install
+            return
+        original = d[_ORIG]
     else:
-        original = module.__dict__.get("forward")
-        module.__dict__[_ORIG] = original
+        original = d.get("forward")
+        d[_ORIG] = original
     base = original if original is not None else types.MethodType(type(module).forward, module)
-    module.forward = types.MethodType(lambda self, *a, **k: fn(self, base, *a, **k), module)
-    module.__dict__[_PART] = part
+
+    def wrapper(self, *a, **k):
+        if self.__dict__.get(_OFF):
+            return base(*a, **k)
+        return self.__dict__[_FN](self, base, *a, **k)
+
+    module.forward = types.MethodType(wrapper, module)
+    d[_FWD] = module.forward
 
 
 def _restore_forward(module: nn.Module) -> None:
-    if _ORIG not in module.__dict__:
+    d = module.__dict__
+    if _ORIG not in d:
         return
-    original = module.__dict__.pop(_ORIG)
-    module.__dict__.pop(_PART, None)
-    module.__dict__.pop("forward", None)
+    if d.get("forward") is not d.get(_FWD):
+        # someone else's forward sits on top and calls ours: removing ours would drop theirs,
+        # so ours becomes a pass-through instead
+        d[_OFF] = True
+        return
+    original = d.pop(_ORIG)
+    for key in (_FWD, _FN, _OFF, _PART, "forward"):
+        d.pop(key, None)
     if original is not None:
         module.forward = original
 
