@@ -19,6 +19,22 @@ def gpu_memory_gib() -> tuple[float | None, float | None]:
     return round(torch.cuda.memory_allocated() / GIB, 3), round(torch.cuda.memory_reserved() / GIB, 3)
 
 
+def _step_line(step, total, loss, logs, tokens_per_s, gpu_gib) -> str:
+    width = len(str(total or step))
+    parts = [f"step {step:>{width}}/{total}" if total else f"step {step}"]
+    parts.append(f"loss {loss:.4f}" if loss is not None else "loss skipped (NaN/inf)")
+    lr = clean_number(logs.get("learning_rate"))
+    if lr is not None:
+        parts.append(f"lr {lr:.2e}")
+    grad = clean_number(logs.get("grad_norm"))
+    if grad is not None and loss is not None:
+        parts.append(f"grad {grad:.3f}")
+    parts.append(f"{tokens_per_s:,.0f} tok/s")
+    if gpu_gib is not None:
+        parts.append(f"{gpu_gib:.1f} GiB")
+    return "  ".join(parts)
+
+
 class RunEvents(TrainerCallback):
     def __init__(self, writer: EventWriter, *, started: Callable[[int], RunStarted], stop_requested: Callable[[], str | None]):
         self.writer = writer
@@ -88,6 +104,8 @@ class RunEvents(TrainerCallback):
                 total_steps=self.total_steps,
             )
         )
+        print(_step_line(state.global_step, self.total_steps, loss, logs, self._window_tokens / elapsed, allocated),
+              flush=True)
         self.last_logged_step = state.global_step
         self._window_tokens = 0
         self._window_samples = 0
@@ -95,6 +113,7 @@ class RunEvents(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         metrics = metrics or {}
+        print(f"eval  step {state.global_step}  eval_loss {metrics.get('eval_loss', float('nan')):.4f}", flush=True)
         extra = {k: v for k, v in ((k, clean_number(v)) for k, v in metrics.items() if k != "eval_loss") if v is not None}
         self.writer.write(Eval(step=state.global_step, eval_loss=clean_number(metrics.get("eval_loss")), metrics=extra))
         # Evaluation time is not training time: do not count it against tokens/s.

@@ -250,6 +250,10 @@ class _Run:
             on_checkpoint=self.on_checkpoint,
             kernel_loss=(self.info.kernels.get("parts") or {}).get("loss") == "fused",
         )
+        # One readable line per step (RunEvents prints it) instead of transformers' raw log dicts.
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
         events.trainer = trainer
         events.guard = guard
         self.events, self.guard, self.trainer = events, guard, trainer
@@ -387,9 +391,12 @@ class _Run:
             ))
             return 4
         if events.stopped_by:
+            print(f"sftop: stopped at step {step} ({events.stopped_by}); resume with `sftop resume {self.run_dir.path}`",
+                  flush=True)
             self.writer.write(RunStopped(step=step, signal=events.stopped_by, checkpoint=self.latest_checkpoint()))
             return 0
         adapter = self.save_adapter()
+        print(f"sftop: finished at step {step}, final loss {events.last_loss}; adapter saved to {adapter}", flush=True)
         self.writer.write(RunFinished(step=step, final_loss=events.last_loss, adapter_path=str(adapter),
                                       runtime_s=round(time.time() - self.t0, 2)))
         return 0
