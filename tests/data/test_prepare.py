@@ -116,3 +116,14 @@ def test_prepare_reuses_an_early_structural_pass(tok):
     assert structured.report.bad_rows == 4 and len(structured.conversations) == 16
     prepared = prepare_data(preset, tok, structured=structured)
     assert len(prepared.train) == 16 and prepared.report is structured.report
+
+
+def test_parallel_encoding_gives_the_same_rows(tok):
+    from sftop.engine.data.prepare import encode_structured, validate_structure
+
+    section = Preset(data={"source": "builtin:arithmetic", "max_length": 20}).data
+    one = encode_structured(validate_structure(section, strict=False), section, tok, workers=1)
+    two = encode_structured(validate_structure(section, strict=False), section, tok, workers=2)
+    assert [(e.input_ids, e.labels, e.source_index) for e in one.encoded] == \
+        [(e.input_ids, e.labels, e.source_index) for e in two.encoded]
+    assert [p.to_dict() for p in one.report.problems] == [p.to_dict() for p in two.report.problems]

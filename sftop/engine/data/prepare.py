@@ -9,7 +9,12 @@ tokenisation, keeps our `labels`, and can pack it). Leave `assistant_only_loss` 
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import pickle
 import random
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 
 from sftop.engine.data.conversation import Conversation
@@ -99,19 +104,60 @@ def validate_structure(section: DataSection, *, strict: bool = True) -> Structur
     return Structured(raw, fmt, conversations, report)
 
 
-def encode_structured(structured: Structured, section: DataSection, tokenizer) -> Encoding:
-    """Tokenise the rows that passed the structural pass; rows that fail here join the report."""
+def encode_structured(structured: Structured, section: DataSection, tokenizer, *, workers: int | None = None
+                      ) -> Encoding:
+    """Tokenise the rows that passed the structural pass; rows that fail here join the report.
+
+    `workers`: processes to encode with; None picks by size (one for small sets, where starting
+    processes costs more than it saves).
+    """
     encoder = Encoder(tokenizer, loss_on=section.loss_on, max_length=section.max_length)
     if any(not c.is_document for c in structured.conversations):
         encoder.require_chat_template()
     result = Encoding(structured)
-    for conv, outcome in zip(structured.conversations, encoder.encode_many(structured.conversations)):
+    outcomes = _encode_parallel(encoder, structured.conversations, workers)
+    for conv, outcome in zip(structured.conversations, outcomes):
         if isinstance(outcome, RowError):
             structured.report.add(conv.source_index, str(outcome))
         else:
             result.encoded.append(outcome)
     result.warnings = _warnings(result.encoded, encoder, section, structured.format)
     return result
+
+
+PARALLEL_MIN_ROWS = 20_000
+
+
+def _encode_chunk(encoder: Encoder, convs: list[Conversation]) -> list:
+    return list(encoder.encode_many(convs))
+
+
+def _encode_parallel(encoder: Encoder, convs: list[Conversation], workers: int | None) -> list:
+    """`encoder.encode_many(convs)`, spread over processes for big datasets (chat templates render in Python)."""
+    if workers is None:
+        workers = min(8, (os.cpu_count() or 1) - 1) if len(convs) >= PARALLEL_MIN_ROWS else 1
+    if workers <= 1 or len(convs) < 2:
+        return list(encoder.encode_many(convs))
+    size = max(256, -(-len(convs) // (workers * 4)))
+    chunks = [convs[i:i + size] for i in range(0, len(convs), size)]
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return list(encoder.encode_many(convs))
+    # fork, as datasets.map(num_proc=...) does: spawn would re-import the caller's main module
+    # (a training script) in every worker. The workers only tokenise; they never touch CUDA.
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the forked workers' own setting; avoids a warning each
+    try:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            return [outcome for part in pool.map(_encode_chunk, [encoder] * len(chunks), chunks) for outcome in part]
+    except (OSError, pickle.PicklingError, BrokenProcessPool):
+        # No processes to be had (sandbox limits, a worker killed): the same work, one process.
+        return list(encoder.encode_many(convs))
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
 
 
 def _warnings(encoded: list[Encoded], encoder: Encoder, section: DataSection, fmt: str) -> list[str]:
