@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import pickle
 import random
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -135,7 +136,10 @@ def _encode_chunk(encoder: Encoder, convs: list[Conversation]) -> list:
 def _encode_parallel(encoder: Encoder, convs: list[Conversation], workers: int | None) -> list:
     """`encoder.encode_many(convs)`, spread over processes for big datasets (chat templates render in Python)."""
     if workers is None:
-        workers = min(8, (os.cpu_count() or 1) - 1) if len(convs) >= PARALLEL_MIN_ROWS else 1
+        # Only from the main thread: forking while other threads (a TUI's workers) hold locks can
+        # leave a child stuck on a lock nobody will release.
+        big = len(convs) >= PARALLEL_MIN_ROWS and threading.current_thread() is threading.main_thread()
+        workers = min(8, (os.cpu_count() or 1) - 1) if big else 1
     if workers <= 1 or len(convs) < 2:
         return list(encoder.encode_many(convs))
     size = max(256, -(-len(convs) // (workers * 4)))
