@@ -3,8 +3,9 @@
 The chat template decides what the model sees. To find which tokens belong to assistant turns
 without relying on `{% generation %}` markers (most templates lack them), each assistant turn is
 located by rendering the conversation up to it twice: once ending in the generation prompt (where
-the assistant starts writing) and once including the turn. Both renders must be prefixes of the
-full render; their lengths are the turn's character span. Character positions are then mapped to
+the assistant starts writing) and once including the turn. Where both renders are prefixes of
+the full render, their lengths are the turn's character span (templates that are not
+prefix-stable get the narrower fallbacks in `_turn_start` and `_end_by_content`). Character positions are then mapped to
 token positions: where one token ends exactly at the boundary and the next starts there (offsets),
 that is the split; otherwise the prefix is tokenised and checked token by token against the start
 of the full sequence; only where a merge crosses the boundary do we fall back to the token that
