@@ -94,3 +94,15 @@ def test_run_stops_before_training_when_the_disk_is_too_small(home, tmp_path, mo
     assert "GiB needed" in reason and "checkpoints" in reason and "merged export" in reason
     assert not of_type(records, "step")
     assert (run_dir / "preset.toml").is_file()  # written before anything heavy, so the run can be repeated
+
+
+def test_held_out_rows_are_evaluated_at_each_checkpoint(home, tmp_path):
+    code = run_training(fast_preset("train.max_steps=4", "train.save_steps=2", "data.eval_fraction=0.02"),
+                        tmp_path / "run")
+    assert code == 0
+    records = events_of(tmp_path / "run")
+    evals = of_type(records, "eval")
+    assert [e["step"] for e in evals] == [2, 4]
+    assert all(isinstance(e["eval_loss"], float) and 0 < e["eval_loss"] < 10 for e in evals)
+    assert "eval_runtime" in evals[0]["metrics"]
+    assert of_type(records, "run_started")[0]["data"]["eval_rows"] == 20

@@ -24,7 +24,8 @@ def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: boo
     train = preset.train
     optim, _ = optimizer_name(train.optimizer, on_cuda)
     checkpointing = str(plan.gradient_checkpointing)
-    eval_steps = train.eval_steps if has_eval else None
+    # Held-out rows with no eval_steps: evaluate whenever a checkpoint is saved.
+    eval_steps = (train.eval_steps or train.save_steps) if has_eval else None
     warmup = train.warmup_ratio if train.warmup_ratio < 1.0 else 0.999  # >= 1 would mean "steps"
     return SFTConfig(
         output_dir=str(output_dir),
