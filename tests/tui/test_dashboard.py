@@ -126,3 +126,20 @@ async def test_100k_step_history_is_downsampled_and_stays_responsive(services):
             chart._cache = None
             chart.render()
         assert (time.perf_counter() - started) / 5 < 0.1
+
+
+async def test_failed_run_shows_its_reason_and_how_to_resume(services):
+    from sftop.engine.events import RunFailed
+    from tui_fixtures import event
+
+    run = recorded_run("broke", steps=35, total=60, finished=False, status="failed")
+    write_events(run.events, [event(RunFailed(step=35, reason="The trainer was killed by signal SIGKILL",
+                                              checkpoint=str(run.checkpoints / "checkpoint-30")), T0 + 60)])
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed)
+        await pilot.pause(0.2)
+        status = text_of(app, "#run-status")
+        assert "failed" in status and "step 35/60" in status
+        assert f"resume from the last checkpoint: sftop resume {run.name}" in status
+        assert "The trainer was killed by signal SIGKILL" in status

@@ -239,9 +239,11 @@ class DashboardScreen(Screen):
         if status == "failed" and s.terminal and s.terminal.get("reason"):
             text.append(f"\n{s.terminal['reason']}", style="red")
         elif status == "lost":
-            text.append("  the trainer is gone without a final event; see the log", style="red")
+            text.append("\nthe trainer is gone without a final event; see the log", style="red")
         elif status == "waiting":
             text.append("  no events yet", style="dim")
+        if status in ("stopped", "failed", "lost") and (s.checkpoints or (s.terminal or {}).get("checkpoint")):
+            text.append(f"\nresume from the last checkpoint: sftop resume {self.run.name}", style="dim")
         return text
 
     # --- actions --------------------------------------------------------------------------------
