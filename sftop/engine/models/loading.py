@@ -200,7 +200,8 @@ def load_model(preset, plan=None):
             hint='Use lora.targets = "all-linear", or list module names that exist in the model (e.g. q_proj, v_proj)',
         ) from None
     kernels = apply_kernels(model, preset.train.kernels)
-    total = sum(p.numel() for p in model.parameters())
+    # bitsandbytes packs two 4-bit weights per stored byte: count real parameters, not storage.
+    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     device = str(next(base.parameters()).device)
     info = ModelInfo(

@@ -390,7 +390,7 @@ class _Run:
                 checkpoint=self.latest_checkpoint(),
             ))
             return 4
-        if events.stopped_by:
+        if events.stopped_by and step < trainer.state.max_steps:  # a stop on the last step is a finish
             print(f"sftop: stopped at step {step} ({events.stopped_by}); resume with `sftop resume {self.run_dir.path}`",
                   flush=True)
             self.writer.write(RunStopped(step=step, signal=events.stopped_by, checkpoint=self.latest_checkpoint()))
