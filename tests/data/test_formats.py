@@ -128,3 +128,12 @@ def test_messages_with_speaker_aliases():
     assert roles_texts(conv) == [("user", "Q"), ("assistant", "A")]
     conv = normalise_row({"messages": [{"role": "tool", "content": "T"}]}, "messages")
     assert conv.messages[0].role == "tool"  # left for validation to report
+
+
+def test_empty_system_message_is_dropped_and_sharegpt_system_column_used():
+    conv = normalise_row({"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "Q"},
+                                       {"role": "assistant", "content": "A"}]}, "messages")
+    assert roles_texts(conv) == [("user", "Q"), ("assistant", "A")]
+    conv = normalise_row({"system": "Be brief.", "conversations": [{"from": "human", "value": "Q"},
+                                                                   {"from": "gpt", "value": "A"}]}, "sharegpt")
+    assert roles_texts(conv) == [("system", "Be brief."), ("user", "Q"), ("assistant", "A")]

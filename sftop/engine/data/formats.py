@@ -177,6 +177,9 @@ def normalise_row(row: dict, fmt: str, index: int = -1) -> Conversation:
             row.get("conversations"), "conversations", role_key="from", content_key="value",
             role_map=SHAREGPT_ROLES,
         )
+        system = row.get("system")  # LLaMA-Factory's ShareGPT layout keeps it beside the turns
+        if isinstance(system, str) and system.strip() and not (msgs and msgs[0].role == "system"):
+            msgs.insert(0, Message.text("system", system))
     elif fmt == "prompt_completion":
         prompt, completion = row.get("prompt"), row.get("completion")
         if prompt is None:
@@ -211,4 +214,6 @@ def normalise_row(row: dict, fmt: str, index: int = -1) -> Conversation:
         return Conversation(document=_text(row.get("text"), "`text`"), source_index=index)
     else:  # pragma: no cover - the preset schema allows only the formats above
         raise ValueError(f"unknown format {fmt!r}")
+    # An empty system message is a common export artefact, not a mistake worth losing the row over.
+    msgs = [m for m in msgs if not (m.role == "system" and not m.text_content.strip() and not m.has_image)]
     return Conversation(messages=tuple(msgs), source_index=index)
