@@ -36,7 +36,17 @@ class SftopCommands(Provider):
         return entries
 
     def _stop(self, run) -> None:
-        self.app.notify(stop_run(run))
+        from sftop.tui.screens.confirm import ConfirmScreen
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.app.notify(stop_run(run))
+
+        self.app.push_screen(
+            ConfirmScreen(f"Stop {run.name}?", "The trainer saves a checkpoint first, then exits.",
+                          yes="Stop", no="Keep training"),
+            answered,
+        )
 
     async def discover(self) -> Hits:
         for name, help_text, callback in self._entries[:12]:

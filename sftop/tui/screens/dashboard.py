@@ -62,6 +62,7 @@ class DashboardScreen(Screen):
         Binding("c", "checkpoint", "Checkpoint now"),
         Binding("s", "stop", "Stop run"),
         Binding("d,escape", "detach", "Detach"),
+        Binding("q", "app.request_quit", "Quit"),
     ]
 
     def __init__(self, run: RunDir):

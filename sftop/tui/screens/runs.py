@@ -54,6 +54,7 @@ class RunsScreen(Screen):
         Binding("s", "stop", "Stop"),
         Binding("e", "export", "Export"),
         Binding("escape", "app.pop_screen", "Back"),
+        Binding("q", "app.request_quit", "Quit", show=False),
     ]
 
     def compose(self) -> ComposeResult:
