@@ -38,14 +38,3 @@ def kernels_available() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA GPU: kernels need a GPU or TRITON_INTERPRET=1"
     return True, ""
-
-
-def launch_rows_per_program(n_rows: int, device) -> int:
-    """How many rows one program handles in the row-wise kernels.
-
-    On a GPU, one row per program keeps every SM busy.  The CPU interpreter runs programs one
-    after another with a large fixed cost each, so there we give each program many rows.
-    """
-    if interpreting() or getattr(device, "type", "cuda") != "cuda":
-        return max(1, n_rows // 4)
-    return 1

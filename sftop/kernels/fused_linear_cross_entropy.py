@@ -98,15 +98,20 @@ def chunk_rows(n_rows: int, n_vocab: int, elem_bytes: int, chunk_bytes: int | No
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, num_items_in_batch, ignore_index, softcap, chunk_bytes, compute_dtype):
+    def forward(
+        ctx, hidden, weight, labels, num_items_in_batch, ignore_index, softcap, chunk_bytes, compute_dtype, grad_mode
+    ):
         h_shape = hidden.shape
         x = hidden.reshape(-1, h_shape[-1])
         y = labels.reshape(-1).to(x.device)
         if y.numel() != x.shape[0]:
             raise ValueError(f"{x.shape[0]} hidden rows but {y.numel()} labels")
         n_vocab = weight.shape[0]
-        need_dx = ctx.needs_input_grad[0]
-        need_dw = ctx.needs_input_grad[1]
+        # forward always runs with grad disabled, and needs_input_grad ignores the caller's
+        # no_grad(), so the caller's grad mode comes in as an argument: evaluation then skips the
+        # two gradient matmuls per chunk
+        need_dx = ctx.needs_input_grad[0] and grad_mode
+        need_dw = ctx.needs_input_grad[1] and grad_mode
 
         counted = y != ignore_index
         n_counted = counted.sum()
@@ -172,7 +177,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             dx = saved.pop(0) * scale
         if ctx.has[1]:
             dw = (saved.pop(0) * scale).to(ctx.w_dtype)
-        return dx, dw, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -193,5 +198,6 @@ def fused_linear_cross_entropy(
     the softmax and the loss are fp32 either way.
     """
     return FusedLinearCrossEntropyFunction.apply(
-        hidden, weight, labels, num_items_in_batch, ignore_index, softcap, chunk_bytes, compute_dtype
+        hidden, weight, labels, num_items_in_batch, ignore_index, softcap, chunk_bytes, compute_dtype,
+        torch.is_grad_enabled(),
     )

@@ -60,7 +60,7 @@ def test_flce_3d_hidden_and_all_ignored_rows():
     assert rel_err(h.grad, ref) < 1e-6
 
 
-def test_flce_compute_dtype_runs_matmuls_in_it():
+def test_flce_compute_dtype_runs_dx_built_in_it():
     # an fp32 head computed in bf16 (the QLoRA case): close to fp32, but not bit-equal
     h = torch.randn(9, 32, device=DEVICE, requires_grad=True)
     w = torch.randn(70, 32, device=DEVICE) / 4
@@ -70,3 +70,20 @@ def test_flce_compute_dtype_runs_matmuls_in_it():
         return  # the interpreter cannot hold bf16 logits
     low = fused_linear_cross_entropy(h, w, y, compute_dtype=torch.bfloat16)
     assert 0 < rel_err(low, exact) < 1e-2
+
+
+def test_flce_under_no_grad_gives_the_same_loss_and_skips_gradients(monkeypatch):
+    import sftop.kernels.fused_linear_cross_entropy as flce
+
+    h = torch.randn(12, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(90, 16, device=DEVICE)
+    y = torch.randint(0, 90, (12,), device=DEVICE)
+    with_grad = fused_linear_cross_entropy(h, w, y)
+    dx_built = []
+    real_zeros_like = torch.zeros_like
+    # dx is assembled with zeros_like only when gradients are computed
+    monkeypatch.setattr(flce.torch, "zeros_like", lambda *a, **k: dx_built.append(1) or real_zeros_like(*a, **k))
+    with torch.no_grad():
+        evaluated = fused_linear_cross_entropy(h, w, y)
+    assert not dx_built
+    assert rel_err(evaluated, with_grad) < 1e-6
