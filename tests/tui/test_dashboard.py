@@ -1,7 +1,7 @@
 import os
 import time
 
-from helpers import text_of, wait_until
+from tui_helpers import text_of, wait_until
 from tui_fixtures import T0, big_history, loss_at, recorded_run, write_events
 
 from sftop.engine.events import Eval, Step

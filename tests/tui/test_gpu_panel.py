@@ -4,7 +4,7 @@ Run on the GPU machine with `python -m pytest tests/tui/test_gpu_panel.py -q`.
 """
 
 import pytest
-from helpers import text_of, wait_until
+from tui_helpers import text_of, wait_until
 
 from sftop.engine.gpu import read_gpus
 from sftop.tui.app import SftopApp

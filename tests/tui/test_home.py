@@ -1,4 +1,4 @@
-from helpers import text_of, wait_until
+from tui_helpers import text_of, wait_until
 from test_dashboard import mark_alive
 from tui_fixtures import T0, recorded_run
 

@@ -4,7 +4,7 @@ Review changes with `pytest tests/tui/test_snapshots.py --snapshot-update` and t
 """
 
 import pytest
-from helpers import wait_until
+from tui_helpers import wait_until
 from test_dashboard import mark_alive
 from tui_fixtures import T0, recorded_run
 

@@ -2,7 +2,7 @@ import re
 import tomllib
 
 import pytest
-from helpers import text_of, wait_until
+from tui_helpers import text_of, wait_until
 
 from sftop.engine.presets import load_preset, save_preset
 from sftop.engine.rundir import list_run_dirs
