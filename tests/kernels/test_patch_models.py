@@ -262,3 +262,41 @@ def test_unpatch_under_a_foreign_wrapper_keeps_the_wrapper():
     assert out.logits is not None and len(seen) == 2  # wrapper kept, ours passes through
     K.patch_model(m)
     assert m(**batch).logits is None and len(seen) == 3  # and can be switched back on
+
+
+def test_reentrant_checkpointing_matches_stock():
+    # HF's older default: torch.utils.checkpoint with use_reentrant=True re-enters the patched
+    # forwards from inside backward
+    stock = tiny_model("qwen3")
+    fused = twin(stock)
+    K.patch_model(fused)
+    for m in (stock, fused):
+        m.train()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        m.enable_input_require_grads()
+    batch = _batch("packed", 21)
+    s_out, s_grads = _loss_and_grads(stock, batch)
+    f_out, f_grads = _loss_and_grads(fused, batch)
+    assert rel_err(f_out.loss, s_out.loss) < 1e-5
+    for name, g in s_grads.items():
+        assert g.abs().sum() > 0, name
+        assert rel_err(f_grads[name], g) < 1e-4, name
+
+
+def test_imports_and_degrades_without_triton():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import sftop.kernels as K\n"
+        "ok, why = K.kernels_available(); assert not ok and 'triton' in why, why\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "m = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,"
+        " num_attention_heads=2, num_key_value_heads=1, vocab_size=40))\n"
+        "r = K.patch_model(m); assert all(v.startswith('stock: triton not importable') for v in r.parts.values())\n"
+        "assert not any('_sftop_orig_forward' in mod.__dict__ for mod in m.modules())\n"
+        "assert 'sftop.engine' not in sys.modules and 'sftop.tui' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
