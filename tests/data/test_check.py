@@ -96,3 +96,9 @@ def test_quick_check_reads_only_the_first_rows(tok):
     assert "50 read (first 50 of 1,000: a quick check)" in render_check(result)
     full = check_data(Preset(data={"source": "builtin:arithmetic", "max_rows": 20}), tok, max_rows=50)
     assert full.rows_read == 20 and not full.quick  # the preset's own limit is smaller
+
+
+def test_check_shows_the_eval_hold_out(tok):
+    result = check_data(Preset(data={"source": "builtin:arithmetic", "eval_fraction": 0.1}), tok)
+    assert result.eval_rows == 100 and "eval      100 rows held out" in render_check(result)
+    assert "eval " not in render_check(check_data(Preset(data={"source": "builtin:arithmetic"}), tok))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sftop.engine.data.conversation import RowProblem
-from sftop.engine.data.prepare import DataStats, encode_structured, validate_structure
+from sftop.engine.data.prepare import DataStats, encode_structured, split_eval, validate_structure
 from sftop.engine.data.tokenize import trained_spans
 from sftop.engine.presets.schema import Preset
 
@@ -32,6 +32,7 @@ class DataCheckResult:
     loss_on: str
     max_length: int
     max_bad_fraction: float
+    eval_rows: int  # rows a run would hold out for evaluation (data.eval_fraction)
     rows_in_source: int  # before data.max_rows
     rows_read: int
     bad_rows: int
@@ -65,6 +66,7 @@ class DataCheckResult:
             "rows_in_source": self.rows_in_source,
             "rows_read": self.rows_read,
             "bad_rows": self.bad_rows,
+            "eval_rows": self.eval_rows,
             "would_stop": self.would_stop,
             "stats": self.stats.to_dict(),
             "problems": [p.to_dict() for p in self.problems],
@@ -104,6 +106,7 @@ def check_data(preset: Preset, tokenizer=None, *, max_rows: int | None = None) -
         loss_on=section.loss_on,
         max_length=section.max_length,
         max_bad_fraction=section.max_bad_fraction,
+        eval_rows=len(split_eval(len(encoded), section.eval_fraction, preset.train.seed)),
         rows_in_source=structured.raw.total_rows if structured.raw.total_rows is not None else report.total_rows,
         rows_read=report.total_rows,
         bad_rows=report.bad_rows,
@@ -150,6 +153,8 @@ def render_check(result: DataCheckResult, color: bool = False) -> str:
     )
     on = "assistant turns" if result.loss_on == "assistant" else "every token"
     lines.append(f"  trained   {s.trained_share:.1%} of {s.tokens:,} tokens ({s.trained_tokens:,}; loss on {on})")
+    if result.eval_rows:
+        lines.append(f"  eval      {result.eval_rows:,} rows held out (data.eval_fraction)")
 
     if result.problems:
         lines.append(style(f"Problems ({result.bad_rows:,} row(s) skipped):", _BOLD))
