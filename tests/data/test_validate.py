@@ -81,6 +81,7 @@ def test_length_pass_counts_towards_threshold(tmp_path):
     with pytest.raises(DataError) as info:
         prepare_data(Preset(data={"source": str(path), "max_length": 64}), tok)
     assert "row 18: 222 tokens, longer than data.max_length = 64" in str(info.value)
+    assert "raise data.max_length (the longest has 222 tokens)" in str(info.value)
     prepared = prepare_data(Preset(data={"source": str(path), "max_length": 64, "max_bad_fraction": 0.1}), tok)
     assert len(prepared.train) == 18 and [p.index for p in prepared.report.problems] == [18, 19]
     assert max(len(ids) for ids in prepared.train["input_ids"]) <= 64  # skipped, not truncated

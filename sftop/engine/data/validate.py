@@ -72,6 +72,10 @@ class ValidationReport:
                 "Fix those rows (`sftop data check PRESET` lists them all), or raise data.max_bad_fraction "
                 f"(e.g. --set data.max_bad_fraction={min(1.0, round(self.bad_fraction + 0.01, 2)):g}) to skip them"
             )
+        too_long = [p for p in self.problems if "longer than data.max_length" in p.reason]
+        if too_long:
+            longest = max(int(p.reason.split(" ", 1)[0]) for p in too_long)
+            hint += f"; {len(too_long)} row(s) are too long: raise data.max_length (the longest has {longest} tokens) to keep them"
         raise DataError(what, where=f"data.source = {self.source!r}", hint=hint)
 
     def to_dict(self, limit: int = SHOWN_PROBLEMS) -> dict:
