@@ -1,21 +1,14 @@
-import os
 import time
 
 from tui_helpers import text_of, wait_until
-from tui_fixtures import T0, big_history, loss_at, recorded_run, write_events
+from tui_fixtures import T0, big_history, loss_at, mark_alive, recorded_run, write_events
 
 from sftop.engine.events import Eval, Step
-from sftop.engine.supervisor import process_start_time
 from sftop.tui.app import SftopApp
 from sftop.tui.screens.confirm import ConfirmScreen
 from sftop.tui.screens.dashboard import DashboardScreen
 from sftop.tui.screens.home import HomeScreen
 from sftop.tui.widgets.line_chart import LineChart
-
-
-def mark_alive(run):
-    """Make the run look supervised by this test process, so it counts as running."""
-    run.write_status(status="running", supervisor_pid=os.getpid(), supervisor_start=process_start_time(os.getpid()))
 
 
 async def test_recorded_run_shows_loss_step_and_throughput(services):

@@ -1,6 +1,5 @@
 from tui_helpers import text_of, wait_until
-from test_dashboard import mark_alive
-from tui_fixtures import T0, recorded_run
+from tui_fixtures import T0, mark_alive, recorded_run
 
 from sftop.tui.app import SftopApp
 from sftop.tui.screens.confirm import ConfirmScreen

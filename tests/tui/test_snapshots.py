@@ -5,8 +5,7 @@ Review changes with `pytest tests/tui/test_snapshots.py --snapshot-update` and t
 
 import pytest
 from tui_helpers import wait_until
-from test_dashboard import mark_alive
-from tui_fixtures import T0, recorded_run
+from tui_fixtures import T0, mark_alive, recorded_run
 
 from sftop.tui.app import SftopApp
 from sftop.tui.screens.confirm import ConfirmScreen

@@ -59,6 +59,15 @@ def recorded_run(name: str = "demo", steps: int = 60, total: int = 60, finished:
     return run
 
 
+def mark_alive(run: RunDir) -> None:
+    """Make the run look supervised by this test process, so it counts as running."""
+    import os
+
+    from sftop.engine.supervisor import process_start_time
+
+    run.write_status(status="running", supervisor_pid=os.getpid(), supervisor_start=process_start_time(os.getpid()))
+
+
 def big_history(path: Path, steps: int, when: float = T0) -> None:
     """`steps` step events, written fast (no dataclass per record)."""
     with open(path, "a", encoding="utf-8") as fh:
