@@ -1,6 +1,5 @@
 """The product's main job: the demo preset trains offline on CPU, loss falls, the adapter works."""
 
-import math
 import re
 
 import pytest

@@ -1,6 +1,5 @@
 """NaN/inf updates are skipped and end the run after max_bad_steps; the disk check stops a run early."""
 
-from pathlib import Path
 
 import pytest
 import torch

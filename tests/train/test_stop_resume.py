@@ -7,7 +7,7 @@ import pytest
 
 from sftop.engine.rundir import RunDir
 from sftop.engine.train.runner import run_training
-from sftop.engine.train.trainer import REQUIRED_CHECKPOINT_FILES, checkpoint_is_complete
+from sftop.engine.train.trainer import checkpoint_is_complete
 from train_helpers import events_of, fast_preset, of_type, start_trainer, wait_for_steps
 
 STEPS = 10

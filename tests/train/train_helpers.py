@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from sftop.engine.events import read_events
 from sftop.engine.presets import load_preset

@@ -396,7 +396,8 @@ class _Run:
             self.writer.write(RunStopped(step=step, signal=events.stopped_by, checkpoint=self.latest_checkpoint()))
             return 0
         adapter = self.save_adapter()
-        print(f"sftop: finished at step {step}, final loss {events.last_loss}; adapter saved to {adapter}", flush=True)
+        loss = "n/a" if events.last_loss is None else f"{events.last_loss:.4f}"
+        print(f"sftop: finished at step {step}, final loss {loss}; adapter saved to {adapter}", flush=True)
         self.writer.write(RunFinished(step=step, final_loss=events.last_loss, adapter_path=str(adapter),
                                       runtime_s=round(time.time() - self.t0, 2)))
         return 0
