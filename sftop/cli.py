@@ -59,7 +59,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     preset, _ = load_preset(args.preset, args.set)
     result = check_data(preset)
     _out(render_check(result, color=_color()))
-    return 0
+    # Scripts gate on this: a run of this preset would stop on bad data, so the check fails too.
+    return 1 if result.would_stop else 0
 
 
 # --- plan ----------------------------------------------------------------------------------------
