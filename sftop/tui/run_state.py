@@ -76,6 +76,7 @@ class RunState:
     plan: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
     messages: deque = field(default_factory=lambda: deque(maxlen=50))
+    messages_total: int = 0  # ever appended, so a reader can tell which messages are new
     events_seen: int = 0
     # (time, step) of recent steps: the ETA follows the current pace, not the average since start.
     _pace: deque = field(default_factory=lambda: deque(maxlen=50))
@@ -87,6 +88,15 @@ class RunState:
             handler = getattr(self, f"_on_{kind}", None)
             if handler is not None:
                 handler(record)
+
+    def _say(self, item: tuple[str, str]) -> None:
+        self.messages.append(item)
+        self.messages_total += 1
+
+    def new_messages(self, seen: int) -> list[tuple[str, str]]:
+        """Messages appended after the first `seen` ones (at most the last 50)."""
+        fresh = self.messages_total - seen
+        return list(self.messages)[-fresh:] if fresh > 0 else []
 
     def _on_run_started(self, r: dict[str, Any]) -> None:
         self.status = "running"
@@ -129,18 +139,18 @@ class RunState:
     def _on_checkpoint(self, r: dict[str, Any]) -> None:
         self.checkpoints += 1
         self.last_checkpoint_step = r.get("step")
-        self.messages.append(("info", f"checkpoint saved at step {r.get('step')}"))
+        self._say(("info", f"checkpoint saved at step {r.get('step')}"))
 
     def _on_bad_step(self, r: dict[str, Any]) -> None:
         self.bad_steps += 1
-        self.messages.append(("warning", f"step {r.get('step')} skipped: loss or gradient not finite"))
+        self._say(("warning", f"step {r.get('step')} skipped: loss or gradient not finite"))
 
     def _on_plan_changed(self, r: dict[str, Any]) -> None:
         self.plan = r.get("new") or self.plan
-        self.messages.append(("warning", f"plan changed: {r.get('reason')}"))
+        self._say(("warning", f"plan changed: {r.get('reason')}"))
 
     def _on_message(self, r: dict[str, Any]) -> None:
-        self.messages.append((r.get("level", "info"), str(r.get("text", ""))))
+        self._say((r.get("level", "info"), str(r.get("text", ""))))
 
     def _terminal(self, r: dict[str, Any]) -> None:
         self.status = TERMINAL_STATUS[r["type"]]

@@ -136,3 +136,25 @@ async def test_failed_run_shows_its_reason_and_how_to_resume(services):
         assert "failed" in status and "step 35/60" in status
         assert f"resume from the last checkpoint: sftop resume {run.name}" in status
         assert "The trainer was killed by signal SIGKILL" in status
+
+
+async def test_live_warnings_pop_up_and_the_latest_message_is_shown(services):
+    from sftop.engine.events import BadStep, PlanChanged
+    from tui_fixtures import event
+
+    run = recorded_run("warn", steps=5, total=100, finished=False)
+    mark_alive(run)
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
+                                  and app.screen)
+        assert not [n for n in app._notifications if n.severity == "warning"]  # replayed history is quiet
+        write_events(run.events, [
+            event(BadStep(step=6, loss=None, grad_norm=None, consecutive=1), T0 + 10),
+            event(PlanChanged(step=6, reason="out of memory at step 6", old={}, new={"micro_batch": 2}), T0 + 11),
+        ])
+        await wait_until(pilot, lambda: len([n for n in app._notifications if n.severity == "warning"]) == 2)
+        messages = [n.message for n in app._notifications]
+        assert "step 6 skipped: loss or gradient not finite" in messages
+        assert "plan changed: out of memory at step 6" in messages
+        assert screen.query_one("#log").border_subtitle == "plan changed: out of memory at step 6"

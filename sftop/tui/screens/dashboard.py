@@ -73,6 +73,7 @@ class DashboardScreen(Screen):
         self.replayed = False
         self._dirty = False
         self._log_lines: list[str] = []
+        self._messages_seen = 0
 
     @property
     def services(self):
@@ -152,7 +153,17 @@ class DashboardScreen(Screen):
         self._dirty = True
         if message.replayed and not self.replayed:
             self.replayed = True
+            self._messages_seen = self.state.messages_total  # history is not news
             self.redraw(force=True)
+        elif self.replayed:
+            # Warnings that happen while watching (a skipped step, a smaller plan) pop up once.
+            for level, text in self.state.new_messages(self._messages_seen):
+                if level in ("warning", "error"):
+                    self.notify(text, severity=level, timeout=10)
+            self._messages_seen = self.state.messages_total
+        if self.state.messages:
+            level, text = self.state.messages[-1]
+            self.query_one("#log", Log).border_subtitle = text if len(text) <= 60 else text[:59] + "…"
 
     @on(LogTail)
     def on_log_tail(self, message: LogTail) -> None:
