@@ -158,3 +158,23 @@ async def test_live_warnings_pop_up_and_the_latest_message_is_shown(services):
         assert "step 6 skipped: loss or gradient not finite" in messages
         assert "plan changed: out of memory at step 6" in messages
         assert screen.query_one("#log").border_subtitle == "plan changed: out of memory at step 6"
+
+
+async def test_plan_is_shown_and_follows_plan_changes(services):
+    from sftop.engine.events import PlanChanged, RunStarted
+    from tui_fixtures import event
+
+    run = recorded_run("plan", steps=0, total=100, finished=False)
+    write_events(run.events, [event(RunStarted(run_dir=str(run.path), preset={}, environment={}, total_steps=100,
+                                               plan={"micro_batch": 8, "grad_accum": 2,
+                                                     "gradient_checkpointing": "off"}), T0 + 1)])
+    mark_alive(run)
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
+                                  and app.screen)
+        await wait_until(pilot, lambda: screen.query_one("#stats").border_title == "plan 8×2 ckpt off")
+        write_events(run.events, [event(PlanChanged(step=3, reason="out of memory at step 3", old={},
+                                                    new={"micro_batch": 4, "grad_accum": 4,
+                                                         "gradient_checkpointing": "on"}), T0 + 5)])
+        await wait_until(pilot, lambda: screen.query_one("#stats").border_title == "plan 4×4 ckpt on")

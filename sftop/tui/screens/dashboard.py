@@ -214,6 +214,11 @@ class DashboardScreen(Screen):
             ChartSeries("train", s.loss, "cyan"),
             ChartSeries("eval", s.eval_loss, "yellow"),
         ])
+        plan = s.plan or {}
+        if plan.get("micro_batch") and plan.get("grad_accum"):
+            self.query_one("#stats").border_title = (
+                f"plan {plan['micro_batch']}×{plan['grad_accum']} ckpt {plan.get('gradient_checkpointing', '?')}"
+            )
         loss = s.final_loss if s.final_loss is not None else s.last_loss
         self._set("loss", format_number(loss))
         self._set("eval", format_number(s.eval_loss.last))
