@@ -178,3 +178,24 @@ async def test_plan_is_shown_and_follows_plan_changes(services):
                                                     new={"micro_batch": 4, "grad_accum": 4,
                                                          "gradient_checkpointing": "on"}), T0 + 5)])
         await wait_until(pilot, lambda: screen.query_one("#stats").border_title == "plan 4×4 ckpt on")
+
+
+async def test_dashboard_shows_only_the_gpu_the_run_is_pinned_to(services):
+    from conftest import GIB
+
+    from sftop.engine.gpu import GpuInfo, GpuStatus
+
+    def card(i, name):
+        return GpuInfo(index=i, nvml_index=i, name=name, uuid=f"GPU-{i}", memory_total_bytes=80 * GIB,
+                       memory_used_bytes=(10 + i) * GIB, memory_free_bytes=(70 - i) * GIB, utilization_pct=50)
+
+    services.gpu_reader = lambda: GpuStatus(gpus=[card(0, "H100 zero"), card(1, "H100 one"), card(2, "H100 two")])
+    run = recorded_run("pinned", steps=3, total=10, finished=False)
+    mark_alive(run)
+    run.write_status(cuda_visible_devices="GPU-1")
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and "GiB" in text_of(app, "#gpus"))
+        panel = text_of(app, "#gpus")
+        assert "H100 one" in panel and "11.0/80.0 GiB" in panel
+        assert "H100 zero" not in panel and "H100 two" not in panel

@@ -182,7 +182,9 @@ class DashboardScreen(Screen):
 
     @on(GpuRead)
     def on_gpu(self, message: GpuRead) -> None:
-        self.query_one("#gpus", GpuPanel).show(message.status)
+        # With several GPUs the supervisor pins the run to one (by UUID): show that one.
+        pinned = self.run.read_status().get("cuda_visible_devices")
+        self.query_one("#gpus", GpuPanel).show(message.status, only_uuid=pinned)
 
     # --- drawing --------------------------------------------------------------------------------
 

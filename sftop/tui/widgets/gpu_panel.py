@@ -19,8 +19,11 @@ class GpuPanel(Static):
         super().__init__("reading GPUs…", id=id, classes=classes)
         self.compact = compact
 
-    def show(self, status: Any) -> None:
-        """`status` is a `sftop.engine.gpu.GpuStatus`, or an exception/str explaining why there is none."""
+    def show(self, status: Any, only_uuid: str | None = None) -> None:
+        """`status` is a `sftop.engine.gpu.GpuStatus`, or an exception/str explaining why there is none.
+
+        `only_uuid` limits the panel to one GPU (the one a run was pinned to), when it is visible.
+        """
         if status is None or isinstance(status, (str, Exception)):
             reason = str(status) if status else "GPU info unavailable"
             self.update(Text(f"No GPU: {reason}", style="yellow"))
@@ -30,8 +33,11 @@ class GpuPanel(Static):
                              style="yellow"))
             return
         width = max(20, self.content_size.width or 78)
+        gpus = status.gpus
+        if only_uuid and any(g.uuid == only_uuid for g in gpus):
+            gpus = [g for g in gpus if g.uuid == only_uuid]
         lines = Text()
-        for i, gpu in enumerate(status.gpus):
+        for i, gpu in enumerate(gpus):
             if i:
                 lines.append("\n")
             name = gpu.name if len(gpu.name) <= 22 else gpu.name[:21] + "…"
