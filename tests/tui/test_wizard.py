@@ -170,3 +170,28 @@ async def test_dataset_file_is_picked_from_a_tree(services, tmp_path, monkeypatc
         assert data.error is None and data.result.rows_read == len(rows)
         await pilot.press("ctrl+n")
         assert current_step(app) == "step-preset"
+
+
+async def test_preset_fields_are_validated_in_place(services):
+    app = SftopApp(start="wizard", services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, WizardScreen))
+        wizard = app.screen
+        wizard.show_step(2)
+        lr = wizard.query_one("#field-lr")
+        lr.value = "fast"
+        await pilot.press("ctrl+n")
+        assert current_step(app) == "step-preset"
+        assert "learning rate: 'fast' is not a number" in text_of(app, "#wizard-error")
+        lr.value = "1e-4"
+        wizard.query_one("#field-lora-r").value = "0"
+        await pilot.press("ctrl+n")
+        assert current_step(app) == "step-preset"
+        assert "lora.r" in text_of(app, "#wizard-error")
+        wizard.query_one("#field-lora-r").value = "8"
+        wizard.query_one("#field-max-steps").value = ""
+        wizard.query_one("#field-epochs").value = "2"
+        await pilot.press("ctrl+n")
+        assert current_step(app) == "step-plan"
+        draft = wizard.draft
+        assert (draft.train.learning_rate, draft.lora.r, draft.train.max_steps, draft.train.epochs) == (1e-4, 8, None, 2)

@@ -11,7 +11,7 @@ from textual.containers import Horizontal
 from textual.widgets import Checkbox, Input, Select, Static
 
 from sftop.engine.errors import SftopError
-from sftop.engine.presets import Preset, list_presets, load_preset
+from sftop.engine.presets import Preset, list_presets, load_preset, validate
 from sftop.tui.wizard.base import Step, StepError, with_fields
 
 # (input id, label, section, key, kind); an empty max-steps field means "use epochs".
@@ -68,28 +68,28 @@ class PresetStep(Step):
 
     def apply(self, draft: Preset) -> Preset:
         base = getattr(self, "_base", draft)
-        base = with_fields(base, model={"name": draft.model.name}, data={"source": draft.data.source})
-        sections: dict[str, dict] = {"train": {}, "data": {}, "lora": {}, "model": {}}
+        data = base.model_dump(mode="json", exclude_none=True)
+        # The model and dataset come from steps 1 and 2, whatever preset was picked here.
+        data["model"]["name"] = draft.model.name
+        data["data"]["source"] = draft.data.source
         for field_id, label, section, key, kind in FIELDS:
             raw = self.query_one(f"#field-{field_id}", Input).value.strip()
             if not raw:
-                if key == "max_steps":
-                    sections[section][key] = None
+                if key == "max_steps":  # empty: train for the epochs instead
+                    data[section].pop(key, None)
                     continue
                 raise StepError(f"{label} is empty")
             try:
-                sections[section][key] = kind(float(raw)) if kind is int and raw.replace(".", "", 1).isdigit() else kind(raw)
+                number = float(raw)
             except ValueError:
                 raise StepError(f"{label}: {raw!r} is not a number") from None
-        sections["model"]["load_in_4bit"] = self.query_one("#field-4bit", Checkbox).value
-        if sections["train"].get("max_steps") is None:
-            sections["train"].pop("max_steps")
-            data = base.model_dump(mode="json", exclude_none=True)
-            data["train"].pop("max_steps", None)
-            from sftop.engine.presets import validate
-
-            base = validate(data, "the wizard")
+            if kind is int:
+                if not number.is_integer():
+                    raise StepError(f"{label} must be a whole number, not {raw}")
+                number = int(number)
+            data[section][key] = number
+        data["model"]["load_in_4bit"] = self.query_one("#field-4bit", Checkbox).value
         try:
-            return with_fields(base, **sections)
+            return validate(data, "the wizard")
         except SftopError as exc:
             raise StepError(str(exc)) from None
