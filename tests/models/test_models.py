@@ -1,7 +1,5 @@
 """The built-in demo model, tokenizer loading and model loading errors."""
 
-import os
-
 import pytest
 import torch
 
@@ -16,14 +14,10 @@ from sftop.engine.presets.schema import ModelSection
 @pytest.fixture(scope="module")
 def demo_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    old = os.environ.get("SFTOP_HOME")
-    os.environ["SFTOP_HOME"] = str(home)
-    path = demo.ensure_demo_model()
-    yield home, path
-    if old is None:
-        os.environ.pop("SFTOP_HOME")
-    else:
-        os.environ["SFTOP_HOME"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SFTOP_HOME", str(home))
+        path = demo.ensure_demo_model()
+    return home, path
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from sftop.engine.events import SCHEMA_VERSION
 from sftop.engine.presets import load_preset
 from sftop.engine.train.runner import run_training
 
-from train_helpers import events_of, of_type
+from train_helpers import events_of, in_home, of_type
 
 STEP_FIELDS = {
     "step": int, "epoch": float, "loss": float, "learning_rate": float, "grad_norm": float,
@@ -20,15 +20,14 @@ STEP_FIELDS = {
 @pytest.fixture(scope="module")
 def demo_run(sftop_home, tmp_path_factory):
     """The demo preset as shipped, shortened to 24 steps to keep CI fast."""
-    import os
-
-    os.environ["HF_TOKEN"] = "hf_sftop_test_secret_do_not_write"
+    mp = in_home(sftop_home)
+    mp.setenv("HF_TOKEN", "hf_sftop_test_secret_do_not_write")
     try:
         preset, _ = load_preset("demo", ["train.max_steps=24", "train.save_steps=12", 'train.kernels="off"'])
         run_dir = tmp_path_factory.mktemp("demo-run")
         code = run_training(preset, run_dir)
     finally:
-        os.environ.pop("HF_TOKEN", None)
+        mp.undo()
     return code, run_dir
 
 
@@ -96,7 +95,7 @@ def test_no_secret_written_anywhere(demo_run):
             assert b"hf_sftop_test_secret" not in path.read_bytes(), path
 
 
-def test_adapter_loads_and_answers_with_a_number(demo_run):
+def test_adapter_loads_and_answers_with_a_number(demo_run, home):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

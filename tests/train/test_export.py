@@ -12,13 +12,18 @@ from sftop.engine.export import export_run
 from sftop.engine.models.demo import demo_dir
 from sftop.engine.rundir import RunDir
 from sftop.engine.train.runner import run_training
-from train_helpers import fast_preset
+from train_helpers import fast_preset, in_home
 
 
 @pytest.fixture(scope="module")
 def trained(sftop_home, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("export-run")
-    assert run_training(fast_preset("train.max_steps=3", "train.save_steps=2", "train.learning_rate=1e-2"), run_dir) == 0
+    mp = in_home(sftop_home)
+    try:
+        preset = fast_preset("train.max_steps=3", "train.save_steps=2", "train.learning_rate=1e-2")
+        assert run_training(preset, run_dir) == 0
+    finally:
+        mp.undo()
     return run_dir
 
 
@@ -27,7 +32,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
-def test_merged_export_matches_base_plus_adapter(trained, tmp_path):
+def test_merged_export_matches_base_plus_adapter(trained, tmp_path, home):
     out = export_run(RunDir(trained), merged=True, out=tmp_path / "merged")
     assert out == tmp_path / "merged"
     assert (out / "model.safetensors").is_file() and not list(out.glob("adapter_*"))
@@ -41,7 +46,7 @@ def test_merged_export_matches_base_plus_adapter(trained, tmp_path):
     torch.testing.assert_close(_logits(merged, ids), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_adapter_export_copies_only_the_adapter(trained, tmp_path):
+def test_adapter_export_copies_only_the_adapter(trained, tmp_path, home):
     out = export_run(trained, merged=False, out=tmp_path / "a")
     names = {p.name for p in out.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= names
@@ -49,7 +54,7 @@ def test_adapter_export_copies_only_the_adapter(trained, tmp_path):
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_dir()), out)
 
 
-def test_export_refuses_a_non_empty_target(trained, tmp_path):
+def test_export_refuses_a_non_empty_target(trained, tmp_path, home):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     with pytest.raises(SftopError, match="not empty"):
@@ -57,7 +62,7 @@ def test_export_refuses_a_non_empty_target(trained, tmp_path):
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
 
-def test_stopped_run_exports_its_newest_checkpoint(trained, tmp_path):
+def test_stopped_run_exports_its_newest_checkpoint(trained, tmp_path, home):
     stopped = tmp_path / "stopped"
     shutil.copytree(trained, stopped)
     shutil.rmtree(stopped / "adapter")

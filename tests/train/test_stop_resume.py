@@ -8,7 +8,7 @@ import pytest
 from sftop.engine.rundir import RunDir
 from sftop.engine.train.runner import run_training
 from sftop.engine.train.trainer import checkpoint_is_complete
-from train_helpers import events_of, fast_preset, of_type, start_trainer, wait_for_steps
+from train_helpers import events_of, fast_preset, in_home, of_type, start_trainer, wait_for_steps
 
 STEPS = 10
 # save_steps beyond max_steps: the only checkpoint is the one the stop request writes.
@@ -19,7 +19,11 @@ RUN = [f"train.max_steps={STEPS}", "train.save_steps=100", "train.learning_rate=
 def reference(sftop_home, tmp_path_factory):
     """The same run, uninterrupted."""
     run_dir = tmp_path_factory.mktemp("reference")
-    assert run_training(fast_preset(*RUN), run_dir) == 0
+    mp = in_home(sftop_home)
+    try:
+        assert run_training(fast_preset(*RUN), run_dir) == 0
+    finally:
+        mp.undo()
     return {s["step"]: s["loss"] for s in of_type(events_of(run_dir), "step")}
 
 

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 
+import pytest
+
 from sftop.engine.events import read_events
 from sftop.engine.presets import load_preset
 
@@ -62,3 +64,11 @@ def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float
         time.sleep(0.05)
     proc.kill()
     raise AssertionError(f"no {n} step events within {timeout}s")
+
+
+def in_home(sftop_home):
+    """For module-scoped fixtures: the same environment as `home`, for the fixture's body only."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SFTOP_HOME", str(sftop_home))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    return mp
