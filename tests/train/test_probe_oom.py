@@ -81,3 +81,49 @@ def test_out_of_memory_mid_run_continues_with_a_smaller_micro_batch(home, tmp_pa
     assert records[-1]["type"] == "run_finished" and records[-1]["step"] == 8
     repeated, _ = load_preset(run.run_dir.preset)
     assert (repeated.plan.micro_batch, repeated.plan.grad_accum) == (2, 2)
+
+
+class _Allocator:
+    """Stands in for torch.cuda's peak counters (the planner's DeviceMemory protocol) on CPU."""
+
+    oom_error = torch.cuda.OutOfMemoryError
+
+    def __init__(self, peaks_gib):
+        self.peaks = list(peaks_gib)
+        self.probes = 0
+
+    def reset_peak(self):
+        pass
+
+    def release(self):
+        pass
+
+    def peak_allocated(self):
+        return int(self.peaks[min(self.probes, len(self.peaks) - 1)] * 2**30)
+
+    def peak_reserved(self):
+        value = self.peak_allocated()
+        self.probes += 1
+        return value
+
+
+def test_probe_over_budget_steps_the_plan_down_before_training(home, tmp_path):
+    import dataclasses
+
+    run, writer = _prepared(fast_preset("train.max_steps=2", "train.save_steps=100"), tmp_path / "run")
+    # Pretend this plan is for a 1 GiB GPU; the step itself runs for real on CPU.
+    run.plan = dataclasses.replace(run.plan, device="cuda:0", budget_gib=1.0)
+    run.build_trainer()
+    allocator = _Allocator([50.0, 0.01])  # first probe far over budget, the smaller plan fits
+    run.probe(memory=allocator)
+    assert allocator.probes == 2
+    records = events_of(run.run_dir.path)
+    changed = of_type(records, "plan_changed")
+    assert len(changed) == 1 and changed[0]["step"] == 0 and "over the" in changed[0]["reason"]
+    new = changed[0]["new"]
+    assert new["micro_batch"] < 4 and new["micro_batch"] * new["grad_accum"] == 4
+    assert run.probe_verdict["ok"] is True and "next_plan" not in run.probe_verdict
+    assert run.trainer.args.per_device_train_batch_size == new["micro_batch"]  # trainer rebuilt for it
+    repeated, _ = load_preset(run.run_dir.preset)
+    assert repeated.plan.micro_batch == new["micro_batch"]
+    writer.close()

@@ -323,8 +323,11 @@ class _Run:
         self.preset = Preset.model_validate(data)
         save_preset(self.preset, self.run_dir.preset)
 
-    def probe(self):
-        """On a GPU, measure one step at the plan's largest shape and step the plan down until it fits."""
+    def probe(self, memory=None):
+        """On a GPU, measure one step at the plan's largest shape and step the plan down until it fits.
+
+        `memory` is the allocator to read (the planner's CudaMemory by default).
+        """
         if not str(getattr(self.plan, "device", "cpu")).startswith("cuda"):
             return self.trainer
         from sftop.engine.planner.verify import run_probe
@@ -339,7 +342,7 @@ class _Run:
             self.trainer = None
             self.build_trainer()
 
-        _, verdicts = run_probe(self.plan, step_fn, on_change=on_change)
+        _, verdicts = run_probe(self.plan, step_fn, memory=memory, on_change=on_change)
         if verdicts:
             last = verdicts[-1].to_dict()
             last.pop("next_plan", None)
