@@ -28,3 +28,5 @@ class Services:
     poll_interval: float = 0.25
     # The dashboard redraws charts at most this often (seconds).
     redraw_interval: float = 0.5
+    # The Hugging Face cache to list models from (None: the hub library's default, HF_HUB_CACHE).
+    hf_cache_dir: str | None = None

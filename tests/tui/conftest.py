@@ -28,13 +28,14 @@ def sftop_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def services():
-    """Deterministic: a fixed H100 reading and a clock stopped just after the recorded runs."""
+def services(tmp_path):
+    """Deterministic: a fixed H100 reading, a clock stopped just after the recorded runs, an empty HF cache."""
     return Services(gpu_reader=fixed_gpu, clock=lambda: T0 + 120.0, gpu_interval=0.2, poll_interval=0.05,
-                    redraw_interval=0.1)
+                    redraw_interval=0.1, hf_cache_dir=str(tmp_path / "empty-hf-cache"))
 
 
 @pytest.fixture
-def no_gpu_services():
+def no_gpu_services(tmp_path):
     return Services(gpu_reader=lambda: GpuStatus(gpus=[], reason="NVML not found: no NVIDIA driver is installed"),
-                    clock=lambda: T0 + 120.0, gpu_interval=0.2, poll_interval=0.05, redraw_interval=0.1)
+                    clock=lambda: T0 + 120.0, gpu_interval=0.2, poll_interval=0.05, redraw_interval=0.1,
+                    hf_cache_dir=str(tmp_path / "empty-hf-cache"))

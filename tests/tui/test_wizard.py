@@ -195,3 +195,32 @@ async def test_preset_fields_are_validated_in_place(services):
         assert current_step(app) == "step-plan"
         draft = wizard.draft
         assert (draft.train.learning_rate, draft.lora.r, draft.train.max_steps, draft.train.epochs) == (1e-4, 8, None, 2)
+
+
+def make_cached_model(cache, repo_id: str) -> None:
+    """A model in Hugging Face's cache layout (blobs, refs, snapshots), as a download leaves it."""
+    folder = cache / ("models--" + repo_id.replace("/", "--"))
+    (folder / "blobs").mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0123abcd")
+    snapshot = folder / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    blob = folder / "blobs" / "deadbeef"
+    blob.write_text('{"model_type": "llama"}')
+    (snapshot / "config.json").symlink_to(blob)
+
+
+async def test_models_in_the_local_hub_cache_are_offered(services, tmp_path, monkeypatch):
+    cache = tmp_path / "hub-cache"
+    make_cached_model(cache, "Qwen/Qwen2.5-0.5B-Instruct")
+    services.hf_cache_dir = str(cache)
+    app = SftopApp(start="wizard", services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, WizardScreen))
+        choices = app.screen.query_one("#model-choices")
+        await wait_until(pilot, lambda: choices.option_count == 2)
+        assert choices.get_option_at_index(1).id == "Qwen/Qwen2.5-0.5B-Instruct"
+        choices.focus()
+        await pilot.press("down", "enter")  # picking a model moves on to the dataset
+        assert app.screen.draft.model.name == "Qwen/Qwen2.5-0.5B-Instruct"
+        assert current_step(app) == "step-data"

@@ -24,7 +24,7 @@ class CachedModels(Message):
     note: str | None
 
 
-def scan_cached_models() -> tuple[list[tuple[str, float]], str | None]:
+def scan_cached_models(cache_dir: str | None = None) -> tuple[list[tuple[str, float]], str | None]:
     """Model repos in the local Hugging Face cache (disk only: never touches the network)."""
     try:
         from huggingface_hub import scan_cache_dir
@@ -32,7 +32,7 @@ def scan_cached_models() -> tuple[list[tuple[str, float]], str | None]:
     except ImportError as exc:
         return [], f"cannot read the Hugging Face cache ({exc})"
     try:
-        info = scan_cache_dir()
+        info = scan_cache_dir(cache_dir)
     except CacheNotFound:
         return [], "the Hugging Face cache is empty"
     except OSError as exc:
@@ -62,7 +62,7 @@ class ModelStep(Step):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="hf-cache", description="scan the HF cache")
     def scan(self) -> None:
-        models, note = scan_cached_models()
+        models, note = scan_cached_models(self.app.services.hf_cache_dir)  # type: ignore[attr-defined]
         self.post_message(CachedModels(models, note))
 
     @on(CachedModels)
