@@ -105,3 +105,13 @@ def test_held_out_rows_are_evaluated_at_each_checkpoint(home, tmp_path):
     assert all(isinstance(e["eval_loss"], float) and 0 < e["eval_loss"] < 10 for e in evals)
     assert "eval_runtime" in evals[0]["metrics"]
     assert of_type(records, "run_started")[0]["data"]["eval_rows"] == 20
+
+
+def test_model_error_ends_the_run_with_a_reason(home, tmp_path):
+    code = run_training(fast_preset('model.name="sftop-test-org/not-cached"'), tmp_path / "run")
+    assert code == 2
+    records = events_of(tmp_path / "run")
+    assert [r["type"] for r in records] == ["run_failed"]
+    assert "huggingface-cli download sftop-test-org/not-cached" in records[0]["reason"]
+    assert records[0]["step"] is None and records[0]["checkpoint"] is None
+    assert (tmp_path / "run" / "preset.toml").is_file()  # listed by `sftop runs`, repeatable after the fix

@@ -426,6 +426,9 @@ def run_training(preset, run_dir, *, resume: bool = False) -> int:
     with _Tee(run_dir.stdout_log), EventWriter(run_dir.events) as writer:
         run = _Run(preset, run_dir, writer, resume)
         run.signals.install()
+        if not run_dir.preset.exists():
+            # Even a run that fails while resolving is listed (`sftop runs`) and can be repeated.
+            save_preset(preset, run_dir.preset)
         try:
             run.resolve()
             run.load()
