@@ -135,8 +135,9 @@ def launch_run(
             close_fds=True,
             env=env,
         )
+    # The supervisor records its own pid: a second writer here could race its first write
+    # (status.json is read-merge-written) and put back a stale "starting".
     _launched.append(proc)
-    run_dir.write_status(supervisor_pid=proc.pid)
     return run_dir
 
 

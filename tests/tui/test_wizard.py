@@ -63,8 +63,9 @@ async def test_wizard_launches_the_demo_and_opens_its_dashboard(services):
             preset = tomllib.loads(run.preset.read_text())
             assert preset["name"] == "my-demo" and preset["train"]["max_steps"] == 12
             assert preset["model"]["name"] == "builtin:demo-tiny"
-            status = run.read_status()
-            assert status["status"] in ("starting", "running") and status["supervisor_pid"] > 0
+            status = await wait_until(pilot, lambda: run.read_status().get("supervisor_pid") and run.read_status(),
+                                      timeout=30)
+            assert status["status"] == "running" and status["pid"] != status["supervisor_pid"]
             saved, _ = load_preset("my-demo")
             assert saved.train.max_steps == 12 and saved.data.source == "builtin:arithmetic"
             await wait_until(pilot, lambda: screen.process_status in ("starting", "running"), timeout=10)
