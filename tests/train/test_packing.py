@@ -59,3 +59,23 @@ def test_isolation_probe(home):
     assert model.training  # the probe restores the mode it found
     leaky_ok, leaky_detail = packing_isolated(_IgnoresPositions(model), 512, 0)
     assert not leaky_ok, leaky_detail
+
+
+def test_padding_free_training_equals_padded_training(home, tmp_path):
+    """Same rows, same steps: packing must change the speed, never the numbers."""
+    from sftop.engine.train.runner import run_training
+    from train_helpers import events_of, fast_preset, of_type
+
+    runs = {}
+    for packing in ("true", "false"):
+        run_dir = tmp_path / packing
+        assert run_training(fast_preset("train.max_steps=3", "train.save_steps=100", f"data.packing={packing}"),
+                            run_dir) == 0
+        records = events_of(run_dir)
+        assert of_type(records, "run_started")[0]["environment"]["packing"] is (packing == "true")
+        runs[packing] = of_type(records, "step")
+    padded, packed = runs["false"], runs["true"]
+    assert [s["tokens_seen"] for s in packed] == [s["tokens_seen"] for s in padded]  # padding not counted
+    for a, b in zip(packed, padded):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)

@@ -197,6 +197,7 @@ class _Run:
     def load(self):
         from sftop.engine.data import prepare_data
         from sftop.engine.models.loading import load_model
+        from sftop.engine.train.config import optimizer_name
         from sftop.engine.train.packing import packing_isolated
 
         self.model, self.tokenizer, self.info = load_model(self.preset, self.plan)
@@ -209,6 +210,12 @@ class _Run:
                 self.message(
                     "Packing turned off: this model's attention lets packed documents see each other "
                     f"({detail}); training on padded batches instead", level="warning")
+                self.preset = self.preset.model_copy(
+                    update={"data": self.preset.data.model_copy(update={"packing": False})})
+                save_preset(self.preset, self.run_dir.preset)  # record what the run really does
+        _, note = optimizer_name(self.preset.train.optimizer, self.info.device.startswith("cuda"))
+        if note:
+            self.message(note, level="warning")
 
     def check_disk(self):
         from sftop.engine.train.resources import check_disk_space, expected_disk_bytes
@@ -225,13 +232,10 @@ class _Run:
         import torch
 
         from sftop.engine.train.callbacks import RunEvents
-        from sftop.engine.train.config import build_sft_config, optimizer_name
+        from sftop.engine.train.config import build_sft_config
         from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
 
         on_cuda = torch.cuda.is_available()
-        _, note = optimizer_name(self.preset.train.optimizer, on_cuda)
-        if note:
-            self.message(note, level="warning")
         args = build_sft_config(
             self.preset, self.plan, output_dir=self.run_dir.checkpoints, dtype=self.info.dtype,
             packing=self.packing, has_eval=self.data.eval is not None, on_cuda=on_cuda,
