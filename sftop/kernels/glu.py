@@ -57,6 +57,46 @@ def _glu_bwd(DH, G, U, DG, DU, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(DU + offs, (dh * a).to(DU.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _glu_bwd_inplace(DH, G, U, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """Reads dh, g, u and overwrites them with h, dg, du: the fused LoRA MLP needs h again for
+    the down projection's adapter gradients, and this way the backward allocates no
+    intermediate-sized buffer at all."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    dh = tl.load(DH + offs, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=m, other=0.0).to(tl.float32)
+    if KIND == 0:
+        s = tl.sigmoid(g)
+        a = g * s
+        da = s * (1.0 + g * (1.0 - s))
+    else:
+        t = _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
+        a = 0.5 * g * (1.0 + t)
+        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
+    tl.store(DH + offs, (a * u).to(DH.dtype.element_ty), mask=m)
+    tl.store(G + offs, (dh * u * da).to(G.dtype.element_ty), mask=m)
+    tl.store(U + offs, (dh * a).to(U.dtype.element_ty), mask=m)
+
+
+def glu_forward(gate: torch.Tensor, up: torch.Tensor, kind: int) -> torch.Tensor:
+    """h = act(gate) * up without autograd (for callers that write their own backward)."""
+    h = torch.empty_like(gate)
+    n = gate.numel()
+    block = _block(n, gate.device)
+    _glu_fwd[(triton.cdiv(n, block),)](gate, up, h, n, KIND=kind, BLOCK=block)
+    return h
+
+
+def glu_backward_inplace(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: int) -> None:
+    """dh, gate, up (same shape, contiguous) become h, d(gate), d(up)."""
+    n = gate.numel()
+    block = _block(n, gate.device)
+    _glu_bwd_inplace[(triton.cdiv(n, block),)](dh, gate, up, n, KIND=kind, BLOCK=block)
+
+
 def _block(n: int, device) -> int:
     # The interpreter's cost is per program, so it gets big blocks; on a GPU 1024 elements per
     # program with 4 warps gives 8 per thread, enough for vectorised 16-byte bf16 accesses.

@@ -196,9 +196,42 @@ def _glu_kind(act: nn.Module) -> int | None:
     return None
 
 
-def _patch_mlp(model: nn.Module, spec: FamilySpec) -> str:
-    from ..glu import GLUFunction
+def _lora_mlp_refusal(mlp: nn.Module) -> str | None:
+    """Why this MLP can't take the one-Function LoRA path (it then keeps the fused activation)."""
+    projs = [getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(_is_lora_layer(p) for p in projs):
+        return "gate/up/down are not all PEFT LoRA layers"
+    for p in projs:
+        why = _lora_refusal(p)
+        if why:
+            return why
+    if len({p.active_adapters[0] for p in projs}) != 1:
+        return "different adapters on gate/up/down"
+    for p in projs:
+        base = p.base_layer
+        if type(base).__name__ not in ("Linear", "Linear4bit") or not hasattr(base, "weight"):
+            return f"base layer {type(base).__name__}"
+        if getattr(base, "bias", None) is not None:
+            return "base layer has a bias"
+        if base.weight.requires_grad:
+            return "base weights are trainable"
+    return None
 
+
+def _mlp_forward(self, _orig, x):
+    from ..glu import GLUFunction
+    from ..lora_mlp import lora_mlp
+
+    adapter = self.__dict__.get("_sftop_lora_adapter")
+    if adapter is not None:
+        projs = (self.gate_proj, self.up_proj, self.down_proj)
+        # PEFT's per-call state (disabled, merged, switched adapter) sends us down the module path
+        if all(not p.disable_adapters and not p.merged and list(p.active_adapters) == [adapter] for p in projs):
+            return lora_mlp(x, *projs, self._sftop_glu, adapter)
+    return self.down_proj(GLUFunction.apply(self.gate_proj(x), self.up_proj(x), self._sftop_glu))
+
+
+def _patch_mlp(model: nn.Module, spec: FamilySpec) -> str:
     mods = _modules_of(model, spec.mlp_class)
     if not mods:
         return f"stock: no {spec.mlp_class} modules found"
@@ -210,13 +243,12 @@ def _patch_mlp(model: nn.Module, spec: FamilySpec) -> str:
         if kind is None:
             return f"stock: activation {type(m.act_fn).__name__} has no fused kernel"
         kinds.append(kind)
-
-    def forward(self, _orig, x):
-        return self.down_proj(GLUFunction.apply(self.gate_proj(x), self.up_proj(x), self._sftop_glu))
-
     for m, kind in zip(mods, kinds):
         m._sftop_glu = kind
-        _set_forward(m, forward, "mlp")
+        m.__dict__["_sftop_lora_adapter"] = (
+            m.gate_proj.active_adapters[0] if _lora_mlp_refusal(m) is None else None
+        )
+        _set_forward(m, _mlp_forward, "mlp")
     return FUSED
 
 
@@ -313,12 +345,15 @@ def _quantised_compute_dtype(model: nn.Module):
 _LORA_CLASSES = ("Linear", "Linear4bit", "Linear8bitLt")
 
 
-def _lora_layers(model: nn.Module) -> list[nn.Module]:
-    return [
-        m for m in model.modules()
-        if type(m).__module__.startswith("peft.tuners.lora") and type(m).__name__ in _LORA_CLASSES
+def _is_lora_layer(m: nn.Module) -> bool:
+    return (
+        type(m).__module__.startswith("peft.tuners.lora") and type(m).__name__ in _LORA_CLASSES
         and hasattr(m, "lora_A") and hasattr(m, "base_layer")
-    ]
+    )
+
+
+def _lora_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if _is_lora_layer(m)]
 
 
 def _lora_refusal(m: nn.Module) -> str | None:

@@ -1,0 +1,117 @@
+"""The whole LoRA gated MLP as one autograd Function: down(glu(gate(x), up(x))) where each of
+gate/up/down is base(x) + s * (x @ A^T) @ B^T.
+
+Why one Function instead of three PEFT layers and an activation:
+  * memory: only x, the gate and up pre-activations and three rank-r products are saved.  The
+    activation output h is not kept: backward recomputes it in the same Triton pass that turns
+    (dh, gate, up) into (h, d_gate, d_up) in place, so backward allocates no intermediate-sized
+    buffer beyond dh.  Under gradient checkpointing this is the largest transient of a layer.
+  * launches: the base and adapter products of each projection meet in one addmm, and the fp32
+    adapter weights are cast to the compute dtype once per call instead of per PEFT layer.
+Base weights are frozen (no gradient); 4-bit bases are dequantised with bitsandbytes' own
+dequantize_4bit into a temporary for each use, so no 16-bit copy of the model persists.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .glu import glu_backward_inplace, glu_forward
+
+
+def base_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The dense [out, in] weight of a frozen base layer, in `dtype`."""
+    w = layer.weight
+    quant_state = getattr(w, "quant_state", None)
+    if quant_state is not None:
+        import bitsandbytes.functional as bnbf
+
+        w = bnbf.dequantize_4bit(w.data, quant_state)
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+def compute_dtype(layer: nn.Module, x: torch.Tensor) -> torch.dtype:
+    dt = getattr(layer, "compute_dtype", None)
+    if isinstance(dt, torch.dtype):
+        return dt
+    w = layer.weight
+    if getattr(w, "quant_state", None) is not None:
+        return x.dtype if x.dtype != torch.float32 else w.quant_state.dtype
+    return w.dtype
+
+
+def _project(inp, base, a, b, scale):
+    out = inp @ base_weight(base, inp.dtype).t()
+    ia = inp @ a.t()
+    out.addmm_(ia, b.t(), alpha=scale)
+    return out, ia
+
+
+class LoRAMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, kind, dtype):
+        gate_base, up_base, down_base = bases
+        sg, su, sd = scales
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype).contiguous()
+        agc, bgc, auc, buc, adc, bdc = (t.to(dtype) for t in (ag, bg, au, bu, ad, bd))
+        e, xa_g = _project(x2, gate_base, agc, bgc, sg)
+        g, xa_u = _project(x2, up_base, auc, buc, su)
+        h = glu_forward(e, g, kind)
+        out, ha_d = _project(h, down_base, adc, bdc, sd)
+        del h  # recomputed in backward
+        ctx.save_for_backward(x2, e, g, xa_g, xa_u, ha_d, ag, bg, au, bu, ad, bd)
+        ctx.bases, ctx.scales, ctx.kind, ctx.x_shape, ctx.x_dtype = bases, scales, kind, shape, x.dtype
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, e, g, xa_g, xa_u, ha_d, ag, bg, au, bu, ad, bd = ctx.saved_tensors
+        gate_base, up_base, down_base = ctx.bases
+        sg, su, sd = ctx.scales
+        dt = e.dtype
+        agc, bgc, auc, buc, adc, bdc = (t.to(dt) for t in (ag, bg, au, bu, ad, bd))
+        d2 = dout.reshape(-1, dout.shape[-1]).to(dt)
+
+        dh = d2 @ base_weight(down_base, dt)
+        d_bd = d2 @ bdc
+        dh.addmm_(d_bd, adc, alpha=sd)
+        # e and g are this Function's own buffers (never seen outside), so they can be reused
+        glu_backward_inplace(dh, e, g, ctx.kind)
+        h, de, dg = dh, e, g
+
+        grad_bd = (d2.t() @ ha_d).mul_(sd)
+        grad_ad = (d_bd.t() @ h).mul_(sd)
+        del h, dh
+
+        dx = de @ base_weight(gate_base, dt)
+        de_b = de @ bgc
+        grad_bg = (de.t() @ xa_g).mul_(sg)
+        grad_ag = (de_b.t() @ x2).mul_(sg)
+        dx.addmm_(de_b, agc, alpha=sg)
+
+        dx.addmm_(dg, base_weight(up_base, dt))
+        dg_b = dg @ buc
+        grad_bu = (dg.t() @ xa_u).mul_(su)
+        grad_au = (dg_b.t() @ x2).mul_(su)
+        dx.addmm_(dg_b, auc, alpha=su)
+
+        grads = [t.to(p.dtype) for t, p in zip((grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd),
+                                                (ag, bg, au, bu, ad, bd))]
+        return (dx.view(ctx.x_shape).to(ctx.x_dtype), *grads, None, None, None, None)
+
+
+def lora_mlp(x, gate, up, down, kind: int, adapter: str):
+    """Run a gated MLP whose gate/up/down are PEFT LoRA layers (one adapter, no dropout/DoRA/bias)."""
+    dtype = compute_dtype(gate.base_layer, x)
+    return LoRAMLPFunction.apply(
+        x,
+        gate.lora_A[adapter].weight, gate.lora_B[adapter].weight,
+        up.lora_A[adapter].weight, up.lora_B[adapter].weight,
+        down.lora_A[adapter].weight, down.lora_B[adapter].weight,
+        (gate.base_layer, up.base_layer, down.base_layer),
+        (float(gate.scaling[adapter]), float(up.scaling[adapter]), float(down.scaling[adapter])),
+        kind,
+        dtype,
+    )
