@@ -181,9 +181,9 @@ async def test_plan_is_shown_and_follows_plan_changes(services):
 
 
 async def test_dashboard_shows_only_the_gpu_the_run_is_pinned_to(services):
-    from conftest import GIB
-
     from sftop.engine.gpu import GpuInfo, GpuStatus
+
+    GIB = 2**30
 
     def card(i, name):
         return GpuInfo(index=i, nvml_index=i, name=name, uuid=f"GPU-{i}", memory_total_bytes=80 * GIB,
