@@ -51,6 +51,13 @@ def _project(inp, base, a, b, scale):
 class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, kind, dtype):
+        # dtypes are managed explicitly (the caller resolved autocast into `dtype`); autocast
+        # re-casting single matmuls would break the in-place addmm_ accumulations
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return LoRAMLPFunction._forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, kind, dtype)
+
+    @staticmethod
+    def _forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, kind, dtype):
         gate_base, up_base, down_base = bases
         sg, su, sd = scales
         shape = x.shape
@@ -67,6 +74,11 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        with torch.autocast(device_type=dout.device.type, enabled=False):
+            return LoRAMLPFunction._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         x2, e, g, xa_g, xa_u, ha_d, ag, bg, au, bu, ad, bd = ctx.saved_tensors
         gate_base, up_base, down_base = ctx.bases
         sg, su, sd = ctx.scales
@@ -104,7 +116,9 @@ class LoRAMLPFunction(torch.autograd.Function):
 
 def lora_mlp(x, gate, up, down, kind: int, adapter: str):
     """Run a gated MLP whose gate/up/down are PEFT LoRA layers (one adapter, no dropout/DoRA/bias)."""
-    dtype = compute_dtype(gate.base_layer, x)
+    dev = x.device.type
+    # under autocast the stock layers would compute in the autocast dtype; so do we
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else compute_dtype(gate.base_layer, x)
     return LoRAMLPFunction.apply(
         x,
         gate.lora_A[adapter].weight, gate.lora_B[adapter].weight,

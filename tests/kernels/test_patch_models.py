@@ -300,3 +300,24 @@ def test_imports_and_degrades_without_triton():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_under_bf16_autocast_no_worse_than_stock(family):
+    # HF Trainer's bf16=True wraps the forward in autocast; the patched parts manage dtypes
+    # themselves there, and must land as close to the fp32 result as stock autocast does
+    ref = tiny_model(family)
+    stock, fused = twin(ref), twin(ref)
+    K.patch_model(fused)
+    batch = _batch("padded", 23)
+    r_out, r_grads = _loss_and_grads(ref, batch)
+    errs = {}
+    for name, m in (("stock", stock), ("fused", fused)):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out = m(**batch)
+        m.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+        errs[name] = (rel_err(out.loss, r_out.loss), _all_grads_err(grads, r_grads))
+    assert errs["fused"][0] < max(3 * errs["stock"][0], 5e-3), errs
+    assert errs["fused"][1] < max(3 * errs["stock"][1], 4e-2), errs
