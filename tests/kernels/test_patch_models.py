@@ -147,11 +147,9 @@ def test_kernels_available_reason(monkeypatch):
 
 def _vs_reference(model, ref_grads, ref_loss, batch):
     out, grads = _loss_and_grads(model, batch)
-    return rel_err(out.loss, ref_loss), max(rel_err(grads[n], g) for n, g in ref_grads.items())
+    return rel_err(out.loss, ref_loss), _all_grads_err(grads, ref_grads)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 model check runs on the GPU")
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
 def test_bf16_patched_model_no_worse_than_stock_bf16(family):
     # both bf16 runs are compared with an fp32 stock run of the same weights: the fused path
@@ -164,8 +162,8 @@ def test_bf16_patched_model_no_worse_than_stock_bf16(family):
     K.patch_model(fused)
     s_loss_err, s_grad_err = _vs_reference(stock, r_grads, r_out.loss, batch)
     f_loss_err, f_grad_err = _vs_reference(fused, r_grads, r_out.loss, batch)
-    assert f_loss_err < max(2 * s_loss_err, 1e-2)
-    assert f_grad_err < max(2 * s_grad_err, 5e-2)
+    assert f_loss_err < max(3 * s_loss_err, 1e-2)
+    assert f_grad_err < max(3 * s_grad_err, 4e-2)
 
 
 def _nf4(compute_dtype):
