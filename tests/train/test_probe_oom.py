@@ -127,3 +127,34 @@ def test_probe_over_budget_steps_the_plan_down_before_training(home, tmp_path):
     repeated, _ = load_preset(run.run_dir.preset)
     assert repeated.plan.micro_batch == new["micro_batch"]
     writer.close()
+
+
+def test_plan_gpu_is_pinned_before_cuda_starts(home, tmp_path, monkeypatch):
+    import dataclasses
+
+    from sftop.engine.train.config import build_sft_config
+
+    # Two visible GPUs (setenv also makes monkeypatch restore the real value after the test).
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    run_dir = RunDir(tmp_path / "run").create()
+    with EventWriter(run_dir.events) as writer:
+        run = _Run(fast_preset(), run_dir, writer, resume=False)
+        run.plan = dataclasses.replace(load_plan(), device="cuda:3", gpu_uuid="GPU-1234",
+                                       gradient_checkpointing="on", checkpoint_every_n_layers=2)
+        run.pin_gpu()
+    import os
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-1234"
+    assert run.plan.device == "cuda:0"
+    assert "GPU-1234" in of_type(events_of(run_dir.path), "message")[0]["text"]
+    args = build_sft_config(run.preset, run.plan, output_dir=tmp_path, dtype="fp32", packing=True, has_eval=False,
+                            on_cuda=False)
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False, "offload": False, "every_n_layers": 2}
+
+
+def load_plan():
+    from sftop.engine.planner import load_model_config, plan_run
+
+    preset = fast_preset()
+    return plan_run(preset, load_model_config(preset))

@@ -47,8 +47,11 @@ def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: boo
         gradient_checkpointing=checkpointing in ("on", "offload"),
         # "offload" keeps the checkpointed activations in pinned host memory (transformers' own
         # gradient_checkpointing_enable(offload=True)), which is what the planner's estimate assumes.
+        # every_n_layers: the planner may checkpoint only every n-th block when memory allows.
         gradient_checkpointing_kwargs=(
-            {"use_reentrant": False, "offload": checkpointing == "offload"} if checkpointing != "off" else None
+            {"use_reentrant": False, "offload": checkpointing == "offload",
+             "every_n_layers": int(getattr(plan, "checkpoint_every_n_layers", 1) or 1)}
+            if checkpointing != "off" else None
         ),
         logging_strategy="steps",
         logging_steps=train.logging_steps,

@@ -37,7 +37,9 @@ def probe_step(trainer, rows: int, tokens_per_row: int, max_length: int) -> None
     if args.gradient_checkpointing:  # Trainer only turns it on inside train(); the probe must see it too
         kwargs = dict(args.gradient_checkpointing_kwargs or {})
         offload = kwargs.pop("offload", False)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None, offload=offload)
+        every = kwargs.pop("every_n_layers", 1)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None, every_n_layers=every,
+                                            offload=offload)
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)

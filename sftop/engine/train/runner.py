@@ -181,9 +181,10 @@ class _Run:
         from sftop.engine.models.loading import resolve_attn_implementation, resolve_dtype
 
         preset = self.preset
-        on_cuda = torch.cuda.is_available()
         config = _model_config(preset)
-        self.plan = make_plan(preset, config)
+        self.plan = make_plan(preset, config)  # reads GPUs through NVML: CUDA itself is not started yet
+        self.pin_gpu()
+        on_cuda = torch.cuda.is_available()
         dtype = resolve_dtype(preset.model.dtype, on_cuda)
         attn = resolve_attn_implementation(preset.model.attn_implementation, dtype, on_cuda)
         data = preset.model_dump(mode="json")
@@ -193,6 +194,26 @@ class _Run:
 
         self.preset = Preset.model_validate(data)
         save_preset(self.preset, self.run_dir.preset)
+
+    def pin_gpu(self) -> None:
+        """Make the plan's GPU the only one this process sees (it becomes cuda:0).
+
+        The planner picks the GPU with the most free memory; SFTTrainer refuses to run with several
+        visible GPUs in one process. Must happen before CUDA starts, or the setting is ignored.
+        """
+        import dataclasses
+
+        import torch
+
+        uuid = getattr(self.plan, "gpu_uuid", None)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if not uuid or (visible is not None and len([v for v in visible.split(",") if v.strip()]) == 1):
+            return
+        if torch.cuda.is_initialized():
+            return
+        os.environ["CUDA_VISIBLE_DEVICES"] = uuid
+        self.plan = dataclasses.replace(self.plan, device="cuda:0")
+        self.message(f"Using GPU {uuid} (most free memory), seen by this run as cuda:0")
 
     def load(self):
         from sftop.engine.data import prepare_data
