@@ -85,7 +85,8 @@ def _restore_forward(module: nn.Module) -> None:
         d[_OFF] = True
         return
     original = d.pop(_ORIG)
-    for key in (_FWD, _FN, _OFF, _PART, "forward"):
+    for key in (_FWD, _FN, _OFF, _PART, "forward", "_sftop_glu", "_sftop_lora_adapter", "_sftop_adapter",
+                "_sftop_loss_dtype"):
         d.pop(key, None)
     if original is not None:
         module.forward = original
