@@ -77,8 +77,9 @@ def test_supervisor_killed_hard_is_reported_lost(fake_trainer):
     launch_run("demo", run, command=fake_trainer(run, steps=10_000, delay=0.02))
     wait_for(lambda: summarize(run).step)
     status = run.read_status()
-    os.killpg(status["pgid"], 9)
+    # The supervisor first: killed second, it could still see its trainer die and record "failed".
     os.kill(status["supervisor_pid"], 9)
+    os.killpg(status["pgid"], 9)
     wait_for(lambda: summarize(run).status == "lost", timeout=10)
 
 
