@@ -23,6 +23,10 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopSignals":
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set handlers; an embedding caller keeps its own
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         if hasattr(signal, "SIGHUP"):
