@@ -30,10 +30,42 @@ class SftopCommands(Provider):
             if summary.active:
                 entries.append((f"Stop {summary.name}", "SIGTERM: it saves a checkpoint, then exits",
                                 partial(self._stop, summary.run)))
+            elif summary.status in ("stopped", "failed", "lost") and summary.run.complete_checkpoints():
+                entries.append((f"Resume {summary.name}", "continue from its newest checkpoint",
+                                partial(self._resume, summary.run)))
+            if summary.run.adapter.is_dir():
+                entries.append((f"Export {summary.name}", "write its LoRA adapter for use elsewhere",
+                                partial(self._export, summary.run)))
         for info in list_presets():
             entries.append((f"Re-run preset {info.name}", info.description or info.origin,
                             partial(app.new_run, preset=info.name, jump_to_plan=True)))
         return entries
+
+    def _resume(self, run) -> None:
+        from sftop.engine.errors import SftopError
+        from sftop.engine.supervisor import launch_run
+
+        try:
+            launch_run(run.preset, run, resume=True)
+        except SftopError as exc:
+            self.app.notify(str(exc), severity="error", timeout=10)
+            return
+        self.app.attach(run)
+
+    def _export(self, run) -> None:
+        def export() -> None:
+            from sftop.engine.errors import SftopError
+            from sftop.engine.export import export_run
+
+            try:
+                out = export_run(run, merged=False, out=None)
+            except SftopError as exc:
+                self.app.call_from_thread(self.app.notify, str(exc), severity="error", timeout=10)
+                return
+            self.app.call_from_thread(self.app.notify, f"Adapter written to {out}", timeout=10)
+
+        self.app.notify(f"Exporting {run.name}…")
+        self.app.run_worker(export, thread=True, exit_on_error=False, description="export a run")
 
     def _stop(self, run) -> None:
         from sftop.tui.screens.confirm import ConfirmScreen

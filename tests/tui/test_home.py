@@ -92,3 +92,19 @@ async def test_command_palette_attaches_to_a_run(services):
         await pilot.press("enter")
         screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen)
         assert screen.run == run
+
+
+async def test_command_palette_offers_export_for_a_run_with_an_adapter(services):
+    run = recorded_run("exportable")
+    run.adapter.mkdir()  # empty: export refuses it, and says so
+    app = SftopApp(services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, HomeScreen))
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.3)
+        await pilot.press(*"export exportable")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: any(n.message == f"Exporting {run.name}…" for n in app._notifications))
+        await wait_until(pilot, lambda: any(n.severity == "error" and "no adapter and no complete checkpoint" in n.message
+                                            for n in app._notifications), timeout=30)
