@@ -2,7 +2,7 @@ import json
 import re
 
 import pytest
-from conftest import make_tokenizer
+from data_tokenizers import make_tokenizer
 
 from sftop.engine.data.check import check_data, render_check
 from sftop.engine.presets.schema import Preset

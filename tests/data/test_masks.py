@@ -1,7 +1,7 @@
 """Loss masks checked token by token: the trained tokens decode to exactly the assistant turns."""
 
 import pytest
-from conftest import CHATML, END_OF_TURN, SPECIALS, make_tokenizer
+from data_tokenizers import CHATML, END_OF_TURN, SPECIALS, make_tokenizer
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import make_tokenizer
+from data_tokenizers import make_tokenizer
 
 from sftop.engine.data import prepare_data
 from sftop.engine.data.builtin import load_builtin
