@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -36,8 +37,12 @@ def _step_line(step, total, loss, logs, tokens_per_s, gpu_gib) -> str:
 
 
 class RunEvents(TrainerCallback):
-    def __init__(self, writer: EventWriter, *, started: Callable[[int], RunStarted], stop_requested: Callable[[], str | None]):
+    def __init__(self, writer: EventWriter, *, started: Callable[[int], RunStarted], stop_requested: Callable[[], str | None],
+                 checkpoint_request: Path | None = None):
         self.writer = writer
+        # The TUI's "checkpoint now" key creates this file (sftop.engine.runs.request_checkpoint);
+        # polling one path per step costs a stat call, far below a training step.
+        self._checkpoint_request = checkpoint_request
         self._started = started
         self._stop_requested = stop_requested
         self.trainer = None  # set after the trainer exists (it owns the per-step token counts)
@@ -71,6 +76,9 @@ class RunEvents(TrainerCallback):
         guard = self.guard
         if guard is not None and guard.step_bad:
             self.writer.write(BadStep(step=state.global_step, loss=None, grad_norm=None, consecutive=guard.consecutive))
+        if self._checkpoint_request is not None and self._checkpoint_request.exists():
+            control.should_save = True
+            self._checkpoint_request.unlink(missing_ok=True)
         signal_name = self._stop_requested()
         if signal_name and not (guard is not None and guard.failed):
             self.stopped_by = signal_name

@@ -262,7 +262,8 @@ class _Run:
             packing=self.packing, has_eval=self.data.eval is not None, on_cuda=on_cuda,
         )
         guard = UpdateGuard(self.preset.train.max_bad_steps)
-        events = RunEvents(self.writer, started=self.started_event, stop_requested=lambda: self.signals.requested)
+        events = RunEvents(self.writer, started=self.started_event, stop_requested=lambda: self.signals.requested,
+                           checkpoint_request=self.run_dir.path / "control" / "checkpoint")
         trainer = SftopTrainer(
             model=self.model,
             args=args,
