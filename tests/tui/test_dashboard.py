@@ -199,3 +199,21 @@ async def test_dashboard_shows_only_the_gpu_the_run_is_pinned_to(services):
         panel = text_of(app, "#gpus")
         assert "H100 one" in panel and "11.0/80.0 GiB" in panel
         assert "H100 zero" not in panel and "H100 two" not in panel
+
+
+async def test_log_pane_follows_the_newest_lines(services):
+    run = recorded_run("logtail", steps=10, total=10)
+    run.stdout_log.write_text("first line\n", encoding="utf-8")
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
+                                  and app.screen)
+        log = await wait_until(pilot, lambda: (lg := screen.query_one("#log")).lines and lg)
+        # The log grows while the dashboard is open, as a running trainer's does.
+        for i in range(8):
+            with run.stdout_log.open("a", encoding="utf-8") as fh:
+                fh.write(f"log line {i}\n")
+            await wait_until(pilot, lambda i=i: log.lines[-1] == f"log line {i}")
+        await pilot.pause(0.3)
+        # The pane is a few rows tall: it must show the end, not stay at the oldest lines.
+        assert log.max_scroll_y > 0 and log.scroll_y == log.max_scroll_y

@@ -173,6 +173,8 @@ class DashboardScreen(Screen):
         log = self.query_one("#log", Log)
         log.clear()
         log.write_lines(message.lines)
+        # clear() leaves the view at the top, so without this the pane shows the oldest lines.
+        log.scroll_end(animate=False)
 
     @on(RunStatusRead)
     def on_run_status(self, message: RunStatusRead) -> None:
