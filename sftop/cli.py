@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -248,7 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_known_noise() -> None:
+    # bitsandbytes warns on every CPU import that an optional hub-downloaded kernel is missing; sftop
+    # never uses that kernel (and never downloads at run time), so the warning only confuses users.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_known_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = getattr(args, "func", cmd_tui)
