@@ -1,4 +1,4 @@
-"""patch_model and the four parts it can patch (rms_norm, rope, mlp, loss)."""
+"""patch_model and the parts it can patch (rms_norm, rope, mlp, lora, attention_lora, loss)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 from .._runtime import kernels_available
 from .registry import FAMILIES, FamilySpec
 
-PARTS = ("rms_norm", "rope", "mlp", "lora", "loss")
+PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "loss")
 FUSED = "fused"
 
 # Marks on patched instances: the forward we replaced (None when the instance had no forward of
@@ -86,7 +86,7 @@ def _restore_forward(module: nn.Module) -> None:
         return
     original = d.pop(_ORIG)
     for key in (_FWD, _FN, _OFF, _PART, "forward", "_sftop_glu", "_sftop_lora_adapter", "_sftop_adapter",
-                "_sftop_loss_dtype"):
+                "_sftop_loss_dtype", "_sftop_direct", "_sftop_qkv"):
         d.pop(key, None)
     if original is not None:
         module.forward = original
@@ -209,13 +209,24 @@ def _lora_mlp_refusal(mlp: nn.Module) -> str | None:
     if len({p.active_adapters[0] for p in projs}) != 1:
         return "different adapters on gate/up/down"
     for p in projs:
-        base = p.base_layer
-        if type(base).__name__ not in ("Linear", "Linear4bit") or not hasattr(base, "weight"):
-            return f"base layer {type(base).__name__}"
-        if getattr(base, "bias", None) is not None:
-            return "base layer has a bias"
-        if base.weight.requires_grad:
-            return "base weights are trainable"
+        why = _base_refusal(p.base_layer, allow_bias=False)
+        if why:
+            return why
+    return None
+
+
+def _base_refusal(base: nn.Module, allow_bias: bool) -> str | None:
+    """Why a LoRA layer's base can't be multiplied directly (dense or NF4 weight, frozen)."""
+    if type(base).__name__ not in ("Linear", "Linear4bit") or not isinstance(getattr(base, "weight", None), torch.Tensor):
+        return f"base layer {type(base).__name__}"
+    if not allow_bias and getattr(base, "bias", None) is not None:
+        return "base layer has a bias"
+    if base.weight.requires_grad:
+        return "base weights are trainable"
+    if base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) and getattr(
+        base.weight, "quant_state", None
+    ) is None:
+        return f"base weight dtype {base.weight.dtype}"
     return None
 
 
@@ -376,17 +387,23 @@ def _lora_refusal(m: nn.Module) -> str | None:
     return None
 
 
+def _lora_state_ok(m: nn.Module, adapter: str) -> bool:
+    """False when PEFT decides something per call (disabled or merged adapters, a switched adapter)."""
+    active = m.active_adapters
+    return not m.disable_adapters and not m.merged and len(active) == 1 and active[0] == adapter
+
+
 def _lora_forward(self, orig, x, *args, **kwargs):
     # anything PEFT decides per call (mixed adapter batches, disabled or merged adapters, a
     # switched adapter) goes back to PEFT
-    active = self.active_adapters
-    if (
-        self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
-        or len(active) != 1 or active[0] != self._sftop_adapter
-    ):
+    if kwargs.get("adapter_names") is not None or not _lora_state_ok(self, self._sftop_adapter):
         return orig(x, *args, **kwargs)
-    result = self.base_layer(x, *args, **kwargs)
     name = self._sftop_adapter
+    if self.__dict__.get("_sftop_direct") and not args and not kwargs:
+        from ..lora_linear import lora_linears
+
+        return lora_linears(x, (self,), name)
+    result = self.base_layer(x, *args, **kwargs)
     a = self.lora_A[name].weight
     b = self.lora_B[name].weight
     scale = self.scaling[name]
@@ -416,12 +433,88 @@ def _patch_lora(model: nn.Module, spec: FamilySpec) -> str:
         return f"stock: {why} ({n} of {len(layers)} layers)"
     for m in layers:
         m._sftop_adapter = m.active_adapters[0]
+        # a dense or NF4 frozen base runs inside LoRALinearFunction (one Function, x read once);
+        # anything else (8-bit, trainable base) keeps the base layer's own forward
+        m.__dict__["_sftop_direct"] = _base_refusal(m.base_layer, allow_bias=True) is None
         _set_forward(m, _lora_forward, "lora")
     return FUSED
 
 
+# --------------------------------------------------------------------------- attention_lora
+
+
+class _QKVGroup:
+    """q/k/v LoRA layers of one attention block.  HF's attention calls q_proj(x), k_proj(x) and
+    v_proj(x) on the same tensor; the first call computes all three in one LoRAQKVFunction and
+    leaves the other two outputs here, each handed out once to its own layer when that layer is
+    called with the very same tensor object.  Any other call computes afresh, so a stale entry can
+    never be returned for a different input."""
+
+    __slots__ = ("layers", "adapter", "x", "pending")
+
+    def __init__(self, layers, adapter):
+        self.layers, self.adapter, self.x, self.pending = layers, adapter, None, {}
+
+
+def _qkv_forward(self, orig, x, *args, **kwargs):
+    grp = self.__dict__["_sftop_qkv"]
+    if args or kwargs or not all(_lora_state_ok(m, grp.adapter) for m in grp.layers):
+        grp.x, grp.pending = None, {}
+        return _lora_forward(self, orig, x, *args, **kwargs)
+    if grp.x is x and id(self) in grp.pending:
+        out = grp.pending.pop(id(self))
+        if not grp.pending:
+            grp.x = None
+        return out
+    from ..lora_linear import lora_linears
+
+    outs = lora_linears(x, grp.layers, grp.adapter)
+    grp.x = x
+    grp.pending = {id(m): o for m, o in zip(grp.layers, outs) if m is not self}
+    return outs[[m is self for m in grp.layers].index(True)]
+
+
+def _qkv_refusal(attn: nn.Module) -> str | None:
+    projs = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    if not all(p is not None and _is_lora_layer(p) for p in projs):
+        return "q/k/v are not all PEFT LoRA layers"
+    for p in projs:
+        why = _lora_refusal(p) or _base_refusal(p.base_layer, allow_bias=True)
+        if why:
+            return why
+    if len({p.active_adapters[0] for p in projs}) != 1:
+        return "different adapters on q/k/v"
+    if len({p.base_layer.weight.shape[-1] for p in projs if getattr(p.base_layer.weight, "quant_state", None) is None}) > 1:
+        return "q/k/v have different input sizes"
+    return None
+
+
+def _patch_attention_lora(model: nn.Module, spec: FamilySpec) -> str:
+    mods = _modules_of(model, spec.attention_class)
+    if not mods:
+        return f"stock: no {spec.attention_class} modules found"
+    refusals = {}
+    for m in mods:
+        why = _qkv_refusal(m)
+        if why:
+            refusals[why] = refusals.get(why, 0) + 1
+    if refusals:
+        why, n = max(refusals.items(), key=lambda kv: kv[1])
+        return f"stock: {why} ({n} of {len(mods)} attention blocks)"
+    for m in mods:
+        layers = (m.q_proj, m.k_proj, m.v_proj)
+        grp = _QKVGroup(layers, m.q_proj.active_adapters[0])
+        for p in layers:
+            p._sftop_adapter = grp.adapter
+            p.__dict__["_sftop_direct"] = True
+            p.__dict__["_sftop_qkv"] = grp
+            _set_forward(p, _qkv_forward, "attention_lora")
+    return FUSED
+
+
 _PATCHERS = {
-    "rms_norm": _patch_rms_norm, "rope": _patch_rope, "mlp": _patch_mlp, "lora": _patch_lora, "loss": _patch_loss,
+    "rms_norm": _patch_rms_norm, "rope": _patch_rope, "mlp": _patch_mlp, "lora": _patch_lora,
+    "attention_lora": _patch_attention_lora, "loss": _patch_loss,
 }
 
 

@@ -1,0 +1,142 @@
+"""LoRA linears that share one input, as one autograd Function each: q/k/v together
+(`LoRAQKVFunction`) and a single projection such as o_proj (`LoRALinearFunction`).
+
+Each output is base(x) + s * (x @ A^T) @ B^T.  Why one Function instead of PEFT's layers:
+  * launches: x is cast and flattened once; the low-rank products of all projections come from ONE
+    small GEMM against the concatenated A matrices; each base product and its adapter product meet
+    in one addmm.  Backward sums every projection's dX into one buffer with addmm_, and the adapter
+    part of dX and all the A gradients are again one GEMM each over the concatenation.
+  * memory: only x (which autograd would keep for the base GEMMs anyway) and the [tokens, sum r]
+    product x @ A_cat^T are saved.
+The A concatenation is rebuilt with torch.cat inside every call, so it can never go stale against
+the trainable parameters.  Base weights are frozen; 4-bit bases are dequantised with bitsandbytes'
+own dequantize_4bit into a temporary per use (see lora_mlp.base_weight).  A bias on the base layer
+is added in the same addmm as its GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .lora_mlp import base_weight, compute_dtype
+
+
+class _SharedInputLoRA(torch.autograd.Function):
+    """forward(x, bases, scales, dtype, out_dtype, a_1, b_1, ..., a_n, b_n) -> n outputs."""
+
+    @staticmethod
+    def forward(ctx, x, bases, scales, dtype, out_dtype, *ab):
+        # dtypes are resolved by the caller (autocast included); autocast re-casting single
+        # matmuls would break the in-place accumulations
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _forward(ctx, x, bases, scales, dtype, out_dtype, ab)
+
+    @staticmethod
+    def backward(ctx, *douts):
+        with torch.autocast(device_type=douts[0].device.type, enabled=False):
+            return _backward(ctx, douts)
+
+
+class LoRAQKVFunction(_SharedInputLoRA):
+    """q, k and v projections (base + LoRA) of one attention block, reading x once."""
+
+
+class LoRALinearFunction(_SharedInputLoRA):
+    """A single LoRA linear (o_proj, or any eligible layer outside a fused group)."""
+
+
+def _cat_a(a_list, dtype):
+    a = a_list[0] if len(a_list) == 1 else torch.cat(a_list)
+    return a.to(dtype)
+
+
+def _forward(ctx, x, bases, scales, dtype, out_dtype, ab):
+    a_list, b_list = ab[0::2], ab[1::2]
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).to(dtype)
+    xa = x2 @ _cat_a(a_list, dtype).t()  # [tokens, sum r]: every projection's low-rank product
+    outs, off = [], 0
+    for base, b, s in zip(bases, b_list, scales):
+        r = b.shape[1]
+        w = base_weight(base, dtype).t()
+        bias = getattr(base, "bias", None)
+        out = x2 @ w if bias is None else torch.addmm(bias.to(dtype), x2, w)
+        out.addmm_(xa[:, off:off + r], b.to(dtype).t(), alpha=s)
+        off += r
+        out = out.view(*shape[:-1], out.shape[-1])
+        outs.append(out if out.dtype == out_dtype else out.to(out_dtype))
+    ctx.save_for_backward(x2, xa, *ab)
+    ctx.bases, ctx.scales, ctx.x_shape, ctx.x_dtype = bases, scales, shape, x.dtype
+    return tuple(outs) if len(outs) > 1 else outs[0]
+
+
+def _backward(ctx, douts):
+    x2, xa, *ab = ctx.saved_tensors
+    a_list, b_list = ab[0::2], ab[1::2]
+    dt = x2.dtype
+    scales = ctx.scales
+    n_tok, ranks = x2.shape[0], [b.shape[1] for b in b_list]
+    one_scale = len(set(scales)) == 1
+    need_dx = ctx.needs_input_grad[0]
+    dx = None
+    # d_cat = [dy_1 @ B_1 * s_1 | ... ] : the gradient w.r.t. xa, written in place column block by
+    # column block so the adapter part of dX and all A gradients are one GEMM each
+    d_cat = torch.empty(n_tok, sum(ranks), dtype=dt, device=x2.device)
+    grads_b, off = [], 0
+    for base, b, s, r, dy in zip(ctx.bases, b_list, scales, ranks, douts):
+        dy = dy.reshape(n_tok, -1)
+        dy = dy if dy.dtype == dt else dy.to(dt)
+        if need_dx:
+            w = base_weight(base, dt)
+            if dx is None:
+                dx = dy @ w
+            else:
+                dx.addmm_(dy, w)
+        bc = b.to(dt)
+        blk = d_cat[:, off:off + r]
+        torch.mm(dy, bc, out=blk)
+        if not one_scale:
+            blk.mul_(s)
+        grads_b.append((dy.t() @ xa[:, off:off + r]).mul_(s).to(b.dtype))
+        off += r
+    s_all = scales[0] if one_scale else 1.0
+    if need_dx:
+        dx.addmm_(d_cat, _cat_a(a_list, dt), alpha=s_all)
+        dx = dx.view(ctx.x_shape)
+        dx = dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
+    ga = (d_cat.t() @ x2).to(a_list[0].dtype)
+    if one_scale and s_all != 1.0:
+        ga.mul_(s_all)
+    grads, off = [], 0
+    for r, gb in zip(ranks, grads_b):
+        grads += [ga[off:off + r], gb]
+        off += r
+    return (dx, None, None, None, None, *grads)
+
+
+def _dtypes(layer, x):
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # the stock layers would compute, and return, the autocast dtype
+        dt = torch.get_autocast_dtype(dev)
+        return dt, dt
+    # nn.Linear returns its weight dtype; bitsandbytes' Linear4bit casts back to the input dtype
+    dt = compute_dtype(layer.base_layer, x)
+    quantised = getattr(layer.base_layer.weight, "quant_state", None) is not None
+    return dt, (x.dtype if quantised else dt)
+
+
+def lora_linears(x, layers, adapter: str):
+    """Run PEFT LoRA layers that all read `x` (one adapter, no dropout/DoRA/LoRA bias) as one Function.
+
+    Returns one output per layer (a tensor for one layer, a tuple for several).
+    """
+    dtype, out_dtype = _dtypes(layers[0], x)
+    ab = []
+    for m in layers:
+        ab += [m.lora_A[adapter].weight, m.lora_B[adapter].weight]
+    fn = LoRALinearFunction if len(layers) == 1 else LoRAQKVFunction
+    return fn.apply(
+        x, tuple(m.base_layer for m in layers), tuple(float(m.scaling[adapter]) for m in layers),
+        dtype, out_dtype, *ab,
+    )
