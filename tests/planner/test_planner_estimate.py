@@ -81,12 +81,25 @@ def test_lora_terms():
 def test_activation_per_token_per_layer():
     # stock: 36h + 4h_kv + 10i (research §A3) = 73728 + 2048 + 81920
     assert layer_activation_bytes_per_token(L1B, Setup(kernels=False), 2048) == 157_696
-    # fused norms save bf16 + rstd, fused SwiGLU saves only gate and up
-    assert layer_activation_bytes_per_token(L1B, Setup(kernels=True), 2048) == 157_696 - 4 * 2048 + 8 - 2 * 8192
+    # sftop's kernels + LoRA path: Q, K, V, out (2q + 2kv) and the fp32 log-sum-exp per head; gate and up;
+    # each norm's bf16 input + fp32 rstd; the two norm outputs the adapters read (no fp32 copies; o_proj's
+    # input is SDPA's own output); a rank-16 bf16 product per adapter
+    fused = 2 * (2 * 2048 + 2 * 512) + 4 * 32 + 2 * 2 * 8192 + 2 * (2 * 2048 + 4) + 2 * 2 * 2048 + 2 * 16 * 7
+    assert fused == 59_752
+    assert layer_activation_bytes_per_token(L1B, Setup(kernels=True), 2048) == fused
+    # an explicit SDPA mask (packed rows) makes transformers repeat K and V to all 32 heads first
+    assert layer_activation_bytes_per_token(L1B, Setup(kernels=True), 2048, masked=True) == fused + 2 * 2 * (2048 - 512)
+    assert layer_activation_bytes_per_token(L1B, Setup(kernels=False), 2048, masked=True) == 157_696 + 6144
+    # only q and v adapted: the MLP runs the fused GLU on its own (gate, up saved), no MLP adapter input
+    qv = layer_activation_bytes_per_token(L1B, Setup(kernels=True, lora_targets=("q_proj", "v_proj")), 2048)
+    assert qv == 2 * (2 * 2048 + 2 * 512) + 4 * 32 + 2 * 2 * 8192 + 2 * (2 * 2048 + 4) + 2 * 2048 + 2 * 16 * 2
+    # LoRA dropout sends every adapter back to PEFT (fp32 input copies + masks); norms and GLU stay fused
+    kd = layer_activation_bytes_per_token(L1B, Setup(kernels=True, lora_dropout=0.05), 2048)
+    assert kd == 157_696 - 4 * 2048 + 8 - 2 * 8192 + 6 * 2048 + 8192
     dropout = layer_activation_bytes_per_token(L1B, Setup(kernels=False, lora_dropout=0.05), 2048)
     assert dropout - 157_696 == 6 * 2048 + 8192  # (6h + i) one-byte masks
     eager = layer_activation_bytes_per_token(L1B, Setup(kernels=False, attention="eager"), 4096)
-    assert eager - 157_696 == 6 * 32 * 4096
+    assert eager - 157_696 == 6 * 32 * 4096 + 2 * 2 * (2048 - 512)  # probabilities; eager repeats K and V too
 
 
 def test_full_estimate_by_hand_no_checkpointing_hf_loss():
@@ -120,7 +133,12 @@ def test_fused_loss_is_far_below_full_logits():
     full = estimate(L1B, Setup(checkpointing="on", kernels=False, loss="full"), t)
     fused = estimate(L1B, Setup(checkpointing="on", kernels=True, loss="fused"), t)
     assert full.allocated_gib - fused.allocated_gib > 9  # 14 V bytes/token of fp32 logits at 8k tokens
-    assert fused.terms.get("loss_peak", 0) <= 2 * 512 * 2**20 + 2 * 2 * 2048 * t
+    # two live logits chunks of 2092 rows (512 MiB / (V * 2 bytes)), the final norm's output, its gathered rows,
+    # the dX rows, and labels/index/per-row loss
+    assert fused.peak_phase == "loss"
+    assert fused.terms["loss_peak"] == 2 * 2092 * 128256 * 2 + (3 * 2 * 2048 + 29) * t
+    one_chunk = estimate(L1B, Setup(checkpointing="on"), 2048)
+    assert one_chunk.terms["loss_peak"] == 2048 * 128256 * 2 + (3 * 2 * 2048 + 29) * 2048
 
 
 @pytest.mark.parametrize("tokens", [512, 2048, 8192])
@@ -164,7 +182,8 @@ def test_packed_and_padded_batches_pay_for_the_sdpa_mask():
     assert packed.terms["attention_mask"] == t * t + 16 * 2 * t * t
     flash = estimate(L1B, Setup(packed=True, attention="flash_attention_2"), t)
     assert "attention_mask" not in flash.terms
-    assert packed.allocated_bytes - flash.allocated_bytes == t * t + 16 * 2 * t * t
+    # ... and SDPA with a mask keeps K and V repeated to all 32 heads (transformers' repeat_kv)
+    assert packed.allocated_bytes - flash.allocated_bytes == t * t + 16 * 2 * t * t + 16 * 2 * 2 * (2048 - 512) * t
     padded = estimate(L1B, Setup(), 4 * 2048, seq_len=2048)
     assert padded.terms["attention_mask"] == 4 * 2048 * 2048 * (1 + 16 * 2)
     single = estimate(L1B, Setup(), 2048, seq_len=2048)
@@ -186,3 +205,25 @@ def test_partial_checkpointing_keeps_the_other_blocks_whole():
     full = estimate(L1B, Setup(checkpointing="on", kernels=False, loss="chunked"), t)
     off = estimate(L1B, Setup(checkpointing="off", kernels=False, loss="chunked"), t)
     assert full.allocated_bytes < e.allocated_bytes < off.allocated_bytes
+
+
+def test_kernel_families_match_the_patcher():
+    from sftop.engine.planner.estimate import KERNEL_FAMILIES, kernels_cover
+    from sftop.kernels.patching.registry import FAMILIES
+
+    assert KERNEL_FAMILIES == set(FAMILIES)
+    assert kernels_cover(L1B) and kernels_cover(ModelShape.from_config(qwen_1_5b()))
+    vlm = ModelShape.from_config({"model_type": "qwen2_5_vl", "text_config": llama_1b().to_dict()})
+    assert vlm.multimodal and not kernels_cover(vlm)
+
+
+def test_nf4_dequantised_weight_is_not_held_while_the_loss_runs():
+    nf4, bf16 = Setup(load_in_4bit=True), Setup()
+    # at the loss both hold the same activations; the dequantised weight only lives inside a block
+    loss_nf4, loss_bf16 = estimate(L1B, nf4, 2048), estimate(L1B, bf16, 2048)
+    assert loss_nf4.peak_phase == loss_bf16.peak_phase == "loss" and "dequant_transient" not in loss_nf4.terms
+    assert loss_bf16.allocated_bytes - loss_nf4.allocated_bytes == weight_bytes(L1B, bf16) - weight_bytes(L1B, nf4)
+    # backward: two may overlap
+    back = estimate(L1B, Setup(load_in_4bit=True, checkpointing="on", kernels=False, loss="chunked"), 8192)
+    assert back.peak_phase == "backward" and back.terms["dequant_transient"] == 2 * 2 * 8192 * 2048
+    assert estimate(L1B, nf4, 8).terms["dequant_transient"] == 2 * 2 * 8192 * 2048  # tiny batches peak there too

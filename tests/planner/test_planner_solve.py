@@ -233,3 +233,18 @@ def test_rungs_are_distinct():
     assert rungs(4) == [("off", 1), ("on", 3), ("on", 1), ("offload", 1)]  # 1 in 2 = 1 in 3 here: 2 blocks
     assert rungs(1) == [("off", 1), ("on", 1), ("offload", 1)]
     assert rungs(16, "on") == [("on", 1)]
+
+
+def test_models_the_kernels_do_not_cover_are_sized_stock():
+    fixed = preset(micro_batch=4, gradient_checkpointing="off")
+    covered = plan_run(fixed, llama_1b(), gpus=one_gpu(80))
+    assert covered.kernels and covered.loss == "fused"
+    # the same shape under a model type sftop.kernels.patch_model does not fuse: patch_model leaves it stock
+    other = {**llama_1b().to_dict(), "model_type": "olmo"}
+    stock = plan_run(fixed, other, gpus=one_gpu(80))
+    assert not stock.kernels and stock.loss == "chunked"
+    assert any("do not cover model type 'olmo'" in n for n in stock.notes)
+    assert stock.predicted_peak_gib > covered.predicted_peak_gib
+    # a VLM's text model is a covered family, but patch_model sees the outer model type
+    vlm = {"model_type": "gemma3", "text_config": {**llama_1b().to_dict(), "model_type": "gemma3_text"}}
+    assert not plan_run(preset(), vlm, gpus=one_gpu(80)).kernels

@@ -2,11 +2,11 @@
 
 The model follows docs/planner.md (and the measurements in the research notes it cites):
 
-    peak allocated = weights + dequant transient + LoRA (params, grads, optimizer states)
-                     + cuBLAS workspace + max(loss phase, backward phase)
+    peak allocated = weights + LoRA (params, grads, optimizer states) + cuBLAS workspace
+                     + max(loss phase, backward phase)
       loss phase     = saved activations + the loss's own peak
-      backward phase = saved activations + one recomputed layer (checkpointing) + backward transient
-                       + the gradient the loss hands back
+      backward phase = saved activations + dequantised NF4 weights + one recomputed layer
+                       (checkpointing) + backward transient + the gradient the loss hands back
     peak on the device = peak allocated + allocator margin + CUDA context
 
 "peak allocated" is what `torch.cuda.max_memory_allocated` reads; the device peak is what NVML
@@ -37,8 +37,15 @@ CUBLAS_WORKSPACE_BYTES = 2 * 32 * MIB
 # Reserved ran 4-23% above allocated with the default allocator (research §A5); sftop sets
 # expandable_segments, which keeps the low end, so 10% of the memory that changes within a step.
 ALLOCATOR_MARGIN = 0.10
-# sftop's fused linear+CE keeps one chunk of logits under this size (sftop.kernels).
+# sftop's fused linear+CE computes logits in chunks of at most this many bytes
+# (sftop/kernels/fused_linear_cross_entropy.py DEFAULT_CHUNK_BYTES).
 FUSED_CE_CHUNK_BYTES = 512 * MIB
+# Labels, the counted-row index, the gathered labels (int64 each), the counted mask and the fp32
+# per-row loss the fused linear+CE holds per token while it runs.
+FUSED_CE_INDEX_BYTES = 8 + 8 + 8 + 1 + 4
+# model_type values sftop.kernels.patch_model fuses (sftop/kernels/patching/registry.py FAMILIES;
+# a test keeps the two equal). Listed here so that planning never imports torch or triton.
+KERNEL_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"})
 # TRL's chunked log-prob head: a [4096, 32768] tile in the compute dtype.
 TRL_CE_TILE_BYTES = 4096 * 32768 * 2
 NF4_BLOCK = 64
@@ -62,6 +69,8 @@ class ModelShape:
     tied: bool
     attn_bias: bool = False
     vision_params: int = 0  # a VLM's vision tower and projector: loaded 16-bit, frozen
+    # A VLM's text model: patch_model looks at the outer model_type, which names no text family.
+    multimodal: bool = False
 
     @property
     def q_dim(self) -> int:
@@ -109,6 +118,7 @@ class ModelShape:
         cfg = _as_mapping(config)
         text = cfg.get("text_config")
         vision_params = _vision_params(cfg.get("vision_config"))
+        multimodal = text is not None or vision_params > 0
         if text is not None:
             text_cfg = _as_mapping(text)
             # Tying is often declared on the outer config of a VLM.
@@ -140,6 +150,7 @@ class ModelShape:
             tied=bool(cfg.get("tie_word_embeddings", False)),
             attn_bias=attn_bias,
             vision_params=vision_params,
+            multimodal=multimodal,
         )
 
 
@@ -245,7 +256,11 @@ def weight_bytes(shape: ModelShape, setup: Setup) -> int:
 
 
 def dequant_transient_bytes(shape: ModelShape, setup: Setup) -> int:
-    """NF4 matmuls dequantise one weight to 16-bit at a time; backward can overlap two."""
+    """NF4 matmuls dequantise one weight to 16-bit at a time; backward can overlap two.
+
+    Only there while a block runs, so it counts in the backward phase, not while the loss runs
+    (measured: NF4 rows sit exactly one weight pair below their bf16 twins at the loss).
+    """
     if not setup.load_in_4bit:
         return 0
     biggest = max(a * b for a, b in shape.projection_dims().values())
@@ -264,24 +279,80 @@ def lora_state_bytes(shape: ModelShape, setup: Setup) -> dict[str, int]:
     return {"lora_params": 4 * p, "lora_grads": 4 * p, "optimizer_states": optim}
 
 
-def layer_activation_bytes_per_token(shape: ModelShape, setup: Setup, seq_len: int) -> int:
+def kernels_cover(shape: ModelShape) -> bool:
+    """Whether sftop.kernels.patch_model fuses this model; otherwise it trains on the stock path."""
+    return shape.model_type in KERNEL_FAMILIES and not shape.multimodal
+
+
+def fused_lora(setup: Setup) -> bool:
+    """sftop's LoRA forward replaces PEFT's: the adapter runs in the compute dtype with one addmm,
+    so no fp32 copy of the input is kept. It refuses LoRA dropout (sftop/kernels/patching/core.py)."""
+    return setup.kernels and setup.lora_dropout == 0
+
+
+def one_function_mlp(setup: Setup) -> bool:
+    """The whole LoRA MLP as one autograd Function (sftop/kernels/lora_mlp.py): needs gate, up and
+    down all adapted by the fused LoRA path."""
+    return fused_lora(setup) and {"gate_proj", "up_proj", "down_proj"} <= set(setup.lora_targets)
+
+
+def residual_bytes(setup: Setup) -> int:
+    """Bytes per element of the residual stream: prepare_model_for_kbit_training's fp32 upcast of
+    the embeddings makes it fp32."""
+    if setup.load_in_4bit and setup.upcast_non_quantized:
+        return 4
+    return DTYPE_BYTES[setup.dtype]
+
+
+def kv_repeated(shape: ModelShape, setup: Setup, masked: bool) -> bool:
+    """transformers copies K and V out to every query head (repeat_kv) for eager attention, and for
+    SDPA when it passes an explicit mask (its GQA path needs mask None); SDPA then keeps the copies."""
+    if shape.kv_heads == shape.heads or setup.attention == "flash_attention_2":
+        return False
+    return setup.attention == "eager" or masked
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, setup: Setup, seq_len: int, masked: bool = False) -> int:
     """Bytes one decoder block saves for backward, per token (HF block + PEFT LoRA, SDPA).
 
     Stock (research §A3, matched measurement within 1%): bf16 Q, K, V and attention output;
     gate, up and SiLU(gate); the fp32 input each RMSNorm keeps; the fp32 copy of each adapted
-    projection's input that PEFT saves for lora_A. sftop's kernels save the norms' bf16 input
-    (plus one fp32 rstd) and SwiGLU's gate and up only.
+    projection's input that PEFT saves for lora_A.
+
+    sftop's kernels with their LoRA path (what each autograd node saves, checked on a tiny model by
+    walking the graph): each RMSNorm its input and one fp32 rstd; Q, K, V, the output and the fp32
+    log-sum-exp SDPA keeps; the norm output the q/k/v adapters share (o_proj's input is the SDPA
+    output itself, the same storage); the one-Function MLP its input, gate and up (h is recomputed
+    in backward); each adapter's rank-r product. No fp32 copies.
+
+    `masked`: SDPA gets an explicit mask (packed or padded rows), so K and V are saved repeated.
     """
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
     dt = DTYPE_BYTES[setup.dtype]
-    attention = dt * (2 * q + 2 * kv)
-    mlp = dt * (2 * i) if setup.kernels else dt * (3 * i)
-    norms = 2 * (dt * h + 4) if setup.kernels else 2 * (4 * h)
+    kv_saved = q if kv_repeated(shape, setup, masked) else kv
+    attention = dt * (2 * q + 2 * kv_saved)
     dims = shape.projection_dims()
-    adapted_inputs = sum(dims[name][0] for name in setup.lora_targets)
-    total = attention + mlp + norms + 4 * adapted_inputs
-    if setup.lora_dropout > 0:
-        total += adapted_inputs  # one-byte keep mask per adapted input element
+    targets = set(setup.lora_targets)
+    if fused_lora(setup):
+        norms = 2 * (residual_bytes(setup) * h + 4)
+        lse = 4 * shape.heads
+        mlp = dt * 2 * i  # gate and up pre-activations (one-Function MLP or the fused GLU)
+        adapter_inputs = 0
+        if targets & {"q_proj", "k_proj", "v_proj"}:
+            adapter_inputs += dt * h  # input_layernorm's output, one tensor for all three
+        if one_function_mlp(setup) or targets & {"gate_proj", "up_proj"}:
+            adapter_inputs += dt * h  # post_attention_layernorm's output
+        if not one_function_mlp(setup) and "down_proj" in targets:
+            adapter_inputs += dt * i  # the GLU output, input of the down adapter
+        rank_products = dt * setup.lora_r * len(targets)
+        total = attention + lse + mlp + norms + adapter_inputs + rank_products
+    else:
+        mlp = dt * (2 * i) if setup.kernels else dt * (3 * i)
+        norms = 2 * (dt * h + 4) if setup.kernels else 2 * (4 * h)
+        adapted_inputs = sum(dims[name][0] for name in setup.lora_targets)
+        total = attention + mlp + norms + 4 * adapted_inputs
+        if setup.lora_dropout > 0:
+            total += adapted_inputs  # one-byte keep mask per adapted input element
     if setup.attention == "eager":
         total += (4 + dt) * shape.heads * seq_len  # fp32 softmax and its copy, per query token
     return total
@@ -313,33 +384,48 @@ def checkpointed_layers(shape: ModelShape, setup: Setup) -> int:
     return -(-shape.layers // max(1, setup.checkpoint_every))
 
 
+def fused_ce_bytes(shape: ModelShape, setup: Setup, tokens: int) -> int:
+    """Peak of sftop's fused linear+CE beyond the dX it keeps for backward.
+
+    It computes logits for chunks of rows (at most FUSED_CE_CHUNK_BYTES each); the next chunk's
+    logits are allocated before the previous one is released, so two are live when there is more
+    than one. Alongside: the final norm's output, its gathered rows and the dX rows being filled.
+    """
+    dt = DTYPE_BYTES[setup.dtype]
+    per_row = shape.vocab * dt
+    rows = max(1, min(tokens, FUSED_CE_CHUNK_BYTES // per_row))
+    chunks = rows * per_row + min(rows, tokens - rows) * per_row
+    return chunks + (3 * dt * shape.hidden + FUSED_CE_INDEX_BYTES) * tokens
+
+
 def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None = None) -> Estimate:
     """Peak memory for a micro-batch of `tokens` tokens: one packed row, or rows of `seq_len` each."""
     seq_len = tokens if setup.packed else (seq_len or tokens)
     h = shape.hidden
     dt = DTYPE_BYTES[setup.dtype]
+    rb = residual_bytes(setup)
     notes: list[str] = []
     terms: dict[str, int] = {}
     terms["weights"] = weight_bytes(shape, setup)
-    terms["dequant_transient"] = dequant_transient_bytes(shape, setup)
     terms.update(lora_state_bytes(shape, setup))
     terms["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES if setup.on_gpu else 0
 
-    a_layer = layer_activation_bytes_per_token(shape, setup, seq_len)
-    final_norm = (dt * h + 4) if setup.kernels else 4 * h
+    mask, bias = attention_mask_bytes(setup, tokens, seq_len)
+    a_layer = layer_activation_bytes_per_token(shape, setup, seq_len, masked=bias > 0)
+    final_norm = (rb * h + 4) if setup.kernels else 4 * h
     if setup.checkpointing == "off":
         saved_tok = shape.layers * a_layer + final_norm
         recompute_tok = 0
     elif setup.checkpointing == "on":
         n_ckpt = checkpointed_layers(shape, setup)
         # checkpointed blocks keep their input; the others keep everything
-        saved_tok = n_ckpt * dt * h + (shape.layers - n_ckpt) * a_layer + final_norm
+        saved_tok = n_ckpt * rb * h + (shape.layers - n_ckpt) * a_layer + final_norm
         recompute_tok = a_layer
     else:  # offload: block inputs live in pinned host memory; two are on the GPU in flight
-        saved_tok = 2 * dt * h + final_norm
+        saved_tok = 2 * rb * h + final_norm
         recompute_tok = a_layer
         notes.append(
-            f"offloaded checkpointing keeps {shape.layers * dt * h * tokens / GIB:.2f} GiB of block inputs in CPU RAM"
+            f"offloaded checkpointing keeps {shape.layers * rb * h * tokens / GIB:.2f} GiB of block inputs in CPU RAM"
         )
 
     # What the loss holds: per-token saved tensors, a fixed transient, and its peak per token.
@@ -355,25 +441,30 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
         loss_peak = min(TRL_CE_TILE_BYTES, tokens * 32768 * 2)
         loss_grad_tok = 4 * h + dt * h
     else:
-        # sftop's fused linear+CE computes dX in forward (kept for backward) through one chunk of logits.
-        loss_saved_tok = dt * h + 4
-        chunk = min(FUSED_CE_CHUNK_BYTES, tokens * shape.vocab * dt)
-        loss_peak = 2 * chunk + 2 * dt * h * tokens  # logits chunk, its product, the gathered rows and dX
+        # sftop's fused linear+CE computes dX in forward and keeps only that for backward.
+        loss_saved_tok = dt * h
+        loss_peak = fused_ce_bytes(shape, setup, tokens)
         loss_grad_tok = dt * h
 
-    # During one block's backward: gradients of its MLP (gate/up width) and hidden width in flight,
-    # net of the saved tensors it frees as it goes (fits the measured GC peak, research §A8).
-    backward_tok = 4 * shape.intermediate + 4 * h
-    if setup.dtype == "fp32":
-        backward_tok *= 2
+    if one_function_mlp(setup):
+        # The one-Function MLP's backward allocates dh (intermediate width) and dX, and turns its
+        # saved gate/up into their gradients in place; the rest of the block needs less.
+        backward_tok = dt * shape.intermediate + dt * h
+    else:
+        # During one block's backward: gradients of its MLP (gate/up width) and hidden width in flight,
+        # net of the saved tensors it frees as it goes (fits the measured GC peak, research §A8).
+        backward_tok = 4 * shape.intermediate + 4 * h
+        if setup.dtype == "fp32":
+            backward_tok *= 2
 
-    mask, bias = attention_mask_bytes(setup, tokens, seq_len)
+    dequant = dequant_transient_bytes(shape, setup)
     mask_saved = mask + (shape.layers - checkpointed_layers(shape, setup)) * bias
     mask_recompute = bias if setup.checkpointing != "off" else 0
 
     saved = (saved_tok + loss_saved_tok) * tokens + mask_saved
     loss_phase = saved + loss_peak
-    backward_phase = saved + (recompute_tok + backward_tok + loss_grad_tok) * tokens + mask_recompute
+    # (a block's forward holds one dequantised weight and less than its backward: never the peak)
+    backward_phase = saved + dequant + (recompute_tok + backward_tok + loss_grad_tok) * tokens + mask_recompute
     terms["activations"] = saved_tok * tokens
     if mask_saved:
         terms["attention_mask"] = mask_saved
@@ -383,6 +474,8 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
         terms["loss_peak"] = loss_peak
     else:
         phase = "backward"
+        if dequant:
+            terms["dequant_transient"] = dequant
         if recompute_tok:
             terms["recomputed_layer"] = recompute_tok * tokens + mask_recompute
         terms["backward_transient"] = (backward_tok + loss_grad_tok) * tokens

@@ -18,6 +18,7 @@ from sftop.engine.gpu import GIB, GpuStatus, read_gpus
 from sftop.engine.planner.estimate import (
     Estimate,
     checkpointed_layers,
+    kernels_cover,
     ModelShape,
     Setup,
     estimate,
@@ -507,6 +508,13 @@ def plan_run(
                 f"({len(others)} other visible)"
             )
     setup = setup_from_preset(preset, device)
+    if setup.kernels and not kernels_cover(shape):
+        # patch_model leaves such a model stock, and the fused path needs far less memory: sizing
+        # it as fused would under-predict.
+        setup = replace(setup, kernels=False, loss="chunked")
+        notes.append(f"sftop's fused kernels do not cover model type '{shape.model_type}'"
+                     + (" (a vision-language model)" if shape.multimodal else "")
+                     + "; sized for the stock path")
     notes += _target_notes(preset)
     if setup.optimizer == "adamw_8bit" and setup.dtype == "fp32" and device == "cpu":
         notes.append("adamw_8bit needs bitsandbytes on a GPU")
