@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .lora_mlp import base_weight, compute_dtype
+from .lora_mlp import base_weight, compute_dtype, scaled_mm
 
 
 class _SharedInputLoRA(torch.autograd.Function):
@@ -54,28 +54,32 @@ def _forward(ctx, x, bases, scales, dtype, out_dtype, ab):
     a_list, b_list = ab[0::2], ab[1::2]
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).to(dtype)
-    xa = x2 @ _cat_a(a_list, dtype).t()  # [tokens, sum r]: every projection's low-rank product
+    a_c = _cat_a(a_list, dtype)
+    b_c = [b.to(dtype) for b in b_list]
+    xa = x2 @ a_c.t()  # [tokens, sum r]: every projection's low-rank product
     outs, off = [], 0
-    for base, b, s in zip(bases, b_list, scales):
+    for base, b, s in zip(bases, b_c, scales):
         r = b.shape[1]
         w = base_weight(base, dtype).t()
         bias = getattr(base, "bias", None)
         out = x2 @ w if bias is None else torch.addmm(bias.to(dtype), x2, w)
-        out.addmm_(xa[:, off:off + r], b.to(dtype).t(), alpha=s)
+        out.addmm_(xa[:, off:off + r], b.t(), alpha=s)
         off += r
         out = out.view(*shape[:-1], out.shape[-1])
         outs.append(out if out.dtype == out_dtype else out.to(out_dtype))
-    ctx.save_for_backward(x2, xa, *ab)
+    # the compute-dtype adapter copies are tiny ([sum r, in] and [out, r]); keeping them saves
+    # backward from casting (and concatenating) them again
+    ctx.save_for_backward(x2, xa, a_c, *b_c)
     ctx.bases, ctx.scales, ctx.x_shape, ctx.x_dtype = bases, scales, shape, x.dtype
+    ctx.a_dtype, ctx.b_dtypes = a_list[0].dtype, [b.dtype for b in b_list]
     return tuple(outs) if len(outs) > 1 else outs[0]
 
 
 def _backward(ctx, douts):
-    x2, xa, *ab = ctx.saved_tensors
-    a_list, b_list = ab[0::2], ab[1::2]
+    x2, xa, a_c, *b_c = ctx.saved_tensors
     dt = x2.dtype
     scales = ctx.scales
-    n_tok, ranks = x2.shape[0], [b.shape[1] for b in b_list]
+    n_tok, ranks = x2.shape[0], [b.shape[1] for b in b_c]
     one_scale = len(set(scales)) == 1
     need_dx = ctx.needs_input_grad[0]
     dx = None
@@ -83,7 +87,7 @@ def _backward(ctx, douts):
     # column block so the adapter part of dX and all A gradients are one GEMM each
     d_cat = torch.empty(n_tok, sum(ranks), dtype=dt, device=x2.device)
     grads_b, off = [], 0
-    for base, b, s, r, dy in zip(ctx.bases, b_list, scales, ranks, douts):
+    for base, bc, s, r, dy, b_dtype in zip(ctx.bases, b_c, scales, ranks, douts, ctx.b_dtypes):
         dy = dy.reshape(n_tok, -1)
         dy = dy if dy.dtype == dt else dy.to(dt)
         if need_dx:
@@ -92,21 +96,18 @@ def _backward(ctx, douts):
                 dx = dy @ w
             else:
                 dx.addmm_(dy, w)
-        bc = b.to(dt)
         blk = d_cat[:, off:off + r]
         torch.mm(dy, bc, out=blk)
         if not one_scale:
             blk.mul_(s)
-        grads_b.append((dy.t() @ xa[:, off:off + r]).mul_(s).to(b.dtype))
+        grads_b.append(scaled_mm(dy.t(), xa[:, off:off + r], s, b_dtype))
         off += r
     s_all = scales[0] if one_scale else 1.0
     if need_dx:
-        dx.addmm_(d_cat, _cat_a(a_list, dt), alpha=s_all)
+        dx.addmm_(d_cat, a_c, alpha=s_all)
         dx = dx.view(ctx.x_shape)
         dx = dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
-    ga = (d_cat.t() @ x2).to(a_list[0].dtype)
-    if one_scale and s_all != 1.0:
-        ga.mul_(s_all)
+    ga = scaled_mm(d_cat.t(), x2, s_all, ctx.a_dtype)
     grads, off = [], 0
     for r, gb in zip(ranks, grads_b):
         grads += [ga[off:off + r], gb]

@@ -41,6 +41,14 @@ def compute_dtype(layer: nn.Module, x: torch.Tensor) -> torch.dtype:
     return w.dtype
 
 
+def scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """scale * m1 @ m2 in one GEMM (alpha; beta=0 ignores the uninitialised buffer), then cast to
+    the parameter dtype when that differs."""
+    out = torch.empty(m1.shape[0], m2.shape[1], dtype=m1.dtype, device=m1.device)
+    out.addmm_(m1, m2, beta=0, alpha=scale)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
 def _project(inp, base, a, b, scale):
     out = inp @ base_weight(base, inp.dtype).t()
     ia = inp @ a.t()
@@ -68,8 +76,10 @@ class LoRAMLPFunction(torch.autograd.Function):
         h = glu_forward(e, g, kind)
         out, ha_d = _project(h, down_base, adc, bdc, sd)
         del h  # recomputed in backward
-        ctx.save_for_backward(x2, e, g, xa_g, xa_u, ha_d, ag, bg, au, bu, ad, bd)
+        # the compute-dtype adapter copies are tiny; keeping them saves backward six casts
+        ctx.save_for_backward(x2, e, g, xa_g, xa_u, ha_d, agc, bgc, auc, buc, adc, bdc)
         ctx.bases, ctx.scales, ctx.kind, ctx.x_shape, ctx.x_dtype = bases, scales, kind, shape, x.dtype
+        ctx.p_dtypes = [t.dtype for t in (ag, bg, au, bu, ad, bd)]
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -79,11 +89,11 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dout):
-        x2, e, g, xa_g, xa_u, ha_d, ag, bg, au, bu, ad, bd = ctx.saved_tensors
+        x2, e, g, xa_g, xa_u, ha_d, agc, bgc, auc, buc, adc, bdc = ctx.saved_tensors
         gate_base, up_base, down_base = ctx.bases
         sg, su, sd = ctx.scales
         dt = e.dtype
-        agc, bgc, auc, buc, adc, bdc = (t.to(dt) for t in (ag, bg, au, bu, ad, bd))
+        p_ag, p_bg, p_au, p_bu, p_ad, p_bd = ctx.p_dtypes
         d2 = dout.reshape(-1, dout.shape[-1]).to(dt)
 
         dh = d2 @ base_weight(down_base, dt)
@@ -93,25 +103,24 @@ class LoRAMLPFunction(torch.autograd.Function):
         glu_backward_inplace(dh, e, g, ctx.kind)
         h, de, dg = dh, e, g
 
-        grad_bd = (d2.t() @ ha_d).mul_(sd)
-        grad_ad = (d_bd.t() @ h).mul_(sd)
+        grad_bd = scaled_mm(d2.t(), ha_d, sd, p_bd)
+        grad_ad = scaled_mm(d_bd.t(), h, sd, p_ad)
         del h, dh
 
         dx = de @ base_weight(gate_base, dt)
         de_b = de @ bgc
-        grad_bg = (de.t() @ xa_g).mul_(sg)
-        grad_ag = (de_b.t() @ x2).mul_(sg)
+        grad_bg = scaled_mm(de.t(), xa_g, sg, p_bg)
+        grad_ag = scaled_mm(de_b.t(), x2, sg, p_ag)
         dx.addmm_(de_b, agc, alpha=sg)
 
         dx.addmm_(dg, base_weight(up_base, dt))
         dg_b = dg @ buc
-        grad_bu = (dg.t() @ xa_u).mul_(su)
-        grad_au = (dg_b.t() @ x2).mul_(su)
+        grad_bu = scaled_mm(dg.t(), xa_u, su, p_bu)
+        grad_au = scaled_mm(dg_b.t(), x2, su, p_au)
         dx.addmm_(dg_b, auc, alpha=su)
 
-        grads = [t.to(p.dtype) for t, p in zip((grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd),
-                                                (ag, bg, au, bu, ad, bd))]
-        return (dx.view(ctx.x_shape).to(ctx.x_dtype), *grads, None, None, None, None)
+        return (dx.view(ctx.x_shape).to(ctx.x_dtype), grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd,
+                None, None, None, None)
 
 
 def lora_mlp(x, gate, up, down, kind: int, adapter: str):
