@@ -28,7 +28,7 @@ def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # rows change every step: one compile for all
 def _ce_rows(
     LOGITS, LABELS, LOSS,
     stride_l, n_rows, n_vocab, ignore_index, softcap,

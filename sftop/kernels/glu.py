@@ -21,7 +21,7 @@ def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])  # n changes with every batch shape: one compile for all
 def _glu_fwd(G, U, H, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -36,7 +36,7 @@ def _glu_fwd(G, U, H, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(H + offs, (a * u).to(H.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _glu_bwd(DH, G, U, DG, DU, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -57,7 +57,7 @@ def _glu_bwd(DH, G, U, DG, DU, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(DU + offs, (dh * a).to(DU.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _glu_bwd_inplace(DH, G, U, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
     """Reads dh, g, u and overwrites them with h, dg, du: the fused LoRA MLP needs h again for
     the down projection's adapter gradients, and this way the backward allocates no

@@ -15,9 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._runtime import interpreting
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _rms_fwd(
     X, Y, W, RSTD,
     stride_x, stride_y,
@@ -46,14 +47,14 @@ def _rms_fwd(
 
 
 @triton.jit
-def _rms_bwd(
+def _rms_bwd_tiles(
     DY, X, W, RSTD, DX, DW_PART,
     stride_dy, stride_x, stride_dx,
-    n_rows, n_cols,
-    GEMMA: tl.constexpr, NEED_DW: tl.constexpr, TILES: tl.constexpr,
+    n_rows, n_cols, n_tiles,
+    GEMMA: tl.constexpr, NEED_DW: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # Each program walks TILES consecutive tiles so that, when dW is needed, its partial sum is
+    # Each program walks n_tiles consecutive tiles so that, when dW is needed, its partial sum is
     # one [BLOCK] row of DW_PART per program rather than one per input row.
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)[None, :]
@@ -62,8 +63,8 @@ def _rms_bwd(
     if GEMMA:
         w = w + 1.0
     dw_acc = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
-    for i in tl.range(0, TILES):
-        rvec = (pid * TILES + i) * BLOCK_R + tl.arange(0, BLOCK_R)
+    for i in tl.range(0, n_tiles):
+        rvec = (pid * n_tiles + i) * BLOCK_R + tl.arange(0, BLOCK_R)
         rows = rvec[:, None]
         m = cmask & (rows < n_rows)
         x = tl.load(X + rows * stride_x + cols, mask=m, other=0.0).to(tl.float32)
@@ -82,6 +83,36 @@ def _rms_bwd(
     if NEED_DW:
         dcols = tl.arange(0, BLOCK)
         tl.store(DW_PART + pid * n_cols + dcols, tl.sum(dw_acc, axis=0), mask=dcols < n_cols)
+
+
+# Row counts change every step under padding-free batching.  Triton compiles one binary per
+# combination of constexprs and of integer "specialisations" (== 1, divisible by 16), so those
+# arguments are left unspecialised and the tiles per program is a run-time loop bound: one
+# compile serves every batch shape instead of a mid-run JIT stall whenever a new one appears.
+@triton.jit(do_not_specialize=["n_rows", "n_tiles"])
+def _rms_bwd(
+    DY, X, W, RSTD, DX, DW_PART,
+    stride_dy, stride_x, stride_dx,
+    n_rows, n_cols, n_tiles,
+    GEMMA: tl.constexpr, NEED_DW: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
+):
+    _rms_bwd_tiles(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, n_rows, n_cols, n_tiles,
+                   GEMMA, NEED_DW, BLOCK_R, BLOCK)
+
+
+@triton.jit
+def _rms_bwd_interp(
+    DY, X, W, RSTD, DX, DW_PART,
+    stride_dy, stride_x, stride_dx,
+    n_rows, n_cols,
+    GEMMA: tl.constexpr, NEED_DW: tl.constexpr, TILES: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Triton's CPU interpreter cannot loop to a run-time bound; it compiles nothing, so a
+    # compile-time tile count costs it nothing.
+    _rms_bwd_tiles(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, n_rows, n_cols, TILES,
+                   GEMMA, NEED_DW, BLOCK_R, BLOCK)
 
 
 def _tile(n_rows: int, n_cols: int, device) -> tuple[int, int, int]:
@@ -139,10 +170,13 @@ class RMSNormFunction(torch.autograd.Function):
         tiles = triton.cdiv(n_tiles, progs)
         grid = (triton.cdiv(n_tiles, tiles),)
         dw_part = torch.empty(grid[0], n_cols, dtype=torch.float32, device=x2.device) if need_dw else rstd
-        _rms_bwd[grid](
-            dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols,
-            GEMMA=ctx.gemma, NEED_DW=need_dw, TILES=tiles, BLOCK_R=block_r, BLOCK=block, num_warps=warps,
-        )
+        args = (dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols)
+        if not interpreting():
+            _rms_bwd[grid](*args, tiles, GEMMA=ctx.gemma, NEED_DW=need_dw, BLOCK_R=block_r, BLOCK=block,
+                           num_warps=warps)
+        else:
+            _rms_bwd_interp[grid](*args, GEMMA=ctx.gemma, NEED_DW=need_dw, TILES=tiles, BLOCK_R=block_r,
+                                  BLOCK=block, num_warps=warps)
         dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
         return dx.view(ctx.shape), dw, None, None, None
 

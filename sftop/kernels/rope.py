@@ -53,7 +53,8 @@ def _rope_one(
     tl.store(op + HALF, o2.to(O.dtype.element_ty), mask=m)
 
 
-@triton.jit
+# position counts change every step under padding-free batching: one compile serves them all
+@triton.jit(do_not_specialize=["n_pos", "seq_len"])
 def _rope_kernel(
     Q, K, QO, KO, COS, SIN,
     sqb, sqh, sqt, skb, skh, skt,
