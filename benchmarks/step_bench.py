@@ -46,6 +46,11 @@ def _config(name: str):
     return cfg
 
 
+def _checkpointing(args) -> dict:
+    """sftop's checkpointing mode: "on" (layer inputs stay on the GPU) or "offload" (pinned host memory)."""
+    return dict(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=args.checkpointing == "offload")
+
+
 def _build(args, path: str):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -60,13 +65,21 @@ def _build(args, path: str):
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=quant,
                                                      dtype=torch.bfloat16, attn_implementation="sdpa",
                                                      device_map={"": 0})
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        if path == "stock":
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            # sftop's loader (sftop.engine.models.loading) does not call prepare_model_for_kbit_training:
+            # its fp32 upcast of the embeddings, norms and lm_head (1 GiB for a 128K vocab) and of the
+            # residual stream is what the quantisation was meant to save.  The fused kernels compute
+            # norms and the loss in fp32 internally, which is what the upcast is there for.
+            model.gradient_checkpointing_enable(**_checkpointing(args))
     else:
         with torch.device(args.device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(**(_checkpointing(args) if path == "sftop" else
+                                               dict(gradient_checkpointing_kwargs={"use_reentrant": False})))
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                              task_type="CAUSAL_LM"))
     report = None
@@ -178,6 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--4bit", dest="four_bit", action="store_true")
     ap.add_argument("--paths", default="stock,sftop")
+    ap.add_argument("--checkpointing", choices=["on", "offload"], default="on",
+                    help="sftop path only; the stock path always keeps its layer inputs on the GPU")
     ap.add_argument("--profile", action="store_true", help="torch.profiler share of GPU time by kernel category")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
@@ -206,7 +221,7 @@ def main(argv=None) -> int:
     for path in args.paths.split(","):
         cmd = [sys.executable, __file__, "--one", path, "--model", args.model, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device]
+               "--device", args.device, "--checkpointing", args.checkpointing]
         if args.four_bit:
             cmd += ["--4bit", "--model-dir", args.model_dir]
         if args.profile:
@@ -225,6 +240,7 @@ def main(argv=None) -> int:
             r["speed_vs_stock"] = r["tokens_per_s"] / stock["tokens_per_s"]
     out = dict(
         model=args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+        sftop_checkpointing=args.checkpointing,
         four_bit=args.four_bit,
         device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", torch=torch.__version__,
         triton=triton.__version__, transformers=transformers.__version__,

@@ -208,8 +208,15 @@ def read_sftop_events(run_dir: Path) -> dict:
     if started and steps:
         result["train_s"] = steps[-1]["time"] - started["time"]
         result["tokens_seen"] = steps[-1].get("tokens_seen")
-        mems = [s.get("gpu_mem_allocated_gib") for s in steps if s.get("gpu_mem_allocated_gib") is not None]
-        result["peak_allocated_gib"] = max(mems) if mems else None
+        peaks = [s.get("gpu_mem_peak_gib") for s in steps if s.get("gpu_mem_peak_gib") is not None]
+        result["peak_allocated_gib"] = max(peaks) if peaks else None
+        # per-step rates show stalls (JIT compiles, allocator growth) that the mean hides
+        rates = [s.get("tokens_per_s") for s in steps if s.get("tokens_per_s")]
+        result["step_tokens_per_s"] = rates
+        if len(rates) > 2:
+            rest = sorted(rates[1:])
+            result["step_tokens_per_s_median"] = rest[len(rest) // 2]
+            result["step_tokens_per_s_min"] = rest[0]
         result["final_loss"] = steps[-1].get("loss")
     if finished:
         result["runtime_s"] = finished.get("runtime_s")

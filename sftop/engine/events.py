@@ -54,6 +54,7 @@ class Step(Event):
     gpu_mem_allocated_gib: float | None = None
     gpu_mem_reserved_gib: float | None = None
     total_steps: int | None = None
+    gpu_mem_peak_gib: float | None = None  # highest allocated so far in this trainer process
     type: str = field(init=False, default="step")
 
 

@@ -14,10 +14,12 @@ from sftop.engine.events import BadStep, Eval, EventWriter, RunStarted, Step, cl
 GIB = 1024**3
 
 
-def gpu_memory_gib() -> tuple[float | None, float | None]:
+def gpu_memory_gib() -> tuple[float | None, float | None, float | None]:
+    """(allocated now, reserved now, highest allocated so far) in GiB; Nones without a GPU."""
     if not torch.cuda.is_available():
-        return None, None
-    return round(torch.cuda.memory_allocated() / GIB, 3), round(torch.cuda.memory_reserved() / GIB, 3)
+        return None, None, None
+    return (round(torch.cuda.memory_allocated() / GIB, 3), round(torch.cuda.memory_reserved() / GIB, 3),
+            round(torch.cuda.max_memory_allocated() / GIB, 3))
 
 
 def _step_line(step, total, loss, logs, tokens_per_s, gpu_gib) -> str:
@@ -96,7 +98,7 @@ class RunEvents(TrainerCallback):
         loss = None if bad else clean_number(logs.get("loss"))
         if loss is not None:
             self.last_loss = loss
-        allocated, reserved = gpu_memory_gib()
+        allocated, reserved, peak = gpu_memory_gib()
         self.writer.write(
             Step(
                 step=state.global_step,
@@ -110,6 +112,7 @@ class RunEvents(TrainerCallback):
                 gpu_mem_allocated_gib=allocated,
                 gpu_mem_reserved_gib=reserved,
                 total_steps=self.total_steps,
+                gpu_mem_peak_gib=peak,
             )
         )
         print(_step_line(state.global_step, self.total_steps, loss, logs, self._window_tokens / elapsed, allocated),
