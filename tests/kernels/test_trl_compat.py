@@ -49,7 +49,8 @@ def test_sft_trainer_trains_patched_model(tmp_path, patch_first):
                                  train_dataset=datasets.Dataset.from_list(rows))
         if not patch_first:
             report = K.patch_model(trainer.model)
-        assert set(report.parts.values()) == {"fused"}
+        # every Triton part; packed attention needs a CUDA GPU and bf16 (test_varlen_attention.py)
+        assert {v for k, v in report.parts.items() if k != "attention"} == {"fused"}
         result = trainer.train()
     finally:
         rms_mod.RMSNormFunction.apply = orig_apply

@@ -227,3 +227,15 @@ def test_nf4_dequantised_weight_is_not_held_while_the_loss_runs():
     back = estimate(L1B, Setup(load_in_4bit=True, checkpointing="on", kernels=False, loss="chunked"), 8192)
     assert back.peak_phase == "backward" and back.terms["dequant_transient"] == 2 * 2 * 8192 * 2048
     assert estimate(L1B, nf4, 8).terms["dequant_transient"] == 2 * 2 * 8192 * 2048  # tiny batches peak there too
+
+
+def test_packed_attention_needs_no_mask_and_keeps_kv_unrepeated_when_torch_allows():
+    t = 8192
+    sdpa = estimate(L1B, Setup(packed=True), t)
+    varlen = estimate(L1B, Setup(packed=True, attention="varlen"), t)
+    assert "attention_mask" not in varlen.terms
+    flash = estimate(L1B, Setup(packed=True, attention="flash_attention_2"), t)
+    assert varlen.allocated_bytes == flash.allocated_bytes < sdpa.allocated_bytes
+    # an older torch API without enable_gqa: K and V are repeated to all 32 query heads and kept
+    repeated = estimate(L1B, Setup(packed=True, attention="varlen", varlen_native_gqa=False), t)
+    assert repeated.allocated_bytes - varlen.allocated_bytes == 16 * 2 * 2 * (2048 - 512) * t

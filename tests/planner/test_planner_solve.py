@@ -248,3 +248,22 @@ def test_models_the_kernels_do_not_cover_are_sized_stock():
     # a VLM's text model is a covered family, but patch_model sees the outer model type
     vlm = {"model_type": "gemma3", "text_config": {**llama_1b().to_dict(), "model_type": "gemma3_text"}}
     assert not plan_run(preset(), vlm, gpus=one_gpu(80)).kernels
+
+
+def test_packed_attention_is_planned_only_where_the_patch_will_apply(monkeypatch):
+    import sftop.kernels.varlen_attention as va
+
+    # the CPU here has no flash attention; pretend a capable GPU is present
+    monkeypatch.setattr(va, "varlen_available", lambda: (True, ""))
+    fixed = preset(micro_batch=8, gradient_checkpointing="off")
+    packed = plan_run(fixed, llama_1b(), gpus=one_gpu(80))
+    assert packed.attention == "varlen" and "attention_mask" not in packed.breakdown
+    sdpa = plan_run(preset(micro_batch=8, gradient_checkpointing="off", packing=False), llama_1b(), gpus=one_gpu(80))
+    assert sdpa.attention == "sdpa"
+    sliding = {**llama_1b().to_dict(), "layer_types": ["sliding_attention", "full_attention"] * 8}
+    assert plan_run(fixed, sliding, gpus=one_gpu(80)).attention == "sdpa"
+    # a hypothetical GPU may be too old for flash attention: sized for SDPA's mask, the safe side
+    assert plan_run(fixed, llama_1b(), gpu_memory_gib=80).attention == "sdpa"
+    monkeypatch.setattr(va, "varlen_available", lambda: (False, "no CUDA GPU"))
+    without = plan_run(fixed, llama_1b(), gpus=one_gpu(80))
+    assert without.attention == "sdpa" and without.predicted_peak_gib > packed.predicted_peak_gib

@@ -215,7 +215,11 @@ class Setup:
     checkpoint_every: int = 1
     kernels: bool = True  # sftop's fused RMSNorm, SwiGLU and linear+cross-entropy
     loss: LossImpl = "fused"
-    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # "varlen": sftop's packed attention (sftop/kernels/varlen_attention.py), which replaces SDPA
+    # for padding-free rows: flash attention over row boundaries, no mask.  varlen_native_gqa says
+    # whether torch's API takes fewer K/V heads; without it K and V are repeated per query head.
+    attention: Literal["sdpa", "eager", "flash_attention_2", "varlen"] = "sdpa"
+    varlen_native_gqa: bool = True
     on_gpu: bool = True  # on the CPU there is no CUDA context or cuBLAS workspace
     packed: bool = False  # padding-free rows concatenated into one sequence per micro-batch
 
@@ -309,6 +313,8 @@ def kv_repeated(shape: ModelShape, setup: Setup, masked: bool) -> bool:
     SDPA when it passes an explicit mask (its GQA path needs mask None); SDPA then keeps the copies."""
     if shape.kv_heads == shape.heads or setup.attention == "flash_attention_2":
         return False
+    if setup.attention == "varlen":
+        return not setup.varlen_native_gqa
     return setup.attention == "eager" or masked
 
 
@@ -366,7 +372,7 @@ def attention_mask_bytes(setup: Setup, tokens: int, seq_len: int) -> tuple[int, 
     and its memory-efficient kernel keeps that bias for backward, once per layer. flash-attention
     takes sequence boundaries instead and needs neither.
     """
-    if setup.attention == "flash_attention_2":
+    if setup.attention in ("flash_attention_2", "varlen"):
         return 0, 0
     s = tokens if setup.packed else seq_len
     rows = max(1, tokens // s)

@@ -124,6 +124,7 @@ class Plan:
     dtype: str = "bf16"
     kernels: bool = True
     loss: str = "fused"
+    attention: str = "sdpa"  # as sized: "varlen" is sftop's packed attention (no mask)
     lora_r: int = 16
     optimizer: str = "adamw"
     # With gradient_checkpointing "on": checkpoint every n-th decoder block only. Trainer: pass it
@@ -267,7 +268,7 @@ def step_time_s(shape: ModelShape, setup: Setup, checkpointing: str, micro_batch
     # Forward plus input-gradient backward (frozen weights get no weight gradient).
     flops_tok = 4 * matmul_params
     ctx = row_tokens_mean / 2  # causal attention: average context per token
-    if packing and setup.attention != "flash_attention_2":
+    if packing and setup.attention not in ("flash_attention_2", "varlen"):
         ctx = tokens  # SDPA with a block-diagonal mask computes every query against the whole packed row
     attn_fwd = 4 * ctx * shape.q_dim * shape.layers
     flops_tok += 3 * attn_fwd
@@ -360,6 +361,7 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
         dtype=ctx.setup.dtype,
         kernels=ctx.setup.kernels,
         loss=ctx.setup.loss,
+        attention=ctx.setup.attention,
         lora_r=ctx.setup.lora_r,
         optimizer=ctx.setup.optimizer,
         context=ctx,
@@ -515,6 +517,13 @@ def plan_run(
         notes.append(f"sftop's fused kernels do not cover model type '{shape.model_type}'"
                      + (" (a vision-language model)" if shape.multimodal else "")
                      + "; sized for the stock path")
+    if setup.kernels and setup.packed and setup.attention == "sdpa" and device != "cpu" and gpu_memory_gib is None:
+        # Only for a GPU that is here: a hypothetical one may be too old for flash attention, and
+        # sizing for the SDPA mask over-estimates, which is the safe side.
+        from sftop.kernels.varlen_attention import config_supported, native_gqa, varlen_available
+
+        if varlen_available()[0] and config_supported(model_config, setup.dtype)[0]:
+            setup = replace(setup, attention="varlen", varlen_native_gqa=native_gqa())
     notes += _target_notes(preset)
     if setup.optimizer == "adamw_8bit" and setup.dtype == "fp32" and device == "cpu":
         notes.append("adamw_8bit needs bitsandbytes on a GPU")

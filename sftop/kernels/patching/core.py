@@ -1,4 +1,4 @@
-"""patch_model and the parts it can patch (rms_norm, rope, mlp, lora, attention_lora, loss)."""
+"""patch_model and the parts it can patch (rms_norm, rope, mlp, lora, attention_lora, attention, loss)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 from .._runtime import kernels_available
 from .registry import FAMILIES, FamilySpec
 
-PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "loss")
+PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "attention", "loss")
 FUSED = "fused"
 
 # Marks on patched instances: the forward we replaced (None when the instance had no forward of
@@ -512,15 +512,58 @@ def _patch_attention_lora(model: nn.Module, spec: FamilySpec) -> str:
     return FUSED
 
 
+# --------------------------------------------------------------------------- attention (packed rows)
+
+_ATTN_ORIG = "_sftop_attn_implementation"
+
+
+def _patch_attention(model: nn.Module, spec: FamilySpec) -> str:
+    """Switch SDPA to flash attention over row boundaries for padding-free batches (see
+    sftop/kernels/varlen_attention.py); everything else keeps running through SDPA."""
+    from ..varlen_attention import NAME, config_supported, register, varlen_available
+
+    config = model.config
+    current = getattr(config, "_attn_implementation", None)
+    if current == NAME:
+        return FUSED
+    if current != "sdpa":
+        return f"stock: attention is {current!r}; only SDPA is replaced"
+    ok, why = varlen_available()
+    if not ok:
+        return f"stock: {why}"
+    mods = _modules_of(model, spec.attention_class)
+    if not mods:
+        return f"stock: no {spec.attention_class} modules found"
+    dtype = _quantised_compute_dtype(model) or getattr(model, "dtype", None)
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    ok, why = config_supported(config, names.get(dtype, str(dtype)))
+    if not ok:
+        return f"stock: {why}"
+    for m in mods:  # what the config says, checked where it is used
+        if getattr(m, "sliding_window", None) or getattr(m, "attention_dropout", 0.0) or not getattr(m, "is_causal", True):
+            return "stock: sliding-window, dropout or non-causal attention in a layer"
+    register()
+    model.__dict__[_ATTN_ORIG] = current
+    model.set_attn_implementation(NAME)
+    return FUSED
+
+
+def _restore_attention(model: nn.Module) -> None:
+    original = model.__dict__.pop(_ATTN_ORIG, None)
+    if original is not None:
+        model.set_attn_implementation(original)
+
+
 _PATCHERS = {
     "rms_norm": _patch_rms_norm, "rope": _patch_rope, "mlp": _patch_mlp, "lora": _patch_lora,
-    "attention_lora": _patch_attention_lora, "loss": _patch_loss,
+    "attention_lora": _patch_attention_lora, "attention": _patch_attention, "loss": _patch_loss,
 }
 
 
 def _unpatch(model: nn.Module) -> None:
     for m in model.modules():
         _restore_forward(m)
+    _restore_attention(model)
 
 
 def patch_model(model: nn.Module, *, enable: bool = True) -> PatchReport:
