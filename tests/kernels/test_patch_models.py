@@ -38,7 +38,9 @@ def _to(batch):
 
 def _loss_and_grads(model, batch, **kw):
     model.zero_grad(set_to_none=True)
-    out = model(**batch, **kw)
+    # as in training (TRL passes it too): with a cache, transformers' SDPA path ignores the row
+    # boundaries of a packed batch, while sftop's packed attention always keeps rows apart
+    out = model(**batch, use_cache=False, **kw)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return out, grads
