@@ -98,7 +98,9 @@ def _run(preset_ref: str, overrides: list[str], run_dir_arg: str | None, resume:
         run_dir = new_run_dir(preset.name)
     if not resume:
         _out(f"sftop: run directory {run_dir.path}")
-    return run_training(preset, run_dir, resume=resume)
+    from sftop.engine.runs import run_in_foreground
+
+    return run_in_foreground(run_dir, lambda: run_training(preset, run_dir, resume=resume))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

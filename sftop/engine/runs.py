@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from sftop.engine.errors import SftopError
 from sftop.engine.events import TERMINAL_TYPES, read_events
@@ -89,6 +89,17 @@ def _tail_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _terminal_record(tail: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run's ending record, unless a later `run_started` (a resume) opened it again."""
+    for record in reversed(tail):
+        kind = record.get("type")
+        if kind == "run_started":
+            return None
+        if kind in TERMINAL_TYPES:
+            return record
+    return None
+
+
 def _model_from_preset(run: RunDir) -> tuple[str | None, str | None]:
     import tomllib
 
@@ -119,11 +130,39 @@ def effective_status(run: RunDir, status: dict[str, Any] | None = None, terminal
     return "unknown"
 
 
+# Set by the supervisor for the trainer it starts; absent for `sftop run` typed at a shell.
+SUPERVISED_ENV = "SFTOP_SUPERVISED"
+
+
+def run_in_foreground(run: RunDir, train: Callable[[], int]) -> int:
+    """Run `train()` for a run that no supervisor records (`sftop run` in a terminal), recording its
+    own pid and outcome in status.json so `sftop runs`, `attach` and `stop` see it as running, and
+    as lost if it is killed.  Under the supervisor this just calls `train()`."""
+    if os.environ.get(SUPERVISED_ENV):
+        return train()
+    from sftop.engine.supervisor import process_start_time
+
+    pid = os.getpid()
+    started = time.time()
+    run.write_status(status="running", foreground=True, pid=pid, pgid=None, trainer_start=process_start_time(pid),
+                     started=started, supervisor_pid=None, exit_code=None, ended=None)
+    code = 1
+    try:
+        code = train()
+        return code
+    finally:
+        terminal = _terminal_record(_tail_records(run.events))
+        if terminal is not None and float(terminal.get("time") or 0.0) < started:
+            terminal = None  # an earlier attempt's ending (this was a resume that ended without one)
+        final = TERMINAL_STATUS[terminal["type"]] if terminal else "failed"
+        run.write_status(status=final, exit_code=code, ended=time.time())
+
+
 def summarize(run: RunDir) -> RunSummary:
     status = run.read_status()
     first = _first_record(run.events)
     tail = _tail_records(run.events)
-    terminal = next((r for r in reversed(tail) if r.get("type") in TERMINAL_TYPES), None)
+    terminal = _terminal_record(tail)
     step = total = loss = eval_loss = None
     for record in reversed(tail):
         kind = record.get("type")
@@ -208,7 +247,10 @@ def stop_run(run: RunDir, wait: bool | float = False, force: bool = False) -> st
             pass
     if not sent and process_alive(status.get("pid"), status.get("trainer_start")):
         try:
-            os.killpg(status.get("pgid") or status["pid"], signal.SIGTERM)
+            if status.get("foreground"):  # its process group is the user's shell job: signal it alone
+                os.kill(status["pid"], signal.SIGTERM)
+            else:
+                os.killpg(status.get("pgid") or status["pid"], signal.SIGTERM)
             sent = True
         except ProcessLookupError:
             pass
@@ -227,7 +269,10 @@ def stop_run(run: RunDir, wait: bool | float = False, force: bool = False) -> st
         status = run.read_status()
         if process_alive(status.get("pid"), status.get("trainer_start")):
             try:
-                os.killpg(status.get("pgid") or status["pid"], signal.SIGKILL)
+                if status.get("foreground"):
+                    os.kill(status["pid"], signal.SIGKILL)
+                else:
+                    os.killpg(status.get("pgid") or status["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
             # The supervisor sees the kill and records the run as failed.

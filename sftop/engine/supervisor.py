@@ -141,11 +141,13 @@ def launch_run(
     return run_dir
 
 
-def _last_terminal_event(run_dir: RunDir) -> dict | None:
+def _last_terminal_event(run_dir: RunDir, since: float = 0.0) -> dict | None:
+    """The newest ending record written at or after `since`: a resumed run's events still hold
+    the earlier attempt's ending, which says nothing about this one."""
     records, _ = read_events(run_dir.events)
     for record in reversed(records):
         if record.get("type") in TERMINAL_TYPES:
-            return record
+            return record if float(record.get("time") or 0.0) >= since else None
     return None
 
 
@@ -188,7 +190,8 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
     # The trainer gets its own process group so `stop` can signal it and any workers it forks
     # without also signalling this supervisor (which must live on to record the outcome).
     pinned = choose_gpu(dict(os.environ))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **pinned)
+    # SFTOP_SUPERVISED: the trainer leaves status.json to this supervisor (sftop.engine.runs.run_in_foreground)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SFTOP_SUPERVISED="1", **pinned)
     child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, process_group=0, env=env)
     run_dir.write_status(
         status="running",
@@ -220,7 +223,7 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
         except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for safety
             continue
 
-    terminal = _last_terminal_event(run_dir)
+    terminal = _last_terminal_event(run_dir, since=started)
     if terminal is not None:
         status = TERMINAL_STATUS[terminal["type"]]
     else:

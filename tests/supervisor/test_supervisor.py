@@ -177,3 +177,95 @@ def test_resume_keeps_the_run_and_its_preset(fake_trainer):
     assert status["resume"] is True and run.preset.read_text() == before  # not rewritten on resume
     assert before.endswith("# resolved by the trainer\n")
     assert [r.name for r in list_runs()] == [run.name]
+
+
+def _write_events(run, *records):
+    from sftop.engine.events import EventWriter
+
+    with EventWriter(run.events) as writer:
+        for record in records:
+            writer.write(record)
+
+
+def test_foreground_run_records_itself_running_then_its_outcome(monkeypatch):
+    from sftop.engine.events import RunFinished, RunStarted
+    from sftop.engine.runs import SUPERVISED_ENV, run_in_foreground
+
+    monkeypatch.delenv(SUPERVISED_ENV, raising=False)
+    run = new_run_dir("typed-at-a-shell")
+    seen = {}
+
+    def train():
+        _write_events(run, RunStarted(run_dir=str(run.path), preset={}, environment={}, total_steps=1))
+        seen["status"] = run.read_status()
+        seen["listed"] = summarize(run).status
+        _write_events(run, RunFinished(step=1, final_loss=0.5, adapter_path=None, runtime_s=0.1))
+        return 0
+
+    assert run_in_foreground(run, train) == 0
+    assert seen["status"]["status"] == "running" and seen["status"]["foreground"] is True
+    assert seen["status"]["pid"] == os.getpid() and seen["listed"] == "running"
+    after = run.read_status()
+    assert after["status"] == "finished" and after["exit_code"] == 0 and after["ended"] >= after["started"]
+
+    # a crash before any ending record is a failure, and the exception still reaches the caller
+    crashed = new_run_dir("crashes")
+
+    def boom():
+        raise RuntimeError("out of disk")
+
+    with pytest.raises(RuntimeError):
+        run_in_foreground(crashed, boom)
+    assert crashed.read_status()["status"] == "failed"
+
+
+def test_foreground_run_under_the_supervisor_leaves_status_alone(monkeypatch):
+    from sftop.engine.runs import SUPERVISED_ENV, run_in_foreground
+
+    monkeypatch.setenv(SUPERVISED_ENV, "1")
+    run = new_run_dir("supervised")
+    assert run_in_foreground(run, lambda: 3) == 3
+    assert run.read_status() == {}
+
+
+def test_stop_run_signals_a_foreground_run_alone(tmp_path):
+    import subprocess
+    import sys
+
+    from sftop.engine.supervisor import process_start_time
+
+    run = new_run_dir("fg-stop")
+    # a process that leaves a mark on SIGTERM, in the test's own process group (as a shell job is)
+    mark = tmp_path / "got-term"
+    code = ("import signal, sys, time, pathlib\n"
+            f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(mark)!r}).write_text('1'), sys.exit(0)))\n"
+            "time.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        wait_for(lambda: process_start_time(proc.pid))
+        time.sleep(0.3)  # let it install the handler
+        run.write_status(status="running", foreground=True, pid=proc.pid, pgid=None,
+                         trainer_start=process_start_time(proc.pid), started=time.time())
+        assert "Stopping run" in stop_run(run)
+        proc.wait(timeout=10)
+        assert mark.read_text() == "1"
+    finally:
+        proc.kill()
+
+
+def test_a_resumed_run_is_not_reported_by_its_earlier_ending():
+    from sftop.engine.events import RunStarted, RunStopped, Step
+    from sftop.engine.supervisor import _last_terminal_event
+
+    run = new_run_dir("resumed")
+    started = dict(run_dir=str(run.path), preset={}, environment={}, total_steps=4)
+    _write_events(run, RunStarted(**started), RunStopped(step=2, signal="SIGTERM", checkpoint=None))
+    assert summarize(run).status == "stopped"
+    cut = time.time()
+    _write_events(run, RunStarted(**started), Step(step=3, epoch=0.75, loss=1.0, learning_rate=1e-3, grad_norm=1.0,
+                                                    tokens_seen=300, tokens_per_s=10.0, samples_per_s=1.0))
+    run.write_status(status="running", foreground=True, pid=os.getpid(), trainer_start=None, started=cut)
+    assert summarize(run).status == "running"
+    # the supervisor judging the resumed attempt ignores the earlier ending
+    assert _last_terminal_event(run, since=cut) is None
+    assert _last_terminal_event(run)["type"] == "run_stopped"
