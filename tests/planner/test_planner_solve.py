@@ -267,3 +267,13 @@ def test_packed_attention_is_planned_only_where_the_patch_will_apply(monkeypatch
     monkeypatch.setattr(va, "varlen_available", lambda: (False, "no CUDA GPU"))
     without = plan_run(fixed, llama_1b(), gpus=one_gpu(80))
     assert without.attention == "sdpa" and without.predicted_peak_gib > packed.predicted_peak_gib
+
+
+def test_render_says_when_packed_rows_use_flash_attention(monkeypatch):
+    import sftop.kernels.varlen_attention as va
+
+    monkeypatch.setattr(va, "varlen_available", lambda: (True, ""))
+    text = render_plan(plan_run(preset(), llama_1b(), gpus=one_gpu(80)))
+    assert "flash attention over row boundaries" in text
+    monkeypatch.setattr(va, "varlen_available", lambda: (False, "no CUDA GPU"))
+    assert "flash attention" not in render_plan(plan_run(preset(), llama_1b(), gpus=one_gpu(80)))

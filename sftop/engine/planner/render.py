@@ -36,7 +36,9 @@ def render_plan(plan: Plan, color: bool = False) -> str:
     lines = [
         bold(f"Plan for {plan.model_name} on {where}"),
         f"  micro-batch      {plan.micro_batch} rows"
-        + (f" (packed, up to {plan.tokens_per_micro_batch} tokens)" if plan.packing else f" x {plan.max_length} tokens"),
+        + (f" (packed, up to {plan.tokens_per_micro_batch} tokens"
+           + ("; flash attention over row boundaries)" if plan.attention == "varlen" else ")")
+           if plan.packing else f" x {plan.max_length} tokens"),
         f"  accumulation     {plan.grad_accum}  (effective batch {plan.effective_batch})",
         f"  checkpointing    {rung_label(plan.gradient_checkpointing, plan.checkpoint_every_n_layers)}",
         f"  weights          {'NF4 (4-bit)' if plan.load_in_4bit else plan.dtype}, LoRA r={plan.lora_r}, "
