@@ -87,8 +87,10 @@ def test_run_survives_a_dropped_terminal_and_attach_shows_it(tmp_path, monkeypat
 
     home = tmp_path / "home"
     monkeypatch.setenv("SFTOP_HOME", str(home))
-    # The demo, cut to 4 steps so the whole test takes about a minute on a CPU.
-    demo, _ = load_preset("demo", ["train.max_steps=4", "train.save_steps=2"])
+    # The demo, cut to 24 steps so the whole test takes about a minute on a CPU.  Fewer would end
+    # within a poll or two of the first step (a demo step is 0.1-0.2 s on 2 cores), and the
+    # terminal would then drop after the run, proving nothing.
+    demo, _ = load_preset("demo", ["train.max_steps=24", "train.save_steps=8"])
     save_user_preset(demo, "e2e-demo")
     env = {
         "SFTOP_HOME": str(home),
@@ -109,11 +111,11 @@ def test_run_survives_a_dropped_terminal_and_attach_shows_it(tmp_path, monkeypat
         tmux.wait_for("ssh", "no problems found", timeout=180)
         tmux.keys("ssh", "C-n")
         screen = tmux.wait_for("ssh", "max steps", timeout=30)
-        assert any(line.split() == ["max", "steps", "4"] for line in screen.splitlines()), screen
+        assert any(line.split() == ["max", "steps", "24"] for line in screen.splitlines()), screen
         tmux.keys("ssh", "C-n")
         tmux.wait_for("ssh", "headroom", timeout=120)
         tmux.keys("ssh", "C-n")
-        tmux.wait_for("ssh", "4 steps", timeout=30)
+        tmux.wait_for("ssh", "24 steps", timeout=30)
         tmux.keys("ssh", "C-n")
         tmux.wait_for("ssh", "Checkpoint now", timeout=30)  # the dashboard's footer
 
@@ -133,13 +135,13 @@ def test_run_survives_a_dropped_terminal_and_attach_shows_it(tmp_path, monkeypat
         )
         assert status["status"] == "finished", (run / "stdout.log").read_text()[-3000:]
         finished = [e for e in events(run) if e["type"] == "run_finished"]
-        assert len(finished) == 1 and finished[0]["step"] == 4
+        assert len(finished) == 1 and finished[0]["step"] == 24
         final = finished[0]["final_loss"]
 
         tmux.start("again", f"{prefix} {sftop} attach")
         screen = tmux.wait_for("again", "finished", timeout=60)
         screen = tmux.wait_for("again", f"final loss {final:.4f}", timeout=30)
-        assert "step 4/4" in screen
+        assert "step 24/24" in screen
         assert run.name[:20] in screen
     finally:
         tmux("kill-server", check=False)
