@@ -46,9 +46,11 @@ def _config(name: str):
     return cfg
 
 
-def _checkpointing(args) -> dict:
-    """sftop's checkpointing mode: "on" (layer inputs stay on the GPU) or "offload" (pinned host memory)."""
-    return dict(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=args.checkpointing == "offload")
+def _checkpointing(args, path: str) -> dict:
+    """Non-reentrant checkpointing; sftop's path may offload the layer inputs to pinned host memory
+    (--checkpointing offload), the stock path always keeps them on the GPU."""
+    return dict(gradient_checkpointing_kwargs={"use_reentrant": False},
+                offload=path == "sftop" and args.checkpointing == "offload")
 
 
 def _build(args, path: str):
@@ -74,12 +76,11 @@ def _build(args, path: str):
             # its fp32 upcast of the embeddings, norms and lm_head (1 GiB for a 128K vocab) and of the
             # residual stream is what the quantisation was meant to save.  The fused kernels compute
             # norms and the loss in fp32 internally, which is what the upcast is there for.
-            model.gradient_checkpointing_enable(**_checkpointing(args))
+            model.gradient_checkpointing_enable(**_checkpointing(args, path))
     else:
         with torch.device(args.device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-        model.gradient_checkpointing_enable(**(_checkpointing(args) if path == "sftop" else
-                                               dict(gradient_checkpointing_kwargs={"use_reentrant": False})))
+        model.gradient_checkpointing_enable(**_checkpointing(args, path))
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                              task_type="CAUSAL_LM"))
     report = None

@@ -140,7 +140,7 @@ def run_in_foreground(run: RunDir, train: Callable[[], int]) -> int:
     as lost if it is killed.  Under the supervisor this just calls `train()`."""
     if os.environ.get(SUPERVISED_ENV):
         return train()
-    from sftop.engine.supervisor import process_start_time
+    from sftop.engine.supervisor import last_terminal_event, process_start_time
 
     pid = os.getpid()
     started = time.time()
@@ -151,9 +151,8 @@ def run_in_foreground(run: RunDir, train: Callable[[], int]) -> int:
         code = train()
         return code
     finally:
-        terminal = _terminal_record(_tail_records(run.events))
-        if terminal is not None and float(terminal.get("time") or 0.0) < started:
-            terminal = None  # an earlier attempt's ending (this was a resume that ended without one)
+        # a resume's events still hold the earlier attempt's ending: only this attempt's counts
+        terminal = last_terminal_event(run, since=started)
         final = TERMINAL_STATUS[terminal["type"]] if terminal else "failed"
         run.write_status(status=final, exit_code=code, ended=time.time())
 
@@ -226,6 +225,15 @@ def find_run(ref: str | Path | None = None, base: Path | None = None) -> RunDir:
     )
 
 
+def _signal_trainer(status: dict[str, Any], sig: int) -> None:
+    """The trainer's process group (its workers too), or, for a run typed at a shell, the trainer
+    alone: its process group is the user's shell job."""
+    if status.get("foreground"):
+        os.kill(status["pid"], sig)
+    else:
+        os.killpg(status.get("pgid") or status["pid"], sig)
+
+
 def stop_run(run: RunDir, wait: bool | float = False, force: bool = False) -> str:
     """Ask a run to stop: SIGTERM, so the trainer saves a checkpoint and exits. Returns a message.
 
@@ -247,10 +255,7 @@ def stop_run(run: RunDir, wait: bool | float = False, force: bool = False) -> st
             pass
     if not sent and process_alive(status.get("pid"), status.get("trainer_start")):
         try:
-            if status.get("foreground"):  # its process group is the user's shell job: signal it alone
-                os.kill(status["pid"], signal.SIGTERM)
-            else:
-                os.killpg(status.get("pgid") or status["pid"], signal.SIGTERM)
+            _signal_trainer(status, signal.SIGTERM)
             sent = True
         except ProcessLookupError:
             pass
@@ -269,10 +274,7 @@ def stop_run(run: RunDir, wait: bool | float = False, force: bool = False) -> st
         status = run.read_status()
         if process_alive(status.get("pid"), status.get("trainer_start")):
             try:
-                if status.get("foreground"):
-                    os.kill(status["pid"], signal.SIGKILL)
-                else:
-                    os.killpg(status.get("pgid") or status["pid"], signal.SIGKILL)
+                _signal_trainer(status, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             # The supervisor sees the kill and records the run as failed.

@@ -141,7 +141,7 @@ def launch_run(
     return run_dir
 
 
-def _last_terminal_event(run_dir: RunDir, since: float = 0.0) -> dict | None:
+def last_terminal_event(run_dir: RunDir, since: float = 0.0) -> dict | None:
     """The newest ending record written at or after `since`: a resumed run's events still hold
     the earlier attempt's ending, which says nothing about this one."""
     records, _ = read_events(run_dir.events)
@@ -223,7 +223,7 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
         except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for safety
             continue
 
-    terminal = _last_terminal_event(run_dir, since=started)
+    terminal = last_terminal_event(run_dir, since=started)
     if terminal is not None:
         status = TERMINAL_STATUS[terminal["type"]]
     else:

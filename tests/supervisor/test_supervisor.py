@@ -255,7 +255,7 @@ def test_stop_run_signals_a_foreground_run_alone(tmp_path):
 
 def test_a_resumed_run_is_not_reported_by_its_earlier_ending():
     from sftop.engine.events import RunStarted, RunStopped, Step
-    from sftop.engine.supervisor import _last_terminal_event
+    from sftop.engine.supervisor import last_terminal_event
 
     run = new_run_dir("resumed")
     started = dict(run_dir=str(run.path), preset={}, environment={}, total_steps=4)
@@ -267,5 +267,5 @@ def test_a_resumed_run_is_not_reported_by_its_earlier_ending():
     run.write_status(status="running", foreground=True, pid=os.getpid(), trainer_start=None, started=cut)
     assert summarize(run).status == "running"
     # the supervisor judging the resumed attempt ignores the earlier ending
-    assert _last_terminal_event(run, since=cut) is None
-    assert _last_terminal_event(run)["type"] == "run_stopped"
+    assert last_terminal_event(run, since=cut) is None
+    assert last_terminal_event(run)["type"] == "run_stopped"
