@@ -9,9 +9,9 @@ Each output is base(x) + s * (x @ A^T) @ B^T.  Why one Function instead of PEFT'
   * memory: only x (which autograd would keep for the base GEMMs anyway) and the [tokens, sum r]
     product x @ A_cat^T are saved.
 The A concatenation is rebuilt with torch.cat inside every call, so it can never go stale against
-the trainable parameters.  Base weights are frozen; 4-bit bases are dequantised with bitsandbytes'
-own dequantize_4bit into a temporary per use (see lora_mlp.base_weight).  A bias on the base layer
-is added in the same addmm as its GEMM.
+the trainable parameters.  Base weights are frozen; 4-bit bases are dequantised by bitsandbytes'
+own kernels into a reused scratch buffer (see nf4.py), consumed before the next one is asked for.
+A bias on the base layer is added in the same addmm as its GEMM.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ Why one Function instead of three PEFT layers and an activation:
     buffer beyond dh.  Under gradient checkpointing this is the largest transient of a layer.
   * launches: the base and adapter products of each projection meet in one addmm, and the fp32
     adapter weights are cast to the compute dtype once per call instead of per PEFT layer.
-Base weights are frozen (no gradient); 4-bit bases are dequantised with bitsandbytes' own
-dequantize_4bit into a temporary for each use, so no 16-bit copy of the model persists.
+Base weights are frozen (no gradient); 4-bit bases are dequantised by bitsandbytes' own kernels
+into one reused scratch buffer per device (sftop/kernels/nf4.py), so no 16-bit copy of the model
+persists.
 """
 
 from __future__ import annotations
@@ -18,16 +19,15 @@ import torch
 from torch import nn
 
 from .glu import glu_backward_inplace, glu_forward
+from .nf4 import dequantize_4bit_weight
 
 
 def base_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The dense [out, in] weight of a frozen base layer, in `dtype`."""
     w = layer.weight
-    quant_state = getattr(w, "quant_state", None)
-    if quant_state is not None:
-        import bitsandbytes.functional as bnbf
-
-        w = bnbf.dequantize_4bit(w.data, quant_state)
+    if getattr(w, "quant_state", None) is not None:
+        # valid until the next dequantisation: every caller here consumes it at once
+        return dequantize_4bit_weight(w, dtype)
     return w if w.dtype == dtype else w.to(dtype)
 
 

@@ -1,0 +1,163 @@
+"""4-bit (NF4/FP4) base weights, dequantised by bitsandbytes' own CUDA kernels into one reused
+scratch buffer per device.
+
+Why not `bitsandbytes.functional.dequantize_4bit`: a QLoRA step dequantises every projection three
+times (forward, checkpoint recompute, backward), 336 calls per step for a 16-layer Llama.  Each
+call goes through torch's custom-op dispatcher, a second dispatched call for the double-quantised
+absmax and a fresh allocation; on an H200 that host work left the GPU idle for a third of the step
+(docs/benchmarks.md, 2026-12-02).  Here each weight's call is resolved once (which C function,
+sizes, nested statistics) and later calls go straight to the same C entry points bitsandbytes'
+CUDA backend uses, writing into a scratch buffer that is reused for every weight.  The maths is
+bitsandbytes' own: nothing is re-implemented, and the GPU tests check the result bit for bit
+against `dequantize_4bit`.
+
+The scratch buffer holds ONE weight at a time: the tensor returned is valid until the next
+dequantisation on that device, so callers must consume it (enqueue their GEMM) before asking for
+another weight.  Every caller in sftop.kernels does.  Stream order keeps that safe on the GPU: the
+next dequantisation is queued after the GEMM that reads the previous one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class ScratchBuffers:
+    """One flat buffer per (device, dtype), grown to the largest request and then reused.
+
+    Growing replaces the buffer; the old one returns to torch's caching allocator, which keeps it
+    until work already queued on its stream is done, so a pending GEMM never reads freed memory.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def get(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        key = (torch.device(device), dtype)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            self._buffers.pop(key, None)  # free the old one before allocating the larger one
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buf
+        return buf[:numel]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+SCRATCH = ScratchBuffers()
+# the dequantised absmax of a double-quantised weight (fp32, numel / blocksize values) gets its own
+# scratch so that it can be written while the weight scratch is still being read
+ABSMAX_SCRATCH = ScratchBuffers()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything one weight's dequantisation needs, resolved once."""
+
+    weight_fn: object  # ctypes function: (code, A, absmax, out, blocksize, n, stream)
+    shape: torch.Size
+    numel: int
+    blocksize: int
+    nested: bool
+    absmax_fn: object | None  # fp32 blockwise dequantisation of the nested absmax
+    absmax_numel: int
+    absmax_blocksize: int
+
+
+def _native_lib():
+    """bitsandbytes' CUDA library once its CUDA backend has declared the argument types."""
+    try:
+        import bitsandbytes.backends.cuda.ops  # noqa: F401  (sets the ctypes argtypes we rely on)
+        from bitsandbytes.cextension import lib
+    except Exception:
+        return None
+    return lib if getattr(lib, "compiled_with_cuda", False) else None
+
+
+def _has_argtypes(fn) -> bool:
+    # a 64-bit device pointer passed without declared argtypes would be truncated to a C int
+    return isinstance(fn, ctypes._CFuncPtr) and getattr(fn, "argtypes", None) is not None
+
+
+def _plan_for(weight: torch.Tensor, dtype: torch.dtype) -> _Plan | None:
+    """The direct call for `weight` into `dtype`, or None when bitsandbytes' Python API must be used."""
+    qs = weight.quant_state
+    cache = qs.__dict__.setdefault("_sftop_plans", {})
+    if dtype in cache:
+        return cache[dtype]
+    cache[dtype] = plan = _resolve(weight, qs, dtype)
+    return plan
+
+
+def _resolve(weight: torch.Tensor, qs, dtype: torch.dtype) -> _Plan | None:
+    if not weight.is_cuda or dtype not in _DTYPE_NAMES or not weight.is_contiguous():
+        return None
+    if qs.quant_type not in ("nf4", "fp4") or qs.blocksize not in _BLOCKSIZES:
+        return None
+    lib = _native_lib()
+    if lib is None:
+        return None
+    weight_fn = getattr(lib, f"cdequantize_blockwise_{_DTYPE_NAMES[dtype]}_{qs.quant_type}", None)
+    if not _has_argtypes(weight_fn):
+        return None
+    numel = 1
+    for d in qs.shape:
+        numel *= int(d)
+    if qs.absmax is None or not qs.absmax.is_cuda:
+        return None
+    absmax_fn, absmax_numel, absmax_blocksize = None, 0, 0
+    if qs.nested:
+        s2 = qs.state2
+        if s2 is None or s2.code is None or not s2.code.is_cuda or s2.blocksize not in _BLOCKSIZES:
+            return None
+        if qs.absmax.dtype != torch.uint8 or s2.absmax.dtype != torch.float32 or s2.code.dtype != torch.float32:
+            return None
+        absmax_fn = getattr(lib, "cdequantize_blockwise_fp32", None)
+        if not _has_argtypes(absmax_fn):
+            return None
+        absmax_numel, absmax_blocksize = qs.absmax.numel(), int(s2.blocksize)
+    elif qs.absmax.dtype != torch.float32:
+        return None
+    return _Plan(weight_fn, torch.Size(qs.shape), numel, int(qs.blocksize), bool(qs.nested), absmax_fn,
+                 absmax_numel, absmax_blocksize)
+
+
+def _dequantize_direct(weight: torch.Tensor, plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
+    qs = weight.quant_state
+    device = weight.device
+    stream = torch._C._cuda_getCurrentRawStream(device.index)
+    absmax = qs.absmax
+    if plan.nested:
+        s2 = qs.state2
+        absmax = ABSMAX_SCRATCH.get(device, torch.float32, plan.absmax_numel)
+        plan.absmax_fn(s2.code.data_ptr(), qs.absmax.data_ptr(), s2.absmax.data_ptr(), absmax.data_ptr(),
+                       plan.absmax_blocksize, plan.absmax_numel, stream)
+        absmax.add_(qs.offset)
+    out = SCRATCH.get(device, dtype, plan.numel)
+    plan.weight_fn(None, weight.data_ptr(), absmax.data_ptr(), out.data_ptr(), plan.blocksize, plan.numel, stream)
+    return out.view(plan.shape)
+
+
+def dequantize_4bit_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense [out, in] weight of a bitsandbytes 4-bit Params4bit, in `dtype`.
+
+    On a CUDA device the result lives in the shared scratch buffer (valid until the next call for
+    that device and dtype); elsewhere it is bitsandbytes' own fresh tensor.
+    """
+    plan = _plan_for(weight, dtype)
+    if plan is not None and weight.device.index == torch.cuda.current_device():
+        return _dequantize_direct(weight, plan, dtype)
+    import bitsandbytes.functional as bnbf
+
+    w = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    return w if w.dtype == dtype else w.to(dtype)
