@@ -1,4 +1,5 @@
-"""patch_model and the parts it can patch (rms_norm, rope, mlp, lora, attention_lora, attention, loss)."""
+"""patch_model and the parts it can patch (rms_norm, rope, mlp, lora, attention_lora, attention, loss,
+checkpoint_offload)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 from .._runtime import kernels_available
 from .registry import FAMILIES, FamilySpec
 
-PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "attention", "loss")
+PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "attention", "loss", "checkpoint_offload")
 FUSED = "fused"
 
 # Marks on patched instances: the forward we replaced (None when the instance had no forward of
@@ -554,9 +555,45 @@ def _restore_attention(model: nn.Module) -> None:
         model.set_attn_implementation(original)
 
 
+# --------------------------------------------------------------------------- checkpoint_offload
+
+_GC_ENABLE = "gradient_checkpointing_enable"
+
+
+def _patch_checkpoint_offload(model: nn.Module, spec: FamilySpec) -> str:
+    """Make `gradient_checkpointing_enable(offload=True)` (what Trainer calls for sftop's "offload"
+    plan) use the copy-overlapping offload of sftop/kernels/checkpoint_offload.py instead of
+    transformers' save_on_cpu, which blocks on every copy."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return f"stock: {type(model).__name__} does not support gradient checkpointing"
+    if not torch.cuda.is_available():
+        return "stock: offloading to host memory needs a CUDA GPU"
+    if _GC_ENABLE in model.__dict__:
+        return FUSED
+    from ..checkpoint_offload import checkpoint_function
+
+    original = getattr(model, _GC_ENABLE)
+
+    def gradient_checkpointing_enable(gradient_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                      offload: bool = False):
+        gc_kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
+        overlapped = offload and gc_kwargs.get("use_reentrant", True) is False
+        original(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, every_n_layers=every_n_layers,
+                 offload=offload and not overlapped)
+        if overlapped:
+            fn = checkpoint_function(gc_kwargs)
+            for m in model.modules():
+                if hasattr(m, "_gradient_checkpointing_func"):
+                    m._gradient_checkpointing_func = fn
+
+    model.__dict__[_GC_ENABLE] = gradient_checkpointing_enable
+    return FUSED
+
+
 _PATCHERS = {
     "rms_norm": _patch_rms_norm, "rope": _patch_rope, "mlp": _patch_mlp, "lora": _patch_lora,
     "attention_lora": _patch_attention_lora, "attention": _patch_attention, "loss": _patch_loss,
+    "checkpoint_offload": _patch_checkpoint_offload,
 }
 
 
@@ -564,6 +601,7 @@ def _unpatch(model: nn.Module) -> None:
     for m in model.modules():
         _restore_forward(m)
     _restore_attention(model)
+    model.__dict__.pop(_GC_ENABLE, None)
 
 
 def patch_model(model: nn.Module, *, enable: bool = True) -> PatchReport:
