@@ -48,9 +48,18 @@ def _config(name: str):
 
 def _checkpointing(args, path: str) -> dict:
     """Non-reentrant checkpointing; sftop's path may offload the layer inputs to pinned host memory
-    (--checkpointing offload), the stock path always keeps them on the GPU."""
+    (--checkpointing offload: sftop's overlapped copies; offload-hf: transformers' save_on_cpu, for
+    comparison), the stock path always keeps them on the GPU."""
     return dict(gradient_checkpointing_kwargs={"use_reentrant": False},
-                offload=path == "sftop" and args.checkpointing == "offload")
+                offload=path == "sftop" and args.checkpointing in ("offload", "offload-hf"))
+
+
+def _enable_checkpointing(model, args, path: str) -> None:
+    if path == "sftop" and args.checkpointing == "offload-hf":
+        base = model.get_base_model()
+        type(base).gradient_checkpointing_enable(base, **_checkpointing(args, path))  # past sftop's patch
+    else:
+        model.gradient_checkpointing_enable(**_checkpointing(args, path))
 
 
 def _build(args, path: str):
@@ -76,11 +85,12 @@ def _build(args, path: str):
             # its fp32 upcast of the embeddings, norms and lm_head (1 GiB for a 128K vocab) and of the
             # residual stream is what the quantisation was meant to save.  The fused kernels compute
             # norms and the loss in fp32 internally, which is what the upcast is there for.
-            model.gradient_checkpointing_enable(**_checkpointing(args, path))
+            pass
     else:
         with torch.device(args.device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-        model.gradient_checkpointing_enable(**_checkpointing(args, path))
+        if path == "stock":
+            model.gradient_checkpointing_enable(**_checkpointing(args, path))
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                              task_type="CAUSAL_LM"))
     report = None
@@ -88,6 +98,8 @@ def _build(args, path: str):
         from sftop.kernels import patch_model
 
         report = patch_model(model).to_dict()
+        # as in `sftop run`, where Trainer enables checkpointing on the patched model
+        _enable_checkpointing(model, args, path)
     return model, report
 
 
@@ -149,12 +161,55 @@ def _one(args, path: str) -> dict:
         losses=losses,
         patch=report,
     )
+    if args.memory_phases and cuda:
+        result["memory_phases_gib"] = _memory_phases(model, ids_shape=(args.batch, args.seq), vocab=vocab,
+                                                     gen=gen, opt=opt)
     if args.profile:
         try:
             result.update(_profile(step))
         except Exception as exc:  # the timing above must survive a profiler problem
             result["profile_error"] = f"{type(exc).__name__}: {exc}"
     return result
+
+
+def _memory_phases(model, ids_shape, vocab, gen, opt) -> dict:
+    """Peak allocated memory in each part of one step: the decoder layers' forward, the loss
+    (final norm onward), backward and the optimizer step, plus what forward leaves for backward."""
+    import torch
+
+    gib = 2**30
+    marks = {}
+    base = model.get_base_model()
+    backbone = getattr(base, base.base_model_prefix)
+
+    def layers_done(_module, _inputs, _output):
+        if "layers_forward" in marks:  # the checkpoint recomputation in backward calls it again
+            return
+        marks["layers_forward"] = torch.cuda.max_memory_allocated() / gib
+        torch.cuda.reset_peak_memory_stats()
+
+    hook = backbone.layers[-1].register_forward_hook(layers_done)
+    try:
+        ids = torch.randint(0, vocab, ids_shape, device="cuda", generator=gen)
+        torch.cuda.synchronize()
+        marks["before_step"] = torch.cuda.memory_allocated() / gib
+        torch.cuda.reset_peak_memory_stats()
+        loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        marks["loss"] = torch.cuda.max_memory_allocated() / gib
+        marks["kept_for_backward"] = torch.cuda.memory_allocated() / gib
+        torch.cuda.reset_peak_memory_stats()
+        loss.backward()
+        torch.cuda.synchronize()
+        marks["backward"] = torch.cuda.max_memory_allocated() / gib
+        torch.cuda.reset_peak_memory_stats()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        marks["optimizer"] = torch.cuda.max_memory_allocated() / gib
+    finally:
+        hook.remove()
+    return {k: round(v, 3) for k, v in marks.items()}
 
 
 def _profile(step) -> dict:
@@ -192,9 +247,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--4bit", dest="four_bit", action="store_true")
     ap.add_argument("--paths", default="stock,sftop")
-    ap.add_argument("--checkpointing", choices=["on", "offload"], default="on",
+    ap.add_argument("--checkpointing", choices=["on", "offload", "offload-hf"], default="on",
                     help="sftop path only; the stock path always keeps its layer inputs on the GPU")
     ap.add_argument("--profile", action="store_true", help="torch.profiler share of GPU time by kernel category")
+    ap.add_argument("--memory-phases", action="store_true", help="peak memory in forward, loss, backward, optimizer")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -227,6 +283,8 @@ def main(argv=None) -> int:
             cmd += ["--4bit", "--model-dir", args.model_dir]
         if args.profile:
             cmd.append("--profile")
+        if args.memory_phases:
+            cmd.append("--memory-phases")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
@@ -253,7 +311,10 @@ def main(argv=None) -> int:
             print(f"  {r['path']:6s} {r['tokens_per_s']:10,.0f} tok/s  peak {r['peak_gib']:6.2f} GiB  "
                   f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  loss {r['losses'][-1]:.3f}")
             if "profile_share" in r:
-                print("         profile:", r["profile_share"])
+                print("         profile:", r["profile_share"], f"GPU {r['profile_gpu_ms_per_step']:.1f} ms of "
+                      f"{1e3 * r['step_s']:.1f} ms per step")
+            if "memory_phases_gib" in r:
+                print("         memory:", r["memory_phases_gib"])
         else:
             print(f"  {r['path']:6s} FAILED")
     if args.json:
