@@ -19,8 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-# One chunk's logits (plus the same-size gradient it turns into) stay under this many bytes.
-DEFAULT_CHUNK_BYTES = 512 * 1024 * 1024
+# One chunk's logits (overwritten in place by their gradient) stay under this many bytes.  The
+# loss is the step's memory peak when checkpointing is on (docs/benchmarks.md, 2026-12-02): at
+# 256 MiB the matmuls still have 1024+ rows for a 128K vocabulary.
+DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 
 
 @triton.jit
@@ -147,6 +149,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 dxs[s:e] = (logits @ w_c).to(x.dtype)
             if need_dw:
                 dw.addmm_(logits.t().to(torch.float32), xc.to(torch.float32))
+            # released before the next chunk's matmul allocates its logits: otherwise two chunks
+            # are live at once (measured: +0.5 GiB at the peak of a 1B step)
+            del logits
 
         if num_items_in_batch is None:
             denom = n_counted.clamp(min=1).to(torch.float32)

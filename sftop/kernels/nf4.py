@@ -152,12 +152,16 @@ def dequantize_4bit_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Te
     """The dense [out, in] weight of a bitsandbytes 4-bit Params4bit, in `dtype`.
 
     On a CUDA device the result lives in the shared scratch buffer (valid until the next call for
-    that device and dtype); elsewhere it is bitsandbytes' own fresh tensor.
+    that device and dtype); elsewhere it is bitsandbytes' own fresh tensor.  Either way it is
+    dequantised to the weight's own dtype first, as bitsandbytes' layers do, and only then cast:
+    dequantising straight to fp32 would skip that rounding and differ from the stock path.
     """
-    plan = _plan_for(weight, dtype)
+    own = weight.quant_state.dtype
+    plan = _plan_for(weight, own)
     if plan is not None and weight.device.index == torch.cuda.current_device():
-        return _dequantize_direct(weight, plan, dtype)
-    import bitsandbytes.functional as bnbf
+        w = _dequantize_direct(weight, plan, own)
+    else:
+        import bitsandbytes.functional as bnbf
 
-    w = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        w = bnbf.dequantize_4bit(weight.data, weight.quant_state)
     return w if w.dtype == dtype else w.to(dtype)

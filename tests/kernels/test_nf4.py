@@ -15,9 +15,9 @@ from sftop.kernels import nf4  # noqa: E402
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _quantised(rows, cols, quant_type="nf4", nested=True, blocksize=64, device="cpu", seed=0):
+def _quantised(rows, cols, quant_type="nf4", nested=True, blocksize=64, device="cpu", seed=0, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
-    dense = (torch.randn(rows, cols, generator=g) * 0.05).to(torch.bfloat16).to(device)
+    dense = (torch.randn(rows, cols, generator=g) * 0.05).to(dtype).to(device)  # the weight's own dtype
     packed, qs = bnbf.quantize_4bit(dense, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
     packed.quant_state = qs  # what bitsandbytes' Params4bit carries
     return packed
@@ -55,7 +55,7 @@ def test_cpu_weights_use_bitsandbytes_api_and_match_it():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rows,cols,blocksize", [(2048, 2048, 64), (512, 2048, 64), (1000, 1536, 128), (37, 71, 64)])
 def test_direct_path_is_bitsandbytes_bit_for_bit(quant_type, nested, dtype, rows, cols, blocksize):
-    w = _quantised(rows, cols, quant_type, nested, blocksize, device="cuda", seed=rows + cols)
+    w = _quantised(rows, cols, quant_type, nested, blocksize, device="cuda", seed=rows + cols, dtype=dtype)
     assert nf4._plan_for(w, dtype) is not None, "the direct C call was not taken"
     nf4.SCRATCH.get(w.device, dtype, rows * cols).fill_(float("nan"))  # unwritten elements would fail
     nf4.ABSMAX_SCRATCH.clear()
@@ -64,6 +64,14 @@ def test_direct_path_is_bitsandbytes_bit_for_bit(quant_type, nested, dtype, rows
     assert got.dtype == dtype and got.shape == (rows, cols)
     assert not got.isnan().any()
     assert torch.equal(got, want)
+
+
+@gpu
+@pytest.mark.gpu
+def test_other_compute_dtype_rounds_through_the_weights_own_dtype_as_bitsandbytes_does():
+    w = _quantised(300, 512, device="cuda")  # bf16 weight, fp32 compute
+    got = nf4.dequantize_4bit_weight(w, torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, _reference(w, torch.float32))
 
 
 @gpu

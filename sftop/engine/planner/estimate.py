@@ -39,7 +39,7 @@ CUBLAS_WORKSPACE_BYTES = 2 * 32 * MIB
 ALLOCATOR_MARGIN = 0.10
 # sftop's fused linear+CE computes logits in chunks of at most this many bytes
 # (sftop/kernels/fused_linear_cross_entropy.py DEFAULT_CHUNK_BYTES).
-FUSED_CE_CHUNK_BYTES = 512 * MIB
+FUSED_CE_CHUNK_BYTES = 256 * MIB
 # Labels, the counted-row index, the gathered labels (int64 each), the counted mask and the fp32
 # per-row loss the fused linear+CE holds per token while it runs.
 FUSED_CE_INDEX_BYTES = 8 + 8 + 8 + 1 + 4
@@ -393,15 +393,13 @@ def checkpointed_layers(shape: ModelShape, setup: Setup) -> int:
 def fused_ce_bytes(shape: ModelShape, setup: Setup, tokens: int) -> int:
     """Peak of sftop's fused linear+CE beyond the dX it keeps for backward.
 
-    It computes logits for chunks of rows (at most FUSED_CE_CHUNK_BYTES each); the next chunk's
-    logits are allocated before the previous one is released, so two are live when there is more
-    than one. Alongside: the final norm's output, its gathered rows and the dX rows being filled.
+    It computes logits for chunks of rows (at most FUSED_CE_CHUNK_BYTES each), one chunk live at a
+    time. Alongside: the final norm's output, its gathered rows and the dX rows being filled.
     """
     dt = DTYPE_BYTES[setup.dtype]
     per_row = shape.vocab * dt
     rows = max(1, min(tokens, FUSED_CE_CHUNK_BYTES // per_row))
-    chunks = rows * per_row + min(rows, tokens - rows) * per_row
-    return chunks + (3 * dt * shape.hidden + FUSED_CE_INDEX_BYTES) * tokens
+    return rows * per_row + (3 * dt * shape.hidden + FUSED_CE_INDEX_BYTES) * tokens
 
 
 def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None = None) -> Estimate:
