@@ -39,6 +39,10 @@ def predicted_gib(r: dict) -> float:
         kernels=fused,
         loss="fused" if fused else "chunked",
         packed=r["packed"],
+        # re-measured packed rows ran the varlen attention patch; torch 2.11's varlen API takes no
+        # GQA flag, so K and V went in repeated
+        attention=r.get("attention", "sdpa"),
+        varlen_native_gqa=False,
     )
     return estimate(SHAPES[r["shape"]], setup, r["tokens"], seq_len=r["seq_len"]).allocated_bytes / GIB
 
@@ -57,9 +61,10 @@ def test_fixture_covers_both_paths_and_the_planners_choices():
 @pytest.mark.parametrize("r", ROWS, ids=row_id)
 def test_prediction_within_measured_band(r):
     err = error(r)
-    # the fused path was re-derived from what its kernels save and reaches -0.4%..+4.8%;
+    # the fused path was re-derived from what its kernels save; against its 2026-12-02 re-measurement
+    # (one logits chunk live, K/V kept repeated by GPU SDPA) it reaches -1.7%..+6.9%;
     # the stock path reaches -0.1%..+7.0%
-    high = 0.05 if r["loss"] == "sftop" else 0.08
+    high = 0.07 if r["loss"] == "sftop" else 0.08
     assert -0.02 <= err <= high, f"predicted {predicted_gib(r):.2f} GiB, measured {r['measured_gib']:.2f} GiB"
 
 
@@ -67,5 +72,6 @@ def test_every_row_within_ten_percent_now_and_fused_rows_were_not_before():
     within = [abs(error(r)) <= 0.10 for r in ROWS]
     assert all(within)
     before = [abs(r["predicted_before_gib"] / r["measured_gib"] - 1) <= 0.10 for r in ROWS]
-    # the 2026-11-23 model over-predicted the fused path by up to 100%: 53 of 89 rows were within 10%
-    assert sum(before) == 53
+    # the 2026-11-23 model over-predicted the fused path by up to 100%: 50 of 89 rows are within 10%
+    # of today's measurements (53 of the H100 ones)
+    assert sum(before) == 50

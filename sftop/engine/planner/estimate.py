@@ -315,6 +315,11 @@ def kv_repeated(shape: ModelShape, setup: Setup, masked: bool) -> bool:
         return False
     if setup.attention == "varlen":
         return not setup.varlen_native_gqa
+    if setup.attention == "sdpa" and setup.on_gpu and fused_lora(setup):
+        # measured (H200, 2026-12-02): unmasked SDPA on the GPU with sftop's layers keeps ~3 h
+        # bytes per token and layer more than K and V -- the repeated copies -- across all three
+        # GQA shapes; transformers' enable_gqa path does not avoid the copy there
+        return True
     return setup.attention == "eager" or masked
 
 
