@@ -45,8 +45,10 @@ def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: boo
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
         gradient_checkpointing=checkpointing in ("on", "offload"),
-        # "offload" keeps the checkpointed activations in pinned host memory (transformers' own
-        # gradient_checkpointing_enable(offload=True)), which is what the planner's estimate assumes.
+        # "offload" keeps the checkpointed activations in pinned host memory: Trainer calls
+        # gradient_checkpointing_enable(offload=True), which sftop's patch part checkpoint_offload
+        # turns into copies that overlap the compute.  The planner's estimate assumes two layer
+        # inputs on the GPU (the one recomputing and the one fetched ahead).
         # every_n_layers: the planner may checkpoint only every n-th block when memory allows.
         gradient_checkpointing_kwargs=(
             {"use_reentrant": False, "offload": checkpointing == "offload",
