@@ -65,6 +65,7 @@ class _Plan:
     """Everything one weight's dequantisation needs, resolved once."""
 
     weight_fn: object  # ctypes function: (code, A, absmax, out, blocksize, n, stream)
+    dtype: torch.dtype  # the weight's own dtype, what bitsandbytes dequantises into
     shape: torch.Size
     numel: int
     blocksize: int
@@ -89,17 +90,19 @@ def _has_argtypes(fn) -> bool:
     return isinstance(fn, ctypes._CFuncPtr) and getattr(fn, "argtypes", None) is not None
 
 
-def _plan_for(weight: torch.Tensor, dtype: torch.dtype) -> _Plan | None:
-    """The direct call for `weight` into `dtype`, or None when bitsandbytes' Python API must be used."""
+_PLAN = "_sftop_plan"
+
+
+def _plan_for(weight: torch.Tensor) -> _Plan | None:
+    """The direct call for `weight`, or None when bitsandbytes' Python API must be used."""
     qs = weight.quant_state
-    cache = qs.__dict__.setdefault("_sftop_plans", {})
-    if dtype in cache:
-        return cache[dtype]
-    cache[dtype] = plan = _resolve(weight, qs, dtype)
-    return plan
+    if _PLAN not in qs.__dict__:
+        qs.__dict__[_PLAN] = _resolve(weight, qs)
+    return qs.__dict__[_PLAN]
 
 
-def _resolve(weight: torch.Tensor, qs, dtype: torch.dtype) -> _Plan | None:
+def _resolve(weight: torch.Tensor, qs) -> _Plan | None:
+    dtype = qs.dtype
     if not weight.is_cuda or dtype not in _DTYPE_NAMES or not weight.is_contiguous():
         return None
     if qs.quant_type not in ("nf4", "fp4") or qs.blocksize not in _BLOCKSIZES:
@@ -110,9 +113,7 @@ def _resolve(weight: torch.Tensor, qs, dtype: torch.dtype) -> _Plan | None:
     weight_fn = getattr(lib, f"cdequantize_blockwise_{_DTYPE_NAMES[dtype]}_{qs.quant_type}", None)
     if not _has_argtypes(weight_fn):
         return None
-    numel = 1
-    for d in qs.shape:
-        numel *= int(d)
+    shape = torch.Size(qs.shape)
     if qs.absmax is None or not qs.absmax.is_cuda:
         return None
     absmax_fn, absmax_numel, absmax_blocksize = None, 0, 0
@@ -128,11 +129,11 @@ def _resolve(weight: torch.Tensor, qs, dtype: torch.dtype) -> _Plan | None:
         absmax_numel, absmax_blocksize = qs.absmax.numel(), int(s2.blocksize)
     elif qs.absmax.dtype != torch.float32:
         return None
-    return _Plan(weight_fn, torch.Size(qs.shape), numel, int(qs.blocksize), bool(qs.nested), absmax_fn,
+    return _Plan(weight_fn, dtype, shape, shape.numel(), int(qs.blocksize), bool(qs.nested), absmax_fn,
                  absmax_numel, absmax_blocksize)
 
 
-def _dequantize_direct(weight: torch.Tensor, plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_direct(weight: torch.Tensor, plan: _Plan) -> torch.Tensor:
     qs = weight.quant_state
     device = weight.device
     stream = torch._C._cuda_getCurrentRawStream(device.index)
@@ -143,7 +144,7 @@ def _dequantize_direct(weight: torch.Tensor, plan: _Plan, dtype: torch.dtype) ->
         plan.absmax_fn(s2.code.data_ptr(), qs.absmax.data_ptr(), s2.absmax.data_ptr(), absmax.data_ptr(),
                        plan.absmax_blocksize, plan.absmax_numel, stream)
         absmax.add_(qs.offset)
-    out = SCRATCH.get(device, dtype, plan.numel)
+    out = SCRATCH.get(device, plan.dtype, plan.numel)
     plan.weight_fn(None, weight.data_ptr(), absmax.data_ptr(), out.data_ptr(), plan.blocksize, plan.numel, stream)
     return out.view(plan.shape)
 
@@ -156,10 +157,9 @@ def dequantize_4bit_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Te
     dequantised to the weight's own dtype first, as bitsandbytes' layers do, and only then cast:
     dequantising straight to fp32 would skip that rounding and differ from the stock path.
     """
-    own = weight.quant_state.dtype
-    plan = _plan_for(weight, own)
+    plan = _plan_for(weight)
     if plan is not None and weight.device.index == torch.cuda.current_device():
-        w = _dequantize_direct(weight, plan, own)
+        w = _dequantize_direct(weight, plan)
     else:
         import bitsandbytes.functional as bnbf
 

@@ -42,7 +42,7 @@ def test_scratch_buffer_is_reused_and_grows():
 
 def test_cpu_weights_use_bitsandbytes_api_and_match_it():
     w = _quantised(96, 130)
-    assert nf4._plan_for(w, torch.bfloat16) is None  # no CUDA C call for a CPU tensor
+    assert nf4._plan_for(w) is None  # no CUDA C call for a CPU tensor
     got = nf4.dequantize_4bit_weight(w, torch.float32)
     assert got.dtype == torch.float32 and got.shape == (96, 130)
     assert torch.equal(got, _reference(w, torch.float32))
@@ -56,7 +56,7 @@ def test_cpu_weights_use_bitsandbytes_api_and_match_it():
 @pytest.mark.parametrize("rows,cols,blocksize", [(2048, 2048, 64), (512, 2048, 64), (1000, 1536, 128), (37, 71, 64)])
 def test_direct_path_is_bitsandbytes_bit_for_bit(quant_type, nested, dtype, rows, cols, blocksize):
     w = _quantised(rows, cols, quant_type, nested, blocksize, device="cuda", seed=rows + cols, dtype=dtype)
-    assert nf4._plan_for(w, dtype) is not None, "the direct C call was not taken"
+    assert nf4._plan_for(w) is not None, "the direct C call was not taken"
     nf4.SCRATCH.get(w.device, dtype, rows * cols).fill_(float("nan"))  # unwritten elements would fail
     nf4.ABSMAX_SCRATCH.clear()
     got = nf4.dequantize_4bit_weight(w, dtype)
