@@ -51,11 +51,11 @@ def _checkpointing(args, path: str) -> dict:
     (--checkpointing offload: sftop's overlapped copies; offload-hf: transformers' save_on_cpu, for
     comparison), the stock path always keeps them on the GPU."""
     return dict(gradient_checkpointing_kwargs={"use_reentrant": False},
-                offload=path == "sftop" and args.checkpointing in ("offload", "offload-hf"))
+                offload=path != "stock" and args.checkpointing in ("offload", "offload-hf"))
 
 
 def _enable_checkpointing(model, args, path: str) -> None:
-    if path == "sftop" and args.checkpointing == "offload-hf":
+    if path != "stock" and args.checkpointing == "offload-hf":
         base = model.get_base_model()
         type(base).gradient_checkpointing_enable(base, **_checkpointing(args, path))  # past sftop's patch
     else:
@@ -94,9 +94,11 @@ def _build(args, path: str):
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                              task_type="CAUSAL_LM"))
     report = None
-    if path == "sftop":
+    if path != "stock":
         from sftop.kernels import patch_model
 
+        if path == "sftop-eager":  # the same patched model without CUDA graphs, for the ratio
+            os.environ["SFTOP_CUDA_GRAPHS"] = "0"
         report = patch_model(model).to_dict()
         # as in `sftop run`, where Trainer enables checkpointing on the patched model
         _enable_checkpointing(model, args, path)
@@ -147,6 +149,9 @@ def _one(args, path: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     losses = [step().item() for _ in range(args.warmup)]
     sync()
+    warm_peak = torch.cuda.max_memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
@@ -157,11 +162,25 @@ def _one(args, path: str) -> dict:
         path=path,
         tokens_per_s=args.batch * args.seq * args.steps / dt,
         step_s=dt / args.steps,
-        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        peak_gib=max(warm_peak, torch.cuda.max_memory_allocated()) / 2**30 if cuda else float("nan"),
         losses=losses,
         patch=report,
     )
-    if args.memory_phases and cuda:
+    graphs = _graph_stats(model) if cuda else None
+    if graphs is not None:
+        result["cuda_graphs"] = graphs
+        if graphs["replays"]:
+            # replays allocate nothing, so the allocator's peak misses the step's transients, which
+            # live in the graphs' pool: count all of the pool's idle memory on top (an upper bound)
+            from sftop.kernels.cuda_graphs import idle_pool_bytes
+
+            pool = idle_pool_bytes()
+            steady = torch.cuda.max_memory_allocated() + pool
+            result.update(peak_gib=max(warm_peak, steady) / 2**30, graph_pool_idle_gib=pool / 2**30,
+                          steady_allocated_gib=torch.cuda.max_memory_allocated() / 2**30)
+    if cuda:
+        result["max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    if args.memory_phases and cuda and not (graphs and graphs["replays"]):
         result["memory_phases_gib"] = _memory_phases(model, ids_shape=(args.batch, args.seq), vocab=vocab,
                                                      gen=gen, opt=opt)
     if args.profile:
@@ -170,6 +189,14 @@ def _one(args, path: str) -> dict:
         except Exception as exc:  # the timing above must survive a profiler problem
             result["profile_error"] = f"{type(exc).__name__}: {exc}"
     return result
+
+
+def _graph_stats(model) -> dict | None:
+    graphs = model.get_base_model().__dict__.get("_sftop_graphs")
+    if graphs is None:
+        return None
+    st = graphs.stats
+    return dict(eager_calls=st.eager_calls, captures=st.captures, replays=st.replays, failures=st.failures)
 
 
 def _memory_phases(model, ids_shape, vocab, gen, opt) -> dict:
@@ -246,7 +273,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--4bit", dest="four_bit", action="store_true")
-    ap.add_argument("--paths", default="stock,sftop")
+    ap.add_argument("--paths", default="stock,sftop",
+                    help="comma-separated: stock, sftop (patched, CUDA graphs on), sftop-eager (patched, graphs off)")
     ap.add_argument("--checkpointing", choices=["on", "offload", "offload-hf"], default="on",
                     help="sftop path only; the stock path always keeps its layer inputs on the GPU")
     ap.add_argument("--profile", action="store_true", help="torch.profiler share of GPU time by kernel category")
@@ -308,15 +336,18 @@ def main(argv=None) -> int:
     print(f"{args.model} {'nf4' if args.four_bit else 'bf16'} batch {args.batch} x {args.seq} on {out['device']}")
     for r in results:
         if "tokens_per_s" in r:
-            print(f"  {r['path']:6s} {r['tokens_per_s']:10,.0f} tok/s  peak {r['peak_gib']:6.2f} GiB  "
+            print(f"  {r['path']:11s} {r['tokens_per_s']:10,.0f} tok/s  peak {r['peak_gib']:6.2f} GiB  "
                   f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  loss {r['losses'][-1]:.3f}")
             if "profile_share" in r:
                 print("         profile:", r["profile_share"], f"GPU {r['profile_gpu_ms_per_step']:.1f} ms of "
                       f"{1e3 * r['step_s']:.1f} ms per step")
             if "memory_phases_gib" in r:
                 print("         memory:", r["memory_phases_gib"])
+            if "cuda_graphs" in r:
+                print("         cuda graphs:", r["cuda_graphs"], "pool idle GiB",
+                      round(r.get("graph_pool_idle_gib", 0.0), 3))
         else:
-            print(f"  {r['path']:6s} FAILED")
+            print(f"  {r['path']:11s} FAILED")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

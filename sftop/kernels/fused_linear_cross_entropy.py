@@ -101,7 +101,8 @@ def chunk_rows(n_rows: int, n_vocab: int, elem_bytes: int, chunk_bytes: int | No
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden, weight, labels, num_items_in_batch, ignore_index, softcap, chunk_bytes, compute_dtype, grad_mode
+        ctx, hidden, weight, labels, num_items_in_batch, ignore_index, softcap, chunk_bytes, compute_dtype, grad_mode,
+        select_rows,
     ):
         h_shape = hidden.shape
         x = hidden.reshape(-1, h_shape[-1])
@@ -117,11 +118,16 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
         counted = y != ignore_index
         n_counted = counted.sum()
-        # Rows that don't count cost a full vocab matmul for nothing; SFT masks whole prompts, so
-        # drop them up front (one host sync for the index, paid once per step).
-        idx = counted.nonzero().squeeze(1)
-        xs = x.index_select(0, idx)
-        ys = y.index_select(0, idx)
+        if select_rows:
+            # Rows that don't count cost a full vocab matmul for nothing; SFT masks whole prompts,
+            # so drop them up front (one host sync for the index, paid once per step).
+            idx = counted.nonzero().squeeze(1)
+            xs = x.index_select(0, idx)
+            ys = y.index_select(0, idx)
+        else:
+            # inside a CUDA graph capture (no host sync allowed): every row goes through the
+            # kernel, which gives ignored rows zero loss and zero gradient
+            idx, xs, ys = None, x, y
         n = xs.shape[0]
 
         if compute_dtype is None:
@@ -161,7 +167,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             denom = torch.tensor(float(num_items_in_batch), device=x.device)
         loss = loss_rows.sum() / denom
 
-        if need_dx:
+        if need_dx and idx is None:
+            dx = dxs.view(h_shape)
+        elif need_dx:
             dx = torch.zeros_like(x)
             dx.index_copy_(0, idx, dxs)
             dx = dx.view(h_shape)
@@ -182,7 +190,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             dx = saved.pop(0) * scale
         if ctx.has[1]:
             dw = (saved.pop(0) * scale).to(ctx.w_dtype)
-        return dx, dw, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -195,14 +203,16 @@ def fused_linear_cross_entropy(
     softcap: float | None = None,
     chunk_bytes: int | None = None,
     compute_dtype: torch.dtype | None = None,
+    select_rows: bool = True,
 ) -> torch.Tensor:
     """Mean (or sum / num_items_in_batch) cross-entropy of `hidden @ weight.T` against `labels`.
 
     `labels` must already be aligned with `hidden` rows (shift them first for causal LM).
     `compute_dtype` sets the dtype of the two matmuls (default: promoted from hidden and weight);
-    the softmax and the loss are fp32 either way.
+    the softmax and the loss are fp32 either way.  `select_rows=False` skips dropping the rows
+    that don't count (which needs a host sync) so that the call can be captured in a CUDA graph.
     """
     return FusedLinearCrossEntropyFunction.apply(
         hidden, weight, labels, num_items_in_batch, ignore_index, softcap, chunk_bytes, compute_dtype,
-        torch.is_grad_enabled(),
+        torch.is_grad_enabled(), select_rows,
     )

@@ -37,20 +37,36 @@ class ScratchBuffers:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        # buffers that a captured CUDA graph writes into: never freed once frozen
+        self._frozen = False
+        self._kept: list[torch.Tensor] = []
 
     def get(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
         key = (torch.device(device), dtype)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
-            self._buffers.pop(key, None)  # free the old one before allocating the larger one
+            old = self._buffers.pop(key, None)  # free the old one before allocating the larger one
+            if old is not None and self._frozen:
+                self._kept.append(old)
             buf = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[key] = buf
         return buf[:numel]
 
+    def freeze(self) -> None:
+        """From now on a buffer that is outgrown is kept, not freed (see cuda_graphs.py)."""
+        self._frozen = True
+
     def nbytes(self) -> int:
+        """Bytes of the buffers in use (one per device and dtype)."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
+    def kept_nbytes(self) -> int:
+        """Bytes of outgrown buffers kept alive because a graph may still write into them."""
+        return sum(b.numel() * b.element_size() for b in self._kept)
+
     def clear(self) -> None:
+        if self._frozen:
+            return  # a captured graph may still write into them
         self._buffers.clear()
 
 

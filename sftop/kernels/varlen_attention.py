@@ -136,6 +136,15 @@ def packed_attention(query, key, value, cu: torch.Tensor, max_len: int, scale: f
     return out.unsqueeze(0)
 
 
+def _capturing_unpacked(kwargs) -> bool:
+    """Inside a CUDA-graph capture without row boundaries: finding them from position ids needs a
+    host sync, and the graph path (cuda_graphs.py) only captures unpacked rows, which SDPA's causal
+    attention computes alike."""
+    if kwargs.get("cu_seq_lens_q") is not None or not torch.cuda.is_available():
+        return False  # (a CPU-only torch has no capture query at all)
+    return torch.cuda.is_current_stream_capturing()
+
+
 def _varlen_ok(module, query, key, attention_mask, dropout, scaling) -> bool:
     if attention_mask is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return False
@@ -150,12 +159,14 @@ def _varlen_ok(module, query, key, attention_mask, dropout, scaling) -> bool:
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention interface: (module, q, k, v, mask, ...) -> (output [B, T, H, D], None)."""
-    if kwargs.get("is_causal", True) is not False and _varlen_ok(module, query, key, attention_mask, dropout, scaling):
+    unpacked_capture = _capturing_unpacked(kwargs)
+    if (kwargs.get("is_causal", True) is not False and not unpacked_capture
+            and _varlen_ok(module, query, key, attention_mask, dropout, scaling)):
         cu, max_len = _cu_seq_lens(kwargs, query.shape[2], query.device)
         return packed_attention(query, key, value, cu, max_len, scaling), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2] and (
+    if attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2] and not unpacked_capture and (
         kwargs.get("cu_seq_lens_q") is not None or kwargs.get("position_ids") is not None
     ):
         # Our mask function left this row unmasked for the packed path, which cannot run here

@@ -40,6 +40,19 @@ def test_scratch_buffer_is_reused_and_grows():
     assert s.nbytes() == 0
 
 
+def test_frozen_scratch_keeps_outgrown_buffers():
+    """A captured CUDA graph writes into the buffer it saw: once frozen, growing must not free it."""
+    s = nf4.ScratchBuffers()
+    old = s.get("cpu", torch.bfloat16, 100)
+    s.freeze()
+    new = s.get("cpu", torch.bfloat16, 300)
+    assert new.data_ptr() != old.data_ptr()
+    assert s.nbytes() == 600 and s.kept_nbytes() == 200
+    assert s._kept[0].data_ptr() == old.data_ptr()
+    s.clear()  # a no-op once frozen
+    assert s.nbytes() == 600
+
+
 def test_cpu_weights_use_bitsandbytes_api_and_match_it():
     w = _quantised(96, 130)
     assert nf4._plan_for(w) is None  # no CUDA C call for a CPU tensor

@@ -1,5 +1,5 @@
 """patch_model and the parts it can patch (rms_norm, rope, mlp, lora, attention_lora, attention, loss,
-checkpoint_offload)."""
+checkpoint_offload, cuda_graphs)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from torch import nn
 from .._runtime import kernels_available
 from .registry import FAMILIES, FamilySpec
 
-PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "attention", "loss", "checkpoint_offload")
+PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "attention", "loss", "checkpoint_offload",
+         "cuda_graphs")
 FUSED = "fused"
 
 # Marks on patched instances: the forward we replaced (None when the instance had no forward of
@@ -26,6 +27,8 @@ _FWD = "_sftop_forward"
 _FN = "_sftop_fn"
 _OFF = "_sftop_off"
 _PART = "_sftop_part"
+_GRAPHS = "_sftop_graphs"
+_OFFLOADING = "_sftop_offloading"
 
 
 @dataclass
@@ -87,7 +90,7 @@ def _restore_forward(module: nn.Module) -> None:
         return
     original = d.pop(_ORIG)
     for key in (_FWD, _FN, _OFF, _PART, "forward", "_sftop_glu", "_sftop_lora_adapter", "_sftop_adapter",
-                "_sftop_loss_dtype", "_sftop_direct", "_sftop_qkv"):
+                "_sftop_loss_dtype", "_sftop_direct", "_sftop_qkv", _GRAPHS):
         d.pop(key, None)
     if original is not None:
         module.forward = original
@@ -294,12 +297,18 @@ def _loss_forward(self, orig, *args, **kwargs):
     return_dict = kwargs.pop("return_dict", None)
     ignore_index = kwargs.pop("ignore_index", -100)
 
-    backbone = getattr(self, self.base_model_prefix)
-    out = backbone(**kwargs)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if shift_labels is None:
         # as HF: token t predicts label t+1; the last position predicts nothing
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    graphs = self.__dict__.get(_GRAPHS)
+    if graphs is not None:
+        loss = _graphed_loss(self, graphs, kwargs, shift_labels, num_items, ignore_index)
+        if loss is not None:
+            result = CausalLMOutputWithPast(loss=loss, logits=None)
+            return result.to_tuple() if return_dict is False else result
+    backbone = getattr(self, self.base_model_prefix)
+    out = backbone(**kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     head = self.get_output_embeddings()
     softcap = getattr(self.config, "final_logit_softcapping", None)
     loss = fused_linear_cross_entropy(
@@ -580,6 +589,7 @@ def _patch_checkpoint_offload(model: nn.Module, spec: FamilySpec) -> str:
         overlapped = offload and gc_kwargs.get("use_reentrant", True) is False
         original(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, every_n_layers=every_n_layers,
                  offload=offload and not overlapped)
+        model.__dict__[_OFFLOADING] = bool(offload)  # offload hooks can't go into a CUDA graph
         if overlapped:
             fn = checkpoint_function(gc_kwargs)
             for m in model.modules():
@@ -590,10 +600,97 @@ def _patch_checkpoint_offload(model: nn.Module, spec: FamilySpec) -> str:
     return FUSED
 
 
+# --------------------------------------------------------------------------- cuda_graphs
+
+
+def _patch_cuda_graphs(model: nn.Module, spec: FamilySpec) -> str:
+    """Replay the step's model part from CUDA graphs when a batch shape repeats (see
+    sftop/kernels/cuda_graphs.py); the fused loss's forward decides per call."""
+    from ..cuda_graphs import ENV_SWITCH, StepGraphs, enabled_by_env, no_rng_stash
+
+    if not enabled_by_env():
+        return f"stock: turned off by {ENV_SWITCH}=0"
+    if not torch.cuda.is_available():
+        return "stock: CUDA graphs need a CUDA GPU"
+    if model.__dict__.get(_PART) != "loss":
+        return "stock: needs the fused loss part"
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        return "stock: not under multi-process training"
+    why = _randomness(model)
+    if why:
+        return f"stock: {why} (a replayed graph would reuse one random mask)"
+    if _GRAPHS not in model.__dict__:
+        model.__dict__[_GRAPHS] = StepGraphs(no_rng_stash(model))
+    return FUSED
+
+
+def _randomness(model: nn.Module) -> str | None:
+    for k, v in model.config.to_dict().items():
+        if "dropout" in k and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            return f"{k}={v}"
+    for m in model.modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            return f"dropout p={m.p} in {type(m).__name__}"
+    return None
+
+
+def _graphed_loss(self, graphs, kwargs, shift_labels, num_items, ignore_index):
+    """The loss from the captured step, or None for the eager path: not training, a batch that is
+    not plain token ids (packing's position ids, embeddings, caches), padding, offloaded checkpoints."""
+    ids = kwargs.get("input_ids")
+    if not (self.training and torch.is_grad_enabled()) or not torch.is_tensor(ids) or not ids.is_cuda:
+        return None
+    if self.__dict__.get(_OFFLOADING):
+        return None
+    for k, v in kwargs.items():
+        if v is None or k == "input_ids" or (k == "use_cache" and not v):
+            continue
+        if k == "attention_mask" and torch.is_tensor(v) and v.shape == ids.shape:
+            continue
+        return None
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):  # one host sync: padded batches run eagerly
+        return None
+    slots = [(m, name, p) for m in self.modules() for name, p in m._parameters.items() if p is not None]
+    trainable = [slot for slot in slots if slot[2].requires_grad]
+    if not trainable:
+        return None
+    labels = shift_labels.to(ids.device)
+    key = (
+        tuple(ids.shape), ids.dtype, tuple(labels.shape), labels.dtype, ignore_index,
+        torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+        bool(getattr(self, "is_gradient_checkpointing", False)),
+        tuple((p.data_ptr(), p.requires_grad) for _m, _n, p in slots),
+    )
+    from ..fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    backbone = getattr(self, self.base_model_prefix)
+    weight = self.get_output_embeddings().weight
+    softcap = getattr(self.config, "final_logit_softcapping", None)
+    one = graphs.unit(ids.device)
+    loss_dtype = getattr(self, "_sftop_loss_dtype", None)
+
+    def loss_sum(ids_, labels_):
+        # all ones: see cuda_graphs.causal_masks_skipped
+        out = backbone(input_ids=ids_, attention_mask=torch.ones_like(ids_), use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return fused_linear_cross_entropy(hidden, weight, labels_, num_items_in_batch=one, ignore_index=ignore_index,
+                                          softcap=softcap, compute_dtype=loss_dtype, select_rows=False)
+
+    total = graphs.loss_sum(key, loss_sum, (ids, labels), trainable)
+    if total is None:
+        return None
+    if num_items is None:
+        return total / (labels != ignore_index).sum().clamp(min=1)
+    if torch.is_tensor(num_items):
+        return total / num_items.to(device=total.device, dtype=torch.float32)
+    return total / float(num_items)
+
+
 _PATCHERS = {
     "rms_norm": _patch_rms_norm, "rope": _patch_rope, "mlp": _patch_mlp, "lora": _patch_lora,
     "attention_lora": _patch_attention_lora, "attention": _patch_attention, "loss": _patch_loss,
-    "checkpoint_offload": _patch_checkpoint_offload,
+    "checkpoint_offload": _patch_checkpoint_offload, "cuda_graphs": _patch_cuda_graphs,
 }
 
 
@@ -602,6 +699,7 @@ def _unpatch(model: nn.Module) -> None:
         _restore_forward(m)
     _restore_attention(model)
     model.__dict__.pop(_GC_ENABLE, None)
+    model.__dict__.pop(_OFFLOADING, None)
 
 
 def patch_model(model: nn.Module, *, enable: bool = True) -> PatchReport:

@@ -1,0 +1,313 @@
+"""The model part of a training step (embedding, decoder layers with their checkpoint
+recomputation, fused loss; forward and backward) replayed from two CUDA graphs once a micro-batch
+shape repeats.
+
+Why: on small models the step is host-bound.  A Llama-3.2-1B LoRA step on an H200 kept the GPU
+busy 127 of 165 ms (docs/benchmarks.md, 2026-12-02): the rest is Python launching ~5,000 kernels
+(HF's decoder layers, checkpoint recomputation, the autograd Functions' bookkeeping).  Replaying a
+captured graph launches them all with one call each way, so the step runs at the GPU's pace.
+
+How:
+  * `StepGraphs` (one per patched model) sees a call, keyed by everything that shapes the captured
+    work (input shapes, autocast, checkpointing, which tensors the parameters are).  The first
+    sighting of a key runs eagerly: variable-length batches (packing) never pay for a capture.
+    The second one captures: two warm-up runs on a side stream (Triton compiles, cuBLAS
+    workspaces, the 4-bit scratch buffer reaching its size), then the forward (loss *sum*) and
+    `torch.autograd.grad` of it w.r.t. the trainable parameters, into one private memory pool.
+  * `_Replay` is the autograd Function the caller sees: forward copies the inputs into the
+    graph's static buffers and replays; backward copies the incoming gradient and replays, then
+    hands autograd *fresh copies* of the static parameter gradients.  Copies, because autograd
+    steals a gradient tensor it is given for a parameter whose .grad is None: a stolen static
+    buffer would be overwritten by the next replay and doubled under gradient accumulation.
+  * The loss's denominator (tokens that count, or `num_items_in_batch`) is applied outside the
+    graph, so it can change every step without a new capture.
+
+Rules a replay relies on, each enforced here or by the patch part that installs this:
+  * one graphed forward, then its backward: a second graphed forward overwrites the first one's
+    saved activations, so the first one's backward raises instead of computing garbage;
+  * parameters updated in place (optimizers do); a parameter replaced by another tensor changes
+    the key, so it is captured afresh;
+  * no randomness in the model (dropout 0) and no host synchronisation in the captured code: the
+    fused loss runs without its row selection (which needs the count of counted rows on the host);
+  * bitsandbytes' 4-bit scratch buffers are frozen once captured: a later, larger request gets a
+    new buffer instead of freeing the one a graph writes into.
+
+Memory: the pool holds one step's transients (what an eager step allocates and frees); torch's
+allocator statistics do not see replays, so `idle_pool_bytes()` reports what the pool keeps
+reserved beyond live tensors, for honest peak figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+ENV_SWITCH = "SFTOP_CUDA_GRAPHS"
+MAX_KEYS = 4  # captured shapes per model; later new shapes run eagerly
+WARMUP_RUNS = 2
+CAPTURE_ON_SIGHTING = 2  # capture when a key is seen for the second time
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclass
+class GraphStats:
+    eager_calls: int = 0
+    captures: int = 0
+    replays: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+class StaleGraphBackward(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def _aliased(slots):
+    """Each trainable parameter replaced, inside its module, by a view of itself made right here.
+
+    The captured backward differentiates w.r.t. these views, not the parameters: an autograd graph
+    the caller still holds (a loss kept from an eager step) keeps each parameter's gradient
+    accumulator alive on the stream it was made on, and handing a gradient to it from the capture
+    stream invalidates the capture.  The views are new nodes on the capture stream, and the
+    accumulators are never reached.  Views make no kernels, so this is capture-safe."""
+    aliases = []
+    for module, name, p in slots:
+        a = p.view_as(p)
+        module._parameters[name] = a
+        aliases.append(a)
+    try:
+        yield aliases
+    finally:
+        for module, name, p in slots:
+            module._parameters[name] = p
+
+
+class CapturedStep:
+    """Forward (inputs -> loss sum) and its backward (-> parameter gradients) of one key."""
+
+    def __init__(self, fn, inputs: tuple[torch.Tensor, ...], slots: list, pool, no_rng_stash):
+        self.n_inputs = len(inputs)
+        self.static_inputs = [t.detach().clone() for t in inputs]
+        params = [p for _m, _n, p in slots]
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with no_rng_stash(), causal_masks_skipped(), torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                out = fn(*self.static_inputs)
+                torch.autograd.grad(out, params, allow_unused=True)
+                del out
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        # the warm-up's blocks sit in the ordinary cache; the pool can't use them
+        torch.cuda.empty_cache()
+        self.fwd = torch.cuda.CUDAGraph()
+        self.bwd = torch.cuda.CUDAGraph()
+        with no_rng_stash(), causal_masks_skipped():
+            with torch.cuda.graph(self.fwd, pool=pool), _aliased(slots) as aliases:
+                loss = fn(*self.static_inputs)
+            # allocated between the captures: an ordinary static buffer that backward copies into
+            self.grad_out = torch.ones_like(loss)
+            with torch.cuda.graph(self.bwd, pool=pool):
+                grads = torch.autograd.grad(loss, aliases, grad_outputs=self.grad_out, allow_unused=True)
+        self.loss = loss.detach()
+        self.grads = list(grads)
+
+    def load(self, inputs) -> None:
+        for dst, src in zip(self.static_inputs, inputs):
+            dst.copy_(src)
+
+    def fresh_grads(self) -> list[torch.Tensor | None]:
+        present = [g for g in self.grads if g is not None]
+        copies = iter(torch._foreach_mul(present, 1.0)) if present else iter(())
+        return [None if g is None else next(copies) for g in self.grads]
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, graphs, step, *tensors):
+        step.load(tensors[: step.n_inputs])
+        step.fwd.replay()
+        ctx.graphs, ctx.step = graphs, step
+        ctx.generation = graphs.arm(step)
+        return step.loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        graphs, step = ctx.graphs, ctx.step
+        graphs.take_armed(step, ctx.generation)
+        step.grad_out.copy_(grad)
+        step.bwd.replay()
+        return (None, None) + (None,) * step.n_inputs + tuple(step.fresh_grads())
+
+
+class StepGraphs:
+    """Captured steps of one model, keyed; see the module docstring."""
+
+    def __init__(self, no_rng_stash=None):
+        self._no_rng_stash = no_rng_stash or contextlib.nullcontext
+        self._pool = None
+        self._seen: dict = {}
+        self._steps: dict = {}
+        self._refused: dict = {}
+        self._armed = None
+        self._generation = 0
+        self.stats = GraphStats()
+        self.one = None  # a device 1.0 for the loss's denominator inside graphs (no host tensor in a capture)
+
+    def unit(self, device) -> torch.Tensor:
+        if self.one is None or self.one.device != device:
+            self.one = torch.ones((), dtype=torch.float32, device=device)
+        return self.one
+
+    # -- replay bookkeeping
+    def arm(self, step) -> int:
+        self._generation += 1
+        self._armed = (step, self._generation)
+        return self._generation
+
+    def take_armed(self, step, generation: int) -> None:
+        if self._armed is None or self._armed[0] is not step or self._armed[1] != generation:
+            raise StaleGraphBackward(
+                "sftop CUDA graphs: this backward belongs to a graphed forward whose saved activations a "
+                "later forward has overwritten (two training forwards before one backward, or backward run "
+                f"twice). Run backward after each forward, or set {ENV_SWITCH}=0 to train without graphs."
+            )
+        self._armed = None
+
+    # -- the entry point
+    def loss_sum(self, key, fn, inputs: tuple[torch.Tensor, ...], slots: list):
+        """The sum of token losses from the graphs, or None when this call should run eagerly.
+        `slots` are (module, name, parameter) of every trainable parameter `fn` uses."""
+        step = self._steps.get(key)
+        if step is None:
+            if key in self._refused or len(self._steps) >= MAX_KEYS:
+                self.stats.eager_calls += 1
+                return None
+            seen = self._seen.get(key, 0) + 1
+            self._seen[key] = seen
+            if seen < CAPTURE_ON_SIGHTING:
+                self.stats.eager_calls += 1
+                return None
+            why = _room_for_capture()
+            if why is None:
+                step, why = self._capture(fn, inputs, slots)
+            if step is None:
+                self._refused[key] = why
+                self.stats.failures.append(why)
+                self.stats.eager_calls += 1
+                return None
+            self._steps[key] = step
+            self._seen.pop(key, None)
+        self.stats.replays += 1
+        return _Replay.apply(self, step, *inputs, *(p for _m, _n, p in slots))
+
+    def _capture(self, fn, inputs, slots):
+        from . import nf4
+
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        # a graph bakes in the scratch buffers' addresses: they must never be freed from now on
+        nf4.SCRATCH.freeze()
+        nf4.ABSMAX_SCRATCH.freeze()
+        try:
+            step = CapturedStep(fn, inputs, slots, self._pool, self._no_rng_stash)
+        except Exception as exc:  # an uncapturable model keeps training eagerly
+            torch.cuda.synchronize()
+            why = f"capture failed ({type(exc).__name__}: {str(exc)[:300]})"
+            warnings.warn(f"sftop: CUDA graphs off for this batch shape: {why}", stacklevel=3)
+            return None, why
+        self.stats.captures += 1
+        return step, None
+
+    def captured_keys(self) -> int:
+        return len(self._steps)
+
+
+def _room_for_capture() -> str | None:
+    """Refuse to capture unless the largest step transient seen so far fits twice beside what is
+    live: once in the graphs' pool (which keeps it for good) and once in the ordinary cache, which
+    eager steps of other shapes still need and which the pool cannot borrow from.  A plan sized
+    tightly to the GPU therefore trains eagerly rather than risk running out of memory."""
+    free, _total = torch.cuda.mem_get_info()
+    cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    need = 2 * (torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated())
+    if free + cached < need:
+        return f"not enough free GPU memory to capture ({(free + cached) / 2**30:.2f} GiB free, {need / 2**30:.2f} needed)"
+    return None
+
+
+@contextlib.contextmanager
+def causal_masks_skipped():
+    """While capturing, let transformers leave out the causal mask of an unpadded batch, as it does
+    eagerly.  Its SDPA mask function refuses that shortcut while a CUDA stream captures (a graph
+    traced for export must not bake in `is_causal`), and then hands SDPA a [B, 1, T, T] mask,
+    which costs flash attention: measured 1.3x the GPU time of the eager step (1B, H200).
+    Only batches without padding or packing are ever captured or replayed (the patch part checks
+    each call, and passes an all-ones padding mask so that transformers does not try to detect
+    packing from position ids, which needs a host sync), so within the capture a plain causal
+    request can skip its mask; anything else (sliding windows, custom mask functions, caches)
+    gets transformers' own mask.  Scoped to the capture through the registry's instance-level
+    override, which is removed afterwards."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
+
+    previous = masks["sdpa"]
+
+    def sdpa_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+        plain_causal = (
+            kwargs.get("allow_is_causal_skip", False) and kwargs.get("local_size") is None
+            and q_length == kv_length and isinstance(q_offset, int) and q_offset == 0
+            and isinstance(kv_offset, int) and kv_offset == 0
+        )
+        if plain_causal:
+            return None
+        return previous(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                        kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+
+    masks["sdpa"] = sdpa_mask
+    try:
+        yield
+    finally:
+        del masks["sdpa"]
+        if masks["sdpa"] is not previous:  # someone's own instance-level override was there before
+            masks["sdpa"] = previous
+
+
+def no_rng_stash(model: torch.nn.Module):
+    """A context factory: while it is active the model's checkpointed layers run non-reentrant
+    checkpointing without stashing the RNG state (reading it inside a capture is not allowed, and a
+    model without dropout draws no random numbers)."""
+
+    @contextlib.contextmanager
+    def ctx():
+        swapped = []
+        for m in model.modules():
+            fn = getattr(m, "_gradient_checkpointing_func", None)
+            if fn is not None and "_gradient_checkpointing_func" in m.__dict__:
+                swapped.append((m, fn))
+                m._gradient_checkpointing_func = functools.partial(fn, preserve_rng_state=False)
+        try:
+            yield
+        finally:
+            for m, fn in swapped:
+                m._gradient_checkpointing_func = fn
+
+    return ctx
+
+
+def idle_pool_bytes() -> int:
+    """Bytes that CUDA-graph pools keep reserved without a live tensor in them: the transients a
+    replayed step uses, which torch's allocated-memory statistics never see."""
+    idle = 0
+    for seg in torch.cuda.memory_snapshot():
+        if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0):
+            idle += seg["total_size"] - seg["allocated_size"]
+    return idle

@@ -1,0 +1,258 @@
+"""The training step replayed from CUDA graphs (sftop/kernels/cuda_graphs.py, patch part cuda_graphs).
+
+CPU tests: the part's refusals, the one-forward-one-backward bookkeeping, and the fused loss's
+capture-safe mode (every row through the kernel) against its usual row selection.  GPU tests: a
+graphed patched model trains exactly like the same patched model run eagerly (losses and LoRA
+gradients over several optimizer steps, with gradient accumulation, bf16 and NF4), captures only a
+shape it sees twice, runs padded or offloaded batches eagerly, and refuses a stale backward.
+"""
+
+import pytest
+import torch
+from _kernel_testutil import DEVICE, rel_err
+from _tiny_models import tiny_model, twin
+
+import sftop.kernels as K
+from sftop.kernels import cuda_graphs as cg
+from sftop.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer")
+def test_patch_reports_why_graphs_stay_stock_without_a_gpu():
+    report = K.patch_model(tiny_model("llama"))
+    assert report.parts["loss"] == "fused"
+    assert report.parts["cuda_graphs"] == "stock: CUDA graphs need a CUDA GPU"
+
+
+def test_environment_switch_turns_graphs_off(monkeypatch):
+    monkeypatch.setenv(cg.ENV_SWITCH, "0")
+    m = tiny_model("llama")
+    assert K.patch_model(m).parts["cuda_graphs"] == f"stock: turned off by {cg.ENV_SWITCH}=0"
+    assert "_sftop_graphs" not in m.get_base_model().__dict__
+
+
+def test_dropout_keeps_graphs_off(monkeypatch):
+    from sftop.kernels.patching import core
+    from sftop.kernels.patching.registry import FAMILIES
+
+    spec = FAMILIES["llama"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # reach the check past the GPU one
+    m = tiny_model("llama", lora_dropout=0.1)
+    base = m.get_base_model()
+    core._patch_loss(base, spec)
+    assert core._patch_cuda_graphs(base, spec) == (
+        "stock: dropout p=0.1 in Dropout (a replayed graph would reuse one random mask)"
+    )
+    m = tiny_model("llama")
+    base = m.get_base_model()
+    base.config.attention_dropout = 0.2
+    core._patch_loss(base, spec)
+    assert core._patch_cuda_graphs(base, spec).startswith("stock: attention_dropout=0.2")
+
+
+def test_backward_must_follow_its_own_forward():
+    graphs = cg.StepGraphs()
+    a, b = object(), object()
+    gen_a = graphs.arm(a)
+    graphs.take_armed(a, gen_a)  # forward, backward: fine
+    with pytest.raises(cg.StaleGraphBackward, match="two training forwards"):
+        graphs.take_armed(a, gen_a)  # backward twice
+    gen_a = graphs.arm(a)
+    graphs.arm(b)  # a second forward overwrote the first one's activations
+    with pytest.raises(cg.StaleGraphBackward):
+        graphs.take_armed(a, gen_a)
+    gen_a2 = graphs.arm(a)  # the same graph forwarded again: only the newest forward may go back
+    with pytest.raises(cg.StaleGraphBackward):
+        graphs.take_armed(a, gen_a)
+    graphs.take_armed(a, gen_a2)
+
+
+@pytest.mark.parametrize("n,hid,vocab,num_items", [(29, 32, 300, None), (17, 24, 257, 40)])
+def test_loss_without_row_selection_matches_with_it(poison, n, hid, vocab, num_items):
+    """The capture-safe mode sends ignored rows through the kernel: they must add nothing."""
+    h = torch.randn(n, hid, device=DEVICE, requires_grad=True)
+    w = torch.randn(vocab, hid, device=DEVICE) / hid**0.5
+    y = torch.randint(0, vocab, (n,), device=DEVICE)
+    y[torch.rand(n, device=DEVICE) < 0.4] = -100
+    y[1] = -100
+    out = []
+    for select in (True, False):
+        loss = fused_linear_cross_entropy(h, w, y, num_items_in_batch=num_items, select_rows=select)
+        (g,) = torch.autograd.grad(loss * 1.7, h)
+        out.append((loss, g))
+    (l_sel, g_sel), (l_all, g_all) = out
+    assert rel_err(l_all, l_sel) < 1e-6
+    assert rel_err(g_all, g_sel) < 1e-6
+    assert torch.count_nonzero(g_all[y == -100]) == 0
+
+
+# ----------------------------------------------------------------------------------------- GPU
+
+
+def _llama(quant=None, seed=0):
+    from transformers import BitsAndBytesConfig
+
+    q = None
+    if quant == "nf4":
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    return tiny_model("llama", seed=seed, dtype=torch.bfloat16, quant=q)
+
+
+def _train(model, batches, accumulate=2, checkpointing=True, offload=False):
+    """Optimizer steps over `batches` (accumulating `accumulate` micro-batches per step); returns
+    every micro-batch's loss and the LoRA gradients of each optimizer step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=offload)
+    losses, grads = [], []
+    for i, (ids, mask) in enumerate(batches):
+        kw = {} if mask is None else {"attention_mask": mask}
+        loss = model(input_ids=ids, labels=ids, **kw).loss
+        (loss / accumulate).backward()
+        losses.append(loss.item())
+        if (i + 1) % accumulate == 0:
+            grads.append([p.grad.float().clone() for p in params])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return losses, grads
+
+
+def _batches(n, shape=(2, 64), seed=1, masks=False):
+    gen = torch.Generator("cuda").manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 301, shape, device="cuda", generator=gen)
+        out.append((ids, torch.ones_like(ids) if masks else None))
+    return out
+
+
+def _graphs(model):
+    return model.get_base_model().__dict__["_sftop_graphs"]
+
+
+def _compare(eager, graphed, tol):
+    (l_e, g_e), (l_g, g_g) = eager, graphed
+    assert len(l_e) == len(l_g)
+    for a, b in zip(l_e, l_g):
+        assert abs(a - b) <= tol * abs(a), (l_e, l_g)
+    for step_e, step_g in zip(g_e, g_g):
+        for a, b in zip(step_e, step_g):
+            assert a.abs().sum() > 0
+            assert rel_err(b, a) < tol
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_graphed_training_matches_eager(monkeypatch, quant):
+    graphed = _llama(quant)
+    eager = twin(graphed) if quant is None else _llama(quant)
+    monkeypatch.setenv(cg.ENV_SWITCH, "0")
+    assert K.patch_model(eager).parts["cuda_graphs"].startswith("stock: turned off")
+    monkeypatch.delenv(cg.ENV_SWITCH)
+    report = K.patch_model(graphed)
+    assert report.parts["cuda_graphs"] == "fused", report.parts
+    batches = _batches(8)  # 4 optimizer steps of 2 micro-batches, one shape
+    ref = _train(eager, batches)
+    got = _train(graphed, batches)
+    stats = _graphs(graphed).stats
+    # first sighting eager, second captured (and replayed), the rest replayed
+    assert (stats.eager_calls, stats.captures, stats.replays) == (1, 1, 7), stats
+    _compare(ref, got, tol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_only_repeated_shapes_are_captured_and_padding_runs_eagerly():
+    m = _llama()
+    K.patch_model(m)
+    batches = [(_batches(1, shape=(2, 32 + 8 * i), seed=i)[0]) for i in range(4)]
+    _train(m, batches, accumulate=1)
+    assert _graphs(m).stats.captures == 0 and _graphs(m).stats.eager_calls == 4
+    padded = _batches(4, masks=True)
+    for i, (ids, mask) in enumerate(padded):
+        mask[0, -5:] = 0  # right padding on one row
+    _train(m, padded, accumulate=1)
+    assert _graphs(m).stats.captures == 0
+    ones = _batches(3, masks=True, seed=9)
+    _train(m, ones, accumulate=1)  # an all-ones mask is no padding: captured on its second sighting
+    assert (_graphs(m).stats.captures, _graphs(m).stats.replays) == (1, 2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_offloaded_checkpoints_run_eagerly():
+    m = _llama()
+    K.patch_model(m)
+    _train(m, _batches(4), accumulate=1, offload=True)
+    assert _graphs(m).stats.replays == 0
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_two_forwards_before_backward_raise():
+    m = _llama()
+    K.patch_model(m)
+    m.train()
+    (ids, _), = _batches(1)
+    for _ in range(2):
+        m(input_ids=ids, labels=ids).loss.backward()
+    first = m(input_ids=ids, labels=ids).loss
+    second = m(input_ids=ids, labels=ids).loss
+    with pytest.raises(cg.StaleGraphBackward):
+        first.backward()
+    second.backward()  # the newest forward still goes back
+    assert _graphs(m).stats.replays == 3
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_replays_use_no_ordinary_memory_and_the_pool_is_reported():
+    m = _llama()
+    K.patch_model(m)
+    batches = _batches(6, shape=(4, 256))
+    _train(m, batches[:3], accumulate=1)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    _train(m, batches[3:], accumulate=1)
+    torch.cuda.synchronize()
+    # the step's transients live in the graph pool, which the allocator statistics do not see
+    # (what idle_pool_bytes is for): only the loss, gradients and optimizer state are allocated
+    assert torch.cuda.max_memory_allocated() - before < 4 << 20
+    assert cg.idle_pool_bytes() > 4 * 256 * 301 * 2  # at least one step's bf16 logits sat in it
+
+
+def test_capture_leaves_out_the_causal_mask_of_unpadded_batches_only(monkeypatch):
+    """transformers materialises a [B, 1, T, T] mask while a stream captures (slow attention);
+    inside causal_masks_skipped a plain causal request gets none, anything else keeps its mask,
+    and the registry is as before afterwards."""
+    from transformers import AutoConfig
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask
+
+    cfg = AutoConfig.for_model("llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2)
+    cfg._attn_implementation = "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    original = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    emb = torch.zeros(4, 16, 32)
+    pos = torch.arange(16)[None]
+
+    def mask(attention_mask):
+        return create_causal_mask(config=cfg, inputs_embeds=emb, attention_mask=attention_mask,
+                                  past_key_values=None, position_ids=pos)
+
+    ones = torch.ones(4, 16, dtype=torch.long)
+    assert mask(ones).shape == (4, 1, 16, 16)  # what capturing without the context costs
+    with cg.causal_masks_skipped():
+        assert mask(ones) is None
+        # without a padding mask transformers looks for packing in the position ids, which it
+        # can't do while capturing: that request keeps its mask (the graph path passes ones)
+        assert mask(None) is not None
+    assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is original
+    assert mask(ones).shape == (4, 1, 16, 16)
