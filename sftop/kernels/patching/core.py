@@ -1,5 +1,5 @@
 """patch_model and the parts it can patch (rms_norm, rope, mlp, lora, attention_lora, attention, loss,
-checkpoint_offload, cuda_graphs)."""
+lean_recompute, checkpoint_offload, cuda_graphs)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from torch import nn
 from .._runtime import kernels_available
 from .registry import FAMILIES, FamilySpec
 
-PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "attention", "loss", "checkpoint_offload",
-         "cuda_graphs")
+PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "attention", "loss", "lean_recompute",
+         "checkpoint_offload", "cuda_graphs")
 FUSED = "fused"
 
 # Marks on patched instances: the forward we replaced (None when the instance had no forward of
@@ -29,6 +29,7 @@ _OFF = "_sftop_off"
 _PART = "_sftop_part"
 _GRAPHS = "_sftop_graphs"
 _OFFLOADING = "_sftop_offloading"
+_GC_MODE = "_sftop_gc_mode"
 
 
 @dataclass
@@ -564,9 +565,70 @@ def _restore_attention(model: nn.Module) -> None:
         model.set_attn_implementation(original)
 
 
-# --------------------------------------------------------------------------- checkpoint_offload
+# --------------------------------------------------------------------------- lean_recompute, checkpoint_offload
 
 _GC_ENABLE = "gradient_checkpointing_enable"
+_LEAN = "_sftop_lean_recompute"
+_OFFLOAD_OK = "_sftop_offload_ok"
+
+
+def _layer_checkpoint_function(stock_fn, gc_kwargs: dict, lean: bool, overlapped: bool):
+    """The `_gradient_checkpointing_func` for the decoder layers: transformers' own (`stock_fn`) or
+    torch's non-reentrant checkpoint with overlapped offload of the saved inputs, optionally telling
+    the kernels when they run as a recomputation (sftop/kernels/recompute.py)."""
+    import functools
+
+    from ..checkpoint_offload import checkpoint_function
+    from ..recompute import checkpoint_marking_recompute
+
+    inner = checkpoint_function(gc_kwargs) if overlapped else stock_fn
+    return functools.partial(checkpoint_marking_recompute, _checkpoint=inner) if lean else inner
+
+
+def _install_checkpointing(model: nn.Module) -> None:
+    """Wrap the model's `gradient_checkpointing_enable` (what Trainer calls) so that the layers get
+    `_layer_checkpoint_function` when the parts that need it are on.  Idempotent."""
+    if _GC_ENABLE in model.__dict__:
+        return
+    original = getattr(model, _GC_ENABLE)
+
+    def gradient_checkpointing_enable(gradient_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                      offload: bool = False):
+        gc_kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
+        # reentrant checkpointing saves nothing through autograd's hooks and recomputes inside
+        # its own backward: neither of our changes applies to it
+        ours = gc_kwargs.get("use_reentrant", True) is False
+        overlapped = ours and offload and model.__dict__.get(_OFFLOAD_OK, False)
+        lean = ours and model.__dict__.get(_LEAN, False)
+        original(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, every_n_layers=every_n_layers,
+                 offload=offload and not overlapped)
+        # transformers' blocking offload allocates pinned memory per tensor: not capturable
+        model.__dict__[_OFFLOADING] = bool(offload and not overlapped)
+        model.__dict__[_GC_MODE] = (lean, overlapped)  # part of a captured step's key
+        if overlapped or lean:
+            fns = {}  # one function for all layers: the offload hooks chain the saved inputs
+            for m in model.modules():
+                stock_fn = getattr(m, "_gradient_checkpointing_func", None)
+                if stock_fn is not None:
+                    if id(stock_fn) not in fns:
+                        fns[id(stock_fn)] = _layer_checkpoint_function(stock_fn, gc_kwargs, lean, overlapped)
+                    m._gradient_checkpointing_func = fns[id(stock_fn)]
+
+    model.__dict__[_GC_ENABLE] = gradient_checkpointing_enable
+
+
+def _patch_lean_recompute(model: nn.Module, spec: FamilySpec) -> str:
+    """Under gradient checkpointing, let the fused LoRA MLP skip its down projection when a layer is
+    recomputed for backward: that output is never used (sftop/kernels/recompute.py)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return f"stock: {type(model).__name__} does not support gradient checkpointing"
+    if not spec.mlp_output_unsaved:
+        return f"stock: {spec.model_type} normalises the MLP output, so backward needs it"
+    if not any(m.__dict__.get("_sftop_lora_adapter") for m in _modules_of(model, spec.mlp_class)):
+        return "stock: needs the fused LoRA MLP (mlp part with LoRA on gate, up and down)"
+    model.__dict__[_LEAN] = True
+    _install_checkpointing(model)
+    return FUSED
 
 
 def _patch_checkpoint_offload(model: nn.Module, spec: FamilySpec) -> str:
@@ -577,26 +639,8 @@ def _patch_checkpoint_offload(model: nn.Module, spec: FamilySpec) -> str:
         return f"stock: {type(model).__name__} does not support gradient checkpointing"
     if not torch.cuda.is_available():
         return "stock: offloading to host memory needs a CUDA GPU"
-    if _GC_ENABLE in model.__dict__:
-        return FUSED
-    from ..checkpoint_offload import checkpoint_function
-
-    original = getattr(model, _GC_ENABLE)
-
-    def gradient_checkpointing_enable(gradient_checkpointing_kwargs=None, every_n_layers: int = 1,
-                                      offload: bool = False):
-        gc_kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
-        overlapped = offload and gc_kwargs.get("use_reentrant", True) is False
-        original(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, every_n_layers=every_n_layers,
-                 offload=offload and not overlapped)
-        model.__dict__[_OFFLOADING] = bool(offload)  # offload hooks can't go into a CUDA graph
-        if overlapped:
-            fn = checkpoint_function(gc_kwargs)
-            for m in model.modules():
-                if hasattr(m, "_gradient_checkpointing_func"):
-                    m._gradient_checkpointing_func = fn
-
-    model.__dict__[_GC_ENABLE] = gradient_checkpointing_enable
+    model.__dict__[_OFFLOAD_OK] = True
+    _install_checkpointing(model)
     return FUSED
 
 
@@ -636,7 +680,8 @@ def _randomness(model: nn.Module) -> str | None:
 
 def _graphed_loss(self, graphs, kwargs, shift_labels, num_items, ignore_index):
     """The loss from the captured step, or None for the eager path: not training, a batch that is
-    not plain token ids (packing's position ids, embeddings, caches), padding, offloaded checkpoints."""
+    not plain token ids (packing's position ids, embeddings, caches), padding, transformers' own
+    (blocking) offload of the checkpoints."""
     ids = kwargs.get("input_ids")
     if not (self.training and torch.is_grad_enabled()) or not torch.is_tensor(ids) or not ids.is_cuda:
         return None
@@ -659,7 +704,7 @@ def _graphed_loss(self, graphs, kwargs, shift_labels, num_items, ignore_index):
     key = (
         tuple(ids.shape), ids.dtype, tuple(labels.shape), labels.dtype, ignore_index,
         torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-        bool(getattr(self, "is_gradient_checkpointing", False)),
+        bool(getattr(self, "is_gradient_checkpointing", False)), self.__dict__.get(_GC_MODE),
         tuple((p.data_ptr(), p.requires_grad) for _m, _n, p in slots),
     )
     from ..fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -690,7 +735,8 @@ def _graphed_loss(self, graphs, kwargs, shift_labels, num_items, ignore_index):
 _PATCHERS = {
     "rms_norm": _patch_rms_norm, "rope": _patch_rope, "mlp": _patch_mlp, "lora": _patch_lora,
     "attention_lora": _patch_attention_lora, "attention": _patch_attention, "loss": _patch_loss,
-    "checkpoint_offload": _patch_checkpoint_offload, "cuda_graphs": _patch_cuda_graphs,
+    "lean_recompute": _patch_lean_recompute, "checkpoint_offload": _patch_checkpoint_offload,
+    "cuda_graphs": _patch_cuda_graphs,
 }
 
 
@@ -698,8 +744,8 @@ def _unpatch(model: nn.Module) -> None:
     for m in model.modules():
         _restore_forward(m)
     _restore_attention(model)
-    model.__dict__.pop(_GC_ENABLE, None)
-    model.__dict__.pop(_OFFLOADING, None)
+    for key in (_GC_ENABLE, _OFFLOADING, _GC_MODE, _LEAN, _OFFLOAD_OK):
+        model.__dict__.pop(key, None)
 
 
 def patch_model(model: nn.Module, *, enable: bool = True) -> PatchReport:

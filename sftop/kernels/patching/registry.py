@@ -19,6 +19,10 @@ class FamilySpec:
     mlp_class: str
     causal_lm_class: str
     gemma_norm: bool = False  # y = x * r * (1 + w) computed in fp32
+    # the MLP's output goes straight into the residual add, so a checkpoint's recomputation may
+    # skip it (part lean_recompute); Gemma 2/3 normalise it first (post_feedforward_layernorm),
+    # and that norm's backward reads it
+    mlp_output_unsaved: bool = True
 
 
 def _spec(model_type: str, module: str, prefix: str, gemma: bool = False) -> FamilySpec:
@@ -30,6 +34,7 @@ def _spec(model_type: str, module: str, prefix: str, gemma: bool = False) -> Fam
         mlp_class=f"{prefix}MLP",
         causal_lm_class=f"{prefix}ForCausalLM",
         gemma_norm=gemma,
+        mlp_output_unsaved=not gemma,
     )
 
 
