@@ -1,4 +1,4 @@
-"""Offloaded gradient checkpointing whose copies overlap the compute.
+"""Offloaded gradient checkpointing whose copies overlap the compute, eagerly and inside CUDA graphs.
 
 With checkpointing on, each decoder layer keeps only its input for the backward pass (one
 [tokens, hidden] tensor per layer, 0.5 GiB for a 16-layer 2048-wide model at 8K tokens).  Offloading
@@ -8,17 +8,26 @@ copy: on an H200 it cost a quarter of the step (docs/benchmarks.md, 2026-12-02).
 
 Here:
   * forward: each saved layer input is copied to pinned memory on a side stream, after an event
-    on the compute stream, so the next layers keep computing while it copies.  The GPU block is
-    handed back to the allocator only when that copy is done (`record_stream`).
+    on the compute stream, so the next layers keep computing while it copies.  Eagerly the GPU
+    block goes back to the allocator at once, marked with `record_stream` so that it is not reused
+    before the copy has read it.  Inside a CUDA-graph capture a block with a recorded side-stream
+    use is never reused, so nothing would be saved: there the GPU tensor is let go when the next
+    layer input is saved (or the capture calls `settle_pending`), after the compute stream has
+    waited for its copy.
   * backward: when a layer's input comes back (the start of its recomputation), the input saved
     just before it -- the next one backward will ask for -- is already being copied back on a
     second side stream, so it is on the GPU by the time its recomputation starts.
+  * pinned buffers: eagerly, fresh ones from torch's caching host allocator.  Inside a capture no
+    host memory may be allocated, and a replay writes the same buffers every time, so the capture
+    takes buffers reserved beforehand (`recording_offloads` during the warm-up run lists what a
+    step offloads; `reserve_host_buffers` pins them; `offloading_into` hands them out in order).
 Only the first layer backward reaches waits for a copy.  Tensors below `min_bytes` (and anything
 off the GPU) are left where they are: copying them costs more than it frees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 
@@ -38,10 +47,77 @@ class _Offloaded:
     def __init__(self, host, device, saved, prev):
         self.host = host
         self.device = device
-        self.saved = saved  # event: the copy to host is complete
+        self.saved = saved  # event: the copy to host is complete (None once the compute stream waited)
         self.prev = prev  # weakref to the entry saved just before this one
         self.fetched = None  # GPU tensor being copied back ahead of time
         self.fetch_done = None
+
+
+class _HostBufferPlan:
+    """Where packs get pinned host buffers: see the module docstring."""
+
+    def __init__(self):
+        self.recorded: list | None = None
+        self.reserved: list | None = None
+        self.taken = 0
+
+    def buffer_for(self, t: torch.Tensor) -> torch.Tensor:
+        if self.reserved is not None:
+            if self.taken >= len(self.reserved):
+                raise RuntimeError("sftop offload: the captured step offloads more tensors than its warm-up run did")
+            host = self.reserved[self.taken]
+            if host.shape != t.shape or host.dtype != t.dtype:
+                raise RuntimeError("sftop offload: the captured step offloads other tensors than its warm-up run did")
+            self.taken += 1
+            return host
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("sftop offload: inside a CUDA graph capture the host buffers must be reserved first")
+        if self.recorded is not None:
+            self.recorded.append((tuple(t.shape), t.dtype))
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+
+
+_PLAN = _HostBufferPlan()
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # hooks objects, for settle_pending
+
+
+@contextlib.contextmanager
+def recording_offloads():
+    """Yields a list that fills with the (shape, dtype) of every tensor offloaded meanwhile."""
+    _PLAN.recorded = []
+    try:
+        yield _PLAN.recorded
+    finally:
+        _PLAN.recorded = None
+
+
+def reserve_host_buffers(shapes) -> list[torch.Tensor]:
+    return [torch.empty(shape, dtype=dtype, pin_memory=True) for shape, dtype in shapes]
+
+
+@contextlib.contextmanager
+def offloading_into(buffers: list[torch.Tensor]):
+    """Offloads made meanwhile (a capture) go, in order, into `buffers`; all must be used."""
+    _PLAN.reserved, _PLAN.taken = buffers, 0
+    try:
+        yield
+        if _PLAN.taken != len(buffers):
+            raise RuntimeError("sftop offload: the captured step offloads fewer tensors than its warm-up run did")
+    finally:
+        _PLAN.reserved, _PLAN.taken = None, 0
+
+
+def settle_pending() -> None:
+    """Make the current stream wait for every forward copy still under way and let go of the GPU
+    tensors being copied.  A capture must call this before it ends (all side-stream work joined)."""
+    for hooks in list(_LIVE):
+        hooks._settle(torch.cuda.current_stream())
+
+
+def discard_pending() -> None:
+    """After a failed capture: forget copies that belonged to it (their events were never recorded)."""
+    for hooks in list(_LIVE):
+        hooks._pending = None
 
 
 class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
@@ -51,6 +127,8 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
         self.min_bytes = min_bytes
         self.prefetch = prefetch
         self._last = None
+        self._pending = None  # under capture: (GPU tensor, its entry) until the compute stream waits
+        _LIVE.add(self)
         super().__init__(self._pack, self._unpack)
 
     # one pair of side streams per device, shared by every instance (streams are a limited resource)
@@ -63,45 +141,64 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
             pair = cls._streams[device.index] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
         return pair
 
+    def _settle(self, compute) -> None:
+        if self._pending is not None:
+            t, entry = self._pending
+            self._pending = None
+            compute.wait_event(entry.saved)
+            # a capture may not wait on an event of the forward graph from the backward graph;
+            # from here on the copy is complete in the compute stream's order anyway
+            entry.saved = None
+            del t  # its block goes back to the compute stream, which has now waited for the copy
+
     def _pack(self, t: torch.Tensor):
         if not t.is_cuda or t.numel() * t.element_size() < self.min_bytes:
             return t
         to_host, _ = self._side_streams(t.device)
         compute = torch.cuda.current_stream(t.device)
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self._settle(compute)
+        host = _PLAN.buffer_for(t)
         to_host.wait_stream(compute)  # t is complete once the work queued so far is
         with torch.cuda.stream(to_host):
             host.copy_(t, non_blocking=True)
             saved = torch.cuda.Event()
             saved.record(to_host)
-        t.record_stream(to_host)  # its memory is not reused before the copy has read it
         prev = self._last() if self._last is not None else None
         entry = _Offloaded(host, t.device, saved, weakref.ref(prev) if prev is not None else None)
         self._last = weakref.ref(entry)
+        if torch.cuda.is_current_stream_capturing():
+            self._pending = (t, entry)
+        else:
+            t.record_stream(to_host)  # its memory is not reused before the copy has read it
         return entry
 
     def _unpack(self, entry):
         if isinstance(entry, torch.Tensor):
             return entry
         compute = torch.cuda.current_stream(entry.device)
+        self._settle(compute)
         if entry.fetched is not None:
             t, entry.fetched = entry.fetched, None
             compute.wait_event(entry.fetch_done)
-            t.record_stream(compute)
         else:
-            compute.wait_event(entry.saved)
-            t = entry.host.to(entry.device, non_blocking=True)
+            if entry.saved is not None:
+                compute.wait_event(entry.saved)
+            t = torch.empty(entry.host.shape, dtype=entry.host.dtype, device=entry.device)
+            t.copy_(entry.host, non_blocking=True)
         prev = entry.prev() if entry.prev is not None else None
         if self.prefetch and prev is not None and prev.fetched is None:
-            self._fetch_ahead(prev)
+            self._fetch_ahead(prev, compute)
         return t
 
-    def _fetch_ahead(self, entry: _Offloaded) -> None:
+    def _fetch_ahead(self, entry: _Offloaded, compute) -> None:
         _, to_device = self._side_streams(entry.device)
-        to_device.wait_event(entry.saved)
+        # allocated on the compute stream, which waits for the copy before using it; the side
+        # stream first waits for the compute work queued so far, which may still use the block
+        t = torch.empty(entry.host.shape, dtype=entry.host.dtype, device=entry.device)
+        to_device.wait_stream(compute)
+        if entry.saved is not None:
+            to_device.wait_event(entry.saved)
         with torch.cuda.stream(to_device):
-            # allocated on the side stream: its block cannot be one the compute stream still uses
-            t = torch.empty(entry.host.shape, dtype=entry.host.dtype, device=entry.device)
             t.copy_(entry.host, non_blocking=True)
             done = torch.cuda.Event()
             done.record(to_device)

@@ -30,7 +30,9 @@ Rules a replay relies on, each enforced here or by the patch part that installs 
   * no randomness in the model (dropout 0) and no host synchronisation in the captured code: the
     fused loss runs without its row selection (which needs the count of counted rows on the host);
   * bitsandbytes' 4-bit scratch buffers are frozen once captured: a later, larger request gets a
-    new buffer instead of freeing the one a graph writes into.
+    new buffer instead of freeing the one a graph writes into;
+  * offloaded checkpoints (sftop's overlapped offload, not transformers' blocking one) copy into
+    pinned buffers reserved from the last warm-up run, which the captured step owns.
 
 Memory: the pool holds one step's transients (what an eager step allocates and frees); torch's
 allocator statistics do not see replays, so `idle_pool_bytes()` reports what the pool keeps
@@ -46,6 +48,8 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+
+from . import checkpoint_offload as offload
 
 ENV_SWITCH = "SFTOP_CUDA_GRAPHS"
 MAX_KEYS = 4  # captured shapes per model; later new shapes run eagerly
@@ -101,11 +105,15 @@ class CapturedStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with no_rng_stash(), causal_masks_skipped(), torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                out = fn(*self.static_inputs)
+            for run in range(WARMUP_RUNS):
+                last = run == WARMUP_RUNS - 1
+                with offload.recording_offloads() if last else contextlib.nullcontext() as moved:
+                    out = fn(*self.static_inputs)
                 torch.autograd.grad(out, params, allow_unused=True)
                 del out
         torch.cuda.current_stream().wait_stream(side)
+        # offloaded checkpoints (checkpoint_offload.py): the replays copy into these pinned buffers
+        self.host_buffers = offload.reserve_host_buffers(moved)
         torch.cuda.synchronize()
         # the warm-up's blocks sit in the ordinary cache; the pool can't use them
         torch.cuda.empty_cache()
@@ -113,7 +121,9 @@ class CapturedStep:
         self.bwd = torch.cuda.CUDAGraph()
         with no_rng_stash(), causal_masks_skipped():
             with torch.cuda.graph(self.fwd, pool=pool), _aliased(slots) as aliases:
-                loss = fn(*self.static_inputs)
+                with offload.offloading_into(self.host_buffers):
+                    loss = fn(*self.static_inputs)
+                offload.settle_pending()  # the copies to host joined before the capture ends
             # allocated between the captures: an ordinary static buffer that backward copies into
             self.grad_out = torch.ones_like(loss)
             with torch.cuda.graph(self.bwd, pool=pool):
@@ -221,6 +231,7 @@ class StepGraphs:
         try:
             step = CapturedStep(fn, inputs, slots, self._pool, self._no_rng_stash)
         except Exception as exc:  # an uncapturable model keeps training eagerly
+            offload.discard_pending()
             torch.cuda.synchronize()
             why = f"capture failed ({type(exc).__name__}: {str(exc)[:300]})"
             warnings.warn(f"sftop: CUDA graphs off for this batch shape: {why}", stacklevel=3)

@@ -33,7 +33,10 @@ def test_patch_reports_why_offload_stays_stock_without_a_gpu():
     m = tiny_model("llama")
     report = K.patch_model(m)
     assert report.parts["checkpoint_offload"] == "stock: offloading to host memory needs a CUDA GPU"
-    assert "gradient_checkpointing_enable" not in m.get_base_model().__dict__
+    # transformers' own (blocking) offload still applies, under the lean recomputation's marking
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=True)
+    fn = m.get_base_model().model.layers[0]._gradient_checkpointing_func
+    assert fn.keywords["_checkpoint"].func.__module__ == "transformers.modeling_utils"
 
 
 def _blocks(width, n, seed=0):
@@ -109,7 +112,8 @@ def test_patched_model_offloads_through_gradient_checkpointing_enable():
         m.train()
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=offload)
         layer = m.get_base_model().model.layers[0]
-        uses_ours = getattr(layer._gradient_checkpointing_func, "func", None) is co.offloaded_checkpoint
+        inner = layer._gradient_checkpointing_func.keywords["_checkpoint"]  # under lean_recompute's marking
+        uses_ours = getattr(inner, "func", None) is co.offloaded_checkpoint
         assert uses_ours == offload
         ids = torch.randint(0, 1000, (2, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
         torch.cuda.synchronize()
@@ -129,3 +133,19 @@ def test_patched_model_offloads_through_gradient_checkpointing_enable():
     # which the embedding's own backward keeps anyway
     assert held_on - held_off >= 0.9 * 3 * (4 << 20), (held_on, held_off)
 
+
+
+def test_a_capture_takes_the_reserved_host_buffers_in_order():
+    a, b = torch.empty(2, 3), torch.empty(4, dtype=torch.bfloat16)
+    with co.offloading_into([a, b]):
+        assert co._PLAN.buffer_for(torch.ones(2, 3)) is a
+        assert co._PLAN.buffer_for(torch.ones(4, dtype=torch.bfloat16)) is b
+        with pytest.raises(RuntimeError, match="more tensors than its warm-up"):
+            co._PLAN.buffer_for(torch.ones(4))
+    assert co._PLAN.reserved is None
+    with pytest.raises(RuntimeError, match="other tensors than its warm-up"):
+        with co.offloading_into([a]):
+            co._PLAN.buffer_for(torch.ones(3, 2))
+    with pytest.raises(RuntimeError, match="fewer tensors than its warm-up"):
+        with co.offloading_into([a, b]):
+            co._PLAN.buffer_for(torch.ones(2, 3))

@@ -4,7 +4,8 @@ CPU tests: the part's refusals, the one-forward-one-backward bookkeeping, and th
 capture-safe mode (every row through the kernel) against its usual row selection.  GPU tests: a
 graphed patched model trains exactly like the same patched model run eagerly (losses and LoRA
 gradients over several optimizer steps, with gradient accumulation, bf16 and NF4), captures only a
-shape it sees twice, runs padded or offloaded batches eagerly, and refuses a stale backward.
+shape it sees twice (offloaded checkpoints included), runs padded batches eagerly, and refuses a stale
+backward.
 """
 
 import pytest
@@ -184,13 +185,48 @@ def test_only_repeated_shapes_are_captured_and_padding_runs_eagerly():
     assert (_graphs(m).stats.captures, _graphs(m).stats.replays) == (1, 2)
 
 
+def _wide_llama(layers):
+    """Layer inputs of 2 x 2048 tokens x 2048 bf16 (16 MiB): offloaded, and above the size that the
+    allocator rounds up to 20 MiB segments (so the pool's size tracks its peak closely)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", vocab_size=1000, hidden_size=2048, intermediate_size=4096,
+                               num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4,
+                               head_dim=128, max_position_embeddings=4096)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                            "gate_proj", "up_proj", "down_proj"]))
+
+
+def _pool_bytes(graphs) -> int:
+    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+               if tuple(seg.get("segment_pool_id", (0, 0))) == tuple(graphs._pool))
+
+
 @pytest.mark.gpu
 @needs_gpu
-def test_offloaded_checkpoints_run_eagerly():
-    m = _llama()
-    K.patch_model(m)
-    _train(m, _batches(4), accumulate=1, offload=True)
-    assert _graphs(m).stats.replays == 0
+def test_offloaded_checkpoints_are_captured_and_keep_layer_inputs_out_of_the_pool():
+    layers = 8
+    batches = _batches(4, shape=(2, 2048))
+    results = {}
+    for offload in (False, True):
+        m = _wide_llama(layers)
+        K.patch_model(m)
+        run = _train(m, batches, accumulate=1, offload=offload)
+        stats = _graphs(m).stats
+        assert (stats.eager_calls, stats.captures, stats.replays) == (1, 1, 3), stats
+        results[offload] = run, _pool_bytes(_graphs(m))
+        del m, run
+        torch.cuda.empty_cache()
+    (plain, pool_plain), (moved, pool_moved) = results[False], results[True]
+    _compare(plain, moved, tol=2e-2)
+    # the pool holds a step's peak; without offload every layer input sits in it from the loss to
+    # the last layer's backward, with it one or two (the one being recomputed, the one prefetched)
+    layer_input = 2 * 2048 * 2048 * 2
+    assert pool_plain - pool_moved >= 3 * layer_input, (pool_plain, pool_moved)
 
 
 @pytest.mark.gpu
