@@ -21,8 +21,11 @@ Here:
     host memory may be allocated, and a replay writes the same buffers every time, so the capture
     takes buffers reserved beforehand (`recording_offloads` during the warm-up run lists what a
     step offloads; `reserve_host_buffers` pins them; `offloading_into` hands them out in order).
-Only the first layer backward reaches waits for a copy.  Tensors below `min_bytes` (and anything
-off the GPU) are left where they are: copying them costs more than it frees.
+Only the first layer backward reaches waits for a copy.  Tensors below `min_bytes`, anything off the
+GPU, and tensors that need no gradient are left where they are.  The last are the rotary tables and
+masks every layer is handed: one tensor shared by all layers, so moving it frees nothing, and its
+entries would sit between the layer inputs, where backward asks for them in another order than
+the one-ahead prefetch assumes.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ DEFAULT_MIN_BYTES = 1 << 20
 class _Offloaded:
     """One saved tensor in pinned host memory, and its copy back to the GPU when one is under way."""
 
-    __slots__ = ("host", "device", "saved", "prev", "fetched", "fetch_done", "__weakref__")
+    __slots__ = ("host", "device", "saved", "prev", "fetched", "fetch_done", "fetch_stream", "used",
+                 "__weakref__")
 
     def __init__(self, host, device, saved, prev):
         self.host = host
@@ -51,6 +55,14 @@ class _Offloaded:
         self.prev = prev  # weakref to the entry saved just before this one
         self.fetched = None  # GPU tensor being copied back ahead of time
         self.fetch_done = None
+        self.fetch_stream = None
+        self.used = False  # unpacked at least once: never worth fetching ahead again
+
+    def __del__(self):
+        if self.fetched is not None:
+            # fetched ahead but never asked for (a backward that stopped early): its block goes
+            # back to the compute stream, so keep it from reuse until the side-stream copy is done
+            self.fetched.record_stream(self.fetch_stream)
 
 
 class _HostBufferPlan:
@@ -152,7 +164,7 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
             del t  # its block goes back to the compute stream, which has now waited for the copy
 
     def _pack(self, t: torch.Tensor):
-        if not t.is_cuda or t.numel() * t.element_size() < self.min_bytes:
+        if not t.is_cuda or not t.requires_grad or t.numel() * t.element_size() < self.min_bytes:
             return t
         to_host, _ = self._side_streams(t.device)
         compute = torch.cuda.current_stream(t.device)
@@ -185,10 +197,21 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
                 compute.wait_event(entry.saved)
             t = torch.empty(entry.host.shape, dtype=entry.host.dtype, device=entry.device)
             t.copy_(entry.host, non_blocking=True)
-        prev = entry.prev() if entry.prev is not None else None
-        if self.prefetch and prev is not None and prev.fetched is None:
-            self._fetch_ahead(prev, compute)
+        entry.used = True
+        if self.prefetch:
+            ahead = self._next_wanted(entry)
+            if ahead is not None:
+                self._fetch_ahead(ahead, compute)
         return t
+
+    @staticmethod
+    def _next_wanted(entry: _Offloaded) -> _Offloaded | None:
+        """The entry saved before `entry` that backward has not used yet: the one it asks for next.
+        None when that one is already on its way (or there is none)."""
+        prev = entry.prev() if entry.prev is not None else None
+        while prev is not None and prev.used:
+            prev = prev.prev() if prev.prev is not None else None
+        return prev if prev is not None and prev.fetched is None else None
 
     def _fetch_ahead(self, entry: _Offloaded, compute) -> None:
         _, to_device = self._side_streams(entry.device)
@@ -202,7 +225,7 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
             t.copy_(entry.host, non_blocking=True)
             done = torch.cuda.Event()
             done.record(to_device)
-        entry.fetched, entry.fetch_done = t, done
+        entry.fetched, entry.fetch_done, entry.fetch_stream = t, done, to_device
 
 
 def offloaded_checkpoint(function, *args, _offload: OverlappedOffload | None = None, **kwargs):

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -94,6 +95,20 @@ def _aliased(slots):
             module._parameters[name] = p
 
 
+@contextlib.contextmanager
+def _no_garbage_collection():
+    """Python's cycle collector must not run inside a capture: collecting an unreachable object that
+    owns a CUDA graph (an earlier model's captured steps, say) destroys that graph, which is not
+    permitted while a stream captures and invalidates the capture (seen on an H200, 2026-12-03)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 class CapturedStep:
     """Forward (inputs -> loss sum) and its backward (-> parameter gradients) of one key."""
 
@@ -115,11 +130,12 @@ class CapturedStep:
         # offloaded checkpoints (checkpoint_offload.py): the replays copy into these pinned buffers
         self.host_buffers = offload.reserve_host_buffers(moved)
         torch.cuda.synchronize()
+        gc.collect()
         # the warm-up's blocks sit in the ordinary cache; the pool can't use them
         torch.cuda.empty_cache()
         self.fwd = torch.cuda.CUDAGraph()
         self.bwd = torch.cuda.CUDAGraph()
-        with no_rng_stash(), causal_masks_skipped():
+        with no_rng_stash(), causal_masks_skipped(), _no_garbage_collection():
             with torch.cuda.graph(self.fwd, pool=pool), _aliased(slots) as aliases:
                 with offload.offloading_into(self.host_buffers):
                     loss = fn(*self.static_inputs)

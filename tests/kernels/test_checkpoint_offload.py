@@ -6,6 +6,8 @@ layer input per layer), and a patched model's `gradient_checkpointing_enable(off
 what Trainer calls for an "offload" plan -- installs it.
 """
 
+import weakref
+
 import pytest
 import torch
 from _kernel_testutil import rel_err
@@ -149,3 +151,47 @@ def test_a_capture_takes_the_reserved_host_buffers_in_order():
     with pytest.raises(RuntimeError, match="fewer tensors than its warm-up"):
         with co.offloading_into([a, b]):
             co._PLAN.buffer_for(torch.ones(2, 3))
+
+
+def test_fetch_ahead_targets_the_newest_unused_entry():
+    entries = []
+    for _ in range(4):
+        prev = weakref.ref(entries[-1]) if entries else None
+        entries.append(co._Offloaded(None, "cpu", None, prev))
+    a, b, c, d = entries
+    assert co.OverlappedOffload._next_wanted(d) is c
+    d.used = True
+    c.used = True
+    assert co.OverlappedOffload._next_wanted(c) is b
+    # an entry backward has already used is never fetched again (its copy would be left dangling)
+    b.used = True
+    assert co.OverlappedOffload._next_wanted(d) is a
+    a.fetched = object()  # already on its way
+    assert co.OverlappedOffload._next_wanted(d) is None
+    a.fetched = None
+    a.used = True
+    assert co.OverlappedOffload._next_wanted(d) is None
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_shared_constants_stay_and_gradients_match_with_them():
+    # every block is handed the same large tensor that needs no gradient (as rotary tables are)
+    from torch.utils.checkpoint import checkpoint
+
+    width, tokens, n = 1024, 4096, 6
+    blocks = _blocks(width, n)
+    shared = torch.rand(tokens, width, device="cuda", dtype=torch.bfloat16)
+    x0 = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+    grads, held = [], []
+    for ckpt in (
+        lambda f, h: checkpoint(f, h, shared, use_reentrant=False),
+        lambda f, h, fn=co.checkpoint_function({"use_reentrant": False}): fn(f, h, shared),
+    ):
+        blocks.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        held.append(_run(blocks, x, lambda b, h: ckpt(lambda a, s: b(a) * s, h)))
+        grads.append([x.grad.cpu()] + [p.grad.cpu() for p in blocks.parameters()])
+    for g_plain, g_off in zip(*grads):
+        assert torch.equal(g_plain, g_off)
+    assert held[0] - held[1] >= 0.9 * (n - 1) * tokens * width * 2, held
