@@ -106,3 +106,35 @@ def test_gemma_recomputes_in_full(monkeypatch, family):
     ids = torch.randint(3, 300, (1, 9), device=next(m.parameters()).device)
     m(input_ids=ids, labels=ids).loss.backward()
     assert counts == {"forward": 4, "recompute": 0}
+
+
+def test_qlora_recomputation_skips_the_down_dequantisation_with_stock_gradients(monkeypatch):
+    # bitsandbytes' NF4 runs on the CPU too; fp32 compute, so patched and stock agree to rounding
+    from transformers import BitsAndBytesConfig
+
+    import sftop.kernels.nf4 as nf4
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    stock = tiny_model("llama", quant=q)
+    fused = tiny_model("llama", quant=q)
+    assert K.patch_model(fused).parts["lean_recompute"] == "fused"
+    downs = {id(m.base_layer.weight) for name, m in fused.named_modules() if name.endswith("mlp.down_proj")}
+    assert len(downs) == 2
+    down_dequantised = []
+    real = nf4.dequantize_4bit_weight
+    monkeypatch.setattr(lm, "dequantize_4bit_weight",
+                        lambda w, dt: (id(w) in downs and down_dequantised.append(1)) or real(w, dt))
+    counts = _down_projections(monkeypatch)
+    ids = torch.randint(3, 300, (2, 11), device=next(stock.parameters()).device)
+    grads = []
+    for m in (stock, fused):
+        m.train()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert counts == {"forward": 2, "recompute": 0}
+    # per layer: once in the forward pass, once in backward, never in the recomputation
+    assert len(down_dequantised) == 2 * 2
+    for n, g in grads[0].items():
+        assert rel_err(grads[1][n], g) < 1e-4, n
