@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from cuda_timing import mean_cuda_ms
+
 SHAPES = {  # batch, query heads, kv heads, tokens, head dim
     "llama-3.2-1b 4x2048": (4, 32, 8, 2048, 64),
     "llama-3.1-8b 2x2048": (2, 32, 8, 2048, 128),
@@ -25,19 +27,6 @@ BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
-
-
-def _time(fn, reps=20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main() -> None:
@@ -63,10 +52,10 @@ def main() -> None:
                 key = f"{label}{'' if gqa else ' (kv expanded)'}"
                 try:
                     if backend is None:
-                        ms = _time(step)
+                        ms = mean_cuda_ms(step, warmup=3)
                     else:
                         with sdpa_kernel([backend]):
-                            ms = _time(step)
+                            ms = mean_cuda_ms(step, warmup=3)
                     row[key] = {"ms_fwd_bwd": round(ms, 3), "tflops": round(flops / ms / 1e9, 1)}
                 except RuntimeError as exc:
                     row[key] = {"error": str(exc).splitlines()[0][:160]}

@@ -14,17 +14,7 @@ import json
 
 import torch
 
-
-def _time(fn, iters=20):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+from cuda_timing import mean_cuda_ms
 
 
 def main(argv=None) -> int:
@@ -48,8 +38,8 @@ def main(argv=None) -> int:
             if block // (32 * warps) < 1:
                 continue
             grid = (triton.cdiv(n, block),)
-            bwd = _time(lambda: glu._glu_bwd_inplace[grid](dh, g, u, n, KIND=0, BLOCK=block, num_warps=warps))
-            fwd = _time(lambda: glu._glu_fwd[grid](g, u, h, n, KIND=0, BLOCK=block, num_warps=warps))
+            bwd = mean_cuda_ms(lambda: glu._glu_bwd_inplace[grid](dh, g, u, n, KIND=0, BLOCK=block, num_warps=warps))
+            fwd = mean_cuda_ms(lambda: glu._glu_fwd[grid](g, u, h, n, KIND=0, BLOCK=block, num_warps=warps))
             rows.append(dict(block=block, warps=warps, bwd_ms=round(bwd, 4), bwd_tb_s=round(6 * n * 2 / bwd / 1e9, 2),
                              fwd_ms=round(fwd, 4), fwd_tb_s=round(3 * n * 2 / fwd / 1e9, 2)))
             print(rows[-1], flush=True)
