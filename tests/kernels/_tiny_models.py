@@ -69,3 +69,18 @@ def tiny_model(family: str, seed: int = 0, lora: bool = True, dtype=torch.float3
 
 def twin(model):
     return copy.deepcopy(model)
+
+
+def bf16_lora_llama(hidden: int, layers: int, seed: int = 0):
+    """A bf16 Llama on the GPU wide enough for memory measurements (head_dim 128, vocab 1000,
+    intermediate 2 x hidden), LoRA r=8 on all seven projections with B != 0."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model("llama", vocab_size=1000, hidden_size=hidden, intermediate_size=2 * hidden,
+                               num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=4,
+                               head_dim=128, max_position_embeddings=2 * hidden)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                                            target_modules=LORA_TARGETS))

@@ -11,7 +11,7 @@ import weakref
 import pytest
 import torch
 from _kernel_testutil import rel_err
-from _tiny_models import tiny_model, twin
+from _tiny_models import bf16_lora_llama, tiny_model, twin
 
 import sftop.kernels as K
 from sftop.kernels import checkpoint_offload as co
@@ -88,24 +88,10 @@ def test_gradients_match_plain_checkpointing_and_inputs_leave_the_gpu(prefetch):
     assert held[0] - held[1] >= 0.9 * (n - 1) * layer_input, (held, layer_input)
 
 
-def _llama_model(seed=0):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = AutoConfig.for_model("llama", vocab_size=1000, hidden_size=1024, intermediate_size=2048,
-                               num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
-                               max_position_embeddings=2048)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
-    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
-                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                            "gate_proj", "up_proj", "down_proj"]))
-
-
 @pytest.mark.gpu
 @needs_gpu
 def test_patched_model_offloads_through_gradient_checkpointing_enable():
-    on = _llama_model()
+    on = bf16_lora_llama(hidden=1024, layers=4)
     off = twin(on)
     results = []
     for m, offload in ((on, False), (off, True)):

@@ -11,7 +11,7 @@ backward.
 import pytest
 import torch
 from _kernel_testutil import DEVICE, rel_err
-from _tiny_models import tiny_model, twin
+from _tiny_models import bf16_lora_llama, tiny_model, twin
 
 import sftop.kernels as K
 from sftop.kernels import cuda_graphs as cg
@@ -185,22 +185,6 @@ def test_only_repeated_shapes_are_captured_and_padding_runs_eagerly():
     assert (_graphs(m).stats.captures, _graphs(m).stats.replays) == (1, 2)
 
 
-def _wide_llama(layers):
-    """Layer inputs of 2 x 2048 tokens x 2048 bf16 (16 MiB): offloaded, and above the size that the
-    allocator rounds up to 20 MiB segments (so the pool's size tracks its peak closely)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model("llama", vocab_size=1000, hidden_size=2048, intermediate_size=4096,
-                               num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4,
-                               head_dim=128, max_position_embeddings=4096)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
-    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
-                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                            "gate_proj", "up_proj", "down_proj"]))
-
-
 def _grads_without_updates(model, batches, offload):
     """Each batch's loss and LoRA gradients at the initial weights.  No optimizer steps: at this
     width attention's backward is not bitwise deterministic (about 1e-2 relative between two eager
@@ -230,7 +214,9 @@ def test_offloaded_checkpoints_are_captured_and_keep_layer_inputs_out_of_the_poo
     batches = _batches(4, shape=(2, 2048))
     results = {}
     for offload in (False, True):
-        m = _wide_llama(layers)
+        # layer inputs of 2 x 2048 tokens x 2048 bf16 (16 MiB): offloaded, and above the size the
+        # allocator rounds up to 20 MiB segments (so the pool's size tracks its peak closely)
+        m = bf16_lora_llama(hidden=2048, layers=layers)
         K.patch_model(m)
         run = _grads_without_updates(m, batches, offload)
         stats = _graphs(m).stats
