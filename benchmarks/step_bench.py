@@ -257,11 +257,11 @@ def _profile(step) -> dict:
         if t <= 0 or evt.key.startswith("ProfilerStep") or cpu_side:
             continue
         cats[_category(evt.key)] = cats.get(_category(evt.key), 0.0) + t
-        top.append((t, evt.key[:90]))
+        top.append((t, evt.count // 2, evt.key[:90]))
     total = sum(cats.values()) or 1.0
     result["profile_share"] = {k: round(v / total, 4) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
     result["profile_gpu_ms_per_step"] = total / 1e3 / 2
-    result["profile_top"] = [(round(t / 1e3 / 2, 2), k) for t, k in sorted(top, reverse=True)[:12]]
+    result["profile_top"] = [(round(t / 1e3 / 2, 2), n, k) for t, n, k in sorted(top, reverse=True)[:40]]  # ms, calls per step
     return result
 
 

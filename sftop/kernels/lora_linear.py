@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .lora_mlp import base_weight, compute_dtype, scaled_mm
+from .lora_mlp import adapter_then_base, base_weight, compute_dtype, scaled_mm
 
 
 class _SharedInputLoRA(torch.autograd.Function):
@@ -60,10 +60,9 @@ def _forward(ctx, x, bases, scales, dtype, out_dtype, ab):
     outs, off = [], 0
     for base, b, s in zip(bases, b_c, scales):
         r = b.shape[1]
-        w = base_weight(base, dtype).t()
         bias = getattr(base, "bias", None)
-        out = x2 @ w if bias is None else torch.addmm(bias.to(dtype), x2, w)
-        out.addmm_(xa[:, off:off + r], b.t(), alpha=s)
+        out = adapter_then_base(x2, base_weight(base, dtype).t(), xa[:, off:off + r], b.t(), s,
+                                None if bias is None else bias.to(dtype))
         off += r
         out = out.view(*shape[:-1], out.shape[-1])
         outs.append(out if out.dtype == out_dtype else out.to(out_dtype))
@@ -86,16 +85,11 @@ def _backward(ctx, douts):
     # d_cat = [dy_1 @ B_1 * s_1 | ... ] : the gradient w.r.t. xa, written in place column block by
     # column block so the adapter part of dX and all A gradients are one GEMM each
     d_cat = torch.empty(n_tok, sum(ranks), dtype=dt, device=x2.device)
-    grads_b, off = [], 0
-    for base, bc, s, r, dy, b_dtype in zip(ctx.bases, b_c, scales, ranks, douts, ctx.b_dtypes):
+    grads_b, dys, off = [], [], 0
+    for bc, s, r, dy, b_dtype in zip(b_c, scales, ranks, douts, ctx.b_dtypes):
         dy = dy.reshape(n_tok, -1)
         dy = dy if dy.dtype == dt else dy.to(dt)
-        if need_dx:
-            w = base_weight(base, dt)
-            if dx is None:
-                dx = dy @ w
-            else:
-                dx.addmm_(dy, w)
+        dys.append(dy)
         blk = d_cat[:, off:off + r]
         torch.mm(dy, bc, out=blk)
         if not one_scale:
@@ -104,7 +98,11 @@ def _backward(ctx, douts):
         off += r
     s_all = scales[0] if one_scale else 1.0
     if need_dx:
-        dx.addmm_(d_cat, a_c, alpha=s_all)
+        # the adapters' part of dX first, then every base GEMM adds into it (see adapter_then_base)
+        dx = torch.empty(n_tok, x2.shape[1], dtype=dt, device=x2.device)
+        dx.addmm_(d_cat, a_c, beta=0, alpha=s_all)
+        for base, dy in zip(ctx.bases, dys):
+            dx.addmm_(dy, base_weight(base, dt))
         dx = dx.view(ctx.x_shape)
         dx = dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
     ga = scaled_mm(d_cat.t(), x2, s_all, ctx.a_dtype)

@@ -52,11 +52,26 @@ def scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float, out_dtype: torch
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
+def adapter_then_base(inp: torch.Tensor, w: torch.Tensor, ia: torch.Tensor, b: torch.Tensor, scale: float,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """inp @ w + scale * ia @ b (+ bias), for a rank-r `ia` [tokens, r] and `b` [r, out].
+
+    The rank-r product writes the output first and the base GEMM then adds into it (beta=1).  In
+    the other order the rank-r addmm re-reads and re-writes the whole [tokens, out] output in a
+    memory-bound pass of its own; this way the output is written once and read back inside the
+    compute-bound GEMM's epilogue, where it costs nothing measurable (docs/benchmarks.md).
+    """
+    if bias is None:
+        out = torch.empty(ia.shape[0], b.shape[1], dtype=ia.dtype, device=ia.device)
+        out.addmm_(ia, b, beta=0, alpha=scale)  # beta=0: the uninitialised buffer is never read
+    else:
+        out = torch.addmm(bias, ia, b, alpha=scale)
+    return out.addmm_(inp, w)
+
+
 def _project(inp, base, a, b, scale):
-    out = inp @ base_weight(base, inp.dtype).t()
     ia = inp @ a.t()
-    out.addmm_(ia, b.t(), alpha=scale)
-    return out, ia
+    return adapter_then_base(inp, base_weight(base, inp.dtype).t(), ia, b.t(), scale), ia
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -106,9 +121,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         p_ag, p_bg, p_au, p_bu, p_ad, p_bd = ctx.p_dtypes
         d2 = dout.reshape(-1, dout.shape[-1]).to(dt)
 
-        dh = d2 @ base_weight(down_base, dt)
         d_bd = d2 @ bdc
-        dh.addmm_(d_bd, adc, alpha=sd)
+        dh = adapter_then_base(d2, base_weight(down_base, dt), d_bd, adc, sd)
         # e and g are this Function's own buffers (never seen outside), so they can be reused
         glu_backward_inplace(dh, e, g, ctx.kind)
         h, de, dg = dh, e, g
@@ -117,17 +131,18 @@ class LoRAMLPFunction(torch.autograd.Function):
         grad_ad = scaled_mm(d_bd.t(), h, sd, p_ad)
         del h, dh
 
-        dx = de @ base_weight(gate_base, dt)
         de_b = de @ bgc
         grad_bg = scaled_mm(de.t(), xa_g, sg, p_bg)
         grad_ag = scaled_mm(de_b.t(), x2, sg, p_ag)
-        dx.addmm_(de_b, agc, alpha=sg)
-
-        dx.addmm_(dg, base_weight(up_base, dt))
         dg_b = dg @ buc
         grad_bu = scaled_mm(dg.t(), xa_u, su, p_bu)
         grad_au = scaled_mm(dg_b.t(), x2, su, p_au)
-        dx.addmm_(dg_b, auc, alpha=su)
+
+        # both adapters' part of dX in one rank-2r product, then both base GEMMs add into it
+        a_both = torch.cat([agc * sg, auc * su]) if sg != su else torch.cat([agc, auc])
+        dx = adapter_then_base(de, base_weight(gate_base, dt), torch.cat([de_b, dg_b], dim=1), a_both,
+                               1.0 if sg != su else sg)
+        dx.addmm_(dg, base_weight(up_base, dt))
 
         return (dx.view(ctx.x_shape).to(ctx.x_dtype), grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd,
                 None, None, None, None)
