@@ -7,7 +7,8 @@ Why one Function instead of three PEFT layers and an activation:
     (dh, gate, up) into (h, d_gate, d_up) in place, so backward allocates no intermediate-sized
     buffer beyond dh.  Under gradient checkpointing this is the largest transient of a layer.
   * recomputation: under gradient checkpointing the second run of a layer skips the down
-    projection's GEMMs, whose output backward never reads (sftop/kernels/recompute.py).
+    projection's GEMMs, whose output backward never reads, and takes the down adapter's rank-r
+    product from the first run, so it skips the activation too (sftop/kernels/recompute.py).
   * launches: the base and adapter products of each projection meet in one addmm, and the fp32
     adapter weights are cast to the compute dtype once per call instead of per PEFT layer.
 Base weights are frozen (no gradient); 4-bit bases are dequantised by bitsandbytes' own kernels
@@ -22,7 +23,7 @@ from torch import nn
 
 from .glu import glu_backward_inplace, glu_forward
 from .nf4 import dequantize_4bit_weight
-from .recompute import recomputing
+from .recompute import keep_for_recompute, kept_from_first_run, recomputing
 
 
 def base_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -91,16 +92,20 @@ class LoRAMLPFunction(torch.autograd.Function):
         agc, bgc, auc, buc, adc, bdc = (t.to(dtype) for t in (ag, bg, au, bu, ad, bd))
         e, xa_g = _project(x2, gate_base, agc, bgc, sg)
         g, xa_u = _project(x2, up_base, auc, buc, su)
-        h = glu_forward(e, g, kind)
         if recomputing():
             # a checkpoint's recomputation keeps only what backward saves; the output is thrown
             # away, so its GEMMs (a quarter of the layer's recomputed FLOPs) and, for 4-bit, the
-            # down weight's dequantisation are skipped
-            ha_d = h @ adc.t()
+            # down weight's dequantisation are skipped.  The rank-r product h @ A^T comes from the
+            # first run when it kept it, and then h is not needed at all (backward rebuilds it).
+            ha_d = kept_from_first_run()
+            if ha_d is None:
+                ha_d = glu_forward(e, g, kind) @ adc.t()
             out = torch.empty(x2.shape[0], down_base.out_features, dtype=dtype, device=x2.device)
         else:
+            h = glu_forward(e, g, kind)
             out, ha_d = _project(h, down_base, adc, bdc, sd)
-        del h  # recomputed in backward
+            del h  # recomputed in backward
+            keep_for_recompute(ha_d)
         # the compute-dtype adapter copies are tiny; keeping them saves backward six casts
         ctx.save_for_backward(x2, e, g, xa_g, xa_u, ha_d, agc, bgc, auc, buc, adc, bdc)
         ctx.bases, ctx.scales, ctx.kind, ctx.x_shape, ctx.x_dtype = bases, scales, kind, shape, x.dtype

@@ -9,7 +9,9 @@ from launch_counts import per_layer_counts
 def test_patched_layer_launches_and_nodes_stay_low():
     stock = per_layer_counts(patched=False, checkpointed=True, dtype=torch.bfloat16)
     fused = per_layer_counts(patched=True, checkpointed=True, dtype=torch.bfloat16)
-    # measured: stock 321 ATen ops / 162 nodes; patched 115 ATen ops + 12 Triton / 31 nodes
+    # measured: stock 321 ATen ops / 162 nodes; patched 113 ATen ops + 11 Triton / 31 nodes
     assert fused["aten"] + fused["triton"] <= 0.45 * stock["aten"], (fused, stock)
     assert fused["autograd_nodes"] <= 35, fused
-    assert fused["triton"] == 12, fused  # 2 norms, rope, GLU: forward, recompute and backward
+    # 2 norms and rope: forward, recompute and backward; GLU forward and backward (the lean
+    # recomputation takes the down adapter's product from the first run and skips the activation)
+    assert fused["triton"] == 11, fused

@@ -8,7 +8,8 @@ from torch.utils.checkpoint import checkpoint
 
 import sftop.kernels as K
 import sftop.kernels.lora_mlp as lm
-from sftop.kernels.recompute import checkpoint_marking_recompute, recomputing
+from sftop.kernels.recompute import (checkpoint_marking_recompute, keep_for_recompute, kept_from_first_run,
+                                     recomputing)
 
 from _kernel_testutil import rel_err
 from _tiny_models import tiny_model, twin
@@ -37,6 +38,37 @@ def test_only_the_recomputation_is_marked():
     assert torch.equal(g, x.grad)
 
 
+def test_the_recomputation_reads_what_the_first_run_kept_in_order():
+    lin = torch.nn.Linear(8, 8)
+    first_run, recomputed = [], []
+
+    def layer(x):
+        if recomputing():
+            recomputed.extend([kept_from_first_run(), kept_from_first_run(), kept_from_first_run()])
+        else:
+            a, b = torch.randn(3), torch.randn(2)
+            keep_for_recompute(a)
+            keep_for_recompute(b)
+            first_run.extend([a, b])
+        return torch.sigmoid(torch.tanh(lin(x)))
+
+    x = torch.randn(3, 8, requires_grad=True)
+    out = checkpoint_marking_recompute(layer, x, use_reentrant=False)
+    out2 = checkpoint_marking_recompute(layer, x, use_reentrant=False)  # a second layer keeps its own
+    (out.sum() + 0 * out2.sum()).backward(inputs=[x])
+    # both layers recomputed; each got back exactly its own tensors, then None
+    assert len(recomputed) == 6
+    firsts = {id(t) for t in first_run}
+    assert recomputed[2] is None and recomputed[5] is None
+    assert {id(recomputed[0]), id(recomputed[1]), id(recomputed[3]), id(recomputed[4])} == firsts
+    pairs = [(recomputed[0], recomputed[1]), (recomputed[3], recomputed[4])]
+    assert sorted([(id(a), id(b)) for a, b in pairs]) == sorted(
+        [(id(first_run[0]), id(first_run[1])), (id(first_run[2]), id(first_run[3]))])
+    # outside a checkpointed layer keeping does nothing and nothing comes back
+    keep_for_recompute(torch.ones(1))
+    assert kept_from_first_run() is None
+
+
 def _down_projections(monkeypatch):
     """Count the down projections lora_mlp runs, split by whether they ran in a recomputation."""
     counts = {"forward": 0, "recompute": 0}
@@ -61,14 +93,24 @@ def test_recomputed_layers_skip_the_down_projection_with_stock_gradients(monkeyp
         m.train()
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     counts = _down_projections(monkeypatch)
+    activations = {"forward": 0, "recompute": 0}
+    real_glu = lm.glu_forward
+
+    def counting_glu(*a):
+        activations["recompute" if recomputing() else "forward"] += 1
+        return real_glu(*a)
+
+    monkeypatch.setattr(lm, "glu_forward", counting_glu)
     ids = torch.randint(3, 300, (2, 11), device=next(stock.parameters()).device)
     losses = []
     for m in (stock, fused):
         loss = m(input_ids=ids, labels=ids).loss
         loss.backward()
         losses.append(loss.detach())
-    # two layers: the forward pass projects twice, the two recomputations not at all
+    # two layers: the forward pass projects twice, the two recomputations not at all; they take
+    # the down adapter's rank-r product from the first run, so they skip the activation too
     assert counts == {"forward": 2, "recompute": 0}
+    assert activations == {"forward": 2, "recompute": 0}
     assert rel_err(losses[1], losses[0]) < 1e-5
     stock_grads = {n: p.grad for n, p in stock.named_parameters() if p.requires_grad}
     for n, p in fused.named_parameters():
