@@ -299,7 +299,11 @@ def main(argv=None) -> int:
 
         tmp = tempfile.TemporaryDirectory()
         torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(_config(args.model), dtype=torch.bfloat16).save_pretrained(tmp.name)
+        # random init on the GPU: an 8B model's init on the host alone took minutes
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(_config(args.model), dtype=torch.bfloat16)
+        model.save_pretrained(tmp.name)
+        del model
         args.model_dir = tmp.name
 
     results = []
