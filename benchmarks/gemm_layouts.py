@@ -11,7 +11,7 @@ machine's rate, and whether another arrangement of the same arithmetic is faster
 Counts are per training step with gradient checkpointing and lean recomputation (forward, the
 recomputation without the down projection, backward).
 
-  python benchmarks/gemm_layouts.py --json out.json
+  PYTHONPATH=$PWD python benchmarks/gemm_layouts.py --json out.json   # times sftop.kernels.lora_mlp.adapter_then_base itself
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import json
 import torch
 
 from cuda_timing import mean_cuda_ms
+from sftop.kernels import lora_mlp
 
 SHAPES = {  # tokens per step, hidden, intermediate, q width, kv width, vocab, layers
     "llama-3.2-1b 4x2048": (8192, 2048, 8192, 2048, 512, 128256, 16),
@@ -65,11 +66,8 @@ def _variants(t, h, i, q, kv, vocab):
         out.addmm_(ia, b.t())
         return out
 
-    def adapter_then_base(inp, w, ia, b):
-        out = torch.empty(inp.shape[0], w.shape[0], device="cuda", dtype=torch.bfloat16)
-        out.addmm_(ia, b.t(), beta=0)
-        out.addmm_(inp, w.t())
-        return out
+    def adapter_then_base(inp, w, ia, b):  # the shipped order, weights given [out, in] like base_then_adapter
+        return lora_mlp.adapter_then_base(inp, w.t(), ia, b.t(), 1.0)
 
     def qkv_separate(order):
         return lambda: [order(x, w, xa, b) for w, b in ((wq, bq), (wk, bk), (wv, bk))]
@@ -82,11 +80,7 @@ def _variants(t, h, i, q, kv, vocab):
         return dx
 
     def qkv_dx_fused():
-        cat = torch.cat([dq, dk, dv], dim=1)
-        dx = torch.empty(t, h, device="cuda", dtype=torch.bfloat16)
-        dx.addmm_(dcat3, a3, beta=0)
-        dx.addmm_(cat, wqkv)
-        return dx
+        return lora_mlp.adapter_then_base(torch.cat([dq, dk, dv], dim=1), wqkv, dcat3, a3, 1.0)
 
     def gu_dx_separate():
         dx = de @ wg
@@ -96,19 +90,14 @@ def _variants(t, h, i, q, kv, vocab):
         return dx
 
     def gu_dx_fused():
-        dx = torch.empty(t, h, device="cuda", dtype=torch.bfloat16)
-        dx.addmm_(xa2, agu, beta=0)
-        dx.addmm_(dgu, wgu)
-        return dx
+        return lora_mlp.adapter_then_base(dgu, wgu, xa2, agu, 1.0)
 
     down_a = _rand(R, i)
 
     def down_dh(adapter_first):
         def run():
             if adapter_first:
-                dh = torch.empty(t, i, device="cuda", dtype=torch.bfloat16)
-                dh.addmm_(ha, down_a, beta=0)
-                dh.addmm_(d2, wd)
+                dh = lora_mlp.adapter_then_base(d2, wd, ha, down_a, 1.0)
             else:
                 dh = d2 @ wd
                 dh.addmm_(ha, down_a)
