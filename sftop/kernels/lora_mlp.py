@@ -144,9 +144,11 @@ class LoRAMLPFunction(torch.autograd.Function):
         grad_au = scaled_mm(dg_b.t(), x2, su, p_au)
 
         # both adapters' part of dX in one rank-2r product, then both base GEMMs add into it
-        a_both = torch.cat([agc * sg, auc * su]) if sg != su else torch.cat([agc, auc])
-        dx = adapter_then_base(de, base_weight(gate_base, dt), torch.cat([de_b, dg_b], dim=1), a_both,
-                               1.0 if sg != su else sg)
+        if sg == su:
+            a_both, s_both = torch.cat([agc, auc]), sg
+        else:
+            a_both, s_both = torch.cat([agc * sg, auc * su]), 1.0
+        dx = adapter_then_base(de, base_weight(gate_base, dt), torch.cat([de_b, dg_b], dim=1), a_both, s_both)
         dx.addmm_(dg, base_weight(up_base, dt))
 
         return (dx.view(ctx.x_shape).to(ctx.x_dtype), grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd,
