@@ -16,9 +16,13 @@ How:
     `torch.autograd.grad` of it w.r.t. the trainable parameters, into one private memory pool.
   * `_Replay` is the autograd Function the caller sees: forward copies the inputs into the
     graph's static buffers and replays; backward copies the incoming gradient and replays, then
-    hands autograd *fresh copies* of the static parameter gradients.  Copies, because autograd
-    steals a gradient tensor it is given for a parameter whose .grad is None: a stolen static
-    buffer would be overwritten by the next replay and doubled under gradient accumulation.
+    hands autograd the static parameter gradients themselves (new tensors over the same memory).
+    Autograd takes a gradient it is given for a parameter whose .grad is None without copying,
+    so the step keeps one set of gradients, as an eager step does, not the graph's plus a copy
+    (0.16 GiB for an 8B model's LoRA).  Those buffers are rewritten by the next replay -- the
+    forward graph's transients may share their memory -- so before replaying, any .grad still
+    over them (gradient accumulation keeps .grad across micro-batches) is moved into a copy of
+    its own, and accumulation adds into that copy.
   * The loss's denominator (tokens that count, or `num_items_in_batch`) is applied outside the
     graph, so it can change every step without a new capture.
 
@@ -146,20 +150,21 @@ class CapturedStep:
                 grads = torch.autograd.grad(loss, aliases, grad_outputs=self.grad_out, allow_unused=True)
         self.loss = loss.detach()
         self.grads = list(grads)
+        self.grad_ptrs = {g.data_ptr() for g in self.grads if g is not None}
 
     def load(self, inputs) -> None:
         for dst, src in zip(self.static_inputs, inputs):
             dst.copy_(src)
 
-    def fresh_grads(self) -> list[torch.Tensor | None]:
-        present = [g for g in self.grads if g is not None]
-        copies = iter(torch._foreach_mul(present, 1.0)) if present else iter(())
-        return [None if g is None else next(copies) for g in self.grads]
+    def handed_out_grads(self) -> list[torch.Tensor | None]:
+        # new tensor objects over the static buffers: autograd keeps them as .grad without a copy
+        return [None if g is None else g.detach() for g in self.grads]
 
 
 class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graphs, step, *tensors):
+        graphs.reclaim_grads(tensors[step.n_inputs:])
         step.load(tensors[: step.n_inputs])
         step.fwd.replay()
         ctx.graphs, ctx.step = graphs, step
@@ -172,7 +177,7 @@ class _Replay(torch.autograd.Function):
         graphs.take_armed(step, ctx.generation)
         step.grad_out.copy_(grad)
         step.bwd.replay()
-        return (None, None) + (None,) * step.n_inputs + tuple(step.fresh_grads())
+        return (None, None) + (None,) * step.n_inputs + tuple(step.handed_out_grads())
 
 
 class StepGraphs:
@@ -184,6 +189,7 @@ class StepGraphs:
         self._seen: dict = {}
         self._steps: dict = {}
         self._refused: dict = {}
+        self._grad_ptrs: set[int] = set()  # every captured step's static gradients
         self._armed = None
         self._generation = 0
         self.stats = GraphStats()
@@ -232,6 +238,7 @@ class StepGraphs:
                 self.stats.eager_calls += 1
                 return None
             self._steps[key] = step
+            self._grad_ptrs |= step.grad_ptrs
             self._seen.pop(key, None)
         self.stats.replays += 1
         return _Replay.apply(self, step, *inputs, *(p for _m, _n, p in slots))
@@ -254,6 +261,17 @@ class StepGraphs:
             return None, why
         self.stats.captures += 1
         return step, None
+
+    def reclaim_grads(self, params) -> None:
+        """Before any replay: a parameter's .grad that is still a captured step's static gradient
+        (gradient accumulation keeps .grad across micro-batches) gets a copy of its own.  All
+        captures share one pool, so any replay may overwrite any step's static gradients."""
+        if not self._grad_ptrs:
+            return
+        for p in params:
+            g = p.grad
+            if g is not None and g.data_ptr() in self._grad_ptrs:
+                p.grad = g.clone()
 
     def captured_keys(self) -> int:
         return len(self._steps)
