@@ -234,6 +234,31 @@ def test_offloaded_checkpoints_are_captured_and_keep_layer_inputs_out_of_the_poo
 
 @pytest.mark.gpu
 @needs_gpu
+def test_gradients_are_the_graphs_own_buffers_until_the_next_replay():
+    m = _llama()
+    K.patch_model(m)
+    m.train()
+    params = [p for p in m.parameters() if p.requires_grad]
+    (ids, _), = _batches(1)
+    for _ in range(2):  # eager, then captured
+        m.zero_grad(set_to_none=True)
+        m(input_ids=ids, labels=ids).loss.backward()
+    static = _graphs(m)._grad_ptrs
+    m.zero_grad(set_to_none=True)
+    m(input_ids=ids, labels=ids).loss.backward()  # a replay
+    # no copy of the gradients: each .grad lies in the graph's own gradient buffers
+    assert len(static) == len(params)
+    assert {p.grad.data_ptr() for p in params} == static
+    first = [p.grad.float().clone() for p in params]
+    # accumulating: the next replay must neither overwrite nor double the first micro-batch's
+    m(input_ids=ids, labels=ids).loss.backward()
+    assert not {p.grad.data_ptr() for p in params} & static
+    for p, g in zip(params, first):
+        assert rel_err(p.grad.float(), 2 * g) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_two_forwards_before_backward_raise():
     m = _llama()
     K.patch_model(m)
