@@ -16,7 +16,9 @@ Here:
     waited for its copy.
   * backward: when a layer's input comes back (the start of its recomputation), the input saved
     just before it -- the next one backward will ask for -- is already being copied back on a
-    second side stream, so it is on the GPU by the time its recomputation starts.
+    second side stream, so it is on the GPU by the time its recomputation starts.  A layer that
+    also offloads a kept tensor (recompute.keep_for_recompute) has two entries; each unpack then
+    starts the copy of the latest earlier entry not yet used or under way.
   * pinned buffers: eagerly, fresh ones from torch's caching host allocator.  Inside a capture no
     host memory may be allocated, and a replay writes the same buffers every time, so the capture
     takes buffers reserved beforehand (`recording_offloads` during the warm-up run lists what a
@@ -163,8 +165,10 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
             entry.saved = None
             del t  # its block goes back to the compute stream, which has now waited for the copy
 
-    def _pack(self, t: torch.Tensor):
-        if not t.is_cuda or not t.requires_grad or t.numel() * t.element_size() < self.min_bytes:
+    def _pack(self, t: torch.Tensor, kept: bool = False):
+        # `kept`: a tensor a layer keeps for its recomputation on purpose (inside an autograd
+        # Function's forward, where it does not require grad yet)
+        if not t.is_cuda or not (t.requires_grad or kept) or t.numel() * t.element_size() < self.min_bytes:
             return t
         to_host, _ = self._side_streams(t.device)
         compute = torch.cuda.current_stream(t.device)
@@ -204,14 +208,22 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
                 self._fetch_ahead(ahead, compute)
         return t
 
+    # what recompute.keep_for_recompute(offload=True) moves with a layer's input
+    def pack(self, t: torch.Tensor):
+        return self._pack(t, kept=True)
+
+    def unpack(self, packed) -> torch.Tensor:
+        return self._unpack(packed)
+
     @staticmethod
     def _next_wanted(entry: _Offloaded) -> _Offloaded | None:
-        """The entry saved before `entry` that backward has not used yet: the one it asks for next.
-        None when that one is already on its way (or there is none)."""
+        """The latest entry saved before `entry` that backward has neither used nor fetched: the
+        next one it will ask for that is not yet on its way (a layer that also offloads a kept
+        tensor has two entries, so two can be in flight)."""
         prev = entry.prev() if entry.prev is not None else None
-        while prev is not None and prev.used:
+        while prev is not None and (prev.used or prev.fetched is not None):
             prev = prev.prev() if prev.prev is not None else None
-        return prev if prev is not None and prev.fetched is None else None
+        return prev
 
     def _fetch_ahead(self, entry: _Offloaded, compute) -> None:
         _, to_device = self._side_streams(entry.device)

@@ -12,12 +12,14 @@ call after the first (the recomputations, which run inside backward, possibly on
 thread) runs with the mark set.  The mark is thread-local, so a forward on another thread is never
 mistaken for a recomputation.
 
-A layer's first run can also hand small tensors to its recomputation (`keep_for_recompute`,
-`kept_from_first_run`), so that the recomputation need not rebuild them from large ones.  The
-case that pays: the MLP's rank-r product h @ A_down^T ([tokens, r]) needs the activation h
-([tokens, intermediate]), whose GLU pass and read cost about 2 % of a 1B step.  Kept tensors belong
-to one checkpoint call (the closure torch holds until its backward is done) and come back in the
-order they were kept, because the recomputation runs the same code as the first run.
+A layer's first run can also hand tensors to its recomputation (`keep_for_recompute`,
+`kept_from_first_run`), so that the recomputation need not rebuild them.  Small ones stay on the
+GPU: the MLP's rank-r product h @ A_down^T ([tokens, r]) needs the activation h ([tokens,
+intermediate]), whose GLU pass and read cost about 2 % of a 1B step.  Large ones go to host memory
+with the layer's input when the checkpoint offloads (`in_offloading_checkpoint()`): the attention output,
+which spares the recomputation the attention forward kernel (kept_attention.py).  Kept tensors
+belong to one checkpoint call (the closure torch holds until its backward is done) and come back
+in the order they were kept, because the recomputation runs the same code as the first run.
 """
 
 from __future__ import annotations
@@ -49,20 +51,43 @@ def marked_as_recompute():
 class _Kept:
     """What one checkpoint call's first run kept, and how far its current recomputation has read."""
 
-    __slots__ = ("tensors", "read")
+    __slots__ = ("tensors", "read", "offload")
 
-    def __init__(self):
+    def __init__(self, offload=None):
         self.tensors: list = []
         self.read: int | None = None  # None while the first run keeps; an index while a recomputation reads
+        self.offload = offload  # the checkpoint's offload hooks (pack/unpack), or None
 
 
-def keep_for_recompute(tensor) -> None:
+class _OffloadedKeep:
+    __slots__ = ("packed",)
+
+    def __init__(self, packed):
+        self.packed = packed
+
+
+def keep_for_recompute(tensor, offload: bool = False) -> None:
     """In the first run of a layer under `checkpoint_marking_recompute`, keep `tensor` for the
-    layer's recomputation; anywhere else, do nothing.  Keep only small tensors: they stay on the
-    GPU until the layer's backward is done."""
+    layer's recomputation; anywhere else, do nothing.  Kept tensors stay on the GPU until the
+    layer's backward is done, so keep only small ones there; with `offload=True` the tensor goes
+    to pinned host memory the way the layer's input does (only where `in_offloading_checkpoint()`:
+    check that first)."""
     kept = getattr(_state, "kept", None)
-    if kept is not None and kept.read is None:
-        kept.tensors.append(tensor)
+    if kept is None or kept.read is not None:
+        return
+    if offload:
+        if kept.offload is None:
+            raise RuntimeError("keep_for_recompute(offload=True) outside an offloading checkpoint")
+        tensor = _OffloadedKeep(kept.offload.pack(tensor))
+    kept.tensors.append(tensor)
+
+
+def in_offloading_checkpoint() -> bool:
+    """True in both runs of a layer whose checkpoint offloads its saved input: there the first run
+    may `keep_for_recompute(t, offload=True)`.  The same in the first run and the recomputation,
+    so code can decide by it whether to keep, and whether to read back, in the same order."""
+    kept = getattr(_state, "kept", None)
+    return kept is not None and kept.offload is not None
 
 
 def kept_from_first_run():
@@ -71,7 +96,8 @@ def kept_from_first_run():
     if kept is None or kept.read is None or kept.read >= len(kept.tensors):
         return None
     kept.read += 1
-    return kept.tensors[kept.read - 1]
+    item = kept.tensors[kept.read - 1]
+    return kept.offload.unpack(item.packed) if isinstance(item, _OffloadedKeep) else item
 
 
 @contextmanager
@@ -85,11 +111,12 @@ def _keeping(kept: _Kept, reading: bool):
         _state.kept = previous
 
 
-def checkpoint_marking_recompute(function, *args, _checkpoint=checkpoint, **kwargs):
+def checkpoint_marking_recompute(function, *args, _checkpoint=checkpoint, _offload=None, **kwargs):
     """`_checkpoint(function, *args, **kwargs)` whose recomputations run under `recomputing()` and
-    read what the first run kept."""
+    read what the first run kept.  `_offload`: an object with pack(tensor) -> handle and
+    unpack(handle) -> tensor (the checkpoint's offload hooks), for `keep_for_recompute(offload=True)`."""
     calls = 0
-    kept = _Kept()
+    kept = _Kept(_offload)
 
     def run(*a, **k):
         nonlocal calls

@@ -13,7 +13,9 @@ How it plugs in: an attention function and a mask function registered with trans
 one name (`NAME`), selected through the model's config.  The mask function leaves out the mask
 only where the attention function can do without it (one row, no padding, no cache offset);
 every other call (padded batches, generation with a cache, several rows) gets transformers' own
-SDPA mask and runs transformers' own SDPA attention, unchanged.
+SDPA mask and runs transformers' own SDPA attention, unchanged -- except inside an offloading
+checkpoint, where unmasked causal attention keeps its output for the recomputation
+(kept_attention.py).
 """
 
 from __future__ import annotations
@@ -159,11 +161,20 @@ def _varlen_ok(module, query, key, attention_mask, dropout, scaling) -> bool:
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention interface: (module, q, k, v, mask, ...) -> (output [B, T, H, D], None)."""
+    from .kept_attention import applies as kept_applies, kept_attention
+
     unpacked_capture = _capturing_unpacked(kwargs)
+    kept = kept_applies(module, query, key, attention_mask, dropout, kwargs)
     if (kwargs.get("is_causal", True) is not False and not unpacked_capture
             and _varlen_ok(module, query, key, attention_mask, dropout, scaling)):
         cu, max_len = _cu_seq_lens(kwargs, query.shape[2], query.device)
-        return packed_attention(query, key, value, cu, max_len, scaling), None
+        if not (kept and cu.numel() == 2):
+            return packed_attention(query, key, value, cu, max_len, scaling), None
+        # one row after all: plain causal attention, whose checkpoint keeps its output (as a
+        # captured step of the same batch does, which has no row boundaries to look at)
+        return kept_attention(query, key, value, scaling), None
+    if kept:
+        return kept_attention(query, key, value, scaling), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2] and not unpacked_capture and (

@@ -157,6 +157,14 @@ def test_fetch_ahead_targets_the_newest_unused_entry():
     a.fetched = None
     a.used = True
     assert co.OverlappedOffload._next_wanted(d) is None
+    # a layer that offloads a kept tensor too has two entries: with the newer one on its way, the
+    # one behind it is fetched next, so the layer's input is never copied on demand
+    x = co._Offloaded(None, "cpu", None, None)
+    y = co._Offloaded(None, "cpu", None, weakref.ref(x))
+    z = co._Offloaded(None, "cpu", None, weakref.ref(y))
+    y.fetched = object()
+    assert co.OverlappedOffload._next_wanted(z) is x
+    y.fetched = None  # (a real fetch would be a GPU tensor its __del__ hands back)
 
 
 @pytest.mark.gpu

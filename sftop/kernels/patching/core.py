@@ -582,7 +582,12 @@ def _layer_checkpoint_function(stock_fn, gc_kwargs: dict, lean: bool, overlapped
     from ..recompute import checkpoint_marking_recompute
 
     inner = checkpoint_function(gc_kwargs) if overlapped else stock_fn
-    return functools.partial(checkpoint_marking_recompute, _checkpoint=inner) if lean else inner
+    if not lean:
+        return inner
+    # with offload, the first run can move large tensors for its recomputation along with the
+    # layer input (the attention output: sftop/kernels/kept_attention.py)
+    hooks = inner.keywords["_offload"] if overlapped else None
+    return functools.partial(checkpoint_marking_recompute, _checkpoint=inner, _offload=hooks)
 
 
 def _install_checkpointing(model: nn.Module) -> None:
