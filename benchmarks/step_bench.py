@@ -343,6 +343,8 @@ def main(argv=None) -> int:
             print(f"  {r['path']:11s} {r['tokens_per_s']:10,.0f} tok/s  peak {r['peak_gib']:6.2f} GiB  "
                   f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  loss {r['losses'][-1]:.3f}")
             if "profile_share" in r:
+                for row in r["profile_top"][:15]:
+                    print("           ", row)
                 print("         profile:", r["profile_share"], f"GPU {r['profile_gpu_ms_per_step']:.1f} ms of "
                       f"{1e3 * r['step_s']:.1f} ms per step")
             if "memory_phases_gib" in r:

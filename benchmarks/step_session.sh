@@ -24,6 +24,6 @@ for run in ${RUNS:-}; do
   timeout ${STEP_BENCH_TIMEOUT:-200} python3 benchmarks/step_bench.py --model "$model" $flag --batch ${BATCH:-4} \
     --seq ${SEQ:-2048} --steps ${STEPS:-6} --warmup 3 --checkpointing "$ckpt" --paths "$paths" \
     ${PROFILE:+--profile} --memory-phases --json "$OUT/bench_${model}_${kind}_${ckpt}.json" 2>&1 \
-    | grep -v -i "warn\|Writing model shards" | tail -12 | tee -a "$log"
+    | grep -v -i "warn\|Writing model shards" | tail -${BENCH_TAIL:-40} | tee -a "$log"
 done
 echo "done $(date -u +%H:%M:%S)" | tee -a "$log"
