@@ -133,6 +133,21 @@ def test_checkpointing_keeps_block_inputs_and_one_recomputed_block():
     assert "CPU RAM" in offload.notes[0]
 
 
+def test_offload_counts_the_kept_attention_output_where_it_is_kept():
+    t = 4096  # one unpadded row: unmasked causal attention
+    kept = estimate(L1B, Setup(checkpointing="offload"), t)
+    packed = estimate(L1B, Setup(checkpointing="offload", packed=True, attention="varlen"), t)
+    no_mlp = estimate(L1B, Setup(checkpointing="offload", lora_targets=("q_proj", "v_proj")), t)
+    plain = (2 * 2 * 2048 + 2 * 2048 + 4) * t  # two block inputs in flight, the final norm
+    for e in (packed, no_mlp):
+        assert e.terms["activations"] == plain
+    # one more [tokens, heads * head_dim] output in flight, and 16 layers' fp32 log-sum-exp of 32 heads
+    assert kept.terms["activations"] == plain + (2 * 2048 + 16 * 4 * 32) * t
+    # on the host: 16 block inputs and 16 attention outputs
+    assert f"{16 * 2 * 2 * 2048 * t / 2**30:.2f} GiB" in kept.notes[0]
+    assert f"{16 * 2 * 2048 * t / 2**30:.2f} GiB" in packed.notes[0]
+
+
 def test_fused_loss_is_far_below_full_logits():
     t = 8192
     full = estimate(L1B, Setup(checkpointing="on", kernels=False, loss="full"), t)

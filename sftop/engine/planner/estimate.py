@@ -300,6 +300,20 @@ def one_function_mlp(setup: Setup) -> bool:
     return fused_lora(setup) and {"gate_proj", "up_proj", "down_proj"} <= set(setup.lora_targets)
 
 
+# decoder layers whose recomputation is lean (sftop/kernels/recompute.py): Gemma's post-norms
+# read the MLP output, so its layers recompute in full
+LEAN_RECOMPUTE_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def kept_attention(shape: ModelShape, setup: Setup, masked: bool) -> bool:
+    """Whether offloaded checkpointing keeps each layer's attention output for its recomputation
+    (sftop/kernels/kept_attention.py): lean recomputation with the one-Function MLP, and unmasked
+    causal rows (padded or packed rows take other attention paths)."""
+    return (setup.checkpointing == "offload" and setup.on_gpu and one_function_mlp(setup) and not masked
+            and not setup.packed and shape.model_type in LEAN_RECOMPUTE_FAMILIES
+            and setup.attention in ("sdpa", "varlen") and setup.dtype in ("bf16", "fp16"))
+
+
 def residual_bytes(setup: Setup) -> int:
     """Bytes per element of the residual stream: prepare_model_for_kbit_training's fp32 upcast of
     the embeddings makes it fp32."""
@@ -433,8 +447,14 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
     else:  # offload: block inputs live in pinned host memory; two are on the GPU in flight
         saved_tok = 2 * rb * h + final_norm
         recompute_tok = a_layer
+        host_tok = shape.layers * rb * h
+        if kept_attention(shape, setup, masked=bias > 0):
+            # each layer's attention output goes to host memory too (one more in flight on the
+            # GPU), and its fp32 log-sum-exp per query head stays on the GPU
+            saved_tok += dt * shape.q_dim + shape.layers * 4 * shape.heads
+            host_tok += shape.layers * dt * shape.q_dim
         notes.append(
-            f"offloaded checkpointing keeps {shape.layers * rb * h * tokens / GIB:.2f} GiB of block inputs in CPU RAM"
+            f"offloaded checkpointing keeps {host_tok * tokens / GIB:.2f} GiB of block inputs in CPU RAM"
         )
 
     # What the loss holds: per-token saved tensors, a fixed transient, and its peak per token.
