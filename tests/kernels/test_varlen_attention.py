@@ -149,6 +149,8 @@ def test_packed_attention_matches_per_row_sdpa(heads):
 @gpu
 @pytest.mark.gpu
 def test_patched_bf16_model_trains_packed_rows_like_stock():
+    import copy
+
     from peft import LoraConfig, get_peft_model
 
     from sftop.engine.train.packing import packing_isolated
@@ -156,26 +158,31 @@ def test_patched_bf16_model_trains_packed_rows_like_stock():
     def lora(m):
         return get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
 
-    stock = lora(_model("cuda", torch.bfloat16, seed=5))
-    import copy
-
-    fused = copy.deepcopy(stock)
+    # Both bf16 models are judged against an fp32 stock run of the same weights (as the other
+    # bf16 whole-model tests are): one LoRA gradient of this tiny model was 6 % from stock bf16's
+    # on an H200 (2026-12-03), bf16 rounding in both, so a direct bound would only measure noise.
+    ref = lora(_model("cuda", torch.float32, seed=5))
+    stock = copy.deepcopy(ref).to(torch.bfloat16)
+    fused = copy.deepcopy(ref).to(torch.bfloat16)
     report = K.patch_model(fused)
     assert report.parts["attention"] == "fused"
     assert fused.config._attn_implementation == VA.NAME
     batch = _packed([9, 40, 3, 17], seed=6, device="cuda")
     results = []
-    for m in (stock, fused):
+    for m in (ref, stock, fused):
         m.train()
         m.zero_grad(set_to_none=True)
         loss = m(**batch, use_cache=False).loss
         loss.backward()
-        grads = {n: p.grad.float().clone() for n, p in m.named_parameters() if p.requires_grad}
-        results.append((loss.float(), grads))
-    (ls, gs), (lf, gf) = results
-    assert rel_err(lf, ls) < 1e-2
-    for name, g in gs.items():
-        assert rel_err(gf[name], g) < 5e-2, name
+        names = sorted(n for n, p in m.named_parameters() if p.requires_grad)
+        grads = torch.cat([dict(m.named_parameters())[n].grad.double().flatten() for n in names])
+        assert grads.abs().sum() > 0
+        results.append((loss.double(), grads))
+    (lr, gr), (ls, gs), (lf, gf) = results
+    s_loss, f_loss = rel_err(ls, lr), rel_err(lf, lr)
+    s_grad, f_grad = rel_err(gs, gr), rel_err(gf, gr)
+    assert f_loss < max(3 * s_loss, 1e-2), (f_loss, s_loss)
+    assert f_grad < max(3 * s_grad, 4e-2), (f_grad, s_grad)
     ok, detail = packing_isolated(fused, VOCAB, 0)
     assert ok, detail
     K.patch_model(fused, enable=False)
