@@ -4,6 +4,9 @@
 #   llama-3.2-1b:bf16:on:stock,sftop   llama-3.2-1b:nf4:offload:sftop
 #   export PYTHONPATH=$PWD/.device-site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 #   OUT=/tmp/o RUNS="llama-3.2-1b:bf16:on:stock,sftop" bash benchmarks/step_session.sh
+# The device returns at most 8 files a call: end the command with
+#   python3 benchmarks/bundle_results.py pack $OUT
+# and unpack the one bundle.json here (see that script).
 set -u
 OUT=${OUT:-/tmp/step_session}; mkdir -p "$OUT"
 log="$OUT/session.log"
