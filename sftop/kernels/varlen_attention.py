@@ -170,9 +170,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         cu, max_len = _cu_seq_lens(kwargs, query.shape[2], query.device)
         if not (kept and cu.numel() == 2):
             return packed_attention(query, key, value, cu, max_len, scaling), None
-        # one row after all: plain causal attention, whose checkpoint keeps its output (as a
-        # captured step of the same batch does, which has no row boundaries to look at)
-        return kept_attention(query, key, value, scaling), None
+        # else one row after all: plain causal attention, whose checkpoint keeps its output (as
+        # a captured step of the same batch does, which has no row boundaries to look at)
     if kept:
         return kept_attention(query, key, value, scaling), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
