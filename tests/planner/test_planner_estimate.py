@@ -233,10 +233,11 @@ def test_partial_checkpointing_keeps_the_other_blocks_whole():
 
 
 def test_kernel_families_match_the_patcher():
-    from sftop.engine.planner.estimate import KERNEL_FAMILIES, kernels_cover
+    from sftop.engine.planner.estimate import KERNEL_FAMILIES, LEAN_RECOMPUTE_FAMILIES, kernels_cover
     from sftop.kernels.patching.registry import FAMILIES
 
     assert KERNEL_FAMILIES == set(FAMILIES)
+    assert LEAN_RECOMPUTE_FAMILIES == {name for name, spec in FAMILIES.items() if spec.mlp_output_unsaved}
     assert kernels_cover(L1B) and kernels_cover(ModelShape.from_config(qwen_1_5b()))
     vlm = ModelShape.from_config({"model_type": "qwen2_5_vl", "text_config": llama_1b().to_dict()})
     assert vlm.multimodal and not kernels_cover(vlm)

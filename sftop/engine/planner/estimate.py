@@ -300,8 +300,8 @@ def one_function_mlp(setup: Setup) -> bool:
     return fused_lora(setup) and {"gate_proj", "up_proj", "down_proj"} <= set(setup.lora_targets)
 
 
-# decoder layers whose recomputation is lean (sftop/kernels/recompute.py): Gemma's post-norms
-# read the MLP output, so its layers recompute in full
+# families whose checkpoint recomputation is lean (registry.py FamilySpec.mlp_output_unsaved; a test
+# keeps the two equal): Gemma's post-norms read the MLP output, so its layers recompute in full
 LEAN_RECOMPUTE_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
