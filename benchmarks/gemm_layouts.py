@@ -72,22 +72,22 @@ def _variants(t, h, i, q, kv, vocab):
     def qkv_separate(order):
         return lambda: [order(x, w, xa, b) for w, b in ((wq, bq), (wk, bk), (wv, bk))]
 
-    def qkv_dx_separate():
-        dx = dq @ wq
-        dx.addmm_(dk, wk)
-        dx.addmm_(dv, wv)
-        dx.addmm_(dcat3, a3)
+    def summed(*products):
+        """sum of m1 @ m2 over the pairs, one GEMM each, accumulated with addmm_ into the first."""
+        (m1, m2), rest = products[0], products[1:]
+        dx = m1 @ m2
+        for m1, m2 in rest:
+            dx.addmm_(m1, m2)
         return dx
+
+    def qkv_dx_separate():
+        return summed((dq, wq), (dk, wk), (dv, wv), (dcat3, a3))
 
     def qkv_dx_fused():
         return lora_mlp.adapter_then_base(torch.cat([dq, dk, dv], dim=1), wqkv, dcat3, a3, 1.0)
 
     def gu_dx_separate():
-        dx = de @ wg
-        dx.addmm_(xa, ag)
-        dx.addmm_(dg, wu)
-        dx.addmm_(xa, ag)
-        return dx
+        return summed((de, wg), (xa, ag), (dg, wu), (xa, ag))
 
     def gu_dx_fused():
         return lora_mlp.adapter_then_base(dgu, wgu, xa2, agu, 1.0)
@@ -99,8 +99,7 @@ def _variants(t, h, i, q, kv, vocab):
             if adapter_first:
                 dh = lora_mlp.adapter_then_base(d2, wd, ha, down_a, 1.0)
             else:
-                dh = d2 @ wd
-                dh.addmm_(ha, down_a)
+                dh = summed((d2, wd), (ha, down_a))
             return dh
         return run
 
