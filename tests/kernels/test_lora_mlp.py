@@ -20,10 +20,16 @@ def _ref(x, wg, wu, wd, ag, bg, au, bu, ad, bd, s, kind):
     return proj(h, wd, ad, bd, s[2])
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 5], ids=["whole", "dh-in-chunks"])
 @pytest.mark.parametrize("kind", [SWIGLU, GEGLU])
 @pytest.mark.parametrize("n,hid,inter,r", [(7, 24, 40, 4), (2 * 9, 32, 72, 3)])
-def test_lora_mlp_function_matches_reference(case, poison, kind, n, hid, inter, r):
+def test_lora_mlp_function_matches_reference(case, poison, monkeypatch, kind, n, hid, inter, r, chunk_rows):
     device, dtype, tol = case
+    if chunk_rows:  # backward builds dh 5 token rows at a time (7 -> 4+3, 18 -> 5+5+5+3)
+        import sftop.kernels.lora_mlp as lm
+
+        monkeypatch.setattr(lm, "DH_CHUNK_BYTES", chunk_rows * inter * dtype.itemsize)
+        assert 1 < -(-n // lm._dh_chunk_rows(n, inter, dtype.itemsize))
     f64 = dict(dtype=torch.float64)
     base = [nn.Linear(i, o, bias=False).to(device, dtype).requires_grad_(False)
             for i, o in ((hid, inter), (hid, inter), (inter, hid))]
@@ -43,11 +49,21 @@ def test_lora_mlp_function_matches_reference(case, poison, kind, n, hid, inter, 
     ref = _ref(xr, *wr, *lr, scales, kind)
     refs = torch.autograd.grad(ref, [xr, *lr], dout.double().cpu())
 
+    bounds = [tol] + [tol if dtype == torch.float32 else 3e-2] * len(refs)
+    if dtype == torch.bfloat16:
+        # At these tiny widths bf16's own rounding of gate/up/h sometimes passes 1e-2 by itself
+        # (one draw in ~15 for the plain PyTorch bf16 MLP): a bound is also met by staying within
+        # 3x the error of that PyTorch bf16 computation on the same inputs.
+        xs = x.detach().cpu().requires_grad_()
+        ls = [t.detach().cpu().bfloat16().requires_grad_() for t in lora]
+        stock = _ref(xs, *[b.weight.detach().cpu() for b in base], *ls, scales, kind)
+        stocks = torch.autograd.grad(stock, [xs, *ls], dout.cpu())
+        bounds = [max(b, 3 * rel_err(st, want)) for b, st, want in zip(bounds, (stock, *stocks), (ref, *refs))]
     assert out.dtype == dtype
-    assert rel_err(out, ref) < tol
-    for got, want, p in zip(grads, refs, [x, *lora]):
+    assert rel_err(out, ref) < bounds[0]
+    for got, want, p, bound in zip(grads, refs, [x, *lora], bounds[1:]):
         assert got.dtype == p.dtype
-        assert rel_err(got, want) < (tol if dtype == torch.float32 else 3e-2)
+        assert rel_err(got, want) < bound
 
 
 def test_patched_mlp_takes_the_one_function_path(monkeypatch):

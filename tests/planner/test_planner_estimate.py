@@ -243,6 +243,17 @@ def test_kernel_families_match_the_patcher():
     assert vlm.multimodal and not kernels_cover(vlm)
 
 
+def test_mlp_dh_chunks_match_the_kernel():
+    import sftop.kernels.lora_mlp as lm
+    from sftop.engine.planner.estimate import MLP_DH_CHUNK_BYTES, mlp_dh_bytes
+
+    assert MLP_DH_CHUNK_BYTES == lm.DH_CHUNK_BYTES
+    for tokens, inter in [(4096, 14336), (8192, 8192), (4096, 8960), (1000, 8192), (300, 40000), (7, 40)]:
+        assert mlp_dh_bytes(tokens, inter, 2) == lm._dh_chunk_rows(tokens, inter, 2) * inter * 2
+    # Llama-3.1-8B at 2 x 2048 tokens: 1024-row chunks instead of the whole 112 MiB
+    assert mlp_dh_bytes(4096, 14336, 2) == 1024 * 14336 * 2
+
+
 def test_nf4_dequantised_weight_is_not_held_while_the_loss_runs():
     nf4, bf16 = Setup(load_in_4bit=True), Setup()
     # at the loss both hold the same activations; the dequantised weight only lives inside a block

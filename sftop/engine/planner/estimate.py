@@ -46,6 +46,9 @@ FUSED_CE_INDEX_BYTES = 8 + 8 + 8 + 1 + 4
 # model_type values sftop.kernels.patch_model fuses (sftop/kernels/patching/registry.py FAMILIES;
 # a test keeps the two equal). Listed here so that planning never imports torch or triton.
 KERNEL_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"})
+# The one-Function MLP's backward builds dh (tokens x intermediate) in token chunks of at most
+# this many bytes (sftop/kernels/lora_mlp.py DH_CHUNK_BYTES; a test keeps the two equal).
+MLP_DH_CHUNK_BYTES = 32 * MIB
 # TRL's chunked log-prob head: a [4096, 32768] tile in the compute dtype.
 TRL_CE_TILE_BYTES = 4096 * 32768 * 2
 NF4_BLOCK = 64
@@ -294,6 +297,18 @@ def fused_lora(setup: Setup) -> bool:
     return setup.kernels and setup.lora_dropout == 0
 
 
+def mlp_dh_bytes(tokens: int, intermediate: int, dt: int) -> int:
+    """The one-Function MLP's dh buffer: the whole [tokens, intermediate] up to MLP_DH_CHUNK_BYTES,
+    above it equal token chunks of at most that (rounded up to 128 rows), as lora_mlp.py cuts them."""
+    total = tokens * intermediate * dt
+    chunks = -(-total // MLP_DH_CHUNK_BYTES)
+    if chunks <= 1:
+        return total
+    rows = -(-tokens // chunks)
+    rows = min(tokens, -(-rows // 128) * 128) if rows > 128 else rows
+    return rows * intermediate * dt
+
+
 def one_function_mlp(setup: Setup) -> bool:
     """The whole LoRA MLP as one autograd Function (sftop/kernels/lora_mlp.py): needs gate, up and
     down all adapted by the fused LoRA path."""
@@ -475,10 +490,13 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
         loss_peak = fused_ce_bytes(shape, setup, tokens)
         loss_grad_tok = dt * h
 
+    backward_fixed = 0
     if one_function_mlp(setup):
-        # The one-Function MLP's backward allocates dh (intermediate width) and dX, and turns its
-        # saved gate/up into their gradients in place; the rest of the block needs less.
-        backward_tok = dt * shape.intermediate + dt * h
+        # The one-Function MLP's backward allocates dh (intermediate width, in token chunks for
+        # large batches) and dX, and turns its saved gate/up into their gradients in place; the
+        # rest of the block needs less.
+        backward_tok = dt * h
+        backward_fixed = mlp_dh_bytes(tokens, shape.intermediate, dt)
     else:
         # During one block's backward: gradients of its MLP (gate/up width) and hidden width in flight,
         # net of the saved tensors it frees as it goes (fits the measured GC peak, research §A8).
@@ -493,7 +511,8 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
     saved = (saved_tok + loss_saved_tok) * tokens + mask_saved
     loss_phase = saved + loss_peak
     # (a block's forward holds one dequantised weight and less than its backward: never the peak)
-    backward_phase = saved + dequant + (recompute_tok + backward_tok + loss_grad_tok) * tokens + mask_recompute
+    backward_phase = (saved + dequant + (recompute_tok + backward_tok + loss_grad_tok) * tokens + backward_fixed
+                      + mask_recompute)
     terms["activations"] = saved_tok * tokens
     if mask_saved:
         terms["attention_mask"] = mask_saved
@@ -507,7 +526,7 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
             terms["dequant_transient"] = dequant
         if recompute_tok:
             terms["recomputed_layer"] = recompute_tok * tokens + mask_recompute
-        terms["backward_transient"] = (backward_tok + loss_grad_tok) * tokens
+        terms["backward_transient"] = (backward_tok + loss_grad_tok) * tokens + backward_fixed
     allocated = sum(terms.values())
     dynamic = allocated - terms["weights"] - terms["lora_params"]
     terms["allocator_margin"] = int(ALLOCATOR_MARGIN * dynamic)
