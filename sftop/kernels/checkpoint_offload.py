@@ -11,9 +11,10 @@ Here:
     on the compute stream, so the next layers keep computing while it copies.  Eagerly the GPU
     block goes back to the allocator at once, marked with `record_stream` so that it is not reused
     before the copy has read it.  Inside a CUDA-graph capture a block with a recorded side-stream
-    use is never reused, so nothing would be saved: there the GPU tensor is let go when the next
+    use is never reused, so nothing would be saved: there the GPU tensors are let go when the next
     layer input is saved (or the capture calls `settle_pending`), after the compute stream has
-    waited for its copy.
+    waited for their copies.  Tensors a layer keeps for its recomputation (`pack`) wait with its
+    input until then, so that the compute stream never waits on a copy in the middle of a layer.
   * backward: when a layer's input comes back (the start of its recomputation), the input saved
     just before it -- the next one backward will ask for -- is already being copied back on a
     second side stream, so it is on the GPU by the time its recomputation starts.  A layer that
@@ -131,7 +132,7 @@ def settle_pending() -> None:
 def discard_pending() -> None:
     """After a failed capture: forget copies that belonged to it (their events were never recorded)."""
     for hooks in list(_LIVE):
-        hooks._pending = None
+        hooks._pending = []
 
 
 class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
@@ -141,7 +142,7 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
         self.min_bytes = min_bytes
         self.prefetch = prefetch
         self._last = None
-        self._pending = None  # under capture: (GPU tensor, its entry) until the compute stream waits
+        self._pending = []  # under capture: (GPU tensor, its entry) until the compute stream waits
         _LIVE.add(self)
         super().__init__(self._pack, self._unpack)
 
@@ -156,14 +157,16 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
         return pair
 
     def _settle(self, compute) -> None:
-        if self._pending is not None:
-            t, entry = self._pending
-            self._pending = None
-            compute.wait_event(entry.saved)
+        pending, self._pending = self._pending, []
+        if pending:
+            # one side stream copies in order: the last copy's event covers all of them
+            compute.wait_event(pending[-1][1].saved)
+        for _t, entry in pending:
             # a capture may not wait on an event of the forward graph from the backward graph;
             # from here on the copy is complete in the compute stream's order anyway
             entry.saved = None
-            del t  # its block goes back to the compute stream, which has now waited for the copy
+        # the blocks go back to the compute stream, which has now waited for their copies
+        del pending
 
     def _pack(self, t: torch.Tensor, kept: bool = False):
         # `kept`: a tensor a layer keeps for its recomputation on purpose (inside an autograd
@@ -172,7 +175,8 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
             return t
         to_host, _ = self._side_streams(t.device)
         compute = torch.cuda.current_stream(t.device)
-        self._settle(compute)
+        if not kept:  # a layer's input: the copies of the layer before are due by now
+            self._settle(compute)
         host = _PLAN.buffer_for(t)
         to_host.wait_stream(compute)  # t is complete once the work queued so far is
         with torch.cuda.stream(to_host):
@@ -183,7 +187,7 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
         entry = _Offloaded(host, t.device, saved, weakref.ref(prev) if prev is not None else None)
         self._last = weakref.ref(entry)
         if torch.cuda.is_current_stream_capturing():
-            self._pending = (t, entry)
+            self._pending.append((t, entry))
         else:
             t.record_stream(to_host)  # its memory is not reused before the copy has read it
         return entry

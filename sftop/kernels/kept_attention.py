@@ -11,6 +11,11 @@ the GPU; the recomputation takes both back and skips the kernel.  The backward i
 kernel's own backward with the same inputs as without checkpointing.  Without offload the output
 would stay on the GPU (a layer input's worth per layer), so the path is used only with it.
 
+On layers with compute enough to hide the extra copies (`projections_worth_keeping`), the first
+run also moves the q, k and v it was handed (after RoPE) to host memory, into the holder the
+layer's q/k/v projections opened (recompute.KeptProjections).  The recomputation's projections
+and RoPE then hand on placeholders, and this Function takes the real q/k/v back instead.
+
 The kernels are PyTorch's own fused attention ops, called directly so that the output and the
 log-sum-exp can be kept: cuDNN's on the GPU (what SDPA itself dispatches to for these shapes on
 Hopper, with K/V heads shared by query-head groups natively) and the CPU flash pair on the CPU,
@@ -19,11 +24,40 @@ where the tests run.  Used for causal self-attention without a mask, dropout or 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .recompute import in_offloading_checkpoint, keep_for_recompute, kept_from_first_run, recomputing
+from .recompute import (
+    in_offloading_checkpoint,
+    is_placeholder,
+    keep_for_recompute,
+    kept_from_first_run,
+    recomputing,
+    take_open_projections,
+)
 
 _aten = torch.ops.aten
+
+# Keeping the attention's q, k and v too (recompute.KeptProjections) spares the recomputation the
+# q/k/v projections and RoPE, but moves q + 2 kv more values per token to host memory during the
+# forward, where the copies must hide under the layer's compute.  An H200's host link moved a
+# 32 MiB layer input in 0.6 ms (55 GB/s) while its GEMMs ran at about 700 TFLOP/s, about 12,700
+# FLOP per byte (docs/benchmarks.md).  Layers whose forward FLOPs per kept byte (input, q, k, v,
+# attention output) fall below this would wait on their copies: Llama-3.1-8B has 15,200,
+# Llama-3.2-1B 8,500.
+MIN_FLOP_PER_KEPT_BYTE = 12_000
+ENV_SWITCH = "SFTOP_KEEP_PROJECTIONS"  # "0": never keep q/k/v, "1": always (where the path applies)
+
+
+def projections_worth_keeping(hidden: int, intermediate: int, q_dim: int, kv_dim: int, elem: int = 2) -> bool:
+    """Whether a decoder layer of this shape (gated MLP) has the compute to hide keeping q/k/v."""
+    forced = os.environ.get(ENV_SWITCH, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    flops = 2 * (hidden * (q_dim + 2 * kv_dim) + q_dim * hidden + 3 * hidden * intermediate)
+    kept_bytes = elem * (hidden + 2 * q_dim + 2 * kv_dim)
+    return flops >= MIN_FLOP_PER_KEPT_BYTE * kept_bytes
 
 
 def supported(query: torch.Tensor) -> tuple[bool, str]:
@@ -82,15 +116,29 @@ class KeptAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale):
         kept = in_offloading_checkpoint()
+        # the q/k/v projections of this layer may have opened a holder for their outputs
+        projections = take_open_projections() if kept else None
         if kept and recomputing():
+            if projections is not None and projections.filled:
+                if not all(is_placeholder(t) for t in (q, k, v)):
+                    raise RuntimeError(
+                        "sftop: attention got computed q/k/v where the recomputation handed on placeholders "
+                        "(something between the projections and attention computes on them; its gradients "
+                        f"would be wrong). Turn {ENV_SWITCH}=0 and report the model family.")
+                q, k, v = (t.transpose(1, 2) for t in projections.take())
             out, state = kept_from_first_run().transpose(1, 2), kept_from_first_run()
         else:
             out, state = _forward(q, k, v, scale)
             if kept:
+                if projections is not None:
+                    # [B, T, H, D] memory order, like the output below: moved without a layout change
+                    projections.fill(*(t.transpose(1, 2) for t in (q, k, v)))
                 # [B, T, H, D] is the output's memory order (cuDNN matches the query's, which HF
                 # lays out so): contiguous, so it moves to host and back without a layout change
                 keep_for_recompute(out.transpose(1, 2), offload=True)
                 keep_for_recompute(state)
+        if any(is_placeholder(t) for t in (q, k, v)):
+            raise RuntimeError("sftop: attention was handed placeholders for q/k/v that no kept tensors replace")
         ctx.save_for_backward(q, k, v, out)
         ctx.state, ctx.scale = state, scale
         return out

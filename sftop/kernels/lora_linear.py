@@ -19,17 +19,23 @@ from __future__ import annotations
 import torch
 
 from .lora_mlp import adapter_then_base, base_weight, compute_dtype, scaled_mm
+from .recompute import placeholder
 
 
 class _SharedInputLoRA(torch.autograd.Function):
-    """forward(x, bases, scales, dtype, out_dtype, a_1, b_1, ..., a_n, b_n) -> n outputs."""
+    """forward(x, bases, scales, dtype, out_dtype, kept, a_1, b_1, ..., a_n, b_n) -> n outputs.
+
+    `kept`: a recompute.KeptProjections or None.  When the layer's first run filled it (its
+    attention kept the q/k/v these projections made), the recomputation computes only what
+    backward needs (x @ A^T) and hands on placeholders for the outputs.
+    """
 
     @staticmethod
-    def forward(ctx, x, bases, scales, dtype, out_dtype, *ab):
+    def forward(ctx, x, bases, scales, dtype, out_dtype, kept, *ab):
         # dtypes are resolved by the caller (autocast included); autocast re-casting single
         # matmuls would break the in-place accumulations
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _forward(ctx, x, bases, scales, dtype, out_dtype, ab)
+            return _forward(ctx, x, bases, scales, dtype, out_dtype, kept, ab)
 
     @staticmethod
     def backward(ctx, *douts):
@@ -50,13 +56,27 @@ def _cat_a(a_list, dtype):
     return a.to(dtype)
 
 
-def _forward(ctx, x, bases, scales, dtype, out_dtype, ab):
+def _forward(ctx, x, bases, scales, dtype, out_dtype, kept, ab):
     a_list, b_list = ab[0::2], ab[1::2]
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).to(dtype)
     a_c = _cat_a(a_list, dtype)
     b_c = [b.to(dtype) for b in b_list]
     xa = x2 @ a_c.t()  # [tokens, sum r]: every projection's low-rank product
+    if kept is not None and kept.filled:
+        # a recomputation whose attention takes the first run's q/k/v back itself
+        outs = [placeholder((*shape[:-1], base.out_features), out_dtype, x.device) for base in bases]
+    else:
+        outs = _outputs(x2, xa, bases, b_c, scales, dtype, out_dtype, shape[:-1])
+    # the compute-dtype adapter copies are tiny ([sum r, in] and [out, r]); keeping them saves
+    # backward from casting (and concatenating) them again
+    ctx.save_for_backward(x2, xa, a_c, *b_c)
+    ctx.bases, ctx.scales, ctx.x_shape, ctx.x_dtype = bases, scales, shape, x.dtype
+    ctx.a_dtype, ctx.b_dtypes = a_list[0].dtype, [b.dtype for b in b_list]
+    return tuple(outs) if len(outs) > 1 else outs[0]
+
+
+def _outputs(x2, xa, bases, b_c, scales, dtype, out_dtype, lead_shape):
     outs, off = [], 0
     for base, b, s in zip(bases, b_c, scales):
         r = b.shape[1]
@@ -64,14 +84,9 @@ def _forward(ctx, x, bases, scales, dtype, out_dtype, ab):
         out = adapter_then_base(x2, base_weight(base, dtype).t(), xa[:, off:off + r], b.t(), s,
                                 None if bias is None else bias.to(dtype))
         off += r
-        out = out.view(*shape[:-1], out.shape[-1])
+        out = out.view(*lead_shape, out.shape[-1])
         outs.append(out if out.dtype == out_dtype else out.to(out_dtype))
-    # the compute-dtype adapter copies are tiny ([sum r, in] and [out, r]); keeping them saves
-    # backward from casting (and concatenating) them again
-    ctx.save_for_backward(x2, xa, a_c, *b_c)
-    ctx.bases, ctx.scales, ctx.x_shape, ctx.x_dtype = bases, scales, shape, x.dtype
-    ctx.a_dtype, ctx.b_dtypes = a_list[0].dtype, [b.dtype for b in b_list]
-    return tuple(outs) if len(outs) > 1 else outs[0]
+    return outs
 
 
 def _backward(ctx, douts):
@@ -110,7 +125,7 @@ def _backward(ctx, douts):
     for r, gb in zip(ranks, grads_b):
         grads += [ga[off:off + r], gb]
         off += r
-    return (dx, None, None, None, None, *grads)
+    return (dx, None, None, None, None, None, *grads)
 
 
 def _dtypes(layer, x):
@@ -125,10 +140,11 @@ def _dtypes(layer, x):
     return dt, (x.dtype if quantised else dt)
 
 
-def lora_linears(x, layers, adapter: str):
+def lora_linears(x, layers, adapter: str, kept=None):
     """Run PEFT LoRA layers that all read `x` (one adapter, no dropout/DoRA/LoRA bias) as one Function.
 
-    Returns one output per layer (a tensor for one layer, a tuple for several).
+    Returns one output per layer (a tensor for one layer, a tuple for several).  `kept`: see
+    `_SharedInputLoRA`.
     """
     dtype, out_dtype = _dtypes(layers[0], x)
     ab = []
@@ -137,5 +153,5 @@ def lora_linears(x, layers, adapter: str):
     fn = LoRALinearFunction if len(layers) == 1 else LoRAQKVFunction
     return fn.apply(
         x, tuple(m.base_layer for m in layers), tuple(float(m.scaling[adapter]) for m in layers),
-        dtype, out_dtype, *ab,
+        dtype, out_dtype, kept, *ab,
     )

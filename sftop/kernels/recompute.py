@@ -17,7 +17,9 @@ A layer's first run can also hand tensors to its recomputation (`keep_for_recomp
 GPU: the MLP's rank-r product h @ A_down^T ([tokens, r]) needs the activation h ([tokens,
 intermediate]), whose GLU pass and read cost about 2 % of a 1B step.  Large ones go to host memory
 with the layer's input when the checkpoint offloads (`in_offloading_checkpoint()`): the attention output,
-which spares the recomputation the attention forward kernel (kept_attention.py).  Kept tensors
+which spares the recomputation the attention forward kernel (kept_attention.py), and on wide
+enough layers the attention's q, k and v (`KeptProjections`), which spare it the q/k/v
+projections and RoPE: the recomputation hands on `placeholder`s in their place.  Kept tensors
 belong to one checkpoint call (the closure torch holds until its backward is done) and come back
 in the order they were kept, because the recomputation runs the same code as the first run.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 
+import torch
 from torch.utils.checkpoint import checkpoint
 
 _state = threading.local()
@@ -90,6 +93,69 @@ def in_offloading_checkpoint() -> bool:
     return kept is not None and kept.offload is not None
 
 
+class KeptProjections:
+    """The q, k and v one attention call received in a layer's first run, in pinned host memory,
+    for the recomputation's q/k/v projections and RoPE to hand on instead of computing them.
+
+    The projections open one per call (`open_kept_projections`), before the attention has run;
+    the attention fills it (`fill`) when it keeps its own output too, and reads it back in the
+    recomputation (`take`).  An empty one means the first run's attention kept nothing, and the
+    recomputation computes q/k/v as usual.
+    """
+
+    __slots__ = ("packed", "_hooks")
+
+    def __init__(self, hooks):
+        self.packed: list | None = None
+        self._hooks = hooks
+
+    @property
+    def filled(self) -> bool:
+        return self.packed is not None
+
+    def fill(self, *tensors) -> None:
+        self.packed = [self._hooks.pack(t) for t in tensors]
+
+    def take(self) -> list:
+        return [self._hooks.unpack(p) for p in self.packed]
+
+
+def open_kept_projections() -> KeptProjections | None:
+    """Inside an offloading checkpoint: in the first run a new, empty holder, kept for the
+    recomputation; in the recomputation the first run's one.  It is also left for the next
+    attention call of this thread (`take_open_projections`).  Elsewhere None."""
+    kept = getattr(_state, "kept", None)
+    if kept is None or kept.offload is None:
+        return None
+    if kept.read is None:
+        holder = KeptProjections(kept.offload)
+        kept.tensors.append(holder)
+    else:
+        holder = kept_from_first_run()
+        if not isinstance(holder, KeptProjections):
+            raise RuntimeError("sftop: a recomputation read its kept tensors out of the first run's order")
+    _state.open_projections = holder
+    return holder
+
+
+def take_open_projections() -> KeptProjections | None:
+    """The holder the last q/k/v projections of this thread opened, once (then it is gone)."""
+    holder = getattr(_state, "open_projections", None)
+    _state.open_projections = None
+    return holder
+
+
+def placeholder(shape, dtype, device) -> torch.Tensor:
+    """What a recomputation hands on in place of a tensor it did not compute: the right shape and
+    dtype for autograd, one NaN element of memory (every stride 0), so that any computation that
+    reads it by mistake is poisoned rather than quietly wrong."""
+    return torch.full((1,), float("nan"), dtype=dtype, device=device).expand(shape)
+
+
+def is_placeholder(t: torch.Tensor) -> bool:
+    return t.dim() > 0 and t.numel() > 1 and all(st == 0 for st in t.stride())
+
+
 def kept_from_first_run():
     """In a recomputation, the next tensor its first run kept (the same order); otherwise None."""
     kept = getattr(_state, "kept", None)
@@ -109,6 +175,7 @@ def _keeping(kept: _Kept, reading: bool):
         yield
     finally:
         _state.kept = previous
+        _state.open_projections = None  # a holder never outlives its layer call
 
 
 def checkpoint_marking_recompute(function, *args, _checkpoint=checkpoint, _offload=None, **kwargs):

@@ -142,26 +142,185 @@ def test_only_plain_causal_attention_takes_the_path(kw, mask, dropout):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_patched_model_with_offload_skips_the_recomputed_attention_kernel(monkeypatch):
+@pytest.mark.parametrize("keep_qkv", ["0", "1"])
+def test_patched_model_with_offload_skips_the_recomputed_attention_kernel(monkeypatch, keep_qkv):
+    import sftop.kernels.lora_linear as ll
     from _tiny_models import bf16_lora_llama
 
     monkeypatch.setenv("SFTOP_CUDA_GRAPHS", "0")
-    calls = []
-    real = ka._forward
-    monkeypatch.setattr(ka, "_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv(ka.ENV_SWITCH, keep_qkv)  # this width is below the automatic choice's
+    counts = {}
+    _count(monkeypatch, ka, "_forward", counts, "attention")
+    _count(monkeypatch, ll, "_outputs", counts, "qkv", when=lambda x2, xa, bases, *a: len(bases) == 3)
     ids = torch.randint(0, 1000, (2, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
-    grads, counts = [], []
+    grads, seen = [], []
     for offload in (True, False):
         m = bf16_lora_llama(hidden=1024, layers=3)
-        assert K.patch_model(m).parts["attention"] == "fused"
+        report = K.patch_model(m)
+        assert report.parts["attention"] == "fused"
+        assert (report.parts["kept_projections"] == "fused") == (keep_qkv == "1"), report.parts
         m.train()
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=offload)
-        calls.clear()
+        counts.clear()
         m(input_ids=ids, labels=ids).loss.backward()
-        counts.append(len(calls))
+        seen.append(dict(counts))
         grads.append({n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad})
-    # with offload: the three layers' first runs, no recomputation; without: SDPA throughout
-    assert counts == [3, 0], counts
+    # with offload: the three layers' first runs, no recomputation (of q/k/v either, when kept);
+    # without: SDPA throughout, and q/k/v projected in both runs
+    assert seen == [{"attention": 3, "qkv": 3 if keep_qkv == "1" else 6}, {"qkv": 6}], seen
     for n, g in grads[1].items():
         assert g.abs().sum() > 0, n
         assert rel_err(grads[0][n], g) < 1e-2, (n, rel_err(grads[0][n], g))
+
+
+# ---------------------------------------------------------------- kept q/k/v (recompute.KeptProjections)
+
+
+def _offloading_kept_model(family, monkeypatch, keep=True, hooks=None):
+    """A tiny patched model on the CPU whose checkpointed layers run as under offloaded lean
+    checkpointing (a stand-in for the offload hooks), attention through sftop's interface (on a
+    GPU the `attention` part switches it; on the CPU the kept path is the only one it changes)."""
+    import functools
+
+    from _tiny_models import tiny_model
+
+    from sftop.kernels.patching import core
+    from sftop.kernels.varlen_attention import NAME, register
+
+    m = tiny_model(family)
+    report = K.patch_model(m)
+    assert report.parts["attention_lora"] == report.parts["rope"] == report.parts["lean_recompute"] == "fused"
+    register()
+    base = m.get_base_model()
+    base.set_attn_implementation(NAME)
+    spec = core.FAMILIES[family]
+    for attn in core._modules_of(base, spec.attention_class):
+        attn.q_proj.__dict__["_sftop_qkv"].keep_projections = keep
+    m.train()
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hooks is not None:
+        fn = functools.partial(checkpoint_marking_recompute, _checkpoint=functools.partial(checkpoint, use_reentrant=False),
+                               _offload=hooks)
+        for layer in base.model.layers:
+            layer._gradient_checkpointing_func = fn
+    return m
+
+
+def _count(monkeypatch, module, name, counts, key, when=lambda *a, **k: True):
+    real = getattr(module, name)
+
+    def counting(*a, **k):
+        if when(*a, **k):
+            counts[key] = counts.get(key, 0) + 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, counting)
+
+
+def _grads(m, ids):
+    m.zero_grad(set_to_none=True)
+    loss = m(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v carry a base bias
+def test_recomputation_takes_kept_qkv_back_instead_of_projecting(monkeypatch, family):
+    import sftop.kernels.lora_linear as ll
+    import sftop.kernels.rope as rope
+
+    counts = {}
+    _count(monkeypatch, ll, "_outputs", counts, "qkv", when=lambda x2, xa, bases, *a: len(bases) == 3)
+    _count(monkeypatch, rope, "_launch", counts, "rope_forward", when=lambda *a, backward: not backward)
+    _count(monkeypatch, ka, "_forward", counts, "attention")
+    ids = torch.randint(3, 301, (2, 19), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for keep in (True, False):
+        hooks = _CopyingHooks()
+        m = _offloading_kept_model(family, monkeypatch, keep=keep, hooks=hooks)
+        counts.clear()
+        results[keep] = _grads(m, ids)
+        # 2 layers: with q/k/v kept, only the first runs project and rotate; the recomputations
+        # take q/k/v (3 more offloaded tensors a layer) back with the attention output
+        assert counts == ({"qkv": 2, "rope_forward": 2, "attention": 2} if keep else
+                          {"qkv": 4, "rope_forward": 4, "attention": 2}), (keep, counts)
+        assert hooks.packed == (2 * 4 if keep else 2 * 1)
+    stock = _offloading_kept_model(family, monkeypatch, keep=False, hooks=None)  # plain checkpointing
+    results["plain"] = _grads(stock, ids)
+    for other in (False, "plain"):
+        assert abs(results[True][0] - results[other][0]) < 1e-6
+        for n, g in results[other][1].items():
+            assert g.abs().sum() > 0, n
+            assert rel_err(results[True][1][n], g) < 1e-5, (other, n)
+
+
+def test_something_computing_on_the_placeholders_is_refused(monkeypatch):
+    # Qwen3 normalises q and k (q_norm/k_norm) before RoPE, so its patch never keeps q/k/v; forced
+    # on, the recomputation's norm would compute on the placeholders, and attention must refuse
+    # those inputs rather than return gradients from them
+    m = _offloading_kept_model("qwen3", monkeypatch, keep=True, hooks=_CopyingHooks())
+    ids = torch.randint(3, 301, (1, 9), generator=torch.Generator().manual_seed(2))
+    loss = m(input_ids=ids, labels=ids).loss
+    with pytest.raises(RuntimeError, match="placeholders"):
+        loss.backward()
+
+
+def test_placeholders_hold_one_nan_and_the_right_metadata():
+    from sftop.kernels.recompute import is_placeholder, placeholder
+
+    p = placeholder((2, 5, 12), torch.bfloat16, torch.device("cpu"))
+    assert p.shape == (2, 5, 12) and p.dtype == torch.bfloat16 and p.stride() == (0, 0, 0)
+    assert is_placeholder(p) and is_placeholder(p.view(2, 5, 3, 4).transpose(1, 2))
+    assert torch.isnan(p.float() * 0).all()  # whatever reads it is poisoned
+    assert not is_placeholder(torch.zeros(2, 5, 12)) and not is_placeholder(torch.zeros(1).expand(1))
+
+
+def test_kept_projections_part_decides_by_family_and_layer_width(monkeypatch):
+    from _tiny_models import tiny_model
+
+    monkeypatch.delenv(ka.ENV_SWITCH, raising=False)
+    # Llama-3.1-8B's layer has compute to hide q/k/v's copies; Llama-3.2-1B's and Qwen2.5-1.5B's do not
+    assert ka.projections_worth_keeping(4096, 14336, 4096, 1024)
+    assert not ka.projections_worth_keeping(2048, 8192, 2048, 512)
+    assert not ka.projections_worth_keeping(1536, 8960, 1536, 256)
+    assert K.patch_model(tiny_model("llama")).parts["kept_projections"].startswith("stock: layers too narrow")
+    assert K.patch_model(tiny_model("qwen3")).parts["kept_projections"].startswith("stock: qwen3 normalises q and k")
+    monkeypatch.setenv(ka.ENV_SWITCH, "1")
+    assert ka.projections_worth_keeping(2048, 8192, 2048, 512)
+    expected = "fused" if torch.cuda.is_available() else "stock: needs checkpoint_offload"
+    assert K.patch_model(tiny_model("llama")).parts["kept_projections"] == expected
+    monkeypatch.setenv(ka.ENV_SWITCH, "0")
+    assert not ka.projections_worth_keeping(4096, 14336, 4096, 1024)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_graphed_steps_keep_qkv_like_eager_plain_checkpointing(monkeypatch):
+    from _tiny_models import bf16_lora_llama
+
+    monkeypatch.setenv(ka.ENV_SWITCH, "1")
+    gen = torch.Generator("cuda").manual_seed(5)
+    batches = [torch.randint(0, 1000, (2, 1024), device="cuda", generator=gen) for _ in range(3)]
+    runs = {}
+    for graphs, offload in (("0", False), ("1", True)):
+        monkeypatch.setenv("SFTOP_CUDA_GRAPHS", graphs)
+        m = bf16_lora_llama(hidden=1024, layers=3)
+        report = K.patch_model(m)
+        assert report.parts["cuda_graphs"] == ("fused" if graphs == "1" else "stock: turned off by SFTOP_CUDA_GRAPHS=0")
+        m.train()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=offload)
+        params = [p for p in m.parameters() if p.requires_grad]
+        runs[graphs] = []
+        for ids in batches:  # warm-up, capture, replay
+            m.zero_grad(set_to_none=True)
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            runs[graphs].append((loss.item(), [p.grad.float().clone() for p in params]))
+        if graphs == "1":
+            stats = m.get_base_model().__dict__["_sftop_graphs"].stats
+            assert (stats.eager_calls, stats.captures, stats.replays) == (1, 1, 2), stats
+        del m
+    for (l_eager, g_eager), (l_graph, g_graph) in zip(runs["0"], runs["1"]):
+        assert abs(l_eager - l_graph) < 1e-2 * abs(l_eager)
+        for a, b in zip(g_graph, g_eager):
+            assert rel_err(a, b) < 2e-2

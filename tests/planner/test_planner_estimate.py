@@ -148,6 +148,27 @@ def test_offload_counts_the_kept_attention_output_where_it_is_kept():
     assert f"{16 * 2 * 2048 * t / 2**30:.2f} GiB" in packed.notes[0]
 
 
+def test_offload_counts_kept_qkv_on_layers_wide_enough_to_keep_them(monkeypatch):
+    from sftop.engine.planner.estimate import KEEP_PROJECTIONS_ENV
+
+    monkeypatch.delenv(KEEP_PROJECTIONS_ENV, raising=False)
+    s8, t = ModelShape.from_config(llama_8b()), 4096
+    kept = estimate(s8, Setup(checkpointing="offload"), t)
+    monkeypatch.setenv(KEEP_PROJECTIONS_ENV, "0")
+    without = estimate(s8, Setup(checkpointing="offload"), t)
+    # one more layer's q (4096), k and v (1024 each) in flight, and all 32 layers' on the host
+    qkv = 2 * (4096 + 2 * 1024)
+    assert kept.terms["activations"] - without.terms["activations"] == qkv * t
+    host = lambda e: float(e.notes[0].split(" GiB")[0].split()[-1])  # noqa: E731
+    assert host(kept) - host(without) == pytest.approx(32 * qkv * t / 2**30, abs=0.01)
+    # Llama-3.2-1B's layers are too narrow to hide the copies unless forced
+    monkeypatch.delenv(KEEP_PROJECTIONS_ENV)
+    narrow = estimate(L1B, Setup(checkpointing="offload"), t)
+    monkeypatch.setenv(KEEP_PROJECTIONS_ENV, "1")
+    forced = estimate(L1B, Setup(checkpointing="offload"), t)
+    assert forced.terms["activations"] - narrow.terms["activations"] == 2 * (2048 + 2 * 512) * t
+
+
 def test_fused_loss_is_far_below_full_logits():
     t = 8192
     full = estimate(L1B, Setup(checkpointing="on", kernels=False, loss="full"), t)
@@ -233,11 +254,21 @@ def test_partial_checkpointing_keeps_the_other_blocks_whole():
 
 
 def test_kernel_families_match_the_patcher():
-    from sftop.engine.planner.estimate import KERNEL_FAMILIES, LEAN_RECOMPUTE_FAMILIES, kernels_cover
+    import sftop.kernels.kept_attention as ka
+    from sftop.engine.planner.estimate import (
+        KEEP_PROJECTIONS_ENV,
+        KEPT_PROJECTIONS_FAMILIES,
+        KERNEL_FAMILIES,
+        LEAN_RECOMPUTE_FAMILIES,
+        MIN_FLOP_PER_KEPT_BYTE,
+        kernels_cover,
+    )
     from sftop.kernels.patching.registry import FAMILIES
 
     assert KERNEL_FAMILIES == set(FAMILIES)
     assert LEAN_RECOMPUTE_FAMILIES == {name for name, spec in FAMILIES.items() if spec.mlp_output_unsaved}
+    assert KEPT_PROJECTIONS_FAMILIES == {name for name, spec in FAMILIES.items() if spec.qkv_straight_to_rope}
+    assert (MIN_FLOP_PER_KEPT_BYTE, KEEP_PROJECTIONS_ENV) == (ka.MIN_FLOP_PER_KEPT_BYTE, ka.ENV_SWITCH)
     assert kernels_cover(L1B) and kernels_cover(ModelShape.from_config(qwen_1_5b()))
     vlm = ModelShape.from_config({"model_type": "qwen2_5_vl", "text_config": llama_1b().to_dict()})
     assert vlm.multimodal and not kernels_cover(vlm)

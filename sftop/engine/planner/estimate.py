@@ -17,6 +17,7 @@ All sizes are bytes. Per-token terms are multiplied by the tokens in one micro-b
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping
 
@@ -329,6 +330,28 @@ def kept_attention(shape: ModelShape, setup: Setup, masked: bool) -> bool:
             and setup.attention in ("sdpa", "varlen") and setup.dtype in ("bf16", "fp16"))
 
 
+# families whose q/k/v projections feed RoPE directly (registry.py FamilySpec.qkv_straight_to_rope;
+# a test keeps the two equal), and the FLOPs per kept byte a layer needs before its first run
+# also keeps q/k/v (kept_attention.py MIN_FLOP_PER_KEPT_BYTE and ENV_SWITCH, mirrored)
+KEPT_PROJECTIONS_FAMILIES = frozenset({"llama", "mistral", "qwen2", "gemma2"})
+MIN_FLOP_PER_KEPT_BYTE = 12_000
+KEEP_PROJECTIONS_ENV = "SFTOP_KEEP_PROJECTIONS"
+
+
+def kept_projections(shape: ModelShape, setup: Setup, masked: bool) -> bool:
+    """Whether offloaded checkpointing also keeps each layer's q/k/v (part kept_projections): on
+    top of the kept attention output, for layers with the compute to hide the copies."""
+    if not (kept_attention(shape, setup, masked) and shape.model_type in KEPT_PROJECTIONS_FAMILIES
+            and {"q_proj", "k_proj", "v_proj"} <= set(setup.lora_targets)):
+        return False
+    forced = os.environ.get(KEEP_PROJECTIONS_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
+    flops = 2 * (h * (q + 2 * kv) + q * h + 3 * h * i)
+    return flops >= MIN_FLOP_PER_KEPT_BYTE * DTYPE_BYTES[setup.dtype] * (h + 2 * q + 2 * kv)
+
+
 def residual_bytes(setup: Setup) -> int:
     """Bytes per element of the residual stream: prepare_model_for_kbit_training's fp32 upcast of
     the embeddings makes it fp32."""
@@ -468,6 +491,12 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
             # GPU), and its fp32 log-sum-exp per query head stays on the GPU
             saved_tok += dt * shape.q_dim + shape.layers * 4 * shape.heads
             host_tok += shape.layers * dt * shape.q_dim
+            if kept_projections(shape, setup, masked=bias > 0):
+                # and its q/k/v: one more layer's worth in flight (the recomputation takes them
+                # back instead of computing them), and every layer's in host memory
+                qkv = dt * (shape.q_dim + 2 * shape.kv_dim)
+                saved_tok += qkv
+                host_tok += shape.layers * qkv
         notes.append(
             f"offloaded checkpointing keeps {host_tok * tokens / GIB:.2f} GiB of block inputs in CPU RAM"
         )

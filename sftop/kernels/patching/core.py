@@ -1,5 +1,5 @@
 """patch_model and the parts it can patch (rms_norm, rope, mlp, lora, attention_lora, attention, loss,
-lean_recompute, checkpoint_offload, cuda_graphs)."""
+lean_recompute, checkpoint_offload, kept_projections, cuda_graphs)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .._runtime import kernels_available
 from .registry import FAMILIES, FamilySpec
 
 PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "attention", "loss", "lean_recompute",
-         "checkpoint_offload", "cuda_graphs")
+         "checkpoint_offload", "kept_projections", "cuda_graphs")
 FUSED = "fused"
 
 # Marks on patched instances: the forward we replaced (None when the instance had no forward of
@@ -459,12 +459,14 @@ class _QKVGroup:
     v_proj(x) on the same tensor; the first call computes all three in one LoRAQKVFunction and
     leaves the other two outputs here, each handed out once to its own layer when that layer is
     called with the very same tensor object.  Any other call computes afresh, so a stale entry can
-    never be returned for a different input."""
+    never be returned for a different input.  `keep_projections` (part kept_projections): inside
+    an offloading checkpoint, open a holder the attention fills with q/k/v for the recomputation."""
 
-    __slots__ = ("layers", "adapter", "x", "pending")
+    __slots__ = ("layers", "adapter", "x", "pending", "keep_projections")
 
     def __init__(self, layers, adapter):
         self.layers, self.adapter, self.x, self.pending = layers, adapter, None, {}
+        self.keep_projections = False
 
 
 def _qkv_forward(self, orig, x, *args, **kwargs):
@@ -478,8 +480,11 @@ def _qkv_forward(self, orig, x, *args, **kwargs):
             grp.x = None
         return out
     from ..lora_linear import lora_linears
+    from ..recompute import open_kept_projections
 
-    outs = lora_linears(x, grp.layers, grp.adapter)
+    # only with the fused RoPE, which passes the recomputation's placeholders on uncomputed
+    kept = open_kept_projections() if grp.keep_projections and _rope_active() else None
+    outs = lora_linears(x, grp.layers, grp.adapter, kept=kept)
     grp.x = x
     grp.pending = {id(m): o for m, o in zip(grp.layers, outs) if m is not self}
     return outs[[m is self for m in grp.layers].index(True)]
@@ -649,6 +654,36 @@ def _patch_checkpoint_offload(model: nn.Module, spec: FamilySpec) -> str:
     return FUSED
 
 
+def _patch_kept_projections(model: nn.Module, spec: FamilySpec) -> str:
+    """Under offloaded lean checkpointing, let each layer's first run keep its attention's q/k/v in
+    host memory, so that the recomputation skips the q/k/v projections and RoPE (recompute.py
+    KeptProjections): on layers whose compute hides the extra copies."""
+    from ..kept_attention import ENV_SWITCH, projections_worth_keeping
+
+    if not spec.qkv_straight_to_rope:
+        return f"stock: {spec.model_type} normalises q and k before RoPE, and that backward reads them"
+    if not model.__dict__.get(_LEAN):
+        return "stock: needs lean_recompute"
+    mods = _modules_of(model, spec.attention_class)
+    groups = [getattr(m, "q_proj", None) and m.q_proj.__dict__.get("_sftop_qkv") for m in mods]
+    if not mods or not all(groups):
+        return "stock: needs the fused q/k/v LoRA projections (part attention_lora)"
+    if not all(m.__dict__.get(_PART) == "rope" for m in mods):
+        return "stock: needs the fused RoPE (part rope)"
+    config = model.config
+    q, kv = mods[0].q_proj.base_layer, mods[0].k_proj.base_layer
+    intermediate = getattr(config, "intermediate_size", None)
+    if not intermediate:
+        return "stock: the config gives no intermediate_size"
+    if not projections_worth_keeping(q.in_features, intermediate, q.out_features, kv.out_features):
+        return f"stock: layers too narrow to hide the extra copies under their compute ({ENV_SWITCH}=1 forces it)"
+    if not model.__dict__.get(_OFFLOAD_OK):
+        return "stock: needs checkpoint_offload"
+    for grp in groups:
+        grp.keep_projections = True
+    return FUSED
+
+
 # --------------------------------------------------------------------------- cuda_graphs
 
 
@@ -741,7 +776,7 @@ _PATCHERS = {
     "rms_norm": _patch_rms_norm, "rope": _patch_rope, "mlp": _patch_mlp, "lora": _patch_lora,
     "attention_lora": _patch_attention_lora, "attention": _patch_attention, "loss": _patch_loss,
     "lean_recompute": _patch_lean_recompute, "checkpoint_offload": _patch_checkpoint_offload,
-    "cuda_graphs": _patch_cuda_graphs,
+    "kept_projections": _patch_kept_projections, "cuda_graphs": _patch_cuda_graphs,
 }
 
 

@@ -23,9 +23,13 @@ class FamilySpec:
     # skip it (part lean_recompute); Gemma 2/3 normalise it first (post_feedforward_layernorm),
     # and that norm's backward reads it
     mlp_output_unsaved: bool = True
+    # q_proj/k_proj/v_proj outputs go straight into RoPE and attention, so a recomputation may
+    # hand on placeholders for them when the attention kept q/k/v (part kept_projections);
+    # Qwen3 and Gemma 3 normalise q and k first (q_norm/k_norm), whose backward reads them
+    qkv_straight_to_rope: bool = True
 
 
-def _spec(model_type: str, module: str, prefix: str, gemma: bool = False) -> FamilySpec:
+def _spec(model_type: str, module: str, prefix: str, gemma: bool = False, qk_norm: bool = False) -> FamilySpec:
     return FamilySpec(
         model_type=model_type,
         modeling_module=f"transformers.models.{module}.modeling_{module}",
@@ -35,6 +39,7 @@ def _spec(model_type: str, module: str, prefix: str, gemma: bool = False) -> Fam
         causal_lm_class=f"{prefix}ForCausalLM",
         gemma_norm=gemma,
         mlp_output_unsaved=not gemma,
+        qkv_straight_to_rope=not qk_norm,
     )
 
 
@@ -44,8 +49,8 @@ FAMILIES: dict[str, FamilySpec] = {
         _spec("llama", "llama", "Llama"),
         _spec("mistral", "mistral", "Mistral"),
         _spec("qwen2", "qwen2", "Qwen2"),
-        _spec("qwen3", "qwen3", "Qwen3"),
+        _spec("qwen3", "qwen3", "Qwen3", qk_norm=True),
         _spec("gemma2", "gemma2", "Gemma2", gemma=True),
-        _spec("gemma3_text", "gemma3", "Gemma3", gemma=True),
+        _spec("gemma3_text", "gemma3", "Gemma3", gemma=True, qk_norm=True),
     )
 }
