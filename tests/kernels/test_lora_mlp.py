@@ -25,7 +25,7 @@ def _ref(x, wg, wu, wd, ag, bg, au, bu, ad, bd, s, kind):
 @pytest.mark.parametrize("n,hid,inter,r", [(7, 24, 40, 4), (2 * 9, 32, 72, 3)])
 def test_lora_mlp_function_matches_reference(case, poison, monkeypatch, kind, n, hid, inter, r, chunk_rows):
     device, dtype, tol = case
-    if chunk_rows:  # backward builds dh 5 token rows at a time (7 -> 4+3, 18 -> 5+5+5+3)
+    if chunk_rows:  # backward builds dh at most 5 token rows at a time (7 -> 4+3, 18 -> 5+5+5+3)
         import sftop.kernels.lora_mlp as lm
 
         monkeypatch.setattr(lm, "DH_CHUNK_BYTES", chunk_rows * inter * dtype.itemsize)
