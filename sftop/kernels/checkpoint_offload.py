@@ -212,6 +212,13 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
                 self._fetch_ahead(ahead, compute)
         return t
 
+    def settle(self) -> None:
+        """A layer's first run is over: under capture, let go of its tensors once their copies are
+        done (the next layer's input would do the same; after the last layer none comes, and the
+        loss would run with them still held)."""
+        if self._pending:
+            self._settle(torch.cuda.current_stream(self._pending[-1][0].device))
+
     # what recompute.keep_for_recompute(offload=True) moves with a layer's input
     def pack(self, t: torch.Tensor):
         return self._pack(t, kept=True)

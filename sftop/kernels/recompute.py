@@ -190,7 +190,11 @@ def checkpoint_marking_recompute(function, *args, _checkpoint=checkpoint, _offlo
         calls += 1
         if calls == 1:
             with _keeping(kept, reading=False):
-                return function(*a, **k)
+                out = function(*a, **k)
+            settle = getattr(_offload, "settle", None)
+            if settle is not None:
+                settle()  # what this layer moved to host is not held on the GPU past it
+            return out
         with marked_as_recompute(), _keeping(kept, reading=True):
             return function(*a, **k)
 
