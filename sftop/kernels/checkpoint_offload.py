@@ -18,8 +18,11 @@ Here:
   * backward: when a layer's input comes back (the start of its recomputation), the input saved
     just before it -- the next one backward will ask for -- is already being copied back on a
     second side stream, so it is on the GPU by the time its recomputation starts.  A layer that
-    also offloads a kept tensor (recompute.keep_for_recompute) has two entries; each unpack then
-    starts the copy of the latest earlier entry not yet used or under way.
+    also offloads kept tensors (recompute.keep_for_recompute, KeptProjections) has more entries;
+    each unpack then starts the copy of the latest earlier entry not yet used or under way.  Late
+    entries (the kept q/k/v, read only at the recomputation's attention) wait until the MLP
+    backward of the layer after them is over (`fetch_deferred`): that is a layer's memory peak,
+    and they would otherwise sit through it.
   * pinned buffers: eagerly, fresh ones from torch's caching host allocator.  Inside a capture no
     host memory may be allocated, and a replay writes the same buffers every time, so the capture
     takes buffers reserved beforehand (`recording_offloads` during the warm-up run lists what a
@@ -49,9 +52,9 @@ class _Offloaded:
     """One saved tensor in pinned host memory, and its copy back to the GPU when one is under way."""
 
     __slots__ = ("host", "device", "saved", "prev", "fetched", "fetch_done", "fetch_stream", "used",
-                 "__weakref__")
+                 "late", "deferred", "__weakref__")
 
-    def __init__(self, host, device, saved, prev):
+    def __init__(self, host, device, saved, prev, late=False):
         self.host = host
         self.device = device
         self.saved = saved  # event: the copy to host is complete (None once the compute stream waited)
@@ -60,6 +63,8 @@ class _Offloaded:
         self.fetch_done = None
         self.fetch_stream = None
         self.used = False  # unpacked at least once: never worth fetching ahead again
+        self.late = late  # fetched ahead only at `fetch_deferred` (see OverlappedOffload.pack)
+        self.deferred = False  # waiting for that
 
     def __del__(self):
         if self.fetched is not None:
@@ -129,6 +134,13 @@ def settle_pending() -> None:
         hooks._settle(torch.cuda.current_stream())
 
 
+def fetch_deferred() -> None:
+    """A layer's MLP backward is over: start fetching what the layer before it kept late."""
+    for hooks in list(_LIVE):
+        if hooks._deferred:
+            hooks.fetch_deferred()
+
+
 def discard_pending() -> None:
     """After a failed capture: forget copies that belonged to it (their events were never recorded)."""
     for hooks in list(_LIVE):
@@ -143,6 +155,7 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
         self.prefetch = prefetch
         self._last = None
         self._pending = []  # under capture: (GPU tensor, its entry) until the compute stream waits
+        self._deferred = []  # late entries whose fetch ahead waits for `fetch_deferred`
         _LIVE.add(self)
         super().__init__(self._pack, self._unpack)
 
@@ -168,15 +181,16 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
         # the blocks go back to the compute stream, which has now waited for their copies
         del pending
 
-    def _pack(self, t: torch.Tensor, kept: bool = False):
+    def _pack(self, t: torch.Tensor, kept: bool = False, late: bool = False):
         # `kept`: a tensor a layer keeps for its recomputation on purpose (inside an autograd
-        # Function's forward, where it does not require grad yet)
+        # Function's forward, where it does not require grad yet); `late`: see `pack`
         if not t.is_cuda or not (t.requires_grad or kept) or t.numel() * t.element_size() < self.min_bytes:
             return t
         to_host, _ = self._side_streams(t.device)
         compute = torch.cuda.current_stream(t.device)
         if not kept:  # a layer's input: the copies of the layer before are due by now
             self._settle(compute)
+            self._deferred = []  # a new forward: a backward that stopped early left these
         host = _PLAN.buffer_for(t)
         to_host.wait_stream(compute)  # t is complete once the work queued so far is
         with torch.cuda.stream(to_host):
@@ -184,7 +198,7 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
             saved = torch.cuda.Event()
             saved.record(to_host)
         prev = self._last() if self._last is not None else None
-        entry = _Offloaded(host, t.device, saved, weakref.ref(prev) if prev is not None else None)
+        entry = _Offloaded(host, t.device, saved, weakref.ref(prev) if prev is not None else None, late)
         self._last = weakref.ref(entry)
         if torch.cuda.is_current_stream_capturing():
             self._pending.append((t, entry))
@@ -207,10 +221,28 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
             t.copy_(entry.host, non_blocking=True)
         entry.used = True
         if self.prefetch:
-            ahead = self._next_wanted(entry)
+            ahead = self._ahead_now(entry)
             if ahead is not None:
                 self._fetch_ahead(ahead, compute)
         return t
+
+    def _ahead_now(self, entry: _Offloaded) -> _Offloaded | None:
+        """What to fetch ahead now that `entry` was unpacked: the next wanted entry, unless it is
+        late, which then waits in `_deferred` (and the one after it is not looked at: one entry
+        per unpack keeps the copies in step with backward's pace)."""
+        ahead = self._next_wanted(entry)
+        if ahead is not None and ahead.late:
+            ahead.deferred = True
+            self._deferred.append(ahead)
+            return None
+        return ahead
+
+    def fetch_deferred(self) -> None:
+        """Start fetching the late entries held back so far (see `pack`)."""
+        deferred, self._deferred = self._deferred, []
+        for entry in deferred:
+            if not entry.used and entry.fetched is None:
+                self._fetch_ahead(entry, torch.cuda.current_stream(entry.device))
 
     def settle(self) -> None:
         """A layer's first run is over: under capture, let go of its tensors once their copies are
@@ -220,8 +252,11 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
             self._settle(torch.cuda.current_stream(self._pending[-1][0].device))
 
     # what recompute.keep_for_recompute(offload=True) moves with a layer's input
-    def pack(self, t: torch.Tensor):
-        return self._pack(t, kept=True)
+    def pack(self, t: torch.Tensor, late: bool = False):
+        """`late`: the tensor is needed well into its layer's recomputation (the kept q/k/v), so
+        its copy back waits for `fetch_deferred` -- called when the next layer's MLP backward,
+        the peak of a layer's backward, is over -- instead of sitting on the GPU through it."""
+        return self._pack(t, kept=True, late=late)
 
     def unpack(self, packed) -> torch.Tensor:
         return self._unpack(packed)
@@ -232,7 +267,7 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
         next one it will ask for that is not yet on its way (a layer that also offloads a kept
         tensor has two entries, so two can be in flight)."""
         prev = entry.prev() if entry.prev is not None else None
-        while prev is not None and (prev.used or prev.fetched is not None):
+        while prev is not None and (prev.used or prev.fetched is not None or prev.deferred):
             prev = prev.prev() if prev.prev is not None else None
         return prev
 

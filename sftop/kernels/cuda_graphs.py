@@ -113,6 +113,20 @@ def _no_garbage_collection():
             gc.enable()
 
 
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream() -> torch.cuda.Stream:
+    """One side stream per device for every warm-up and capture.  cuBLAS keeps a 32 MiB workspace
+    per stream it has run on, for the life of the process: a fresh warm-up stream per captured
+    shape left one more behind each time (seen in benchmarks/memory_peak.py, 2026-12-03)."""
+    device = torch.cuda.current_device()
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
+
+
 class CapturedStep:
     """Forward (inputs -> loss sum) and its backward (-> parameter gradients) of one key."""
 
@@ -121,7 +135,7 @@ class CapturedStep:
         self.static_inputs = [t.detach().clone() for t in inputs]
         params = [p for _m, _n, p in slots]
         torch.cuda.synchronize()
-        side = torch.cuda.Stream()
+        side = _capture_stream()
         side.wait_stream(torch.cuda.current_stream())
         with no_rng_stash(), causal_masks_skipped(), torch.cuda.stream(side):
             for run in range(WARMUP_RUNS):
@@ -140,13 +154,13 @@ class CapturedStep:
         self.fwd = torch.cuda.CUDAGraph()
         self.bwd = torch.cuda.CUDAGraph()
         with no_rng_stash(), causal_masks_skipped(), _no_garbage_collection():
-            with torch.cuda.graph(self.fwd, pool=pool), _aliased(slots) as aliases:
+            with torch.cuda.graph(self.fwd, pool=pool, stream=side), _aliased(slots) as aliases:
                 with offload.offloading_into(self.host_buffers):
                     loss = fn(*self.static_inputs)
                 offload.settle_pending()  # the copies to host joined before the capture ends
             # allocated between the captures: an ordinary static buffer that backward copies into
             self.grad_out = torch.ones_like(loss)
-            with torch.cuda.graph(self.bwd, pool=pool):
+            with torch.cuda.graph(self.bwd, pool=pool, stream=side):
                 grads = torch.autograd.grad(loss, aliases, grad_outputs=self.grad_out, allow_unused=True)
         self.loss = loss.detach()
         self.grads = list(grads)

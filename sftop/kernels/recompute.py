@@ -114,7 +114,9 @@ class KeptProjections:
         return self.packed is not None
 
     def fill(self, *tensors) -> None:
-        self.packed = [self._hooks.pack(t) for t in tensors]
+        # late: the recomputation reads them only at its attention, so the copy back may wait
+        # until the next layer's MLP backward (its peak) is over
+        self.packed = [self._hooks.pack(t, late=True) for t in tensors]
 
     def take(self) -> list:
         return [self._hooks.unpack(p) for p in self.packed]

@@ -167,6 +167,28 @@ def test_fetch_ahead_targets_the_newest_unused_entry():
     y.fetched = None  # (a real fetch would be a GPU tensor its __del__ hands back)
 
 
+def test_late_entries_wait_for_the_mlp_backward_while_input_and_output_come_ahead():
+    # two layers saved as input, kept q/k/v (late) and attention output, in that order
+    hooks, entries = co.OverlappedOffload(), []
+    for _layer in range(2):
+        for name in ("x", "q", "k", "v", "o"):
+            prev = weakref.ref(entries[-1][1]) if entries else None
+            entries.append((name, co._Offloaded(None, "cpu", None, prev, late=name in "qkv")))
+    names = {id(e): n + str(i // 5) for i, (n, e) in enumerate(entries)}
+    # the later layer's recomputation unpacks its five entries in the order they were saved
+    fetched_now = []
+    for _name, e in entries[5:]:
+        e.used = True
+        ahead = hooks._ahead_now(e)
+        if ahead is not None:
+            fetched_now.append(names[id(ahead)])
+            ahead.fetched = object()
+    assert fetched_now == ["o0", "x0"]
+    assert [names[id(e)] for e in hooks._deferred] == ["v0", "k0", "q0"]
+    for _name, e in entries:
+        e.fetched = None
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_shared_constants_stay_and_gradients_match_with_them():

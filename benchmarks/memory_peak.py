@@ -1,0 +1,121 @@
+"""What is live on the GPU at a training step's memory peak, by the code that allocated it.
+
+Builds the model step_bench.py builds (same shapes, LoRA, checkpointing, patch), records the CUDA
+caching allocator's history over warm-up steps (the first step runs eagerly, the second captures
+the CUDA graphs when they are on: both allocate what a step needs), then replays the recorded
+allocations and frees to find the moment the most bytes were live, and lists those blocks grouped
+by the innermost sftop frame (else the innermost frame outside torch) that allocated them.
+
+Recording stacks slows the step down: this says where memory goes, never how fast anything is.
+
+  python benchmarks/memory_peak.py --model llama-3.1-8b --4bit --batch 2 --checkpointing offload
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_bench  # noqa: E402
+
+
+def _where(frames: list[dict]) -> str:
+    """The innermost sftop frame, else the innermost frame outside torch/python internals."""
+    for f in frames:
+        if "/sftop/" in f["filename"]:
+            return f"{f['filename'].split('/sftop/')[-1]}:{f['line']} {f['name']}"
+    for f in frames:
+        name = f["filename"]
+        if "/torch/" not in name and not name.startswith("<") and "/python3" not in name:
+            return f"{name.split('/')[-1]}:{f['line']} {f['name']}"
+    return frames[0]["name"] if frames else "?"
+
+
+def peak_blocks(trace: list[dict]) -> tuple[int, int, dict[str, int]]:
+    """(peak live bytes, index of that event, {allocation site: live bytes at the peak})."""
+    live, total, peak, at = {}, 0, -1, 0
+    for i, ev in enumerate(trace):
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev["size"]
+            total += ev["size"]
+            if total > peak:
+                peak, at = total, i
+        elif ev["action"] in ("free_requested", "free_completed") and ev["addr"] in live:
+            total -= live.pop(ev["addr"])
+    sites, blocks = {}, {}
+    for ev in trace[: at + 1]:
+        if ev["action"] == "alloc":
+            blocks[ev["addr"]] = ev
+        elif ev["action"] in ("free_requested", "free_completed"):
+            blocks.pop(ev["addr"], None)
+    for ev in blocks.values():
+        key = _where(ev.get("frames", []))
+        sites[key] = sites.get(key, 0) + ev["size"]
+    return peak, at, dict(sorted(sites.items(), key=lambda kv: -kv[1]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(step_bench.SHAPES), default="llama-3.2-1b")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=2, help="recorded steps (eager, then the capture)")
+    ap.add_argument("--4bit", dest="four_bit", action="store_true")
+    ap.add_argument("--path", default="sftop", choices=["stock", "sftop", "sftop-eager"])
+    ap.add_argument("--checkpointing", choices=["on", "offload"], default="offload")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--json", help="write the result here")
+    args = ap.parse_args(argv)
+    args.device = "cuda"
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tmp = None
+    if args.four_bit:
+        tmp = tempfile.TemporaryDirectory()
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            AutoModelForCausalLM.from_config(step_bench._config(args.model), dtype=torch.bfloat16).save_pretrained(tmp.name)
+        args.model_dir = tmp.name
+    model, report = step_bench._build(args, args.path)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
+    model.train()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    vocab = model.config.vocab_size
+    torch.cuda.synchronize()
+    steady = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="alloc", stacks="python")
+    for _ in range(args.steps):
+        ids = torch.randint(0, vocab, (args.batch, args.seq), device="cuda", generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    trace = [ev for dev in snap["device_traces"] for ev in dev]
+    peak, at, sites = peak_blocks(trace)
+    mib = 2**20
+    result = dict(model=args.model, four_bit=args.four_bit, path=args.path, batch=args.batch, seq=args.seq,
+                  allocated_before_mib=round(steady / mib, 1), recorded_peak_mib=round(peak / mib, 1),
+                  peak_event=at, events=len(trace), patch=report,
+                  live_at_peak_mib={k: round(v / mib, 1) for k, v in list(sites.items())[: args.top]})
+    print(f"{args.model} {'nf4' if args.four_bit else 'bf16'} {args.path}: {result['allocated_before_mib']} MiB "
+          f"before the steps; {result['recorded_peak_mib']} MiB of blocks allocated during them live at the "
+          f"peak (event {at} of {len(trace)})")
+    for site, size in result["live_at_peak_mib"].items():
+        print(f"  {size:9.1f} MiB  {site}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
