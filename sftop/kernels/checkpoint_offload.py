@@ -21,8 +21,9 @@ Here:
     also offloads kept tensors (recompute.keep_for_recompute, KeptProjections) has more entries;
     each unpack then starts the copy of the latest earlier entry not yet used or under way.  Late
     entries (the kept q/k/v, read only at the recomputation's attention) wait until the MLP
-    backward of the layer after them is over (`fetch_deferred`): that is a layer's memory peak,
-    and they would otherwise sit through it.
+    backward of the layer after them has freed its buffers (`fetch_deferred`, from the RMSNorm
+    backward that follows it): that is a layer's memory peak, and they would otherwise sit
+    through it.
   * pinned buffers: eagerly, fresh ones from torch's caching host allocator.  Inside a capture no
     host memory may be allocated, and a replay writes the same buffers every time, so the capture
     takes buffers reserved beforehand (`recording_offloads` during the warm-up run lists what a
@@ -135,7 +136,8 @@ def settle_pending() -> None:
 
 
 def fetch_deferred() -> None:
-    """A layer's MLP backward is over: start fetching what the layer before it kept late."""
+    """A layer's MLP backward is over and its buffers freed: start fetching what the layer before
+    it kept late (called from the RMSNorm backward; a no-op when nothing waits)."""
     for hooks in list(_LIVE):
         if hooks._deferred:
             hooks.fetch_deferred()
@@ -254,8 +256,9 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
     # what recompute.keep_for_recompute(offload=True) moves with a layer's input
     def pack(self, t: torch.Tensor, late: bool = False):
         """`late`: the tensor is needed well into its layer's recomputation (the kept q/k/v), so
-        its copy back waits for `fetch_deferred` -- called when the next layer's MLP backward,
-        the peak of a layer's backward, is over -- instead of sitting on the GPU through it."""
+        its copy back waits for `fetch_deferred` -- called once the next layer's MLP backward, the
+        peak of a layer's backward, has freed its buffers -- instead of sitting on the GPU
+        through it."""
         return self._pack(t, kept=True, late=late)
 
     def unpack(self, packed) -> torch.Tensor:

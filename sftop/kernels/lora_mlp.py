@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checkpoint_offload import fetch_deferred
 from .glu import glu_backward_inplace, glu_forward
 from .nf4 import dequantize_4bit_weight
 from .recompute import keep_for_recompute, kept_from_first_run, recomputing
@@ -192,9 +191,6 @@ class LoRAMLPFunction(torch.autograd.Function):
             a_both, s_both = torch.cat([agc * sg, auc * su]), 1.0
         dx = adapter_then_base(de, base_weight(gate_base, dt), torch.cat([de_b, dg_b], dim=1), a_both, s_both)
         dx.addmm_(dg, base_weight(up_base, dt))
-        if dx.is_cuda:
-            # this layer's backward peak is over: what the layer before kept late may come back
-            fetch_deferred()
 
         return (dx.view(ctx.x_shape).to(ctx.x_dtype), grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd,
                 None, None, None, None)

@@ -115,7 +115,7 @@ class KeptProjections:
 
     def fill(self, *tensors) -> None:
         # late: the recomputation reads them only at its attention, so the copy back may wait
-        # until the next layer's MLP backward (its peak) is over
+        # until the next layer's MLP backward (its peak) has freed its buffers
         self.packed = [self._hooks.pack(t, late=True) for t in tensors]
 
     def take(self) -> list:

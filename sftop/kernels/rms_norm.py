@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import interpreting
+from .checkpoint_offload import fetch_deferred
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -153,6 +154,10 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
+        if dy.is_cuda:
+            # in a decoder layer this is the post-attention norm right after the MLP backward has
+            # freed its buffers (the layer's peak): offloaded q/k/v held back for it may come now
+            fetch_deferred()
         x2, weight, rstd = ctx.saved_tensors
         n_rows, n_cols = x2.shape
         dy2 = dy.reshape(-1, n_cols)
