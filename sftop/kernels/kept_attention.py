@@ -124,7 +124,8 @@ class KeptAttentionFunction(torch.autograd.Function):
                     raise RuntimeError(
                         "sftop: attention got computed q/k/v where the recomputation handed on placeholders "
                         "(something between the projections and attention computes on them; its gradients "
-                        f"would be wrong). Turn {ENV_SWITCH}=0 and report the model family.")
+                        f"would be wrong). Set {ENV_SWITCH}=0 to train without keeping q/k/v, and report the model "
+                        "family.")
                 q, k, v = (t.transpose(1, 2) for t in projections.take())
             out, state = kept_from_first_run().transpose(1, 2), kept_from_first_run()
         else:
@@ -138,7 +139,9 @@ class KeptAttentionFunction(torch.autograd.Function):
                 keep_for_recompute(out.transpose(1, 2), offload=True)
                 keep_for_recompute(state)
         if any(is_placeholder(t) for t in (q, k, v)):
-            raise RuntimeError("sftop: attention was handed placeholders for q/k/v that no kept tensors replace")
+            raise RuntimeError(
+                "sftop: attention was handed placeholders for q/k/v that no kept tensors replace (the first run "
+                f"kept none). Set {ENV_SWITCH}=0 to train without keeping q/k/v, and report the model family.")
         ctx.save_for_backward(q, k, v, out)
         ctx.state, ctx.scale = state, scale
         return out
