@@ -55,8 +55,9 @@ def scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float, out_dtype: torch
 
 
 def adapter_then_base(inp: torch.Tensor, w: torch.Tensor, ia: torch.Tensor, b: torch.Tensor, scale: float,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """inp @ w + scale * ia @ b (+ bias), for a rank-r `ia` [tokens, r] and `b` [r, out].
+                      bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """inp @ w + scale * ia @ b (+ bias), for a rank-r `ia` [tokens, r] and `b` [r, out], into
+    `out` when given (a reused buffer of that shape; no bias then).
 
     The rank-r product writes the output first and the base GEMM then adds into it (beta=1).  In
     the other order the rank-r addmm re-reads and re-writes the whole [tokens, out] output in a
@@ -64,7 +65,8 @@ def adapter_then_base(inp: torch.Tensor, w: torch.Tensor, ia: torch.Tensor, b: t
     compute-bound GEMM's epilogue, where it costs nothing measurable (docs/benchmarks.md).
     """
     if bias is None:
-        out = torch.empty(ia.shape[0], b.shape[1], dtype=ia.dtype, device=ia.device)
+        if out is None:
+            out = torch.empty(ia.shape[0], b.shape[1], dtype=ia.dtype, device=ia.device)
         out.addmm_(ia, b, beta=0, alpha=scale)  # beta=0: the uninitialised buffer is never read
     else:
         out = torch.addmm(bias, ia, b, alpha=scale)
@@ -111,9 +113,7 @@ def _down_and_glu_backward(d2, d_bd, w_down, adc, sd, e, g, kind, p_ad):
     acc = torch.zeros(d_bd.shape[1], width, dtype=torch.float32, device=e.device)
     for start in range(0, n_tok, rows):
         stop = min(n_tok, start + rows)
-        dh = buf[: stop - start]
-        dh.addmm_(d_bd[start:stop], adc, beta=0, alpha=sd)  # see adapter_then_base for the order
-        dh.addmm_(d2[start:stop], w_down)
+        dh = adapter_then_base(d2[start:stop], w_down, d_bd[start:stop], adc, sd, out=buf[: stop - start])
         glu_backward_inplace(dh, e[start:stop], g[start:stop], kind)
         acc += d_bd[start:stop].t() @ dh
     return acc.mul_(sd).to(p_ad)
