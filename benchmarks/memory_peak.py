@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_bench  # noqa: E402
@@ -73,14 +72,10 @@ def main(argv=None) -> int:
     args.device = "cuda"
 
     import torch
-    from transformers import AutoModelForCausalLM
 
     tmp = None
     if args.four_bit:
-        tmp = tempfile.TemporaryDirectory()
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            AutoModelForCausalLM.from_config(step_bench._config(args.model), dtype=torch.bfloat16).save_pretrained(tmp.name)
+        tmp = step_bench.random_checkpoint(args.model, "cuda")
         args.model_dir = tmp.name
     model, report = step_bench._build(args, args.path)
     params = [p for p in model.parameters() if p.requires_grad]

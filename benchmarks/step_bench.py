@@ -46,6 +46,21 @@ def _config(name: str):
     return cfg
 
 
+def random_checkpoint(name: str, device: str) -> tempfile.TemporaryDirectory:
+    """A bf16 random-init model of shape `name` saved to a temporary directory: bitsandbytes
+    quantises at load time, so 4-bit runs load from there (keep the object alive meanwhile)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tmp = tempfile.TemporaryDirectory()
+    torch.manual_seed(0)
+    # random init on the GPU: an 8B model's init on the host alone took minutes
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(_config(name), dtype=torch.bfloat16)
+    model.save_pretrained(tmp.name)
+    return tmp
+
+
 def _checkpointing(args, path: str) -> dict:
     """Non-reentrant checkpointing; sftop's path may offload the layer inputs to pinned host memory
     (--checkpointing offload: sftop's overlapped copies; offload-hf: transformers' save_on_cpu, for
@@ -295,15 +310,7 @@ def main(argv=None) -> int:
 
     tmp = None
     if args.four_bit and not args.model_dir:
-        from transformers import AutoModelForCausalLM
-
-        tmp = tempfile.TemporaryDirectory()
-        torch.manual_seed(0)
-        # random init on the GPU: an 8B model's init on the host alone took minutes
-        with torch.device(args.device):
-            model = AutoModelForCausalLM.from_config(_config(args.model), dtype=torch.bfloat16)
-        model.save_pretrained(tmp.name)
-        del model
+        tmp = random_checkpoint(args.model, args.device)
         args.model_dir = tmp.name
 
     results = []
