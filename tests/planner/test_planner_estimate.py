@@ -274,6 +274,25 @@ def test_kernel_families_match_the_patcher():
     assert vlm.multimodal and not kernels_cover(vlm)
 
 
+@pytest.mark.parametrize("forced", [None, "0", "1"])
+def test_kept_projections_rule_matches_the_kernel(monkeypatch, forced):
+    # the planner mirrors kept_attention.projections_worth_keeping (it must not import torch)
+    import sftop.kernels.kept_attention as ka
+    from sftop.engine.planner.estimate import KEEP_PROJECTIONS_ENV, kept_projections
+
+    if forced is None:
+        monkeypatch.delenv(KEEP_PROJECTIONS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(KEEP_PROJECTIONS_ENV, forced)
+    seen = set()
+    for cfg in (llama_1b(), llama_8b(), qwen_1_5b()):
+        s = ModelShape.from_config(cfg)
+        want = ka.projections_worth_keeping(s.hidden, s.intermediate, s.q_dim, s.kv_dim)
+        assert kept_projections(s, Setup(checkpointing="offload"), masked=False) == want, cfg.model_type
+        seen.add(want)
+    assert seen == ({False, True} if forced is None else {forced == "1"})
+
+
 def test_mlp_dh_chunks_match_the_kernel():
     import sftop.kernels.lora_mlp as lm
     from sftop.engine.planner.estimate import MLP_DH_CHUNK_BYTES, mlp_dh_bytes
