@@ -135,7 +135,10 @@ def open_kept_projections() -> KeptProjections | None:
     else:
         holder = kept_from_first_run()
         if not isinstance(holder, KeptProjections):
-            raise RuntimeError("sftop: a recomputation read its kept tensors out of the first run's order")
+            raise RuntimeError(
+                "sftop: a layer's recomputation read its kept tensors out of its first run's order (the two "
+                "runs took different paths). Set SFTOP_KEEP_PROJECTIONS=0 to train without keeping q/k/v, "
+                "and report the model family.")
     _state.open_projections = holder
     return holder
 
