@@ -1,0 +1,1 @@
+"""One module per vision-language family; each defines one `VisionFamily` subclass instance."""

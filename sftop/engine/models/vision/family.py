@@ -1,0 +1,79 @@
+"""What sftop needs to know about one vision-language family, in one place.
+
+Each family (Qwen2-VL, Gemma 3, ...) is one module under `families/` that defines a subclass of
+`VisionFamily` and an instance named `FAMILY`; `registry` collects them. The data layer, the
+collator, the loader, the planner and the tests ask the family, never branch on its name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from sftop.engine.data.images import ImageRules
+
+# The parts of a VLM that LoRA may adapt; presets choose among them (`lora.parts`).
+LORA_PARTS: tuple[str, ...] = ("language", "vision", "attention", "mlp", "projector")
+
+
+@dataclass(frozen=True)
+class LoraTargets:
+    """Regular expressions (matched with `re.fullmatch` against module names) for each part.
+
+    A module is adapted when it matches one of the chosen *location* parts (language, vision,
+    projector) and, where `attention`/`mlp` are chosen, one of those *kind* patterns too.
+    """
+
+    language: str
+    vision: str
+    projector: str
+    attention: str
+    mlp: str
+
+    def pattern(self, part: str) -> str:
+        return getattr(self, part)
+
+
+class VisionFamily(ABC):
+    """One vision-language family. Subclasses set the class attributes and the methods."""
+
+    name: str  # our id, e.g. "qwen2_vl"
+    display_name: str  # e.g. "Qwen2-VL"
+    model_types: tuple[str, ...]  # the HF `config.model_type` values this family covers
+    # the text layers' model_type in the kernel patch registry (sftop.kernels.patching.registry),
+    # or None where the family's language layers are not ones the registry knows (stock path)
+    language_model_type: str | None
+    # tokens that stand for images (placeholders, soft tokens, begin/end markers): never trained on
+    image_token_strings: tuple[str, ...]
+    image_rules: ImageRules
+    lora_targets: LoraTargets
+    default_lora_parts: tuple[str, ...] = ("language", "attention", "mlp")
+    supports_multiple_images: bool = True
+    supports_system_turn: bool = True
+
+    @abstractmethod
+    def tiny_config(self) -> Any:
+        """A random-init config small enough to train on a CPU in seconds (tests and demos)."""
+
+    @abstractmethod
+    def offline_processor(self) -> Any:
+        """The family's processor (tokenizer with its special tokens and chat template, image
+        processor) built locally, without the hub: for tests and the built-in demo."""
+
+    @abstractmethod
+    def image_token_count(self, processor: Any, width: int, height: int) -> int:
+        """Exact number of tokens one image of this (already resized) size becomes in the input
+        ids, taken from the processor's own arithmetic, begin/end markers included."""
+
+    def model_class(self) -> Any:
+        """The transformers class that loads this family for training (a default that works for
+        most; families override it where `AutoModelForImageTextToText` does not fit)."""
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+
+    def processor_kwargs(self, rules: ImageRules) -> Mapping[str, Any]:
+        """Keyword arguments for the processor's call so that it keeps the images at the sizes the
+        data layer already chose (no second resize). Empty by default."""
+        return {}
