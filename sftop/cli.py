@@ -96,11 +96,24 @@ def _run(preset_ref: str, overrides: list[str], run_dir_arg: str | None, resume:
         run_dir = RunDir(path.parent.resolve())  # resuming the run this preset came from
     else:
         run_dir = new_run_dir(preset.name)
-    if not resume:
-        _out(f"sftop: run directory {run_dir.path}")
+    from sftop.engine.runlock import run_lock
     from sftop.engine.runs import run_in_foreground
 
-    return run_in_foreground(run_dir, lambda: run_training(preset, run_dir, resume=resume))
+    with run_lock(run_dir.path):  # refused here, before status.json is touched, when a trainer lives there
+        _prepare_run_dir(run_dir, preset, resume, explicit=bool(run_dir_arg))
+        if not resume:
+            _out(f"sftop: run directory {run_dir.path}")
+        return run_in_foreground(run_dir, lambda: run_training(preset, run_dir, resume=resume))
+
+
+def _prepare_run_dir(run_dir, preset, resume: bool, explicit: bool) -> None:
+    from sftop.engine.rundir import register_run_dir
+    from sftop.engine.train.resume_check import check_resume
+
+    if resume:
+        check_resume(run_dir, preset)
+    if explicit:
+        register_run_dir(run_dir)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -111,7 +124,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from sftop.engine.runs import find_run
 
     run = find_run(args.run)
-    return _run(str(run.path / "preset.toml"), [], str(run.path), resume=True)
+    return _run(str(run.path / "preset.toml"), args.set, str(run.path), resume=True)
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -206,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resume", help="continue a stopped or failed run from its newest complete checkpoint")
     p.add_argument("run", help="run directory or run name")
+    _add_set(p)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("presets", help="list the presets, or show one with every key resolved")
@@ -270,6 +284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sftop: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        from sftop.engine.diskfull import DiskFullError, is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        error = DiskFullError(Path(exc.filename).parent if getattr(exc, "filename", None) else Path.cwd(), None)
+        print(f"sftop: error: {error}", file=sys.stderr, flush=True)
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # Triton chooses between its compiler and its CPU interpreter when a kernel is decorated, so the
 # choice must be made before any test module imports a kernel. Without a CUDA GPU (CI), the
 # interpreter is the only way the kernels run at all.
@@ -11,3 +13,27 @@ except Exception:  # pragma: no cover
     _has_cuda = False
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# The training and reliability suites share these: the demo model is built once per session.
+@pytest.fixture(scope="session")
+def sftop_home(tmp_path_factory):
+    """One SFTOP_HOME for the session so the demo model is built once (it is cached there).
+
+    The environment is only changed inside fixtures (`home`, or MonkeyPatch contexts in module
+    fixtures), never for the rest of the test session.
+    """
+    home = tmp_path_factory.mktemp("sftop-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SFTOP_HOME", str(home))
+        from sftop.engine.models.demo import ensure_demo_model
+
+        ensure_demo_model()
+    return home
+
+
+@pytest.fixture
+def home(sftop_home, monkeypatch):
+    monkeypatch.setenv("SFTOP_HOME", str(sftop_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # these tests never touch the hub
+    return sftop_home

@@ -42,6 +42,16 @@ class RunStarted(Event):
 
 
 @dataclass
+class Resumed(Event):
+    """A resume restarts from `step` (its checkpoint): `step` records after it are replayed, and a
+    reader drops those of the earlier attempt."""
+
+    step: int
+    checkpoint: str | None
+    type: str = field(init=False, default="resumed")
+
+
+@dataclass
 class Step(Event):
     step: int
     epoch: float

@@ -71,8 +71,17 @@ class RunDir:
         """Merge `fields` into status.json atomically (write a temp file, then rename)."""
         status = {**self.read_status(), **fields}
         tmp = self.status_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(status, indent=2), encoding="utf-8")
-        os.replace(tmp, self.status_file)
+        text = json.dumps(status, indent=2)
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, self.status_file)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)  # never leave an empty temporary status behind
+            from sftop.engine.diskfull import DiskFullError, is_disk_full
+
+            if is_disk_full(exc):
+                raise DiskFullError(self.path, len(text.encode())) from None
+            raise
         return status
 
     def complete_checkpoints(self) -> list[Path]:
@@ -104,6 +113,27 @@ def new_run_dir(name: str, base: Path | None = None, when: float | None = None) 
         n += 1
         path = base / f"{stamp}-{_slug(name)}-{n}"
     return RunDir(path).create()
+
+
+def register_run_dir(run: RunDir, base: Path | None = None) -> Path | None:
+    """Make a run written outside the state dir (`sftop run --run-dir`) visible to `sftop runs`: a
+    timestamped link to it in the runs directory. Returns the link, or None when none is needed."""
+    base = base or runs_dir()
+    target = run.path.resolve()
+    if base.exists() and target.parent == base.resolve():
+        return None
+    base.mkdir(parents=True, exist_ok=True)
+    for child in base.iterdir():
+        if child.is_symlink() and child.resolve() == target:
+            return child
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    link = base / f"{stamp}-{_slug(run.name)}"
+    n = 1
+    while link.exists() or link.is_symlink():
+        n += 1
+        link = base / f"{stamp}-{_slug(run.name)}-{n}"
+    link.symlink_to(target, target_is_directory=True)
+    return link
 
 
 def list_run_dirs(base: Path | None = None) -> list[RunDir]:

@@ -176,7 +176,10 @@ def summarize(run: RunDir) -> RunSummary:
         total = started_event.get("total_steps")
     model, preset_name = _model_from_preset(run)
     if terminal is not None and isinstance(terminal.get("step"), int):
-        step = terminal["step"] if step is None or terminal["step"] > step else step
+        if terminal["type"] == "run_stopped":
+            step = terminal["step"]  # the step saved, where a resume starts; later step lines were lost
+        else:
+            step = terminal["step"] if step is None or terminal["step"] > step else step
     return RunSummary(
         name=run.name,
         run=run,
@@ -245,6 +248,11 @@ def stop_run(run: RunDir, wait: bool | float = False, force: bool = False) -> st
     current = effective_status(run, status)
     if current not in ACTIVE_STATUSES:
         return f"Run {run.name} is not running (status: {current})"
+    if current == "stopping":
+        # A second SIGTERM changes nothing in the trainer; say so rather than send it.
+        return f"Run {run.name} is already stopping: it saves a checkpoint, then exits. `sftop runs` shows when it has."
+    # Recorded before the signal, so the trainer's own final status is always the later write.
+    run.write_status(status="stopping", stop_requested=time.time())
     sent = False
     # The supervisor forwards the signal to the trainer's process group and records the outcome.
     if process_alive(status.get("supervisor_pid"), status.get("supervisor_start")):

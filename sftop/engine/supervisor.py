@@ -31,14 +31,16 @@ from pathlib import Path
 from sftop.engine.events import TERMINAL_TYPES, EventWriter, RunFailed, read_events
 from sftop.engine.presets import Preset, load_preset, save_preset
 from sftop.engine.rundir import RunDir, new_run_dir
+from sftop.engine.runlock import LOCK_FD_ENV, RunLockedError, refuse_if_locked
+from sftop.engine.runlock import acquire as run_lock_acquire
 
 # The status a terminal event maps to.
 TERMINAL_STATUS = {"run_finished": "finished", "run_stopped": "stopped", "run_failed": "failed"}
 ACTIVE_STATUSES = frozenset({"starting", "running", "stopping"})
 
 
-def trainer_command(run_dir: RunDir, resume: bool = False) -> list[str]:
-    cmd = [sys.executable, "-m", "sftop", "run", str(run_dir.preset), "--run-dir", str(run_dir.path)]
+def trainer_command(run_dir: RunDir, resume: bool = False, preset_path: Path | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "sftop", "run", str(preset_path or run_dir.preset), "--run-dir", str(run_dir.path)]
     if resume:
         cmd.append("--resume")
     return cmd
@@ -111,8 +113,17 @@ def launch_run(
     if run_dir is None:
         run_dir = new_run_dir(resolved.name)
     else:
+        # Refused before anything is written: a live trainer's directory, an incompatible resume.
+        refuse_if_locked(run_dir.path)
+        if resume and run_dir.preset.exists():
+            from sftop.engine.train.resume_check import check_resume, resume_preset_path
+
+            check_resume(run_dir, resolved)
+            if (isinstance(preset, Preset) or overrides) and command is None:
+                # The run's own preset.toml stays as it was; this attempt's changes go beside it.
+                command = trainer_command(run_dir, True, save_preset(resolved, resume_preset_path(run_dir)))
         run_dir = run_dir.create()
-    if isinstance(preset, Preset) or not (resume and run_dir.preset.exists()):
+    if not (resume and run_dir.preset.exists()):
         save_preset(resolved, run_dir.preset)
     run_dir.write_status(
         status="starting",
@@ -192,7 +203,10 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
     pinned = choose_gpu(dict(os.environ))
     # SFTOP_SUPERVISED: the trainer leaves status.json to this supervisor (sftop.engine.runs.run_in_foreground)
     env = dict(os.environ, PYTHONUNBUFFERED="1", SFTOP_SUPERVISED="1", **pinned)
-    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, process_group=0, env=env)
+    # The run's lock, taken here and shared with the trainer: one trainer per run directory.
+    lock_fd = run_lock_acquire(run_dir.path)
+    env[LOCK_FD_ENV] = str(lock_fd)
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, process_group=0, env=env, pass_fds=(lock_fd,))
     run_dir.write_status(
         status="running",
         supervisor_pid=os.getpid(),
@@ -257,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = RunDir(Path(args[0]).resolve())
     try:
         code = supervise(run_dir, resume=resume, command=command)
+    except RunLockedError as exc:  # another trainer won the race since launch_run checked: leave its run alone
+        print(f"sftop: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     except Exception as exc:  # the supervisor itself failed: leave a readable record behind
         run_dir.write_status(status="failed", ended=time.time(), supervisor_error=repr(exc))
         with EventWriter(run_dir.events) as writer:

@@ -34,6 +34,13 @@ class Series:
     def last(self) -> float | None:
         return self.ys[-1] if self.ys else None
 
+    def drop_after(self, x: float) -> None:
+        """Forget the points past `x`: a resumed run replays them from its checkpoint."""
+        keep = len(self.xs)
+        while keep and self.xs[keep - 1] > x:
+            keep -= 1
+        del self.xs[keep:], self.ys[keep:], self._prefix[keep + 1:]
+
     def downsample(self, buckets: int) -> tuple[list[float], list[float]]:
         """At most `buckets` points: each the mean of a run of consecutive samples."""
         n = len(self.ys)
@@ -131,6 +138,14 @@ class RunState:
             self.last_tokens_per_s = float(tps)
         if step is not None and r.get("time") is not None:
             self._pace.append((float(r["time"]), step))
+
+    def _on_resumed(self, r: dict[str, Any]) -> None:
+        # Steps after the checkpoint were logged by the attempt that died; they are trained again.
+        step = r.get("step") if isinstance(r.get("step"), int) else 0
+        for series in (self.loss, self.tokens_per_s, self.eval_loss):
+            series.drop_after(step)
+        self.step = step
+        self._pace.clear()
 
     def _on_eval(self, r: dict[str, Any]) -> None:
         if r.get("eval_loss") is not None and r.get("step") is not None:

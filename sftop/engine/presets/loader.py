@@ -178,8 +178,17 @@ def to_toml(preset: Preset) -> str:
 def save_preset(preset: Preset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(to_toml(preset), encoding="utf-8")
-    tmp.replace(path)
+    text = to_toml(preset)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written copy behind
+        from sftop.engine.diskfull import DiskFullError, is_disk_full
+
+        if is_disk_full(exc):
+            raise DiskFullError(path.parent, len(text.encode())) from None
+        raise
     return path
 
 

@@ -18,12 +18,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from sftop.engine.diskfull import DiskFullError, is_disk_full
 from sftop.engine.errors import ResourceError, SftopError
 from sftop.engine.events import (
     Checkpoint,
     EventWriter,
     Message,
     PlanChanged,
+    Resumed,
     RunFailed,
     RunFinished,
     RunStarted,
@@ -31,10 +33,16 @@ from sftop.engine.events import (
 )
 from sftop.engine.presets import save_preset
 from sftop.engine.rundir import RunDir
+from sftop.engine.runlock import run_lock
+from sftop.engine.train.resume_check import check_resume, resume_preset_path
 from sftop.engine.train.plan import make_plan, resolved_plan_section
 from sftop.engine.train.signals import StopSignals
 
 MAX_OOM_RETRIES = 4
+
+
+class CheckpointError(SftopError):
+    """No checkpoint of the run can be loaded."""
 
 
 class _Tee:
@@ -66,31 +74,52 @@ class _Tee:
 
     def __exit__(self, *exc):
         if self._saved is not None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            sys.stdout, sys.stderr = self._saved
+            tees = (sys.stdout, sys.stderr)
+            for tee in tees:
+                tee.flush()
+            # A stream whose terminal closed would fail again at exit: send it nowhere instead.
+            sys.stdout, sys.stderr = (
+                saved if getattr(tee, "alive", True) else open(os.devnull, "w", encoding="utf-8")
+                for saved, tee in zip(self._saved, tees)
+            )
         faulthandler.disable()
         self._file.close()
 
 
 class _TeeStream:
+    """Writes to the terminal and to stdout.log. When the terminal goes away (SIGHUP after an SSH
+    drop: writes fail with EIO), output goes on to stdout.log alone and training carries on."""
+
     def __init__(self, stream, file):
         self._stream = stream
         self._file = file
+        self.alive = True
 
     def write(self, text):
         try:
             self._file.write(text)
-        except ValueError:
-            pass  # log closed during interpreter shutdown
-        return self._stream.write(text)
+        except (ValueError, OSError):
+            pass  # log closed during interpreter shutdown, or its disk is full: never fail a run over it
+        if self.alive:
+            try:
+                self._stream.write(text)
+            except OSError:
+                self.alive = False
+        return len(text)
 
     def flush(self):
-        self._stream.flush()
+        if self.alive:
+            try:
+                self._stream.flush()
+            except OSError:
+                self.alive = False
         try:
             self._file.flush()
-        except ValueError:
+        except (ValueError, OSError):
             pass
+
+    def isatty(self):
+        return self.alive and self._stream.isatty()
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
@@ -124,14 +153,19 @@ def environment_info(device: str, dtype: str, attn: str) -> dict[str, Any]:
     return info
 
 
-def pick_checkpoint(run_dir: RunDir, writer: EventWriter) -> Path | None:
-    """Newest checkpoint that has every file a resume needs; incomplete ones are reported and skipped."""
-    from sftop.engine.train.trainer import checkpoint_is_complete
+def pick_checkpoint(run_dir: RunDir, writer: EventWriter, skip: frozenset[Path] = frozenset()) -> Path | None:
+    """Newest checkpoint that verifies against its manifest; the others are reported and skipped."""
+    from sftop.engine.train.trainer import checkpoint_problem
 
     for path in reversed(run_dir.complete_checkpoints()):
-        if checkpoint_is_complete(path):
+        if path in skip:
+            continue
+        problem = checkpoint_problem(path)
+        if problem is None:
             return path
-        writer.write(Message(level="warning", text=f"Skipping incomplete checkpoint {path.name} (files missing)"))
+        text = f"Skipping checkpoint {path.name}: {problem}; falling back to the next complete checkpoint"
+        print(f"sftop: {text}", flush=True)
+        writer.write(Message(level="warning", text=text))
     return None
 
 
@@ -162,13 +196,20 @@ class _Run:
         self.resume = resume
         self.step = 0
         self.trainer = None
-        self.signals = StopSignals(run_dir.events, lambda: self.step, self.latest_checkpoint)
+        self.signals = StopSignals(run_dir.events, self.saved_step, self.latest_checkpoint)
+        # A resume records its resolved preset beside the run's original one, never over it.
+        self.preset_path = resume_preset_path(run_dir) if resume else run_dir.preset
         self.t0 = time.time()
         self.probe_verdict: dict[str, Any] | None = None
 
     def latest_checkpoint(self) -> str | None:
         path = self.run_dir.latest_checkpoint()
         return str(path) if path else None
+
+    def saved_step(self) -> int:
+        """The step of the newest checkpoint on disk: where a resume would start."""
+        path = self.run_dir.latest_checkpoint()
+        return int(path.name.split("-")[-1]) if path else 0
 
     def message(self, text: str, level: str = "info") -> None:
         print(f"sftop: {text}", flush=True)
@@ -193,7 +234,7 @@ class _Run:
         from sftop.engine.presets import Preset
 
         self.preset = Preset.model_validate(data)
-        save_preset(self.preset, self.run_dir.preset)
+        save_preset(self.preset, self.preset_path)
 
     def pin_gpu(self) -> None:
         """Make the plan's GPU the only one this process sees (it becomes cuda:0).
@@ -233,7 +274,7 @@ class _Run:
                     f"({detail}); training on padded batches instead", level="warning")
                 self.preset = self.preset.model_copy(
                     update={"data": self.preset.data.model_copy(update={"packing": False})})
-                save_preset(self.preset, self.run_dir.preset)  # record what the run really does
+                save_preset(self.preset, self.preset_path)  # record what the run really does
         _, note = optimizer_name(self.preset.train.optimizer, self.info.device.startswith("cuda"))
         if note:
             self.message(note, level="warning")
@@ -311,8 +352,14 @@ class _Run:
         checkpoint = pick_checkpoint(self.run_dir, self.writer) if self.resume else None
         if self.resume and checkpoint is None:
             self.message("No complete checkpoint to resume from: starting from step 0", level="warning")
-        for attempt in range(MAX_OOM_RETRIES + 1):
+        unloadable: set[Path] = set()
+        attempt = 0
+        while attempt <= MAX_OOM_RETRIES:
             self.resumed_from = int(checkpoint.name.split("-")[-1]) if checkpoint else None
+            if self.resume:
+                # Steps after this one in events.jsonl were logged by the attempt that died: a reader
+                # drops them, as the dashboard's curve does, and takes the replayed ones.
+                self.writer.write(Resumed(step=self.resumed_from or 0, checkpoint=str(checkpoint) if checkpoint else None))
             trainer = self.build_trainer()
             if attempt == 0:
                 trainer = self.probe()
@@ -325,6 +372,13 @@ class _Run:
                 break
             except torch.cuda.OutOfMemoryError as exc:
                 oom = (str(exc).splitlines() or ["out of memory"])[0][:200]
+            except Exception as exc:  # noqa: BLE001 - only a checkpoint that would not load is retried
+                if checkpoint is None or not _while_loading(exc):
+                    raise
+                unloadable.add(checkpoint)
+                checkpoint = self.fall_back(checkpoint, exc, frozenset(unloadable))
+                continue
+            attempt += 1
             # Outside the except block, so the traceback no longer pins the failed step's tensors.
             step = trainer.state.global_step
             self.step = step
@@ -338,6 +392,23 @@ class _Run:
             )
         return self.finish()
 
+    def fall_back(self, bad: Path, exc: Exception, skip: frozenset[Path]) -> Path | None:
+        """`bad` verified but did not load (e.g. the restricted loader refused a pickle in it)."""
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        found = pick_checkpoint(self.run_dir, self.writer, skip)
+        if found is None:
+            raise CheckpointError(
+                f"Checkpoint {bad.name} could not be loaded ({type(exc).__name__}: {why}), and no older complete "
+                "checkpoint is left to fall back to",
+                where=str(bad),
+                hint=f"Move {bad} aside and resume to start again from step 0, or start a new run",
+            ) from None
+        self.message(f"Checkpoint {bad.name} could not be loaded ({type(exc).__name__}: {why}); "
+                     f"falling back to {found.name}", level="warning")
+        self.trainer = self.events = self.guard = None
+        gc.collect()
+        return found
+
     def set_plan(self, new, step: int, reason: str) -> None:
         """Switch to a smaller plan: record it, and make preset.toml repeat the plan that fits."""
         from sftop.engine.presets import Preset
@@ -347,7 +418,7 @@ class _Run:
         data = self.preset.model_dump(mode="json")
         data["plan"].update(resolved_plan_section(new))
         self.preset = Preset.model_validate(data)
-        save_preset(self.preset, self.run_dir.preset)
+        save_preset(self.preset, self.preset_path)
 
     def probe(self, memory=None):
         """On a GPU, measure one step at the plan's largest shape and step the plan down until it fits.
@@ -436,8 +507,15 @@ class _Run:
         target = self.run_dir.adapter
         tmp = target.with_name(".adapter-saving")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.trainer.model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
+        try:
+            self.trainer.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(exc):
+                needed = sum(p.numel() * p.element_size() for p in self.trainer.model.parameters() if p.requires_grad)
+                raise DiskFullError(self.run_dir.path, needed) from None
+            raise
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -447,33 +525,68 @@ class _Run:
 def run_training(preset, run_dir, *, resume: bool = False) -> int:
     """Run (or resume) training into `run_dir`; returns the process exit code. Never raises for user errors."""
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))
-    run_dir.create()
+    # Refusals come before anything is written: a live trainer's directory and a run's record stay as they are.
+    try:
+        run_dir.create()
+        with run_lock(run_dir.path):
+            if resume:
+                check_resume(run_dir, preset)
+            return _run_locked(preset, run_dir, resume)
+    except SftopError as exc:
+        print(f"sftop: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        error = DiskFullError(run_dir.path, None)
+        print(f"sftop: error: {error}", file=sys.stderr, flush=True)
+        return error.exit_code
+
+
+def _run_locked(preset, run_dir: RunDir, resume: bool) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # avoids fork warnings + deadlocks in datasets.map
     with _Tee(run_dir.stdout_log), EventWriter(run_dir.events) as writer:
         run = _Run(preset, run_dir, writer, resume)
         run.signals.install()
-        if not run_dir.preset.exists():
-            # Even a run that fails while resolving is listed (`sftop runs`) and can be repeated.
-            save_preset(preset, run_dir.preset)
         try:
+            if not run_dir.preset.exists():
+                # Even a run that fails while resolving is listed (`sftop runs`) and can be repeated.
+                save_preset(preset, run_dir.preset)
             run.resolve()
             run.load()
             run.check_disk()
             return run.train()
-        except SftopError as exc:
-            print(f"sftop: {exc}", file=sys.stderr, flush=True)
-            writer.write(RunFailed(step=_step(run), reason=str(exc), checkpoint=run.latest_checkpoint()))
-            return exc.exit_code
-        except Exception as exc:  # noqa: BLE001 - a bug: keep the traceback in stdout.log, end the run cleanly
-            traceback.print_exc()
-            writer.write(RunFailed(
-                step=_step(run),
-                reason=f"internal error ({type(exc).__name__}: {exc}); the traceback is in {run_dir.stdout_log}",
-                checkpoint=run.latest_checkpoint(),
-            ))
-            return 1
+        except Exception as exc:  # noqa: BLE001 - every outcome ends with one terminal event
+            if not isinstance(exc, SftopError) and is_disk_full(exc):
+                exc = DiskFullError(run_dir.path, None)
+            if isinstance(exc, SftopError):
+                print(f"sftop: error: {exc}", file=sys.stderr, flush=True)
+                reason, code = str(exc), exc.exit_code
+            else:  # a bug: keep the traceback in stdout.log, end the run cleanly
+                traceback.print_exc()
+                reason = f"internal error ({type(exc).__name__}: {exc}); the traceback is in {run_dir.stdout_log}"
+                code = 1
+            _write_last(writer, RunFailed(step=_step(run), reason=reason, checkpoint=run.latest_checkpoint()))
+            return code
         finally:
             run.signals.uninstall()
+
+
+# Where transformers reads a checkpoint back: a failure inside these is the checkpoint's, not training's.
+_LOADING_FRAMES = frozenset({"_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_rng_state",
+                             "_load_scaler", "load_from_json", "_load_callback_state"})
+
+
+def _while_loading(exc: BaseException) -> bool:
+    return any(frame.name in _LOADING_FRAMES for frame in traceback.extract_tb(exc.__traceback__))
+
+
+def _write_last(writer: EventWriter, event) -> None:
+    """The terminal record, even on a disk too full for it: then the supervisor records the failure."""
+    try:
+        writer.write(event)
+    except OSError as exc:
+        print(f"sftop: could not record the run's end in {writer.path}: {exc}", file=sys.stderr, flush=True)
 
 
 def _step(run: _Run) -> int | None:

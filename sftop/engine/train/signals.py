@@ -1,4 +1,8 @@
-"""SIGTERM/SIGINT: stop cleanly after the current step; a second signal stops at once. SIGHUP is ignored."""
+"""SIGTERM/SIGINT: stop cleanly after the current step; a second Ctrl-C (SIGINT) stops at once,
+a second SIGTERM (`sftop stop` twice) changes nothing. SIGHUP is ignored.
+
+The immediate exit records the step of the newest checkpoint on disk: the step a resume starts from.
+"""
 
 from __future__ import annotations
 
@@ -44,9 +48,14 @@ class StopSignals:
         if self.requested is None:
             self.requested = name
             print(f"\nsftop: {name} received: finishing this step, saving a checkpoint, then stopping "
-                  f"(send it again to stop at once)", flush=True)
+                  f"(press Ctrl-C again to stop at once, without saving)", flush=True)
             return
-        # Second signal: leave now. The EventWriter's lock may be held by the interrupted code in this
+        if signum != signal.SIGINT:
+            # A second `sftop stop` (SIGTERM) must not throw away the checkpoint being written:
+            # only a second Ctrl-C in the run's own terminal means "stop at once".
+            print(f"sftop: {name} received: already stopping (saving a checkpoint first)", flush=True)
+            return
+        # Second Ctrl-C: leave now. The EventWriter's lock may be held by the interrupted code in this
         # very thread, so write the last record through a separate file handle instead.
         record = {
             "v": SCHEMA_VERSION,

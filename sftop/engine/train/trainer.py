@@ -16,7 +16,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
 
+from sftop.engine.diskfull import DiskFullError, is_disk_full, tree_bytes
 from sftop.engine.rundir import CHECKPOINT_PREFIX
+from sftop.engine.train.manifest import verify_checkpoint, write_manifest
 
 # Files without which a checkpoint cannot be resumed (the adapter, optimizer, scheduler, position).
 REQUIRED_CHECKPOINT_FILES = (
@@ -29,7 +31,17 @@ REQUIRED_CHECKPOINT_FILES = (
 
 
 def checkpoint_is_complete(path: Path) -> bool:
-    return path.is_dir() and all((path / name).is_file() for name in REQUIRED_CHECKPOINT_FILES)
+    return checkpoint_problem(path) is None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """None for a checkpoint that can be resumed from; otherwise why not (files missing, damaged)."""
+    if not path.is_dir():
+        return "it is not a directory"
+    missing = [name for name in REQUIRED_CHECKPOINT_FILES if not (path / name).is_file()]
+    if missing:
+        return "files missing: " + ", ".join(missing)
+    return verify_checkpoint(path, REQUIRED_CHECKPOINT_FILES)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -158,13 +170,19 @@ class SftopTrainer(SFTTrainer):
         staging = Path(tempfile.mkdtemp(prefix=f".saving-{step}-", dir=root))
         output_dir = self.args.output_dir
         self.args.output_dir = str(staging)
+        written = staging / f"{CHECKPOINT_PREFIX}{step}"
         try:
             # Skip SFTTrainer's override: it only adds a model card (README) to every checkpoint.
             Trainer._save_checkpoint(self, model, trial)
+            _fsync_tree(written)
+            write_manifest(written)  # last: a checkpoint with a manifest was written whole
+        except Exception as exc:
+            shutil.rmtree(staging, ignore_errors=True)  # the previous checkpoint stays the newest
+            if is_disk_full(exc):
+                raise DiskFullError(root, self._checkpoint_bytes(root)) from None
+            raise
         finally:
             self.args.output_dir = output_dir
-        written = staging / f"{CHECKPOINT_PREFIX}{step}"
-        _fsync_tree(written)
         if final.exists():  # saved at this step before (e.g. resumed and stopped at once)
             shutil.rmtree(final)
         os.replace(written, final)
@@ -174,6 +192,17 @@ class SftopTrainer(SFTTrainer):
         self._rotate_sftop_checkpoints(root)
         if self.sftop_on_checkpoint is not None:
             self.sftop_on_checkpoint(step, final)
+
+    def _checkpoint_bytes(self, root: Path) -> int:
+        """What one checkpoint takes: the previous one's size, or the adapter with AdamW's two moments."""
+        previous = self.sftop_last_checkpoint
+        if previous is None or not previous.is_dir():
+            done = sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))
+            previous = done[-1] if done else None
+        if previous is not None and previous.is_dir():
+            return tree_bytes(previous)
+        trainable = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        return trainable * 3
 
     def _rotate_sftop_checkpoints(self, root: Path) -> None:
         done = []
