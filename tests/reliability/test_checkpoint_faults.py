@@ -5,11 +5,9 @@ trains exactly what the uninterrupted run trained."""
 import json
 import pickle
 import shutil
-import subprocess
-import sys
 
 import pytest
-from conftest import STEPS, assert_same_losses, killed_copy
+from conftest import RUN, STEPS, assert_same_losses, killed_copy
 from train_helpers import events_of, fast_preset, of_type
 
 from sftop.engine.rundir import RunDir
@@ -17,8 +15,6 @@ from sftop.engine.train.manifest import MANIFEST, write_manifest
 from sftop.engine.train.runner import pick_checkpoint, run_training
 from sftop.engine.train.trainer import checkpoint_problem
 from sftop.tui.run_state import RunState
-
-from conftest import RUN
 
 
 def _truncate(path):
@@ -137,21 +133,18 @@ def test_malicious_pickle_is_refused_without_a_traceback_and_the_resume_falls_ba
     assert "Traceback" not in (run_dir / "stdout.log").read_text().split("could not be loaded")[-1]
 
 
-def test_no_loadable_checkpoint_is_one_paragraph_and_a_non_zero_exit(home, reference, tmp_path):
+def test_no_loadable_checkpoint_is_one_paragraph_and_a_non_zero_exit(home, reference, tmp_path, capsys):
     ref_dir, _ = reference
     run_dir = killed_copy(ref_dir, tmp_path / "run", after_step=3)
     bad = run_dir / "checkpoints" / "checkpoint-2"
     (bad / "rng_state.pth").write_bytes(pickle.dumps(_Exploit()))
     write_manifest(bad)
-    code = (
-        "import sys\n"
-        "from sftop.cli import main\n"
-        f"sys.exit(main(['resume', {str(run_dir)!r}]))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
-    error = [line for line in out.stderr.splitlines() if line.startswith("sftop: error:")]
+    from sftop.cli import main
+
+    assert main(["resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    error = [line for line in err.splitlines() if line.startswith("sftop: error:")]
     assert len(error) == 1
     assert "checkpoint-2 could not be loaded" in error[0] and "Move " in error[0]
     last = events_of(run_dir)[-1]
