@@ -36,8 +36,9 @@ def is_disk_full(exc: BaseException) -> bool:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
             return True
+        # torch's zip writer and safetensors raise their own types, with the OS's words inside.
         text = str(exc).lower()
-        if isinstance(exc, (OSError, RuntimeError)) and any(t in text for t in _FULL_TEXT):
+        if any(t in text for t in _FULL_TEXT):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
