@@ -125,9 +125,9 @@ def test_builtin_and_max_rows():
 
 
 def test_not_utf8(tmp_path):
-    (tmp_path / "d.csv").write_bytes("prompt,completion\ncaf\xe9,x\n".encode("latin-1"))
+    (tmp_path / "d.json").write_bytes('[{"prompt": "caf\xe9", "completion": "x"}]'.encode("latin-1"))
     with pytest.raises(DataError, match="is not UTF-8 text"):
-        load(tmp_path / "d.csv")
+        load(tmp_path / "d.json")  # a whole-file format: the file cannot be read at all
 
 
 def test_csv_with_json_message_lists(tmp_path):

@@ -77,15 +77,16 @@ def test_sigterm_checkpoints_then_resume_matches_uninterrupted_run(home, tmp_pat
     assert records[-1]["type"] == "run_finished" and records[-1]["step"] == STEPS
 
 
-def test_second_signal_stops_at_once(home, tmp_path):
+def test_second_ctrl_c_stops_at_once(home, tmp_path):
     run_dir = tmp_path / "run"
     proc = start_trainer(run_dir, ["train.max_steps=200", "train.save_steps=1000"], home)
     wait_for_steps(run_dir, 2, proc)
+    proc.send_signal(signal.SIGTERM)  # `sftop stop`, then Ctrl-C in the run's own terminal
     proc.send_signal(signal.SIGINT)
-    proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=60)
-    assert code == 128 + signal.SIGTERM
+    assert code == 128 + signal.SIGINT
     last = events_of(run_dir)[-1]
     assert last["type"] == "run_stopped"
-    assert last["signal"] == "SIGINT+SIGTERM"
+    assert last["signal"] == "SIGTERM+SIGINT"
+    assert last["step"] == 0 and last["checkpoint"] is None  # the step saved: none, not the step in flight
     assert not list((run_dir / "checkpoints").glob("checkpoint-*"))

@@ -7,6 +7,7 @@ becomes one reported bad row rather than a failed run.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -92,11 +93,33 @@ def _missing(path: Path, source: str) -> DataError:
     )
 
 
+def _not_utf8(data: bytes, start: int, offset: int) -> str:
+    """Why a line is not UTF-8, with the file offset of the first bad byte."""
+    try:
+        data.decode("utf-8")
+        return "is not UTF-8"
+    except UnicodeDecodeError as exc:
+        return f"is not UTF-8 (byte 0x{data[exc.start]:02x} at file offset {offset + exc.start - start})"
+
+
 def _read_jsonl(path: Path) -> tuple[list, dict[int, str]]:
     rows: list = []
     errors: dict[int, str] = {}
-    with path.open("r", encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    offset = 0
+    # Bytes, decoded line by line: a bad byte costs its own row only, and its offset is the file's.
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line_start = offset
+            offset += len(raw)
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+                line_start += 3
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                errors[len(rows)] = f"line {lineno} {_not_utf8(raw, 0, line_start)}"
+                rows.append(None)
+                continue
             if not line.strip():
                 continue  # blank lines (often a trailing one) are not rows
             try:
@@ -137,10 +160,90 @@ def _read_json(path: Path, split: str) -> tuple[list, dict[int, str]]:
     return data, {}
 
 
-def _read_csv(path: Path, delimiter: str) -> list[dict]:
+def _read_csv(path: Path, delimiter: str) -> tuple[list, dict[int, str]]:
+    """Rows of a CSV/TSV file. Undecodable bytes cost only the rows that hold them, and a quote that
+    is never closed (it swallows every row after it into one field) is reported where it opened."""
     csv.field_size_limit(sys.maxsize)
-    with path.open("r", encoding="utf-8-sig", newline="") as fh:
-        return list(csv.DictReader(fh, delimiter=delimiter))
+    data = path.read_bytes()
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    text = data[bom:].decode("utf-8", errors="surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return [], {}
+    if any(_has_bad_bytes(h) for h in header):
+        raise DataError(f"The header line of {path} is not UTF-8", where=f"{path}, line 1",
+                        hint="Save the file as UTF-8 (`iconv -t UTF-8` can convert it)")
+    rows: list = []
+    errors: dict[int, str] = {}
+    offsets: list[int] = []  # line offsets, computed at the first bad byte
+    first_line = reader.line_num + 1
+    for record in reader:
+        last_line = reader.line_num
+        lines = (first_line, last_line)
+        first_line = last_line + 1
+        if not record:
+            continue  # a blank line
+        index = len(rows)
+        problem = _unclosed_quote(record, lines, len(header), delimiter)
+        if problem is None and any(_has_bad_bytes(v) for v in record):
+            where = next(i for i, v in enumerate(record) if _has_bad_bytes(v))
+            offsets = offsets or _line_offsets(data)
+            bad_at = _bad_byte_offset(data, offsets, *lines)
+            problem = f"line {lines[0]} is not UTF-8 (column {header[where] if where < len(header) else where + 1}" + (
+                f", byte 0x{data[bad_at]:02x} at file offset {bad_at})" if bad_at is not None else ")")
+        if problem is not None:
+            errors[index] = problem
+            rows.append(None)
+            continue
+        row = dict(zip(header, record))
+        if len(record) > len(header):
+            row[None] = record[len(header):]  # what csv.DictReader does with extra fields
+        rows.append(row)
+    return rows, errors
+
+
+def _has_bad_bytes(value: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in value)
+
+
+def _line_offsets(data: bytes) -> list[int]:
+    """File offset where each line starts (index 0 is line 1)."""
+    starts, pos = [0], data.find(b"\n")
+    while pos >= 0:
+        starts.append(pos + 1)
+        pos = data.find(b"\n", pos + 1)
+    return starts
+
+
+def _bad_byte_offset(data: bytes, line_offsets: list[int], first: int, last: int) -> int | None:
+    """File offset of the first undecodable byte in lines `first`..`last` (1-based)."""
+    start = line_offsets[first - 1]
+    end = line_offsets[last] if last < len(line_offsets) else len(data)
+    try:
+        data[start:end].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return start + exc.start
+    return None
+
+
+# A quoted field that holds this many line breaks, each followed by something shaped like a row,
+# is an unclosed quote rather than a real multi-line value.
+_SWALLOWED_ROWS = 2
+
+
+def _unclosed_quote(record: list[str], lines: tuple[int, int], columns: int, delimiter: str) -> str | None:
+    if lines[1] - lines[0] < _SWALLOWED_ROWS:
+        return None
+    for value in record:
+        inner = value.split("\n")[1:]
+        swallowed = sum(1 for part in inner if part.count(delimiter) >= max(1, columns - 1))
+        if swallowed >= _SWALLOWED_ROWS or (len(record) != columns and swallowed):
+            return (f"line {lines[0]} opens a quote that is not closed where the field ends: it runs to line "
+                    f"{lines[1]} and swallows {swallowed} row(s) after it; close the quote (a quote inside a "
+                    "field is written twice: \"\")")
+    return None
 
 
 def _read_parquet(path: Path):
@@ -157,9 +260,14 @@ def _read_file(path: Path, kind: str, split: str) -> tuple[Sequence, dict[int, s
     try:
         return _read_file_as(path, kind, split)
     except UnicodeDecodeError as exc:
+        # A whole-file format (JSON): the decoder saw the whole file, so exc.start is the file offset.
+        data = path.read_bytes()
+        line = data.count(b"\n", 0, exc.start) + 1
         raise DataError(
-            f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded)", where=str(path),
-            hint="Save the file as UTF-8 (most editors and `iconv -t UTF-8` can convert it)",
+            f"{path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at file offset {exc.start} (line {line}) "
+            "cannot be decoded", where=f"{path}, line {line}",
+            hint="Save the file as UTF-8 (most editors and `iconv -t UTF-8` can convert it), or as JSON Lines so "
+                 "that one bad row does not stop the run",
         ) from None
     except OSError as exc:
         raise DataError(f"Cannot read {path}: {exc.strerror or exc}", where=str(path),
@@ -172,7 +280,7 @@ def _read_file_as(path: Path, kind: str, split: str) -> tuple[Sequence, dict[int
     if kind == "json":
         return _read_json(path, split)
     if kind in ("csv", "tsv"):
-        return _read_csv(path, "," if kind == "csv" else "\t"), {}
+        return _read_csv(path, "," if kind == "csv" else "\t")
     return _read_parquet(path), {}
 
 
@@ -291,6 +399,11 @@ def load_rows(section: DataSection) -> RawRows:
         kind, rows = "builtin", load_builtin(source)
     else:
         path = Path(source).expanduser()
+        if path.exists() and not (path.is_file() or path.is_dir()):
+            raise DataError(
+                f"{path} holds no rows: it is a device or a pipe, not a data file", where=f"data.source = {source!r}",
+                hint=f"Point data.source at a {_SUPPORTED}",
+            )
         if path.is_file():
             kind = FILE_KINDS.get(path.suffix.lower())
             if kind is None:
@@ -299,6 +412,9 @@ def load_rows(section: DataSection) -> RawRows:
                     where=f"data.source = {source!r}",
                     hint=f"Use a {_SUPPORTED}",
                 )
+            if path.stat().st_size == 0:
+                raise DataError(f"{path} holds no rows (the file is empty)", where=f"data.source = {source!r}",
+                                hint="Point data.source at a file with data in it")
             rows, errors = _read_file(path, kind, section.split)
         elif path.is_dir():
             kind, rows, errors = _read_folder(path, section.split, source)
@@ -307,6 +423,13 @@ def load_rows(section: DataSection) -> RawRows:
         else:
             kind, rows = "hub", _read_hub(source, section)
     total = len(rows)
+    if total == 0 and kind not in ("hub", "builtin"):
+        raise DataError(
+            f"{source} holds no rows" + (" (the file is empty)" if kind != "saved" and path.is_file()
+                                         and path.stat().st_size == 0 else ""),
+            where=f"data.source = {source!r}",
+            hint="Point data.source at a file with data in it",
+        )
     if section.max_rows is not None and total > section.max_rows:
         rows = rows.select(range(section.max_rows)) if hasattr(rows, "select") else rows[: section.max_rows]
         errors = {i: r for i, r in errors.items() if i < section.max_rows}

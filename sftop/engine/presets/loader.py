@@ -87,6 +87,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise PresetError(f"{path} is not valid TOML ({exc})", where=str(path),
                           hint="Fix the syntax; strings need quotes, e.g. name = \"my-run\"") from None
+    except UnicodeDecodeError as exc:
+        data = path.read_bytes()
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise PresetError(
+            f"{path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line}) cannot be decoded",
+            where=f"{path}, line {line}",
+            hint="Save the preset as UTF-8 (TOML files must be UTF-8; `iconv -t UTF-8` can convert it), "
+                 "or move it out of the presets directory",
+        ) from None
     except OSError as exc:
         raise PresetError(f"Cannot read {path}: {exc.strerror}", where=str(path)) from None
 
@@ -142,9 +151,14 @@ def _explain(exc: ValidationError, source: str) -> PresetError:
         key = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown key `{key}` ({_suggest(loc, str(loc[-1]))})")
+        elif err["type"] == "string_pattern_mismatch" and loc == ("name",):
+            lines.append(f"`name` may hold only letters, digits, '_', '.' and '-', and must start with a letter "
+                         f"or digit (got {err.get('input')!r})")
         else:
             got = err.get("input")
-            lines.append(f"`{key}` {err['msg'].lower()} (got {got!r})")
+            msg = err["msg"]
+            # Only the first letter is lowered: the rest may quote a value or pattern the user must match.
+            lines.append(f"`{key}` {msg[:1].lower() + msg[1:]} (got {got!r})")
     # Unique, in order: union types can repeat one complaint per member.
     lines = list(dict.fromkeys(lines))
     return PresetError(
