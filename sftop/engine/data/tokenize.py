@@ -68,6 +68,36 @@ class Encoder:
         self._whitespace_cache: dict[int, bool] = {}
         self._starts_of = None
         self._starts_cache: list[int] = []
+        self._max_chars: int | None = None
+
+    # -- length, before tokenising --------------------------------------------------------------
+
+    def max_chars(self) -> int | None:
+        """More characters than this cannot fit in data.max_length tokens, whatever they are.
+
+        No token spans more characters than the longest entry of the vocabulary (byte-level vocabularies
+        spell each byte as one character, so this bounds the real text too); twice that covers
+        normalisers that drop characters. A 50 MB row is then rejected by its length alone, in
+        microseconds, instead of after minutes of tokenising and gigabytes of memory.
+        """
+        if self.max_length is None:
+            return None
+        if self._max_chars is None:
+            try:
+                longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+            except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary listing: no pre-check
+                return None
+            self._max_chars = self.max_length * max(1, longest) * 2
+        return self._max_chars
+
+    def check_chars(self, conv: Conversation) -> None:
+        limit = self.max_chars()
+        if limit is None:
+            return
+        chars = len(conv.document) if conv.is_document else sum(len(m.text_content) for m in conv.messages)
+        if chars > limit:
+            raise RowError(f"{chars:,} characters, far more than data.max_length = {self.max_length} tokens can hold "
+                           "(rejected before tokenising)")
 
     # -- chat ---------------------------------------------------------------------------------
 
@@ -242,6 +272,7 @@ class Encoder:
 
     def encode(self, conv: Conversation) -> Encoded:
         """Encode one conversation, or raise `RowError` (too long, nothing to train on, template refused)."""
+        self.check_chars(conv)
         ids, mask = self.encode_document(conv) if conv.is_document else self.encode_chat(conv)
         return self._finish(conv, ids, mask)
 
@@ -252,6 +283,7 @@ class Encoder:
             texts: list[str | RowError] = []
             for conv in chunk:
                 try:
+                    self.check_chars(conv)
                     texts.append(conv.document if conv.is_document else self._render_full(conv))
                 except RowError as exc:
                     texts.append(exc)
