@@ -63,12 +63,24 @@ def hub_call(model_section, what: str, load):
     if source != name or Path(source).is_dir():
         try:
             return load(source, local_files_only=True)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - sorted below: damaged weights, or a plain read error
+            if _damaged_weights(exc):
+                raise _damaged_error(source, what, exc, hint=f"Copy or download the model to {source} again") from None
+            if not isinstance(exc, (OSError, ValueError)):
+                raise
             raise ModelError(f"Cannot load the {what} from {source}: {exc}", where="model.name") from None
     try:
         return load(source, local_files_only=True)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        if _damaged_weights(exc):
+            raise _damaged_error(name, what, exc, hint=f"Download it again: `huggingface-cli download {name} "
+                                                       "--force-download`") from None
         pass  # not (fully) in the local cache
+    except Exception as exc:  # noqa: BLE001
+        if not _damaged_weights(exc):
+            raise
+        raise _damaged_error(name, what, exc, hint=f"Download it again: `huggingface-cli download {name} "
+                                                   "--force-download`") from None
     if hub_offline():
         raise ModelError(
             f"`{name}` is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE is set)",
@@ -79,6 +91,26 @@ def hub_call(model_section, what: str, load):
         return load(source, local_files_only=False)
     except Exception as exc:  # noqa: BLE001 - translated into one user-facing error
         raise _hub_error(name, what, exc) from None
+
+
+# What safetensors and torch say about a weights file cut short or overwritten with garbage.
+_DAMAGED = ("safetensor", "deserializing header", "file not fully covered", "pytorchstreamreader",
+            "unexpected eof", "invalid load key", "failed finding central directory")
+
+
+def _damaged_weights(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return isinstance(exc, EOFError) or any(word in text for word in _DAMAGED)
+
+
+def _damaged_error(where: str, what: str, exc: BaseException, hint: str) -> ModelError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return ModelError(
+        f"The {what} weights in {where} cannot be read ({first}): a weights file is truncated or damaged, "
+        "as an interrupted download or copy leaves it",
+        where=str(where),
+        hint=hint,
+    )
 
 
 def _hub_error(name: str, what: str, exc: Exception) -> ModelError:
