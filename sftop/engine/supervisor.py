@@ -33,6 +33,7 @@ from sftop.engine.presets import Preset, load_preset, save_preset
 from sftop.engine.rundir import RunDir, new_run_dir
 from sftop.engine.runlock import LOCK_FD_ENV, RunLockedError, refuse_if_locked
 from sftop.engine.runlock import acquire as run_lock_acquire
+from sftop.engine.runlock import release as run_lock_release
 
 # The status a terminal event maps to.
 TERMINAL_STATUS = {"run_finished": "finished", "run_stopped": "stopped", "run_failed": "failed"}
@@ -253,6 +254,8 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
                 reason=reason + f"; see {run_dir.stdout_log}",
                 checkpoint=str(latest) if latest else None,
             ))
+    # Free the directory before saying the run ended: whoever sees the final status may resume it at once.
+    run_lock_release(run_dir.path)
     run_dir.write_status(status=status, exit_code=code, ended=time.time())
     return code
 
