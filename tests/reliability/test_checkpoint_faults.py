@@ -7,7 +7,7 @@ import pickle
 import shutil
 
 import pytest
-from conftest import RUN, STEPS, assert_same_losses, killed_copy
+from fault_helpers import RUN, STEPS, assert_same_losses, killed_copy
 from train_helpers import events_of, fast_preset, of_type
 
 from sftop.engine.rundir import RunDir

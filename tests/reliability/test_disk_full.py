@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import RUN, STEPS, assert_same_losses, cli_sets
+from fault_helpers import RUN, STEPS, assert_same_losses, cli_sets, wait_until
 from train_helpers import events_of, fast_preset, of_type, start_trainer
 
 from sftop.engine.train.runner import run_training
@@ -57,23 +57,12 @@ def _fill(disk, leave: int = 0) -> None:
             pass
 
 
-def _wait(predicate, timeout: float, what: str):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
 
 def test_disk_filled_mid_run_fails_cleanly_and_the_resume_is_exact(home, reference, small_disk):
     _, losses = reference
     run_dir = small_disk / "run"
     proc = start_trainer(run_dir, RUN, home)
-    _wait(lambda: of_type(events_of(run_dir), "checkpoint") or proc.poll() is not None, 300, "the first checkpoint")
+    wait_until(lambda: of_type(events_of(run_dir), "checkpoint") or proc.poll() is not None, 300, "the first checkpoint")
     os.kill(proc.pid, signal.SIGSTOP)
     try:
         _fill(small_disk, leave=256 * 1024)  # room for event lines, not for the next checkpoint

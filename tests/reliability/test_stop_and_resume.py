@@ -4,26 +4,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import pytest
-from conftest import STEPS, assert_same_losses, cli_sets
+from fault_helpers import STEPS, assert_same_losses, cli_sets, wait_until
 from train_helpers import events_of, of_type
 
 from sftop.engine.rundir import RunDir
 from sftop.engine.runs import stop_run, summarize
 from sftop.engine.train.signals import StopSignals
 from sftop.engine.train.trainer import checkpoint_problem
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.005)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _log(run_dir) -> str:
@@ -55,14 +43,14 @@ def test_double_stop_saves_then_an_incompatible_resume_is_refused_and_the_resume
                              "--run-dir", str(run_dir)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     run = RunDir(run_dir)
-    _wait(lambda: of_type(events_of(run_dir), "step") or proc.poll() is not None, 300, "the first step")
+    wait_until(lambda: of_type(events_of(run_dir), "step") or proc.poll() is not None, 300, "the first step")
     assert proc.poll() is None
 
     first = stop_run(run)
     assert first.startswith(f"Stopping run {run.name}")
     second = stop_run(run)  # `sftop stop` again while it saves
     assert "already stopping" in second
-    _wait(lambda: "SIGTERM received" in _log(run_dir) or proc.poll() is not None, 60, "the stop to begin")
+    wait_until(lambda: "SIGTERM received" in _log(run_dir) or proc.poll() is not None, 60, "the stop to begin")
     try:  # and a raw second SIGTERM, as `kill` or an older sftop sends it: still only a message
         os.kill(proc.pid, signal.SIGTERM)
         raced = False

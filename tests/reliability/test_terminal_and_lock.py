@@ -6,35 +6,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-from conftest import RUN, STEPS, assert_same_losses, cli_sets
+from fault_helpers import RUN, STEPS, alive, assert_same_losses, cli_sets, wait_until
 from train_helpers import events_of, fast_preset, of_type, start_trainer, wait_for_steps
 
 from sftop.engine.rundir import RunDir
 from sftop.engine.runlock import RunLockedError
 from sftop.engine.runs import list_runs
 from sftop.engine.train.runner import run_training
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] not in "ZX"
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")
@@ -57,13 +37,13 @@ def test_foreground_run_finishes_after_its_terminal_is_closed(home, reference, t
     try:
         assert tmux("new-session", "-d", "-s", "ssh", "-x", "80", "-y", "24", command).returncode == 0
         pid = int(tmux("list-panes", "-t", "ssh", "-F", "#{pane_pid}").stdout.split()[0])
-        _wait(lambda: of_type(events_of(run_dir), "step") or not _alive(pid), 300, "the first step")
-        assert _alive(pid), (run_dir / "stdout.log").read_text()[-2000:]
+        wait_until(lambda: of_type(events_of(run_dir), "step") or not alive(pid), 300, "the first step")
+        assert alive(pid), (run_dir / "stdout.log").read_text()[-2000:]
         os.kill(pid, signal.SIGSTOP)  # hold it so that the terminal is gone before its next step line
         assert not of_type(events_of(run_dir), "run_finished"), "the run ended before the terminal closed"
         tmux("kill-server")  # the connection drops: SIGHUP, and every later write to the terminal fails
         os.kill(pid, signal.SIGCONT)
-        _wait(lambda: not _alive(pid), 300, "the run to end")
+        wait_until(lambda: not alive(pid), 300, "the run to end")
     finally:
         tmux("kill-server")
 
