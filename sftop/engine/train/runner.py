@@ -279,15 +279,23 @@ class _Run:
         if note:
             self.message(note, level="warning")
 
-    def check_disk(self):
-        from sftop.engine.train.resources import check_disk_space, expected_disk_bytes
+    def disk_needs(self) -> dict[str, int]:
+        from sftop.engine.train.resources import expected_disk_bytes
 
-        needs = expected_disk_bytes(
+        return expected_disk_bytes(
             trainable_params=self.info.params_trainable,
             total_params=self.info.params_total,
             save_total_limit=self.preset.train.save_total_limit,
         )
-        check_disk_space(self.run_dir.path, needs)
+
+    def disk_needed(self) -> int | None:
+        """Bytes the whole run writes, once the model is known (for a "disk full" message)."""
+        return sum(self.disk_needs().values()) if hasattr(self, "info") else None
+
+    def check_disk(self):
+        from sftop.engine.train.resources import check_disk_space
+
+        check_disk_space(self.run_dir.path, self.disk_needs())
 
     # ------------------------------------------------------------------ training
     def build_trainer(self):
@@ -558,7 +566,7 @@ def _run_locked(preset, run_dir: RunDir, resume: bool) -> int:
             return run.train()
         except Exception as exc:  # noqa: BLE001 - every outcome ends with one terminal event
             if not isinstance(exc, SftopError) and is_disk_full(exc):
-                exc = DiskFullError(run_dir.path, None)
+                exc = DiskFullError(run_dir.path, run.disk_needed())
             if isinstance(exc, SftopError):
                 print(f"sftop: error: {exc}", file=sys.stderr, flush=True)
                 reason, code = str(exc), exc.exit_code
