@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import checkpoint_offload as offload
+from . import compat
 
 ENV_SWITCH = "SFTOP_CUDA_GRAPHS"
 MAX_KEYS = 4  # captured shapes per model; later new shapes run eagerly
@@ -349,15 +350,15 @@ def no_rng_stash(model: torch.nn.Module):
     def ctx():
         swapped = []
         for m in model.modules():
-            fn = getattr(m, "_gradient_checkpointing_func", None)
-            if fn is not None and "_gradient_checkpointing_func" in m.__dict__:
+            fn = compat.checkpoint_function(m, own=True)
+            if fn is not None:
                 swapped.append((m, fn))
-                m._gradient_checkpointing_func = functools.partial(fn, preserve_rng_state=False)
+                compat.set_checkpoint_function(m, functools.partial(fn, preserve_rng_state=False))
         try:
             yield
         finally:
             for m, fn in swapped:
-                m._gradient_checkpointing_func = fn
+                compat.set_checkpoint_function(m, fn)
 
     return ctx
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import compat
 from .glu import glu_backward_inplace, glu_forward
 from .nf4 import dequantize_4bit_weight
 from .recompute import keep_for_recompute, kept_from_first_run, recomputing
@@ -201,13 +202,7 @@ def lora_mlp(x, gate, up, down, kind: int, adapter: str):
     dev = x.device.type
     # under autocast the stock layers would compute in the autocast dtype; so do we
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else compute_dtype(gate.base_layer, x)
+    (ag, bg, sg), (au, bu, su), (ad, bd, sd) = (compat.lora_weights(m, adapter) for m in (gate, up, down))
     return LoRAMLPFunction.apply(
-        x,
-        gate.lora_A[adapter].weight, gate.lora_B[adapter].weight,
-        up.lora_A[adapter].weight, up.lora_B[adapter].weight,
-        down.lora_A[adapter].weight, down.lora_B[adapter].weight,
-        (gate.base_layer, up.base_layer, down.base_layer),
-        (float(gate.scaling[adapter]), float(up.scaling[adapter]), float(down.scaling[adapter])),
-        kind,
-        dtype,
+        x, ag, bg, au, bu, ad, bd, (gate.base_layer, up.base_layer, down.base_layer), (sg, su, sd), kind, dtype,
     )

@@ -19,10 +19,11 @@ next dequantisation is queued after the GEMM that reads the previous one.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 import torch
+
+from . import compat
 
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -91,21 +92,6 @@ class _Plan:
     absmax_blocksize: int
 
 
-def _native_lib():
-    """bitsandbytes' CUDA library once its CUDA backend has declared the argument types."""
-    try:
-        import bitsandbytes.backends.cuda.ops  # noqa: F401  (sets the ctypes argtypes we rely on)
-        from bitsandbytes.cextension import lib
-    except Exception:
-        return None
-    return lib if getattr(lib, "compiled_with_cuda", False) else None
-
-
-def _has_argtypes(fn) -> bool:
-    # a 64-bit device pointer passed without declared argtypes would be truncated to a C int
-    return isinstance(fn, ctypes._CFuncPtr) and getattr(fn, "argtypes", None) is not None
-
-
 _PLAN = "_sftop_plan"
 
 
@@ -123,11 +109,11 @@ def _resolve(weight: torch.Tensor, qs) -> _Plan | None:
         return None
     if qs.quant_type not in ("nf4", "fp4") or qs.blocksize not in _BLOCKSIZES:
         return None
-    lib = _native_lib()
+    lib = compat.bnb_cuda_library()
     if lib is None:
         return None
-    weight_fn = getattr(lib, f"cdequantize_blockwise_{_DTYPE_NAMES[dtype]}_{qs.quant_type}", None)
-    if not _has_argtypes(weight_fn):
+    weight_fn = compat.bnb_c_function(lib, compat.bnb_dequantize_symbol(_DTYPE_NAMES[dtype], qs.quant_type))
+    if weight_fn is None:
         return None
     shape = torch.Size(qs.shape)
     if qs.absmax is None or not qs.absmax.is_cuda:
@@ -139,8 +125,8 @@ def _resolve(weight: torch.Tensor, qs) -> _Plan | None:
             return None
         if qs.absmax.dtype != torch.uint8 or s2.absmax.dtype != torch.float32 or s2.code.dtype != torch.float32:
             return None
-        absmax_fn = getattr(lib, "cdequantize_blockwise_fp32", None)
-        if not _has_argtypes(absmax_fn):
+        absmax_fn = compat.bnb_c_function(lib, compat.bnb_dequantize_symbol("fp32"))
+        if absmax_fn is None:
             return None
         absmax_numel, absmax_blocksize = qs.absmax.numel(), int(s2.blocksize)
     elif qs.absmax.dtype != torch.float32:
@@ -152,7 +138,7 @@ def _resolve(weight: torch.Tensor, qs) -> _Plan | None:
 def _dequantize_direct(weight: torch.Tensor, plan: _Plan) -> torch.Tensor:
     qs = weight.quant_state
     device = weight.device
-    stream = torch._C._cuda_getCurrentRawStream(device.index)
+    stream = compat.cuda_raw_stream(device.index)
     absmax = qs.absmax
     if plan.nested:
         s2 = qs.state2
