@@ -652,7 +652,8 @@ def _patch_kept_projections(model: nn.Module, spec: FamilySpec) -> str:
     """Under offloaded lean checkpointing, let each layer's first run keep its attention's q/k/v in
     host memory, so that the recomputation skips the q/k/v projections and RoPE (recompute.py
     KeptProjections): on layers whose compute hides the extra copies."""
-    from ..kept_attention import ENV_SWITCH, projections_worth_keeping
+    from ..constants import KEEP_PROJECTIONS_ENV as ENV_SWITCH
+    from ..constants import projections_worth_keeping
 
     if not spec.qkv_straight_to_rope:
         return f"stock: {spec.model_type} normalises q and k before RoPE, and that backward reads them"
