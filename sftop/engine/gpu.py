@@ -31,7 +31,7 @@ class NvmlUnavailable(Exception):
 
 
 class NvmlBackend(Protocol):
-    """The few NVML calls sftop makes. Each may raise any exception when a field is unsupported.
+    """The few NVML calls sftop makes. Each raises `pynvml.NVMLError` when a field is unsupported.
 
     `start()` raises `NvmlUnavailable` with a user-facing reason when NVML cannot be used.
     """
@@ -153,11 +153,19 @@ def default_backend() -> NvmlBackend:
 T = TypeVar("T")
 
 
+def _nvml_error() -> type[Exception]:
+    try:
+        from pynvml import NVMLError
+    except ImportError:  # then start() has already said NVML is unavailable
+        return NvmlUnavailable
+    return NVMLError
+
+
 def _maybe(fn: Callable[[], T]) -> T | None:
     """One NVML field: None when the card, driver or MIG mode does not support it."""
     try:
         return fn()
-    except Exception:
+    except _nvml_error():
         return None
 
 
@@ -318,8 +326,6 @@ def read_gpus(backend: NvmlBackend | None = None, env: dict[str, str] | None = N
         backend.start()
     except NvmlUnavailable as exc:
         return GpuStatus(reason=str(exc), cuda_visible_devices=visible)
-    except Exception as exc:  # a broken NVML must never stop sftop
-        return GpuStatus(reason=f"NVML failed ({exc}): check `nvidia-smi`", cuda_visible_devices=visible)
     count = _maybe(backend.device_count) or 0
     driver = _maybe(backend.driver_version)
     if count == 0:
@@ -356,9 +362,6 @@ def read_gpus(backend: NvmlBackend | None = None, env: dict[str, str] | None = N
     return GpuStatus(gpus=gpus, reason=note, driver_version=driver, cuda_visible_devices=visible)
 
 
-read_gpu_status = read_gpus  # the name `sftop doctor` imports
-
-
 _sample_map: tuple[str | None, list[int]] | None = None
 
 
@@ -375,7 +378,7 @@ def sample_gpus(backend: NvmlBackend | None = None, env: dict[str, str] | None =
     backend = backend or default_backend()
     try:
         backend.start()
-    except Exception:
+    except NvmlUnavailable:
         return []
     if real and _sample_map is not None and _sample_map[0] == visible:
         indices = _sample_map[1]

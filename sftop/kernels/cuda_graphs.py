@@ -288,9 +288,6 @@ class StepGraphs:
             if g is not None and g.data_ptr() in self._grad_ptrs:
                 p.grad = g.clone()
 
-    def captured_keys(self) -> int:
-        return len(self._steps)
-
 
 def _room_for_capture() -> str | None:
     """Refuse to capture unless the largest step transient seen so far fits twice beside what is

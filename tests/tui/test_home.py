@@ -23,11 +23,14 @@ async def test_empty_state_says_no_gpu_and_no_runs(no_gpu_services):
 
 
 async def test_gpu_unavailable_reason_is_shown(services):
-    services.gpu_reader = lambda: "GPU info unavailable (No module named 'pynvml')"
+    from sftop.engine.gpu import GpuStatus
+
+    reason = "nvidia-ml-py is not installed (No module named 'pynvml'): run `pip install nvidia-ml-py`"
+    services.gpu_reader = lambda: GpuStatus(gpus=[], reason=reason)
     app = SftopApp(services=services)
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_until(pilot, lambda: "No GPU" in text_of(app, "#gpus"))
-        assert "GPU info unavailable (No module named 'pynvml')" in text_of(app, "#gpus")
+        assert "nvidia-ml-py is not installed" in text_of(app, "#gpus")
 
 
 async def test_home_lists_runs_and_presets_and_attaches(services):
