@@ -26,6 +26,7 @@ from sftop.engine.supervisor import (
     process_alive,
     process_start_time,
 )
+from sftop.kernels.env import env_flag
 
 # Bytes read from the end of events.jsonl to find the latest step without parsing the whole file.
 _TAIL_BYTES = 64 * 1024
@@ -144,7 +145,7 @@ def run_in_foreground(run: RunDir, train: Callable[[], int]) -> int:
     """Run `train()` for a run that no supervisor records (`sftop run` in a terminal), recording its
     own pid and outcome in status.json so `sftop runs`, `attach` and `stop` see it as running, and
     as lost if it is killed.  Under the supervisor this just calls `train()`."""
-    if os.environ.get(SUPERVISED_ENV):
+    if env_flag(SUPERVISED_ENV, default=False):
         return train()
     pid = os.getpid()
     started = time.time()

@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -56,6 +55,7 @@ import torch
 
 from . import checkpoint_offload as offload
 from . import compat
+from .env import env_flag
 
 ENV_SWITCH = "SFTOP_CUDA_GRAPHS"
 MAX_KEYS = 4  # captured shapes per model; later new shapes run eagerly
@@ -64,7 +64,7 @@ CAPTURE_ON_SIGHTING = 2  # capture when a key is seen for the second time
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag(ENV_SWITCH, default=True)
 
 
 @dataclass

@@ -4,7 +4,6 @@ lean_recompute, checkpoint_offload, kept_projections, cuda_graphs)."""
 from __future__ import annotations
 
 import importlib
-import os
 import threading
 import types
 from dataclasses import asdict, dataclass, field
@@ -14,6 +13,7 @@ from torch import nn
 
 from .. import compat
 from .._runtime import kernels_available
+from ..env import env_flag
 from .registry import FAMILIES, FamilySpec
 
 PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "attention", "loss", "lean_recompute",
@@ -31,6 +31,8 @@ _PART = "_sftop_part"
 _GRAPHS = "_sftop_graphs"
 _OFFLOADING = "_sftop_offloading"
 _GC_MODE = "_sftop_gc_mode"
+# set to get the logits back from a training forward (the fused loss returns logits=None)
+RETURN_LOGITS_ENV = "SFTOP_RETURN_LOGITS"
 
 
 @dataclass
@@ -287,7 +289,7 @@ def _loss_forward(self, orig, *args, **kwargs):
         (labels is None and shift_labels is None)
         or kwargs.get("fused_lm_head")
         or len(args) > 1
-        or os.environ.get("SFTOP_RETURN_LOGITS", "0") not in ("", "0")
+        or env_flag(RETURN_LOGITS_ENV, default=False)
     ):
         return orig(*args, **kwargs)
     if args:
