@@ -2,7 +2,7 @@
 
 Random-init models of real shapes, random token ids with labels = inputs, LoRA r=16 on all seven
 linear layers, gradient checkpointing (non-reentrant), fused AdamW at lr 2e-4 -- the setup in
-shared/anchors.md.  Each path runs in its own subprocess so that memory peaks and patches never
+docs/peers.md.  Each path runs in its own subprocess so that memory peaks and patches never
 leak from one into the other.
 
   python benchmarks/step_bench.py --model llama-3.2-1b --batch 4 --seq 2048 --steps 10 --json out.json

@@ -30,9 +30,9 @@ def test_small_and_host_tensors_stay_where_they_are():
     assert hooks._pack(t) is t and hooks._unpack(t) is t
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer")
-def test_patch_reports_why_offload_stays_stock_without_a_gpu():
+def test_patch_reports_why_offload_stays_stock_without_a_gpu(monkeypatch):
     m = tiny_model("llama")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the answer of a machine without one
     report = K.patch_model(m)
     assert report.parts["checkpoint_offload"] == "stock: offloading to host memory needs a CUDA GPU"
     # transformers' own (blocking) offload still applies, under the lean recomputation's marking

@@ -195,7 +195,7 @@ def test_monotone_in_tokens(tokens):
 
 
 def test_peers_anchor_magnitudes():
-    """The H100 anchors (shared/anchors.md) are within 10% for the paths we can model."""
+    """The peers' measured H100 peaks (docs/peers.md) are within 10% for the paths we can model."""
     s8 = ModelShape.from_config(llama_8b())
     stock_8b = estimate(s8, Setup(checkpointing="on", kernels=False, loss="full"), 2 * 2048)
     assert stock_8b.allocated_gib == pytest.approx(23.40, rel=0.10)
