@@ -201,7 +201,7 @@ def _one(args, path: str) -> dict:
     if args.profile:
         try:
             result.update(_profile(step))
-        except Exception as exc:  # the timing above must survive a profiler problem
+        except Exception as exc:  # noqa: BLE001 - the timing above must survive a profiler problem
             result["profile_error"] = f"{type(exc).__name__}: {exc}"
     return result
 

@@ -268,7 +268,7 @@ class StepGraphs:
         nf4.ABSMAX_SCRATCH.freeze()
         try:
             step = CapturedStep(fn, inputs, slots, self._pool, self._no_rng_stash)
-        except Exception as exc:  # an uncapturable model keeps training eagerly
+        except Exception as exc:  # noqa: BLE001 - an uncapturable model keeps training eagerly
             offload.discard_pending()
             torch.cuda.synchronize()
             why = f"capture failed ({type(exc).__name__}: {str(exc)[:300]})"

@@ -177,7 +177,7 @@ def test_only_repeated_shapes_are_captured_and_padding_runs_eagerly():
     _train(m, batches, accumulate=1)
     assert _graphs(m).stats.captures == 0 and _graphs(m).stats.eager_calls == 4
     padded = _batches(4, masks=True)
-    for i, (ids, mask) in enumerate(padded):
+    for _ids, mask in padded:
         mask[0, -5:] = 0  # right padding on one row
     _train(m, padded, accumulate=1)
     assert _graphs(m).stats.captures == 0

@@ -37,8 +37,7 @@ async def test_live_run_updates_as_events_arrive(services):
     mark_alive(run)
     app = SftopApp(start="dashboard", run=run, services=services)
     async with app.run_test(size=(80, 24), notifications=True) as pilot:
-        screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
-                                  and app.screen)
+        await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed)
         await wait_until(pilot, lambda: "step 10/100" in text_of(app, "#run-status"))
         assert "running" in text_of(app, "#run-status") and "ETA 2m15s" in text_of(app, "#run-status")
         t = T0 + 20

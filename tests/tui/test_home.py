@@ -50,7 +50,7 @@ async def test_home_lists_runs_and_presets_and_attaches(services):
 
 
 async def test_runs_screen_inspects_a_run(services):
-    run = recorded_run("inspectme")
+    recorded_run("inspectme")
     app = SftopApp(start="runs", services=services)
     async with app.run_test(size=(80, 24), notifications=True) as pilot:
         await wait_until(pilot, lambda: isinstance(app.screen, RunsScreen)

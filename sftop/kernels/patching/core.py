@@ -808,6 +808,6 @@ def patch_model(model: nn.Module, *, enable: bool = True) -> PatchReport:
     for part in PARTS:
         try:
             parts[part] = _PATCHERS[part](base, spec)
-        except Exception as exc:  # a part that can't be applied must not take the others down
+        except Exception as exc:  # noqa: BLE001 - a part that can't be applied must not take the others down
             parts[part] = f"stock: patch failed ({type(exc).__name__}: {exc})"
     return PatchReport(family, parts)

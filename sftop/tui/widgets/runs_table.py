@@ -6,6 +6,7 @@ import time
 
 from rich.text import Text
 from textual.widgets import DataTable
+from textual.widgets.data_table import CellDoesNotExist
 
 from sftop.engine.runs import RunSummary
 from sftop.tui.run_state import format_number
@@ -55,6 +56,6 @@ class RunsTable(DataTable):
             return None
         try:
             key = self.coordinate_to_cell_key((self.cursor_row, 0)).row_key.value
-        except Exception:
+        except CellDoesNotExist:
             return None
         return self.summaries.get(key)
