@@ -161,10 +161,10 @@ def _nvml_error() -> type[Exception]:
     return NVMLError
 
 
-def _maybe(fn: Callable[[], T]) -> T | None:
-    """One NVML field: None when the card, driver or MIG mode does not support it."""
+def _maybe(fn: Callable[..., T], *args: Any) -> T | None:
+    """One NVML field, `fn(*args)`: None when the card, driver or MIG mode does not support it."""
     try:
-        return fn()
+        return fn(*args)
     except _nvml_error():
         return None
 
@@ -334,27 +334,27 @@ def read_gpus(backend: NvmlBackend | None = None, env: dict[str, str] | None = N
             driver_version=driver,
             cuda_visible_devices=visible,
         )
-    uuids = [_maybe(lambda i=i: backend.uuid(i)) for i in range(count)]
+    uuids = [_maybe(backend.uuid, i) for i in range(count)]
     indices, note = visible_nvml_indices(visible, uuids)
     gpus = []
     for cuda_index, i in enumerate(indices):
-        memory = _maybe(lambda i=i: backend.memory(i))
+        memory = _maybe(backend.memory, i)
         total, used = memory if memory else (None, None)
-        util = _maybe(lambda i=i: backend.utilization(i))
+        util = _maybe(backend.utilization, i)
         gpus.append(
             GpuInfo(
                 index=cuda_index,
                 nvml_index=i,
-                name=_maybe(lambda i=i: backend.name(i)) or "unknown NVIDIA GPU",
+                name=_maybe(backend.name, i) or "unknown NVIDIA GPU",
                 uuid=uuids[i],
                 memory_total_bytes=total,
                 memory_used_bytes=used,
                 memory_free_bytes=None if total is None or used is None else max(0, total - used),
                 utilization_pct=util[0] if util else None,
                 memory_utilization_pct=util[1] if util else None,
-                temperature_c=_maybe(lambda i=i: backend.temperature_c(i)),
-                power_w=_maybe(lambda i=i: backend.power_w(i)),
-                power_limit_w=_maybe(lambda i=i: backend.power_limit_w(i)),
+                temperature_c=_maybe(backend.temperature_c, i),
+                power_w=_maybe(backend.power_w, i),
+                power_limit_w=_maybe(backend.power_limit_w, i),
             )
         )
     if not gpus and note is None:
@@ -384,22 +384,22 @@ def sample_gpus(backend: NvmlBackend | None = None, env: dict[str, str] | None =
         indices = _sample_map[1]
     else:
         count = _maybe(backend.device_count) or 0
-        uuids = [_maybe(lambda i=i: backend.uuid(i)) for i in range(count)]
+        uuids = [_maybe(backend.uuid, i) for i in range(count)]
         indices, _ = visible_nvml_indices(visible, uuids)
         if real:
             _sample_map = (visible, indices)
     samples = []
     for cuda_index, i in enumerate(indices):
-        memory = _maybe(lambda i=i: backend.memory(i))
-        util = _maybe(lambda i=i: backend.utilization(i))
+        memory = _maybe(backend.memory, i)
+        util = _maybe(backend.utilization, i)
         samples.append(
             GpuSample(
                 index=cuda_index,
                 memory_used_gib=memory[1] / GIB if memory else None,
                 memory_total_gib=memory[0] / GIB if memory else None,
                 utilization_pct=util[0] if util else None,
-                temperature_c=_maybe(lambda i=i: backend.temperature_c(i)),
-                power_w=_maybe(lambda i=i: backend.power_w(i)),
+                temperature_c=_maybe(backend.temperature_c, i),
+                power_w=_maybe(backend.power_w, i),
             )
         )
     return samples

@@ -81,10 +81,9 @@ def bnb_cuda_library() -> Any | None:
 def bnb_c_function(lib: Any, name: str) -> Callable[..., Any] | None:
     """`lib.name` when it is a ctypes function with declared argument types, else None: a 64-bit
     device pointer passed without declared argtypes would be truncated to a C int."""
-    import ctypes
-
     fn = getattr(lib, name, None)
-    ok = isinstance(fn, ctypes._CFuncPtr) and getattr(fn, "argtypes", None) is not None
+    # a ctypes function (ctypes does not export its base class): callable, with declared argtypes
+    ok = callable(fn) and getattr(fn, "argtypes", None) is not None
     return fn if ok else None
 
 

@@ -20,6 +20,7 @@ next dequantisation is queued after the GEMM that reads the previous one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -81,13 +82,13 @@ ABSMAX_SCRATCH = ScratchBuffers()
 class _Plan:
     """Everything one weight's dequantisation needs, resolved once."""
 
-    weight_fn: object  # ctypes function: (code, A, absmax, out, blocksize, n, stream)
+    weight_fn: Callable[..., Any]  # ctypes function: (code, A, absmax, out, blocksize, n, stream)
     dtype: torch.dtype  # the weight's own dtype, what bitsandbytes dequantises into
     shape: torch.Size
     numel: int
     blocksize: int
     nested: bool
-    absmax_fn: object | None  # fp32 blockwise dequantisation of the nested absmax
+    absmax_fn: Callable[..., Any] | None  # fp32 blockwise dequantisation of the nested absmax
     absmax_numel: int
     absmax_blocksize: int
 
@@ -95,7 +96,7 @@ class _Plan:
 _PLAN = "_sftop_plan"
 
 
-def _plan_for(weight: torch.Tensor) -> _Plan | None:
+def _plan_for(weight: Any) -> _Plan | None:  # a bitsandbytes Params4bit
     """The direct call for `weight`, or None when bitsandbytes' Python API must be used."""
     qs = weight.quant_state
     if _PLAN not in qs.__dict__:
@@ -135,12 +136,12 @@ def _resolve(weight: torch.Tensor, qs) -> _Plan | None:
                  absmax_numel, absmax_blocksize)
 
 
-def _dequantize_direct(weight: torch.Tensor, plan: _Plan) -> torch.Tensor:
+def _dequantize_direct(weight: Any, plan: _Plan) -> torch.Tensor:
     qs = weight.quant_state
     device = weight.device
     stream = compat.cuda_raw_stream(device.index)
     absmax = qs.absmax
-    if plan.nested:
+    if plan.absmax_fn is not None:  # nested (double-quantised) statistics
         s2 = qs.state2
         absmax = ABSMAX_SCRATCH.get(device, torch.float32, plan.absmax_numel)
         plan.absmax_fn(s2.code.data_ptr(), qs.absmax.data_ptr(), s2.absmax.data_ptr(), absmax.data_ptr(),
@@ -151,7 +152,7 @@ def _dequantize_direct(weight: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return out.view(plan.shape)
 
 
-def dequantize_4bit_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_4bit_weight(weight: Any, dtype: torch.dtype) -> torch.Tensor:
     """The dense [out, in] weight of a bitsandbytes 4-bit Params4bit, in `dtype`.
 
     On a CUDA device the result lives in the shared scratch buffer (valid until the next call for

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 from sftop.engine.presets import list_presets
 from sftop.engine.runs import list_runs
+
+if TYPE_CHECKING:
+    from sftop.tui.app import SftopApp
+
+Entry = tuple[str, str, Callable[[], Any]]
 
 
 class SftopCommands(Provider):
@@ -16,9 +22,9 @@ class SftopCommands(Provider):
         worker = self.app.run_worker(self._collect, thread=True)
         self._entries = await worker.wait()
 
-    def _collect(self) -> list[tuple[str, str, object]]:
-        app = self.app
-        entries: list[tuple[str, str, object]] = [
+    def _collect(self) -> list[Entry]:
+        app = cast("SftopApp", self.app)
+        entries: list[Entry] = [
             ("New run", "Start the new-run wizard", app.action_new_run),
             ("Runs", "List every run: attach, inspect, resume, stop, export", app.action_runs),
             ("Attach to the newest run", "Open the dashboard of the newest run", app.action_attach_latest),

@@ -192,7 +192,7 @@ def lora_modules(targets: str | Iterable[str]) -> tuple[str, ...]:
     """Which of the seven projections the LoRA targets name. PEFT's "all-linear" skips lm_head."""
     if targets == "all-linear":
         return PROJECTIONS
-    names = set(targets)  # type: ignore[arg-type]
+    names = set(targets)
     return tuple(p for p in PROJECTIONS if p in names)
 
 

@@ -76,7 +76,7 @@ class DashboardScreen(Screen):
 
     @property
     def services(self):
-        return self.app.services  # type: ignore[attr-defined]
+        return self.app.services
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -157,8 +157,10 @@ class DashboardScreen(Screen):
         elif self.replayed:
             # Warnings that happen while watching (a skipped step, a smaller plan) pop up once.
             for level, text in self.state.new_messages(self._messages_seen):
-                if level in ("warning", "error"):
-                    self.notify(text, severity=level, timeout=10)
+                if level == "warning":
+                    self.notify(text, severity="warning", timeout=10)
+                elif level == "error":
+                    self.notify(text, severity="error", timeout=10)
             self._messages_seen = self.state.messages_total
         if self.state.messages:
             level, text = self.state.messages[-1]
