@@ -315,6 +315,9 @@ def test_each_bad_image_reported_with_its_row(tmp_path):
     assert found[9].startswith("image placeholders do not match the images: the messages hold 2 image placeholders")
     assert [c.source_index for c in check.conversations] == [0]
     assert structured.report.bad_rows == 9
+    # the summary groups image problems by what is wrong, whatever the file
+    kinds = structured.report.reason_counts()
+    assert kinds["image N: file … is truncated"] == 2 and kinds["image N: file … does not exist"] == 1
 
 
 def test_run_stops_only_over_max_bad_fraction(tmp_path):
