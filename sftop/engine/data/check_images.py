@@ -17,16 +17,14 @@ from sftop.engine.data.image_check import ImageCheck, ImageStats, check_structur
 from sftop.engine.data.images import GENERIC_IMAGE_RULES, ImageRules, effective_image_rules
 from sftop.engine.data.prepare import DataStats, Structured
 from sftop.engine.data.tokenize import Encoded, Encoder, trained_spans
-from sftop.engine.data.vision_rows import count_images, dataset_base_dir, find_image_column
+from sftop.engine.data.vision_rows import count_images, dataset_base_dir, is_image_dataset
 
 ImageTokens = Callable[[int, int], int]
 Size = tuple[int, int]
 
 
 def has_images(structured: Structured) -> bool:
-    return find_image_column(structured.raw.columns) is not None or any(
-        count_images(c) for c in structured.conversations
-    )
+    return is_image_dataset(structured.raw.columns, structured.conversations)
 
 
 @dataclass
