@@ -155,18 +155,26 @@ def read_vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
 
 
 def _spm_scores(tokens: list[str], types: list[int], merges: list[str]) -> list[float]:
+    """Scores in (-3, -1]: a piece made by merge number r scores -(1 + r/len(merges)), single characters
+    score below every merged piece.
+
+    llama.cpp merges the adjacent pair whose result scores highest, so only the order matters to it,
+    and this order is the merges' own. Keeping every score near -1 as well makes a reader that picks
+    the highest-scoring segmentation instead (transformers' Gemma reader) prefer the same few long
+    pieces that the merges produce, rather than many short early ones.
+    """
     rank = {}
     for r, merge in enumerate(merges):
         rank.setdefault(merge.replace(" ", ""), r)
-    floor = float(len(merges))
+    merged, size = float(max(len(merges), 1)), float(len(tokens))
     scores = []
     for i, (token, kind) in enumerate(zip(tokens, types)):
         if kind != TokenType.NORMAL:
             scores.append(0.0)
         elif token in rank:
-            scores.append(-float(rank[token]))
+            scores.append(-(1.0 + rank[token] / merged))
         else:
-            scores.append(-(floor + i))
+            scores.append(-(2.0 + i / size))
     return scores
 
 

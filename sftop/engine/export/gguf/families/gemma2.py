@@ -12,12 +12,12 @@ from gguf import MODEL_TENSOR as T
 
 from sftop.engine.export.gguf.families.base import LAYER_TENSORS, Family
 
-NORMS = (T.ATTN_NORM, T.ATTN_POST_NORM, T.FFN_NORM, T.FFN_POST_NORM, T.OUTPUT_NORM, T.ATTN_Q_NORM, T.ATTN_K_NORM)
+NORMS = (T.ATTN_NORM, T.ATTN_POST_NORM, T.FFN_PRE_NORM, T.FFN_POST_NORM, T.OUTPUT_NORM, T.ATTN_Q_NORM, T.ATTN_K_NORM)
 
 GEMMA_LAYER_TENSORS = {
     **LAYER_TENSORS,
     "post_attention_layernorm": T.ATTN_POST_NORM,
-    "pre_feedforward_layernorm": T.FFN_NORM,
+    "pre_feedforward_layernorm": T.FFN_PRE_NORM,
     "post_feedforward_layernorm": T.FFN_POST_NORM,
 }
 
