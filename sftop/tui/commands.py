@@ -36,6 +36,8 @@ class SftopCommands(Provider):
             if summary.run.adapter.is_dir():
                 entries.append((f"Export {summary.name}", "write its LoRA adapter for use elsewhere",
                                 partial(self._export, summary.run)))
+                entries.append((f"Export {summary.name} to GGUF", "merge and write one file for llama.cpp / Ollama",
+                                partial(self._export_gguf, summary.run)))
         for info in list_presets():
             entries.append((f"Re-run preset {info.name}", info.description or info.origin,
                             partial(app.new_run, preset=info.name, jump_to_plan=True)))
@@ -66,6 +68,11 @@ class SftopCommands(Provider):
 
         self.app.notify(f"Exporting {run.name}…")
         self.app.run_worker(export, thread=True, exit_on_error=False, description="export a run")
+
+    def _export_gguf(self, run) -> None:
+        from sftop.tui.screens.gguf_export import GgufExportScreen
+
+        self.app.push_screen(GgufExportScreen(run))
 
     def _stop(self, run) -> None:
         from sftop.tui.screens.confirm import ConfirmScreen

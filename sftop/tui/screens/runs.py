@@ -53,6 +53,7 @@ class RunsScreen(Screen):
         Binding("u", "resume", "Resume"),
         Binding("s", "stop", "Stop"),
         Binding("e", "export", "Export"),
+        Binding("g", "export_gguf", "GGUF"),
         Binding("escape", "app.pop_screen", "Back"),
         Binding("q", "app.request_quit", "Quit", show=False),
     ]
@@ -141,6 +142,17 @@ class RunsScreen(Screen):
             return
         self.notify(f"Exporting {run.name}…")
         self.export(run)
+
+    def action_export_gguf(self) -> None:
+        from sftop.tui.screens.gguf_export import GgufExportScreen
+
+        run = self.selected
+        if run is None:
+            return
+        if not run.run.adapter.is_dir() and not run.run.complete_checkpoints():
+            self.notify(f"{run.name} has no adapter or checkpoint to export yet", severity="warning")
+            return
+        self.app.push_screen(GgufExportScreen(run.run))
 
     @work(thread=True, exit_on_error=False, group="export", description="export a run")
     def export(self, run: RunSummary) -> None:
