@@ -302,3 +302,35 @@ def test_cli_exports_gguf_with_q8_0_by_default(demo_run, tmp_path, capsys):
     assert (tmp_path / "cli" / f"{demo_run.name}-q8_0.gguf").is_file()
     assert "llama-cli -m" in printed.out and "ollama create" in printed.out
     assert "writing 100%" in printed.err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB file system (tmpfs), where this machine lets the tests mount one."""
+    import subprocess
+
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip() or 'mount failed'})")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_too_small_disk_is_refused_before_writing(demo_run, small_disk):
+    with pytest.raises(SftopError, match="Not enough free disk space"):
+        export_gguf(demo_run, "f16", out=small_disk / "out")
+    assert list(small_disk.iterdir()) == []
+
+
+def test_disk_filling_up_mid_file_removes_it(demo_run, small_disk, monkeypatch):
+    # The space check passes (as when another program fills the disk during the export); the real
+    # file system then runs out part-way through the 1.7 MB file.
+    monkeypatch.setattr("sftop.engine.train.resources.check_disk_space", lambda *a, **k: 0)
+    with pytest.raises(SftopError, match="disk filled up"):
+        export_gguf(demo_run, "f16", out=small_disk / "out")
+    assert list(small_disk.iterdir()) == []

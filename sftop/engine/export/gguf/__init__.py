@@ -86,7 +86,7 @@ def export_gguf(run, kind: str = DEFAULT_KIND, out: Path | None = None,
         (tmp / "README.md").write_text(_readme(name))
         return _finish(tmp, out)
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
+        if _disk_full(exc, tmp):
             raise SftopError(f"The disk filled up while writing the GGUF file; the partial file was removed",
                              where=str(out.parent),
                              hint="Free some space (or pass --out on another disk) and export again") from None
@@ -94,6 +94,17 @@ def export_gguf(run, kind: str = DEFAULT_KIND, out: Path | None = None,
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _disk_full(exc: OSError, where: Path) -> bool:
+    """ENOSPC, or numpy's short write (`N requested and M written`, no errno) on a file system with
+    nothing left: how a full disk shows while tensors are written."""
+    if exc.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _base_config_and_tokenizer(run_dir, adapter: Path):
