@@ -69,7 +69,7 @@ def export_gguf(run, kind: str = DEFAULT_KIND, out: Path | None = None,
             check_disk_space(tmp, {f"GGUF file ({kind})": need})
             report("merge", 0, 1)
 
-        model, _ = load_merged(run_dir, adapter, before_merge=room)
+        model, _ = load_merged(run_dir, adapter, before_merge=room, dtype=_merge_dtype(run_dir, config))
         name = f"{run_dir.name}-{kind}.gguf"
         written = tmp / (f"{run_dir.name}-f16.gguf" if quantizer else name)
         total = planned_bytes(family, model.config, model.state_dict(), write_kind)
@@ -94,6 +94,18 @@ def export_gguf(run, kind: str = DEFAULT_KIND, out: Path | None = None,
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _merge_dtype(run_dir, config) -> str | None:
+    """With `model.dtype = "auto"`, merge in the checkpoint's own 16-bit type rather than float32:
+    an 8B model then needs 16 GB of RAM, not 32, and the file is 16-bit (or less) anyway."""
+    from sftop.engine.presets import load_preset
+
+    preset, _ = load_preset(run_dir.preset)
+    if preset.model.dtype != "auto":
+        return None
+    stored = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "")
+    return {"torch.bfloat16": "bf16", "bfloat16": "bf16", "torch.float16": "fp16", "float16": "fp16"}.get(stored)
 
 
 def _disk_full(exc: OSError, where: Path) -> bool:
