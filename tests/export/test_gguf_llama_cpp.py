@@ -60,7 +60,7 @@ def test_llama_cpp_tokenizes_like_the_model(exported):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(text)["input_ids"]
 
 
-@pytest.mark.parametrize("kind, tolerance", [("f16", 2e-3), ("q8_0", 3e-2)])
+@pytest.mark.parametrize("kind, tolerance", [("f16", 2e-3), ("q8_0", 5e-2)])
 def test_llama_cpp_logits_and_greedy_tokens_match_transformers(exported, kind, tolerance):
     files, merged, tokenizer = exported
     reference = _f16_weights(merged) if kind == "f16" else merged
