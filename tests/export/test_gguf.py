@@ -132,7 +132,7 @@ def test_each_family_reads_back_in_transformers(gguf_home, family, tmp_path):
     with torch.no_grad():  # the file holds the merged model, not the base one
         assert _relative_error(merged(ids).logits, base(ids).logits) > 1e-2
 
-    fields, tensors = _fields(out / f"run-f16.gguf")
+    fields, tensors = _fields(out / "run-f16.gguf")
     tied = family in ("qwen2", "qwen3", "gemma2", "gemma3_text")
     assert ("output.weight" in tensors) is not tied
     assert len(fields["tokenizer.ggml.tokens"]) == merged.config.vocab_size  # padded past the tokenizer

@@ -10,7 +10,6 @@ a failure at any point, a full disk included, leaves nothing half-written behind
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -38,7 +37,7 @@ def export_gguf(run, kind: str = DEFAULT_KIND, out: Path | None = None,
     from sftop.engine.export.gguf import kquants, ollama
     from sftop.engine.export.gguf.families import family_for
     from sftop.engine.export.gguf.tokenizer import read_vocabulary
-    from sftop.engine.export.gguf.writer import planned_bytes, write_gguf
+    from sftop.engine.export.gguf.writer import write_gguf
 
     kind = kind.lower()
     if kind not in GGUF_KINDS:
@@ -72,9 +71,8 @@ def export_gguf(run, kind: str = DEFAULT_KIND, out: Path | None = None,
         model, _ = load_merged(run_dir, adapter, before_merge=room, dtype=_merge_dtype(run_dir, config))
         name = f"{run_dir.name}-{kind}.gguf"
         written = tmp / (f"{run_dir.name}-f16.gguf" if quantizer else name)
-        total = planned_bytes(family, model.config, model.state_dict(), write_kind)
         write_gguf(written, model, vocab, family, write_kind, run_dir.name,
-                   progress=lambda done, _total: report("write", done, total))
+                   progress=lambda done, total: report("write", done, total))
         del model
         if quantizer:
             report("quantize", 0, 1)
@@ -87,7 +85,7 @@ def export_gguf(run, kind: str = DEFAULT_KIND, out: Path | None = None,
         return _finish(tmp, out)
     except OSError as exc:
         if _disk_full(exc, tmp):
-            raise SftopError(f"The disk filled up while writing the GGUF file; the partial file was removed",
+            raise SftopError("The disk filled up while writing the GGUF file; the partial file was removed",
                              where=str(out.parent),
                              hint="Free some space (or pass --out on another disk) and export again") from None
         raise

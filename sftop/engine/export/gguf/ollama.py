@@ -58,7 +58,7 @@ def chat_format(jinja_template: str | None) -> ChatFormat | None:
 
 def modelfile(gguf_name: str, jinja_template: str | None, eos_token: str | None) -> str:
     fmt = chat_format(jinja_template)
-    lines = [f"# Ollama: `ollama create NAME -f Modelfile`, then `ollama run NAME`.", f"FROM ./{gguf_name}", ""]
+    lines = ["# Ollama: `ollama create NAME -f Modelfile`, then `ollama run NAME`.", f"FROM ./{gguf_name}", ""]
     if fmt is not None:
         escaped = fmt.go_template.replace('"""', '\\"\\"\\"')
         lines += [f"# The {fmt.name} chat format of the model's chat template.", f'TEMPLATE """{escaped}"""', ""]

@@ -22,11 +22,6 @@ from sftop.engine.export.gguf.tokenizer import Vocabulary, write_vocabulary
 Progress = Callable[[int, int], None]
 
 
-def planned_bytes(family: Family, config, state_dict, kind: str) -> int:
-    return sum(stored_bytes(tuple(p.source.shape), storage_type(tuple(p.source.shape), kind))
-               for p in family.plan(config, state_dict))
-
-
 def write_gguf(path: Path, model, vocab: Vocabulary, family: Family, kind: str, name: str,
                progress: Progress | None = None) -> None:
     """Write `model` to `path` (which the caller removes if this raises)."""
