@@ -60,24 +60,42 @@ def test_llama_cpp_tokenizes_like_the_model(exported):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(text)["input_ids"]
 
 
-@pytest.mark.parametrize("kind, tolerance", [("f16", 2e-3), ("q8_0", 5e-2)])
-def test_llama_cpp_logits_and_greedy_tokens_match_transformers(exported, kind, tolerance):
-    files, merged, tokenizer = exported
-    reference = _f16_weights(merged) if kind == "f16" else merged
-    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_dict=True)["input_ids"]
-    llm = _llama(files[kind])
-    llm.eval(ids)
-    got = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
-    with torch.no_grad():
-        expected = reference(torch.tensor([ids])).logits[0]
-        error = ((expected - got).abs().max() / expected.abs().max()).item()
-        assert error < tolerance, error
-        greedy = reference.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                    eos_token_id=None, pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+def _llama_cpp_greedy(llm, ids: list[int]) -> list[int]:
     llm.reset()
     generated = []
     for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
         generated.append(token)
         if len(generated) == NEW_TOKENS:
             break
-    assert generated == greedy
+    return generated
+
+
+@pytest.mark.parametrize("kind, tolerance", [("f16", 2e-3), ("q8_0", 5e-2)])
+def test_llama_cpp_logits_and_greedy_tokens_match_transformers(exported, kind, tolerance):
+    files, merged, tokenizer = exported
+    # The same weights in both: the merged model rounded to f16, or transformers' reading of the
+    # q8_0 file (its int8 blocks dequantized).
+    reference = _f16_weights(merged) if kind == "f16" else AutoModelForCausalLM.from_pretrained(
+        files[kind].parent, gguf_file=files[kind].name, dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_dict=True)["input_ids"]
+    llm = _llama(files[kind])
+    llm.eval(ids)
+    got = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
+    generated = _llama_cpp_greedy(llm, ids)
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0]
+        error = ((expected - got).abs().max() / expected.abs().max()).item()
+        assert error < tolerance, error
+        greedy = reference.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                    eos_token_id=None, pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        along = reference(torch.tensor([ids + generated])).logits[0, len(ids) - 1:-1]
+    if kind == "f16":
+        assert generated == greedy
+        return
+    # llama.cpp multiplies q8_0 weights by int8-quantized activations, transformers by float ones:
+    # where two tokens are within a hair of each other (this random-adapter model has such steps)
+    # the pick may differ. Every pick must still be transformers' best or tie with it, step by step
+    # along llama.cpp's own continuation, and the clear first choice must agree.
+    assert generated[0] == greedy[0]
+    gaps = [(row.max() - row[token]).item() for row, token in zip(along, generated)]
+    assert max(gaps) < 0.05, gaps
