@@ -335,3 +335,15 @@ def test_disk_filling_up_mid_file_removes_it(demo_run, small_disk, monkeypatch):
     with pytest.raises(SftopError, match="disk filled up"):
         export_gguf(demo_run, "f16", out=small_disk / "out")
     assert list(small_disk.iterdir()) == []
+
+
+def test_mistral_with_a_short_sliding_window_is_refused_before_any_work(gguf_home, tmp_path, monkeypatch):
+    tokenizer = family_tokenizer("mistral")
+    model = family_model("mistral", tokenizer)
+    model.config.sliding_window = 64  # shorter than its 256-token context
+    run = make_run(tmp_path / "run", tmp_path / "base", model, tokenizer)
+    _refused_before_loading(monkeypatch)
+    with pytest.raises(SftopError, match="sliding window of 64 tokens") as info:
+        export_gguf(run, out=tmp_path / "out")
+    assert info.value.where == "config.json: sliding_window"
+    _nothing_left(tmp_path)

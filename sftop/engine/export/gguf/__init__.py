@@ -51,6 +51,7 @@ def export_gguf(run, kind: str = DEFAULT_KIND, out: Path | None = None,
     quantizer = kquants.find_quantizer(kind) if kind in K_QUANTS else None
     config, tokenizer = _base_config_and_tokenizer(run_dir, adapter)
     family = family_for(config)
+    family.validate(config)
     vocab = read_vocabulary(tokenizer, config.vocab_size)
     out = Path(out).expanduser() if out else default_out(run_dir, kind)
     _prepare_out(out)

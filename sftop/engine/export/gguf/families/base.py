@@ -87,6 +87,11 @@ class Family:
         writer.add_vocab_size(config.vocab_size)
         self.check_rope_scaling(config)
 
+    def validate(self, config) -> None:
+        """Raise now what `write_hparams` would raise later (e.g. an unsupported rope scaling),
+        by writing the hyper-parameters into a writer that has no file."""
+        self.write_hparams(gguf.GGUFWriter(None, self.arch_name), config)
+
     def check_rope_scaling(self, config) -> None:
         params = getattr(config, "rope_parameters", None) or {}
         kind = params.get("rope_type", "default")
