@@ -138,8 +138,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sftop.engine.runs import find_run
 
     run = find_run(args.run_dir)
+    if args.gguf:
+        return _export_gguf(run, args)
     out = export_run(run, merged=args.merged, out=Path(args.out).expanduser() if args.out else None)
     _out(f"sftop: {'merged model' if args.merged else 'adapter'} written to {out}")
+    return 0
+
+
+def _export_gguf(run, args: argparse.Namespace) -> int:
+    from sftop.engine.export.gguf import export_gguf
+
+    if args.merged:
+        raise SftopError("--gguf always merges the adapter; --merged is for a Hugging Face model directory",
+                         where="--merged", hint="Drop --merged, or drop --gguf")
+    shown = {"phase": None, "tenth": -1}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        tenth = done * 10 // max(total, 1)
+        if phase != shown["phase"] or (phase == "write" and tenth != shown["tenth"]):
+            label = {"load": "loading the base model", "merge": "merging the adapter",
+                     "write": f"writing {tenth * 10}%", "quantize": "quantizing with llama-quantize"}[phase]
+            print(f"sftop: {label}", file=sys.stderr, flush=True)
+            shown.update(phase=phase, tenth=tenth)
+
+    out = export_gguf(run, kind=args.gguf, out=Path(args.out).expanduser() if args.out else None, progress=progress)
+    gguf_file = next(out.glob("*.gguf"))
+    _out(f"sftop: GGUF written to {gguf_file}\n"
+         f"  llama.cpp: llama-cli -m {gguf_file} -cnv\n"
+         f"  Ollama:    ollama create {run.path.name.lower()} -f {out / 'Modelfile'}")
     return 0
 
 
@@ -249,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--merged", action="store_true", help="merge the adapter into the base model")
     p.add_argument("--out", help="output directory (default: inside the run directory)")
+    p.add_argument("--gguf", nargs="?", const="q8_0", metavar="TYPE",
+                   help="merge and write one GGUF file for llama.cpp/Ollama: f16, bf16, q8_0 (default), "
+                        "or a K-quant such as q4_k_m (needs llama.cpp's llama-quantize on PATH)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("runs", help="list runs")

@@ -42,10 +42,17 @@ class SftopCommands(Provider):
             if summary.run.adapter.is_dir():
                 entries.append((f"Export {summary.name}", "write its LoRA adapter for use elsewhere",
                                 partial(app.export_run, summary.run)))
+                entries.append((f"Export {summary.name} to GGUF", "merge and write one file for llama.cpp / Ollama",
+                                partial(self._export_gguf, summary.run)))
         for info in list_presets():
             entries.append((f"Re-run preset {info.name}", info.description or info.origin,
                             partial(app.new_run, preset=info.name, jump_to_plan=True)))
         return entries
+
+    def _export_gguf(self, run) -> None:
+        from sftop.tui.screens.gguf_export import GgufExportScreen
+
+        self.app.push_screen(GgufExportScreen(run))
 
     async def discover(self) -> Hits:
         for name, help_text, callback in self._entries[:12]:

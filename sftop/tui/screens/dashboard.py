@@ -62,6 +62,7 @@ class DashboardScreen(Screen):
         Binding("s", "stop", "Stop run"),
         Binding("d,escape", "detach", "Detach"),
         Binding("q", "app.request_quit", "Quit"),
+        Binding("g", "export_gguf", "GGUF", show=False),
     ]
 
     def __init__(self, run: RunDir):
@@ -283,6 +284,14 @@ class DashboardScreen(Screen):
             return
 
         self.app.stop_run(self.run)  # type: ignore[attr-defined]
+
+    def action_export_gguf(self) -> None:
+        from sftop.tui.screens.gguf_export import GgufExportScreen
+
+        if self.status in ACTIVE_STATUSES:
+            self.notify(f"The run is {self.status}: export it to GGUF once it has finished", severity="warning")
+            return
+        self.app.push_screen(GgufExportScreen(self.run))
 
     def action_detach(self) -> None:
         self.app.action_detach()  # type: ignore[attr-defined]

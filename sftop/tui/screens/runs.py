@@ -51,6 +51,7 @@ class RunsScreen(Screen):
         Binding("u", "resume", "Resume"),
         Binding("s", "stop", "Stop"),
         Binding("e", "export", "Export"),
+        Binding("g", "export_gguf", "GGUF"),
         Binding("escape", "app.pop_screen", "Back"),
         Binding("q", "app.request_quit", "Quit", show=False),
     ]
@@ -123,3 +124,14 @@ class RunsScreen(Screen):
             self.notify(f"{run.name} has no adapter or checkpoint to export yet", severity="warning")
             return
         self.app.export_run(run.run)  # type: ignore[attr-defined]
+
+    def action_export_gguf(self) -> None:
+        from sftop.tui.screens.gguf_export import GgufExportScreen
+
+        run = self.selected
+        if run is None:
+            return
+        if not run.run.adapter.is_dir() and not run.run.complete_checkpoints():
+            self.notify(f"{run.name} has no adapter or checkpoint to export yet", severity="warning")
+            return
+        self.app.push_screen(GgufExportScreen(run.run))

@@ -80,13 +80,28 @@ def export_run(run, merged: bool = False, out: Path | None = None) -> Path:
 
 
 def _write_merged(run_dir: RunDir, adapter: Path, tmp: Path) -> None:
+    from sftop.engine.train.resources import check_disk_space
+
+    def room(params: int, itemsize: int) -> None:
+        check_disk_space(tmp, {"merged model": params * itemsize})
+
+    model, tokenizer = load_merged(run_dir, adapter, before_merge=room)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+
+
+def load_merged(run_dir: RunDir, adapter: Path, before_merge=None, dtype: str | None = None):
+    """The base model with the run's adapter merged in, and the run's tokenizer.
+
+    `before_merge(params, itemsize)` runs once the base is loaded and before the merge, so a caller
+    can refuse (e.g. for want of disk) before the slow part. `dtype` overrides the preset's.
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from sftop.engine.models.tokenizer import hub_call, load_tokenizer
     from sftop.engine.presets import load_preset
-    from sftop.engine.train.resources import check_disk_space
 
     if not run_dir.preset.is_file():
         raise SftopError(f"{run_dir.preset} is missing, so the base model is unknown", where=str(run_dir.path),
@@ -94,7 +109,7 @@ def _write_merged(run_dir: RunDir, adapter: Path, tmp: Path) -> None:
     preset, _ = load_preset(run_dir.preset)
     section = preset.model
     # Merge into 16-bit (or fp32) weights even after QLoRA: a merged NF4 model would lose precision twice.
-    dtype = section.dtype if section.dtype in _DTYPES else "fp32"
+    dtype = dtype or (section.dtype if section.dtype in _DTYPES else "fp32")
 
     def load(source, local_files_only):
         return AutoModelForCausalLM.from_pretrained(
@@ -103,14 +118,13 @@ def _write_merged(run_dir: RunDir, adapter: Path, tmp: Path) -> None:
         )
 
     base = hub_call(section, "model", load)
-    params = sum(p.numel() for p in base.parameters())
-    check_disk_space(tmp, {"merged model": params * base.dtype.itemsize})
+    if before_merge is not None:
+        before_merge(sum(p.numel() for p in base.parameters()), base.dtype.itemsize)
     model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    model.save_pretrained(tmp)
-    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else None
-    if tokenizer_dir is not None:
+    if (adapter / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(adapter)
     else:
-        load_tokenizer(section).save_pretrained(tmp)
+        tokenizer = load_tokenizer(section)
+    return model.eval(), tokenizer
