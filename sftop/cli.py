@@ -151,7 +151,7 @@ def _export_gguf(run, args: argparse.Namespace) -> int:
     if args.merged:
         raise SftopError("--gguf always merges the adapter; --merged is for a Hugging Face model directory",
                          where="--merged", hint="Drop --merged, or drop --gguf")
-    shown = {"phase": None, "tenth": -1}
+    shown: dict[str, object] = {"phase": None, "tenth": -1}
 
     def progress(phase: str, done: int, total: int) -> None:
         tenth = done * 10 // max(total, 1)

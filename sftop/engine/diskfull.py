@@ -40,7 +40,10 @@ def is_disk_full(exc: BaseException) -> bool:
         text = str(exc).lower()
         if any(t in text for t in _FULL_TEXT):
             return True
-        exc = exc.__cause__ or exc.__context__
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None:
+            return False
+        exc = nxt
     return False
 
 

@@ -141,7 +141,8 @@ class RunState:
 
     def _on_resumed(self, r: dict[str, Any]) -> None:
         # Steps after the checkpoint were logged by the attempt that died; they are trained again.
-        step = r.get("step") if isinstance(r.get("step"), int) else 0
+        raw = r.get("step")
+        step = raw if isinstance(raw, int) else 0
         for series in (self.loss, self.tokens_per_s, self.eval_loss):
             series.drop_after(step)
         self.step = step

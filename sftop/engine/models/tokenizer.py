@@ -63,7 +63,7 @@ def hub_call(model_section, what: str, load):
     if source != name or Path(source).is_dir():
         try:
             return load(source, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001 - sorted below: damaged weights, or a plain read error
+        except Exception as exc:
             if _damaged_weights(exc):
                 raise _damaged_error(source, what, exc, hint=f"Copy or download the model to {source} again") from None
             if not isinstance(exc, (OSError, ValueError)):
@@ -76,7 +76,7 @@ def hub_call(model_section, what: str, load):
             raise _damaged_error(name, what, exc, hint=f"Download it again: `huggingface-cli download {name} "
                                                        "--force-download`") from None
         pass  # not (fully) in the local cache
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if not _damaged_weights(exc):
             raise
         raise _damaged_error(name, what, exc, hint=f"Download it again: `huggingface-cli download {name} "

@@ -364,7 +364,7 @@ class _Run:
                 break
             except torch.cuda.OutOfMemoryError as exc:
                 oom = (str(exc).splitlines() or ["out of memory"])[0][:200]
-            except Exception as exc:  # noqa: BLE001 - only a checkpoint that would not load is retried
+            except Exception as exc:
                 if checkpoint is None or not _while_loading(exc):
                     raise
                 unloadable.add(checkpoint)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -44,7 +45,7 @@ class GgufProgress(Message):
 
 @dataclass
 class GgufDone(Message):
-    out: object | None  # the export directory, or None on failure
+    out: Path | None  # the export directory, or None on failure
     error: str | None = None
 
 

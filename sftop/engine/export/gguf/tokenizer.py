@@ -154,7 +154,7 @@ def read_vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
     return vocab
 
 
-def _spm_scores(tokens: list[str], types: list[int], merges: list[str]) -> list[float]:
+def _spm_scores(tokens: list[str], types: list[TokenType], merges: list[str]) -> list[float]:
     """Scores in (-3, -1]: a piece made by merge number r scores -(1 + r/len(merges)), single characters
     score below every merged piece.
 
@@ -163,7 +163,7 @@ def _spm_scores(tokens: list[str], types: list[int], merges: list[str]) -> list[
     the highest-scoring segmentation instead (transformers' Gemma reader) prefer the same few long
     pieces that the merges produce, rather than many short early ones.
     """
-    rank = {}
+    rank: dict[str, int] = {}
     for r, merge in enumerate(merges):
         rank.setdefault(merge.replace(" ", ""), r)
     merged, size = float(max(len(merges), 1)), float(len(tokens))

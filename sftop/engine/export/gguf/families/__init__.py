@@ -18,7 +18,7 @@ BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in fam
 def family_for(config) -> Family:
     """The family for a model's config, or an error naming what is supported (before any work)."""
     model_type = getattr(config, "model_type", None)
-    family = BY_MODEL_TYPE.get(model_type)
+    family = BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
     if family is not None:
         return family
     supported = ", ".join(sorted(BY_MODEL_TYPE))
