@@ -10,7 +10,9 @@ from typing import Any
 from sftop.engine.models.vision.family import VisionFamily
 
 # module names under sftop.engine.models.vision.families, one line per family
-FAMILY_MODULES: tuple[str, ...] = ()
+FAMILY_MODULES: tuple[str, ...] = (
+    "qwen2_vl",
+)
 
 
 def all_families() -> dict[str, VisionFamily]:
