@@ -12,6 +12,7 @@ from sftop.engine.models.vision.family import VisionFamily
 # module names under sftop.engine.models.vision.families, one line per family
 FAMILY_MODULES: tuple[str, ...] = (
     "qwen2_vl",
+    "gemma3",
 )
 
 
