@@ -28,3 +28,14 @@ def test_gemma3_marks_image_tokens_for_bidirectional_attention():
     # token_type_ids (1 on soft tokens) is what makes Gemma 3 attend within an image both ways
     assert batch["token_type_ids"][0].tolist() == [int(t == soft) for t in batch["input_ids"][0].tolist()]
     assert batch["pixel_values"].shape == (2, 3, 32, 32)  # every image at the tower's square input
+
+
+def test_qwen_follows_a_preset_budget_larger_than_the_default():
+    import dataclasses
+
+    fam, proc = family("qwen2_vl"), family("qwen2_vl").offline_processor()
+    rules = dataclasses.replace(fam.image_rules, max_pixels=600 * 28 * 28)
+    img = image("qwen2_vl", 20, 30)  # 600 blocks: over the default budget of 512, within this one
+    batch = VisionCollator(fam, proc, rules=rules)([single(img)])
+    assert batch["image_grid_thw"].tolist() == [[1, 60, 40]]
+    assert fam.image_token_count(proc, *img.size) == 600 + 2

@@ -89,6 +89,12 @@ class VisionFamily(ABC):
 
         return AutoModelForImageTextToText
 
+    def configure_processor(self, processor: Any, rules: ImageRules) -> None:
+        """Set the processor's own image budget to `rules` (the loader and the collator call this
+        once), so that it keeps the sizes the data layer chose and `image_token_count` /
+        `image_expansion`, which read the processor's state, match what it emits. Nothing to do for
+        families whose tower takes a fixed size."""
+
     def processor_kwargs(self, rules: ImageRules) -> Mapping[str, Any]:
         """Keyword arguments for the processor's call so that it keeps the images at the sizes the
         data layer already chose (no second resize). Empty by default."""
