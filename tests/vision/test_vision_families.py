@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from vision_family_rows import END_OF_TURN, FAMILY_NAMES, family, image, model, processor, rows, single
+from vision_family_rows import ASSISTANT_PREFIX, END_OF_TURN, FAMILY_NAMES, family, image, model, processor, rows, single
 
 from sftop.engine.data.formats import RowError
 from sftop.engine.data.tokenize import IGNORE_INDEX, trained_spans
@@ -72,7 +72,8 @@ def test_labels_are_exactly_the_assistant_turns(name, kind):
     assert all(label in (IGNORE_INDEX, t) for t, label in zip(row.input_ids, row.labels))
     eot = END_OF_TURN[name]
     trained = [text for text, is_trained in trained_spans(tok, row.input_ids, row.labels) if is_trained]
-    assert trained == [m.text_content + eot for m in conv.messages if m.role == "assistant"]
+    prefix = ASSISTANT_PREFIX.get(name, "")
+    assert trained == [prefix + m.text_content + eot for m in conv.messages if m.role == "assistant"]
     # no image token is ever trained, and the prompts are all in the untrained part
     image_ids = VisionCollator.image_token_ids(fam, proc)
     assert not image_ids & {label for label in row.labels if label != IGNORE_INDEX}

@@ -39,3 +39,24 @@ def test_qwen_follows_a_preset_budget_larger_than_the_default():
     batch = VisionCollator(fam, proc, rules=rules)([single(img)])
     assert batch["image_grid_thw"].tolist() == [[1, 60, 40]]
     assert fam.image_token_count(proc, *img.size) == 600 + 2
+
+
+@pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
+def test_tiled_families_cut_tiles_by_aspect_ratio_within_the_budget(name):
+    import dataclasses
+
+    fam = family(name)
+    proc = fam.offline_processor()
+    collator = VisionCollator(fam, proc)  # default budget: 2 tiles (Idefics3) / 3 tiles (SmolVLM) a side
+    tiles = 2 if name == "idefics3" else 3
+    tile = proc.image_processor.max_image_size["longest_edge"]
+    assert proc.image_processor.size["longest_edge"] == tiles * tile
+    batch = collator([single(image(name, 4, 1))])  # 4:1, so one row of tiles
+    seq = proc.image_seq_len
+    assert batch["pixel_values"].shape[1] == tiles + 1  # the tiles and the global view
+    assert fam.image_token_count(proc, 112, 28) == tiles * (seq + 2) + seq + 3
+    assert batch["pixel_attention_mask"].shape[-2:] == (tile, tile)
+    # a one-tile budget leaves only the global view
+    small = dataclasses.replace(fam.image_rules, max_pixels=fam.image_rules.patch_multiple**2)
+    VisionCollator(fam, proc, rules=small)
+    assert fam.image_token_count(proc, 112, 28) == seq + 3

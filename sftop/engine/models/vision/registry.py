@@ -14,6 +14,8 @@ FAMILY_MODULES: tuple[str, ...] = (
     "qwen2_vl",
     "gemma3",
     "qwen2_5_vl",
+    "idefics3",
+    "smolvlm",
 )
 
 
