@@ -60,3 +60,18 @@ def test_tiled_families_cut_tiles_by_aspect_ratio_within_the_budget(name):
     small = dataclasses.replace(fam.image_rules, max_pixels=fam.image_rules.patch_multiple**2)
     VisionCollator(fam, proc, rules=small)
     assert fam.image_token_count(proc, 112, 28) == seq + 3
+
+
+def test_llava_next_counts_depend_on_size_and_the_model_gets_image_sizes():
+    fam, proc = family("llava_next"), processor("llava_next")
+    sizes = [(28, 84), (84, 28), (56, 56)]
+    counts = {fam.image_token_count(proc, w, h) for w, h in sizes}
+    assert len(counts) > 1  # anyres: the grid follows the aspect ratio
+    batch = VisionCollator(fam, proc)([single(image("llava_next", w // 14, h // 14)) for w, h in sizes])
+    assert batch["image_sizes"].tolist() == [[h, w] for w, h in sizes]
+
+
+@pytest.mark.parametrize("name,expected", [("llava", "llama"), ("llava_next", "mistral"), ("qwen2_vl", "qwen2")])
+def test_language_model_type_follows_the_checkpoints_text_model(name, expected):
+    fam = family(name)
+    assert fam.language_model_type_for(fam.tiny_config()) == expected

@@ -25,7 +25,7 @@ END_OF_TURN = {
 
 # What the template puts between the generation prompt and the assistant's text, trained with it
 # (Idefics3's "Assistant:" prompt is followed by ": text" in the full render).
-ASSISTANT_PREFIX = {"idefics3": " ", "smolvlm": " "}
+ASSISTANT_PREFIX = {"idefics3": " ", "smolvlm": " ", "llava": " ", "llava_next": " "}
 
 FAMILY_NAMES = sorted(all_families())
 

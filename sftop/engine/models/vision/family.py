@@ -66,6 +66,11 @@ class VisionFamily(ABC):
         """Exact number of tokens one image of this (already resized) size becomes in the input
         ids, taken from the processor's own arithmetic, begin/end markers included."""
 
+    def language_model_type_for(self, config: Any) -> str | None:
+        """`language_model_type` for one loaded config: families whose checkpoints come with
+        different language models (LLaVA: Vicuna, Mistral, Llama 3, ...) read it from the config."""
+        return self.language_model_type
+
     def image_placeholder(self, processor: Any) -> str:
         """The token string the chat template renders for each image and the processor then
         expands (`<|image_pad|>`, `<image>`, `<start_of_image>`, ...)."""

@@ -16,6 +16,8 @@ FAMILY_MODULES: tuple[str, ...] = (
     "qwen2_5_vl",
     "idefics3",
     "smolvlm",
+    "llava",
+    "llava_next",
 )
 
 
