@@ -8,7 +8,7 @@ from vision_family_rows import family, image, processor, rows, single
 from sftop.engine.models.vision.collator import VisionCollator
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_keeps_the_data_layers_size(name):
     fam, proc = family(name), processor(name)
     patch = fam.image_rules.patch_multiple // 2  # the ViT's patch; the grid counts patches before merging

@@ -18,6 +18,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "smolvlm",
     "llava",
     "llava_next",
+    "qwen3_vl",
 )
 
 

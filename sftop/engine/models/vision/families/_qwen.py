@@ -47,16 +47,18 @@ def chat_template(default_system: str | None) -> str:
     )
 
 
-# Module names of Qwen2VLForConditionalGeneration (transformers 5):
+# Module names of Qwen2VL/Qwen2_5_VL/Qwen3VLForConditionalGeneration (transformers 5):
 #   model.language_model.layers.N.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}
-#   model.visual.blocks.N.{attn.{qkv,proj}, mlp.{fc1,fc2}}
-#   model.visual.merger.mlp.{0,2}  (the projector into the language model)
+#   model.visual.blocks.N.attn.{qkv,proj}; its MLP: mlp.{fc1,fc2} (Qwen2-VL),
+#     mlp.{gate,up,down}_proj (Qwen2.5-VL), mlp.linear_fc{1,2} (Qwen3-VL)
+#   the projector: model.visual.merger.mlp.{0,2} (Qwen2/2.5-VL), model.visual.merger.linear_fc{1,2}
+#     and model.visual.deepstack_merger_list.N.linear_fc{1,2} (Qwen3-VL)
 QWEN_VL_LORA = LoraTargets(
     language=r"model\.language_model\.layers\.\d+\..*",
     vision=r"model\.visual\.blocks\.\d+\..*",
-    projector=r"model\.visual\.merger\..*",
+    projector=r"model\.visual\.(merger|deepstack_merger_list\.\d+)\..*",
     attention=r".*\.(self_attn\.(q|k|v|o)_proj|attn\.(qkv|proj))",
-    mlp=r".*\.mlp\.((gate|up|down)_proj|fc1|fc2|linear_fc1|linear_fc2|0|2)",
+    mlp=r".*\.(mlp\.((gate|up|down)_proj|fc1|fc2|linear_fc1|linear_fc2|0|2)|(merger|deepstack_merger_list\.\d+)\.linear_fc\d)",
 )
 
 
