@@ -135,3 +135,19 @@ def test_rows_over_max_length_are_dropped_not_truncated(name):
     assert VisionCollator(fam, proc, max_length=length).encode_row(conv).length == length
     with pytest.raises(RowError, match=rf"{length} tokens .*dropped"):
         VisionCollator(fam, proc, max_length=length - 1).encode_row(conv)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_text_only_rows_batch_with_image_rows(name):
+    from sftop.engine.data.conversation import Conversation, Message
+
+    fam, proc = family(name), processor(name)
+    text_only = Conversation((Message.text("user", "Say yes."), Message.text("assistant", "yes")), source_index=7)
+    collator = VisionCollator(fam, proc)
+    if not fam.mixes_text_only_rows:
+        with pytest.raises(ValueError, match=r"rows \[7\]"):
+            collator([rows(name)["single"], text_only])
+        return
+    batch = collator([text_only, rows(name)["single"]])
+    assert batch["labels"][0][batch["attention_mask"][0].bool()].tolist() == collator.encode_row(text_only).labels
+    assert torch.isfinite(model(name)(**batch).loss)

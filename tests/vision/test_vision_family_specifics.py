@@ -75,3 +75,17 @@ def test_llava_next_counts_depend_on_size_and_the_model_gets_image_sizes():
 def test_language_model_type_follows_the_checkpoints_text_model(name, expected):
     fam = family(name)
     assert fam.language_model_type_for(fam.tiny_config()) == expected
+
+
+def test_mllama_images_enter_by_cross_attention_from_their_token_on():
+    fam, proc = family("mllama"), processor("mllama")
+    conv = rows("mllama")["multi"]
+    batch = VisionCollator(fam, proc)([conv])
+    ids = batch["input_ids"][0].tolist()
+    image_id = proc.tokenizer.convert_tokens_to_ids("<|image|>")
+    first, second = [i for i, t in enumerate(ids) if t == image_id]
+    mask = batch["cross_attention_mask"][0]  # (tokens, images, tiles)
+    assert mask[:first].sum() == 0  # nothing before the first image sees an image
+    assert mask[first:second, 0].any(-1).all() and mask[first:second, 1].sum() == 0
+    assert mask[second:, 1].any(-1).all()
+    assert {"aspect_ratio_ids", "aspect_ratio_mask", "pixel_values"} <= set(batch)

@@ -199,6 +199,12 @@ class VisionCollator:
 
         rows = [self.encode_row(conv) for conv in conversations]
         images = [row_images(conv) for conv in conversations]
+        if any(images) and not all(images) and not self.family.mixes_text_only_rows:
+            text_only = [row.source_index for row, imgs in zip(rows, images) if not imgs]
+            raise ValueError(
+                f"{self.family.display_name} cannot batch rows without images (rows {text_only}) with rows that have "
+                "them: drop the text-only rows, or train with a micro-batch of 1"
+            )
         kwargs = dict(self.family.processor_kwargs(self.rules))
         batch = self.processor(
             text=[row.text for row in rows],

@@ -51,6 +51,9 @@ class VisionFamily(ABC):
     default_lora_parts: tuple[str, ...] = ("language", "attention", "mlp")
     supports_multiple_images: bool = True
     supports_system_turn: bool = True
+    # whether a batch may hold rows without images next to rows with images (mllama's processor
+    # refuses such a batch: keep its text-only rows in batches of their own, or drop them)
+    mixes_text_only_rows: bool = True
 
     @abstractmethod
     def tiny_config(self) -> Any:

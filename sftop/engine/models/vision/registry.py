@@ -19,6 +19,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "llava",
     "llava_next",
     "qwen3_vl",
+    "mllama",
 )
 
 
