@@ -73,7 +73,12 @@ def test_labels_are_exactly_the_assistant_turns(name, kind):
     eot = END_OF_TURN[name]
     trained = [text for text, is_trained in trained_spans(tok, row.input_ids, row.labels) if is_trained]
     prefix = ASSISTANT_PREFIX.get(name, "")
-    assert trained == [prefix + m.text_content + eot for m in conv.messages if m.role == "assistant"]
+    answers = [prefix + m.text_content for m in conv.messages if m.role == "assistant"]
+    assert trained == [answer + eot for answer in answers]
+    # token by token: each answer's own tokens, then the end-of-turn token, and nothing else
+    eot_id = tok.convert_tokens_to_ids(eot)
+    expected_ids = [t for answer in answers for t in tok(answer, add_special_tokens=False)["input_ids"] + [eot_id]]
+    assert [label for label in row.labels if label != IGNORE_INDEX] == expected_ids
     # no image token is ever trained, and the prompts are all in the untrained part
     image_ids = VisionCollator.image_token_ids(fam, proc)
     assert not image_ids & {label for label in row.labels if label != IGNORE_INDEX}
@@ -151,3 +156,16 @@ def test_text_only_rows_batch_with_image_rows(name):
     batch = collator([text_only, rows(name)["single"]])
     assert batch["labels"][0][batch["attention_mask"][0].bool()].tolist() == collator.encode_row(text_only).labels
     assert torch.isfinite(model(name)(**batch).loss)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_saved_processor_loads_back_and_collates_the_same(name, tmp_path):
+    fam, proc = family(name), processor(name)
+    proc.save_pretrained(tmp_path)
+    loaded = fam.load_processor(str(tmp_path))  # without torchvision where CI has none
+    assert type(loaded).__name__ == type(proc).__name__ and loaded.chat_template == proc.chat_template
+    conv = rows(name)["multi" if fam.supports_multiple_images else "single"]
+    a, b = VisionCollator(fam, proc)([conv]), VisionCollator(fam, loaded)([conv])
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -85,6 +85,9 @@ class IdeficsFamilyBase(VisionFamily):
     def config_class(self) -> Any:
         raise NotImplementedError
 
+    def pil_processor_classes(self) -> tuple[Any, Any]:
+        return self.processor_class(), self.image_processor_class()
+
     def _rows_cols(self, processor: Any, width: int, height: int) -> tuple[int, int]:
         _, rows, cols = processor.image_processor.get_number_of_image_patches(height, width, {})
         return rows, cols
