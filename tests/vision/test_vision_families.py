@@ -169,3 +169,34 @@ def test_saved_processor_loads_back_and_collates_the_same(name, tmp_path):
     assert set(a) == set(b)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def _tower_positions(name, batch, config):
+    """What the vision tower really computes for a collated batch, read from its pixel tensors."""
+    pv = batch["pixel_values"]
+    patch = config.vision_config.patch_size
+    if name.startswith("qwen"):
+        return pv.shape[0]
+    if name == "gemma3":
+        return pv.shape[0] * (pv.shape[-1] // patch) ** 2
+    if name in ("idefics3", "smolvlm"):
+        real_tiles = int(batch["pixel_attention_mask"].flatten(2).any(-1).sum())
+        return real_tiles * (pv.shape[-1] // patch) ** 2
+    if name == "llava":
+        return pv.shape[0] * ((pv.shape[-1] // patch) ** 2 + 1)
+    if name == "llava_next":
+        real_crops = int(pv.flatten(2).ne(0).any(-1).sum())
+        return real_crops * ((pv.shape[-1] // patch) ** 2 + 1)
+    if name == "mllama":
+        per_tile = (pv.shape[-1] // patch) ** 2 + 1
+        return pv.shape[0] * pv.shape[1] * pv.shape[2] * (per_tile + (-per_tile) % 8)
+    raise AssertionError(f"no reading of {name}'s pixel tensors")
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_vision_patches_equal_what_the_tower_computes(name):
+    fam, proc, config = family(name), processor(name), family(name).tiny_config()
+    convs = [single(image(name, w, h)) for w, h in [(2, 3), (4, 1), (2, 2)]]
+    batch = VisionCollator(fam, proc)(convs)
+    expected = sum(fam.vision_patches(proc, config, *img.size) for conv in convs for img in row_images(conv))
+    assert expected == _tower_positions(name, batch, config)

@@ -69,6 +69,13 @@ class VisionFamily(ABC):
         """Exact number of tokens one image of this (already resized) size becomes in the input
         ids, taken from the processor's own arithmetic, begin/end markers included."""
 
+    @abstractmethod
+    def vision_patches(self, processor: Any, config: Any, width: int, height: int) -> int:
+        """How many positions the vision tower computes for one (already resized) image: patches
+        of every tile or crop it sees, with the class and padding positions the tower adds. For
+        the planner's vision-tower activations; the language model's share is
+        `image_token_count`."""
+
     def language_model_type_for(self, config: Any) -> str | None:
         """`language_model_type` for one loaded config: families whose checkpoints come with
         different language models (LLaVA: Vicuna, Mistral, Llama 3, ...) read it from the config."""

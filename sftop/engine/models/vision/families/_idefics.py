@@ -104,6 +104,11 @@ class IdeficsFamilyBase(VisionFamily):
         # <fake_token_around_image><global-img> + seq <image> + <fake_token_around_image>
         return rows * cols * (seq + 2) + seq + 3
 
+    def vision_patches(self, processor: Any, config: Any, width: int, height: int) -> int:
+        rows, cols = self._rows_cols(processor, width, height)
+        per_tile = (processor.image_processor.max_image_size["longest_edge"] // config.vision_config.patch_size) ** 2
+        return (rows * cols + 1) * per_tile  # the tiles and the global view
+
     def configure_processor(self, processor: Any, rules: ImageRules) -> None:
         image_processor = processor.image_processor
         tile = image_processor.max_image_size["longest_edge"]

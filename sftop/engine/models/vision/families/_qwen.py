@@ -93,6 +93,10 @@ class QwenVLFamilyBase(VisionFamily):
         patches = image_processor.get_number_of_image_patches(height, width, {})
         return patches // image_processor.merge_size**2 + 2  # + <|vision_start|>, <|vision_end|>
 
+    def vision_patches(self, processor: Any, config: Any, width: int, height: int) -> int:
+        # one ViT position per 14/16-pixel patch, before the 2x2 merge
+        return processor.image_processor.get_number_of_image_patches(height, width, {})
+
     def configure_processor(self, processor: Any, rules: ImageRules) -> None:
         # The data layer snapped each side to the merged grid within this budget, so with the same
         # budget the processor's smart_resize leaves every image as it is, and counting tokens from
