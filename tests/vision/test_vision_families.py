@@ -200,3 +200,25 @@ def test_vision_patches_equal_what_the_tower_computes(name):
     batch = VisionCollator(fam, proc)(convs)
     expected = sum(fam.vision_patches(proc, config, *img.size) for conv in convs for img in row_images(conv))
     assert expected == _tower_positions(name, batch, config)
+
+
+def test_bos_added_where_the_tokenizer_adds_it_and_the_template_does_not():
+    from tokenizers import processors
+
+    from sftop.engine.models.vision.families.llava import FAMILY as LLAVA
+
+    proc = LLAVA.offline_processor()
+    tok = proc.tokenizer
+    # LLaVA 1.5's hub template writes no BOS: its tokenizer adds one
+    proc.chat_template = tok.chat_template = proc.chat_template.replace("{{ bos_token }}", "")
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert tok("a")["input_ids"][0] == bos
+    conv = rows("llava")["two-turns"]
+    collator = VisionCollator(LLAVA, proc)
+    row = collator.encode_row(conv)
+    assert row.input_ids[0] == bos and row.input_ids.count(bos) == 1 and row.labels[0] == IGNORE_INDEX
+    trained = [text for text, is_trained in trained_spans(tok, row.input_ids, row.labels) if is_trained]
+    assert trained == [" " + m.text_content + "</s>" for m in conv.messages if m.role == "assistant"]
+    batch = collator([conv])
+    assert batch["input_ids"][0].tolist() == row.input_ids
