@@ -222,3 +222,11 @@ def test_bos_added_where_the_tokenizer_adds_it_and_the_template_does_not():
     assert trained == [" " + m.text_content + "</s>" for m in conv.messages if m.role == "assistant"]
     batch = collator([conv])
     assert batch["input_ids"][0].tolist() == row.input_ids
+
+
+def test_a_processor_without_the_image_placeholder_is_refused():
+    fam = family("qwen2_vl")
+    proc = fam.offline_processor()
+    proc.image_token = "<|not_a_token|>"
+    with pytest.raises(ValueError, match=re.escape("no token '<|not_a_token|>'")):
+        VisionCollator(fam, proc)

@@ -117,17 +117,21 @@ class VisionCollator:
 
     @staticmethod
     def image_token_ids(family: VisionFamily, processor: Any) -> set[int]:
+        """Ids of the family's image tokens that this tokenizer has (a checkpoint may lack a
+        secondary one, such as a video placeholder); the image placeholder itself must be there."""
         tokenizer = processor.tokenizer
-        ids = set()
+        ids = {}
         for token in family.image_token_strings:
             token_id = tokenizer.convert_tokens_to_ids(token)
-            if token_id is None or token_id == tokenizer.unk_token_id:
-                raise ValueError(
-                    f"{family.display_name}: the tokenizer has no token {token!r}, which this family uses for images; "
-                    "is the processor the one of this model?"
-                )
-            ids.add(token_id)
-        return ids
+            if token_id is not None and token_id != tokenizer.unk_token_id:
+                ids[token] = token_id
+        placeholder = family.image_placeholder(processor)
+        if placeholder not in ids:
+            raise ValueError(
+                f"{family.display_name}: the tokenizer has no token {placeholder!r}, which stands for each image in "
+                "this family's prompts; is the processor the one of this model?"
+            )
+        return set(ids.values())
 
     @property
     def special_ids(self) -> set[int]:
