@@ -65,8 +65,13 @@ def rows(name: str) -> dict[str, Conversation]:
     """Single- and multi-image rows, with and without a system turn, one and two assistant turns."""
     fam = family(name)
     a, b = image(name, 2, 3), image(name, 3, 2, (30, 30, 200))
-    user = lambda *parts: Message("user", tuple(TextPart(p) if isinstance(p, str) else ImagePart(p) for p in parts))
-    said = lambda text: Message.text("assistant", text)
+
+    def user(*parts):
+        return Message("user", tuple(TextPart(p) if isinstance(p, str) else ImagePart(p) for p in parts))
+
+    def said(text):
+        return Message.text("assistant", text)
+
     out = {
         "single": single(a),
         "single-system": Conversation(

@@ -79,6 +79,7 @@ class VisionFamily(ABC):
     def open_image_path(self, model: Any) -> None:
         """Give parameters that random init leaves at zero on the image path (see `tiny_model`)
         trained-like values. Nothing to do for most families."""
+        return None
 
     @abstractmethod
     def offline_processor(self) -> Any:
@@ -163,6 +164,7 @@ class VisionFamily(ABC):
         once), so that it keeps the sizes the data layer chose and `image_token_count` /
         `image_expansion`, which read the processor's state, match what it emits. Nothing to do for
         families whose tower takes a fixed size."""
+        return None
 
     def processor_kwargs(self, rules: ImageRules) -> Mapping[str, Any]:
         """Keyword arguments for the processor's call so that it keeps the images at the sizes the

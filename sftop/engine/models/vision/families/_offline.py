@@ -9,7 +9,7 @@ configs can name them (`image_token_id`, ...) without building the tokenizer.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 # Words of chat turns and of image questions (colours, shapes, counts, positions), so the BPE
 # merges are the ones such rows need and sequences stay short.
@@ -60,7 +60,7 @@ def build_tokenizer(
         show_progress=False,
     )
     backend.train_from_iterator(_corpus(), trainer=trainer)
-    kwargs = dict(eos_token=eos, pad_token=pad)
+    kwargs: dict[str, Any] = dict(eos_token=eos, pad_token=pad)
     if bos is not None:
         kwargs["bos_token"] = bos
     if unk is not None:
