@@ -10,7 +10,17 @@ from typing import Any
 from sftop.engine.models.vision.family import VisionFamily
 
 # module names under sftop.engine.models.vision.families, one line per family
-FAMILY_MODULES: tuple[str, ...] = ()
+FAMILY_MODULES: tuple[str, ...] = (
+    "qwen2_vl",
+    "gemma3",
+    "qwen2_5_vl",
+    "idefics3",
+    "smolvlm",
+    "llava",
+    "llava_next",
+    "qwen3_vl",
+    "mllama",
+)
 
 
 def all_families() -> dict[str, VisionFamily]:
