@@ -193,12 +193,10 @@ class SftopTrainer(SFTTrainer):
 
     def _checkpoint_bytes(self, root: Path) -> int:
         """What one checkpoint takes: the previous one's size, or the adapter with AdamW's two moments."""
-        previous = self.sftop_last_checkpoint
-        if previous is None or not previous.is_dir():
-            done = sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))
-            previous = done[-1] if done else None
-        if previous is not None and previous.is_dir():
-            return tree_bytes(previous)
+        steps = [int(p.name[len(CHECKPOINT_PREFIX):]) for p in root.glob(f"{CHECKPOINT_PREFIX}*")
+                 if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+        if steps:
+            return tree_bytes(root / f"{CHECKPOINT_PREFIX}{max(steps)}")
         trainable = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
         return trainable * 3
 
