@@ -222,8 +222,13 @@ class _Run:
         from sftop.engine.train.packing import packing_isolated
 
         self.model, self.tokenizer, self.info = load_model(self.preset, self.plan)
-        self.data = prepare_data(self.preset, self.tokenizer)
-        self.packing = self.preset.data.packing
+        if self.preset.train.task == "dpo":
+            from sftop.engine.data.preference_prepare import prepare_preferences
+
+            self.data = prepare_preferences(self.preset, self.tokenizer)
+        else:
+            self.data = prepare_data(self.preset, self.tokenizer)
+        self.packing = self.preset.data.packing and self.preset.train.task != "dpo"  # DPO pads its pairs
         if self.packing:
             ok, detail = packing_isolated(self.model, len(self.tokenizer), self.tokenizer.pad_token_id)
             if not ok:
@@ -251,6 +256,11 @@ class _Run:
     # ------------------------------------------------------------------ training
     def build_trainer(self):
         import torch
+
+        if self.preset.train.task == "dpo":
+            from sftop.engine.train.dpo import build_dpo_trainer
+
+            return build_dpo_trainer(self)
 
         from sftop.engine.train.callbacks import RunEvents
         from sftop.engine.train.config import build_sft_config
