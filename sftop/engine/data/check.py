@@ -82,6 +82,10 @@ def check_data(preset: Preset, tokenizer=None, *, max_rows: int | None = None) -
 
     `max_rows` checks only the first rows (a quick look at a big dataset); a run reads them all.
     """
+    if preset.train.task == "dpo":
+        from sftop.engine.data.preferences_check import check_preferences
+
+        return check_preferences(preset, tokenizer, max_rows=max_rows)
     section = preset.data
     quick = max_rows is not None and (section.max_rows is None or max_rows < section.max_rows)
     if quick:
@@ -136,6 +140,10 @@ def render_check(result: DataCheckResult, color: bool = False) -> str:
     def style(text: str, code: str) -> str:
         return f"{code}{text}{_RESET}" if color else text
 
+    if getattr(result, "loss_on", None) == "answers":  # preference pairs (train.task = "dpo")
+        from sftop.engine.data.preferences_check import render_preference_check
+
+        return render_preference_check(result, color)
     s = result.stats
     kind = _KIND_NAMES.get(result.source_kind, result.source_kind)
     fmt = f"{result.format} format" + (" (forced by data.format)" if result.format_forced else " (detected)")
