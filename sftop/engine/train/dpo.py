@@ -73,6 +73,7 @@ class SftopDPOTrainer(DPOTrainer):
             # TRL copies the adapter of any PeftModel it is given into a frozen "ref" adapter; for a
             # fresh adapter that copy is the base model, which disabling the adapter gives for free.
             self.model.delete_adapter("ref")
+        self.sftop_save_kwargs = {"selected_adapters": ["default"]} if "ref" in peft_config else {}
         self.sftop_reference = "ref adapter" if "ref" in peft_config else (
             "separate model" if self.ref_model is not None else "adapter off")
         self.sftop_head = "stock: train.kernels off or not available"

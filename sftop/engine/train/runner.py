@@ -446,7 +446,8 @@ class _Run:
         target = self.run_dir.adapter
         tmp = target.with_name(".adapter-saving")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.trainer.model.save_pretrained(tmp)
+        # a DPO run's frozen reference adapter ("ref") is not part of the result
+        self.trainer.model.save_pretrained(tmp, **getattr(self.trainer, "sftop_save_kwargs", {}))
         self.tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
