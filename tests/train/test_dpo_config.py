@@ -19,6 +19,9 @@ def test_dpo_keys_and_their_checks():
         Preset(dpo={"loss_type": "kto"})  # not one of DPOTrainer's losses
     with pytest.raises(ValidationError):
         Preset(train={"task": "ppo"})
+    with pytest.raises(ValidationError, match='set train.task = "dpo"'):
+        Preset(data={"format": "preference"})
+    assert Preset(data={"format": "ultrafeedback"}, train={"task": "dpo"}).data.format == "ultrafeedback"
 
 
 def test_dpo_config_carries_the_keys_and_the_sft_settings(tmp_path):

@@ -31,8 +31,8 @@ from typing import Any, Iterable
 from sftop.engine.data.conversation import Message, RowProblem
 from sftop.engine.data.formats import RowError, _a, _message_list
 from sftop.engine.errors import DataError
+from sftop.engine.presets.schema import PREFERENCE_FORMATS
 
-PREFERENCE_FORMATS: tuple[str, ...] = ("preference", "preference_implicit", "ultrafeedback")
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "preference": ("prompt", "chosen", "rejected"),
     "preference_implicit": ("chosen", "rejected"),

@@ -47,7 +47,9 @@ class LoraSection(_Section):
         return value
 
 
-DataFormat = Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text"]
+DataFormat = Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text",
+                     "preference", "preference_implicit", "ultrafeedback"]  # the last three: train.task = "dpo"
+PREFERENCE_FORMATS = ("preference", "preference_implicit", "ultrafeedback")
 
 
 class DataSection(_Section):
@@ -153,6 +155,12 @@ class Preset(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     plan: PlanSection = Field(default_factory=PlanSection)
     dpo: DpoSection = Field(default_factory=DpoSection)
+
+    @model_validator(mode="after")
+    def _format_fits_task(self):
+        if self.data.format in PREFERENCE_FORMATS and self.train.task != "dpo":
+            raise ValueError(f'data.format = "{self.data.format}" holds preference pairs: set train.task = "dpo"')
+        return self
 
 
 SECTIONS = {
