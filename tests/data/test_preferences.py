@@ -159,6 +159,7 @@ def test_length_distribution_of_each_side_and_policy(tok):
     assert s.prompt.p50 == s.prompt.max == len(tok("<|im_start|>user\nWhat is 7+1?<|im_end|>\n"
                                                    "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
     assert 1 <= s.chosen.p50 <= s.chosen.max and 1 <= s.rejected.p50 <= s.rejected.max
+    assert 0 < s.trained_share < 0.5  # the answers are scored, the prompt (counted twice) is context
     assert (result.rows_read, result.bad_rows, result.eval_rows) == (1000, 0, 100)
     prepared = prepare_preferences(preset, tok)
     assert prepared.train.column_names == ["prompt_ids", "chosen_ids", "rejected_ids"]

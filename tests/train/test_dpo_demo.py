@@ -17,7 +17,7 @@ def dpo_run(sftop_home):
     mp = in_home(sftop_home)
     try:
         # a short SFT run stands in for `sftop run demo`: DPO only needs an adapter to start from
-        sft, _ = load_preset("demo", ["train.max_steps=8", "train.save_steps=8", 'train.kernels="off"'])
+        sft, _ = load_preset("demo", ["train.max_steps=16", "train.save_steps=16", 'train.kernels="off"'])
         sft_dir = new_run_dir("demo")
         assert run_training(sft, sft_dir) == 0
         preset, _ = load_preset("demo-dpo", [])
@@ -37,11 +37,11 @@ def test_demo_dpo_learns_the_preferences(dpo_run):
     assert started["preset"]["model"]["adapter"] == "latest:demo"
     # the reference is the SFT adapter as it was: a frozen copy, not the bare base model
     assert started["kernels"]["reference"] == "ref adapter"
-    assert started["data"]["task"] == "dpo" and started["data"]["rows"] == 32
+    assert started["data"]["task"] == "dpo" and started["data"]["rows"] == 16
     steps = of_type(records, "step")
-    assert len(steps) == started["total_steps"] == 30
+    assert len(steps) == started["total_steps"] == 24
     assert steps[0]["reward_accuracy"] == 0.0 and steps[0]["reward_margin"] == 0.0  # policy == reference
-    last = steps[-10:]
+    last = steps[-8:]
     accuracy = sum(s["reward_accuracy"] for s in last) / len(last)
     chosen = sum(s["reward_chosen"] for s in last) / len(last)
     rejected = sum(s["reward_rejected"] for s in last) / len(last)

@@ -31,3 +31,25 @@ async def test_preference_stats_appear_live_for_dpo_runs_only(services):
         assert text_of(app, "#stat-rewards") == "+0.21/-0.21"
         assert len(screen.state.reward_accuracy) == 2
         assert "pref acc" in screen.query_one("#loss-chart").border_subtitle
+
+
+def test_dataset_step_renders_a_preference_check():
+    import sys
+    from io import StringIO
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))  # the data tests' tokenizers
+    from data_tokenizers import make_tokenizer
+    from rich.console import Console
+
+    from sftop.engine.data.check import check_data
+    from sftop.engine.presets.schema import Preset
+    from sftop.tui.wizard.dataset_step import render_result
+
+    preset = Preset(data={"source": "builtin:arithmetic-preferences", "max_length": 64, "max_rows": 40},
+                    train={"task": "dpo"})
+    result = check_data(preset, make_tokenizer("char", "chatml"))
+    out = StringIO()
+    Console(file=out, width=80).print(render_result(result))
+    text = out.getvalue()
+    assert "preference (detected)" in text and "40 usable of 40" in text and "trained)" in text

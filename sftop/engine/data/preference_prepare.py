@@ -68,6 +68,13 @@ class PreferenceStats:
     rejected: LengthSummary
     pair_max: int  # longest prompt + answer kept
 
+    answer_tokens: int = 0  # chosen + rejected answer tokens: the ones scored
+
+    @property
+    def trained_share(self) -> float:
+        """Share of the forwards' tokens that are scored (the answers), as SFT's trained share."""
+        return self.answer_tokens / self.tokens if self.tokens else 0.0
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -83,6 +90,7 @@ class PreferenceStats:
             chosen=LengthSummary.of([len(e.chosen_ids) for e in encoded]),
             rejected=LengthSummary.of([len(e.rejected_ids) for e in encoded]),
             pair_max=max((e.length for e in encoded), default=0),
+            answer_tokens=sum(len(e.chosen_ids) + len(e.rejected_ids) for e in encoded),
         )
 
 
