@@ -177,7 +177,9 @@ class FusedLinearLogProbFunction(torch.autograd.Function):
         dx = dw = None
         if need_dx:
             unit_dx = saved.pop(0)
-            dx = (unit_dx * g[:, None].to(unit_dx.dtype)).view(ctx.h_shape)
+            # in place: each element is scaled in fp32 and rounded once, with no [tokens, hidden]
+            # temporary (the saved buffer is used by this one backward only)
+            dx = unit_dx.mul_(g[:, None]).view(ctx.h_shape)
         if need_dw:
             x, weight, y, lse = saved
             ignore_index, softcap, chunk_bytes, compute_dtype = ctx.cfg
