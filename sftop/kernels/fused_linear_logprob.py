@@ -185,13 +185,14 @@ class FusedLinearLogProbFunction(torch.autograd.Function):
             ignore_index, softcap, chunk_bytes, compute_dtype = ctx.cfg
             n_vocab = weight.shape[0]
             w_c = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
-            elem = torch.empty((), dtype=compute_dtype).element_size()
-            step = chunk_rows(x.shape[0], n_vocab, elem, chunk_bytes)
+            # the row gradients are summed over tokens with signs of their own, which a 16-bit
+            # buffer would round before the sum: this (rare) path keeps them in fp32
+            step = chunk_rows(x.shape[0], n_vocab, 4, chunk_bytes)
             acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             for s in range(0, x.shape[0], step):
                 e = min(x.shape[0], s + step)
                 xc = x[s:e]
-                logits = xc.to(compute_dtype) @ w_c.t()
+                logits = (xc.to(compute_dtype) @ w_c.t()).float()
                 _launch(logits, y[s:e], None, lse[s:e], None, None, None, g[s:e], n_vocab=n_vocab,
                         ignore_index=ignore_index, softcap=softcap, stats=False, write_grad=True, use_lse=True)
                 acc.addmm_(logits.t().to(torch.float32), xc.to(torch.float32))
