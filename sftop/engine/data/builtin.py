@@ -13,6 +13,8 @@ same name always yields the same rows.
 - `arithmetic-preferences`: the arithmetic questions as preference pairs (`prompt`, `chosen`,
   `rejected`): the correct answer chosen, a plausible wrong one rejected (off by one, the other
   operation, or the digits swapped), for the `demo-dpo` preset.
+- `shapes`: pictures of coloured shapes with short questions on colour, shape, count and position,
+  single- and two-image rows, for vision-language models (see `shapes.py`).
 """
 
 from __future__ import annotations
@@ -133,6 +135,12 @@ def arithmetic_preferences() -> list[dict]:
             for q, a in _arithmetic_pairs(1000, _SEED)]
 
 
+def shapes() -> list[dict]:
+    from sftop.engine.data.shapes import shapes as generate  # Pillow is imported only when asked for
+
+    return generate()
+
+
 BUILTINS: dict[str, Callable[[], list[dict]]] = {
     "arithmetic": arithmetic,
     "reverse": reverse,
@@ -143,6 +151,7 @@ BUILTINS: dict[str, Callable[[], list[dict]]] = {
     "sample-text": sample_text,
     "sample-broken": sample_broken,
     "arithmetic-preferences": arithmetic_preferences,
+    "shapes": shapes,
 }
 
 

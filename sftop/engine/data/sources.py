@@ -148,7 +148,7 @@ def _read_parquet(path: Path):
 
     try:
         return _ArrowRows(pq.read_table(path))
-    except Exception as exc:  # pyarrow raises several types for corrupt files
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
         raise DataError(f"Cannot read Parquet file {path}: {exc}", where=str(path),
                         hint="Check that the file is a complete Parquet file") from None
 
@@ -181,7 +181,7 @@ def _read_saved(path: Path, split: str, source: str):
 
     try:
         loaded = load_from_disk(str(path))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for a folder it cannot read
         raise DataError(f"Cannot read the saved dataset in {path}: {exc}", where=f"data.source = {source!r}",
                         hint="Point data.source at the folder `save_to_disk` wrote") from None
     if isinstance(loaded, DatasetDict):
@@ -193,7 +193,29 @@ def _read_saved(path: Path, split: str, source: str):
             )
         loaded = loaded[split]
     assert isinstance(loaded, Dataset)
-    return loaded
+    return _undecoded_media(loaded)
+
+
+def _undecoded_media(dataset):
+    """A dataset with Image features read as their stored `{"bytes", "path"}` dicts.
+
+    `datasets` would decode every image while the rows are read, so one truncated file would stop
+    the whole read; undecoded, each image is opened and checked on its own and a bad one costs
+    only its row.
+    """
+    from datasets.features import Image
+
+    def has_media(feature) -> bool:
+        if isinstance(feature, Image):
+            return True
+        if isinstance(feature, dict):
+            return any(has_media(f) for f in feature.values())
+        inner = getattr(feature, "feature", None)
+        return inner is not None and has_media(inner)
+
+    if not has_media(dict(dataset.features)):
+        return dataset
+    return _ArrowRows(dataset.with_format("arrow")[:])
 
 
 def _read_folder(path: Path, split: str, source: str) -> tuple[str, Sequence, dict[int, str]]:
@@ -219,13 +241,10 @@ def _read_folder(path: Path, split: str, source: str) -> tuple[str, Sequence, di
 
 
 def _offline() -> bool:
-    try:
-        from huggingface_hub import constants
+    from huggingface_hub import constants
 
-        if constants.HF_HUB_OFFLINE:
-            return True
-    except Exception:  # pragma: no cover - huggingface_hub ships with datasets
-        pass
+    if constants.HF_HUB_OFFLINE:
+        return True
     return os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
@@ -235,7 +254,7 @@ def _read_hub(source: str, section: DataSection):
 
     offline = _offline()
     try:
-        return load_dataset(source, split=section.split)
+        return _undecoded_media(load_dataset(source, split=section.split))
     except DatasetNotFoundError:
         if offline:
             raise _offline_error(source) from None
