@@ -28,7 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import step_bench  # noqa: E402  (model shapes and the random 4-bit checkpoint)
+import step_bench  # model shapes and the random 4-bit checkpoint
 
 
 def _dataset(args, vocab: int):

@@ -115,7 +115,7 @@ class PairEncoder:
     def encode(self, pair: PreferencePair) -> EncodedPair:
         if pair.has_images:
             raise RowError("the pair holds images, and this model reads text only")
-        if pair.is_text:
+        if pair.text is not None:
             prompt, chosen, rejected = pair.text
             eos = self.tokenizer.eos_token or ""
             p = self._ids(prompt, special=True)

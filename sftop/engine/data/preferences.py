@@ -70,7 +70,7 @@ class PreferencePair:
         return [{"role": m.role, "content": m.text_content} for m in msgs]
 
     def to_dict(self) -> dict:
-        if self.is_text:
+        if self.text is not None:
             return dict(zip(("prompt", "chosen", "rejected"), self.text))
         out = {side: [m.to_dict() for m in getattr(self, side)] for side in ("prompt", "chosen", "rejected")}
         if self.images:
@@ -241,7 +241,7 @@ def normalise_pair(row: dict, fmt: str, index: int = -1) -> PreferencePair:
 
 
 def _check_pair(pair: PreferencePair) -> None:
-    if pair.is_text:
+    if pair.text is not None:
         prompt, chosen, rejected = pair.text
     else:
         prompt = "".join(m.text_content for m in pair.prompt)
