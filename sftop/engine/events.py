@@ -65,6 +65,12 @@ class Step(Event):
     gpu_mem_reserved_gib: float | None = None
     total_steps: int | None = None
     gpu_mem_peak_gib: float | None = None  # highest allocated so far in this trainer process
+    # preference tuning (train.task = "dpo") only: beta * log-ratio to the reference, averaged
+    # over the logged steps' pairs; accuracy = share of pairs whose chosen reward beats the rejected
+    reward_chosen: float | None = None
+    reward_rejected: float | None = None
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
     type: str = field(init=False, default="step")
 
 

@@ -64,6 +64,11 @@ class RunState:
     loss: Series = field(default_factory=Series)
     eval_loss: Series = field(default_factory=Series)
     tokens_per_s: Series = field(default_factory=Series)
+    # preference tuning (train.task = "dpo"): the share of pairs whose chosen reward beats the rejected
+    reward_accuracy: Series = field(default_factory=Series)
+    reward_chosen: float | None = None
+    reward_rejected: float | None = None
+    reward_margin: float | None = None
     step: int | None = None
     total_steps: int | None = None
     epoch: float | None = None
@@ -132,6 +137,11 @@ class RunState:
         if loss is not None and step is not None:
             self.loss.append(step, float(loss))
             self.last_loss = float(loss)
+        if r.get("reward_accuracy") is not None and step is not None:
+            self.reward_accuracy.append(step, float(r["reward_accuracy"]))
+            self.reward_chosen = r.get("reward_chosen")
+            self.reward_rejected = r.get("reward_rejected")
+            self.reward_margin = r.get("reward_margin")
         tps = r.get("tokens_per_s")
         if tps is not None and step is not None:
             self.tokens_per_s.append(step, float(tps))

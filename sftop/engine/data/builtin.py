@@ -10,6 +10,9 @@ same name always yields the same rows.
 - `sample-messages`, `sample-sharegpt`, `sample-prompt-completion`, `sample-alpaca`, `sample-text`:
   the same kind of rows in each supported layout, to show format detection (`sftop data check`).
 - `sample-broken`: chat rows of which a few are malformed, to show how problems are reported.
+- `arithmetic-preferences`: the arithmetic questions as preference pairs (`prompt`, `chosen`,
+  `rejected`): the correct answer chosen, a plausible wrong one rejected (off by one, the other
+  operation, or the digits swapped), for the `demo-dpo` preset.
 - `shapes`: pictures of coloured shapes with short questions on colour, shape, count and position,
   single- and two-image rows, for vision-language models (see `shapes.py`).
 """
@@ -116,6 +119,22 @@ def sample_broken() -> list[dict]:
     return rows
 
 
+def _plausible_wrong(question: str, answer: str, rng: random.Random) -> str:
+    a, op, b = int(question[8]), question[9], int(question[10])
+    right = int(answer)
+    options = {right + 1, max(0, right - 1), abs(a - b) if op == "+" else a + b}
+    if len(answer) == 2:
+        options.add(int(answer[::-1]))
+    options.discard(right)
+    return str(rng.choice(sorted(options)))
+
+
+def arithmetic_preferences() -> list[dict]:
+    rng = random.Random(_SEED + 4)
+    return [{"prompt": q, "chosen": a, "rejected": _plausible_wrong(q, a, rng)}
+            for q, a in _arithmetic_pairs(1000, _SEED)]
+
+
 def shapes() -> list[dict]:
     from sftop.engine.data.shapes import shapes as generate  # Pillow is imported only when asked for
 
@@ -131,6 +150,7 @@ BUILTINS: dict[str, Callable[[], list[dict]]] = {
     "sample-alpaca": sample_alpaca,
     "sample-text": sample_text,
     "sample-broken": sample_broken,
+    "arithmetic-preferences": arithmetic_preferences,
     "shapes": shapes,
 }
 

@@ -9,13 +9,16 @@ runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from sftop.engine.data import check_images
 from sftop.engine.data.conversation import RowProblem
 from sftop.engine.data.prepare import DataStats, encode_structured, split_eval, validate_structure
 from sftop.engine.data.tokenize import trained_spans
 from sftop.engine.presets.schema import Preset
+
+if TYPE_CHECKING:
+    from sftop.engine.data.preferences_check import PreferenceCheckResult
 
 PROBLEMS_KEPT = 50
 PROBLEMS_SHOWN = 10
@@ -88,7 +91,7 @@ class DataCheckResult:
 
 
 def check_data(preset: Preset, tokenizer=None, *, max_rows: int | None = None, allow_images: bool = True,
-               image_rules: Any = None, image_tokens: Callable[[int, int], int] | None = None) -> DataCheckResult:
+               image_rules: Any = None, image_tokens: Callable[[int, int], int] | None = None) -> "DataCheckResult | PreferenceCheckResult":
     """Run the data pipeline of `preset` and summarise it. Loads the model's tokenizer if not given.
 
     `max_rows` checks only the first rows (a quick look at a big dataset); a run reads them all.
@@ -97,6 +100,10 @@ def check_data(preset: Preset, tokenizer=None, *, max_rows: int | None = None, a
     the check count image tokens and drop rows too long with them. `allow_images=False` (a text
     model) makes rows holding images bad rows, as a run would.
     """
+    if preset.train.task == "dpo":
+        from sftop.engine.data.preferences_check import check_preferences
+
+        return check_preferences(preset, tokenizer, max_rows=max_rows)
     section = preset.data
     quick = max_rows is not None and (section.max_rows is None or max_rows < section.max_rows)
     if quick:
@@ -167,10 +174,14 @@ _KIND_NAMES = {
 }
 
 
-def render_check(result: DataCheckResult, color: bool = False) -> str:
+def render_check(result: "DataCheckResult | PreferenceCheckResult", color: bool = False) -> str:
     def style(text: str, code: str) -> str:
         return f"{code}{text}{_RESET}" if color else text
 
+    if not isinstance(result, DataCheckResult):  # preference pairs (train.task = "dpo")
+        from sftop.engine.data.preferences_check import render_preference_check
+
+        return render_preference_check(result, color)
     s = result.stats
     kind = _KIND_NAMES.get(result.source_kind, result.source_kind)
     fmt = f"{result.format} format" + (" (forced by data.format)" if result.format_forced else " (detected)")

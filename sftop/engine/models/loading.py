@@ -177,6 +177,15 @@ def apply_kernels(model, mode: str) -> dict[str, Any]:
         return {"enabled": False, "reason": f"kernels unavailable: {type(exc).__name__}: {exc}"}
 
 
+def load_start_adapter(base, ref: str):
+    """`base` with the adapter `model.adapter` names, trainable (its own r/alpha/targets, not lora.*)."""
+    from peft import PeftModel
+
+    from sftop.engine.models.adapters import resolve_adapter
+
+    return PeftModel.from_pretrained(base, str(resolve_adapter(ref)), is_trainable=True)
+
+
 def load_model(preset, plan=None):
     """Return `(model, tokenizer, info)`: the LoRA-wrapped model ready for SFTTrainer.
 
@@ -192,7 +201,10 @@ def load_model(preset, plan=None):
 
     set_seed(preset.train.seed)
     try:
-        model = get_peft_model(base, lora_config(preset.lora))
+        if getattr(preset.model, "adapter", None):
+            model = load_start_adapter(base, preset.model.adapter)
+        else:
+            model = get_peft_model(base, lora_config(preset.lora))
     except ValueError as exc:
         raise ModelError(
             f"Cannot add LoRA to this model: {exc}",

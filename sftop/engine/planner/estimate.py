@@ -222,6 +222,10 @@ class Setup:
     varlen_native_gqa: bool = True
     on_gpu: bool = True  # on the CPU there is no CUDA context or cuBLAS workspace
     packed: bool = False  # padding-free rows concatenated into one sequence per micro-batch
+    # Preference tuning (DPO): a row is a pair, chosen and rejected run in one forward (the caller
+    # passes twice the tokens), then a reference forward without gradients runs while the policy's
+    # activations are held, before the policy's backward.
+    preference: bool = False
 
 
 @dataclass
@@ -524,6 +528,16 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
     # (a block's forward holds one dequantised weight and less than its backward: never the peak)
     backward_phase = (saved + dequant + (recompute_tok + backward_tok + loss_grad_tok) * tokens + backward_fixed
                       + mask_recompute)
+    reference_block = 0
+    if setup.preference:
+        # the reference forward: the policy's saved tensors, one block's activations at a time and
+        # its log-prob head (no dX kept); it is the peak when checkpointing keeps little
+        reference_block = a_layer * tokens
+        if saved + reference_block + loss_peak > max(loss_phase, backward_phase):
+            loss_phase = saved + reference_block + loss_peak
+            notes.append("peak during the reference forward (chosen and rejected, no gradients)")
+        else:
+            reference_block = 0
     terms["activations"] = saved_tok * tokens
     if mask_saved:
         terms["attention_mask"] = mask_saved
@@ -531,6 +545,8 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
     if loss_phase >= backward_phase:
         phase = "loss"
         terms["loss_peak"] = loss_peak
+        if reference_block:
+            terms["reference_forward"] = reference_block
     else:
         phase = "backward"
         if dequant:

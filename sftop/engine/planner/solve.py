@@ -209,7 +209,8 @@ def setup_from_preset(preset: Any, device: str) -> Setup:
         loss="fused" if kernels else "chunked",
         attention=attention,
         on_gpu=not on_cpu,
-        packed=bool(preset.data.packing),
+        packed=bool(preset.data.packing) and preset.train.task != "dpo",  # DPO pads its pairs
+        preference=preset.train.task == "dpo",
     )
 
 
@@ -286,7 +287,8 @@ def step_time_s(shape: ModelShape, setup: Setup, checkpointing: str, micro_batch
 
 def _candidate(ctx: PlanContext, checkpointing: str, micro_batch: int, every: int = 1) -> _Candidate:
     setup = replace(ctx.setup, checkpointing=checkpointing, checkpoint_every=every)
-    tokens = micro_batch * ctx.max_length
+    sequences = micro_batch * (2 if setup.preference else 1)  # DPO: chosen and rejected of each pair
+    tokens = sequences * ctx.max_length
     est = estimate(ctx.shape, setup, tokens, seq_len=ctx.max_length)
     allocated, device = est.allocated_bytes, est.device_bytes
     if ctx.calibration != 1.0:
@@ -295,8 +297,10 @@ def _candidate(ctx: PlanContext, checkpointing: str, micro_batch: int, every: in
         allocated += extra
         device += int(extra * 1.1)
     grad_accum = ctx.effective_batch // micro_batch
-    t = step_time_s(ctx.shape, setup, checkpointing, micro_batch, grad_accum, ctx.row_tokens_mean,
-                    ctx.max_length, ctx.packing)
+    t = step_time_s(ctx.shape, setup, checkpointing, sequences, grad_accum, ctx.row_tokens_mean,
+                    ctx.max_length, ctx.packing and not setup.preference)
+    if setup.preference:
+        t *= 1.5  # the reference forward: a forward without backward, about half the policy's work
     return _Candidate(micro_batch, grad_accum, checkpointing, every, est, device, allocated, t,
                       device <= ctx.budget_bytes)
 
@@ -337,8 +341,8 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
         micro_batch=chosen.micro_batch,
         grad_accum=chosen.grad_accum,
         effective_batch=ctx.effective_batch,
-        tokens_per_micro_batch=chosen.micro_batch * ctx.max_length,
-        packing=ctx.packing,
+        tokens_per_micro_batch=chosen.estimate.tokens,  # DPO: chosen + rejected of each pair
+        packing=ctx.packing and not ctx.setup.preference,
         max_length=ctx.max_length,
         gradient_checkpointing=chosen.checkpointing,
         checkpoint_every_n_layers=chosen.every,

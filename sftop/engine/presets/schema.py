@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Auto = Literal["auto"]
 
@@ -25,6 +25,10 @@ class ModelSection(_Section):
     )
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    adapter: str | None = Field(
+        None, description="Start from an earlier run's LoRA adapter: a run directory or name, an adapter "
+        "directory, or latest:PRESET (the newest finished run of that preset)"
+    )
 
 
 class LoraSection(_Section):
@@ -43,7 +47,9 @@ class LoraSection(_Section):
         return value
 
 
-DataFormat = Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text"]
+DataFormat = Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text",
+                     "preference", "preference_implicit", "ultrafeedback"]  # the last three: train.task = "dpo"
+PREFERENCE_FORMATS = ("preference", "preference_implicit", "ultrafeedback")
 
 
 class DataSection(_Section):
@@ -85,6 +91,7 @@ class TrainSection(_Section):
         5, ge=1, description="Consecutive NaN/inf steps (skipped) before the run stops"
     )
     kernels: Literal["auto", "on", "off"] = Field("auto", description="sftop's fused Triton kernels")
+    task: Literal["sft", "dpo"] = Field("sft", description="sft: supervised; dpo: preference pairs ([dpo])")
 
 
 class PlanSection(_Section):
@@ -111,6 +118,38 @@ class PlanSection(_Section):
         return value
 
 
+DpoLossType = Literal[
+    "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sigmoid_norm",
+]
+
+
+class DpoSection(_Section):
+    """Preference tuning (train.task = "dpo"); ignored for SFT."""
+
+    beta: float = Field(0.1, gt=0.0, le=100.0, description="Strength of the pull towards the reference")
+    loss_type: DpoLossType = Field("sigmoid", description="TRL's DPO loss variant (sigmoid = DPO, ipo, ...)")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Assumed share of flipped labels (robust, exo_pair, aot)"
+    )
+    reference: str = Field(
+        "adapter-off", description="adapter-off: the model without the trained adapter; or a model path"
+    )
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, value):
+        if not value.strip():
+            raise ValueError('give "adapter-off" or a model path')
+        return value
+
+    @model_validator(mode="after")
+    def _smoothing(self):
+        if self.loss_type == "exo_pair" and self.label_smoothing == 0.0:
+            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (its paper suggests 1e-3)")
+        return self
+
+
 class Preset(_Section):
     """A whole preset. Section and key names are part of the public interface: keep them."""
 
@@ -121,6 +160,13 @@ class Preset(_Section):
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
     plan: PlanSection = Field(default_factory=PlanSection)
+    dpo: DpoSection = Field(default_factory=DpoSection)
+
+    @model_validator(mode="after")
+    def _format_fits_task(self):
+        if self.data.format in PREFERENCE_FORMATS and self.train.task != "dpo":
+            raise ValueError(f'data.format = "{self.data.format}" holds preference pairs: set train.task = "dpo"')
+        return self
 
 
 SECTIONS = {
@@ -129,4 +175,5 @@ SECTIONS = {
     "data": DataSection,
     "train": TrainSection,
     "plan": PlanSection,
+    "dpo": DpoSection,
 }

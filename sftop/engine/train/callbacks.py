@@ -32,10 +32,26 @@ def _step_line(step, total, loss, logs, tokens_per_s, gpu_gib) -> str:
     grad = clean_number(logs.get("grad_norm"))
     if grad is not None and loss is not None:
         parts.append(f"grad {grad:.3f}")
+    accuracy, margin = clean_number(logs.get("rewards/accuracies")), clean_number(logs.get("rewards/margins"))
+    if accuracy is not None and margin is not None:
+        parts.append(f"pref acc {accuracy:.2f} margin {margin:+.3f}")
     parts.append(f"{tokens_per_s:,.0f} tok/s")
     if gpu_gib is not None:
         parts.append(f"{gpu_gib:.1f} GiB")
     return "  ".join(parts)
+
+
+# TRL's DPO metric names -> the Step event's fields
+PREFERENCE_LOGS = {
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "reward_accuracy",
+}
+
+
+def preference_fields(logs: dict) -> dict:
+    return {field: clean_number(logs.get(key)) for key, field in PREFERENCE_LOGS.items() if key in logs}
 
 
 class RunEvents(TrainerCallback):
@@ -113,6 +129,7 @@ class RunEvents(TrainerCallback):
                 gpu_mem_reserved_gib=reserved,
                 total_steps=self.total_steps,
                 gpu_mem_peak_gib=peak,
+                **preference_fields(logs),
             )
         )
         print(_step_line(state.global_step, self.total_steps, loss, logs, self._window_tokens / elapsed, allocated),

@@ -247,8 +247,13 @@ class _Run:
         from sftop.engine.train.packing import packing_isolated
 
         self.model, self.tokenizer, self.info = load_model(self.preset, self.plan)
-        self.data = prepare_data(self.preset, self.tokenizer)
-        self.packing = self.preset.data.packing
+        if self.preset.train.task == "dpo":
+            from sftop.engine.data.preference_prepare import prepare_preferences
+
+            self.data = prepare_preferences(self.preset, self.tokenizer)
+        else:
+            self.data = prepare_data(self.preset, self.tokenizer)
+        self.packing = self.preset.data.packing and self.preset.train.task != "dpo"  # DPO pads its pairs
         if self.packing:
             ok, detail = packing_isolated(self.model, len(self.tokenizer), self.tokenizer.pad_token_id)
             if not ok:
@@ -284,6 +289,11 @@ class _Run:
     # ------------------------------------------------------------------ training
     def build_trainer(self):
         import torch
+
+        if self.preset.train.task == "dpo":
+            from sftop.engine.train.dpo import build_dpo_trainer
+
+            return build_dpo_trainer(self)
 
         from sftop.engine.train.callbacks import RunEvents
         from sftop.engine.train.config import build_sft_config
@@ -489,7 +499,8 @@ class _Run:
         tmp = target.with_name(".adapter-saving")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            self.trainer.model.save_pretrained(tmp)
+            # a DPO run's frozen reference adapter ("ref") is not part of the result
+            self.trainer.model.save_pretrained(tmp, **getattr(self.trainer, "sftop_save_kwargs", {}))
             self.tokenizer.save_pretrained(tmp)
         except Exception as exc:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -94,6 +94,11 @@ class DashboardScreen(Screen):
                     with Horizontal(classes="stat"):
                         yield Static(label, classes="stat-label")
                         yield Static("-", id=f"stat-{key}", classes="stat-value")
+                # shown for preference tuning (DPO) runs only
+                for key, label in (("pref", "pref acc"), ("margin", "margin"), ("rewards", "reward c/r")):
+                    with Horizontal(classes="stat preference"):
+                        yield Static(label, classes="stat-label")
+                        yield Static("-", id=f"stat-{key}", classes="stat-value")
         with Horizontal(id="throughput"):
             yield Static("tokens/s", id="tps-label")
             yield Sparkline([], id="tps-spark")
@@ -219,7 +224,8 @@ class DashboardScreen(Screen):
         chart.set_series([
             ChartSeries("train", s.loss, "cyan"),
             ChartSeries("eval", s.eval_loss, "yellow"),
-        ])
+        ] + ([ChartSeries("pref acc", s.reward_accuracy, "green")] if len(s.reward_accuracy) else []))
+        self._redraw_preference(chart)
         plan = s.plan or {}
         if plan.get("micro_batch") and plan.get("grad_accum"):
             self.query_one("#stats").border_title = (
@@ -239,6 +245,19 @@ class DashboardScreen(Screen):
         spark.data = s.tokens_per_s.downsample(width)[1]
         spark.display = len(s.tokens_per_s) > 1
         self.query_one("#tps-label", Static).update(f"tokens/s {format_count(s.last_tokens_per_s):>6}")
+
+    def _redraw_preference(self, chart: LineChart) -> None:
+        s = self.state
+        preference = len(s.reward_accuracy) > 0
+        for row in self.query(".preference"):
+            row.display = preference
+        if not preference:
+            return
+        chart.border_subtitle = "━ train  ━ eval  ━ pref acc"
+        self._set("pref", f"{s.reward_accuracy.last:.0%}")
+        self._set("margin", format_number(s.reward_margin, 3))
+        if s.reward_chosen is not None and s.reward_rejected is not None:
+            self._set("rewards", f"{s.reward_chosen:+.2f}/{s.reward_rejected:+.2f}")
 
     def _set(self, key: str, value: str) -> None:
         self.query_one(f"#stat-{key}", Static).update(value)

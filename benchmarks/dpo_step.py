@@ -1,0 +1,213 @@
+"""DPO step throughput and peak memory: TRL's DPOTrainer + PEFT (stock) vs sftop's DPO path.
+
+Both paths run TRL 1.16's DPOTrainer loop on the same random-init model of a real shape, the same
+pre-tokenised pairs (random ids; PAIRS pairs per micro-batch, SEQ tokens per side, the last
+ANSWER of them the scored answer), LoRA r=16 on all seven projections, gradient checkpointing,
+AdamW at lr 2e-4, reference = the model with its adapter disabled:
+
+- stock: the base model + `peft_config` handed to `trl.DPOTrainer` (TRL's chunked log-prob head).
+- sftop: `sftop.kernels.patch_model` on the LoRA model and `SftopDPOTrainer` with the fused linear
+  log-prob head (`sftop.kernels.fused_linear_logprob`) on the policy and reference forwards.
+
+Each path runs in its own subprocess of this script so that memory peaks and patches never leak
+from one into the other; one command measures both and prints the ratio.
+
+  python benchmarks/dpo_step.py --model llama-3.2-1b --pairs 2 --seq 1024 --json dpo_1b.json
+  python benchmarks/dpo_step.py --model llama-3.1-8b --4bit --json dpo_8b_nf4.json
+  TRITON_INTERPRET=1 python benchmarks/dpo_step.py --model tiny --device cpu --steps 2 --warmup 1   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_bench  # model shapes and the random 4-bit checkpoint
+
+
+def _dataset(args, vocab: int):
+    import torch
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    n = args.pairs * (args.steps + args.warmup)
+    prompt = args.seq - args.answer
+
+    def ids(k):
+        return torch.randint(3, vocab, (n, k), generator=g).tolist()
+
+    return Dataset.from_dict({"prompt_ids": ids(prompt), "chosen_ids": ids(args.answer),
+                              "rejected_ids": ids(args.answer)})
+
+
+def _model(args, path: str):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    if args.four_bit:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=quant, dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa", device_map={"": 0})
+    else:
+        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(step_bench._config(args.model), dtype=dtype,
+                                                     attn_implementation="sdpa")
+    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=step_bench.LORA_TARGETS,
+                      task_type="CAUSAL_LM")
+    if path == "stock":
+        return model, lora, None
+    from sftop.kernels import patch_model
+
+    model = get_peft_model(model, lora)
+    return model, None, patch_model(model).to_dict()
+
+
+def _one(args, path: str) -> dict:
+    import torch
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from sftop.engine.train.dpo import SftopDPOTrainer
+    from sftop.engine.train.trainer import UpdateGuard
+
+    class Pretokenised(DPOTrainer):
+        def _prepare_dataset(self, dataset, *a, **k):  # the same ids for both paths
+            return dataset
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.tokens = [], 0
+
+        def on_step_begin(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.t0)
+
+    model, peft_config, report = _model(args, path)
+    tmp = tempfile.mkdtemp(prefix="dpo-bench-")
+    cfg = DPOConfig(
+        output_dir=tmp, per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1,
+        max_steps=args.steps + args.warmup, learning_rate=2e-4, lr_scheduler_type="constant", logging_steps=1,
+        save_strategy="no", report_to=[], bf16=args.device == "cuda", use_cpu=args.device != "cuda",
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, max_length=None,
+        beta=0.1, loss_type=["sigmoid"], disable_tqdm=True, dataloader_num_workers=0,
+    )
+    timer = Timer()
+    vocab = step_bench.SHAPES[args.model]["vocab_size"]
+    tokenizer = _tokenizer(vocab)
+    common = dict(args=cfg, train_dataset=_dataset(args, vocab), processing_class=tokenizer, callbacks=[timer])
+    if path == "stock":
+        trainer = Pretokenised(model=model, peft_config=peft_config, **common)
+    else:
+        trainer = SftopDPOTrainer(model=model, guard=UpdateGuard(5), save_total_limit=1, kernel_head=True, **common)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    measured = timer.times[args.warmup:]
+    step_s = sum(measured) / len(measured)
+    tokens = 2 * args.pairs * args.seq  # chosen + rejected sides per step (the reference pass not counted)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    out = dict(path=path, step_s=step_s, tokens_per_s=tokens / step_s, pairs_per_s=args.pairs / step_s,
+               losses=losses, kernels=report, head=getattr(trainer, "sftop_head", "trl chunked"))
+    if args.device == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 1024**3
+    return out
+
+
+def _tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab)}, unk_token="t2"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t2")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(step_bench.SHAPES), default="llama-3.2-1b")
+    ap.add_argument("--pairs", type=int, default=2, help="pairs per micro-batch")
+    ap.add_argument("--seq", type=int, default=1024, help="tokens per side (prompt + answer)")
+    ap.add_argument("--answer", type=int, default=256, help="answer tokens per side (scored)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--4bit", dest="four_bit", action="store_true")
+    ap.add_argument("--paths", default="stock,sftop", help="comma-separated: stock, sftop")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (TRITON_INTERPRET=1)")
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.answer >= args.seq:
+        ap.error("--answer must be smaller than --seq")
+
+    if args.one:
+        print("RESULT " + json.dumps(_one(args, args.one)), flush=True)
+        return 0
+
+    import torch
+    import transformers
+    import trl
+
+    tmp = None
+    if args.four_bit and not args.model_dir:
+        tmp = step_bench.random_checkpoint(args.model, args.device)
+        args.model_dir = tmp.name
+    results = []
+    for path in args.paths.split(","):
+        cmd = [sys.executable, __file__, "--one", path, "--model", args.model, "--pairs", str(args.pairs),
+               "--seq", str(args.seq), "--answer", str(args.answer), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--device", args.device]
+        if args.four_bit:
+            cmd += ["--4bit", "--model-dir", args.model_dir]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            err = (proc.stderr or proc.stdout)[-3000:]
+            print(f"[{path}] failed (rc {proc.returncode}):\n{err}", file=sys.stderr)
+            results.append(dict(path=path, error=err[-800:]))
+            continue
+        results.append(json.loads(line[len("RESULT "):]))
+    stock = next((r for r in results if r.get("path") == "stock" and "tokens_per_s" in r), None)
+    for r in results:
+        if stock and "tokens_per_s" in r:
+            r["speed_vs_stock"] = r["tokens_per_s"] / stock["tokens_per_s"]
+    out = dict(
+        model=args.model, pairs=args.pairs, seq=args.seq, answer=args.answer, steps=args.steps, warmup=args.warmup,
+        four_bit=args.four_bit, device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+        torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(sys.argv), results=results,
+    )
+    print(f"DPO {args.model} {'nf4' if args.four_bit else 'bf16' if args.device == 'cuda' else 'fp32'} {args.pairs} pairs x {args.seq} tokens per side "
+          f"on {out['device']}")
+    for r in results:
+        if "tokens_per_s" in r:
+            peak = f"peak {r['peak_gib']:6.2f} GiB  " if "peak_gib" in r else ""
+            print(f"  {r['path']:6s} {r['tokens_per_s']:10,.0f} tok/s  {peak}"
+                  f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  loss {r['losses'][-1]:.4f}  head {r['head']}")
+        else:
+            print(f"  {r['path']:6s} FAILED")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    if tmp:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

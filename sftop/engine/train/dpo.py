@@ -1,0 +1,156 @@
+"""Preference tuning (`train.task = "dpo"`): TRL's DPOTrainer with sftop's checkpoints, guard and kernels.
+
+The loop, the losses (`dpo.loss_type`), the reward metrics and the reference handling are TRL's.
+sftop adds what `SftopTrainer` adds for SFT (atomic checkpoints, NaN/inf update skipping, token
+counts) and its kernels:
+
+- The policy is the LoRA model sftop loaded (kernels patched in).  The reference is the same model
+  with the adapter disabled (`dpo.reference = "adapter-off"`): no second copy of the weights.  A run
+  that starts from an earlier adapter (`model.adapter`) is compared against that adapter as it was
+  at the start (TRL keeps a frozen copy named "ref", adapter-sized), which is what DPO after SFT
+  means.  `dpo.reference = PATH` loads a separate reference model.
+- Chosen and rejected run in one forward (TRL concatenates them); the per-token log-probabilities
+  come from sftop's fused linear log-prob kernel (`sftop.kernels.patching.logprob_head`), never
+  materialising [tokens, vocab] logits, for the policy and the reference forward alike.
+- The dataset comes pre-tokenised (`sftop.engine.data.preference_prepare`): pairs over
+  `data.max_length` were dropped there, so TRL's collator never truncates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import TrainingArguments
+from trl import DPOConfig, DPOTrainer
+
+from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
+
+def build_dpo_config(preset, plan, *, output_dir: Path, dtype: str, has_eval: bool, on_cuda: bool | None = None):
+    """The SFT run's TrainingArguments (same optimizer, schedule, checkpointing, logging) + the DPO keys."""
+    from sftop.engine.train.config import build_sft_config
+
+    sft = build_sft_config(preset, plan, output_dir=output_dir, dtype=dtype, packing=False, has_eval=has_eval,
+                           on_cuda=on_cuda)
+    common = {f.name: getattr(sft, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    dpo = preset.dpo
+    return DPOConfig(
+        **common,
+        beta=dpo.beta,
+        loss_type=[dpo.loss_type],
+        label_smoothing=dpo.label_smoothing,
+        # pairs longer than data.max_length were dropped, never truncated (preference_prepare)
+        max_length=None,
+        # TRL 1.16 has padding-free batching switched off for DPO: pad each micro-batch
+        padding_free=False,
+        pad_to_multiple_of=None,
+        precompute_ref_log_probs=False,
+        dataset_num_proc=None,
+    )
+
+
+class SftopDPOTrainer(DPOTrainer):
+    # The same atomic checkpoints and rotation as SFT runs (they call Trainer._save_checkpoint
+    # directly, so TRL's per-checkpoint model card is skipped here too).
+    _save_checkpoint = SftopTrainer._save_checkpoint
+    _rotate_sftop_checkpoints = SftopTrainer._rotate_sftop_checkpoints
+    take_step_counts = SftopTrainer.take_step_counts
+
+    def __init__(self, *args, guard: UpdateGuard, save_total_limit: int,
+                 on_checkpoint: Callable[[Path], None] | None = None, kernel_head: bool = False,
+                 keep_ref_adapter: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sftop_guard = guard
+        self.sftop_save_total_limit = save_total_limit
+        self.sftop_on_checkpoint = on_checkpoint
+        self.sftop_step_tokens = 0
+        self.sftop_step_samples = 0
+        self.sftop_last_checkpoint: Path | None = None
+        peft_config = getattr(self.model, "peft_config", {})
+        if "ref" in peft_config and not keep_ref_adapter:
+            # TRL copies the adapter of any PeftModel it is given into a frozen "ref" adapter; for a
+            # fresh adapter that copy is the base model, which disabling the adapter gives for free.
+            self.model.delete_adapter("ref")
+        self.sftop_save_kwargs = {"selected_adapters": ["default"]} if "ref" in peft_config else {}
+        self.sftop_reference = "ref adapter" if "ref" in peft_config else (
+            "separate model" if self.ref_model is not None else "adapter off")
+        self.sftop_head = "stock: train.kernels off or not available"
+        if kernel_head:
+            from sftop.kernels.patching.logprob_head import install_logprob_head
+
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self.sftop_head = install_logprob_head(base)
+            if self.ref_model is not None:
+                install_logprob_head(self.ref_model)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        # sftop's data pipeline already tokenised the pairs (and applied the length policy)
+        if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(getattr(dataset, "column_names", None) or []):
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # the batch is [chosen rows; rejected rows]: tokens of both forwards, samples = pairs
+        self.sftop_step_tokens += inputs["attention_mask"].sum()
+        self.sftop_step_samples += inputs["attention_mask"].shape[0] // 2
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(loss)):
+            self.sftop_guard.loss_bad = True
+        return loss
+
+
+def load_reference_model(preset):
+    """The separate reference model of `dpo.reference = PATH`, frozen, with the policy's dtype and kernels."""
+    from sftop.engine.models.loading import apply_kernels, load_base_model
+
+    section = preset.model.model_copy(update={"name": preset.dpo.reference, "revision": None, "adapter": None})
+    model, _, _ = load_base_model(section, dtype=preset.model.dtype if preset.model.dtype != "auto" else None)
+    model.requires_grad_(False)
+    model.eval()
+    apply_kernels(model, preset.train.kernels)
+    return model
+
+
+def build_dpo_trainer(run):
+    """The DPO twin of `_Run.build_trainer` (sftop.engine.train.runner): same callbacks and guard."""
+    import torch
+    from transformers.trainer_callback import PrinterCallback
+
+    from sftop.engine.train.callbacks import RunEvents
+
+    preset = run.preset
+    args = build_dpo_config(preset, run.plan, output_dir=run.run_dir.checkpoints, dtype=run.info.dtype,
+                            has_eval=run.data.eval is not None, on_cuda=torch.cuda.is_available())
+    ref_model = None
+    if preset.dpo.reference != "adapter-off":
+        ref_model = getattr(run, "dpo_reference", None)
+        if ref_model is None:
+            ref_model = run.dpo_reference = load_reference_model(preset)
+    guard = UpdateGuard(preset.train.max_bad_steps)
+    events = RunEvents(run.writer, started=run.started_event, stop_requested=lambda: run.signals.requested,
+                       checkpoint_request=run.run_dir.path / "control" / "checkpoint")
+    parts = (run.info.kernels.get("parts") or {}) if run.info.kernels.get("enabled") else {}
+    trainer = SftopDPOTrainer(
+        model=run.model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=run.data.train,
+        eval_dataset=run.data.eval,
+        processing_class=run.tokenizer,
+        callbacks=[guard, events],
+        guard=guard,
+        save_total_limit=preset.train.save_total_limit,
+        on_checkpoint=run.on_checkpoint,
+        kernel_head=parts.get("loss") == "fused",
+        # starting from an earlier adapter: the reference is that adapter, frozen as it was
+        keep_ref_adapter=bool(preset.model.adapter) and ref_model is None,
+    )
+    trainer.remove_callback(PrinterCallback)
+    run.info.kernels["logprob_head"] = trainer.sftop_head
+    run.info.kernels["reference"] = trainer.sftop_reference
+    events.trainer = trainer
+    events.guard = guard
+    run.events, run.guard, run.trainer = events, guard, trainer
+    return trainer

@@ -1,0 +1,96 @@
+"""Preference tuning's LM head: per-token log-probabilities through the fused linear log-prob kernel.
+
+TRL 1.16's DPOTrainer asks the model for `model(..., labels=labels, fused_lm_head=True)` and reads
+`log_probs`, `entropy`, `mean_logits` and `is_top1` from the output (TRL's `add_fused_lm_head`
+answers that call with its own chunked head, installed on the model when the trainer is built).
+`install_logprob_head` puts sftop's answer on top: the backbone runs through the model's (patched)
+layers, then `fused_linear_logprob` scores only the positions whose label counts, in token chunks,
+with the unit input-gradient ready at the end of forward.  Any other call (generation, a plain
+loss) goes to the forward underneath, unchanged.  The policy forward and the reference forward
+(the same model with its adapter disabled) both take this path.
+"""
+
+from __future__ import annotations
+
+import types
+
+from torch import nn
+
+_MARK = "_sftop_logprob_head"
+
+
+def _refusal(model: nn.Module) -> str | None:
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        return f"stock: lm_head is {type(head).__name__}, not a plain nn.Linear"
+    if head.bias is not None:
+        return "stock: lm_head has a bias"
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        if getattr(config, key, None) not in (None, 1, 1.0):
+            return f"stock: the model scales its logits ({key})"
+    if getattr(config, "output_router_logits", False):
+        return "stock: mixture-of-experts router losses"
+    if not isinstance(getattr(model, "base_model", None), nn.Module):
+        return "stock: no backbone"
+    return None
+
+
+def install_logprob_head(model: nn.Module) -> str:
+    """Answer `fused_lm_head=True` calls on `model` (the HF causal LM, not a PeftModel) with the kernel.
+
+    Call it after TRL has added its own fused head.  Returns "fused", or "stock: why".
+    """
+    why = _refusal(model)
+    if why:
+        return why
+    if model.__dict__.get(_MARK):
+        return "fused"
+    below = model.forward
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    softcap = getattr(config, "final_logit_softcapping", None)
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                **kwargs):
+        if not fused_lm_head:
+            # keys left out when None, as the forward underneath may not take them all
+            return below(*args, **_with(kwargs, labels, shift_labels, num_items_in_batch))
+        from trl.trainer.utils import FusedCausalLMOutput
+
+        from ..fused_linear_logprob import fused_linear_logprob
+
+        kwargs["use_cache"] = False
+        out = self.base_model(*args, **kwargs)
+        hidden = out.last_hidden_state
+        if shift_labels is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        head = self.get_output_embeddings()
+        labels = labels.to(head.weight.device)
+        mask = labels != -100
+        logp, ent, mean, top1 = fused_linear_logprob(
+            hidden.to(head.weight.device)[mask], head.weight, labels[mask], softcap=softcap,
+            compute_dtype=getattr(self, "_sftop_loss_dtype", None), stats=True,
+        )
+        # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero, not an error)
+        log_probs = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
+        entropy = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
+        mean_logits = mean.new_zeros(mask.shape).masked_scatter(mask, mean)
+        is_top1 = top1.new_zeros(mask.shape).masked_scatter(mask, top1)
+        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=None,
+            mean_logits=mean_logits, is_top1=is_top1, label_mask=mask, aux_loss=None,
+        )
+
+    model.forward = types.MethodType(forward, model)
+    model.__dict__[_MARK] = True
+    return "fused"
+
+
+def _with(kwargs: dict, labels, shift_labels, num_items_in_batch) -> dict:
+    for key, value in (("labels", labels), ("shift_labels", shift_labels), ("num_items_in_batch", num_items_in_batch)):
+        if value is not None:
+            kwargs[key] = value
+    return kwargs
