@@ -1,12 +1,13 @@
 """DPO preset keys: validation, and how they reach TRL's DPOConfig (the rest is the SFT run's settings)."""
 
+from types import SimpleNamespace
+
 import pytest
 from pydantic import ValidationError
 
 from sftop.engine.presets.schema import Preset
 from sftop.engine.train.config import build_sft_config
 from sftop.engine.train.dpo import build_dpo_config
-from sftop.engine.train.plan import LocalPlan
 
 
 def test_dpo_keys_and_their_checks():
@@ -27,7 +28,7 @@ def test_dpo_keys_and_their_checks():
 def test_dpo_config_carries_the_keys_and_the_sft_settings(tmp_path):
     preset = Preset(train={"task": "dpo", "learning_rate": 5e-4, "max_steps": 7, "optimizer": "adamw"},
                     dpo={"beta": 0.3, "loss_type": "ipo", "label_smoothing": 0.1})
-    plan = LocalPlan(2, 4, "on")
+    plan = SimpleNamespace(micro_batch=2, grad_accum=4, gradient_checkpointing="on")
     args = build_dpo_config(preset, plan, output_dir=tmp_path, dtype="fp32", has_eval=False, on_cuda=False)
     sft = build_sft_config(preset, plan, output_dir=tmp_path, dtype="fp32", packing=False, has_eval=False,
                            on_cuda=False)

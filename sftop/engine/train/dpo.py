@@ -56,6 +56,7 @@ class SftopDPOTrainer(DPOTrainer):
     # directly, so TRL's per-checkpoint model card is skipped here too).
     _save_checkpoint = SftopTrainer._save_checkpoint
     _rotate_sftop_checkpoints = SftopTrainer._rotate_sftop_checkpoints
+    _checkpoint_bytes = SftopTrainer._checkpoint_bytes
     take_step_counts = SftopTrainer.take_step_counts
 
     def __init__(self, *args, guard: UpdateGuard, save_total_limit: int,
@@ -67,7 +68,6 @@ class SftopDPOTrainer(DPOTrainer):
         self.sftop_on_checkpoint = on_checkpoint
         self.sftop_step_tokens = 0
         self.sftop_step_samples = 0
-        self.sftop_last_checkpoint: Path | None = None
         peft_config = getattr(self.model, "peft_config", {})
         if "ref" in peft_config and not keep_ref_adapter:
             # TRL copies the adapter of any PeftModel it is given into a frozen "ref" adapter; for a
