@@ -26,11 +26,16 @@ def load_model_config(preset: Any) -> Any:
                 where="model.name",
                 hint="Reinstall sftop, or give a hub id or a local model directory",
             ) from None
+        from sftop.engine.models import demo_vlm
+
+        if name == demo_vlm.DEMO_VLM_NAME:
+            return demo_vlm.demo_vlm_config()
         if name != demo.DEMO_NAME:
             raise ModelError(
                 f"Unknown built-in model `{name}`",
                 where="model.name",
-                hint=f"The built-in model is `{demo.DEMO_NAME}`; otherwise give a hub id or a local directory",
+                hint=f"The built-in models are `{demo.DEMO_NAME}` and `{demo_vlm.DEMO_VLM_NAME}`; otherwise "
+                "give a hub id or a local directory",
             )
         from transformers import LlamaConfig
 
