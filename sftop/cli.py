@@ -47,6 +47,11 @@ def cmd_presets(args: argparse.Namespace) -> int:
     preset, path = load_preset(args.name, args.set)
     _out(f"# {path}")
     _out(to_toml(preset).rstrip())
+    from sftop.engine.models.vision.lora_parts import parts_summary
+
+    summary = parts_summary(preset)
+    if summary:
+        _out(f"# {summary}")
     return 0
 
 

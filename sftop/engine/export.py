@@ -1,7 +1,8 @@
 """Export a run's result: the LoRA adapter as is, or merged into the base model.
 
 The merged model is a plain Hugging Face model directory (safetensors + tokenizer) that
-`AutoModelForCausalLM.from_pretrained` loads without peft or sftop.
+`AutoModelForCausalLM.from_pretrained` loads without peft or sftop; a vision-language model's
+also holds its processor, and loads with its family's class (`AutoModelForImageTextToText`).
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ def _write_merged(run_dir: RunDir, adapter: Path, tmp: Path) -> None:
     section = preset.model
     # Merge into 16-bit (or fp32) weights even after QLoRA: a merged NF4 model would lose precision twice.
     dtype = section.dtype if section.dtype in _DTYPES else "fp32"
+    from sftop.engine.models.vision.loading import vision_family
+
+    family = vision_family(section)
+    if family is not None:
+        _write_merged_vision(section, family, dtype, adapter, tmp)
+        return
 
     def load(source, local_files_only):
         return AutoModelForCausalLM.from_pretrained(
@@ -114,3 +121,22 @@ def _write_merged(run_dir: RunDir, adapter: Path, tmp: Path) -> None:
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
     else:
         load_tokenizer(section).save_pretrained(tmp)
+
+
+def _write_merged_vision(section, family, dtype: str, adapter: Path, tmp: Path) -> None:
+    """A VLM merged in 16-bit (vision tower and projector as they were), with its processor."""
+    from peft import PeftModel
+    from transformers import AutoProcessor
+
+    from sftop.engine.models.vision.loading import load_processor, load_vision_base
+    from sftop.engine.train.resources import check_disk_space
+
+    # 16-bit weights, never 4-bit: load as the run's dtype, unquantised
+    base = load_vision_base(section.model_copy(update={"load_in_4bit": False}), family, dtype=dtype, attn="sdpa")
+    params = sum(p.numel() for p in base.parameters())
+    check_disk_space(tmp, {"merged model": params * base.dtype.itemsize})
+    model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    model.save_pretrained(tmp)
+    saved_with_adapter = (adapter / "processor_config.json").is_file() or (adapter / "preprocessor_config.json").is_file()
+    processor = AutoProcessor.from_pretrained(adapter) if saved_with_adapter else load_processor(section, family)
+    processor.save_pretrained(tmp)

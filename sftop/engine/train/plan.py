@@ -55,13 +55,16 @@ def _resolve_plan_without_planner(preset) -> LocalPlan:
     return LocalPlan(micro, accum, checkpointing, reason="planner unavailable: default split of effective_batch")
 
 
-def make_plan(preset, model_config, row_tokens_mean: float | None = None):
-    """The planner's plan when available; it raises ResourceError itself when nothing fits."""
+def make_plan(preset, model_config, row_tokens_mean: float | None = None, image_tokens_per_row=None):
+    """The planner's plan when available; it raises ResourceError itself when nothing fits.
+
+    image_tokens_per_row: a VLM's exact image tokens per row (from its data check).
+    """
     try:
         from sftop.engine.planner import plan_run
     except ImportError:
         return _resolve_plan_without_planner(preset)
-    return plan_run(preset, model_config, row_tokens_mean=row_tokens_mean)
+    return plan_run(preset, model_config, row_tokens_mean=row_tokens_mean, image_tokens_per_row=image_tokens_per_row)
 
 
 def resolved_plan_section(plan) -> dict[str, Any]:

@@ -165,6 +165,9 @@ class _Run:
         self.signals = StopSignals(run_dir.events, lambda: self.step, self.latest_checkpoint)
         self.t0 = time.time()
         self.probe_verdict: dict[str, Any] | None = None
+        self.vision = None  # a vision-language model's family (sftop.engine.models.vision)
+        self.vision_data = None
+        self.packing_reason: str | None = None
 
     def latest_checkpoint(self) -> str | None:
         path = self.run_dir.latest_checkpoint()
@@ -182,7 +185,9 @@ class _Run:
 
         preset = self.preset
         config = _model_config(preset)
-        self.plan = make_plan(preset, config)  # reads GPUs through NVML: CUDA itself is not started yet
+        image_tokens = self.prepare_vision_data(config)
+        # reads GPUs through NVML: CUDA itself is not started yet
+        self.plan = make_plan(preset, config, image_tokens_per_row=image_tokens)
         self.pin_gpu()
         on_cuda = torch.cuda.is_available()
         dtype = resolve_dtype(preset.model.dtype, on_cuda)
@@ -194,6 +199,23 @@ class _Run:
 
         self.preset = Preset.model_validate(data)
         save_preset(self.preset, self.run_dir.preset)
+
+    def prepare_vision_data(self, config) -> list[int] | None:
+        """A VLM's rows are checked (images opened, exact lengths) before planning: the planner sizes
+        the image terms from their image tokens. Returns those counts; None for a text model."""
+        from sftop.engine.models.vision.loading import family_of
+
+        self.vision = family_of(config)
+        if self.vision is None:
+            return None
+        from sftop.engine.models.vision.loading import load_processor
+        from sftop.engine.train.vision_data import prepare_vision_data
+
+        processor = load_processor(self.preset.model, self.vision)
+        self.vision_data = prepare_vision_data(self.preset, processor, self.vision)
+        self.message(f"{self.vision.display_name} vision-language model: {len(self.vision_data.image_tokens_per_row)} "
+                     f"rows checked with their images, {self.vision_data.report.bad_rows} skipped")
+        return self.vision_data.image_tokens_per_row
 
     def pin_gpu(self) -> None:
         """Make the plan's GPU the only one this process sees (it becomes cuda:0).
@@ -222,8 +244,18 @@ class _Run:
         from sftop.engine.train.packing import packing_isolated
 
         self.model, self.tokenizer, self.info = load_model(self.preset, self.plan)
-        self.data = prepare_data(self.preset, self.tokenizer)
-        self.packing = self.preset.data.packing
+        if self.vision is not None:
+            self.data = self.vision_data
+            self.packing = False
+            if self.preset.data.packing:
+                self.packing_reason = "vision-language model: packing is not supported yet, rows are padded per batch"
+                self.message(f"Packing turned off: {self.packing_reason}")
+                self.preset = self.preset.model_copy(
+                    update={"data": self.preset.data.model_copy(update={"packing": False})})
+                save_preset(self.preset, self.run_dir.preset)
+        else:
+            self.data = prepare_data(self.preset, self.tokenizer)
+            self.packing = self.preset.data.packing
         if self.packing:
             ok, detail = packing_isolated(self.model, len(self.tokenizer), self.tokenizer.pad_token_id)
             if not ok:
@@ -260,6 +292,7 @@ class _Run:
         args = build_sft_config(
             self.preset, self.plan, output_dir=self.run_dir.checkpoints, dtype=self.info.dtype,
             packing=self.packing, has_eval=self.data.eval is not None, on_cuda=on_cuda,
+            vision=self.vision is not None,
         )
         guard = UpdateGuard(self.preset.train.max_bad_steps)
         events = RunEvents(self.writer, started=self.started_event, stop_requested=lambda: self.signals.requested,
@@ -275,6 +308,7 @@ class _Run:
             save_total_limit=self.preset.train.save_total_limit,
             on_checkpoint=self.on_checkpoint,
             kernel_loss=(self.info.kernels.get("parts") or {}).get("loss") == "fused",
+            **({"data_collator": self.data.collator} if self.vision is not None else {}),
         )
         # One readable line per step (RunEvents prints it) instead of transformers' raw log dicts.
         from transformers.trainer_callback import PrinterCallback
@@ -293,6 +327,7 @@ class _Run:
                 **environment_info(self.info.device, self.info.dtype, self.info.attn_implementation),
                 "model": self.info.to_dict(),
                 "packing": self.packing,
+                **({"packing_reason": self.packing_reason} if self.packing_reason else {}),
             },
             plan={**self.plan.to_dict(), **({"probe": self.probe_verdict} if self.probe_verdict else {})},
             kernels=self.info.kernels,
@@ -355,6 +390,10 @@ class _Run:
         `memory` is the allocator to read (the planner's CudaMemory by default).
         """
         if not str(getattr(self.plan, "device", "cpu")).startswith("cuda"):
+            return self.trainer
+        if self.vision is not None:
+            # The probe's synthetic batches are text only: they would measure a VLM step without
+            # its images. The plan's image terms and the OOM step-down cover VLM runs.
             return self.trainer
         from sftop.engine.planner.verify import run_probe
         from sftop.engine.train.probe import probe_step

@@ -65,3 +65,15 @@ def describe_parts(family: VisionFamily, parts: Iterable[str] | None) -> str:
     chosen = resolve_parts(family, parts)
     default = " (the family's default)" if parts is None else ""
     return f"{', '.join(chosen)}{default}"
+
+
+def parts_summary(preset) -> str | None:
+    """`sftop presets show`'s comment on a VLM preset: the LoRA parts in effect and the family default."""
+    from sftop.engine.models.vision.detect import family_on_disk
+
+    family = family_on_disk(preset.model.name)
+    if family is None:
+        return None
+    chosen = describe_parts(family, preset.lora.parts)
+    return (f"{family.display_name} vision-language model: lora.parts = {chosen}; "
+            f"family default {list(family.default_lora_parts)}; choose among {list(LORA_PARTS)}")
