@@ -21,8 +21,9 @@ DEMO_VLM_FAMILY = "qwen2_vl"
 DEMO_VLM_VERSION = "1"
 
 # Wider than the family's test config so LoRA can learn colours, counts and positions in minutes.
-TEXT_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                 num_key_value_heads=2)
+# (head_dim stays the family config's 16, which its M-RoPE sections are sized for)
+TEXT_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=8,
+                 num_key_value_heads=4)
 VISION_SIZE = dict(depth=2, embed_dim=64, num_heads=4, mlp_ratio=2)
 # As in the text demo: a random LM head at the usual 0.02 scale caps the logits near +-5, so LoRA
 # alone could never make a confident answer; a wider head lets the adapter learn sharp answers.
@@ -42,12 +43,12 @@ def demo_family():
 def demo_vlm_config():
     """The demo's config (no weights): the family's tiny config at the demo's sizes."""
     config = demo_family().tiny_config()
-    for key, value in TEXT_SIZE.items():
-        setattr(config.text_config, key, value)
+    data = config.to_dict()
+    text = {k: v for k, v in data["text_config"].items() if k != "layer_types"}  # rebuilt for the new depth
+    data["text_config"] = {**text, **TEXT_SIZE}
     # the vision tower's output width is the language model's
-    for key, value in {**VISION_SIZE, "hidden_size": TEXT_SIZE["hidden_size"]}.items():
-        setattr(config.vision_config, key, value)
-    return config
+    data["vision_config"] = {**data["vision_config"], **VISION_SIZE, "hidden_size": TEXT_SIZE["hidden_size"]}
+    return type(config)(**data)
 
 
 def build_model(seed: int = 0):

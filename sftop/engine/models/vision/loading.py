@@ -102,7 +102,15 @@ def load_processor(model_section, family: VisionFamily):
     """The model's processor (tokenizer, chat template, image processor), with a pad token."""
     from transformers import AutoProcessor
 
+    from sftop.engine.models.demo_vlm import DEMO_VLM_NAME
     from sftop.engine.models.tokenizer import ensure_pad_token, hub_call
+
+    if model_section.name == DEMO_VLM_NAME:
+        # Built locally like the demo's weights: the same processor whether or not this install
+        # has the optional video processors that loading a saved Qwen processor asks for.
+        processor = family.offline_processor()
+        ensure_pad_token(processor.tokenizer)
+        return processor
 
     def load(source, local_files_only):
         return AutoProcessor.from_pretrained(
