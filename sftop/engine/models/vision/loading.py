@@ -164,17 +164,17 @@ def load_vision_base(model_section, family: VisionFamily, *, dtype: str, attn: s
     return hub_call(model_section, "model", load)
 
 
-def lora_config(lora_section, family: VisionFamily):
-    """LoRA by part: `lora.parts` (or the family's default) as one target regex."""
+def lora_config(lora_section, family: VisionFamily, model):
+    """LoRA by part: `lora.parts` (or the family's default) as the model's matching linear layers."""
     from peft import LoraConfig
 
-    from sftop.engine.models.vision.lora_parts import target_regex
+    from sftop.engine.models.vision.lora_parts import target_module_names
 
     return LoraConfig(
         r=lora_section.r,
         lora_alpha=lora_section.alpha,
         lora_dropout=lora_section.dropout,
-        target_modules=target_regex(family, lora_section.parts),
+        target_modules=target_module_names(model, family, lora_section.parts),
         task_type="CAUSAL_LM",
         bias="none",
     )
@@ -250,7 +250,7 @@ def load_vision_model(preset, family: VisionFamily):
     base = load_vision_base(section, family, dtype=dtype, attn=attn)
     set_seed(preset.train.seed)  # LoRA's A matrices come from the global RNG: repeatable runs and resumes
     try:
-        model = get_peft_model(base, lora_config(preset.lora, family))
+        model = get_peft_model(base, lora_config(preset.lora, family, base))
     except ValueError as exc:
         raise ModelError(
             f"Cannot add LoRA to this {family.display_name} model: {exc}",

@@ -77,3 +77,25 @@ def parts_summary(preset) -> str | None:
     chosen = describe_parts(family, preset.lora.parts)
     return (f"{family.display_name} vision-language model: lora.parts = {chosen}; "
             f"family default {list(family.default_lora_parts)}; choose among {list(LORA_PARTS)}")
+
+
+def target_module_names(model, family: VisionFamily, parts: Iterable[str] | None) -> list[str]:
+    """The linear layers of `model` the chosen parts cover, by full name (PEFT's `target_modules`).
+
+    Matching only linear layers: a part's location pattern also covers its norms and embeddings,
+    which LoRA cannot adapt.
+    """
+    import re
+
+    from torch import nn
+
+    pattern = re.compile(target_regex(family, parts))
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
+    if not names:
+        raise PresetError(
+            f"lora.parts = {list(resolve_parts(family, parts))} matches no linear layer of this "
+            f"{family.display_name} model",
+            where="lora.parts",
+            hint=f"Choose other parts, e.g. {list(family.default_lora_parts)} (the family's default)",
+        )
+    return names
