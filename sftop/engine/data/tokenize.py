@@ -83,6 +83,11 @@ class Encoder:
                 ),
             )
 
+    def template_messages(self, conv: Conversation) -> list[dict]:
+        """The messages as the chat template receives them (string content for text models; the
+        vision collator passes content parts so the template places the images)."""
+        return conv.template_messages()
+
     def render(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -101,7 +106,7 @@ class Encoder:
 
     def assistant_spans(self, conv: Conversation, full: str) -> list[tuple[int, int]]:
         """Character spans of the assistant turns in `full`, found by incremental rendering."""
-        messages = conv.template_messages()
+        messages = self.template_messages(conv)
         spans = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -191,7 +196,7 @@ class Encoder:
 
     def _render_full(self, conv: Conversation) -> str:
         try:
-            return self.render(conv.template_messages())
+            return self.render(self.template_messages(conv))
         except Exception as exc:
             raise RowError(f"the chat template rejected it: {_template_error_text(exc)}") from None
 
@@ -199,8 +204,11 @@ class Encoder:
     def _fast(self) -> bool:
         return bool(getattr(self.tokenizer, "is_fast", False))
 
-    def encode_chat(self, conv: Conversation, full: str | None = None, enc=None) -> tuple[list[int], list[bool]]:
-        """Token ids and trained flags of a chat; `full`/`enc` pass in a render and its tokenisation."""
+    def encode_chat(
+        self, conv: Conversation, full: str | None = None, enc=None, spans: list[tuple[int, int]] | None = None
+    ) -> tuple[list[int], list[bool]]:
+        """Token ids and trained flags of a chat; `full`/`enc` pass in a render and its tokenisation,
+        `spans` the assistant turns' character spans in `full` where the caller already has them."""
         if full is None:
             full = self._render_full(conv)
         if enc is None:
@@ -210,7 +218,7 @@ class Encoder:
             return ids, [True] * len(ids)
         offsets = enc.get("offset_mapping") if self._fast else None
         mask = [False] * len(ids)
-        for start, end in self.assistant_spans(conv, full):
+        for start, end in self.assistant_spans(conv, full) if spans is None else spans:
             t0 = self._char_to_token(full, ids, offsets, start, is_end=False)
             t1 = self._char_to_token(full, ids, offsets, end, is_end=True)
             # Whitespace after the end-of-turn token is template glue the model never generates.

@@ -66,6 +66,22 @@ class VisionFamily(ABC):
         """Exact number of tokens one image of this (already resized) size becomes in the input
         ids, taken from the processor's own arithmetic, begin/end markers included."""
 
+    def image_placeholder(self, processor: Any) -> str:
+        """The token string the chat template renders for each image and the processor then
+        expands (`<|image_pad|>`, `<image>`, `<start_of_image>`, ...)."""
+        return processor.image_token
+
+    @abstractmethod
+    def image_expansion(self, processor: Any, width: int, height: int) -> str:
+        """The text one `image_placeholder` becomes for an image of this (already resized) size,
+        exactly as the processor expands it, computed from sizes alone (no pixels): the collator's
+        per-row encoding uses it to count and mask a row's tokens without running the image
+        processor, and checks it against the processor's real output whenever it collates."""
+
+    def processor_images(self, images_per_row: list[list[Any]]) -> Any:
+        """The `images` argument of the processor's call for a batch: one list per row by default."""
+        return images_per_row
+
     def model_class(self) -> Any:
         """The transformers class that loads this family for training (a default that works for
         most; families override it where `AutoModelForImageTextToText` does not fit)."""

@@ -10,7 +10,10 @@ from typing import Any
 from sftop.engine.models.vision.family import VisionFamily
 
 # module names under sftop.engine.models.vision.families, one line per family
-FAMILY_MODULES: tuple[str, ...] = ()
+FAMILY_MODULES: tuple[str, ...] = (
+    "qwen2_vl",
+    "gemma3",
+)
 
 
 def all_families() -> dict[str, VisionFamily]:

@@ -1,0 +1,136 @@
+"""Every vision family: offline processor, tiny model, LoRA targets, and the collator's labels
+checked token by token, its image-token counts against the processor, and a forward's loss."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from vision_family_rows import END_OF_TURN, FAMILY_NAMES, family, image, model, processor, rows, single
+
+from sftop.engine.data.formats import RowError
+from sftop.engine.data.tokenize import IGNORE_INDEX, trained_spans
+from sftop.engine.models.vision.collator import VisionCollator, row_images
+from sftop.engine.models.vision.family import LORA_PARTS
+from sftop.engine.models.vision.registry import family_for_config
+from sftop.kernels.patching.registry import FAMILIES as KERNEL_FAMILIES
+
+ROW_KINDS = ["single", "single-system", "two-turns", "multi", "multi-system-turns"]
+
+
+def _cases():
+    for name in FAMILY_NAMES:
+        for kind in ROW_KINDS:
+            if kind in rows(name):
+                yield pytest.param(name, kind, id=f"{name}-{kind}")
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_family_declares_a_consistent_offline_model(name):
+    fam = family(name)
+    proc, config = processor(name), fam.tiny_config()
+    tok = proc.tokenizer
+    assert family_for_config(config) is fam
+    assert len(tok) <= config.get_text_config().vocab_size
+    for token in fam.image_token_strings:
+        assert tok.convert_tokens_to_ids(token) not in (None, tok.unk_token_id), token
+        assert tok.tokenize(token) == [token]  # one special token, never split
+    assert fam.image_placeholder(proc) in fam.image_token_strings
+    assert fam.language_model_type is None or fam.language_model_type in KERNEL_FAMILIES
+    assert set(fam.default_lora_parts) <= set(LORA_PARTS)
+    rules = fam.image_rules
+    assert rules.min_pixels <= rules.max_pixels and rules.min_edge <= rules.patch_multiple * 64
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_lora_targets_cover_the_real_module_names(name):
+    fam, m = family(name), model(name)
+    linears = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)]
+    targets = fam.lora_targets
+    matched = {part: [n for n in linears if re.fullmatch(targets.pattern(part), n)] for part in LORA_PARTS}
+    for part in LORA_PARTS:
+        # an empty pattern declares a part that has no Linear layer (Gemma 3's projector)
+        assert matched[part] or targets.pattern(part) == "", f"{part}: no Linear matches {targets.pattern(part)!r}"
+    where = [set(matched[p]) for p in ("language", "vision", "projector")]
+    assert not (where[0] & where[1] or where[0] & where[2] or where[1] & where[2]), "parts overlap"
+    assert set(linears) - set().union(*where) <= {"lm_head"}, "a Linear layer belongs to no part"
+    assert "projector" not in fam.default_lora_parts or matched["projector"]
+    # attention and MLP are kinds: the language layers have both
+    lang = set(matched["language"])
+    assert lang & set(matched["attention"]) and lang & set(matched["mlp"])
+    assert not set(matched["attention"]) & set(matched["mlp"])
+
+
+@pytest.mark.parametrize("name,kind", list(_cases()))
+def test_labels_are_exactly_the_assistant_turns(name, kind):
+    fam, proc = family(name), processor(name)
+    tok = proc.tokenizer
+    conv = rows(name)[kind]
+    row = VisionCollator(fam, proc).encode_row(conv)
+    assert len(row.input_ids) == len(row.labels)
+    assert all(label in (IGNORE_INDEX, t) for t, label in zip(row.input_ids, row.labels))
+    eot = END_OF_TURN[name]
+    trained = [text for text, is_trained in trained_spans(tok, row.input_ids, row.labels) if is_trained]
+    assert trained == [m.text_content + eot for m in conv.messages if m.role == "assistant"]
+    # no image token is ever trained, and the prompts are all in the untrained part
+    image_ids = VisionCollator.image_token_ids(fam, proc)
+    assert not image_ids & {label for label in row.labels if label != IGNORE_INDEX}
+    context = "".join(text for text, is_trained in trained_spans(tok, row.input_ids, row.labels) if not is_trained)
+    for m in conv.messages:
+        if m.role != "assistant":
+            assert all(part.text in context for part in m.content if hasattr(part, "text"))
+    # every image is in the row with exactly the family's token count for its size
+    expected = sum(fam.image_token_count(proc, *img.size) for img in row_images(conv))
+    assert row.image_tokens == expected
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_image_token_count_equals_what_the_processor_emits(name):
+    fam, proc = family(name), processor(name)
+    collator = VisionCollator(fam, proc)
+    image_ids = torch.tensor(sorted(collator.image_ids))
+    for blocks in [(1, 1), (2, 3), (4, 1), (3, 3)]:
+        img = image(name, *blocks)
+        batch = collator([single(img)])
+        emitted = int(torch.isin(batch["input_ids"][0], image_ids).sum())
+        assert emitted == fam.image_token_count(proc, *img.size), blocks
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_collated_batch_trains_the_tiny_model(name):
+    fam, proc, m = family(name), processor(name), model(name)
+    convs = list(rows(name).values())
+    batch = VisionCollator(fam, proc)(convs)
+    input_ids, labels, attention = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert input_ids.shape == labels.shape == attention.shape and input_ids.shape[0] == len(convs)
+    assert (labels[attention == 0] == IGNORE_INDEX).all()  # padding never trained
+    for i, conv in enumerate(convs):  # each row's labels equal its per-row encoding
+        row = VisionCollator(fam, proc).encode_row(conv)
+        assert labels[i][attention[i].bool()].tolist() == row.labels
+    out = m(**batch)
+    assert torch.isfinite(out.loss)
+    logits = out.logits[:, :-1].double()
+    by_hand = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
+    assert out.loss.item() == pytest.approx(by_hand.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_loss_on_all_keeps_every_text_token(name):
+    fam, proc = family(name), processor(name)
+    collator = VisionCollator(fam, proc, loss_on="all")
+    row = collator.encode_row(rows(name)["single-system"])
+    assert row.labels == [IGNORE_INDEX if t in collator.image_ids else t for t in row.input_ids]
+    assert row.trained_tokens == row.length - row.image_tokens
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_rows_over_max_length_are_dropped_not_truncated(name):
+    fam, proc = family(name), processor(name)
+    conv = rows(name)["single"]
+    length = VisionCollator(fam, proc).encode_row(conv).length
+    assert VisionCollator(fam, proc, max_length=length).encode_row(conv).length == length
+    with pytest.raises(RowError, match=rf"{length} tokens .*dropped"):
+        VisionCollator(fam, proc, max_length=length - 1).encode_row(conv)
