@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from sftop.engine.data.conversation import ROLES, Conversation, RowProblem
 from sftop.engine.data.formats import RowError, check_forced_format, detect_format, normalise_row
 from sftop.engine.data.sources import RawRows
+from sftop.engine.data.vision_rows import find_image_column, normalise_image_row
 from sftop.engine.errors import DataError
 
 SHOWN_PROBLEMS = 5
@@ -135,12 +136,13 @@ def validate_rows(raw: RawRows, fmt: str, loss_on: str, *, allow_images: bool = 
     """Structural pass: normalise every row, keep the good ones, report the rest by index."""
     report = ValidationReport(source=raw.source, format=fmt, total_rows=len(raw))
     good: list[Conversation] = []
+    image_column = find_image_column(raw.columns)
     for index, row in enumerate(raw):
         if index in raw.errors:
             report.add(index, raw.errors[index])
             continue
         try:
-            conv = normalise_row(row, fmt, index)
+            conv = normalise_image_row(row, fmt, index, image_column) if isinstance(row, dict) else normalise_row(row, fmt, index)
             check_structure(conv, loss_on, allow_images=allow_images)
         except RowError as exc:
             report.add(index, str(exc))
