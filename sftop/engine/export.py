@@ -126,7 +126,6 @@ def _write_merged(run_dir: RunDir, adapter: Path, tmp: Path) -> None:
 def _write_merged_vision(section, family, dtype: str, adapter: Path, tmp: Path) -> None:
     """A VLM merged in 16-bit (vision tower and projector as they were), with its processor."""
     from peft import PeftModel
-    from transformers import AutoProcessor
 
     from sftop.engine.models.vision.loading import load_processor, load_vision_base
     from sftop.engine.train.resources import check_disk_space
@@ -137,6 +136,5 @@ def _write_merged_vision(section, family, dtype: str, adapter: Path, tmp: Path) 
     check_disk_space(tmp, {"merged model": params * base.dtype.itemsize})
     model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     model.save_pretrained(tmp)
-    saved_with_adapter = (adapter / "processor_config.json").is_file() or (adapter / "preprocessor_config.json").is_file()
-    processor = AutoProcessor.from_pretrained(adapter) if saved_with_adapter else load_processor(section, family)
-    processor.save_pretrained(tmp)
+    # the processor the run trained with (training never changes it)
+    load_processor(section, family).save_pretrained(tmp)
