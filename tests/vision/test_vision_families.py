@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from vision_family_rows import END_OF_TURN, FAMILY_NAMES, family, image, model, processor, rows, single
+from vision_family_rows import ASSISTANT_PREFIX, END_OF_TURN, FAMILY_NAMES, family, image, model, processor, rows, single
 
 from sftop.engine.data.formats import RowError
 from sftop.engine.data.tokenize import IGNORE_INDEX, trained_spans
@@ -72,7 +72,8 @@ def test_labels_are_exactly_the_assistant_turns(name, kind):
     assert all(label in (IGNORE_INDEX, t) for t, label in zip(row.input_ids, row.labels))
     eot = END_OF_TURN[name]
     trained = [text for text, is_trained in trained_spans(tok, row.input_ids, row.labels) if is_trained]
-    assert trained == [m.text_content + eot for m in conv.messages if m.role == "assistant"]
+    prefix = ASSISTANT_PREFIX.get(name, "")
+    assert trained == [prefix + m.text_content + eot for m in conv.messages if m.role == "assistant"]
     # no image token is ever trained, and the prompts are all in the untrained part
     image_ids = VisionCollator.image_token_ids(fam, proc)
     assert not image_ids & {label for label in row.labels if label != IGNORE_INDEX}
@@ -134,3 +135,19 @@ def test_rows_over_max_length_are_dropped_not_truncated(name):
     assert VisionCollator(fam, proc, max_length=length).encode_row(conv).length == length
     with pytest.raises(RowError, match=rf"{length} tokens .*dropped"):
         VisionCollator(fam, proc, max_length=length - 1).encode_row(conv)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_text_only_rows_batch_with_image_rows(name):
+    from sftop.engine.data.conversation import Conversation, Message
+
+    fam, proc = family(name), processor(name)
+    text_only = Conversation((Message.text("user", "Say yes."), Message.text("assistant", "yes")), source_index=7)
+    collator = VisionCollator(fam, proc)
+    if not fam.mixes_text_only_rows:
+        with pytest.raises(ValueError, match=r"rows \[7\]"):
+            collator([rows(name)["single"], text_only])
+        return
+    batch = collator([text_only, rows(name)["single"]])
+    assert batch["labels"][0][batch["attention_mask"][0].bool()].tolist() == collator.encode_row(text_only).labels
+    assert torch.isfinite(model(name)(**batch).loss)

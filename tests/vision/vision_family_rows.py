@@ -17,10 +17,15 @@ END_OF_TURN = {
     "qwen3_vl": "<|im_end|>",
     "gemma3": "<end_of_turn>",
     "idefics3": "<end_of_utterance>",
+    "smolvlm": "<end_of_utterance>",
     "llava": "</s>",
     "llava_next": "</s>",
     "mllama": "<|eot_id|>",
 }
+
+# What the template puts between the generation prompt and the assistant's text, trained with it
+# (Idefics3's "Assistant:" prompt is followed by ": text" in the full render).
+ASSISTANT_PREFIX = {"idefics3": " ", "smolvlm": " ", "llava": " ", "llava_next": " "}
 
 FAMILY_NAMES = sorted(all_families())
 
@@ -43,9 +48,13 @@ def model(name: str):
     return m.eval()
 
 
+# Tiled families rescale every image to whole tiles themselves: small test images will do.
+TEST_STEP = {"idefics3": 28, "smolvlm": 28}
+
+
 def image(name: str, width_blocks: int, height_blocks: int, colour=(200, 30, 30)) -> Image.Image:
     """An RGB image already on the family's patch grid (as the data layer leaves it)."""
-    step = family(name).image_rules.patch_multiple
+    step = TEST_STEP.get(name, family(name).image_rules.patch_multiple)
     img = Image.new("RGB", (width_blocks * step, height_blocks * step), (240, 240, 240))
     img.paste(colour, (step // 2, step // 2, width_blocks * step - step // 2, height_blocks * step - step // 2))
     return img

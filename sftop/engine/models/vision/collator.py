@@ -88,7 +88,8 @@ class VisionCollator:
     `loss_on`: "assistant" (default) trains only the assistant turns (their end-of-turn token
     included); "all" trains every token that is neither an image token nor padding.
     `rules`: the image rules the data layer resized with (the family's defaults unless the preset
-    changed the pixel budget); the processor is told to keep those sizes.
+    changed the pixel budget); the processor is configured to keep those sizes
+    (`VisionFamily.configure_processor`), which changes the processor object passed in.
     """
 
     def __init__(
@@ -108,6 +109,7 @@ class VisionCollator:
         self.loss_on = loss_on
         self.max_length = max_length
         self.rules = rules or family.image_rules
+        family.configure_processor(processor, self.rules)
         self.image_ids = self.image_token_ids(family, processor)
         self.placeholder = family.image_placeholder(processor)
         self._encoder = _VisionEncoder(processor, loss_on=loss_on, image_ids=self.image_ids)
@@ -197,6 +199,12 @@ class VisionCollator:
 
         rows = [self.encode_row(conv) for conv in conversations]
         images = [row_images(conv) for conv in conversations]
+        if any(images) and not all(images) and not self.family.mixes_text_only_rows:
+            text_only = [row.source_index for row, imgs in zip(rows, images) if not imgs]
+            raise ValueError(
+                f"{self.family.display_name} cannot batch rows without images (rows {text_only}) with rows that have "
+                "them: drop the text-only rows, or train with a micro-batch of 1"
+            )
         kwargs = dict(self.family.processor_kwargs(self.rules))
         batch = self.processor(
             text=[row.text for row in rows],

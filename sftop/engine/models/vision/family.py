@@ -51,6 +51,9 @@ class VisionFamily(ABC):
     default_lora_parts: tuple[str, ...] = ("language", "attention", "mlp")
     supports_multiple_images: bool = True
     supports_system_turn: bool = True
+    # whether a batch may hold rows without images next to rows with images (mllama's processor
+    # refuses such a batch: keep its text-only rows in batches of their own, or drop them)
+    mixes_text_only_rows: bool = True
 
     @abstractmethod
     def tiny_config(self) -> Any:
@@ -65,6 +68,11 @@ class VisionFamily(ABC):
     def image_token_count(self, processor: Any, width: int, height: int) -> int:
         """Exact number of tokens one image of this (already resized) size becomes in the input
         ids, taken from the processor's own arithmetic, begin/end markers included."""
+
+    def language_model_type_for(self, config: Any) -> str | None:
+        """`language_model_type` for one loaded config: families whose checkpoints come with
+        different language models (LLaVA: Vicuna, Mistral, Llama 3, ...) read it from the config."""
+        return self.language_model_type
 
     def image_placeholder(self, processor: Any) -> str:
         """The token string the chat template renders for each image and the processor then
@@ -88,6 +96,12 @@ class VisionFamily(ABC):
         from transformers import AutoModelForImageTextToText
 
         return AutoModelForImageTextToText
+
+    def configure_processor(self, processor: Any, rules: ImageRules) -> None:
+        """Set the processor's own image budget to `rules` (the loader and the collator call this
+        once), so that it keeps the sizes the data layer chose and `image_token_count` /
+        `image_expansion`, which read the processor's state, match what it emits. Nothing to do for
+        families whose tower takes a fixed size."""
 
     def processor_kwargs(self, rules: ImageRules) -> Mapping[str, Any]:
         """Keyword arguments for the processor's call so that it keeps the images at the sizes the

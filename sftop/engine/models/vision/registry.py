@@ -13,6 +13,13 @@ from sftop.engine.models.vision.family import VisionFamily
 FAMILY_MODULES: tuple[str, ...] = (
     "qwen2_vl",
     "gemma3",
+    "qwen2_5_vl",
+    "idefics3",
+    "smolvlm",
+    "llava",
+    "llava_next",
+    "qwen3_vl",
+    "mllama",
 )
 
 

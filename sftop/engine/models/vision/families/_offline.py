@@ -104,6 +104,15 @@ def image_only(processor_class):
         # this class has no video processor, so ProcessorMixin ignores the third.
         processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-    subclass = type(processor_class.__name__, (processor_class,), {"__init__": __init__, "__module__": __name__})
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        # SmolVLM's override only fills in video sampling defaults from the video processor.
+        from transformers.processing_utils import ProcessorMixin
+
+        return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
+
+    body = {"__init__": __init__, "__module__": __name__}
+    if "apply_chat_template" in processor_class.__dict__:
+        body["apply_chat_template"] = apply_chat_template
+    subclass = type(processor_class.__name__, (processor_class,), body)
     subclass.__qualname__ = processor_class.__qualname__
     return subclass
