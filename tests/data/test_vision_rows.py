@@ -315,6 +315,9 @@ def test_each_bad_image_reported_with_its_row(tmp_path):
     assert found[9].startswith("image placeholders do not match the images: the messages hold 2 image placeholders")
     assert [c.source_index for c in check.conversations] == [0]
     assert structured.report.bad_rows == 9
+    # the summary groups image problems by what is wrong, whatever the file
+    kinds = structured.report.reason_counts()
+    assert kinds["image N: file … is truncated"] == 2 and kinds["image N: file … does not exist"] == 1
 
 
 def test_run_stops_only_over_max_bad_fraction(tmp_path):
@@ -374,3 +377,20 @@ def test_image_stats():
     assert stats.image_tokens == 80 and stats.image_tokens_per_row_max == 68
     assert stats.image_token_share == pytest.approx(80 / 180)
     assert ImageStats.build(sizes, RULES).image_token_share is None
+
+
+def test_one_call_for_a_vision_run(tmp_path):
+    from sftop.engine.data.image_check import validate_image_rows
+    from sftop.engine.errors import DataError
+
+    folder_of_images(tmp_path)
+    rows = [{"prompt": "Colour?", "completion": "red", "images": ["photos/red.png"]} for _ in range(4)]
+    rows[2]["images"] = ["photos/gone.png"]
+    source = str(write_jsonl(tmp_path / "d.jsonl", rows))
+    section = DataSection(source=source, max_bad_fraction=0.25, max_pixels=28 * 28 * 2, min_pixels=14 * 14)
+    structured, check = validate_image_rows(section, RULES)
+    assert [c.source_index for c in structured.conversations] == [0, 1, 3]
+    assert check.sizes[0] == [((56, 42), (42, 28))]  # the preset's budget (1,568 pixels), on the family's grid
+    assert isinstance(check.conversations[0].messages[0].content[0].image, str)  # references kept
+    with pytest.raises(DataError, match="1 of 4 rows"):
+        validate_image_rows(section.model_copy(update={"max_bad_fraction": 0.1}), RULES)

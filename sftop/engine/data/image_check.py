@@ -122,6 +122,26 @@ def check_structured_images(structured, rules: ImageRules, *, keep_images: bool 
     return check
 
 
+def validate_image_rows(section, family_rules: ImageRules, *, keep_images: bool = False, strict: bool = True):
+    """A vision run's data stage before tokenisation, in one call: read `data.source`, normalise and
+    check every row's structure and images against the family's rules with the preset's pixel
+    budget (`data.max_pixels` / `data.min_pixels`).
+
+    Returns `(structured, check)`: `structured.conversations` holds the good rows (their images
+    still references unless `keep_images`), `check.sizes` each one's (original, final) image sizes.
+    With `strict`, raises `DataError` when more than `data.max_bad_fraction` of the rows are bad.
+    """
+    from sftop.engine.data.images import effective_image_rules
+    from sftop.engine.data.prepare import validate_structure
+
+    rules = effective_image_rules(family_rules, section)
+    structured = validate_structure(section, strict=False, allow_images=True)
+    check = check_structured_images(structured, rules, keep_images=keep_images)
+    if strict:
+        structured.report.raise_if_too_many(section.max_bad_fraction)
+    return structured, check
+
+
 def _collect(conversations, outcomes, report: ValidationReport, keep_images: bool) -> ImageCheck:
     result = ImageCheck()
     for conv, outcome in zip(conversations, outcomes):

@@ -2,8 +2,9 @@
 
 Every picture is drawn with Pillow: circles, squares and triangles in red, green, blue or yellow on
 a light background, one shape per 28-pixel cell (so shapes never touch), without anti-aliasing
-(so every shape pixel has exactly its colour). Sides are 56, 84 or 112 pixels: on the patch grid of
-every family, small enough that a tiny model trains on a CPU in minutes.
+(so every shape pixel has exactly its colour). Sides are 56, 84 or 112 pixels: on the 14- and
+28-pixel grids of most families (others resize them to their own grid), small enough that a tiny
+model trains on a CPU in minutes.
 
 Questions (the `kind` column says which):
 

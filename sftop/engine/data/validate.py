@@ -88,9 +88,17 @@ class ValidationReport:
         }
 
 
+_IMAGE_SUBJECT = re.compile(
+    r"^(image N: )(file|embedded image|inline image|URL|image)\b.*"
+    r" (is |does not exist|cannot be read|has no pixels|holds neither)"
+)
+
+
 def _reason_kind(reason: str) -> str:
-    """Group reasons that differ only in numbers and trailing detail ("row 3 ..." vs "row 9 ...")."""
-    return re.sub(r"\s*\([^()]*\)$", "", re.sub(r"\d+", "N", reason))
+    """Group reasons that differ only in numbers and trailing detail ("row 3 ..." vs "row 9 ..."),
+    and image reasons that differ only in which file ("image 1: file a.jpg is truncated")."""
+    kind = re.sub(r"\s*\([^()]*\)$", "", re.sub(r"\d+", "N", reason))
+    return _IMAGE_SUBJECT.sub(r"\1\2 … \3", kind)
 
 
 def check_structure(conv: Conversation, loss_on: str, *, allow_images: bool = False) -> None:

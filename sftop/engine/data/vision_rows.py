@@ -67,11 +67,6 @@ def count_images(conv: Conversation) -> int:
     return sum(1 for m in conv.messages for p in m.content if isinstance(p, ImagePart))
 
 
-def image_refs(conv: Conversation) -> list:
-    """Every image of the conversation, in order of appearance."""
-    return [p.image for m in conv.messages for p in m.content if isinstance(p, ImagePart)]
-
-
 def _is_placeholder(part: Part) -> bool:
     return isinstance(part, ImagePart) and (part.image is None or part.image == "")
 
