@@ -80,7 +80,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from sftop.engine.presets import load_preset
 
     preset, _ = load_preset(args.preset, args.set)
-    plan = plan_run(preset, load_model_config(preset), gpu_memory_gib=args.gpu_memory)
+    from sftop.engine.train.vision_data import image_tokens_for_plan
+
+    # a vision-language model: the rows' exact image tokens size the image terms, as in a run
+    image_tokens = image_tokens_for_plan(preset)
+    plan = plan_run(preset, load_model_config(preset), gpu_memory_gib=args.gpu_memory,
+                    image_tokens_per_row=image_tokens)
     if args.json:
         _out(json.dumps(plan.to_dict(), indent=2))
     else:

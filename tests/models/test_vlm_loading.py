@@ -167,3 +167,18 @@ def test_patch_model_finds_a_vlms_language_layers(tiny_vlm):
     assert report.parts["loss"].startswith("stock: not applied")
     assert report.parts["cuda_graphs"].startswith("stock: not applied")
     patch_model(model, enable=False)
+
+
+def test_presets_show_and_plan_speak_of_the_vlm(vlm_home, capsys):
+    from sftop.cli import main
+
+    assert main(["presets", "show", "demo-vision"]) == 0
+    shown = capsys.readouterr().out
+    assert 'parts = [\n    "language",\n    "vision",\n    "projector",' in shown
+    assert "# Qwen2-VL vision-language model: lora.parts = language, vision, projector, attention, mlp; " \
+           "family default ['language', 'attention', 'mlp']" in shown
+    assert main(["plan", "demo-vision", "--set", "data.max_rows=24", "--set", "plan.micro_batch=4",
+                 "--gpu-memory", "24"]) == 0
+    plan = capsys.readouterr().out
+    assert "images: pixel tensors" in plan and "images: vision tower activations" in plan
+    assert "image tokens per micro-batch of 4: p95" in plan and "no data check yet" not in plan

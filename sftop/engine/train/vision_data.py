@@ -127,3 +127,15 @@ def prepare_vision_data(preset, processor, family: VisionFamily) -> VisionPrepar
         image_tokens_per_row=[r.image_tokens for r in rows],
         images_per_row=[len(r.image_sizes) for r in rows],
     )
+
+
+def image_tokens_for_plan(preset) -> list[int] | None:
+    """`sftop plan`'s image load: the data check's exact image tokens per row for a VLM whose
+    family can be told offline (built-in, local directory, cached hub model); None otherwise."""
+    from sftop.engine.models.vision.detect import family_on_disk
+    from sftop.engine.models.vision.loading import load_processor
+
+    family = family_on_disk(preset.model.name)
+    if family is None:
+        return None
+    return prepare_vision_data(preset, load_processor(preset.model, family), family).image_tokens_per_row
