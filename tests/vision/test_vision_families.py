@@ -73,7 +73,12 @@ def test_labels_are_exactly_the_assistant_turns(name, kind):
     eot = END_OF_TURN[name]
     trained = [text for text, is_trained in trained_spans(tok, row.input_ids, row.labels) if is_trained]
     prefix = ASSISTANT_PREFIX.get(name, "")
-    assert trained == [prefix + m.text_content + eot for m in conv.messages if m.role == "assistant"]
+    answers = [prefix + m.text_content for m in conv.messages if m.role == "assistant"]
+    assert trained == [answer + eot for answer in answers]
+    # token by token: each answer's own tokens, then the end-of-turn token, and nothing else
+    eot_id = tok.convert_tokens_to_ids(eot)
+    expected_ids = [t for answer in answers for t in tok(answer, add_special_tokens=False)["input_ids"] + [eot_id]]
+    assert [label for label in row.labels if label != IGNORE_INDEX] == expected_ids
     # no image token is ever trained, and the prompts are all in the untrained part
     image_ids = VisionCollator.image_token_ids(fam, proc)
     assert not image_ids & {label for label in row.labels if label != IGNORE_INDEX}
@@ -151,3 +156,77 @@ def test_text_only_rows_batch_with_image_rows(name):
     batch = collator([text_only, rows(name)["single"]])
     assert batch["labels"][0][batch["attention_mask"][0].bool()].tolist() == collator.encode_row(text_only).labels
     assert torch.isfinite(model(name)(**batch).loss)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_saved_processor_loads_back_and_collates_the_same(name, tmp_path):
+    fam, proc = family(name), processor(name)
+    proc.save_pretrained(tmp_path)
+    loaded = fam.load_processor(str(tmp_path))  # without torchvision where CI has none
+    assert type(loaded).__name__ == type(proc).__name__ and loaded.chat_template == proc.chat_template
+    conv = rows(name)["multi" if fam.supports_multiple_images else "single"]
+    a, b = VisionCollator(fam, proc)([conv]), VisionCollator(fam, loaded)([conv])
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _tower_positions(name, batch, config):
+    """What the vision tower really computes for a collated batch, read from its pixel tensors."""
+    pv = batch["pixel_values"]
+    patch = config.vision_config.patch_size
+    if name.startswith("qwen"):
+        return pv.shape[0]
+    if name == "gemma3":
+        return pv.shape[0] * (pv.shape[-1] // patch) ** 2
+    if name in ("idefics3", "smolvlm"):
+        real_tiles = int(batch["pixel_attention_mask"].flatten(2).any(-1).sum())
+        return real_tiles * (pv.shape[-1] // patch) ** 2
+    if name == "llava":
+        return pv.shape[0] * ((pv.shape[-1] // patch) ** 2 + 1)
+    if name == "llava_next":
+        real_crops = int(pv.flatten(2).ne(0).any(-1).sum())
+        return real_crops * ((pv.shape[-1] // patch) ** 2 + 1)
+    if name == "mllama":
+        per_tile = (pv.shape[-1] // patch) ** 2 + 1
+        return pv.shape[0] * pv.shape[1] * pv.shape[2] * (per_tile + (-per_tile) % 8)
+    raise AssertionError(f"no reading of {name}'s pixel tensors")
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_vision_patches_equal_what_the_tower_computes(name):
+    fam, proc, config = family(name), processor(name), family(name).tiny_config()
+    convs = [single(image(name, w, h)) for w, h in [(2, 3), (4, 1), (2, 2)]]
+    batch = VisionCollator(fam, proc)(convs)
+    expected = sum(fam.vision_patches(proc, config, *img.size) for conv in convs for img in row_images(conv))
+    assert expected == _tower_positions(name, batch, config)
+
+
+def test_bos_added_where_the_tokenizer_adds_it_and_the_template_does_not():
+    from tokenizers import processors
+
+    from sftop.engine.models.vision.families.llava import FAMILY as LLAVA
+
+    proc = LLAVA.offline_processor()
+    tok = proc.tokenizer
+    # LLaVA 1.5's hub template writes no BOS: its tokenizer adds one
+    proc.chat_template = tok.chat_template = proc.chat_template.replace("{{ bos_token }}", "")
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert tok("a")["input_ids"][0] == bos
+    conv = rows("llava")["two-turns"]
+    collator = VisionCollator(LLAVA, proc)
+    row = collator.encode_row(conv)
+    assert row.input_ids[0] == bos and row.input_ids.count(bos) == 1 and row.labels[0] == IGNORE_INDEX
+    trained = [text for text, is_trained in trained_spans(tok, row.input_ids, row.labels) if is_trained]
+    assert trained == [" " + m.text_content + "</s>" for m in conv.messages if m.role == "assistant"]
+    batch = collator([conv])
+    assert batch["input_ids"][0].tolist() == row.input_ids
+
+
+def test_a_processor_without_the_image_placeholder_is_refused():
+    fam = family("qwen2_vl")
+    proc = fam.offline_processor()
+    proc.image_token = "<|not_a_token|>"
+    with pytest.raises(ValueError, match=re.escape("no token '<|not_a_token|>'")):
+        VisionCollator(fam, proc)

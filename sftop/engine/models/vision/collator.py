@@ -113,20 +113,31 @@ class VisionCollator:
         self.image_ids = self.image_token_ids(family, processor)
         self.placeholder = family.image_placeholder(processor)
         self._encoder = _VisionEncoder(processor, loss_on=loss_on, image_ids=self.image_ids)
+        self._adds_bos: bool | None = None
 
     @staticmethod
     def image_token_ids(family: VisionFamily, processor: Any) -> set[int]:
+        """Ids of the family's image tokens that this tokenizer has (a checkpoint may lack a
+        secondary one, such as a video placeholder); the image placeholder itself must be there."""
         tokenizer = processor.tokenizer
-        ids = set()
+        ids = {}
         for token in family.image_token_strings:
             token_id = tokenizer.convert_tokens_to_ids(token)
-            if token_id is None or token_id == tokenizer.unk_token_id:
-                raise ValueError(
-                    f"{family.display_name}: the tokenizer has no token {token!r}, which this family uses for images; "
-                    "is the processor the one of this model?"
-                )
-            ids.add(token_id)
-        return ids
+            if token_id is not None and token_id != tokenizer.unk_token_id:
+                ids[token] = token_id
+        placeholder = family.image_placeholder(processor)
+        if placeholder not in ids:
+            raise ValueError(
+                f"{family.display_name}: the tokenizer has no token {placeholder!r}, which stands for each image in "
+                "this family's prompts; is the processor the one of this model?"
+            )
+        return set(ids.values())
+
+    @property
+    def special_ids(self) -> set[int]:
+        """The tokenizer's special ids and the family's image ids (for the text path's check that
+        assistant turns end with an end-of-turn token)."""
+        return self._encoder.special_ids
 
     # -- one row ----------------------------------------------------------------------------------
 
@@ -148,11 +159,14 @@ class VisionCollator:
         if len(images) > 1 and not self.family.supports_multiple_images:
             raise RowError(f"{len(images)} images, but {self.family.display_name} takes one image per row")
         sizes = [tuple(image.size) for image in images]
-        full = self.render(conv)
+        rendered = self.render(conv)
+        bos = self._bos_to_add(rendered)
+        full = bos + rendered
         expanded, shift = self._expand(full, sizes)
         spans = None
         if self.loss_on == "assistant":
-            spans = [(shift(start), shift(end)) for start, end in self._encoder.assistant_spans(conv, full)]
+            spans = [(shift(len(bos) + start), shift(len(bos) + end))
+                     for start, end in self._encoder.assistant_spans(conv, rendered)]
         enc = self.tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=self._encoder._fast)
         ids, mask = self._encoder.encode_chat(conv, full=expanded, enc=enc, spans=spans)
         image_tokens = sum(1 for t in ids if t in self.image_ids)
@@ -166,6 +180,20 @@ class VisionCollator:
         if all(label == IGNORE_INDEX for label in labels):
             raise RowError("no tokens to train on after tokenisation")
         return VisionRow(ids, labels, sizes, image_tokens, conv.source_index, full)
+
+    def _bos_to_add(self, rendered: str) -> str:
+        """The BOS token where the tokenizer adds one and the template does not write it.
+
+        Rows are tokenised without the tokenizer's own special tokens, since most templates write
+        BOS themselves; some (LLaVA 1.5's) rely on the tokenizer adding it, as the processor does
+        by default, and the model was trained with it.
+        """
+        if self._adds_bos is None:
+            bos_id = self.tokenizer.bos_token_id
+            ids = self.tokenizer("a", add_special_tokens=True)["input_ids"] if bos_id is not None else []
+            self._adds_bos = bool(ids) and ids[0] == bos_id
+        bos = self.tokenizer.bos_token
+        return bos if self._adds_bos and not rendered.startswith(bos) else ""
 
     def _expand(self, full: str, sizes: Sequence[tuple[int, int]]):
         """`full` with each image placeholder expanded, and a map of character positions into it."""

@@ -69,6 +69,13 @@ class VisionFamily(ABC):
         """Exact number of tokens one image of this (already resized) size becomes in the input
         ids, taken from the processor's own arithmetic, begin/end markers included."""
 
+    @abstractmethod
+    def vision_patches(self, processor: Any, config: Any, width: int, height: int) -> int:
+        """How many positions the vision tower computes for one (already resized) image: patches
+        of every tile or crop it sees, with the class and padding positions the tower adds. For
+        the planner's vision-tower activations; the language model's share is
+        `image_token_count`."""
+
     def language_model_type_for(self, config: Any) -> str | None:
         """`language_model_type` for one loaded config: families whose checkpoints come with
         different language models (LLaVA: Vicuna, Mistral, Llama 3, ...) read it from the config."""
@@ -89,6 +96,38 @@ class VisionFamily(ABC):
     def processor_images(self, images_per_row: list[list[Any]]) -> Any:
         """The `images` argument of the processor's call for a batch: one list per row by default."""
         return images_per_row
+
+    def pil_processor_classes(self) -> tuple[Any, Any] | None:
+        """(processor class, PIL image processor class) for families whose processor cannot be
+        loaded by `AutoProcessor` without torchvision (see `load_processor`); None for the others."""
+        return None
+
+    def load_processor(self, source: str, **kwargs: Any) -> Any:
+        """The processor of a checkpoint (hub id or local directory).
+
+        `AutoProcessor` where it works. Without torchvision, Qwen-VL's processors still ask for a
+        video processor and Idefics3/SmolVLM's image processors are only found through their
+        torchvision class, so for those families the processor is assembled from the checkpoint's
+        own parts instead: its tokenizer, its image processor config read by the PIL class, and its
+        processor config (chat template, image_seq_len, ...). Images only, no video.
+        """
+        import importlib.util
+        import inspect
+
+        from transformers import AutoProcessor, AutoTokenizer
+
+        classes = self.pil_processor_classes()
+        if classes is None or importlib.util.find_spec("torchvision") is not None:
+            return AutoProcessor.from_pretrained(source, **kwargs)
+        processor_class, image_processor_class = classes
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        image_processor = image_processor_class.from_pretrained(source, **kwargs)
+        settings, _ = processor_class.get_processor_dict(source, **kwargs)
+        accepted = set(inspect.signature(processor_class.__init__).parameters) - {"self", "image_processor", "tokenizer"}
+        return processor_class(
+            image_processor=image_processor, tokenizer=tokenizer,
+            **{key: value for key, value in settings.items() if key in accepted},
+        )
 
     def model_class(self) -> Any:
         """The transformers class that loads this family for training (a default that works for

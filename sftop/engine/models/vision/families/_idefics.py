@@ -85,6 +85,9 @@ class IdeficsFamilyBase(VisionFamily):
     def config_class(self) -> Any:
         raise NotImplementedError
 
+    def pil_processor_classes(self) -> tuple[Any, Any]:
+        return self.processor_class(), self.image_processor_class()
+
     def _rows_cols(self, processor: Any, width: int, height: int) -> tuple[int, int]:
         _, rows, cols = processor.image_processor.get_number_of_image_patches(height, width, {})
         return rows, cols
@@ -100,6 +103,11 @@ class IdeficsFamilyBase(VisionFamily):
         # each tile: <fake_token_around_image><row_R_col_C> + seq <image>; the global view:
         # <fake_token_around_image><global-img> + seq <image> + <fake_token_around_image>
         return rows * cols * (seq + 2) + seq + 3
+
+    def vision_patches(self, processor: Any, config: Any, width: int, height: int) -> int:
+        rows, cols = self._rows_cols(processor, width, height)
+        per_tile = (processor.image_processor.max_image_size["longest_edge"] // config.vision_config.patch_size) ** 2
+        return (rows * cols + 1) * per_tile  # the tiles and the global view
 
     def configure_processor(self, processor: Any, rules: ImageRules) -> None:
         image_processor = processor.image_processor

@@ -94,15 +94,24 @@ def image_only(processor_class):
 
     Qwen-VL and SmolVLM processors take a video processor, and transformers checks it against
     `transformers.BaseVideoProcessor`, which is a placeholder that matches nothing when
-    torchvision is not installed. sftop trains on images only, so the offline processors use this
-    subclass: the same class (same `__call__`, same expansion, saved under the parent's name so
-    `AutoProcessor` loads it back as the family's processor), with no video processor attribute.
+    torchvision is not installed. sftop trains on images only, so the offline processors (and
+    `VisionFamily.load_processor` without torchvision) use this subclass: the same class (same
+    `__call__`, same expansion, saved under the parent's name so `AutoProcessor` loads it back as
+    the family's processor where torchvision is installed), with no video processor attribute.
+    Its `__init__` shows the parent's signature less `video_processor`, which is what transformers
+    reads to list the sub-processors and the settings it saves (`image_seq_len`, ...).
     """
+    import inspect
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        # The parent passes (image_processor, tokenizer, video_processor) on; the attribute list of
-        # this class has no video processor, so ProcessorMixin ignores the third.
-        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        # ProcessorMixin pairs the parent's positional sub-processors with this class's attribute
+        # list, which has no video processor, so the third (None) is dropped.
+        processor_class.__init__(self, image_processor, tokenizer, None, **kwargs)
+
+    parent = inspect.signature(processor_class.__init__)
+    __init__.__signature__ = parent.replace(
+        parameters=[p for p in parent.parameters.values() if p.name != "video_processor"]
+    )
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
         # SmolVLM's override only fills in video sampling defaults from the video processor.

@@ -79,6 +79,11 @@ class QwenVLFamilyBase(VisionFamily):
     def processor_class(self) -> Any:
         raise NotImplementedError
 
+    def pil_processor_classes(self) -> tuple[Any, Any]:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return image_only(self.processor_class()), Qwen2VLImageProcessorPil
+
     def image_expansion(self, processor: Any, width: int, height: int) -> str:
         # The template already rendered <|vision_start|> and <|vision_end|> around the placeholder.
         return processor.image_token * (self.image_token_count(processor, width, height) - 2)
@@ -87,6 +92,10 @@ class QwenVLFamilyBase(VisionFamily):
         image_processor = processor.image_processor
         patches = image_processor.get_number_of_image_patches(height, width, {})
         return patches // image_processor.merge_size**2 + 2  # + <|vision_start|>, <|vision_end|>
+
+    def vision_patches(self, processor: Any, config: Any, width: int, height: int) -> int:
+        # one ViT position per 14/16-pixel patch, before the 2x2 merge
+        return processor.image_processor.get_number_of_image_patches(height, width, {})
 
     def configure_processor(self, processor: Any, rules: ImageRules) -> None:
         # The data layer snapped each side to the merged grid within this budget, so with the same
@@ -101,8 +110,7 @@ class QwenVLFamilyBase(VisionFamily):
         return {"min_pixels": rules.min_pixels, "max_pixels": rules.max_pixels}
 
     def offline_processor(self) -> Any:
-        from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
-
+        processor_class, image_processor_class = self.pil_processor_classes()
         template = chat_template(self.default_system)
         tokenizer = build_tokenizer(
             SPECIALS, chat_template=template, eos="<|im_end|>", pad="<|endoftext|>", vocab_size=VOCAB_SIZE,
@@ -110,13 +118,11 @@ class QwenVLFamilyBase(VisionFamily):
         )
         rules = self.image_rules
         # A fresh `size` dict: the class's default one is shared and its __init__ edits it in place.
-        image_processor = Qwen2VLImageProcessorPil(
+        image_processor = image_processor_class(
             size={"shortest_edge": rules.min_pixels, "longest_edge": rules.max_pixels},
             patch_size=self.patch_size, merge_size=self.merge_size, temporal_patch_size=2,
         )
-        return image_only(self.processor_class())(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=template
-        )
+        return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
 
     def text_config(self, **overrides: Any) -> dict:
         """The tiny language model's config, with the offline tokenizer's ids."""

@@ -80,6 +80,11 @@ class Gemma3Family(VisionFamily):
     def image_token_count(self, processor: Any, width: int, height: int) -> int:
         return processor.image_seq_length + 2  # + <start_of_image>, <end_of_image>
 
+    def vision_patches(self, processor: Any, config: Any, width: int, height: int) -> int:
+        # every image at the tower's square input (SigLIP adds no class position)
+        side = processor.image_processor.size["height"] // config.vision_config.patch_size
+        return side * side
+
     def processor_kwargs(self, rules: ImageRules) -> Mapping[str, Any]:
         # Pan-and-scan would add a variable number of crops, each another 256 tokens.
         return {"do_pan_and_scan": False}

@@ -45,6 +45,10 @@ class LlavaFamily(LlavaFamilyBase):
         count += processor.num_additional_image_tokens
         return count - 1 if processor.vision_feature_select_strategy == "default" else count
 
+    def vision_patches(self, processor: Any, config: Any, width: int, height: int) -> int:
+        crop = processor.image_processor.crop_size
+        return (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size) + 1  # + CLS
+
     def tiny_config(self) -> Any:
         from transformers import LlavaConfig
 

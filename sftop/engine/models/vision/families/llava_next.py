@@ -56,6 +56,14 @@ class LlavaNextFamily(LlavaFamilyBase):
         count = processor._get_number_of_features(height, width, crop["height"], crop["width"])
         return count - 1 if processor.vision_feature_select_strategy == "default" else count
 
+    def vision_patches(self, processor: Any, config: Any, width: int, height: int) -> int:
+        from transformers.image_processing_utils import select_best_resolution
+
+        crop = processor.image_processor.crop_size
+        best_h, best_w = select_best_resolution((height, width), processor.image_processor.image_grid_pinpoints)
+        crops = (best_h // crop["height"]) * (best_w // crop["width"]) + 1  # the grid and the base crop
+        return crops * ((crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size) + 1)
+
     def tiny_config(self) -> Any:
         from transformers import LlavaNextConfig
 

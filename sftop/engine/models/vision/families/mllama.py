@@ -78,6 +78,13 @@ class MllamaFamily(VisionFamily):
     def image_token_count(self, processor: Any, width: int, height: int) -> int:
         return 1
 
+    def vision_patches(self, processor: Any, config: Any, width: int, height: int) -> int:
+        # The tower runs every image on all `max_image_tiles` tiles (unused ones are zeros), each
+        # tile's patches plus a class position, padded to a multiple of 8.
+        tile = processor.image_processor.size["height"]
+        per_tile = (tile // config.vision_config.patch_size) ** 2 + 1
+        return processor.image_processor.max_image_tiles * (per_tile + (-per_tile) % 8)
+
     def tiny_config(self) -> Any:
         from transformers import MllamaConfig
 
