@@ -394,3 +394,21 @@ def test_one_call_for_a_vision_run(tmp_path):
     assert isinstance(check.conversations[0].messages[0].content[0].image, str)  # references kept
     with pytest.raises(DataError, match="1 of 4 rows"):
         validate_image_rows(section.model_copy(update={"max_bad_fraction": 0.1}), RULES)
+
+
+def test_image_part_keys_of_chat_templates(tmp_path):
+    """transformers' chat templates take `url`, `path` and `base64` image parts too."""
+    import base64
+
+    folder_of_images(tmp_path)
+    content = [
+        {"type": "image", "url": "photos/red.png"},
+        {"type": "image", "path": "photos/green.jpg"},
+        {"type": "image", "base64": base64.b64encode(png(BLUE)).decode()},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png(RED)).decode()}},
+        {"type": "text", "text": "Four?"},
+    ]
+    conv = normalise_image_row({"messages": [{"role": "user", "content": content},
+                                             {"role": "assistant", "content": "yes"}]}, "messages", 0)
+    assert layout(resolve_row_images(conv, tmp_path, RULES))[0] == ("user", ["I:red", "I:green", "I:blue", "I:red",
+                                                                             "T:Four?"])

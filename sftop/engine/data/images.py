@@ -258,7 +258,10 @@ def open_image(ref: Any, base_dir: str | Path | None = None):
     subject = describe_image_ref(ref)
     base = Path(base_dir) if base_dir is not None else None
     image = _decode(_raw_source(ref, base, subject), subject)
-    return to_rgb(_upright(image))
+    try:
+        return to_rgb(_upright(image))
+    except (ValueError, OSError) as exc:  # a colour mode Pillow cannot turn into RGB (e.g. LAB)
+        raise ImageError(subject, f"has colour mode {image.mode}, which cannot be converted to RGB ({exc})") from None
 
 
 # -- size rules ---------------------------------------------------------------------------------
