@@ -63,7 +63,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     from sftop.engine.presets import load_preset
 
     preset, _ = load_preset(args.preset, args.set)
-    result = check_data(preset)
+    from sftop.engine.train.vision_data import vision_check_kwargs
+
+    result = check_data(preset, **vision_check_kwargs(preset))  # a VLM: its exact image tokens
     if getattr(args, "json", False):
         _out(json.dumps(result.to_dict(), indent=2))
     else:

@@ -182,3 +182,11 @@ def test_presets_show_and_plan_speak_of_the_vlm(vlm_home, capsys):
     plan = capsys.readouterr().out
     assert "images: pixel tensors" in plan and "images: vision tower activations" in plan
     assert "image tokens per micro-batch of 4: p95" in plan and "no data check yet" not in plan
+
+
+def test_data_check_counts_image_tokens_with_the_family(vlm_home, capsys):
+    from sftop.cli import main
+
+    main(["data", "check", "demo-vision", "--set", "data.max_rows=24"])
+    out = capsys.readouterr().out
+    assert "of all tokens are image tokens" in out and "needs a vision model to count" not in out

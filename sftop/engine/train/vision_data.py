@@ -139,3 +139,21 @@ def image_tokens_for_plan(preset) -> list[int] | None:
     if family is None:
         return None
     return prepare_vision_data(preset, load_processor(preset.model, family), family).image_tokens_per_row
+
+
+def vision_check_kwargs(preset) -> dict:
+    """`check_data`'s arguments for a VLM told offline: its processor's tokenizer, the family's image
+    rules with the preset's pixel budget, and the family's exact image-token count. {} otherwise."""
+    from sftop.engine.data.images import effective_image_rules
+    from sftop.engine.models.vision.detect import family_on_disk
+    from sftop.engine.models.vision.loading import load_processor
+
+    family = family_on_disk(preset.model.name)
+    if family is None:
+        return {}
+    processor = load_processor(preset.model, family)
+    return {
+        "tokenizer": processor.tokenizer,
+        "image_rules": effective_image_rules(family.image_rules, preset.data),
+        "image_tokens": lambda width, height: family.image_token_count(processor, width, height),
+    }

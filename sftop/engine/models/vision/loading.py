@@ -38,8 +38,13 @@ def model_config(model_section) -> Any:
 
 
 def family_of(config: Any) -> VisionFamily | None:
-    from sftop.engine.models.vision.registry import family_for_config
+    """The VLM family of a config object, or of a config.json's dict (published shapes)."""
+    from collections.abc import Mapping
 
+    from sftop.engine.models.vision.registry import family_for_config, family_for_model_type
+
+    if isinstance(config, Mapping):
+        return family_for_model_type(str(config.get("model_type", "")))
     return family_for_config(config)
 
 
