@@ -19,7 +19,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import step_bench  # noqa: E402
+import step_bench
 
 
 def _where(frames: list[dict]) -> str:

@@ -27,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from sftop.engine.planner.estimate import GIB, ModelShape, Setup, estimate  # noqa: E402
+from sftop.engine.planner.estimate import GIB, ModelShape, Setup, estimate
 
 SHAPES = {
     "llama-1b": dict(

@@ -2,7 +2,7 @@
 
 Random-init models of real shapes, random token ids with labels = inputs, LoRA r=16 on all seven
 linear layers, gradient checkpointing (non-reentrant), fused AdamW at lr 2e-4 -- the setup in
-shared/anchors.md.  Each path runs in its own subprocess so that memory peaks and patches never
+docs/peers.md.  Each path runs in its own subprocess so that memory peaks and patches never
 leak from one into the other.
 
   python benchmarks/step_bench.py --model llama-3.2-1b --batch 4 --seq 2048 --steps 10 --json out.json
@@ -25,7 +25,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import vlm_shapes  # noqa: E402  (beside this file)
+import vlm_shapes
 
 SHAPES = {
     "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
@@ -60,7 +60,6 @@ def random_checkpoint(name: str, device: str) -> tempfile.TemporaryDirectory:
     """A bf16 random-init model of shape `name` saved to a temporary directory: bitsandbytes
     quantises at load time, so 4-bit runs load from there (keep the object alive meanwhile)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     tmp = tempfile.TemporaryDirectory()
     torch.manual_seed(0)
@@ -233,7 +232,7 @@ def _one(args, path: str) -> dict:
     if args.profile:
         try:
             result.update(_profile(step))
-        except Exception as exc:  # the timing above must survive a profiler problem
+        except Exception as exc:  # noqa: BLE001 - the timing above must survive a profiler problem
             result["profile_error"] = f"{type(exc).__name__}: {exc}"
     return result
 

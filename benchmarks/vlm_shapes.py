@@ -115,7 +115,6 @@ def model_class():
 
 def batch_maker(name: str, model_config, batch: int, seq: int, device: str, generator) -> Callable[[], dict[str, Any]]:
     """A function returning a fresh random batch of `batch` rows of `seq` tokens, one image each."""
-    import torch
 
     shape = SHAPES[name]
     if shape.model_type == "qwen2_5_vl":

@@ -5,7 +5,7 @@ layers, lr 2e-4, one epoch) on the same generated chat rows: log-normal token le
 ~300 and mean ~420, capped at 2048, 300 rows, 8 rows per optimizer step.
 
 - trl:   SFTTrainer + peft_config, per-device batch 2 x accumulation 4, padded batches, gradient
-         checkpointing, TRL's default loss (the recipe in ../shared/anchors.md).
+         checkpointing, TRL's default loss (the recipe docs/peers.md describes).
 - sftop: `python -m sftop run PRESET --run-dir DIR`, effective_batch 8 with plan.* on "auto": the
          planner picks micro-batch, accumulation and checkpointing; rows are packed padding-free.
 
@@ -46,7 +46,7 @@ SHAPES = {
     ),
 }
 MEDIAN, MEAN, CAP = 300, 420, 2048
-ANCHORS = {"trl_peft_tokens_s": 1816, "unsloth_tokens_s": 3396}  # ../shared/anchors.md, one H100
+ANCHORS = {"trl_peft_tokens_s": 1816, "unsloth_tokens_s": 3396}  # docs/peers.md, one H100
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -343,7 +343,7 @@ def write_markdown(out: Path, report: dict) -> None:
                          f"{report['effective_batch']} rows per step: not the same effective batch |")
     if "speedup_vs_trl" in report:
         lines += ["", f"sftop / TRL useful tokens/s: {report['speedup_vs_trl']:.2f}x "
-                      "(issue 4 target: at least 7.5x; anchors on one H100: TRL+PEFT 1,816, Unsloth 3,396)."]
+                      "(target: at least 7.5x; the peers on one H100, docs/peers.md: TRL+PEFT 1,816, Unsloth 3,396)."]
     (out / "whole_run.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -94,12 +94,9 @@ def _check_torch(report: DoctorReport) -> None:
 
 
 def _check_gpus(report: DoctorReport) -> None:
-    try:
-        from sftop.engine.gpu import read_gpu_status
-    except ImportError as exc:
-        report.add("gpus", "warn", f"GPU reader unavailable ({exc})")
-        return
-    status = read_gpu_status()
+    from sftop.engine.gpu import read_gpus
+
+    status = read_gpus()
     if not status.gpus:
         report.add("gpus", "warn", "no GPU visible through NVML", status.reason or "")
         return

@@ -31,7 +31,7 @@ class NvmlUnavailable(Exception):
 
 
 class NvmlBackend(Protocol):
-    """The few NVML calls sftop makes. Each may raise any exception when a field is unsupported.
+    """The few NVML calls sftop makes. Each raises `pynvml.NVMLError` when a field is unsupported.
 
     `start()` raises `NvmlUnavailable` with a user-facing reason when NVML cannot be used.
     """
@@ -153,11 +153,19 @@ def default_backend() -> NvmlBackend:
 T = TypeVar("T")
 
 
-def _maybe(fn: Callable[[], T]) -> T | None:
-    """One NVML field: None when the card, driver or MIG mode does not support it."""
+def _nvml_error() -> type[Exception]:
     try:
-        return fn()
-    except Exception:
+        from pynvml import NVMLError
+    except ImportError:  # then start() has already said NVML is unavailable
+        return NvmlUnavailable
+    return NVMLError
+
+
+def _maybe(fn: Callable[..., T], *args: Any) -> T | None:
+    """One NVML field, `fn(*args)`: None when the card, driver or MIG mode does not support it."""
+    try:
+        return fn(*args)
+    except _nvml_error():
         return None
 
 
@@ -318,8 +326,6 @@ def read_gpus(backend: NvmlBackend | None = None, env: dict[str, str] | None = N
         backend.start()
     except NvmlUnavailable as exc:
         return GpuStatus(reason=str(exc), cuda_visible_devices=visible)
-    except Exception as exc:  # a broken NVML must never stop sftop
-        return GpuStatus(reason=f"NVML failed ({exc}): check `nvidia-smi`", cuda_visible_devices=visible)
     count = _maybe(backend.device_count) or 0
     driver = _maybe(backend.driver_version)
     if count == 0:
@@ -328,35 +334,32 @@ def read_gpus(backend: NvmlBackend | None = None, env: dict[str, str] | None = N
             driver_version=driver,
             cuda_visible_devices=visible,
         )
-    uuids = [_maybe(lambda i=i: backend.uuid(i)) for i in range(count)]
+    uuids = [_maybe(backend.uuid, i) for i in range(count)]
     indices, note = visible_nvml_indices(visible, uuids)
     gpus = []
     for cuda_index, i in enumerate(indices):
-        memory = _maybe(lambda i=i: backend.memory(i))
+        memory = _maybe(backend.memory, i)
         total, used = memory if memory else (None, None)
-        util = _maybe(lambda i=i: backend.utilization(i))
+        util = _maybe(backend.utilization, i)
         gpus.append(
             GpuInfo(
                 index=cuda_index,
                 nvml_index=i,
-                name=_maybe(lambda i=i: backend.name(i)) or "unknown NVIDIA GPU",
+                name=_maybe(backend.name, i) or "unknown NVIDIA GPU",
                 uuid=uuids[i],
                 memory_total_bytes=total,
                 memory_used_bytes=used,
                 memory_free_bytes=None if total is None or used is None else max(0, total - used),
                 utilization_pct=util[0] if util else None,
                 memory_utilization_pct=util[1] if util else None,
-                temperature_c=_maybe(lambda i=i: backend.temperature_c(i)),
-                power_w=_maybe(lambda i=i: backend.power_w(i)),
-                power_limit_w=_maybe(lambda i=i: backend.power_limit_w(i)),
+                temperature_c=_maybe(backend.temperature_c, i),
+                power_w=_maybe(backend.power_w, i),
+                power_limit_w=_maybe(backend.power_limit_w, i),
             )
         )
     if not gpus and note is None:
         note = "no GPU is visible"
     return GpuStatus(gpus=gpus, reason=note, driver_version=driver, cuda_visible_devices=visible)
-
-
-read_gpu_status = read_gpus  # the name `sftop doctor` imports
 
 
 _sample_map: tuple[str | None, list[int]] | None = None
@@ -375,28 +378,28 @@ def sample_gpus(backend: NvmlBackend | None = None, env: dict[str, str] | None =
     backend = backend or default_backend()
     try:
         backend.start()
-    except Exception:
+    except NvmlUnavailable:
         return []
     if real and _sample_map is not None and _sample_map[0] == visible:
         indices = _sample_map[1]
     else:
         count = _maybe(backend.device_count) or 0
-        uuids = [_maybe(lambda i=i: backend.uuid(i)) for i in range(count)]
+        uuids = [_maybe(backend.uuid, i) for i in range(count)]
         indices, _ = visible_nvml_indices(visible, uuids)
         if real:
             _sample_map = (visible, indices)
     samples = []
     for cuda_index, i in enumerate(indices):
-        memory = _maybe(lambda i=i: backend.memory(i))
-        util = _maybe(lambda i=i: backend.utilization(i))
+        memory = _maybe(backend.memory, i)
+        util = _maybe(backend.utilization, i)
         samples.append(
             GpuSample(
                 index=cuda_index,
                 memory_used_gib=memory[1] / GIB if memory else None,
                 memory_total_gib=memory[0] / GIB if memory else None,
                 utilization_pct=util[0] if util else None,
-                temperature_c=_maybe(lambda i=i: backend.temperature_c(i)),
-                power_w=_maybe(lambda i=i: backend.power_w(i)),
+                temperature_c=_maybe(backend.temperature_c, i),
+                power_w=_maybe(backend.power_w, i),
             )
         )
     return samples

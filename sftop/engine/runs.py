@@ -19,7 +19,14 @@ from typing import Any, Callable, Iterator
 from sftop.engine.errors import SftopError
 from sftop.engine.events import TERMINAL_TYPES, read_events
 from sftop.engine.rundir import RunDir, list_run_dirs
-from sftop.engine.supervisor import ACTIVE_STATUSES, TERMINAL_STATUS, process_alive
+from sftop.engine.supervisor import (
+    ACTIVE_STATUSES,
+    TERMINAL_STATUS,
+    last_terminal_event,
+    process_alive,
+    process_start_time,
+)
+from sftop.kernels.env import env_flag
 
 # Bytes read from the end of events.jsonl to find the latest step without parsing the whole file.
 _TAIL_BYTES = 64 * 1024
@@ -101,7 +108,7 @@ def _terminal_record(tail: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _model_from_preset(run: RunDir) -> tuple[str | None, str | None]:
-    import tomllib
+    from sftop.engine.presets.loader import tomllib
 
     try:
         data = tomllib.loads(run.preset.read_text(encoding="utf-8"))
@@ -138,10 +145,8 @@ def run_in_foreground(run: RunDir, train: Callable[[], int]) -> int:
     """Run `train()` for a run that no supervisor records (`sftop run` in a terminal), recording its
     own pid and outcome in status.json so `sftop runs`, `attach` and `stop` see it as running, and
     as lost if it is killed.  Under the supervisor this just calls `train()`."""
-    if os.environ.get(SUPERVISED_ENV):
+    if env_flag(SUPERVISED_ENV, default=False):
         return train()
-    from sftop.engine.supervisor import last_terminal_event, process_start_time
-
     pid = os.getpid()
     started = time.time()
     run.write_status(status="running", foreground=True, pid=pid, pgid=None, trainer_start=process_start_time(pid),

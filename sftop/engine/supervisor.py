@@ -168,12 +168,9 @@ def choose_gpu(env: dict[str, str]) -> dict[str, str]:
     """
     if env.get("CUDA_VISIBLE_DEVICES") is not None:
         return {}
-    try:
-        from sftop.engine.gpu import read_gpus
+    from sftop.engine.gpu import read_gpus
 
-        status = read_gpus()
-    except Exception:  # no GPU module or NVML: let the trainer see whatever there is
-        return {}
+    status = read_gpus()  # never raises: without NVML it has no GPUs, and the trainer sees what there is
     if len(status.gpus) < 2:
         return {}
     best = status.best()

@@ -13,9 +13,9 @@ import os
 
 def triton_importable() -> tuple[bool, str]:
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install that fails while loading its backends
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install that fails while loading its backends
         return False, f"triton not importable ({type(exc).__name__}: {exc})"
     return True, ""
 
@@ -31,10 +31,8 @@ def kernels_available() -> tuple[bool, str]:
         return False, why
     if interpreting():
         return True, ""
-    try:
-        import torch
-    except Exception as exc:  # pragma: no cover - torch is a hard dependency
-        return False, f"torch not importable: {exc}"
+    import torch
+
     if not torch.cuda.is_available():
         return False, "no CUDA GPU: kernels need a GPU or TRITON_INTERPRET=1"
     return True, ""

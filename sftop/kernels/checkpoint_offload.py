@@ -155,9 +155,9 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
     def __init__(self, min_bytes: int = DEFAULT_MIN_BYTES, prefetch: bool = True):
         self.min_bytes = min_bytes
         self.prefetch = prefetch
-        self._last = None
-        self._pending = []  # under capture: (GPU tensor, its entry) until the compute stream waits
-        self._deferred = []  # late entries whose fetch ahead waits for `fetch_deferred`
+        self._last: weakref.ref[_Offloaded] | None = None
+        self._pending: list[tuple[torch.Tensor, _Offloaded]] = []  # under capture: until the compute stream waits
+        self._deferred: list[_Offloaded] = []  # late entries whose fetch ahead waits for `fetch_deferred`
         _LIVE.add(self)
         super().__init__(self._pack, self._unpack)
 

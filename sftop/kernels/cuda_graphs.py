@@ -48,13 +48,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import os
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from . import checkpoint_offload as offload
+from . import compat
+from .env import env_flag
 
 ENV_SWITCH = "SFTOP_CUDA_GRAPHS"
 MAX_KEYS = 4  # captured shapes per model; later new shapes run eagerly
@@ -63,7 +64,7 @@ CAPTURE_ON_SIGHTING = 2  # capture when a key is seen for the second time
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag(ENV_SWITCH, default=True)
 
 
 @dataclass
@@ -267,7 +268,7 @@ class StepGraphs:
         nf4.ABSMAX_SCRATCH.freeze()
         try:
             step = CapturedStep(fn, inputs, slots, self._pool, self._no_rng_stash)
-        except Exception as exc:  # an uncapturable model keeps training eagerly
+        except Exception as exc:  # noqa: BLE001 - an uncapturable model keeps training eagerly
             offload.discard_pending()
             torch.cuda.synchronize()
             why = f"capture failed ({type(exc).__name__}: {str(exc)[:300]})"
@@ -286,9 +287,6 @@ class StepGraphs:
             g = p.grad
             if g is not None and g.data_ptr() in self._grad_ptrs:
                 p.grad = g.clone()
-
-    def captured_keys(self) -> int:
-        return len(self._steps)
 
 
 def _room_for_capture() -> str | None:
@@ -349,15 +347,15 @@ def no_rng_stash(model: torch.nn.Module):
     def ctx():
         swapped = []
         for m in model.modules():
-            fn = getattr(m, "_gradient_checkpointing_func", None)
-            if fn is not None and "_gradient_checkpointing_func" in m.__dict__:
+            fn = compat.checkpoint_function(m, own=True)
+            if fn is not None:
                 swapped.append((m, fn))
-                m._gradient_checkpointing_func = functools.partial(fn, preserve_rng_state=False)
+                compat.set_checkpoint_function(m, functools.partial(fn, preserve_rng_state=False))
         try:
             yield
         finally:
             for m, fn in swapped:
-                m._gradient_checkpointing_func = fn
+                compat.set_checkpoint_function(m, fn)
 
     return ctx
 

@@ -19,10 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-# One chunk's logits (overwritten in place by their gradient) stay under this many bytes.  The
-# loss is the step's memory peak when checkpointing is on (docs/benchmarks.md, 2026-12-02): at
-# 256 MiB the matmuls still have 1024+ rows for a 128K vocabulary.
-DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+from .constants import FUSED_CE_CHUNK_BYTES as DEFAULT_CHUNK_BYTES  # one chunk's logits stay under this
 
 
 @triton.jit

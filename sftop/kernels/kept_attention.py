@@ -24,10 +24,10 @@ where the tests run.  Used for causal self-attention without a mask, dropout or 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+# whether a layer keeps q/k/v too is decided by constants.projections_worth_keeping
+from .constants import KEEP_PROJECTIONS_ENV as ENV_SWITCH
 from .recompute import (
     in_offloading_checkpoint,
     is_placeholder,
@@ -39,25 +39,6 @@ from .recompute import (
 
 _aten = torch.ops.aten
 
-# Keeping the attention's q, k and v too (recompute.KeptProjections) spares the recomputation the
-# q/k/v projections and RoPE, but moves q + 2 kv more values per token to host memory during the
-# forward, where the copies must hide under the layer's compute.  An H200's host link moved a
-# 32 MiB layer input in 0.6 ms (55 GB/s) while its GEMMs ran at about 700 TFLOP/s, about 12,700
-# FLOP per byte (docs/benchmarks.md).  Layers whose forward FLOPs per kept byte (input, q, k, v,
-# attention output) fall below this would wait on their copies: Llama-3.1-8B has 15,200,
-# Llama-3.2-1B 8,500.
-MIN_FLOP_PER_KEPT_BYTE = 12_000
-ENV_SWITCH = "SFTOP_KEEP_PROJECTIONS"  # "0": never keep q/k/v, "1": always (where the path applies)
-
-
-def projections_worth_keeping(hidden: int, intermediate: int, q_dim: int, kv_dim: int, elem: int = 2) -> bool:
-    """Whether a decoder layer of this shape (gated MLP) has the compute to hide keeping q/k/v."""
-    forced = os.environ.get(ENV_SWITCH, "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
-    flops = 2 * (hidden * (q_dim + 2 * kv_dim) + q_dim * hidden + 3 * hidden * intermediate)
-    kept_bytes = elem * (hidden + 2 * q_dim + 2 * kv_dim)
-    return flops >= MIN_FLOP_PER_KEPT_BYTE * kept_bytes
 
 
 def supported(query: torch.Tensor) -> tuple[bool, str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from . import compat
 from .lora_mlp import adapter_then_base, base_weight, compute_dtype, scaled_mm
 from .recompute import placeholder
 
@@ -147,11 +148,10 @@ def lora_linears(x, layers, adapter: str, kept=None):
     `_SharedInputLoRA`.
     """
     dtype, out_dtype = _dtypes(layers[0], x)
-    ab = []
+    ab, scales = [], []
     for m in layers:
-        ab += [m.lora_A[adapter].weight, m.lora_B[adapter].weight]
+        a, b, scale = compat.lora_weights(m, adapter)
+        ab += [a, b]
+        scales.append(scale)
     fn = LoRALinearFunction if len(layers) == 1 else LoRAQKVFunction
-    return fn.apply(
-        x, tuple(m.base_layer for m in layers), tuple(float(m.scaling[adapter]) for m in layers),
-        dtype, out_dtype, kept, *ab,
-    )
+    return fn.apply(x, tuple(m.base_layer for m in layers), tuple(scales), dtype, out_dtype, kept, *ab)

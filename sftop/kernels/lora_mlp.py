@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import compat
+from .constants import MLP_DH_CHUNK_BYTES, dh_chunk_rows
 from .glu import glu_backward_inplace, glu_forward
 from .nf4 import dequantize_4bit_weight
 from .recompute import keep_for_recompute, kept_from_first_run, recomputing
@@ -78,21 +80,12 @@ def _project(inp, base, a, b, scale):
     return adapter_then_base(inp, base_weight(base, inp.dtype).t(), ia, b.t(), scale), ia
 
 
-# dh ([tokens, intermediate]) is the one intermediate-sized buffer backward allocates next to the
-# saved gate and up.  Above this size it is computed in token chunks, which takes most of it off
-# the layer's backward peak (84 of 112 MiB at Llama-3.1-8B, 2 x 2048 tokens: the peak of a
-# checkpointed step).  Each chunk's GEMM still has at least a thousand rows at those shapes.
-DH_CHUNK_BYTES = 32 << 20
+# dh is computed in token chunks above this size (constants.py says why); tests lower it here
+DH_CHUNK_BYTES = MLP_DH_CHUNK_BYTES
 
 
 def _dh_chunk_rows(n_tok: int, width: int, elem: int) -> int:
-    """Rows per chunk: equal chunks of at most DH_CHUNK_BYTES, in whole 128-row GEMM tiles where
-    the batch is that large."""
-    chunks = -(-n_tok * width * elem // DH_CHUNK_BYTES)
-    if chunks <= 1:
-        return n_tok
-    rows = -(-n_tok // chunks)
-    return min(n_tok, -(-rows // 128) * 128) if rows > 128 else rows
+    return dh_chunk_rows(n_tok, width, elem, DH_CHUNK_BYTES)
 
 
 def _down_and_glu_backward(d2, d_bd, w_down, adc, sd, e, g, kind, p_ad):
@@ -201,13 +194,7 @@ def lora_mlp(x, gate, up, down, kind: int, adapter: str):
     dev = x.device.type
     # under autocast the stock layers would compute in the autocast dtype; so do we
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else compute_dtype(gate.base_layer, x)
+    (ag, bg, sg), (au, bu, su), (ad, bd, sd) = (compat.lora_weights(m, adapter) for m in (gate, up, down))
     return LoRAMLPFunction.apply(
-        x,
-        gate.lora_A[adapter].weight, gate.lora_B[adapter].weight,
-        up.lora_A[adapter].weight, up.lora_B[adapter].weight,
-        down.lora_A[adapter].weight, down.lora_B[adapter].weight,
-        (gate.base_layer, up.base_layer, down.base_layer),
-        (float(gate.scaling[adapter]), float(up.scaling[adapter]), float(down.scaling[adapter])),
-        kind,
-        dtype,
+        x, ag, bg, au, bu, ad, bd, (gate.base_layer, up.base_layer, down.base_layer), (sg, su, sd), kind, dtype,
     )

@@ -19,10 +19,12 @@ next dequantisation is queued after the GEMM that reads the previous one.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
+
+from . import compat
 
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -80,36 +82,21 @@ ABSMAX_SCRATCH = ScratchBuffers()
 class _Plan:
     """Everything one weight's dequantisation needs, resolved once."""
 
-    weight_fn: object  # ctypes function: (code, A, absmax, out, blocksize, n, stream)
+    weight_fn: Callable[..., Any]  # ctypes function: (code, A, absmax, out, blocksize, n, stream)
     dtype: torch.dtype  # the weight's own dtype, what bitsandbytes dequantises into
     shape: torch.Size
     numel: int
     blocksize: int
     nested: bool
-    absmax_fn: object | None  # fp32 blockwise dequantisation of the nested absmax
+    absmax_fn: Callable[..., Any] | None  # fp32 blockwise dequantisation of the nested absmax
     absmax_numel: int
     absmax_blocksize: int
-
-
-def _native_lib():
-    """bitsandbytes' CUDA library once its CUDA backend has declared the argument types."""
-    try:
-        import bitsandbytes.backends.cuda.ops  # noqa: F401  (sets the ctypes argtypes we rely on)
-        from bitsandbytes.cextension import lib
-    except Exception:
-        return None
-    return lib if getattr(lib, "compiled_with_cuda", False) else None
-
-
-def _has_argtypes(fn) -> bool:
-    # a 64-bit device pointer passed without declared argtypes would be truncated to a C int
-    return isinstance(fn, ctypes._CFuncPtr) and getattr(fn, "argtypes", None) is not None
 
 
 _PLAN = "_sftop_plan"
 
 
-def _plan_for(weight: torch.Tensor) -> _Plan | None:
+def _plan_for(weight: Any) -> _Plan | None:  # a bitsandbytes Params4bit
     """The direct call for `weight`, or None when bitsandbytes' Python API must be used."""
     qs = weight.quant_state
     if _PLAN not in qs.__dict__:
@@ -123,11 +110,11 @@ def _resolve(weight: torch.Tensor, qs) -> _Plan | None:
         return None
     if qs.quant_type not in ("nf4", "fp4") or qs.blocksize not in _BLOCKSIZES:
         return None
-    lib = _native_lib()
+    lib = compat.bnb_cuda_library()
     if lib is None:
         return None
-    weight_fn = getattr(lib, f"cdequantize_blockwise_{_DTYPE_NAMES[dtype]}_{qs.quant_type}", None)
-    if not _has_argtypes(weight_fn):
+    weight_fn = compat.bnb_c_function(lib, compat.bnb_dequantize_symbol(_DTYPE_NAMES[dtype], qs.quant_type))
+    if weight_fn is None:
         return None
     shape = torch.Size(qs.shape)
     if qs.absmax is None or not qs.absmax.is_cuda:
@@ -139,8 +126,8 @@ def _resolve(weight: torch.Tensor, qs) -> _Plan | None:
             return None
         if qs.absmax.dtype != torch.uint8 or s2.absmax.dtype != torch.float32 or s2.code.dtype != torch.float32:
             return None
-        absmax_fn = getattr(lib, "cdequantize_blockwise_fp32", None)
-        if not _has_argtypes(absmax_fn):
+        absmax_fn = compat.bnb_c_function(lib, compat.bnb_dequantize_symbol("fp32"))
+        if absmax_fn is None:
             return None
         absmax_numel, absmax_blocksize = qs.absmax.numel(), int(s2.blocksize)
     elif qs.absmax.dtype != torch.float32:
@@ -149,12 +136,12 @@ def _resolve(weight: torch.Tensor, qs) -> _Plan | None:
                  absmax_numel, absmax_blocksize)
 
 
-def _dequantize_direct(weight: torch.Tensor, plan: _Plan) -> torch.Tensor:
+def _dequantize_direct(weight: Any, plan: _Plan) -> torch.Tensor:
     qs = weight.quant_state
     device = weight.device
-    stream = torch._C._cuda_getCurrentRawStream(device.index)
+    stream = compat.cuda_raw_stream(device.index)
     absmax = qs.absmax
-    if plan.nested:
+    if plan.absmax_fn is not None:  # nested (double-quantised) statistics
         s2 = qs.state2
         absmax = ABSMAX_SCRATCH.get(device, torch.float32, plan.absmax_numel)
         plan.absmax_fn(s2.code.data_ptr(), qs.absmax.data_ptr(), s2.absmax.data_ptr(), absmax.data_ptr(),
@@ -165,7 +152,7 @@ def _dequantize_direct(weight: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return out.view(plan.shape)
 
 
-def dequantize_4bit_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_4bit_weight(weight: Any, dtype: torch.dtype) -> torch.Tensor:
     """The dense [out, in] weight of a bitsandbytes 4-bit Params4bit, in `dtype`.
 
     On a CUDA device the result lives in the shared scratch buffer (valid until the next call for

@@ -119,6 +119,7 @@ class KeptProjections:
         self.packed = [self._hooks.pack(t, late=True) for t in tensors]
 
     def take(self) -> list:
+        assert self.packed is not None, "take() before fill()"
         return [self._hooks.unpack(p) for p in self.packed]
 
 

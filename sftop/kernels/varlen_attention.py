@@ -120,7 +120,7 @@ def packed_attention(query, key, value, cu: torch.Tensor, max_len: int, scale: f
     [1, Hkv, T, D]; returns [1, T, Hq, D] (HF's attention output layout)."""
     fn, params = _varlen_api()
     q, k, v = (_tokens_heads_dim(t) for t in (query, key, value))
-    kw = {}
+    kw: dict[str, object] = {}
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         if "enable_gqa" in params:

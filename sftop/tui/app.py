@@ -6,12 +6,16 @@ the run's files. Quitting, or losing the terminal, leaves training running.
 
 from __future__ import annotations
 
+from typing import Callable
+
+from textual import work
 from textual.app import App
 from textual.binding import Binding
 from textual.worker import Worker, WorkerState
 
+from sftop.engine.errors import SftopError
 from sftop.engine.rundir import RunDir
-from sftop.engine.runs import list_runs
+from sftop.engine.runs import list_runs, stop_run
 from sftop.tui.commands import SftopCommands
 from sftop.tui.screens.confirm import ConfirmScreen, InfoScreen
 from sftop.tui.screens.dashboard import DashboardScreen
@@ -83,6 +87,58 @@ class SftopApp(App[int]):
     def action_detach(self) -> None:
         while len(self.screen_stack) > 2:
             self.pop_screen()
+
+    # --- what can be done to a run: one implementation for the keys of every screen and the palette
+
+    def resume_run(self, run: RunDir) -> None:
+        """Relaunch a stopped run from its newest checkpoint and open its dashboard."""
+        from sftop.engine.supervisor import launch_run
+
+        try:
+            launch_run(run.preset, run, resume=True)
+        except SftopError as exc:
+            self.notify(str(exc), severity="error", timeout=10)
+            return
+        self.attach(run)
+
+    def stop_run(self, run: RunDir, then: Callable[[], None] | None = None) -> None:
+        """Ask first; then stop the run (it checkpoints, then exits) off the event loop."""
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._stop_in_background(run, then)
+
+        self.push_screen(
+            ConfirmScreen(
+                f"Stop {run.name}?",
+                f"The trainer saves a checkpoint first, then exits. Resume later with `sftop resume {run.name}`.",
+                yes="Stop", no="Keep training",
+            ),
+            answered,
+        )
+
+    @work(thread=True, exit_on_error=False, group="stop", description="stop the run")
+    def _stop_in_background(self, run: RunDir, then: Callable[[], None] | None) -> None:
+        message = stop_run(run)
+        self.call_from_thread(self.notify, message)
+        if then is not None:
+            self.call_from_thread(then)
+
+    def export_run(self, run: RunDir) -> None:
+        """Write the run's LoRA adapter (off the event loop); says where, or why not."""
+        self.notify(f"Exporting {run.name}…")
+        self._export_in_background(run)
+
+    @work(thread=True, exit_on_error=False, group="export", description="export a run")
+    def _export_in_background(self, run: RunDir) -> None:
+        from sftop.engine.export import export_run
+
+        try:
+            out = export_run(run, merged=False, out=None)
+        except SftopError as exc:
+            self.call_from_thread(self.notify, str(exc), severity="error", timeout=10)
+            return
+        self.call_from_thread(self.notify, f"Adapter written to {out}", timeout=10)
 
     def action_request_quit(self) -> None:
         if isinstance(self.screen, (ConfirmScreen, InfoScreen)):

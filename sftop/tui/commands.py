@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 from sftop.engine.presets import list_presets
-from sftop.engine.runs import list_runs, stop_run
+from sftop.engine.runs import list_runs
+
+if TYPE_CHECKING:
+    from sftop.tui.app import SftopApp
+
+Entry = tuple[str, str, Callable[[], Any]]
 
 
 class SftopCommands(Provider):
@@ -16,9 +22,9 @@ class SftopCommands(Provider):
         worker = self.app.run_worker(self._collect, thread=True)
         self._entries = await worker.wait()
 
-    def _collect(self) -> list[tuple[str, str, object]]:
-        app = self.app
-        entries: list[tuple[str, str, object]] = [
+    def _collect(self) -> list[Entry]:
+        app = cast("SftopApp", self.app)
+        entries: list[Entry] = [
             ("New run", "Start the new-run wizard", app.action_new_run),
             ("Runs", "List every run: attach, inspect, resume, stop, export", app.action_runs),
             ("Attach to the newest run", "Open the dashboard of the newest run", app.action_attach_latest),
@@ -29,56 +35,17 @@ class SftopCommands(Provider):
                             partial(app.attach, summary.run)))
             if summary.active:
                 entries.append((f"Stop {summary.name}", "SIGTERM: it saves a checkpoint, then exits",
-                                partial(self._stop, summary.run)))
+                                partial(app.stop_run, summary.run)))
             elif summary.status in ("stopped", "failed", "lost") and summary.run.complete_checkpoints():
                 entries.append((f"Resume {summary.name}", "continue from its newest checkpoint",
-                                partial(self._resume, summary.run)))
+                                partial(app.resume_run, summary.run)))
             if summary.run.adapter.is_dir():
                 entries.append((f"Export {summary.name}", "write its LoRA adapter for use elsewhere",
-                                partial(self._export, summary.run)))
+                                partial(app.export_run, summary.run)))
         for info in list_presets():
             entries.append((f"Re-run preset {info.name}", info.description or info.origin,
                             partial(app.new_run, preset=info.name, jump_to_plan=True)))
         return entries
-
-    def _resume(self, run) -> None:
-        from sftop.engine.errors import SftopError
-        from sftop.engine.supervisor import launch_run
-
-        try:
-            launch_run(run.preset, run, resume=True)
-        except SftopError as exc:
-            self.app.notify(str(exc), severity="error", timeout=10)
-            return
-        self.app.attach(run)
-
-    def _export(self, run) -> None:
-        def export() -> None:
-            from sftop.engine.errors import SftopError
-            from sftop.engine.export import export_run
-
-            try:
-                out = export_run(run, merged=False, out=None)
-            except SftopError as exc:
-                self.app.call_from_thread(self.app.notify, str(exc), severity="error", timeout=10)
-                return
-            self.app.call_from_thread(self.app.notify, f"Adapter written to {out}", timeout=10)
-
-        self.app.notify(f"Exporting {run.name}…")
-        self.app.run_worker(export, thread=True, exit_on_error=False, description="export a run")
-
-    def _stop(self, run) -> None:
-        from sftop.tui.screens.confirm import ConfirmScreen
-
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self.app.notify(stop_run(run))
-
-        self.app.push_screen(
-            ConfirmScreen(f"Stop {run.name}?", "The trainer saves a checkpoint first, then exits.",
-                          yes="Stop", no="Keep training"),
-            answered,
-        )
 
     async def discover(self) -> Hits:
         for name, help_text, callback in self._entries[:12]:

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
-
-def read_gpu_status() -> Any:
-    """The planner engineer's GPU reading, or a reason why there is none (never raises)."""
-    try:
-        from sftop.engine.gpu import read_gpus
-    except Exception as exc:  # the GPU module is missing or broken: say so instead of crashing
-        return f"GPU info unavailable ({exc})"
-    try:
-        return read_gpus()
-    except Exception as exc:
-        return f"GPU info unavailable ({exc})"
+from sftop.engine.gpu import GpuStatus, read_gpus
 
 
 @dataclass
 class Services:
-    gpu_reader: Callable[[], Any] = read_gpu_status
+    gpu_reader: Callable[[], GpuStatus] = read_gpus  # never raises: no GPU comes with a reason
     clock: Callable[[], float] = time.time
     # Seconds between GPU samples and event polls; tests shorten them.
     gpu_interval: float = 1.0

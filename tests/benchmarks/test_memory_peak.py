@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 
-import memory_peak  # noqa: E402
+import memory_peak
 
 
 def _ev(action, addr, size, where):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pynvml
+
 from sftop.engine.gpu import GIB, NvmlUnavailable
 
 
-class NotSupported(Exception):
-    pass
+def not_supported() -> Exception:
+    """What pynvml raises for a field this card, driver or MIG mode does not report."""
+    return pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
 
 
 @dataclass
@@ -52,31 +55,31 @@ class FakeNvml:
     def memory(self, i: int) -> tuple[int, int]:
         g = self._gpu(i)
         if g.total_gib is None:
-            raise NotSupported("memory")
+            raise not_supported()
         return int(g.total_gib * GIB), int(g.used_gib * GIB)
 
     def utilization(self, i: int) -> tuple[int, int]:
         g = self._gpu(i)
         if g.util is None:
-            raise NotSupported("utilization")
+            raise not_supported()
         return g.util
 
     def temperature_c(self, i: int) -> int:
         g = self._gpu(i)
         if g.temp is None:
-            raise NotSupported("temperature")
+            raise not_supported()
         return g.temp
 
     def power_w(self, i: int) -> float:
         g = self._gpu(i)
         if g.power_w is None:
-            raise NotSupported("power")
+            raise not_supported()
         return g.power_w
 
     def power_limit_w(self, i: int) -> float:
         g = self._gpu(i)
         if g.power_limit_w is None:
-            raise NotSupported("power limit")
+            raise not_supported()
         return g.power_limit_w
 
 

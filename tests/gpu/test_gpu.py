@@ -148,3 +148,13 @@ def test_import_does_not_touch_nvml():
     code = "import sys, sftop.engine.gpu, sftop.engine.planner; assert 'pynvml' not in sys.modules, 'loaded eagerly'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_bug_in_a_reading_is_not_taken_for_an_unsupported_field():
+    # only NVML's own errors mean "this card does not report it"; anything else is a bug to see
+    class Broken(FakeNvml):
+        def temperature_c(self, i: int) -> int:
+            raise TypeError("a bug in the reader")
+
+    with pytest.raises(TypeError, match="a bug in the reader"):
+        read_gpus(Broken(gpus=[FakeGpu()]), env={})

@@ -1,6 +1,6 @@
 """On a machine with an NVIDIA GPU: NVML's view agrees with CUDA's, and a planned step fits.
 
-Skipped without CUDA (CI); run on the GPU machine with `pytest -m gpu tests/gpu`.
+Skipped without CUDA (CI); run on a GPU machine with `pytest -m gpu tests/gpu`.
 """
 
 from __future__ import annotations

@@ -30,9 +30,9 @@ def test_small_and_host_tensors_stay_where_they_are():
     assert hooks._pack(t) is t and hooks._unpack(t) is t
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer")
-def test_patch_reports_why_offload_stays_stock_without_a_gpu():
+def test_patch_reports_why_offload_stays_stock_without_a_gpu(monkeypatch):
     m = tiny_model("llama")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the answer of a machine without one
     report = K.patch_model(m)
     assert report.parts["checkpoint_offload"] == "stock: offloading to host memory needs a CUDA GPU"
     # transformers' own (blocking) offload still applies, under the lean recomputation's marking
@@ -200,13 +200,14 @@ def test_shared_constants_stay_and_gradients_match_with_them():
     shared = torch.rand(tokens, width, device="cuda", dtype=torch.bfloat16)
     x0 = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
     grads, held = [], []
+    offloaded = co.checkpoint_function({"use_reentrant": False})
     for ckpt in (
         lambda f, h: checkpoint(f, h, shared, use_reentrant=False),
-        lambda f, h, fn=co.checkpoint_function({"use_reentrant": False}): fn(f, h, shared),
+        lambda f, h: offloaded(f, h, shared),
     ):
         blocks.zero_grad(set_to_none=True)
         x = x0.clone().requires_grad_(True)
-        held.append(_run(blocks, x, lambda b, h: ckpt(lambda a, s: b(a) * s, h)))
+        held.append(_run(blocks, x, lambda b, h, ckpt=ckpt: ckpt(lambda a, s: b(a) * s, h)))
         grads.append([x.grad.cpu()] + [p.grad.cpu() for p in blocks.parameters()])
     for g_plain, g_off in zip(*grads):
         assert torch.equal(g_plain, g_off)

@@ -285,19 +285,23 @@ def test_placeholders_hold_one_nan_and_the_right_metadata():
 def test_kept_projections_part_decides_by_family_and_layer_width(monkeypatch):
     from _tiny_models import tiny_model
 
+    from sftop.kernels.constants import projections_worth_keeping
+
     monkeypatch.delenv(ka.ENV_SWITCH, raising=False)
     # Llama-3.1-8B's layer has compute to hide q/k/v's copies; Llama-3.2-1B's and Qwen2.5-1.5B's do not
-    assert ka.projections_worth_keeping(4096, 14336, 4096, 1024)
-    assert not ka.projections_worth_keeping(2048, 8192, 2048, 512)
-    assert not ka.projections_worth_keeping(1536, 8960, 1536, 256)
+    assert projections_worth_keeping(4096, 14336, 4096, 1024)
+    assert not projections_worth_keeping(2048, 8192, 2048, 512)
+    assert not projections_worth_keeping(1536, 8960, 1536, 256)
     assert K.patch_model(tiny_model("llama")).parts["kept_projections"].startswith("stock: layers too narrow")
     assert K.patch_model(tiny_model("qwen3")).parts["kept_projections"].startswith("stock: qwen3 normalises q and k")
     monkeypatch.setenv(ka.ENV_SWITCH, "1")
-    assert ka.projections_worth_keeping(2048, 8192, 2048, 512)
+    assert projections_worth_keeping(2048, 8192, 2048, 512)
     expected = "fused" if torch.cuda.is_available() else "stock: needs checkpoint_offload"
     assert K.patch_model(tiny_model("llama")).parts["kept_projections"] == expected
     monkeypatch.setenv(ka.ENV_SWITCH, "0")
-    assert not ka.projections_worth_keeping(4096, 14336, 4096, 1024)
+    assert not projections_worth_keeping(4096, 14336, 4096, 1024)
+    monkeypatch.setenv(ka.ENV_SWITCH, "off")  # every switch reads the same words (sftop/kernels/env.py)
+    assert not projections_worth_keeping(4096, 14336, 4096, 1024)
 
 
 @pytest.mark.gpu

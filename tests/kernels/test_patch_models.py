@@ -46,8 +46,11 @@ def _loss_and_grads(model, batch, **kw):
     return out, grads
 
 
+MODES = ["padded", "packed", "checkpointed"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("mode", ["padded", "packed", "checkpointed"])
+@pytest.mark.parametrize("mode", MODES)
 def test_patched_model_matches_stock(family, mode):
     stock = tiny_model(family)
     fused = twin(stock)
@@ -61,7 +64,7 @@ def test_patched_model_matches_stock(family, mode):
         m.train()
         if mode == "checkpointed":
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batch = _batch("packed" if mode == "packed" else "padded", seed=hash((family, mode)) % 1000)
+    batch = _batch("packed" if mode == "packed" else "padded", seed=FAMILIES.index(family) * 10 + MODES.index(mode))
     kw = {"num_items_in_batch": torch.tensor(40)} if mode == "packed" else {}
 
     s_out, s_grads = _loss_and_grads(stock, batch, **kw)

@@ -35,3 +35,18 @@ def test_kernels_import_neither_engine_nor_tui():
 def test_cli_help_is_light():
     mods = _modules_after("import sftop.cli")
     assert "torch" not in mods and "textual" not in mods
+
+
+def test_planning_imports_neither_torch_nor_triton(tmp_path):
+    # `sftop plan` runs before anything is installed on a GPU, and on laptops: it reads configs only
+    code = (
+        "import os, sys\n"
+        f"os.environ.update(SFTOP_HOME={str(tmp_path)!r}, HF_HOME={str(tmp_path)!r}, HF_HUB_OFFLINE='1')\n"
+        "import sftop.engine.planner\n"
+        "from sftop.cli import main\n"
+        "assert main(['plan', 'demo', '--gpu-memory', '24', '--json']) == 0\n"
+        "assert main(['plan', 'llama-3.1-8b-qlora-24gb', '--gpu-memory', '24']) == 0\n"
+    )
+    mods = _modules_after(code)
+    assert "sftop.engine.planner.solve" in mods and "sftop.kernels.constants" in mods
+    assert not {"torch", "triton", "transformers"} & mods

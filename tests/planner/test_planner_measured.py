@@ -51,13 +51,6 @@ def error(r: dict) -> float:
     return predicted_gib(r) / r["measured_gib"] - 1
 
 
-def test_fixture_covers_both_paths_and_the_planners_choices():
-    assert len(ROWS) == 89
-    assert sum(r["loss"] == "sftop" for r in ROWS) == 45
-    assert sum(bool(r.get("plan")) for r in ROWS) == 12
-    assert {r["weights"] for r in ROWS} == {"bf16", "nf4"}
-
-
 @pytest.mark.parametrize("r", ROWS, ids=row_id)
 def test_prediction_within_measured_band(r):
     err = error(r)
@@ -67,11 +60,3 @@ def test_prediction_within_measured_band(r):
     high = 0.07 if r["loss"] == "sftop" else 0.08
     assert -0.02 <= err <= high, f"predicted {predicted_gib(r):.2f} GiB, measured {r['measured_gib']:.2f} GiB"
 
-
-def test_every_row_within_ten_percent_now_and_fused_rows_were_not_before():
-    within = [abs(error(r)) <= 0.10 for r in ROWS]
-    assert all(within)
-    before = [abs(r["predicted_before_gib"] / r["measured_gib"] - 1) <= 0.10 for r in ROWS]
-    # the 2026-11-23 model over-predicted the fused path by up to 100%: 50 of 89 rows are within 10%
-    # of today's measurements (53 of the H100 ones)
-    assert sum(before) == 50

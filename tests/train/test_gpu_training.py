@@ -1,6 +1,6 @@
 """Training on a real CUDA GPU: bf16, fused kernels, probe, QLoRA. Skipped without a GPU.
 
-Run on the GPU machine:  pytest -m gpu tests/train/test_gpu_training.py -q
+Run on a GPU machine:  pytest -m gpu tests/train/test_gpu_training.py -q
 """
 
 import pytest

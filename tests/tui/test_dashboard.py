@@ -1,6 +1,6 @@
 import time
 
-from tui_helpers import text_of, wait_until
+from tui_helpers import notices, text_of, wait_until
 from tui_fixtures import T0, big_history, loss_at, mark_alive, recorded_run, write_events
 
 from sftop.engine.events import Eval, Step
@@ -14,10 +14,10 @@ from sftop.tui.widgets.line_chart import LineChart
 async def test_recorded_run_shows_loss_step_and_throughput(services):
     run = recorded_run(steps=60, total=60)
     app = SftopApp(start="dashboard", run=run, services=services)
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
         screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
                                   and app.screen)
-        await pilot.pause(0.2)
+        await wait_until(pilot, lambda: "finished" in text_of(app, "#run-status"))
         assert screen.state.step == 60 and len(screen.state.loss) == 60 and len(screen.state.eval_loss) == 3
         assert text_of(app, "#stat-loss") == f"{loss_at(60):.4f}"
         assert text_of(app, "#stat-eval") == f"{loss_at(60) + 0.1:.4f}"
@@ -36,9 +36,8 @@ async def test_live_run_updates_as_events_arrive(services):
     run = recorded_run("live", steps=10, total=100, finished=False)
     mark_alive(run)
     app = SftopApp(start="dashboard", run=run, services=services)
-    async with app.run_test(size=(80, 24)) as pilot:
-        screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
-                                  and app.screen)
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed)
         await wait_until(pilot, lambda: "step 10/100" in text_of(app, "#run-status"))
         assert "running" in text_of(app, "#run-status") and "ETA 2m15s" in text_of(app, "#run-status")
         t = T0 + 20
@@ -57,7 +56,7 @@ async def test_checkpoint_key_writes_the_control_file(services):
     run = recorded_run("ckpt", steps=5, total=100, finished=False)
     mark_alive(run)
     app = SftopApp(start="dashboard", run=run, services=services)
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
         await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed)
         await wait_until(pilot, lambda: app.screen.process_status == "running")
         await pilot.press("c")
@@ -68,7 +67,7 @@ async def test_stop_asks_first_and_detach_returns_home(services):
     run = recorded_run("stopme", steps=5, total=100, finished=False)
     mark_alive(run)
     app = SftopApp(start="dashboard", run=run, services=services)
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
         await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.process_status)
         await pilot.press("s")
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
@@ -83,15 +82,13 @@ async def test_stop_asks_first_and_detach_returns_home(services):
 async def test_finished_run_refuses_checkpoint_and_stop(services):
     run = recorded_run("done")
     app = SftopApp(start="dashboard", run=run, services=services)
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
         await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed)
         await pilot.press("c", "s")
-        await pilot.pause(0.1)
+        await wait_until(pilot, lambda: any("nothing to checkpoint" in m for m in notices(app, "warning"))
+                         and any("already finished" in m for m in notices(app, "warning")))
         assert isinstance(app.screen, DashboardScreen)
         assert not (run.path / "control").exists()
-        messages = [n.message for n in app._notifications]
-        assert any("nothing to checkpoint" in m for m in messages)
-        assert any("already finished" in m for m in messages)
 
 
 async def test_100k_step_history_is_downsampled_and_stays_responsive(services):
@@ -99,12 +96,12 @@ async def test_100k_step_history_is_downsampled_and_stays_responsive(services):
     big_history(run.events, 100_000)
     mark_alive(run)
     app = SftopApp(start="dashboard", run=run, services=services)
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
         screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
                                   and app.screen, timeout=60)
         await wait_until(pilot, lambda: "step 100000/200000" in text_of(app, "#run-status"), timeout=10)
         chart = screen.query_one("#loss-chart", LineChart)
-        await pilot.pause(0.3)
+        await wait_until(pilot, lambda: chart.last_points > 0)
         plot_width = chart.content_size.width - 8
         assert len(screen.state.loss) == 100_000
         assert 0 < chart.last_points <= 2 * plot_width  # two braille dots per cell
@@ -129,10 +126,9 @@ async def test_failed_run_shows_its_reason_and_how_to_resume(services):
     write_events(run.events, [event(RunFailed(step=35, reason="The trainer was killed by signal SIGKILL",
                                               checkpoint=str(run.checkpoints / "checkpoint-30")), T0 + 60)])
     app = SftopApp(start="dashboard", run=run, services=services)
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
         await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed)
-        await pilot.pause(0.2)
-        status = text_of(app, "#run-status")
+        status = await wait_until(pilot, lambda: "failed" in (s := text_of(app, "#run-status")) and s)
         assert "failed" in status and "step 35/60" in status
         assert f"resume from the last checkpoint: sftop resume {run.name}" in status
         assert "The trainer was killed by signal SIGKILL" in status
@@ -145,18 +141,18 @@ async def test_live_warnings_pop_up_and_the_latest_message_is_shown(services):
     run = recorded_run("warn", steps=5, total=100, finished=False)
     mark_alive(run)
     app = SftopApp(start="dashboard", run=run, services=services)
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
         screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
                                   and app.screen)
-        assert not [n for n in app._notifications if n.severity == "warning"]  # replayed history is quiet
+        await pilot.wait_for_scheduled_animations()
+        assert not notices(app)  # replayed history is quiet
         write_events(run.events, [
             event(BadStep(step=6, loss=None, grad_norm=None, consecutive=1), T0 + 10),
             event(PlanChanged(step=6, reason="out of memory at step 6", old={}, new={"micro_batch": 2}), T0 + 11),
         ])
-        await wait_until(pilot, lambda: len([n for n in app._notifications if n.severity == "warning"]) == 2)
-        messages = [n.message for n in app._notifications]
-        assert "step 6 skipped: loss or gradient not finite" in messages
-        assert "plan changed: out of memory at step 6" in messages
+        messages = await wait_until(pilot, lambda: len(notices(app, "warning")) == 2 and notices(app, "warning"))
+        assert any("step 6 skipped: loss or gradient not finite" in m for m in messages)
+        assert any("plan changed: out of memory at step 6" in m for m in messages)
         assert screen.query_one("#log").border_subtitle == "plan changed: out of memory at step 6"
 
 
@@ -170,7 +166,7 @@ async def test_plan_is_shown_and_follows_plan_changes(services):
                                                      "gradient_checkpointing": "off"}), T0 + 1)])
     mark_alive(run)
     app = SftopApp(start="dashboard", run=run, services=services)
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
         screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
                                   and app.screen)
         await wait_until(pilot, lambda: screen.query_one("#stats").border_title == "plan 8×2 ckpt off")
@@ -194,7 +190,7 @@ async def test_dashboard_shows_only_the_gpu_the_run_is_pinned_to(services):
     mark_alive(run)
     run.write_status(cuda_visible_devices="GPU-1")
     app = SftopApp(start="dashboard", run=run, services=services)
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
         await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and "GiB" in text_of(app, "#gpus"))
         panel = text_of(app, "#gpus")
         assert "H100 one" in panel and "11.0/80.0 GiB" in panel
@@ -205,7 +201,7 @@ async def test_log_pane_follows_the_newest_lines(services):
     run = recorded_run("logtail", steps=10, total=10)
     run.stdout_log.write_text("first line\n", encoding="utf-8")
     app = SftopApp(start="dashboard", run=run, services=services)
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
         screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
                                   and app.screen)
         log = await wait_until(pilot, lambda: (lg := screen.query_one("#log")).lines and lg)
@@ -214,6 +210,5 @@ async def test_log_pane_follows_the_newest_lines(services):
             with run.stdout_log.open("a", encoding="utf-8") as fh:
                 fh.write(f"log line {i}\n")
             await wait_until(pilot, lambda i=i: log.lines[-1] == f"log line {i}")
-        await pilot.pause(0.3)
         # The pane is a few rows tall: it must show the end, not stay at the oldest lines.
-        assert log.max_scroll_y > 0 and log.scroll_y == log.max_scroll_y
+        await wait_until(pilot, lambda: log.max_scroll_y > 0 and log.scroll_y == log.max_scroll_y)

@@ -1,6 +1,6 @@
 """On a machine with an NVIDIA GPU: the home screen shows what NVML reports. Skipped elsewhere.
 
-Run on the GPU machine with `python -m pytest tests/tui/test_gpu_panel.py -q`.
+Run on a GPU machine with `python -m pytest tests/tui/test_gpu_panel.py -q`.
 """
 
 import pytest

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from sftop.engine.events import SCHEMA_VERSION, Checkpoint, Eval, EventWriter, Message, RunFinished, RunStarted, Step
+from sftop.engine.events import SCHEMA_VERSION, Checkpoint, Eval, Message, RunFinished, RunStarted, Step
 from sftop.engine.presets import load_preset, save_preset
 from sftop.engine.rundir import RunDir, new_run_dir
 

@@ -30,3 +30,27 @@ def text_of(app, selector: str) -> str:
                       color_system=None)
     console.print(content)
     return console.export_text()
+
+
+def notices(app, severity: str | None = None) -> list[str]:
+    """What the notification toasts on the screen say, as the user reads them; `severity`
+    ("information", "warning", "error"): only the toasts drawn in that style."""
+    selector = "Toast" if severity is None else f"Toast.-{severity}"
+    return [str(toast.render()) for toast in app.screen.query(selector)]
+
+
+async def run_from_palette(pilot, query: str, expect: str) -> None:
+    """Open the command palette, type `query`, wait until its first hit reads `expect`, run it."""
+    from textual.command import CommandList, CommandPalette
+
+    app = pilot.app
+    await pilot.press("ctrl+p")
+    await wait_until(pilot, lambda: isinstance(app.screen, CommandPalette))
+    await pilot.press(*query)
+
+    def first_hit() -> str:
+        hits = app.screen.query_one(CommandList)
+        return str(hits.get_option_at_index(0).prompt) if hits.option_count else ""
+
+    await wait_until(pilot, lambda: expect in first_hit())
+    await pilot.press("enter")

@@ -7,7 +7,9 @@ import re
 
 import pytest
 import torch
-from vision_family_rows import ASSISTANT_PREFIX, END_OF_TURN, FAMILY_NAMES, family, image, model, processor, rows, single
+from vision_family_rows import (
+    ASSISTANT_PREFIX, END_OF_TURN, FAMILY_NAMES, family, image, model, processor, rows, single,
+)
 
 from sftop.engine.data.formats import RowError
 from sftop.engine.data.tokenize import IGNORE_INDEX, trained_spans
@@ -104,7 +106,7 @@ def test_image_token_count_equals_what_the_processor_emits(name):
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_collated_batch_trains_the_tiny_model(name):
+def test_collated_batch_gives_the_models_loss_and_reaches_the_vision_tower(name):
     fam, proc, m = family(name), processor(name), model(name)
     convs = list(rows(name).values())
     batch = VisionCollator(fam, proc)(convs)
@@ -121,6 +123,13 @@ def test_collated_batch_trains_the_tiny_model(name):
         logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
     )
     assert out.loss.item() == pytest.approx(by_hand.item(), rel=1e-4)
+    # the pixels reach the loss: every layer of the vision tower gets a gradient
+    m.zero_grad(set_to_none=True)
+    out.loss.backward()
+    tower = {n: p.grad for n, p in m.named_parameters() if re.fullmatch(fam.lora_targets.vision, n.rsplit(".", 1)[0])}
+    assert tower and all(g is not None and torch.isfinite(g).all() for g in tower.values())
+    assert all(g.abs().sum() > 0 for n, g in tower.items() if n.endswith(".weight")), "a tower weight got no gradient"
+    m.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -230,3 +239,13 @@ def test_a_processor_without_the_image_placeholder_is_refused():
     proc.image_token = "<|not_a_token|>"
     with pytest.raises(ValueError, match=re.escape("no token '<|not_a_token|>'")):
         VisionCollator(fam, proc)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_the_tiny_model_sees_its_images(name):
+    fam, proc, m = family(name), processor(name), model(name)
+    collator = VisionCollator(fam, proc)
+    red, blue = (collator([single(image(name, 2, 2, colour))]) for colour in [(220, 20, 20), (20, 20, 220)])
+    with torch.no_grad():
+        last_red, last_blue = m(**red).logits[0, -1], m(**blue).logits[0, -1]
+    assert (last_red - last_blue).abs().max() > 1e-4  # the answer position depends on the pixels

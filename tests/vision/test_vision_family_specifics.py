@@ -17,7 +17,8 @@ def test_qwen_keeps_the_data_layers_size(name):
     step = fam.image_rules.patch_multiple
     assert batch["image_grid_thw"].tolist() == [[1, h * step // patch, w * step // patch] for w, h in sizes]
     assert batch["pixel_values"].shape[0] == sum(t * h * w for t, h, w in batch["image_grid_thw"].tolist())
-    assert set(batch) >= {"input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids"}
+    expected = {"input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids"}
+    assert set(batch) >= expected
 
 
 def test_gemma3_marks_image_tokens_for_bidirectional_attention():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
 from PIL import Image
 
 from sftop.engine.data.conversation import Conversation, ImagePart, Message, TextPart
@@ -41,11 +40,7 @@ def processor(name: str):
 
 @functools.lru_cache(maxsize=None)
 def model(name: str):
-    fam = family(name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        m = fam.model_class().from_config(fam.tiny_config())
-    return m.eval()
+    return family(name).tiny_model().eval()
 
 
 # Tiled families rescale every image to whole tiles themselves: small test images will do.

@@ -8,7 +8,7 @@ turn to single out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Union
 
 Role = Literal["system", "user", "assistant"]
@@ -87,11 +87,3 @@ class RowProblem:
 
     def to_dict(self) -> dict:
         return {"index": self.index, "reason": self.reason}
-
-
-@dataclass
-class Normalised:
-    """Rows that survived a pass, plus the problems of those that did not."""
-
-    conversations: list[Conversation] = field(default_factory=list)
-    problems: list[RowProblem] = field(default_factory=list)

@@ -170,14 +170,14 @@ def _decode(source: Any, subject: str):
             raise ImageError(subject, "cannot be read (permission denied)") from None
         except MemoryError:
             raise
-        except Exception as exc:  # a header PIL recognises but cannot parse
+        except Exception as exc:  # noqa: BLE001 - a header PIL recognises but cannot parse
             raise _bad_data(exc, subject) from None
     try:
         # Decode every pixel now: a truncated or corrupt file fails here, not mid-training.
         image.load()
     except MemoryError:
         raise
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, EOFError... for bad data
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, EOFError... for bad data
         raise _bad_data(exc, subject) from None
     if image.width <= 0 or image.height <= 0:
         raise ImageError(subject, f"has no pixels ({image.width}x{image.height})")
@@ -197,7 +197,7 @@ def _upright(image):
 
     try:
         return ImageOps.exif_transpose(image)
-    except Exception:  # a malformed EXIF block is not a reason to lose the image
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is not a reason to lose the image
         return image
 
 

@@ -148,7 +148,7 @@ def _read_parquet(path: Path):
 
     try:
         return _ArrowRows(pq.read_table(path))
-    except Exception as exc:  # pyarrow raises several types for corrupt files
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
         raise DataError(f"Cannot read Parquet file {path}: {exc}", where=str(path),
                         hint="Check that the file is a complete Parquet file") from None
 
@@ -181,7 +181,7 @@ def _read_saved(path: Path, split: str, source: str):
 
     try:
         loaded = load_from_disk(str(path))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for a folder it cannot read
         raise DataError(f"Cannot read the saved dataset in {path}: {exc}", where=f"data.source = {source!r}",
                         hint="Point data.source at the folder `save_to_disk` wrote") from None
     if isinstance(loaded, DatasetDict):
@@ -241,13 +241,10 @@ def _read_folder(path: Path, split: str, source: str) -> tuple[str, Sequence, di
 
 
 def _offline() -> bool:
-    try:
-        from huggingface_hub import constants
+    from huggingface_hub import constants
 
-        if constants.HF_HUB_OFFLINE:
-            return True
-    except Exception:  # pragma: no cover - huggingface_hub ships with datasets
-        pass
+    if constants.HF_HUB_OFFLINE:
+        return True
     return os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 

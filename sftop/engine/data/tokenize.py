@@ -114,7 +114,7 @@ class Encoder:
             try:
                 before = self.render(messages[:i], add_generation_prompt=True)
                 through = self.render(messages[: i + 1])
-            except Exception as exc:  # a template's raise_exception() lands here
+            except Exception as exc:  # noqa: BLE001 - a template's raise_exception() lands here
                 raise RowError(f"the chat template rejected it: {_template_error_text(exc)}") from None
             start = self._turn_start(messages, i, before, full)
             if start >= 0 and full.startswith(through) and len(through) >= start:
@@ -197,7 +197,7 @@ class Encoder:
     def _render_full(self, conv: Conversation) -> str:
         try:
             return self.render(self.template_messages(conv))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a template's raise_exception() lands here
             raise RowError(f"the chat template rejected it: {_template_error_text(exc)}") from None
 
     @property

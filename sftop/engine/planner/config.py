@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from sftop.engine.errors import ModelError
+from sftop.engine.planner.estimate import ModelShape
 
 
 def load_model_config(preset: Any) -> Any:
@@ -12,21 +15,14 @@ def load_model_config(preset: Any) -> Any:
 
     `builtin:demo-tiny` is described from its definition in sftop.engine.models.demo (no build);
     popular hub models not in the local cache come from the published shapes in known_shapes.py;
-    any other local directory or hub id goes through AutoConfig, cache first, with the same
-    actionable errors as model loading (offline, gated, not found).
+    any other local directory or hub id is read from its config.json, cache first, with the same
+    actionable errors as model loading (offline, gated, not found). Plain dicts where possible:
+    `sftop plan` does not import torch.
     """
     section = preset.model
     name = section.name
     if name.startswith("builtin:"):
-        try:
-            from sftop.engine.models import demo
-        except ImportError as exc:
-            raise ModelError(
-                f"The built-in model `{name}` is not available in this install ({exc})",
-                where="model.name",
-                hint="Reinstall sftop, or give a hub id or a local model directory",
-            ) from None
-        from sftop.engine.models import demo_vlm
+        from sftop.engine.models import demo, demo_vlm
 
         if name == demo_vlm.DEMO_VLM_NAME:
             return demo_vlm.demo_vlm_config()
@@ -37,45 +33,46 @@ def load_model_config(preset: Any) -> Any:
                 hint=f"The built-in models are `{demo.DEMO_NAME}` and `{demo_vlm.DEMO_VLM_NAME}`; otherwise "
                 "give a hub id or a local directory",
             )
-        from transformers import LlamaConfig
-
         # The tokenizer adds a few special tokens to the base vocabulary; a little over is harmless here.
-        return LlamaConfig(vocab_size=demo.VOCAB_SIZE + 8, tie_word_embeddings=False, **demo.MODEL_SIZE)
-
-    from transformers import AutoConfig
+        return dict(model_type="llama", vocab_size=demo.VOCAB_SIZE + 8, tie_word_embeddings=False, **demo.MODEL_SIZE)
 
     from sftop.engine.planner.known_shapes import known_config
+
+    def load(source: str, local_files_only: bool) -> Any:
+        return _read_config(source, section, local_files_only)
 
     table = known_config(name) if section.revision is None else None
     if table is not None:
         # A cached config.json wins; otherwise the published shape spares a hub round trip (and a
         # gated model's login) just to plan.
         try:
-            return AutoConfig.from_pretrained(name, local_files_only=True,
-                                              trust_remote_code=section.trust_remote_code)
+            return load(name, True)
         except (OSError, ValueError):
             return table
 
-    try:
-        from sftop.engine.models.tokenizer import hub_call
-    except ImportError:
-        hub_call = None
+    from sftop.engine.models.tokenizer import hub_call
 
-    def load(source: str, local_files_only: bool) -> Any:
-        return AutoConfig.from_pretrained(
-            source,
-            revision=section.revision,
-            trust_remote_code=section.trust_remote_code,
-            local_files_only=local_files_only,
-        )
+    return hub_call(section, "config", load)
 
-    if hub_call is not None:
-        return hub_call(section, "config", load)
+
+def _read_config(source: str, section: Any, local_files_only: bool) -> Any:
+    """config.json as a dict, read without transformers (whose import pulls in torch) so that
+    planning stays light; a config that leans on transformers' defaults for its sizes (some
+    vision-language models' text_config) goes through AutoConfig instead."""
+    if Path(source).is_dir():
+        path = Path(source) / "config.json"
+        if not path.is_file():
+            raise OSError(f"{source} has no config.json")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(source, "config.json", revision=section.revision, local_files_only=local_files_only))
+    config = json.loads(path.read_text(encoding="utf-8"))
     try:
-        return load(name, False)
-    except Exception as exc:  # noqa: BLE001 - one user-facing error
-        raise ModelError(
-            f"Cannot read the config of `{name}`: {exc}",
-            where="model.name",
-            hint="Check the name, log in for gated models (`huggingface-cli login`), or give a local model directory",
-        ) from None
+        ModelShape.from_config(config)
+        return config
+    except ValueError:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(source, revision=section.revision, trust_remote_code=section.trust_remote_code,
+                                          local_files_only=local_files_only)

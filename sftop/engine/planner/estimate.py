@@ -17,9 +17,12 @@ All sizes are bytes. Per-token terms are multiplied by the tokens in one micro-b
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping
+
+# torch-free: the kernels' sizes and rules, and the patcher's family table (names only)
+from sftop.kernels.constants import FUSED_CE_CHUNK_BYTES, MLP_DH_CHUNK_BYTES, dh_chunk_rows, projections_worth_keeping
+from sftop.kernels.patching.registry import FAMILIES
 
 GIB = 1024**3
 MIB = 1024**2
@@ -38,18 +41,11 @@ CUBLAS_WORKSPACE_BYTES = 2 * 32 * MIB
 # Reserved ran 4-23% above allocated with the default allocator (research §A5); sftop sets
 # expandable_segments, which keeps the low end, so 10% of the memory that changes within a step.
 ALLOCATOR_MARGIN = 0.10
-# sftop's fused linear+CE computes logits in chunks of at most this many bytes
-# (sftop/kernels/fused_linear_cross_entropy.py DEFAULT_CHUNK_BYTES).
-FUSED_CE_CHUNK_BYTES = 256 * MIB
 # Labels, the counted-row index, the gathered labels (int64 each), the counted mask and the fp32
 # per-row loss the fused linear+CE holds per token while it runs.
 FUSED_CE_INDEX_BYTES = 8 + 8 + 8 + 1 + 4
-# model_type values sftop.kernels.patch_model fuses (sftop/kernels/patching/registry.py FAMILIES;
-# a test keeps the two equal). Listed here so that planning never imports torch or triton.
-KERNEL_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"})
-# The one-Function MLP's backward builds dh (tokens x intermediate) in token chunks of at most
-# this many bytes (sftop/kernels/lora_mlp.py DH_CHUNK_BYTES; a test keeps the two equal).
-MLP_DH_CHUNK_BYTES = 32 * MIB
+# model_type values sftop.kernels.patch_model fuses
+KERNEL_FAMILIES = frozenset(FAMILIES)
 # TRL's chunked log-prob head: a [4096, 32768] tile in the compute dtype.
 TRL_CE_TILE_BYTES = 4096 * 32768 * 2
 NF4_BLOCK = 64
@@ -201,7 +197,7 @@ def lora_modules(targets: str | Iterable[str]) -> tuple[str, ...]:
     """Which of the seven projections the LoRA targets name. PEFT's "all-linear" skips lm_head."""
     if targets == "all-linear":
         return PROJECTIONS
-    names = set(targets)  # type: ignore[arg-type]
+    names = set(targets)
     return tuple(p for p in PROJECTIONS if p in names)
 
 
@@ -310,13 +306,7 @@ def fused_lora(setup: Setup) -> bool:
 def mlp_dh_bytes(tokens: int, intermediate: int, dt: int) -> int:
     """The one-Function MLP's dh buffer: the whole [tokens, intermediate] up to MLP_DH_CHUNK_BYTES,
     above it equal token chunks of at most that (rounded up to 128 rows), as lora_mlp.py cuts them."""
-    total = tokens * intermediate * dt
-    chunks = -(-total // MLP_DH_CHUNK_BYTES)
-    if chunks <= 1:
-        return total
-    rows = -(-tokens // chunks)
-    rows = min(tokens, -(-rows // 128) * 128) if rows > 128 else rows
-    return rows * intermediate * dt
+    return dh_chunk_rows(tokens, intermediate, dt, MLP_DH_CHUNK_BYTES) * intermediate * dt
 
 
 def one_function_mlp(setup: Setup) -> bool:
@@ -325,9 +315,9 @@ def one_function_mlp(setup: Setup) -> bool:
     return fused_lora(setup) and {"gate_proj", "up_proj", "down_proj"} <= set(setup.lora_targets)
 
 
-# families whose checkpoint recomputation is lean (registry.py FamilySpec.mlp_output_unsaved; a test
-# keeps the two equal): Gemma's post-norms read the MLP output, so its layers recompute in full
-LEAN_RECOMPUTE_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# families whose checkpoint recomputation is lean: Gemma's post-norms read the MLP output, so its
+# layers recompute in full
+LEAN_RECOMPUTE_FAMILIES = frozenset(name for name, spec in FAMILIES.items() if spec.mlp_output_unsaved)
 
 
 def kept_attention(shape: ModelShape, setup: Setup, masked: bool) -> bool:
@@ -339,12 +329,8 @@ def kept_attention(shape: ModelShape, setup: Setup, masked: bool) -> bool:
             and setup.attention in ("sdpa", "varlen") and setup.dtype in ("bf16", "fp16"))
 
 
-# families whose q/k/v projections feed RoPE directly (registry.py FamilySpec.qkv_straight_to_rope;
-# a test keeps the two equal), and the FLOPs per kept byte a layer needs before its first run
-# also keeps q/k/v (kept_attention.py MIN_FLOP_PER_KEPT_BYTE and ENV_SWITCH, mirrored)
-KEPT_PROJECTIONS_FAMILIES = frozenset({"llama", "mistral", "qwen2", "gemma2"})
-MIN_FLOP_PER_KEPT_BYTE = 12_000
-KEEP_PROJECTIONS_ENV = "SFTOP_KEEP_PROJECTIONS"
+# families whose q/k/v projections feed RoPE directly
+KEPT_PROJECTIONS_FAMILIES = frozenset(name for name, spec in FAMILIES.items() if spec.qkv_straight_to_rope)
 
 
 def kept_projections(shape: ModelShape, setup: Setup, masked: bool) -> bool:
@@ -353,12 +339,8 @@ def kept_projections(shape: ModelShape, setup: Setup, masked: bool) -> bool:
     if not (kept_attention(shape, setup, masked) and shape.model_type in KEPT_PROJECTIONS_FAMILIES
             and {"q_proj", "k_proj", "v_proj"} <= set(setup.lora_targets)):
         return False
-    forced = os.environ.get(KEEP_PROJECTIONS_ENV, "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
-    h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
-    flops = 2 * (h * (q + 2 * kv) + q * h + 3 * h * i)
-    return flops >= MIN_FLOP_PER_KEPT_BYTE * DTYPE_BYTES[setup.dtype] * (h + 2 * q + 2 * kv)
+    return projections_worth_keeping(shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim,
+                                     DTYPE_BYTES[setup.dtype])
 
 
 def residual_bytes(setup: Setup) -> int:

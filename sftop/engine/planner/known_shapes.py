@@ -44,11 +44,6 @@ KNOWN_SHAPES: dict[str, dict[str, Any]] = {
 
 
 def known_config(name: str) -> Any | None:
-    """A transformers config built from the table, or None when the model is not in it."""
+    """The model's config.json values from the table (a fresh dict), or None when it is not in it."""
     spec = KNOWN_SHAPES.get(name)
-    if spec is None:
-        return None
-    from transformers import AutoConfig
-
-    values = dict(spec)
-    return AutoConfig.for_model(values.pop("model_type"), **values)
+    return None if spec is None else dict(spec)

@@ -25,7 +25,6 @@ from sftop.engine.planner.estimate import (
     lora_modules,
 )
 
-CHECKPOINTING_ORDER = ("off", "on", "offload")
 # Checkpoint only every n-th block (transformers' every_n_layers) as rungs between "off" and "on".
 PARTIAL_EVERY = (4, 3, 2)
 

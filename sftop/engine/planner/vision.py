@@ -206,11 +206,11 @@ def vision_setup(setup: Any, preset: Any, model_config: Any, shape: Any, image_t
     """`setup` with a VLM's image load and adapted vision parts; unchanged for a text model."""
     from dataclasses import replace
 
-    from sftop.engine.models.vision.registry import family_for_config
+    from sftop.engine.models.vision.loading import family_of
 
     if shape.vision is None:
         return setup
-    family = family_for_config(model_config)
+    family = family_of(model_config)  # a config object, or config.json's dict
     parts = preset.lora.parts
     if parts is None:
         parts = family.default_lora_parts if family is not None else ("language", "attention", "mlp")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
+from sftop.kernels import compat
+
 
 def _probe_features(rows: int, tokens_per_row: int, max_length: int, padding_free: bool, vocab: int,
                     generator: torch.Generator) -> list[dict]:
@@ -49,7 +51,7 @@ def probe_step(trainer, rows: int, tokens_per_row: int, max_length: int) -> None
     features = _probe_features(rows, tokens_per_row, max_length, padding_free, vocab, torch.Generator().manual_seed(0))
     try:
         model.train()
-        inputs = trainer._prepare_inputs(trainer.data_collator(features))
+        inputs = compat.trainer_prepare_inputs(trainer, trainer.data_collator(features))
         with trainer.compute_loss_context_manager():
             loss = trainer.compute_loss(model, inputs)
         trainer.accelerator.backward(loss)
@@ -62,11 +64,7 @@ def probe_step(trainer, rows: int, tokens_per_row: int, max_length: int) -> None
         optimizer.state.clear()
         del optimizer
         # The probe's batch is not training data: keep it out of the logged metrics and token counts.
-        metrics = getattr(trainer, "_metrics", None)
-        if metrics is not None:
-            metrics["train"].clear()
-        if hasattr(trainer, "_total_train_tokens"):
-            trainer._total_train_tokens = 0
+        compat.reset_trainer_counters(trainer)
         trainer.sftop_step_tokens = 0
         trainer.sftop_step_samples = 0
         torch.set_rng_state(cpu_rng)

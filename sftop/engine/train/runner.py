@@ -115,12 +115,9 @@ def environment_info(device: str, dtype: str, attn: str) -> dict[str, Any]:
         "attn_implementation": attn,
         "cuda": torch.version.cuda,
     }
-    try:
-        from sftop import __version__ as sftop_version
+    from sftop import __version__ as sftop_version
 
-        info["sftop"] = sftop_version
-    except ImportError:
-        pass
+    info["sftop"] = sftop_version
     return info
 
 
@@ -136,21 +133,8 @@ def pick_checkpoint(run_dir: RunDir, writer: EventWriter) -> Path | None:
 
 
 def _model_config(preset):
-    try:
-        from sftop.engine.planner import load_model_config
-    except ImportError:
-        from transformers import AutoConfig
+    from sftop.engine.planner import load_model_config
 
-        from sftop.engine.models.tokenizer import hub_call
-
-        return hub_call(
-            preset.model,
-            "model config",
-            lambda src, local_files_only: AutoConfig.from_pretrained(
-                src, revision=preset.model.revision, trust_remote_code=preset.model.trust_remote_code,
-                local_files_only=local_files_only,
-            ),
-        )
     return load_model_config(preset)
 
 
@@ -419,20 +403,9 @@ class _Run:
         import torch
 
         old = self.plan
-        try:
-            from sftop.engine.planner import on_oom
+        from sftop.engine.planner import on_oom
 
-            new = on_oom(old, step)
-        except ImportError:
-            if old.micro_batch <= 1:
-                raise ResourceError(
-                    f"Out of GPU memory at step {step} even with micro_batch 1 ({error})",
-                    hint="Use a smaller model, load_in_4bit = true, a shorter data.max_length, or a bigger GPU",
-                ) from None
-            from sftop.engine.train.plan import LocalPlan
-
-            micro = old.micro_batch // 2
-            new = LocalPlan(micro, old.micro_batch * old.grad_accum // micro, "on" if old.gradient_checkpointing == "off" else old.gradient_checkpointing)
+        new = on_oom(old, step)
         self.set_plan(new, step, f"out of memory at step {step}")
         # Drop every reference to the failed step's tensors before trying again.
         for p in self.model.parameters():

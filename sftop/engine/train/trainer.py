@@ -118,7 +118,6 @@ class SftopTrainer(SFTTrainer):
         self.sftop_on_checkpoint = on_checkpoint
         self.sftop_step_tokens = 0
         self.sftop_step_samples = 0
-        self.sftop_last_checkpoint: Path | None = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if "attention_mask" in inputs:
@@ -170,7 +169,6 @@ class SftopTrainer(SFTTrainer):
         os.replace(written, final)
         _fsync_dir(root)
         shutil.rmtree(staging, ignore_errors=True)
-        self.sftop_last_checkpoint = final
         self._rotate_sftop_checkpoints(root)
         if self.sftop_on_checkpoint is not None:
             self.sftop_on_checkpoint(step, final)

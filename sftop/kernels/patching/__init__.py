@@ -13,6 +13,15 @@ module's forward) takes the same path as the first forward.
 
 from __future__ import annotations
 
-from .core import PARTS, PatchReport, patch_model
+from typing import Any
 
 __all__ = ["PARTS", "PatchReport", "patch_model"]
+
+
+def __getattr__(name: str) -> Any:
+    # loaded on first use, so that `registry` (names only) imports without torch
+    if name in __all__:
+        from . import core
+
+        return getattr(core, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

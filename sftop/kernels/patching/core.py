@@ -4,7 +4,6 @@ lean_recompute, checkpoint_offload, kept_projections, cuda_graphs)."""
 from __future__ import annotations
 
 import importlib
-import os
 import threading
 import types
 from dataclasses import asdict, dataclass, field
@@ -12,7 +11,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .. import compat
 from .._runtime import kernels_available
+from ..env import env_flag
 from .registry import FAMILIES, FamilySpec
 
 PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "attention", "loss", "lean_recompute",
@@ -30,6 +31,8 @@ _PART = "_sftop_part"
 _GRAPHS = "_sftop_graphs"
 _OFFLOADING = "_sftop_offloading"
 _GC_MODE = "_sftop_gc_mode"
+# set to get the logits back from a training forward (the fused loss returns logits=None)
+RETURN_LOGITS_ENV = "SFTOP_RETURN_LOGITS"
 
 
 @dataclass
@@ -142,7 +145,7 @@ def _rope_active() -> bool:
 
 
 def _install_rope_dispatcher(modeling) -> None:
-    original = modeling.apply_rotary_pos_emb
+    original = compat.rope_function(modeling)
     if getattr(original, "_sftop_dispatcher", False):
         return
     from ..rope import apply_rope, rope_supported
@@ -157,7 +160,7 @@ def _install_rope_dispatcher(modeling) -> None:
 
     apply_rotary_pos_emb._sftop_dispatcher = True
     apply_rotary_pos_emb._sftop_original = original
-    modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+    compat.set_rope_function(modeling, apply_rotary_pos_emb)
 
 
 def _patch_rope(model: nn.Module, spec: FamilySpec) -> str:
@@ -165,8 +168,8 @@ def _patch_rope(model: nn.Module, spec: FamilySpec) -> str:
         modeling = importlib.import_module(spec.modeling_module)
     except ImportError as exc:
         return f"stock: {spec.modeling_module} not importable ({exc})"
-    if not callable(getattr(modeling, "apply_rotary_pos_emb", None)):
-        return f"stock: {spec.modeling_module} has no apply_rotary_pos_emb"
+    if compat.rope_function(modeling) is None:
+        return f"stock: {spec.modeling_module} has no {compat.ROPE_FUNCTION}"
     mods = _modules_of(model, spec.attention_class)
     if not mods:
         return f"stock: no {spec.attention_class} modules found"
@@ -286,7 +289,7 @@ def _loss_forward(self, orig, *args, **kwargs):
         (labels is None and shift_labels is None)
         or kwargs.get("fused_lm_head")
         or len(args) > 1
-        or os.environ.get("SFTOP_RETURN_LOGITS", "0") not in ("", "0")
+        or env_flag(RETURN_LOGITS_ENV, default=False)
     ):
         return orig(*args, **kwargs)
     if args:
@@ -365,14 +368,9 @@ def _quantised_compute_dtype(model: nn.Module):
 
 # --------------------------------------------------------------------------- lora
 
-_LORA_CLASSES = ("Linear", "Linear4bit", "Linear8bitLt")
-
 
 def _is_lora_layer(m: nn.Module) -> bool:
-    return (
-        type(m).__module__.startswith("peft.tuners.lora") and type(m).__name__ in _LORA_CLASSES
-        and hasattr(m, "lora_A") and hasattr(m, "base_layer")
-    )
+    return compat.is_peft_lora_layer(m)
 
 
 def _lora_layers(model: nn.Module) -> list[nn.Module]:
@@ -415,9 +413,7 @@ def _lora_forward(self, orig, x, *args, **kwargs):
 
         return lora_linears(x, (self,), name)
     result = self.base_layer(x, *args, **kwargs)
-    a = self.lora_A[name].weight
-    b = self.lora_B[name].weight
-    scale = self.scaling[name]
+    a, b, scale = compat.lora_weights(self, name)
     # PEFT keeps adapters in fp32 and runs them (and the residual add) in fp32 without tensor
     # cores; the adapter product is computed here in the base layer's compute dtype instead, and
     # scale-and-add folds into one addmm when dtypes line up.
@@ -539,7 +535,7 @@ def _patch_attention(model: nn.Module, spec: FamilySpec) -> str:
     from ..varlen_attention import NAME, config_supported, register, varlen_available
 
     config = model.config
-    current = getattr(config, "_attn_implementation", None)
+    current = compat.attn_implementation(config)
     if current == NAME:
         return FUSED
     if current != "sdpa":
@@ -618,11 +614,11 @@ def _install_checkpointing(model: nn.Module) -> None:
         if overlapped or lean:
             fns = {}  # one function for all layers: the offload hooks chain the saved inputs
             for m in model.modules():
-                stock_fn = getattr(m, "_gradient_checkpointing_func", None)
+                stock_fn = compat.checkpoint_function(m)
                 if stock_fn is not None:
                     if id(stock_fn) not in fns:
                         fns[id(stock_fn)] = _layer_checkpoint_function(stock_fn, gc_kwargs, lean, overlapped)
-                    m._gradient_checkpointing_func = fns[id(stock_fn)]
+                    compat.set_checkpoint_function(m, fns[id(stock_fn)])
 
     model.__dict__[_GC_ENABLE] = gradient_checkpointing_enable
 
@@ -658,7 +654,8 @@ def _patch_kept_projections(model: nn.Module, spec: FamilySpec) -> str:
     """Under offloaded lean checkpointing, let each layer's first run keep its attention's q/k/v in
     host memory, so that the recomputation skips the q/k/v projections and RoPE (recompute.py
     KeptProjections): on layers whose compute hides the extra copies."""
-    from ..kept_attention import ENV_SWITCH, projections_worth_keeping
+    from ..constants import KEEP_PROJECTIONS_ENV as ENV_SWITCH
+    from ..constants import projections_worth_keeping
 
     if not spec.qkv_straight_to_rope:
         return f"stock: {spec.model_type} normalises q and k before RoPE, and that backward reads them"
@@ -819,6 +816,6 @@ def patch_model(model: nn.Module, *, enable: bool = True, model_type: str | None
             continue
         try:
             parts[part] = _PATCHERS[part](base, spec)
-        except Exception as exc:  # a part that can't be applied must not take the others down
+        except Exception as exc:  # noqa: BLE001 - a part that can't be applied must not take the others down
             parts[part] = f"stock: patch failed ({type(exc).__name__}: {exc})"
     return PatchReport(family, parts)

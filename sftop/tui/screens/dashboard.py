@@ -19,11 +19,10 @@ from textual.widgets import Footer, Header, Log, ProgressBar, Sparkline, Static
 from textual.worker import get_current_worker
 
 from sftop.engine.rundir import RunDir
-from sftop.engine.runs import EventFollower, effective_status, request_checkpoint, stop_run
+from sftop.engine.runs import EventFollower, effective_status, request_checkpoint
 from sftop.engine.supervisor import ACTIVE_STATUSES
 from sftop.tui.messages import EventsRead, GpuRead, LogTail, RunStatusRead
 from sftop.tui.run_state import RunState, format_count, format_duration, format_number
-from sftop.tui.screens.confirm import ConfirmScreen
 from sftop.tui.widgets.gpu_panel import GpuPanel
 from sftop.tui.widgets.line_chart import ChartSeries, LineChart
 
@@ -77,7 +76,7 @@ class DashboardScreen(Screen):
 
     @property
     def services(self):
-        return self.app.services  # type: ignore[attr-defined]
+        return self.app.services
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -158,8 +157,10 @@ class DashboardScreen(Screen):
         elif self.replayed:
             # Warnings that happen while watching (a skipped step, a smaller plan) pop up once.
             for level, text in self.state.new_messages(self._messages_seen):
-                if level in ("warning", "error"):
-                    self.notify(text, severity=level, timeout=10)
+                if level == "warning":
+                    self.notify(text, severity="warning", timeout=10)
+                elif level == "error":
+                    self.notify(text, severity="error", timeout=10)
             self._messages_seen = self.state.messages_total
         if self.state.messages:
             level, text = self.state.messages[-1]
@@ -281,24 +282,7 @@ class DashboardScreen(Screen):
             self.notify(f"The run is already {self.status}", severity="warning")
             return
 
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self.stop_in_background()
-
-        self.app.push_screen(
-            ConfirmScreen(
-                f"Stop {self.run.name}?",
-                "The trainer saves a checkpoint first, then exits. "
-                f"Resume later with `sftop resume {self.run.name}`.",
-                yes="Stop", no="Keep training",
-            ),
-            answered,
-        )
-
-    @work(thread=True, exit_on_error=False, group="stop", description="stop the run")
-    def stop_in_background(self) -> None:
-        message = stop_run(self.run)
-        self.app.call_from_thread(self.notify, message)
+        self.app.stop_run(self.run)  # type: ignore[attr-defined]
 
     def action_detach(self) -> None:
         self.app.action_detach()  # type: ignore[attr-defined]

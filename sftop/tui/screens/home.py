@@ -8,6 +8,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.coordinate import Coordinate
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 from textual.worker import get_current_worker
@@ -110,5 +111,5 @@ class HomeScreen(Screen):
         table = self.query_one("#presets", DataTable)
         if table.row_count == 0:
             return
-        name = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value
+        name = table.coordinate_to_cell_key(Coordinate(table.cursor_row, 0)).row_key.value
         self.app.new_run(preset=name, jump_to_plan=True)  # type: ignore[attr-defined]

@@ -11,11 +11,9 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
-from sftop.engine.errors import SftopError
-from sftop.engine.runs import RunSummary, list_runs, stop_run
-from sftop.engine.supervisor import launch_run
+from sftop.engine.runs import RunSummary, list_runs
 from sftop.tui.messages import RunsRead
-from sftop.tui.screens.confirm import ConfirmScreen, InfoScreen
+from sftop.tui.screens.confirm import InfoScreen
 from sftop.tui.widgets.runs_table import RunsTable
 
 
@@ -108,29 +106,14 @@ class RunsScreen(Screen):
             self.notify(f"{run.name} has finished; re-run its preset from home (r) for a new run",
                         severity="warning")
             return
-        try:
-            launch_run(run.run.preset, run.run, resume=True)
-        except SftopError as exc:
-            self.notify(str(exc), severity="error", timeout=10)
-            return
-        self.app.attach(run.run)  # type: ignore[attr-defined]
+        self.app.resume_run(run.run)  # type: ignore[attr-defined]
 
     def action_stop(self) -> None:
         run = self.selected
         if run is None or not run.active:
             self.notify("That run is not running", severity="warning")
             return
-
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self.notify(stop_run(run.run))
-                self.refresh_runs()
-
-        self.app.push_screen(
-            ConfirmScreen(f"Stop {run.name}?", "The trainer saves a checkpoint first, then exits.",
-                          yes="Stop", no="Keep training"),
-            answered,
-        )
+        self.app.stop_run(run.run, then=self.refresh_runs)  # type: ignore[attr-defined]
 
     def action_export(self) -> None:
         run = self.selected
@@ -139,21 +122,4 @@ class RunsScreen(Screen):
         if not run.run.adapter.is_dir() and not run.run.complete_checkpoints():
             self.notify(f"{run.name} has no adapter or checkpoint to export yet", severity="warning")
             return
-        self.notify(f"Exporting {run.name}…")
-        self.export(run)
-
-    @work(thread=True, exit_on_error=False, group="export", description="export a run")
-    def export(self, run: RunSummary) -> None:
-        try:
-            from sftop.engine.export import export_run
-        except ImportError:
-            self.app.call_from_thread(
-                self.notify, f"Export is not available in this build; run `sftop export {run.name}`",
-                severity="error")
-            return
-        try:
-            out = export_run(run.run, merged=False, out=None)
-        except SftopError as exc:
-            self.app.call_from_thread(self.notify, str(exc), severity="error", timeout=10)
-            return
-        self.app.call_from_thread(self.notify, f"Adapter written to {out}", timeout=10)
+        self.app.export_run(run.run)  # type: ignore[attr-defined]

@@ -107,7 +107,8 @@ class LineChart(Widget):
         for r in range(plot_h):
             label = format_number(labels[r], 3) if r in labels else ""
             text.append(f"{label:>{_AXIS_WIDTH - 1}}┤" if r in labels else " " * (_AXIS_WIDTH - 1) + "│", axis)
-            run, run_owner = [], None
+            run: list[str] = []
+            run_owner: int | None = None
             for c in range(plot_w):
                 ch = chr(0x2800 + bits[r][c]) if bits[r][c] else " "
                 who = owner[r][c]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 
 from rich.text import Text
+from textual.coordinate import Coordinate
 from textual.widgets import DataTable
+from textual.widgets.data_table import CellDoesNotExist
 
 from sftop.engine.runs import RunSummary
 from sftop.tui.run_state import format_number
@@ -54,7 +56,7 @@ class RunsTable(DataTable):
         if not self.summaries or self.cursor_row is None or self.row_count == 0:
             return None
         try:
-            key = self.coordinate_to_cell_key((self.cursor_row, 0)).row_key.value
-        except Exception:
+            key = self.coordinate_to_cell_key(Coordinate(self.cursor_row, 0)).row_key.value
+        except CellDoesNotExist:
             return None
-        return self.summaries.get(key)
+        return self.summaries.get(key) if key is not None else None

@@ -99,16 +99,9 @@ class PlanStep(Step):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="plan", description="plan the run")
     def make_plan(self, draft: Preset, key: str) -> None:
-        try:
-            from sftop.engine.planner import load_model_config, plan_run
-        except ImportError as exc:
-            self.post_message(PlanMade(key, error=f"The planner is unavailable ({exc})"))
-            return
-        gpus = self.app.services.gpu_reader()  # type: ignore[attr-defined]
-        if isinstance(gpus, str):
-            from sftop.engine.gpu import GpuStatus
+        from sftop.engine.planner import load_model_config, plan_run
 
-            gpus = GpuStatus(gpus=[], reason=gpus)
+        gpus = self.app.services.gpu_reader()  # type: ignore[attr-defined]
         with ENGINE_LOCK:
             try:
                 plan = plan_run(draft, load_model_config(draft), gpus=gpus)

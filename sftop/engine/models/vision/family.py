@@ -59,6 +59,27 @@ class VisionFamily(ABC):
     def tiny_config(self) -> Any:
         """A random-init config small enough to train on a CPU in seconds (tests and demos)."""
 
+    def tiny_model(self, seed: int = 0) -> Any:
+        """The random-init model of `tiny_config()` (fixed seed), with its image path open.
+
+        Random init closes some image paths that real checkpoints have open: Gemma 3's projector
+        starts at zeros and Llama 3.2 Vision's cross-attention gates at zero, so the images of a
+        tiny model would not reach its loss and a LoRA fine-tune (which adapts neither) could never
+        use them. `open_image_path` sets them as a trained model has them.
+        """
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = self.model_class().from_config(self.tiny_config())
+            with torch.no_grad():
+                self.open_image_path(model)
+        return model
+
+    def open_image_path(self, model: Any) -> None:
+        """Give parameters that random init leaves at zero on the image path (see `tiny_model`)
+        trained-like values. Nothing to do for most families."""
+
     @abstractmethod
     def offline_processor(self) -> Any:
         """The family's processor (tokenizer with its special tokens and chat template, image
@@ -123,7 +144,8 @@ class VisionFamily(ABC):
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         image_processor = image_processor_class.from_pretrained(source, **kwargs)
         settings, _ = processor_class.get_processor_dict(source, **kwargs)
-        accepted = set(inspect.signature(processor_class.__init__).parameters) - {"self", "image_processor", "tokenizer"}
+        accepted = set(inspect.signature(processor_class.__init__).parameters)
+        accepted -= {"self", "image_processor", "tokenizer"}
         return processor_class(
             image_processor=image_processor, tokenizer=tokenizer,
             **{key: value for key, value in settings.items() if key in accepted},

@@ -85,6 +85,11 @@ class Gemma3Family(VisionFamily):
         side = processor.image_processor.size["height"] // config.vision_config.patch_size
         return side * side
 
+    def open_image_path(self, model: Any) -> None:
+        # transformers initialises the projection matrix to zeros (for training from scratch)
+        weight = model.model.multi_modal_projector.mm_input_projection_weight
+        weight.normal_(0.0, weight.shape[0] ** -0.5)
+
     def processor_kwargs(self, rules: ImageRules) -> Mapping[str, Any]:
         # Pan-and-scan would add a variable number of crops, each another 256 tokens.
         return {"do_pan_and_scan": False}

@@ -85,6 +85,12 @@ class MllamaFamily(VisionFamily):
         per_tile = (tile // config.vision_config.patch_size) ** 2 + 1
         return processor.image_processor.max_image_tiles * (per_tile + (-per_tile) % 8)
 
+    def open_image_path(self, model: Any) -> None:
+        # the cross-attention layers' tanh gates start at zero: no image reaches the text
+        for name, parameter in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                parameter.fill_(1.0)
+
     def tiny_config(self) -> Any:
         from transformers import MllamaConfig
 
