@@ -47,6 +47,11 @@ def cmd_presets(args: argparse.Namespace) -> int:
     preset, path = load_preset(args.name, args.set)
     _out(f"# {path}")
     _out(to_toml(preset).rstrip())
+    from sftop.engine.models.vision.lora_parts import parts_summary
+
+    summary = parts_summary(preset)
+    if summary:
+        _out(f"# {summary}")
     return 0
 
 
@@ -58,7 +63,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     from sftop.engine.presets import load_preset
 
     preset, _ = load_preset(args.preset, args.set)
-    result = check_data(preset)
+    from sftop.engine.train.vision_data import vision_check_kwargs
+
+    result = check_data(preset, **vision_check_kwargs(preset))  # a VLM: its exact image tokens
     if getattr(args, "json", False):
         _out(json.dumps(result.to_dict(), indent=2))
     else:
@@ -75,7 +82,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from sftop.engine.presets import load_preset
 
     preset, _ = load_preset(args.preset, args.set)
-    plan = plan_run(preset, load_model_config(preset), gpu_memory_gib=args.gpu_memory)
+    from sftop.engine.train.vision_data import image_tokens_for_plan
+
+    # a vision-language model: the rows' exact image tokens size the image terms, as in a run
+    image_tokens = image_tokens_for_plan(preset)
+    plan = plan_run(preset, load_model_config(preset), gpu_memory_gib=args.gpu_memory,
+                    image_tokens_per_row=image_tokens)
     if args.json:
         _out(json.dumps(plan.to_dict(), indent=2))
     else:

@@ -219,9 +219,10 @@ async def test_models_in_the_local_hub_cache_are_offered(services, tmp_path, mon
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_until(pilot, lambda: isinstance(app.screen, WizardScreen))
         choices = app.screen.query_one("#model-choices")
-        await wait_until(pilot, lambda: choices.option_count == 2)
-        assert choices.get_option_at_index(1).id == "Qwen/Qwen2.5-0.5B-Instruct"
+        await wait_until(pilot, lambda: choices.option_count == 3)  # after the two built-ins
+        assert choices.get_option_at_index(2).id == "Qwen/Qwen2.5-0.5B-Instruct"
+        assert "vision-language" not in str(choices.get_option_at_index(2).prompt)
         choices.focus()
-        await pilot.press("down", "enter")  # picking a model moves on to the dataset
+        await pilot.press("down", "down", "enter")  # picking a model moves on to the dataset
         assert app.screen.draft.model.name == "Qwen/Qwen2.5-0.5B-Instruct"
         assert current_step(app) == "step-data"

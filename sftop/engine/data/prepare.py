@@ -17,6 +17,7 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
+from typing import Protocol, Sequence
 
 from sftop.engine.data.conversation import Conversation
 from sftop.engine.data.formats import RowError
@@ -24,6 +25,16 @@ from sftop.engine.data.sources import RawRows, load_rows
 from sftop.engine.data.tokenize import IGNORE_INDEX, Encoded, Encoder
 from sftop.engine.data.validate import ValidationReport, resolve_format, validate_rows
 from sftop.engine.presets.schema import DataSection, Preset
+
+
+class EncodedRow(Protocol):
+    """What the statistics read of an encoded row (a text `Encoded` or a vision row)."""
+
+    @property
+    def input_ids(self) -> Sequence[int]: ...
+
+    @property
+    def trained_tokens(self) -> int: ...
 
 
 @dataclass
@@ -48,7 +59,7 @@ class DataStats:
         return out
 
     @classmethod
-    def from_encoded(cls, encoded: list[Encoded], eval_rows: int = 0) -> "DataStats":
+    def from_encoded(cls, encoded: Sequence[EncodedRow], eval_rows: int = 0) -> "DataStats":
         lengths = sorted(len(e.input_ids) for e in encoded)
         return cls(
             rows=len(encoded),

@@ -1,7 +1,8 @@
 """Export a run's result: the LoRA adapter as is, or merged into the base model.
 
 The merged model is a plain Hugging Face model directory (safetensors + tokenizer) that
-`AutoModelForCausalLM.from_pretrained` loads without peft or sftop.
+`AutoModelForCausalLM.from_pretrained` loads without peft or sftop; a vision-language model's
+also holds its processor, and loads with its family's class (`AutoModelForImageTextToText`).
 """
 
 from __future__ import annotations
@@ -80,7 +81,14 @@ def export_run(run, merged: bool = False, out: Path | None = None) -> Path:
 
 
 def _write_merged(run_dir: RunDir, adapter: Path, tmp: Path) -> None:
+    from sftop.engine.models.vision.loading import vision_family
     from sftop.engine.train.resources import check_disk_space
+
+    section = _run_preset(run_dir).model
+    family = vision_family(section)
+    if family is not None:
+        _write_merged_vision(section, family, _merge_dtype(section), adapter, tmp)
+        return
 
     def room(params: int, itemsize: int) -> None:
         check_disk_space(tmp, {"merged model": params * itemsize})
@@ -88,6 +96,20 @@ def _write_merged(run_dir: RunDir, adapter: Path, tmp: Path) -> None:
     model, tokenizer = load_merged(run_dir, adapter, before_merge=room)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+
+
+def _run_preset(run_dir: RunDir):
+    from sftop.engine.presets import load_preset
+
+    if not run_dir.preset.is_file():
+        raise SftopError(f"{run_dir.preset} is missing, so the base model is unknown", where=str(run_dir.path),
+                         hint="Export the adapter alone (without --merged)")
+    return load_preset(run_dir.preset)[0]
+
+
+def _merge_dtype(section) -> str:
+    # Merge into 16-bit (or fp32) weights even after QLoRA: a merged NF4 model would lose precision twice.
+    return section.dtype if section.dtype in _DTYPES else "fp32"
 
 
 def load_merged(run_dir: RunDir, adapter: Path, before_merge=None, dtype: str | None = None):
@@ -101,15 +123,9 @@ def load_merged(run_dir: RunDir, adapter: Path, before_merge=None, dtype: str | 
     from transformers import AutoModelForCausalLM
 
     from sftop.engine.models.tokenizer import hub_call, load_tokenizer
-    from sftop.engine.presets import load_preset
 
-    if not run_dir.preset.is_file():
-        raise SftopError(f"{run_dir.preset} is missing, so the base model is unknown", where=str(run_dir.path),
-                         hint="Export the adapter alone (without --merged)")
-    preset, _ = load_preset(run_dir.preset)
-    section = preset.model
-    # Merge into 16-bit (or fp32) weights even after QLoRA: a merged NF4 model would lose precision twice.
-    dtype = dtype or (section.dtype if section.dtype in _DTYPES else "fp32")
+    section = _run_preset(run_dir).model
+    dtype = dtype or _merge_dtype(section)
 
     def load(source, local_files_only):
         return AutoModelForCausalLM.from_pretrained(
@@ -128,3 +144,20 @@ def load_merged(run_dir: RunDir, adapter: Path, before_merge=None, dtype: str | 
     else:
         tokenizer = load_tokenizer(section)
     return model.eval(), tokenizer
+
+
+def _write_merged_vision(section, family, dtype: str, adapter: Path, tmp: Path) -> None:
+    """A VLM merged in 16-bit (vision tower and projector as they were), with its processor."""
+    from peft import PeftModel
+
+    from sftop.engine.models.vision.loading import load_processor, load_vision_base
+    from sftop.engine.train.resources import check_disk_space
+
+    # 16-bit weights, never 4-bit: load as the run's dtype, unquantised
+    base = load_vision_base(section.model_copy(update={"load_in_4bit": False}), family, dtype=dtype, attn="sdpa")
+    params = sum(p.numel() for p in base.parameters())
+    check_disk_space(tmp, {"merged model": params * base.dtype.itemsize})
+    model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    model.save_pretrained(tmp)
+    # the processor the run trained with (training never changes it)
+    load_processor(section, family).save_pretrained(tmp)

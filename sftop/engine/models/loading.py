@@ -27,9 +27,11 @@ class ModelInfo:
     params_total: int = 0
     params_trainable: int = 0
     kernels: dict[str, Any] = field(default_factory=dict)
+    vision_family: str | None = None  # a vision-language model's family (sftop.engine.models.vision)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **({"vision_family": self.vision_family} if self.vision_family else {}),
             "source": self.source,
             "device": self.device,
             "dtype": self.dtype,
@@ -186,6 +188,13 @@ def load_start_adapter(base, ref: str):
     return PeftModel.from_pretrained(base, str(resolve_adapter(ref)), is_trainable=True)
 
 
+def count_params(model) -> tuple[int, int]:
+    """(total, trainable). bitsandbytes packs two 4-bit weights per stored byte: count real parameters."""
+    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
 def load_model(preset, plan=None):
     """Return `(model, tokenizer, info)`: the LoRA-wrapped model ready for SFTTrainer.
 
@@ -194,6 +203,11 @@ def load_model(preset, plan=None):
     """
     from peft import get_peft_model
 
+    from sftop.engine.models.vision.loading import load_vision_model, vision_family
+
+    family = vision_family(preset.model)
+    if family is not None:  # a vision-language model: the processor takes the tokenizer's place
+        return load_vision_model(preset, family)
     tokenizer = load_tokenizer(preset.model)
     base, dtype, attn = load_base_model(preset.model)
     # LoRA's A matrices are drawn from the global RNG: seed it so a run (and its resume) is repeatable.
@@ -212,9 +226,7 @@ def load_model(preset, plan=None):
             hint='Use lora.targets = "all-linear", or list module names that exist in the model (e.g. q_proj, v_proj)',
         ) from None
     kernels = apply_kernels(model, preset.train.kernels)
-    # bitsandbytes packs two 4-bit weights per stored byte: count real parameters, not storage.
-    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total, trainable = count_params(model)
     device = str(next(base.parameters()).device)
     info = ModelInfo(
         source=preset.model.name,

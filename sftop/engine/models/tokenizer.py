@@ -28,11 +28,15 @@ def resolve_model_source(model_section) -> str:
     """What to hand `from_pretrained`: a local directory for builtin/local models, else the hub id."""
     name = model_section.name
     if is_builtin(name):
+        from sftop.engine.models.demo_vlm import DEMO_VLM_NAME, ensure_demo_vlm
+
+        if name == DEMO_VLM_NAME:
+            return str(ensure_demo_vlm())
         if name != DEMO_NAME:
             raise ModelError(
                 f"Unknown built-in model `{name}`",
                 where="model.name",
-                hint=f"The built-in model is `{DEMO_NAME}`; otherwise give a hub id or a local directory",
+                hint=f"The built-in models are `{DEMO_NAME}` and `{DEMO_VLM_NAME}`; otherwise give a hub id or a local directory",
             )
         return str(ensure_demo_model())
     if _looks_like_path(name):

@@ -22,13 +22,16 @@ def load_model_config(preset: Any) -> Any:
     section = preset.model
     name = section.name
     if name.startswith("builtin:"):
-        from sftop.engine.models import demo
+        from sftop.engine.models import demo, demo_vlm
 
+        if name == demo_vlm.DEMO_VLM_NAME:
+            return demo_vlm.demo_vlm_config()
         if name != demo.DEMO_NAME:
             raise ModelError(
                 f"Unknown built-in model `{name}`",
                 where="model.name",
-                hint=f"The built-in model is `{demo.DEMO_NAME}`; otherwise give a hub id or a local directory",
+                hint=f"The built-in models are `{demo.DEMO_NAME}` and `{demo_vlm.DEMO_VLM_NAME}`; otherwise "
+                "give a hub id or a local directory",
             )
         # The tokenizer adds a few special tokens to the base vocabulary; a little over is harmless here.
         return dict(model_type="llama", vocab_size=demo.VOCAB_SIZE + 8, tie_word_embeddings=False, **demo.MODEL_SIZE)

@@ -71,6 +71,7 @@ class ModelShape:
     vision_params: int = 0  # a VLM's vision tower and projector: loaded 16-bit, frozen
     # A VLM's text model: patch_model looks at the outer model_type, which names no text family.
     multimodal: bool = False
+    vision: Any = None  # a VLM's VisionShape (sftop.engine.planner.vision), for the image terms
 
     @property
     def q_dim(self) -> int:
@@ -116,6 +117,9 @@ class ModelShape:
     def from_config(cls, config: Any) -> "ModelShape":
         """From a transformers `PretrainedConfig` or a plain dict (config.json). VLMs: the text model."""
         cfg = _as_mapping(config)
+        from sftop.engine.planner.vision import VisionShape
+
+        vision_shape = VisionShape.from_config(cfg)
         text = cfg.get("text_config")
         vision_params = _vision_params(cfg.get("vision_config"))
         multimodal = text is not None or vision_params > 0
@@ -151,6 +155,7 @@ class ModelShape:
             attn_bias=attn_bias,
             vision_params=vision_params,
             multimodal=multimodal,
+            vision=vision_shape,
         )
 
 
@@ -226,6 +231,10 @@ class Setup:
     # passes twice the tokens), then a reference forward without gradients runs while the policy's
     # activations are held, before the policy's backward.
     preference: bool = False
+    # A VLM: image tokens per row from the data check (ImageLoad), and which vision parts LoRA
+    # adapts (VisionTraining); both from sftop.engine.planner.vision.
+    images: Any = None
+    vision_training: Any = None
 
 
 @dataclass
@@ -447,6 +456,7 @@ def fused_ce_bytes(shape: ModelShape, setup: Setup, tokens: int) -> int:
 
 def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None = None) -> Estimate:
     """Peak memory for a micro-batch of `tokens` tokens: one packed row, or rows of `seq_len` each."""
+    rows = max(1, tokens // (seq_len or tokens))
     seq_len = tokens if setup.packed else (seq_len or tokens)
     h = shape.hidden
     dt = DTYPE_BYTES[setup.dtype]
@@ -554,6 +564,8 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
         if recompute_tok:
             terms["recomputed_layer"] = recompute_tok * tokens + mask_recompute
         terms["backward_transient"] = (backward_tok + loss_grad_tok) * tokens + backward_fixed
+    if shape.vision is not None and setup.images is not None:
+        _add_image_terms(terms, shape, setup, rows, notes)
     allocated = sum(terms.values())
     dynamic = allocated - terms["weights"] - terms["lora_params"]
     terms["allocator_margin"] = int(ALLOCATOR_MARGIN * dynamic)
@@ -562,3 +574,25 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
     return Estimate(
         terms=terms, allocated_bytes=allocated, device_bytes=device, peak_phase=phase, tokens=tokens, notes=notes
     )
+
+
+def _add_image_terms(terms: dict[str, int], shape: ModelShape, setup: Setup, rows: int, notes: list[str]) -> None:
+    """A VLM's pixels, vision tower and projector (sftop.engine.planner.vision), sized for the
+    micro-batch of `rows` rows with the most image tokens."""
+    from sftop.engine.planner.vision import VisionTraining, image_terms
+
+    load = setup.images
+    image_tokens = load.max_tokens(rows)
+    static = terms["weights"] + terms["lora_params"] + terms["lora_grads"] + terms["optimizer_states"]
+    text_dynamic = sum(terms.values()) - static
+    image, transient = image_terms(
+        shape.vision, setup.vision_training or VisionTraining(), image_tokens=image_tokens,
+        dtype_bytes=DTYPE_BYTES[setup.dtype], checkpointing=setup.checkpointing != "off",
+        lora_r=setup.lora_r, optimizer_bytes_per_param=8 if setup.optimizer == "adamw" else 2,
+    )
+    terms.update(image)
+    if transient > text_dynamic:
+        # the vision tower's forward is the step's peak: what it needs beyond the text terms
+        terms["vision_forward_transient"] = transient - text_dynamic
+    notes.append(f"image tokens per micro-batch of {rows}: p95 {load.p95_tokens(rows)}, max {image_tokens} "
+                 f"({image_tokens * shape.vision.patches_per_token} vision patches); sized for the max")

@@ -475,15 +475,24 @@ def plan_run(
     gpus: GpuStatus | None = None,
     gpu_memory_gib: float | None = None,
     row_tokens_mean: float | None = None,
+    image_tokens_per_row: Any = None,
 ) -> Plan:
     """Plan a run of `preset` for the model described by `model_config` (no weights are loaded).
 
     gpus: the GPUs to plan for (read through NVML when None). gpu_memory_gib: plan for a
     hypothetical empty GPU of that many GiB instead. row_tokens_mean: mean tokens per row from
     the data check; it only changes the speed ranking (default: a quarter of max_length).
+    image_tokens_per_row: a VLM's exact image tokens per row from the data check (without it, one
+    image per row at the pixel budget is assumed).
     Raises ResourceError when nothing fits, PresetError for contradictory plan.* values.
     """
     shape = ModelShape.from_config(model_config)
+    vision_notes: list[str] = []
+
+    def with_images(setup: Setup) -> Setup:
+        from sftop.engine.planner.vision import vision_setup
+
+        return vision_setup(setup, preset, model_config, shape, image_tokens_per_row, vision_notes)
     constraints = constraints_from_preset(preset)
     notes: list[str] = []
     gpu_name = gpu_uuid = None
@@ -499,7 +508,7 @@ def plan_run(
         if best is None:
             reason = status.reason or (
                 "NVML reports no memory figures for the visible GPUs" if status.gpus else "no GPU is visible")
-            return _plan_cpu(preset, shape, constraints, reason, row_tokens_mean)
+            return _plan_cpu(preset, shape, constraints, reason, row_tokens_mean, with_images, vision_notes)
         device, gpu_name, gpu_uuid = best.device, best.name, best.uuid
         free, total = best.memory_free_bytes or 0, best.memory_total_bytes or best.memory_free_bytes or 0
         budget = free - _reserve_bytes(total)
@@ -512,7 +521,8 @@ def plan_run(
                 f"planned for {device}, the GPU with the most free memory; sftop trains on one GPU "
                 f"({len(others)} other visible)"
             )
-    setup = setup_from_preset(preset, device)
+    setup = with_images(setup_from_preset(preset, device))
+    notes += vision_notes
     if setup.kernels and not kernels_cover(shape):
         # patch_model leaves such a model stock, and the fused path needs far less memory: sizing
         # it as fused would under-predict.
@@ -556,7 +566,7 @@ def _context(preset: Any, shape: ModelShape, setup: Setup, constraints: Constrai
 
 
 def _plan_cpu(preset: Any, shape: ModelShape, constraints: Constraints, reason: str,
-              row_tokens_mean: float | None) -> Plan:
+              row_tokens_mean: float | None, with_images=lambda setup: setup, vision_notes: list[str] = ()) -> Plan:
     name = preset.model.name
     if shape.total_params > CPU_MAX_PARAMS:
         raise ResourceError(
@@ -572,11 +582,11 @@ def _plan_cpu(preset: Any, shape: ModelShape, constraints: Constraints, reason: 
             where="model.load_in_4bit",
             hint="Set model.load_in_4bit = false to train this small model on the CPU, or run on a GPU machine",
         )
-    setup = setup_from_preset(preset, "cpu")
+    setup = with_images(setup_from_preset(preset, "cpu"))
     # Leave most of the RAM to the OS, the data pipeline and the tokenizer.
     budget = int(0.7 * _host_available_bytes())
     ctx = _context(preset, shape, setup, constraints, budget, "cpu", None, row_tokens_mean)
-    ctx.notes = [f"no GPU: {reason}"]
+    ctx.notes = [f"no GPU: {reason}", *vision_notes]
     plan = solve(ctx)
     plan.reason = f"training on the CPU because there is no usable GPU ({reason}); " + plan.reason
     return plan

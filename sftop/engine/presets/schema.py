@@ -38,6 +38,11 @@ class LoraSection(_Section):
     targets: Union[Literal["all-linear"], list[str]] = Field(
         "all-linear", description="Module names to adapt, or all-linear"
     )
+    parts: list[Literal["language", "vision", "attention", "mlp", "projector"]] | None = Field(
+        None,
+        description="Vision-language models: parts to adapt (language, vision, projector; attention, mlp);"
+        " unset = the family's default",
+    )
 
     @field_validator("targets")
     @classmethod

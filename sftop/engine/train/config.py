@@ -17,7 +17,7 @@ def optimizer_name(choice: str, on_cuda: bool) -> tuple[str, str | None]:
 
 
 def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: bool, has_eval: bool,
-                     on_cuda: bool | None = None):
+                     on_cuda: bool | None = None, vision: bool = False):
     from trl import SFTConfig
 
     on_cuda = torch.cuda.is_available() if on_cuda is None else on_cuda
@@ -75,7 +75,10 @@ def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: boo
         # rows into one row with restarting position_ids, so train.effective_batch stays "rows per
         # optimizer step". TRL's own packing (bfd) would instead fill max_length-token bins and put
         # several times more rows into every step than the preset says.
-        max_length=None if packing else preset.data.max_length,
+        # A VLM's rows were measured with their image tokens and dropped when too long; its batches
+        # come from sftop's collator over row indices, so TRL neither prepares nor trims them.
+        max_length=None if (packing or vision) else preset.data.max_length,
+        **({"dataset_kwargs": {"skip_prepare_dataset": True}, "remove_unused_columns": False} if vision else {}),
         packing=False,
         padding_free=packing,
         pad_to_multiple_of=None,

@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 
-def make_plan(preset, model_config, row_tokens_mean: float | None = None):
-    """The planner's plan; it raises ResourceError itself when nothing fits."""
+def make_plan(preset, model_config, row_tokens_mean: float | None = None, image_tokens_per_row=None):
+    """The planner's plan; it raises ResourceError itself when nothing fits.
+
+    image_tokens_per_row: a VLM's exact image tokens per row (from its data check).
+    """
     from sftop.engine.planner import plan_run
 
-    return plan_run(preset, model_config, row_tokens_mean=row_tokens_mean)
+    return plan_run(preset, model_config, row_tokens_mean=row_tokens_mean, image_tokens_per_row=image_tokens_per_row)
 
 
 def resolved_plan_section(plan) -> dict[str, Any]:

@@ -185,6 +185,9 @@ class _Run:
         self.preset_path = resume_preset_path(run_dir) if resume else run_dir.preset
         self.t0 = time.time()
         self.probe_verdict: dict[str, Any] | None = None
+        self.vision = None  # a vision-language model's family (sftop.engine.models.vision)
+        self.vision_data = None
+        self.packing_reason: str | None = None
 
     def latest_checkpoint(self) -> str | None:
         path = self.run_dir.latest_checkpoint()
@@ -207,7 +210,9 @@ class _Run:
 
         preset = self.preset
         config = _model_config(preset)
-        self.plan = make_plan(preset, config)  # reads GPUs through NVML: CUDA itself is not started yet
+        image_tokens = self.prepare_vision_data(config)
+        # reads GPUs through NVML: CUDA itself is not started yet
+        self.plan = make_plan(preset, config, image_tokens_per_row=image_tokens)
         self.pin_gpu()
         on_cuda = torch.cuda.is_available()
         dtype = resolve_dtype(preset.model.dtype, on_cuda)
@@ -219,6 +224,23 @@ class _Run:
 
         self.preset = Preset.model_validate(data)
         save_preset(self.preset, self.preset_path)
+
+    def prepare_vision_data(self, config) -> list[int] | None:
+        """A VLM's rows are checked (images opened, exact lengths) before planning: the planner sizes
+        the image terms from their image tokens. Returns those counts; None for a text model."""
+        from sftop.engine.models.vision.loading import family_of
+
+        self.vision = family_of(config)
+        if self.vision is None:
+            return None
+        from sftop.engine.models.vision.loading import load_processor
+        from sftop.engine.train.vision_data import prepare_vision_data
+
+        processor = load_processor(self.preset.model, self.vision)
+        self.vision_data = prepare_vision_data(self.preset, processor, self.vision)
+        self.message(f"{self.vision.display_name} vision-language model: {len(self.vision_data.image_tokens_per_row)} "
+                     f"rows checked with their images, {self.vision_data.report.bad_rows} skipped")
+        return self.vision_data.image_tokens_per_row
 
     def pin_gpu(self) -> None:
         """Make the plan's GPU the only one this process sees (it becomes cuda:0).
@@ -247,13 +269,23 @@ class _Run:
         from sftop.engine.train.packing import packing_isolated
 
         self.model, self.tokenizer, self.info = load_model(self.preset, self.plan)
-        if self.preset.train.task == "dpo":
+        if self.vision is not None:
+            self.data = self.vision_data
+            self.packing = False
+            if self.preset.data.packing:
+                self.packing_reason = "vision-language model: packing is not supported yet, rows are padded per batch"
+                self.message(f"Packing turned off: {self.packing_reason}")
+                self.preset = self.preset.model_copy(
+                    update={"data": self.preset.data.model_copy(update={"packing": False})})
+                save_preset(self.preset, self.run_dir.preset)
+        elif self.preset.train.task == "dpo":
             from sftop.engine.data.preference_prepare import prepare_preferences
 
             self.data = prepare_preferences(self.preset, self.tokenizer)
+            self.packing = False  # DPO pads its pairs
         else:
             self.data = prepare_data(self.preset, self.tokenizer)
-        self.packing = self.preset.data.packing and self.preset.train.task != "dpo"  # DPO pads its pairs
+            self.packing = self.preset.data.packing
         if self.packing:
             ok, detail = packing_isolated(self.model, len(self.tokenizer), self.tokenizer.pad_token_id)
             if not ok:
@@ -303,6 +335,7 @@ class _Run:
         args = build_sft_config(
             self.preset, self.plan, output_dir=self.run_dir.checkpoints, dtype=self.info.dtype,
             packing=self.packing, has_eval=self.data.eval is not None, on_cuda=on_cuda,
+            vision=self.vision is not None,
         )
         guard = UpdateGuard(self.preset.train.max_bad_steps)
         events = RunEvents(self.writer, started=self.started_event, stop_requested=lambda: self.signals.requested,
@@ -318,6 +351,7 @@ class _Run:
             save_total_limit=self.preset.train.save_total_limit,
             on_checkpoint=self.on_checkpoint,
             kernel_loss=(self.info.kernels.get("parts") or {}).get("loss") == "fused",
+            **({"data_collator": self.data.collator} if self.vision is not None else {}),
         )
         # One readable line per step (RunEvents prints it) instead of transformers' raw log dicts.
         from transformers.trainer_callback import PrinterCallback
@@ -336,6 +370,7 @@ class _Run:
                 **environment_info(self.info.device, self.info.dtype, self.info.attn_implementation),
                 "model": self.info.to_dict(),
                 "packing": self.packing,
+                **({"packing_reason": self.packing_reason} if self.packing_reason else {}),
             },
             plan={**self.plan.to_dict(), **({"probe": self.probe_verdict} if self.probe_verdict else {})},
             kernels=self.info.kernels,
@@ -428,6 +463,10 @@ class _Run:
         `memory` is the allocator to read (the planner's CudaMemory by default).
         """
         if not str(getattr(self.plan, "device", "cpu")).startswith("cuda"):
+            return self.trainer
+        if self.vision is not None:
+            # The probe's synthetic batches are text only: they would measure a VLM step without
+            # its images. The plan's image terms and the OOM step-down cover VLM runs.
             return self.trainer
         from sftop.engine.planner.verify import run_probe
         from sftop.engine.train.probe import probe_step

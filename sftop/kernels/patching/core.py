@@ -785,15 +785,20 @@ def _unpatch(model: nn.Module) -> None:
         model.__dict__.pop(key, None)
 
 
-def patch_model(model: nn.Module, *, enable: bool = True) -> PatchReport:
+def patch_model(model: nn.Module, *, enable: bool = True, model_type: str | None = None,
+                only: tuple[str, ...] | None = None) -> PatchReport:
     """Patch `model` (an HF causal LM, possibly inside a PeftModel) in place with the fused kernels.
 
     Returns which parts were fused and, for the others, why they stayed stock.  `enable=False`
     removes any earlier patch from this model and reports every part as stock.
+
+    A vision-language model names its text layers' family in `model_type` (its own config's
+    model_type names the whole model): the parts find those layers by class name wherever they
+    sit. `only` limits patching to those parts; the others stay stock with that reason.
     """
     base = _unwrap_peft(model)
     config = getattr(base, "config", None)
-    family = getattr(config, "model_type", None) or type(base).__name__
+    family = model_type or getattr(config, "model_type", None) or type(base).__name__
     if not enable:
         _unpatch(base)
         return PatchReport(family, {p: "stock: disabled" for p in PARTS})
@@ -806,6 +811,9 @@ def patch_model(model: nn.Module, *, enable: bool = True) -> PatchReport:
         return PatchReport(family, {p: f"stock: {why}" for p in PARTS})
     parts = {}
     for part in PARTS:
+        if only is not None and part not in only:
+            parts[part] = "stock: not applied to this model (see its kernels report)"
+            continue
         try:
             parts[part] = _PATCHERS[part](base, spec)
         except Exception as exc:  # noqa: BLE001 - a part that can't be applied must not take the others down

@@ -186,7 +186,9 @@ class DatasetStep(Step):
             if get_current_worker().is_cancelled:
                 return  # the user picked another source while an earlier check ran
             try:
-                result = check_data(draft)
+                from sftop.engine.train.vision_data import vision_check_kwargs
+
+                result = check_data(draft, **vision_check_kwargs(draft))  # a VLM: its exact image tokens
             except SftopError as exc:
                 self.post_message(DataChecked(draft.data.source, error=str(exc)))
                 return

@@ -16,12 +16,23 @@ from sftop.engine.presets import Preset
 from sftop.tui.wizard.base import Step, StepError, with_fields
 
 DEMO = "builtin:demo-tiny"
+DEMO_VLM = "builtin:demo-vlm-tiny"
+BUILTINS = (DEMO, DEMO_VLM)
 
 
 @dataclass
 class CachedModels(Message):
     models: list[tuple[str, float]]  # repo id, size in GiB
     note: str | None
+    vision: dict[str, str] | None = None  # repo id -> VLM family name, for the cached VLMs
+
+
+def vision_label(name: str, cache_dir: str | None = None) -> str | None:
+    """The VLM family's display name when `name` is a vision-language model (disk only), else None."""
+    from sftop.engine.models.vision.detect import family_on_disk
+
+    family = family_on_disk(name, cache_dir)
+    return family.display_name if family is not None else None
 
 
 def scan_cached_models(cache_dir: str | None = None) -> tuple[list[tuple[str, float]], str | None]:
@@ -52,7 +63,9 @@ class ModelStep(Step):
     def compose(self) -> ComposeResult:
         yield Static("Pick a model, type a hub id (org/name) or a local directory, or browse with ctrl+o.",
                      classes="help")
-        yield OptionList(Option(f"{DEMO}  built-in demo: tiny, trains on a CPU", id=DEMO), id="model-choices")
+        yield OptionList(Option(f"{DEMO}  built-in demo: tiny, trains on a CPU", id=DEMO),
+                         Option(f"{DEMO_VLM}  built-in vision demo: tiny VLM, trains on a CPU", id=DEMO_VLM),
+                         id="model-choices")
         yield Input(placeholder="hub id, local path, or builtin:demo-tiny", id="model-input", compact=True)
         yield Static("", id="model-note", classes="note")
 
@@ -62,13 +75,19 @@ class ModelStep(Step):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="hf-cache", description="scan the HF cache")
     def scan(self) -> None:
-        models, note = scan_cached_models(self.app.services.hf_cache_dir)  # type: ignore[attr-defined]
-        self.post_message(CachedModels(models, note))
+        cache = self.app.services.hf_cache_dir  # type: ignore[attr-defined]
+        models, note = scan_cached_models(cache)
+        vision = {repo: label for repo, _ in models if (label := vision_label(repo, cache))}
+        self.post_message(CachedModels(models, note, vision))
 
     @on(CachedModels)
     def on_cached(self, message: CachedModels) -> None:
         choices = self.query_one("#model-choices", OptionList)
-        choices.add_options(Option(f"{repo}  cached, {size:.1f} GiB", id=repo) for repo, size in message.models)
+        vision = message.vision or {}
+        choices.add_options(
+            Option(f"{repo}  cached, {size:.1f} GiB" + (f", vision-language ({vision[repo]})" if repo in vision else ""),
+                   id=repo)
+            for repo, size in message.models)
         if message.note and not message.models:
             choices.add_option(Option(f"({message.note})", disabled=True))
 
@@ -83,7 +102,12 @@ class ModelStep(Step):
 
     @on(Input.Changed, "#model-input")
     def on_typed(self, event: Input.Changed) -> None:
-        self.query_one("#model-note", Static).update(self.describe(event.value.strip()))
+        name = event.value.strip()
+        note = self.describe(name)
+        label = vision_label(name, self.app.services.hf_cache_dir) if name else None  # type: ignore[attr-defined]
+        if label and name != DEMO_VLM:
+            note += f"\nA vision-language model ({label}): trains on rows with images."
+        self.query_one("#model-note", Static).update(note)
 
     @on(Input.Submitted, "#model-input")
     def on_submitted(self) -> None:
@@ -105,6 +129,9 @@ class ModelStep(Step):
             return ""
         if name == DEMO:
             return "A tiny random-initialised Llama: shows the whole flow in about a minute, no download."
+        if name == DEMO_VLM:
+            return ("A tiny random-initialised vision-language model (Qwen2-VL): learns to answer questions "
+                    "about shapes in a few minutes on a CPU, no download.")
         if looks_like_path(name):
             path = Path(name).expanduser()
             if (path / "config.json").is_file():
@@ -123,8 +150,8 @@ class ModelStep(Step):
             raise StepError("Choose a model, or type a hub id or a local path")
         if looks_like_path(name) and not (Path(name).expanduser() / "config.json").is_file():
             raise StepError(f"{name} is not a model directory (it has no config.json)")
-        if name.startswith("builtin:") and name != DEMO:
-            raise StepError(f"The only built-in model is {DEMO}")
+        if name.startswith("builtin:") and name not in BUILTINS:
+            raise StepError(f"The built-in models are {DEMO} and {DEMO_VLM}")
         if looks_like_path(name):
             name = str(Path(name).expanduser().resolve())
         return with_fields(draft, model={"name": name})

@@ -1,0 +1,113 @@
+"""The planner's image terms for vision-language models, with values worked out by hand."""
+
+import pytest
+
+from sftop.engine.planner.estimate import ModelShape, Setup, estimate
+from sftop.engine.planner.vision import ImageLoad, VisionShape, VisionTraining, image_terms
+
+# Qwen2.5-VL-3B's published shapes (config.json), trimmed to what the planner reads.
+QWEN25_VL_3B = {
+    "model_type": "qwen2_5_vl",
+    "tie_word_embeddings": True,
+    "text_config": {
+        "model_type": "qwen2_5_vl_text", "hidden_size": 2048, "intermediate_size": 11008,
+        "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
+    },
+    "vision_config": {
+        "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "hidden_act": "silu",
+        "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+        "in_chans": 3,
+    },
+}
+
+
+def test_vision_shape_from_qwen_config():
+    v = VisionShape.from_config(QWEN25_VL_3B)
+    assert (v.hidden, v.layers, v.intermediate, v.heads) == (1280, 32, 3420, 16)
+    assert v.gated_mlp and v.patches_per_token == 4 and v.text_hidden == 2048
+    assert v.pixel_values_per_patch == 3 * 2 * 14 * 14  # 1176, as Qwen's image processor flattens a patch
+    assert v.projector_in == 4 * 1280
+
+
+def test_vision_shape_other_layouts():
+    # Qwen2-VL: embed_dim is the tower's width, hidden_size the projector's output, mlp_ratio its MLP
+    q2 = VisionShape.from_config({"text_config": {"hidden_size": 64}, "vision_config": {
+        "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
+        "spatial_merge_size": 2, "temporal_patch_size": 2}})
+    assert (q2.hidden, q2.intermediate, q2.text_hidden, q2.patches_per_token) == (32, 64, 64, 4)
+    # Gemma 3: SigLIP at 896 px in 14 px patches pooled to 256 tokens -> 16 patches per token
+    g3 = VisionShape.from_config({"mm_tokens_per_image": 256, "text_config": {"hidden_size": 2560},
+                                  "vision_config": {"hidden_size": 1152, "num_hidden_layers": 27,
+                                                    "intermediate_size": 4304, "image_size": 896, "patch_size": 14}})
+    assert g3.patches_per_token == 16 and g3.temporal_patch == 1 and g3.pixel_values_per_patch == 3 * 14 * 14
+    # Idefics3 / SmolVLM: pixel shuffle by scale_factor 4 -> 16 patches per token
+    assert VisionShape.from_config({"scale_factor": 4, "text_config": {"hidden_size": 576}, "vision_config": {
+        "hidden_size": 768, "num_hidden_layers": 12, "patch_size": 16}}).patches_per_token == 16
+    assert VisionShape.from_config({"hidden_size": 8}) is None  # a text model
+
+
+def test_image_load_uses_the_largest_rows_not_the_mean():
+    rows = [10] * 95 + [300, 400, 500, 600, 700]
+    load = ImageLoad.from_rows(rows)
+    assert load.max_tokens(1) == 700
+    assert load.max_tokens(4) == 700 + 600 + 500 + 400
+    assert load.row_p95 == 10  # nearest rank: the 95th of 100 sorted counts
+    assert load.p95_tokens(4) == 40
+    assert ImageLoad.from_rows([]).max_tokens(4) == 0
+
+
+def test_image_terms_frozen_tower():
+    v = VisionShape.from_config(QWEN25_VL_3B)
+    terms, transient = image_terms(v, VisionTraining(), image_tokens=1024, dtype_bytes=2, checkpointing=False,
+                                   lora_r=16)
+    patches = 4096
+    assert terms == {"pixel_values": patches * 1176 * (4 + 2)}
+    # one layer's working set (input, q/k/v, attention out, gated MLP hidden) + its output, then the projector
+    working = 2 * (1280 + 3 * 1280 + 1280 + 2 * 3420) + 2 * 1280
+    assert transient == patches * working + 1024 * 2 * (4 * 1280 + 2048)
+
+
+def test_image_terms_adapted_tower_with_and_without_checkpointing():
+    v = VisionShape.from_config(QWEN25_VL_3B)
+    training = VisionTraining.from_parts(["language", "vision", "projector", "attention", "mlp"])
+    assert training.vision and training.projector and training.attention and training.mlp
+    full, transient = image_terms(v, training, image_tokens=256, dtype_bytes=2, checkpointing=False, lora_r=16)
+    per_layer = 2 * (2 * 1280 + 3 * 1280 + 1280 + 1280 + 3 * 3420) + 8
+    assert transient == 0
+    assert full["vision_activations"] == 1024 * 32 * per_layer
+    assert full["projector_activations"] == 256 * 2 * (2 * 5120 + 2048)
+    lora = 32 * (16 * (1280 + 3840) + 16 * 2560 + 16 * (1280 + 3420) * 3) + 16 * 10240 + 16 * (5120 + 2048)
+    assert full["vision_lora"] == lora * (4 + 4 + 8)
+    ckpt, _ = image_terms(v, training, image_tokens=256, dtype_bytes=2, checkpointing=True, lora_r=16)
+    assert ckpt["vision_activations"] == 1024 * (32 * 2 * 1280 + per_layer)
+    assert ckpt["vision_activations"] < full["vision_activations"] / 8
+
+
+def test_estimate_adds_image_terms_for_the_fullest_micro_batch():
+    shape = ModelShape.from_config(QWEN25_VL_3B)
+    assert shape.vision is not None and shape.multimodal
+    load = ImageLoad.from_rows([256] * 50 + [1024])
+    base = Setup(dtype="bf16", checkpointing="on", kernels=False, loss="chunked")
+    with_images = Setup(dtype="bf16", checkpointing="on", kernels=False, loss="chunked", images=load,
+                        vision_training=VisionTraining())
+    plain = estimate(shape, base, 4 * 1024, seq_len=1024)
+    est = estimate(shape, with_images, 4 * 1024, seq_len=1024)
+    image_tokens = 1024 + 3 * 256  # the four rows with the most image tokens
+    assert est.terms["pixel_values"] == image_tokens * 4 * 1176 * 6
+    assert est.allocated_bytes == plain.allocated_bytes + est.terms["pixel_values"]
+    assert any("p95 1024, max 1792" in n for n in est.notes)
+
+
+def test_plan_run_shows_image_terms():
+    from sftop.engine.planner import plan_run, render_plan
+    from sftop.engine.presets.schema import Preset
+
+    preset = Preset.model_validate({"model": {"name": "local/qwen-vl"}, "data": {"max_length": 1024},
+                                    "plan": {"micro_batch": 4, "gradient_checkpointing": "on"},
+                                    "train": {"effective_batch": 4}})
+    plan = plan_run(preset, QWEN25_VL_3B, gpu_memory_gib=80, image_tokens_per_row=[256] * 8)
+    assert plan.breakdown["pixel_values"] == pytest.approx(1024 * 4 * 1176 * 6 / 1024**3, abs=1e-4)
+    text = render_plan(plan)
+    assert "images: pixel tensors" in text and "p95 1024, max 1024" in text
+    unchecked = plan_run(preset, QWEN25_VL_3B, gpu_memory_gib=80)
+    assert any("no data check yet" in n for n in unchecked.notes)

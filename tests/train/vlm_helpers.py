@@ -1,0 +1,58 @@
+"""Helpers for the vision-language training tests: a small image dataset on disk, fast VLM presets."""
+
+import json
+import random
+from pathlib import Path
+
+from sftop.engine.presets.schema import Preset
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 30), "blue": (30, 30, 220), "yellow": (230, 210, 20)}
+
+
+def write_colour_dataset(folder: Path, rows: int = 24, seed: int = 0, size: int = 56, bad: dict | None = None) -> Path:
+    """JSONL rows asking the colour of a square, each with its PNG referenced by a relative path.
+
+    `bad`: row index -> what to write instead of a good image ("missing", "corrupt").
+    """
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(rows):
+        colour = rng.choice(sorted(COLOURS))
+        name = f"img/{i}.png"
+        (folder / "img").mkdir(exist_ok=True)
+        kind = (bad or {}).get(i)
+        if kind == "corrupt":
+            (folder / name).write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+        elif kind != "missing":
+            image = Image.new("RGB", (size, size), (255, 255, 255))
+            x, y = rng.randint(2, size // 2), rng.randint(2, size // 2)
+            ImageDraw.Draw(image).rectangle([x, y, x + size // 3, y + size // 3], fill=COLOURS[colour])
+            image.save(folder / name)
+        lines.append(json.dumps({
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": colour}]},
+            ],
+            "images": [name],
+        }))
+    path = folder / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def vlm_preset(source, model: str = "builtin:demo-vlm-tiny", **sections) -> Preset:
+    data = {
+        "name": "vlm-test",
+        "model": {"name": model},
+        "lora": {"r": 8, "alpha": 16},
+        "data": {"source": str(source), "max_length": 96},
+        "train": {"kernels": "off", "max_steps": 4, "effective_batch": 4, "learning_rate": 3e-3,
+                  "warmup_ratio": 0.0, "save_steps": 2, "logging_steps": 1},
+        "plan": {"micro_batch": 4, "grad_accum": 1, "gradient_checkpointing": "off"},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return Preset.model_validate(data)
