@@ -72,5 +72,5 @@ def load_model_config(preset: Any) -> Any:
         raise ModelError(
             f"Cannot read the config of `{name}`: {exc}",
             where="model.name",
-            hint="Check the name, log in for gated models (`huggingface-cli login`), or give a local model directory",
+            hint="Check the name, log in for gated models (`hf auth login`), or give a local model directory",
         ) from None
