@@ -109,7 +109,9 @@ def launch_run(
     else:
         resolved, _ = load_preset(preset, overrides)
     if run_dir is None:
-        run_dir = new_run_dir(resolved.name)
+        from sftop.engine.run_admin import run_label
+
+        run_dir = new_run_dir(run_label(resolved))
     else:
         run_dir = run_dir.create()
     if isinstance(preset, Preset) or not (resume and run_dir.preset.exists()):

@@ -76,6 +76,8 @@ class RunState:
     plan: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
     messages: deque = field(default_factory=lambda: deque(maxlen=50))
+    samples: list[dict[str, str]] = field(default_factory=list)  # the newest `samples` event's answers
+    samples_step: int | None = None
     messages_total: int = 0  # ever appended, so a reader can tell which messages are new
     events_seen: int = 0
     # (time, step) of recent steps: the ETA follows the current pace, not the average since start.
@@ -135,6 +137,12 @@ class RunState:
     def _on_eval(self, r: dict[str, Any]) -> None:
         if r.get("eval_loss") is not None and r.get("step") is not None:
             self.eval_loss.append(r["step"], float(r["eval_loss"]))
+
+    def _on_samples(self, r: dict[str, Any]) -> None:
+        answers = r.get("samples")
+        if isinstance(answers, list):
+            self.samples = [a for a in answers if isinstance(a, dict)]
+            self.samples_step = r.get("step")
 
     def _on_checkpoint(self, r: dict[str, Any]) -> None:
         self.checkpoints += 1

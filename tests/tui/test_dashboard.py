@@ -217,3 +217,31 @@ async def test_log_pane_follows_the_newest_lines(services):
         await pilot.pause(0.3)
         # The pane is a few rows tall: it must show the end, not stay at the oldest lines.
         assert log.max_scroll_y > 0 and log.scroll_y == log.max_scroll_y
+
+
+async def test_samples_pane_shows_the_newest_answers_at_80x24(services):
+    from sftop.engine.events import Samples
+
+    run = recorded_run("samples", steps=10, total=100, finished=False)
+    mark_alive(run)
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
+                                  and app.screen)
+        pane = screen.query_one("#samples")
+        assert not pane.display  # no samples yet: no empty pane taking a line
+        write_events(run.events, [
+            {**Samples(step=10, samples=[{"prompt": "What is 5+7?", "answer": "1"},
+                                         {"prompt": "What is 3+8?", "answer": "13"}]).to_dict(), "time": T0 + 20},
+        ])
+        await wait_until(pilot, lambda: "step 10" in text_of(app, "#samples"))
+        write_events(run.events, [
+            {**Samples(step=20, samples=[{"prompt": "What is 5+7?", "answer": "12"},
+                                         {"prompt": "What is 3+8?", "answer": "11"}]).to_dict(), "time": T0 + 30},
+        ])
+        await wait_until(pilot, lambda: "step 20" in text_of(app, "#samples"))
+        await pilot.pause(0.1)
+        text = text_of(app, "#samples")
+        assert "What is 5+7? → 12" in text and "What is 3+8? → 11" in text and "→ 13" not in text
+        assert pane.display and pane.region.height <= 2 and pane.region.right <= 80
+        assert screen.query_one("#log").region.bottom <= 23  # the log still fits above the footer

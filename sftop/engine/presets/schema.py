@@ -79,6 +79,10 @@ class TrainSection(_Section):
         5, ge=1, description="Consecutive NaN/inf steps (skipped) before the run stops"
     )
     kernels: Literal["auto", "on", "off"] = Field("auto", description="sftop's fused Triton kernels")
+    sample_prompts: list[str] = Field(
+        default_factory=list,
+        description="User prompts the model answers (greedy) at each evaluation; shown in the dashboard",
+    )
 
 
 class PlanSection(_Section):
