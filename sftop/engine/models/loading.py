@@ -191,8 +191,11 @@ def load_model(preset, plan=None):
     from transformers import set_seed
 
     set_seed(preset.train.seed)
+    from sftop.engine.train.checkpointing_api import third_party_checkpointing_reads
+
     try:
-        model = get_peft_model(base, lora_config(preset.lora))
+        with third_party_checkpointing_reads():
+            model = get_peft_model(base, lora_config(preset.lora))
     except ValueError as exc:
         raise ModelError(
             f"Cannot add LoRA to this model: {exc}",
