@@ -88,6 +88,10 @@ def _run(preset_ref: str, overrides: list[str], run_dir_arg: str | None, resume:
     from sftop.engine.rundir import RunDir, new_run_dir
 
     preset, path = load_preset(preset_ref, overrides)  # before the heavy imports: a typo fails at once
+    if not resume and not run_dir_arg:
+        from sftop.engine.preflight import check_data_before_run
+
+        check_data_before_run(preset)  # bad data fails in seconds, before a run directory exists
     from sftop.engine.train.runner import run_training
 
     if run_dir_arg:
@@ -117,6 +121,11 @@ def _run_detached(args: argparse.Namespace) -> int:
     from sftop.engine.supervisor import launch_run
 
     run_dir = RunDir(Path(args.run_dir).expanduser().resolve()) if args.run_dir else None
+    if not args.resume:
+        from sftop.engine.presets import load_preset
+        from sftop.engine.preflight import check_data_before_run
+
+        check_data_before_run(load_preset(args.preset, args.set)[0])
     run = launch_run(args.preset, run_dir, resume=args.resume, overrides=args.set)
     _out(f"sftop: started {run.name} in the background ({run.path})")
     _out(f"  watch it:  sftop attach {run.name}")

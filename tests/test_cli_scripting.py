@@ -115,3 +115,18 @@ def test_run_detach_returns_at_once_and_the_run_finishes_in_the_background(env):
                 break
         time.sleep(0.5)
     assert kinds and kinds[-1] == "run_finished", kinds
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["data.source=builtin:sample-broken", "data.max_bad_fraction=0.0"], "unusable"),
+    (["data.source=/nonexistent/rows.jsonl"], "does not exist"),
+])
+def test_a_run_with_bad_data_fails_before_it_has_a_run_directory(env, overrides, expected):
+    from pathlib import Path
+
+    args = [a for o in overrides for a in ("--set", o)]
+    for extra in ([], ["--detach"]):
+        out = sftop("run", "demo", *args, *extra, env=env)
+        assert out.returncode != 0 and "Traceback" not in out.stderr
+        assert expected in out.stderr, out.stderr
+        assert not list(Path(env["SFTOP_HOME"]).rglob("preset.toml")), "a failed pre-check left a run directory"
