@@ -245,3 +245,22 @@ async def test_samples_pane_shows_the_newest_answers_at_80x24(services):
         assert "What is 5+7? → 12" in text and "What is 3+8? → 11" in text and "→ 13" not in text
         assert pane.display and pane.region.height <= 2 and pane.region.right <= 80
         assert screen.query_one("#log").region.bottom <= 23  # the log still fits above the footer
+
+
+async def test_cost_so_far_and_at_the_end_follow_the_price_per_gpu_hour(services):
+    run = recorded_run("priced", steps=10, total=100, finished=False, overrides=["plan.price_per_gpu_hour=3.0"])
+    mark_alive(run)
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: "step 10/100" in text_of(app, "#run-status"))
+        status = text_of(app, "#run-status")
+        # 2m00s elapsed at 3.00 an hour = 0.10; 2m15s to go at the recent pace: 4m15s = 0.21
+        assert "ETA 2m15s" in status and "cost 0.10 of ≈0.21" in status
+        assert app.screen.query_one("#run-status").region.right <= 80
+
+    unpriced = recorded_run("unpriced", steps=10, total=100, finished=False)
+    mark_alive(unpriced)
+    app = SftopApp(start="dashboard", run=unpriced, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: "step 10/100" in text_of(app, "#run-status"))
+        assert "cost" not in text_of(app, "#run-status")

@@ -92,6 +92,12 @@ class PlanSection(_Section):
         "auto", description="Recompute activations to save memory"
     )
 
+    price_per_gpu_hour: float | None = Field(
+        None, ge=0.0, le=1000.0,
+        description="What one GPU-hour costs you, in your currency (rented H100s are typically 2-3 an hour "
+                    "in USD, A100s 1-2, RTX 4090s under 1); the dashboard shows the run's cost",
+    )
+
     @field_validator("micro_batch", "grad_accum")
     @classmethod
     def _positive(cls, value):

@@ -275,6 +275,10 @@ class DashboardScreen(Screen):
         eta = s.eta()
         if eta is not None and status == "running":
             text.append(f"  ETA {format_duration(eta)}")
+        cost = s.cost(self.services.clock())
+        if cost is not None:
+            spent, at_end = cost
+            text.append(f"  cost {spent:.2f}" + (f" of ≈{at_end:.2f}" if at_end is not None and status == "running" else ""))
         if status == "finished" and s.final_loss is not None:
             text.append(f"  final loss {format_number(s.final_loss)}", style="bold")
         if status == "failed" and s.terminal and s.terminal.get("reason"):
