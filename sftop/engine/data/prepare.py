@@ -97,7 +97,9 @@ def validate_structure(section: DataSection, *, strict: bool = True) -> Structur
 
     With `strict`, raises `DataError` when more than `data.max_bad_fraction` of the rows are bad.
     """
-    raw = load_rows(section)
+    from sftop.engine.data.columns import map_columns
+
+    raw = map_columns(load_rows(section), section.columns)
     fmt = resolve_format(raw, section.format)
     conversations, report = validate_rows(raw, fmt, section.loss_on)
     if strict:

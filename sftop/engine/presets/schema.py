@@ -58,6 +58,20 @@ class DataSection(_Section):
     )
     eval_fraction: float = Field(0.0, ge=0.0, lt=0.5, description="Share of rows held out for eval")
     max_rows: int | None = Field(None, ge=1, description="Use at most this many rows")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description='Your column names for sftop\'s, e.g. {prompt = "question", completion = "answer"}',
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value):
+        from sftop.engine.data.columns import KNOWN
+
+        unknown = [k for k in value if k not in KNOWN]
+        if unknown:
+            raise ValueError(f"unknown column name {unknown[0]!r}: map one of {', '.join(KNOWN)}")
+        return value
 
 
 class TrainSection(_Section):
