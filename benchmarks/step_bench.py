@@ -7,6 +7,11 @@ leak from one into the other.
 
   python benchmarks/step_bench.py --model llama-3.2-1b --batch 4 --seq 2048 --steps 10 --json out.json
   python benchmarks/step_bench.py --model llama-3.2-1b --4bit --json out4.json
+  python benchmarks/step_bench.py --model qwen2.5-vl-3b --batch 4 --seq 1024 --profile --vision-parts
+
+Vision-language shapes (`benchmarks/vlm_shapes.py`: qwen2.5-vl-3b, gemma-3-4b) put one image at the
+start of every row; LoRA then covers the language model's projections and the vision tower's linear
+layers, and 4-bit quantises the language model only (the tower and projector stay bf16).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vlm_shapes  # noqa: E402  (beside this file)
 
 SHAPES = {
     "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
@@ -39,6 +47,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def _config(name: str):
     from transformers import AutoConfig
 
+    if vlm_shapes.is_vision_shape(name):
+        return vlm_shapes.config(name)
     shape = dict(SHAPES[name])
     model_type = shape.pop("model_type")
     cfg = AutoConfig.for_model(model_type, max_position_embeddings=8192, **shape)
@@ -56,9 +66,19 @@ def random_checkpoint(name: str, device: str) -> tempfile.TemporaryDirectory:
     torch.manual_seed(0)
     # random init on the GPU: an 8B model's init on the host alone took minutes
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(_config(name), dtype=torch.bfloat16)
+        model = _model_class(name).from_config(_config(name), dtype=torch.bfloat16)
     model.save_pretrained(tmp.name)
     return tmp
+
+
+def _model_class(name: str):
+    from transformers import AutoModelForCausalLM
+
+    return vlm_shapes.model_class() if vlm_shapes.is_vision_shape(name) else AutoModelForCausalLM
+
+
+def _lora_targets(name: str):
+    return vlm_shapes.SHAPES[name].lora_targets if vlm_shapes.is_vision_shape(name) else LORA_TARGETS
 
 
 def _checkpointing(args, path: str) -> dict:
@@ -80,15 +100,19 @@ def _enable_checkpointing(model, args, path: str) -> None:
 def _build(args, path: str):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     torch.manual_seed(0)
     cfg = _config(args.model)
+    model_class = _model_class(args.model)
     if args.four_bit:
+        # a VLM's tower and projector stay bf16: only the language model is quantised
+        skip = ["visual", "vision_tower", "multi_modal_projector", "lm_head"] if vlm_shapes.is_vision_shape(
+            args.model) else None
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16)
+                                   bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
         # bitsandbytes quantises at load time, so the random model goes through a local directory
-        model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=quant,
+        model = model_class.from_pretrained(args.model_dir, quantization_config=quant,
                                                      dtype=torch.bfloat16, attn_implementation="sdpa",
                                                      device_map={"": 0})
         if path == "stock":
@@ -103,10 +127,10 @@ def _build(args, path: str):
             pass
     else:
         with torch.device(args.device):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+            model = model_class.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
         if path == "stock":
             model.gradient_checkpointing_enable(**_checkpointing(args, path))
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=_lora_targets(args.model),
                                              task_type="CAUSAL_LM"))
     report = None
     if path != "stock":
@@ -150,11 +174,17 @@ def _one(args, path: str) -> dict:
     model.train()
     gen = torch.Generator(device=args.device).manual_seed(1)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    vocab = model.config.vocab_size
+    vision = vlm_shapes.is_vision_shape(args.model)
+    vocab = model.config.get_text_config().vocab_size
+    make_batch = vlm_shapes.batch_maker(args.model, model.config, args.batch, args.seq, args.device, gen) \
+        if vision else None
 
     def step():
-        ids = torch.randint(0, vocab, (args.batch, args.seq), device=args.device, generator=gen)
-        loss = model(input_ids=ids, labels=ids).loss
+        if vision:
+            loss = model(**make_batch()).loss
+        else:
+            ids = torch.randint(0, vocab, (args.batch, args.seq), device=args.device, generator=gen)
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -195,7 +225,9 @@ def _one(args, path: str) -> dict:
                           steady_allocated_gib=torch.cuda.max_memory_allocated() / 2**30)
     if cuda:
         result["max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-    if args.memory_phases and cuda and not (graphs and graphs["replays"]):
+    if vision and args.vision_parts:
+        result["vision_parts_s"] = _vision_parts(model, make_batch, opt, args, sync)
+    if args.memory_phases and cuda and not vision and not (graphs and graphs["replays"]):
         result["memory_phases_gib"] = _memory_phases(model, ids_shape=(args.batch, args.seq), vocab=vocab,
                                                      gen=gen, opt=opt)
     if args.profile:
@@ -204,6 +236,36 @@ def _one(args, path: str) -> dict:
         except Exception as exc:  # the timing above must survive a profiler problem
             result["profile_error"] = f"{type(exc).__name__}: {exc}"
     return result
+
+
+def _vision_parts(model, make_batch, opt, args, sync) -> dict:
+    """Seconds per step of each part on its own, forward and backward: the vision tower with its
+    projector (its output summed into a scalar), and the language model on the same rows with
+    text in place of the image tokens. What the whole step takes beyond their sum is the joining
+    (scattering image features into the embeddings, 3-D position ids) and per-part overheads."""
+
+    def timed(fn, n):
+        for _ in range(2):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / n
+
+    features = vlm_shapes.vision_part(model)
+
+    def vision_step():
+        features(make_batch()).float().sum().backward()
+        opt.zero_grad(set_to_none=True)
+
+    def text_step():
+        model(**vlm_shapes.text_only(make_batch())).loss.backward()
+        opt.zero_grad(set_to_none=True)
+
+    n = max(2, args.steps // 2)
+    return dict(vision_tower_and_projector=timed(vision_step, n), language_model_text_only=timed(text_step, n))
 
 
 def _graph_stats(model) -> dict | None:
@@ -282,7 +344,7 @@ def _profile(step) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(SHAPES), default="llama-3.2-1b")
+    ap.add_argument("--model", choices=sorted([*SHAPES, *vlm_shapes.SHAPES]), default="llama-3.2-1b")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
@@ -294,6 +356,8 @@ def main(argv=None) -> int:
                     help="sftop path only; the stock path always keeps its layer inputs on the GPU")
     ap.add_argument("--profile", action="store_true", help="torch.profiler share of GPU time by kernel category")
     ap.add_argument("--memory-phases", action="store_true", help="peak memory in forward, loss, backward, optimizer")
+    ap.add_argument("--vision-parts", action="store_true",
+                    help="vision shapes: time the vision tower and the language model on their own too")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -324,6 +388,8 @@ def main(argv=None) -> int:
             cmd.append("--profile")
         if args.memory_phases:
             cmd.append("--memory-phases")
+        if args.vision_parts:
+            cmd.append("--vision-parts")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
@@ -354,6 +420,8 @@ def main(argv=None) -> int:
                     print("           ", row)
                 print("         profile:", r["profile_share"], f"GPU {r['profile_gpu_ms_per_step']:.1f} ms of "
                       f"{1e3 * r['step_s']:.1f} ms per step")
+            if "vision_parts_s" in r:
+                print("         parts (s per step):", {k: round(v, 4) for k, v in r["vision_parts_s"].items()})
             if "memory_phases_gib" in r:
                 print("         memory:", r["memory_phases_gib"])
             if "cuda_graphs" in r:

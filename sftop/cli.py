@@ -59,7 +59,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     preset, _ = load_preset(args.preset, args.set)
     result = check_data(preset)
-    _out(render_check(result, color=_color()))
+    if getattr(args, "json", False):
+        _out(json.dumps(result.to_dict(), indent=2))
+    else:
+        _out(render_check(result, color=_color()))
     # Scripts gate on this: a run of this preset would stop on bad data, so the check fails too.
     return 1 if result.would_stop else 0
 
@@ -261,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["check"])
     p.add_argument("preset")
     _add_set(p)
+    p.add_argument("--json", action="store_true", help="print the check as JSON")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("plan", help="show how the run would be sized for the GPU, and its memory breakdown")

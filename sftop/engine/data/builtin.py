@@ -11,6 +11,8 @@ same name always yields the same rows.
 - `sample-messages`, `sample-sharegpt`, `sample-prompt-completion`, `sample-alpaca`, `sample-text`:
   the same kind of rows in each supported layout, to show format detection (`sftop data check`).
 - `sample-broken`: chat rows of which a few are malformed, to show how problems are reported.
+- `shapes`: pictures of coloured shapes with short questions on colour, shape, count and position,
+  single- and two-image rows, for vision-language models (see `shapes.py`).
 """
 
 from __future__ import annotations
@@ -141,6 +143,12 @@ def sample_broken() -> list[dict]:
     return rows
 
 
+def shapes() -> list[dict]:
+    from sftop.engine.data.shapes import shapes as generate  # Pillow is imported only when asked for
+
+    return generate()
+
+
 BUILTINS: dict[str, Callable[[], list[dict]]] = {
     "arithmetic": arithmetic,
     "reverse": reverse,
@@ -150,6 +158,7 @@ BUILTINS: dict[str, Callable[[], list[dict]]] = {
     "sample-alpaca": sample_alpaca,
     "sample-text": sample_text,
     "sample-broken": sample_broken,
+    "shapes": shapes,
 }
 
 

@@ -9,7 +9,9 @@ runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
+from sftop.engine.data import check_images
 from sftop.engine.data.conversation import RowProblem
 from sftop.engine.data.prepare import DataStats, encode_structured, split_eval, validate_structure
 from sftop.engine.data.tokenize import trained_spans
@@ -43,6 +45,12 @@ class DataCheckResult:
     sample_spans: list[tuple[str, bool]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     quick: bool = False  # only the first rows were checked (check_data's max_rows), not data.max_rows
+    # Image datasets (None / empty otherwise); see check_images.py
+    image_stats: Any = None  # ImageStats
+    image_rules_source: str = ""
+    image_tokens_counted: bool = False
+    sample_images: list = field(default_factory=list)  # the sample's PIL images at their final size
+    sample_image_sizes: list = field(default_factory=list)  # [((w, h) before, (w, h) after), ...]
 
     @property
     def usable_rows(self) -> int:
@@ -74,19 +82,29 @@ class DataCheckResult:
             "sample_spans": [[t, trained] for t, trained in self.sample_spans],
             "warnings": list(self.warnings),
             "quick": self.quick,
+            "images": self.image_stats.to_dict() if self.image_stats is not None else None,
+            "sample_images": [{"before": list(o), "after": list(f)} for o, f in self.sample_image_sizes],
         }
 
 
-def check_data(preset: Preset, tokenizer=None, *, max_rows: int | None = None) -> DataCheckResult:
+def check_data(preset: Preset, tokenizer=None, *, max_rows: int | None = None, allow_images: bool = True,
+               image_rules: Any = None, image_tokens: Callable[[int, int], int] | None = None) -> DataCheckResult:
     """Run the data pipeline of `preset` and summarise it. Loads the model's tokenizer if not given.
 
     `max_rows` checks only the first rows (a quick look at a big dataset); a run reads them all.
+    Rows with images: `image_rules` (a vision family's `ImageRules`; generic ones when None) decide
+    the checks and the pixel budget; `image_tokens(width, height)` (the family's exact count) lets
+    the check count image tokens and drop rows too long with them. `allow_images=False` (a text
+    model) makes rows holding images bad rows, as a run would.
     """
     section = preset.data
     quick = max_rows is not None and (section.max_rows is None or max_rows < section.max_rows)
     if quick:
         section = section.model_copy(update={"max_rows": max_rows})
-    structured = validate_structure(section, strict=False)
+    structured = validate_structure(section, strict=False, allow_images=allow_images)
+    images = None
+    if allow_images and check_images.has_images(structured):
+        images = check_images.check_images(structured, section, image_rules)
     tokenizer_name = preset.model.name
     if tokenizer is None:
         from sftop.engine.models.tokenizer import load_tokenizer
@@ -97,6 +115,21 @@ def check_data(preset: Preset, tokenizer=None, *, max_rows: int | None = None) -
     encoding = encode_structured(structured, section, tokenizer)
     encoded, report = encoding.encoded, encoding.report
     sample = encoded[0] if encoded else None
+    stats = DataStats.from_encoded(encoded)
+    extra: dict[str, Any] = {}
+    shown = None
+    if images is not None:
+        encoded, per_row = check_images.drop_over_length(encoded, images, image_tokens, section.max_length, report)
+        stats = check_images.stats_with_images(encoded, per_row)
+        shown = check_images.image_sample(structured, encoded, images, tokenizer, section)
+        extra = {
+            "image_stats": check_images.image_stats(encoded, images, image_tokens),
+            "image_rules_source": images.rules_source,
+            "image_tokens_counted": image_tokens is not None,
+        }
+        sample = encoded[0] if encoded else None
+        if shown is not None:
+            extra.update(sample_images=shown.images, sample_image_sizes=shown.sizes)
     return DataCheckResult(
         source=structured.raw.source,
         source_kind=structured.raw.kind,
@@ -110,13 +143,15 @@ def check_data(preset: Preset, tokenizer=None, *, max_rows: int | None = None) -
         rows_in_source=structured.raw.total_rows if structured.raw.total_rows is not None else report.total_rows,
         rows_read=report.total_rows,
         bad_rows=report.bad_rows,
-        stats=DataStats.from_encoded(encoded),
+        stats=stats,
         problems=report.problems[:PROBLEMS_KEPT],
         problem_kinds=report.reason_counts(),
-        sample_index=sample.source_index if sample else None,
-        sample_spans=trained_spans(tokenizer, sample.input_ids, sample.labels) if sample else [],
+        sample_index=shown.index if shown is not None else (sample.source_index if sample else None),
+        sample_spans=(shown.spans if shown is not None else
+                      trained_spans(tokenizer, sample.input_ids, sample.labels) if sample else []),
         warnings=encoding.warnings,
         quick=quick and structured.raw.total_rows is not None and structured.raw.total_rows > report.total_rows,
+        **extra,
     )
 
 
@@ -155,6 +190,9 @@ def render_check(result: DataCheckResult, color: bool = False) -> str:
     lines.append(f"  trained   {s.trained_share:.1%} of {s.tokens:,} tokens ({s.trained_tokens:,}; loss on {on})")
     if result.eval_rows:
         lines.append(f"  eval      {result.eval_rows:,} rows held out (data.eval_fraction)")
+    if result.image_stats is not None:
+        lines += check_images.render_image_lines(result.image_stats, result.image_rules_source,
+                                                 result.image_tokens_counted)
 
     if result.problems:
         lines.append(style(f"Problems ({result.bad_rows:,} row(s) skipped):", _BOLD))
@@ -187,6 +225,9 @@ def render_check(result: DataCheckResult, color: bool = False) -> str:
     if result.sample_spans:
         legend = "dim = context, not trained" if color else f"trained tokens {TRAINED_OPEN}marked{TRAINED_CLOSE}, the rest is context"
         lines.append(style(f"Sample (row {result.sample_index}; {legend}):", _BOLD))
+        if result.sample_image_sizes:
+            lines.append("  " + ", ".join(check_images.image_label(k, o, f)
+                                           for k, (o, f) in enumerate(result.sample_image_sizes, start=1)))
         parts = []
         spans = list(result.sample_spans)
         while spans and not spans[-1][0].strip("\n"):

@@ -124,12 +124,23 @@ def _parts(content: Any, what: str) -> tuple[Part, ...]:
         if kind == "text":
             parts.append(TextPart(_text(part.get("text"), f"{what} part {j} text")))
         elif kind in ("image", "image_url"):
-            parts.append(ImagePart(part.get("image", part.get("image_url", part.get("url")))))
+            parts.append(ImagePart(_image_ref(part)))
         elif kind is None and "text" in part:
             parts.append(TextPart(_text(part["text"], f"{what} part {j} text")))
         else:
             raise RowError(f"{what} part {j} has unsupported type {kind!r}")
     return tuple(parts)
+
+
+def _image_ref(part: dict) -> Any:
+    """The image an image part points to, under any key chat templates and datasets use; None for a
+    placeholder (`{"type": "image"}`) that an image column fills."""
+    for key in ("image", "image_url", "url", "path"):
+        if part.get(key) is not None:
+            return part[key]
+    if isinstance(part.get("base64"), str):
+        return "data:image;base64," + part["base64"]
+    return None
 
 
 def _message_list(value: Any, what: str, *, role_key: str = "role", content_key: str = "content",

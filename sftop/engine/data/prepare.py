@@ -92,16 +92,18 @@ class Encoding:
         return self.structured.report
 
 
-def validate_structure(section: DataSection, *, strict: bool = True) -> Structured:
+def validate_structure(section: DataSection, *, strict: bool = True, allow_images: bool = False) -> Structured:
     """Read the source and check every row's structure; runs before any model is loaded.
 
     With `strict`, raises `DataError` when more than `data.max_bad_fraction` of the rows are bad.
+    `allow_images`: the model reads images (rows holding them are not bad rows; their images are
+    checked by `image_check.check_structured_images`).
     """
     from sftop.engine.data.columns import map_columns
 
     raw = map_columns(load_rows(section), section.columns)
     fmt = resolve_format(raw, section.format)
-    conversations, report = validate_rows(raw, fmt, section.loss_on)
+    conversations, report = validate_rows(raw, fmt, section.loss_on, allow_images=allow_images)
     if strict:
         report.raise_if_too_many(section.max_bad_fraction)
     return Structured(raw, fmt, conversations, report)

@@ -193,7 +193,29 @@ def _read_saved(path: Path, split: str, source: str):
             )
         loaded = loaded[split]
     assert isinstance(loaded, Dataset)
-    return loaded
+    return _undecoded_media(loaded)
+
+
+def _undecoded_media(dataset):
+    """A dataset with Image features read as their stored `{"bytes", "path"}` dicts.
+
+    `datasets` would decode every image while the rows are read, so one truncated file would stop
+    the whole read; undecoded, each image is opened and checked on its own and a bad one costs
+    only its row.
+    """
+    from datasets.features import Image
+
+    def has_media(feature) -> bool:
+        if isinstance(feature, Image):
+            return True
+        if isinstance(feature, dict):
+            return any(has_media(f) for f in feature.values())
+        inner = getattr(feature, "feature", None)
+        return inner is not None and has_media(inner)
+
+    if not has_media(dict(dataset.features)):
+        return dataset
+    return _ArrowRows(dataset.with_format("arrow")[:])
 
 
 def _read_folder(path: Path, split: str, source: str) -> tuple[str, Sequence, dict[int, str]]:
@@ -235,7 +257,7 @@ def _read_hub(source: str, section: DataSection):
 
     offline = _offline()
     try:
-        return load_dataset(source, split=section.split)
+        return _undecoded_media(load_dataset(source, split=section.split))
     except DatasetNotFoundError:
         if offline:
             raise _offline_error(source) from None

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from sftop.engine.data.conversation import ROLES, Conversation, RowProblem
 from sftop.engine.data.formats import RowError, check_forced_format, detect_format, normalise_row
 from sftop.engine.data.sources import RawRows
+from sftop.engine.data.vision_rows import find_image_column, normalise_image_row
 from sftop.engine.errors import DataError
 
 SHOWN_PROBLEMS = 5
@@ -87,9 +88,17 @@ class ValidationReport:
         }
 
 
+_IMAGE_SUBJECT = re.compile(
+    r"^(image N: )(file|embedded image|inline image|URL|image)\b.*"
+    r" (is |does not exist|cannot be read|has no pixels|holds neither)"
+)
+
+
 def _reason_kind(reason: str) -> str:
-    """Group reasons that differ only in numbers and trailing detail ("row 3 ..." vs "row 9 ...")."""
-    return re.sub(r"\s*\([^()]*\)$", "", re.sub(r"\d+", "N", reason))
+    """Group reasons that differ only in numbers and trailing detail ("row 3 ..." vs "row 9 ..."),
+    and image reasons that differ only in which file ("image 1: file a.jpg is truncated")."""
+    kind = re.sub(r"\s*\([^()]*\)$", "", re.sub(r"\d+", "N", reason))
+    return _IMAGE_SUBJECT.sub(r"\1\2 … \3", kind)
 
 
 def check_structure(conv: Conversation, loss_on: str, *, allow_images: bool = False) -> None:
@@ -135,12 +144,13 @@ def validate_rows(raw: RawRows, fmt: str, loss_on: str, *, allow_images: bool = 
     """Structural pass: normalise every row, keep the good ones, report the rest by index."""
     report = ValidationReport(source=raw.source, format=fmt, total_rows=len(raw))
     good: list[Conversation] = []
+    image_column = find_image_column(raw.columns)
     for index, row in enumerate(raw):
         if index in raw.errors:
             report.add(index, raw.errors[index])
             continue
         try:
-            conv = normalise_row(row, fmt, index)
+            conv = normalise_image_row(row, fmt, index, image_column) if isinstance(row, dict) else normalise_row(row, fmt, index)
             check_structure(conv, loss_on, allow_images=allow_images)
         except RowError as exc:
             report.add(index, str(exc))

@@ -58,6 +58,12 @@ class DataSection(_Section):
     )
     eval_fraction: float = Field(0.0, ge=0.0, lt=0.5, description="Share of rows held out for eval")
     max_rows: int | None = Field(None, ge=1, description="Use at most this many rows")
+    max_pixels: int | None = Field(
+        None, ge=1, description="Images: scale down to at most this many pixels (None = the model's default)"
+    )
+    min_pixels: int | None = Field(
+        None, ge=1, description="Images: scale up to at least this many pixels (None = the model's default)"
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description='Your column names for sftop\'s, e.g. {prompt = "question", completion = "answer"}',

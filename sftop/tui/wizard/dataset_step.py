@@ -58,6 +58,10 @@ def render_result(result: Any) -> Group:
         head.append("   tokens ", style="dim")
         head.append(f"{stats.tokens:,} ({stats.trained_share:.0%} trained)")
     parts: list[Any] = [head]
+    if getattr(result, "image_stats", None) is not None:
+        from sftop.tui.widgets.image_preview import image_summary
+
+        parts.append(image_summary(result.image_stats, result.image_tokens_counted))
     if result.bad_rows:
         style = "bold red" if result.would_stop else "yellow"
         verdict = (
@@ -84,7 +88,12 @@ def render_result(result: Any) -> Group:
         sample.append(" highlighted\n", style="dim")
         for text, trained in result.sample_spans:
             sample.append(text, style="black on green" if trained else "")
-        parts.append(sample)
+        if getattr(result, "sample_images", None):
+            from sftop.tui.widgets.image_preview import sample_beside_images
+
+            parts.append(sample_beside_images(result.sample_images, result.sample_image_sizes, sample))
+        else:
+            parts.append(sample)
     return Group(*parts)
 
 
