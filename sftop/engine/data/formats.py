@@ -67,7 +67,7 @@ def detect_format(columns: Iterable[str], *, source: str = "the dataset") -> str
             "`prompt` + `completion`, `instruction` + `output` (Alpaca) or `text`. Map your column names "
             "to these in the preset, e.g. for question/answer rows: [data.columns] prompt = \"question\", "
             "completion = \"answer\" (on the command line: --set data.columns.prompt=question "
-            "--set data.columns.completion=answer)"
+            "--set data.columns.completion=answer), or set `data.format` to say which layout the rows follow"
         ),
     )
 
