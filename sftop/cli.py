@@ -103,6 +103,10 @@ def _run(preset_ref: str, overrides: list[str], run_dir_arg: str | None, resume:
     from sftop.engine.rundir import RunDir, new_run_dir
 
     preset, path = load_preset(preset_ref, overrides)  # before the heavy imports: a typo fails at once
+    if not resume and not run_dir_arg:
+        from sftop.engine.preflight import check_data_before_run
+
+        check_data_before_run(preset)  # bad data fails in seconds, before a run directory exists
     from sftop.engine.train.runner import run_training
 
     if run_dir_arg:
@@ -110,7 +114,9 @@ def _run(preset_ref: str, overrides: list[str], run_dir_arg: str | None, resume:
     elif resume and path.name == "preset.toml" and (path.parent / "events.jsonl").exists():
         run_dir = RunDir(path.parent.resolve())  # resuming the run this preset came from
     else:
-        run_dir = new_run_dir(preset.name)
+        from sftop.engine.run_admin import run_label
+
+        run_dir = new_run_dir(run_label(preset))
     from sftop.engine.runlock import run_lock
     from sftop.engine.runs import run_in_foreground
 
@@ -132,7 +138,28 @@ def _prepare_run_dir(run_dir, preset, resume: bool, explicit: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if getattr(args, "detach", False):
+        return _run_detached(args)
     return _run(args.preset, args.set, args.run_dir, args.resume)
+
+
+def _run_detached(args: argparse.Namespace) -> int:
+    """Start the run under the detached supervisor (as the TUI does) and return at once."""
+    from sftop.engine.rundir import RunDir
+    from sftop.engine.supervisor import launch_run
+
+    run_dir = RunDir(Path(args.run_dir).expanduser().resolve()) if args.run_dir else None
+    if not args.resume:
+        from sftop.engine.presets import load_preset
+        from sftop.engine.preflight import check_data_before_run
+
+        check_data_before_run(load_preset(args.preset, args.set)[0])
+    run = launch_run(args.preset, run_dir, resume=args.resume, overrides=args.set)
+    _out(f"sftop: started {run.name} in the background ({run.path})")
+    _out(f"  watch it:  sftop attach {run.name}")
+    _out(f"  stop it:   sftop stop {run.name}")
+    _out(f"  its log:   {run.stdout_log}")
+    return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -185,22 +212,36 @@ def _export_gguf(run, args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from sftop.engine.runs import list_runs
+    from sftop.engine.run_admin import remove_run, render_runs
+    from sftop.engine.runs import find_run, list_runs
 
+    if getattr(args, "action", None) == "rm":
+        if not args.run:
+            raise SftopError("`sftop runs rm` needs a run name", hint="`sftop runs` lists the runs")
+        _out(remove_run(find_run(args.run)))
+        return 0
     runs = list_runs()
     if not runs:
         _out("No runs yet. Start one with `sftop run demo` or open the TUI with `sftop`.")
         return 0
-    for r in runs:
-        _out(r.one_line())
+    for line in render_runs(runs):
+        _out(line)
     return 0
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
     from sftop.engine.runs import find_run
+
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise SftopError(
+            "`sftop attach` draws a dashboard and needs a terminal; its input or output is not one",
+            where="standard input/output",
+            hint="Run it in an interactive terminal (over SSH: `ssh -t`); from a script, `sftop runs` shows "
+                 "progress and each run's events.jsonl holds every event",
+        )
+    run = find_run(args.run)
     from sftop.tui import run_app
 
-    run = find_run(args.run)
     return run_app(start="dashboard", run=run)
 
 
@@ -256,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.add_argument("--run-dir", help="write the run here instead of a new directory under the state dir")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--detach", action="store_true",
+                   help="train in the background (survives closing the terminal); prints the run's name and returns")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", help="continue a stopped or failed run from its newest complete checkpoint")
@@ -292,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a K-quant such as q4_k_m (needs llama.cpp's llama-quantize on PATH)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("runs", help="list runs")
+    p = sub.add_parser("runs", help="list runs; `sftop runs rm RUN` removes a run that is not running")
+    p.add_argument("action", nargs="?", choices=["list", "rm"], default="list")
+    p.add_argument("run", nargs="?", help="for rm: run name or directory")
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("attach", help="open the dashboard on a run (default: the newest)")
@@ -329,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sftop: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # before OSError, of which it is one
+        return _reader_went_away()
     except OSError as exc:
         from sftop.engine.diskfull import DiskFullError, is_disk_full
 
@@ -337,6 +384,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = DiskFullError(Path(exc.filename).parent if getattr(exc, "filename", None) else Path.cwd(), None)
         print(f"sftop: error: {error}", file=sys.stderr, flush=True)
         return error.exit_code
+
+
+def _reader_went_away() -> int:
+    """`sftop runs | head -1`: the reader closed the pipe. End quietly, as `ls | head` does."""
+    # Point stdout at /dev/null so the interpreter's final flush does not raise a second time.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
+    return 128 + 13  # killed by SIGPIPE, as shell tools report it
 
 
 if __name__ == "__main__":

@@ -67,6 +67,18 @@ def _check_packages(report: DoctorReport) -> None:
                        f"pip install {module}" + ("" if needed else " (needed for 4-bit / fused kernels on a GPU)"))
 
 
+def _check_tested_versions(report: DoctorReport) -> None:
+    from sftop.engine.tested_versions import constraints_path, version_drift
+
+    drift = version_drift()
+    if not drift:
+        report.add("versions", "ok", "the packages sftop depends on are the tested versions")
+        return
+    names = " ".join(d.package for d in drift)
+    report.add("versions", "warn", "not the tested versions: " + ", ".join(str(d) for d in drift),
+               f"if something fails, install the tested ones: pip install -c {constraints_path()} {names}")
+
+
 def _check_torch(report: DoctorReport) -> None:
     try:
         import torch
@@ -143,7 +155,7 @@ def _check_terminal(report: DoctorReport) -> None:
 
 def diagnose() -> DoctorReport:
     report = DoctorReport()
-    for check in (_check_python, _check_packages, _check_torch, _check_gpus, _check_disk, _check_terminal):
+    for check in (_check_python, _check_packages, _check_tested_versions, _check_torch, _check_gpus, _check_disk, _check_terminal):
         try:
             check(report)
         except Exception as exc:  # noqa: BLE001 - a doctor must always finish its report

@@ -83,6 +83,15 @@ class Eval(Event):
 
 
 @dataclass
+class Samples(Event):
+    """The model's greedy answers to the preset's `train.sample_prompts`, at one evaluation."""
+
+    step: int
+    samples: list[dict[str, str]]  # {"prompt": ..., "answer": ...}, in the preset's order
+    type: str = field(init=False, default="samples")
+
+
+@dataclass
 class Checkpoint(Event):
     step: int
     path: str

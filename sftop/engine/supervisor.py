@@ -112,7 +112,9 @@ def launch_run(
     else:
         resolved, _ = load_preset(preset, overrides)
     if run_dir is None:
-        run_dir = new_run_dir(resolved.name)
+        from sftop.engine.run_admin import run_label
+
+        run_dir = new_run_dir(run_label(resolved))
     else:
         # Refused before anything is written: a live trainer's directory, an incompatible resume.
         refuse_if_locked(run_dir.path)

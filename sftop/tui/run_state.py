@@ -88,6 +88,9 @@ class RunState:
     plan: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
     messages: deque = field(default_factory=lambda: deque(maxlen=50))
+    samples: list[dict[str, str]] = field(default_factory=list)  # the newest `samples` event's answers
+    samples_step: int | None = None
+    price_per_gpu_hour: float | None = None  # the preset's plan.price_per_gpu_hour
     messages_total: int = 0  # ever appended, so a reader can tell which messages are new
     events_seen: int = 0
     # (time, step) of recent steps: the ETA follows the current pace, not the average since start.
@@ -120,6 +123,8 @@ class RunState:
         self.plan = r.get("plan") or self.plan
         preset = r.get("preset") or {}
         self.model = (preset.get("model") or {}).get("name") or self.model
+        price = (preset.get("plan") or {}).get("price_per_gpu_hour")
+        self.price_per_gpu_hour = float(price) if isinstance(price, (int, float)) else None
         self._pace.clear()
 
     def _on_step(self, r: dict[str, Any]) -> None:
@@ -162,6 +167,12 @@ class RunState:
         if r.get("eval_loss") is not None and r.get("step") is not None:
             self.eval_loss.append(r["step"], float(r["eval_loss"]))
 
+    def _on_samples(self, r: dict[str, Any]) -> None:
+        answers = r.get("samples")
+        if isinstance(answers, list):
+            self.samples = [a for a in answers if isinstance(a, dict)]
+            self.samples_step = r.get("step")
+
     def _on_checkpoint(self, r: dict[str, Any]) -> None:
         self.checkpoints += 1
         self.last_checkpoint_step = r.get("step")
@@ -196,6 +207,15 @@ class RunState:
             return None
         end = self.ended_at if self.ended_at is not None else (now if now is not None else time.time())
         return max(0.0, end - self.started_at)
+
+    def cost(self, now: float | None = None) -> tuple[float, float | None] | None:
+        """(spent so far, estimated at the end) at the preset's price per GPU-hour; None without one."""
+        elapsed = self.elapsed(now)
+        if self.price_per_gpu_hour is None or elapsed is None:
+            return None
+        per_s = self.price_per_gpu_hour / 3600
+        eta = self.eta()
+        return elapsed * per_s, (elapsed + eta) * per_s if eta is not None else None
 
     def eta(self) -> float | None:
         """Seconds left at the recent pace, or None when unknown."""

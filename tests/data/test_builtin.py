@@ -20,7 +20,18 @@ def test_arithmetic_rows_are_correct_and_short():
         question = user["content"].removeprefix("What is ").removesuffix("?")
         assert assistant["content"] == str(eval(question))
         assert len(assistant["content"]) <= 2 and not assistant["content"].startswith("-")
-    assert len({r["messages"][0]["content"] for r in rows}) > 100  # many distinct problems
+    questions = {r["messages"][0]["content"] for r in rows}
+    assert len(questions) == 80  # every single-digit sum but the held-out ones
+
+
+def test_held_out_sums_are_never_trained_on_but_their_mirrors_are():
+    from sftop.engine.data.builtin import HELD_OUT_SUMS, held_out_sum_prompts
+
+    questions = {r["messages"][0]["content"] for r in load_builtin("builtin:arithmetic")}
+    assert len(HELD_OUT_SUMS) == 20
+    for (a, b), (question, answer) in zip(HELD_OUT_SUMS, held_out_sum_prompts()):
+        assert question not in questions and answer == str(a + b)
+        assert f"What is {b}+{a}?" in questions
 
 
 def test_reverse_rows():
@@ -45,3 +56,12 @@ def test_format_samples_detect_and_validate(name, fmt):
 
 def test_every_builtin_is_listed():
     assert set(builtin_names()) == {"builtin:" + n for n in BUILTINS}
+
+
+def test_the_demo_shows_answers_to_held_out_sums():
+    from sftop.engine.data.builtin import held_out_sum_prompts
+    from sftop.engine.presets import load_preset
+
+    demo, _ = load_preset("demo")
+    held = {q for q, _ in held_out_sum_prompts()}
+    assert len(demo.train.sample_prompts) >= 3 and set(demo.train.sample_prompts) <= held

@@ -20,8 +20,8 @@ def test_check_arithmetic_numbers_and_sample(tok):
     assert not result.would_stop and s.length_p50 <= s.length_p90 <= s.length_p99 <= s.length_max <= 64
     assert result.sample_index == 0
     assert result.sample_spans == [
-        ("<|im_start|>user\nWhat is 7+1?<|im_end|>\n<|im_start|>assistant\n", False),
-        ("8<|im_end|>", True),
+        ("<|im_start|>user\nWhat is 6+9?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("15<|im_end|>", True),
         ("\n", False),
     ]
     text = render_check(result, color=False)
@@ -29,14 +29,14 @@ def test_check_arithmetic_numbers_and_sample(tok):
     assert f"p50 {s.length_p50} · p90 {s.length_p90} · p99 {s.length_p99} · max {s.length_max}" in text
     assert f"{s.trained_share:.1%} of {s.tokens:,} tokens" in text
     assert "messages format (detected)" in text and "OK: a run would train on 1,000 rows." in text
-    assert "«8<|im_end|>»" in text and "\x1b[" not in text
+    assert "«15<|im_end|>»" in text and "\x1b[" not in text
     json.dumps(result.to_dict())
 
 
 def test_check_colour_dims_the_untrained_part(tok):
     text = render_check(check_data(Preset(data={"source": "builtin:arithmetic"}), tok), color=True)
-    assert "  \x1b[2m<|im_start|>user\x1b[0m\n  \x1b[2mWhat is 7+1?<|im_end|>\x1b[0m" in text
-    assert text.endswith("\n  8<|im_end|>") and "«" not in text
+    assert "  \x1b[2m<|im_start|>user\x1b[0m\n  \x1b[2mWhat is 6+9?<|im_end|>\x1b[0m" in text
+    assert text.endswith("\n  15<|im_end|>") and "«" not in text
     plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
     assert "1,000 usable" in plain
 
@@ -74,7 +74,7 @@ def test_check_with_the_demo_models_tokenizer():
     # The path `sftop data check demo` takes: no tokenizer given, the model section names it.
     result = check_data(Preset(model={"name": "builtin:demo-tiny"}, data={"source": "builtin:arithmetic", "max_length": 64}))
     assert result.usable_rows == 1000 and result.stats.length_max <= 64
-    assert [text for text, trained in result.sample_spans if trained] == ["8<|im_end|>"]
+    assert [text for text, trained in result.sample_spans if trained] == ["15<|im_end|>"]
     assert "tokenizer of builtin:demo-tiny" in render_check(result)
 
 

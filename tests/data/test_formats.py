@@ -30,6 +30,7 @@ def test_detect_format_unknown_names_columns_and_fix():
         detect_format(["question", "answer"], source="qa.jsonl")
     message = str(info.value)
     assert "answer, question" in message and "qa.jsonl" in message and "data.format" in message
+    assert "data.columns.prompt=question" in message  # how to map columns with other names
 
 
 def test_forced_format_missing_column():

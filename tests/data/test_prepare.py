@@ -22,7 +22,7 @@ def test_prepare_arithmetic(tok):
     assert prepared.eval is None and len(prepared.train) == 1000 and prepared.format == "messages"
     first = prepared.train[0]
     assert len(first["input_ids"]) == len(first["labels"])
-    assert tok.decode([t for t in first["labels"] if t != IGNORE_INDEX]) == "8<|im_end|>"  # "What is 7+1?"
+    assert tok.decode([t for t in first["labels"] if t != IGNORE_INDEX]) == "15<|im_end|>"  # "What is 6+9?"
     stats = prepared.stats
     lengths = sorted(len(ids) for ids in prepared.train["input_ids"])
     assert stats.tokens == sum(lengths) and stats.length_max == lengths[-1] <= 64

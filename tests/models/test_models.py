@@ -82,7 +82,7 @@ def test_offline_hub_model_not_cached_says_what_to_do(offline):
         load_tokenizer(ModelSection(name="sftop-test-org/not-a-cached-model"))
     text = str(info.value)
     assert "not in the local Hugging Face cache" in text and "offline" in text
-    assert "huggingface-cli download sftop-test-org/not-a-cached-model" in text
+    assert "hf download sftop-test-org/not-a-cached-model" in text
     assert "model.name" in text
 
 

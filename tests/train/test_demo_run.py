@@ -77,6 +77,11 @@ def test_demo_events_follow_schema(demo_run):
     checkpoints = of_type(records, "checkpoint")
     assert [c["step"] for c in checkpoints] == [12, 24]
     assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["checkpoint-12", "checkpoint-24"]
+    # the demo's sample prompts are answered after the last step (eval_steps 25 > 24 steps)
+    samples = of_type(records, "samples")
+    assert [x["step"] for x in samples] == [24]
+    assert [x["prompt"] for x in samples[0]["samples"]] == s["preset"]["train"]["sample_prompts"]
+    assert all(isinstance(x["answer"], str) for x in samples[0]["samples"])
 
 
 def test_resolved_preset_repeats_the_run(demo_run):

@@ -74,3 +74,18 @@ def test_stopped_run_exports_its_newest_checkpoint(trained, tmp_path, home):
     shutil.rmtree(stopped / "checkpoints")
     with pytest.raises(SftopError, match="no adapter and no complete checkpoint"):
         export_run(stopped, out=tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("mask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_exports_get_the_modes_of_the_users_umask(trained, tmp_path, home, mask, dir_mode, file_mode):
+    import os
+    import stat
+
+    old = os.umask(mask)
+    try:
+        out = export_run(trained, merged=False, out=tmp_path / "shared")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == dir_mode  # not mkdtemp's owner-only 0700
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {file_mode}

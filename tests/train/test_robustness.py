@@ -112,6 +112,6 @@ def test_model_error_ends_the_run_with_a_reason(home, tmp_path):
     assert code == 2
     records = events_of(tmp_path / "run")
     assert [r["type"] for r in records] == ["run_failed"]
-    assert "huggingface-cli download sftop-test-org/not-cached" in records[0]["reason"]
+    assert "hf download sftop-test-org/not-cached" in records[0]["reason"]
     assert records[0]["step"] is None and records[0]["checkpoint"] is None
     assert (tmp_path / "run" / "preset.toml").is_file()  # listed by `sftop runs`, repeatable after the fix

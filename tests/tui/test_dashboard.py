@@ -212,3 +212,50 @@ async def test_log_pane_follows_the_newest_lines(services):
             await wait_until(pilot, lambda i=i: log.lines[-1] == f"log line {i}")
         # The pane is a few rows tall: it must show the end, not stay at the oldest lines.
         await wait_until(pilot, lambda: log.max_scroll_y > 0 and log.scroll_y == log.max_scroll_y)
+
+
+async def test_samples_pane_shows_the_newest_answers_at_80x24(services):
+    from sftop.engine.events import Samples
+
+    run = recorded_run("samples", steps=10, total=100, finished=False)
+    mark_alive(run)
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
+                                  and app.screen)
+        pane = screen.query_one("#samples")
+        assert not pane.display  # no samples yet: no empty pane taking a line
+        write_events(run.events, [
+            {**Samples(step=10, samples=[{"prompt": "What is 5+7?", "answer": "1"},
+                                         {"prompt": "What is 3+8?", "answer": "13"}]).to_dict(), "time": T0 + 20},
+        ])
+        await wait_until(pilot, lambda: "step 10" in text_of(app, "#samples"))
+        write_events(run.events, [
+            {**Samples(step=20, samples=[{"prompt": "What is 5+7?", "answer": "12"},
+                                         {"prompt": "What is 3+8?", "answer": "11"}]).to_dict(), "time": T0 + 30},
+        ])
+        await wait_until(pilot, lambda: "step 20" in text_of(app, "#samples"))
+        await pilot.pause(0.1)
+        text = text_of(app, "#samples")
+        assert "What is 5+7? → 12" in text and "What is 3+8? → 11" in text and "→ 13" not in text
+        assert pane.display and pane.region.height <= 2 and pane.region.right <= 80
+        assert screen.query_one("#log").region.bottom <= 23  # the log still fits above the footer
+
+
+async def test_cost_so_far_and_at_the_end_follow_the_price_per_gpu_hour(services):
+    run = recorded_run("priced", steps=10, total=100, finished=False, overrides=["plan.price_per_gpu_hour=3.0"])
+    mark_alive(run)
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: "step 10/100" in text_of(app, "#run-status"))
+        status = text_of(app, "#run-status")
+        # 2m00s elapsed at 3.00 an hour = 0.10; 2m15s to go at the recent pace: 4m15s = 0.21
+        assert "ETA 2m15s" in status and "cost 0.10 of ≈0.21" in status
+        assert app.screen.query_one("#run-status").region.right <= 80
+
+    unpriced = recorded_run("unpriced", steps=10, total=100, finished=False)
+    mark_alive(unpriced)
+    app = SftopApp(start="dashboard", run=unpriced, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: "step 10/100" in text_of(app, "#run-status"))
+        assert "cost" not in text_of(app, "#run-status")

@@ -31,9 +31,10 @@ def event(obj, time: float) -> dict:
 
 
 def recorded_run(name: str = "demo", steps: int = 60, total: int = 60, finished: bool = True,
-                 status: str | None = None, when: float = T0, seconds_per_step: float = 1.5) -> RunDir:
+                 status: str | None = None, when: float = T0, seconds_per_step: float = 1.5,
+                 overrides: list[str] | None = None) -> RunDir:
     """A run dir as the supervisor and trainer leave it: preset, events, stdout.log, status.json."""
-    preset, _ = load_preset("demo")
+    preset, _ = load_preset("demo", overrides or [])
     run = new_run_dir(name, when=when)
     save_preset(preset.model_copy(update={"name": name}), run.preset)
     records = [event(RunStarted(run_dir=str(run.path), preset=preset.model_dump(mode="json"), environment={},

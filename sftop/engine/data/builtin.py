@@ -3,9 +3,10 @@
 They make the demo and the tests work offline. Every set is generated from a fixed seed, so the
 same name always yields the same rows.
 
-- `arithmetic`: "What is 7+5?" -> "12". Single-digit operands keep the answers one or two
-  characters long, so a tiny model with a character-level tokenizer learns the format and most
-  sums within a few dozen optimizer steps (the demo preset).
+- `arithmetic`: "What is 7+5?" -> "12", single-digit sums, one or two characters long, so the
+  demo's tiny model learns them in the demo preset's few minutes on a CPU. Twenty of the hundred
+  sums (`HELD_OUT_SUMS`) never appear in it: the demo asks the model those, so what it shows is
+  learned arithmetic (each one's mirror, 5+7 for 7+5, is in the data), not recalled rows.
 - `reverse`: "Reverse: kato" -> "otak" on short made-up words.
 - `sample-messages`, `sample-sharegpt`, `sample-prompt-completion`, `sample-alpaca`, `sample-text`:
   the same kind of rows in each supported layout, to show format detection (`sftop data check`).
@@ -26,6 +27,32 @@ from sftop.engine.errors import DataError
 
 PREFIX = "builtin:"
 _SEED = 1234
+
+
+def _held_out_sums(count: int = 20, seed: int = _SEED) -> tuple[tuple[int, int], ...]:
+    """Sums a+b (a != b) kept out of `arithmetic`; never both a+b and b+a."""
+    rng = random.Random(seed)
+    candidates = [(a, b) for a in range(10) for b in range(a + 1, 10)]
+    return tuple(sorted((a, b) if rng.random() < 0.5 else (b, a) for a, b in rng.sample(candidates, count)))
+
+
+HELD_OUT_SUMS = _held_out_sums()
+
+
+def sum_question(a: int, b: int) -> str:
+    return f"What is {a}+{b}?"
+
+
+def held_out_sum_prompts() -> list[tuple[str, str]]:
+    """(question, answer) for every held-out sum: what the demo is tested and shown on."""
+    return [(sum_question(a, b), str(a + b)) for a, b in HELD_OUT_SUMS]
+
+
+def _sum_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    held = set(HELD_OUT_SUMS)
+    known = [(a, b) for a in range(10) for b in range(10) if (a, b) not in held]
+    return [(sum_question(a, b), str(a + b)) for a, b in (rng.choice(known) for _ in range(n))]
 
 
 def _arithmetic_pairs(n: int, seed: int) -> list[tuple[str, str]]:
@@ -61,7 +88,7 @@ def _chat(pairs: list[tuple[str, str]]) -> list[dict]:
 
 
 def arithmetic() -> list[dict]:
-    return _chat(_arithmetic_pairs(1000, _SEED))
+    return _chat(_sum_pairs(1000, _SEED))
 
 
 def reverse() -> list[dict]:

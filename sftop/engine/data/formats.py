@@ -64,8 +64,10 @@ def detect_format(columns: Iterable[str], *, source: str = "the dataset") -> str
         where=source,
         hint=(
             "sftop reads rows with `messages` (role/content), `conversations` (ShareGPT from/value), "
-            "`prompt` + `completion`, `instruction` + `output` (Alpaca) or `text`. Rename the columns, "
-            "or set `data.format` to say which layout the rows follow"
+            "`prompt` + `completion`, `instruction` + `output` (Alpaca) or `text`. Map your column names "
+            "to these in the preset, e.g. for question/answer rows: [data.columns] prompt = \"question\", "
+            "completion = \"answer\" (on the command line: --set data.columns.prompt=question "
+            "--set data.columns.completion=answer), or set `data.format` to say which layout the rows follow"
         ),
     )
 

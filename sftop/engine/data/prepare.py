@@ -110,7 +110,9 @@ def validate_structure(section: DataSection, *, strict: bool = True, allow_image
     `allow_images`: the model reads images (rows holding them are not bad rows; their images are
     checked by `image_check.check_structured_images`).
     """
-    raw = load_rows(section)
+    from sftop.engine.data.columns import map_columns
+
+    raw = map_columns(load_rows(section), section.columns)
     fmt = resolve_format(raw, section.format)
     conversations, report = validate_rows(raw, fmt, section.loss_on, allow_images=allow_images)
     if strict:

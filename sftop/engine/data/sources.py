@@ -369,7 +369,7 @@ def _read_hub(source: str, section: DataSection):
         raise DataError(
             f"No dataset named {source!r} on the Hugging Face hub, and no such local file or folder",
             where=f"data.source = {source!r}",
-            hint="Check the spelling; for a gated or private dataset run `huggingface-cli login` first",
+            hint="Check the spelling; for a gated or private dataset run `hf auth login` first",
         ) from None
     except (ConnectionError, OSError) as exc:
         text = str(exc).lower()

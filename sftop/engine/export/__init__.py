@@ -50,7 +50,31 @@ def _prepare_out(out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
+def _current_umask() -> int:
+    try:  # Linux reports it without changing it, which matters when other threads create files
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(tree: Path) -> None:
+    """An export is meant to be shared: give it the modes the user's umask gives new files
+    (mkdtemp makes its directory owner-only, and some writers create owner-only files)."""
+    mask = _current_umask()
+    tree.chmod(0o777 & ~mask)
+    for path in tree.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _finish(tmp: Path, out: Path) -> Path:
+    _apply_umask(tmp)
     if out.exists():
         out.rmdir()  # empty (checked before): rename needs it gone
     os.replace(tmp, out)

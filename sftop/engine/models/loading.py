@@ -214,11 +214,14 @@ def load_model(preset, plan=None):
     from transformers import set_seed
 
     set_seed(preset.train.seed)
+    from sftop.engine.train.checkpointing_api import third_party_checkpointing_reads
+
     try:
         if getattr(preset.model, "adapter", None):
             model = load_start_adapter(base, preset.model.adapter)
         else:
-            model = get_peft_model(base, lora_config(preset.lora))
+            with third_party_checkpointing_reads():
+                model = get_peft_model(base, lora_config(preset.lora))
     except ValueError as exc:
         raise ModelError(
             f"Cannot add LoRA to this model: {exc}",

@@ -77,19 +77,19 @@ def hub_call(model_section, what: str, load):
         return load(source, local_files_only=True)
     except (OSError, ValueError) as exc:
         if _damaged_weights(exc):
-            raise _damaged_error(name, what, exc, hint=f"Download it again: `huggingface-cli download {name} "
+            raise _damaged_error(name, what, exc, hint=f"Download it again: `hf download {name} "
                                                        "--force-download`") from None
         pass  # not (fully) in the local cache
     except Exception as exc:
         if not _damaged_weights(exc):
             raise
-        raise _damaged_error(name, what, exc, hint=f"Download it again: `huggingface-cli download {name} "
+        raise _damaged_error(name, what, exc, hint=f"Download it again: `hf download {name} "
                                                    "--force-download`") from None
     if hub_offline():
         raise ModelError(
             f"`{name}` is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE is set)",
             where="model.name",
-            hint=f"While online, run `huggingface-cli download {name}`, or set model.name to a local model directory",
+            hint=f"While online, run `hf download {name}`, or set model.name to a local model directory",
         )
     try:
         return load(source, local_files_only=False)
@@ -124,7 +124,7 @@ def _hub_error(name: str, what: str, exc: Exception) -> ModelError:
         return ModelError(
             f"`{name}` is gated on the Hugging Face hub and this machine is not allowed to download it",
             where="model.name",
-            hint="Accept the licence on the model's hub page, then run `huggingface-cli login` (or set HF_TOKEN)",
+            hint="Accept the licence on the model's hub page, then run `hf auth login` (or set HF_TOKEN)",
         )
     if "RepositoryNotFound" in kind or "404" in text or "is not a local folder and is not a valid model" in text:
         return ModelError(
@@ -139,7 +139,7 @@ def _hub_error(name: str, what: str, exc: Exception) -> ModelError:
         return ModelError(
             f"Cannot reach the Hugging Face hub to download `{name}`, and it is not in the local cache",
             where="model.name",
-            hint=f"While online, run `huggingface-cli download {name}`, or set model.name to a local model directory",
+            hint=f"While online, run `hf download {name}`, or set model.name to a local model directory",
         )
     return ModelError(f"Cannot load the {what} of `{name}`: {kind}: {text}", where="model.name")
 

@@ -75,6 +75,20 @@ class DataSection(_Section):
     min_pixels: int | None = Field(
         None, ge=1, description="Images: scale up to at least this many pixels (None = the model's default)"
     )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description='Your column names for sftop\'s, e.g. {prompt = "question", completion = "answer"}',
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value):
+        from sftop.engine.data.columns import KNOWN
+
+        unknown = [k for k in value if k not in KNOWN]
+        if unknown:
+            raise ValueError(f"unknown column name {unknown[0]!r}: map one of {', '.join(KNOWN)}")
+        return value
 
 
 class TrainSection(_Section):
@@ -97,6 +111,10 @@ class TrainSection(_Section):
     )
     kernels: Literal["auto", "on", "off"] = Field("auto", description="sftop's fused Triton kernels")
     task: Literal["sft", "dpo"] = Field("sft", description="sft: supervised; dpo: preference pairs ([dpo])")
+    sample_prompts: list[str] = Field(
+        default_factory=list,
+        description="User prompts the model answers (greedy) at each evaluation; shown in the dashboard",
+    )
 
 
 class PlanSection(_Section):
@@ -104,6 +122,12 @@ class PlanSection(_Section):
     grad_accum: Union[Auto, int] = Field("auto", description="Micro-batches per optimizer step, or auto")
     gradient_checkpointing: Union[Auto, Literal["off", "on", "offload"]] = Field(
         "auto", description="Recompute activations to save memory"
+    )
+
+    price_per_gpu_hour: float | None = Field(
+        None, ge=0.0, le=1000.0,
+        description="What one GPU-hour costs you, in your currency (rented H100s are typically 2-3 an hour "
+                    "in USD, A100s 1-2, RTX 4090s under 1); the dashboard shows the run's cost",
     )
 
     @field_validator("micro_batch", "grad_accum")

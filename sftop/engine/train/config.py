@@ -20,6 +20,8 @@ def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: boo
                      on_cuda: bool | None = None, vision: bool = False):
     from trl import SFTConfig
 
+    from sftop.engine.train.checkpointing_api import checkpointing_args
+
     on_cuda = torch.cuda.is_available() if on_cuda is None else on_cuda
     train = preset.train
     optim, _ = optimizer_name(train.optimizer, on_cuda)
@@ -44,16 +46,16 @@ def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: boo
         data_seed=train.seed,
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
-        gradient_checkpointing=checkpointing in ("on", "offload"),
         # "offload" keeps the checkpointed activations in pinned host memory: Trainer calls
-        # gradient_checkpointing_enable(offload=True), which sftop's patch part checkpoint_offload
+        # activation_checkpointing_enable(offload=True), which sftop's patch part checkpoint_offload
         # turns into copies that overlap the compute.  The planner's estimate assumes two layer
         # inputs on the GPU (the one recomputing and the one fetched ahead).
         # every_n_layers: the planner may checkpoint only every n-th block when memory allows.
-        gradient_checkpointing_kwargs=(
+        **checkpointing_args(
+            SFTConfig, checkpointing in ("on", "offload"),
             {"use_reentrant": False, "offload": checkpointing == "offload",
              "every_n_layers": int(getattr(plan, "checkpoint_every_n_layers", 1) or 1)}
-            if checkpointing != "off" else None
+            if checkpointing != "off" else None,
         ),
         logging_strategy="steps",
         logging_steps=train.logging_steps,

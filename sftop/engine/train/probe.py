@@ -40,8 +40,9 @@ def probe_step(trainer, rows: int, tokens_per_row: int, max_length: int) -> None
         kwargs = dict(args.gradient_checkpointing_kwargs or {})
         offload = kwargs.pop("offload", False)
         every = kwargs.pop("every_n_layers", 1)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None, every_n_layers=every,
-                                            offload=offload)
+        from sftop.engine.train.checkpointing_api import enable_checkpointing
+
+        enable_checkpointing(model, kwargs or None, every_n_layers=every, offload=offload)
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)

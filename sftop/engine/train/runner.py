@@ -340,13 +340,17 @@ class _Run:
         guard = UpdateGuard(self.preset.train.max_bad_steps)
         events = RunEvents(self.writer, started=self.started_event, stop_requested=lambda: self.signals.requested,
                            checkpoint_request=self.run_dir.path / "control" / "checkpoint")
+        from sftop.engine.train.samples import SampleAnswers, sample_interval
+
+        samples = SampleAnswers(self.writer, self.tokenizer, self.preset.train.sample_prompts,
+                                sample_interval(self.preset.train))
         trainer = SftopTrainer(
             model=self.model,
             args=args,
             train_dataset=self.data.train,
             eval_dataset=self.data.eval,
             processing_class=self.tokenizer,
-            callbacks=[guard, events],
+            callbacks=[guard, events, samples],
             guard=guard,
             save_total_limit=self.preset.train.save_total_limit,
             on_checkpoint=self.on_checkpoint,

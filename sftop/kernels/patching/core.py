@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import threading
 import types
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -606,8 +607,13 @@ def _install_checkpointing(model: nn.Module) -> None:
         ours = gc_kwargs.get("use_reentrant", True) is False
         overlapped = ours and offload and model.__dict__.get(_OFFLOAD_OK, False)
         lean = ours and model.__dict__.get(_LEAN, False)
-        original(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, every_n_layers=every_n_layers,
-                 offload=offload and not overlapped)
+        with warnings.catch_warnings():
+            # transformers >= 5.23 routes activation_checkpointing_enable through this override and
+            # calls the old name deprecated: the wrapper is the only hook there is, not a user's choice
+            warnings.filterwarnings("ignore", message=r"`gradient_checkpointing_enable` is deprecated",
+                                    category=FutureWarning)
+            original(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, every_n_layers=every_n_layers,
+                     offload=offload and not overlapped)
         # transformers' blocking offload allocates pinned memory per tensor: not capturable
         model.__dict__[_OFFLOADING] = bool(offload and not overlapped)
         model.__dict__[_GC_MODE] = (lean, overlapped)  # part of a captured step's key
@@ -741,7 +747,8 @@ def _graphed_loss(self, graphs, kwargs, shift_labels, num_items, ignore_index):
     key = (
         tuple(ids.shape), ids.dtype, tuple(labels.shape), labels.dtype, ignore_index,
         torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-        bool(getattr(self, "is_gradient_checkpointing", False)), self.__dict__.get(_GC_MODE),
+        bool(getattr(self, "is_activation_checkpointing", None) if hasattr(type(self), "is_activation_checkpointing")
+             else getattr(self, "is_gradient_checkpointing", False)), self.__dict__.get(_GC_MODE),
         tuple((p.data_ptr(), p.requires_grad) for _m, _n, p in slots),
     )
     from ..fused_linear_cross_entropy import fused_linear_cross_entropy

@@ -55,6 +55,21 @@ def read_log_tail(path, max_lines: int = _LOG_LINES) -> list[str]:
     return cleaned[-max_lines:]
 
 
+def samples_text(samples: list[dict[str, str]], step: int | None) -> Text:
+    """`samples @ step 50  What is 5+7? → 12 · ...`: the model's answers, one line each pair."""
+    text = Text()
+    text.append("samples" + (f" @ step {step}" if step is not None else ""), style="bold")
+    for item in samples:
+        answer = " ".join(str(item.get("answer", "")).split()) or "(empty)"
+        if len(answer) > 40:
+            answer = answer[:39] + "…"
+        text.append("  ")
+        text.append(str(item.get("prompt", "")), style="dim")
+        text.append(" → ")
+        text.append(answer, style="bold cyan")
+    return text
+
+
 class DashboardScreen(Screen):
     CSS_PATH = "dashboard.tcss"
     BINDINGS = [
@@ -102,6 +117,7 @@ class DashboardScreen(Screen):
         with Horizontal(id="throughput"):
             yield Static("tokens/s", id="tps-label")
             yield Sparkline([], id="tps-spark")
+        yield Static(id="samples")
         yield GpuPanel(id="gpus", compact=True)
         yield Log(id="log", max_lines=_LOG_LINES, auto_scroll=True)
         yield Footer()
@@ -245,6 +261,10 @@ class DashboardScreen(Screen):
         spark.data = s.tokens_per_s.downsample(width)[1]
         spark.display = len(s.tokens_per_s) > 1
         self.query_one("#tps-label", Static).update(f"tokens/s {format_count(s.last_tokens_per_s):>6}")
+        samples = self.query_one("#samples", Static)
+        samples.display = bool(s.samples)
+        if s.samples:
+            samples.update(samples_text(s.samples, s.samples_step))
 
     def _redraw_preference(self, chart: LineChart) -> None:
         s = self.state
@@ -276,6 +296,10 @@ class DashboardScreen(Screen):
         eta = s.eta()
         if eta is not None and status == "running":
             text.append(f"  ETA {format_duration(eta)}")
+        cost = s.cost(self.services.clock())
+        if cost is not None:
+            spent, at_end = cost
+            text.append(f"  cost {spent:.2f}" + (f" of ≈{at_end:.2f}" if at_end is not None and status == "running" else ""))
         if status == "finished" and s.final_loss is not None:
             text.append(f"  final loss {format_number(s.final_loss)}", style="bold")
         if status == "failed" and s.terminal and s.terminal.get("reason"):
