@@ -137,7 +137,14 @@ def _build(args, path: str):
 
         if path == "sftop-eager":  # the same patched model without CUDA graphs, for the ratio
             os.environ["SFTOP_CUDA_GRAPHS"] = "0"
-        report = patch_model(model).to_dict()
+        if vlm_shapes.is_vision_shape(args.model):
+            # as `sftop run` does for a VLM: the kernels on the language layers its family names
+            from sftop.engine.models.vision.loading import apply_vision_kernels
+            from sftop.engine.models.vision.registry import family_for_config
+
+            report = apply_vision_kernels(model, family_for_config(model.config), "auto")
+        else:
+            report = patch_model(model).to_dict()
         # as in `sftop run`, where Trainer enables checkpointing on the patched model
         _enable_checkpointing(model, args, path)
     return model, report
