@@ -32,7 +32,9 @@ def test_demo_on_gpu_bf16_kernels_probe(home, tmp_path):
     assert env["device"].startswith("cuda") and env["dtype"] in ("bf16", "fp16")
     assert started["plan"]["device"].startswith("cuda")
     assert started["plan"]["probe"]["ok"] is True, started["plan"]["probe"]
-    parts = started["kernels"].get("parts", {})
+    parts = dict(started["kernels"].get("parts", {}))
+    # kept q/k/v applies to wide layers only: the demo's are too narrow to hide its copies
+    assert parts.pop("kept_projections", "").startswith("stock: layers too narrow"), started["kernels"]
     assert parts and all(v == "fused" for v in parts.values()), started["kernels"]
     steps = of_type(records, "step")
     assert steps[-1]["loss"] < 0.5 * steps[0]["loss"]
