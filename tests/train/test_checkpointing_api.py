@@ -60,7 +60,7 @@ def test_a_checkpointed_run_setup_raises_no_future_warning(sftop_home, tmp_path)
     from sftop.engine.presets import load_preset
     from sftop.engine.train.checkpointing_api import enable_checkpointing
     from sftop.engine.train.config import build_sft_config
-    from sftop.engine.train.plan import LocalPlan
+    from types import SimpleNamespace
 
     mp = in_home(sftop_home)
     try:
@@ -68,7 +68,7 @@ def test_a_checkpointed_run_setup_raises_no_future_warning(sftop_home, tmp_path)
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
             model, _, _ = load_model(preset)
-            args = build_sft_config(preset, LocalPlan(4, 4, "on"), output_dir=tmp_path, dtype="fp32",
+            args = build_sft_config(preset, SimpleNamespace(micro_batch=4, grad_accum=4, gradient_checkpointing="on"), output_dir=tmp_path, dtype="fp32",
                                     packing=True, has_eval=False, on_cuda=False)
             enable_checkpointing(model, {"use_reentrant": False})
     finally:

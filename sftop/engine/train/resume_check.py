@@ -8,20 +8,22 @@ past its end unless the resume asks for more steps.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from sftop.engine.errors import PresetError
 from sftop.engine.events import TERMINAL_TYPES, read_events
+from sftop.engine.presets.loader import tomllib  # tomli on Python 3.10
 from sftop.engine.rundir import RunDir
 
 FROZEN_SECTIONS = ("model", "lora", "data")
-# Inside a frozen section: what only steers how bad data is tolerated, not which rows are trained.
-CHANGEABLE_IN_FROZEN = {"data.max_bad_fraction"}
+# Inside a frozen section: what only steers how bad data is tolerated or how rows are batched, not
+# which rows are trained. A run records packing off where its model cannot pack (a VLM, attention
+# that leaks across packed rows); a resume of the user's own preset then decides the same again.
+CHANGEABLE_IN_FROZEN = {"data.max_bad_fraction", "data.packing"}
 FROZEN_TRAIN_KEYS = {"train.seed", "train.effective_batch"}
 FREE_TOP_LEVEL = {"name", "description", "train", "plan"}
-FROZEN_TEXT = ("the model, lora and data sections (data.max_bad_fraction excepted), train.seed, "
+FROZEN_TEXT = ("the model, lora and data sections (data.max_bad_fraction and data.packing excepted), train.seed, "
                "train.effective_batch and the task")
 
 

@@ -277,7 +277,7 @@ class _Run:
                 self.message(f"Packing turned off: {self.packing_reason}")
                 self.preset = self.preset.model_copy(
                     update={"data": self.preset.data.model_copy(update={"packing": False})})
-                save_preset(self.preset, self.run_dir.preset)
+                save_preset(self.preset, self.preset_path)  # a resume's own copy, never the original
         elif self.preset.train.task == "dpo":
             from sftop.engine.data.preference_prepare import prepare_preferences
 
