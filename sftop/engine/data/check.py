@@ -27,8 +27,29 @@ _DIM, _BOLD, _RED, _GREEN, _YELLOW, _RESET = "\x1b[2m", "\x1b[1m", "\x1b[31m", "
 TRAINED_OPEN, TRAINED_CLOSE = "«", "»"
 
 
+class RowVerdict:
+    """Whether a checked dataset would stop a run: shared by the SFT and preference checks."""
+
+    rows_read: int
+    bad_rows: int
+    max_bad_fraction: float
+
+    @property
+    def usable_rows(self) -> int:
+        return self.rows_read - self.bad_rows
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.bad_rows / self.rows_read if self.rows_read else 0.0
+
+    @property
+    def would_stop(self) -> bool:
+        """A run with this preset would stop with a DataError before training."""
+        return self.usable_rows == 0 or self.bad_fraction > self.max_bad_fraction
+
+
 @dataclass
-class DataCheckResult:
+class DataCheckResult(RowVerdict):
     source: str
     source_kind: str
     format: str
@@ -54,19 +75,6 @@ class DataCheckResult:
     image_tokens_counted: bool = False
     sample_images: list = field(default_factory=list)  # the sample's PIL images at their final size
     sample_image_sizes: list = field(default_factory=list)  # [((w, h) before, (w, h) after), ...]
-
-    @property
-    def usable_rows(self) -> int:
-        return self.rows_read - self.bad_rows
-
-    @property
-    def bad_fraction(self) -> float:
-        return self.bad_rows / self.rows_read if self.rows_read else 0.0
-
-    @property
-    def would_stop(self) -> bool:
-        """A run with this preset would stop with a DataError before training."""
-        return self.usable_rows == 0 or self.bad_fraction > self.max_bad_fraction
 
     def to_dict(self) -> dict:
         return {

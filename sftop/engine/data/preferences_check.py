@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sftop.engine.data.check import RowVerdict
 from sftop.engine.data.conversation import RowProblem
 from sftop.engine.data.preference_prepare import PreferenceStats, read_preferences
 from sftop.engine.data.prepare import split_eval
@@ -22,7 +23,7 @@ _BOLD, _RED, _GREEN, _YELLOW, _RESET = "\x1b[1m", "\x1b[31m", "\x1b[32m", "\x1b[
 
 
 @dataclass
-class PreferenceCheckResult:
+class PreferenceCheckResult(RowVerdict):
     source: str
     source_kind: str
     format: str
@@ -43,18 +44,6 @@ class PreferenceCheckResult:
     quick: bool = False
     loss_on: str = "answers"  # the chosen and rejected answers are scored; the prompt is context
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def usable_rows(self) -> int:
-        return self.rows_read - self.bad_rows
-
-    @property
-    def bad_fraction(self) -> float:
-        return self.bad_rows / self.rows_read if self.rows_read else 0.0
-
-    @property
-    def would_stop(self) -> bool:
-        return self.usable_rows == 0 or self.bad_fraction > self.max_bad_fraction
 
     def to_dict(self) -> dict:
         return {

@@ -124,14 +124,13 @@ def _quantization_config(dtype: str):
     )
 
 
-def load_base_model(model_section, *, dtype: str | None = None, attn_implementation: str | None = None):
-    """The base causal LM alone (no LoRA). Used for training and for merged export."""
+def from_pretrained_kwargs(model_section, dtype: str, attn: str, *, skip_4bit: list[str] | None = None
+                           ) -> dict[str, Any]:
+    """`from_pretrained`'s keyword arguments for a preset's model section: dtype, attention, revision,
+    and the 4-bit config (`skip_4bit`: modules kept 16-bit, e.g. a VLM's vision tower)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     on_cuda = cuda_available()
-    dtype = dtype or resolve_dtype(model_section.dtype, on_cuda)
-    attn = attn_implementation or resolve_attn_implementation(model_section.attn_implementation, dtype, on_cuda)
     kwargs: dict[str, Any] = {
         "dtype": getattr(torch, _DTYPE_NAMES[dtype]),
         "attn_implementation": attn,
@@ -145,9 +144,23 @@ def load_base_model(model_section, *, dtype: str | None = None, attn_implementat
                 where="model.load_in_4bit",
                 hint="Set model.load_in_4bit = false, or run on a machine with an NVIDIA GPU",
             )
-        kwargs["quantization_config"] = _quantization_config(dtype)
+        quant = _quantization_config(dtype)
+        if skip_4bit is not None:
+            quant.llm_int8_skip_modules = skip_4bit
+        kwargs["quantization_config"] = quant
     if on_cuda:
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return kwargs
+
+
+def load_base_model(model_section, *, dtype: str | None = None, attn_implementation: str | None = None):
+    """The base causal LM alone (no LoRA). Used for training and for merged export."""
+    from transformers import AutoModelForCausalLM
+
+    on_cuda = cuda_available()
+    dtype = dtype or resolve_dtype(model_section.dtype, on_cuda)
+    attn = attn_implementation or resolve_attn_implementation(model_section.attn_implementation, dtype, on_cuda)
+    kwargs = from_pretrained_kwargs(model_section, dtype, attn)
 
     def load(source, local_files_only):
         return AutoModelForCausalLM.from_pretrained(source, local_files_only=local_files_only, **kwargs)

@@ -137,30 +137,12 @@ def load_processor(model_section, family: VisionFamily):
 
 def load_vision_base(model_section, family: VisionFamily, *, dtype: str, attn: str, config: Any = None):
     """The base VLM alone (no LoRA): for training and for merged export."""
-    import torch
-
-    from sftop.engine.models.loading import _DTYPE_NAMES, _quantization_config, cuda_available
+    from sftop.engine.models.loading import from_pretrained_kwargs
     from sftop.engine.models.tokenizer import hub_call
 
-    on_cuda = cuda_available()
-    kwargs: dict[str, Any] = {
-        "dtype": getattr(torch, _DTYPE_NAMES[dtype]),
-        "attn_implementation": attn,
-        "revision": model_section.revision,
-        "trust_remote_code": model_section.trust_remote_code,
-    }
-    if model_section.load_in_4bit:
-        if not on_cuda:
-            raise ModelError(
-                "4-bit (QLoRA) loading needs a CUDA GPU and none is available",
-                where="model.load_in_4bit",
-                hint="Set model.load_in_4bit = false, or run on a machine with an NVIDIA GPU",
-            )
-        quant = _quantization_config(dtype)
-        quant.llm_int8_skip_modules = quantization_skip_modules(family, config or model_config(model_section))
-        kwargs["quantization_config"] = quant
-    if on_cuda:
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    skip = (quantization_skip_modules(family, config or model_config(model_section))
+            if model_section.load_in_4bit else None)
+    kwargs = from_pretrained_kwargs(model_section, dtype, attn, skip_4bit=skip)
     model_class = family.model_class()
 
     def load(source, local_files_only):
