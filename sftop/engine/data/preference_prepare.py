@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from sftop.engine.data.formats import RowError
-from sftop.engine.data.prepare import _percentile, split_eval
+from sftop.engine.data.prepare import _percentile, split_rows
 from sftop.engine.data.preferences import PreferencePair, resolve_preference_format, validate_pairs
 from sftop.engine.data.sources import RawRows, load_rows
 from sftop.engine.data.tokenize import Encoder
@@ -230,9 +230,7 @@ def prepare_preferences(preset: Preset, tokenizer) -> PreparedPreferences:
     encoded = prefs.encoded
     if not encoded:  # pragma: no cover - raise_if_too_many stops at zero usable rows
         raise DataError("No usable preference pair", where=section.source)
-    eval_idx = set(split_eval(len(encoded), section.eval_fraction, preset.train.seed))
-    train = [e for i, e in enumerate(encoded) if i not in eval_idx]
-    held = [e for i, e in enumerate(encoded) if i in eval_idx]
+    train, held = split_rows(encoded, section.eval_fraction, preset.train.seed)
     warnings = []
     if prefs.too_long:
         warnings.append(f"{prefs.too_long:,} pair(s) longer than data.max_length = {section.max_length:,} "

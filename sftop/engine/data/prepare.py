@@ -17,7 +17,7 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, TypeVar
 
 from sftop.engine.data.conversation import Conversation
 from sftop.engine.data.formats import RowError
@@ -25,6 +25,9 @@ from sftop.engine.data.sources import RawRows, load_rows
 from sftop.engine.data.tokenize import IGNORE_INDEX, Encoded, Encoder
 from sftop.engine.data.validate import ValidationReport, resolve_format, validate_rows
 from sftop.engine.presets.schema import DataSection, Preset
+
+
+T = TypeVar("T")
 
 
 class EncodedRow(Protocol):
@@ -204,6 +207,12 @@ def split_eval(n: int, fraction: float, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), count))
 
 
+def split_rows(rows: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """The rows trained on and the rows held out (those `split_eval` picks), each in source order."""
+    held = set(split_eval(len(rows), fraction, seed))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
 @dataclass
 class PreparedData:
     train: "object"  # datasets.Dataset with input_ids, labels
@@ -258,10 +267,7 @@ def prepare_data(preset: Preset, tokenizer, *, structured: Structured | None = N
     report = encoding.report
     report.raise_if_too_many(section.max_bad_fraction)
     encoded = encoding.encoded
-    eval_idx = split_eval(len(encoded), section.eval_fraction, preset.train.seed)
-    eval_set = set(eval_idx)
-    train_rows = [e for i, e in enumerate(encoded) if i not in eval_set]
-    eval_rows = [encoded[i] for i in eval_idx]
+    train_rows, eval_rows = split_rows(encoded, section.eval_fraction, preset.train.seed)
     return PreparedData(
         train=_to_dataset(train_rows),
         eval=_to_dataset(eval_rows) if eval_rows else None,

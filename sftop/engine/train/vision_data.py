@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from sftop.engine.data.conversation import Conversation, ImagePart, Message
 from sftop.engine.data.formats import RowError
-from sftop.engine.data.prepare import DataStats, PreparedData, split_eval, validate_structure
+from sftop.engine.data.prepare import DataStats, PreparedData, split_rows, validate_structure
 from sftop.engine.models.vision.family import VisionFamily
 
 
@@ -106,9 +106,7 @@ def prepare_vision_data(preset, processor, family: VisionFamily) -> VisionPrepar
         rows.append(encoded)
         kept.append(conv)
     report.raise_if_too_many(section.max_bad_fraction)
-    eval_idx = split_eval(len(rows), section.eval_fraction, preset.train.seed)
-    eval_set = set(eval_idx)
-    train_idx = [i for i in range(len(rows)) if i not in eval_set]
+    train_idx, eval_idx = split_rows(list(range(len(rows))), section.eval_fraction, preset.train.seed)
     base_dir = dataset_base_dir(structured.raw.source, structured.raw.kind)
     return VisionPreparedData(
         # one collator for both: the datasets hold indices into all kept rows
