@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -167,25 +166,15 @@ def main(argv=None) -> int:
     if args.four_bit and not args.model_dir:
         tmp = step_bench.random_checkpoint(args.model, args.device)
         args.model_dir = tmp.name
-    results = []
-    for path in args.paths.split(","):
+    def command(path: str) -> list[str]:
         cmd = [sys.executable, __file__, "--one", path, "--model", args.model, "--pairs", str(args.pairs),
                "--seq", str(args.seq), "--answer", str(args.answer), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--device", args.device]
         if args.four_bit:
             cmd += ["--4bit", "--model-dir", args.model_dir]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            err = (proc.stderr or proc.stdout)[-3000:]
-            print(f"[{path}] failed (rc {proc.returncode}):\n{err}", file=sys.stderr)
-            results.append(dict(path=path, error=err[-800:]))
-            continue
-        results.append(json.loads(line[len("RESULT "):]))
-    stock = next((r for r in results if r.get("path") == "stock" and "tokens_per_s" in r), None)
-    for r in results:
-        if stock and "tokens_per_s" in r:
-            r["speed_vs_stock"] = r["tokens_per_s"] / stock["tokens_per_s"]
+        return cmd
+
+    results = step_bench.run_paths(args.paths.split(","), command)
     out = dict(
         model=args.model, pairs=args.pairs, seq=args.seq, answer=args.answer, steps=args.steps, warmup=args.warmup,
         four_bit=args.four_bit, device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",

@@ -348,6 +348,26 @@ def _profile(step) -> dict:
     return result
 
 
+def run_paths(paths: list[str], command) -> list[dict]:
+    """Each path in its own subprocess (`command(path)`, which prints one `RESULT {json}` line), so
+    memory peaks and patches never leak from one into the other; `speed_vs_stock` where stock ran."""
+    results = []
+    for path in paths:
+        proc = subprocess.run(command(path), capture_output=True, text=True, env=os.environ.copy())
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            err = (proc.stderr or proc.stdout)[-3000:]
+            print(f"[{path}] failed (rc {proc.returncode}):\n{err}", file=sys.stderr)
+            results.append(dict(path=path, error=err[-800:]))
+            continue
+        results.append(json.loads(line[len("RESULT "):]))
+    stock = next((r for r in results if r.get("path") == "stock" and "tokens_per_s" in r), None)
+    for r in results:
+        if stock and "tokens_per_s" in r:
+            r["speed_vs_stock"] = r["tokens_per_s"] / stock["tokens_per_s"]
+    return results
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted([*SHAPES, *vlm_shapes.SHAPES]), default="llama-3.2-1b")
@@ -383,8 +403,7 @@ def main(argv=None) -> int:
         tmp = random_checkpoint(args.model, args.device)
         args.model_dir = tmp.name
 
-    results = []
-    for path in args.paths.split(","):
+    def command(path: str) -> list[str]:
         cmd = [sys.executable, __file__, "--one", path, "--model", args.model, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--device", args.device, "--checkpointing", args.checkpointing]
@@ -396,18 +415,9 @@ def main(argv=None) -> int:
             cmd.append("--memory-phases")
         if args.vision_parts:
             cmd.append("--vision-parts")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            err = (proc.stderr or proc.stdout)[-3000:]
-            print(f"[{path}] failed (rc {proc.returncode}):\n{err}", file=sys.stderr)
-            results.append(dict(path=path, error=err[-800:]))
-            continue
-        results.append(json.loads(line[len("RESULT "):]))
-    stock = next((r for r in results if r.get("path") == "stock" and "tokens_per_s" in r), None)
-    for r in results:
-        if stock and "tokens_per_s" in r:
-            r["speed_vs_stock"] = r["tokens_per_s"] / stock["tokens_per_s"]
+        return cmd
+
+    results = run_paths(args.paths.split(","), command)
     out = dict(
         model=args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
         sftop_checkpointing=args.checkpointing,
