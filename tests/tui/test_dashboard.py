@@ -27,7 +27,8 @@ async def test_recorded_run_shows_loss_step_and_throughput(services):
         status = text_of(app, "#run-status")
         assert "finished" in status and "step 60/60" in status and "elapsed 1m30s" in status
         assert f"final loss {loss_at(60):.4f}" in status
-        assert "training" in "\n".join(screen.query_one("#log").lines)
+        # The log tail is read on its own schedule, after the event history: wait for it.
+        await wait_until(pilot, lambda: "training" in "\n".join(screen.query_one("#log").lines))
         chart = screen.query_one("#loss-chart", LineChart)
         assert chart.last_points == 60  # fewer points than the chart is wide: drawn as they are
 

@@ -52,11 +52,12 @@ async def test_dashboard_shows_a_vlm_run(services):
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
                                   and app.screen)
-        await pilot.pause(0.2)
+        await wait_until(pilot, lambda: "finished" in text_of(app, "#run-status"))
         assert screen.state.step == 20 and len(screen.state.loss) == 20
         assert text_of(app, "#stat-loss") == f"{final:.4f}"
         assert text_of(app, "#stat-tps") == "350"
         assert text_of(app, "#stat-ckpt") == "step 20"
         status = text_of(app, "#run-status")
         assert "finished" in status and "step 20/20" in status and f"final loss {final:.4f}" in status
-        assert "vision-language" in "\n".join(screen.query_one("#log").lines)
+        # The log tail is read on its own schedule, after the event history: wait for it.
+        await wait_until(pilot, lambda: "vision-language" in "\n".join(screen.query_one("#log").lines))
