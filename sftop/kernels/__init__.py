@@ -13,11 +13,11 @@ from typing import Any
 
 from ._runtime import kernels_available
 
-__all__ = ["PatchReport", "kernels_available", "patch_model"]
+__all__ = ["PatchReport", "kernels_available", "patch_model", "unpatch"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("PatchReport", "patch_model"):
+    if name in ("PatchReport", "patch_model", "unpatch"):
         from . import patching
 
         return getattr(patching, name)

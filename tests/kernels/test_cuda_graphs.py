@@ -36,22 +36,22 @@ def test_environment_switch_turns_graphs_off(monkeypatch):
 
 
 def test_dropout_keeps_graphs_off(monkeypatch):
-    from sftop.kernels.patching import core
+    from sftop.kernels.patching.parts import cuda_graphs, loss
     from sftop.kernels.patching.registry import FAMILIES
 
     spec = FAMILIES["llama"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # reach the check past the GPU one
     m = tiny_model("llama", lora_dropout=0.1)
     base = m.get_base_model()
-    core._patch_loss(base, spec)
-    assert core._patch_cuda_graphs(base, spec) == (
+    loss.apply(base, spec)
+    assert cuda_graphs.apply(base, spec) == (
         "stock: dropout p=0.1 in Dropout (a replayed graph would reuse one random mask)"
     )
     m = tiny_model("llama")
     base = m.get_base_model()
     base.config.attention_dropout = 0.2
-    core._patch_loss(base, spec)
-    assert core._patch_cuda_graphs(base, spec).startswith("stock: attention_dropout=0.2")
+    loss.apply(base, spec)
+    assert cuda_graphs.apply(base, spec).startswith("stock: attention_dropout=0.2")
 
 
 def test_backward_must_follow_its_own_forward():

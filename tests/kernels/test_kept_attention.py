@@ -185,6 +185,7 @@ def _offloading_kept_model(family, monkeypatch, keep=True, hooks=None):
     from _tiny_models import tiny_model
 
     from sftop.kernels.patching import core
+    from sftop.kernels.patching.forwards import modules_of
     from sftop.kernels.varlen_attention import NAME, register
 
     m = tiny_model(family)
@@ -194,7 +195,7 @@ def _offloading_kept_model(family, monkeypatch, keep=True, hooks=None):
     base = m.get_base_model()
     base.set_attn_implementation(NAME)
     spec = core.FAMILIES[family]
-    for attn in core._modules_of(base, spec.attention_class):
+    for attn in modules_of(base, spec.attention_class):
         attn.q_proj.__dict__["_sftop_qkv"].keep_projections = keep
     m.train()
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sftop.kernels as K
-from sftop.kernels.patching.core import _ORIG
+from sftop.kernels.patching.markers import ORIG_FORWARD as _ORIG
 
 from _kernel_testutil import rel_err
 from _tiny_models import DEVICE, FAMILIES, VOCAB, tiny_model, twin

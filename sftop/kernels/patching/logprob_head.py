@@ -16,7 +16,9 @@ import types
 
 from torch import nn
 
-_MARK = "_sftop_logprob_head"
+from . import markers as M
+
+_MARK = M.LOGPROB_HEAD
 
 
 def _refusal(model: nn.Module) -> str | None:
@@ -71,7 +73,7 @@ def install_logprob_head(model: nn.Module) -> str:
         mask = labels != -100
         logp, ent, mean, top1 = fused_linear_logprob(
             hidden.to(head.weight.device)[mask], head.weight, labels[mask], softcap=softcap,
-            compute_dtype=getattr(self, "_sftop_loss_dtype", None), stats=True,
+            compute_dtype=self.__dict__.get(M.LOSS_DTYPE), stats=True,
         )
         # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero, not an error)
         log_probs = logp.new_zeros(mask.shape).masked_scatter(mask, logp)

@@ -1,0 +1,79 @@
+"""The model's `gradient_checkpointing_enable` override that parts lean_recompute and
+checkpoint_offload share: it gives the decoder layers sftop's checkpoint function when either is on,
+and `uninstall` puts back transformers' own on every layer."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+from torch import nn
+
+from .. import compat
+from . import markers as M
+
+
+def _layer_checkpoint_function(stock_fn, gc_kwargs: dict, lean: bool, overlapped: bool):
+    """The `_gradient_checkpointing_func` for the decoder layers: transformers' own (`stock_fn`) or
+    torch's non-reentrant checkpoint with overlapped offload of the saved inputs, optionally telling
+    the kernels when they run as a recomputation (sftop/kernels/recompute.py)."""
+    from ..checkpoint_offload import checkpoint_function
+    from ..recompute import checkpoint_marking_recompute
+
+    inner = checkpoint_function(gc_kwargs) if overlapped else stock_fn
+    if not lean:
+        return inner
+    # with offload, the first run can move large tensors for its recomputation along with the
+    # layer input (the attention output: sftop/kernels/kept_attention.py)
+    hooks = inner.keywords["_offload"] if overlapped else None
+    return functools.partial(checkpoint_marking_recompute, _checkpoint=inner, _offload=hooks)
+
+
+def install(model: nn.Module) -> None:
+    """Wrap the model's `gradient_checkpointing_enable` (what Trainer calls) so that the layers get
+    `_layer_checkpoint_function` when the parts that need it are on.  Idempotent."""
+    if M.GC_ENABLE in model.__dict__:
+        return
+    original = getattr(model, M.GC_ENABLE)
+
+    def gradient_checkpointing_enable(gradient_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                      offload: bool = False):
+        gc_kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
+        # reentrant checkpointing saves nothing through autograd's hooks and recomputes inside
+        # its own backward: neither of our changes applies to it
+        ours = gc_kwargs.get("use_reentrant", True) is False
+        overlapped = ours and offload and model.__dict__.get(M.OFFLOAD_OK, False)
+        lean = ours and model.__dict__.get(M.LEAN, False)
+        with warnings.catch_warnings():
+            # transformers >= 5.23 routes activation_checkpointing_enable through this override and
+            # calls the old name deprecated: the wrapper is the only hook there is, not a user's choice
+            warnings.filterwarnings("ignore", message=r"`gradient_checkpointing_enable` is deprecated",
+                                    category=FutureWarning)
+            original(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, every_n_layers=every_n_layers,
+                     offload=offload and not overlapped)
+        # transformers' blocking offload allocates pinned memory per tensor: not capturable
+        model.__dict__[M.OFFLOADING] = bool(offload and not overlapped)
+        model.__dict__[M.GC_MODE] = (lean, overlapped)  # part of a captured step's key
+        if overlapped or lean:
+            fns = {}  # one function for all layers: the offload hooks chain the saved inputs
+            for m in model.modules():
+                stock_fn = compat.checkpoint_function(m)
+                if stock_fn is not None:
+                    if id(stock_fn) not in fns:
+                        fns[id(stock_fn)] = _layer_checkpoint_function(stock_fn, gc_kwargs, lean, overlapped)
+                    # what unpatch puts back (transformers sets a fresh one on every enable call)
+                    m.__dict__[M.STOCK_CHECKPOINT_FUNCTION] = stock_fn
+                    compat.set_checkpoint_function(m, fns[id(stock_fn)])
+
+    model.__dict__[M.GC_ENABLE] = gradient_checkpointing_enable
+
+
+def uninstall(model: nn.Module) -> None:
+    """transformers' own checkpoint function back on every layer, and its own enable method."""
+    for m in model.modules():
+        stock_fn = m.__dict__.pop(M.STOCK_CHECKPOINT_FUNCTION, None)
+        if stock_fn is not None:
+            compat.set_checkpoint_function(m, stock_fn)
+    for key in M.MODEL_MARKERS:
+        if key != M.ATTN_IMPLEMENTATION:  # part attention's, which its undo restores
+            model.__dict__.pop(key, None)

@@ -1,0 +1,88 @@
+"""How a part replaces a module instance's forward, and the model queries every part shares."""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from . import markers as M
+
+FUSED = "fused"
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The HF PreTrainedModel under a PeftModel (or the model itself)."""
+    if type(model).__module__.startswith("peft") and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def set_forward(module: nn.Module, fn, part: str) -> None:
+    """Make `module`'s forward call `fn(module, original_forward, *args, **kwargs)`.  A second call
+    (the same part again, or a later part taking the module over) swaps `fn` and keeps the original."""
+    d = module.__dict__
+    d[M.FUNCTION] = fn
+    d[M.PART] = part
+    d[M.OFF] = False
+    if M.ORIG_FORWARD in d:
+        if d.get("forward") is not d.get(M.FORWARD):
+            # another library (TRL's fused LM head, say) wrapped our wrapper: it keeps calling
+            # ours, which now runs `fn` again; nothing to re-install
+            return
+        original = d[M.ORIG_FORWARD]
+    else:
+        original = d.get("forward")
+        d[M.ORIG_FORWARD] = original
+    base = original if original is not None else types.MethodType(type(module).forward, module)
+
+    def wrapper(self, *a, **k):
+        if self.__dict__.get(M.OFF):
+            return base(*a, **k)
+        return self.__dict__[M.FUNCTION](self, base, *a, **k)
+
+    module.forward = types.MethodType(wrapper, module)
+    d[M.FORWARD] = module.forward
+
+
+def restore_forward(module: nn.Module) -> None:
+    """Undo `set_forward` and drop every marker a part left on the instance."""
+    d = module.__dict__
+    if M.ORIG_FORWARD not in d:
+        return
+    if d.get("forward") is not d.get(M.FORWARD):
+        # someone else's forward sits on top and calls ours: removing ours would drop theirs,
+        # so ours becomes a pass-through instead
+        d[M.OFF] = True
+        return
+    original = d.pop(M.ORIG_FORWARD)
+    d.pop("forward", None)
+    for key in M.MODULE_MARKERS:
+        d.pop(key, None)
+    if original is not None:
+        module.forward = original
+
+
+def modules_of(model: nn.Module, class_name: str) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ == class_name]
+
+
+def quantised_compute_dtype(model: nn.Module):
+    """The bitsandbytes compute dtype of a k-bit model, else None.
+
+    prepare_model_for_kbit_training leaves lm_head and the residual stream in fp32, which makes
+    the head matmul an fp32 (non-tensor-core) GEMM over the whole vocabulary -- the largest single
+    cost of a QLoRA step.  The quantised layers already compute in this dtype, so the fused loss
+    runs its two head matmuls in it too (the softmax and loss stay fp32).
+    """
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is None:
+        return None
+    get = qc.get if isinstance(qc, dict) else (lambda k, d=None: getattr(qc, k, d))
+    if not (get("load_in_4bit", False) or get("load_in_8bit", False)):
+        return None
+    dt = get("bnb_4bit_compute_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt.replace("torch.", ""), None)
+    return dt if isinstance(dt, torch.dtype) and dt != torch.float32 else None
