@@ -3,8 +3,9 @@
 A part is one module under `patching/parts/` holding one `PART = Part(...)`:
 
 - `apply(model, spec)` patches the model in place and returns "fused", or "stock: <why>";
-- `requires`: the parts whose results it reads (through their markers) or must override; they
-  run before it, and its `apply` reports "stock: needs <part>" when they did not fuse;
+- `requires`: the parts whose results it reads (through their markers) or whose forwards it takes
+  over; they run before it.  Where it cannot work without them, its `apply` checks their markers
+  and reports "stock: needs <part>" (they may be left out with `only=`, or have stayed stock);
 - `provides`: the markers (names in `patching/markers.py`) it leaves for the parts after it;
 - `undo(model)`, when it changes more than module forwards (which `unpatch` restores for all).
 
