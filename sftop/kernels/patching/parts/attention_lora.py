@@ -3,6 +3,8 @@ projections in one LoRAQKVFunction (sftop/kernels/lora_linear.py)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from .. import markers as M
@@ -51,7 +53,7 @@ def _forward(self, orig, x, *args, **kwargs):
 
 
 def _refusal(attn: nn.Module) -> str | None:
-    projs = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    projs: list[Any] = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
     if not all(p is not None and is_lora_layer(p) for p in projs):
         return "q/k/v are not all PEFT LoRA layers"
     for p in projs:

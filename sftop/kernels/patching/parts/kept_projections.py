@@ -4,6 +4,8 @@ attention's q/k/v in host memory, so that the recomputation skips the q/k/v proj
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from .. import markers as M
@@ -21,7 +23,7 @@ def apply(model: nn.Module, spec: FamilySpec) -> str:
     if not model.__dict__.get(M.LEAN):
         return "stock: needs lean_recompute"
     mods = modules_of(model, spec.attention_class)
-    groups = [getattr(m, "q_proj", None) and m.q_proj.__dict__.get(M.QKV_GROUP) for m in mods]
+    groups: list[Any] = [getattr(m, "q_proj", None) and m.q_proj.__dict__.get(M.QKV_GROUP) for m in mods]
     if not mods or not all(groups):
         return "stock: needs the fused q/k/v LoRA projections (part attention_lora)"
     if not all(m.__dict__.get(M.PART) == "rope" for m in mods):
