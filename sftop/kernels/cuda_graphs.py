@@ -259,13 +259,12 @@ class StepGraphs:
         return _Replay.apply(self, step, *inputs, *(p for _m, _n, p in slots))
 
     def _capture(self, fn, inputs, slots):
-        from . import nf4
+        from . import scratch
 
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         # a graph bakes in the scratch buffers' addresses: they must never be freed from now on
-        nf4.SCRATCH.freeze()
-        nf4.ABSMAX_SCRATCH.freeze()
+        scratch.freeze_all()
         try:
             step = CapturedStep(fn, inputs, slots, self._pool, self._no_rng_stash)
         except Exception as exc:  # noqa: BLE001 - an uncapturable model keeps training eagerly

@@ -25,51 +25,10 @@ from typing import Any, Callable
 import torch
 
 from . import compat
+from .scratch import ScratchBuffers
 
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-class ScratchBuffers:
-    """One flat buffer per (device, dtype), grown to the largest request and then reused.
-
-    Growing replaces the buffer; the old one returns to torch's caching allocator, which keeps it
-    until work already queued on its stream is done, so a pending GEMM never reads freed memory.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        # buffers that a captured CUDA graph writes into: never freed once frozen
-        self._frozen = False
-        self._kept: list[torch.Tensor] = []
-
-    def get(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        key = (torch.device(device), dtype)
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < numel:
-            old = self._buffers.pop(key, None)  # free the old one before allocating the larger one
-            if old is not None and self._frozen:
-                self._kept.append(old)
-            buf = torch.empty(numel, dtype=dtype, device=device)
-            self._buffers[key] = buf
-        return buf[:numel]
-
-    def freeze(self) -> None:
-        """From now on a buffer that is outgrown is kept, not freed (see cuda_graphs.py)."""
-        self._frozen = True
-
-    def nbytes(self) -> int:
-        """Bytes of the buffers in use (one per device and dtype)."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
-    def kept_nbytes(self) -> int:
-        """Bytes of outgrown buffers kept alive because a graph may still write into them."""
-        return sum(b.numel() * b.element_size() for b in self._kept)
-
-    def clear(self) -> None:
-        if self._frozen:
-            return  # a captured graph may still write into them
-        self._buffers.clear()
 
 
 SCRATCH = ScratchBuffers()

@@ -162,6 +162,35 @@ def is_placeholder(t: torch.Tensor) -> bool:
     return t.dim() > 0 and t.numel() > 1 and all(st == 0 for st in t.stride())
 
 
+class _RoPEOnPlaceholders(torch.autograd.Function):
+    """RoPE in a recomputation whose q/k projections handed on placeholders: the attention takes
+    the first run's rotated q/k back (KeptProjections), so the forward hands placeholders on and
+    only the backward's rotation runs."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, unsqueeze_dim):
+        ctx.save_for_backward(cos, sin)
+        ctx.unsqueeze_dim = unsqueeze_dim
+        return placeholder(q.shape, q.dtype, q.device), placeholder(k.shape, k.dtype, k.device)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        from .rope import rotate_back
+
+        cos, sin = ctx.saved_tensors
+        if ctx.unsqueeze_dim == 2:  # [B,T,H,D]: the kernel takes [B,H,T,D] views
+            dqi, dki = rotate_back(dq.transpose(1, 2), dk.transpose(1, 2), cos, sin)
+            return dqi.transpose(1, 2), dki.transpose(1, 2), None, None, None
+        dqi, dki = rotate_back(dq, dk, cos, sin)
+        return dqi, dki, None, None, None
+
+
+def rope_on_placeholders(q, k, cos, sin, unsqueeze_dim: int = 1):
+    """What the fused RoPE hands on when q and k are both placeholders (`is_placeholder`), with
+    the signature of rope.apply_rope."""
+    return _RoPEOnPlaceholders.apply(q, k, cos, sin, unsqueeze_dim)
+
+
 def kept_from_first_run():
     """In a recomputation, the next tensor its first run kept (the same order); otherwise None."""
     kept = getattr(_state, "kept", None)

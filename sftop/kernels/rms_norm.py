@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 from ._runtime import interpreting
-from .checkpoint_offload import fetch_deferred
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -130,7 +129,8 @@ def _tile(n_rows: int, n_cols: int, device) -> tuple[int, int, int]:
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool, out_dtype=None):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool, out_dtype=None,
+                before_backward=None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.stride(-1) != 1:
@@ -150,14 +150,13 @@ class RMSNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x2, weight, rstd)
         ctx.gemma = gemma
         ctx.shape = shape
+        ctx.before_backward = before_backward
         return y.view(shape)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        if dy.is_cuda:
-            # in a decoder layer this is the post-attention norm right after the MLP backward has
-            # freed its buffers (the layer's peak): offloaded q/k/v held back for it may come now
-            fetch_deferred()
+        if ctx.before_backward is not None:
+            ctx.before_backward(dy)
         x2, weight, rstd = ctx.saved_tensors
         n_rows, n_cols = x2.shape
         dy2 = dy.reshape(-1, n_cols)
@@ -183,14 +182,17 @@ class RMSNormFunction(torch.autograd.Function):
             _rms_bwd_interp[grid](*args, GEMMA=ctx.gemma, NEED_DW=need_dw, TILES=tiles, BLOCK_R=block_r,
                                   BLOCK=block, num_warps=warps)
         dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
-        return dx.view(ctx.shape), dw, None, None, None
+        return dx.view(ctx.shape), dw, None, None, None, None
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False, out_dtype=None
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False, out_dtype=None,
+    before_backward=None,
 ) -> torch.Tensor:
     """RMSNorm over the last dimension; `gemma=True` uses the (1 + w) weight form.
 
     `out_dtype` overrides HF's output dtype (the statistics are fp32 regardless).
+    `before_backward(dy)`, when given, is called as this norm's backward starts (the patcher's
+    hook into the step's scheduling, see patching/parts/rms_norm.py).
     """
-    return RMSNormFunction.apply(x, weight, eps, gemma, out_dtype)
+    return RMSNormFunction.apply(x, weight, eps, gemma, out_dtype, before_backward)

@@ -17,9 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .recompute import is_placeholder, placeholder
-
-
 
 @triton.jit
 def _rope_one(
@@ -114,10 +111,6 @@ class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        if is_placeholder(q) and is_placeholder(k):
-            # a recomputation whose attention takes the first run's rotated q/k back
-            # (recompute.KeptProjections): only the backward's rotation is needed
-            return placeholder(q.shape, q.dtype, q.device), placeholder(k.shape, k.dtype, k.device)
         return _launch(q, k, cos, sin, backward=False)
 
     @staticmethod
@@ -125,6 +118,11 @@ class RoPEFunction(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         dqi, dki = _launch(dq, dk, cos, sin, backward=True)
         return dqi, dki, None, None
+
+
+def rotate_back(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """RoPE's backward on its own: the gradients of q and k ([B,H,T,D]) given those of the rotated ones."""
+    return _launch(dq, dk, cos, sin, backward=True)
 
 
 def rope_supported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:

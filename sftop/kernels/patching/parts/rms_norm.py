@@ -5,9 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...checkpoint_offload import fetch_deferred
 from ..forwards import FUSED, modules_of, quantised_compute_dtype, set_forward
 from ..part import Part
 from ..registry import FamilySpec
+
+
+def before_backward(dy: torch.Tensor) -> None:
+    """Called as a patched norm's backward starts.  In a decoder layer that is the post-attention
+    norm right after the MLP backward has freed its buffers (the layer's peak): offloaded q/k/v held
+    back for it (part kept_projections) may be fetched now."""
+    if dy.is_cuda:
+        fetch_deferred()
 
 
 def apply(model: nn.Module, spec: FamilySpec) -> str:
@@ -28,7 +37,7 @@ def apply(model: nn.Module, spec: FamilySpec) -> str:
         eps = getattr(self, "variance_epsilon", None)
         if eps is None:
             eps = self.eps
-        return rms_norm(x, self.weight, eps, gemma, out_dtype)
+        return rms_norm(x, self.weight, eps, gemma, out_dtype, before_backward)
 
     for m in mods:
         if not isinstance(getattr(m, "weight", None), torch.Tensor):

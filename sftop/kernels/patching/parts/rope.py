@@ -29,6 +29,7 @@ def _install_dispatcher(modeling) -> None:
     original = compat.rope_function(modeling)
     if getattr(original, M.ROPE_DISPATCHER, False):
         return
+    from ...recompute import is_placeholder, rope_on_placeholders
     from ...rope import apply_rope, rope_supported
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
@@ -36,6 +37,10 @@ def _install_dispatcher(modeling) -> None:
         if rope_active() and unsqueeze_dim in (1, 2):
             qq, kk = (q, k) if unsqueeze_dim == 1 else (q.transpose(1, 2), k.transpose(1, 2))
             if rope_supported(qq, kk, cos, sin):
+                if is_placeholder(q) and is_placeholder(k):
+                    # a recomputation whose attention takes the first run's rotated q/k back
+                    # (part kept_projections): only the backward's rotation is needed
+                    return rope_on_placeholders(q, k, cos, sin, unsqueeze_dim)
                 return apply_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
         return original(q, k, cos, sin, *args, **kwargs)
 
