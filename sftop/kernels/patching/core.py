@@ -10,7 +10,7 @@ from torch import nn
 from .._runtime import kernels_available
 from .forwards import FUSED, restore_forward, unwrap_peft
 from .parts import ORDER
-from .registry import FAMILIES
+from .registry import FAMILIES, MULTIMODAL
 
 PARTS = tuple(part.name for part in ORDER)
 
@@ -50,7 +50,9 @@ def patch_model(model: nn.Module, *, enable: bool = True, model_type: str | None
 
     A vision-language model names its text layers' family in `model_type` (its own config's
     model_type names the whole model): the parts find those layers by class name wherever they
-    sit. `only` limits patching to those parts; the others stay stock with that reason.
+    sit, unless a family file describes that model's language layers (`registry.MULTIMODAL`, by
+    its own model_type), which then wins. `only` limits patching to those parts; the others stay
+    stock with that reason.
     """
     base = unwrap_peft(model)
     config = getattr(base, "config", None)
@@ -61,7 +63,7 @@ def patch_model(model: nn.Module, *, enable: bool = True, model_type: str | None
     ok, why = kernels_available()
     if not ok:
         return PatchReport(family, {p: f"stock: {why}" for p in PARTS})
-    spec = FAMILIES.get(family)
+    spec = MULTIMODAL.get(str(getattr(config, "model_type", ""))) or FAMILIES.get(family)
     if spec is None:
         why = f"family '{family}' not supported (supported: {', '.join(sorted(FAMILIES))})"
         return PatchReport(family, {p: f"stock: {why}" for p in PARTS})

@@ -68,6 +68,17 @@ def modules_of(model: nn.Module, class_name: str) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ == class_name]
 
 
+def family_modules(model: nn.Module, spec, class_name: str) -> list[nn.Module]:
+    """The instances of `class_name` among the family's layers (under `spec.layers_at`, when set)."""
+    root = model
+    if spec.layers_at:
+        for name in spec.layers_at.split("."):
+            root = getattr(root, name, None)
+            if not isinstance(root, nn.Module):
+                return []
+    return modules_of(root, class_name)
+
+
 def quantised_compute_dtype(model: nn.Module):
     """The bitsandbytes compute dtype of a k-bit model, else None.
 

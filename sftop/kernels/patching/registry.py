@@ -27,6 +27,11 @@ class FamilySpec:
     # hand on placeholders for them when the attention kept q/k/v (part kept_projections);
     # Qwen3 and Gemma 3 normalise q and k first (q_norm/k_norm), whose backward reads them
     qkv_straight_to_rope: bool = True
+    # where the family's layers sit under the model (dotted attributes; None: anywhere in it): a
+    # vision-language model's tower may use the same class names as its language layers
+    layers_at: str | None = None
+    # the packed-row attention (part attention) reads 1-D position ids; multimodal RoPE's are 3-D
+    packed_attention: bool = True
 
 
 def _spec(model_type: str, module: str, prefix: str, gemma: bool = False, qk_norm: bool = False) -> FamilySpec:
@@ -54,3 +59,15 @@ FAMILIES: dict[str, FamilySpec] = {
         _spec("gemma3_text", "gemma3", "Gemma3", gemma=True, qk_norm=True),
     )
 }
+
+
+def _multimodal() -> dict[str, FamilySpec]:
+    from .families import qwen_vl
+
+    return {s.model_type: s for s in (*qwen_vl.SPECS,)}
+
+
+# The language layers of vision-language models, by the model's own config model_type. A family
+# file under families/ describes them; patch_model uses it for such a model whatever text family
+# the caller names (the planner's tables above stay those of text-only models).
+MULTIMODAL: dict[str, FamilySpec] = _multimodal()

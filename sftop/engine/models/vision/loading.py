@@ -22,6 +22,16 @@ from sftop.engine.models.vision.family import VisionFamily
 VLM_KERNEL_PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "attention")
 
 
+def vlm_kernel_parts(model) -> tuple[str, ...]:
+    """VLM_KERNEL_PARTS, and the fused loss where a kernel family file describes this VLM itself
+    (sftop/kernels/patching/families/): its loss part knows the model's own forward."""
+    from sftop.kernels.patching.registry import MULTIMODAL
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own = getattr(getattr(base, "config", None), "model_type", None)
+    return VLM_KERNEL_PARTS + (("loss",) if own in MULTIMODAL else ())
+
+
 def model_config(model_section) -> Any:
     """The transformers config of `model_section` (config.json only, no weights)."""
     from transformers import AutoConfig
@@ -209,7 +219,7 @@ def apply_vision_kernels(model, family: VisionFamily, mode: str) -> dict[str, An
     try:
         from sftop.kernels import patch_model
 
-        report = patch_model(model, model_type=text_type, only=VLM_KERNEL_PARTS)
+        report = patch_model(model, model_type=text_type, only=vlm_kernel_parts(model))
         data = report.to_dict()
         return {"enabled": report.any_fused, "language_model_type": text_type,
                 "reason": f"language layers ({text_type}) patched; vision tower and projector stock", **data}

@@ -8,7 +8,7 @@ from torch import nn
 
 from ... import compat
 from .. import markers as M
-from ..forwards import FUSED, modules_of, quantised_compute_dtype
+from ..forwards import FUSED, family_modules, quantised_compute_dtype
 from ..part import Part
 from ..registry import FamilySpec
 
@@ -16,6 +16,8 @@ from ..registry import FamilySpec
 def apply(model: nn.Module, spec: FamilySpec) -> str:
     from ...varlen_attention import NAME, config_supported, register, varlen_available
 
+    if not spec.packed_attention:
+        return f"stock: {spec.model_type}'s multimodal (3-D) position ids are not ones the packed attention reads"
     config = model.config
     current = compat.attn_implementation(config)
     if current == NAME:
@@ -25,7 +27,7 @@ def apply(model: nn.Module, spec: FamilySpec) -> str:
     ok, why = varlen_available()
     if not ok:
         return f"stock: {why}"
-    mods = modules_of(model, spec.attention_class)
+    mods = family_modules(model, spec, spec.attention_class)
     if not mods:
         return f"stock: no {spec.attention_class} modules found"
     dtype = quantised_compute_dtype(model) or getattr(model, "dtype", None)

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from .. import markers as M
-from ..forwards import FUSED, modules_of, set_forward
+from ..forwards import FUSED, family_modules, set_forward
 from ..part import Part
 from ..peft_lora import base_refusal, is_lora_layer, lora_refusal, lora_state_ok
 from ..registry import FamilySpec
@@ -68,7 +68,7 @@ def _refusal(attn: nn.Module) -> str | None:
 
 
 def apply(model: nn.Module, spec: FamilySpec) -> str:
-    mods = modules_of(model, spec.attention_class)
+    mods = family_modules(model, spec, spec.attention_class)
     if not mods:
         return f"stock: no {spec.attention_class} modules found"
     refusals: dict[str, int] = {}

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from .. import markers as M
-from ..forwards import FUSED, modules_of
+from ..forwards import FUSED, family_modules
 from ..part import Part
 from ..registry import FamilySpec
 
@@ -22,7 +22,7 @@ def apply(model: nn.Module, spec: FamilySpec) -> str:
         return f"stock: {spec.model_type} normalises q and k before RoPE, and that backward reads them"
     if not model.__dict__.get(M.LEAN):
         return "stock: needs lean_recompute"
-    mods = modules_of(model, spec.attention_class)
+    mods = family_modules(model, spec, spec.attention_class)
     groups: list[Any] = [getattr(m, "q_proj", None) and m.q_proj.__dict__.get(M.QKV_GROUP) for m in mods]
     if not mods or not all(groups):
         return "stock: needs the fused q/k/v LoRA projections (part attention_lora)"

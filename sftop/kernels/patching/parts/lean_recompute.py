@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import checkpointing
 from .. import markers as M
-from ..forwards import FUSED, modules_of
+from ..forwards import FUSED, family_modules
 from ..part import Part
 from ..registry import FamilySpec
 
@@ -17,7 +17,7 @@ def apply(model: nn.Module, spec: FamilySpec) -> str:
         return f"stock: {type(model).__name__} does not support gradient checkpointing"
     if not spec.mlp_output_unsaved:
         return f"stock: {spec.model_type} normalises the MLP output, so backward needs it"
-    if not any(m.__dict__.get(M.LORA_MLP_ADAPTER) for m in modules_of(model, spec.mlp_class)):
+    if not any(m.__dict__.get(M.LORA_MLP_ADAPTER) for m in family_modules(model, spec, spec.mlp_class)):
         return "stock: needs the fused LoRA MLP (mlp part with LoRA on gate, up and down)"
     model.__dict__[M.LEAN] = True
     checkpointing.install(model)

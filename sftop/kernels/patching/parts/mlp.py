@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from .. import markers as M
-from ..forwards import FUSED, modules_of, set_forward
+from ..forwards import FUSED, family_modules, set_forward
 from ..part import Part
 from ..peft_lora import base_refusal, is_lora_layer, lora_refusal
 from ..registry import FamilySpec
@@ -60,7 +60,7 @@ def _forward(self, _orig, x):
 
 
 def apply(model: nn.Module, spec: FamilySpec) -> str:
-    mods = modules_of(model, spec.mlp_class)
+    mods = family_modules(model, spec, spec.mlp_class)
     if not mods:
         return f"stock: no {spec.mlp_class} modules found"
     kinds = []

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ...checkpoint_offload import fetch_deferred
-from ..forwards import FUSED, modules_of, quantised_compute_dtype, set_forward
+from ..forwards import FUSED, family_modules, quantised_compute_dtype, set_forward
 from ..part import Part
 from ..registry import FamilySpec
 
@@ -22,7 +22,7 @@ def before_backward(dy: torch.Tensor) -> None:
 def apply(model: nn.Module, spec: FamilySpec) -> str:
     from ...rms_norm import rms_norm
 
-    mods = modules_of(model, spec.norm_class)
+    mods = family_modules(model, spec, spec.norm_class)
     if not mods:
         return f"stock: no {spec.norm_class} modules found"
     gemma = spec.gemma_norm

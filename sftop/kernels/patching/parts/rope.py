@@ -13,7 +13,7 @@ from torch import nn
 
 from ... import compat
 from .. import markers as M
-from ..forwards import FUSED, modules_of, set_forward
+from ..forwards import FUSED, family_modules, set_forward
 from ..part import Part
 from ..registry import FamilySpec
 
@@ -64,7 +64,7 @@ def apply(model: nn.Module, spec: FamilySpec) -> str:
         return f"stock: {spec.modeling_module} not importable ({exc})"
     if compat.rope_function(modeling) is None:
         return f"stock: {spec.modeling_module} has no {compat.ROPE_FUNCTION}"
-    mods = modules_of(model, spec.attention_class)
+    mods = family_modules(model, spec, spec.attention_class)
     if not mods:
         return f"stock: no {spec.attention_class} modules found"
     _install_dispatcher(modeling)

@@ -1,7 +1,8 @@
 """Qwen2.5-VL: Qwen2-VL's layout with a windowed-attention ViT whose blocks use gated MLPs.
 
 Same grid (14-pixel patches merged 2x2 into 28-pixel blocks), same image tokens, same ChatML
-template with a default system turn. The language layers are Qwen2's, so the qwen2 kernels fit.
+template with a default system turn. The language layers are Qwen2's under their own class names:
+sftop/kernels/patching/families/qwen_vl.py describes them for the kernels.
 """
 
 from __future__ import annotations

@@ -1,0 +1,83 @@
+"""Qwen2-VL and Qwen2.5-VL: sftop's kernel family file (sftop/kernels/patching/families/qwen_vl.py)
+puts norm, RoPE (multimodal positions folded into cos/sin), q/k/v, MLP and loss kernels into the
+language layers, leaves the vision tower alone, and gives the stock loss and LoRA gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from vision_family_rows import family, image, processor, rows, single
+
+from sftop.engine.models.vision.collator import VisionCollator
+from sftop.engine.models.vision.loading import vlm_kernel_parts
+from sftop.engine.models.vision.lora_parts import target_module_names
+from sftop.kernels import patch_model, unpatch
+from sftop.kernels.patching import markers
+
+FUSED_PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "loss")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))  # NaN compares False: fails
+
+
+def _lora_model(name: str):
+    from peft import LoraConfig, get_peft_model
+
+    fam = family(name)
+    model = fam.tiny_model(seed=3)
+    # the language layers only, B != 0 so that every adapter gradient is non-trivial
+    targets = target_module_names(model, fam, ["language", "attention", "mlp"])
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
+                                            init_lora_weights=False))
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, use_cache=False)
+    out.loss.backward()
+    return out, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_language_layers_take_the_kernels_and_match_stock(name, monkeypatch):
+    import sftop.kernels.rope as rope
+
+    fam = family(name)
+    batch = VisionCollator(fam, processor(name))([single(image(name, 2, 3)), rows(name)["two-turns"]])
+    assert "mm_token_type_ids" in batch and batch["image_grid_thw"].shape[0] == 2
+    stock = _lora_model(name)
+    fused = copy.deepcopy(stock)
+    only = vlm_kernel_parts(fused)
+    assert "loss" in only
+    report = patch_model(fused, model_type=fam.language_model_type, only=only)
+    assert {p: report.parts[p] for p in FUSED_PARTS} == {p: "fused" for p in FUSED_PARTS}, report.parts
+    assert report.parts["attention"].startswith("stock: ")
+    base = fused.get_base_model()
+    patched = {n for n, m in base.named_modules() if markers.ORIG_FORWARD in vars(m)}
+    assert any(".language_model.layers.0.input_layernorm" in n for n in patched)
+    assert any(".language_model.layers.1.self_attn" in n for n in patched)
+    assert not any(".visual." in n and "lora" not in n for n in patched), sorted(patched)
+
+    launches = []
+    real = rope._launch
+    monkeypatch.setattr(rope, "_launch", lambda *a, **k: (launches.append(k["backward"]), real(*a, **k))[1])
+    for m in (stock, fused):
+        m.train()
+    s_out, s_grads = _loss_and_grads(stock, batch)
+    f_out, f_grads = _loss_and_grads(fused, batch)
+    # the RoPE kernel ran on the multimodal cos/sin: two layers, forward and backward
+    assert launches.count(False) == 2 and launches.count(True) == 2
+    assert f_out.logits is None  # the fused loss, no full logits
+    assert rel_err(f_out.loss, s_out.loss) < 1e-5
+    assert s_grads.keys() == f_grads.keys() and len(s_grads) > 0
+    for n, g in s_grads.items():
+        assert g.abs().sum() > 0, n
+        assert rel_err(f_grads[n], g) < 1e-4, n
+
+    unpatch(fused)
+    u_out, u_grads = _loss_and_grads(fused, batch)
+    assert u_out.logits is not None and torch.equal(u_out.loss, s_out.loss)
