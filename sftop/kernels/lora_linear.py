@@ -20,7 +20,6 @@ import torch
 
 from . import compat
 from .lora_mlp import adapter_then_base, base_weight, compute_dtype, scaled_mm
-from .recompute import placeholder
 
 
 class _SharedInputLoRA(torch.autograd.Function):
@@ -66,7 +65,7 @@ def _forward(ctx, x, bases, scales, dtype, out_dtype, kept, ab):
     xa = x2 @ a_c.t()  # [tokens, sum r]: every projection's low-rank product
     if kept is not None and kept.filled:
         # a recomputation whose attention takes the first run's q/k/v back itself
-        outs = [placeholder((*shape[:-1], base.out_features), out_dtype, x.device) for base in bases]
+        outs = [kept.placeholder((*shape[:-1], base.out_features), out_dtype, x.device) for base in bases]
     else:
         outs = _outputs(x2, xa, bases, b_c, scales, dtype, out_dtype, shape[:-1])
     # the compute-dtype adapter copies are tiny ([sum r, in] and [out, r]); keeping them saves

@@ -26,7 +26,6 @@ from . import compat
 from .constants import MLP_DH_CHUNK_BYTES, dh_chunk_rows
 from .glu import glu_backward_inplace, glu_forward
 from .nf4 import dequantize_4bit_weight
-from .recompute import keep_for_recompute, kept_from_first_run, recomputing
 
 
 def base_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -114,14 +113,14 @@ def _down_and_glu_backward(d2, d_bd, w_down, adc, sd, e, g, kind, p_ad):
 
 class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, kind, dtype):
+    def forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, kind, dtype, run=None):
         # dtypes are managed explicitly (the caller resolved autocast into `dtype`); autocast
         # re-casting single matmuls would break the in-place addmm_ accumulations
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return LoRAMLPFunction._forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, kind, dtype)
+            return LoRAMLPFunction._forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, kind, dtype, run)
 
     @staticmethod
-    def _forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, kind, dtype):
+    def _forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, kind, dtype, run):
         gate_base, up_base, down_base = bases
         sg, su, sd = scales
         shape = x.shape
@@ -129,12 +128,12 @@ class LoRAMLPFunction(torch.autograd.Function):
         agc, bgc, auc, buc, adc, bdc = (t.to(dtype) for t in (ag, bg, au, bu, ad, bd))
         e, xa_g = _project(x2, gate_base, agc, bgc, sg)
         g, xa_u = _project(x2, up_base, auc, buc, su)
-        if recomputing():
+        if run is not None and run.recomputing:
             # a checkpoint's recomputation keeps only what backward saves; the output is thrown
             # away, so its GEMMs (a quarter of the layer's recomputed FLOPs) and, for 4-bit, the
             # down weight's dequantisation are skipped.  The rank-r product h @ A^T comes from the
             # first run when it kept it, and then h is not needed at all (backward rebuilds it).
-            ha_d = kept_from_first_run()
+            ha_d = run.kept()
             if ha_d is None:
                 ha_d = glu_forward(e, g, kind) @ adc.t()
             out = torch.empty(x2.shape[0], down_base.out_features, dtype=dtype, device=x2.device)
@@ -142,7 +141,8 @@ class LoRAMLPFunction(torch.autograd.Function):
             h = glu_forward(e, g, kind)
             out, ha_d = _project(h, down_base, adc, bdc, sd)
             del h  # recomputed in backward
-            keep_for_recompute(ha_d)
+            if run is not None:
+                run.keep(ha_d)
         # the compute-dtype adapter copies are tiny; keeping them saves backward six casts
         ctx.save_for_backward(x2, e, g, xa_g, xa_u, ha_d, agc, bgc, auc, buc, adc, bdc)
         ctx.bases, ctx.scales, ctx.kind, ctx.x_shape, ctx.x_dtype = bases, scales, kind, shape, x.dtype
@@ -185,16 +185,20 @@ class LoRAMLPFunction(torch.autograd.Function):
         dx = adapter_then_base(de, base_weight(gate_base, dt), torch.cat([de_b, dg_b], dim=1), a_both, s_both)
         dx.addmm_(dg, base_weight(up_base, dt))
 
-        return (dx.view(ctx.x_shape).to(ctx.x_dtype), grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd,
-                None, None, None, None)
+        grads = (dx.view(ctx.x_shape).to(ctx.x_dtype), grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd,
+                 None, None, None, None, None)
+        return grads[: len(ctx.needs_input_grad)]  # `run` may be left out
 
 
-def lora_mlp(x, gate, up, down, kind: int, adapter: str):
-    """Run a gated MLP whose gate/up/down are PEFT LoRA layers (one adapter, no dropout/DoRA/bias)."""
+def lora_mlp(x, gate, up, down, kind: int, adapter: str, run=None):
+    """Run a gated MLP whose gate/up/down are PEFT LoRA layers (one adapter, no dropout/DoRA/bias).
+
+    `run`: the checkpointed layer run this call is part of (recompute.LayerRun), or None; its
+    recomputation skips the down projection and takes the first run's h @ A_down^T back."""
     dev = x.device.type
     # under autocast the stock layers would compute in the autocast dtype; so do we
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else compute_dtype(gate.base_layer, x)
     (ag, bg, sg), (au, bu, su), (ad, bd, sd) = (compat.lora_weights(m, adapter) for m in (gate, up, down))
     return LoRAMLPFunction.apply(
-        x, ag, bg, au, bu, ad, bd, (gate.base_layer, up.base_layer, down.base_layer), (sg, su, sd), kind, dtype,
+        x, ag, bg, au, bu, ad, bd, (gate.base_layer, up.base_layer, down.base_layer), (sg, su, sd), kind, dtype, run,
     )

@@ -93,6 +93,34 @@ def in_offloading_checkpoint() -> bool:
     return kept is not None and kept.offload is not None
 
 
+class LayerRun:
+    """Which run of a checkpointed layer a kernel is part of, handed to it by the patcher
+    (`current_layer_run`), so that the kernel itself reads no scheduling state: whether this is
+    the recomputation, and the first run's kept tensors, in order."""
+
+    __slots__ = ("recomputing",)
+
+    def __init__(self, recomputing: bool):
+        self.recomputing = recomputing
+
+    def keep(self, tensor, offload: bool = False) -> None:
+        keep_for_recompute(tensor, offload)
+
+    def kept(self):
+        return kept_from_first_run()
+
+
+_FIRST_RUN, _RECOMPUTATION = LayerRun(False), LayerRun(True)
+
+
+def current_layer_run() -> LayerRun | None:
+    """Inside a layer run by `checkpoint_marking_recompute` (this thread): its first run or its
+    recomputation.  None elsewhere."""
+    if recomputing():
+        return _RECOMPUTATION
+    return _FIRST_RUN if getattr(_state, "kept", None) is not None else None
+
+
 class KeptProjections:
     """The q, k and v one attention call received in a layer's first run, in pinned host memory,
     for the recomputation's q/k/v projections and RoPE to hand on instead of computing them.
@@ -121,6 +149,11 @@ class KeptProjections:
     def take(self) -> list:
         assert self.packed is not None, "take() before fill()"
         return [self._hooks.unpack(p) for p in self.packed]
+
+    @staticmethod
+    def placeholder(shape, dtype, device) -> torch.Tensor:
+        """What the projections hand on for an output the recomputation does not compute."""
+        return placeholder(shape, dtype, device)
 
 
 def open_kept_projections() -> KeptProjections | None:

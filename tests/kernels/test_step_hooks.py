@@ -24,13 +24,35 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 @pytest.mark.parametrize("op", ["rms_norm", "rope", "nf4", "glu", "fused_linear_cross_entropy",
-                                "fused_linear_logprob", "scratch"])
+                                "fused_linear_logprob", "scratch", "lora_mlp", "lora_linear"])
 def test_op_files_import_no_scheduling_module(op):
     imported = set()
     for node in ast.walk(ast.parse((KERNELS / f"{op}.py").read_text())):
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             imported |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
     assert imported & SCHEDULING == set()
+
+
+def test_the_layer_run_says_first_run_or_recomputation_only_inside_a_marked_checkpoint():
+    from sftop.kernels.recompute import checkpoint_marking_recompute, current_layer_run
+
+    seen = []
+
+    def layer(x):
+        run = current_layer_run()
+        seen.append(None if run is None else run.recomputing)
+        if run is not None and not run.recomputing:
+            run.keep(x * 3)
+        kept = run.kept() if run is not None and run.recomputing else None
+        seen.append(None if kept is None else float(kept.sum()))
+        return torch.sigmoid(x) * 2
+
+    assert current_layer_run() is None
+    x = torch.ones(4, requires_grad=True)
+    checkpoint_marking_recompute(layer, x, use_reentrant=False).sum().backward()
+    # first run (keeps 3 * x), then the recomputation, which reads it back
+    assert seen == [False, None, True, 12.0]
+    assert current_layer_run() is None
 
 
 def test_rms_norm_calls_its_hook_once_as_backward_starts():

@@ -48,6 +48,7 @@ def lora_mlp_refusal(mlp: nn.Module) -> str | None:
 def _forward(self, _orig, x):
     from ...glu import GLUFunction
     from ...lora_mlp import lora_mlp
+    from ...recompute import current_layer_run
 
     d = self.__dict__
     adapter = d.get(M.LORA_MLP_ADAPTER)
@@ -55,7 +56,8 @@ def _forward(self, _orig, x):
         projs = (self.gate_proj, self.up_proj, self.down_proj)
         # PEFT's per-call state (disabled, merged, switched adapter) sends us down the module path
         if all(not p.disable_adapters and not p.merged and list(p.active_adapters) == [adapter] for p in projs):
-            return lora_mlp(x, *projs, d[M.GLU], adapter)
+            # under lean_recompute's checkpoint function: which run of its layer this is
+            return lora_mlp(x, *projs, d[M.GLU], adapter, current_layer_run())
     return self.down_proj(GLUFunction.apply(self.gate_proj(x), self.up_proj(x), d[M.GLU]))
 
 
