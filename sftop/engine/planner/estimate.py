@@ -303,7 +303,7 @@ def kernels_cover(shape: ModelShape) -> bool:
 
 def fused_lora(setup: Setup) -> bool:
     """sftop's LoRA forward replaces PEFT's: the adapter runs in the compute dtype with one addmm,
-    so no fp32 copy of the input is kept. It refuses LoRA dropout (sftop/kernels/patching/core.py)."""
+    so no fp32 copy of the input is kept. It refuses LoRA dropout (sftop/kernels/patching/peft_lora.py)."""
     return setup.kernels and setup.lora_dropout == 0
 
 
