@@ -9,7 +9,7 @@ import torch
 import sftop.kernels as K
 from sftop.kernels.patching import markers
 
-from _tiny_models import VOCAB, tiny_model, twin
+from _tiny_models import DEVICE, VOCAB, tiny_model, twin
 
 GC_KWARGS = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
 PLAIN = (bool, int, float, str, bytes, type(None), tuple, list, dict, set, frozenset, torch.dtype, torch.device)
@@ -20,7 +20,13 @@ def _batch(seed: int):
     ids = torch.randint(3, VOCAB, (2, 13), generator=g)
     labels = ids.clone()
     labels[:, :3] = -100
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    return {k: v.to(DEVICE) for k, v in dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).items()}
+
+
+def _same(a, b) -> bool:
+    # the same stock code on the same inputs: bit for bit on the CPU; a GPU's attention backward
+    # may add up in another order from run to run
+    return torch.equal(a, b) if a.device.type == "cpu" else torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def _loss_and_grads(model, batch):
@@ -104,11 +110,11 @@ def test_unpatch_after_checkpointed_training_leaves_a_stock_model():
     p_out, p_grads = _loss_and_grads(patched, batch)
     s_out, s_grads = _loss_and_grads(never, batch)
     assert p_out.logits is not None
-    assert torch.equal(p_out.loss, s_out.loss)
-    assert torch.equal(p_out.logits, s_out.logits)
+    assert _same(p_out.loss, s_out.loss)
+    assert _same(p_out.logits, s_out.logits)
     assert p_grads.keys() == s_grads.keys() and len(s_grads) > 0
     for name, g in s_grads.items():
-        assert torch.equal(p_grads[name], g), name
+        assert _same(p_grads[name], g), name
 
     # enabling checkpointing again is transformers' own method now, and patching again works
     patched.gradient_checkpointing_enable(**GC_KWARGS)
