@@ -106,8 +106,26 @@ def _counting(monkeypatch):
     from sftop.kernels import rms_norm as RN
     from sftop.kernels import rope as RP
 
-    counts = {"attention": 0, "rope": 0, "rms_norm": 0}
+    from sftop.kernels import glu as GL
+    from sftop.kernels import lora_linear as LL
+
+    counts = {"attention": 0, "rope": 0, "rms_norm": 0, "glu": 0, "gate_up_lora": 0, "conv3d": 0}
     segment, launch, norm_cls = VA.segment_attention, RP._launch, RN.RMSNormFunction
+    glu_cls, lora_linears, conv3d = GL.GLUFunction, LL.lora_linears, torch.nn.functional.conv3d
+
+    class CountingGLU(glu_cls):
+        @classmethod
+        def apply(cls, *a):
+            counts["glu"] += 1
+            return glu_cls.apply(*a)
+
+    def shared_lora(x, layers, *a, **k):
+        counts["gate_up_lora"] += len(layers) == 2
+        return lora_linears(x, layers, *a, **k)
+
+    def conv(*a, **k):
+        counts["conv3d"] += 1
+        return conv3d(*a, **k)
 
     def seg(*a, **k):
         counts["attention"] += 1
@@ -126,6 +144,9 @@ def _counting(monkeypatch):
     monkeypatch.setattr(VA, "segment_attention", seg)
     monkeypatch.setattr(RP, "_launch", rope_launch)
     monkeypatch.setattr(RN, "RMSNormFunction", CountingNorm)
+    monkeypatch.setattr(GL, "GLUFunction", CountingGLU)
+    monkeypatch.setattr(LL, "lora_linears", shared_lora)
+    monkeypatch.setattr(torch.nn.functional, "conv3d", conv)
     return counts
 
 
@@ -137,9 +158,9 @@ def test_patched_tower_equals_stock(name, monkeypatch):
     stock = get_peft_model(stock, LoraConfig(r=4, lora_alpha=8, target_modules=r".*visual\.blocks\.\d+\..*(qkv|proj)"))
     patched = copy.deepcopy(stock)
     parts = patch_vision_tower(patched)
-    assert parts["vision_attention"] == "fused" and parts["vision_rope"] == "fused", parts
-    rms = name == "qwen2_5_vl"
-    assert (parts["vision_rms_norm"] == "fused") is rms, parts
+    assert parts["vision_attention"] == parts["vision_rope"] == parts["vision_patch_embed"] == "fused", parts
+    rms = name == "qwen2_5_vl"  # the others normalise with LayerNorm and have ungated MLPs
+    assert (parts["vision_rms_norm"] == "fused") is rms and (parts["vision_mlp"] == "fused") is rms, parts
     pixels, grid = _pixels(stock.config.vision_config)
     out_s, grads_s = _run_tower(stock, pixels, grid)
     counts = _counting(monkeypatch)
@@ -148,6 +169,8 @@ def test_patched_tower_equals_stock(name, monkeypatch):
     # one attention call a block (not one a window), the rotary kernel forward and backward in each
     assert counts["attention"] == blocks and counts["rope"] == 2 * blocks
     assert counts["rms_norm"] == (2 * blocks + 1 if rms else 0)  # norm1, norm2 per block, the merger's
+    # the gated MLP: one activation launch, gate and up as one LoRA Function; no convolution at all
+    assert counts["glu"] == counts["gate_up_lora"] == (blocks if rms else 0) and counts["conv3d"] == 0
     assert rel_err(out_p, out_s) < 1e-5
     lora = [n for n in grads_s if "lora_" in n]
     assert lora and grads_s.keys() == grads_p.keys()
@@ -156,9 +179,9 @@ def test_patched_tower_equals_stock(name, monkeypatch):
     # stock again after unpatching
     assert patch_vision_tower(patched, enable=False) == {p: "stock: disabled" for p in VISION_PARTS}
     assert _tower(patched).config._attn_implementation == "sdpa"
-    counts.update(attention=0, rope=0, rms_norm=0)
+    counts.update({k: 0 for k in counts})
     out_u, _ = _run_tower(patched, pixels, grid)
-    assert counts == {"attention": 0, "rope": 0, "rms_norm": 0} and rel_err(out_u, out_s) < 1e-5
+    assert counts["conv3d"] == 1 and sum(counts.values()) == 1 and rel_err(out_u, out_s) < 1e-5
 
 
 def test_patch_reports_why_a_model_without_a_known_tower_stays_stock():
@@ -292,7 +315,8 @@ def test_gpu_bf16_tower_equals_stock_with_one_attention_launch_a_block(monkeypat
     out_s, grads_s = _run_tower(stock, pixels.bfloat16(), grid)
     counts = _counting(monkeypatch)
     out_p, grads_p = _run_tower(patched, pixels.bfloat16(), grid)
-    assert counts["attention"] == 4 and counts["rope"] == 8 and counts["rms_norm"] == 9
+    assert counts["attention"] == 4 and counts["rope"] == 8 and counts["rms_norm"] == 9 and counts["glu"] == 4
+    assert counts["gate_up_lora"] == 4 and counts["conv3d"] == 0
     # patched as close to the fp32 tower as stock bf16 is, within 1e-2
     assert rel_err(out_p, out_r) <= rel_err(out_s, out_r) + 1e-2
     for n in grads_r:

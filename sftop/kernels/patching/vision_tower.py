@@ -6,7 +6,12 @@ Parts (each reported "fused" or "stock: why", like patch_model's):
   * vision_rope: the tower's 2-D rotary embedding on q and k in one Triton launch (rope.py's kernel:
     HF's version casts q and k to fp32 and back around six elementwise kernels in every layer);
   * vision_rms_norm: Qwen2.5-VL's RMSNorms in the tower and its patch merger as one Triton launch
-    each (Qwen2-VL and Qwen3-VL towers use LayerNorm: stock).
+    each (Qwen2-VL and Qwen3-VL towers use LayerNorm: stock);
+  * vision_mlp: Qwen2.5-VL's gated MLP with its activation and product in one Triton launch (glu.py)
+    and, where gate and up are plain LoRA layers, their two projections as one shared-input LoRA
+    Function (lora_linear.py: the input read and the A products done once);
+  * vision_patch_embed: the patch embedding, a Conv3d whose kernel is the whole patch, as the one
+    GEMM it is (the convolution path pays cuDNN's setup for a product).
 
 Only modules inside a tower are touched; the language model is patch_model's.  As there, module
 instances get a new `forward` that calls back into the originals, and the rotary hook is a
@@ -29,7 +34,7 @@ from torch import nn
 from .._runtime import kernels_available
 
 FUSED = "fused"
-VISION_PARTS = ("vision_attention", "vision_rope", "vision_rms_norm")
+VISION_PARTS = ("vision_attention", "vision_rope", "vision_rms_norm", "vision_mlp", "vision_patch_embed")
 
 _ORIG = "_sftop_vision_orig_forward"
 _ATTN_ORIG = "_sftop_vision_attn_implementation"
@@ -41,13 +46,15 @@ class TowerSpec:
     modeling_module: str
     attention_class: str
     rms_norm_class: str | None  # None: the tower normalises with LayerNorm
+    mlp_class: str | None = None  # a gate/up/down MLP; None: fc1/fc2 (not gated)
 
 
 TOWERS: dict[str, TowerSpec] = {
     "Qwen2VisionTransformerPretrainedModel": TowerSpec(
         "transformers.models.qwen2_vl.modeling_qwen2_vl", "VisionAttention", None),
     "Qwen2_5_VisionTransformerPretrainedModel": TowerSpec(
-        "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLVisionAttention", "Qwen2_5_VLRMSNorm"),
+        "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLVisionAttention", "Qwen2_5_VLRMSNorm",
+        "Qwen2_5_VLMLP"),
     "Qwen3VLVisionModel": TowerSpec(
         "transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionAttention", None),
 }
@@ -77,7 +84,8 @@ def _unwrap_forward(module: nn.Module) -> None:
     if _ORIG not in d:
         return
     original = d.pop(_ORIG)
-    d.pop("forward", None)
+    for key in ("forward", "_sftop_vision_glu", "_sftop_vision_adapter"):
+        d.pop(key, None)
     if original is not None:
         module.forward = original
 
@@ -194,7 +202,108 @@ def _patch_rms_norm(tower: nn.Module, spec: TowerSpec) -> str:
     return FUSED
 
 
-_PATCHERS = {"vision_attention": _patch_attention, "vision_rope": _patch_rope, "vision_rms_norm": _patch_rms_norm}
+# --------------------------------------------------------------------------- vision_mlp
+
+
+def _glu_kind(act: nn.Module) -> int | None:
+    from ..glu import GEGLU, SWIGLU
+
+    name = type(act).__name__
+    if isinstance(act, nn.SiLU) or name == "SiLUActivation":
+        return SWIGLU
+    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation") or (
+            isinstance(act, nn.GELU) and act.approximate == "tanh"):
+        return GEGLU
+    return None
+
+
+def _plain_lora_adapter(layer: nn.Module) -> str | None:
+    """The one adapter of a PEFT LoRA layer that lora_linears computes exactly, else None."""
+    from .. import compat
+
+    if not compat.is_peft_lora_layer(layer):
+        return None
+    active = list(getattr(layer, "active_adapters", []))
+    if len(active) != 1 or active[0] not in layer.lora_A:
+        return None
+    name = active[0]
+    if getattr(layer, "use_dora", {}).get(name, False) or name in getattr(layer, "lora_variant", {}):
+        return None
+    if not isinstance(layer.lora_dropout[name], nn.Identity):
+        return None
+    a, b = layer.lora_A[name], layer.lora_B[name]
+    if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
+        return None
+    base = layer.base_layer
+    if type(base) is not nn.Linear or base.weight.requires_grad:
+        return None
+    return name
+
+
+def _lora_live(layer: nn.Module, adapter: str) -> bool:
+    """PEFT's per-call state still matches what the patch saw (not disabled, merged or switched)."""
+    return not layer.disable_adapters and not layer.merged and list(layer.active_adapters) == [adapter]
+
+
+def _mlp_forward(self, _base, x):
+    from ..glu import GLUFunction
+    from ..lora_linear import lora_linears
+
+    gate, up = self.gate_proj, self.up_proj
+    adapter = self.__dict__.get("_sftop_vision_adapter")
+    if adapter is not None and _lora_live(gate, adapter) and _lora_live(up, adapter):
+        g, u = lora_linears(x, (gate, up), adapter)
+    else:
+        g, u = gate(x), up(x)
+    return self.down_proj(GLUFunction.apply(g, u, self.__dict__["_sftop_vision_glu"]))
+
+
+def _patch_mlp(tower: nn.Module, spec: TowerSpec) -> str:
+    if spec.mlp_class is None:
+        return "stock: this tower's MLP is not gated"
+    ok, why = kernels_available()
+    if not ok:
+        return f"stock: {why}"
+    mods = _modules_of(tower, spec.mlp_class)
+    if not mods:
+        return f"stock: no {spec.mlp_class} modules found"
+    kinds = [_glu_kind(getattr(m, "act_fn", None)) for m in mods]
+    if any(k is None for k in kinds):
+        return f"stock: activation {type(mods[kinds.index(None)].act_fn).__name__} has no fused kernel"
+    for m, kind in zip(mods, kinds):
+        adapters = {_plain_lora_adapter(m.gate_proj), _plain_lora_adapter(m.up_proj)}
+        m.__dict__["_sftop_vision_glu"] = kind
+        m.__dict__["_sftop_vision_adapter"] = adapters.pop() if len(adapters) == 1 else None
+        _wrap_forward(m, _mlp_forward)
+    return FUSED
+
+
+# --------------------------------------------------------------------------- vision_patch_embed
+
+
+def _patch_embed_forward(self, _base, x):
+    w = self.proj.weight
+    return torch.nn.functional.linear(x.reshape(-1, w[0].numel()).to(w.dtype), w.reshape(w.shape[0], -1),
+                                      self.proj.bias)
+
+
+def _patch_patch_embed(tower: nn.Module, spec: TowerSpec) -> str:
+    embed = getattr(tower, "patch_embed", None)
+    proj = getattr(embed, "proj", None)
+    if type(proj) is not nn.Conv3d:
+        return f"stock: the patch embedding is {type(proj).__name__}, not a Conv3d"
+    whole_patch = (proj.kernel_size == proj.stride and proj.padding == (0, 0, 0) and proj.dilation == (1, 1, 1)
+                   and proj.groups == 1)
+    expected = (getattr(embed, "temporal_patch_size", None), getattr(embed, "patch_size", None),
+                getattr(embed, "patch_size", None))
+    if not whole_patch or tuple(proj.kernel_size) != expected or proj.in_channels != getattr(embed, "in_channels", None):
+        return "stock: the patch embedding's convolution does not cover exactly one patch"
+    _wrap_forward(embed, _patch_embed_forward)
+    return FUSED
+
+
+_PATCHERS = {"vision_attention": _patch_attention, "vision_rope": _patch_rope, "vision_rms_norm": _patch_rms_norm,
+             "vision_mlp": _patch_mlp, "vision_patch_embed": _patch_patch_embed}
 
 
 def patch_vision_tower(model: nn.Module, *, enable: bool = True) -> dict[str, str]:
