@@ -145,8 +145,7 @@ def _install_rope_dispatcher(modeling) -> None:
                 return qo[0], ko[0]
         return original(q, k, cos, sin)
 
-    apply_rotary_pos_emb_vision._sftop_dispatcher = True
-    apply_rotary_pos_emb_vision._sftop_original = original
+    apply_rotary_pos_emb_vision.__dict__.update(_sftop_dispatcher=True, _sftop_original=original)
     setattr(modeling, _ROPE_FN, apply_rotary_pos_emb_vision)
 
 
@@ -290,7 +289,7 @@ def _patch_embed_forward(self, _base, x):
 def _patch_patch_embed(tower: nn.Module, spec: TowerSpec) -> str:
     embed = getattr(tower, "patch_embed", None)
     proj = getattr(embed, "proj", None)
-    if type(proj) is not nn.Conv3d:
+    if not isinstance(proj, nn.Conv3d) or type(proj) is not nn.Conv3d:  # a subclass (PEFT's) may differ
         return f"stock: the patch embedding is {type(proj).__name__}, not a Conv3d"
     whole_patch = (proj.kernel_size == proj.stride and proj.padding == (0, 0, 0) and proj.dilation == (1, 1, 1)
                    and proj.groups == 1)
