@@ -176,6 +176,14 @@ def test_patched_tower_equals_stock(name, monkeypatch):
     assert lora and grads_s.keys() == grads_p.keys()
     for n in grads_s:
         assert rel_err(grads_p[n], grads_s[n]) < 1e-4, n
+    if rms:  # a deep copy of the patched model runs its own modules, patched the same way
+        twin = copy.deepcopy(patched)
+        counts.update({k: 0 for k in counts})
+        out_t, _ = _run_tower(twin, pixels, grid)
+        assert counts["attention"] == blocks and rel_err(out_t, out_s) < 1e-5
+        twin.get_base_model().model.visual.blocks[0].attn.qkv.base_layer.weight.data.zero_()
+        assert rel_err(_run_tower(twin, pixels, grid)[0], out_p) > 1e-3  # the copy's own weights
+        assert rel_err(_run_tower(patched, pixels, grid)[0], out_p) == 0  # not the original's
     # stock again after unpatching
     assert patch_vision_tower(patched, enable=False) == {p: "stock: disabled" for p in VISION_PARTS}
     assert _tower(patched).config._attn_implementation == "sdpa"

@@ -69,14 +69,23 @@ def _modules_of(tower: nn.Module, class_name: str) -> list[nn.Module]:
     return [m for m in tower.modules() if type(m).__name__ == class_name]
 
 
+def _stock_forward(self, *args, **kwargs):
+    original = self.__dict__[_ORIG]
+    return original(*args, **kwargs) if original is not None else type(self).forward(self, *args, **kwargs)
+
+
 def _wrap_forward(module: nn.Module, fn) -> None:
-    """module.forward(*a) becomes fn(module, stock_forward, *a).  Idempotent."""
+    """module.forward(*a) becomes fn(module, stock_forward, *a).  Idempotent.  Everything is looked
+    up on the instance at call time, so a deep copy of a patched model calls its own modules."""
     d = module.__dict__
     if _ORIG not in d:
         d[_ORIG] = d.get("forward")  # None: the class's forward
-    original = d[_ORIG]
-    base = original if original is not None else types.MethodType(type(module).forward, module)
-    module.forward = types.MethodType(lambda self, *a, **k: fn(self, base, *a, **k), module)
+    d["_sftop_vision_fn"] = fn
+    module.forward = types.MethodType(_patched_forward, module)
+
+
+def _patched_forward(self, *args, **kwargs):
+    return self.__dict__["_sftop_vision_fn"](self, types.MethodType(_stock_forward, self), *args, **kwargs)
 
 
 def _unwrap_forward(module: nn.Module) -> None:
@@ -84,7 +93,7 @@ def _unwrap_forward(module: nn.Module) -> None:
     if _ORIG not in d:
         return
     original = d.pop(_ORIG)
-    for key in ("forward", "_sftop_vision_glu", "_sftop_vision_adapter"):
+    for key in ("forward", "_sftop_vision_fn", "_sftop_vision_glu", "_sftop_vision_adapter"):
         d.pop(key, None)
     if original is not None:
         module.forward = original
