@@ -8,6 +8,7 @@ leak from one into the other.
   python benchmarks/step_bench.py --model llama-3.2-1b --batch 4 --seq 2048 --steps 10 --json out.json
   python benchmarks/step_bench.py --model llama-3.2-1b --4bit --json out4.json
   python benchmarks/step_bench.py --model qwen2.5-vl-3b --batch 4 --seq 1024 --profile --vision-parts
+  python benchmarks/step_bench.py --model qwen2.5-vl-3b --paths stock,sftop-language,sftop --vision-parts
 
 Vision-language shapes (`benchmarks/vlm_shapes.py`: qwen2.5-vl-3b, gemma-3-4b) put one image at the
 start of every row; LoRA then covers the language model's projections and the vision tower's linear
@@ -143,6 +144,10 @@ def _build(args, path: str):
             from sftop.engine.models.vision.registry import family_for_config
 
             report = apply_vision_kernels(model, family_for_config(model.config), "auto")
+            if path == "sftop-language":  # the tower's own parts off: what they add, in the same call
+                from sftop.kernels.patching.vision_tower import patch_vision_tower
+
+                report["vision_parts"] = patch_vision_tower(model, enable=False)
         else:
             report = patch_model(model).to_dict()
         # as in `sftop run`, where Trainer enables checkpointing on the patched model
@@ -377,7 +382,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--4bit", dest="four_bit", action="store_true")
     ap.add_argument("--paths", default="stock,sftop",
-                    help="comma-separated: stock, sftop (patched, CUDA graphs on), sftop-eager (patched, graphs off)")
+                    help="comma-separated: stock, sftop (patched, CUDA graphs on), sftop-eager (patched, graphs off), "
+                         "sftop-language (vision shapes: the language layers patched, the vision tower stock)")
     ap.add_argument("--checkpointing", choices=["on", "offload", "offload-hf"], default="on",
                     help="sftop path only; the stock path always keeps its layer inputs on the GPU")
     ap.add_argument("--profile", action="store_true", help="torch.profiler share of GPU time by kernel category")
@@ -436,6 +442,8 @@ def main(argv=None) -> int:
                     print("           ", row)
                 print("         profile:", r["profile_share"], f"GPU {r['profile_gpu_ms_per_step']:.1f} ms of "
                       f"{1e3 * r['step_s']:.1f} ms per step")
+            if isinstance(r.get("patch"), dict) and "vision_parts" in r["patch"]:
+                print("         vision tower:", r["patch"]["vision_parts"])
             if "vision_parts_s" in r:
                 print("         parts (s per step):", {k: round(v, 4) for k, v in r["vision_parts_s"].items()})
             if "memory_phases_gib" in r:

@@ -115,9 +115,11 @@ def _tokens_heads_dim(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 and t.is_contiguous() else t.contiguous()
 
 
-def packed_attention(query, key, value, cu: torch.Tensor, max_len: int, scale: float | None) -> torch.Tensor:
-    """Causal attention within each row of a packed sequence.  query [1, Hq, T, D], key/value
-    [1, Hkv, T, D]; returns [1, T, Hq, D] (HF's attention output layout)."""
+def packed_attention(query, key, value, cu: torch.Tensor, max_len: int, scale: float | None,
+                     causal: bool = True) -> torch.Tensor:
+    """Attention within each row of a packed sequence, causal or (`causal=False`, a vision tower's
+    windows and images) both ways.  query [1, Hq, T, D], key/value [1, Hkv, T, D]; returns
+    [1, T, Hq, D] (HF's attention output layout)."""
     fn, params = _varlen_api()
     q, k, v = (_tokens_heads_dim(t) for t in (query, key, value))
     kw: dict[str, object] = {}
@@ -129,8 +131,8 @@ def packed_attention(query, key, value, cu: torch.Tensor, max_len: int, scale: f
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
     if "is_causal" in params:
-        kw["is_causal"] = True
-    else:
+        kw["is_causal"] = causal
+    elif causal:  # newer API: causality is the window (-1, 0); its default (-1, -1) sees both ways
         kw["window_size"] = (-1, 0)
     if scale is not None and "scale" in params:
         kw["scale"] = scale

@@ -61,7 +61,8 @@ def _train_steps(model, batch, steps=4):
 
 
 def _patched_equals_stock(stock, family, batch, reference=None):
-    """sftop's kernels on the language layers give the stock loss and LoRA gradients within 1e-2.
+    """sftop's kernels on the language layers (and on the vision tower where sftop knows it) give
+    the stock loss and LoRA gradients within 1e-2.
 
     Both 16-bit runs round differently; where they differ by more than that directly, the patched
     run must be as close to an fp32 run of the same model (`reference`) as the stock run is, within
@@ -70,9 +71,13 @@ def _patched_equals_stock(stock, family, batch, reference=None):
     from sftop.engine.models.vision.loading import VLM_KERNEL_PARTS
     from sftop.kernels import patch_model
 
+    from sftop.kernels.patching.vision_tower import patch_vision_tower
+
     patched = copy.deepcopy(stock)
     report = patch_model(patched, model_type=family.language_model_type, only=VLM_KERNEL_PARTS)
     assert report.any_fused, report.parts
+    tower = patch_vision_tower(patched)  # the Qwen-VL towers' own parts; "stock: ..." for the others
+    report.parts.update(tower)
     loss_s, grads_s = _loss_and_grads(stock, batch)
     loss_p, grads_p = _loss_and_grads(patched, batch)
     assert grads_s.keys() == grads_p.keys() and grads_s

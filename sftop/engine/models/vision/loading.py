@@ -221,8 +221,11 @@ def apply_vision_kernels(model, family: VisionFamily, mode: str) -> dict[str, An
 
         report = patch_model(model, model_type=text_type, only=vlm_kernel_parts(model))
         data = report.to_dict()
-        return {"enabled": report.any_fused, "language_model_type": text_type,
-                "reason": f"language layers ({text_type}) patched; vision tower and projector stock", **data}
+        vision = _vision_tower_kernels(model)
+        tower = "vision tower patched" if "fused" in vision.values() else "vision tower stock"
+        return {"enabled": report.any_fused or "fused" in vision.values(), "language_model_type": text_type,
+                "reason": f"language layers ({text_type}) patched; {tower}; projector stock", **data,
+                "vision_parts": vision}
     except Exception as exc:  # noqa: BLE001 - kernels are an optimisation, never a reason to fail
         if mode == "on":
             raise ModelError(
@@ -231,6 +234,16 @@ def apply_vision_kernels(model, family: VisionFamily, mode: str) -> dict[str, An
             ) from None
         return {"enabled": False, "reason": f"kernels unavailable: {type(exc).__name__}: {exc}",
                 "language_model_type": text_type}
+
+
+def _vision_tower_kernels(model) -> dict[str, str]:
+    """The tower's own parts (sftop/kernels/patching/vision_tower.py): "fused" or "stock: why" each."""
+    from sftop.kernels.patching.vision_tower import VISION_PARTS, patch_vision_tower
+
+    try:
+        return patch_vision_tower(model)
+    except Exception as exc:  # noqa: BLE001 - as for the language layers: stock, with the reason
+        return {p: f"stock: patch failed ({type(exc).__name__}: {exc})" for p in VISION_PARTS}
 
 
 def load_vision_model(preset, family: VisionFamily):

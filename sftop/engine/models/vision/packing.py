@@ -1,0 +1,98 @@
+"""Padding-free packing of multimodal rows for the mRoPE families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+
+Several samples' text and images go into one sequence so that no micro-batch row carries padding.
+What keeps each sample what it was unpacked:
+  * its 3-D (temporal, height, width) rotary positions are the model's own `get_rope_index`,
+    computed per sample with that sample's own image grids, so they restart at 0 for every sample;
+  * a fourth row of plain text positions, restarting per sample, goes in front of them
+    (`position_ids` of shape [4, 1, T]): transformers' Qwen-VL language models read packed sample
+    boundaries from it and build a block-causal mask (or, with a varlen attention, boundaries),
+    so no token attends across samples. No attention mask and no cache (`use_cache=False`) are
+    passed, which is what tells them so;
+  * the first label of every sample is ignored: unpacked, no token predicts it; packed, the last
+    token of the sample before would;
+  * the images keep their order, so `pixel_values` and `image_grid_thw` are the samples' own,
+    concatenated, and the vision tower attends within each image as before.
+
+The summed loss of a packed row equals the per-sample summed losses
+(`tests/vision/test_vlm_packing.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+IGNORE = -100
+# batch keys of one sample that are per-token ([1, L]) and per-image (concatenated in order)
+TOKEN_KEYS = ("input_ids", "labels", "mm_token_type_ids")
+IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+
+
+def _rope_model(model) -> Any:
+    """The module with `get_rope_index` inside a (PEFT-wrapped) Qwen-VL model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for m in (base, getattr(base, "model", None)):
+        if m is not None and callable(getattr(m, "get_rope_index", None)):
+            return m
+    raise ValueError(f"{type(base).__name__} has no get_rope_index: packing needs an mRoPE (Qwen-VL) model")
+
+
+def _token_types(model, input_ids: torch.Tensor) -> torch.Tensor:
+    config = model.config
+    types = torch.zeros_like(input_ids, dtype=torch.int32)
+    types[input_ids == config.image_token_id] = 1
+    video = getattr(config, "video_token_id", None)
+    if video is not None:
+        types[input_ids == video] = 2
+    return types
+
+
+def pack_rows(model, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One packed row (batch size 1) from samples collated one per batch, each with `input_ids`,
+    `labels` ([1, L], no padding) and, where it holds images, `pixel_values` and `image_grid_thw`.
+
+    Raises ValueError naming the sample when one is padded, holds several rows or lacks labels."""
+    if not samples:
+        raise ValueError("pack_rows needs at least one sample")
+    rope = _rope_model(model)
+    tokens: dict[str, list[torch.Tensor]] = {k: [] for k in TOKEN_KEYS}
+    images: dict[str, list[torch.Tensor]] = {k: [] for k in IMAGE_KEYS}
+    text_pos, rope_pos = [], []
+    for i, sample in enumerate(samples):
+        ids = sample["input_ids"]
+        if ids.dim() != 2 or ids.shape[0] != 1:
+            raise ValueError(f"sample {i}: input_ids of shape {tuple(ids.shape)}; pack one sample per batch [1, L]")
+        if "labels" not in sample:
+            raise ValueError(f"sample {i}: no labels to pack")
+        mask = sample.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            raise ValueError(f"sample {i} is padded: collate each sample on its own before packing")
+        types = sample.get("mm_token_type_ids")
+        if types is None:
+            types = _token_types(rope, ids)
+        grid = sample.get("image_grid_thw")
+        with torch.no_grad():
+            pos, _ = rope.get_rope_index(input_ids=ids, mm_token_type_ids=types, image_grid_thw=grid,
+                                         attention_mask=torch.ones_like(ids))
+        rope_pos.append(pos)
+        text_pos.append(torch.arange(ids.shape[1], device=ids.device, dtype=pos.dtype))
+        labels = sample["labels"].clone()
+        labels[:, 0] = IGNORE
+        tokens["input_ids"].append(ids)
+        tokens["labels"].append(labels)
+        tokens["mm_token_type_ids"].append(types.to(torch.int32))
+        for key in IMAGE_KEYS:
+            if sample.get(key) is not None:
+                images[key].append(sample[key])
+    packed = {k: torch.cat(v, dim=1) for k, v in tokens.items()}
+    positions = torch.cat(rope_pos, dim=2)
+    packed["position_ids"] = torch.cat([torch.cat(text_pos)[None, None], positions], dim=0)
+    for key, parts in images.items():
+        if parts:
+            packed[key] = torch.cat(parts, dim=0)
+    # transformers reads sample boundaries from the positions only without a cache: with one, the
+    # packed samples would attend to each other
+    packed["use_cache"] = False
+    return packed

@@ -1,0 +1,100 @@
+"""Packed multimodal rows (sftop/engine/models/vision/packing.py): a packed row's summed loss and
+LoRA gradients equal the per-sample ones, in float32, for the mRoPE families."""
+
+import copy
+
+import pytest
+import torch
+
+from sftop.engine.models.vision.packing import pack_rows
+
+# (image grids in patches, text before, text after): several images, none, different sizes
+TEXT = (40, 300)  # ordinary token ids of the tiny vocabulary, clear of the special ids below them
+SAMPLES = [([[1, 4, 4]], 3, 9), ([], 7, 5), ([[1, 2, 6], [1, 4, 2]], 2, 6)]
+
+
+def _model(name):
+    from peft import LoraConfig, get_peft_model
+
+    from sftop.engine.models.vision.registry import all_families
+
+    family = all_families()[name]
+    torch.manual_seed(0)
+    model = family.model_class().from_config(family.tiny_config(), attn_implementation="sdpa")
+    targets = r".*(language_model.*\.(q_proj|v_proj|down_proj)|visual\.blocks\.\d+\.attn\.qkv)"
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # B starts at zero, which would leave the A gradients zero
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(n)))
+    return model
+
+
+def _sample(config, grids, before, after, g):
+    vis = config.vision_config
+    merge = vis.spatial_merge_size
+    ids = [torch.randint(TEXT[0], TEXT[1], (before,), generator=g)]
+    for t, h, w in grids:
+        ids += [torch.tensor([config.vision_start_token_id]),
+                torch.full((t * h * w // merge ** 2,), config.image_token_id),
+                torch.tensor([config.vision_end_token_id])]
+    ids.append(torch.randint(TEXT[0], TEXT[1], (after,), generator=g))
+    ids = torch.cat(ids)[None]
+    # as the family's processor returns them: mm_token_type_ids is what makes the model use mRoPE
+    sample = {"input_ids": ids, "labels": ids.where(ids >= TEXT[0], -100), "attention_mask": torch.ones_like(ids),
+              "mm_token_type_ids": (ids == config.image_token_id).int()}
+    if grids:
+        grid = torch.tensor(grids)
+        values = vis.in_channels * vis.temporal_patch_size * vis.patch_size ** 2
+        sample["pixel_values"] = torch.randn(int(grid.prod(-1).sum()), values, generator=g)
+        sample["image_grid_thw"] = grid
+    return sample
+
+
+def _loss_sum(model, batch):
+    labels = batch.pop("labels")
+    logits = model(**batch).logits.float()
+    return torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_packed_loss_and_lora_gradients_equal_the_per_sample_sums(name):
+    model = _model(name)
+    g = torch.Generator().manual_seed(1)
+    samples = [_sample(model.config, *s, g) for s in SAMPLES]
+    total = sum(_loss_sum(model, dict(s)) for s in samples)
+    total.backward()
+    per_sample = _grads(model)
+    model.zero_grad(set_to_none=True)
+    packed = pack_rows(model, samples)
+    n = sum(s["input_ids"].shape[1] for s in samples)
+    assert packed["input_ids"].shape == (1, n) and packed["position_ids"].shape == (4, 1, n)
+    assert "attention_mask" not in packed and packed["use_cache"] is False
+    # text positions restart per sample; each sample's first label is not trained
+    starts = [0, samples[0]["input_ids"].shape[1], n - samples[2]["input_ids"].shape[1]]
+    assert (packed["position_ids"][0, 0] == 0).nonzero().flatten().tolist() == starts
+    assert all(packed["labels"][0, s] == -100 for s in starts)
+    loss = _loss_sum(model, copy.copy(packed))
+    assert abs(loss.item() - total.item()) < 1e-4 * abs(total.item())
+    loss.backward()
+    packed_grads = _grads(model)
+    lora = [k for k in per_sample if "lora_" in k]
+    assert lora and packed_grads.keys() == per_sample.keys()
+    assert any("visual" in k for k in lora) and any("language_model" in k for k in lora)
+    for k in lora:
+        err = (packed_grads[k] - per_sample[k]).norm() / per_sample[k].norm()
+        assert err < 1e-4, (k, float(err))
+
+
+def test_packing_refuses_padded_samples_and_models_without_mrope():
+    model = _model("qwen2_5_vl")
+    g = torch.Generator().manual_seed(2)
+    sample = _sample(model.config, [[1, 4, 4]], 2, 3, g)
+    sample["attention_mask"][0, -1] = 0
+    with pytest.raises(ValueError, match="sample 0 is padded"):
+        pack_rows(model, [sample])
+    with pytest.raises(ValueError, match="no get_rope_index"):
+        pack_rows(torch.nn.Linear(2, 2), [sample])
