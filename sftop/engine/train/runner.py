@@ -214,6 +214,7 @@ class _Run:
         # reads GPUs through NVML: CUDA itself is not started yet
         self.plan = make_plan(preset, config, image_tokens_per_row=image_tokens)
         self.pin_gpu()
+        self.hold_to_cap()
         on_cuda = torch.cuda.is_available()
         dtype = resolve_dtype(preset.model.dtype, on_cuda)
         attn = resolve_attn_implementation(preset.model.attn_implementation, dtype, on_cuda)
@@ -261,6 +262,16 @@ class _Run:
         os.environ["CUDA_VISIBLE_DEVICES"] = uuid
         self.plan = dataclasses.replace(self.plan, device="cuda:0")
         self.message(f"Using GPU {uuid} (most free memory), seen by this run as cuda:0")
+
+    def hold_to_cap(self) -> None:
+        """Hold torch's allocator to the user's memory cap, so that this run fails over to a smaller
+        plan (probe, OOM step-down) rather than grow into a GPU it shares."""
+        from sftop.engine.planner.cap import hold_to_cap
+
+        fraction = hold_to_cap(getattr(self.plan, "max_memory_gib", None), getattr(self.plan, "device", "cpu"))
+        if fraction is not None:
+            self.message(f"GPU memory capped at {self.plan.max_memory_gib:.2f} GiB ({self.plan.memory_cap}): "
+                         f"the allocator may reserve {fraction:.1%} of the GPU")
 
     def load(self):
         from sftop.engine.data import prepare_data
