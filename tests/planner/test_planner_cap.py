@@ -154,3 +154,15 @@ def test_out_of_steps_under_a_cap_says_to_raise_it():
                     gpus=one_gpu(80))
     with pytest.raises(ResourceError, match=r"Raise plan.max_memory_gib \(now 6.00 GiB\) or remove it; or set model"):
         on_oom(plan, step=3)
+
+
+def test_sftop_plan_shows_the_cap(capsys):
+    from sftop.cli import main
+
+    assert main(["plan", "demo", "--gpu-memory", "24", "--set", "plan.max_memory_gib=3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["max_memory_gib"] == 3.0 and data["budget_gib"] == 3.0 and data["predicted_peak_gib"] <= 3.0
+    assert main(["plan", "demo", "--gpu-memory", "24", "--set", "plan.max_memory_fraction=0.25"]) == 0
+    assert "memory cap       6.00 GiB (plan.max_memory_fraction = 0.25 of 24.0 GiB)" in capsys.readouterr().out
+    assert main(["plan", "demo", "--gpu-memory", "24", "--set", "plan.max_memory_gib=0.5"]) != 0
+    assert "raise plan.max_memory_gib to 0.7" in capsys.readouterr().err
