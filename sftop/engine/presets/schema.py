@@ -110,6 +110,11 @@ class TrainSection(_Section):
         5, ge=1, description="Consecutive NaN/inf steps (skipped) before the run stops"
     )
     kernels: Literal["auto", "on", "off"] = Field("auto", description="sftop's fused Triton kernels")
+    length_buckets: Literal["auto", "on", "off"] = Field(
+        "auto", description="Pad each packed micro-batch up to one of a few lengths so its CUDA graph replays; "
+        "auto = where graphs can replay packed steps (a CUDA GPU with sftop's kernels); the padding is never "
+        "trained on or counted as throughput",
+    )
     task: Literal["sft", "dpo"] = Field("sft", description="sft: supervised; dpo: preference pairs ([dpo])")
     sample_prompts: list[str] = Field(
         default_factory=list,

@@ -368,6 +368,7 @@ class _Run:
             kernel_loss=(self.info.kernels.get("parts") or {}).get("loss") == "fused",
             **({"data_collator": self.data.collator} if self.vision is not None else {}),
         )
+        self.bucket_batches(trainer)
         # One readable line per step (RunEvents prints it) instead of transformers' raw log dicts.
         from transformers.trainer_callback import PrinterCallback
 
@@ -376,6 +377,16 @@ class _Run:
         events.guard = guard
         self.events, self.guard, self.trainer = events, guard, trainer
         return trainer
+
+    def bucket_batches(self, trainer) -> None:
+        """Pad packed micro-batches to a few lengths (train.length_buckets) so that their CUDA graphs replay."""
+        from sftop.engine.train.buckets import BucketedCollator, bucket_sizes, buckets_wanted
+
+        graphs = (self.info.kernels.get("parts") or {}).get("cuda_graphs") == "fused"
+        if not (self.packing and buckets_wanted(self.preset.train.length_buckets, graphs)):
+            return
+        sizes = bucket_sizes(int(self.plan.micro_batch) * int(self.preset.data.max_length))
+        trainer.data_collator = BucketedCollator(trainer.data_collator, sizes, self.tokenizer.pad_token_id)
 
     def started_event(self, total_steps: int) -> RunStarted:
         return RunStarted(

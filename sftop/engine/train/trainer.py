@@ -132,12 +132,17 @@ class SftopTrainer(SFTTrainer):
         self.sftop_step_samples = 0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        from sftop.engine.train.buckets import take_padding
+
+        # a bucketed packed batch (buckets.py) ends in one padding document: neither data nor throughput
+        pad_tokens, pad_rows = take_padding(inputs)
         if "attention_mask" in inputs:
-            tokens = inputs["attention_mask"].sum()
+            tokens = inputs["attention_mask"].sum() - pad_tokens
             samples = inputs["attention_mask"].shape[0]
         else:  # padding-free: one row of real tokens, documents delimited by cu_seq_lens
-            tokens = inputs["input_ids"].numel()
+            tokens = inputs["input_ids"].numel() - pad_tokens
             samples = inputs["cu_seq_lens_q"].numel() - 1 if "cu_seq_lens_q" in inputs else inputs["input_ids"].shape[0]
+            samples -= pad_rows
         self.sftop_step_tokens += tokens
         self.sftop_step_samples += samples
         loss = super().training_step(model, inputs, num_items_in_batch)
