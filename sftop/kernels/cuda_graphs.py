@@ -198,8 +198,9 @@ class _Replay(torch.autograd.Function):
 class StepGraphs:
     """Captured steps of one model, keyed; see the module docstring."""
 
-    def __init__(self, no_rng_stash=None):
+    def __init__(self, no_rng_stash=None, max_keys: int = MAX_KEYS):
         self._no_rng_stash = no_rng_stash or contextlib.nullcontext
+        self.max_keys = max_keys
         self._pool = None
         self._seen: dict = {}
         self._steps: dict = {}
@@ -236,7 +237,7 @@ class StepGraphs:
         `slots` are (module, name, parameter) of every trainable parameter `fn` uses."""
         step = self._steps.get(key)
         if step is None:
-            if key in self._refused or len(self._steps) >= MAX_KEYS:
+            if key in self._refused or len(self._steps) >= self.max_keys:
                 self.stats.eager_calls += 1
                 return None
             seen = self._seen.get(key, 0) + 1

@@ -154,10 +154,15 @@ class SftopTrainer(SFTTrainer):
         if not (self.sftop_kernel_loss and model.training and not return_outputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # Same normalisation as TRL's path: summed token loss / trained tokens of the whole step.
-        outputs = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
+        from sftop.kernels.packed_graphs import packed_graphed_loss
+
+        # a bucketed packed batch replays its bucket's CUDA graph (None: this one runs eagerly)
+        loss = packed_graphed_loss(model, inputs, num_items_in_batch)
+        if loss is None:
+            loss = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch).loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            return outputs.loss * self.accelerator.num_processes
-        return outputs.loss
+            return loss * self.accelerator.num_processes
+        return loss
 
     def take_step_counts(self) -> tuple[int, int]:
         tokens, samples = int(self.sftop_step_tokens), int(self.sftop_step_samples)
