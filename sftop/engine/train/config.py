@@ -60,6 +60,7 @@ def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: boo
         logging_strategy="steps",
         logging_steps=train.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a host sync per micro-batch; SftopTrainer.training_step handles NaN/inf
         disable_tqdm=True,  # progress bars turn stdout.log into carriage-return soup
         save_strategy="steps",
         save_steps=train.save_steps,

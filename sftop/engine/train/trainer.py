@@ -5,6 +5,7 @@ Everything else (the loop, packing, loss, optimizer, scheduler, resume) is TRL/t
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -83,15 +84,33 @@ class UpdateGuard(TrainerCallback):
         self.consecutive = 0
         self.last_grad_norm: float | None = None
         self.failed = False
+        # All micro-batch losses of this optimizer step finite, kept on the device: reading it back
+        # per micro-batch would stall the host once per micro-batch; it is read with the gradient
+        # norm, in the one host sync of an optimizer step.
+        self._losses_finite: torch.Tensor | None = None
+
+    def note_loss(self, loss: torch.Tensor) -> None:
+        """Record whether a micro-batch loss was finite, without waiting for the GPU."""
+        finite = torch.isfinite(loss.detach()).all()
+        self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         params = [p for p in model.parameters() if p.grad is not None]
         grads_bad = False
+        losses_finite, self._losses_finite = self._losses_finite, None
         if params:
             norms = torch._foreach_norm([p.grad for p in params])
             total = torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms]))
-            grads_bad = not bool(torch.isfinite(total))
-            self.last_grad_norm = None if grads_bad else float(total)
+            flags = [total]
+            if losses_finite is not None:
+                flags.append(losses_finite.to(device=total.device, dtype=total.dtype))
+            read = torch.stack(flags).tolist()  # the one host sync of the step
+            grads_bad = not math.isfinite(read[0])
+            self.last_grad_norm = None if grads_bad else read[0]
+            if len(read) > 1 and read[1] < 1:
+                self.loss_bad = True
+        elif losses_finite is not None and not bool(losses_finite):
+            self.loss_bad = True
         self.step_bad = self.loss_bad or grads_bad
         self.loss_bad = False
         if self.step_bad:
@@ -146,9 +165,11 @@ class SftopTrainer(SFTTrainer):
         self.sftop_step_tokens += tokens
         self.sftop_step_samples += samples
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not bool(torch.isfinite(loss)):
-            self.sftop_guard.loss_bad = True
-        return loss
+        self.sftop_guard.note_loss(loss)
+        # The returned loss only feeds the logged average: a non-finite one (its update is skipped)
+        # counts as 0 there, decided on the device. transformers' own check (logging_nan_inf_filter,
+        # off in build_sft_config) would read every micro-batch's loss back to the host.
+        return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not (self.sftop_kernel_loss and model.training and not return_outputs):
