@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -13,7 +14,23 @@ def optimizer_name(choice: str, on_cuda: bool) -> tuple[str, str | None]:
         if on_cuda:
             return "adamw_bnb_8bit", None
         return "adamw_torch", "train.optimizer = adamw_8bit needs a CUDA GPU: using adamw (fp32 states) on CPU"
-    return ("adamw_torch_fused" if on_cuda else "adamw_torch"), None
+    # Fused AdamW updates all LoRA parameters in a few multi-tensor kernels instead of a dozen
+    # per parameter; torch builds without a fused kernel for the device fall back to foreach.
+    return ("adamw_torch_fused" if fused_adamw_available("cuda" if on_cuda else "cpu") else "adamw_torch"), None
+
+
+@functools.lru_cache(maxsize=None)
+def fused_adamw_available(device: str) -> bool:
+    """Whether this torch has a fused AdamW kernel for `device` ("cuda" or "cpu")."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return False
+    try:
+        p = torch.zeros(2, device=device, requires_grad=True)
+        p.grad = torch.ones_like(p)
+        torch.optim.AdamW([p], lr=1e-3, fused=True).step()
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
 
 
 def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: bool, has_eval: bool,
