@@ -43,3 +43,37 @@ def test_fused_update_equals_the_unfused_one():
     for fused_p, plain_p, s in zip(*results, start):
         assert not torch.equal(fused_p, s)  # the step moved the weights
         torch.testing.assert_close(fused_p, plain_p, rtol=1e-6, atol=1e-7)
+
+
+def test_prefetching_workers_give_the_same_batches(home, tmp_path):
+    """On a GPU the data loader collates in a worker process ahead of the step; the batches (order,
+    packing, bucket padding) must be exactly those the training process would collate itself."""
+    from sftop.engine.events import EventWriter
+    from sftop.engine.rundir import RunDir
+    from sftop.engine.train.config import dataloader_settings
+    from sftop.engine.train.runner import _Run
+
+    gpu = dataloader_settings(on_cuda=True)
+    assert gpu["dataloader_num_workers"] >= 1 and gpu["dataloader_pin_memory"]
+    assert dataloader_settings(on_cuda=False) == {"dataloader_num_workers": 0}
+    run_dir = RunDir(tmp_path / "run").create()
+    writer = EventWriter(run_dir.events)
+    run = _Run(fast_preset('train.length_buckets="on"', "train.max_steps=2"), run_dir, writer, resume=False)
+    run.resolve()
+    run.load()
+    trainer = run.build_trainer()
+    batches = []
+    for settings in (dataloader_settings(on_cuda=False), {**gpu, "dataloader_pin_memory": False}):
+        for key, value in settings.items():
+            setattr(trainer.args, key, value)
+        batches.append([dict(b) for b in trainer.get_train_dataloader()])
+    writer.close()
+    inline, prefetched = batches
+    assert len(inline) == len(prefetched) > 2
+    for a, b in zip(inline, prefetched):
+        assert a.keys() == b.keys()
+        for key in a:
+            if torch.is_tensor(a[key]):
+                assert torch.equal(a[key], b[key]), key
+            else:
+                assert a[key] == b[key], key
