@@ -295,7 +295,12 @@ def _room_for_capture() -> str | None:
     live: once in the graphs' pool (which keeps it for good) and once in the ordinary cache, which
     eager steps of other shapes still need and which the pool cannot borrow from.  A plan sized
     tightly to the GPU therefore trains eagerly rather than risk running out of memory."""
-    free, _total = torch.cuda.mem_get_info()
+    free, total = torch.cuda.mem_get_info()
+    # Under a memory cap (plan.max_memory_gib: torch.cuda.set_per_process_memory_fraction) what
+    # counts is the room left under it, however much the GPU itself has free.
+    fraction = torch.cuda.get_per_process_memory_fraction() if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0
+    if fraction < 1.0:
+        free = max(0, min(free, int(fraction * total) - torch.cuda.memory_reserved()))
     cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     need = 2 * (torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated())
     if free + cached < need:

@@ -166,3 +166,28 @@ def test_sftop_plan_shows_the_cap(capsys):
     assert "memory cap       6.00 GiB (plan.max_memory_fraction = 0.25 of 24.0 GiB)" in capsys.readouterr().out
     assert main(["plan", "demo", "--gpu-memory", "24", "--set", "plan.max_memory_gib=0.5"]) != 0
     assert "raise plan.max_memory_gib to 0.7" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_allocator_cannot_grow_past_the_cap():
+    import torch
+
+    from sftop.kernels.cuda_graphs import _room_for_capture
+
+    torch.cuda.empty_cache()
+    try:
+        fraction = hold_to_cap(2.0, "cuda:0")
+        assert fraction is not None and torch.cuda.get_per_process_memory_fraction() == pytest.approx(fraction)
+        small = torch.empty(int(0.5 * GIB), dtype=torch.uint8, device="cuda")  # under the cap: fine
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            torch.empty(2 * GIB, dtype=torch.uint8, device="cuda")
+        # graph capture judges its room under the cap, not by the GPU's free memory
+        torch.cuda.reset_peak_memory_stats()
+        peak = torch.empty(int(0.9 * GIB), dtype=torch.uint8, device="cuda")
+        del peak
+        assert _room_for_capture() is not None  # twice 0.9 GiB beside 0.5 GiB does not fit 1.4 GiB of room
+        del small
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
