@@ -63,7 +63,12 @@ def test_bucket_padding_changes_neither_loss_nor_gradients_nor_counted_tokens(ho
     run, writer = _prepared(fast_preset('train.length_buckets="on"', "train.max_steps=1"), tmp_path / "run")
     trainer = run.build_trainer()
     collator = trainer.data_collator
-    assert isinstance(collator, BucketedCollator) and collator.sizes[-1] == 128  # 4 rows x 32 tokens
+    # the plan is sized for the data: the 4 longest rows, rounded up to the bucket multiple
+    import pyarrow.compute as pc
+
+    lengths = sorted(pc.list_value_length(run.data.train.data.column("input_ids")).to_pylist())
+    assert run.plan.tokens_per_micro_batch == -(-sum(lengths[-4:]) // 128) * 128
+    assert isinstance(collator, BucketedCollator) and collator.sizes[-1] == run.plan.tokens_per_micro_batch
     model = trainer.model.double()
     model.train()
     rows = [run.data.train[i] for i in range(4)]

@@ -98,6 +98,9 @@ class PlanContext:
     cap: MemoryCap | None = None  # the user's plan.max_memory_*; budget_bytes is already within it
     uncapped_budget_bytes: int | None = None  # what the GPU alone would allow
     gpu_total_bytes: int | None = None
+    # Packed runs sized from the data: packed_tokens[b - 1] is the most tokens a packed micro-batch
+    # of b rows can hold (the b longest rows), instead of b x max_length. See `size_for_data`.
+    packed_tokens: tuple[int, ...] | None = None
     notes: list[str] = field(default_factory=list)  # about the GPU and inputs; each plan adds its estimate's
 
 
@@ -297,6 +300,8 @@ def _candidate(ctx: PlanContext, checkpointing: str, micro_batch: int, every: in
     setup = replace(ctx.setup, checkpointing=checkpointing, checkpoint_every=every)
     sequences = micro_batch * (2 if setup.preference else 1)  # DPO: chosen and rejected of each pair
     tokens = sequences * ctx.max_length
+    if ctx.packed_tokens and ctx.packing and not setup.preference:
+        tokens = min(tokens, ctx.packed_tokens[min(micro_batch, len(ctx.packed_tokens)) - 1])
     est = estimate(ctx.shape, setup, tokens, seq_len=ctx.max_length)
     allocated, device = est.allocated_bytes, est.device_bytes
     if ctx.calibration != 1.0:
@@ -644,6 +649,34 @@ def _plan_cpu(preset: Any, shape: ModelShape, constraints: Constraints, reason: 
     plan = solve(ctx)
     plan.reason = f"training on the CPU because there is no usable GPU ({reason}); " + plan.reason
     return plan
+
+
+def packed_token_bounds(lengths, most_rows: int, multiple: int = 1) -> tuple[int, ...]:
+    """(tokens of the longest row, of the two longest, ..., of the `most_rows` longest), each rounded
+    up to `multiple` (the trainer's bucket padding): the largest packed micro-batch of b rows."""
+    longest = sorted((int(n) for n in lengths), reverse=True)[:most_rows]
+    bounds, total = [], 0
+    for n in longest:
+        total += n
+        bounds.append(-(-total // multiple) * multiple)
+    return tuple(bounds)
+
+
+def size_for_data(plan: Plan, lengths, multiple: int = 1) -> Plan:
+    """Solve a packed plan again with the rows' real lengths.
+
+    The trainer packs exactly micro_batch rows into one micro-batch, so no micro-batch can hold
+    more tokens than its micro_batch longest rows: sizing for that instead of micro_batch x
+    max_length is exact, never under, and lets a small GPU (or a memory cap) take a bigger
+    micro-batch or less recomputation when rows are mostly short. Constraints, budget and any
+    probe correction are kept. Plans that do not pack are returned as they are.
+    """
+    ctx = plan.context
+    if ctx is None or not plan.packing or not lengths:
+        return plan
+    bounds = packed_token_bounds(lengths, ctx.effective_batch, multiple)
+    mean = sum(lengths) / len(lengths)
+    return solve(replace(ctx, packed_tokens=bounds, row_tokens_mean=min(mean, ctx.max_length)))
 
 
 def replan(plan: Plan, *, calibration: float | None = None, constraints: Constraints | None = None,

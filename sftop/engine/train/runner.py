@@ -298,6 +298,8 @@ class _Run:
             self.data = prepare_data(self.preset, self.tokenizer)
             self.packing = self.preset.data.packing
         if self.packing:
+            self.size_plan_for_data()
+        if self.packing:
             ok, detail = packing_isolated(self.model, len(self.tokenizer), self.tokenizer.pad_token_id)
             if not ok:
                 self.packing = False
@@ -378,6 +380,31 @@ class _Run:
         self.events, self.guard, self.trainer = events, guard, trainer
         return trainer
 
+    def size_plan_for_data(self) -> None:
+        """Packed runs: size the plan for the rows' real lengths (the longest micro-batch is the
+        micro_batch longest rows, padded to its bucket), not micro_batch x max_length."""
+        import pyarrow.compute as pc
+
+        from sftop.engine.planner.solve import size_for_data
+        from sftop.engine.train.buckets import BUCKET_MULTIPLE, buckets_wanted
+
+        if self.plan is None or getattr(self.plan, "context", None) is None:
+            return
+        lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
+        graphs = (self.info.kernels.get("parts") or {}).get("cuda_graphs") == "fused"
+        multiple = BUCKET_MULTIPLE if buckets_wanted(self.preset.train.length_buckets, graphs) else 1
+        new = size_for_data(self.plan, lengths, multiple)
+        old = self.plan
+        same = (new.micro_batch, new.gradient_checkpointing, new.checkpoint_every_n_layers) == (
+            old.micro_batch, old.gradient_checkpointing, old.checkpoint_every_n_layers)
+        if same:
+            self.plan = new
+            return
+        reason = (f"sized for the data: the longest packed micro-batch of {new.micro_batch} rows holds "
+                  f"{new.tokens_per_micro_batch} tokens, not {new.micro_batch} x {old.max_length}")
+        self.set_plan(new, 0, reason)
+        self.message(f"Plan {old.describe()} -> {new.describe()}: {reason}")
+
     def bucket_batches(self, trainer) -> None:
         """Pad packed micro-batches to a few lengths (train.length_buckets) so that their CUDA graphs replay."""
         from sftop.engine.train.buckets import BucketedCollator, bucket_sizes, buckets_wanted
@@ -385,7 +412,8 @@ class _Run:
         graphs = (self.info.kernels.get("parts") or {}).get("cuda_graphs") == "fused"
         if not (self.packing and buckets_wanted(self.preset.train.length_buckets, graphs)):
             return
-        sizes = bucket_sizes(int(self.plan.micro_batch) * int(self.preset.data.max_length))
+        # the plan's largest packed micro-batch (its micro_batch longest rows, when sized for the data)
+        sizes = bucket_sizes(int(self.plan.tokens_per_micro_batch))
         trainer.data_collator = BucketedCollator(trainer.data_collator, sizes, self.tokenizer.pad_token_id)
 
     def started_event(self, total_steps: int) -> RunStarted:
