@@ -391,8 +391,7 @@ class _Run:
         if self.plan is None or getattr(self.plan, "context", None) is None:
             return
         lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
-        graphs = (self.info.kernels.get("parts") or {}).get("cuda_graphs") == "fused"
-        multiple = BUCKET_MULTIPLE if buckets_wanted(self.preset.train.length_buckets, graphs) else 1
+        multiple = BUCKET_MULTIPLE if buckets_wanted(self.preset.train.length_buckets, self.packed_graphs_on()) else 1
         new = size_for_data(self.plan, lengths, multiple)
         old = self.plan
         same = (new.micro_batch, new.gradient_checkpointing, new.checkpoint_every_n_layers) == (
@@ -405,12 +404,17 @@ class _Run:
         self.set_plan(new, 0, reason)
         self.message(f"Plan {old.describe()} -> {new.describe()}: {reason}")
 
+    def packed_graphs_on(self) -> bool:
+        """Can packed micro-batches replay CUDA graphs here (sftop/kernels/packed_graphs.py)? Needs
+        the graphs part and sftop's packed attention, whose row boundaries stay on the GPU."""
+        parts = self.info.kernels.get("parts") or {}
+        return parts.get("cuda_graphs") == "fused" and parts.get("attention") == "fused"
+
     def bucket_batches(self, trainer) -> None:
         """Pad packed micro-batches to a few lengths (train.length_buckets) so that their CUDA graphs replay."""
         from sftop.engine.train.buckets import BucketedCollator, bucket_sizes, buckets_wanted
 
-        graphs = (self.info.kernels.get("parts") or {}).get("cuda_graphs") == "fused"
-        if not (self.packing and buckets_wanted(self.preset.train.length_buckets, graphs)):
+        if not (self.packing and buckets_wanted(self.preset.train.length_buckets, self.packed_graphs_on())):
             return
         # the plan's largest packed micro-batch (its micro_batch longest rows, when sized for the data)
         sizes = bucket_sizes(int(self.plan.tokens_per_micro_batch))
