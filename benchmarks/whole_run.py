@@ -17,6 +17,14 @@ Model build, data preparation and adapter saving are reported in wall time, not 
     python benchmarks/whole_run.py --out /tmp/whole          # a few minutes on an H100
     python benchmarks/whole_run.py --out /tmp/smoke --shape tiny --rows 24   # CPU smoke test
 
+More `sftop run` configurations in the same call, each a row of the table (same data, same model,
+same rows per optimizer step), for comparisons that must share one GPU and one day:
+
+    --max-memory-gib 3.21                      # the default sftop row, under plan.max_memory_gib
+    --length-buckets off                       # the default sftop row without bucketed CUDA graphs
+    --variant capped plan.max_memory_gib=3.21  # an extra row: a name, then preset keys (--set KEY=V)
+    --variant forced-8x1 plan.micro_batch=8 plan.gradient_checkpointing=offload
+
 Writes whole_run.json and whole_run.md to --out.
 """
 
@@ -223,6 +231,29 @@ def read_sftop_events(run_dir: Path) -> dict:
     return result
 
 
+def run_sftop(preset_path: Path, run_dir: Path, sets: list[str], env: dict, out: Path, data_tokens: int) -> dict:
+    """`sftop run` of the benchmark preset with `--set` overrides, in its own process; its measurements."""
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    command = [sys.executable, "-m", "sftop", "run", str(preset_path), "--run-dir", str(run_dir)]
+    for item in sets:
+        command += ["--set", item]
+    t1 = time.time()
+    done = subprocess.run(command, env={**env, "SFTOP_HOME": str(out / "sftop-home")})
+    sftop = read_sftop_events(run_dir) if (run_dir / "events.jsonl").is_file() else {}
+    sftop["exit_code"] = done.returncode
+    sftop["wall_s"] = time.time() - t1
+    sftop["overrides"] = sets
+    # Useful tokens: the rows' own tokens (sftop skips none here: every row fits max_length). The
+    # trainer's own count (tokens_seen, bucket padding excluded) is kept beside it as a check.
+    sftop["useful_tokens"] = data_tokens
+    if sftop.get("train_s"):
+        sftop["useful_tokens_per_s"] = data_tokens / sftop["train_s"]
+    return sftop
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,6 +263,12 @@ def main() -> int:
     ap.add_argument("--effective-batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--skip", nargs="*", default=[], choices=["trl", "sftop"])
+    ap.add_argument("--max-memory-gib", type=float, default=None,
+                    help="run the sftop row under plan.max_memory_gib (e.g. a peer's measured peak)")
+    ap.add_argument("--length-buckets", choices=["auto", "on", "off"], default=None,
+                    help="train.length_buckets for the sftop row (off: packed batches as they come, no bucketed graphs)")
+    ap.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=V"),
+                    help="an extra sftop row: a name, then preset overrides as `sftop run --set` takes them")
     ap.add_argument("--trl-worker", nargs=3, metavar=("MODEL_DIR", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.trl_worker:
@@ -273,29 +310,28 @@ def main() -> int:
         report["trl"] = trl
         print("trl:", trl, flush=True)
 
+    runs: list[tuple[str, list[str]]] = []
     if "sftop" not in args.skip:
+        main_sets = []
+        if args.max_memory_gib is not None:
+            main_sets.append(f"plan.max_memory_gib={args.max_memory_gib}")
+        if args.length_buckets is not None:
+            main_sets.append(f'train.length_buckets="{args.length_buckets}"')
+        runs.append(("sftop", main_sets))
+    for name, *sets in args.variant:
+        runs.append((f"sftop:{name}", sets))
+    if runs:
         from sftop.engine.presets.loader import save_preset
 
         preset_path = save_preset(sftop_preset(model_dir, data, args.seed, args.effective_batch), out / "whole-run.toml")
-        run_dir = out / "sftop-run"
-        if run_dir.exists():
-            import shutil
+    for name, sets in runs:
+        sftop = run_sftop(preset_path, out / name.replace(":", "-"), sets, env, out, data_stats["tokens"])
+        report[name] = sftop
+        print(f"{name}:", {k: v for k, v in sftop.items() if k not in ("plan", "data", "kernels", "step_tokens_per_s")},
+              flush=True)
+    report["sftop_rows"] = [name for name, _ in runs]
 
-            shutil.rmtree(run_dir)
-        t1 = time.time()
-        done = subprocess.run([sys.executable, "-m", "sftop", "run", str(preset_path), "--run-dir", str(run_dir)],
-                              env={**env, "SFTOP_HOME": str(out / "sftop-home")})
-        sftop = read_sftop_events(run_dir) if (run_dir / "events.jsonl").is_file() else {}
-        sftop["exit_code"] = done.returncode
-        sftop["wall_s"] = time.time() - t1
-        # Useful tokens: the rows sftop trained on (it skips none here: every row fits max_length).
-        sftop["useful_tokens"] = data_stats["tokens"]
-        if sftop.get("train_s"):
-            sftop["useful_tokens_per_s"] = data_stats["tokens"] / sftop["train_s"]
-        report["sftop"] = sftop
-        print("sftop:", {k: v for k, v in sftop.items() if k not in ("plan", "data", "kernels")}, flush=True)
-
-    for name in ("trl", "sftop"):
+    for name in ("trl", *report["sftop_rows"]):
         r = report.get(name)
         if r and r.get("steps"):
             # The comparison is only fair at the same rows per optimizer step; show it so a drift is seen.
@@ -318,7 +354,7 @@ def write_markdown(out: Path, report: dict) -> None:
         "| path | useful tokens/s | train time s | wall s | peak allocated GiB | steps | rows/step | plan |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("trl", "sftop"):
+    for name in ("trl", *report.get("sftop_rows", ["sftop"])):
         r = report.get(name)
         if not r:
             continue
@@ -328,6 +364,8 @@ def write_markdown(out: Path, report: dict) -> None:
             f"micro-batch {plan.get('micro_batch')} x {plan.get('grad_accum')}, checkpointing "
             f"{plan.get('gradient_checkpointing')}"
             + (f" (1 in {plan['checkpoint_every_n_layers']} blocks)" if plan.get("checkpoint_every_n_layers", 1) > 1 else "")
+            + (f", cap {plan['max_memory_gib']:.2f} GiB" if plan.get("max_memory_gib") is not None else "")
+            + (f", --set {' '.join(r['overrides'])}" if r.get("overrides") else "")
             if plan else ("batch 2 x 4, padded, checkpointing" if name == "trl" else "")
         )
         peak = r.get("peak_allocated_gib")

@@ -198,8 +198,9 @@ class _Replay(torch.autograd.Function):
 class StepGraphs:
     """Captured steps of one model, keyed; see the module docstring."""
 
-    def __init__(self, no_rng_stash=None):
+    def __init__(self, no_rng_stash=None, max_keys: int = MAX_KEYS):
         self._no_rng_stash = no_rng_stash or contextlib.nullcontext
+        self.max_keys = max_keys
         self._pool = None
         self._seen: dict = {}
         self._steps: dict = {}
@@ -236,7 +237,7 @@ class StepGraphs:
         `slots` are (module, name, parameter) of every trainable parameter `fn` uses."""
         step = self._steps.get(key)
         if step is None:
-            if key in self._refused or len(self._steps) >= MAX_KEYS:
+            if key in self._refused or len(self._steps) >= self.max_keys:
                 self.stats.eager_calls += 1
                 return None
             seen = self._seen.get(key, 0) + 1
@@ -293,7 +294,12 @@ def _room_for_capture() -> str | None:
     live: once in the graphs' pool (which keeps it for good) and once in the ordinary cache, which
     eager steps of other shapes still need and which the pool cannot borrow from.  A plan sized
     tightly to the GPU therefore trains eagerly rather than risk running out of memory."""
-    free, _total = torch.cuda.mem_get_info()
+    free, total = torch.cuda.mem_get_info()
+    # Under a memory cap (plan.max_memory_gib: torch.cuda.set_per_process_memory_fraction) what
+    # counts is the room left under it, however much the GPU itself has free.
+    fraction = torch.cuda.get_per_process_memory_fraction() if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0
+    if fraction < 1.0:
+        free = max(0, min(free, int(fraction * total) - torch.cuda.memory_reserved()))
     cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     need = 2 * (torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated())
     if free + cached < need:

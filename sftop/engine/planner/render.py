@@ -50,6 +50,8 @@ def render_plan(plan: Plan, color: bool = False) -> str:
         f"optimizer {plan.optimizer}, kernels {'sftop fused' if plan.kernels else 'stock'}",
         f"  peak {'RAM   ' if plan.device == 'cpu' else 'memory'}      {plan.predicted_peak_gib:.2f} GiB of {plan.budget_gib:.2f} GiB budget "
         + tone(f"(headroom {plan.headroom_gib:.2f} GiB)", plan.headroom_gib >= 0),
+        *([f"  memory cap       {plan.max_memory_gib:.2f} GiB ({plan.memory_cap}); the trainer is held to it"]
+          if plan.max_memory_gib is not None else []),
         f"  why              {plan.reason}",
         "",
         bold("Memory breakdown (GiB)"),

@@ -15,6 +15,7 @@ from typing import Any
 
 from sftop.engine.errors import PresetError, ResourceError
 from sftop.engine.gpu import GIB, GpuStatus, read_gpus
+from sftop.engine.planner.cap import MemoryCap, memory_cap
 from sftop.engine.planner.estimate import (
     Estimate,
     checkpointed_layers,
@@ -94,6 +95,12 @@ class PlanContext:
     constraints: Constraints
     gpu_uuid: str | None = None
     calibration: float = 1.0  # measured / predicted dynamic memory, from a probe
+    cap: MemoryCap | None = None  # the user's plan.max_memory_*; budget_bytes is already within it
+    uncapped_budget_bytes: int | None = None  # what the GPU alone would allow
+    gpu_total_bytes: int | None = None
+    # Packed runs sized from the data: packed_tokens[b - 1] is the most tokens a packed micro-batch
+    # of b rows can hold (the b longest rows), instead of b x max_length. See `size_for_data`.
+    packed_tokens: tuple[int, ...] | None = None
     notes: list[str] = field(default_factory=list)  # about the GPU and inputs; each plan adds its estimate's
 
 
@@ -131,6 +138,10 @@ class Plan:
     checkpoint_every_n_layers: int = 1
     # The chosen GPU's UUID: pin the trainer to it (CUDA_VISIBLE_DEVICES=<uuid>, then it is cuda:0).
     gpu_uuid: str | None = None
+    # The user's memory cap in GiB (plan.max_memory_gib, or the fraction of this GPU), which the
+    # budget already respects and the trainer holds its allocator to; memory_cap says which key set it.
+    max_memory_gib: float | None = None
+    memory_cap: str | None = None
     context: PlanContext | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -289,6 +300,8 @@ def _candidate(ctx: PlanContext, checkpointing: str, micro_batch: int, every: in
     setup = replace(ctx.setup, checkpointing=checkpointing, checkpoint_every=every)
     sequences = micro_batch * (2 if setup.preference else 1)  # DPO: chosen and rejected of each pair
     tokens = sequences * ctx.max_length
+    if ctx.packed_tokens and ctx.packing and not setup.preference:
+        tokens = min(tokens, ctx.packed_tokens[min(micro_batch, len(ctx.packed_tokens)) - 1])
     est = estimate(ctx.shape, setup, tokens, seq_len=ctx.max_length)
     allocated, device = est.allocated_bytes, est.device_bytes
     if ctx.calibration != 1.0:
@@ -367,6 +380,8 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
         attention=ctx.setup.attention,
         lora_r=ctx.setup.lora_r,
         optimizer=ctx.setup.optimizer,
+        max_memory_gib=None if ctx.cap is None else round(ctx.cap.gib, 3),
+        memory_cap=None if ctx.cap is None else ctx.cap.text,
         context=ctx,
     )
 
@@ -384,6 +399,8 @@ def solve(ctx: PlanContext) -> Plan:
 
 def _why(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate]) -> str:
     where = f"{ctx.budget_bytes / GIB:.1f} GiB budget on {ctx.device}" + (f" ({ctx.gpu_name})" if ctx.gpu_name else "")
+    if _cap_binds(ctx):
+        where += f", capped by {ctx.cap.text}"
     text = (
         f"fastest of {sum(c.fits for c in candidates)} fitting candidates (of {len(candidates)}) in the {where}: "
         f"micro-batch {chosen.micro_batch} x {chosen.grad_accum}, checkpointing {chosen.label}"
@@ -408,6 +425,8 @@ def _refusal(ctx: PlanContext, candidates: list[_Candidate]) -> ResourceError:
     have = ctx.budget_bytes / GIB
     where = ctx.device + (f" ({ctx.gpu_name})" if ctx.gpu_name else "")
     options: list[str] = []
+    if _cap_binds(ctx):
+        options.append(_raise_cap_option(ctx, smallest.device_bytes))
 
     def fits_with(label: str, new_ctx: PlanContext, constraints: Constraints | None = None) -> bool:
         c = _smallest(new_ctx, constraints)
@@ -432,21 +451,56 @@ def _refusal(ctx: PlanContext, candidates: list[_Candidate]) -> ResourceError:
         fits_with('set train.optimizer = "adamw_8bit"', replace(ctx, setup=replace(ctx.setup, optimizer="adamw_8bit")))
     reserve = _reserve_bytes(ctx.budget_bytes) / GIB
     gpu = next((g for g in COMMON_GPUS if g[1] - reserve >= need), None)
-    if gpu:
+    if _cap_binds(ctx):
+        pass  # the GPU is big enough: the cap is what to change
+    elif gpu:
         options.append(f"use a GPU with at least {gpu[0]} GB such as {gpu[2]}")
     else:
         options.append("no single common GPU is large enough as configured")
     desc = f"micro-batch {smallest.micro_batch}, checkpointing {smallest.label}"
+    limit = (f"{ctx.cap.text} allows {have:.2f} GiB on {where}" if _cap_binds(ctx)
+             else f"{where} has {have:.2f} GiB to spare")
     what = (
         f"{ctx.model_name} does not fit: the smallest plan ({desc}, {ctx.max_length} tokens per row"
         + (", 4-bit" if ctx.setup.load_in_4bit else "")
-        + f") needs {need:.2f} GiB but {where} has {have:.2f} GiB to spare"
+        + f") needs {need:.2f} GiB but {limit}"
     )
     hint = "Changes that would fit: " + "; ".join(options) + ". Check any size with `sftop plan PRESET --gpu-memory GIB`"
     err = ResourceError(what, where="GPU memory", hint=hint)
     err.needed_gib = need  # type: ignore[attr-defined]
     err.options = options  # type: ignore[attr-defined]
     return err
+
+
+def _cap_binds(ctx: PlanContext) -> bool:
+    """Is the user's memory cap, not the GPU's free memory, what limits this plan?"""
+    return ctx.cap is not None and ctx.uncapped_budget_bytes is not None and ctx.cap.bytes < ctx.uncapped_budget_bytes
+
+
+def _raise_cap_option(ctx: PlanContext, need_bytes: int) -> str:
+    """The refusal's advice on the cap: the value that fits, if the GPU itself has the room."""
+    assert ctx.cap is not None and ctx.uncapped_budget_bytes is not None
+    if need_bytes > ctx.uncapped_budget_bytes:
+        return (f"raising {ctx.cap.key} would not help alone: even the GPU's "
+                f"{ctx.uncapped_budget_bytes / GIB:.2f} GiB to spare are too few")
+    if ctx.cap.key == "plan.max_memory_fraction" and ctx.gpu_total_bytes:
+        fraction = math.ceil(100 * need_bytes / ctx.gpu_total_bytes) / 100
+        return f"raise plan.max_memory_fraction to {fraction:.2f} (needs {need_bytes / GIB:.1f} GiB), or remove it"
+    gib = math.ceil(10 * need_bytes / GIB) / 10
+    return f"raise plan.max_memory_gib to {gib:.1f} (the smallest plan's need), or remove it"
+
+
+def _apply_cap(preset: Any, budget: int, total: int, notes: list[str]) -> tuple[int, MemoryCap | None]:
+    """The budget under the user's memory cap, and the cap (None without one)."""
+    cap = memory_cap(preset.plan, total)
+    if cap is None:
+        return budget, None
+    if cap.bytes >= budget:
+        notes.append(f"{cap.text} is more than the {budget / GIB:.1f} GiB this GPU has to spare; "
+                     "the plan uses what is free")
+        return budget, cap
+    notes.append(f"capped at {cap.gib:.2f} GiB by {cap.text} ({budget / GIB:.1f} GiB would be free)")
+    return cap.bytes, cap
 
 
 def _reserve_bytes(total_bytes: int) -> int:
@@ -540,9 +594,12 @@ def plan_run(
     notes += _target_notes(preset)
     if setup.optimizer == "adamw_8bit" and setup.dtype == "fp32" and device == "cpu":
         notes.append("adamw_8bit needs bitsandbytes on a GPU")
+    uncapped = max(0, budget)
+    budget, cap = _apply_cap(preset, uncapped, total, notes)
     ctx = _context(preset, shape, setup, constraints, max(0, budget), device, gpu_name, row_tokens_mean)
     ctx.notes = notes
     ctx.gpu_uuid = gpu_uuid
+    ctx.cap, ctx.uncapped_budget_bytes, ctx.gpu_total_bytes = cap, uncapped, total
     return solve(ctx)
 
 
@@ -587,9 +644,39 @@ def _plan_cpu(preset: Any, shape: ModelShape, constraints: Constraints, reason: 
     budget = int(0.7 * _host_available_bytes())
     ctx = _context(preset, shape, setup, constraints, budget, "cpu", None, row_tokens_mean)
     ctx.notes = [f"no GPU: {reason}", *vision_notes]
+    if preset.plan.max_memory_gib is not None or preset.plan.max_memory_fraction is not None:
+        ctx.notes.append("plan.max_memory_gib / plan.max_memory_fraction cap GPU memory; a CPU run ignores them")
     plan = solve(ctx)
     plan.reason = f"training on the CPU because there is no usable GPU ({reason}); " + plan.reason
     return plan
+
+
+def packed_token_bounds(lengths, most_rows: int, multiple: int = 1) -> tuple[int, ...]:
+    """(tokens of the longest row, of the two longest, ..., of the `most_rows` longest), each rounded
+    up to `multiple` (the trainer's bucket padding): the largest packed micro-batch of b rows."""
+    longest = sorted((int(n) for n in lengths), reverse=True)[:most_rows]
+    bounds, total = [], 0
+    for n in longest:
+        total += n
+        bounds.append(-(-total // multiple) * multiple)
+    return tuple(bounds)
+
+
+def size_for_data(plan: Plan, lengths, multiple: int = 1) -> Plan:
+    """Solve a packed plan again with the rows' real lengths.
+
+    The trainer packs exactly micro_batch rows into one micro-batch, so no micro-batch can hold
+    more tokens than its micro_batch longest rows: sizing for that instead of micro_batch x
+    max_length is exact, never under, and lets a small GPU (or a memory cap) take a bigger
+    micro-batch or less recomputation when rows are mostly short. Constraints, budget and any
+    probe correction are kept. Plans that do not pack are returned as they are.
+    """
+    ctx = plan.context
+    if ctx is None or not plan.packing or not lengths:
+        return plan
+    bounds = packed_token_bounds(lengths, ctx.effective_batch, multiple)
+    mean = sum(lengths) / len(lengths)
+    return solve(replace(ctx, packed_tokens=bounds, row_tokens_mean=min(mean, ctx.max_length)))
 
 
 def replan(plan: Plan, *, calibration: float | None = None, constraints: Constraints | None = None,

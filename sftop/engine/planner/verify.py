@@ -127,7 +127,9 @@ def step_down(plan: Plan, reason: str = "stepped down") -> Plan:
                 f"{plan.model_name or 'The model'} does not fit on {plan.device} even at micro-batch 1 with offloaded "
                 f"checkpointing ({reason})",
                 where="GPU memory",
-                hint="Set model.load_in_4bit = true, lower data.max_length, or use a bigger GPU; "
+                hint=(f"Raise {plan.memory_cap.split(' = ')[0]} (now {plan.max_memory_gib:.2f} GiB) or remove it; or set "
+                      if plan.memory_cap else "Set ")
+                + "model.load_in_4bit = true, lower data.max_length, or use a bigger GPU; "
                 "`sftop plan PRESET --gpu-memory GIB` shows what fits",
             )
         smaller, (mode, every) = 1, stronger[0]

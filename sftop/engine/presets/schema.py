@@ -110,6 +110,11 @@ class TrainSection(_Section):
         5, ge=1, description="Consecutive NaN/inf steps (skipped) before the run stops"
     )
     kernels: Literal["auto", "on", "off"] = Field("auto", description="sftop's fused Triton kernels")
+    length_buckets: Literal["auto", "on", "off"] = Field(
+        "auto", description="Pad each packed micro-batch up to one of a few lengths so its CUDA graph replays; "
+        "auto = where graphs can replay packed steps (a CUDA GPU with sftop's kernels); the padding is never "
+        "trained on or counted as throughput",
+    )
     task: Literal["sft", "dpo"] = Field("sft", description="sft: supervised; dpo: preference pairs ([dpo])")
     sample_prompts: list[str] = Field(
         default_factory=list,
@@ -124,6 +129,18 @@ class PlanSection(_Section):
         "auto", description="Recompute activations to save memory"
     )
 
+    max_memory_gib: float | None = Field(
+        None, gt=0.0, le=4096.0,
+        description="Most GPU memory this run may use, in GiB (e.g. to share the GPU with an inference "
+                    "server); the planner, the probe and out-of-memory recovery stay under it and the "
+                    "trainer's allocator is held to it",
+    )
+    max_memory_fraction: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="The same cap as a share of the GPU's total memory (0.5 = half); set this or "
+                    "max_memory_gib, not both",
+    )
+
     price_per_gpu_hour: float | None = Field(
         None, ge=0.0, le=1000.0,
         description="What one GPU-hour costs you, in your currency (rented H100s are typically 2-3 an hour "
@@ -136,6 +153,14 @@ class PlanSection(_Section):
         if isinstance(value, int) and value < 1:
             raise ValueError("must be at least 1, or \"auto\"")
         return value
+
+    @model_validator(mode="after")
+    def _one_memory_cap(self):
+        if self.max_memory_gib is not None and self.max_memory_fraction is not None:
+            raise ValueError(
+                f"plan.max_memory_gib = {self.max_memory_gib:g} and plan.max_memory_fraction = "
+                f"{self.max_memory_fraction:g} both cap the run's GPU memory: keep one of them")
+        return self
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod

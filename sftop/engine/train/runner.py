@@ -214,6 +214,7 @@ class _Run:
         # reads GPUs through NVML: CUDA itself is not started yet
         self.plan = make_plan(preset, config, image_tokens_per_row=image_tokens)
         self.pin_gpu()
+        self.hold_to_cap()
         on_cuda = torch.cuda.is_available()
         dtype = resolve_dtype(preset.model.dtype, on_cuda)
         attn = resolve_attn_implementation(preset.model.attn_implementation, dtype, on_cuda)
@@ -262,6 +263,16 @@ class _Run:
         self.plan = dataclasses.replace(self.plan, device="cuda:0")
         self.message(f"Using GPU {uuid} (most free memory), seen by this run as cuda:0")
 
+    def hold_to_cap(self) -> None:
+        """Hold torch's allocator to the user's memory cap, so that this run fails over to a smaller
+        plan (probe, OOM step-down) rather than grow into a GPU it shares."""
+        from sftop.engine.planner.cap import hold_to_cap
+
+        fraction = hold_to_cap(getattr(self.plan, "max_memory_gib", None), getattr(self.plan, "device", "cpu"))
+        if fraction is not None:
+            self.message(f"GPU memory capped at {self.plan.max_memory_gib:.2f} GiB ({self.plan.memory_cap}): "
+                         f"the allocator may reserve {fraction:.1%} of the GPU")
+
     def load(self):
         from sftop.engine.data import prepare_data
         from sftop.engine.models.loading import load_model
@@ -286,6 +297,8 @@ class _Run:
         else:
             self.data = prepare_data(self.preset, self.tokenizer)
             self.packing = self.preset.data.packing
+        if self.packing:
+            self.size_plan_for_data()
         if self.packing:
             ok, detail = packing_isolated(self.model, len(self.tokenizer), self.tokenizer.pad_token_id)
             if not ok:
@@ -357,6 +370,7 @@ class _Run:
             kernel_loss=(self.info.kernels.get("parts") or {}).get("loss") == "fused",
             **({"data_collator": self.data.collator} if self.vision is not None else {}),
         )
+        self.bucket_batches(trainer)
         # One readable line per step (RunEvents prints it) instead of transformers' raw log dicts.
         from transformers.trainer_callback import PrinterCallback
 
@@ -365,6 +379,46 @@ class _Run:
         events.guard = guard
         self.events, self.guard, self.trainer = events, guard, trainer
         return trainer
+
+    def size_plan_for_data(self) -> None:
+        """Packed runs: size the plan for the rows' real lengths (the longest micro-batch is the
+        micro_batch longest rows, padded to its bucket), not micro_batch x max_length."""
+        import pyarrow.compute as pc
+
+        from sftop.engine.planner.solve import size_for_data
+        from sftop.engine.train.buckets import BUCKET_MULTIPLE, buckets_wanted
+
+        if self.plan is None or getattr(self.plan, "context", None) is None:
+            return
+        lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
+        multiple = BUCKET_MULTIPLE if buckets_wanted(self.preset.train.length_buckets, self.packed_graphs_on()) else 1
+        new = size_for_data(self.plan, lengths, multiple)
+        old = self.plan
+        same = (new.micro_batch, new.gradient_checkpointing, new.checkpoint_every_n_layers) == (
+            old.micro_batch, old.gradient_checkpointing, old.checkpoint_every_n_layers)
+        if same:
+            self.plan = new
+            return
+        reason = (f"sized for the data: the longest packed micro-batch of {new.micro_batch} rows holds "
+                  f"{new.tokens_per_micro_batch} tokens, not {new.micro_batch} x {old.max_length}")
+        self.set_plan(new, 0, reason)
+        self.message(f"Plan {old.describe()} -> {new.describe()}: {reason}")
+
+    def packed_graphs_on(self) -> bool:
+        """Can packed micro-batches replay CUDA graphs here (sftop/kernels/packed_graphs.py)? Needs
+        the graphs part and sftop's packed attention, whose row boundaries stay on the GPU."""
+        parts = self.info.kernels.get("parts") or {}
+        return parts.get("cuda_graphs") == "fused" and parts.get("attention") == "fused"
+
+    def bucket_batches(self, trainer) -> None:
+        """Pad packed micro-batches to a few lengths (train.length_buckets) so that their CUDA graphs replay."""
+        from sftop.engine.train.buckets import BucketedCollator, bucket_sizes, buckets_wanted
+
+        if not (self.packing and buckets_wanted(self.preset.train.length_buckets, self.packed_graphs_on())):
+            return
+        # the plan's largest packed micro-batch (its micro_batch longest rows, when sized for the data)
+        sizes = bucket_sizes(int(self.plan.tokens_per_micro_batch))
+        trainer.data_collator = BucketedCollator(trainer.data_collator, sizes, self.tokenizer.pad_token_id)
 
     def started_event(self, total_steps: int) -> RunStarted:
         return RunStarted(

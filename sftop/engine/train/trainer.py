@@ -5,6 +5,7 @@ Everything else (the loop, packing, loss, optimizer, scheduler, resume) is TRL/t
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -83,15 +84,33 @@ class UpdateGuard(TrainerCallback):
         self.consecutive = 0
         self.last_grad_norm: float | None = None
         self.failed = False
+        # All micro-batch losses of this optimizer step finite, kept on the device: reading it back
+        # per micro-batch would stall the host once per micro-batch; it is read with the gradient
+        # norm, in the one host sync of an optimizer step.
+        self._losses_finite: torch.Tensor | None = None
+
+    def note_loss(self, loss: torch.Tensor) -> None:
+        """Record whether a micro-batch loss was finite, without waiting for the GPU."""
+        finite = torch.isfinite(loss.detach()).all()
+        self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         params = [p for p in model.parameters() if p.grad is not None]
         grads_bad = False
+        losses_finite, self._losses_finite = self._losses_finite, None
         if params:
             norms = torch._foreach_norm([p.grad for p in params])
             total = torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms]))
-            grads_bad = not bool(torch.isfinite(total))
-            self.last_grad_norm = None if grads_bad else float(total)
+            flags = [total]
+            if losses_finite is not None:
+                flags.append(losses_finite.to(device=total.device, dtype=total.dtype))
+            read = torch.stack(flags).tolist()  # the one host sync of the step
+            grads_bad = not math.isfinite(read[0])
+            self.last_grad_norm = None if grads_bad else read[0]
+            if len(read) > 1 and read[1] < 1:
+                self.loss_bad = True
+        elif losses_finite is not None and not bool(losses_finite):
+            self.loss_bad = True
         self.step_bad = self.loss_bad or grads_bad
         self.loss_bad = False
         if self.step_bad:
@@ -132,27 +151,39 @@ class SftopTrainer(SFTTrainer):
         self.sftop_step_samples = 0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        from sftop.engine.train.buckets import take_padding
+
+        # a bucketed packed batch (buckets.py) ends in one padding document: neither data nor throughput
+        pad_tokens, pad_rows = take_padding(inputs)
         if "attention_mask" in inputs:
-            tokens = inputs["attention_mask"].sum()
+            tokens = inputs["attention_mask"].sum() - pad_tokens
             samples = inputs["attention_mask"].shape[0]
         else:  # padding-free: one row of real tokens, documents delimited by cu_seq_lens
-            tokens = inputs["input_ids"].numel()
+            tokens = inputs["input_ids"].numel() - pad_tokens
             samples = inputs["cu_seq_lens_q"].numel() - 1 if "cu_seq_lens_q" in inputs else inputs["input_ids"].shape[0]
+            samples -= pad_rows
         self.sftop_step_tokens += tokens
         self.sftop_step_samples += samples
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not bool(torch.isfinite(loss)):
-            self.sftop_guard.loss_bad = True
-        return loss
+        self.sftop_guard.note_loss(loss)
+        # The returned loss only feeds the logged average: a non-finite one (its update is skipped)
+        # counts as 0 there, decided on the device. transformers' own check (logging_nan_inf_filter,
+        # off in build_sft_config) would read every micro-batch's loss back to the host.
+        return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not (self.sftop_kernel_loss and model.training and not return_outputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # Same normalisation as TRL's path: summed token loss / trained tokens of the whole step.
-        outputs = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
+        from sftop.kernels.packed_graphs import packed_graphed_loss
+
+        # a bucketed packed batch replays its bucket's CUDA graph (None: this one runs eagerly)
+        loss = packed_graphed_loss(model, inputs, num_items_in_batch)
+        if loss is None:
+            loss = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch).loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            return outputs.loss * self.accelerator.num_processes
-        return outputs.loss
+            return loss * self.accelerator.num_processes
+        return loss
 
     def take_step_counts(self) -> tuple[int, int]:
         tokens, samples = int(self.sftop_step_tokens), int(self.sftop_step_samples)

@@ -13,13 +13,14 @@ from rich.console import Group
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
+from textual.containers import Horizontal
 from textual.message import Message
-from textual.widgets import Static
+from textual.widgets import Input, Static
 
 from sftop.engine.errors import SftopError
 from sftop.engine.presets import Preset
 from sftop.tui.widgets.memory_bar import legend, stacked_bar
-from sftop.tui.wizard.base import ENGINE_LOCK, Step, StepError
+from sftop.tui.wizard.base import ENGINE_LOCK, Step, StepError, with_fields
 
 # Breakdown terms grouped into the four parts the bar shows.
 GROUPS = [
@@ -36,6 +37,42 @@ class PlanMade(Message):
     plan: Any = None
     error: str | None = None
     refused: bool = False
+
+
+def parse_memory_cap(raw: str) -> dict[str, float | None]:
+    """The cap field's text as `[plan]` keys: "" none, "12" or "12 GiB" GiB, "50%" a share of the GPU.
+
+    Raises StepError naming the field and the accepted forms.
+    """
+    text = raw.strip().lower()
+    none = {"max_memory_gib": None, "max_memory_fraction": None}
+    if text in ("", "none"):
+        return none
+    try:
+        if text.endswith("%"):
+            percent = float(text[:-1].strip())
+            if not 0 < percent <= 100:
+                raise ValueError
+            return {**none, "max_memory_fraction": percent / 100}
+        for unit in ("gib", "gb", "g"):
+            if text.endswith(unit):
+                text = text[: -len(unit)].strip()
+                break
+        gib = float(text)
+        if not 0 < gib <= 4096:
+            raise ValueError
+        return {**none, "max_memory_gib": gib}
+    except ValueError:
+        raise StepError(f"memory cap: {raw.strip()!r} is not a size in GiB or a share of the GPU "
+                        "(e.g. 12 or 50%; empty = no cap)") from None
+
+
+def cap_text(draft: Preset) -> str:
+    if draft.plan.max_memory_gib is not None:
+        return f"{draft.plan.max_memory_gib:g}"
+    if draft.plan.max_memory_fraction is not None:
+        return f"{100 * draft.plan.max_memory_fraction:g}%"
+    return ""
 
 
 def memory_segments(plan: Any) -> list[tuple[str, float, str]]:
@@ -60,7 +97,9 @@ def render_plan_view(plan: Any, width: int) -> Group:
     headroom = plan.headroom_gib
     fits = headroom >= 0
     summary = Text()
-    summary.append(f"peak {plan.predicted_peak_gib:.2f} GiB of {plan.budget_gib:.2f} GiB free  ")
+    capped = getattr(plan, "max_memory_gib", None) is not None and plan.budget_gib >= plan.max_memory_gib - 1e-3
+    summary.append(f"peak {plan.predicted_peak_gib:.2f} GiB of {plan.budget_gib:.2f} GiB "
+                   + ("(memory cap)  " if capped else "free  "))
     summary.append(f"headroom {headroom:.2f} GiB", style="green" if fits else "bold red")
     parts: list[Any] = [head, Text(""), summary, stacked_bar(segments, plan.budget_gib, max(10, width)),
                         legend(segments + [("headroom", max(0.0, headroom), "bright_black")])]
@@ -82,13 +121,41 @@ class PlanStep(Step):
         self.refused = False
         self.planning = False
         self._key: str | None = None
+        self._draft: Preset | None = None
 
     def compose(self) -> ComposeResult:
         yield Static("The planner sizes micro-batch, accumulation and checkpointing to fit the free memory.",
                      classes="help")
+        with Horizontal(classes="field"):
+            yield Static("memory cap", classes="field-label")
+            # Sharing the GPU (an inference server): the run stays under this, the planner sizes for it.
+            yield Input(id="plan-cap", classes="field-input", compact=True,
+                        placeholder="GiB or % of the GPU (e.g. 12 or 50%); empty = all free memory")
         yield Static("", id="plan-view")
 
     def load(self, draft: Preset) -> None:
+        self._draft = draft
+        cap = self.query_one("#plan-cap", Input)
+        with cap.prevent(Input.Changed):
+            cap.value = cap_text(draft)
+        self._replan(draft)
+
+    @on(Input.Changed, "#plan-cap")
+    def on_cap_changed(self, event: Input.Changed) -> None:
+        event.stop()
+        if self._draft is None:
+            return
+        try:
+            self._replan(self.apply_cap(self._draft))
+        except (StepError, SftopError) as exc:
+            self._key = None
+            self.plan, self.error, self.refused, self.planning = None, str(exc), False, False
+            self.query_one("#plan-view", Static).update(Text(str(exc), style="red"))
+
+    def apply_cap(self, draft: Preset) -> Preset:
+        return with_fields(draft, plan=parse_memory_cap(self.query_one("#plan-cap", Input).value))
+
+    def _replan(self, draft: Preset) -> None:
         key = draft.model_dump_json()
         if key == self._key and not self.planning:
             return
@@ -124,14 +191,17 @@ class PlanStep(Step):
         if message.error is not None:
             self.error, self.refused = message.error, message.refused
             title = "This run does not fit:" if message.refused else "Cannot plan this run:"
+            capped = bool(self.query_one("#plan-cap", Input).value.strip())
+            lead = "Raise or clear the memory cap above, or go" if capped else "Go"
             view.update(Group(Text(title, style="bold red"), Text(message.error, style="red"),
-                              Text("Go back (ctrl+b) to choose a smaller model, 4-bit, a shorter max length "
+                              Text(f"{lead} back (ctrl+b) to choose a smaller model, 4-bit, a shorter max length "
                                    "or a lower LoRA r.", style="dim")))
             return
         self.plan = message.plan
         view.update(render_plan_view(message.plan, max(20, view.content_size.width or 70)))
 
     def apply(self, draft: Preset) -> Preset:
+        draft = self.apply_cap(draft)
         if self.planning:
             raise StepError("Still planning")
         if self.error is not None:

@@ -1,0 +1,122 @@
+"""CUDA graphs for packed (padding-free) micro-batches, one captured step per token-length bucket.
+
+Why: the fixed-shape graphs (cuda_graphs.py) only replay a batch whose shape repeats, and a packed
+micro-batch of mixed-length rows has a new length almost every step, so packed runs trained
+eagerly and host-bound.  The trainer pads each packed row up to one of a few lengths
+(sftop/engine/train/buckets.py); here each bucket length is captured once and replayed.
+
+What a captured packed step takes as inputs (copied into static buffers each replay): the token
+ids, the shifted labels, the position ids, and the rows' boundaries `cu_seq_lens`, padded to a
+fixed count by repeating the last boundary (empty rows, which flash attention skips), so that
+batches with a different number of rows replay the same graph.  The longest row is given to
+flash attention as the bucket's length (an upper bound: it only sizes the launch grid).  The
+padding document has labels -100, so it adds nothing to the loss sum or its gradients.
+
+Rules beyond cuda_graphs.py's: the model must run sftop's packed attention (varlen_attention.py:
+its row boundaries come as a tensor, so nothing is read back to the host inside the capture), and
+the cuda_graphs patch part must be on (no dropout, the fused loss).  Every captured step keeps its
+own LoRA gradient buffers, so at most `MAX_BUCKET_GRAPHS` buckets are captured per model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import compat
+from .cuda_graphs import StepGraphs, no_rng_stash
+from .varlen_attention import NAME as VARLEN
+
+MAX_BUCKET_GRAPHS = 8
+CU_MULTIPLE = 8  # row-boundary tensors are padded to a multiple of this many entries
+_PACKED_GRAPHS = "_sftop_packed_graphs"
+_GRAPHS = "_sftop_graphs"  # set by the cuda_graphs patch part when graphs may be used
+_OFFLOADING = "_sftop_offloading"  # transformers' own blocking offload is on: not capturable
+_GC_MODE = "_sftop_gc_mode"
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The *ForCausalLM module under a PEFT wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def padded_boundaries(cu: torch.Tensor, multiple: int = CU_MULTIPLE) -> torch.Tensor:
+    """`cu_seq_lens` grown to a multiple of `multiple` entries by repeating its last value (empty rows)."""
+    n = cu.numel()
+    size = -(-n // multiple) * multiple
+    if size == n:
+        return cu
+    return torch.cat([cu, cu[-1:].expand(size - n)])
+
+
+def _eligible(lm: nn.Module, inputs: dict) -> bool:
+    ids = inputs.get("input_ids")
+    if not (lm.training and torch.is_grad_enabled() and torch.is_tensor(ids) and ids.is_cuda and ids.shape[0] == 1):
+        return False
+    if lm.__dict__.get(_GRAPHS) is None or lm.__dict__.get(_OFFLOADING):
+        return False
+    if compat.attn_implementation(lm.config) != VARLEN:
+        return False
+    allowed = {"input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+               "max_length_k", "seq_idx", "use_cache"}
+    if any(k not in allowed and v is not None for k, v in inputs.items()):
+        return False
+    return all(torch.is_tensor(inputs.get(k)) for k in ("labels", "position_ids", "cu_seq_lens_q"))
+
+
+def packed_graphed_loss(model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor | None:
+    """The mean token loss of a packed micro-batch from its bucket's captured step, or None when it
+    must run eagerly (first sighting of a bucket, not eligible, capture refused)."""
+    lm = causal_lm(model)
+    if not _eligible(lm, inputs):
+        return None
+    graphs = lm.__dict__.get(_PACKED_GRAPHS)
+    if graphs is None:
+        graphs = lm.__dict__[_PACKED_GRAPHS] = StepGraphs(no_rng_stash(lm), max_keys=MAX_BUCKET_GRAPHS)
+    ignore_index = -100
+    ids = inputs["input_ids"]
+    tokens = ids.shape[1]
+    labels = nn.functional.pad(inputs["labels"], (0, 1), value=ignore_index)[..., 1:].to(ids.device)
+    positions = inputs["position_ids"].to(ids.device)
+    cu = padded_boundaries(inputs["cu_seq_lens_q"].to(device=ids.device, dtype=torch.int32))
+    slots = [(m, name, p) for m in lm.modules() for name, p in m._parameters.items() if p is not None]
+    trainable = [slot for slot in slots if slot[2].requires_grad]
+    if not trainable:
+        return None
+    key = (
+        "packed", tokens, cu.numel(), ids.dtype, positions.dtype,
+        torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+        bool(getattr(lm, "is_gradient_checkpointing", False)), lm.__dict__.get(_GC_MODE),
+        tuple((p.data_ptr(), p.requires_grad) for _m, _n, p in slots),
+    )
+    from .fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    backbone = getattr(lm, lm.base_model_prefix)
+    weight = lm.get_output_embeddings().weight
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    one = graphs.unit(ids.device)
+    loss_dtype = getattr(lm, "_sftop_loss_dtype", None)
+
+    def loss_sum(ids_, labels_, positions_, cu_):
+        # the bucket's length bounds every row: flash attention only sizes its grid with it
+        out = backbone(input_ids=ids_, position_ids=positions_, cu_seq_lens_q=cu_, cu_seq_lens_k=cu_,
+                       max_length_q=tokens, max_length_k=tokens, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return fused_linear_cross_entropy(hidden, weight, labels_, num_items_in_batch=one, ignore_index=ignore_index,
+                                          softcap=softcap, compute_dtype=loss_dtype, select_rows=False)
+
+    total = graphs.loss_sum(key, loss_sum, (ids, labels, positions, cu), trainable)
+    if total is None:
+        return None
+    if num_items_in_batch is None:
+        return total / (labels != ignore_index).sum().clamp(min=1)
+    if torch.is_tensor(num_items_in_batch):
+        return total / num_items_in_batch.to(device=total.device, dtype=torch.float32)
+    return total / float(num_items_in_batch)
+
+
+def packed_graph_stats(model: nn.Module):
+    """The packed graphs' counters (captures, replays, eager calls), or None before the first packed step."""
+    graphs = causal_lm(model).__dict__.get(_PACKED_GRAPHS)
+    return None if graphs is None else graphs.stats

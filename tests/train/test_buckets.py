@@ -1,0 +1,110 @@
+"""Packed micro-batches padded to length buckets: the padding is never trained on and never counted."""
+
+import pytest
+import torch
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from sftop.engine.events import EventWriter
+from sftop.engine.rundir import RunDir
+from sftop.engine.train.buckets import (
+    PADDING_ROWS,
+    PADDING_TOKENS,
+    BucketedCollator,
+    bucket_for,
+    bucket_sizes,
+    pad_to_bucket,
+)
+from sftop.engine.train.runner import _Run
+from train_helpers import events_of, fast_preset, of_type
+
+
+def test_bucket_sizes_cover_the_plan_with_bounded_padding():
+    sizes = bucket_sizes(8 * 2048)
+    assert sizes[-1] == 16384 and sizes[0] == 2048 and list(sizes) == sorted(set(sizes))
+    assert all(s % 128 == 0 for s in sizes)
+    assert all(b / a <= 2 ** 0.25 + 128 / a for a, b in zip(sizes, sizes[1:]))
+    assert bucket_sizes(1000)[-1] == 1024  # the largest packed batch always has a bucket
+    assert bucket_for(2049, sizes) == 2560 and bucket_for(2048, sizes) == 2048 and bucket_for(1, sizes) == 2048
+    assert bucket_for(20000, sizes) == 20000  # past the largest: left as it is
+    with pytest.raises(ValueError):
+        bucket_sizes(0)
+
+
+def test_padding_is_one_extra_document_without_labels():
+    inner = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
+    plain = inner(rows)
+    out = BucketedCollator(inner, (8, 16), pad_token_id=3)(rows)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9, 3, 3, 3]]
+    assert out["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100, -100]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert out["cu_seq_lens_q"].tolist() == out["cu_seq_lens_k"].tolist() == [0, 3, 5, 8]
+    assert out["cu_seq_lens_q"].dtype == plain["cu_seq_lens_q"].dtype
+    assert out["max_length_q"] == out["max_length_k"] == 3
+    assert out["seq_idx"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2]]
+    assert (out[PADDING_TOKENS], out[PADDING_ROWS]) == (3, 1)
+    exact = pad_to_bucket(inner(rows), (5,), pad_token_id=3)
+    assert exact["input_ids"].tolist() == plain["input_ids"].tolist() and exact[PADDING_TOKENS] == 0
+    with pytest.raises(ValueError, match="packed"):
+        pad_to_bucket({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, (8,), 0)
+
+
+def _prepared(preset, path):
+    run_dir = RunDir(path).create()
+    writer = EventWriter(run_dir.events)
+    run = _Run(preset, run_dir, writer, resume=False)
+    run.resolve()
+    run.load()
+    run.resumed_from = None
+    return run, writer
+
+
+def test_bucket_padding_changes_neither_loss_nor_gradients_nor_counted_tokens(home, tmp_path):
+    run, writer = _prepared(fast_preset('train.length_buckets="on"', "train.max_steps=1"), tmp_path / "run")
+    trainer = run.build_trainer()
+    collator = trainer.data_collator
+    # the plan is sized for the data: the 4 longest rows, rounded up to the bucket multiple
+    import pyarrow.compute as pc
+
+    lengths = sorted(pc.list_value_length(run.data.train.data.column("input_ids")).to_pylist())
+    assert run.plan.tokens_per_micro_batch == -(-sum(lengths[-4:]) // 128) * 128
+    assert isinstance(collator, BucketedCollator) and collator.sizes[-1] == run.plan.tokens_per_micro_batch
+    model = trainer.model.double()
+    model.train()
+    rows = [run.data.train[i] for i in range(4)]
+    plain, padded = collator.inner(rows), collator(rows)
+    assert padded[PADDING_TOKENS] > 0 and padded["input_ids"].shape[1] in collator.sizes
+
+    def loss_and_grads(batch):
+        batch = {k: v for k, v in batch.items() if k not in (PADDING_TOKENS, PADDING_ROWS)}
+        model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    loss0, grads0 = loss_and_grads(plain)
+    loss1, grads1 = loss_and_grads(padded)
+    assert loss1.item() == pytest.approx(loss0.item(), rel=1e-12)
+    for a, b in zip(grads0, grads1):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the useful-token and row counts of a training step skip the padding document exactly
+    trainer.sftop_step_tokens = trainer.sftop_step_samples = 0
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
+    trainer.training_step(model, dict(padded))
+    assert trainer.take_step_counts() == (plain["input_ids"].numel(), 4)
+    writer.close()
+
+
+def test_a_bucketed_run_counts_the_same_tokens_as_an_unbucketed_one(home, tmp_path):
+    seen = {}
+    for setting in ("off", "on"):
+        run, writer = _prepared(fast_preset(f'train.length_buckets="{setting}"', "train.max_steps=3",
+                                            "train.save_steps=100"), tmp_path / setting)
+        trainer = run.build_trainer()
+        assert isinstance(trainer.data_collator, BucketedCollator) == (setting == "on")
+        trainer.train()
+        writer.close()
+        steps = of_type(events_of(run.run_dir.path), "step")
+        seen[setting] = ([s["tokens_seen"] for s in steps], [s["loss"] for s in steps])
+    assert seen["on"][0] == seen["off"][0] and seen["on"][0][-1] > 0
+    assert seen["on"][1] == pytest.approx(seen["off"][1], rel=1e-4)

@@ -1,0 +1,74 @@
+"""sftop's own per-step code reads values back from the device once per optimizer step, not once
+per micro-batch: on a GPU every read-back stalls the host until the queued work finishes."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sftop.engine.events import EventWriter
+from sftop.engine.rundir import RunDir
+from sftop.engine.train.runner import _Run
+from train_helpers import events_of, fast_preset, of_type
+
+TRAIN_CODE = str(Path(__file__).resolve().parents[2] / "sftop" / "engine" / "train")
+READS = ("__bool__", "item", "tolist", "__float__", "__int__")
+
+
+class ReadCounter:
+    """Counts reads of floating-point tensor values to the host made directly by sftop's training code."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in READS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(original, name))
+
+    def _wrap(self, original, name):
+        counter = self
+
+        def read(tensor, *args, **kwargs):
+            caller = sys._getframe(1)
+            if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+                if caller.f_code.co_filename.startswith(TRAIN_CODE):
+                    counter.calls.append(f"{caller.f_code.co_name}:{name}")
+            return original(tensor, *args, **kwargs)
+
+        return read
+
+
+def test_one_read_back_per_optimizer_step_whatever_the_accumulation(home, tmp_path, monkeypatch):
+    preset = fast_preset("train.max_steps=3", "train.save_steps=100", "plan.micro_batch=1", "plan.grad_accum=4")
+    run_dir = RunDir(tmp_path / "run").create()
+    writer = EventWriter(run_dir.events)
+    run = _Run(preset, run_dir, writer, resume=False)
+    run.resolve()
+    run.load()
+    run.resumed_from = None
+    trainer = run.build_trainer()
+    assert trainer.args.logging_nan_inf_filter is False  # transformers' own per-micro-batch check
+    counter = ReadCounter(monkeypatch)
+    trainer.train()
+    monkeypatch.undo()
+    writer.close()
+    assert counter.calls == ["on_pre_optimizer_step:tolist"] * 3, counter.calls
+    steps = of_type(events_of(run_dir.path), "step")
+    assert [s["step"] for s in steps] == [1, 2, 3] and all(s["loss"] > 0 and s["grad_norm"] > 0 for s in steps)
+
+
+def test_a_non_finite_micro_batch_still_skips_its_update(home, tmp_path):
+    from sftop.engine.train.trainer import UpdateGuard
+
+    guard = UpdateGuard(max_bad_steps=3)
+    model = torch.nn.Linear(2, 1)
+    model(torch.ones(1, 2)).sum().backward()
+    for loss in (1.0, float("nan"), 2.0):
+        guard.note_loss(torch.tensor(loss))
+    guard.on_pre_optimizer_step(None, None, None, model=model)
+    assert guard.step_bad and guard.consecutive == 1 and all(p.grad is None for p in model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    guard.note_loss(torch.tensor(1.5))
+    guard.on_pre_optimizer_step(None, None, None, model=model)
+    assert not guard.step_bad and guard.consecutive == 0 and guard.last_grad_norm == pytest.approx(
+        torch.tensor([1.0, 1.0, 1.0]).norm().item())
