@@ -28,12 +28,15 @@ from trl import DPOConfig, DPOTrainer
 
 from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
 
-def build_dpo_config(preset, plan, *, output_dir: Path, dtype: str, has_eval: bool, on_cuda: bool | None = None):
-    """The SFT run's TrainingArguments (same optimizer, schedule, checkpointing, logging) + the DPO keys."""
+def build_dpo_config(preset, plan, *, output_dir: Path, dtype: str, has_eval: bool, on_cuda: bool | None = None,
+                     vision: bool = False):
+    """The SFT run's TrainingArguments (same optimizer, schedule, checkpointing, logging) + the DPO keys.
+
+    `vision`: the dataset holds pair indices for sftop's vision collator, so no column is removed."""
     from sftop.engine.train.config import build_sft_config
 
     sft = build_sft_config(preset, plan, output_dir=output_dir, dtype=dtype, packing=False, has_eval=has_eval,
-                           on_cuda=on_cuda)
+                           on_cuda=on_cuda, vision=vision)
     common = {f.name: getattr(sft, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     dpo = preset.dpo
     return DPOConfig(
@@ -86,8 +89,10 @@ class SftopDPOTrainer(DPOTrainer):
                 install_logprob_head(self.ref_model)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        # sftop's data pipeline already tokenised the pairs (and applied the length policy)
-        if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(getattr(dataset, "column_names", None) or []):
+        # sftop's data pipeline already tokenised the pairs (and applied the length policy); a vision
+        # run's dataset holds pair indices that sftop's collator turns into batches
+        columns = set(getattr(dataset, "column_names", None) or [])
+        if {"prompt_ids", "chosen_ids", "rejected_ids"} <= columns or columns == {"row"}:
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
@@ -121,8 +126,9 @@ def build_dpo_trainer(run):
     from sftop.engine.train.callbacks import RunEvents
 
     preset = run.preset
+    vision = getattr(run, "vision", None) is not None
     args = build_dpo_config(preset, run.plan, output_dir=run.run_dir.checkpoints, dtype=run.info.dtype,
-                            has_eval=run.data.eval is not None, on_cuda=torch.cuda.is_available())
+                            has_eval=run.data.eval is not None, on_cuda=torch.cuda.is_available(), vision=vision)
     ref_model = None
     if preset.dpo.reference != "adapter-off":
         ref_model = getattr(run, "dpo_reference", None)
@@ -132,6 +138,9 @@ def build_dpo_trainer(run):
     events = RunEvents(run.writer, started=run.started_event, stop_requested=lambda: run.signals.requested,
                        checkpoint_request=run.run_dir.path / "control" / "checkpoint")
     parts = (run.info.kernels.get("parts") or {}) if run.info.kernels.get("enabled") else {}
+    # a VLM's loss part stays stock (it assumes a causal LM), but the log-prob head needs only the
+    # language model's hidden states and its lm_head, which every family has
+    fused_head = parts.get("loss") == "fused" or (vision and bool(parts))
     trainer = SftopDPOTrainer(
         model=run.model,
         ref_model=ref_model,
@@ -143,7 +152,8 @@ def build_dpo_trainer(run):
         guard=guard,
         save_total_limit=preset.train.save_total_limit,
         on_checkpoint=run.on_checkpoint,
-        kernel_head=parts.get("loss") == "fused",
+        kernel_head=fused_head,
+        **({"data_collator": run.data.collator} if vision else {}),
         # starting from an earlier adapter: the reference is that adapter, frozen as it was
         keep_ref_adapter=bool(preset.model.adapter) and ref_model is None,
     )
