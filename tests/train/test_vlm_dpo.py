@@ -1,0 +1,155 @@
+"""Vision-language DPO on the CPU: pairs with images read in TRL's and RLAIF-V's layouts, checked
+image by image, collated by the family's processor, trained by SftopDPOTrainer on the tiny Qwen2-VL;
+the reference is the adapter-off policy."""
+
+import json
+
+import pytest
+import torch
+
+from sftop.engine.events import read_events
+from sftop.engine.models.vision.loading import load_processor
+from sftop.engine.models.vision.registry import family_for_model_type
+from sftop.engine.train.runner import run_training
+from sftop.engine.train.vision_dpo_data import answer_mask, prepare_vision_preferences
+from train_helpers import in_home, of_type
+from vlm_helpers import COLOURS, vlm_preset, write_colour_preferences
+
+FAMILY = family_for_model_type("qwen2_vl")
+
+
+def _dpo_preset(source, **sections):
+    train = {"task": "dpo", "max_steps": 12, "effective_batch": 8, "learning_rate": 3e-3, "save_steps": 12,
+             **sections.pop("train", {})}
+    return vlm_preset(source, train=train, plan={"micro_batch": 8, "grad_accum": 1},
+                      data={"max_bad_fraction": 0.2, **sections.pop("data", {})}, **sections)
+
+
+@pytest.fixture(scope="module")
+def vlm_dpo_run(sftop_home, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vlm-pairs")
+    source = write_colour_preferences(folder, rows=9, bad={4: "missing"})
+    run_dir = tmp_path_factory.mktemp("vlm-dpo-run")
+    mp = in_home(sftop_home)
+    try:
+        code = run_training(_dpo_preset(source), run_dir)
+    finally:
+        mp.undo()
+    return code, run_dir
+
+
+def test_vlm_dpo_learns_the_preferred_colour(vlm_dpo_run):
+    code, run_dir = vlm_dpo_run
+    records = read_events(run_dir / "events.jsonl")[0]
+    assert code == 0, records[-1]
+    started = of_type(records, "run_started")[0]
+    assert started["data"]["task"] == "dpo" and started["data"]["rows"] == 8 and started["data"]["rows_skipped"] == 1
+    assert "image 1: file img/4.png" in started["data"]["problems"][0]["reason"]
+    assert started["data"]["images"]["images"] == 8
+    assert started["kernels"]["reference"] == "adapter off"
+    steps = of_type(records, "step")
+    assert [s["step"] for s in steps] == list(range(1, 13))
+    # policy == reference at the start: log 2, no margin, no pair preferred yet
+    assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3) and steps[0]["reward_accuracy"] == 0.0
+    last = steps[-3:]
+    assert sum(s["reward_accuracy"] for s in last) / 3 >= 0.75, [s["reward_accuracy"] for s in steps]
+    assert all(s["reward_margin"] > 0.2 for s in last) and all(s["reward_chosen"] > s["reward_rejected"] for s in last)
+    assert sum(s["loss"] for s in last) / 3 < 0.6931 - 0.15, [s["loss"] for s in steps]
+    assert records[-1]["type"] == "run_finished" and (run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("layout", ["trl", "rlaif-v"])
+def test_pairs_are_read_checked_and_collated_per_side(tmp_path, layout):
+    source = write_colour_preferences(tmp_path, rows=5, layout=layout, bad={1: "corrupt"})
+    lines = source.read_text().splitlines()
+    long = json.loads(lines[3])
+    if layout == "trl":
+        long["prompt"][0]["content"][1]["text"] = "What colour is the shape? " * 20
+    else:
+        long["question"] = "What colour is the shape? " * 20
+    lines[3] = json.dumps(long)
+    source.write_text("\n".join(lines) + "\n")
+    preset = _dpo_preset(source, data={"max_bad_fraction": 0.5})
+    processor = load_processor(preset.model, FAMILY)
+    data = prepare_vision_preferences(preset, processor, FAMILY)
+    assert data.format == "preference" and data.stats.rows == 3
+    reasons = {p.index: p.reason for p in data.report.problems}
+    assert reasons[1].startswith("image 1: file img/1.png is truncated")
+    assert reasons[3].startswith("pair is too long") and "dropped, not truncated" in reasons[3]
+    batch = data.collator([{"row": 0}, {"row": 2}])
+    # [chosen of both pairs; rejected of both], each side with its pair's image
+    assert batch["input_ids"].shape[0] == 4 and batch["image_grid_thw"].shape[0] == 4
+    assert "labels" not in batch
+    pairs = [json.loads(lines[i]) for i in (0, 4)]
+    side = (lambda p, s: p[s][0]["content"][0]["text"]) if layout == "trl" else (lambda p, s: p[s])
+    expected = [side(p, "chosen") for p in pairs] + [side(p, "rejected") for p in pairs]
+    answers = [processor.tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(batch["input_ids"], batch["completion_mask"])]
+    assert answers == [f"{colour}<|im_end|>" for colour in expected]
+    assert all(colour in COLOURS for colour in expected)
+
+
+def test_answer_mask_skips_the_prompts_own_answers():
+    ignore = -100
+    labels = [ignore, 5, 6, ignore, ignore, 7, 8, ignore, 9, ignore]
+    assert answer_mask(labels, 0) == [False, True, True, False, False, True, True, False, True, False]
+    assert answer_mask(labels, 2) == [False] * 8 + [True, False]
+
+
+def test_reference_log_probs_are_the_adapter_off_model(tmp_path):
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    from sftop.engine.models.vision.loading import load_vision_model
+    from sftop.engine.train.dpo import SftopDPOTrainer
+    from sftop.engine.train.trainer import UpdateGuard
+
+    source = write_colour_preferences(tmp_path, rows=3)
+    preset = _dpo_preset(source)
+    data = prepare_vision_preferences(preset, load_processor(preset.model, FAMILY), FAMILY)
+    model, processor, _ = load_vision_model(preset, FAMILY)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained-looking adapter, so adapter on and off differ
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    args = DPOConfig(output_dir=str(tmp_path / "out"), max_length=None, remove_unused_columns=False,
+                     report_to=[], use_cpu=True, bf16=False)
+    trainer = SftopDPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"row": [0, 1, 2]}),
+                              processing_class=processor, data_collator=data.collator, guard=UpdateGuard(3),
+                              save_total_limit=1)
+    batch = data.collator([{"row": 0}, {"row": 1}, {"row": 2}])
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(model, batch)
+
+    def sequence_logps(adapter: bool):
+        inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+        with torch.no_grad():
+            if adapter:
+                logits = model(**inputs).logits
+            else:
+                with model.disable_adapter():
+                    logits = model(**inputs).logits
+        logp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        return (logp * batch["completion_mask"][:, 1:]).sum(-1)
+
+    off, on = sequence_logps(False), sequence_logps(True)
+    assert torch.allclose(torch.cat([ref_chosen, ref_rejected]).double(), off, atol=1e-4), (ref_chosen, off)
+    assert (on - off).abs().max() > 1e-2  # the adapter matters: equality above is the adapter being off
+
+
+def test_data_check_decodes_the_images_and_names_bad_pairs(tmp_path):
+    from sftop.engine.data.check import check_data, render_check
+    from sftop.engine.train.vision_data import image_tokens_for_plan, vision_check_kwargs
+
+    source = write_colour_preferences(tmp_path, rows=6, layout="rlaif-v", bad={2: "corrupt", 5: "missing"})
+    preset = _dpo_preset(source, data={"max_bad_fraction": 0.5})
+    result = check_data(preset, **vision_check_kwargs(preset))
+    assert (result.rows_read, result.bad_rows, result.usable_rows) == (6, 2, 4)
+    assert [p.index for p in result.problems] == [2, 5]
+    assert result.problems[0].reason == "image 1: file img/2.png is truncated (the file ends before the image does)"
+    assert result.images["images"] == 4 and result.images["image_tokens_max"] == 6
+    assert result.stats.chosen.max == 4 and result.stats.prompt.max == 48  # image tokens counted in the prompt
+    text = render_check(result)
+    assert "images    4 in 4 pairs" in text and "row 5: image 1:" in text
+    assert "<|image_pad|>×4" in text  # the sample's image shown as its token count, not 4 tokens
+    # `sftop plan` sizes the image terms from the same pairs
+    assert image_tokens_for_plan(preset) == [6, 6, 6, 6]
