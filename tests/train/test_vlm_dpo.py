@@ -136,3 +136,20 @@ def test_reference_log_probs_are_the_adapter_off_model(tmp_path):
     # the loss's reference is the adapter-off model, and the adapter matters (on != off)
     assert torch.allclose(got, off, atol=1e-3), (got, off)
     assert (on - off).abs().max() > 1e-2
+
+
+def test_builtin_shapes_preferences_are_clean_pairs():
+    from sftop.engine.data.builtin import load_builtin
+    from sftop.engine.data.shapes import ANSWERS
+
+    rows = load_builtin("builtin:shapes-preferences")
+    assert len(rows) == 1000
+    for row in rows[:200]:
+        chosen, rejected = (row[side][0]["content"][0]["text"] for side in ("chosen", "rejected"))
+        assert chosen != rejected and {chosen, rejected} <= set(ANSWERS[row["kind"]])
+        placeholders = sum(1 for part in row["prompt"][0]["content"] if part["type"] == "image")
+        assert placeholders == len(row["images"]) in (1, 2)
+    preset = vlm_preset("builtin:shapes-preferences", train={"task": "dpo"}, data={"max_rows": 40, "max_length": 128})
+    data = prepare_vision_preferences(preset, load_processor(preset.model, FAMILY), FAMILY)
+    assert data.report.bad_rows == 0 and data.stats.rows == 40
+    assert max(data.images_per_row) == 2  # the two-image questions come through too
