@@ -153,3 +153,53 @@ def test_builtin_shapes_preferences_are_clean_pairs():
     data = prepare_vision_preferences(preset, load_processor(preset.model, FAMILY), FAMILY)
     assert data.report.bad_rows == 0 and data.stats.rows == 40
     assert max(data.images_per_row) == 2  # the two-image questions come through too
+
+
+def test_fused_logprob_head_scores_the_vlm_as_its_logits_do(tmp_path):
+    """The head a GPU run installs on the VLM (`kernels` on): the language model's hidden states through
+    the fused log-prob kernel give the logits' log-probabilities, forward and backward."""
+    from sftop.kernels.patching.logprob_head import install_logprob_head
+
+    source = write_colour_preferences(tmp_path, rows=2)
+    preset = _dpo_preset(source)
+    data = prepare_vision_preferences(preset, load_processor(preset.model, FAMILY), FAMILY)
+    batch = data.collator([{"row": 0}, {"row": 1}])
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    model = FAMILY.tiny_model(seed=0).float()
+    head = model.get_output_embeddings().weight
+
+    logits = model(**inputs).logits
+    expected = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    expected = expected * (labels[:, 1:] != -100)
+    (g_expected,) = torch.autograd.grad(expected.sum(), head)
+
+    assert install_logprob_head(model) == "fused"
+    got = model(**inputs, labels=labels, fused_lm_head=True).log_probs
+    (g_got,) = torch.autograd.grad(got.sum(), head)
+    assert torch.allclose(got.double(), expected, atol=1e-4)
+    assert torch.allclose(g_got.double(), g_expected.double(), atol=1e-4, rtol=1e-3)
+    assert expected.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("four_bit", [False, True], ids=["bf16", "nf4"])
+def test_vlm_dpo_on_a_gpu_learns_through_the_fused_head(sftop_home, tmp_path, four_bit):
+    """A GPU run with the kernels on: the log-prob head on the VLM is sftop's fused one, in bf16 and
+    4-bit (QLoRA on the language model), and the pairs are still learned."""
+    source = write_colour_preferences(tmp_path / "data", rows=9)
+    preset = _dpo_preset(source, train={"kernels": "auto"}, model={"load_in_4bit": four_bit, "dtype": "bf16"})
+    mp = in_home(sftop_home)
+    try:
+        code = run_training(preset, tmp_path / "run")
+    finally:
+        mp.undo()
+    records = read_events(tmp_path / "run" / "events.jsonl")[0]
+    assert code == 0, records[-1]
+    started = of_type(records, "run_started")[0]
+    assert started["kernels"]["logprob_head"] == "fused" and started["kernels"]["reference"] == "adapter off"
+    steps = of_type(records, "step")
+    assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-2)
+    assert sum(s["reward_accuracy"] for s in steps[-3:]) / 3 >= 0.75, [s["reward_accuracy"] for s in steps]
+    assert sum(s["loss"] for s in steps[-3:]) / 3 < 0.6931 - 0.1, [s["loss"] for s in steps]
