@@ -248,10 +248,12 @@ def main(argv=None) -> int:
             cmd += ["--4bit"]
         if args.model_dir:
             cmd += ["--model-dir", args.model_dir]
-        if path == "unsloth" and args.peer_pythonpath:
-            inherited = os.environ.get("PYTHONPATH", "")
-            cmd = ["env", f"PYTHONPATH={args.peer_pythonpath}" + (f":{inherited}" if inherited else ""),
-                   "UNSLOTH_DISABLE_STATISTICS=1", *cmd]
+        if path == "unsloth":
+            env = ["UNSLOTH_DISABLE_STATISTICS=1"]  # no network calls from a benchmark
+            if args.peer_pythonpath:
+                inherited = os.environ.get("PYTHONPATH", "")
+                env.append(f"PYTHONPATH={args.peer_pythonpath}" + (f":{inherited}" if inherited else ""))
+            cmd = ["env", *env, *cmd]
         return cmd
 
     results = step_bench.run_paths(paths, command)
