@@ -188,8 +188,11 @@ def test_fused_logprob_head_scores_the_vlm_as_its_logits_do(tmp_path):
 def test_vlm_dpo_on_a_gpu_learns_through_the_fused_head(sftop_home, tmp_path, four_bit):
     """A GPU run with the kernels on: the log-prob head on the VLM is sftop's fused one, in bf16 and
     4-bit (QLoRA on the language model), and the pairs are still learned."""
-    source = write_colour_preferences(tmp_path / "data", rows=9)
-    preset = _dpo_preset(source, train={"kernels": "auto"}, model={"load_in_4bit": four_bit, "dtype": "bf16"})
+    source = write_colour_preferences(tmp_path / "data", rows=8)  # one batch of 8 pairs, every step
+    # bf16 moves in coarser steps than the CPU tests' fp32: 24 steps (seconds on a GPU)
+    preset = _dpo_preset(source, train={"kernels": "auto", "max_steps": 24, "save_steps": 24})
+    preset = preset.model_copy(update={"model": preset.model.model_copy(update={"load_in_4bit": four_bit,
+                                                                                 "dtype": "bf16"})})
     mp = in_home(sftop_home)
     try:
         code = run_training(preset, tmp_path / "run")
@@ -245,3 +248,24 @@ def test_every_family_collates_pairs_and_takes_a_dpo_step(name, tmp_path):
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert max(g.abs().max().item() for g in grads) > 0  # the preference reaches the adapter
+
+
+def test_a_vlm_run_continues_an_earlier_adapter(tmp_path):
+    """model.adapter on a VLM (DPO after VLM SFT): the adapter is loaded, trainable, not a fresh one."""
+    from sftop.engine.models.vision.loading import load_vision_model
+
+    source = write_colour_preferences(tmp_path, rows=2)
+    first, _, _ = load_vision_model(_dpo_preset(source), FAMILY)
+    with torch.no_grad():
+        for name, param in first.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    first.save_pretrained(tmp_path / "sft-adapter")
+    saved = {n: p.detach().clone() for n, p in first.named_parameters() if "lora_" in n}
+    preset = _dpo_preset(source, lora={"r": 16})
+    preset = preset.model_copy(update={"model": preset.model.model_copy(update={"adapter": str(tmp_path / "sft-adapter")})})
+    model, _, info = load_vision_model(preset, FAMILY)
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert set(loaded) == set(saved)
+    assert all(torch.equal(loaded[n].detach(), saved[n]) and loaded[n].requires_grad for n in saved)
+    assert info.params_trainable == sum(p.numel() for p in saved.values())  # its own r (8), not lora.r = 16
