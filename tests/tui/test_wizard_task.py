@@ -65,7 +65,9 @@ async def test_dpo_is_picked_by_keys_and_the_pairs_are_checked(services):
         await pilot.press("ctrl+b")
         assert picker.task == "dpo"
         picker.focus()
+        as_pairs = data.result
         await pilot.press("left", "enter")
-        await wait_until(pilot, lambda: data.checked_source is None or data.checking or data.error, timeout=10)
-        await wait_until(pilot, _checked(data, "builtin:arithmetic-preferences"), timeout=120)
-        assert picker.task == "sft" and (data.error or data.result.format != "preference")
+        await wait_until(pilot, lambda: data.result is not as_pairs and _checked(data, "builtin:arithmetic-preferences")(),
+                         timeout=120)
+        assert picker.task == "sft" and app.screen.query_one(DatasetStep)._draft.train.task == "sft"
+        assert data.error or data.result.format != "preference"
