@@ -29,14 +29,14 @@ async def test_dpo_is_picked_by_keys_and_the_pairs_are_checked(services):
         data = app.screen.query_one(DatasetStep)
         await wait_until(pilot, _checked(data, "builtin:arithmetic"), timeout=120)
         picker = app.screen.query_one(TaskPicker)
-        assert picker.task == "sft" and "SFT: conversations" in str(picker.query_one("#task-sft").label)
+        assert picker.chosen_task == "sft" and "SFT: conversations" in str(picker.query_one("#task-sft").label)
         assert picker.region.bottom <= 24 and picker.region.height == 1  # one line, on screen at 80x24
 
         # shift+tab from the samples list reaches the picker; right, enter picks DPO
         await pilot.press("shift+tab")
         assert app.focused is picker
         await pilot.press("right", "enter")
-        assert picker.task == "dpo"
+        assert picker.chosen_task == "dpo"
         # the conversations are read again as preference pairs, and refused with what to do
         await wait_until(pilot, _checked(data, "builtin:arithmetic"), timeout=120)
         assert data.error and "as preference pairs" in data.error and "chosen" in data.error
@@ -63,11 +63,11 @@ async def test_dpo_is_picked_by_keys_and_the_pairs_are_checked(services):
 
         # back on the dataset step the picker shows the draft's task; SFT again re-checks as conversations
         await pilot.press("ctrl+b")
-        assert picker.task == "dpo"
+        assert picker.chosen_task == "dpo"
         picker.focus()
         as_pairs = data.result
         await pilot.press("left", "enter")
         await wait_until(pilot, lambda: data.result is not as_pairs and _checked(data, "builtin:arithmetic-preferences")(),
                          timeout=120)
-        assert picker.task == "sft" and app.screen.query_one(DatasetStep)._draft.train.task == "sft"
+        assert picker.chosen_task == "sft" and app.screen.query_one(DatasetStep)._draft.train.task == "sft"
         assert data.error or data.result.format != "preference"

@@ -10,6 +10,7 @@ TUI's dataset step reads from a `DataCheckResult`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from sftop.engine.data.check import RowVerdict
 from sftop.engine.data.conversation import RowProblem
@@ -82,6 +83,7 @@ def check_preferences(preset: Preset, tokenizer=None, *, max_rows: int | None = 
 
     family = family_on_disk(preset.model.name)
     images = None
+    prefs: Any
     if family is not None:  # a vision-language model: images decoded and checked, sides measured with them
         from sftop.engine.models.vision.loading import load_processor
         from sftop.engine.train.vision_dpo_data import read_vision_preferences

@@ -137,7 +137,7 @@ class DatasetStep(Step):
 
     @on(TaskPicker.Changed, "#data-task")
     def on_task(self, event: TaskPicker.Changed) -> None:
-        task = self.query_one(TaskPicker).task
+        task = self.query_one(TaskPicker).chosen_task
         if self._draft is None or task == self._draft.train.task:
             return
         try:

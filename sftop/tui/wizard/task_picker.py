@@ -18,7 +18,7 @@ TASKS = (("sft", "SFT: conversations"), ("dpo", "DPO: preference pairs"))
 
 
 class TaskPicker(RadioSet):
-    """One radio button per task; `task` is the one pressed."""
+    """One radio button per task; `chosen_task` is the one pressed."""
 
     def __init__(self, task: str = "sft", **kwargs):
         super().__init__(**kwargs)
@@ -29,7 +29,7 @@ class TaskPicker(RadioSet):
             yield RadioButton(label, value=task == self._initial, id=f"task-{task}", compact=True)
 
     @property
-    def task(self) -> str:
+    def chosen_task(self) -> str:
         index = self.pressed_index
         return TASKS[index][0] if index >= 0 else "sft"
 
@@ -56,8 +56,8 @@ def task_fields(draft: Any, task: str) -> dict:
 def preference_lines(result: Any) -> list[Text]:
     """The data check's lines only preference pairs have: each side's token lengths, the pairs
     dropped as too long, and their images (a vision-language model).  [] for an SFT check."""
-    stats = getattr(result, "stats", None)
-    if not hasattr(stats, "pair_max"):
+    stats: Any = getattr(result, "stats", None)
+    if stats is None or not hasattr(stats, "pair_max"):
         return []
     lengths = Text()
     for name in ("prompt", "chosen", "rejected"):
