@@ -269,3 +269,22 @@ def test_a_vlm_run_continues_an_earlier_adapter(tmp_path):
     assert set(loaded) == set(saved)
     assert all(torch.equal(loaded[n].detach(), saved[n]) and loaded[n].requires_grad for n in saved)
     assert info.params_trainable == sum(p.numel() for p in saved.values())  # its own r (8), not lora.r = 16
+
+
+def test_data_check_decodes_the_images_and_names_bad_pairs(tmp_path):
+    from sftop.engine.data.check import check_data, render_check
+    from sftop.engine.train.vision_data import image_tokens_for_plan, vision_check_kwargs
+
+    source = write_colour_preferences(tmp_path, rows=6, layout="rlaif-v", bad={2: "corrupt", 5: "missing"})
+    preset = _dpo_preset(source, data={"max_bad_fraction": 0.5})
+    result = check_data(preset, **vision_check_kwargs(preset))
+    assert (result.rows_read, result.bad_rows, result.usable_rows) == (6, 2, 4)
+    assert [p.index for p in result.problems] == [2, 5]
+    assert result.problems[0].reason == "image 1: file img/2.png is truncated (the file ends before the image does)"
+    assert result.images["images"] == 4 and result.images["image_tokens_max"] == 6
+    assert result.stats.chosen.max == 4 and result.stats.prompt.max == 48  # image tokens counted in the prompt
+    text = render_check(result)
+    assert "images    4 in 4 pairs" in text and "row 5: image 1:" in text
+    assert "<|image_pad|>×4" in text  # the sample's image shown as its token count, not 4 tokens
+    # `sftop plan` sizes the image terms from the same pairs
+    assert image_tokens_for_plan(preset) == [6, 6, 6, 6]
