@@ -8,12 +8,26 @@ AdamW at lr 2e-4, reference = the model with its adapter disabled:
 - stock: the base model + `peft_config` handed to `trl.DPOTrainer` (TRL's chunked log-prob head).
 - sftop: `sftop.kernels.patch_model` on the LoRA model and `SftopDPOTrainer` with the fused linear
   log-prob head (`sftop.kernels.fused_linear_logprob`) on the policy and reference forwards.
+- unsloth (when `--paths` names it): Unsloth's recipe, `PatchDPOTrainer()`, then
+  `FastLanguageModel.from_pretrained` and `get_peft_model(use_gradient_checkpointing="unsloth")`, in
+  TRL's `DPOTrainer`.  Unsloth is imported in its own process, first, as it asks; where it cannot be
+  imported (not installed, or a TRL release it does not accept) the path says so and is skipped.
+  Unsloth accepts older TRL releases than sftop: `--peer-pythonpath DIRS` puts the folders holding
+  Unsloth and the TRL it accepts in front of that process's PYTHONPATH only.
+
+4-bit (`--4bit`): NF4 with double quantisation and bf16 compute, as a QLoRA user loads it.
+bitsandbytes quantises while loading, so the random-init model is saved once (bf16 safetensors, in
+/dev/shm where it exists: an 8B checkpoint is 16 GB) and every path loads it from there; Unsloth's
+path loads that checkpoint in bf16 runs too.  Each result carries `load_s`, the seconds its
+process spent building the model, apart from the timed steps.
 
 Each path runs in its own subprocess of this script so that memory peaks and patches never leak
 from one into the other; one command measures both and prints the ratio.
 
   python benchmarks/dpo_step.py --model llama-3.2-1b --pairs 2 --seq 1024 --json dpo_1b.json
-  python benchmarks/dpo_step.py --model llama-3.1-8b --4bit --json dpo_8b_nf4.json
+  python benchmarks/dpo_step.py --model llama-3.1-8b --steps 4 --warmup 2 --json dpo_8b.json
+  python benchmarks/dpo_step.py --model llama-3.1-8b --4bit --steps 4 --warmup 2 --json dpo_8b_nf4.json
+  python benchmarks/dpo_step.py --model llama-3.2-1b --paths stock,sftop,unsloth --peer-pythonpath PEER_DIRS
   TRITON_INTERPRET=1 python benchmarks/dpo_step.py --model tiny --device cpu --steps 2 --warmup 1   # smoke run
 """
 
@@ -45,12 +59,27 @@ def _dataset(args, vocab: int):
                               "rejected_ids": ids(args.answer)})
 
 
+def _unsloth_model(args):
+    """Unsloth's QLoRA/LoRA recipe on the saved random-init checkpoint (its loader reads a directory)."""
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(args.model_dir, max_seq_length=args.seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=args.four_bit)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules=step_bench.LORA_TARGETS, bias="none",
+                                             use_gradient_checkpointing="unsloth", random_state=0)
+    return model, None, None
+
+
 def _model(args, path: str):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     torch.manual_seed(0)
+    if path == "unsloth":
+        return _unsloth_model(args)
     if args.four_bit:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
@@ -71,13 +100,27 @@ def _model(args, path: str):
     return model, None, patch_model(model).to_dict()
 
 
+def _unsloth_unavailable() -> str | None:
+    """Why Unsloth's DPO cannot run in this process, or None once it is imported and patched.
+    Must run before transformers and TRL are imported: Unsloth patches them on import."""
+    try:
+        import unsloth  # noqa: F401
+        from unsloth import PatchDPOTrainer
+    except Exception as exc:  # noqa: BLE001 - ImportError, or Unsloth refusing this TRL / GPU
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+    PatchDPOTrainer()
+    return None
+
+
 def _one(args, path: str) -> dict:
+    if path == "unsloth":
+        why = _unsloth_unavailable()
+        if why is not None:
+            return dict(path=path, unavailable=why)
+    t_load = time.perf_counter()
     import torch
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
-
-    from sftop.engine.train.dpo import SftopDPOTrainer
-    from sftop.engine.train.trainer import UpdateGuard
 
     class Pretokenised(DPOTrainer):
         def _prepare_dataset(self, dataset, *a, **k):  # the same ids for both paths
@@ -112,8 +155,14 @@ def _one(args, path: str) -> dict:
     common = dict(args=cfg, train_dataset=_dataset(args, vocab), processing_class=tokenizer, callbacks=[timer])
     if path == "stock":
         trainer = Pretokenised(model=model, peft_config=peft_config, **common)
+    elif path == "unsloth":
+        trainer = Pretokenised(model=model, ref_model=None, **common)
     else:
+        from sftop.engine.train.dpo import SftopDPOTrainer
+        from sftop.engine.train.trainer import UpdateGuard
+
         trainer = SftopDPOTrainer(model=model, guard=UpdateGuard(5), save_total_limit=1, kernel_head=True, **common)
+    load_s = time.perf_counter() - t_load
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -121,11 +170,29 @@ def _one(args, path: str) -> dict:
     step_s = sum(measured) / len(measured)
     tokens = 2 * args.pairs * args.seq  # chosen + rejected sides per step (the reference pass not counted)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    head = getattr(trainer, "sftop_head", "unsloth" if path == "unsloth" else "trl chunked")
     out = dict(path=path, step_s=step_s, tokens_per_s=tokens / step_s, pairs_per_s=args.pairs / step_s,
-               losses=losses, kernels=report, head=getattr(trainer, "sftop_head", "trl chunked"))
+               losses=losses, kernels=report, head=head, load_s=round(load_s, 1))
     if args.device == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 1024**3
     return out
+
+
+def _checkpoint(args):
+    """The random-init model saved once for loaders that read a directory (bitsandbytes' 4-bit
+    quantisation, Unsloth), in memory-backed /dev/shm where it exists, with the benchmark's tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        size = 2 * AutoModelForCausalLM.from_config(step_bench._config(args.model)).num_parameters()
+    shm = "/dev/shm"
+    fits = os.path.isdir(shm) and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 1.2 * size
+    tmp = step_bench.random_checkpoint(args.model, args.device, dir=shm if fits else None)
+    _tokenizer(step_bench.SHAPES[args.model]["vocab_size"]).save_pretrained(tmp.name)
+    return tmp
 
 
 def _tokenizer(vocab: int):
@@ -145,7 +212,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--4bit", dest="four_bit", action="store_true")
-    ap.add_argument("--paths", default="stock,sftop", help="comma-separated: stock, sftop")
+    ap.add_argument("--paths", default="stock,sftop", help="comma-separated: stock, sftop, unsloth")
+    ap.add_argument("--peer-pythonpath", default="",
+                    help="folders put first on the unsloth path's PYTHONPATH (Unsloth and the TRL it accepts)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (TRITON_INTERPRET=1)")
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -153,6 +222,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.answer >= args.seq:
         ap.error("--answer must be smaller than --seq")
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = sorted(set(paths) - {"stock", "sftop", "unsloth"})
+    if unknown:
+        ap.error(f"unknown path(s) {', '.join(unknown)}: choose among stock, sftop, unsloth")
 
     if args.one:
         print("RESULT " + json.dumps(_one(args, args.one)), flush=True)
@@ -163,18 +236,27 @@ def main(argv=None) -> int:
     import trl
 
     tmp = None
-    if args.four_bit and not args.model_dir:
-        tmp = step_bench.random_checkpoint(args.model, args.device)
+    if (args.four_bit or "unsloth" in paths) and not args.model_dir:
+        tmp = _checkpoint(args)
         args.model_dir = tmp.name
+
     def command(path: str) -> list[str]:
         cmd = [sys.executable, __file__, "--one", path, "--model", args.model, "--pairs", str(args.pairs),
                "--seq", str(args.seq), "--answer", str(args.answer), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--device", args.device]
         if args.four_bit:
-            cmd += ["--4bit", "--model-dir", args.model_dir]
+            cmd += ["--4bit"]
+        if args.model_dir:
+            cmd += ["--model-dir", args.model_dir]
+        if path == "unsloth":
+            env = ["UNSLOTH_DISABLE_STATISTICS=1"]  # no network calls from a benchmark
+            if args.peer_pythonpath:
+                inherited = os.environ.get("PYTHONPATH", "")
+                env.append(f"PYTHONPATH={args.peer_pythonpath}" + (f":{inherited}" if inherited else ""))
+            cmd = ["env", *env, *cmd]
         return cmd
 
-    results = step_bench.run_paths(args.paths.split(","), command)
+    results = step_bench.run_paths(paths, command)
     out = dict(
         model=args.model, pairs=args.pairs, seq=args.seq, answer=args.answer, steps=args.steps, warmup=args.warmup,
         four_bit=args.four_bit, device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
@@ -184,7 +266,10 @@ def main(argv=None) -> int:
     print(f"DPO {args.model} {'nf4' if args.four_bit else 'bf16' if args.device == 'cuda' else 'fp32'} {args.pairs} pairs x {args.seq} tokens per side "
           f"on {out['device']}")
     for r in results:
-        if "tokens_per_s" in r:
+        if "unavailable" in r:
+            print(f"  {r['path']:6s} not measured: Unsloth cannot be imported here ({r['unavailable']}); "
+                  "install it, or pass --peer-pythonpath with the folders holding it and the TRL it accepts")
+        elif "tokens_per_s" in r:
             peak = f"peak {r['peak_gib']:6.2f} GiB  " if "peak_gib" in r else ""
             print(f"  {r['path']:6s} {r['tokens_per_s']:10,.0f} tok/s  {peak}"
                   f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  loss {r['losses'][-1]:.4f}  head {r['head']}")

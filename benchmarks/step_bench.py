@@ -57,17 +57,20 @@ def _config(name: str):
     return cfg
 
 
-def random_checkpoint(name: str, device: str) -> tempfile.TemporaryDirectory:
-    """A bf16 random-init model of shape `name` saved to a temporary directory: bitsandbytes
+def random_checkpoint(name: str, device: str, dir: str | None = None) -> tempfile.TemporaryDirectory:
+    """A bf16 random-init model of shape `name` saved to a temporary directory (in `dir`): bitsandbytes
     quantises at load time, so 4-bit runs load from there (keep the object alive meanwhile)."""
     import torch
 
-    tmp = tempfile.TemporaryDirectory()
+    tmp = tempfile.TemporaryDirectory(dir=dir)
     torch.manual_seed(0)
     # random init on the GPU: an 8B model's init on the host alone took minutes
     with torch.device(device):
         model = _model_class(name).from_config(_config(name), dtype=torch.bfloat16)
     model.save_pretrained(tmp.name)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the measured paths run in other processes: leave them the GPU
     return tmp
 
 

@@ -111,3 +111,22 @@ def test_plan_run_shows_image_terms():
     assert "images: pixel tensors" in text and "p95 1024, max 1024" in text
     unchecked = plan_run(preset, QWEN25_VL_3B, gpu_memory_gib=80)
     assert any("no data check yet" in n for n in unchecked.notes)
+
+
+def test_vlm_dpo_counts_each_pairs_images_once_per_side():
+    """A DPO micro-batch of 2 pairs is 4 sequences: the two pairs with the most image tokens, each
+    shown to the vision tower for chosen and for rejected."""
+    from sftop.engine.planner import plan_run
+    from sftop.engine.presets.schema import Preset
+
+    def plan(task):
+        preset = Preset.model_validate({"model": {"name": "local/qwen-vl"}, "data": {"max_length": 1024},
+                                        "plan": {"micro_batch": 2, "gradient_checkpointing": "on"},
+                                        "train": {"effective_batch": 2, "task": task}})
+        return plan_run(preset, QWEN25_VL_3B, gpu_memory_gib=80, image_tokens_per_row=[1024, 512] + [64] * 30)
+
+    sft, dpo = plan("sft"), plan("dpo")
+    assert sft.breakdown["pixel_values"] == pytest.approx((1024 + 512) * 4 * 1176 * 6 / 1024**3, abs=1e-4)
+    # not the four largest pairs (1024 + 512 + 64 + 64): both sides of the two largest
+    assert dpo.breakdown["pixel_values"] == pytest.approx(2 * (1024 + 512) * 4 * 1176 * 6 / 1024**3, abs=1e-4)
+    assert dpo.tokens_per_micro_batch == 2 * 2 * 1024

@@ -72,3 +72,13 @@ def in_home(sftop_home):
     mp.setenv("SFTOP_HOME", str(sftop_home))
     mp.setenv("HF_HUB_OFFLINE", "1")
     return mp
+
+
+def reference_logps_in_loss(trainer, batch):
+    """The mean reference log-probabilities of chosen and rejected that TRL's DPO loss used on
+    `batch`: its logged policy log-probs less its rewards / beta (rewards = beta * (policy - reference))."""
+    trainer.model.train()
+    trainer._metrics["train"].clear()
+    trainer.compute_loss(trainer.model, batch)
+    m = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return tuple(m[f"logps/{side}"] - m[f"rewards/{side}"] / trainer.beta for side in ("chosen", "rejected"))

@@ -56,3 +56,34 @@ def vlm_preset(source, model: str = "builtin:demo-vlm-tiny", **sections) -> Pres
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value}
     return Preset.model_validate(data)
+
+
+def write_colour_preferences(folder: Path, rows: int = 8, seed: int = 0, size: int = 56, layout: str = "trl",
+                             bad: dict | None = None) -> Path:
+    """Preference pairs on the colour pictures: the right colour chosen, another one rejected.
+
+    `layout`: "trl" (TRL's vision layout as in the rlaif-v formatted set: `images` column, `prompt`
+    messages with an image placeholder, `chosen`/`rejected` assistant messages) or "rlaif-v" (RLAIF-V's
+    raw rows: `image`, `question`, `chosen`, `rejected` strings). `bad`: row index -> "missing" or
+    "corrupt" image.
+    """
+    source = write_colour_dataset(folder, rows=rows, seed=seed, size=size, bad=bad)
+    rng = random.Random(seed + 1)
+    lines = []
+    for line in source.read_text().splitlines():
+        row = json.loads(line)
+        colour = row["messages"][1]["content"][0]["text"]
+        wrong = rng.choice(sorted(set(COLOURS) - {colour}))
+        if layout == "rlaif-v":
+            lines.append(json.dumps({"image": row["images"][0], "question": "What colour is the shape?",
+                                     "chosen": colour, "rejected": wrong}))
+        else:
+            lines.append(json.dumps({
+                "images": row["images"],
+                "prompt": [row["messages"][0]],
+                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": colour}]}],
+                "rejected": [{"role": "assistant", "content": [{"type": "text", "text": wrong}]}],
+            }))
+    path = folder / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -16,6 +16,8 @@ same name always yields the same rows.
   operation, or the digits swapped), for the `demo-dpo` preset.
 - `shapes`: pictures of coloured shapes with short questions on colour, shape, count and position,
   single- and two-image rows, for vision-language models (see `shapes.py`).
+- `shapes-preferences`: 1,000 of those questions as preference pairs with their images: the right
+  answer chosen, another answer of the same kind rejected, for vision-language DPO.
 """
 
 from __future__ import annotations
@@ -168,6 +170,12 @@ def shapes() -> list[dict]:
     return generate()
 
 
+def shapes_preferences() -> list[dict]:
+    from sftop.engine.data.shapes import shapes_preferences as generate
+
+    return generate()
+
+
 BUILTINS: dict[str, Callable[[], list[dict]]] = {
     "arithmetic": arithmetic,
     "reverse": reverse,
@@ -179,6 +187,7 @@ BUILTINS: dict[str, Callable[[], list[dict]]] = {
     "sample-broken": sample_broken,
     "arithmetic-preferences": arithmetic_preferences,
     "shapes": shapes,
+    "shapes-preferences": shapes_preferences,
 }
 
 

@@ -2,7 +2,8 @@
 
 Supported layouts (the `data.format` values when training on preferences):
 
-- `preference`: TRL's explicit-prompt form, `{"prompt": ..., "chosen": ..., "rejected": ...}`.
+- `preference`: TRL's explicit-prompt form, `{"prompt": ..., "chosen": ..., "rejected": ...}`
+  (raw RLAIF-V rows name the prompt `question`).
   Each is a string (prompt = one user turn, answers = one assistant turn) or a list of messages.
   When `chosen`/`rejected` repeat the prompt's messages before the answer (UltraFeedback-binarized
   rows do), the repeated prompt is recognised and removed.
@@ -83,7 +84,8 @@ def detect_preference_format(columns: Iterable[str], *, source: str = "the datas
     if {"chosen", "rejected"} <= cols:
         if "score_chosen" in cols and "prompt" in cols:
             return "ultrafeedback"
-        return "preference" if "prompt" in cols else "preference_implicit"
+        # RLAIF-V's raw rows name the prompt `question` (one image per row in `image`)
+        return "preference" if cols & {"prompt", "question"} else "preference_implicit"
     if {"instruction", "completions"} <= cols:
         return "ultrafeedback"
     shown = ", ".join(sorted(cols)) or "none"
@@ -107,6 +109,8 @@ def check_forced_preference_format(fmt: str, columns: Iterable[str], *, source: 
         )
     cols = set(columns)
     need = ("chosen", "rejected") if fmt == "ultrafeedback" and "chosen" in cols else REQUIRED_COLUMNS[fmt]
+    if "question" in cols:
+        need = tuple(c for c in need if c != "prompt")
     missing = [c for c in need if c not in cols]
     if missing:
         raise DataError(
@@ -207,7 +211,7 @@ def normalise_pair(row: dict, fmt: str, index: int = -1) -> PreferencePair:
     if fmt == "ultrafeedback" and "chosen" not in row:
         pair = _ultrafeedback_raw(row)
     elif fmt in ("preference", "ultrafeedback"):
-        prompt_value = row.get("prompt")
+        prompt_value = row.get("prompt", row.get("question"))
         if prompt_value is None or (isinstance(prompt_value, str) and not prompt_value.strip()):
             raise RowError("`prompt` is missing or empty")
         prompt = _side(prompt_value, "prompt", "user")

@@ -10,6 +10,7 @@ TUI's dataset step reads from a `DataCheckResult`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from sftop.engine.data.check import RowVerdict
 from sftop.engine.data.conversation import RowProblem
@@ -44,6 +45,7 @@ class PreferenceCheckResult(RowVerdict):
     quick: bool = False
     loss_on: str = "answers"  # the chosen and rejected answers are scored; the prompt is context
     warnings: list[str] = field(default_factory=list)
+    images: dict | None = None  # a vision-language model's pairs: their images (see `_image_summary`)
 
     def to_dict(self) -> dict:
         return {
@@ -61,6 +63,7 @@ class PreferenceCheckResult(RowVerdict):
             "problems": [p.to_dict() for p in self.problems],
             "sample_index": self.sample_index,
             "quick": self.quick,
+            "images": self.images,
         }
 
 
@@ -76,12 +79,26 @@ def check_preferences(preset: Preset, tokenizer=None, *, max_rows: int | None = 
         tokenizer = load_tokenizer(preset.model)
     else:
         tokenizer_name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-    prefs = read_preferences(section, tokenizer)
+    from sftop.engine.models.vision.detect import family_on_disk
+
+    family = family_on_disk(preset.model.name)
+    images = None
+    prefs: Any
+    if family is not None:  # a vision-language model: images decoded and checked, sides measured with them
+        from sftop.engine.models.vision.loading import load_processor
+        from sftop.engine.train.vision_dpo_data import read_vision_preferences
+
+        processor = load_processor(preset.model, family)
+        tokenizer, tokenizer_name = processor.tokenizer, preset.model.name
+        prefs, _ = read_vision_preferences(section, processor, family)
+        images = _image_summary(prefs)
+    else:
+        prefs = read_preferences(section, tokenizer)
     report = prefs.report
     sample = prefs.encoded[0] if prefs.encoded else None
     spans, rejected = [], ""
     if sample is not None:
-        spans = [(tokenizer.decode(sample.prompt_ids), False), (tokenizer.decode(sample.chosen_ids), True)]
+        spans = [(_collapse_runs(tokenizer.decode(sample.prompt_ids)), False), (tokenizer.decode(sample.chosen_ids), True)]
         rejected = tokenizer.decode(sample.rejected_ids)
     total = prefs.raw.total_rows if prefs.raw.total_rows is not None else report.total_rows
     return PreferenceCheckResult(
@@ -103,7 +120,30 @@ def check_preferences(preset: Preset, tokenizer=None, *, max_rows: int | None = 
         sample_spans=spans,
         sample_rejected=rejected,
         quick=quick and total > report.total_rows,
+        images=images,
     )
+
+
+def _image_summary(prefs) -> dict:
+    """Images of the usable pairs: how many, their final sizes, and the image tokens of one side."""
+    from sftop.engine.data.image_check import SizeSummary
+    from sftop.engine.data.prepare import _percentile
+
+    tokens = sorted(prefs.image_tokens)
+    return {
+        "pairs_with_images": sum(1 for sizes in prefs.image_sizes if sizes),
+        "images": sum(len(sizes) for sizes in prefs.image_sizes),
+        "sizes": SizeSummary.of([final for sizes in prefs.image_sizes for _original, final in sizes]).to_dict(),
+        "image_tokens_p50": _percentile(tokens, 50),
+        "image_tokens_max": tokens[-1] if tokens else 0,
+    }
+
+
+def _collapse_runs(text: str) -> str:
+    """A repeated special token (an image's hundreds of placeholders) shown once with its count."""
+    import re
+
+    return re.sub(r"(<[^<>\s]+>)\1+", lambda m: f"{m.group(1)}×{len(m.group(0)) // len(m.group(1))}", text)
 
 
 def render_preference_check(result: PreferenceCheckResult, color: bool = False) -> str:
@@ -119,6 +159,11 @@ def render_preference_check(result: PreferenceCheckResult, color: bool = False) 
                  f"{result.bad_rows:,} skipped")
     for name, summary in (("prompt", s.prompt), ("chosen", s.chosen), ("rejected", s.rejected)):
         lines.append(f"  {name:<9} tokens p50 {summary.p50:,} · p90 {summary.p90:,} · max {summary.max:,}")
+    if result.images is not None:
+        im, px = result.images, result.images["sizes"]["pixels"]
+        lines.append(f"  images    {im['images']:,} in {im['pairs_with_images']:,} pairs, checked and resized to "
+                     f"{px[0]:,}-{px[2]:,} pixels; {im['image_tokens_p50']:,} image tokens per side "
+                     f"(max {im['image_tokens_max']:,}), shown to the model once per side")
     lines.append(f"  longest   prompt + answer {s.pair_max:,} tokens (data.max_length {result.max_length:,}; "
                  "longer pairs are dropped, never truncated)")
     if s.too_long:

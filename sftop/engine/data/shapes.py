@@ -225,3 +225,34 @@ def shapes_heldout(n: int = 200, seed: int = HELDOUT_SEED) -> list[dict]:
 def row_pictures(row: dict) -> list:
     """The RGB images of a generated row."""
     return [image.convert("RGB") for image in row["images"]]
+
+
+# The answers a question of each kind can have: a rejected answer is another one of them.
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "count": tuple(str(n) for n in range(5)),
+    "position": CORNERS,
+    "compare": ("first", "second"),
+    "colour_of_image": tuple(COLOURS),
+}
+PREFERENCE_ROWS = 1000
+
+
+def shapes_preferences(n: int = PREFERENCE_ROWS, seed: int = SHAPES_SEED) -> list[dict]:
+    """The `builtin:shapes-preferences` set: the first `n` shapes questions as preference pairs in
+    TRL's vision layout (`images`, `prompt` with the image placeholders, `chosen`, `rejected`): the
+    right answer chosen, another answer to the same kind of question rejected (a wrong colour, count,
+    corner, ...), so only the picture tells them apart."""
+    rng = random.Random(seed + 1)
+    pairs = []
+    for row in shapes_rows(max(n, 1), seed)[:n]:
+        wrong = rng.choice([a for a in ANSWERS[row["kind"]] if a != row["answer"]])
+        pairs.append({
+            "images": row["images"],
+            "prompt": [row["messages"][0]],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": row["answer"]}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": wrong}]}],
+            "kind": row["kind"],
+        })
+    return pairs

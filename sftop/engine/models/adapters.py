@@ -14,12 +14,12 @@ from sftop.engine.errors import ModelError, SftopError
 LATEST = "latest:"
 
 
-def resolve_adapter(ref: str) -> Path:
+def resolve_adapter(ref: str, key: str = "model.adapter") -> Path:
     from sftop.engine.export import find_adapter
     from sftop.engine.rundir import list_run_dirs
     from sftop.engine.runs import find_run, summarize
 
-    where = f"model.adapter = {ref!r}"
+    where = f"{key} = {ref!r}"
     path = Path(ref).expanduser()
     if (path / "adapter_config.json").is_file():
         return path.resolve()

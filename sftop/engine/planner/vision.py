@@ -215,6 +215,10 @@ def vision_setup(setup: Any, preset: Any, model_config: Any, shape: Any, image_t
     if parts is None:
         parts = family.default_lora_parts if family is not None else ("language", "attention", "mlp")
     if image_tokens_per_row is not None:
+        if getattr(setup, "preference", False):
+            # DPO: a row is a pair, and its images go through the vision tower once per side (chosen
+            # and rejected are two sequences of the same forward), so each pair's count is two rows'
+            image_tokens_per_row = [n for n in image_tokens_per_row for _side in (0, 1)]
         load = ImageLoad.from_rows(image_tokens_per_row)
     else:
         max_pixels = getattr(preset.data, "max_pixels", None)

@@ -28,12 +28,15 @@ from trl import DPOConfig, DPOTrainer
 
 from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
 
-def build_dpo_config(preset, plan, *, output_dir: Path, dtype: str, has_eval: bool, on_cuda: bool | None = None):
-    """The SFT run's TrainingArguments (same optimizer, schedule, checkpointing, logging) + the DPO keys."""
+def build_dpo_config(preset, plan, *, output_dir: Path, dtype: str, has_eval: bool, on_cuda: bool | None = None,
+                     vision: bool = False):
+    """The SFT run's TrainingArguments (same optimizer, schedule, checkpointing, logging) + the DPO keys.
+
+    `vision`: the dataset holds pair indices for sftop's vision collator, so no column is removed."""
     from sftop.engine.train.config import build_sft_config
 
     sft = build_sft_config(preset, plan, output_dir=output_dir, dtype=dtype, packing=False, has_eval=has_eval,
-                           on_cuda=on_cuda)
+                           on_cuda=on_cuda, vision=vision)
     common = {f.name: getattr(sft, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     dpo = preset.dpo
     return DPOConfig(
@@ -61,8 +64,11 @@ class SftopDPOTrainer(DPOTrainer):
 
     def __init__(self, *args, guard: UpdateGuard, save_total_limit: int,
                  on_checkpoint: Callable[[Path], None] | None = None, kernel_head: bool = False,
-                 keep_ref_adapter: bool = False, **kwargs):
+                 keep_ref_adapter: bool = False, reference_adapter: Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if reference_adapter is not None:  # dpo.reference names an adapter: it replaces TRL's copy
+            load_reference_adapter(self.model, reference_adapter)
+            keep_ref_adapter = True
         self.sftop_guard = guard
         self.sftop_save_total_limit = save_total_limit
         self.sftop_on_checkpoint = on_checkpoint
@@ -74,8 +80,9 @@ class SftopDPOTrainer(DPOTrainer):
             # fresh adapter that copy is the base model, which disabling the adapter gives for free.
             self.model.delete_adapter("ref")
         self.sftop_save_kwargs = {"selected_adapters": ["default"]} if "ref" in peft_config else {}
-        self.sftop_reference = "ref adapter" if "ref" in peft_config else (
-            "separate model" if self.ref_model is not None else "adapter off")
+        self.sftop_reference = f"adapter {reference_adapter}" if reference_adapter is not None else (
+            "ref adapter" if "ref" in peft_config else (
+            "separate model" if self.ref_model is not None else "adapter off"))
         self.sftop_head = "stock: train.kernels off or not available"
         if kernel_head:
             from sftop.kernels.patching.logprob_head import install_logprob_head
@@ -86,8 +93,10 @@ class SftopDPOTrainer(DPOTrainer):
                 install_logprob_head(self.ref_model)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        # sftop's data pipeline already tokenised the pairs (and applied the length policy)
-        if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(getattr(dataset, "column_names", None) or []):
+        # sftop's data pipeline already tokenised the pairs (and applied the length policy); a vision
+        # run's dataset holds pair indices that sftop's collator turns into batches
+        columns = set(getattr(dataset, "column_names", None) or [])
+        if {"prompt_ids", "chosen_ids", "rejected_ids"} <= columns or columns == {"row"}:
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
@@ -101,16 +110,63 @@ class SftopDPOTrainer(DPOTrainer):
         return loss
 
 
+def reference_adapter(ref: str) -> Path | None:
+    """The LoRA adapter `dpo.reference` names (an adapter directory, a run, `latest:PRESET`), or None
+    when it names a model (a model directory or a hub id)."""
+    from sftop.engine.models.adapters import LATEST, resolve_adapter
+    from sftop.engine.rundir import list_run_dirs
+
+    path = Path(ref).expanduser()
+    if (path / "adapter_config.json").is_file():
+        return path.resolve()
+    if (path / "config.json").is_file():
+        return None
+    if ref.startswith(LATEST) or (path / "preset.toml").is_file() or any(r.name == ref for r in list_run_dirs()):
+        return resolve_adapter(ref, key="dpo.reference")
+    return None
+
+
 def load_reference_model(preset):
-    """The separate reference model of `dpo.reference = PATH`, frozen, with the policy's dtype and kernels."""
-    from sftop.engine.models.loading import apply_kernels, load_base_model
+    """The separate reference model of `dpo.reference = MODEL`, frozen, loaded as the policy's base is
+    (dtype, 4-bit, the family's class for a vision-language model), with the same kernels."""
+    from sftop.engine.models.loading import apply_kernels, load_base_model, resolve_attn_implementation, resolve_dtype
+    from sftop.engine.models.vision.loading import apply_vision_kernels, load_vision_base, vision_family
 
     section = preset.model.model_copy(update={"name": preset.dpo.reference, "revision": None, "adapter": None})
-    model, _, _ = load_base_model(section, dtype=preset.model.dtype if preset.model.dtype != "auto" else None)
+    family = vision_family(section)
+    if family is not None:
+        dtype = resolve_dtype(section.dtype)
+        model = load_vision_base(section, family, dtype=dtype,
+                                 attn=resolve_attn_implementation(section.attn_implementation, dtype))
+    else:
+        model, _, _ = load_base_model(section)
     model.requires_grad_(False)
     model.eval()
-    apply_kernels(model, preset.train.kernels)
+    if family is not None:
+        apply_vision_kernels(model, family, preset.train.kernels)
+    else:
+        apply_kernels(model, preset.train.kernels)
     return model
+
+
+def load_reference_adapter(model, path: Path) -> None:
+    """`path`'s adapter into the policy under TRL's reference name "ref": frozen, dropout off.  TRL
+    then runs the reference forward with that adapter active instead of the policy's."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    from sftop.engine.errors import ModelError
+
+    if "ref" in model.peft_config:
+        model.delete_adapter("ref")
+    try:
+        model.load_adapter(str(path), adapter_name="ref", is_trainable=False)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise ModelError(
+            f"The reference adapter {path} does not fit this model ({type(exc).__name__}: {str(exc)[:300]})",
+            where="dpo.reference",
+            hint="Give an adapter trained on model.name's base model, or a whole model directory",
+        ) from None
+    disable_dropout_in_model(model)
 
 
 def build_dpo_trainer(run):
@@ -121,17 +177,23 @@ def build_dpo_trainer(run):
     from sftop.engine.train.callbacks import RunEvents
 
     preset = run.preset
+    vision = getattr(run, "vision", None) is not None
     args = build_dpo_config(preset, run.plan, output_dir=run.run_dir.checkpoints, dtype=run.info.dtype,
-                            has_eval=run.data.eval is not None, on_cuda=torch.cuda.is_available())
-    ref_model = None
+                            has_eval=run.data.eval is not None, on_cuda=torch.cuda.is_available(), vision=vision)
+    ref_model = ref_adapter = None
     if preset.dpo.reference != "adapter-off":
-        ref_model = getattr(run, "dpo_reference", None)
-        if ref_model is None:
-            ref_model = run.dpo_reference = load_reference_model(preset)
+        ref_adapter = reference_adapter(preset.dpo.reference)
+        if ref_adapter is None:
+            ref_model = getattr(run, "dpo_reference", None)  # loaded once, kept across OOM retries
+            if ref_model is None:
+                ref_model = run.dpo_reference = load_reference_model(preset)
     guard = UpdateGuard(preset.train.max_bad_steps)
     events = RunEvents(run.writer, started=run.started_event, stop_requested=lambda: run.signals.requested,
                        checkpoint_request=run.run_dir.path / "control" / "checkpoint")
     parts = (run.info.kernels.get("parts") or {}) if run.info.kernels.get("enabled") else {}
+    # a VLM's loss part stays stock (it assumes a causal LM), but the log-prob head needs only the
+    # language model's hidden states and its lm_head, which every family has
+    fused_head = parts.get("loss") == "fused" or (vision and bool(parts))
     trainer = SftopDPOTrainer(
         model=run.model,
         ref_model=ref_model,
@@ -143,9 +205,11 @@ def build_dpo_trainer(run):
         guard=guard,
         save_total_limit=preset.train.save_total_limit,
         on_checkpoint=run.on_checkpoint,
-        kernel_head=parts.get("loss") == "fused",
+        kernel_head=fused_head,
+        **({"data_collator": run.data.collator} if vision else {}),
         # starting from an earlier adapter: the reference is that adapter, frozen as it was
         keep_ref_adapter=bool(preset.model.adapter) and ref_model is None,
+        reference_adapter=ref_adapter,
     )
     trainer.remove_callback(PrinterCallback)
     run.info.kernels["logprob_head"] = trainer.sftop_head

@@ -238,9 +238,12 @@ class _Run:
         from sftop.engine.train.vision_data import prepare_vision_data
 
         processor = load_processor(self.preset.model, self.vision)
+        if self.preset.train.task == "dpo":
+            from sftop.engine.train.vision_dpo_data import prepare_vision_preferences as prepare_vision_data
         self.vision_data = prepare_vision_data(self.preset, processor, self.vision)
         self.message(f"{self.vision.display_name} vision-language model: {len(self.vision_data.image_tokens_per_row)} "
-                     f"rows checked with their images, {self.vision_data.report.bad_rows} skipped")
+                     f"{'pairs' if self.preset.train.task == 'dpo' else 'rows'} checked with their images, "
+                     f"{self.vision_data.report.bad_rows} skipped")
         return self.vision_data.image_tokens_per_row
 
     def pin_gpu(self) -> None:

@@ -136,7 +136,10 @@ def image_tokens_for_plan(preset) -> list[int] | None:
     family = family_on_disk(preset.model.name)
     if family is None:
         return None
-    return prepare_vision_data(preset, load_processor(preset.model, family), family).image_tokens_per_row
+    prepare = prepare_vision_data
+    if preset.train.task == "dpo":
+        from sftop.engine.train.vision_dpo_data import prepare_vision_preferences as prepare
+    return prepare(preset, load_processor(preset.model, family), family).image_tokens_per_row
 
 
 def vision_check_kwargs(preset) -> dict:

@@ -25,6 +25,7 @@ from textual.worker import get_current_worker
 from sftop.engine.errors import SftopError
 from sftop.engine.presets import Preset
 from sftop.tui.wizard.base import ENGINE_LOCK, Step, StepError, with_fields
+from sftop.tui.wizard.task_picker import TaskPicker, preference_lines, rejected_sample, task_fields
 
 _SHOWN_PROBLEMS = 12
 
@@ -57,7 +58,7 @@ def render_result(result: Any) -> Group:
     if stats is not None and getattr(stats, "tokens", None):
         head.append("   tokens ", style="dim")
         head.append(f"{stats.tokens:,} ({stats.trained_share:.0%} trained)")
-    parts: list[Any] = [head]
+    parts: list[Any] = [head, *preference_lines(result)]
     if getattr(result, "image_stats", None) is not None:
         from sftop.tui.widgets.image_preview import image_summary
 
@@ -88,6 +89,7 @@ def render_result(result: Any) -> Group:
         sample.append(" highlighted\n", style="dim")
         for text, trained in result.sample_spans:
             sample.append(text, style="black on green" if trained else "")
+        sample.append_text(rejected_sample(result))
         if getattr(result, "sample_images", None):
             from sftop.tui.widgets.image_preview import sample_beside_images
 
@@ -112,6 +114,7 @@ class DatasetStep(Step):
     def compose(self) -> ComposeResult:
         yield Static("Pick a built-in sample, type a file path (jsonl, json, csv, parquet) or a hub id, "
                      "or browse files with ctrl+o.", classes="help")
+        yield TaskPicker(id="data-task")
         yield OptionList(*(Option(name, id=name) for name in builtin_datasets()), id="data-choices")
         yield Input(placeholder="path to a file, hub id, or builtin:NAME (enter checks it)", id="data-input", compact=True)
         with VerticalScroll(id="data-report-scroll"):
@@ -124,10 +127,26 @@ class DatasetStep(Step):
     def load(self, draft: Preset) -> None:
         if self._draft is not None and self._draft.model.name != draft.model.name:
             self.checked_source = None  # the tokenizer changed: check again
+        if self._draft is not None and self._draft.train.task != draft.train.task:
+            self.checked_source = None  # read as the other task's data: check again
         self._draft = draft
+        self.query_one(TaskPicker).show(draft.train.task)
         field = self.query_one("#data-input", Input)
         field.value = draft.data.source
         self.start_check(draft.data.source)
+
+    @on(TaskPicker.Changed, "#data-task")
+    def on_task(self, event: TaskPicker.Changed) -> None:
+        task = self.query_one(TaskPicker).chosen_task
+        if self._draft is None or task == self._draft.train.task:
+            return
+        try:
+            self._draft = with_fields(self._draft, **task_fields(self._draft, task))
+        except SftopError as exc:
+            self.show_error(self._draft.data.source, str(exc))
+            return
+        self.checked_source = None
+        self.start_check(self.query_one("#data-input", Input).value.strip())
 
     @on(OptionList.OptionHighlighted, "#data-choices")
     def on_highlight(self, event: OptionList.OptionHighlighted) -> None:
@@ -228,4 +247,5 @@ class DatasetStep(Step):
             raise StepError("This dataset cannot be used: " + self.error)
         if self.result is not None and self.result.would_stop:
             raise StepError("Too many rows are bad for a run to start: fix them or raise data.max_bad_fraction")
-        return with_fields(draft, data={"source": source})
+        fields = task_fields(draft, self._draft.train.task) if self._draft is not None else {}
+        return with_fields(draft, **{**fields, "data": {**fields.get("data", {}), "source": source}})

@@ -63,7 +63,10 @@ class PresetStep(Step):
             return
         base = self._base
         # The model and dataset come from steps 1 and 2; the rest from the chosen preset.
-        self._base = with_fields(chosen, model={"name": base.model.name}, data={"source": base.data.source})
+        fields = {"model": {"name": base.model.name}, "data": {"source": base.data.source}}
+        if chosen.train.task != base.train.task:  # the task picked with the dataset in step 2 stays
+            fields.update(train={"task": base.train.task}, data={**fields["data"], "format": "auto"})
+        self._base = with_fields(chosen, **fields)
         self.fill(self._base)
 
     def apply(self, draft: Preset) -> Preset:
@@ -72,6 +75,7 @@ class PresetStep(Step):
         # The model and dataset come from steps 1 and 2, whatever preset was picked here.
         data["model"]["name"] = draft.model.name
         data["data"]["source"] = draft.data.source
+        data["train"]["task"] = draft.train.task  # picked with the dataset in step 2
         for field_id, label, section, key, kind in FIELDS:
             raw = self.query_one(f"#field-{field_id}", Input).value.strip()
             if not raw:

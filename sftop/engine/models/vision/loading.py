@@ -260,7 +260,12 @@ def load_vision_model(preset, family: VisionFamily):
     base = load_vision_base(section, family, dtype=dtype, attn=attn)
     set_seed(preset.train.seed)  # LoRA's A matrices come from the global RNG: repeatable runs and resumes
     try:
-        model = get_peft_model(base, lora_config(preset.lora, family, base))
+        if getattr(section, "adapter", None):  # DPO after SFT: continue an earlier run's adapter
+            from sftop.engine.models.loading import load_start_adapter
+
+            model = load_start_adapter(base, section.adapter)
+        else:
+            model = get_peft_model(base, lora_config(preset.lora, family, base))
     except ValueError as exc:
         raise ModelError(
             f"Cannot add LoRA to this {family.display_name} model: {exc}",
