@@ -44,7 +44,10 @@ class LaunchStep(Step):
         yield Static("", id="launch-summary")
         with Horizontal(classes="field"):
             yield Static("save as preset", classes="field-label")
-            yield Input(placeholder="optional name, e.g. my-run", id="save-name", classes="field-input", compact=True)
+            # Not selected on focus: tabbing back into the field and typing must extend the name
+            # the user typed, not replace it.
+            yield Input(placeholder="optional name, e.g. my-run", id="save-name", classes="field-input", compact=True,
+                        select_on_focus=False)
         yield Button("Launch (ctrl+n)", id="launch", variant="success", compact=True)
         yield Static("Training runs in the background: you can quit sftop or lose the connection; "
                      "`sftop attach` brings the dashboard back.", classes="note")
