@@ -28,7 +28,8 @@ _LABELS = {
 }
 
 
-def render_plan(plan: Plan, color: bool = False) -> str:
+def render_plan(plan: Plan, color: bool = False, run_time: str | None = None) -> str:
+    """`run_time`: the time-and-cost line (planner.runtime.describe_run_time), shown under "why"."""
     def bold(text: str) -> str:
         return f"\033[1m{text}\033[0m" if color else text
 
@@ -51,6 +52,7 @@ def render_plan(plan: Plan, color: bool = False) -> str:
         f"  peak {'RAM   ' if plan.device == 'cpu' else 'memory'}      {plan.predicted_peak_gib:.2f} GiB of {plan.budget_gib:.2f} GiB budget "
         + tone(f"(headroom {plan.headroom_gib:.2f} GiB)", plan.headroom_gib >= 0),
         f"  why              {plan.reason}",
+        *([f"  time             {run_time}"] if run_time else []),
         "",
         bold("Memory breakdown (GiB)"),
     ]
