@@ -1,7 +1,7 @@
 """The wizard's last step at 80x24: the save-as-preset name survives moving focus with tab."""
 
 import pytest
-from tui_helpers import screen_lines, wait_until
+from tui_helpers import screen_lines, text_of, wait_until
 
 from sftop.tui.app import SftopApp
 from sftop.tui.screens.home import HomeScreen
@@ -43,3 +43,32 @@ async def test_tab_away_and_back_keeps_the_typed_preset_name(services):
         await pilot.pause(0.1)
         assert step.save_name == "mine-v2"
         assert any("save as preset  mine-v2" in line for line in screen_lines(app))
+
+
+@pytest.mark.timeout(120)
+async def test_launch_checks_the_data_first_and_starts_nothing_on_bad_data(services, tmp_path):
+    from sftop.engine.presets import load_preset, save_preset
+    from sftop.engine.rundir import list_run_dirs
+
+    data = tmp_path / "broken.jsonl"
+    data.write_text("".join('{"question": "q%d", "answer": "a"}\n' % i for i in range(30)))
+    preset, _ = load_preset("demo", [f"data.source={data}"])
+    path = save_preset(preset.model_copy(update={"name": "broken"}), tmp_path / "broken.toml")
+    app = SftopApp(preset=str(path), services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, WizardScreen))
+        wizard = app.screen
+        wizard.show_step(3)  # as a re-run does: straight to the plan, the data step never ran
+        plan = wizard.query_one(PlanStep)
+        await wait_until(pilot, lambda: plan.plan is not None or plan.error, timeout=60)
+        await pilot.press("ctrl+n")
+        await pilot.press("ctrl+n")  # launch
+        await wait_until(pilot, lambda: "Not started" in text_of(app, "#wizard-error"), timeout=60)
+        error = text_of(app, "#wizard-error")
+        assert "Cannot tell the format of" in error and "broken.jsonl" in error
+        assert "--set data.columns.prompt=question" in error  # what to do next
+        assert app.screen is wizard and not wizard.launching
+        assert list_run_dirs() == []  # no run directory, no trainer, no model loaded
+        shown = "\n".join(screen_lines(app))
+        print(shown)
+        assert "Not started: Cannot tell the format" in shown and "data.columns.prompt=question" in shown
