@@ -1,0 +1,62 @@
+"""Everything fits an 80x24 terminal: no cut lines, no lost rows, no lone scrollbar glyphs.
+
+Each test reads the screen as the user sees it (tui_helpers.screen_lines) at 80 columns by 24 rows.
+"""
+
+from tui_helpers import screen_lines, text_of, wait_until
+from tui_fixtures import T0, event, recorded_run, write_events
+
+from sftop.engine.events import RunStopped, Samples
+from sftop.tui.app import SftopApp
+from sftop.tui.screens.dashboard import DashboardScreen
+
+STATS = ("loss", "eval loss", "checkpoint", "tokens/s", "GPU mem", "tokens", "learn rate", "grad norm")
+# What Textual draws for a scrollbar's thumb and track.
+SCROLLBAR_GLYPHS = set("▁▂▃▄▅▆▇█▉▊▋▌▍▎▏▐")
+
+
+async def open_dashboard(pilot, app):
+    await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
+                     and app.screen.process_status is not None, timeout=20)
+    return app.screen
+
+
+async def test_a_finished_runs_last_log_line_is_shown_whole(services):
+    run = recorded_run("demo-arithmetic")
+    last = ("sftop: run finished: adapter saved to /home/someone/.local/state/sftop/runs/"
+            "20260101-000000-demo-arithmetic/adapter (final loss 0.84)")
+    run.stdout_log.write_text(f"loading model\ntraining\n{last}\n")
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_dashboard(pilot, app)
+        await wait_until(pilot, lambda: screen._log_lines and screen._log_lines[-1] == last)
+        await pilot.pause(0.2)
+        lines = screen_lines(app)
+        log_rows = [line.strip("│ ") for line in lines[-7:-2]]
+        assert "".join(log_rows).replace(" ", "").endswith(last.replace(" ", ""))
+        log = screen.query_one("#log")
+        assert log.region.bottom <= 23 and log.max_scroll_x == 0  # wrapped: nothing to scroll sideways
+
+
+async def test_a_stopped_run_with_samples_keeps_every_stats_row(services):
+    run = recorded_run("demo", steps=30, total=60, finished=False, status="stopped")
+    write_events(run.events, [
+        {**Samples(step=30, samples=[{"prompt": f"What is {a}+{b}?", "answer": str(a + b)} for a, b in
+                                     ((5, 7), (3, 8), (12, 30), (41, 9))]).to_dict(), "time": T0 + 45},
+        event(RunStopped(step=30, signal="SIGTERM", checkpoint=str(run.checkpoints / "checkpoint-30")), T0 + 50),
+    ])
+    run.write_status(status="stopped", started=T0, ended=T0 + 50, exit_code=0)
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_dashboard(pilot, app)
+        await wait_until(pilot, lambda: "sftop resume" in text_of(app, "#run-status")
+                         and screen.query_one("#samples").display)
+        await pilot.pause(0.3)
+        shown = "\n".join(screen_lines(app))
+        for label in STATS:
+            assert f"│ {label}" in shown, label
+        assert "checkpoint     step 30" in shown
+        assert "resume from the last checkpoint: sftop resume 20260101-000000-demo" in shown
+        assert "What is 5+7? → 12" in shown
+        assert screen.query_one("#log").region.bottom <= 23  # the log gave up rows, not the stats
+        assert screen.query_one("#log").region.height >= 3
