@@ -60,3 +60,32 @@ async def test_a_stopped_run_with_samples_keeps_every_stats_row(services):
         assert "What is 5+7? → 12" in shown
         assert screen.query_one("#log").region.bottom <= 23  # the log gave up rows, not the stats
         assert screen.query_one("#log").region.height >= 3
+
+
+def runs_ready(app, count):
+    from sftop.tui.screens.home import HomeScreen
+    from sftop.tui.widgets.runs_table import RunsTable
+
+    return isinstance(app.screen, HomeScreen) and app.screen.query_one(RunsTable).row_count == count
+
+
+async def test_home_shows_run_names_and_models_without_scrolling_sideways(services):
+    from sftop.tui.widgets.runs_table import RunsTable
+
+    recorded_run("demo-arithmetic", when=T0)
+    recorded_run("qwen-alpaca", when=T0 + 60, overrides=["model.name=Qwen/Qwen2.5-1.5B-Instruct"])
+    app = SftopApp(services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: runs_ready(app, 2))
+        await pilot.pause(0.3)
+        shown = "\n".join(screen_lines(app))
+        assert "20260101-000000-demo-arithmetic  finished" in shown and "builtin:demo-tiny" in shown
+        assert "20260101-000100-qwen-alpaca " in shown
+        assert "Qwen2.5-1.5B-I" in shown  # the model without its organisation where space is short
+        runs = app.screen.query_one(RunsTable)
+        presets = app.screen.query_one("#presets")
+        assert runs.max_scroll_x == 0 and presets.max_scroll_x == 0  # no horizontal scrollbars
+        assert presets.virtual_size.width <= presets.scrollable_content_region.width
+        for line in screen_lines(app)[1:-1]:
+            inner = line.strip("│╭╮╰╯─ ")
+            assert not (inner and set(inner) <= SCROLLBAR_GLYPHS), f"a lone scrollbar glyph: {line!r}"
