@@ -89,3 +89,23 @@ async def test_home_shows_run_names_and_models_without_scrolling_sideways(servic
         for line in screen_lines(app)[1:-1]:
             inner = line.strip("│╭╮╰╯─ ")
             assert not (inner and set(inner) <= SCROLLBAR_GLYPHS), f"a lone scrollbar glyph: {line!r}"
+
+
+async def test_the_data_check_shows_the_whole_sample(services, tmp_path, monkeypatch):
+    from sftop.tui.wizard.dataset_step import DatasetStep
+    from sftop.tui.wizard.screen import WizardScreen
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    app = SftopApp(start="wizard", services=services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, WizardScreen))
+        await pilot.press("ctrl+n")
+        step = app.screen.query_one(DatasetStep)
+        await wait_until(pilot, lambda: step.result is not None or step.error, timeout=120)
+        await pilot.pause(0.3)
+        shown = screen_lines(app)
+        assert any("no problems found" in line for line in shown)
+        assert any("<|im_start|>assistant" in line for line in shown)  # the sample's answer is in view
+        report = app.screen.query_one("#data-report-scroll")
+        assert report.region.height >= 11 and report.region.bottom <= 22
