@@ -109,3 +109,57 @@ async def test_the_data_check_shows_the_whole_sample(services, tmp_path, monkeyp
         assert any("<|im_start|>assistant" in line for line in shown)  # the sample's answer is in view
         report = app.screen.query_one("#data-report-scroll")
         assert report.region.height >= 11 and report.region.bottom <= 22
+
+
+def no_driver_services(services):
+    from dataclasses import replace
+
+    from sftop.engine.gpu import NO_DRIVER_HINT, GpuStatus
+
+    reason = f"NVIDIA driver not found (libnvidia-ml.so): {NO_DRIVER_HINT}"
+    return replace(services, gpu_reader=lambda: GpuStatus(gpus=[], reason=reason))
+
+
+async def plan_view_of(pilot, preset_ref):
+    from sftop.tui.wizard.plan_step import PlanStep
+    from sftop.tui.wizard.screen import WizardScreen
+
+    app = pilot.app
+    await wait_until(pilot, lambda: isinstance(app.screen, WizardScreen) and app.screen.draft is not None)
+    app.screen.show_step(3)
+    plan = app.screen.query_one(PlanStep)
+    await wait_until(pilot, lambda: plan.plan is not None or plan.error, timeout=60)
+    await pilot.pause(0.3)
+    return plan, text_of(app, "#plan-view")  # unwrapped: a phrase may span two screen rows
+
+
+async def test_the_cpu_plan_says_there_is_no_gpu_once(services, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    app = SftopApp(preset="demo", services=no_driver_services(services))
+    async with app.run_test(size=(80, 24)) as pilot:
+        plan, shown = await plan_view_of(pilot, "demo")
+        assert plan.plan.device == "cpu"
+        assert shown.count("driver not found") == 1
+        assert "sftop will plan for the CPU" not in shown  # the plan itself says what happens
+        assert "no time estimate on the CPU" in shown
+
+
+async def test_a_refusal_on_the_cpu_suggests_only_what_works_there(services, tmp_path, monkeypatch):
+    from transformers import LlamaConfig
+
+    from sftop.engine.presets import load_preset, save_preset
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = tmp_path / "big-llama"
+    LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256).save_pretrained(model_dir)
+    preset, _ = load_preset("demo", [f"model.name={model_dir}"])
+    path = save_preset(preset.model_copy(update={"name": "big"}), tmp_path / "big.toml")
+    app = SftopApp(preset=str(path), services=no_driver_services(services))
+    async with app.run_test(size=(80, 24)) as pilot:
+        plan, shown = await plan_view_of(pilot, str(path))
+        assert plan.refused and "too big to train on the CPU" in shown
+        assert "sftop will plan for the CPU" not in shown  # no promise the refusal then breaks
+        assert "4-bit" not in shown  # 4-bit needs a CUDA GPU: not suggested here
+        assert "builtin:demo-tiny" in shown and "machine with an NVIDIA GPU" in shown
+        assert app.screen.query_one("#plan-view").region.bottom <= 22  # all of it above the buttons
