@@ -94,7 +94,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         _out(json.dumps({**plan.to_dict(), "estimate": run_time.to_dict() if run_time else None}, indent=2))
     else:
-        line = describe_run_time(run_time, plan.device) + (f" ({run_time.basis})" if run_time else "")
+        line = describe_run_time(run_time, plan) + (f" ({run_time.basis})" if run_time else "")
         _out(render_plan(plan, color=_color(), run_time=line))
     return 0
 

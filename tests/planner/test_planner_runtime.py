@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from _fake_nvml import FakeNvml, gpu
@@ -80,7 +81,7 @@ def test_epochs_count_steps_from_the_rows_as_the_trainer_does():
 
 
 def test_no_estimate_on_the_cpu():
-    assert "no time estimate on the CPU" in describe_run_time(None, "cpu")
+    assert "no time estimate on the CPU" in describe_run_time(None, SimpleNamespace(device="cpu", context=None))
 
 
 def test_sftop_plan_prints_and_returns_the_estimate(tmp_path):
@@ -96,3 +97,13 @@ def test_sftop_plan_prints_and_returns_the_estimate(tmp_path):
     assert estimate["cost"] == pytest.approx(estimate["wall_s"] / 3600 * 2.5, abs=0.01)
     text = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120).stdout
     assert "  time             estimate " in text and "cost ≈" in text
+
+
+def test_no_estimate_for_a_vision_language_model():
+    from sftop.engine.planner.estimate import ModelShape
+
+    p = with_train(preset(), max_steps=100)
+    plan = plan_run(p, llama_1b(), gpus=h100())
+    plan.context.shape = ModelShape(**{**plan.context.shape.__dict__, "multimodal": True})
+    assert estimate_run_time(plan, p) is None
+    assert "no time estimate for vision-language models" in describe_run_time(None, plan)

@@ -125,11 +125,6 @@ class RunTime:
             return f"calibrated on {MEASURED_FAMILY} runs"
         return f"scaled from {MEASURED_FAMILY} runs by the {self.family}'s tensor peak, not measured on it"
 
-    def cost_per_hour_note(self) -> str | None:
-        if self.price_per_gpu_hour is None:
-            return None
-        return f"at {self.price_per_gpu_hour:g}/GPU-hour"
-
     def to_dict(self) -> dict[str, Any]:
         return {"step_s": round(self.step_s, 4), "steps": self.steps,
                 "wall_s": None if self.wall_s is None else round(self.wall_s, 1),
@@ -153,7 +148,7 @@ def estimate_run_time(plan: Any, preset: Any, train_rows: int | None = None,
     """The run's estimated time and cost, or None where there is no basis (the CPU, whose speed
     varies too much between machines, or a GPU whose tensor peak is not known). `gpu_name`
     replaces the plan's GPU (a hypothetical one, `sftop plan --gpu-memory 80 --gpu H100`)."""
-    if plan.device == "cpu":
+    if plan.device == "cpu" or _multimodal(plan):
         return None
     known = gpu_family(gpu_name or plan.gpu_name)
     if known is None:
@@ -180,11 +175,19 @@ def format_hours(seconds: float) -> str:
     return f"{secs} s"
 
 
-def describe_run_time(rt: RunTime | None, device: str = "") -> str:
-    """One line for `sftop plan` and the wizard's plan step."""
+def _multimodal(plan: Any) -> bool:
+    context = getattr(plan, "context", None)
+    return bool(context is not None and context.shape.multimodal)
+
+
+def describe_run_time(rt: RunTime | None, plan: Any = None) -> str:
+    """One line for `sftop plan` and the wizard: the estimate, or why there is none."""
     if rt is None:
-        if device == "cpu":
+        if plan is not None and plan.device == "cpu":
             return "no time estimate on the CPU (speeds differ too much between machines); the dashboard shows the ETA from the measured pace"
+        if plan is not None and _multimodal(plan):
+            # The measured runs are text models; a VLM's vision tower can take most of a step.
+            return "no time estimate for vision-language models yet; the dashboard shows the ETA from the measured pace"
         known = ", ".join(dict.fromkeys(needle for needle, _, _ in TENSOR_PEAK_TFLOPS))
         return (f"no time estimate for this GPU (its speed is not known to sftop; `sftop plan --gpu NAME` "
                 f"takes one of {known}); the dashboard shows the ETA from the measured pace")

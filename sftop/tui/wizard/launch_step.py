@@ -44,7 +44,7 @@ def summarize_draft(draft: Preset, plan=None, run_time=None) -> Text:
                              f" on {plan.device}, peak {plan.predicted_peak_gib:.1f} GiB"))
         from sftop.engine.planner.runtime import describe_run_time
 
-        rows.append(("time", describe_run_time(run_time, plan.device)))
+        rows.append(("time", describe_run_time(run_time, plan)))
     text = Text()
     for i, (label, value) in enumerate(rows):
         if i:

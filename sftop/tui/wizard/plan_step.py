@@ -77,7 +77,7 @@ def run_time_text(plan: Any, run_time: Any) -> Text:
 
     text = Text()
     text.append("time  ", style="bold")
-    text.append(describe_run_time(run_time, plan.device))
+    text.append(describe_run_time(run_time, plan))
     if run_time is not None:
         price_hint = "; set plan.price_per_gpu_hour for the cost" if run_time.price_per_gpu_hour is None else ""
         text.append(f" ({run_time.basis}{price_hint})", style="dim")
