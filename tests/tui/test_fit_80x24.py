@@ -163,3 +163,28 @@ async def test_a_refusal_on_the_cpu_suggests_only_what_works_there(services, tmp
         assert "4-bit" not in shown  # 4-bit needs a CUDA GPU: not suggested here
         assert "builtin:demo-tiny" in shown and "machine with an NVIDIA GPU" in shown
         assert app.screen.query_one("#plan-view").region.bottom <= 22  # all of it above the buttons
+
+
+async def test_4bit_is_not_offered_without_a_gpu(services, monkeypatch):
+    from textual.widgets import Checkbox
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    app = SftopApp(preset="demo", services=no_driver_services(services))
+    async with app.run_test(size=(80, 24)) as pilot:
+        from sftop.tui.wizard.screen import WizardScreen
+
+        await wait_until(pilot, lambda: isinstance(app.screen, WizardScreen) and app.screen.draft is not None)
+        app.screen.show_step(2)
+        await pilot.pause(0.2)
+        box = app.screen.query_one("#field-4bit", Checkbox)
+        assert box.disabled and not box.value
+        assert "needs an NVIDIA GPU; none here" in str(box.label)
+    app = SftopApp(preset="demo", services=services)  # with a GPU it is offered
+    async with app.run_test(size=(80, 24)) as pilot:
+        from sftop.tui.wizard.screen import WizardScreen
+
+        await wait_until(pilot, lambda: isinstance(app.screen, WizardScreen) and app.screen.draft is not None)
+        app.screen.show_step(2)
+        await pilot.pause(0.2)
+        box = app.screen.query_one("#field-4bit", Checkbox)
+        assert not box.disabled and "none here" not in str(box.label)
