@@ -88,10 +88,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     image_tokens = image_tokens_for_plan(preset)
     plan = plan_run(preset, load_model_config(preset), gpu_memory_gib=args.gpu_memory,
                     image_tokens_per_row=image_tokens)
+    from sftop.engine.planner.runtime import describe_run_time, estimate_run_time
+
+    run_time = estimate_run_time(plan, preset, gpu_name=args.gpu)
     if args.json:
-        _out(json.dumps(plan.to_dict(), indent=2))
+        _out(json.dumps({**plan.to_dict(), "estimate": run_time.to_dict() if run_time else None}, indent=2))
     else:
-        _out(render_plan(plan, color=_color()))
+        line = describe_run_time(run_time, plan) + (f" ({run_time.basis})" if run_time else "")
+        _out(render_plan(plan, color=_color(), run_time=line))
     return 0
 
 
@@ -323,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset")
     _add_set(p)
     p.add_argument("--gpu-memory", type=float, metavar="GIB", help="plan for a GPU with this much free memory")
+    p.add_argument("--gpu", metavar="NAME", help="estimate time and cost for this GPU model (H100, A100, L40S, "
+                   "RTX 4090, ...); with --gpu-memory, to price a GPU before renting it")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 

@@ -116,6 +116,9 @@ def test_run_survives_a_dropped_terminal_and_attach_shows_it(tmp_path, monkeypat
         tmux.wait_for("ssh", "headroom", timeout=120)
         tmux.keys("ssh", "C-n")
         tmux.wait_for("ssh", "24 steps", timeout=30)
+        # Save as a preset (tabbing away and back keeps the name: tests/tui/test_launch_step.py)
+        tmux.keys("ssh", "e2e-saved")
+        tmux.wait_for("ssh", "save as preset  e2e-saved", timeout=30)
         tmux.keys("ssh", "C-n")
         tmux.wait_for("ssh", "Checkpoint now", timeout=30)  # the dashboard's footer
 
@@ -143,5 +146,11 @@ def test_run_survives_a_dropped_terminal_and_attach_shows_it(tmp_path, monkeypat
         screen = tmux.wait_for("again", f"final loss {final:.4f}", timeout=30)
         assert "step 24/24" in screen
         assert run.name[:20] in screen
+        # 80x24: every stats row, and no line that is only a scrollbar's glyph
+        assert "checkpoint     step " in screen and "grad norm" in screen, screen
+        lone = [line for line in screen.splitlines() if line.strip("│╭╮╰╯─ ")
+                and set(line.strip("│╭╮╰╯─ ")) <= set("▁▂▃▄▅▆▇█▉▊▋▌▍▎▏▐")]
+        assert not lone, screen
+        assert load_preset("e2e-saved")[0].train.max_steps == 24  # saved under the name typed
     finally:
         tmux("kill-server", check=False)

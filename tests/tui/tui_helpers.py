@@ -54,3 +54,8 @@ async def run_from_palette(pilot, query: str, expect: str) -> None:
 
     await wait_until(pilot, lambda: expect in first_hit())
     await pilot.press("enter")
+
+
+def screen_lines(app) -> list[str]:
+    """The terminal's lines as the user sees them (plain text, one per row of the screen)."""
+    return ["".join(segment.text for segment in strip) for strip in app.screen._compositor.render_strips()]

@@ -361,6 +361,12 @@ def _read_hub(source: str, section: DataSection):
     from datasets.exceptions import DatasetNotFoundError
 
     offline = _offline()
+    if not offline:
+        from sftop.engine.hub_reach import unreachable_reason
+
+        # Unreachable: offline mode from here on, so a cached copy loads at once and an uncached
+        # one fails at once (below) instead of after datasets' retries.
+        offline = unreachable_reason() is not None
     try:
         return _undecoded_media(load_dataset(source, split=section.split))
     except DatasetNotFoundError:

@@ -91,6 +91,16 @@ def hub_call(model_section, what: str, load):
             where="model.name",
             hint=f"While online, run `hf download {name}`, or set model.name to a local model directory",
         )
+    from sftop.engine.hub_reach import OFFLINE_HINT, unreachable_reason
+
+    unreachable = unreachable_reason()
+    if unreachable is not None:
+        raise ModelError(
+            f"`{name}` is not in the local Hugging Face cache and the hub cannot be reached: {unreachable}",
+            where="model.name",
+            hint=f"{OFFLINE_HINT}; or, on a machine that is online, run `hf download {name}`, "
+                 "or set model.name to a local model directory",
+        )
     try:
         return load(source, local_files_only=False)
     except Exception as exc:  # noqa: BLE001 - translated into one user-facing error

@@ -28,7 +28,8 @@ _LABELS = {
 }
 
 
-def render_plan(plan: Plan, color: bool = False) -> str:
+def render_plan(plan: Plan, color: bool = False, run_time: str | None = None) -> str:
+    """`run_time`: the time-and-cost line (planner.runtime.describe_run_time), shown under "why"."""
     def bold(text: str) -> str:
         return f"\033[1m{text}\033[0m" if color else text
 
@@ -53,6 +54,7 @@ def render_plan(plan: Plan, color: bool = False) -> str:
         *([f"  memory cap       {plan.max_memory_gib:.2f} GiB ({plan.memory_cap}); the trainer is held to it"]
           if plan.max_memory_gib is not None else []),
         f"  why              {plan.reason}",
+        *([f"  time             {run_time}"] if run_time else []),
         "",
         bold("Memory breakdown (GiB)"),
     ]

@@ -625,6 +625,9 @@ def _context(preset: Any, shape: ModelShape, setup: Setup, constraints: Constrai
 def _plan_cpu(preset: Any, shape: ModelShape, constraints: Constraints, reason: str,
               row_tokens_mean: float | None, with_images=lambda setup: setup, vision_notes: list[str] = ()) -> Plan:
     name = preset.model.name
+    # The GPU reader's reason ends in "sftop will plan for the CPU": true for `sftop doctor`, but
+    # here the plan says what happens on the CPU itself (and a refusal must not promise it).
+    reason = reason.replace("; sftop will plan for the CPU", "")
     if shape.total_params > CPU_MAX_PARAMS:
         raise ResourceError(
             f"No usable GPU ({reason}), and {name} ({shape.total_params / 1e9:.2f} B parameters) is too big to "
@@ -643,7 +646,7 @@ def _plan_cpu(preset: Any, shape: ModelShape, constraints: Constraints, reason: 
     # Leave most of the RAM to the OS, the data pipeline and the tokenizer.
     budget = int(0.7 * _host_available_bytes())
     ctx = _context(preset, shape, setup, constraints, budget, "cpu", None, row_tokens_mean)
-    ctx.notes = [f"no GPU: {reason}", *vision_notes]
+    ctx.notes = list(vision_notes)  # the missing GPU is said once, in the reason
     if preset.plan.max_memory_gib is not None or preset.plan.max_memory_fraction is not None:
         ctx.notes.append("plan.max_memory_gib / plan.max_memory_fraction cap GPU memory; a CPU run ignores them")
     plan = solve(ctx)

@@ -28,6 +28,8 @@ from sftop.tui.widgets.line_chart import ChartSeries, LineChart
 
 _LOG_TAIL_BYTES = 32 * 1024
 _LOG_LINES = 100
+_LOG_PANE_ROWS = 6  # with its border; fewer when the terminal is short
+_MAIN_MIN_ROWS = 10  # the stats panel's eight rows and its border
 _REPLAY_BATCH = 20_000
 STATUS_MARK = {
     "running": ("●", "green"), "starting": ("○", "green"), "stopping": ("◐", "yellow"),
@@ -53,6 +55,18 @@ def read_log_tail(path, max_lines: int = _LOG_LINES) -> list[str]:
     while cleaned and not cleaned[-1].strip():
         cleaned.pop()
     return cleaned[-max_lines:]
+
+
+def wrap_lines(lines: list[str], width: int) -> list[str]:
+    """Each line cut into rows of at most `width` characters, at spaces where there are any."""
+    import textwrap
+
+    width = max(10, width - 1)  # one column for the vertical scrollbar's gutter
+    rows: list[str] = []
+    for line in lines:
+        rows.extend(textwrap.wrap(line, width, break_on_hyphens=False, replace_whitespace=False,
+                                  drop_whitespace=True) or [""])
+    return rows
 
 
 def samples_text(samples: list[dict[str, str]], step: int | None) -> Text:
@@ -103,8 +117,9 @@ class DashboardScreen(Screen):
             yield LineChart(id="loss-chart", empty_text="waiting for the first step…")
             with Vertical(id="stats"):
                 for key, label in (
-                    ("loss", "loss"), ("eval", "eval loss"), ("lr", "learn rate"), ("grad", "grad norm"),
-                    ("tps", "tokens/s"), ("tokens", "tokens"), ("ckpt", "checkpoint"), ("mem", "GPU mem"),
+                    # Most useful first: where a short terminal cuts rows, it cuts the last ones.
+                    ("loss", "loss"), ("eval", "eval loss"), ("ckpt", "checkpoint"), ("tps", "tokens/s"),
+                    ("mem", "GPU mem"), ("tokens", "tokens"), ("lr", "learn rate"), ("grad", "grad norm"),
                 ):
                     with Horizontal(classes="stat"):
                         yield Static(label, classes="stat-label")
@@ -193,11 +208,30 @@ class DashboardScreen(Screen):
         if message.lines == self._log_lines:
             return
         self._log_lines = message.lines
+        self._show_log()
+
+    def _show_log(self) -> None:
         log = self.query_one("#log", Log)
         log.clear()
-        log.write_lines(message.lines)
+        # Wrapped to the pane: a cut line (a finished run's last words) and a horizontal scrollbar
+        # cost more in an 80-column terminal than the rows wrapping takes.
+        log.write_lines(wrap_lines(self._log_lines, log.scrollable_content_region.width or 76))
         # clear() leaves the view at the top, so without this the pane shows the oldest lines.
         log.scroll_end(animate=False)
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._fit_log)
+        if self._log_lines:
+            self.call_after_refresh(self._show_log)
+
+    def _fit_log(self) -> None:
+        """The log pane gives up rows (down to three) before the chart and stats do: at 80x24 a
+        stopped run's resume hint and the samples pane would otherwise cut the stats' last rows."""
+        log = self.query_one("#log", Log)
+        others = sum(w.outer_size.height for w in self.children if w.display and w.id not in ("main", "log"))
+        height = max(3, min(_LOG_PANE_ROWS, self.size.height - others - _MAIN_MIN_ROWS))
+        if log.styles.height is None or log.styles.height.value != height:
+            log.styles.height = height
 
     @on(RunStatusRead)
     def on_run_status(self, message: RunStatusRead) -> None:
@@ -265,6 +299,7 @@ class DashboardScreen(Screen):
         samples.display = bool(s.samples)
         if s.samples:
             samples.update(samples_text(s.samples, s.samples_step))
+        self.call_after_refresh(self._fit_log)  # the status and samples may have changed height
 
     def _redraw_preference(self, chart: LineChart) -> None:
         s = self.state

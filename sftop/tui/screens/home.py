@@ -49,9 +49,6 @@ class HomeScreen(Screen):
         self.query_one("#recent-runs").border_title = "Recent runs (a: attach, R: all runs)"
         presets = self.query_one("#presets", DataTable)
         presets.border_title = "Presets (r: re-run, n: new run)"
-        presets.add_column("preset", key="name")
-        presets.add_column("from", key="origin")
-        presets.add_column("description", key="description")
         self.load_presets()
         self.refresh_runs()
         self.watch_gpus()
@@ -62,10 +59,34 @@ class HomeScreen(Screen):
         self.refresh_runs()
 
     def load_presets(self) -> None:
+        """The presets, the description cut to the table's width: a wider row would add a
+        horizontal scrollbar (a lone glyph, and one row fewer) in an 80-column terminal."""
         table = self.query_one("#presets", DataTable)
-        table.clear()
-        for info in list_presets():
-            table.add_row(info.name, info.origin, info.description, key=info.name)
+        presets = list_presets()
+        cursor = table.cursor_row
+        table.clear(columns=True)
+        name_width = max((len(info.name) for info in presets), default=10)
+        width = table.scrollable_content_region.width or 78  # inside the border and the vertical scrollbar
+        description_width = max(10, width - name_width - 8 - 2 * 3)
+        table.add_column("preset", key="name", width=name_width)
+        table.add_column("from", key="origin", width=8)
+        table.add_column("description", key="description", width=description_width)
+        for info in presets:
+            description = info.description
+            if len(description) > description_width:
+                description = description[:description_width - 1] + "…"
+            table.add_row(info.name, info.origin, description, key=info.name)
+        if cursor and cursor < table.row_count:
+            table.move_cursor(row=cursor)
+        self._presets_width = width
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._fit_presets)
+
+    def _fit_presets(self) -> None:
+        table = self.query_one("#presets", DataTable)
+        if (table.scrollable_content_region.width or 78) != getattr(self, "_presets_width", None):
+            self.load_presets()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="runs", description="list runs")
     def refresh_runs(self) -> None:

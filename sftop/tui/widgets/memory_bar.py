@@ -52,11 +52,20 @@ def stacked_bar(segments: list[tuple[str, float, str]], total: float, width: int
     return text
 
 
-def legend(segments: list[tuple[str, float, str]]) -> Text:
+def legend(segments: list[tuple[str, float, str]], width: int | None = None) -> Text:
+    """`█ label 1.2 GiB  █ ...`; with `width`, lines break between items, never inside one."""
     text = Text()
+    column = 0
     for i, (label, gib, color) in enumerate(segments):
+        item = f"{label} {gib:.1f} GiB"
         if i:
-            text.append("  ")
+            if width is not None and column + 2 + 2 + len(item) > width:
+                text.append("\n")
+                column = 0
+            else:
+                text.append("  ")
+                column += 2
         text.append("█ ", style=color)
-        text.append(f"{label} {gib:.1f} GiB")
+        text.append(item)
+        column += 2 + len(item)
     return text

@@ -112,8 +112,8 @@ class DatasetStep(Step):
         self._draft: Preset | None = None
 
     def compose(self) -> ComposeResult:
-        yield Static("Pick a built-in sample, type a file path (jsonl, json, csv, parquet) or a hub id, "
-                     "or browse files with ctrl+o.", classes="help")
+        # One line of help and a short list: at 80x24 the check below gets the rows.
+        yield Static("A sample, a file (jsonl, json, csv, parquet), a hub id; ctrl+o browses.", classes="help")
         yield TaskPicker(id="data-task")
         yield OptionList(*(Option(name, id=name) for name in builtin_datasets()), id="data-choices")
         yield Input(placeholder="path to a file, hub id, or builtin:NAME (enter checks it)", id="data-input", compact=True)

@@ -15,25 +15,42 @@ from sftop.tui.wizard.base import Step, StepError
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
-def summarize_draft(draft: Preset, plan=None) -> Text:
+# The summary's values get the width an 80-column terminal leaves them (box, padding, label).
+VALUE_WIDTH = 64
+
+
+def fit(value: str, width: int = VALUE_WIDTH) -> str:
+    """One line: a long path keeps its end (the file name), anything else its start."""
+    if len(value) <= width:
+        return value
+    if "/" in value:
+        return "…" + value[-(width - 1):]
+    return value[:width - 1] + "…"
+
+
+def summarize_draft(draft: Preset, plan=None, run_time=None) -> Text:
     t = draft.train
+    length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
     rows = [
         ("model", draft.model.name + ("  (4-bit)" if draft.model.load_in_4bit else "")),
         ("dataset", draft.data.source),
         ("preset", draft.name),
-        ("length", f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"),
-        ("learning rate", f"{t.learning_rate:g}"),
-        ("max length", str(draft.data.max_length)),
-        ("LoRA", f"r={draft.lora.r} alpha={draft.lora.alpha}"),
+        # One line for the training choices keeps the summary inside an 80x24 terminal.
+        ("training", f"{length}, lr {t.learning_rate:g}, max length {draft.data.max_length}, "
+                     f"LoRA r={draft.lora.r} alpha={draft.lora.alpha}"),
     ]
     if plan is not None:
-        rows.append(("plan", f"{plan.describe()} on {plan.device}, peak {plan.predicted_peak_gib:.1f} GiB"))
+        rows.append(("plan", f"{plan.micro_batch} x {plan.grad_accum}, checkpointing {plan.gradient_checkpointing}"
+                             f" on {plan.device}, peak {plan.predicted_peak_gib:.1f} GiB"))
+        from sftop.engine.planner.runtime import describe_run_time
+
+        rows.append(("time", describe_run_time(run_time, plan)))
     text = Text()
     for i, (label, value) in enumerate(rows):
         if i:
             text.append("\n")
-        text.append(f"{label:<14}", style="dim")
-        text.append(value)
+        text.append(f"{label:<10}", style="dim")
+        text.append(fit(value))
     return text
 
 
@@ -44,14 +61,19 @@ class LaunchStep(Step):
         yield Static("", id="launch-summary")
         with Horizontal(classes="field"):
             yield Static("save as preset", classes="field-label")
-            yield Input(placeholder="optional name, e.g. my-run", id="save-name", classes="field-input", compact=True)
+            # Not selected on focus: tabbing back into the field and typing must extend the name
+            # the user typed, not replace it.
+            yield Input(placeholder="optional name, e.g. my-run", id="save-name", classes="field-input", compact=True,
+                        select_on_focus=False)
         yield Button("Launch (ctrl+n)", id="launch", variant="success", compact=True)
-        yield Static("Training runs in the background: you can quit sftop or lose the connection; "
-                     "`sftop attach` brings the dashboard back.", classes="note")
+        # One line, so that an 80x24 terminal keeps room for a refusal's whole message below it.
+        yield Static("Trains in the background: quit or disconnect; `sftop attach` brings it back.",
+                     classes="note")
 
     def load(self, draft: Preset) -> None:
-        plan = getattr(self.wizard.query_one("PlanStep"), "plan", None)
-        self.query_one("#launch-summary", Static).update(summarize_draft(draft, plan))
+        plan_step = self.wizard.query_one("PlanStep")
+        self.query_one("#launch-summary", Static).update(
+            summarize_draft(draft, getattr(plan_step, "plan", None), getattr(plan_step, "run_time", None)))
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "launch":

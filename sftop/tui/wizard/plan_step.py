@@ -37,6 +37,8 @@ class PlanMade(Message):
     plan: Any = None
     error: str | None = None
     refused: bool = False
+    on_cpu: bool = False
+    run_time: Any = None  # RunTime, the estimate
 
 
 def parse_memory_cap(raw: str) -> dict[str, float | None]:
@@ -85,7 +87,7 @@ def memory_segments(plan: Any) -> list[tuple[str, float, str]]:
     return segments
 
 
-def render_plan_view(plan: Any, width: int) -> Group:
+def render_plan_view(plan: Any, width: int, run_time: Any = None) -> Group:
     where = plan.device + (f" ({plan.gpu_name})" if plan.gpu_name else "")
     head = Text()
     head.append(f"{plan.model_name} on {where}\n", style="bold")
@@ -102,13 +104,23 @@ def render_plan_view(plan: Any, width: int) -> Group:
                    + ("(memory cap)  " if capped else "free  "))
     summary.append(f"headroom {headroom:.2f} GiB", style="green" if fits else "bold red")
     parts: list[Any] = [head, Text(""), summary, stacked_bar(segments, plan.budget_gib, max(10, width)),
-                        legend(segments + [("headroom", max(0.0, headroom), "bright_black")])]
+                        legend(segments + [("headroom", max(0.0, headroom), "bright_black")], width)]
     for note in plan.notes:
         parts.append(Text(f"note: {note}", style="yellow"))
-    if plan.device == "cpu":
-        parts.append(Text("No GPU: this run trains on the CPU, which is only practical for the demo.",
-                          style="yellow"))
+    parts.append(run_time_text(plan, run_time))
     return Group(*parts)
+
+
+def run_time_text(plan: Any, run_time: Any) -> Text:
+    from sftop.engine.planner.runtime import describe_run_time
+
+    text = Text()
+    text.append("time  ", style="bold")
+    text.append(describe_run_time(run_time, plan))
+    if run_time is not None:
+        price_hint = "; set plan.price_per_gpu_hour for the cost" if run_time.price_per_gpu_hour is None else ""
+        text.append(f" ({run_time.basis}{price_hint})", style="dim")
+    return text
 
 
 class PlanStep(Step):
@@ -117,6 +129,7 @@ class PlanStep(Step):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.plan: Any = None
+        self.run_time: Any = None
         self.error: str | None = None
         self.refused = False
         self.planning = False
@@ -162,25 +175,35 @@ class PlanStep(Step):
         self._key = key
         self.plan, self.error, self.refused, self.planning = None, None, False, True
         self.query_one("#plan-view", Static).update(Text("planning…", style="dim"))
-        self.make_plan(draft, key)
+        self.make_plan(draft, key, self._checked_data(draft))
+
+    def _checked_data(self, draft: Preset) -> Any:
+        """The dataset step's check of this draft's data (rows and lengths time the run), if any."""
+        from sftop.tui.wizard.dataset_step import DatasetStep
+
+        data = self.wizard.query_one(DatasetStep)
+        return data.result if data.checked_source == draft.data.source else None
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="plan", description="plan the run")
-    def make_plan(self, draft: Preset, key: str) -> None:
+    def make_plan(self, draft: Preset, key: str, checked: Any = None) -> None:
         from sftop.engine.planner import load_model_config, plan_run
+        from sftop.engine.planner.runtime import data_for_estimate, estimate_run_time
 
         gpus = self.app.services.gpu_reader()  # type: ignore[attr-defined]
+        train_rows, row_tokens = data_for_estimate(checked)
         with ENGINE_LOCK:
             try:
-                plan = plan_run(draft, load_model_config(draft), gpus=gpus)
+                plan = plan_run(draft, load_model_config(draft), gpus=gpus, row_tokens_mean=row_tokens)
             except SftopError as exc:
                 from sftop.engine.errors import ResourceError
 
-                self.post_message(PlanMade(key, error=str(exc), refused=isinstance(exc, ResourceError)))
+                self.post_message(PlanMade(key, error=str(exc), refused=isinstance(exc, ResourceError),
+                                           on_cpu=gpus.best() is None))
                 return
             except Exception as exc:  # a bug, but the wizard must still say what happened
                 self.post_message(PlanMade(key, error=f"Planning failed: {exc!r}"))
                 raise
-        self.post_message(PlanMade(key, plan=plan))
+        self.post_message(PlanMade(key, plan=plan, run_time=estimate_run_time(plan, draft, train_rows)))
 
     @on(PlanMade)
     def on_plan(self, message: PlanMade) -> None:
@@ -191,14 +214,19 @@ class PlanStep(Step):
         if message.error is not None:
             self.error, self.refused = message.error, message.refused
             title = "This run does not fit:" if message.refused else "Cannot plan this run:"
-            capped = bool(self.query_one("#plan-cap", Input).value.strip())
-            lead = "Raise or clear the memory cap above, or go" if capped else "Go"
+            if message.on_cpu:  # only what works without a GPU: 4-bit needs CUDA
+                advice = ("Go back (ctrl+b) to choose a model small enough for the CPU (builtin:demo-tiny), "
+                          "or run sftop on a machine with an NVIDIA GPU.")
+            else:
+                capped = bool(self.query_one("#plan-cap", Input).value.strip())
+                lead = "Raise or clear the memory cap above, or go" if capped else "Go"
+                advice = (f"{lead} back (ctrl+b) to choose a smaller model, 4-bit, a shorter max length "
+                          "or a lower LoRA r.")
             view.update(Group(Text(title, style="bold red"), Text(message.error, style="red"),
-                              Text(f"{lead} back (ctrl+b) to choose a smaller model, 4-bit, a shorter max length "
-                                   "or a lower LoRA r.", style="dim")))
+                              Text(advice, style="dim")))
             return
-        self.plan = message.plan
-        view.update(render_plan_view(message.plan, max(20, view.content_size.width or 70)))
+        self.plan, self.run_time = message.plan, message.run_time
+        view.update(render_plan_view(message.plan, max(20, view.content_size.width or 70), message.run_time))
 
     def apply(self, draft: Preset) -> Preset:
         draft = self.apply_cap(draft)

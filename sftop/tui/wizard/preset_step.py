@@ -49,8 +49,19 @@ class PresetStep(Step):
         for field_id, _, section, key, _ in FIELDS:
             value = getattr(getattr(preset, section), key)
             self.query_one(f"#field-{field_id}", Input).value = "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
-        self.query_one("#field-4bit", Checkbox).value = preset.model.load_in_4bit
+        box = self.query_one("#field-4bit", Checkbox)
+        box.value = preset.model.load_in_4bit
+        if self._no_gpu():
+            # 4-bit needs CUDA: not offered without a GPU, though a preset that asks for it can
+            # still be unticked here (else the plan refuses it).
+            box.label = "load the base weights as NF4 (needs an NVIDIA GPU; none here)"
+            box.disabled = not box.value
         self.query_one("#preset-description", Static).update(preset.description)
+
+    def _no_gpu(self) -> bool:
+        if not hasattr(self, "_gpu_absent"):
+            self._gpu_absent = self.app.services.gpu_reader().best() is None  # type: ignore[attr-defined]
+        return self._gpu_absent
 
     @on(Select.Changed, "#preset-select")
     def on_preset(self, event: Select.Changed) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rich.text import Text
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, ContentSwitcher, Footer, Header, Static
 
@@ -18,6 +22,15 @@ from sftop.tui.wizard.launch_step import LaunchStep
 from sftop.tui.wizard.model_step import ModelStep
 from sftop.tui.wizard.plan_step import PlanStep
 from sftop.tui.wizard.preset_step import PresetStep
+
+
+@dataclass
+class DataChecked(Message):
+    """The data check before a launch is done; `error` is its verdict when the run must not start."""
+
+    draft: Preset
+    error: str | None
+
 
 STEPS = [("step-model", ModelStep), ("step-data", DatasetStep), ("step-preset", PresetStep),
          ("step-plan", PlanStep), ("step-launch", LaunchStep)]
@@ -37,6 +50,7 @@ class WizardScreen(Screen):
         self.jump_to_plan = jump_to_plan
         self.index = 0
         self.draft: Preset | None = None
+        self.launching = False  # the data check before a launch is running
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -114,6 +128,41 @@ class WizardScreen(Screen):
             self.action_back()
 
     def launch(self) -> None:
+        """Check the data first (in a worker, as `sftop run` does before anything loads), then
+        start the run in `start_run` once the check passes."""
+        assert self.draft is not None
+        if self.launching:
+            return
+        self.launching = True
+        self.query_one("#wizard-error", Static).update(Text("checking the data before the run starts…", style="dim"))
+        self.check_data_then_launch(self.draft)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="launch", description="check the data")
+    def check_data_then_launch(self, draft: Preset) -> None:
+        from sftop.engine.preflight import check_data_before_run
+        from sftop.tui.wizard.base import ENGINE_LOCK
+
+        with ENGINE_LOCK:
+            try:
+                check_data_before_run(draft)
+            except SftopError as exc:
+                self.post_message(DataChecked(draft, _without_repeated_where(exc)))
+                return
+            except Exception as exc:  # a bug, but the wizard must still say why nothing started
+                self.post_message(DataChecked(draft, f"The data check failed: {exc!r}"))
+                raise
+        self.post_message(DataChecked(draft, None))
+
+    @on(DataChecked)
+    def on_data_checked(self, message: DataChecked) -> None:
+        self.launching = False
+        if message.error is not None:
+            self.fail(f"Not started: {message.error}")
+            return
+        self.query_one("#wizard-error", Static).update("")
+        self.start_run()
+
+    def start_run(self) -> None:
         assert self.draft is not None
         launch_step = self.query_one(LaunchStep)
         try:
@@ -130,3 +179,11 @@ class WizardScreen(Screen):
         self.notify(f"Launched {run.name}. It keeps training if you quit or disconnect.")
         self.app.pop_screen()
         self.app.attach(run)  # type: ignore[attr-defined]
+
+
+def _without_repeated_where(exc: SftopError) -> str:
+    """The error as one paragraph, without its "Where:" when the message already names the place
+    (a file path said twice costs two lines of an 80x24 screen)."""
+    if exc.where and exc.where in exc.what:
+        return " ".join(part.rstrip(".") + "." for part in (exc.what, exc.hint) if part)
+    return str(exc)
