@@ -112,8 +112,8 @@ class DatasetStep(Step):
         self._draft: Preset | None = None
 
     def compose(self) -> ComposeResult:
-        # One line of help and a short list: at 80x24 the check below gets the rows.
-        yield Static("A sample, a file (jsonl, json, csv, parquet), a hub id; ctrl+o browses.", classes="help")
+        # The task on one line, the help in the list's border and a short list: at 80x24 the check
+        # below gets the rows.
         yield TaskPicker(id="data-task")
         yield OptionList(*(Option(name, id=name) for name in builtin_datasets()), id="data-choices")
         yield Input(placeholder="path to a file, hub id, or builtin:NAME (enter checks it)", id="data-input", compact=True)
@@ -122,6 +122,7 @@ class DatasetStep(Step):
 
     def on_mount(self) -> None:
         self.query_one("#data-choices").border_title = "Built-in samples"
+        self.query_one("#data-choices").border_subtitle = "or a file (jsonl, json, csv, parquet) or hub id below · ctrl+o browses"
         self.query_one("#data-report-scroll").border_title = "Check"
 
     def load(self, draft: Preset) -> None:
