@@ -138,3 +138,26 @@ def test_the_comparison_sees_a_checkpoint_function_left_behind():
     patched.get_base_model().model.layers[1]._gradient_checkpointing_func = wrapped
     assert _differences(patched, never) == ["base_model.model.model.layers.1._gradient_checkpointing_func: "
                                             f"{wrapped!r} vs {never.get_base_model().model.layers[1]._gradient_checkpointing_func!r}"]
+
+
+def test_a_deep_copy_of_a_patched_model_runs_its_own_weights():
+    # A frozen reference model is often a deep copy of the policy: its patched forwards must call
+    # the copy's modules, not the ones they were first installed on.
+    model = tiny_model("llama")
+    assert K.patch_model(model).parts["rms_norm"] == "fused"
+    model.eval()
+    copy_ = twin(model)
+    batch = _batch(2)
+    with torch.no_grad():
+        before = model(**batch, use_cache=False).loss
+        for p in copy_.parameters():  # attention's patched forward calls its original: q/k/v/o too
+            p.mul_(0.9)
+        copied = copy_(**batch, use_cache=False).loss
+        after = model(**batch, use_cache=False).loss
+    assert _same(after, before)
+    assert not torch.allclose(copied, before)
+    # and the copy's result is the one stock code gives for the copy's weights
+    K.unpatch(copy_)
+    with torch.no_grad():
+        stock = copy_(**batch, use_cache=False).loss
+    assert torch.allclose(copied, stock, rtol=1e-5, atol=1e-6)

@@ -112,7 +112,7 @@ class TrainSection(_Section):
     kernels: Literal["auto", "on", "off"] = Field("auto", description="sftop's fused Triton kernels")
     length_buckets: Literal["auto", "on", "off"] = Field(
         "auto", description="Pad each packed micro-batch up to one of a few lengths so its CUDA graph replays; "
-        "auto = where graphs can replay packed steps (a CUDA GPU with sftop's kernels); the padding is never "
+        "auto = off (measured no faster yet on whole runs; docs/training.md); the padding is never "
         "trained on or counted as throughput",
     )
     task: Literal["sft", "dpo"] = Field("sft", description="sft: supervised; dpo: preference pairs ([dpo])")

@@ -31,19 +31,22 @@ def set_forward(module: nn.Module, fn, part: str) -> None:
             # another library (TRL's fused LM head, say) wrapped our wrapper: it keeps calling
             # ours, which now runs `fn` again; nothing to re-install
             return
-        original = d[M.ORIG_FORWARD]
     else:
-        original = d.get("forward")
-        d[M.ORIG_FORWARD] = original
-    base = original if original is not None else types.MethodType(type(module).forward, module)
-
-    def wrapper(self, *a, **k):
-        if self.__dict__.get(M.OFF):
-            return base(*a, **k)
-        return self.__dict__[M.FUNCTION](self, base, *a, **k)
-
-    module.forward = types.MethodType(wrapper, module)
+        d[M.ORIG_FORWARD] = d.get("forward")
+    module.forward = types.MethodType(_patched_forward, module)
     d[M.FORWARD] = module.forward
+
+
+def _patched_forward(self, *a, **k):
+    # Everything is looked up on the instance at call time, never held in a closure: a deep copy
+    # of a patched model (a frozen reference model, say) rebinds these bound methods to the copy,
+    # so the copy runs its own weights.
+    d = self.__dict__
+    original = d.get(M.ORIG_FORWARD)
+    base = original if original is not None else types.MethodType(type(self).forward, self)
+    if d.get(M.OFF):
+        return base(*a, **k)
+    return d[M.FUNCTION](self, base, *a, **k)
 
 
 def restore_forward(module: nn.Module) -> None:
