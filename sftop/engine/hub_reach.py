@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 # Long enough for a slow but working link (one round trip to the endpoint), short enough that a
 # black-holed network costs the user seconds, not half a minute.
@@ -66,7 +67,7 @@ def go_offline() -> None:
     import sys
 
     # transformers asks huggingface_hub.constants; datasets copied the flag when it was imported.
-    datasets_config = sys.modules.get("datasets.config")
+    datasets_config: Any = sys.modules.get("datasets.config")
     if datasets_config is not None:
         datasets_config.HF_HUB_OFFLINE = datasets_config.HF_DATASETS_OFFLINE = True
 

@@ -49,6 +49,7 @@ import contextlib
 import functools
 import gc
 import warnings
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch
@@ -206,7 +207,7 @@ class StepGraphs:
         self._steps: dict = {}
         self._refused: dict = {}
         self._grad_ptrs: set[int] = set()  # every captured step's static gradients
-        self._armed = None
+        self._armed: tuple[Any, int] | None = None
         self._generation = 0
         self.stats = GraphStats()
         self.one = None  # a device 1.0 for the loss's denominator inside graphs (no host tensor in a capture)

@@ -52,7 +52,8 @@ def padded_boundaries(cu: torch.Tensor, multiple: int = CU_MULTIPLE) -> torch.Te
 
 def _eligible(lm: nn.Module, inputs: dict) -> bool:
     ids = inputs.get("input_ids")
-    if not (lm.training and torch.is_grad_enabled() and torch.is_tensor(ids) and ids.is_cuda and ids.shape[0] == 1):
+    if not (lm.training and torch.is_grad_enabled() and isinstance(ids, torch.Tensor) and ids.is_cuda
+            and ids.shape[0] == 1):
         return False
     if lm.__dict__.get(_GRAPHS) is None or lm.__dict__.get(_OFFLOADING):
         return False

@@ -74,7 +74,8 @@ def test_epochs_count_steps_from_the_rows_as_the_trainer_does():
     plan = plan_run(p, llama_1b(), gpus=h100())
     assert run_steps(p, plan, None) is None
     rows = 1001
-    per_epoch = -(-(-(-rows // plan.micro_batch)) // plan.grad_accum)
+    micro_batches = -(-rows // plan.micro_batch)  # ceiling divisions, as the trainer counts
+    per_epoch = -(-micro_batches // plan.grad_accum)
     assert run_steps(p, plan, rows) == 2 * per_epoch
     rt = estimate_run_time(plan, p)
     assert rt.wall_s is None and "per 100 steps" in describe_run_time(rt)

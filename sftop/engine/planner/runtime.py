@@ -34,7 +34,7 @@ MEASURED_STEPS = (
 # The whole run measured on the same H200 (docs/benchmarks.md, "Whole run: 2026-12-02"): Llama-3.2-1B
 # shape, 300 chat rows of 443.6 tokens on average packed 8 to a step with varlen attention and no
 # checkpointing, 38 steps in 5.82 s of training, 29.33 s from start to end.
-WHOLE_RUN = dict(model="meta-llama/Llama-3.2-1B", rows_per_step=8, row_tokens_mean=443.6, steps=38,
+WHOLE_RUN: dict[str, Any] = dict(model="meta-llama/Llama-3.2-1B", rows_per_step=8, row_tokens_mean=443.6, steps=38,
                  train_s=5.819, runtime_s=29.33)
 
 # The 16-bit (bf16/fp16, dense, fp32 accumulate) tensor peaks the vendors publish, in TFLOP/s:
@@ -62,8 +62,8 @@ class Calibration:
     spread: float  # the measured steps' largest relative distance from the factor
 
 
-def _modelled_step_s(model: str, load_in_4bit: bool, rows: int, row_tokens: float, checkpointing: str,
-                     packed: bool, attention: str) -> float:
+def _modelled_step_s(model: str, load_in_4bit: bool, rows: int, row_tokens: float, checkpointing: Any,
+                     packed: bool, attention: Any) -> float:
     from sftop.engine.planner.estimate import ModelShape, Setup
     from sftop.engine.planner.known_shapes import known_config
     from sftop.engine.planner.solve import step_time_s

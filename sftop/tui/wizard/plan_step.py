@@ -47,7 +47,7 @@ def parse_memory_cap(raw: str) -> dict[str, float | None]:
     Raises StepError naming the field and the accepted forms.
     """
     text = raw.strip().lower()
-    none = {"max_memory_gib": None, "max_memory_fraction": None}
+    none: dict[str, float | None] = {"max_memory_gib": None, "max_memory_fraction": None}
     if text in ("", "none"):
         return none
     try:
