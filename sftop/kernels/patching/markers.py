@@ -47,6 +47,15 @@ ROPE_ORIGINAL = "_sftop_original"
 # logprob_head (preference tuning): the model answers fused_lm_head=True calls itself
 LOGPROB_HEAD = "_sftop_logprob_head"
 
+# vision tower parts (patching/vision_tower.py, which removes them itself on unpatch): a tower
+# module's stock forward and part function, Qwen2.5-VL's MLP activation kind and shared adapter,
+# and the tower config's attention implementation before ours
+VISION_ORIG_FORWARD = "_sftop_vision_orig_forward"
+VISION_FUNCTION = "_sftop_vision_fn"
+VISION_GLU = "_sftop_vision_glu"
+VISION_ADAPTER = "_sftop_vision_adapter"
+VISION_ATTN_IMPLEMENTATION = "_sftop_vision_attn_implementation"
+
 # what unpatch removes from every module's __dict__ once its forward is restored
 MODULE_MARKERS = (ORIG_FORWARD, FORWARD, FUNCTION, OFF, PART, GLU, LORA_MLP_ADAPTER, ADAPTER, DIRECT, QKV_GROUP,
                   LOSS_DTYPE, GRAPHS)

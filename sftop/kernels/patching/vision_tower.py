@@ -32,12 +32,13 @@ import torch
 from torch import nn
 
 from .._runtime import kernels_available
+from . import markers as M
 
 FUSED = "fused"
 VISION_PARTS = ("vision_attention", "vision_rope", "vision_rms_norm", "vision_mlp", "vision_patch_embed")
 
-_ORIG = "_sftop_vision_orig_forward"
-_ATTN_ORIG = "_sftop_vision_attn_implementation"
+_ORIG = M.VISION_ORIG_FORWARD
+_ATTN_ORIG = M.VISION_ATTN_IMPLEMENTATION
 _ROPE_FN = "apply_rotary_pos_emb_vision"
 
 
@@ -80,12 +81,12 @@ def _wrap_forward(module: nn.Module, fn) -> None:
     d = module.__dict__
     if _ORIG not in d:
         d[_ORIG] = d.get("forward")  # None: the class's forward
-    d["_sftop_vision_fn"] = fn
+    d[M.VISION_FUNCTION] = fn
     module.forward = types.MethodType(_patched_forward, module)
 
 
 def _patched_forward(self, *args, **kwargs):
-    return self.__dict__["_sftop_vision_fn"](self, types.MethodType(_stock_forward, self), *args, **kwargs)
+    return self.__dict__[M.VISION_FUNCTION](self, types.MethodType(_stock_forward, self), *args, **kwargs)
 
 
 def _unwrap_forward(module: nn.Module) -> None:
@@ -93,7 +94,7 @@ def _unwrap_forward(module: nn.Module) -> None:
     if _ORIG not in d:
         return
     original = d.pop(_ORIG)
-    for key in ("forward", "_sftop_vision_fn", "_sftop_vision_glu", "_sftop_vision_adapter"):
+    for key in ("forward", M.VISION_FUNCTION, M.VISION_GLU, M.VISION_ADAPTER):
         d.pop(key, None)
     if original is not None:
         module.forward = original
@@ -141,7 +142,7 @@ def _rope_active() -> bool:
 
 def _install_rope_dispatcher(modeling) -> None:
     original = getattr(modeling, _ROPE_FN)
-    if getattr(original, "_sftop_dispatcher", False):
+    if getattr(original, M.ROPE_DISPATCHER, False):
         return
     from ..rope import apply_rope, rope_supported
 
@@ -154,7 +155,8 @@ def _install_rope_dispatcher(modeling) -> None:
                 return qo[0], ko[0]
         return original(q, k, cos, sin)
 
-    apply_rotary_pos_emb_vision.__dict__.update(_sftop_dispatcher=True, _sftop_original=original)
+    setattr(apply_rotary_pos_emb_vision, M.ROPE_DISPATCHER, True)
+    setattr(apply_rotary_pos_emb_vision, M.ROPE_ORIGINAL, original)
     setattr(modeling, _ROPE_FN, apply_rotary_pos_emb_vision)
 
 
@@ -258,12 +260,12 @@ def _mlp_forward(self, _base, x):
     from ..lora_linear import lora_linears
 
     gate, up = self.gate_proj, self.up_proj
-    adapter = self.__dict__.get("_sftop_vision_adapter")
+    adapter = self.__dict__.get(M.VISION_ADAPTER)
     if adapter is not None and _lora_live(gate, adapter) and _lora_live(up, adapter):
         g, u = lora_linears(x, (gate, up), adapter)
     else:
         g, u = gate(x), up(x)
-    return self.down_proj(GLUFunction.apply(g, u, self.__dict__["_sftop_vision_glu"]))
+    return self.down_proj(GLUFunction.apply(g, u, self.__dict__[M.VISION_GLU]))
 
 
 def _patch_mlp(tower: nn.Module, spec: TowerSpec) -> str:
@@ -280,8 +282,8 @@ def _patch_mlp(tower: nn.Module, spec: TowerSpec) -> str:
         return f"stock: activation {type(mods[kinds.index(None)].act_fn).__name__} has no fused kernel"
     for m, kind in zip(mods, kinds):
         adapters = {_plain_lora_adapter(m.gate_proj), _plain_lora_adapter(m.up_proj)}
-        m.__dict__["_sftop_vision_glu"] = kind
-        m.__dict__["_sftop_vision_adapter"] = adapters.pop() if len(adapters) == 1 else None
+        m.__dict__[M.VISION_GLU] = kind
+        m.__dict__[M.VISION_ADAPTER] = adapters.pop() if len(adapters) == 1 else None
         _wrap_forward(m, _mlp_forward)
     return FUSED
 
