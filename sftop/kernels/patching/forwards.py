@@ -67,6 +67,20 @@ def restore_forward(module: nn.Module) -> None:
         module.forward = original
 
 
+def commonest_refusal(modules, refusal, noun: str) -> str | None:
+    """"stock: <the most frequent reason> (n of N <noun>)" when `refusal(m)` refuses any of
+    `modules` (a part takes all of them or none), else None."""
+    refusals: dict[str, int] = {}
+    for m in modules:
+        why = refusal(m)
+        if why:
+            refusals[why] = refusals.get(why, 0) + 1
+    if not refusals:
+        return None
+    why, n = max(refusals.items(), key=lambda kv: kv[1])
+    return f"stock: {why} ({n} of {len(modules)} {noun})"
+
+
 def modules_of(model: nn.Module, class_name: str) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ == class_name]
 

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from .. import markers as M
-from ..forwards import FUSED, family_modules, set_forward
+from ..forwards import FUSED, commonest_refusal, family_modules, set_forward
 from ..part import Part
 from ..peft_lora import base_refusal, is_lora_layer, lora_refusal, lora_state_ok
 from ..registry import FamilySpec
@@ -71,14 +71,9 @@ def apply(model: nn.Module, spec: FamilySpec) -> str:
     mods = family_modules(model, spec, spec.attention_class)
     if not mods:
         return f"stock: no {spec.attention_class} modules found"
-    refusals: dict[str, int] = {}
-    for m in mods:
-        why = _refusal(m)
-        if why:
-            refusals[why] = refusals.get(why, 0) + 1
-    if refusals:
-        why, n = max(refusals.items(), key=lambda kv: kv[1])
-        return f"stock: {why} ({n} of {len(mods)} attention blocks)"
+    refused = commonest_refusal(mods, _refusal, "attention blocks")
+    if refused:
+        return refused
     for m in mods:
         layers = (m.q_proj, m.k_proj, m.v_proj)
         grp = QKVGroup(layers, m.q_proj.active_adapters[0])

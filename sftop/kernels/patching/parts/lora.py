@@ -8,7 +8,7 @@ from torch import nn
 
 from ... import compat
 from .. import markers as M
-from ..forwards import FUSED, set_forward
+from ..forwards import FUSED, commonest_refusal, set_forward
 from ..part import Part
 from ..peft_lora import base_refusal, lora_layers, lora_refusal, lora_state_ok
 from ..registry import FamilySpec
@@ -43,14 +43,9 @@ def apply(model: nn.Module, spec: FamilySpec) -> str:
     layers = lora_layers(model)
     if not layers:
         return "stock: no PEFT LoRA layers"
-    refusals: dict[str, int] = {}
-    for m in layers:
-        why = lora_refusal(m)
-        if why:
-            refusals[why] = refusals.get(why, 0) + 1
-    if refusals:
-        why, n = max(refusals.items(), key=lambda kv: kv[1])
-        return f"stock: {why} ({n} of {len(layers)} layers)"
+    refused = commonest_refusal(layers, lora_refusal, "layers")
+    if refused:
+        return refused
     for m in layers:
         m.__dict__[M.ADAPTER] = m.active_adapters[0]
         # a dense or NF4 frozen base runs inside LoRALinearFunction (one Function, x read once);
