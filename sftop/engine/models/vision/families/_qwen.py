@@ -72,6 +72,11 @@ class QwenVLFamilyBase(VisionFamily):
     supports_system_turn = True
     patch_size = 14
     merge_size = 2
+    # Qwen2-VL and Qwen2.5-VL: 28-pixel blocks (14-pixel patches merged 2x2). Default budget: at
+    # most 512 image tokens per image (401,408 px, about 634x634), at least 4 (3,136 px); Qwen
+    # refuses aspect ratios over 200. Qwen3-VL (32-pixel blocks) sets its own.
+    image_rules = ImageRules(patch_multiple=28, min_edge=28, max_pixels=512 * 28 * 28, min_pixels=4 * 28 * 28,
+                             max_aspect_ratio=200.0)
     default_system: str | None = "You are a helpful assistant."
     image_token_strings = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
     lora_targets = QWEN_VL_LORA

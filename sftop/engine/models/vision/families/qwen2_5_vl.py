@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from sftop.engine.data.images import ImageRules
 from sftop.engine.models.vision.families._qwen import QwenVLFamilyBase
 
 
@@ -18,9 +17,6 @@ class Qwen25VLFamily(QwenVLFamilyBase):
     display_name = "Qwen2.5-VL"
     model_types = ("qwen2_5_vl",)
     language_model_type = "qwen2"
-    # Same budget as Qwen2-VL: at most 512 tokens per image (401,408 px), at least 4.
-    image_rules = ImageRules(patch_multiple=28, min_edge=28, max_pixels=512 * 28 * 28, min_pixels=4 * 28 * 28,
-                             max_aspect_ratio=200.0)
 
     def processor_class(self) -> Any:
         from transformers import Qwen2_5_VLProcessor

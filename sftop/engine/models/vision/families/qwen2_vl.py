@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from sftop.engine.data.images import ImageRules
 from sftop.engine.models.vision.families._qwen import QwenVLFamilyBase
 
 
@@ -19,10 +18,6 @@ class Qwen2VLFamily(QwenVLFamilyBase):
     display_name = "Qwen2-VL"
     model_types = ("qwen2_vl",)
     language_model_type = "qwen2"
-    # 28-pixel blocks (14-pixel patches merged 2x2). Default budget: at most 512 image tokens per
-    # image (401,408 px, about 634x634), at least 4 (3,136 px); Qwen refuses aspect ratios over 200.
-    image_rules = ImageRules(patch_multiple=28, min_edge=28, max_pixels=512 * 28 * 28, min_pixels=4 * 28 * 28,
-                             max_aspect_ratio=200.0)
 
     def processor_class(self) -> Any:
         from transformers import Qwen2VLProcessor
