@@ -17,7 +17,7 @@ FUNCTION = "_sftop_fn"
 OFF = "_sftop_off"
 PART = "_sftop_part"
 
-# mlp: the fused activation's kind, and the adapter of the one-Function LoRA MLP (None without it)
+# mlp, vision_mlp: the fused activation's kind, and the adapter of the one-Function LoRA MLP (None without it)
 GLU = "_sftop_glu"
 LORA_MLP_ADAPTER = "_sftop_lora_adapter"
 # lora, attention_lora: the adapter a LoRA layer runs, and whether its frozen base runs inside the
@@ -47,13 +47,8 @@ ROPE_ORIGINAL = "_sftop_original"
 # logprob_head (preference tuning): the model answers fused_lm_head=True calls itself
 LOGPROB_HEAD = "_sftop_logprob_head"
 
-# vision tower parts (patching/vision_tower.py, which removes them itself on unpatch): a tower
-# module's stock forward and part function, Qwen2.5-VL's MLP activation kind and shared adapter,
-# and the tower config's attention implementation before ours
-VISION_ORIG_FORWARD = "_sftop_vision_orig_forward"
-VISION_FUNCTION = "_sftop_vision_fn"
-VISION_GLU = "_sftop_vision_glu"
-VISION_ADAPTER = "_sftop_vision_adapter"
+# vision tower parts (patching/vision_tower.py): the tower config's attention implementation
+# before ours (its forwards, and the vision MLP's GLU and LoRA_MLP_ADAPTER, use the names above)
 VISION_ATTN_IMPLEMENTATION = "_sftop_vision_attn_implementation"
 
 # what unpatch removes from every module's __dict__ once its forward is restored

@@ -14,7 +14,8 @@ Parts (each reported "fused" or "stock: why", like patch_model's):
     GEMM it is (the convolution path pays cuDNN's setup for a product).
 
 Only modules inside a tower are touched; the language model is patch_model's.  As there, module
-instances get a new `forward` that calls back into the originals, and the rotary hook is a
+instances get a new `forward` that calls back into the originals (the same `set_forward`,
+patching/forwards.py, so `unpatch` takes these off too), and the rotary hook is a
 dispatcher installed once in the modeling module that uses the kernel only while a patched
 attention instance runs (also when a checkpoint recomputes it), so other models in the process
 keep the stock path.  The tower's LoRA layers are patch_model's `lora` part, which covers every
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import importlib
 import threading
-import types
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +33,11 @@ from torch import nn
 
 from .._runtime import kernels_available
 from . import markers as M
+from .forwards import restore_forward, set_forward
 
 FUSED = "fused"
 VISION_PARTS = ("vision_attention", "vision_rope", "vision_rms_norm", "vision_mlp", "vision_patch_embed")
 
-_ORIG = M.VISION_ORIG_FORWARD
 _ATTN_ORIG = M.VISION_ATTN_IMPLEMENTATION
 _ROPE_FN = "apply_rotary_pos_emb_vision"
 
@@ -68,36 +68,6 @@ def find_towers(model: nn.Module) -> list[tuple[nn.Module, TowerSpec]]:
 
 def _modules_of(tower: nn.Module, class_name: str) -> list[nn.Module]:
     return [m for m in tower.modules() if type(m).__name__ == class_name]
-
-
-def _stock_forward(self, *args, **kwargs):
-    original = self.__dict__[_ORIG]
-    return original(*args, **kwargs) if original is not None else type(self).forward(self, *args, **kwargs)
-
-
-def _wrap_forward(module: nn.Module, fn) -> None:
-    """module.forward(*a) becomes fn(module, stock_forward, *a).  Idempotent.  Everything is looked
-    up on the instance at call time, so a deep copy of a patched model calls its own modules."""
-    d = module.__dict__
-    if _ORIG not in d:
-        d[_ORIG] = d.get("forward")  # None: the class's forward
-    d[M.VISION_FUNCTION] = fn
-    module.forward = types.MethodType(_patched_forward, module)
-
-
-def _patched_forward(self, *args, **kwargs):
-    return self.__dict__[M.VISION_FUNCTION](self, types.MethodType(_stock_forward, self), *args, **kwargs)
-
-
-def _unwrap_forward(module: nn.Module) -> None:
-    d = module.__dict__
-    if _ORIG not in d:
-        return
-    original = d.pop(_ORIG)
-    for key in ("forward", M.VISION_FUNCTION, M.VISION_GLU, M.VISION_ADAPTER):
-        d.pop(key, None)
-    if original is not None:
-        module.forward = original
 
 
 # --------------------------------------------------------------------------- vision_attention
@@ -183,7 +153,7 @@ def _patch_rope(tower: nn.Module, spec: TowerSpec) -> str:
         return f"stock: no {spec.attention_class} modules found"
     _install_rope_dispatcher(modeling)
     for m in mods:
-        _wrap_forward(m, _rope_scope)
+        set_forward(m, _rope_scope, "vision_rope")
     return FUSED
 
 
@@ -208,7 +178,7 @@ def _patch_rms_norm(tower: nn.Module, spec: TowerSpec) -> str:
     if not all(isinstance(getattr(m, "weight", None), torch.Tensor) and hasattr(m, "variance_epsilon") for m in mods):
         return f"stock: {spec.rms_norm_class} without a weight tensor or epsilon"
     for m in mods:
-        _wrap_forward(m, _rms_forward)
+        set_forward(m, _rms_forward, "vision_rms_norm")
     return FUSED
 
 
@@ -260,12 +230,12 @@ def _mlp_forward(self, _base, x):
     from ..lora_linear import lora_linears
 
     gate, up = self.gate_proj, self.up_proj
-    adapter = self.__dict__.get(M.VISION_ADAPTER)
+    adapter = self.__dict__.get(M.LORA_MLP_ADAPTER)
     if adapter is not None and _lora_live(gate, adapter) and _lora_live(up, adapter):
         g, u = lora_linears(x, (gate, up), adapter)
     else:
         g, u = gate(x), up(x)
-    return self.down_proj(GLUFunction.apply(g, u, self.__dict__[M.VISION_GLU]))
+    return self.down_proj(GLUFunction.apply(g, u, self.__dict__[M.GLU]))
 
 
 def _patch_mlp(tower: nn.Module, spec: TowerSpec) -> str:
@@ -282,9 +252,9 @@ def _patch_mlp(tower: nn.Module, spec: TowerSpec) -> str:
         return f"stock: activation {type(mods[kinds.index(None)].act_fn).__name__} has no fused kernel"
     for m, kind in zip(mods, kinds):
         adapters = {_plain_lora_adapter(m.gate_proj), _plain_lora_adapter(m.up_proj)}
-        m.__dict__[M.VISION_GLU] = kind
-        m.__dict__[M.VISION_ADAPTER] = adapters.pop() if len(adapters) == 1 else None
-        _wrap_forward(m, _mlp_forward)
+        m.__dict__[M.GLU] = kind
+        m.__dict__[M.LORA_MLP_ADAPTER] = adapters.pop() if len(adapters) == 1 else None
+        set_forward(m, _mlp_forward, "vision_mlp")
     return FUSED
 
 
@@ -308,7 +278,7 @@ def _patch_patch_embed(tower: nn.Module, spec: TowerSpec) -> str:
                 getattr(embed, "patch_size", None))
     if not whole_patch or tuple(proj.kernel_size) != expected or proj.in_channels != getattr(embed, "in_channels", None):
         return "stock: the patch embedding's convolution does not cover exactly one patch"
-    _wrap_forward(embed, _patch_embed_forward)
+    set_forward(embed, _patch_embed_forward, "vision_patch_embed")
     return FUSED
 
 
@@ -324,7 +294,7 @@ def patch_vision_tower(model: nn.Module, *, enable: bool = True) -> dict[str, st
     if not enable:
         for tower, _spec in towers:
             for m in tower.modules():
-                _unwrap_forward(m)
+                restore_forward(m)
             _restore_attention(tower)
         return {p: "stock: disabled" for p in VISION_PARTS}
     if not towers:
