@@ -78,7 +78,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from sftop.engine.planner import load_model_config, plan_run, render_plan
+    from sftop.engine.planner import load_model_config, render_plan
     from sftop.engine.presets import load_preset
 
     preset, _ = load_preset(args.preset, args.set)
@@ -86,8 +86,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     # a vision-language model: the rows' exact image tokens size the image terms, as in a run
     image_tokens = image_tokens_for_plan(preset)
-    plan = plan_run(preset, load_model_config(preset), gpu_memory_gib=args.gpu_memory,
-                    image_tokens_per_row=image_tokens)
+    from sftop.engine.planner.multi import plan_preset
+
+    plan = plan_preset(preset, load_model_config(preset), gpu_memory_gib=args.gpu_memory,
+                       image_tokens_per_row=image_tokens)
     from sftop.engine.planner.runtime import describe_run_time, estimate_run_time
 
     run_time = estimate_run_time(plan, preset, gpu_name=args.gpu)

@@ -53,6 +53,7 @@ def render_plan(plan: Plan, color: bool = False, run_time: str | None = None) ->
         + tone(f"(headroom {plan.headroom_gib:.2f} GiB)", plan.headroom_gib >= 0),
         *([f"  memory cap       {plan.max_memory_gib:.2f} GiB ({plan.memory_cap}); the trainer is held to it"]
           if plan.max_memory_gib is not None else []),
+        *_strategy_lines(plan),
         f"  why              {plan.reason}",
         *([f"  time             {run_time}"] if run_time else []),
         "",
@@ -86,3 +87,18 @@ def render_plan(plan: Plan, color: bool = False, run_time: str | None = None) ->
     if plan.notes:
         lines += ["", bold("Notes")] + [f"  - {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def _strategy_lines(plan: Plan) -> list[str]:
+    """Several processes: the strategy, and each GPU's predicted peak against its own budget."""
+    if plan.world_size <= 1:
+        return []
+    lines = [f"  strategy         {plan.strategy.upper()} over {plan.world_size} processes; micro-batch and "
+             f"accumulation are per process ({plan.micro_batch} x {plan.grad_accum} x {plan.world_size} = "
+             f"{plan.effective_batch})",
+             f"                   {plan.strategy_reason}"]
+    for gpu in plan.per_gpu:
+        name = f" ({gpu['name']})" if gpu.get("name") else ""
+        budget = f" of {gpu['budget_gib']:.2f} GiB" if gpu.get("budget_gib") else ""
+        lines.append(f"  {gpu['device'] + name:<32} peak {gpu['predicted_peak_gib']:.2f} GiB{budget}")
+    return lines

@@ -102,6 +102,13 @@ class PlanContext:
     # of b rows can hold (the b longest rows), instead of b x max_length. See `size_for_data`.
     packed_tokens: tuple[int, ...] | None = None
     notes: list[str] = field(default_factory=list)  # about the GPU and inputs; each plan adds its estimate's
+    # Several processes (planner/multi.py): effective_batch above is one rank's share; per_gpu holds
+    # (device, name, uuid, budget bytes) of every rank; shard_bytes what FSDP2 saves per rank.
+    world_size: int = 1
+    strategy: str = "single"
+    strategy_reason: str | None = None
+    per_gpu: tuple[tuple[str, str | None, str | None, int], ...] = ()
+    shard_bytes: int = 0
 
 
 @dataclass
@@ -142,6 +149,13 @@ class Plan:
     # budget already respects and the trainer holds its allocator to; memory_cap says which key set it.
     max_memory_gib: float | None = None
     memory_cap: str | None = None
+    # Several processes: "ddp" (a full copy per GPU) or "fsdp2" (sharded); micro_batch and grad_accum
+    # are per process, effective_batch = micro_batch x grad_accum x world_size. per_gpu: each rank's
+    # device, name, predicted peak and budget.
+    world_size: int = 1
+    strategy: str = "single"
+    strategy_reason: str | None = None
+    per_gpu: list[dict[str, Any]] = field(default_factory=list)
     context: PlanContext | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,6 +163,7 @@ class Plan:
         data["breakdown"] = dict(self.breakdown)
         data["candidates"] = [dict(c) for c in self.candidates]
         data["notes"] = list(self.notes)
+        data["per_gpu"] = [dict(g) for g in self.per_gpu]
         return data
 
     def describe(self) -> str:
@@ -309,6 +324,8 @@ def _candidate(ctx: PlanContext, checkpointing: str, micro_batch: int, every: in
         extra = int((ctx.calibration - 1.0) * (allocated - static))
         allocated += extra
         device += int(extra * 1.1)
+    device -= ctx.shard_bytes  # FSDP2: the other ranks hold the rest of the weights
+    allocated -= ctx.shard_bytes
     grad_accum = ctx.effective_batch // micro_batch
     t = step_time_s(ctx.shape, setup, checkpointing, sequences, grad_accum, ctx.row_tokens_mean,
                     ctx.max_length, ctx.packing and not setup.preference)
@@ -350,10 +367,17 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
     breakdown = chosen.estimate.breakdown_gib()
     if ctx.calibration != 1.0:
         breakdown["probe_correction"] = round((chosen.allocated_bytes - chosen.estimate.allocated_bytes) / GIB, 4)
+    per_gpu = [{"device": dev, "name": name, "uuid": uuid, "predicted_peak_gib": round(chosen.device_bytes / GIB, 3),
+                "budget_gib": round(budget / GIB, 3), "headroom_gib": round((budget - chosen.device_bytes) / GIB, 3)}
+               for dev, name, uuid, budget in ctx.per_gpu]
     return Plan(
+        world_size=ctx.world_size,
+        strategy=ctx.strategy,
+        strategy_reason=ctx.strategy_reason,
+        per_gpu=per_gpu,
         micro_batch=chosen.micro_batch,
         grad_accum=chosen.grad_accum,
-        effective_batch=ctx.effective_batch,
+        effective_batch=ctx.effective_batch * ctx.world_size,
         tokens_per_micro_batch=chosen.estimate.tokens,  # DPO: chosen + rejected of each pair
         packing=ctx.packing and not ctx.setup.preference,
         max_length=ctx.max_length,

@@ -112,7 +112,7 @@ def step_down(plan: Plan, reason: str = "stepped down") -> Plan:
     grow accumulation to match; at micro-batch 1, recompute more (off -> every 2nd block -> every
     block -> offload).
     """
-    e = plan.effective_batch
+    e = plan.effective_batch // max(1, plan.world_size)  # one process's share
     every = plan.checkpoint_every_n_layers
     if plan.micro_batch > 1:
         smaller = max(d for d in divisors(e) if d <= plan.micro_batch // 2)

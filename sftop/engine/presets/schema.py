@@ -147,6 +147,29 @@ class PlanSection(_Section):
                     "in USD, A100s 1-2, RTX 4090s under 1); the dashboard shows the run's cost",
     )
 
+    gpus: Union[Auto, int, list[int]] = Field(
+        "auto",
+        description='GPUs to train on: "auto" (every visible GPU no other process is using), a count, or a list '
+                    "of CUDA indices; more than one runs data-parallel through accelerate (docs/training.md)",
+    )
+    device: Literal["auto", "cpu"] = Field(
+        "auto",
+        description='"cpu" trains on the CPU even with a GPU present; with plan.gpus = N it starts N CPU '
+                    "processes (gloo), which checks a multi-process run on a machine without GPUs",
+    )
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpu_list(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError('must be at least 1, "auto", or a list of GPU indices')
+        if isinstance(value, list):
+            if not value:
+                raise ValueError('give at least one GPU index, or "auto"')
+            if any(v < 0 for v in value) or len(set(value)) != len(value):
+                raise ValueError("GPU indices must be distinct and not negative")
+        return value
+
     @field_validator("micro_batch", "grad_accum")
     @classmethod
     def _positive(cls, value):

@@ -10,9 +10,21 @@ def make_plan(preset, model_config, row_tokens_mean: float | None = None, image_
 
     image_tokens_per_row: a VLM's exact image tokens per row (from its data check).
     """
+    from sftop.engine.gpu_select import rank_info, selection_in_rank
     from sftop.engine.planner import plan_run
 
-    return plan_run(preset, model_config, row_tokens_mean=row_tokens_mean, image_tokens_per_row=image_tokens_per_row)
+    kwargs = dict(row_tokens_mean=row_tokens_mean, image_tokens_per_row=image_tokens_per_row)
+    if rank_info()[2] > 1:  # one of several processes: plan for the GPUs the supervisor chose
+        from sftop.engine.planner.multi import plan_selection, refuse_unbuilt
+
+        plan = plan_selection(preset, model_config, selection_in_rank(), **kwargs)
+        refuse_unbuilt(plan)
+        return plan
+    if preset.plan.device == "cpu":
+        from sftop.engine.gpu import GpuStatus
+
+        return plan_run(preset, model_config, gpus=GpuStatus(reason='plan.device = "cpu"'), **kwargs)
+    return plan_run(preset, model_config, **kwargs)
 
 
 def resolved_plan_section(plan) -> dict[str, Any]:
@@ -20,4 +32,6 @@ def resolved_plan_section(plan) -> dict[str, Any]:
         "micro_batch": int(plan.micro_batch),
         "grad_accum": int(plan.grad_accum),
         "gradient_checkpointing": str(plan.gradient_checkpointing),
+        # several processes: micro_batch and grad_accum are per process, so their count is part of the plan
+        **({"gpus": int(plan.world_size)} if getattr(plan, "world_size", 1) > 1 else {}),
     }
