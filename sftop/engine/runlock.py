@@ -21,6 +21,9 @@ from sftop.engine.errors import SftopError
 
 LOCK_NAME = ".lock"
 LOCK_FD_ENV = "SFTOP_RUN_LOCK_FD"
+# The ranks of a multi-process run (sftop.engine.launch): the supervisor holds the lock for all of
+# them, and torchrun closes inherited descriptors, so it names the lock file it holds instead.
+HELD_ENV = "SFTOP_RUN_LOCK_HELD"
 
 # lock path -> [file descriptor, nesting depth] for the locks this process holds
 _held: dict[str, list[int]] = {}
@@ -75,6 +78,9 @@ def acquire(run_path: Path) -> int:
         _held[key][1] += 1
         return _held[key][0]
     path.parent.mkdir(parents=True, exist_ok=True)
+    if os.environ.get(HELD_ENV) == key:
+        _held[key] = [-1, 1]
+        return -1
     inherited = _inherited_fd(path)
     if inherited is not None:
         _held[key] = [inherited, 1]
@@ -103,7 +109,8 @@ def release(run_path: Path) -> None:
     if entry[1] > 0:
         return
     del _held[key]
-    os.close(entry[0])  # closing the last descriptor drops the flock
+    if entry[0] >= 0:
+        os.close(entry[0])  # closing the last descriptor drops the flock
 
 
 @contextmanager

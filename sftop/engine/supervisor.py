@@ -200,7 +200,20 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
     started = time.time()
     # The trainer gets its own process group so `stop` can signal it and any workers it forks
     # without also signalling this supervisor (which must live on to record the outcome).
-    pinned = choose_gpu(dict(os.environ))
+    from sftop.engine.errors import SftopError
+    from sftop.engine.launch import failure_reason, prepare_launch, signal_ranks
+
+    try:
+        # plan.gpus selects several processes: `accelerate launch` starts them (sftop.engine.launch)
+        launch = prepare_launch(run_dir, cmd)
+    except SftopError as exc:
+        with EventWriter(run_dir.events) as writer:
+            writer.write(RunFailed(step=None, reason=str(exc)))
+        run_dir.write_status(status="failed", exit_code=exc.exit_code, ended=time.time())
+        return exc.exit_code
+    pinned = launch.env if launch else choose_gpu(dict(os.environ))
+    if launch:
+        cmd = launch.command
     # SFTOP_SUPERVISED: the trainer leaves status.json to this supervisor (sftop.engine.runs.run_in_foreground)
     env = dict(os.environ, PYTHONUNBUFFERED="1", SFTOP_SUPERVISED="1", **pinned)
     # The run's lock, taken here and shared with the trainer: one trainer per run directory.
@@ -218,10 +231,14 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
         started=started,
         command=cmd,
         cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
+        world_size=launch.world_size if launch else 1,
     )
 
     def forward(signum, _frame):
         run_dir.write_status(status="stopping", stop_requested=time.time())
+        if launch:  # every rank saves its part of the checkpoint, then they stop together
+            signal_ranks(run_dir, signum)
+            return
         try:
             os.killpg(child.pid, signum)
         except ProcessLookupError:
@@ -242,7 +259,9 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
         status = TERMINAL_STATUS[terminal["type"]]
     else:
         status = "failed"
-        if code < 0:
+        if launch:
+            reason = failure_reason(run_dir, launch, code)
+        elif code < 0:
             reason = f"The trainer was killed by signal {signal.Signals(-code).name}"
         else:
             reason = f"The trainer exited with code {code} without finishing"
@@ -250,7 +269,7 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
         with EventWriter(run_dir.events) as writer:
             writer.write(RunFailed(
                 step=_last_step(run_dir),
-                reason=reason + f"; see {run_dir.stdout_log}",
+                reason=reason if launch else reason + f"; see {run_dir.stdout_log}",
                 checkpoint=str(latest) if latest else None,
             ))
     # Free the directory before saying the run ended: whoever sees the final status may resume it at once.

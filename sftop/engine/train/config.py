@@ -44,6 +44,12 @@ def fused_adamw_available(device: str) -> bool:
     return True
 
 
+def _ddp_timeout_s() -> int:
+    from sftop.engine.launch import ddp_timeout_s
+
+    return ddp_timeout_s()
+
+
 def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: bool, has_eval: bool,
                      on_cuda: bool | None = None, vision: bool = False):
     from trl import SFTConfig
@@ -101,6 +107,11 @@ def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: boo
         include_num_input_tokens_seen="no",  # counted by sftop (non-padding tokens)
         **dataloader_settings(on_cuda),
         use_cpu=not on_cuda,
+        # several processes (sftop.engine.launch): a rank that hangs fails the run after this long
+        # instead of holding every GPU; every LoRA parameter is used in each forward, so DDP need
+        # not search the graph for unused ones each step
+        ddp_timeout=_ddp_timeout_s(),
+        ddp_find_unused_parameters=False,
         # sftop.engine.data already dropped rows longer than data.max_length (it never truncates).
         # "Packing" here is padding-free batching: each micro-batch concatenates exactly micro_batch
         # rows into one row with restarting position_ids, so train.effective_batch stays "rows per

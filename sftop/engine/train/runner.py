@@ -183,6 +183,13 @@ class _Run:
         self.signals = StopSignals(run_dir.events, self.saved_step, self.latest_checkpoint)
         # A resume records its resolved preset beside the run's original one, never over it.
         self.preset_path = resume_preset_path(run_dir) if resume else run_dir.preset
+        from sftop.engine.gpu_select import rank_info
+
+        self.rank, self.local_rank, self.world_size = rank_info()
+        if self.rank:  # rank 0 records the run's preset; the others keep their copy beside their events
+            from sftop.engine.launch import ranks_dir
+
+            self.preset_path = ranks_dir(run_dir) / f"preset-rank-{self.rank}.toml"
         self.t0 = time.time()
         self.probe_verdict: dict[str, Any] | None = None
         self.vision = None  # a vision-language model's family (sftop.engine.models.vision)
@@ -212,7 +219,9 @@ class _Run:
         config = _model_config(preset)
         image_tokens = self.prepare_vision_data(config)
         # reads GPUs through NVML: CUDA itself is not started yet
+        self.force_cpu()
         self.plan = make_plan(preset, config, image_tokens_per_row=image_tokens)
+        self.place_rank()
         self.pin_gpu()
         self.hold_to_cap()
         on_cuda = torch.cuda.is_available()
@@ -245,6 +254,40 @@ class _Run:
                      f"{'pairs' if self.preset.train.task == 'dpo' else 'rows'} checked with their images, "
                      f"{self.vision_data.report.bad_rows} skipped")
         return self.vision_data.image_tokens_per_row
+
+    def force_cpu(self) -> None:
+        """plan.device = "cpu": hide the GPUs before CUDA starts, so torch trains on the CPU."""
+        import torch
+
+        if self.preset.plan.device == "cpu" and not torch.cuda.is_initialized():
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+    def place_rank(self) -> None:
+        """One of several processes: this rank trains on cuda:LOCAL_RANK (the supervisor left
+        exactly the chosen GPUs visible, in rank order)."""
+        import dataclasses
+
+        if self.world_size == 1 or not str(self.plan.device).startswith("cuda"):
+            return
+        import torch
+
+        device = f"cuda:{self.local_rank}"
+        torch.cuda.set_device(self.local_rank)
+        self.plan = dataclasses.replace(self.plan, device=device)
+        if self.plan.context is not None:
+            self.plan.context.device = device  # replans (OOM step-down) keep this rank's device
+
+    def stop_requested(self) -> str | None:
+        """The stop request, agreed by every rank (one all-reduce per step under several processes)."""
+        local = self.signals.requested
+        if self.world_size == 1:
+            return local
+        from sftop.engine.launch import stop_file
+        from sftop.engine.train.distributed import agree_any
+
+        if local is None and stop_file(self.run_dir).exists():
+            local = "SIGTERM"
+        return local or ("SIGTERM" if agree_any(local is not None) else None)
 
     def pin_gpu(self) -> None:
         """Make the plan's GPU the only one this process sees (it becomes cuda:0).
@@ -354,7 +397,7 @@ class _Run:
             vision=self.vision is not None,
         )
         guard = UpdateGuard(self.preset.train.max_bad_steps)
-        events = RunEvents(self.writer, started=self.started_event, stop_requested=lambda: self.signals.requested,
+        events = RunEvents(self.writer, started=self.started_event, stop_requested=self.stop_requested,
                            checkpoint_request=self.run_dir.path / "control" / "checkpoint")
         from sftop.engine.train.samples import SampleAnswers, sample_interval
 
@@ -432,6 +475,7 @@ class _Run:
                 "model": self.info.to_dict(),
                 "packing": self.packing,
                 **({"packing_reason": self.packing_reason} if self.packing_reason else {}),
+                **({"distributed": self.distributed_info()} if self.world_size > 1 else {}),
             },
             plan={**self.plan.to_dict(), **({"probe": self.probe_verdict} if self.probe_verdict else {})},
             kernels=self.info.kernels,
@@ -439,6 +483,19 @@ class _Run:
             total_steps=total_steps,
             resumed_from_step=self.resumed_from,
         )
+
+    def distributed_info(self) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        return {
+            "world_size": self.world_size,
+            "strategy": getattr(self.plan, "strategy", "ddp"),
+            "backend": dist.get_backend() if dist.is_initialized() else None,
+            "rank_events": "ranks/rank-N.jsonl (rank 0: events.jsonl)",
+            "cuda_graphs": "off: DDP's gradient all-reduce hooks run outside a replayed CUDA graph, so a replayed "
+                           "step would skip them",
+            "probe": "skipped: the plan's per-GPU sizing and the out-of-memory step-down apply",
+        }
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.step = step
@@ -461,8 +518,9 @@ class _Run:
             trainer = self.build_trainer()
             if attempt == 0:
                 trainer = self.probe()
-            if self.signals.requested:  # stopped while loading: nothing trained, nothing to save
-                self.writer.write(RunStopped(step=self.resumed_from or 0, signal=self.signals.requested,
+            stop = self.stop_requested()
+            if stop:  # stopped while loading: nothing trained, nothing to save
+                self.writer.write(RunStopped(step=self.resumed_from or 0, signal=stop,
                                              checkpoint=str(checkpoint) if checkpoint else None))
                 return 0
             try:
@@ -524,6 +582,11 @@ class _Run:
         `memory` is the allocator to read (the planner's CudaMemory by default).
         """
         if not str(getattr(self.plan, "device", "cpu")).startswith("cuda"):
+            return self.trainer
+        if self.world_size > 1:
+            # A probe step is a training step outside DDP's wrapper: its shapes would differ per
+            # rank. The plan's per-GPU sizing and the OOM step-down cover multi-process runs.
+            self.probe_verdict = {"skipped": "not run under several processes yet"}
             return self.trainer
         if self.vision is not None:
             # The probe's synthetic batches are text only: they would measure a VLM step without
@@ -596,6 +659,8 @@ class _Run:
     def save_adapter(self) -> Path:
         """PEFT adapter + tokenizer into RUN_DIR/adapter, via a temp dir and a rename."""
         target = self.run_dir.adapter
+        if self.rank:  # the adapter is the same on every rank: rank 0 saves it
+            return target
         tmp = target.with_name(".adapter-saving")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -637,7 +702,17 @@ def run_training(preset, run_dir, *, resume: bool = False) -> int:
 
 def _run_locked(preset, run_dir: RunDir, resume: bool) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # avoids fork warnings + deadlocks in datasets.map
-    with _Tee(run_dir.stdout_log), EventWriter(run_dir.events) as writer:
+    from sftop.engine.gpu_select import rank_info
+    from sftop.engine.launch import rank_events_path, rank_pid_path
+
+    rank, _, world = rank_info()
+    if world > 1:
+        from sftop.engine.train.distributed import write_pid
+
+        write_pid(rank_pid_path(run_dir, rank))
+    # rank 0 writes the run's events; every other rank its own (its steps hold its memory)
+    events_path = rank_events_path(run_dir, rank) if rank else run_dir.events
+    with _Tee(run_dir.stdout_log), EventWriter(events_path) as writer:
         run = _Run(preset, run_dir, writer, resume)
         run.signals.install()
         try:
@@ -658,7 +733,13 @@ def _run_locked(preset, run_dir: RunDir, resume: bool) -> int:
                 traceback.print_exc()
                 reason = f"internal error ({type(exc).__name__}: {exc}); the traceback is in {run_dir.stdout_log}"
                 code = 1
-            _write_last(writer, RunFailed(step=_step(run), reason=reason, checkpoint=run.latest_checkpoint()))
+            failed = RunFailed(step=_step(run), reason=reason, checkpoint=run.latest_checkpoint())
+            if world > 1 and rank == 0:
+                # the supervisor writes the run's one run_failed, naming the rank that failed first
+                with EventWriter(rank_events_path(run_dir, 0)) as own:
+                    _write_last(own, failed)
+            else:
+                _write_last(writer, failed)
             return code
         finally:
             run.signals.uninstall()

@@ -186,6 +186,11 @@ class SftopTrainer(SFTTrainer):
         return loss
 
     def take_step_counts(self) -> tuple[int, int]:
+        if self.accelerator.num_processes > 1:  # the step's tokens and rows over every rank
+            counts = torch.tensor([int(self.sftop_step_tokens), int(self.sftop_step_samples)],
+                                  dtype=torch.int64, device=self.accelerator.device)
+            torch.distributed.all_reduce(counts)
+            self.sftop_step_tokens, self.sftop_step_samples = counts.tolist()
         tokens, samples = int(self.sftop_step_tokens), int(self.sftop_step_samples)
         self.sftop_step_tokens = 0
         self.sftop_step_samples = 0
@@ -193,6 +198,8 @@ class SftopTrainer(SFTTrainer):
 
     def _save_checkpoint(self, model, trial):
         """Write into a temp dir next to the checkpoints, then rename: a checkpoint is complete or absent."""
+        if self.accelerator.num_processes > 1:
+            return self._save_checkpoint_ranks(model, trial)
         step = self.state.global_step
         root = Path(self.args.output_dir)
         root.mkdir(parents=True, exist_ok=True)
@@ -219,6 +226,52 @@ class SftopTrainer(SFTTrainer):
         _fsync_dir(root)
         shutil.rmtree(staging, ignore_errors=True)
         self._rotate_sftop_checkpoints(root)
+        if self.sftop_on_checkpoint is not None:
+            self.sftop_on_checkpoint(step, final)
+
+    def _save_checkpoint_ranks(self, model, trial):
+        """Several processes: every rank writes its part (rank 0 the adapter, optimizer and state,
+        each rank its RNG state) into one staging directory; rank 0 seals it with the manifest
+        once all have written, and renames it into place."""
+        from sftop.engine.train.distributed import barrier
+
+        step = self.state.global_step
+        root = Path(self.args.output_dir)
+        final = root / f"{CHECKPOINT_PREFIX}{step}"
+        staging = root / f".saving-{step}-ranks"
+        main = self.accelerator.is_main_process
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        barrier()
+        output_dir = self.args.output_dir
+        self.args.output_dir = str(staging)
+        written = staging / f"{CHECKPOINT_PREFIX}{step}"
+        try:
+            Trainer._save_checkpoint(self, model, trial)
+        except Exception as exc:
+            if is_disk_full(exc):
+                raise DiskFullError(root, self._checkpoint_bytes(root)) from None
+            raise
+        finally:
+            self.args.output_dir = output_dir
+        barrier()  # every rank's files are in
+        if main:
+            try:
+                _fsync_tree(written)
+                write_manifest(written)
+            except Exception as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                if is_disk_full(exc):
+                    raise DiskFullError(root, self._checkpoint_bytes(root)) from None
+                raise
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(written, final)
+            _fsync_dir(root)
+            shutil.rmtree(staging, ignore_errors=True)
+            self._rotate_sftop_checkpoints(root)
+        barrier()  # no rank goes on (or stops) before the checkpoint is in place
         if self.sftop_on_checkpoint is not None:
             self.sftop_on_checkpoint(step, final)
 

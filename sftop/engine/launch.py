@@ -1,0 +1,261 @@
+"""Start a run as several processes with `accelerate launch`, and read how it ended.
+
+The supervisor (sftop.engine.supervisor) calls `prepare_launch` with the trainer command it would
+run. When `plan.gpus` selects more than one process, the command becomes
+
+    python -m accelerate.commands.launch --config_file RUN_DIR/accelerate.yaml --num_processes N \
+        -m sftop run PRESET --run-dir RUN_DIR [--resume]
+
+with the chosen GPUs in CUDA_VISIBLE_DEVICES. The config and a `launch.sh` that repeats the
+launch by hand (same environment, same command) are written into the run directory.
+
+Each rank writes `ranks/rank-N.pid` and its own events to `ranks/rank-N.jsonl` (rank 0 writes the
+run's `events.jsonl`): every rank's memory is in its file. A rank that fails records its
+`run_failed` in its own file; the supervisor writes the run's single `run_failed`, naming the rank
+whose failure came first and was not a consequence of another rank's (a peer that vanished).
+torchrun stops the other ranks when one dies, and its summary names a rank killed by a signal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftop.engine.events import read_events
+from sftop.engine.gpu_select import DISTRIBUTED_ENV, GpuSelection, select_gpus
+from sftop.engine.rundir import RunDir
+from sftop.engine.runlock import HELD_ENV, LOCK_NAME
+
+CONFIG_NAME = "accelerate.yaml"
+SCRIPT_NAME = "launch.sh"
+RANKS_DIR = "ranks"
+STOP_FILE = ("control", "stop")
+# Seconds a collective may wait for the other ranks before the run fails (a hung rank); a rank
+# that dies is noticed at once (its connections close). SFTOP_DDP_TIMEOUT overrides it.
+DDP_TIMEOUT_S = 600
+# Words of an error that only says another rank went away: not the root cause.
+_PEER_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe", "gloo", "nccl",
+               "distbackenderror", "disterror", "socket timeout", "timed out", "watchdog", "recv", "send")
+
+
+def ranks_dir(run_dir: RunDir) -> Path:
+    return run_dir.path / RANKS_DIR
+
+
+def rank_events_path(run_dir: RunDir, rank: int) -> Path:
+    return ranks_dir(run_dir) / f"rank-{rank}.jsonl"
+
+
+def rank_pid_path(run_dir: RunDir, rank: int) -> Path:
+    return ranks_dir(run_dir) / f"rank-{rank}.pid"
+
+
+def stop_file(run_dir: RunDir) -> Path:
+    return run_dir.path.joinpath(*STOP_FILE)
+
+
+def ddp_timeout_s() -> int:
+    raw = os.environ.get("SFTOP_DDP_TIMEOUT", "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else DDP_TIMEOUT_S
+
+
+@dataclass
+class Launch:
+    """A multi-process run's command, environment, and the files that describe it."""
+
+    selection: GpuSelection
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    config_path: Path | None = None
+    log_offset: int = 0  # stdout.log's size at launch: the launcher's summary comes after it
+
+    @property
+    def world_size(self) -> int:
+        return self.selection.world_size
+
+
+def accelerate_config(selection: GpuSelection, nodes: int = 1) -> dict[str, Any]:
+    """accelerate's config file for a data-parallel run of `selection` on this machine."""
+    return {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "MULTI_GPU",  # torchrun starts one process per rank; on the CPU they use gloo
+        "num_processes": selection.world_size,
+        "num_machines": nodes,
+        "machine_rank": 0,
+        "main_process_port": 0,  # a free port, so several runs on one machine never collide
+        "gpu_ids": "all",  # the supervisor's CUDA_VISIBLE_DEVICES holds exactly the chosen GPUs
+        "use_cpu": selection.device == "cpu",
+        "mixed_precision": "no",  # the trainer's own bf16/fp16 settings decide
+        "rdzv_backend": "static",
+        "same_network": True,
+        "main_training_function": "main",
+        "downcast_bf16": "no",
+        "debug": False,
+    }
+
+
+def _dump_yaml(data: dict[str, Any]) -> str:
+    lines = ["# accelerate config of this run (written by sftop); see launch.sh"]
+    for key, value in data.items():
+        lines.append(f"{key}: {json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value}")
+    return "\n".join(lines) + "\n"
+
+
+def _trainer_args(command: list[str]) -> list[str] | None:
+    """The arguments after `python -m sftop` of a trainer command, or None for another program."""
+    if len(command) >= 4 and command[1:3] == ["-m", "sftop"] and command[3] == "run":
+        return command[3:]
+    return None
+
+
+def prepare_launch(run_dir: RunDir, command: list[str], env: dict[str, str] | None = None) -> Launch | None:
+    """The multi-process launch of `command` (a `python -m sftop run PRESET ...`), or None when the
+    run is one process. Raises PresetError when plan.gpus cannot be met here."""
+    args = _trainer_args(command)
+    if args is None:
+        return None
+    from sftop.engine.presets import load_preset
+
+    preset, _ = load_preset(args[1])
+    selection = select_gpus(preset.plan)
+    if selection.world_size == 1:
+        return None
+    config = accelerate_config(selection)
+    config_path = run_dir.path / CONFIG_NAME
+    config_path.write_text(_dump_yaml(config), encoding="utf-8")
+    launch_cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path),
+                  "--num_processes", str(selection.world_size), "-m", "sftop", *args]
+    rank_env = {
+        DISTRIBUTED_ENV: selection.device,
+        # sftop's CUDA graphs replay a captured step; DDP's gradient all-reduce hooks fire outside it
+        # and would be skipped on replay, so graphs stay off under several processes.
+        "SFTOP_CUDA_GRAPHS": "0",
+        "CUDA_VISIBLE_DEVICES": ",".join(selection.uuids) if selection.device == "cuda" else "",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "SFTOP_DDP_TIMEOUT": str(ddp_timeout_s()),
+        HELD_ENV: str((run_dir.path / LOCK_NAME).resolve()),
+    }
+    if selection.device == "cpu":
+        rank_env["ACCELERATE_USE_CPU"] = "true"
+        rank_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // selection.world_size)))
+    _write_script(run_dir, rank_env, launch_cmd)
+    ranks_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    for old in ranks_dir(run_dir).glob("rank-*.pid"):
+        old.unlink(missing_ok=True)  # an earlier attempt's pids
+    stop_file(run_dir).unlink(missing_ok=True)
+    try:
+        offset = run_dir.stdout_log.stat().st_size
+    except OSError:
+        offset = 0
+    return Launch(selection=selection, command=launch_cmd, env=rank_env, config_path=config_path, log_offset=offset)
+
+
+def _write_script(run_dir: RunDir, env: dict[str, str], command: list[str]) -> None:
+    lines = ["#!/bin/sh", "# Repeats this run's launch by hand (the supervisor ran exactly this).", "set -e"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    lines.append(f"export PYTHONPATH={shlex.quote(os.environ.get('PYTHONPATH', ''))}")
+    lines.append(shlex.join(command))
+    path = run_dir.path / SCRIPT_NAME
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.chmod(0o755)
+
+
+def rank_pids(run_dir: RunDir) -> dict[int, int]:
+    pids = {}
+    for path in ranks_dir(run_dir).glob("rank-*.pid"):
+        try:
+            pids[int(path.stem.split("-")[1])] = int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
+def signal_ranks(run_dir: RunDir, signum: int) -> list[int]:
+    """Ask every rank to stop: a stop file (read by all ranks at each step, also by a rank not yet
+    started) and the signal to each rank's process. The launcher itself is not signalled: it would
+    kill the ranks after a grace period, perhaps in the middle of a checkpoint."""
+    path = stop_file(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(signal.Signals(signum).name + "\n", encoding="utf-8")
+    sent = []
+    for rank, pid in sorted(rank_pids(run_dir).items()):
+        try:
+            os.kill(pid, signum)
+            sent.append(rank)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return sent
+
+
+def _is_peer_error(text: str) -> bool:
+    low = text.lower()
+    return any(word in low for word in _PEER_WORDS)
+
+
+_ROOT = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", re.M)
+
+
+def launcher_failures(log_text: str) -> list[tuple[int, int]]:
+    """(rank, exit code) of each failed rank that torchrun's summary lists, root cause first."""
+    root = log_text.rfind("Root Cause")
+    text = log_text[root:] + log_text[:root] if root >= 0 else log_text
+    seen: dict[int, int] = {}
+    for m in _ROOT.finditer(text):
+        seen.setdefault(int(m.group(1)), int(m.group(2)))
+    return list(seen.items())
+
+
+def failure_reason(run_dir: RunDir, launch: Launch, exit_code: int) -> str:
+    """The run's `run_failed` reason: which rank failed first, and its error."""
+    own: dict[int, dict] = {}
+    for rank in range(launch.world_size):
+        records, _ = read_events(rank_events_path(run_dir, rank))
+        failed = [r for r in records if r.get("type") == "run_failed"]
+        if failed:
+            own[rank] = failed[-1]
+    try:
+        with open(run_dir.stdout_log, "rb") as fh:
+            fh.seek(launch.log_offset)
+            log = fh.read().decode("utf-8", "replace")
+    except OSError:
+        log = ""
+    launched = launcher_failures(log)
+    # A rank that died without a word (killed, a crash in native code): the root cause.
+    for rank, code in launched:
+        if rank not in own:
+            how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
+                else f"exited with code {code} without recording an error"
+            return f"rank {rank} of {launch.world_size} {how}; the other ranks were stopped. See {run_dir.stdout_log}"
+    # Otherwise the earliest own failure that is not a lost peer, then the earliest of all.
+    ordered = sorted(own.items(), key=lambda item: float(item[1].get("time") or 0.0))
+    primary = [item for item in ordered if not _is_peer_error(str(item[1].get("reason", "")))] or ordered
+    if primary:
+        rank, record = primary[0]
+        return f"rank {rank} of {launch.world_size} failed: {record.get('reason')}"
+    return (f"the launcher (accelerate launch, {launch.world_size} processes) exited with code {exit_code} before "
+            f"any rank recorded an error; see {run_dir.stdout_log}")
+
+
+def rank_memory(run_dir: RunDir) -> dict[int, dict[str, Any]]:
+    """Each rank's latest memory reading (from its step events): rank -> the step record's memory fields."""
+    out: dict[int, dict[str, Any]] = {}
+    paths = {0: run_dir.events}
+    for path in ranks_dir(run_dir).glob("rank-*.jsonl"):
+        rank = int(path.stem.split("-")[1])
+        if rank:  # rank 0's own file holds only its failure; its steps are in events.jsonl
+            paths[rank] = path
+    for rank, path in sorted(paths.items()):
+        records, _ = read_events(path)
+        steps = [r for r in records if r.get("type") == "step"]
+        if steps:
+            last = steps[-1]
+            out[rank] = {k: last.get(k) for k in ("step", "gpu_mem_allocated_gib", "gpu_mem_reserved_gib",
+                                                   "gpu_mem_peak_gib")}
+    return out
