@@ -50,3 +50,22 @@ def write_pid(path) -> None:
     """`ranks/rank-N.pid`: where the supervisor sends `sftop stop`'s signal."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{os.getpid()}\n", encoding="utf-8")
+
+
+def read_indexed_cpu_tensors() -> None:
+    """CPU ranks (gloo) train on devices "cpu:0", "cpu:1"...: their checkpoints' tensors carry those
+    locations, which torch.load only knows as plain "cpu". Teach it that "cpu:N" is the CPU, so
+    a resume (on any number of processes) reads them back."""
+    import torch.serialization as serialization
+
+    if getattr(read_indexed_cpu_tensors, "done", False):
+        return
+
+    def tag(obj):
+        return None  # saving is unchanged
+
+    def restore(obj, location: str):
+        return obj if location.startswith("cpu:") else None
+
+    serialization.register_package(11, tag, restore)
+    read_indexed_cpu_tensors.done = True  # type: ignore[attr-defined]

@@ -267,7 +267,12 @@ class _Run:
         exactly the chosen GPUs visible, in rank order)."""
         import dataclasses
 
-        if self.world_size == 1 or not str(self.plan.device).startswith("cuda"):
+        if self.world_size == 1:
+            return
+        if not str(self.plan.device).startswith("cuda"):
+            from sftop.engine.train.distributed import read_indexed_cpu_tensors
+
+            read_indexed_cpu_tensors()
             return
         import torch
 
