@@ -17,6 +17,7 @@ supervisor chose: CUDA_VISIBLE_DEVICES holds exactly those GPUs and WORLD_SIZE s
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,7 +142,7 @@ def select_gpus(plan: Any, status: GpuStatus | None = None) -> GpuSelection:
     return GpuSelection(world_size=n, device="cuda", gpus=chosen, left_out=left)
 
 
-def rank_info(env: dict[str, str] | None = None) -> tuple[int, int, int]:
+def rank_info(env: Mapping[str, str] | None = None) -> tuple[int, int, int]:
     """(rank, local rank, world size) of this process; (0, 0, 1) outside a multi-process run."""
     environ = os.environ if env is None else env
     if not environ.get(DISTRIBUTED_ENV):
@@ -150,7 +151,7 @@ def rank_info(env: dict[str, str] | None = None) -> tuple[int, int, int]:
             int(environ.get("WORLD_SIZE", "1")))
 
 
-def selection_in_rank(env: dict[str, str] | None = None, status: GpuStatus | None = None) -> GpuSelection:
+def selection_in_rank(env: Mapping[str, str] | None = None, status: GpuStatus | None = None) -> GpuSelection:
     """The selection as a rank sees it: the supervisor left exactly the chosen GPUs visible."""
     environ = os.environ if env is None else env
     _, _, world = rank_info(environ)

@@ -59,17 +59,18 @@ def plan_selection(preset: Any, model_config: Any, selection: GpuSelection, **kw
         raise PresetError(str(exc), where="train.effective_batch") from None
     _check_fixed(preset, share, world)
     if selection.device == "cpu":
-        per_gpu = tuple((f"cpu rank {r}", None, None, 0) for r in range(world))
+        cpus: tuple[tuple[str, str | None, str | None, int], ...] = tuple(
+            (f"cpu rank {r}", None, None, 0) for r in range(world))
         base = plan_run(rank_preset, model_config, gpus=GpuStatus(reason=selection.cpu_reason), **kwargs)
         assert base.context is not None
-        ctx = replace(base.context, world_size=world, strategy="ddp", per_gpu=_budgets(per_gpu, base.context.budget_bytes),
+        ctx = replace(base.context, world_size=world, strategy="ddp", per_gpu=_budgets(cpus, base.context.budget_bytes),
                       strategy_reason=f"DDP over {world} CPU processes (gloo): {selection.cpu_reason}")
         plan = solve(ctx)
         plan.reason = base.reason
         plan.notes += selection.notes
         return plan
     smallest = min(selection.gpus, key=lambda g: (g.memory_free_bytes or 0, g.index))
-    per_gpu = tuple((g.device, g.name, g.uuid, _budget(g)) for g in selection.gpus)
+    per_gpu: tuple[tuple[str, str | None, str | None, int], ...] = tuple((g.device, g.name, g.uuid, _budget(g)) for g in selection.gpus)
     notes = [f"left out {w}" for w in selection.left_out] + selection.notes
     try:
         base = plan_run(rank_preset, model_config, gpus=GpuStatus(gpus=[smallest]), **kwargs)

@@ -1,0 +1,114 @@
+"""The multi-process launch: what the supervisor writes and runs, and how it names a failed rank."""
+
+from __future__ import annotations
+
+import sys
+
+from sftop.engine.events import EventWriter, RunFailed, read_events
+from sftop.engine.launch import (
+    failure_reason,
+    launcher_failures,
+    prepare_launch,
+    rank_events_path,
+    signal_ranks,
+    stop_file,
+)
+from sftop.engine.presets import load_preset, save_preset
+from sftop.engine.rundir import new_run_dir
+from sftop.engine.supervisor import supervise, trainer_command
+
+SUMMARY = """
+Failures:
+[1]:
+  time      : 2026-12-06_11:27:31
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : 1 (pid: 100)
+  error_file: <N/A>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-06_11:27:31
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 101)  (SIGKILL)
+  error_file: <N/A>
+"""
+
+
+def _run(overrides):
+    run = new_run_dir("multi")
+    preset, _ = load_preset("demo", overrides)
+    save_preset(preset, run.preset)
+    return run
+
+
+def test_one_process_is_launched_as_before():
+    run = _run([])
+    assert prepare_launch(run, trainer_command(run)) is None
+
+
+def test_cpu_processes_get_accelerate_launch_with_config_and_a_script():
+    run = _run(["plan.gpus=2", 'plan.device="cpu"'])
+    launch = prepare_launch(run, trainer_command(run, resume=True))
+    assert launch is not None and launch.world_size == 2
+    assert launch.command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert launch.command[-7:] == ["-m", "sftop", "run", str(run.preset), "--run-dir", str(run.path), "--resume"]
+    assert "--num_processes" in launch.command and launch.command[launch.command.index("--num_processes") + 1] == "2"
+    config = (run.path / "accelerate.yaml").read_text()
+    assert "distributed_type: \"MULTI_GPU\"" in config and "use_cpu: true" in config and "main_process_port: 0" in config
+    assert launch.env["ACCELERATE_USE_CPU"] == "true" and launch.env["CUDA_VISIBLE_DEVICES"] == ""
+    assert launch.env["SFTOP_CUDA_GRAPHS"] == "0" and launch.env["SFTOP_DISTRIBUTED"] == "cpu"
+    script = (run.path / "launch.sh").read_text()
+    assert "export ACCELERATE_USE_CPU=true" in script and "--config_file" in script
+
+
+def test_an_impossible_plan_gpus_fails_the_run_with_the_reason(monkeypatch):
+    monkeypatch.setattr("sftop.engine.gpu_select.read_gpus",
+                        lambda: __import__("sftop.engine.gpu", fromlist=["GpuStatus"]).GpuStatus(reason="no driver"))
+    run = _run(["plan.gpus=2"])
+    monkeypatch.setattr("signal.signal", lambda *a: None)  # supervise installs handlers meant for its own process
+    assert supervise(run) != 0
+    records, _ = read_events(run.events)
+    assert records[-1]["type"] == "run_failed" and "plan.gpus = 2 asks for GPUs" in records[-1]["reason"]
+    assert run.read_status()["status"] == "failed"
+
+
+def test_launcher_summary_is_read_root_cause_first():
+    assert launcher_failures(SUMMARY) == [(1, -9), (0, 1)]
+
+
+def test_failure_names_the_rank_that_failed_first_not_the_peer_that_lost_it():
+    run = _run(["plan.gpus=2", 'plan.device="cpu"'])
+    launch = prepare_launch(run, trainer_command(run))
+    assert launch is not None
+    # rank 0 fails later, only because rank 1 went away; rank 1's own error is the cause
+    with EventWriter(rank_events_path(run, 1)) as w:
+        w.write(RunFailed(step=3, reason="internal error (ValueError: bad row 17)"))
+    with EventWriter(rank_events_path(run, 0)) as w:
+        w.write(RunFailed(step=3, reason="internal error (RuntimeError: Connection closed by peer [127.0.0.1]:1)"))
+    with open(run.stdout_log, "a") as fh:
+        fh.write(SUMMARY.replace("-9 (pid: 101)  (SIGKILL)", "1 (pid: 101)"))
+    assert failure_reason(run, launch, 1) == "rank 1 of 2 failed: internal error (ValueError: bad row 17)"
+    # a rank killed without a word is named with its signal
+    rank_events_path(run, 1).unlink()
+    with open(run.stdout_log, "a") as fh:
+        fh.write(SUMMARY)
+    assert failure_reason(run, launch, 1).startswith("rank 1 of 2 was killed by signal SIGKILL")
+
+
+def test_stop_reaches_every_rank_through_a_file_and_their_pids(tmp_path):
+    import subprocess
+
+    run = _run(["plan.gpus=2", 'plan.device="cpu"'])
+    assert prepare_launch(run, trainer_command(run)) is not None
+    code = "import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\nprint('ok', flush=True)\ntime.sleep(60)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    for rank, proc in enumerate(procs):
+        assert proc.stdout.readline().strip() == "ok"
+        (run.path / "ranks" / f"rank-{rank}.pid").write_text(f"{proc.pid}\n")
+    import signal
+
+    assert signal_ranks(run, signal.SIGTERM) == [0, 1]
+    assert [p.wait(timeout=20) for p in procs] == [7, 7]
+    assert stop_file(run).read_text().strip() == "SIGTERM"
