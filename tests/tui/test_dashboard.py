@@ -198,6 +198,28 @@ async def test_dashboard_shows_only_the_gpu_the_run_is_pinned_to(services):
         assert "H100 zero" not in panel and "H100 two" not in panel
 
 
+async def test_dashboard_shows_one_bar_per_gpu_of_a_multi_gpu_run(services):
+    from sftop.engine.gpu import GpuInfo, GpuStatus
+
+    GIB = 2**30
+
+    def card(i):
+        return GpuInfo(index=i, nvml_index=i, name=f"H100 n{i}", uuid=f"GPU-{i}", memory_total_bytes=80 * GIB,
+                       memory_used_bytes=(10 + i) * GIB, memory_free_bytes=(70 - i) * GIB, utilization_pct=50)
+
+    services.gpu_reader = lambda: GpuStatus(gpus=[card(0), card(1), card(2)])
+    run = recorded_run("two-gpus", steps=3, total=10, finished=False)
+    mark_alive(run)
+    run.write_status(cuda_visible_devices="GPU-0,GPU-2", world_size=2)
+    app = SftopApp(start="dashboard", run=run, services=services)
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and "GiB" in text_of(app, "#gpus"))
+        panel = text_of(app, "#gpus")
+        assert "H100 n0" in panel and "10.0/80.0 GiB" in panel
+        assert "H100 n2" in panel and "12.0/80.0 GiB" in panel
+        assert "H100 n1" not in panel
+
+
 async def test_log_pane_follows_the_newest_lines(services):
     run = recorded_run("logtail", steps=10, total=10)
     run.stdout_log.write_text("first line\n", encoding="utf-8")

@@ -22,7 +22,8 @@ class GpuPanel(Static):
     def show(self, status: Any, only_uuid: str | None = None) -> None:
         """`status` is a `sftop.engine.gpu.GpuStatus`, or an exception/str explaining why there is none.
 
-        `only_uuid` limits the panel to one GPU (the one a run was pinned to), when it is visible.
+        `only_uuid` limits the panel to the GPUs a run was pinned to (one UUID, or several
+        comma-separated for a multi-GPU run), when they are visible.
         """
         if status is None or isinstance(status, (str, Exception)):
             reason = str(status) if status else "GPU info unavailable"
@@ -34,8 +35,10 @@ class GpuPanel(Static):
             return
         width = max(20, self.content_size.width or 78)
         gpus = status.gpus
-        if only_uuid and any(g.uuid == only_uuid for g in gpus):
-            gpus = [g for g in gpus if g.uuid == only_uuid]
+        # a run on several GPUs lists them all (comma-separated): one bar per GPU of the run
+        wanted = {u.strip() for u in (only_uuid or "").split(",") if u.strip()}
+        if wanted and any(g.uuid in wanted for g in gpus):
+            gpus = [g for g in gpus if g.uuid in wanted]
         lines = Text()
         for i, gpu in enumerate(gpus):
             if i:
