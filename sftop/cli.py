@@ -130,6 +130,10 @@ def _run(preset_ref: str, overrides: list[str], run_dir_arg: str | None, resume:
         _prepare_run_dir(run_dir, preset, resume, explicit=bool(run_dir_arg))
         if not resume:
             _out(f"sftop: run directory {run_dir.path}")
+        from sftop.engine.launch import run_processes_here, several_processes
+
+        if several_processes(preset):  # plan.gpus: one process per GPU, started by accelerate launch
+            return run_processes_here(run_dir, preset, resume)
         return run_in_foreground(run_dir, lambda: run_training(preset, run_dir, resume=resume))
 
 

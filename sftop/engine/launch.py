@@ -259,3 +259,27 @@ def rank_memory(run_dir: RunDir) -> dict[int, dict[str, Any]]:
             out[rank] = {k: last.get(k) for k in ("step", "gpu_mem_allocated_gib", "gpu_mem_reserved_gib",
                                                    "gpu_mem_peak_gib")}
     return out
+
+
+def several_processes(preset: Any) -> bool:
+    """Does this preset start several processes here? (Never inside one of them.)"""
+    if os.environ.get(DISTRIBUTED_ENV):
+        return False
+    return select_gpus(preset.plan).world_size > 1
+
+
+def run_processes_here(run_dir: RunDir, preset: Any, resume: bool) -> int:
+    """`sftop run` in a terminal with several processes: the supervisor's loop runs in this process
+    (Ctrl-C and `sftop stop` reach every rank through it) and records the outcome as a detached run's."""
+    from sftop.engine.presets import save_preset
+    from sftop.engine.supervisor import supervise, trainer_command
+
+    if resume and run_dir.preset.exists():
+        from sftop.engine.train.resume_check import resume_preset_path
+
+        path = resume_preset_path(run_dir)
+    else:
+        path = run_dir.preset
+    save_preset(preset, path)
+    code = supervise(run_dir, resume=resume, command=trainer_command(run_dir, resume, path))
+    return 0 if code == 0 else 1
