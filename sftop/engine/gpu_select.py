@@ -29,6 +29,8 @@ from sftop.engine.gpu import GIB, GpuInfo, GpuStatus, read_gpus
 BUSY_USED_BYTES = int(1.0 * GIB)
 # Set in each rank's environment by the supervisor: the run is one of several processes.
 DISTRIBUTED_ENV = "SFTOP_DISTRIBUTED"
+# Set by the supervisor when it pinned a one-GPU run to the GPU plan.gpus names (then the only one visible).
+PINNED_ENV = "SFTOP_GPU_PINNED"
 
 
 @dataclass

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sftop.engine.events import read_events
-from sftop.engine.gpu_select import DISTRIBUTED_ENV, GpuSelection, select_gpus
+from sftop.engine.gpu_select import DISTRIBUTED_ENV, PINNED_ENV, GpuSelection, select_gpus
 from sftop.engine.rundir import RunDir
 from sftop.engine.runlock import HELD_ENV, LOCK_NAME
 
@@ -116,8 +116,9 @@ def _trainer_args(command: list[str]) -> list[str] | None:
 
 
 def prepare_launch(run_dir: RunDir, command: list[str], env: dict[str, str] | None = None) -> Launch | None:
-    """The multi-process launch of `command` (a `python -m sftop run PRESET ...`), or None when the
-    run is one process. Raises PresetError when plan.gpus cannot be met here."""
+    """The multi-process launch of `command` (a `python -m sftop run PRESET ...`); for one process,
+    the pinning to the GPU plan.gpus names, or None (the default pinning applies). Raises
+    PresetError when plan.gpus cannot be met here."""
     args = _trainer_args(command)
     if args is None:
         return None
@@ -126,6 +127,12 @@ def prepare_launch(run_dir: RunDir, command: list[str], env: dict[str, str] | No
     preset, _ = load_preset(args[1])
     selection = select_gpus(preset.plan)
     if selection.world_size == 1:
+        if selection.device == "cuda" and preset.plan.gpus != "auto":
+            # one GPU the preset names (plan.gpus = [2] or 1): pin the trainer to it, as a one-GPU run
+            # is pinned to the freest one otherwise
+            return Launch(selection=selection, command=command,
+                          env={"CUDA_VISIBLE_DEVICES": selection.uuids[0], "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+                               PINNED_ENV: "1"})
         return None
     config = accelerate_config(selection)
     config_path = run_dir.path / CONFIG_NAME

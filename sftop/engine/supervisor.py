@@ -211,6 +211,7 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
             writer.write(RunFailed(step=None, reason=str(exc)))
         run_dir.write_status(status="failed", exit_code=exc.exit_code, ended=time.time())
         return exc.exit_code
+    several = launch is not None and launch.world_size > 1
     pinned = launch.env if launch else choose_gpu(dict(os.environ))
     if launch:
         cmd = launch.command
@@ -236,7 +237,7 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
 
     def forward(signum, _frame):
         run_dir.write_status(status="stopping", stop_requested=time.time())
-        if launch:  # every rank saves its part of the checkpoint, then they stop together
+        if several:  # every rank saves its part of the checkpoint, then they stop together
             signal_ranks(run_dir, signum)
             return
         try:
@@ -259,7 +260,7 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
         status = TERMINAL_STATUS[terminal["type"]]
     else:
         status = "failed"
-        if launch:
+        if launch is not None and several:
             reason = failure_reason(run_dir, launch, code)
         elif code < 0:
             reason = f"The trainer was killed by signal {signal.Signals(-code).name}"
@@ -269,7 +270,7 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
         with EventWriter(run_dir.events) as writer:
             writer.write(RunFailed(
                 step=_last_step(run_dir),
-                reason=reason if launch else reason + f"; see {run_dir.stdout_log}",
+                reason=reason if several else reason + f"; see {run_dir.stdout_log}",
                 checkpoint=str(latest) if latest else None,
             ))
     # Free the directory before saying the run ended: whoever sees the final status may resume it at once.

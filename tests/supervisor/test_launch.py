@@ -112,3 +112,30 @@ def test_stop_reaches_every_rank_through_a_file_and_their_pids(tmp_path):
     assert signal_ranks(run, signal.SIGTERM) == [0, 1]
     assert [p.wait(timeout=20) for p in procs] == [7, 7]
     assert stop_file(run).read_text().strip() == "SIGTERM"
+
+
+def _two_gpus(monkeypatch, used=(0.5, 0.5)):
+    from sftop.engine.gpu import GpuInfo, GpuStatus
+
+    gib = 2**30
+    cards = [GpuInfo(index=i, nvml_index=i, name="H100", uuid=f"GPU-{i}", memory_total_bytes=80 * gib,
+                     memory_used_bytes=int(u * gib), memory_free_bytes=int((80 - u) * gib)) for i, u in enumerate(used)]
+    monkeypatch.setattr("sftop.engine.gpu_select.read_gpus", lambda: GpuStatus(gpus=cards))
+
+
+def test_one_named_gpu_pins_the_trainer_to_it(monkeypatch):
+    _two_gpus(monkeypatch)
+    run = _run(["plan.gpus=[1]"])
+    command = trainer_command(run)
+    launch = prepare_launch(run, command)
+    assert launch is not None and launch.world_size == 1 and launch.command == command
+    assert launch.env["CUDA_VISIBLE_DEVICES"] == "GPU-1" and launch.env["SFTOP_GPU_PINNED"] == "1"
+
+
+def test_two_gpus_get_nccl_ranks_on_exactly_those_gpus(monkeypatch):
+    _two_gpus(monkeypatch, used=(0.5, 0.4))
+    run = _run(["plan.gpus=2", "train.effective_batch=8"])
+    launch = prepare_launch(run, trainer_command(run))
+    assert launch is not None and launch.world_size == 2 and launch.selection.backend == "nccl"
+    assert launch.env["CUDA_VISIBLE_DEVICES"] == "GPU-0,GPU-1" and "ACCELERATE_USE_CPU" not in launch.env
+    assert "use_cpu: false" in (run.path / "accelerate.yaml").read_text()

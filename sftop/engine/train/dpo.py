@@ -188,7 +188,7 @@ def build_dpo_trainer(run):
             if ref_model is None:
                 ref_model = run.dpo_reference = load_reference_model(preset)
     guard = UpdateGuard(preset.train.max_bad_steps)
-    events = RunEvents(run.writer, started=run.started_event, stop_requested=lambda: run.signals.requested,
+    events = RunEvents(run.writer, started=run.started_event, stop_requested=run.stop_requested,
                        checkpoint_request=run.run_dir.path / "control" / "checkpoint")
     parts = (run.info.kernels.get("parts") or {}) if run.info.kernels.get("enabled") else {}
     # a VLM's loss part stays stock (it assumes a causal LM), but the log-prob head needs only the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -10,7 +11,7 @@ def make_plan(preset, model_config, row_tokens_mean: float | None = None, image_
 
     image_tokens_per_row: a VLM's exact image tokens per row (from its data check).
     """
-    from sftop.engine.gpu_select import rank_info, selection_in_rank
+    from sftop.engine.gpu_select import PINNED_ENV, rank_info, selection_in_rank
     from sftop.engine.planner import plan_run
 
     kwargs = dict(row_tokens_mean=row_tokens_mean, image_tokens_per_row=image_tokens_per_row)
@@ -20,6 +21,13 @@ def make_plan(preset, model_config, row_tokens_mean: float | None = None, image_
         plan = plan_selection(preset, model_config, selection_in_rank(), **kwargs)
         refuse_unbuilt(plan)
         return plan
+    if preset.plan.gpus != "auto" and preset.plan.device != "cpu" and not os.environ.get(PINNED_ENV):
+        # a one-process run of the GPU plan.gpus names (not pinned by a supervisor): plan for that one
+        from sftop.engine.gpu_select import select_gpus
+
+        selection = select_gpus(preset.plan)
+        if selection.world_size == 1 and selection.device == "cuda":
+            return plan_run(preset, model_config, gpus=selection.status(), **kwargs)
     if preset.plan.device == "cpu":
         from sftop.engine.gpu import GpuStatus
 
