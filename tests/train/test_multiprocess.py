@@ -105,11 +105,9 @@ def test_two_processes_train_like_one_at_the_same_effective_batch(runs):
     assert (two.adapter / "adapter_model.safetensors").is_file()
 
 
-def test_stop_checkpoints_every_rank_and_resume_continues_the_same_curve(runs, home, tmp_path):
-    _, reference = runs
-    ref = losses(reference)
-    run = start(tmp_path / "stopped", TWO)
-    wait_for(lambda: len(losses(run)) >= 2, 240, "two steps")
+def stop_here(run: RunDir, since: float) -> int:
+    """Stop `run` once it trained two steps after `since`; the step it stopped at, checked."""
+    wait_for(lambda: len(losses(run, since)) >= 2, 240, "two steps")
     message = stop_run(run, wait=120)
     assert "stopped" in message, run.stdout_log.read_text()[-3000:]
     status = run.read_status()
@@ -119,16 +117,40 @@ def test_stop_checkpoints_every_rank_and_resume_continues_the_same_curve(runs, h
     step = stopped["step"]
     assert 2 <= step < STEPS
     checkpoint = run.path / "checkpoints" / f"checkpoint-{step}"
-    assert checkpoint_is_complete(checkpoint) and (checkpoint / "rng_state_1.pth").is_file()
+    assert checkpoint_is_complete(checkpoint)
     assert not list((run.path / "checkpoints").glob(".saving-*"))
+    return step
 
+
+def test_stop_resume_on_two_then_on_one_process_continues_the_same_curve(runs, home, tmp_path):
+    _, reference = runs
+    ref = losses(reference)
+    run = start(tmp_path / "stopped", TWO)
+    first = stop_here(run, 0.0)
+    assert (run.path / "checkpoints" / f"checkpoint-{first}" / "rng_state_1.pth").is_file()  # every rank saved
+
+    # the same number of processes
     resumed_at = time.time()
     start(run.path, TWO, resume=True)
-    assert finish(run)["status"] == "finished", run.stdout_log.read_text()[-3000:]
+    second = stop_here(run, resumed_at)
+    assert second > first
     after = losses(run, since=resumed_at)
-    assert sorted(after) == list(range(step + 1, STEPS + 1))
+    assert sorted(after) == list(range(first + 1, second + 1))
     for s, loss in after.items():
         assert loss == pytest.approx(ref[s], rel=1e-5), s
+
+    # a different number: one process takes the next effective-batch rows at each step, as two did
+    resumed_at = time.time()
+    start(run.path, TWO + ["plan.gpus=1"], resume=True)
+    assert finish(run)["status"] == "finished", run.stdout_log.read_text()[-3000:]
+    after = losses(run, since=resumed_at)
+    assert sorted(after) == list(range(second + 1, STEPS + 1))
+    for s, loss in after.items():
+        assert loss == pytest.approx(ref[s], rel=1e-5), s
+    notes = [m["text"] for m in of_type(events_of(run.path), "message")]
+    assert any("Resuming on 1 process instead of 2" in n for n in notes), notes
+    started = of_type(events_of(run.path), "run_started")[-1]
+    assert (started["plan"]["world_size"], started["plan"]["micro_batch"] * started["plan"]["grad_accum"]) == (1, 4)
 
 
 def test_a_killed_rank_fails_the_run_naming_it(home, tmp_path):

@@ -220,6 +220,7 @@ class _Run:
         image_tokens = self.prepare_vision_data(config)
         # reads GPUs through NVML: CUDA itself is not started yet
         self.force_cpu()
+        preset = self.replan_for_processes(preset)
         self.plan = make_plan(preset, config, image_tokens_per_row=image_tokens)
         self.place_rank()
         self.pin_gpu()
@@ -267,12 +268,12 @@ class _Run:
         exactly the chosen GPUs visible, in rank order)."""
         import dataclasses
 
-        if self.world_size == 1:
-            return
         if not str(self.plan.device).startswith("cuda"):
             from sftop.engine.train.distributed import read_indexed_cpu_tensors
 
-            read_indexed_cpu_tensors()
+            read_indexed_cpu_tensors()  # a checkpoint of CPU ranks, read by any number of processes
+            return
+        if self.world_size == 1:
             return
         import torch
 
@@ -281,6 +282,29 @@ class _Run:
         self.plan = dataclasses.replace(self.plan, device=device)
         if self.plan.context is not None:
             self.plan.context.device = device  # replans (OOM step-down) keep this rank's device
+
+    def replan_for_processes(self, preset):
+        """A resume on another number of processes than the run recorded: the recorded per-process
+        micro-batch and accumulation are planned again ("auto") so that micro-batch x accumulation x
+        processes stays the effective batch. The rows of each optimizer step stay the same (the data
+        order is global and each step takes the next effective-batch rows), so the curve continues."""
+        if not self.resume:
+            return preset
+        from sftop.engine.train.resume_check import _read_original
+
+        original = (_read_original(self.run_dir) or {}).get("plan", {})
+        before = original.get("gpus")
+        before = before if isinstance(before, int) else 1
+        if before == self.world_size:
+            return preset
+        plan = preset.plan
+        if (plan.micro_batch, plan.grad_accum) != (original.get("micro_batch"), original.get("grad_accum")):
+            return preset  # the resume sets its own values: they are checked as given
+        self.message(f"Resuming on {self.world_size} process{'es' if self.world_size > 1 else ''} instead of "
+                     f"{before}: micro-batch and accumulation planned again, effective batch "
+                     f"{preset.train.effective_batch} kept")
+        return preset.model_copy(update={"plan": plan.model_copy(update={"micro_batch": "auto",
+                                                                        "grad_accum": "auto"})})
 
     def stop_requested(self) -> str | None:
         """The stop request, agreed by every rank (one all-reduce per step under several processes)."""
