@@ -121,12 +121,11 @@ def select_gpus(plan: Any, status: GpuStatus | None = None) -> GpuSelection:
     if wanted == "auto":
         if not free:
             # every GPU is shared: train on the one with the most free memory, as a one-GPU run does
+            # (the plan notes what other processes hold on it)
             best = status.best()
             assert best is not None
             return GpuSelection(world_size=1, device="cuda", gpus=[best],
-                                left_out=[w for w in left if not w.startswith(_label(best))],
-                                notes=[f"{_why_busy(best)}; every GPU is in use, so the run takes the one with "
-                                       "the most free memory"])
+                                left_out=[w for w in left if not w.startswith(_label(best))])
         return GpuSelection(world_size=len(free), device="cuda", gpus=sorted(free, key=lambda g: g.index),
                             left_out=left)
     n = int(wanted)

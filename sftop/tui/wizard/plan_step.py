@@ -94,6 +94,10 @@ def render_plan_view(plan: Any, width: int, run_time: Any = None) -> Group:
     head.append(f"micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} = batch {plan.effective_batch}"
                 f"   checkpointing {plan.gradient_checkpointing}"
                 + ("   4-bit" if plan.load_in_4bit else "") + "\n")
+    if getattr(plan, "world_size", 1) > 1:
+        head.append(f"{plan.strategy.upper()} over {plan.world_size} processes (micro-batch and accumulation per "
+                    f"process): " + ", ".join(f"{g['device']} peak {g['predicted_peak_gib']:.2f} GiB"
+                                               for g in plan.per_gpu) + "\n")
     head.append(f"why: {plan.reason}", style="dim")
     segments = memory_segments(plan)
     headroom = plan.headroom_gib
@@ -186,14 +190,19 @@ class PlanStep(Step):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="plan", description="plan the run")
     def make_plan(self, draft: Preset, key: str, checked: Any = None) -> None:
-        from sftop.engine.planner import load_model_config, plan_run
+        from sftop.engine.planner import load_model_config
         from sftop.engine.planner.runtime import data_for_estimate, estimate_run_time
 
         gpus = self.app.services.gpu_reader()  # type: ignore[attr-defined]
         train_rows, row_tokens = data_for_estimate(checked)
         with ENGINE_LOCK:
             try:
-                plan = plan_run(draft, load_model_config(draft), gpus=gpus, row_tokens_mean=row_tokens)
+                # plan.gpus: the GPUs the run will take (several: one process each, DDP)
+                from sftop.engine.gpu_select import select_gpus
+                from sftop.engine.planner.multi import plan_selection
+
+                plan = plan_selection(draft, load_model_config(draft), select_gpus(draft.plan, gpus),
+                                      row_tokens_mean=row_tokens)
             except SftopError as exc:
                 from sftop.engine.errors import ResourceError
 
