@@ -438,7 +438,8 @@ class _Run:
             train_dataset=self.data.train,
             eval_dataset=self.data.eval,
             processing_class=self.tokenizer,
-            callbacks=[guard, events, samples],
+            # the sample answers are the same on every rank: rank 0 writes them
+            callbacks=[guard, events] + ([samples] if self.rank == 0 else []),
             guard=guard,
             save_total_limit=self.preset.train.save_total_limit,
             on_checkpoint=self.on_checkpoint,
