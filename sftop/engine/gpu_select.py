@@ -43,6 +43,13 @@ class GpuSelection:
     left_out: list[str] = field(default_factory=list)  # "cuda:1 (...): why"
     notes: list[str] = field(default_factory=list)
     cpu_reason: str | None = None  # why the run is on the CPU
+    nodes: int = 1  # machines (plan.nodes), each with world_size processes
+    node_rank: int = 0
+
+    @property
+    def total(self) -> int:
+        """Processes over every node."""
+        return self.world_size * self.nodes
 
     @property
     def backend(self) -> str:
@@ -79,10 +86,15 @@ def _why_busy(gpu: GpuInfo) -> str:
 
 
 def select_gpus(plan: Any, status: GpuStatus | None = None) -> GpuSelection:
-    """Resolve `plan.gpus` / `plan.device` (a preset's [plan] section) against the GPUs here.
+    """Resolve `plan.gpus` / `plan.device` (a preset's [plan] section) against the GPUs here, on
+    each of `plan.nodes` machines. Raises PresetError when the request cannot be met (names what
+    is there and what to set)."""
+    selection = _select_here(plan, status)
+    selection.nodes, selection.node_rank = int(getattr(plan, "nodes", 1)), int(getattr(plan, "node_rank", 0))
+    return selection
 
-    Raises PresetError when the request cannot be met (names what is there and what to set).
-    """
+
+def _select_here(plan: Any, status: GpuStatus | None = None) -> GpuSelection:
     wanted = plan.gpus
     if plan.device == "cpu":
         if isinstance(wanted, list):
@@ -156,7 +168,9 @@ def selection_in_rank(env: Mapping[str, str] | None = None, status: GpuStatus | 
     """The selection as a rank sees it: the supervisor left exactly the chosen GPUs visible."""
     environ = os.environ if env is None else env
     _, _, world = rank_info(environ)
+    local = int(environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = max(1, world // max(1, local))
     if environ.get(DISTRIBUTED_ENV) == "cpu":
-        return GpuSelection(world_size=world, device="cpu", cpu_reason='plan.device = "cpu"')
+        return GpuSelection(world_size=local, device="cpu", cpu_reason='plan.device = "cpu"', nodes=nodes)
     status = status if status is not None else read_gpus()
-    return GpuSelection(world_size=world, device="cuda", gpus=list(status.gpus))
+    return GpuSelection(world_size=local, device="cuda", gpus=list(status.gpus), nodes=nodes)

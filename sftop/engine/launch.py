@@ -78,18 +78,28 @@ class Launch:
 
     @property
     def world_size(self) -> int:
-        return self.selection.world_size
+        """Processes over every node."""
+        return self.selection.total
+
+    @property
+    def first_rank(self) -> int:
+        """The global rank of this node's first process: its events are this node's record."""
+        return self.selection.node_rank * self.selection.world_size
 
 
-def accelerate_config(selection: GpuSelection, nodes: int = 1) -> dict[str, Any]:
-    """accelerate's config file for a data-parallel run of `selection` on this machine."""
+def accelerate_config(selection: GpuSelection, main_address: str | None = None, main_port: int = 29500) -> dict[str, Any]:
+    """accelerate's config file for a data-parallel run of `selection` on this machine (one of
+    `selection.nodes`; the main node listens on main_address:main_port)."""
+    several_nodes = selection.nodes > 1
     return {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": "MULTI_GPU",  # torchrun starts one process per rank; on the CPU they use gloo
-        "num_processes": selection.world_size,
-        "num_machines": nodes,
-        "machine_rank": 0,
-        "main_process_port": 0,  # a free port, so several runs on one machine never collide
+        "num_processes": selection.total,
+        "num_machines": selection.nodes,
+        "machine_rank": selection.node_rank,
+        **({"main_process_ip": main_address} if several_nodes else {}),
+        # one machine: a free port, so several runs on one machine never collide
+        "main_process_port": main_port if several_nodes else 0,
         "gpu_ids": "all",  # the supervisor's CUDA_VISIBLE_DEVICES holds exactly the chosen GPUs
         "use_cpu": selection.device == "cpu",
         "mixed_precision": "no",  # the trainer's own bf16/fp16 settings decide
@@ -126,7 +136,7 @@ def prepare_launch(run_dir: RunDir, command: list[str], env: dict[str, str] | No
 
     preset, _ = load_preset(args[1])
     selection = select_gpus(preset.plan)
-    if selection.world_size == 1:
+    if selection.total == 1:
         if selection.device == "cuda" and preset.plan.gpus != "auto":
             # one GPU the preset names (plan.gpus = [2] or 1): pin the trainer to it, as a one-GPU run
             # is pinned to the freest one otherwise
@@ -134,11 +144,11 @@ def prepare_launch(run_dir: RunDir, command: list[str], env: dict[str, str] | No
                           env={"CUDA_VISIBLE_DEVICES": selection.uuids[0], "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                                PINNED_ENV: "1"})
         return None
-    config = accelerate_config(selection)
+    config = accelerate_config(selection, preset.plan.main_address, preset.plan.main_port)
     config_path = run_dir.path / CONFIG_NAME
     config_path.write_text(_dump_yaml(config), encoding="utf-8")
     launch_cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path),
-                  "--num_processes", str(selection.world_size), "-m", "sftop", *args]
+                  "--num_processes", str(selection.total), "-m", "sftop", *args]
     rank_env = {
         DISTRIBUTED_ENV: selection.device,
         # sftop's CUDA graphs replay a captured step; DDP's gradient all-reduce hooks fire outside it
@@ -290,3 +300,15 @@ def run_processes_here(run_dir: RunDir, preset: Any, resume: bool) -> int:
     save_preset(preset, path)
     code = supervise(run_dir, resume=resume, command=trainer_command(run_dir, resume, path))
     return 0 if code == 0 else 1
+
+
+def node_terminal_event(run_dir: RunDir, launch: Launch, since: float) -> dict | None:
+    """A node other than the main one keeps no events.jsonl of its own: its first rank's file
+    holds how the run ended there."""
+    from sftop.engine.events import TERMINAL_TYPES
+
+    records, _ = read_events(rank_events_path(run_dir, launch.first_rank))
+    for record in reversed(records):
+        if record.get("type") in TERMINAL_TYPES:
+            return record if float(record.get("time") or 0.0) >= since else None
+    return None

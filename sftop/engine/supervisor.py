@@ -256,6 +256,10 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
             continue
 
     terminal = last_terminal_event(run_dir, since=started)
+    if launch is not None and several and launch.first_rank:
+        from sftop.engine.launch import node_terminal_event
+
+        terminal = node_terminal_event(run_dir, launch, since=started)
     if terminal is not None:
         status = TERMINAL_STATUS[terminal["type"]]
     else:

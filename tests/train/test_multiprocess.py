@@ -163,3 +163,36 @@ def test_a_killed_rank_fails_the_run_naming_it(home, tmp_path):
     assert last["type"] == "run_failed"
     assert last["reason"].startswith("rank 1 of 2 was killed by signal SIGKILL"), last["reason"]
     assert len(of_type(events_of(run.path), "run_failed")) == 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_one_machine_train_like_one_process(runs, home, tmp_path):
+    """plan.nodes: two `sftop run`s, each one CPU process, meet at the main node's address; each node
+    keeps its own run directory with whole checkpoints and its adapter."""
+    one, _ = runs
+    port = _free_port()
+    nodes = BASE + ["plan.micro_batch=2", "plan.grad_accum=1", "plan.gpus=1", 'plan.device="cpu"', "plan.nodes=2",
+                    'plan.main_address="127.0.0.1"', f"plan.main_port={port}"]
+    main = start(tmp_path / "node0", nodes + ["plan.node_rank=0"])
+    other = start(tmp_path / "node1", nodes + ["plan.node_rank=1"])
+    for run in (main, other):
+        assert finish(run)["status"] == "finished", run.stdout_log.read_text()[-3000:]
+    a, b = losses(one), losses(main)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    config = (other.path / "accelerate.yaml").read_text()
+    assert "num_machines: 2" in config and "machine_rank: 1" in config and '"127.0.0.1"' in config
+    assert f"main_process_port: {port}" in config and "num_processes: 2" in config
+    # the other node: its record in its first rank's file, its own sealed checkpoint and adapter
+    ended = [json.loads(x) for x in rank_events_path(other, 1).read_text().splitlines() if x.strip()][-1]
+    assert ended["type"] == "run_finished" and ended["step"] == STEPS
+    assert checkpoint_is_complete(other.latest_checkpoint()) and (other.adapter / "adapter_config.json").is_file()
+    assert of_type(events_of(main.path), "run_started")[0]["plan"]["world_size"] == 2

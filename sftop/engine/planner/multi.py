@@ -47,7 +47,7 @@ def _rank_preset(preset: Any, share: int) -> Any:
 
 def plan_selection(preset: Any, model_config: Any, selection: GpuSelection, **kwargs: Any) -> Plan:
     """The plan for `selection`'s processes (kwargs go to plan_run: row_tokens_mean, image_tokens_per_row)."""
-    world = selection.world_size
+    world = selection.total  # every process on every node
     if world == 1:
         plan = plan_run(preset, model_config, gpus=selection.status(), **kwargs)
         plan.notes += [f"left out {w}" for w in selection.left_out] + selection.notes
@@ -60,7 +60,7 @@ def plan_selection(preset: Any, model_config: Any, selection: GpuSelection, **kw
     _check_fixed(preset, share, world)
     if selection.device == "cpu":
         cpus: tuple[tuple[str, str | None, str | None, int], ...] = tuple(
-            (f"cpu rank {r}", None, None, 0) for r in range(world))
+            (f"cpu rank {r}", None, None, 0) for r in range(selection.world_size))
         base = plan_run(rank_preset, model_config, gpus=GpuStatus(reason=selection.cpu_reason), **kwargs)
         assert base.context is not None
         ctx = replace(base.context, world_size=world, strategy="ddp", per_gpu=_budgets(cpus, base.context.budget_bytes),
@@ -80,9 +80,16 @@ def plan_selection(preset: Any, model_config: Any, selection: GpuSelection, **kw
     ctx = replace(base.context, world_size=world, strategy="ddp", per_gpu=per_gpu, gpu_uuid=None,
                   strategy_reason=f"DDP over {world} GPUs: the model and its activations fit each GPU "
                                   f"(sized for {smallest.device}, the one with the least free memory)")
-    ctx.notes = list(ctx.notes) + notes
+    ctx.notes = list(ctx.notes) + notes + _node_notes(selection)
     plan = solve(ctx)
     return plan
+
+
+def _node_notes(selection: GpuSelection) -> list[str]:
+    if selection.nodes == 1:
+        return []
+    return [f"{selection.nodes} nodes of {selection.world_size} processes each; per-GPU peaks are this node's "
+            f"(node {selection.node_rank})"]
 
 
 def _budget(gpu: Any) -> int:

@@ -158,6 +158,24 @@ class PlanSection(_Section):
                     "processes (gloo), which checks a multi-process run on a machine without GPUs",
     )
 
+    nodes: int = Field(
+        1, ge=1, le=1024,
+        description="Machines the run spans (each runs `sftop run` with its own plan.node_rank); more than one "
+                    "needs plan.main_address",
+    )
+    node_rank: int = Field(0, ge=0, description="This machine's place among plan.nodes (0 = the main node)")
+    main_address: str | None = Field(
+        None, description="Address of the main node (plan.node_rank = 0) that the other nodes reach")
+    main_port: int = Field(29500, ge=1, le=65535, description="Port on the main node for the processes to meet")
+
+    @model_validator(mode="after")
+    def _nodes(self):
+        if self.nodes > 1 and not self.main_address:
+            raise ValueError(f"plan.nodes = {self.nodes} needs plan.main_address, the main node's address")
+        if self.node_rank >= self.nodes:
+            raise ValueError(f"plan.node_rank = {self.node_rank} must be below plan.nodes = {self.nodes}")
+        return self
+
     @field_validator("gpus")
     @classmethod
     def _gpu_list(cls, value):

@@ -112,6 +112,9 @@ def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: boo
         # not search the graph for unused ones each step
         ddp_timeout=_ddp_timeout_s(),
         ddp_find_unused_parameters=False,
+        # several machines: every node writes whole checkpoints into its own run directory, so each
+        # can resume from its own disk (on one machine this is rank 0, as without it)
+        save_on_each_node=True,
         # sftop.engine.data already dropped rows longer than data.max_length (it never truncates).
         # "Packing" here is padding-free batching: each micro-batch concatenates exactly micro_batch
         # rows into one row with restarting position_ids, so train.effective_batch stays "rows per

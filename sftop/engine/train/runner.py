@@ -186,7 +186,7 @@ class _Run:
         from sftop.engine.gpu_select import rank_info
 
         self.rank, self.local_rank, self.world_size = rank_info()
-        if self.rank:  # rank 0 records the run's preset; the others keep their copy beside their events
+        if self.local_rank:  # each node's first rank records the run's preset; the others keep a copy aside
             from sftop.engine.launch import ranks_dir
 
             self.preset_path = ranks_dir(run_dir) / f"preset-rank-{self.rank}.toml"
@@ -689,7 +689,7 @@ class _Run:
     def save_adapter(self) -> Path:
         """PEFT adapter + tokenizer into RUN_DIR/adapter, via a temp dir and a rename."""
         target = self.run_dir.adapter
-        if self.rank:  # the adapter is the same on every rank: rank 0 saves it
+        if self.local_rank:  # the adapter is the same on every rank: each node's first process saves it
             return target
         tmp = target.with_name(".adapter-saving")
         shutil.rmtree(tmp, ignore_errors=True)

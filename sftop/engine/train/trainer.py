@@ -239,7 +239,8 @@ class SftopTrainer(SFTTrainer):
         root = Path(self.args.output_dir)
         final = root / f"{CHECKPOINT_PREFIX}{step}"
         staging = root / f".saving-{step}-ranks"
-        main = self.accelerator.is_main_process
+        # each node's first process (save_on_each_node): a node keeps its own complete checkpoints
+        main = self.accelerator.is_local_main_process
         if main:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
