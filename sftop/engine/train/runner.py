@@ -373,6 +373,7 @@ class _Run:
             kernel_loss=(self.info.kernels.get("parts") or {}).get("loss") == "fused",
             **({"data_collator": self.data.collator} if self.vision is not None else {}),
         )
+        trainer.sftop_token_sampler = self.token_sampler()
         self.bucket_batches(trainer)
         # One readable line per step (RunEvents prints it) instead of transformers' raw log dicts.
         from transformers.trainer_callback import PrinterCallback
@@ -394,18 +395,48 @@ class _Run:
         if self.plan is None or getattr(self.plan, "context", None) is None:
             return
         lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
+        self.train_lengths = lengths
         multiple = BUCKET_MULTIPLE if buckets_wanted(self.preset.train.length_buckets, self.packed_graphs_on()) else 1
-        new = size_for_data(self.plan, lengths, multiple)
+        new = size_for_data(self.plan, lengths, multiple, split=self.token_split(len(lengths)))
         old = self.plan
         same = (new.micro_batch, new.gradient_checkpointing, new.checkpoint_every_n_layers) == (
             old.micro_batch, old.gradient_checkpointing, old.checkpoint_every_n_layers)
         if same:
             self.plan = new
+            if new.split_by == "tokens":
+                self.message(f"Plan {new.describe()}: sized for the data's largest micro-batch")
             return
-        reason = (f"sized for the data: the longest packed micro-batch of {new.micro_batch} rows holds "
-                  f"{new.tokens_per_micro_batch} tokens, not {new.micro_batch} x {old.max_length}")
+        if new.split_by == "tokens":
+            reason = (f"sized for the data: each step's {new.effective_batch} rows split by tokens into "
+                      f"{new.grad_accum} micro-batch(es), the largest of the run {new.tokens_per_micro_batch} tokens")
+        else:
+            reason = (f"sized for the data: the longest packed micro-batch of {new.micro_batch} rows holds "
+                      f"{new.tokens_per_micro_batch} tokens, not {new.micro_batch} x {old.max_length}")
         self.set_plan(new, 0, reason)
         self.message(f"Plan {old.describe()} -> {new.describe()}: {reason}")
+
+    def token_split(self, rows: int):
+        """plan.split_by: token-balanced micro-batches (sftop/engine/planner/token_split.py) for
+        packed single-process runs unless "rows" is asked for; None to keep the Trainer's own order."""
+        from sftop.engine.planner.solve import SplitByTokens
+        from sftop.engine.planner.token_split import epochs_covered
+
+        setting = getattr(self.preset.plan, "split_by", "auto")
+        if setting == "rows" or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            return None
+        train = self.preset.train
+        return SplitByTokens(seed=train.seed, epochs=epochs_covered(rows, self.plan.effective_batch, train.epochs,
+                                                                    train.max_steps))
+
+    def token_sampler(self):
+        """The batch sampler of a plan split by tokens (None otherwise)."""
+        if not (self.packing and getattr(self.plan, "split_by", "rows") == "tokens"
+                and getattr(self, "train_lengths", None)):
+            return None
+        from sftop.engine.train.token_batches import TokenBalancedSampler
+
+        return TokenBalancedSampler(self.train_lengths, self.plan.effective_batch, self.plan.grad_accum,
+                                    self.preset.train.seed)
 
     def packed_graphs_on(self) -> bool:
         """Can packed micro-batches replay CUDA graphs here (sftop/kernels/packed_graphs.py)? Needs
