@@ -364,6 +364,7 @@ def write_markdown(out: Path, report: dict) -> None:
             f"micro-batch {plan.get('micro_batch')} x {plan.get('grad_accum')}, checkpointing "
             f"{plan.get('gradient_checkpointing')}"
             + (f" (1 in {plan['checkpoint_every_n_layers']} blocks)" if plan.get("checkpoint_every_n_layers", 1) > 1 else "")
+            + (f", split by tokens (<= {plan['tokens_per_micro_batch']:,})" if plan.get("split_by") == "tokens" else "")
             + (f", cap {plan['max_memory_gib']:.2f} GiB" if plan.get("max_memory_gib") is not None else "")
             + (f", --set {' '.join(r['overrides'])}" if r.get("overrides") else "")
             if plan else ("batch 2 x 4, padded, checkpointing" if name == "trl" else "")

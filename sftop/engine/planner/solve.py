@@ -134,6 +134,7 @@ class Plan:
     kernels: bool = True
     loss: str = "fused"
     attention: str = "sdpa"  # as sized: "varlen" is sftop's packed attention (no mask)
+    varlen_native_gqa: bool = True  # as sized: False when torch's varlen API takes K and V repeated
     lora_r: int = 16
     optimizer: str = "adamw"
     # With gradient_checkpointing "on": checkpoint every n-th decoder block only. Trainer: pass it
@@ -391,6 +392,7 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
         kernels=ctx.setup.kernels,
         loss=ctx.setup.loss,
         attention=ctx.setup.attention,
+        varlen_native_gqa=ctx.setup.varlen_native_gqa,
         lora_r=ctx.setup.lora_r,
         optimizer=ctx.setup.optimizer,
         max_memory_gib=None if ctx.cap is None else round(ctx.cap.gib, 3),
