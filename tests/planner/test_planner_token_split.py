@@ -111,3 +111,15 @@ def test_preset_key(setting):
 
     p, _ = load_preset("demo", [f'plan.split_by="{setting}"'])
     assert p.plan.split_by == setting
+
+
+def test_sftop_plan_reads_the_data_and_shows_the_split(home, capsys):
+    from sftop.cli import main
+
+    assert main(["plan", "demo"]) == 0
+    text = capsys.readouterr().out
+    assert "16 rows/step in 1 micro-batch of <= " in text and "split by tokens" in text
+    assert "sized for the data:" in text
+    assert main(["plan", "demo", "--set", 'plan.split_by="rows"']) == 0
+    text = capsys.readouterr().out
+    assert "micro-batch      16 rows (packed, up to " in text and "split by tokens" not in text

@@ -417,9 +417,12 @@ def _why(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate]) -> 
     where = f"{ctx.budget_bytes / GIB:.1f} GiB budget on {ctx.device}" + (f" ({ctx.gpu_name})" if ctx.gpu_name else "")
     if _cap_binds(ctx):
         where += f", capped by {ctx.cap.text}"
+    split = (f"{ctx.effective_batch} rows/step in {chosen.grad_accum} micro-batch"
+             f"{'es' if chosen.grad_accum > 1 else ''} by tokens" if ctx.split_by == "tokens"
+             else f"micro-batch {chosen.micro_batch} x {chosen.grad_accum}")
     text = (
         f"fastest of {sum(c.fits for c in candidates)} fitting candidates (of {len(candidates)}) in the {where}: "
-        f"micro-batch {chosen.micro_batch} x {chosen.grad_accum}, checkpointing {chosen.label}"
+        f"{split}, checkpointing {chosen.label}"
     )
     faster_unfit = [c for c in candidates if not c.fits and c.key() < chosen.key()]
     if faster_unfit:

@@ -390,14 +390,14 @@ class _Run:
         import pyarrow.compute as pc
 
         from sftop.engine.planner.solve import size_for_data
-        from sftop.engine.train.buckets import BUCKET_MULTIPLE, buckets_wanted
+        from sftop.engine.train.plan_data import bucket_multiple, token_split_for
 
         if self.plan is None or getattr(self.plan, "context", None) is None:
             return
         lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
         self.train_lengths = lengths
-        multiple = BUCKET_MULTIPLE if buckets_wanted(self.preset.train.length_buckets, self.packed_graphs_on()) else 1
-        new = size_for_data(self.plan, lengths, multiple, split=self.token_split(len(lengths)))
+        new = size_for_data(self.plan, lengths, bucket_multiple(self.preset, self.packed_graphs_on()),
+                            split=token_split_for(self.preset, len(lengths), self.plan.effective_batch))
         old = self.plan
         same = (new.micro_batch, new.gradient_checkpointing, new.checkpoint_every_n_layers) == (
             old.micro_batch, old.gradient_checkpointing, old.checkpoint_every_n_layers)
@@ -414,19 +414,6 @@ class _Run:
                       f"{new.tokens_per_micro_batch} tokens, not {new.micro_batch} x {old.max_length}")
         self.set_plan(new, 0, reason)
         self.message(f"Plan {old.describe()} -> {new.describe()}: {reason}")
-
-    def token_split(self, rows: int):
-        """plan.split_by: token-balanced micro-batches (sftop/engine/planner/token_split.py) for
-        packed single-process runs unless "rows" is asked for; None to keep the Trainer's own order."""
-        from sftop.engine.planner.solve import SplitByTokens
-        from sftop.engine.planner.token_split import epochs_covered
-
-        setting = getattr(self.preset.plan, "split_by", "auto")
-        if setting == "rows" or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-            return None
-        train = self.preset.train
-        return SplitByTokens(seed=train.seed, epochs=epochs_covered(rows, self.plan.effective_batch, train.epochs,
-                                                                    train.max_steps))
 
     def token_sampler(self):
         """The batch sampler of a plan split by tokens (None otherwise)."""
