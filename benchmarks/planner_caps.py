@@ -5,7 +5,8 @@ benchmarks/whole_run.py's data and model per cap (`plan.max_memory_gib`; `none` 
 one call on the same GPU, and records per cap the plan the planner chose (micro-batch, accumulation,
 checkpointing, how each step's rows are split, the largest micro-batch in tokens), the predicted
 peak (allocated and on the device), the measured peak (torch.cuda.max_memory_allocated over the
-run, probe included; the probe's reserved peak plus the CUDA context as the device's), and useful
+run, probe included; the most the allocator reserved, at the probe or after a step, plus the CUDA
+context as the device's), and useful
 tokens per second. Writes planner_caps.json and planner_caps.md to --out.
 
     python benchmarks/planner_accuracy.py --caps 4,8,12,24 --out /tmp/caps           # ~3 minutes on an H100
@@ -95,9 +96,12 @@ def cap_row(cap: float | None, run: dict) -> dict:
         row["measured_allocated_gib"] = measured
         if row.get("predicted_allocated_gib"):
             row["error_pct"] = round(100 * (row["predicted_allocated_gib"] / measured - 1), 2)
-    if probe.get("measured_reserved_gib") is not None:
-        row["probe_reserved_gib"] = probe["measured_reserved_gib"]
-        row["measured_device_gib"] = round(probe["measured_reserved_gib"] + CUDA_CONTEXT_GIB, 3)
+    if probe.get("measured_gib") is not None:
+        row["probe_allocated_gib"] = probe["measured_gib"]  # one step at the plan's largest micro-batch
+    reserved = [v for v in (probe.get("measured_reserved_gib"), run.get("peak_reserved_gib")) if v is not None]
+    if reserved:
+        row["reserved_gib"] = max(reserved)
+        row["measured_device_gib"] = round(max(reserved) + CUDA_CONTEXT_GIB, 3)
     if run.get("useful_tokens_per_s"):
         row["useful_tokens_per_s"] = round(run["useful_tokens_per_s"], 1)
         row["steps"] = run.get("steps")
@@ -128,7 +132,7 @@ def markdown(result: dict) -> str:
         f"({data.get('tokens', '?')} tokens, median {data.get('median', '?')}, max {data.get('max', '?')}), "
         f"{result['effective_batch']} rows per optimizer step, packed. Predicted and measured are allocated "
         "peaks (torch.cuda.max_memory_allocated over the run, probe included); the device peak adds the "
-        f"CUDA context ({CUDA_CONTEXT_GIB} GiB) to what the allocator reserved at the probe. error = predicted / measured - 1.",
+        f"CUDA context ({CUDA_CONTEXT_GIB} GiB) to the most the allocator reserved. error = predicted / measured - 1.",
         "",
         "| cap GiB | plan | tokens | predicted GiB | measured GiB | error | predicted device GiB | measured device GiB "
         "| useful tokens/s | status |",

@@ -218,6 +218,8 @@ def read_sftop_events(run_dir: Path) -> dict:
         result["tokens_seen"] = steps[-1].get("tokens_seen")
         peaks = [s.get("gpu_mem_peak_gib") for s in steps if s.get("gpu_mem_peak_gib") is not None]
         result["peak_allocated_gib"] = max(peaks) if peaks else None
+        reserved = [s.get("gpu_mem_reserved_gib") for s in steps if s.get("gpu_mem_reserved_gib") is not None]
+        result["peak_reserved_gib"] = max(reserved) if reserved else None  # + the CUDA context = the device's
         # per-step rates show stalls (JIT compiles, allocator growth) that the mean hides
         rates = [s.get("tokens_per_s") for s in steps if s.get("tokens_per_s")]
         result["step_tokens_per_s"] = rates
