@@ -15,6 +15,7 @@ the `b` longest rows of the data. Pure Python: the planner imports it without to
 
 from __future__ import annotations
 
+import heapq
 import random
 from typing import Iterator, Sequence
 
@@ -37,12 +38,27 @@ def split_step(lengths: Sequence[int], parts: int) -> list[list[int]]:
         return []
     parts = max(1, min(parts, n))
     groups: list[list[int]] = [[] for _ in range(parts)]
-    load = [0] * parts
+    heap = [(0, j) for j in range(parts)]  # (tokens so far, group): the lightest, then the lowest group
     for pos in sorted(range(n), key=lambda i: (-int(lengths[i]), i)):
-        g = min(range(parts), key=lambda j: (load[j], j))
+        load, g = heapq.heappop(heap)
         groups[g].append(pos)
-        load[g] += int(lengths[pos])
+        heapq.heappush(heap, (load + int(lengths[pos]), g))
     return [sorted(g) for g in groups]
+
+
+def largest_part(lengths: Sequence[int], parts: int) -> int:
+    """Tokens of the largest group `split_step` makes, without building the groups."""
+    n = len(lengths)
+    if n == 0:
+        return 0
+    if parts >= n:
+        return max(int(x) for x in lengths)
+    if parts <= 1:
+        return sum(int(x) for x in lengths)
+    heap = [0] * parts
+    for x in sorted((int(v) for v in lengths), reverse=True):
+        heapq.heapreplace(heap, heap[0] + x)
+    return max(heap)
 
 
 def step_batches(lengths: Sequence[int], rows_per_step: int, parts: int, seed: int,
@@ -61,12 +77,21 @@ def largest_micro_batch(lengths: Sequence[int], rows_per_step: int, parts: int, 
                         multiple: int = 1) -> int:
     """The most tokens any micro-batch of the run will hold (epochs 0..epochs-1), rounded up to
     `multiple` (the trainer's length-bucket padding)."""
-    most = 0
+    return split_bounds_for(lengths, rows_per_step, [parts], seed, epochs, multiple)[parts]
+
+
+def split_bounds_for(lengths: Sequence[int], rows_per_step: int, parts: Sequence[int], seed: int, epochs: int,
+                     multiple: int = 1) -> dict[int, int]:
+    """{k: the run's largest micro-batch with each step split into k} over epochs 0..epochs-1, each
+    rounded up to `multiple`; one pass over the run's steps for all k."""
+    most = {k: 0 for k in parts}
     for epoch in range(max(1, epochs)):
-        for step in step_batches(lengths, rows_per_step, parts, seed, epoch):
-            for group in step:
-                most = max(most, sum(int(lengths[i]) for i in group))
-    return -(-most // multiple) * multiple
+        order = epoch_order(len(lengths), seed, epoch)
+        for start in range(0, len(order), rows_per_step):
+            step = [lengths[i] for i in order[start:start + rows_per_step]]
+            for k in most:
+                most[k] = max(most[k], largest_part(step, k))
+    return {k: -(-v // multiple) * multiple for k, v in most.items()}
 
 
 def split_bounds(lengths: Sequence[int], rows_per_step: int, seed: int, epochs: int,
@@ -74,13 +99,9 @@ def split_bounds(lengths: Sequence[int], rows_per_step: int, seed: int, epochs: 
     """bounds[b - 1]: the run's largest micro-batch when each step is split into rows_per_step / b
     token-balanced micro-batches (b rows each on average), for every b that divides rows_per_step;
     0 for the others (the planner only makes micro-batches that keep the effective batch exact)."""
-    bounds = []
-    for b in range(1, rows_per_step + 1):
-        if rows_per_step % b:
-            bounds.append(0)
-        else:
-            bounds.append(largest_micro_batch(lengths, rows_per_step, rows_per_step // b, seed, epochs, multiple))
-    return tuple(bounds)
+    sizes = [b for b in range(1, rows_per_step + 1) if rows_per_step % b == 0]
+    found = split_bounds_for(lengths, rows_per_step, [rows_per_step // b for b in sizes], seed, epochs, multiple)
+    return tuple(found[rows_per_step // b] if rows_per_step % b == 0 else 0 for b in range(1, rows_per_step + 1))
 
 
 def epochs_covered(rows: int, rows_per_step: int, epochs: float, max_steps: int | None) -> int:
