@@ -139,7 +139,7 @@ def _build_unsloth(args):
 
         model, _ = unsloth_peer.language_model(args.model_dir, args.seq, args.four_bit, LORA_TARGETS)
         recipe = "FastLanguageModel, get_peft_model(7 projections), checkpointing 'unsloth'"
-    model = fast.for_training(model)
+    model = fast.for_training(model) or model  # it switches the model in place and returns it
     return model, dict(recipe=recipe, versions=unsloth_peer.versions())
 
 

@@ -224,7 +224,7 @@ def unsloth_worker(model_dir: Path, data: Path, out: Path, seed: int, batch: int
     dataset = Dataset.from_list([{"input_ids": x} for x in ids])
     model, tokenizer = unsloth_peer.language_model(str(model_dir), CAP, four_bit=False)
     args = SFTConfig(
-        output_dir=str(out.parent / f"{out.stem}-output"),
+        output_dir=str(out.parent / f"{out.stem.removesuffix('-result')}-output"),
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accum,
         learning_rate=2e-4,
