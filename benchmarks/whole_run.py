@@ -41,7 +41,9 @@ plan.max_memory_gib equal to Unsloth 8x1's measured peak):
     python benchmarks/whole_run.py --out /tmp/whole --paths sftop,unsloth-8x1,unsloth-2x4 --cap-at-peer unsloth-8x1 --peer-pythonpath DIRS
 
 `--cap-at-peer NAME` runs that Unsloth row first, then an sftop row `sftop:at-NAME-peak` under
-plan.max_memory_gib = its measured peak (rounded down to 1/10,000 GiB).
+plan.max_memory_gib = its measured peak (rounded down to 1/10,000 GiB). sftop's cap bounds its whole
+device footprint, CUDA context included, the peer's peak its allocated memory only: `--cap-extra-gib
+0 0.6` adds a second capped row with the 0.6 GiB context on top (`sftop:at-NAME-peak+0.6`).
 
 Writes whole_run.json and whole_run.md to --out.
 """
@@ -292,11 +294,12 @@ def capped_row(report: dict, peer: str, extra_gib: float = 0.0) -> tuple[str, li
     The cap is the peak plus `extra_gib`, rounded down to 1/10,000 GiB: never above it. sftop's cap
     bounds its whole device footprint (CUDA context and allocator slack included) while the peer's
     peak is its allocated memory only, so a cap equal to that peak is the strict comparison."""
-    name = f"sftop:at-{peer}-peak"
+    name = f"sftop:at-{peer}-peak" + (f"+{extra_gib:g}" if extra_gib else "")
     peak = (report.get(peer) or {}).get("peak_allocated_gib")
     if not peak:
         return name, f"not run: {peer} has no measured peak ({_why_not(report.get(peer))})"
-    return name, [f"plan.max_memory_gib={math.floor((peak + extra_gib) * 1e4) / 1e4}"]
+    # round() first: 3.21 + 0.6 is 3.8099999... in binary, which must still give 3.81
+    return name, [f"plan.max_memory_gib={math.floor(round((peak + extra_gib) * 1e4, 6)) / 1e4}"]
 
 
 def _why_not(row: dict | None) -> str:
@@ -396,9 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cap-at-peer", choices=list(PEER_ROWS), default=None,
                     help="run that Unsloth row first (added to --paths if missing), then one more sftop row "
                          "under plan.max_memory_gib equal to its measured peak")
-    ap.add_argument("--cap-extra-gib", type=float, default=0.0,
-                    help="added to the peer's peak for --cap-at-peer (e.g. 0.6, the CUDA context: sftop's cap "
-                         "bounds its whole device footprint, the peer's peak counts allocated memory only)")
+    ap.add_argument("--cap-extra-gib", type=float, nargs="+", default=[0.0], metavar="GIB",
+                    help="added to the peer's peak for --cap-at-peer, one capped row each (e.g. 0 0.6: 0.6 is the "
+                         "CUDA context; sftop's cap bounds its whole device footprint, the peer's peak counts "
+                         "allocated memory only)")
     ap.add_argument("--shape", default="llama-1b", choices=list(SHAPES))
     ap.add_argument("--rows", type=int, default=300)
     ap.add_argument("--effective-batch", type=int, default=8)
@@ -482,8 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.length_buckets is not None:
             main_sets.append(f'train.length_buckets="{args.length_buckets}"')
         runs.append(("sftop", main_sets))
-    if args.cap_at_peer:
-        name, sets_or_why = capped_row(report, args.cap_at_peer, args.cap_extra_gib)
+    for extra in args.cap_extra_gib if args.cap_at_peer else []:
+        name, sets_or_why = capped_row(report, args.cap_at_peer, extra)
         if isinstance(sets_or_why, str):
             report[name] = {"not_run": sets_or_why}
             print(f"{name}: {sets_or_why}", flush=True)
@@ -538,9 +542,10 @@ def compare_with_peer(report: dict) -> None:
     if sftop.get("x_unsloth_8x1") and free:
         targets.append({"row": "sftop", "what": "planner's choice", "ratio": sftop["x_unsloth_8x1"],
                         "target": TARGET_PLANNER, "met": sftop["x_unsloth_8x1"] >= TARGET_PLANNER})
-    capped_name = f"sftop:at-{PEER_BASE}-peak"
-    capped = report.get(capped_name) or {}
-    if capped.get("x_unsloth_8x1"):
+    for capped_name in report.get("sftop_rows", []):
+        capped = report.get(capped_name) or {}
+        if not capped_name.startswith(f"sftop:at-{PEER_BASE}-peak") or not capped.get("x_unsloth_8x1"):
+            continue
         cap = (capped.get("plan") or {}).get("max_memory_gib")
         peak = capped.get("peak_allocated_gib")
         extra = None if cap is None else cap - (report[PEER_BASE].get("peak_allocated_gib") or 0.0)

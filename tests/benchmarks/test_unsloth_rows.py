@@ -49,8 +49,10 @@ def test_capped_row_is_held_to_the_peers_peak():
     assert (name, sets) == ("sftop:at-unsloth-8x1-peak", ["plan.max_memory_gib=3.2145"])
     assert apply_overrides({}, sets) == {"plan": {"max_memory_gib": 3.2145}}  # as `sftop run --set` reads it
     # with the CUDA context on top, for equal device footprints
-    assert whole_run.capped_row({"unsloth-8x1": {"peak_allocated_gib": 3.214567}}, "unsloth-8x1", 0.6)[1] == \
-        ["plan.max_memory_gib=3.8145"]
+    assert whole_run.capped_row({"unsloth-8x1": {"peak_allocated_gib": 3.214567}}, "unsloth-8x1", 0.6) == \
+        ("sftop:at-unsloth-8x1-peak+0.6", ["plan.max_memory_gib=3.8145"])
+    assert whole_run.capped_row({"unsloth-8x1": {"peak_allocated_gib": 3.21}}, "unsloth-8x1", 0.6)[1] == \
+        ["plan.max_memory_gib=3.81"]
     name, why = whole_run.capped_row({"unsloth-8x1": {"unavailable": MISSING}}, "unsloth-8x1")
     assert why == f"not run: unsloth-8x1 has no measured peak (Unsloth cannot be imported: {MISSING})"
     assert whole_run.capped_row({}, "unsloth-2x4")[1] == "not run: unsloth-2x4 has no measured peak (it did not run)"
@@ -97,18 +99,21 @@ def test_summary_ratios_and_targets_against_unsloth(tmp_path, monkeypatch):
     monkeypatch.setattr(whole_run, "run_sftop", fake_sftop)
     out = tmp_path / "whole"
     assert whole_run.main(["--out", str(out), "--shape", "tiny", "--rows", "24", "--paths",
-                           "sftop,unsloth-8x1,unsloth-2x4", "--cap-at-peer", "unsloth-8x1",
-                           "--peer-pythonpath", "/peer/trl:/peer"]) == 0
+                           "sftop,unsloth-8x1,unsloth-2x4", "--cap-at-peer", "unsloth-8x1", "--cap-extra-gib", "0",
+                           "0.6", "--peer-pythonpath", "/peer/trl:/peer"]) == 0
     assert calls == [("unsloth-8x1", "/peer/trl:/peer"), ("unsloth-2x4", "/peer/trl:/peer"), ("sftop", []),
-                     ("sftop-at-unsloth-8x1-peak", ["plan.max_memory_gib=3.21"])]
+                     ("sftop-at-unsloth-8x1-peak", ["plan.max_memory_gib=3.21"]),
+                     ("sftop-at-unsloth-8x1-peak+0.6", ["plan.max_memory_gib=3.81"])]
     report = json.loads((out / "whole_run.json").read_text())
     assert report["sftop"]["x_unsloth_8x1"] == pytest.approx(4.1)
     assert report["unsloth-2x4"]["x_unsloth_8x1"] == pytest.approx(0.5)
-    planner, capped = report["targets_vs_unsloth_8x1"]
+    planner, capped, with_context = report["targets_vs_unsloth_8x1"]
     assert (planner["row"], planner["met"], planner["target"]) == ("sftop", True, 4.0)
     assert capped == {"row": "sftop:at-unsloth-8x1-peak", "what": "plan.max_memory_gib = unsloth-8x1's peak",
                       "cap_gib": 3.21, "peak_gib": 3.4, "ratio": pytest.approx(1.5), "target": 2.0, "met": False,
                       "within_cap": False}
+    assert with_context["what"] == "plan.max_memory_gib = unsloth-8x1's peak + 0.60 GiB"
+    assert (with_context["cap_gib"], with_context["within_cap"], with_context["met"]) == (3.81, True, False)
     md = (out / "whole_run.md").read_text()
     assert "| path | useful tokens/s | x Unsloth 8x1 | train time s |" in md
     assert "| unsloth-2x4 | 5,000 | 0.50x | 1.9 | 30.0 | 3.21 | 3 | 8.0 | Unsloth 2026.10.9 batch 2 x 4, padding-free," in md
