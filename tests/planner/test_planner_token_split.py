@@ -123,3 +123,18 @@ def test_sftop_plan_reads_the_data_and_shows_the_split(home, capsys):
     assert main(["plan", "demo", "--set", 'plan.split_by="rows"']) == 0
     text = capsys.readouterr().out
     assert "micro-batch      16 rows (packed, up to " in text and "split by tokens" not in text
+
+
+def test_buckets_fitted_to_every_micro_batch_of_a_split_run():
+    from sftop.engine.planner.token_split import micro_batch_tokens
+    from sftop.engine.train.buckets import fitted_bucket_sizes
+
+    lengths = whole_run_lengths()
+    run = micro_batch_tokens(lengths, 8, 2, seed=42, epochs=1)
+    assert len(run) == 500 and sum(run) == sum(lengths)  # every row once, 2 micro-batches per step
+    assert max(run) == largest_micro_batch(lengths, 8, 2, 42, 1)
+    sizes = fitted_bucket_sizes(run, len(run))
+    assert 2 <= len(sizes) <= 8 and all(s % 128 == 0 for s in sizes)
+    held = sum(n <= sizes[-1] for n in run)
+    assert held >= 0.99 * len(run)  # the rare longest run unpadded
+    assert fitted_bucket_sizes(run[:20], 20) == ()  # too few micro-batches to pay for captures

@@ -80,6 +80,13 @@ def largest_micro_batch(lengths: Sequence[int], rows_per_step: int, parts: int, 
     return split_bounds_for(lengths, rows_per_step, [parts], seed, epochs, multiple)[parts]
 
 
+def micro_batch_tokens(lengths: Sequence[int], rows_per_step: int, parts: int, seed: int, epochs: int) -> list[int]:
+    """The tokens of every micro-batch of the run, in order (for fitting length buckets to them)."""
+    return [sum(int(lengths[i]) for i in group)
+            for epoch in range(max(1, epochs))
+            for step in step_batches(lengths, rows_per_step, parts, seed, epoch) for group in step]
+
+
 def split_bounds_for(lengths: Sequence[int], rows_per_step: int, parts: Sequence[int], seed: int, epochs: int,
                      multiple: int = 1) -> dict[int, int]:
     """{k: the run's largest micro-batch with each step split into k} over epochs 0..epochs-1, each

@@ -452,7 +452,22 @@ class _Run:
         per_epoch = math.ceil(len(lengths) / self.plan.micro_batch)
         micro_batches = (args.max_steps * self.plan.grad_accum if args.max_steps and args.max_steps > 0
                          else per_epoch * math.ceil(args.num_train_epochs))
-        sizes = data_bucket_sizes(lengths, self.plan.micro_batch, micro_batches, seed=self.preset.train.seed)
+        sampler = getattr(trainer, "sftop_token_sampler", None)
+        if sampler is not None:
+            # steps split by tokens: every micro-batch of the run is known, fit the buckets to them all
+            from sftop.engine.planner.token_split import micro_batch_tokens
+            from sftop.engine.train.buckets import fitted_bucket_sizes
+
+            micro_batches = len(sampler) * max(1, math.ceil(args.num_train_epochs))
+            epochs = max(1, math.ceil(args.num_train_epochs))
+            if args.max_steps and args.max_steps > 0:
+                micro_batches = args.max_steps * self.plan.grad_accum
+                epochs = max(1, math.ceil(micro_batches / max(1, len(sampler))))
+            run = micro_batch_tokens(sampler.lengths, sampler.rows_per_step, sampler.micro_batches, sampler.seed,
+                                     epochs)[:micro_batches]
+            sizes = fitted_bucket_sizes(run, micro_batches)
+        else:
+            sizes = data_bucket_sizes(lengths, self.plan.micro_batch, micro_batches, seed=self.preset.train.seed)
         if sizes:
             self.buckets_reason = (f"on: {len(sizes)} lengths fitted to the data ({', '.join(map(str, sizes))} tokens) "
                                    f"for {micro_batches:,} micro-batches")
