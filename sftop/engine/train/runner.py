@@ -374,7 +374,7 @@ class _Run:
             kernel_loss=(self.info.kernels.get("parts") or {}).get("loss") == "fused",
             **({"data_collator": self.data.collator} if self.vision is not None else {}),
         )
-        trainer.sftop_token_sampler = self.token_sampler()
+        trainer.sftop_token_sampler = self.token_sampler(trainer.train_dataset)
         self.bucket_batches(trainer)
         # One readable line per step (RunEvents prints it) instead of transformers' raw log dicts.
         from transformers.trainer_callback import PrinterCallback
@@ -416,13 +416,19 @@ class _Run:
         self.set_plan(new, 0, reason)
         self.message(f"Plan {old.describe()} -> {new.describe()}: {reason}")
 
-    def token_sampler(self):
-        """The batch sampler of a plan split by tokens (None otherwise)."""
+    def token_sampler(self, dataset=None):
+        """The batch sampler of a plan split by tokens (None otherwise). `dataset`: the trainer's own
+        training set, which must hold the rows the plan was sized for, in the same order."""
         if not (self.packing and getattr(self.plan, "split_by", "rows") == "tokens"
                 and getattr(self, "train_lengths", None)):
             return None
         from sftop.engine.train.token_batches import TokenBalancedSampler
 
+        if dataset is not None and len(dataset) != len(self.train_lengths):
+            raise RuntimeError(
+                f"the trainer holds {len(dataset)} training rows but the plan was sized for {len(self.train_lengths)}: "
+                "its micro-batches split by tokens would not be the ones sized; set plan.split_by = \"rows\" "
+                "and report this")
         return TokenBalancedSampler(self.train_lengths, self.plan.effective_batch, self.plan.grad_accum,
                                     self.preset.train.seed)
 
