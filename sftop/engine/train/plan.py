@@ -41,5 +41,6 @@ def resolved_plan_section(plan) -> dict[str, Any]:
         "grad_accum": int(plan.grad_accum),
         "gradient_checkpointing": str(plan.gradient_checkpointing),
         # several processes: micro_batch and grad_accum are per process, so their count is part of the plan
-        **({"gpus": int(plan.world_size)} if getattr(plan, "world_size", 1) > 1 else {}),
+        # (and they split each step by rows, the Trainer's sharding: a resume on one process keeps that order)
+        **({"gpus": int(plan.world_size), "split_by": "rows"} if getattr(plan, "world_size", 1) > 1 else {}),
     }

@@ -299,13 +299,16 @@ class _Run:
         if before == self.world_size:
             return preset
         plan = preset.plan
+        # several processes split each step's rows in the Trainer's order: a resume keeps that order
+        split = {"split_by": "rows"} if plan.split_by == "auto" else {}
         if (plan.micro_batch, plan.grad_accum) != (original.get("micro_batch"), original.get("grad_accum")):
-            return preset  # the resume sets its own values: they are checked as given
+            return preset.model_copy(update={"plan": plan.model_copy(update=split)})  # its own values, checked
         self.message(f"Resuming on {self.world_size} process{'es' if self.world_size > 1 else ''} instead of "
                      f"{before}: micro-batch and accumulation planned again, effective batch "
-                     f"{preset.train.effective_batch} kept")
+                     f"{preset.train.effective_batch} kept"
+                     + ("; each step's rows split in the trainer's order, as several processes do" if split else ""))
         return preset.model_copy(update={"plan": plan.model_copy(update={"micro_batch": "auto",
-                                                                        "grad_accum": "auto"})})
+                                                                        "grad_accum": "auto", **split})})
 
     def stop_requested(self) -> str | None:
         """The stop request, agreed by every rank (one all-reduce per step under several processes)."""
