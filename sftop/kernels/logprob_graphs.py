@@ -11,7 +11,9 @@ batch, returning per-token log-probabilities [B, T] (the one output with a gradi
 metrics TRL reads (entropy, mean logit, top-1), all computed inside the graph.  The eager head
 gathers the positions whose label counts (`hidden[mask]`), which needs the host to know how many
 there are; here a position labelled -100 gets log-probability 0 and no gradient, which is what
-the eager head's scatter gives it.  The price is the LM head's work on prompt positions.
+the eager head's scatter gives it.  To spare the LM head most prompt positions, scoring starts at
+the last quarter of the batch length at or before the first position any row scores (read back
+with the padding check below, and part of the key), and positions before it read zero.
 
 Padding: TRL 1.16's text collator (`DataCollatorForPreference`) builds each row as prompt +
 completion and pads on the right.  Under causal attention a right pad never changes a real
@@ -23,10 +25,10 @@ counts.  A left-padded batch (TRL's vision collator pads prompts on the left), a
 0/1, a counted label under padding, or any other input (images, position ids, embeddings) runs
 eagerly, exactly as before.
 
-Host reads: one per training step, the check above (the reference forward gets the same tensors
-and reuses the answer).
+Host reads: one per training step, the check above together with the first scored position (the
+reference forward gets the same tensors and reuses the answer).
 
-Keys: everything `cuda_graphs.py` keys on, whether gradients are on, and every adapter layer's
+Keys: everything `cuda_graphs.py` keys on, the scoring start, whether gradients are on, and every adapter layer's
 state (disabled, merged, which adapters are active).  PEFT's `disable_adapter()` flips
 `disable_adapters` on each LoRA layer (and their `requires_grad`), and sftop's LoRA kernels choose
 their path per call from that state, so the reference forward has its own graph, captured and
@@ -58,30 +60,44 @@ class LogprobGraphs:
         self.steps = StepGraphs(no_rng_stash(lm), max_keys=MAX_KEYS)
         self._checked: tuple | None = None
 
-    def batch_ok(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    def first_scored(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None) -> int | None:
+        """The first position any row scores (see `batch_check`), or None when the batch must run
+        eagerly.  The reference forward gets the very tensors the policy forward got: it reuses the
+        answer instead of reading the device again."""
         tensors = (ids, labels, mask)
         versions = tuple(None if t is None else t._version for t in tensors)
         c = self._checked
         if c is not None and all(a is b for a, b in zip(c[0], tensors)) and c[1] == versions:
             return c[2]
-        ok = bool(right_padded(labels, mask))  # the one host read of a step
-        self._checked = (tensors, versions, ok)
-        return ok
+        ok, first = batch_check(labels, mask).tolist()  # the one host read of a step
+        answer = int(first) if ok else None
+        self._checked = (tensors, versions, answer)
+        return answer
 
 
-def right_padded(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """A device bool: every row of `mask` is ones then zeros (0/1 only), and no label under padding
-    counts.  Such a batch gives every real token the same output with an all-ones mask."""
-    if mask is None:
-        return torch.ones((), dtype=torch.bool, device=labels.device)
-    binary = ((mask == 0) | (mask == 1)).all()
-    ones_then_zeros = (mask[:, 1:] <= mask[:, :-1]).all()
-    hidden_labels = ((labels != IGNORE_INDEX) & (mask == 0)).any()
-    return binary & ones_then_zeros & ~hidden_labels
+def batch_check(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Two device integers: whether the batch may run as unpadded (every row of `mask` is ones then
+    zeros, 0/1 only, and no label under padding counts: then an all-ones mask gives every real token
+    the same output), and the first position (of the labels shifted for causal LM) any row scores."""
+    counted = labels[:, 1:] != IGNORE_INDEX
+    # the first True column; 0 when nothing counts
+    first = counted.any(dim=0).to(torch.int32).argmax()
+    ok = torch.ones((), dtype=torch.bool, device=labels.device)
+    if mask is not None:
+        ok = ((mask == 0) | (mask == 1)).all() & (mask[:, 1:] <= mask[:, :-1]).all()
+        ok = ok & ~((labels != IGNORE_INDEX) & (mask == 0)).any()
+    return torch.stack([ok.to(torch.int64), first.to(torch.int64)])
 
 
 def padded_length(tokens: int, multiple: int = LENGTH_MULTIPLE) -> int:
     return -(-tokens // multiple) * multiple
+
+
+def scored_start(first: int, length: int) -> int:
+    """Where the graph starts scoring: the largest quarter of `length` at or before `first`.  Prompt
+    positions before it skip the LM head (a quarter step keeps the number of shapes small)."""
+    quarter = length // 4
+    return min(first // quarter, 3) * quarter if quarter else 0
 
 
 def graph_inputs(ids: torch.Tensor, labels: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,9 +109,10 @@ def graph_inputs(ids: torch.Tensor, labels: torch.Tensor, length: int) -> tuple[
     return ids_p, shifted
 
 
-def all_position_logprobs(lm: nn.Module, ids: torch.Tensor, shifted_labels: torch.Tensor):
+def all_position_logprobs(lm: nn.Module, ids: torch.Tensor, shifted_labels: torch.Tensor, start: int = 0):
     """(log_probs, entropy, mean_logits, is_top1), each [B, T], of every position of an unpadded
-    batch through the fused kernel: zeros (and no gradient) where the label is IGNORE_INDEX."""
+    batch through the fused kernel: zeros (and no gradient) where the label is IGNORE_INDEX.
+    Positions before `start` must not count: they skip the LM head and read zero."""
     from .fused_linear_logprob import fused_linear_logprob
 
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
@@ -103,11 +120,14 @@ def all_position_logprobs(lm: nn.Module, ids: torch.Tensor, shifted_labels: torc
     # all ones: see cuda_graphs.causal_masks_skipped
     out = lm.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return fused_linear_logprob(
-        hidden.to(weight.device), weight, shifted_labels, ignore_index=IGNORE_INDEX,
+    scored = fused_linear_logprob(
+        hidden[:, start:].to(weight.device), weight, shifted_labels[:, start:], ignore_index=IGNORE_INDEX,
         softcap=getattr(config, "final_logit_softcapping", None), compute_dtype=lm.__dict__.get(M.LOSS_DTYPE),
         stats=True,
     )
+    if not start:
+        return scored
+    return tuple(torch.cat([o.new_zeros(o.shape[0], start), o], dim=1) for o in scored)
 
 
 def adapter_state(lm: nn.Module) -> tuple:
@@ -148,7 +168,8 @@ def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
         graphs = lm.__dict__[M.LOGPROB_GRAPHS] = LogprobGraphs(lm)
     mask = kwargs.get("attention_mask")
     labels = labels.to(ids.device)
-    if not graphs.batch_ok(ids, labels, mask.to(ids.device) if mask is not None else None):
+    first = graphs.first_scored(ids, labels, mask.to(ids.device) if mask is not None else None)
+    if first is None:
         return None
     grad = torch.is_grad_enabled()
     slots = [(m, name, p) for m in lm.modules() for name, p in m._parameters.items() if p is not None]
@@ -157,8 +178,9 @@ def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
         return None
     tokens = ids.shape[1]
     length = padded_length(tokens)
+    start = scored_start(first, length)
     key = (
-        "logprobs", grad, ids.shape[0], length, ids.dtype,
+        "logprobs", grad, ids.shape[0], length, start, ids.dtype,
         torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
         bool(getattr(lm, "is_gradient_checkpointing", False)), lm.__dict__.get(M.GC_MODE),
         tuple((p.data_ptr(), p.requires_grad) for _m, _n, p in slots), adapter_state(lm),
@@ -166,7 +188,7 @@ def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
     inputs = graph_inputs(ids, labels, length)
 
     def step(ids_, labels_):
-        return all_position_logprobs(lm, ids_, labels_)
+        return all_position_logprobs(lm, ids_, labels_, start)
 
     out = graphs.steps.replay(key, step, inputs, trainable, backward=grad)
     if out is None:

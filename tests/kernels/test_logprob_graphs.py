@@ -76,7 +76,7 @@ def test_all_position_kernel_matches_float64(poison, dtype, tol):
     assert torch.count_nonzero(ent[ignored]) == 0 and not top1[ignored].any()
 
 
-def _eager_and_all_positions(model, ids, mask, labels, length):
+def _eager_and_all_positions(model, ids, mask, labels, length, start):
     """The installed head's eager answer (masked attention, gathered rows) and the graphs' function
     on the same batch run as unpadded and padded to `length`; each with its LoRA gradients under
     one random upstream gradient per token."""
@@ -86,21 +86,26 @@ def _eager_and_all_positions(model, ids, mask, labels, length):
     out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
     eager = (out.log_probs, out.entropy, out.mean_logits, out.is_top1)
     eager_grads = torch.autograd.grad((out.log_probs * g).sum(), params)
-    graphed = lg.all_position_logprobs(base, *lg.graph_inputs(ids, labels, length))
+    graphed = lg.all_position_logprobs(base, *lg.graph_inputs(ids, labels, length), start)
+    assert all(o.shape == (ids.shape[0], length) for o in graphed)
     graphed = tuple(o[:, : ids.shape[1] - 1] for o in graphed)
     graphed_grads = torch.autograd.grad((graphed[0] * g).sum(), params)
     return eager, eager_grads, graphed, graphed_grads
 
 
-def test_right_padded_batch_run_as_unpadded_equals_the_masked_eager_head():
+@pytest.mark.parametrize("prompts", [[5, 3, 4, 2], [8, 6, 7, 7]])
+def test_right_padded_batch_run_as_unpadded_equals_the_masked_eager_head(prompts):
     model = tiny_model("llama")
     K.patch_model(model)
     assert install_logprob_head(model.get_base_model()) == "fused"
     model.train()
-    ids, mask, labels = _right_padded_batch([13, 9, 11, 6], [5, 3, 4, 2])
-    assert lg.right_padded(labels, mask).item()
-    eager, eager_grads, graphed, graphed_grads = _eager_and_all_positions(model, ids, mask, labels,
-                                                                         lg.padded_length(13, multiple=16))
+    ids, mask, labels = _right_padded_batch([13, 9, 11, 10], prompts)
+    ok, first = lg.batch_check(labels, mask).tolist()
+    assert ok == 1 and first == min(prompts) - 1
+    length = lg.padded_length(13, multiple=16)
+    start = lg.scored_start(first, length)
+    assert start == (0 if prompts[0] == 5 else 4)  # the second batch skips the LM head on 4 positions
+    eager, eager_grads, graphed, graphed_grads = _eager_and_all_positions(model, ids, mask, labels, length, start)
     counted = labels[:, 1:] != -100
     assert eager[0][counted].abs().min() > 0  # real scores, not zeros
     for name, a, b in zip(("log_probs", "entropy", "mean_logits"), eager, graphed):
@@ -114,28 +119,33 @@ def test_right_padded_batch_run_as_unpadded_equals_the_masked_eager_head():
 
 
 def test_left_padding_is_refused_and_the_check_reads_once_per_batch(monkeypatch):
-    ids, mask, labels = _right_padded_batch([6, 4], [2, 1])
-    assert lg.right_padded(labels, mask).item() and lg.right_padded(labels, None).item()
+    ids, mask, labels = _right_padded_batch([6, 4], [2, 3])
+    assert lg.batch_check(labels, mask).tolist() == [1, 1]
+    assert lg.batch_check(labels, None).tolist() == [1, 1]
     left = torch.flip(mask, dims=[1])  # the vision collator's left-padded prompts
-    assert not lg.right_padded(torch.flip(labels, dims=[1]), left).item()
+    assert lg.batch_check(torch.flip(labels, dims=[1]), left).tolist()[0] == 0
     hidden = labels.clone()
     hidden[1, 5] = 7  # a label that counts under padding: eager would score it, the graph could not
-    assert not lg.right_padded(hidden, mask).item()
-    assert not lg.right_padded(labels, mask * 2).item()
+    assert lg.batch_check(hidden, mask).tolist()[0] == 0
+    assert lg.batch_check(labels, mask * 2).tolist()[0] == 0
+    assert lg.batch_check(torch.full_like(labels, -100), mask).tolist() == [1, 0]  # nothing scored
 
     graphs = lg.LogprobGraphs(tiny_model("llama", lora=False))
     reads = []
-    real = lg.right_padded
-    monkeypatch.setattr(lg, "right_padded", lambda *a: reads.append(1) or real(*a))
-    assert graphs.batch_ok(ids, labels, mask) and graphs.batch_ok(ids, labels, mask)
+    real = lg.batch_check
+    monkeypatch.setattr(lg, "batch_check", lambda *a: reads.append(1) or real(*a))
+    assert graphs.first_scored(ids, labels, mask) == 1 and graphs.first_scored(ids, labels, mask) == 1
     assert len(reads) == 1  # the reference forward reuses the policy forward's answer
     labels[1, 5] = 7  # changed in place: checked again
-    assert not graphs.batch_ok(ids, labels, mask) and len(reads) == 2
-    assert graphs.batch_ok(ids.clone(), labels.clone(), mask) is False and len(reads) == 3
+    assert graphs.first_scored(ids, labels, mask) is None and len(reads) == 2
+    assert graphs.first_scored(ids.clone(), labels.clone(), mask) is None and len(reads) == 3
 
 
 def test_lengths_share_buckets_and_inputs_are_padded_with_ignored_labels():
     assert [lg.padded_length(n) for n in (1, 255, 256, 257, 1024, 1025)] == [256, 256, 256, 512, 1024, 1280]
+    # 768 prompt tokens of 1,024: scoring starts at 512; never past the first scored position
+    assert [lg.scored_start(f, 1024) for f in (0, 255, 256, 767, 1023)] == [0, 0, 256, 512, 768]
+    assert lg.scored_start(3, 3) == 0
     ids, _mask, labels = _right_padded_batch([5, 3], [1, 1])
     ids_p, shifted = lg.graph_inputs(ids, labels, 8)
     assert torch.equal(ids_p[:, :5], ids) and torch.count_nonzero(ids_p[:, 5:]) == 0
@@ -316,7 +326,8 @@ def test_graphed_dpo_step_matches_eager_and_replays_both_forwards(tmp_path, monk
 @pytest.mark.gpu
 @needs_gpu
 def test_reference_graph_runs_with_the_adapter_off(tmp_path):
-    model = tiny_model("llama", dtype=torch.bfloat16)
+    # alpha 32: the adapter moves the log-probs by about 4e-2 relative (measured in bf16 on a CPU)
+    model = tiny_model("llama", dtype=torch.bfloat16, lora_alpha=32)
     plain = tiny_model("llama", dtype=torch.bfloat16, lora=False)  # the same base weights (same seed)
     assert K.patch_model(model).parts["cuda_graphs"] == "fused"
     rows = _pairs(3)
@@ -342,5 +353,6 @@ def test_reference_graph_runs_with_the_adapter_off(tmp_path):
     want = want * counted
     err_ref = rel_err(ref[counted], want[counted])
     err_policy = rel_err(policy[counted], want[counted])
-    assert err_ref < 1e-2, err_ref
-    assert err_policy > 10 * max(err_ref, 1e-3), (err_ref, err_policy)  # the adapter does change them
+    # sftop's kernels against HF's stock forward differ by bf16 rounding only (3e-4 on a CPU)
+    assert err_ref < 5e-3, err_ref
+    assert err_policy > 2e-2, (err_ref, err_policy)  # the adapter does change them
