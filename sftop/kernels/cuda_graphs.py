@@ -25,6 +25,11 @@ How:
     its own, and accumulation adds into that copy.
   * The loss's denominator (tokens that count, or `num_items_in_batch`) is applied outside the
     graph, so it can change every step without a new capture.
+  * What is captured need not be a scalar loss: `StepGraphs.replay` takes a function returning a
+    tensor or a tuple, differentiates the first (its incoming gradient is copied into a static
+    buffer before the backward replay; the loss sum is the case of a scalar with gradient 1) and
+    hands the rest out without gradient; with `backward=False` it captures a forward alone, in a
+    pool of its own (preference tuning's reference forward: logprob_graphs.py).
 
 Rules a replay relies on, each enforced here or by the patch part that installs this:
   * one graphed forward, then its backward: a second graphed forward overwrites the first one's

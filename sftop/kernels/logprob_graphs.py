@@ -149,7 +149,7 @@ def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
     if lm.__dict__.get(M.GRAPHS) is None:  # the cuda_graphs patch part decided graphs may not be used
         return None
     ids = kwargs.get("input_ids")
-    if shift_labels is not None or not torch.is_tensor(labels) or not torch.is_tensor(ids):
+    if shift_labels is not None or not isinstance(labels, torch.Tensor) or not isinstance(ids, torch.Tensor):
         return None
     if not (ids.is_cuda and ids.dim() == 2 and ids.shape[1] >= 2 and labels.shape == ids.shape):
         return None
@@ -214,4 +214,6 @@ def graphs_status(lm: nn.Module, parts: dict | None = None) -> str:
     part = (parts or {}).get("cuda_graphs")
     if isinstance(part, str) and part.startswith("stock"):
         return f"off: {part.removeprefix('stock: ')}"
+    if not torch.cuda.is_available():
+        return "off: CUDA graphs need a CUDA GPU"
     return "off: the cuda_graphs kernel part is not on for this model"
