@@ -173,7 +173,9 @@ def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
         return None
     grad = torch.is_grad_enabled()
     slots = [(m, name, p) for m in lm.modules() for name, p in m._parameters.items() if p is not None]
-    trainable = [slot for slot in slots if slot[2].requires_grad] if grad else []
+    # a forward-only capture takes them too: the capture runs them as views of themselves
+    # (cuda_graphs._aliased), which autocast never serves from its cache of casts made before it
+    trainable = [slot for slot in slots if slot[2].requires_grad]
     if grad and not trainable:
         return None
     tokens = ids.shape[1]

@@ -243,7 +243,8 @@ def _pairs(n_batches, seed=0):
 
     rows = []
     for i in range(2 * n_batches):
-        rows.append({"prompt_ids": words(5 + i % 4), "chosen_ids": words(6 + (3 * i) % 7),
+        # prompts of 66+ tokens: every batch pads to 256 and the graphs start scoring at 64
+        rows.append({"prompt_ids": words(66 + i % 4), "chosen_ids": words(6 + (3 * i) % 7),
                      "rejected_ids": words(4 + (5 * i) % 9)})
     return rows
 
@@ -304,6 +305,10 @@ def test_graphed_dpo_step_matches_eager_and_replays_both_forwards(tmp_path, monk
     assert (stats.eager_calls, stats.captures, stats.replays) == (2, 2, 8), stats
     assert stats.failures == []
     assert len({b["input_ids"].shape[1] for *_x, b in ref}) > 1  # lengths changed, one bucket
+    for *_x, b in ref:
+        labels = b["input_ids"].masked_fill(b["completion_mask"] == 0, -100)
+        ok, first = lg.batch_check(labels, b["attention_mask"]).tolist()
+        assert ok == 1 and lg.scored_start(first, lg.padded_length(b["input_ids"].shape[1])) == 64
     assert trainer.sftop_graphs.startswith("on:")
     # bf16: eager and graphed differ in attention kernels (masked vs plain causal) and matmul shapes
     # (rows padded to 256), i.e. in rounding: sequence log-probs (about -50 here) may differ by
