@@ -151,7 +151,7 @@ def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
     ids = kwargs.get("input_ids")
     if shift_labels is not None or not isinstance(labels, torch.Tensor) or not isinstance(ids, torch.Tensor):
         return None
-    if not (ids.is_cuda and ids.dim() == 2 and ids.shape[1] >= 2 and labels.shape == ids.shape):
+    if not (_capturable(ids) and ids.dim() == 2 and ids.shape[1] >= 2 and labels.shape == ids.shape):
         return None
     if not lm.training or lm.__dict__.get(M.OFFLOADING):
         return None
@@ -196,6 +196,10 @@ def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
     if out is None:
         return None
     return tuple(o[:, : tokens - 1] for o in out)
+
+
+def _capturable(ids: torch.Tensor) -> bool:
+    return ids.is_cuda
 
 
 def graph_stats(lm: nn.Module):

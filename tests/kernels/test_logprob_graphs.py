@@ -231,6 +231,63 @@ def test_dpo_guard_skips_a_non_finite_update_with_one_read_per_optimizer_step(tm
     assert guard.consecutive == 0 and not guard.failed
 
 
+def test_graphed_path_through_trl_equals_eager_with_the_capture_run_directly(tmp_path, monkeypatch):
+    """Everything around the capture, on a CPU: TRL's compute_loss calls the head, which takes the
+    graphed path for the policy (with gradient) and the reference (adapter off, no gradient) forwards,
+    with the captured function run directly in place of a replay.  Loss, metrics and LoRA gradients
+    equal the eager head's; the two forwards have keys of their own, the reference's with every
+    adapter layer disabled and read back from the device once."""
+    import trl
+
+    from sftop.engine.train.dpo import SftopDPOTrainer
+    from sftop.engine.train.trainer import UpdateGuard
+    from test_dpo_logprob_head import _trainer
+
+    calls, reads = [], []
+    real_check = lg.batch_check
+
+    def run_directly(self, key, fn, inputs, slots, backward=True):
+        calls.append((key, backward, torch.is_grad_enabled(), len(slots)))
+        return fn(*inputs)
+
+    results = []
+    for graphed in (False, True):
+        model = tiny_model("llama")
+        K.patch_model(model)
+        trainer = _trainer(SftopDPOTrainer, model, tmp_path / str(graphed), "sigmoid", guard=UpdateGuard(5),
+                           save_total_limit=1, kernel_head=True)
+        base = model.get_base_model()
+        if graphed:
+            base.__dict__["_sftop_graphs"] = object()  # as the cuda_graphs part leaves it on a GPU
+            monkeypatch.setattr(lg, "_capturable", lambda ids: True)
+            monkeypatch.setattr(lg.StepGraphs, "replay", run_directly)
+            monkeypatch.setattr(lg, "batch_check", lambda *a: reads.append(1) or real_check(*a))
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        assert (batch["attention_mask"] == 0).any()  # right padding present
+        model.train()
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((loss.detach(), {k: v[-1] for k, v in trainer._metrics["train"].items()}, grads))
+        monkeypatch.undo()
+    assert isinstance(trainer, trl.DPOTrainer)
+    (l_e, m_e, g_e), (l_g, m_g, g_g) = results
+    assert rel_err(l_g, l_e) < 1e-5
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+                "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"):
+        assert m_g[key] == pytest.approx(m_e[key], rel=1e-5, abs=1e-6), key
+    assert abs(m_e["rewards/margins"]) > 1e-3
+    for a, b in zip(g_e, g_g):
+        assert rel_err(b, a) < 1e-4
+    assert len(calls) == 2 and len(reads) == 1
+    (policy_key, p_backward, p_grad, p_slots), (ref_key, r_backward, r_grad, r_slots) = calls
+    assert (p_backward, p_grad, p_slots) == (True, True, 2 * 7 * 2)
+    assert (r_backward, r_grad, r_slots) == (False, False, 0)  # PEFT froze the adapter while it is off
+    assert policy_key != ref_key
+    assert all(not s[1] for s in policy_key[-1]) and all(s[1] for s in ref_key[-1]) and len(ref_key[-1]) == 14
+
+
 # ----------------------------------------------------------------------------------------- GPU
 
 
