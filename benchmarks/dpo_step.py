@@ -42,6 +42,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_bench  # model shapes and the random 4-bit checkpoint
+import unsloth_peer  # Unsloth's process: imported first, offline, its own TRL
 
 
 PROFILED_STEPS = 2  # after the timed steps, so that the profiler's overhead stays out of the timing
@@ -64,14 +65,7 @@ def _dataset(args, vocab: int):
 
 def _unsloth_model(args):
     """Unsloth's QLoRA/LoRA recipe on the saved random-init checkpoint (its loader reads a directory)."""
-    import torch
-    from unsloth import FastLanguageModel
-
-    model, _ = FastLanguageModel.from_pretrained(args.model_dir, max_seq_length=args.seq, dtype=torch.bfloat16,
-                                                 load_in_4bit=args.four_bit)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0,
-                                             target_modules=step_bench.LORA_TARGETS, bias="none",
-                                             use_gradient_checkpointing="unsloth", random_state=0)
+    model, _ = unsloth_peer.language_model(args.model_dir, args.seq, args.four_bit, step_bench.LORA_TARGETS)
     return model, None, None
 
 
@@ -106,13 +100,12 @@ def _model(args, path: str):
 def _unsloth_unavailable() -> str | None:
     """Why Unsloth's DPO cannot run in this process, or None once it is imported and patched.
     Must run before transformers and TRL are imported: Unsloth patches them on import."""
-    try:
-        import unsloth  # noqa: F401
+    why = unsloth_peer.unavailable("PatchDPOTrainer")
+    if why is None:
         from unsloth import PatchDPOTrainer
-    except Exception as exc:  # noqa: BLE001 - ImportError, or Unsloth refusing this TRL / GPU
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-    PatchDPOTrainer()
-    return None
+
+        PatchDPOTrainer()
+    return why
 
 
 def _one(args, path: str) -> dict:
@@ -163,7 +156,7 @@ def _one(args, path: str) -> dict:
     )
     timer = Timer()
     vocab = step_bench.SHAPES[args.model]["vocab_size"]
-    tokenizer = _tokenizer(vocab)
+    tokenizer = unsloth_peer.word_tokenizer(vocab)
     common = dict(args=cfg, train_dataset=_dataset(args, vocab), processing_class=tokenizer, callbacks=[timer])
     if path == "stock":
         trainer = Pretokenised(model=model, peft_config=peft_config, **common)
@@ -207,26 +200,7 @@ def _one(args, path: str) -> dict:
 def _checkpoint(args):
     """The random-init model saved once for loaders that read a directory (bitsandbytes' 4-bit
     quantisation, Unsloth), in memory-backed /dev/shm where it exists, with the benchmark's tokenizer."""
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        size = 2 * AutoModelForCausalLM.from_config(step_bench._config(args.model)).num_parameters()
-    shm = "/dev/shm"
-    fits = os.path.isdir(shm) and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 1.2 * size
-    tmp = step_bench.random_checkpoint(args.model, args.device, dir=shm if fits else None)
-    _tokenizer(step_bench.SHAPES[args.model]["vocab_size"]).save_pretrained(tmp.name)
-    return tmp
-
-
-def _tokenizer(vocab: int):
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab)}, unk_token="t2"))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t2")
+    return step_bench.random_checkpoint(args.model, args.device, in_memory=True)
 
 
 def main(argv=None) -> int:
@@ -241,8 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="profile two more steps: GPU time by kernel kind, and the share of the step the GPU waits")
     ap.add_argument("--paths", default="stock,sftop", help="comma-separated: stock, sftop, unsloth")
-    ap.add_argument("--peer-pythonpath", default="",
-                    help="folders put first on the unsloth path's PYTHONPATH (Unsloth and the TRL it accepts)")
+    ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (TRITON_INTERPRET=1)")
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -279,11 +252,7 @@ def main(argv=None) -> int:
         if args.model_dir:
             cmd += ["--model-dir", args.model_dir]
         if path == "unsloth":
-            env = ["UNSLOTH_DISABLE_STATISTICS=1"]  # no network calls from a benchmark
-            if args.peer_pythonpath:
-                inherited = os.environ.get("PYTHONPATH", "")
-                env.append(f"PYTHONPATH={args.peer_pythonpath}" + (f":{inherited}" if inherited else ""))
-            cmd = ["env", *env, *cmd]
+            cmd = unsloth_peer.command(cmd, args.peer_pythonpath)
         return cmd
 
     results = step_bench.run_paths(paths, command)
@@ -297,8 +266,7 @@ def main(argv=None) -> int:
           f"on {out['device']}")
     for r in results:
         if "unavailable" in r:
-            print(f"  {r['path']:6s} not measured: Unsloth cannot be imported here ({r['unavailable']}); "
-                  "install it, or pass --peer-pythonpath with the folders holding it and the TRL it accepts")
+            print(f"  {r['path']:6s} {unsloth_peer.not_measured(r['unavailable'])}")
         elif "tokens_per_s" in r:
             peak = f"peak {r['peak_gib']:6.2f} GiB  " if "peak_gib" in r else ""
             print(f"  {r['path']:6s} {r['tokens_per_s']:10,.0f} tok/s  {peak}"

@@ -112,8 +112,8 @@ class TrainSection(_Section):
     kernels: Literal["auto", "on", "off"] = Field("auto", description="sftop's fused Triton kernels")
     length_buckets: Literal["auto", "on", "off"] = Field(
         "auto", description="Pad each packed micro-batch up to one of a few lengths so its CUDA graph replays; "
-        "auto = off (measured no faster yet on whole runs; docs/training.md); the padding is never "
-        "trained on or counted as throughput",
+        "auto = on where CUDA graphs can replay them and the run is long enough for their captures to "
+        "pay (lengths fitted to the data); the padding is never trained on or counted as throughput",
     )
     task: Literal["sft", "dpo"] = Field("sft", description="sft: supervised; dpo: preference pairs ([dpo])")
     sample_prompts: list[str] = Field(

@@ -188,6 +188,7 @@ class _Run:
         self.vision = None  # a vision-language model's family (sftop.engine.models.vision)
         self.vision_data = None
         self.packing_reason: str | None = None
+        self.buckets_reason: str | None = None  # train.length_buckets: what it came to, and why
 
     def latest_checkpoint(self) -> str | None:
         path = self.run_dir.latest_checkpoint()
@@ -415,12 +416,36 @@ class _Run:
 
     def bucket_batches(self, trainer) -> None:
         """Pad packed micro-batches to a few lengths (train.length_buckets) so that their CUDA graphs replay."""
-        from sftop.engine.train.buckets import BucketedCollator, bucket_sizes, buckets_wanted
+        import math
 
-        if not (self.packing and buckets_wanted(self.preset.train.length_buckets, self.packed_graphs_on())):
+        import pyarrow.compute as pc
+
+        from sftop.engine.train.buckets import BucketedCollator, bucket_sizes, buckets_wanted, data_bucket_sizes
+
+        setting = self.preset.train.length_buckets
+        if not self.packing:
             return
-        # the plan's largest packed micro-batch (its micro_batch longest rows, when sized for the data)
-        sizes = bucket_sizes(int(self.plan.tokens_per_micro_batch))
+        if not buckets_wanted(setting, self.packed_graphs_on()):
+            if setting == "auto":
+                self.buckets_reason = "off: packed micro-batches cannot replay CUDA graphs here"
+            return
+        lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
+        args = trainer.args
+        per_epoch = math.ceil(len(lengths) / self.plan.micro_batch)
+        micro_batches = (args.max_steps * self.plan.grad_accum if args.max_steps and args.max_steps > 0
+                         else per_epoch * math.ceil(args.num_train_epochs))
+        sizes = data_bucket_sizes(lengths, self.plan.micro_batch, micro_batches, seed=self.preset.train.seed)
+        if sizes:
+            self.buckets_reason = (f"on: {len(sizes)} lengths fitted to the data ({', '.join(map(str, sizes))} tokens) "
+                                   f"for {micro_batches:,} micro-batches")
+        elif setting == "on":
+            # asked for on a run too short to fit buckets to: the plan's fixed ladder
+            sizes = bucket_sizes(int(self.plan.tokens_per_micro_batch))
+            self.buckets_reason = f"on (train.length_buckets = on): {len(sizes)} fixed lengths up to {sizes[-1]} tokens"
+        else:
+            self.buckets_reason = (f"off: {micro_batches:,} micro-batches are too few, or too mixed in length, for "
+                                   "buckets to pay for their CUDA graph captures")
+            return
         trainer.data_collator = BucketedCollator(trainer.data_collator, sizes, self.tokenizer.pad_token_id)
 
     def started_event(self, total_steps: int) -> RunStarted:
@@ -432,6 +457,7 @@ class _Run:
                 "model": self.info.to_dict(),
                 "packing": self.packing,
                 **({"packing_reason": self.packing_reason} if self.packing_reason else {}),
+                **({"length_buckets": self.buckets_reason} if self.buckets_reason else {}),
             },
             plan={**self.plan.to_dict(), **({"probe": self.probe_verdict} if self.probe_verdict else {})},
             kernels=self.info.kernels,
