@@ -187,6 +187,14 @@ def _one(args, path: str) -> dict:
         out["graphs"] = trainer.sftop_graphs if stats is None else dataclasses.asdict(stats)
     if args.device == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 1024**3
+        if isinstance(out.get("graphs"), dict) and out["graphs"]["replays"]:
+            # replays allocate nothing, so the allocator's peak misses the transients that live in
+            # the graphs' pools: count all of their idle memory on top (an upper bound)
+            from sftop.kernels.cuda_graphs import idle_pool_bytes
+
+            pool = idle_pool_bytes()
+            out["graph_pool_idle_gib"] = pool / 1024**3
+            out["peak_gib"] = (torch.cuda.max_memory_allocated() + pool) / 1024**3
     if timer.prof is not None:
         # GPU busy time against the wall time of the same steps: what is left is host time
         # (Python, TRL's bookkeeping, syncs) during which the GPU waits
