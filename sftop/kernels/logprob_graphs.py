@@ -12,7 +12,7 @@ metrics TRL reads (entropy, mean logit, top-1), all computed inside the graph.  
 gathers the positions whose label counts (`hidden[mask]`), which needs the host to know how many
 there are; here a position labelled -100 gets log-probability 0 and no gradient, which is what
 the eager head's scatter gives it.  To spare the LM head most prompt positions, scoring starts at
-the last quarter of the batch length at or before the first position any row scores (read back
+the middle of the batch length when no row scores a position before it (read back
 with the padding check below, and part of the key), and positions before it read zero.
 
 Padding: TRL 1.16's text collator (`DataCollatorForPreference`) builds each row as prompt +
@@ -94,10 +94,11 @@ def padded_length(tokens: int, multiple: int = LENGTH_MULTIPLE) -> int:
 
 
 def scored_start(first: int, length: int) -> int:
-    """Where the graph starts scoring: the largest quarter of `length` at or before `first`.  Prompt
-    positions before it skip the LM head (a quarter step keeps the number of shapes small)."""
-    quarter = length // 4
-    return min(first // quarter, 3) * quarter if quarter else 0
+    """Where the graph starts scoring: half of `length` when that is at or before `first`, else 0.
+    Prompt positions before it skip the LM head; two choices per length keep the shapes few (each
+    new shape costs a capture)."""
+    half = length // 2
+    return half if 0 < half <= first else 0
 
 
 def graph_inputs(ids: torch.Tensor, labels: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

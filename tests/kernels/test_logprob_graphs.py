@@ -93,18 +93,18 @@ def _eager_and_all_positions(model, ids, mask, labels, length, start):
     return eager, eager_grads, graphed, graphed_grads
 
 
-@pytest.mark.parametrize("prompts", [[5, 3, 4, 2], [8, 6, 7, 7]])
+@pytest.mark.parametrize("prompts", [[5, 3, 4, 2], [10, 9, 11, 10]])
 def test_right_padded_batch_run_as_unpadded_equals_the_masked_eager_head(prompts):
     model = tiny_model("llama")
     K.patch_model(model)
     assert install_logprob_head(model.get_base_model()) == "fused"
     model.train()
-    ids, mask, labels = _right_padded_batch([13, 9, 11, 10], prompts)
+    ids, mask, labels = _right_padded_batch([13, 11, 13, 12], prompts)
     ok, first = lg.batch_check(labels, mask).tolist()
     assert ok == 1 and first == min(prompts) - 1
     length = lg.padded_length(13, multiple=16)
     start = lg.scored_start(first, length)
-    assert start == (0 if prompts[0] == 5 else 4)  # the second batch skips the LM head on 4 positions
+    assert start == (0 if prompts[0] == 5 else 8)  # the second batch skips the LM head on 8 positions
     eager, eager_grads, graphed, graphed_grads = _eager_and_all_positions(model, ids, mask, labels, length, start)
     counted = labels[:, 1:] != -100
     assert eager[0][counted].abs().min() > 0  # real scores, not zeros
@@ -144,8 +144,8 @@ def test_left_padding_is_refused_and_the_check_reads_once_per_batch(monkeypatch)
 def test_lengths_share_buckets_and_inputs_are_padded_with_ignored_labels():
     assert [lg.padded_length(n) for n in (1, 255, 256, 257, 1024, 1025)] == [256, 256, 256, 512, 1024, 1280]
     # 768 prompt tokens of 1,024: scoring starts at 512; never past the first scored position
-    assert [lg.scored_start(f, 1024) for f in (0, 255, 256, 767, 1023)] == [0, 0, 256, 512, 768]
-    assert lg.scored_start(3, 3) == 0
+    assert [lg.scored_start(f, 1024) for f in (0, 255, 511, 512, 767, 1023)] == [0, 0, 0, 512, 512, 512]
+    assert lg.scored_start(0, 1) == 0
     ids, _mask, labels = _right_padded_batch([5, 3], [1, 1])
     ids_p, shifted = lg.graph_inputs(ids, labels, 8)
     assert torch.equal(ids_p[:, :5], ids) and torch.count_nonzero(ids_p[:, 5:]) == 0
@@ -300,8 +300,8 @@ def _pairs(n_batches, seed=0):
 
     rows = []
     for i in range(2 * n_batches):
-        # prompts of 66+ tokens: every batch pads to 256 and the graphs start scoring at 64
-        rows.append({"prompt_ids": words(66 + i % 4), "chosen_ids": words(6 + (3 * i) % 7),
+        # prompts of 130+ tokens: every batch pads to 256 and the graphs start scoring at 128
+        rows.append({"prompt_ids": words(130 + i % 4), "chosen_ids": words(6 + (3 * i) % 7),
                      "rejected_ids": words(4 + (5 * i) % 9)})
     return rows
 
@@ -365,7 +365,7 @@ def test_graphed_dpo_step_matches_eager_and_replays_both_forwards(tmp_path, monk
     for *_x, b in ref:
         labels = b["input_ids"].masked_fill(b["completion_mask"] == 0, -100)
         ok, first = lg.batch_check(labels, b["attention_mask"]).tolist()
-        assert ok == 1 and lg.scored_start(first, lg.padded_length(b["input_ids"].shape[1])) == 64
+        assert ok == 1 and lg.scored_start(first, lg.padded_length(b["input_ids"].shape[1])) == 128
     assert trainer.sftop_graphs.startswith("on:")
     # bf16: eager and graphed differ in attention kernels (masked vs plain causal) and matmul shapes
     # (rows padded to 256), i.e. in rounding: sequence log-probs (about -50 here) may differ by
