@@ -25,7 +25,7 @@ counts.  A left-padded batch (TRL's vision collator pads prompts on the left), a
 0/1, a counted label under padding, or any other input (images, position ids, embeddings) runs
 eagerly, exactly as before.
 
-Host reads: one per training step, the check above together with the first scored position (the
+Host reads: one per micro-batch, the check above together with the first scored position (the
 reference forward gets the same tensors and reuses the answer).
 
 Keys: everything `cuda_graphs.py` keys on, the scoring start, whether gradients are on, and every adapter layer's
