@@ -353,6 +353,8 @@ def read_sftop_events(run_dir: Path) -> dict:
         result["tokens_seen"] = steps[-1].get("tokens_seen")
         peaks = [s.get("gpu_mem_peak_gib") for s in steps if s.get("gpu_mem_peak_gib") is not None]
         result["peak_allocated_gib"] = max(peaks) if peaks else None
+        reserved = [s.get("gpu_mem_reserved_gib") for s in steps if s.get("gpu_mem_reserved_gib") is not None]
+        result["peak_reserved_gib"] = max(reserved) if reserved else None  # + the CUDA context = the device's
         # per-step rates show stalls (JIT compiles, allocator growth) that the mean hides
         rates = [s.get("tokens_per_s") for s in steps if s.get("tokens_per_s")]
         result["step_tokens_per_s"] = rates
@@ -565,6 +567,7 @@ def _plan_text(name: str, r: dict) -> str:
             f"micro-batch {plan.get('micro_batch')} x {plan.get('grad_accum')}, checkpointing "
             f"{plan.get('gradient_checkpointing')}"
             + (f" (1 in {plan['checkpoint_every_n_layers']} blocks)" if plan.get("checkpoint_every_n_layers", 1) > 1 else "")
+            + (f", split by tokens (<= {plan['tokens_per_micro_batch']:,})" if plan.get("split_by") == "tokens" else "")
             + (f", cap {plan['max_memory_gib']:.2f} GiB" if plan.get("max_memory_gib") is not None else "")
             + (f", --set {' '.join(r['overrides'])}" if r.get("overrides") else "")
         )

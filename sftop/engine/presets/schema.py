@@ -129,6 +129,12 @@ class PlanSection(_Section):
         "auto", description="Recompute activations to save memory"
     )
 
+    split_by: Literal["auto", "tokens", "rows"] = Field(
+        "auto", description="Packed runs: split each optimizer step's rows into micro-batches of about "
+                            "equal tokens, sized for the data's largest (auto, tokens), or into micro_batch "
+                            "rows each in the trainer's own order (rows)",
+    )
+
     max_memory_gib: float | None = Field(
         None, gt=0.0, le=4096.0,
         description="Most GPU memory this run may use, in GiB (e.g. to share the GPU with an inference "

@@ -86,12 +86,23 @@ def data_bucket_sizes(lengths, rows_per_micro_batch: int, micro_batches: int, *,
     their captures, or when the buckets it can afford would pad more than `MAX_PADDING_SHARE` of the
     tokens (it then trains unpadded and eagerly, which is faster there)."""
     rows = [int(n) for n in lengths if int(n) > 0]
-    count = min(max_buckets, micro_batches // max(1, min_replays))
-    if count < 2 or not rows:
+    if min(max_buckets, micro_batches // max(1, min_replays)) < 2 or not rows:
         return ()
     rng = random.Random(seed)
     take = min(rows_per_micro_batch, len(rows))
-    sums = sorted(sum(rng.sample(rows, take)) for _ in range(SAMPLED_BATCHES))
+    sums = [sum(rng.sample(rows, take)) for _ in range(SAMPLED_BATCHES)]
+    return fitted_bucket_sizes(sums, micro_batches, max_buckets=max_buckets, min_replays=min_replays,
+                               multiple=multiple)
+
+
+def fitted_bucket_sizes(batch_tokens, micro_batches: int, *, max_buckets: int = MAX_DATA_BUCKETS,
+                        min_replays: int = MIN_REPLAYS_PER_BUCKET, multiple: int = BUCKET_MULTIPLE) -> tuple[int, ...]:
+    """`data_bucket_sizes` from micro-batch lengths already known: sampled ones, or every micro-batch
+    of a run whose steps are split by tokens (sftop/engine/planner/token_split.py)."""
+    count = min(max_buckets, micro_batches // max(1, min_replays))
+    sums = sorted(int(n) for n in batch_tokens)
+    if count < 2 or not sums:
+        return ()
     top = sums[min(len(sums) - 1, math.ceil(TOP_SHARE * len(sums)) - 1)]
     covered = [n for n in sums if n <= top]
     least = math.ceil(min_replays * len(sums) / micro_batches)  # samples a bucket must hold
