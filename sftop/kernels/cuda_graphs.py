@@ -265,6 +265,10 @@ class StepGraphs:
         self._armed = None
 
     # -- the entry points
+    def holds(self, key) -> bool:
+        """Whether `key` has a captured step (its next call replays)."""
+        return key in self._steps
+
     def loss_sum(self, key, fn, inputs: tuple[torch.Tensor, ...], slots: list):
         """The sum of token losses from the graphs, or None when this call should run eagerly.
         `slots` are (module, name, parameter) of every trainable parameter `fn` uses."""

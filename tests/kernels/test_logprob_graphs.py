@@ -166,6 +166,28 @@ def test_the_adapter_switched_off_is_part_of_the_key():
     assert lg.adapter_state(base) == on
 
 
+def test_listed_layout_follows_the_model():
+    """Replays read the parameters and adapter layers from a list made once; any other call lists
+    them afresh and notices a new adapter."""
+    from peft import LoraConfig
+
+    model = tiny_model("llama")
+    base = model.get_base_model()
+    graphs = lg.LogprobGraphs(base)
+    fresh = [(m, n, p) for m in base.modules() for n, p in m._parameters.items() if p is not None]
+    assert [s[2] for s in graphs.slots()] == [s[2] for s in fresh]
+    assert graphs.adapter_state() == lg.adapter_state(base)
+    with model.disable_adapter():  # flags are read live from the listed layers
+        assert graphs.adapter_state() == lg.adapter_state(base) != lg.adapter_state(tiny_model("llama").get_base_model())
+    assert not graphs.rescan(base)
+    model.add_adapter("extra", LoraConfig(r=2, target_modules=["q_proj"]))
+    assert graphs.rescan(base) and not graphs.rescan(base)
+    assert len(graphs.slots()) == len(fresh) + 2 * 2  # A and B of the two layers' q_proj
+    model.set_adapter("extra")
+    assert graphs.adapter_state() == lg.adapter_state(base)
+    assert {s[3] for s in graphs.adapter_state()} == {("extra",)}
+
+
 def test_graphs_report_and_switch(monkeypatch):
     lm = tiny_model("llama", lora=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
