@@ -32,7 +32,7 @@ class DataChecked(Message):
     error: str | None
 
 
-STEPS = [("step-model", ModelStep), ("step-data", DatasetStep), ("step-preset", PresetStep),
+STEPS: list[tuple[str, type[Step]]] = [("step-model", ModelStep), ("step-data", DatasetStep), ("step-preset", PresetStep),
          ("step-plan", PlanStep), ("step-launch", LaunchStep)]
 
 
