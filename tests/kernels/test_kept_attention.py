@@ -292,6 +292,30 @@ def test_q_k_v_computed_on_placeholders_are_refused_even_laid_out_like_them(monk
         loss.backward()
 
 
+@pytest.mark.gpu
+@needs_gpu
+def test_q_k_v_computed_on_placeholders_are_refused_on_the_gpu(monkeypatch):
+    # the test above through cuDNN and the real offload, in a whole patched bf16 model
+    from _tiny_models import bf16_lora_llama
+
+    from sftop.kernels.recompute import KeptProjections, placeholder
+
+    def computed_like_a_placeholder(shape, dtype, device):
+        return (placeholder(shape, dtype, device).reshape(-1)[:1] * 1.0).expand(shape)
+
+    monkeypatch.setenv("SFTOP_CUDA_GRAPHS", "0")
+    monkeypatch.setenv(ka.ENV_SWITCH, "1")
+    m = bf16_lora_llama(hidden=1024, layers=2)
+    assert K.patch_model(m).parts["kept_projections"] == "fused"
+    m.train()
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=True)
+    monkeypatch.setattr(KeptProjections, "placeholder", staticmethod(computed_like_a_placeholder))
+    ids = torch.randint(0, 1000, (1, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    loss = m(input_ids=ids, labels=ids).loss
+    with pytest.raises(RuntimeError, match="attention got computed q/k/v where the recomputation handed on placeholders"):
+        loss.backward()
+
+
 def test_placeholders_are_known_by_their_storage_not_their_strides():
     from sftop.kernels.recompute import is_placeholder, placeholder
 
