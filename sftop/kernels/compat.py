@@ -101,6 +101,14 @@ def attn_implementation(config: Any) -> str | None:
     return getattr(config, ATTN_IMPLEMENTATION, None)
 
 
+def set_config_attn_implementation(config: Any, name: str | None) -> None:
+    """Make the modules reading this one config run the attention registered as `name`.
+
+    For a vision tower, whose attention reads the tower's own sub-config: the model's
+    `set_attn_implementation` would switch the language model's attention as well."""
+    setattr(config, ATTN_IMPLEMENTATION, name)
+
+
 def checkpoint_function(module: Any, own: bool = False) -> Callable[..., Any] | None:
     """The function a checkpointed layer runs itself through (set by `gradient_checkpointing_enable`
     on each layer); `own`: only when set on this instance, not inherited."""

@@ -62,6 +62,24 @@ def test_attn_implementation_and_checkpoint_function():
     assert compat.attn_implementation(model.config) == "eager", compat.moved(
         "transformers", f"set_attn_implementation writing config.{compat.ATTN_IMPLEMENTATION}")
 
+    # what the vision tower does to its own sub-config: the attention reads it at call time
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = []
+
+    def recording(module, *args, **kwargs):
+        seen.append(type(module).__name__)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("sftop_compat_probe", recording)
+    compat.set_config_attn_implementation(model.config, "sftop_compat_probe")
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert seen == ["LlamaAttention"] * 2, compat.moved(
+        "transformers", f"attention modules reading config.{compat.ATTN_IMPLEMENTATION} at call time")
+    compat.set_config_attn_implementation(model.config, "eager")
+
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = [m for m in model.model.layers if compat.checkpoint_function(m, own=True) is not None]
     assert len(layers) == 2, compat.moved(
