@@ -42,6 +42,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_bench  # model shapes and the random 4-bit checkpoint
+import unsloth_peer  # Unsloth's process: imported first, offline, its own TRL
+
+
+PROFILED_STEPS = 2  # after the timed steps, so that the profiler's overhead stays out of the timing
 
 
 def _dataset(args, vocab: int):
@@ -61,14 +65,7 @@ def _dataset(args, vocab: int):
 
 def _unsloth_model(args):
     """Unsloth's QLoRA/LoRA recipe on the saved random-init checkpoint (its loader reads a directory)."""
-    import torch
-    from unsloth import FastLanguageModel
-
-    model, _ = FastLanguageModel.from_pretrained(args.model_dir, max_seq_length=args.seq, dtype=torch.bfloat16,
-                                                 load_in_4bit=args.four_bit)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0,
-                                             target_modules=step_bench.LORA_TARGETS, bias="none",
-                                             use_gradient_checkpointing="unsloth", random_state=0)
+    model, _ = unsloth_peer.language_model(args.model_dir, args.seq, args.four_bit, step_bench.LORA_TARGETS)
     return model, None, None
 
 
@@ -103,13 +100,12 @@ def _model(args, path: str):
 def _unsloth_unavailable() -> str | None:
     """Why Unsloth's DPO cannot run in this process, or None once it is imported and patched.
     Must run before transformers and TRL are imported: Unsloth patches them on import."""
-    try:
-        import unsloth  # noqa: F401
+    why = unsloth_peer.unavailable("PatchDPOTrainer")
+    if why is None:
         from unsloth import PatchDPOTrainer
-    except Exception as exc:  # noqa: BLE001 - ImportError, or Unsloth refusing this TRL / GPU
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-    PatchDPOTrainer()
-    return None
+
+        PatchDPOTrainer()
+    return why
 
 
 def _one(args, path: str) -> dict:
@@ -130,28 +126,37 @@ def _one(args, path: str) -> dict:
         def __init__(self):
             self.times, self.tokens = [], 0
 
+            self.prof = None
+
         def on_step_begin(self, *a, **k):
             if args.device == "cuda":
                 torch.cuda.synchronize()
+            if args.profile and len(self.times) == args.warmup + args.steps:  # the timed steps are done
+                from torch.profiler import ProfilerActivity, profile
+
+                self.prof = profile(activities=[ProfilerActivity.CUDA])
+                self.prof.__enter__()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             if args.device == "cuda":
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.t0)
+            if self.prof is not None and len(self.times) == args.warmup + args.steps + PROFILED_STEPS:
+                self.prof.__exit__(None, None, None)
 
     model, peft_config, report = _model(args, path)
     tmp = tempfile.mkdtemp(prefix="dpo-bench-")
     cfg = DPOConfig(
         output_dir=tmp, per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1,
-        max_steps=args.steps + args.warmup, learning_rate=2e-4, lr_scheduler_type="constant", logging_steps=1,
+        max_steps=args.steps + args.warmup + (PROFILED_STEPS if args.profile else 0), learning_rate=2e-4, lr_scheduler_type="constant", logging_steps=1,
         save_strategy="no", report_to=[], bf16=args.device == "cuda", use_cpu=args.device != "cuda",
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, max_length=None,
         beta=0.1, loss_type=["sigmoid"], disable_tqdm=True, dataloader_num_workers=0,
     )
     timer = Timer()
     vocab = step_bench.SHAPES[args.model]["vocab_size"]
-    tokenizer = _tokenizer(vocab)
+    tokenizer = unsloth_peer.word_tokenizer(vocab)
     common = dict(args=cfg, train_dataset=_dataset(args, vocab), processing_class=tokenizer, callbacks=[timer])
     if path == "stock":
         trainer = Pretokenised(model=model, peft_config=peft_config, **common)
@@ -166,7 +171,7 @@ def _one(args, path: str) -> dict:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    measured = timer.times[args.warmup:]
+    measured = timer.times[args.warmup:args.warmup + args.steps]
     step_s = sum(measured) / len(measured)
     tokens = 2 * args.pairs * args.seq  # chosen + rejected sides per step (the reference pass not counted)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -175,32 +180,20 @@ def _one(args, path: str) -> dict:
                losses=losses, kernels=report, head=head, load_s=round(load_s, 1))
     if args.device == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 1024**3
+    if timer.prof is not None:
+        # GPU busy time against the wall time of the same steps: what is left is host time
+        # (Python, TRL's bookkeeping, syncs) during which the GPU waits
+        out.update(step_bench.summarise_profile(timer.prof, PROFILED_STEPS))
+        wall = sum(timer.times[-PROFILED_STEPS:]) / PROFILED_STEPS
+        out["profile_wall_ms_per_step"] = round(wall * 1e3, 2)
+        out["profile_gpu_idle_share"] = round(max(0.0, 1 - out["profile_gpu_ms_per_step"] / (wall * 1e3)), 3)
     return out
 
 
 def _checkpoint(args):
     """The random-init model saved once for loaders that read a directory (bitsandbytes' 4-bit
     quantisation, Unsloth), in memory-backed /dev/shm where it exists, with the benchmark's tokenizer."""
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        size = 2 * AutoModelForCausalLM.from_config(step_bench._config(args.model)).num_parameters()
-    shm = "/dev/shm"
-    fits = os.path.isdir(shm) and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 1.2 * size
-    tmp = step_bench.random_checkpoint(args.model, args.device, dir=shm if fits else None)
-    _tokenizer(step_bench.SHAPES[args.model]["vocab_size"]).save_pretrained(tmp.name)
-    return tmp
-
-
-def _tokenizer(vocab: int):
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab)}, unk_token="t2"))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t2")
+    return step_bench.random_checkpoint(args.model, args.device, in_memory=True)
 
 
 def main(argv=None) -> int:
@@ -212,9 +205,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--4bit", dest="four_bit", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile two more steps: GPU time by kernel kind, and the share of the step the GPU waits")
     ap.add_argument("--paths", default="stock,sftop", help="comma-separated: stock, sftop, unsloth")
-    ap.add_argument("--peer-pythonpath", default="",
-                    help="folders put first on the unsloth path's PYTHONPATH (Unsloth and the TRL it accepts)")
+    ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (TRITON_INTERPRET=1)")
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -244,16 +238,14 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--one", path, "--model", args.model, "--pairs", str(args.pairs),
                "--seq", str(args.seq), "--answer", str(args.answer), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--device", args.device]
+        if args.profile:
+            cmd += ["--profile"]
         if args.four_bit:
             cmd += ["--4bit"]
         if args.model_dir:
             cmd += ["--model-dir", args.model_dir]
         if path == "unsloth":
-            env = ["UNSLOTH_DISABLE_STATISTICS=1"]  # no network calls from a benchmark
-            if args.peer_pythonpath:
-                inherited = os.environ.get("PYTHONPATH", "")
-                env.append(f"PYTHONPATH={args.peer_pythonpath}" + (f":{inherited}" if inherited else ""))
-            cmd = ["env", *env, *cmd]
+            cmd = unsloth_peer.command(cmd, args.peer_pythonpath)
         return cmd
 
     results = step_bench.run_paths(paths, command)
@@ -267,12 +259,15 @@ def main(argv=None) -> int:
           f"on {out['device']}")
     for r in results:
         if "unavailable" in r:
-            print(f"  {r['path']:6s} not measured: Unsloth cannot be imported here ({r['unavailable']}); "
-                  "install it, or pass --peer-pythonpath with the folders holding it and the TRL it accepts")
+            print(f"  {r['path']:6s} {unsloth_peer.not_measured(r['unavailable'])}")
         elif "tokens_per_s" in r:
             peak = f"peak {r['peak_gib']:6.2f} GiB  " if "peak_gib" in r else ""
             print(f"  {r['path']:6s} {r['tokens_per_s']:10,.0f} tok/s  {peak}"
                   f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  loss {r['losses'][-1]:.4f}  head {r['head']}")
+            if "profile_share" in r:
+                print(f"         GPU {r['profile_gpu_ms_per_step']:.1f} ms of a {r['profile_wall_ms_per_step']:.1f} ms step "
+                      f"(idle {r['profile_gpu_idle_share']:.0%}); by kind: "
+                      + ", ".join(f"{k} {v:.0%}" for k, v in list(r["profile_share"].items())[:6]))
         else:
             print(f"  {r['path']:6s} FAILED")
     if args.json:

@@ -13,6 +13,12 @@ with a note. Writes planner_accuracy.json and planner_accuracy.md to --out.
 
     python benchmarks/planner_accuracy.py --out /tmp/acc            # about 5-8 minutes on an H100
     python benchmarks/planner_accuracy.py --out /tmp/acc --shapes llama-1b --seqs 512 2048
+
+Whole runs under memory caps instead (benchmarks/planner_caps.py): one `sftop run` per cap on
+benchmarks/whole_run.py's mixed-length data, with the plan chosen, predicted and measured peak and
+useful tokens/s per cap, written to planner_caps.json and planner_caps.md:
+
+    python benchmarks/planner_accuracy.py --caps 4,8,12,24 --out /tmp/caps --shapes llama-1b --rows 300
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 from torch import nn
@@ -235,7 +242,21 @@ def main() -> int:
     ap.add_argument("--time-budget", type=float, default=450.0, help="seconds; later combos are skipped")
     ap.add_argument("--no-plan-check", dest="plan_check", action="store_false",
                     help="skip running the planner's own choice (micro-batch x 2048 packed) per model")
+    ap.add_argument("--caps", default=None, metavar="GIB,GIB,...",
+                    help="whole runs under these plan.max_memory_gib caps ('none': no cap) instead of the matrix; "
+                         "takes the first of --shapes (llama-1b or tiny), --rows, --effective-batch, --seed")
+    ap.add_argument("--rows", type=int, default=300, help="--caps: chat rows of whole_run.py's data")
+    ap.add_argument("--effective-batch", type=int, default=8, help="--caps: rows per optimizer step")
+    ap.add_argument("--seed", type=int, default=42, help="--caps: data and training seed")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=V",
+                    help="--caps: a preset override for every capped run (as `sftop run --set`)")
     args = ap.parse_args()
+    if args.caps:
+        from planner_caps import parse_caps, run_caps
+
+        result = run_caps(args.out, parse_caps(args.caps), args.shapes[0], args.rows, args.effective_batch,
+                          args.seed, args.sets)
+        return 0 if result["exit_code"] == 0 else 1
     cuda = args.device != "cpu"
     if cuda and not torch.cuda.is_available():
         print("planner_accuracy needs a CUDA GPU (or --device cpu for a smoke test)", file=sys.stderr)

@@ -13,6 +13,18 @@ leak from one into the other.
 Vision-language shapes (`benchmarks/vlm_shapes.py`: qwen2.5-vl-3b, gemma-3-4b) put one image at the
 start of every row; LoRA then covers the language model's projections and the vision tower's linear
 layers, and 4-bit quantises the language model only (the tower and projector stay bf16).
+
+`--paths ...,unsloth` adds Unsloth's recipe, in its own process with Unsloth imported first
+(benchmarks/unsloth_peer.py): FastLanguageModel for the text shapes, FastVisionModel for the vision
+shapes (LoRA r=16 on the tower's and the language model's attention and MLP), its offloaded
+checkpointing, loaded from the same random checkpoint saved once to a local directory, and the
+same plain loop on the same random batches. Where Unsloth cannot be imported the path says why and
+the others run. Unsloth accepts older TRL releases than sftop: `--peer-pythonpath DIRS` puts the
+folders holding Unsloth and that TRL first on its process's path only. Under `--4bit` Unsloth
+chooses what to quantise; every path prints which linear layers it kept in 16-bit.
+
+  python benchmarks/step_bench.py --model llama-3.2-1b --paths sftop,unsloth --checkpointing offload --peer-pythonpath DIRS
+  python benchmarks/step_bench.py --model qwen2.5-vl-3b --batch 4 --seq 1024 --paths stock,sftop,unsloth --peer-pythonpath DIRS
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import unsloth_peer
 import vlm_shapes
 
 SHAPES = {
@@ -57,17 +70,25 @@ def _config(name: str):
     return cfg
 
 
-def random_checkpoint(name: str, device: str, dir: str | None = None) -> tempfile.TemporaryDirectory:
-    """A bf16 random-init model of shape `name` saved to a temporary directory (in `dir`): bitsandbytes
-    quantises at load time, so 4-bit runs load from there (keep the object alive meanwhile)."""
+def random_checkpoint(name: str, device: str, in_memory: bool = False) -> tempfile.TemporaryDirectory:
+    """A bf16 random-init model of shape `name` saved to a temporary directory with a tokenizer (or a
+    vision model's processor) built offline: bitsandbytes quantises at load time and Unsloth's loaders
+    read a directory, so those paths load from there (keep the object alive meanwhile). `in_memory`:
+    in /dev/shm where it exists and has room."""
     import torch
 
-    tmp = tempfile.TemporaryDirectory(dir=dir)
+    cfg = _config(name)
+    size = None
+    if in_memory:
+        with torch.device("meta"):
+            size = 2 * _model_class(name).from_config(cfg).num_parameters()
+    tmp = tempfile.TemporaryDirectory(dir=unsloth_peer.checkpoint_dir(size) if size else None)
     torch.manual_seed(0)
     # random init on the GPU: an 8B model's init on the host alone took minutes
     with torch.device(device):
-        model = _model_class(name).from_config(_config(name), dtype=torch.bfloat16)
+        model = _model_class(name).from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(tmp.name)
+    unsloth_peer.save_processing(tmp.name, cfg)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()  # the measured paths run in other processes: leave them the GPU
@@ -100,11 +121,59 @@ def _enable_checkpointing(model, args, path: str) -> None:
         model.gradient_checkpointing_enable(**_checkpointing(args, path))
 
 
+def _build_unsloth(args):
+    """Unsloth's recipe on the saved checkpoint (its loaders read a directory): FastVisionModel for
+    the vision shapes, FastLanguageModel for the text ones; LoRA r=16 on the same layers as the other
+    paths (vision shapes: attention and MLP of the tower and the language model), its offloaded
+    checkpointing, then `for_training` as its trainers do before the first step."""
+    import torch
+
+    torch.manual_seed(0)
+    if vlm_shapes.is_vision_shape(args.model):
+        from unsloth import FastVisionModel as fast
+
+        model, _ = unsloth_peer.vision_model(args.model_dir, args.seq, args.four_bit)
+        recipe = "FastVisionModel, get_peft_model(vision + language, attention + MLP), checkpointing 'unsloth'"
+    else:
+        from unsloth import FastLanguageModel as fast
+
+        model, _ = unsloth_peer.language_model(args.model_dir, args.seq, args.four_bit, LORA_TARGETS)
+        recipe = "FastLanguageModel, get_peft_model(7 projections), checkpointing 'unsloth'"
+    model = fast.for_training(model) or model  # it switches the model in place and returns it
+    return model, dict(recipe=recipe, versions=unsloth_peer.versions())
+
+
+def weights_by_precision(model) -> dict[str, dict[str, int]]:
+    """The model's linear layers (LoRA adapters aside) counted by where they sit and how their
+    weights are stored: {"4-bit": {"model.language_model.layers": 252}, "16-bit": {"lm_head": 1}}.
+    Shows what a 4-bit load quantised and what it kept in 16-bit (towers, projectors, heads)."""
+    import re
+
+    import torch
+
+    out: dict[str, dict[str, int]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or ".lora_" in name:
+            continue
+        name = re.sub(r"^(base_model\.model\.)+", "", name).removesuffix(".base_layer")
+        parts = name.split(".")
+        cut = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1 if len(parts) > 1 else 1)
+        region = ".".join(parts[:cut])
+        kind = "4-bit" if type(module).__name__ == "Linear4bit" or hasattr(module.weight, "quant_state") \
+            else str(module.weight.dtype).removeprefix("torch.")
+        kind = "16-bit" if kind in ("bfloat16", "float16") else kind
+        out.setdefault(kind, {})
+        out[kind][region] = out[kind].get(region, 0) + 1
+    return out
+
+
 def _build(args, path: str):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
+    if path == "unsloth":
+        return _build_unsloth(args)
     torch.manual_seed(0)
     cfg = _config(args.model)
     model_class = _model_class(args.model)
@@ -179,6 +248,11 @@ def _category(name: str) -> str:
 
 
 def _one(args, path: str) -> dict:
+    vision = vlm_shapes.is_vision_shape(args.model)
+    if path == "unsloth":  # first, before transformers and PEFT are imported: Unsloth patches them
+        why = unsloth_peer.unavailable("FastVisionModel" if vision else "FastLanguageModel")
+        if why is not None:
+            return dict(path=path, unavailable=why)
     import torch
 
     model, report = _build(args, path)
@@ -188,7 +262,6 @@ def _one(args, path: str) -> dict:
     model.train()
     gen = torch.Generator(device=args.device).manual_seed(1)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    vision = vlm_shapes.is_vision_shape(args.model)
     vocab = model.config.get_text_config().vocab_size
     make_batch = vlm_shapes.batch_maker(args.model, model.config, args.batch, args.seq, args.device, gen) \
         if vision else None
@@ -225,6 +298,8 @@ def _one(args, path: str) -> dict:
         losses=losses,
         patch=report,
     )
+    if args.four_bit:
+        result["weights"] = weights_by_precision(model)
     graphs = _graph_stats(model) if cuda else None
     if graphs is not None:
         result["cuda_graphs"] = graphs
@@ -239,9 +314,9 @@ def _one(args, path: str) -> dict:
                           steady_allocated_gib=torch.cuda.max_memory_allocated() / 2**30)
     if cuda:
         result["max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-    if vision and args.vision_parts:
+    if vision and args.vision_parts and path != "unsloth":  # its compiled modules are not split that way
         result["vision_parts_s"] = _vision_parts(model, make_batch, opt, args, sync)
-    if args.memory_phases and cuda and not vision and not (graphs and graphs["replays"]):
+    if args.memory_phases and cuda and not vision and path != "unsloth" and not (graphs and graphs["replays"]):
         result["memory_phases_gib"] = _memory_phases(model, ids_shape=(args.batch, args.seq), vocab=vocab,
                                                      gen=gen, opt=opt)
     if args.profile:
@@ -334,11 +409,16 @@ def _profile(step) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    result = {}
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
+    return summarise_profile(prof, 2)
+
+
+def summarise_profile(prof, steps: int) -> dict:
+    """GPU kernel time of `steps` profiled steps: share by kernel kind, ms per step, the top kernels."""
+    result = {}
     cats: dict[str, float] = {}
     top = []
     for evt in prof.key_averages():
@@ -348,11 +428,11 @@ def _profile(step) -> dict:
         if t <= 0 or evt.key.startswith("ProfilerStep") or cpu_side:
             continue
         cats[_category(evt.key)] = cats.get(_category(evt.key), 0.0) + t
-        top.append((t, evt.count // 2, evt.key[:90]))
+        top.append((t, evt.count // steps, evt.key[:90]))
     total = sum(cats.values()) or 1.0
     result["profile_share"] = {k: round(v / total, 4) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
-    result["profile_gpu_ms_per_step"] = total / 1e3 / 2
-    result["profile_top"] = [(round(t / 1e3 / 2, 2), n, k) for t, n, k in sorted(top, reverse=True)[:40]]  # ms, calls per step
+    result["profile_gpu_ms_per_step"] = total / 1e3 / steps
+    result["profile_top"] = [(round(t / 1e3 / steps, 2), n, k) for t, n, k in sorted(top, reverse=True)[:40]]  # ms, calls per step
     return result
 
 
@@ -376,6 +456,27 @@ def run_paths(paths: list[str], command) -> list[dict]:
     return results
 
 
+PATHS = ("stock", "sftop", "sftop-eager", "sftop-language", "unsloth")
+
+
+def compare_with_unsloth(results: list[dict]) -> None:
+    """Every measured path's speed and peak against Unsloth's, where Unsloth ran in the same command."""
+    peer = next((r for r in results if r.get("path") == "unsloth" and "tokens_per_s" in r), None)
+    if peer is None:
+        return
+    for r in results:
+        if "tokens_per_s" in r:
+            r["speed_vs_unsloth"] = r["tokens_per_s"] / peer["tokens_per_s"]
+            if r.get("peak_gib") == r.get("peak_gib") and peer.get("peak_gib") == peer.get("peak_gib"):  # not NaN
+                r["peak_minus_unsloth_gib"] = r["peak_gib"] - peer["peak_gib"]
+
+
+def weights_text(weights: dict[str, dict[str, int]]) -> str:
+    """`weights_by_precision` in one line: '4-bit: model.language_model.layers (252); 16-bit: lm_head (1)'."""
+    return "; ".join(f"{kind}: " + ", ".join(f"{region} ({n})" for region, n in sorted(regions.items()))
+                     for kind, regions in sorted(weights.items()))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted([*SHAPES, *vlm_shapes.SHAPES]), default="llama-3.2-1b")
@@ -386,7 +487,9 @@ def main(argv=None) -> int:
     ap.add_argument("--4bit", dest="four_bit", action="store_true")
     ap.add_argument("--paths", default="stock,sftop",
                     help="comma-separated: stock, sftop (patched, CUDA graphs on), sftop-eager (patched, graphs off), "
-                         "sftop-language (vision shapes: the language layers patched, the vision tower stock)")
+                         "sftop-language (vision shapes: the language layers patched, the vision tower stock), "
+                         "unsloth (Unsloth's recipe in its own process; see --peer-pythonpath)")
+    ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)
     ap.add_argument("--checkpointing", choices=["on", "offload", "offload-hf"], default="on",
                     help="sftop path only; the stock path always keeps its layer inputs on the GPU")
     ap.add_argument("--profile", action="store_true", help="torch.profiler share of GPU time by kernel category")
@@ -398,6 +501,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown:
+        ap.error(f"unknown path(s) {', '.join(unknown)}: choose among {', '.join(PATHS)}")
 
     if args.one:
         print("RESULT " + json.dumps(_one(args, args.one)), flush=True)
@@ -408,8 +515,8 @@ def main(argv=None) -> int:
     import triton
 
     tmp = None
-    if args.four_bit and not args.model_dir:
-        tmp = random_checkpoint(args.model, args.device)
+    if (args.four_bit or "unsloth" in paths) and not args.model_dir:
+        tmp = random_checkpoint(args.model, args.device, in_memory=True)
         args.model_dir = tmp.name
 
     def command(path: str) -> list[str]:
@@ -417,16 +524,19 @@ def main(argv=None) -> int:
                "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--device", args.device, "--checkpointing", args.checkpointing]
         if args.four_bit:
-            cmd += ["--4bit", "--model-dir", args.model_dir]
+            cmd += ["--4bit"]
+        if args.model_dir:
+            cmd += ["--model-dir", args.model_dir]
         if args.profile:
             cmd.append("--profile")
         if args.memory_phases:
             cmd.append("--memory-phases")
         if args.vision_parts:
             cmd.append("--vision-parts")
-        return cmd
+        return unsloth_peer.command(cmd, args.peer_pythonpath) if path == "unsloth" else cmd
 
-    results = run_paths(args.paths.split(","), command)
+    results = run_paths(paths, command)
+    compare_with_unsloth(results)
     out = dict(
         model=args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
         sftop_checkpointing=args.checkpointing,
@@ -438,8 +548,13 @@ def main(argv=None) -> int:
     print(f"{args.model} {'nf4' if args.four_bit else 'bf16'} batch {args.batch} x {args.seq} on {out['device']}")
     for r in results:
         if "tokens_per_s" in r:
+            vs_peer = f"x{r['speed_vs_unsloth']:.2f} vs unsloth  " if "speed_vs_unsloth" in r else ""
             print(f"  {r['path']:11s} {r['tokens_per_s']:10,.0f} tok/s  peak {r['peak_gib']:6.2f} GiB  "
-                  f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  loss {r['losses'][-1]:.3f}")
+                  f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  {vs_peer}loss {r['losses'][-1]:.3f}")
+            if "weights" in r:
+                print("         linear layers:", weights_text(r["weights"]))
+            if r["path"] == "unsloth" and isinstance(r.get("patch"), dict):
+                print("         recipe:", r["patch"]["recipe"], "|", r["patch"]["versions"])
             if "profile_share" in r:
                 for row in r["profile_top"][:15]:
                     print("           ", row)
@@ -454,8 +569,11 @@ def main(argv=None) -> int:
             if "cuda_graphs" in r:
                 print("         cuda graphs:", r["cuda_graphs"], "pool idle GiB",
                       round(r.get("graph_pool_idle_gib", 0.0), 3))
+        elif "unavailable" in r:
+            print(f"  {r['path']:11s} {unsloth_peer.not_measured(r['unavailable'])}")
         else:
-            print(f"  {r['path']:11s} FAILED")
+            last = [ln for ln in str(r.get("error", "")).splitlines() if ln.strip()][-1:]
+            print(f"  {r['path']:11s} FAILED" + (f": {last[0][:300]}" if last else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -8,11 +8,20 @@ layers, lr 2e-4, one epoch) on the same generated chat rows: log-normal token le
          checkpointing, TRL's default loss (the recipe docs/peers.md describes).
 - sftop: `python -m sftop run PRESET --run-dir DIR`, effective_batch 8 with plan.* on "auto": the
          planner picks micro-batch, accumulation and checkpointing; rows are packed padding-free.
+- unsloth-8x1, unsloth-2x4 (when --paths names them): Unsloth's recipe on the same tokens and the
+         same saved checkpoint, FastLanguageModel (bf16, max_seq_length 2048), get_peft_model with
+         its offloaded checkpointing ("unsloth"), TRL's SFTTrainer as Unsloth patches it with
+         `padding_free=True`; per-device batch 8 x accumulation 1, or its guide's 2 x 4. Unsloth is
+         imported first in a process of its own (benchmarks/unsloth_peer.py); where it cannot be
+         imported the row says why and the others run. Unsloth accepts older TRL releases than
+         sftop: --peer-pythonpath DIRS puts the folders holding Unsloth and that TRL first on the
+         Unsloth rows' PYTHONPATH only. Each row's output goes to NAME.log in --out.
 
 Each path runs in its own subprocess, one after the other, on the same GPU. Useful tokens are the
 non-padding tokens of the dataset (every row's tokens); tokens/s divides them by the training time
-(trainer.train() for TRL; first to last step event for sftop, which starts at on_train_begin).
-Model build, data preparation and adapter saving are reported in wall time, not training time.
+(trainer.train() for TRL and Unsloth; first to last step event for sftop, which starts at
+on_train_begin). Model build, data preparation and adapter saving are reported in wall time, not
+training time. Peak memory is torch.cuda.max_memory_allocated over training (sftop: its step events).
 
     python benchmarks/whole_run.py --out /tmp/whole          # a few minutes on an H100
     python benchmarks/whole_run.py --out /tmp/smoke --shape tiny --rows 24   # CPU smoke test
@@ -24,6 +33,17 @@ same rows per optimizer step), for comparisons that must share one GPU and one d
     --length-buckets off                       # the default sftop row without bucketed CUDA graphs
     --variant capped plan.max_memory_gib=3.21  # an extra row: a name, then preset keys (--set KEY=V)
     --variant forced-8x1 plan.micro_batch=8 plan.gradient_checkpointing=offload
+
+Against Unsloth, in the same call (the table then shows each row's useful tokens/s over Unsloth
+batch 8 x 1's, and the targets: at least 4x at the planner's choice, at least 2x under
+plan.max_memory_gib equal to Unsloth 8x1's measured peak):
+
+    python benchmarks/whole_run.py --out /tmp/whole --paths sftop,unsloth-8x1,unsloth-2x4 --cap-at-peer unsloth-8x1 --peer-pythonpath DIRS
+
+`--cap-at-peer NAME` runs that Unsloth row first, then an sftop row `sftop:at-NAME-peak` under
+plan.max_memory_gib = its measured peak (rounded down to 1/10,000 GiB). sftop's cap bounds its whole
+device footprint, CUDA context included, the peer's peak its allocated memory only: `--cap-extra-gib
+0 0.6` adds a second capped row with the 0.6 GiB context on top (`sftop:at-NAME-peak+0.6`).
 
 Writes whole_run.json and whole_run.md to --out.
 """
@@ -41,6 +61,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import unsloth_peer  # noqa: E402 - Unsloth's process: imported first, offline, its own TRL
 
 SHAPES = {
     "llama-1b": dict(
@@ -54,6 +76,9 @@ SHAPES = {
     ),
 }
 MEDIAN, MEAN, CAP = 300, 420, 2048
+# Unsloth rows: per-device batch x gradient accumulation (8 rows per optimizer step either way)
+PEER_ROWS = {"unsloth-8x1": (8, 1), "unsloth-2x4": (2, 4)}
+ROWS = ("trl", "sftop", *PEER_ROWS)
 ANCHORS = {"trl_peft_tokens_s": 1816, "unsloth_tokens_s": 3396}  # docs/peers.md, one H100
 
 
@@ -113,6 +138,16 @@ def make_rows(tokenizer, n: int, seed: int) -> tuple[list[dict], list[int]]:
     return rows, lengths
 
 
+def tokenised_rows(tokenizer, data: Path) -> list[list[int]]:
+    """The chat rows as the peers' trainers get them: token ids through the model's chat template,
+    made once here so that every peer trains on exactly the same tokens."""
+    ids = []
+    for line in data.read_text().splitlines():
+        enc = tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=True)
+        ids.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+    return ids
+
+
 # ---------------------------------------------------------------------------------------------- trl
 def trl_worker(model_dir: Path, data: Path, out: Path, seed: int) -> None:
     import torch
@@ -123,11 +158,7 @@ def trl_worker(model_dir: Path, data: Path, out: Path, seed: int) -> None:
 
     on_cuda = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rows = [json.loads(line) for line in data.read_text().splitlines()]
-    ids = []
-    for row in rows:
-        enc = tokenizer.apply_chat_template(row["messages"], tokenize=True)
-        ids.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+    ids = tokenised_rows(tokenizer, data)
     dataset = Dataset.from_list([{"input_ids": x} for x in ids])
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.bfloat16 if on_cuda else torch.float32, attn_implementation="sdpa"
@@ -175,6 +206,110 @@ def trl_worker(model_dir: Path, data: Path, out: Path, seed: int) -> None:
     }))
 
 
+# ---------------------------------------------------------------------------------------------- unsloth
+def unsloth_worker(model_dir: Path, data: Path, out: Path, seed: int, batch: int, accum: int) -> None:
+    """Unsloth's recipe on the same tokens: FastLanguageModel (bf16, max_seq_length 2048), LoRA
+    r=16 on the seven projections with its offloaded checkpointing, and TRL's SFTTrainer as Unsloth
+    patches it, padding-free (`padding_free=True`: rows are concatenated, no padding, attention kept
+    within each row). Writes {"unavailable": why} where Unsloth cannot be imported."""
+    why = unsloth_peer.unavailable("FastLanguageModel")  # first: Unsloth patches TRL and transformers
+    if why is not None:
+        out.write_text(json.dumps({"unavailable": why}))
+        return
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    on_cuda = torch.cuda.is_available()
+    ids = tokenised_rows(AutoTokenizer.from_pretrained(model_dir), data)
+    dataset = Dataset.from_list([{"input_ids": x} for x in ids])
+    model, tokenizer = unsloth_peer.language_model(str(model_dir), CAP, four_bit=False)
+    args = SFTConfig(
+        output_dir=str(out.parent / f"{out.stem.removesuffix('-result')}-output"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        learning_rate=2e-4,
+        num_train_epochs=1,
+        bf16=on_cuda,
+        # every row already fits CAP (the model's max_seq_length); TRL refuses a max_length it
+        # cannot enforce on padding-free rows
+        max_length=None,
+        packing=False,
+        padding_free=True,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        dataloader_num_workers=0,
+        use_cpu=not on_cuda,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = trainer.train()
+    train_s = time.perf_counter() - t0
+    out.write_text(json.dumps({
+        "train_s": train_s,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "steps": trainer.state.global_step,
+        "useful_tokens": sum(len(x) for x in ids),
+        "final_loss": result.training_loss,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
+        "batch": [batch, accum],
+        "padding_free": bool(getattr(trainer.args, "padding_free", False)),
+        "collator": type(trainer.data_collator).__name__,
+        "versions": unsloth_peer.versions(),
+    }))
+
+
+def run_unsloth(name: str, model_dir: Path, data: Path, out: Path, seed: int, peer_pythonpath: str,
+                pythonpath: str) -> dict:
+    """One Unsloth row in its own process (its output in NAME.log); its measurements, or why it did not run."""
+    batch, accum = PEER_ROWS[name]
+    result_path = out / f"{name}-result.json"
+    result_path.unlink(missing_ok=True)
+    log = out / f"{name}.log"
+    command = unsloth_peer.command(
+        [sys.executable, __file__, "--out", str(out), "--seed", str(seed), "--unsloth-worker", str(model_dir),
+         str(data), str(result_path), str(batch), str(accum)], peer_pythonpath, pythonpath)
+    t1 = time.time()
+    with log.open("w") as fh:
+        done = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT)
+    if result_path.is_file():
+        row = json.loads(result_path.read_text())
+    else:
+        tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+        row = {"failed": f"exit {done.returncode}: {tail[0][:300] if tail else 'no output'} (whole output: {log})"}
+    row["wall_s"] = time.time() - t1
+    if "train_s" in row:
+        row["useful_tokens_per_s"] = row["useful_tokens"] / row["train_s"]
+    return row
+
+
+def capped_row(report: dict, peer: str, extra_gib: float = 0.0) -> tuple[str, list[str]] | tuple[str, str]:
+    """The sftop row held to `peer`'s measured peak (plan.max_memory_gib), or why it cannot run.
+
+    The cap is the peak plus `extra_gib`, rounded down to 1/10,000 GiB: never above it. sftop's cap
+    bounds its whole device footprint (CUDA context and allocator slack included) while the peer's
+    peak is its allocated memory only, so a cap equal to that peak is the strict comparison."""
+    name = f"sftop:at-{peer}-peak" + (f"+{extra_gib:g}" if extra_gib else "")
+    peak = (report.get(peer) or {}).get("peak_allocated_gib")
+    if not peak:
+        return name, f"not run: {peer} has no measured peak ({_why_not(report.get(peer))})"
+    # round() first: 3.21 + 0.6 is 3.8099999... in binary, which must still give 3.81
+    return name, [f"plan.max_memory_gib={math.floor(round((peak + extra_gib) * 1e4, 6)) / 1e4}"]
+
+
+def _why_not(row: dict | None) -> str:
+    if not row:
+        return "it did not run"
+    if "unavailable" in row:
+        return f"Unsloth cannot be imported: {row['unavailable']}"
+    return str(row.get("failed") or "no GPU memory measured")
+
+
 # ---------------------------------------------------------------------------------------------- sftop
 def sftop_preset(model_dir: Path, data: Path, seed: int, effective_batch: int):
     from sftop.engine.presets.schema import Preset
@@ -218,6 +353,8 @@ def read_sftop_events(run_dir: Path) -> dict:
         result["tokens_seen"] = steps[-1].get("tokens_seen")
         peaks = [s.get("gpu_mem_peak_gib") for s in steps if s.get("gpu_mem_peak_gib") is not None]
         result["peak_allocated_gib"] = max(peaks) if peaks else None
+        reserved = [s.get("gpu_mem_reserved_gib") for s in steps if s.get("gpu_mem_reserved_gib") is not None]
+        result["peak_reserved_gib"] = max(reserved) if reserved else None  # + the CUDA context = the device's
         # per-step rates show stalls (JIT compiles, allocator growth) that the mean hides
         rates = [s.get("tokens_per_s") for s in steps if s.get("tokens_per_s")]
         result["step_tokens_per_s"] = rates
@@ -255,14 +392,24 @@ def run_sftop(preset_path: Path, run_dir: Path, sets: list[str], env: dict, out:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--paths", default="trl,sftop",
+                    help=f"comma-separated rows to run, among {', '.join(ROWS)} (default: trl,sftop)")
+    ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)
+    ap.add_argument("--cap-at-peer", choices=list(PEER_ROWS), default=None,
+                    help="run that Unsloth row first (added to --paths if missing), then one more sftop row "
+                         "under plan.max_memory_gib equal to its measured peak")
+    ap.add_argument("--cap-extra-gib", type=float, nargs="+", default=[0.0], metavar="GIB",
+                    help="added to the peer's peak for --cap-at-peer, one capped row each (e.g. 0 0.6: 0.6 is the "
+                         "CUDA context; sftop's cap bounds its whole device footprint, the peer's peak counts "
+                         "allocated memory only)")
     ap.add_argument("--shape", default="llama-1b", choices=list(SHAPES))
     ap.add_argument("--rows", type=int, default=300)
     ap.add_argument("--effective-batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["trl", "sftop"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=list(ROWS), help="rows left out of --paths")
     ap.add_argument("--max-memory-gib", type=float, default=None,
                     help="run the sftop row under plan.max_memory_gib (e.g. a peer's measured peak)")
     ap.add_argument("--length-buckets", choices=["auto", "on", "off"], default=None,
@@ -270,10 +417,27 @@ def main() -> int:
     ap.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=V"),
                     help="an extra sftop row: a name, then preset overrides as `sftop run --set` takes them")
     ap.add_argument("--trl-worker", nargs=3, metavar=("MODEL_DIR", "DATA", "OUT"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--unsloth-worker", nargs=5, metavar=("MODEL_DIR", "DATA", "OUT", "BATCH", "ACCUM"),
+                    help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
     if args.trl_worker:
         trl_worker(Path(args.trl_worker[0]), Path(args.trl_worker[1]), Path(args.trl_worker[2]), args.seed)
         return 0
+    if args.unsloth_worker:
+        model_dir, data, out, batch, accum = args.unsloth_worker
+        unsloth_worker(Path(model_dir), Path(data), Path(out), args.seed, int(batch), int(accum))
+        return 0
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = sorted(set(paths) - set(ROWS))
+    if unknown:
+        ap.error(f"unknown row(s) {', '.join(unknown)} in --paths: choose among {', '.join(ROWS)}")
+    if args.cap_at_peer and args.cap_at_peer not in paths:
+        paths.append(args.cap_at_peer)
+    paths = [p for p in paths if p not in args.skip]
+    for peer in paths:
+        if peer in PEER_ROWS and math.prod(PEER_ROWS[peer]) != args.effective_batch:
+            ap.error(f"{peer} trains on {math.prod(PEER_ROWS[peer])} rows per optimizer step, not "
+                     f"--effective-batch {args.effective_batch}: the rows would not compare")
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -297,7 +461,7 @@ def main() -> int:
                     "anchors_h100": ANCHORS}
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
-    if "trl" not in args.skip:
+    if "trl" in paths:
         result_path = out / "trl-result.json"
         result_path.unlink(missing_ok=True)
         t1 = time.time()
@@ -310,14 +474,27 @@ def main() -> int:
         report["trl"] = trl
         print("trl:", trl, flush=True)
 
+    # the peers before sftop: a capped sftop row needs its peer's peak
+    report["peer_rows"] = [name for name in PEER_ROWS if name in paths]
+    for name in report["peer_rows"]:
+        report[name] = run_unsloth(name, model_dir, data, out, args.seed, args.peer_pythonpath, env["PYTHONPATH"])
+        print(f"{name}:", report[name], flush=True)
+
     runs: list[tuple[str, list[str]]] = []
-    if "sftop" not in args.skip:
+    if "sftop" in paths:
         main_sets = []
         if args.max_memory_gib is not None:
             main_sets.append(f"plan.max_memory_gib={args.max_memory_gib}")
         if args.length_buckets is not None:
             main_sets.append(f'train.length_buckets="{args.length_buckets}"')
         runs.append(("sftop", main_sets))
+    for extra in args.cap_extra_gib if args.cap_at_peer else []:
+        name, sets_or_why = capped_row(report, args.cap_at_peer, extra)
+        if isinstance(sets_or_why, str):
+            report[name] = {"not_run": sets_or_why}
+            print(f"{name}: {sets_or_why}", flush=True)
+        else:
+            runs.append((name, sets_or_why))
     for name, *sets in args.variant:
         runs.append((f"sftop:{name}", sets))
     if runs:
@@ -329,9 +506,10 @@ def main() -> int:
         report[name] = sftop
         print(f"{name}:", {k: v for k, v in sftop.items() if k not in ("plan", "data", "kernels", "step_tokens_per_s")},
               flush=True)
-    report["sftop_rows"] = [name for name, _ in runs]
+    report["sftop_rows"] = [name for name, _ in runs] + [n for n in report if n.startswith("sftop:") and
+                                                          "not_run" in report[n]]
 
-    for name in ("trl", *report["sftop_rows"]):
+    for name in ("trl", *report["peer_rows"], *report["sftop_rows"]):
         r = report.get(name)
         if r and r.get("steps"):
             # The comparison is only fair at the same rows per optimizer step; show it so a drift is seen.
@@ -340,48 +518,116 @@ def main() -> int:
     sftop_rate = report.get("sftop", {}).get("useful_tokens_per_s")
     if trl_rate and sftop_rate:
         report["speedup_vs_trl"] = sftop_rate / trl_rate
+    compare_with_peer(report)
     (out / "whole_run.json").write_text(json.dumps(report, indent=1, default=str))
     write_markdown(out, report)
     return 0
 
 
+PEER_BASE = "unsloth-8x1"  # the row the targets are ratios of
+TARGET_PLANNER, TARGET_AT_PEER_PEAK = 4.0, 2.0  # x Unsloth 8x1, on an 80 GB card
+
+
+def compare_with_peer(report: dict) -> None:
+    """Each row's useful tokens/s over Unsloth 8x1's, and the two targets: sftop at the planner's
+    choice at least 4x, and sftop under plan.max_memory_gib = Unsloth 8x1's peak at least 2x."""
+    base = (report.get(PEER_BASE) or {}).get("useful_tokens_per_s")
+    if not base:
+        return
+    for name in ("trl", *report.get("peer_rows", []), *report.get("sftop_rows", [])):
+        r = report.get(name) or {}
+        if r.get("useful_tokens_per_s"):
+            r["x_unsloth_8x1"] = r["useful_tokens_per_s"] / base
+    targets = []
+    sftop = report.get("sftop") or {}
+    free = not any(o.startswith("plan.") for o in sftop.get("overrides", []))
+    if sftop.get("x_unsloth_8x1") and free:
+        targets.append({"row": "sftop", "what": "planner's choice", "ratio": sftop["x_unsloth_8x1"],
+                        "target": TARGET_PLANNER, "met": sftop["x_unsloth_8x1"] >= TARGET_PLANNER})
+    for capped_name in report.get("sftop_rows", []):
+        capped = report.get(capped_name) or {}
+        if not capped_name.startswith(f"sftop:at-{PEER_BASE}-peak") or not capped.get("x_unsloth_8x1"):
+            continue
+        cap = (capped.get("plan") or {}).get("max_memory_gib")
+        peak = capped.get("peak_allocated_gib")
+        extra = None if cap is None else cap - (report[PEER_BASE].get("peak_allocated_gib") or 0.0)
+        what = f"plan.max_memory_gib = {PEER_BASE}'s peak" + (
+            f" + {extra:.2f} GiB" if extra is not None and extra >= 0.005 else "")
+        targets.append({"row": capped_name, "what": what, "cap_gib": cap,
+                        "peak_gib": peak, "ratio": capped["x_unsloth_8x1"], "target": TARGET_AT_PEER_PEAK,
+                        "met": capped["x_unsloth_8x1"] >= TARGET_AT_PEER_PEAK,
+                        "within_cap": None if cap is None or peak is None else peak <= cap})
+    report["targets_vs_unsloth_8x1"] = targets
+
+
+def _plan_text(name: str, r: dict) -> str:
+    plan = r.get("plan") or {}
+    if plan:
+        return (
+            f"micro-batch {plan.get('micro_batch')} x {plan.get('grad_accum')}, checkpointing "
+            f"{plan.get('gradient_checkpointing')}"
+            + (f" (1 in {plan['checkpoint_every_n_layers']} blocks)" if plan.get("checkpoint_every_n_layers", 1) > 1 else "")
+            + (f", split by tokens (<= {plan['tokens_per_micro_batch']:,})" if plan.get("split_by") == "tokens" else "")
+            + (f", cap {plan['max_memory_gib']:.2f} GiB" if plan.get("max_memory_gib") is not None else "")
+            + (f", --set {' '.join(r['overrides'])}" if r.get("overrides") else "")
+        )
+    if name == "trl":
+        return "batch 2 x 4, padded, checkpointing"
+    if name in PEER_ROWS:
+        batch, accum = PEER_ROWS[name]
+        version = (r.get("versions") or {}).get("unsloth", "")
+        padding = "padding-free" if r.get("padding_free") else "PADDED (padding-free refused)"
+        return f"Unsloth {version} batch {batch} x {accum}, {padding}, checkpointing 'unsloth'".replace("  ", " ")
+    return ""
+
+
 def write_markdown(out: Path, report: dict) -> None:
     d = report["data"]
+    vs_peer = bool((report.get(PEER_BASE) or {}).get("useful_tokens_per_s"))
+    head = "| path | useful tokens/s | train time s | wall s | peak allocated GiB | steps | rows/step | plan |"
     lines = [
         f"{d['rows']} chat rows, {d['tokens']} tokens (median {d['median']}, mean {d['mean']}, max {d['max']}), "
         f"{report['shape']} shape, LoRA r=16 all-linear, {report['effective_batch']} rows per optimizer step.",
         "",
-        "| path | useful tokens/s | train time s | wall s | peak allocated GiB | steps | rows/step | plan |",
-        "|---|---|---|---|---|---|---|---|",
+        head.replace(" useful tokens/s |", " useful tokens/s | x Unsloth 8x1 |") if vs_peer else head,
+        "|---|---|---|---|---|---|---|---|" + ("---|" if vs_peer else ""),
     ]
-    for name in ("trl", *report.get("sftop_rows", ["sftop"])):
+    columns = 9 if vs_peer else 8
+    for name in ("trl", *report.get("peer_rows", []), *report.get("sftop_rows", ["sftop"])):
         r = report.get(name)
         if not r:
             continue
+        if "unavailable" in r or "not_run" in r:
+            why = unsloth_peer.not_measured(r["unavailable"]) if "unavailable" in r else r["not_run"]
+            lines.append(f"| {name} | {why} " + "| " * (columns - 2) + "|")
+            continue
         rate = r.get("useful_tokens_per_s")
-        plan = r.get("plan") or {}
-        plan_text = (
-            f"micro-batch {plan.get('micro_batch')} x {plan.get('grad_accum')}, checkpointing "
-            f"{plan.get('gradient_checkpointing')}"
-            + (f" (1 in {plan['checkpoint_every_n_layers']} blocks)" if plan.get("checkpoint_every_n_layers", 1) > 1 else "")
-            + (f", cap {plan['max_memory_gib']:.2f} GiB" if plan.get("max_memory_gib") is not None else "")
-            + (f", --set {' '.join(r['overrides'])}" if r.get("overrides") else "")
-            if plan else ("batch 2 x 4, padded, checkpointing" if name == "trl" else "")
-        )
+        ratio = (f" {r['x_unsloth_8x1']:.2f}x |" if "x_unsloth_8x1" in r else " |") if vs_peer else ""
         peak = r.get("peak_allocated_gib")
         lines.append(
-            f"| {name} | {rate:,.0f} | {r.get('train_s', float('nan')):.1f} | {r.get('wall_s', float('nan')):.1f} | "
-            f"{'' if peak is None else f'{peak:.2f}'} | {r.get('steps', '')} | {r.get('rows_per_step', '')} | {plan_text}"
-            f"{' FAILED: ' + str(r['failed']) if r.get('failed') else ''} |"
-            if rate else f"| {name} | failed | | {r.get('wall_s', 0):.1f} | | | | {r.get('failed', '')} |"
+            f"| {name} | {rate:,.0f} |{ratio} {r.get('train_s', float('nan')):.1f} | {r.get('wall_s', float('nan')):.1f} | "
+            f"{'' if peak is None else f'{peak:.2f}'} | {r.get('steps', '')} | {r.get('rows_per_step', '')} | "
+            f"{_plan_text(name, r)}{' FAILED: ' + str(r['failed']) if r.get('failed') else ''} |"
+            if rate else f"| {name} | failed |{' |' if vs_peer else ''} | {r.get('wall_s', 0):.1f} | | | | {r.get('failed', '')} |"
         )
         steps_expected = math.ceil(d["rows"] / report["effective_batch"])
         if r.get("steps") and r["steps"] != steps_expected:
-            lines.append(f"| | | | | | | | WARNING: {r['steps']} steps, expected {steps_expected} at "
+            lines.append("| " * (columns - 1) + f"| WARNING: {r['steps']} steps, expected {steps_expected} at "
                          f"{report['effective_batch']} rows per step: not the same effective batch |")
     if "speedup_vs_trl" in report:
         lines += ["", f"sftop / TRL useful tokens/s: {report['speedup_vs_trl']:.2f}x "
                       "(target: at least 7.5x; the peers on one H100, docs/peers.md: TRL+PEFT 1,816, Unsloth 3,396)."]
+    targets = report.get("targets_vs_unsloth_8x1", [])
+    if targets:
+        lines.append("")
+    for t in targets:
+        memory = ""
+        if "cap_gib" in t:
+            memory = (f"; cap {t['cap_gib']:.2f} GiB, sftop's peak {t['peak_gib']:.2f} GiB"
+                      + ("" if t["within_cap"] is not False else " (OVER the cap)")
+                      if t["cap_gib"] is not None and t["peak_gib"] is not None else "; cap or peak not recorded")
+        lines.append(f"{t['row']} ({t['what']}) / Unsloth batch 8 x 1 useful tokens/s: {t['ratio']:.2f}x, target at "
+                     f"least {t['target']:g}x: {'met' if t['met'] else 'MISSED'}{memory}.")
     (out / "whole_run.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

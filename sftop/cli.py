@@ -88,6 +88,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     image_tokens = image_tokens_for_plan(preset)
     plan = plan_run(preset, load_model_config(preset), gpu_memory_gib=args.gpu_memory,
                     image_tokens_per_row=image_tokens)
+    from sftop.engine.train.plan_data import sized_for_preset_data
+
+    plan = sized_for_preset_data(plan, preset)  # packed text: the rows' real lengths, as `sftop run` sizes them
     from sftop.engine.planner.runtime import describe_run_time, estimate_run_time
 
     run_time = estimate_run_time(plan, preset, gpu_name=args.gpu)

@@ -12,6 +12,8 @@ from sftop.engine.train.buckets import (
     BucketedCollator,
     bucket_for,
     bucket_sizes,
+    data_bucket_sizes,
+    fewest_padding_split,
     pad_to_bucket,
 )
 from sftop.engine.train.runner import _Run
@@ -108,3 +110,94 @@ def test_a_bucketed_run_counts_the_same_tokens_as_an_unbucketed_one(home, tmp_pa
         seen[setting] = ([s["tokens_seen"] for s in steps], [s["loss"] for s in steps])
     assert seen["on"][0] == seen["off"][0] and seen["on"][0][-1] > 0
     assert seen["on"][1] == pytest.approx(seen["off"][1], rel=1e-4)
+
+
+def _chat_lengths(n=2000, seed=1):
+    import math
+    import random
+
+    rng = random.Random(seed)  # log-normal like chat data: median 300 tokens, capped at 2048
+    return [min(2048, max(16, int(math.exp(rng.gauss(math.log(300), 0.85))))) for _ in range(n)]
+
+
+def _brute_force(lengths, most, least, multiple):
+    import itertools
+
+    cands = sorted({-(-n // multiple) * multiple for n in lengths})
+    best = (None, float("inf"))
+    for k in range(1, most + 1):
+        for combo in itertools.combinations(cands, k):
+            if combo[-1] != cands[-1]:
+                continue
+            held, cost, lo = [], 0, 0
+            for size in combo:
+                inside = [n for n in lengths if lo < n <= size]
+                held.append(len(inside))
+                cost += sum(size - n for n in inside)
+                lo = size
+            if min(held) >= least and cost < best[1]:
+                best = (combo, cost)
+    return best
+
+
+def test_fewest_padding_split_is_optimal_and_keeps_every_bucket_used():
+    import random
+
+    rng = random.Random(7)
+    for trial in range(12):
+        lengths = [rng.randint(1, 900) for _ in range(rng.randint(5, 40))]
+        most, least = rng.randint(1, 4), rng.randint(1, 6)
+        sizes, cost = fewest_padding_split(lengths, most, least, 64)
+        want, want_cost = _brute_force(lengths, most, least, 64)
+        assert cost == want_cost, (trial, lengths, most, least)
+        if want is None:
+            assert sizes == ()
+        else:
+            assert sizes[-1] >= max(lengths) and len(sizes) <= most
+            lo = 0
+            for size in sizes:
+                assert sum(lo < n <= size for n in lengths) >= least
+                lo = size
+
+
+def test_data_buckets_fit_a_long_run_and_refuse_a_short_one():
+    import random
+
+    lengths = _chat_lengths()
+    sizes = data_bucket_sizes(lengths, 8, 250, seed=0)
+    assert 4 <= len(sizes) <= 8 and list(sizes) == sorted(set(sizes)) and all(s % 128 == 0 for s in sizes)
+    # on fresh micro-batches: little padding, every bucket used often enough, almost all covered
+    rng = random.Random(99)
+    sums = [sum(rng.sample(lengths, 8)) for _ in range(5000)]
+    padded = [bucket_for(n, sizes) for n in sums]
+    assert sum(padded) / sum(sums) - 1 < 0.125
+    assert sum(n > sizes[-1] for n in sums) / len(sums) < 0.01
+    share = [sum(p == s for p in padded) / len(sums) for s in sizes]
+    assert min(share) * 250 >= 10  # at least 12 expected, with sampling noise
+    # 75 micro-batches cannot fill buckets tightly enough: unpadded, eager
+    assert data_bucket_sizes(lengths, 8, 75, seed=0) == ()
+    assert data_bucket_sizes(lengths, 8, 23, seed=0) == ()
+    # rows all of one length pack to one length: one bucket, no padding
+    assert data_bucket_sizes([300] * 100, 8, 500) == (2432,)
+
+
+def test_auto_buckets_follow_the_graphs_and_say_why(home, tmp_path, monkeypatch):
+    run, _ = _prepared(fast_preset("train.max_steps=1"), tmp_path / "cpu")
+    trainer = run.build_trainer()
+    assert not isinstance(trainer.data_collator, BucketedCollator)
+    assert run.buckets_reason == "off: packed micro-batches cannot replay CUDA graphs here"
+    monkeypatch.setattr(_Run, "packed_graphs_on", lambda self: True)
+    run, _ = _prepared(fast_preset("train.max_steps=1"), tmp_path / "short")
+    trainer = run.build_trainer()
+    assert not isinstance(trainer.data_collator, BucketedCollator)
+    assert run.buckets_reason.startswith("off: ") and "too few" in run.buckets_reason
+    # the demo's rows are a few dozen tokens, so a multiple of 128 pads them heavily: allow it here
+    from sftop.engine.train import buckets
+
+    monkeypatch.setattr(buckets, "MAX_PADDING_SHARE", 1.0)
+    run, _ = _prepared(fast_preset("train.max_steps=400"), tmp_path / "long")
+    trainer = run.build_trainer()
+    collator = trainer.data_collator
+    assert isinstance(collator, BucketedCollator) and collator.sizes == (128,)
+    assert run.buckets_reason.startswith(f"on: {len(collator.sizes)} lengths fitted to the data")
+    assert run.started_event(400).environment["length_buckets"] == run.buckets_reason

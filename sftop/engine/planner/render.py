@@ -41,10 +41,14 @@ def render_plan(plan: Plan, color: bool = False, run_time: str | None = None) ->
     where = plan.device + (f" ({plan.gpu_name})" if plan.gpu_name else "")
     lines = [
         bold(f"Plan for {plan.model_name} on {where}"),
-        f"  micro-batch      {plan.micro_batch} rows"
-        + (f" (packed, up to {plan.tokens_per_micro_batch} tokens"
+        (f"  micro-batches    {plan.effective_batch} rows/step in {plan.grad_accum} micro-batch"
+         f"{'es' if plan.grad_accum > 1 else ''} of <= {plan.tokens_per_micro_batch:,} tokens (split by tokens, "
+         f"about {plan.micro_batch} rows each; the largest of the run)"
+         if getattr(plan, "split_by", "rows") == "tokens" else
+         f"  micro-batch      {plan.micro_batch} rows"
+         + (f" (packed, up to {plan.tokens_per_micro_batch} tokens"
            + ("; flash attention over row boundaries)" if plan.attention == "varlen" else ")")
-           if plan.packing else f" x {plan.max_length} tokens"),
+           if plan.packing else f" x {plan.max_length} tokens")),
         f"  accumulation     {plan.grad_accum}  (effective batch {plan.effective_batch})",
         f"  checkpointing    {rung_label(plan.gradient_checkpointing, plan.checkpoint_every_n_layers)}",
         f"  weights          {'NF4 (4-bit)' if plan.load_in_4bit else plan.dtype}, LoRA r={plan.lora_r}, "

@@ -103,6 +103,9 @@ class PlanContext:
     # Packed runs sized from the data: packed_tokens[b - 1] is the most tokens a packed micro-batch
     # of b rows can hold (the b longest rows), instead of b x max_length. See `size_for_data`.
     packed_tokens: tuple[int, ...] | None = None
+    # "tokens": packed_tokens come from sftop's own row order with each step's rows split into
+    # micro-batches of about equal tokens (sftop.engine.planner.token_split); "rows": the b longest rows.
+    split_by: str = "rows"
     notes: list[str] = field(default_factory=list)  # about the GPU and inputs; each plan adds its estimate's
 
 
@@ -133,6 +136,7 @@ class Plan:
     kernels: bool = True
     loss: str = "fused"
     attention: str = "sdpa"  # as sized: "varlen" is sftop's packed attention (no mask)
+    varlen_native_gqa: bool = True  # as sized: False when torch's varlen API takes K and V repeated
     lora_r: int = 16
     optimizer: str = "adamw"
     # With gradient_checkpointing "on": checkpoint every n-th decoder block only. Trainer: pass it
@@ -144,6 +148,9 @@ class Plan:
     # budget already respects and the trainer holds its allocator to; memory_cap says which key set it.
     max_memory_gib: float | None = None
     memory_cap: str | None = None
+    # "tokens": each optimizer step's effective_batch rows are split into grad_accum micro-batches of
+    # about equal tokens (micro_batch rows on average), none above tokens_per_micro_batch
+    split_by: str = "rows"
     context: PlanContext | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +161,13 @@ class Plan:
         return data
 
     def describe(self) -> str:
+        if self.split_by == "tokens":
+            return (
+                f"{self.effective_batch} rows/step in {self.grad_accum} micro-batch"
+                f"{'es' if self.grad_accum > 1 else ''} of <= {self.tokens_per_micro_batch:,} tokens, "
+                f"checkpointing {rung_label(self.gradient_checkpointing, self.checkpoint_every_n_layers)}"
+                + (", 4-bit" if self.load_in_4bit else "")
+            )
         return (
             f"micro-batch {self.micro_batch} x accumulation {self.grad_accum}, "
             f"checkpointing {rung_label(self.gradient_checkpointing, self.checkpoint_every_n_layers)}"
@@ -381,10 +395,12 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
         kernels=ctx.setup.kernels,
         loss=ctx.setup.loss,
         attention=ctx.setup.attention,
+        varlen_native_gqa=ctx.setup.varlen_native_gqa,
         lora_r=ctx.setup.lora_r,
         optimizer=ctx.setup.optimizer,
         max_memory_gib=None if ctx.cap is None else round(ctx.cap.gib, 3),
         memory_cap=None if ctx.cap is None else ctx.cap.text,
+        split_by=ctx.split_by if ctx.packing and ctx.packed_tokens and not ctx.setup.preference else "rows",
         context=ctx,
     )
 
@@ -405,9 +421,12 @@ def _why(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate]) -> 
     cap = _binding_cap(ctx)
     if cap is not None:
         where += f", capped by {cap.text}"
+    split = (f"{ctx.effective_batch} rows/step in {chosen.grad_accum} micro-batch"
+             f"{'es' if chosen.grad_accum > 1 else ''} by tokens" if ctx.split_by == "tokens"
+             else f"micro-batch {chosen.micro_batch} x {chosen.grad_accum}")
     text = (
         f"fastest of {sum(c.fits for c in candidates)} fitting candidates (of {len(candidates)}) in the {where}: "
-        f"micro-batch {chosen.micro_batch} x {chosen.grad_accum}, checkpointing {chosen.label}"
+        f"{split}, checkpointing {chosen.label}"
     )
     faster_unfit = [c for c in candidates if not c.fits and c.key() < chosen.key()]
     if faster_unfit:
@@ -666,6 +685,14 @@ def _plan_cpu(preset: Any, shape: ModelShape, constraints: Constraints, reason: 
     return plan
 
 
+@dataclass(frozen=True)
+class SplitByTokens:
+    """The trainer's row order for token-balanced micro-batches: its seed and the epochs it covers."""
+
+    seed: int
+    epochs: int
+
+
 def packed_token_bounds(lengths, most_rows: int, multiple: int = 1) -> tuple[int, ...]:
     """(tokens of the longest row, of the two longest, ..., of the `most_rows` longest), each rounded
     up to `multiple` (the trainer's bucket padding): the largest packed micro-batch of b rows."""
@@ -677,7 +704,7 @@ def packed_token_bounds(lengths, most_rows: int, multiple: int = 1) -> tuple[int
     return tuple(bounds)
 
 
-def size_for_data(plan: Plan, lengths, multiple: int = 1) -> Plan:
+def size_for_data(plan: Plan, lengths, multiple: int = 1, split: SplitByTokens | None = None) -> Plan:
     """Solve a packed plan again with the rows' real lengths.
 
     The trainer packs exactly micro_batch rows into one micro-batch, so no micro-batch can hold
@@ -685,13 +712,25 @@ def size_for_data(plan: Plan, lengths, multiple: int = 1) -> Plan:
     max_length is exact, never under, and lets a small GPU (or a memory cap) take a bigger
     micro-batch or less recomputation when rows are mostly short. Constraints, budget and any
     probe correction are kept. Plans that do not pack are returned as they are.
+
+    With `split` the trainer takes sftop's own row order and splits each step's rows into
+    micro-batches of about equal tokens (sftop.engine.planner.token_split): every micro-batch of the
+    run is then known, and each candidate is sized for the largest one that will occur.
     """
     ctx = plan.context
     if ctx is None or not plan.packing or not lengths:
         return plan
     bounds = packed_token_bounds(lengths, ctx.effective_batch, multiple)
+    split_by = "rows"
+    if split is not None:
+        from sftop.engine.planner.token_split import split_bounds
+
+        exact = split_bounds(lengths, ctx.effective_batch, split.seed, split.epochs, multiple)
+        # exact for the micro-batch sizes the planner makes (divisors); the b-longest bound elsewhere
+        bounds = tuple(e or b for e, b in zip(exact, bounds))
+        split_by = "tokens"
     mean = sum(lengths) / len(lengths)
-    return solve(replace(ctx, packed_tokens=bounds, row_tokens_mean=min(mean, ctx.max_length)))
+    return solve(replace(ctx, packed_tokens=bounds, row_tokens_mean=min(mean, ctx.max_length), split_by=split_by))
 
 
 def replan(plan: Plan, *, calibration: float | None = None, constraints: Constraints | None = None,

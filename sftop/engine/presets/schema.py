@@ -112,8 +112,8 @@ class TrainSection(_Section):
     kernels: Literal["auto", "on", "off"] = Field("auto", description="sftop's fused Triton kernels")
     length_buckets: Literal["auto", "on", "off"] = Field(
         "auto", description="Pad each packed micro-batch up to one of a few lengths so its CUDA graph replays; "
-        "auto = off (measured no faster yet on whole runs; docs/training.md); the padding is never "
-        "trained on or counted as throughput",
+        "auto = on where CUDA graphs can replay them and the run is long enough for their captures to "
+        "pay (lengths fitted to the data); the padding is never trained on or counted as throughput",
     )
     task: Literal["sft", "dpo"] = Field("sft", description="sft: supervised; dpo: preference pairs ([dpo])")
     sample_prompts: list[str] = Field(
@@ -127,6 +127,12 @@ class PlanSection(_Section):
     grad_accum: Union[Auto, int] = Field("auto", description="Micro-batches per optimizer step, or auto")
     gradient_checkpointing: Union[Auto, Literal["off", "on", "offload"]] = Field(
         "auto", description="Recompute activations to save memory"
+    )
+
+    split_by: Literal["auto", "tokens", "rows"] = Field(
+        "auto", description="Packed runs: split each optimizer step's rows into micro-batches of about "
+                            "equal tokens, sized for the data's largest (auto, tokens), or into micro_batch "
+                            "rows each in the trainer's own order (rows)",
     )
 
     max_memory_gib: float | None = Field(

@@ -16,6 +16,9 @@ trainer takes out before the model sees the batch, so throughput counts only the
 
 from __future__ import annotations
 
+import itertools
+import math
+import random
 from typing import Any, Callable
 
 import torch
@@ -52,14 +55,113 @@ def bucket_sizes(max_tokens: int, ratio: float = BUCKET_RATIO, smallest_share: f
 
 
 def buckets_wanted(setting: str, graphs_on: bool) -> bool:
-    """train.length_buckets: "on", "off", or "auto".
+    """train.length_buckets: "on", "off", or "auto" (wherever packed micro-batches can replay CUDA
+    graphs; `data_bucket_sizes` then decides from the run's data whether any bucket pays for its
+    capture, and a run too short for that trains unpadded)."""
+    return setting == "on" or (setting == "auto" and graphs_on)
 
-    "auto" is off for now: on an H100 (docs/benchmarks.md) a 75-step whole run with buckets and
-    their graphs was 0.96x the same run without them, so they are only used when asked for.
-    `graphs_on` stays in the signature so that auto can follow the graphs again once buckets win.
-    """
-    del graphs_on
-    return setting == "on"
+
+# A bucket's capture costs about four eager steps (its first sighting, two warm-up runs, the
+# capture), and a replay saves about 40 % of an eager step (docs/benchmarks.md: steady-state
+# steps of 54,400 against 31,500 tokens/s, 1B on an H100), so a bucket pays for itself after
+# about seven replays: it is only made where the run is expected to fill it that often, with margin.
+MIN_REPLAYS_PER_BUCKET = 12
+MAX_DATA_BUCKETS = 8  # packed_graphs.MAX_BUCKET_GRAPHS: more could not all be captured
+# Padding is GPU time spent on nothing: past this share of the tokens it eats what the replays save.
+MAX_PADDING_SHARE = 0.125
+TOP_SHARE = 0.995  # micro-batches above the largest bucket (the rarest, longest) run unpadded, eagerly
+SAMPLED_BATCHES = 4096
+
+
+def data_bucket_sizes(lengths, rows_per_micro_batch: int, micro_batches: int, *, seed: int = 0,
+                      max_buckets: int = MAX_DATA_BUCKETS, min_replays: int = MIN_REPLAYS_PER_BUCKET,
+                      multiple: int = BUCKET_MULTIPLE) -> tuple[int, ...]:
+    """Bucket lengths fitted to this run: the fewest padding tokens over its micro-batches, with each
+    bucket expected to be used at least `min_replays` times in `micro_batches` micro-batches.
+
+    A packed micro-batch holds `rows_per_micro_batch` rows drawn at random, so its length is a sum of
+    that many row lengths; that distribution is sampled (seeded) and split into at most
+    `max_buckets` contiguous ranges, each padded up to its upper end, by dynamic programming over
+    the multiples of `multiple`. Returns () when the run is too short for two buckets to pay for
+    their captures, or when the buckets it can afford would pad more than `MAX_PADDING_SHARE` of the
+    tokens (it then trains unpadded and eagerly, which is faster there)."""
+    rows = [int(n) for n in lengths if int(n) > 0]
+    if min(max_buckets, micro_batches // max(1, min_replays)) < 2 or not rows:
+        return ()
+    rng = random.Random(seed)
+    take = min(rows_per_micro_batch, len(rows))
+    sums = [sum(rng.sample(rows, take)) for _ in range(SAMPLED_BATCHES)]
+    return fitted_bucket_sizes(sums, micro_batches, max_buckets=max_buckets, min_replays=min_replays,
+                               multiple=multiple)
+
+
+def fitted_bucket_sizes(batch_tokens, micro_batches: int, *, max_buckets: int = MAX_DATA_BUCKETS,
+                        min_replays: int = MIN_REPLAYS_PER_BUCKET, multiple: int = BUCKET_MULTIPLE) -> tuple[int, ...]:
+    """`data_bucket_sizes` from micro-batch lengths already known: sampled ones, or every micro-batch
+    of a run whose steps are split by tokens (sftop/engine/planner/token_split.py)."""
+    count = min(max_buckets, micro_batches // max(1, min_replays))
+    sums = sorted(int(n) for n in batch_tokens)
+    if count < 2 or not sums:
+        return ()
+    top = sums[min(len(sums) - 1, math.ceil(TOP_SHARE * len(sums)) - 1)]
+    covered = [n for n in sums if n <= top]
+    least = math.ceil(min_replays * len(sums) / micro_batches)  # samples a bucket must hold
+    sizes, padding = fewest_padding_split(covered, count, least, multiple)
+    if not sizes or padding > MAX_PADDING_SHARE * sum(covered):
+        return ()
+    return sizes
+
+
+def fewest_padding_split(lengths: list[int], most: int, least: int, multiple: int) -> tuple[tuple[int, ...], float]:
+    """At most `most` bucket sizes (multiples of `multiple`) that hold every one of `lengths` with the
+    fewest padding tokens in all, each bucket holding at least `least` of them; ((), inf) if none can.
+
+    Buckets end at a rounded-up length (any other end pads more), so the search runs over those
+    candidates: best[k][j] is the least padding of the lengths up to candidate j in k buckets, the
+    last ending at j."""
+    sizes: list[int] = []
+    held: list[int] = []
+    total: list[int] = []
+    for n in sorted(lengths):
+        size = -(-n // multiple) * multiple
+        if not sizes or sizes[-1] != size:
+            sizes.append(size)
+            held.append(0)
+            total.append(0)
+        held[-1] += 1
+        total[-1] += n
+    c = len(sizes)
+    upto_n = list(itertools.accumulate(held, initial=0))
+    upto_t = list(itertools.accumulate(total, initial=0))
+
+    def padding(i: int, j: int) -> int:  # one bucket of sizes[j] taking candidates i..j
+        return sizes[j] * (upto_n[j + 1] - upto_n[i]) - (upto_t[j + 1] - upto_t[i])
+
+    inf = float("inf")
+    best: list[list[float]] = [[inf] * c for _ in range(most + 1)]
+    back = [[-1] * c for _ in range(most + 1)]
+    for j in range(c):
+        if upto_n[j + 1] >= least:
+            best[1][j] = padding(0, j)
+    for k in range(2, most + 1):
+        for j in range(c):
+            for i in range(j):
+                if best[k - 1][i] == inf or upto_n[j + 1] - upto_n[i + 1] < least:
+                    continue
+                cost = best[k - 1][i] + padding(i + 1, j)
+                if cost < best[k][j]:
+                    best[k][j], back[k][j] = cost, i
+    if c == 0:
+        return (), inf
+    k = min(range(1, most + 1), key=lambda kk: best[kk][c - 1])
+    cost = best[k][c - 1]
+    if cost == inf:
+        return (), inf
+    chosen, j = [], c - 1
+    while k >= 1:
+        chosen.append(sizes[j])
+        j, k = back[k][j], k - 1
+    return tuple(sorted(chosen)), cost
 
 
 def bucket_for(tokens: int, sizes: tuple[int, ...]) -> int:

@@ -196,6 +196,7 @@ class _Run:
         self.vision: VisionFamily | None = None  # a vision-language model's family (sftop.engine.models.vision)
         self.vision_data: VisionPreparedData | None = None
         self.packing_reason: str | None = None
+        self.buckets_reason: str | None = None  # train.length_buckets: what it came to, and why
 
     def latest_checkpoint(self) -> str | None:
         path = self.run_dir.latest_checkpoint()
@@ -381,6 +382,7 @@ class _Run:
             kernel_loss=(self.info.kernels.get("parts") or {}).get("loss") == "fused",
             **({"data_collator": self.data.collator} if self.vision is not None else {}),
         )
+        trainer.sftop_token_sampler = self.token_sampler(trainer.train_dataset)
         self.bucket_batches(trainer)
         # One readable line per step (RunEvents prints it) instead of transformers' raw log dicts.
         from transformers.trainer_callback import PrinterCallback
@@ -397,23 +399,46 @@ class _Run:
         import pyarrow.compute as pc
 
         from sftop.engine.planner.solve import size_for_data
-        from sftop.engine.train.buckets import BUCKET_MULTIPLE, buckets_wanted
+        from sftop.engine.train.plan_data import bucket_multiple, token_split_for
 
         if self.plan is None or getattr(self.plan, "context", None) is None:
             return
         lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
-        multiple = BUCKET_MULTIPLE if buckets_wanted(self.preset.train.length_buckets, self.packed_graphs_on()) else 1
-        new = size_for_data(self.plan, lengths, multiple)
+        self.train_lengths = lengths
+        new = size_for_data(self.plan, lengths, bucket_multiple(self.preset, self.packed_graphs_on()),
+                            split=token_split_for(self.preset, len(lengths), self.plan.effective_batch))
         old = self.plan
         same = (new.micro_batch, new.gradient_checkpointing, new.checkpoint_every_n_layers) == (
             old.micro_batch, old.gradient_checkpointing, old.checkpoint_every_n_layers)
         if same:
             self.plan = new
+            if new.split_by == "tokens":
+                self.message(f"Plan {new.describe()}: sized for the data's largest micro-batch")
             return
-        reason = (f"sized for the data: the longest packed micro-batch of {new.micro_batch} rows holds "
-                  f"{new.tokens_per_micro_batch} tokens, not {new.micro_batch} x {old.max_length}")
+        if new.split_by == "tokens":
+            reason = (f"sized for the data: each step's {new.effective_batch} rows split by tokens into "
+                      f"{new.grad_accum} micro-batch(es), the largest of the run {new.tokens_per_micro_batch} tokens")
+        else:
+            reason = (f"sized for the data: the longest packed micro-batch of {new.micro_batch} rows holds "
+                      f"{new.tokens_per_micro_batch} tokens, not {new.micro_batch} x {old.max_length}")
         self.set_plan(new, 0, reason)
         self.message(f"Plan {old.describe()} -> {new.describe()}: {reason}")
+
+    def token_sampler(self, dataset=None):
+        """The batch sampler of a plan split by tokens (None otherwise). `dataset`: the trainer's own
+        training set, which must hold the rows the plan was sized for, in the same order."""
+        if not (self.packing and getattr(self.plan, "split_by", "rows") == "tokens"
+                and getattr(self, "train_lengths", None)):
+            return None
+        from sftop.engine.train.token_batches import TokenBalancedSampler
+
+        if dataset is not None and len(dataset) != len(self.train_lengths):
+            raise RuntimeError(
+                f"the trainer holds {len(dataset)} training rows but the plan was sized for {len(self.train_lengths)}: "
+                "its micro-batches split by tokens would not be the ones sized; set plan.split_by = \"rows\" "
+                "and report this")
+        return TokenBalancedSampler(self.train_lengths, self.plan.effective_batch, self.plan.grad_accum,
+                                    self.preset.train.seed)
 
     def packed_graphs_on(self) -> bool:
         """Can packed micro-batches replay CUDA graphs here (sftop/kernels/packed_graphs.py)? Needs
@@ -423,12 +448,51 @@ class _Run:
 
     def bucket_batches(self, trainer) -> None:
         """Pad packed micro-batches to a few lengths (train.length_buckets) so that their CUDA graphs replay."""
-        from sftop.engine.train.buckets import BucketedCollator, bucket_sizes, buckets_wanted
+        import math
 
-        if not (self.packing and buckets_wanted(self.preset.train.length_buckets, self.packed_graphs_on())):
+        import pyarrow.compute as pc
+
+        from sftop.engine.train.buckets import BucketedCollator, bucket_sizes, buckets_wanted, data_bucket_sizes
+
+        setting = self.preset.train.length_buckets
+        if not self.packing:
             return
-        # the plan's largest packed micro-batch (its micro_batch longest rows, when sized for the data)
-        sizes = bucket_sizes(int(self.plan.tokens_per_micro_batch))
+        if not buckets_wanted(setting, self.packed_graphs_on()):
+            if setting == "auto":
+                self.buckets_reason = "off: packed micro-batches cannot replay CUDA graphs here"
+            return
+        lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
+        args = trainer.args
+        per_epoch = math.ceil(len(lengths) / self.plan.micro_batch)
+        micro_batches = (args.max_steps * self.plan.grad_accum if args.max_steps and args.max_steps > 0
+                         else per_epoch * math.ceil(args.num_train_epochs))
+        sampler = getattr(trainer, "sftop_token_sampler", None)
+        if sampler is not None:
+            # steps split by tokens: every micro-batch of the run is known, fit the buckets to them all
+            from sftop.engine.planner.token_split import micro_batch_tokens
+            from sftop.engine.train.buckets import fitted_bucket_sizes
+
+            micro_batches = len(sampler) * max(1, math.ceil(args.num_train_epochs))
+            epochs = max(1, math.ceil(args.num_train_epochs))
+            if args.max_steps and args.max_steps > 0:
+                micro_batches = args.max_steps * self.plan.grad_accum
+                epochs = max(1, math.ceil(micro_batches / max(1, len(sampler))))
+            run = micro_batch_tokens(sampler.lengths, sampler.rows_per_step, sampler.micro_batches, sampler.seed,
+                                     epochs)[:micro_batches]
+            sizes = fitted_bucket_sizes(run, micro_batches)
+        else:
+            sizes = data_bucket_sizes(lengths, self.plan.micro_batch, micro_batches, seed=self.preset.train.seed)
+        if sizes:
+            self.buckets_reason = (f"on: {len(sizes)} lengths fitted to the data ({', '.join(map(str, sizes))} tokens) "
+                                   f"for {micro_batches:,} micro-batches")
+        elif setting == "on":
+            # asked for on a run too short to fit buckets to: the plan's fixed ladder
+            sizes = bucket_sizes(int(self.plan.tokens_per_micro_batch))
+            self.buckets_reason = f"on (train.length_buckets = on): {len(sizes)} fixed lengths up to {sizes[-1]} tokens"
+        else:
+            self.buckets_reason = (f"off: {micro_batches:,} micro-batches are too few, or too mixed in length, for "
+                                   "buckets to pay for their CUDA graph captures")
+            return
         trainer.data_collator = BucketedCollator(trainer.data_collator, sizes, self.tokenizer.pad_token_id)
 
     def started_event(self, total_steps: int) -> RunStarted:
@@ -440,6 +504,7 @@ class _Run:
                 "model": self.info.to_dict(),
                 "packing": self.packing,
                 **({"packing_reason": self.packing_reason} if self.packing_reason else {}),
+                **({"length_buckets": self.buckets_reason} if self.buckets_reason else {}),
             },
             plan={**self.plan.to_dict(), **({"probe": self.probe_verdict} if self.probe_verdict else {})},
             kernels=self.info.kernels,

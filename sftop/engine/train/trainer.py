@@ -149,6 +149,13 @@ class SftopTrainer(SFTTrainer):
         self.sftop_on_checkpoint = on_checkpoint
         self.sftop_step_tokens = 0
         self.sftop_step_samples = 0
+        # token-balanced micro-batches (token_batches.py): a batch sampler over sftop's row order
+        self.sftop_token_sampler = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.sftop_token_sampler is not None:
+            return self.sftop_token_sampler
+        return super()._get_train_sampler(train_dataset)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         from sftop.engine.train.buckets import take_padding
