@@ -201,12 +201,13 @@ class _PlaceholderBuffers:
 
     def view(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
         device = torch.device(device)
+        if device.index is None and device.type != "cpu":
+            device = torch.empty(0, device=device).device  # "cuda": the current one, as tensors name it
         buffer = self._buffers.get((dtype, device))
         if buffer is None:
-            # made in the eager warm-up runs before any CUDA graph capture of the same code
-            buffer = torch.full((1,), float("nan"), dtype=dtype, device=device)
-            self._buffers[(dtype, device)] = buffer
-            self._buffers.setdefault((dtype, buffer.device), buffer)  # "cuda" and "cuda:0" alike
+            # made in the eager warm-up runs before any CUDA graph capture of the same code;
+            # setdefault: of two threads making the first one, both use the one that was kept
+            buffer = self._buffers.setdefault((dtype, device), torch.full((1,), float("nan"), dtype=dtype, device=device))
         return buffer.expand(shape)
 
     def knows(self, t: torch.Tensor) -> bool:
