@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftop.engine.diskfull import DiskFullError, is_disk_full
 from sftop.engine.errors import ResourceError, SftopError
@@ -37,6 +37,12 @@ from sftop.engine.runlock import run_lock
 from sftop.engine.train.resume_check import check_resume, resume_preset_path
 from sftop.engine.train.plan import make_plan, resolved_plan_section
 from sftop.engine.train.signals import StopSignals
+
+if TYPE_CHECKING:
+    from sftop.engine.models.vision.family import VisionFamily
+    from sftop.engine.train.callbacks import RunEvents
+    from sftop.engine.train.trainer import UpdateGuard
+    from sftop.engine.train.vision_data import VisionPreparedData
 
 MAX_OOM_RETRIES = 4
 
@@ -179,14 +185,16 @@ class _Run:
         self.writer = writer
         self.resume = resume
         self.step = 0
-        self.trainer = None
+        self.trainer: Any = None  # the transformers trainer (SFT or DPO) once built
+        self.events: RunEvents | None = None  # its callbacks, set with it
+        self.guard: UpdateGuard | None = None
         self.signals = StopSignals(run_dir.events, self.saved_step, self.latest_checkpoint)
         # A resume records its resolved preset beside the run's original one, never over it.
         self.preset_path = resume_preset_path(run_dir) if resume else run_dir.preset
         self.t0 = time.time()
         self.probe_verdict: dict[str, Any] | None = None
-        self.vision = None  # a vision-language model's family (sftop.engine.models.vision)
-        self.vision_data = None
+        self.vision: VisionFamily | None = None  # a vision-language model's family (sftop.engine.models.vision)
+        self.vision_data: VisionPreparedData | None = None
         self.packing_reason: str | None = None
         self.buckets_reason: str | None = None  # train.length_buckets: what it came to, and why
 
@@ -635,6 +643,7 @@ class _Run:
 
     def finish(self) -> int:
         trainer, guard, events = self.trainer, self.guard, self.events
+        assert guard is not None and events is not None, "finish() follows build_trainer()"
         step = trainer.state.global_step
         self.step = step
         if guard.failed:
