@@ -38,16 +38,14 @@ def test_cli_help_is_light():
 
 
 def test_planning_imports_neither_torch_nor_triton(tmp_path):
-    # `sftop plan` runs before anything is installed on a GPU, and on laptops: it reads configs only.
-    # One step may import more: a packed text run whose tokenizer is on this machine is sized for
-    # its rows' token lengths (engine/train/plan_data.py), and tokenising needs transformers, which
-    # imports torch. The demo's tokenizer is always on disk, so its plan here is an unpacked one.
+    # `sftop plan` runs before anything is installed on a GPU, and on laptops: it reads configs only
+    # (`--data`, which tokenises the rows through transformers, is the one opt-in exception).
     code = (
         "import os, sys\n"
         f"os.environ.update(SFTOP_HOME={str(tmp_path)!r}, HF_HOME={str(tmp_path)!r}, HF_HUB_OFFLINE='1')\n"
         "import sftop.engine.planner\n"
         "from sftop.cli import main\n"
-        "assert main(['plan', 'demo', '--gpu-memory', '24', '--json', '--set', 'data.packing=false']) == 0\n"
+        "assert main(['plan', 'demo', '--gpu-memory', '24', '--json']) == 0\n"
         "assert main(['plan', 'llama-3.1-8b-qlora-24gb', '--gpu-memory', '24']) == 0\n"
     )
     mods = _modules_after(code)
