@@ -302,7 +302,8 @@ def _candidate(ctx: PlanContext, checkpointing: str, micro_batch: int, every: in
     tokens = sequences * ctx.max_length
     if ctx.packed_tokens and ctx.packing and not setup.preference:
         tokens = min(tokens, ctx.packed_tokens[min(micro_batch, len(ctx.packed_tokens)) - 1])
-    est = estimate(ctx.shape, setup, tokens, seq_len=ctx.max_length)
+    # rows: a packed micro-batch's image load is its rows' images, however few tokens it holds
+    est = estimate(ctx.shape, setup, tokens, seq_len=ctx.max_length, rows=sequences)
     allocated, device = est.allocated_bytes, est.device_bytes
     if ctx.calibration != 1.0:
         static = est.terms["weights"] + est.terms["lora_params"]
@@ -612,7 +613,8 @@ def _context(preset: Any, shape: ModelShape, setup: Setup, constraints: Constrai
         setup=setup,
         model_name=preset.model.name,
         max_length=max_length,
-        packing=bool(preset.data.packing),
+        # what the setup packs: a VLM family that cannot pack (planner/vision.py) pads its rows
+        packing=bool(preset.data.packing) and (setup.packed or setup.preference),
         effective_batch=int(preset.train.effective_batch),
         row_tokens_mean=min(mean, max_length),
         budget_bytes=budget,

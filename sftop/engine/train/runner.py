@@ -285,13 +285,7 @@ class _Run:
         self.model, self.tokenizer, self.info = load_model(self.preset, self.plan)
         if self.vision is not None:
             self.data = self.vision_data
-            self.packing = False
-            if self.preset.data.packing:
-                self.packing_reason = "vision-language model: packing is not supported yet, rows are padded per batch"
-                self.message(f"Packing turned off: {self.packing_reason}")
-                self.preset = self.preset.model_copy(
-                    update={"data": self.preset.data.model_copy(update={"packing": False})})
-                save_preset(self.preset, self.preset_path)  # a resume's own copy, never the original
+            self.pack_vision_rows()
         elif self.preset.train.task == "dpo":
             from sftop.engine.data.preference_prepare import prepare_preferences
 
@@ -302,7 +296,7 @@ class _Run:
             self.packing = self.preset.data.packing
         if self.packing:
             self.size_plan_for_data()
-        if self.packing:
+        if self.packing and self.vision is None:
             ok, detail = packing_isolated(self.model, len(self.tokenizer), self.tokenizer.pad_token_id)
             if not ok:
                 self.packing = False
@@ -315,6 +309,34 @@ class _Run:
         _, note = optimizer_name(self.preset.train.optimizer, self.info.device.startswith("cuda"))
         if note:
             self.message(note, level="warning")
+
+    def pack_vision_rows(self) -> None:
+        """A VLM packs its micro-batches where its family's packed rows are checked equal to unpacked
+        ones (sftop/engine/train/vision_packing.py) and the loaded model keeps samples apart."""
+        from sftop.engine.models.vision.packing import RopeIndex, packing_refusal
+        from sftop.engine.train.vision_packing import PackedVisionBatches, vision_packing_isolated
+
+        name = self.vision.display_name
+        refusal = "DPO pads its pairs" if self.preset.train.task == "dpo" else packing_refusal(self.vision)
+        self.packing = bool(self.preset.data.packing) and refusal is None
+        if self.packing:
+            rope = RopeIndex(self.model)
+            ok, detail = vision_packing_isolated(self.model, rope)
+            if ok:
+                self.packing_reason = (f"{name}: the rows of each micro-batch packed into one padding-free row, "
+                                       "attention and 3-D positions per sample")
+                self.data.collator = PackedVisionBatches(self.data.collator, rope)
+                return
+            self.packing = False
+            refusal = f"this model's attention lets packed samples see each other ({detail})"
+        if not self.preset.data.packing:
+            self.packing_reason = "data.packing = false"
+            return
+        self.packing_reason = f"{name}: {refusal}; rows are padded per batch"
+        self.message(f"Packing turned off: {self.packing_reason}")
+        self.preset = self.preset.model_copy(
+            update={"data": self.preset.data.model_copy(update={"packing": False})})
+        save_preset(self.preset, self.preset_path)  # a resume's own copy, never the original
 
     def disk_needs(self) -> dict[str, int]:
         from sftop.engine.train.resources import expected_disk_bytes
@@ -393,7 +415,10 @@ class _Run:
 
         if self.plan is None or getattr(self.plan, "context", None) is None:
             return
-        lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
+        if self.vision is not None:
+            lengths = self.data.train_lengths  # with their image tokens
+        else:
+            lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
         multiple = BUCKET_MULTIPLE if buckets_wanted(self.preset.train.length_buckets, self.packed_graphs_on()) else 1
         new = size_for_data(self.plan, lengths, multiple)
         old = self.plan
