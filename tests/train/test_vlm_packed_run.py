@@ -94,3 +94,21 @@ def test_family_that_cannot_pack_pads_and_says_why(sftop_home, tmp_path):
     assert env["packing"] is False and env["packing_reason"].startswith("Gemma 3: its image tokens attend")
     assert started["preset"]["data"]["packing"] is False and started["plan"]["packing"] is False
     assert any("not packed" in n for n in started["plan"]["notes"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_packed_run_on_gpu_trains_as_the_padded_run(mixed_source, sftop_home, tmp_path):
+    """bf16 with sftop's kernels and the data-loader worker collating: packed == padded within 1e-2."""
+    model = str(save_tiny_vlm(tmp_path / "model", "qwen2_5_vl"))
+    runs = {}
+    for packing in (True, False):
+        preset = _preset(mixed_source, model, packing, kernels="auto")
+        records = _run(sftop_home, preset, tmp_path / f"run-{packing}")
+        runs[packing] = (of_type(records, "run_started")[0], of_type(records, "step"))
+    (packed_start, packed), (_, padded) = runs[True], runs[False]
+    assert packed_start["environment"]["packing"] is True and packed_start["kernels"]["enabled"] is True
+    assert [s["step"] for s in packed] == [s["step"] for s in padded] == [1, 2, 3]
+    for a, b in zip(packed, padded):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-2)
+        assert a["tokens_seen"] == b["tokens_seen"]

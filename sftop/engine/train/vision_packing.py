@@ -37,6 +37,8 @@ class PackedVisionBatches:
     def __call__(self, items: Sequence[dict]) -> dict:
         samples = [self.batches([item]) for item in items]
         packed = pack_rows(self.rope, samples)
+        # the trainer passes use_cache=False to every forward itself (a second one would clash)
+        packed.pop("use_cache", None)
         packed[PACKED_ROWS] = len(samples)
         return packed
 
