@@ -585,12 +585,16 @@ def plan_run(
         notes.append(f"sftop's fused kernels do not cover model type '{shape.model_type}'"
                      + (" (a vision-language model)" if shape.multimodal else "")
                      + "; sized for the stock path")
-    if setup.kernels and setup.packed and setup.attention == "sdpa" and device != "cpu" and gpu_memory_gib is None:
+    # a VLM is sized for the stock layers, but its packed rows still get the packed attention part
+    # where a kernel family file describes it (varlen_attention.packed_attention_config)
+    kernel_parts = setup.kernels or (shape.multimodal and preset.train.kernels != "off")
+    if kernel_parts and setup.packed and setup.attention == "sdpa" and device != "cpu" and gpu_memory_gib is None:
         # Only for a GPU that is here: a hypothetical one may be too old for flash attention, and
         # sizing for the SDPA mask over-estimates, which is the safe side.
-        from sftop.kernels.varlen_attention import config_supported, native_gqa, varlen_available
+        from sftop.kernels.varlen_attention import (config_supported, native_gqa, packed_attention_config,
+                                                    varlen_available)
 
-        if varlen_available()[0] and config_supported(model_config, setup.dtype)[0]:
+        if varlen_available()[0] and config_supported(packed_attention_config(model_config), setup.dtype)[0]:
             setup = replace(setup, attention="varlen", varlen_native_gqa=native_gqa())
     notes += _target_notes(preset)
     if setup.optimizer == "adamw_8bit" and setup.dtype == "fp32" and device == "cpu":
