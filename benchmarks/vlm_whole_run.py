@@ -292,6 +292,10 @@ def main() -> int:
     preset = sftop_preset(model_dir, data, args.seed, args.effective_batch, args.nf4)
     stats = data_stats(preset, model_dir)
     print("data:", stats, flush=True)
+    if stats["rows"] != args.rows:  # TRL would train rows sftop's check dropped: not the same data
+        print(f"data check kept {stats['rows']} of {args.rows} rows: the paths would not train the same rows",
+              file=sys.stderr)
+        return 2
     report: dict = {"shape": args.shape, "effective_batch": args.effective_batch, "nf4": args.nf4, "data": stats}
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
