@@ -44,6 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_bench  # model shapes and the random 4-bit checkpoint
 
 
+PROFILED_STEPS = 2  # after the timed steps, so that the profiler's overhead stays out of the timing
+
+
 def _dataset(args, vocab: int):
     import torch
     from datasets import Dataset
@@ -130,21 +133,30 @@ def _one(args, path: str) -> dict:
         def __init__(self):
             self.times, self.tokens = [], 0
 
+            self.prof = None
+
         def on_step_begin(self, *a, **k):
             if args.device == "cuda":
                 torch.cuda.synchronize()
+            if args.profile and len(self.times) == args.warmup + args.steps:  # the timed steps are done
+                from torch.profiler import ProfilerActivity, profile
+
+                self.prof = profile(activities=[ProfilerActivity.CUDA])
+                self.prof.__enter__()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             if args.device == "cuda":
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.t0)
+            if self.prof is not None and len(self.times) == args.warmup + args.steps + PROFILED_STEPS:
+                self.prof.__exit__(None, None, None)
 
     model, peft_config, report = _model(args, path)
     tmp = tempfile.mkdtemp(prefix="dpo-bench-")
     cfg = DPOConfig(
         output_dir=tmp, per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1,
-        max_steps=args.steps + args.warmup, learning_rate=2e-4, lr_scheduler_type="constant", logging_steps=1,
+        max_steps=args.steps + args.warmup + (PROFILED_STEPS if args.profile else 0), learning_rate=2e-4, lr_scheduler_type="constant", logging_steps=1,
         save_strategy="no", report_to=[], bf16=args.device == "cuda", use_cpu=args.device != "cuda",
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, max_length=None,
         beta=0.1, loss_type=["sigmoid"], disable_tqdm=True, dataloader_num_workers=0,
@@ -166,7 +178,7 @@ def _one(args, path: str) -> dict:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    measured = timer.times[args.warmup:]
+    measured = timer.times[args.warmup:args.warmup + args.steps]
     step_s = sum(measured) / len(measured)
     tokens = 2 * args.pairs * args.seq  # chosen + rejected sides per step (the reference pass not counted)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -175,6 +187,13 @@ def _one(args, path: str) -> dict:
                losses=losses, kernels=report, head=head, load_s=round(load_s, 1))
     if args.device == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 1024**3
+    if timer.prof is not None:
+        # GPU busy time against the wall time of the same steps: what is left is host time
+        # (Python, TRL's bookkeeping, syncs) during which the GPU waits
+        out.update(step_bench.summarise_profile(timer.prof, PROFILED_STEPS))
+        wall = sum(timer.times[-PROFILED_STEPS:]) / PROFILED_STEPS
+        out["profile_wall_ms_per_step"] = round(wall * 1e3, 2)
+        out["profile_gpu_idle_share"] = round(max(0.0, 1 - out["profile_gpu_ms_per_step"] / (wall * 1e3)), 3)
     return out
 
 
@@ -212,6 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--4bit", dest="four_bit", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile two more steps: GPU time by kernel kind, and the share of the step the GPU waits")
     ap.add_argument("--paths", default="stock,sftop", help="comma-separated: stock, sftop, unsloth")
     ap.add_argument("--peer-pythonpath", default="",
                     help="folders put first on the unsloth path's PYTHONPATH (Unsloth and the TRL it accepts)")
@@ -244,6 +265,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--one", path, "--model", args.model, "--pairs", str(args.pairs),
                "--seq", str(args.seq), "--answer", str(args.answer), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--device", args.device]
+        if args.profile:
+            cmd += ["--profile"]
         if args.four_bit:
             cmd += ["--4bit"]
         if args.model_dir:
@@ -273,6 +296,10 @@ def main(argv=None) -> int:
             peak = f"peak {r['peak_gib']:6.2f} GiB  " if "peak_gib" in r else ""
             print(f"  {r['path']:6s} {r['tokens_per_s']:10,.0f} tok/s  {peak}"
                   f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  loss {r['losses'][-1]:.4f}  head {r['head']}")
+            if "profile_share" in r:
+                print(f"         GPU {r['profile_gpu_ms_per_step']:.1f} ms of a {r['profile_wall_ms_per_step']:.1f} ms step "
+                      f"(idle {r['profile_gpu_idle_share']:.0%}); by kind: "
+                      + ", ".join(f"{k} {v:.0%}" for k, v in list(r["profile_share"].items())[:6]))
         else:
             print(f"  {r['path']:6s} FAILED")
     if args.json:

@@ -227,19 +227,6 @@ class RunState:
         return max(0.0, (self.total_steps - self.step) * (t1 - t0) / (s1 - s0))
 
 
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
-
-
 def format_number(value: float | None, digits: int = 4) -> str:
     if value is None:
         return "-"

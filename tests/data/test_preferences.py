@@ -177,3 +177,17 @@ def test_length_distribution_of_each_side_and_policy(tok):
 def test_sft_formats_are_refused_for_dpo(tok):
     with pytest.raises(DataError, match="preference"):
         check_data(Preset(data={"source": "builtin:arithmetic"}, train={"task": "dpo"}), tok)
+
+
+def test_dropped_pairs_are_warned_with_their_count(tok):
+    base = Preset(data={"source": "builtin:arithmetic-preferences", "eval_fraction": 0.1, "max_bad_fraction": 1.0},
+                  train={"task": "dpo"})
+    s = check_data(base, tok).stats
+    limit = s.prompt.max + max(s.chosen.max, s.rejected.max) - 1  # the longest pairs no longer fit
+    tight = base.model_copy(update={"data": base.data.model_copy(update={"max_length": limit})})
+    dropped = check_data(tight, tok).stats.too_long
+    assert 0 < dropped < 1000
+    prepared = prepare_preferences(tight, tok)
+    assert len(prepared.train) + len(prepared.eval) == 1000 - dropped
+    assert prepared.warnings == [
+        f"{dropped:,} pair(s) longer than data.max_length = {limit:,} were dropped (never truncated)"]

@@ -222,6 +222,12 @@ def _to_dataset(encoded: list[EncodedPair]):
     )
 
 
+def too_long_warning(pairs: int, max_length: int, *, with_images: bool = False) -> str:
+    """The run's warning for pairs the length policy dropped (text and vision DPO alike)."""
+    what = " with their image tokens" if with_images else ""
+    return f"{pairs:,} pair(s) longer than data.max_length = {max_length:,}{what} were dropped (never truncated)"
+
+
 def prepare_preferences(preset: Preset, tokenizer) -> PreparedPreferences:
     """Everything the DPO trainer needs from `preset.data`, or a `DataError` the user can act on."""
     section = preset.data
@@ -231,10 +237,7 @@ def prepare_preferences(preset: Preset, tokenizer) -> PreparedPreferences:
     if not encoded:  # pragma: no cover - raise_if_too_many stops at zero usable rows
         raise DataError("No usable preference pair", where=section.source)
     train, held = split_rows(encoded, section.eval_fraction, preset.train.seed)
-    warnings = []
-    if prefs.too_long:
-        warnings.append(f"{prefs.too_long:,} pair(s) longer than data.max_length = {section.max_length:,} "
-                        "were dropped (never truncated)")
+    warnings = [too_long_warning(prefs.too_long, section.max_length)] if prefs.too_long else []
     return PreparedPreferences(
         train=_to_dataset(train),
         eval=_to_dataset(held) if held else None,

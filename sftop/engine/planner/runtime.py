@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from sftop.engine.durations import format_duration
+
 # Single training steps measured on one H200 (docs/benchmarks.md, "Training step: 2026-12-03"):
 # (model, 4-bit, rows x tokens, checkpointing, measured tokens/s) with sftop's path.
 MEASURED_STEPS = (
@@ -164,17 +166,6 @@ def estimate_run_time(plan: Any, preset: Any, train_rows: int | None = None,
                    measured=family == MEASURED_FAMILY)
 
 
-def format_hours(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    if minutes:
-        return f"{minutes} min {secs:02d} s"
-    return f"{secs} s"
-
-
 def _multimodal(plan: Any) -> bool:
     context = getattr(plan, "context", None)
     return bool(context is not None and context.shape.multimodal)
@@ -193,11 +184,11 @@ def describe_run_time(rt: RunTime | None, plan: Any = None) -> str:
                 f"takes one of {known}); the dashboard shows the ETA from the measured pace")
     if rt.wall_s is None:
         per = 100 * rt.step_s
-        line = f"estimate {format_hours(per)} per 100 steps"
+        line = f"estimate {format_duration(per)} per 100 steps"
         if rt.price_per_gpu_hour is not None:
             line += f", {per / 3600 * rt.price_per_gpu_hour:.2f} per 100 steps at {rt.price_per_gpu_hour:g}/GPU-hour"
         return line + " (train.epochs: the steps follow from the data's rows, which the wizard counts)"
-    line = f"estimate {format_hours(rt.wall_s)} for {rt.steps:,} steps ({rt.step_s:.2f} s a step)"
+    line = f"estimate {format_duration(rt.wall_s)} for {rt.steps:,} steps ({rt.step_s:.2f} s a step)"
     if rt.cost is not None:
         line += f", cost ≈ {rt.cost:.2f} at {rt.price_per_gpu_hour:g}/GPU-hour"
     return line

@@ -195,6 +195,7 @@ class VisionPreparedPreferences(VisionPreparedData):
 def prepare_vision_preferences(preset, processor, family: VisionFamily) -> VisionPreparedPreferences:
     """Everything a VLM DPO run needs from `preset.data`, or a `DataError` the user can act on."""
     from sftop.engine.data.images import effective_image_rules
+    from sftop.engine.data.preference_prepare import too_long_warning
     from sftop.engine.data.prepare import split_rows
     from sftop.engine.data.vision_rows import dataset_base_dir
 
@@ -203,10 +204,7 @@ def prepare_vision_preferences(preset, processor, family: VisionFamily) -> Visio
     prefs.report.raise_if_too_many(section.max_bad_fraction)
     train_idx, eval_idx = split_rows(list(range(len(prefs.pairs))), section.eval_fraction, preset.train.seed)
     stats = PreferenceStats.from_encoded(prefs.encoded, eval_pairs=len(eval_idx), too_long=prefs.too_long)
-    warnings = []
-    if prefs.too_long:
-        warnings.append(f"{prefs.too_long:,} pair(s) longer than data.max_length = {section.max_length:,} "
-                        "with their image tokens were dropped (never truncated)")
+    warnings = [too_long_warning(prefs.too_long, section.max_length, with_images=True)] if prefs.too_long else []
     return VisionPreparedPreferences(
         train=_index_dataset(train_idx),
         eval=_index_dataset(eval_idx) if eval_idx else None,

@@ -22,7 +22,8 @@ from sftop.engine.rundir import RunDir
 from sftop.engine.runs import EventFollower, effective_status, request_checkpoint
 from sftop.engine.supervisor import ACTIVE_STATUSES
 from sftop.tui.messages import EventsRead, GpuRead, LogTail, RunStatusRead
-from sftop.tui.run_state import RunState, format_count, format_duration, format_number
+from sftop.engine.durations import format_duration
+from sftop.tui.run_state import RunState, format_count, format_number
 from sftop.tui.widgets.gpu_panel import GpuPanel
 from sftop.tui.widgets.line_chart import ChartSeries, LineChart
 
@@ -327,10 +328,10 @@ class DashboardScreen(Screen):
             text.append(f"  step {s.step}" + (f"/{s.total_steps}" if s.total_steps else ""))
         if s.epoch is not None:
             text.append(f"  epoch {s.epoch:.2f}")
-        text.append(f"  elapsed {format_duration(s.elapsed(self.services.clock()))}")
+        text.append(f"  elapsed {format_duration(s.elapsed(self.services.clock()), compact=True)}")
         eta = s.eta()
         if eta is not None and status == "running":
-            text.append(f"  ETA {format_duration(eta)}")
+            text.append(f"  ETA {format_duration(eta, compact=True)}")
         cost = s.cost(self.services.clock())
         if cost is not None:
             spent, at_end = cost
