@@ -319,7 +319,8 @@ def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int,
     tokens = sequences * ctx.max_length
     if ctx.packed_tokens and ctx.packing and not setup.preference:
         tokens = min(tokens, ctx.packed_tokens[min(micro_batch, len(ctx.packed_tokens)) - 1])
-    est = estimate(ctx.shape, setup, tokens, seq_len=ctx.max_length)
+    # rows: a packed micro-batch's image load is its rows' images, however few tokens it holds
+    est = estimate(ctx.shape, setup, tokens, seq_len=ctx.max_length, rows=sequences)
     allocated, device = est.allocated_bytes, est.device_bytes
     if ctx.calibration != 1.0:
         static = est.terms["weights"] + est.terms["lora_params"]
@@ -615,12 +616,16 @@ def plan_run(
         notes.append(f"sftop's fused kernels do not cover model type '{shape.model_type}'"
                      + (" (a vision-language model)" if shape.multimodal else "")
                      + "; sized for the stock path")
-    if setup.kernels and setup.packed and setup.attention == "sdpa" and device != "cpu" and gpu_memory_gib is None:
+    # a VLM is sized for the stock layers, but its packed rows still get the packed attention part
+    # where a kernel family file describes it (varlen_attention.packed_attention_config)
+    kernel_parts = setup.kernels or (shape.multimodal and preset.train.kernels != "off")
+    if kernel_parts and setup.packed and setup.attention == "sdpa" and device != "cpu" and gpu_memory_gib is None:
         # Only for a GPU that is here: a hypothetical one may be too old for flash attention, and
         # sizing for the SDPA mask over-estimates, which is the safe side.
-        from sftop.kernels.varlen_attention import config_supported, native_gqa, varlen_available
+        from sftop.kernels.varlen_attention import (config_supported, native_gqa, packed_attention_config,
+                                                    varlen_available)
 
-        if varlen_available()[0] and config_supported(model_config, setup.dtype)[0]:
+        if varlen_available()[0] and config_supported(packed_attention_config(model_config), setup.dtype)[0]:
             setup = replace(setup, attention="varlen", varlen_native_gqa=native_gqa())
     notes += _target_notes(preset)
     if setup.optimizer == "adamw_8bit" and setup.dtype == "fp32" and device == "cpu":
@@ -643,7 +648,8 @@ def _context(preset: Any, shape: ModelShape, setup: Setup, constraints: Constrai
         setup=setup,
         model_name=preset.model.name,
         max_length=max_length,
-        packing=bool(preset.data.packing),
+        # what the setup packs: a VLM family that cannot pack (planner/vision.py) pads its rows
+        packing=bool(preset.data.packing) and (setup.packed or setup.preference),
         effective_batch=int(preset.train.effective_batch),
         row_tokens_mean=min(mean, max_length),
         budget_bytes=budget,

@@ -294,13 +294,7 @@ class _Run:
         self.model, self.tokenizer, self.info = load_model(self.preset, self.plan)
         if self.vision is not None:
             self.data = self.vision_data
-            self.packing = False
-            if self.preset.data.packing:
-                self.packing_reason = "vision-language model: packing is not supported yet, rows are padded per batch"
-                self.message(f"Packing turned off: {self.packing_reason}")
-                self.preset = self.preset.model_copy(
-                    update={"data": self.preset.data.model_copy(update={"packing": False})})
-                save_preset(self.preset, self.preset_path)  # a resume's own copy, never the original
+            self.pack_vision_rows()
         elif self.preset.train.task == "dpo":
             from sftop.engine.data.preference_prepare import prepare_preferences
 
@@ -311,7 +305,7 @@ class _Run:
             self.packing = self.preset.data.packing
         if self.packing:
             self.size_plan_for_data()
-        if self.packing:
+        if self.packing and self.vision is None:
             ok, detail = packing_isolated(self.model, len(self.tokenizer), self.tokenizer.pad_token_id)
             if not ok:
                 self.packing = False
@@ -324,6 +318,36 @@ class _Run:
         _, note = optimizer_name(self.preset.train.optimizer, self.info.device.startswith("cuda"))
         if note:
             self.message(note, level="warning")
+
+    def pack_vision_rows(self) -> None:
+        """A VLM packs its micro-batches where its family's packed rows are checked equal to unpacked
+        ones (sftop/engine/train/vision_packing.py) and the loaded model keeps samples apart."""
+        from sftop.engine.models.vision.packing import RopeIndex, packing_refusal
+        from sftop.engine.train.vision_packing import PackedVisionBatches, vision_packing_isolated
+
+        family = self.vision
+        assert family is not None, "pack_vision_rows() is for vision-language runs"
+        name = family.display_name
+        refusal = "DPO pads its pairs" if self.preset.train.task == "dpo" else packing_refusal(family)
+        self.packing = bool(self.preset.data.packing) and refusal is None
+        if self.packing:
+            rope = RopeIndex(self.model)
+            ok, detail = vision_packing_isolated(self.model, rope)
+            if ok:
+                self.packing_reason = (f"{name}: the rows of each micro-batch packed into one padding-free row, "
+                                       "attention and 3-D positions per sample")
+                self.data.collator = PackedVisionBatches(self.data.collator, rope)
+                return
+            self.packing = False
+            refusal = f"this model's attention lets packed samples see each other ({detail})"
+        if not self.preset.data.packing:
+            self.packing_reason = "data.packing = false"
+            return
+        self.packing_reason = f"{name}: {refusal}; rows are padded per batch"
+        self.message(f"Packing turned off: {self.packing_reason}")
+        self.preset = self.preset.model_copy(
+            update={"data": self.preset.data.model_copy(update={"packing": False})})
+        save_preset(self.preset, self.preset_path)  # a resume's own copy, never the original
 
     def disk_needs(self) -> dict[str, int]:
         from sftop.engine.train.resources import expected_disk_bytes
@@ -403,10 +427,15 @@ class _Run:
 
         if self.plan is None or getattr(self.plan, "context", None) is None:
             return
-        lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
+        if self.vision is not None:
+            # with their image tokens; a VLM's rows stay in the Trainer's order, b per micro-batch
+            lengths = self.data.train_lengths
+            split = None
+        else:
+            lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
+            split = token_split_for(self.preset, len(lengths), self.plan.effective_batch)
         self.train_lengths = lengths
-        new = size_for_data(self.plan, lengths, bucket_multiple(self.preset, self.packed_graphs_on()),
-                            split=token_split_for(self.preset, len(lengths), self.plan.effective_batch))
+        new = size_for_data(self.plan, lengths, bucket_multiple(self.preset, self.packed_graphs_on()), split=split)
         old = self.plan
         same = (new.micro_batch, new.gradient_checkpointing, new.checkpoint_every_n_layers) == (
             old.micro_batch, old.gradient_checkpointing, old.checkpoint_every_n_layers)
@@ -456,6 +485,11 @@ class _Run:
 
         setting = self.preset.train.length_buckets
         if not self.packing:
+            return
+        if self.vision is not None:
+            # packed graphs take token ids and row boundaries only, not a VLM's pixels and 3-D positions
+            if setting != "off":
+                self.buckets_reason = "off: a vision-language batch carries images, which packed CUDA graphs do not take"
             return
         if not buckets_wanted(setting, self.packed_graphs_on()):
             if setting == "auto":
