@@ -178,8 +178,23 @@ def _one(args, path: str) -> dict:
     head = getattr(trainer, "sftop_head", "unsloth" if path == "unsloth" else "trl chunked")
     out = dict(path=path, step_s=step_s, tokens_per_s=tokens / step_s, pairs_per_s=args.pairs / step_s,
                losses=losses, kernels=report, head=head, load_s=round(load_s, 1))
+    if path == "sftop":
+        import dataclasses
+
+        from sftop.kernels.logprob_graphs import graph_stats
+
+        stats = graph_stats(trainer.model.get_base_model())
+        out["graphs"] = trainer.sftop_graphs if stats is None else dataclasses.asdict(stats)
     if args.device == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 1024**3
+        if isinstance(out.get("graphs"), dict) and out["graphs"]["replays"]:
+            # replays allocate nothing, so the allocator's peak misses the transients that live in
+            # the graphs' pools: count all of their idle memory on top (an upper bound)
+            from sftop.kernels.cuda_graphs import idle_pool_bytes
+
+            pool = idle_pool_bytes()
+            out["graph_pool_idle_gib"] = pool / 1024**3
+            out["peak_gib"] = (torch.cuda.max_memory_allocated() + pool) / 1024**3
     if timer.prof is not None:
         # GPU busy time against the wall time of the same steps: what is left is host time
         # (Python, TRL's bookkeeping, syncs) during which the GPU waits
@@ -264,6 +279,11 @@ def main(argv=None) -> int:
             peak = f"peak {r['peak_gib']:6.2f} GiB  " if "peak_gib" in r else ""
             print(f"  {r['path']:6s} {r['tokens_per_s']:10,.0f} tok/s  {peak}"
                   f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  loss {r['losses'][-1]:.4f}  head {r['head']}")
+            if "graphs" in r:
+                g = r["graphs"]
+                print(f"         CUDA graphs: {g}" if isinstance(g, str) else
+                      f"         CUDA graphs: {g['captures']} captured, {g['replays']} replays, "
+                      f"{g['eager_calls']} eager calls" + (f", failures: {g['failures']}" if g["failures"] else ""))
             if "profile_share" in r:
                 print(f"         GPU {r['profile_gpu_ms_per_step']:.1f} ms of a {r['profile_wall_ms_per_step']:.1f} ms step "
                       f"(idle {r['profile_gpu_idle_share']:.0%}); by kind: "

@@ -90,9 +90,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     plan = plan_preset(preset, load_model_config(preset), gpu_memory_gib=args.gpu_memory,
                        image_tokens_per_row=image_tokens)
-    from sftop.engine.train.plan_data import sized_for_preset_data
+    if args.data:
+        # packed text: the rows' real lengths, as `sftop run` sizes them (tokenising imports the ML stack)
+        from sftop.engine.train.plan_data import sized_for_preset_data
 
-    plan = sized_for_preset_data(plan, preset)  # packed text: the rows' real lengths, as `sftop run` sizes them
+        plan = sized_for_preset_data(plan, preset)
+    elif plan.packing and plan.context is not None and preset.train.task == "sft":
+        plan.notes.append("sized for data.max_length; `sftop run` sizes packed micro-batches for the rows "
+                          "themselves (`sftop plan --data` shows that plan)")
     from sftop.engine.planner.runtime import describe_run_time, estimate_run_time
 
     run_time = estimate_run_time(plan, preset, gpu_name=args.gpu)
@@ -338,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", type=float, metavar="GIB", help="plan for a GPU with this much free memory")
     p.add_argument("--gpu", metavar="NAME", help="estimate time and cost for this GPU model (H100, A100, L40S, "
                    "RTX 4090, ...); with --gpu-memory, to price a GPU before renting it")
+    p.add_argument("--data", action="store_true", help="read the preset's data and size packed micro-batches "
+                   "for its rows, as `sftop run` will (needs the tokenizer on disk; a few seconds)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 

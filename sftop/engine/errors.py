@@ -43,3 +43,6 @@ class ResourceError(SftopError):
     """Not enough disk or GPU memory for the run as configured."""
 
     exit_code = 3
+    # Set by the planner's refusal: GiB the smallest plan needs, and the changes that would fit.
+    needed_gib: float | None = None
+    options: list[str] | None = None

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from sftop.engine.events import TERMINAL_TYPES, EventWriter, RunFailed, read_events
 from sftop.engine.presets import Preset, load_preset, save_preset
@@ -193,6 +194,16 @@ def choose_gpu(env: dict[str, str]) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": best.uuid, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
+def _own_process_group() -> dict[str, Any]:
+    """Popen arguments that start the child in a new process group of its own.
+
+    `process_group=` exists from Python 3.11; on 3.10 the child calls setpgid itself before exec.
+    """
+    if sys.version_info >= (3, 11):
+        return {"process_group": 0}
+    return {"preexec_fn": os.setpgrp}
+
+
 def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None = None) -> int:
     """Run the trainer to completion and record the outcome. Returns the final exit code."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -220,7 +231,7 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
     # The run's lock, taken here and shared with the trainer: one trainer per run directory.
     lock_fd = run_lock_acquire(run_dir.path)
     env[LOCK_FD_ENV] = str(lock_fd)
-    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, process_group=0, env=env, pass_fds=(lock_fd,))
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, pass_fds=(lock_fd,), **_own_process_group())
     run_dir.write_status(
         status="running",
         supervisor_pid=os.getpid(),

@@ -4,8 +4,9 @@ The kernels and the patcher reach into torch, transformers, PEFT, TRL and bitsan
 places their public APIs do not cover: a C symbol, a private attribute, a module-level function
 that HF's attention calls by name.  All of those go through this module, so that an upstream
 rename breaks one line here (and `tests/compat/test_compat.py`, whose failures name the package
-and version), never a kernel deep inside a training step.  `TESTED` says which releases were
-checked; pyproject.toml states the same ranges next to the dependencies.
+and version), never a kernel deep inside a training step.  `TESTED` holds the ranges of these
+packages that sftop is tested with: its dependency ranges in pyproject.toml, word for word
+(tests/compat checks that they agree).
 
 Importing this module imports nothing heavy: each function imports what it touches.
 """
@@ -15,13 +16,14 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any, Callable
 
-# The releases these names were checked against (inclusive), per package.
-TESTED: dict[str, tuple[str, str]] = {
-    "torch": ("2.5", "2.13"),
-    "transformers": ("5.0", "5.17"),
-    "peft": ("0.17", "0.21"),
-    "trl": ("1.10", "1.16"),
-    "bitsandbytes": ("0.45", "0.50"),
+# The releases these names are tested with: pyproject.toml's dependency ranges, whose lower bound
+# is the version CI pins and whose top the newest-releases CI run tests.
+TESTED: dict[str, str] = {
+    "torch": ">=2.13,<2.14",
+    "transformers": ">=5.17,<6",
+    "peft": ">=0.21,<0.22",
+    "trl": ">=1.16,<2",
+    "bitsandbytes": ">=0.50,<0.51",
 }
 
 
@@ -34,10 +36,10 @@ def installed_version(package: str) -> str:
 
 def moved(package: str, what: str) -> str:
     """The message for an upstream name that is gone: which package, which version, what to do."""
-    low, high = TESTED[package]
+    tested = TESTED[package]
     return (f"{package} {installed_version(package)}: {what} is missing or changed; sftop relies on it "
-            f"through sftop/kernels/compat.py and was tested with {package} {low} to {high}. "
-            f"Install a {package} in that range, or update compat.py for this release.")
+            f"through sftop/kernels/compat.py and is tested with {package}{tested}. "
+            f"Install it with `pip install '{package}{tested}'`, or update compat.py for this release.")
 
 
 # --------------------------------------------------------------------------- torch
@@ -97,6 +99,14 @@ ROPE_FUNCTION = "apply_rotary_pos_emb"
 def attn_implementation(config: Any) -> str | None:
     """The attention backend a loaded model's config runs (set by `set_attn_implementation`)."""
     return getattr(config, ATTN_IMPLEMENTATION, None)
+
+
+def set_config_attn_implementation(config: Any, name: str | None) -> None:
+    """Make the modules reading this one config run the attention registered as `name`.
+
+    For a vision tower, whose attention reads the tower's own sub-config: the model's
+    `set_attn_implementation` would switch the language model's attention as well."""
+    setattr(config, ATTN_IMPLEMENTATION, name)
 
 
 def checkpoint_function(module: Any, own: bool = False) -> Callable[..., Any] | None:

@@ -25,6 +25,11 @@ How:
     its own, and accumulation adds into that copy.
   * The loss's denominator (tokens that count, or `num_items_in_batch`) is applied outside the
     graph, so it can change every step without a new capture.
+  * What is captured need not be a scalar loss: `StepGraphs.replay` takes a function returning a
+    tensor or a tuple, differentiates the first (its incoming gradient is copied into a static
+    buffer before the backward replay; the loss sum is the case of a scalar with gradient 1) and
+    hands the rest out without gradient; with `backward=False` it captures a forward alone, in a
+    pool of its own (preference tuning's reference forward: logprob_graphs.py).
 
 Rules a replay relies on, each enforced here or by the patch part that installs this:
   * one graphed forward, then its backward: a second graphed forward overwrites the first one's
@@ -130,41 +135,55 @@ def _capture_stream() -> torch.cuda.Stream:
 
 
 class CapturedStep:
-    """Forward (inputs -> loss sum) and its backward (-> parameter gradients) of one key."""
+    """One key's forward (inputs -> outputs) and, for a training step, its backward (-> parameter
+    gradients).
 
-    def __init__(self, fn, inputs: tuple[torch.Tensor, ...], slots: list, pool, no_rng_stash):
+    `fn` returns one tensor or a tuple of tensors.  The first is the one differentiated: the loss
+    sum (a scalar, whose incoming gradient is 1) or a vector such as per-token log-probabilities,
+    whose incoming gradient the replay copies into `grad_out`; the others are metrics without
+    gradient.  `backward=False` captures a forward only (run under no_grad, e.g. DPO's reference
+    forward): no gradients, no offloaded checkpoints."""
+
+    def __init__(self, fn, inputs: tuple[torch.Tensor, ...], slots: list, pool, no_rng_stash, backward: bool = True):
         self.n_inputs = len(inputs)
+        self.backward = backward
         self.static_inputs = [t.detach().clone() for t in inputs]
         params = [p for _m, _n, p in slots]
         torch.cuda.synchronize()
         side = _capture_stream()
         side.wait_stream(torch.cuda.current_stream())
+        moved = None
         with no_rng_stash(), causal_masks_skipped(), torch.cuda.stream(side):
             for run in range(WARMUP_RUNS):
-                last = run == WARMUP_RUNS - 1
+                last = run == WARMUP_RUNS - 1 and backward
                 with offload.recording_offloads() if last else contextlib.nullcontext() as moved:
-                    out = fn(*self.static_inputs)
-                torch.autograd.grad(out, params, allow_unused=True)
-                del out
+                    outs = _as_tuple(fn(*self.static_inputs))
+                if backward:
+                    torch.autograd.grad(outs[0], params, grad_outputs=torch.ones_like(outs[0]), allow_unused=True)
+                del outs
         torch.cuda.current_stream().wait_stream(side)
         # offloaded checkpoints (checkpoint_offload.py): the replays copy into these pinned buffers
-        self.host_buffers = offload.reserve_host_buffers(moved)
+        self.host_buffers = offload.reserve_host_buffers(moved) if backward else []
         torch.cuda.synchronize()
         gc.collect()
         # the warm-up's blocks sit in the ordinary cache; the pool can't use them
         torch.cuda.empty_cache()
         self.fwd = torch.cuda.CUDAGraph()
-        self.bwd = torch.cuda.CUDAGraph()
+        self.bwd = torch.cuda.CUDAGraph() if backward else None
+        grads: tuple = ()
         with no_rng_stash(), causal_masks_skipped(), _no_garbage_collection():
             with torch.cuda.graph(self.fwd, pool=pool, stream=side), _aliased(slots) as aliases:
-                with offload.offloading_into(self.host_buffers):
-                    loss = fn(*self.static_inputs)
-                offload.settle_pending()  # the copies to host joined before the capture ends
+                with offload.offloading_into(self.host_buffers) if backward else contextlib.nullcontext():
+                    outs = _as_tuple(fn(*self.static_inputs))
+                if backward:
+                    offload.settle_pending()  # the copies to host joined before the capture ends
             # allocated between the captures: an ordinary static buffer that backward copies into
-            self.grad_out = torch.ones_like(loss)
-            with torch.cuda.graph(self.bwd, pool=pool, stream=side):
-                grads = torch.autograd.grad(loss, aliases, grad_outputs=self.grad_out, allow_unused=True)
-        self.loss = loss.detach()
+            self.grad_out = torch.ones_like(outs[0])
+            if backward:
+                with torch.cuda.graph(self.bwd, pool=pool, stream=side):
+                    grads = torch.autograd.grad(outs[0], aliases, grad_outputs=self.grad_out, allow_unused=True)
+        self.outputs = [o.detach() for o in outs]
+        self.loss = self.outputs[0]
         self.grads = list(grads)
         self.grad_ptrs = {g.data_ptr() for g in self.grads if g is not None}
 
@@ -176,6 +195,14 @@ class CapturedStep:
         # new tensor objects over the static buffers: autograd keeps them as .grad without a copy
         return [None if g is None else g.detach() for g in self.grads]
 
+    def taken_outputs(self) -> tuple[torch.Tensor, ...]:
+        # copies: the next replay of any graph in the pool may rewrite the static outputs
+        return tuple(o.clone() for o in self.outputs)
+
+
+def _as_tuple(out) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
 
 class _Replay(torch.autograd.Function):
     @staticmethod
@@ -185,10 +212,14 @@ class _Replay(torch.autograd.Function):
         step.fwd.replay()
         ctx.graphs, ctx.step = graphs, step
         ctx.generation = graphs.arm(step)
-        return step.loss.clone()
+        outs = step.taken_outputs()
+        if len(outs) == 1:
+            return outs[0]
+        ctx.mark_non_differentiable(*outs[1:])
+        return outs
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, *_metric_grads):
         graphs, step = ctx.graphs, ctx.step
         graphs.take_armed(step, ctx.generation)
         step.grad_out.copy_(grad)
@@ -203,6 +234,7 @@ class StepGraphs:
         self._no_rng_stash = no_rng_stash or contextlib.nullcontext
         self.max_keys = max_keys
         self._pool = None
+        self._forward_pool = None  # forward-only captures (see replay)
         self._seen: dict = {}
         self._steps: dict = {}
         self._refused: dict = {}
@@ -232,10 +264,22 @@ class StepGraphs:
             )
         self._armed = None
 
-    # -- the entry point
+    # -- the entry points
+    def holds(self, key) -> bool:
+        """Whether `key` has a captured step (its next call replays)."""
+        return key in self._steps
+
     def loss_sum(self, key, fn, inputs: tuple[torch.Tensor, ...], slots: list):
         """The sum of token losses from the graphs, or None when this call should run eagerly.
         `slots` are (module, name, parameter) of every trainable parameter `fn` uses."""
+        return self.replay(key, fn, inputs, slots)
+
+    def replay(self, key, fn, inputs: tuple[torch.Tensor, ...], slots: list, backward: bool = True):
+        """`fn(*inputs)` from the graphs (a tensor, or a tuple whose first member carries the gradient
+        and the rest are metrics), or None when this call should run eagerly.  `backward=False`: a
+        forward under no_grad, captured without a backward, into a pool of its own so that its
+        transients never overwrite a training forward's saved activations (DPO runs the reference
+        forward between the policy's forward and its backward)."""
         step = self._steps.get(key)
         if step is None:
             if key in self._refused or len(self._steps) >= self.max_keys:
@@ -248,7 +292,7 @@ class StepGraphs:
                 return None
             why = _room_for_capture()
             if why is None:
-                step, why = self._capture(fn, inputs, slots)
+                step, why = self._capture(fn, inputs, slots, backward)
             if step is None:
                 self._refused[key] = why
                 self.stats.failures.append(why)
@@ -257,18 +301,28 @@ class StepGraphs:
             self._steps[key] = step
             self._grad_ptrs |= step.grad_ptrs
             self._seen.pop(key, None)
+        if step.backward != backward:  # a key must tell the two kinds apart; never guess
+            raise ValueError(f"sftop CUDA graphs: key {key!r} was captured with backward={step.backward}")
         self.stats.replays += 1
+        if not backward:
+            step.load(inputs)
+            step.fwd.replay()
+            outs = step.taken_outputs()
+            return outs[0] if len(outs) == 1 else outs
         return _Replay.apply(self, step, *inputs, *(p for _m, _n, p in slots))
 
-    def _capture(self, fn, inputs, slots):
+    def _capture(self, fn, inputs, slots, backward=True):
         from . import scratch
 
-        if self._pool is None:
+        if backward and self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        if not backward and self._forward_pool is None:
+            self._forward_pool = torch.cuda.graph_pool_handle()
         # a graph bakes in the scratch buffers' addresses: they must never be freed from now on
         scratch.freeze_all()
         try:
-            step = CapturedStep(fn, inputs, slots, self._pool, self._no_rng_stash)
+            step = CapturedStep(fn, inputs, slots, self._pool if backward else self._forward_pool,
+                                self._no_rng_stash, backward=backward)
         except Exception as exc:  # noqa: BLE001 - an uncapturable model keeps training eagerly
             offload.discard_pending()
             torch.cuda.synchronize()

@@ -184,15 +184,50 @@ def take_open_projections() -> KeptProjections | None:
     return holder
 
 
+class _PlaceholderBuffers:
+    """The one-element NaN buffers every placeholder is a view of, one per dtype and device.
+
+    A placeholder is known by the buffer it views, which this module alone hands out: its views
+    (reshape, transpose, the attention's [B, H, T, D] layout) still share that storage, while
+    anything computed from it, however it is laid out, has storage of its own.  So the attention
+    can refuse q/k/v that something between the projections and it computed on the placeholders
+    (their gradients would be wrong), and a real tensor that happens to be a broadcast (all
+    strides 0) is never taken for one.  The buffers are kept for the process's life (a few bytes),
+    so their memory is never reused by another tensor.
+    """
+
+    def __init__(self):
+        self._buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def view(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        device = torch.device(device)
+        if device.index is None and device.type != "cpu":
+            device = torch.empty(0, device=device).device  # "cuda": the current one, as tensors name it
+        buffer = self._buffers.get((dtype, device))
+        if buffer is None:
+            # made in the eager warm-up runs before any CUDA graph capture of the same code;
+            # setdefault: of two threads making the first one, both use the one that was kept
+            buffer = self._buffers.setdefault((dtype, device), torch.full((1,), float("nan"), dtype=dtype, device=device))
+        return buffer.expand(shape)
+
+    def knows(self, t: torch.Tensor) -> bool:
+        buffer = self._buffers.get((t.dtype, t.device))
+        return buffer is not None and t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+
+
+_PLACEHOLDERS = _PlaceholderBuffers()
+
+
 def placeholder(shape, dtype, device) -> torch.Tensor:
     """What a recomputation hands on in place of a tensor it did not compute: the right shape and
-    dtype for autograd, one NaN element of memory (every stride 0), so that any computation that
-    reads it by mistake is poisoned rather than quietly wrong."""
-    return torch.full((1,), float("nan"), dtype=dtype, device=device).expand(shape)
+    dtype for autograd over one NaN element of memory, so that any computation that reads it by
+    mistake is poisoned rather than quietly wrong."""
+    return _PLACEHOLDERS.view(shape, dtype, device)
 
 
 def is_placeholder(t: torch.Tensor) -> bool:
-    return t.dim() > 0 and t.numel() > 1 and all(st == 0 for st in t.stride())
+    """True for a `placeholder` and its views; False for anything computed, even from one."""
+    return _PLACEHOLDERS.knows(t)
 
 
 class _RoPEOnPlaceholders(torch.autograd.Function):

@@ -56,6 +56,18 @@ def native_gqa() -> bool:
     return "enable_gqa" in (_varlen_api()[1] or ())
 
 
+def packed_attention_config(config):
+    """The config of the layers packed attention would run in: a vision-language model that a kernel
+    family file describes (patching/registry.MULTIMODAL: Qwen2-VL, Qwen2.5-VL) gets it in its
+    language model, whose layers read packed sample boundaries from the text row of its position
+    ids; any other config is returned as it is (`config_supported` refuses other VLMs)."""
+    from .patching.registry import MULTIMODAL
+
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    text = get("text_config")
+    return text if text is not None and get("model_type") in MULTIMODAL else config
+
+
 def config_supported(config, dtype: str) -> tuple[bool, str]:
     """Whether a model with this (text) config can take the packed path: causal full attention in
     every layer, no logit softcapping, no attention dropout, bf16/fp16 compute."""
@@ -88,13 +100,24 @@ def _cu_seq_lens(kwargs: dict, n_tokens: int, device) -> tuple[torch.Tensor, int
         return cu.to(device=device, dtype=torch.int32), int(max_len)
     pos = kwargs.get("position_ids")
     if pos is not None and pos.shape[-1] == n_tokens:
-        # one host sync; only callers that pass position ids without boundaries pay it
+        # Every layer of one forward (and its recomputation) gets the same position ids tensor:
+        # its boundaries are found once, with one host sync, not once per layer.
+        last = _LAST_BOUNDARIES[0]
+        if last is not None and last[0] is pos and last[1] == pos._version and last[2] == device:
+            return last[3], last[4]
         starts = (pos.reshape(-1) == 0).nonzero().flatten()
         if starts.numel() == 0 or int(starts[0]) != 0:
             starts = torch.cat([starts.new_zeros(1), starts])
         cu = torch.cat([starts, starts.new_full((1,), n_tokens)]).to(device=device, dtype=torch.int32)
-        return cu, int(cu.diff().max())
+        max_len = int(cu.diff().max())
+        # holding `pos` keeps its identity unique while it is remembered
+        _LAST_BOUNDARIES[0] = (pos, pos._version, device, cu, max_len)
+        return cu, max_len
     return torch.tensor([0, n_tokens], device=device, dtype=torch.int32), n_tokens
+
+
+# (position ids, their version, device, boundaries, longest row) of the last packed row seen
+_LAST_BOUNDARIES: list = [None]
 
 
 def block_causal_mask(cu: torch.Tensor, n_tokens: int) -> torch.Tensor:

@@ -101,7 +101,7 @@ class SftopApp(App[int]):
             return
         self.attach(run)
 
-    def stop_run(self, run: RunDir, then: Callable[[], None] | None = None) -> None:
+    def stop_run(self, run: RunDir, then: Callable[[], object] | None = None) -> None:
         """Ask first; then stop the run (it checkpoints, then exits) off the event loop."""
 
         def answered(yes: bool | None) -> None:

@@ -30,8 +30,21 @@ def _tiny_llama():
 def test_the_message_names_package_version_and_range():
     msg = compat.moved("peft", "LoraLayer.lora_A")
     assert msg.startswith(f"peft {importlib.metadata.version('peft')}: LoraLayer.lora_A is missing")
-    low, high = compat.TESTED["peft"]
-    assert f"tested with peft {low} to {high}" in msg
+    assert f"tested with peft{compat.TESTED['peft']}" in msg
+
+
+def test_the_tested_ranges_are_pyprojects_dependency_ranges():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    ranges = {Requirement(r).name: Requirement(r).specifier
+              for r in tomllib.loads(pyproject.read_text())["project"]["dependencies"]}
+    for package, tested in compat.TESTED.items():
+        assert package in ranges, f"{package} is in compat.TESTED but not a dependency in pyproject.toml"
+        assert Requirement(package + tested).specifier == ranges[package], (
+            f"compat.TESTED[{package!r}] = {tested!r} but pyproject.toml requires {ranges[package]}")
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -48,6 +61,24 @@ def test_attn_implementation_and_checkpoint_function():
     model.set_attn_implementation("eager")
     assert compat.attn_implementation(model.config) == "eager", compat.moved(
         "transformers", f"set_attn_implementation writing config.{compat.ATTN_IMPLEMENTATION}")
+
+    # what the vision tower does to its own sub-config: the attention reads it at call time
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = []
+
+    def recording(module, *args, **kwargs):
+        seen.append(type(module).__name__)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("sftop_compat_probe", recording)
+    compat.set_config_attn_implementation(model.config, "sftop_compat_probe")
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert seen == ["LlamaAttention"] * 2, compat.moved(
+        "transformers", f"attention modules reading config.{compat.ATTN_IMPLEMENTATION} at call time")
+    compat.set_config_attn_implementation(model.config, "eager")
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = [m for m in model.model.layers if compat.checkpoint_function(m, own=True) is not None]

@@ -71,6 +71,65 @@ def test_backward_must_follow_its_own_forward():
     graphs.take_armed(a, gen_a2)
 
 
+class _Recorded:
+    """Stands in for a torch.cuda.CUDAGraph: replaying runs the recorded work on the static buffers."""
+
+    def __init__(self, work):
+        self.replay = work
+
+
+def _fake_step(w, backward):
+    """A captured step of y = x * w with the metric x + 1, over static buffers as a capture leaves them."""
+    step = object.__new__(cg.CapturedStep)
+    step.n_inputs, step.backward = 1, backward
+    step.static_inputs = [torch.zeros(5)]
+    step.outputs = [torch.zeros(5), torch.zeros(5)]
+    step.loss = step.outputs[0]
+    step.grad_out = torch.ones(5)
+    step.grads = [torch.zeros(5)] if backward else []
+    step.grad_ptrs = {g.data_ptr() for g in step.grads}
+    x = step.static_inputs[0]
+
+    def forward():
+        step.outputs[0].copy_(x * w.detach())
+        step.outputs[1].copy_(x + 1)
+
+    def grads():
+        step.grads[0].copy_(step.grad_out * x)
+
+    step.fwd = _Recorded(forward)
+    step.bwd = _Recorded(grads) if backward else None
+    return step
+
+
+def test_replay_hands_out_a_vector_output_and_metrics_and_takes_the_vectors_gradient():
+    """The generalised replay (vector output + metrics, the incoming gradient copied in) and the
+    forward-only one, with the graphs replaced by recorded work."""
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.randn(5))
+    slots = [(module, "w", module.w)]
+    graphs = cg.StepGraphs()
+    graphs._steps["train"] = _fake_step(module.w, backward=True)
+    graphs._grad_ptrs |= graphs._steps["train"].grad_ptrs
+    graphs._steps["forward"] = _fake_step(module.w, backward=False)
+    x = torch.randn(5)
+    y, metric = graphs.replay("train", None, (x,), slots)
+    assert torch.equal(y, x * module.w.detach()) and torch.equal(metric, x + 1)
+    assert y.requires_grad and not metric.requires_grad
+    g = torch.randn(5)
+    (y * g).sum().backward()
+    assert torch.equal(module.w.grad, g * x)  # the upstream vector reached the captured backward
+    assert module.w.grad.data_ptr() in graphs._grad_ptrs  # handed out without a copy
+    with torch.no_grad():
+        y2, metric2 = graphs.replay("forward", None, (2 * x,), slots, backward=False)
+    assert torch.equal(y2, 2 * x * module.w.detach()) and torch.equal(metric2, 2 * x + 1)
+    y2.add_(1)  # the caller's own copies: the static outputs stay as replayed
+    assert torch.equal(graphs._steps["forward"].outputs[0], 2 * x * module.w.detach())
+    assert graphs.stats.replays == 2
+    with pytest.raises(ValueError, match="captured with backward=False"):
+        graphs.replay("forward", None, (x,), slots)
+
+
 @pytest.mark.parametrize("n,hid,vocab,num_items", [(29, 32, 300, None), (17, 24, 257, 40)])
 def test_loss_without_row_selection_matches_with_it(poison, n, hid, vocab, num_items):
     """The capture-safe mode sends ignored rows through the kernel: they must add nothing."""

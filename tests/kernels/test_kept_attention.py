@@ -273,6 +273,78 @@ def test_something_computing_on_the_placeholders_is_refused(monkeypatch):
         loss.backward()
 
 
+@cpu_only
+def test_q_k_v_computed_on_placeholders_are_refused_even_laid_out_like_them(monkeypatch):
+    # a step between the projections and attention that computes on the placeholders but keeps
+    # their all-zero strides (a broadcast of one computed element): known by stride pattern it
+    # would pass for a placeholder, and the backward would run on the first run's q/k/v while
+    # the gradients flowed through a computation it never saw
+    from sftop.kernels.recompute import KeptProjections, placeholder
+
+    def computed_like_a_placeholder(shape, dtype, device):
+        return (placeholder(shape, dtype, device).reshape(-1)[:1] * 1.0).expand(shape)
+
+    monkeypatch.setattr(KeptProjections, "placeholder", staticmethod(computed_like_a_placeholder))
+    m = _offloading_kept_model("llama", monkeypatch, keep=True, hooks=_CopyingHooks())
+    ids = torch.randint(3, 301, (1, 9), generator=torch.Generator().manual_seed(4))
+    loss = m(input_ids=ids, labels=ids).loss
+    with pytest.raises(RuntimeError, match="attention got computed q/k/v where the recomputation handed on placeholders"):
+        loss.backward()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_q_k_v_computed_on_placeholders_are_refused_on_the_gpu(monkeypatch):
+    # the test above through cuDNN and the real offload, in a whole patched bf16 model
+    from _tiny_models import bf16_lora_llama
+
+    from sftop.kernels.recompute import KeptProjections, placeholder
+
+    def computed_like_a_placeholder(shape, dtype, device):
+        return (placeholder(shape, dtype, device).reshape(-1)[:1] * 1.0).expand(shape)
+
+    monkeypatch.setenv("SFTOP_CUDA_GRAPHS", "0")
+    monkeypatch.setenv(ka.ENV_SWITCH, "1")
+    m = bf16_lora_llama(hidden=1024, layers=2)
+    assert K.patch_model(m).parts["kept_projections"] == "fused"
+    m.train()
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=True)
+    monkeypatch.setattr(KeptProjections, "placeholder", staticmethod(computed_like_a_placeholder))
+    ids = torch.randint(0, 1000, (1, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    loss = m(input_ids=ids, labels=ids).loss
+    with pytest.raises(RuntimeError, match="attention got computed q/k/v where the recomputation handed on placeholders"):
+        loss.backward()
+
+
+def test_placeholders_are_known_by_their_storage_not_their_strides():
+    from sftop.kernels.recompute import is_placeholder, placeholder
+
+    p = placeholder((2, 5, 12), torch.float32, "cpu")
+    # views of a placeholder (the attention's [B, H, T, D] layout) are still placeholders
+    assert is_placeholder(p.view(2, 5, 3, 4).transpose(1, 2)) and is_placeholder(p.reshape(10, 12))
+    # computed from one, however it is laid out, is not
+    computed = (p.reshape(-1)[:1] * 1.0).expand(2, 5, 12)
+    assert computed.stride() == (0, 0, 0) and not is_placeholder(computed)
+    assert not is_placeholder(p + 0) and not is_placeholder(p.contiguous())
+    # a real broadcast with every stride 0 (even of a NaN) is data, not a placeholder
+    assert not is_placeholder(torch.full((1,), float("nan")).expand(2, 5, 12))
+    # a placeholder of one element is still one, and each dtype has its own
+    one = placeholder((1, 1, 1), torch.float64, torch.device("cpu"))
+    assert is_placeholder(one) and is_placeholder(one.view(1, 1, 1, 1))
+    assert one.dtype == torch.float64 and not is_placeholder(one.to(torch.float32))
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_placeholders_on_the_gpu_are_known_whichever_way_the_device_is_named():
+    from sftop.kernels.recompute import is_placeholder, placeholder
+
+    for device in ("cuda", torch.device("cuda", torch.cuda.current_device())):
+        p = placeholder((3, 4, 8), torch.bfloat16, device)
+        assert p.is_cuda and is_placeholder(p) and is_placeholder(p.transpose(0, 1))
+        assert not is_placeholder(p * 1) and not is_placeholder(torch.zeros(1, device="cuda").expand(3, 4, 8))
+
+
 def test_placeholders_hold_one_nan_and_the_right_metadata():
     from sftop.kernels.recompute import is_placeholder, placeholder
 

@@ -39,6 +39,7 @@ def test_cli_help_is_light():
 
 def test_planning_imports_neither_torch_nor_triton(tmp_path):
     # `sftop plan` runs before anything is installed on a GPU, and on laptops: it reads configs only
+    # (`--data`, which tokenises the rows through transformers, is the one opt-in exception).
     code = (
         "import os, sys\n"
         f"os.environ.update(SFTOP_HOME={str(tmp_path)!r}, HF_HOME={str(tmp_path)!r}, HF_HUB_OFFLINE='1')\n"

@@ -116,11 +116,14 @@ def test_preset_key(setting):
 def test_sftop_plan_reads_the_data_and_shows_the_split(home, capsys):
     from sftop.cli import main
 
-    assert main(["plan", "demo"]) == 0
+    assert main(["plan", "demo"]) == 0  # without --data: sized for max_length, and says how to see more
+    text = capsys.readouterr().out
+    assert "sized for data.max_length" in text and "sftop plan --data" in text and "sized for the data:" not in text
+    assert main(["plan", "demo", "--data"]) == 0
     text = capsys.readouterr().out
     assert "16 rows/step in 1 micro-batch of <= " in text and "split by tokens" in text
     assert "sized for the data:" in text
-    assert main(["plan", "demo", "--set", 'plan.split_by="rows"']) == 0
+    assert main(["plan", "demo", "--data", "--set", 'plan.split_by="rows"']) == 0
     text = capsys.readouterr().out
     assert "micro-batch      16 rows (packed, up to " in text and "split by tokens" not in text
 

@@ -239,11 +239,11 @@ def test_stop_run_signals_a_foreground_run_alone(tmp_path):
     mark = tmp_path / "got-term"
     code = ("import signal, sys, time, pathlib\n"
             f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(mark)!r}).write_text('1'), sys.exit(0)))\n"
+            "print('handler installed', flush=True)\n"
             "time.sleep(30)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code])
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: process_start_time(proc.pid))
-        time.sleep(0.3)  # let it install the handler
+        assert proc.stdout is not None and proc.stdout.readline() == "handler installed\n"
         run.write_status(status="running", foreground=True, pid=proc.pid, pgid=None,
                          trainer_start=process_start_time(proc.pid), started=time.time())
         assert "Stopping run" in stop_run(run)

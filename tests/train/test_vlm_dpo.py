@@ -47,6 +47,7 @@ def test_vlm_dpo_learns_the_preferred_colour(vlm_dpo_run):
     assert "image 1: file img/4.png" in started["data"]["problems"][0]["reason"]
     assert started["data"]["images"]["images"] == 8
     assert started["kernels"]["reference"] == "adapter off"
+    assert started["kernels"]["dpo_graphs"].startswith("off: "), started["kernels"]  # no GPU here: said why
     steps = of_type(records, "step")
     assert [s["step"] for s in steps] == list(range(1, 13))
     # policy == reference at the start: log 2, no margin, no pair preferred yet

@@ -56,7 +56,8 @@ def test_vlm_run_started_reports_images_packing_and_kernels(vlm_run):
     _, run_dir, _, _ = vlm_run
     started = of_type(_events(run_dir), "run_started")[0]
     env = started["environment"]
-    assert env["packing"] is False and "vision-language" in env["packing_reason"]
+    # Qwen2-VL packs its micro-batches (tests/train/test_vlm_packed_run.py checks the losses)
+    assert env["packing"] is True and "padding-free" in env["packing_reason"]
     assert env["model"]["vision_family"] == "qwen2_vl"
     assert started["kernels"]["enabled"] is False and started["kernels"]["reason"] == "train.kernels = off"
     data = started["data"]
@@ -69,7 +70,7 @@ def test_vlm_run_started_reports_images_packing_and_kernels(vlm_run):
     # 56x56 images snap to 56x56: 2x2 merged blocks -> 4 <|image_pad|> + start/end markers
     assert images["images"] == 21 and images["image_tokens_max_per_row"] == 6
     assert 0 < images["image_token_share"] < 1
-    assert started["preset"]["data"]["packing"] is False
+    assert started["preset"]["data"]["packing"] is True
     assert any("image tokens per micro-batch" in n for n in started["plan"]["notes"])
 
 

@@ -87,3 +87,40 @@ def write_colour_preferences(folder: Path, rows: int = 8, seed: int = 0, size: i
     path = folder / "pairs.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_mixed_dataset(folder: Path, rows: int = 12, seed: int = 0, sizes=((56, 56), (84, 56), (56, 112))) -> Path:
+    """Rows of mixed text lengths holding 0 to 2 images of mixed sizes: their lengths differ, so a
+    padded batch carries padding that a packed one does not."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(rows):
+        names = []
+        for k in range(rng.choice((0, 1, 1, 2))):
+            width, height = rng.choice(sizes)
+            name = f"img/{i}-{k}.png"
+            Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3))).save(folder / name)
+            names.append(name)
+        question = " ".join(rng.choice(("what", "colour", "shape", "is", "the", "left", "one")) for _ in range(rng.randint(2, 14)))
+        answer = " ".join(rng.choice(sorted(COLOURS)) for _ in range(rng.randint(1, 10)))
+        content = [{"type": "image"} for _ in names] + [{"type": "text", "text": question}]
+        lines.append(json.dumps({"messages": [{"role": "user", "content": content},
+                                              {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+                                 "images": names}))
+    path = folder / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def save_tiny_vlm(folder: Path, family_name: str) -> Path:
+    """A family's tiny random-init model and offline processor saved as a local model directory."""
+    from sftop.engine.models.vision.registry import all_families
+
+    family = all_families()[family_name]
+    if not (folder / "config.json").is_file():
+        family.tiny_model().save_pretrained(folder)
+        family.offline_processor().save_pretrained(folder)
+    return folder

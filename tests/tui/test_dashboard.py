@@ -258,7 +258,7 @@ async def test_samples_pane_shows_the_newest_answers_at_80x24(services):
                                          {"prompt": "What is 3+8?", "answer": "11"}]).to_dict(), "time": T0 + 30},
         ])
         await wait_until(pilot, lambda: "step 20" in text_of(app, "#samples"))
-        await pilot.pause(0.1)
+        await pilot.pause()  # laid out: the pane's region is measured below
         text = text_of(app, "#samples")
         assert "What is 5+7? → 12" in text and "What is 3+8? → 11" in text and "→ 13" not in text
         assert pane.display and pane.region.height <= 2 and pane.region.right <= 80

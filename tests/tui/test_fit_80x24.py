@@ -29,11 +29,12 @@ async def test_a_finished_runs_last_log_line_is_shown_whole(services):
     app = SftopApp(start="dashboard", run=run, services=services)
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await open_dashboard(pilot, app)
+
+        def log_shown() -> str:
+            return "".join(line.strip("│ ") for line in screen_lines(app)[-7:-2]).replace(" ", "")
+
         await wait_until(pilot, lambda: screen._log_lines and screen._log_lines[-1] == last)
-        await pilot.pause(0.2)
-        lines = screen_lines(app)
-        log_rows = [line.strip("│ ") for line in lines[-7:-2]]
-        assert "".join(log_rows).replace(" ", "").endswith(last.replace(" ", ""))
+        await wait_until(pilot, lambda: log_shown().endswith(last.replace(" ", "")))
         log = screen.query_one("#log")
         assert log.region.bottom <= 23 and log.max_scroll_x == 0  # wrapped: nothing to scroll sideways
 
@@ -51,7 +52,8 @@ async def test_a_stopped_run_with_samples_keeps_every_stats_row(services):
         screen = await open_dashboard(pilot, app)
         await wait_until(pilot, lambda: "sftop resume" in text_of(app, "#run-status")
                          and screen.query_one("#samples").display)
-        await pilot.pause(0.3)
+        await wait_until(pilot, lambda: "What is 5+7? → 12" in "\n".join(screen_lines(app)))
+        await pilot.pause()  # the samples pane shown, the log's rows laid out again
         shown = "\n".join(screen_lines(app))
         for label in STATS:
             assert f"│ {label}" in shown, label
@@ -76,8 +78,9 @@ async def test_home_shows_run_names_and_models_without_scrolling_sideways(servic
     recorded_run("qwen-alpaca", when=T0 + 60, overrides=["model.name=Qwen/Qwen2.5-1.5B-Instruct"])
     app = SftopApp(services=services)
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_until(pilot, lambda: runs_ready(app, 2))
-        await pilot.pause(0.3)
+        # the runs listed and the GPU panel filled: the home screen's layout is then final
+        await wait_until(pilot, lambda: runs_ready(app, 2) and "GiB" in str(app.screen.query_one("#gpus").render()))
+        await pilot.pause()
         shown = "\n".join(screen_lines(app))
         assert "20260101-000000-demo-arithmetic  finished" in shown and "builtin:demo-tiny" in shown
         assert "20260101-000100-qwen-alpaca " in shown
@@ -103,7 +106,7 @@ async def test_the_data_check_shows_the_whole_sample(services, tmp_path, monkeyp
         await pilot.press("ctrl+n")
         step = app.screen.query_one(DatasetStep)
         await wait_until(pilot, lambda: step.result is not None or step.error, timeout=120)
-        await pilot.pause(0.3)
+        await wait_until(pilot, lambda: any("no problems found" in line for line in screen_lines(app)))
         shown = screen_lines(app)
         assert any("no problems found" in line for line in shown)
         assert any("<|im_start|>assistant" in line for line in shown)  # the sample's answer is in view
@@ -129,7 +132,8 @@ async def plan_view_of(pilot, preset_ref):
     app.screen.show_step(3)
     plan = app.screen.query_one(PlanStep)
     await wait_until(pilot, lambda: plan.plan is not None or plan.error, timeout=60)
-    await pilot.pause(0.3)
+    await wait_until(pilot, lambda: text_of(app, "#plan-view").strip())
+    await pilot.pause()  # laid out: the callers measure where the view ends
     return plan, text_of(app, "#plan-view")  # unwrapped: a phrase may span two screen rows
 
 
@@ -174,8 +178,7 @@ async def test_4bit_is_not_offered_without_a_gpu(services, monkeypatch):
         from sftop.tui.wizard.screen import WizardScreen
 
         await wait_until(pilot, lambda: isinstance(app.screen, WizardScreen) and app.screen.draft is not None)
-        app.screen.show_step(2)
-        await pilot.pause(0.2)
+        app.screen.show_step(2)  # loads the step's fields at once
         box = app.screen.query_one("#field-4bit", Checkbox)
         assert box.disabled and not box.value
         assert "needs an NVIDIA GPU; none here" in str(box.label)
@@ -184,7 +187,6 @@ async def test_4bit_is_not_offered_without_a_gpu(services, monkeypatch):
         from sftop.tui.wizard.screen import WizardScreen
 
         await wait_until(pilot, lambda: isinstance(app.screen, WizardScreen) and app.screen.draft is not None)
-        app.screen.show_step(2)
-        await pilot.pause(0.2)
+        app.screen.show_step(2)  # loads the step's fields at once
         box = app.screen.query_one("#field-4bit", Checkbox)
         assert not box.disabled and "none here" not in str(box.label)

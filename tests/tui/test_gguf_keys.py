@@ -1,7 +1,7 @@
 """Where the TUI offers the GGUF export: `g` on the runs screen and on a finished run's dashboard."""
 
 from tui_fixtures import mark_alive, recorded_run
-from tui_helpers import text_of, wait_until
+from tui_helpers import notices, text_of, wait_until
 
 from sftop.tui.app import SftopApp
 from sftop.tui.screens.dashboard import DashboardScreen
@@ -27,11 +27,11 @@ async def test_runs_screen_opens_the_gguf_export_for_a_run_with_an_adapter(servi
 async def test_runs_screen_says_when_there_is_nothing_to_export(services):
     recorded_run("fresh")
     app = SftopApp(start="runs", services=services)
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
         await wait_until(pilot, lambda: isinstance(app.screen, RunsScreen)
                          and app.screen.query_one("#runs", RunsTable).row_count == 1)
         await pilot.press("g")
-        await wait_until(pilot, lambda: any("no adapter or checkpoint" in n.message for n in app._notifications))
+        await wait_until(pilot, lambda: any("no adapter or checkpoint" in m for m in notices(app, "warning")))
         assert isinstance(app.screen, RunsScreen)
 
 
@@ -39,10 +39,10 @@ async def test_dashboard_offers_gguf_only_once_the_run_has_finished(services):
     running = recorded_run("busy", steps=3, total=60, finished=False)
     mark_alive(running)
     app = SftopApp(start="dashboard", run=running, services=services)
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
         await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed)
         await pilot.press("g")
-        await wait_until(pilot, lambda: any("once it has finished" in n.message for n in app._notifications))
+        await wait_until(pilot, lambda: any("once it has finished" in m for m in notices(app, "warning")))
         assert isinstance(app.screen, DashboardScreen)
 
     done = recorded_run("done")

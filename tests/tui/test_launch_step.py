@@ -40,9 +40,8 @@ async def test_tab_away_and_back_keeps_the_typed_preset_name(services):
         await pilot.press("shift+tab")
         assert app.focused is app.screen.query_one("#save-name")
         await pilot.press(*"-v2")
-        await pilot.pause(0.1)
+        await wait_until(pilot, lambda: any("save as preset  mine-v2" in line for line in screen_lines(app)))
         assert step.save_name == "mine-v2"
-        assert any("save as preset  mine-v2" in line for line in screen_lines(app))
 
 
 @pytest.mark.timeout(120)

@@ -1,5 +1,8 @@
 """SVG snapshots of the main screens at 80x24, from fixed runs, a fixed GPU reading and a fixed clock.
 
+Each `run_before` awaits what its screen shows; the snapshot is then taken once the app is idle
+and its animations are done (pytest-textual-snapshot waits for both).
+
 Review changes with `pytest tests/tui/test_snapshots.py --snapshot-update` and the HTML report.
 """
 
@@ -41,7 +44,6 @@ def runs_shown(count):
             return isinstance(screen, RunsScreen) or "GiB" in str(screen.query_one("#gpus").render())
 
         await wait_until(pilot, ready)
-        await pilot.pause(0.3)
     return run_before
 
 
@@ -57,7 +59,6 @@ def test_home_empty_without_gpu(snap_compare, no_gpu_services):
         await wait_until(pilot, lambda: isinstance(pilot.app.screen, HomeScreen)
                          and pilot.app.screen.query_one("#no-runs").display
                          and "No GPU" in str(pilot.app.screen.query_one("#gpus").render()))
-        await pilot.pause(0.3)
 
     assert snap_compare(SftopApp(services=no_gpu_services), run_before=run_before)
 
@@ -73,7 +74,6 @@ def test_dashboard_finished(snap_compare, services):
 
     async def run_before(pilot):
         await wait_until(pilot, lambda: dashboard_ready(pilot))
-        await pilot.pause(0.3)
 
     assert snap_compare(SftopApp(start="dashboard", run=run, services=services), run_before=run_before)
 
@@ -84,7 +84,6 @@ def test_dashboard_running(snap_compare, services):
 
     async def run_before(pilot):
         await wait_until(pilot, lambda: dashboard_ready(pilot))
-        await pilot.pause(0.3)
 
     assert snap_compare(SftopApp(start="dashboard", run=run, services=services), run_before=run_before)
 
@@ -104,7 +103,6 @@ def test_quit_dialog(snap_compare, services):
         await wait_until(pilot, lambda: isinstance(pilot.app.screen, HomeScreen))
         await pilot.press("q")
         await wait_until(pilot, lambda: isinstance(pilot.app.screen, ConfirmScreen))
-        await pilot.pause(0.3)
 
     assert snap_compare(SftopApp(services=services), run_before=run_before)
 
@@ -112,7 +110,12 @@ def test_quit_dialog(snap_compare, services):
 def test_wizard_model_step(snap_compare, services):
     async def run_before(pilot):
         await wait_until(pilot, lambda: isinstance(pilot.app.screen, WizardScreen))
-        await pilot.pause(0.5)
+        # the HF cache scan that fills the model list (its result is shown once the app is idle)
+        def scanned():
+            scans = [w for w in pilot.app.workers if w.group == "hf-cache"]
+            return scans and all(w.is_finished for w in scans)
+
+        await wait_until(pilot, scanned)
 
     assert snap_compare(SftopApp(start="wizard", services=services), run_before=run_before)
 
@@ -129,7 +132,6 @@ def test_wizard_dataset_with_bad_rows(snap_compare, services):
         await wait_until(pilot, lambda: step.checked_source == "builtin:sample-broken" and step.result is not None,
                          timeout=120)
         await pilot.press("ctrl+n")
-        await pilot.pause(0.3)
 
     assert snap_compare(SftopApp(start="wizard", services=services), run_before=run_before, terminal_size=(80, 30))
 
@@ -141,6 +143,5 @@ def test_wizard_plan_from_rerun(snap_compare, services):
         await wait_until(pilot, lambda: isinstance(pilot.app.screen, WizardScreen))
         step = pilot.app.screen.query_one(PlanStep)
         await wait_until(pilot, lambda: step.plan is not None or step.error, timeout=60)
-        await pilot.pause(0.3)
 
     assert snap_compare(SftopApp(services=services), run_before=run_before)

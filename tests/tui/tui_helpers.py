@@ -57,5 +57,8 @@ async def run_from_palette(pilot, query: str, expect: str) -> None:
 
 
 def screen_lines(app) -> list[str]:
-    """The terminal's lines as the user sees them (plain text, one per row of the screen)."""
+    """The terminal's lines as the user sees them (plain text, one per row of the screen).
+
+    Textual offers the composed screen publicly only as an SVG screenshot; its compositor's
+    strips are the same content as text, so this one helper reads them."""
     return ["".join(segment.text for segment in strip) for strip in app.screen._compositor.render_strips()]

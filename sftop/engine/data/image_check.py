@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from sftop.engine.data.conversation import Conversation, ImagePart, Message
+from sftop.engine.data.conversation import Conversation, ImagePart, Message, Part
 from sftop.engine.data.formats import RowError
 from sftop.engine.data.images import ImageError, ImageRules, PreparedImage, prepare_image
 from sftop.engine.data.validate import ValidationReport
@@ -46,7 +46,7 @@ def load_row_images(conv: Conversation, base_dir: str | Path | None, rules: Imag
     prepared: list[PreparedImage] = []
     messages = []
     for message in conv.messages:
-        content = []
+        content: list[Part] = []
         for part in message.content:
             if isinstance(part, ImagePart):
                 try:

@@ -17,7 +17,7 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, Sequence, TypeVar
+from typing import Any, Protocol, Sequence, TypeVar
 
 from sftop.engine.data.conversation import Conversation
 from sftop.engine.data.formats import RowError
@@ -215,8 +215,8 @@ def split_rows(rows: Sequence[T], fraction: float, seed: int) -> tuple[list[T], 
 
 @dataclass
 class PreparedData:
-    train: "object"  # datasets.Dataset with input_ids, labels
-    eval: "object | None"
+    train: Any  # datasets.Dataset with input_ids, labels (datasets is not type-checked: Any)
+    eval: Any  # the same, or None
     report: ValidationReport
     stats: DataStats
     format: str

@@ -197,7 +197,7 @@ def _read_csv(path: Path, delimiter: str) -> tuple[list, dict[int, str]]:
             errors[index] = problem
             rows.append(None)
             continue
-        row = dict(zip(header, record))
+        row: dict[str | None, str | list[str]] = dict(zip(header, record))
         if len(record) > len(header):
             row[None] = record[len(header):]  # what csv.DictReader does with extra fields
         rows.append(row)
@@ -420,6 +420,8 @@ def load_rows(section: DataSection) -> RawRows:
         raise DataError("data.source is empty", where="data.source",
                         hint=f"Set it to a {_SUPPORTED}")
     errors: dict[int, str] = {}
+    kind: str
+    rows: Sequence[Any]
     if source.startswith(BUILTIN_PREFIX):
         kind, rows = "builtin", load_builtin(source)
     else:
@@ -430,8 +432,8 @@ def load_rows(section: DataSection) -> RawRows:
                 hint=f"Point data.source at a {_SUPPORTED}",
             )
         if path.is_file():
-            kind = FILE_KINDS.get(path.suffix.lower())
-            if kind is None:
+            file_kind = FILE_KINDS.get(path.suffix.lower())
+            if file_kind is None:
                 raise DataError(
                     f"sftop cannot read {path.suffix or 'extension-less'} files ({path})",
                     where=f"data.source = {source!r}",
@@ -440,6 +442,7 @@ def load_rows(section: DataSection) -> RawRows:
             if path.stat().st_size == 0:
                 raise DataError(f"{path} holds no rows (the file is empty)", where=f"data.source = {source!r}",
                                 hint="Point data.source at a file with data in it")
+            kind = file_kind
             rows, errors = _read_file(path, kind, section.split)
         elif path.is_dir():
             kind, rows, errors = _read_folder(path, section.split, source)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 from sftop.engine.data.conversation import Conversation
 from sftop.engine.data.formats import RowError
@@ -94,7 +94,7 @@ class Encoder:
         limit = self.max_chars()
         if limit is None:
             return
-        chars = len(conv.document) if conv.is_document else sum(len(m.text_content) for m in conv.messages)
+        chars = len(conv.document) if conv.document is not None else sum(len(m.text_content) for m in conv.messages)
         if chars > limit:
             raise RowError(f"{chars:,} characters, far more than data.max_length = {self.max_length} tokens can hold "
                            "(rejected before tokenising)")
@@ -137,7 +137,7 @@ class Encoder:
     def assistant_spans(self, conv: Conversation, full: str) -> list[tuple[int, int]]:
         """Character spans of the assistant turns in `full`, found by incremental rendering."""
         messages = self.template_messages(conv)
-        spans = []
+        spans: list[tuple[int, int]] = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
@@ -292,30 +292,32 @@ class Encoder:
             for conv in chunk:
                 try:
                     self.check_chars(conv)
-                    texts.append(conv.document if conv.is_document else self._render_full(conv))
+                    texts.append(conv.document if conv.document is not None else self._render_full(conv))
                 except RowError as exc:
                     texts.append(exc)
             ok = [k for k, t in enumerate(texts) if isinstance(t, str)]
             docs = [k for k in ok if chunk[k].is_document]
             chats = [k for k in ok if not chunk[k].is_document]
-            encoded: dict[int, object] = {}
+            doc_ids: dict[int, list[int]] = {}
+            chat_encodings: dict[int, dict[str, Any]] = {}
             if docs:
                 batch = self.tokenizer([texts[k] for k in docs], add_special_tokens=True)["input_ids"]
-                encoded.update(zip(docs, batch))
+                doc_ids.update(zip(docs, batch))
             if chats:
                 batch = self.tokenizer([texts[k] for k in chats], add_special_tokens=False,
                                        return_offsets_mapping=self._fast)
                 for n, k in enumerate(chats):
-                    encoded[k] = {key: batch[key][n] for key in batch.keys()}
+                    chat_encodings[k] = {key: batch[key][n] for key in batch.keys()}
             for k, conv in enumerate(chunk):
-                if isinstance(texts[k], RowError):
-                    yield texts[k]
+                text = texts[k]
+                if isinstance(text, RowError):
+                    yield text
                     continue
                 try:
                     if conv.is_document:
-                        ids, mask = self.encode_document(conv, encoded[k])
+                        ids, mask = self.encode_document(conv, doc_ids[k])
                     else:
-                        ids, mask = self.encode_chat(conv, texts[k], encoded[k])
+                        ids, mask = self.encode_chat(conv, text, chat_encodings[k])
                     yield self._finish(conv, ids, mask)
                 except RowError as exc:
                     yield exc

@@ -103,7 +103,7 @@ def _reason_kind(reason: str) -> str:
 
 def check_structure(conv: Conversation, loss_on: str, *, allow_images: bool = False) -> None:
     """Raise `RowError` if the conversation cannot be trained on as it is."""
-    if conv.is_document:
+    if conv.document is not None:
         if not conv.document.strip():
             raise RowError("`text` is empty")
         return

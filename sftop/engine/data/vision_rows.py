@@ -113,11 +113,11 @@ def attach_images(conv: Conversation, images: list, *, column: str | None = None
                 f"but the row has {has}"
             )
         it = iter(images)
-        messages = tuple(
+        filled = tuple(
             Message(m.role, tuple(ImagePart(next(it)) if _is_placeholder(p) else p for p in m.content))
             for m in conv.messages
         )
-        return Conversation(messages=messages, source_index=conv.source_index)
+        return Conversation(messages=filled, source_index=conv.source_index)
     if column is None:
         return conv  # a text dataset: `<image>` in its text is just text
     markers = sum(p.text.count(IMAGE_MARKER) for m in conv.messages for p in m.content if isinstance(p, TextPart))
@@ -128,7 +128,7 @@ def attach_images(conv: Conversation, images: list, *, column: str | None = None
                 f"{_plural(markers, f'`{IMAGE_MARKER}` marker')} but the row has {_plural(len(images), 'image')} in {where}"
             )
         taken = [0]
-        messages = []
+        split: list[Message] = []
         for m in conv.messages:
             content: list[Part] = []
             for p in m.content:
@@ -136,17 +136,17 @@ def attach_images(conv: Conversation, images: list, *, column: str | None = None
                     content += _split_at_markers(p.text, images, taken)
                 else:
                     content.append(p)
-            messages.append(Message(m.role, tuple(content)))
-        return Conversation(messages=tuple(messages), source_index=conv.source_index)
+            split.append(Message(m.role, tuple(content)))
+        return Conversation(messages=tuple(split), source_index=conv.source_index)
     if not images:
         return conv
     first_user = next((i for i, m in enumerate(conv.messages) if m.role == "user"), None)
     if first_user is None:
         raise RowError(f"the row has {_plural(len(images), 'image')} in {where} but no user message to show them in")
-    messages = list(conv.messages)
-    m = messages[first_user]
-    messages[first_user] = Message(m.role, tuple(ImagePart(ref) for ref in images) + m.content)
-    return Conversation(messages=tuple(messages), source_index=conv.source_index)
+    shown = list(conv.messages)
+    m = shown[first_user]
+    shown[first_user] = Message(m.role, tuple(ImagePart(ref) for ref in images) + m.content)
+    return Conversation(messages=tuple(shown), source_index=conv.source_index)
 
 
 def normalise_image_row(row: dict, fmt: str, index: int = -1, image_column: str | None = None) -> Conversation:

@@ -454,9 +454,11 @@ def fused_ce_bytes(shape: ModelShape, setup: Setup, tokens: int) -> int:
     return rows * per_row + (3 * dt * shape.hidden + FUSED_CE_INDEX_BYTES) * tokens
 
 
-def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None = None) -> Estimate:
-    """Peak memory for a micro-batch of `tokens` tokens: one packed row, or rows of `seq_len` each."""
-    rows = max(1, tokens // (seq_len or tokens))
+def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None = None,
+             rows: int | None = None) -> Estimate:
+    """Peak memory for a micro-batch of `tokens` tokens: one packed row, or rows of `seq_len` each.
+    `rows`: how many rows the micro-batch holds (packed or not), for a VLM's image terms."""
+    rows = rows or max(1, tokens // (seq_len or tokens))
     seq_len = tokens if setup.packed else (seq_len or tokens)
     h = shape.hidden
     dt = DTYPE_BYTES[setup.dtype]

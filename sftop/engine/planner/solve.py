@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Sequence
 
 from sftop.engine.errors import PresetError, ResourceError
 from sftop.engine.gpu import GIB, GpuStatus, read_gpus
 from sftop.engine.planner.cap import MemoryCap, memory_cap
 from sftop.engine.planner.estimate import (
+    Checkpointing,
     Estimate,
     checkpointed_layers,
     kernels_cover,
@@ -30,14 +31,15 @@ from sftop.engine.planner.estimate import (
 PARTIAL_EVERY = (4, 3, 2)
 
 
-def rungs(layers: int, fixed: str | None = None) -> list[tuple[str, int]]:
+def rungs(layers: int, fixed: Checkpointing | None = None) -> list[tuple[Checkpointing, int]]:
     """(checkpointing, every_n_layers) from most memory / least recomputation to least memory.
 
     A fixed `plan.gradient_checkpointing` keeps its plain meaning ("on" = every block).
     """
     if fixed is not None:
         return [(fixed, 1)]
-    partial, counts = [], {layers}
+    partial: list[tuple[Checkpointing, int]] = []
+    counts = {layers}
     for n in PARTIAL_EVERY:
         c = -(-layers // n)  # blocks checkpointed; two n's that checkpoint as many blocks are one rung
         if n < layers and c not in counts:
@@ -75,7 +77,7 @@ OFFLOAD_SLOWDOWN = 1.05
 class Constraints:
     micro_batch: int | None = None
     grad_accum: int | None = None
-    checkpointing: str | None = None
+    checkpointing: Checkpointing | None = None
 
 
 @dataclass
@@ -122,7 +124,7 @@ class Plan:
     tokens_per_micro_batch: int
     packing: bool
     max_length: int
-    gradient_checkpointing: str
+    gradient_checkpointing: Checkpointing
     load_in_4bit: bool
     device: str
     gpu_name: str | None
@@ -192,7 +194,7 @@ class Plan:
 class _Candidate:
     micro_batch: int
     grad_accum: int
-    checkpointing: str
+    checkpointing: Checkpointing
     every: int
     estimate: Estimate
     device_bytes: int
@@ -272,7 +274,8 @@ def constraints_from_preset(preset: Any) -> Constraints:
     c = Constraints(
         micro_batch=None if plan.micro_batch == "auto" else int(plan.micro_batch),
         grad_accum=None if plan.grad_accum == "auto" else int(plan.grad_accum),
-        checkpointing=None if plan.gradient_checkpointing == "auto" else str(plan.gradient_checkpointing),
+        # the schema allows only "auto" and the Checkpointing names
+        checkpointing=None if plan.gradient_checkpointing == "auto" else plan.gradient_checkpointing,
     )
     e = preset.train.effective_batch
     if c.micro_batch and c.grad_accum and c.micro_batch * c.grad_accum != e:
@@ -306,7 +309,7 @@ def step_time_s(shape: ModelShape, setup: Setup, checkpointing: str, micro_batch
         tokens = rows * min(max_length, row_tokens_mean * (1 + 0.35 * math.log(rows)))
     matmul_params = shape.linear_params + shape.vocab * shape.hidden
     # Forward plus input-gradient backward (frozen weights get no weight gradient).
-    flops_tok = 4 * matmul_params
+    flops_tok: float = 4 * matmul_params
     ctx = row_tokens_mean / 2  # causal attention: average context per token
     if packing and setup.attention not in ("flash_attention_2", "varlen"):
         ctx = tokens  # SDPA with a block-diagonal mask computes every query against the whole packed row
@@ -325,13 +328,14 @@ def step_time_s(shape: ModelShape, setup: Setup, checkpointing: str, micro_batch
     return t * grad_accum
 
 
-def _candidate(ctx: PlanContext, checkpointing: str, micro_batch: int, every: int = 1) -> _Candidate:
+def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int, every: int = 1) -> _Candidate:
     setup = replace(ctx.setup, checkpointing=checkpointing, checkpoint_every=every)
     sequences = micro_batch * (2 if setup.preference else 1)  # DPO: chosen and rejected of each pair
     tokens = sequences * ctx.max_length
     if ctx.packed_tokens and ctx.packing and not setup.preference:
         tokens = min(tokens, ctx.packed_tokens[min(micro_batch, len(ctx.packed_tokens)) - 1])
-    est = estimate(ctx.shape, setup, tokens, seq_len=ctx.max_length)
+    # rows: a packed micro-batch's image load is its rows' images, however few tokens it holds
+    est = estimate(ctx.shape, setup, tokens, seq_len=ctx.max_length, rows=sequences)
     allocated, device = est.allocated_bytes, est.device_bytes
     if ctx.calibration != 1.0:
         static = est.terms["weights"] + est.terms["lora_params"]
@@ -349,7 +353,7 @@ def _candidate(ctx: PlanContext, checkpointing: str, micro_batch: int, every: in
                       device <= ctx.budget_bytes)
 
 
-def _allowed(ctx: PlanContext, constraints: Constraints | None = None) -> list[tuple[str, int, int]]:
+def _allowed(ctx: PlanContext, constraints: Constraints | None = None) -> list[tuple[Checkpointing, int, int]]:
     """(checkpointing, micro_batch, every_n_layers) candidates the constraints allow."""
     c = ctx.constraints if constraints is None else constraints
     modes = rungs(ctx.shape.layers, c.checkpointing)
@@ -439,8 +443,9 @@ def solve(ctx: PlanContext) -> Plan:
 
 def _why(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate]) -> str:
     where = f"{ctx.budget_bytes / GIB:.1f} GiB budget on {ctx.device}" + (f" ({ctx.gpu_name})" if ctx.gpu_name else "")
-    if _cap_binds(ctx):
-        where += f", capped by {ctx.cap.text}"
+    cap = _binding_cap(ctx)
+    if cap is not None:
+        where += f", capped by {cap.text}"
     split = (f"{ctx.effective_batch} rows/step in {chosen.grad_accum} micro-batch"
              f"{'es' if chosen.grad_accum > 1 else ''} by tokens" if ctx.split_by == "tokens"
              else f"micro-batch {chosen.micro_batch} x {chosen.grad_accum}")
@@ -501,8 +506,8 @@ def _refusal(ctx: PlanContext, candidates: list[_Candidate]) -> ResourceError:
     else:
         options.append("no single common GPU is large enough as configured")
     desc = f"micro-batch {smallest.micro_batch}, checkpointing {smallest.label}"
-    limit = (f"{ctx.cap.text} allows {have:.2f} GiB on {where}" if _cap_binds(ctx)
-             else f"{where} has {have:.2f} GiB to spare")
+    cap = _binding_cap(ctx)
+    limit = f"{cap.text} allows {have:.2f} GiB on {where}" if cap is not None else f"{where} has {have:.2f} GiB to spare"
     what = (
         f"{ctx.model_name} does not fit: the smallest plan ({desc}, {ctx.max_length} tokens per row"
         + (", 4-bit" if ctx.setup.load_in_4bit else "")
@@ -510,14 +515,22 @@ def _refusal(ctx: PlanContext, candidates: list[_Candidate]) -> ResourceError:
     )
     hint = "Changes that would fit: " + "; ".join(options) + ". Check any size with `sftop plan PRESET --gpu-memory GIB`"
     err = ResourceError(what, where="GPU memory", hint=hint)
-    err.needed_gib = need  # type: ignore[attr-defined]
-    err.options = options  # type: ignore[attr-defined]
+    err.needed_gib = need
+    err.options = options
     return err
 
 
 def _cap_binds(ctx: PlanContext) -> bool:
     """Is the user's memory cap, not the GPU's free memory, what limits this plan?"""
-    return ctx.cap is not None and ctx.uncapped_budget_bytes is not None and ctx.cap.bytes < ctx.uncapped_budget_bytes
+    return _binding_cap(ctx) is not None
+
+
+def _binding_cap(ctx: PlanContext) -> MemoryCap | None:
+    """The user's memory cap where it, not the GPU's free memory, limits this plan; else None."""
+    cap = ctx.cap
+    if cap is not None and ctx.uncapped_budget_bytes is not None and cap.bytes < ctx.uncapped_budget_bytes:
+        return cap
+    return None
 
 
 def _raise_cap_option(ctx: PlanContext, need_bytes: int) -> str:
@@ -627,12 +640,16 @@ def plan_run(
         notes.append(f"sftop's fused kernels do not cover model type '{shape.model_type}'"
                      + (" (a vision-language model)" if shape.multimodal else "")
                      + "; sized for the stock path")
-    if setup.kernels and setup.packed and setup.attention == "sdpa" and device != "cpu" and gpu_memory_gib is None:
+    # a VLM is sized for the stock layers, but its packed rows still get the packed attention part
+    # where a kernel family file describes it (varlen_attention.packed_attention_config)
+    kernel_parts = setup.kernels or (shape.multimodal and preset.train.kernels != "off")
+    if kernel_parts and setup.packed and setup.attention == "sdpa" and device != "cpu" and gpu_memory_gib is None:
         # Only for a GPU that is here: a hypothetical one may be too old for flash attention, and
         # sizing for the SDPA mask over-estimates, which is the safe side.
-        from sftop.kernels.varlen_attention import config_supported, native_gqa, varlen_available
+        from sftop.kernels.varlen_attention import (config_supported, native_gqa, packed_attention_config,
+                                                    varlen_available)
 
-        if varlen_available()[0] and config_supported(model_config, setup.dtype)[0]:
+        if varlen_available()[0] and config_supported(packed_attention_config(model_config), setup.dtype)[0]:
             setup = replace(setup, attention="varlen", varlen_native_gqa=native_gqa())
     notes += _target_notes(preset)
     if setup.optimizer == "adamw_8bit" and setup.dtype == "fp32" and device == "cpu":
@@ -655,7 +672,8 @@ def _context(preset: Any, shape: ModelShape, setup: Setup, constraints: Constrai
         setup=setup,
         model_name=preset.model.name,
         max_length=max_length,
-        packing=bool(preset.data.packing),
+        # what the setup packs: a VLM family that cannot pack (planner/vision.py) pads its rows
+        packing=bool(preset.data.packing) and (setup.packed or setup.preference),
         effective_batch=int(preset.train.effective_batch),
         row_tokens_mean=min(mean, max_length),
         budget_bytes=budget,
@@ -666,7 +684,7 @@ def _context(preset: Any, shape: ModelShape, setup: Setup, constraints: Constrai
 
 
 def _plan_cpu(preset: Any, shape: ModelShape, constraints: Constraints, reason: str,
-              row_tokens_mean: float | None, with_images=lambda setup: setup, vision_notes: list[str] = ()) -> Plan:
+              row_tokens_mean: float | None, with_images=lambda setup: setup, vision_notes: Sequence[str] = ()) -> Plan:
     name = preset.model.name
     # The GPU reader's reason ends in "sftop will plan for the CPU": true for `sftop doctor`, but
     # here the plan says what happens on the CPU itself (and a refusal must not promise it).

@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 
 from sftop.engine.errors import ResourceError
 from sftop.engine.gpu import GIB
-from sftop.engine.planner.estimate import CUDA_CONTEXT_BYTES
+from sftop.engine.planner.estimate import CUDA_CONTEXT_BYTES, Checkpointing
 from sftop.engine.planner.solve import (
     Constraints,
     Plan,
@@ -120,7 +120,7 @@ def step_down(plan: Plan, reason: str = "stepped down") -> Plan:
     else:
         rank = memory_rank(plan.gradient_checkpointing, every)
         # Coarse steps, since each may cost a restart: half the blocks, every block, then offload.
-        ladder = [("on", 2), ("on", 1), ("offload", 1)]
+        ladder: list[tuple[Checkpointing, int]] = [("on", 2), ("on", 1), ("offload", 1)]
         stronger = [(m, n) for m, n in ladder if memory_rank(m, n) > rank]
         if not stronger:
             raise ResourceError(
@@ -215,7 +215,7 @@ def run_probe(
         failed: str | None = None
         try:
             step_fn(*probe_shape(plan))
-        except memory.oom_error as exc:  # type: ignore[misc]
+        except memory.oom_error as exc:
             failed = str(exc).splitlines()[0] if str(exc) else "out of memory"
         # Outside the except block: its traceback would keep the failed step's tensors alive.
         gc.collect()

@@ -228,4 +228,12 @@ def vision_setup(setup: Any, preset: Any, model_config: Any, shape: Any, image_t
         load = ImageLoad((per_image,) * 4096, per_image)
         notes.append(f"no data check yet: image memory sized for one image per row at {max_pixels} pixels "
                      f"({per_image} image tokens)")
-    return replace(setup, images=load, vision_training=VisionTraining.from_parts(parts))
+    packed = setup.packed
+    if packed:
+        from sftop.engine.models.vision.packing import packing_refusal
+
+        refusal = packing_refusal(family)
+        if refusal is not None:
+            packed = False
+            notes.append(f"rows padded per micro-batch, not packed: {refusal}")
+    return replace(setup, images=load, vision_training=VisionTraining.from_parts(parts), packed=packed)

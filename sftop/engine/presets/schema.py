@@ -270,7 +270,7 @@ class Preset(_Section):
         return self
 
 
-SECTIONS = {
+SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelSection,
     "lora": LoraSection,
     "data": DataSection,

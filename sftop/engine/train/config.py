@@ -125,7 +125,7 @@ def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: boo
         max_length=None if (packing or vision) else preset.data.max_length,
         **({"dataset_kwargs": {"skip_prepare_dataset": True}, "remove_unused_columns": False} if vision else {}),
         packing=False,
-        padding_free=packing,
+        padding_free=packing and not vision,  # a VLM's own collator packs (train/vision_packing.py)
         pad_to_multiple_of=None,
         loss_type="nll",
         completion_only_loss=None,

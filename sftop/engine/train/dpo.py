@@ -64,7 +64,7 @@ class SftopDPOTrainer(DPOTrainer):
 
     def __init__(self, *args, guard: UpdateGuard, save_total_limit: int,
                  on_checkpoint: Callable[[Path], None] | None = None, kernel_head: bool = False,
-                 keep_ref_adapter: bool = False, reference_adapter: Path | None = None, **kwargs):
+                 kernel_parts: dict | None = None, keep_ref_adapter: bool = False, reference_adapter: Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if reference_adapter is not None:  # dpo.reference names an adapter: it replaces TRL's copy
             load_reference_adapter(self.model, reference_adapter)
@@ -84,11 +84,15 @@ class SftopDPOTrainer(DPOTrainer):
             "ref adapter" if "ref" in peft_config else (
             "separate model" if self.ref_model is not None else "adapter off"))
         self.sftop_head = "stock: train.kernels off or not available"
+        self.sftop_graphs = "off: no fused log-prob head"
         if kernel_head:
+            from sftop.kernels.logprob_graphs import graphs_status
             from sftop.kernels.patching.logprob_head import install_logprob_head
 
             base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             self.sftop_head = install_logprob_head(base)
+            if self.sftop_head == "fused":
+                self.sftop_graphs = graphs_status(base, kernel_parts)
             if self.ref_model is not None:
                 install_logprob_head(self.ref_model)
 
@@ -105,9 +109,10 @@ class SftopDPOTrainer(DPOTrainer):
         self.sftop_step_tokens += inputs["attention_mask"].sum()
         self.sftop_step_samples += inputs["attention_mask"].shape[0] // 2
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not bool(torch.isfinite(loss)):
-            self.sftop_guard.loss_bad = True
-        return loss
+        # kept on the device and read with the gradient norm, once per optimizer step (UpdateGuard),
+        # as SftopTrainer does: a read here would stall the host after every micro-batch's backward
+        self.sftop_guard.note_loss(loss)
+        return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
 
 
 def reference_adapter(ref: str) -> Path | None:
@@ -206,6 +211,7 @@ def build_dpo_trainer(run):
         save_total_limit=preset.train.save_total_limit,
         on_checkpoint=run.on_checkpoint,
         kernel_head=fused_head,
+        kernel_parts=parts,
         **({"data_collator": run.data.collator} if vision else {}),
         # starting from an earlier adapter: the reference is that adapter, frozen as it was
         keep_ref_adapter=bool(preset.model.adapter) and ref_model is None,
@@ -214,6 +220,7 @@ def build_dpo_trainer(run):
     trainer.remove_callback(PrinterCallback)
     run.info.kernels["logprob_head"] = trainer.sftop_head
     run.info.kernels["reference"] = trainer.sftop_reference
+    run.info.kernels["dpo_graphs"] = trainer.sftop_graphs
     events.trainer = trainer
     events.guard = guard
     run.events, run.guard, run.trainer = events, guard, trainer

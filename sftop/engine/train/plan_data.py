@@ -56,7 +56,7 @@ def sized_for_preset_data(plan: Plan, preset: Any) -> Plan:
             source, revision=preset.model.revision, trust_remote_code=preset.model.trust_remote_code,
             local_files_only=True))
         data = prepare_data(preset, tokenizer)
-        lengths = [len(ids) for ids in data.train["input_ids"]]  # type: ignore[index]
+        lengths = [len(ids) for ids in data.train["input_ids"]]
     except Exception as exc:  # noqa: BLE001 - the plan without the data is still a plan
         plan.notes.append("sized for data.max_length: the data could not be read here "
                           f"({type(exc).__name__}: {str(exc)[:160]}); `sftop run` sizes it for the rows themselves")

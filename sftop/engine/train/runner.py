@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftop.engine.diskfull import DiskFullError, is_disk_full
 from sftop.engine.errors import ResourceError, SftopError
@@ -37,6 +37,12 @@ from sftop.engine.runlock import run_lock
 from sftop.engine.train.resume_check import check_resume, resume_preset_path
 from sftop.engine.train.plan import make_plan, resolved_plan_section
 from sftop.engine.train.signals import StopSignals
+
+if TYPE_CHECKING:
+    from sftop.engine.models.vision.family import VisionFamily
+    from sftop.engine.train.callbacks import RunEvents
+    from sftop.engine.train.trainer import UpdateGuard
+    from sftop.engine.train.vision_data import VisionPreparedData
 
 MAX_OOM_RETRIES = 4
 
@@ -179,7 +185,9 @@ class _Run:
         self.writer = writer
         self.resume = resume
         self.step = 0
-        self.trainer = None
+        self.trainer: Any = None  # the transformers trainer (SFT or DPO) once built
+        self.events: RunEvents | None = None  # its callbacks, set with it
+        self.guard: UpdateGuard | None = None
         self.signals = StopSignals(run_dir.events, self.saved_step, self.latest_checkpoint)
         # A resume records its resolved preset beside the run's original one, never over it.
         self.preset_path = resume_preset_path(run_dir) if resume else run_dir.preset
@@ -192,8 +200,8 @@ class _Run:
             self.preset_path = ranks_dir(run_dir) / f"preset-rank-{self.rank}.toml"
         self.t0 = time.time()
         self.probe_verdict: dict[str, Any] | None = None
-        self.vision = None  # a vision-language model's family (sftop.engine.models.vision)
-        self.vision_data = None
+        self.vision: VisionFamily | None = None  # a vision-language model's family (sftop.engine.models.vision)
+        self.vision_data: VisionPreparedData | None = None
         self.packing_reason: str | None = None
         self.buckets_reason: str | None = None  # train.length_buckets: what it came to, and why
 
@@ -361,13 +369,7 @@ class _Run:
         self.model, self.tokenizer, self.info = load_model(self.preset, self.plan)
         if self.vision is not None:
             self.data = self.vision_data
-            self.packing = False
-            if self.preset.data.packing:
-                self.packing_reason = "vision-language model: packing is not supported yet, rows are padded per batch"
-                self.message(f"Packing turned off: {self.packing_reason}")
-                self.preset = self.preset.model_copy(
-                    update={"data": self.preset.data.model_copy(update={"packing": False})})
-                save_preset(self.preset, self.preset_path)  # a resume's own copy, never the original
+            self.pack_vision_rows()
         elif self.preset.train.task == "dpo":
             from sftop.engine.data.preference_prepare import prepare_preferences
 
@@ -378,7 +380,7 @@ class _Run:
             self.packing = self.preset.data.packing
         if self.packing:
             self.size_plan_for_data()
-        if self.packing:
+        if self.packing and self.vision is None:
             ok, detail = packing_isolated(self.model, len(self.tokenizer), self.tokenizer.pad_token_id)
             if not ok:
                 self.packing = False
@@ -391,6 +393,36 @@ class _Run:
         _, note = optimizer_name(self.preset.train.optimizer, self.info.device.startswith("cuda"))
         if note:
             self.message(note, level="warning")
+
+    def pack_vision_rows(self) -> None:
+        """A VLM packs its micro-batches where its family's packed rows are checked equal to unpacked
+        ones (sftop/engine/train/vision_packing.py) and the loaded model keeps samples apart."""
+        from sftop.engine.models.vision.packing import RopeIndex, packing_refusal
+        from sftop.engine.train.vision_packing import PackedVisionBatches, vision_packing_isolated
+
+        family = self.vision
+        assert family is not None, "pack_vision_rows() is for vision-language runs"
+        name = family.display_name
+        refusal = "DPO pads its pairs" if self.preset.train.task == "dpo" else packing_refusal(family)
+        self.packing = bool(self.preset.data.packing) and refusal is None
+        if self.packing:
+            rope = RopeIndex(self.model)
+            ok, detail = vision_packing_isolated(self.model, rope)
+            if ok:
+                self.packing_reason = (f"{name}: the rows of each micro-batch packed into one padding-free row, "
+                                       "attention and 3-D positions per sample")
+                self.data.collator = PackedVisionBatches(self.data.collator, rope)
+                return
+            self.packing = False
+            refusal = f"this model's attention lets packed samples see each other ({detail})"
+        if not self.preset.data.packing:
+            self.packing_reason = "data.packing = false"
+            return
+        self.packing_reason = f"{name}: {refusal}; rows are padded per batch"
+        self.message(f"Packing turned off: {self.packing_reason}")
+        self.preset = self.preset.model_copy(
+            update={"data": self.preset.data.model_copy(update={"packing": False})})
+        save_preset(self.preset, self.preset_path)  # a resume's own copy, never the original
 
     def disk_needs(self) -> dict[str, int]:
         from sftop.engine.train.resources import expected_disk_bytes
@@ -471,10 +503,15 @@ class _Run:
 
         if self.plan is None or getattr(self.plan, "context", None) is None:
             return
-        lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
+        if self.vision is not None:
+            # with their image tokens; a VLM's rows stay in the Trainer's order, b per micro-batch
+            lengths = self.data.train_lengths
+            split = None
+        else:
+            lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
+            split = token_split_for(self.preset, len(lengths), self.plan.effective_batch)
         self.train_lengths = lengths
-        new = size_for_data(self.plan, lengths, bucket_multiple(self.preset, self.packed_graphs_on()),
-                            split=token_split_for(self.preset, len(lengths), self.plan.effective_batch))
+        new = size_for_data(self.plan, lengths, bucket_multiple(self.preset, self.packed_graphs_on()), split=split)
         old = self.plan
         same = (new.micro_batch, new.gradient_checkpointing, new.checkpoint_every_n_layers) == (
             old.micro_batch, old.gradient_checkpointing, old.checkpoint_every_n_layers)
@@ -524,6 +561,11 @@ class _Run:
 
         setting = self.preset.train.length_buckets
         if not self.packing:
+            return
+        if self.vision is not None:
+            # packed graphs take token ids and row boundaries only, not a VLM's pixels and 3-D positions
+            if setting != "off":
+                self.buckets_reason = "off: a vision-language batch carries images, which packed CUDA graphs do not take"
             return
         if not buckets_wanted(setting, self.packed_graphs_on()):
             if setting == "auto":
@@ -731,6 +773,7 @@ class _Run:
 
     def finish(self) -> int:
         trainer, guard, events = self.trainer, self.guard, self.events
+        assert guard is not None and events is not None, "finish() follows build_trainer()"
         step = trainer.state.global_step
         self.step = step
         if guard.failed:

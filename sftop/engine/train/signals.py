@@ -11,7 +11,8 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Callable
+from types import FrameType
+from typing import Any, Callable
 
 from sftop.engine.events import SCHEMA_VERSION
 
@@ -24,7 +25,7 @@ class StopSignals:
         self._events_path = Path(events_path)
         self._current_step = current_step
         self._latest_checkpoint = latest_checkpoint
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def install(self) -> "StopSignals":
         import threading

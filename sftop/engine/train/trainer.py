@@ -159,10 +159,14 @@ class SftopTrainer(SFTTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         from sftop.engine.train.buckets import take_padding
+        from sftop.engine.train.vision_packing import take_packed_rows
 
         # a bucketed packed batch (buckets.py) ends in one padding document: neither data nor throughput
         pad_tokens, pad_rows = take_padding(inputs)
-        if "attention_mask" in inputs:
+        packed_rows = take_packed_rows(inputs)  # a packed VLM batch: its rows share one padding-free row
+        if packed_rows is not None:
+            tokens, samples = inputs["input_ids"].numel(), packed_rows
+        elif "attention_mask" in inputs:
             tokens = inputs["attention_mask"].sum() - pad_tokens
             samples = inputs["attention_mask"].shape[0]
         else:  # padding-free: one row of real tokens, documents delimited by cu_seq_lens
@@ -179,6 +183,9 @@ class SftopTrainer(SFTTrainer):
         return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from sftop.engine.train.vision_packing import take_packed_rows
+
+        take_packed_rows(inputs)  # evaluation batches still carry it (training_step took it already)
         if not (self.sftop_kernel_loss and model.training and not return_outputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # Same normalisation as TRL's path: summed token loss / trained tokens of the whole step.

@@ -61,6 +61,7 @@ class VisionPreparedData(PreparedData):
     collator: Any = None
     image_tokens_per_row: list[int] = field(default_factory=list)  # train + eval rows, for the planner
     images_per_row: list[int] = field(default_factory=list)
+    train_lengths: list[int] = field(default_factory=list)  # tokens of each train row, images included (packing)
 
     def to_dict(self) -> dict:
         data = super().to_dict()
@@ -124,6 +125,7 @@ def prepare_vision_data(preset, processor, family: VisionFamily) -> VisionPrepar
         collator=VisionBatches(kept, collator, base_dir, rules),
         image_tokens_per_row=[r.image_tokens for r in rows],
         images_per_row=[len(r.image_sizes) for r in rows],
+        train_lengths=[rows[i].length for i in train_idx],
     )
 
 

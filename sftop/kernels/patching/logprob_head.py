@@ -6,7 +6,9 @@ answers that call with its own chunked head, installed on the model when the tra
 `install_logprob_head` puts sftop's answer on top: the backbone runs through the model's (patched)
 layers, then `fused_linear_logprob` scores only the positions whose label counts, in token chunks,
 with the unit input-gradient ready at the end of forward.  Any other call (generation, a plain
-loss) goes to the forward underneath, unchanged.  The policy forward and the reference forward
+loss) goes to the forward underneath, unchanged.  Once a batch shape repeats, a training call
+replays the backbone and the kernel (over every position, labels -100 scoring zero) from CUDA graphs
+instead (sftop/kernels/logprob_graphs.py); anything the graphs do not take runs as described here.  The policy forward and the reference forward
 (the same model with its adapter disabled) both take this path.
 """
 
@@ -59,27 +61,16 @@ def install_logprob_head(model: nn.Module) -> str:
             return below(*args, **_with(kwargs, labels, shift_labels, num_items_in_batch))
         from trl.trainer.utils import FusedCausalLMOutput
 
-        from ..fused_linear_logprob import fused_linear_logprob
+        from ..logprob_graphs import graphed_logprobs
 
         kwargs["use_cache"] = False
-        out = self.base_model(*args, **kwargs)
-        hidden = out.last_hidden_state
-        if shift_labels is None:
-            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        graphed = None if args else graphed_logprobs(self, kwargs, labels, shift_labels)
+        if graphed is not None:  # replayed from a CUDA graph (sftop/kernels/logprob_graphs.py)
+            log_probs, entropy, mean_logits, is_top1 = graphed
+            mask = labels[:, 1:].to(log_probs.device) != -100
         else:
-            labels = shift_labels
-        head = self.get_output_embeddings()
-        labels = labels.to(head.weight.device)
-        mask = labels != -100
-        logp, ent, mean, top1 = fused_linear_logprob(
-            hidden.to(head.weight.device)[mask], head.weight, labels[mask], softcap=softcap,
-            compute_dtype=self.__dict__.get(M.LOSS_DTYPE), stats=True,
-        )
-        # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero, not an error)
-        log_probs = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
-        entropy = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
-        mean_logits = mean.new_zeros(mask.shape).masked_scatter(mask, mean)
-        is_top1 = top1.new_zeros(mask.shape).masked_scatter(mask, top1)
+            log_probs, entropy, mean_logits, is_top1, mask = _eager_logprobs(self, args, kwargs, labels, shift_labels,
+                                                                             softcap)
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(
             loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=None,
@@ -89,6 +80,30 @@ def install_logprob_head(model: nn.Module) -> str:
     model.forward = types.MethodType(forward, model)
     model.__dict__[_MARK] = True
     return "fused"
+
+
+def _eager_logprobs(self, args, kwargs, labels, shift_labels, softcap):
+    """The backbone, then the kernel over the positions whose label counts (a boolean gather: one host
+    sync), scattered back to [B, T-1] with zeros elsewhere."""
+    from ..fused_linear_logprob import fused_linear_logprob
+
+    out = self.base_model(*args, **kwargs)
+    hidden = out.last_hidden_state
+    if shift_labels is None:
+        hidden, labels = hidden[:, :-1], labels[:, 1:]
+    else:
+        labels = shift_labels
+    head = self.get_output_embeddings()
+    labels = labels.to(head.weight.device)
+    mask = labels != -100
+    logp, ent, mean, top1 = fused_linear_logprob(
+        hidden.to(head.weight.device)[mask], head.weight, labels[mask], softcap=softcap,
+        compute_dtype=self.__dict__.get(M.LOSS_DTYPE), stats=True,
+    )
+    # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero, not an error)
+    return (logp.new_zeros(mask.shape).masked_scatter(mask, logp), ent.new_zeros(mask.shape).masked_scatter(mask, ent),
+            mean.new_zeros(mask.shape).masked_scatter(mask, mean), top1.new_zeros(mask.shape).masked_scatter(mask, top1),
+            mask)
 
 
 def _with(kwargs: dict, labels, shift_labels, num_items_in_batch) -> dict:

@@ -46,6 +46,8 @@ ROPE_DISPATCHER = "_sftop_dispatcher"
 ROPE_ORIGINAL = "_sftop_original"
 # logprob_head (preference tuning): the model answers fused_lm_head=True calls itself
 LOGPROB_HEAD = "_sftop_logprob_head"
+# logprob_graphs: the log-prob head's captured steps (policy and reference forwards)
+LOGPROB_GRAPHS = "_sftop_logprob_graphs"
 
 # vision tower parts (patching/vision_tower.py): the tower config's attention implementation
 # before ours (its forwards, and the vision MLP's GLU and LoRA_MLP_ADAPTER, use the names above)

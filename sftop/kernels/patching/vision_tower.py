@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import compat
 from .._runtime import kernels_available
 from . import markers as M
 from .forwards import restore_forward, set_forward
@@ -80,7 +81,7 @@ def _patch_attention(tower: nn.Module, spec: TowerSpec) -> str:
     if not _modules_of(tower, spec.attention_class):
         return f"stock: no {spec.attention_class} modules found"
     config = tower.config
-    current = config._attn_implementation
+    current = compat.attn_implementation(config)
     if current == NAME:
         return FUSED
     if current not in ("sdpa", "eager", None):
@@ -92,13 +93,13 @@ def _patch_attention(tower: nn.Module, spec: TowerSpec) -> str:
             return f"stock: {why}"
     register()
     tower.__dict__[_ATTN_ORIG] = current
-    config._attn_implementation = NAME
+    compat.set_config_attn_implementation(config, NAME)
     return FUSED
 
 
 def _restore_attention(tower: nn.Module) -> None:
     if _ATTN_ORIG in tower.__dict__:
-        tower.config._attn_implementation = tower.__dict__.pop(_ATTN_ORIG)
+        compat.set_config_attn_implementation(tower.config, tower.__dict__.pop(_ATTN_ORIG))
 
 
 # --------------------------------------------------------------------------- vision_rope

@@ -7,6 +7,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
+from textual.visual import VisualType
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -44,7 +45,7 @@ class InfoScreen(ModalScreen[None]):
     CSS_PATH = "modal.tcss"
     BINDINGS = [Binding("escape,enter,q", "close", "Close")]
 
-    def __init__(self, title: str, body: object):
+    def __init__(self, title: str, body: VisualType):
         super().__init__()
         self.title_text, self.body = title, body
 
@@ -54,7 +55,7 @@ class InfoScreen(ModalScreen[None]):
         with Vertical(id="dialog", classes="wide"):
             yield Static(self.title_text, id="dialog-title")
             with VerticalScroll(id="dialog-scroll"):
-                yield Static(self.body, id="dialog-body")  # type: ignore[arg-type]
+                yield Static(self.body, id="dialog-body")
             yield Static("escape: close", id="dialog-hint")
 
     def action_close(self) -> None:

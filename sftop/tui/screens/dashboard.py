@@ -26,6 +26,7 @@ from sftop.engine.durations import format_duration
 from sftop.tui.run_state import RunState, format_count, format_number
 from sftop.tui.widgets.gpu_panel import GpuPanel
 from sftop.tui.widgets.line_chart import ChartSeries, LineChart
+from sftop.tui.app_ref import sftop_app
 
 _LOG_TAIL_BYTES = 32 * 1024
 _LOG_LINES = 100
@@ -362,7 +363,7 @@ class DashboardScreen(Screen):
             self.notify(f"The run is already {self.status}", severity="warning")
             return
 
-        self.app.stop_run(self.run)  # type: ignore[attr-defined]
+        sftop_app(self).stop_run(self.run)
 
     def action_export_gguf(self) -> None:
         from sftop.tui.screens.gguf_export import GgufExportScreen
@@ -373,4 +374,4 @@ class DashboardScreen(Screen):
         self.app.push_screen(GgufExportScreen(self.run))
 
     def action_detach(self) -> None:
-        self.app.action_detach()  # type: ignore[attr-defined]
+        sftop_app(self).action_detach()

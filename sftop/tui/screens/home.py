@@ -18,6 +18,7 @@ from sftop.engine.runs import list_runs
 from sftop.tui.messages import GpuRead, RunsRead
 from sftop.tui.widgets.gpu_panel import GpuPanel
 from sftop.tui.widgets.runs_table import RunsTable
+from sftop.tui.app_ref import sftop_app
 
 _RECENT = 8
 
@@ -95,7 +96,7 @@ class HomeScreen(Screen):
     @work(thread=True, exclusive=True, exit_on_error=False, group="gpus", description="sample GPUs")
     def watch_gpus(self) -> None:
         worker = get_current_worker()
-        services = self.app.services  # type: ignore[attr-defined]
+        services = sftop_app(self).services
         while not worker.is_cancelled:
             self.post_message(GpuRead(services.gpu_reader()))
             deadline = time.monotonic() + max(services.gpu_interval, 2.0)
@@ -126,11 +127,11 @@ class HomeScreen(Screen):
         if run is None:
             self.notify("No run to attach to yet: press n to start one", severity="warning")
             return
-        self.app.attach(run.run)  # type: ignore[attr-defined]
+        sftop_app(self).attach(run.run)
 
     def action_rerun(self) -> None:
         table = self.query_one("#presets", DataTable)
         if table.row_count == 0:
             return
         name = table.coordinate_to_cell_key(Coordinate(table.cursor_row, 0)).row_key.value
-        self.app.new_run(preset=name, jump_to_plan=True)  # type: ignore[attr-defined]
+        sftop_app(self).new_run(preset=name, jump_to_plan=True)

@@ -15,6 +15,7 @@ from sftop.engine.runs import RunSummary, list_runs
 from sftop.tui.messages import RunsRead
 from sftop.tui.screens.confirm import InfoScreen
 from sftop.tui.widgets.runs_table import RunsTable
+from sftop.tui.app_ref import sftop_app
 
 
 def describe_run(summary: RunSummary) -> Text:
@@ -90,7 +91,7 @@ class RunsScreen(Screen):
 
     def action_attach(self) -> None:
         if self.selected:
-            self.app.attach(self.selected.run)  # type: ignore[attr-defined]
+            sftop_app(self).attach(self.selected.run)
 
     def action_inspect(self) -> None:
         if self.selected:
@@ -107,14 +108,14 @@ class RunsScreen(Screen):
             self.notify(f"{run.name} has finished; re-run its preset from home (r) for a new run",
                         severity="warning")
             return
-        self.app.resume_run(run.run)  # type: ignore[attr-defined]
+        sftop_app(self).resume_run(run.run)
 
     def action_stop(self) -> None:
         run = self.selected
         if run is None or not run.active:
             self.notify("That run is not running", severity="warning")
             return
-        self.app.stop_run(run.run, then=self.refresh_runs)  # type: ignore[attr-defined]
+        sftop_app(self).stop_run(run.run, then=self.refresh_runs)
 
     def action_export(self) -> None:
         run = self.selected
@@ -123,7 +124,7 @@ class RunsScreen(Screen):
         if not run.run.adapter.is_dir() and not run.run.complete_checkpoints():
             self.notify(f"{run.name} has no adapter or checkpoint to export yet", severity="warning")
             return
-        self.app.export_run(run.run)  # type: ignore[attr-defined]
+        sftop_app(self).export_run(run.run)
 
     def action_export_gguf(self) -> None:
         from sftop.tui.screens.gguf_export import GgufExportScreen

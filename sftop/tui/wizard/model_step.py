@@ -14,6 +14,7 @@ from textual.widgets.option_list import Option
 
 from sftop.engine.presets import Preset
 from sftop.tui.wizard.base import Step, StepError, with_fields
+from sftop.tui.app_ref import sftop_app
 
 DEMO = "builtin:demo-tiny"
 DEMO_VLM = "builtin:demo-vlm-tiny"
@@ -75,7 +76,7 @@ class ModelStep(Step):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="hf-cache", description="scan the HF cache")
     def scan(self) -> None:
-        cache = self.app.services.hf_cache_dir  # type: ignore[attr-defined]
+        cache = sftop_app(self).services.hf_cache_dir
         models, note = scan_cached_models(cache)
         vision = {repo: label for repo, _ in models if (label := vision_label(repo, cache))}
         self.post_message(CachedModels(models, note, vision))
@@ -104,7 +105,7 @@ class ModelStep(Step):
     def on_typed(self, event: Input.Changed) -> None:
         name = event.value.strip()
         note = self.describe(name)
-        label = vision_label(name, self.app.services.hf_cache_dir) if name else None  # type: ignore[attr-defined]
+        label = vision_label(name, sftop_app(self).services.hf_cache_dir) if name else None
         if label and name != DEMO_VLM:
             note += f"\nA vision-language model ({label}): trains on rows with images."
         self.query_one("#model-note", Static).update(note)

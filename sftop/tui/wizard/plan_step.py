@@ -21,6 +21,7 @@ from sftop.engine.errors import SftopError
 from sftop.engine.presets import Preset
 from sftop.tui.widgets.memory_bar import legend, stacked_bar
 from sftop.tui.wizard.base import ENGINE_LOCK, Step, StepError, with_fields
+from sftop.tui.app_ref import sftop_app
 
 # Breakdown terms grouped into the four parts the bar shows.
 GROUPS = [
@@ -193,7 +194,7 @@ class PlanStep(Step):
         from sftop.engine.planner import load_model_config
         from sftop.engine.planner.runtime import data_for_estimate, estimate_run_time
 
-        gpus = self.app.services.gpu_reader()  # type: ignore[attr-defined]
+        gpus = sftop_app(self).services.gpu_reader()
         train_rows, row_tokens = data_for_estimate(checked)
         with ENGINE_LOCK:
             try:

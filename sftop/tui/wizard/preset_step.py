@@ -13,6 +13,7 @@ from textual.widgets import Checkbox, Input, Select, Static
 from sftop.engine.errors import SftopError
 from sftop.engine.presets import Preset, list_presets, load_preset, validate
 from sftop.tui.wizard.base import Step, StepError, with_fields
+from sftop.tui.app_ref import sftop_app
 
 # (input id, label, section, key, kind); an empty max-steps field means "use epochs".
 FIELDS = [
@@ -60,7 +61,7 @@ class PresetStep(Step):
 
     def _no_gpu(self) -> bool:
         if not hasattr(self, "_gpu_absent"):
-            self._gpu_absent = self.app.services.gpu_reader().best() is None  # type: ignore[attr-defined]
+            self._gpu_absent = sftop_app(self).services.gpu_reader().best() is None
         return self._gpu_absent
 
     @on(Select.Changed, "#preset-select")

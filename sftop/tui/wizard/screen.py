@@ -22,6 +22,7 @@ from sftop.tui.wizard.launch_step import LaunchStep
 from sftop.tui.wizard.model_step import ModelStep
 from sftop.tui.wizard.plan_step import PlanStep
 from sftop.tui.wizard.preset_step import PresetStep
+from sftop.tui.app_ref import sftop_app
 
 
 @dataclass
@@ -32,7 +33,7 @@ class DataChecked(Message):
     error: str | None
 
 
-STEPS = [("step-model", ModelStep), ("step-data", DatasetStep), ("step-preset", PresetStep),
+STEPS: list[tuple[str, type[Step]]] = [("step-model", ModelStep), ("step-data", DatasetStep), ("step-preset", PresetStep),
          ("step-plan", PlanStep), ("step-launch", LaunchStep)]
 
 
@@ -178,7 +179,7 @@ class WizardScreen(Screen):
             return
         self.notify(f"Launched {run.name}. It keeps training if you quit or disconnect.")
         self.app.pop_screen()
-        self.app.attach(run)  # type: ignore[attr-defined]
+        sftop_app(self).attach(run)
 
 
 def _without_repeated_where(exc: SftopError) -> str:

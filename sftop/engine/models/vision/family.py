@@ -54,6 +54,13 @@ class VisionFamily(ABC):
     # whether a batch may hold rows without images next to rows with images (mllama's processor
     # refuses such a batch: keep its text-only rows in batches of their own, or drop them)
     mixes_text_only_rows: bool = True
+    # Why several rows cannot share one padding-free micro-batch row in this family, or None where
+    # they can (sftop.engine.models.vision.packing: per-sample 3-D positions, isolation checked by
+    # tests/vision/test_vlm_packing.py for the family)
+    packing_refusal: str | None = (
+        "its batches carry per-row image layouts (tiles, cross-attention or image masks) that "
+        "padding-free packing does not keep apart yet"
+    )
 
     @abstractmethod
     def tiny_config(self) -> Any:

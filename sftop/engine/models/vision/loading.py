@@ -115,7 +115,6 @@ def quantization_skip_modules(family: VisionFamily, config: Any) -> list[str]:
 
 def load_processor(model_section, family: VisionFamily):
     """The model's processor (tokenizer, chat template, image processor), with a pad token."""
-    from transformers import AutoProcessor
 
     from sftop.engine.models.demo_vlm import DEMO_VLM_NAME
     from sftop.engine.models.tokenizer import ensure_pad_token, hub_call
@@ -128,7 +127,9 @@ def load_processor(model_section, family: VisionFamily):
         return processor
 
     def load(source, local_files_only):
-        return AutoProcessor.from_pretrained(
+        # the family's loader: AutoProcessor, or without torchvision the processor built from the
+        # checkpoint's own parts (a saved Qwen-VL processor asks for a video processor otherwise)
+        return family.load_processor(
             source, revision=model_section.revision, trust_remote_code=model_section.trust_remote_code,
             local_files_only=local_files_only,
         )

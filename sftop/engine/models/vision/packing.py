@@ -30,8 +30,36 @@ TOKEN_KEYS = ("input_ids", "labels", "mm_token_type_ids")
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")
 
 
+def packing_refusal(family: Any) -> str | None:
+    """Why a VLM family's rows cannot be packed (None: they can); `family` None is an unknown VLM."""
+    if family is None:
+        return "a vision-language model sftop has no family for"
+    return family.packing_refusal
+
+
+class RopeIndex:
+    """A Qwen-VL model's `get_rope_index` without the model: its config and its class's methods.
+
+    The 3-D positions depend only on the config (merge size, token ids) and the inputs, so the
+    batch collator, which may run in a data-loader worker process, holds this small picklable
+    object instead of the model and its weights."""
+
+    def __init__(self, model: Any):
+        rope = _rope_model(model)
+        self.config = rope.config
+        self.rope_class = type(rope)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("config", "rope_class"):
+            raise AttributeError(name)
+        # the class's own methods, bound to this object: get_rope_index calls its helpers on `self`
+        return getattr(self.rope_class, name).__get__(self)
+
+
 def _rope_model(model) -> Any:
     """The module with `get_rope_index` inside a (PEFT-wrapped) Qwen-VL model."""
+    if isinstance(model, RopeIndex):
+        return model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for m in (base, getattr(base, "model", None)):
         if m is not None and callable(getattr(m, "get_rope_index", None)):
@@ -52,6 +80,7 @@ def _token_types(model, input_ids: torch.Tensor) -> torch.Tensor:
 def pack_rows(model, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """One packed row (batch size 1) from samples collated one per batch, each with `input_ids`,
     `labels` ([1, L], no padding) and, where it holds images, `pixel_values` and `image_grid_thw`.
+    `model`: the (PEFT-wrapped) Qwen-VL model, or its `RopeIndex`.
 
     Raises ValueError naming the sample when one is padded, holds several rows or lacks labels."""
     if not samples:

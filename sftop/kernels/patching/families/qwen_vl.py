@@ -7,10 +7,14 @@ merger), so every part looks only under the language model.
 
 Multimodal RoPE (`mrope_section`) is folded into cos/sin by the model's rotary embedding: the
 attention calls its modeling module's `apply_rotary_pos_emb(q, k, cos, sin)` with cos/sin of
-[batch, tokens, head_dim], the form the RoPE kernel takes.  The position ids are 3-D (time,
-height, width, from `mm_token_type_ids` and the image grids), which the packed-row attention does
-not read, so that part stays stock.  The loss part replaces the `...ForConditionalGeneration`
-forward: its backbone (`model`) takes the pixel values and grids as they come.
+[batch, tokens, head_dim], the form the RoPE kernel takes.  The rotary position ids are 3-D
+(time, height, width, from `mm_token_type_ids` and the image grids); a packed row
+(sftop/engine/models/vision/packing.py) puts a fourth row of text positions, restarting per
+sample, in front of them, and the text model hands that row to its layers as `position_ids`: the
+packed-row attention part (varlen_attention.py) reads the samples' boundaries from it, in the
+language model only (`varlen_attention.packed_attention_config`).  The loss part replaces the
+`...ForConditionalGeneration` forward: its backbone (`model`) takes the pixel values and grids as
+they come.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ def _spec(model_type: str, module: str, prefix: str) -> FamilySpec:
         mlp_class="Qwen2MLP",
         causal_lm_class=f"{prefix}ForConditionalGeneration",
         layers_at="model.language_model",
-        packed_attention=False,
     )
 
 

@@ -14,11 +14,13 @@ from ..registry import FamilySpec
 
 
 def apply(model: nn.Module, spec: FamilySpec) -> str:
-    from ...varlen_attention import NAME, config_supported, register, varlen_available
+    from ...varlen_attention import NAME, config_supported, packed_attention_config, register, varlen_available
 
     if not spec.packed_attention:
-        return f"stock: {spec.model_type}'s multimodal (3-D) position ids are not ones the packed attention reads"
-    config = model.config
+        return f"stock: {spec.model_type}'s position ids are not ones the packed attention reads"
+    # a VLM a family file describes: its language model only (its vision tower keeps its own attention)
+    config = packed_attention_config(model.config)
+    vlm_text = config is not model.config
     current = compat.attn_implementation(config)
     if current == NAME:
         return FUSED
@@ -39,15 +41,16 @@ def apply(model: nn.Module, spec: FamilySpec) -> str:
         if getattr(m, "sliding_window", None) or getattr(m, "attention_dropout", 0.0) or not getattr(m, "is_causal", True):
             return "stock: sliding-window, dropout or non-causal attention in a layer"
     register()
-    model.__dict__[M.ATTN_IMPLEMENTATION] = current
-    model.set_attn_implementation(NAME)
+    model.__dict__[M.ATTN_IMPLEMENTATION] = (current, vlm_text)
+    model.set_attn_implementation({"text_config": NAME} if vlm_text else NAME)
     return FUSED
 
 
 def undo(model: nn.Module) -> None:
-    original = model.__dict__.pop(M.ATTN_IMPLEMENTATION, None)
-    if original is not None:
-        model.set_attn_implementation(original)
+    saved = model.__dict__.pop(M.ATTN_IMPLEMENTATION, None)
+    if saved is not None:
+        original, vlm_text = saved
+        model.set_attn_implementation({"text_config": original} if vlm_text else original)
 
 
 PART = Part("attention", apply, provides=(M.ATTN_IMPLEMENTATION,), undo=undo)

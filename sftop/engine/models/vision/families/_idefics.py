@@ -72,6 +72,8 @@ class IdeficsFamilyBase(VisionFamily):
     supports_multiple_images = True
     supports_system_turn = True
     language_model_type = "llama"  # the text model is a Llama
+    packing_refusal = ("its pixel values come per row as padded image tiles with a pixel attention mask, "
+                       "not as one list of images a packed row could share")
     image_token_strings = ("<fake_token_around_image>", "<image>", "<global-img>") + ROW_COL_TOKENS
     lora_targets = IDEFICS_LORA
     default_lora_parts = ("language", "attention", "mlp")

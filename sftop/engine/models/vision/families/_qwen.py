@@ -80,6 +80,9 @@ class QwenVLFamilyBase(VisionFamily):
     default_system: str | None = "You are a helpful assistant."
     image_token_strings = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
     lora_targets = QWEN_VL_LORA
+    # Packed rows keep each sample's own 3-D positions (get_rope_index per sample) and the text
+    # positions the language model reads sample boundaries from: tests/vision/test_vlm_packing.py
+    packing_refusal = None
 
     def processor_class(self) -> Any:
         raise NotImplementedError

@@ -57,6 +57,8 @@ class Gemma3Family(VisionFamily):
     display_name = "Gemma 3"
     model_types = ("gemma3",)
     language_model_type = "gemma3_text"
+    packing_refusal = ("its image tokens attend to each other both ways through a mask built from token_type_ids, "
+                       "which a packed row's restarting positions do not carry")
     image_token_strings = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
     # The processor resizes every image to the tower's square input, so the budget only bounds
     # what is decoded and kept in memory: at most the 896x896 input, no upscaling by sftop.

@@ -54,6 +54,8 @@ class MllamaFamily(VisionFamily):
     display_name = "Llama 3.2 Vision"
     model_types = ("mllama",)
     language_model_type = None  # cross-attention decoder layers: see the module docstring
+    packing_refusal = ("its text attends to each row's images through cross-attention masks per row, "
+                       "which one packed row would merge across samples")
     image_token_strings = ("<|image|>",)
     supports_multiple_images = True
     mixes_text_only_rows = False  # its processor wants images in every row of a batch, or in none
