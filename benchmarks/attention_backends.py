@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ def main() -> None:
         v = torch.randn(b, hkv, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dout = torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16)
         flops = 4 * b * h * t * t * d / 2 * 3.5  # causal: forward 1x, backward 2.5x
-        row = {}
+        row: dict[str, dict[str, Any]] = {}
         for label, backend in BACKENDS.items():
             for gqa in (True, False):
                 kk, vv = (k, v) if gqa else (k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1))

@@ -45,7 +45,8 @@ def peak_blocks(trace: list[dict]) -> tuple[int, int, dict[str, int]]:
                 peak, at = total, i
         elif ev["action"] in ("free_requested", "free_completed") and ev["addr"] in live:
             total -= live.pop(ev["addr"])
-    sites, blocks = {}, {}
+    sites: dict[str, int] = {}
+    blocks: dict[int, dict] = {}
     for ev in trace[: at + 1]:
         if ev["action"] == "alloc":
             blocks[ev["addr"]] = ev

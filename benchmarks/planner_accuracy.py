@@ -30,6 +30,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from torch import nn
 
-from sftop.engine.planner.estimate import GIB, ModelShape, Setup, estimate
+from sftop.engine.planner.estimate import GIB, LossImpl, ModelShape, Setup, estimate
 
 SHAPES = {
     "llama-1b": dict(
@@ -58,7 +59,7 @@ SHAPES = {
         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
     ),
 }
-LOSS_TO_SETUP = {"hf": ("full", False), "trl": ("chunked", False), "sftop": ("fused", True)}
+LOSS_TO_SETUP: dict[str, tuple[LossImpl, bool]] = {"hf": ("full", False), "trl": ("chunked", False), "sftop": ("fused", True)}
 
 
 def make_config(name: str):
@@ -200,7 +201,7 @@ def check_plan(model, config, shape, shape_name: str, weights: str, loss: str, t
         "data": {"max_length": 2048, "packing": True},
         "train": {"effective_batch": 16, "kernels": "on" if loss == "sftop" else "off"},
     })
-    row = {"shape": shape_name, "weights": weights, "loss": loss, "plan_check": True, "packed": True}
+    row: dict[str, Any] = {"shape": shape_name, "weights": weights, "loss": loss, "plan_check": True, "packed": True}
     try:
         plan = plan_run(preset, config, gpu_memory_gib=total_gib)
     except Exception as exc:  # noqa: BLE001 - a refusal is a result too

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 WHOLE_RUN_SHAPES = ("llama-1b", "tiny")  # benchmarks/whole_run.py's SHAPES
@@ -66,7 +67,7 @@ def run_caps(out: Path, caps: list[float | None], shape: str, rows: int, effecti
     done = subprocess.run(command)
     report_path = out / "runs" / "whole_run.json"
     whole = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    result = {"shape": shape, "rows": rows, "effective_batch": effective_batch, "data": whole.get("data"),
+    result: dict[str, Any] = {"shape": shape, "rows": rows, "effective_batch": effective_batch, "data": whole.get("data"),
               "exit_code": done.returncode, "wall_s": round(time.time() - t0, 1), "caps": []}
     for cap in caps:
         result["caps"].append(cap_row(cap, whole.get(f"sftop:{variant_name(cap)}") or {}))

@@ -36,12 +36,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import unsloth_peer
 import vlm_shapes
 
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, head_dim=64,
                          rope_theta=500000.0, tie_word_embeddings=True),
@@ -215,7 +216,9 @@ def _build(args, path: str):
             from sftop.engine.models.vision.loading import apply_vision_kernels
             from sftop.engine.models.vision.registry import family_for_config
 
-            report = apply_vision_kernels(model, family_for_config(model.config), "auto")
+            family = family_for_config(model.config)
+            assert family is not None, f"{args.model}: a vision shape whose model_type no vision family claims"
+            report = apply_vision_kernels(model, family, "auto")
             if path == "sftop-language":  # the tower's own parts off: what they add, in the same call
                 from sftop.kernels.patching.vision_tower import patch_vision_tower
 
@@ -418,11 +421,11 @@ def _profile(step) -> dict:
 
 def summarise_profile(prof, steps: int) -> dict:
     """GPU kernel time of `steps` profiled steps: share by kernel kind, ms per step, the top kernels."""
-    result = {}
+    result: dict[str, Any] = {}
     cats: dict[str, float] = {}
     top = []
     for evt in prof.key_averages():
-        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        t: float = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0)
         # kernels only: CPU-side ops would count their kernels' time a second time
         cpu_side = str(getattr(evt, "device_type", "CUDA")).endswith("CPU")
         if t <= 0 or evt.key.startswith("ProfilerStep") or cpu_side:
@@ -439,7 +442,7 @@ def summarise_profile(prof, steps: int) -> dict:
 def run_paths(paths: list[str], command) -> list[dict]:
     """Each path in its own subprocess (`command(path)`, which prints one `RESULT {json}` line), so
     memory peaks and patches never leak from one into the other; `speed_vs_stock` where stock ran."""
-    results = []
+    results: list[dict[str, Any]] = []
     for path in paths:
         proc = subprocess.run(command(path), capture_output=True, text=True, env=os.environ.copy())
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -16,6 +16,7 @@ import argparse
 import json
 import tempfile
 import time
+from pathlib import Path
 
 GIB = 1024**3
 
@@ -102,7 +103,7 @@ def measure(rows: int = 4, tokens: int = 1024, image: int = 448, r: int = 16, ch
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=r, target_modules=target_module_names(base, family, None)))
     batch = make_batch(config, rows, tokens, image)
     with tempfile.TemporaryDirectory() as out:
-        args = build_sft_config(preset, plan, output_dir=out, dtype="bf16", packing=False, has_eval=False,
+        args = build_sft_config(preset, plan, output_dir=Path(out), dtype="bf16", packing=False, has_eval=False,
                                 on_cuda=True, vision=True)
         guard = UpdateGuard(5)
         trainer = SftopTrainer(

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -258,7 +259,7 @@ def run_trl(args, model_dir: Path, data: Path, out: Path, env: dict, tokens: int
                "--effective-batch", str(args.effective_batch), "--trl-worker", str(model_dir), str(data),
                str(result_path)] + (["--nf4"] if args.nf4 else [])
     done = subprocess.run(command, env=env)
-    trl = json.loads(result_path.read_text()) if result_path.is_file() else {"failed": f"exit {done.returncode}"}
+    trl: dict[str, Any] = json.loads(result_path.read_text()) if result_path.is_file() else {"failed": f"exit {done.returncode}"}
     trl["wall_s"] = time.time() - t1
     trl["useful_tokens"] = tokens
     if "train_s" in trl:

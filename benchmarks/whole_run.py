@@ -58,13 +58,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import unsloth_peer  # noqa: E402 - Unsloth's process: imported first, offline, its own TRL
 
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     "llama-1b": dict(
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
@@ -329,8 +330,8 @@ def sftop_preset(model_dir: Path, data: Path, seed: int, effective_batch: int):
 def read_sftop_events(run_dir: Path) -> dict:
     from sftop.engine.events import iter_events
 
-    started = steps = finished = failed = None
-    steps = []
+    started = finished = failed = None
+    steps: list[dict[str, Any]] = []
     for event in iter_events(run_dir / "events.jsonl"):
         kind = event.get("type")
         if kind == "run_started":
@@ -351,12 +352,12 @@ def read_sftop_events(run_dir: Path) -> dict:
     if started and steps:
         result["train_s"] = steps[-1]["time"] - started["time"]
         result["tokens_seen"] = steps[-1].get("tokens_seen")
-        peaks = [s.get("gpu_mem_peak_gib") for s in steps if s.get("gpu_mem_peak_gib") is not None]
+        peaks = [s["gpu_mem_peak_gib"] for s in steps if s.get("gpu_mem_peak_gib") is not None]
         result["peak_allocated_gib"] = max(peaks) if peaks else None
-        reserved = [s.get("gpu_mem_reserved_gib") for s in steps if s.get("gpu_mem_reserved_gib") is not None]
+        reserved = [s["gpu_mem_reserved_gib"] for s in steps if s.get("gpu_mem_reserved_gib") is not None]
         result["peak_reserved_gib"] = max(reserved) if reserved else None  # + the CUDA context = the device's
         # per-step rates show stalls (JIT compiles, allocator growth) that the mean hides
-        rates = [s.get("tokens_per_s") for s in steps if s.get("tokens_per_s")]
+        rates = [s["tokens_per_s"] for s in steps if s.get("tokens_per_s")]
         result["step_tokens_per_s"] = rates
         if len(rates) > 2:
             rest = sorted(rates[1:])
@@ -452,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     data = out / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ordered = sorted(lengths)
-    data_stats = {
+    data_stats: dict[str, Any] = {
         "rows": len(lengths), "tokens": sum(lengths), "median": ordered[len(ordered) // 2],
         "mean": round(sum(lengths) / len(lengths), 1), "max": ordered[-1],
     }
@@ -467,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.time()
         done = subprocess.run([sys.executable, __file__, "--out", str(out), "--seed", str(args.seed),
                                "--trl-worker", str(model_dir), str(data), str(result_path)], env=env)
-        trl = json.loads(result_path.read_text()) if result_path.is_file() else {"failed": f"exit {done.returncode}"}
+        trl: dict[str, Any] = json.loads(result_path.read_text()) if result_path.is_file() else {"failed": f"exit {done.returncode}"}
         trl["wall_s"] = time.time() - t1
         if "train_s" in trl:
             trl["useful_tokens_per_s"] = trl["useful_tokens"] / trl["train_s"]
