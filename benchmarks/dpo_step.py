@@ -59,8 +59,9 @@ def _dataset(args, vocab: int):
     def ids(k):
         return torch.randint(3, vocab, (n, k), generator=g).tolist()
 
-    return Dataset.from_dict({"prompt_ids": ids(prompt), "chosen_ids": ids(args.answer),
-                              "rejected_ids": ids(args.answer)})
+    return Dataset.from_dict(
+        {"prompt_ids": ids(prompt), "chosen_ids": ids(args.answer), "rejected_ids": ids(args.answer)}
+    )
 
 
 def _unsloth_model(args):
@@ -78,17 +79,28 @@ def _model(args, path: str):
     if path == "unsloth":
         return _unsloth_model(args)
     if args.four_bit:
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=quant, dtype=torch.bfloat16,
-                                                     attn_implementation="sdpa", device_map={"": 0})
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model_dir,
+            quantization_config=quant,
+            dtype=torch.bfloat16,
+            attn_implementation="sdpa",
+            device_map={"": 0},
+        )
     else:
         dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
         with torch.device(args.device):
-            model = AutoModelForCausalLM.from_config(step_bench._config(args.model), dtype=dtype,
-                                                     attn_implementation="sdpa")
-    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=step_bench.LORA_TARGETS,
-                      task_type="CAUSAL_LM")
+            model = AutoModelForCausalLM.from_config(
+                step_bench._config(args.model), dtype=dtype, attn_implementation="sdpa"
+            )
+    lora = LoraConfig(
+        r=16, lora_alpha=16, lora_dropout=0.0, target_modules=step_bench.LORA_TARGETS, task_type="CAUSAL_LM"
+    )
     if path == "stock":
         return model, lora, None
     from sftop.kernels import patch_model
@@ -148,11 +160,24 @@ def _one(args, path: str) -> dict:
     model, peft_config, report = _model(args, path)
     tmp = tempfile.mkdtemp(prefix="dpo-bench-")
     cfg = DPOConfig(
-        output_dir=tmp, per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1,
-        max_steps=args.steps + args.warmup + (PROFILED_STEPS if args.profile else 0), learning_rate=2e-4, lr_scheduler_type="constant", logging_steps=1,
-        save_strategy="no", report_to=[], bf16=args.device == "cuda", use_cpu=args.device != "cuda",
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, max_length=None,
-        beta=0.1, loss_type=["sigmoid"], disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=tmp,
+        per_device_train_batch_size=args.pairs,
+        gradient_accumulation_steps=1,
+        max_steps=args.steps + args.warmup + (PROFILED_STEPS if args.profile else 0),
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        bf16=args.device == "cuda",
+        use_cpu=args.device != "cuda",
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=None,
+        beta=0.1,
+        loss_type=["sigmoid"],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     timer = Timer()
     vocab = step_bench.SHAPES[args.model]["vocab_size"]
@@ -171,13 +196,21 @@ def _one(args, path: str) -> dict:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    measured = timer.times[args.warmup:args.warmup + args.steps]
+    measured = timer.times[args.warmup : args.warmup + args.steps]
     step_s = sum(measured) / len(measured)
     tokens = 2 * args.pairs * args.seq  # chosen + rejected sides per step (the reference pass not counted)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     head = getattr(trainer, "sftop_head", "unsloth" if path == "unsloth" else "trl chunked")
-    out = dict(path=path, step_s=step_s, tokens_per_s=tokens / step_s, pairs_per_s=args.pairs / step_s,
-               losses=losses, kernels=report, head=head, load_s=round(load_s, 1))
+    out = dict(
+        path=path,
+        step_s=step_s,
+        tokens_per_s=tokens / step_s,
+        pairs_per_s=args.pairs / step_s,
+        losses=losses,
+        kernels=report,
+        head=head,
+        load_s=round(load_s, 1),
+    )
     if path == "sftop":
         import dataclasses
 
@@ -220,8 +253,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--4bit", dest="four_bit", action="store_true")
-    ap.add_argument("--profile", action="store_true",
-                    help="profile two more steps: GPU time by kernel kind, and the share of the step the GPU waits")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile two more steps: GPU time by kernel kind, and the share of the step the GPU waits",
+    )
     ap.add_argument("--paths", default="stock,sftop", help="comma-separated: stock, sftop, unsloth")
     ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)
     ap.add_argument("--json", help="write the results here")
@@ -250,9 +286,26 @@ def main(argv=None) -> int:
         args.model_dir = tmp.name
 
     def command(path: str) -> list[str]:
-        cmd = [sys.executable, __file__, "--one", path, "--model", args.model, "--pairs", str(args.pairs),
-               "--seq", str(args.seq), "--answer", str(args.answer), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--device", args.device]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            path,
+            "--model",
+            args.model,
+            "--pairs",
+            str(args.pairs),
+            "--seq",
+            str(args.seq),
+            "--answer",
+            str(args.answer),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--device",
+            args.device,
+        ]
         if args.profile:
             cmd += ["--profile"]
         if args.four_bit:
@@ -265,29 +318,48 @@ def main(argv=None) -> int:
 
     results = step_bench.run_paths(paths, command)
     out = dict(
-        model=args.model, pairs=args.pairs, seq=args.seq, answer=args.answer, steps=args.steps, warmup=args.warmup,
-        four_bit=args.four_bit, device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-        torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__,
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(sys.argv), results=results,
+        model=args.model,
+        pairs=args.pairs,
+        seq=args.seq,
+        answer=args.answer,
+        steps=args.steps,
+        warmup=args.warmup,
+        four_bit=args.four_bit,
+        device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        trl=trl.__version__,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        command=" ".join(sys.argv),
+        results=results,
     )
-    print(f"DPO {args.model} {'nf4' if args.four_bit else 'bf16' if args.device == 'cuda' else 'fp32'} {args.pairs} pairs x {args.seq} tokens per side "
-          f"on {out['device']}")
+    print(
+        f"DPO {args.model} {'nf4' if args.four_bit else 'bf16' if args.device == 'cuda' else 'fp32'} {args.pairs} pairs x {args.seq} tokens per side "
+        f"on {out['device']}"
+    )
     for r in results:
         if "unavailable" in r:
             print(f"  {r['path']:6s} {unsloth_peer.not_measured(r['unavailable'])}")
         elif "tokens_per_s" in r:
             peak = f"peak {r['peak_gib']:6.2f} GiB  " if "peak_gib" in r else ""
-            print(f"  {r['path']:6s} {r['tokens_per_s']:10,.0f} tok/s  {peak}"
-                  f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  loss {r['losses'][-1]:.4f}  head {r['head']}")
+            print(
+                f"  {r['path']:6s} {r['tokens_per_s']:10,.0f} tok/s  {peak}"
+                f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  loss {r['losses'][-1]:.4f}  head {r['head']}"
+            )
             if "graphs" in r:
                 g = r["graphs"]
-                print(f"         CUDA graphs: {g}" if isinstance(g, str) else
-                      f"         CUDA graphs: {g['captures']} captured, {g['replays']} replays, "
-                      f"{g['eager_calls']} eager calls" + (f", failures: {g['failures']}" if g["failures"] else ""))
+                print(
+                    f"         CUDA graphs: {g}"
+                    if isinstance(g, str)
+                    else f"         CUDA graphs: {g['captures']} captured, {g['replays']} replays, "
+                    f"{g['eager_calls']} eager calls" + (f", failures: {g['failures']}" if g["failures"] else "")
+                )
             if "profile_share" in r:
-                print(f"         GPU {r['profile_gpu_ms_per_step']:.1f} ms of a {r['profile_wall_ms_per_step']:.1f} ms step "
-                      f"(idle {r['profile_gpu_idle_share']:.0%}); by kind: "
-                      + ", ".join(f"{k} {v:.0%}" for k, v in list(r["profile_share"].items())[:6]))
+                print(
+                    f"         GPU {r['profile_gpu_ms_per_step']:.1f} ms of a {r['profile_wall_ms_per_step']:.1f} ms step "
+                    f"(idle {r['profile_gpu_idle_share']:.0%}); by kind: "
+                    + ", ".join(f"{k} {v:.0%}" for k, v in list(r["profile_share"].items())[:6])
+                )
         else:
             print(f"  {r['path']:6s} FAILED")
     if args.json:

@@ -30,8 +30,9 @@ def main() -> int:
     result = json.loads(args.whole_run_json.read_text())["sftop"]
     plan = SimpleNamespace(**result["plan"], context=None)
     steps = int(result["steps"])
-    preset = SimpleNamespace(train=SimpleNamespace(max_steps=steps, epochs=1.0),
-                             plan=SimpleNamespace(price_per_gpu_hour=None))
+    preset = SimpleNamespace(
+        train=SimpleNamespace(max_steps=steps, epochs=1.0), plan=SimpleNamespace(price_per_gpu_hour=None)
+    )
     estimate = estimate_run_time(plan, preset)
     if estimate is None:
         print(f"no estimate for {plan.gpu_name!r} on {plan.device}")

@@ -101,6 +101,7 @@ def _variants(t, h, i, q, kv, vocab):
             else:
                 dh = summed((d2, wd), (ha, down_a))
             return dh
+
         return run
 
     x_o = _rand(t, q)
@@ -116,35 +117,60 @@ def _variants(t, h, i, q, kv, vocab):
     f = 2 * t * h  # flop per output column of a [t, h] x [h, n] product
     return {
         # forward and recomputation: 2 passes per layer
-        "gate+up forward (2 passes)": (2, f * 2 * i, {
-            "separate, base then adapter": lambda: [base_then_adapter(x, w, xa, bg) for w in (wg, wu)],
-            "separate, adapter then base": lambda: [adapter_then_base(x, w, xa, bg) for w in (wg, wu)],
-            "fused, adapter then base": lambda: adapter_then_base(x, wgu, xa2, bgu),
-        }),
-        "down forward (1 pass)": (1, 2 * t * i * h, {
-            "base then adapter": lambda: base_then_adapter(hmid, wd, ha, bd),
-            "adapter then base": lambda: adapter_then_base(hmid, wd, ha, bd),
-        }),
-        "q/k/v forward (2 passes)": (2, f * (q + 2 * kv), {
-            "separate, base then adapter": qkv_separate(base_then_adapter),
-            "separate, adapter then base": qkv_separate(adapter_then_base),
-            "fused, adapter then base": lambda: adapter_then_base(x, wqkv, xa2, bqkv),
-        }),
-        "o forward (2 passes)": (2, 2 * t * q * h, {
-            "base then adapter": lambda: base_then_adapter(x_o, wo, xa, bd),
-            "adapter then base": lambda: adapter_then_base(x_o, wo, xa, bd),
-        }),
+        "gate+up forward (2 passes)": (
+            2,
+            f * 2 * i,
+            {
+                "separate, base then adapter": lambda: [base_then_adapter(x, w, xa, bg) for w in (wg, wu)],
+                "separate, adapter then base": lambda: [adapter_then_base(x, w, xa, bg) for w in (wg, wu)],
+                "fused, adapter then base": lambda: adapter_then_base(x, wgu, xa2, bgu),
+            },
+        ),
+        "down forward (1 pass)": (
+            1,
+            2 * t * i * h,
+            {
+                "base then adapter": lambda: base_then_adapter(hmid, wd, ha, bd),
+                "adapter then base": lambda: adapter_then_base(hmid, wd, ha, bd),
+            },
+        ),
+        "q/k/v forward (2 passes)": (
+            2,
+            f * (q + 2 * kv),
+            {
+                "separate, base then adapter": qkv_separate(base_then_adapter),
+                "separate, adapter then base": qkv_separate(adapter_then_base),
+                "fused, adapter then base": lambda: adapter_then_base(x, wqkv, xa2, bqkv),
+            },
+        ),
+        "o forward (2 passes)": (
+            2,
+            2 * t * q * h,
+            {
+                "base then adapter": lambda: base_then_adapter(x_o, wo, xa, bd),
+                "adapter then base": lambda: adapter_then_base(x_o, wo, xa, bd),
+            },
+        ),
         "gate+up input gradient": (1, f * 2 * i, {"separate": gu_dx_separate, "fused": gu_dx_fused}),
-        "down input gradient": (1, 2 * t * i * h, {
-            "base then adapter": down_dh(False), "adapter then base": down_dh(True),
-        }),
+        "down input gradient": (
+            1,
+            2 * t * i * h,
+            {
+                "base then adapter": down_dh(False),
+                "adapter then base": down_dh(True),
+            },
+        ),
         "q/k/v input gradient": (1, f * (q + 2 * kv), {"separate": qkv_dx_separate, "fused (with cat)": qkv_dx_fused}),
-        "lm_head forward, all tokens": (0, 2 * t * h * vocab, {
-            f"{rows}-row chunks": _repeated(lm_head(rows), t // rows) for rows in (1024, 2048, 4096)
-        }),
-        "lm_head input gradient, all tokens": (0, 2 * t * h * vocab, {
-            f"{rows}-row chunks": _repeated(lm_head_dx(rows), t // rows) for rows in (1024, 2048, 4096)
-        }),
+        "lm_head forward, all tokens": (
+            0,
+            2 * t * h * vocab,
+            {f"{rows}-row chunks": _repeated(lm_head(rows), t // rows) for rows in (1024, 2048, 4096)},
+        ),
+        "lm_head input gradient, all tokens": (
+            0,
+            2 * t * h * vocab,
+            {f"{rows}-row chunks": _repeated(lm_head_dx(rows), t // rows) for rows in (1024, 2048, 4096)},
+        ),
     }
 
 
@@ -159,16 +185,26 @@ def main() -> None:
             row = {}
             for label, fn in variants.items():
                 ms = mean_cuda_ms(fn, iters=10, warmup=2)
-                row[label] = {"ms": round(ms, 3), "tflops": round(flop / ms / 1e9, 1),
-                              "ms_per_step": round(ms * per_layer * layers, 2) if per_layer else None}
+                row[label] = {
+                    "ms": round(ms, 3),
+                    "tflops": round(flop / ms / 1e9, 1),
+                    "ms_per_step": round(ms * per_layer * layers, 2) if per_layer else None,
+                }
             rows[op] = row
-            print(name, "|", op, "|", "; ".join(f"{k}: {v['ms']} ms {v['tflops']} TF/s" for k, v in row.items()),
-                  flush=True)
+            print(
+                name,
+                "|",
+                op,
+                "|",
+                "; ".join(f"{k}: {v['ms']} ms {v['tflops']} TF/s" for k, v in row.items()),
+                flush=True,
+            )
         results[name] = rows
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, fh,
-                      indent=1)
+            json.dump(
+                {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, fh, indent=1
+            )
 
 
 if __name__ == "__main__":

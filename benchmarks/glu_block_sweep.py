@@ -40,8 +40,16 @@ def main(argv=None) -> int:
             grid = (triton.cdiv(n, block),)
             bwd = mean_cuda_ms(lambda: glu._glu_bwd_inplace[grid](dh, g, u, n, KIND=0, BLOCK=block, num_warps=warps))
             fwd = mean_cuda_ms(lambda: glu._glu_fwd[grid](g, u, h, n, KIND=0, BLOCK=block, num_warps=warps))
-            rows.append(dict(block=block, warps=warps, bwd_ms=round(bwd, 4), bwd_tb_s=round(6 * n * 2 / bwd / 1e9, 2),
-                             fwd_ms=round(fwd, 4), fwd_tb_s=round(3 * n * 2 / fwd / 1e9, 2)))
+            rows.append(
+                dict(
+                    block=block,
+                    warps=warps,
+                    bwd_ms=round(bwd, 4),
+                    bwd_tb_s=round(6 * n * 2 / bwd / 1e9, 2),
+                    fwd_ms=round(fwd, 4),
+                    fwd_tb_s=round(3 * n * 2 / fwd / 1e9, 2),
+                )
+            )
             print(rows[-1], flush=True)
     best = max(rows, key=lambda r: r["bwd_tb_s"])
     print("best backward:", best)

@@ -98,13 +98,24 @@ def main(argv=None) -> int:
     trace = [ev for dev in snap["device_traces"] for ev in dev]
     peak, at, sites = peak_blocks(trace)
     mib = 2**20
-    result = dict(model=args.model, four_bit=args.four_bit, path=args.path, batch=args.batch, seq=args.seq,
-                  allocated_before_mib=round(steady / mib, 1), recorded_peak_mib=round(peak / mib, 1),
-                  peak_event=at, events=len(trace), patch=report,
-                  live_at_peak_mib={k: round(v / mib, 1) for k, v in list(sites.items())[: args.top]})
-    print(f"{args.model} {'nf4' if args.four_bit else 'bf16'} {args.path}: {result['allocated_before_mib']} MiB "
-          f"before the steps; {result['recorded_peak_mib']} MiB of blocks allocated during them live at the "
-          f"peak (event {at} of {len(trace)})")
+    result = dict(
+        model=args.model,
+        four_bit=args.four_bit,
+        path=args.path,
+        batch=args.batch,
+        seq=args.seq,
+        allocated_before_mib=round(steady / mib, 1),
+        recorded_peak_mib=round(peak / mib, 1),
+        peak_event=at,
+        events=len(trace),
+        patch=report,
+        live_at_peak_mib={k: round(v / mib, 1) for k, v in list(sites.items())[: args.top]},
+    )
+    print(
+        f"{args.model} {'nf4' if args.four_bit else 'bf16'} {args.path}: {result['allocated_before_mib']} MiB "
+        f"before the steps; {result['recorded_peak_mib']} MiB of blocks allocated during them live at the "
+        f"peak (event {at} of {len(trace)})"
+    )
     for site, size in result["live_at_peak_mib"].items():
         print(f"  {size:9.1f} MiB  {site}")
     if args.json:

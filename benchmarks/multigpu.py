@@ -34,19 +34,30 @@ sys.path.insert(0, str(HERE.parent))
 
 import whole_run  # noqa: E402 - the benchmarks share the model builder and the chat rows
 
-whole_run.SHAPES.setdefault("llama-8b", dict(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
-    max_position_embeddings=4096,
-))
+whole_run.SHAPES.setdefault(
+    "llama-8b",
+    dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        max_position_embeddings=4096,
+    ),
+)
 
 
 def read_ranks(run_dir: Path) -> dict:
     from sftop.engine.events import read_events
 
     out = {}
-    files = {0: run_dir / "events.jsonl", **{int(p.stem.split("-")[1]): p for p in (run_dir / "ranks").glob("rank-*.jsonl")
-                                              if p.stem != "rank-0"}}
+    files = {
+        0: run_dir / "events.jsonl",
+        **{int(p.stem.split("-")[1]): p for p in (run_dir / "ranks").glob("rank-*.jsonl") if p.stem != "rank-0"},
+    }
     for rank, path in sorted(files.items()):
         records, _ = read_events(path)
         steps = [r for r in records if r.get("type") == "step"]
@@ -70,9 +81,15 @@ def run(preset_path: Path, run_dir: Path, sets: list[str], out: Path) -> dict:
     records, _ = read_events(run_dir / "events.jsonl")
     steps = [r for r in records if r.get("type") == "step"]
     started = next((r for r in records if r.get("type") == "run_started"), {})
-    result = {"exit_code": done.returncode, "wall_s": time.time() - t0, "sets": sets,
-              "losses": [s.get("loss") for s in steps], "plan": started.get("plan"),
-              "end": records[-1] if records else None, "ranks": read_ranks(run_dir)}
+    result = {
+        "exit_code": done.returncode,
+        "wall_s": time.time() - t0,
+        "sets": sets,
+        "losses": [s.get("loss") for s in steps],
+        "plan": started.get("plan"),
+        "end": records[-1] if records else None,
+        "ranks": read_ranks(run_dir),
+    }
     if len(steps) > 2:
         a, b = steps[1], steps[-1]
         result["tokens_per_s"] = (b["tokens_seen"] - a["tokens_seen"]) / max(b["time"] - a["time"], 1e-9)
@@ -110,22 +127,37 @@ def main() -> int:
     report["loss_max_rel_diff"] = max((abs(a - b) / max(abs(a), 1e-9) for a, b in pairs), default=None)
     plan = two.get("plan") or {}
     report["per_gpu"] = [
-        {"rank": rank, "predicted_allocated_gib": plan.get("predicted_allocated_gib"),
-         "measured_peak_allocated_gib": info["measured_peak_allocated_gib"],
-         "error": (plan["predicted_allocated_gib"] / info["measured_peak_allocated_gib"] - 1)
-         if plan.get("predicted_allocated_gib") and info["measured_peak_allocated_gib"] else None}
+        {
+            "rank": rank,
+            "predicted_allocated_gib": plan.get("predicted_allocated_gib"),
+            "measured_peak_allocated_gib": info["measured_peak_allocated_gib"],
+            "error": (plan["predicted_allocated_gib"] / info["measured_peak_allocated_gib"] - 1)
+            if plan.get("predicted_allocated_gib") and info["measured_peak_allocated_gib"]
+            else None,
+        }
         for rank, info in sorted(two["ranks"].items())
     ]
     (out / "multigpu.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    lines = [f"# DDP scaling, {args.shape}, effective batch {args.effective_batch}", "",
-             "| run | exit | tokens/s | plan |", "|---|---|---|---|"]
+    lines = [
+        f"# DDP scaling, {args.shape}, effective batch {args.effective_batch}",
+        "",
+        "| run | exit | tokens/s | plan |",
+        "|---|---|---|---|",
+    ]
     for name, r in (("1 GPU", one), ("2 GPUs", two)):
         p = r.get("plan") or {}
-        lines.append(f"| {name} | {r['exit_code']} | {r.get('tokens_per_s', 0):.0f} | "
-                     f"{p.get('strategy')} {p.get('micro_batch')}x{p.get('grad_accum')}x{p.get('world_size')} |")
-    lines += ["", f"scaling (2 GPUs / 1): {report.get('scaling', float('nan')):.2f}x (target >= 1.9)",
-              f"loss curves: largest relative difference {report['loss_max_rel_diff']}", "",
-              "| rank | predicted allocated GiB | measured peak GiB | error |", "|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {r['exit_code']} | {r.get('tokens_per_s', 0):.0f} | "
+            f"{p.get('strategy')} {p.get('micro_batch')}x{p.get('grad_accum')}x{p.get('world_size')} |"
+        )
+    lines += [
+        "",
+        f"scaling (2 GPUs / 1): {report.get('scaling', float('nan')):.2f}x (target >= 1.9)",
+        f"loss curves: largest relative difference {report['loss_max_rel_diff']}",
+        "",
+        "| rank | predicted allocated GiB | measured peak GiB | error |",
+        "|---|---|---|---|",
+    ]
     for g in report["per_gpu"]:
         err = f"{g['error']:+.1%}" if g["error"] is not None else "n/a"
         lines.append(f"| {g['rank']} | {g['predicted_allocated_gib']} | {g['measured_peak_allocated_gib']} | {err} |")

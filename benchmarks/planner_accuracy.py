@@ -42,24 +42,55 @@ from sftop.engine.planner.estimate import GIB, LossImpl, ModelShape, Setup, esti
 
 SHAPES = {
     "llama-1b": dict(
-        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
     ),
     "qwen-1.5b": dict(
-        model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
+        model_type="qwen2",
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
     ),
     # Only for a CPU smoke test of this script (--device cpu): not part of the matrix.
     "tiny": dict(
-        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=False,
     ),
     "llama-8b": dict(
-        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
     ),
 }
-LOSS_TO_SETUP: dict[str, tuple[LossImpl, bool]] = {"hf": ("full", False), "trl": ("chunked", False), "sftop": ("fused", True)}
+LOSS_TO_SETUP: dict[str, tuple[LossImpl, bool]] = {
+    "hf": ("full", False),
+    "trl": ("chunked", False),
+    "sftop": ("fused", True),
+}
 
 
 def make_config(name: str):
@@ -98,11 +129,19 @@ def build_model(config, nf4: bool, loss: str, device: str = "cuda"):
                 for child_name, child in list(parent.named_children()):
                     if type(child) is nn.Linear:
                         q = bnb.nn.Linear4bit(
-                            child.in_features, child.out_features, bias=child.bias is not None,
-                            compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4", device="meta",
+                            child.in_features,
+                            child.out_features,
+                            bias=child.bias is not None,
+                            compute_dtype=torch.bfloat16,
+                            compress_statistics=True,
+                            quant_type="nf4",
+                            device="meta",
                         )
                         q.weight = bnb.nn.Params4bit(
-                            child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                            child.weight.data,
+                            requires_grad=False,
+                            compress_statistics=True,
+                            quant_type="nf4",
                             module=q,
                         ).to(device)
                         if child.bias is not None:
@@ -131,8 +170,9 @@ def set_checkpointing(model, mode: str, every: int = 1) -> None:
     base = model.get_base_model()
     base.gradient_checkpointing_disable()
     if mode != "off":
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
-                                           offload=mode == "offload", every_n_layers=every)
+        base.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}, offload=mode == "offload", every_n_layers=every
+        )
 
 
 def loss_of(model, ids, loss: str, position_ids=None):
@@ -144,8 +184,16 @@ def loss_of(model, ids, loss: str, position_ids=None):
     return out.loss
 
 
-def measure(model, seq: int, loss: str, steps: int, vocab: int, device: str = "cuda", packed: bool = False,
-            doc_len: int | None = None) -> dict:
+def measure(
+    model,
+    seq: int,
+    loss: str,
+    steps: int,
+    vocab: int,
+    device: str = "cuda",
+    packed: bool = False,
+    doc_len: int | None = None,
+) -> dict:
     cuda = device != "cpu"
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
@@ -194,26 +242,43 @@ def check_plan(model, config, shape, shape_name: str, weights: str, loss: str, t
     from sftop.engine.planner.estimate import CUDA_CONTEXT_BYTES
     from sftop.engine.presets.schema import Preset
 
-    preset = Preset.model_validate({
-        "name": "acc",
-        "model": {"name": shape_name, "load_in_4bit": weights == "nf4", "attn_implementation": "sdpa"},
-        "lora": {"r": 16, "alpha": 16},
-        "data": {"max_length": 2048, "packing": True},
-        "train": {"effective_batch": 16, "kernels": "on" if loss == "sftop" else "off"},
-    })
+    preset = Preset.model_validate(
+        {
+            "name": "acc",
+            "model": {"name": shape_name, "load_in_4bit": weights == "nf4", "attn_implementation": "sdpa"},
+            "lora": {"r": 16, "alpha": 16},
+            "data": {"max_length": 2048, "packing": True},
+            "train": {"effective_batch": 16, "kernels": "on" if loss == "sftop" else "off"},
+        }
+    )
     row: dict[str, Any] = {"shape": shape_name, "weights": weights, "loss": loss, "plan_check": True, "packed": True}
     try:
         plan = plan_run(preset, config, gpu_memory_gib=total_gib)
     except Exception as exc:  # noqa: BLE001 - a refusal is a result too
         row["status"] = f"refused: {exc}"[:300]
         return row
-    row.update(checkpointing=plan.gradient_checkpointing, seq=plan.tokens_per_micro_batch,
-               predicted_gib=plan.predicted_allocated_gib, predicted_device_gib=plan.predicted_peak_gib,
-               budget_gib=plan.budget_gib, plan=plan.to_dict())
+    row.update(
+        checkpointing=plan.gradient_checkpointing,
+        seq=plan.tokens_per_micro_batch,
+        predicted_gib=plan.predicted_allocated_gib,
+        predicted_device_gib=plan.predicted_peak_gib,
+        budget_gib=plan.budget_gib,
+        plan=plan.to_dict(),
+    )
     try:
         set_checkpointing(model, plan.gradient_checkpointing, plan.checkpoint_every_n_layers)
-        row.update(measure(model, plan.tokens_per_micro_batch, loss, args.steps, shape.vocab, args.device,
-                           packed=True, doc_len=2048))
+        row.update(
+            measure(
+                model,
+                plan.tokens_per_micro_batch,
+                loss,
+                args.steps,
+                shape.vocab,
+                args.device,
+                packed=True,
+                doc_len=2048,
+            )
+        )
         device_peak = row["reserved_gib"] + CUDA_CONTEXT_BYTES / GIB
         row["error_pct"] = round(100 * (row["predicted_gib"] / row["measured_gib"] - 1), 2)
         row["fits_budget"] = device_peak <= plan.budget_gib
@@ -235,28 +300,53 @@ def main() -> int:
     ap.add_argument("--weights", nargs="+", default=["bf16", "nf4"], choices=["bf16", "nf4"])
     ap.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--seqs", nargs="+", type=int, default=[512, 2048, 8192])
-    ap.add_argument("--losses", nargs="+", default=None, choices=list(LOSS_TO_SETUP),
-                    help="default: trl, plus sftop when its kernels are available")
+    ap.add_argument(
+        "--losses",
+        nargs="+",
+        default=None,
+        choices=list(LOSS_TO_SETUP),
+        help="default: trl, plus sftop when its kernels are available",
+    )
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--packed-seqs", nargs="*", type=int, default=[2048, 8192],
-                    help="extra packed (4 documents per row) cases, bf16 only, on the first shape")
+    ap.add_argument(
+        "--packed-seqs",
+        nargs="*",
+        type=int,
+        default=[2048, 8192],
+        help="extra packed (4 documents per row) cases, bf16 only, on the first shape",
+    )
     ap.add_argument("--time-budget", type=float, default=450.0, help="seconds; later combos are skipped")
-    ap.add_argument("--no-plan-check", dest="plan_check", action="store_false",
-                    help="skip running the planner's own choice (micro-batch x 2048 packed) per model")
-    ap.add_argument("--caps", default=None, metavar="GIB,GIB,...",
-                    help="whole runs under these plan.max_memory_gib caps ('none': no cap) instead of the matrix; "
-                         "takes the first of --shapes (llama-1b or tiny), --rows, --effective-batch, --seed")
+    ap.add_argument(
+        "--no-plan-check",
+        dest="plan_check",
+        action="store_false",
+        help="skip running the planner's own choice (micro-batch x 2048 packed) per model",
+    )
+    ap.add_argument(
+        "--caps",
+        default=None,
+        metavar="GIB,GIB,...",
+        help="whole runs under these plan.max_memory_gib caps ('none': no cap) instead of the matrix; "
+        "takes the first of --shapes (llama-1b or tiny), --rows, --effective-batch, --seed",
+    )
     ap.add_argument("--rows", type=int, default=300, help="--caps: chat rows of whole_run.py's data")
     ap.add_argument("--effective-batch", type=int, default=8, help="--caps: rows per optimizer step")
     ap.add_argument("--seed", type=int, default=42, help="--caps: data and training seed")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=V",
-                    help="--caps: a preset override for every capped run (as `sftop run --set`)")
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=V",
+        help="--caps: a preset override for every capped run (as `sftop run --set`)",
+    )
     args = ap.parse_args()
     if args.caps:
         from planner_caps import parse_caps, run_caps
 
-        result = run_caps(args.out, parse_caps(args.caps), args.shapes[0], args.rows, args.effective_batch,
-                          args.seed, args.sets)
+        result = run_caps(
+            args.out, parse_caps(args.caps), args.shapes[0], args.rows, args.effective_batch, args.seed, args.sets
+        )
         return 0 if result["exit_code"] == 0 else 1
     cuda = args.device != "cpu"
     if cuda and not torch.cuda.is_available():
@@ -287,14 +377,25 @@ def main() -> int:
                     combos += [(gc_mode, seq, True) for gc_mode in args.checkpointing for seq in args.packed_seqs]
                 model = None
                 for gc_mode, seq, packed in combos:
-                    setup = Setup(load_in_4bit=weights == "nf4", checkpointing=gc_mode, kernels=kernels, loss=loss_impl,
-                                  packed=packed)
+                    setup = Setup(
+                        load_in_4bit=weights == "nf4",
+                        checkpointing=gc_mode,
+                        kernels=kernels,
+                        loss=loss_impl,
+                        packed=packed,
+                    )
                     est = estimate(shape, setup, seq, seq_len=seq)
                     row = {
-                        "shape": shape_name, "weights": weights, "checkpointing": gc_mode, "seq": seq, "loss": loss,
+                        "shape": shape_name,
+                        "weights": weights,
+                        "checkpointing": gc_mode,
+                        "seq": seq,
+                        "loss": loss,
                         "packed": packed,
-                        "predicted_gib": round(est.allocated_gib, 3), "predicted_device_gib": round(est.device_gib, 3),
-                        "peak_phase": est.peak_phase, "terms_gib": est.breakdown_gib(),
+                        "predicted_gib": round(est.allocated_gib, 3),
+                        "predicted_device_gib": round(est.device_gib, 3),
+                        "peak_phase": est.peak_phase,
+                        "terms_gib": est.breakdown_gib(),
                     }
                     rows.append(row)
                     if est.device_gib > 0.97 * total_gib:
@@ -381,8 +482,14 @@ def write(out: Path, rows: list[dict], total_gib: float, wall_s: float, device: 
         for r in checks:
             plan = r.get("plan") or {}
             every = plan.get("checkpoint_every_n_layers", 1) if plan else 1
-            desc = (f"{plan.get('micro_batch')} x {plan.get('grad_accum')}, ckpt {plan.get('gradient_checkpointing')}"
-                    + (f" 1 in {every}" if every > 1 else "")) if plan else ""
+            desc = (
+                (
+                    f"{plan.get('micro_batch')} x {plan.get('grad_accum')}, ckpt {plan.get('gradient_checkpointing')}"
+                    + (f" 1 in {every}" if every > 1 else "")
+                )
+                if plan
+                else ""
+            )
             measured = f"{r['measured_gib']:.2f}" if "measured_gib" in r else ""
             err = f"{r['error_pct']:+.1f}%" if "error_pct" in r else ""
             lines.append(

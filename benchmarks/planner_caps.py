@@ -28,7 +28,7 @@ CUDA_CONTEXT_GIB = 0.6  # sftop.engine.planner.estimate.CUDA_CONTEXT_BYTES: outs
 
 
 def parse_caps(text: str) -> list[float | None]:
-    """"4,8,12,24" -> [4.0, 8.0, 12.0, 24.0]; "none" (or 0) is a run without a cap."""
+    """ "4,8,12,24" -> [4.0, 8.0, 12.0, 24.0]; "none" (or 0) is a run without a cap."""
     caps: list[float | None] = []
     for item in text.split(","):
         item = item.strip().lower()
@@ -50,16 +50,39 @@ def variant_name(cap: float | None) -> str:
     return "uncapped" if cap is None else f"cap-{cap:g}"
 
 
-def run_caps(out: Path, caps: list[float | None], shape: str, rows: int, effective_batch: int, seed: int,
-             extra_sets: list[str] | None = None) -> dict:
+def run_caps(
+    out: Path,
+    caps: list[float | None],
+    shape: str,
+    rows: int,
+    effective_batch: int,
+    seed: int,
+    extra_sets: list[str] | None = None,
+) -> dict:
     """One whole_run.py call (same model, same data) with one sftop row per cap."""
     if shape not in WHOLE_RUN_SHAPES:
-        raise SystemExit(f"--caps runs whole_run.py's shapes ({', '.join(WHOLE_RUN_SHAPES)}), not {shape!r}: "
-                         "pass --shapes llama-1b or --shapes tiny")
+        raise SystemExit(
+            f"--caps runs whole_run.py's shapes ({', '.join(WHOLE_RUN_SHAPES)}), not {shape!r}: "
+            "pass --shapes llama-1b or --shapes tiny"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(HERE / "whole_run.py"), "--out", str(out / "runs"), "--shape", shape,
-               "--rows", str(rows), "--effective-batch", str(effective_batch), "--seed", str(seed),
-               "--skip", "trl", "sftop"]
+    command = [
+        sys.executable,
+        str(HERE / "whole_run.py"),
+        "--out",
+        str(out / "runs"),
+        "--shape",
+        shape,
+        "--rows",
+        str(rows),
+        "--effective-batch",
+        str(effective_batch),
+        "--seed",
+        str(seed),
+        "--skip",
+        "trl",
+        "sftop",
+    ]
     for cap in caps:
         sets = [] if cap is None else [f"plan.max_memory_gib={cap:g}"]
         command += ["--variant", variant_name(cap), *sets, *(extra_sets or [])]
@@ -67,8 +90,15 @@ def run_caps(out: Path, caps: list[float | None], shape: str, rows: int, effecti
     done = subprocess.run(command)
     report_path = out / "runs" / "whole_run.json"
     whole = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    result: dict[str, Any] = {"shape": shape, "rows": rows, "effective_batch": effective_batch, "data": whole.get("data"),
-              "exit_code": done.returncode, "wall_s": round(time.time() - t0, 1), "caps": []}
+    result: dict[str, Any] = {
+        "shape": shape,
+        "rows": rows,
+        "effective_batch": effective_batch,
+        "data": whole.get("data"),
+        "exit_code": done.returncode,
+        "wall_s": round(time.time() - t0, 1),
+        "caps": [],
+    }
     for cap in caps:
         result["caps"].append(cap_row(cap, whole.get(f"sftop:{variant_name(cap)}") or {}))
     (out / "planner_caps.json").write_text(json.dumps(result, indent=1))
@@ -83,15 +113,20 @@ def cap_row(cap: float | None, run: dict) -> dict:
     probe = plan.get("probe") or {}
     row: dict = {"cap_gib": cap, "exit_code": run.get("exit_code"), "failed": run.get("failed")}
     if plan:
-        row.update({
-            "micro_batch": plan.get("micro_batch"), "grad_accum": plan.get("grad_accum"),
-            "gradient_checkpointing": plan.get("gradient_checkpointing"),
-            "checkpoint_every_n_layers": plan.get("checkpoint_every_n_layers", 1),
-            "split_by": plan.get("split_by", "rows"), "tokens_per_micro_batch": plan.get("tokens_per_micro_batch"),
-            "predicted_allocated_gib": plan.get("predicted_allocated_gib"),
-            "predicted_device_gib": plan.get("predicted_peak_gib"), "budget_gib": plan.get("budget_gib"),
-            "breakdown_gib": plan.get("breakdown"),
-        })
+        row.update(
+            {
+                "micro_batch": plan.get("micro_batch"),
+                "grad_accum": plan.get("grad_accum"),
+                "gradient_checkpointing": plan.get("gradient_checkpointing"),
+                "checkpoint_every_n_layers": plan.get("checkpoint_every_n_layers", 1),
+                "split_by": plan.get("split_by", "rows"),
+                "tokens_per_micro_batch": plan.get("tokens_per_micro_batch"),
+                "predicted_allocated_gib": plan.get("predicted_allocated_gib"),
+                "predicted_device_gib": plan.get("predicted_peak_gib"),
+                "budget_gib": plan.get("budget_gib"),
+                "breakdown_gib": plan.get("breakdown"),
+            }
+        )
     measured = run.get("peak_allocated_gib")
     if measured:
         row["measured_allocated_gib"] = measured

@@ -61,9 +61,24 @@ def run(args: argparse.Namespace) -> int:
     if "step" in args.only:
         for spec in args.steps:
             shape, weights, batch = (spec.split(":") + ["4"])[:3]
-            cmd = [py, str(HERE / "step_bench.py"), "--model", shape, "--batch", batch, "--seq", "2048",
-                   "--steps", str(args.step_count), "--warmup", "3", "--checkpointing", "offload",
-                   "--json", str(out / f"step_{shape}_{weights}.json")]
+            cmd = [
+                py,
+                str(HERE / "step_bench.py"),
+                "--model",
+                shape,
+                "--batch",
+                batch,
+                "--seq",
+                "2048",
+                "--steps",
+                str(args.step_count),
+                "--warmup",
+                "3",
+                "--checkpointing",
+                "offload",
+                "--json",
+                str(out / f"step_{shape}_{weights}.json"),
+            ]
             _run(cmd + (["--4bit"] if weights == "nf4" else []), log, args.timeout)
     if "whole" in args.only:
         _run([py, str(HERE / "whole_run.py"), "--out", str(out / "whole")], log, args.timeout)
@@ -85,11 +100,15 @@ def step_rows(folder: Path) -> list[str]:
         if stock is None or ours is None:
             rows.append(f"| {path.stem} | failed: see run_all.log | | | | |")
             continue
-        name = f"{SHAPE_NAMES.get(data['model'], data['model'])} {'NF4' if data['four_bit'] else 'bf16'}, " \
-               f"{data['batch']} x {data['seq']}"
-        rows.append(f"| {name} | {stock['tokens_per_s']:,.0f} | {ours['tokens_per_s']:,.0f} | "
-                    f"**{ours['tokens_per_s'] / stock['tokens_per_s']:.2f}x** | {stock['peak_gib']:.2f} | "
-                    f"**{ours['peak_gib']:.2f}** |")
+        name = (
+            f"{SHAPE_NAMES.get(data['model'], data['model'])} {'NF4' if data['four_bit'] else 'bf16'}, "
+            f"{data['batch']} x {data['seq']}"
+        )
+        rows.append(
+            f"| {name} | {stock['tokens_per_s']:,.0f} | {ours['tokens_per_s']:,.0f} | "
+            f"**{ours['tokens_per_s'] / stock['tokens_per_s']:.2f}x** | {stock['peak_gib']:.2f} | "
+            f"**{ours['peak_gib']:.2f}** |"
+        )
     return rows
 
 
@@ -97,22 +116,36 @@ def summarise(folder: Path) -> str:
     lines = []
     steps = step_rows(folder)
     if steps:
-        lines += ["| shape, weights, batch | stock tok/s | sftop tok/s | x stock | stock peak GiB | sftop peak GiB |",
-                  "|---|---|---|---|---|---|", *steps, ""]
+        lines += [
+            "| shape, weights, batch | stock tok/s | sftop tok/s | x stock | stock peak GiB | sftop peak GiB |",
+            "|---|---|---|---|---|---|",
+            *steps,
+            "",
+        ]
     whole = folder / "whole" / "whole_run.json"
     if whole.is_file():
         w = json.loads(whole.read_text(encoding="utf-8"))
-        lines += ["| whole run (one epoch, 8 rows per step) | useful tok/s | x TRL |", "|---|---|---|",
-                  f"| TRL SFTTrainer + PEFT recipe | {w['trl']['useful_tokens_per_s']:,.0f} | 1.00x |",
-                  f"| `sftop run` | {w['sftop']['useful_tokens_per_s']:,.0f} | **{w['speedup_vs_trl']:.2f}x** |", ""]
+        lines += [
+            "| whole run (one epoch, 8 rows per step) | useful tok/s | x TRL |",
+            "|---|---|---|",
+            f"| TRL SFTTrainer + PEFT recipe | {w['trl']['useful_tokens_per_s']:,.0f} | 1.00x |",
+            f"| `sftop run` | {w['sftop']['useful_tokens_per_s']:,.0f} | **{w['speedup_vs_trl']:.2f}x** |",
+            "",
+        ]
     planner = folder / "planner" / "planner_accuracy.json"
     if planner.is_file():
-        rows = [r for r in json.loads(planner.read_text(encoding="utf-8"))["rows"]
-                if r.get("status") == "ok" and not r.get("plan_check")]
+        rows = [
+            r
+            for r in json.loads(planner.read_text(encoding="utf-8"))["rows"]
+            if r.get("status") == "ok" and not r.get("plan_check")
+        ]
         within = sum(abs(r["error_pct"]) <= 10 for r in rows)
         under = sum(r["error_pct"] < -5 for r in rows)
-        lines += [f"planner: {within} of {len(rows)} measured peaks within +-10% of the prediction, "
-                  f"{under} more than 5% under it", ""]
+        lines += [
+            f"planner: {within} of {len(rows)} measured peaks within +-10% of the prediction, "
+            f"{under} more than 5% under it",
+            "",
+        ]
     return "\n".join(lines) if lines else f"no results in {folder}\n"
 
 
@@ -121,8 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="folder for the results (created)")
     ap.add_argument("--summarise", type=Path, metavar="DIR", help="only print the table of the results in DIR")
     ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="run only these parts")
-    ap.add_argument("--steps", nargs="+", default=list(STEP_RUNS), metavar="SHAPE:WEIGHTS:BATCH",
-                    help=f"step benchmarks to run (default: {' '.join(STEP_RUNS)})")
+    ap.add_argument(
+        "--steps",
+        nargs="+",
+        default=list(STEP_RUNS),
+        metavar="SHAPE:WEIGHTS:BATCH",
+        help=f"step benchmarks to run (default: {' '.join(STEP_RUNS)})",
+    )
     ap.add_argument("--step-count", type=int, default=6, help="timed steps per step benchmark, after 3 warm-up")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds each benchmark may take")
     ap.add_argument("--keep-going", action="store_true", help="benchmark even when a GPU test fails")

@@ -43,19 +43,53 @@ import unsloth_peer
 import vlm_shapes
 
 SHAPES: dict[str, dict[str, Any]] = {
-    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, head_dim=64,
-                         rope_theta=500000.0, tie_word_embeddings=True),
-    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, head_dim=128,
-                         rope_theta=500000.0, tie_word_embeddings=False),
-    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
-                         rope_theta=1000000.0, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(
+        model_type="llama",
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        head_dim=64,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
+    "llama-3.1-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        head_dim=128,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ),
+    "qwen2.5-1.5b": dict(
+        model_type="qwen2",
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
 }
 # for a CPU smoke run of the script itself (TRITON_INTERPRET=1 --device cpu), not for numbers
-SHAPES["tiny"] = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=128, vocab_size=300, head_dim=16)
+SHAPES["tiny"] = dict(
+    model_type="llama",
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=300,
+    head_dim=16,
+)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -110,8 +144,10 @@ def _checkpointing(args, path: str) -> dict:
     """Non-reentrant checkpointing; sftop's path may offload the layer inputs to pinned host memory
     (--checkpointing offload: sftop's overlapped copies; offload-hf: transformers' save_on_cpu, for
     comparison), the stock path always keeps them on the GPU."""
-    return dict(gradient_checkpointing_kwargs={"use_reentrant": False},
-                offload=path != "stock" and args.checkpointing in ("offload", "offload-hf"))
+    return dict(
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        offload=path != "stock" and args.checkpointing in ("offload", "offload-hf"),
+    )
 
 
 def _enable_checkpointing(model, args, path: str) -> None:
@@ -160,8 +196,11 @@ def weights_by_precision(model) -> dict[str, dict[str, int]]:
         parts = name.split(".")
         cut = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1 if len(parts) > 1 else 1)
         region = ".".join(parts[:cut])
-        kind = "4-bit" if type(module).__name__ == "Linear4bit" or hasattr(module.weight, "quant_state") \
+        kind = (
+            "4-bit"
+            if type(module).__name__ == "Linear4bit" or hasattr(module.weight, "quant_state")
             else str(module.weight.dtype).removeprefix("torch.")
+        )
         kind = "16-bit" if kind in ("bfloat16", "float16") else kind
         out.setdefault(kind, {})
         out[kind][region] = out[kind].get(region, 0) + 1
@@ -180,14 +219,26 @@ def _build(args, path: str):
     model_class = _model_class(args.model)
     if args.four_bit:
         # a VLM's tower and projector stay bf16: only the language model is quantised
-        skip = ["visual", "vision_tower", "multi_modal_projector", "lm_head"] if vlm_shapes.is_vision_shape(
-            args.model) else None
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
+        skip = (
+            ["visual", "vision_tower", "multi_modal_projector", "lm_head"]
+            if vlm_shapes.is_vision_shape(args.model)
+            else None
+        )
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=skip,
+        )
         # bitsandbytes quantises at load time, so the random model goes through a local directory
-        model = model_class.from_pretrained(args.model_dir, quantization_config=quant,
-                                                     dtype=torch.bfloat16, attn_implementation="sdpa",
-                                                     device_map={"": 0})
+        model = model_class.from_pretrained(
+            args.model_dir,
+            quantization_config=quant,
+            dtype=torch.bfloat16,
+            attn_implementation="sdpa",
+            device_map={"": 0},
+        )
         if path == "stock":
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -203,8 +254,12 @@ def _build(args, path: str):
             model = model_class.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
         if path == "stock":
             model.gradient_checkpointing_enable(**_checkpointing(args, path))
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=_lora_targets(args.model),
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16, lora_alpha=16, lora_dropout=0.0, target_modules=_lora_targets(args.model), task_type="CAUSAL_LM"
+        ),
+    )
     report = None
     if path != "stock":
         from sftop.kernels import patch_model
@@ -244,8 +299,23 @@ def _category(name: str) -> str:
         return "4-bit dequant"
     if any(k in n for k in ("adam", "foreach", "multi_tensor")):
         return "optimizer"
-    if any(k in n for k in ("elementwise", "vectorized", "reduce", "copy", "cast", "fill", "index",
-                             "cat", "where", "softmax", "nll", "log_softmax")):
+    if any(
+        k in n
+        for k in (
+            "elementwise",
+            "vectorized",
+            "reduce",
+            "copy",
+            "cast",
+            "fill",
+            "index",
+            "cat",
+            "where",
+            "softmax",
+            "nll",
+            "log_softmax",
+        )
+    ):
         return "elementwise/reduce/copy"
     return "other"
 
@@ -266,8 +336,9 @@ def _one(args, path: str) -> dict:
     gen = torch.Generator(device=args.device).manual_seed(1)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     vocab = model.config.get_text_config().vocab_size
-    make_batch = vlm_shapes.batch_maker(args.model, model.config, args.batch, args.seq, args.device, gen) \
-        if vision else None
+    make_batch = (
+        vlm_shapes.batch_maker(args.model, model.config, args.batch, args.seq, args.device, gen) if vision else None
+    )
 
     def step():
         if vision:
@@ -313,15 +384,19 @@ def _one(args, path: str) -> dict:
 
             pool = idle_pool_bytes()
             steady = torch.cuda.max_memory_allocated() + pool
-            result.update(peak_gib=max(warm_peak, steady) / 2**30, graph_pool_idle_gib=pool / 2**30,
-                          steady_allocated_gib=torch.cuda.max_memory_allocated() / 2**30)
+            result.update(
+                peak_gib=max(warm_peak, steady) / 2**30,
+                graph_pool_idle_gib=pool / 2**30,
+                steady_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+            )
     if cuda:
         result["max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     if vision and args.vision_parts and path != "unsloth":  # its compiled modules are not split that way
         result["vision_parts_s"] = _vision_parts(model, make_batch, opt, args, sync)
     if args.memory_phases and cuda and not vision and path != "unsloth" and not (graphs and graphs["replays"]):
-        result["memory_phases_gib"] = _memory_phases(model, ids_shape=(args.batch, args.seq), vocab=vocab,
-                                                     gen=gen, opt=opt)
+        result["memory_phases_gib"] = _memory_phases(
+            model, ids_shape=(args.batch, args.seq), vocab=vocab, gen=gen, opt=opt
+        )
     if args.profile:
         try:
             result.update(_profile(step))
@@ -435,7 +510,9 @@ def summarise_profile(prof, steps: int) -> dict:
     total = sum(cats.values()) or 1.0
     result["profile_share"] = {k: round(v / total, 4) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
     result["profile_gpu_ms_per_step"] = total / 1e3 / steps
-    result["profile_top"] = [(round(t / 1e3 / steps, 2), n, k) for t, n, k in sorted(top, reverse=True)[:40]]  # ms, calls per step
+    result["profile_top"] = [
+        (round(t / 1e3 / steps, 2), n, k) for t, n, k in sorted(top, reverse=True)[:40]
+    ]  # ms, calls per step
     return result
 
 
@@ -451,7 +528,7 @@ def run_paths(paths: list[str], command) -> list[dict]:
             print(f"[{path}] failed (rc {proc.returncode}):\n{err}", file=sys.stderr)
             results.append(dict(path=path, error=err[-800:]))
             continue
-        results.append(json.loads(line[len("RESULT "):]))
+        results.append(json.loads(line[len("RESULT ") :]))
     stock = next((r for r in results if r.get("path") == "stock" and "tokens_per_s" in r), None)
     for r in results:
         if stock and "tokens_per_s" in r:
@@ -476,8 +553,10 @@ def compare_with_unsloth(results: list[dict]) -> None:
 
 def weights_text(weights: dict[str, dict[str, int]]) -> str:
     """`weights_by_precision` in one line: '4-bit: model.language_model.layers (252); 16-bit: lm_head (1)'."""
-    return "; ".join(f"{kind}: " + ", ".join(f"{region} ({n})" for region, n in sorted(regions.items()))
-                     for kind, regions in sorted(weights.items()))
+    return "; ".join(
+        f"{kind}: " + ", ".join(f"{region} ({n})" for region, n in sorted(regions.items()))
+        for kind, regions in sorted(weights.items())
+    )
 
 
 def main(argv=None) -> int:
@@ -488,17 +567,27 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--4bit", dest="four_bit", action="store_true")
-    ap.add_argument("--paths", default="stock,sftop",
-                    help="comma-separated: stock, sftop (patched, CUDA graphs on), sftop-eager (patched, graphs off), "
-                         "sftop-language (vision shapes: the language layers patched, the vision tower stock), "
-                         "unsloth (Unsloth's recipe in its own process; see --peer-pythonpath)")
+    ap.add_argument(
+        "--paths",
+        default="stock,sftop",
+        help="comma-separated: stock, sftop (patched, CUDA graphs on), sftop-eager (patched, graphs off), "
+        "sftop-language (vision shapes: the language layers patched, the vision tower stock), "
+        "unsloth (Unsloth's recipe in its own process; see --peer-pythonpath)",
+    )
     ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)
-    ap.add_argument("--checkpointing", choices=["on", "offload", "offload-hf"], default="on",
-                    help="sftop path only; the stock path always keeps its layer inputs on the GPU")
+    ap.add_argument(
+        "--checkpointing",
+        choices=["on", "offload", "offload-hf"],
+        default="on",
+        help="sftop path only; the stock path always keeps its layer inputs on the GPU",
+    )
     ap.add_argument("--profile", action="store_true", help="torch.profiler share of GPU time by kernel category")
     ap.add_argument("--memory-phases", action="store_true", help="peak memory in forward, loss, backward, optimizer")
-    ap.add_argument("--vision-parts", action="store_true",
-                    help="vision shapes: time the vision tower and the language model on their own too")
+    ap.add_argument(
+        "--vision-parts",
+        action="store_true",
+        help="vision shapes: time the vision tower and the language model on their own too",
+    )
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -523,9 +612,26 @@ def main(argv=None) -> int:
         args.model_dir = tmp.name
 
     def command(path: str) -> list[str]:
-        cmd = [sys.executable, __file__, "--one", path, "--model", args.model, "--batch", str(args.batch),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device, "--checkpointing", args.checkpointing]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            path,
+            "--model",
+            args.model,
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--device",
+            args.device,
+            "--checkpointing",
+            args.checkpointing,
+        ]
         if args.four_bit:
             cmd += ["--4bit"]
         if args.model_dir:
@@ -541,19 +647,29 @@ def main(argv=None) -> int:
     results = run_paths(paths, command)
     compare_with_unsloth(results)
     out = dict(
-        model=args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+        model=args.model,
+        batch=args.batch,
+        seq=args.seq,
+        steps=args.steps,
+        warmup=args.warmup,
         sftop_checkpointing=args.checkpointing,
         four_bit=args.four_bit,
-        device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", torch=torch.__version__,
-        triton=triton.__version__, transformers=transformers.__version__,
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(sys.argv), results=results,
+        device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+        torch=torch.__version__,
+        triton=triton.__version__,
+        transformers=transformers.__version__,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        command=" ".join(sys.argv),
+        results=results,
     )
     print(f"{args.model} {'nf4' if args.four_bit else 'bf16'} batch {args.batch} x {args.seq} on {out['device']}")
     for r in results:
         if "tokens_per_s" in r:
             vs_peer = f"x{r['speed_vs_unsloth']:.2f} vs unsloth  " if "speed_vs_unsloth" in r else ""
-            print(f"  {r['path']:11s} {r['tokens_per_s']:10,.0f} tok/s  peak {r['peak_gib']:6.2f} GiB  "
-                  f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  {vs_peer}loss {r['losses'][-1]:.3f}")
+            print(
+                f"  {r['path']:11s} {r['tokens_per_s']:10,.0f} tok/s  peak {r['peak_gib']:6.2f} GiB  "
+                f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  {vs_peer}loss {r['losses'][-1]:.3f}"
+            )
             if "weights" in r:
                 print("         linear layers:", weights_text(r["weights"]))
             if r["path"] == "unsloth" and isinstance(r.get("patch"), dict):
@@ -561,8 +677,11 @@ def main(argv=None) -> int:
             if "profile_share" in r:
                 for row in r["profile_top"][:15]:
                     print("           ", row)
-                print("         profile:", r["profile_share"], f"GPU {r['profile_gpu_ms_per_step']:.1f} ms of "
-                      f"{1e3 * r['step_s']:.1f} ms per step")
+                print(
+                    "         profile:",
+                    r["profile_share"],
+                    f"GPU {r['profile_gpu_ms_per_step']:.1f} ms of {1e3 * r['step_s']:.1f} ms per step",
+                )
             if isinstance(r.get("patch"), dict) and "vision_parts" in r["patch"]:
                 print("         vision tower:", r["patch"]["vision_parts"])
             if "vision_parts_s" in r:
@@ -570,8 +689,12 @@ def main(argv=None) -> int:
             if "memory_phases_gib" in r:
                 print("         memory:", r["memory_phases_gib"])
             if "cuda_graphs" in r:
-                print("         cuda graphs:", r["cuda_graphs"], "pool idle GiB",
-                      round(r.get("graph_pool_idle_gib", 0.0), 3))
+                print(
+                    "         cuda graphs:",
+                    r["cuda_graphs"],
+                    "pool idle GiB",
+                    round(r.get("graph_pool_idle_gib", 0.0), 3),
+                )
         elif "unavailable" in r:
             print(f"  {r['path']:11s} {unsloth_peer.not_measured(r['unavailable'])}")
         else:

@@ -79,8 +79,10 @@ def unavailable(*names: str) -> str | None:
 
 def not_measured(why: str) -> str:
     """The line a benchmark prints for an Unsloth path that could not run."""
-    return (f"not measured: Unsloth cannot be imported here ({why}); install it, or pass --peer-pythonpath "
-            "with the folders holding it and the TRL it accepts")
+    return (
+        f"not measured: Unsloth cannot be imported here ({why}); install it, or pass --peer-pythonpath "
+        "with the folders holding it and the TRL it accepts"
+    )
 
 
 def versions() -> dict[str, str]:
@@ -109,10 +111,18 @@ def language_model(model_dir: str, max_seq_length: int, four_bit: bool, targets:
     from unsloth import FastLanguageModel
 
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_dir, max_seq_length=max_seq_length, dtype=torch.bfloat16, load_in_4bit=four_bit)
+        model_dir, max_seq_length=max_seq_length, dtype=torch.bfloat16, load_in_4bit=four_bit
+    )
     model = FastLanguageModel.get_peft_model(
-        model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(targets), bias="none",
-        use_gradient_checkpointing="unsloth", random_state=0)
+        model,
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=list(targets),
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=0,
+    )
     return model, tokenizer
 
 
@@ -123,11 +133,24 @@ def vision_model(model_dir: str, max_seq_length: int, four_bit: bool):
     from unsloth import FastVisionModel
 
     model, processor = FastVisionModel.from_pretrained(
-        model_dir, max_seq_length=max_seq_length, dtype=torch.bfloat16, load_in_4bit=four_bit,
-        use_gradient_checkpointing="unsloth")
+        model_dir,
+        max_seq_length=max_seq_length,
+        dtype=torch.bfloat16,
+        load_in_4bit=four_bit,
+        use_gradient_checkpointing="unsloth",
+    )
     model = FastVisionModel.get_peft_model(
-        model, finetune_vision_layers=True, finetune_language_layers=True, finetune_attention_modules=True,
-        finetune_mlp_modules=True, r=16, lora_alpha=16, lora_dropout=0, bias="none", random_state=0)
+        model,
+        finetune_vision_layers=True,
+        finetune_language_layers=True,
+        finetune_attention_modules=True,
+        finetune_mlp_modules=True,
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0,
+        bias="none",
+        random_state=0,
+    )
     return model, processor
 
 
@@ -175,7 +198,8 @@ def _declare_video_processor(directory: str, model_type: str) -> None:
 
     # without torchvision transformers blanks its mapping; the names it adds by hand stay readable
     video = auto.VIDEO_PROCESSOR_MAPPING_NAMES.get(model_type) or getattr(
-        auto, "MISSING_VIDEO_PROCESSOR_MAPPING_NAMES", {}).get(model_type)
+        auto, "MISSING_VIDEO_PROCESSOR_MAPPING_NAMES", {}
+    ).get(model_type)
     path = os.path.join(directory, "processor_config.json")
     if not video or not os.path.isfile(path):
         return

@@ -26,17 +26,38 @@ def qwen25_vl_3b_config():
 
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-            num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=128000,
+            rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-            tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
+            tie_word_embeddings=True,
+            bos_token_id=151643,
+            eos_token_id=151645,
+            pad_token_id=151643,
         ),
         vision_config=dict(
-            depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, hidden_act="silu",
-            out_hidden_size=2048, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31], in_chans=3,
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            hidden_act="silu",
+            out_hidden_size=2048,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+            in_chans=3,
         ),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
         tie_word_embeddings=True,
     )
 
@@ -53,7 +74,7 @@ def make_batch(config, rows: int, tokens: int, image: int, seed: int = 0) -> dic
     ids = torch.randint(1000, 150000, (rows, tokens), generator=g)
     prompt = 1 + image_tokens + 1 + 32
     ids[:, 0] = config.vision_start_token_id
-    ids[:, 1:1 + image_tokens] = config.image_token_id
+    ids[:, 1 : 1 + image_tokens] = config.image_token_id
     ids[:, 1 + image_tokens] = config.vision_end_token_id
     labels = ids.clone()
     labels[:, :prompt] = -100
@@ -67,8 +88,9 @@ def make_batch(config, rows: int, tokens: int, image: int, seed: int = 0) -> dic
     }
 
 
-def measure(rows: int = 4, tokens: int = 1024, image: int = 448, r: int = 16, checkpointing: str = "on",
-            steps: int = 3) -> dict:
+def measure(
+    rows: int = 4, tokens: int = 1024, image: int = 448, r: int = 16, checkpointing: str = "on", steps: int = 3
+) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -84,13 +106,16 @@ def measure(rows: int = 4, tokens: int = 1024, image: int = 448, r: int = 16, ch
 
     config = qwen25_vl_3b_config()
     family = family_for_config(config) or demo_family()  # the Qwen-VL families share their LoRA targets
-    preset = Preset.model_validate({
-        "name": "vlm-peak", "model": {"name": "qwen2.5-vl-3b-shape", "dtype": "bf16"},
-        "lora": {"r": r, "alpha": r},
-        "data": {"max_length": tokens, "packing": False},
-        "train": {"kernels": "off", "max_steps": steps, "effective_batch": rows, "save_steps": 10_000},
-        "plan": {"micro_batch": rows, "grad_accum": 1, "gradient_checkpointing": checkpointing},
-    })
+    preset = Preset.model_validate(
+        {
+            "name": "vlm-peak",
+            "model": {"name": "qwen2.5-vl-3b-shape", "dtype": "bf16"},
+            "lora": {"r": r, "alpha": r},
+            "data": {"max_length": tokens, "packing": False},
+            "train": {"kernels": "off", "max_steps": steps, "effective_batch": rows, "save_steps": 10_000},
+            "plan": {"micro_batch": rows, "grad_accum": 1, "gradient_checkpointing": checkpointing},
+        }
+    )
     total_gib = torch.cuda.get_device_properties(0).total_memory / GIB
     image_tokens = (image // 14) ** 2 // 4 + 2
     plan = plan_run(preset, config, gpu_memory_gib=total_gib, image_tokens_per_row=[image_tokens] * rows)
@@ -98,18 +123,23 @@ def measure(rows: int = 4, tokens: int = 1024, image: int = 448, r: int = 16, ch
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     with torch.device("cuda"):
-        base = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16,
-                                                               attn_implementation="sdpa")
+        base = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=r, target_modules=target_module_names(base, family, None)))
     batch = make_batch(config, rows, tokens, image)
     with tempfile.TemporaryDirectory() as out:
-        args = build_sft_config(preset, plan, output_dir=Path(out), dtype="bf16", packing=False, has_eval=False,
-                                on_cuda=True, vision=True)
+        args = build_sft_config(
+            preset, plan, output_dir=Path(out), dtype="bf16", packing=False, has_eval=False, on_cuda=True, vision=True
+        )
         guard = UpdateGuard(5)
         trainer = SftopTrainer(
-            model=model, args=args, train_dataset=Dataset.from_dict({"row": list(range(rows * steps))}),
-            processing_class=demo_family().offline_processor(), data_collator=lambda items: dict(batch),
-            callbacks=[guard], guard=guard, save_total_limit=1,
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_dict({"row": list(range(rows * steps))}),
+            processing_class=demo_family().offline_processor(),
+            data_collator=lambda items: dict(batch),
+            callbacks=[guard],
+            guard=guard,
+            save_total_limit=1,
         )
         torch.cuda.synchronize()
         start = time.time()
@@ -119,11 +149,21 @@ def measure(rows: int = 4, tokens: int = 1024, image: int = 448, r: int = 16, ch
     measured = torch.cuda.max_memory_allocated() / GIB
     predicted = plan.predicted_allocated_gib
     return {
-        "device": torch.cuda.get_device_name(), "rows": rows, "tokens": tokens, "image": image, "lora_r": r,
-        "checkpointing": plan.gradient_checkpointing, "predicted_allocated_gib": round(predicted, 3),
-        "measured_max_allocated_gib": round(measured, 3), "ratio": round(predicted / measured, 4),
-        "breakdown_gib": plan.breakdown, "notes": plan.notes, "steps": steps, "train_s": round(seconds, 1),
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "device": torch.cuda.get_device_name(),
+        "rows": rows,
+        "tokens": tokens,
+        "image": image,
+        "lora_r": r,
+        "checkpointing": plan.gradient_checkpointing,
+        "predicted_allocated_gib": round(predicted, 3),
+        "measured_max_allocated_gib": round(measured, 3),
+        "ratio": round(predicted / measured, 4),
+        "breakdown_gib": plan.breakdown,
+        "notes": plan.notes,
+        "steps": steps,
+        "train_s": round(seconds, 1),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
     }
 
 

@@ -30,22 +30,42 @@ class VisionShape:
     lora_targets: str
 
 
-_QWEN_LORA = (r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-              r"|.*visual\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj)")
-_GEMMA_LORA = (r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-               r"|.*vision_tower.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)")
+_QWEN_LORA = (
+    r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    r"|.*visual\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj)"
+)
+_GEMMA_LORA = (
+    r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    r"|.*vision_tower.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
+)
 
 SHAPES: dict[str, VisionShape] = {
     "qwen2.5-vl-3b": VisionShape(
         model_type="qwen2_5_vl",
-        text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                  num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6,
-                  max_position_embeddings=32768,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                   "mrope_section": [16, 24, 24]}),
-        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                    fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu"),
+        text=dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        ),
+        vision=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=2048,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+            hidden_act="silu",
+        ),
         extra=dict(tie_word_embeddings=True),
         image_side=448,
         image_tokens=256,
@@ -53,11 +73,27 @@ SHAPES: dict[str, VisionShape] = {
     ),
     "gemma-3-4b": VisionShape(
         model_type="gemma3",
-        text=dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
-                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
-                  sliding_window=1024, max_position_embeddings=131072),
-        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                    image_size=896, patch_size=14, vision_use_head=False),
+        text=dict(
+            vocab_size=262208,
+            hidden_size=2560,
+            intermediate_size=10240,
+            num_hidden_layers=34,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            sliding_window=1024,
+            max_position_embeddings=131072,
+        ),
+        vision=dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=896,
+            patch_size=14,
+            vision_use_head=False,
+        ),
         extra=dict(mm_tokens_per_image=256),
         image_side=896,
         image_tokens=256,
@@ -67,12 +103,29 @@ SHAPES: dict[str, VisionShape] = {
 # for a CPU smoke run of the benchmark itself, not for numbers
 SHAPES["qwen2.5-vl-tiny"] = VisionShape(
     model_type="qwen2_5_vl",
-    text=dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}),
-    vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                fullatt_block_indexes=[1], hidden_act="silu"),
+    text=dict(
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+    ),
+    vision=dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,
+        fullatt_block_indexes=[1],
+        hidden_act="silu",
+    ),
     extra=dict(tie_word_embeddings=True),
     image_side=56,
     image_tokens=4,
@@ -80,11 +133,27 @@ SHAPES["qwen2.5-vl-tiny"] = VisionShape(
 )
 SHAPES["gemma-3-tiny"] = VisionShape(
     model_type="gemma3",
-    text=dict(vocab_size=262208, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
-              sliding_window=64, max_position_embeddings=4096),
-    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                image_size=56, patch_size=14, vision_use_head=False),
+    text=dict(
+        vocab_size=262208,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=64,
+        max_position_embeddings=4096,
+    ),
+    vision=dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=14,
+        vision_use_head=False,
+    ),
     extra=dict(mm_tokens_per_image=4),
     image_side=56,
     image_tokens=4,
@@ -100,8 +169,9 @@ def config(name: str):
     from transformers import AutoConfig
 
     shape = SHAPES[name]
-    cfg = AutoConfig.for_model(shape.model_type, text_config=dict(shape.text), vision_config=dict(shape.vision),
-                               **shape.extra)
+    cfg = AutoConfig.for_model(
+        shape.model_type, text_config=dict(shape.text), vision_config=dict(shape.vision), **shape.extra
+    )
     cfg.use_cache = False
     cfg.text_config.use_cache = False
     return cfg
@@ -143,18 +213,27 @@ def _qwen_batches(shape, cfg, batch, seq, device, generator):
     thw = torch.tensor([[1, grid, grid]] * batch, device=device)
 
     def make():
-        ids = torch.cat([
-            torch.full((batch, 1), start, device=device),
-            torch.full((batch, shape.image_tokens), pad, device=device),
-            torch.full((batch, 1), end, device=device),
-            _text_ids(cfg, batch, n_text, device, generator, {start, pad, end}),
-        ], dim=1)
+        ids = torch.cat(
+            [
+                torch.full((batch, 1), start, device=device),
+                torch.full((batch, shape.image_tokens), pad, device=device),
+                torch.full((batch, 1), end, device=device),
+                _text_ids(cfg, batch, n_text, device, generator, {start, pad, end}),
+            ],
+            dim=1,
+        )
         labels = ids.clone()
         labels[:, : shape.image_tokens + 2] = -100
         mm = (ids == pad).int()
         pixels = torch.randn(batch * grid * grid, patch_values, device=device, generator=generator)
-        return dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                    image_grid_thw=thw, mm_token_type_ids=mm)
+        return dict(
+            input_ids=ids,
+            labels=labels,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixels,
+            image_grid_thw=thw,
+            mm_token_type_ids=mm,
+        )
 
     return make
 
@@ -166,18 +245,26 @@ def _gemma_batches(shape, cfg, batch, seq, device, generator):
     n_text = seq - shape.image_tokens - 2
 
     def make():
-        ids = torch.cat([
-            torch.full((batch, 1), boi, device=device),
-            torch.full((batch, shape.image_tokens), img, device=device),
-            torch.full((batch, 1), eoi, device=device),
-            _text_ids(cfg, batch, n_text, device, generator, {boi, img, eoi}),
-        ], dim=1)
+        ids = torch.cat(
+            [
+                torch.full((batch, 1), boi, device=device),
+                torch.full((batch, shape.image_tokens), img, device=device),
+                torch.full((batch, 1), eoi, device=device),
+                _text_ids(cfg, batch, n_text, device, generator, {boi, img, eoi}),
+            ],
+            dim=1,
+        )
         labels = ids.clone()
         labels[:, : shape.image_tokens + 2] = -100
         side = shape.image_side
         pixels = torch.randn(batch, 3, side, side, device=device, generator=generator)
-        return dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                    token_type_ids=(ids == img).long())
+        return dict(
+            input_ids=ids,
+            labels=labels,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixels,
+            token_type_ids=(ids == img).long(),
+        )
 
     return make
 

@@ -61,8 +61,10 @@ IMAGE_SIZES = {
 TEXT_MEDIANS = {"qwen2.5-vl-3b": (60, 160), "qwen2.5-vl-tiny": (6, 10)}
 LORA_PARTS = ["language", "vision", "attention", "mlp"]
 # the same layers for PEFT: the language model's seven projections and the tower blocks' linears
-TRL_LORA_TARGETS = (r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-                    r"|.*visual\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj)")
+TRL_LORA_TARGETS = (
+    r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    r"|.*visual\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj)"
+)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -83,8 +85,9 @@ def build_model_dir(path: Path, shape: str) -> Path:
     spec = SHAPES[shape]
     # the tiny shape's vocabulary is the offline tokenizer's (a real one would only slow a CPU smoke run)
     text = {**spec.text, "vocab_size": 512} if "tiny" in shape else dict(spec.text)
-    config = AutoConfig.for_model(spec.model_type, text_config=text, vision_config=dict(spec.vision),
-                                  **spec.extra, **family.token_id_config())
+    config = AutoConfig.for_model(
+        spec.model_type, text_config=text, vision_config=dict(spec.vision), **spec.extra, **family.token_id_config()
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = family.model_class().from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
@@ -107,8 +110,12 @@ def _processor_for_disk():
     from transformers import Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    return Qwen2_5_VLProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer,
-                               video_processor=Qwen2VLVideoProcessor(), chat_template=processor.chat_template)
+    return Qwen2_5_VLProcessor(
+        image_processor=processor.image_processor,
+        tokenizer=processor.tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=processor.chat_template,
+    )
 
 
 def make_rows(folder: Path, shape: str, n: int, seed: int) -> Path:
@@ -134,10 +141,17 @@ def make_rows(folder: Path, shape: str, n: int, seed: int) -> Path:
                 Image.new("RGB", (width, height), colour).save(folder / name)
             names.append(name)
         content = [{"type": "image"} for _ in names] + [{"type": "text", "text": digits(length(user_median))}]
-        lines.append(json.dumps({"messages": [
-            {"role": "user", "content": content},
-            {"role": "assistant", "content": [{"type": "text", "text": digits(length(answer_median))}]},
-        ], "images": names}))
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": content},
+                        {"role": "assistant", "content": [{"type": "text", "text": digits(length(answer_median))}]},
+                    ],
+                    "images": names,
+                }
+            )
+        )
     path = folder / "rows.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -146,17 +160,26 @@ def make_rows(folder: Path, shape: str, n: int, seed: int) -> Path:
 def sftop_preset(model_dir: Path, data: Path, seed: int, effective_batch: int, nf4: bool):
     from sftop.engine.presets.schema import Preset
 
-    return Preset.model_validate({
-        "name": "vlm-whole-run",
-        "description": "benchmarks/vlm_whole_run.py",
-        "model": {"name": str(model_dir), "load_in_4bit": nf4},
-        "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "parts": LORA_PARTS},
-        # above the longest generated row (4 images of 352 tokens and long turns stay under 3,000):
-        # no row is dropped, and padded plans are not sized for rows far longer than the data's
-        "data": {"source": str(data), "max_length": 4096, "packing": True, "loss_on": "assistant"},
-        "train": {"epochs": 1, "learning_rate": 2e-4, "effective_batch": effective_batch, "seed": seed,
-                  "logging_steps": 1, "save_steps": 100000, "save_total_limit": 1},
-    })
+    return Preset.model_validate(
+        {
+            "name": "vlm-whole-run",
+            "description": "benchmarks/vlm_whole_run.py",
+            "model": {"name": str(model_dir), "load_in_4bit": nf4},
+            "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "parts": LORA_PARTS},
+            # above the longest generated row (4 images of 352 tokens and long turns stay under 3,000):
+            # no row is dropped, and padded plans are not sized for rows far longer than the data's
+            "data": {"source": str(data), "max_length": 4096, "packing": True, "loss_on": "assistant"},
+            "train": {
+                "epochs": 1,
+                "learning_rate": 2e-4,
+                "effective_batch": effective_batch,
+                "seed": seed,
+                "logging_steps": 1,
+                "save_steps": 100000,
+                "save_total_limit": 1,
+            },
+        }
+    )
 
 
 def data_stats(preset, model_dir: Path) -> dict:
@@ -166,9 +189,16 @@ def data_stats(preset, model_dir: Path) -> dict:
     family = _family()
     prepared = prepare_vision_data(preset, family.load_processor(str(model_dir)), family)
     stats = prepared.stats
-    return {"rows": stats.train_rows, "tokens": stats.tokens, "trained_tokens": stats.trained_tokens,
-            "median": stats.length_p50, "p90": stats.length_p90, "max": stats.length_max,
-            "images": sum(prepared.images_per_row), "image_tokens": sum(prepared.image_tokens_per_row)}
+    return {
+        "rows": stats.train_rows,
+        "tokens": stats.tokens,
+        "trained_tokens": stats.trained_tokens,
+        "median": stats.length_p50,
+        "p90": stats.length_p90,
+        "max": stats.length_max,
+        "images": sum(prepared.images_per_row),
+        "image_tokens": sum(prepared.image_tokens_per_row),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- trl
@@ -207,11 +237,18 @@ def trl_worker(model_dir: Path, data: Path, out: Path, seed: int, effective_batc
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-            llm_int8_skip_modules=["visual", "lm_head"])  # as sftop: the tower and the head stay 16-bit
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=["visual", "lm_head"],
+        )  # as sftop: the tower and the head stay 16-bit
     model = family.model_class().from_pretrained(
-        model_dir, dtype=torch.bfloat16 if on_cuda else torch.float32, attn_implementation="sdpa",
-        **({"device_map": {"": 0}} if on_cuda else {}), **kwargs)
+        model_dir,
+        dtype=torch.bfloat16 if on_cuda else torch.float32,
+        attn_implementation="sdpa",
+        **({"device_map": {"": 0}} if on_cuda else {}),
+        **kwargs,
+    )
     batch = 2 if effective_batch % 2 == 0 else 1
     args = SFTConfig(
         output_dir=str(out.parent / "trl-output"),
@@ -234,7 +271,11 @@ def trl_worker(model_dir: Path, data: Path, out: Path, seed: int, effective_batc
     )
     collator = _CountingCollator(DataCollatorForVisionLanguageModeling(processor=processor, max_length=None))
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=processor, data_collator=collator,
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processor,
+        data_collator=collator,
         peft_config=LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TRL_LORA_TARGETS),
     )
     if on_cuda:
@@ -242,24 +283,41 @@ def trl_worker(model_dir: Path, data: Path, out: Path, seed: int, effective_batc
     t0 = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t0
-    out.write_text(json.dumps({
-        "train_s": train_s,
-        "steps": trainer.state.global_step,
-        "collated_tokens": collator.tokens,
-        "final_loss": result.training_loss,
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
-    }))
+    out.write_text(
+        json.dumps(
+            {
+                "train_s": train_s,
+                "steps": trainer.state.global_step,
+                "collated_tokens": collator.tokens,
+                "final_loss": result.training_loss,
+                "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
+            }
+        )
+    )
 
 
 def run_trl(args, model_dir: Path, data: Path, out: Path, env: dict, tokens: int) -> dict:
     result_path = out / "trl-result.json"
     result_path.unlink(missing_ok=True)
     t1 = time.time()
-    command = [sys.executable, __file__, "--out", str(out), "--seed", str(args.seed),
-               "--effective-batch", str(args.effective_batch), "--trl-worker", str(model_dir), str(data),
-               str(result_path)] + (["--nf4"] if args.nf4 else [])
+    command = [
+        sys.executable,
+        __file__,
+        "--out",
+        str(out),
+        "--seed",
+        str(args.seed),
+        "--effective-batch",
+        str(args.effective_batch),
+        "--trl-worker",
+        str(model_dir),
+        str(data),
+        str(result_path),
+    ] + (["--nf4"] if args.nf4 else [])
     done = subprocess.run(command, env=env)
-    trl: dict[str, Any] = json.loads(result_path.read_text()) if result_path.is_file() else {"failed": f"exit {done.returncode}"}
+    trl: dict[str, Any] = (
+        json.loads(result_path.read_text()) if result_path.is_file() else {"failed": f"exit {done.returncode}"}
+    )
     trl["wall_s"] = time.time() - t1
     trl["useful_tokens"] = tokens
     if "train_s" in trl:
@@ -280,8 +338,14 @@ def main() -> int:
     ap.add_argument("--trl-worker", nargs=3, metavar=("MODEL_DIR", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.trl_worker:
-        trl_worker(Path(args.trl_worker[0]), Path(args.trl_worker[1]), Path(args.trl_worker[2]), args.seed,
-                   args.effective_batch, args.nf4)
+        trl_worker(
+            Path(args.trl_worker[0]),
+            Path(args.trl_worker[1]),
+            Path(args.trl_worker[2]),
+            args.seed,
+            args.effective_batch,
+            args.nf4,
+        )
         return 0
 
     out = args.out.resolve()
@@ -294,8 +358,10 @@ def main() -> int:
     stats = data_stats(preset, model_dir)
     print("data:", stats, flush=True)
     if stats["rows"] != args.rows:  # TRL would train rows sftop's check dropped: not the same data
-        print(f"data check kept {stats['rows']} of {args.rows} rows: the paths would not train the same rows",
-              file=sys.stderr)
+        print(
+            f"data check kept {stats['rows']} of {args.rows} rows: the paths would not train the same rows",
+            file=sys.stderr,
+        )
         return 2
     report: dict = {"shape": args.shape, "effective_batch": args.effective_batch, "nf4": args.nf4, "data": stats}
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -303,18 +369,24 @@ def main() -> int:
     if "trl" not in args.skip:
         report["trl"] = run_trl(args, model_dir, data, out, env, stats["tokens"])
         print("trl:", report["trl"], flush=True)
-    runs = [(name, sets) for name, sets in (("sftop", []), ("sftop:no-packing", ["data.packing=false"]))
-            if name.split(":")[-1] not in args.skip]
+    runs = [
+        (name, sets)
+        for name, sets in (("sftop", []), ("sftop:no-packing", ["data.packing=false"]))
+        if name.split(":")[-1] not in args.skip
+    ]
     if runs:
         from sftop.engine.presets.loader import save_preset
 
         preset_path = save_preset(preset, out / "vlm-whole-run.toml")
     for name, sets in runs:
         result = run_sftop(preset_path, out / name.replace(":", "-"), sets, env, out, stats["tokens"])
-        result["packing"] = ((result.get("plan") or {}).get("packing"))
+        result["packing"] = (result.get("plan") or {}).get("packing")
         report[name] = result
-        print(f"{name}:", {k: v for k, v in result.items() if k not in ("plan", "data", "kernels", "step_tokens_per_s")},
-              flush=True)
+        print(
+            f"{name}:",
+            {k: v for k, v in result.items() if k not in ("plan", "data", "kernels", "step_tokens_per_s")},
+            flush=True,
+        )
     report["sftop_rows"] = [name for name, _ in runs]
     for name in ("trl", *report["sftop_rows"]):
         r = report.get(name)
@@ -327,7 +399,11 @@ def main() -> int:
         report["packing_gain"] = rate["sftop"] / rate["sftop:no-packing"]
     (out / "vlm_whole_run.json").write_text(json.dumps(report, indent=1, default=str))
     write_markdown(out, report)
-    failed = [name for name in ("trl", *report["sftop_rows"]) if name in report and not report[name].get("useful_tokens_per_s")]
+    failed = [
+        name
+        for name in ("trl", *report["sftop_rows"])
+        if name in report and not report[name].get("useful_tokens_per_s")
+    ]
     return 1 if failed else 0
 
 
@@ -349,22 +425,29 @@ def write_markdown(out: Path, report: dict) -> None:
         rate = r.get("useful_tokens_per_s")
         plan = r.get("plan") or {}
         if plan:
-            plan_text = (f"micro-batch {plan.get('micro_batch')} x {plan.get('grad_accum')}, "
-                         f"{'packed' if plan.get('packing') else 'padded'}, checkpointing {plan.get('gradient_checkpointing')}")
+            plan_text = (
+                f"micro-batch {plan.get('micro_batch')} x {plan.get('grad_accum')}, "
+                f"{'packed' if plan.get('packing') else 'padded'}, checkpointing {plan.get('gradient_checkpointing')}"
+            )
         else:
             batch = 2 if report["effective_batch"] % 2 == 0 else 1
-            plan_text = (f"batch {batch} x {report['effective_batch'] // batch}, padded, checkpointing"
-                         if name == "trl" else "")
+            plan_text = (
+                f"batch {batch} x {report['effective_batch'] // batch}, padded, checkpointing" if name == "trl" else ""
+            )
         peak = r.get("peak_allocated_gib")
         if rate:
-            lines.append(f"| {name} | {rate:,.0f} | {r['train_s']:.1f} | {r['wall_s']:.1f} | "
-                         f"{'' if peak is None else f'{peak:.2f}'} | {r.get('steps', '')} | {r.get('rows_per_step', '')} "
-                         f"| {plan_text} |")
+            lines.append(
+                f"| {name} | {rate:,.0f} | {r['train_s']:.1f} | {r['wall_s']:.1f} | "
+                f"{'' if peak is None else f'{peak:.2f}'} | {r.get('steps', '')} | {r.get('rows_per_step', '')} "
+                f"| {plan_text} |"
+            )
         else:
             lines.append(f"| {name} | failed | | {r.get('wall_s', 0):.1f} | | | | {r.get('failed', '')} |")
         expected = math.ceil(d["rows"] / report["effective_batch"])
         if r.get("steps") and r["steps"] != expected:
-            lines.append(f"| | | | | | | | WARNING: {r['steps']} steps, expected {expected}: not the same effective batch |")
+            lines.append(
+                f"| | | | | | | | WARNING: {r['steps']} steps, expected {expected}: not the same effective batch |"
+            )
     if "speedup_vs_trl" in report:
         lines += ["", f"sftop / TRL useful tokens/s: {report['speedup_vs_trl']:.2f}x (target: at least 4x)."]
     if "packing_gain" in report:

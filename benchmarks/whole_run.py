@@ -67,13 +67,25 @@ import unsloth_peer  # noqa: E402 - Unsloth's process: imported first, offline, 
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
         max_position_embeddings=4096,
     ),
     "tiny": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=1024, tie_word_embeddings=False, max_position_embeddings=4096,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
     ),
 }
 MEDIAN, MEAN, CAP = 300, 420, 2048
@@ -96,7 +108,9 @@ def build_model_dir(path: Path, shape: str) -> Path:
     tokenizer = build_tokenizer()
     tokenizer.model_max_length = CAP
     config = LlamaConfig(
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         **SHAPES[shape],
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,8 +131,11 @@ def make_rows(tokenizer, n: int, seed: int) -> tuple[list[dict], list[int]]:
     rng = random.Random(seed)
     sigma = math.sqrt(2 * math.log(MEAN / MEDIAN))  # mean/median of a log-normal = exp(sigma^2 / 2)
     rows, lengths = [], []
-    overhead = len(tokenizer.apply_chat_template(
-        [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}], tokenize=True))
+    overhead = len(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}], tokenize=True
+        )
+    )
     for _ in range(n):
         target = int(min(CAP, max(overhead + 8, round(rng.lognormvariate(math.log(MEDIAN), sigma)))))
         body = target - overhead
@@ -126,8 +143,10 @@ def make_rows(tokenizer, n: int, seed: int) -> tuple[list[dict], list[int]]:
         assistant_n = max(1, body - user_n)
         digits = lambda k: "".join(rng.choice("0123456789") for _ in range(k))  # noqa: E731 - one token per digit
         for _attempt in range(4):  # the template's joins can merge or split a token or two: correct to the target
-            messages = [{"role": "user", "content": digits(user_n)},
-                        {"role": "assistant", "content": digits(assistant_n)}]
+            messages = [
+                {"role": "user", "content": digits(user_n)},
+                {"role": "assistant", "content": digits(assistant_n)},
+            ]
             ids = tokenizer.apply_chat_template(messages, tokenize=True)
             if hasattr(ids, "keys"):
                 ids = ids["input_ids"]
@@ -189,22 +208,27 @@ def trl_worker(model_dir: Path, data: Path, out: Path, seed: int) -> None:
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                               task_type="CAUSAL_LM"),
+        peft_config=LoraConfig(
+            r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        ),
     )
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t0
-    out.write_text(json.dumps({
-        "train_s": train_s,
-        "train_runtime_s": result.metrics.get("train_runtime"),
-        "steps": trainer.state.global_step,
-        "useful_tokens": sum(len(x) for x in ids),
-        "final_loss": result.training_loss,
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
-    }))
+    out.write_text(
+        json.dumps(
+            {
+                "train_s": train_s,
+                "train_runtime_s": result.metrics.get("train_runtime"),
+                "steps": trainer.state.global_step,
+                "useful_tokens": sum(len(x) for x in ids),
+                "final_loss": result.training_loss,
+                "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
+            }
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------- unsloth
@@ -251,30 +275,50 @@ def unsloth_worker(model_dir: Path, data: Path, out: Path, seed: int, batch: int
     t0 = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t0
-    out.write_text(json.dumps({
-        "train_s": train_s,
-        "train_runtime_s": result.metrics.get("train_runtime"),
-        "steps": trainer.state.global_step,
-        "useful_tokens": sum(len(x) for x in ids),
-        "final_loss": result.training_loss,
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
-        "batch": [batch, accum],
-        "padding_free": bool(getattr(trainer.args, "padding_free", False)),
-        "collator": type(trainer.data_collator).__name__,
-        "versions": unsloth_peer.versions(),
-    }))
+    out.write_text(
+        json.dumps(
+            {
+                "train_s": train_s,
+                "train_runtime_s": result.metrics.get("train_runtime"),
+                "steps": trainer.state.global_step,
+                "useful_tokens": sum(len(x) for x in ids),
+                "final_loss": result.training_loss,
+                "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
+                "batch": [batch, accum],
+                "padding_free": bool(getattr(trainer.args, "padding_free", False)),
+                "collator": type(trainer.data_collator).__name__,
+                "versions": unsloth_peer.versions(),
+            }
+        )
+    )
 
 
-def run_unsloth(name: str, model_dir: Path, data: Path, out: Path, seed: int, peer_pythonpath: str,
-                pythonpath: str) -> dict:
+def run_unsloth(
+    name: str, model_dir: Path, data: Path, out: Path, seed: int, peer_pythonpath: str, pythonpath: str
+) -> dict:
     """One Unsloth row in its own process (its output in NAME.log); its measurements, or why it did not run."""
     batch, accum = PEER_ROWS[name]
     result_path = out / f"{name}-result.json"
     result_path.unlink(missing_ok=True)
     log = out / f"{name}.log"
     command = unsloth_peer.command(
-        [sys.executable, __file__, "--out", str(out), "--seed", str(seed), "--unsloth-worker", str(model_dir),
-         str(data), str(result_path), str(batch), str(accum)], peer_pythonpath, pythonpath)
+        [
+            sys.executable,
+            __file__,
+            "--out",
+            str(out),
+            "--seed",
+            str(seed),
+            "--unsloth-worker",
+            str(model_dir),
+            str(data),
+            str(result_path),
+            str(batch),
+            str(accum),
+        ],
+        peer_pythonpath,
+        pythonpath,
+    )
     t1 = time.time()
     with log.open("w") as fh:
         done = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT)
@@ -315,16 +359,30 @@ def _why_not(row: dict | None) -> str:
 def sftop_preset(model_dir: Path, data: Path, seed: int, effective_batch: int):
     from sftop.engine.presets.schema import Preset
 
-    return Preset.model_validate({
-        "name": "whole-run",
-        "description": "benchmarks/whole_run.py",
-        "model": {"name": str(model_dir)},
-        "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "targets": "all-linear"},
-        "data": {"source": str(data), "format": "messages", "max_length": CAP, "packing": True,
-                 "loss_on": "assistant"},
-        "train": {"epochs": 1, "learning_rate": 2e-4, "effective_batch": effective_batch, "seed": seed,
-                  "logging_steps": 1, "save_steps": 100000, "save_total_limit": 1},
-    })
+    return Preset.model_validate(
+        {
+            "name": "whole-run",
+            "description": "benchmarks/whole_run.py",
+            "model": {"name": str(model_dir)},
+            "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "targets": "all-linear"},
+            "data": {
+                "source": str(data),
+                "format": "messages",
+                "max_length": CAP,
+                "packing": True,
+                "loss_on": "assistant",
+            },
+            "train": {
+                "epochs": 1,
+                "learning_rate": 2e-4,
+                "effective_batch": effective_batch,
+                "seed": seed,
+                "logging_steps": 1,
+                "save_steps": 100000,
+                "save_total_limit": 1,
+            },
+        }
+    )
 
 
 def read_sftop_events(run_dir: Path) -> dict:
@@ -396,30 +454,58 @@ def run_sftop(preset_path: Path, run_dir: Path, sets: list[str], env: dict, out:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--paths", default="trl,sftop",
-                    help=f"comma-separated rows to run, among {', '.join(ROWS)} (default: trl,sftop)")
+    ap.add_argument(
+        "--paths",
+        default="trl,sftop",
+        help=f"comma-separated rows to run, among {', '.join(ROWS)} (default: trl,sftop)",
+    )
     ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)
-    ap.add_argument("--cap-at-peer", choices=list(PEER_ROWS), default=None,
-                    help="run that Unsloth row first (added to --paths if missing), then one more sftop row "
-                         "under plan.max_memory_gib equal to its measured peak")
-    ap.add_argument("--cap-extra-gib", type=float, nargs="+", default=[0.0], metavar="GIB",
-                    help="added to the peer's peak for --cap-at-peer, one capped row each (e.g. 0 0.6: 0.6 is the "
-                         "CUDA context; sftop's cap bounds its whole device footprint, the peer's peak counts "
-                         "allocated memory only)")
+    ap.add_argument(
+        "--cap-at-peer",
+        choices=list(PEER_ROWS),
+        default=None,
+        help="run that Unsloth row first (added to --paths if missing), then one more sftop row "
+        "under plan.max_memory_gib equal to its measured peak",
+    )
+    ap.add_argument(
+        "--cap-extra-gib",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        metavar="GIB",
+        help="added to the peer's peak for --cap-at-peer, one capped row each (e.g. 0 0.6: 0.6 is the "
+        "CUDA context; sftop's cap bounds its whole device footprint, the peer's peak counts "
+        "allocated memory only)",
+    )
     ap.add_argument("--shape", default="llama-1b", choices=list(SHAPES))
     ap.add_argument("--rows", type=int, default=300)
     ap.add_argument("--effective-batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--skip", nargs="*", default=[], choices=list(ROWS), help="rows left out of --paths")
-    ap.add_argument("--max-memory-gib", type=float, default=None,
-                    help="run the sftop row under plan.max_memory_gib (e.g. a peer's measured peak)")
-    ap.add_argument("--length-buckets", choices=["auto", "on", "off"], default=None,
-                    help="train.length_buckets for the sftop row (off: packed batches as they come, no bucketed graphs)")
-    ap.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=V"),
-                    help="an extra sftop row: a name, then preset overrides as `sftop run --set` takes them")
+    ap.add_argument(
+        "--max-memory-gib",
+        type=float,
+        default=None,
+        help="run the sftop row under plan.max_memory_gib (e.g. a peer's measured peak)",
+    )
+    ap.add_argument(
+        "--length-buckets",
+        choices=["auto", "on", "off"],
+        default=None,
+        help="train.length_buckets for the sftop row (off: packed batches as they come, no bucketed graphs)",
+    )
+    ap.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("NAME", "KEY=V"),
+        help="an extra sftop row: a name, then preset overrides as `sftop run --set` takes them",
+    )
     ap.add_argument("--trl-worker", nargs=3, metavar=("MODEL_DIR", "DATA", "OUT"), help=argparse.SUPPRESS)
-    ap.add_argument("--unsloth-worker", nargs=5, metavar=("MODEL_DIR", "DATA", "OUT", "BATCH", "ACCUM"),
-                    help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--unsloth-worker", nargs=5, metavar=("MODEL_DIR", "DATA", "OUT", "BATCH", "ACCUM"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args(argv)
     if args.trl_worker:
         trl_worker(Path(args.trl_worker[0]), Path(args.trl_worker[1]), Path(args.trl_worker[2]), args.seed)
@@ -437,8 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = [p for p in paths if p not in args.skip]
     for peer in paths:
         if peer in PEER_ROWS and math.prod(PEER_ROWS[peer]) != args.effective_batch:
-            ap.error(f"{peer} trains on {math.prod(PEER_ROWS[peer])} rows per optimizer step, not "
-                     f"--effective-batch {args.effective_batch}: the rows would not compare")
+            ap.error(
+                f"{peer} trains on {math.prod(PEER_ROWS[peer])} rows per optimizer step, not "
+                f"--effective-batch {args.effective_batch}: the rows would not compare"
+            )
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -454,21 +542,43 @@ def main(argv: list[str] | None = None) -> int:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ordered = sorted(lengths)
     data_stats: dict[str, Any] = {
-        "rows": len(lengths), "tokens": sum(lengths), "median": ordered[len(ordered) // 2],
-        "mean": round(sum(lengths) / len(lengths), 1), "max": ordered[-1],
+        "rows": len(lengths),
+        "tokens": sum(lengths),
+        "median": ordered[len(ordered) // 2],
+        "mean": round(sum(lengths) / len(lengths), 1),
+        "max": ordered[-1],
     }
     print("data:", data_stats, flush=True)
-    report: dict = {"shape": args.shape, "effective_batch": args.effective_batch, "data": data_stats,
-                    "anchors_h100": ANCHORS}
+    report: dict = {
+        "shape": args.shape,
+        "effective_batch": args.effective_batch,
+        "data": data_stats,
+        "anchors_h100": ANCHORS,
+    }
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
     if "trl" in paths:
         result_path = out / "trl-result.json"
         result_path.unlink(missing_ok=True)
         t1 = time.time()
-        done = subprocess.run([sys.executable, __file__, "--out", str(out), "--seed", str(args.seed),
-                               "--trl-worker", str(model_dir), str(data), str(result_path)], env=env)
-        trl: dict[str, Any] = json.loads(result_path.read_text()) if result_path.is_file() else {"failed": f"exit {done.returncode}"}
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--out",
+                str(out),
+                "--seed",
+                str(args.seed),
+                "--trl-worker",
+                str(model_dir),
+                str(data),
+                str(result_path),
+            ],
+            env=env,
+        )
+        trl: dict[str, Any] = (
+            json.loads(result_path.read_text()) if result_path.is_file() else {"failed": f"exit {done.returncode}"}
+        )
         trl["wall_s"] = time.time() - t1
         if "train_s" in trl:
             trl["useful_tokens_per_s"] = trl["useful_tokens"] / trl["train_s"]
@@ -501,14 +611,20 @@ def main(argv: list[str] | None = None) -> int:
     if runs:
         from sftop.engine.presets.loader import save_preset
 
-        preset_path = save_preset(sftop_preset(model_dir, data, args.seed, args.effective_batch), out / "whole-run.toml")
+        preset_path = save_preset(
+            sftop_preset(model_dir, data, args.seed, args.effective_batch), out / "whole-run.toml"
+        )
     for name, sets in runs:
         sftop = run_sftop(preset_path, out / name.replace(":", "-"), sets, env, out, data_stats["tokens"])
         report[name] = sftop
-        print(f"{name}:", {k: v for k, v in sftop.items() if k not in ("plan", "data", "kernels", "step_tokens_per_s")},
-              flush=True)
-    report["sftop_rows"] = [name for name, _ in runs] + [n for n in report if n.startswith("sftop:") and
-                                                          "not_run" in report[n]]
+        print(
+            f"{name}:",
+            {k: v for k, v in sftop.items() if k not in ("plan", "data", "kernels", "step_tokens_per_s")},
+            flush=True,
+        )
+    report["sftop_rows"] = [name for name, _ in runs] + [
+        n for n in report if n.startswith("sftop:") and "not_run" in report[n]
+    ]
 
     for name in ("trl", *report["peer_rows"], *report["sftop_rows"]):
         r = report.get(name)
@@ -543,8 +659,15 @@ def compare_with_peer(report: dict) -> None:
     sftop = report.get("sftop") or {}
     free = not any(o.startswith("plan.") for o in sftop.get("overrides", []))
     if sftop.get("x_unsloth_8x1") and free:
-        targets.append({"row": "sftop", "what": "planner's choice", "ratio": sftop["x_unsloth_8x1"],
-                        "target": TARGET_PLANNER, "met": sftop["x_unsloth_8x1"] >= TARGET_PLANNER})
+        targets.append(
+            {
+                "row": "sftop",
+                "what": "planner's choice",
+                "ratio": sftop["x_unsloth_8x1"],
+                "target": TARGET_PLANNER,
+                "met": sftop["x_unsloth_8x1"] >= TARGET_PLANNER,
+            }
+        )
     for capped_name in report.get("sftop_rows", []):
         capped = report.get(capped_name) or {}
         if not capped_name.startswith(f"sftop:at-{PEER_BASE}-peak") or not capped.get("x_unsloth_8x1"):
@@ -553,11 +676,20 @@ def compare_with_peer(report: dict) -> None:
         peak = capped.get("peak_allocated_gib")
         extra = None if cap is None else cap - (report[PEER_BASE].get("peak_allocated_gib") or 0.0)
         what = f"plan.max_memory_gib = {PEER_BASE}'s peak" + (
-            f" + {extra:.2f} GiB" if extra is not None and extra >= 0.005 else "")
-        targets.append({"row": capped_name, "what": what, "cap_gib": cap,
-                        "peak_gib": peak, "ratio": capped["x_unsloth_8x1"], "target": TARGET_AT_PEER_PEAK,
-                        "met": capped["x_unsloth_8x1"] >= TARGET_AT_PEER_PEAK,
-                        "within_cap": None if cap is None or peak is None else peak <= cap})
+            f" + {extra:.2f} GiB" if extra is not None and extra >= 0.005 else ""
+        )
+        targets.append(
+            {
+                "row": capped_name,
+                "what": what,
+                "cap_gib": cap,
+                "peak_gib": peak,
+                "ratio": capped["x_unsloth_8x1"],
+                "target": TARGET_AT_PEER_PEAK,
+                "met": capped["x_unsloth_8x1"] >= TARGET_AT_PEER_PEAK,
+                "within_cap": None if cap is None or peak is None else peak <= cap,
+            }
+        )
     report["targets_vs_unsloth_8x1"] = targets
 
 
@@ -567,7 +699,11 @@ def _plan_text(name: str, r: dict) -> str:
         return (
             f"micro-batch {plan.get('micro_batch')} x {plan.get('grad_accum')}, checkpointing "
             f"{plan.get('gradient_checkpointing')}"
-            + (f" (1 in {plan['checkpoint_every_n_layers']} blocks)" if plan.get("checkpoint_every_n_layers", 1) > 1 else "")
+            + (
+                f" (1 in {plan['checkpoint_every_n_layers']} blocks)"
+                if plan.get("checkpoint_every_n_layers", 1) > 1
+                else ""
+            )
             + (f", split by tokens (<= {plan['tokens_per_micro_batch']:,})" if plan.get("split_by") == "tokens" else "")
             + (f", cap {plan['max_memory_gib']:.2f} GiB" if plan.get("max_memory_gib") is not None else "")
             + (f", --set {' '.join(r['overrides'])}" if r.get("overrides") else "")
@@ -609,26 +745,37 @@ def write_markdown(out: Path, report: dict) -> None:
             f"| {name} | {rate:,.0f} |{ratio} {r.get('train_s', float('nan')):.1f} | {r.get('wall_s', float('nan')):.1f} | "
             f"{'' if peak is None else f'{peak:.2f}'} | {r.get('steps', '')} | {r.get('rows_per_step', '')} | "
             f"{_plan_text(name, r)}{' FAILED: ' + str(r['failed']) if r.get('failed') else ''} |"
-            if rate else f"| {name} | failed |{' |' if vs_peer else ''} | {r.get('wall_s', 0):.1f} | | | | {r.get('failed', '')} |"
+            if rate
+            else f"| {name} | failed |{' |' if vs_peer else ''} | {r.get('wall_s', 0):.1f} | | | | {r.get('failed', '')} |"
         )
         steps_expected = math.ceil(d["rows"] / report["effective_batch"])
         if r.get("steps") and r["steps"] != steps_expected:
-            lines.append("| " * (columns - 1) + f"| WARNING: {r['steps']} steps, expected {steps_expected} at "
-                         f"{report['effective_batch']} rows per step: not the same effective batch |")
+            lines.append(
+                "| " * (columns - 1) + f"| WARNING: {r['steps']} steps, expected {steps_expected} at "
+                f"{report['effective_batch']} rows per step: not the same effective batch |"
+            )
     if "speedup_vs_trl" in report:
-        lines += ["", f"sftop / TRL useful tokens/s: {report['speedup_vs_trl']:.2f}x "
-                      "(target: at least 7.5x; the peers on one H100, docs/peers.md: TRL+PEFT 1,816, Unsloth 3,396)."]
+        lines += [
+            "",
+            f"sftop / TRL useful tokens/s: {report['speedup_vs_trl']:.2f}x "
+            "(target: at least 7.5x; the peers on one H100, docs/peers.md: TRL+PEFT 1,816, Unsloth 3,396).",
+        ]
     targets = report.get("targets_vs_unsloth_8x1", [])
     if targets:
         lines.append("")
     for t in targets:
         memory = ""
         if "cap_gib" in t:
-            memory = (f"; cap {t['cap_gib']:.2f} GiB, sftop's peak {t['peak_gib']:.2f} GiB"
-                      + ("" if t["within_cap"] is not False else " (OVER the cap)")
-                      if t["cap_gib"] is not None and t["peak_gib"] is not None else "; cap or peak not recorded")
-        lines.append(f"{t['row']} ({t['what']}) / Unsloth batch 8 x 1 useful tokens/s: {t['ratio']:.2f}x, target at "
-                     f"least {t['target']:g}x: {'met' if t['met'] else 'MISSED'}{memory}.")
+            memory = (
+                f"; cap {t['cap_gib']:.2f} GiB, sftop's peak {t['peak_gib']:.2f} GiB"
+                + ("" if t["within_cap"] is not False else " (OVER the cap)")
+                if t["cap_gib"] is not None and t["peak_gib"] is not None
+                else "; cap or peak not recorded"
+            )
+        lines.append(
+            f"{t['row']} ({t['what']}) / Unsloth batch 8 x 1 useful tokens/s: {t['ratio']:.2f}x, target at "
+            f"least {t['target']:g}x: {'met' if t['met'] else 'MISSED'}{memory}."
+        )
     (out / "whole_run.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

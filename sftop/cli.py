@@ -88,16 +88,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     image_tokens = image_tokens_for_plan(preset)
     from sftop.engine.planner.multi import plan_preset
 
-    plan = plan_preset(preset, load_model_config(preset), gpu_memory_gib=args.gpu_memory,
-                       image_tokens_per_row=image_tokens)
+    plan = plan_preset(
+        preset, load_model_config(preset), gpu_memory_gib=args.gpu_memory, image_tokens_per_row=image_tokens
+    )
     if args.data:
         # packed text: the rows' real lengths, as `sftop run` sizes them (tokenising imports the ML stack)
         from sftop.engine.train.plan_data import sized_for_preset_data
 
         plan = sized_for_preset_data(plan, preset)
     elif plan.packing and plan.context is not None and preset.train.task == "sft":
-        plan.notes.append("sized for data.max_length; `sftop run` sizes packed micro-batches for the rows "
-                          "themselves (`sftop plan --data` shows that plan)")
+        plan.notes.append(
+            "sized for data.max_length; `sftop run` sizes packed micro-batches for the rows "
+            "themselves (`sftop plan --data` shows that plan)"
+        )
     from sftop.engine.planner.runtime import describe_run_time, estimate_run_time
 
     run_time = estimate_run_time(plan, preset, gpu_name=args.gpu)
@@ -206,23 +209,32 @@ def _export_gguf(run, args: argparse.Namespace) -> int:
     from sftop.engine.export.gguf import export_gguf
 
     if args.merged:
-        raise SftopError("--gguf always merges the adapter; --merged is for a Hugging Face model directory",
-                         where="--merged", hint="Drop --merged, or drop --gguf")
+        raise SftopError(
+            "--gguf always merges the adapter; --merged is for a Hugging Face model directory",
+            where="--merged",
+            hint="Drop --merged, or drop --gguf",
+        )
     shown: dict[str, object] = {"phase": None, "tenth": -1}
 
     def progress(phase: str, done: int, total: int) -> None:
         tenth = done * 10 // max(total, 1)
         if phase != shown["phase"] or (phase == "write" and tenth != shown["tenth"]):
-            label = {"load": "loading the base model", "merge": "merging the adapter",
-                     "write": f"writing {tenth * 10}%", "quantize": "quantizing with llama-quantize"}[phase]
+            label = {
+                "load": "loading the base model",
+                "merge": "merging the adapter",
+                "write": f"writing {tenth * 10}%",
+                "quantize": "quantizing with llama-quantize",
+            }[phase]
             print(f"sftop: {label}", file=sys.stderr, flush=True)
             shown.update(phase=phase, tenth=tenth)
 
     out = export_gguf(run, kind=args.gguf, out=Path(args.out).expanduser() if args.out else None, progress=progress)
     gguf_file = next(out.glob("*.gguf"))
-    _out(f"sftop: GGUF written to {gguf_file}\n"
-         f"  llama.cpp: llama-cli -m {gguf_file} -cnv\n"
-         f"  Ollama:    ollama create {run.path.name.lower()} -f {out / 'Modelfile'}")
+    _out(
+        f"sftop: GGUF written to {gguf_file}\n"
+        f"  llama.cpp: llama-cli -m {gguf_file} -cnv\n"
+        f"  Ollama:    ollama create {run.path.name.lower()} -f {out / 'Modelfile'}"
+    )
     return 0
 
 
@@ -255,7 +267,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
             "`sftop attach` draws a dashboard and needs a terminal; its input or output is not one",
             where="standard input/output",
             hint="Run it in an interactive terminal (over SSH: `ssh -t`); from a script, `sftop runs` shows "
-                 "progress and each run's events.jsonl holds every event",
+            "progress and each run's events.jsonl holds every event",
         )
     run = find_run(args.run)
     from sftop.tui import run_app
@@ -293,7 +305,10 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a preset key, e.g. --set train.max_steps=20 (repeatable)",
     )
 
@@ -315,8 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.add_argument("--run-dir", help="write the run here instead of a new directory under the state dir")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    p.add_argument("--detach", action="store_true",
-                   help="train in the background (survives closing the terminal); prints the run's name and returns")
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="train in the background (survives closing the terminal); prints the run's name and returns",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", help="continue a stopped or failed run from its newest complete checkpoint")
@@ -341,10 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset")
     _add_set(p)
     p.add_argument("--gpu-memory", type=float, metavar="GIB", help="plan for a GPU with this much free memory")
-    p.add_argument("--gpu", metavar="NAME", help="estimate time and cost for this GPU model (H100, A100, L40S, "
-                   "RTX 4090, ...); with --gpu-memory, to price a GPU before renting it")
-    p.add_argument("--data", action="store_true", help="read the preset's data and size packed micro-batches "
-                   "for its rows, as `sftop run` will (needs the tokenizer on disk; a few seconds)")
+    p.add_argument(
+        "--gpu",
+        metavar="NAME",
+        help="estimate time and cost for this GPU model (H100, A100, L40S, "
+        "RTX 4090, ...); with --gpu-memory, to price a GPU before renting it",
+    )
+    p.add_argument(
+        "--data",
+        action="store_true",
+        help="read the preset's data and size packed micro-batches "
+        "for its rows, as `sftop run` will (needs the tokenizer on disk; a few seconds)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
@@ -352,9 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--merged", action="store_true", help="merge the adapter into the base model")
     p.add_argument("--out", help="output directory (default: inside the run directory)")
-    p.add_argument("--gguf", nargs="?", const="q8_0", metavar="TYPE",
-                   help="merge and write one GGUF file for llama.cpp/Ollama: f16, bf16, q8_0 (default), "
-                        "or a K-quant such as q4_k_m (needs llama.cpp's llama-quantize on PATH)")
+    p.add_argument(
+        "--gguf",
+        nargs="?",
+        const="q8_0",
+        metavar="TYPE",
+        help="merge and write one GGUF file for llama.cpp/Ollama: f16, bf16, q8_0 (default), "
+        "or a K-quant such as q4_k_m (needs llama.cpp's llama-quantize on PATH)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("runs", help="list runs; `sftop runs rm RUN` removes a run that is not running")

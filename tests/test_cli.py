@@ -46,11 +46,27 @@ def test_unknown_preset_on_run(env):
 
 
 def test_data_check_fails_when_a_run_would_stop(env):
-    out = sftop("data", "check", "demo", "--set", "data.source=builtin:sample-broken",
-                "--set", "data.max_bad_fraction=0.1", env=env)
+    out = sftop(
+        "data",
+        "check",
+        "demo",
+        "--set",
+        "data.source=builtin:sample-broken",
+        "--set",
+        "data.max_bad_fraction=0.1",
+        env=env,
+    )
     assert out.returncode == 1
     assert "row 11: bad role order" in out.stdout
     assert "a run would stop before training" in out.stdout
-    ok = sftop("data", "check", "demo", "--set", "data.source=builtin:sample-broken",
-               "--set", "data.max_bad_fraction=0.5", env=env)
+    ok = sftop(
+        "data",
+        "check",
+        "demo",
+        "--set",
+        "data.source=builtin:sample-broken",
+        "--set",
+        "data.max_bad_fraction=0.5",
+        env=env,
+    )
     assert ok.returncode == 0, ok.stderr

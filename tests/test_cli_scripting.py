@@ -23,8 +23,9 @@ def env(tmp_path):
 
 
 def sftop(*args, env, **kw):
-    return subprocess.run([sys.executable, "-m", "sftop", *args], capture_output=True, text=True, env=env,
-                          timeout=120, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "sftop", *args], capture_output=True, text=True, env=env, timeout=120, **kw
+    )
 
 
 @pytest.mark.parametrize("args", [["runs"], ["presets", "show", "demo"], ["doctor", "--json"]])
@@ -32,8 +33,14 @@ def test_a_reader_that_closes_the_pipe_gets_no_traceback(env, args):
     read, write = os.pipe()
     os.close(read)  # `| head -1` after its first line: every write now fails with EPIPE
     try:
-        out = subprocess.run([sys.executable, "-m", "sftop", *args], stdout=write, stderr=subprocess.PIPE,
-                             text=True, env=env, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-m", "sftop", *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            timeout=120,
+        )
     finally:
         os.close(write)
     assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
@@ -75,8 +82,11 @@ def _make_run(env, name: str, status: dict) -> RunDir:
 def test_runs_lists_a_header_model_and_data_and_rm_refuses_a_live_run(env):
     done = _make_run(env, "done", {"status": "finished", "started": time.time() - 60})
     me = os.getpid()
-    live = _make_run(env, "live", {"status": "running", "supervisor_pid": me,
-                                   "supervisor_start": process_start_time(me), "started": time.time()})
+    live = _make_run(
+        env,
+        "live",
+        {"status": "running", "supervisor_pid": me, "supervisor_start": process_start_time(me), "started": time.time()},
+    )
     out = sftop("runs", env=env)
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["RUN", "STATUS", "STEP", "LOSS", "STARTED", "MODEL", "DATA"]
@@ -117,10 +127,13 @@ def test_run_detach_returns_at_once_and_the_run_finishes_in_the_background(env):
     assert kinds and kinds[-1] == "run_finished", kinds
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["data.source=builtin:sample-broken", "data.max_bad_fraction=0.0"], "unusable"),
-    (["data.source=/nonexistent/rows.jsonl"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["data.source=builtin:sample-broken", "data.max_bad_fraction=0.0"], "unusable"),
+        (["data.source=/nonexistent/rows.jsonl"], "does not exist"),
+    ],
+)
 def test_a_run_with_bad_data_fails_before_it_has_a_run_directory(env, overrides, expected):
     from pathlib import Path
 

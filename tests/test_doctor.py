@@ -10,8 +10,9 @@ import sys
 
 def test_doctor_without_gpu_reports_reason_and_hint(tmp_path):
     env = {**os.environ, "SFTOP_HOME": str(tmp_path), "TERM": "dumb"}
-    out = subprocess.run([sys.executable, "-m", "sftop", "doctor", "--json"], capture_output=True, text=True,
-                         env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "sftop", "doctor", "--json"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr
     report = json.loads(out.stdout)
@@ -26,7 +27,9 @@ def test_doctor_without_gpu_reports_reason_and_hint(tmp_path):
 
 def test_doctor_text_report_says_what_to_do(tmp_path):
     env = {**os.environ, "SFTOP_HOME": str(tmp_path), "TERM": "xterm-256color"}
-    out = subprocess.run([sys.executable, "-m", "sftop", "doctor"], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "sftop", "doctor"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0
     assert "hint:" in out.stdout
     assert "sftop can train here." in out.stdout

@@ -26,17 +26,23 @@ def offline_env(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again on leaving: nothing listens there
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
-                                                            "TRANSFORMERS_OFFLINE", "HF_TOKEN")}
-    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"),
-               HF_HUB_CACHE=str(tmp_path / "hf" / "hub"), SFTOP_HOME=str(tmp_path / "home"))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN")
+    }
+    env.update(
+        HF_ENDPOINT=f"http://127.0.0.1:{port}",
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_CACHE=str(tmp_path / "hf" / "hub"),
+        SFTOP_HOME=str(tmp_path / "home"),
+    )
     return env
 
 
 def sftop(env, *args):
     start = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "sftop", *args], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-m", "sftop", *args], env=env, capture_output=True, text=True, timeout=120)
     return out, time.monotonic() - start
 
 
@@ -64,8 +70,14 @@ def test_cached_hub_model_still_plans_when_the_hub_is_unreachable(tmp_path, offl
     snapshot.mkdir(parents=True)
     (folder / "refs").mkdir()
     (folder / "refs" / "main").write_text("0123abcd")
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=1000)
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    )
     (snapshot / "config.json").write_text(config.to_json_string())
     out, took = sftop(offline_env, "plan", write_preset(tmp_path, repo), "--json")
     assert out.returncode == 0, out.stderr
@@ -74,8 +86,9 @@ def test_cached_hub_model_still_plans_when_the_hub_is_unreachable(tmp_path, offl
 
 
 def test_uncached_hub_dataset_fails_fast(tmp_path, offline_env):
-    out, took = sftop(offline_env, "data", "check", write_preset(tmp_path, "builtin:demo-tiny",
-                                                                 "sftop-test-org/not-a-dataset"))
+    out, took = sftop(
+        offline_env, "data", "check", write_preset(tmp_path, "builtin:demo-tiny", "sftop-test-org/not-a-dataset")
+    )
     assert out.returncode == 2, out.stderr
     assert took < BOUND_S + 10  # the demo model's tokenizer is built first
     assert "Retrying" not in out.stderr

@@ -21,8 +21,11 @@ def test_the_package_ships_the_top_level_constraints():
     assert pins["transformers"] == "5.17.0" and pins["huggingface-hub"] == "1.33.0"
     assert "torch" in pins  # the README's commands pin torch too, so they never resolve it twice
     # tests/constraints.txt is no second list: it only includes the top-level one
-    lines = [ln for ln in (ROOT / "tests" / "constraints.txt").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")]
+    lines = [
+        ln
+        for ln in (ROOT / "tests" / "constraints.txt").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     assert lines == ["-c ../constraints.txt"]
 
 
@@ -59,8 +62,7 @@ def test_doctor_warns_when_installed_versions_are_not_the_tested_ones(monkeypatc
     assert [c.status for c in report.checks] == ["ok"]  # this environment is the tested set
 
     real = tested_versions._installed
-    monkeypatch.setattr(tested_versions, "_installed",
-                        lambda name: "5.2.0" if name == "datasets" else real(name))
+    monkeypatch.setattr(tested_versions, "_installed", lambda name: "5.2.0" if name == "datasets" else real(name))
     report = doctor.DoctorReport()
     doctor._check_tested_versions(report)
     check = report.checks[0]

@@ -24,7 +24,7 @@ class DiskFullError(ResourceError):
             f"disk full at {path}{need}",
             where=str(path),
             hint="Free some space on that disk (older runs, caches), then `sftop resume` the run: "
-                 "its previous checkpoint is intact",
+            "its previous checkpoint is intact",
         )
         self.path = Path(path)
         self.needed = needed

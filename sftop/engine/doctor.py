@@ -52,19 +52,35 @@ def _version(module: str) -> str | None:
 
 def _check_python(report: DoctorReport) -> None:
     ok = sys.version_info >= (3, 10)
-    report.add("python", "ok" if ok else "fail", f"Python {platform.python_version()} ({sys.executable})",
-               "" if ok else "sftop needs Python 3.10 or newer")
+    report.add(
+        "python",
+        "ok" if ok else "fail",
+        f"Python {platform.python_version()} ({sys.executable})",
+        "" if ok else "sftop needs Python 3.10 or newer",
+    )
 
 
 def _check_packages(report: DoctorReport) -> None:
-    for module, needed in (("transformers", True), ("trl", True), ("peft", True), ("datasets", True),
-                           ("accelerate", True), ("textual", True), ("bitsandbytes", False), ("triton", False)):
+    for module, needed in (
+        ("transformers", True),
+        ("trl", True),
+        ("peft", True),
+        ("datasets", True),
+        ("accelerate", True),
+        ("textual", True),
+        ("bitsandbytes", False),
+        ("triton", False),
+    ):
         version = _version(module)
         if version:
             report.add(module, "ok", version)
         else:
-            report.add(module, "fail" if needed else "warn", "not importable",
-                       f"pip install {module}" + ("" if needed else " (needed for 4-bit / fused kernels on a GPU)"))
+            report.add(
+                module,
+                "fail" if needed else "warn",
+                "not importable",
+                f"pip install {module}" + ("" if needed else " (needed for 4-bit / fused kernels on a GPU)"),
+            )
 
 
 def _check_tested_versions(report: DoctorReport) -> None:
@@ -75,8 +91,12 @@ def _check_tested_versions(report: DoctorReport) -> None:
         report.add("versions", "ok", "the packages sftop depends on are the tested versions")
         return
     names = " ".join(d.package for d in drift)
-    report.add("versions", "warn", "not the tested versions: " + ", ".join(str(d) for d in drift),
-               f"if something fails, install the tested ones: pip install -c {constraints_path()} {names}")
+    report.add(
+        "versions",
+        "warn",
+        "not the tested versions: " + ", ".join(str(d) for d in drift),
+        f"if something fails, install the tested ones: pip install -c {constraints_path()} {names}",
+    )
 
 
 def _check_torch(report: DoctorReport) -> None:
@@ -98,11 +118,19 @@ def _check_torch(report: DoctorReport) -> None:
         bf16 = torch.cuda.is_bf16_supported()
         report.add("cuda", "ok", f"{len(names)} device(s): {', '.join(names)}; bf16 {'yes' if bf16 else 'no (fp16)'}")
     elif cuda:
-        report.add("cuda", "warn", "torch has CUDA but sees no GPU",
-                   "check nvidia-smi and CUDA_VISIBLE_DEVICES; sftop will train on the CPU (demo only)")
+        report.add(
+            "cuda",
+            "warn",
+            "torch has CUDA but sees no GPU",
+            "check nvidia-smi and CUDA_VISIBLE_DEVICES; sftop will train on the CPU (demo only)",
+        )
     else:
-        report.add("cuda", "warn", "no CUDA in this torch build",
-                   "install a CUDA build of torch to train on a GPU; the demo runs on the CPU")
+        report.add(
+            "cuda",
+            "warn",
+            "no CUDA in this torch build",
+            "install a CUDA build of torch to train on a GPU; the demo runs on the CPU",
+        )
 
 
 def _check_gpus(report: DoctorReport) -> None:
@@ -113,12 +141,24 @@ def _check_gpus(report: DoctorReport) -> None:
         report.add("gpus", "warn", "no GPU visible through NVML", status.reason or "")
         return
     for gpu in status.gpus:
-        gib = 1024 ** 3
-        free = (gpu.memory_total - gpu.memory_used) / gib if gpu.memory_total is not None and gpu.memory_used is not None else None
+        gib = 1024**3
+        free = (
+            (gpu.memory_total - gpu.memory_used) / gib
+            if gpu.memory_total is not None and gpu.memory_used is not None
+            else None
+        )
         total = gpu.memory_total / gib if gpu.memory_total is not None else None
-        found = f"[{gpu.index}] {gpu.name}: " + (f"{free:.1f} GiB free of {total:.1f} GiB" if free is not None else "memory N/A")
-        report.add("gpu", "ok" if free is None or free > 2 else "warn", found,
-                   "" if free is None or free > 2 else "another process holds most of this GPU's memory (nvidia-smi shows which)")
+        found = f"[{gpu.index}] {gpu.name}: " + (
+            f"{free:.1f} GiB free of {total:.1f} GiB" if free is not None else "memory N/A"
+        )
+        report.add(
+            "gpu",
+            "ok" if free is None or free > 2 else "warn",
+            found,
+            ""
+            if free is None or free > 2
+            else "another process holds most of this GPU's memory (nvidia-smi shows which)",
+        )
 
 
 def _check_disk(report: DoctorReport) -> None:
@@ -127,10 +167,16 @@ def _check_disk(report: DoctorReport) -> None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     usage = shutil.disk_usage(probe)
-    free = usage.free / 1024 ** 3
+    free = usage.free / 1024**3
     ok = free >= MIN_FREE_DISK_GIB
-    report.add("disk", "ok" if ok else "warn", f"{free:.1f} GiB free at {where}",
-               "" if ok else f"checkpoints and merged exports need space: free at least {MIN_FREE_DISK_GIB:.0f} GiB, or set SFTOP_HOME to a bigger disk")
+    report.add(
+        "disk",
+        "ok" if ok else "warn",
+        f"{free:.1f} GiB free at {where}",
+        ""
+        if ok
+        else f"checkpoints and merged exports need space: free at least {MIN_FREE_DISK_GIB:.0f} GiB, or set SFTOP_HOME to a bigger disk",
+    )
 
 
 def _check_terminal(report: DoctorReport) -> None:
@@ -148,14 +194,27 @@ def _check_terminal(report: DoctorReport) -> None:
         colours = "16"
     ok = colours in ("truecolor", "256")
     size = shutil.get_terminal_size((0, 0))
-    report.add("terminal", "ok" if ok else "warn",
-               f"TERM={term or '(unset)'}, colours: {colours}, size {size.columns}x{size.lines}",
-               "" if ok else "for the TUI's charts use a 256-colour terminal: export TERM=xterm-256color (tmux: set -g default-terminal tmux-256color)")
+    report.add(
+        "terminal",
+        "ok" if ok else "warn",
+        f"TERM={term or '(unset)'}, colours: {colours}, size {size.columns}x{size.lines}",
+        ""
+        if ok
+        else "for the TUI's charts use a 256-colour terminal: export TERM=xterm-256color (tmux: set -g default-terminal tmux-256color)",
+    )
 
 
 def diagnose() -> DoctorReport:
     report = DoctorReport()
-    for check in (_check_python, _check_packages, _check_tested_versions, _check_torch, _check_gpus, _check_disk, _check_terminal):
+    for check in (
+        _check_python,
+        _check_packages,
+        _check_tested_versions,
+        _check_torch,
+        _check_gpus,
+        _check_disk,
+        _check_terminal,
+    ):
         try:
             check(report)
         except Exception as exc:  # noqa: BLE001 - a doctor must always finish its report

@@ -25,7 +25,12 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        return {"v": SCHEMA_VERSION, "type": self.type, "time": time.time(), **{k: v for k, v in data.items() if k != "type"}}
+        return {
+            "v": SCHEMA_VERSION,
+            "type": self.type,
+            "time": time.time(),
+            **{k: v for k, v in data.items() if k != "type"},
+        }
 
 
 @dataclass

@@ -78,9 +78,7 @@ class PynvmlBackend:
         try:
             import pynvml
         except ImportError as exc:  # the dependency is declared, but a broken install must not crash
-            raise NvmlUnavailable(
-                f"nvidia-ml-py is not installed ({exc}): run `pip install nvidia-ml-py`"
-            ) from exc
+            raise NvmlUnavailable(f"nvidia-ml-py is not installed ({exc}): run `pip install nvidia-ml-py`") from exc
         self._nvml = pynvml
         with PynvmlBackend._lock:
             if PynvmlBackend._started:
@@ -271,9 +269,7 @@ class GpuSample:
         return asdict(self)
 
 
-def visible_nvml_indices(
-    env_value: str | None, uuids: list[str | None]
-) -> tuple[list[int], str | None]:
+def visible_nvml_indices(env_value: str | None, uuids: list[str | None]) -> tuple[list[int], str | None]:
     """Map CUDA_VISIBLE_DEVICES onto NVML indices, in CUDA order, the way the CUDA runtime does.
 
     Entries are NVML indices or UUIDs (with or without the `GPU-` prefix; a unique prefix is
@@ -308,11 +304,12 @@ def visible_nvml_indices(
             else:
                 problem = f"UUID {entry} matches {'no' if not matches else 'more than one'} GPU"
         if found is None:
-            return chosen, (
-                f"CUDA_VISIBLE_DEVICES={env_value!r}: {problem}; CUDA ignores this entry and all after it"
-            )
+            return chosen, (f"CUDA_VISIBLE_DEVICES={env_value!r}: {problem}; CUDA ignores this entry and all after it")
         if found in chosen:
-            return chosen, f"CUDA_VISIBLE_DEVICES={env_value!r} lists GPU {entry} twice; CUDA ignores it and all after it"
+            return (
+                chosen,
+                f"CUDA_VISIBLE_DEVICES={env_value!r} lists GPU {entry} twice; CUDA ignores it and all after it",
+            )
         chosen.append(found)
     return chosen, None
 

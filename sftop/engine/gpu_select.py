@@ -99,11 +99,17 @@ def _select_here(plan: Any, status: GpuStatus | None = None) -> GpuSelection:
     if plan.device == "cpu":
         if isinstance(wanted, list):
             raise PresetError(
-                f"plan.gpus = {wanted} lists GPUs, but plan.device = \"cpu\" trains on the CPU",
-                where="plan.gpus", hint='Give a number of CPU processes (plan.gpus = 2), or remove plan.device')
+                f'plan.gpus = {wanted} lists GPUs, but plan.device = "cpu" trains on the CPU',
+                where="plan.gpus",
+                hint="Give a number of CPU processes (plan.gpus = 2), or remove plan.device",
+            )
         n = 1 if wanted == "auto" else int(wanted)
-        return GpuSelection(world_size=n, device="cpu", cpu_reason='plan.device = "cpu"',
-                            notes=[f"{n} CPU processes (gloo)"] if n > 1 else [])
+        return GpuSelection(
+            world_size=n,
+            device="cpu",
+            cpu_reason='plan.device = "cpu"',
+            notes=[f"{n} CPU processes (gloo)"] if n > 1 else [],
+        )
     status = status if status is not None else read_gpus()
     gpus = [g for g in status.gpus if g.memory_free_bytes is not None]
     if not gpus:
@@ -114,7 +120,7 @@ def _select_here(plan: Any, status: GpuStatus | None = None) -> GpuSelection:
             f"plan.gpus = {wanted} asks for GPUs, but none is usable here ({reason})",
             where="plan.gpus",
             hint='Run on a machine with NVIDIA GPUs, set plan.gpus = "auto" to train on the CPU, or set '
-                 'plan.device = "cpu" to start that many CPU processes (gloo)',
+            'plan.device = "cpu" to start that many CPU processes (gloo)',
         )
     if isinstance(wanted, list):
         by_index = {g.index: g for g in gpus}
@@ -123,7 +129,9 @@ def _select_here(plan: Any, status: GpuStatus | None = None) -> GpuSelection:
             have = ", ".join(str(i) for i in sorted(by_index)) or "none"
             raise PresetError(
                 f"plan.gpus = {wanted}: no usable GPU with index {missing[0]} (visible: {have})",
-                where="plan.gpus", hint='Use indices `sftop doctor` lists, or "auto"')
+                where="plan.gpus",
+                hint='Use indices `sftop doctor` lists, or "auto"',
+            )
         chosen = [by_index[i] for i in wanted]
         notes = [f"{_why_busy(g)}; kept because plan.gpus names it" for g in chosen if _busy(g)]
         left = [f"{_label(g)}: not in plan.gpus" for g in gpus if g.index not in wanted]
@@ -136,18 +144,20 @@ def _select_here(plan: Any, status: GpuStatus | None = None) -> GpuSelection:
             # (the plan notes what other processes hold on it)
             best = status.best()
             assert best is not None
-            return GpuSelection(world_size=1, device="cuda", gpus=[best],
-                                left_out=[w for w in left if not w.startswith(_label(best))])
-        return GpuSelection(world_size=len(free), device="cuda", gpus=sorted(free, key=lambda g: g.index),
-                            left_out=left)
+            return GpuSelection(
+                world_size=1, device="cuda", gpus=[best], left_out=[w for w in left if not w.startswith(_label(best))]
+            )
+        return GpuSelection(
+            world_size=len(free), device="cuda", gpus=sorted(free, key=lambda g: g.index), left_out=left
+        )
     n = int(wanted)
     if n > len(free):
         raise PresetError(
             f"plan.gpus = {n}, but only {len(free)} of the {len(gpus)} visible GPUs are free"
             + (f" ({'; '.join(left)})" if left else ""),
             where="plan.gpus",
-            hint=f"Set plan.gpus = {max(1, len(free))} or \"auto\", list the GPUs to use (plan.gpus = [0, 1]), "
-                 "or free the busy ones",
+            hint=f'Set plan.gpus = {max(1, len(free))} or "auto", list the GPUs to use (plan.gpus = [0, 1]), '
+            "or free the busy ones",
         )
     ranked = sorted(free, key=lambda g: (-(g.memory_free_bytes or 0), g.index))
     chosen = sorted(ranked[:n], key=lambda g: g.index)
@@ -160,8 +170,7 @@ def rank_info(env: Mapping[str, str] | None = None) -> tuple[int, int, int]:
     environ = os.environ if env is None else env
     if not environ.get(DISTRIBUTED_ENV):
         return 0, 0, 1
-    return (int(environ.get("RANK", "0")), int(environ.get("LOCAL_RANK", "0")),
-            int(environ.get("WORLD_SIZE", "1")))
+    return (int(environ.get("RANK", "0")), int(environ.get("LOCAL_RANK", "0")), int(environ.get("WORLD_SIZE", "1")))
 
 
 def selection_in_rank(env: Mapping[str, str] | None = None, status: GpuStatus | None = None) -> GpuSelection:

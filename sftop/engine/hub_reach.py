@@ -72,5 +72,7 @@ def go_offline() -> None:
         datasets_config.HF_HUB_OFFLINE = datasets_config.HF_DATASETS_OFFLINE = True
 
 
-OFFLINE_HINT = ("Check the network (or HF_ENDPOINT / HTTPS_PROXY); to work from the local cache only, "
-                "set HF_HUB_OFFLINE=1 and sftop will not try the network")
+OFFLINE_HINT = (
+    "Check the network (or HF_ENDPOINT / HTTPS_PROXY); to work from the local cache only, "
+    "set HF_HUB_OFFLINE=1 and sftop will not try the network"
+)

@@ -41,8 +41,20 @@ STOP_FILE = ("control", "stop")
 # that dies is noticed at once (its connections close). SFTOP_DDP_TIMEOUT overrides it.
 DDP_TIMEOUT_S = 600
 # Words of an error that only says another rank went away: not the root cause.
-_PEER_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe", "gloo", "nccl",
-               "distbackenderror", "disterror", "socket timeout", "timed out", "watchdog", "recv", "send")
+_PEER_WORDS = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "gloo",
+    "nccl",
+    "distbackenderror",
+    "disterror",
+    "socket timeout",
+    "timed out",
+    "watchdog",
+    "recv",
+    "send",
+)
 
 
 def ranks_dir(run_dir: RunDir) -> Path:
@@ -87,7 +99,9 @@ class Launch:
         return self.selection.node_rank * self.selection.world_size
 
 
-def accelerate_config(selection: GpuSelection, main_address: str | None = None, main_port: int = 29500) -> dict[str, Any]:
+def accelerate_config(
+    selection: GpuSelection, main_address: str | None = None, main_port: int = 29500
+) -> dict[str, Any]:
     """accelerate's config file for a data-parallel run of `selection` on this machine (one of
     `selection.nodes`; the main node listens on main_address:main_port)."""
     several_nodes = selection.nodes > 1
@@ -114,7 +128,9 @@ def accelerate_config(selection: GpuSelection, main_address: str | None = None, 
 def _dump_yaml(data: dict[str, Any]) -> str:
     lines = ["# accelerate config of this run (written by sftop); see launch.sh"]
     for key, value in data.items():
-        lines.append(f"{key}: {json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value}")
+        lines.append(
+            f"{key}: {json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -140,15 +156,27 @@ def prepare_launch(run_dir: RunDir, command: list[str], env: dict[str, str] | No
         if selection.device == "cuda" and preset.plan.gpus != "auto":
             # one GPU the preset names (plan.gpus = [2] or 1): pin the trainer to it, as a one-GPU run
             # is pinned to the freest one otherwise
-            return Launch(selection=selection, command=command,
-                          env={"CUDA_VISIBLE_DEVICES": selection.uuids[0], "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-                               PINNED_ENV: "1"})
+            return Launch(
+                selection=selection,
+                command=command,
+                env={"CUDA_VISIBLE_DEVICES": selection.uuids[0], "CUDA_DEVICE_ORDER": "PCI_BUS_ID", PINNED_ENV: "1"},
+            )
         return None
     config = accelerate_config(selection, preset.plan.main_address, preset.plan.main_port)
     config_path = run_dir.path / CONFIG_NAME
     config_path.write_text(_dump_yaml(config), encoding="utf-8")
-    launch_cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path),
-                  "--num_processes", str(selection.total), "-m", "sftop", *args]
+    launch_cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_path),
+        "--num_processes",
+        str(selection.total),
+        "-m",
+        "sftop",
+        *args,
+    ]
     rank_env = {
         DISTRIBUTED_ENV: selection.device,
         # sftop's CUDA graphs replay a captured step; DDP's gradient all-reduce hooks fire outside it
@@ -247,8 +275,11 @@ def failure_reason(run_dir: RunDir, launch: Launch, exit_code: int) -> str:
     # A rank that died without a word (killed, a crash in native code): the root cause.
     for rank, code in launched:
         if rank not in own:
-            how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
+            how = (
+                f"was killed by signal {signal.Signals(-code).name}"
+                if code < 0 and -code in signal.valid_signals()
                 else f"exited with code {code} without recording an error"
+            )
             return f"rank {rank} of {launch.world_size} {how}; the other ranks were stopped. See {run_dir.stdout_log}"
     # Otherwise the earliest own failure that is not a lost peer, then the earliest of all.
     ordered = sorted(own.items(), key=lambda item: float(item[1].get("time") or 0.0))
@@ -256,8 +287,10 @@ def failure_reason(run_dir: RunDir, launch: Launch, exit_code: int) -> str:
     if primary:
         rank, record = primary[0]
         return f"rank {rank} of {launch.world_size} failed: {record.get('reason')}"
-    return (f"the launcher (accelerate launch, {launch.world_size} processes) exited with code {exit_code} before "
-            f"any rank recorded an error; see {run_dir.stdout_log}")
+    return (
+        f"the launcher (accelerate launch, {launch.world_size} processes) exited with code {exit_code} before "
+        f"any rank recorded an error; see {run_dir.stdout_log}"
+    )
 
 
 def rank_memory(run_dir: RunDir) -> dict[int, dict[str, Any]]:
@@ -273,8 +306,9 @@ def rank_memory(run_dir: RunDir) -> dict[int, dict[str, Any]]:
         steps = [r for r in records if r.get("type") == "step"]
         if steps:
             last = steps[-1]
-            out[rank] = {k: last.get(k) for k in ("step", "gpu_mem_allocated_gib", "gpu_mem_reserved_gib",
-                                                   "gpu_mem_peak_gib")}
+            out[rank] = {
+                k: last.get(k) for k in ("step", "gpu_mem_allocated_gib", "gpu_mem_reserved_gib", "gpu_mem_peak_gib")
+            }
     return out
 
 

@@ -22,8 +22,10 @@ def check_data_before_run(preset) -> None:
     if result.usable_rows == 0:
         what = f"No row of {result.rows_read:,} checked can be trained on"
     else:
-        what = (f"{result.bad_fraction:.1%} of the rows checked are unusable, more than "
-                f"data.max_bad_fraction = {result.max_bad_fraction:g}")
+        what = (
+            f"{result.bad_fraction:.1%} of the rows checked are unusable, more than "
+            f"data.max_bad_fraction = {result.max_bad_fraction:g}"
+        )
     raise DataError(
         what + (": " + "; ".join(problems) if problems else ""),
         where=f"data.source = {preset.data.source!r}",

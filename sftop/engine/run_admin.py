@@ -58,8 +58,17 @@ def render_runs(runs: list[RunSummary]) -> list[str]:
     for r in runs:
         loss = r.final_loss if r.final_loss is not None else r.loss
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started)) if r.started else "-"
-        rows.append((r.name, r.status, r.progress, f"{loss:.4f}" if loss is not None else "-", started,
-                     r.model or "?", _data_from_preset(r.run) or "?"))
+        rows.append(
+            (
+                r.name,
+                r.status,
+                r.progress,
+                f"{loss:.4f}" if loss is not None else "-",
+                started,
+                r.model or "?",
+                _data_from_preset(r.run) or "?",
+            )
+        )
     widths = [max(len(row[i]) for row in [_COLUMNS, *rows]) for i in range(len(_COLUMNS))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [_COLUMNS, *rows]]
 

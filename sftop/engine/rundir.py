@@ -1,12 +1,12 @@
 """A run directory and what lives in it.
 
-    runs/<timestamp>-<name>/
-        preset.toml      the fully resolved preset the run used (repeat with `sftop run THIS/preset.toml`)
-        events.jsonl     the event stream (see sftop.engine.events)
-        stdout.log       everything the trainer printed
-        status.json      written by the supervisor: pid, pgid, start time, exit code, final status
-        checkpoints/     checkpoint-<step>/ directories, each complete or absent (atomic rename)
-        adapter/         the final LoRA adapter (PEFT format)
+runs/<timestamp>-<name>/
+    preset.toml      the fully resolved preset the run used (repeat with `sftop run THIS/preset.toml`)
+    events.jsonl     the event stream (see sftop.engine.events)
+    stdout.log       everything the trainer printed
+    status.json      written by the supervisor: pid, pgid, start time, exit code, final status
+    checkpoints/     checkpoint-<step>/ directories, each complete or absent (atomic rename)
+    adapter/         the final LoRA adapter (PEFT format)
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def _locked_error(run_path: Path, pid: int | None) -> RunLockedError:
         "checkpoints and events",
         where=str(run_path),
         hint=f"Wait for it to end, or stop it first with `sftop stop {Path(run_path).name}`; "
-             "to train something else, start a new run without --run-dir",
+        "to train something else, start a new run without --run-dir",
     )
 
 

@@ -66,8 +66,9 @@ class RunSummary:
         loss = self.final_loss if self.final_loss is not None else self.loss
         loss_text = f"loss {loss:.4f}" if loss is not None else "loss -"
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.started)) if self.started else "-"
-        return (f"{self.name:<40} {self.status:<9} step {self.progress:<11} {loss_text:<12} "
-                f"{started}  {self.model or '?'}")
+        return (
+            f"{self.name:<40} {self.status:<9} step {self.progress:<11} {loss_text:<12} {started}  {self.model or '?'}"
+        )
 
 
 def _first_record(path: Path) -> dict[str, Any] | None:
@@ -149,8 +150,17 @@ def run_in_foreground(run: RunDir, train: Callable[[], int]) -> int:
         return train()
     pid = os.getpid()
     started = time.time()
-    run.write_status(status="running", foreground=True, pid=pid, pgid=None, trainer_start=process_start_time(pid),
-                     started=started, supervisor_pid=None, exit_code=None, ended=None)
+    run.write_status(
+        status="running",
+        foreground=True,
+        pid=pid,
+        pgid=None,
+        trainer_start=process_start_time(pid),
+        started=started,
+        supervisor_pid=None,
+        exit_code=None,
+        ended=None,
+    )
     code = 1
     try:
         code = train()

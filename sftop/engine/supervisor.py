@@ -283,11 +283,13 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
             reason = f"The trainer exited with code {code} without finishing"
         latest = run_dir.latest_checkpoint()
         with EventWriter(run_dir.events) as writer:
-            writer.write(RunFailed(
-                step=_last_step(run_dir),
-                reason=reason if several else reason + f"; see {run_dir.stdout_log}",
-                checkpoint=str(latest) if latest else None,
-            ))
+            writer.write(
+                RunFailed(
+                    step=_last_step(run_dir),
+                    reason=reason if several else reason + f"; see {run_dir.stdout_log}",
+                    checkpoint=str(latest) if latest else None,
+                )
+            )
     # Free the directory before saying the run ended: whoever sees the final status may resume it at once.
     run_lock_release(run_dir.path)
     run_dir.write_status(status=status, exit_code=code, ended=time.time())

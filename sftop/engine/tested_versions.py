@@ -16,8 +16,21 @@ from typing import Callable
 # sftop's direct dependencies: a drift in one of these is worth a warning. Transitive packages
 # (aiohttp, numpy, ...) are pinned for reproducible installs but rarely break sftop themselves.
 DIRECT = (
-    "torch", "triton", "transformers", "trl", "peft", "accelerate", "datasets", "huggingface-hub",
-    "bitsandbytes", "tokenizers", "safetensors", "textual", "pydantic", "nvidia-ml-py", "pillow",
+    "torch",
+    "triton",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "huggingface-hub",
+    "bitsandbytes",
+    "tokenizers",
+    "safetensors",
+    "textual",
+    "pydantic",
+    "nvidia-ml-py",
+    "pillow",
     "platformdirs",
 )
 
@@ -75,8 +88,9 @@ def _public(version: str) -> str:
     return version.split("+", 1)[0]
 
 
-def version_drift(installed: Callable[[str], str | None] | None = None,
-                  pins: dict[str, str] | None = None) -> list[Drift]:
+def version_drift(
+    installed: Callable[[str], str | None] | None = None, pins: dict[str, str] | None = None
+) -> list[Drift]:
     """Direct dependencies whose installed version is not the tested one (missing ones are skipped)."""
     pins = tested_versions() if pins is None else pins
     installed = installed or _installed

@@ -52,8 +52,19 @@ DEFAULT_MIN_BYTES = 1 << 20
 class _Offloaded:
     """One saved tensor in pinned host memory, and its copy back to the GPU when one is under way."""
 
-    __slots__ = ("host", "device", "saved", "prev", "fetched", "fetch_done", "fetch_stream", "used",
-                 "late", "deferred", "__weakref__")
+    __slots__ = (
+        "host",
+        "device",
+        "saved",
+        "prev",
+        "fetched",
+        "fetch_done",
+        "fetch_stream",
+        "used",
+        "late",
+        "deferred",
+        "__weakref__",
+    )
 
     def __init__(self, host, device, saved, prev, late=False):
         self.host = host

@@ -37,9 +37,11 @@ def installed_version(package: str) -> str:
 def moved(package: str, what: str) -> str:
     """The message for an upstream name that is gone: which package, which version, what to do."""
     tested = TESTED[package]
-    return (f"{package} {installed_version(package)}: {what} is missing or changed; sftop relies on it "
-            f"through sftop/kernels/compat.py and is tested with {package}{tested}. "
-            f"Install it with `pip install '{package}{tested}'`, or update compat.py for this release.")
+    return (
+        f"{package} {installed_version(package)}: {what} is missing or changed; sftop relies on it "
+        f"through sftop/kernels/compat.py and is tested with {package}{tested}. "
+        f"Install it with `pip install '{package}{tested}'`, or update compat.py for this release."
+    )
 
 
 # --------------------------------------------------------------------------- torch
@@ -136,14 +138,26 @@ def set_rope_function(modeling: Any, fn: Callable[..., Any]) -> None:
 PEFT_LORA_MODULE = "peft.tuners.lora"
 PEFT_LORA_CLASSES = ("Linear", "Linear4bit", "Linear8bitLt")
 # what the fast LoRA paths read on a PEFT LoRA layer: per-adapter ModuleDicts / dicts, and state
-PEFT_LORA_ATTRIBUTES = ("base_layer", "lora_A", "lora_B", "lora_dropout", "scaling", "active_adapters",
-                        "disable_adapters", "merged")
+PEFT_LORA_ATTRIBUTES = (
+    "base_layer",
+    "lora_A",
+    "lora_B",
+    "lora_dropout",
+    "scaling",
+    "active_adapters",
+    "disable_adapters",
+    "merged",
+)
 
 
 def is_peft_lora_layer(module: Any) -> bool:
     cls = type(module)
-    return (cls.__module__.startswith(PEFT_LORA_MODULE) and cls.__name__ in PEFT_LORA_CLASSES
-            and hasattr(module, "lora_A") and hasattr(module, "base_layer"))
+    return (
+        cls.__module__.startswith(PEFT_LORA_MODULE)
+        and cls.__name__ in PEFT_LORA_CLASSES
+        and hasattr(module, "lora_A")
+        and hasattr(module, "base_layer")
+    )
 
 
 def lora_weights(layer: Any, adapter: str) -> tuple[Any, Any, float]:

@@ -207,7 +207,7 @@ def _as_tuple(out) -> tuple[torch.Tensor, ...]:
 class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graphs, step, *tensors):
-        graphs.reclaim_grads(tensors[step.n_inputs:])
+        graphs.reclaim_grads(tensors[step.n_inputs :])
         step.load(tensors[: step.n_inputs])
         step.fwd.replay()
         ctx.graphs, ctx.step = graphs, step
@@ -321,8 +321,9 @@ class StepGraphs:
         # a graph bakes in the scratch buffers' addresses: they must never be freed from now on
         scratch.freeze_all()
         try:
-            step = CapturedStep(fn, inputs, slots, self._pool if backward else self._forward_pool,
-                                self._no_rng_stash, backward=backward)
+            step = CapturedStep(
+                fn, inputs, slots, self._pool if backward else self._forward_pool, self._no_rng_stash, backward=backward
+            )
         except Exception as exc:  # noqa: BLE001 - an uncapturable model keeps training eagerly
             offload.discard_pending()
             torch.cuda.synchronize()
@@ -352,13 +353,17 @@ def _room_for_capture() -> str | None:
     free, total = torch.cuda.mem_get_info()
     # Under a memory cap (plan.max_memory_gib: torch.cuda.set_per_process_memory_fraction) what
     # counts is the room left under it, however much the GPU itself has free.
-    fraction = torch.cuda.get_per_process_memory_fraction() if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0
+    fraction = (
+        torch.cuda.get_per_process_memory_fraction() if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0
+    )
     if fraction < 1.0:
         free = max(0, min(free, int(fraction * total) - torch.cuda.memory_reserved()))
     cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     need = 2 * (torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated())
     if free + cached < need:
-        return f"not enough free GPU memory to capture ({(free + cached) / 2**30:.2f} GiB free, {need / 2**30:.2f} needed)"
+        return (
+            f"not enough free GPU memory to capture ({(free + cached) / 2**30:.2f} GiB free, {need / 2**30:.2f} needed)"
+        )
     return None
 
 
@@ -380,14 +385,25 @@ def causal_masks_skipped():
 
     def sdpa_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
         plain_causal = (
-            kwargs.get("allow_is_causal_skip", False) and kwargs.get("local_size") is None
-            and q_length == kv_length and isinstance(q_offset, int) and q_offset == 0
-            and isinstance(kv_offset, int) and kv_offset == 0
+            kwargs.get("allow_is_causal_skip", False)
+            and kwargs.get("local_size") is None
+            and q_length == kv_length
+            and isinstance(q_offset, int)
+            and q_offset == 0
+            and isinstance(kv_offset, int)
+            and kv_offset == 0
         )
         if plain_causal:
             return None
-        return previous(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                        kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+        return previous(
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
 
     masks["sdpa"] = sdpa_mask
     try:

@@ -25,8 +25,10 @@ def env_choice(name: str, environ: Mapping[str, str] | None = None) -> bool | No
         return True
     if value in OFF:
         return False
-    raise ValueError(f"{name}={value!r} is not a switch value: set it to one of {', '.join(ON)} (on) "
-                     f"or {', '.join(OFF)} (off), or unset it for the default")
+    raise ValueError(
+        f"{name}={value!r} is not a switch value: set it to one of {', '.join(ON)} (on) "
+        f"or {', '.join(OFF)} (off), or unset it for the default"
+    )
 
 
 def env_flag(name: str, default: bool, environ: Mapping[str, str] | None = None) -> bool:

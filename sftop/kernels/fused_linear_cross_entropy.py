@@ -29,9 +29,18 @@ def _tanh(x):
 
 @triton.jit(do_not_specialize=["n_rows"])  # rows change every step: one compile for all
 def _ce_rows(
-    LOGITS, LABELS, LOSS,
-    stride_l, n_rows, n_vocab, ignore_index, softcap,
-    SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, N_VB: tl.constexpr,
+    LOGITS,
+    LABELS,
+    LOSS,
+    stride_l,
+    n_rows,
+    n_vocab,
+    ignore_index,
+    softcap,
+    SOFTCAP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK: tl.constexpr,
+    N_VB: tl.constexpr,
 ):
     """Per row: loss = lse - logit[label]; then LOGITS[row] <- softmax - onehot (x softcap')."""
     rvec = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -98,7 +107,16 @@ def chunk_rows(n_rows: int, n_vocab: int, elem_bytes: int, chunk_bytes: int | No
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden, weight, labels, num_items_in_batch, ignore_index, softcap, chunk_bytes, compute_dtype, grad_mode,
+        ctx,
+        hidden,
+        weight,
+        labels,
+        num_items_in_batch,
+        ignore_index,
+        softcap,
+        chunk_bytes,
+        compute_dtype,
+        grad_mode,
         select_rows,
     ):
         h_shape = hidden.shape
@@ -143,9 +161,18 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             rows = e - s
             block_r, block = _ce_tile(rows, n_vocab, x.device)
             _ce_rows[(triton.cdiv(rows, block_r),)](
-                logits, ys[s:e], loss_rows[s:e], logits.stride(0), rows, n_vocab, ignore_index,
+                logits,
+                ys[s:e],
+                loss_rows[s:e],
+                logits.stride(0),
+                rows,
+                n_vocab,
+                ignore_index,
                 float(softcap) if softcap else 1.0,
-                SOFTCAP=bool(softcap), BLOCK_R=block_r, BLOCK=block, N_VB=triton.cdiv(n_vocab, block),
+                SOFTCAP=bool(softcap),
+                BLOCK_R=block_r,
+                BLOCK=block,
+                N_VB=triton.cdiv(n_vocab, block),
                 num_warps=8 if block >= 4096 else 4,
             )
             if need_dx:
@@ -210,6 +237,14 @@ def fused_linear_cross_entropy(
     that don't count (which needs a host sync) so that the call can be captured in a CUDA graph.
     """
     return FusedLinearCrossEntropyFunction.apply(
-        hidden, weight, labels, num_items_in_batch, ignore_index, softcap, chunk_bytes, compute_dtype,
-        torch.is_grad_enabled(), select_rows,
+        hidden,
+        weight,
+        labels,
+        num_items_in_batch,
+        ignore_index,
+        softcap,
+        chunk_bytes,
+        compute_dtype,
+        torch.is_grad_enabled(),
+        select_rows,
     )

@@ -29,10 +29,27 @@ from .fused_linear_cross_entropy import _ce_tile, _tanh, chunk_rows
 
 @triton.jit(do_not_specialize=["n_rows"])  # rows change every step: one compile for all
 def _logprob_rows(
-    LOGITS, LABELS, LOGP, LSE, ENT, MEAN, TOP1, SCALE,
-    stride_l, n_rows, n_vocab, ignore_index, softcap,
-    SOFTCAP: tl.constexpr, STATS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALED: tl.constexpr,
-    USE_LSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, N_VB: tl.constexpr,
+    LOGITS,
+    LABELS,
+    LOGP,
+    LSE,
+    ENT,
+    MEAN,
+    TOP1,
+    SCALE,
+    stride_l,
+    n_rows,
+    n_vocab,
+    ignore_index,
+    softcap,
+    SOFTCAP: tl.constexpr,
+    STATS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    SCALED: tl.constexpr,
+    USE_LSE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK: tl.constexpr,
+    N_VB: tl.constexpr,
 ):
     """Per row: log p(label), lse (+ entropy, mean logit, top-1); then LOGITS <- onehot - softmax.
 
@@ -103,18 +120,34 @@ def _logprob_rows(
             tl.store(base + c, g.to(LOGITS.dtype.element_ty), mask=cm)
 
 
-def _launch(logits, labels, logp, lse, ent, mean, top1, scale, *, n_vocab, ignore_index, softcap, stats,
-            write_grad, use_lse):
+def _launch(
+    logits, labels, logp, lse, ent, mean, top1, scale, *, n_vocab, ignore_index, softcap, stats, write_grad, use_lse
+):
     rows = logits.shape[0]
     block_r, block = _ce_tile(rows, n_vocab, logits.device)
     dummy = lse
     _logprob_rows[(triton.cdiv(rows, block_r),)](
-        logits, labels, logp if logp is not None else dummy, lse,
-        ent if ent is not None else dummy, mean if mean is not None else dummy,
-        top1 if top1 is not None else dummy, scale if scale is not None else dummy,
-        logits.stride(0), rows, n_vocab, ignore_index, float(softcap) if softcap else 1.0,
-        SOFTCAP=bool(softcap), STATS=stats, WRITE_GRAD=write_grad, SCALED=scale is not None, USE_LSE=use_lse,
-        BLOCK_R=block_r, BLOCK=block, N_VB=triton.cdiv(n_vocab, block),
+        logits,
+        labels,
+        logp if logp is not None else dummy,
+        lse,
+        ent if ent is not None else dummy,
+        mean if mean is not None else dummy,
+        top1 if top1 is not None else dummy,
+        scale if scale is not None else dummy,
+        logits.stride(0),
+        rows,
+        n_vocab,
+        ignore_index,
+        float(softcap) if softcap else 1.0,
+        SOFTCAP=bool(softcap),
+        STATS=stats,
+        WRITE_GRAD=write_grad,
+        SCALED=scale is not None,
+        USE_LSE=use_lse,
+        BLOCK_R=block_r,
+        BLOCK=block,
+        N_VB=triton.cdiv(n_vocab, block),
         num_warps=8 if block >= 4096 else 4,
     )
 
@@ -147,10 +180,22 @@ class FusedLinearLogProbFunction(torch.autograd.Function):
         for s in range(0, n, step):
             e = min(n, s + step)
             logits = x[s:e].to(compute_dtype) @ w_c.t()
-            _launch(logits, y[s:e], logp[s:e], lse[s:e], ent[s:e] if stats else None,
-                    mean[s:e] if stats else None, top1[s:e] if stats else None, None,
-                    n_vocab=n_vocab, ignore_index=ignore_index, softcap=softcap, stats=stats,
-                    write_grad=need_dx, use_lse=False)
+            _launch(
+                logits,
+                y[s:e],
+                logp[s:e],
+                lse[s:e],
+                ent[s:e] if stats else None,
+                mean[s:e] if stats else None,
+                top1[s:e] if stats else None,
+                None,
+                n_vocab=n_vocab,
+                ignore_index=ignore_index,
+                softcap=softcap,
+                stats=stats,
+                write_grad=need_dx,
+                use_lse=False,
+            )
             if need_dx:
                 unit_dx[s:e] = (logits @ w_c).to(x.dtype)
             del logits  # freed before the next chunk's matmul: one chunk of logits alive at a time
@@ -193,8 +238,22 @@ class FusedLinearLogProbFunction(torch.autograd.Function):
                 e = min(x.shape[0], s + step)
                 xc = x[s:e]
                 logits = (xc.to(compute_dtype) @ w_c.t()).float()
-                _launch(logits, y[s:e], None, lse[s:e], None, None, None, g[s:e], n_vocab=n_vocab,
-                        ignore_index=ignore_index, softcap=softcap, stats=False, write_grad=True, use_lse=True)
+                _launch(
+                    logits,
+                    y[s:e],
+                    None,
+                    lse[s:e],
+                    None,
+                    None,
+                    None,
+                    g[s:e],
+                    n_vocab=n_vocab,
+                    ignore_index=ignore_index,
+                    softcap=softcap,
+                    stats=False,
+                    write_grad=True,
+                    use_lse=True,
+                )
                 acc.addmm_(logits.t().to(torch.float32), xc.to(torch.float32))
                 del logits
             dw = acc.to(ctx.w_dtype)
@@ -219,6 +278,14 @@ def fused_linear_logprob(
     mean_logits, is_top1), the last three without gradient.
     """
     out = FusedLinearLogProbFunction.apply(
-        hidden, weight, labels, ignore_index, softcap, chunk_bytes, compute_dtype, torch.is_grad_enabled(), stats,
+        hidden,
+        weight,
+        labels,
+        ignore_index,
+        softcap,
+        chunk_bytes,
+        compute_dtype,
+        torch.is_grad_enabled(),
+        stats,
     )
     return out if stats else out[0]

@@ -40,12 +40,14 @@ from .recompute import (
 _aten = torch.ops.aten
 
 
-
 def supported(query: torch.Tensor) -> tuple[bool, str]:
     """Whether the kept path has a kernel for this query (device, dtype, head size)."""
     if query.device.type == "cpu":
-        return (True, "") if query.dtype in (torch.float32, torch.float64, torch.bfloat16) else (
-            False, f"{query.dtype} on the CPU")
+        return (
+            (True, "")
+            if query.dtype in (torch.float32, torch.float64, torch.bfloat16)
+            else (False, f"{query.dtype} on the CPU")
+        )
     if query.device.type != "cuda":
         return False, f"{query.device.type} device"
     if query.dtype not in (torch.bfloat16, torch.float16):
@@ -71,7 +73,8 @@ def _forward(q, k, v, scale):
         return out, (lse, seed, offset, max_q, max_k)
     groups = q.shape[1] // k.shape[1]
     out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
-        q, _repeat_kv(k, groups), _repeat_kv(v, groups), 0.0, True, scale=scale)
+        q, _repeat_kv(k, groups), _repeat_kv(v, groups), 0.0, True, scale=scale
+    )
     return out, (lse,)
 
 
@@ -79,10 +82,12 @@ def _backward(grad, q, k, v, out, state, scale):
     if q.is_cuda:
         lse, seed, offset, max_q, max_k = state
         return _aten._scaled_dot_product_cudnn_attention_backward(
-            grad, q, k, v, out, lse, seed, offset, None, None, None, max_q, max_k, 0.0, True, scale=scale)
+            grad, q, k, v, out, lse, seed, offset, None, None, None, max_q, max_k, 0.0, True, scale=scale
+        )
     groups = q.shape[1] // k.shape[1]
     dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad, q, _repeat_kv(k, groups), _repeat_kv(v, groups), out, state[0], 0.0, True, scale=scale)
+        grad, q, _repeat_kv(k, groups), _repeat_kv(v, groups), out, state[0], 0.0, True, scale=scale
+    )
     if groups > 1:  # each K/V head served `groups` query heads: their gradients add up
         b, h, t, d = dk.shape
         dk = dk.view(b, h // groups, groups, t, d).sum(2)
@@ -106,7 +111,8 @@ class KeptAttentionFunction(torch.autograd.Function):
                         "sftop: attention got computed q/k/v where the recomputation handed on placeholders "
                         "(something between the projections and attention computes on them; its gradients "
                         f"would be wrong). Set {ENV_SWITCH}=0 to train without keeping q/k/v, and report the model "
-                        "family.")
+                        "family."
+                    )
                 q, k, v = (t.transpose(1, 2) for t in projections.take())
             out, state = kept_from_first_run().transpose(1, 2), kept_from_first_run()
         else:
@@ -122,7 +128,8 @@ class KeptAttentionFunction(torch.autograd.Function):
         if any(is_placeholder(t) for t in (q, k, v)):
             raise RuntimeError(
                 "sftop: attention was handed placeholders for q/k/v that no kept tensors replace (the first run "
-                f"kept none). Set {ENV_SWITCH}=0 to train without keeping q/k/v, and report the model family.")
+                f"kept none). Set {ENV_SWITCH}=0 to train without keeping q/k/v, and report the model family."
+            )
         ctx.save_for_backward(q, k, v, out)
         ctx.state, ctx.scale = state, scale
         return out

@@ -151,8 +151,12 @@ def all_position_logprobs(lm: nn.Module, ids: torch.Tensor, shifted_labels: torc
     out = lm.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     scored = fused_linear_logprob(
-        hidden[:, start:].to(weight.device), weight, shifted_labels[:, start:], ignore_index=IGNORE_INDEX,
-        softcap=getattr(config, "final_logit_softcapping", None), compute_dtype=lm.__dict__.get(M.LOSS_DTYPE),
+        hidden[:, start:].to(weight.device),
+        weight,
+        shifted_labels[:, start:],
+        ignore_index=IGNORE_INDEX,
+        softcap=getattr(config, "final_logit_softcapping", None),
+        compute_dtype=lm.__dict__.get(M.LOSS_DTYPE),
         stats=True,
     )
     if not start:
@@ -172,8 +176,10 @@ def _adapter_layers(lm: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _layer_state(layers: list[tuple[str, nn.Module]]) -> tuple:
-    return tuple((name, bool(m.disable_adapters), bool(getattr(m, "merged", False)), tuple(m.active_adapters))
-                 for name, m in layers)
+    return tuple(
+        (name, bool(m.disable_adapters), bool(getattr(m, "merged", False)), tuple(m.active_adapters))
+        for name, m in layers
+    )
 
 
 def adapter_state(lm: nn.Module) -> tuple:
@@ -220,10 +226,18 @@ def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
         if slots is None:
             return None, None
         key = (
-            "logprobs", grad, ids.shape[0], length, start, ids.dtype,
-            torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-            bool(getattr(lm, "is_gradient_checkpointing", False)), lm.__dict__.get(M.GC_MODE),
-            tuple((p.data_ptr(), p.requires_grad) for _m, _n, p in slots), graphs.adapter_state(),
+            "logprobs",
+            grad,
+            ids.shape[0],
+            length,
+            start,
+            ids.dtype,
+            torch.is_autocast_enabled("cuda"),
+            torch.get_autocast_dtype("cuda"),
+            bool(getattr(lm, "is_gradient_checkpointing", False)),
+            lm.__dict__.get(M.GC_MODE),
+            tuple((p.data_ptr(), p.requires_grad) for _m, _n, p in slots),
+            graphs.adapter_state(),
         )
         return key, slots
 
@@ -264,9 +278,11 @@ def graph_stats(lm: nn.Module):
 def graphs_status(lm: nn.Module, parts: dict | None = None) -> str:
     """For the run's kernel report: whether DPO's forwards may replay from CUDA graphs, and why not."""
     if lm.__dict__.get(M.GRAPHS) is not None:
-        return ("on: the policy forward+backward and the reference forward replay from CUDA graphs once a "
-                f"batch length (padded to a multiple of {LENGTH_MULTIPLE}) repeats; left-padded or other batches "
-                "run eagerly")
+        return (
+            "on: the policy forward+backward and the reference forward replay from CUDA graphs once a "
+            f"batch length (padded to a multiple of {LENGTH_MULTIPLE}) repeats; left-padded or other batches "
+            "run eagerly"
+        )
     if not enabled_by_env():
         return f"off: turned off by {ENV_SWITCH}=0"
     part = (parts or {}).get("cuda_graphs")

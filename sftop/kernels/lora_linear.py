@@ -81,8 +81,9 @@ def _outputs(x2, xa, bases, b_c, scales, dtype, out_dtype, lead_shape):
     for base, b, s in zip(bases, b_c, scales):
         r = b.shape[1]
         bias = getattr(base, "bias", None)
-        out = adapter_then_base(x2, base_weight(base, dtype).t(), xa[:, off:off + r], b.t(), s,
-                                None if bias is None else bias.to(dtype))
+        out = adapter_then_base(
+            x2, base_weight(base, dtype).t(), xa[:, off : off + r], b.t(), s, None if bias is None else bias.to(dtype)
+        )
         off += r
         out = out.view(*lead_shape, out.shape[-1])
         outs.append(out if out.dtype == out_dtype else out.to(out_dtype))
@@ -105,11 +106,11 @@ def _backward(ctx, douts):
         dy = dy.reshape(n_tok, -1)
         dy = dy if dy.dtype == dt else dy.to(dt)
         dys.append(dy)
-        blk = d_cat[:, off:off + r]
+        blk = d_cat[:, off : off + r]
         torch.mm(dy, bc, out=blk)
         if not one_scale:
             blk.mul_(s)
-        grads_b.append(scaled_mm(dy.t(), xa[:, off:off + r], s, b_dtype))
+        grads_b.append(scaled_mm(dy.t(), xa[:, off : off + r], s, b_dtype))
         off += r
     s_all = scales[0] if one_scale else 1.0
     if need_dx:
@@ -123,7 +124,7 @@ def _backward(ctx, douts):
     ga = scaled_mm(d_cat.t(), x2, s_all, ctx.a_dtype)
     grads, off = [], 0
     for r, gb in zip(ranks, grads_b):
-        grads += [ga[off:off + r], gb]
+        grads += [ga[off : off + r], gb]
         off += r
     return (dx, None, None, None, None, None, *grads)
 

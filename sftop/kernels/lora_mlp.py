@@ -55,8 +55,15 @@ def scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float, out_dtype: torch
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
-def adapter_then_base(inp: torch.Tensor, w: torch.Tensor, ia: torch.Tensor, b: torch.Tensor, scale: float,
-                      bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def adapter_then_base(
+    inp: torch.Tensor,
+    w: torch.Tensor,
+    ia: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """inp @ w + scale * ia @ b (+ bias), for a rank-r `ia` [tokens, r] and `b` [r, out], into
     `out` when given (a reused buffer of that shape; no bias then).
 
@@ -185,8 +192,20 @@ class LoRAMLPFunction(torch.autograd.Function):
         dx = adapter_then_base(de, base_weight(gate_base, dt), torch.cat([de_b, dg_b], dim=1), a_both, s_both)
         dx.addmm_(dg, base_weight(up_base, dt))
 
-        grads = (dx.view(ctx.x_shape).to(ctx.x_dtype), grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd,
-                 None, None, None, None, None)
+        grads = (
+            dx.view(ctx.x_shape).to(ctx.x_dtype),
+            grad_ag,
+            grad_bg,
+            grad_au,
+            grad_bu,
+            grad_ad,
+            grad_bd,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
         return grads[: len(ctx.needs_input_grad)]  # `run` may be left out
 
 
@@ -200,5 +219,16 @@ def lora_mlp(x, gate, up, down, kind: int, adapter: str, run=None):
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else compute_dtype(gate.base_layer, x)
     (ag, bg, sg), (au, bu, su), (ad, bd, sd) = (compat.lora_weights(m, adapter) for m in (gate, up, down))
     return LoRAMLPFunction.apply(
-        x, ag, bg, au, bu, ad, bd, (gate.base_layer, up.base_layer, down.base_layer), (sg, su, sd), kind, dtype, run,
+        x,
+        ag,
+        bg,
+        au,
+        bu,
+        ad,
+        bd,
+        (gate.base_layer, up.base_layer, down.base_layer),
+        (sg, su, sd),
+        kind,
+        dtype,
+        run,
     )

@@ -91,8 +91,17 @@ def _resolve(weight: torch.Tensor, qs) -> _Plan | None:
         absmax_numel, absmax_blocksize = qs.absmax.numel(), int(s2.blocksize)
     elif qs.absmax.dtype != torch.float32:
         return None
-    return _Plan(weight_fn, dtype, shape, shape.numel(), int(qs.blocksize), bool(qs.nested), absmax_fn,
-                 absmax_numel, absmax_blocksize)
+    return _Plan(
+        weight_fn,
+        dtype,
+        shape,
+        shape.numel(),
+        int(qs.blocksize),
+        bool(qs.nested),
+        absmax_fn,
+        absmax_numel,
+        absmax_blocksize,
+    )
 
 
 def _dequantize_direct(weight: Any, plan: _Plan) -> torch.Tensor:
@@ -103,8 +112,15 @@ def _dequantize_direct(weight: Any, plan: _Plan) -> torch.Tensor:
     if plan.absmax_fn is not None:  # nested (double-quantised) statistics
         s2 = qs.state2
         absmax = ABSMAX_SCRATCH.get(device, torch.float32, plan.absmax_numel)
-        plan.absmax_fn(s2.code.data_ptr(), qs.absmax.data_ptr(), s2.absmax.data_ptr(), absmax.data_ptr(),
-                       plan.absmax_blocksize, plan.absmax_numel, stream)
+        plan.absmax_fn(
+            s2.code.data_ptr(),
+            qs.absmax.data_ptr(),
+            s2.absmax.data_ptr(),
+            absmax.data_ptr(),
+            plan.absmax_blocksize,
+            plan.absmax_numel,
+            stream,
+        )
         absmax.add_(qs.offset)
     out = SCRATCH.get(device, plan.dtype, plan.numel)
     plan.weight_fn(None, weight.data_ptr(), absmax.data_ptr(), out.data_ptr(), plan.blocksize, plan.numel, stream)

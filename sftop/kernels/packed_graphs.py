@@ -52,15 +52,25 @@ def padded_boundaries(cu: torch.Tensor, multiple: int = CU_MULTIPLE) -> torch.Te
 
 def _eligible(lm: nn.Module, inputs: dict) -> bool:
     ids = inputs.get("input_ids")
-    if not (lm.training and torch.is_grad_enabled() and isinstance(ids, torch.Tensor) and ids.is_cuda
-            and ids.shape[0] == 1):
+    if not (
+        lm.training and torch.is_grad_enabled() and isinstance(ids, torch.Tensor) and ids.is_cuda and ids.shape[0] == 1
+    ):
         return False
     if lm.__dict__.get(_GRAPHS) is None or lm.__dict__.get(_OFFLOADING):
         return False
     if compat.attn_implementation(lm.config) != VARLEN:
         return False
-    allowed = {"input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-               "max_length_k", "seq_idx", "use_cache"}
+    allowed = {
+        "input_ids",
+        "labels",
+        "position_ids",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+        "seq_idx",
+        "use_cache",
+    }
     if any(k not in allowed and v is not None for k, v in inputs.items()):
         return False
     return all(torch.is_tensor(inputs.get(k)) for k in ("labels", "position_ids", "cu_seq_lens_q"))
@@ -86,9 +96,15 @@ def packed_graphed_loss(model: nn.Module, inputs: dict, num_items_in_batch=None)
     if not trainable:
         return None
     key = (
-        "packed", tokens, cu.numel(), ids.dtype, positions.dtype,
-        torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-        bool(getattr(lm, "is_gradient_checkpointing", False)), lm.__dict__.get(_GC_MODE),
+        "packed",
+        tokens,
+        cu.numel(),
+        ids.dtype,
+        positions.dtype,
+        torch.is_autocast_enabled("cuda"),
+        torch.get_autocast_dtype("cuda"),
+        bool(getattr(lm, "is_gradient_checkpointing", False)),
+        lm.__dict__.get(_GC_MODE),
         tuple((p.data_ptr(), p.requires_grad) for _m, _n, p in slots),
     )
     from .fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -101,11 +117,26 @@ def packed_graphed_loss(model: nn.Module, inputs: dict, num_items_in_batch=None)
 
     def loss_sum(ids_, labels_, positions_, cu_):
         # the bucket's length bounds every row: flash attention only sizes its grid with it
-        out = backbone(input_ids=ids_, position_ids=positions_, cu_seq_lens_q=cu_, cu_seq_lens_k=cu_,
-                       max_length_q=tokens, max_length_k=tokens, use_cache=False)
+        out = backbone(
+            input_ids=ids_,
+            position_ids=positions_,
+            cu_seq_lens_q=cu_,
+            cu_seq_lens_k=cu_,
+            max_length_q=tokens,
+            max_length_k=tokens,
+            use_cache=False,
+        )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return fused_linear_cross_entropy(hidden, weight, labels_, num_items_in_batch=one, ignore_index=ignore_index,
-                                          softcap=softcap, compute_dtype=loss_dtype, select_rows=False)
+        return fused_linear_cross_entropy(
+            hidden,
+            weight,
+            labels_,
+            num_items_in_batch=one,
+            ignore_index=ignore_index,
+            softcap=softcap,
+            compute_dtype=loss_dtype,
+            select_rows=False,
+        )
 
     total = graphs.loss_sum(key, loss_sum, (ids, labels, positions, cu), trainable)
     if total is None:

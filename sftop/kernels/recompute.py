@@ -172,7 +172,8 @@ def open_kept_projections() -> KeptProjections | None:
             raise RuntimeError(
                 "sftop: a layer's recomputation read its kept tensors out of its first run's order (the two "
                 "runs took different paths). Set SFTOP_KEEP_PROJECTIONS=0 to train without keeping q/k/v, "
-                "and report the model family.")
+                "and report the model family."
+            )
     _state.open_projections = holder
     return holder
 
@@ -207,7 +208,9 @@ class _PlaceholderBuffers:
         if buffer is None:
             # made in the eager warm-up runs before any CUDA graph capture of the same code;
             # setdefault: of two threads making the first one, both use the one that was kept
-            buffer = self._buffers.setdefault((dtype, device), torch.full((1,), float("nan"), dtype=dtype, device=device))
+            buffer = self._buffers.setdefault(
+                (dtype, device), torch.full((1,), float("nan"), dtype=dtype, device=device)
+            )
         return buffer.expand(shape)
 
     def knows(self, t: torch.Tensor) -> bool:

@@ -20,10 +20,18 @@ from ._runtime import interpreting
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _rms_fwd(
-    X, Y, W, RSTD,
-    stride_x, stride_y,
-    n_rows, n_cols, eps,
-    GEMMA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
+    X,
+    Y,
+    W,
+    RSTD,
+    stride_x,
+    stride_y,
+    n_rows,
+    n_cols,
+    eps,
+    GEMMA: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # A [BLOCK_R, BLOCK] tile: several short rows per program on a GPU, and on the CPU
     # interpreter (whose cost is per operation, not per element) all rows at once.
@@ -48,11 +56,22 @@ def _rms_fwd(
 
 @triton.jit
 def _rms_bwd_tiles(
-    DY, X, W, RSTD, DX, DW_PART,
-    stride_dy, stride_x, stride_dx,
-    n_rows, n_cols, n_tiles,
-    GEMMA: tl.constexpr, NEED_DW: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
+    DY,
+    X,
+    W,
+    RSTD,
+    DX,
+    DW_PART,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    n_rows,
+    n_cols,
+    n_tiles,
+    GEMMA: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # Each program walks n_tiles consecutive tiles so that, when dW is needed, its partial sum is
     # one [BLOCK] row of DW_PART per program rather than one per input row.
@@ -91,28 +110,82 @@ def _rms_bwd_tiles(
 # compile serves every batch shape instead of a mid-run JIT stall whenever a new one appears.
 @triton.jit(do_not_specialize=["n_rows", "n_tiles"])
 def _rms_bwd(
-    DY, X, W, RSTD, DX, DW_PART,
-    stride_dy, stride_x, stride_dx,
-    n_rows, n_cols, n_tiles,
-    GEMMA: tl.constexpr, NEED_DW: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
+    DY,
+    X,
+    W,
+    RSTD,
+    DX,
+    DW_PART,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    n_rows,
+    n_cols,
+    n_tiles,
+    GEMMA: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    _rms_bwd_tiles(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, n_rows, n_cols, n_tiles,
-                   GEMMA, NEED_DW, BLOCK_R, BLOCK)
+    _rms_bwd_tiles(
+        DY,
+        X,
+        W,
+        RSTD,
+        DX,
+        DW_PART,
+        stride_dy,
+        stride_x,
+        stride_dx,
+        n_rows,
+        n_cols,
+        n_tiles,
+        GEMMA,
+        NEED_DW,
+        BLOCK_R,
+        BLOCK,
+    )
 
 
 @triton.jit
 def _rms_bwd_interp(
-    DY, X, W, RSTD, DX, DW_PART,
-    stride_dy, stride_x, stride_dx,
-    n_rows, n_cols,
-    GEMMA: tl.constexpr, NEED_DW: tl.constexpr, TILES: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
+    DY,
+    X,
+    W,
+    RSTD,
+    DX,
+    DW_PART,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    n_rows,
+    n_cols,
+    GEMMA: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    TILES: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # Triton's CPU interpreter cannot loop to a run-time bound; it compiles nothing, so a
     # compile-time tile count costs it nothing.
-    _rms_bwd_tiles(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, n_rows, n_cols, TILES,
-                   GEMMA, NEED_DW, BLOCK_R, BLOCK)
+    _rms_bwd_tiles(
+        DY,
+        X,
+        W,
+        RSTD,
+        DX,
+        DW_PART,
+        stride_dy,
+        stride_x,
+        stride_dx,
+        n_rows,
+        n_cols,
+        TILES,
+        GEMMA,
+        NEED_DW,
+        BLOCK_R,
+        BLOCK,
+    )
 
 
 def _tile(n_rows: int, n_cols: int, device) -> tuple[int, int, int]:
@@ -129,8 +202,9 @@ def _tile(n_rows: int, n_cols: int, device) -> tuple[int, int, int]:
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool, out_dtype=None,
-                before_backward=None):
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool, out_dtype=None, before_backward=None
+    ):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.stride(-1) != 1:
@@ -144,8 +218,19 @@ class RMSNormFunction(torch.autograd.Function):
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block_r, block, warps = _tile(n_rows, n_cols, x.device)
         _rms_fwd[(triton.cdiv(n_rows, block_r),)](
-            x2, y, weight, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps,
-            GEMMA=gemma, BLOCK_R=block_r, BLOCK=block, num_warps=warps,
+            x2,
+            y,
+            weight,
+            rstd,
+            x2.stride(0),
+            y.stride(0),
+            n_rows,
+            n_cols,
+            eps,
+            GEMMA=gemma,
+            BLOCK_R=block_r,
+            BLOCK=block,
+            num_warps=warps,
         )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.gemma = gemma
@@ -176,17 +261,23 @@ class RMSNormFunction(torch.autograd.Function):
         dw_part = torch.empty(grid[0], n_cols, dtype=torch.float32, device=x2.device) if need_dw else rstd
         args = (dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols)
         if not interpreting():
-            _rms_bwd[grid](*args, tiles, GEMMA=ctx.gemma, NEED_DW=need_dw, BLOCK_R=block_r, BLOCK=block,
-                           num_warps=warps)
+            _rms_bwd[grid](
+                *args, tiles, GEMMA=ctx.gemma, NEED_DW=need_dw, BLOCK_R=block_r, BLOCK=block, num_warps=warps
+            )
         else:
-            _rms_bwd_interp[grid](*args, GEMMA=ctx.gemma, NEED_DW=need_dw, TILES=tiles, BLOCK_R=block_r,
-                                  BLOCK=block, num_warps=warps)
+            _rms_bwd_interp[grid](
+                *args, GEMMA=ctx.gemma, NEED_DW=need_dw, TILES=tiles, BLOCK_R=block_r, BLOCK=block, num_warps=warps
+            )
         dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
         return dx.view(ctx.shape), dw, None, None, None, None
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False, out_dtype=None,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    gemma: bool = False,
+    out_dtype=None,
     before_backward=None,
 ) -> torch.Tensor:
     """RMSNorm over the last dimension; `gemma=True` uses the (1 + w) weight form.

@@ -138,8 +138,9 @@ def _tokens_heads_dim(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 and t.is_contiguous() else t.contiguous()
 
 
-def packed_attention(query, key, value, cu: torch.Tensor, max_len: int, scale: float | None,
-                     causal: bool = True) -> torch.Tensor:
+def packed_attention(
+    query, key, value, cu: torch.Tensor, max_len: int, scale: float | None, causal: bool = True
+) -> torch.Tensor:
     """Attention within each row of a packed sequence, causal or (`causal=False`, a vision tower's
     windows and images) both ways.  query [1, Hq, T, D], key/value [1, Hkv, T, D]; returns
     [1, T, Hq, D] (HF's attention output layout)."""
@@ -190,8 +191,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 
     unpacked_capture = _capturing_unpacked(kwargs)
     kept = kept_applies(module, query, key, attention_mask, dropout, kwargs)
-    if (kwargs.get("is_causal", True) is not False and not unpacked_capture
-            and _varlen_ok(module, query, key, attention_mask, dropout, scaling)):
+    if (
+        kwargs.get("is_causal", True) is not False
+        and not unpacked_capture
+        and _varlen_ok(module, query, key, attention_mask, dropout, scaling)
+    ):
         cu, max_len = _cu_seq_lens(kwargs, query.shape[2], query.device)
         if not (kept and cu.numel() == 2):
             return packed_attention(query, key, value, cu, max_len, scaling), None
@@ -201,15 +205,18 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         return kept_attention(query, key, value, scaling), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2] and not unpacked_capture and (
-        kwargs.get("cu_seq_lens_q") is not None or kwargs.get("position_ids") is not None
+    if (
+        attention_mask is None
+        and query.shape[0] == 1
+        and query.shape[2] == key.shape[2]
+        and not unpacked_capture
+        and (kwargs.get("cu_seq_lens_q") is not None or kwargs.get("position_ids") is not None)
     ):
         # Our mask function left this row unmasked for the packed path, which cannot run here
         # (CPU, fp32, dropout): rebuild the block-diagonal causal mask SDPA would have had.
         cu, _ = _cu_seq_lens(kwargs, query.shape[2], query.device)
         attention_mask = block_causal_mask(cu, query.shape[2])
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
@@ -220,8 +227,15 @@ def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, att
     no_offset = isinstance(q_offset, int) and q_offset == 0 and isinstance(kv_offset, int) and kv_offset == 0
     if attention_mask is None and batch_size == 1 and q_length == kv_length and no_offset:
         return None
-    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
 
 
 def register() -> None:

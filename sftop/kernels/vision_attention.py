@@ -42,12 +42,14 @@ def _flash_ok(query, dropout) -> bool:
 
 
 def _sdpa(query, key, value, mask, scale, dropout):
-    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
-                                                            scale=scale)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale
+    )
 
 
-def segment_attention(query, key, value, cu: torch.Tensor, max_len: int | None, scale: float | None,
-                      dropout: float = 0.0) -> torch.Tensor:
+def segment_attention(
+    query, key, value, cu: torch.Tensor, max_len: int | None, scale: float | None, dropout: float = 0.0
+) -> torch.Tensor:
     """Non-causal attention within each segment `cu` delimits.  query/key/value [1, H, T, D] (the
     tower's heads are never grouped); returns [1, T, H, D]."""
     n = query.shape[2]
@@ -61,24 +63,47 @@ def segment_attention(query, key, value, cu: torch.Tensor, max_len: int | None, 
         out = _sdpa(query, key, value, segment_mask(cu, n), scale, dropout)
     else:
         bounds = cu.tolist()
-        out = torch.cat([_sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, scale, dropout)
-                         for a, b in zip(bounds[:-1], bounds[1:]) if b > a], dim=2)
+        out = torch.cat(
+            [
+                _sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, scale, dropout)
+                for a, b in zip(bounds[:-1], bounds[1:])
+                if b > a
+            ],
+            dim=2,
+        )
     return out.transpose(1, 2)
 
 
-def attention_forward(module, query, key, value, attention_mask=None, dropout: float = 0.0, scaling=None,
-                      cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, **kwargs):
+def attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask=None,
+    dropout: float = 0.0,
+    scaling=None,
+    cu_seq_lens_q=None,
+    cu_seq_lens_k=None,
+    max_length_q=None,
+    **kwargs,
+):
     """transformers attention interface: (module, q, k, v, mask, ...) -> (output [B, T, H, D], None)."""
     same = cu_seq_lens_k is None or cu_seq_lens_k is cu_seq_lens_q
-    if cu_seq_lens_q is not None and same and attention_mask is None and query.shape[0] == 1 \
-            and query.shape[1] == key.shape[1]:
+    if (
+        cu_seq_lens_q is not None
+        and same
+        and attention_mask is None
+        and query.shape[0] == 1
+        and query.shape[1] == key.shape[1]
+    ):
         return segment_attention(query, key, value, cu_seq_lens_q, max_length_q, scaling, dropout), None
     # anything else (a batch of separate sequences, a mask) is plain bidirectional SDPA, as stock
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     kwargs.pop("is_causal", None)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=False, **kwargs)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
+    )
 
 
 def register() -> None:

@@ -112,7 +112,8 @@ class SftopApp(App[int]):
             ConfirmScreen(
                 f"Stop {run.name}?",
                 f"The trainer saves a checkpoint first, then exits. Resume later with `sftop resume {run.name}`.",
-                yes="Stop", no="Keep training",
+                yes="Stop",
+                no="Keep training",
             ),
             answered,
         )
@@ -164,8 +165,9 @@ class SftopApp(App[int]):
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state == WorkerState.ERROR:
             error = event.worker.error
-            self.notify(f"{event.worker.description or event.worker.name} failed: {error}",
-                        severity="error", timeout=15)
+            self.notify(
+                f"{event.worker.description or event.worker.name} failed: {error}", severity="error", timeout=15
+            )
 
 
 def run_app(start: str = "home", run: RunDir | None = None, preset: str | None = None) -> int:

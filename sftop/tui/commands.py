@@ -31,22 +31,52 @@ class SftopCommands(Provider):
             ("Quit", "Quit sftop (training keeps running)", app.action_request_quit),
         ]
         for summary in list_runs():
-            entries.append((f"Attach {summary.name}", f"{summary.status}, step {summary.progress}",
-                            partial(app.attach, summary.run)))
+            entries.append(
+                (
+                    f"Attach {summary.name}",
+                    f"{summary.status}, step {summary.progress}",
+                    partial(app.attach, summary.run),
+                )
+            )
             if summary.active:
-                entries.append((f"Stop {summary.name}", "SIGTERM: it saves a checkpoint, then exits",
-                                partial(app.stop_run, summary.run)))
+                entries.append(
+                    (
+                        f"Stop {summary.name}",
+                        "SIGTERM: it saves a checkpoint, then exits",
+                        partial(app.stop_run, summary.run),
+                    )
+                )
             elif summary.status in ("stopped", "failed", "lost") and summary.run.complete_checkpoints():
-                entries.append((f"Resume {summary.name}", "continue from its newest checkpoint",
-                                partial(app.resume_run, summary.run)))
+                entries.append(
+                    (
+                        f"Resume {summary.name}",
+                        "continue from its newest checkpoint",
+                        partial(app.resume_run, summary.run),
+                    )
+                )
             if summary.run.adapter.is_dir():
-                entries.append((f"Export {summary.name}", "write its LoRA adapter for use elsewhere",
-                                partial(app.export_run, summary.run)))
-                entries.append((f"Export {summary.name} to GGUF", "merge and write one file for llama.cpp / Ollama",
-                                partial(self._export_gguf, summary.run)))
+                entries.append(
+                    (
+                        f"Export {summary.name}",
+                        "write its LoRA adapter for use elsewhere",
+                        partial(app.export_run, summary.run),
+                    )
+                )
+                entries.append(
+                    (
+                        f"Export {summary.name} to GGUF",
+                        "merge and write one file for llama.cpp / Ollama",
+                        partial(self._export_gguf, summary.run),
+                    )
+                )
         for info in list_presets():
-            entries.append((f"Re-run preset {info.name}", info.description or info.origin,
-                            partial(app.new_run, preset=info.name, jump_to_plan=True)))
+            entries.append(
+                (
+                    f"Re-run preset {info.name}",
+                    info.description or info.origin,
+                    partial(app.new_run, preset=info.name, jump_to_plan=True),
+                )
+            )
         return entries
 
     def _export_gguf(self, run) -> None:

@@ -39,7 +39,7 @@ class Series:
         keep = len(self.xs)
         while keep and self.xs[keep - 1] > x:
             keep -= 1
-        del self.xs[keep:], self.ys[keep:], self._prefix[keep + 1:]
+        del self.xs[keep:], self.ys[keep:], self._prefix[keep + 1 :]
 
     def downsample(self, buckets: int) -> tuple[list[float], list[float]]:
         """At most `buckets` points: each the mean of a run of consecutive samples."""

@@ -18,16 +18,40 @@ SCRIPT = ROOT / "benchmarks" / "dpo_step.py"
 @pytest.mark.skipif(importlib.util.find_spec("unsloth") is not None, reason="Unsloth is installed here")
 def test_unsloth_path_reports_why_it_did_not_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    one = subprocess.run([sys.executable, str(SCRIPT), "--one", "unsloth", "--model", "tiny", "--device", "cpu"],
-                         capture_output=True, text=True, env=env, timeout=120)
+    one = subprocess.run(
+        [sys.executable, str(SCRIPT), "--one", "unsloth", "--model", "tiny", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    result = json.loads(next(ln for ln in one.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    result = json.loads(next(ln for ln in one.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT ") :])
     assert result == {"path": "unsloth", "unavailable": "ModuleNotFoundError: No module named 'unsloth'"}
     # the whole command names the path it skipped, why, and what to do
     out = tmp_path / "dpo.json"
-    run = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny", "--device", "cpu", "--paths", "unsloth",
-                          "--seq", "32", "--answer", "8", "--json", str(out)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--model",
+            "tiny",
+            "--device",
+            "cpu",
+            "--paths",
+            "unsloth",
+            "--seq",
+            "32",
+            "--answer",
+            "8",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "unsloth not measured: Unsloth cannot be imported here (ModuleNotFoundError" in run.stdout
     assert "--peer-pythonpath" in run.stdout
@@ -35,6 +59,7 @@ def test_unsloth_path_reports_why_it_did_not_run(tmp_path):
 
 
 def test_unknown_paths_are_refused():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--paths", "stock,liger"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--paths", "stock,liger"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "unknown path(s) liger" in proc.stderr

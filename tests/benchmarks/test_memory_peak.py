@@ -9,22 +9,34 @@ import memory_peak
 
 
 def _ev(action, addr, size, where):
-    frames = [{"filename": "/x/torch/nn/functional.py", "line": 1, "name": "linear"},
-              {"filename": f"/site/sftop/kernels/{where}.py", "line": 7, "name": "f"}]
+    frames = [
+        {"filename": "/x/torch/nn/functional.py", "line": 1, "name": "linear"},
+        {"filename": f"/site/sftop/kernels/{where}.py", "line": 7, "name": "f"},
+    ]
     return {"action": action, "addr": addr, "size": size, "frames": frames}
 
 
 def test_live_blocks_at_the_peak_grouped_by_sftop_frame():
     trace = [
-        _ev("alloc", 1, 100, "a"), _ev("alloc", 2, 50, "b"),
+        _ev("alloc", 1, 100, "a"),
+        _ev("alloc", 2, 50, "b"),
         _ev("free_completed", 1, 100, "a"),
-        _ev("alloc", 3, 30, "b"), _ev("alloc", 4, 80, "c"),  # 160 live here: the peak
-        _ev("free_requested", 4, 80, "c"), _ev("alloc", 5, 10, "a"),
+        _ev("alloc", 3, 30, "b"),
+        _ev("alloc", 4, 80, "c"),  # 160 live here: the peak
+        _ev("free_requested", 4, 80, "c"),
+        _ev("alloc", 5, 10, "a"),
         _ev("free_completed", 99, 1000, "z"),  # allocated before recording: ignored
     ]
     peak, at, sites = memory_peak.peak_blocks(trace)
     assert (peak, at) == (160, 4)
     assert sites == {"kernels/c.py:7 f": 80, "kernels/b.py:7 f": 80}
     # outside sftop: the innermost frame that is not torch's
-    assert memory_peak._where([{"filename": "/x/torch/a.py", "line": 3, "name": "g"},
-                               {"filename": "/x/transformers/llama.py", "line": 9, "name": "fwd"}]) == "llama.py:9 fwd"
+    assert (
+        memory_peak._where(
+            [
+                {"filename": "/x/torch/a.py", "line": 3, "name": "g"},
+                {"filename": "/x/transformers/llama.py", "line": 9, "name": "fwd"},
+            ]
+        )
+        == "llama.py:9 fwd"
+    )

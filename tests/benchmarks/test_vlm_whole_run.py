@@ -13,9 +13,23 @@ BENCH = Path(__file__).resolve().parent.parent.parent / "benchmarks"
 
 @pytest.mark.slow
 def test_vlm_whole_run_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH / "vlm_whole_run.py"), "--out", str(tmp_path),
-                           "--shape", "qwen2.5-vl-tiny", "--rows", "4", "--effective-batch", "2"],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "vlm_whole_run.py"),
+            "--out",
+            str(tmp_path),
+            "--shape",
+            "qwen2.5-vl-tiny",
+            "--rows",
+            "4",
+            "--effective-batch",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "vlm_whole_run.json").read_text())
     data = report["data"]

@@ -22,8 +22,15 @@ def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
 
 
@@ -39,12 +46,15 @@ def test_the_tested_ranges_are_pyprojects_dependency_ranges():
     from packaging.requirements import Requirement
 
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
-    ranges = {Requirement(r).name: Requirement(r).specifier
-              for r in tomllib.loads(pyproject.read_text())["project"]["dependencies"]}
+    ranges = {
+        Requirement(r).name: Requirement(r).specifier
+        for r in tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    }
     for package, tested in compat.TESTED.items():
         assert package in ranges, f"{package} is in compat.TESTED but not a dependency in pyproject.toml"
         assert Requirement(package + tested).specifier == ranges[package], (
-            f"compat.TESTED[{package!r}] = {tested!r} but pyproject.toml requires {ranges[package]}")
+            f"compat.TESTED[{package!r}] = {tested!r} but pyproject.toml requires {ranges[package]}"
+        )
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -57,10 +67,12 @@ def test_every_family_module_has_the_rope_function(family):
 def test_attn_implementation_and_checkpoint_function():
     model = _tiny_llama()
     assert compat.attn_implementation(model.config) == "sdpa", compat.moved(
-        "transformers", f"PretrainedConfig.{compat.ATTN_IMPLEMENTATION}")
+        "transformers", f"PretrainedConfig.{compat.ATTN_IMPLEMENTATION}"
+    )
     model.set_attn_implementation("eager")
     assert compat.attn_implementation(model.config) == "eager", compat.moved(
-        "transformers", f"set_attn_implementation writing config.{compat.ATTN_IMPLEMENTATION}")
+        "transformers", f"set_attn_implementation writing config.{compat.ATTN_IMPLEMENTATION}"
+    )
 
     # what the vision tower does to its own sub-config: the attention reads it at call time
     from transformers import AttentionInterface
@@ -77,13 +89,15 @@ def test_attn_implementation_and_checkpoint_function():
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 2, 3]]))
     assert seen == ["LlamaAttention"] * 2, compat.moved(
-        "transformers", f"attention modules reading config.{compat.ATTN_IMPLEMENTATION} at call time")
+        "transformers", f"attention modules reading config.{compat.ATTN_IMPLEMENTATION} at call time"
+    )
     compat.set_config_attn_implementation(model.config, "eager")
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = [m for m in model.model.layers if compat.checkpoint_function(m, own=True) is not None]
     assert len(layers) == 2, compat.moved(
-        "transformers", f"gradient_checkpointing_enable setting {compat.CHECKPOINT_FUNCTION} on each layer")
+        "transformers", f"gradient_checkpointing_enable setting {compat.CHECKPOINT_FUNCTION} on each layer"
+    )
     calls = []
 
     def spy(fn, *args, **kwargs):
@@ -102,8 +116,9 @@ def test_peft_lora_layers_have_the_attributes_the_fast_paths_read():
 
     model = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
     layers = [m for m in model.modules() if compat.is_peft_lora_layer(m)]
-    assert len(layers) == 4, compat.moved("peft", f"LoRA layer classes {compat.PEFT_LORA_CLASSES} in "
-                                                  f"{compat.PEFT_LORA_MODULE}")
+    assert len(layers) == 4, compat.moved(
+        "peft", f"LoRA layer classes {compat.PEFT_LORA_CLASSES} in {compat.PEFT_LORA_MODULE}"
+    )
     for m in layers:
         missing = [a for a in compat.PEFT_LORA_ATTRIBUTES if not hasattr(m, a)]
         assert not missing, compat.moved("peft", f"LoRA layer attributes {missing}")
@@ -119,12 +134,14 @@ def test_trainer_private_names():
     from trl import SFTTrainer
 
     assert callable(getattr(transformers.Trainer, compat.TRAINER_PREPARE_INPUTS, None)), compat.moved(
-        "transformers", f"Trainer.{compat.TRAINER_PREPARE_INPUTS}")
+        "transformers", f"Trainer.{compat.TRAINER_PREPARE_INPUTS}"
+    )
     import inspect
 
     # SFTTrainer keeps its logged metrics in a dict set in __init__, cleared after the memory probe
     assert f"self.{compat.TRL_METRICS} = " in inspect.getsource(SFTTrainer.__init__), compat.moved(
-        "trl", f"SFTTrainer.{compat.TRL_METRICS}")
+        "trl", f"SFTTrainer.{compat.TRL_METRICS}"
+    )
 
 
 def _bnb_cuda_libraries() -> list[Path]:
@@ -133,8 +150,11 @@ def _bnb_cuda_libraries() -> list[Path]:
     return sorted(Path(spec.origin).parent.glob("libbitsandbytes_cuda*"))
 
 
-@pytest.mark.parametrize("name", [compat.bnb_dequantize_symbol(d, q) for d in ("fp32", "fp16", "bf16")
-                                  for q in ("nf4", "fp4")] + [compat.bnb_dequantize_symbol("fp32")])
+@pytest.mark.parametrize(
+    "name",
+    [compat.bnb_dequantize_symbol(d, q) for d in ("fp32", "fp16", "bf16") for q in ("nf4", "fp4")]
+    + [compat.bnb_dequantize_symbol("fp32")],
+)
 def test_bitsandbytes_ships_the_c_functions(name):
     # the CUDA libraries cannot load without a GPU, so their exported names are looked up as bytes
     libs = _bnb_cuda_libraries()

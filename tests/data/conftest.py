@@ -7,8 +7,11 @@ import pytest
 
 from data_tokenizers import CHATML, END_OF_TURN, SPECIALS, TEMPLATES, make_tokenizer  # noqa: F401
 
-@pytest.fixture(params=[("char", "chatml"), ("char", "llama3"), ("bpe", "chatml"), ("bpe", "llama3")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+
+@pytest.fixture(
+    params=[("char", "chatml"), ("char", "llama3"), ("bpe", "chatml"), ("bpe", "llama3")],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
 def any_tokenizer(request):
     tok = make_tokenizer(*request.param)
     tok.test_template = request.param[1]

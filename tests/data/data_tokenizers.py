@@ -20,15 +20,29 @@ LLAMA3 = (
     "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
-SPECIALS = ["<pad>", "<unk>", "<|begin_of_text|>", "<|im_start|>", "<|im_end|>",
-            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+SPECIALS = [
+    "<pad>",
+    "<unk>",
+    "<|begin_of_text|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
 TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3}
 
 CORPUS = [
-    "What is 7+5? 12", "Reverse: kato otak", "The quick brown fox jumps over the lazy dog.",
-    "user assistant system", "Answer with the result only.", "Hello there, how are you today?",
-    "instruction input output", "Q: What is 3+4?\nA: 7", "first\n\nsecond\n\n12",
+    "What is 7+5? 12",
+    "Reverse: kato otak",
+    "The quick brown fox jumps over the lazy dog.",
+    "user assistant system",
+    "Answer with the result only.",
+    "Hello there, how are you today?",
+    "instruction input output",
+    "Q: What is 3+4?\nA: 7",
+    "first\n\nsecond\n\n12",
 ] * 20
 
 
@@ -46,7 +60,9 @@ def _bpe_tokenizer() -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)

@@ -29,7 +29,7 @@ def corrupt_png(image: Image.Image) -> bytes:
     """A PNG whose compressed pixel data is overwritten (header intact)."""
     data = bytearray(encoded(image, "PNG"))
     start = data.index(b"IDAT") + 8
-    data[start:start + 40] = bytes(40)
+    data[start : start + 40] = bytes(40)
     return bytes(data)
 
 

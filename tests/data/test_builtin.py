@@ -43,8 +43,13 @@ def test_reverse_rows():
 
 @pytest.mark.parametrize(
     "name, fmt",
-    [("sample-messages", "messages"), ("sample-sharegpt", "sharegpt"),
-     ("sample-prompt-completion", "prompt_completion"), ("sample-alpaca", "alpaca"), ("sample-text", "text")],
+    [
+        ("sample-messages", "messages"),
+        ("sample-sharegpt", "sharegpt"),
+        ("sample-prompt-completion", "prompt_completion"),
+        ("sample-alpaca", "alpaca"),
+        ("sample-text", "text"),
+    ],
 )
 def test_format_samples_detect_and_validate(name, fmt):
     rows = load_builtin(name)

@@ -72,7 +72,9 @@ def test_check_mentions_max_rows(tok):
 
 def test_check_with_the_demo_models_tokenizer():
     # The path `sftop data check demo` takes: no tokenizer given, the model section names it.
-    result = check_data(Preset(model={"name": "builtin:demo-tiny"}, data={"source": "builtin:arithmetic", "max_length": 64}))
+    result = check_data(
+        Preset(model={"name": "builtin:demo-tiny"}, data={"source": "builtin:arithmetic", "max_length": 64})
+    )
     assert result.usable_rows == 1000 and result.stats.length_max <= 64
     assert [text for text, trained in result.sample_spans if trained] == ["15<|im_end|>"]
     assert "tokenizer of builtin:demo-tiny" in render_check(result)
@@ -87,7 +89,9 @@ def test_warns_when_turns_end_without_a_special_token():
     result = check_data(Preset(data={"source": "builtin:sample-messages"}), tok)
     assert len(result.warnings) == 1 and "without a special end-of-turn token" in result.warnings[0]
     assert "Warning: The chat template closes assistant turns" in render_check(result)
-    assert check_data(Preset(data={"source": "builtin:sample-messages"}), make_tokenizer("char", "chatml")).warnings == []
+    assert (
+        check_data(Preset(data={"source": "builtin:sample-messages"}), make_tokenizer("char", "chatml")).warnings == []
+    )
 
 
 def test_quick_check_reads_only_the_first_rows(tok):

@@ -29,7 +29,11 @@ def dataset(tmp_path):
     write(tmp_path / "img" / "cut.jpg", truncated(noise(96, 96), "JPEG"))
     rows = [
         {"prompt": "Colour?", "completion": "red", "images": ["img/big.png"]},
-        {"prompt": "<image> vs <image>: which is blue?", "completion": "second", "images": ["img/big.png", "img/small.png"]},
+        {
+            "prompt": "<image> vs <image>: which is blue?",
+            "completion": "second",
+            "images": ["img/big.png", "img/small.png"],
+        },
         {"prompt": "Colour?", "completion": "blue", "images": ["img/cut.jpg"]},
         {"prompt": "<image> and <image>", "completion": "x", "images": ["img/small.png"]},
         {"prompt": "No picture here", "completion": "fine", "images": []},
@@ -42,7 +46,10 @@ def dataset(tmp_path):
 def test_image_statistics_and_exact_token_share(tmp_path, tok):
     preset = Preset(data={"source": str(dataset(tmp_path)), "max_bad_fraction": 0.5, "max_length": 256})
     result = check_data(preset, tok, image_rules=RULES, image_tokens=tokens_per_patch)
-    assert [(p.index, p.reason.split(":")[0]) for p in result.problems] == [(2, "image 1"), (3, "image placeholders do not match the images")]
+    assert [(p.index, p.reason.split(":")[0]) for p in result.problems] == [
+        (2, "image 1"),
+        (3, "image placeholders do not match the images"),
+    ]
     assert result.problems[0].reason == "image 1: file img/cut.jpg is truncated (the file ends before the image does)"
     s = result.image_stats
     assert s.images_per_row == {0: 1, 1: 1, 2: 1} and s.images == 3 and s.rows_with_images == 2
@@ -98,8 +105,9 @@ def test_text_model_verdict(tmp_path, tok):
 
 
 def test_budget_keys_reach_the_check(tmp_path, tok):
-    preset = Preset(data={"source": str(dataset(tmp_path)), "max_bad_fraction": 0.5, "max_pixels": 56 * 56,
-                          "min_pixels": 28 * 28})
+    preset = Preset(
+        data={"source": str(dataset(tmp_path)), "max_bad_fraction": 0.5, "max_pixels": 56 * 56, "min_pixels": 28 * 28}
+    )
     result = check_data(preset, tok, image_rules=RULES)
     assert result.image_stats.final.pixels[2] <= 56 * 56 and result.image_stats.rules.min_pixels == 28 * 28
 
@@ -109,7 +117,8 @@ def test_cli_json(tmp_path, capsys, monkeypatch):
 
     rows_path = dataset(tmp_path)
     monkeypatch.setattr("sftop.engine.models.tokenizer.load_tokenizer", lambda model: make_tokenizer("char", "chatml"))
-    code = cli.main(["data", "check", "demo", "--set", f"data.source={rows_path}", "--set", "data.max_bad_fraction=0.5",
-                     "--json"])
+    code = cli.main(
+        ["data", "check", "demo", "--set", f"data.source={rows_path}", "--set", "data.max_bad_fraction=0.5", "--json"]
+    )
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["images"]["images"] == 3 and out["bad_rows"] == 2

@@ -24,10 +24,12 @@ def _qa_file(tmp_path):
 
 def test_question_answer_columns_are_read_as_prompt_and_completion(tmp_path, tok):
     path = _qa_file(tmp_path)
-    preset, _ = load_preset("demo", [f"data.source={json.dumps(str(path))}", "data.columns.prompt=question",
-                                     "data.columns.completion=answer"])
+    preset, _ = load_preset(
+        "demo",
+        [f"data.source={json.dumps(str(path))}", "data.columns.prompt=question", "data.columns.completion=answer"],
+    )
     assert preset.data.columns == {"prompt": "question", "completion": "answer"}
-    assert '[data.columns]' in to_toml(preset)  # a run's preset.toml repeats the mapping
+    assert "[data.columns]" in to_toml(preset)  # a run's preset.toml repeats the mapping
     result = check_data(preset, tok)
     assert result.format == "prompt_completion" and result.usable_rows == 12 and result.bad_rows == 0
     text = "".join(t for t, _ in result.sample_spans)

@@ -41,12 +41,15 @@ def test_forced_format_missing_column():
 
 def test_messages_string_and_parts():
     conv = normalise_row(
-        {"messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
-            {"role": "assistant", "content": "Hello"},
-        ]},
-        "messages", 4,
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+                {"role": "assistant", "content": "Hello"},
+            ]
+        },
+        "messages",
+        4,
     )
     assert conv.source_index == 4
     assert roles_texts(conv) == [("system", "Be brief."), ("user", "Hi there"), ("assistant", "Hello")]
@@ -57,8 +60,12 @@ def test_messages_string_and_parts():
 
 def test_messages_image_part_is_kept_for_later():
     conv = normalise_row(
-        {"messages": [{"role": "user", "content": [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "What?"}]},
-                      {"role": "assistant", "content": "A cat"}]},
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "What?"}]},
+                {"role": "assistant", "content": "A cat"},
+            ]
+        },
         "messages",
     )
     assert conv.messages[0].content[0] == ImagePart("cat.png")
@@ -67,7 +74,13 @@ def test_messages_image_part_is_kept_for_later():
 
 def test_sharegpt_roles_mapped():
     conv = normalise_row(
-        {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+        {
+            "conversations": [
+                {"from": "system", "value": "S"},
+                {"from": "human", "value": "Q"},
+                {"from": "gpt", "value": "A"},
+            ]
+        },
         "sharegpt",
     )
     assert roles_texts(conv) == [("system", "S"), ("user", "Q"), ("assistant", "A")]
@@ -82,8 +95,10 @@ def test_prompt_completion_strings_and_lists():
     conv = normalise_row({"prompt": "2+2?", "completion": "4"}, "prompt_completion")
     assert roles_texts(conv) == [("user", "2+2?"), ("assistant", "4")]
     conv = normalise_row(
-        {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
-         "completion": [{"role": "assistant", "content": "A"}]},
+        {
+            "prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+            "completion": [{"role": "assistant", "content": "A"}],
+        },
         "prompt_completion",
     )
     assert roles_texts(conv) == [("system", "S"), ("user", "Q"), ("assistant", "A")]
@@ -125,16 +140,28 @@ def test_prompt_completion_mixed_string_and_list():
 
 
 def test_messages_with_speaker_aliases():
-    conv = normalise_row({"messages": [{"role": "Human", "content": "Q"}, {"role": "model", "content": "A"}]}, "messages")
+    conv = normalise_row(
+        {"messages": [{"role": "Human", "content": "Q"}, {"role": "model", "content": "A"}]}, "messages"
+    )
     assert roles_texts(conv) == [("user", "Q"), ("assistant", "A")]
     conv = normalise_row({"messages": [{"role": "tool", "content": "T"}]}, "messages")
     assert conv.messages[0].role == "tool"  # left for validation to report
 
 
 def test_empty_system_message_is_dropped_and_sharegpt_system_column_used():
-    conv = normalise_row({"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "Q"},
-                                       {"role": "assistant", "content": "A"}]}, "messages")
+    conv = normalise_row(
+        {
+            "messages": [
+                {"role": "system", "content": ""},
+                {"role": "user", "content": "Q"},
+                {"role": "assistant", "content": "A"},
+            ]
+        },
+        "messages",
+    )
     assert roles_texts(conv) == [("user", "Q"), ("assistant", "A")]
-    conv = normalise_row({"system": "Be brief.", "conversations": [{"from": "human", "value": "Q"},
-                                                                   {"from": "gpt", "value": "A"}]}, "sharegpt")
+    conv = normalise_row(
+        {"system": "Be brief.", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+        "sharegpt",
+    )
     assert roles_texts(conv) == [("system", "Be brief."), ("user", "Q"), ("assistant", "A")]

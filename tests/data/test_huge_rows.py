@@ -22,7 +22,9 @@ def test_a_huge_row_is_rejected_without_tokenising_it(any_tokenizer, monkeypatch
     seen, call = _counting(any_tokenizer)
     monkeypatch.setattr(type(any_tokenizer), "__call__", call)
     encoder = Encoder(any_tokenizer, max_length=64)
-    huge = Conversation(messages=(Message.text("user", "Q"), Message.text("assistant", "word " * 2_000_000)), source_index=7)
+    huge = Conversation(
+        messages=(Message.text("user", "Q"), Message.text("assistant", "word " * 2_000_000)), source_index=7
+    )
     small = Conversation(messages=(Message.text("user", "Q"), Message.text("assistant", "A")), source_index=8)
     start = time.perf_counter()
     results = list(encoder.encode_many([huge, small]))

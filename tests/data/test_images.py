@@ -19,8 +19,9 @@ from sftop.engine.data.images import (
 from sftop.engine.errors import DataError
 from sftop.engine.presets.schema import DataSection
 
-QWEN_LIKE = ImageRules(patch_multiple=28, min_edge=28, max_pixels=256 * 28 * 28, min_pixels=4 * 28 * 28,
-                       max_aspect_ratio=200.0)
+QWEN_LIKE = ImageRules(
+    patch_multiple=28, min_edge=28, max_pixels=256 * 28 * 28, min_pixels=4 * 28 * 28, max_aspect_ratio=200.0
+)
 
 
 # -- opening every kind of reference ------------------------------------------------------------
@@ -47,18 +48,21 @@ def test_open_every_reference_kind(tmp_path):
         assert out.mode == "RGB" and out.size == (30, 20) and out.getpixel((3, 3)) == (10, 200, 30), ref
 
 
-@pytest.mark.parametrize("make, expected", [
-    (lambda tmp: "nope/missing.png", "file nope/missing.png does not exist"),
-    (lambda tmp: write(tmp / "text.png", b"hello, I am text"), "is not an image file sftop can read"),
-    (lambda tmp: write(tmp / "cut.jpg", truncated(noise(64, 64), "JPEG")), "is truncated"),
-    (lambda tmp: write(tmp / "cut.png", truncated(noise(64, 64), "PNG")), "is truncated"),
-    (lambda tmp: write(tmp / "bad.png", corrupt_png(noise(64, 64))), "is corrupt"),
-    (lambda tmp: write(tmp / "empty.png", b""), "is not an image file"),
-    (lambda tmp: "https://example.com/a.png", "is a URL; sftop does not download images"),
-    (lambda tmp: tmp, "is a folder"),
-    (lambda tmp: 42, "is a int, expected a file path, bytes or an image"),
-    (lambda tmp: {"bytes": None, "path": None}, "holds neither bytes nor a path"),
-])
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda tmp: "nope/missing.png", "file nope/missing.png does not exist"),
+        (lambda tmp: write(tmp / "text.png", b"hello, I am text"), "is not an image file sftop can read"),
+        (lambda tmp: write(tmp / "cut.jpg", truncated(noise(64, 64), "JPEG")), "is truncated"),
+        (lambda tmp: write(tmp / "cut.png", truncated(noise(64, 64), "PNG")), "is truncated"),
+        (lambda tmp: write(tmp / "bad.png", corrupt_png(noise(64, 64))), "is corrupt"),
+        (lambda tmp: write(tmp / "empty.png", b""), "is not an image file"),
+        (lambda tmp: "https://example.com/a.png", "is a URL; sftop does not download images"),
+        (lambda tmp: tmp, "is a folder"),
+        (lambda tmp: 42, "is a int, expected a file path, bytes or an image"),
+        (lambda tmp: {"bytes": None, "path": None}, "holds neither bytes nor a path"),
+    ],
+)
 def test_bad_images_say_what_is_wrong(tmp_path, make, expected):
     ref = make(tmp_path)
     ref = str(ref) if hasattr(ref, "is_file") else ref
@@ -132,23 +136,27 @@ def test_too_small_and_too_elongated():
     check_image_size(14, 14 * 1000, no_limit)
 
 
-@pytest.mark.parametrize("size, expected", [
-    ((448, 448), (448, 448)),  # already on the grid and within budget: unchanged
-    ((1000, 1000), (448, 448)),  # 1e6 px -> budget 200704 = 448^2
-    ((4000, 3000), (504, 392)),
-    ((640, 480), (504, 392)),
-    ((30, 30), (56, 56)),  # below min_pixels: scaled up to the minimum
-    ((120, 80), (112, 84)),  # within budget: only snapped
-    ((10, 10000), (28, 7168)),  # pinned at one multiple; the long side shrinks to the budget
-])
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        ((448, 448), (448, 448)),  # already on the grid and within budget: unchanged
+        ((1000, 1000), (448, 448)),  # 1e6 px -> budget 200704 = 448^2
+        ((4000, 3000), (504, 392)),
+        ((640, 480), (504, 392)),
+        ((30, 30), (56, 56)),  # below min_pixels: scaled up to the minimum
+        ((120, 80), (112, 84)),  # within budget: only snapped
+        ((10, 10000), (28, 7168)),  # pinned at one multiple; the long side shrinks to the budget
+    ],
+)
 def test_pixel_budget_values(size, expected):
     assert fit_pixel_budget(*size, QWEN_LIKE) == expected
 
 
 @pytest.mark.parametrize("patch", [14, 16, 28, 32])
 def test_pixel_budget_properties(patch):
-    rules = ImageRules(patch_multiple=patch, min_edge=patch, max_pixels=300 * patch * patch,
-                       min_pixels=8 * patch * patch)
+    rules = ImageRules(
+        patch_multiple=patch, min_edge=patch, max_pixels=300 * patch * patch, min_pixels=8 * patch * patch
+    )
     import random
 
     rng = random.Random(patch)

@@ -28,7 +28,12 @@ def runs(tok, encoded):
         conv("What is 7+5?", "12"),
         conv("What is 7+5?", "12", "And 2+2?", "4"),
         conv("Reverse: kato", "otak", system="Answer with the result only."),
-        conv("Hello there, how are you today?", "The quick brown fox jumps over the lazy dog.", "Again", "first\n\nsecond"),
+        conv(
+            "Hello there, how are you today?",
+            "The quick brown fox jumps over the lazy dog.",
+            "Again",
+            "first\n\nsecond",
+        ),
     ],
     ids=["single", "two-turns", "system", "long"],
 )
@@ -89,8 +94,13 @@ def test_token_crossing_turn_boundary_is_trained():
     vocab = {t: i for i, t in enumerate(SPECIALS + chars + ["\n1"])}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[("\n", "1")]))
     backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<pad>",
-                                  additional_special_tokens=["<|im_start|>"], chat_template=CHATML)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>"],
+        chat_template=CHATML,
+    )
     encoded = Encoder(tok).encode(conv("Q", "12"))
     pieces = [tok.decode([i]) for i in encoded.input_ids]
     assert "\n1" in pieces  # the merge really happened
@@ -191,8 +201,12 @@ def test_real_chat_templates(name, expected):
 
 def test_encode_many_equals_one_by_one(any_tokenizer):
     tok = any_tokenizer
-    rows = [conv("What is 7+5?", "12"), Conversation(document="Q: What is 3+4?\nA: 7"),
-            conv("x" * 80, "y"), conv("Again", "first\n\nsecond", "Hi", "there")] * 3
+    rows = [
+        conv("What is 7+5?", "12"),
+        Conversation(document="Q: What is 3+4?\nA: 7"),
+        conv("x" * 80, "y"),
+        conv("Again", "first\n\nsecond", "Hi", "there"),
+    ] * 3
     encoder = Encoder(tok, max_length=60)
     many = list(encoder.encode_many(rows, batch_size=5))
     assert len(many) == len(rows)

@@ -35,12 +35,15 @@ def _write(tmp_path, rows):
     return path
 
 
-@pytest.mark.parametrize("columns,expected", [
-    (["prompt", "chosen", "rejected"], "preference"),
-    (["chosen", "rejected"], "preference_implicit"),
-    (["prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen", "score_rejected"], "ultrafeedback"),
-    (["source", "instruction", "models", "completions"], "ultrafeedback"),
-])
+@pytest.mark.parametrize(
+    "columns,expected",
+    [
+        (["prompt", "chosen", "rejected"], "preference"),
+        (["chosen", "rejected"], "preference_implicit"),
+        (["prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen", "score_rejected"], "ultrafeedback"),
+        (["source", "instruction", "models", "completions"], "ultrafeedback"),
+    ],
+)
 def test_detects_each_preference_layout(columns, expected):
     assert detect_preference_format(columns) == expected
 
@@ -59,30 +62,49 @@ def test_explicit_strings_become_one_user_and_one_assistant_turn():
 
 
 def test_explicit_message_lists_keep_system_and_turns():
-    row = {"prompt": [_m("system", "Be brief."), _m(U, "Hi")], "chosen": [_m(A, "Hello!")],
-           "rejected": [_m(A, "Go away.")]}
+    row = {
+        "prompt": [_m("system", "Be brief."), _m(U, "Hi")],
+        "chosen": [_m(A, "Hello!")],
+        "rejected": [_m(A, "Go away.")],
+    }
     pair = normalise_pair(row, "preference")
     assert [m.role for m in pair.prompt] == ["system", U]
     assert pair.chosen[0].text_content == "Hello!" and pair.rejected[0].text_content == "Go away."
 
 
 def test_ultrafeedback_binarized_repeats_the_prompt_in_each_side():
-    row = {"prompt": "Name a colour", "prompt_id": "x", "score_chosen": 9.0, "score_rejected": 3.0,
-           "chosen": [_m(U, "Name a colour"), _m(A, "Blue")], "rejected": [_m(U, "Name a colour"), _m(A, "Seven")]}
+    row = {
+        "prompt": "Name a colour",
+        "prompt_id": "x",
+        "score_chosen": 9.0,
+        "score_rejected": 3.0,
+        "chosen": [_m(U, "Name a colour"), _m(A, "Blue")],
+        "rejected": [_m(U, "Name a colour"), _m(A, "Seven")],
+    }
     pair = normalise_pair(row, "ultrafeedback")
     assert pair.prompt == (Message.text(U, "Name a colour"),)
     assert pair.chosen == (Message.text(A, "Blue"),) and pair.rejected == (Message.text(A, "Seven"),)
 
 
 def test_ultrafeedback_raw_picks_best_and_worst_rated():
-    row = {"instruction": "Say hi", "completions": [
-        {"response": "hi", "overall_score": 7}, {"response": "HELLO THERE", "overall_score": 9.5},
-        {"response": "no", "overall_score": 2}]}
+    row = {
+        "instruction": "Say hi",
+        "completions": [
+            {"response": "hi", "overall_score": 7},
+            {"response": "HELLO THERE", "overall_score": 9.5},
+            {"response": "no", "overall_score": 2},
+        ],
+    }
     pair = normalise_pair(row, "ultrafeedback")
     assert pair.chosen[0].text_content == "HELLO THERE" and pair.rejected[0].text_content == "no"
     with pytest.raises(RowError, match="same rating"):
-        normalise_pair({"instruction": "x", "completions": [{"response": "a", "overall_score": 1},
-                                                              {"response": "b", "overall_score": 1}]}, "ultrafeedback")
+        normalise_pair(
+            {
+                "instruction": "x",
+                "completions": [{"response": "a", "overall_score": 1}, {"response": "b", "overall_score": 1}],
+            },
+            "ultrafeedback",
+        )
 
 
 def test_implicit_conversations_share_their_prompt():
@@ -99,8 +121,12 @@ def test_implicit_text_cuts_after_the_shared_assistant_marker():
 
 
 def test_images_ride_along_for_vision_models(tok):
-    row = {"prompt": [{"role": U, "content": [{"type": "image"}, {"type": "text", "text": "What chart?"}]}],
-           "chosen": "A bar chart", "rejected": "A cat", "images": ["chart.png"]}
+    row = {
+        "prompt": [{"role": U, "content": [{"type": "image"}, {"type": "text", "text": "What chart?"}]}],
+        "chosen": "A bar chart",
+        "rejected": "A cat",
+        "images": ["chart.png"],
+    }
     pair = normalise_pair(row, "preference")
     assert pair.has_images and pair.images == ("chart.png",)
     with pytest.raises(RowError, match="reads text only"):
@@ -108,15 +134,18 @@ def test_images_ride_along_for_vision_models(tok):
 
 
 BAD_ROWS = [
-    {"prompt": "What is 1+1?", "chosen": "2", "rejected": "2"},                       # 0 equal
-    {"prompt": "What is 1+2?", "chosen": "", "rejected": "4"},                        # 1 empty chosen
-    {"prompt": "What is 1+3?", "chosen": "4", "rejected": "   "},                     # 2 empty rejected
-    {"prompt": "", "chosen": "4", "rejected": "5"},                                   # 3 missing prompt
-    {"prompt": "What is 2+3?", "chosen": [_m(U, "What is 9+9?"), _m(A, "18")],
-     "rejected": [_m(A, "6")]},                                                         # 4 chosen answers another prompt
-    {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},                       # 5 fine
-    {"prompt": "Tell me a long story", "chosen": "x" * 80, "rejected": "short"},      # 6 too long
-    {"prompt": "What is 3+3?", "chosen": "6", "rejected": "7"},                       # 7 fine
+    {"prompt": "What is 1+1?", "chosen": "2", "rejected": "2"},  # 0 equal
+    {"prompt": "What is 1+2?", "chosen": "", "rejected": "4"},  # 1 empty chosen
+    {"prompt": "What is 1+3?", "chosen": "4", "rejected": "   "},  # 2 empty rejected
+    {"prompt": "", "chosen": "4", "rejected": "5"},  # 3 missing prompt
+    {
+        "prompt": "What is 2+3?",
+        "chosen": [_m(U, "What is 9+9?"), _m(A, "18")],
+        "rejected": [_m(A, "6")],
+    },  # 4 chosen answers another prompt
+    {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},  # 5 fine
+    {"prompt": "Tell me a long story", "chosen": "x" * 80, "rejected": "short"},  # 6 too long
+    {"prompt": "What is 3+3?", "chosen": "6", "rejected": "7"},  # 7 fine
 ]
 
 
@@ -138,10 +167,14 @@ def test_data_check_reports_findings_by_row_index(tmp_path, tok):
 
 
 def test_implicit_rows_with_different_prompts_are_reported(tmp_path, tok):
-    rows = [{"chosen": [_m(U, "A?"), _m(A, "a")], "rejected": [_m(U, "B?"), _m(A, "b")]},
-            {"chosen": [_m(U, "A?"), _m(A, "a")], "rejected": [_m(U, "A?"), _m(A, "b")]},
-            {"chosen": [_m(U, "A?"), _m(A, "a"), _m(U, "C?"), _m(A, "c")],
-             "rejected": [_m(U, "A?"), _m(A, "a"), _m(U, "D?"), _m(A, "d")]}]
+    rows = [
+        {"chosen": [_m(U, "A?"), _m(A, "a")], "rejected": [_m(U, "B?"), _m(A, "b")]},
+        {"chosen": [_m(U, "A?"), _m(A, "a")], "rejected": [_m(U, "A?"), _m(A, "b")]},
+        {
+            "chosen": [_m(U, "A?"), _m(A, "a"), _m(U, "C?"), _m(A, "c")],
+            "rejected": [_m(U, "A?"), _m(A, "a"), _m(U, "D?"), _m(A, "d")],
+        },
+    ]
     result = check_data(_preset(_write(tmp_path, rows), max_bad_fraction=1.0), tok)
     assert result.format == "preference_implicit"
     assert [(p.index, p.reason) for p in result.problems] == [
@@ -151,13 +184,21 @@ def test_implicit_rows_with_different_prompts_are_reported(tmp_path, tok):
 
 
 def test_length_distribution_of_each_side_and_policy(tok):
-    preset = Preset(data={"source": "builtin:arithmetic-preferences", "max_length": 64, "eval_fraction": 0.1},
-                    train={"task": "dpo"})
+    preset = Preset(
+        data={"source": "builtin:arithmetic-preferences", "max_length": 64, "eval_fraction": 0.1}, train={"task": "dpo"}
+    )
     result = check_data(preset, tok)
     s = result.stats
     # ChatML over a character tokenizer: "<|im_start|>user\nWhat is 7+1?<|im_end|>\n<|im_start|>assistant\n"
-    assert s.prompt.p50 == s.prompt.max == len(tok("<|im_start|>user\nWhat is 7+1?<|im_end|>\n"
-                                                   "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+    assert (
+        s.prompt.p50
+        == s.prompt.max
+        == len(
+            tok("<|im_start|>user\nWhat is 7+1?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)[
+                "input_ids"
+            ]
+        )
+    )
     assert 1 <= s.chosen.p50 <= s.chosen.max and 1 <= s.rejected.p50 <= s.rejected.max
     assert 0 < s.trained_share < 0.5  # the answers are scored, the prompt (counted twice) is context
     assert (result.rows_read, result.bad_rows, result.eval_rows) == (1000, 0, 100)
@@ -180,8 +221,10 @@ def test_sft_formats_are_refused_for_dpo(tok):
 
 
 def test_dropped_pairs_are_warned_with_their_count(tok):
-    base = Preset(data={"source": "builtin:arithmetic-preferences", "eval_fraction": 0.1, "max_bad_fraction": 1.0},
-                  train={"task": "dpo"})
+    base = Preset(
+        data={"source": "builtin:arithmetic-preferences", "eval_fraction": 0.1, "max_bad_fraction": 1.0},
+        train={"task": "dpo"},
+    )
     s = check_data(base, tok).stats
     limit = s.prompt.max + max(s.chosen.max, s.rejected.max) - 1  # the longest pairs no longer fit
     tight = base.model_copy(update={"data": base.data.model_copy(update={"max_length": limit})})
@@ -190,4 +233,5 @@ def test_dropped_pairs_are_warned_with_their_count(tok):
     prepared = prepare_preferences(tight, tok)
     assert len(prepared.train) + len(prepared.eval) == 1000 - dropped
     assert prepared.warnings == [
-        f"{dropped:,} pair(s) longer than data.max_length = {limit:,} were dropped (never truncated)"]
+        f"{dropped:,} pair(s) longer than data.max_length = {limit:,} were dropped (never truncated)"
+    ]

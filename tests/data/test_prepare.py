@@ -36,8 +36,10 @@ def test_prepare_arithmetic(tok):
 
 def test_eval_split_is_seeded(tok):
     def run(seed):
-        preset = Preset(data={"source": "builtin:arithmetic", "max_length": 64, "eval_fraction": 0.1, "max_rows": 200},
-                        train={"seed": seed})
+        preset = Preset(
+            data={"source": "builtin:arithmetic", "max_length": 64, "eval_fraction": 0.1, "max_rows": 200},
+            train={"seed": seed},
+        )
         return prepare_data(preset, tok)
 
     a, b, c = run(1), run(1), run(2)
@@ -70,8 +72,10 @@ def test_masks_match_the_demo_templates_generation_markers():
     demo = build_tokenizer()
     encoder = Encoder(demo)
     for row in load_builtin("sample-messages"):
-        msgs = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]}
-                for m in row["messages"]]
+        msgs = [
+            {"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]}
+            for m in row["messages"]
+        ]
         msgs += [{"role": "user", "content": "And the next?"}, {"role": "assistant", "content": "42 and more"}]
         ref = demo.apply_chat_template(msgs, return_assistant_tokens_mask=True, return_dict=True)
         conv = Conversation(messages=tuple(Message.text(m["role"], m["content"]) for m in msgs))
@@ -87,15 +91,35 @@ def test_trl_sft_trainer_keeps_our_labels(tmp_path, tok, packing):
     from trl import SFTConfig, SFTTrainer
 
     prepared = prepare_data(
-        Preset(data={"source": "builtin:arithmetic", "max_length": 64, "max_rows": 64, "eval_fraction": 0.1}), tok)
+        Preset(data={"source": "builtin:arithmetic", "max_length": 64, "max_rows": 64, "eval_fraction": 0.1}), tok
+    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id))
-    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, max_length=64,
-                     packing=packing, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-                     dataset_num_proc=None)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                         processing_class=tok)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        max_length=64,
+        packing=packing,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval, processing_class=tok
+    )
     ds = trainer.train_dataset
     ours = sorted(zip(map(tuple, prepared.train["input_ids"]), map(tuple, prepared.train["labels"])))
     if not packing:
@@ -124,6 +148,7 @@ def test_parallel_encoding_gives_the_same_rows(tok):
     section = Preset(data={"source": "builtin:arithmetic", "max_length": 20}).data
     one = encode_structured(validate_structure(section, strict=False), section, tok, workers=1)
     two = encode_structured(validate_structure(section, strict=False), section, tok, workers=2)
-    assert [(e.input_ids, e.labels, e.source_index) for e in one.encoded] == \
-        [(e.input_ids, e.labels, e.source_index) for e in two.encoded]
+    assert [(e.input_ids, e.labels, e.source_index) for e in one.encoded] == [
+        (e.input_ids, e.labels, e.source_index) for e in two.encoded
+    ]
     assert [p.to_dict() for p in one.report.problems] == [p.to_dict() for p in two.report.problems]

@@ -24,7 +24,7 @@ def test_one_bad_byte_in_a_big_jsonl_file_is_one_bad_row_at_the_right_line_and_o
     data = "".join(lines).encode()
     bad_line = 1500
     offset = sum(len(line.encode()) for line in lines[: bad_line - 1]) + 15
-    data = data[:offset] + b"\xff" + data[offset + 1:]
+    data = data[:offset] + b"\xff" + data[offset + 1 :]
     (tmp_path / "d.jsonl").write_bytes(data)
     raw = load(tmp_path / "d.jsonl")
     assert len(raw) == 2000 and raw.errors.keys() == {bad_line - 1}
@@ -36,7 +36,7 @@ def test_one_bad_byte_in_a_csv_file_is_one_bad_row(tmp_path):
     body = "prompt,completion\n" + "".join(f"q{i},a{i}\n" for i in range(3000))
     data = body.encode()
     offset = data.index(b"q2500,")
-    data = data[:offset + 1] + b"\xe9" + data[offset + 1:]
+    data = data[: offset + 1] + b"\xe9" + data[offset + 1 :]
     (tmp_path / "d.csv").write_bytes(data)
     raw = load(tmp_path / "d.csv")
     assert len(raw) == 3000 and list(raw.errors) == [2500]
@@ -45,7 +45,7 @@ def test_one_bad_byte_in_a_csv_file_is_one_bad_row(tmp_path):
 
 
 def test_an_unterminated_csv_quote_is_reported_where_it_opened(tmp_path):
-    rows = [f'q{i},a{i}\n' for i in range(10)]
+    rows = [f"q{i},a{i}\n" for i in range(10)]
     rows[3] = 'q3,"a3 the quote never closes\n'
     (tmp_path / "d.csv").write_text("prompt,completion\n" + "".join(rows))
     raw = load(tmp_path / "d.csv")

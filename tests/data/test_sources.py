@@ -72,7 +72,8 @@ def test_save_to_disk_dataset_and_dict(tmp_path):
     raw = load(tmp_path / "ds")
     assert raw.kind == "saved" and list(raw) == ROWS
     DatasetDict({"train": Dataset.from_list(ROWS), "validation": Dataset.from_list(ROWS[:1])}).save_to_disk(
-        str(tmp_path / "dd"))
+        str(tmp_path / "dd")
+    )
     assert list(load(tmp_path / "dd", split="validation")) == ROWS[:1]
     assert list(load(tmp_path / "dd", max_rows=2)) == ROWS[:2]
     with pytest.raises(DataError, match="no split 'test'") as info:

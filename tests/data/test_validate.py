@@ -20,13 +20,25 @@ BAD_ROWS = {
     3: (chat(("user", "Q"), ("assistant", "   ")), "message 1 (assistant) has empty content"),
     4: (chat(("assistant", "A"), ("user", "Q")), "bad role order: message 0 is assistant first"),
     6: (chat(("user", "Q"), ("user", "Q again"), ("assistant", "A")), "bad role order: message 1 is user after user"),
-    7: (chat(("system", "S"), ("user", "Q"), ("system", "S2"), ("assistant", "A")), "bad role order: message 2 is system"),
-    8: ({"messages": [{"role": "user", "content": ["x"]}, {"role": "assistant", "content": 3}]},
-        "messages[1] content is a number, expected a string or a list of parts"),
+    7: (
+        chat(("system", "S"), ("user", "Q"), ("system", "S2"), ("assistant", "A")),
+        "bad role order: message 2 is system",
+    ),
+    8: (
+        {"messages": [{"role": "user", "content": ["x"]}, {"role": "assistant", "content": 3}]},
+        "messages[1] content is a number, expected a string or a list of parts",
+    ),
     9: ({"mesages": []}, "`messages` is missing"),
     10: (chat(("user", "Q"), ("tool", "T"), ("assistant", "A")), "message 1 has unknown role 'tool'"),
-    11: ({"messages": [{"role": "user", "content": [{"type": "image", "image": "x.png"}]},
-                       {"role": "assistant", "content": "A"}]}, "message 0 holds an image"),
+    11: (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "image": "x.png"}]},
+                {"role": "assistant", "content": "A"},
+            ]
+        },
+        "message 0 holds an image",
+    ),
 }
 
 

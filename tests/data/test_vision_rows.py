@@ -23,8 +23,9 @@ from sftop.engine.data.validate import validate_rows
 from sftop.engine.data.vision_rows import attach_images, normalise_image_row
 from sftop.engine.presets.schema import DataSection
 
-RULES = ImageRules(patch_multiple=14, min_edge=14, max_pixels=64 * 14 * 14, min_pixels=4 * 14 * 14,
-                   max_aspect_ratio=20.0)
+RULES = ImageRules(
+    patch_multiple=14, min_edge=14, max_pixels=64 * 14 * 14, min_pixels=4 * 14 * 14, max_aspect_ratio=20.0
+)
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
 
@@ -82,23 +83,40 @@ def folder_of_images(tmp_path):
 def test_trl_images_column_with_placeholders_jsonl(tmp_path):
     folder_of_images(tmp_path)
     rows = [
-        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
-                      {"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
-         "images": ["photos/red.png"]},
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+            ],
+            "images": ["photos/red.png"],
+        },
         # two images anywhere in the turn, and a second user turn with its own image
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "A"}, {"type": "image"},
-                                                   {"type": "text", "text": "B"}, {"type": "image"}]},
-                      {"role": "assistant", "content": "ok"},
-                      {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and this?"}]},
-                      {"role": "assistant", "content": "blue"}],
-         "images": ["photos/red.png", "photos/green.jpg", "photos/blue.png"]},
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "A"},
+                        {"type": "image"},
+                        {"type": "text", "text": "B"},
+                        {"type": "image"},
+                    ],
+                },
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and this?"}]},
+                {"role": "assistant", "content": "blue"},
+            ],
+            "images": ["photos/red.png", "photos/green.jpg", "photos/blue.png"],
+        },
     ]
     structured, check = run(write_jsonl(tmp_path / "d.jsonl", rows))
     assert structured.format == "messages" and not structured.report.problems
     assert layout(check.conversations[0]) == [("user", ["I:red", "T:Colour?"]), ("assistant", ["T:red"])]
     assert layout(check.conversations[1]) == [
-        ("user", ["T:A", "I:red", "T:B", "I:green"]), ("assistant", ["T:ok"]),
-        ("user", ["I:blue", "T:and this?"]), ("assistant", ["T:blue"]),
+        ("user", ["T:A", "I:red", "T:B", "I:green"]),
+        ("assistant", ["T:ok"]),
+        ("user", ["I:blue", "T:and this?"]),
+        ("assistant", ["T:blue"]),
     ]
     assert check.sizes[1] == [((56, 42), (56, 42)), ((70, 56), (70, 56)), ((56, 42), (56, 42))]
 
@@ -106,8 +124,10 @@ def test_trl_images_column_with_placeholders_jsonl(tmp_path):
 def test_trl_single_image_column_and_string_content(tmp_path):
     folder_of_images(tmp_path)
     rows = [
-        {"messages": [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "green"}],
-         "image": "photos/green.jpg"},
+        {
+            "messages": [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "green"}],
+            "image": "photos/green.jpg",
+        },
     ]
     structured, check = run(write_jsonl(tmp_path / "d.jsonl", rows))
     # string content: the images go before the first user turn's text, as TRL does
@@ -118,8 +138,11 @@ def test_prompt_completion_with_images(tmp_path):
     folder_of_images(tmp_path)
     rows = [
         {"prompt": "Which colour?", "completion": "blue", "images": ["photos/blue.png"]},
-        {"prompt": [{"role": "user", "content": [{"type": "text", "text": "Name it"}, {"type": "image"}]}],
-         "completion": [{"role": "assistant", "content": "red"}], "images": ["photos/red.png"]},
+        {
+            "prompt": [{"role": "user", "content": [{"type": "text", "text": "Name it"}, {"type": "image"}]}],
+            "completion": [{"role": "assistant", "content": "red"}],
+            "images": ["photos/red.png"],
+        },
     ]
     structured, check = run(write_jsonl(tmp_path / "d.jsonl", rows))
     assert structured.format == "prompt_completion" and not structured.report.problems
@@ -131,8 +154,13 @@ def test_llava_instruct_mix_shape(tmp_path):
     """Parts as `datasets` stores them: every part has every key (`text: None`, `index`)."""
     row = {
         "messages": [
-            {"role": "user", "content": [{"index": None, "text": "Describe.", "type": "text"},
-                                         {"index": 0, "text": None, "type": "image"}]},
+            {
+                "role": "user",
+                "content": [
+                    {"index": None, "text": "Describe.", "type": "text"},
+                    {"index": 0, "text": None, "type": "image"},
+                ],
+            },
             {"role": "assistant", "content": [{"index": None, "text": "A red square.", "type": "text"}]},
         ],
         "images": [{"bytes": png(RED), "path": None}],
@@ -147,17 +175,22 @@ def test_llava_instruct_mix_shape(tmp_path):
 def test_inline_images_of_every_kind_and_a_system_turn(tmp_path):
     """The MMIU layout of TRL's guide: context in the system turn, several images, then the question."""
     folder_of_images(tmp_path)
-    row = {"messages": [
-        {"role": "system", "content": [{"type": "text", "text": "You judge photos. Answer A, B, C or D."}]},
-        {"role": "user", "content": [
-            {"type": "image", "image": Image.new("RGB", (56, 56), RED)},  # a PIL image
-            {"type": "image", "image": png(GREEN)},  # raw bytes
-            {"type": "image", "image": {"bytes": png(BLUE), "path": "b.png"}},  # datasets' Image storage
-            {"type": "image", "image": "photos/red.png"},  # a path relative to the data file
-            {"type": "text", "text": "Which is real?"},
-        ]},
-        {"role": "assistant", "content": [{"type": "text", "text": "A"}]},
-    ]}
+    row = {
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "You judge photos. Answer A, B, C or D."}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": Image.new("RGB", (56, 56), RED)},  # a PIL image
+                    {"type": "image", "image": png(GREEN)},  # raw bytes
+                    {"type": "image", "image": {"bytes": png(BLUE), "path": "b.png"}},  # datasets' Image storage
+                    {"type": "image", "image": "photos/red.png"},  # a path relative to the data file
+                    {"type": "text", "text": "Which is real?"},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "A"}]},
+        ]
+    }
     raw = RawRows(source=str(tmp_path / "d.jsonl"), kind="jsonl", rows=[row])
     convs, report = validate_rows(raw, "messages", "assistant", allow_images=True)
     check = check_rows_images(convs, tmp_path, RULES, report, keep_images=True)
@@ -175,11 +208,24 @@ def test_inline_images_of_every_kind_and_a_system_turn(tmp_path):
 def test_llava_markers_sharegpt(tmp_path):
     folder_of_images(tmp_path)
     rows = [
-        {"id": "1", "image": "photos/red.png",
-         "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "Red."}]},
-        {"id": "2", "images": ["photos/red.png", "photos/blue.png"],
-         "conversations": [{"from": "human", "value": "First <image> then"}, {"from": "gpt", "value": "ok"},
-                           {"from": "human", "value": "<image>which?"}, {"from": "gpt", "value": "blue"}]},
+        {
+            "id": "1",
+            "image": "photos/red.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour is it?"},
+                {"from": "gpt", "value": "Red."},
+            ],
+        },
+        {
+            "id": "2",
+            "images": ["photos/red.png", "photos/blue.png"],
+            "conversations": [
+                {"from": "human", "value": "First <image> then"},
+                {"from": "gpt", "value": "ok"},
+                {"from": "human", "value": "<image>which?"},
+                {"from": "gpt", "value": "blue"},
+            ],
+        },
     ]
     structured, check = run(write_jsonl(tmp_path / "d.jsonl", rows))
     assert structured.format == "sharegpt"
@@ -188,15 +234,21 @@ def test_llava_markers_sharegpt(tmp_path):
         0: "image placeholders do not match the images: the text holds 1 `<image>` marker but the row has 0 images in `images`"
     }
     assert layout(check.conversations[0]) == [
-        ("user", ["T:First ", "I:red", "T: then"]), ("assistant", ["T:ok"]),
-        ("user", ["I:blue", "T:which?"]), ("assistant", ["T:blue"]),
+        ("user", ["T:First ", "I:red", "T: then"]),
+        ("assistant", ["T:ok"]),
+        ("user", ["I:blue", "T:which?"]),
+        ("assistant", ["T:blue"]),
     ]
 
 
 def test_llava_single_image_column(tmp_path):
     folder_of_images(tmp_path)
-    rows = [{"image": "photos/blue.png",
-             "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "Blue."}]}]
+    rows = [
+        {
+            "image": "photos/blue.png",
+            "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "Blue."}],
+        }
+    ]
     structured, check = run(write_jsonl(tmp_path / "d.jsonl", rows))
     assert layout(check.conversations[0]) == [("user", ["I:blue", "T:Colour?"]), ("assistant", ["T:Blue."])]
 
@@ -208,16 +260,23 @@ def test_parquet_with_image_feature(tmp_path):
     import datasets
 
     folder_of_images(tmp_path)
-    features = datasets.Features({
-        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
-        "images": datasets.List(datasets.Image()),
-    })
-    ds = datasets.Dataset.from_dict({
-        "messages": [[{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "red"}],
-                     [{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "blue"}]],
-        # one image stored in the file (bytes), one by its path
-        "images": [[{"bytes": png(RED), "path": "red.png"}], [str(tmp_path / "photos" / "blue.png")]],
-    }, features=features)
+    features = datasets.Features(
+        {
+            "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+            "images": datasets.List(datasets.Image()),
+        }
+    )
+    ds = datasets.Dataset.from_dict(
+        {
+            "messages": [
+                [{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "red"}],
+                [{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "blue"}],
+            ],
+            # one image stored in the file (bytes), one by its path
+            "images": [[{"bytes": png(RED), "path": "red.png"}], [str(tmp_path / "photos" / "blue.png")]],
+        },
+        features=features,
+    )
     ds.to_parquet(str(tmp_path / "train.parquet"))
     (tmp_path / "photos" / "red.png").unlink()  # the bytes in the file are used, not a file of that name
     structured, check = run(tmp_path / "train.parquet")
@@ -230,22 +289,32 @@ def test_saved_dataset_with_image_feature_and_a_truncated_image(tmp_path, sequen
     import datasets
 
     rows = {
-        "messages": [[{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": c}]
-                     for c in ("red", "green", "blue")],
-        "images": [[{"bytes": png(RED), "path": None}], [{"bytes": truncated(noise(64, 64), "PNG"), "path": None}],
-                   [{"bytes": png(BLUE), "path": None}]],
+        "messages": [
+            [{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": c}]
+            for c in ("red", "green", "blue")
+        ],
+        "images": [
+            [{"bytes": png(RED), "path": None}],
+            [{"bytes": truncated(noise(64, 64), "PNG"), "path": None}],
+            [{"bytes": png(BLUE), "path": None}],
+        ],
     }
     feature = getattr(datasets, sequence)(datasets.Image())
-    features = datasets.Features({
-        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
-        "images": feature,
-    })
+    features = datasets.Features(
+        {
+            "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+            "images": feature,
+        }
+    )
     datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
     structured, check = run(tmp_path / "saved")
     assert structured.raw.kind == "saved"
     # one bad image costs its row, not the whole read
-    assert problems(structured) == {1: "image 1: embedded image (" + f"{len(rows['images'][1][0]['bytes']):,}"
-                                       + " bytes) is truncated (the file ends before the image does)"}
+    assert problems(structured) == {
+        1: "image 1: embedded image ("
+        + f"{len(rows['images'][1][0]['bytes']):,}"
+        + " bytes) is truncated (the file ends before the image does)"
+    }
     assert [layout(c)[0][1][0] for c in check.conversations] == ["I:red", "I:blue"]
 
 
@@ -259,14 +328,17 @@ def test_csv_with_a_folder_of_images(tmp_path):
         writer.writerow(["Both?", "green, blue", json.dumps(["photos/green.jpg", "photos/blue.png"])])
     structured, check = run(path)
     assert structured.raw.kind == "csv" and not structured.report.problems
-    assert layout(check.conversations[1]) == [("user", ["I:green", "I:blue", "T:Both?"]),
-                                              ("assistant", ["T:green, blue"])]
+    assert layout(check.conversations[1]) == [
+        ("user", ["I:green", "I:blue", "T:Both?"]),
+        ("assistant", ["T:green, blue"]),
+    ]
 
 
 def test_relative_paths_resolve_against_the_data_files_folder(tmp_path, monkeypatch):
     folder_of_images(tmp_path / "set")
-    write_jsonl(tmp_path / "set" / "d.jsonl",
-                [{"prompt": "Colour?", "completion": "red", "images": ["photos/red.png"]}])
+    write_jsonl(
+        tmp_path / "set" / "d.jsonl", [{"prompt": "Colour?", "completion": "red", "images": ["photos/red.png"]}]
+    )
     monkeypatch.chdir(tmp_path)  # the working directory is not the data file's folder
     structured, check = run("set/d.jsonl")
     assert not structured.report.problems and layout(check.conversations[0])[0][1][0] == "I:red"
@@ -285,8 +357,10 @@ def test_each_bad_image_reported_with_its_row(tmp_path):
     write(tmp_path / "bad" / "wide.png", png(RED, (630, 14)))
 
     def row(*images, text="<image> Colour?"):
-        return {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "red"}],
-                "images": list(images)}
+        return {
+            "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "red"}],
+            "images": list(images),
+        }
 
     rows = [row("photos/red.png") for _ in range(10)]
     rows[1] = row("bad/missing.png")
@@ -297,8 +371,13 @@ def test_each_bad_image_reported_with_its_row(tmp_path):
     rows[6] = row("bad/tiny.png")
     rows[7] = row("bad/wide.png")
     rows[8] = row("photos/red.png", text="<image> and <image>")
-    rows[9] = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "image"}]},
-                            {"role": "assistant", "content": "x"}], "images": ["photos/red.png"]}
+    rows[9] = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "image"}]},
+            {"role": "assistant", "content": "x"},
+        ],
+        "images": ["photos/red.png"],
+    }
     structured, check = run(write_jsonl(tmp_path / "d.jsonl", rows))
     found = problems(structured)
     assert set(found) == set(range(1, 10))
@@ -308,10 +387,13 @@ def test_each_bad_image_reported_with_its_row(tmp_path):
     assert found[4] == "image 2: file bad/cut.jpg is truncated (the file ends before the image does)"
     assert found[5] == "image 1: file bad/cut.png is truncated (the file ends before the image does)"
     assert found[6] == "image 1: file bad/tiny.png is 10x40 pixels, smaller than the 14-pixel side this model needs"
-    assert found[7] == ("image 1: file bad/wide.png is 630x14 pixels, an aspect ratio of 45:1, "
-                        "more than the 20:1 this model accepts")
-    assert found[8] == ("image placeholders do not match the images: the text holds 2 `<image>` markers "
-                        "but the row has 1 image in `images`")
+    assert found[7] == (
+        "image 1: file bad/wide.png is 630x14 pixels, an aspect ratio of 45:1, more than the 20:1 this model accepts"
+    )
+    assert found[8] == (
+        "image placeholders do not match the images: the text holds 2 `<image>` markers "
+        "but the row has 1 image in `images`"
+    )
     assert found[9].startswith("image placeholders do not match the images: the messages hold 2 image placeholders")
     assert [c.source_index for c in check.conversations] == [0]
     assert structured.report.bad_rows == 9
@@ -352,12 +434,16 @@ def test_text_datasets_keep_image_markers_as_text():
 
 def test_row_stage_functions(tmp_path):
     folder_of_images(tmp_path)
-    conv = attach_images(normalise_image_row({"prompt": "Colour?", "completion": "red"}, "prompt_completion", 3),
-                         ["photos/red.png", "photos/green.jpg"], column="images")
+    conv = attach_images(
+        normalise_image_row({"prompt": "Colour?", "completion": "red"}, "prompt_completion", 3),
+        ["photos/red.png", "photos/green.jpg"],
+        column="images",
+    )
     resolved = resolve_row_images(conv, tmp_path, RULES)
     assert layout(resolved)[0] == ("user", ["I:red", "I:green", "T:Colour?"])
-    assert resolved.source_index == 3 and all(p.image.mode == "RGB" for p in resolved.messages[0].content
-                                              if isinstance(p, ImagePart))
+    assert resolved.source_index == 3 and all(
+        p.image.mode == "RGB" for p in resolved.messages[0].content if isinstance(p, ImagePart)
+    )
     plain = normalise_image_row({"prompt": "Colour?", "completion": "red"}, "prompt_completion")
     big = attach_images(plain, ["photos/red.png", {"bytes": encoded(noise(400, 300)), "path": None}], column="images")
     row = load_row_images(big, tmp_path, RULES)
@@ -408,7 +494,10 @@ def test_image_part_keys_of_chat_templates(tmp_path):
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png(RED)).decode()}},
         {"type": "text", "text": "Four?"},
     ]
-    conv = normalise_image_row({"messages": [{"role": "user", "content": content},
-                                             {"role": "assistant", "content": "yes"}]}, "messages", 0)
-    assert layout(resolve_row_images(conv, tmp_path, RULES))[0] == ("user", ["I:red", "I:green", "I:blue", "I:red",
-                                                                             "T:Four?"])
+    conv = normalise_image_row(
+        {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "yes"}]}, "messages", 0
+    )
+    assert layout(resolve_row_images(conv, tmp_path, RULES))[0] == (
+        "user",
+        ["I:red", "I:green", "I:blue", "I:red", "T:Four?"],
+    )

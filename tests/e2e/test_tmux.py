@@ -132,9 +132,12 @@ def test_run_survives_a_dropped_terminal_and_attach_shows_it(tmp_path, monkeypat
         wait_file(lambda: not Path(f"/proc/{tui_pid}").exists() or _zombie(tui_pid), 30, "the TUI to exit")
         assert json.loads((run / "status.json").read_text())["status"] in ("running", "finished")
         status = wait_file(
-            lambda: (s := json.loads((run / "status.json").read_text())).get("status") in ("finished", "failed",
-                                                                                             "stopped") and s,
-            600, "the run to end",
+            lambda: (
+                (s := json.loads((run / "status.json").read_text())).get("status") in ("finished", "failed", "stopped")
+                and s
+            ),
+            600,
+            "the run to end",
         )
         assert status["status"] == "finished", (run / "stdout.log").read_text()[-3000:]
         finished = [e for e in events(run) if e["type"] == "run_finished"]
@@ -148,8 +151,11 @@ def test_run_survives_a_dropped_terminal_and_attach_shows_it(tmp_path, monkeypat
         assert run.name[:20] in screen
         # 80x24: every stats row, and no line that is only a scrollbar's glyph
         assert "checkpoint     step " in screen and "grad norm" in screen, screen
-        lone = [line for line in screen.splitlines() if line.strip("│╭╮╰╯─ ")
-                and set(line.strip("│╭╮╰╯─ ")) <= set("▁▂▃▄▅▆▇█▉▊▋▌▍▎▏▐")]
+        lone = [
+            line
+            for line in screen.splitlines()
+            if line.strip("│╭╮╰╯─ ") and set(line.strip("│╭╮╰╯─ ")) <= set("▁▂▃▄▅▆▇█▉▊▋▌▍▎▏▐")
+        ]
         assert not lone, screen
         assert load_preset("e2e-saved")[0].train.max_steps == 24  # saved under the name typed
     finally:

@@ -21,8 +21,11 @@ def make_run(run_dir: Path, base_dir: Path, model, tokenizer, seed: int = 0, tar
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     torch.manual_seed(seed)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets or ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                    "gate_proj", "up_proj", "down_proj"])
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     peft_model = get_peft_model(model, lora)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -39,9 +42,12 @@ def make_run(run_dir: Path, base_dir: Path, model, tokenizer, seed: int = 0, tar
 # --- tiny tokenizers of each family's kind (trained locally in well under a second) ----------------
 
 CORPUS = [
-    "What is 12 + 30? The answer is 42.", "The quick brown fox jumps over the lazy dog.",
-    "Hello there, how are you today? I'm fine, thanks!", "Reverse the word: letters -> srettel",
-    "first line\nsecond line\n\nthird (and last) line", "user assistant system model",
+    "What is 12 + 30? The answer is 42.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello there, how are you today? I'm fine, thanks!",
+    "Reverse the word: letters -> srettel",
+    "first line\nsecond line\n\nthird (and last) line",
+    "user assistant system model",
 ] * 30
 
 LLAMA3_TEMPLATE = (
@@ -70,23 +76,32 @@ def byte_level_tokenizer(split: str, specials: list[str], bos: str | None, eos: 
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     if bos is not None:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
-                                   chat_template=template)
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template
+    )
 
 
-def sentencepiece_bpe_tokenizer(specials: list[str], bos: str, eos: str, template: str, gemma: bool,
-                                extra_specials: list[str] = ()):
+def sentencepiece_bpe_tokenizer(
+    specials: list[str], bos: str, eos: str, template: str, gemma: bool, extra_specials: list[str] = ()
+):
     """SentencePiece-style BPE with byte fallback: Llama 2 / Mistral (a `▁` before the text) or
     Gemma (spaces become `▁`, nothing prepended)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, trainers
@@ -108,17 +123,21 @@ def sentencepiece_bpe_tokenizer(specials: list[str], bos: str, eos: str, templat
         tok.normalizer = normalizers.Replace(" ", "▁")
     else:
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-                                    + ([] if gemma else [decoders.Strip(" ", 1, 0)]))
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([] if gemma else [decoders.Strip(" ", 1, 0)])
+    )
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
     if extra_specials:
         tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in extra_specials])
     from tokenizers import processors
 
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="<unk>",
-                                   chat_template=template)
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="<unk>", chat_template=template
+    )
 
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -132,13 +151,21 @@ def family_tokenizer(family: str):
     if family == "llama":
         return byte_level_tokenizer(LLAMA3_SPLIT, LLAMA3_SPECIALS, "<|begin_of_text|>", "<|eot_id|>", LLAMA3_TEMPLATE)
     if family in ("qwen2", "qwen3"):
-        return byte_level_tokenizer(QWEN2_SPLIT, QWEN_SPECIALS, None, "<|im_end|>", CHATML_TEMPLATE,
-                                    pad="<|endoftext|>")
+        return byte_level_tokenizer(
+            QWEN2_SPLIT, QWEN_SPECIALS, None, "<|im_end|>", CHATML_TEMPLATE, pad="<|endoftext|>"
+        )
     if family == "mistral":
-        return sentencepiece_bpe_tokenizer(["<unk>", "<s>", "</s>"], "<s>", "</s>", MISTRAL_TEMPLATE, gemma=False,
-                                           extra_specials=["[INST]", "[/INST]"])
-    return sentencepiece_bpe_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>"], "<bos>", "<end_of_turn>",
-                                       GEMMA_TEMPLATE, gemma=True, extra_specials=["<start_of_turn>", "<end_of_turn>"])
+        return sentencepiece_bpe_tokenizer(
+            ["<unk>", "<s>", "</s>"], "<s>", "</s>", MISTRAL_TEMPLATE, gemma=False, extra_specials=["[INST]", "[/INST]"]
+        )
+    return sentencepiece_bpe_tokenizer(
+        ["<pad>", "<eos>", "<bos>", "<unk>"],
+        "<bos>",
+        "<end_of_turn>",
+        GEMMA_TEMPLATE,
+        gemma=True,
+        extra_specials=["<start_of_turn>", "<end_of_turn>"],
+    )
 
 
 def family_model(family: str, tokenizer, seed: int = 0):
@@ -147,9 +174,17 @@ def family_model(family: str, tokenizer, seed: int = 0):
     reader's default, so that the reader rebuilds the same model; llama.cpp reads them from the file."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    shape = dict(vocab_size=len(tokenizer) + 3, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    shape = dict(
+        vocab_size=len(tokenizer) + 3,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     extra = {
         "llama": dict(head_dim=32, tie_word_embeddings=False),
         "mistral": dict(head_dim=32, sliding_window=None, tie_word_embeddings=False),

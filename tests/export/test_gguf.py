@@ -81,7 +81,10 @@ def _check_readback(run: Path, out: Path, kind: str) -> tuple[float, object]:
     with torch.no_grad():
         error = _relative_error(reference(ids).logits, loaded(ids).logits)
     rebuilt = AutoTokenizer.from_pretrained(out, gguf_file=name)
-    assert rebuilt(SAMPLE, add_special_tokens=False)["input_ids"] == tokenizer(SAMPLE, add_special_tokens=False)["input_ids"]
+    assert (
+        rebuilt(SAMPLE, add_special_tokens=False)["input_ids"]
+        == tokenizer(SAMPLE, add_special_tokens=False)["input_ids"]
+    )
     return error, (tokenizer, rebuilt, merged)
 
 
@@ -98,7 +101,9 @@ def test_demo_model_reads_back_in_transformers(demo_run, kind, tmp_path):
     error, (tokenizer, rebuilt, _) = _check_readback(demo_run, out, kind)
     assert error < (Q8_TOLERANCE if kind == "q8_0" else 1e-3), error
     chat = tokenizer.apply_chat_template(CHAT, tokenize=False)
-    assert rebuilt(chat, add_special_tokens=False)["input_ids"] == tokenizer(chat, add_special_tokens=False)["input_ids"]
+    assert (
+        rebuilt(chat, add_special_tokens=False)["input_ids"] == tokenizer(chat, add_special_tokens=False)["input_ids"]
+    )
 
     fields, tensors = _fields(out / f"{demo_run.name}-{kind}.gguf")
     assert fields["general.architecture"] == "llama"
@@ -107,14 +112,17 @@ def test_demo_model_reads_back_in_transformers(demo_run, kind, tmp_path):
     assert fields["tokenizer.ggml.add_bos_token"] is False  # the demo model has no BOS
     assert "{% generation %}" not in fields["tokenizer.chat_template"]  # training-only tags are dropped
     assert fields["tokenizer.chat_template"].startswith("{%- for message in messages %}")
-    matrix = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-              "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
+    matrix = {
+        "f16": gguf.GGMLQuantizationType.F16,
+        "bf16": gguf.GGMLQuantizationType.BF16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    }[kind]
     assert tensors["blk.0.attn_q.weight"] == matrix and tensors["output.weight"] == matrix
     assert tensors["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
 
     modelfile = (out / "Modelfile").read_text()
     assert f"FROM ./{demo_run.name}-{kind}.gguf" in modelfile
-    assert "TEMPLATE \"\"\"{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n" in modelfile
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n' in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
     # Nothing else was left next to the output: the temporary directory was renamed into place.
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -142,17 +150,24 @@ def test_each_family_reads_back_in_transformers(gguf_home, family, tmp_path):
     if family in ("qwen2", "qwen3", "llama"):
         assert fields["tokenizer.ggml.pre"] == ("llama-bpe" if family == "llama" else "qwen2")
     else:
-        assert fields["tokenizer.ggml.model"] == "llama" and len(fields["tokenizer.ggml.scores"]) == merged.config.vocab_size
+        assert (
+            fields["tokenizer.ggml.model"] == "llama"
+            and len(fields["tokenizer.ggml.scores"]) == merged.config.vocab_size
+        )
         assert fields["tokenizer.ggml.add_bos_token"] is True
         assert fields["tokenizer.ggml.add_space_prefix"] is (family == "mistral")
     if family.startswith("gemma"):
         assert fields[f"{fields['general.architecture']}.attention.sliding_window_pattern"] == [
-            t == "sliding_attention" for t in merged.config.layer_types]
+            t == "sliding_attention" for t in merged.config.layer_types
+        ]
     chat = tokenizer.apply_chat_template(CHAT, tokenize=False)
     if family != "llama":
         # transformers rebuilds Llama 3 tokenizers with GPT-2's split (it has no Llama 3 pre-tokenizer),
         # which differs from the model's on runs of newlines; llama.cpp reads `llama-bpe` from the file.
-        assert rebuilt(chat, add_special_tokens=False)["input_ids"] == tokenizer(chat, add_special_tokens=False)["input_ids"]
+        assert (
+            rebuilt(chat, add_special_tokens=False)["input_ids"]
+            == tokenizer(chat, add_special_tokens=False)["input_ids"]
+        )
 
 
 def test_q8_0_family_export(gguf_home, tmp_path):
@@ -168,9 +183,20 @@ def test_llama3_rope_scaling_is_written_as_rope_freqs(gguf_home, tmp_path):
 
     from sftop.engine.export.gguf.families.llama import llama3_rope_divisors
 
-    config = AutoConfig.for_model("llama", hidden_size=256, num_attention_heads=2, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, max_position_embeddings=131072)
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=256,
+        num_attention_heads=2,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        max_position_embeddings=131072,
+    )
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     head_dim = 128
     plain = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -279,7 +305,7 @@ def test_k_quant_runs_llama_quantize_on_the_f16_file(demo_run, tmp_path, monkeyp
     bin_dir.mkdir()
     log = tmp_path / "calls.txt"
     tool = bin_dir / "llama-quantize"
-    tool.write_text(f"#!/bin/sh\necho \"$@\" > {log}\nhead -c 4 \"$1\" >> {log}\ncp \"$1\" \"$2\"\n")
+    tool.write_text(f'#!/bin/sh\necho "$@" > {log}\nhead -c 4 "$1" >> {log}\ncp "$1" "$2"\n')
     tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     out = export_gguf(demo_run, "q4_k_m", out=tmp_path / "out")
@@ -312,8 +338,9 @@ def small_disk(tmp_path):
 
     mount_point = tmp_path / "small-disk"
     mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip() or 'mount failed'})")
     try:

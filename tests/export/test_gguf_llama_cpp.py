@@ -17,7 +17,8 @@ from sftop.engine.export.gguf import export_gguf
 from sftop.engine.rundir import RunDir
 
 llama_cpp = pytest.importorskip(
-    "llama_cpp", reason="llama-cpp-python is not installed: pip install -e \".[gguf-check]\" (compiles llama.cpp)")
+    "llama_cpp", reason='llama-cpp-python is not installed: pip install -e ".[gguf-check]" (compiles llama.cpp)'
+)
 
 PROMPT = [{"role": "user", "content": "What is 12 + 30?"}]
 NEW_TOKENS = 12
@@ -75,8 +76,13 @@ def test_llama_cpp_logits_and_greedy_tokens_match_transformers(exported, kind, t
     files, merged, tokenizer = exported
     # The same weights in both: the merged model rounded to f16, or transformers' reading of the
     # q8_0 file (its int8 blocks dequantized).
-    reference = _f16_weights(merged) if kind == "f16" else AutoModelForCausalLM.from_pretrained(
-        files[kind].parent, gguf_file=files[kind].name, dtype=torch.float32).eval()
+    reference = (
+        _f16_weights(merged)
+        if kind == "f16"
+        else AutoModelForCausalLM.from_pretrained(
+            files[kind].parent, gguf_file=files[kind].name, dtype=torch.float32
+        ).eval()
+    )
     ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_dict=True)["input_ids"]
     llm = _llama(files[kind])
     llm.eval(ids)
@@ -86,9 +92,14 @@ def test_llama_cpp_logits_and_greedy_tokens_match_transformers(exported, kind, t
         expected = reference(torch.tensor([ids])).logits[0]
         error = ((expected - got).abs().max() / expected.abs().max()).item()
         assert error < tolerance, error
-        greedy = reference.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                    eos_token_id=None, pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
-        along = reference(torch.tensor([ids + generated])).logits[0, len(ids) - 1:-1]
+        greedy = reference.generate(
+            torch.tensor([ids]),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(ids) :].tolist()
+        along = reference(torch.tensor([ids + generated])).logits[0, len(ids) - 1 : -1]
     if kind == "f16":
         assert generated == greedy
         return

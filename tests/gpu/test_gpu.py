@@ -132,7 +132,14 @@ def test_sampler_is_cheap_and_follows_visibility():
     assert s.index == 0
     assert s.memory_used_gib == pytest.approx(3.0) and s.memory_total_gib == pytest.approx(24.0)
     assert s.utilization_pct == 90 and s.temperature_c == 35 and s.power_w == 70.0
-    assert set(s.to_dict()) == {"index", "memory_used_gib", "memory_total_gib", "utilization_pct", "temperature_c", "power_w"}
+    assert set(s.to_dict()) == {
+        "index",
+        "memory_used_gib",
+        "memory_total_gib",
+        "utilization_pct",
+        "temperature_c",
+        "power_w",
+    }
 
 
 def test_sampler_survives_unsupported_fields():

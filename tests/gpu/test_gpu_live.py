@@ -42,13 +42,23 @@ def test_planned_step_of_a_small_llama_fits_its_prediction():
     from sftop.engine.planner import check_probe, plan_run, probe_shape
     from sftop.engine.presets.schema import Preset
 
-    config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=4, vocab_size=32000)
-    preset = Preset.model_validate({
-        "name": "live", "model": {"name": "local-test", "attn_implementation": "sdpa"},
-        "data": {"max_length": 1024, "packing": False}, "train": {"effective_batch": 8, "kernels": "off"},
-        "plan": {"micro_batch": 4, "gradient_checkpointing": "off"},
-    })
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    )
+    preset = Preset.model_validate(
+        {
+            "name": "live",
+            "model": {"name": "local-test", "attn_implementation": "sdpa"},
+            "data": {"max_length": 1024, "packing": False},
+            "train": {"effective_batch": 8, "kernels": "off"},
+            "plan": {"micro_batch": 4, "gradient_checkpointing": "off"},
+        }
+    )
     plan = plan_run(preset, config)
     rows, seq = probe_shape(plan)
     assert (rows, seq) == (4, 1024)

@@ -13,14 +13,23 @@ def tiny_config(family: str):
     from transformers import AutoConfig
 
     common = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     extra = {}
     if family == "gemma2":
-        extra = dict(final_logit_softcapping=30.0, attn_logit_softcapping=50.0, sliding_window=8,
-                     query_pre_attn_scalar=16)
+        extra = dict(
+            final_logit_softcapping=30.0, attn_logit_softcapping=50.0, sliding_window=8, query_pre_attn_scalar=16
+        )
     elif family == "gemma3_text":
         extra = dict(final_logit_softcapping=30.0, sliding_window=8, query_pre_attn_scalar=16)
     elif family in ("qwen2", "mistral"):
@@ -60,8 +69,9 @@ def tiny_model(family: str, seed: int = 0, lora: bool = True, dtype=torch.float3
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        kw = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                  init_lora_weights=False)  # B != 0 so every LoRA matrix gets a gradient
+        kw = dict(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS, init_lora_weights=False
+        )  # B != 0 so every LoRA matrix gets a gradient
         kw.update(lora_kw)
         model = get_peft_model(model, LoraConfig(**kw))
     return model
@@ -78,9 +88,18 @@ def bf16_lora_llama(hidden: int, layers: int, seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model("llama", vocab_size=1000, hidden_size=hidden, intermediate_size=2 * hidden,
-                               num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=4,
-                               head_dim=128, max_position_embeddings=2 * hidden)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=1000,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=4,
+        head_dim=128,
+        max_position_embeddings=2 * hidden,
+    )
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
-    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
-                                            target_modules=LORA_TARGETS))
+    return get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False, target_modules=LORA_TARGETS)
+    )

@@ -25,8 +25,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_NOT_LAUNCHES = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "set_", "resize_",
-                 "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "is_same_size", "promote_types"}
+_NOT_LAUNCHES = {
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "lift_fresh",
+    "set_",
+    "resize_",
+    "_local_scalar_dense",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "is_same_size",
+    "promote_types",
+}
 _TRITON_LAUNCHES = [0]
 _IN_TRITON = [False]
 
@@ -80,8 +94,9 @@ def _graph_nodes(t: torch.Tensor) -> int:
     return len(seen)
 
 
-def _step_counts(layers: int, patched: bool, checkpointed: bool, family: str, triton_counter,
-                 dtype=torch.float32) -> dict:
+def _step_counts(
+    layers: int, patched: bool, checkpointed: bool, family: str, triton_counter, dtype=torch.float32
+) -> dict:
     from _tiny_models import tiny_config
 
     from peft import LoraConfig, get_peft_model
@@ -95,8 +110,15 @@ def _step_counts(layers: int, patched: bool, checkpointed: bool, family: str, tr
     if hasattr(cfg, "layer_types") and cfg.layer_types is not None:
         cfg.layer_types = cfg.layer_types[:layers]
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            init_lora_weights=False,
+        ),
+    )
     if patched:
         K.patch_model(model)
     model.train()
@@ -115,8 +137,7 @@ def _step_counts(layers: int, patched: bool, checkpointed: bool, family: str, tr
     return {"aten": ops.n, "triton": triton_counter[0], "autograd_nodes": nodes}
 
 
-def per_layer_counts(patched: bool, checkpointed: bool = False, family: str = "llama",
-                     dtype=torch.float32) -> dict:
+def per_layer_counts(patched: bool, checkpointed: bool = False, family: str = "llama", dtype=torch.float32) -> dict:
     counter = _count_triton()
     two = _step_counts(2, patched, checkpointed, family, counter, dtype)
     three = _step_counts(3, patched, checkpointed, family, counter, dtype)
@@ -132,8 +153,10 @@ def main() -> None:
         for patched in (False, True):
             for ckpt in (False, True):
                 c = per_layer_counts(patched, ckpt, dtype=dtype)
-                print(f"{str(dtype)[6:]:<9} {'sftop' if patched else 'stock':<6} {'on' if ckpt else 'off':<14} "
-                      f"{c['aten']:>9} {c['triton']:>7} {c['autograd_nodes']:>15}")
+                print(
+                    f"{str(dtype)[6:]:<9} {'sftop' if patched else 'stock':<6} {'on' if ckpt else 'off':<14} "
+                    f"{c['aten']:>9} {c['triton']:>7} {c['autograd_nodes']:>15}"
+                )
 
 
 if __name__ == "__main__":

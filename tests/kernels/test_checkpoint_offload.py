@@ -43,9 +43,11 @@ def test_patch_reports_why_offload_stays_stock_without_a_gpu(monkeypatch):
 
 def _blocks(width, n, seed=0):
     torch.manual_seed(seed)
-    return torch.nn.ModuleList(
-        torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU()) for _ in range(n)
-    ).cuda().to(torch.bfloat16)
+    return (
+        torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU()) for _ in range(n))
+        .cuda()
+        .to(torch.bfloat16)
+    )
 
 
 def _run(blocks, x, ckpt):
@@ -120,7 +122,6 @@ def test_patched_model_offloads_through_gradient_checkpointing_enable():
     # 4 layer inputs of 2 x 1024 x 1024 bf16 (4 MiB each); the first is the embedding output,
     # which the embedding's own backward keeps anyway
     assert held_on - held_off >= 0.9 * 3 * (4 << 20), (held_on, held_off)
-
 
 
 def test_a_capture_takes_the_reserved_host_buffers_in_order():

@@ -157,8 +157,12 @@ def _llama(quant=None, seed=0):
 
     q = None
     if quant == "nf4":
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
+        q = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     return tiny_model("llama", seed=seed, dtype=torch.bfloat16, quant=q)
 
 
@@ -263,8 +267,11 @@ def _grads_without_updates(model, batches, offload):
 
 
 def _pool_bytes(graphs) -> int:
-    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
-               if tuple(seg.get("segment_pool_id", (0, 0))) == tuple(graphs._pool))
+    return sum(
+        seg["total_size"]
+        for seg in torch.cuda.memory_snapshot()
+        if tuple(seg.get("segment_pool_id", (0, 0))) == tuple(graphs._pool)
+    )
 
 
 @pytest.mark.gpu
@@ -299,7 +306,7 @@ def test_gradients_are_the_graphs_own_buffers_until_the_next_replay():
     K.patch_model(m)
     m.train()
     params = [p for p in m.parameters() if p.requires_grad]
-    (ids, _), = _batches(1)
+    ((ids, _),) = _batches(1)
     for _ in range(2):  # eager, then captured
         m.zero_grad(set_to_none=True)
         m(input_ids=ids, labels=ids).loss.backward()
@@ -323,7 +330,7 @@ def test_two_forwards_before_backward_raise():
     m = _llama()
     K.patch_model(m)
     m.train()
-    (ids, _), = _batches(1)
+    ((ids, _),) = _batches(1)
     for _ in range(2):
         m(input_ids=ids, labels=ids).loss.backward()
     first = m(input_ids=ids, labels=ids).loss
@@ -359,8 +366,15 @@ def test_capture_leaves_out_the_causal_mask_of_unpadded_batches_only(monkeypatch
     from transformers import AutoConfig
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask
 
-    cfg = AutoConfig.for_model("llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                               num_attention_heads=4, num_key_value_heads=2)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     cfg._attn_implementation = "sdpa"
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     original = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
@@ -368,8 +382,9 @@ def test_capture_leaves_out_the_causal_mask_of_unpadded_batches_only(monkeypatch
     pos = torch.arange(16)[None]
 
     def mask(attention_mask):
-        return create_causal_mask(config=cfg, inputs_embeds=emb, attention_mask=attention_mask,
-                                  past_key_values=None, position_ids=pos)
+        return create_causal_mask(
+            config=cfg, inputs_embeds=emb, attention_mask=attention_mask, past_key_values=None, position_ids=pos
+        )
 
     ones = torch.ones(4, 16, dtype=torch.long)
     assert mask(ones).shape == (4, 1, 16, 16)  # what capturing without the context costs

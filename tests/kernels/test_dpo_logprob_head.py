@@ -18,8 +18,14 @@ def _rows(n, seed=0):
     def words(k):
         return " ".join(f"t{int(i)}" for i in torch.randint(4, VOCAB, (k,), generator=g))
 
-    return [{"prompt": words(int(3 + i % 4)), "chosen": " " + words(int(2 + i % 3)),
-             "rejected": " " + words(int(1 + (i * 7) % 5))} for i in range(n)]
+    return [
+        {
+            "prompt": words(int(3 + i % 4)),
+            "chosen": " " + words(int(2 + i % 3)),
+            "rejected": " " + words(int(1 + (i * 7) % 5)),
+        }
+        for i in range(n)
+    ]
 
 
 def _trainer(cls, model, tmp_path, loss_type, **extra):
@@ -27,11 +33,24 @@ def _trainer(cls, model, tmp_path, loss_type, **extra):
     import trl
 
     args = trl.DPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=DEVICE == "cpu", bf16=False,
-        max_length=None, gradient_checkpointing=False, loss_type=[loss_type], beta=0.5, save_strategy="no",
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=DEVICE == "cpu",
+        bf16=False,
+        max_length=None,
+        gradient_checkpointing=False,
+        loss_type=[loss_type],
+        beta=0.5,
+        save_strategy="no",
     )
-    return cls(model=model, args=args, processing_class=_tokenizer(),
-               train_dataset=datasets.Dataset.from_list(_rows(8)), **extra)
+    return cls(
+        model=model,
+        args=args,
+        processing_class=_tokenizer(),
+        train_dataset=datasets.Dataset.from_list(_rows(8)),
+        **extra,
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
@@ -50,8 +69,15 @@ def test_patched_dpo_equals_stock_trl(tmp_path, loss_type):
     # TRL copies a PeftModel's adapter into a frozen "ref"; for a fresh adapter sftop's reference
     # is the adapter switched off instead, so the stock run here does the same
     stock.model.delete_adapter("ref")
-    ours = _trainer(SftopDPOTrainer, ours_model, tmp_path / "ours", loss_type, guard=UpdateGuard(5),
-                    save_total_limit=1, kernel_head=True)
+    ours = _trainer(
+        SftopDPOTrainer,
+        ours_model,
+        tmp_path / "ours",
+        loss_type,
+        guard=UpdateGuard(5),
+        save_total_limit=1,
+        kernel_head=True,
+    )
     assert ours.sftop_head == "fused" and ours.sftop_reference == "adapter off"
 
     batch = stock.data_collator([stock.train_dataset[i] for i in range(4)])
@@ -83,8 +109,18 @@ def test_patched_dpo_equals_stock_trl(tmp_path, loss_type):
     for name in g_s:
         assert rel_err(g_o[name], g_s[name]) < 1e-4, name
     assert abs(m_s["rewards/margins"]) > 1e-3  # a real comparison, not two zeros
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                "logps/rejected", "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "entropy",
+        "logits/chosen",
+        "logits/rejected",
+        "mean_token_accuracy",
+    ):
         assert m_o[key] == pytest.approx(m_s[key], rel=1e-4, abs=1e-6), key
 
 
@@ -97,4 +133,7 @@ def test_logprob_head_leaves_other_calls_alone():
     assert install_logprob_head(model) == "fused"
     assert torch.equal(model(input_ids=ids).logits, before)  # generation-style call: stock forward
     loss = model(input_ids=ids, labels=ids).loss  # SFT-style call: the model's own loss
-    assert rel_err(loss, torch.nn.functional.cross_entropy(before[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))) < 1e-5
+    assert (
+        rel_err(loss, torch.nn.functional.cross_entropy(before[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)))
+        < 1e-5
+    )

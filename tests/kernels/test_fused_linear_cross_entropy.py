@@ -30,8 +30,7 @@ def test_flce_matches_reference(case, poison, n, hid, vocab, softcap, num_items,
     y[0] = vocab - 1  # the last class exercises the block tail
     yd = y.to(device)
 
-    loss = fused_linear_cross_entropy(h, w, yd, num_items_in_batch=num_items, softcap=softcap,
-                                      chunk_bytes=chunk_bytes)
+    loss = fused_linear_cross_entropy(h, w, yd, num_items_in_batch=num_items, softcap=softcap, chunk_bytes=chunk_bytes)
     g = 2.5  # a non-unit upstream gradient must scale dX and dW
     grads = torch.autograd.grad(loss * g, [h, w] if train_w else [h])
 

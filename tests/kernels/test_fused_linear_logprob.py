@@ -33,8 +33,9 @@ def test_logprob_matches_float64(case, poison, n, hid, vocab, softcap, train_w, 
     y = torch.randint(0, vocab, (n,))
     y[torch.rand(n) < 0.3] = -100
     y[0] = vocab - 1  # the last class exercises the block tail
-    logp, ent, mean, top1 = fused_linear_logprob(h, w, y.to(device), softcap=softcap, chunk_bytes=chunk_bytes,
-                                                 stats=True)
+    logp, ent, mean, top1 = fused_linear_logprob(
+        h, w, y.to(device), softcap=softcap, chunk_bytes=chunk_bytes, stats=True
+    )
     # a different upstream gradient per token, as DPO's loss gives chosen and rejected rows
     g = torch.randn(n, dtype=torch.float64)
     grads = torch.autograd.grad((logp * g.to(device, torch.float32)).sum(), [h, w] if train_w else [h])

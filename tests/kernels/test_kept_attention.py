@@ -23,8 +23,9 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 def _sdpa(q, k, v, scale):
     groups = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
-                                          is_causal=True, scale=scale).transpose(1, 2)
+    return F.scaled_dot_product_attention(
+        q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), is_causal=True, scale=scale
+    ).transpose(1, 2)
 
 
 def _qkv(b, hq, hkv, t, d, dtype=torch.float64, seed=0):
@@ -74,6 +75,7 @@ def _layer(q_proj, kv_proj, o_proj):
         else:
             out = _sdpa(q, k, v, None)
         return torch.tanh(o_proj(out.reshape(b, t, -1)))
+
     return layer
 
 
@@ -120,9 +122,16 @@ def test_without_offload_nothing_is_kept_and_attention_is_recomputed(monkeypatch
     assert calls == []  # SDPA ran, in both runs
 
 
-@pytest.mark.parametrize("kw,mask,dropout", [({"is_causal": False}, None, 0.0), ({}, torch.ones(1), 0.0),
-                                            ({}, None, 0.1), ({"softcap": 30.0}, None, 0.0),
-                                            ({"sliding_window": 8}, None, 0.0)])
+@pytest.mark.parametrize(
+    "kw,mask,dropout",
+    [
+        ({"is_causal": False}, None, 0.0),
+        ({}, torch.ones(1), 0.0),
+        ({}, None, 0.1),
+        ({"softcap": 30.0}, None, 0.0),
+        ({"sliding_window": 8}, None, 0.0),
+    ],
+)
 def test_only_plain_causal_attention_takes_the_path(kw, mask, dropout):
     q, k, _v = _qkv(1, 4, 2, 5, 8)
     seen = []
@@ -136,7 +145,10 @@ def test_only_plain_causal_attention_takes_the_path(kw, mask, dropout):
     assert seen == [False, False]
     checkpoint_marking_recompute(
         lambda x: seen.append(ka.applies(torch.nn.Identity(), q, k, None, 0.0, {})) or torch.sin(x),
-        x, use_reentrant=False, _offload=_CopyingHooks()).sum().backward()
+        x,
+        use_reentrant=False,
+        _offload=_CopyingHooks(),
+    ).sum().backward()
     assert seen[2:] == [True, True]
 
 
@@ -200,8 +212,9 @@ def _offloading_kept_model(family, monkeypatch, keep=True, hooks=None):
     m.train()
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hooks is not None:
-        fn = functools.partial(checkpoint_marking_recompute, _checkpoint=functools.partial(checkpoint, use_reentrant=False),
-                               _offload=hooks)
+        fn = functools.partial(
+            checkpoint_marking_recompute, _checkpoint=functools.partial(checkpoint, use_reentrant=False), _offload=hooks
+        )
         for layer in base.model.layers:
             layer._gradient_checkpointing_func = fn
     return m
@@ -249,8 +262,9 @@ def test_recomputation_takes_kept_qkv_back_instead_of_projecting(monkeypatch, fa
         results[keep] = _grads(m, ids)
         # 2 layers: with q/k/v kept, only the first runs project and rotate; the recomputations
         # take q/k/v (3 more offloaded tensors a layer) back with the attention output
-        assert counts == ({"qkv": 2, "rope_forward": 2, "attention": 2} if keep else
-                          {"qkv": 4, "rope_forward": 4, "attention": 2}), (keep, counts)
+        assert counts == (
+            {"qkv": 2, "rope_forward": 2, "attention": 2} if keep else {"qkv": 4, "rope_forward": 4, "attention": 2}
+        ), (keep, counts)
         assert hooks.packed == (2 * 4 if keep else 2 * 1)
     stock = _offloading_kept_model(family, monkeypatch, keep=False, hooks=None)  # plain checkpointing
     results["plain"] = _grads(stock, ids)
@@ -288,7 +302,9 @@ def test_q_k_v_computed_on_placeholders_are_refused_even_laid_out_like_them(monk
     m = _offloading_kept_model("llama", monkeypatch, keep=True, hooks=_CopyingHooks())
     ids = torch.randint(3, 301, (1, 9), generator=torch.Generator().manual_seed(4))
     loss = m(input_ids=ids, labels=ids).loss
-    with pytest.raises(RuntimeError, match="attention got computed q/k/v where the recomputation handed on placeholders"):
+    with pytest.raises(
+        RuntimeError, match="attention got computed q/k/v where the recomputation handed on placeholders"
+    ):
         loss.backward()
 
 
@@ -312,7 +328,9 @@ def test_q_k_v_computed_on_placeholders_are_refused_on_the_gpu(monkeypatch):
     monkeypatch.setattr(KeptProjections, "placeholder", staticmethod(computed_like_a_placeholder))
     ids = torch.randint(0, 1000, (1, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
     loss = m(input_ids=ids, labels=ids).loss
-    with pytest.raises(RuntimeError, match="attention got computed q/k/v where the recomputation handed on placeholders"):
+    with pytest.raises(
+        RuntimeError, match="attention got computed q/k/v where the recomputation handed on placeholders"
+    ):
         loss.backward()
 
 

@@ -9,8 +9,10 @@ import torch
 from launch_counts import per_layer_counts
 
 # counted on the CPU through Triton's interpreter (tests/conftest.py sets it where there is no GPU)
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-                                reason="launch counts are taken on the CPU with TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+    reason="launch counts are taken on the CPU with TRITON_INTERPRET=1",
+)
 
 
 def test_patched_layer_launches_and_nodes_stay_low():

@@ -178,7 +178,9 @@ def test_listed_layout_follows_the_model():
     assert [s[2] for s in graphs.slots()] == [s[2] for s in fresh]
     assert graphs.adapter_state() == lg.adapter_state(base)
     with model.disable_adapter():  # flags are read live from the listed layers
-        assert graphs.adapter_state() == lg.adapter_state(base) != lg.adapter_state(tiny_model("llama").get_base_model())
+        assert (
+            graphs.adapter_state() == lg.adapter_state(base) != lg.adapter_state(tiny_model("llama").get_base_model())
+        )
     assert not graphs.rescan(base)
     model.add_adapter("extra", LoraConfig(r=2, target_modules=["q_proj"]))
     assert graphs.rescan(base) and not graphs.rescan(base)
@@ -192,7 +194,10 @@ def test_graphs_report_and_switch(monkeypatch):
     lm = tiny_model("llama", lora=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert lg.graphed_logprobs(lm, {"input_ids": torch.ones(1, 4, dtype=torch.long)}, torch.ones(1, 4), None) is None
-    assert lg.graphs_status(lm, {"cuda_graphs": "stock: CUDA graphs need a CUDA GPU"}) == "off: CUDA graphs need a CUDA GPU"
+    assert (
+        lg.graphs_status(lm, {"cuda_graphs": "stock: CUDA graphs need a CUDA GPU"})
+        == "off: CUDA graphs need a CUDA GPU"
+    )
     monkeypatch.setenv(cg.ENV_SWITCH, "0")
     assert lg.graphs_status(lm, {}) == f"off: turned off by {cg.ENV_SWITCH}=0"
     lm.__dict__["_sftop_graphs"] = object()  # what the cuda_graphs part leaves when graphs may run
@@ -228,8 +233,16 @@ def test_dpo_guard_skips_a_non_finite_update_with_one_read_per_optimizer_step(tm
     K.patch_model(model)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     guard, snaps = UpdateGuard(5), Snapshots()
-    trainer = _trainer(Poisoned, model, tmp_path, "sigmoid", guard=guard, save_total_limit=1, kernel_head=True,
-                       callbacks=[guard, snaps])
+    trainer = _trainer(
+        Poisoned,
+        model,
+        tmp_path,
+        "sigmoid",
+        guard=guard,
+        save_total_limit=1,
+        kernel_head=True,
+        callbacks=[guard, snaps],
+    )
     trainer.args.max_steps = 2
     trainer.args.per_device_train_batch_size = 2
     trainer.args.logging_nan_inf_filter = False
@@ -276,8 +289,15 @@ def test_graphed_path_through_trl_equals_eager_with_the_capture_run_directly(tmp
     for graphed in (False, True):
         model = tiny_model("llama")
         K.patch_model(model)
-        trainer = _trainer(SftopDPOTrainer, model, tmp_path / str(graphed), "sigmoid", guard=UpdateGuard(5),
-                           save_total_limit=1, kernel_head=True)
+        trainer = _trainer(
+            SftopDPOTrainer,
+            model,
+            tmp_path / str(graphed),
+            "sigmoid",
+            guard=UpdateGuard(5),
+            save_total_limit=1,
+            kernel_head=True,
+        )
         base = model.get_base_model()
         if graphed:
             base.__dict__["_sftop_graphs"] = object()  # as the cuda_graphs part leaves it on a GPU
@@ -296,8 +316,17 @@ def test_graphed_path_through_trl_equals_eager_with_the_capture_run_directly(tmp
     assert isinstance(trainer, trl.DPOTrainer)
     (l_e, m_e, g_e), (l_g, m_g, g_g) = results
     assert rel_err(l_g, l_e) < 1e-5
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
-                "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "entropy",
+        "logits/chosen",
+        "logits/rejected",
+        "mean_token_accuracy",
+    ):
         assert m_g[key] == pytest.approx(m_e[key], rel=1e-5, abs=1e-6), key
     assert abs(m_e["rewards/margins"]) > 1e-3
     for a, b in zip(g_e, g_g):
@@ -323,8 +352,13 @@ def _pairs(n_batches, seed=0):
     rows = []
     for i in range(2 * n_batches):
         # prompts of 130+ tokens: every batch pads to 256 and the graphs start scoring at 128
-        rows.append({"prompt_ids": words(130 + i % 4), "chosen_ids": words(6 + (3 * i) % 7),
-                     "rejected_ids": words(4 + (5 * i) % 9)})
+        rows.append(
+            {
+                "prompt_ids": words(130 + i % 4),
+                "chosen_ids": words(6 + (3 * i) % 7),
+                "rejected_ids": words(4 + (5 * i) % 9),
+            }
+        )
     return rows
 
 
@@ -338,13 +372,27 @@ def _dpo_steps(model, tmp_path, batches):
     from sftop.engine.train.trainer import UpdateGuard
     from test_trl_compat import _tokenizer
 
-    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[], bf16=True,
-                         max_length=None, gradient_checkpointing=True,
-                         gradient_checkpointing_kwargs={"use_reentrant": False}, loss_type=["sigmoid"], beta=0.5,
-                         save_strategy="no")
-    trainer = SftopDPOTrainer(model=model, args=args, processing_class=_tokenizer(),
-                              train_dataset=datasets.Dataset.from_list(_pairs(1)), guard=UpdateGuard(5),
-                              save_total_limit=1, kernel_head=True)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        report_to=[],
+        bf16=True,
+        max_length=None,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        loss_type=["sigmoid"],
+        beta=0.5,
+        save_strategy="no",
+    )
+    trainer = SftopDPOTrainer(
+        model=model,
+        args=args,
+        processing_class=_tokenizer(),
+        train_dataset=datasets.Dataset.from_list(_pairs(1)),
+        guard=UpdateGuard(5),
+        save_total_limit=1,
+        kernel_head=True,
+    )
     assert trainer.sftop_head == "fused" and trainer.sftop_reference == "adapter off"
     model = trainer.model
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -377,7 +425,7 @@ def test_graphed_dpo_step_matches_eager_and_replays_both_forwards(tmp_path, monk
     monkeypatch.delenv(cg.ENV_SWITCH)
     assert K.patch_model(graphed).parts["cuda_graphs"] == "fused"
     rows = _pairs(5)
-    batches = [rows[2 * i: 2 * i + 2] for i in range(5)]
+    batches = [rows[2 * i : 2 * i + 2] for i in range(5)]
     ref, _ = _dpo_steps(eager, tmp_path / "eager", batches)
     got, trainer = _dpo_steps(graphed, tmp_path / "graphed", batches)
     assert lg.graph_stats(eager.get_base_model()) is None  # graphs off: never reached
@@ -399,8 +447,12 @@ def test_graphed_dpo_step_matches_eager_and_replays_both_forwards(tmp_path, monk
     for (l_e, m_e, g_e, _b), (l_g, m_g, g_g, _b2) in zip(ref, got):
         tol_logp = 2e-3 * max(abs(m_e["logps/chosen"]), abs(m_e["logps/rejected"]))
         tol_reward = beta * 2 * tol_logp
-        for key, tol in (("logps/chosen", tol_logp), ("logps/rejected", tol_logp), ("rewards/chosen", tol_reward),
-                         ("rewards/rejected", tol_reward)):
+        for key, tol in (
+            ("logps/chosen", tol_logp),
+            ("logps/rejected", tol_logp),
+            ("rewards/chosen", tol_reward),
+            ("rewards/rejected", tol_reward),
+        ):
             assert abs(m_g[key] - m_e[key]) <= tol, (key, m_e[key], m_g[key], tol)
         assert abs(l_g - l_e) <= 2 * tol_reward, (l_e, l_g)
         for a, b in zip(g_e, g_g):
@@ -417,15 +469,20 @@ def test_reference_graph_runs_with_the_adapter_off(tmp_path):
     plain = tiny_model("llama", dtype=torch.bfloat16, lora=False)  # the same base weights (same seed)
     assert K.patch_model(model).parts["cuda_graphs"] == "fused"
     rows = _pairs(3)
-    batches = [rows[2 * i: 2 * i + 2] for i in range(3)]
+    batches = [rows[2 * i : 2 * i + 2] for i in range(3)]
     _steps, trainer = _dpo_steps(model, tmp_path, batches)
     base = model.get_base_model()
     stats = lg.graph_stats(base)
     assert stats.captures == 2, stats
     batch = {k: v.cuda() for k, v in trainer.data_collator(batches[-1]).items()}
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                  fused_lm_head=True, use_cache=False)
+    kwargs = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=labels,
+        fused_lm_head=True,
+        use_cache=False,
+    )
     replays = stats.replays
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         model.gradient_checkpointing_disable()  # as TRL's reference forward does

@@ -33,8 +33,10 @@ def test_function_matches_reference(case, poison, n_proj, scales, bias):
     # adapters stay fp32 (as PEFT keeps them) whatever the compute dtype
     lora = []
     for o in outs:
-        lora += [(torch.randn(r, hid, **f64) / 3).float().to(device).requires_grad_(),
-                 (torch.randn(o, r, **f64) / 3).float().to(device).requires_grad_()]
+        lora += [
+            (torch.randn(r, hid, **f64) / 3).float().to(device).requires_grad_(),
+            (torch.randn(o, r, **f64) / 3).float().to(device).requires_grad_(),
+        ]
     x = torch.randn(2, 7, hid, **f64).to(device, dtype).requires_grad_()
     fn = ll.LoRAQKVFunction if n_proj > 1 else ll.LoRALinearFunction
     got = fn.apply(x, tuple(base), scales, dtype, dtype, None, *lora)
@@ -44,8 +46,13 @@ def test_function_matches_reference(case, poison, n_proj, scales, bias):
 
     xr = x.detach().double().cpu().requires_grad_()
     lr = [t.detach().double().cpu().requires_grad_() for t in lora]
-    ref = _ref(xr, [b.weight.double().cpu() for b in base],
-               [None if b.bias is None else b.bias.double().cpu() for b in base], lr, scales)
+    ref = _ref(
+        xr,
+        [b.weight.double().cpu() for b in base],
+        [None if b.bias is None else b.bias.double().cpu() for b in base],
+        lr,
+        scales,
+    )
     refs = torch.autograd.grad(ref, [xr, *lr], [d.double().cpu() for d in douts])
 
     for g, want in zip(got, ref):

@@ -31,8 +31,10 @@ def test_lora_mlp_function_matches_reference(case, poison, monkeypatch, kind, n,
         monkeypatch.setattr(lm, "DH_CHUNK_BYTES", chunk_rows * inter * dtype.itemsize)
         assert 1 < -(-n // lm._dh_chunk_rows(n, inter, dtype.itemsize))
     f64 = dict(dtype=torch.float64)
-    base = [nn.Linear(i, o, bias=False).to(device, dtype).requires_grad_(False)
-            for i, o in ((hid, inter), (hid, inter), (inter, hid))]
+    base = [
+        nn.Linear(i, o, bias=False).to(device, dtype).requires_grad_(False)
+        for i, o in ((hid, inter), (hid, inter), (inter, hid))
+    ]
     # adapters stay fp32 (as PEFT keeps them) whatever the compute dtype
     shapes = [(r, hid), (inter, r), (r, hid), (inter, r), (r, inter), (hid, r)]
     lora = [(torch.randn(s, **f64) / 3).float().to(device).requires_grad_() for s in shapes]
@@ -90,8 +92,11 @@ def test_lora_mlp_path_respects_disabled_adapters_and_dropout():
     d = tiny_model("llama", lora_dropout=0.2)
     d_fused = twin(d)
     K.patch_model(d_fused)
-    assert all(mod.__dict__.get("_sftop_lora_adapter", None) is None
-               for mod in d_fused.modules() if type(mod).__name__ == "LlamaMLP")
+    assert all(
+        mod.__dict__.get("_sftop_lora_adapter", None) is None
+        for mod in d_fused.modules()
+        if type(mod).__name__ == "LlamaMLP"
+    )
     d.eval()
     d_fused.eval()
     assert rel_err(d_fused(input_ids=ids, labels=ids).loss, d(input_ids=ids, labels=ids).loss) < 1e-5

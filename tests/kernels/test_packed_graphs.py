@@ -30,8 +30,12 @@ def test_a_cpu_model_always_runs_eagerly():
     m = tiny_model("llama")
     m.train()
     ids = torch.randint(3, 100, (1, 12))
-    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(12)[None],
-             "cu_seq_lens_q": torch.tensor([0, 12], dtype=torch.int32)}
+    batch = {
+        "input_ids": ids,
+        "labels": ids,
+        "position_ids": torch.arange(12)[None],
+        "cu_seq_lens_q": torch.tensor([0, 12], dtype=torch.int32),
+    }
     assert packed_graphed_loss(m, batch) is None
     assert packed_graph_stats(m) is None
 
@@ -51,8 +55,11 @@ def _packed_batches(n, sizes=(128, 192, 256), seed=1):
             rows.append({"input_ids": ids, "labels": ids})
         pair = []
         for batch in (collator(rows), inner(rows)):
-            batch = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items()
-                     if k not in (PADDING_TOKENS, PADDING_ROWS, "seq_idx")}
+            batch = {
+                k: (v.cuda() if torch.is_tensor(v) else v)
+                for k, v in batch.items()
+                if k not in (PADDING_TOKENS, PADDING_ROWS, "seq_idx")
+            }
             pair.append(batch)
         out.append(tuple(pair))
     return out

@@ -180,14 +180,19 @@ def test_bf16_patched_model_no_worse_than_stock_bf16(family):
 def _nf4(compute_dtype):
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def _all_grads_err(grads, ref):
     names = sorted(ref)
-    return rel_err(torch.cat([grads[n].flatten().double() for n in names]),
-                   torch.cat([ref[n].flatten().double() for n in names]))
+    return rel_err(
+        torch.cat([grads[n].flatten().double() for n in names]), torch.cat([ref[n].flatten().double() for n in names])
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -234,8 +239,7 @@ def test_qlora_4bit_bf16_compute_close_to_fp32_compute(family):
 
 @pytest.mark.parametrize(
     "lora_kw,reason",
-    [(dict(lora_dropout=0.1), "LoRA dropout > 0"), (dict(use_dora=True), "DoRA"),
-     (dict(lora_bias=True), "LoRA bias")],
+    [(dict(lora_dropout=0.1), "LoRA dropout > 0"), (dict(use_dora=True), "DoRA"), (dict(lora_bias=True), "LoRA bias")],
 )
 def test_lora_configs_the_fast_path_cannot_reproduce_stay_stock(lora_kw, reason):
     m = tiny_model("llama", **lora_kw)

@@ -11,8 +11,19 @@ from sftop.kernels.patching.part import Part, PartOrderError, resolve_order
 from sftop.kernels.patching.parts import ORDER, REGISTERED
 
 # the order the parts ran in before each declared its requirements (a fixed list then)
-ORDER_BEFORE = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "attention", "loss", "lean_recompute",
-                "checkpoint_offload", "kept_projections", "cuda_graphs")
+ORDER_BEFORE = (
+    "rms_norm",
+    "rope",
+    "mlp",
+    "lora",
+    "attention_lora",
+    "attention",
+    "loss",
+    "lean_recompute",
+    "checkpoint_offload",
+    "kept_projections",
+    "cuda_graphs",
+)
 PATCHING = pathlib.Path(__file__).resolve().parents[2] / "sftop" / "kernels" / "patching"
 
 
@@ -37,20 +48,29 @@ def test_any_registration_order_puts_every_part_after_what_it_requires(arrange):
     # the declarations that carry the order, not only the registration list
     assert order.index("lora") < order.index("attention_lora")
     assert order.index("loss") < order.index("cuda_graphs")
-    assert max(order.index(p) for p in ("rope", "attention_lora", "lean_recompute", "checkpoint_offload")) < \
-        order.index("kept_projections")
+    assert max(
+        order.index(p) for p in ("rope", "attention_lora", "lean_recompute", "checkpoint_offload")
+    ) < order.index("kept_projections")
 
 
 def test_a_missing_requirement_names_the_part_and_what_it_needs():
     parts = (Part("a", _noop), Part("b", _noop, requires=("a", "nowhere")))
-    with pytest.raises(PartOrderError, match=r"patch part 'b' requires 'nowhere', which no registered part is "
-                                             r"\(registered: a, b\)"):
+    with pytest.raises(
+        PartOrderError,
+        match=r"patch part 'b' requires 'nowhere', which no registered part is "
+        r"\(registered: a, b\)",
+    ):
         resolve_order(parts)
 
 
 def test_a_cycle_is_named():
-    parts = (Part("free", _noop), Part("x", _noop, requires=("z",)), Part("y", _noop, requires=("x",)),
-             Part("z", _noop, requires=("y",)), Part("after", _noop, requires=("x",)))
+    parts = (
+        Part("free", _noop),
+        Part("x", _noop, requires=("z",)),
+        Part("y", _noop, requires=("x",)),
+        Part("z", _noop, requires=("y",)),
+        Part("after", _noop, requires=("x",)),
+    )
     with pytest.raises(PartOrderError, match=r"in a cycle: x -> z -> y -> x$"):
         resolve_order(parts)
 

@@ -8,8 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 import sftop.kernels as K
 import sftop.kernels.lora_mlp as lm
-from sftop.kernels.recompute import (checkpoint_marking_recompute, keep_for_recompute, kept_from_first_run,
-                                     recomputing)
+from sftop.kernels.recompute import checkpoint_marking_recompute, keep_for_recompute, kept_from_first_run, recomputing
 
 from _kernel_testutil import rel_err
 from _tiny_models import tiny_model, twin
@@ -63,7 +62,8 @@ def test_the_recomputation_reads_what_the_first_run_kept_in_order():
     assert {id(recomputed[0]), id(recomputed[1]), id(recomputed[3]), id(recomputed[4])} == firsts
     pairs = [(recomputed[0], recomputed[1]), (recomputed[3], recomputed[4])]
     assert sorted([(id(a), id(b)) for a, b in pairs]) == sorted(
-        [(id(first_run[0]), id(first_run[1])), (id(first_run[2]), id(first_run[3]))])
+        [(id(first_run[0]), id(first_run[1])), (id(first_run[2]), id(first_run[3]))]
+    )
     # outside a checkpointed layer keeping does nothing and nothing comes back
     keep_for_recompute(torch.ones(1))
     assert kept_from_first_run() is None
@@ -156,8 +156,12 @@ def test_qlora_recomputation_skips_the_down_dequantisation_with_stock_gradients(
 
     import sftop.kernels.nf4 as nf4
 
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32)
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     stock = tiny_model("llama", quant=q)
     fused = tiny_model("llama", quant=q)
     assert K.patch_model(fused).parts["lean_recompute"] == "fused"
@@ -165,8 +169,9 @@ def test_qlora_recomputation_skips_the_down_dequantisation_with_stock_gradients(
     assert len(downs) == 2
     down_dequantised = []
     real = nf4.dequantize_4bit_weight
-    monkeypatch.setattr(lm, "dequantize_4bit_weight",
-                        lambda w, dt: (id(w) in downs and down_dequantised.append(1)) or real(w, dt))
+    monkeypatch.setattr(
+        lm, "dequantize_4bit_weight", lambda w, dt: (id(w) in downs and down_dequantised.append(1)) or real(w, dt)
+    )
     counts = _down_projections(monkeypatch)
     ids = torch.randint(3, 300, (2, 11), device=next(stock.parameters()).device)
     grads = []

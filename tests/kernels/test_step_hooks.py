@@ -23,8 +23,20 @@ SCHEDULING = {"recompute", "checkpoint_offload", "cuda_graphs", "kept_attention"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("op", ["rms_norm", "rope", "nf4", "glu", "fused_linear_cross_entropy",
-                                "fused_linear_logprob", "scratch", "lora_mlp", "lora_linear"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        "rms_norm",
+        "rope",
+        "nf4",
+        "glu",
+        "fused_linear_cross_entropy",
+        "fused_linear_logprob",
+        "scratch",
+        "lora_mlp",
+        "lora_linear",
+    ],
+)
 def test_op_files_import_no_scheduling_module(op):
     imported = set()
     for node in ast.walk(ast.parse((KERNELS / f"{op}.py").read_text())):
@@ -137,8 +149,12 @@ def test_a_capture_freezes_the_nf4_scratch(monkeypatch):
 
     for buffers in (nf4.SCRATCH, nf4.ABSMAX_SCRATCH):
         monkeypatch.setattr(buffers, "_frozen", False)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     m = tiny_model("llama", dtype=torch.bfloat16, quant=q)
     assert K.patch_model(m).parts["cuda_graphs"] == "fused"
     m.train()

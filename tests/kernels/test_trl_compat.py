@@ -16,8 +16,7 @@ def _tokenizer():
 
     vocab = {f"t{i}": i for i in range(VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t3"))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", bos_token="t1", eos_token="t2",
-                                   unk_token="t3")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t3")
 
 
 @pytest.mark.parametrize("patch_first", [True, False])
@@ -30,9 +29,17 @@ def test_sft_trainer_trains_patched_model(tmp_path, patch_first):
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(3, VOCAB, (int(n),), generator=g).tolist()} for n in (9, 14, 6, 11)]
     args = trl.SFTConfig(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
-        logging_steps=1, report_to=[], save_strategy="no", use_cpu=DEVICE == "cpu", bf16=False,
-        padding_free=True, max_length=None,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=DEVICE == "cpu",
+        bf16=False,
+        padding_free=True,
+        max_length=None,
     )
     calls = {"n": 0}
     orig_apply = rms_mod.RMSNormFunction.apply
@@ -45,8 +52,9 @@ def test_sft_trainer_trains_patched_model(tmp_path, patch_first):
     try:
         if patch_first:
             report = K.patch_model(model)
-        trainer = trl.SFTTrainer(model=model, args=args, processing_class=_tokenizer(),
-                                 train_dataset=datasets.Dataset.from_list(rows))
+        trainer = trl.SFTTrainer(
+            model=model, args=args, processing_class=_tokenizer(), train_dataset=datasets.Dataset.from_list(rows)
+        )
         if not patch_first:
             report = K.patch_model(trainer.model)
         # every Triton part; packed attention needs a CUDA GPU and bf16 (test_varlen_attention.py)

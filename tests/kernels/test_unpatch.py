@@ -91,7 +91,8 @@ def test_unpatch_after_checkpointed_training_leaves_a_stock_model():
     report = K.patch_model(patched)
     # the parts that change more than forwards: markers on the model and the layers' checkpoint function
     assert {p: report.parts[p] for p in ("rms_norm", "rope", "mlp", "attention_lora", "loss", "lean_recompute")} == {
-        p: "fused" for p in ("rms_norm", "rope", "mlp", "attention_lora", "loss", "lean_recompute")}
+        p: "fused" for p in ("rms_norm", "rope", "mlp", "attention_lora", "loss", "lean_recompute")
+    }
     for m in (never, patched):
         m.train()
         m.gradient_checkpointing_enable(**GC_KWARGS)
@@ -104,8 +105,12 @@ def test_unpatch_after_checkpointed_training_leaves_a_stock_model():
     K.unpatch(patched)
 
     assert _differences(patched, never) == []
-    left = [(name, key) for name, m in patched.named_modules() for key in vars(m)
-            if key in markers.ALL or key.startswith("_sftop_")]
+    left = [
+        (name, key)
+        for name, m in patched.named_modules()
+        for key in vars(m)
+        if key in markers.ALL or key.startswith("_sftop_")
+    ]
     assert left == []
     p_out, p_grads = _loss_and_grads(patched, batch)
     s_out, s_grads = _loss_and_grads(never, batch)
@@ -136,8 +141,10 @@ def test_the_comparison_sees_a_checkpoint_function_left_behind():
     K.unpatch(patched)
     assert _differences(patched, never) == []
     patched.get_base_model().model.layers[1]._gradient_checkpointing_func = wrapped
-    assert _differences(patched, never) == ["base_model.model.model.layers.1._gradient_checkpointing_func: "
-                                            f"{wrapped!r} vs {never.get_base_model().model.layers[1]._gradient_checkpointing_func!r}"]
+    assert _differences(patched, never) == [
+        "base_model.model.model.layers.1._gradient_checkpointing_func: "
+        f"{wrapped!r} vs {never.get_base_model().model.layers[1]._gradient_checkpointing_func!r}"
+    ]
 
 
 def test_a_deep_copy_of_a_patched_model_runs_its_own_weights():

@@ -71,8 +71,11 @@ def test_block_causal_mask_and_row_boundaries_from_position_ids():
         expect[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
     assert torch.equal(m, expect)
     # TRL's boundaries are used as given (no host sync)
-    cu2, m2 = VA._cu_seq_lens({"cu_seq_lens_q": torch.tensor([0, 4, 6]), "cu_seq_lens_k": torch.tensor([0, 4, 6]),
-                               "max_length_q": 4}, 6, "cpu")
+    cu2, m2 = VA._cu_seq_lens(
+        {"cu_seq_lens_q": torch.tensor([0, 4, 6]), "cu_seq_lens_k": torch.tensor([0, 4, 6]), "max_length_q": 4},
+        6,
+        "cpu",
+    )
     assert cu2.tolist() == [0, 4, 6] and cu2.dtype == torch.int32 and m2 == 4
 
 
@@ -98,8 +101,13 @@ def test_cpu_padded_batches_and_generation_match_stock():
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding
-    assert rel_err(ours(input_ids=ids, attention_mask=mask).logits[mask.bool()],
-                   stock(input_ids=ids, attention_mask=mask).logits[mask.bool()]) < 1e-6
+    assert (
+        rel_err(
+            ours(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+            stock(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+        )
+        < 1e-6
+    )
     gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(ids, attention_mask=mask, **gen), stock.generate(ids, attention_mask=mask, **gen))
     one = ids[1:]

@@ -40,7 +40,7 @@ def test_segment_attention_matches_float64_reference(mask_limit, monkeypatch):
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     n, heads, dim = sum(lengths), 3, 10
     q, k, v = (torch.randn(1, heads, n, dim, generator=g, requires_grad=True) for _ in range(3))
-    scale = dim ** -0.5
+    scale = dim**-0.5
     out = VA.segment_attention(q, k, v, cu, max(lengths), scale)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = _reference(*ref_in, cu, scale)
@@ -57,14 +57,16 @@ def test_attention_function_keeps_segments_apart_and_is_bidirectional():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 7, 4, generator=g) for _ in range(3))
     cu = torch.tensor([0, 3, 7], dtype=torch.int32)
-    out, _ = VA.attention_forward(None, q, k, v, None, scaling=0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                                  max_length_q=4, is_causal=False)
+    out, _ = VA.attention_forward(
+        None, q, k, v, None, scaling=0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=4, is_causal=False
+    )
     # the first position of the second segment sees its whole segment (not causal) and nothing before it
     v2 = v.clone()
     v2[:, :, :3] += 100.0  # another segment's values must not leak in
     v2[:, :, 6] += 1.0  # a later position of its own segment must
-    out2, _ = VA.attention_forward(None, q, k, v2, None, scaling=0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                                   max_length_q=4, is_causal=False)
+    out2, _ = VA.attention_forward(
+        None, q, k, v2, None, scaling=0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=4, is_causal=False
+    )
     assert not torch.equal(out[:, 3], out2[:, 3])  # seen from before it: not causal
     assert (out2[:, 3:] - out[:, 3:]).abs().max() <= 1.0  # the +100 segment stayed out
     assert (out2[:, :3] - out[:, :3]).abs().min() > 99.0
@@ -83,7 +85,7 @@ def _tower_model(name: str, seed: int = 0):
 
 def _pixels(vision_config, seed=1):
     grid = torch.tensor(GRID)
-    values = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size ** 2
+    values = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size**2
     g = torch.Generator().manual_seed(seed)
     return torch.randn(int(grid.prod(-1).sum()), values, generator=g), grid
 
@@ -278,9 +280,11 @@ def test_gpu_flash_segments_match_float64_reference(head_dim):
     lengths = [64, 64, 48, 1024, 33]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     n = sum(lengths)
-    q, k, v = (torch.randn(1, 16, n, head_dim, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
-               for _ in range(3))
-    scale = head_dim ** -0.5
+    q, k, v = (
+        torch.randn(1, 16, n, head_dim, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        for _ in range(3)
+    )
+    scale = head_dim**-0.5
     out = VA.segment_attention(q, k, v, cu, max(lengths), scale)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = _reference(*ref_in, cu.cpu(), scale)
@@ -302,14 +306,31 @@ def test_gpu_bf16_tower_equals_stock_with_one_attention_launch_a_block(monkeypat
     from sftop.kernels import patch_model
 
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2),
-        vision_config=dict(depth=4, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=64,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[1, 3]))
+        text_config=dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        vision_config=dict(
+            depth=4,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1, 3],
+        ),
+    )
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa",
-                                                            dtype=torch.bfloat16).cuda()
+    model = Qwen2_5_VLForConditionalGeneration._from_config(
+        config, attn_implementation="sdpa", dtype=torch.bfloat16
+    ).cuda()
     targets = r".*visual\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj)"
     stock = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=targets))
     reference = copy.deepcopy(stock).float()
@@ -318,7 +339,9 @@ def test_gpu_bf16_tower_equals_stock_with_one_attention_launch_a_block(monkeypat
     assert patch_vision_tower(patched) == {p: "fused" for p in VISION_PARTS}
     grid = torch.tensor([[1, 32, 32], [1, 20, 28], [1, 32, 32]], device="cuda")  # uneven windows in the second
     values = 3 * 2 * 14 * 14
-    pixels = torch.randn(int(grid.prod(-1).sum()), values, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    pixels = torch.randn(
+        int(grid.prod(-1).sum()), values, device="cuda", generator=torch.Generator("cuda").manual_seed(1)
+    )
     out_r, grads_r = _run_tower(reference, pixels, grid)
     out_s, grads_s = _run_tower(stock, pixels.bfloat16(), grid)
     counts = _counting(monkeypatch)
@@ -341,8 +364,13 @@ def _tower_launches(patched: bool, grid) -> int:
 
     model, _ = _tower_model("qwen2_5_vl")
     model.config.vision_config.window_size = 112  # 8x8-patch windows, as the real checkpoints
-    model = get_peft_model(model.to(torch.bfloat16), LoraConfig(
-        r=4, target_modules=r".*visual\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj)"))
+    model = get_peft_model(
+        model.to(torch.bfloat16),
+        LoraConfig(
+            r=4,
+            target_modules=r".*visual\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj)",
+        ),
+    )
     if patched:
         patch_model(model, model_type="qwen2", only=("lora",))
         patch_vision_tower(model)

@@ -69,7 +69,8 @@ def test_demo_tokenizer_digits_and_chat_template(offline):
     assert pieces[:2] == ["1", "2"] and "357" not in pieces  # one token per digit
     out = tok.apply_chat_template(
         [{"role": "user", "content": "What is 7+5?"}, {"role": "assistant", "content": "12"}],
-        return_dict=True, return_assistant_tokens_mask=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
     )
     trained = [i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
     assert tok.decode(trained) == "12<|im_end|>"  # the answer and the stop token, nothing else

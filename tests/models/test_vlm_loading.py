@@ -20,8 +20,9 @@ def vlm_home(tmp_path_factory, monkeypatch):
 
 
 def _preset(**lora):
-    return Preset.model_validate({"model": {"name": DEMO_VLM_NAME}, "lora": {"r": 4, **lora},
-                                  "train": {"kernels": "off"}})
+    return Preset.model_validate(
+        {"model": {"name": DEMO_VLM_NAME}, "lora": {"r": 4, **lora}, "train": {"kernels": "off"}}
+    )
 
 
 @pytest.fixture
@@ -58,21 +59,26 @@ def test_local_directory_is_recognised_from_its_config(vlm_home, tiny_vlm, tmp_p
     assert family_on_disk("builtin:demo-tiny") is None
 
 
-@pytest.mark.parametrize("parts, expected", [
-    (None, {"language": 21}),
-    (["language", "attention"], {"language": 12}),
-    (["language", "mlp"], {"language": 9}),
-    (["vision"], {"vision": 8}),  # 2 blocks x (qkv, proj, fc1, fc2)
-    (["vision", "attention"], {"vision": 4}),
-    (["projector"], {"projector": 2}),  # the merger's two linears (its norm is not a linear)
-    (["language", "vision", "projector", "attention", "mlp"], {"language": 21, "vision": 8, "projector": 2}),
-])
+@pytest.mark.parametrize(
+    "parts, expected",
+    [
+        (None, {"language": 21}),
+        (["language", "attention"], {"language": 12}),
+        (["language", "mlp"], {"language": 9}),
+        (["vision"], {"vision": 8}),  # 2 blocks x (qkv, proj, fc1, fc2)
+        (["vision", "attention"], {"vision": 4}),
+        (["projector"], {"projector": 2}),  # the merger's two linears (its norm is not a linear)
+        (["language", "vision", "projector", "attention", "mlp"], {"language": 21, "vision": 8, "projector": 2}),
+    ],
+)
 def test_lora_parts_pick_linears_by_part(tiny_vlm, parts, expected):
     family = demo_family()
     names = target_module_names(tiny_vlm, family, parts)
-    got = {"language": sum(".language_model." in n for n in names),
-           "vision": sum(".visual.blocks." in n for n in names),
-           "projector": sum(".visual.merger." in n for n in names)}
+    got = {
+        "language": sum(".language_model." in n for n in names),
+        "vision": sum(".visual.blocks." in n for n in names),
+        "projector": sum(".visual.merger." in n for n in names),
+    }
     assert {k: v for k, v in got.items() if v} == expected
     assert all(isinstance(tiny_vlm.get_submodule(n), torch.nn.Linear) for n in names)
 
@@ -122,8 +128,12 @@ def test_gradient_checkpointing_covers_the_vision_tower(tiny_vlm):
     from PIL import Image
 
     text = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]},
-         {"role": "assistant", "content": [{"type": "text", "text": "red"}]}], tokenize=False)
+        [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        ],
+        tokenize=False,
+    )
     batch = processor(text=[text], images=[Image.new("RGB", (56, 56), (200, 0, 0))], return_tensors="pt")
     out = model(**batch, labels=batch["input_ids"])
     out.loss.backward()
@@ -176,10 +186,14 @@ def test_presets_show_and_plan_speak_of_the_vlm(vlm_home, capsys):
     assert main(["presets", "show", "demo-vision"]) == 0
     shown = capsys.readouterr().out
     assert 'parts = [\n    "language",\n    "vision",\n    "projector",' in shown
-    assert "# Qwen2-VL vision-language model: lora.parts = language, vision, projector, attention, mlp; " \
-           "family default ['language', 'attention', 'mlp']" in shown
-    assert main(["plan", "demo-vision", "--set", "data.max_rows=24", "--set", "plan.micro_batch=4",
-                 "--gpu-memory", "24"]) == 0
+    assert (
+        "# Qwen2-VL vision-language model: lora.parts = language, vision, projector, attention, mlp; "
+        "family default ['language', 'attention', 'mlp']" in shown
+    )
+    assert (
+        main(["plan", "demo-vision", "--set", "data.max_rows=24", "--set", "plan.micro_batch=4", "--gpu-memory", "24"])
+        == 0
+    )
     plan = capsys.readouterr().out
     assert "images: pixel tensors" in plan and "images: vision tower activations" in plan
     assert "image tokens per micro-batch of 4: p95" in plan and "no data check yet" not in plan

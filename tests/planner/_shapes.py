@@ -11,28 +11,51 @@ from sftop.engine.presets.schema import Preset
 
 def llama_1b() -> LlamaConfig:
     return LlamaConfig(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
     )
 
 
 def qwen_1_5b() -> Qwen2Config:
     return Qwen2Config(
-        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
     )
 
 
 def llama_8b() -> LlamaConfig:
     return LlamaConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
     )
 
 
-def preset(name: str = "meta-llama/Llama-3.2-1B-Instruct", *, max_length: int = 2048, effective_batch: int = 16,
-           load_in_4bit: bool = False, packing: bool = True, r: int = 16, optimizer: str = "adamw",
-           **plan) -> Preset:
+def preset(
+    name: str = "meta-llama/Llama-3.2-1B-Instruct",
+    *,
+    max_length: int = 2048,
+    effective_batch: int = 16,
+    load_in_4bit: bool = False,
+    packing: bool = True,
+    r: int = 16,
+    optimizer: str = "adamw",
+    **plan,
+) -> Preset:
     return Preset.model_validate(
         {
             "name": "t",

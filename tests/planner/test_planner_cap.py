@@ -150,8 +150,9 @@ def test_the_trainer_holds_its_allocator_to_the_cap_less_the_cuda_context():
 
 
 def test_out_of_steps_under_a_cap_says_to_raise_it():
-    plan = plan_run(preset(max_memory_gib=6, micro_batch=1, gradient_checkpointing="offload"), llama_1b(),
-                    gpus=one_gpu(80))
+    plan = plan_run(
+        preset(max_memory_gib=6, micro_batch=1, gradient_checkpointing="offload"), llama_1b(), gpus=one_gpu(80)
+    )
     with pytest.raises(ResourceError, match=r"Raise plan.max_memory_gib \(now 6.00 GiB\) or remove it; or set model"):
         on_oom(plan, step=3)
 

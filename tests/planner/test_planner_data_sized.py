@@ -41,8 +41,12 @@ def test_never_sized_under_the_longest_micro_batch_and_unchanged_without_packing
     plan = plan_run(preset(effective_batch=8), llama_1b(), gpus=one_gpu(24))
     sized = size_for_data(plan, lengths)
     assert sized.tokens_per_micro_batch == sized.micro_batch * 2048  # the 8 longest rows are full length
-    same = [c for c in plan.candidates if (c["micro_batch"], c["gradient_checkpointing"], c["checkpoint_every_n_layers"])
-            == (sized.micro_batch, sized.gradient_checkpointing, sized.checkpoint_every_n_layers)]
+    same = [
+        c
+        for c in plan.candidates
+        if (c["micro_batch"], c["gradient_checkpointing"], c["checkpoint_every_n_layers"])
+        == (sized.micro_batch, sized.gradient_checkpointing, sized.checkpoint_every_n_layers)
+    ]
     assert same and same[0]["predicted_peak_gib"] == pytest.approx(sized.predicted_peak_gib, abs=1e-3)
     padded = plan_run(preset(effective_batch=8, packing=False), llama_1b(), gpus=one_gpu(24))
     assert size_for_data(padded, lengths) is padded

@@ -40,4 +40,6 @@ def test_reference_forward_can_set_the_peak():
     # activations plus the log-prob head are then above the plain loss phase
     assert pref.allocated_bytes > plain.allocated_bytes
     assert pref.peak_phase == "loss" and pref.terms["reference_forward"] > 0
-    assert pref.allocated_bytes == sum(v for k, v in pref.terms.items() if k not in ("allocator_margin", "cuda_context"))
+    assert pref.allocated_bytes == sum(
+        v for k, v in pref.terms.items() if k not in ("allocator_margin", "cuda_context")
+    )

@@ -24,7 +24,15 @@ L1B = ModelShape.from_config(llama_1b())
 def test_shape_from_config_and_dict():
     s = L1B
     assert (s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim, s.vocab, s.tied) == (
-        2048, 8192, 16, 32, 8, 64, 128256, True)
+        2048,
+        8192,
+        16,
+        32,
+        8,
+        64,
+        128256,
+        True,
+    )
     assert ModelShape.from_config(llama_1b().to_dict()) == s
     # per block: q,o 2048^2 each; k,v 2048*512 each; gate,up,down 2048*8192 each
     assert s.linear_params == 16 * (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192) == 973_078_528
@@ -95,8 +103,9 @@ def test_activation_per_token_per_layer():
     assert layer_activation_bytes_per_token(L1B, Setup(kernels=True), 2048, masked=True) == fused + 2 * 2 * (2048 - 512)
     assert layer_activation_bytes_per_token(L1B, Setup(kernels=False), 2048, masked=True) == 157_696 + 6144
     # only q and v adapted: the MLP runs the fused GLU on its own (gate, up saved), no MLP adapter input
-    qv = layer_activation_bytes_per_token(L1B, Setup(kernels=True, lora_targets=("q_proj", "v_proj"), on_gpu=False),
-                                          2048)
+    qv = layer_activation_bytes_per_token(
+        L1B, Setup(kernels=True, lora_targets=("q_proj", "v_proj"), on_gpu=False), 2048
+    )
     assert qv == 2 * (2 * 2048 + 2 * 512) + 4 * 32 + 2 * 2 * 8192 + 2 * (2 * 2048 + 4) + 2 * 2048 + 2 * 16 * 2
     # LoRA dropout sends every adapter back to PEFT (fp32 input copies + masks); norms and GLU stay fused
     kd = layer_activation_bytes_per_token(L1B, Setup(kernels=True, lora_dropout=0.05), 2048)
@@ -209,8 +218,13 @@ def test_peers_anchor_magnitudes():
 def test_vlm_vision_tower_weights_count_and_stay_16bit():
     # Qwen2.5-VL-3B's config.json: 1280-wide, 32-deep gated ViT with a 2x2 merger into 2048
     text = qwen_1_5b().to_dict()
-    vision = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "hidden_act": "silu",
-              "out_hidden_size": 2048}
+    vision = {
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "hidden_act": "silu",
+        "out_hidden_size": 2048,
+    }
     shape = ModelShape.from_config({"model_type": "qwen2_5_vl", "text_config": text, "vision_config": vision})
     per_layer = 4 * 1280 * 1280 + 3 * 1280 * 3420
     assert shape.vision_params == 32 * per_layer + 5120 * 5120 + 5120 * 2048
@@ -218,7 +232,8 @@ def test_vlm_vision_tower_weights_count_and_stay_16bit():
     text_only = ModelShape.from_config(qwen_1_5b())
     assert weight_bytes(shape, Setup()) - weight_bytes(text_only, Setup()) == 2 * shape.vision_params
     assert weight_bytes(shape, Setup(load_in_4bit=True)) - weight_bytes(text_only, Setup(load_in_4bit=True)) == (
-        2 * shape.vision_params)
+        2 * shape.vision_params
+    )
 
 
 def test_packed_and_padded_batches_pay_for_the_sdpa_mask():
@@ -279,8 +294,12 @@ def test_kept_projections_follow_layer_width_and_the_switch(monkeypatch, forced)
         monkeypatch.delenv(KEEP_PROJECTIONS_ENV, raising=False)
     else:
         monkeypatch.setenv(KEEP_PROJECTIONS_ENV, forced)
-    got = {cfg.model_type + str(cfg.hidden_size): kept_projections(ModelShape.from_config(cfg), Setup(checkpointing="offload"), masked=False)
-           for cfg in (llama_1b(), llama_8b(), qwen_1_5b())}
+    got = {
+        cfg.model_type + str(cfg.hidden_size): kept_projections(
+            ModelShape.from_config(cfg), Setup(checkpointing="offload"), masked=False
+        )
+        for cfg in (llama_1b(), llama_8b(), qwen_1_5b())
+    }
     # Llama-3.1-8B's layers have the compute to hide the q/k/v copies; the narrower ones do not
     want = {"llama2048": False, "llama4096": True, "qwen21536": False}
     assert got == (want if forced is None else dict.fromkeys(want, forced == "1"))

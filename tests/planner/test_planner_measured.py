@@ -59,4 +59,3 @@ def test_prediction_within_measured_band(r):
     # the stock path reaches -0.1%..+7.0%
     high = 0.07 if r["loss"] == "sftop" else 0.08
     assert -0.02 <= err <= high, f"predicted {predicted_gib(r):.2f} GiB, measured {r['measured_gib']:.2f} GiB"
-

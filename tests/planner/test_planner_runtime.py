@@ -14,8 +14,16 @@ from _shapes import llama_1b, preset
 from sftop.engine.gpu import read_gpus
 
 from sftop.engine.planner import plan_run
-from sftop.engine.planner.runtime import (MEASURED_STEPS, WHOLE_RUN, calibration, describe_run_time,
-                                          estimate_run_time, gpu_family, run_steps, _modelled_step_s)
+from sftop.engine.planner.runtime import (
+    MEASURED_STEPS,
+    WHOLE_RUN,
+    calibration,
+    describe_run_time,
+    estimate_run_time,
+    gpu_family,
+    run_steps,
+    _modelled_step_s,
+)
 
 
 def h100():
@@ -45,8 +53,9 @@ def test_llama_1b_on_an_h100_for_500_steps_at_a_price():
     plan = plan_run(p, llama_1b(), gpus=h100())
     rt = estimate_run_time(plan, p)
     assert rt.measured and rt.family == "H100/H200" and rt.steps == 500
-    assert rt.step_s == pytest.approx(calibration().compute_factor * plan.modelled_step_s
-                                      + calibration().step_overhead_s)
+    assert rt.step_s == pytest.approx(
+        calibration().compute_factor * plan.modelled_step_s + calibration().step_overhead_s
+    )
     assert rt.step_s == pytest.approx(0.2178, abs=2e-3)
     assert rt.wall_s == pytest.approx(calibration().startup_s + 500 * rt.step_s)
     assert rt.cost == pytest.approx(rt.wall_s / 3600 * 2.5)
@@ -89,8 +98,21 @@ def test_sftop_plan_prints_and_returns_the_estimate(tmp_path):
     import os
 
     env = {**os.environ, "SFTOP_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    args = [sys.executable, "-m", "sftop", "plan", "llama-3.2-1b-instruct", "--gpu-memory", "80", "--gpu", "H100",
-            "--set", "train.max_steps=500", "--set", "plan.price_per_gpu_hour=2.5"]
+    args = [
+        sys.executable,
+        "-m",
+        "sftop",
+        "plan",
+        "llama-3.2-1b-instruct",
+        "--gpu-memory",
+        "80",
+        "--gpu",
+        "H100",
+        "--set",
+        "train.max_steps=500",
+        "--set",
+        "plan.price_per_gpu_hour=2.5",
+    ]
     out = subprocess.run(args + ["--json"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     estimate = json.loads(out.stdout)["estimate"]

@@ -101,8 +101,9 @@ def test_fixed_load_in_4bit_false_is_never_switched_but_suggested():
 
 def test_refusal_names_the_smallest_need_and_working_options():
     with pytest.raises(ResourceError) as err:
-        plan_run(preset("meta-llama/Llama-3.1-8B-Instruct", load_in_4bit=True, max_length=8192), llama_8b(),
-                 gpus=one_gpu(8))
+        plan_run(
+            preset("meta-llama/Llama-3.1-8B-Instruct", load_in_4bit=True, max_length=8192), llama_8b(), gpus=one_gpu(8)
+        )
     text = str(err.value)
     assert "4-bit" in text and "8192 tokens per row" in text
     assert "data.max_length = " in text  # a shorter length that fits
@@ -171,8 +172,9 @@ def test_padded_batches_rank_by_padding_too():
 
 def test_whole_run_case_packs_the_step_into_one_micro_batch_on_an_h100():
     # benchmarks/whole_run.py: 8 short chat rows per step, Llama-3.2-1B shape, H100 80 GB
-    plan = plan_run(preset(effective_batch=8, max_length=2048), llama_1b(), gpus=one_gpu(79.6, used_gib=0.5),
-                    row_tokens_mean=420)
+    plan = plan_run(
+        preset(effective_batch=8, max_length=2048), llama_1b(), gpus=one_gpu(79.6, used_gib=0.5), row_tokens_mean=420
+    )
     assert (plan.micro_batch, plan.grad_accum) == (8, 1)
     assert plan.gradient_checkpointing == "off"
 
@@ -180,9 +182,21 @@ def test_whole_run_case_packs_the_step_into_one_micro_batch_on_an_h100():
 def test_to_dict_is_json_and_render_shows_breakdown():
     plan = plan_run(preset(), llama_1b(), gpus=one_gpu(24))
     data = json.loads(json.dumps(plan.to_dict()))
-    for key in ("micro_batch", "grad_accum", "gradient_checkpointing", "load_in_4bit", "device",
-                "predicted_peak_gib", "budget_gib", "headroom_gib", "breakdown", "predicted_relative_step_time",
-                "candidates", "tokens_per_micro_batch", "reason"):
+    for key in (
+        "micro_batch",
+        "grad_accum",
+        "gradient_checkpointing",
+        "load_in_4bit",
+        "device",
+        "predicted_peak_gib",
+        "budget_gib",
+        "headroom_gib",
+        "breakdown",
+        "predicted_relative_step_time",
+        "candidates",
+        "tokens_per_micro_batch",
+        "reason",
+    ):
         assert key in data
     assert "context" not in data
     text = render_plan(plan)
@@ -218,8 +232,11 @@ def test_lora_targets_subset_and_unknown_names():
         return Preset.model_validate({**p.model_dump(), "lora": {"r": 16, "targets": targets}})
 
     qv = plan_run(with_targets(["q_proj", "v_proj"]), llama_1b(), gpus=one_gpu(80))
-    full = plan_run(preset(micro_batch=qv.micro_batch, gradient_checkpointing=qv.gradient_checkpointing),
-                    llama_1b(), gpus=one_gpu(80))
+    full = plan_run(
+        preset(micro_batch=qv.micro_batch, gradient_checkpointing=qv.gradient_checkpointing),
+        llama_1b(),
+        gpus=one_gpu(80),
+    )
     assert qv.breakdown["lora_params"] < full.breakdown["lora_params"]
     fused = plan_run(with_targets(["qkv_proj"]), llama_1b(), gpus=one_gpu(80))
     assert fused.breakdown["lora_params"] == plan_run(preset(), llama_1b(), gpus=one_gpu(80)).breakdown["lora_params"]

@@ -55,7 +55,9 @@ def test_bounds_are_the_largest_micro_batch_that_really_occurs():
     bounds = split_bounds(lengths, 8, seed=3, epochs=2, multiple=128)
     assert bounds[4] == bounds[5] == bounds[6] == 0  # 5, 6, 7 do not divide 8
     for b in (1, 2, 4, 8):
-        seen = max(sum(lengths[i] for i in g) for e in range(2) for s in step_batches(lengths, 8, 8 // b, 3, e) for g in s)
+        seen = max(
+            sum(lengths[i] for i in g) for e in range(2) for s in step_batches(lengths, 8, 8 // b, 3, e) for g in s
+        )
         assert bounds[b - 1] == -(-seen // 128) * 128
         assert bounds[b - 1] <= packed_token_bounds(lengths, 8, 128)[b - 1] or b == 8
     assert largest_micro_batch(lengths, 8, 1, 3, 1) < sum(sorted(lengths)[-8:])  # far below the 8 longest rows
@@ -81,14 +83,18 @@ def test_planner_splits_by_tokens_under_a_cap_where_rows_took_2_x_4():
     assert by_tokens.tokens_per_micro_batch == largest  # sized for the largest micro-batch, never under
     assert by_tokens.describe().startswith(
         f"8 rows/step in {by_tokens.grad_accum} micro-batch{'es' if by_tokens.grad_accum > 1 else ''} "
-        f"of <= {largest:,} tokens")
+        f"of <= {largest:,} tokens"
+    )
     assert by_tokens.to_dict()["split_by"] == "tokens"
 
 
 def test_uncapped_plan_is_sized_for_the_real_largest_step_not_the_8_longest_rows():
     lengths = whole_run_lengths()
-    plan = size_for_data(plan_run(preset(effective_batch=8), llama_1b(), gpus=one_gpu(80)), lengths,
-                         split=SplitByTokens(seed=42, epochs=1))
+    plan = size_for_data(
+        plan_run(preset(effective_batch=8), llama_1b(), gpus=one_gpu(80)),
+        lengths,
+        split=SplitByTokens(seed=42, epochs=1),
+    )
     assert (plan.micro_batch, plan.gradient_checkpointing) == (8, "off")
     assert plan.tokens_per_micro_batch == largest_micro_batch(lengths, 8, 1, 42, 1)
     assert plan.tokens_per_micro_batch < 0.6 * packed_token_bounds(lengths, 8)[-1]
@@ -98,8 +104,11 @@ def test_step_down_keeps_the_token_split():
     from sftop.engine.planner.verify import step_down
 
     lengths = whole_run_lengths()
-    plan = size_for_data(plan_run(preset(effective_batch=8), llama_1b(), gpus=one_gpu(80)), lengths,
-                         split=SplitByTokens(seed=42, epochs=1))
+    plan = size_for_data(
+        plan_run(preset(effective_batch=8), llama_1b(), gpus=one_gpu(80)),
+        lengths,
+        split=SplitByTokens(seed=42, epochs=1),
+    )
     smaller = step_down(plan, "test")
     assert (smaller.split_by, smaller.grad_accum) == ("tokens", 2)
     assert smaller.tokens_per_micro_batch == largest_micro_batch(lengths, 8, 2, 42, 1)

@@ -34,7 +34,8 @@ def test_probe_over_budget_gives_a_smaller_plan_that_fits_the_measurement():
     old_rank = memory_rank(plan.gradient_checkpointing, plan.checkpoint_every_n_layers)
     new_rank = memory_rank(new.gradient_checkpointing, new.checkpoint_every_n_layers)
     assert (new.micro_batch < plan.micro_batch and new_rank >= old_rank) or (
-        new.micro_batch <= plan.micro_batch and new_rank > old_rank)
+        new.micro_batch <= plan.micro_batch and new_rank > old_rank
+    )
     assert new.predicted_peak_gib <= new.budget_gib  # sized with the measured correction
     assert new.breakdown["probe_correction"] > 0
     assert new.reason.startswith("stepped down")
@@ -49,8 +50,15 @@ def test_step_down_chain_keeps_effective_batch_and_ends_in_refusal():
             plan = step_down(plan)
             assert plan.micro_batch * plan.grad_accum == 16
             seen.append((plan.micro_batch, plan.gradient_checkpointing, plan.checkpoint_every_n_layers))
-    assert seen == [(8, "off", 1), (4, "off", 1), (2, "off", 1), (1, "off", 1), (1, "on", 2), (1, "on", 1),
-                    (1, "offload", 1)]
+    assert seen == [
+        (8, "off", 1),
+        (4, "off", 1),
+        (2, "off", 1),
+        (1, "off", 1),
+        (1, "on", 2),
+        (1, "on", 1),
+        (1, "offload", 1),
+    ]
 
 
 def test_on_oom_halves_micro_batch_doubles_accumulation():

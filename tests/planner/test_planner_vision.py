@@ -10,12 +10,24 @@ QWEN25_VL_3B = {
     "model_type": "qwen2_5_vl",
     "tie_word_embeddings": True,
     "text_config": {
-        "model_type": "qwen2_5_vl_text", "hidden_size": 2048, "intermediate_size": 11008,
-        "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
+        "model_type": "qwen2_5_vl_text",
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
     },
     "vision_config": {
-        "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "hidden_act": "silu",
-        "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "hidden_act": "silu",
+        "out_hidden_size": 2048,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
         "in_chans": 3,
     },
 }
@@ -31,18 +43,48 @@ def test_vision_shape_from_qwen_config():
 
 def test_vision_shape_other_layouts():
     # Qwen2-VL: embed_dim is the tower's width, hidden_size the projector's output, mlp_ratio its MLP
-    q2 = VisionShape.from_config({"text_config": {"hidden_size": 64}, "vision_config": {
-        "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
-        "spatial_merge_size": 2, "temporal_patch_size": 2}})
+    q2 = VisionShape.from_config(
+        {
+            "text_config": {"hidden_size": 64},
+            "vision_config": {
+                "depth": 2,
+                "embed_dim": 32,
+                "hidden_size": 64,
+                "num_heads": 2,
+                "mlp_ratio": 2,
+                "patch_size": 14,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+            },
+        }
+    )
     assert (q2.hidden, q2.intermediate, q2.text_hidden, q2.patches_per_token) == (32, 64, 64, 4)
     # Gemma 3: SigLIP at 896 px in 14 px patches pooled to 256 tokens -> 16 patches per token
-    g3 = VisionShape.from_config({"mm_tokens_per_image": 256, "text_config": {"hidden_size": 2560},
-                                  "vision_config": {"hidden_size": 1152, "num_hidden_layers": 27,
-                                                    "intermediate_size": 4304, "image_size": 896, "patch_size": 14}})
+    g3 = VisionShape.from_config(
+        {
+            "mm_tokens_per_image": 256,
+            "text_config": {"hidden_size": 2560},
+            "vision_config": {
+                "hidden_size": 1152,
+                "num_hidden_layers": 27,
+                "intermediate_size": 4304,
+                "image_size": 896,
+                "patch_size": 14,
+            },
+        }
+    )
     assert g3.patches_per_token == 16 and g3.temporal_patch == 1 and g3.pixel_values_per_patch == 3 * 14 * 14
     # Idefics3 / SmolVLM: pixel shuffle by scale_factor 4 -> 16 patches per token
-    assert VisionShape.from_config({"scale_factor": 4, "text_config": {"hidden_size": 576}, "vision_config": {
-        "hidden_size": 768, "num_hidden_layers": 12, "patch_size": 16}}).patches_per_token == 16
+    assert (
+        VisionShape.from_config(
+            {
+                "scale_factor": 4,
+                "text_config": {"hidden_size": 576},
+                "vision_config": {"hidden_size": 768, "num_hidden_layers": 12, "patch_size": 16},
+            }
+        ).patches_per_token
+        == 16
+    )
     assert VisionShape.from_config({"hidden_size": 8}) is None  # a text model
 
 
@@ -58,8 +100,9 @@ def test_image_load_uses_the_largest_rows_not_the_mean():
 
 def test_image_terms_frozen_tower():
     v = VisionShape.from_config(QWEN25_VL_3B)
-    terms, transient = image_terms(v, VisionTraining(), image_tokens=1024, dtype_bytes=2, checkpointing=False,
-                                   lora_r=16)
+    terms, transient = image_terms(
+        v, VisionTraining(), image_tokens=1024, dtype_bytes=2, checkpointing=False, lora_r=16
+    )
     patches = 4096
     assert terms == {"pixel_values": patches * 1176 * (4 + 2)}
     # one layer's working set (input, q/k/v, attention out, gated MLP hidden) + its output, then the projector
@@ -88,8 +131,9 @@ def test_estimate_adds_image_terms_for_the_fullest_micro_batch():
     assert shape.vision is not None and shape.multimodal
     load = ImageLoad.from_rows([256] * 50 + [1024])
     base = Setup(dtype="bf16", checkpointing="on", kernels=False, loss="chunked")
-    with_images = Setup(dtype="bf16", checkpointing="on", kernels=False, loss="chunked", images=load,
-                        vision_training=VisionTraining())
+    with_images = Setup(
+        dtype="bf16", checkpointing="on", kernels=False, loss="chunked", images=load, vision_training=VisionTraining()
+    )
     plain = estimate(shape, base, 4 * 1024, seq_len=1024)
     est = estimate(shape, with_images, 4 * 1024, seq_len=1024)
     image_tokens = 1024 + 3 * 256  # the four rows with the most image tokens
@@ -102,9 +146,14 @@ def test_plan_run_shows_image_terms():
     from sftop.engine.planner import plan_run, render_plan
     from sftop.engine.presets.schema import Preset
 
-    preset = Preset.model_validate({"model": {"name": "local/qwen-vl"}, "data": {"max_length": 1024},
-                                    "plan": {"micro_batch": 4, "gradient_checkpointing": "on"},
-                                    "train": {"effective_batch": 4}})
+    preset = Preset.model_validate(
+        {
+            "model": {"name": "local/qwen-vl"},
+            "data": {"max_length": 1024},
+            "plan": {"micro_batch": 4, "gradient_checkpointing": "on"},
+            "train": {"effective_batch": 4},
+        }
+    )
     plan = plan_run(preset, QWEN25_VL_3B, gpu_memory_gib=80, image_tokens_per_row=[256] * 8)
     assert plan.breakdown["pixel_values"] == pytest.approx(1024 * 4 * 1176 * 6 / 1024**3, abs=1e-4)
     text = render_plan(plan)
@@ -120,9 +169,14 @@ def test_vlm_dpo_counts_each_pairs_images_once_per_side():
     from sftop.engine.presets.schema import Preset
 
     def plan(task):
-        preset = Preset.model_validate({"model": {"name": "local/qwen-vl"}, "data": {"max_length": 1024},
-                                        "plan": {"micro_batch": 2, "gradient_checkpointing": "on"},
-                                        "train": {"effective_batch": 2, "task": task}})
+        preset = Preset.model_validate(
+            {
+                "model": {"name": "local/qwen-vl"},
+                "data": {"max_length": 1024},
+                "plan": {"micro_batch": 2, "gradient_checkpointing": "on"},
+                "train": {"effective_batch": 2, "task": task},
+            }
+        )
         return plan_run(preset, QWEN25_VL_3B, gpu_memory_gib=80, image_tokens_per_row=[1024, 512] + [64] * 30)
 
     sft, dpo = plan("sft"), plan("dpo")

@@ -42,14 +42,28 @@ def recorded_rows() -> list[dict]:
             run = report.get(name) or {}
             plan = run.get("plan") or {}
             if plan.get("packing") and run.get("peak_allocated_gib") and not run.get("failed"):
-                rows.append({**plan, "shape": report["shape"], "measured_gib": run["peak_allocated_gib"],
-                             "name": f"{path.parent.name}/{path.name}:{name}"})
+                rows.append(
+                    {
+                        **plan,
+                        "shape": report["shape"],
+                        "measured_gib": run["peak_allocated_gib"],
+                        "name": f"{path.parent.name}/{path.name}:{name}",
+                    }
+                )
     return rows
 
 
 def forced_rows() -> list[dict]:
-    base = {"dtype": "bf16", "kernels": True, "loss": "fused", "attention": "varlen", "lora_r": 16,
-            "optimizer": "adamw", "load_in_4bit": False, "varlen_native_gqa": False}
+    base = {
+        "dtype": "bf16",
+        "kernels": True,
+        "loss": "fused",
+        "attention": "varlen",
+        "lora_r": 16,
+        "optimizer": "adamw",
+        "load_in_4bit": False,
+        "varlen_native_gqa": False,
+    }
     return [{**base, **r, "name": f"peers.md: {r['name']}"} for r in FORCED["rows"]]
 
 
@@ -59,9 +73,16 @@ ROWS = recorded_rows() + forced_rows()
 def predicted_gib(r: dict) -> float:
     shape = ModelShape.from_config({**SHAPES[r["shape"]], "model_type": "llama"})
     setup = Setup(
-        dtype=r["dtype"], load_in_4bit=r["load_in_4bit"], lora_r=r["lora_r"], optimizer=r["optimizer"],
-        checkpointing=r["gradient_checkpointing"], checkpoint_every=r.get("checkpoint_every_n_layers", 1),
-        kernels=r["kernels"], loss=r["loss"], attention=r["attention"], packed=True,
+        dtype=r["dtype"],
+        load_in_4bit=r["load_in_4bit"],
+        lora_r=r["lora_r"],
+        optimizer=r["optimizer"],
+        checkpointing=r["gradient_checkpointing"],
+        checkpoint_every=r.get("checkpoint_every_n_layers", 1),
+        kernels=r["kernels"],
+        loss=r["loss"],
+        attention=r["attention"],
+        packed=True,
         # runs recorded before plans said so ran torch 2.11, whose varlen API took K and V repeated
         varlen_native_gqa=r.get("varlen_native_gqa", False),
     )
@@ -77,4 +98,5 @@ def test_packed_whole_run_predicted_within_measured_and_10_percent_over(r):
     predicted = predicted_gib(r)
     assert r["measured_gib"] <= predicted <= 1.10 * r["measured_gib"], (
         f"{r['name']}: predicted {predicted:.3f} GiB allocated, measured {r['measured_gib']:.3f} "
-        f"({predicted / r['measured_gib'] - 1:+.1%})")
+        f"({predicted / r['measured_gib'] - 1:+.1%})"
+    )

@@ -20,7 +20,7 @@ LATIN1 = 'name = "caf\xe9"\ndescription = "d\xe9j\xe0 vu"\n'.encode("latin-1")
 
 def test_a_non_utf8_preset_file_is_one_paragraph_with_its_line_and_offset(tmp_path, capsys):
     path = tmp_path / "latin.toml"
-    path.write_bytes(b'# fine\n' + LATIN1)
+    path.write_bytes(b"# fine\n" + LATIN1)
     with pytest.raises(PresetError) as info:
         load_preset(str(path))
     text = str(info.value)
@@ -49,4 +49,3 @@ def test_a_bad_name_is_explained_without_a_lower_cased_pattern(tmp_path):
     text = str(info.value)
     assert "may hold only letters, digits" in text
     assert "a-za-z" not in text and "pattern" not in text
-

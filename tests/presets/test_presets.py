@@ -9,10 +9,23 @@ from sftop.engine.presets import list_presets, load_preset, parse_override, save
 from sftop.engine.presets.schema import Preset
 
 REQUIRED_KEYS = [
-    "model.name", "model.load_in_4bit", "lora.r", "lora.alpha", "lora.targets", "data.source",
-    "data.format", "data.max_length", "data.packing", "train.max_steps", "train.epochs",
-    "train.learning_rate", "train.effective_batch", "train.seed", "plan.micro_batch",
-    "plan.grad_accum", "plan.gradient_checkpointing",
+    "model.name",
+    "model.load_in_4bit",
+    "lora.r",
+    "lora.alpha",
+    "lora.targets",
+    "data.source",
+    "data.format",
+    "data.max_length",
+    "data.packing",
+    "train.max_steps",
+    "train.epochs",
+    "train.learning_rate",
+    "train.effective_batch",
+    "train.seed",
+    "plan.micro_batch",
+    "plan.grad_accum",
+    "plan.gradient_checkpointing",
 ]
 
 
@@ -38,9 +51,17 @@ def test_builtin_presets_all_validate():
 
 
 def test_override_types_and_nesting():
-    preset, _ = load_preset("demo", ["train.max_steps=20", "lora.r=8", "plan.micro_batch=4",
-                                     "model.name=my/model", "lora.targets=[\"q_proj\", \"v_proj\"]",
-                                     "plan.gradient_checkpointing=true"])
+    preset, _ = load_preset(
+        "demo",
+        [
+            "train.max_steps=20",
+            "lora.r=8",
+            "plan.micro_batch=4",
+            "model.name=my/model",
+            'lora.targets=["q_proj", "v_proj"]',
+            "plan.gradient_checkpointing=true",
+        ],
+    )
     assert preset.train.max_steps == 20
     assert preset.lora.r == 8
     assert preset.plan.micro_batch == 4
@@ -61,7 +82,7 @@ def test_parse_override_bare_words_are_strings():
         ("train.learnig_rate=1e-4", "did you mean `train.learning_rate`"),
         ("trian.max_steps=3", "did you mean `train`"),
         ("lora.r=0", "`lora.r` input should be greater than or equal to 1"),
-        ("lora.r=\"big\"", "`lora.r` input should be a valid integer"),
+        ('lora.r="big"', "`lora.r` input should be a valid integer"),
         ("plan.micro_batch=0", "`plan.micro_batch`"),
         ("data.format=xml", "`data.format`"),
         ("train.learning_rate=-1", "`train.learning_rate` input should be greater than 0"),

@@ -23,8 +23,9 @@ def _mount_tmpfs(path, size: str) -> str | None:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         return "mounting a small tmpfs needs root (CI runs as root)"
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
     return None if out.returncode == 0 else f"mount -t tmpfs is not permitted here: {out.stderr.strip()}"
 
 
@@ -57,12 +58,13 @@ def _fill(disk, leave: int = 0) -> None:
             pass
 
 
-
 def test_disk_filled_mid_run_fails_cleanly_and_the_resume_is_exact(home, reference, small_disk):
     _, losses = reference
     run_dir = small_disk / "run"
     proc = start_trainer(run_dir, RUN, home)
-    wait_until(lambda: of_type(events_of(run_dir), "checkpoint") or proc.poll() is not None, 300, "the first checkpoint")
+    wait_until(
+        lambda: of_type(events_of(run_dir), "checkpoint") or proc.poll() is not None, 300, "the first checkpoint"
+    )
     os.kill(proc.pid, signal.SIGSTOP)
     try:
         _fill(small_disk, leave=256 * 1024)  # room for event lines, not for the next checkpoint
@@ -93,8 +95,13 @@ def test_starting_on_a_full_disk_says_so_and_leaves_no_temporary_files(home, sma
     _fill(small_disk)
     run_dir = small_disk / "run"
     env = {**os.environ, "SFTOP_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "sftop", "run", "demo", *cli_sets(), "--run-dir", str(run_dir)],
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "sftop", "run", "demo", *cli_sets(), "--run-dir", str(run_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 3, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     assert re.search(r"sftop: error: disk full at \S+, \d+ bytes needed", out.stderr), out.stderr

@@ -31,17 +31,22 @@ def test_a_second_sigterm_only_says_the_run_is_already_stopping(tmp_path, capsys
     assert not (tmp_path / "events.jsonl").exists()
 
 
-def test_double_stop_saves_then_an_incompatible_resume_is_refused_and_the_resume_is_exact(home, reference, tmp_path,
-                                                                                          capsys):
+def test_double_stop_saves_then_an_incompatible_resume_is_refused_and_the_resume_is_exact(
+    home, reference, tmp_path, capsys
+):
     from sftop.cli import main
 
     _, losses = reference
     run_dir = tmp_path / "run"
     env = {**os.environ, "SFTOP_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     # `sftop run` typed at a shell: it records its own pid in status.json, and `sftop stop` finds it.
-    proc = subprocess.Popen([sys.executable, "-m", "sftop", "run", "demo", *cli_sets("train.save_steps=100"),
-                             "--run-dir", str(run_dir)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sftop", "run", "demo", *cli_sets("train.save_steps=100"), "--run-dir", str(run_dir)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     run = RunDir(run_dir)
     wait_until(lambda: of_type(events_of(run_dir), "step") or proc.poll() is not None, 300, "the first step")
     assert proc.poll() is None

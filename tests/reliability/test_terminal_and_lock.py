@@ -24,11 +24,28 @@ def test_foreground_run_finishes_after_its_terminal_is_closed(home, reference, t
     adapter, having trained what the uninterrupted run trained."""
     _, losses = reference
     run_dir = tmp_path / "run"
-    env = {"SFTOP_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-           "PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", str(tmp_path))}
-    command = " ".join(["env", "-i", *(f"{k}={shlex.quote(v)}" for k, v in env.items()),
-                        shlex.quote(sys.executable), "-m", "sftop", "run", "demo",
-                        *map(shlex.quote, cli_sets()), "--run-dir", shlex.quote(str(run_dir))])
+    env = {
+        "SFTOP_HOME": str(home),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": os.environ.get("HOME", str(tmp_path)),
+    }
+    command = " ".join(
+        [
+            "env",
+            "-i",
+            *(f"{k}={shlex.quote(v)}" for k, v in env.items()),
+            shlex.quote(sys.executable),
+            "-m",
+            "sftop",
+            "run",
+            "demo",
+            *map(shlex.quote, cli_sets()),
+            "--run-dir",
+            shlex.quote(str(run_dir)),
+        ]
+    )
     socket = f"sftop-rel-{os.getpid()}"
 
     def tmux(*args):
@@ -98,8 +115,10 @@ def test_a_lock_left_by_a_killed_trainer_does_not_block(tmp_path):
     """The kernel drops a flock when its holder dies, even by SIGKILL: no stale lock, ever."""
     from sftop.engine.runlock import acquire, lock_holder, release
 
-    code = ("import sys, time\nfrom sftop.engine.runlock import acquire\n"
-            f"acquire({str(tmp_path)!r})\nprint('locked', flush=True)\ntime.sleep(60)\n")
+    code = (
+        "import sys, time\nfrom sftop.engine.runlock import acquire\n"
+        f"acquire({str(tmp_path)!r})\nprint('locked', flush=True)\ntime.sleep(60)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     assert lock_holder(tmp_path) == proc.pid

@@ -29,8 +29,19 @@ step = 0
 for step in range(1, steps + 1):
     if stop["asked"]:
         break
-    writer.write(Step(step=step, epoch=step / steps, loss=2.0 / step, learning_rate=1e-3, grad_norm=1.0,
-                      tokens_seen=100 * step, tokens_per_s=1000.0, samples_per_s=10.0, total_steps=steps))
+    writer.write(
+        Step(
+            step=step,
+            epoch=step / steps,
+            loss=2.0 / step,
+            learning_rate=1e-3,
+            grad_norm=1.0,
+            tokens_seen=100 * step,
+            tokens_per_s=1000.0,
+            samples_per_s=10.0,
+            total_steps=steps,
+        )
+    )
     time.sleep(delay)
 if stop["asked"]:
     ckpt = run_dir / "checkpoints" / f"checkpoint-{step}"

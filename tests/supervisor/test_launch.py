@@ -56,7 +56,7 @@ def test_cpu_processes_get_accelerate_launch_with_config_and_a_script():
     assert launch.command[-7:] == ["-m", "sftop", "run", str(run.preset), "--run-dir", str(run.path), "--resume"]
     assert "--num_processes" in launch.command and launch.command[launch.command.index("--num_processes") + 1] == "2"
     config = (run.path / "accelerate.yaml").read_text()
-    assert "distributed_type: \"MULTI_GPU\"" in config and "use_cpu: true" in config and "main_process_port: 0" in config
+    assert 'distributed_type: "MULTI_GPU"' in config and "use_cpu: true" in config and "main_process_port: 0" in config
     assert launch.env["ACCELERATE_USE_CPU"] == "true" and launch.env["CUDA_VISIBLE_DEVICES"] == ""
     assert launch.env["SFTOP_CUDA_GRAPHS"] == "0" and launch.env["SFTOP_DISTRIBUTED"] == "cpu"
     script = (run.path / "launch.sh").read_text()
@@ -64,8 +64,10 @@ def test_cpu_processes_get_accelerate_launch_with_config_and_a_script():
 
 
 def test_an_impossible_plan_gpus_fails_the_run_with_the_reason(monkeypatch):
-    monkeypatch.setattr("sftop.engine.gpu_select.read_gpus",
-                        lambda: __import__("sftop.engine.gpu", fromlist=["GpuStatus"]).GpuStatus(reason="no driver"))
+    monkeypatch.setattr(
+        "sftop.engine.gpu_select.read_gpus",
+        lambda: __import__("sftop.engine.gpu", fromlist=["GpuStatus"]).GpuStatus(reason="no driver"),
+    )
     run = _run(["plan.gpus=2"])
     monkeypatch.setattr("signal.signal", lambda *a: None)  # supervise installs handlers meant for its own process
     assert supervise(run) != 0
@@ -118,8 +120,18 @@ def _two_gpus(monkeypatch, used=(0.5, 0.5)):
     from sftop.engine.gpu import GpuInfo, GpuStatus
 
     gib = 2**30
-    cards = [GpuInfo(index=i, nvml_index=i, name="H100", uuid=f"GPU-{i}", memory_total_bytes=80 * gib,
-                     memory_used_bytes=int(u * gib), memory_free_bytes=int((80 - u) * gib)) for i, u in enumerate(used)]
+    cards = [
+        GpuInfo(
+            index=i,
+            nvml_index=i,
+            name="H100",
+            uuid=f"GPU-{i}",
+            memory_total_bytes=80 * gib,
+            memory_used_bytes=int(u * gib),
+            memory_free_bytes=int((80 - u) * gib),
+        )
+        for i, u in enumerate(used)
+    ]
     monkeypatch.setattr("sftop.engine.gpu_select.read_gpus", lambda: GpuStatus(gpus=cards))
 
 

@@ -146,8 +146,15 @@ def test_choose_gpu_pins_the_freest_of_several(monkeypatch):
     gib = 2**30
 
     def card(i, free):
-        return GpuInfo(index=i, nvml_index=i, name="L4", uuid=f"GPU-{i}", memory_total_bytes=24 * gib,
-                       memory_used_bytes=(24 - free) * gib, memory_free_bytes=free * gib)
+        return GpuInfo(
+            index=i,
+            nvml_index=i,
+            name="L4",
+            uuid=f"GPU-{i}",
+            memory_total_bytes=24 * gib,
+            memory_used_bytes=(24 - free) * gib,
+            memory_free_bytes=free * gib,
+        )
 
     monkeypatch.setattr(gpu, "read_gpus", lambda backend=None: GpuStatus(gpus=[card(0, 2), card(1, 20)]))
     assert choose_gpu({}) == {"CUDA_VISIBLE_DEVICES": "GPU-1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
@@ -160,8 +167,10 @@ def test_engine_modules_do_not_import_textual():
     import subprocess
     import sys
 
-    code = ("import sys, sftop.engine.supervisor, sftop.engine.runs; "
-            "print([m for m in sys.modules if m.split('.')[0] in ('textual', 'rich')])")
+    code = (
+        "import sys, sftop.engine.supervisor, sftop.engine.runs; "
+        "print([m for m in sys.modules if m.split('.')[0] in ('textual', 'rich')])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -237,15 +246,23 @@ def test_stop_run_signals_a_foreground_run_alone(tmp_path):
     run = new_run_dir("fg-stop")
     # a process that leaves a mark on SIGTERM, in the test's own process group (as a shell job is)
     mark = tmp_path / "got-term"
-    code = ("import signal, sys, time, pathlib\n"
-            f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(mark)!r}).write_text('1'), sys.exit(0)))\n"
-            "print('handler installed', flush=True)\n"
-            "time.sleep(30)\n")
+    code = (
+        "import signal, sys, time, pathlib\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(mark)!r}).write_text('1'), sys.exit(0)))\n"
+        "print('handler installed', flush=True)\n"
+        "time.sleep(30)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "handler installed\n"
-        run.write_status(status="running", foreground=True, pid=proc.pid, pgid=None,
-                         trainer_start=process_start_time(proc.pid), started=time.time())
+        run.write_status(
+            status="running",
+            foreground=True,
+            pid=proc.pid,
+            pgid=None,
+            trainer_start=process_start_time(proc.pid),
+            started=time.time(),
+        )
         assert "Stopping run" in stop_run(run)
         proc.wait(timeout=10)
         assert mark.read_text() == "1"
@@ -262,8 +279,20 @@ def test_a_resumed_run_is_not_reported_by_its_earlier_ending():
     _write_events(run, RunStarted(**started), RunStopped(step=2, signal="SIGTERM", checkpoint=None))
     assert summarize(run).status == "stopped"
     cut = time.time()
-    _write_events(run, RunStarted(**started), Step(step=3, epoch=0.75, loss=1.0, learning_rate=1e-3, grad_norm=1.0,
-                                                    tokens_seen=300, tokens_per_s=10.0, samples_per_s=1.0))
+    _write_events(
+        run,
+        RunStarted(**started),
+        Step(
+            step=3,
+            epoch=0.75,
+            loss=1.0,
+            learning_rate=1e-3,
+            grad_norm=1.0,
+            tokens_seen=300,
+            tokens_per_s=10.0,
+            samples_per_s=1.0,
+        ),
+    )
     run.write_status(status="running", foreground=True, pid=os.getpid(), trainer_start=None, started=cut)
     assert summarize(run).status == "running"
     # the supervisor judging the resumed attempt ignores the earlier ending

@@ -24,7 +24,7 @@ def test_bucket_sizes_cover_the_plan_with_bounded_padding():
     sizes = bucket_sizes(8 * 2048)
     assert sizes[-1] == 16384 and sizes[0] == 2048 and list(sizes) == sorted(set(sizes))
     assert all(s % 128 == 0 for s in sizes)
-    assert all(b / a <= 2 ** 0.25 + 128 / a for a, b in zip(sizes, sizes[1:]))
+    assert all(b / a <= 2**0.25 + 128 / a for a, b in zip(sizes, sizes[1:]))
     assert bucket_sizes(1000)[-1] == 1024  # the largest packed batch always has a bucket
     assert bucket_for(2049, sizes) == 2560 and bucket_for(2048, sizes) == 2048 and bucket_for(1, sizes) == 2048
     assert bucket_for(20000, sizes) == 20000  # past the largest: left as it is
@@ -100,8 +100,10 @@ def test_bucket_padding_changes_neither_loss_nor_gradients_nor_counted_tokens(ho
 def test_a_bucketed_run_counts_the_same_tokens_as_an_unbucketed_one(home, tmp_path):
     seen = {}
     for setting in ("off", "on"):
-        run, writer = _prepared(fast_preset(f'train.length_buckets="{setting}"', "train.max_steps=3",
-                                            "train.save_steps=100"), tmp_path / setting)
+        run, writer = _prepared(
+            fast_preset(f'train.length_buckets="{setting}"', "train.max_steps=3", "train.save_steps=100"),
+            tmp_path / setting,
+        )
         trainer = run.build_trainer()
         assert isinstance(trainer.data_collator, BucketedCollator) == (setting == "on")
         trainer.train()

@@ -7,7 +7,6 @@ import dataclasses
 import warnings
 
 
-
 @dataclasses.dataclass
 class _OldArgs:
     gradient_checkpointing: bool = False
@@ -24,10 +23,14 @@ def test_training_arguments_get_the_names_the_installed_transformers_knows():
     from sftop.engine.train.checkpointing_api import checkpointing_args
 
     kwargs = {"use_reentrant": False}
-    assert checkpointing_args(_OldArgs, True, kwargs) == {"gradient_checkpointing": True,
-                                                          "gradient_checkpointing_kwargs": kwargs}
-    assert checkpointing_args(_NewArgs, True, kwargs) == {"activation_checkpointing": True,
-                                                          "activation_checkpointing_kwargs": kwargs}
+    assert checkpointing_args(_OldArgs, True, kwargs) == {
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": kwargs,
+    }
+    assert checkpointing_args(_NewArgs, True, kwargs) == {
+        "activation_checkpointing": True,
+        "activation_checkpointing_kwargs": kwargs,
+    }
 
 
 def test_models_are_switched_by_the_new_method_when_there_is_one():
@@ -68,8 +71,15 @@ def test_a_checkpointed_run_setup_raises_no_future_warning(sftop_home, tmp_path)
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
             model, _, _ = load_model(preset)
-            args = build_sft_config(preset, SimpleNamespace(micro_batch=4, grad_accum=4, gradient_checkpointing="on"), output_dir=tmp_path, dtype="fp32",
-                                    packing=True, has_eval=False, on_cuda=False)
+            args = build_sft_config(
+                preset,
+                SimpleNamespace(micro_batch=4, grad_accum=4, gradient_checkpointing="on"),
+                output_dir=tmp_path,
+                dtype="fp32",
+                packing=True,
+                has_eval=False,
+                on_cuda=False,
+            )
             enable_checkpointing(model, {"use_reentrant": False})
     finally:
         mp.undo()

@@ -12,8 +12,14 @@ from sftop.engine.train.runner import run_training
 from train_helpers import events_of, in_home, of_type
 
 STEP_FIELDS = {
-    "step": int, "epoch": float, "loss": float, "learning_rate": float, "grad_norm": float,
-    "tokens_seen": int, "tokens_per_s": float, "samples_per_s": float,
+    "step": int,
+    "epoch": float,
+    "loss": float,
+    "learning_rate": float,
+    "grad_norm": float,
+    "tokens_seen": int,
+    "tokens_per_s": float,
+    "samples_per_s": float,
 }
 
 
@@ -115,12 +121,14 @@ def test_adapter_loads_and_answers_with_a_number(demo_run, home):
         out = []
         for question in ("What is 3+4?", "What is 9-2?", "What is 6+7?"):
             inputs = tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt",
+                [{"role": "user", "content": question}],
+                add_generation_prompt=True,
+                return_tensors="pt",
                 return_dict=True,
             )
             with torch.no_grad():
                 ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-            out.append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:]))
+            out.append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :]))
         return out
 
     looks_right = re.compile(r"\d{1,3}<\|im_end\|>.*", flags=re.S)

@@ -9,8 +9,16 @@ from sftop.engine.rundir import new_run_dir
 from sftop.engine.train.runner import run_training
 from train_helpers import events_of, in_home, of_type, reference_logps_in_loss
 
-DPO = ['train.kernels="off"', "train.max_steps=2", "train.effective_batch=4", "plan.micro_batch=4",
-       "plan.grad_accum=1", "train.warmup_ratio=0.0", "data.max_rows=8", 'model.adapter=""']
+DPO = [
+    'train.kernels="off"',
+    "train.max_steps=2",
+    "train.effective_batch=4",
+    "plan.micro_batch=4",
+    "plan.grad_accum=1",
+    "train.warmup_ratio=0.0",
+    "data.max_rows=8",
+    'model.adapter=""',
+]
 
 
 def _preset(reference: str):
@@ -40,8 +48,9 @@ def references(sftop_home, tmp_path_factory):
 
     base = AutoModelForCausalLM.from_pretrained(demo)
     torch.manual_seed(3)
-    adapted = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                              init_lora_weights=False))
+    adapted = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     adapted.save_pretrained(folder / "adapter")
     return folder
 
@@ -56,10 +65,18 @@ def _trainer(preset, tmp_path, **extra):
 
     model, tokenizer, _ = load_model(preset)
     data = prepare_preferences(preset, tokenizer)
-    args = DPOConfig(output_dir=str(tmp_path), max_length=None, report_to=[], use_cpu=True, bf16=False,
-                     per_device_train_batch_size=4)
-    trainer = SftopDPOTrainer(model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
-                              guard=UpdateGuard(3), save_total_limit=1, **extra)
+    args = DPOConfig(
+        output_dir=str(tmp_path), max_length=None, report_to=[], use_cpu=True, bf16=False, per_device_train_batch_size=4
+    )
+    trainer = SftopDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        processing_class=tokenizer,
+        guard=UpdateGuard(3),
+        save_total_limit=1,
+        **extra,
+    )
     batch = trainer.data_collator([data.train[i] for i in range(4)])
     return trainer, batch
 
@@ -115,8 +132,11 @@ def test_reference_adapter_directory(home, references, tmp_path):
     assert torch.allclose(got, _means(_logps(expected, batch)), atol=1e-3)
     assert (got - _means(_adapter_off(trainer, batch))).abs().max() > 1e-2
     # the reference adapter is frozen; the policy's own adapter trains
-    trainable = {n.split(".lora_")[1].split(".")[1] for n, p in trainer.model.named_parameters()
-                 if p.requires_grad and ".lora_" in n}
+    trainable = {
+        n.split(".lora_")[1].split(".")[1]
+        for n, p in trainer.model.named_parameters()
+        if p.requires_grad and ".lora_" in n
+    }
     assert trainable == {"default"}
 
 
@@ -139,8 +159,16 @@ def test_a_reference_adapter_of_another_model_is_refused(home, tmp_path):
 
     from sftop.engine.errors import ModelError
 
-    wide = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=4))
+    wide = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        )
+    )
     get_peft_model(wide, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "wide")
     preset = _preset(str(tmp_path / "wide"))
     from sftop.engine.train.dpo import reference_adapter

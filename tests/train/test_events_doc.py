@@ -19,8 +19,11 @@ def _documented() -> dict[str, set[str]]:
 
 def test_every_event_and_field_is_documented():
     documented = _documented()
-    classes = [c for c in vars(events).values()
-               if isinstance(c, type) and issubclass(c, events.Event) and c is not events.Event]
+    classes = [
+        c
+        for c in vars(events).values()
+        if isinstance(c, type) and issubclass(c, events.Event) and c is not events.Event
+    ]
     assert len(classes) == 12  # a new event type must be documented: this count makes that visible
     for cls in classes:
         kind = cls.__dataclass_fields__["type"].default

@@ -70,7 +70,8 @@ def test_stopped_run_exports_its_newest_checkpoint(trained, tmp_path, home):
     # Training saves at step 2 (save_steps) and at its last step, 3: the newest one is exported.
     assert [p.name for p in RunDir(stopped).complete_checkpoints()] == ["checkpoint-2", "checkpoint-3"]
     assert (out / "adapter_model.safetensors").read_bytes() == (
-        stopped / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors").read_bytes()
+        stopped / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors"
+    ).read_bytes()
     shutil.rmtree(stopped / "checkpoints")
     with pytest.raises(SftopError, match="no adapter and no complete checkpoint"):
         export_run(stopped, out=tmp_path / "nothing")

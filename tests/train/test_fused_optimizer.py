@@ -11,13 +11,16 @@ from train_helpers import fast_preset
 
 def test_the_run_uses_fused_adamw_where_torch_has_it(tmp_path):
     assert optimizer_name("adamw", on_cuda=False) == (
-        "adamw_torch_fused" if fused_adamw_available("cpu") else "adamw_torch", None)
+        "adamw_torch_fused" if fused_adamw_available("cpu") else "adamw_torch",
+        None,
+    )
     if not fused_adamw_available("cpu"):
         pytest.skip("this torch has no fused AdamW for the CPU")
     preset = fast_preset()
     plan = type("P", (), {"micro_batch": 4, "grad_accum": 1, "gradient_checkpointing": "off"})()
-    args = build_sft_config(preset, plan, output_dir=tmp_path, dtype="fp32", packing=True, has_eval=False,
-                            on_cuda=False)
+    args = build_sft_config(
+        preset, plan, output_dir=tmp_path, dtype="fp32", packing=True, has_eval=False, on_cuda=False
+    )
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     assert cls is torch.optim.AdamW and kwargs.get("fused") is True
 
@@ -33,8 +36,15 @@ def test_fused_update_equals_the_unfused_one():
     results = []
     for fused in (True, False):
         params = [t.clone().requires_grad_(True) for t in start]
-        opt = torch.optim.AdamW(params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                                fused=fused, foreach=None if fused else False)
+        opt = torch.optim.AdamW(
+            params,
+            lr=2e-3,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            weight_decay=0.01,
+            fused=fused,
+            foreach=None if fused else False,
+        )
         for step in grads:
             for p, g in zip(params, step):
                 p.grad = g.clone()

@@ -70,5 +70,8 @@ def test_a_non_finite_micro_batch_still_skips_its_update(home, tmp_path):
     model(torch.ones(1, 2)).sum().backward()
     guard.note_loss(torch.tensor(1.5))
     guard.on_pre_optimizer_step(None, None, None, model=model)
-    assert not guard.step_bad and guard.consecutive == 0 and guard.last_grad_norm == pytest.approx(
-        torch.tensor([1.0, 1.0, 1.0]).norm().item())
+    assert (
+        not guard.step_bad
+        and guard.consecutive == 0
+        and guard.last_grad_norm == pytest.approx(torch.tensor([1.0, 1.0, 1.0]).norm().item())
+    )

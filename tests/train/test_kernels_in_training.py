@@ -12,8 +12,10 @@ from train_helpers import FAST, events_of, of_type
 STEPS = ["train.max_steps=2", "train.save_steps=100"]
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not __import__("torch").cuda.is_available(),
-                    reason="needs a GPU or the Triton interpreter")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not __import__("torch").cuda.is_available(),
+    reason="needs a GPU or the Triton interpreter",
+)
 def test_fused_kernels_train_like_the_stock_layers(home, tmp_path, monkeypatch):
     from sftop.engine.presets import load_preset
 

@@ -25,8 +25,15 @@ pytestmark = [
 ]
 
 STEPS = 30
-BASE = ["train.effective_batch=8", "data.max_length=64", "train.warmup_ratio=0.0", "train.logging_steps=1",
-        f"train.max_steps={STEPS}", "train.save_steps=1000", "train.learning_rate=2e-3"]
+BASE = [
+    "train.effective_batch=8",
+    "data.max_length=64",
+    "train.warmup_ratio=0.0",
+    "train.logging_steps=1",
+    f"train.max_steps={STEPS}",
+    "train.save_steps=1000",
+    "train.learning_rate=2e-3",
+]
 
 
 def start(path, overrides) -> RunDir:

@@ -25,8 +25,16 @@ from train_helpers import events_of, in_home, of_type
 pytestmark = pytest.mark.slow
 
 STEPS = 50
-BASE = ['train.kernels="off"', "train.effective_batch=4", "data.max_length=32", "train.warmup_ratio=0.0",
-        "train.logging_steps=1", f"train.max_steps={STEPS}", "train.save_steps=1000", "train.learning_rate=2e-3"]
+BASE = [
+    'train.kernels="off"',
+    "train.effective_batch=4",
+    "data.max_length=32",
+    "train.warmup_ratio=0.0",
+    "train.logging_steps=1",
+    f"train.max_steps={STEPS}",
+    "train.save_steps=1000",
+    "train.learning_rate=2e-3",
+]
 # several processes split each step by rows (the Trainer's sharding): the one-process reference does too
 ONE = BASE + ["plan.micro_batch=4", "plan.grad_accum=1", 'plan.split_by="rows"']
 TWO = BASE + ["plan.micro_batch=2", "plan.grad_accum=1", "plan.gpus=2", 'plan.device="cpu"']
@@ -179,8 +187,15 @@ def test_two_nodes_on_one_machine_train_like_one_process(runs, home, tmp_path):
     keeps its own run directory with whole checkpoints and its adapter."""
     one, _ = runs
     port = _free_port()
-    nodes = BASE + ["plan.micro_batch=2", "plan.grad_accum=1", "plan.gpus=1", 'plan.device="cpu"', "plan.nodes=2",
-                    'plan.main_address="127.0.0.1"', f"plan.main_port={port}"]
+    nodes = BASE + [
+        "plan.micro_batch=2",
+        "plan.grad_accum=1",
+        "plan.gpus=1",
+        'plan.device="cpu"',
+        "plan.nodes=2",
+        'plan.main_address="127.0.0.1"',
+        f"plan.main_port={port}",
+    ]
     main = start(tmp_path / "node0", nodes + ["plan.node_rank=0"])
     other = start(tmp_path / "node1", nodes + ["plan.node_rank=1"])
     for run in (main, other):

@@ -27,7 +27,7 @@ def test_packed_loss_equals_sum_of_row_losses(home, attn):
     rows = []
     for n in (9, 14, 5):
         ids = torch.randint(3, 500, (n,), generator=gen).tolist()
-        labels = [-100] * (n // 2) + ids[n // 2:]  # prompt masked, answer trained
+        labels = [-100] * (n // 2) + ids[n // 2 :]  # prompt masked, answer trained
         rows.append({"input_ids": ids, "labels": labels})
     collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
     packed = collate(rows)
@@ -71,8 +71,15 @@ def test_padding_free_training_equals_padded_training(home, tmp_path):
         run_dir = tmp_path / packing
         # split_by rows: the Trainer's own row order for both (token-balanced steps take sftop's order;
         # tests/train/test_token_batches.py checks those against one packed micro-batch)
-        assert run_training(fast_preset("train.max_steps=3", "train.save_steps=100", f"data.packing={packing}",
-                                        'plan.split_by="rows"'), run_dir) == 0
+        assert (
+            run_training(
+                fast_preset(
+                    "train.max_steps=3", "train.save_steps=100", f"data.packing={packing}", 'plan.split_by="rows"'
+                ),
+                run_dir,
+            )
+            == 0
+        )
         records = events_of(run_dir)
         assert of_type(records, "run_started")[0]["environment"]["packing"] is (packing == "true")
         runs[packing] = of_type(records, "step")

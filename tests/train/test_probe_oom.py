@@ -140,16 +140,18 @@ def test_plan_gpu_is_pinned_before_cuda_starts(home, tmp_path, monkeypatch):
     run_dir = RunDir(tmp_path / "run").create()
     with EventWriter(run_dir.events) as writer:
         run = _Run(fast_preset(), run_dir, writer, resume=False)
-        run.plan = dataclasses.replace(load_plan(), device="cuda:3", gpu_uuid="GPU-1234",
-                                       gradient_checkpointing="on", checkpoint_every_n_layers=2)
+        run.plan = dataclasses.replace(
+            load_plan(), device="cuda:3", gpu_uuid="GPU-1234", gradient_checkpointing="on", checkpoint_every_n_layers=2
+        )
         run.pin_gpu()
     import os
 
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-1234"
     assert run.plan.device == "cuda:0"
     assert "GPU-1234" in of_type(events_of(run_dir.path), "message")[0]["text"]
-    args = build_sft_config(run.preset, run.plan, output_dir=tmp_path, dtype="fp32", packing=True, has_eval=False,
-                            on_cuda=False)
+    args = build_sft_config(
+        run.preset, run.plan, output_dir=tmp_path, dtype="fp32", packing=True, has_eval=False, on_cuda=False
+    )
     assert args.gradient_checkpointing_kwargs == {"use_reentrant": False, "offload": False, "every_n_layers": 2}
 
 

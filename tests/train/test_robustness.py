@@ -1,6 +1,5 @@
 """NaN/inf updates are skipped and end the run after max_bad_steps; the disk check stops a run early."""
 
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,8 +13,9 @@ from train_helpers import events_of, fast_preset, of_type
 
 
 def test_nan_steps_are_skipped_then_the_run_fails(home, tmp_path):
-    preset = fast_preset("train.max_steps=20", "train.save_steps=2", "train.max_bad_steps=3",
-                         "train.save_total_limit=5")
+    preset = fast_preset(
+        "train.max_steps=20", "train.save_steps=2", "train.max_bad_steps=3", "train.save_total_limit=5"
+    )
     run_dir = RunDir(tmp_path / "run").create()
     with EventWriter(run_dir.events) as writer:
         run = _Run(preset, run_dir, writer, resume=False)
@@ -65,8 +65,9 @@ def _free(monkeypatch, gib):
 
 
 def test_disk_check_names_the_numbers(monkeypatch, tmp_path):
-    needs = resources.expected_disk_bytes(trainable_params=1_000_000_000, total_params=8_000_000_000,
-                                          save_total_limit=2)
+    needs = resources.expected_disk_bytes(
+        trainable_params=1_000_000_000, total_params=8_000_000_000, save_total_limit=2
+    )
     # adapter fp32 + two Adam moments, for 2 kept checkpoints + the one being written
     assert needs == {"checkpoints": 36_000_000_000, "final adapter": 4_000_000_000, "merged export": 16_000_000_000}
     _free(monkeypatch, 10)
@@ -97,9 +98,10 @@ def test_run_stops_before_training_when_the_disk_is_too_small(home, tmp_path, mo
 
 def test_held_out_rows_are_evaluated_at_each_checkpoint(home, tmp_path):
     # the demo preset evaluates every 25 steps (for its samples pane); here at each checkpoint
-    code = run_training(fast_preset("train.max_steps=4", "train.save_steps=2", "train.eval_steps=2",
-                                    "data.eval_fraction=0.02"),
-                        tmp_path / "run")
+    code = run_training(
+        fast_preset("train.max_steps=4", "train.save_steps=2", "train.eval_steps=2", "data.eval_fraction=0.02"),
+        tmp_path / "run",
+    )
     assert code == 0
     records = events_of(tmp_path / "run")
     evals = of_type(records, "eval")

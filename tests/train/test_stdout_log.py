@@ -17,8 +17,14 @@ print("after the run")
 
 
 def _run(log: Path, stdout):
-    return subprocess.run([sys.executable, "-c", SCRIPT, str(log)], stdout=stdout, stderr=subprocess.STDOUT,
-                          text=True, timeout=60, check=True)
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(log)],
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+        check=True,
+    )
 
 
 def test_foreground_run_is_teed_to_the_log(tmp_path):

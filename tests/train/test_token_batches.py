@@ -42,13 +42,14 @@ def test_split_step_loss_and_lora_gradients_equal_one_packed_micro_batch():
     and the accumulated LoRA gradients equal those of the whole step packed at once (rel 1e-5)."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(demo_dir(), attn_implementation="sdpa", dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                             init_lora_weights=False))
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    )
     gen = torch.Generator().manual_seed(1)
     rows = []
     for n in (23, 5, 17, 9, 30, 12, 7, 14):
         ids = torch.randint(3, 500, (n,), generator=gen).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]})
+        rows.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3 :]})
     collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
     step_items = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
     lora = [p for p in model.parameters() if p.requires_grad]
@@ -92,15 +93,21 @@ def test_run_split_by_tokens_trains_as_one_packed_micro_batch(home, tmp_path, mo
     for micro in (4, 2):
         served.clear()
         run_dir = tmp_path / str(micro)
-        preset = fast_preset("train.max_steps=3", "train.save_steps=100", "data.packing=true",
-                             f"plan.micro_batch={micro}", f"plan.grad_accum={4 // micro}", 'plan.split_by="tokens"')
+        preset = fast_preset(
+            "train.max_steps=3",
+            "train.save_steps=100",
+            "data.packing=true",
+            f"plan.micro_batch={micro}",
+            f"plan.grad_accum={4 // micro}",
+            'plan.split_by="tokens"',
+        )
         assert run_training(preset, run_dir) == 0
         records = events_of(run_dir)
         plan = of_type(records, "run_started")[0]["plan"]
         assert (plan["split_by"], plan["grad_accum"]) == ("tokens", 4 // micro)
         runs[micro] = of_type(records, "step")
         # the run's micro-batches came from the token-balanced sampler: 4 rows per step, in 4 // micro groups
-        steps = [served[i:i + 4 // micro] for i in range(0, 3 * (4 // micro), 4 // micro)]
+        steps = [served[i : i + 4 // micro] for i in range(0, 3 * (4 // micro), 4 // micro)]
         assert [sum(len(g) for g in s) for s in steps] == [4, 4, 4]
     whole, split = runs[4], runs[2]
     assert len(whole) == len(split) == 3

@@ -23,9 +23,17 @@ def test_split_step_trains_as_one_micro_batch_with_fused_kernels(home, tmp_path)
     plan's largest micro-batch."""
     runs = {}
     for micro in (8, 4):
-        preset, _ = load_preset("demo", ["train.max_steps=6", "train.save_steps=100", "train.effective_batch=8",
-                                         f"plan.micro_batch={micro}", 'plan.split_by="tokens"',
-                                         'plan.gradient_checkpointing="off"'])
+        preset, _ = load_preset(
+            "demo",
+            [
+                "train.max_steps=6",
+                "train.save_steps=100",
+                "train.effective_batch=8",
+                f"plan.micro_batch={micro}",
+                'plan.split_by="tokens"',
+                'plan.gradient_checkpointing="off"',
+            ],
+        )
         assert run_training(preset, tmp_path / str(micro)) == 0
         records = events_of(tmp_path / str(micro))
         assert records[-1]["type"] == "run_finished", records[-3:]

@@ -19,10 +19,21 @@ FAMILY = family_for_model_type("qwen2_vl")
 
 
 def _dpo_preset(source, **sections):
-    train = {"task": "dpo", "max_steps": 12, "effective_batch": 8, "learning_rate": 3e-3, "save_steps": 12,
-             **sections.pop("train", {})}
-    return vlm_preset(source, train=train, plan={"micro_batch": 8, "grad_accum": 1},
-                      data={"max_bad_fraction": 0.2, **sections.pop("data", {})}, **sections)
+    train = {
+        "task": "dpo",
+        "max_steps": 12,
+        "effective_batch": 8,
+        "learning_rate": 3e-3,
+        "save_steps": 12,
+        **sections.pop("train", {}),
+    }
+    return vlm_preset(
+        source,
+        train=train,
+        plan={"micro_batch": 8, "grad_accum": 1},
+        data={"max_bad_fraction": 0.2, **sections.pop("data", {})},
+        **sections,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +95,9 @@ def test_pairs_are_read_checked_and_collated_per_side(tmp_path, layout):
     pairs = [json.loads(lines[i]) for i in (0, 4)]
     side = (lambda p, s: p[s][0]["content"][0]["text"]) if layout == "trl" else (lambda p, s: p[s])
     expected = [side(p, "chosen") for p in pairs] + [side(p, "rejected") for p in pairs]
-    answers = [processor.tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(batch["input_ids"], batch["completion_mask"])]
+    answers = [
+        processor.tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(batch["input_ids"], batch["completion_mask"])
+    ]
     assert answers == [f"{colour}<|im_end|>" for colour in expected]
     assert all(colour in COLOURS for colour in expected)
 
@@ -113,11 +126,23 @@ def test_reference_log_probs_are_the_adapter_off_model(tmp_path):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.2)
-    args = DPOConfig(output_dir=str(tmp_path / "out"), max_length=None, remove_unused_columns=False,
-                     report_to=[], use_cpu=True, bf16=False)
-    trainer = SftopDPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"row": [0, 1, 2]}),
-                              processing_class=processor, data_collator=data.collator, guard=UpdateGuard(3),
-                              save_total_limit=1)
+    args = DPOConfig(
+        output_dir=str(tmp_path / "out"),
+        max_length=None,
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+    )
+    trainer = SftopDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"row": [0, 1, 2]}),
+        processing_class=processor,
+        data_collator=data.collator,
+        guard=UpdateGuard(3),
+        save_total_limit=1,
+    )
     batch = data.collator([{"row": 0}, {"row": 1}, {"row": 2}])
     got = torch.tensor(reference_logps_in_loss(trainer, batch), dtype=torch.float64)
 
@@ -192,8 +217,9 @@ def test_vlm_dpo_on_a_gpu_learns_through_the_fused_head(sftop_home, tmp_path, fo
     source = write_colour_preferences(tmp_path / "data", rows=8)  # one batch of 8 pairs, every step
     # bf16 moves in coarser steps than the CPU tests' fp32: 24 steps (seconds on a GPU)
     preset = _dpo_preset(source, train={"kernels": "auto", "max_steps": 24, "save_steps": 24})
-    preset = preset.model_copy(update={"model": preset.model.model_copy(update={"load_in_4bit": four_bit,
-                                                                                 "dtype": "bf16"})})
+    preset = preset.model_copy(
+        update={"model": preset.model.model_copy(update={"load_in_4bit": four_bit, "dtype": "bf16"})}
+    )
     mp = in_home(sftop_home)
     try:
         code = run_training(preset, tmp_path / "run")
@@ -237,11 +263,23 @@ def test_every_family_collates_pairs_and_takes_a_dpo_step(name, tmp_path):
     torch.manual_seed(0)
     base = family.tiny_model(seed=0).float()
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=target_module_names(base, family, None)))
-    args = DPOConfig(output_dir=str(tmp_path / "out"), max_length=None, remove_unused_columns=False, report_to=[],
-                     use_cpu=True, bf16=False)
-    trainer = SftopDPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"row": [0, 1]}),
-                              processing_class=processor, data_collator=data.collator, guard=UpdateGuard(3),
-                              save_total_limit=1)
+    args = DPOConfig(
+        output_dir=str(tmp_path / "out"),
+        max_length=None,
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+    )
+    trainer = SftopDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"row": [0, 1]}),
+        processing_class=processor,
+        data_collator=data.collator,
+        guard=UpdateGuard(3),
+        save_total_limit=1,
+    )
     model.train()
     loss = trainer.compute_loss(model, batch)
     loss.backward()
@@ -264,7 +302,9 @@ def test_a_vlm_run_continues_an_earlier_adapter(tmp_path):
     first.save_pretrained(tmp_path / "sft-adapter")
     saved = {n: p.detach().clone() for n, p in first.named_parameters() if "lora_" in n}
     preset = _dpo_preset(source, lora={"r": 16})
-    preset = preset.model_copy(update={"model": preset.model.model_copy(update={"adapter": str(tmp_path / "sft-adapter")})})
+    preset = preset.model_copy(
+        update={"model": preset.model.model_copy(update={"adapter": str(tmp_path / "sft-adapter")})}
+    )
     model, _, info = load_vision_model(preset, FAMILY)
     loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert set(loaded) == set(saved)

@@ -76,10 +76,19 @@ def _prompt(family, processor, conv):
     from sftop.engine.models.vision.collator import row_images
 
     message = conv.messages[0]
-    user = {"role": message.role, "content": [
-        {"type": "image"} if getattr(p, "type", "") == "image" else {"type": "text", "text": p.text}
-        for p in message.content]}
+    user = {
+        "role": message.role,
+        "content": [
+            {"type": "image"} if getattr(p, "type", "") == "image" else {"type": "text", "text": p.text}
+            for p in message.content
+        ],
+    }
     text = processor.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
     images = family.processor_images([row_images(conv)])
-    return processor(text=[text], images=images, return_tensors="pt", add_special_tokens=False,
-                     **family.processor_kwargs(family.image_rules))
+    return processor(
+        text=[text],
+        images=images,
+        return_tensors="pt",
+        add_special_tokens=False,
+        **family.processor_kwargs(family.image_rules),
+    )

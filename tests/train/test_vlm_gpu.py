@@ -32,7 +32,9 @@ def _batch(family, processor, device):
 def _lora(model, family):
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=target_module_names(model, family, None)))
+    return get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=target_module_names(model, family, None))
+    )
 
 
 def _loss_and_grads(model, batch):
@@ -109,8 +111,13 @@ def _dequantised_fp32(model):
         base = getattr(module, "base_layer", None)
         if type(base).__name__ == "Linear4bit":
             weight = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
-            linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                               device=weight.device, dtype=torch.float32)
+            linear = nn.Linear(
+                base.in_features,
+                base.out_features,
+                bias=base.bias is not None,
+                device=weight.device,
+                dtype=torch.float32,
+            )
             with torch.no_grad():
                 linear.weight.copy_(weight)
                 if base.bias is not None:

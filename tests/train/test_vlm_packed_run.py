@@ -33,9 +33,13 @@ def _run(sftop_home, preset, run_dir, resume=False):
 
 
 def _preset(source, model, packing, **train):
-    return vlm_preset(source, model=model, data={"packing": packing, "max_length": 256},
-                      train={"max_steps": 3, "save_steps": 2, "effective_batch": 4, **train},
-                      plan={"micro_batch": 2, "grad_accum": 2})
+    return vlm_preset(
+        source,
+        model=model,
+        data={"packing": packing, "max_length": 256},
+        train={"max_steps": 3, "save_steps": 2, "effective_batch": 4, **train},
+        plan={"micro_batch": 2, "grad_accum": 2},
+    )
 
 
 @pytest.mark.slow
@@ -86,9 +90,13 @@ def test_family_that_cannot_pack_pads_and_says_why(sftop_home, tmp_path):
     """Gemma 3's image tokens attend both ways through a token-type mask: its rows stay padded."""
     source = write_colour_dataset(tmp_path / "data", rows=6, size=56)
     model = str(save_tiny_vlm(tmp_path / "model", "gemma3"))
-    preset = vlm_preset(source, model=model, data={"packing": True, "max_length": 512},
-                        train={"max_steps": 1, "save_steps": 100, "effective_batch": 2},
-                        plan={"micro_batch": 2, "grad_accum": 1})
+    preset = vlm_preset(
+        source,
+        model=model,
+        data={"packing": True, "max_length": 512},
+        train={"max_steps": 1, "save_steps": 100, "effective_batch": 2},
+        plan={"micro_batch": 2, "grad_accum": 1},
+    )
     started = of_type(_run(sftop_home, preset, tmp_path / "run"), "run_started")[0]
     env = started["environment"]
     assert env["packing"] is False and env["packing_reason"].startswith("Gemma 3: its image tokens attend")

@@ -46,7 +46,15 @@ def test_vlm_run_trains_and_saves_adapter_with_processor(vlm_run):
     config = json.loads((adapter / "adapter_config.json").read_text())
     # LoRA by part: the family's default, the language model's attention and MLP only
     # (PEFT stores the shortest suffixes that pick exactly the adapted layers: here no vision layer)
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     # the processor travels with the adapter: tokenizer, chat template, image processor
     names = {p.name for p in adapter.iterdir()}
     assert "tokenizer.json" in names and any("processor" in n for n in names), names
@@ -78,8 +86,9 @@ def test_vlm_resume_continues_from_checkpoint(vlm_run, sftop_home, tmp_path):
     _, run_dir, preset, _ = vlm_run
     mp = in_home(sftop_home)
     try:
-        code = run_training(preset.model_copy(update={"train": preset.train.model_copy(update={"max_steps": 6})}),
-                            run_dir, resume=True)
+        code = run_training(
+            preset.model_copy(update={"train": preset.train.model_copy(update={"max_steps": 6})}), run_dir, resume=True
+        )
     finally:
         mp.undo()
     records = _events(run_dir)

@@ -49,8 +49,13 @@ def start_trainer(run_dir: Path, overrides: list[str], home: Path) -> subprocess
         f"sys.exit(run_training(preset, {str(run_dir)!r}))\n"
     )
     env = {**os.environ, "SFTOP_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> list[dict]:

@@ -31,13 +31,20 @@ def write_colour_dataset(folder: Path, rows: int = 24, seed: int = 0, size: int 
             x, y = rng.randint(2, size // 2), rng.randint(2, size // 2)
             ImageDraw.Draw(image).rectangle([x, y, x + size // 3, y + size // 3], fill=COLOURS[colour])
             image.save(folder / name)
-        lines.append(json.dumps({
-            "messages": [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": colour}]},
-            ],
-            "images": [name],
-        }))
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}],
+                        },
+                        {"role": "assistant", "content": [{"type": "text", "text": colour}]},
+                    ],
+                    "images": [name],
+                }
+            )
+        )
     path = folder / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -49,8 +56,15 @@ def vlm_preset(source, model: str = "builtin:demo-vlm-tiny", **sections) -> Pres
         "model": {"name": model},
         "lora": {"r": 8, "alpha": 16},
         "data": {"source": str(source), "max_length": 96},
-        "train": {"kernels": "off", "max_steps": 4, "effective_batch": 4, "learning_rate": 3e-3,
-                  "warmup_ratio": 0.0, "save_steps": 2, "logging_steps": 1},
+        "train": {
+            "kernels": "off",
+            "max_steps": 4,
+            "effective_batch": 4,
+            "learning_rate": 3e-3,
+            "warmup_ratio": 0.0,
+            "save_steps": 2,
+            "logging_steps": 1,
+        },
         "plan": {"micro_batch": 4, "grad_accum": 1, "gradient_checkpointing": "off"},
     }
     for key, value in sections.items():
@@ -58,8 +72,9 @@ def vlm_preset(source, model: str = "builtin:demo-vlm-tiny", **sections) -> Pres
     return Preset.model_validate(data)
 
 
-def write_colour_preferences(folder: Path, rows: int = 8, seed: int = 0, size: int = 56, layout: str = "trl",
-                             bad: dict | None = None) -> Path:
+def write_colour_preferences(
+    folder: Path, rows: int = 8, seed: int = 0, size: int = 56, layout: str = "trl", bad: dict | None = None
+) -> Path:
     """Preference pairs on the colour pictures: the right colour chosen, another one rejected.
 
     `layout`: "trl" (TRL's vision layout as in the rlaif-v formatted set: `images` column, `prompt`
@@ -75,15 +90,27 @@ def write_colour_preferences(folder: Path, rows: int = 8, seed: int = 0, size: i
         colour = row["messages"][1]["content"][0]["text"]
         wrong = rng.choice(sorted(set(COLOURS) - {colour}))
         if layout == "rlaif-v":
-            lines.append(json.dumps({"image": row["images"][0], "question": "What colour is the shape?",
-                                     "chosen": colour, "rejected": wrong}))
+            lines.append(
+                json.dumps(
+                    {
+                        "image": row["images"][0],
+                        "question": "What colour is the shape?",
+                        "chosen": colour,
+                        "rejected": wrong,
+                    }
+                )
+            )
         else:
-            lines.append(json.dumps({
-                "images": row["images"],
-                "prompt": [row["messages"][0]],
-                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": colour}]}],
-                "rejected": [{"role": "assistant", "content": [{"type": "text", "text": wrong}]}],
-            }))
+            lines.append(
+                json.dumps(
+                    {
+                        "images": row["images"],
+                        "prompt": [row["messages"][0]],
+                        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": colour}]}],
+                        "rejected": [{"role": "assistant", "content": [{"type": "text", "text": wrong}]}],
+                    }
+                )
+            )
     path = folder / "pairs.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -104,12 +131,22 @@ def write_mixed_dataset(folder: Path, rows: int = 12, seed: int = 0, sizes=((56,
             name = f"img/{i}-{k}.png"
             Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3))).save(folder / name)
             names.append(name)
-        question = " ".join(rng.choice(("what", "colour", "shape", "is", "the", "left", "one")) for _ in range(rng.randint(2, 14)))
+        question = " ".join(
+            rng.choice(("what", "colour", "shape", "is", "the", "left", "one")) for _ in range(rng.randint(2, 14))
+        )
         answer = " ".join(rng.choice(sorted(COLOURS)) for _ in range(rng.randint(1, 10)))
         content = [{"type": "image"} for _ in names] + [{"type": "text", "text": question}]
-        lines.append(json.dumps({"messages": [{"role": "user", "content": content},
-                                              {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
-                                 "images": names}))
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": content},
+                        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                    ],
+                    "images": names,
+                }
+            )
+        )
     path = folder / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -15,8 +15,9 @@ async def test_recorded_run_shows_loss_step_and_throughput(services):
     run = recorded_run(steps=60, total=60)
     app = SftopApp(start="dashboard", run=run, services=services)
     async with app.run_test(size=(80, 24), notifications=True) as pilot:
-        screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
-                                  and app.screen)
+        screen = await wait_until(
+            pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed and app.screen
+        )
         await wait_until(pilot, lambda: "finished" in text_of(app, "#run-status"))
         assert screen.state.step == 60 and len(screen.state.loss) == 60 and len(screen.state.eval_loss) == 3
         assert text_of(app, "#stat-loss") == f"{loss_at(60):.4f}"
@@ -42,11 +43,26 @@ async def test_live_run_updates_as_events_arrive(services):
         await wait_until(pilot, lambda: "step 10/100" in text_of(app, "#run-status"))
         assert "running" in text_of(app, "#run-status") and "ETA 2m15s" in text_of(app, "#run-status")
         t = T0 + 20
-        write_events(run.events, [
-            {**Step(step=11, epoch=0.11, loss=0.123, learning_rate=1e-3, grad_norm=0.9, tokens_seen=6000,
-                    tokens_per_s=2345.0, samples_per_s=4.0, total_steps=100).to_dict(), "time": t},
-            {**Eval(step=11, eval_loss=0.456).to_dict(), "time": t},
-        ])
+        write_events(
+            run.events,
+            [
+                {
+                    **Step(
+                        step=11,
+                        epoch=0.11,
+                        loss=0.123,
+                        learning_rate=1e-3,
+                        grad_norm=0.9,
+                        tokens_seen=6000,
+                        tokens_per_s=2345.0,
+                        samples_per_s=4.0,
+                        total_steps=100,
+                    ).to_dict(),
+                    "time": t,
+                },
+                {**Eval(step=11, eval_loss=0.456).to_dict(), "time": t},
+            ],
+        )
         await wait_until(pilot, lambda: text_of(app, "#stat-loss") == "0.1230")
         assert text_of(app, "#stat-eval") == "0.4560"
         assert text_of(app, "#stat-tps") == "2.3k"
@@ -86,8 +102,13 @@ async def test_finished_run_refuses_checkpoint_and_stop(services):
     async with app.run_test(size=(80, 24), notifications=True) as pilot:
         await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed)
         await pilot.press("c", "s")
-        await wait_until(pilot, lambda: any("nothing to checkpoint" in m for m in notices(app, "warning"))
-                         and any("already finished" in m for m in notices(app, "warning")))
+        await wait_until(
+            pilot,
+            lambda: (
+                any("nothing to checkpoint" in m for m in notices(app, "warning"))
+                and any("already finished" in m for m in notices(app, "warning"))
+            ),
+        )
         assert isinstance(app.screen, DashboardScreen)
         assert not (run.path / "control").exists()
 
@@ -98,8 +119,9 @@ async def test_100k_step_history_is_downsampled_and_stays_responsive(services):
     mark_alive(run)
     app = SftopApp(start="dashboard", run=run, services=services)
     async with app.run_test(size=(80, 24), notifications=True) as pilot:
-        screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
-                                  and app.screen, timeout=60)
+        screen = await wait_until(
+            pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed and app.screen, timeout=60
+        )
         await wait_until(pilot, lambda: "step 100000/200000" in text_of(app, "#run-status"), timeout=10)
         chart = screen.query_one("#loss-chart", LineChart)
         await wait_until(pilot, lambda: chart.last_points > 0)
@@ -124,8 +146,19 @@ async def test_failed_run_shows_its_reason_and_how_to_resume(services):
     from tui_fixtures import event
 
     run = recorded_run("broke", steps=35, total=60, finished=False, status="failed")
-    write_events(run.events, [event(RunFailed(step=35, reason="The trainer was killed by signal SIGKILL",
-                                              checkpoint=str(run.checkpoints / "checkpoint-30")), T0 + 60)])
+    write_events(
+        run.events,
+        [
+            event(
+                RunFailed(
+                    step=35,
+                    reason="The trainer was killed by signal SIGKILL",
+                    checkpoint=str(run.checkpoints / "checkpoint-30"),
+                ),
+                T0 + 60,
+            )
+        ],
+    )
     app = SftopApp(start="dashboard", run=run, services=services)
     async with app.run_test(size=(80, 24), notifications=True) as pilot:
         await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed)
@@ -143,14 +176,18 @@ async def test_live_warnings_pop_up_and_the_latest_message_is_shown(services):
     mark_alive(run)
     app = SftopApp(start="dashboard", run=run, services=services)
     async with app.run_test(size=(80, 24), notifications=True) as pilot:
-        screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
-                                  and app.screen)
+        screen = await wait_until(
+            pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed and app.screen
+        )
         await pilot.wait_for_scheduled_animations()
         assert not notices(app)  # replayed history is quiet
-        write_events(run.events, [
-            event(BadStep(step=6, loss=None, grad_norm=None, consecutive=1), T0 + 10),
-            event(PlanChanged(step=6, reason="out of memory at step 6", old={}, new={"micro_batch": 2}), T0 + 11),
-        ])
+        write_events(
+            run.events,
+            [
+                event(BadStep(step=6, loss=None, grad_norm=None, consecutive=1), T0 + 10),
+                event(PlanChanged(step=6, reason="out of memory at step 6", old={}, new={"micro_batch": 2}), T0 + 11),
+            ],
+        )
         messages = await wait_until(pilot, lambda: len(notices(app, "warning")) == 2 and notices(app, "warning"))
         assert any("step 6 skipped: loss or gradient not finite" in m for m in messages)
         assert any("plan changed: out of memory at step 6" in m for m in messages)
@@ -162,18 +199,42 @@ async def test_plan_is_shown_and_follows_plan_changes(services):
     from tui_fixtures import event
 
     run = recorded_run("plan", steps=0, total=100, finished=False)
-    write_events(run.events, [event(RunStarted(run_dir=str(run.path), preset={}, environment={}, total_steps=100,
-                                               plan={"micro_batch": 8, "grad_accum": 2,
-                                                     "gradient_checkpointing": "off"}), T0 + 1)])
+    write_events(
+        run.events,
+        [
+            event(
+                RunStarted(
+                    run_dir=str(run.path),
+                    preset={},
+                    environment={},
+                    total_steps=100,
+                    plan={"micro_batch": 8, "grad_accum": 2, "gradient_checkpointing": "off"},
+                ),
+                T0 + 1,
+            )
+        ],
+    )
     mark_alive(run)
     app = SftopApp(start="dashboard", run=run, services=services)
     async with app.run_test(size=(80, 24), notifications=True) as pilot:
-        screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
-                                  and app.screen)
+        screen = await wait_until(
+            pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed and app.screen
+        )
         await wait_until(pilot, lambda: screen.query_one("#stats").border_title == "plan 8×2 ckpt off")
-        write_events(run.events, [event(PlanChanged(step=3, reason="out of memory at step 3", old={},
-                                                    new={"micro_batch": 4, "grad_accum": 4,
-                                                         "gradient_checkpointing": "on"}), T0 + 5)])
+        write_events(
+            run.events,
+            [
+                event(
+                    PlanChanged(
+                        step=3,
+                        reason="out of memory at step 3",
+                        old={},
+                        new={"micro_batch": 4, "grad_accum": 4, "gradient_checkpointing": "on"},
+                    ),
+                    T0 + 5,
+                )
+            ],
+        )
         await wait_until(pilot, lambda: screen.query_one("#stats").border_title == "plan 4×4 ckpt on")
 
 
@@ -183,8 +244,16 @@ async def test_dashboard_shows_only_the_gpu_the_run_is_pinned_to(services):
     GIB = 2**30
 
     def card(i, name):
-        return GpuInfo(index=i, nvml_index=i, name=name, uuid=f"GPU-{i}", memory_total_bytes=80 * GIB,
-                       memory_used_bytes=(10 + i) * GIB, memory_free_bytes=(70 - i) * GIB, utilization_pct=50)
+        return GpuInfo(
+            index=i,
+            nvml_index=i,
+            name=name,
+            uuid=f"GPU-{i}",
+            memory_total_bytes=80 * GIB,
+            memory_used_bytes=(10 + i) * GIB,
+            memory_free_bytes=(70 - i) * GIB,
+            utilization_pct=50,
+        )
 
     services.gpu_reader = lambda: GpuStatus(gpus=[card(0, "H100 zero"), card(1, "H100 one"), card(2, "H100 two")])
     run = recorded_run("pinned", steps=3, total=10, finished=False)
@@ -204,8 +273,16 @@ async def test_dashboard_shows_one_bar_per_gpu_of_a_multi_gpu_run(services):
     GIB = 2**30
 
     def card(i):
-        return GpuInfo(index=i, nvml_index=i, name=f"H100 n{i}", uuid=f"GPU-{i}", memory_total_bytes=80 * GIB,
-                       memory_used_bytes=(10 + i) * GIB, memory_free_bytes=(70 - i) * GIB, utilization_pct=50)
+        return GpuInfo(
+            index=i,
+            nvml_index=i,
+            name=f"H100 n{i}",
+            uuid=f"GPU-{i}",
+            memory_total_bytes=80 * GIB,
+            memory_used_bytes=(10 + i) * GIB,
+            memory_free_bytes=(70 - i) * GIB,
+            utilization_pct=50,
+        )
 
     services.gpu_reader = lambda: GpuStatus(gpus=[card(0), card(1), card(2)])
     run = recorded_run("two-gpus", steps=3, total=10, finished=False)
@@ -225,8 +302,9 @@ async def test_log_pane_follows_the_newest_lines(services):
     run.stdout_log.write_text("first line\n", encoding="utf-8")
     app = SftopApp(start="dashboard", run=run, services=services)
     async with app.run_test(size=(80, 24), notifications=True) as pilot:
-        screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
-                                  and app.screen)
+        screen = await wait_until(
+            pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed and app.screen
+        )
         log = await wait_until(pilot, lambda: (lg := screen.query_one("#log")).lines and lg)
         # The log grows while the dashboard is open, as a running trainer's does.
         for i in range(8):
@@ -244,19 +322,39 @@ async def test_samples_pane_shows_the_newest_answers_at_80x24(services):
     mark_alive(run)
     app = SftopApp(start="dashboard", run=run, services=services)
     async with app.run_test(size=(80, 24)) as pilot:
-        screen = await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
-                                  and app.screen)
+        screen = await wait_until(
+            pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed and app.screen
+        )
         pane = screen.query_one("#samples")
         assert not pane.display  # no samples yet: no empty pane taking a line
-        write_events(run.events, [
-            {**Samples(step=10, samples=[{"prompt": "What is 5+7?", "answer": "1"},
-                                         {"prompt": "What is 3+8?", "answer": "13"}]).to_dict(), "time": T0 + 20},
-        ])
+        write_events(
+            run.events,
+            [
+                {
+                    **Samples(
+                        step=10,
+                        samples=[{"prompt": "What is 5+7?", "answer": "1"}, {"prompt": "What is 3+8?", "answer": "13"}],
+                    ).to_dict(),
+                    "time": T0 + 20,
+                },
+            ],
+        )
         await wait_until(pilot, lambda: "step 10" in text_of(app, "#samples"))
-        write_events(run.events, [
-            {**Samples(step=20, samples=[{"prompt": "What is 5+7?", "answer": "12"},
-                                         {"prompt": "What is 3+8?", "answer": "11"}]).to_dict(), "time": T0 + 30},
-        ])
+        write_events(
+            run.events,
+            [
+                {
+                    **Samples(
+                        step=20,
+                        samples=[
+                            {"prompt": "What is 5+7?", "answer": "12"},
+                            {"prompt": "What is 3+8?", "answer": "11"},
+                        ],
+                    ).to_dict(),
+                    "time": T0 + 30,
+                },
+            ],
+        )
         await wait_until(pilot, lambda: "step 20" in text_of(app, "#samples"))
         await pilot.pause()  # laid out: the pane's region is measured below
         text = text_of(app, "#samples")

@@ -41,8 +41,9 @@ async def check_source(pilot, app, source):
     field.value = source
     field.focus()
     await pilot.press("enter")
-    await wait_until(pilot, lambda: data.checked_source == source and (data.result is not None or data.error),
-                     timeout=120)
+    await wait_until(
+        pilot, lambda: data.checked_source == source and (data.result is not None or data.error), timeout=120
+    )
     assert data.error is None, data.error
     return data
 
@@ -59,8 +60,10 @@ async def test_image_data_shows_stats_bad_rows_and_the_picture(services, tmp_pat
         assert "size 112x56 -> 112x56 px (0 resized)" in report
         assert "image tokens needs a vision model to count" in report
         assert "1 bad rows (5%) will be skipped." in report
-        assert any(line.strip().startswith("3 ") and "image 1: file img/gone.png does not exist" in line
-                   for line in report.splitlines()), report
+        assert any(
+            line.strip().startswith("3 ") and "image 1: file img/gone.png does not exist" in line
+            for line in report.splitlines()
+        ), report
         assert "image 1: 112x56 -> 112x56" in report and "What colour is it?" in report
         # the picture itself: half-blocks in the image's colour, beside the masked conversation
         scroll = app.screen.query_one("#data-report-scroll")
@@ -69,8 +72,10 @@ async def test_image_data_shows_stats_bad_rows_and_the_picture(services, tmp_pat
         await wait_until(pilot, lambda: "▀" in (shot := app.export_screenshot()) and RED_HEX in shot.lower())
         row_with_picture = next(line for line in report.splitlines() if "▀" in line)
         assert row_with_picture.index("▀") < 4  # left column: the text sits to its right
-        assert any("▀" in line and ("user" in line or "What colour" in line or "assistant" in line)
-                   for line in report.splitlines()), report
+        assert any(
+            "▀" in line and ("user" in line or "What colour" in line or "assistant" in line)
+            for line in report.splitlines()
+        ), report
 
 
 async def test_builtin_shapes_in_the_dataset_step(services):

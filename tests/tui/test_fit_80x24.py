@@ -16,15 +16,22 @@ SCROLLBAR_GLYPHS = set("▁▂▃▄▅▆▇█▉▊▋▌▍▎▏▐")
 
 
 async def open_dashboard(pilot, app):
-    await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.replayed
-                     and app.screen.process_status is not None, timeout=20)
+    await wait_until(
+        pilot,
+        lambda: (
+            isinstance(app.screen, DashboardScreen) and app.screen.replayed and app.screen.process_status is not None
+        ),
+        timeout=20,
+    )
     return app.screen
 
 
 async def test_a_finished_runs_last_log_line_is_shown_whole(services):
     run = recorded_run("demo-arithmetic")
-    last = ("sftop: run finished: adapter saved to /home/someone/.local/state/sftop/runs/"
-            "20260101-000000-demo-arithmetic/adapter (final loss 0.84)")
+    last = (
+        "sftop: run finished: adapter saved to /home/someone/.local/state/sftop/runs/"
+        "20260101-000000-demo-arithmetic/adapter (final loss 0.84)"
+    )
     run.stdout_log.write_text(f"loading model\ntraining\n{last}\n")
     app = SftopApp(start="dashboard", run=run, services=services)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -41,17 +48,29 @@ async def test_a_finished_runs_last_log_line_is_shown_whole(services):
 
 async def test_a_stopped_run_with_samples_keeps_every_stats_row(services):
     run = recorded_run("demo", steps=30, total=60, finished=False, status="stopped")
-    write_events(run.events, [
-        {**Samples(step=30, samples=[{"prompt": f"What is {a}+{b}?", "answer": str(a + b)} for a, b in
-                                     ((5, 7), (3, 8), (12, 30), (41, 9))]).to_dict(), "time": T0 + 45},
-        event(RunStopped(step=30, signal="SIGTERM", checkpoint=str(run.checkpoints / "checkpoint-30")), T0 + 50),
-    ])
+    write_events(
+        run.events,
+        [
+            {
+                **Samples(
+                    step=30,
+                    samples=[
+                        {"prompt": f"What is {a}+{b}?", "answer": str(a + b)}
+                        for a, b in ((5, 7), (3, 8), (12, 30), (41, 9))
+                    ],
+                ).to_dict(),
+                "time": T0 + 45,
+            },
+            event(RunStopped(step=30, signal="SIGTERM", checkpoint=str(run.checkpoints / "checkpoint-30")), T0 + 50),
+        ],
+    )
     run.write_status(status="stopped", started=T0, ended=T0 + 50, exit_code=0)
     app = SftopApp(start="dashboard", run=run, services=services)
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await open_dashboard(pilot, app)
-        await wait_until(pilot, lambda: "sftop resume" in text_of(app, "#run-status")
-                         and screen.query_one("#samples").display)
+        await wait_until(
+            pilot, lambda: "sftop resume" in text_of(app, "#run-status") and screen.query_one("#samples").display
+        )
         await wait_until(pilot, lambda: "What is 5+7? → 12" in "\n".join(screen_lines(app)))
         await pilot.pause()  # the samples pane shown, the log's rows laid out again
         shown = "\n".join(screen_lines(app))
@@ -155,8 +174,14 @@ async def test_a_refusal_on_the_cpu_suggests_only_what_works_there(services, tmp
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model_dir = tmp_path / "big-llama"
-    LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256).save_pretrained(model_dir)
+    LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ).save_pretrained(model_dir)
     preset, _ = load_preset("demo", [f"model.name={model_dir}"])
     path = save_preset(preset.model_copy(update={"name": "big"}), tmp_path / "big.toml")
     app = SftopApp(preset=str(path), services=no_driver_services(services))

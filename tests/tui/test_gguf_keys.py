@@ -15,8 +15,10 @@ async def test_runs_screen_opens_the_gguf_export_for_a_run_with_an_adapter(servi
     run.adapter.mkdir()
     app = SftopApp(start="runs", services=services)
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_until(pilot, lambda: isinstance(app.screen, RunsScreen)
-                         and app.screen.query_one("#runs", RunsTable).row_count == 1)
+        await wait_until(
+            pilot,
+            lambda: isinstance(app.screen, RunsScreen) and app.screen.query_one("#runs", RunsTable).row_count == 1,
+        )
         await pilot.press("g")
         await wait_until(pilot, lambda: isinstance(app.screen, GgufExportScreen))
         assert text_of(app, "#dialog-title") == f"Export {run.name} to GGUF"
@@ -28,8 +30,10 @@ async def test_runs_screen_says_when_there_is_nothing_to_export(services):
     recorded_run("fresh")
     app = SftopApp(start="runs", services=services)
     async with app.run_test(size=(80, 24), notifications=True) as pilot:
-        await wait_until(pilot, lambda: isinstance(app.screen, RunsScreen)
-                         and app.screen.query_one("#runs", RunsTable).row_count == 1)
+        await wait_until(
+            pilot,
+            lambda: isinstance(app.screen, RunsScreen) and app.screen.query_one("#runs", RunsTable).row_count == 1,
+        )
         await pilot.press("g")
         await wait_until(pilot, lambda: any("no adapter or checkpoint" in m for m in notices(app, "warning")))
         assert isinstance(app.screen, RunsScreen)

@@ -38,8 +38,13 @@ async def test_home_lists_runs_and_presets_and_attaches(services):
     new = recorded_run("new", when=T0 + 3600)
     app = SftopApp(services=services)
     async with app.run_test(size=(80, 24), notifications=True) as pilot:
-        table = await wait_until(pilot, lambda: app.screen.query_one("#recent-runs", RunsTable).row_count == 2
-                                 and app.screen.query_one("#recent-runs", RunsTable))
+        table = await wait_until(
+            pilot,
+            lambda: (
+                app.screen.query_one("#recent-runs", RunsTable).row_count == 2
+                and app.screen.query_one("#recent-runs", RunsTable)
+            ),
+        )
         assert [r.name for r in table.summaries.values()] == [new.name, old.name]
         assert "NVIDIA H100 80GB HBM3" in text_of(app, "#gpus") and "20.0/80.0 GiB" in text_of(app, "#gpus")
         presets = app.screen.query_one("#presets")
@@ -53,8 +58,10 @@ async def test_runs_screen_inspects_a_run(services):
     recorded_run("inspectme")
     app = SftopApp(start="runs", services=services)
     async with app.run_test(size=(80, 24), notifications=True) as pilot:
-        await wait_until(pilot, lambda: isinstance(app.screen, RunsScreen)
-                         and app.screen.query_one("#runs", RunsTable).row_count == 1)
+        await wait_until(
+            pilot,
+            lambda: isinstance(app.screen, RunsScreen) and app.screen.query_one("#runs", RunsTable).row_count == 1,
+        )
         await pilot.press("i")
         await wait_until(pilot, lambda: len(app.screen.query("#dialog-body")) == 1)
         body = text_of(app, "#dialog-body")
@@ -112,8 +119,14 @@ async def test_runs_screen_exports_and_stops_through_the_app_actions(services):
     mark_alive(live)
     app = SftopApp(start="runs", services=services)
     async with app.run_test(size=(80, 24), notifications=True) as pilot:
-        table = await wait_until(pilot, lambda: isinstance(app.screen, RunsScreen)
-                                 and (t := app.screen.query_one("#runs", RunsTable)).row_count == 2 and t)
+        table = await wait_until(
+            pilot,
+            lambda: (
+                isinstance(app.screen, RunsScreen)
+                and (t := app.screen.query_one("#runs", RunsTable)).row_count == 2
+                and t
+            ),
+        )
         assert [r.name for r in table.summaries.values()] == [live.name, done.name]
         await pilot.press("s")
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))

@@ -44,6 +44,7 @@ def runs_shown(count):
             return isinstance(screen, RunsScreen) or "GiB" in str(screen.query_one("#gpus").render())
 
         await wait_until(pilot, ready)
+
     return run_before
 
 
@@ -56,17 +57,26 @@ def test_home(snap_compare, services):
 
 def test_home_empty_without_gpu(snap_compare, no_gpu_services):
     async def run_before(pilot):
-        await wait_until(pilot, lambda: isinstance(pilot.app.screen, HomeScreen)
-                         and pilot.app.screen.query_one("#no-runs").display
-                         and "No GPU" in str(pilot.app.screen.query_one("#gpus").render()))
+        await wait_until(
+            pilot,
+            lambda: (
+                isinstance(pilot.app.screen, HomeScreen)
+                and pilot.app.screen.query_one("#no-runs").display
+                and "No GPU" in str(pilot.app.screen.query_one("#gpus").render())
+            ),
+        )
 
     assert snap_compare(SftopApp(services=no_gpu_services), run_before=run_before)
 
 
 def dashboard_ready(pilot):
     screen = pilot.app.screen
-    return isinstance(screen, DashboardScreen) and screen.replayed and screen.process_status is not None \
+    return (
+        isinstance(screen, DashboardScreen)
+        and screen.replayed
+        and screen.process_status is not None
         and "GiB" in str(screen.query_one("#gpus").render())
+    )
 
 
 def test_dashboard_finished(snap_compare, services):
@@ -110,6 +120,7 @@ def test_quit_dialog(snap_compare, services):
 def test_wizard_model_step(snap_compare, services):
     async def run_before(pilot):
         await wait_until(pilot, lambda: isinstance(pilot.app.screen, WizardScreen))
+
         # the HF cache scan that fills the model list (its result is shown once the app is idle)
         def scanned():
             scans = [w for w in pilot.app.workers if w.group == "hf-cache"]
@@ -129,8 +140,9 @@ def test_wizard_dataset_with_bad_rows(snap_compare, services):
         field.value = "builtin:sample-broken"
         field.focus()
         await pilot.press("enter")
-        await wait_until(pilot, lambda: step.checked_source == "builtin:sample-broken" and step.result is not None,
-                         timeout=120)
+        await wait_until(
+            pilot, lambda: step.checked_source == "builtin:sample-broken" and step.result is not None, timeout=120
+        )
         await pilot.press("ctrl+n")
 
     assert snap_compare(SftopApp(start="wizard", services=services), run_before=run_before, terminal_size=(80, 30))

@@ -63,8 +63,9 @@ async def test_wizard_launches_the_demo_and_opens_its_dashboard(services):
             preset = tomllib.loads(run.preset.read_text())
             assert preset["name"] == "my-demo" and preset["train"]["max_steps"] == 12
             assert preset["model"]["name"] == "builtin:demo-tiny"
-            status = await wait_until(pilot, lambda: run.read_status().get("supervisor_pid") and run.read_status(),
-                                      timeout=30)
+            status = await wait_until(
+                pilot, lambda: run.read_status().get("supervisor_pid") and run.read_status(), timeout=30
+            )
             assert status["status"] == "running" and status["pid"] != status["supervisor_pid"]
             saved, _ = load_preset("my-demo")
             assert saved.train.max_steps == 12 and saved.data.source == "builtin:arithmetic"
@@ -84,8 +85,11 @@ async def test_dataset_failing_validation_shows_the_rows(services):
         field.value = "builtin:sample-broken"
         field.focus()
         await pilot.press("enter")
-        await wait_until(pilot, lambda: data.checked_source == "builtin:sample-broken"
-                         and (data.result is not None or data.error), timeout=120)
+        await wait_until(
+            pilot,
+            lambda: data.checked_source == "builtin:sample-broken" and (data.result is not None or data.error),
+            timeout=120,
+        )
         report = text_of(app, "#data-report")
         assert data.result.bad_rows == 4 and data.result.would_stop
         assert "4 bad rows (20%)" in report and "a run would stop" in report
@@ -122,8 +126,14 @@ async def test_plan_refuses_a_model_too_big_without_a_gpu(no_gpu_services, tmp_p
     from transformers import LlamaConfig
 
     model_dir = tmp_path / "big-llama"
-    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256).save_pretrained(model_dir)
+    LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ).save_pretrained(model_dir)
     preset, _ = load_preset("demo", [f"model.name={model_dir}"])
     path = save_preset(preset.model_copy(update={"name": "big"}), tmp_path / "big.toml")
     app = SftopApp(preset=str(path), services=no_gpu_services)
@@ -166,8 +176,11 @@ async def test_dataset_file_is_picked_from_a_tree(services, tmp_path, monkeypatc
         await wait_until(pilot, lambda: isinstance(app.screen, WizardScreen))
         data = app.screen.query_one(DatasetStep)
         assert app.screen.query_one("#data-input").value == str(folder / "chat.jsonl")
-        await wait_until(pilot, lambda: data.checked_source == str(folder / "chat.jsonl")
-                         and (data.result is not None or data.error), timeout=120)
+        await wait_until(
+            pilot,
+            lambda: data.checked_source == str(folder / "chat.jsonl") and (data.result is not None or data.error),
+            timeout=120,
+        )
         assert data.error is None and data.result.rows_read == len(rows)
         await pilot.press("ctrl+n")
         assert current_step(app) == "step-preset"
@@ -195,7 +208,12 @@ async def test_preset_fields_are_validated_in_place(services):
         await pilot.press("ctrl+n")
         assert current_step(app) == "step-plan"
         draft = wizard.draft
-        assert (draft.train.learning_rate, draft.lora.r, draft.train.max_steps, draft.train.epochs) == (1e-4, 8, None, 2)
+        assert (draft.train.learning_rate, draft.lora.r, draft.train.max_steps, draft.train.epochs) == (
+            1e-4,
+            8,
+            None,
+            2,
+        )
 
 
 def make_cached_model(cache, repo_id: str) -> None:

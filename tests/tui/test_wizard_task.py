@@ -67,7 +67,10 @@ async def test_dpo_is_picked_by_keys_and_the_pairs_are_checked(services):
         picker.focus()
         as_pairs = data.result
         await pilot.press("left", "enter")
-        await wait_until(pilot, lambda: data.result is not as_pairs and _checked(data, "builtin:arithmetic-preferences")(),
-                         timeout=120)
+        await wait_until(
+            pilot,
+            lambda: data.result is not as_pairs and _checked(data, "builtin:arithmetic-preferences")(),
+            timeout=120,
+        )
         assert picker.chosen_task == "sft" and app.screen.query_one(DatasetStep)._draft.train.task == "sft"
         assert data.error or data.result.format != "preference"

@@ -26,8 +26,7 @@ def text_of(app, selector: str) -> str:
     if isinstance(content, str):
         return content
     # Wide, so that assertions never depend on where a line happened to wrap.
-    console = Console(width=400, file=io.StringIO(), record=True,
-                      color_system=None)
+    console = Console(width=400, file=io.StringIO(), record=True, color_system=None)
     console.print(content)
     return console.export_text()
 

@@ -33,8 +33,9 @@ def _lora_model(name: str):
     model = fam.tiny_model(seed=3).to(DEVICE)
     # the language layers only, B != 0 so that every adapter gradient is non-trivial
     targets = target_module_names(model, fam, ["language", "attention", "mlp"])
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
-                                            init_lora_weights=False))
+    return get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+    )
 
 
 def _loss_and_grads(model, batch):

@@ -8,7 +8,15 @@ import re
 import pytest
 import torch
 from vision_family_rows import (
-    ASSISTANT_PREFIX, END_OF_TURN, FAMILY_NAMES, family, image, model, processor, rows, single,
+    ASSISTANT_PREFIX,
+    END_OF_TURN,
+    FAMILY_NAMES,
+    family,
+    image,
+    model,
+    processor,
+    rows,
+    single,
 )
 
 from sftop.engine.data.formats import RowError

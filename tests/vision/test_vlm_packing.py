@@ -34,17 +34,23 @@ def _sample(config, grids, before, after, g):
     merge = vis.spatial_merge_size
     ids = [torch.randint(TEXT[0], TEXT[1], (before,), generator=g)]
     for t, h, w in grids:
-        ids += [torch.tensor([config.vision_start_token_id]),
-                torch.full((t * h * w // merge ** 2,), config.image_token_id),
-                torch.tensor([config.vision_end_token_id])]
+        ids += [
+            torch.tensor([config.vision_start_token_id]),
+            torch.full((t * h * w // merge**2,), config.image_token_id),
+            torch.tensor([config.vision_end_token_id]),
+        ]
     ids.append(torch.randint(TEXT[0], TEXT[1], (after,), generator=g))
     ids = torch.cat(ids)[None]
     # as the family's processor returns them: mm_token_type_ids is what makes the model use mRoPE
-    sample = {"input_ids": ids, "labels": ids.where(ids >= TEXT[0], -100), "attention_mask": torch.ones_like(ids),
-              "mm_token_type_ids": (ids == config.image_token_id).int()}
+    sample = {
+        "input_ids": ids,
+        "labels": ids.where(ids >= TEXT[0], -100),
+        "attention_mask": torch.ones_like(ids),
+        "mm_token_type_ids": (ids == config.image_token_id).int(),
+    }
     if grids:
         grid = torch.tensor(grids)
-        values = vis.in_channels * vis.temporal_patch_size * vis.patch_size ** 2
+        values = vis.in_channels * vis.temporal_patch_size * vis.patch_size**2
         sample["pixel_values"] = torch.randn(int(grid.prod(-1).sum()), values, generator=g)
         sample["image_grid_thw"] = grid
     return sample

@@ -37,7 +37,8 @@ def test_rope_index_travels_to_a_worker_without_the_model():
     model = _model("qwen2_vl")
     rope = pickle.loads(pickle.dumps(RopeIndex(model)))
     ids = torch.tensor([[50, 51, 52, 53]])
-    positions, _ = rope.get_rope_index(input_ids=ids, mm_token_type_ids=torch.zeros_like(ids),
-                                       attention_mask=torch.ones_like(ids))
+    positions, _ = rope.get_rope_index(
+        input_ids=ids, mm_token_type_ids=torch.zeros_like(ids), attention_mask=torch.ones_like(ids)
+    )
     assert positions.tolist() == [[[0, 1, 2, 3]]] * 3
     assert len(pickle.dumps(rope)) < 100_000  # a config, not weights

@@ -83,10 +83,7 @@ def _reverse_pairs(n: int, seed: int) -> list[tuple[str, str]]:
 
 
 def _chat(pairs: list[tuple[str, str]]) -> list[dict]:
-    return [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        for q, a in pairs
-    ]
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
 
 
 def arithmetic() -> list[dict]:
@@ -160,8 +157,9 @@ def _plausible_wrong(question: str, answer: str, rng: random.Random) -> str:
 
 def arithmetic_preferences() -> list[dict]:
     rng = random.Random(_SEED + 4)
-    return [{"prompt": q, "chosen": a, "rejected": _plausible_wrong(q, a, rng)}
-            for q, a in _arithmetic_pairs(1000, _SEED)]
+    return [
+        {"prompt": q, "chosen": a, "rejected": _plausible_wrong(q, a, rng)} for q, a in _arithmetic_pairs(1000, _SEED)
+    ]
 
 
 def shapes() -> list[dict]:
@@ -196,7 +194,7 @@ def builtin_names() -> list[str]:
 
 
 def load_builtin(source: str) -> list[dict]:
-    name = source[len(PREFIX):] if source.startswith(PREFIX) else source
+    name = source[len(PREFIX) :] if source.startswith(PREFIX) else source
     if name not in BUILTINS:
         raise DataError(
             f"There is no built-in dataset named `{name}`",

@@ -98,8 +98,15 @@ class DataCheckResult(RowVerdict):
         }
 
 
-def check_data(preset: Preset, tokenizer=None, *, max_rows: int | None = None, allow_images: bool = True,
-               image_rules: Any = None, image_tokens: Callable[[int, int], int] | None = None) -> "DataCheckResult | PreferenceCheckResult":
+def check_data(
+    preset: Preset,
+    tokenizer=None,
+    *,
+    max_rows: int | None = None,
+    allow_images: bool = True,
+    image_rules: Any = None,
+    image_tokens: Callable[[int, int], int] | None = None,
+) -> "DataCheckResult | PreferenceCheckResult":
     """Run the data pipeline of `preset` and summarise it. Loads the model's tokenizer if not given.
 
     `max_rows` checks only the first rows (a quick look at a big dataset); a run reads them all.
@@ -162,8 +169,13 @@ def check_data(preset: Preset, tokenizer=None, *, max_rows: int | None = None, a
         problems=report.problems[:PROBLEMS_KEPT],
         problem_kinds=report.reason_counts(),
         sample_index=shown.index if shown is not None else (sample.source_index if sample else None),
-        sample_spans=(shown.spans if shown is not None else
-                      trained_spans(tokenizer, sample.input_ids, sample.labels) if sample else []),
+        sample_spans=(
+            shown.spans
+            if shown is not None
+            else trained_spans(tokenizer, sample.input_ids, sample.labels)
+            if sample
+            else []
+        ),
         warnings=encoding.warnings,
         quick=quick and structured.raw.total_rows is not None and structured.raw.total_rows > report.total_rows,
         **extra,
@@ -210,8 +222,9 @@ def render_check(result: "DataCheckResult | PreferenceCheckResult", color: bool 
     if result.eval_rows:
         lines.append(f"  eval      {result.eval_rows:,} rows held out (data.eval_fraction)")
     if result.image_stats is not None:
-        lines += check_images.render_image_lines(result.image_stats, result.image_rules_source,
-                                                 result.image_tokens_counted)
+        lines += check_images.render_image_lines(
+            result.image_stats, result.image_rules_source, result.image_tokens_counted
+        )
 
     if result.problems:
         lines.append(style(f"Problems ({result.bad_rows:,} row(s) skipped):", _BOLD))
@@ -242,11 +255,19 @@ def render_check(result: "DataCheckResult | PreferenceCheckResult", color: bool 
         lines.append(style(f"OK: a run would train on {result.usable_rows:,} rows{skipped}.", _GREEN))
 
     if result.sample_spans:
-        legend = "dim = context, not trained" if color else f"trained tokens {TRAINED_OPEN}marked{TRAINED_CLOSE}, the rest is context"
+        legend = (
+            "dim = context, not trained"
+            if color
+            else f"trained tokens {TRAINED_OPEN}marked{TRAINED_CLOSE}, the rest is context"
+        )
         lines.append(style(f"Sample (row {result.sample_index}; {legend}):", _BOLD))
         if result.sample_image_sizes:
-            lines.append("  " + ", ".join(check_images.image_label(k, o, f)
-                                           for k, (o, f) in enumerate(result.sample_image_sizes, start=1)))
+            lines.append(
+                "  "
+                + ", ".join(
+                    check_images.image_label(k, o, f) for k, (o, f) in enumerate(result.sample_image_sizes, start=1)
+                )
+            )
         parts = []
         spans = list(result.sample_spans)
         while spans and not spans[-1][0].strip("\n"):
@@ -254,7 +275,9 @@ def render_check(result: "DataCheckResult | PreferenceCheckResult", color: bool 
         for text, trained in spans:
             if color:
                 # Dim each line on its own so the indentation added below stays outside the codes.
-                parts.append(text if trained else "\n".join(style(seg, _DIM) if seg else seg for seg in text.split("\n")))
+                parts.append(
+                    text if trained else "\n".join(style(seg, _DIM) if seg else seg for seg in text.split("\n"))
+                )
             else:
                 parts.append(f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if trained else text)
         body = "".join(parts)

@@ -45,8 +45,9 @@ def check_images(structured: Structured, section, image_rules: ImageRules | None
     return ImageCheckOutcome(rules, source, check, by_row)
 
 
-def drop_over_length(encoded: list[Encoded], outcome: ImageCheckOutcome, image_tokens: ImageTokens | None,
-                     max_length: int, report) -> tuple[list[Encoded], dict[int, int]]:
+def drop_over_length(
+    encoded: list[Encoded], outcome: ImageCheckOutcome, image_tokens: ImageTokens | None, max_length: int, report
+) -> tuple[list[Encoded], dict[int, int]]:
     """Rows whose text and image tokens together exceed `max_length` are bad rows (a run drops them:
     it never truncates through image tokens). Returns the kept rows and each one's image tokens."""
     if image_tokens is None:
@@ -63,8 +64,10 @@ def drop_over_length(encoded: list[Encoded], outcome: ImageCheckOutcome, image_t
         tokens = sum(count(final) for _, final in outcome.sizes_by_row.get(row.source_index, []))
         total = len(row.input_ids) + tokens
         if total > max_length:
-            report.add(row.source_index, f"{total} tokens with its images ({tokens} image tokens), "
-                                         f"longer than data.max_length = {max_length}")
+            report.add(
+                row.source_index,
+                f"{total} tokens with its images ({tokens} image tokens), longer than data.max_length = {max_length}",
+            )
             continue
         kept.append(row)
         per_row[row.source_index] = tokens
@@ -103,8 +106,9 @@ class ImageSample:
     sizes: list[tuple[Size, Size]]
 
 
-def image_sample(structured: Structured, encoded: list[Encoded], outcome: ImageCheckOutcome, tokenizer,
-                 section) -> ImageSample | None:
+def image_sample(
+    structured: Structured, encoded: list[Encoded], outcome: ImageCheckOutcome, tokenizer, section
+) -> ImageSample | None:
     """The first usable row with images, rendered through the chat template with each image shown as
     `[image k: WxH -> wxh]` where it sits, plus its pictures."""
     usable = {e.source_index for e in encoded}
@@ -132,8 +136,12 @@ def image_sample(structured: Structured, encoded: list[Encoded], outcome: ImageC
         shown = Encoder(tokenizer, loss_on=section.loss_on).encode(display)
     except RowError:
         return None
-    return ImageSample(conv.source_index, trained_spans(tokenizer, shown.input_ids, shown.labels),
-                       [p.image for p in row.images], row.sizes)
+    return ImageSample(
+        conv.source_index,
+        trained_spans(tokenizer, shown.input_ids, shown.labels),
+        [p.image for p in row.images],
+        row.sizes,
+    )
 
 
 # -- text ---------------------------------------------------------------------------------------
@@ -157,16 +165,21 @@ def render_image_lines(stats: ImageStats, rules_source: str, counted: bool) -> l
     if stats.images:
         o, f = stats.original, stats.final
         lines.append(f"  size      before: width {_range(o.width)}, height {_range(o.height)}")
-        lines.append(f"            after:  width {_range(f.width)}, height {_range(f.height)}"
-                     f"  ({stats.resized:,} resized)")
+        lines.append(
+            f"            after:  width {_range(f.width)}, height {_range(f.height)}  ({stats.resized:,} resized)"
+        )
         r = stats.rules
-        lines.append(f"  budget    {r.min_pixels:,}–{r.max_pixels:,} pixels, sides in steps of {r.patch_multiple}"
-                     f" ({rules_source}; set with data.min_pixels / data.max_pixels)")
+        lines.append(
+            f"  budget    {r.min_pixels:,}–{r.max_pixels:,} pixels, sides in steps of {r.patch_multiple}"
+            f" ({rules_source}; set with data.min_pixels / data.max_pixels)"
+        )
     if counted and stats.tokens_per_image is not None:
         low, mid, high = stats.tokens_per_image
         share = stats.image_token_share or 0.0
-        lines.append(f"  img tok   {_range((low, mid, high))} per image; {share:.1%} of all tokens are image tokens"
-                     f" (per row p95 {stats.image_tokens_per_row_p95:,}, max {stats.image_tokens_per_row_max:,})")
+        lines.append(
+            f"  img tok   {_range((low, mid, high))} per image; {share:.1%} of all tokens are image tokens"
+            f" (per row p95 {stats.image_tokens_per_row_p95:,}, max {stats.image_tokens_per_row_max:,})"
+        )
     else:
         lines.append("  img tok   tokens per image and their share: needs a vision model to count")
     return lines

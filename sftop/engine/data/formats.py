@@ -65,8 +65,8 @@ def detect_format(columns: Iterable[str], *, source: str = "the dataset") -> str
         hint=(
             "sftop reads rows with `messages` (role/content), `conversations` (ShareGPT from/value), "
             "`prompt` + `completion`, `instruction` + `output` (Alpaca) or `text`. Map your column names "
-            "to these in the preset, e.g. for question/answer rows: [data.columns] prompt = \"question\", "
-            "completion = \"answer\" (on the command line: --set data.columns.prompt=question "
+            'to these in the preset, e.g. for question/answer rows: [data.columns] prompt = "question", '
+            'completion = "answer" (on the command line: --set data.columns.prompt=question '
             "--set data.columns.completion=answer), or set `data.format` to say which layout the rows follow"
         ),
     )
@@ -88,8 +88,14 @@ def check_forced_format(fmt: str, columns: Iterable[str], *, source: str) -> Non
 def _describe(value: Any) -> str:
     if value is None:
         return "null"
-    name = {"str": "string", "int": "number", "float": "number", "bool": "boolean", "dict": "object",
-            "list": "list"}.get(type(value).__name__, type(value).__name__)
+    name = {
+        "str": "string",
+        "int": "number",
+        "float": "number",
+        "bool": "boolean",
+        "dict": "object",
+        "list": "list",
+    }.get(type(value).__name__, type(value).__name__)
     return name
 
 
@@ -143,8 +149,14 @@ def _image_ref(part: dict) -> Any:
     return None
 
 
-def _message_list(value: Any, what: str, *, role_key: str = "role", content_key: str = "content",
-                  role_map: dict[str, str] | None = None) -> list[Message]:
+def _message_list(
+    value: Any,
+    what: str,
+    *,
+    role_key: str = "role",
+    content_key: str = "content",
+    role_map: dict[str, str] | None = None,
+) -> list[Message]:
     if value is None:
         raise RowError(f"`{what}` is missing")
     if isinstance(value, str) and value.lstrip().startswith("["):
@@ -187,7 +199,10 @@ def normalise_row(row: dict, fmt: str, index: int = -1) -> Conversation:
         msgs = _message_list(row.get("messages"), "messages")
     elif fmt == "sharegpt":
         msgs = _message_list(
-            row.get("conversations"), "conversations", role_key="from", content_key="value",
+            row.get("conversations"),
+            "conversations",
+            role_key="from",
+            content_key="value",
             role_map=SHAREGPT_ROLES,
         )
         system = row.get("system")  # LLaMA-Factory's ShareGPT layout keeps it beside the turns
@@ -201,10 +216,9 @@ def normalise_row(row: dict, fmt: str, index: int = -1) -> Conversation:
             raise RowError("`completion` is missing")
         if isinstance(prompt, list) or isinstance(completion, list):
             # Conversational form; a plain string on either side stands for one message.
-            msgs = (
-                [Message.text("user", prompt)] if isinstance(prompt, str) else _message_list(prompt, "prompt")
-            ) + (
-                [Message.text("assistant", completion)] if isinstance(completion, str)
+            msgs = ([Message.text("user", prompt)] if isinstance(prompt, str) else _message_list(prompt, "prompt")) + (
+                [Message.text("assistant", completion)]
+                if isinstance(completion, str)
                 else _message_list(completion, "completion")
             )
         else:

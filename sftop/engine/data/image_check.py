@@ -78,9 +78,15 @@ class ImageCheck:
 PARALLEL_MIN_ROWS = 64
 
 
-def check_rows_images(conversations: Sequence[Conversation], base_dir: str | Path | None, rules: ImageRules,
-                      report: ValidationReport, *, keep_images: bool = False, workers: int | None = None
-                      ) -> ImageCheck:
+def check_rows_images(
+    conversations: Sequence[Conversation],
+    base_dir: str | Path | None,
+    rules: ImageRules,
+    report: ValidationReport,
+    *,
+    keep_images: bool = False,
+    workers: int | None = None,
+) -> ImageCheck:
     """Run the image stage over every row; bad rows go into `report` and are left out.
 
     With `keep_images`, the kept conversations hold the decoded, resized images (memory: width x
@@ -189,8 +195,12 @@ class SizeSummary:
         )
 
     def to_dict(self) -> dict:
-        return {"count": self.count, "width": list(self.width), "height": list(self.height),
-                "pixels": list(self.pixels)}
+        return {
+            "count": self.count,
+            "width": list(self.width),
+            "height": list(self.height),
+            "pixels": list(self.pixels),
+        }
 
 
 @dataclass
@@ -220,8 +230,14 @@ class ImageStats:
         return self.image_tokens / total if total else 0.0
 
     @classmethod
-    def build(cls, sizes: list[list[tuple[Size, Size]]], rules: ImageRules, *, text_tokens: int = 0,
-              image_tokens: Callable[[int, int], int] | None = None) -> "ImageStats":
+    def build(
+        cls,
+        sizes: list[list[tuple[Size, Size]]],
+        rules: ImageRules,
+        *,
+        text_tokens: int = 0,
+        image_tokens: Callable[[int, int], int] | None = None,
+    ) -> "ImageStats":
         flat = [pair for row in sizes for pair in row]
         stats = cls(
             rules=rules,

@@ -102,7 +102,7 @@ def _is_url(text: str) -> bool:
 
 def _resolve_path(text: str, base_dir: Path | None) -> Path:
     if text.startswith("file://"):
-        text = text[len("file://"):]
+        text = text[len("file://") :]
     path = Path(text).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
@@ -163,7 +163,9 @@ def _decode(source: Any, subject: str):
         try:
             image = Image.open(source)
         except UnidentifiedImageError:
-            raise ImageError(subject, "is not an image file sftop can read (not PNG, JPEG, WebP, GIF, BMP, TIFF, ...)") from None
+            raise ImageError(
+                subject, "is not an image file sftop can read (not PNG, JPEG, WebP, GIF, BMP, TIFF, ...)"
+            ) from None
         except Image.DecompressionBombError as exc:
             raise ImageError(subject, f"is too large to decode safely ({exc})") from None
         except PermissionError:
@@ -342,8 +344,7 @@ def prepare_image(ref: Any, rules: ImageRules, base_dir: str | Path | None = Non
 # -- the budget a run uses ----------------------------------------------------------------------
 
 
-def rules_with_budget(rules: ImageRules, *, max_pixels: int | None = None, min_pixels: int | None = None
-                      ) -> ImageRules:
+def rules_with_budget(rules: ImageRules, *, max_pixels: int | None = None, min_pixels: int | None = None) -> ImageRules:
     """`rules` with the pixel budget overridden where a value is given (None keeps the family's).
 
     Raises `DataError` when the budget cannot hold one image of one patch, or is inverted.

@@ -123,8 +123,9 @@ class PairEncoder:
             r = self._ids(prompt + rejected + (eos if not rejected.endswith(eos) else ""), special=True)
         else:
             try:
-                p = self._ids(self._chat.render(pair.template_messages("prompt"), add_generation_prompt=True),
-                              special=False)
+                p = self._ids(
+                    self._chat.render(pair.template_messages("prompt"), add_generation_prompt=True), special=False
+                )
                 c = self._ids(self._chat.render(pair.template_messages("chosen")), special=False)
                 r = self._ids(self._chat.render(pair.template_messages("rejected")), special=False)
             except Exception as exc:  # noqa: BLE001 - a template that raises on this row's content
@@ -216,8 +217,11 @@ def _to_dataset(encoded: list[EncodedPair]):
 
     ids = Sequence(Value("int32"))
     return Dataset.from_dict(
-        {"prompt_ids": [e.prompt_ids for e in encoded], "chosen_ids": [e.chosen_ids for e in encoded],
-         "rejected_ids": [e.rejected_ids for e in encoded]},
+        {
+            "prompt_ids": [e.prompt_ids for e in encoded],
+            "chosen_ids": [e.chosen_ids for e in encoded],
+            "rejected_ids": [e.rejected_ids for e in encoded],
+        },
         features=Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids}),
     )
 

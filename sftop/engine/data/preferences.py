@@ -93,8 +93,8 @@ def detect_preference_format(columns: Iterable[str], *, source: str = "the datas
         f"Cannot read {source} as preference pairs: its columns are {shown}",
         where=source,
         hint=(
-            "train.task = \"dpo\" needs `chosen` and `rejected` columns (with or without `prompt`), or "
-            "UltraFeedback's `instruction` + `completions`. Rename the columns, or set train.task = \"sft\" "
+            'train.task = "dpo" needs `chosen` and `rejected` columns (with or without `prompt`), or '
+            'UltraFeedback\'s `instruction` + `completions`. Rename the columns, or set train.task = "sft" '
             "to fine-tune on plain conversations"
         ),
     )
@@ -103,9 +103,9 @@ def detect_preference_format(columns: Iterable[str], *, source: str = "the datas
 def check_forced_preference_format(fmt: str, columns: Iterable[str], *, source: str) -> None:
     if fmt not in PREFERENCE_FORMATS:
         raise DataError(
-            f"data.format is `{fmt}`, which is not a preference layout, but train.task is \"dpo\"",
+            f'data.format is `{fmt}`, which is not a preference layout, but train.task is "dpo"',
             where="data.format",
-            hint="Use data.format = \"auto\", or one of " + ", ".join(PREFERENCE_FORMATS),
+            hint='Use data.format = "auto", or one of ' + ", ".join(PREFERENCE_FORMATS),
         )
     cols = set(columns)
     need = ("chosen", "rejected") if fmt == "ultrafeedback" and "chosen" in cols else REQUIRED_COLUMNS[fmt]
@@ -177,8 +177,11 @@ def _score(completion: dict) -> float | None:
 def _ultrafeedback_raw(row: dict) -> PreferencePair:
     instruction = row.get("instruction")
     if not isinstance(instruction, str):
-        raise RowError("`instruction` is missing" if instruction is None else
-                       f"`instruction` is {_a(instruction)}, expected a string")
+        raise RowError(
+            "`instruction` is missing"
+            if instruction is None
+            else f"`instruction` is {_a(instruction)}, expected a string"
+        )
     completions = row.get("completions")
     if not isinstance(completions, list):
         raise RowError(f"`completions` is {_a(completions)}, expected a list of rated answers")
@@ -219,8 +222,10 @@ def normalise_pair(row: dict, fmt: str, index: int = -1) -> PreferencePair:
         rejected = _strip_prompt(prompt, _side(row.get("rejected"), "rejected", "assistant"))
         for name, side in (("chosen", chosen), ("rejected", rejected)):
             if side and side[0].role != "assistant":
-                raise RowError(f"`{name}` holds a {side[0].role} turn that differs from `prompt`: "
-                               "chosen and rejected must answer the row's prompt")
+                raise RowError(
+                    f"`{name}` holds a {side[0].role} turn that differs from `prompt`: "
+                    "chosen and rejected must answer the row's prompt"
+                )
         pair = PreferencePair(tuple(prompt), tuple(chosen), tuple(rejected), images=_images(row))
     elif fmt == "preference_implicit":
         c, r = row.get("chosen"), row.get("rejected")
@@ -274,8 +279,9 @@ def resolve_preference_format(columns: Iterable[str], forced: str, *, source: st
     return forced
 
 
-def validate_pairs(rows, fmt: str, errors: dict[int, str] | None = None
-                   ) -> tuple[list[PreferencePair], list[RowProblem]]:
+def validate_pairs(
+    rows, fmt: str, errors: dict[int, str] | None = None
+) -> tuple[list[PreferencePair], list[RowProblem]]:
     """Structural pass: normalise every row, keep the good pairs, report the rest by index."""
     errors = errors or {}
     good, problems = [], []

@@ -98,7 +98,10 @@ def check_preferences(preset: Preset, tokenizer=None, *, max_rows: int | None = 
     sample = prefs.encoded[0] if prefs.encoded else None
     spans, rejected = [], ""
     if sample is not None:
-        spans = [(_collapse_runs(tokenizer.decode(sample.prompt_ids)), False), (tokenizer.decode(sample.chosen_ids), True)]
+        spans = [
+            (_collapse_runs(tokenizer.decode(sample.prompt_ids)), False),
+            (tokenizer.decode(sample.chosen_ids), True),
+        ]
         rejected = tokenizer.decode(sample.rejected_ids)
     total = prefs.raw.total_rows if prefs.raw.total_rows is not None else report.total_rows
     return PreferenceCheckResult(
@@ -152,20 +155,31 @@ def render_preference_check(result: PreferenceCheckResult, color: bool = False) 
 
     s = result.stats
     how = "forced by data.format" if result.format_forced else "detected"
-    lines = [style(f"Data check (preference pairs, train.task = dpo): {result.source}", _BOLD),
-             f"  {result.format} format ({how}), tokenizer of {result.tokenizer}"]
-    limited = f" (first {result.rows_read:,} of {result.rows_in_source:,})" if result.rows_in_source > result.rows_read else ""
-    lines.append(f"  pairs     {result.rows_read:,} read{limited}, {result.usable_rows:,} usable, "
-                 f"{result.bad_rows:,} skipped")
+    lines = [
+        style(f"Data check (preference pairs, train.task = dpo): {result.source}", _BOLD),
+        f"  {result.format} format ({how}), tokenizer of {result.tokenizer}",
+    ]
+    limited = (
+        f" (first {result.rows_read:,} of {result.rows_in_source:,})"
+        if result.rows_in_source > result.rows_read
+        else ""
+    )
+    lines.append(
+        f"  pairs     {result.rows_read:,} read{limited}, {result.usable_rows:,} usable, {result.bad_rows:,} skipped"
+    )
     for name, summary in (("prompt", s.prompt), ("chosen", s.chosen), ("rejected", s.rejected)):
         lines.append(f"  {name:<9} tokens p50 {summary.p50:,} · p90 {summary.p90:,} · max {summary.max:,}")
     if result.images is not None:
         im, px = result.images, result.images["sizes"]["pixels"]
-        lines.append(f"  images    {im['images']:,} in {im['pairs_with_images']:,} pairs, checked and resized to "
-                     f"{px[0]:,}-{px[2]:,} pixels; {im['image_tokens_p50']:,} image tokens per side "
-                     f"(max {im['image_tokens_max']:,}), shown to the model once per side")
-    lines.append(f"  longest   prompt + answer {s.pair_max:,} tokens (data.max_length {result.max_length:,}; "
-                 "longer pairs are dropped, never truncated)")
+        lines.append(
+            f"  images    {im['images']:,} in {im['pairs_with_images']:,} pairs, checked and resized to "
+            f"{px[0]:,}-{px[2]:,} pixels; {im['image_tokens_p50']:,} image tokens per side "
+            f"(max {im['image_tokens_max']:,}), shown to the model once per side"
+        )
+    lines.append(
+        f"  longest   prompt + answer {s.pair_max:,} tokens (data.max_length {result.max_length:,}; "
+        "longer pairs are dropped, never truncated)"
+    )
     if s.too_long:
         lines.append(style(f"  {s.too_long:,} pair(s) over data.max_length dropped", _YELLOW))
     if result.eval_rows:
@@ -185,9 +199,11 @@ def render_preference_check(result: PreferenceCheckResult, color: bool = False) 
         if result.usable_rows == 0:
             verdict = "STOP: no pair can be used; a run would stop before training."
         else:
-            verdict = (f"STOP: {result.bad_fraction:.1%} of pairs are unusable, more than data.max_bad_fraction = "
-                       f"{result.max_bad_fraction:g}; a run would stop before training. Fix the rows listed, "
-                       "or raise data.max_bad_fraction to skip them.")
+            verdict = (
+                f"STOP: {result.bad_fraction:.1%} of pairs are unusable, more than data.max_bad_fraction = "
+                f"{result.max_bad_fraction:g}; a run would stop before training. Fix the rows listed, "
+                "or raise data.max_bad_fraction to skip them."
+            )
         lines.append(style(verdict, _RED))
     else:
         skipped = f" ({result.bad_rows:,} skipped)" if result.bad_rows else ""

@@ -123,8 +123,9 @@ def validate_structure(section: DataSection, *, strict: bool = True, allow_image
     return Structured(raw, fmt, conversations, report)
 
 
-def encode_structured(structured: Structured, section: DataSection, tokenizer, *, workers: int | None = None
-                      ) -> Encoding:
+def encode_structured(
+    structured: Structured, section: DataSection, tokenizer, *, workers: int | None = None
+) -> Encoding:
     """Tokenise the rows that passed the structural pass; rows that fail here join the report.
 
     `workers`: processes to encode with; None picks by size (one for small sets, where starting
@@ -161,7 +162,7 @@ def _encode_parallel(encoder: Encoder, convs: list[Conversation], workers: int |
     if workers <= 1 or len(convs) < 2:
         return list(encoder.encode_many(convs))
     size = max(256, -(-len(convs) // (workers * 4)))
-    chunks = [convs[i:i + size] for i in range(0, len(convs), size)]
+    chunks = [convs[i : i + size] for i in range(0, len(convs), size)]
     if "fork" not in multiprocessing.get_all_start_methods():
         return list(encoder.encode_many(convs))
     # fork, as datasets.map(num_proc=...) does: spawn would re-import the caller's main module
@@ -189,8 +190,11 @@ def _warnings(encoded: list[Encoded], encoder: Encoder, section: DataSection, fm
         ends = []
         for row in encoded[:200]:
             labels = row.labels
-            ends += [row.input_ids[t] for t in range(len(labels))
-                     if labels[t] != IGNORE_INDEX and (t + 1 == len(labels) or labels[t + 1] == IGNORE_INDEX)]
+            ends += [
+                row.input_ids[t]
+                for t in range(len(labels))
+                if labels[t] != IGNORE_INDEX and (t + 1 == len(labels) or labels[t + 1] == IGNORE_INDEX)
+            ]
         if ends and not any(token in encoder.special_ids for token in ends):
             warnings.append(
                 "The chat template closes assistant turns without a special end-of-turn token, so the model "

@@ -63,7 +63,9 @@ class Picture:
     shapes: tuple[Shape, ...]
 
     def count(self, kind: str | None = None, colour: str | None = None) -> int:
-        return sum(1 for s in self.shapes if (kind is None or s.kind == kind) and (colour is None or s.colour == colour))
+        return sum(
+            1 for s in self.shapes if (kind is None or s.kind == kind) and (colour is None or s.colour == colour)
+        )
 
     def draw(self):
         """The picture as a palette image (one byte per pixel: a few thousand of them stay small)."""
@@ -85,8 +87,14 @@ class Picture:
         return image
 
 
-def _picture(rng: random.Random, shapes: list[tuple[str, str]], *, width: int | None = None,
-             height: int | None = None, cells: list[tuple[int, int]] | None = None) -> Picture:
+def _picture(
+    rng: random.Random,
+    shapes: list[tuple[str, str]],
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    cells: list[tuple[int, int]] | None = None,
+) -> Picture:
     """A picture with the given (kind, colour) shapes, each in its own random cell."""
     width = width or rng.choice(SIDES)
     height = height or rng.choice(SIDES)
@@ -248,11 +256,13 @@ def shapes_preferences(n: int = PREFERENCE_ROWS, seed: int = SHAPES_SEED) -> lis
     pairs = []
     for row in shapes_rows(max(n, 1), seed)[:n]:
         wrong = rng.choice([a for a in ANSWERS[row["kind"]] if a != row["answer"]])
-        pairs.append({
-            "images": row["images"],
-            "prompt": [row["messages"][0]],
-            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": row["answer"]}]}],
-            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": wrong}]}],
-            "kind": row["kind"],
-        })
+        pairs.append(
+            {
+                "images": row["images"],
+                "prompt": [row["messages"][0]],
+                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": row["answer"]}]}],
+                "rejected": [{"role": "assistant", "content": [{"type": "text", "text": wrong}]}],
+                "kind": row["kind"],
+            }
+        )
     return pairs

@@ -155,8 +155,11 @@ def _read_json(path: Path, split: str) -> tuple[list, dict[int, str]]:
                 hint=f"Store the rows as a top-level list, or under a key named after data.split ({split!r})",
             )
     if not isinstance(data, list):
-        raise DataError(f"{path} holds a JSON {type(data).__name__}, not a list of rows", where=str(path),
-                        hint="Store the rows as a list of objects, or as JSON Lines")
+        raise DataError(
+            f"{path} holds a JSON {type(data).__name__}, not a list of rows",
+            where=str(path),
+            hint="Store the rows as a list of objects, or as JSON Lines",
+        )
     return data, {}
 
 
@@ -173,8 +176,11 @@ def _read_csv(path: Path, delimiter: str) -> tuple[list, dict[int, str]]:
     except StopIteration:
         return [], {}
     if any(_has_bad_bytes(h) for h in header):
-        raise DataError(f"The header line of {path} is not UTF-8", where=f"{path}, line 1",
-                        hint="Save the file as UTF-8 (`iconv -t UTF-8` can convert it)")
+        raise DataError(
+            f"The header line of {path} is not UTF-8",
+            where=f"{path}, line 1",
+            hint="Save the file as UTF-8 (`iconv -t UTF-8` can convert it)",
+        )
     rows: list = []
     errors: dict[int, str] = {}
     offsets: list[int] = []  # line offsets, computed at the first bad byte
@@ -192,14 +198,15 @@ def _read_csv(path: Path, delimiter: str) -> tuple[list, dict[int, str]]:
             offsets = offsets or _line_offsets(data)
             bad_at = _bad_byte_offset(data, offsets, *lines)
             problem = f"line {lines[0]} is not UTF-8 (column {header[where] if where < len(header) else where + 1}" + (
-                f", byte 0x{data[bad_at]:02x} at file offset {bad_at})" if bad_at is not None else ")")
+                f", byte 0x{data[bad_at]:02x} at file offset {bad_at})" if bad_at is not None else ")"
+            )
         if problem is not None:
             errors[index] = problem
             rows.append(None)
             continue
         row: dict[str | None, str | list[str]] = dict(zip(header, record))
         if len(record) > len(header):
-            row[None] = record[len(header):]  # what csv.DictReader does with extra fields
+            row[None] = record[len(header) :]  # what csv.DictReader does with extra fields
         rows.append(row)
     return rows, errors
 
@@ -240,9 +247,11 @@ def _unclosed_quote(record: list[str], lines: tuple[int, int], columns: int, del
         inner = value.split("\n")[1:]
         swallowed = sum(1 for part in inner if part.count(delimiter) >= max(1, columns - 1))
         if swallowed >= _SWALLOWED_ROWS or (len(record) != columns and swallowed):
-            return (f"line {lines[0]} opens a quote that is not closed where the field ends: it runs to line "
-                    f"{lines[1]} and swallows {swallowed} row(s) after it; close the quote (a quote inside a "
-                    "field is written twice: \"\")")
+            return (
+                f"line {lines[0]} opens a quote that is not closed where the field ends: it runs to line "
+                f"{lines[1]} and swallows {swallowed} row(s) after it; close the quote (a quote inside a "
+                'field is written twice: "")'
+            )
     return None
 
 
@@ -252,8 +261,11 @@ def _read_parquet(path: Path):
     try:
         return _ArrowRows(pq.read_table(path))
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
-        raise DataError(f"Cannot read Parquet file {path}: {exc}", where=str(path),
-                        hint="Check that the file is a complete Parquet file") from None
+        raise DataError(
+            f"Cannot read Parquet file {path}: {exc}",
+            where=str(path),
+            hint="Check that the file is a complete Parquet file",
+        ) from None
 
 
 def _read_file(path: Path, kind: str, split: str) -> tuple[Sequence, dict[int, str]]:
@@ -265,13 +277,15 @@ def _read_file(path: Path, kind: str, split: str) -> tuple[Sequence, dict[int, s
         line = data.count(b"\n", 0, exc.start) + 1
         raise DataError(
             f"{path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at file offset {exc.start} (line {line}) "
-            "cannot be decoded", where=f"{path}, line {line}",
+            "cannot be decoded",
+            where=f"{path}, line {line}",
             hint="Save the file as UTF-8 (most editors and `iconv -t UTF-8` can convert it), or as JSON Lines so "
-                 "that one bad row does not stop the run",
+            "that one bad row does not stop the run",
         ) from None
     except OSError as exc:
-        raise DataError(f"Cannot read {path}: {exc.strerror or exc}", where=str(path),
-                        hint="Check the file's permissions") from None
+        raise DataError(
+            f"Cannot read {path}: {exc.strerror or exc}", where=str(path), hint="Check the file's permissions"
+        ) from None
 
 
 def _read_file_as(path: Path, kind: str, split: str) -> tuple[Sequence, dict[int, str]]:
@@ -290,8 +304,11 @@ def _read_saved(path: Path, split: str, source: str):
     try:
         loaded = load_from_disk(str(path))
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for a folder it cannot read
-        raise DataError(f"Cannot read the saved dataset in {path}: {exc}", where=f"data.source = {source!r}",
-                        hint="Point data.source at the folder `save_to_disk` wrote") from None
+        raise DataError(
+            f"Cannot read the saved dataset in {path}: {exc}",
+            where=f"data.source = {source!r}",
+            hint="Point data.source at the folder `save_to_disk` wrote",
+        ) from None
     if isinstance(loaded, DatasetDict):
         if split not in loaded:
             raise DataError(
@@ -381,16 +398,24 @@ def _read_hub(source: str, section: DataSection):
         text = str(exc).lower()
         if offline or any(word in text for word in ("offline", "connect", "reach", "resolve", "network")):
             raise _offline_error(source) from None
-        raise DataError(f"Cannot load {source!r} from the hub: {exc}", where=f"data.source = {source!r}",
-                        hint="Check the dataset id and your network") from None
+        raise DataError(
+            f"Cannot load {source!r} from the hub: {exc}",
+            where=f"data.source = {source!r}",
+            hint="Check the dataset id and your network",
+        ) from None
     except ValueError as exc:
         message = str(exc)
         if "split" in message.lower():
-            raise DataError(f"The hub dataset {source!r} has no split {section.split!r}: {message}",
-                            where=f"data.split = {section.split!r}",
-                            hint="Set data.split to one of the dataset's splits") from None
-        raise DataError(f"Cannot load {source!r} from the hub: {message}", where=f"data.source = {source!r}",
-                        hint="Check the dataset id, or download it and point data.source at the files") from None
+            raise DataError(
+                f"The hub dataset {source!r} has no split {section.split!r}: {message}",
+                where=f"data.split = {section.split!r}",
+                hint="Set data.split to one of the dataset's splits",
+            ) from None
+        raise DataError(
+            f"Cannot load {source!r} from the hub: {message}",
+            where=f"data.source = {source!r}",
+            hint="Check the dataset id, or download it and point data.source at the files",
+        ) from None
 
 
 def _offline_error(source: str) -> DataError:
@@ -417,8 +442,7 @@ def load_rows(section: DataSection) -> RawRows:
     """Read the rows `data.source` names, at most `data.max_rows` of them."""
     source = section.source.strip()
     if not source:
-        raise DataError("data.source is empty", where="data.source",
-                        hint=f"Set it to a {_SUPPORTED}")
+        raise DataError("data.source is empty", where="data.source", hint=f"Set it to a {_SUPPORTED}")
     errors: dict[int, str] = {}
     kind: str
     rows: Sequence[Any]
@@ -428,7 +452,8 @@ def load_rows(section: DataSection) -> RawRows:
         path = Path(source).expanduser()
         if path.exists() and not (path.is_file() or path.is_dir()):
             raise DataError(
-                f"{path} holds no rows: it is a device or a pipe, not a data file", where=f"data.source = {source!r}",
+                f"{path} holds no rows: it is a device or a pipe, not a data file",
+                where=f"data.source = {source!r}",
                 hint=f"Point data.source at a {_SUPPORTED}",
             )
         if path.is_file():
@@ -440,8 +465,11 @@ def load_rows(section: DataSection) -> RawRows:
                     hint=f"Use a {_SUPPORTED}",
                 )
             if path.stat().st_size == 0:
-                raise DataError(f"{path} holds no rows (the file is empty)", where=f"data.source = {source!r}",
-                                hint="Point data.source at a file with data in it")
+                raise DataError(
+                    f"{path} holds no rows (the file is empty)",
+                    where=f"data.source = {source!r}",
+                    hint="Point data.source at a file with data in it",
+                )
             kind = file_kind
             rows, errors = _read_file(path, kind, section.split)
         elif path.is_dir():
@@ -453,8 +481,8 @@ def load_rows(section: DataSection) -> RawRows:
     total = len(rows)
     if total == 0 and kind not in ("hub", "builtin"):
         raise DataError(
-            f"{source} holds no rows" + (" (the file is empty)" if kind != "saved" and path.is_file()
-                                         and path.stat().st_size == 0 else ""),
+            f"{source} holds no rows"
+            + (" (the file is empty)" if kind != "saved" and path.is_file() and path.stat().st_size == 0 else ""),
             where=f"data.source = {source!r}",
             hint="Point data.source at a file with data in it",
         )

@@ -96,8 +96,10 @@ class Encoder:
             return
         chars = len(conv.document) if conv.document is not None else sum(len(m.text_content) for m in conv.messages)
         if chars > limit:
-            raise RowError(f"{chars:,} characters, far more than data.max_length = {self.max_length} tokens can hold "
-                           "(rejected before tokenising)")
+            raise RowError(
+                f"{chars:,} characters, far more than data.max_length = {self.max_length} tokens can hold "
+                "(rejected before tokenising)"
+            )
 
     # -- chat ---------------------------------------------------------------------------------
 
@@ -119,9 +121,7 @@ class Encoder:
         return conv.template_messages()
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _ids(self, text: str, *, offsets: bool = False):
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
@@ -190,7 +190,7 @@ class Encoder:
         if found < 0:
             return -1
         after = found + len(content)
-        tail = through[at + len(content):]
+        tail = through[at + len(content) :]
         shared = _common_prefix_len(tail, full[after:])
         if 0 < shared < len(tail) and getattr(self.tokenizer, "is_fast", False):
             # Cut at a token boundary of the closing text: "<|end|>\n<|im_end|>" and
@@ -287,7 +287,7 @@ class Encoder:
     def encode_many(self, convs: list[Conversation], batch_size: int = 512) -> Iterator[Encoded | RowError]:
         """`encode` for many rows, in order; the full sequences are tokenised in batches (in parallel)."""
         for first in range(0, len(convs), batch_size):
-            chunk = convs[first:first + batch_size]
+            chunk = convs[first : first + batch_size]
             texts: list[str | RowError] = []
             for conv in chunk:
                 try:
@@ -304,8 +304,9 @@ class Encoder:
                 batch = self.tokenizer([texts[k] for k in docs], add_special_tokens=True)["input_ids"]
                 doc_ids.update(zip(docs, batch))
             if chats:
-                batch = self.tokenizer([texts[k] for k in chats], add_special_tokens=False,
-                                       return_offsets_mapping=self._fast)
+                batch = self.tokenizer(
+                    [texts[k] for k in chats], add_special_tokens=False, return_offsets_mapping=self._fast
+                )
                 for n, k in enumerate(chats):
                     chat_encodings[k] = {key: batch[key][n] for key in batch.keys()}
             for k, conv in enumerate(chunk):

@@ -59,8 +59,11 @@ class ValidationReport:
         if more > 0:
             shown += f"; and {more} more row(s)"
         if self.total_rows == 0:
-            raise DataError(f"{self.source} holds no rows", where=f"data.source = {self.source!r}",
-                            hint="Point data.source at a file with data in it")
+            raise DataError(
+                f"{self.source} holds no rows",
+                where=f"data.source = {self.source!r}",
+                hint="Point data.source at a file with data in it",
+            )
         if self.good_rows == 0:
             what = f"None of the {self.total_rows} rows of {self.source} can be used ({shown})"
             hint = "Fix the rows, or check that data.format matches the file (run `sftop data check PRESET` to see every problem)"
@@ -139,8 +142,9 @@ def resolve_format(raw: RawRows, forced: str) -> str:
     return forced
 
 
-def validate_rows(raw: RawRows, fmt: str, loss_on: str, *, allow_images: bool = False
-                  ) -> tuple[list[Conversation], ValidationReport]:
+def validate_rows(
+    raw: RawRows, fmt: str, loss_on: str, *, allow_images: bool = False
+) -> tuple[list[Conversation], ValidationReport]:
     """Structural pass: normalise every row, keep the good ones, report the rest by index."""
     report = ValidationReport(source=raw.source, format=fmt, total_rows=len(raw))
     good: list[Conversation] = []
@@ -150,7 +154,11 @@ def validate_rows(raw: RawRows, fmt: str, loss_on: str, *, allow_images: bool = 
             report.add(index, raw.errors[index])
             continue
         try:
-            conv = normalise_image_row(row, fmt, index, image_column) if isinstance(row, dict) else normalise_row(row, fmt, index)
+            conv = (
+                normalise_image_row(row, fmt, index, image_column)
+                if isinstance(row, dict)
+                else normalise_row(row, fmt, index)
+            )
             check_structure(conv, loss_on, allow_images=allow_images)
         except RowError as exc:
             report.add(index, str(exc))

@@ -101,15 +101,17 @@ def attach_images(conv: Conversation, images: list, *, column: str | None = None
     placeholders = sum(1 for m in conv.messages for p in m.content if _is_placeholder(p))
     if conv.is_document:
         if images:
-            raise RowError(f"a plain-text row cannot carry images ({_plural(len(images), 'image')} in {where}); "
-                           "use the messages or prompt/completion layout")
+            raise RowError(
+                f"a plain-text row cannot carry images ({_plural(len(images), 'image')} in {where}); "
+                "use the messages or prompt/completion layout"
+            )
         return conv
     if placeholders:
         if placeholders != len(images):
             has = f"{_plural(len(images), 'image')} in {where}" if column else "no image column"
             raise RowError(
                 f"image placeholders do not match the images: the messages hold "
-                f"{_plural(placeholders, 'image placeholder')} ({{\"type\": \"image\"}} parts without data) "
+                f'{_plural(placeholders, "image placeholder")} ({{"type": "image"}} parts without data) '
                 f"but the row has {has}"
             )
         it = iter(images)

@@ -96,7 +96,11 @@ def export_run(run, merged: bool = False, out: Path | None = None) -> Path:
         else:
             for item in adapter.iterdir():
                 # Only what a PEFT adapter + tokenizer needs; optimizer/RNG states stay behind.
-                if item.is_file() and not item.name.endswith((".pt", ".pth", ".bin")) and item.name != "trainer_state.json":
+                if (
+                    item.is_file()
+                    and not item.name.endswith((".pt", ".pth", ".bin"))
+                    and item.name != "trainer_state.json"
+                ):
                     shutil.copy2(item, tmp / item.name)
         return _finish(tmp, out)
     finally:
@@ -126,8 +130,11 @@ def _run_preset(run_dir: RunDir):
     from sftop.engine.presets import load_preset
 
     if not run_dir.preset.is_file():
-        raise SftopError(f"{run_dir.preset} is missing, so the base model is unknown", where=str(run_dir.path),
-                         hint="Export the adapter alone (without --merged)")
+        raise SftopError(
+            f"{run_dir.preset} is missing, so the base model is unknown",
+            where=str(run_dir.path),
+            hint="Export the adapter alone (without --merged)",
+        )
     return load_preset(run_dir.preset)[0]
 
 
@@ -153,8 +160,11 @@ def load_merged(run_dir: RunDir, adapter: Path, before_merge=None, dtype: str | 
 
     def load(source, local_files_only):
         return AutoModelForCausalLM.from_pretrained(
-            source, dtype=getattr(torch, _DTYPES[dtype]), revision=section.revision,
-            trust_remote_code=section.trust_remote_code, local_files_only=local_files_only,
+            source,
+            dtype=getattr(torch, _DTYPES[dtype]),
+            revision=section.revision,
+            trust_remote_code=section.trust_remote_code,
+            local_files_only=local_files_only,
         )
 
     base = hub_call(section, "model", load)

@@ -24,7 +24,7 @@ def resolve_adapter(ref: str, key: str = "model.adapter") -> Path:
     if (path / "adapter_config.json").is_file():
         return path.resolve()
     if ref.startswith(LATEST):
-        preset = ref[len(LATEST):]
+        preset = ref[len(LATEST) :]
         for run in list_run_dirs():  # newest first
             if summarize(run).preset_name != preset:
                 continue

@@ -22,8 +22,9 @@ DEMO_VLM_VERSION = "1"
 
 # Wider than the family's test config so LoRA can learn colours, counts and positions in minutes.
 # (head_dim stays the family config's 16, which its M-RoPE sections are sized for)
-TEXT_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=8,
-                 num_key_value_heads=4)
+TEXT_SIZE = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4
+)
 VISION_SIZE = dict(depth=2, embed_dim=64, num_heads=4, mlp_ratio=2)
 # As in the text demo: a random LM head at the usual 0.02 scale caps the logits near +-5, so LoRA
 # alone could never make a confident answer; a wider head lets the adapter learn sharp answers.

@@ -124,8 +124,9 @@ def _quantization_config(dtype: str):
     )
 
 
-def from_pretrained_kwargs(model_section, dtype: str, attn: str, *, skip_4bit: list[str] | None = None
-                           ) -> dict[str, Any]:
+def from_pretrained_kwargs(
+    model_section, dtype: str, attn: str, *, skip_4bit: list[str] | None = None
+) -> dict[str, Any]:
     """`from_pretrained`'s keyword arguments for a preset's model section: dtype, attention, revision,
     and the 4-bit config (`skip_4bit`: modules kept 16-bit, e.g. a VLM's vision tower)."""
     import torch

@@ -77,14 +77,16 @@ def hub_call(model_section, what: str, load):
         return load(source, local_files_only=True)
     except (OSError, ValueError) as exc:
         if _damaged_weights(exc):
-            raise _damaged_error(name, what, exc, hint=f"Download it again: `hf download {name} "
-                                                       "--force-download`") from None
+            raise _damaged_error(
+                name, what, exc, hint=f"Download it again: `hf download {name} --force-download`"
+            ) from None
         pass  # not (fully) in the local cache
     except Exception as exc:
         if not _damaged_weights(exc):
             raise
-        raise _damaged_error(name, what, exc, hint=f"Download it again: `hf download {name} "
-                                                   "--force-download`") from None
+        raise _damaged_error(
+            name, what, exc, hint=f"Download it again: `hf download {name} --force-download`"
+        ) from None
     if hub_offline():
         raise ModelError(
             f"`{name}` is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE is set)",
@@ -99,7 +101,7 @@ def hub_call(model_section, what: str, load):
             f"`{name}` is not in the local Hugging Face cache and the hub cannot be reached: {unreachable}",
             where="model.name",
             hint=f"{OFFLINE_HINT}; or, on a machine that is online, run `hf download {name}`, "
-                 "or set model.name to a local model directory",
+            "or set model.name to a local model directory",
         )
     try:
         return load(source, local_files_only=False)
@@ -108,8 +110,15 @@ def hub_call(model_section, what: str, load):
 
 
 # What safetensors and torch say about a weights file cut short or overwritten with garbage.
-_DAMAGED = ("safetensor", "deserializing header", "file not fully covered", "pytorchstreamreader",
-            "unexpected eof", "invalid load key", "failed finding central directory")
+_DAMAGED = (
+    "safetensor",
+    "deserializing header",
+    "file not fully covered",
+    "pytorchstreamreader",
+    "unexpected eof",
+    "invalid load key",
+    "failed finding central directory",
+)
 
 
 def _damaged_weights(exc: BaseException) -> bool:
@@ -143,8 +152,11 @@ def _hub_error(name: str, what: str, exc: Exception) -> ModelError:
             hint="Check the spelling (ORG/NAME), or give the path of a local model directory",
         )
     if "Revision" in kind:
-        return ModelError(f"`{name}` has no revision as given in model.revision", where="model.revision",
-                          hint="Use a branch, tag or commit that exists, or remove model.revision")
+        return ModelError(
+            f"`{name}` has no revision as given in model.revision",
+            where="model.revision",
+            hint="Use a branch, tag or commit that exists, or remove model.revision",
+        )
     if any(s in kind for s in ("Connection", "Timeout", "Offline")) or "connect" in text.lower():
         return ModelError(
             f"Cannot reach the Hugging Face hub to download `{name}`, and it is not in the local cache",

@@ -36,8 +36,11 @@ def memory_cap(plan_section: Any, total_bytes: int | None) -> MemoryCap | None:
     if gib is not None:
         return MemoryCap(int(gib * GIB), "plan.max_memory_gib", f"plan.max_memory_gib = {gib:g}")
     if fraction is not None and total_bytes:
-        return MemoryCap(int(fraction * total_bytes), "plan.max_memory_fraction",
-                         f"plan.max_memory_fraction = {fraction:g} of {total_bytes / GIB:.1f} GiB")
+        return MemoryCap(
+            int(fraction * total_bytes),
+            "plan.max_memory_fraction",
+            f"plan.max_memory_fraction = {fraction:g} of {total_bytes / GIB:.1f} GiB",
+        )
     return None
 
 

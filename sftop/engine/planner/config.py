@@ -66,7 +66,9 @@ def _read_config(source: str, section: Any, local_files_only: bool) -> Any:
     else:
         from huggingface_hub import hf_hub_download
 
-        path = Path(hf_hub_download(source, "config.json", revision=section.revision, local_files_only=local_files_only))
+        path = Path(
+            hf_hub_download(source, "config.json", revision=section.revision, local_files_only=local_files_only)
+        )
     config = json.loads(path.read_text(encoding="utf-8"))
     try:
         ModelShape.from_config(config)
@@ -74,5 +76,9 @@ def _read_config(source: str, section: Any, local_files_only: bool) -> Any:
     except ValueError:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(source, revision=section.revision, trust_remote_code=section.trust_remote_code,
-                                          local_files_only=local_files_only)
+        return AutoConfig.from_pretrained(
+            source,
+            revision=section.revision,
+            trust_remote_code=section.trust_remote_code,
+            local_files_only=local_files_only,
+        )

@@ -328,9 +328,16 @@ def kept_attention(shape: ModelShape, setup: Setup, masked: bool) -> bool:
     """Whether offloaded checkpointing keeps each layer's attention output for its recomputation
     (sftop/kernels/kept_attention.py): lean recomputation with the one-Function MLP, and unmasked
     causal rows (padded or packed rows take other attention paths)."""
-    return (setup.checkpointing == "offload" and setup.on_gpu and one_function_mlp(setup) and not masked
-            and not setup.packed and shape.model_type in LEAN_RECOMPUTE_FAMILIES
-            and setup.attention in ("sdpa", "varlen") and setup.dtype in ("bf16", "fp16"))
+    return (
+        setup.checkpointing == "offload"
+        and setup.on_gpu
+        and one_function_mlp(setup)
+        and not masked
+        and not setup.packed
+        and shape.model_type in LEAN_RECOMPUTE_FAMILIES
+        and setup.attention in ("sdpa", "varlen")
+        and setup.dtype in ("bf16", "fp16")
+    )
 
 
 # families whose q/k/v projections feed RoPE directly
@@ -340,11 +347,15 @@ KEPT_PROJECTIONS_FAMILIES = frozenset(name for name, spec in FAMILIES.items() if
 def kept_projections(shape: ModelShape, setup: Setup, masked: bool) -> bool:
     """Whether offloaded checkpointing also keeps each layer's q/k/v (part kept_projections): on
     top of the kept attention output, for layers with the compute to hide the copies."""
-    if not (kept_attention(shape, setup, masked) and shape.model_type in KEPT_PROJECTIONS_FAMILIES
-            and {"q_proj", "k_proj", "v_proj"} <= set(setup.lora_targets)):
+    if not (
+        kept_attention(shape, setup, masked)
+        and shape.model_type in KEPT_PROJECTIONS_FAMILIES
+        and {"q_proj", "k_proj", "v_proj"} <= set(setup.lora_targets)
+    ):
         return False
-    return projections_worth_keeping(shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim,
-                                     DTYPE_BYTES[setup.dtype])
+    return projections_worth_keeping(
+        shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, DTYPE_BYTES[setup.dtype]
+    )
 
 
 def residual_bytes(setup: Setup) -> int:
@@ -454,8 +465,9 @@ def fused_ce_bytes(shape: ModelShape, setup: Setup, tokens: int) -> int:
     return rows * per_row + (3 * dt * shape.hidden + FUSED_CE_INDEX_BYTES) * tokens
 
 
-def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None = None,
-             rows: int | None = None) -> Estimate:
+def estimate(
+    shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None = None, rows: int | None = None
+) -> Estimate:
     """Peak memory for a micro-batch of `tokens` tokens: one packed row, or rows of `seq_len` each.
     `rows`: how many rows the micro-batch holds (packed or not), for a VLM's image terms."""
     rows = rows or max(1, tokens // (seq_len or tokens))
@@ -495,9 +507,7 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
                 qkv = dt * (shape.q_dim + 2 * shape.kv_dim)
                 saved_tok += qkv
                 host_tok += shape.layers * qkv
-        notes.append(
-            f"offloaded checkpointing keeps {host_tok * tokens / GIB:.2f} GiB of block inputs in CPU RAM"
-        )
+        notes.append(f"offloaded checkpointing keeps {host_tok * tokens / GIB:.2f} GiB of block inputs in CPU RAM")
 
     # What the loss holds: per-token saved tensors, a fixed transient, and its peak per token.
     if setup.loss == "full":
@@ -538,8 +548,9 @@ def estimate(shape: ModelShape, setup: Setup, tokens: int, seq_len: int | None =
     saved = (saved_tok + loss_saved_tok) * tokens + mask_saved
     loss_phase = saved + loss_peak
     # (a block's forward holds one dequantised weight and less than its backward: never the peak)
-    backward_phase = (saved + dequant + (recompute_tok + backward_tok + loss_grad_tok) * tokens + backward_fixed
-                      + mask_recompute)
+    backward_phase = (
+        saved + dequant + (recompute_tok + backward_tok + loss_grad_tok) * tokens + backward_fixed + mask_recompute
+    )
     reference_block = 0
     if setup.preference:
         # the reference forward: the policy's saved tensors, one block's activations at a time and
@@ -588,13 +599,19 @@ def _add_image_terms(terms: dict[str, int], shape: ModelShape, setup: Setup, row
     static = terms["weights"] + terms["lora_params"] + terms["lora_grads"] + terms["optimizer_states"]
     text_dynamic = sum(terms.values()) - static
     image, transient = image_terms(
-        shape.vision, setup.vision_training or VisionTraining(), image_tokens=image_tokens,
-        dtype_bytes=DTYPE_BYTES[setup.dtype], checkpointing=setup.checkpointing != "off",
-        lora_r=setup.lora_r, optimizer_bytes_per_param=8 if setup.optimizer == "adamw" else 2,
+        shape.vision,
+        setup.vision_training or VisionTraining(),
+        image_tokens=image_tokens,
+        dtype_bytes=DTYPE_BYTES[setup.dtype],
+        checkpointing=setup.checkpointing != "off",
+        lora_r=setup.lora_r,
+        optimizer_bytes_per_param=8 if setup.optimizer == "adamw" else 2,
     )
     terms.update(image)
     if transient > text_dynamic:
         # the vision tower's forward is the step's peak: what it needs beyond the text terms
         terms["vision_forward_transient"] = transient - text_dynamic
-    notes.append(f"image tokens per micro-batch of {rows}: p95 {load.p95_tokens(rows)}, max {image_tokens} "
-                 f"({image_tokens * shape.vision.patches_per_token} vision patches); sized for the max")
+    notes.append(
+        f"image tokens per micro-batch of {rows}: p95 {load.p95_tokens(rows)}, max {image_tokens} "
+        f"({image_tokens * shape.vision.patches_per_token} vision patches); sized for the max"
+    )

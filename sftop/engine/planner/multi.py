@@ -36,7 +36,7 @@ def per_rank_batch(effective_batch: int, world_size: int) -> int:
         "effective batch would not be kept exactly",
         where="train.effective_batch / plan.gpus",
         hint=f"Set train.effective_batch to a multiple of {world_size} (e.g. {lower or upper} or {upper}), or "
-             f"plan.gpus to {' or '.join(str(n) for n in counts)}",
+        f"plan.gpus to {' or '.join(str(n) for n in counts)}",
     )
 
 
@@ -60,26 +60,40 @@ def plan_selection(preset: Any, model_config: Any, selection: GpuSelection, **kw
     _check_fixed(preset, share, world)
     if selection.device == "cpu":
         cpus: tuple[tuple[str, str | None, str | None, int], ...] = tuple(
-            (f"cpu rank {r}", None, None, 0) for r in range(selection.world_size))
+            (f"cpu rank {r}", None, None, 0) for r in range(selection.world_size)
+        )
         base = plan_run(rank_preset, model_config, gpus=GpuStatus(reason=selection.cpu_reason), **kwargs)
         assert base.context is not None
-        ctx = replace(base.context, world_size=world, strategy="ddp", per_gpu=_budgets(cpus, base.context.budget_bytes),
-                      strategy_reason=f"DDP over {world} CPU processes (gloo): {selection.cpu_reason}")
+        ctx = replace(
+            base.context,
+            world_size=world,
+            strategy="ddp",
+            per_gpu=_budgets(cpus, base.context.budget_bytes),
+            strategy_reason=f"DDP over {world} CPU processes (gloo): {selection.cpu_reason}",
+        )
         plan = solve(ctx)
         plan.reason = base.reason
         plan.notes += selection.notes
         return plan
     smallest = min(selection.gpus, key=lambda g: (g.memory_free_bytes or 0, g.index))
-    per_gpu: tuple[tuple[str, str | None, str | None, int], ...] = tuple((g.device, g.name, g.uuid, _budget(g)) for g in selection.gpus)
+    per_gpu: tuple[tuple[str, str | None, str | None, int], ...] = tuple(
+        (g.device, g.name, g.uuid, _budget(g)) for g in selection.gpus
+    )
     notes = [f"left out {w}" for w in selection.left_out] + selection.notes
     try:
         base = plan_run(rank_preset, model_config, gpus=GpuStatus(gpus=[smallest]), **kwargs)
     except ResourceError as ddp_error:
         return _fsdp2(rank_preset, model_config, smallest, per_gpu, world, notes, ddp_error, kwargs)
     assert base.context is not None
-    ctx = replace(base.context, world_size=world, strategy="ddp", per_gpu=per_gpu, gpu_uuid=None,
-                  strategy_reason=f"DDP over {world} GPUs: the model and its activations fit each GPU "
-                                  f"(sized for {smallest.device}, the one with the least free memory)")
+    ctx = replace(
+        base.context,
+        world_size=world,
+        strategy="ddp",
+        per_gpu=per_gpu,
+        gpu_uuid=None,
+        strategy_reason=f"DDP over {world} GPUs: the model and its activations fit each GPU "
+        f"(sized for {smallest.device}, the one with the least free memory)",
+    )
     ctx.notes = list(ctx.notes) + notes + _node_notes(selection)
     plan = solve(ctx)
     return plan
@@ -88,8 +102,10 @@ def plan_selection(preset: Any, model_config: Any, selection: GpuSelection, **kw
 def _node_notes(selection: GpuSelection) -> list[str]:
     if selection.nodes == 1:
         return []
-    return [f"{selection.nodes} nodes of {selection.world_size} processes each; per-GPU peaks are this node's "
-            f"(node {selection.node_rank})"]
+    return [
+        f"{selection.nodes} nodes of {selection.world_size} processes each; per-GPU peaks are this node's "
+        f"(node {selection.node_rank})"
+    ]
 
 
 def _budget(gpu: Any) -> int:
@@ -109,28 +125,52 @@ def _check_fixed(preset: Any, share: int, world: int) -> None:
             f"plan.micro_batch ({mb}) x plan.grad_accum ({ga}) x {world} processes = {mb * ga * world}, but "
             f"train.effective_batch is {preset.train.effective_batch}",
             where="plan.micro_batch / plan.grad_accum",
-            hint=f"They are per process: make micro_batch x grad_accum = {share}, or set one of them to \"auto\"",
+            hint=f'They are per process: make micro_batch x grad_accum = {share}, or set one of them to "auto"',
         )
 
 
-def _fsdp2(rank_preset: Any, model_config: Any, smallest: Any, per_gpu: tuple, world: int, notes: list[str],
-           ddp_error: ResourceError, kwargs: dict) -> Plan:
+def _fsdp2(
+    rank_preset: Any,
+    model_config: Any,
+    smallest: Any,
+    per_gpu: tuple,
+    world: int,
+    notes: list[str],
+    ddp_error: ResourceError,
+    kwargs: dict,
+) -> Plan:
     """Does a shard of the weights fit where the whole model did not? Then plan FSDP2."""
     from sftop.engine.gpu import GpuInfo
 
     # Solve with room for any candidate, then against the real budget less the other ranks' shards.
-    roomy = GpuInfo(index=smallest.index, nvml_index=smallest.nvml_index, name=smallest.name, uuid=smallest.uuid,
-                    memory_total_bytes=1 << 50, memory_used_bytes=0, memory_free_bytes=1 << 50)
+    roomy = GpuInfo(
+        index=smallest.index,
+        nvml_index=smallest.nvml_index,
+        name=smallest.name,
+        uuid=smallest.uuid,
+        memory_total_bytes=1 << 50,
+        memory_used_bytes=0,
+        memory_free_bytes=1 << 50,
+    )
     base = plan_run(rank_preset, model_config, gpus=GpuStatus(gpus=[roomy]), **kwargs)
     assert base.context is not None
     weights = _candidate(base.context, "off", 1).estimate.terms.get("weights", 0)
     shard = int(weights * (world - 1) / world)
-    ctx = replace(base.context, budget_bytes=_budget(smallest), uncapped_budget_bytes=None, cap=None,
-                  gpu_total_bytes=smallest.memory_total_bytes, world_size=world, strategy="fsdp2",
-                  per_gpu=per_gpu, shard_bytes=shard, gpu_uuid=None,
-                  strategy_reason=f"FSDP2 over {world} GPUs: the whole model does not fit one GPU "
-                                  f"({ddp_error.args[0] if ddp_error.args else ddp_error}), a 1/{world} shard of "
-                                  f"its {weights / GIB:.1f} GiB of weights does")
+    ctx = replace(
+        base.context,
+        budget_bytes=_budget(smallest),
+        uncapped_budget_bytes=None,
+        cap=None,
+        gpu_total_bytes=smallest.memory_total_bytes,
+        world_size=world,
+        strategy="fsdp2",
+        per_gpu=per_gpu,
+        shard_bytes=shard,
+        gpu_uuid=None,
+        strategy_reason=f"FSDP2 over {world} GPUs: the whole model does not fit one GPU "
+        f"({ddp_error.args[0] if ddp_error.args else ddp_error}), a 1/{world} shard of "
+        f"its {weights / GIB:.1f} GiB of weights does",
+    )
     ctx.notes = [n for n in ctx.notes if "GiB" not in n or "other processes" not in n] + notes
     try:
         plan = solve(ctx)
@@ -138,8 +178,10 @@ def _fsdp2(rank_preset: Any, model_config: Any, smallest: Any, per_gpu: tuple, w
         raise ddp_error from None
     plan.breakdown["fsdp2_shards_elsewhere"] = round(-shard / GIB, 3)
     if not FSDP2_RUNS:
-        plan.notes.append("FSDP2 is planned but sftop does not run it yet: `sftop run` refuses this plan; "
-                          "use more or larger GPUs, model.load_in_4bit = true, or a shorter data.max_length")
+        plan.notes.append(
+            "FSDP2 is planned but sftop does not run it yet: `sftop run` refuses this plan; "
+            "use more or larger GPUs, model.load_in_4bit = true, or a shorter data.max_length"
+        )
     return plan
 
 
@@ -151,7 +193,7 @@ def refuse_unbuilt(plan: Plan) -> None:
             "does not run FSDP2 yet",
             where="plan.gpus",
             hint="Set model.load_in_4bit = true, lower data.max_length or lora.r so that DDP fits "
-                 "(`sftop plan PRESET` shows it), or use GPUs with more memory",
+            "(`sftop plan PRESET` shows it), or use GPUs with more memory",
         )
 
 

@@ -36,8 +36,9 @@ MEASURED_STEPS = (
 # The whole run measured on the same H200 (docs/benchmarks.md, "Whole run: 2026-12-02"): Llama-3.2-1B
 # shape, 300 chat rows of 443.6 tokens on average packed 8 to a step with varlen attention and no
 # checkpointing, 38 steps in 5.82 s of training, 29.33 s from start to end.
-WHOLE_RUN: dict[str, Any] = dict(model="meta-llama/Llama-3.2-1B", rows_per_step=8, row_tokens_mean=443.6, steps=38,
-                 train_s=5.819, runtime_s=29.33)
+WHOLE_RUN: dict[str, Any] = dict(
+    model="meta-llama/Llama-3.2-1B", rows_per_step=8, row_tokens_mean=443.6, steps=38, train_s=5.819, runtime_s=29.33
+)
 
 # The 16-bit (bf16/fp16, dense, fp32 accumulate) tensor peaks the vendors publish, in TFLOP/s:
 # an estimate for another GPU scales the measured family's factor by these. Most specific first.
@@ -64,16 +65,18 @@ class Calibration:
     spread: float  # the measured steps' largest relative distance from the factor
 
 
-def _modelled_step_s(model: str, load_in_4bit: bool, rows: int, row_tokens: float, checkpointing: Any,
-                     packed: bool, attention: Any) -> float:
+def _modelled_step_s(
+    model: str, load_in_4bit: bool, rows: int, row_tokens: float, checkpointing: Any, packed: bool, attention: Any
+) -> float:
     from sftop.engine.planner.estimate import ModelShape, Setup
     from sftop.engine.planner.known_shapes import known_config
     from sftop.engine.planner.solve import step_time_s
 
     shape = ModelShape.from_config(known_config(model))
     setup = Setup(load_in_4bit=load_in_4bit, checkpointing=checkpointing, attention=attention, packed=packed)
-    return step_time_s(shape, setup, checkpointing, rows, 1, row_tokens, int(row_tokens) if not packed else 2048,
-                       packed)
+    return step_time_s(
+        shape, setup, checkpointing, rows, 1, row_tokens, int(row_tokens) if not packed else 2048, packed
+    )
 
 
 _calibration: Calibration | None = None
@@ -90,12 +93,16 @@ def calibration() -> Calibration:
             ratios.append(rows * seq / tokens_s / modelled)
         factor = sum(ratios) / len(ratios)
         w = WHOLE_RUN
-        modelled = _modelled_step_s(w["model"], False, w["rows_per_step"], w["row_tokens_mean"], "off",
-                                    packed=True, attention="varlen")
+        modelled = _modelled_step_s(
+            w["model"], False, w["rows_per_step"], w["row_tokens_mean"], "off", packed=True, attention="varlen"
+        )
         overhead = w["train_s"] / w["steps"] - factor * modelled
-        _calibration = Calibration(compute_factor=factor, step_overhead_s=max(0.0, overhead),
-                                   startup_s=w["runtime_s"] - w["train_s"],
-                                   spread=max(abs(r / factor - 1) for r in ratios))
+        _calibration = Calibration(
+            compute_factor=factor,
+            step_overhead_s=max(0.0, overhead),
+            startup_s=w["runtime_s"] - w["train_s"],
+            spread=max(abs(r / factor - 1) for r in ratios),
+        )
     return _calibration
 
 
@@ -128,10 +135,14 @@ class RunTime:
         return f"scaled from {MEASURED_FAMILY} runs by the {self.family}'s tensor peak, not measured on it"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step_s": round(self.step_s, 4), "steps": self.steps,
-                "wall_s": None if self.wall_s is None else round(self.wall_s, 1),
-                "cost": None if self.cost is None else round(self.cost, 2),
-                "price_per_gpu_hour": self.price_per_gpu_hour, "basis": self.basis}
+        return {
+            "step_s": round(self.step_s, 4),
+            "steps": self.steps,
+            "wall_s": None if self.wall_s is None else round(self.wall_s, 1),
+            "cost": None if self.cost is None else round(self.cost, 2),
+            "price_per_gpu_hour": self.price_per_gpu_hour,
+            "basis": self.basis,
+        }
 
 
 def run_steps(preset: Any, plan: Any, train_rows: int | None) -> int | None:
@@ -145,8 +156,9 @@ def run_steps(preset: Any, plan: Any, train_rows: int | None) -> int | None:
     return max(1, math.ceil(per_epoch * float(preset.train.epochs)))
 
 
-def estimate_run_time(plan: Any, preset: Any, train_rows: int | None = None,
-                      gpu_name: str | None = None) -> RunTime | None:
+def estimate_run_time(
+    plan: Any, preset: Any, train_rows: int | None = None, gpu_name: str | None = None
+) -> RunTime | None:
     """The run's estimated time and cost, or None where there is no basis (the CPU, whose speed
     varies too much between machines, or a GPU whose tensor peak is not known). `gpu_name`
     replaces the plan's GPU (a hypothetical one, `sftop plan --gpu-memory 80 --gpu H100`)."""
@@ -162,8 +174,15 @@ def estimate_run_time(plan: Any, preset: Any, train_rows: int | None = None,
     wall_s = cal.startup_s + steps * step_s if steps is not None else None
     price = getattr(preset.plan, "price_per_gpu_hour", None)
     cost = wall_s / 3600 * price if wall_s is not None and price is not None else None
-    return RunTime(step_s=step_s, steps=steps, wall_s=wall_s, cost=cost, price_per_gpu_hour=price, family=family,
-                   measured=family == MEASURED_FAMILY)
+    return RunTime(
+        step_s=step_s,
+        steps=steps,
+        wall_s=wall_s,
+        cost=cost,
+        price_per_gpu_hour=price,
+        family=family,
+        measured=family == MEASURED_FAMILY,
+    )
 
 
 def _multimodal(plan: Any) -> bool:
@@ -180,8 +199,10 @@ def describe_run_time(rt: RunTime | None, plan: Any = None) -> str:
             # The measured runs are text models; a VLM's vision tower can take most of a step.
             return "no time estimate for vision-language models yet; the dashboard shows the ETA from the measured pace"
         known = ", ".join(dict.fromkeys(needle for needle, _, _ in TENSOR_PEAK_TFLOPS))
-        return (f"no time estimate for this GPU (its speed is not known to sftop; `sftop plan --gpu NAME` "
-                f"takes one of {known}); the dashboard shows the ETA from the measured pace")
+        return (
+            f"no time estimate for this GPU (its speed is not known to sftop; `sftop plan --gpu NAME` "
+            f"takes one of {known}); the dashboard shows the ETA from the measured pace"
+        )
     if rt.wall_s is None:
         per = 100 * rt.step_s
         line = f"estimate {format_duration(per)} per 100 steps"

@@ -50,6 +50,8 @@ def rungs(layers: int, fixed: Checkpointing | None = None) -> list[tuple[Checkpo
 
 def rung_label(mode: str, every: int) -> str:
     return mode if every == 1 else f"on (1 in {every} blocks)"
+
+
 # Bigger than this and a CPU run would take hours per step: refuse instead of planning for the CPU.
 CPU_MAX_PARAMS = 200_000_000
 # GPU sizes people rent or own (GB as sold, GiB usable), smallest first, for the refusal's advice.
@@ -264,8 +266,10 @@ def _target_notes(preset: Any) -> list[str]:
     if not unknown:
         return []
     if not lora_modules(targets):
-        return [f"LoRA targets {', '.join(unknown)} are not Llama-style projection names; memory is sized as for "
-                "all-linear (an upper bound)"]
+        return [
+            f"LoRA targets {', '.join(unknown)} are not Llama-style projection names; memory is sized as for "
+            "all-linear (an upper bound)"
+        ]
     return [f"LoRA targets {', '.join(unknown)} are not sized (not Llama-style projection names)"]
 
 
@@ -292,13 +296,21 @@ def constraints_from_preset(preset: Any) -> Constraints:
                 f"plan.{key} = {value} does not divide train.effective_batch = {e}, so the effective batch "
                 "could not be kept exactly",
                 where=f"plan.{key}",
-                hint=f"Use one of {fits}, or \"auto\"",
+                hint=f'Use one of {fits}, or "auto"',
             )
     return c
 
 
-def step_time_s(shape: ModelShape, setup: Setup, checkpointing: str, micro_batch: int, grad_accum: int,
-                row_tokens_mean: float, max_length: int, packing: bool) -> float:
+def step_time_s(
+    shape: ModelShape,
+    setup: Setup,
+    checkpointing: str,
+    micro_batch: int,
+    grad_accum: int,
+    row_tokens_mean: float,
+    max_length: int,
+    packing: bool,
+) -> float:
     # setup.checkpointing / checkpoint_every say how many blocks recompute
     """Modelled seconds per optimizer step; only ratios between candidates mean anything."""
     rows = micro_batch
@@ -345,12 +357,21 @@ def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int,
     device -= ctx.shard_bytes  # FSDP2: the other ranks hold the rest of the weights
     allocated -= ctx.shard_bytes
     grad_accum = ctx.effective_batch // micro_batch
-    t = step_time_s(ctx.shape, setup, checkpointing, sequences, grad_accum, ctx.row_tokens_mean,
-                    ctx.max_length, ctx.packing and not setup.preference)
+    t = step_time_s(
+        ctx.shape,
+        setup,
+        checkpointing,
+        sequences,
+        grad_accum,
+        ctx.row_tokens_mean,
+        ctx.max_length,
+        ctx.packing and not setup.preference,
+    )
     if setup.preference:
         t *= 1.5  # the reference forward: a forward without backward, about half the policy's work
-    return _Candidate(micro_batch, grad_accum, checkpointing, every, est, device, allocated, t,
-                      device <= ctx.budget_bytes)
+    return _Candidate(
+        micro_batch, grad_accum, checkpointing, every, est, device, allocated, t, device <= ctx.budget_bytes
+    )
 
 
 def _allowed(ctx: PlanContext, constraints: Constraints | None = None) -> list[tuple[Checkpointing, int, int]]:
@@ -385,9 +406,17 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
     breakdown = chosen.estimate.breakdown_gib()
     if ctx.calibration != 1.0:
         breakdown["probe_correction"] = round((chosen.allocated_bytes - chosen.estimate.allocated_bytes) / GIB, 4)
-    per_gpu = [{"device": dev, "name": name, "uuid": uuid, "predicted_peak_gib": round(chosen.device_bytes / GIB, 3),
-                "budget_gib": round(budget / GIB, 3), "headroom_gib": round((budget - chosen.device_bytes) / GIB, 3)}
-               for dev, name, uuid, budget in ctx.per_gpu]
+    per_gpu = [
+        {
+            "device": dev,
+            "name": name,
+            "uuid": uuid,
+            "predicted_peak_gib": round(chosen.device_bytes / GIB, 3),
+            "budget_gib": round(budget / GIB, 3),
+            "headroom_gib": round((budget - chosen.device_bytes) / GIB, 3),
+        }
+        for dev, name, uuid, budget in ctx.per_gpu
+    ]
     return Plan(
         world_size=ctx.world_size,
         strategy=ctx.strategy,
@@ -446,9 +475,12 @@ def _why(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate]) -> 
     cap = _binding_cap(ctx)
     if cap is not None:
         where += f", capped by {cap.text}"
-    split = (f"{ctx.effective_batch} rows/step in {chosen.grad_accum} micro-batch"
-             f"{'es' if chosen.grad_accum > 1 else ''} by tokens" if ctx.split_by == "tokens"
-             else f"micro-batch {chosen.micro_batch} x {chosen.grad_accum}")
+    split = (
+        f"{ctx.effective_batch} rows/step in {chosen.grad_accum} micro-batch"
+        f"{'es' if chosen.grad_accum > 1 else ''} by tokens"
+        if ctx.split_by == "tokens"
+        else f"micro-batch {chosen.micro_batch} x {chosen.grad_accum}"
+    )
     text = (
         f"fastest of {sum(c.fits for c in candidates)} fitting candidates (of {len(candidates)}) in the {where}: "
         f"{split}, checkpointing {chosen.label}"
@@ -507,13 +539,17 @@ def _refusal(ctx: PlanContext, candidates: list[_Candidate]) -> ResourceError:
         options.append("no single common GPU is large enough as configured")
     desc = f"micro-batch {smallest.micro_batch}, checkpointing {smallest.label}"
     cap = _binding_cap(ctx)
-    limit = f"{cap.text} allows {have:.2f} GiB on {where}" if cap is not None else f"{where} has {have:.2f} GiB to spare"
+    limit = (
+        f"{cap.text} allows {have:.2f} GiB on {where}" if cap is not None else f"{where} has {have:.2f} GiB to spare"
+    )
     what = (
         f"{ctx.model_name} does not fit: the smallest plan ({desc}, {ctx.max_length} tokens per row"
         + (", 4-bit" if ctx.setup.load_in_4bit else "")
         + f") needs {need:.2f} GiB but {limit}"
     )
-    hint = "Changes that would fit: " + "; ".join(options) + ". Check any size with `sftop plan PRESET --gpu-memory GIB`"
+    hint = (
+        "Changes that would fit: " + "; ".join(options) + ". Check any size with `sftop plan PRESET --gpu-memory GIB`"
+    )
     err = ResourceError(what, where="GPU memory", hint=hint)
     err.needed_gib = need
     err.options = options
@@ -537,8 +573,10 @@ def _raise_cap_option(ctx: PlanContext, need_bytes: int) -> str:
     """The refusal's advice on the cap: the value that fits, if the GPU itself has the room."""
     assert ctx.cap is not None and ctx.uncapped_budget_bytes is not None
     if need_bytes > ctx.uncapped_budget_bytes:
-        return (f"raising {ctx.cap.key} would not help alone: even the GPU's "
-                f"{ctx.uncapped_budget_bytes / GIB:.2f} GiB to spare are too few")
+        return (
+            f"raising {ctx.cap.key} would not help alone: even the GPU's "
+            f"{ctx.uncapped_budget_bytes / GIB:.2f} GiB to spare are too few"
+        )
     if ctx.cap.key == "plan.max_memory_fraction" and ctx.gpu_total_bytes:
         fraction = math.ceil(100 * need_bytes / ctx.gpu_total_bytes) / 100
         return f"raise plan.max_memory_fraction to {fraction:.2f} (needs {need_bytes / GIB:.1f} GiB), or remove it"
@@ -552,8 +590,9 @@ def _apply_cap(preset: Any, budget: int, total: int, notes: list[str]) -> tuple[
     if cap is None:
         return budget, None
     if cap.bytes >= budget:
-        notes.append(f"{cap.text} is more than the {budget / GIB:.1f} GiB this GPU has to spare; "
-                     "the plan uses what is free")
+        notes.append(
+            f"{cap.text} is more than the {budget / GIB:.1f} GiB this GPU has to spare; the plan uses what is free"
+        )
         return budget, cap
     notes.append(f"capped at {cap.gib:.2f} GiB by {cap.text} ({budget / GIB:.1f} GiB would be free)")
     return cap.bytes, cap
@@ -603,12 +642,15 @@ def plan_run(
         from sftop.engine.planner.vision import vision_setup
 
         return vision_setup(setup, preset, model_config, shape, image_tokens_per_row, vision_notes)
+
     constraints = constraints_from_preset(preset)
     notes: list[str] = []
     gpu_name = gpu_uuid = None
     if gpu_memory_gib is not None:
         if gpu_memory_gib <= 0:
-            raise PresetError(f"--gpu-memory must be positive, not {gpu_memory_gib}", hint="Give a size in GiB, e.g. 24")
+            raise PresetError(
+                f"--gpu-memory must be positive, not {gpu_memory_gib}", hint="Give a size in GiB, e.g. 24"
+            )
         total = int(gpu_memory_gib * GIB)
         device, gpu_name = "cuda:0", f"hypothetical {gpu_memory_gib:g} GiB GPU"
         budget = total - _reserve_bytes(total)
@@ -617,12 +659,13 @@ def plan_run(
         best = status.best()
         if best is None:
             reason = status.reason or (
-                "NVML reports no memory figures for the visible GPUs" if status.gpus else "no GPU is visible")
+                "NVML reports no memory figures for the visible GPUs" if status.gpus else "no GPU is visible"
+            )
             return _plan_cpu(preset, shape, constraints, reason, row_tokens_mean, with_images, vision_notes)
         device, gpu_name, gpu_uuid = best.device, best.name, best.uuid
         free, total = best.memory_free_bytes or 0, best.memory_total_bytes or best.memory_free_bytes or 0
         budget = free - _reserve_bytes(total)
-        used_by_others = (best.memory_used_bytes or 0)
+        used_by_others = best.memory_used_bytes or 0
         if used_by_others > 0.5 * GIB:
             notes.append(f"other processes hold {used_by_others / GIB:.1f} GiB on {device}; the plan uses what is left")
         others = [g for g in status.gpus if g is not best]
@@ -637,17 +680,23 @@ def plan_run(
         # patch_model leaves such a model stock, and the fused path needs far less memory: sizing
         # it as fused would under-predict.
         setup = replace(setup, kernels=False, loss="chunked")
-        notes.append(f"sftop's fused kernels do not cover model type '{shape.model_type}'"
-                     + (" (a vision-language model)" if shape.multimodal else "")
-                     + "; sized for the stock path")
+        notes.append(
+            f"sftop's fused kernels do not cover model type '{shape.model_type}'"
+            + (" (a vision-language model)" if shape.multimodal else "")
+            + "; sized for the stock path"
+        )
     # a VLM is sized for the stock layers, but its packed rows still get the packed attention part
     # where a kernel family file describes it (varlen_attention.packed_attention_config)
     kernel_parts = setup.kernels or (shape.multimodal and preset.train.kernels != "off")
     if kernel_parts and setup.packed and setup.attention == "sdpa" and device != "cpu" and gpu_memory_gib is None:
         # Only for a GPU that is here: a hypothetical one may be too old for flash attention, and
         # sizing for the SDPA mask over-estimates, which is the safe side.
-        from sftop.kernels.varlen_attention import (config_supported, native_gqa, packed_attention_config,
-                                                    varlen_available)
+        from sftop.kernels.varlen_attention import (
+            config_supported,
+            native_gqa,
+            packed_attention_config,
+            varlen_available,
+        )
 
         if varlen_available()[0] and config_supported(packed_attention_config(model_config), setup.dtype)[0]:
             setup = replace(setup, attention="varlen", varlen_native_gqa=native_gqa())
@@ -663,8 +712,16 @@ def plan_run(
     return solve(ctx)
 
 
-def _context(preset: Any, shape: ModelShape, setup: Setup, constraints: Constraints, budget: int, device: str,
-             gpu_name: str | None, row_tokens_mean: float | None) -> PlanContext:
+def _context(
+    preset: Any,
+    shape: ModelShape,
+    setup: Setup,
+    constraints: Constraints,
+    budget: int,
+    device: str,
+    gpu_name: str | None,
+    row_tokens_mean: float | None,
+) -> PlanContext:
     max_length = int(preset.data.max_length)
     mean = float(row_tokens_mean) if row_tokens_mean else max(1.0, max_length / 4)
     return PlanContext(
@@ -683,8 +740,15 @@ def _context(preset: Any, shape: ModelShape, setup: Setup, constraints: Constrai
     )
 
 
-def _plan_cpu(preset: Any, shape: ModelShape, constraints: Constraints, reason: str,
-              row_tokens_mean: float | None, with_images=lambda setup: setup, vision_notes: Sequence[str] = ()) -> Plan:
+def _plan_cpu(
+    preset: Any,
+    shape: ModelShape,
+    constraints: Constraints,
+    reason: str,
+    row_tokens_mean: float | None,
+    with_images=lambda setup: setup,
+    vision_notes: Sequence[str] = (),
+) -> Plan:
     name = preset.model.name
     # The GPU reader's reason ends in "sftop will plan for the CPU": true for `sftop doctor`, but
     # here the plan says what happens on the CPU itself (and a refusal must not promise it).
@@ -763,8 +827,13 @@ def size_for_data(plan: Plan, lengths, multiple: int = 1, split: SplitByTokens |
     return solve(replace(ctx, packed_tokens=bounds, row_tokens_mean=min(mean, ctx.max_length), split_by=split_by))
 
 
-def replan(plan: Plan, *, calibration: float | None = None, constraints: Constraints | None = None,
-           budget_bytes: int | None = None) -> Plan:
+def replan(
+    plan: Plan,
+    *,
+    calibration: float | None = None,
+    constraints: Constraints | None = None,
+    budget_bytes: int | None = None,
+) -> Plan:
     """Solve again from a plan's context with a measured correction, other constraints or budget."""
     if plan.context is None:
         raise ValueError("this plan has no context to re-solve from")

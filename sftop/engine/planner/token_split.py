@@ -61,20 +61,22 @@ def largest_part(lengths: Sequence[int], parts: int) -> int:
     return max(heap)
 
 
-def step_batches(lengths: Sequence[int], rows_per_step: int, parts: int, seed: int,
-                 epoch: int) -> Iterator[list[list[int]]]:
+def step_batches(
+    lengths: Sequence[int], rows_per_step: int, parts: int, seed: int, epoch: int
+) -> Iterator[list[list[int]]]:
     """The micro-batches (lists of row indices) of every optimizer step of one epoch, in order.
 
     A last step with fewer rows than `parts` has one micro-batch per row.
     """
     order = epoch_order(len(lengths), seed, epoch)
     for start in range(0, len(order), rows_per_step):
-        step = order[start:start + rows_per_step]
+        step = order[start : start + rows_per_step]
         yield [[step[p] for p in group] for group in split_step([lengths[i] for i in step], parts)]
 
 
-def largest_micro_batch(lengths: Sequence[int], rows_per_step: int, parts: int, seed: int, epochs: int,
-                        multiple: int = 1) -> int:
+def largest_micro_batch(
+    lengths: Sequence[int], rows_per_step: int, parts: int, seed: int, epochs: int, multiple: int = 1
+) -> int:
     """The most tokens any micro-batch of the run will hold (epochs 0..epochs-1), rounded up to
     `multiple` (the trainer's length-bucket padding)."""
     return split_bounds_for(lengths, rows_per_step, [parts], seed, epochs, multiple)[parts]
@@ -82,27 +84,32 @@ def largest_micro_batch(lengths: Sequence[int], rows_per_step: int, parts: int, 
 
 def micro_batch_tokens(lengths: Sequence[int], rows_per_step: int, parts: int, seed: int, epochs: int) -> list[int]:
     """The tokens of every micro-batch of the run, in order (for fitting length buckets to them)."""
-    return [sum(int(lengths[i]) for i in group)
-            for epoch in range(max(1, epochs))
-            for step in step_batches(lengths, rows_per_step, parts, seed, epoch) for group in step]
+    return [
+        sum(int(lengths[i]) for i in group)
+        for epoch in range(max(1, epochs))
+        for step in step_batches(lengths, rows_per_step, parts, seed, epoch)
+        for group in step
+    ]
 
 
-def split_bounds_for(lengths: Sequence[int], rows_per_step: int, parts: Sequence[int], seed: int, epochs: int,
-                     multiple: int = 1) -> dict[int, int]:
+def split_bounds_for(
+    lengths: Sequence[int], rows_per_step: int, parts: Sequence[int], seed: int, epochs: int, multiple: int = 1
+) -> dict[int, int]:
     """{k: the run's largest micro-batch with each step split into k} over epochs 0..epochs-1, each
     rounded up to `multiple`; one pass over the run's steps for all k."""
     most = {k: 0 for k in parts}
     for epoch in range(max(1, epochs)):
         order = epoch_order(len(lengths), seed, epoch)
         for start in range(0, len(order), rows_per_step):
-            step = [lengths[i] for i in order[start:start + rows_per_step]]
+            step = [lengths[i] for i in order[start : start + rows_per_step]]
             for k in most:
                 most[k] = max(most[k], largest_part(step, k))
     return {k: -(-v // multiple) * multiple for k, v in most.items()}
 
 
-def split_bounds(lengths: Sequence[int], rows_per_step: int, seed: int, epochs: int,
-                 multiple: int = 1) -> tuple[int, ...]:
+def split_bounds(
+    lengths: Sequence[int], rows_per_step: int, seed: int, epochs: int, multiple: int = 1
+) -> tuple[int, ...]:
     """bounds[b - 1]: the run's largest micro-batch when each step is split into rows_per_step / b
     token-balanced micro-batches (b rows each on average), for every b that divides rows_per_step;
     0 for the others (the planner only makes micro-batches that keep the effective batch exact)."""

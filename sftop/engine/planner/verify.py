@@ -71,16 +71,28 @@ def check_probe(plan: Plan, max_allocated_bytes: int, max_reserved_bytes: int | 
     margin = plan.breakdown.get("allocator_margin", 0.0)
     device_peak = (reserved if reserved is not None else measured + margin) + CUDA_CONTEXT_BYTES / GIB
     if plan.device == "cpu" or device_peak <= plan.budget_gib:
-        return ProbeVerdict(True, round(measured, 3), None if reserved is None else round(reserved, 3),
-                            predicted, round(ratio, 3),
-                            f"probe peak {measured:.2f} GiB allocated (predicted {predicted:.2f}); "
-                            f"{device_peak:.2f} GiB on the device fits the {plan.budget_gib:.2f} GiB budget")
+        return ProbeVerdict(
+            True,
+            round(measured, 3),
+            None if reserved is None else round(reserved, 3),
+            predicted,
+            round(ratio, 3),
+            f"probe peak {measured:.2f} GiB allocated (predicted {predicted:.2f}); "
+            f"{device_peak:.2f} GiB on the device fits the {plan.budget_gib:.2f} GiB budget",
+        )
     reason = (
         f"probe peak {device_peak:.2f} GiB on the device is over the {plan.budget_gib:.2f} GiB budget "
         f"(allocated {measured:.2f} GiB, predicted {predicted:.2f})"
     )
-    return ProbeVerdict(False, round(measured, 3), None if reserved is None else round(reserved, 3), predicted,
-                        round(ratio, 3), reason, _smaller_plan(plan, max(ratio, 1.0), reason))
+    return ProbeVerdict(
+        False,
+        round(measured, 3),
+        None if reserved is None else round(reserved, 3),
+        predicted,
+        round(ratio, 3),
+        reason,
+        _smaller_plan(plan, max(ratio, 1.0), reason),
+    )
 
 
 def _smaller_plan(plan: Plan, calibration: float, reason: str) -> Plan:
@@ -94,8 +106,7 @@ def _smaller_plan(plan: Plan, calibration: float, reason: str) -> Plan:
         (m, b, n)
         for m, n in rungs(ctx.shape.layers)
         for b in divisors(ctx.effective_batch)
-        if (b < plan.micro_batch and memory_rank(m, n) >= rank)
-        or (b <= plan.micro_batch and memory_rank(m, n) > rank)
+        if (b < plan.micro_batch and memory_rank(m, n) >= rank) or (b <= plan.micro_batch and memory_rank(m, n) > rank)
     ]
     candidates = [_candidate(ctx, m, b, n) for m, b, n in allowed]
     fitting = [c for c in candidates if c.fits]
@@ -127,8 +138,11 @@ def step_down(plan: Plan, reason: str = "stepped down") -> Plan:
                 f"{plan.model_name or 'The model'} does not fit on {plan.device} even at micro-batch 1 with offloaded "
                 f"checkpointing ({reason})",
                 where="GPU memory",
-                hint=(f"Raise {plan.memory_cap.split(' = ')[0]} (now {plan.max_memory_gib:.2f} GiB) or remove it; or set "
-                      if plan.memory_cap else "Set ")
+                hint=(
+                    f"Raise {plan.memory_cap.split(' = ')[0]} (now {plan.max_memory_gib:.2f} GiB) or remove it; or set "
+                    if plan.memory_cap
+                    else "Set "
+                )
                 + "model.load_in_4bit = true, lower data.max_length, or use a bigger GPU; "
                 "`sftop plan PRESET --gpu-memory GIB` shows what fits",
             )
@@ -136,8 +150,13 @@ def step_down(plan: Plan, reason: str = "stepped down") -> Plan:
     ctx = plan.context
     if ctx is None:
         return replace(
-            plan, micro_batch=smaller, grad_accum=e // smaller, tokens_per_micro_batch=smaller * plan.max_length,
-            gradient_checkpointing=mode, checkpoint_every_n_layers=every, reason=f"stepped down: {reason}",
+            plan,
+            micro_batch=smaller,
+            grad_accum=e // smaller,
+            tokens_per_micro_batch=smaller * plan.max_length,
+            gradient_checkpointing=mode,
+            checkpoint_every_n_layers=every,
+            reason=f"stepped down: {reason}",
         )
     chosen = _candidate(ctx, mode, smaller, every)
     return _plan_from(ctx, chosen, [chosen], f"stepped down: {reason}")
@@ -225,9 +244,15 @@ def run_probe(
         else:
             reason = f"the probe step ran out of memory ({failed[:120]})"
             measured = memory.peak_allocated() / GIB
-            verdict = ProbeVerdict(False, round(measured, 3), round(memory.peak_reserved() / GIB, 3),
-                                   plan.predicted_allocated_gib, round(measured / max(plan.predicted_allocated_gib, 1e-9), 3),
-                                   reason, _smaller_plan(plan, 1.25, reason))
+            verdict = ProbeVerdict(
+                False,
+                round(measured, 3),
+                round(memory.peak_reserved() / GIB, 3),
+                plan.predicted_allocated_gib,
+                round(measured / max(plan.predicted_allocated_gib, 1e-9), 3),
+                reason,
+                _smaller_plan(plan, 1.25, reason),
+            )
         verdicts.append(verdict)
         if verdict.ok:
             return plan, verdicts
@@ -243,5 +268,14 @@ def run_probe(
     )
 
 
-__all__ = ["CudaMemory", "DeviceMemory", "ProbeVerdict", "check_probe", "on_oom", "probe_shape", "run_probe",
-           "step_down", "solve"]
+__all__ = [
+    "CudaMemory",
+    "DeviceMemory",
+    "ProbeVerdict",
+    "check_probe",
+    "on_oom",
+    "probe_shape",
+    "run_probe",
+    "step_down",
+    "solve",
+]

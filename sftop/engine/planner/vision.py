@@ -84,11 +84,16 @@ class VisionShape:
         act = str(vision.get("hidden_act", "")).lower()
         text_hidden = int(vision.get("out_hidden_size") or text.get("hidden_size") or hidden)
         return cls(
-            hidden=hidden, layers=layers, intermediate=intermediate, heads=heads,
-            gated_mlp=act in ("silu", "swiglu"), patch_size=patch,
+            hidden=hidden,
+            layers=layers,
+            intermediate=intermediate,
+            heads=heads,
+            gated_mlp=act in ("silu", "swiglu"),
+            patch_size=patch,
             temporal_patch=int(vision.get("temporal_patch_size") or 1),
             channels=int(vision.get("in_channels") or vision.get("num_channels") or 3),
-            patches_per_token=per_token, text_hidden=text_hidden,
+            patches_per_token=per_token,
+            text_hidden=text_hidden,
         )
 
 
@@ -129,8 +134,12 @@ class VisionTraining:
     def from_parts(cls, parts: Iterable[str]) -> "VisionTraining":
         chosen = set(parts)
         kinds = chosen & {"attention", "mlp"}
-        return cls(vision="vision" in chosen, projector="projector" in chosen,
-                   attention=not kinds or "attention" in kinds, mlp=not kinds or "mlp" in kinds)
+        return cls(
+            vision="vision" in chosen,
+            projector="projector" in chosen,
+            attention=not kinds or "attention" in kinds,
+            mlp=not kinds or "mlp" in kinds,
+        )
 
 
 def vision_lora_params(v: VisionShape, training: VisionTraining, r: int) -> int:
@@ -163,8 +172,16 @@ def layer_working_bytes_per_patch(v: VisionShape, dt: int) -> int:
     return dt * (h + 3 * h + h + (2 if v.gated_mlp else 1) * i)
 
 
-def image_terms(v: VisionShape, training: VisionTraining, *, image_tokens: int, dtype_bytes: int,
-                checkpointing: bool, lora_r: int, optimizer_bytes_per_param: int = 8) -> tuple[dict[str, int], int]:
+def image_terms(
+    v: VisionShape,
+    training: VisionTraining,
+    *,
+    image_tokens: int,
+    dtype_bytes: int,
+    checkpointing: bool,
+    lora_r: int,
+    optimizer_bytes_per_param: int = 8,
+) -> tuple[dict[str, int], int]:
     """(bytes of each image term held through the step, the vision forward's own transient peak)
     for a micro-batch holding `image_tokens` image tokens.
 
@@ -201,8 +218,9 @@ def default_image_tokens(v: VisionShape, max_pixels: int) -> int:
     return max(1, max_pixels // (v.patch_size**2 * v.patches_per_token))
 
 
-def vision_setup(setup: Any, preset: Any, model_config: Any, shape: Any, image_tokens_per_row: Any,
-                 notes: list[str]) -> Any:
+def vision_setup(
+    setup: Any, preset: Any, model_config: Any, shape: Any, image_tokens_per_row: Any, notes: list[str]
+) -> Any:
     """`setup` with a VLM's image load and adapted vision parts; unchanged for a text model."""
     from dataclasses import replace
 
@@ -226,8 +244,10 @@ def vision_setup(setup: Any, preset: Any, model_config: Any, shape: Any, image_t
             max_pixels = family.image_rules.max_pixels if family is not None else 1024 * 1024
         per_image = default_image_tokens(shape.vision, int(max_pixels))
         load = ImageLoad((per_image,) * 4096, per_image)
-        notes.append(f"no data check yet: image memory sized for one image per row at {max_pixels} pixels "
-                     f"({per_image} image tokens)")
+        notes.append(
+            f"no data check yet: image memory sized for one image per row at {max_pixels} pixels "
+            f"({per_image} image tokens)"
+        )
     packed = setup.packed
     if packed:
         from sftop.engine.models.vision.packing import packing_refusal

@@ -85,8 +85,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise PresetError(f"{path} is not valid TOML ({exc})", where=str(path),
-                          hint="Fix the syntax; strings need quotes, e.g. name = \"my-run\"") from None
+        raise PresetError(
+            f"{path} is not valid TOML ({exc})",
+            where=str(path),
+            hint='Fix the syntax; strings need quotes, e.g. name = "my-run"',
+        ) from None
     except UnicodeDecodeError as exc:
         data = path.read_bytes()
         line = data.count(b"\n", 0, exc.start) + 1
@@ -94,7 +97,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
             f"{path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line}) cannot be decoded",
             where=f"{path}, line {line}",
             hint="Save the preset as UTF-8 (TOML files must be UTF-8; `iconv -t UTF-8` can convert it), "
-                 "or move it out of the presets directory",
+            "or move it out of the presets directory",
         ) from None
     except OSError as exc:
         raise PresetError(f"Cannot read {path}: {exc.strerror}", where=str(path)) from None
@@ -103,11 +106,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.max_steps=20` -> (["train", "max_steps"], 20). Values use TOML syntax; bare words are strings."""
     if "=" not in text:
-        raise PresetError(f"`--set {text}` has no value", hint="Write it as SECTION.KEY=VALUE, e.g. --set train.max_steps=20")
+        raise PresetError(
+            f"`--set {text}` has no value", hint="Write it as SECTION.KEY=VALUE, e.g. --set train.max_steps=20"
+        )
     key, _, raw = text.partition("=")
     keys = [k.strip() for k in key.strip().split(".") if k.strip()]
     if not keys:
-        raise PresetError(f"`--set {text}` has no key", hint="Write it as SECTION.KEY=VALUE, e.g. --set train.max_steps=20")
+        raise PresetError(
+            f"`--set {text}` has no key", hint="Write it as SECTION.KEY=VALUE, e.g. --set train.max_steps=20"
+        )
     raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
@@ -152,8 +159,10 @@ def _explain(exc: ValidationError, source: str) -> PresetError:
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown key `{key}` ({_suggest(loc, str(loc[-1]))})")
         elif err["type"] == "string_pattern_mismatch" and loc == ("name",):
-            lines.append(f"`name` may hold only letters, digits, '_', '.' and '-', and must start with a letter "
-                         f"or digit (got {err.get('input')!r})")
+            lines.append(
+                f"`name` may hold only letters, digits, '_', '.' and '-', and must start with a letter "
+                f"or digit (got {err.get('input')!r})"
+            )
         else:
             got = err.get("input")
             msg = err["msg"]

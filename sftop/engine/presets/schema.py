@@ -26,8 +26,9 @@ class ModelSection(_Section):
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     adapter: str | None = Field(
-        None, description="Start from an earlier run's LoRA adapter: a run directory or name, an adapter "
-        "directory, or latest:PRESET (the newest finished run of that preset)"
+        None,
+        description="Start from an earlier run's LoRA adapter: a run directory or name, an adapter "
+        "directory, or latest:PRESET (the newest finished run of that preset)",
     )
 
 
@@ -52,8 +53,17 @@ class LoraSection(_Section):
         return value
 
 
-DataFormat = Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text",
-                     "preference", "preference_implicit", "ultrafeedback"]  # the last three: train.task = "dpo"
+DataFormat = Literal[
+    "auto",
+    "messages",
+    "sharegpt",
+    "prompt_completion",
+    "alpaca",
+    "text",
+    "preference",
+    "preference_implicit",
+    "ultrafeedback",
+]  # the last three: train.task = "dpo"
 PREFERENCE_FORMATS = ("preference", "preference_implicit", "ultrafeedback")
 
 
@@ -106,12 +116,11 @@ class TrainSection(_Section):
     save_steps: int = Field(100, ge=1, description="Checkpoint every N optimizer steps")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk")
     eval_steps: int | None = Field(None, ge=1)
-    max_bad_steps: int = Field(
-        5, ge=1, description="Consecutive NaN/inf steps (skipped) before the run stops"
-    )
+    max_bad_steps: int = Field(5, ge=1, description="Consecutive NaN/inf steps (skipped) before the run stops")
     kernels: Literal["auto", "on", "off"] = Field("auto", description="sftop's fused Triton kernels")
     length_buckets: Literal["auto", "on", "off"] = Field(
-        "auto", description="Pad each packed micro-batch up to one of a few lengths so its CUDA graph replays; "
+        "auto",
+        description="Pad each packed micro-batch up to one of a few lengths so its CUDA graph replays; "
         "auto = on where CUDA graphs can replay them and the run is long enough for their captures to "
         "pay (lengths fitted to the data); the padding is never trained on or counted as throughput",
     )
@@ -130,48 +139,58 @@ class PlanSection(_Section):
     )
 
     split_by: Literal["auto", "tokens", "rows"] = Field(
-        "auto", description="Packed runs: split each optimizer step's rows into micro-batches of about "
-                            "equal tokens, sized for the data's largest (auto, tokens), or into micro_batch "
-                            "rows each in the trainer's own order (rows)",
+        "auto",
+        description="Packed runs: split each optimizer step's rows into micro-batches of about "
+        "equal tokens, sized for the data's largest (auto, tokens), or into micro_batch "
+        "rows each in the trainer's own order (rows)",
     )
 
     max_memory_gib: float | None = Field(
-        None, gt=0.0, le=4096.0,
+        None,
+        gt=0.0,
+        le=4096.0,
         description="Most GPU memory this run may use, in GiB (e.g. to share the GPU with an inference "
-                    "server); the planner, the probe and out-of-memory recovery stay under it and the "
-                    "trainer's allocator is held to it",
+        "server); the planner, the probe and out-of-memory recovery stay under it and the "
+        "trainer's allocator is held to it",
     )
     max_memory_fraction: float | None = Field(
-        None, gt=0.0, le=1.0,
+        None,
+        gt=0.0,
+        le=1.0,
         description="The same cap as a share of the GPU's total memory (0.5 = half); set this or "
-                    "max_memory_gib, not both",
+        "max_memory_gib, not both",
     )
 
     price_per_gpu_hour: float | None = Field(
-        None, ge=0.0, le=1000.0,
+        None,
+        ge=0.0,
+        le=1000.0,
         description="What one GPU-hour costs you, in your currency (rented H100s are typically 2-3 an hour "
-                    "in USD, A100s 1-2, RTX 4090s under 1); the dashboard shows the run's cost",
+        "in USD, A100s 1-2, RTX 4090s under 1); the dashboard shows the run's cost",
     )
 
     gpus: Union[Auto, int, list[int]] = Field(
         "auto",
         description='GPUs to train on: "auto" (every visible GPU no other process is using), a count, or a list '
-                    "of CUDA indices; more than one runs data-parallel through accelerate (docs/training.md)",
+        "of CUDA indices; more than one runs data-parallel through accelerate (docs/training.md)",
     )
     device: Literal["auto", "cpu"] = Field(
         "auto",
         description='"cpu" trains on the CPU even with a GPU present; with plan.gpus = N it starts N CPU '
-                    "processes (gloo), which checks a multi-process run on a machine without GPUs",
+        "processes (gloo), which checks a multi-process run on a machine without GPUs",
     )
 
     nodes: int = Field(
-        1, ge=1, le=1024,
+        1,
+        ge=1,
+        le=1024,
         description="Machines the run spans (each runs `sftop run` with its own plan.node_rank); more than one "
-                    "needs plan.main_address",
+        "needs plan.main_address",
     )
     node_rank: int = Field(0, ge=0, description="This machine's place among plan.nodes (0 = the main node)")
     main_address: str | None = Field(
-        None, description="Address of the main node (plan.node_rank = 0) that the other nodes reach")
+        None, description="Address of the main node (plan.node_rank = 0) that the other nodes reach"
+    )
     main_port: int = Field(29500, ge=1, le=65535, description="Port on the main node for the processes to meet")
 
     @model_validator(mode="after")
@@ -198,7 +217,7 @@ class PlanSection(_Section):
     @classmethod
     def _positive(cls, value):
         if isinstance(value, int) and value < 1:
-            raise ValueError("must be at least 1, or \"auto\"")
+            raise ValueError('must be at least 1, or "auto"')
         return value
 
     @model_validator(mode="after")
@@ -206,7 +225,8 @@ class PlanSection(_Section):
         if self.max_memory_gib is not None and self.max_memory_fraction is not None:
             raise ValueError(
                 f"plan.max_memory_gib = {self.max_memory_gib:g} and plan.max_memory_fraction = "
-                f"{self.max_memory_fraction:g} both cap the run's GPU memory: keep one of them")
+                f"{self.max_memory_fraction:g} both cap the run's GPU memory: keep one of them"
+            )
         return self
 
     @field_validator("gradient_checkpointing", mode="before")
@@ -220,8 +240,20 @@ class PlanSection(_Section):
 
 
 DpoLossType = Literal[
-    "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-    "apo_zero", "apo_down", "discopop", "sigmoid_norm",
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
 ]
 
 

@@ -30,12 +30,16 @@ PADDING_ROWS = "sftop_padding_rows"
 BUCKET_MULTIPLE = 128
 # Successive buckets grow by this factor: a batch is padded by at most 19% (about 9% on average),
 # and a plan's range of packed lengths (an eighth of its largest to the largest) takes 13 buckets.
-BUCKET_RATIO = 2 ** 0.25
+BUCKET_RATIO = 2**0.25
 SMALLEST_SHARE = 1 / 8
 
 
-def bucket_sizes(max_tokens: int, ratio: float = BUCKET_RATIO, smallest_share: float = SMALLEST_SHARE,
-                 multiple: int = BUCKET_MULTIPLE) -> tuple[int, ...]:
+def bucket_sizes(
+    max_tokens: int,
+    ratio: float = BUCKET_RATIO,
+    smallest_share: float = SMALLEST_SHARE,
+    multiple: int = BUCKET_MULTIPLE,
+) -> tuple[int, ...]:
     """Lengths from about smallest_share x max_tokens up to max_tokens, each `ratio` times the one
     below and a multiple of `multiple`.
 
@@ -43,8 +47,9 @@ def bucket_sizes(max_tokens: int, ratio: float = BUCKET_RATIO, smallest_share: f
     shorter than the smallest are padded up to it (they are rare: a micro-batch packs several rows).
     """
     if max_tokens < 1 or ratio <= 1 or not 0 < smallest_share <= 1:
-        raise ValueError(f"need max_tokens >= 1, ratio > 1 and 0 < smallest_share <= 1; got {max_tokens}, "
-                         f"{ratio}, {smallest_share}")
+        raise ValueError(
+            f"need max_tokens >= 1, ratio > 1 and 0 < smallest_share <= 1; got {max_tokens}, {ratio}, {smallest_share}"
+        )
     top = -(-max_tokens // multiple) * multiple
     sizes = {top}
     size = float(top)
@@ -73,9 +78,16 @@ TOP_SHARE = 0.995  # micro-batches above the largest bucket (the rarest, longest
 SAMPLED_BATCHES = 4096
 
 
-def data_bucket_sizes(lengths, rows_per_micro_batch: int, micro_batches: int, *, seed: int = 0,
-                      max_buckets: int = MAX_DATA_BUCKETS, min_replays: int = MIN_REPLAYS_PER_BUCKET,
-                      multiple: int = BUCKET_MULTIPLE) -> tuple[int, ...]:
+def data_bucket_sizes(
+    lengths,
+    rows_per_micro_batch: int,
+    micro_batches: int,
+    *,
+    seed: int = 0,
+    max_buckets: int = MAX_DATA_BUCKETS,
+    min_replays: int = MIN_REPLAYS_PER_BUCKET,
+    multiple: int = BUCKET_MULTIPLE,
+) -> tuple[int, ...]:
     """Bucket lengths fitted to this run: the fewest padding tokens over its micro-batches, with each
     bucket expected to be used at least `min_replays` times in `micro_batches` micro-batches.
 
@@ -91,12 +103,17 @@ def data_bucket_sizes(lengths, rows_per_micro_batch: int, micro_batches: int, *,
     rng = random.Random(seed)
     take = min(rows_per_micro_batch, len(rows))
     sums = [sum(rng.sample(rows, take)) for _ in range(SAMPLED_BATCHES)]
-    return fitted_bucket_sizes(sums, micro_batches, max_buckets=max_buckets, min_replays=min_replays,
-                               multiple=multiple)
+    return fitted_bucket_sizes(sums, micro_batches, max_buckets=max_buckets, min_replays=min_replays, multiple=multiple)
 
 
-def fitted_bucket_sizes(batch_tokens, micro_batches: int, *, max_buckets: int = MAX_DATA_BUCKETS,
-                        min_replays: int = MIN_REPLAYS_PER_BUCKET, multiple: int = BUCKET_MULTIPLE) -> tuple[int, ...]:
+def fitted_bucket_sizes(
+    batch_tokens,
+    micro_batches: int,
+    *,
+    max_buckets: int = MAX_DATA_BUCKETS,
+    min_replays: int = MIN_REPLAYS_PER_BUCKET,
+    multiple: int = BUCKET_MULTIPLE,
+) -> tuple[int, ...]:
     """`data_bucket_sizes` from micro-batch lengths already known: sampled ones, or every micro-batch
     of a run whose steps are split by tokens (sftop/engine/planner/token_split.py)."""
     count = min(max_buckets, micro_batches // max(1, min_replays))

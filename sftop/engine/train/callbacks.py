@@ -18,8 +18,11 @@ def gpu_memory_gib() -> tuple[float | None, float | None, float | None]:
     """(allocated now, reserved now, highest allocated so far) in GiB; Nones without a GPU."""
     if not torch.cuda.is_available():
         return None, None, None
-    return (round(torch.cuda.memory_allocated() / GIB, 3), round(torch.cuda.memory_reserved() / GIB, 3),
-            round(torch.cuda.max_memory_allocated() / GIB, 3))
+    return (
+        round(torch.cuda.memory_allocated() / GIB, 3),
+        round(torch.cuda.memory_reserved() / GIB, 3),
+        round(torch.cuda.max_memory_allocated() / GIB, 3),
+    )
 
 
 def _step_line(step, total, loss, logs, tokens_per_s, gpu_gib) -> str:
@@ -55,8 +58,14 @@ def preference_fields(logs: dict) -> dict:
 
 
 class RunEvents(TrainerCallback):
-    def __init__(self, writer: EventWriter, *, started: Callable[[int], RunStarted], stop_requested: Callable[[], str | None],
-                 checkpoint_request: Path | None = None):
+    def __init__(
+        self,
+        writer: EventWriter,
+        *,
+        started: Callable[[int], RunStarted],
+        stop_requested: Callable[[], str | None],
+        checkpoint_request: Path | None = None,
+    ):
         self.writer = writer
         # The TUI's "checkpoint now" key creates this file (sftop.engine.runs.request_checkpoint);
         # polling one path per step costs a stat call, far below a training step.
@@ -132,8 +141,10 @@ class RunEvents(TrainerCallback):
                 **preference_fields(logs),
             )
         )
-        print(_step_line(state.global_step, self.total_steps, loss, logs, self._window_tokens / elapsed, allocated),
-              flush=True)
+        print(
+            _step_line(state.global_step, self.total_steps, loss, logs, self._window_tokens / elapsed, allocated),
+            flush=True,
+        )
         self.last_logged_step = state.global_step
         self._window_tokens = 0
         self._window_samples = 0
@@ -142,7 +153,9 @@ class RunEvents(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         metrics = metrics or {}
         print(f"eval  step {state.global_step}  eval_loss {metrics.get('eval_loss', float('nan')):.4f}", flush=True)
-        extra = {k: v for k, v in ((k, clean_number(v)) for k, v in metrics.items() if k != "eval_loss") if v is not None}
+        extra = {
+            k: v for k, v in ((k, clean_number(v)) for k, v in metrics.items() if k != "eval_loss") if v is not None
+        }
         self.writer.write(Eval(step=state.global_step, eval_loss=clean_number(metrics.get("eval_loss")), metrics=extra))
         # Evaluation time is not training time: do not count it against tokens/s.
         self._window_start = time.perf_counter()

@@ -20,11 +20,13 @@ def checkpointing_args(config_cls, enabled: bool, kwargs: dict | None) -> dict:
 
 def enable_checkpointing(model, kwargs: dict | None, every_n_layers: int = 1, offload: bool = False) -> None:
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers,
-                                              offload=offload)
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload
+        )
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers,
-                                            offload=offload)
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload
+        )
 
 
 @contextlib.contextmanager

@@ -26,8 +26,12 @@ def dataloader_settings(on_cuda: bool) -> dict:
     the training process, whose cores do the training."""
     if not on_cuda:
         return {"dataloader_num_workers": 0}
-    return {"dataloader_num_workers": 1, "dataloader_prefetch_factor": 4, "dataloader_persistent_workers": True,
-            "dataloader_pin_memory": True}
+    return {
+        "dataloader_num_workers": 1,
+        "dataloader_prefetch_factor": 4,
+        "dataloader_persistent_workers": True,
+        "dataloader_pin_memory": True,
+    }
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,8 +54,17 @@ def _ddp_timeout_s() -> int:
     return ddp_timeout_s()
 
 
-def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: bool, has_eval: bool,
-                     on_cuda: bool | None = None, vision: bool = False):
+def build_sft_config(
+    preset,
+    plan,
+    *,
+    output_dir: Path,
+    dtype: str,
+    packing: bool,
+    has_eval: bool,
+    on_cuda: bool | None = None,
+    vision: bool = False,
+):
     from trl import SFTConfig
 
     from sftop.engine.train.checkpointing_api import checkpointing_args
@@ -86,10 +99,15 @@ def build_sft_config(preset, plan, *, output_dir: Path, dtype: str, packing: boo
         # inputs on the GPU (the one recomputing and the one fetched ahead).
         # every_n_layers: the planner may checkpoint only every n-th block when memory allows.
         **checkpointing_args(
-            SFTConfig, checkpointing in ("on", "offload"),
-            {"use_reentrant": False, "offload": checkpointing == "offload",
-             "every_n_layers": int(getattr(plan, "checkpoint_every_n_layers", 1) or 1)}
-            if checkpointing != "off" else None,
+            SFTConfig,
+            checkpointing in ("on", "offload"),
+            {
+                "use_reentrant": False,
+                "offload": checkpointing == "offload",
+                "every_n_layers": int(getattr(plan, "checkpoint_every_n_layers", 1) or 1),
+            }
+            if checkpointing != "off"
+            else None,
         ),
         logging_strategy="steps",
         logging_steps=train.logging_steps,

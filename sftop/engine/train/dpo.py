@@ -28,15 +28,25 @@ from trl import DPOConfig, DPOTrainer
 
 from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
 
-def build_dpo_config(preset, plan, *, output_dir: Path, dtype: str, has_eval: bool, on_cuda: bool | None = None,
-                     vision: bool = False):
+
+def build_dpo_config(
+    preset, plan, *, output_dir: Path, dtype: str, has_eval: bool, on_cuda: bool | None = None, vision: bool = False
+):
     """The SFT run's TrainingArguments (same optimizer, schedule, checkpointing, logging) + the DPO keys.
 
     `vision`: the dataset holds pair indices for sftop's vision collator, so no column is removed."""
     from sftop.engine.train.config import build_sft_config
 
-    sft = build_sft_config(preset, plan, output_dir=output_dir, dtype=dtype, packing=False, has_eval=has_eval,
-                           on_cuda=on_cuda, vision=vision)
+    sft = build_sft_config(
+        preset,
+        plan,
+        output_dir=output_dir,
+        dtype=dtype,
+        packing=False,
+        has_eval=has_eval,
+        on_cuda=on_cuda,
+        vision=vision,
+    )
     common = {f.name: getattr(sft, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     dpo = preset.dpo
     return DPOConfig(
@@ -62,9 +72,18 @@ class SftopDPOTrainer(DPOTrainer):
     _checkpoint_bytes = SftopTrainer._checkpoint_bytes
     take_step_counts = SftopTrainer.take_step_counts
 
-    def __init__(self, *args, guard: UpdateGuard, save_total_limit: int,
-                 on_checkpoint: Callable[[Path], None] | None = None, kernel_head: bool = False,
-                 kernel_parts: dict | None = None, keep_ref_adapter: bool = False, reference_adapter: Path | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        guard: UpdateGuard,
+        save_total_limit: int,
+        on_checkpoint: Callable[[Path], None] | None = None,
+        kernel_head: bool = False,
+        kernel_parts: dict | None = None,
+        keep_ref_adapter: bool = False,
+        reference_adapter: Path | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         if reference_adapter is not None:  # dpo.reference names an adapter: it replaces TRL's copy
             load_reference_adapter(self.model, reference_adapter)
@@ -80,9 +99,15 @@ class SftopDPOTrainer(DPOTrainer):
             # fresh adapter that copy is the base model, which disabling the adapter gives for free.
             self.model.delete_adapter("ref")
         self.sftop_save_kwargs = {"selected_adapters": ["default"]} if "ref" in peft_config else {}
-        self.sftop_reference = f"adapter {reference_adapter}" if reference_adapter is not None else (
-            "ref adapter" if "ref" in peft_config else (
-            "separate model" if self.ref_model is not None else "adapter off"))
+        self.sftop_reference = (
+            f"adapter {reference_adapter}"
+            if reference_adapter is not None
+            else (
+                "ref adapter"
+                if "ref" in peft_config
+                else ("separate model" if self.ref_model is not None else "adapter off")
+            )
+        )
         self.sftop_head = "stock: train.kernels off or not available"
         self.sftop_graphs = "off: no fused log-prob head"
         if kernel_head:
@@ -141,8 +166,9 @@ def load_reference_model(preset):
     family = vision_family(section)
     if family is not None:
         dtype = resolve_dtype(section.dtype)
-        model = load_vision_base(section, family, dtype=dtype,
-                                 attn=resolve_attn_implementation(section.attn_implementation, dtype))
+        model = load_vision_base(
+            section, family, dtype=dtype, attn=resolve_attn_implementation(section.attn_implementation, dtype)
+        )
     else:
         model, _, _ = load_base_model(section)
     model.requires_grad_(False)
@@ -183,8 +209,15 @@ def build_dpo_trainer(run):
 
     preset = run.preset
     vision = getattr(run, "vision", None) is not None
-    args = build_dpo_config(preset, run.plan, output_dir=run.run_dir.checkpoints, dtype=run.info.dtype,
-                            has_eval=run.data.eval is not None, on_cuda=torch.cuda.is_available(), vision=vision)
+    args = build_dpo_config(
+        preset,
+        run.plan,
+        output_dir=run.run_dir.checkpoints,
+        dtype=run.info.dtype,
+        has_eval=run.data.eval is not None,
+        on_cuda=torch.cuda.is_available(),
+        vision=vision,
+    )
     ref_model = ref_adapter = None
     if preset.dpo.reference != "adapter-off":
         ref_adapter = reference_adapter(preset.dpo.reference)
@@ -193,8 +226,12 @@ def build_dpo_trainer(run):
             if ref_model is None:
                 ref_model = run.dpo_reference = load_reference_model(preset)
     guard = UpdateGuard(preset.train.max_bad_steps)
-    events = RunEvents(run.writer, started=run.started_event, stop_requested=run.stop_requested,
-                       checkpoint_request=run.run_dir.path / "control" / "checkpoint")
+    events = RunEvents(
+        run.writer,
+        started=run.started_event,
+        stop_requested=run.stop_requested,
+        checkpoint_request=run.run_dir.path / "control" / "checkpoint",
+    )
     parts = (run.info.kernels.get("parts") or {}) if run.info.kernels.get("enabled") else {}
     # a VLM's loss part stays stock (it assumes a causal LM), but the log-prob head needs only the
     # language model's hidden states and its lm_head, which every family has

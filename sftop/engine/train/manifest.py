@@ -32,9 +32,7 @@ def _files(path: Path) -> list[Path]:
 
 def write_manifest(path: Path) -> Path:
     """List every file under `path` with size and checksum; fsync'd, so it is written last and durably."""
-    files = {
-        p.relative_to(path).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(path)
-    }
+    files = {p.relative_to(path).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(path)}
     target = path / MANIFEST
     with open(target, "w", encoding="utf-8") as fh:
         json.dump({"version": MANIFEST_VERSION, "files": files}, fh, indent=1, sort_keys=True)

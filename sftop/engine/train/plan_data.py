@@ -43,8 +43,10 @@ def sized_for_preset_data(plan: Plan, preset: Any) -> Plan:
 
     source = resolve_model_source(preset.model)
     if not _tokenizer_on_disk(source, preset.model.revision):
-        plan.notes.append("sized for data.max_length: the model's tokenizer is not on this machine; `sftop run` "
-                          "sizes packed micro-batches for the rows themselves")
+        plan.notes.append(
+            "sized for data.max_length: the model's tokenizer is not on this machine; `sftop run` "
+            "sizes packed micro-batches for the rows themselves"
+        )
         return plan
     try:
         from transformers import AutoTokenizer
@@ -52,19 +54,29 @@ def sized_for_preset_data(plan: Plan, preset: Any) -> Plan:
         from sftop.engine.data import prepare_data
         from sftop.engine.models.tokenizer import ensure_pad_token
 
-        tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(
-            source, revision=preset.model.revision, trust_remote_code=preset.model.trust_remote_code,
-            local_files_only=True))
+        tokenizer = ensure_pad_token(
+            AutoTokenizer.from_pretrained(
+                source,
+                revision=preset.model.revision,
+                trust_remote_code=preset.model.trust_remote_code,
+                local_files_only=True,
+            )
+        )
         data = prepare_data(preset, tokenizer)
         lengths = [len(ids) for ids in data.train["input_ids"]]
     except Exception as exc:  # noqa: BLE001 - the plan without the data is still a plan
-        plan.notes.append("sized for data.max_length: the data could not be read here "
-                          f"({type(exc).__name__}: {str(exc)[:160]}); `sftop run` sizes it for the rows themselves")
+        plan.notes.append(
+            "sized for data.max_length: the data could not be read here "
+            f"({type(exc).__name__}: {str(exc)[:160]}); `sftop run` sizes it for the rows themselves"
+        )
         return plan
-    sized = size_for_data(plan, lengths, bucket_multiple(preset),
-                          # several processes split each step by rows (the Trainer's own sharding)
-                          split=None if plan.world_size > 1 else token_split_for(preset, len(lengths),
-                                                                                  plan.effective_batch))
+    sized = size_for_data(
+        plan,
+        lengths,
+        bucket_multiple(preset),
+        # several processes split each step by rows (the Trainer's own sharding)
+        split=None if plan.world_size > 1 else token_split_for(preset, len(lengths), plan.effective_batch),
+    )
     sized.notes.append(f"sized for the data: {len(lengths):,} training rows read, as `sftop run` will size them")
     return sized
 

@@ -14,8 +14,9 @@ from transformers import Trainer
 from sftop.kernels import compat
 
 
-def _probe_features(rows: int, tokens_per_row: int, max_length: int, padding_free: bool, vocab: int,
-                    generator: torch.Generator) -> list[dict]:
+def _probe_features(
+    rows: int, tokens_per_row: int, max_length: int, padding_free: bool, vocab: int, generator: torch.Generator
+) -> list[dict]:
     if padding_free:
         # One concatenated row of rows x max_length documents: the worst micro-batch the plan allows.
         total = rows * tokens_per_row

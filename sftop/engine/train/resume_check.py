@@ -23,8 +23,10 @@ FROZEN_SECTIONS = ("model", "lora", "data")
 CHANGEABLE_IN_FROZEN = {"data.max_bad_fraction", "data.packing"}
 FROZEN_TRAIN_KEYS = {"train.seed", "train.effective_batch"}
 FREE_TOP_LEVEL = {"name", "description", "train", "plan"}
-FROZEN_TEXT = ("the model, lora and data sections (data.max_bad_fraction and data.packing excepted), train.seed, "
-               "train.effective_batch and the task")
+FROZEN_TEXT = (
+    "the model, lora and data sections (data.max_bad_fraction and data.packing excepted), train.seed, "
+    "train.effective_batch and the task"
+)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -85,11 +87,12 @@ def check_resume(run: RunDir, preset) -> None:
         changes = incompatible_changes(original, preset.model_dump(mode="json", exclude_none=True))
         if changes:
             raise PresetError(
-                f"Cannot resume run {run.name} with these changes: " + ", ".join(changes)
+                f"Cannot resume run {run.name} with these changes: "
+                + ", ".join(changes)
                 + f". A resume keeps training the same adapter on the same data: {FROZEN_TEXT} cannot change",
                 where=str(run.preset),
                 hint=f"Resume without those --set keys (its preset.toml is unchanged), or start a new run with them: "
-                     f"`sftop run {run.preset} --set ...`",
+                f"`sftop run {run.preset} --set ...`",
             )
     done = _finished_step(run)
     max_steps = preset.train.max_steps
@@ -98,7 +101,7 @@ def check_resume(run: RunDir, preset) -> None:
             f"Run {run.name} already finished at step {done}; resuming it would train past its end",
             where=str(run.path),
             hint=f"Its adapter is in {run.adapter}. To train it further, resume with more steps: "
-                 f"`sftop resume {run.name} --set train.max_steps={done * 2}`",
+            f"`sftop resume {run.name} --set train.max_steps={done * 2}`",
         )
 
 

@@ -260,9 +260,11 @@ class _Run:
         if self.preset.train.task == "dpo":
             from sftop.engine.train.vision_dpo_data import prepare_vision_preferences as prepare_vision_data
         self.vision_data = prepare_vision_data(self.preset, processor, self.vision)
-        self.message(f"{self.vision.display_name} vision-language model: {len(self.vision_data.image_tokens_per_row)} "
-                     f"{'pairs' if self.preset.train.task == 'dpo' else 'rows'} checked with their images, "
-                     f"{self.vision_data.report.bad_rows} skipped")
+        self.message(
+            f"{self.vision.display_name} vision-language model: {len(self.vision_data.image_tokens_per_row)} "
+            f"{'pairs' if self.preset.train.task == 'dpo' else 'rows'} checked with their images, "
+            f"{self.vision_data.report.bad_rows} skipped"
+        )
         return self.vision_data.image_tokens_per_row
 
     def force_cpu(self) -> None:
@@ -311,12 +313,15 @@ class _Run:
         split = {"split_by": "rows"} if plan.split_by == "auto" else {}
         if (plan.micro_batch, plan.grad_accum) != (original.get("micro_batch"), original.get("grad_accum")):
             return preset.model_copy(update={"plan": plan.model_copy(update=split)})  # its own values, checked
-        self.message(f"Resuming on {self.world_size} process{'es' if self.world_size > 1 else ''} instead of "
-                     f"{before}: micro-batch and accumulation planned again, effective batch "
-                     f"{preset.train.effective_batch} kept"
-                     + ("; each step's rows split in the trainer's order, as several processes do" if split else ""))
-        return preset.model_copy(update={"plan": plan.model_copy(update={"micro_batch": "auto",
-                                                                        "grad_accum": "auto", **split})})
+        self.message(
+            f"Resuming on {self.world_size} process{'es' if self.world_size > 1 else ''} instead of "
+            f"{before}: micro-batch and accumulation planned again, effective batch "
+            f"{preset.train.effective_batch} kept"
+            + ("; each step's rows split in the trainer's order, as several processes do" if split else "")
+        )
+        return preset.model_copy(
+            update={"plan": plan.model_copy(update={"micro_batch": "auto", "grad_accum": "auto", **split})}
+        )
 
     def stop_requested(self) -> str | None:
         """The stop request, agreed by every rank (one all-reduce per step under several processes)."""
@@ -357,8 +362,10 @@ class _Run:
 
         fraction = hold_to_cap(getattr(self.plan, "max_memory_gib", None), getattr(self.plan, "device", "cpu"))
         if fraction is not None:
-            self.message(f"GPU memory capped at {self.plan.max_memory_gib:.2f} GiB ({self.plan.memory_cap}): "
-                         f"the allocator may reserve {fraction:.1%} of the GPU")
+            self.message(
+                f"GPU memory capped at {self.plan.max_memory_gib:.2f} GiB ({self.plan.memory_cap}): "
+                f"the allocator may reserve {fraction:.1%} of the GPU"
+            )
 
     def load(self):
         from sftop.engine.data import prepare_data
@@ -386,9 +393,12 @@ class _Run:
                 self.packing = False
                 self.message(
                     "Packing turned off: this model's attention lets packed documents see each other "
-                    f"({detail}); training on padded batches instead", level="warning")
+                    f"({detail}); training on padded batches instead",
+                    level="warning",
+                )
                 self.preset = self.preset.model_copy(
-                    update={"data": self.preset.data.model_copy(update={"packing": False})})
+                    update={"data": self.preset.data.model_copy(update={"packing": False})}
+                )
                 save_preset(self.preset, self.preset_path)  # record what the run really does
         _, note = optimizer_name(self.preset.train.optimizer, self.info.device.startswith("cuda"))
         if note:
@@ -409,8 +419,10 @@ class _Run:
             rope = RopeIndex(self.model)
             ok, detail = vision_packing_isolated(self.model, rope)
             if ok:
-                self.packing_reason = (f"{name}: the rows of each micro-batch packed into one padding-free row, "
-                                       "attention and 3-D positions per sample")
+                self.packing_reason = (
+                    f"{name}: the rows of each micro-batch packed into one padding-free row, "
+                    "attention and 3-D positions per sample"
+                )
                 self.data.collator = PackedVisionBatches(self.data.collator, rope)
                 return
             self.packing = False
@@ -420,8 +432,7 @@ class _Run:
             return
         self.packing_reason = f"{name}: {refusal}; rows are padded per batch"
         self.message(f"Packing turned off: {self.packing_reason}")
-        self.preset = self.preset.model_copy(
-            update={"data": self.preset.data.model_copy(update={"packing": False})})
+        self.preset = self.preset.model_copy(update={"data": self.preset.data.model_copy(update={"packing": False})})
         save_preset(self.preset, self.preset_path)  # a resume's own copy, never the original
 
     def disk_needs(self) -> dict[str, int]:
@@ -457,17 +468,27 @@ class _Run:
 
         on_cuda = torch.cuda.is_available()
         args = build_sft_config(
-            self.preset, self.plan, output_dir=self.run_dir.checkpoints, dtype=self.info.dtype,
-            packing=self.packing, has_eval=self.data.eval is not None, on_cuda=on_cuda,
+            self.preset,
+            self.plan,
+            output_dir=self.run_dir.checkpoints,
+            dtype=self.info.dtype,
+            packing=self.packing,
+            has_eval=self.data.eval is not None,
+            on_cuda=on_cuda,
             vision=self.vision is not None,
         )
         guard = UpdateGuard(self.preset.train.max_bad_steps)
-        events = RunEvents(self.writer, started=self.started_event, stop_requested=self.stop_requested,
-                           checkpoint_request=self.run_dir.path / "control" / "checkpoint")
+        events = RunEvents(
+            self.writer,
+            started=self.started_event,
+            stop_requested=self.stop_requested,
+            checkpoint_request=self.run_dir.path / "control" / "checkpoint",
+        )
         from sftop.engine.train.samples import SampleAnswers, sample_interval
 
-        samples = SampleAnswers(self.writer, self.tokenizer, self.preset.train.sample_prompts,
-                                sample_interval(self.preset.train))
+        samples = SampleAnswers(
+            self.writer, self.tokenizer, self.preset.train.sample_prompts, sample_interval(self.preset.train)
+        )
         trainer = SftopTrainer(
             model=self.model,
             args=args,
@@ -514,36 +535,46 @@ class _Run:
         new = size_for_data(self.plan, lengths, bucket_multiple(self.preset, self.packed_graphs_on()), split=split)
         old = self.plan
         same = (new.micro_batch, new.gradient_checkpointing, new.checkpoint_every_n_layers) == (
-            old.micro_batch, old.gradient_checkpointing, old.checkpoint_every_n_layers)
+            old.micro_batch,
+            old.gradient_checkpointing,
+            old.checkpoint_every_n_layers,
+        )
         if same:
             self.plan = new
             if new.split_by == "tokens":
                 self.message(f"Plan {new.describe()}: sized for the data's largest micro-batch")
             return
         if new.split_by == "tokens":
-            reason = (f"sized for the data: each step's {new.effective_batch} rows split by tokens into "
-                      f"{new.grad_accum} micro-batch(es), the largest of the run {new.tokens_per_micro_batch} tokens")
+            reason = (
+                f"sized for the data: each step's {new.effective_batch} rows split by tokens into "
+                f"{new.grad_accum} micro-batch(es), the largest of the run {new.tokens_per_micro_batch} tokens"
+            )
         else:
-            reason = (f"sized for the data: the longest packed micro-batch of {new.micro_batch} rows holds "
-                      f"{new.tokens_per_micro_batch} tokens, not {new.micro_batch} x {old.max_length}")
+            reason = (
+                f"sized for the data: the longest packed micro-batch of {new.micro_batch} rows holds "
+                f"{new.tokens_per_micro_batch} tokens, not {new.micro_batch} x {old.max_length}"
+            )
         self.set_plan(new, 0, reason)
         self.message(f"Plan {old.describe()} -> {new.describe()}: {reason}")
 
     def token_sampler(self, dataset=None):
         """The batch sampler of a plan split by tokens (None otherwise). `dataset`: the trainer's own
         training set, which must hold the rows the plan was sized for, in the same order."""
-        if not (self.packing and getattr(self.plan, "split_by", "rows") == "tokens"
-                and getattr(self, "train_lengths", None)):
+        if not (
+            self.packing and getattr(self.plan, "split_by", "rows") == "tokens" and getattr(self, "train_lengths", None)
+        ):
             return None
         from sftop.engine.train.token_batches import TokenBalancedSampler
 
         if dataset is not None and len(dataset) != len(self.train_lengths):
             raise RuntimeError(
                 f"the trainer holds {len(dataset)} training rows but the plan was sized for {len(self.train_lengths)}: "
-                "its micro-batches split by tokens would not be the ones sized; set plan.split_by = \"rows\" "
-                "and report this")
-        return TokenBalancedSampler(self.train_lengths, self.plan.effective_batch, self.plan.grad_accum,
-                                    self.preset.train.seed)
+                'its micro-batches split by tokens would not be the ones sized; set plan.split_by = "rows" '
+                "and report this"
+            )
+        return TokenBalancedSampler(
+            self.train_lengths, self.plan.effective_batch, self.plan.grad_accum, self.preset.train.seed
+        )
 
     def packed_graphs_on(self) -> bool:
         """Can packed micro-batches replay CUDA graphs here (sftop/kernels/packed_graphs.py)? Needs
@@ -565,7 +596,9 @@ class _Run:
         if self.vision is not None:
             # packed graphs take token ids and row boundaries only, not a VLM's pixels and 3-D positions
             if setting != "off":
-                self.buckets_reason = "off: a vision-language batch carries images, which packed CUDA graphs do not take"
+                self.buckets_reason = (
+                    "off: a vision-language batch carries images, which packed CUDA graphs do not take"
+                )
             return
         if not buckets_wanted(setting, self.packed_graphs_on()):
             if setting == "auto":
@@ -574,8 +607,11 @@ class _Run:
         lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
         args = trainer.args
         per_epoch = math.ceil(len(lengths) / self.plan.micro_batch)
-        micro_batches = (args.max_steps * self.plan.grad_accum if args.max_steps and args.max_steps > 0
-                         else per_epoch * math.ceil(args.num_train_epochs))
+        micro_batches = (
+            args.max_steps * self.plan.grad_accum
+            if args.max_steps and args.max_steps > 0
+            else per_epoch * math.ceil(args.num_train_epochs)
+        )
         sampler = getattr(trainer, "sftop_token_sampler", None)
         if sampler is not None:
             # steps split by tokens: every micro-batch of the run is known, fit the buckets to them all
@@ -587,21 +623,26 @@ class _Run:
             if args.max_steps and args.max_steps > 0:
                 micro_batches = args.max_steps * self.plan.grad_accum
                 epochs = max(1, math.ceil(micro_batches / max(1, len(sampler))))
-            run = micro_batch_tokens(sampler.lengths, sampler.rows_per_step, sampler.micro_batches, sampler.seed,
-                                     epochs)[:micro_batches]
+            run = micro_batch_tokens(
+                sampler.lengths, sampler.rows_per_step, sampler.micro_batches, sampler.seed, epochs
+            )[:micro_batches]
             sizes = fitted_bucket_sizes(run, micro_batches)
         else:
             sizes = data_bucket_sizes(lengths, self.plan.micro_batch, micro_batches, seed=self.preset.train.seed)
         if sizes:
-            self.buckets_reason = (f"on: {len(sizes)} lengths fitted to the data ({', '.join(map(str, sizes))} tokens) "
-                                   f"for {micro_batches:,} micro-batches")
+            self.buckets_reason = (
+                f"on: {len(sizes)} lengths fitted to the data ({', '.join(map(str, sizes))} tokens) "
+                f"for {micro_batches:,} micro-batches"
+            )
         elif setting == "on":
             # asked for on a run too short to fit buckets to: the plan's fixed ladder
             sizes = bucket_sizes(int(self.plan.tokens_per_micro_batch))
             self.buckets_reason = f"on (train.length_buckets = on): {len(sizes)} fixed lengths up to {sizes[-1]} tokens"
         else:
-            self.buckets_reason = (f"off: {micro_batches:,} micro-batches are too few, or too mixed in length, for "
-                                   "buckets to pay for their CUDA graph captures")
+            self.buckets_reason = (
+                f"off: {micro_batches:,} micro-batches are too few, or too mixed in length, for "
+                "buckets to pay for their CUDA graph captures"
+            )
             return
         trainer.data_collator = BucketedCollator(trainer.data_collator, sizes, self.tokenizer.pad_token_id)
 
@@ -633,7 +674,7 @@ class _Run:
             "backend": dist.get_backend() if dist.is_initialized() else None,
             "rank_events": "ranks/rank-N.jsonl (rank 0: events.jsonl)",
             "cuda_graphs": "off: DDP's gradient all-reduce hooks run outside a replayed CUDA graph, so a replayed "
-                           "step would skip them",
+            "step would skip them",
             "probe": "skipped: the plan's per-GPU sizing and the out-of-memory step-down apply",
         }
 
@@ -654,14 +695,19 @@ class _Run:
             if self.resume:
                 # Steps after this one in events.jsonl were logged by the attempt that died: a reader
                 # drops them, as the dashboard's curve does, and takes the replayed ones.
-                self.writer.write(Resumed(step=self.resumed_from or 0, checkpoint=str(checkpoint) if checkpoint else None))
+                self.writer.write(
+                    Resumed(step=self.resumed_from or 0, checkpoint=str(checkpoint) if checkpoint else None)
+                )
             trainer = self.build_trainer()
             if attempt == 0:
                 trainer = self.probe()
             stop = self.stop_requested()
             if stop:  # stopped while loading: nothing trained, nothing to save
-                self.writer.write(RunStopped(step=self.resumed_from or 0, signal=stop,
-                                             checkpoint=str(checkpoint) if checkpoint else None))
+                self.writer.write(
+                    RunStopped(
+                        step=self.resumed_from or 0, signal=stop, checkpoint=str(checkpoint) if checkpoint else None
+                    )
+                )
                 return 0
             try:
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -699,8 +745,10 @@ class _Run:
                 where=str(bad),
                 hint=f"Move {bad} aside and resume to start again from step 0, or start a new run",
             ) from None
-        self.message(f"Checkpoint {bad.name} could not be loaded ({type(exc).__name__}: {why}); "
-                     f"falling back to {found.name}", level="warning")
+        self.message(
+            f"Checkpoint {bad.name} could not be loaded ({type(exc).__name__}: {why}); falling back to {found.name}",
+            level="warning",
+        )
         self.trainer = self.events = self.guard = None
         gc.collect()
         return found
@@ -767,8 +815,11 @@ class _Run:
         gc.collect()
         torch.cuda.empty_cache()
         checkpoint = pick_checkpoint(self.run_dir, self.writer)
-        self.message(f"Out of GPU memory at step {step} ({error}): continuing with micro_batch {new.micro_batch} x "
-                     f"grad_accum {new.grad_accum} from {checkpoint.name if checkpoint else 'the start'}", level="warning")
+        self.message(
+            f"Out of GPU memory at step {step} ({error}): continuing with micro_batch {new.micro_batch} x "
+            f"grad_accum {new.grad_accum} from {checkpoint.name if checkpoint else 'the start'}",
+            level="warning",
+        )
         return checkpoint
 
     def finish(self) -> int:
@@ -777,24 +828,34 @@ class _Run:
         step = trainer.state.global_step
         self.step = step
         if guard.failed:
-            self.writer.write(RunFailed(
-                step=step,
-                reason=f"{guard.consecutive} optimizer steps in a row had a NaN/inf loss or gradient "
-                       f"(train.max_bad_steps = {self.preset.train.max_bad_steps}); try a lower learning_rate "
-                       f"or max_grad_norm, or check the data",
-                checkpoint=self.latest_checkpoint(),
-            ))
+            self.writer.write(
+                RunFailed(
+                    step=step,
+                    reason=f"{guard.consecutive} optimizer steps in a row had a NaN/inf loss or gradient "
+                    f"(train.max_bad_steps = {self.preset.train.max_bad_steps}); try a lower learning_rate "
+                    f"or max_grad_norm, or check the data",
+                    checkpoint=self.latest_checkpoint(),
+                )
+            )
             return 4
         if events.stopped_by and step < trainer.state.max_steps:  # a stop on the last step is a finish
-            print(f"sftop: stopped at step {step} ({events.stopped_by}); resume with `sftop resume {self.run_dir.path}`",
-                  flush=True)
+            print(
+                f"sftop: stopped at step {step} ({events.stopped_by}); resume with `sftop resume {self.run_dir.path}`",
+                flush=True,
+            )
             self.writer.write(RunStopped(step=step, signal=events.stopped_by, checkpoint=self.latest_checkpoint()))
             return 0
         adapter = self.save_adapter()
         loss = "n/a" if events.last_loss is None else f"{events.last_loss:.4f}"
         print(f"sftop: finished at step {step}, final loss {loss}; adapter saved to {adapter}", flush=True)
-        self.writer.write(RunFinished(step=step, final_loss=events.last_loss, adapter_path=str(adapter),
-                                      runtime_s=round(time.time() - self.t0, 2)))
+        self.writer.write(
+            RunFinished(
+                step=step,
+                final_loss=events.last_loss,
+                adapter_path=str(adapter),
+                runtime_s=round(time.time() - self.t0, 2),
+            )
+        )
         return 0
 
     def save_adapter(self) -> Path:
@@ -887,8 +948,16 @@ def _run_locked(preset, run_dir: RunDir, resume: bool) -> int:
 
 
 # Where transformers reads a checkpoint back: a failure inside these is the checkpoint's, not training's.
-_LOADING_FRAMES = frozenset({"_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_rng_state",
-                             "_load_scaler", "load_from_json", "_load_callback_state"})
+_LOADING_FRAMES = frozenset(
+    {
+        "_load_from_checkpoint",
+        "_load_optimizer_and_scheduler",
+        "_load_rng_state",
+        "_load_scaler",
+        "load_from_json",
+        "_load_callback_state",
+    }
+)
 
 
 def _while_loading(exc: BaseException) -> bool:

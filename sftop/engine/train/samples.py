@@ -26,13 +26,20 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
         with torch.no_grad():
             for prompt in prompts:
                 inputs = tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True,
-                    return_tensors="pt", return_dict=True,
+                    [{"role": "user", "content": prompt}],
+                    add_generation_prompt=True,
+                    return_tensors="pt",
+                    return_dict=True,
                 )
                 inputs = {k: v.to(device) for k, v in inputs.items()}
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-                new = out[0, inputs["input_ids"].shape[1]:]
+                out = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                new = out[0, inputs["input_ids"].shape[1] :]
                 answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
     finally:
         if was_training:
@@ -66,9 +73,15 @@ class SampleAnswers(TrainerCallback):
             answers = generate_answers(model, self.tokenizer, self.prompts)
         except Exception as exc:  # noqa: BLE001 - samples are a view; they must never end a run
             self.failed = True
-            self.writer.write(Message(level="warning",
-                                      text=f"Sample answers turned off: generating them failed ({type(exc).__name__}: {exc})"))
+            self.writer.write(
+                Message(
+                    level="warning",
+                    text=f"Sample answers turned off: generating them failed ({type(exc).__name__}: {exc})",
+                )
+            )
             return
         for prompt, answer in zip(self.prompts, answers):
             print(f"sample step {step}: {prompt!r} -> {answer!r}", flush=True)
-        self.writer.write(Samples(step=step, samples=[{"prompt": p, "answer": a} for p, a in zip(self.prompts, answers)]))
+        self.writer.write(
+            Samples(step=step, samples=[{"prompt": p, "answer": a} for p, a in zip(self.prompts, answers)])
+        )

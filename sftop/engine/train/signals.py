@@ -48,8 +48,11 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.requested is None:
             self.requested = name
-            print(f"\nsftop: {name} received: finishing this step, saving a checkpoint, then stopping "
-                  f"(press Ctrl-C again to stop at once, without saving)", flush=True)
+            print(
+                f"\nsftop: {name} received: finishing this step, saving a checkpoint, then stopping "
+                f"(press Ctrl-C again to stop at once, without saving)",
+                flush=True,
+            )
             return
         if signum != signal.SIGINT:
             # A second `sftop stop` (SIGTERM) must not throw away the checkpoint being written:

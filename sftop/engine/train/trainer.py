@@ -138,8 +138,15 @@ class UpdateGuard(TrainerCallback):
 
 
 class SftopTrainer(SFTTrainer):
-    def __init__(self, *args, guard: UpdateGuard, save_total_limit: int,
-                 on_checkpoint: Callable[[int, Path], None] | None = None, kernel_loss: bool = False, **kwargs):
+    def __init__(
+        self,
+        *args,
+        guard: UpdateGuard,
+        save_total_limit: int,
+        on_checkpoint: Callable[[int, Path], None] | None = None,
+        kernel_loss: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         # sftop's fused linear+cross-entropy kernel is on the model's own forward, which SFTTrainer's
         # compute_loss bypasses (it asks TRL's fused LM head for per-token log-probs instead).
@@ -201,8 +208,11 @@ class SftopTrainer(SFTTrainer):
 
     def take_step_counts(self) -> tuple[int, int]:
         if self.accelerator.num_processes > 1:  # the step's tokens and rows over every rank
-            counts = torch.tensor([int(self.sftop_step_tokens), int(self.sftop_step_samples)],
-                                  dtype=torch.int64, device=self.accelerator.device)
+            counts = torch.tensor(
+                [int(self.sftop_step_tokens), int(self.sftop_step_samples)],
+                dtype=torch.int64,
+                device=self.accelerator.device,
+            )
             torch.distributed.all_reduce(counts)
             self.sftop_step_tokens, self.sftop_step_samples = counts.tolist()
         tokens, samples = int(self.sftop_step_tokens), int(self.sftop_step_samples)
@@ -292,8 +302,11 @@ class SftopTrainer(SFTTrainer):
 
     def _checkpoint_bytes(self, root: Path) -> int:
         """What one checkpoint takes: the previous one's size, or the adapter with AdamW's two moments."""
-        steps = [int(p.name[len(CHECKPOINT_PREFIX):]) for p in root.glob(f"{CHECKPOINT_PREFIX}*")
-                 if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+        steps = [
+            int(p.name[len(CHECKPOINT_PREFIX) :])
+            for p in root.glob(f"{CHECKPOINT_PREFIX}*")
+            if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        ]
         if steps:
             return tree_bytes(root / f"{CHECKPOINT_PREFIX}{max(steps)}")
         trainable = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
@@ -303,8 +316,8 @@ class SftopTrainer(SFTTrainer):
         done = []
         for child in root.iterdir():
             name = child.name
-            if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit() and child.is_dir():
-                done.append((int(name[len(CHECKPOINT_PREFIX):]), child))
+            if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit() and child.is_dir():
+                done.append((int(name[len(CHECKPOINT_PREFIX) :]), child))
         done.sort()
         for _, old in done[: max(0, len(done) - self.sftop_save_total_limit)]:
             shutil.rmtree(old, ignore_errors=True)

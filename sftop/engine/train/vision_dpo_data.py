@@ -126,12 +126,18 @@ def read_vision_preferences(section, processor, family: VisionFamily) -> tuple[V
                 raise RowError("raw-text pairs (no messages) cannot hold images; use prompt/chosen/rejected messages")
             prompt = prompt_conversation(pair)
             imaged = load_row_images(prompt, base_dir, rules)
-            image_pair = ImagePair(prompt, pair.chosen, pair.rejected,
-                                   sum(1 for m in pair.prompt if m.role == "assistant"), pair.source_index)
+            image_pair = ImagePair(
+                prompt,
+                pair.chosen,
+                pair.rejected,
+                sum(1 for m in pair.prompt if m.role == "assistant"),
+                pair.source_index,
+            )
             sized = _with_sizes(prompt, [final for _original, final in imaged.sizes])
             rows = [collator.encode_row(image_pair.side(sized, which)) for which in ("chosen", "rejected")]
             (prompt_ids, chosen_ids), (_, rejected_ids) = (
-                _split(row.input_ids, answer_mask(row.labels, image_pair.prompt_answers)) for row in rows)
+                _split(row.input_ids, answer_mask(row.labels, image_pair.prompt_answers)) for row in rows
+            )
             if not chosen_ids or not rejected_ids:
                 raise RowError("an answer has no tokens after the prompt")
             encoded = EncodedPair(prompt_ids, chosen_ids, rejected_ids, pair.source_index)
@@ -174,7 +180,8 @@ class VisionPreferenceBatches:
         labels = batch.pop("labels")
         turns = [p.prompt_answers for p in pairs] * 2
         batch["completion_mask"] = torch.tensor(
-            [answer_mask(row, k) for row, k in zip(labels.tolist(), turns)], dtype=torch.long)
+            [answer_mask(row, k) for row, k in zip(labels.tolist(), turns)], dtype=torch.long
+        )
         return batch
 
 
@@ -217,8 +224,12 @@ def prepare_vision_preferences(preset, processor, family: VisionFamily) -> Visio
         max_length=section.max_length,
         train_source_rows=[prefs.pairs[i].source_index for i in train_idx],
         eval_source_rows=[prefs.pairs[i].source_index for i in eval_idx],
-        collator=VisionPreferenceBatches(prefs.pairs, collator, dataset_base_dir(prefs.raw.source, prefs.raw.kind),
-                                         effective_image_rules(family.image_rules, section)),
+        collator=VisionPreferenceBatches(
+            prefs.pairs,
+            collator,
+            dataset_base_dir(prefs.raw.source, prefs.raw.kind),
+            effective_image_rules(family.image_rules, section),
+        ),
         image_tokens_per_row=list(prefs.image_tokens),
         images_per_row=[len(s) for s in prefs.image_sizes],
         preference=stats,
@@ -231,7 +242,14 @@ def _pair_stats(encoded: list[EncodedPair], stats: PreferenceStats):
     from sftop.engine.data.prepare import DataStats, _percentile
 
     lengths = sorted(e.length for e in encoded)
-    return DataStats(rows=stats.pairs, train_rows=stats.train_pairs, eval_rows=stats.eval_pairs,
-                     tokens=stats.tokens, trained_tokens=stats.answer_tokens,
-                     length_p50=_percentile(lengths, 50), length_p90=_percentile(lengths, 90),
-                     length_p99=_percentile(lengths, 99), length_max=stats.pair_max)
+    return DataStats(
+        rows=stats.pairs,
+        train_rows=stats.train_pairs,
+        eval_rows=stats.eval_pairs,
+        tokens=stats.tokens,
+        trained_tokens=stats.answer_tokens,
+        length_p50=_percentile(lengths, 50),
+        length_p90=_percentile(lengths, 90),
+        length_p99=_percentile(lengths, 99),
+        length_max=stats.pair_max,
+    )

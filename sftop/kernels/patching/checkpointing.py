@@ -36,8 +36,9 @@ def install(model: nn.Module) -> None:
         return
     original = getattr(model, M.GC_ENABLE)
 
-    def gradient_checkpointing_enable(gradient_checkpointing_kwargs=None, every_n_layers: int = 1,
-                                      offload: bool = False):
+    def gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
+    ):
         gc_kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
         # reentrant checkpointing saves nothing through autograd's hooks and recomputes inside
         # its own backward: neither of our changes applies to it
@@ -47,10 +48,14 @@ def install(model: nn.Module) -> None:
         with warnings.catch_warnings():
             # transformers >= 5.23 routes activation_checkpointing_enable through this override and
             # calls the old name deprecated: the wrapper is the only hook there is, not a user's choice
-            warnings.filterwarnings("ignore", message=r"`gradient_checkpointing_enable` is deprecated",
-                                    category=FutureWarning)
-            original(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, every_n_layers=every_n_layers,
-                     offload=offload and not overlapped)
+            warnings.filterwarnings(
+                "ignore", message=r"`gradient_checkpointing_enable` is deprecated", category=FutureWarning
+            )
+            original(
+                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+                every_n_layers=every_n_layers,
+                offload=offload and not overlapped,
+            )
         # transformers' blocking offload allocates pinned memory per tensor: not capturable
         model.__dict__[M.OFFLOADING] = bool(offload and not overlapped)
         model.__dict__[M.GC_MODE] = (lean, overlapped)  # part of a captured step's key

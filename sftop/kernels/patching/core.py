@@ -41,8 +41,9 @@ def unpatch(model: nn.Module) -> None:
             part.undo(base)
 
 
-def patch_model(model: nn.Module, *, enable: bool = True, model_type: str | None = None,
-                only: tuple[str, ...] | None = None) -> PatchReport:
+def patch_model(
+    model: nn.Module, *, enable: bool = True, model_type: str | None = None, only: tuple[str, ...] | None = None
+) -> PatchReport:
     """Patch `model` (an HF causal LM, possibly inside a PeftModel) in place with the fused kernels.
 
     Returns which parts were fused and, for the others, why they stayed stock.  `enable=False`

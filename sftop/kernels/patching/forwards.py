@@ -68,7 +68,7 @@ def restore_forward(module: nn.Module) -> None:
 
 
 def commonest_refusal(modules, refusal, noun: str) -> str | None:
-    """"stock: <the most frequent reason> (n of N <noun>)" when `refusal(m)` refuses any of
+    """ "stock: <the most frequent reason> (n of N <noun>)" when `refusal(m)` refuses any of
     `modules` (a part takes all of them or none), else None."""
     refusals: dict[str, int] = {}
     for m in modules:

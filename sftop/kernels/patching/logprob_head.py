@@ -54,8 +54,7 @@ def install_logprob_head(model: nn.Module) -> str:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     softcap = getattr(config, "final_logit_softcapping", None)
 
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
-                **kwargs):
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         if not fused_lm_head:
             # keys left out when None, as the forward underneath may not take them all
             return below(*args, **_with(kwargs, labels, shift_labels, num_items_in_batch))
@@ -69,12 +68,19 @@ def install_logprob_head(model: nn.Module) -> str:
             log_probs, entropy, mean_logits, is_top1 = graphed
             mask = labels[:, 1:].to(log_probs.device) != -100
         else:
-            log_probs, entropy, mean_logits, is_top1, mask = _eager_logprobs(self, args, kwargs, labels, shift_labels,
-                                                                             softcap)
+            log_probs, entropy, mean_logits, is_top1, mask = _eager_logprobs(
+                self, args, kwargs, labels, shift_labels, softcap
+            )
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(
-            loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=None,
-            mean_logits=mean_logits, is_top1=is_top1, label_mask=mask, aux_loss=None,
+            loss=-log_probs.sum() / denom,
+            log_probs=log_probs,
+            entropy=entropy,
+            log_sum_sq_probs=None,
+            mean_logits=mean_logits,
+            is_top1=is_top1,
+            label_mask=mask,
+            aux_loss=None,
         )
 
     model.forward = types.MethodType(forward, model)
@@ -97,13 +103,21 @@ def _eager_logprobs(self, args, kwargs, labels, shift_labels, softcap):
     labels = labels.to(head.weight.device)
     mask = labels != -100
     logp, ent, mean, top1 = fused_linear_logprob(
-        hidden.to(head.weight.device)[mask], head.weight, labels[mask], softcap=softcap,
-        compute_dtype=self.__dict__.get(M.LOSS_DTYPE), stats=True,
+        hidden.to(head.weight.device)[mask],
+        head.weight,
+        labels[mask],
+        softcap=softcap,
+        compute_dtype=self.__dict__.get(M.LOSS_DTYPE),
+        stats=True,
     )
     # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero, not an error)
-    return (logp.new_zeros(mask.shape).masked_scatter(mask, logp), ent.new_zeros(mask.shape).masked_scatter(mask, ent),
-            mean.new_zeros(mask.shape).masked_scatter(mask, mean), top1.new_zeros(mask.shape).masked_scatter(mask, top1),
-            mask)
+    return (
+        logp.new_zeros(mask.shape).masked_scatter(mask, logp),
+        ent.new_zeros(mask.shape).masked_scatter(mask, ent),
+        mean.new_zeros(mask.shape).masked_scatter(mask, mean),
+        top1.new_zeros(mask.shape).masked_scatter(mask, top1),
+        mask,
+    )
 
 
 def _with(kwargs: dict, labels, shift_labels, num_items_in_batch) -> dict:

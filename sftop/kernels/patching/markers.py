@@ -54,8 +54,20 @@ LOGPROB_GRAPHS = "_sftop_logprob_graphs"
 VISION_ATTN_IMPLEMENTATION = "_sftop_vision_attn_implementation"
 
 # what unpatch removes from every module's __dict__ once its forward is restored
-MODULE_MARKERS = (ORIG_FORWARD, FORWARD, FUNCTION, OFF, PART, GLU, LORA_MLP_ADAPTER, ADAPTER, DIRECT, QKV_GROUP,
-                  LOSS_DTYPE, GRAPHS)
+MODULE_MARKERS = (
+    ORIG_FORWARD,
+    FORWARD,
+    FUNCTION,
+    OFF,
+    PART,
+    GLU,
+    LORA_MLP_ADAPTER,
+    ADAPTER,
+    DIRECT,
+    QKV_GROUP,
+    LOSS_DTYPE,
+    GRAPHS,
+)
 # what unpatch removes from the patched model itself
 MODEL_MARKERS = (GC_ENABLE, LEAN, OFFLOAD_OK, OFFLOADING, GC_MODE, ATTN_IMPLEMENTATION)
 

@@ -43,14 +43,17 @@ def resolve_order(parts: Sequence[Part]) -> tuple[Part, ...]:
         by_name[part.name] = part
         unknown = [m for m in part.provides if m not in markers.ALL]
         if unknown:
-            raise PartOrderError(f"patch part {part.name!r} provides {', '.join(map(repr, unknown))}, which "
-                                 "sftop/kernels/patching/markers.py does not declare; add the marker there")
+            raise PartOrderError(
+                f"patch part {part.name!r} provides {', '.join(map(repr, unknown))}, which "
+                "sftop/kernels/patching/markers.py does not declare; add the marker there"
+            )
     for part in parts:
         missing = [r for r in part.requires if r not in by_name]
         if missing:
             raise PartOrderError(
                 f"patch part {part.name!r} requires {', '.join(map(repr, missing))}, which no registered part is "
-                f"(registered: {', '.join(by_name)}); register it in sftop/kernels/patching/parts/__init__.py")
+                f"(registered: {', '.join(by_name)}); register it in sftop/kernels/patching/parts/__init__.py"
+            )
     order: list[Part] = []
     placed: set[str] = set()
     waiting = list(parts)
@@ -74,4 +77,4 @@ def _cycle(waiting: list[Part]) -> list[str]:
     while name not in path:
         path.append(name)
         name = next(r for r in names[name].requires if r in names)
-    return path[path.index(name):] + [name]
+    return path[path.index(name) :] + [name]

@@ -38,15 +38,18 @@ def lora_refusal(m: nn.Module) -> str | None:
 
 def base_refusal(base: nn.Module, allow_bias: bool) -> str | None:
     """Why a LoRA layer's base can't be multiplied directly (dense or NF4 weight, frozen)."""
-    if type(base).__name__ not in ("Linear", "Linear4bit") or not isinstance(getattr(base, "weight", None), torch.Tensor):
+    if type(base).__name__ not in ("Linear", "Linear4bit") or not isinstance(
+        getattr(base, "weight", None), torch.Tensor
+    ):
         return f"base layer {type(base).__name__}"
     if not allow_bias and getattr(base, "bias", None) is not None:
         return "base layer has a bias"
     if base.weight.requires_grad:
         return "base weights are trainable"
-    if base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) and getattr(
-        base.weight, "quant_state", None
-    ) is None:
+    if (
+        base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+        and getattr(base.weight, "quant_state", None) is None
+    ):
         return f"base weight dtype {base.weight.dtype}"
     return None
 

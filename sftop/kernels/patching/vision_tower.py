@@ -53,12 +53,15 @@ class TowerSpec:
 
 TOWERS: dict[str, TowerSpec] = {
     "Qwen2VisionTransformerPretrainedModel": TowerSpec(
-        "transformers.models.qwen2_vl.modeling_qwen2_vl", "VisionAttention", None),
+        "transformers.models.qwen2_vl.modeling_qwen2_vl", "VisionAttention", None
+    ),
     "Qwen2_5_VisionTransformerPretrainedModel": TowerSpec(
-        "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLVisionAttention", "Qwen2_5_VLRMSNorm",
-        "Qwen2_5_VLMLP"),
-    "Qwen3VLVisionModel": TowerSpec(
-        "transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionAttention", None),
+        "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+        "Qwen2_5_VLVisionAttention",
+        "Qwen2_5_VLRMSNorm",
+        "Qwen2_5_VLMLP",
+    ),
+    "Qwen3VLVisionModel": TowerSpec("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionAttention", None),
 }
 
 
@@ -193,7 +196,8 @@ def _glu_kind(act: nn.Module) -> int | None:
     if isinstance(act, nn.SiLU) or name == "SiLUActivation":
         return SWIGLU
     if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation") or (
-            isinstance(act, nn.GELU) and act.approximate == "tanh"):
+        isinstance(act, nn.GELU) and act.approximate == "tanh"
+    ):
         return GEGLU
     return None
 
@@ -264,8 +268,9 @@ def _patch_mlp(tower: nn.Module, spec: TowerSpec) -> str:
 
 def _patch_embed_forward(self, _base, x):
     w = self.proj.weight
-    return torch.nn.functional.linear(x.reshape(-1, w[0].numel()).to(w.dtype), w.reshape(w.shape[0], -1),
-                                      self.proj.bias)
+    return torch.nn.functional.linear(
+        x.reshape(-1, w[0].numel()).to(w.dtype), w.reshape(w.shape[0], -1), self.proj.bias
+    )
 
 
 def _patch_patch_embed(tower: nn.Module, spec: TowerSpec) -> str:
@@ -273,18 +278,34 @@ def _patch_patch_embed(tower: nn.Module, spec: TowerSpec) -> str:
     proj = getattr(embed, "proj", None)
     if not isinstance(proj, nn.Conv3d) or type(proj) is not nn.Conv3d:  # a subclass (PEFT's) may differ
         return f"stock: the patch embedding is {type(proj).__name__}, not a Conv3d"
-    whole_patch = (proj.kernel_size == proj.stride and proj.padding == (0, 0, 0) and proj.dilation == (1, 1, 1)
-                   and proj.groups == 1)
-    expected = (getattr(embed, "temporal_patch_size", None), getattr(embed, "patch_size", None),
-                getattr(embed, "patch_size", None))
-    if not whole_patch or tuple(proj.kernel_size) != expected or proj.in_channels != getattr(embed, "in_channels", None):
+    whole_patch = (
+        proj.kernel_size == proj.stride
+        and proj.padding == (0, 0, 0)
+        and proj.dilation == (1, 1, 1)
+        and proj.groups == 1
+    )
+    expected = (
+        getattr(embed, "temporal_patch_size", None),
+        getattr(embed, "patch_size", None),
+        getattr(embed, "patch_size", None),
+    )
+    if (
+        not whole_patch
+        or tuple(proj.kernel_size) != expected
+        or proj.in_channels != getattr(embed, "in_channels", None)
+    ):
         return "stock: the patch embedding's convolution does not cover exactly one patch"
     set_forward(embed, _patch_embed_forward, "vision_patch_embed")
     return FUSED
 
 
-_PATCHERS = {"vision_attention": _patch_attention, "vision_rope": _patch_rope, "vision_rms_norm": _patch_rms_norm,
-             "vision_mlp": _patch_mlp, "vision_patch_embed": _patch_patch_embed}
+_PATCHERS = {
+    "vision_attention": _patch_attention,
+    "vision_rope": _patch_rope,
+    "vision_rms_norm": _patch_rms_norm,
+    "vision_mlp": _patch_mlp,
+    "vision_patch_embed": _patch_patch_embed,
+}
 
 
 def patch_vision_tower(model: nn.Module, *, enable: bool = True) -> dict[str, str]:

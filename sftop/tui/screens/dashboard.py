@@ -34,9 +34,15 @@ _LOG_PANE_ROWS = 6  # with its border; fewer when the terminal is short
 _MAIN_MIN_ROWS = 10  # the stats panel's eight rows and its border
 _REPLAY_BATCH = 20_000
 STATUS_MARK = {
-    "running": ("●", "green"), "starting": ("○", "green"), "stopping": ("◐", "yellow"),
-    "finished": ("✔", "green"), "stopped": ("■", "yellow"), "failed": ("✘", "red"),
-    "lost": ("?", "red"), "waiting": ("○", "dim"), "unknown": ("?", "dim"),
+    "running": ("●", "green"),
+    "starting": ("○", "green"),
+    "stopping": ("◐", "yellow"),
+    "finished": ("✔", "green"),
+    "stopped": ("■", "yellow"),
+    "failed": ("✘", "red"),
+    "lost": ("?", "red"),
+    "waiting": ("○", "dim"),
+    "unknown": ("?", "dim"),
 }
 
 
@@ -66,8 +72,9 @@ def wrap_lines(lines: list[str], width: int) -> list[str]:
     width = max(10, width - 1)  # one column for the vertical scrollbar's gutter
     rows: list[str] = []
     for line in lines:
-        rows.extend(textwrap.wrap(line, width, break_on_hyphens=False, replace_whitespace=False,
-                                  drop_whitespace=True) or [""])
+        rows.extend(
+            textwrap.wrap(line, width, break_on_hyphens=False, replace_whitespace=False, drop_whitespace=True) or [""]
+        )
     return rows
 
 
@@ -120,8 +127,14 @@ class DashboardScreen(Screen):
             with Vertical(id="stats"):
                 for key, label in (
                     # Most useful first: where a short terminal cuts rows, it cuts the last ones.
-                    ("loss", "loss"), ("eval", "eval loss"), ("ckpt", "checkpoint"), ("tps", "tokens/s"),
-                    ("mem", "GPU mem"), ("tokens", "tokens"), ("lr", "learn rate"), ("grad", "grad norm"),
+                    ("loss", "loss"),
+                    ("eval", "eval loss"),
+                    ("ckpt", "checkpoint"),
+                    ("tps", "tokens/s"),
+                    ("mem", "GPU mem"),
+                    ("tokens", "tokens"),
+                    ("lr", "learn rate"),
+                    ("grad", "grad norm"),
                 ):
                     with Horizontal(classes="stat"):
                         yield Static(label, classes="stat-label")
@@ -273,14 +286,19 @@ class DashboardScreen(Screen):
         if s.total_steps:
             bar.update(total=s.total_steps, progress=s.step or 0)
         chart = self.query_one("#loss-chart", LineChart)
-        chart.set_series([
-            ChartSeries("train", s.loss, "cyan"),
-            ChartSeries("eval", s.eval_loss, "yellow"),
-        ] + ([ChartSeries("pref acc", s.reward_accuracy, "green")] if len(s.reward_accuracy) else []))
+        chart.set_series(
+            [
+                ChartSeries("train", s.loss, "cyan"),
+                ChartSeries("eval", s.eval_loss, "yellow"),
+            ]
+            + ([ChartSeries("pref acc", s.reward_accuracy, "green")] if len(s.reward_accuracy) else [])
+        )
         self._redraw_preference(chart)
         plan = s.plan or {}
         if plan.get("micro_batch") and plan.get("grad_accum"):
-            self.query_one("#stats").border_title = (
+            self.query_one(
+                "#stats"
+            ).border_title = (
                 f"plan {plan['micro_batch']}×{plan['grad_accum']} ckpt {plan.get('gradient_checkpointing', '?')}"
             )
         loss = s.final_loss if s.final_loss is not None else s.last_loss
@@ -336,7 +354,9 @@ class DashboardScreen(Screen):
         cost = s.cost(self.services.clock())
         if cost is not None:
             spent, at_end = cost
-            text.append(f"  cost {spent:.2f}" + (f" of ≈{at_end:.2f}" if at_end is not None and status == "running" else ""))
+            text.append(
+                f"  cost {spent:.2f}" + (f" of ≈{at_end:.2f}" if at_end is not None and status == "running" else "")
+            )
         if status == "finished" and s.final_loss is not None:
             text.append(f"  final loss {format_number(s.final_loss)}", style="bold")
         if status == "failed" and s.terminal and s.terminal.get("reason"):

@@ -32,8 +32,12 @@ K_QUANT_CHOICES = (
     ("q5_k_m", "q5_k_m  5-bit K-quant (llama-quantize)"),
     ("q6_k", "q6_k    6-bit K-quant (llama-quantize)"),
 )
-PHASES = {"load": "Loading the base model…", "merge": "Merging the adapter…", "write": "Writing the GGUF file…",
-          "quantize": "Quantizing with llama-quantize…"}
+PHASES = {
+    "load": "Loading the base model…",
+    "merge": "Merging the adapter…",
+    "write": "Writing the GGUF file…",
+    "quantize": "Quantizing with llama-quantize…",
+}
 
 
 @dataclass
@@ -64,8 +68,9 @@ class GgufExportScreen(ModalScreen[None]):
             choices += K_QUANT_CHOICES
         with Vertical(id="dialog"):
             yield Static(f"Export {self.run_dir.name} to GGUF", id="dialog-title")
-            yield Static("For llama.cpp, Ollama and LM Studio: the adapter is merged into the base model.",
-                         id="dialog-body")
+            yield Static(
+                "For llama.cpp, Ollama and LM Studio: the adapter is merged into the base model.", id="dialog-body"
+            )
             yield OptionList(*[Option(label, id=kind) for kind, label in choices], id="gguf-kind")
             yield ProgressBar(total=100, show_eta=False, id="gguf-progress")
             yield Static("enter: export   escape: close", id="dialog-hint")
@@ -120,8 +125,10 @@ class GgufExportScreen(ModalScreen[None]):
             hint.update("escape: close")
             return
         gguf_file = next(message.out.glob("*.gguf"))
-        body.update(f"Written: {gguf_file}\n\nllama.cpp: llama-cli -m {gguf_file} -cnv\n"
-                    f"Ollama:    cd {message.out} && ollama create my-model -f Modelfile")
+        body.update(
+            f"Written: {gguf_file}\n\nllama.cpp: llama-cli -m {gguf_file} -cnv\n"
+            f"Ollama:    cd {message.out} && ollama create my-model -f Modelfile"
+        )
         hint.update("Done. escape: close")
 
     def action_close(self) -> None:

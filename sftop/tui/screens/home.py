@@ -38,8 +38,9 @@ class HomeScreen(Screen):
         with Vertical(id="home"):
             yield GpuPanel(id="gpus")
             yield RunsTable(id="recent-runs")
-            yield Static("No runs yet. Press n to start one (the demo trains on a CPU in about a minute).",
-                         id="no-runs")
+            yield Static(
+                "No runs yet. Press n to start one (the demo trains on a CPU in about a minute).", id="no-runs"
+            )
             yield DataTable(id="presets", cursor_type="row")
         yield Footer()
 
@@ -75,7 +76,7 @@ class HomeScreen(Screen):
         for info in presets:
             description = info.description
             if len(description) > description_width:
-                description = description[:description_width - 1] + "…"
+                description = description[: description_width - 1] + "…"
             table.add_row(info.name, info.origin, description, key=info.name)
         if cursor and cursor < table.row_count:
             table.move_cursor(row=cursor)

@@ -50,11 +50,13 @@ class PathPickerScreen(ModalScreen["Path | None"]):
         self.suffixes = suffixes if want == "file" else ()
 
     def compose(self) -> ComposeResult:
-        hint = ("enter: open a folder or pick a file" if self.want == "file"
-                else "enter: open a folder   s: pick the highlighted folder")
+        hint = (
+            "enter: open a folder or pick a file"
+            if self.want == "file"
+            else "enter: open a folder   s: pick the highlighted folder"
+        )
         with Vertical(id="dialog", classes="wide"):
-            yield Static(f"Choose a {'dataset file' if self.want == 'file' else 'model directory'}",
-                         id="dialog-title")
+            yield Static(f"Choose a {'dataset file' if self.want == 'file' else 'model directory'}", id="dialog-title")
             yield FilteredTree(self.start, self.suffixes, id="picker-tree")
             yield Static(f"{hint}   backspace: parent folder   escape: cancel", id="dialog-hint")
 

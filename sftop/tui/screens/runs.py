@@ -105,8 +105,7 @@ class RunsScreen(Screen):
             self.notify(f"{run.name} is {run.status}: attach to it instead (a)", severity="warning")
             return
         if run.status == "finished":
-            self.notify(f"{run.name} has finished; re-run its preset from home (r) for a new run",
-                        severity="warning")
+            self.notify(f"{run.name} has finished; re-run its preset from home (r) for a new run", severity="warning")
             return
         sftop_app(self).resume_run(run.run)
 

@@ -30,8 +30,9 @@ class GpuPanel(Static):
             self.update(Text(f"No GPU: {reason}", style="yellow"))
             return
         if not status.gpus:
-            self.update(Text(f"No GPU: {status.reason or 'none visible'}. Training runs on the CPU (slow).",
-                             style="yellow"))
+            self.update(
+                Text(f"No GPU: {status.reason or 'none visible'}. Training runs on the CPU (slow).", style="yellow")
+            )
             return
         width = max(20, self.content_size.width or 78)
         gpus = status.gpus

@@ -42,7 +42,7 @@ class HalfBlockImage:
 
         small = self.image.convert("RGB").resize((columns, rows * 2), Image.Resampling.BOX)
         data = list(small.get_flattened_data()) if hasattr(small, "get_flattened_data") else list(small.getdata())
-        return [data[y * columns:(y + 1) * columns] for y in range(rows * 2)]
+        return [data[y * columns : (y + 1) * columns] for y in range(rows * 2)]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         columns, rows = self.cells(options.max_width)
@@ -94,8 +94,9 @@ def image_captions(sizes: list) -> list[str]:
     return [f"image {k}: {o[0]}x{o[1]} -> {f[0]}x{f[1]}" for k, (o, f) in enumerate(sizes, start=1)]
 
 
-def sample_beside_images(images: list, sizes: list, conversation: Any, *, max_images: int = 2,
-                         image_width: int = 24, image_height: int = 10) -> Table:
+def sample_beside_images(
+    images: list, sizes: list, conversation: Any, *, max_images: int = 2, image_width: int = 24, image_height: int = 10
+) -> Table:
     """The sample's images (first `max_images`), each with its sizes, to the left of its masked text."""
     column: list[Any] = []
     for caption, image in list(zip(image_captions(sizes), images))[:max_images]:

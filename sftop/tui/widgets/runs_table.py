@@ -13,8 +13,14 @@ from sftop.engine.runs import RunSummary
 from sftop.tui.run_state import format_number
 
 STATUS_STYLE = {
-    "running": "bold green", "starting": "green", "stopping": "yellow", "finished": "green",
-    "stopped": "yellow", "failed": "bold red", "lost": "red", "unknown": "dim",
+    "running": "bold green",
+    "starting": "green",
+    "stopping": "yellow",
+    "finished": "green",
+    "stopped": "yellow",
+    "failed": "bold red",
+    "lost": "red",
+    "unknown": "dim",
 }
 
 
@@ -102,4 +108,4 @@ def short_model(name: str) -> str:
 
 
 def clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"

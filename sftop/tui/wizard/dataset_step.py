@@ -116,13 +116,17 @@ class DatasetStep(Step):
         # below gets the rows.
         yield TaskPicker(id="data-task")
         yield OptionList(*(Option(name, id=name) for name in builtin_datasets()), id="data-choices")
-        yield Input(placeholder="path to a file, hub id, or builtin:NAME (enter checks it)", id="data-input", compact=True)
+        yield Input(
+            placeholder="path to a file, hub id, or builtin:NAME (enter checks it)", id="data-input", compact=True
+        )
         with VerticalScroll(id="data-report-scroll"):
             yield Static("", id="data-report")
 
     def on_mount(self) -> None:
         self.query_one("#data-choices").border_title = "Built-in samples"
-        self.query_one("#data-choices").border_subtitle = "or a file (jsonl, json, csv, parquet) or hub id below · ctrl+o browses"
+        self.query_one(
+            "#data-choices"
+        ).border_subtitle = "or a file (jsonl, json, csv, parquet) or hub id below · ctrl+o browses"
         self.query_one("#data-report-scroll").border_title = "Check"
 
     def load(self, draft: Preset) -> None:

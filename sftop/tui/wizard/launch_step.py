@@ -24,8 +24,8 @@ def fit(value: str, width: int = VALUE_WIDTH) -> str:
     if len(value) <= width:
         return value
     if "/" in value:
-        return "…" + value[-(width - 1):]
-    return value[:width - 1] + "…"
+        return "…" + value[-(width - 1) :]
+    return value[: width - 1] + "…"
 
 
 def summarize_draft(draft: Preset, plan=None, run_time=None) -> Text:
@@ -36,12 +36,20 @@ def summarize_draft(draft: Preset, plan=None, run_time=None) -> Text:
         ("dataset", draft.data.source),
         ("preset", draft.name),
         # One line for the training choices keeps the summary inside an 80x24 terminal.
-        ("training", f"{length}, lr {t.learning_rate:g}, max length {draft.data.max_length}, "
-                     f"LoRA r={draft.lora.r} alpha={draft.lora.alpha}"),
+        (
+            "training",
+            f"{length}, lr {t.learning_rate:g}, max length {draft.data.max_length}, "
+            f"LoRA r={draft.lora.r} alpha={draft.lora.alpha}",
+        ),
     ]
     if plan is not None:
-        rows.append(("plan", f"{plan.micro_batch} x {plan.grad_accum}, checkpointing {plan.gradient_checkpointing}"
-                             f" on {plan.device}, peak {plan.predicted_peak_gib:.1f} GiB"))
+        rows.append(
+            (
+                "plan",
+                f"{plan.micro_batch} x {plan.grad_accum}, checkpointing {plan.gradient_checkpointing}"
+                f" on {plan.device}, peak {plan.predicted_peak_gib:.1f} GiB",
+            )
+        )
         from sftop.engine.planner.runtime import describe_run_time
 
         rows.append(("time", describe_run_time(run_time, plan)))
@@ -63,17 +71,22 @@ class LaunchStep(Step):
             yield Static("save as preset", classes="field-label")
             # Not selected on focus: tabbing back into the field and typing must extend the name
             # the user typed, not replace it.
-            yield Input(placeholder="optional name, e.g. my-run", id="save-name", classes="field-input", compact=True,
-                        select_on_focus=False)
+            yield Input(
+                placeholder="optional name, e.g. my-run",
+                id="save-name",
+                classes="field-input",
+                compact=True,
+                select_on_focus=False,
+            )
         yield Button("Launch (ctrl+n)", id="launch", variant="success", compact=True)
         # One line, so that an 80x24 terminal keeps room for a refusal's whole message below it.
-        yield Static("Trains in the background: quit or disconnect; `sftop attach` brings it back.",
-                     classes="note")
+        yield Static("Trains in the background: quit or disconnect; `sftop attach` brings it back.", classes="note")
 
     def load(self, draft: Preset) -> None:
         plan_step = self.wizard.query_one("PlanStep")
         self.query_one("#launch-summary", Static).update(
-            summarize_draft(draft, getattr(plan_step, "plan", None), getattr(plan_step, "run_time", None)))
+            summarize_draft(draft, getattr(plan_step, "plan", None), getattr(plan_step, "run_time", None))
+        )
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "launch":

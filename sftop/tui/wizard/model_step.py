@@ -62,11 +62,14 @@ class ModelStep(Step):
     BINDINGS = [Binding("ctrl+o", "browse", "Browse folders")]
 
     def compose(self) -> ComposeResult:
-        yield Static("Pick a model, type a hub id (org/name) or a local directory, or browse with ctrl+o.",
-                     classes="help")
-        yield OptionList(Option(f"{DEMO}  built-in demo: tiny, trains on a CPU", id=DEMO),
-                         Option(f"{DEMO_VLM}  built-in vision demo: tiny VLM, trains on a CPU", id=DEMO_VLM),
-                         id="model-choices")
+        yield Static(
+            "Pick a model, type a hub id (org/name) or a local directory, or browse with ctrl+o.", classes="help"
+        )
+        yield OptionList(
+            Option(f"{DEMO}  built-in demo: tiny, trains on a CPU", id=DEMO),
+            Option(f"{DEMO_VLM}  built-in vision demo: tiny VLM, trains on a CPU", id=DEMO_VLM),
+            id="model-choices",
+        )
         yield Input(placeholder="hub id, local path, or builtin:demo-tiny", id="model-input", compact=True)
         yield Static("", id="model-note", classes="note")
 
@@ -86,9 +89,12 @@ class ModelStep(Step):
         choices = self.query_one("#model-choices", OptionList)
         vision = message.vision or {}
         choices.add_options(
-            Option(f"{repo}  cached, {size:.1f} GiB" + (f", vision-language ({vision[repo]})" if repo in vision else ""),
-                   id=repo)
-            for repo, size in message.models)
+            Option(
+                f"{repo}  cached, {size:.1f} GiB" + (f", vision-language ({vision[repo]})" if repo in vision else ""),
+                id=repo,
+            )
+            for repo, size in message.models
+        )
         if message.note and not message.models:
             choices.add_option(Option(f"({message.note})", disabled=True))
 
@@ -131,8 +137,10 @@ class ModelStep(Step):
         if name == DEMO:
             return "A tiny random-initialised Llama: shows the whole flow in about a minute, no download."
         if name == DEMO_VLM:
-            return ("A tiny random-initialised vision-language model (Qwen2-VL): learns to answer questions "
-                    "about shapes in a few minutes on a CPU, no download.")
+            return (
+                "A tiny random-initialised vision-language model (Qwen2-VL): learns to answer questions "
+                "about shapes in a few minutes on a CPU, no download."
+            )
         if looks_like_path(name):
             path = Path(name).expanduser()
             if (path / "config.json").is_file():

@@ -66,8 +66,9 @@ def parse_memory_cap(raw: str) -> dict[str, float | None]:
             raise ValueError
         return {**none, "max_memory_gib": gib}
     except ValueError:
-        raise StepError(f"memory cap: {raw.strip()!r} is not a size in GiB or a share of the GPU "
-                        "(e.g. 12 or 50%; empty = no cap)") from None
+        raise StepError(
+            f"memory cap: {raw.strip()!r} is not a size in GiB or a share of the GPU (e.g. 12 or 50%; empty = no cap)"
+        ) from None
 
 
 def cap_text(draft: Preset) -> str:
@@ -92,24 +93,35 @@ def render_plan_view(plan: Any, width: int, run_time: Any = None) -> Group:
     where = plan.device + (f" ({plan.gpu_name})" if plan.gpu_name else "")
     head = Text()
     head.append(f"{plan.model_name} on {where}\n", style="bold")
-    head.append(f"micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} = batch {plan.effective_batch}"
-                f"   checkpointing {plan.gradient_checkpointing}"
-                + ("   4-bit" if plan.load_in_4bit else "") + "\n")
+    head.append(
+        f"micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} = batch {plan.effective_batch}"
+        f"   checkpointing {plan.gradient_checkpointing}" + ("   4-bit" if plan.load_in_4bit else "") + "\n"
+    )
     if getattr(plan, "world_size", 1) > 1:
-        head.append(f"{plan.strategy.upper()} over {plan.world_size} processes (micro-batch and accumulation per "
-                    f"process): " + ", ".join(f"{g['device']} peak {g['predicted_peak_gib']:.2f} GiB"
-                                               for g in plan.per_gpu) + "\n")
+        head.append(
+            f"{plan.strategy.upper()} over {plan.world_size} processes (micro-batch and accumulation per "
+            f"process): "
+            + ", ".join(f"{g['device']} peak {g['predicted_peak_gib']:.2f} GiB" for g in plan.per_gpu)
+            + "\n"
+        )
     head.append(f"why: {plan.reason}", style="dim")
     segments = memory_segments(plan)
     headroom = plan.headroom_gib
     fits = headroom >= 0
     summary = Text()
     capped = getattr(plan, "max_memory_gib", None) is not None and plan.budget_gib >= plan.max_memory_gib - 1e-3
-    summary.append(f"peak {plan.predicted_peak_gib:.2f} GiB of {plan.budget_gib:.2f} GiB "
-                   + ("(memory cap)  " if capped else "free  "))
+    summary.append(
+        f"peak {plan.predicted_peak_gib:.2f} GiB of {plan.budget_gib:.2f} GiB "
+        + ("(memory cap)  " if capped else "free  ")
+    )
     summary.append(f"headroom {headroom:.2f} GiB", style="green" if fits else "bold red")
-    parts: list[Any] = [head, Text(""), summary, stacked_bar(segments, plan.budget_gib, max(10, width)),
-                        legend(segments + [("headroom", max(0.0, headroom), "bright_black")], width)]
+    parts: list[Any] = [
+        head,
+        Text(""),
+        summary,
+        stacked_bar(segments, plan.budget_gib, max(10, width)),
+        legend(segments + [("headroom", max(0.0, headroom), "bright_black")], width),
+    ]
     for note in plan.notes:
         parts.append(Text(f"note: {note}", style="yellow"))
     parts.append(run_time_text(plan, run_time))
@@ -142,13 +154,18 @@ class PlanStep(Step):
         self._draft: Preset | None = None
 
     def compose(self) -> ComposeResult:
-        yield Static("The planner sizes micro-batch, accumulation and checkpointing to fit the free memory.",
-                     classes="help")
+        yield Static(
+            "The planner sizes micro-batch, accumulation and checkpointing to fit the free memory.", classes="help"
+        )
         with Horizontal(classes="field"):
             yield Static("memory cap", classes="field-label")
             # Sharing the GPU (an inference server): the run stays under this, the planner sizes for it.
-            yield Input(id="plan-cap", classes="field-input", compact=True,
-                        placeholder="GiB or % of the GPU (e.g. 12 or 50%); empty = all free memory")
+            yield Input(
+                id="plan-cap",
+                classes="field-input",
+                compact=True,
+                placeholder="GiB or % of the GPU (e.g. 12 or 50%); empty = all free memory",
+            )
         yield Static("", id="plan-view")
 
     def load(self, draft: Preset) -> None:
@@ -202,13 +219,15 @@ class PlanStep(Step):
                 from sftop.engine.gpu_select import select_gpus
                 from sftop.engine.planner.multi import plan_selection
 
-                plan = plan_selection(draft, load_model_config(draft), select_gpus(draft.plan, gpus),
-                                      row_tokens_mean=row_tokens)
+                plan = plan_selection(
+                    draft, load_model_config(draft), select_gpus(draft.plan, gpus), row_tokens_mean=row_tokens
+                )
             except SftopError as exc:
                 from sftop.engine.errors import ResourceError
 
-                self.post_message(PlanMade(key, error=str(exc), refused=isinstance(exc, ResourceError),
-                                           on_cpu=gpus.best() is None))
+                self.post_message(
+                    PlanMade(key, error=str(exc), refused=isinstance(exc, ResourceError), on_cpu=gpus.best() is None)
+                )
                 return
             except Exception as exc:  # a bug, but the wizard must still say what happened
                 self.post_message(PlanMade(key, error=f"Planning failed: {exc!r}"))
@@ -225,15 +244,19 @@ class PlanStep(Step):
             self.error, self.refused = message.error, message.refused
             title = "This run does not fit:" if message.refused else "Cannot plan this run:"
             if message.on_cpu:  # only what works without a GPU: 4-bit needs CUDA
-                advice = ("Go back (ctrl+b) to choose a model small enough for the CPU (builtin:demo-tiny), "
-                          "or run sftop on a machine with an NVIDIA GPU.")
+                advice = (
+                    "Go back (ctrl+b) to choose a model small enough for the CPU (builtin:demo-tiny), "
+                    "or run sftop on a machine with an NVIDIA GPU."
+                )
             else:
                 capped = bool(self.query_one("#plan-cap", Input).value.strip())
                 lead = "Raise or clear the memory cap above, or go" if capped else "Go"
-                advice = (f"{lead} back (ctrl+b) to choose a smaller model, 4-bit, a shorter max length "
-                          "or a lower LoRA r.")
-            view.update(Group(Text(title, style="bold red"), Text(message.error, style="red"),
-                              Text(advice, style="dim")))
+                advice = (
+                    f"{lead} back (ctrl+b) to choose a smaller model, 4-bit, a shorter max length or a lower LoRA r."
+                )
+            view.update(
+                Group(Text(title, style="bold red"), Text(message.error, style="red"), Text(advice, style="dim"))
+            )
             return
         self.plan, self.run_time = message.plan, message.run_time
         view.update(render_plan_view(message.plan, max(20, view.content_size.width or 70), message.run_time))

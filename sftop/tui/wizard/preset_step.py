@@ -29,10 +29,14 @@ class PresetStep(Step):
     title = "Preset"
 
     def compose(self) -> ComposeResult:
-        yield Static("Start from a preset, then adjust the common fields (tab moves between them).",
-                     classes="help")
-        yield Select([(f"{p.name} ({p.origin})", p.name) for p in list_presets()], allow_blank=True,
-                     prompt="keep the current settings", id="preset-select", compact=True)
+        yield Static("Start from a preset, then adjust the common fields (tab moves between them).", classes="help")
+        yield Select(
+            [(f"{p.name} ({p.origin})", p.name) for p in list_presets()],
+            allow_blank=True,
+            prompt="keep the current settings",
+            id="preset-select",
+            compact=True,
+        )
         for field_id, label, *_ in FIELDS:
             with Horizontal(classes="field"):
                 yield Static(label, classes="field-label")
@@ -49,7 +53,9 @@ class PresetStep(Step):
     def fill(self, preset: Preset) -> None:
         for field_id, _, section, key, _ in FIELDS:
             value = getattr(getattr(preset, section), key)
-            self.query_one(f"#field-{field_id}", Input).value = "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+            self.query_one(f"#field-{field_id}", Input).value = (
+                "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+            )
         box = self.query_one("#field-4bit", Checkbox)
         box.value = preset.model.load_in_4bit
         if self._no_gpu():

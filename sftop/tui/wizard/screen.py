@@ -33,8 +33,13 @@ class DataChecked(Message):
     error: str | None
 
 
-STEPS: list[tuple[str, type[Step]]] = [("step-model", ModelStep), ("step-data", DatasetStep), ("step-preset", PresetStep),
-         ("step-plan", PlanStep), ("step-launch", LaunchStep)]
+STEPS: list[tuple[str, type[Step]]] = [
+    ("step-model", ModelStep),
+    ("step-data", DatasetStep),
+    ("step-preset", PresetStep),
+    ("step-plan", PlanStep),
+    ("step-launch", LaunchStep),
+]
 
 
 class WizardScreen(Screen):

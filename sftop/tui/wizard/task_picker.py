@@ -66,12 +66,21 @@ def preference_lines(result: Any) -> list[Text]:
         lengths.append(f"p50 {summary.p50:,} · max {summary.max:,}   ")
     lines = [lengths]
     if stats.too_long:
-        lines.append(Text(f"{stats.too_long:,} pairs over max length {result.max_length:,} dropped (never truncated)",
-                          style="yellow"))
+        lines.append(
+            Text(
+                f"{stats.too_long:,} pairs over max length {result.max_length:,} dropped (never truncated)",
+                style="yellow",
+            )
+        )
     images = getattr(result, "images", None)
     if images:
-        lines.append(Text(f"images {images['images']:,} in {images['pairs_with_images']:,} pairs, "
-                          f"{images['image_tokens_max']:,} image tokens per side at most", style="dim"))
+        lines.append(
+            Text(
+                f"images {images['images']:,} in {images['pairs_with_images']:,} pairs, "
+                f"{images['image_tokens_max']:,} image tokens per side at most",
+                style="dim",
+            )
+        )
     return lines
 
 

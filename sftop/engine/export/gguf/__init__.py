@@ -30,8 +30,7 @@ def default_out(run_dir, kind: str) -> Path:
     return run_dir.path / f"export-gguf-{kind}"
 
 
-def export_gguf(run, kind: str = DEFAULT_KIND, out: Path | None = None,
-                progress: ExportProgress | None = None) -> Path:
+def export_gguf(run, kind: str = DEFAULT_KIND, out: Path | None = None, progress: ExportProgress | None = None) -> Path:
     """Write RUN's merged model as `OUT/<run>-<kind>.gguf` plus `Modelfile` and `README.md`; return OUT."""
     from sftop.engine.export import _finish, _prepare_out, _run_dir, find_adapter, load_merged
     from sftop.engine.export.gguf import kquants, ollama
@@ -41,8 +40,7 @@ def export_gguf(run, kind: str = DEFAULT_KIND, out: Path | None = None,
 
     kind = kind.lower()
     if kind not in GGUF_KINDS:
-        raise SftopError(f"Unknown GGUF type `{kind}`", where="--gguf",
-                         hint=f"Use one of: {', '.join(GGUF_KINDS)}")
+        raise SftopError(f"Unknown GGUF type `{kind}`", where="--gguf", hint=f"Use one of: {', '.join(GGUF_KINDS)}")
     report = progress or (lambda phase, done, total: None)
     run_dir = _run_dir(run)
     if not run_dir.path.is_dir():
@@ -72,8 +70,15 @@ def export_gguf(run, kind: str = DEFAULT_KIND, out: Path | None = None,
         model, _ = load_merged(run_dir, adapter, before_merge=room, dtype=_merge_dtype(run_dir, config))
         name = f"{run_dir.name}-{kind}.gguf"
         written = tmp / (f"{run_dir.name}-f16.gguf" if quantizer else name)
-        write_gguf(written, model, vocab, family, write_kind, run_dir.name,
-                   progress=lambda done, total: report("write", done, total))
+        write_gguf(
+            written,
+            model,
+            vocab,
+            family,
+            write_kind,
+            run_dir.name,
+            progress=lambda done, total: report("write", done, total),
+        )
         del model
         if quantizer:
             report("quantize", 0, 1)
@@ -86,9 +91,11 @@ def export_gguf(run, kind: str = DEFAULT_KIND, out: Path | None = None,
         return _finish(tmp, out)
     except OSError as exc:
         if _disk_full(exc, tmp):
-            raise SftopError("The disk filled up while writing the GGUF file; the partial file was removed",
-                             where=str(out.parent),
-                             hint="Free some space (or pass --out on another disk) and export again") from None
+            raise SftopError(
+                "The disk filled up while writing the GGUF file; the partial file was removed",
+                where=str(out.parent),
+                hint="Free some space (or pass --out on another disk) and export again",
+            ) from None
         raise
     finally:
         if tmp.exists():
@@ -126,14 +133,21 @@ def _base_config_and_tokenizer(run_dir, adapter: Path):
     from sftop.engine.presets import load_preset
 
     if not run_dir.preset.is_file():
-        raise SftopError(f"{run_dir.preset} is missing, so the base model is unknown", where=str(run_dir.path),
-                         hint="Export the adapter alone (`sftop export RUN`)")
+        raise SftopError(
+            f"{run_dir.preset} is missing, so the base model is unknown",
+            where=str(run_dir.path),
+            hint="Export the adapter alone (`sftop export RUN`)",
+        )
     preset, _ = load_preset(run_dir.preset)
     section = preset.model
 
     def load(source, local_files_only):
-        return AutoConfig.from_pretrained(source, revision=section.revision, local_files_only=local_files_only,
-                                          trust_remote_code=section.trust_remote_code)
+        return AutoConfig.from_pretrained(
+            source,
+            revision=section.revision,
+            local_files_only=local_files_only,
+            trust_remote_code=section.trust_remote_code,
+        )
 
     config = hub_call(section, "model config", load)
     if (adapter / "tokenizer_config.json").is_file():

@@ -22,8 +22,8 @@ def find_quantizer(kind: str) -> str:
         raise SftopError(
             f"--gguf {kind} needs llama.cpp's `{BINARY}` program, which is not on PATH",
             hint=f"Install llama.cpp (e.g. `brew install llama.cpp`, or build it from source: "
-                 f"https://github.com/ggml-org/llama.cpp) so that `{BINARY}` is on PATH, or export "
-                 "--gguf q8_0 (or f16/bf16), which needs nothing else",
+            f"https://github.com/ggml-org/llama.cpp) so that `{BINARY}` is on PATH, or export "
+            "--gguf q8_0 (or f16/bf16), which needs nothing else",
         )
     return path
 
@@ -32,5 +32,8 @@ def quantize(binary: str, source: Path, target: Path, kind: str) -> None:
     result = subprocess.run([binary, str(source), str(target), kind.upper()], capture_output=True, text=True)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        raise SftopError(f"`{BINARY}` failed ({result.returncode}) making {kind.upper()}: " + " / ".join(tail),
-                         where=str(source), hint=f"Run `{binary} {source} {target} {kind.upper()}` to see its full output")
+        raise SftopError(
+            f"`{BINARY}` failed ({result.returncode}) making {kind.upper()}: " + " / ".join(tail),
+            where=str(source),
+            hint=f"Run `{binary} {source} {target} {kind.upper()}` to see its full output",
+        )

@@ -21,25 +21,29 @@ class ChatFormat:
 
 
 CHATML = ChatFormat(
-    "ChatML", "<|im_start|>",
+    "ChatML",
+    "<|im_start|>",
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
     ("<|im_end|>", "<|im_start|>"),
 )
 LLAMA3 = ChatFormat(
-    "Llama 3", "<|start_header_id|>",
+    "Llama 3",
+    "<|start_header_id|>",
     "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
     "<|start_header_id|>assistant<|end_header_id|>\n\n",
     ("<|eot_id|>", "<|start_header_id|>"),
 )
 GEMMA = ChatFormat(
-    "Gemma", "<start_of_turn>",
+    "Gemma",
+    "<start_of_turn>",
     # Gemma has no system role: a system message is sent as a user turn, as its own template does.
     '{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}user{{ end }}\n'
     "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n",
     ("<end_of_turn>", "<start_of_turn>"),
 )
 MISTRAL = ChatFormat(
-    "Mistral", "[INST]",
+    "Mistral",
+    "[INST]",
     '{{- range .Messages }}{{ if eq .Role "assistant" }}{{ .Content }}</s>'
     "{{ else }}[INST] {{ .Content }}[/INST]{{ end }}{{ end }}",
     ("[INST]", "</s>"),
@@ -64,7 +68,10 @@ def modelfile(gguf_name: str, jinja_template: str | None, eos_token: str | None)
         lines += [f"# The {fmt.name} chat format of the model's chat template.", f'TEMPLATE """{escaped}"""', ""]
         stops = list(fmt.stops)
     else:
-        lines += ["# No TEMPLATE: sftop did not recognise the chat template; Ollama reads the one in the GGUF file.", ""]
+        lines += [
+            "# No TEMPLATE: sftop did not recognise the chat template; Ollama reads the one in the GGUF file.",
+            "",
+        ]
         stops = []
     if eos_token and eos_token not in stops:
         stops.insert(0, eos_token)

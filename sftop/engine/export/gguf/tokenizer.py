@@ -25,9 +25,7 @@ from gguf import TokenType
 from sftop.engine.errors import SftopError
 
 # The pre-tokenizer regexes llama.cpp knows by name, keyed by the pattern a tokenizer.json holds.
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -97,20 +95,29 @@ def read_vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
     """Everything GGUF needs from a fast Hugging Face tokenizer, padded to the model's `vocab_size`."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise SftopError("The tokenizer has no `tokenizer.json` (a fast tokenizer), which GGUF export reads",
-                         where="tokenizer", hint="Save the tokenizer with `tokenizers` installed, then export again")
+        raise SftopError(
+            "The tokenizer has no `tokenizer.json` (a fast tokenizer), which GGUF export reads",
+            where="tokenizer",
+            hint="Save the tokenizer with `tokenizers` installed, then export again",
+        )
     spec = json.loads(backend.to_str())
     model = spec["model"]
     if model.get("type") != "BPE":
-        raise SftopError(f"GGUF export writes BPE tokenizers; this one is {model.get('type')}",
-                         where="tokenizer.json: model.type",
-                         hint="Export a merged Hugging Face model instead (`sftop export RUN --merged`)")
+        raise SftopError(
+            f"GGUF export writes BPE tokenizers; this one is {model.get('type')}",
+            where="tokenizer.json: model.type",
+            hint="Export a merged Hugging Face model instead (`sftop export RUN --merged`)",
+        )
     byte_level = any(p["type"] == "ByteLevel" for p in _walk(spec.get("pre_tokenizer"))) or any(
-        p["type"] == "ByteLevel" for p in _walk(spec.get("decoder")))
+        p["type"] == "ByteLevel" for p in _walk(spec.get("decoder"))
+    )
     if not byte_level and not model.get("byte_fallback"):
-        raise SftopError("The tokenizer is neither byte-level BPE nor BPE with byte fallback, so llama.cpp "
-                         "could not encode every text with it", where="tokenizer.json: model",
-                         hint="Export a merged Hugging Face model instead (`sftop export RUN --merged`)")
+        raise SftopError(
+            "The tokenizer is neither byte-level BPE nor BPE with byte fallback, so llama.cpp "
+            "could not encode every text with it",
+            where="tokenizer.json: model",
+            hint="Export a merged Hugging Face model instead (`sftop export RUN --merged`)",
+        )
 
     by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     added = {entry["id"]: entry for entry in spec.get("added_tokens", [])}
@@ -143,7 +150,10 @@ def read_vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
     vocab = Vocabulary(
         model="gpt2" if byte_level else "llama",
         pre=_pre_tokenizer_name(spec) if byte_level else None,
-        tokens=tokens, types=[int(t) for t in types], merges=merges, scores=scores,
+        tokens=tokens,
+        types=[int(t) for t in types],
+        merges=merges,
+        scores=scores,
     )
     _special_ids(vocab, tokenizer)
     if not byte_level:
@@ -210,8 +220,12 @@ def write_vocabulary(writer: gguf.GGUFWriter, vocab: Vocabulary) -> None:
         writer.add_token_scores(vocab.scores)
     if vocab.merges:
         writer.add_token_merges(vocab.merges)
-    adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id,
-              "unk": writer.add_unk_token_id, "pad": writer.add_pad_token_id}
+    adders = {
+        "bos": writer.add_bos_token_id,
+        "eos": writer.add_eos_token_id,
+        "unk": writer.add_unk_token_id,
+        "pad": writer.add_pad_token_id,
+    }
     for name, token_id in vocab.special.items():
         adders[name](token_id)
     writer.add_add_bos_token(vocab.add_bos)

@@ -22,8 +22,9 @@ from sftop.engine.export.gguf.tokenizer import Vocabulary, write_vocabulary
 Progress = Callable[[int, int], None]
 
 
-def write_gguf(path: Path, model, vocab: Vocabulary, family: Family, kind: str, name: str,
-               progress: Progress | None = None) -> None:
+def write_gguf(
+    path: Path, model, vocab: Vocabulary, family: Family, kind: str, name: str, progress: Progress | None = None
+) -> None:
     """Write `model` to `path` (which the caller removes if this raises)."""
     config = model.config
     state_dict = model.state_dict()

@@ -66,15 +66,14 @@ class _VisionEncoder(Encoder):
     def template_messages(self, conv: Conversation) -> list[dict]:
         messages = []
         for m in conv.messages:
-            parts = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
-                     for p in m.content]
+            parts = [
+                {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"} for p in m.content
+            ]
             messages.append({"role": m.role, "content": parts})
         return messages
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
-        return self.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _end_by_content(self, full: str, through: str, content, start: int) -> int:
         if not isinstance(content, str):
@@ -165,8 +164,10 @@ class VisionCollator:
         expanded, shift = self._expand(full, sizes)
         spans = None
         if self.loss_on == "assistant":
-            spans = [(shift(len(bos) + start), shift(len(bos) + end))
-                     for start, end in self._encoder.assistant_spans(conv, rendered)]
+            spans = [
+                (shift(len(bos) + start), shift(len(bos) + end))
+                for start, end in self._encoder.assistant_spans(conv, rendered)
+            ]
         enc = self.tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=self._encoder._fast)
         ids, mask = self._encoder.encode_chat(conv, full=expanded, enc=enc, spans=spans)
         image_tokens = sum(1 for t in ids if t in self.image_ids)

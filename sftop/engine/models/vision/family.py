@@ -155,7 +155,8 @@ class VisionFamily(ABC):
         accepted = set(inspect.signature(processor_class.__init__).parameters)
         accepted -= {"self", "image_processor", "tokenizer"}
         return processor_class(
-            image_processor=image_processor, tokenizer=tokenizer,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
             **{key: value for key, value in settings.items() if key in accepted},
         )
 

@@ -40,7 +40,9 @@ def model_config(model_section) -> Any:
 
     def load(source, local_files_only):
         return AutoConfig.from_pretrained(
-            source, revision=model_section.revision, trust_remote_code=model_section.trust_remote_code,
+            source,
+            revision=model_section.revision,
+            trust_remote_code=model_section.trust_remote_code,
             local_files_only=local_files_only,
         )
 
@@ -130,7 +132,9 @@ def load_processor(model_section, family: VisionFamily):
         # the family's loader: AutoProcessor, or without torchvision the processor built from the
         # checkpoint's own parts (a saved Qwen-VL processor asks for a video processor otherwise)
         return family.load_processor(
-            source, revision=model_section.revision, trust_remote_code=model_section.trust_remote_code,
+            source,
+            revision=model_section.revision,
+            trust_remote_code=model_section.trust_remote_code,
             local_files_only=local_files_only,
         )
 
@@ -151,8 +155,9 @@ def load_vision_base(model_section, family: VisionFamily, *, dtype: str, attn: s
     from sftop.engine.models.loading import from_pretrained_kwargs
     from sftop.engine.models.tokenizer import hub_call
 
-    skip = (quantization_skip_modules(family, config or model_config(model_section))
-            if model_section.load_in_4bit else None)
+    skip = (
+        quantization_skip_modules(family, config or model_config(model_section)) if model_section.load_in_4bit else None
+    )
     kwargs = from_pretrained_kwargs(model_section, dtype, attn, skip_4bit=skip)
     model_class = family.model_class()
 
@@ -184,8 +189,11 @@ def vision_checkpointed(model, family: VisionFamily) -> bool:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     vision = [n for n in vision_module_names(base, family)]
-    layers = [m for n, m in base.named_modules()
-              if isinstance(m, GradientCheckpointingLayer) and any(n.startswith(v + ".") for v in vision)]
+    layers = [
+        m
+        for n, m in base.named_modules()
+        if isinstance(m, GradientCheckpointingLayer) and any(n.startswith(v + ".") for v in vision)
+    ]
     return bool(layers) and all(getattr(m, "gradient_checkpointing", False) for m in layers)
 
 
@@ -209,11 +217,13 @@ def apply_vision_kernels(model, family: VisionFamily, mode: str) -> dict[str, An
     if mode == "off":
         return {"enabled": False, "reason": "train.kernels = off"}
     if text_type is None:
-        reason = (f"{family.display_name}'s language layers are not ones sftop's kernels cover: "
-                  "stock PyTorch layers")
+        reason = f"{family.display_name}'s language layers are not ones sftop's kernels cover: stock PyTorch layers"
         if mode == "on":
-            raise ModelError(f"train.kernels = on, but {reason}", where="train.kernels",
-                             hint='Set train.kernels = "auto" to train on the stock layers')
+            raise ModelError(
+                f"train.kernels = on, but {reason}",
+                where="train.kernels",
+                hint='Set train.kernels = "auto" to train on the stock layers',
+            )
         return {"enabled": False, "reason": reason, "language_model_type": None}
     if mode == "auto" and not cuda_available():
         return {"enabled": False, "reason": "no CUDA GPU: stock PyTorch layers", "language_model_type": text_type}
@@ -224,17 +234,25 @@ def apply_vision_kernels(model, family: VisionFamily, mode: str) -> dict[str, An
         data = report.to_dict()
         vision = _vision_tower_kernels(model)
         tower = "vision tower patched" if "fused" in vision.values() else "vision tower stock"
-        return {"enabled": report.any_fused or "fused" in vision.values(), "language_model_type": text_type,
-                "reason": f"language layers ({text_type}) patched; {tower}; projector stock", **data,
-                "vision_parts": vision}
+        return {
+            "enabled": report.any_fused or "fused" in vision.values(),
+            "language_model_type": text_type,
+            "reason": f"language layers ({text_type}) patched; {tower}; projector stock",
+            **data,
+            "vision_parts": vision,
+        }
     except Exception as exc:  # noqa: BLE001 - kernels are an optimisation, never a reason to fail
         if mode == "on":
             raise ModelError(
                 f"train.kernels = on, but sftop's kernels could not be applied ({type(exc).__name__}: {exc})",
-                where="train.kernels", hint='Set train.kernels = "auto" to fall back to the stock layers',
+                where="train.kernels",
+                hint='Set train.kernels = "auto" to fall back to the stock layers',
             ) from None
-        return {"enabled": False, "reason": f"kernels unavailable: {type(exc).__name__}: {exc}",
-                "language_model_type": text_type}
+        return {
+            "enabled": False,
+            "reason": f"kernels unavailable: {type(exc).__name__}: {exc}",
+            "language_model_type": text_type,
+        }
 
 
 def _vision_tower_kernels(model) -> dict[str, str]:

@@ -31,7 +31,7 @@ def resolve_parts(family: VisionFamily, parts: Iterable[str] | None) -> tuple[st
         raise PresetError(
             f"lora.parts = {list(chosen)} names no part of the model to adapt",
             where="lora.parts",
-            hint=f"Add at least one of {', '.join(LOCATION_PARTS)} (e.g. [\"language\", \"attention\", \"mlp\"])",
+            hint=f'Add at least one of {", ".join(LOCATION_PARTS)} (e.g. ["language", "attention", "mlp"])',
         )
     return chosen
 
@@ -75,8 +75,10 @@ def parts_summary(preset) -> str | None:
     if family is None:
         return None
     chosen = describe_parts(family, preset.lora.parts)
-    return (f"{family.display_name} vision-language model: lora.parts = {chosen}; "
-            f"family default {list(family.default_lora_parts)}; choose among {list(LORA_PARTS)}")
+    return (
+        f"{family.display_name} vision-language model: lora.parts = {chosen}; "
+        f"family default {list(family.default_lora_parts)}; choose among {list(LORA_PARTS)}"
+    )
 
 
 def target_module_names(model, family: VisionFamily, parts: Iterable[str] | None) -> list[str]:

@@ -103,8 +103,9 @@ def pack_rows(model, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.
             types = _token_types(rope, ids)
         grid = sample.get("image_grid_thw")
         with torch.no_grad():
-            pos, _ = rope.get_rope_index(input_ids=ids, mm_token_type_ids=types, image_grid_thw=grid,
-                                         attention_mask=torch.ones_like(ids))
+            pos, _ = rope.get_rope_index(
+                input_ids=ids, mm_token_type_ids=types, image_grid_thw=grid, attention_mask=torch.ones_like(ids)
+            )
         rope_pos.append(pos)
         text_pos.append(torch.arange(ids.shape[1], device=ids.device, dtype=pos.dtype))
         labels = sample["labels"].clone()

@@ -5,8 +5,19 @@ comes from the parts' `requires`, registration order breaking ties."""
 from __future__ import annotations
 
 from ..part import Part, resolve_order
-from . import (attention, attention_lora, checkpoint_offload, cuda_graphs, kept_projections, lean_recompute, lora, loss,
-               mlp, rms_norm, rope)
+from . import (
+    attention,
+    attention_lora,
+    checkpoint_offload,
+    cuda_graphs,
+    kept_projections,
+    lean_recompute,
+    lora,
+    loss,
+    mlp,
+    rms_norm,
+    rope,
+)
 
 REGISTERED: tuple[Part, ...] = (
     rms_norm.PART,

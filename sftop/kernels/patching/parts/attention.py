@@ -38,7 +38,11 @@ def apply(model: nn.Module, spec: FamilySpec) -> str:
     if not ok:
         return f"stock: {why}"
     for m in mods:  # what the config says, checked where it is used
-        if getattr(m, "sliding_window", None) or getattr(m, "attention_dropout", 0.0) or not getattr(m, "is_causal", True):
+        if (
+            getattr(m, "sliding_window", None)
+            or getattr(m, "attention_dropout", 0.0)
+            or not getattr(m, "is_causal", True)
+        ):
             return "stock: sliding-window, dropout or non-causal attention in a layer"
     register()
     model.__dict__[M.ATTN_IMPLEMENTATION] = (current, vlm_text)

@@ -62,7 +62,10 @@ def _refusal(attn: nn.Module) -> str | None:
             return why
     if len({p.active_adapters[0] for p in projs}) != 1:
         return "different adapters on q/k/v"
-    if len({p.base_layer.weight.shape[-1] for p in projs if getattr(p.base_layer.weight, "quant_state", None) is None}) > 1:
+    if (
+        len({p.base_layer.weight.shape[-1] for p in projs if getattr(p.base_layer.weight, "quant_state", None) is None})
+        > 1
+    ):
         return "q/k/v have different input sizes"
     return None
 

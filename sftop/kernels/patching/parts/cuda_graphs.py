@@ -21,7 +21,11 @@ def apply(model: nn.Module, spec: FamilySpec) -> str:
         return "stock: CUDA graphs need a CUDA GPU"
     if model.__dict__.get(M.PART) != "loss":
         return "stock: needs the fused loss part"
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         return "stock: not under multi-process training"
     why = _randomness(model)
     if why:
@@ -65,10 +69,19 @@ def graphed_loss(self, graphs, kwargs, shift_labels, num_items, ignore_index):
         return None
     labels = shift_labels.to(ids.device)
     key = (
-        tuple(ids.shape), ids.dtype, tuple(labels.shape), labels.dtype, ignore_index,
-        torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-        bool(getattr(self, "is_activation_checkpointing", None) if hasattr(type(self), "is_activation_checkpointing")
-             else getattr(self, "is_gradient_checkpointing", False)), self.__dict__.get(M.GC_MODE),
+        tuple(ids.shape),
+        ids.dtype,
+        tuple(labels.shape),
+        labels.dtype,
+        ignore_index,
+        torch.is_autocast_enabled("cuda"),
+        torch.get_autocast_dtype("cuda"),
+        bool(
+            getattr(self, "is_activation_checkpointing", None)
+            if hasattr(type(self), "is_activation_checkpointing")
+            else getattr(self, "is_gradient_checkpointing", False)
+        ),
+        self.__dict__.get(M.GC_MODE),
         tuple((p.data_ptr(), p.requires_grad) for _m, _n, p in slots),
     )
     from ...fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -83,8 +96,16 @@ def graphed_loss(self, graphs, kwargs, shift_labels, num_items, ignore_index):
         # all ones: see cuda_graphs.causal_masks_skipped
         out = backbone(input_ids=ids_, attention_mask=torch.ones_like(ids_), use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return fused_linear_cross_entropy(hidden, weight, labels_, num_items_in_batch=one, ignore_index=ignore_index,
-                                          softcap=softcap, compute_dtype=loss_dtype, select_rows=False)
+        return fused_linear_cross_entropy(
+            hidden,
+            weight,
+            labels_,
+            num_items_in_batch=one,
+            ignore_index=ignore_index,
+            softcap=softcap,
+            compute_dtype=loss_dtype,
+            select_rows=False,
+        )
 
     total = graphs.loss_sum(key, loss_sum, (ids, labels), trainable)
     if total is None:

@@ -58,8 +58,12 @@ def _forward(self, orig, *args, **kwargs):
     head = self.get_output_embeddings()
     softcap = getattr(self.config, "final_logit_softcapping", None)
     loss = fused_linear_cross_entropy(
-        hidden, head.weight, shift_labels.to(hidden.device),
-        num_items_in_batch=num_items, ignore_index=ignore_index, softcap=softcap,
+        hidden,
+        head.weight,
+        shift_labels.to(hidden.device),
+        num_items_in_batch=num_items,
+        ignore_index=ignore_index,
+        softcap=softcap,
         compute_dtype=self.__dict__.get(M.LOSS_DTYPE),
     )
     result = CausalLMOutputWithPast(

@@ -24,8 +24,10 @@ def family_for(config) -> Family:
     supported = ", ".join(sorted(BY_MODEL_TYPE))
     if getattr(config, "vision_config", None) is not None or hasattr(config, "text_config"):
         what = f"`{model_type}` is a vision-language model; GGUF export writes text-only models"
-        hint = ("llama.cpp keeps a VLM's vision tower in a separate projector file that sftop does not write; "
-                "export the merged Hugging Face model instead (`sftop export RUN --merged`)")
+        hint = (
+            "llama.cpp keeps a VLM's vision tower in a separate projector file that sftop does not write; "
+            "export the merged Hugging Face model instead (`sftop export RUN --merged`)"
+        )
     else:
         what = f"sftop cannot write `{model_type}` models to GGUF"
         hint = "Export the merged Hugging Face model instead (`sftop export RUN --merged`)"

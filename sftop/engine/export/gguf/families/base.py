@@ -145,7 +145,7 @@ class Family:
                 f"{len(unplaced)} tensor(s) of this {config.model_type} model have no place in a GGUF file, "
                 f"e.g. {unplaced[0]}",
                 hint="This model has parts sftop's GGUF export does not know; export a merged Hugging Face "
-                     "model instead (`sftop export RUN --merged`)",
+                "model instead (`sftop export RUN --merged`)",
             )
         return planned
 

@@ -33,9 +33,11 @@ class Gemma3(Family):
             if kind not in ("default", "linear"):
                 from sftop.engine.errors import SftopError
 
-                raise SftopError(f"Gemma 3 with rope_type `{kind}` cannot be written to GGUF by sftop yet",
-                                 where="config.json: rope_parameters",
-                                 hint="Export a merged Hugging Face model instead (`sftop export RUN --merged`)")
+                raise SftopError(
+                    f"Gemma 3 with rope_type `{kind}` cannot be written to GGUF by sftop yet",
+                    where="config.json: rope_parameters",
+                    hint="Export a merged Hugging Face model instead (`sftop export RUN --merged`)",
+                )
 
     def write_hparams(self, writer, config) -> None:
         super().write_hparams(writer, config)

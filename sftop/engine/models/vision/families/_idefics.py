@@ -23,7 +23,12 @@ from sftop.engine.models.vision.family import LoraTargets, VisionFamily
 
 ROW_COL_TOKENS = tuple(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))
 SPECIALS = (
-    "<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<end_of_utterance>",
+    "<fake_token_around_image>",
+    "<image>",
+    "<global-img>",
 ) + ROW_COL_TOKENS
 IDS = token_ids(SPECIALS)
 VOCAB_SIZE = 400
@@ -72,8 +77,10 @@ class IdeficsFamilyBase(VisionFamily):
     supports_multiple_images = True
     supports_system_turn = True
     language_model_type = "llama"  # the text model is a Llama
-    packing_refusal = ("its pixel values come per row as padded image tiles with a pixel attention mask, "
-                       "not as one list of images a packed row could share")
+    packing_refusal = (
+        "its pixel values come per row as padded image tiles with a pixel attention mask, "
+        "not as one list of images a packed row could share"
+    )
     image_token_strings = ("<fake_token_around_image>", "<image>", "<global-img>") + ROW_COL_TOKENS
     lora_targets = IDEFICS_LORA
     default_lora_parts = ("language", "attention", "mlp")
@@ -122,14 +129,24 @@ class IdeficsFamilyBase(VisionFamily):
 
     def offline_processor(self) -> Any:
         tokenizer = build_tokenizer(
-            SPECIALS, chat_template=CHAT_TEMPLATE, eos="<end_of_utterance>", pad="<|endoftext|>",
-            bos="<|im_start|>", vocab_size=VOCAB_SIZE,
-            extra={"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
-                   "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
+            SPECIALS,
+            chat_template=CHAT_TEMPLATE,
+            eos="<end_of_utterance>",
+            pad="<|endoftext|>",
+            bos="<|im_start|>",
+            vocab_size=VOCAB_SIZE,
+            extra={
+                "fake_image_token": "<fake_token_around_image>",
+                "image_token": "<image>",
+                "global_image_token": "<global-img>",
+                "end_of_utterance_token": "<end_of_utterance>",
+            },
         )
         image_processor = self.image_processor_class()(
-            size={"longest_edge": 2 * TINY_TILE}, max_image_size={"longest_edge": TINY_TILE},
-            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+            size={"longest_edge": 2 * TINY_TILE},
+            max_image_size={"longest_edge": TINY_TILE},
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
         )
         return self.processor_class()(
             image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, image_seq_len=TINY_SEQ
@@ -138,13 +155,29 @@ class IdeficsFamilyBase(VisionFamily):
     def tiny_config(self) -> Any:
         return self.config_class()(
             text_config=dict(
-                model_type="llama", vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                bos_token_id=IDS["<|im_start|>"], eos_token_id=IDS["<end_of_utterance>"],
-                pad_token_id=IDS["<|endoftext|>"], tie_word_embeddings=False,
+                model_type="llama",
+                vocab_size=VOCAB_SIZE,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=2048,
+                bos_token_id=IDS["<|im_start|>"],
+                eos_token_id=IDS["<end_of_utterance>"],
+                pad_token_id=IDS["<|endoftext|>"],
+                tie_word_embeddings=False,
             ),
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               image_size=TINY_TILE, patch_size=TINY_PATCH),
-            scale_factor=TINY_SCALE, image_token_id=IDS["<image>"], pad_token_id=IDS["<|endoftext|>"],
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=TINY_TILE,
+                patch_size=TINY_PATCH,
+            ),
+            scale_factor=TINY_SCALE,
+            image_token_id=IDS["<image>"],
+            pad_token_id=IDS["<|endoftext|>"],
             tie_word_embeddings=False,
         )

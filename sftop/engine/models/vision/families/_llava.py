@@ -40,8 +40,10 @@ class LlavaFamilyBase(VisionFamily):
     supports_system_turn = True
     image_token_strings = ("<image>",)
     lora_targets = LLAVA_LORA
-    packing_refusal = ("packed rows are not yet checked equal to unpacked ones for its language models "
-                       "(loss and gradients), so it keeps padded batches")
+    packing_refusal = (
+        "packed rows are not yet checked equal to unpacked ones for its language models "
+        "(loss and gradients), so it keeps padded batches"
+    )
     chat_template: str
 
     def language_model_type_for(self, config: Any) -> str | None:
@@ -55,22 +57,44 @@ class LlavaFamilyBase(VisionFamily):
 
     def tokenizer(self):
         return build_tokenizer(
-            SPECIALS, chat_template=self.chat_template, eos="</s>", pad="<pad>", bos="<s>", unk="<unk>",
-            vocab_size=VOCAB_SIZE, extra={"image_token": "<image>"},
+            SPECIALS,
+            chat_template=self.chat_template,
+            eos="</s>",
+            pad="<pad>",
+            bos="<s>",
+            unk="<unk>",
+            vocab_size=VOCAB_SIZE,
+            extra={"image_token": "<image>"},
         )
 
     @staticmethod
     def tiny_parts() -> dict:
         return dict(
             text_config=dict(
-                model_type="llama", vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                bos_token_id=IDS["<s>"], eos_token_id=IDS["</s>"], pad_token_id=IDS["<pad>"],
+                model_type="llama",
+                vocab_size=VOCAB_SIZE,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=2048,
+                bos_token_id=IDS["<s>"],
+                eos_token_id=IDS["</s>"],
+                pad_token_id=IDS["<pad>"],
             ),
             vision_config=dict(
-                model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, image_size=TINY_CROP, patch_size=TINY_PATCH, projection_dim=32,
+                model_type="clip_vision_model",
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=TINY_CROP,
+                patch_size=TINY_PATCH,
+                projection_dim=32,
             ),
-            image_token_index=IDS["<image>"], vision_feature_layer=-1, vision_feature_select_strategy="default",
+            image_token_index=IDS["<image>"],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
             tie_word_embeddings=False,
         )

@@ -23,9 +23,11 @@ _WORDS = (
 
 
 def _corpus() -> list[str]:
-    lines = [" ".join(_WORDS[i:i + 12]) for i in range(0, len(_WORDS), 6)]
+    lines = [" ".join(_WORDS[i : i + 12]) for i in range(0, len(_WORDS), 6)]
     lines += [w.capitalize() + "?" for w in _WORDS] + [w + "." for w in _WORDS]
-    lines.append("ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789 .,;:!?'\"()[]{}<>/\\|-_+=*&^%$#@~`\n\n")
+    lines.append(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789 .,;:!?'\"()[]{}<>/\\|-_+=*&^%$#@~`\n\n"
+    )
     return lines * 4
 
 
@@ -74,8 +76,10 @@ def build_tokenizer(
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
     # Every family token is special: decoding keeps it whole and the text path's mask logic
     # (whitespace after an end-of-turn token is not trained) recognises end-of-turn markers.
-    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in (eos, pad, bos, unk)]},
-                                 replace_extra_special_tokens=False)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [t for t in specials if t not in (eos, pad, bos, unk)]},
+        replace_extra_special_tokens=False,
+    )
     tokenizer.chat_template = chat_template
     tokenizer.padding_side = "right"
     ids = [tokenizer.convert_tokens_to_ids(t) for t in specials]

@@ -15,8 +15,14 @@ from sftop.engine.models.vision.families._offline import build_tokenizer, image_
 from sftop.engine.models.vision.family import LoraTargets, VisionFamily
 
 SPECIALS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 )
 IDS = token_ids(SPECIALS)
 VOCAB_SIZE = 400
@@ -27,14 +33,16 @@ def chat_template(default_system: str | None) -> str:
     <|vision_start|><|image_pad|><|vision_end|> where it stands in the message; Qwen2-VL and
     Qwen2.5-VL add a default system turn to rows that have none, Qwen3-VL does not."""
     default = (
-        "{%- if loop.first and message['role'] != 'system' -%}"
-        f"{{{{ '<|im_start|>system\\n{default_system}<|im_end|>\\n' }}}}"
-        "{%- endif -%}"
-    ) if default_system else ""
+        (
+            "{%- if loop.first and message['role'] != 'system' -%}"
+            f"{{{{ '<|im_start|>system\\n{default_system}<|im_end|>\\n' }}}}"
+            "{%- endif -%}"
+        )
+        if default_system
+        else ""
+    )
     return (
-        "{%- for message in messages -%}"
-        + default +
-        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- for message in messages -%}" + default + "{{ '<|im_start|>' + message['role'] + '\\n' }}"
         "{%- if message['content'] is string -%}{{ message['content'] }}"
         "{%- else -%}{%- for part in message['content'] -%}"
         "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
@@ -75,8 +83,9 @@ class QwenVLFamilyBase(VisionFamily):
     # Qwen2-VL and Qwen2.5-VL: 28-pixel blocks (14-pixel patches merged 2x2). Default budget: at
     # most 512 image tokens per image (401,408 px, about 634x634), at least 4 (3,136 px); Qwen
     # refuses aspect ratios over 200. Qwen3-VL (32-pixel blocks) sets its own.
-    image_rules = ImageRules(patch_multiple=28, min_edge=28, max_pixels=512 * 28 * 28, min_pixels=4 * 28 * 28,
-                             max_aspect_ratio=200.0)
+    image_rules = ImageRules(
+        patch_multiple=28, min_edge=28, max_pixels=512 * 28 * 28, min_pixels=4 * 28 * 28, max_aspect_ratio=200.0
+    )
     default_system: str | None = "You are a helpful assistant."
     image_token_strings = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
     lora_targets = QWEN_VL_LORA
@@ -110,9 +119,7 @@ class QwenVLFamilyBase(VisionFamily):
         # budget the processor's smart_resize leaves every image as it is, and counting tokens from
         # the processor's state gives what it emits.
         image_processor = processor.image_processor
-        image_processor.size = type(image_processor.size)(
-            shortest_edge=rules.min_pixels, longest_edge=rules.max_pixels
-        )
+        image_processor.size = type(image_processor.size)(shortest_edge=rules.min_pixels, longest_edge=rules.max_pixels)
 
     def processor_kwargs(self, rules: ImageRules) -> Mapping[str, Any]:
         return {"min_pixels": rules.min_pixels, "max_pixels": rules.max_pixels}
@@ -121,29 +128,47 @@ class QwenVLFamilyBase(VisionFamily):
         processor_class, image_processor_class = self.pil_processor_classes()
         template = chat_template(self.default_system)
         tokenizer = build_tokenizer(
-            SPECIALS, chat_template=template, eos="<|im_end|>", pad="<|endoftext|>", vocab_size=VOCAB_SIZE,
+            SPECIALS,
+            chat_template=template,
+            eos="<|im_end|>",
+            pad="<|endoftext|>",
+            vocab_size=VOCAB_SIZE,
             extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
         )
         rules = self.image_rules
         # A fresh `size` dict: the class's default one is shared and its __init__ edits it in place.
         image_processor = image_processor_class(
             size={"shortest_edge": rules.min_pixels, "longest_edge": rules.max_pixels},
-            patch_size=self.patch_size, merge_size=self.merge_size, temporal_patch_size=2,
+            patch_size=self.patch_size,
+            merge_size=self.merge_size,
+            temporal_patch_size=2,
         )
         return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
 
     def text_config(self, **overrides: Any) -> dict:
         """The tiny language model's config, with the offline tokenizer's ids."""
-        return dict(
-            vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            bos_token_id=None, eos_token_id=IDS["<|im_end|>"], pad_token_id=IDS["<|endoftext|>"],
-        ) | overrides
+        return (
+            dict(
+                vocab_size=VOCAB_SIZE,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                bos_token_id=None,
+                eos_token_id=IDS["<|im_end|>"],
+                pad_token_id=IDS["<|endoftext|>"],
+            )
+            | overrides
+        )
 
     @staticmethod
     def token_id_config() -> dict:
         return dict(
-            image_token_id=IDS["<|image_pad|>"], video_token_id=IDS["<|video_pad|>"],
-            vision_start_token_id=IDS["<|vision_start|>"], vision_end_token_id=IDS["<|vision_end|>"],
+            image_token_id=IDS["<|image_pad|>"],
+            video_token_id=IDS["<|video_pad|>"],
+            vision_start_token_id=IDS["<|vision_start|>"],
+            vision_end_token_id=IDS["<|vision_end|>"],
         )

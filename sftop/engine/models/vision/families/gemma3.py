@@ -17,8 +17,15 @@ from sftop.engine.models.vision.families._offline import build_tokenizer, token_
 from sftop.engine.models.vision.family import LoraTargets, VisionFamily
 
 SPECIALS = (
-    "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
-    "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
 )
 IDS = token_ids(SPECIALS)
 VOCAB_SIZE = 400
@@ -57,8 +64,10 @@ class Gemma3Family(VisionFamily):
     display_name = "Gemma 3"
     model_types = ("gemma3",)
     language_model_type = "gemma3_text"
-    packing_refusal = ("its image tokens attend to each other both ways through a mask built from token_type_ids, "
-                       "which a packed row's restarting positions do not carry")
+    packing_refusal = (
+        "its image tokens attend to each other both ways through a mask built from token_type_ids, "
+        "which a packed row's restarting positions do not carry"
+    )
     image_token_strings = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
     # The processor resizes every image to the tower's square input, so the budget only bounds
     # what is decoded and kept in memory: at most the 896x896 input, no upscaling by sftop.
@@ -101,17 +110,33 @@ class Gemma3Family(VisionFamily):
 
         return Gemma3Config(
             text_config=dict(
-                vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-                max_position_embeddings=2048, sliding_window=64, layer_types=["sliding_attention", "full_attention"],
-                pad_token_id=IDS["<pad>"], eos_token_id=IDS["<end_of_turn>"], bos_token_id=IDS["<bos>"],
+                vocab_size=VOCAB_SIZE,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                query_pre_attn_scalar=16,
+                max_position_embeddings=2048,
+                sliding_window=64,
+                layer_types=["sliding_attention", "full_attention"],
+                pad_token_id=IDS["<pad>"],
+                eos_token_id=IDS["<end_of_turn>"],
+                bos_token_id=IDS["<bos>"],
             ),
             vision_config=dict(
-                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH, vision_use_head=False,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=TINY_IMAGE_SIZE,
+                patch_size=TINY_PATCH,
+                vision_use_head=False,
             ),
             mm_tokens_per_image=TINY_TOKENS,
-            boi_token_index=IDS["<start_of_image>"], eoi_token_index=IDS["<end_of_image>"],
+            boi_token_index=IDS["<start_of_image>"],
+            eoi_token_index=IDS["<end_of_image>"],
             image_token_index=IDS["<image_soft_token>"],
         )
 
@@ -120,16 +145,25 @@ class Gemma3Family(VisionFamily):
         from transformers.models.gemma3 import Gemma3ImageProcessorPil
 
         tokenizer = build_tokenizer(
-            SPECIALS, chat_template=CHAT_TEMPLATE, eos="<eos>", pad="<pad>", bos="<bos>", unk="<unk>",
+            SPECIALS,
+            chat_template=CHAT_TEMPLATE,
+            eos="<eos>",
+            pad="<pad>",
+            bos="<bos>",
+            unk="<unk>",
             vocab_size=VOCAB_SIZE,
             extra={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
         )
         image_processor = Gemma3ImageProcessorPil(
-            size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, do_pan_and_scan=False,
-            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+            size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+            do_pan_and_scan=False,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
         )
         return Gemma3Processor(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=CHAT_TEMPLATE,
             image_seq_length=TINY_TOKENS,
         )
 

@@ -59,11 +59,15 @@ class LlavaFamily(LlavaFamilyBase):
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
         image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": TINY_CROP}, crop_size={"height": TINY_CROP, "width": TINY_CROP},
+            size={"shortest_edge": TINY_CROP},
+            crop_size={"height": TINY_CROP, "width": TINY_CROP},
         )
         return LlavaProcessor(
-            image_processor=image_processor, tokenizer=self.tokenizer(), patch_size=TINY_PATCH,
-            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+            image_processor=image_processor,
+            tokenizer=self.tokenizer(),
+            patch_size=TINY_PATCH,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
             chat_template=self.chat_template,
         )
 

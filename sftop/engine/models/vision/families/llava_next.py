@@ -76,12 +76,16 @@ class LlavaNextFamily(LlavaFamilyBase):
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
         image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": TINY_CROP}, crop_size={"height": TINY_CROP, "width": TINY_CROP},
+            size={"shortest_edge": TINY_CROP},
+            crop_size={"height": TINY_CROP, "width": TINY_CROP},
             image_grid_pinpoints=TINY_PINPOINTS,
         )
         return LlavaNextProcessor(
-            image_processor=image_processor, tokenizer=self.tokenizer(), patch_size=TINY_PATCH,
-            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+            image_processor=image_processor,
+            tokenizer=self.tokenizer(),
+            patch_size=TINY_PATCH,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
             chat_template=self.chat_template,
         )
 

@@ -22,8 +22,14 @@ from sftop.engine.models.vision.families._offline import build_tokenizer, token_
 from sftop.engine.models.vision.family import LoraTargets, VisionFamily
 
 SPECIALS = (
-    "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
-    "<|end_header_id|>", "<|eot_id|>", "<|image|>", "<|python_tag|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|finetune_right_pad_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|image|>",
+    "<|python_tag|>",
 )
 IDS = token_ids(SPECIALS)
 VOCAB_SIZE = 400
@@ -54,8 +60,10 @@ class MllamaFamily(VisionFamily):
     display_name = "Llama 3.2 Vision"
     model_types = ("mllama",)
     language_model_type = None  # cross-attention decoder layers: see the module docstring
-    packing_refusal = ("its text attends to each row's images through cross-attention masks per row, "
-                       "which one packed row would merge across samples")
+    packing_refusal = (
+        "its text attends to each row's images through cross-attention masks per row, "
+        "which one packed row would merge across samples"
+    )
     image_token_strings = ("<|image|>",)
     supports_multiple_images = True
     mixes_text_only_rows = False  # its processor wants images in every row of a batch, or in none
@@ -98,14 +106,28 @@ class MllamaFamily(VisionFamily):
 
         return MllamaConfig(
             text_config=dict(
-                vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
-                max_position_embeddings=2048, bos_token_id=IDS["<|begin_of_text|>"],
-                eos_token_id=IDS["<|eot_id|>"], pad_token_id=IDS["<|finetune_right_pad_id|>"],
+                vocab_size=VOCAB_SIZE,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                cross_attention_layers=[1],
+                max_position_embeddings=2048,
+                bos_token_id=IDS["<|begin_of_text|>"],
+                eos_token_id=IDS["<|eot_id|>"],
+                pad_token_id=IDS["<|finetune_right_pad_id|>"],
             ),
             vision_config=dict(
-                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
-                intermediate_layers_indices=[0], vision_output_dim=64, image_size=TINY_TILE, patch_size=TINY_PATCH,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_global_layers=1,
+                attention_heads=2,
+                intermediate_layers_indices=[0],
+                vision_output_dim=64,
+                image_size=TINY_TILE,
+                patch_size=TINY_PATCH,
                 max_num_tiles=TINY_TILES,
             ),
             image_token_index=IDS["<|image|>"],
@@ -116,12 +138,19 @@ class MllamaFamily(VisionFamily):
         from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
         tokenizer = build_tokenizer(
-            SPECIALS, chat_template=CHAT_TEMPLATE, eos="<|eot_id|>", pad="<|finetune_right_pad_id|>",
-            bos="<|begin_of_text|>", vocab_size=VOCAB_SIZE, extra={"image_token": "<|image|>"},
+            SPECIALS,
+            chat_template=CHAT_TEMPLATE,
+            eos="<|eot_id|>",
+            pad="<|finetune_right_pad_id|>",
+            bos="<|begin_of_text|>",
+            vocab_size=VOCAB_SIZE,
+            extra={"image_token": "<|image|>"},
         )
         image_processor = MllamaImageProcessorPil(
-            size={"height": TINY_TILE, "width": TINY_TILE}, max_image_tiles=TINY_TILES,
-            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+            size={"height": TINY_TILE, "width": TINY_TILE},
+            max_image_tiles=TINY_TILES,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
         )
         return MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 

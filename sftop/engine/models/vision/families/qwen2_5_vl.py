@@ -29,9 +29,18 @@ class Qwen25VLFamily(QwenVLFamilyBase):
         return Qwen2_5_VLConfig(
             text_config=self.text_config(),
             # window_size is in pixels: 56 = a 2x2 window of merged blocks; block 1 attends fully.
-            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                               patch_size=self.patch_size, spatial_merge_size=self.merge_size, temporal_patch_size=2,
-                               window_size=56, fullatt_block_indexes=[1]),
+            vision_config=dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                patch_size=self.patch_size,
+                spatial_merge_size=self.merge_size,
+                temporal_patch_size=2,
+                window_size=56,
+                fullatt_block_indexes=[1],
+            ),
             tie_word_embeddings=False,
             **self.token_id_config(),
         )

@@ -29,8 +29,16 @@ class Qwen2VLFamily(QwenVLFamilyBase):
 
         return Qwen2VLConfig(
             text_config=self.text_config(),
-            vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
-                               patch_size=self.patch_size, spatial_merge_size=self.merge_size, temporal_patch_size=2),
+            vision_config=dict(
+                depth=2,
+                embed_dim=32,
+                hidden_size=64,
+                num_heads=2,
+                mlp_ratio=2,
+                patch_size=self.patch_size,
+                spatial_merge_size=self.merge_size,
+                temporal_patch_size=2,
+            ),
             tie_word_embeddings=False,
             **self.token_id_config(),
         )

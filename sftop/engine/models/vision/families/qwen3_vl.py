@@ -23,8 +23,9 @@ class Qwen3VLFamily(QwenVLFamilyBase):
     default_system = None
     # 32-pixel blocks. Default budget: at most 512 image tokens per image (524,288 px, about
     # 724x724), at least 4 (4,096 px); aspect ratios over 200 refused.
-    image_rules = ImageRules(patch_multiple=32, min_edge=32, max_pixels=512 * 32 * 32, min_pixels=4 * 32 * 32,
-                             max_aspect_ratio=200.0)
+    image_rules = ImageRules(
+        patch_multiple=32, min_edge=32, max_pixels=512 * 32 * 32, min_pixels=4 * 32 * 32, max_aspect_ratio=200.0
+    )
 
     def processor_class(self) -> Any:
         from transformers import Qwen3VLProcessor
@@ -37,9 +38,18 @@ class Qwen3VLFamily(QwenVLFamilyBase):
         rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
         return Qwen3VLConfig(
             text_config=self.text_config(head_dim=16, rope_parameters=rope),
-            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                               patch_size=self.patch_size, spatial_merge_size=self.merge_size, temporal_patch_size=2,
-                               num_position_embeddings=64, deepstack_visual_indexes=[0]),
+            vision_config=dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                patch_size=self.patch_size,
+                spatial_merge_size=self.merge_size,
+                temporal_patch_size=2,
+                num_position_embeddings=64,
+                deepstack_visual_indexes=[0],
+            ),
             tie_word_embeddings=False,
             **self.token_id_config(),
         )
