@@ -17,6 +17,7 @@ from sftop.tui.screens.home import HomeScreen
 from sftop.tui.screens.runs import RunsScreen
 from sftop.tui.widgets.runs_table import RunsTable
 from sftop.tui.wizard.dataset_step import DatasetStep
+from sftop.tui.wizard.model_step import ModelStep
 from sftop.tui.wizard.plan_step import PlanStep
 from sftop.tui.wizard.screen import WizardScreen
 
@@ -121,12 +122,9 @@ def test_wizard_model_step(snap_compare, services):
     async def run_before(pilot):
         await wait_until(pilot, lambda: isinstance(pilot.app.screen, WizardScreen))
 
-        # the HF cache scan that fills the model list (its result is shown once the app is idle)
-        def scanned():
-            scans = [w for w in pilot.app.workers if w.group == "hf-cache"]
-            return scans and all(w.is_finished for w in scans)
-
-        await wait_until(pilot, scanned)
+        # the HF cache scan fills the model list from a worker; wait until its result is in the list
+        step = pilot.app.screen.query_one(ModelStep)
+        await wait_until(pilot, lambda: step.cache_scanned)
 
     assert snap_compare(SftopApp(start="wizard", services=services), run_before=run_before)
 

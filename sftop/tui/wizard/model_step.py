@@ -60,6 +60,7 @@ def looks_like_path(name: str) -> bool:
 class ModelStep(Step):
     title = "Model"
     BINDINGS = [Binding("ctrl+o", "browse", "Browse folders")]
+    cache_scanned = False  # the HF cache's models are in the list (or its note, when there are none)
 
     def compose(self) -> ComposeResult:
         yield Static(
@@ -97,6 +98,7 @@ class ModelStep(Step):
         )
         if message.note and not message.models:
             choices.add_option(Option(f"({message.note})", disabled=True))
+        self.cache_scanned = True
 
     @on(OptionList.OptionSelected, "#model-choices")
     @on(OptionList.OptionHighlighted, "#model-choices")
