@@ -257,3 +257,36 @@ def test_the_tiny_model_sees_its_images(name):
     with torch.no_grad():
         last_red, last_blue = m(**red).logits[0, -1], m(**blue).logits[0, -1]
     assert (last_red - last_blue).abs().max() > 1e-4  # the answer position depends on the pixels
+
+
+def test_a_checkpoint_without_its_video_processor_loads_where_torchvision_is(tmp_path, monkeypatch):
+    # Saved where torchvision was missing, a Qwen-VL processor has no video processor, and where
+    # torchvision is installed AutoProcessor refuses it (transformers 5.17's OSError, reproduced
+    # here): the family then assembles the processor from the checkpoint's parts, images only.
+    import importlib.util
+
+    import transformers
+
+    fam, proc = family("qwen2_5_vl"), processor("qwen2_5_vl")
+    proc.save_pretrained(tmp_path)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: object() if n == "torchvision" else real_find_spec(n, *a)
+    )
+
+    def refuse(source, **kwargs):
+        raise OSError(f"Can't load video processor for '{source}'. ... a video_preprocessor_config.json file.")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", refuse)
+    loaded = fam.load_processor(str(tmp_path))
+    assert type(loaded).__name__ == type(proc).__name__ and loaded.chat_template == proc.chat_template
+    conv = rows("qwen2_5_vl")["single"]
+    a, b = VisionCollator(fam, proc)([conv]), VisionCollator(fam, loaded)([conv])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def broken(source, **kwargs):
+        raise OSError("config.json is not valid JSON")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", broken)
+    with pytest.raises(OSError, match="not valid JSON"):  # any other failure is the user's to see
+        fam.load_processor(str(tmp_path))
