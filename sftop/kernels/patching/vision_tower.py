@@ -204,30 +204,21 @@ def _glu_kind(act: nn.Module) -> int | None:
 
 def _plain_lora_adapter(layer: nn.Module) -> str | None:
     """The one adapter of a PEFT LoRA layer that lora_linears computes exactly, else None."""
-    from .. import compat
+    from .peft_lora import is_lora_layer, lora_refusal
 
-    if not compat.is_peft_lora_layer(layer):
-        return None
-    active = list(getattr(layer, "active_adapters", []))
-    if len(active) != 1 or active[0] not in layer.lora_A:
-        return None
-    name = active[0]
-    if getattr(layer, "use_dora", {}).get(name, False) or name in getattr(layer, "lora_variant", {}):
-        return None
-    if not isinstance(layer.lora_dropout[name], nn.Identity):
-        return None
-    a, b = layer.lora_A[name], layer.lora_B[name]
-    if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
+    if not is_lora_layer(layer) or lora_refusal(layer) is not None:
         return None
     base = layer.base_layer
     if type(base) is not nn.Linear or base.weight.requires_grad:
         return None
-    return name
+    return list(layer.active_adapters)[0]
 
 
 def _lora_live(layer: nn.Module, adapter: str) -> bool:
     """PEFT's per-call state still matches what the patch saw (not disabled, merged or switched)."""
-    return not layer.disable_adapters and not layer.merged and list(layer.active_adapters) == [adapter]
+    from .peft_lora import lora_state_ok
+
+    return lora_state_ok(layer, adapter)
 
 
 def _mlp_forward(self, _base, x):
