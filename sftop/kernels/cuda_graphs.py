@@ -345,6 +345,20 @@ class StepGraphs:
                 p.grad = g.clone()
 
 
+def token_ids_only(kwargs: dict, ids: torch.Tensor, false_flags: tuple[str, ...] = ()) -> bool:
+    """Whether a model call carries nothing a captured step does not take: the token ids, a padding
+    mask of their shape, `use_cache` off, unset (None) arguments, and the `false_flags` set to False."""
+    for k, v in kwargs.items():
+        if v is None or k == "input_ids" or (k == "use_cache" and not v):
+            continue
+        if k == "attention_mask" and torch.is_tensor(v) and v.shape == ids.shape:
+            continue
+        if k in false_flags and v is False:
+            continue
+        return False
+    return True
+
+
 def _room_for_capture() -> str | None:
     """Refuse to capture unless the largest step transient seen so far fits twice beside what is
     live: once in the graphs' pool (which keeps it for good) and once in the ordinary cache, which

@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cuda_graphs import ENV_SWITCH, StepGraphs, enabled_by_env, no_rng_stash
+from .cuda_graphs import ENV_SWITCH, StepGraphs, enabled_by_env, no_rng_stash, token_ids_only
 from .patching import markers as M
 
 IGNORE_INDEX = -100
@@ -200,13 +200,7 @@ def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
         return None
     if not lm.training or lm.__dict__.get(M.OFFLOADING):
         return None
-    for k, v in kwargs.items():
-        if v is None or (k == "use_cache" and not v) or k == "input_ids":
-            continue
-        if k == "attention_mask" and torch.is_tensor(v) and v.shape == ids.shape:
-            continue
-        if k in ("return_dict", "output_attentions", "output_hidden_states") and v is False:
-            continue
+    if not token_ids_only(kwargs, ids, false_flags=("return_dict", "output_attentions", "output_hidden_states")):
         return None
     graphs = lm.__dict__.get(M.LOGPROB_GRAPHS)
     if graphs is None or graphs.owner is not lm.__dict__.get(M.GRAPHS):

@@ -54,11 +54,9 @@ def graphed_loss(self, graphs, kwargs, shift_labels, num_items, ignore_index):
         return None
     if self.__dict__.get(M.OFFLOADING):
         return None
-    for k, v in kwargs.items():
-        if v is None or k == "input_ids" or (k == "use_cache" and not v):
-            continue
-        if k == "attention_mask" and torch.is_tensor(v) and v.shape == ids.shape:
-            continue
+    from ...cuda_graphs import token_ids_only
+
+    if not token_ids_only(kwargs, ids):
         return None
     mask = kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):  # one host sync: padded batches run eagerly
