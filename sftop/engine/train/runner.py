@@ -604,30 +604,30 @@ class _Run:
             if setting == "auto":
                 self.buckets_reason = "off: packed micro-batches cannot replay CUDA graphs here"
             return
-        lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
         args = trainer.args
-        per_epoch = math.ceil(len(lengths) / self.plan.micro_batch)
-        micro_batches = (
-            args.max_steps * self.plan.grad_accum
-            if args.max_steps and args.max_steps > 0
-            else per_epoch * math.ceil(args.num_train_epochs)
-        )
+        limited = bool(args.max_steps and args.max_steps > 0)
         sampler = getattr(trainer, "sftop_token_sampler", None)
         if sampler is not None:
             # steps split by tokens: every micro-batch of the run is known, fit the buckets to them all
             from sftop.engine.planner.token_split import micro_batch_tokens
             from sftop.engine.train.buckets import fitted_bucket_sizes
 
-            micro_batches = len(sampler) * max(1, math.ceil(args.num_train_epochs))
+            per_epoch = max(1, len(sampler))
             epochs = max(1, math.ceil(args.num_train_epochs))
-            if args.max_steps and args.max_steps > 0:
-                micro_batches = args.max_steps * self.plan.grad_accum
-                epochs = max(1, math.ceil(micro_batches / max(1, len(sampler))))
+            micro_batches = args.max_steps * self.plan.grad_accum if limited else len(sampler) * epochs
+            if limited:
+                epochs = max(1, math.ceil(micro_batches / per_epoch))
             run = micro_batch_tokens(
                 sampler.lengths, sampler.rows_per_step, sampler.micro_batches, sampler.seed, epochs
             )[:micro_batches]
             sizes = fitted_bucket_sizes(run, micro_batches)
         else:
+            lengths = pc.list_value_length(self.data.train.data.column("input_ids")).to_pylist()
+            micro_batches = (
+                args.max_steps * self.plan.grad_accum
+                if limited
+                else math.ceil(len(lengths) / self.plan.micro_batch) * math.ceil(args.num_train_epochs)
+            )
             sizes = data_bucket_sizes(lengths, self.plan.micro_batch, micro_batches, seed=self.preset.train.seed)
         if sizes:
             self.buckets_reason = (
