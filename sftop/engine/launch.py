@@ -100,14 +100,20 @@ class Launch:
 
 
 def accelerate_config(
-    selection: GpuSelection, main_address: str | None = None, main_port: int = 29500
+    selection: GpuSelection,
+    main_address: str | None = None,
+    main_port: int = 29500,
+    fsdp: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """accelerate's config file for a data-parallel run of `selection` on this machine (one of
-    `selection.nodes`; the main node listens on main_address:main_port)."""
+    `selection.nodes`; the main node listens on main_address:main_port); with `fsdp` (accelerate's
+    fsdp_config, sftop.engine.train.fsdp.fsdp_section) a sharded FSDP2 run."""
     several_nodes = selection.nodes > 1
     return {
         "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": "MULTI_GPU",  # torchrun starts one process per rank; on the CPU they use gloo
+        # torchrun starts one process per rank; on the CPU they use gloo
+        "distributed_type": "FSDP" if fsdp else "MULTI_GPU",
+        **({"fsdp_config": fsdp} if fsdp else {}),
         "num_processes": selection.total,
         "num_machines": selection.nodes,
         "machine_rank": selection.node_rank,
@@ -125,13 +131,47 @@ def accelerate_config(
     }
 
 
+def _yaml_value(value: Any) -> str:
+    return (
+        json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+    )
+
+
 def _dump_yaml(data: dict[str, Any]) -> str:
     lines = ["# accelerate config of this run (written by sftop); see launch.sh"]
     for key, value in data.items():
-        lines.append(
-            f"{key}: {json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value}"
-        )
+        if isinstance(value, dict):  # fsdp_config: one level of keys
+            lines.append(f"{key}:")
+            lines += [f"  {k}: {_yaml_value(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"{key}: {_yaml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def launch_strategy(preset: Any, selection: GpuSelection) -> tuple[str, dict[str, Any] | None]:
+    """("ddp" | "fsdp2", accelerate's fsdp_config or None): plan.strategy, or with "auto" the
+    planner's choice for these GPUs. Decided once here, so every rank runs the same strategy (each
+    rank plans its share under the strategy its config says)."""
+    from sftop.engine.planner.multi import plan_selection, wanted_strategy
+    from sftop.engine.train.fsdp import fsdp_section
+
+    strategy = wanted_strategy(preset)
+    model_config = None
+    if strategy == "auto":
+        from sftop.engine.planner import load_model_config
+
+        try:
+            model_config = load_model_config(preset)
+            strategy = plan_selection(preset, model_config, selection).strategy
+        except Exception:  # noqa: BLE001 - the ranks' own planning reports what does not fit, and why
+            strategy = "ddp"
+    if strategy != "fsdp2":
+        return "ddp", None
+    if model_config is None:
+        from sftop.engine.planner import load_model_config
+
+        model_config = load_model_config(preset)
+    return "fsdp2", fsdp_section(model_config, bool(preset.model.load_in_4bit))
 
 
 def _trainer_args(command: list[str]) -> list[str] | None:
@@ -162,7 +202,8 @@ def prepare_launch(run_dir: RunDir, command: list[str], env: dict[str, str] | No
                 env={"CUDA_VISIBLE_DEVICES": selection.uuids[0], "CUDA_DEVICE_ORDER": "PCI_BUS_ID", PINNED_ENV: "1"},
             )
         return None
-    config = accelerate_config(selection, preset.plan.main_address, preset.plan.main_port)
+    _, fsdp = launch_strategy(preset, selection)
+    config = accelerate_config(selection, preset.plan.main_address, preset.plan.main_port, fsdp)
     config_path = run_dir.path / CONFIG_NAME
     config_path.write_text(_dump_yaml(config), encoding="utf-8")
     launch_cmd = [
@@ -179,8 +220,9 @@ def prepare_launch(run_dir: RunDir, command: list[str], env: dict[str, str] | No
     ]
     rank_env = {
         DISTRIBUTED_ENV: selection.device,
-        # sftop's CUDA graphs replay a captured step; DDP's gradient all-reduce hooks fire outside it
-        # and would be skipped on replay, so graphs stay off under several processes.
+        # sftop's CUDA graphs replay a captured step; DDP's gradient all-reduce hooks (FSDP2's gathers
+        # and reduce-scatters) fire outside it and would be skipped on replay, so graphs stay off
+        # under several processes.
         "SFTOP_CUDA_GRAPHS": "0",
         "CUDA_VISIBLE_DEVICES": ",".join(selection.uuids) if selection.device == "cuda" else "",
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",

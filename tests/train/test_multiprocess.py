@@ -114,8 +114,8 @@ def test_two_processes_train_like_one_at_the_same_effective_batch(runs):
     assert (two.adapter / "adapter_model.safetensors").is_file()
 
 
-def stop_here(run: RunDir, since: float) -> int:
-    """Stop `run` once it trained two steps after `since`; the step it stopped at, checked."""
+def stop_here(run: RunDir, since: float, steps: int = STEPS) -> int:
+    """Stop `run` (of `steps` steps) once it trained two steps after `since`; the step it stopped at, checked."""
     wait_for(lambda: len(losses(run, since)) >= 2, 240, "two steps")
     message = stop_run(run, wait=120)
     assert "stopped" in message, run.stdout_log.read_text()[-3000:]
@@ -124,7 +124,7 @@ def stop_here(run: RunDir, since: float) -> int:
     stopped = events_of(run.path)[-1]
     assert stopped["type"] == "run_stopped" and stopped["signal"] == "SIGTERM"
     step = stopped["step"]
-    assert 2 <= step < STEPS
+    assert 2 <= step < steps
     checkpoint = run.path / "checkpoints" / f"checkpoint-{step}"
     assert checkpoint_is_complete(checkpoint)
     assert not list((run.path / "checkpoints").glob(".saving-*"))

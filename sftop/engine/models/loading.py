@@ -104,7 +104,9 @@ def lora_config(lora_section):
     )
 
 
-def _quantization_config(dtype: str):
+def _quantization_config(dtype: str, quant_storage: str | None = None):
+    """NF4 with double quantization; `quant_storage` packs the 4-bit weights into that dtype's
+    elements (FSDP2 shards only floating-point tensors: FSDP-QLoRA stores them in the compute dtype)."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -121,6 +123,7 @@ def _quantization_config(dtype: str):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=getattr(torch, _DTYPE_NAMES[dtype]),
+        **({"bnb_4bit_quant_storage": getattr(torch, _DTYPE_NAMES[quant_storage])} if quant_storage else {}),
     )
 
 
@@ -145,12 +148,20 @@ def from_pretrained_kwargs(
                 where="model.load_in_4bit",
                 hint="Set model.load_in_4bit = false, or run on a machine with an NVIDIA GPU",
             )
-        quant = _quantization_config(dtype)
+        from sftop.engine.train.fsdp import fsdp2_active
+
+        quant = _quantization_config(dtype, quant_storage=dtype if fsdp2_active() else None)
         if skip_4bit is not None:
             quant.llm_int8_skip_modules = skip_4bit
         kwargs["quantization_config"] = quant
     if on_cuda:
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+        from sftop.engine.train.fsdp import fsdp2_active
+
+        if fsdp2_active() and not model_section.load_in_4bit:
+            # FSDP2: rank 0 reads the 16-bit weights into CPU memory and each GPU receives its shard
+            # (a whole copy per GPU is what does not fit); 4-bit weights quantize on each GPU first
+            del kwargs["device_map"]
     return kwargs
 
 
@@ -174,6 +185,10 @@ def apply_kernels(model, mode: str) -> dict[str, Any]:
     """Patch in sftop's fused kernels. Any failure leaves the stock model and says why."""
     if mode == "off":
         return {"enabled": False, "reason": "train.kernels = off"}
+    from sftop.engine.train.fsdp import OFF_REASONS, fsdp2_active
+
+    if fsdp2_active():
+        return {"enabled": False, "reason": "FSDP2: " + OFF_REASONS["kernels"]}
     if mode == "auto" and not cuda_available():
         # On CPU the Triton kernels could only run in the (very slow) interpreter.
         return {"enabled": False, "reason": "no CUDA GPU: stock PyTorch layers"}
@@ -245,6 +260,10 @@ def load_model(preset, plan=None):
     kernels = apply_kernels(model, preset.train.kernels)
     total, trainable = count_params(model)
     device = str(next(base.parameters()).device)
+    if device == "cpu" and cuda_available():  # FSDP2 loads on the CPU; the shards train on this GPU
+        import torch
+
+        device = f"cuda:{torch.cuda.current_device()}"
     info = ModelInfo(
         source=preset.model.name,
         device=device,

@@ -20,8 +20,9 @@ from sftop.engine.gpu import GIB, GpuStatus
 from sftop.engine.gpu_select import GpuSelection
 from sftop.engine.planner.solve import Plan, _candidate, _reserve_bytes, plan_run, solve
 
-# FSDP2 is planned (the per-GPU peak of a sharded run) but the trainer does not run it yet.
-FSDP2_RUNS = False
+# FSDP2 runs (sftop/engine/train/fsdp.py): `sftop run` takes a plan that needs it.
+FSDP2_RUNS = True
+STRATEGIES = ("auto", "ddp", "fsdp2")
 
 
 def per_rank_batch(effective_batch: int, world_size: int) -> int:
@@ -45,8 +46,18 @@ def _rank_preset(preset: Any, share: int) -> Any:
     return preset.model_copy(update={"train": train})
 
 
-def plan_selection(preset: Any, model_config: Any, selection: GpuSelection, **kwargs: Any) -> Plan:
-    """The plan for `selection`'s processes (kwargs go to plan_run: row_tokens_mean, image_tokens_per_row)."""
+def wanted_strategy(preset: Any) -> str:
+    return str(getattr(preset.plan, "strategy", "auto") or "auto")
+
+
+def plan_selection(
+    preset: Any, model_config: Any, selection: GpuSelection, strategy: str | None = None, **kwargs: Any
+) -> Plan:
+    """The plan for `selection`'s processes (kwargs go to plan_run: row_tokens_mean, image_tokens_per_row).
+
+    strategy: "auto" (DDP when it fits, else FSDP2), "ddp" or "fsdp2"; None = the preset's plan.strategy.
+    Inside a rank it is the strategy the run was launched with."""
+    strategy = strategy or wanted_strategy(preset)
     world = selection.total  # every process on every node
     if world == 1:
         plan = plan_run(preset, model_config, gpus=selection.status(), **kwargs)
@@ -64,12 +75,15 @@ def plan_selection(preset: Any, model_config: Any, selection: GpuSelection, **kw
         )
         base = plan_run(rank_preset, model_config, gpus=GpuStatus(reason=selection.cpu_reason), **kwargs)
         assert base.context is not None
+        sharded = strategy == "fsdp2"
         ctx = replace(
             base.context,
             world_size=world,
-            strategy="ddp",
+            strategy="fsdp2" if sharded else "ddp",
             per_gpu=_budgets(cpus, base.context.budget_bytes),
-            strategy_reason=f"DDP over {world} CPU processes (gloo): {selection.cpu_reason}",
+            shard_bytes=_shard_saving(base.context, world) if sharded else 0,
+            strategy_reason=f"{'FSDP2 (plan.strategy = fsdp2)' if sharded else 'DDP'} over {world} CPU processes "
+            f"(gloo): {selection.cpu_reason}",
         )
         plan = solve(ctx)
         plan.reason = base.reason
@@ -80,9 +94,13 @@ def plan_selection(preset: Any, model_config: Any, selection: GpuSelection, **kw
         (g.device, g.name, g.uuid, _budget(g)) for g in selection.gpus
     )
     notes = [f"left out {w}" for w in selection.left_out] + selection.notes
+    if strategy == "fsdp2":
+        return _fsdp2(rank_preset, model_config, smallest, per_gpu, world, notes, None, kwargs)
     try:
         base = plan_run(rank_preset, model_config, gpus=GpuStatus(gpus=[smallest]), **kwargs)
     except ResourceError as ddp_error:
+        if strategy == "ddp":
+            raise
         return _fsdp2(rank_preset, model_config, smallest, per_gpu, world, notes, ddp_error, kwargs)
     assert base.context is not None
     ctx = replace(
@@ -129,6 +147,14 @@ def _check_fixed(preset: Any, share: int, world: int) -> None:
         )
 
 
+def _shard_saving(ctx: Any, world: int) -> int:
+    """Bytes of weights one FSDP2 rank does not hold: the (N-1)/N shards of the others, less the two
+    decoder layers it gathers whole at a time (the one computing and the one prefetched)."""
+    weights = _candidate(ctx, "off", 1).estimate.terms.get("weights", 0)
+    gathered = 2 * weights // max(1, ctx.shape.layers)
+    return max(0, int(weights * (world - 1) / world) - gathered)
+
+
 def _fsdp2(
     rank_preset: Any,
     model_config: Any,
@@ -136,10 +162,11 @@ def _fsdp2(
     per_gpu: tuple,
     world: int,
     notes: list[str],
-    ddp_error: ResourceError,
+    ddp_error: ResourceError | None,
     kwargs: dict,
 ) -> Plan:
-    """Does a shard of the weights fit where the whole model did not? Then plan FSDP2."""
+    """Does a shard of the weights fit where the whole model did not (or plan.strategy = "fsdp2")?
+    Then plan FSDP2."""
     from sftop.engine.gpu import GpuInfo
 
     # Solve with room for any candidate, then against the real budget less the other ranks' shards.
@@ -155,7 +182,13 @@ def _fsdp2(
     base = plan_run(rank_preset, model_config, gpus=GpuStatus(gpus=[roomy]), **kwargs)
     assert base.context is not None
     weights = _candidate(base.context, "off", 1).estimate.terms.get("weights", 0)
-    shard = int(weights * (world - 1) / world)
+    shard = _shard_saving(base.context, world)
+    why = (
+        f"the whole model does not fit one GPU ({ddp_error.args[0] if ddp_error.args else ddp_error}), a 1/{world} "
+        f"shard of its {weights / GIB:.1f} GiB of weights does"
+        if ddp_error is not None
+        else f"plan.strategy = fsdp2: each GPU holds 1/{world} of the {weights / GIB:.1f} GiB of weights"
+    )
     ctx = replace(
         base.context,
         budget_bytes=_budget(smallest),
@@ -167,21 +200,53 @@ def _fsdp2(
         per_gpu=per_gpu,
         shard_bytes=shard,
         gpu_uuid=None,
-        strategy_reason=f"FSDP2 over {world} GPUs: the whole model does not fit one GPU "
-        f"({ddp_error.args[0] if ddp_error.args else ddp_error}), a 1/{world} shard of "
-        f"its {weights / GIB:.1f} GiB of weights does",
+        strategy_reason=f"FSDP2 over {world} GPUs: {why}",
     )
     ctx.notes = [n for n in ctx.notes if "GiB" not in n or "other processes" not in n] + notes
     try:
-        plan = solve(ctx)
+        plan = _solve_without_offload(ctx)
     except ResourceError:
-        raise ddp_error from None
+        if ddp_error is not None:
+            raise ddp_error from None
+        raise
     plan.breakdown["fsdp2_shards_elsewhere"] = round(-shard / GIB, 3)
+    if rank_preset.model.load_in_4bit:
+        budget = _budget(smallest)
+        plan.notes.append(
+            f"FSDP-QLoRA: each GPU holds all {weights / GIB:.1f} GiB of 4-bit weights while the model loads "
+            "(transformers quantizes on the GPU), then keeps its shard"
+        )
+        if weights > budget:
+            raise ResourceError(
+                f"FSDP-QLoRA of {plan.model_name} over {world} GPUs: its {weights / GIB:.1f} GiB of 4-bit weights "
+                f"must fit one GPU while loading, and {smallest.device} has {budget / GIB:.1f} GiB to spare",
+                where="plan.gpus",
+                hint="Use GPUs with more free memory, or a smaller model",
+            )
     if not FSDP2_RUNS:
         plan.notes.append(
             "FSDP2 is planned but sftop does not run it yet: `sftop run` refuses this plan; "
             "use more or larger GPUs, model.load_in_4bit = true, or a shorter data.max_length"
         )
+    return plan
+
+
+def _solve_without_offload(ctx: Any) -> Plan:
+    """FSDP2 recomputes activations on the GPU: offloaded checkpointing is not one of its rungs."""
+    from sftop.engine.train.fsdp import OFF_REASONS
+
+    fixed = ctx.constraints.checkpointing
+    if fixed == "offload":
+        ctx = replace(ctx, constraints=replace(ctx.constraints, checkpointing="on"))
+        plan = solve(ctx)
+        plan.notes.append(
+            f"plan.gradient_checkpointing = offload became on under FSDP2 ({OFF_REASONS['checkpoint_offload']})"
+        )
+        return plan
+    plan = solve(ctx)
+    if plan.gradient_checkpointing == "offload":
+        plan = solve(replace(ctx, constraints=replace(ctx.constraints, checkpointing="on")))
+        plan.notes.append(f"FSDP2: checkpointing on instead of offload ({OFF_REASONS['checkpoint_offload']})")
     return plan
 
 

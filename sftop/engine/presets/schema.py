@@ -180,6 +180,12 @@ class PlanSection(_Section):
         "processes (gloo), which checks a multi-process run on a machine without GPUs",
     )
 
+    strategy: Literal["auto", "ddp", "fsdp2"] = Field(
+        "auto",
+        description="Several processes: ddp (a whole model per GPU), fsdp2 (the weights sharded over the GPUs), "
+        "or auto (DDP when the model and its activations fit each GPU, FSDP2 when only a shard does)",
+    )
+
     nodes: int = Field(
         1,
         ge=1,

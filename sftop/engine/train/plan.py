@@ -18,7 +18,11 @@ def make_plan(preset, model_config, row_tokens_mean: float | None = None, image_
     if rank_info()[2] > 1:  # one of several processes: plan for the GPUs the supervisor chose
         from sftop.engine.planner.multi import plan_selection, refuse_unbuilt
 
-        plan = plan_selection(preset, model_config, selection_in_rank(), **kwargs)
+        from sftop.engine.train.fsdp import fsdp2_active
+
+        # the strategy the run was launched with (its accelerate config), whatever the preset says
+        strategy = "fsdp2" if fsdp2_active() else "ddp"
+        plan = plan_selection(preset, model_config, selection_in_rank(), strategy=strategy, **kwargs)
         refuse_unbuilt(plan)
         return plan
     if preset.plan.gpus != "auto" and preset.plan.device != "cpu" and not os.environ.get(PINNED_ENV):

@@ -371,8 +371,11 @@ class _Run:
         from sftop.engine.data import prepare_data
         from sftop.engine.models.loading import load_model
         from sftop.engine.train.config import optimizer_name
+        from sftop.engine.train.fsdp import fsdp2_active, start_group
         from sftop.engine.train.packing import packing_isolated
 
+        if fsdp2_active():
+            start_group()  # before loading: rank 0 alone reads the weights
         self.model, self.tokenizer, self.info = load_model(self.preset, self.plan)
         if self.vision is not None:
             self.data = self.vision_data
@@ -464,6 +467,7 @@ class _Run:
 
         from sftop.engine.train.callbacks import RunEvents
         from sftop.engine.train.config import build_sft_config
+        from sftop.engine.train.fsdp import fsdp2_active
         from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
 
         on_cuda = torch.cuda.is_available()
@@ -495,8 +499,9 @@ class _Run:
             train_dataset=self.data.train,
             eval_dataset=self.data.eval,
             processing_class=self.tokenizer,
-            # the sample answers are the same on every rank: rank 0 writes them
-            callbacks=[guard, events] + ([samples] if self.rank == 0 else []),
+            # the sample answers are the same on every rank: rank 0 writes them (under FSDP2 every
+            # rank generates with it, since each forward gathers the sharded weights from all)
+            callbacks=[guard, events] + ([samples] if self.rank == 0 or fsdp2_active() else []),
             guard=guard,
             save_total_limit=self.preset.train.save_total_limit,
             on_checkpoint=self.on_checkpoint,
@@ -668,6 +673,13 @@ class _Run:
     def distributed_info(self) -> dict[str, Any]:
         import torch.distributed as dist
 
+        from sftop.engine.train.fsdp import distributed_notes, fsdp2_active
+
+        fsdp2: dict[str, Any] = distributed_notes() if fsdp2_active() else {}
+        if fsdp2 and self.trainer is not None:
+            from sftop.engine.train.fsdp import sharded_parameters
+
+            fsdp2["parameters"] = sharded_parameters(self.trainer.model)
         return {
             "world_size": self.world_size,
             "strategy": getattr(self.plan, "strategy", "ddp"),
@@ -676,6 +688,7 @@ class _Run:
             "cuda_graphs": "off: DDP's gradient all-reduce hooks run outside a replayed CUDA graph, so a replayed "
             "step would skip them",
             "probe": "skipped: the plan's per-GPU sizing and the out-of-memory step-down apply",
+            **fsdp2,
         }
 
     def on_checkpoint(self, step: int, path: Path) -> None:
@@ -686,6 +699,9 @@ class _Run:
         import torch
 
         checkpoint = pick_checkpoint(self.run_dir, self.writer) if self.resume else None
+        from sftop.engine.train.fsdp import refuse_single_process_resume
+
+        refuse_single_process_resume(checkpoint, self.world_size)
         if self.resume and checkpoint is None:
             self.message("No complete checkpoint to resume from: starting from step 0", level="warning")
         unloadable: set[Path] = set()
@@ -861,13 +877,17 @@ class _Run:
     def save_adapter(self) -> Path:
         """PEFT adapter + tokenizer into RUN_DIR/adapter, via a temp dir and a rename."""
         target = self.run_dir.adapter
+        from sftop.engine.train.fsdp import adapter_state_dict, fsdp2_active
+
+        # FSDP2: every rank holds a shard of the adapter; all take part in gathering it whole
+        gathered = {"state_dict": adapter_state_dict(self.trainer.model)} if fsdp2_active() else {}
         if self.local_rank:  # the adapter is the same on every rank: each node's first process saves it
             return target
         tmp = target.with_name(".adapter-saving")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             # a DPO run's frozen reference adapter ("ref") is not part of the result
-            self.trainer.model.save_pretrained(tmp, **getattr(self.trainer, "sftop_save_kwargs", {}))
+            self.trainer.model.save_pretrained(tmp, **getattr(self.trainer, "sftop_save_kwargs", {}), **gathered)
             self.tokenizer.save_pretrained(tmp)
         except Exception as exc:
             shutil.rmtree(tmp, ignore_errors=True)

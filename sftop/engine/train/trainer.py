@@ -35,14 +35,30 @@ def checkpoint_is_complete(path: Path) -> bool:
     return checkpoint_problem(path) is None
 
 
+# An FSDP2 run's checkpoint: accelerate's whole (gathered) optimizer state, and the adapter again in
+# the file accelerate's FSDP resume reads.
+FSDP_CHECKPOINT_FILES = ("optimizer.bin", "pytorch_model_fsdp.bin")
+
+
+def required_checkpoint_files(path: Path) -> tuple[str, ...]:
+    if (path / FSDP_CHECKPOINT_FILES[1]).is_file():
+        return tuple(n for n in REQUIRED_CHECKPOINT_FILES if n != "optimizer.pt") + FSDP_CHECKPOINT_FILES
+    return REQUIRED_CHECKPOINT_FILES
+
+
+def is_fsdp_checkpoint(path: Path) -> bool:
+    return (path / FSDP_CHECKPOINT_FILES[1]).is_file()
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """None for a checkpoint that can be resumed from; otherwise why not (files missing, damaged)."""
     if not path.is_dir():
         return "it is not a directory"
-    missing = [name for name in REQUIRED_CHECKPOINT_FILES if not (path / name).is_file()]
+    required = required_checkpoint_files(path)
+    missing = [name for name in required if not (path / name).is_file()]
     if missing:
         return "files missing: " + ", ".join(missing)
-    return verify_checkpoint(path, REQUIRED_CHECKPOINT_FILES)
+    return verify_checkpoint(path, required)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -67,6 +83,20 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of `grads`. FSDP2 ranks hold shards (DTensors): their squares are summed
+    over the ranks, so every rank reads the same norm and skips (or keeps) the same update."""
+    from sftop.engine.train.fsdp import local_grad_square_sum, sharded_grads
+
+    if sharded_grads(grads):
+        squares = local_grad_square_sum(grads)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(squares)
+        return squares.sqrt()
+    norms = torch._foreach_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms]))
 
 
 class UpdateGuard(TrainerCallback):
@@ -99,8 +129,7 @@ class UpdateGuard(TrainerCallback):
         grads_bad = False
         losses_finite, self._losses_finite = self._losses_finite, None
         if params:
-            norms = torch._foreach_norm([p.grad for p in params])
-            total = torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms]))
+            total = _grad_norm([p.grad for p in params])
             flags = [total]
             if losses_finite is not None:
                 flags.append(losses_finite.to(device=total.device, dtype=total.dtype))
@@ -158,6 +187,24 @@ class SftopTrainer(SFTTrainer):
         self.sftop_step_samples = 0
         # token-balanced micro-batches (token_batches.py): a batch sampler over sftop's row order
         self.sftop_token_sampler = None
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        from sftop.engine.train.fsdp import enable_on_cpu, fsdp2_active
+
+        if fsdp2_active():
+            enable_on_cpu(self)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """FSDP2: gather the adapter alone (not the frozen base, as transformers' FSDP save would) and
+        write it as a one-process run does."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        from sftop.engine.train.fsdp import adapter_state_dict
+
+        state = adapter_state_dict(self.model)  # every rank takes part in the gather
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.sftop_token_sampler is not None:
