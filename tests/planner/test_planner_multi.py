@@ -96,15 +96,67 @@ def test_fixed_micro_batch_and_accumulation_are_per_process():
         plan_selection(preset(effective_batch=16, micro_batch=4, grad_accum=4), llama_1b(), sel)
 
 
-def test_model_too_big_for_one_gpu_is_planned_as_fsdp2_and_refused_at_run_time():
+def test_model_too_big_for_one_gpu_is_planned_as_fsdp2_and_run():
     sel = select_gpus(plan_section(), gpus((16, 0.5), (16, 0.5)))
     # an 8B in bf16 (16 GiB of weights) does not fit a 16 GB card with its training state; a half shard does
     plan = plan_selection(preset(name="meta-llama/Llama-3.1-8B", effective_batch=8, max_length=512), llama_8b(), sel)
     assert plan.strategy == "fsdp2" and plan.world_size == 2
-    assert plan.breakdown["fsdp2_shards_elsewhere"] < -7
+    assert "the whole model does not fit one GPU" in str(plan.strategy_reason)
+    # each rank holds half the weights, plus the two decoder layers it gathers whole at a time
+    weights = plan.breakdown["weights"]
+    assert plan.breakdown["fsdp2_shards_elsewhere"] == pytest.approx(-(weights / 2 - 2 * weights / 32), abs=2e-3)
     assert all(g["predicted_peak_gib"] <= g["budget_gib"] for g in plan.per_gpu)
-    with pytest.raises(ResourceError, match="does not run FSDP2 yet"):
-        refuse_unbuilt(plan)
+    assert plan.gradient_checkpointing != "offload"
+    refuse_unbuilt(plan)  # sftop runs FSDP2: nothing to refuse
+    text = render_plan(plan)
+    assert "FSDP2 over 2 processes" in text and text.count("peak ") >= 2
+    # plan.strategy = "ddp" keeps DDP: the model does not fit, so the usual refusal
+    with pytest.raises(ResourceError, match="does not fit"):
+        plan_selection(
+            preset(name="meta-llama/Llama-3.1-8B", effective_batch=8, max_length=512, strategy="ddp"), llama_8b(), sel
+        )
+
+
+def test_strategy_fsdp2_shards_a_model_that_would_fit_and_never_offloads():
+    sel = select_gpus(plan_section(), gpus((80, 0.5), (80, 0.5)))
+    ddp = plan_selection(preset(effective_batch=8), llama_1b(), sel)
+    fsdp2 = plan_selection(preset(effective_batch=8, strategy="fsdp2"), llama_1b(), sel)
+    assert (ddp.strategy, fsdp2.strategy) == ("ddp", "fsdp2")
+    assert "plan.strategy = fsdp2" in str(fsdp2.strategy_reason)
+    assert fsdp2.per_gpu[0]["predicted_peak_gib"] < ddp.per_gpu[0]["predicted_peak_gib"]
+    forced = plan_selection(
+        preset(effective_batch=8, strategy="fsdp2", gradient_checkpointing="offload"), llama_1b(), sel
+    )
+    assert forced.gradient_checkpointing == "on" and any("offload became on under FSDP2" in n for n in forced.notes)
+
+
+def test_fsdp_qlora_needs_the_4bit_weights_on_one_gpu_while_loading():
+    sel = select_gpus(plan_section(), gpus((80, 0.5), (80, 0.5)))
+    plan = plan_selection(
+        preset(name="meta-llama/Llama-3.1-8B", effective_batch=8, load_in_4bit=True, strategy="fsdp2"), llama_8b(), sel
+    )
+    assert plan.load_in_4bit and plan.strategy == "fsdp2"
+    assert any(n.startswith("FSDP-QLoRA: each GPU holds all") for n in plan.notes)
+    # a 70B's ~37 GiB of 4-bit weights: sharded they would fit two 24 GB cards, but loading holds them all
+    from transformers import LlamaConfig
+
+    llama_70b = LlamaConfig(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    )
+    small = select_gpus(plan_section(), gpus((24, 0.5), (24, 0.5), (24, 0.5), (24, 0.5)))
+    with pytest.raises(ResourceError, match="must fit one GPU while loading"):
+        plan_selection(
+            preset(
+                name="meta-llama/Llama-3.1-70B", effective_batch=8, max_length=512, load_in_4bit=True, strategy="fsdp2"
+            ),
+            llama_70b,
+            small,
+        )
 
 
 def test_too_big_even_sharded_is_the_usual_refusal():

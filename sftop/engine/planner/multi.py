@@ -232,21 +232,16 @@ def _fsdp2(
 
 
 def _solve_without_offload(ctx: Any) -> Plan:
-    """FSDP2 recomputes activations on the GPU: offloaded checkpointing is not one of its rungs."""
+    """FSDP2 recomputes activations on the GPU: offloaded checkpointing is not one of its rungs
+    (solve leaves it out), and a preset that asks for it gets "on", with a note."""
     from sftop.engine.train.fsdp import OFF_REASONS
 
-    fixed = ctx.constraints.checkpointing
-    if fixed == "offload":
-        ctx = replace(ctx, constraints=replace(ctx.constraints, checkpointing="on"))
-        plan = solve(ctx)
-        plan.notes.append(
-            f"plan.gradient_checkpointing = offload became on under FSDP2 ({OFF_REASONS['checkpoint_offload']})"
-        )
-        return plan
-    plan = solve(ctx)
-    if plan.gradient_checkpointing == "offload":
-        plan = solve(replace(ctx, constraints=replace(ctx.constraints, checkpointing="on")))
-        plan.notes.append(f"FSDP2: checkpointing on instead of offload ({OFF_REASONS['checkpoint_offload']})")
+    if ctx.constraints.checkpointing != "offload":
+        return solve(ctx)
+    plan = solve(replace(ctx, constraints=replace(ctx.constraints, checkpointing="on")))
+    plan.notes.append(
+        f"plan.gradient_checkpointing = offload became on under FSDP2 ({OFF_REASONS['checkpoint_offload']})"
+    )
     return plan
 
 

@@ -378,6 +378,8 @@ def _allowed(ctx: PlanContext, constraints: Constraints | None = None) -> list[t
     """(checkpointing, micro_batch, every_n_layers) candidates the constraints allow."""
     c = ctx.constraints if constraints is None else constraints
     modes = rungs(ctx.shape.layers, c.checkpointing)
+    if ctx.strategy == "fsdp2":  # FSDP2 recomputes on the GPU (sftop.engine.train.fsdp.OFF_REASONS)
+        modes = [m for m in modes if m[0] != "offload"] or [("on", 1)]
     if c.micro_batch:
         sizes = [c.micro_batch]
     elif c.grad_accum:
