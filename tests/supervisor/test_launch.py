@@ -151,3 +151,41 @@ def test_two_gpus_get_nccl_ranks_on_exactly_those_gpus(monkeypatch):
     assert launch is not None and launch.world_size == 2 and launch.selection.backend == "nccl"
     assert launch.env["CUDA_VISIBLE_DEVICES"] == "GPU-0,GPU-1" and "ACCELERATE_USE_CPU" not in launch.env
     assert "use_cpu: false" in (run.path / "accelerate.yaml").read_text()
+
+
+def test_the_strategy_is_decided_at_launch_and_written_into_the_accelerate_config():
+    from sftop.engine.gpu import GIB, GpuInfo, GpuStatus
+    from sftop.engine.gpu_select import select_gpus
+    from sftop.engine.launch import _dump_yaml, accelerate_config, launch_strategy
+
+    def cards(gib: int) -> GpuStatus:
+        return GpuStatus(
+            gpus=[
+                GpuInfo(
+                    index=i,
+                    nvml_index=i,
+                    name=f"Test {gib}GB",
+                    uuid=f"GPU-{i}",
+                    memory_total_bytes=gib * GIB,
+                    memory_used_bytes=0,
+                    memory_free_bytes=gib * GIB,
+                )
+                for i in range(2)
+            ]
+        )
+
+    big, _ = load_preset(
+        "demo", ['model.name="meta-llama/Llama-3.1-8B"', "train.effective_batch=8", "data.max_length=512"]
+    )
+    small_gpus = select_gpus(big.plan, cards(16))
+    strategy, fsdp = launch_strategy(big, small_gpus)
+    # an 8B in bf16 does not fit a 16 GB card: FSDP2 with one unit per Llama decoder layer
+    assert strategy == "fsdp2" and fsdp is not None
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    config = _dump_yaml(accelerate_config(small_gpus, fsdp=fsdp))
+    assert 'distributed_type: "FSDP"' in config and "fsdp_config:\n  fsdp_version: 2\n" in config
+    assert "use_cpu: false" in config
+    large_gpus = select_gpus(big.plan, cards(80))
+    assert launch_strategy(big, large_gpus) == ("ddp", None)
+    forced = big.model_copy(update={"plan": big.plan.model_copy(update={"strategy": "fsdp2"})})
+    assert launch_strategy(forced, large_gpus)[0] == "fsdp2"
