@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from sftop.engine.errors import PresetError
-from sftop.engine.train.fsdp import refuse_single_process_resume
+from sftop.engine.train.fsdp import cpu_4bit_allowed, refuse_single_process_resume
 from sftop.engine.train.trainer import checkpoint_problem, is_fsdp_checkpoint
 from test_multiprocess import finish, losses, start, stop_here
 from train_helpers import events_of, in_home, of_type
@@ -108,3 +108,24 @@ def test_fsdp2_stop_then_resume_on_three_processes_continues_the_curve(runs, hom
     with pytest.raises(PresetError, match="plan.gpus = 2 or more"):
         refuse_single_process_resume(checkpoint, 1)
     refuse_single_process_resume(checkpoint, 3)
+
+
+def test_fsdp_qlora_shards_the_4bit_weights_on_cpu_processes(runs, home, tmp_path):
+    """FSDP-QLoRA's CPU twin: bitsandbytes quantizes on the CPU with the packed 4-bit weights stored in
+    the compute dtype, and FSDP2 shards them like any other weight (a one-process CPU run stays refused)."""
+    one, _ = runs
+    steps = 8
+    run = start(tmp_path / "qlora", [*FSDP2, "model.load_in_4bit=true", f"train.max_steps={steps}"])
+    assert finish(run)["status"] == "finished", run.stdout_log.read_text()[-3000:]
+    curve = losses(run)
+    assert sorted(curve) == list(range(1, steps + 1)) and curve[steps] < curve[1] * 0.8
+    # 4-bit weights train to about the same curve as the 16-bit ones (NF4 rounding apart)
+    for step in (1, 2):
+        assert curve[step] == pytest.approx(losses(one)[step], rel=0.1), step
+    started = of_type(events_of(run.path), "run_started")[0]
+    assert started["environment"]["model"]["load_in_4bit"] and started["plan"]["load_in_4bit"]
+    params = started["environment"]["distributed"]["parameters"]
+    assert params["sharded"] == params["total"] and params["trainable_sharded"] > 0
+    saved = load_file(str(run.adapter / "adapter_model.safetensors"))
+    assert sorted(saved) == sorted(load_file(str(one.adapter / "adapter_model.safetensors")))
+    assert not cpu_4bit_allowed()  # this test process is no FSDP2 rank: CPU 4-bit stays refused here

@@ -141,8 +141,10 @@ def from_pretrained_kwargs(
         "revision": model_section.revision,
         "trust_remote_code": model_section.trust_remote_code,
     }
+    from sftop.engine.train.fsdp import cpu_4bit_allowed
+
     if model_section.load_in_4bit:
-        if not on_cuda:
+        if not on_cuda and not cpu_4bit_allowed():
             raise ModelError(
                 "4-bit (QLoRA) loading needs a CUDA GPU and none is available",
                 where="model.load_in_4bit",
@@ -154,6 +156,8 @@ def from_pretrained_kwargs(
         if skip_4bit is not None:
             quant.llm_int8_skip_modules = skip_4bit
         kwargs["quantization_config"] = quant
+    if model_section.load_in_4bit and not on_cuda:
+        kwargs["device_map"] = {"": "cpu"}  # FSDP-QLoRA on CPU processes: bitsandbytes quantizes on the CPU
     if on_cuda:
         kwargs["device_map"] = {"": torch.cuda.current_device()}
         from sftop.engine.train.fsdp import fsdp2_active
@@ -258,6 +262,9 @@ def load_model(preset, plan=None):
             hint='Use lora.targets = "all-linear", or list module names that exist in the model (e.g. q_proj, v_proj)',
         ) from None
     kernels = apply_kernels(model, preset.train.kernels)
+    from sftop.engine.train.fsdp import keep_4bit_layout
+
+    keep_4bit_layout(model)
     total, trainable = count_params(model)
     device = str(next(base.parameters()).device)
     if device == "cpu" and cuda_available():  # FSDP2 loads on the CPU; the shards train on this GPU

@@ -763,7 +763,9 @@ def _plan_cpu(
             hint="Run on a machine with an NVIDIA GPU; `sftop plan PRESET --gpu-memory GIB` shows what size it "
             "needs. The `demo` preset trains on the CPU",
         )
-    if preset.model.load_in_4bit:
+    from sftop.engine.train.fsdp import cpu_4bit_allowed
+
+    if preset.model.load_in_4bit and not cpu_4bit_allowed():
         raise ResourceError(
             f"No usable GPU ({reason}), and model.load_in_4bit needs a CUDA GPU",
             where="model.load_in_4bit",

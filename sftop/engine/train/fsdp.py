@@ -81,6 +81,23 @@ def fsdp_section(model_config: Any, load_in_4bit: bool) -> dict[str, Any]:
     }
 
 
+def cpu_4bit_allowed() -> bool:
+    """4-bit weights without a GPU: only in the CPU twin of FSDP-QLoRA (CPU ranks of an FSDP2 run),
+    which bitsandbytes quantizes and multiplies on the CPU; a one-process CPU run stays refused."""
+    return fsdp2_active() and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
+
+
+def keep_4bit_layout(model: Any) -> None:
+    """FSDP2 on CPU ranks: bitsandbytes repacks a 4-bit weight for its CPU inference kernel on the
+    first no-grad forward (the sample answers); under FSDP2 that weight is the gathered copy of the
+    shards, whose layout must stay as sharded. Keep the training layout."""
+    if not cpu_4bit_allowed():
+        return
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def start_group() -> None:
     """Join the process group before the model loads: transformers then loads the weights on rank 0
     only (the others receive their shards when FSDP2 wraps the model). The same group, with the
