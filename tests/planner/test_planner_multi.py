@@ -130,14 +130,14 @@ def test_strategy_fsdp2_shards_a_model_that_would_fit_and_never_offloads():
     assert forced.gradient_checkpointing == "on" and any("offload became on under FSDP2" in n for n in forced.notes)
 
 
-def test_fsdp_qlora_needs_the_4bit_weights_on_one_gpu_while_loading():
+def test_fsdp_qlora_quantizes_on_the_gpu_when_the_4bit_weights_fit_it_else_on_the_cpu():
     sel = select_gpus(plan_section(), gpus((80, 0.5), (80, 0.5)))
     plan = plan_selection(
         preset(name="meta-llama/Llama-3.1-8B", effective_batch=8, load_in_4bit=True, strategy="fsdp2"), llama_8b(), sel
     )
     assert plan.load_in_4bit and plan.strategy == "fsdp2"
-    assert any(n.startswith("FSDP-QLoRA: each GPU holds all") for n in plan.notes)
-    # a 70B's ~37 GiB of 4-bit weights: sharded they would fit two 24 GB cards, but loading holds them all
+    assert any("4-bit weights are quantized on each GPU, then sharded" in n for n in plan.notes), plan.notes
+    # a 70B's ~37 GiB of 4-bit weights do not fit a 24 GB card, a quarter of them does (Answer.AI's case)
     from transformers import LlamaConfig
 
     llama_70b = LlamaConfig(
@@ -149,14 +149,15 @@ def test_fsdp_qlora_needs_the_4bit_weights_on_one_gpu_while_loading():
         vocab_size=128256,
     )
     small = select_gpus(plan_section(), gpus((24, 0.5), (24, 0.5), (24, 0.5), (24, 0.5)))
-    with pytest.raises(ResourceError, match="must fit one GPU while loading"):
-        plan_selection(
-            preset(
-                name="meta-llama/Llama-3.1-70B", effective_batch=8, max_length=512, load_in_4bit=True, strategy="fsdp2"
-            ),
-            llama_70b,
-            small,
-        )
+    big = preset(name="meta-llama/Llama-3.1-70B", effective_batch=8, max_length=512, load_in_4bit=True)
+    plan = plan_selection(big, llama_70b, small)
+    assert plan.strategy == "fsdp2" and plan.world_size == 4
+    assert plan.breakdown["weights"] > 24 and all(g["predicted_peak_gib"] <= g["budget_gib"] for g in plan.per_gpu)
+    assert any("quantized on the CPU (host memory)" in n for n in plan.notes), plan.notes
+    from sftop.engine.train.fsdp import choose_4bit_load
+
+    assert choose_4bit_load(plan.breakdown["weights"], plan.budget_gib) == "cpu"
+    assert choose_4bit_load(5.0, plan.budget_gib) == "gpu"
 
 
 def test_too_big_even_sharded_is_the_usual_refusal():

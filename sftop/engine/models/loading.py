@@ -156,15 +156,17 @@ def from_pretrained_kwargs(
         if skip_4bit is not None:
             quant.llm_int8_skip_modules = skip_4bit
         kwargs["quantization_config"] = quant
-    if model_section.load_in_4bit and not on_cuda:
-        kwargs["device_map"] = {"": "cpu"}  # FSDP-QLoRA on CPU processes: bitsandbytes quantizes on the CPU
-    if on_cuda:
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
-        from sftop.engine.train.fsdp import fsdp2_active
+    from sftop.engine.train.fsdp import fsdp2_active, load_4bit_on_cpu
 
+    if model_section.load_in_4bit and (not on_cuda or load_4bit_on_cpu()):
+        # FSDP-QLoRA quantized in host memory (CPU ranks, or 4-bit weights too big for one GPU):
+        # FSDP2 then moves each rank's shard to its device
+        kwargs["device_map"] = {"": "cpu"}
+    elif on_cuda:
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
         if fsdp2_active() and not model_section.load_in_4bit:
             # FSDP2: rank 0 reads the 16-bit weights into CPU memory and each GPU receives its shard
-            # (a whole copy per GPU is what does not fit); 4-bit weights quantize on each GPU first
+            # (a whole copy per GPU is what does not fit)
             del kwargs["device_map"]
     return kwargs
 

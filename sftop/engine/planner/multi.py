@@ -211,18 +211,12 @@ def _fsdp2(
         raise
     plan.breakdown["fsdp2_shards_elsewhere"] = round(-shard / GIB, 3)
     if rank_preset.model.load_in_4bit:
-        budget = _budget(smallest)
-        plan.notes.append(
-            f"FSDP-QLoRA: each GPU holds all {weights / GIB:.1f} GiB of 4-bit weights while the model loads "
-            "(transformers quantizes on the GPU), then keeps its shard"
+        where = (
+            "each GPU, then sharded"
+            if weights <= 0.8 * _budget(smallest)
+            else "the CPU (host memory), each GPU receives its shard"
         )
-        if weights > budget:
-            raise ResourceError(
-                f"FSDP-QLoRA of {plan.model_name} over {world} GPUs: its {weights / GIB:.1f} GiB of 4-bit weights "
-                f"must fit one GPU while loading, and {smallest.device} has {budget / GIB:.1f} GiB to spare",
-                where="plan.gpus",
-                hint="Use GPUs with more free memory, or a smaller model",
-            )
+        plan.notes.append(f"FSDP-QLoRA: the {weights / GIB:.1f} GiB of 4-bit weights are quantized on {where}")
     if not FSDP2_RUNS:
         plan.notes.append(
             "FSDP2 is planned but sftop does not run it yet: `sftop run` refuses this plan; "

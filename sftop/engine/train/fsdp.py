@@ -81,6 +81,26 @@ def fsdp_section(model_config: Any, load_in_4bit: bool) -> dict[str, Any]:
     }
 
 
+# Where an FSDP-QLoRA rank quantizes its 4-bit weights: "gpu" (each GPU holds them all while loading,
+# then keeps its shard: transformers' path) or "cpu" (bitsandbytes quantizes in host memory and
+# FSDP2 moves each rank's shard to its GPU: a model whose 4-bit weights exceed one GPU). Chosen per
+# run by `choose_4bit_load`; SFTOP_FSDP2_LOAD_4BIT=cpu|gpu overrides it.
+LOAD_4BIT_ENV = "SFTOP_FSDP2_LOAD_4BIT"
+_load_4bit = {"where": "gpu"}
+
+
+def choose_4bit_load(weights_gib: float, budget_gib: float) -> str:
+    """Quantize on the GPU when all 4-bit weights fit it with the plan's budget to spare, else on the CPU."""
+    forced = os.environ.get(LOAD_4BIT_ENV, "").strip().lower()
+    where = forced if forced in ("cpu", "gpu") else ("gpu" if weights_gib <= 0.8 * budget_gib else "cpu")
+    _load_4bit["where"] = where
+    return where
+
+
+def load_4bit_on_cpu() -> bool:
+    return fsdp2_active() and _load_4bit["where"] == "cpu"
+
+
 def cpu_4bit_allowed() -> bool:
     """4-bit weights without a GPU: only in the CPU twin of FSDP-QLoRA (CPU ranks of an FSDP2 run),
     which bitsandbytes quantizes and multiplies on the CPU; a one-process CPU run stays refused."""

@@ -376,6 +376,15 @@ class _Run:
 
         if fsdp2_active():
             start_group()  # before loading: rank 0 alone reads the weights
+            if self.preset.model.load_in_4bit:
+                from sftop.engine.train.fsdp import choose_4bit_load
+
+                weights = float(self.plan.breakdown.get("weights", 0.0))
+                where = choose_4bit_load(weights, float(self.plan.budget_gib))
+                self.message(
+                    f"FSDP-QLoRA: {weights:.1f} GiB of 4-bit weights quantized on the {where.upper()}"
+                    + (", then each GPU receives its shard" if where == "cpu" else ", then sharded")
+                )
         self.model, self.tokenizer, self.info = load_model(self.preset, self.plan)
         if self.vision is not None:
             self.data = self.vision_data
