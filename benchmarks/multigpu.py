@@ -16,6 +16,21 @@ starts two processes with `accelerate launch`). Reports:
     python benchmarks/multigpu.py --out /tmp/smoke --shape tiny --rows 32 --cpu      # CPU smoke test
 
 Writes multigpu.json and multigpu.md to --out.
+
+FSDP-QLoRA of a model whose 4-bit weights do not fit one GPU (`--fsdp-qlora GIB`): every GPU is held
+to GIB with plan.max_memory_gib (the allocator refuses more, as a card of that size would), so the
+Llama-3.1-8B shape's ~5.5 GiB of 4-bit weights (NF4 layers, bf16 embeddings and head) do not fit
+one of them with room to train. Three runs, same data and effective batch:
+
+1. one GPU held to GIB: the planner must refuse it (QLoRA does not fit);
+2. two GPUs held to GIB: the planner chooses FSDP2, the 4-bit weights are quantized in host memory
+   and each GPU receives its half (FSDP-QLoRA, Answer.AI's recipe at a smaller scale); it must
+   run to completion, each rank's measured peak within its budget and near the plan's;
+3. one GPU without the limit: QLoRA's reference curve, which run 2 must follow (bf16).
+
+    python benchmarks/multigpu.py --out /tmp/fsdp-qlora --fsdp-qlora 6 --rows 64     # 2 GPUs, a few minutes
+
+Writes fsdp_qlora.json and fsdp_qlora.md to --out.
 """
 
 from __future__ import annotations
@@ -96,6 +111,69 @@ def run(preset_path: Path, run_dir: Path, sets: list[str], out: Path) -> dict:
     return result
 
 
+def fsdp_qlora(preset_path: Path, out: Path, cap_gib: float, shape: str) -> int:
+    """The three runs of `--fsdp-qlora` (see the module's docstring); 0 when all three went as they must."""
+    qlora = ["model.load_in_4bit=true"]
+    capped = qlora + [f"plan.max_memory_gib={cap_gib}"]
+    single = run(preset_path, out / "qlora-1gpu-capped", capped + ["plan.gpus=[0]"], out)
+    sharded = run(preset_path, out / "qlora-fsdp2-capped", capped + ["plan.gpus=2"], out)
+    reference = run(preset_path, out / "qlora-1gpu", qlora + ["plan.gpus=[0]"], out)
+    plan = sharded.get("plan") or {}
+    end = single.get("end") or {}
+    refused = single["exit_code"] != 0 and end.get("type") == "run_failed" and "does not fit" in str(end.get("reason"))
+    pairs = [(a, b) for a, b in zip(reference["losses"], sharded["losses"]) if a is not None and b is not None]
+    report = {
+        "shape": shape,
+        "cap_gib": cap_gib,
+        "one_gpu_refused": refused,
+        "one_gpu_reason": end.get("reason"),
+        "fsdp2_exit_code": sharded["exit_code"],
+        "fsdp2_end": sharded.get("end"),
+        "strategy": plan.get("strategy"),
+        "plan_notes": plan.get("notes"),
+        "weights_gib": (plan.get("breakdown") or {}).get("weights"),
+        "steps": len(sharded["losses"]),
+        "tokens_per_s": sharded.get("tokens_per_s"),
+        "reference_tokens_per_s": reference.get("tokens_per_s"),
+        "loss_max_rel_diff": max((abs(a - b) / max(abs(a), 1e-9) for a, b in pairs), default=None),
+        "per_gpu": [
+            {
+                "rank": rank,
+                "predicted_allocated_gib": plan.get("predicted_allocated_gib"),
+                "budget_gib": (plan.get("per_gpu") or [{}])[min(rank, len(plan.get("per_gpu") or [{}]) - 1)].get(
+                    "budget_gib"
+                ),
+                "measured_peak_allocated_gib": info["measured_peak_allocated_gib"],
+            }
+            for rank, info in sorted(sharded["ranks"].items())
+        ],
+        "runs": {"one_capped": single, "fsdp2_capped": sharded, "one_reference": reference},
+    }
+    (out / "fsdp_qlora.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    lines = [
+        f"# FSDP-QLoRA, {shape} in 4-bit ({report['weights_gib']} GiB of weights), GPUs held to {cap_gib:g} GiB",
+        "",
+        f"one GPU held to {cap_gib:g} GiB: {'refused by the planner' if refused else 'NOT refused'} "
+        f"({report['one_gpu_reason']})",
+        f"two GPUs held to {cap_gib:g} GiB: strategy {report['strategy']}, exit {sharded['exit_code']}, "
+        f"{report['steps']} steps, {report['tokens_per_s'] or 0:.0f} tokens/s "
+        f"(one unlimited GPU: {report['reference_tokens_per_s'] or 0:.0f})",
+        f"loss curve against one unlimited GPU: largest relative difference {report['loss_max_rel_diff']}",
+        "",
+        "| rank | predicted allocated GiB | measured peak GiB | budget GiB |",
+        "|---|---|---|---|",
+    ]
+    for g in report["per_gpu"]:
+        lines.append(
+            f"| {g['rank']} | {g['predicted_allocated_gib']} | {g['measured_peak_allocated_gib']} | {g['budget_gib']} |"
+        )
+    lines += ["", "Plan notes:"] + [f"- {n}" for n in report["plan_notes"] or []]
+    (out / "fsdp_qlora.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    ok = refused and sharded["exit_code"] == 0 and report["strategy"] == "fsdp2" and reference["exit_code"] == 0
+    return 0 if ok else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
@@ -104,6 +182,12 @@ def main() -> int:
     ap.add_argument("--effective-batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--cpu", action="store_true", help="smoke test without GPUs: 1 and 2 CPU processes (gloo)")
+    ap.add_argument(
+        "--fsdp-qlora",
+        type=float,
+        metavar="GIB",
+        help="FSDP-QLoRA of a model whose 4-bit weights do not fit one GPU held to GIB (default shape llama-8b)",
+    )
     args = ap.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +200,8 @@ def main() -> int:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     preset = whole_run.sftop_preset(model_dir, data, args.seed, args.effective_batch)
     preset_path = save_preset(preset, out / "preset.toml")
+    if args.fsdp_qlora:
+        return fsdp_qlora(preset_path, out, args.fsdp_qlora, args.shape)
 
     cpu = ['plan.device="cpu"'] if args.cpu else []
     one = run(preset_path, out / "run-1gpu", cpu + (["plan.gpus=1"] if args.cpu else ["plan.gpus=[0]"]), out)

@@ -123,7 +123,9 @@ def test_strategy_fsdp2_shards_a_model_that_would_fit_and_never_offloads():
     fsdp2 = plan_selection(preset(effective_batch=8, strategy="fsdp2"), llama_1b(), sel)
     assert (ddp.strategy, fsdp2.strategy) == ("ddp", "fsdp2")
     assert "plan.strategy = fsdp2" in str(fsdp2.strategy_reason)
-    assert fsdp2.per_gpu[0]["predicted_peak_gib"] < ddp.per_gpu[0]["predicted_peak_gib"]
+    # each rank holds half the weights; the stock layers are sized (FSDP2 turns sftop's kernels off)
+    assert fsdp2.breakdown["fsdp2_shards_elsewhere"] < 0 and "fsdp2_shards_elsewhere" not in ddp.breakdown
+    assert (ddp.kernels, fsdp2.kernels) == (True, False)
     forced = plan_selection(
         preset(effective_batch=8, strategy="fsdp2", gradient_checkpointing="offload"), llama_1b(), sel
     )

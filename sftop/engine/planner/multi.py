@@ -18,7 +18,7 @@ from typing import Any
 from sftop.engine.errors import PresetError, ResourceError
 from sftop.engine.gpu import GIB, GpuStatus
 from sftop.engine.gpu_select import GpuSelection
-from sftop.engine.planner.solve import Plan, _candidate, _reserve_bytes, plan_run, solve
+from sftop.engine.planner.solve import Plan, _apply_cap, _candidate, _reserve_bytes, plan_run, solve
 
 # FSDP2 runs (sftop/engine/train/fsdp.py): `sftop run` takes a plan that needs it.
 FSDP2_RUNS = True
@@ -169,6 +169,8 @@ def _fsdp2(
     Then plan FSDP2."""
     from sftop.engine.gpu import GpuInfo
 
+    # FSDP2 runs the stock layers (sftop.engine.train.fsdp.OFF_REASONS): size them, not the fused kernels
+    rank_preset = rank_preset.model_copy(update={"train": rank_preset.train.model_copy(update={"kernels": "off"})})
     # Solve with room for any candidate, then against the real budget less the other ranks' shards.
     roomy = GpuInfo(
         index=smallest.index,
@@ -179,7 +181,10 @@ def _fsdp2(
         memory_used_bytes=0,
         memory_free_bytes=1 << 50,
     )
-    base = plan_run(rank_preset, model_config, gpus=GpuStatus(gpus=[roomy]), **kwargs)
+    uncapped = rank_preset.plan.model_copy(update={"max_memory_gib": None, "max_memory_fraction": None})
+    base = plan_run(
+        rank_preset.model_copy(update={"plan": uncapped}), model_config, gpus=GpuStatus(gpus=[roomy]), **kwargs
+    )
     assert base.context is not None
     weights = _candidate(base.context, "off", 1).estimate.terms.get("weights", 0)
     shard = _shard_saving(base.context, world)
@@ -189,11 +194,16 @@ def _fsdp2(
         if ddp_error is not None
         else f"plan.strategy = fsdp2: each GPU holds 1/{world} of the {weights / GIB:.1f} GiB of weights"
     )
+    cap_notes: list[str] = []
+    # the user's plan.max_memory_* holds every rank (the roomy solve above could not see it)
+    budget, cap = _apply_cap(rank_preset, _budget(smallest), smallest.memory_total_bytes or 0, cap_notes)
+    if cap is not None:
+        per_gpu = tuple((dev, name, uuid, min(b, cap.bytes)) for dev, name, uuid, b in per_gpu)
     ctx = replace(
         base.context,
-        budget_bytes=_budget(smallest),
-        uncapped_budget_bytes=None,
-        cap=None,
+        budget_bytes=budget,
+        uncapped_budget_bytes=_budget(smallest) if cap is not None else None,
+        cap=cap,
         gpu_total_bytes=smallest.memory_total_bytes,
         world_size=world,
         strategy="fsdp2",
@@ -202,7 +212,7 @@ def _fsdp2(
         gpu_uuid=None,
         strategy_reason=f"FSDP2 over {world} GPUs: {why}",
     )
-    ctx.notes = [n for n in ctx.notes if "GiB" not in n or "other processes" not in n] + notes
+    ctx.notes = [n for n in ctx.notes if "GiB" not in n or "other processes" not in n] + cap_notes + notes
     try:
         plan = _solve_without_offload(ctx)
     except ResourceError:
@@ -213,7 +223,7 @@ def _fsdp2(
     if rank_preset.model.load_in_4bit:
         where = (
             "each GPU, then sharded"
-            if weights <= 0.8 * _budget(smallest)
+            if weights <= 0.8 * budget
             else "the CPU (host memory), each GPU receives its shard"
         )
         plan.notes.append(f"FSDP-QLoRA: the {weights / GIB:.1f} GiB of 4-bit weights are quantized on {where}")
