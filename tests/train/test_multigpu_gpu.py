@@ -1,4 +1,4 @@
-"""Several CUDA GPUs (NCCL): DDP through the supervisor. Skipped below 2 GPUs.
+"""Several CUDA GPUs (NCCL): DDP, FSDP2 and FSDP-QLoRA through the supervisor. Skipped below 2 GPUs.
 
 Run on a machine with 2 or more GPUs:  pytest -m gpu tests/train/test_multigpu_gpu.py -q
 (the CPU twins, with gloo, are in test_multiprocess.py)
@@ -74,6 +74,60 @@ def test_a_killed_rank_fails_the_run_on_gpus_without_a_hang(home, tmp_path):
     status = finish(run, timeout=180)
     assert status["status"] == "failed"
     assert events_of(run.path)[-1]["reason"].startswith("rank 1 of 2 was killed by signal SIGKILL")
+
+
+def test_two_gpus_fsdp2_matches_one_gpu_and_shards_every_weight(home, tmp_path):
+    """FSDP2 (NCCL, bf16 mixed precision: fp32 adapter master weights, bf16 compute) against one GPU,
+    both with the stock layers (FSDP2 turns sftop's kernels off)."""
+    stock = ['train.kernels="off"']
+    one = start(tmp_path / "one", stock + ["plan.gpus=[0]", "plan.micro_batch=4", "plan.grad_accum=2"])
+    assert finish(one, 600)["status"] == "finished", one.stdout_log.read_text()[-3000:]
+    two = start(
+        tmp_path / "fsdp2",
+        stock + ["plan.gpus=[0, 1]", 'plan.strategy="fsdp2"', "plan.micro_batch=2", "plan.grad_accum=2"],
+    )
+    assert finish(two, 600)["status"] == "finished", two.stdout_log.read_text()[-3000:]
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=2e-2, abs=2e-2), step
+    started = of_type(events_of(two.path), "run_started")[0]
+    dist = started["environment"]["distributed"]
+    assert (dist["world_size"], dist["backend"], dist["strategy"]) == (2, "nccl", "fsdp2")
+    assert dist["parameters"]["sharded"] == dist["parameters"]["total"]
+    assert started["environment"]["model"]["device"].startswith("cuda")
+    peak = started["plan"]["predicted_peak_gib"]
+    for steps in (of_type(events_of(two.path), "step"), of_type(events_of_file(rank_events_path(two, 1)), "step")):
+        measured = max(s["gpu_mem_peak_gib"] for s in steps)
+        assert 0 < measured <= peak * 1.1, (measured, peak)
+    assert (two.adapter / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("where", ["gpu", "cpu"])
+def test_fsdp_qlora_on_two_gpus_quantized_on_either_device(home, tmp_path, monkeypatch, where):
+    """FSDP-QLoRA: the 4-bit weights stored in bf16 and sharded; quantized on each GPU (the weights fit
+    one) or in host memory with each GPU receiving its shard (the path for weights that do not)."""
+    monkeypatch.setenv("SFTOP_FSDP2_LOAD_4BIT", where)
+    run = start(
+        tmp_path / where,
+        [
+            "plan.gpus=[0, 1]",
+            'plan.strategy="fsdp2"',
+            "model.load_in_4bit=true",
+            "plan.micro_batch=2",
+            "plan.grad_accum=2",
+        ],
+    )
+    assert finish(run, 600)["status"] == "finished", run.stdout_log.read_text()[-3000:]
+    curve = losses(run)
+    assert sorted(curve) == list(range(1, STEPS + 1)) and curve[STEPS] < curve[1]
+    started = of_type(events_of(run.path), "run_started")[0]
+    assert started["plan"]["load_in_4bit"] and started["plan"]["strategy"] == "fsdp2"
+    dist = started["environment"]["distributed"]
+    assert dist["backend"] == "nccl" and dist["parameters"]["sharded"] == dist["parameters"]["total"]
+    notes = [m["text"] for m in of_type(events_of(run.path), "message")]
+    assert any(f"quantized on the {where.upper()}" in n for n in notes), notes
+    assert (run.adapter / "adapter_model.safetensors").is_file()
 
 
 def events_of_file(path):
