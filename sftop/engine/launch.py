@@ -148,14 +148,27 @@ def _dump_yaml(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def launch_strategy(preset: Any, selection: GpuSelection) -> tuple[str, dict[str, Any] | None]:
+def _resumes_fsdp_checkpoint(run_dir: RunDir, args: list[str]) -> bool:
+    """Does this launch resume from an FSDP2 checkpoint (which only FSDP2 reads back)?"""
+    if "--resume" not in args:
+        return False
+    from sftop.engine.train.trainer import is_fsdp_checkpoint
+
+    latest = run_dir.latest_checkpoint()
+    return latest is not None and is_fsdp_checkpoint(latest)
+
+
+def launch_strategy(
+    preset: Any, selection: GpuSelection, resuming_fsdp: bool = False
+) -> tuple[str, dict[str, Any] | None]:
     """("ddp" | "fsdp2", accelerate's fsdp_config or None): plan.strategy, or with "auto" the
-    planner's choice for these GPUs. Decided once here, so every rank runs the same strategy (each
-    rank plans its share under the strategy its config says)."""
+    planner's choice for these GPUs; FSDP2 for a resume from an FSDP2 checkpoint. Decided once
+    here, so every rank runs the same strategy (each rank plans its share under the strategy its
+    config says)."""
     from sftop.engine.planner.multi import plan_selection, wanted_strategy
     from sftop.engine.train.fsdp import fsdp_section
 
-    strategy = wanted_strategy(preset)
+    strategy = "fsdp2" if resuming_fsdp else wanted_strategy(preset)
     model_config = None
     if strategy == "auto":
         from sftop.engine.planner import load_model_config
@@ -202,7 +215,7 @@ def prepare_launch(run_dir: RunDir, command: list[str], env: dict[str, str] | No
                 env={"CUDA_VISIBLE_DEVICES": selection.uuids[0], "CUDA_DEVICE_ORDER": "PCI_BUS_ID", PINNED_ENV: "1"},
             )
         return None
-    _, fsdp = launch_strategy(preset, selection)
+    _, fsdp = launch_strategy(preset, selection, resuming_fsdp=_resumes_fsdp_checkpoint(run_dir, args))
     config = accelerate_config(selection, preset.plan.main_address, preset.plan.main_port, fsdp)
     config_path = run_dir.path / CONFIG_NAME
     config_path.write_text(_dump_yaml(config), encoding="utf-8")
