@@ -133,7 +133,9 @@ def test_gemma3_bf16_patched_equals_stock():
     assert grads_s.keys() == grads_p.keys() and any("vision_tower" in n for n in lora)
     loss_diff = abs(loss_p - loss_s) / max(1.0, abs(loss_s))
     grad_diff = _close(_joined(grads_p, lora), _joined(grads_s, lora))
-    print(f"gemma3 bf16 patched vs stock: loss {loss_s:.4f} / {loss_p:.4f} ({loss_diff:.2e}), LoRA gradients {grad_diff:.2e}")
+    print(
+        f"gemma3 bf16 patched vs stock: loss {loss_s:.4f} / {loss_p:.4f} ({loss_diff:.2e}), LoRA gradients {grad_diff:.2e}"
+    )
     assert loss_diff <= TOLERANCE, (loss_p, loss_s)
     if grad_diff <= TOLERANCE:
         return

@@ -22,8 +22,6 @@ implementation goes back with `patch_siglip_tower(model, enable=False)`.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from torch import nn
 
@@ -31,6 +29,7 @@ from .. import compat
 from .._runtime import kernels_available
 from . import markers as M
 from .forwards import FUSED, restore_forward, set_forward
+from .registry import FamilySpec
 
 SIGLIP_PARTS = ("vision_attention", "vision_qkv_lora", "vision_patch_embed", "vision_layer_norm", "vision_mlp")
 TOWER_CLASSES = ("SiglipVisionModel", "SiglipVisionTransformer")
@@ -76,6 +75,16 @@ def _restore_attention(tower: nn.Module) -> None:
 
 # --------------------------------------------------------------------------- vision_qkv_lora
 
+# the tower's attention blocks as part attention_lora reads a family: by class, anywhere in the tower
+_QKV_SPEC = FamilySpec(
+    model_type="siglip_vision_model",
+    modeling_module="transformers.models.siglip.modeling_siglip",
+    norm_class="LayerNorm",
+    attention_class=ATTENTION_CLASS,
+    mlp_class="SiglipMLP",
+    causal_lm_class="",
+)
+
 
 def _patch_qkv_lora(tower: nn.Module) -> str:
     from .parts import attention_lora
@@ -85,7 +94,7 @@ def _patch_qkv_lora(tower: nn.Module) -> str:
         return f"stock: {why}"
     # part attention_lora's grouping, over the tower's attention blocks (q_proj, k_proj, v_proj:
     # SigLIP's names; their biases run inside the Function)
-    return attention_lora.apply(tower, SimpleNamespace(attention_class=ATTENTION_CLASS, layers_at=None))
+    return attention_lora.apply(tower, _QKV_SPEC)
 
 
 # --------------------------------------------------------------------------- vision_patch_embed
@@ -111,7 +120,7 @@ def _patch_patch_embed(tower: nn.Module) -> str:
         return f"stock: {len(embeds)} SiglipVisionEmbeddings modules in the tower"
     embed = embeds[0]
     conv = getattr(embed, "patch_embedding", None)
-    if type(conv) is not nn.Conv2d:  # a subclass (PEFT's) may compute something else
+    if not isinstance(conv, nn.Conv2d) or type(conv) is not nn.Conv2d:  # a subclass (PEFT's) may differ
         return f"stock: the patch embedding is {type(conv).__name__}, not a Conv2d"
     p = getattr(embed, "patch_size", None)
     whole_patch = (
