@@ -92,6 +92,9 @@ def test_language_layers_and_tower_take_the_kernels_and_match_stock(monkeypatch)
     patched = {n for n, m in base.named_modules() if markers.ORIG_FORWARD in vars(m)}
     assert "model.language_model.layers.0.self_attn.q_norm" in patched  # qk norm
     assert "model.language_model.layers.1.mlp" in patched
+    # gate/up/down with LoRA: the whole MLP as one LoRA Function with the gelu-tanh GLU
+    mlps = [base.model.language_model.layers[i].mlp for i in range(2)]
+    assert [vars(m)[markers.LORA_MLP_ADAPTER] for m in mlps] == ["default", "default"]
     assert "model.multi_modal_projector.mm_soft_emb_norm" not in patched  # the projector's norm stays stock
     assert "model.vision_tower.embeddings" in patched
     assert "model.vision_tower.encoder.layers.1.self_attn.k_proj" in patched
