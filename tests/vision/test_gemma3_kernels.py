@@ -61,15 +61,20 @@ def _loss_and_grads(model, batch):
 
 
 class _Count(torch.utils._python_dispatch.TorchDispatchMode):
-    """How many convolutions run."""
+    """How many convolutions run, and the input dtypes of every matrix product."""
+
+    MATMULS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.linear")
 
     def __init__(self):
         super().__init__()
         self.convolutions = 0
+        self.matmul_dtypes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if "convolution" in str(func.overloadpacket):
             self.convolutions += 1
+        if str(func.overloadpacket) in self.MATMULS:
+            self.matmul_dtypes.append(next(a.dtype for a in args if torch.is_tensor(a)))
         return func(*args, **(kwargs or {}))
 
 
@@ -181,3 +186,29 @@ def test_other_models_keep_their_tower_report():
     parts = patch_towers(model)
     assert set(parts) == set(VISION_PARTS)
     assert all("SiglipVisionModel" in v and "Qwen2VisionTransformerPretrainedModel" in v for v in parts.values())
+
+
+def test_bf16_tower_lora_runs_no_fp32_matrix_product():
+    """PEFT keeps a bf16 model's adapters in fp32 and multiplies the tower's bf16 activations cast up
+    to fp32 (the fp32 GEMMs of the stock profile); patched, every product in the tower, forward and
+    backward, is bf16, while the LoRA weights stay fp32 and get fp32 gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    from sftop.kernels import patch_model
+
+    fam = family("gemma3")
+    model = fam.tiny_model(seed=2).to(torch.bfloat16)
+    targets = target_module_names(model, fam, ["vision", "attention", "mlp"])
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    assert patch_model(model, model_type="gemma3_text", only=("lora",)).parts["lora"] == "fused"
+    assert patch_towers(model)["vision_qkv_lora"] == "fused"
+    vision = model.get_base_model().model.vision_tower
+    pixels = _batch()["pixel_values"].to(torch.bfloat16)
+    counter = _Count()
+    with counter:
+        vision(pixel_values=pixels).last_hidden_state.float().square().sum().backward()
+    assert counter.matmul_dtypes and set(counter.matmul_dtypes) == {torch.bfloat16}, counter.matmul_dtypes
+    lora = {n: p for n, p in vision.named_parameters() if "lora_" in n}
+    assert lora and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in lora.values())
+    # B starts at zero, so only B's gradients are non-zero on the first step
+    assert all(p.grad.abs().sum() > 0 for n, p in lora.items() if ".lora_B." in n)
