@@ -61,18 +61,21 @@ def _loss_and_grads(model, batch):
 
 
 class _Count(torch.utils._python_dispatch.TorchDispatchMode):
-    """How many convolutions run, and the input dtypes of every matrix product."""
+    """How many convolutions and SDPA calls run, and the input dtypes of every matrix product."""
 
     MATMULS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.linear")
 
     def __init__(self):
         super().__init__()
         self.convolutions = 0
+        self.sdpa = 0
         self.matmul_dtypes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if "convolution" in str(func.overloadpacket):
             self.convolutions += 1
+        if "scaled_dot_product" in str(func.overloadpacket):
+            self.sdpa += 1
         if str(func.overloadpacket) in self.MATMULS:
             self.matmul_dtypes.append(next(a.dtype for a in args if torch.is_tensor(a)))
         return func(*args, **(kwargs or {}))
@@ -145,15 +148,19 @@ def test_eager_tower_attention_runs_sdpa_and_goes_back():
     model = _lora_model(attn="eager")
     vision = model.get_base_model().model.vision_tower
     pixels = _batch()["pixel_values"]
-    with torch.no_grad():
+    before = _Count()
+    with torch.no_grad(), before:
         ref = vision(pixel_values=pixels).last_hidden_state
+    assert before.sdpa == 0
     parts = patch_towers(model)
     assert parts["vision_attention"] == "fused"
     assert vision.config._attn_implementation == "sdpa"
     assert model.get_base_model().config.text_config._attn_implementation == "eager"
-    with torch.no_grad():
+    counter = _Count()
+    with torch.no_grad(), counter:
         out = vision(pixel_values=pixels).last_hidden_state
     assert rel_err(out, ref) < 1e-5
+    assert counter.sdpa == 2  # one a layer
     patch_towers(model, enable=False)
     assert vision.config._attn_implementation == "eager"
     assert markers.VISION_ATTN_IMPLEMENTATION not in vars(vision)
