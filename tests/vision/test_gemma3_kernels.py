@@ -24,6 +24,7 @@ from sftop.kernels.patching.towers import patch_towers
 
 LANGUAGE_FUSED = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "loss")
 TOWER_FUSED = ("vision_qkv_lora", "vision_patch_embed")
+WINDOW = 6
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,6 +38,11 @@ def _lora_model(attn: str = "sdpa"):
     fam = family("gemma3")
     model = fam.tiny_model(seed=3)
     model.set_attn_implementation(attn)
+    # a local window narrower than the rows, so the sliding layer's mask joins window and image blocks
+    model.config.text_config.sliding_window = WINDOW
+    for m in model.modules():
+        if type(m).__name__ == "Gemma3Attention" and m.is_sliding:
+            m.sliding_window = WINDOW
     # language and tower, attention and MLP; B != 0 so that every adapter gradient is non-trivial
     targets = target_module_names(model, fam, ["language", "vision", "attention", "mlp"])
     assert any("vision_tower" in t for t in targets) and any("language_model" in t for t in targets)
