@@ -46,6 +46,7 @@ def _lora_model(attn: str = "sdpa"):
     # language and tower, attention and MLP; B != 0 so that every adapter gradient is non-trivial
     targets = target_module_names(model, fam, ["language", "vision", "attention", "mlp"])
     assert any("vision_tower" in t for t in targets) and any("language_model" in t for t in targets)
+    torch.manual_seed(0)  # the adapters' init draws from the global generator: the same weights every run
     return get_peft_model(
         model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
     )
@@ -129,7 +130,7 @@ def test_language_layers_and_tower_take_the_kernels_and_match_stock(monkeypatch)
     assert len(qkv_calls) == 4 and sum(s[-2] == 16 for s in qkv_calls) == 2, qkv_calls
     assert counter.convolutions == 0  # the patch embedding ran as a GEMM
     assert f_out.logits is None  # the fused loss, no full logits
-    assert rel_err(f_out.loss, s_out.loss) < 1e-6
+    assert rel_err(f_out.loss, s_out.loss) < 1e-5
     assert s_grads.keys() == f_grads.keys() and len(s_grads) > 0
     assert any("vision_tower" in n for n in s_grads)
     for n, g in s_grads.items():
