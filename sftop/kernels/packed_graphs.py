@@ -27,6 +27,7 @@ from . import compat, cuda_graphs
 from .cuda_graphs import StepGraphs, no_rng_stash
 from .graph_layout import keyed_slots, layout_of
 from .varlen_attention import NAME as VARLEN
+from .varlen_attention import rows_given
 
 MAX_BUCKET_GRAPHS = 8
 CU_MULTIPLE = 8  # row-boundary tensors are padded to a multiple of this many entries
@@ -151,6 +152,17 @@ def packed_graphed_loss(model: nn.Module, inputs: dict, num_items_in_batch=None)
     if torch.is_tensor(num_items_in_batch):
         return total / num_items_in_batch.to(device=total.device, dtype=torch.float32)
     return total / float(num_items_in_batch)
+
+
+def mark_rows_given(model: nn.Module, inputs: dict) -> None:
+    """Before an eager forward of a packed micro-batch: where the model runs sftop's packed
+    attention, its row boundaries come as `cu_seq_lens`, and transformers is told not to search the
+    position ids for them (a host read per forward; varlen_attention.rows_given)."""
+    positions, ids = inputs.get("position_ids"), inputs.get("input_ids")
+    if not (torch.is_tensor(positions) and torch.is_tensor(ids) and ids.dim() == 2 and ids.shape[0] == 1):
+        return
+    if torch.is_tensor(inputs.get("cu_seq_lens_q")) and compat.attn_implementation(causal_lm(model).config) == VARLEN:
+        rows_given(positions)
 
 
 def packed_graph_stats(model: nn.Module):
