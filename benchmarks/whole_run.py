@@ -64,6 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import unsloth_peer  # noqa: E402 - Unsloth's process: imported first, offline, its own TRL
+import bench_common  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-1b": dict(
@@ -212,23 +213,7 @@ def trl_worker(model_dir: Path, data: Path, out: Path, seed: int) -> None:
             r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
         ),
     )
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    result = trainer.train()
-    train_s = time.perf_counter() - t0
-    out.write_text(
-        json.dumps(
-            {
-                "train_s": train_s,
-                "train_runtime_s": result.metrics.get("train_runtime"),
-                "steps": trainer.state.global_step,
-                "useful_tokens": sum(len(x) for x in ids),
-                "final_loss": result.training_loss,
-                "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
-            }
-        )
-    )
+    out.write_text(json.dumps({**bench_common.timed_train(trainer), "useful_tokens": sum(len(x) for x in ids)}))
 
 
 # ---------------------------------------------------------------------------------------------- unsloth
@@ -270,20 +255,11 @@ def unsloth_worker(model_dir: Path, data: Path, out: Path, seed: int, batch: int
         use_cpu=not on_cuda,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    result = trainer.train()
-    train_s = time.perf_counter() - t0
     out.write_text(
         json.dumps(
             {
-                "train_s": train_s,
-                "train_runtime_s": result.metrics.get("train_runtime"),
-                "steps": trainer.state.global_step,
+                **bench_common.timed_train(trainer),
                 "useful_tokens": sum(len(x) for x in ids),
-                "final_loss": result.training_loss,
-                "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
                 "batch": [batch, accum],
                 "padding_free": bool(getattr(trainer.args, "padding_free", False)),
                 "collator": type(trainer.data_collator).__name__,
@@ -719,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
             env,
             out,
             data_stats["tokens"],
-            window if name == "sftop" else None,
+            profile=window if name == "sftop" else None,
         )
         report[name] = sftop
         print(
