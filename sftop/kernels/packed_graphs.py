@@ -159,7 +159,9 @@ def mark_rows_given(model: nn.Module, inputs: dict) -> None:
     attention, its row boundaries come as `cu_seq_lens`, and transformers is told not to search the
     position ids for them (a host read per forward; varlen_attention.rows_given)."""
     positions, ids = inputs.get("position_ids"), inputs.get("input_ids")
-    if not (torch.is_tensor(positions) and torch.is_tensor(ids) and ids.dim() == 2 and ids.shape[0] == 1):
+    if not (isinstance(positions, torch.Tensor) and isinstance(ids, torch.Tensor)):
+        return
+    if ids.dim() != 2 or ids.shape[0] != 1:
         return
     if torch.is_tensor(inputs.get("cu_seq_lens_q")) and compat.attn_implementation(causal_lm(model).config) == VARLEN:
         rows_given(positions)

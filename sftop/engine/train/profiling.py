@@ -22,7 +22,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from transformers import TrainerCallback
 
@@ -35,10 +35,9 @@ SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 TOP = 15
 
 
-def requested_window(env: dict | None = None) -> tuple[int, int] | None:
+def requested_window(env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
     """(first step, step count) from SFTOP_PROFILE_STEPS, or None when not asked for."""
-    env = os.environ if env is None else env
-    raw = env.get(STEPS_ENV, "").strip()
+    raw = (os.environ if env is None else env).get(STEPS_ENV, "").strip()
     if not raw:
         return None
     try:
