@@ -14,8 +14,9 @@ Each call reads the parameters through that list (new tensors, new `requires_gra
 flags are seen) and builds the key from them.  (Whether checkpointing is on is read
 through the list as well.)  The list goes stale only when the model's structure
 changes; that is noticed three ways:
-  * any module anywhere registering a parameter or a submodule (PEFT adding an adapter, a
-    parameter assigned as an attribute) bumps a process-wide count that `slots()` checks;
+  * a module of a listed model registering a parameter or a submodule (PEFT adding an adapter, a
+    parameter assigned as an attribute) bumps a count that `slots()` checks (registrations on
+    other modules, such as the containers transformers builds during a forward, do not);
   * a listed parameter gone from its module makes `slots()` answer None;
   * a call that would capture lists the model afresh before keying, so a captured step only ever
     holds a key built from an up-to-date list (a call that runs eagerly uses no parameter list,
@@ -26,17 +27,23 @@ register nothing, but change the tensor, which the key sees through its address.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
 from torch import nn
 
-_registrations = 0  # parameters and submodules registered on any module in this process
+_registrations = 0  # parameters and submodules registered on a module of a listed model
+# The modules of every listed model.  Only registrations on these count: transformers builds
+# throwaway containers during a forward (slicing a ModuleList makes a new one), which must not
+# make every call list the model again.
+_watched: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
-def _count_registration(*_args) -> None:
+def _count_registration(module, *_args) -> None:
     global _registrations
-    _registrations += 1
+    if module in _watched:
+        _registrations += 1
 
 
 torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
@@ -82,10 +89,12 @@ class ModelLayout:
     def rescan(self, lm: nn.Module) -> bool:
         """List the parameters and adapter layers afresh; True when the layout changed."""
         self._registrations = registrations()
-        self._slots = [(m, name) for m in lm.modules() for name, p in m._parameters.items() if p is not None]
+        modules = list(lm.modules())
+        _watched.update(modules)
+        self._slots = [(m, name) for m in modules for name, p in m._parameters.items() if p is not None]
         self._layers = adapter_layers(lm)
         # transformers' `is_gradient_checkpointing` walks every module per call to read these flags
-        self._checkpointable = [m for m in lm.modules() if hasattr(m, "gradient_checkpointing")]
+        self._checkpointable = [m for m in modules if hasattr(m, "gradient_checkpointing")]
         self.scans += 1
         layout = (tuple((id(m), n) for m, n in self._slots), tuple((id(m), n) for n, m in self._layers))
         changed, self._layout = layout != self._layout, layout

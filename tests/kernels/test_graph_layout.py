@@ -76,7 +76,7 @@ def test_the_sft_graph_key_is_built_from_a_list_made_once(monkeypatch, captures)
     ids = torch.randint(3, 100, (2, 16))
     walks = _listings(monkeypatch, base)
     assert _sft_call(base, graphs, ids) is None  # first sighting: eager
-    assert graphs.layout.scans == 1 and len(walks) == 3  # one listing: parameters, adapter layers, checkpointing flags
+    assert graphs.layout.scans == 1 and len(walks) == 2  # one listing: modules, adapter layers
     assert _sft_call(base, graphs, ids) is not None  # captured (listed afresh first) and replayed
     assert graphs.stats.captures == 1 and graphs.layout.scans == 2
     walks.clear()
@@ -174,8 +174,29 @@ def test_the_packed_graph_key_is_built_from_a_list_made_once(monkeypatch, captur
     assert walks == [] and layout.scans == 2
 
 
-def test_registrations_are_counted_process_wide():
+def test_only_registrations_on_a_listed_model_count():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     before = gl.registrations()
-    layer = torch.nn.Linear(2, 2)  # two parameters
-    layer.extra = torch.nn.Linear(2, 2)  # a submodule
-    assert gl.registrations() - before == 2 + 2 + 1
+    loose = torch.nn.Linear(2, 2)
+    loose.extra = torch.nn.Linear(2, 2)
+    assert gl.registrations() == before
+    layout = gl.ModelLayout(model)
+    torch.nn.ModuleList(list(model))  # a throwaway container of the model's modules, as slicing makes
+    model[0:1]
+    assert gl.registrations() == before and layout.slots() is not None
+    model[1].extra = loose  # a submodule attached to the model
+    assert gl.registrations() == before + 1 and layout.slots() is None
+    layout.rescan(model)
+    model[1].extra.bias = torch.nn.Parameter(torch.zeros(2))  # a parameter on a module now listed
+    assert gl.registrations() == before + 2 and layout.slots() is None
+
+
+def test_a_training_forward_registers_nothing_on_the_model():
+    """transformers' decoder slices its ModuleList of layers on every forward: that must not make
+    every call list the model again."""
+    model = tiny_model("llama")
+    base = model.get_base_model()
+    layout = gl.ModelLayout(base)
+    base.train()
+    base(input_ids=torch.randint(3, 100, (1, 8)), labels=torch.randint(3, 100, (1, 8))).loss.backward()
+    assert layout.slots() is not None
