@@ -469,6 +469,8 @@ def read_profile(profile_dir: Path, run_dir: Path) -> dict:
     if not path.is_file():
         return {"missing": f"no {path} (the run ended before the window, or failed)"}
     summary = json.loads(path.read_text())
+    if "error" in summary:
+        return {"missing": summary["error"]}
     summary["dir"] = str(profile_dir)
     steps = [e for e in iter_events(run_dir / "events.jsonl") if e.get("type") == "step"]
     first, last = summary["steps"]

@@ -63,3 +63,21 @@ def test_a_run_writes_its_profile_window(home, tmp_path, monkeypatch):
     names = [row[0] for row in summary["top_host_ops"]]
     assert "aten::addmm" in names or "aten::mm" in names or "aten::linear" in names, names
     assert (out / profiling.TRACE).stat().st_size > 0
+
+
+def test_a_profiler_that_cannot_start_leaves_the_run_going(tmp_path, monkeypatch):
+    import torch.profiler
+    from types import SimpleNamespace
+
+    def refuse(**_kw):
+        raise RuntimeError("CUPTI unavailable")
+
+    monkeypatch.setattr(torch.profiler, "profile", refuse)
+    callback = profiling.StepProfiler(3, 2, tmp_path)
+    callback.on_step_begin(None, SimpleNamespace(global_step=1), None)  # not yet
+    assert not (tmp_path / profiling.SUMMARY).exists()
+    callback.on_step_begin(None, SimpleNamespace(global_step=2), None)
+    callback.on_step_end(None, SimpleNamespace(global_step=4), None)
+    assert json.loads((tmp_path / profiling.SUMMARY).read_text()) == {
+        "error": "profiler: RuntimeError: CUPTI unavailable"
+    }

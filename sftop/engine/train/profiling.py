@@ -80,9 +80,19 @@ class StepProfiler(TrainerCallback):
         if torch.cuda.is_available():
             activities.append(ProfilerActivity.CUDA)
         self._sync()  # the window starts with nothing queued from earlier steps
-        self._prof = profile(activities=activities)
-        self._prof.__enter__()
+        try:
+            prof = profile(activities=activities)
+            prof.__enter__()
+        except Exception as exc:  # noqa: BLE001 - a profiler that cannot start must not fail the run
+            self._failed(exc)
+            return
+        self._prof = prof
         self._t0 = time.perf_counter()
+
+    def _failed(self, exc: BaseException) -> None:
+        self.summary = {"error": f"profiler: {type(exc).__name__}: {exc}"[:500]}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / SUMMARY).write_text(json.dumps(self.summary, indent=1))
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._prof is None or state.global_step < self.first + self.count - 1:
@@ -90,14 +100,18 @@ class StepProfiler(TrainerCallback):
         self._sync()  # the window ends when its last step's work is done
         wall_s = time.perf_counter() - self._t0
         prof, self._prof = self._prof, None
-        prof.__exit__(None, None, None)
         steps = state.global_step - self.first + 1
-        self.summary = {
-            "steps": [self.first, state.global_step],
-            "wall_ms_per_step": round(wall_s * 1e3 / steps, 3),
-            **summarise(_kineto_events(prof), steps, wall_s),
-            "top_host_ops": top_host_ops(prof, steps),
-        }
+        try:
+            prof.__exit__(None, None, None)
+            self.summary = {
+                "steps": [self.first, state.global_step],
+                "wall_ms_per_step": round(wall_s * 1e3 / steps, 3),
+                **summarise(_kineto_events(prof), steps, wall_s),
+                "top_host_ops": top_host_ops(prof, steps),
+            }
+        except Exception as exc:  # noqa: BLE001 - the run goes on; the summary says what failed
+            self._failed(exc)
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         try:
             prof.export_chrome_trace(str(self.out_dir / TRACE))
@@ -113,14 +127,20 @@ class StepProfiler(TrainerCallback):
             self._prof = None
 
 
-def _kineto_events(prof) -> list[tuple[str, bool, int, int, int]]:
-    """(name, on the device, start ns, end ns, host thread) of every traced event."""
-    from torch.autograd import DeviceType
+# what the device itself runs (kernels, copies, fills); its annotations span them and are left out
+DEVICE_ACTIVITIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
+
+def _kineto_events(prof) -> list[tuple[str, bool, int, int, int]]:
+    """(name, on the device, start ns, end ns, host thread) of every traced event but the device's
+    own annotations."""
     out = []
     for e in prof.profiler.kineto_results.events():
+        kind = str(e.activity_type())
+        if kind.startswith("gpu_") and kind not in DEVICE_ACTIVITIES:
+            continue
         start = e.start_ns()
-        out.append((e.name(), e.device_type() != DeviceType.CPU, start, start + e.duration_ns(), e.start_thread_id()))
+        out.append((e.name(), kind in DEVICE_ACTIVITIES, start, start + e.duration_ns(), e.start_thread_id()))
     return out
 
 
