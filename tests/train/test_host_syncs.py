@@ -94,9 +94,11 @@ ONCE = {"__init__:item": 1, "_finalize_training:item": 1}
 )
 def test_no_read_back_per_micro_batch_anywhere_in_the_step(home, tmp_path, monkeypatch):
     """The whole step's host path, not only sftop's code: packed micro-batches through sftop's loss
-    kernel with gradient accumulation. A read that comes back per micro-batch (or a second one per
-    step) fails this, wherever it comes from; so does transformers counting the model's parameters
-    for every micro-batch again."""
+    kernel with gradient accumulation. An explicit read (item, tolist, bool, float, int of a tensor)
+    that comes back per micro-batch, or a second one per step, fails this, wherever it comes from; so
+    does transformers counting the model's parameters for every micro-batch again. (Syncs inside
+    torch operations, such as the eager fused loss's `nonzero`, are not Python calls: the GPU
+    profile of benchmarks/whole_run.py --profile counts those.)"""
     import collections
 
     import transformers.masking_utils as masking
