@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
 from vlm_shapes import SHAPES  # noqa: E402
+import bench_common  # noqa: E402
 from whole_run import run_sftop  # noqa: E402
 
 FAMILY = "qwen2_5_vl"
@@ -234,14 +235,18 @@ def trl_worker(model_dir: Path, data: Path, out: Path, seed: int, effective_batc
     dataset = Dataset.from_list(records)
     kwargs = {}
     if nf4:
-        from transformers import BitsAndBytesConfig
+        from transformers import AutoConfig, BitsAndBytesConfig
+
+        from sftop.engine.models.vision.loading import quantization_skip_modules
+
+        model_config = AutoConfig.from_pretrained(model_dir)
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch.bfloat16,
-            llm_int8_skip_modules=["visual", "lm_head"],
-        )  # as sftop: the tower and the head stay 16-bit
+            llm_int8_skip_modules=quantization_skip_modules(family, model_config),
+        )  # as sftop: the tower, the projector and the head stay 16-bit
     model = family.model_class().from_pretrained(
         model_dir,
         dtype=torch.bfloat16 if on_cuda else torch.float32,
@@ -278,22 +283,7 @@ def trl_worker(model_dir: Path, data: Path, out: Path, seed: int, effective_batc
         data_collator=collator,
         peft_config=LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TRL_LORA_TARGETS),
     )
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    result = trainer.train()
-    train_s = time.perf_counter() - t0
-    out.write_text(
-        json.dumps(
-            {
-                "train_s": train_s,
-                "steps": trainer.state.global_step,
-                "collated_tokens": collator.tokens,
-                "final_loss": result.training_loss,
-                "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
-            }
-        )
-    )
+    out.write_text(json.dumps({**bench_common.timed_train(trainer), "collated_tokens": collator.tokens}))
 
 
 def run_trl(args, model_dir: Path, data: Path, out: Path, env: dict, tokens: int) -> dict:
