@@ -65,7 +65,9 @@ def packed_attention_config(config):
 
     get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
     text = get("text_config")
-    return text if text is not None and get("model_type") in MULTIMODAL else config
+    spec = MULTIMODAL.get(get("model_type"))
+    # a family file may refuse it (Gemma 3: image tokens attend both ways)
+    return text if text is not None and spec is not None and spec.packed_attention else config
 
 
 def config_supported(config, dtype: str) -> tuple[bool, str]:
@@ -245,3 +247,34 @@ def register() -> None:
 
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, attention_mask)
+    _skip_packed_search()
+
+
+# Set on a packed row's position ids (`rows_given`): its boundaries come as `cu_seq_lens`.
+ROWS_GIVEN = "_sftop_rows_given"
+
+
+def rows_given(position_ids: torch.Tensor) -> None:
+    """Say that this packed row's boundaries come as `cu_seq_lens`, which packed attention reads
+    itself: transformers then need not find them in the position ids.  Its search
+    (`masking_utils.find_packed_sequence_indices`) reads a device value back to the host, a stall
+    of every eager packed micro-batch, and its answer only shapes an SDPA mask that this module's
+    mask function leaves out for such a row anyway.  Only for models running `NAME`."""
+    setattr(position_ids, ROWS_GIVEN, True)
+
+
+def _skip_packed_search() -> None:
+    import transformers.masking_utils as masking
+
+    search = masking.find_packed_sequence_indices
+    if getattr(search, ROWS_GIVEN, False):
+        return
+
+    @functools.wraps(search)
+    def find_packed_sequence_indices(position_ids):
+        if getattr(position_ids, ROWS_GIVEN, False):
+            return None
+        return search(position_ids)
+
+    setattr(find_packed_sequence_indices, ROWS_GIVEN, True)
+    masking.find_packed_sequence_indices = find_packed_sequence_indices
