@@ -17,18 +17,20 @@ starts two processes with `accelerate launch`). Reports:
 
 Writes multigpu.json and multigpu.md to --out.
 
-FSDP-QLoRA of a model whose 4-bit weights do not fit one GPU (`--fsdp-qlora GIB`): every GPU is held
-to GIB with plan.max_memory_gib (the allocator refuses more, as a card of that size would), so the
-Llama-3.1-8B shape's ~5.5 GiB of 4-bit weights (NF4 layers, bf16 embeddings and head) do not fit
-one of them with room to train. Three runs, same data and effective batch:
+FSDP-QLoRA of a model that does not fit one GPU (`--fsdp-qlora GIB`): every GPU is held to GIB with
+plan.max_memory_gib (the allocator refuses more, as a card of that size would). At 6.5 GiB the
+Llama-3.1-8B shape's ~5.3 GiB of 4-bit weights (NF4 layers, bf16 embeddings and head) leave one
+such GPU too little to train (the planner asks for ~7.3 GiB), and are more than the 80% of a GPU's
+budget under which sftop quantizes on the GPU, so the ranks quantize in host memory and each GPU
+receives only its half: the path of a model whose 4-bit weights exceed one GPU. Three runs, same
+data and effective batch:
 
 1. one GPU held to GIB: the planner must refuse it (QLoRA does not fit);
-2. two GPUs held to GIB: the planner chooses FSDP2, the 4-bit weights are quantized in host memory
-   and each GPU receives its half (FSDP-QLoRA, Answer.AI's recipe at a smaller scale); it must
-   run to completion, each rank's measured peak within its budget and near the plan's;
+2. two GPUs held to GIB: the planner chooses FSDP2 (FSDP-QLoRA, Answer.AI's recipe at a smaller
+   scale); it must run to completion, each rank's measured peak within its budget and near the plan's;
 3. one GPU without the limit: QLoRA's reference curve, which run 2 must follow (bf16).
 
-    python benchmarks/multigpu.py --out /tmp/fsdp-qlora --fsdp-qlora 6 --rows 64     # 2 GPUs, a few minutes
+    python benchmarks/multigpu.py --out /tmp/fsdp-qlora --fsdp-qlora 6.5 --rows 64   # 2 GPUs, a few minutes
 
 Writes fsdp_qlora.json and fsdp_qlora.md to --out.
 """
