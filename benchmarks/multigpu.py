@@ -197,6 +197,11 @@ def main() -> int:
     from sftop.engine.presets import save_preset
 
     model_dir = whole_run.build_model_dir(out / f"model-{args.shape}", args.shape)
+    import torch
+
+    if torch.cuda.is_available():
+        # the model was built on GPU 0: give its memory back, or the runs see that GPU as in use
+        torch.cuda.empty_cache()
     rows, lengths = whole_run.make_rows(build_tokenizer(), args.rows, args.seed)
     data = out / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
