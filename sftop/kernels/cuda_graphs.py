@@ -28,8 +28,21 @@ How:
   * What is captured need not be a scalar loss: `StepGraphs.replay` takes a function returning a
     tensor or a tuple, differentiates the first (its incoming gradient is copied into a static
     buffer before the backward replay; the loss sum is the case of a scalar with gradient 1) and
-    hands the rest out without gradient; with `backward=False` it captures a forward alone, in a
-    pool of its own (preference tuning's reference forward: logprob_graphs.py).
+    hands the rest out without gradient; with `backward=False` it captures a forward alone
+    (preference tuning's reference forward: logprob_graphs.py), into the same pool.
+
+One pool for every capture of a model: forward-only and training captures alike.  A graph's
+replay rewrites every block its capture was given, including blocks it freed, which later
+captures may have been given in turn; what one replay leaves for later (a training forward's saved
+activations for its backward, the static gradients a parameter's .grad still points at) must
+therefore not be overwritten by a replay of another graph in between.  The activations: a
+forward-only replay while a training forward waits for its backward runs eagerly instead (the
+caller puts its no-grad forwards first: DPO's reference forward runs before the policy's,
+sftop/engine/train/dpo.py).  The gradients: every replay first moves a .grad still over a static
+gradient into a copy of its own.  A pool of its own for the forward-only graphs would keep their
+transients reserved beside the training step's for good: measured 1.28 GiB of idle pools for the
+two on a Llama-3.2-1B DPO step (docs/benchmarks.md), where one shared pool needs the larger of
+the two.
 
 Rules a replay relies on, each enforced here or by the patch part that installs this:
   * one graphed forward, then its backward: a second graphed forward overwrites the first one's
@@ -233,8 +246,8 @@ class StepGraphs:
     def __init__(self, no_rng_stash=None, max_keys: int = MAX_KEYS):
         self._no_rng_stash = no_rng_stash or contextlib.nullcontext
         self.max_keys = max_keys
-        self._pool = None
-        self._forward_pool = None  # forward-only captures (see replay)
+        self._pool = None  # every capture's, forward-only ones too (see the module docstring)
+        self._trained: dict[int, torch.Tensor] = {}  # the parameters whose gradients captured steps hand out
         self._seen: dict = {}
         self._steps: dict = {}
         self._refused: dict = {}
@@ -277,9 +290,12 @@ class StepGraphs:
     def replay(self, key, fn, inputs: tuple[torch.Tensor, ...], slots: list, backward: bool = True):
         """`fn(*inputs)` from the graphs (a tensor, or a tuple whose first member carries the gradient
         and the rest are metrics), or None when this call should run eagerly.  `backward=False`: a
-        forward under no_grad, captured without a backward, into a pool of its own so that its
-        transients never overwrite a training forward's saved activations (DPO runs the reference
-        forward between the policy's forward and its backward)."""
+        forward under no_grad, captured without a backward into the shared pool; it runs eagerly
+        while a graphed training forward waits for its backward, whose saved activations its
+        transients could overwrite."""
+        if not backward and self._armed is not None:
+            self.stats.eager_calls += 1
+            return None
         step = self._steps.get(key)
         if step is None:
             if key in self._refused or len(self._steps) >= self.max_keys:
@@ -300,11 +316,14 @@ class StepGraphs:
                 return None
             self._steps[key] = step
             self._grad_ptrs |= step.grad_ptrs
+            if backward:
+                self._trained.update((id(p), p) for _m, _n, p in slots)
             self._seen.pop(key, None)
         if step.backward != backward:  # a key must tell the two kinds apart; never guess
             raise ValueError(f"sftop CUDA graphs: key {key!r} was captured with backward={step.backward}")
         self.stats.replays += 1
         if not backward:
+            self.reclaim_grads(self._trained.values())
             step.load(inputs)
             step.fwd.replay()
             outs = step.taken_outputs()
@@ -314,16 +333,12 @@ class StepGraphs:
     def _capture(self, fn, inputs, slots, backward=True):
         from . import scratch
 
-        if backward and self._pool is None:
+        if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        if not backward and self._forward_pool is None:
-            self._forward_pool = torch.cuda.graph_pool_handle()
         # a graph bakes in the scratch buffers' addresses: they must never be freed from now on
         scratch.freeze_all()
         try:
-            step = CapturedStep(
-                fn, inputs, slots, self._pool if backward else self._forward_pool, self._no_rng_stash, backward=backward
-            )
+            step = CapturedStep(fn, inputs, slots, self._pool, self._no_rng_stash, backward=backward)
         except Exception as exc:  # noqa: BLE001 - an uncapturable model keeps training eagerly
             offload.discard_pending()
             torch.cuda.synchronize()

@@ -25,15 +25,20 @@ counts.  A left-padded batch (TRL's vision collator pads prompts on the left), a
 0/1, a counted label under padding, or any other input (images, position ids, embeddings) runs
 eagerly, exactly as before.
 
-Host reads: one per micro-batch, the check above together with the first scored position (the
-reference forward gets the same tensors and reuses the answer).
+Host reads: one per forward, the check above together with the first scored position; a second
+call with the very same tensors reuses the answer.  (TRL builds the labels afresh for the reference
+forward and the policy's, so a DPO micro-batch reads twice: the second read waits for the reference
+replay, a few hundred microseconds of idle GPU in an ~90 ms step.)
 
 Keys: everything `cuda_graphs.py` keys on, the scoring start, whether gradients are on, and every adapter layer's
 state (disabled, merged, which adapters are active).  PEFT's `disable_adapter()` flips
 `disable_adapters` on each LoRA layer (and their `requires_grad`), and sftop's LoRA kernels choose
 their path per call from that state, so the reference forward has its own graph, captured and
-replayed with the adapter off.  Forward-only graphs live in a pool of their own
-(`StepGraphs.replay`): the reference forward runs between the policy's forward and its backward.
+replayed with the adapter off.  Both share one memory pool (`cuda_graphs.StepGraphs`), which holds
+the larger of the two steps' transients instead of both: sftop's DPO trainer runs the reference
+forward before the policy's (TRL runs it between the policy's forward and its backward, where a
+replay in the shared pool would overwrite the policy's saved activations, so a reference forward
+called there runs eagerly).
 """
 
 from __future__ import annotations

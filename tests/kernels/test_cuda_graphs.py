@@ -130,6 +130,36 @@ def test_replay_hands_out_a_vector_output_and_metrics_and_takes_the_vectors_grad
         graphs.replay("forward", None, (x,), slots)
 
 
+def test_forward_only_replays_share_the_pool_safely():
+    """Forward-only graphs share the training graphs' pool: one replayed while a training forward
+    waits for its backward runs eagerly instead (its transients could overwrite the saved
+    activations), and one replayed after it first moves a .grad still over a static gradient
+    (gradient accumulation) into a copy of its own, as a training replay does."""
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.randn(5))
+    slots = [(module, "w", module.w)]
+    graphs = cg.StepGraphs()
+    train, forward = _fake_step(module.w, backward=True), _fake_step(module.w, backward=False)
+    graphs._steps.update(train=train, forward=forward)
+    graphs._grad_ptrs |= train.grad_ptrs
+    graphs._trained[id(module.w)] = module.w
+    x = torch.randn(5)
+    y, _metric = graphs.replay("train", None, (x,), slots)
+    with torch.no_grad():
+        assert graphs.replay("forward", None, (x,), slots, backward=False) is None  # armed: eager
+    assert (graphs.stats.eager_calls, graphs.stats.replays) == (1, 1)
+    y.sum().backward()
+    static = train.grads[0]
+    assert module.w.grad.data_ptr() == static.data_ptr()
+    want = module.w.grad.clone()
+    with torch.no_grad():
+        out = graphs.replay("forward", None, (x,), slots, backward=False)
+    assert out is not None and graphs.stats.replays == 2
+    assert module.w.grad.data_ptr() != static.data_ptr() and torch.equal(module.w.grad, want)
+    static.fill_(float("nan"))  # what a later replay in the shared pool may leave there
+    assert torch.equal(module.w.grad, want)
+
+
 @pytest.mark.parametrize("n,hid,vocab,num_items", [(29, 32, 300, None), (17, 24, 257, 40)])
 def test_loss_without_row_selection_matches_with_it(poison, n, hid, vocab, num_items):
     """The capture-safe mode sends ignored rows through the kernel: they must add nothing."""

@@ -271,7 +271,7 @@ def test_graphed_path_through_trl_equals_eager_with_the_capture_run_directly(tmp
     graphed path for the policy (with gradient) and the reference (adapter off, no gradient) forwards,
     with the captured function run directly in place of a replay.  Loss, metrics and LoRA gradients
     equal the eager head's; the two forwards have keys of their own, the reference's with every
-    adapter layer disabled and read back from the device once."""
+    adapter layer disabled and read back from the device once; the reference runs first."""
     import trl
 
     from sftop.engine.train.dpo import SftopDPOTrainer
@@ -331,8 +331,9 @@ def test_graphed_path_through_trl_equals_eager_with_the_capture_run_directly(tmp
     assert abs(m_e["rewards/margins"]) > 1e-3
     for a, b in zip(g_e, g_g):
         assert rel_err(b, a) < 1e-4
-    assert len(calls) == 2 and len(reads) == 1
-    (policy_key, p_backward, p_grad, p_slots), (ref_key, r_backward, r_grad, r_slots) = calls
+    assert len(calls) == 2 and len(reads) == 2  # TRL builds each forward's labels afresh
+    # the reference forward first (its graph shares the policy's pool: cuda_graphs.StepGraphs)
+    (ref_key, r_backward, r_grad, r_slots), (policy_key, p_backward, p_grad, p_slots) = calls
     assert (p_backward, p_grad, p_slots) == (True, True, 2 * 7 * 2)
     assert (r_backward, r_grad, r_slots) == (False, False, 0)  # PEFT froze the adapter while it is off
     assert policy_key != ref_key

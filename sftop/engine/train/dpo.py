@@ -129,6 +129,24 @@ class SftopDPOTrainer(DPOTrainer):
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
+    def _compute_loss(self, model, inputs, return_outputs):
+        # The reference forward first, then TRL's step with its log-probs handed in as precomputed
+        # (the same values: TRL's own reference computation, its adapter switch and no_grad).  TRL
+        # runs it between the policy's forward and backward, on top of the policy's saved
+        # activations; before it, its transients are gone when the policy's forward starts, which
+        # lowers the eager peak and lets the CUDA graphs of both forwards share one memory pool
+        # (sftop/kernels/cuda_graphs.py).
+        if self.precompute_ref_logps:
+            return super()._compute_loss(model, inputs, return_outputs)
+        reference = self.ref_model if self.ref_model is not None else self.model
+        ref_chosen, ref_rejected = self.compute_ref_log_probs(reference, inputs)
+        inputs = {**inputs, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+        self.precompute_ref_logps = True
+        try:
+            return super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            self.precompute_ref_logps = False
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         # the batch is [chosen rows; rejected rows]: tokens of both forwards, samples = pairs
         self.sftop_step_tokens += inputs["attention_mask"].sum()
