@@ -8,6 +8,8 @@ AdamW at lr 2e-4, reference = the model with its adapter disabled:
 - stock: the base model + `peft_config` handed to `trl.DPOTrainer` (TRL's chunked log-prob head).
 - sftop: `sftop.kernels.patch_model` on the LoRA model and `SftopDPOTrainer` with the fused linear
   log-prob head (`sftop.kernels.fused_linear_logprob`) on the policy and reference forwards.
+- sftop-eager (when `--paths` names it): the sftop path with its CUDA graphs off
+  (`SFTOP_CUDA_GRAPHS=0`), to compare the graphed step's speed and memory with the eager one's.
 - unsloth (when `--paths` names it): Unsloth's recipe, `PatchDPOTrainer()`, then
   `FastLanguageModel.from_pretrained` and `get_peft_model(use_gradient_checkpointing="unsloth")`, in
   TRL's `DPOTrainer`.  Unsloth is imported in its own process, first, as it asks; where it cannot be
@@ -20,6 +22,10 @@ bitsandbytes quantises while loading, so the random-init model is saved once (bf
 /dev/shm where it exists: an 8B checkpoint is 16 GB) and every path loads it from there; Unsloth's
 path loads that checkpoint in bf16 runs too.  Each result carries `load_s`, the seconds its
 process spent building the model, apart from the timed steps.
+
+Peak memory: `peak_gib` is the largest step's peak allocated memory, with the graphs' pool counted
+whole in steps that replay (see PeakMeter); `peak_reserved_gib` is what the allocator reserved at
+most over the run (pools, fragmentation and cache included), the same measure for every path.
 
 Each path runs in its own subprocess of this script so that memory peaks and patches never leak
 from one into the other; one command measures both and prints the ratio.
@@ -126,6 +132,8 @@ def _one(args, path: str) -> dict:
         if why is not None:
             return dict(path=path, unavailable=why)
     t_load = time.perf_counter()
+    if path == "sftop-eager":  # read when the model is patched
+        os.environ["SFTOP_CUDA_GRAPHS"] = "0"
     import torch
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -157,6 +165,35 @@ def _one(args, path: str) -> dict:
             if self.prof is not None and len(self.times) == args.warmup + args.steps + PROFILED_STEPS:
                 self.prof.__exit__(None, None, None)
 
+    class PeakMeter(TrainerCallback):
+        """Each step's peak device memory.  A replayed CUDA graph allocates nothing, so its transients
+        (in the graphs' pool) never reach the allocator's peak: a step that captured nothing adds the
+        pool's idle bytes at its end to its allocated peak, i.e. it counts the whole pool.  A step
+        that captured counts its allocated peak alone: blocks a capture takes from the pool are
+        allocated while it runs.  (Adding the pool to the peak of the whole run instead would count
+        the transients twice: once from the eager steps before the captures, once in the pool.)"""
+
+        def __init__(self):
+            self.peaks, self.captures = [], 0
+
+        def on_step_begin(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_end(self, *a, model=None, **k):
+            if args.device != "cuda":
+                return
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            stats = _graph_stats(model) if path.startswith("sftop") else None
+            captured = stats is not None and stats.captures != self.captures
+            self.captures = 0 if stats is None else stats.captures
+            if stats is not None and stats.replays and not captured:
+                from sftop.kernels.cuda_graphs import idle_pool_bytes
+
+                peak += idle_pool_bytes()
+            self.peaks.append(peak)
+
     model, peft_config, report = _model(args, path)
     tmp = tempfile.mkdtemp(prefix="dpo-bench-")
     cfg = DPOConfig(
@@ -179,10 +216,10 @@ def _one(args, path: str) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    timer = Timer()
+    timer, meter = Timer(), PeakMeter()
     vocab = step_bench.SHAPES[args.model]["vocab_size"]
     tokenizer = unsloth_peer.word_tokenizer(vocab)
-    common = dict(args=cfg, train_dataset=_dataset(args, vocab), processing_class=tokenizer, callbacks=[timer])
+    common = dict(args=cfg, train_dataset=_dataset(args, vocab), processing_class=tokenizer, callbacks=[timer, meter])
     if path == "stock":
         trainer = Pretokenised(model=model, peft_config=peft_config, **common)
     elif path == "unsloth":
@@ -211,23 +248,21 @@ def _one(args, path: str) -> dict:
         head=head,
         load_s=round(load_s, 1),
     )
-    if path == "sftop":
+    if path.startswith("sftop"):
         import dataclasses
 
-        from sftop.kernels.logprob_graphs import graph_stats
-
-        stats = graph_stats(trainer.model.get_base_model())
+        stats = _graph_stats(trainer.model)
         out["graphs"] = trainer.sftop_graphs if stats is None else dataclasses.asdict(stats)
     if args.device == "cuda":
-        out["peak_gib"] = torch.cuda.max_memory_allocated() / 1024**3
+        # the peak step (PeakMeter: graph pools included), and the allocator's whole footprint
+        # (reserved: every pool, fragmentation and cache), the same measure for every path
+        out["peak_gib"] = max(meter.peaks) / 1024**3
+        out["step_peaks_gib"] = [round(b / 1024**3, 3) for b in meter.peaks]
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 1024**3
         if isinstance(out.get("graphs"), dict) and out["graphs"]["replays"]:
-            # replays allocate nothing, so the allocator's peak misses the transients that live in
-            # the graphs' pools: count all of their idle memory on top (an upper bound)
             from sftop.kernels.cuda_graphs import idle_pool_bytes
 
-            pool = idle_pool_bytes()
-            out["graph_pool_idle_gib"] = pool / 1024**3
-            out["peak_gib"] = (torch.cuda.max_memory_allocated() + pool) / 1024**3
+            out["graph_pool_idle_gib"] = idle_pool_bytes() / 1024**3
     if timer.prof is not None:
         # GPU busy time against the wall time of the same steps: what is left is host time
         # (Python, TRL's bookkeeping, syncs) during which the GPU waits
@@ -236,6 +271,17 @@ def _one(args, path: str) -> dict:
         out["profile_wall_ms_per_step"] = round(wall * 1e3, 2)
         out["profile_gpu_idle_share"] = round(max(0.0, 1 - out["profile_gpu_ms_per_step"] / (wall * 1e3)), 3)
     return out
+
+
+def _graph_stats(model):
+    """The DPO log-prob graphs' counters of an sftop model, or None (another path, or no graphed call yet)."""
+    if model is None or not hasattr(model, "get_base_model"):
+        return None
+    try:
+        from sftop.kernels.logprob_graphs import graph_stats
+    except ImportError:  # a peer's process without sftop on its path
+        return None
+    return graph_stats(model.get_base_model())
 
 
 def _checkpoint(args):
@@ -258,7 +304,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="profile two more steps: GPU time by kernel kind, and the share of the step the GPU waits",
     )
-    ap.add_argument("--paths", default="stock,sftop", help="comma-separated: stock, sftop, unsloth")
+    ap.add_argument(
+        "--paths",
+        default="stock,sftop",
+        help="comma-separated: stock, sftop, sftop-eager (sftop with its CUDA graphs off), unsloth",
+    )
     ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (TRITON_INTERPRET=1)")
@@ -268,9 +318,9 @@ def main(argv=None) -> int:
     if args.answer >= args.seq:
         ap.error("--answer must be smaller than --seq")
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    unknown = sorted(set(paths) - {"stock", "sftop", "unsloth"})
+    unknown = sorted(set(paths) - {"stock", "sftop", "sftop-eager", "unsloth"})
     if unknown:
-        ap.error(f"unknown path(s) {', '.join(unknown)}: choose among stock, sftop, unsloth")
+        ap.error(f"unknown path(s) {', '.join(unknown)}: choose among stock, sftop, sftop-eager, unsloth")
 
     if args.one:
         print("RESULT " + json.dumps(_one(args, args.one)), flush=True)
@@ -339,11 +389,13 @@ def main(argv=None) -> int:
     )
     for r in results:
         if "unavailable" in r:
-            print(f"  {r['path']:6s} {unsloth_peer.not_measured(r['unavailable'])}")
+            print(f"  {r['path']:11s} {unsloth_peer.not_measured(r['unavailable'])}")
         elif "tokens_per_s" in r:
-            peak = f"peak {r['peak_gib']:6.2f} GiB  " if "peak_gib" in r else ""
+            peak = (
+                f"peak {r['peak_gib']:6.2f} GiB (reserved {r['peak_reserved_gib']:5.2f})  " if "peak_gib" in r else ""
+            )
             print(
-                f"  {r['path']:6s} {r['tokens_per_s']:10,.0f} tok/s  {peak}"
+                f"  {r['path']:11s} {r['tokens_per_s']:10,.0f} tok/s  {peak}"
                 f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  loss {r['losses'][-1]:.4f}  head {r['head']}"
             )
             if "graphs" in r:
@@ -361,7 +413,7 @@ def main(argv=None) -> int:
                     + ", ".join(f"{k} {v:.0%}" for k, v in list(r["profile_share"].items())[:6])
                 )
         else:
-            print(f"  {r['path']:6s} FAILED")
+            print(f"  {r['path']:11s} FAILED")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

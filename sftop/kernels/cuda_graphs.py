@@ -303,7 +303,13 @@ class StepGraphs:
                 return None
             seen = self._seen.get(key, 0) + 1
             self._seen[key] = seen
-            if seen < CAPTURE_ON_SIGHTING:
+            # a forward-only step waits one sighting more unless a training step is captured
+            # already: captured after it, it lands in the blocks the training step freed (its
+            # transients mirror the training forward's, with less kept), where captured first its
+            # free blocks get split by the training capture's smaller requests and the training
+            # step's largest transient (the logits' chunk) needs a segment of its own
+            wait = CAPTURE_ON_SIGHTING + (0 if backward or self._trained else 1)
+            if seen < wait:
                 self.stats.eager_calls += 1
                 return None
             why = _room_for_capture()

@@ -160,6 +160,37 @@ def test_forward_only_replays_share_the_pool_safely():
     assert torch.equal(module.w.grad, want)
 
 
+def test_a_forward_only_step_is_captured_after_the_training_step(monkeypatch):
+    """Both seen twice: the training step is captured then, the forward-only one (into the blocks the
+    training step freed) one sighting later, once a training step is captured."""
+    captured = []
+
+    def capture(self, fn, inputs, slots, backward=True):
+        captured.append(backward)
+        return _fake_step(slots[0][2], backward), None
+
+    monkeypatch.setattr(cg.StepGraphs, "_capture", capture)
+    monkeypatch.setattr(cg, "_room_for_capture", lambda: None)
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.randn(5))
+    slots = [(module, "w", module.w)]
+    graphs = cg.StepGraphs()
+    x = torch.randn(5)
+    for _ in range(3):
+        with torch.no_grad():
+            graphs.replay("reference", None, (x,), slots, backward=False)
+        out = graphs.replay("policy", None, (x,), slots)
+        if out is not None:
+            out[0].sum().backward()
+    assert captured == [True, False]  # the policy's on the second step, the reference's on the third
+    assert (graphs.stats.eager_calls, graphs.stats.replays) == (3, 3)
+    alone = cg.StepGraphs()  # no training step at all: the forward-only one on its third sighting
+    for _ in range(3):
+        with torch.no_grad():
+            alone.replay("reference", None, (x,), slots, backward=False)
+    assert captured == [True, False, False] and alone.stats.eager_calls == 2
+
+
 @pytest.mark.parametrize("n,hid,vocab,num_items", [(29, 32, 300, None), (17, 24, 257, 40)])
 def test_loss_without_row_selection_matches_with_it(poison, n, hid, vocab, num_items):
     """The capture-safe mode sends ignored rows through the kernel: they must add nothing."""
