@@ -23,9 +23,10 @@ bitsandbytes quantises while loading, so the random-init model is saved once (bf
 path loads that checkpoint in bf16 runs too.  Each result carries `load_s`, the seconds its
 process spent building the model, apart from the timed steps.
 
-Peak memory: `peak_gib` is the largest step's peak allocated memory, with the graphs' pool counted
-whole in steps that replay (see PeakMeter); `peak_reserved_gib` is what the allocator reserved at
-most over the run (pools, fragmentation and cache included), the same measure for every path.
+Peak memory: `peak_gib` is the largest peak allocated memory of the steps that captured no CUDA
+graph, with the graphs' pool counted whole (see PeakMeter); `capture_step_peak_bound_gib` bounds
+the steps that captured from above; `peak_reserved_gib` is what the allocator reserved at most in
+any step (pools, fragmentation and cache included), the same measure for every path.
 
 Each path runs in its own subprocess of this script so that memory peaks and patches never leak
 from one into the other; one command measures both and prints the ratio.
@@ -168,13 +169,15 @@ def _one(args, path: str) -> dict:
     class PeakMeter(TrainerCallback):
         """Each step's peak device memory.  A replayed CUDA graph allocates nothing, so its transients
         (in the graphs' pool) never reach the allocator's peak: a step that captured nothing adds the
-        pool's idle bytes at its end to its allocated peak, i.e. it counts the whole pool.  A step
-        that captured counts its allocated peak alone: blocks a capture takes from the pool are
-        allocated while it runs.  (Adding the pool to the peak of the whole run instead would count
-        the transients twice: once from the eager steps before the captures, once in the pool.)"""
+        pool's idle bytes at its end to its allocated peak, i.e. it counts the whole pool once.  A
+        step that captured adds the idle bytes the pool had when it began: an upper bound, as blocks
+        its capture took from them count twice.  (Adding the pool to the peak of the whole run
+        would count the transients twice: once from the eager steps before the captures, once in
+        the pool.)  The reserved peak of each step, pools and cache included, is kept beside it."""
 
         def __init__(self):
-            self.peaks, self.captures = [], 0
+            self.steady, self.capturing, self.reserved = [], [], []
+            self.captures, self.idle = 0, 0
 
         def on_step_begin(self, *a, **k):
             if args.device == "cuda":
@@ -185,14 +188,19 @@ def _one(args, path: str) -> dict:
                 return
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
+            self.reserved.append(torch.cuda.max_memory_reserved())
             stats = _graph_stats(model) if path.startswith("sftop") else None
             captured = stats is not None and stats.captures != self.captures
             self.captures = 0 if stats is None else stats.captures
-            if stats is not None and stats.replays and not captured:
+            idle_before = self.idle
+            if stats is not None and stats.captures:
                 from sftop.kernels.cuda_graphs import idle_pool_bytes
 
-                peak += idle_pool_bytes()
-            self.peaks.append(peak)
+                self.idle = idle_pool_bytes()
+            if captured:
+                self.capturing.append(peak + idle_before)
+            else:
+                self.steady.append(peak + self.idle)
 
     model, peft_config, report = _model(args, path)
     tmp = tempfile.mkdtemp(prefix="dpo-bench-")
@@ -256,9 +264,12 @@ def _one(args, path: str) -> dict:
     if args.device == "cuda":
         # the peak step (PeakMeter: graph pools included), and the allocator's whole footprint
         # (reserved: every pool, fragmentation and cache), the same measure for every path
-        out["peak_gib"] = max(meter.peaks) / 1024**3
-        out["step_peaks_gib"] = [round(b / 1024**3, 3) for b in meter.peaks]
-        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 1024**3
+        out["peak_gib"] = max(meter.steady) / 1024**3
+        out["steady_step_peaks_gib"] = [round(b / 1024**3, 3) for b in meter.steady]
+        if meter.capturing:
+            out["capture_step_peak_bound_gib"] = max(meter.capturing) / 1024**3
+        out["peak_reserved_gib"] = max(meter.reserved) / 1024**3
+        out["step_reserved_gib"] = [round(b / 1024**3, 3) for b in meter.reserved]
         if isinstance(out.get("graphs"), dict) and out["graphs"]["replays"]:
             from sftop.kernels.cuda_graphs import idle_pool_bytes
 
@@ -404,7 +415,13 @@ def main(argv=None) -> int:
                     f"         CUDA graphs: {g}"
                     if isinstance(g, str)
                     else f"         CUDA graphs: {g['captures']} captured, {g['replays']} replays, "
-                    f"{g['eager_calls']} eager calls" + (f", failures: {g['failures']}" if g["failures"] else "")
+                    f"{g['eager_calls']} eager calls"
+                    + (f", failures: {g['failures']}" if g["failures"] else "")
+                    + (
+                        f"; capture steps at most {r['capture_step_peak_bound_gib']:.2f} GiB"
+                        if "capture_step_peak_bound_gib" in r
+                        else ""
+                    )
                 )
             if "profile_share" in r:
                 print(

@@ -157,7 +157,16 @@ class CapturedStep:
     gradient.  `backward=False` captures a forward only (run under no_grad, e.g. DPO's reference
     forward): no gradients, no offloaded checkpoints."""
 
-    def __init__(self, fn, inputs: tuple[torch.Tensor, ...], slots: list, pool, no_rng_stash, backward: bool = True):
+    def __init__(
+        self,
+        fn,
+        inputs: tuple[torch.Tensor, ...],
+        slots: list,
+        pool,
+        no_rng_stash,
+        backward: bool = True,
+        warm_up_in_pool: bool = False,
+    ):
         self.n_inputs = len(inputs)
         self.backward = backward
         self.static_inputs = [t.detach().clone() for t in inputs]
@@ -166,7 +175,8 @@ class CapturedStep:
         side = _capture_stream()
         side.wait_stream(torch.cuda.current_stream())
         moved = None
-        with no_rng_stash(), causal_masks_skipped(), torch.cuda.stream(side):
+        warm_pool = pool if warm_up_in_pool and not backward else None
+        with no_rng_stash(), causal_masks_skipped(), torch.cuda.stream(side), _allocating_into(warm_pool):
             for run in range(WARMUP_RUNS):
                 last = run == WARMUP_RUNS - 1 and backward
                 with offload.recording_offloads() if last else contextlib.nullcontext() as moved:
@@ -211,6 +221,36 @@ class CapturedStep:
     def taken_outputs(self) -> tuple[torch.Tensor, ...]:
         # copies: the next replay of any graph in the pool may rewrite the static outputs
         return tuple(o.clone() for o in self.outputs)
+
+
+@contextlib.contextmanager
+def _allocating_into(pool):
+    """This thread's allocations taken from the graphs' pool `pool` (None: the ordinary cache).
+
+    A forward-only capture made after a training step's (DPO's reference forward) warms up here:
+    its warm-up transients then reuse the blocks the training step left free instead of sitting in
+    the ordinary cache beside the whole pool, which for that moment held both steps' transients
+    (the Llama-3.2-1B DPO step's reference forward: about 0.3 GiB).  Safe for the same reason the
+    forward-only replay is: no graphed forward waits for its backward (StepGraphs.replay checks),
+    so no block free in the pool holds anything a later replay reads, and static gradients are
+    allocated blocks.  A forward-only warm-up allocates on this thread only (no backward, whose
+    engine threads would not be routed).  The private hooks are those torch's own CUDA-graph trees
+    warm up with; where they are missing the warm-up uses the ordinary cache as before."""
+    hooks = [getattr(torch._C, name, None) for name in _POOL_HOOKS]
+    if pool is None or any(h is None for h in hooks):
+        yield
+        return
+    begin, end, release = hooks
+    device = torch.cuda.current_device()
+    begin(device, pool)
+    try:
+        yield
+    finally:
+        end(device, pool)
+        release(device, pool)  # begin took a reference to the pool
+
+
+_POOL_HOOKS = ("_cuda_beginAllocateCurrentThreadToPool", "_cuda_endAllocateToPool", "_cuda_releasePool")
 
 
 def _as_tuple(out) -> tuple[torch.Tensor, ...]:
@@ -344,7 +384,15 @@ class StepGraphs:
         # a graph bakes in the scratch buffers' addresses: they must never be freed from now on
         scratch.freeze_all()
         try:
-            step = CapturedStep(fn, inputs, slots, self._pool, self._no_rng_stash, backward=backward)
+            step = CapturedStep(
+                fn,
+                inputs,
+                slots,
+                self._pool,
+                self._no_rng_stash,
+                backward=backward,
+                warm_up_in_pool=bool(self._trained),
+            )
         except Exception as exc:  # noqa: BLE001 - an uncapturable model keeps training eagerly
             offload.discard_pending()
             torch.cuda.synchronize()

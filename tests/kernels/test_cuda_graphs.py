@@ -191,6 +191,29 @@ def test_a_forward_only_step_is_captured_after_the_training_step(monkeypatch):
     assert captured == [True, False, False] and alone.stats.eager_calls == 2
 
 
+def test_forward_only_warm_up_allocates_from_the_pool_and_gives_its_reference_back(monkeypatch):
+    calls = []
+    for name in cg._POOL_HOOKS:
+        monkeypatch.setattr(torch._C, name, lambda device, pool, _n=name: calls.append((_n, pool)), raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with cg._allocating_into((7, 0)):
+        calls.append("warm-up")
+    assert calls == [
+        ("_cuda_beginAllocateCurrentThreadToPool", (7, 0)),
+        "warm-up",
+        ("_cuda_endAllocateToPool", (7, 0)),
+        ("_cuda_releasePool", (7, 0)),
+    ]
+    calls.clear()
+    with cg._allocating_into(None):  # no pool to use: the ordinary cache
+        calls.append("warm-up")
+    assert calls == ["warm-up"]
+    monkeypatch.delattr(torch._C, "_cuda_releasePool")  # a torch without the hooks: as before
+    with cg._allocating_into((7, 0)):
+        calls.append("warm-up")
+    assert calls == ["warm-up", "warm-up"]
+
+
 @pytest.mark.parametrize("n,hid,vocab,num_items", [(29, 32, 300, None), (17, 24, 257, 40)])
 def test_loss_without_row_selection_matches_with_it(poison, n, hid, vocab, num_items):
     """The capture-safe mode sends ignored rows through the kernel: they must add nothing."""
