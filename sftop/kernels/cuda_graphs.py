@@ -74,9 +74,10 @@ import torch
 
 from . import checkpoint_offload as offload
 from . import compat
+from .constants import CUDA_GRAPHS_ENV
 from .env import env_flag
 
-ENV_SWITCH = "SFTOP_CUDA_GRAPHS"
+ENV_SWITCH = CUDA_GRAPHS_ENV
 MAX_KEYS = 4  # captured shapes per model; later new shapes run eagerly
 WARMUP_RUNS = 2
 CAPTURE_ON_SIGHTING = 2  # capture when a key is seen for the second time

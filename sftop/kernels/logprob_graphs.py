@@ -46,13 +46,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .constants import DPO_GRAPH_LENGTH_MULTIPLE
 from .cuda_graphs import ENV_SWITCH, StepGraphs, enabled_by_env, no_rng_stash, token_ids_only
 from .patching import markers as M
 
 IGNORE_INDEX = -100
 # batch lengths are padded up to a multiple of this on the device: tensor-core friendly, and few
 # enough shapes that they repeat (a 2,048-token limit gives 8 lengths)
-LENGTH_MULTIPLE = 256
+LENGTH_MULTIPLE = DPO_GRAPH_LENGTH_MULTIPLE
 # captured steps per model: policy and reference for each of 8 lengths; later shapes run eagerly
 MAX_KEYS = 16
 
