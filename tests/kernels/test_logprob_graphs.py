@@ -315,6 +315,7 @@ def test_graphed_path_through_trl_equals_eager_with_the_capture_run_directly(tmp
         loss = trainer.compute_loss(model, batch)
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        trainer.sftop_metrics.flush(trainer)
         results.append((loss.detach(), {k: v[-1] for k, v in trainer._metrics["train"].items()}, grads))
         monkeypatch.undo()
     assert isinstance(trainer, trl.DPOTrainer)
@@ -419,6 +420,7 @@ def _dpo_steps(model, tmp_path, batches, accumulate=1, peaks=None):
         loss.backward()
         if (i + 1) % accumulate:
             continue
+        trainer.sftop_metrics.flush(trainer)
         metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
         grads = [p.grad.float().clone() for p in params]
         opt.step()
