@@ -136,6 +136,17 @@ def _model_class(name: str):
     return vlm_shapes.model_class() if vlm_shapes.is_vision_shape(name) else AutoModelForCausalLM
 
 
+def _vision_skip_modules(cfg) -> list[str]:
+    """The modules 4-bit loading leaves 16-bit in a VLM: sftop's own list (tower, projector, head)."""
+    from sftop.engine.models.vision.loading import quantization_skip_modules
+    from sftop.engine.models.vision.registry import family_for_config
+
+    family = family_for_config(cfg)
+    if family is None:
+        raise SystemExit(f"step_bench: no sftop vision family for model_type {cfg.model_type!r}")
+    return quantization_skip_modules(family, cfg)
+
+
 def _lora_targets(name: str):
     return vlm_shapes.SHAPES[name].lora_targets if vlm_shapes.is_vision_shape(name) else LORA_TARGETS
 
@@ -218,12 +229,9 @@ def _build(args, path: str):
     cfg = _config(args.model)
     model_class = _model_class(args.model)
     if args.four_bit:
-        # a VLM's tower and projector stay bf16: only the language model is quantised
-        skip = (
-            ["visual", "vision_tower", "multi_modal_projector", "lm_head"]
-            if vlm_shapes.is_vision_shape(args.model)
-            else None
-        )
+        # a VLM's tower, projector and head stay bf16, named exactly as `sftop run` names them:
+        # transformers 5 matches these names from the start of a module's full name
+        skip = _vision_skip_modules(cfg) if vlm_shapes.is_vision_shape(args.model) else None
         quant = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",

@@ -234,14 +234,18 @@ def trl_worker(model_dir: Path, data: Path, out: Path, seed: int, effective_batc
     dataset = Dataset.from_list(records)
     kwargs = {}
     if nf4:
-        from transformers import BitsAndBytesConfig
+        from transformers import AutoConfig, BitsAndBytesConfig
+
+        from sftop.engine.models.vision.loading import quantization_skip_modules
+
+        model_config = AutoConfig.from_pretrained(model_dir)
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch.bfloat16,
-            llm_int8_skip_modules=["visual", "lm_head"],
-        )  # as sftop: the tower and the head stay 16-bit
+            llm_int8_skip_modules=quantization_skip_modules(family, model_config),
+        )  # as sftop: the tower, the projector and the head stay 16-bit
     model = family.model_class().from_pretrained(
         model_dir,
         dtype=torch.bfloat16 if on_cuda else torch.float32,

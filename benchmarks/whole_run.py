@@ -390,6 +390,7 @@ def read_sftop_events(run_dir: Path) -> dict:
 
     started = finished = failed = None
     steps: list[dict[str, Any]] = []
+    plan_changes: list[str] = []
     for event in iter_events(run_dir / "events.jsonl"):
         kind = event.get("type")
         if kind == "run_started":
@@ -400,7 +401,12 @@ def read_sftop_events(run_dir: Path) -> dict:
             finished = event
         elif kind == "run_failed":
             failed = event
-    result: dict = {"steps": len(steps)}
+        elif kind == "plan_changed":  # an OOM mid-run or a probe over budget stepped the plan down
+            plan_changes.append(f"step {event.get('step')}: {event.get('reason')}")
+    # a step retried after a plan change is logged twice: count each step once
+    result: dict = {"steps": len({s.get("step") for s in steps}), "step_events": len(steps)}
+    if plan_changes:
+        result["plan_changes"] = plan_changes
     if failed:
         result["failed"] = failed.get("reason")
     if started:
@@ -707,6 +713,7 @@ def _plan_text(name: str, r: dict) -> str:
             + (f", split by tokens (<= {plan['tokens_per_micro_batch']:,})" if plan.get("split_by") == "tokens" else "")
             + (f", cap {plan['max_memory_gib']:.2f} GiB" if plan.get("max_memory_gib") is not None else "")
             + (f", --set {' '.join(r['overrides'])}" if r.get("overrides") else "")
+            + (f"; PLAN CHANGED {'; '.join(r['plan_changes'])}" if r.get("plan_changes") else "")
         )
     if name == "trl":
         return "batch 2 x 4, padded, checkpointing"

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sftop.engine.allocator import allocator_env
 from sftop.engine.events import TERMINAL_TYPES, EventWriter, RunFailed, read_events
 from sftop.engine.presets import Preset, load_preset, save_preset
 from sftop.engine.rundir import RunDir, new_run_dir
@@ -228,6 +229,7 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
         cmd = launch.command
     # SFTOP_SUPERVISED: the trainer leaves status.json to this supervisor (sftop.engine.runs.run_in_foreground)
     env = dict(os.environ, PYTHONUNBUFFERED="1", SFTOP_SUPERVISED="1", **pinned)
+    env.update(allocator_env(env))  # read when CUDA initialises: before the trainer's first import of torch
     # The run's lock, taken here and shared with the trainer: one trainer per run directory.
     lock_fd = run_lock_acquire(run_dir.path)
     env[LOCK_FD_ENV] = str(lock_fd)

@@ -314,3 +314,18 @@ def test_weights_by_precision_tells_4bit_from_16bit_layers():
         step_bench.weights_text(weights)
         == "16-bit: model.merger.mlp (1); 4-bit: model.layers (2); float32: lm_head (1)"
     )
+
+
+def test_sftop_row_counts_a_retried_step_once_and_reports_the_plan_change(tmp_path):
+    from sftop.engine.events import EventWriter
+
+    with EventWriter(tmp_path / "events.jsonl") as writer:
+        writer.write({"type": "run_started", "plan": {"micro_batch": 4, "grad_accum": 2}})
+        for step in (1, 2, 3, 2, 3, 4):  # an OOM at step 4 went back to the checkpoint of step 1
+            writer.write({"type": "step", "step": step, "loss": 1.0, "tokens_per_s": 100.0})
+            if step == 3 and not writer.path.read_text().count('"plan_changed"'):
+                writer.write({"type": "plan_changed", "step": 3, "reason": "out of memory", "old": {}, "new": {}})
+    result = whole_run.read_sftop_events(tmp_path)
+    assert (result["steps"], result["step_events"]) == (4, 6)
+    assert result["plan_changes"] == ["step 3: out of memory"]
+    assert "PLAN CHANGED step 3: out of memory" in whole_run._plan_text("sftop", result)

@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sftop.engine.allocator import allocator_settings, configure_allocator
 from sftop.engine.diskfull import DiskFullError, is_disk_full
 from sftop.engine.errors import ResourceError, SftopError
 from sftop.engine.events import (
@@ -149,6 +150,7 @@ def environment_info(device: str, dtype: str, attn: str) -> dict[str, Any]:
         "dtype": dtype,
         "attn_implementation": attn,
         "cuda": torch.version.cuda,
+        "allocator": allocator_settings(),
     }
     from sftop import __version__ as sftop_version
 
@@ -904,6 +906,7 @@ def run_training(preset, run_dir, *, resume: bool = False) -> int:
 
 def _run_locked(preset, run_dir: RunDir, resume: bool) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # avoids fork warnings + deadlocks in datasets.map
+    configure_allocator()  # before anything initialises CUDA (foreground runs; the supervisor sets it too)
     from sftop.engine.gpu_select import rank_info
     from sftop.engine.launch import rank_events_path, rank_pid_path
 
