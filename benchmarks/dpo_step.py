@@ -400,13 +400,13 @@ def main(argv=None) -> int:
     )
     for r in results:
         if "unavailable" in r:
-            print(f"  {r['path']:11s} {unsloth_peer.not_measured(r['unavailable'])}")
+            print(f"  {r['path']:6s} {unsloth_peer.not_measured(r['unavailable'])}")
         elif "tokens_per_s" in r:
             peak = (
                 f"peak {r['peak_gib']:6.2f} GiB (reserved {r['peak_reserved_gib']:5.2f})  " if "peak_gib" in r else ""
             )
             print(
-                f"  {r['path']:11s} {r['tokens_per_s']:10,.0f} tok/s  {peak}"
+                f"  {r['path']:6s} {r['tokens_per_s']:10,.0f} tok/s  {peak}"
                 f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  loss {r['losses'][-1]:.4f}  head {r['head']}"
             )
             if "graphs" in r:
@@ -430,7 +430,7 @@ def main(argv=None) -> int:
                     + ", ".join(f"{k} {v:.0%}" for k, v in list(r["profile_share"].items())[:6])
                 )
         else:
-            print(f"  {r['path']:11s} FAILED")
+            print(f"  {r['path']:6s} FAILED")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
