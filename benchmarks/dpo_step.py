@@ -48,6 +48,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common
 import step_bench  # model shapes and the random 4-bit checkpoint
 import unsloth_peer  # Unsloth's process: imported first, offline, its own TRL
 
@@ -337,10 +338,6 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(_one(args, args.one)), flush=True)
         return 0
 
-    import torch
-    import transformers
-    import trl
-
     tmp = None
     if (args.four_bit or "unsloth" in paths) and not args.model_dir:
         tmp = _checkpoint(args)
@@ -386,12 +383,7 @@ def main(argv=None) -> int:
         steps=args.steps,
         warmup=args.warmup,
         four_bit=args.four_bit,
-        device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-        torch=torch.__version__,
-        transformers=transformers.__version__,
-        trl=trl.__version__,
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        command=" ".join(sys.argv),
+        **bench_common.result_header(args.device, "transformers", "trl"),
         results=results,
     )
     print(
@@ -399,9 +391,10 @@ def main(argv=None) -> int:
         f"on {out['device']}"
     )
     for r in results:
-        if "unavailable" in r:
-            print(f"  {r['path']:6s} {unsloth_peer.not_measured(r['unavailable'])}")
-        elif "tokens_per_s" in r:
+        unmeasured = bench_common.unmeasured_line(r, 6)
+        if unmeasured is not None:
+            print(unmeasured)
+        else:
             peak = (
                 f"peak {r['peak_gib']:6.2f} GiB (reserved {r['peak_reserved_gib']:5.2f})  " if "peak_gib" in r else ""
             )
@@ -429,8 +422,6 @@ def main(argv=None) -> int:
                     f"(idle {r['profile_gpu_idle_share']:.0%}); by kind: "
                     + ", ".join(f"{k} {v:.0%}" for k, v in list(r["profile_share"].items())[:6])
                 )
-        else:
-            print(f"  {r['path']:6s} FAILED")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -39,6 +39,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common
 import unsloth_peer
 import vlm_shapes
 
@@ -610,10 +611,6 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(_one(args, args.one)), flush=True)
         return 0
 
-    import torch
-    import transformers
-    import triton
-
     tmp = None
     if (args.four_bit or "unsloth" in paths) and not args.model_dir:
         tmp = random_checkpoint(args.model, args.device, in_memory=True)
@@ -662,17 +659,15 @@ def main(argv=None) -> int:
         warmup=args.warmup,
         sftop_checkpointing=args.checkpointing,
         four_bit=args.four_bit,
-        device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-        torch=torch.__version__,
-        triton=triton.__version__,
-        transformers=transformers.__version__,
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        command=" ".join(sys.argv),
+        **bench_common.result_header(args.device, "triton", "transformers"),
         results=results,
     )
     print(f"{args.model} {'nf4' if args.four_bit else 'bf16'} batch {args.batch} x {args.seq} on {out['device']}")
     for r in results:
-        if "tokens_per_s" in r:
+        unmeasured = bench_common.unmeasured_line(r, 11)
+        if unmeasured is not None:
+            print(unmeasured)
+        else:
             vs_peer = f"x{r['speed_vs_unsloth']:.2f} vs unsloth  " if "speed_vs_unsloth" in r else ""
             print(
                 f"  {r['path']:11s} {r['tokens_per_s']:10,.0f} tok/s  peak {r['peak_gib']:6.2f} GiB  "
@@ -703,11 +698,6 @@ def main(argv=None) -> int:
                     "pool idle GiB",
                     round(r.get("graph_pool_idle_gib", 0.0), 3),
                 )
-        elif "unavailable" in r:
-            print(f"  {r['path']:11s} {unsloth_peer.not_measured(r['unavailable'])}")
-        else:
-            last = [ln for ln in str(r.get("error", "")).splitlines() if ln.strip()][-1:]
-            print(f"  {r['path']:11s} FAILED" + (f": {last[0][:300]}" if last else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
 from vlm_shapes import SHAPES  # noqa: E402
+import bench_common  # noqa: E402
 from whole_run import run_sftop  # noqa: E402
 
 FAMILY = "qwen2_5_vl"
@@ -282,22 +283,7 @@ def trl_worker(model_dir: Path, data: Path, out: Path, seed: int, effective_batc
         data_collator=collator,
         peft_config=LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TRL_LORA_TARGETS),
     )
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    result = trainer.train()
-    train_s = time.perf_counter() - t0
-    out.write_text(
-        json.dumps(
-            {
-                "train_s": train_s,
-                "steps": trainer.state.global_step,
-                "collated_tokens": collator.tokens,
-                "final_loss": result.training_loss,
-                "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
-            }
-        )
-    )
+    out.write_text(json.dumps({**bench_common.timed_train(trainer), "collated_tokens": collator.tokens}))
 
 
 def run_trl(args, model_dir: Path, data: Path, out: Path, env: dict, tokens: int) -> dict:

@@ -64,6 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import unsloth_peer  # noqa: E402 - Unsloth's process: imported first, offline, its own TRL
+import bench_common  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-1b": dict(
@@ -212,23 +213,7 @@ def trl_worker(model_dir: Path, data: Path, out: Path, seed: int) -> None:
             r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
         ),
     )
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    result = trainer.train()
-    train_s = time.perf_counter() - t0
-    out.write_text(
-        json.dumps(
-            {
-                "train_s": train_s,
-                "train_runtime_s": result.metrics.get("train_runtime"),
-                "steps": trainer.state.global_step,
-                "useful_tokens": sum(len(x) for x in ids),
-                "final_loss": result.training_loss,
-                "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
-            }
-        )
-    )
+    out.write_text(json.dumps({**bench_common.timed_train(trainer), "useful_tokens": sum(len(x) for x in ids)}))
 
 
 # ---------------------------------------------------------------------------------------------- unsloth
@@ -270,20 +255,11 @@ def unsloth_worker(model_dir: Path, data: Path, out: Path, seed: int, batch: int
         use_cpu=not on_cuda,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    result = trainer.train()
-    train_s = time.perf_counter() - t0
     out.write_text(
         json.dumps(
             {
-                "train_s": train_s,
-                "train_runtime_s": result.metrics.get("train_runtime"),
-                "steps": trainer.state.global_step,
+                **bench_common.timed_train(trainer),
                 "useful_tokens": sum(len(x) for x in ids),
-                "final_loss": result.training_loss,
-                "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
                 "batch": [batch, accum],
                 "padding_free": bool(getattr(trainer.args, "padding_free", False)),
                 "collator": type(trainer.data_collator).__name__,
@@ -433,8 +409,17 @@ def read_sftop_events(run_dir: Path) -> dict:
     return result
 
 
-def run_sftop(preset_path: Path, run_dir: Path, sets: list[str], env: dict, out: Path, data_tokens: int) -> dict:
-    """`sftop run` of the benchmark preset with `--set` overrides, in its own process; its measurements."""
+def run_sftop(
+    preset_path: Path,
+    run_dir: Path,
+    sets: list[str],
+    env: dict,
+    out: Path,
+    data_tokens: int,
+    profile: tuple[int, int] | None = None,
+) -> dict:
+    """`sftop run` of the benchmark preset with `--set` overrides, in its own process; its measurements.
+    `profile`: (first step, steps) of a torch profiler window in the trainer (sftop/engine/train/profiling.py)."""
     if run_dir.exists():
         import shutil
 
@@ -442,9 +427,18 @@ def run_sftop(preset_path: Path, run_dir: Path, sets: list[str], env: dict, out:
     command = [sys.executable, "-m", "sftop", "run", str(preset_path), "--run-dir", str(run_dir)]
     for item in sets:
         command += ["--set", item]
+    run_env = {**env, "SFTOP_HOME": str(out / "sftop-home")}
+    profile_dir = run_dir.with_name(run_dir.name + "-profile")
+    if profile is not None:
+        from sftop.engine.train import profiling
+
+        run_env[profiling.STEPS_ENV] = f"{profile[0]}:{profile[1]}"
+        run_env[profiling.DIR_ENV] = str(profile_dir)
     t1 = time.time()
-    done = subprocess.run(command, env={**env, "SFTOP_HOME": str(out / "sftop-home")})
+    done = subprocess.run(command, env=run_env)
     sftop = read_sftop_events(run_dir) if (run_dir / "events.jsonl").is_file() else {}
+    if profile is not None:
+        sftop["profile"] = read_profile(profile_dir, run_dir)
     sftop["exit_code"] = done.returncode
     sftop["wall_s"] = time.time() - t1
     sftop["overrides"] = sets
@@ -454,6 +448,79 @@ def run_sftop(preset_path: Path, run_dir: Path, sets: list[str], env: dict, out:
     if sftop.get("train_s"):
         sftop["useful_tokens_per_s"] = data_tokens / sftop["train_s"]
     return sftop
+
+
+def profile_window(steps: int, count: int = 4) -> tuple[int, int]:
+    """(first step, steps) of a profiled window in the middle of a run of `steps` optimizer steps,
+    past its first steps (CUDA graph captures, compiles)."""
+    count = max(1, min(count, steps // 4 or 1))
+    first = max(1, min(steps - count + 1, steps // 2 - count // 2))
+    return first, count
+
+
+def read_profile(profile_dir: Path, run_dir: Path) -> dict:
+    """The trainer's profile summary, with the GPU's busy time set against steps the profiler did not
+    slow down: GPU ms per 1,000 useful tokens in the window over wall ms per 1,000 of every other
+    step (but the first, which compiles and captures)."""
+    from sftop.engine.events import iter_events
+    from sftop.engine.train.profiling import SUMMARY
+
+    path = profile_dir / SUMMARY
+    if not path.is_file():
+        return {"missing": f"no {path} (the run ended before the window, or failed)"}
+    summary = json.loads(path.read_text())
+    if "error" in summary:
+        return {"missing": summary["error"]}
+    summary["dir"] = str(profile_dir)
+    steps = [e for e in iter_events(run_dir / "events.jsonl") if e.get("type") == "step"]
+    first, last = summary["steps"]
+    seen = {e["step"]: (e["time"], e.get("tokens_seen") or 0) for e in steps}
+    inside = outside_s = outside_tokens = 0.0
+    for step in sorted(seen):
+        if step - 1 not in seen:
+            continue
+        seconds, tokens = seen[step][0] - seen[step - 1][0], seen[step][1] - seen[step - 1][1]
+        if first <= step <= last:
+            inside += tokens
+        elif step > 2:
+            outside_s += seconds
+            outside_tokens += tokens
+    if inside and outside_tokens:
+        gpu = summary["gpu_busy_ms_per_step"] * (last - first + 1) / inside * 1e3
+        wall = outside_s * 1e3 / outside_tokens * 1e3
+        summary["gpu_ms_per_1k_tokens"] = round(gpu, 3)
+        summary["unprofiled_wall_ms_per_1k_tokens"] = round(wall, 3)
+        summary["gpu_busy_share_unprofiled"] = round(gpu / wall, 4)
+    return summary
+
+
+def profile_lines(name: str, profile: dict) -> list[str]:
+    """The profiled window of one row, for the Markdown report."""
+    if "missing" in profile:
+        return [f"{name} profile: {profile['missing']}."]
+    first, last = profile["steps"]
+    lines = [
+        f"{name} profile, optimizer steps {first}-{last}: the GPU busy {profile['gpu_busy_ms_per_step']:.1f} ms of a "
+        f"{profile['wall_ms_per_step']:.1f} ms profiled step ({profile['gpu_busy_share']:.0%})"
+        + (
+            f"; against the unprofiled steps {profile['gpu_busy_share_unprofiled']:.0%} "
+            f"({profile['gpu_ms_per_1k_tokens']:.1f} GPU ms vs {profile['unprofiled_wall_ms_per_1k_tokens']:.1f} wall ms "
+            "per 1,000 useful tokens)"
+            if "gpu_busy_share_unprofiled" in profile
+            else ""
+        )
+        + f"; host syncs per step: {profile['host_syncs_per_step']:g}"
+        + (
+            " (" + ", ".join(f"{k} x{v:g}" for k, v in list(profile["host_syncs_by_cause"].items())[:5]) + ")"
+            if profile["host_syncs_by_cause"]
+            else ""
+        )
+        + ".",
+        "Top host-side operations (own CPU ms per step, calls per step): "
+        + "; ".join(f"{n} {ms:.2f} ms x{calls:g}" for n, ms, calls in profile["top_host_ops"][:8])
+        + f". Trace: {profile.get('dir', '')}/{profile.get('trace', '(none)')}.",
+    ]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -499,6 +566,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=["auto", "on", "off"],
         default=None,
         help="train.length_buckets for the sftop row (off: packed batches as they come, no bucketed graphs)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile a few optimizer steps in the middle of the sftop row (torch profiler in the trainer's "
+        "process): GPU busy vs wall time, host syncs per step and their causes, top host-side costs; "
+        "the row's tokens/s then includes the profiler's overhead",
     )
     ap.add_argument(
         "--variant",
@@ -621,11 +695,20 @@ def main(argv: list[str] | None = None) -> int:
             sftop_preset(model_dir, data, args.seed, args.effective_batch), out / "whole-run.toml"
         )
     for name, sets in runs:
-        sftop = run_sftop(preset_path, out / name.replace(":", "-"), sets, env, out, data_stats["tokens"])
+        window = profile_window(math.ceil(len(lengths) / args.effective_batch)) if args.profile else None
+        sftop = run_sftop(
+            preset_path,
+            out / name.replace(":", "-"),
+            sets,
+            env,
+            out,
+            data_stats["tokens"],
+            profile=window if name == "sftop" else None,
+        )
         report[name] = sftop
         print(
             f"{name}:",
-            {k: v for k, v in sftop.items() if k not in ("plan", "data", "kernels", "step_tokens_per_s")},
+            {k: v for k, v in sftop.items() if k not in ("plan", "data", "kernels", "step_tokens_per_s", "profile")},
             flush=True,
         )
     report["sftop_rows"] = [name for name, _ in runs] + [
@@ -713,6 +796,7 @@ def _plan_text(name: str, r: dict) -> str:
             + (f", split by tokens (<= {plan['tokens_per_micro_batch']:,})" if plan.get("split_by") == "tokens" else "")
             + (f", cap {plan['max_memory_gib']:.2f} GiB" if plan.get("max_memory_gib") is not None else "")
             + (f", --set {' '.join(r['overrides'])}" if r.get("overrides") else "")
+            + (", profiled (its rate includes the profiler's cost)" if r.get("profile") else "")
             + (f"; PLAN CHANGED {'; '.join(r['plan_changes'])}" if r.get("plan_changes") else "")
         )
     if name == "trl":
@@ -767,6 +851,9 @@ def write_markdown(out: Path, report: dict) -> None:
             f"sftop / TRL useful tokens/s: {report['speedup_vs_trl']:.2f}x "
             "(target: at least 7.5x; the peers on one H100, docs/peers.md: TRL+PEFT 1,816, Unsloth 3,396).",
         ]
+    for name in report.get("sftop_rows", []):
+        if (report.get(name) or {}).get("profile"):
+            lines += ["", *profile_lines(name, report[name]["profile"])]
     targets = report.get("targets_vs_unsloth_8x1", [])
     if targets:
         lines.append("")

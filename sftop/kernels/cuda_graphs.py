@@ -297,6 +297,7 @@ class StepGraphs:
         self._generation = 0
         self.stats = GraphStats()
         self.one = None  # a device 1.0 for the loss's denominator inside graphs (no host tensor in a capture)
+        self.layout = None  # the model's parameters listed once for the keys (graph_layout.ModelLayout)
 
     def unit(self, device) -> torch.Tensor:
         if self.one is None or self.one.device != device:
@@ -322,6 +323,18 @@ class StepGraphs:
     def holds(self, key) -> bool:
         """Whether `key` has a captured step (its next call replays)."""
         return key in self._steps
+
+    def would_capture(self, key) -> bool:
+        """Whether a call with `key` captures it now (it is seen often enough, not refused, and
+        there is room): the one kind of call whose parameter list must be made afresh
+        (graph_layout.py).  For a forward-only step that `replay` makes wait one sighting more it
+        answers True a sighting early: one listing too many, never one too few."""
+        return (
+            key not in self._steps
+            and key not in self._refused
+            and len(self._steps) < self.max_keys
+            and self._seen.get(key, 0) + 1 >= CAPTURE_ON_SIGHTING
+        )
 
     def loss_sum(self, key, fn, inputs: tuple[torch.Tensor, ...], slots: list):
         """The sum of token losses from the graphs, or None when this call should run eagerly.
@@ -413,6 +426,12 @@ class StepGraphs:
             g = p.grad
             if g is not None and g.data_ptr() in self._grad_ptrs:
                 p.grad = g.clone()
+
+
+def capturable(t: torch.Tensor) -> bool:
+    """Whether a batch tensor lives where a captured step can take it (a CUDA device).  One place,
+    so that the CPU tests can run what surrounds a capture."""
+    return t.is_cuda
 
 
 def token_ids_only(kwargs: dict, ids: torch.Tensor, false_flags: tuple[str, ...] = ()) -> bool:

@@ -48,6 +48,8 @@ from torch import nn
 
 from .constants import DPO_GRAPH_LENGTH_MULTIPLE
 from .cuda_graphs import ENV_SWITCH, StepGraphs, enabled_by_env, no_rng_stash, token_ids_only
+from .graph_layout import ModelLayout, keyed_slots
+from .graph_layout import adapter_state as adapter_state  # read here by callers and tests
 from .patching import markers as M
 
 IGNORE_INDEX = -100
@@ -66,34 +68,20 @@ class LogprobGraphs:
         self.owner = lm.__dict__.get(M.GRAPHS)  # the cuda_graphs part's object: a re-patch starts afresh
         self.steps = StepGraphs(no_rng_stash(lm), max_keys=MAX_KEYS)
         self._checked: tuple | None = None
-        self._layout: tuple | None = None
-        self.rescan(lm)
+        self.layout = ModelLayout(lm)
 
-    # Listing a 1B LoRA model's 1,300 modules costs several ms of host time, at the start of a step
-    # while the GPU waits; its parameters and adapter layers only change when adapters are added or
-    # removed (when the trainer is built).  So a replay reads them from the list made here, and any
-    # call that does not replay (a new key, an eager call) lists them afresh: a change of layout that
-    # matters (a new adapter put to use) changes the key first, since the adapter layers' state is in it.
+    # The parameters and adapter layers are listed once (graph_layout.py): listing them per call
+    # costs several ms of host time at the start of a step while the GPU waits.
     def rescan(self, lm: nn.Module) -> bool:
         """List the parameters and adapter layers afresh; True when the layout changed."""
-        self._slots = [(m, name) for m in lm.modules() for name, p in m._parameters.items() if p is not None]
-        self._layers = _adapter_layers(lm)
-        layout = (tuple((id(m), n) for m, n in self._slots), tuple((id(m), n) for n, m in self._layers))
-        changed, self._layout = layout != self._layout, layout
-        return changed
+        return self.layout.rescan(lm)
 
     def slots(self) -> list | None:
-        """(module, name, parameter) of every parameter, looked up now; None when one is gone."""
-        out = []
-        for m, name in self._slots:
-            p = m._parameters.get(name)
-            if p is None:
-                return None
-            out.append((m, name, p))
-        return out
+        """(module, name, parameter) of every parameter, looked up now; None when the list may be stale."""
+        return self.layout.slots()
 
     def adapter_state(self) -> tuple:
-        return _layer_state(self._layers)
+        return self.layout.adapter_state()
 
     def first_scored(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None) -> int | None:
         """The first position any row scores (see `batch_check`), or None when the batch must run
@@ -170,29 +158,6 @@ def all_position_logprobs(lm: nn.Module, ids: torch.Tensor, shifted_labels: torc
     return tuple(torch.cat([o.new_zeros(o.shape[0], start), o], dim=1) for o in scored)
 
 
-def _adapter_layers(lm: nn.Module) -> list[tuple[str, nn.Module]]:
-    layers = []
-    for name, m in lm.named_modules():
-        disabled, active = getattr(m, "disable_adapters", None), getattr(m, "active_adapters", None)
-        # PEFT's adapter layers answer with values; transformers' adapter mixin has methods of these names
-        if disabled is None or active is None or callable(disabled) or callable(active):
-            continue
-        layers.append((name, m))
-    return layers
-
-
-def _layer_state(layers: list[tuple[str, nn.Module]]) -> tuple:
-    return tuple(
-        (name, bool(m.disable_adapters), bool(getattr(m, "merged", False)), tuple(m.active_adapters))
-        for name, m in layers
-    )
-
-
-def adapter_state(lm: nn.Module) -> tuple:
-    """What PEFT decides per call, for every adapter layer: disabled, merged, active adapters."""
-    return _layer_state(_adapter_layers(lm))
-
-
 def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
     """(log_probs, entropy, mean_logits, is_top1), each [B, T-1], from the graphs; or None when the
     call runs eagerly (graphs off, not training, an input the graphs don't take, left padding,
@@ -221,31 +186,19 @@ def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
     length = padded_length(tokens)
     start = scored_start(first, length)
 
-    def keyed():
-        slots = graphs.slots()
-        if slots is None:
-            return None, None
-        key = (
-            "logprobs",
-            grad,
-            ids.shape[0],
-            length,
-            start,
-            ids.dtype,
-            torch.is_autocast_enabled("cuda"),
-            torch.get_autocast_dtype("cuda"),
-            bool(getattr(lm, "is_gradient_checkpointing", False)),
-            lm.__dict__.get(M.GC_MODE),
-            tuple((p.data_ptr(), p.requires_grad) for _m, _n, p in slots),
-            graphs.adapter_state(),
-        )
-        return key, slots
-
-    key, slots = keyed()
-    if slots is None or not graphs.steps.holds(key):
-        # not a replay: the model is listed afresh, and a changed layout gives the key again
-        if graphs.rescan(lm) or slots is None:
-            key, slots = keyed()
+    head = (
+        "logprobs",
+        grad,
+        ids.shape[0],
+        length,
+        start,
+        ids.dtype,
+        torch.is_autocast_enabled("cuda"),
+        torch.get_autocast_dtype("cuda"),
+        graphs.layout.checkpointing(),
+        lm.__dict__.get(M.GC_MODE),
+    )
+    key, slots = keyed_slots(lm, graphs.layout, head, graphs.steps.would_capture)
     if slots is None:
         return None
     # a forward-only capture takes them too: the capture runs them as views of themselves

@@ -23,9 +23,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import compat
+from . import compat, cuda_graphs
 from .cuda_graphs import StepGraphs, no_rng_stash
+from .graph_layout import keyed_slots, layout_of
 from .varlen_attention import NAME as VARLEN
+from .varlen_attention import rows_given
 
 MAX_BUCKET_GRAPHS = 8
 CU_MULTIPLE = 8  # row-boundary tensors are padded to a multiple of this many entries
@@ -53,7 +55,11 @@ def padded_boundaries(cu: torch.Tensor, multiple: int = CU_MULTIPLE) -> torch.Te
 def _eligible(lm: nn.Module, inputs: dict) -> bool:
     ids = inputs.get("input_ids")
     if not (
-        lm.training and torch.is_grad_enabled() and isinstance(ids, torch.Tensor) and ids.is_cuda and ids.shape[0] == 1
+        lm.training
+        and torch.is_grad_enabled()
+        and isinstance(ids, torch.Tensor)
+        and cuda_graphs.capturable(ids)
+        and ids.shape[0] == 1
     ):
         return False
     if lm.__dict__.get(_GRAPHS) is None or lm.__dict__.get(_OFFLOADING):
@@ -91,11 +97,8 @@ def packed_graphed_loss(model: nn.Module, inputs: dict, num_items_in_batch=None)
     labels = nn.functional.pad(inputs["labels"], (0, 1), value=ignore_index)[..., 1:].to(ids.device)
     positions = inputs["position_ids"].to(ids.device)
     cu = padded_boundaries(inputs["cu_seq_lens_q"].to(device=ids.device, dtype=torch.int32))
-    slots = [(m, name, p) for m in lm.modules() for name, p in m._parameters.items() if p is not None]
-    trainable = [slot for slot in slots if slot[2].requires_grad]
-    if not trainable:
-        return None
-    key = (
+    layout = layout_of(graphs, lm)
+    head = (
         "packed",
         tokens,
         cu.numel(),
@@ -103,10 +106,13 @@ def packed_graphed_loss(model: nn.Module, inputs: dict, num_items_in_batch=None)
         positions.dtype,
         torch.is_autocast_enabled("cuda"),
         torch.get_autocast_dtype("cuda"),
-        bool(getattr(lm, "is_gradient_checkpointing", False)),
+        layout.checkpointing(),
         lm.__dict__.get(_GC_MODE),
-        tuple((p.data_ptr(), p.requires_grad) for _m, _n, p in slots),
     )
+    key, slots = keyed_slots(lm, layout, head, graphs.would_capture)
+    trainable = [slot for slot in slots or () if slot[2].requires_grad]
+    if not trainable:
+        return None
     from .fused_linear_cross_entropy import fused_linear_cross_entropy
 
     backbone = getattr(lm, lm.base_model_prefix)
@@ -146,6 +152,19 @@ def packed_graphed_loss(model: nn.Module, inputs: dict, num_items_in_batch=None)
     if torch.is_tensor(num_items_in_batch):
         return total / num_items_in_batch.to(device=total.device, dtype=torch.float32)
     return total / float(num_items_in_batch)
+
+
+def mark_rows_given(model: nn.Module, inputs: dict) -> None:
+    """Before an eager forward of a packed micro-batch: where the model runs sftop's packed
+    attention, its row boundaries come as `cu_seq_lens`, and transformers is told not to search the
+    position ids for them (a host read per forward; varlen_attention.rows_given)."""
+    positions, ids = inputs.get("position_ids"), inputs.get("input_ids")
+    if not (isinstance(positions, torch.Tensor) and isinstance(ids, torch.Tensor)):
+        return
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        return
+    if torch.is_tensor(inputs.get("cu_seq_lens_q")) and compat.attn_implementation(causal_lm(model).config) == VARLEN:
+        rows_given(positions)
 
 
 def packed_graph_stats(model: nn.Module):

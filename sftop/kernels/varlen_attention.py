@@ -245,3 +245,34 @@ def register() -> None:
 
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, attention_mask)
+    _skip_packed_search()
+
+
+# Set on a packed row's position ids (`rows_given`): its boundaries come as `cu_seq_lens`.
+ROWS_GIVEN = "_sftop_rows_given"
+
+
+def rows_given(position_ids: torch.Tensor) -> None:
+    """Say that this packed row's boundaries come as `cu_seq_lens`, which packed attention reads
+    itself: transformers then need not find them in the position ids.  Its search
+    (`masking_utils.find_packed_sequence_indices`) reads a device value back to the host, a stall
+    of every eager packed micro-batch, and its answer only shapes an SDPA mask that this module's
+    mask function leaves out for such a row anyway.  Only for models running `NAME`."""
+    setattr(position_ids, ROWS_GIVEN, True)
+
+
+def _skip_packed_search() -> None:
+    import transformers.masking_utils as masking
+
+    search = masking.find_packed_sequence_indices
+    if getattr(search, ROWS_GIVEN, False):
+        return
+
+    @functools.wraps(search)
+    def find_packed_sequence_indices(position_ids):
+        if getattr(position_ids, ROWS_GIVEN, False):
+            return None
+        return search(position_ids)
+
+    setattr(find_packed_sequence_indices, ROWS_GIVEN, True)
+    masking.find_packed_sequence_indices = find_packed_sequence_indices

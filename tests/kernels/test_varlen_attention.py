@@ -195,3 +195,39 @@ def test_patched_bf16_model_trains_packed_rows_like_stock():
     assert ok, detail
     K.patch_model(fused, enable=False)
     assert fused.config._attn_implementation == "sdpa"
+
+
+def test_a_row_with_its_boundaries_is_not_searched_for_them_on_the_host(monkeypatch):
+    """transformers looks for packed rows in the position ids with a host read per forward; sftop's
+    packed attention reads the boundaries it is given, so a packed micro-batch skips that search
+    (packed_graphs.mark_rows_given), with the same logits; a model on stock attention keeps it."""
+    import sys
+
+    import transformers.masking_utils as masking
+
+    from sftop.kernels.packed_graphs import mark_rows_given
+
+    stock = _model(seed=3)
+    ours = _with_varlen_impl(stock)
+    reads = []
+    real_bool = torch.Tensor.__bool__
+
+    def counted(t):
+        if sys._getframe(1).f_code.co_filename == masking.__file__:
+            reads.append(1)
+        return real_bool(t)
+
+    logits = {}
+    for name, model in (("stock", stock), ("unmarked", ours), ("marked", ours)):
+        batch = _packed([6, 9, 4], seed=4)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if name != "unmarked":
+            mark_rows_given(model, inputs)
+        monkeypatch.setattr(torch.Tensor, "__bool__", counted)
+        logits[name] = model(**inputs, use_cache=False).logits
+        monkeypatch.undo()
+        logits[name + " reads"] = len(reads)
+        reads.clear()
+        assert getattr(inputs["position_ids"], VA.ROWS_GIVEN, False) == (name == "marked")
+    assert logits["marked reads"] == 0 and logits["unmarked reads"] >= 1 and logits["stock reads"] >= 1
+    assert rel_err(logits["marked"], logits["stock"]) < 1e-6 and rel_err(logits["unmarked"], logits["stock"]) < 1e-6

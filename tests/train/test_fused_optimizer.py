@@ -63,8 +63,12 @@ def test_prefetching_workers_give_the_same_batches(home, tmp_path):
     from sftop.engine.train.config import dataloader_settings
     from sftop.engine.train.runner import _Run
 
+    from transformers.trainer_pt_utils import AcceleratorConfig
+
     gpu = dataloader_settings(on_cuda=True)
     assert gpu["dataloader_num_workers"] >= 1 and gpu["dataloader_pin_memory"]
+    assert AcceleratorConfig(**gpu["accelerator_config"]).non_blocking is True  # copies queued, not waited for
+    gpu = {k: v for k, v in gpu.items() if k != "accelerator_config"}  # set on the accelerator, not per loader
     assert dataloader_settings(on_cuda=False) == {"dataloader_num_workers": 0}
     run_dir = RunDir(tmp_path / "run").create()
     writer = EventWriter(run_dir.events)

@@ -75,3 +75,74 @@ def test_a_non_finite_micro_batch_still_skips_its_update(home, tmp_path):
         and guard.consecutive == 0
         and guard.last_grad_norm == pytest.approx(torch.tensor([1.0, 1.0, 1.0]).norm().item())
     )
+
+
+# Reads of tensor values to the host anywhere in a training step (transformers, TRL, PEFT, torch,
+# sftop), by the function that made them, that are expected once per optimizer step: the update
+# guard's one read (gradient norm and the losses' finiteness), then the log line's loss and gradient
+# norm (logging_steps = 1), which find the device already idle.
+PER_STEP = {"on_pre_optimizer_step:tolist": 1, "_maybe_log_save_evaluate:item": 2}
+# Reads of host tensors, which never wait for the device: the collators (in a worker process on a GPU).
+HOST_DATA = {"torch_call", "pad_to_bucket"}
+# Once per run: the data loader's seed, and the run's mean loss at its end.
+ONCE = {"__init__:item": 1, "_finalize_training:item": 1}
+
+
+@pytest.mark.skipif(
+    __import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="sftop's kernels need a GPU or the Triton interpreter",
+)
+def test_no_read_back_per_micro_batch_anywhere_in_the_step(home, tmp_path, monkeypatch):
+    """The whole step's host path, not only sftop's code: packed micro-batches through sftop's loss
+    kernel with gradient accumulation. An explicit read (item, tolist, bool, float, int of a tensor)
+    that comes back per micro-batch, or a second one per step, fails this, wherever it comes from; so
+    does transformers counting the model's parameters for every micro-batch again. (Syncs inside
+    torch operations, such as the eager fused loss's `nonzero`, are not Python calls: the GPU
+    profile of benchmarks/whole_run.py --profile counts those.)"""
+    import collections
+
+    import transformers.masking_utils as masking
+    from transformers import PreTrainedModel
+
+    steps = 3
+    preset = fast_preset(
+        'train.kernels="on"',
+        'train.length_buckets="on"',
+        "plan.micro_batch=2",
+        "plan.grad_accum=2",
+        f"train.max_steps={steps}",
+        "train.save_steps=100",
+        "train.sample_prompts=[]",
+    )
+    run_dir = RunDir(tmp_path / "run").create()
+    writer = EventWriter(run_dir.events)
+    run = _Run(preset, run_dir, writer, resume=False)
+    run.resolve()
+    run.load()
+    run.resumed_from = None
+    trainer = run.build_trainer()
+    assert run.plan.grad_accum == 2 and run.info.kernels["parts"]["loss"] == "fused"
+    packed_attention = run.info.kernels["parts"].get("attention") == "fused"
+    reads: collections.Counter = collections.Counter()
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def read(tensor, *args, _original=original, _name=name, **kwargs):
+            code = sys._getframe(1).f_code
+            if code.co_name not in HOST_DATA and not (code.co_filename == masking.__file__ and not packed_attention):
+                reads[f"{code.co_name}:{_name}"] += 1
+            return _original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    counts = []
+    real_count = PreTrainedModel.num_parameters
+    monkeypatch.setattr(
+        PreTrainedModel, "num_parameters", lambda self, *a, **k: counts.append(1) or real_count(self, *a, **k)
+    )
+    trainer.train()
+    monkeypatch.undo()
+    writer.close()
+    assert dict(reads) == {**{k: v * steps for k, v in PER_STEP.items()}, **ONCE}, dict(reads)
+    assert len(counts) == 1  # counted once for the FLOPs estimate, not per micro-batch
+    assert trainer.state.total_flos > 0
+    assert len(of_type(events_of(run_dir.path), "step")) == steps

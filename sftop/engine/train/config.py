@@ -21,7 +21,7 @@ def optimizer_name(choice: str, on_cuda: bool) -> tuple[str, str | None]:
 
 def dataloader_settings(on_cuda: bool) -> dict:
     """TrainingArguments for the data loader: on a GPU, one worker process collates the next
-    micro-batches while the GPU trains (into pinned memory, so the copy to the GPU does not wait),
+    micro-batches while the GPU trains (into pinned memory, copied to the GPU without waiting),
     instead of the training loop collating each one between steps. On the CPU, collation stays in
     the training process, whose cores do the training."""
     if not on_cuda:
@@ -31,6 +31,9 @@ def dataloader_settings(on_cuda: bool) -> dict:
         "dataloader_prefetch_factor": 4,
         "dataloader_persistent_workers": True,
         "dataloader_pin_memory": True,
+        # the copy of each batch to the GPU is queued instead of waited for: a blocking copy makes the
+        # host wait until the GPU has finished everything queued before it (a sync per tensor)
+        "accelerator_config": {"non_blocking": True},
     }
 
 

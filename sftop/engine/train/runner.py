@@ -507,6 +507,11 @@ class _Run:
         )
         trainer.sftop_token_sampler = self.token_sampler(trainer.train_dataset)
         self.bucket_batches(trainer)
+        from sftop.engine.train.profiling import profiler_callback
+
+        profiler = profiler_callback(self.run_dir.path)  # benchmarks/whole_run.py --profile
+        if profiler is not None and self.rank == 0:
+            trainer.add_callback(profiler)
         # One readable line per step (RunEvents prints it) instead of transformers' raw log dicts.
         from transformers.trainer_callback import PrinterCallback
 

@@ -95,7 +95,13 @@ class UpdateGuard(TrainerCallback):
         self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        params = [p for p in model.parameters() if p.grad is not None]
+        # what the optimizer updates: its few LoRA tensors, not a walk over every module of the model
+        source = (
+            (p for group in optimizer.param_groups for p in group["params"])
+            if optimizer is not None
+            else model.parameters()
+        )
+        params = [p for p in source if p.grad is not None]
         grads_bad = False
         losses_finite, self._losses_finite = self._losses_finite, None
         if params:
@@ -158,11 +164,24 @@ class SftopTrainer(SFTTrainer):
         self.sftop_step_samples = 0
         # token-balanced micro-batches (token_batches.py): a batch sampler over sftop's row order
         self.sftop_token_sampler = None
+        self.sftop_flos_per_token: int | None = None
 
     def _get_train_sampler(self, train_dataset=None):
         if self.sftop_token_sampler is not None:
             return self.sftop_token_sampler
         return super()._get_train_sampler(train_dataset)
+
+    def floating_point_ops(self, inputs) -> int:
+        """transformers' estimate (6 x tokens x non-embedding parameters, kept in trainer_state.json
+        as total_flos) with the parameters counted once: transformers counts them for every
+        micro-batch, a walk over every module and parameter (milliseconds of host time per
+        micro-batch on a 1B model) for a number that never changes during a run."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self.sftop_flos_per_token is None:
+            self.sftop_flos_per_token = 6 * self.model.num_parameters(exclude_embeddings=True)
+        return inputs[main_input].numel() * self.sftop_flos_per_token
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         from sftop.engine.train.buckets import take_padding
@@ -196,11 +215,12 @@ class SftopTrainer(SFTTrainer):
         if not (self.sftop_kernel_loss and model.training and not return_outputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # Same normalisation as TRL's path: summed token loss / trained tokens of the whole step.
-        from sftop.kernels.packed_graphs import packed_graphed_loss
+        from sftop.kernels.packed_graphs import mark_rows_given, packed_graphed_loss
 
         # a bucketed packed batch replays its bucket's CUDA graph (None: this one runs eagerly)
         loss = packed_graphed_loss(model, inputs, num_items_in_batch)
         if loss is None:
+            mark_rows_given(model, inputs)
             loss = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch).loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             return loss * self.accelerator.num_processes

@@ -49,8 +49,10 @@ def graphed_loss(self, graphs, kwargs, shift_labels, num_items, ignore_index):
     """The loss from the captured step, or None for the eager path: not training, a batch that is
     not plain token ids (packing's position ids, embeddings, caches), padding, transformers' own
     (blocking) offload of the checkpoints."""
+    from ... import cuda_graphs
+
     ids = kwargs.get("input_ids")
-    if not (self.training and torch.is_grad_enabled()) or not torch.is_tensor(ids) or not ids.is_cuda:
+    if not (self.training and torch.is_grad_enabled()) or not torch.is_tensor(ids) or not cuda_graphs.capturable(ids):
         return None
     if self.__dict__.get(M.OFFLOADING):
         return None
@@ -61,12 +63,11 @@ def graphed_loss(self, graphs, kwargs, shift_labels, num_items, ignore_index):
     mask = kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):  # one host sync: padded batches run eagerly
         return None
-    slots = [(m, name, p) for m in self.modules() for name, p in m._parameters.items() if p is not None]
-    trainable = [slot for slot in slots if slot[2].requires_grad]
-    if not trainable:
-        return None
     labels = shift_labels.to(ids.device)
-    key = (
+    from ...graph_layout import keyed_slots, layout_of
+
+    layout = layout_of(graphs, self)
+    head = (
         tuple(ids.shape),
         ids.dtype,
         tuple(labels.shape),
@@ -77,11 +78,14 @@ def graphed_loss(self, graphs, kwargs, shift_labels, num_items, ignore_index):
         bool(
             getattr(self, "is_activation_checkpointing", None)
             if hasattr(type(self), "is_activation_checkpointing")
-            else getattr(self, "is_gradient_checkpointing", False)
+            else layout.checkpointing()
         ),
         self.__dict__.get(M.GC_MODE),
-        tuple((p.data_ptr(), p.requires_grad) for _m, _n, p in slots),
     )
+    key, slots = keyed_slots(self, layout, head, graphs.would_capture)
+    trainable = [slot for slot in slots or () if slot[2].requires_grad]
+    if not trainable:
+        return None
     from ...fused_linear_cross_entropy import fused_linear_cross_entropy
 
     backbone = getattr(self, self.base_model_prefix)

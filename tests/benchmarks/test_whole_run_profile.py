@@ -1,0 +1,61 @@
+"""benchmarks/whole_run.py --profile: where the profiled window sits in a run, and how its summary is
+set against the run's unprofiled steps."""
+
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import whole_run  # noqa: E402
+
+from sftop.engine.events import EventWriter  # noqa: E402
+from sftop.engine.train.profiling import SUMMARY  # noqa: E402
+
+
+def test_the_window_sits_in_the_middle_past_the_first_steps():
+    assert whole_run.profile_window(38) == (17, 4)  # 300 rows at 8 per step
+    assert whole_run.profile_window(250) == (123, 4)
+    assert whole_run.profile_window(6) == (3, 1)
+    assert whole_run.profile_window(1) == (1, 1)
+    for steps in range(1, 60):
+        first, count = whole_run.profile_window(steps)
+        assert 1 <= first and first + count - 1 <= steps
+
+
+def test_the_summary_is_set_against_unprofiled_steps(tmp_path):
+    run_dir, profile_dir = tmp_path / "run", tmp_path / "profile"
+    profile_dir.mkdir()
+    writer = EventWriter(run_dir / "events.jsonl")
+    # ten steps of 1,000 tokens; 0.1 s each, but the profiled steps 5-6 took 0.5 s
+    t = 0.0
+    for step in range(1, 11):
+        t += 0.5 if step in (5, 6) else 0.1
+        writer.write({"type": "step", "step": step, "tokens_seen": 1000 * step, "time": t})
+    writer.close()
+    (profile_dir / SUMMARY).write_text(
+        json.dumps(
+            {
+                "steps": [5, 6],
+                "wall_ms_per_step": 500.0,
+                "gpu_busy_ms_per_step": 80.0,
+                "gpu_busy_share": 0.16,
+                "host_syncs_per_step": 2.0,
+                "host_syncs_by_cause": {"cudaStreamSynchronize in aten::item": 2.0},
+                "top_host_ops": [["aten::mm", 3.5, 110.0]],
+                "trace": "trace.json.gz",
+            }
+        )
+    )
+    summary = whole_run.read_profile(profile_dir, run_dir)
+    assert summary["gpu_ms_per_1k_tokens"] == 80.0
+    assert summary["unprofiled_wall_ms_per_1k_tokens"] == 100.0  # steps 3-4 and 7-10
+    assert summary["gpu_busy_share_unprofiled"] == 0.8
+    text = "\n".join(whole_run.profile_lines("sftop", summary))
+    assert "GPU busy 80.0 ms of a 500.0 ms profiled step (16%)" in text
+    assert "against the unprofiled steps 80%" in text
+    assert "host syncs per step: 2 (cudaStreamSynchronize in aten::item x2)" in text
+    assert "aten::mm 3.50 ms x110" in text
+    missing = whole_run.read_profile(tmp_path / "nowhere", run_dir)
+    assert "missing" in missing and "sftop profile: no " in whole_run.profile_lines("sftop", missing)[0]
