@@ -284,9 +284,9 @@ def _build(args, path: str):
             assert family is not None, f"{args.model}: a vision shape whose model_type no vision family claims"
             report = apply_vision_kernels(model, family, "auto")
             if path == "sftop-language":  # the tower's own parts off: what they add, in the same call
-                from sftop.kernels.patching.vision_tower import patch_vision_tower
+                from sftop.kernels.patching.towers import patch_towers
 
-                report["vision_parts"] = patch_vision_tower(model, enable=False)
+                report["vision_parts"] = patch_towers(model, enable=False)
         else:
             report = patch_model(model).to_dict()
         # as in `sftop run`, where Trainer enables checkpointing on the patched model

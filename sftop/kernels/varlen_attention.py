@@ -65,7 +65,9 @@ def packed_attention_config(config):
 
     get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
     text = get("text_config")
-    return text if text is not None and get("model_type") in MULTIMODAL else config
+    spec = MULTIMODAL.get(get("model_type"))
+    # a family file may refuse it (Gemma 3: image tokens attend both ways)
+    return text if text is not None and spec is not None and spec.packed_attention else config
 
 
 def config_supported(config, dtype: str) -> tuple[bool, str]:

@@ -73,12 +73,12 @@ def _patched_equals_stock(stock, family, batch, reference=None):
     from sftop.engine.models.vision.loading import VLM_KERNEL_PARTS
     from sftop.kernels import patch_model
 
-    from sftop.kernels.patching.vision_tower import patch_vision_tower
+    from sftop.kernels.patching.towers import patch_towers
 
     patched = copy.deepcopy(stock)
     report = patch_model(patched, model_type=family.language_model_type, only=VLM_KERNEL_PARTS)
     assert report.any_fused, report.parts
-    tower = patch_vision_tower(patched)  # the Qwen-VL towers' own parts; "stock: ..." for the others
+    tower = patch_towers(patched)  # the Qwen-VL or SigLIP towers' own parts; "stock: ..." for the others
     report.parts.update(tower)
     loss_s, grads_s = _loss_and_grads(stock, batch)
     loss_p, grads_p = _loss_and_grads(patched, batch)

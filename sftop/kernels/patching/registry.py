@@ -32,6 +32,8 @@ class FamilySpec:
     layers_at: str | None = None
     # the packed-row attention (part attention) reads 1-D position ids; multimodal RoPE's are 3-D
     packed_attention: bool = True
+    # why part attention leaves this family's attention alone, where it does (packed_attention=False)
+    packed_attention_refusal: str | None = None
 
 
 def _spec(model_type: str, module: str, prefix: str, gemma: bool = False, qk_norm: bool = False) -> FamilySpec:
@@ -62,9 +64,9 @@ FAMILIES: dict[str, FamilySpec] = {
 
 
 def _multimodal() -> dict[str, FamilySpec]:
-    from .families import qwen_vl
+    from .families import gemma3, qwen_vl
 
-    return {s.model_type: s for s in (*qwen_vl.SPECS,)}
+    return {s.model_type: s for s in (*qwen_vl.SPECS, *gemma3.SPECS)}
 
 
 # The language layers of vision-language models, by the model's own config model_type. A family

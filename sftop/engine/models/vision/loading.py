@@ -256,11 +256,13 @@ def apply_vision_kernels(model, family: VisionFamily, mode: str) -> dict[str, An
 
 
 def _vision_tower_kernels(model) -> dict[str, str]:
-    """The tower's own parts (sftop/kernels/patching/vision_tower.py): "fused" or "stock: why" each."""
-    from sftop.kernels.patching.vision_tower import VISION_PARTS, patch_vision_tower
+    """The tower's own parts (sftop/kernels/patching/towers.py: Qwen-VL's or SigLIP's tower):
+    "fused" or "stock: why" each."""
+    from sftop.kernels.patching.towers import patch_towers
+    from sftop.kernels.patching.vision_tower import VISION_PARTS
 
     try:
-        return patch_vision_tower(model)
+        return patch_towers(model)
     except Exception as exc:  # noqa: BLE001 - as for the language layers: stock, with the reason
         return {p: f"stock: patch failed ({type(exc).__name__}: {exc})" for p in VISION_PARTS}
 

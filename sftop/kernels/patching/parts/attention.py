@@ -17,7 +17,10 @@ def apply(model: nn.Module, spec: FamilySpec) -> str:
     from ...varlen_attention import NAME, config_supported, packed_attention_config, register, varlen_available
 
     if not spec.packed_attention:
-        return f"stock: {spec.model_type}'s position ids are not ones the packed attention reads"
+        why = (
+            spec.packed_attention_refusal or f"{spec.model_type}'s position ids are not ones the packed attention reads"
+        )
+        return f"stock: {why}"
     # a VLM a family file describes: its language model only (its vision tower keeps its own attention)
     config = packed_attention_config(model.config)
     vlm_text = config is not model.config
