@@ -8,6 +8,8 @@ AdamW at lr 2e-4, reference = the model with its adapter disabled:
 - stock: the base model + `peft_config` handed to `trl.DPOTrainer` (TRL's chunked log-prob head).
 - sftop: `sftop.kernels.patch_model` on the LoRA model and `SftopDPOTrainer` with the fused linear
   log-prob head (`sftop.kernels.fused_linear_logprob`) on the policy and reference forwards.
+- sftop-eager (when `--paths` names it): the sftop path with its CUDA graphs off
+  (`SFTOP_CUDA_GRAPHS=0`), to compare the graphed step's speed and memory with the eager one's.
 - unsloth (when `--paths` names it): Unsloth's recipe, `PatchDPOTrainer()`, then
   `FastLanguageModel.from_pretrained` and `get_peft_model(use_gradient_checkpointing="unsloth")`, in
   TRL's `DPOTrainer`.  Unsloth is imported in its own process, first, as it asks; where it cannot be
@@ -20,6 +22,11 @@ bitsandbytes quantises while loading, so the random-init model is saved once (bf
 /dev/shm where it exists: an 8B checkpoint is 16 GB) and every path loads it from there; Unsloth's
 path loads that checkpoint in bf16 runs too.  Each result carries `load_s`, the seconds its
 process spent building the model, apart from the timed steps.
+
+Peak memory: `peak_gib` is the largest peak allocated memory of the steps that captured no CUDA
+graph, with the graphs' pool counted whole (see PeakMeter); `capture_step_peak_bound_gib` bounds
+the steps that captured from above; `peak_reserved_gib` is what the allocator reserved at most in
+any step (pools, fragmentation and cache included), the same measure for every path.
 
 Each path runs in its own subprocess of this script so that memory peaks and patches never leak
 from one into the other; one command measures both and prints the ratio.
@@ -127,6 +134,8 @@ def _one(args, path: str) -> dict:
         if why is not None:
             return dict(path=path, unavailable=why)
     t_load = time.perf_counter()
+    if path == "sftop-eager":  # read when the model is patched
+        os.environ["SFTOP_CUDA_GRAPHS"] = "0"
     import torch
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -158,6 +167,42 @@ def _one(args, path: str) -> dict:
             if self.prof is not None and len(self.times) == args.warmup + args.steps + PROFILED_STEPS:
                 self.prof.__exit__(None, None, None)
 
+    class PeakMeter(TrainerCallback):
+        """Each step's peak device memory.  A replayed CUDA graph allocates nothing, so its transients
+        (in the graphs' pool) never reach the allocator's peak: a step that captured nothing adds the
+        pool's idle bytes at its end to its allocated peak, i.e. it counts the whole pool once.  A
+        step that captured adds the idle bytes the pool had when it began: an upper bound, as blocks
+        its capture took from them count twice.  (Adding the pool to the peak of the whole run
+        would count the transients twice: once from the eager steps before the captures, once in
+        the pool.)  The reserved peak of each step, pools and cache included, is kept beside it."""
+
+        def __init__(self):
+            self.steady, self.capturing, self.reserved = [], [], []
+            self.captures, self.idle = 0, 0
+
+        def on_step_begin(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_end(self, *a, model=None, **k):
+            if args.device != "cuda":
+                return
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            self.reserved.append(torch.cuda.max_memory_reserved())
+            stats = _graph_stats(model) if path.startswith("sftop") else None
+            captured = stats is not None and stats.captures != self.captures
+            self.captures = 0 if stats is None else stats.captures
+            idle_before = self.idle
+            if stats is not None and stats.captures:
+                from sftop.kernels.cuda_graphs import idle_pool_bytes
+
+                self.idle = idle_pool_bytes()
+            if captured:
+                self.capturing.append(peak + idle_before)
+            else:
+                self.steady.append(peak + self.idle)
+
     model, peft_config, report = _model(args, path)
     tmp = tempfile.mkdtemp(prefix="dpo-bench-")
     cfg = DPOConfig(
@@ -180,10 +225,10 @@ def _one(args, path: str) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    timer = Timer()
+    timer, meter = Timer(), PeakMeter()
     vocab = step_bench.SHAPES[args.model]["vocab_size"]
     tokenizer = unsloth_peer.word_tokenizer(vocab)
-    common = dict(args=cfg, train_dataset=_dataset(args, vocab), processing_class=tokenizer, callbacks=[timer])
+    common = dict(args=cfg, train_dataset=_dataset(args, vocab), processing_class=tokenizer, callbacks=[timer, meter])
     if path == "stock":
         trainer = Pretokenised(model=model, peft_config=peft_config, **common)
     elif path == "unsloth":
@@ -212,23 +257,24 @@ def _one(args, path: str) -> dict:
         head=head,
         load_s=round(load_s, 1),
     )
-    if path == "sftop":
+    if path.startswith("sftop"):
         import dataclasses
 
-        from sftop.kernels.logprob_graphs import graph_stats
-
-        stats = graph_stats(trainer.model.get_base_model())
+        stats = _graph_stats(trainer.model)
         out["graphs"] = trainer.sftop_graphs if stats is None else dataclasses.asdict(stats)
     if args.device == "cuda":
-        out["peak_gib"] = torch.cuda.max_memory_allocated() / 1024**3
+        # the peak step (PeakMeter: graph pools included), and the allocator's whole footprint
+        # (reserved: every pool, fragmentation and cache), the same measure for every path
+        out["peak_gib"] = max(meter.steady) / 1024**3
+        out["steady_step_peaks_gib"] = [round(b / 1024**3, 3) for b in meter.steady]
+        if meter.capturing:
+            out["capture_step_peak_bound_gib"] = max(meter.capturing) / 1024**3
+        out["peak_reserved_gib"] = max(meter.reserved) / 1024**3
+        out["step_reserved_gib"] = [round(b / 1024**3, 3) for b in meter.reserved]
         if isinstance(out.get("graphs"), dict) and out["graphs"]["replays"]:
-            # replays allocate nothing, so the allocator's peak misses the transients that live in
-            # the graphs' pools: count all of their idle memory on top (an upper bound)
             from sftop.kernels.cuda_graphs import idle_pool_bytes
 
-            pool = idle_pool_bytes()
-            out["graph_pool_idle_gib"] = pool / 1024**3
-            out["peak_gib"] = (torch.cuda.max_memory_allocated() + pool) / 1024**3
+            out["graph_pool_idle_gib"] = idle_pool_bytes() / 1024**3
     if timer.prof is not None:
         # GPU busy time against the wall time of the same steps: what is left is host time
         # (Python, TRL's bookkeeping, syncs) during which the GPU waits
@@ -237,6 +283,17 @@ def _one(args, path: str) -> dict:
         out["profile_wall_ms_per_step"] = round(wall * 1e3, 2)
         out["profile_gpu_idle_share"] = round(max(0.0, 1 - out["profile_gpu_ms_per_step"] / (wall * 1e3)), 3)
     return out
+
+
+def _graph_stats(model):
+    """The DPO log-prob graphs' counters of an sftop model, or None (another path, or no graphed call yet)."""
+    if model is None or not hasattr(model, "get_base_model"):
+        return None
+    try:
+        from sftop.kernels.logprob_graphs import graph_stats
+    except ImportError:  # a peer's process without sftop on its path
+        return None
+    return graph_stats(model.get_base_model())
 
 
 def _checkpoint(args):
@@ -259,7 +316,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="profile two more steps: GPU time by kernel kind, and the share of the step the GPU waits",
     )
-    ap.add_argument("--paths", default="stock,sftop", help="comma-separated: stock, sftop, unsloth")
+    ap.add_argument(
+        "--paths",
+        default="stock,sftop",
+        help="comma-separated: stock, sftop, sftop-eager (sftop with its CUDA graphs off), unsloth",
+    )
     ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (TRITON_INTERPRET=1)")
@@ -269,9 +330,9 @@ def main(argv=None) -> int:
     if args.answer >= args.seq:
         ap.error("--answer must be smaller than --seq")
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    unknown = sorted(set(paths) - {"stock", "sftop", "unsloth"})
+    unknown = sorted(set(paths) - {"stock", "sftop", "sftop-eager", "unsloth"})
     if unknown:
-        ap.error(f"unknown path(s) {', '.join(unknown)}: choose among stock, sftop, unsloth")
+        ap.error(f"unknown path(s) {', '.join(unknown)}: choose among stock, sftop, sftop-eager, unsloth")
 
     if args.one:
         print("RESULT " + json.dumps(_one(args, args.one)), flush=True)
@@ -334,7 +395,9 @@ def main(argv=None) -> int:
         if unmeasured is not None:
             print(unmeasured)
         else:
-            peak = f"peak {r['peak_gib']:6.2f} GiB  " if "peak_gib" in r else ""
+            peak = (
+                f"peak {r['peak_gib']:6.2f} GiB (reserved {r['peak_reserved_gib']:5.2f})  " if "peak_gib" in r else ""
+            )
             print(
                 f"  {r['path']:6s} {r['tokens_per_s']:10,.0f} tok/s  {peak}"
                 f"x{r.get('speed_vs_stock', float('nan')):.2f} vs stock  loss {r['losses'][-1]:.4f}  head {r['head']}"
@@ -345,7 +408,13 @@ def main(argv=None) -> int:
                     f"         CUDA graphs: {g}"
                     if isinstance(g, str)
                     else f"         CUDA graphs: {g['captures']} captured, {g['replays']} replays, "
-                    f"{g['eager_calls']} eager calls" + (f", failures: {g['failures']}" if g["failures"] else "")
+                    f"{g['eager_calls']} eager calls"
+                    + (f", failures: {g['failures']}" if g["failures"] else "")
+                    + (
+                        f"; capture steps at most {r['capture_step_peak_bound_gib']:.2f} GiB"
+                        if "capture_step_peak_bound_gib" in r
+                        else ""
+                    )
                 )
             if "profile_share" in r:
                 print(

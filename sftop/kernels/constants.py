@@ -13,6 +13,14 @@ from .env import env_choice
 # (docs/benchmarks.md, 2026-12-02): at 256 MiB the matmuls still have 1024+ rows for a 128K vocabulary.
 FUSED_CE_CHUNK_BYTES = 256 * 1024 * 1024
 
+# DPO's CUDA graphs pad each batch length up to a multiple of this on the GPU (logprob_graphs.py):
+# tensor-core friendly, and few enough shapes that they repeat; the planner sizes the graphs' memory
+# pool at the padded length
+DPO_GRAPH_LENGTH_MULTIPLE = 256
+
+# Turns sftop's CUDA graphs (SFT and DPO steps) off when set to 0 (docs/configuration.md)
+CUDA_GRAPHS_ENV = "SFTOP_CUDA_GRAPHS"
+
 # dh ([tokens, intermediate]) is the one intermediate-sized buffer the one-Function LoRA MLP's
 # backward allocates next to the saved gate and up.  Above this size it is computed in token chunks,
 # which takes most of it off the layer's backward peak (84 of 112 MiB at Llama-3.1-8B, 2 x 2048

@@ -28,8 +28,21 @@ How:
   * What is captured need not be a scalar loss: `StepGraphs.replay` takes a function returning a
     tensor or a tuple, differentiates the first (its incoming gradient is copied into a static
     buffer before the backward replay; the loss sum is the case of a scalar with gradient 1) and
-    hands the rest out without gradient; with `backward=False` it captures a forward alone, in a
-    pool of its own (preference tuning's reference forward: logprob_graphs.py).
+    hands the rest out without gradient; with `backward=False` it captures a forward alone
+    (preference tuning's reference forward: logprob_graphs.py), into the same pool.
+
+One pool for every capture of a model: forward-only and training captures alike.  A graph's
+replay rewrites every block its capture was given, including blocks it freed, which later
+captures may have been given in turn; what one replay leaves for later (a training forward's saved
+activations for its backward, the static gradients a parameter's .grad still points at) must
+therefore not be overwritten by a replay of another graph in between.  The activations: a
+forward-only replay while a training forward waits for its backward runs eagerly instead (the
+caller puts its no-grad forwards first: DPO's reference forward runs before the policy's,
+sftop/engine/train/dpo.py).  The gradients: every replay first moves a .grad still over a static
+gradient into a copy of its own.  A pool of its own for the forward-only graphs would keep their
+transients reserved beside the training step's for good: measured 1.28 GiB of idle pools for the
+two on a Llama-3.2-1B DPO step (docs/benchmarks.md), where one shared pool needs the larger of
+the two.
 
 Rules a replay relies on, each enforced here or by the patch part that installs this:
   * one graphed forward, then its backward: a second graphed forward overwrites the first one's
@@ -61,9 +74,10 @@ import torch
 
 from . import checkpoint_offload as offload
 from . import compat
+from .constants import CUDA_GRAPHS_ENV
 from .env import env_flag
 
-ENV_SWITCH = "SFTOP_CUDA_GRAPHS"
+ENV_SWITCH = CUDA_GRAPHS_ENV
 MAX_KEYS = 4  # captured shapes per model; later new shapes run eagerly
 WARMUP_RUNS = 2
 CAPTURE_ON_SIGHTING = 2  # capture when a key is seen for the second time
@@ -144,7 +158,16 @@ class CapturedStep:
     gradient.  `backward=False` captures a forward only (run under no_grad, e.g. DPO's reference
     forward): no gradients, no offloaded checkpoints."""
 
-    def __init__(self, fn, inputs: tuple[torch.Tensor, ...], slots: list, pool, no_rng_stash, backward: bool = True):
+    def __init__(
+        self,
+        fn,
+        inputs: tuple[torch.Tensor, ...],
+        slots: list,
+        pool,
+        no_rng_stash,
+        backward: bool = True,
+        warm_up_in_pool: bool = False,
+    ):
         self.n_inputs = len(inputs)
         self.backward = backward
         self.static_inputs = [t.detach().clone() for t in inputs]
@@ -153,7 +176,8 @@ class CapturedStep:
         side = _capture_stream()
         side.wait_stream(torch.cuda.current_stream())
         moved = None
-        with no_rng_stash(), causal_masks_skipped(), torch.cuda.stream(side):
+        warm_pool = pool if warm_up_in_pool and not backward else None
+        with no_rng_stash(), causal_masks_skipped(), torch.cuda.stream(side), _allocating_into(warm_pool):
             for run in range(WARMUP_RUNS):
                 last = run == WARMUP_RUNS - 1 and backward
                 with offload.recording_offloads() if last else contextlib.nullcontext() as moved:
@@ -200,6 +224,36 @@ class CapturedStep:
         return tuple(o.clone() for o in self.outputs)
 
 
+@contextlib.contextmanager
+def _allocating_into(pool):
+    """This thread's allocations taken from the graphs' pool `pool` (None: the ordinary cache).
+
+    A forward-only capture made after a training step's (DPO's reference forward) warms up here:
+    its warm-up transients then reuse the blocks the training step left free instead of sitting in
+    the ordinary cache beside the whole pool, which for that moment held both steps' transients
+    (the Llama-3.2-1B DPO step's reference forward: about 0.3 GiB).  Safe for the same reason the
+    forward-only replay is: no graphed forward waits for its backward (StepGraphs.replay checks),
+    so no block free in the pool holds anything a later replay reads, and static gradients are
+    allocated blocks.  A forward-only warm-up allocates on this thread only (no backward, whose
+    engine threads would not be routed).  The private hooks are those torch's own CUDA-graph trees
+    warm up with; where they are missing the warm-up uses the ordinary cache as before."""
+    hooks = [getattr(torch._C, name, None) for name in _POOL_HOOKS]
+    if pool is None or any(h is None for h in hooks):
+        yield
+        return
+    begin, end, release = hooks
+    device = torch.cuda.current_device()
+    begin(device, pool)
+    try:
+        yield
+    finally:
+        end(device, pool)
+        release(device, pool)  # begin took a reference to the pool
+
+
+_POOL_HOOKS = ("_cuda_beginAllocateCurrentThreadToPool", "_cuda_endAllocateToPool", "_cuda_releasePool")
+
+
 def _as_tuple(out) -> tuple[torch.Tensor, ...]:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
@@ -233,8 +287,8 @@ class StepGraphs:
     def __init__(self, no_rng_stash=None, max_keys: int = MAX_KEYS):
         self._no_rng_stash = no_rng_stash or contextlib.nullcontext
         self.max_keys = max_keys
-        self._pool = None
-        self._forward_pool = None  # forward-only captures (see replay)
+        self._pool = None  # every capture's, forward-only ones too (see the module docstring)
+        self._trained: dict[int, torch.Tensor] = {}  # the parameters whose gradients captured steps hand out
         self._seen: dict = {}
         self._steps: dict = {}
         self._refused: dict = {}
@@ -273,7 +327,8 @@ class StepGraphs:
     def would_capture(self, key) -> bool:
         """Whether a call with `key` captures it now (it is seen often enough, not refused, and
         there is room): the one kind of call whose parameter list must be made afresh
-        (graph_layout.py)."""
+        (graph_layout.py).  For a forward-only step that `replay` makes wait one sighting more it
+        answers True a sighting early: one listing too many, never one too few."""
         return (
             key not in self._steps
             and key not in self._refused
@@ -289,9 +344,12 @@ class StepGraphs:
     def replay(self, key, fn, inputs: tuple[torch.Tensor, ...], slots: list, backward: bool = True):
         """`fn(*inputs)` from the graphs (a tensor, or a tuple whose first member carries the gradient
         and the rest are metrics), or None when this call should run eagerly.  `backward=False`: a
-        forward under no_grad, captured without a backward, into a pool of its own so that its
-        transients never overwrite a training forward's saved activations (DPO runs the reference
-        forward between the policy's forward and its backward)."""
+        forward under no_grad, captured without a backward into the shared pool; it runs eagerly
+        while a graphed training forward waits for its backward, whose saved activations its
+        transients could overwrite."""
+        if not backward and self._armed is not None:
+            self.stats.eager_calls += 1
+            return None
         step = self._steps.get(key)
         if step is None:
             if key in self._refused or len(self._steps) >= self.max_keys:
@@ -299,7 +357,13 @@ class StepGraphs:
                 return None
             seen = self._seen.get(key, 0) + 1
             self._seen[key] = seen
-            if seen < CAPTURE_ON_SIGHTING:
+            # a forward-only step waits one sighting more unless a training step is captured
+            # already: captured after it, it lands in the blocks the training step freed (its
+            # transients mirror the training forward's, with less kept), where captured first its
+            # free blocks get split by the training capture's smaller requests and the training
+            # step's largest transient (the logits' chunk) needs a segment of its own
+            wait = CAPTURE_ON_SIGHTING + (0 if backward or self._trained else 1)
+            if seen < wait:
                 self.stats.eager_calls += 1
                 return None
             why = _room_for_capture()
@@ -312,11 +376,14 @@ class StepGraphs:
                 return None
             self._steps[key] = step
             self._grad_ptrs |= step.grad_ptrs
+            if backward:
+                self._trained.update((id(p), p) for _m, _n, p in slots)
             self._seen.pop(key, None)
         if step.backward != backward:  # a key must tell the two kinds apart; never guess
             raise ValueError(f"sftop CUDA graphs: key {key!r} was captured with backward={step.backward}")
         self.stats.replays += 1
         if not backward:
+            self.reclaim_grads(self._trained.values())
             step.load(inputs)
             step.fwd.replay()
             outs = step.taken_outputs()
@@ -326,15 +393,19 @@ class StepGraphs:
     def _capture(self, fn, inputs, slots, backward=True):
         from . import scratch
 
-        if backward and self._pool is None:
+        if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        if not backward and self._forward_pool is None:
-            self._forward_pool = torch.cuda.graph_pool_handle()
         # a graph bakes in the scratch buffers' addresses: they must never be freed from now on
         scratch.freeze_all()
         try:
             step = CapturedStep(
-                fn, inputs, slots, self._pool if backward else self._forward_pool, self._no_rng_stash, backward=backward
+                fn,
+                inputs,
+                slots,
+                self._pool,
+                self._no_rng_stash,
+                backward=backward,
+                warm_up_in_pool=bool(self._trained),
             )
         except Exception as exc:  # noqa: BLE001 - an uncapturable model keeps training eagerly
             offload.discard_pending()

@@ -25,15 +25,20 @@ counts.  A left-padded batch (TRL's vision collator pads prompts on the left), a
 0/1, a counted label under padding, or any other input (images, position ids, embeddings) runs
 eagerly, exactly as before.
 
-Host reads: one per micro-batch, the check above together with the first scored position (the
-reference forward gets the same tensors and reuses the answer).
+Host reads: one per forward, the check above together with the first scored position; a second
+call with the very same tensors reuses the answer.  (TRL builds the labels afresh for the reference
+forward and the policy's, so a DPO micro-batch reads twice: the second read waits for the reference
+replay, a few hundred microseconds of idle GPU in an ~90 ms step.)
 
 Keys: everything `cuda_graphs.py` keys on, the scoring start, whether gradients are on, and every adapter layer's
 state (disabled, merged, which adapters are active).  PEFT's `disable_adapter()` flips
 `disable_adapters` on each LoRA layer (and their `requires_grad`), and sftop's LoRA kernels choose
 their path per call from that state, so the reference forward has its own graph, captured and
-replayed with the adapter off.  Forward-only graphs live in a pool of their own
-(`StepGraphs.replay`): the reference forward runs between the policy's forward and its backward.
+replayed with the adapter off.  Both share one memory pool (`cuda_graphs.StepGraphs`), which holds
+the larger of the two steps' transients instead of both: sftop's DPO trainer runs the reference
+forward before the policy's (TRL runs it between the policy's forward and its backward, where a
+replay in the shared pool would overwrite the policy's saved activations, so a reference forward
+called there runs eagerly).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .constants import DPO_GRAPH_LENGTH_MULTIPLE
 from .cuda_graphs import ENV_SWITCH, StepGraphs, enabled_by_env, no_rng_stash, token_ids_only
 from .graph_layout import ModelLayout, keyed_slots
 from .graph_layout import adapter_state as adapter_state  # read here by callers and tests
@@ -49,7 +55,7 @@ from .patching import markers as M
 IGNORE_INDEX = -100
 # batch lengths are padded up to a multiple of this on the device: tensor-core friendly, and few
 # enough shapes that they repeat (a 2,048-token limit gives 8 lengths)
-LENGTH_MULTIPLE = 256
+LENGTH_MULTIPLE = DPO_GRAPH_LENGTH_MULTIPLE
 # captured steps per model: policy and reference for each of 8 lengths; later shapes run eagerly
 MAX_KEYS = 16
 

@@ -130,6 +130,90 @@ def test_replay_hands_out_a_vector_output_and_metrics_and_takes_the_vectors_grad
         graphs.replay("forward", None, (x,), slots)
 
 
+def test_forward_only_replays_share_the_pool_safely():
+    """Forward-only graphs share the training graphs' pool: one replayed while a training forward
+    waits for its backward runs eagerly instead (its transients could overwrite the saved
+    activations), and one replayed after it first moves a .grad still over a static gradient
+    (gradient accumulation) into a copy of its own, as a training replay does."""
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.randn(5))
+    slots = [(module, "w", module.w)]
+    graphs = cg.StepGraphs()
+    train, forward = _fake_step(module.w, backward=True), _fake_step(module.w, backward=False)
+    graphs._steps.update(train=train, forward=forward)
+    graphs._grad_ptrs |= train.grad_ptrs
+    graphs._trained[id(module.w)] = module.w
+    x = torch.randn(5)
+    y, _metric = graphs.replay("train", None, (x,), slots)
+    with torch.no_grad():
+        assert graphs.replay("forward", None, (x,), slots, backward=False) is None  # armed: eager
+    assert (graphs.stats.eager_calls, graphs.stats.replays) == (1, 1)
+    y.sum().backward()
+    static = train.grads[0]
+    assert module.w.grad.data_ptr() == static.data_ptr()
+    want = module.w.grad.clone()
+    with torch.no_grad():
+        out = graphs.replay("forward", None, (x,), slots, backward=False)
+    assert out is not None and graphs.stats.replays == 2
+    assert module.w.grad.data_ptr() != static.data_ptr() and torch.equal(module.w.grad, want)
+    static.fill_(float("nan"))  # what a later replay in the shared pool may leave there
+    assert torch.equal(module.w.grad, want)
+
+
+def test_a_forward_only_step_is_captured_after_the_training_step(monkeypatch):
+    """Both seen twice: the training step is captured then, the forward-only one (into the blocks the
+    training step freed) one sighting later, once a training step is captured."""
+    captured = []
+
+    def capture(self, fn, inputs, slots, backward=True):
+        captured.append(backward)
+        return _fake_step(slots[0][2], backward), None
+
+    monkeypatch.setattr(cg.StepGraphs, "_capture", capture)
+    monkeypatch.setattr(cg, "_room_for_capture", lambda: None)
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.randn(5))
+    slots = [(module, "w", module.w)]
+    graphs = cg.StepGraphs()
+    x = torch.randn(5)
+    for _ in range(3):
+        with torch.no_grad():
+            graphs.replay("reference", None, (x,), slots, backward=False)
+        out = graphs.replay("policy", None, (x,), slots)
+        if out is not None:
+            out[0].sum().backward()
+    assert captured == [True, False]  # the policy's on the second step, the reference's on the third
+    assert (graphs.stats.eager_calls, graphs.stats.replays) == (3, 3)
+    alone = cg.StepGraphs()  # no training step at all: the forward-only one on its third sighting
+    for _ in range(3):
+        with torch.no_grad():
+            alone.replay("reference", None, (x,), slots, backward=False)
+    assert captured == [True, False, False] and alone.stats.eager_calls == 2
+
+
+def test_forward_only_warm_up_allocates_from_the_pool_and_gives_its_reference_back(monkeypatch):
+    calls = []
+    for name in cg._POOL_HOOKS:
+        monkeypatch.setattr(torch._C, name, lambda device, pool, _n=name: calls.append((_n, pool)), raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with cg._allocating_into((7, 0)):
+        calls.append("warm-up")
+    assert calls == [
+        ("_cuda_beginAllocateCurrentThreadToPool", (7, 0)),
+        "warm-up",
+        ("_cuda_endAllocateToPool", (7, 0)),
+        ("_cuda_releasePool", (7, 0)),
+    ]
+    calls.clear()
+    with cg._allocating_into(None):  # no pool to use: the ordinary cache
+        calls.append("warm-up")
+    assert calls == ["warm-up"]
+    monkeypatch.delattr(torch._C, "_cuda_releasePool")  # a torch without the hooks: as before
+    with cg._allocating_into((7, 0)):
+        calls.append("warm-up")
+    assert calls == ["warm-up", "warm-up"]
+
+
 @pytest.mark.parametrize("n,hid,vocab,num_items", [(29, 32, 300, None), (17, 24, 257, 40)])
 def test_loss_without_row_selection_matches_with_it(poison, n, hid, vocab, num_items):
     """The capture-safe mode sends ignored rows through the kernel: they must add nothing."""

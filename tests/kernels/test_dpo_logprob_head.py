@@ -97,6 +97,8 @@ def test_patched_dpo_equals_stock_trl(tmp_path, loss_type):
             loss = trainer.compute_loss(trainer.model, {k: v.to(DEVICE) for k, v in batch.items()})
             loss.backward()
             grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+            if hasattr(trainer, "sftop_metrics"):
+                trainer.sftop_metrics.flush(trainer)  # read when the trainer logs
             metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
             results.append((loss.detach(), grads, metrics))
     finally:

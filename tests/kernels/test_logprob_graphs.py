@@ -7,9 +7,13 @@ log-probs, metrics and LoRA gradients; the batch check, the length buckets and t
 the key; the graphs' switch and report; and the deferred NaN/inf guard of the DPO trainer.
 
 GPU tests: a graphed DPO step (policy forward+backward and reference forward) gives the eager step's
-loss, rewards and LoRA gradients over several optimizer steps with batches of changing lengths,
-replays both graphs, and its reference graph runs with the adapter off (the base model's log-probs).
+loss, rewards and LoRA gradients over several optimizer steps with batches of changing lengths (and
+with gradient accumulation), replays both graphs, and its reference graph runs with the adapter off
+(the base model's log-probs); its steady-state memory (allocated peak plus the graphs' pool) stays
+within a stated margin of the eager step's peak.
 """
+
+import gc
 
 import pytest
 import torch
@@ -21,7 +25,7 @@ from sftop.kernels.fused_linear_logprob import fused_linear_logprob
 from sftop.kernels.patching.logprob_head import install_logprob_head
 
 from _kernel_testutil import DEVICE, rel_err
-from _tiny_models import VOCAB, tiny_model, twin
+from _tiny_models import LORA_TARGETS, VOCAB, tiny_model, twin
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -271,7 +275,7 @@ def test_graphed_path_through_trl_equals_eager_with_the_capture_run_directly(tmp
     graphed path for the policy (with gradient) and the reference (adapter off, no gradient) forwards,
     with the captured function run directly in place of a replay.  Loss, metrics and LoRA gradients
     equal the eager head's; the two forwards have keys of their own, the reference's with every
-    adapter layer disabled and read back from the device once."""
+    adapter layer disabled and read back from the device once; the reference runs first."""
     import trl
 
     from sftop.engine.train.dpo import SftopDPOTrainer
@@ -311,6 +315,7 @@ def test_graphed_path_through_trl_equals_eager_with_the_capture_run_directly(tmp
         loss = trainer.compute_loss(model, batch)
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        trainer.sftop_metrics.flush(trainer)
         results.append((loss.detach(), {k: v[-1] for k, v in trainer._metrics["train"].items()}, grads))
         monkeypatch.undo()
     assert isinstance(trainer, trl.DPOTrainer)
@@ -331,8 +336,9 @@ def test_graphed_path_through_trl_equals_eager_with_the_capture_run_directly(tmp
     assert abs(m_e["rewards/margins"]) > 1e-3
     for a, b in zip(g_e, g_g):
         assert rel_err(b, a) < 1e-4
-    assert len(calls) == 2 and len(reads) == 1
-    (policy_key, p_backward, p_grad, p_slots), (ref_key, r_backward, r_grad, r_slots) = calls
+    assert len(calls) == 2 and len(reads) == 2  # TRL builds each forward's labels afresh
+    # the reference forward first (its graph shares the policy's pool: cuda_graphs.StepGraphs)
+    (ref_key, r_backward, r_grad, r_slots), (policy_key, p_backward, p_grad, p_slots) = calls
     assert (p_backward, p_grad, p_slots) == (True, True, 2 * 7 * 2)
     assert (r_backward, r_grad, r_slots) == (False, False, 0)  # PEFT froze the adapter while it is off
     assert policy_key != ref_key
@@ -362,9 +368,11 @@ def _pairs(n_batches, seed=0):
     return rows
 
 
-def _dpo_steps(model, tmp_path, batches):
-    """Each step's DPO loss, rewards, LoRA gradients and reference log-probs through TRL's compute_loss
-    (policy forward, reference forward with the adapter off, backward), with an SGD update after each."""
+def _dpo_steps(model, tmp_path, batches, accumulate=1, peaks=None):
+    """Each optimizer step's DPO loss, rewards, LoRA gradients and batch through TRL's compute_loss
+    (reference forward with the adapter off, policy forward, backward), with an SGD update after
+    every `accumulate` micro-batches (the last micro-batch's loss, metrics and batch).  `peaks`: a
+    list that gets each optimizer step's peak allocated bytes."""
     import datasets
     import trl
 
@@ -402,15 +410,24 @@ def _dpo_steps(model, tmp_path, batches):
     # (Adam's sign-like first steps would magnify it); steps of up to ~4e-2 on weights of ~0.2
     opt = torch.optim.SGD(params, lr=0.01)
     out = []
-    for rows in batches:
+    for i, rows in enumerate(batches):
+        if peaks is not None and i % accumulate == 0:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         batch = {k: v.cuda() for k, v in trainer.data_collator(rows).items()}
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = trainer.compute_loss(model, batch)
         loss.backward()
+        if (i + 1) % accumulate:
+            continue
+        trainer.sftop_metrics.flush(trainer)
         metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
         grads = [p.grad.float().clone() for p in params]
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if peaks is not None:
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated())
         out.append((loss.item(), metrics, grads, batch))
     return out, trainer
 
@@ -430,8 +447,10 @@ def test_graphed_dpo_step_matches_eager_and_replays_both_forwards(tmp_path, monk
     got, trainer = _dpo_steps(graphed, tmp_path / "graphed", batches)
     assert lg.graph_stats(eager.get_base_model()) is None  # graphs off: never reached
     stats = lg.graph_stats(graphed.get_base_model())
-    # policy and reference each: first batch eager, second captured and replayed, the rest replayed
-    assert (stats.eager_calls, stats.captures, stats.replays) == (2, 2, 8), stats
+    # both forwards run eagerly on the first batch; the policy's is captured on the second (and
+    # replayed), the reference's on the third, after the policy's (cuda_graphs.StepGraphs.replay);
+    # the rest replay
+    assert (stats.eager_calls, stats.captures, stats.replays) == (3, 2, 7), stats
     assert stats.failures == []
     assert len({b["input_ids"].shape[1] for *_x, b in ref}) > 1  # lengths changed, one bucket
     for *_x, b in ref:
@@ -499,3 +518,124 @@ def test_reference_graph_runs_with_the_adapter_off(tmp_path):
     # sftop's kernels against HF's stock forward differ by bf16 rounding only (3e-4 on a CPU)
     assert err_ref < 5e-3, err_ref
     assert err_policy > 2e-2, (err_ref, err_policy)  # the adapter does change them
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_graphed_dpo_with_gradient_accumulation_matches_eager(tmp_path, monkeypatch):
+    """Two micro-batches per optimizer step: the second micro-batch's reference replay runs while the
+    parameters' .grad still holds the first one's gradients, which were handed out over the
+    policy graph's static buffers in the pool the reference graph shares; they must come through."""
+    graphed = tiny_model("llama", dtype=torch.bfloat16)
+    eager = twin(graphed)
+    monkeypatch.setenv(cg.ENV_SWITCH, "0")
+    K.patch_model(eager)
+    monkeypatch.delenv(cg.ENV_SWITCH)
+    assert K.patch_model(graphed).parts["cuda_graphs"] == "fused"
+    rows = _pairs(8, seed=1)
+    batches = [rows[2 * i : 2 * i + 2] for i in range(8)]
+    ref, _ = _dpo_steps(eager, tmp_path / "eager", batches, accumulate=2)
+    got, _ = _dpo_steps(graphed, tmp_path / "graphed", batches, accumulate=2)
+    stats = lg.graph_stats(graphed.get_base_model())
+    assert (stats.eager_calls, stats.captures, stats.replays) == (3, 2, 13), stats
+    assert len(ref) == len(got) == 4
+    for (_l_e, _m_e, g_e, _b), (_l_g, _m_g, g_g, _b2) in zip(ref, got):
+        for a, b in zip(g_e, g_g):
+            assert a.abs().sum() > 0
+            assert rel_err(b, a) < 3e-2
+
+
+def _wide_vocab_llama():
+    """A bf16 Llama whose LM head dominates a step's transients, as in real models (Llama 3's vocabulary
+    on a narrow backbone): the logits of a few hundred positions are 125 MiB."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=128256,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=128,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False, target_modules=LORA_TARGETS)
+    return get_peft_model(model, lora)
+
+
+def _long_answer_pairs(n_batches):
+    """Prompts of 130 tokens and answers of about 120: the eager head scores about as many positions
+    (the answers) as the graphs do (the second half of the 256-token bucket)."""
+    g = torch.Generator().manual_seed(2)
+
+    def words(k):
+        return torch.randint(4, VOCAB, (k,), generator=g).tolist()
+
+    return [
+        {"prompt_ids": words(130), "chosen_ids": words(118 + i % 5), "rejected_ids": words(120 - i % 3)}
+        for i in range(2 * n_batches)
+    ]
+
+
+def _pool_bytes(graphs) -> tuple[int, int]:
+    """(reserved, idle) bytes of one StepGraphs' memory pool."""
+    reserved = idle = 0
+    for seg in torch.cuda.memory_snapshot():
+        if graphs._pool is not None and tuple(seg.get("segment_pool_id", (0, 0))) == tuple(graphs._pool):
+            reserved += seg["total_size"]
+            idle += seg["total_size"] - seg["allocated_size"]
+    return reserved, idle
+
+
+# what a graphed step may hold beyond the eager step's peak: the pool's rounding (blocks round up to
+# 2 MiB, mid-sized ones share 20 MiB segments) and the few more positions the graphs score (their
+# 256-token bucket's second half against the answers); a pool of its own for the reference forward
+# would add its transients, about 130 MiB here (the logits of 512 positions over 128,256 tokens)
+PEAK_MARGIN = 48 << 20
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_graphed_dpo_step_peaks_no_higher_than_the_eager_step(tmp_path, monkeypatch):
+    """The graphed step's device memory in steady state (allocated at its peak, plus the pool's idle
+    blocks, which hold the replays' transients that the allocator's statistics never see) stays
+    within PEAK_MARGIN of the eager step's peak: the reference forward's graph shares the policy
+    step's pool instead of keeping one of its own."""
+    rows = _long_answer_pairs(5)
+    batches = [rows[2 * i : 2 * i + 2] for i in range(5)]
+    measured = {}
+    for graphs_on in (False, True):
+        # relative to what is allocated before the model is built: whatever an earlier run (or
+        # test) left alive counts for neither
+        gc.collect()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        model = _wide_vocab_llama()
+        if graphs_on:
+            monkeypatch.delenv(cg.ENV_SWITCH, raising=False)
+        else:
+            monkeypatch.setenv(cg.ENV_SWITCH, "0")
+        assert K.patch_model(model).parts["cuda_graphs"] == (
+            "fused" if graphs_on else "stock: turned off by SFTOP_CUDA_GRAPHS=0"
+        )
+        peaks: list[int] = []
+        _steps, trainer = _dpo_steps(model, tmp_path / str(graphs_on), batches, peaks=peaks)
+        steady = max(peaks[3:]) - before  # after the first sighting (eager) and the captures
+        if graphs_on:
+            graphs = model.get_base_model().__dict__[lg.M.LOGPROB_GRAPHS].steps
+            stats = graphs.stats
+            assert (stats.eager_calls, stats.captures, stats.replays) == (3, 2, 7), stats
+            reserved, idle = _pool_bytes(graphs)
+            assert reserved > 125 << 20  # the logits' chunk lived in it
+            steady += idle
+        measured[graphs_on] = steady
+        del model, trainer, _steps
+    eager, graphed = measured[False], measured[True]
+    assert graphed <= eager + PEAK_MARGIN, (eager / 2**20, graphed / 2**20)

@@ -85,5 +85,7 @@ def reference_logps_in_loss(trainer, batch):
     trainer.model.train()
     trainer._metrics["train"].clear()
     trainer.compute_loss(trainer.model, batch)
+    if hasattr(trainer, "sftop_metrics"):
+        trainer.sftop_metrics.flush(trainer)  # sftop's DPO step reads its metrics when it logs
     m = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     return tuple(m[f"logps/{side}"] - m[f"rewards/{side}"] / trainer.beta for side in ("chosen", "rejected"))

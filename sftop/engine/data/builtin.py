@@ -17,7 +17,8 @@ same name always yields the same rows.
 - `shapes`: pictures of coloured shapes with short questions on colour, shape, count and position,
   single- and two-image rows, for vision-language models (see `shapes.py`).
 - `shapes-preferences`: 1,000 of those questions as preference pairs with their images: the right
-  answer chosen, another answer of the same kind rejected, for vision-language DPO.
+  answer chosen, another answer of the same kind rejected, for vision-language DPO (the
+  `demo-vision-dpo` preset).
 """
 
 from __future__ import annotations

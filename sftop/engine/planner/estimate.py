@@ -17,11 +17,17 @@ All sizes are bytes. Per-token terms are multiplied by the tokens in one micro-b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Literal, Mapping
 
 # torch-free: the kernels' sizes and rules, and the patcher's family table (names only)
-from sftop.kernels.constants import FUSED_CE_CHUNK_BYTES, MLP_DH_CHUNK_BYTES, dh_chunk_rows, projections_worth_keeping
+from sftop.kernels.constants import (
+    DPO_GRAPH_LENGTH_MULTIPLE,
+    FUSED_CE_CHUNK_BYTES,
+    MLP_DH_CHUNK_BYTES,
+    dh_chunk_rows,
+    projections_worth_keeping,
+)
 from sftop.kernels.patching.registry import FAMILIES
 
 GIB = 1024**3
@@ -228,9 +234,13 @@ class Setup:
     on_gpu: bool = True  # on the CPU there is no CUDA context or cuBLAS workspace
     packed: bool = False  # padding-free rows concatenated into one sequence per micro-batch
     # Preference tuning (DPO): a row is a pair, chosen and rejected run in one forward (the caller
-    # passes twice the tokens), then a reference forward without gradients runs while the policy's
-    # activations are held, before the policy's backward.
+    # passes twice the tokens); a reference forward without gradients runs first (sftop's DPO
+    # trainer, sftop/engine/train/dpo.py), before the policy's forward, with none of its tensors.
     preference: bool = False
+    # DPO's CUDA graphs (sftop/kernels/logprob_graphs.py) may engage: where they do (preference, a
+    # GPU, the fused head, no offloaded checkpointing, no images) their pool keeps a step's
+    # transients for replay, beside which a batch of another length runs eagerly.
+    cuda_graphs: bool = False
     # A VLM: image tokens per row from the data check (ImageLoad), and which vision parts LoRA
     # adapts (VisionTraining); both from sftop.engine.planner.vision.
     images: Any = None
@@ -551,26 +561,28 @@ def estimate(
     backward_phase = (
         saved + dequant + (recompute_tok + backward_tok + loss_grad_tok) * tokens + backward_fixed + mask_recompute
     )
-    reference_block = 0
-    if setup.preference:
-        # the reference forward: the policy's saved tensors, one block's activations at a time and
-        # its log-prob head (no dX kept); it is the peak when checkpointing keeps little
-        reference_block = a_layer * tokens
-        if saved + reference_block + loss_peak > max(loss_phase, backward_phase):
-            loss_phase = saved + reference_block + loss_peak
-            notes.append("peak during the reference forward (chosen and rejected, no gradients)")
-        else:
-            reference_block = 0
-    terms["activations"] = saved_tok * tokens
-    if mask_saved:
-        terms["attention_mask"] = mask_saved
-    terms["loss_saved"] = loss_saved_tok * tokens
-    if loss_phase >= backward_phase:
+    # the reference forward (DPO) runs before the policy's: one block's activations at a time and
+    # its log-prob head (no dX kept), none of the policy's tensors yet
+    reference_phase = a_layer * tokens + mask + loss_peak if setup.preference else 0
+    if reference_phase > max(loss_phase, backward_phase):
+        phase = "reference"
+        notes.append("peak during the reference forward (chosen and rejected, no gradients)")
+        terms["reference_forward"] = a_layer * tokens
+        if mask:
+            terms["attention_mask"] = mask
+        terms["loss_peak"] = loss_peak
+    elif loss_phase >= backward_phase:
+        terms["activations"] = saved_tok * tokens
+        if mask_saved:
+            terms["attention_mask"] = mask_saved
+        terms["loss_saved"] = loss_saved_tok * tokens
         phase = "loss"
         terms["loss_peak"] = loss_peak
-        if reference_block:
-            terms["reference_forward"] = reference_block
     else:
+        terms["activations"] = saved_tok * tokens
+        if mask_saved:
+            terms["attention_mask"] = mask_saved
+        terms["loss_saved"] = loss_saved_tok * tokens
         phase = "backward"
         if dequant:
             terms["dequant_transient"] = dequant
@@ -579,6 +591,13 @@ def estimate(
         terms["backward_transient"] = (backward_tok + loss_grad_tok) * tokens + backward_fixed
     if shape.vision is not None and setup.images is not None:
         _add_image_terms(terms, shape, setup, rows, notes)
+    pool = graph_pool_bytes(shape, setup, tokens, seq_len, rows)
+    if pool:
+        terms["graph_pool"] = pool
+        notes.append(
+            f"CUDA graphs keep {pool / GIB:.2f} GiB of step transients in their pool for replay; a batch of "
+            "another length runs eagerly beside it"
+        )
     allocated = sum(terms.values())
     dynamic = allocated - terms["weights"] - terms["lora_params"]
     terms["allocator_margin"] = int(ALLOCATOR_MARGIN * dynamic)
@@ -587,6 +606,29 @@ def estimate(
     return Estimate(
         terms=terms, allocated_bytes=allocated, device_bytes=device, peak_phase=phase, tokens=tokens, notes=notes
     )
+
+
+# what the captured steps hold for good, not the step's dynamic memory (sized by `estimate` itself)
+_STATIC_TERMS = ("weights", "lora_params", "lora_grads", "optimizer_states", "cublas_workspace")
+
+
+def graph_pool_bytes(shape: ModelShape, setup: Setup, tokens: int, seq_len: int, rows: int) -> int:
+    """What DPO's CUDA graphs keep reserved for replay, 0 where they will not engage.
+
+    The reference forward and the policy step share one pool (sftop/kernels/cuda_graphs.py), which
+    holds the larger of their transients: the eager step's dynamic memory, at the batch length
+    padded up to the graphs' multiple (the graphs pad on the GPU so that lengths repeat).  The pool
+    is kept for the run, and a batch of a length not captured yet (its first sighting, or a shape
+    past the captured ones) runs eagerly in the ordinary cache beside it: the pool is counted on
+    top of the step's own peak.  Not where the graphs stay off: offloaded checkpointing, images,
+    no fused log-prob head (kernels off), the CPU."""
+    if not (setup.preference and setup.cuda_graphs and setup.on_gpu and setup.kernels and setup.loss == "fused"):
+        return 0
+    if setup.checkpointing == "offload" or setup.images is not None or setup.packed:
+        return 0
+    padded_seq = -(-seq_len // DPO_GRAPH_LENGTH_MULTIPLE) * DPO_GRAPH_LENGTH_MULTIPLE
+    eager = estimate(shape, replace(setup, cuda_graphs=False), rows * padded_seq, seq_len=padded_seq, rows=rows)
+    return eager.allocated_bytes - sum(eager.terms.get(k, 0) for k in _STATIC_TERMS)
 
 
 def _add_image_terms(terms: dict[str, int], shape: ModelShape, setup: Setup, rows: int, notes: list[str]) -> None:

@@ -255,7 +255,15 @@ def setup_from_preset(preset: Any, device: str) -> Setup:
         on_gpu=not on_cpu,
         packed=bool(preset.data.packing) and preset.train.task != "dpo",  # DPO pads its pairs
         preference=preset.train.task == "dpo",
+        cuda_graphs=preset.train.task == "dpo" and kernels and _cuda_graphs_allowed(),
     )
+
+
+def _cuda_graphs_allowed() -> bool:
+    from sftop.kernels.constants import CUDA_GRAPHS_ENV
+    from sftop.kernels.env import env_flag
+
+    return env_flag(CUDA_GRAPHS_ENV, default=True)
 
 
 def _target_notes(preset: Any) -> list[str]:

@@ -26,6 +26,7 @@ import torch
 from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer
 
+from sftop.engine.train.dpo_step import DeferredMetrics, sigmoid_dpo_loss, takes_fast_path
 from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
 
 
@@ -91,6 +92,7 @@ class SftopDPOTrainer(DPOTrainer):
         self.sftop_guard = guard
         self.sftop_save_total_limit = save_total_limit
         self.sftop_on_checkpoint = on_checkpoint
+        self.sftop_metrics = DeferredMetrics()
         self.sftop_step_tokens = 0
         self.sftop_step_samples = 0
         peft_config = getattr(self.model, "peft_config", {})
@@ -128,6 +130,33 @@ class SftopDPOTrainer(DPOTrainer):
         if {"prompt_ids", "chosen_ids", "rejected_ids"} <= columns or columns == {"row"}:
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        # The reference forward first, then TRL's step with its log-probs handed in as precomputed
+        # (the same values: TRL's own reference computation, its adapter switch and no_grad).  TRL
+        # runs it between the policy's forward and backward, on top of the policy's saved
+        # activations; before it, its transients are gone when the policy's forward starts, which
+        # lowers the eager peak and lets the CUDA graphs of both forwards share one memory pool
+        # (sftop/kernels/cuda_graphs.py).
+        if self.precompute_ref_logps:
+            return super()._compute_loss(model, inputs, return_outputs)
+        reference = self.ref_model if self.ref_model is not None else self.model
+        ref_chosen, ref_rejected = self.compute_ref_log_probs(reference, inputs)
+        if takes_fast_path(self, return_outputs):
+            # the DPO loss with its metrics kept on the device until the trainer logs (dpo_step.py)
+            loss, metrics = sigmoid_dpo_loss(self, model, inputs, ref_chosen, ref_rejected)
+            self.sftop_metrics.add(metrics)
+            return loss
+        inputs = {**inputs, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+        self.precompute_ref_logps = True
+        try:
+            return super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            self.precompute_ref_logps = False
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self.sftop_metrics.flush(self)  # the one read of the micro-batches' metrics since the last log
+        super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # the batch is [chosen rows; rejected rows]: tokens of both forwards, samples = pairs

@@ -67,6 +67,8 @@ def probe_step(trainer, rows: int, tokens_per_row: int, max_length: int) -> None
         del optimizer
         # The probe's batch is not training data: keep it out of the logged metrics and token counts.
         compat.reset_trainer_counters(trainer)
+        if hasattr(trainer, "sftop_metrics"):  # DPO's metrics kept on the device until the next log
+            trainer.sftop_metrics.pending.clear()
         trainer.sftop_step_tokens = 0
         trainer.sftop_step_samples = 0
         torch.set_rng_state(cpu_rng)
