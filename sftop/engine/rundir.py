@@ -127,13 +127,17 @@ def register_run_dir(run: RunDir, base: Path | None = None) -> Path | None:
         if child.is_symlink() and child.resolve() == target:
             return child
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    link = base / f"{stamp}-{_slug(run.name)}"
     n = 1
-    while link.exists() or link.is_symlink():
-        n += 1
-        link = base / f"{stamp}-{_slug(run.name)}-{n}"
-    link.symlink_to(target, target_is_directory=True)
-    return link
+    while True:
+        link = base / (f"{stamp}-{_slug(run.name)}" + (f"-{n}" if n > 1 else ""))
+        try:
+            link.symlink_to(target, target_is_directory=True)
+            return link
+        except FileExistsError:
+            # the ranks of a multi-process run register the same directory at the same moment
+            if link.is_symlink() and link.resolve() == target:
+                return link
+            n += 1
 
 
 def list_run_dirs(base: Path | None = None) -> list[RunDir]:
