@@ -8,6 +8,7 @@ request stops them all at the same step. Outside a multi-process run every helpe
 from __future__ import annotations
 
 import os
+from typing import Any, Callable, Sequence
 
 from sftop.engine.gpu_select import rank_info
 
@@ -37,6 +38,64 @@ def agree_any(flag: bool) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def ranks_max(values: Sequence[int]) -> list[int]:
+    """Each value's largest over all ranks (one all-reduce); the values themselves outside a group."""
+    if not _group_ready():
+        return [int(v) for v in values]
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [int(v) for v in tensor.tolist()]
+
+
+class RanksMemory:
+    """A startup probe's allocator counters as the fullest rank saw them.
+
+    Every rank of a data-parallel run probes the same synthetic batch on its own GPU, but GPUs may
+    differ (another process on one, a card with less memory). Judging each rank by the largest
+    peak of all gives every rank the same verdict and the same next plan, so the ranks never
+    disagree on the micro-batch they train with. `inner` reads this rank's device.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.oom_error = inner.oom_error
+
+    def reset_peak(self) -> None:
+        self.inner.reset_peak()
+
+    def release(self) -> None:
+        self.inner.release()
+
+    def peak_allocated(self) -> int:
+        return ranks_max([self.inner.peak_allocated()])[0]
+
+    def peak_reserved(self) -> int:
+        return ranks_max([self.inner.peak_reserved()])[0]
+
+
+def probe_on_every_rank(step_fn: Callable[[int, int], None], oom_error: type[BaseException]):
+    """`step_fn` for a probe run on every rank: an out-of-memory error on any rank is one on all.
+
+    The probe treats an out-of-memory step as "does not fit" and steps the plan down; a rank whose
+    step fitted must step down with the one that did not, or the two would train different plans.
+    """
+
+    def run(rows: int, tokens_per_row: int) -> None:
+        failed: str | None = None
+        try:
+            step_fn(rows, tokens_per_row)
+        except oom_error as exc:
+            failed = str(exc).splitlines()[0] if str(exc) else "out of memory"
+        if agree_any(failed is not None):
+            raise oom_error(failed or "out of memory on another rank of this run")
+
+    return run
 
 
 def barrier() -> None:

@@ -703,7 +703,9 @@ class _Run:
             "rank_events": "ranks/rank-N.jsonl (rank 0: events.jsonl)",
             "cuda_graphs": "off: DDP's gradient all-reduce hooks run outside a replayed CUDA graph, so a replayed "
             "step would skip them",
-            "probe": "skipped: the plan's per-GPU sizing and the out-of-memory step-down apply",
+            "probe": "every rank, judged by the fullest GPU"
+            if getattr(self.plan, "strategy", "ddp") == "ddp"
+            else "skipped under FSDP2: the plan's per-GPU sizing and the out-of-memory step-down apply",
             **fsdp2,
         }
 
@@ -794,7 +796,8 @@ class _Run:
         data = self.preset.model_dump(mode="json")
         data["plan"].update(resolved_plan_section(new))
         self.preset = Preset.model_validate(data)
-        save_preset(self.preset, self.preset_path)
+        if self.rank == 0:  # every rank takes the same plan; one writes the file they share
+            save_preset(self.preset, self.preset_path)
 
     def probe(self, memory=None):
         """On a GPU, measure one step at the plan's largest shape and step the plan down until it fits.
@@ -803,10 +806,10 @@ class _Run:
         """
         if not str(getattr(self.plan, "device", "cpu")).startswith("cuda"):
             return self.trainer
-        if self.world_size > 1:
-            # A probe step is a training step outside DDP's wrapper: its shapes would differ per
-            # rank. The plan's per-GPU sizing and the OOM step-down cover multi-process runs.
-            self.probe_verdict = {"skipped": "not run under several processes yet"}
+        if self.world_size > 1 and getattr(self.plan, "strategy", "ddp") != "ddp":
+            # Under FSDP2 a step gathers each layer's shards from the other ranks: a probe step
+            # outside accelerate's sharded model would hold the whole model on every GPU.
+            self.probe_verdict = {"skipped": "FSDP2: the plan's per-GPU sizing and the OOM step-down apply"}
             return self.trainer
         if self.vision is not None:
             # The probe's synthetic batches are text only: they would measure a VLM step without
@@ -817,6 +820,15 @@ class _Run:
 
         def step_fn(rows: int, tokens_per_row: int) -> None:
             probe_step(self.trainer, rows, tokens_per_row, self.preset.data.max_length)
+
+        if self.world_size > 1:
+            # DDP: every rank probes the same synthetic batch on the model before DDP wraps it (no
+            # collective in its backward), and all take the verdict of the fullest GPU.
+            from sftop.engine.planner.verify import CudaMemory
+            from sftop.engine.train.distributed import RanksMemory, probe_on_every_rank
+
+            memory = RanksMemory(memory or CudaMemory(self.plan.device))
+            step_fn = probe_on_every_rank(step_fn, memory.oom_error)
 
         def on_change(old, new, reason: str) -> None:
             self.set_plan(new, 0, reason)
