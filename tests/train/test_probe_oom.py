@@ -4,6 +4,7 @@ continues from the last checkpoint with a smaller micro-batch (same effective ba
 import pytest
 import torch
 
+from sftop.engine.errors import ResourceError
 from sftop.engine.events import EventWriter
 from sftop.engine.presets import load_preset
 from sftop.engine.rundir import RunDir
@@ -160,3 +161,25 @@ def load_plan():
 
     preset = fast_preset()
     return plan_run(preset, load_model_config(preset))
+
+
+def test_out_of_memory_on_one_rank_of_several_ends_the_run_with_the_resume_that_fits(home, tmp_path):
+    # One rank cannot step down alone (the others wait in a collective for its step): the run must
+    # end at once with a clear error instead of hanging until the collective's timeout.
+    preset = fast_preset("train.max_steps=8", "train.save_steps=2")
+    run, writer = _prepared(preset, tmp_path / "run")
+    run.world_size, run.rank = 2, 1  # this process plays rank 1 of two; no process group is needed
+
+    def out_of_memory(module, args, output):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    run.model.get_base_model().model.norm.register_forward_hook(out_of_memory)
+    with pytest.raises(ResourceError) as caught:
+        run.train()
+    writer.close()
+    error = caught.value
+    assert "Rank 1 ran out of GPU memory at step 0" in str(error)
+    assert error.where == "GPU memory of rank 1"
+    assert f"sftop resume {run.run_dir.path.name} --set plan.micro_batch=2" in error.hint
+    assert "effective batch stays 4" in error.hint
+    assert not of_type(events_of(run.run_dir.path), "plan_changed")  # no rank stepped down alone

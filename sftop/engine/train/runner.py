@@ -759,6 +759,8 @@ class _Run:
             step = trainer.state.global_step
             self.step = step
             trainer = None
+            if self.world_size > 1:
+                raise self.oom_on_one_rank(step, oom)
             checkpoint = self.recover_from_oom(step, oom)
         else:
             raise ResourceError(
@@ -842,6 +844,21 @@ class _Run:
             last.pop("next_plan", None)
             self.probe_verdict = last
         return self.trainer
+
+    def oom_on_one_rank(self, step: int, error: str) -> ResourceError:
+        """Under several processes one rank cannot step down alone: the others wait in a collective
+        for a step it will never finish, until the timeout fails the run minutes later. End the run
+        now instead (the launcher stops the other ranks), saying which plan to resume with."""
+        from sftop.engine.planner import on_oom
+
+        new = on_oom(self.plan, step)
+        return ResourceError(
+            f"Rank {self.rank} ran out of GPU memory at step {step} ({error}). The processes of a multi-process "
+            "run cannot each step down to a smaller micro-batch alone, so the run stops here",
+            where=f"GPU memory of rank {self.rank}",
+            hint=f"Resume from the last checkpoint with a smaller micro-batch (the effective batch stays "
+            f"{new.effective_batch}): sftop resume {self.run_dir.path.name} --set plan.micro_batch={new.micro_batch}",
+        )
 
     def recover_from_oom(self, step: int, error: str) -> Path | None:
         """Smaller micro-batch, more accumulation (same effective batch), from the last checkpoint."""
