@@ -30,6 +30,7 @@ from .._runtime import kernels_available
 from . import markers as M
 from .forwards import FUSED, restore_forward, set_forward
 from .registry import FamilySpec
+from .towers import apply_parts
 
 SIGLIP_PARTS = ("vision_attention", "vision_qkv_lora", "vision_patch_embed", "vision_layer_norm", "vision_mlp")
 TOWER_CLASSES = ("SiglipVisionModel", "SiglipVisionTransformer")
@@ -176,13 +177,4 @@ def patch_siglip_tower(model: nn.Module, *, enable: bool = True) -> dict[str, st
         return {p: "stock: disabled" for p in SIGLIP_PARTS}
     if not towers:
         return {p: f"stock: no SigLIP tower ({', '.join(TOWER_CLASSES)})" for p in SIGLIP_PARTS}
-    parts = {}
-    for part in SIGLIP_PARTS:
-        results = set()
-        for tower in towers:
-            try:
-                results.add(_PATCHERS[part](tower))
-            except Exception as exc:  # noqa: BLE001 - a part that can't be applied must not take the others down
-                results.add(f"stock: patch failed ({type(exc).__name__}: {exc})")
-        parts[part] = results.pop() if len(results) == 1 else "; ".join(sorted(results))
-    return parts
+    return apply_parts(SIGLIP_PARTS, _PATCHERS, [(tower,) for tower in towers])

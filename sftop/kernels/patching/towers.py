@@ -5,7 +5,27 @@ knows."""
 
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence
+
 from torch import nn
+
+
+def apply_parts(
+    parts: Sequence[str], patchers: dict[str, Callable[..., str]], towers: Sequence[tuple[Any, ...]]
+) -> dict[str, str]:
+    """Each part's patcher called on every tower (`towers`: the patcher's arguments per tower);
+    one "fused" or "stock: why" per part, the towers' differing answers joined. A part that raises
+    is reported stock and never takes the others down."""
+    report = {}
+    for part in parts:
+        results = set()
+        for args in towers:
+            try:
+                results.add(patchers[part](*args))
+            except Exception as exc:  # noqa: BLE001 - a part that can't be applied must not take the others down
+                results.add(f"stock: patch failed ({type(exc).__name__}: {exc})")
+        report[part] = results.pop() if len(results) == 1 else "; ".join(sorted(results))
+    return report
 
 
 def patch_towers(model: nn.Module, *, enable: bool = True) -> dict[str, str]:

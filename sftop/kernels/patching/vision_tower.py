@@ -35,6 +35,7 @@ from .. import compat
 from .._runtime import kernels_available
 from . import markers as M
 from .forwards import restore_forward, set_forward
+from .towers import apply_parts
 
 FUSED = "fused"
 VISION_PARTS = ("vision_attention", "vision_rope", "vision_rms_norm", "vision_mlp", "vision_patch_embed")
@@ -312,13 +313,4 @@ def patch_vision_tower(model: nn.Module, *, enable: bool = True) -> dict[str, st
         return {p: "stock: disabled" for p in VISION_PARTS}
     if not towers:
         return {p: f"stock: no vision tower sftop knows (known: {', '.join(sorted(TOWERS))})" for p in VISION_PARTS}
-    parts = {}
-    for part in VISION_PARTS:
-        results = set()
-        for tower, spec in towers:
-            try:
-                results.add(_PATCHERS[part](tower, spec))
-            except Exception as exc:  # noqa: BLE001 - a part that can't be applied must not take the others down
-                results.add(f"stock: patch failed ({type(exc).__name__}: {exc})")
-        parts[part] = results.pop() if len(results) == 1 else "; ".join(sorted(results))
-    return parts
+    return apply_parts(VISION_PARTS, _PATCHERS, towers)
