@@ -4,8 +4,6 @@ import pytest
 import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from sftop.engine.events import EventWriter
-from sftop.engine.rundir import RunDir
 from sftop.engine.train.buckets import (
     PADDING_ROWS,
     PADDING_TOKENS,
@@ -17,7 +15,7 @@ from sftop.engine.train.buckets import (
     pad_to_bucket,
 )
 from sftop.engine.train.runner import _Run
-from train_helpers import events_of, fast_preset, of_type
+from train_helpers import events_of, fast_preset, of_type, prepared_run
 
 
 def test_bucket_sizes_cover_the_plan_with_bounded_padding():
@@ -51,18 +49,8 @@ def test_padding_is_one_extra_document_without_labels():
         pad_to_bucket({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, (8,), 0)
 
 
-def _prepared(preset, path):
-    run_dir = RunDir(path).create()
-    writer = EventWriter(run_dir.events)
-    run = _Run(preset, run_dir, writer, resume=False)
-    run.resolve()
-    run.load()
-    run.resumed_from = None
-    return run, writer
-
-
 def test_bucket_padding_changes_neither_loss_nor_gradients_nor_counted_tokens(home, tmp_path):
-    run, writer = _prepared(fast_preset('train.length_buckets="on"', "train.max_steps=1"), tmp_path / "run")
+    run, writer = prepared_run(fast_preset('train.length_buckets="on"', "train.max_steps=1"), tmp_path / "run")
     trainer = run.build_trainer()
     collator = trainer.data_collator
     # the plan is sized for the data: the 4 longest rows, rounded up to the bucket multiple
@@ -100,7 +88,7 @@ def test_bucket_padding_changes_neither_loss_nor_gradients_nor_counted_tokens(ho
 def test_a_bucketed_run_counts_the_same_tokens_as_an_unbucketed_one(home, tmp_path):
     seen = {}
     for setting in ("off", "on"):
-        run, writer = _prepared(
+        run, writer = prepared_run(
             fast_preset(f'train.length_buckets="{setting}"', "train.max_steps=3", "train.save_steps=100"),
             tmp_path / setting,
         )
@@ -184,12 +172,12 @@ def test_data_buckets_fit_a_long_run_and_refuse_a_short_one():
 
 
 def test_auto_buckets_follow_the_graphs_and_say_why(home, tmp_path, monkeypatch):
-    run, _ = _prepared(fast_preset("train.max_steps=1"), tmp_path / "cpu")
+    run, _ = prepared_run(fast_preset("train.max_steps=1"), tmp_path / "cpu")
     trainer = run.build_trainer()
     assert not isinstance(trainer.data_collator, BucketedCollator)
     assert run.buckets_reason == "off: packed micro-batches cannot replay CUDA graphs here"
     monkeypatch.setattr(_Run, "packed_graphs_on", lambda self: True)
-    run, _ = _prepared(fast_preset("train.max_steps=1"), tmp_path / "short")
+    run, _ = prepared_run(fast_preset("train.max_steps=1"), tmp_path / "short")
     trainer = run.build_trainer()
     assert not isinstance(trainer.data_collator, BucketedCollator)
     assert run.buckets_reason.startswith("off: ") and "too few" in run.buckets_reason
@@ -197,7 +185,7 @@ def test_auto_buckets_follow_the_graphs_and_say_why(home, tmp_path, monkeypatch)
     from sftop.engine.train import buckets
 
     monkeypatch.setattr(buckets, "MAX_PADDING_SHARE", 1.0)
-    run, _ = _prepared(fast_preset("train.max_steps=400"), tmp_path / "long")
+    run, _ = prepared_run(fast_preset("train.max_steps=400"), tmp_path / "long")
     trainer = run.build_trainer()
     collator = trainer.data_collator
     assert isinstance(collator, BucketedCollator) and collator.sizes == (128,)

@@ -7,10 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftop.engine.events import EventWriter
-from sftop.engine.rundir import RunDir
-from sftop.engine.train.runner import _Run
-from train_helpers import events_of, fast_preset, of_type
+from train_helpers import events_of, fast_preset, of_type, prepared_run
 
 TRAIN_CODE = str(Path(__file__).resolve().parents[2] / "sftop" / "engine" / "train")
 READS = ("__bool__", "item", "tolist", "__float__", "__int__")
@@ -40,12 +37,7 @@ class ReadCounter:
 
 def test_one_read_back_per_optimizer_step_whatever_the_accumulation(home, tmp_path, monkeypatch):
     preset = fast_preset("train.max_steps=3", "train.save_steps=100", "plan.micro_batch=1", "plan.grad_accum=4")
-    run_dir = RunDir(tmp_path / "run").create()
-    writer = EventWriter(run_dir.events)
-    run = _Run(preset, run_dir, writer, resume=False)
-    run.resolve()
-    run.load()
-    run.resumed_from = None
+    run, writer = prepared_run(preset, tmp_path / "run")
     trainer = run.build_trainer()
     assert trainer.args.logging_nan_inf_filter is False  # transformers' own per-micro-batch check
     counter = ReadCounter(monkeypatch)
@@ -53,7 +45,7 @@ def test_one_read_back_per_optimizer_step_whatever_the_accumulation(home, tmp_pa
     monkeypatch.undo()
     writer.close()
     assert counter.calls == ["on_pre_optimizer_step:tolist"] * 3, counter.calls
-    steps = of_type(events_of(run_dir.path), "step")
+    steps = of_type(events_of(run.run_dir.path), "step")
     assert [s["step"] for s in steps] == [1, 2, 3] and all(s["loss"] > 0 and s["grad_norm"] > 0 for s in steps)
 
 
@@ -114,12 +106,7 @@ def test_no_read_back_per_micro_batch_anywhere_in_the_step(home, tmp_path, monke
         "train.save_steps=100",
         "train.sample_prompts=[]",
     )
-    run_dir = RunDir(tmp_path / "run").create()
-    writer = EventWriter(run_dir.events)
-    run = _Run(preset, run_dir, writer, resume=False)
-    run.resolve()
-    run.load()
-    run.resumed_from = None
+    run, writer = prepared_run(preset, tmp_path / "run")
     trainer = run.build_trainer()
     assert run.plan.grad_accum == 2 and run.info.kernels["parts"]["loss"] == "fused"
     packed_attention = run.info.kernels["parts"].get("attention") == "fused"
@@ -145,4 +132,4 @@ def test_no_read_back_per_micro_batch_anywhere_in_the_step(home, tmp_path, monke
     assert dict(reads) == {**{k: v * steps for k, v in PER_STEP.items()}, **ONCE}, dict(reads)
     assert len(counts) == 1  # counted once for the FLOPs estimate, not per micro-batch
     assert trainer.state.total_flos > 0
-    assert len(of_type(events_of(run_dir.path), "step")) == steps
+    assert len(of_type(events_of(run.run_dir.path), "step")) == steps

@@ -10,22 +10,12 @@ from sftop.engine.presets import load_preset
 from sftop.engine.rundir import RunDir
 from sftop.engine.train.probe import probe_step
 from sftop.engine.train.runner import _Run
-from train_helpers import events_of, fast_preset, of_type
-
-
-def _prepared(preset, path):
-    run_dir = RunDir(path).create()
-    writer = EventWriter(run_dir.events)
-    run = _Run(preset, run_dir, writer, resume=False)
-    run.resolve()
-    run.load()
-    run.resumed_from = None
-    return run, writer
+from train_helpers import events_of, fast_preset, of_type, prepared_run
 
 
 @pytest.mark.parametrize("checkpointing", ["off", "on"])
 def test_probe_step_leaves_weights_rng_and_metrics_untouched(home, tmp_path, checkpointing):
-    run, writer = _prepared(fast_preset(f'plan.gradient_checkpointing="{checkpointing}"'), tmp_path / "run")
+    run, writer = prepared_run(fast_preset(f'plan.gradient_checkpointing="{checkpointing}"'), tmp_path / "run")
     trainer = run.build_trainer()
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     rng = torch.get_rng_state()
@@ -42,7 +32,7 @@ def test_probe_step_leaves_weights_rng_and_metrics_untouched(home, tmp_path, che
 def test_probe_step_then_training_matches_a_run_without_it(home, tmp_path):
     losses = []
     for probe in (False, True):
-        run, writer = _prepared(fast_preset("train.max_steps=3", "train.save_steps=100"), tmp_path / f"run{probe}")
+        run, writer = prepared_run(fast_preset("train.max_steps=3", "train.save_steps=100"), tmp_path / f"run{probe}")
         trainer = run.build_trainer()
         if probe:
             probe_step(trainer, rows=4, tokens_per_row=32, max_length=32)
@@ -54,7 +44,7 @@ def test_probe_step_then_training_matches_a_run_without_it(home, tmp_path):
 
 def test_out_of_memory_mid_run_continues_with_a_smaller_micro_batch(home, tmp_path):
     preset = fast_preset("train.max_steps=8", "train.save_steps=2", "train.save_total_limit=3")
-    run, writer = _prepared(preset, tmp_path / "run")
+    run, writer = prepared_run(preset, tmp_path / "run")
     calls = {"n": 0}
 
     def out_of_memory_once(module, args, output):
@@ -111,7 +101,7 @@ class _Allocator:
 def test_probe_over_budget_steps_the_plan_down_before_training(home, tmp_path):
     import dataclasses
 
-    run, writer = _prepared(fast_preset("train.max_steps=2", "train.save_steps=100"), tmp_path / "run")
+    run, writer = prepared_run(fast_preset("train.max_steps=2", "train.save_steps=100"), tmp_path / "run")
     # Pretend this plan is for a 1 GiB GPU; the step itself runs for real on CPU.
     run.plan = dataclasses.replace(run.plan, device="cuda:0", budget_gib=1.0)
     run.build_trainer()
@@ -167,7 +157,7 @@ def test_out_of_memory_on_one_rank_of_several_ends_the_run_with_the_resume_that_
     # One rank cannot step down alone (the others wait in a collective for its step): the run must
     # end at once with a clear error instead of hanging until the collective's timeout.
     preset = fast_preset("train.max_steps=8", "train.save_steps=2")
-    run, writer = _prepared(preset, tmp_path / "run")
+    run, writer = prepared_run(preset, tmp_path / "run")
     run.world_size, run.rank = 2, 1  # this process plays rank 1 of two; no process group is needed
 
     def out_of_memory(module, args, output):

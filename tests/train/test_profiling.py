@@ -4,11 +4,8 @@ import json
 
 import pytest
 
-from sftop.engine.events import EventWriter
-from sftop.engine.rundir import RunDir
 from sftop.engine.train import profiling
-from sftop.engine.train.runner import _Run
-from train_helpers import fast_preset
+from train_helpers import fast_preset, prepared_run
 
 
 def test_window_from_the_environment():
@@ -48,12 +45,7 @@ def test_a_run_writes_its_profile_window(home, tmp_path, monkeypatch):
     out = tmp_path / "profile"
     monkeypatch.setenv(profiling.STEPS_ENV, "2:2")
     monkeypatch.setenv(profiling.DIR_ENV, str(out))
-    run_dir = RunDir(tmp_path / "run").create()
-    writer = EventWriter(run_dir.events)
-    run = _Run(fast_preset("train.max_steps=4", "train.save_steps=100"), run_dir, writer, resume=False)
-    run.resolve()
-    run.load()
-    run.resumed_from = None
+    run, writer = prepared_run(fast_preset("train.max_steps=4", "train.save_steps=100"), tmp_path / "run")
     trainer = run.build_trainer()
     trainer.train()
     writer.close()

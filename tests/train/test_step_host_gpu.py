@@ -7,11 +7,8 @@ Run on a GPU machine:  pytest -m gpu tests/train/test_step_host_gpu.py -q
 import pytest
 import torch
 
-from sftop.engine.events import EventWriter
-from sftop.engine.rundir import RunDir
-from sftop.engine.train.runner import _Run
 from sftop.kernels import packed_graphs as pg
-from train_helpers import events_of, of_type
+from train_helpers import events_of, of_type, prepared_run
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,12 +31,7 @@ def test_bucket_replays_read_the_model_from_its_list(home, tmp_path):
             "train.sample_prompts=[]",
         ],
     )
-    run_dir = RunDir(tmp_path / "run").create()
-    writer = EventWriter(run_dir.events)
-    run = _Run(preset, run_dir, writer, resume=False)
-    run.resolve()
-    run.load()
-    run.resumed_from = None
+    run, writer = prepared_run(preset, tmp_path / "run")
     trainer = run.build_trainer()
     assert run.packed_graphs_on(), run.info.kernels["parts"]
     trainer.train()
@@ -49,5 +41,5 @@ def test_bucket_replays_read_the_model_from_its_list(home, tmp_path):
     assert stats is not None and stats.replays >= 5 and not stats.failures, stats
     # listed when the graphs were made and before each capture, never per replay
     assert layout.scans <= 1 + stats.captures, (layout.scans, stats)
-    steps = of_type(events_of(run_dir.path), "step")
+    steps = of_type(events_of(run.run_dir.path), "step")
     assert len(steps) == 20 and all(s["loss"] is not None and s["loss"] > 0 for s in steps)

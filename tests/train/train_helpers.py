@@ -89,3 +89,19 @@ def reference_logps_in_loss(trainer, batch):
         trainer.sftop_metrics.flush(trainer)  # sftop's DPO step reads its metrics when it logs
     m = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     return tuple(m[f"logps/{side}"] - m[f"rewards/{side}"] / trainer.beta for side in ("chosen", "rejected"))
+
+
+def prepared_run(preset, path: Path):
+    """A training job resolved and loaded into `path`, ready for `build_trainer()`/`train()`, and its
+    event writer (the caller closes it)."""
+    from sftop.engine.events import EventWriter
+    from sftop.engine.rundir import RunDir
+    from sftop.engine.train.runner import _Run
+
+    run_dir = RunDir(path).create()
+    writer = EventWriter(run_dir.events)
+    run = _Run(preset, run_dir, writer, resume=False)
+    run.resolve()
+    run.load()
+    run.resumed_from = None
+    return run, writer
