@@ -19,32 +19,11 @@ PLANNER_TESTS = HERE.parent / "planner"
 GPU_TESTS = HERE.parent / "gpu"
 
 
-class _RankMemory:
-    class OOM(RuntimeError):
-        pass
-
-    oom_error = OOM
-
-    def __init__(self):
-        self.peak = 0
-
-    def reset_peak(self):
-        self.peak = 0
-
-    def peak_allocated(self):
-        return self.peak
-
-    def peak_reserved(self):
-        return int(self.peak * 1.05)
-
-    def release(self):
-        pass
-
-
 def _rank(rank: int, init_file: str, out: str, mode: str) -> None:
     sys.path[:0] = [str(PLANNER_TESTS), str(GPU_TESTS)]
     import torch.distributed as dist
     from _shapes import llama_1b, one_gpu, preset
+    from test_planner_verify import FakeMemory
 
     from sftop.engine.gpu import GIB
     from sftop.engine.planner import plan_run, run_probe
@@ -53,13 +32,13 @@ def _rank(rank: int, init_file: str, out: str, mode: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         plan = plan_run(preset(), llama_1b(), gpus=one_gpu(24))
-        local = _RankMemory()
+        local = FakeMemory()
         per_token = 300_000 * (1.4 if rank == 1 else 1.0)
 
         def step(rows, tokens):
             if rank == 1 and tokens > 4096:
                 local.peak = int(3 * GIB)
-                raise _RankMemory.OOM("CUDA out of memory. Tried to allocate 2.00 GiB")
+                raise FakeMemory.OOM("CUDA out of memory. Tried to allocate 2.00 GiB")
             local.peak = int(2.3 * GIB + per_token * tokens)
 
         memory = RanksMemory(local) if mode == "agreed" else local
