@@ -141,7 +141,7 @@ def from_pretrained_kwargs(
         "revision": model_section.revision,
         "trust_remote_code": model_section.trust_remote_code,
     }
-    from sftop.engine.train.fsdp import cpu_4bit_allowed
+    from sftop.engine.train.fsdp import cpu_4bit_allowed, fsdp2_active, load_4bit_on_cpu
 
     if model_section.load_in_4bit:
         if not on_cuda and not cpu_4bit_allowed():
@@ -150,14 +150,10 @@ def from_pretrained_kwargs(
                 where="model.load_in_4bit",
                 hint="Set model.load_in_4bit = false, or run on a machine with an NVIDIA GPU",
             )
-        from sftop.engine.train.fsdp import fsdp2_active
-
         quant = _quantization_config(dtype, quant_storage=dtype if fsdp2_active() else None)
         if skip_4bit is not None:
             quant.llm_int8_skip_modules = skip_4bit
         kwargs["quantization_config"] = quant
-    from sftop.engine.train.fsdp import fsdp2_active, load_4bit_on_cpu
-
     if model_section.load_in_4bit and (not on_cuda or load_4bit_on_cpu()):
         # FSDP-QLoRA quantized in host memory (CPU ranks, or 4-bit weights too big for one GPU):
         # FSDP2 then moves each rank's shard to its device

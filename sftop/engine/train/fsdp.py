@@ -133,14 +133,6 @@ def start_group() -> None:
     )
 
 
-def from_pretrained_overrides(load_in_4bit: bool, on_cuda: bool) -> dict[str, Any]:
-    """from_pretrained's device placement under FSDP2: a 16-bit model loads on the CPU (FSDP2 moves
-    each rank's shard to its GPU), a 4-bit one on this rank's GPU (bitsandbytes quantizes there)."""
-    if load_in_4bit or not on_cuda:
-        return {}
-    return {"device_map": None}
-
-
 def enable_on_cpu(trainer: Any) -> None:
     """CPU ranks: put accelerate's state in FSDP mode with the plugin from the environment.
 

@@ -40,14 +40,14 @@ def checkpoint_is_complete(path: Path) -> bool:
 FSDP_CHECKPOINT_FILES = ("optimizer.bin", "pytorch_model_fsdp.bin")
 
 
-def required_checkpoint_files(path: Path) -> tuple[str, ...]:
-    if (path / FSDP_CHECKPOINT_FILES[1]).is_file():
-        return tuple(n for n in REQUIRED_CHECKPOINT_FILES if n != "optimizer.pt") + FSDP_CHECKPOINT_FILES
-    return REQUIRED_CHECKPOINT_FILES
-
-
 def is_fsdp_checkpoint(path: Path) -> bool:
     return (path / FSDP_CHECKPOINT_FILES[1]).is_file()
+
+
+def required_checkpoint_files(path: Path) -> tuple[str, ...]:
+    if is_fsdp_checkpoint(path):
+        return tuple(n for n in REQUIRED_CHECKPOINT_FILES if n != "optimizer.pt") + FSDP_CHECKPOINT_FILES
+    return REQUIRED_CHECKPOINT_FILES
 
 
 def checkpoint_problem(path: Path) -> str | None:
