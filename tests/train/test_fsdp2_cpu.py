@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from sftop.engine.errors import PresetError
 from sftop.engine.train.fsdp import cpu_4bit_allowed, refuse_single_process_resume
 from sftop.engine.train.trainer import checkpoint_problem, is_fsdp_checkpoint
-from test_multiprocess import finish, losses, start, stop_here
-from train_helpers import events_of, in_home, of_type
+from test_multiprocess import finish, losses, start, stop_here, train_one_and_two
+from train_helpers import events_of, of_type
 
 pytestmark = pytest.mark.slow
 
@@ -39,16 +39,7 @@ FSDP2 = BASE + ['plan.device="cpu"', 'plan.strategy="fsdp2"', "plan.micro_batch=
 
 @pytest.fixture(scope="module")
 def runs(sftop_home, tmp_path_factory):
-    mp = in_home(sftop_home)
-    try:
-        root = tmp_path_factory.mktemp("fsdp2")
-        one = start(root / "one", ONE)
-        assert finish(one)["status"] == "finished", one.stdout_log.read_text()[-3000:]
-        two = start(root / "two", FSDP2)
-        assert finish(two)["status"] == "finished", two.stdout_log.read_text()[-3000:]
-    finally:
-        mp.undo()
-    return one, two
+    return train_one_and_two(sftop_home, tmp_path_factory.mktemp("fsdp2"), ONE, FSDP2)
 
 
 def test_fsdp2_on_two_processes_trains_like_one_process(runs):

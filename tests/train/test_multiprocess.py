@@ -66,18 +66,22 @@ def losses(run: RunDir, since: float = 0.0) -> dict[int, float]:
     return {s["step"]: s["loss"] for s in of_type(events_of(run.path), "step") if s["time"] >= since}
 
 
-@pytest.fixture(scope="module")
-def runs(sftop_home, tmp_path_factory):
+def train_one_and_two(sftop_home, root, one_overrides, two_overrides) -> tuple[RunDir, RunDir]:
+    """Train the same steps with each set of overrides, one after the other, both to their end."""
     mp = in_home(sftop_home)
     try:
-        root = tmp_path_factory.mktemp("multiprocess")
-        one = start(root / "one", ONE)
+        one = start(root / "one", one_overrides)
         assert finish(one)["status"] == "finished", one.stdout_log.read_text()[-3000:]
-        two = start(root / "two", TWO)
+        two = start(root / "two", two_overrides)
         assert finish(two)["status"] == "finished", two.stdout_log.read_text()[-3000:]
     finally:
         mp.undo()
     return one, two
+
+
+@pytest.fixture(scope="module")
+def runs(sftop_home, tmp_path_factory):
+    return train_one_and_two(sftop_home, tmp_path_factory.mktemp("multiprocess"), ONE, TWO)
 
 
 def test_two_processes_train_like_one_at_the_same_effective_batch(runs):
