@@ -218,7 +218,9 @@ def _one(args, path: str) -> dict:
         bf16=args.device == "cuda",
         use_cpu=args.device != "cuda",
         gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # as `sftop run` passes its plan's checkpointing: "offload" moves the saved layer inputs to
+        # pinned host memory (sftop's overlapped copies); the stock path always keeps them on the GPU
+        gradient_checkpointing_kwargs={"use_reentrant": False, **_offload_kwargs(args, path)},
         max_length=None,
         beta=0.1,
         loss_type=["sigmoid"],
@@ -285,6 +287,10 @@ def _one(args, path: str) -> dict:
     return out
 
 
+def _offload_kwargs(args, path: str) -> dict:
+    return {"offload": True} if path.startswith("sftop") and args.checkpointing == "offload" else {}
+
+
 def _graph_stats(model):
     """The DPO log-prob graphs' counters of an sftop model, or None (another path, or no graphed call yet)."""
     if model is None or not hasattr(model, "get_base_model"):
@@ -320,6 +326,14 @@ def main(argv=None) -> int:
         "--paths",
         default="stock,sftop",
         help="comma-separated: stock, sftop, sftop-eager (sftop with its CUDA graphs off), unsloth",
+    )
+    ap.add_argument(
+        "--checkpointing",
+        choices=["on", "offload"],
+        default="on",
+        help="sftop paths' gradient checkpointing: on (layer inputs kept on the GPU), or offload (kept in "
+        "pinned host memory, as a plan with checkpointing 'offload' runs; Unsloth's path always offloads "
+        "with its own, the stock path never does)",
     )
     ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)
     ap.add_argument("--json", help="write the results here")
@@ -366,6 +380,7 @@ def main(argv=None) -> int:
         ]
         if args.profile:
             cmd += ["--profile"]
+        cmd += ["--checkpointing", args.checkpointing]
         if args.four_bit:
             cmd += ["--4bit"]
         if args.model_dir:
@@ -383,12 +398,13 @@ def main(argv=None) -> int:
         steps=args.steps,
         warmup=args.warmup,
         four_bit=args.four_bit,
+        sftop_checkpointing=args.checkpointing,
         **bench_common.result_header(args.device, "transformers", "trl"),
         results=results,
     )
     print(
         f"DPO {args.model} {'nf4' if args.four_bit else 'bf16' if args.device == 'cuda' else 'fp32'} {args.pairs} pairs x {args.seq} tokens per side "
-        f"on {out['device']}"
+        f"on {out['device']}; sftop's checkpointing {args.checkpointing}"
     )
     for r in results:
         unmeasured = bench_common.unmeasured_line(r, 6)

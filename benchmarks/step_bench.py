@@ -493,14 +493,32 @@ def _memory_phases(model, ids_shape, vocab, gen, opt) -> dict:
 
 
 def _profile(step) -> dict:
+    """Two profiled steps: GPU time by kernel kind (summarise_profile), and where the wall time goes
+    (the GPU's busy time, union over streams, against the wall time of the same steps; the host
+    operations that cost the most), since a step whose GPU idles is bound by its host work."""
+    import time
+
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
+    from sftop.engine.train import profiling
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(PROFILED_STEPS):
             step()
         torch.cuda.synchronize()
-    return summarise_profile(prof, 2)
+        wall_ms = (time.perf_counter() - t0) * 1e3 / PROFILED_STEPS
+    result = summarise_profile(prof, PROFILED_STEPS)
+    events = profiling.device_events(prof.profiler.kineto_results.events())
+    busy_ms = profiling.busy_ns([(a, b) for _n, on_device, a, b, _t in events if on_device]) / 1e6 / PROFILED_STEPS
+    result["profile_wall_ms_per_step"] = round(wall_ms, 2)
+    result["profile_gpu_busy_ms_per_step"] = round(busy_ms, 2)
+    result["profile_top_host_ops"] = profiling.top_host_ops(prof, PROFILED_STEPS)  # name, own ms, calls per step
+    return result
+
+
+PROFILED_STEPS = 2
 
 
 def summarise_profile(prof, steps: int) -> dict:
@@ -685,6 +703,13 @@ def main(argv=None) -> int:
                     r["profile_share"],
                     f"GPU {r['profile_gpu_ms_per_step']:.1f} ms of {1e3 * r['step_s']:.1f} ms per step",
                 )
+            if "profile_top_host_ops" in r:
+                print(
+                    f"         profiled steps: GPU busy {r['profile_gpu_busy_ms_per_step']:.1f} ms of "
+                    f"{r['profile_wall_ms_per_step']:.1f} ms wall; host ops (own ms, calls per step):"
+                )
+                for row in r["profile_top_host_ops"][:15]:
+                    print("           ", row)
             if isinstance(r.get("patch"), dict) and "vision_parts" in r["patch"]:
                 print("         vision tower:", r["patch"]["vision_parts"])
             if "vision_parts_s" in r:

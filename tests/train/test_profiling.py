@@ -73,3 +73,59 @@ def test_a_profiler_that_cannot_start_leaves_the_run_going(tmp_path, monkeypatch
     assert json.loads((tmp_path / profiling.SUMMARY).read_text()) == {
         "error": "profiler: RuntimeError: CUPTI unavailable"
     }
+
+
+class _OldKinetoEvent:
+    """torch 2.11's `_KinetoEvent`: a device type, no activity type."""
+
+    def __init__(self, name, device, start, duration, thread=1):
+        self._name, self._device, self._start, self._duration, self._thread = name, device, start, duration, thread
+
+    def name(self):
+        return self._name
+
+    def device_type(self):
+        return f"DeviceType.{self._device}"
+
+    def start_ns(self):
+        return self._start
+
+    def duration_ns(self):
+        return self._duration
+
+    def start_thread_id(self):
+        return self._thread
+
+
+class _NewKinetoEvent(_OldKinetoEvent):
+    def __init__(self, name, device, start, duration, activity):
+        super().__init__(name, device, start, duration)
+        self._activity = activity
+
+    def activity_type(self):
+        return self._activity
+
+
+def test_events_of_torch_without_activity_types_keep_kernels_and_drop_device_annotations():
+    events = [
+        _OldKinetoEvent("ProfilerStep#3", "CPU", 0, 100),
+        _OldKinetoEvent("ProfilerStep#3", "CUDA", 5, 90),  # the device's mirror of the step range
+        _OldKinetoEvent("aten::mm", "CPU", 10, 5),
+        _OldKinetoEvent("sm90_xmma_gemm", "CUDA", 20, 30, thread=7),
+        _OldKinetoEvent("Memcpy DtoH (Device -> Pinned)", "CUDA", 60, 4, thread=7),
+    ]
+    assert profiling.device_events(events) == [
+        ("ProfilerStep#3", False, 0, 100, 1),
+        ("aten::mm", False, 10, 15, 1),
+        ("sm90_xmma_gemm", True, 20, 50, 7),
+        ("Memcpy DtoH (Device -> Pinned)", True, 60, 64, 7),
+    ]
+
+
+def test_events_with_activity_types_are_classified_by_them():
+    events = [
+        _NewKinetoEvent("ProfilerStep#3", "CUDA", 5, 90, "gpu_user_annotation"),
+        _NewKinetoEvent("gemm", "CUDA", 20, 30, "kernel"),
+        _NewKinetoEvent("aten::mm", "CPU", 10, 5, "cpu_op"),
+    ]
+    assert [(n, d) for n, d, *_ in profiling.device_events(events)] == [("gemm", True), ("aten::mm", False)]

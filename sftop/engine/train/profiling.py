@@ -134,9 +134,29 @@ DEVICE_ACTIVITIES = ("kernel", "gpu_memcpy", "gpu_memset")
 def _kineto_events(prof) -> list[tuple[str, bool, int, int, int]]:
     """(name, on the device, start ns, end ns, host thread) of every traced event but the device's
     own annotations."""
+    return device_events(prof.profiler.kineto_results.events())
+
+
+def device_events(raw) -> list[tuple[str, bool, int, int, int]]:
+    """`_kineto_events` for a list of torch's `_KinetoEvent`s.
+
+    torch 2.12 and later name each event's activity (kernel, memcpy, user annotation, ...); older
+    releases (2.11 included) only say which device an event ran on.  There the device's own
+    annotations are told apart by name: each mirrors a host-side range of the same name
+    (record_function, ProfilerStep#N), which a kernel or copy never shares."""
+    events = list(raw)
+    if events and not hasattr(events[0], "activity_type"):
+        host_names = {e.name() for e in events if not str(e.device_type()).endswith("CUDA")}
+        kinds = [
+            ("gpu_user_annotation" if e.name() in host_names else "kernel")
+            if str(e.device_type()).endswith("CUDA")
+            else "cpu_op"
+            for e in events
+        ]
+    else:
+        kinds = [str(e.activity_type()) for e in events]
     out = []
-    for e in prof.profiler.kineto_results.events():
-        kind = str(e.activity_type())
+    for e, kind in zip(events, kinds):
         if kind.startswith("gpu_") and kind not in DEVICE_ACTIVITIES:
             continue
         start = e.start_ns()
