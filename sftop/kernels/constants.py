@@ -12,6 +12,10 @@ from .env import env_choice
 # stay under this many bytes.  The loss is the step's memory peak when checkpointing is on
 # (docs/benchmarks.md, 2026-12-02): at 256 MiB the matmuls still have 1024+ rows for a 128K vocabulary.
 FUSED_CE_CHUNK_BYTES = 256 * 1024 * 1024
+# The smaller chunk a plan takes where the default one leaves no room for CUDA graphs' pool (a tight
+# GPU or memory cap): 256 rows for a 128K vocabulary in bf16, still a GEMM the tensor cores fill, and
+# 192 MiB less at the loss's peak, which the pool would otherwise hold a second time.
+SMALL_FUSED_CE_CHUNK_BYTES = 64 * 1024 * 1024
 
 # DPO's CUDA graphs pad each batch length up to a multiple of this on the GPU (logprob_graphs.py):
 # tensor-core friendly, and few enough shapes that they repeat; the planner sizes the graphs' memory

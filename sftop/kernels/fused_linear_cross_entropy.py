@@ -99,8 +99,19 @@ def _ce_tile(n_rows: int, n_vocab: int, device) -> tuple[int, int]:
     return 1, min(8192, triton.next_power_of_2(n_vocab))
 
 
+_process_chunk_bytes = DEFAULT_CHUNK_BYTES
+
+
+def set_chunk_bytes(chunk_bytes: int | None) -> None:
+    """The logits chunk the fused losses use in this process where a call names none: a plan's
+    `loss_chunk_mib` (the planner takes a smaller one where the default leaves CUDA graphs no room);
+    None restores the default."""
+    global _process_chunk_bytes
+    _process_chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+
+
 def chunk_rows(n_rows: int, n_vocab: int, elem_bytes: int, chunk_bytes: int | None = None) -> int:
-    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    budget = _process_chunk_bytes if chunk_bytes is None else chunk_bytes
     return max(1, min(n_rows, budget // max(1, n_vocab * elem_bytes)))
 
 

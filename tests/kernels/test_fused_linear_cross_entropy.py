@@ -86,3 +86,18 @@ def test_flce_under_no_grad_gives_the_same_loss_and_skips_gradients(monkeypatch)
         evaluated = fused_linear_cross_entropy(h, w, y)
     assert not dx_built
     assert rel_err(evaluated, with_grad) < 1e-6
+
+
+def test_a_plans_chunk_size_applies_where_a_call_names_none():
+    from sftop.kernels import fused_linear_cross_entropy as flce
+    from sftop.kernels.constants import FUSED_CE_CHUNK_BYTES
+
+    vocab, elem = 128256, 2
+    try:
+        assert flce.chunk_rows(4096, vocab, elem) == FUSED_CE_CHUNK_BYTES // (vocab * elem)
+        flce.set_chunk_bytes(64 << 20)
+        assert flce.chunk_rows(4096, vocab, elem) == (64 << 20) // (vocab * elem) == 261
+        assert flce.chunk_rows(4096, vocab, elem, chunk_bytes=1 << 30) == 4096  # a call's own size wins
+    finally:
+        flce.set_chunk_bytes(None)
+    assert flce.chunk_rows(4096, vocab, elem) == FUSED_CE_CHUNK_BYTES // (vocab * elem)

@@ -67,7 +67,9 @@ def test_reference_forward_runs_first_and_the_graphs_pool_is_counted_where_they_
     # where the graphs stay off, nothing is added
     assert "graph_pool" not in estimate(shape, replace(setup, checkpointing="offload"), tokens, seq_len=2048).terms
     assert not setup_from_preset(_dpo(), "cpu").cuda_graphs
-    assert not setup_from_preset(preset(), "cuda:0").cuda_graphs  # SFT: not this term
+    # SFT: the packed bucket graphs (test_planner_cap.py sizes them), never unpacked rows
+    assert setup_from_preset(preset(packing=True), "cuda:0").cuda_graphs
+    assert not setup_from_preset(preset(packing=False), "cuda:0").cuda_graphs
     monkeypatch.setenv("SFTOP_CUDA_GRAPHS", "0")
     assert not setup_from_preset(_dpo(), "cuda:0").cuda_graphs
 

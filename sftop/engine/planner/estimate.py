@@ -237,10 +237,14 @@ class Setup:
     # passes twice the tokens); a reference forward without gradients runs first (sftop's DPO
     # trainer, sftop/engine/train/dpo.py), before the policy's forward, with none of its tensors.
     preference: bool = False
-    # DPO's CUDA graphs (sftop/kernels/logprob_graphs.py) may engage: where they do (preference, a
-    # GPU, the fused head, no offloaded checkpointing, no images) their pool keeps a step's
-    # transients for replay, beside which a batch of another length runs eagerly.
+    # sftop's CUDA graphs may engage: DPO's (sftop/kernels/logprob_graphs.py: a GPU, the fused head,
+    # no offloaded checkpointing, no images) and packed SFT's, one per token-length bucket
+    # (sftop/kernels/packed_graphs.py: sftop's packed attention, no dropout).  Where they do,
+    # their pool keeps a step's transients for replay, beside which a batch of a length not captured
+    # yet runs eagerly.
     cuda_graphs: bool = False
+    # One chunk's logits in sftop's fused loss (the trainer sets what the plan chose: Plan.loss_chunk_mib)
+    loss_chunk_bytes: int = FUSED_CE_CHUNK_BYTES
     # A VLM: image tokens per row from the data check (ImageLoad), and which vision parts LoRA
     # adapts (VisionTraining); both from sftop.engine.planner.vision.
     images: Any = None
@@ -466,12 +470,12 @@ def checkpointed_layers(shape: ModelShape, setup: Setup) -> int:
 def fused_ce_bytes(shape: ModelShape, setup: Setup, tokens: int) -> int:
     """Peak of sftop's fused linear+CE beyond the dX it keeps for backward.
 
-    It computes logits for chunks of rows (at most FUSED_CE_CHUNK_BYTES each), one chunk live at a
+    It computes logits for chunks of rows (at most setup.loss_chunk_bytes each), one chunk live at a
     time. Alongside: the final norm's output, its gathered rows and the dX rows being filled.
     """
     dt = DTYPE_BYTES[setup.dtype]
     per_row = shape.vocab * dt
-    rows = max(1, min(tokens, FUSED_CE_CHUNK_BYTES // per_row))
+    rows = max(1, min(tokens, setup.loss_chunk_bytes // per_row))
     return rows * per_row + (3 * dt * shape.hidden + FUSED_CE_INDEX_BYTES) * tokens
 
 
@@ -596,7 +600,7 @@ def estimate(
         terms["graph_pool"] = pool
         notes.append(
             f"CUDA graphs keep {pool / GIB:.2f} GiB of step transients in their pool for replay; a batch of "
-            "another length runs eagerly beside it"
+            "a length not captured yet runs eagerly beside it"
         )
     allocated = sum(terms.values())
     dynamic = allocated - terms["weights"] - terms["lora_params"]
@@ -613,21 +617,30 @@ _STATIC_TERMS = ("weights", "lora_params", "lora_grads", "optimizer_states", "cu
 
 
 def graph_pool_bytes(shape: ModelShape, setup: Setup, tokens: int, seq_len: int, rows: int) -> int:
-    """What DPO's CUDA graphs keep reserved for replay, 0 where they will not engage.
+    """What sftop's CUDA graphs keep reserved for replay, 0 where they will not engage.
 
-    The reference forward and the policy step share one pool (sftop/kernels/cuda_graphs.py), which
-    holds the larger of their transients: the eager step's dynamic memory, at the batch length
-    padded up to the graphs' multiple (the graphs pad on the GPU so that lengths repeat).  The pool
-    is kept for the run, and a batch of a length not captured yet (its first sighting, or a shape
-    past the captured ones) runs eagerly in the ordinary cache beside it: the pool is counted on
-    top of the step's own peak.  Not where the graphs stay off: offloaded checkpointing, images,
-    no fused log-prob head (kernels off), the CPU."""
-    if not (setup.preference and setup.cuda_graphs and setup.on_gpu and setup.kernels and setup.loss == "fused"):
+    All captures of a model share one pool (sftop/kernels/cuda_graphs.py), which holds the largest
+    of their transients: the eager step's dynamic memory (its saved activations included, which a
+    captured forward allocates in the pool too).  The pool is kept for the run, and a batch of a
+    length not captured yet (its first sighting, or a shape past the captured ones) runs eagerly in
+    the ordinary cache beside it: the pool is counted on top of the step's own peak, as the trainer's
+    capture rule (cuda_graphs._room_for_capture) demands room for both.
+
+    DPO: the reference forward and the policy step, at the pair length padded up to the graphs'
+    multiple (the graphs pad on the GPU so that lengths repeat); not with offloaded checkpointing.
+    SFT: packed micro-batches through sftop's packed attention, padded up to their length bucket
+    (`tokens` is the largest), without dropout.  Never with images, without the fused loss
+    (kernels off) or on the CPU."""
+    if not (setup.cuda_graphs and setup.on_gpu and setup.kernels and setup.loss == "fused") or setup.images is not None:
         return 0
-    if setup.checkpointing == "offload" or setup.images is not None or setup.packed:
+    if setup.preference:
+        if setup.checkpointing == "offload" or setup.packed:
+            return 0
+        seq_len = -(-seq_len // DPO_GRAPH_LENGTH_MULTIPLE) * DPO_GRAPH_LENGTH_MULTIPLE
+        tokens = rows * seq_len
+    elif not (setup.packed and setup.attention == "varlen") or setup.lora_dropout > 0:
         return 0
-    padded_seq = -(-seq_len // DPO_GRAPH_LENGTH_MULTIPLE) * DPO_GRAPH_LENGTH_MULTIPLE
-    eager = estimate(shape, replace(setup, cuda_graphs=False), rows * padded_seq, seq_len=padded_seq, rows=rows)
+    eager = estimate(shape, replace(setup, cuda_graphs=False), tokens, seq_len=seq_len, rows=rows)
     return eager.allocated_bytes - sum(eager.terms.get(k, 0) for k in _STATIC_TERMS)
 
 

@@ -18,7 +18,7 @@ _LABELS = {
     "recomputed_layer": "recomputed block (checkpointing)",
     "backward_transient": "backward transient",
     "reference_forward": "DPO reference forward block",
-    "graph_pool": "CUDA graphs' pool (DPO step transients)",
+    "graph_pool": "CUDA graphs' pool (step transients)",
     "pixel_values": "images: pixel tensors",
     "vision_activations": "images: vision tower activations",
     "projector_activations": "images: projector activations",

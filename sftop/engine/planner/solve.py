@@ -26,6 +26,8 @@ from sftop.engine.planner.estimate import (
     estimate,
     lora_modules,
 )
+from sftop.kernels.constants import FUSED_CE_CHUNK_BYTES
+from sftop.kernels.constants import SMALL_FUSED_CE_CHUNK_BYTES as SMALL_LOSS_CHUNK
 
 # Checkpoint only every n-th block (transformers' every_n_layers) as rungs between "off" and "on".
 PARTIAL_EVERY = (4, 3, 2)
@@ -73,6 +75,13 @@ MICRO_BATCH_OVERHEAD_S = 0.004
 PER_LAYER_OVERHEAD_S = 0.0004
 DEQUANT_FLOP_EQUIV_PER_PARAM = 1200.0  # NF4 dequantisation is memory-bound: bytes moved in matmul-time
 OFFLOAD_SLOWDOWN = 1.05
+# Where sftop's CUDA graphs would engage but their pool does not fit the budget, each micro-batch
+# runs eagerly and is bound by the host launching its kernels: seconds per decoder layer and pass
+# (forward, backward, and the recomputation when checkpointed).  Measured: a Llama-3.2-1B packed
+# run (2 micro-batches of <= 3,712 tokens, checkpointing on) took 0.266 s a step eagerly under a
+# memory cap and about 0.085 s replaying its graphs without one (one H100, 2026-12-06,
+# docs/benchmarks.md): (0.266 / 2) / (16 layers x 3 passes) ~ 2.7 ms.
+EAGER_HOST_S_PER_LAYER_PASS = 0.0027
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,10 @@ class Plan:
     # "tokens": each optimizer step's effective_batch rows are split into grad_accum micro-batches of
     # about equal tokens (micro_batch rows on average), none above tokens_per_micro_batch
     split_by: str = "rows"
+    # The fused loss's logits chunk in MiB where the plan needs a smaller one than the kernels'
+    # default (so that CUDA graphs' pool fits); None: the default. The trainer sets it
+    # (fused_linear_cross_entropy.set_chunk_bytes).
+    loss_chunk_mib: int | None = None
     context: PlanContext | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -203,6 +216,8 @@ class _Candidate:
     allocated_bytes: int
     time_s: float
     fits: bool
+    graphs: bool = False  # sftop's CUDA graphs engage (their pool is in the estimate)
+    loss_chunk_bytes: int = FUSED_CE_CHUNK_BYTES
 
     def key(self) -> tuple:
         # Fastest first; on a tie, less recomputation, then the bigger micro-batch.
@@ -255,7 +270,8 @@ def setup_from_preset(preset: Any, device: str) -> Setup:
         on_gpu=not on_cpu,
         packed=bool(preset.data.packing) and preset.train.task != "dpo",  # DPO pads its pairs
         preference=preset.train.task == "dpo",
-        cuda_graphs=preset.train.task == "dpo" and kernels and _cuda_graphs_allowed(),
+        # DPO's graphs, or packed SFT's bucket graphs (estimate.graph_pool_bytes says where they engage)
+        cuda_graphs=kernels and _cuda_graphs_allowed() and (preset.train.task == "dpo" or bool(preset.data.packing)),
     )
 
 
@@ -318,9 +334,13 @@ def step_time_s(
     row_tokens_mean: float,
     max_length: int,
     packing: bool,
+    eager_host_bound: bool = False,
 ) -> float:
     # setup.checkpointing / checkpoint_every say how many blocks recompute
-    """Modelled seconds per optimizer step; only ratios between candidates mean anything."""
+    """Modelled seconds per optimizer step; only ratios between candidates mean anything.
+
+    `eager_host_bound`: sftop's CUDA graphs would engage but do not fit, so each micro-batch takes
+    at least the host's time to launch it eagerly (EAGER_HOST_S_PER_LAYER_PASS)."""
     rows = micro_batch
     if packing:
         tokens = rows * row_tokens_mean
@@ -345,16 +365,14 @@ def step_time_s(
     t += MICRO_BATCH_OVERHEAD_S + PER_LAYER_OVERHEAD_S * shape.layers * (1 + 0.5 * recompute)
     if checkpointing == "offload":
         t *= OFFLOAD_SLOWDOWN
+    if eager_host_bound:
+        t = max(t, EAGER_HOST_S_PER_LAYER_PASS * shape.layers * (2 + recompute))
     return t * grad_accum
 
 
-def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int, every: int = 1) -> _Candidate:
-    setup = replace(ctx.setup, checkpointing=checkpointing, checkpoint_every=every)
-    sequences = micro_batch * (2 if setup.preference else 1)  # DPO: chosen and rejected of each pair
-    tokens = sequences * ctx.max_length
-    if ctx.packed_tokens and ctx.packing and not setup.preference:
-        tokens = min(tokens, ctx.packed_tokens[min(micro_batch, len(ctx.packed_tokens)) - 1])
-    # rows: a packed micro-batch's image load is its rows' images, however few tokens it holds
+def _sized(ctx: PlanContext, setup: Setup, tokens: int, sequences: int) -> tuple[Estimate, int, int]:
+    """The estimate of one candidate's step, and its allocated and device bytes after the probe's
+    correction and FSDP2's sharding."""
     est = estimate(ctx.shape, setup, tokens, seq_len=ctx.max_length, rows=sequences)
     allocated, device = est.allocated_bytes, est.device_bytes
     if ctx.calibration != 1.0:
@@ -364,6 +382,46 @@ def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int,
         device += int(extra * 1.1)
     device -= ctx.shard_bytes  # FSDP2: the other ranks hold the rest of the weights
     allocated -= ctx.shard_bytes
+    return est, allocated, device
+
+
+def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int, every: int = 1) -> _Candidate:
+    setup = replace(ctx.setup, checkpointing=checkpointing, checkpoint_every=every)
+    sequences = micro_batch * (2 if setup.preference else 1)  # DPO: chosen and rejected of each pair
+    tokens = sequences * ctx.max_length
+    if ctx.packed_tokens and ctx.packing and not setup.preference:
+        tokens = min(tokens, ctx.packed_tokens[min(micro_batch, len(ctx.packed_tokens)) - 1])
+    # rows: a packed micro-batch's image load is its rows' images, however few tokens it holds
+    est, allocated, device = _sized(ctx, setup, tokens, sequences)
+    graphs = "graph_pool" in est.terms
+    eager = False
+    if graphs and device > ctx.budget_bytes and not setup.preference and setup.loss_chunk_bytes > SMALL_LOSS_CHUNK:
+        # smaller logits chunks take memory off the step's peak, which the pool holds a second time
+        small = replace(setup, loss_chunk_bytes=SMALL_LOSS_CHUNK)
+        s_est, s_allocated, s_device = _sized(ctx, small, tokens, sequences)
+        if s_device <= ctx.budget_bytes:
+            s_est.notes.append(
+                f"the loss computes its logits in {SMALL_LOSS_CHUNK >> 20} MiB chunks (not {setup.loss_chunk_bytes >> 20}) "
+                "so that the CUDA graphs' pool fits"
+            )
+            setup, est, allocated, device = small, s_est, s_allocated, s_device
+    if graphs and device > ctx.budget_bytes:
+        # the graphs' pool does not fit: the trainer refuses to capture (cuda_graphs._room_for_capture)
+        # and this candidate trains eagerly, host-bound, in the memory of an eager step (with the
+        # default logits chunk where that fits, else the smaller one)
+        need = (device - ctx.budget_bytes) / GIB
+        chunks = [setup.loss_chunk_bytes] + ([SMALL_LOSS_CHUNK] if not setup.preference else [])
+        sized = [_sized(ctx, replace(setup, cuda_graphs=False, loss_chunk_bytes=c), tokens, sequences) for c in chunks]
+        pick = next((i for i, (_e, _a, d) in enumerate(sized) if d <= ctx.budget_bytes), None)
+        if pick is None:
+            pick = min(range(len(sized)), key=lambda i: sized[i][2])
+        est, allocated, device = sized[pick]
+        setup = replace(setup, cuda_graphs=False, loss_chunk_bytes=chunks[pick])
+        est.notes.append(
+            f"CUDA graphs off: their pool would need {need:.2f} GiB more than the budget, so this plan trains "
+            "eagerly (slower: the host launches every kernel)"
+        )
+        graphs, eager = False, True
     grad_accum = ctx.effective_batch // micro_batch
     t = step_time_s(
         ctx.shape,
@@ -374,11 +432,22 @@ def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int,
         ctx.row_tokens_mean,
         ctx.max_length,
         ctx.packing and not setup.preference,
+        eager_host_bound=eager,
     )
     if setup.preference:
         t *= 1.5  # the reference forward: a forward without backward, about half the policy's work
     return _Candidate(
-        micro_batch, grad_accum, checkpointing, every, est, device, allocated, t, device <= ctx.budget_bytes
+        micro_batch,
+        grad_accum,
+        checkpointing,
+        every,
+        est,
+        device,
+        allocated,
+        t,
+        device <= ctx.budget_bytes,
+        graphs,
+        setup.loss_chunk_bytes,
     )
 
 
@@ -410,6 +479,8 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
             "predicted_peak_gib": round(c.device_bytes / GIB, 3),
             "fits": c.fits,
             "relative_step_time": round(c.time_s / best_time, 3),
+            "cuda_graphs": c.graphs,
+            "loss_chunk_mib": c.loss_chunk_bytes >> 20,
         }
         for c in sorted(candidates, key=lambda c: c.key())
     ]
@@ -465,6 +536,7 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
         max_memory_gib=None if ctx.cap is None else round(ctx.cap.gib, 3),
         memory_cap=None if ctx.cap is None else ctx.cap.text,
         split_by=ctx.split_by if ctx.packing and ctx.packed_tokens and not ctx.setup.preference else "rows",
+        loss_chunk_mib=None if chosen.loss_chunk_bytes == FUSED_CE_CHUNK_BYTES else chosen.loss_chunk_bytes >> 20,
         context=ctx,
     )
 

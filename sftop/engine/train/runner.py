@@ -471,6 +471,7 @@ class _Run:
     def build_trainer(self):
         import torch
 
+        self.apply_loss_chunk()
         if self.preset.train.task == "dpo":
             from sftop.engine.train.dpo import build_dpo_trainer
 
@@ -789,12 +790,23 @@ class _Run:
         gc.collect()
         return found
 
+    def apply_loss_chunk(self) -> None:
+        """The fused loss's logits chunk the plan chose (Plan.loss_chunk_mib: smaller where the
+        default leaves CUDA graphs' pool no room), for every loss this process computes from now on."""
+        mib = getattr(self.plan, "loss_chunk_mib", None)
+        try:
+            from sftop.kernels.fused_linear_cross_entropy import set_chunk_bytes
+        except ImportError:  # no Triton: no fused loss to size
+            return
+        set_chunk_bytes(None if mib is None else int(mib) << 20)
+
     def set_plan(self, new, step: int, reason: str) -> None:
         """Switch to a smaller plan: record it, and make preset.toml repeat the plan that fits."""
         from sftop.engine.presets import Preset
 
         self.writer.write(PlanChanged(step=step, reason=reason, old=self.plan.to_dict(), new=new.to_dict()))
         self.plan = new
+        self.apply_loss_chunk()
         data = self.preset.model_dump(mode="json")
         data["plan"].update(resolved_plan_section(new))
         self.preset = Preset.model_validate(data)
