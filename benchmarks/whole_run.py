@@ -445,9 +445,15 @@ def run_sftop(
     # Useful tokens: the rows' own tokens (sftop skips none here: every row fits max_length). The
     # trainer's own count (tokens_seen, bucket padding excluded) is kept beside it as a check.
     sftop["useful_tokens"] = data_tokens
-    if sftop.get("train_s"):
+    if sftop.get("train_s") and finished_whole(sftop, done.returncode):
         sftop["useful_tokens_per_s"] = data_tokens / sftop["train_s"]
     return sftop
+
+
+def finished_whole(row: dict, returncode: int) -> bool:
+    """Whether a run trained over all of its data: only then do the data's tokens over its training
+    time make its rate (a run that failed after a few steps saw a fraction of them)."""
+    return returncode == 0 and not row.get("failed")
 
 
 def profile_window(steps: int, count: int = 4) -> tuple[int, int]:

@@ -22,6 +22,11 @@ SMALL_FUSED_CE_CHUNK_BYTES = 64 * 1024 * 1024
 # pool at the padded length
 DPO_GRAPH_LENGTH_MULTIPLE = 256
 
+# Packed micro-batches are captured once per token-length bucket, at most this many per model: each
+# captured training step keeps its own LoRA gradient buffers, which the planner counts
+# (packed_graphs.py, planner/estimate.graph_pool_bytes)
+MAX_BUCKET_GRAPHS = 8
+
 # Turns sftop's CUDA graphs (SFT and DPO steps) off when set to 0 (docs/configuration.md)
 CUDA_GRAPHS_ENV = "SFTOP_CUDA_GRAPHS"
 

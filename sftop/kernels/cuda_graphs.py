@@ -298,6 +298,21 @@ class StepGraphs:
         self.stats = GraphStats()
         self.one = None  # a device 1.0 for the loss's denominator inside graphs (no host tensor in a capture)
         self.layout = None  # the model's parameters listed once for the keys (graph_layout.ModelLayout)
+        self._refuse_all: str | None = None  # set when a capture ran out of memory: eager from then on
+
+    def release(self) -> None:
+        """Drop every captured step and the pool they share, as if nothing had been captured: after
+        an out-of-memory error, the smaller plan that follows needs that memory (it captures its own
+        shapes again if there is room)."""
+        self._steps.clear()
+        self._seen.clear()
+        self._refused.clear()
+        self._trained.clear()
+        self._grad_ptrs.clear()
+        self._armed = None
+        self._pool = None
+        self._refuse_all = None
+        self.layout = None
 
     def unit(self, device) -> torch.Tensor:
         if self.one is None or self.one.device != device:
@@ -366,7 +381,7 @@ class StepGraphs:
             if seen < wait:
                 self.stats.eager_calls += 1
                 return None
-            why = _room_for_capture()
+            why = self._refuse_all or _room_for_capture(_gradient_bytes(slots) if backward else 0)
             if why is None:
                 step, why = self._capture(fn, inputs, slots, backward)
             if step is None:
@@ -411,6 +426,13 @@ class StepGraphs:
             offload.discard_pending()
             torch.cuda.synchronize()
             why = f"capture failed ({type(exc).__name__}: {str(exc)[:300]})"
+            # what the failed attempt allocated (its warm-up's cache, the unfinished graph's pool
+            # blocks) goes back, so the eager steps that follow have the memory the plan gave them
+            gc.collect()
+            torch.cuda.empty_cache()
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                # another shape would only fail the same way, each time at the cost of a capture
+                self._refuse_all = f"no more captures: an earlier one ran out of memory ({why})"
             warnings.warn(f"sftop: CUDA graphs off for this batch shape: {why}", stacklevel=3)
             return None, why
         self.stats.captures += 1
@@ -426,6 +448,11 @@ class StepGraphs:
             g = p.grad
             if g is not None and g.data_ptr() in self._grad_ptrs:
                 p.grad = g.clone()
+
+
+def _gradient_bytes(slots) -> int:
+    """The static gradient buffers a training capture keeps for its trainable parameters."""
+    return sum(p.numel() * p.element_size() for _m, _n, p in slots if p.requires_grad)
 
 
 def capturable(t: torch.Tensor) -> bool:
@@ -448,11 +475,13 @@ def token_ids_only(kwargs: dict, ids: torch.Tensor, false_flags: tuple[str, ...]
     return True
 
 
-def _room_for_capture() -> str | None:
+def _room_for_capture(static_bytes: int = 0) -> str | None:
     """Refuse to capture unless the largest step transient seen so far fits twice beside what is
     live: once in the graphs' pool (which keeps it for good) and once in the ordinary cache, which
-    eager steps of other shapes still need and which the pool cannot borrow from.  A plan sized
-    tightly to the GPU therefore trains eagerly rather than risk running out of memory."""
+    eager steps of other shapes still need and which the pool cannot borrow from; plus
+    `static_bytes`, what the captured step keeps allocated for good (a training step's gradient
+    buffers: every captured step has its own).  A plan sized tightly to the GPU therefore trains
+    eagerly rather than risk running out of memory."""
     free, total = torch.cuda.mem_get_info()
     # Under a memory cap (plan.max_memory_gib: torch.cuda.set_per_process_memory_fraction) what
     # counts is the room left under it, however much the GPU itself has free.
@@ -462,7 +491,7 @@ def _room_for_capture() -> str | None:
     if fraction < 1.0:
         free = max(0, min(free, int(fraction * total) - torch.cuda.memory_reserved()))
     cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-    need = 2 * (torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated())
+    need = 2 * (torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()) + static_bytes
     if free + cached < need:
         return (
             f"not enough free GPU memory to capture ({(free + cached) / 2**30:.2f} GiB free, {need / 2**30:.2f} needed)"

@@ -29,7 +29,8 @@ from .graph_layout import keyed_slots, layout_of
 from .varlen_attention import NAME as VARLEN
 from .varlen_attention import rows_given
 
-MAX_BUCKET_GRAPHS = 8
+from .constants import MAX_BUCKET_GRAPHS
+
 CU_MULTIPLE = 8  # row-boundary tensors are padded to a multiple of this many entries
 _PACKED_GRAPHS = "_sftop_packed_graphs"
 _GRAPHS = "_sftop_graphs"  # set by the cuda_graphs patch part when graphs may be used
@@ -165,6 +166,17 @@ def mark_rows_given(model: nn.Module, inputs: dict) -> None:
         return
     if torch.is_tensor(inputs.get("cu_seq_lens_q")) and compat.attn_implementation(causal_lm(model).config) == VARLEN:
         rows_given(positions)
+
+
+def release_graphs(model: nn.Module) -> None:
+    """Drop every CUDA graph captured for `model` (fixed-shape and packed) with the memory pools
+    they keep: after an out-of-memory error the run goes on with a smaller plan, which needs that
+    memory and captures its own shapes again where there is room."""
+    lm = causal_lm(model)
+    for name in (_GRAPHS, _PACKED_GRAPHS):
+        graphs = lm.__dict__.get(name)
+        if isinstance(graphs, StepGraphs):
+            graphs.release()
 
 
 def packed_graph_stats(model: nn.Module):

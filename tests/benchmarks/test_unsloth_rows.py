@@ -329,3 +329,34 @@ def test_sftop_row_counts_a_retried_step_once_and_reports_the_plan_change(tmp_pa
     assert (result["steps"], result["step_events"]) == (4, 6)
     assert result["plan_changes"] == ["step 3: out of memory"]
     assert "PLAN CHANGED step 3: out of memory" in whole_run._plan_text("sftop", result)
+
+
+def test_a_capped_row_that_failed_gets_no_rate_and_no_target(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from sftop.engine.events import EventWriter
+
+    run_dir = tmp_path / "sftop-at-unsloth-8x1-peak+0.6"
+
+    def failing_run(command, env=None):
+        # three steps, then out of memory for good: a run that saw a fraction of the data
+        run_dir.mkdir(parents=True)
+        with EventWriter(run_dir / "events.jsonl") as writer:
+            writer.write({"type": "run_started", "plan": {"micro_batch": 1, "grad_accum": 8, "max_memory_gib": 3.61}})
+            for step in (1, 2, 3):
+                writer.write({"type": "step", "step": step, "loss": 1.0, "tokens_per_s": 1200.0, "time": 10.0 + step})
+            writer.write({"type": "run_failed", "step": 3, "reason": "does not fit even at micro-batch 1"})
+        return SimpleNamespace(returncode=3)
+
+    monkeypatch.setattr(whole_run.subprocess, "run", failing_run)
+    row = whole_run.run_sftop(tmp_path / "preset.toml", run_dir, ["plan.max_memory_gib=3.61"], {}, tmp_path, 423_120)
+    assert row["failed"] == "does not fit even at micro-batch 1" and "useful_tokens_per_s" not in row
+    assert not whole_run.finished_whole(row, 3) and whole_run.finished_whole({}, 0)
+    report = {
+        "unsloth-8x1": {"useful_tokens_per_s": 8339.0, "peak_allocated_gib": 3.01},
+        "peer_rows": ["unsloth-8x1"],
+        "sftop_rows": [run_dir.name.replace("sftop-", "sftop:", 1)],
+        run_dir.name.replace("sftop-", "sftop:", 1): row,
+    }
+    whole_run.compare_with_peer(report)
+    assert report["targets_vs_unsloth_8x1"] == []  # no "met" for a run that did not finish

@@ -170,7 +170,7 @@ def test_a_forward_only_step_is_captured_after_the_training_step(monkeypatch):
         return _fake_step(slots[0][2], backward), None
 
     monkeypatch.setattr(cg.StepGraphs, "_capture", capture)
-    monkeypatch.setattr(cg, "_room_for_capture", lambda: None)
+    monkeypatch.setattr(cg, "_room_for_capture", lambda static_bytes=0: None)
     module = torch.nn.Module()
     module.w = torch.nn.Parameter(torch.randn(5))
     slots = [(module, "w", module.w)]
@@ -479,3 +479,81 @@ def test_capture_leaves_out_the_causal_mask_of_unpadded_batches_only(monkeypatch
         assert mask(None) is not None
     assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is original
     assert mask(ones).shape == (4, 1, 16, 16)
+
+
+def _fake_allocator(monkeypatch, *, limit_gib, allocated_gib, peak_gib, reserved_gib):
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (70 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda *a: limit_gib / 80, raising=False)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: int(reserved_gib * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: int(allocated_gib * gib))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: int(peak_gib * gib))
+
+
+def test_capture_needs_room_for_the_steps_own_gradient_buffers_too(monkeypatch):
+    # under a 3.0 GiB limit: 2.5 live, a 0.2 GiB transient seen; 0.5 GiB left (reserved = allocated)
+    _fake_allocator(monkeypatch, limit_gib=3.0, allocated_gib=2.5, peak_gib=2.7, reserved_gib=2.5)
+    assert cg._room_for_capture() is None  # twice 0.2 fits in 0.5
+    assert cg._room_for_capture(static_bytes=int(0.05 * 2**30)) is None
+    why = cg._room_for_capture(static_bytes=int(0.2 * 2**30))  # 0.4 + 0.2 does not
+    assert why is not None and "0.50 GiB free, 0.60 needed" in why
+    assert cg._gradient_bytes([(None, "a", torch.nn.Parameter(torch.zeros(10, 4)))]) == 160
+    frozen = torch.nn.Parameter(torch.zeros(10, 4), requires_grad=False)
+    assert cg._gradient_bytes([(None, "w", frozen)]) == 0
+
+
+def test_a_capture_out_of_memory_frees_its_attempt_and_stops_further_captures(monkeypatch):
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (1, 0))
+    monkeypatch.setattr(cg, "_room_for_capture", lambda static_bytes=0: None)
+
+    def out_of_memory(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.00 MiB (injected)")
+
+    monkeypatch.setattr(cg, "CapturedStep", out_of_memory)
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.randn(5))
+    slots = [(module, "w", module.w)]
+    graphs = cg.StepGraphs()
+    x = torch.randn(5)
+    for key in ("a", "a", "b", "b"):
+        assert graphs.replay(key, None, (x,), slots) is None  # eager every time
+    assert emptied == [True]  # the one failed attempt's memory went back
+    assert graphs.stats.failures[0].startswith("capture failed (OutOfMemoryError")
+    assert graphs.stats.failures[1].startswith("no more captures: an earlier one ran out of memory")
+    assert graphs.stats.eager_calls == 4
+
+
+def test_release_drops_every_captured_step_and_the_pool(monkeypatch):
+    from sftop.kernels import packed_graphs
+
+    monkeypatch.setattr(cg, "_room_for_capture", lambda static_bytes=0: None)
+    captured = []
+
+    def capture(self, fn, inputs, slots, backward=True):
+        captured.append(backward)
+        return _fake_step(slots[0][2], backward), None
+
+    monkeypatch.setattr(cg.StepGraphs, "_capture", capture)
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.randn(5))
+    slots = [(model, "w", model.w)]
+    fixed, packed = cg.StepGraphs(), cg.StepGraphs()
+    model.__dict__[packed_graphs._GRAPHS] = fixed
+    model.__dict__[packed_graphs._PACKED_GRAPHS] = packed
+    x = torch.randn(5)
+    for graphs in (fixed, packed):
+        assert graphs.replay("k", None, (x,), slots) is None  # first sighting: eager
+        graphs.replay("k", None, (x,), slots)[0].sum().backward()  # second: captured and replayed
+        assert graphs.holds("k")
+        graphs._pool, graphs._refuse_all = (3, 0), "earlier out of memory"
+    packed_graphs.release_graphs(model)
+    for graphs in (fixed, packed):
+        assert not graphs.holds("k") and graphs._pool is None and graphs._refuse_all is None
+        assert not graphs._grad_ptrs and not graphs._trained
+    # what was released is captured again when the key comes back twice
+    assert fixed.replay("k", None, (x,), slots) is None
+    fixed.replay("k", None, (x,), slots)[0].sum().backward()
+    assert fixed.holds("k") and captured == [True, True, True]

@@ -42,7 +42,7 @@ def captures(monkeypatch):
         return _Step(), None
 
     monkeypatch.setattr(cg.StepGraphs, "_capture", capture)
-    monkeypatch.setattr(cg, "_room_for_capture", lambda: None)
+    monkeypatch.setattr(cg, "_room_for_capture", lambda static_bytes=0: None)
     monkeypatch.setattr(cg._Replay, "apply", lambda graphs, step, *tensors: torch.zeros(()))
     monkeypatch.setattr(cg, "capturable", lambda t: True)
     return keys

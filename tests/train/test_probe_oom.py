@@ -55,9 +55,17 @@ def test_out_of_memory_mid_run_continues_with_a_smaller_micro_batch(home, tmp_pa
         return output
 
     run.model.get_base_model().model.norm.register_forward_hook(out_of_memory_once)
+    # CUDA graphs captured for the old plan's shapes (a GPU run's): released with their pool
+    from sftop.kernels.cuda_graphs import StepGraphs
+    from sftop.kernels.packed_graphs import _PACKED_GRAPHS
+
+    graphs = StepGraphs()
+    graphs._steps["old shape"], graphs._pool = object(), (1, 0)
+    run.model.get_base_model().__dict__[_PACKED_GRAPHS] = graphs
     code = run.train()
     writer.close()
     assert code == 0
+    assert not graphs.holds("old shape") and graphs._pool is None
     records = events_of(run.run_dir.path)
     changed = of_type(records, "plan_changed")
     assert len(changed) == 1

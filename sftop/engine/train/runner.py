@@ -180,6 +180,15 @@ def _model_config(preset):
     return load_model_config(preset)
 
 
+def release_cuda_graphs(model) -> None:
+    """sftop's captured CUDA graphs of `model` and their pool, dropped (no-op without the kernels)."""
+    try:
+        from sftop.kernels.packed_graphs import release_graphs
+    except ImportError:  # no Triton, so no kernels and no graphs
+        return
+    release_graphs(model)
+
+
 class _Run:
     def __init__(self, preset, run_dir: RunDir, writer: EventWriter, resume: bool):
         self.preset = preset
@@ -881,9 +890,11 @@ class _Run:
 
         new = on_oom(old, step)
         self.set_plan(new, step, f"out of memory at step {step}")
-        # Drop every reference to the failed step's tensors before trying again.
+        # Drop every reference to the failed step's tensors before trying again, and the CUDA
+        # graphs captured for the old plan's shapes with their pool: the smaller plan needs that memory.
         for p in self.model.parameters():
             p.grad = None
+        release_cuda_graphs(self.model)
         self.trainer = self.events = self.guard = None
         gc.collect()
         torch.cuda.empty_cache()
