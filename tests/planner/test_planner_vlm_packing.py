@@ -20,7 +20,7 @@ def _preset(**plan):
 def test_packing_is_planned_only_for_families_that_pack(name):
     family = all_families()[name]
     plan = plan_run(_preset(), family.tiny_config(), gpu_memory_gib=24, image_tokens_per_row=[6] * 16)
-    packs = name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    packs = name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
     assert plan.packing is packs
     refusals = [n for n in plan.notes if "not packed" in n]
     assert (refusals == []) is packs

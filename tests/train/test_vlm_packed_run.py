@@ -43,7 +43,7 @@ def _preset(source, model, packing, **train):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava"])
 def test_packed_run_trains_as_the_padded_run(family, mixed_source, sftop_home, tmp_path):
     model = "builtin:demo-vlm-tiny" if family == "qwen2_vl" else str(save_tiny_vlm(tmp_path / "model", family))
     runs = {}

@@ -42,3 +42,14 @@ def test_rope_index_travels_to_a_worker_without_the_model():
     )
     assert positions.tolist() == [[[0, 1, 2, 3]]] * 3
     assert len(pickle.dumps(rope)) < 100_000  # a config, not weights
+
+
+def test_isolation_check_for_a_family_with_plain_positions():
+    from test_vlm_packing import _llava_model
+
+    model, family = _llava_model()
+    packer = family.packer(model)
+    ok, detail = vision_packing_isolated(model, packer)
+    assert ok, detail
+    leaky_ok, leaky_detail = vision_packing_isolated(_DropsPositions(model), packer)
+    assert not leaky_ok, leaky_detail

@@ -430,7 +430,7 @@ class _Run:
     def pack_vision_rows(self) -> None:
         """A VLM packs its micro-batches where its family's packed rows are checked equal to unpacked
         ones (sftop/engine/train/vision_packing.py) and the loaded model keeps samples apart."""
-        from sftop.engine.models.vision.packing import RopeIndex, packing_refusal
+        from sftop.engine.models.vision.packing import packing_refusal
         from sftop.engine.train.vision_packing import PackedVisionBatches, vision_packing_isolated
 
         family = self.vision
@@ -439,14 +439,14 @@ class _Run:
         refusal = "DPO pads its pairs" if self.preset.train.task == "dpo" else packing_refusal(family)
         self.packing = bool(self.preset.data.packing) and refusal is None
         if self.packing:
-            rope = RopeIndex(self.model)
-            ok, detail = vision_packing_isolated(self.model, rope)
+            packer = family.packer(self.model)
+            ok, detail = vision_packing_isolated(self.model, packer)
             if ok:
                 self.packing_reason = (
                     f"{name}: the rows of each micro-batch packed into one padding-free row, "
-                    "attention and 3-D positions per sample"
+                    f"attention and {packer.positions} per sample"
                 )
-                self.data.collator = PackedVisionBatches(self.data.collator, rope)
+                self.data.collator = PackedVisionBatches(self.data.collator, packer)
                 return
             self.packing = False
             refusal = f"this model's attention lets packed samples see each other ({detail})"

@@ -3,11 +3,12 @@
 The trainer asks for micro_batch rows at a time, as for padded batches, so train.effective_batch
 stays "rows per optimizer step" exactly. Each row is collated on its own by the family collator
 (the same processor call and label masking as a padded batch, without padding), then the rows
-are concatenated by `sftop.engine.models.vision.packing.pack_rows`: per-sample 3-D positions from
-each sample's own image grids, text positions restarting per sample (the language model reads
-sample boundaries from them), each sample's first label ignored, images kept in order. The
-collator holds the model's `RopeIndex`, not the model, so it runs in the data-loader worker that
-prepares the next micro-batches while the GPU trains (train/config.py: dataloader_settings).
+are concatenated by the family's packer (`VisionFamily.packer`): positions restarting per sample
+(for the mRoPE families each sample's own 3-D positions from its image grids:
+sftop.engine.models.vision.packing; plain ones: packing_text_positions), which the language model
+reads sample boundaries from, each sample's first label ignored, images kept in order. The
+collator holds the packer, not the model, so it runs in the data-loader worker that prepares the
+next micro-batches while the GPU trains (train/config.py: dataloader_settings).
 
 Before training, `vision_packing_isolated` runs two samples separately and packed through the
 real model (its attention implementation and kernels): a packed row that lets one sample see the
@@ -21,8 +22,6 @@ from typing import Any, Sequence
 
 import torch
 
-from sftop.engine.models.vision.packing import RopeIndex, pack_rows
-
 # How many rows a packed batch holds (popped by the trainer: it counts samples, the model never sees it)
 PACKED_ROWS = "sftop_packed_rows"
 
@@ -32,11 +31,11 @@ class PackedVisionBatches:
     """TRL's `data_collator` for a packed VLM run: row indices in, one packed row out."""
 
     batches: Any  # sftop.engine.train.vision_data.VisionBatches: one row's tensors at a time
-    rope: RopeIndex
+    packer: Any  # the family's packer (VisionFamily.packer): .pack(samples) -> one packed row
 
     def __call__(self, items: Sequence[dict]) -> dict:
         samples = [self.batches([item]) for item in items]
-        packed = pack_rows(self.rope, samples)
+        packed = self.packer.pack(samples)
         # the trainer passes use_cache=False to every forward itself (a second one would clash)
         packed.pop("use_cache", None)
         packed[PACKED_ROWS] = len(samples)
@@ -61,17 +60,17 @@ def _text_ids(config: Any, n: int, generator: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def vision_packing_isolated(model, rope: RopeIndex, *, lengths=(11, 7)) -> tuple[bool, str]:
+def vision_packing_isolated(model, packer: Any, *, lengths=(11, 7)) -> tuple[bool, str]:
     """Whether a packed row keeps its samples apart in this model, as loaded and patched."""
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
         gen = torch.Generator().manual_seed(0)
-        docs = [_text_ids(rope.config, n, gen) for n in lengths]
+        docs = [_text_ids(packer.config, n, gen) for n in lengths]
 
         def logits(samples: list[torch.Tensor]) -> torch.Tensor:
-            batch = pack_rows(rope, [{"input_ids": d, "labels": d} for d in samples])
+            batch = packer.pack([{"input_ids": d, "labels": d} for d in samples])
             batch.pop("labels")
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             return model(**batch).logits[0].float()

@@ -55,12 +55,18 @@ class VisionFamily(ABC):
     # refuses such a batch: keep its text-only rows in batches of their own, or drop them)
     mixes_text_only_rows: bool = True
     # Why several rows cannot share one padding-free micro-batch row in this family, or None where
-    # they can (sftop.engine.models.vision.packing: per-sample 3-D positions, isolation checked by
-    # tests/vision/test_vlm_packing.py for the family)
+    # they can (`packer`: sftop.engine.models.vision.packing for 3-D positions, packing_text_positions
+    # for 1-D ones; isolation checked by tests/vision/test_vlm_packing.py for the family)
     packing_refusal: str | None = (
         "its batches carry per-row image layouts (tiles, cross-attention or image masks) that "
         "padding-free packing does not keep apart yet"
     )
+
+    def packer(self, model: Any) -> Any:
+        """What packs this family's rows where `packing_refusal` is None: an object with
+        `.pack(samples)` (one padding-free row), `.config` and `.positions` (what restarts per
+        sample), small and picklable for data-loader workers; built from the (PEFT-wrapped) model."""
+        raise NotImplementedError(f"{self.display_name} rows are not packed: {self.packing_refusal}")
 
     @abstractmethod
     def tiny_config(self) -> Any:

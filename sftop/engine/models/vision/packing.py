@@ -1,7 +1,11 @@
-"""Padding-free packing of multimodal rows for the mRoPE families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+"""Padding-free packing of multimodal rows: the mRoPE families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
+here (`RopeIndex`), the families with plain 1-D positions in `packing_text_positions.py`.
+
+A family's `packer(model)` returns the object that packs its rows (`.pack(samples)`), small and
+picklable so that the batch collator can run in a data-loader worker; `.config` is the model's.
 
 Several samples' text and images go into one sequence so that no micro-batch row carries padding.
-What keeps each sample what it was unpacked:
+What keeps each sample of an mRoPE family what it was unpacked:
   * its 3-D (temporal, height, width) rotary positions are the model's own `get_rope_index`,
     computed per sample with that sample's own image grids, so they restart at 0 for every sample;
   * a fourth row of plain text positions, restarting per sample, goes in front of them
@@ -44,13 +48,18 @@ class RopeIndex:
     batch collator, which may run in a data-loader worker process, holds this small picklable
     object instead of the model and its weights."""
 
+    positions = "3-D positions"  # what restarts per sample (the run's packing message says it)
+
     def __init__(self, model: Any):
         rope = _rope_model(model)
         self.config = rope.config
         self.rope_class = type(rope)
 
+    def pack(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return pack_rows(self, samples)
+
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("config", "rope_class"):
+        if name.startswith("__") or name in ("config", "rope_class", "positions"):
             raise AttributeError(name)
         # the class's own methods, bound to this object: get_rope_index calls its helpers on `self`
         return getattr(self.rope_class, name).__get__(self)
@@ -77,6 +86,19 @@ def _token_types(model, input_ids: torch.Tensor) -> torch.Tensor:
     return types
 
 
+def check_sample(i: int, sample: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sample `i`'s input ids, once it is one unpadded row with labels (else ValueError naming it)."""
+    ids = sample["input_ids"]
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"sample {i}: input_ids of shape {tuple(ids.shape)}; pack one sample per batch [1, L]")
+    if "labels" not in sample:
+        raise ValueError(f"sample {i}: no labels to pack")
+    mask = sample.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        raise ValueError(f"sample {i} is padded: collate each sample on its own before packing")
+    return ids
+
+
 def pack_rows(model, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """One packed row (batch size 1) from samples collated one per batch, each with `input_ids`,
     `labels` ([1, L], no padding) and, where it holds images, `pixel_values` and `image_grid_thw`.
@@ -90,14 +112,7 @@ def pack_rows(model, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.
     images: dict[str, list[torch.Tensor]] = {k: [] for k in IMAGE_KEYS}
     text_pos, rope_pos = [], []
     for i, sample in enumerate(samples):
-        ids = sample["input_ids"]
-        if ids.dim() != 2 or ids.shape[0] != 1:
-            raise ValueError(f"sample {i}: input_ids of shape {tuple(ids.shape)}; pack one sample per batch [1, L]")
-        if "labels" not in sample:
-            raise ValueError(f"sample {i}: no labels to pack")
-        mask = sample.get("attention_mask")
-        if mask is not None and not bool(mask.all()):
-            raise ValueError(f"sample {i} is padded: collate each sample on its own before packing")
+        ids = check_sample(i, sample)
         types = sample.get("mm_token_type_ids")
         if types is None:
             types = _token_types(rope, ids)

@@ -40,9 +40,9 @@ class LlavaFamilyBase(VisionFamily):
     supports_system_turn = True
     image_token_strings = ("<image>",)
     lora_targets = LLAVA_LORA
-    packing_refusal = (
-        "packed rows are not yet checked equal to unpacked ones for its language models "
-        "(loss and gradients), so it keeps padded batches"
+    packing_refusal: str | None = (
+        "its tiled images come with per-image sizes and patch counts that packing by positions "
+        "does not keep apart yet, so it keeps padded batches"
     )
     chat_template: str
 

@@ -93,6 +93,11 @@ class QwenVLFamilyBase(VisionFamily):
     # positions the language model reads sample boundaries from: tests/vision/test_vlm_packing.py
     packing_refusal = None
 
+    def packer(self, model: Any) -> Any:
+        from sftop.engine.models.vision.packing import RopeIndex
+
+        return RopeIndex(model)
+
     def processor_class(self) -> Any:
         raise NotImplementedError
 

@@ -36,6 +36,14 @@ class LlavaFamily(LlavaFamilyBase):
     # The processor resizes the shorter side to 336 and centre-crops 336x336 whatever the input, so
     # the budget only bounds decoding: at most 672x672 (451,584 px), never upscaled by sftop.
     image_rules = ImageRules(patch_multiple=14, min_edge=14, max_pixels=672 * 672, min_pixels=14 * 14)
+    # Every image is the processor's one crop, so packed rows concatenate pixel_values, and the Llama
+    # language model reads sample boundaries from restarting positions: tests/vision/test_vlm_packing.py
+    packing_refusal = None
+
+    def packer(self, model: Any) -> Any:
+        from sftop.engine.models.vision.packing_text_positions import TextPositions
+
+        return TextPositions(model)
 
     def image_token_count(self, processor: Any, width: int, height: int) -> int:
         # the processor's arithmetic: patches of the crop, plus CLS, minus CLS again where the
