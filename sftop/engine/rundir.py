@@ -11,17 +11,49 @@ runs/<timestamp>-<name>/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Iterator
 
 from sftop.engine.paths import runs_dir
 
 CHECKPOINT_PREFIX = "checkpoint-"
+
+
+STATUS_LOCK = ".status.lock"
+_held = threading.local()  # the run directories whose status lock this thread holds
+
+
+@contextlib.contextmanager
+def _status_lock(run_path: Path) -> Iterator[None]:
+    """An exclusive lock on `run_path`'s status lock file, between processes and threads.
+
+    Re-entrant within a thread: a signal handler that writes the status while the main thread it
+    interrupted holds the lock (the supervisor's SIGTERM handler) must not wait on itself."""
+    key = str(run_path)
+    held = _held.__dict__.setdefault("paths", set())
+    if key in held or not run_path.is_dir():
+        yield
+        return
+    import fcntl
+
+    fd = os.open(run_path / STATUS_LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -67,21 +99,32 @@ class RunDir:
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
-    def write_status(self, **fields: Any) -> dict[str, Any]:
-        """Merge `fields` into status.json atomically (write a temp file, then rename)."""
-        status = {**self.read_status(), **fields}
-        tmp = self.status_file.with_suffix(".json.tmp")
-        text = json.dumps(status, indent=2)
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, self.status_file)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)  # never leave an empty temporary status behind
-            from sftop.engine.diskfull import DiskFullError, is_disk_full
+    def write_status(self, *, only_from: Collection[str] | None = None, **fields: Any) -> dict[str, Any]:
+        """Merge `fields` into status.json atomically (write a temp file, then rename); returns the status.
 
-            if is_disk_full(exc):
-                raise DiskFullError(self.path, len(text.encode())) from None
-            raise
+        Several processes write it (the supervisor, `sftop stop`, a foreground trainer), so the read,
+        merge and rename happen under an exclusive lock on the run's status lock file: no writer's
+        fields are lost to another's stale read. `only_from`: write only while the recorded status is
+        one of these (returns the status unchanged otherwise), so that a late "stopping" never
+        replaces the "stopped" or "finished" the run ended with."""
+        with _status_lock(self.path):
+            current = self.read_status()
+            if only_from is not None and current.get("status") not in only_from:
+                return current
+            status = {**current, **fields}
+            # a name of this process's own: two writers never share a temporary file
+            tmp = self.status_file.with_name(f".status.{os.getpid()}.{threading.get_ident()}.json.tmp")
+            text = json.dumps(status, indent=2)
+            try:
+                tmp.write_text(text, encoding="utf-8")
+                os.replace(tmp, self.status_file)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)  # never leave an empty temporary status behind
+                from sftop.engine.diskfull import DiskFullError, is_disk_full
+
+                if is_disk_full(exc):
+                    raise DiskFullError(self.path, len(text.encode())) from None
+                raise
         return status
 
     def complete_checkpoints(self) -> list[Path]:

@@ -266,8 +266,9 @@ def stop_run(run: RunDir, wait: bool | float = False, force: bool = False) -> st
     if current == "stopping":
         # A second SIGTERM changes nothing in the trainer; say so rather than send it.
         return f"Run {run.name} is already stopping: it saves a checkpoint, then exits. `sftop runs` shows when it has."
-    # Recorded before the signal, so the trainer's own final status is always the later write.
-    run.write_status(status="stopping", stop_requested=time.time())
+    # Recorded before the signal, so the trainer's own final status is always the later write; only
+    # while the run is still active, so a run that ended meanwhile keeps the status it ended with.
+    run.write_status(only_from=ACTIVE_STATUSES, status="stopping", stop_requested=time.time())
     sent = False
     # The supervisor forwards the signal to the trainer's process group and records the outcome.
     if process_alive(status.get("supervisor_pid"), status.get("supervisor_start")):

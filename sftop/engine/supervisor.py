@@ -249,7 +249,8 @@ def supervise(run_dir: RunDir, resume: bool = False, command: list[str] | None =
     )
 
     def forward(signum, _frame):
-        run_dir.write_status(status="stopping", stop_requested=time.time())
+        # only while active: a signal arriving after the final status must not replace it
+        run_dir.write_status(only_from=ACTIVE_STATUSES, status="stopping", stop_requested=time.time())
         if several:  # every rank saves its part of the checkpoint, then they stop together
             signal_ranks(run_dir, signum)
             return

@@ -122,7 +122,8 @@ def stop_here(run: RunDir, since: float, steps: int = STEPS) -> int:
     """Stop `run` (of `steps` steps) once it trained two steps after `since`; the step it stopped at, checked."""
     wait_for(lambda: len(losses(run, since)) >= 2, 240, "two steps")
     message = stop_run(run, wait=120)
-    assert "stopped" in message, run.stdout_log.read_text()[-3000:]
+    # the run directory is named "stopped" too: the status must follow the name
+    assert message.startswith(f"Run {run.name} stopped"), (message, run.stdout_log.read_text()[-3000:])
     status = run.read_status()
     assert status["status"] == "stopped" and status["exit_code"] == 0
     stopped = events_of(run.path)[-1]
