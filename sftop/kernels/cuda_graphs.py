@@ -287,6 +287,13 @@ class StepGraphs:
     def __init__(self, no_rng_stash=None, max_keys: int = MAX_KEYS):
         self._no_rng_stash = no_rng_stash or contextlib.nullcontext
         self.max_keys = max_keys
+        self._generation = 0
+        self.stats = GraphStats()
+        self.one = None  # a device 1.0 for the loss's denominator inside graphs (no host tensor in a capture)
+        self._forget()
+
+    def _forget(self) -> None:
+        """The state of a model nothing was captured for (what `release` goes back to)."""
         self._pool = None  # every capture's, forward-only ones too (see the module docstring)
         self._trained: dict[int, torch.Tensor] = {}  # the parameters whose gradients captured steps hand out
         self._seen: dict = {}
@@ -294,9 +301,6 @@ class StepGraphs:
         self._refused: dict = {}
         self._grad_ptrs: set[int] = set()  # every captured step's static gradients
         self._armed: tuple[Any, int] | None = None
-        self._generation = 0
-        self.stats = GraphStats()
-        self.one = None  # a device 1.0 for the loss's denominator inside graphs (no host tensor in a capture)
         self.layout = None  # the model's parameters listed once for the keys (graph_layout.ModelLayout)
         self._refuse_all: str | None = None  # set when a capture ran out of memory: eager from then on
 
@@ -304,15 +308,7 @@ class StepGraphs:
         """Drop every captured step and the pool they share, as if nothing had been captured: after
         an out-of-memory error, the smaller plan that follows needs that memory (it captures its own
         shapes again if there is room)."""
-        self._steps.clear()
-        self._seen.clear()
-        self._refused.clear()
-        self._trained.clear()
-        self._grad_ptrs.clear()
-        self._armed = None
-        self._pool = None
-        self._refuse_all = None
-        self.layout = None
+        self._forget()
 
     def unit(self, device) -> torch.Tensor:
         if self.one is None or self.one.device != device:

@@ -410,7 +410,9 @@ def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int,
         # and this candidate trains eagerly, host-bound, in the memory of an eager step (with the
         # default logits chunk where that fits, else the smaller one)
         need = (device - ctx.budget_bytes) / GIB
-        chunks = [setup.loss_chunk_bytes] + ([SMALL_LOSS_CHUNK] if not setup.preference else [])
+        chunks = [setup.loss_chunk_bytes]
+        if not setup.preference and SMALL_LOSS_CHUNK not in chunks:
+            chunks.append(SMALL_LOSS_CHUNK)
         sized = [_sized(ctx, replace(setup, cuda_graphs=False, loss_chunk_bytes=c), tokens, sequences) for c in chunks]
         pick = next((i for i, (_e, _a, d) in enumerate(sized) if d <= ctx.budget_bytes), None)
         if pick is None:

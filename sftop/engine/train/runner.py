@@ -801,7 +801,9 @@ class _Run:
 
     def apply_loss_chunk(self) -> None:
         """The fused loss's logits chunk the plan chose (Plan.loss_chunk_mib: smaller where the
-        default leaves CUDA graphs' pool no room), for every loss this process computes from now on."""
+        default leaves CUDA graphs' pool no room), for every loss this process computes from now on.
+        build_trainer calls it: every plan change (data sizing, probe, out-of-memory step-down) is
+        followed by a new trainer before the next step."""
         mib = getattr(self.plan, "loss_chunk_mib", None)
         try:
             from sftop.kernels.fused_linear_cross_entropy import set_chunk_bytes
@@ -815,7 +817,6 @@ class _Run:
 
         self.writer.write(PlanChanged(step=step, reason=reason, old=self.plan.to_dict(), new=new.to_dict()))
         self.plan = new
-        self.apply_loss_chunk()
         data = self.preset.model_dump(mode="json")
         data["plan"].update(resolved_plan_section(new))
         self.preset = Preset.model_validate(data)
