@@ -13,17 +13,10 @@ from sftop.engine.train import dpo_step
 
 from _kernel_testutil import DEVICE, rel_err
 from _tiny_models import tiny_model
-from test_dpo_logprob_head import _trainer
+from test_dpo_logprob_head import LOGIT_METRICS, REWARD_METRICS, _trainer
 
-EXACT = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-)
-CLOSE = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "num_tokens")
+EXACT = REWARD_METRICS
+CLOSE = LOGIT_METRICS + ("num_tokens",)
 
 
 def _logged(trainer, batches, monkeypatch, fast: bool):

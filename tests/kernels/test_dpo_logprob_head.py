@@ -11,6 +11,17 @@ from _kernel_testutil import rel_err
 from _tiny_models import DEVICE, VOCAB, tiny_model, twin
 from test_trl_compat import _tokenizer
 
+# TRL's DPO metrics the fused head must reproduce: from the rewards and log-probs, and from the logits
+REWARD_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
+LOGIT_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
+
 
 def _rows(n, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -111,18 +122,7 @@ def test_patched_dpo_equals_stock_trl(tmp_path, loss_type):
     for name in g_s:
         assert rel_err(g_o[name], g_s[name]) < 1e-4, name
     assert abs(m_s["rewards/margins"]) > 1e-3  # a real comparison, not two zeros
-    for key in (
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/margins",
-        "rewards/accuracies",
-        "logps/chosen",
-        "logps/rejected",
-        "entropy",
-        "logits/chosen",
-        "logits/rejected",
-        "mean_token_accuracy",
-    ):
+    for key in REWARD_METRICS + LOGIT_METRICS:
         assert m_o[key] == pytest.approx(m_s[key], rel=1e-4, abs=1e-6), key
 
 

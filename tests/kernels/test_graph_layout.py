@@ -62,16 +62,22 @@ def _listings(monkeypatch, model):
     return calls
 
 
+def _patched_in_training():
+    """A tiny LoRA Llama with sftop's kernels, and its base model in training mode."""
+    model = tiny_model("llama")
+    K.patch_model(model)
+    base = model.get_base_model()
+    base.train()
+    return model, base
+
+
 def _sft_call(base, graphs, ids):
     labels = torch.nn.functional.pad(ids, (0, 1), value=-100)[..., 1:]
     return graphed_loss(base, graphs, {"input_ids": ids}, labels, None, -100)
 
 
 def test_the_sft_graph_key_is_built_from_a_list_made_once(monkeypatch, captures):
-    model = tiny_model("llama")
-    K.patch_model(model)
-    base = model.get_base_model()
-    base.train()
+    model, base = _patched_in_training()
     graphs = cg.StepGraphs()
     ids = torch.randint(3, 100, (2, 16))
     walks = _listings(monkeypatch, base)
@@ -106,10 +112,7 @@ def test_the_sft_graph_key_is_built_from_a_list_made_once(monkeypatch, captures)
 
 
 def test_a_registered_adapter_or_a_removed_parameter_lists_the_model_again(monkeypatch, captures):
-    model = tiny_model("llama")
-    K.patch_model(model)
-    base = model.get_base_model()
-    base.train()
+    model, base = _patched_in_training()
     graphs = cg.StepGraphs()
     ids = torch.randint(3, 100, (2, 16))
     _sft_call(base, graphs, ids)
@@ -145,10 +148,7 @@ def test_keys_are_listed_afresh_only_when_they_would_capture():
 
 
 def test_the_packed_graph_key_is_built_from_a_list_made_once(monkeypatch, captures):
-    model = tiny_model("llama")
-    K.patch_model(model)
-    base = model.get_base_model()
-    base.train()
+    model, base = _patched_in_training()
     monkeypatch.setattr(pg, "_eligible", lambda lm, inputs: True)
     ids = torch.randint(3, 100, (1, 24))
     batch = {

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from sftop.engine.errors import PresetError
 from sftop.engine.train.fsdp import cpu_4bit_allowed, refuse_single_process_resume
 from sftop.engine.train.trainer import checkpoint_problem, is_fsdp_checkpoint
-from test_multiprocess import finish, losses, start, stop_here, train_one_and_two
+from test_multiprocess import assert_same_curve, finish, losses, start, stop_here, train_one_and_two
 from train_helpers import events_of, of_type
 
 pytestmark = pytest.mark.slow
@@ -44,10 +44,7 @@ def runs(sftop_home, tmp_path_factory):
 
 def test_fsdp2_on_two_processes_trains_like_one_process(runs):
     one, two = runs
-    a, b = losses(one), losses(two)
-    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    a = assert_same_curve(one, two, STEPS, rel=1e-5)
     assert a[STEPS] < a[1] * 0.8  # it learned
 
     started = of_type(events_of(two.path), "run_started")[0]

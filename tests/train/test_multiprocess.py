@@ -66,6 +66,16 @@ def losses(run: RunDir, since: float = 0.0) -> dict[int, float]:
     return {s["step"]: s["loss"] for s in of_type(events_of(run.path), "step") if s["time"] >= since}
 
 
+def assert_same_curve(one: RunDir, two: RunDir, steps: int, **tolerance) -> dict[int, float]:
+    """Both runs logged each of their `steps` steps and the same loss at each, within `tolerance`
+    (pytest.approx's rel and abs); returns the first run's losses."""
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], **tolerance), step
+    return a
+
+
 def train_one_and_two(sftop_home, root, one_overrides, two_overrides) -> tuple[RunDir, RunDir]:
     """Train the same steps with each set of overrides, one after the other, both to their end."""
     mp = in_home(sftop_home)
@@ -86,10 +96,7 @@ def runs(sftop_home, tmp_path_factory):
 
 def test_two_processes_train_like_one_at_the_same_effective_batch(runs):
     one, two = runs
-    a, b = losses(one), losses(two)
-    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    a = assert_same_curve(one, two, STEPS, rel=1e-5)
     assert a[STEPS] < a[1] * 0.8  # it learned: equal curves that go somewhere
     # tokens/s and tokens_seen count every rank's tokens
     seen = [of_type(events_of(r.path), "step")[-1]["tokens_seen"] for r in (one, two)]
