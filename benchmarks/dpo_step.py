@@ -203,6 +203,10 @@ def _one(args, path: str) -> dict:
             else:
                 self.steady.append(peak + self.idle)
 
+    if path == "sftop" and args.graph_chunk_mib:
+        from sftop.kernels import logprob_graphs
+
+        logprob_graphs.CHUNK_BYTES = args.graph_chunk_mib << 20
     model, peft_config, report = _model(args, path)
     tmp = tempfile.mkdtemp(prefix="dpo-bench-")
     cfg = DPOConfig(
@@ -287,6 +291,12 @@ def _one(args, path: str) -> dict:
     return out
 
 
+def _default_graph_chunk_mib() -> int:
+    from sftop.kernels.constants import GRAPH_LOGPROB_CHUNK_BYTES
+
+    return GRAPH_LOGPROB_CHUNK_BYTES >> 20
+
+
 def _offload_kwargs(args, path: str) -> dict:
     return {"offload": True} if path.startswith("sftop") and args.checkpointing == "offload" else {}
 
@@ -335,6 +345,12 @@ def main(argv=None) -> int:
         "pinned host memory, as a plan with checkpointing 'offload' runs; Unsloth's path always offloads "
         "with its own, the stock path never does)",
     )
+    ap.add_argument(
+        "--graph-chunk-mib",
+        type=int,
+        help="one chunk's logits in the sftop path's graphed log-prob head (default: "
+        "sftop.kernels.constants.GRAPH_LOGPROB_CHUNK_BYTES), to compare the graphs' memory and speed",
+    )
     ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (TRITON_INTERPRET=1)")
@@ -381,6 +397,8 @@ def main(argv=None) -> int:
         if args.profile:
             cmd += ["--profile"]
         cmd += ["--checkpointing", args.checkpointing]
+        if args.graph_chunk_mib:
+            cmd += ["--graph-chunk-mib", str(args.graph_chunk_mib)]
         if args.four_bit:
             cmd += ["--4bit"]
         if args.model_dir:
@@ -399,6 +417,7 @@ def main(argv=None) -> int:
         warmup=args.warmup,
         four_bit=args.four_bit,
         sftop_checkpointing=args.checkpointing,
+        graph_chunk_mib=args.graph_chunk_mib or _default_graph_chunk_mib(),
         **bench_common.result_header(args.device, "transformers", "trl"),
         results=results,
     )

@@ -16,6 +16,12 @@ FUSED_CE_CHUNK_BYTES = 256 * 1024 * 1024
 # GPU or memory cap): 256 rows for a 128K vocabulary in bf16, still a GEMM the tensor cores fill, and
 # 192 MiB less at the loss's peak, which the pool would otherwise hold a second time.
 SMALL_FUSED_CE_CHUNK_BYTES = 64 * 1024 * 1024
+# The chunk of DPO's log-prob head inside its CUDA graphs (logprob_graphs.py).  A replayed graph
+# launches its chunks at no host cost, so the default chunk's one reason (fewer launches) is gone,
+# while its cost stays: the graphs' shared pool keeps the largest contiguous block any capture asked
+# for, and the reference forward, captured into the blocks the policy step left free, finds the
+# 256 MiB chunk's block split by its layers' smaller requests and needs another one beside it.
+GRAPH_LOGPROB_CHUNK_BYTES = SMALL_FUSED_CE_CHUNK_BYTES
 
 # DPO's CUDA graphs pad each batch length up to a multiple of this on the GPU (logprob_graphs.py):
 # tensor-core friendly, and few enough shapes that they repeat; the planner sizes the graphs' memory

@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .constants import DPO_GRAPH_LENGTH_MULTIPLE
+from .constants import DPO_GRAPH_LENGTH_MULTIPLE, GRAPH_LOGPROB_CHUNK_BYTES
 from .cuda_graphs import ENV_SWITCH, StepGraphs, enabled_by_env, no_rng_stash, token_ids_only
 from .graph_layout import ModelLayout, keyed_slots
 from .graph_layout import adapter_state as adapter_state  # read here by callers and tests
@@ -58,6 +58,9 @@ IGNORE_INDEX = -100
 LENGTH_MULTIPLE = DPO_GRAPH_LENGTH_MULTIPLE
 # captured steps per model: policy and reference for each of 8 lengths; later shapes run eagerly
 MAX_KEYS = 16
+# one chunk's logits in the graphed head (constants.GRAPH_LOGPROB_CHUNK_BYTES says why it is small);
+# read at capture time, so a benchmark may compare sizes (benchmarks/dpo_step.py --graph-chunk-mib)
+CHUNK_BYTES = GRAPH_LOGPROB_CHUNK_BYTES
 
 
 class LogprobGraphs:
@@ -133,10 +136,13 @@ def graph_inputs(ids: torch.Tensor, labels: torch.Tensor, length: int) -> tuple[
     return ids_p, shifted
 
 
-def all_position_logprobs(lm: nn.Module, ids: torch.Tensor, shifted_labels: torch.Tensor, start: int = 0):
+def all_position_logprobs(
+    lm: nn.Module, ids: torch.Tensor, shifted_labels: torch.Tensor, start: int = 0, chunk_bytes: int | None = None
+):
     """(log_probs, entropy, mean_logits, is_top1), each [B, T], of every position of an unpadded
     batch through the fused kernel: zeros (and no gradient) where the label is IGNORE_INDEX.
-    Positions before `start` must not count: they skip the LM head and read zero."""
+    Positions before `start` must not count: they skip the LM head and read zero.  `chunk_bytes`:
+    one chunk's logits (None: the process's loss chunk)."""
     from .fused_linear_logprob import fused_linear_logprob
 
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
@@ -151,6 +157,7 @@ def all_position_logprobs(lm: nn.Module, ids: torch.Tensor, shifted_labels: torc
         ignore_index=IGNORE_INDEX,
         softcap=getattr(config, "final_logit_softcapping", None),
         compute_dtype=lm.__dict__.get(M.LOSS_DTYPE),
+        chunk_bytes=chunk_bytes,
         stats=True,
     )
     if not start:
@@ -208,8 +215,10 @@ def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
         return None
     inputs = graph_inputs(ids, labels, length)
 
+    chunk = CHUNK_BYTES
+
     def step(ids_, labels_):
-        return all_position_logprobs(lm, ids_, labels_, start)
+        return all_position_logprobs(lm, ids_, labels_, start, chunk_bytes=chunk)
 
     out = graphs.steps.replay(key, step, inputs, trainable, backward=grad)
     if out is None:

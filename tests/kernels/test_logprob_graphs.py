@@ -633,7 +633,7 @@ def test_graphed_dpo_step_peaks_no_higher_than_the_eager_step(tmp_path, monkeypa
             stats = graphs.stats
             assert (stats.eager_calls, stats.captures, stats.replays) == (3, 2, 7), stats
             reserved, idle = _pool_bytes(graphs)
-            assert reserved > 125 << 20  # the logits' chunk lived in it
+            assert reserved >= lg.CHUNK_BYTES  # the logits' chunk lived in it
             steady += idle
         measured[graphs_on] = steady
         del model, trainer, _steps
