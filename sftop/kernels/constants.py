@@ -28,9 +28,8 @@ GRAPH_LOGPROB_CHUNK_BYTES = SMALL_FUSED_CE_CHUNK_BYTES
 # pool at the padded length
 DPO_GRAPH_LENGTH_MULTIPLE = 256
 
-# Packed micro-batches are captured once per token-length bucket, at most this many per model: each
-# captured training step keeps its own LoRA gradient buffers, which the planner counts
-# (packed_graphs.py, planner/estimate.graph_pool_bytes)
+# Packed micro-batches are captured once per token-length bucket, at most this many per model
+# (packed_graphs.py): the data's buckets are cut to this many (engine/train/buckets.py)
 MAX_BUCKET_GRAPHS = 8
 
 # Turns sftop's CUDA graphs (SFT and DPO steps) off when set to 0 (docs/configuration.md)

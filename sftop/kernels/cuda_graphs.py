@@ -19,10 +19,14 @@ How:
     hands autograd the static parameter gradients themselves (new tensors over the same memory).
     Autograd takes a gradient it is given for a parameter whose .grad is None without copying,
     so the step keeps one set of gradients, as an eager step does, not the graph's plus a copy
-    (0.16 GiB for an 8B model's LoRA).  Those buffers are rewritten by the next replay -- the
-    forward graph's transients may share their memory -- so before replaying, any .grad still
-    over them (gradient accumulation keeps .grad across micro-batches) is moved into a copy of
-    its own, and accumulation adds into that copy.
+    (0.16 GiB for an 8B model's LoRA).  The static gradients are one set per model, shared by
+    every captured step: each backward graph ends by copying its gradients into them (one
+    multi-tensor copy), and the gradients autograd made inside the capture are pool transients
+    the next capture may reuse.  Packed runs capture up to 8 length buckets; a set of their own
+    for each kept 7 needless copies (0.29 GiB on a Llama-3.2-1B LoRA, docs/benchmarks.md).  Those
+    buffers are rewritten by the next backward replay, so before replaying, any .grad still over
+    them (gradient accumulation keeps .grad across micro-batches) is moved into a copy of its
+    own, and accumulation adds into that copy.
   * The loss's denominator (tokens that count, or `num_items_in_batch`) is applied outside the
     graph, so it can change every step without a new capture.
   * What is captured need not be a scalar loss: `StepGraphs.replay` takes a function returning a
@@ -167,6 +171,7 @@ class CapturedStep:
         no_rng_stash,
         backward: bool = True,
         warm_up_in_pool: bool = False,
+        grad_buffers: list[torch.Tensor] | None = None,
     ):
         self.n_inputs = len(inputs)
         self.backward = backward
@@ -205,7 +210,9 @@ class CapturedStep:
             self.grad_out = torch.ones_like(outs[0])
             if backward:
                 with torch.cuda.graph(self.bwd, pool=pool, stream=side):
-                    grads = torch.autograd.grad(outs[0], aliases, grad_outputs=self.grad_out, allow_unused=True)
+                    made = torch.autograd.grad(outs[0], aliases, grad_outputs=self.grad_out, allow_unused=True)
+                    grads = _into_shared(made, grad_buffers)
+                    del made  # freed inside the capture: pool blocks the next capture may take
         self.outputs = [o.detach() for o in outs]
         self.loss = self.outputs[0]
         self.grads = list(grads)
@@ -222,6 +229,17 @@ class CapturedStep:
     def taken_outputs(self) -> tuple[torch.Tensor, ...]:
         # copies: the next replay of any graph in the pool may rewrite the static outputs
         return tuple(o.clone() for o in self.outputs)
+
+
+def _into_shared(made: tuple, buffers: list[torch.Tensor] | None) -> tuple:
+    """The gradients a captured backward made, copied into the model's shared gradient buffers
+    (`buffers`, one per parameter, None: keep `made`).  A parameter without a gradient keeps None."""
+    if buffers is None:
+        return made
+    pairs = [(b, g) for b, g in zip(buffers, made) if g is not None]
+    if pairs:
+        torch._foreach_copy_([b for b, _g in pairs], [g for _b, g in pairs])
+    return tuple(None if g is None else b for b, g in zip(buffers, made))
 
 
 @contextlib.contextmanager
@@ -299,7 +317,8 @@ class StepGraphs:
         self._seen: dict = {}
         self._steps: dict = {}
         self._refused: dict = {}
-        self._grad_ptrs: set[int] = set()  # every captured step's static gradients
+        self._grad_ptrs: set[int] = set()  # the static gradients captured steps hand out
+        self._grad_buffers: dict[int, torch.Tensor] = {}  # id(parameter) -> its shared static gradient
         self._armed: tuple[Any, int] | None = None
         self.layout = None  # the model's parameters listed once for the keys (graph_layout.ModelLayout)
         self._refuse_all: str | None = None  # set when a capture ran out of memory: eager from then on
@@ -377,7 +396,7 @@ class StepGraphs:
             if seen < wait:
                 self.stats.eager_calls += 1
                 return None
-            why = self._refuse_all or _room_for_capture(_gradient_bytes(slots) if backward else 0)
+            why = self._refuse_all or _room_for_capture(self._new_gradient_bytes(slots) if backward else 0)
             if why is None:
                 step, why = self._capture(fn, inputs, slots, backward)
             if step is None:
@@ -417,6 +436,7 @@ class StepGraphs:
                 self._no_rng_stash,
                 backward=backward,
                 warm_up_in_pool=bool(self._trained),
+                grad_buffers=self._shared_grads(slots) if backward else None,
             )
         except Exception as exc:  # noqa: BLE001 - an uncapturable model keeps training eagerly
             offload.discard_pending()
@@ -434,10 +454,25 @@ class StepGraphs:
         self.stats.captures += 1
         return step, None
 
+    def _shared_grads(self, slots) -> list[torch.Tensor]:
+        """Each trainable parameter's static gradient, shared by every captured step (see the module
+        docstring); made here, outside any capture, in the ordinary cache."""
+        out = []
+        for _m, _n, p in slots:
+            buf = self._grad_buffers.get(id(p))
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                buf = self._grad_buffers[id(p)] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            out.append(buf)
+        return out
+
+    def _new_gradient_bytes(self, slots) -> int:
+        """What a training capture adds for good: the shared gradients its parameters lack so far."""
+        return _gradient_bytes([slot for slot in slots if id(slot[2]) not in self._grad_buffers])
+
     def reclaim_grads(self, params) -> None:
         """Before any replay: a parameter's .grad that is still a captured step's static gradient
         (gradient accumulation keeps .grad across micro-batches) gets a copy of its own.  All
-        captures share one pool, so any replay may overwrite any step's static gradients."""
+        captured steps share one set of static gradients, which any backward replay rewrites."""
         if not self._grad_ptrs:
             return
         for p in params:
@@ -475,8 +510,8 @@ def _room_for_capture(static_bytes: int = 0) -> str | None:
     """Refuse to capture unless the largest step transient seen so far fits twice beside what is
     live: once in the graphs' pool (which keeps it for good) and once in the ordinary cache, which
     eager steps of other shapes still need and which the pool cannot borrow from; plus
-    `static_bytes`, what the captured step keeps allocated for good (a training step's gradient
-    buffers: every captured step has its own).  A plan sized tightly to the GPU therefore trains
+    `static_bytes`, what the captured step keeps allocated for good (the shared gradient buffers,
+    at the first training capture).  A plan sized tightly to the GPU therefore trains
     eagerly rather than risk running out of memory."""
     free, total = torch.cuda.mem_get_info()
     # Under a memory cap (plan.max_memory_gib: torch.cuda.set_per_process_memory_fraction) what

@@ -14,8 +14,8 @@ padding document has labels -100, so it adds nothing to the loss sum or its grad
 
 Rules beyond cuda_graphs.py's: the model must run sftop's packed attention (varlen_attention.py:
 its row boundaries come as a tensor, so nothing is read back to the host inside the capture), and
-the cuda_graphs patch part must be on (no dropout, the fused loss).  Every captured step keeps its
-own LoRA gradient buffers, so at most `MAX_BUCKET_GRAPHS` buckets are captured per model.
+the cuda_graphs patch part must be on (no dropout, the fused loss).  At most `MAX_BUCKET_GRAPHS`
+buckets are captured per model; their steps share one set of gradient buffers (cuda_graphs.py).
 """
 
 from __future__ import annotations

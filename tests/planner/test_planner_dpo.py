@@ -53,9 +53,11 @@ def test_reference_forward_runs_first_and_the_graphs_pool_is_counted_where_they_
         # never stack on the policy's saved tensors, so the policy step sets the peak
         assert eager.allocated_bytes == plain.allocated_bytes and "reference_forward" not in eager.terms
         graphed = estimate(shape, replace(setup, checkpointing=checkpointing), tokens, seq_len=2048)
-        # the graphs' pool keeps one step's dynamic memory, beside which another length runs eagerly
-        assert graphed.terms["graph_pool"] == _dynamic(eager) > 0
-        assert graphed.allocated_bytes == eager.allocated_bytes + _dynamic(eager)
+        # the graphs' pool keeps one step's dynamic memory, beside which another length runs eagerly,
+        # and the captured steps' shared gradients stay beside that step's own
+        pool = _dynamic(eager) + eager.terms["lora_grads"]
+        assert graphed.terms["graph_pool"] == pool and _dynamic(eager) > 0
+        assert graphed.allocated_bytes == eager.allocated_bytes + pool
         assert graphed.allocated_bytes == sum(
             v for k, v in graphed.terms.items() if k not in ("allocator_margin", "cuda_context")
         )
@@ -63,7 +65,7 @@ def test_reference_forward_runs_first_and_the_graphs_pool_is_counted_where_they_
     # the graphs pad lengths to a multiple of 256: a 1,000-token limit keeps 1,024-token transients
     padded = estimate(shape, replace(setup, cuda_graphs=False, checkpointing="on"), 2 * 4 * 1024, seq_len=1024)
     short = estimate(shape, replace(setup, checkpointing="on"), 2 * 4 * 1000, seq_len=1000, rows=8)
-    assert short.terms["graph_pool"] == _dynamic(padded)
+    assert short.terms["graph_pool"] == _dynamic(padded) + padded.terms["lora_grads"]
     # where the graphs stay off, nothing is added
     assert "graph_pool" not in estimate(shape, replace(setup, checkpointing="offload"), tokens, seq_len=2048).terms
     assert not setup_from_preset(_dpo(), "cpu").cuda_graphs

@@ -24,7 +24,6 @@ from typing import Any, Iterable, Literal, Mapping
 from sftop.kernels.constants import (
     DPO_GRAPH_LENGTH_MULTIPLE,
     FUSED_CE_CHUNK_BYTES,
-    MAX_BUCKET_GRAPHS,
     MLP_DH_CHUNK_BYTES,
     dh_chunk_rows,
     projections_worth_keeping,
@@ -630,9 +629,9 @@ def graph_pool_bytes(shape: ModelShape, setup: Setup, tokens: int, seq_len: int,
     DPO: the reference forward and the policy step, at the pair length padded up to the graphs'
     multiple (the graphs pad on the GPU so that lengths repeat); not with offloaded checkpointing.
     SFT: packed micro-batches through sftop's packed attention, padded up to their length bucket
-    (`tokens` is the largest), without dropout; with the gradient buffers every bucket's captured
-    step keeps (up to MAX_BUCKET_GRAPHS of them).  Never with images, without the fused loss
-    (kernels off) or on the CPU."""
+    (`tokens` is the largest), without dropout.  Both: plus the one set of gradient buffers every
+    captured step shares, which stays beside an eager step's own gradients.  Never with images,
+    without the fused loss (kernels off) or on the CPU."""
     if not (setup.cuda_graphs and setup.on_gpu and setup.kernels and setup.loss == "fused") or setup.images is not None:
         return 0
     if setup.preference:
@@ -643,14 +642,11 @@ def graph_pool_bytes(shape: ModelShape, setup: Setup, tokens: int, seq_len: int,
     elif not (setup.packed and setup.attention == "varlen") or setup.lora_dropout > 0:
         return 0
     eager = estimate(shape, replace(setup, cuda_graphs=False), tokens, seq_len=seq_len, rows=rows)
-    pool = eager.allocated_bytes - sum(eager.terms.get(k, 0) for k in _STATIC_TERMS)
-    if not setup.preference:
-        # each bucket's captured step keeps gradient buffers of its own for the LoRA parameters:
-        # measured, a packed Llama-3.2-1B run's memory allocated between steps rose by 0.042 GiB
-        # (its LoRA gradients) with each bucket captured, 0.36 GiB above the same plan's eager run
-        # after 16 steps (docs/benchmarks.md, 2026-12-06)
-        pool += MAX_BUCKET_GRAPHS * eager.terms["lora_grads"]
-    return pool
+    dynamic = eager.allocated_bytes - sum(eager.terms.get(k, 0) for k in _STATIC_TERMS)
+    # the captured steps' shared gradient buffers (cuda_graphs.StepGraphs._shared_grads): one set,
+    # where each bucket's step once kept its own and a packed Llama-3.2-1B run's memory between
+    # steps rose by its 0.042 GiB of LoRA gradients with every bucket captured (docs/benchmarks.md)
+    return dynamic + eager.terms["lora_grads"]
 
 
 def _add_image_terms(terms: dict[str, int], shape: ModelShape, setup: Setup, rows: int, notes: list[str]) -> None:
