@@ -28,6 +28,7 @@ from trl import DPOConfig, DPOTrainer
 
 from sftop.engine.train.dpo_step import DeferredMetrics, sigmoid_dpo_loss, takes_fast_path
 from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
+from sftop.kernels.patching import checkpointing
 
 
 def build_dpo_config(
@@ -112,6 +113,10 @@ class SftopDPOTrainer(DPOTrainer):
         )
         self.sftop_head = "stock: train.kernels off or not available"
         self.sftop_graphs = "off: no fused log-prob head"
+        # TRL switches checkpointing off for every reference forward and back on with the arguments'
+        # whole dict, offload and layer spacing inside: the wrapper reads them there, kernels or not
+        policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        checkpointing.install(policy)
         if kernel_head:
             from sftop.kernels.logprob_graphs import graphs_status
             from sftop.kernels.patching.logprob_head import install_logprob_head

@@ -40,6 +40,13 @@ def install(model: nn.Module) -> None:
         gradient_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
     ):
         gc_kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
+        # Trainer pops these two from TrainingArguments' dict before it calls here, but TRL's
+        # DPOTrainer re-enables checkpointing after every reference forward with the whole dict:
+        # read there too, or every step after the first silently loses the plan's offload and
+        # checkpoint spacing (a DPO plan's "offload" peaked as high as "on": docs/benchmarks.md)
+        every_n_layers = int(gc_kwargs.pop("every_n_layers", every_n_layers))
+        offload = bool(gc_kwargs.pop("offload", offload))
+        given = None if gradient_checkpointing_kwargs is None else (gc_kwargs or None)
         # reentrant checkpointing saves nothing through autograd's hooks and recomputes inside
         # its own backward: neither of our changes applies to it
         ours = gc_kwargs.get("use_reentrant", True) is False
@@ -52,7 +59,7 @@ def install(model: nn.Module) -> None:
                 "ignore", message=r"`gradient_checkpointing_enable` is deprecated", category=FutureWarning
             )
             original(
-                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+                gradient_checkpointing_kwargs=given,
                 every_n_layers=every_n_layers,
                 offload=offload and not overlapped,
             )

@@ -1,0 +1,102 @@
+"""A DPO run keeps its plan's checkpointing for every step.
+
+TRL's DPOTrainer switches checkpointing off around each reference forward and back on with the
+TrainingArguments' whole `gradient_checkpointing_kwargs`, where the plan's `offload` and
+`every_n_layers` sit (Trainer itself pops them before it calls the model).  Passed on as they are,
+they reached torch's checkpoint as layer arguments and were ignored: from the second step on, an
+"offload" plan kept its layer inputs on the GPU and a spaced plan checkpointed every layer."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
+from trl.models.utils import disable_gradient_checkpointing
+
+from sftop.engine.train.checkpointing_api import enable_checkpointing
+from sftop.kernels.patching import checkpointing
+from sftop.kernels.patching import markers as M
+
+PLAN_KWARGS = {"use_reentrant": False, "offload": True, "every_n_layers": 2}
+
+
+def _llama(layers=4):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _state(model):
+    """(transformers' offload on, which layers are checkpointed)."""
+    layers = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    return model.__dict__.get(M.OFFLOADING), layers
+
+
+def _as_trainer_enables(model, kwargs):
+    """What Trainer does with TrainingArguments' dict: the two keys popped and passed on their own."""
+    kwargs = dict(kwargs)
+    every = kwargs.pop("every_n_layers", 1)
+    offload = kwargs.pop("offload", False)
+    enable_checkpointing(model, kwargs or None, every_n_layers=every, offload=offload)
+
+
+def test_switching_checkpointing_back_on_with_the_whole_dict_keeps_offload_and_spacing():
+    model = _llama()
+    checkpointing.install(model)
+    _as_trainer_enables(model, PLAN_KWARGS)
+    first = _state(model)
+    # this CPU has no overlapped offload: transformers' own offload carries the plan's choice
+    assert first == (True, [True, False, True, False])
+    with disable_gradient_checkpointing(model, PLAN_KWARGS):
+        assert not any(_state(model)[1])
+    assert _state(model) == first
+    # a dict without them keeps the arguments given, as before
+    model.gradient_checkpointing_enable({"use_reentrant": False}, every_n_layers=2)
+    assert _state(model) == (False, [True, False, True, False])
+
+
+def test_the_dpo_trainer_reference_forward_keeps_the_plans_checkpointing(home, tmp_path):
+    from trl import DPOConfig
+
+    from sftop.engine.data.preference_prepare import prepare_preferences
+    from sftop.engine.models.loading import load_model
+    from sftop.engine.presets import load_preset
+    from sftop.engine.train.dpo import SftopDPOTrainer
+    from sftop.engine.train.trainer import UpdateGuard
+
+    preset, _ = load_preset("demo-dpo", ['train.kernels="off"', "data.max_rows=8", 'model.adapter=""'])
+    preset = preset.model_copy(update={"model": preset.model.model_copy(update={"adapter": None})})
+    model, tokenizer, _ = load_model(preset)
+    data = prepare_preferences(preset, tokenizer)
+    kwargs = {"use_reentrant": False, "every_n_layers": 2}
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        max_length=None,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=4,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs=kwargs,
+    )
+    trainer = SftopDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        processing_class=tokenizer,
+        guard=UpdateGuard(3),
+        save_total_limit=1,
+    )
+    base = trainer.model.get_base_model()
+    _as_trainer_enables(trainer.model, kwargs)
+    first = _state(base)
+    assert first[1][:2] == [True, False] and len(first[1]) >= 2
+    batch = trainer.data_collator([data.train[i] for i in range(4)])
+    trainer.compute_ref_log_probs(trainer.model, batch)  # TRL switches checkpointing off and on here
+    assert _state(base) == first
