@@ -66,8 +66,11 @@ def test_reference_forward_runs_first_and_the_graphs_pool_is_counted_where_they_
     padded = estimate(shape, replace(setup, cuda_graphs=False, checkpointing="on"), 2 * 4 * 1024, seq_len=1024)
     short = estimate(shape, replace(setup, checkpointing="on"), 2 * 4 * 1000, seq_len=1000, rows=8)
     assert short.terms["graph_pool"] == _dynamic(padded) + padded.terms["lora_grads"]
+    # offloaded checkpointing (sftop's overlapped copies) is captured too: its pool is counted
+    offloaded = estimate(shape, replace(setup, cuda_graphs=False, checkpointing="offload"), tokens, seq_len=2048)
+    graphed = estimate(shape, replace(setup, checkpointing="offload"), tokens, seq_len=2048)
+    assert graphed.terms["graph_pool"] == _dynamic(offloaded) + offloaded.terms["lora_grads"]
     # where the graphs stay off, nothing is added
-    assert "graph_pool" not in estimate(shape, replace(setup, checkpointing="offload"), tokens, seq_len=2048).terms
     assert not setup_from_preset(_dpo(), "cpu").cuda_graphs
     # SFT: the packed bucket graphs (test_planner_cap.py sizes them), never unpacked rows
     assert setup_from_preset(preset(packing=True), "cuda:0").cuda_graphs

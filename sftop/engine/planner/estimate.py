@@ -238,7 +238,7 @@ class Setup:
     # trainer, sftop/engine/train/dpo.py), before the policy's forward, with none of its tensors.
     preference: bool = False
     # sftop's CUDA graphs may engage: DPO's (sftop/kernels/logprob_graphs.py: a GPU, the fused head,
-    # no offloaded checkpointing, no images) and packed SFT's, one per token-length bucket
+    # no images) and packed SFT's, one per token-length bucket
     # (sftop/kernels/packed_graphs.py: sftop's packed attention, no dropout).  Where they do,
     # their pool keeps a step's transients for replay, beside which a batch of a length not captured
     # yet runs eagerly.
@@ -627,7 +627,8 @@ def graph_pool_bytes(shape: ModelShape, setup: Setup, tokens: int, seq_len: int,
     capture rule (cuda_graphs._room_for_capture) demands room for both.
 
     DPO: the reference forward and the policy step, at the pair length padded up to the graphs'
-    multiple (the graphs pad on the GPU so that lengths repeat); not with offloaded checkpointing.
+    multiple (the graphs pad on the GPU so that lengths repeat), with offloaded checkpointing too
+    (sftop's overlapped copies, which a capture takes).
     SFT: packed micro-batches through sftop's packed attention, padded up to their length bucket
     (`tokens` is the largest), without dropout.  Both: plus the one set of gradient buffers every
     captured step shares, which stays beside an eager step's own gradients.  Never with images,
@@ -635,7 +636,7 @@ def graph_pool_bytes(shape: ModelShape, setup: Setup, tokens: int, seq_len: int,
     if not (setup.cuda_graphs and setup.on_gpu and setup.kernels and setup.loss == "fused") or setup.images is not None:
         return 0
     if setup.preference:
-        if setup.checkpointing == "offload" or setup.packed:
+        if setup.packed:
             return 0
         seq_len = -(-seq_len // DPO_GRAPH_LENGTH_MULTIPLE) * DPO_GRAPH_LENGTH_MULTIPLE
         tokens = rows * seq_len
