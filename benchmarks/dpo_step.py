@@ -156,7 +156,7 @@ def _one(args, path: str) -> dict:
             if args.profile and len(self.times) == args.warmup + args.steps:  # the timed steps are done
                 from torch.profiler import ProfilerActivity, profile
 
-                self.prof = profile(activities=[ProfilerActivity.CUDA])
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 self.prof.__enter__()
             self.t0 = time.perf_counter()
 
@@ -284,10 +284,18 @@ def _one(args, path: str) -> dict:
     if timer.prof is not None:
         # GPU busy time against the wall time of the same steps: what is left is host time
         # (Python, TRL's bookkeeping, syncs) during which the GPU waits
+        from sftop.engine.train import profiling
+
         out.update(step_bench.summarise_profile(timer.prof, PROFILED_STEPS))
         wall = sum(timer.times[-PROFILED_STEPS:]) / PROFILED_STEPS
         out["profile_wall_ms_per_step"] = round(wall * 1e3, 2)
-        out["profile_gpu_idle_share"] = round(max(0.0, 1 - out["profile_gpu_ms_per_step"] / (wall * 1e3)), 3)
+        # the GPU's busy time as the union over streams (copies beside kernels count once), and the
+        # host operations that cost the most, as step_bench.py --profile reports them
+        events = profiling.device_events(timer.prof.profiler.kineto_results.events())
+        busy = profiling.busy_ns([(a, b) for _n, on_device, a, b, _t in events if on_device]) / 1e6 / PROFILED_STEPS
+        out["profile_gpu_busy_ms_per_step"] = round(busy, 2)
+        out["profile_gpu_idle_share"] = round(max(0.0, 1 - busy / (wall * 1e3)), 3)
+        out["profile_top_host_ops"] = profiling.top_host_ops(timer.prof, PROFILED_STEPS)
     return out
 
 
@@ -453,9 +461,13 @@ def main(argv=None) -> int:
                 )
             if "profile_share" in r:
                 print(
-                    f"         GPU {r['profile_gpu_ms_per_step']:.1f} ms of a {r['profile_wall_ms_per_step']:.1f} ms step "
-                    f"(idle {r['profile_gpu_idle_share']:.0%}); by kind: "
+                    f"         GPU busy {r['profile_gpu_busy_ms_per_step']:.1f} ms of a {r['profile_wall_ms_per_step']:.1f} "
+                    f"ms step (idle {r['profile_gpu_idle_share']:.0%}); kernel time by kind: "
                     + ", ".join(f"{k} {v:.0%}" for k, v in list(r["profile_share"].items())[:6])
+                )
+                print(
+                    "         host ops (own ms, calls a step): "
+                    + ", ".join(f"{name} {ms} ({n})" for name, ms, n in r["profile_top_host_ops"][:8])
                 )
     if args.json:
         with open(args.json, "w") as f:
