@@ -25,10 +25,13 @@ counts.  A left-padded batch (TRL's vision collator pads prompts on the left), a
 0/1, a counted label under padding, or any other input (images, position ids, embeddings) runs
 eagerly, exactly as before.
 
-Host reads: one per forward, the check above together with the first scored position; a second
-call with the very same tensors reuses the answer.  (TRL builds the labels afresh for the reference
-forward and the policy's, so a DPO micro-batch reads twice: the second read waits for the reference
-replay, a few hundred microseconds of idle GPU in an ~90 ms step.)
+Host reads: one per micro-batch, the check above together with the first scored position.  A
+second call with the very same tensors reuses the answer, and so does any call while
+`labels_from_one_batch` is active with the same token ids and mask: TRL builds the labels afresh
+for the reference forward and the policy's (`input_ids.masked_fill(completion_mask == 0, -100)`
+both times, as sftop's DPO loss does), so sftop's DPO trainer runs a micro-batch's forwards inside
+it.  Without it the policy's read waited for the reference replay, and the host could not queue
+the policy's forward meanwhile.
 
 Keys: everything `cuda_graphs.py` keys on, the scoring start, whether gradients are on, and every adapter layer's
 state (disabled, merged, which adapters are active).  PEFT's `disable_adapter()` flips
@@ -42,6 +45,8 @@ called there runs eagerly).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -86,19 +91,38 @@ class LogprobGraphs:
     def adapter_state(self) -> tuple:
         return self.layout.adapter_state()
 
-    def first_scored(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None) -> int | None:
+    def first_scored(
+        self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, one_batch: bool = False
+    ) -> int | None:
         """The first position any row scores (see `batch_check`), or None when the batch must run
-        eagerly.  The reference forward gets the very tensors the policy forward got: it reuses the
-        answer instead of reading the device again."""
+        eagerly.  A call with the very tensors of the last one reuses its answer instead of reading
+        the device again; with `one_batch` (labels_from_one_batch) the same token ids and mask
+        suffice, the labels being built from them the same way."""
         tensors = (ids, labels, mask)
         versions = tuple(None if t is None else t._version for t in tensors)
         c = self._checked
-        if c is not None and all(a is b for a, b in zip(c[0], tensors)) and c[1] == versions:
-            return c[2]
+        if c is not None:
+            same = [a is b and va == vb for a, b, va, vb in zip(c[0], tensors, c[1], versions)]
+            if all(same) or (one_batch and same[0] and same[2] and c[0][1].shape == labels.shape):
+                return c[2]
         ok, first = batch_check(labels, mask).tolist()  # the one host read of a step
         answer = int(first) if ok else None
         self._checked = (tensors, versions, answer)
         return answer
+
+
+@contextlib.contextmanager
+def labels_from_one_batch(lm: nn.Module):
+    """While active, every log-prob forward of `lm` with the same token ids and mask takes labels
+    built from them the same way (one DPO micro-batch's reference and policy forwards): the graphs
+    read the batch check once for all of them (see the module docstring)."""
+    outermost = M.LABELS_FROM_ONE_BATCH not in lm.__dict__
+    lm.__dict__[M.LABELS_FROM_ONE_BATCH] = True
+    try:
+        yield
+    finally:
+        if outermost:
+            lm.__dict__.pop(M.LABELS_FROM_ONE_BATCH, None)
 
 
 def batch_check(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -185,7 +209,12 @@ def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
         graphs = lm.__dict__[M.LOGPROB_GRAPHS] = LogprobGraphs(lm)
     mask = kwargs.get("attention_mask")
     labels = labels.to(ids.device)
-    first = graphs.first_scored(ids, labels, mask.to(ids.device) if mask is not None else None)
+    first = graphs.first_scored(
+        ids,
+        labels,
+        mask.to(ids.device) if mask is not None else None,
+        one_batch=bool(lm.__dict__.get(M.LABELS_FROM_ONE_BATCH)),
+    )
     if first is None:
         return None
     grad = torch.is_grad_enabled()

@@ -145,6 +145,34 @@ def test_left_padding_is_refused_and_the_check_reads_once_per_batch(monkeypatch)
     assert graphs.first_scored(ids.clone(), labels.clone(), mask) is None and len(reads) == 3
 
 
+def test_one_batchs_forwards_read_its_check_once_whatever_labels_tensor_they_get(monkeypatch):
+    """Inside labels_from_one_batch the policy forward's labels, built afresh from the same batch,
+    reuse the reference forward's answer; outside it, and for other ids, mask or a changed tensor,
+    the check is read again."""
+    ids, mask, labels = _right_padded_batch([6, 4], [2, 3])
+    lm = tiny_model("llama", lora=False)
+    graphs = lg.LogprobGraphs(lm)
+    reads = []
+    real = lg.batch_check
+    monkeypatch.setattr(lg, "batch_check", lambda *a: reads.append(1) or real(*a))
+    assert graphs.first_scored(ids, labels, mask) == 1
+    # labels built again from the same batch: a new tensor
+    assert graphs.first_scored(ids, labels.clone(), mask) == 1 and len(reads) == 2
+    assert graphs.first_scored(ids, labels.clone(), mask, one_batch=True) == 1 and len(reads) == 2
+    assert graphs.first_scored(ids, labels.clone(), mask.clone(), one_batch=True) == 1 and len(reads) == 3
+    assert graphs.first_scored(ids.clone(), labels, mask, one_batch=True) == 1 and len(reads) == 4
+    graphs.first_scored(ids, labels, mask)
+    assert len(reads) == 5
+    ids.add_(0)  # changed in place (its version moves): read again
+    assert graphs.first_scored(ids, labels.clone(), mask, one_batch=True) == 1 and len(reads) == 6
+    # the switch is scoped to the model and removed afterwards
+    with lg.labels_from_one_batch(lm):
+        with lg.labels_from_one_batch(lm):
+            assert lm.__dict__[lg.M.LABELS_FROM_ONE_BATCH] is True
+        assert lm.__dict__[lg.M.LABELS_FROM_ONE_BATCH] is True
+    assert lg.M.LABELS_FROM_ONE_BATCH not in lm.__dict__
+
+
 def test_lengths_share_buckets_and_inputs_are_padded_with_ignored_labels():
     assert [lg.padded_length(n) for n in (1, 255, 256, 257, 1024, 1025)] == [256, 256, 256, 512, 1024, 1280]
     # 768 prompt tokens of 1,024: scoring starts at 512; never past the first scored position
@@ -285,8 +313,11 @@ def test_graphed_path_through_trl_equals_eager_with_the_capture_run_directly(tmp
     calls, reads = [], []
     real_check = lg.batch_check
 
+    graph_inputs = []
+
     def run_directly(self, key, fn, inputs, slots, backward=True):
         calls.append((key, backward, torch.is_grad_enabled(), len(slots)))
+        graph_inputs.append(inputs)
         return fn(*inputs)
 
     results = []
@@ -336,7 +367,12 @@ def test_graphed_path_through_trl_equals_eager_with_the_capture_run_directly(tmp
     assert abs(m_e["rewards/margins"]) > 1e-3
     for a, b in zip(g_e, g_g):
         assert rel_err(b, a) < 1e-4
-    assert len(calls) == 2 and len(reads) == 2  # TRL builds each forward's labels afresh
+    # one batch check for both forwards (labels_from_one_batch): TRL builds each forward's labels
+    # afresh, from the same batch the same way, which is what lets the policy reuse the answer
+    assert len(calls) == 2 and len(reads) == 1
+    (ids_ref, labels_ref), (ids_policy, labels_policy) = graph_inputs
+    assert torch.equal(ids_ref, ids_policy) and torch.equal(labels_ref, labels_policy)
+    assert lg.M.LABELS_FROM_ONE_BATCH not in model.get_base_model().__dict__
     # the reference forward first (its graph shares the policy's pool: cuda_graphs.StepGraphs)
     (ref_key, r_backward, r_grad, r_slots), (policy_key, p_backward, p_grad, p_slots) = calls
     assert (p_backward, p_grad, p_slots) == (True, True, 2 * 7 * 2)

@@ -28,6 +28,7 @@ from trl import DPOConfig, DPOTrainer
 
 from sftop.engine.train.dpo_step import DeferredMetrics, sigmoid_dpo_loss, takes_fast_path
 from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
+from sftop.kernels.logprob_graphs import labels_from_one_batch
 from sftop.kernels.patching import checkpointing
 
 
@@ -117,6 +118,7 @@ class SftopDPOTrainer(DPOTrainer):
         # whole dict, offload and layer spacing inside: the wrapper reads them there, kernels or not
         policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         checkpointing.install(policy)
+        self._sftop_policy = policy
         if kernel_head:
             from sftop.kernels.logprob_graphs import graphs_status
             from sftop.kernels.patching.logprob_head import install_logprob_head
@@ -145,6 +147,13 @@ class SftopDPOTrainer(DPOTrainer):
         # (sftop/kernels/cuda_graphs.py).
         if self.precompute_ref_logps:
             return super()._compute_loss(model, inputs, return_outputs)
+        # both forwards build their labels from this batch the same way: the graphs read its batch
+        # check once (sftop/kernels/logprob_graphs.py), and the host queues the policy's forward
+        # while the reference's runs
+        with labels_from_one_batch(self._sftop_policy):
+            return self._reference_then_policy(model, inputs, return_outputs)
+
+    def _reference_then_policy(self, model, inputs, return_outputs):
         reference = self.ref_model if self.ref_model is not None else self.model
         ref_chosen, ref_rejected = self.compute_ref_log_probs(reference, inputs)
         if takes_fast_path(self, return_outputs):

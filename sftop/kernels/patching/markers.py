@@ -48,6 +48,8 @@ ROPE_ORIGINAL = "_sftop_original"
 LOGPROB_HEAD = "_sftop_logprob_head"
 # logprob_graphs: the log-prob head's captured steps (policy and reference forwards)
 LOGPROB_GRAPHS = "_sftop_logprob_graphs"
+# set while one micro-batch's log-prob forwards run (logprob_graphs.labels_from_one_batch)
+LABELS_FROM_ONE_BATCH = "_sftop_labels_from_one_batch"
 
 # vision tower parts (patching/vision_tower.py): the tower config's attention implementation
 # before ours (its forwards, and the vision MLP's GLU and LoRA_MLP_ADAPTER, use the names above)
