@@ -25,13 +25,16 @@ counts.  A left-padded batch (TRL's vision collator pads prompts on the left), a
 0/1, a counted label under padding, or any other input (images, position ids, embeddings) runs
 eagerly, exactly as before.
 
-Host reads: one per micro-batch, the check above together with the first scored position.  A
-second call with the very same tensors reuses the answer, and so does any call while
+Host reads: at most one per micro-batch, the check above together with the first scored position.
+A second call with the very same tensors reuses the answer, and so does any call while
 `labels_from_one_batch` is active with the same token ids and mask: TRL builds the labels afresh
 for the reference forward and the policy's (`input_ids.masked_fill(completion_mask == 0, -100)`
 both times, as sftop's DPO loss does), so sftop's DPO trainer runs a micro-batch's forwards inside
 it.  Without it the policy's read waited for the reference replay, and the host could not queue
-the policy's forward meanwhile.
+the policy's forward meanwhile.  sftop's DPO collator works the check out on the host from the
+collated batch (sftop/engine/train/dpo_batch_check.py) and hands it in, so that the reference's
+read goes too: each read makes the host wait for the GPU to drain, and what the host does next runs
+with the GPU idle.
 
 Keys: everything `cuda_graphs.py` keys on, the scoring start, whether gradients are on, and every adapter layer's
 state (disabled, merged, which adapters are active).  PEFT's `disable_adapter()` flips
@@ -92,12 +95,18 @@ class LogprobGraphs:
         return self.layout.adapter_state()
 
     def first_scored(
-        self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, one_batch: bool = False
+        self,
+        ids: torch.Tensor,
+        labels: torch.Tensor,
+        mask: torch.Tensor | None,
+        one_batch: bool = False,
+        known=None,
     ) -> int | None:
         """The first position any row scores (see `batch_check`), or None when the batch must run
         eagerly.  A call with the very tensors of the last one reuses its answer instead of reading
         the device again; with `one_batch` (labels_from_one_batch) the same token ids and mask
-        suffice, the labels being built from them the same way."""
+        suffice, the labels being built from them the same way.  `known`: the batch's check worked
+        out on the host (its `ok` and `first`), taken instead of a read."""
         tensors = (ids, labels, mask)
         versions = tuple(None if t is None else t._version for t in tensors)
         c = self._checked
@@ -105,24 +114,38 @@ class LogprobGraphs:
             same = [a is b and va == vb for a, b, va, vb in zip(c[0], tensors, c[1], versions)]
             if all(same) or (one_batch and same[0] and same[2] and c[0][1].shape == labels.shape):
                 return c[2]
-        ok, first = batch_check(labels, mask).tolist()  # the one host read of a step
+        if known is not None:
+            ok, first = known.ok, known.first
+        else:
+            ok, first = batch_check(labels, mask).tolist()  # a host read: the GPU drains first
         answer = int(first) if ok else None
         self._checked = (tensors, versions, answer)
         return answer
 
 
 @contextlib.contextmanager
-def labels_from_one_batch(lm: nn.Module):
+def labels_from_one_batch(lm: nn.Module, known=None):
     """While active, every log-prob forward of `lm` with the same token ids and mask takes labels
     built from them the same way (one DPO micro-batch's reference and policy forwards): the graphs
-    read the batch check once for all of them (see the module docstring)."""
-    outermost = M.LABELS_FROM_ONE_BATCH not in lm.__dict__
-    lm.__dict__[M.LABELS_FROM_ONE_BATCH] = True
+    read the batch check once for all of them (see the module docstring).  `known`: that check
+    already worked out on the host from the collated batch (an object with `ok` and `first`, as
+    sftop/engine/train/dpo_batch_check.py makes), so that no forward reads the device for it."""
+    previous = lm.__dict__.get(M.LABELS_FROM_ONE_BATCH)
+    lm.__dict__[M.LABELS_FROM_ONE_BATCH] = _OneBatch(known)
     try:
         yield
     finally:
-        if outermost:
+        if previous is None:
             lm.__dict__.pop(M.LABELS_FROM_ONE_BATCH, None)
+        else:
+            lm.__dict__[M.LABELS_FROM_ONE_BATCH] = previous
+
+
+class _OneBatch:
+    """What labels_from_one_batch leaves on the model while it is active."""
+
+    def __init__(self, known):
+        self.known = known
 
 
 def batch_check(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -209,11 +232,13 @@ def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
         graphs = lm.__dict__[M.LOGPROB_GRAPHS] = LogprobGraphs(lm)
     mask = kwargs.get("attention_mask")
     labels = labels.to(ids.device)
+    scope = lm.__dict__.get(M.LABELS_FROM_ONE_BATCH)
     first = graphs.first_scored(
         ids,
         labels,
         mask.to(ids.device) if mask is not None else None,
-        one_batch=bool(lm.__dict__.get(M.LABELS_FROM_ONE_BATCH)),
+        one_batch=scope is not None,
+        known=None if scope is None else scope.known,
     )
     if first is None:
         return None

@@ -165,11 +165,20 @@ def test_one_batchs_forwards_read_its_check_once_whatever_labels_tensor_they_get
     assert len(reads) == 5
     ids.add_(0)  # changed in place (its version moves): read again
     assert graphs.first_scored(ids, labels.clone(), mask, one_batch=True) == 1 and len(reads) == 6
-    # the switch is scoped to the model and removed afterwards
-    with lg.labels_from_one_batch(lm):
+    # a check worked out on the host is taken instead of a read, for a batch not seen yet
+    from sftop.engine.train.dpo_batch_check import HostBatchCheck
+
+    fresh = ids.clone()
+    assert graphs.first_scored(fresh, labels, mask, one_batch=True, known=HostBatchCheck(True, 1)) == 1
+    assert graphs.first_scored(fresh, labels.clone(), mask, one_batch=True) == 1 and len(reads) == 6
+    assert graphs.first_scored(ids.clone(), labels, mask, one_batch=True, known=HostBatchCheck(False, 0)) is None
+    assert len(reads) == 6
+    # the switch is scoped to the model, nests, and is removed afterwards
+    outer = HostBatchCheck(True, 3)
+    with lg.labels_from_one_batch(lm, outer):
         with lg.labels_from_one_batch(lm):
-            assert lm.__dict__[lg.M.LABELS_FROM_ONE_BATCH] is True
-        assert lm.__dict__[lg.M.LABELS_FROM_ONE_BATCH] is True
+            assert lm.__dict__[lg.M.LABELS_FROM_ONE_BATCH].known is None
+        assert lm.__dict__[lg.M.LABELS_FROM_ONE_BATCH].known is outer
     assert lg.M.LABELS_FROM_ONE_BATCH not in lm.__dict__
 
 
@@ -310,8 +319,13 @@ def test_graphed_path_through_trl_equals_eager_with_the_capture_run_directly(tmp
     from sftop.engine.train.trainer import UpdateGuard
     from test_dpo_logprob_head import _trainer
 
-    calls, reads = [], []
+    calls, reads, known = [], [], []
     real_check = lg.batch_check
+    real_first_scored = lg.LogprobGraphs.first_scored
+
+    def first_scored(self, *a, **k):
+        known.append(k.get("known"))
+        return real_first_scored(self, *a, **k)
 
     graph_inputs = []
 
@@ -339,6 +353,7 @@ def test_graphed_path_through_trl_equals_eager_with_the_capture_run_directly(tmp
             monkeypatch.setattr(lg, "_capturable", lambda ids: True)
             monkeypatch.setattr(lg.StepGraphs, "replay", run_directly)
             monkeypatch.setattr(lg, "batch_check", lambda *a: reads.append(1) or real_check(*a))
+            monkeypatch.setattr(lg.LogprobGraphs, "first_scored", first_scored)
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
         assert (batch["attention_mask"] == 0).any()  # right padding present
         model.train()
@@ -367,9 +382,12 @@ def test_graphed_path_through_trl_equals_eager_with_the_capture_run_directly(tmp
     assert abs(m_e["rewards/margins"]) > 1e-3
     for a, b in zip(g_e, g_g):
         assert rel_err(b, a) < 1e-4
-    # one batch check for both forwards (labels_from_one_batch): TRL builds each forward's labels
-    # afresh, from the same batch the same way, which is what lets the policy reuse the answer
-    assert len(calls) == 2 and len(reads) == 1
+    # one batch check for both forwards, worked out by the collator on the host and handed to the
+    # graphs (labels_from_one_batch): no forward reads it from the device.  TRL builds each
+    # forward's labels afresh, from the same batch the same way, which is what makes that right
+    assert len(calls) == 2 and len(reads) == 1 and len(known) == 2
+    ok, first = real_check(batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100), batch["attention_mask"])
+    assert known[0] is not None and (known[0].ok, known[0].first) == (bool(ok), int(first))
     (ids_ref, labels_ref), (ids_policy, labels_policy) = graph_inputs
     assert torch.equal(ids_ref, ids_policy) and torch.equal(labels_ref, labels_policy)
     assert lg.M.LABELS_FROM_ONE_BATCH not in model.get_base_model().__dict__
@@ -450,7 +468,7 @@ def _dpo_steps(model, tmp_path, batches, accumulate=1, peaks=None):
         if peaks is not None and i % accumulate == 0:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        batch = {k: v.cuda() for k, v in trainer.data_collator(rows).items()}
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in trainer.data_collator(rows).items()}
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = trainer.compute_loss(model, batch)
         loss.backward()
@@ -529,7 +547,7 @@ def test_reference_graph_runs_with_the_adapter_off(tmp_path):
     base = model.get_base_model()
     stats = lg.graph_stats(base)
     assert stats.captures == 2, stats
-    batch = {k: v.cuda() for k, v in trainer.data_collator(batches[-1]).items()}
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in trainer.data_collator(batches[-1]).items()}
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     kwargs = dict(
         input_ids=batch["input_ids"],

@@ -26,6 +26,7 @@ import torch
 from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer
 
+from sftop.engine.train.dpo_batch_check import BatchCheckingCollator, take_batch_check
 from sftop.engine.train.dpo_step import DeferredMetrics, sigmoid_dpo_loss, takes_fast_path
 from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
 from sftop.kernels.logprob_graphs import labels_from_one_batch
@@ -119,6 +120,8 @@ class SftopDPOTrainer(DPOTrainer):
         policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         checkpointing.install(policy)
         self._sftop_policy = policy
+        # the graphs' batch check worked out on the host as each batch is collated
+        self.data_collator = BatchCheckingCollator(self.data_collator)
         if kernel_head:
             from sftop.kernels.logprob_graphs import graphs_status
             from sftop.kernels.patching.logprob_head import install_logprob_head
@@ -145,13 +148,19 @@ class SftopDPOTrainer(DPOTrainer):
         # activations; before it, its transients are gone when the policy's forward starts, which
         # lowers the eager peak and lets the CUDA graphs of both forwards share one memory pool
         # (sftop/kernels/cuda_graphs.py).
+        inputs, checked = take_batch_check(inputs)
         if self.precompute_ref_logps:
             return super()._compute_loss(model, inputs, return_outputs)
-        # both forwards build their labels from this batch the same way: the graphs read its batch
-        # check once (sftop/kernels/logprob_graphs.py), and the host queues the policy's forward
-        # while the reference's runs
-        with labels_from_one_batch(self._sftop_policy):
+        # both forwards build their labels from this batch the same way: the graphs take its batch
+        # check from the collator, worked out on the host (or read it once where the batch came
+        # without it), and the host never waits for the GPU to choose a captured step
+        # (sftop/kernels/logprob_graphs.py)
+        with labels_from_one_batch(self._sftop_policy, checked):
             return self._reference_then_policy(model, inputs, return_outputs)
+
+    def compute_ref_log_probs(self, model, inputs):
+        # TRL's own callers too (its dataset-wide precomputation) hand the model every batch key
+        return super().compute_ref_log_probs(model, take_batch_check(inputs)[0])
 
     def _reference_then_policy(self, model, inputs, return_outputs):
         reference = self.ref_model if self.ref_model is not None else self.model
