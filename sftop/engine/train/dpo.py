@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from transformers import TrainingArguments
@@ -121,7 +121,8 @@ class SftopDPOTrainer(DPOTrainer):
         checkpointing.install(policy)
         self._sftop_policy = policy
         # the graphs' batch check worked out on the host as each batch is collated
-        self.data_collator = BatchCheckingCollator(self.data_collator)
+        collator: Any = self.data_collator
+        self.data_collator = BatchCheckingCollator(collator)
         if kernel_head:
             from sftop.kernels.logprob_graphs import graphs_status
             from sftop.kernels.patching.logprob_head import install_logprob_head
