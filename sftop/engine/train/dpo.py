@@ -75,6 +75,7 @@ class SftopDPOTrainer(DPOTrainer):
     _rotate_sftop_checkpoints = SftopTrainer._rotate_sftop_checkpoints
     _checkpoint_bytes = SftopTrainer._checkpoint_bytes
     take_step_counts = SftopTrainer.take_step_counts
+    data_collator: Any  # TRL's collator, wrapped in __init__ (dpo_batch_check.BatchCheckingCollator)
 
     def __init__(
         self,
@@ -121,8 +122,7 @@ class SftopDPOTrainer(DPOTrainer):
         checkpointing.install(policy)
         self._sftop_policy = policy
         # the graphs' batch check worked out on the host as each batch is collated
-        collator: Any = self.data_collator
-        self.data_collator = BatchCheckingCollator(collator)
+        self.data_collator = BatchCheckingCollator(self.data_collator)
         if kernel_head:
             from sftop.kernels.logprob_graphs import graphs_status
             from sftop.kernels.patching.logprob_head import install_logprob_head
