@@ -20,9 +20,10 @@ How:
     Autograd takes a gradient it is given for a parameter whose .grad is None without copying,
     so the step keeps one set of gradients, as an eager step does, not the graph's plus a copy
     (0.16 GiB for an 8B model's LoRA).  The static gradients are one set per model, shared by
-    every captured step: each backward graph ends by copying its gradients into them (one
-    multi-tensor copy), and the gradients autograd made inside the capture are pool transients
-    the next capture may reuse.  Packed runs capture up to 8 length buckets; a set of their own
+    every captured step: the first capture keeps the gradients it makes as that set (in the pool,
+    as a single captured step always did), and each later backward graph ends by copying its
+    gradients into them (one multi-tensor copy), the gradients it made being pool transients the
+    next capture may reuse.  Packed runs capture up to 8 length buckets; a set of their own
     for each kept 7 needless copies (0.29 GiB on a Llama-3.2-1B LoRA, docs/benchmarks.md).  Those
     buffers are rewritten by the next backward replay, so before replaying, any .grad still over
     them (gradient accumulation keeps .grad across micro-batches) is moved into a copy of its
@@ -171,7 +172,7 @@ class CapturedStep:
         no_rng_stash,
         backward: bool = True,
         warm_up_in_pool: bool = False,
-        grad_buffers: list[torch.Tensor] | None = None,
+        grad_buffers: list[torch.Tensor | None] | None = None,
     ):
         self.n_inputs = len(inputs)
         self.backward = backward
@@ -231,15 +232,16 @@ class CapturedStep:
         return tuple(o.clone() for o in self.outputs)
 
 
-def _into_shared(made: tuple, buffers: list[torch.Tensor] | None) -> tuple:
+def _into_shared(made: tuple, buffers: list[torch.Tensor | None] | None) -> tuple:
     """The gradients a captured backward made, copied into the model's shared gradient buffers
-    (`buffers`, one per parameter, None: keep `made`).  A parameter without a gradient keeps None."""
+    (`buffers`, one per parameter); where a parameter has none yet (None, or no list at all) the
+    gradient made is kept as its buffer.  A parameter without a gradient keeps None."""
     if buffers is None:
         return made
-    pairs = [(b, g) for b, g in zip(buffers, made) if g is not None]
+    pairs = [(b, g) for b, g in zip(buffers, made) if g is not None and b is not None]
     if pairs:
         torch._foreach_copy_([b for b, _g in pairs], [g for _b, g in pairs])
-    return tuple(None if g is None else b for b, g in zip(buffers, made))
+    return tuple(None if g is None else (g if b is None else b) for b, g in zip(buffers, made))
 
 
 @contextlib.contextmanager
@@ -408,6 +410,10 @@ class StepGraphs:
             self._grad_ptrs |= step.grad_ptrs
             if backward:
                 self._trained.update((id(p), p) for _m, _n, p in slots)
+                # the gradients this capture kept become the shared ones of parameters that had none
+                for (_m, _n, p), g in zip(slots, step.grads):
+                    if g is not None:
+                        self._grad_buffers[id(p)] = g
             self._seen.pop(key, None)
         if step.backward != backward:  # a key must tell the two kinds apart; never guess
             raise ValueError(f"sftop CUDA graphs: key {key!r} was captured with backward={step.backward}")
@@ -454,20 +460,20 @@ class StepGraphs:
         self.stats.captures += 1
         return step, None
 
-    def _shared_grads(self, slots) -> list[torch.Tensor]:
+    def _shared_grads(self, slots) -> list[torch.Tensor | None]:
         """Each trainable parameter's static gradient, shared by every captured step (see the module
-        docstring); made here, outside any capture, in the ordinary cache."""
-        out = []
+        docstring); None where it has none yet, and the capture's own gradient becomes it."""
+        out: list[torch.Tensor | None] = []
         for _m, _n, p in slots:
             buf = self._grad_buffers.get(id(p))
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-                buf = self._grad_buffers[id(p)] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-            out.append(buf)
+            fits = buf is not None and buf.shape == p.shape and buf.dtype == p.dtype and buf.device == p.device
+            out.append(buf if fits else None)
         return out
 
     def _new_gradient_bytes(self, slots) -> int:
         """What a training capture adds for good: the shared gradients its parameters lack so far."""
-        return _gradient_bytes([slot for slot in slots if id(slot[2]) not in self._grad_buffers])
+        shared = self._shared_grads(slots)
+        return _gradient_bytes([slot for slot, buf in zip(slots, shared) if buf is None])
 
     def reclaim_grads(self, params) -> None:
         """Before any replay: a parameter's .grad that is still a captured step's static gradient
