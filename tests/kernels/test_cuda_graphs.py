@@ -545,6 +545,33 @@ def test_capture_needs_room_for_the_steps_own_gradient_buffers_too(monkeypatch):
     assert cg._gradient_bytes([(None, "w", frozen)]) == 0
 
 
+def test_the_first_captures_gradients_become_the_shared_set_and_later_ones_copy_into_it():
+    """The bookkeeping of the shared gradient buffers, without a GPU: a parameter without a shared
+    buffer keeps the gradient its capture made (no copy, nothing allocated beside it), one with a
+    buffer gets the new gradient copied in, a frozen one stays None; only parameters without a
+    buffer count as what a capture adds for good."""
+    a, b, frozen = (torch.nn.Parameter(torch.zeros(3, 2)) for _ in range(3))
+    frozen.requires_grad_(False)
+    slots = [(None, "a", a), (None, "b", b), (None, "f", frozen)]
+    graphs = cg.StepGraphs()
+    assert graphs._shared_grads(slots) == [None, None, None]
+    assert graphs._new_gradient_bytes(slots) == 2 * 3 * 2 * 4
+    made = (torch.ones(3, 2), torch.full((3, 2), 2.0), None)
+    kept = cg._into_shared(made, graphs._shared_grads(slots))
+    assert kept[0] is made[0] and kept[1] is made[1] and kept[2] is None
+    graphs._grad_buffers.update({id(a): kept[0]})  # as replay registers a capture's gradients
+    assert graphs._new_gradient_bytes(slots) == 3 * 2 * 4  # b still lacks one
+    later = (torch.full((3, 2), 5.0), torch.full((3, 2), 7.0), None)
+    out = cg._into_shared(later, graphs._shared_grads(slots))
+    assert out[0] is made[0] and torch.equal(made[0], later[0])  # copied into the shared buffer
+    assert out[1] is later[1] and out[2] is None
+    # a parameter of another shape under a reused id never gets a buffer that does not fit it
+    graphs._grad_buffers[id(b)] = torch.zeros(4)
+    assert graphs._shared_grads(slots)[1] is None
+    graphs.release()
+    assert graphs._grad_buffers == {}
+
+
 def test_a_capture_out_of_memory_frees_its_attempt_and_stops_further_captures(monkeypatch):
     emptied = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
