@@ -30,7 +30,9 @@ def _logged(trainer, batches, monkeypatch, fast: bool):
     trainer._total_train_tokens = 0
     losses = []
     for batch in batches:
-        loss = trainer.compute_loss(trainer.model, {k: v.to(DEVICE) for k, v in batch.items()})
+        loss = trainer.compute_loss(
+            trainer.model, {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in batch.items()}
+        )
         loss.backward()
         losses.append(loss.detach())
     grads = [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]

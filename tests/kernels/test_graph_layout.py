@@ -22,6 +22,7 @@ from sftop.kernels.patching.parts.cuda_graphs import graphed_loss
 class _Step:
     backward = True
     grad_ptrs: set = set()
+    grads: list = []  # no gradients kept: the shared set stays empty
 
 
 @pytest.fixture
