@@ -9,6 +9,7 @@ they reached torch's checkpoint as layer arguments and were ignored: from the se
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
+from train_helpers import dpo_trainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from sftop.engine.train.checkpointing_api import enable_checkpointing
@@ -62,41 +63,17 @@ def test_switching_checkpointing_back_on_with_the_whole_dict_keeps_offload_and_s
 
 
 def test_the_dpo_trainer_reference_forward_keeps_the_plans_checkpointing(home, tmp_path):
-    from trl import DPOConfig
-
-    from sftop.engine.data.preference_prepare import prepare_preferences
-    from sftop.engine.models.loading import load_model
     from sftop.engine.presets import load_preset
-    from sftop.engine.train.dpo import SftopDPOTrainer
-    from sftop.engine.train.trainer import UpdateGuard
 
     preset, _ = load_preset("demo-dpo", ['train.kernels="off"', "data.max_rows=8", 'model.adapter=""'])
     preset = preset.model_copy(update={"model": preset.model.model_copy(update={"adapter": None})})
-    model, tokenizer, _ = load_model(preset)
-    data = prepare_preferences(preset, tokenizer)
     kwargs = {"use_reentrant": False, "every_n_layers": 2}
-    args = DPOConfig(
-        output_dir=str(tmp_path),
-        max_length=None,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=4,
-        gradient_checkpointing=True,
-        gradient_checkpointing_kwargs=kwargs,
-    )
-    trainer = SftopDPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        processing_class=tokenizer,
-        guard=UpdateGuard(3),
-        save_total_limit=1,
+    trainer, batch = dpo_trainer(
+        preset, tmp_path, config=dict(gradient_checkpointing=True, gradient_checkpointing_kwargs=kwargs)
     )
     base = trainer.model.get_base_model()
     _as_trainer_enables(trainer.model, kwargs)
     first = _state(base)
     assert first[1][:2] == [True, False] and len(first[1]) >= 2
-    batch = trainer.data_collator([data.train[i] for i in range(4)])
     trainer.compute_ref_log_probs(trainer.model, batch)  # TRL switches checkpointing off and on here
     assert _state(base) == first

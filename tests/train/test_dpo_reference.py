@@ -7,7 +7,7 @@ import torch
 from sftop.engine.presets import load_preset
 from sftop.engine.rundir import new_run_dir
 from sftop.engine.train.runner import run_training
-from train_helpers import events_of, in_home, of_type, reference_logps_in_loss
+from train_helpers import dpo_trainer, events_of, in_home, of_type, reference_logps_in_loss
 
 DPO = [
     'train.kernels="off"',
@@ -55,32 +55,6 @@ def references(sftop_home, tmp_path_factory):
     return folder
 
 
-def _trainer(preset, tmp_path, **extra):
-    from trl import DPOConfig
-
-    from sftop.engine.data.preference_prepare import prepare_preferences
-    from sftop.engine.models.loading import load_model
-    from sftop.engine.train.dpo import SftopDPOTrainer
-    from sftop.engine.train.trainer import UpdateGuard
-
-    model, tokenizer, _ = load_model(preset)
-    data = prepare_preferences(preset, tokenizer)
-    args = DPOConfig(
-        output_dir=str(tmp_path), max_length=None, report_to=[], use_cpu=True, bf16=False, per_device_train_batch_size=4
-    )
-    trainer = SftopDPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        processing_class=tokenizer,
-        guard=UpdateGuard(3),
-        save_total_limit=1,
-        **extra,
-    )
-    batch = trainer.data_collator([data.train[i] for i in range(4)])
-    return trainer, batch
-
-
 def _logps(model, batch):
     """Sequence log-probabilities of the answers, from plain logits in float64."""
     with torch.no_grad():
@@ -107,7 +81,7 @@ def test_reference_model_directory(home, references, tmp_path):
     assert reference_adapter(preset.dpo.reference) is None  # a model, not an adapter
     reference = load_reference_model(preset)
     assert not any(p.requires_grad for p in reference.parameters())
-    trainer, batch = _trainer(preset, tmp_path, ref_model=reference)
+    trainer, batch = dpo_trainer(preset, tmp_path, ref_model=reference)
     assert trainer.sftop_reference == "separate model"
     got = torch.tensor(reference_logps_in_loss(trainer, batch), dtype=torch.float64)
     assert torch.allclose(got, _means(_logps(reference, batch)), atol=1e-3)
@@ -124,7 +98,7 @@ def test_reference_adapter_directory(home, references, tmp_path):
     preset = _preset(str(references / "adapter"))
     path = reference_adapter(preset.dpo.reference)
     assert path == (references / "adapter").resolve()
-    trainer, batch = _trainer(preset, tmp_path, reference_adapter=path)
+    trainer, batch = dpo_trainer(preset, tmp_path, reference_adapter=path)
     assert trainer.sftop_reference == f"adapter {path}"
     assert trainer.sftop_save_kwargs == {"selected_adapters": ["default"]}  # the reference is not saved
     got = torch.tensor(reference_logps_in_loss(trainer, batch), dtype=torch.float64)
@@ -174,5 +148,5 @@ def test_a_reference_adapter_of_another_model_is_refused(home, tmp_path):
     from sftop.engine.train.dpo import reference_adapter
 
     with pytest.raises(ModelError) as exc:
-        _trainer(preset, tmp_path / "out", reference_adapter=reference_adapter(preset.dpo.reference))
+        dpo_trainer(preset, tmp_path / "out", reference_adapter=reference_adapter(preset.dpo.reference))
     assert exc.value.where == "dpo.reference" and "does not fit this model" in str(exc.value)

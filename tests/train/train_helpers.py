@@ -105,3 +105,37 @@ def prepared_run(preset, path: Path):
     run.load()
     run.resumed_from = None
     return run, writer
+
+
+def dpo_trainer(preset, tmp_path, config: dict | None = None, **extra):
+    """sftop's DPO trainer on the CPU for a loaded preset (its model and preference data), with
+    DPOConfig keys `config` on top of the CPU defaults, and the collated batch of its first 4 pairs."""
+    from trl import DPOConfig
+
+    from sftop.engine.data.preference_prepare import prepare_preferences
+    from sftop.engine.models.loading import load_model
+    from sftop.engine.train.dpo import SftopDPOTrainer
+    from sftop.engine.train.trainer import UpdateGuard
+
+    model, tokenizer, _ = load_model(preset)
+    data = prepare_preferences(preset, tokenizer)
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        max_length=None,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=4,
+        **(config or {}),
+    )
+    trainer = SftopDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        processing_class=tokenizer,
+        guard=UpdateGuard(3),
+        save_total_limit=1,
+        **extra,
+    )
+    batch = trainer.data_collator([data.train[i] for i in range(4)])
+    return trainer, batch

@@ -127,10 +127,9 @@ class SftopDPOTrainer(DPOTrainer):
             from sftop.kernels.logprob_graphs import graphs_status
             from sftop.kernels.patching.logprob_head import install_logprob_head
 
-            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            self.sftop_head = install_logprob_head(base)
+            self.sftop_head = install_logprob_head(policy)
             if self.sftop_head == "fused":
-                self.sftop_graphs = graphs_status(base, kernel_parts)
+                self.sftop_graphs = graphs_status(policy, kernel_parts)
             if self.ref_model is not None:
                 install_logprob_head(self.ref_model)
 
