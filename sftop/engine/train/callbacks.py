@@ -10,6 +10,7 @@ import torch
 from transformers import TrainerCallback
 
 from sftop.engine.events import BadStep, Eval, EventWriter, RunStarted, Step, clean_number
+from sftop.engine.train.distributed import agree_any
 
 GIB = 1024**3
 
@@ -103,15 +104,27 @@ class RunEvents(TrainerCallback):
         guard = self.guard
         if guard is not None and guard.step_bad:
             self.writer.write(BadStep(step=state.global_step, loss=None, grad_norm=None, consecutive=guard.consecutive))
-        if self._checkpoint_request is not None and self._checkpoint_request.exists():
+        if self._checkpoint_wanted():
             control.should_save = True
-            self._checkpoint_request.unlink(missing_ok=True)
         signal_name = self._stop_requested()
         if signal_name and not (guard is not None and guard.failed):
             self.stopped_by = signal_name
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def _checkpoint_wanted(self) -> bool:
+        """The "checkpoint now" request, taken at the same step by every rank of a multi-process run.
+
+        The first rank to see the file removes it, so another rank may never see it; a save that
+        only some ranks enter leaves them waiting for each other (FSDP2 gathers the adapter to save
+        it) or writes a checkpoint without every rank's state.
+        """
+        path = self._checkpoint_request
+        wanted = agree_any(path is not None and path.exists())
+        if wanted and path is not None:
+            path.unlink(missing_ok=True)
+        return wanted
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}

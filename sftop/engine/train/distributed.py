@@ -40,6 +40,17 @@ def agree_any(flag: bool) -> bool:
     return bool(value.item())
 
 
+def agreed_stop(local: str | None) -> str | None:
+    """This rank's stop request, or "SIGTERM" when another rank has one: the same answer on every rank.
+
+    Every rank joins the all-reduce whether or not it has a request of its own. A rank that skipped
+    it because it already knew to stop would leave the others waiting in that collective while it
+    saves a checkpoint: the run would hang until the process group's timeout.
+    """
+    anyone = agree_any(local is not None)
+    return local or ("SIGTERM" if anyone else None)
+
+
 def ranks_max(values: Sequence[int]) -> list[int]:
     """Each value's largest over all ranks (one all-reduce); the values themselves outside a group."""
     if not _group_ready():

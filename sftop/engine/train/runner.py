@@ -340,11 +340,11 @@ class _Run:
         if self.world_size == 1:
             return local
         from sftop.engine.launch import stop_file
-        from sftop.engine.train.distributed import agree_any
+        from sftop.engine.train.distributed import agreed_stop
 
         if local is None and stop_file(self.run_dir).exists():
             local = "SIGTERM"
-        return local or ("SIGTERM" if agree_any(local is not None) else None)
+        return agreed_stop(local)
 
     def pin_gpu(self) -> None:
         """Make the plan's GPU the only one this process sees (it becomes cuda:0).
