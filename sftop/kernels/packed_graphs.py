@@ -25,6 +25,7 @@ from torch import nn
 
 from . import compat, cuda_graphs
 from .cuda_graphs import StepGraphs, no_rng_stash
+from .patching import markers as M
 from .graph_layout import keyed_slots, layout_of
 from .varlen_attention import NAME as VARLEN
 from .varlen_attention import rows_given
@@ -169,14 +170,19 @@ def mark_rows_given(model: nn.Module, inputs: dict) -> None:
 
 
 def release_graphs(model: nn.Module) -> None:
-    """Drop every CUDA graph captured for `model` (fixed-shape and packed) with the memory pools
-    they keep: after an out-of-memory error the run goes on with a smaller plan, which needs that
-    memory and captures its own shapes again where there is room."""
+    """Drop every CUDA graph captured for `model` (fixed-shape, packed, and DPO's log-prob steps)
+    with the memory pools they keep: after an out-of-memory error the run goes on with a smaller
+    plan, which needs that memory and captures its own shapes again where there is room."""
     lm = causal_lm(model)
     for name in (_GRAPHS, _PACKED_GRAPHS):
         graphs = lm.__dict__.get(name)
         if isinstance(graphs, StepGraphs):
             graphs.release()
+    # DPO's (logprob_graphs.LogprobGraphs): its steps and the last batch check go; the next graphed
+    # call starts a fresh one
+    logprob = lm.__dict__.pop(M.LOGPROB_GRAPHS, None)
+    if logprob is not None and isinstance(getattr(logprob, "steps", None), StepGraphs):
+        logprob.steps.release()
 
 
 def packed_graph_stats(model: nn.Module):

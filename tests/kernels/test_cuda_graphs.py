@@ -8,6 +8,8 @@ shape it sees twice (offloaded checkpoints included), runs padded batches eagerl
 backward.
 """
 
+import types
+
 import pytest
 import torch
 from _kernel_testutil import DEVICE, rel_err
@@ -16,6 +18,7 @@ from _tiny_models import bf16_lora_llama, tiny_model, twin
 import sftop.kernels as K
 from sftop.kernels import cuda_graphs as cg
 from sftop.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from sftop.kernels.patching import markers as M
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -610,20 +613,23 @@ def test_release_drops_every_captured_step_and_the_pool(monkeypatch):
     model = torch.nn.Module()
     model.w = torch.nn.Parameter(torch.randn(5))
     slots = [(model, "w", model.w)]
-    fixed, packed = cg.StepGraphs(), cg.StepGraphs()
+    fixed, packed, logprob = cg.StepGraphs(), cg.StepGraphs(), cg.StepGraphs()
     model.__dict__[packed_graphs._GRAPHS] = fixed
     model.__dict__[packed_graphs._PACKED_GRAPHS] = packed
+    dpo = types.SimpleNamespace(steps=logprob)  # a LogprobGraphs as DPO's head keeps it on the model
+    model.__dict__[M.LOGPROB_GRAPHS] = dpo
     x = torch.randn(5)
-    for graphs in (fixed, packed):
+    for graphs in (fixed, packed, logprob):
         assert graphs.replay("k", None, (x,), slots) is None  # first sighting: eager
         graphs.replay("k", None, (x,), slots)[0].sum().backward()  # second: captured and replayed
         assert graphs.holds("k")
         graphs._pool, graphs._refuse_all = (3, 0), "earlier out of memory"
     packed_graphs.release_graphs(model)
-    for graphs in (fixed, packed):
+    for graphs in (fixed, packed, logprob):
         assert not graphs.holds("k") and graphs._pool is None and graphs._refuse_all is None
         assert not graphs._grad_ptrs and not graphs._trained
+    assert M.LOGPROB_GRAPHS not in model.__dict__  # DPO's next graphed call starts afresh
     # what was released is captured again when the key comes back twice
     assert fixed.replay("k", None, (x,), slots) is None
     fixed.replay("k", None, (x,), slots)[0].sum().backward()
-    assert fixed.holds("k") and captured == [True, True, True]
+    assert fixed.holds("k") and captured == [True, True, True, True]
