@@ -19,6 +19,7 @@ from trl import SFTTrainer
 
 from sftop.engine.diskfull import DiskFullError, is_disk_full, tree_bytes
 from sftop.engine.rundir import CHECKPOINT_PREFIX
+from sftop.engine.train.distributed import ranks_max
 from sftop.engine.train.manifest import verify_checkpoint, write_manifest
 
 # Files without which a checkpoint cannot be resumed (the adapter, optimizer, scheduler, position).
@@ -146,6 +147,11 @@ class UpdateGuard(TrainerCallback):
                 self.loss_bad = True
         elif losses_finite is not None and not bool(losses_finite):
             self.loss_bad = True
+        # Each rank of a multi-process run sees only its own micro-batches' losses: a loss that is
+        # not finite on one rank (a batch with nothing to score) may come with finite gradients. All
+        # ranks must skip the same updates, or their adapters drift apart and one rank stops on a
+        # streak of bad steps while the others wait for it.
+        grads_bad, self.loss_bad = (bool(flag) for flag in ranks_max([grads_bad, self.loss_bad]))
         self.step_bad = self.loss_bad or grads_bad
         self.loss_bad = False
         if self.step_bad:

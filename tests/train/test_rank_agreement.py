@@ -1,10 +1,13 @@
-"""Stop and "checkpoint now" requests reach the ranks of a multi-process run at different steps.
+"""The decisions every rank of a multi-process run must take at the same step.
+
+Stop and "checkpoint now" requests reach the ranks at different steps.
 
 `sftop stop` writes the stop file and signals each rank, so one rank may see the request a step
 before another; the first rank to see a checkpoint request removes its file, so another may never
 see it. Two real processes joined over gloo run a stand-in training loop (a gradient all-reduce
 per step, then the trainer callback's checks, then a checkpoint barrier): both must save and stop
 at the step the first rank saw each request, and neither may wait in a collective the other skipped.
+A loss that is not finite on one rank only must make every rank skip that update.
 """
 
 from __future__ import annotations
@@ -58,10 +61,11 @@ def _rank(rank: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ranks_stop_at_the_step_the_first_of_them_saw_the_request(tmp_path):
+def _run_two(tmp_path: Path, target) -> list[dict]:
+    """Run `target(rank, init_file, out)` in two spawned processes; each rank's JSON result."""
     ctx = multiprocessing.get_context("spawn")
     outs = [tmp_path / f"rank{r}.json" for r in range(2)]
-    procs = [ctx.Process(target=_rank, args=(r, str(tmp_path / "init"), str(outs[r]))) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, str(tmp_path / "init"), str(outs[r]))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -71,7 +75,11 @@ def test_ranks_stop_at_the_step_the_first_of_them_saw_the_request(tmp_path):
         if p.is_alive():
             p.kill()
     assert codes == [0, 0], f"a rank hung or failed: exit codes {codes}"
-    zero, one = (json.loads(o.read_text()) for o in outs)
+    return [json.loads(o.read_text()) for o in outs]
+
+
+def test_ranks_stop_at_the_step_the_first_of_them_saw_the_request(tmp_path):
+    zero, one = _run_two(tmp_path, _rank)
     first = min(SEEN_AT.values())
     # both stopped at the first rank's step; the rank without its own request stopped on the agreed one
     assert zero["answers"] == one["answers"] == [None] * first + ["SIGTERM"]
@@ -82,6 +90,44 @@ def test_ranks_stop_at_the_step_the_first_of_them_saw_the_request(tmp_path):
     saves = [step == CHECKPOINT_AT for step in range(first + 1)]
     assert zero["saves"] == one["saves"] == saves
     assert not zero["request_left"]
+
+
+BAD_LOSS_AT = 1  # only rank 0's micro-batch loss is NaN, at this step; the gradients stay finite
+
+
+def _guard_rank(rank: int, init_file: str, out: str) -> None:
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    from sftop.engine.train.trainer import UpdateGuard
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20)
+    )
+    try:
+        weight = torch.nn.Parameter(torch.zeros(3))
+        optimizer = types.SimpleNamespace(param_groups=[{"params": [weight]}])
+        guard = UpdateGuard(max_bad_steps=3)
+        skipped, dropped = [], []
+        for step in range(3):
+            weight.grad = torch.ones(3)  # the same all-reduced gradients on both ranks
+            loss = torch.tensor(float("nan") if rank == 0 and step == BAD_LOSS_AT else 1.5)
+            guard.note_loss(loss)
+            guard.on_pre_optimizer_step(None, None, None, optimizer=optimizer)
+            skipped.append(guard.step_bad)
+            dropped.append(weight.grad is None)
+        result = {"skipped": skipped, "dropped": dropped, "consecutive": guard.consecutive}
+        Path(out).write_text(json.dumps(result), encoding="utf-8")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_loss_bad_on_one_rank_skips_the_update_on_every_rank(tmp_path):
+    zero, one = _run_two(tmp_path, _guard_rank)
+    bad = [step == BAD_LOSS_AT for step in range(3)]
+    assert zero == one == {"skipped": bad, "dropped": bad, "consecutive": 0}
 
 
 def test_outside_a_process_group_the_rank_keeps_its_own_answers(tmp_path):
