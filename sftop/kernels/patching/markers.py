@@ -54,6 +54,8 @@ LABELS_FROM_ONE_BATCH = "_sftop_labels_from_one_batch"
 # vision tower parts (patching/vision_tower.py): the tower config's attention implementation
 # before ours (its forwards, and the vision MLP's GLU and LoRA_MLP_ADAPTER, use the names above)
 VISION_ATTN_IMPLEMENTATION = "_sftop_vision_attn_implementation"
+# vision_graphs (patching/vision_graphs.py): the tower's StepGraphs for its blocks
+TOWER_GRAPHS = "_sftop_tower_graphs"
 
 # what unpatch removes from every module's __dict__ once its forward is restored
 MODULE_MARKERS = (
@@ -69,6 +71,7 @@ MODULE_MARKERS = (
     QKV_GROUP,
     LOSS_DTYPE,
     GRAPHS,
+    TOWER_GRAPHS,
 )
 # what unpatch removes from the patched model itself
 MODEL_MARKERS = (GC_ENABLE, LEAN, OFFLOAD_OK, OFFLOADING, GC_MODE, ATTN_IMPLEMENTATION)

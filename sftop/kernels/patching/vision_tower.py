@@ -11,7 +11,9 @@ Parts (each reported "fused" or "stock: why", like patch_model's):
     and, where gate and up are plain LoRA layers, their two projections as one shared-input LoRA
     Function (lora_linear.py: the input read and the A products done once);
   * vision_patch_embed: the patch embedding, a Conv3d whose kernel is the whole patch, as the one
-    GEMM it is (the convolution path pays cuDNN's setup for a product).
+    GEMM it is (the convolution path pays cuDNN's setup for a product);
+  * vision_graphs: Qwen2.5-VL's blocks replayed from CUDA graphs once an image layout repeats
+    (patching/vision_graphs.py; off unless SFTOP_VISION_GRAPHS=1).
 
 Only modules inside a tower are touched; the language model is patch_model's.  As there, module
 instances get a new `forward` that calls back into the originals (the same `set_forward`,
@@ -36,9 +38,18 @@ from .._runtime import kernels_available
 from . import markers as M
 from .forwards import restore_forward, set_forward
 from .towers import apply_parts
+from .vision_graphs import patch_graphs
 
 FUSED = "fused"
-VISION_PARTS = ("vision_attention", "vision_rope", "vision_rms_norm", "vision_mlp", "vision_patch_embed")
+# vision_graphs last: it needs vision_attention's one-launch attention in place
+VISION_PARTS = (
+    "vision_attention",
+    "vision_rope",
+    "vision_rms_norm",
+    "vision_mlp",
+    "vision_patch_embed",
+    "vision_graphs",
+)
 
 _ATTN_ORIG = M.VISION_ATTN_IMPLEMENTATION
 _ROPE_FN = "apply_rotary_pos_emb_vision"
@@ -297,6 +308,7 @@ _PATCHERS = {
     "vision_rms_norm": _patch_rms_norm,
     "vision_mlp": _patch_mlp,
     "vision_patch_embed": _patch_patch_embed,
+    "vision_graphs": patch_graphs,
 }
 
 

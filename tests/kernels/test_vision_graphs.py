@@ -1,0 +1,268 @@
+"""Part vision_graphs (sftop/kernels/patching/vision_graphs.py): a Qwen2.5-VL tower's blocks
+replayed from CUDA graphs.
+
+CPU: sftop's copy of the tower forward equals transformers' (outputs and LoRA gradients); the
+replay plumbing, with each "captured" step standing in as one that runs its function afresh on
+its static inputs, gives the eager tower's outputs and gradients, captures on a layout's second
+sighting, keys on grid, grad mode and adapter state, and is released on an out-of-memory
+step-down; the part says why it stays stock.  GPU: real captures in bf16, with and without
+checkpointing, equal the eager tower.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+from _kernel_testutil import rel_err
+from test_vision_tower import _pixels, _run_tower, _tower, _tower_model
+
+from sftop.kernels import cuda_graphs as cg
+from sftop.kernels.patching import markers as M
+from sftop.kernels.patching import vision_graphs as VG
+from sftop.kernels.patching.vision_tower import patch_vision_tower
+
+HAS_CUDA = torch.cuda.is_available()
+TARGETS = r".*visual\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj)"
+
+
+def _lora_tower_model(seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = _tower_model("qwen2_5_vl", seed=seed)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    return model
+
+
+def _with_graphs(model, monkeypatch) -> cg.StepGraphs:
+    """The tower parts, then vision_graphs applied as on a GPU (its CUDA check passed)."""
+    monkeypatch.setenv(VG.ENV_SWITCH, "1")
+    patch_vision_tower(model)
+    tower = _tower(model)
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        assert VG.patch_graphs(tower, None) == "fused"
+    return tower.__dict__[M.TOWER_GRAPHS]
+
+
+class _RerunStep(cg.CapturedStep):
+    """A captured step on the CPU: each "replay" runs the captured function afresh on the static
+    inputs (forward with autograd, backward by autograd.grad into the static gradients)."""
+
+    def __init__(self, fn, inputs, slots, backward):
+        self.fn, self.n_inputs, self.backward = fn, len(inputs), backward
+        self.static_inputs = [t.detach().clone() for t in inputs]
+        self.params = [p for _m, _n, p in slots]
+        self.outputs, self.grads, self.grad_ptrs, self.grad_out = [], [], set(), None
+        self.fwd = types.SimpleNamespace(replay=self._forward)
+        self.bwd = types.SimpleNamespace(replay=self._backward) if backward else None
+
+    def _forward(self):
+        with torch.enable_grad() if self.backward else torch.no_grad():
+            self._out = self.fn(*self.static_inputs)
+        self.outputs = [self._out.detach()]
+        self.grad_out = torch.zeros_like(self._out)
+
+    def _backward(self):
+        self.grads = list(torch.autograd.grad(self._out, self.params, self.grad_out, allow_unused=True))
+
+
+@pytest.fixture
+def rerun_captures(monkeypatch):
+    """Captures on the CPU as `_RerunStep`s; the (input shapes, trainable count, backward) of each."""
+    made = []
+
+    def capture(self, fn, inputs, slots, backward=True):
+        made.append(([tuple(t.shape) for t in inputs], len(slots), backward))
+        self.stats.captures += 1
+        return _RerunStep(fn, inputs, slots, backward), None
+
+    monkeypatch.setattr(cg, "capturable", lambda t: True)
+    monkeypatch.setattr(cg, "_room_for_capture", lambda static_bytes=0: None)
+    monkeypatch.setattr(cg.StepGraphs, "_capture", capture)
+    return made
+
+
+def test_sftops_tower_forward_equals_transformers(monkeypatch):
+    stock = _lora_tower_model()
+    patched = copy.deepcopy(stock)
+    plain = copy.deepcopy(stock)
+    _with_graphs(patched, monkeypatch)
+    patch_vision_tower(plain)  # every other part: the eager tower sftop's forward must equal
+    ran = []
+    real = VG.run_blocks
+    monkeypatch.setattr(VG, "run_blocks", lambda *a: (ran.append(1), real(*a))[1])
+    pixels, grid = _pixels(stock.config.vision_config)
+    out_s, grads_s = _run_tower(stock, pixels, grid)
+    out_e, grads_e = _run_tower(plain, pixels, grid)
+    out_p, grads_p = _run_tower(patched, pixels, grid)
+    assert ran == [1]  # sftop's forward ran (eagerly on the CPU), not the stock one
+    assert torch.equal(out_p, out_e)
+    assert rel_err(out_p, out_s) < 1e-5
+    assert grads_p.keys() == grads_s.keys() and any("lora_" in n for n in grads_p)
+    for n in grads_p:
+        assert torch.equal(grads_p[n], grads_e[n]), n
+        assert rel_err(grads_p[n], grads_s[n]) < 1e-4, n
+
+
+def test_blocks_replay_from_the_graphs_like_the_eager_tower(monkeypatch, rerun_captures):
+    eager = _lora_tower_model()
+    graphed = copy.deepcopy(eager)
+    patch_vision_tower(eager)
+    graphs = _with_graphs(graphed, monkeypatch)
+    eager.train(), graphed.train()
+    pixels, grid = _pixels(eager.config.vision_config)
+    blocks = _tower(graphed).blocks
+    trainable = sum(1 for p in blocks.parameters() if p.requires_grad)
+    for call in range(3):
+        out_e, grads_e = _run_tower(eager, pixels, grid)
+        out_g, grads_g = _run_tower(graphed, pixels, grid)
+        assert rel_err(out_g, out_e) < 1e-6, call
+        assert grads_g.keys() == grads_e.keys()
+        for n in grads_e:
+            assert rel_err(grads_g[n], grads_e[n]) < 1e-6, (call, n)
+    # the first sighting ran eagerly, the second captured forward and backward, then replays
+    n_patches = int(grid.prod(-1).sum())
+    assert (graphs.stats.eager_calls, graphs.stats.captures, graphs.stats.replays) == (1, 1, 2)
+    shapes, n_slots, backward = rerun_captures[0]
+    assert shapes[0] == (n_patches, eager.config.vision_config.hidden_size) and len(shapes) == 5
+    assert n_slots == trainable > 0 and backward is True
+
+    # another image layout is another key: eager on its first sighting
+    other = torch.tensor([[1, 4, 8]])
+    _run_tower(graphed, torch.randn(32, pixels.shape[1]), other)
+    assert graphs.stats.eager_calls == 2 and graphs.stats.captures == 1
+    # no gradient (a reference forward), and the adapters switched off: keys of their own
+    with torch.no_grad():
+        for _ in range(3):
+            _tower(graphed)(pixels, grid_thw=grid)
+    assert rerun_captures[-1][1:] == (0, False)  # a forward-only capture, nothing trained
+    replays = graphs.stats.replays
+    with graphed.disable_adapter(), torch.no_grad():
+        off = _tower(graphed)(pixels, grid_thw=grid).pooler_output
+    with eager.disable_adapter(), torch.no_grad():
+        off_eager = _tower(eager)(pixels, grid_thw=grid).pooler_output
+    assert torch.equal(off, off_eager) and not torch.equal(off, out_e)
+    # the adapter-off call replayed neither captured step: a first sighting of its own key
+    assert len(rerun_captures) == 2 and graphs.stats.replays == replays
+
+    # an out-of-memory step-down drops the tower's captures too
+    from sftop.kernels.packed_graphs import release_graphs
+
+    release_graphs(graphed)
+    assert not graphs._steps and graphs._pool is None
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_checkpointed_blocks_with_a_grad_hooked_patch_embedding(reentrant, monkeypatch, rerun_captures):
+    """transformers' enable_input_require_grads marks the patch embedding's output as needing a
+    gradient: the captured blocks take it as such.  Reentrant checkpoints give autograd.grad no
+    parameter gradients, so their blocks stay eager instead of handing out none."""
+    eager = _lora_tower_model()
+    graphed = copy.deepcopy(eager)
+    patch_vision_tower(eager)
+    graphs = _with_graphs(graphed, monkeypatch)
+    for m in (eager, graphed):
+        m.train()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        m.enable_input_require_grads()
+    pixels, grid = _pixels(eager.config.vision_config)
+    for call in range(3):
+        out_e, grads_e = _run_tower(eager, pixels, grid)
+        out_g, grads_g = _run_tower(graphed, pixels, grid)
+        assert rel_err(out_g, out_e) < 1e-6, call
+        lora = [n for n in grads_e if "lora_" in n]
+        assert lora and grads_g.keys() == grads_e.keys(), call
+        for n in grads_e:
+            assert rel_err(grads_g[n], grads_e[n]) < 1e-6, (call, n)
+    assert (graphs.stats.captures, graphs.stats.replays) == ((0, 0) if reentrant else (1, 2))
+
+
+def test_the_part_says_why_it_stays_stock(monkeypatch):
+    model = _lora_tower_model()
+    monkeypatch.delenv(VG.ENV_SWITCH, raising=False)
+    assert patch_vision_tower(model)["vision_graphs"] == "stock: off unless SFTOP_VISION_GRAPHS=1"
+    monkeypatch.setenv(VG.ENV_SWITCH, "1")
+    if not HAS_CUDA:
+        assert patch_vision_tower(model)["vision_graphs"] == "stock: CUDA graphs need a CUDA GPU"
+    monkeypatch.setenv(cg.ENV_SWITCH, "0")
+    assert patch_vision_tower(model)["vision_graphs"] == "stock: turned off by SFTOP_CUDA_GRAPHS=0"
+    monkeypatch.delenv(cg.ENV_SWITCH)
+    qwen2, _ = _tower_model("qwen2_vl")
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        why = VG.patch_graphs(_tower(qwen2), None)
+    assert why.startswith("stock: only Qwen2_5_VisionTransformerPretrainedModel"), why
+    # unpatching takes the tower's graphs off with its forward
+    _with_graphs(model, monkeypatch)
+    tower = _tower(model)
+    patch_vision_tower(model, enable=False)
+    assert M.TOWER_GRAPHS not in tower.__dict__ and "forward" not in tower.__dict__
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
+def test_gpu_graphed_blocks_equal_the_eager_tower(checkpointing, monkeypatch):
+    """A bf16 Qwen2.5-VL tower of the 3B's width (1280, 16 heads), four blocks, LoRA r=16 on every
+    linear: the captured blocks' outputs and LoRA gradients equal the eager tower's over three
+    steps (first sighting eager, second captured, third replayed)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from sftop.kernels import patch_model
+
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        vision_config=dict(
+            depth=4,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1, 3],
+        ),
+    )
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(
+        config, attn_implementation="sdpa", dtype=torch.bfloat16
+    ).cuda()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False))
+    eager = copy.deepcopy(model)
+    for m in (model, eager):
+        assert patch_model(m, model_type="qwen2", only=("lora",)).parts["lora"] == "fused"
+        m.train()
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patch_vision_tower(eager)
+    monkeypatch.setenv(VG.ENV_SWITCH, "1")
+    assert patch_vision_tower(model)["vision_graphs"] == "fused"
+    graphs = _tower(model).__dict__[M.TOWER_GRAPHS]
+    grid = torch.tensor([[1, 32, 32], [1, 20, 28]], device="cuda")  # uneven windows in the second
+    g = torch.Generator("cuda").manual_seed(1)
+    for step in range(3):
+        pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, device="cuda", generator=g).bfloat16()
+        out_e, grads_e = _run_tower(eager, pixels, grid)
+        out_g, grads_g = _run_tower(model, pixels, grid)
+        assert rel_err(out_g, out_e) < 1e-2, step
+        assert grads_g.keys() == grads_e.keys() and any("lora_" in n for n in grads_g)
+        for n in grads_e:
+            assert rel_err(grads_g[n], grads_e[n]) < 2e-2, (step, n)
+    assert graphs.stats.failures == []
+    assert (graphs.stats.eager_calls, graphs.stats.captures, graphs.stats.replays) == (1, 1, 2)
