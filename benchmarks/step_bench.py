@@ -275,6 +275,8 @@ def _build(args, path: str):
 
         if path == "sftop-eager":  # the same patched model without CUDA graphs, for the ratio
             os.environ["SFTOP_CUDA_GRAPHS"] = "0"
+        if path == "sftop-tower-graphs":  # a vision tower's blocks replayed from CUDA graphs (opt-in part)
+            os.environ["SFTOP_VISION_GRAPHS"] = "1"
         if vlm_shapes.is_vision_shape(args.model):
             # as `sftop run` does for a VLM: the kernels on the language layers its family names
             from sftop.engine.models.vision.loading import apply_vision_kernels
@@ -445,11 +447,21 @@ def _vision_parts(model, make_batch, opt, args, sync) -> dict:
 
 
 def _graph_stats(model) -> dict | None:
-    graphs = model.get_base_model().__dict__.get("_sftop_graphs")
-    if graphs is None:
+    """The captured steps' counters: the model's own graphs, plus a vision tower's (part vision_graphs)."""
+    from sftop.kernels.patching.markers import GRAPHS, TOWER_GRAPHS
+
+    base = model.get_base_model()
+    found = [base.__dict__.get(GRAPHS)] + [m.__dict__.get(TOWER_GRAPHS) for m in base.modules()]
+    found = [g for g in found if g is not None]
+    if not found:
         return None
-    st = graphs.stats
-    return dict(eager_calls=st.eager_calls, captures=st.captures, replays=st.replays, failures=st.failures)
+    stats = [g.stats for g in found]
+    return dict(
+        eager_calls=sum(st.eager_calls for st in stats),
+        captures=sum(st.captures for st in stats),
+        replays=sum(st.replays for st in stats),
+        failures=[f for st in stats for f in st.failures],
+    )
 
 
 def _memory_phases(model, ids_shape, vocab, gen, opt) -> dict:
@@ -563,7 +575,7 @@ def run_paths(paths: list[str], command) -> list[dict]:
     return results
 
 
-PATHS = ("stock", "sftop", "sftop-eager", "sftop-language", "unsloth")
+PATHS = ("stock", "sftop", "sftop-eager", "sftop-language", "sftop-tower-graphs", "unsloth")
 
 
 def compare_with_unsloth(results: list[dict]) -> None:
@@ -599,6 +611,7 @@ def main(argv=None) -> int:
         default="stock,sftop",
         help="comma-separated: stock, sftop (patched, CUDA graphs on), sftop-eager (patched, graphs off), "
         "sftop-language (vision shapes: the language layers patched, the vision tower stock), "
+        "sftop-tower-graphs (vision shapes: sftop with the tower's blocks replayed from CUDA graphs), "
         "unsloth (Unsloth's recipe in its own process; see --peer-pythonpath)",
     )
     ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)
