@@ -184,3 +184,39 @@ def test_vlm_dpo_counts_each_pairs_images_once_per_side():
     # not the four largest pairs (1024 + 512 + 64 + 64): both sides of the two largest
     assert dpo.breakdown["pixel_values"] == pytest.approx(2 * (1024 + 512) * 4 * 1176 * 6 / 1024**3, abs=1e-4)
     assert dpo.tokens_per_micro_batch == 2 * 2 * 1024
+
+
+def test_vision_graphs_keep_one_tower_block_working_set_in_their_pool():
+    """SFTOP_VISION_GRAPHS=1 on a GPU: Qwen2.5-VL's adapted tower graphed, its pool holding one
+    block's working set beside the block inputs; a frozen tower, the CPU, or kernels off: nothing."""
+    shape = ModelShape.from_config(QWEN25_VL_3B)
+    load = ImageLoad.from_rows([256] * 8)
+    adapted = VisionTraining.from_parts(["language", "vision", "attention", "mlp"])
+
+    def est(**kw):
+        setup = dict(dtype="bf16", checkpointing="on", kernels=True, images=load, vision_training=adapted)
+        return estimate(shape, Setup(**{**setup, **kw}), 4 * 1024, seq_len=1024)
+
+    eager, graphed = est(), est(vision_graphs=True)
+    working = 2 * (1280 + 3 * 1280 + 1280 + 2 * 3420)  # input, q/k/v, attention out, gated MLP hidden
+    assert graphed.terms["vision_graph_pool"] == 4 * 256 * 4 * working
+    assert graphed.allocated_bytes == eager.allocated_bytes + graphed.terms["vision_graph_pool"]
+    assert any("vision tower's CUDA graphs keep" in n for n in graphed.notes)
+    for kw in (dict(vision_training=VisionTraining()), dict(on_gpu=False), dict(kernels=False, loss="chunked")):
+        assert "vision_graph_pool" not in est(vision_graphs=True, **kw).terms, kw
+
+
+def test_the_plan_counts_the_tower_graphs_only_when_asked(monkeypatch):
+    """The preset's setup takes SFTOP_VISION_GRAPHS on a GPU with the kernels, never on the CPU or
+    with every graph switched off."""
+    from sftop.engine.planner.solve import setup_from_preset
+    from sftop.engine.presets.schema import Preset
+
+    preset = Preset.model_validate({"model": {"name": "local/qwen-vl"}, "train": {"effective_batch": 4}})
+    monkeypatch.delenv("SFTOP_VISION_GRAPHS", raising=False)
+    assert setup_from_preset(preset, "cuda:0").vision_graphs is False
+    monkeypatch.setenv("SFTOP_VISION_GRAPHS", "1")
+    assert setup_from_preset(preset, "cuda:0").vision_graphs is True
+    assert setup_from_preset(preset, "cpu").vision_graphs is False
+    monkeypatch.setenv("SFTOP_CUDA_GRAPHS", "0")
+    assert setup_from_preset(preset, "cuda:0").vision_graphs is False

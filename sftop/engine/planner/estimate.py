@@ -243,6 +243,9 @@ class Setup:
     # their pool keeps a step's transients for replay, beside which a batch of a length not captured
     # yet runs eagerly.
     cuda_graphs: bool = False
+    # A Qwen2.5-VL tower's blocks replayed from CUDA graphs (sftop/kernels/patching/vision_graphs.py,
+    # SFTOP_VISION_GRAPHS=1): their pool keeps the tower's working set for good
+    vision_graphs: bool = False
     # One chunk's logits in sftop's fused loss (the trainer sets what the plan chose: Plan.loss_chunk_mib)
     loss_chunk_bytes: int = FUSED_CE_CHUNK_BYTES
     # A VLM: image tokens per row from the data check (ImageLoad), and which vision parts LoRA
@@ -669,6 +672,23 @@ def _add_image_terms(terms: dict[str, int], shape: ModelShape, setup: Setup, row
         optimizer_bytes_per_param=8 if setup.optimizer == "adamw" else 2,
     )
     terms.update(image)
+    if (
+        setup.vision_graphs
+        and setup.on_gpu
+        and setup.kernels
+        and shape.vision.gated_mlp
+        and "vision_activations" in image
+    ):
+        # Qwen2.5-VL's, the one gated tower among the families (the part graphs no other): the
+        # graphs' pool keeps one block's working set, which an eager step frees for the language
+        # model, beside the block inputs it holds for the backward (vision_activations)
+        from sftop.engine.planner.vision import layer_working_bytes_per_patch
+
+        patches = image_tokens * shape.vision.patches_per_token
+        terms["vision_graph_pool"] = patches * layer_working_bytes_per_patch(shape.vision, DTYPE_BYTES[setup.dtype])
+        notes.append(
+            f"the vision tower's CUDA graphs keep {terms['vision_graph_pool'] / GIB:.2f} GiB of its working set in their pool"
+        )
     if transient > text_dynamic:
         # the vision tower's forward is the step's peak: what it needs beyond the text terms
         terms["vision_forward_transient"] = transient - text_dynamic

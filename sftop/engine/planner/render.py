@@ -21,6 +21,7 @@ _LABELS = {
     "graph_pool": "CUDA graphs' pool (step transients)",
     "pixel_values": "images: pixel tensors",
     "vision_activations": "images: vision tower activations",
+    "vision_graph_pool": "images: vision tower CUDA graphs' pool",
     "projector_activations": "images: projector activations",
     "vision_lora": "images: vision LoRA + grads + states",
     "vision_forward_transient": "images: vision forward beyond text peak",

@@ -272,6 +272,7 @@ def setup_from_preset(preset: Any, device: str) -> Setup:
         preference=preset.train.task == "dpo",
         # DPO's graphs, or packed SFT's bucket graphs (estimate.graph_pool_bytes says where they engage)
         cuda_graphs=kernels and _cuda_graphs_allowed() and (preset.train.task == "dpo" or bool(preset.data.packing)),
+        vision_graphs=kernels and not on_cpu and _cuda_graphs_allowed() and _vision_graphs_asked(),
     )
 
 
@@ -280,6 +281,13 @@ def _cuda_graphs_allowed() -> bool:
     from sftop.kernels.env import env_flag
 
     return env_flag(CUDA_GRAPHS_ENV, default=True)
+
+
+def _vision_graphs_asked() -> bool:
+    from sftop.kernels.constants import VISION_GRAPHS_ENV
+    from sftop.kernels.env import env_flag
+
+    return env_flag(VISION_GRAPHS_ENV, default=False)
 
 
 def _target_notes(preset: Any) -> list[str]:

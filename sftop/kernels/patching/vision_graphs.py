@@ -37,12 +37,13 @@ import torch
 from torch import nn
 
 from .. import compat
+from ..constants import VISION_GRAPHS_ENV
 from ..env import env_flag
 from . import markers as M
 from .forwards import set_forward
 
 FUSED = "fused"
-ENV_SWITCH = "SFTOP_VISION_GRAPHS"
+ENV_SWITCH = VISION_GRAPHS_ENV
 TOWER_CLASS = "Qwen2_5_VisionTransformerPretrainedModel"
 _HELPERS = ("get_vision_position_ids", "get_vision_attention_seqlens", "get_vision_window_index")
 # the tower members its forward uses
