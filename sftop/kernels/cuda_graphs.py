@@ -161,7 +161,11 @@ class CapturedStep:
     sum (a scalar, whose incoming gradient is 1) or a vector such as per-token log-probabilities,
     whose incoming gradient the replay copies into `grad_out`; the others are metrics without
     gradient.  `backward=False` captures a forward only (run under no_grad, e.g. DPO's reference
-    forward): no gradients, no offloaded checkpoints."""
+    forward): no gradients, no offloaded checkpoints.  `grad_inputs`: positions of inputs whose
+    gradients the backward also makes (into static buffers of the pool), for the caller to pass on."""
+
+    grad_inputs: tuple[int, ...] = ()
+    input_grads: list[torch.Tensor | None] = []
 
     def __init__(
         self,
@@ -173,11 +177,16 @@ class CapturedStep:
         backward: bool = True,
         warm_up_in_pool: bool = False,
         grad_buffers: list[torch.Tensor | None] | None = None,
+        grad_inputs: tuple[int, ...] = (),
     ):
         self.n_inputs = len(inputs)
         self.backward = backward
+        self.grad_inputs = grad_inputs if backward else ()
         self.static_inputs = [t.detach().clone() for t in inputs]
+        for i in self.grad_inputs:  # leaves of the captured work: their gradients come out of backward
+            self.static_inputs[i].requires_grad_()
         params = [p for _m, _n, p in slots]
+        wrt_inputs = [self.static_inputs[i] for i in self.grad_inputs]
         torch.cuda.synchronize()
         side = _capture_stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -189,7 +198,9 @@ class CapturedStep:
                 with offload.recording_offloads() if last else contextlib.nullcontext() as moved:
                     outs = _as_tuple(fn(*self.static_inputs))
                 if backward:
-                    torch.autograd.grad(outs[0], params, grad_outputs=torch.ones_like(outs[0]), allow_unused=True)
+                    torch.autograd.grad(
+                        outs[0], params + wrt_inputs, grad_outputs=torch.ones_like(outs[0]), allow_unused=True
+                    )
                 del outs
         torch.cuda.current_stream().wait_stream(side)
         # offloaded checkpoints (checkpoint_offload.py): the replays copy into these pinned buffers
@@ -201,6 +212,7 @@ class CapturedStep:
         self.fwd = torch.cuda.CUDAGraph()
         self.bwd = torch.cuda.CUDAGraph() if backward else None
         grads: tuple = ()
+        self.input_grads = []
         with no_rng_stash(), causal_masks_skipped(), _no_garbage_collection():
             with torch.cuda.graph(self.fwd, pool=pool, stream=side), _aliased(slots) as aliases:
                 with offload.offloading_into(self.host_buffers) if backward else contextlib.nullcontext():
@@ -211,8 +223,12 @@ class CapturedStep:
             self.grad_out = torch.ones_like(outs[0])
             if backward:
                 with torch.cuda.graph(self.bwd, pool=pool, stream=side):
-                    made = torch.autograd.grad(outs[0], aliases, grad_outputs=self.grad_out, allow_unused=True)
-                    grads = _into_shared(made, grad_buffers)
+                    made = torch.autograd.grad(
+                        outs[0], [*aliases, *wrt_inputs], grad_outputs=self.grad_out, allow_unused=True
+                    )
+                    grads = _into_shared(made[: len(aliases)], grad_buffers)
+                    # static buffers of this graph, rewritten by its next backward replay
+                    self.input_grads = list(made[len(aliases) :])
                     del made  # freed inside the capture: pool blocks the next capture may take
         self.outputs = [o.detach() for o in outs]
         self.loss = self.outputs[0]
@@ -222,6 +238,14 @@ class CapturedStep:
     def load(self, inputs) -> None:
         for dst, src in zip(self.static_inputs, inputs):
             dst.copy_(src)
+
+    def handed_out_input_grads(self) -> list[torch.Tensor | None]:
+        """One gradient per input (None where the capture took none): copies, which autograd passes
+        on into the eager work before this step, while the static buffers belong to the next replay."""
+        out: list[torch.Tensor | None] = [None] * self.n_inputs
+        for i, g in zip(self.grad_inputs, self.input_grads):
+            out[i] = None if g is None else g.clone()
+        return out
 
     def handed_out_grads(self) -> list[torch.Tensor | None]:
         # new tensor objects over the static buffers: autograd keeps them as .grad without a copy
@@ -298,7 +322,7 @@ class _Replay(torch.autograd.Function):
         graphs.take_armed(step, ctx.generation)
         step.grad_out.copy_(grad)
         step.bwd.replay()
-        return (None, None) + (None,) * step.n_inputs + tuple(step.handed_out_grads())
+        return (None, None) + tuple(step.handed_out_input_grads()) + tuple(step.handed_out_grads())
 
 
 class StepGraphs:
@@ -373,12 +397,22 @@ class StepGraphs:
         `slots` are (module, name, parameter) of every trainable parameter `fn` uses."""
         return self.replay(key, fn, inputs, slots)
 
-    def replay(self, key, fn, inputs: tuple[torch.Tensor, ...], slots: list, backward: bool = True):
+    def replay(
+        self,
+        key,
+        fn,
+        inputs: tuple[torch.Tensor, ...],
+        slots: list,
+        backward: bool = True,
+        grad_inputs: tuple[int, ...] = (),
+    ):
         """`fn(*inputs)` from the graphs (a tensor, or a tuple whose first member carries the gradient
         and the rest are metrics), or None when this call should run eagerly.  `backward=False`: a
         forward under no_grad, captured without a backward into the shared pool; it runs eagerly
         while a graphed training forward waits for its backward, whose saved activations its
-        transients could overwrite."""
+        transients could overwrite.  `grad_inputs`: the positions of inputs whose gradient the
+        backward hands on (activations from eager work before the step, such as embeddings an
+        image tower wrote into); the key must tell such calls apart from others."""
         if not backward and self._armed is not None:
             self.stats.eager_calls += 1
             return None
@@ -400,7 +434,7 @@ class StepGraphs:
                 return None
             why = self._refuse_all or _room_for_capture(self._new_gradient_bytes(slots) if backward else 0)
             if why is None:
-                step, why = self._capture(fn, inputs, slots, backward)
+                step, why = self._capture(fn, inputs, slots, backward, grad_inputs)
             if step is None:
                 self._refused[key] = why
                 self.stats.failures.append(why)
@@ -415,8 +449,12 @@ class StepGraphs:
                     if g is not None:
                         self._grad_buffers[id(p)] = g
             self._seen.pop(key, None)
-        if step.backward != backward:  # a key must tell the two kinds apart; never guess
-            raise ValueError(f"sftop CUDA graphs: key {key!r} was captured with backward={step.backward}")
+        if step.backward != backward or (backward and step.grad_inputs != tuple(grad_inputs)):
+            # a key must tell the kinds apart; never guess
+            raise ValueError(
+                f"sftop CUDA graphs: key {key!r} was captured with backward={step.backward}, "
+                f"grad_inputs={step.grad_inputs}"
+            )
         self.stats.replays += 1
         if not backward:
             self.reclaim_grads(self._trained.values())
@@ -426,7 +464,7 @@ class StepGraphs:
             return outs[0] if len(outs) == 1 else outs
         return _Replay.apply(self, step, *inputs, *(p for _m, _n, p in slots))
 
-    def _capture(self, fn, inputs, slots, backward=True):
+    def _capture(self, fn, inputs, slots, backward=True, grad_inputs=()):
         from . import scratch
 
         if self._pool is None:
@@ -443,6 +481,7 @@ class StepGraphs:
                 backward=backward,
                 warm_up_in_pool=bool(self._trained),
                 grad_buffers=self._shared_grads(slots) if backward else None,
+                grad_inputs=tuple(grad_inputs),
             )
         except Exception as exc:  # noqa: BLE001 - an uncapturable model keeps training eagerly
             offload.discard_pending()

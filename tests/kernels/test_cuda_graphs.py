@@ -133,6 +133,36 @@ def test_replay_hands_out_a_vector_output_and_metrics_and_takes_the_vectors_grad
         graphs.replay("forward", None, (x,), slots)
 
 
+def test_replay_hands_the_inputs_gradient_on_as_a_copy():
+    """An input named in grad_inputs (embeddings an image tower wrote into) gets its gradient from the
+    captured backward, as a copy: the static buffer belongs to the next replay."""
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.randn(5))
+    slots = [(module, "w", module.w)]
+    graphs = cg.StepGraphs()
+    step = _fake_step(module.w, backward=True)
+    step.grad_inputs, step.input_grads = (0,), [torch.zeros(5)]
+    real_bwd = step.bwd.replay
+
+    def backward():
+        real_bwd()
+        step.input_grads[0].copy_(step.grad_out * module.w.detach())
+
+    step.bwd = _Recorded(backward)
+    graphs._steps["train"] = step
+    before = torch.randn(5, requires_grad=True)
+    x = before * 2  # eager work ahead of the captured step
+    y, _metric = graphs.replay("train", None, (x,), slots, grad_inputs=(0,))
+    g = torch.randn(5)
+    (y * g).sum().backward()
+    assert torch.equal(before.grad, 2 * g * module.w.detach())  # through the step into the eager work
+    assert torch.equal(module.w.grad, g * x.detach())
+    step.input_grads[0].fill_(float("nan"))  # the next replay's
+    assert torch.isfinite(before.grad).all()
+    with pytest.raises(ValueError, match=r"grad_inputs=\(0,\)"):
+        graphs.replay("train", None, (x,), slots)  # the same key without the input's gradient
+
+
 def test_forward_only_replays_share_the_pool_safely():
     """Forward-only graphs share the training graphs' pool: one replayed while a training forward
     waits for its backward runs eagerly instead (its transients could overwrite the saved
@@ -168,7 +198,7 @@ def test_a_forward_only_step_is_captured_after_the_training_step(monkeypatch):
     training step freed) one sighting later, once a training step is captured."""
     captured = []
 
-    def capture(self, fn, inputs, slots, backward=True):
+    def capture(self, fn, inputs, slots, backward=True, grad_inputs=()):
         captured.append(backward)
         return _fake_step(slots[0][2], backward), None
 
@@ -605,7 +635,7 @@ def test_release_drops_every_captured_step_and_the_pool(monkeypatch):
     monkeypatch.setattr(cg, "_room_for_capture", lambda static_bytes=0: None)
     captured = []
 
-    def capture(self, fn, inputs, slots, backward=True):
+    def capture(self, fn, inputs, slots, backward=True, grad_inputs=()):
         captured.append(backward)
         return _fake_step(slots[0][2], backward), None
 

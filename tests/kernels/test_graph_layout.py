@@ -21,6 +21,7 @@ from sftop.kernels.patching.parts.cuda_graphs import graphed_loss
 
 class _Step:
     backward = True
+    grad_inputs: tuple = ()
     grad_ptrs: set = set()
     grads: list = []  # no gradients kept: the shared set stays empty
 
@@ -38,7 +39,7 @@ def captures(monkeypatch):
 
     monkeypatch.setattr(cg.StepGraphs, "replay", replay)
 
-    def capture(self, fn, inputs, slots, backward=True):
+    def capture(self, fn, inputs, slots, backward=True, grad_inputs=()):
         self.stats.captures += 1
         return _Step(), None
 

@@ -74,7 +74,7 @@ def rerun_captures(monkeypatch):
     """Captures on the CPU as `_RerunStep`s; the (input shapes, trainable count, backward) of each."""
     made = []
 
-    def capture(self, fn, inputs, slots, backward=True):
+    def capture(self, fn, inputs, slots, backward=True, grad_inputs=()):
         made.append(([tuple(t.shape) for t in inputs], len(slots), backward))
         self.stats.captures += 1
         return _RerunStep(fn, inputs, slots, backward), None
