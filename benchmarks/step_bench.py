@@ -275,7 +275,7 @@ def _build(args, path: str):
 
         if path == "sftop-eager":  # the same patched model without CUDA graphs, for the ratio
             os.environ["SFTOP_CUDA_GRAPHS"] = "0"
-        if path == "sftop-tower-graphs":  # a vision tower's blocks replayed from CUDA graphs (opt-in part)
+        if path == "sftop-tower-graphs":  # a VLM's tower blocks and language layers from CUDA graphs (opt-in)
             os.environ["SFTOP_VISION_GRAPHS"] = "1"
         if vlm_shapes.is_vision_shape(args.model):
             # as `sftop run` does for a VLM: the kernels on the language layers its family names
@@ -447,11 +447,13 @@ def _vision_parts(model, make_batch, opt, args, sync) -> dict:
 
 
 def _graph_stats(model) -> dict | None:
-    """The captured steps' counters: the model's own graphs, plus a vision tower's (part vision_graphs)."""
-    from sftop.kernels.patching.markers import GRAPHS, TOWER_GRAPHS
+    """The captured steps' counters: the model's own graphs, plus a vision-language model's tower and
+    language layers' (parts vision_graphs, language_graphs)."""
+    from sftop.kernels.patching.markers import GRAPHS, LANGUAGE_GRAPHS, TOWER_GRAPHS
 
     base = model.get_base_model()
-    found = [base.__dict__.get(GRAPHS)] + [m.__dict__.get(TOWER_GRAPHS) for m in base.modules()]
+    found = [base.__dict__.get(GRAPHS)]
+    found += [m.__dict__.get(name) for m in base.modules() for name in (TOWER_GRAPHS, LANGUAGE_GRAPHS)]
     found = [g for g in found if g is not None]
     if not found:
         return None
@@ -611,7 +613,8 @@ def main(argv=None) -> int:
         default="stock,sftop",
         help="comma-separated: stock, sftop (patched, CUDA graphs on), sftop-eager (patched, graphs off), "
         "sftop-language (vision shapes: the language layers patched, the vision tower stock), "
-        "sftop-tower-graphs (vision shapes: sftop with the tower's blocks replayed from CUDA graphs), "
+        "sftop-tower-graphs (vision shapes: sftop with the tower's blocks and the language layers replayed "
+        "from CUDA graphs: SFTOP_VISION_GRAPHS=1), "
         "unsloth (Unsloth's recipe in its own process; see --peer-pythonpath)",
     )
     ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)

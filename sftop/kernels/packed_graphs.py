@@ -171,7 +171,7 @@ def mark_rows_given(model: nn.Module, inputs: dict) -> None:
 
 def release_graphs(model: nn.Module) -> None:
     """Drop every CUDA graph captured for `model` (fixed-shape, packed, DPO's log-prob steps, a
-    vision tower's blocks) with the memory pools they keep: after an out-of-memory error the run
+    vision-language model's tower blocks and language layers) with the memory pools they keep: after an out-of-memory error the run
     goes on with a smaller plan, which needs that memory and captures its own shapes again where
     there is room."""
     lm = causal_lm(model)
@@ -184,10 +184,11 @@ def release_graphs(model: nn.Module) -> None:
     logprob = lm.__dict__.pop(M.LOGPROB_GRAPHS, None)
     if logprob is not None and isinstance(getattr(logprob, "steps", None), StepGraphs):
         logprob.steps.release()
-    for module in lm.modules():  # a vision tower's (patching/vision_graphs.py)
-        tower = module.__dict__.get(M.TOWER_GRAPHS)
-        if isinstance(tower, StepGraphs):
-            tower.release()
+    for module in lm.modules():  # a vision-language model's tower and language layers (patching/*_graphs.py)
+        for name in (M.TOWER_GRAPHS, M.LANGUAGE_GRAPHS):
+            graphs = module.__dict__.get(name)
+            if isinstance(graphs, StepGraphs):
+                graphs.release()
 
 
 def packed_graph_stats(model: nn.Module):

@@ -1,12 +1,14 @@
-"""Part vision_graphs (sftop/kernels/patching/vision_graphs.py): a Qwen2.5-VL tower's blocks
-replayed from CUDA graphs.
+"""Parts vision_graphs and language_graphs (sftop/kernels/patching/vision_graphs.py,
+language_graphs.py): a Qwen2.5-VL tower's blocks and its language layers replayed from CUDA graphs.
 
 CPU: sftop's copy of the tower forward equals transformers' (outputs and LoRA gradients); the
 replay plumbing, with each "captured" step standing in as one that runs its function afresh on
 its static inputs, gives the eager tower's outputs and gradients, captures on a layout's second
 sighting, keys on grid, grad mode and adapter state, and is released on an out-of-memory
-step-down; the part says why it stays stock.  GPU: real captures in bf16, with and without
-checkpointing, equal the eager tower.
+step-down; the part says why it stays stock.  A whole VLM step with both parts (the language
+layers handing their gradient back to the image embeddings) gives the eager model's loss and every
+LoRA gradient, the tower's included.  GPU: real captures in bf16, with and without checkpointing,
+equal the eager tower.
 """
 
 from __future__ import annotations
@@ -51,11 +53,15 @@ class _RerunStep(cg.CapturedStep):
     """A captured step on the CPU: each "replay" runs the captured function afresh on the static
     inputs (forward with autograd, backward by autograd.grad into the static gradients)."""
 
-    def __init__(self, fn, inputs, slots, backward):
+    def __init__(self, fn, inputs, slots, backward, grad_inputs=()):
         self.fn, self.n_inputs, self.backward = fn, len(inputs), backward
+        self.grad_inputs = tuple(grad_inputs)
         self.static_inputs = [t.detach().clone() for t in inputs]
+        for i in self.grad_inputs:
+            self.static_inputs[i].requires_grad_()
         self.params = [p for _m, _n, p in slots]
         self.outputs, self.grads, self.grad_ptrs, self.grad_out = [], [], set(), None
+        self.input_grads = []
         self.fwd = types.SimpleNamespace(replay=self._forward)
         self.bwd = types.SimpleNamespace(replay=self._backward) if backward else None
 
@@ -66,7 +72,9 @@ class _RerunStep(cg.CapturedStep):
         self.grad_out = torch.zeros_like(self._out)
 
     def _backward(self):
-        self.grads = list(torch.autograd.grad(self._out, self.params, self.grad_out, allow_unused=True))
+        wrt = self.params + [self.static_inputs[i] for i in self.grad_inputs]
+        made = torch.autograd.grad(self._out, wrt, self.grad_out, allow_unused=True)
+        self.grads, self.input_grads = list(made[: len(self.params)]), list(made[len(self.params) :])
 
 
 @pytest.fixture
@@ -77,7 +85,7 @@ def rerun_captures(monkeypatch):
     def capture(self, fn, inputs, slots, backward=True, grad_inputs=()):
         made.append(([tuple(t.shape) for t in inputs], len(slots), backward))
         self.stats.captures += 1
-        return _RerunStep(fn, inputs, slots, backward), None
+        return _RerunStep(fn, inputs, slots, backward, grad_inputs), None
 
     monkeypatch.setattr(cg, "capturable", lambda t: True)
     monkeypatch.setattr(cg, "_room_for_capture", lambda static_bytes=0: None)
@@ -180,6 +188,83 @@ def test_checkpointed_blocks_with_a_grad_hooked_patch_embedding(reentrant, monke
     assert (graphs.stats.captures, graphs.stats.replays) == ((0, 0) if reentrant else (1, 2))
 
 
+def _qwen_vlm(monkeypatch, device="cpu", dtype=torch.float32):
+    """(eager, graphed, batch, the tower's graphs, the language layers' graphs): a tiny Qwen2.5-VL with
+    LoRA on the language and tower layers and sftop's kernels as `sftop run` puts them, twice; the
+    second with both graph parts on (their CUDA check passed where there is no GPU)."""
+    import sys
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vision"))
+    from vision_family_rows import family, image, processor, rows, single
+
+    from sftop.engine.models.vision.collator import VisionCollator
+    from sftop.engine.models.vision.loading import apply_vision_kernels
+    from sftop.engine.models.vision.lora_parts import target_module_names
+    from sftop.engine.models.vision.registry import all_families
+    from sftop.kernels.patching import language_graphs as LG
+
+    fam = family("qwen2_5_vl")
+    torch.manual_seed(0)
+    config = fam.tiny_config()
+    config.vision_config.depth = 3  # windowed, full, windowed
+    model = all_families()["qwen2_5_vl"].model_class().from_config(config, attn_implementation="sdpa")
+    model = model.to(device=device, dtype=dtype)
+    targets = target_module_names(model, fam, ["language", "vision", "attention", "mlp"])
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+    )
+    graphed = copy.deepcopy(model)
+    collate = VisionCollator(fam, processor("qwen2_5_vl"))
+    batch = collate([single(image("qwen2_5_vl", 2, 3)), rows("qwen2_5_vl")["two-turns"]])
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    monkeypatch.setattr("sftop.engine.models.loading.cuda_available", lambda: True)
+    for m in (model, graphed):
+        apply_vision_kernels(m, fam, "auto")
+        m.train()
+    monkeypatch.setenv(VG.ENV_SWITCH, "1")
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        assert VG.patch_graphs(_tower(graphed), None) == "fused"
+        assert LG.patch_language_graphs(graphed) == "fused"
+    tower_graphs = _tower(graphed).__dict__[M.TOWER_GRAPHS]
+    language_graphs = LG.find_language_models(graphed)[0].__dict__[M.LANGUAGE_GRAPHS]
+    return model, graphed, batch, tower_graphs, language_graphs
+
+
+def _vlm_step(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, use_cache=False)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_a_whole_vlm_step_with_the_tower_and_language_layers_graphed(monkeypatch, rerun_captures):
+    """With both graph parts the loss and every LoRA gradient equal the eager model's over three
+    steps, the tower's adapters learning through the gradient the language layers hand back."""
+    model, graphed, batch, tower_graphs, language_graphs = _qwen_vlm(monkeypatch)
+    for step in range(3):
+        loss_e, grads_e = _vlm_step(model, batch)
+        loss_g, grads_g = _vlm_step(graphed, batch)
+        assert rel_err(loss_g, loss_e) < 1e-6, step
+        assert grads_g.keys() == grads_e.keys(), step
+        assert any(".visual." in n for n in grads_e) and any("language_model" in n for n in grads_e)
+        for n in grads_e:
+            assert rel_err(grads_g[n], grads_e[n]) < 1e-5, (step, n)
+    for graphs in (tower_graphs, language_graphs):
+        assert (graphs.stats.eager_calls, graphs.stats.captures, graphs.stats.replays) == (1, 1, 2)
+    # the language layers' capture took the embeddings' gradient, the tower's nothing but its adapters
+    assert [backward for _shapes, _n, backward in rerun_captures] == [True, True]
+    rows_, tokens = batch["input_ids"].shape
+    lm_shapes = rerun_captures[1][0]
+    assert lm_shapes[0][:2] == (rows_, tokens)  # the embeddings, then cos and sin
+    assert lm_shapes[3] == (rows_, 1, tokens, tokens)  # the rows differ in length: the padding mask goes in too
+
+
 def test_the_part_says_why_it_stays_stock(monkeypatch):
     model = _lora_tower_model()
     monkeypatch.delenv(VG.ENV_SWITCH, raising=False)
@@ -195,6 +280,11 @@ def test_the_part_says_why_it_stays_stock(monkeypatch):
         m.setattr(torch.cuda, "is_available", lambda: True)
         why = VG.patch_graphs(_tower(qwen2), None)
     assert why.startswith("stock: only Qwen2_5_VisionTransformerPretrainedModel"), why
+    from sftop.kernels.patching import language_graphs as LG
+
+    assert LG.patch_language_graphs(qwen2).startswith("stock: only Qwen2_5_VLTextModel")
+    monkeypatch.delenv(VG.ENV_SWITCH)
+    assert LG.patch_language_graphs(model) == "stock: off unless SFTOP_VISION_GRAPHS=1"
     # unpatching takes the tower's graphs off with its forward
     _with_graphs(model, monkeypatch)
     tower = _tower(model)
@@ -266,3 +356,25 @@ def test_gpu_graphed_blocks_equal_the_eager_tower(checkpointing, monkeypatch):
             assert rel_err(grads_g[n], grads_e[n]) < 2e-2, (step, n)
     assert graphs.stats.failures == []
     assert (graphs.stats.eager_calls, graphs.stats.captures, graphs.stats.replays) == (1, 1, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
+def test_gpu_whole_vlm_step_with_both_graph_parts_equals_eager(checkpointing, monkeypatch):
+    """The tiny Qwen2.5-VL in bf16 on the GPU, real captures of the tower's blocks and the language
+    layers: loss and every LoRA gradient equal the eager model's over three steps."""
+    model, graphed, batch, tower_graphs, language_graphs = _qwen_vlm(monkeypatch, "cuda", torch.bfloat16)
+    if checkpointing:
+        for m in (model, graphed):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for step in range(3):
+        loss_e, grads_e = _vlm_step(model, batch)
+        loss_g, grads_g = _vlm_step(graphed, batch)
+        assert rel_err(loss_g, loss_e) < 1e-2, step
+        assert grads_g.keys() == grads_e.keys() and any(".visual." in n for n in grads_e), step
+        for n in grads_e:
+            assert rel_err(grads_g[n], grads_e[n]) < 2e-2, (step, n)
+    for graphs in (tower_graphs, language_graphs):
+        assert graphs.stats.failures == []
+        assert (graphs.stats.eager_calls, graphs.stats.captures, graphs.stats.replays) == (1, 1, 2)

@@ -18,6 +18,8 @@ from sftop.kernels.patching.vision_tower import VISION_PARTS, patch_vision_tower
 from _kernel_testutil import rel_err
 
 HAS_CUDA = torch.cuda.is_available()
+GRAPH_PARTS = ("vision_graphs", "language_graphs")
+KERNEL_PARTS = [p for p in VISION_PARTS if p not in GRAPH_PARTS]
 # three images: windows of 16, 8 and 4 patches in the first, whole windows in the others
 GRID = [[1, 6, 10], [1, 4, 4], [1, 2, 6]]
 
@@ -263,8 +265,9 @@ def test_vision_kernels_report_the_tower_parts(monkeypatch):
     model = get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
     report = loading.apply_vision_kernels(model, family, "on")
     parts = report["vision_parts"]
-    assert parts["vision_graphs"].startswith("stock: off unless SFTOP_VISION_GRAPHS=1"), parts
-    assert {p: v for p, v in parts.items() if p != "vision_graphs"} == {p: "fused" for p in VISION_PARTS[:-1]}
+    for p in GRAPH_PARTS:  # opt-in (tests/kernels/test_vision_graphs.py)
+        assert parts[p] == "stock: off unless SFTOP_VISION_GRAPHS=1", parts
+    assert {p: v for p, v in parts.items() if p not in GRAPH_PARTS} == {p: "fused" for p in KERNEL_PARTS}
     assert "vision tower patched" in report["reason"] and report["enabled"]
 
 
@@ -339,7 +342,7 @@ def test_gpu_bf16_tower_equals_stock_with_one_attention_launch_a_block(monkeypat
     patched = copy.deepcopy(stock)
     assert patch_model(patched, model_type="qwen2", only=("lora",)).parts["lora"] == "fused"
     parts = patch_vision_tower(patched)
-    assert {p: v for p, v in parts.items() if p != "vision_graphs"} == {p: "fused" for p in VISION_PARTS[:-1]}
+    assert {p: v for p, v in parts.items() if p not in GRAPH_PARTS} == {p: "fused" for p in KERNEL_PARTS}
     grid = torch.tensor([[1, 32, 32], [1, 20, 28], [1, 32, 32]], device="cuda")  # uneven windows in the second
     values = 3 * 2 * 14 * 14
     pixels = torch.randn(

@@ -1,5 +1,7 @@
 """The planner's image terms for vision-language models, with values worked out by hand."""
 
+from dataclasses import replace
+
 import pytest
 
 from sftop.engine.planner.estimate import ModelShape, Setup, estimate
@@ -200,10 +202,27 @@ def test_vision_graphs_keep_one_tower_block_working_set_in_their_pool():
     eager, graphed = est(), est(vision_graphs=True)
     working = 2 * (1280 + 3 * 1280 + 1280 + 2 * 3420)  # input, q/k/v, attention out, gated MLP hidden
     assert graphed.terms["vision_graph_pool"] == 4 * 256 * 4 * working
-    assert graphed.allocated_bytes == eager.allocated_bytes + graphed.terms["vision_graph_pool"]
+    # beside the language layers' pool (the next test)
+    added = graphed.terms["vision_graph_pool"] + graphed.terms["graph_pool"]
+    assert graphed.allocated_bytes == eager.allocated_bytes + added
     assert any("vision tower's CUDA graphs keep" in n for n in graphed.notes)
     for kw in (dict(vision_training=VisionTraining()), dict(on_gpu=False), dict(kernels=False, loss="chunked")):
         assert "vision_graph_pool" not in est(vision_graphs=True, **kw).terms, kw
+
+
+def test_vision_graphs_keep_the_language_layers_transients_in_their_pool_for_unpacked_rows():
+    shape = ModelShape.from_config(QWEN25_VL_3B)
+    load = ImageLoad.from_rows([256] * 8)
+    setup = Setup(dtype="bf16", checkpointing="on", kernels=True, images=load, vision_training=VisionTraining())
+    text = estimate(shape, Setup(dtype="bf16", checkpointing="on", kernels=True), 4 * 1024, seq_len=1024)
+    static = ("weights", "lora_params", "lora_grads", "optimizer_states", "cublas_workspace")
+    dynamic = text.allocated_bytes - sum(text.terms.get(k, 0) for k in static)
+    graphed = estimate(shape, replace(setup, vision_graphs=True), 4 * 1024, seq_len=1024)
+    assert graphed.terms["graph_pool"] == dynamic + text.terms["lora_grads"]
+    assert "graph_pool" not in estimate(shape, setup, 4 * 1024, seq_len=1024).terms
+    # packed rows run the language layers eagerly
+    packed = estimate(shape, replace(setup, vision_graphs=True, packed=True), 4 * 1024, seq_len=1024)
+    assert "graph_pool" not in packed.terms
 
 
 def test_the_plan_counts_the_tower_graphs_only_when_asked(monkeypatch):

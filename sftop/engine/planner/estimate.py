@@ -634,9 +634,14 @@ def graph_pool_bytes(shape: ModelShape, setup: Setup, tokens: int, seq_len: int,
     (sftop's overlapped copies, which a capture takes).
     SFT: packed micro-batches through sftop's packed attention, padded up to their length bucket
     (`tokens` is the largest), without dropout.  Both: plus the one set of gradient buffers every
-    captured step shares, which stays beside an eager step's own gradients.  Never with images,
-    without the fused loss (kernels off) or on the CPU."""
-    if not (setup.cuda_graphs and setup.on_gpu and setup.kernels and setup.loss == "fused") or setup.images is not None:
+    captured step shares, which stays beside an eager step's own gradients.  Never without the
+    fused loss (kernels off) or on the CPU.
+    A VLM: only with SFTOP_VISION_GRAPHS=1 (`vision_graphs`), whose language layers replay for
+    unpacked rows without dropout (sftop/kernels/patching/language_graphs.py): their transients are
+    the text terms' dynamic memory.  The tower's pool is an image term (vision_graph_pool)."""
+    if setup.images is not None:
+        return _language_graph_pool(shape, setup, tokens, seq_len, rows)
+    if not (setup.cuda_graphs and setup.on_gpu and setup.kernels and setup.loss == "fused"):
         return 0
     if setup.preference:
         if setup.packed:
@@ -651,6 +656,14 @@ def graph_pool_bytes(shape: ModelShape, setup: Setup, tokens: int, seq_len: int,
     # where each bucket's step once kept its own and a packed Llama-3.2-1B run's memory between
     # steps rose by its 0.042 GiB of LoRA gradients with every bucket captured (docs/benchmarks.md)
     return dynamic + eager.terms["lora_grads"]
+
+
+def _language_graph_pool(shape: ModelShape, setup: Setup, tokens: int, seq_len: int, rows: int) -> int:
+    if not (setup.vision_graphs and setup.on_gpu and setup.kernels) or setup.packed or setup.lora_dropout > 0:
+        return 0
+    text = replace(setup, images=None, vision_graphs=False, cuda_graphs=False)
+    eager = estimate(shape, text, tokens, seq_len=seq_len, rows=rows)
+    return eager.allocated_bytes - sum(eager.terms.get(k, 0) for k in _STATIC_TERMS) + eager.terms["lora_grads"]
 
 
 def _add_image_terms(terms: dict[str, int], shape: ModelShape, setup: Setup, rows: int, notes: list[str]) -> None:

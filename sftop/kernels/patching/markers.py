@@ -56,6 +56,8 @@ LABELS_FROM_ONE_BATCH = "_sftop_labels_from_one_batch"
 VISION_ATTN_IMPLEMENTATION = "_sftop_vision_attn_implementation"
 # vision_graphs (patching/vision_graphs.py): the tower's StepGraphs for its blocks
 TOWER_GRAPHS = "_sftop_tower_graphs"
+# language_graphs (patching/language_graphs.py): a VLM text model's StepGraphs for its layers
+LANGUAGE_GRAPHS = "_sftop_language_graphs"
 
 # what unpatch removes from every module's __dict__ once its forward is restored
 MODULE_MARKERS = (
@@ -72,6 +74,7 @@ MODULE_MARKERS = (
     LOSS_DTYPE,
     GRAPHS,
     TOWER_GRAPHS,
+    LANGUAGE_GRAPHS,
 )
 # what unpatch removes from the patched model itself
 MODEL_MARKERS = (GC_ENABLE, LEAN, OFFLOAD_OK, OFFLOADING, GC_MODE, ATTN_IMPLEMENTATION)

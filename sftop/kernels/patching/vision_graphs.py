@@ -38,9 +38,9 @@ from torch import nn
 
 from .. import compat
 from ..constants import VISION_GRAPHS_ENV
-from ..env import env_flag
 from . import markers as M
 from .forwards import set_forward
+from .graph_checks import install_refusal, plain_call, reentrant_checkpoints
 
 FUSED = "fused"
 ENV_SWITCH = VISION_GRAPHS_ENV
@@ -71,32 +71,15 @@ def _helpers():
     return None if any(f is None for f in found) else tuple(found)
 
 
-def _dropout(tower: nn.Module) -> str | None:
-    for m in tower.modules():
-        if isinstance(m, nn.Dropout) and m.p > 0:
-            return f"dropout p={m.p} in {type(m).__name__}"
-    return None
-
-
 def patch_graphs(tower: nn.Module, _spec) -> str:
-    from ..cuda_graphs import ENV_SWITCH as ALL_GRAPHS
-    from ..cuda_graphs import StepGraphs, enabled_by_env, no_rng_stash
+    from ..cuda_graphs import StepGraphs, no_rng_stash
     from ..vision_attention import NAME
 
-    if not enabled_by_env():
-        return f"stock: turned off by {ALL_GRAPHS}=0"
-    if not env_flag(ENV_SWITCH, default=False):
-        return f"stock: off unless {ENV_SWITCH}=1"
+    why = install_refusal(tower)
+    if why:
+        return why
     if type(tower).__name__ != TOWER_CLASS:
         return f"stock: only {TOWER_CLASS}'s blocks are graphed, not {type(tower).__name__}'s"
-    if not torch.cuda.is_available():
-        return "stock: CUDA graphs need a CUDA GPU"
-    if (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    ):
-        return "stock: not under multi-process training"
     if compat.attn_implementation(tower.config) != NAME:
         return "stock: needs the vision_attention part (the stock attention reads segment lengths on the host)"
     missing = [name for name in _MEMBERS if not hasattr(tower, name)]
@@ -104,31 +87,15 @@ def patch_graphs(tower: nn.Module, _spec) -> str:
         return f"stock: the tower has no {', '.join(missing)}"
     if _helpers() is None:
         return "stock: this transformers has no vision_utils helpers for the tower's positions and windows"
-    why = _dropout(tower)
-    if why:
-        return f"stock: {why} (a replayed graph would reuse one random mask)"
     if M.TOWER_GRAPHS not in tower.__dict__:
         tower.__dict__[M.TOWER_GRAPHS] = StepGraphs(no_rng_stash(tower))
     set_forward(tower, _forward, "vision_graphs")
     return FUSED
 
 
-def _plain_call(kwargs: dict) -> bool:
-    """Nothing asked of the tower but its output: no hidden states or attentions to record, no
-    precomputed positions or windows handed in (all of which the stock forward handles)."""
-    return all(v is None or v is False for v in kwargs.values())
-
-
 def _forward(self, base, hidden_states, grid_thw=None, **kwargs):
     graphs = self.__dict__.get(M.TOWER_GRAPHS)
-    config = self.config
-    if (
-        graphs is None
-        or grid_thw is None
-        or not _plain_call(kwargs)
-        or getattr(config, "output_hidden_states", False)
-        or getattr(config, "output_attentions", False)
-    ):
+    if graphs is None or grid_thw is None or not plain_call(kwargs, self.config):
         return base(hidden_states, grid_thw, **kwargs)
     return tower_forward(self, graphs, hidden_states, grid_thw)
 
@@ -195,7 +162,7 @@ def _replayed(tower, graphs, hidden, cos, sin, cu_full, max_full, cu_window, max
     if not tower.training or not capturable(hidden):
         return None  # evaluation; the CPU
     blocks = tower.blocks
-    if len(blocks) == 0 or _reentrant_checkpoints(blocks[0]):
+    if len(blocks) == 0 or reentrant_checkpoints(blocks[0]):
         return None
     # transformers' enable_input_require_grads hooks the tower's patch embedding (its input embedding
     # layer) to mark its output as needing a gradient.  Nothing trainable lies behind it (`upstream`
@@ -236,19 +203,6 @@ def _replayed(tower, graphs, hidden, cos, sin, cu_full, max_full, cu_window, max
 
     inputs = (hidden, cos, sin, cu_full, cu_window)
     return graphs.replay(key, step, inputs, trainable if backward else [], backward=backward)
-
-
-def _reentrant_checkpoints(block: nn.Module) -> bool:
-    """Whether `block` runs through reentrant checkpoints (or checkpoints of a kind not known to be
-    non-reentrant).  A reentrant checkpoint's backward accumulates into the parameters' .grad itself
-    and gives `torch.autograd.grad` nothing: a captured backward, which asks autograd.grad for the
-    gradients, would hand out none and the tower's adapters would silently stop learning."""
-    if not getattr(block, "gradient_checkpointing", False):
-        return False
-    if M.STOCK_CHECKPOINT_FUNCTION in block.__dict__:
-        return False  # sftop's own checkpoint function (lean or offloaded), non-reentrant only
-    keywords = getattr(compat.checkpoint_function(block), "keywords", None)
-    return not (isinstance(keywords, dict) and keywords.get("use_reentrant") is False)
 
 
 def graph_stats(tower: nn.Module):

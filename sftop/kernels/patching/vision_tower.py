@@ -13,7 +13,10 @@ Parts (each reported "fused" or "stock: why", like patch_model's):
   * vision_patch_embed: the patch embedding, a Conv3d whose kernel is the whole patch, as the one
     GEMM it is (the convolution path pays cuDNN's setup for a product);
   * vision_graphs: Qwen2.5-VL's blocks replayed from CUDA graphs once an image layout repeats
-    (patching/vision_graphs.py; off unless SFTOP_VISION_GRAPHS=1).
+    (patching/vision_graphs.py; off unless SFTOP_VISION_GRAPHS=1);
+  * language_graphs: not a tower part, but the same switch: the model's Qwen2.5-VL language layers
+    replayed from CUDA graphs, their gradient handed back to the image embeddings
+    (patching/language_graphs.py).
 
 Only modules inside a tower are touched; the language model is patch_model's.  As there, module
 instances get a new `forward` that calls back into the originals (the same `set_forward`,
@@ -38,6 +41,7 @@ from .._runtime import kernels_available
 from . import markers as M
 from .forwards import restore_forward, set_forward
 from .towers import apply_parts
+from .language_graphs import patch_language_graphs, unpatch_language_graphs
 from .vision_graphs import patch_graphs
 
 FUSED = "fused"
@@ -49,7 +53,10 @@ VISION_PARTS = (
     "vision_mlp",
     "vision_patch_embed",
     "vision_graphs",
+    "language_graphs",
 )
+# the parts applied per tower; language_graphs takes the model's language layers (language_graphs.py)
+TOWER_PARTS = VISION_PARTS[:-1]
 
 _ATTN_ORIG = M.VISION_ATTN_IMPLEMENTATION
 _ROPE_FN = "apply_rotary_pos_emb_vision"
@@ -322,7 +329,13 @@ def patch_vision_tower(model: nn.Module, *, enable: bool = True) -> dict[str, st
             for m in tower.modules():
                 restore_forward(m)
             _restore_attention(tower)
+        unpatch_language_graphs(model)
         return {p: "stock: disabled" for p in VISION_PARTS}
     if not towers:
         return {p: f"stock: no vision tower sftop knows (known: {', '.join(sorted(TOWERS))})" for p in VISION_PARTS}
-    return apply_parts(VISION_PARTS, _PATCHERS, towers)
+    report = apply_parts(TOWER_PARTS, _PATCHERS, towers)
+    try:
+        report["language_graphs"] = patch_language_graphs(model)
+    except Exception as exc:  # noqa: BLE001 - like a tower part: reported stock, never taking the others down
+        report["language_graphs"] = f"stock: patch failed ({type(exc).__name__}: {exc})"
+    return report

@@ -1,0 +1,56 @@
+"""What the vision-language graph parts (vision_graphs.py, language_graphs.py) check before they
+install, and per call: one set of rules for both, and the same ones the text model's cuda_graphs
+part applies where they overlap."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import compat
+from ..constants import VISION_GRAPHS_ENV
+from ..env import env_flag
+from . import markers as M
+
+
+def install_refusal(module: nn.Module) -> str | None:
+    """ "stock: why" when CUDA graphs may not replay `module`'s work, else None."""
+    from ..cuda_graphs import ENV_SWITCH, enabled_by_env
+
+    if not enabled_by_env():
+        return f"stock: turned off by {ENV_SWITCH}=0"
+    if not env_flag(VISION_GRAPHS_ENV, default=False):
+        return f"stock: off unless {VISION_GRAPHS_ENV}=1"
+    if not torch.cuda.is_available():
+        return "stock: CUDA graphs need a CUDA GPU"
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
+        return "stock: not under multi-process training"
+    for m in module.modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            return f"stock: dropout p={m.p} in {type(m).__name__} (a replayed graph would reuse one random mask)"
+    return None
+
+
+def plain_call(kwargs: dict, config) -> bool:
+    """Nothing asked of a module but its output: no hidden states or attentions to record, nothing
+    precomputed handed in (what the stock forward handles)."""
+    if getattr(config, "output_hidden_states", False) or getattr(config, "output_attentions", False):
+        return False
+    return all(v is None or v is False for v in kwargs.values())
+
+
+def reentrant_checkpoints(block: nn.Module) -> bool:
+    """Whether `block` runs through reentrant checkpoints (or checkpoints of a kind not known to be
+    non-reentrant).  A reentrant checkpoint's backward accumulates into the parameters' .grad itself
+    and gives `torch.autograd.grad` nothing: a captured backward, which asks autograd.grad for the
+    gradients, would hand out none and the adapters would silently stop learning."""
+    if not getattr(block, "gradient_checkpointing", False):
+        return False
+    if M.STOCK_CHECKPOINT_FUNCTION in block.__dict__:
+        return False  # sftop's own checkpoint function (lean or offloaded), non-reentrant only
+    keywords = getattr(compat.checkpoint_function(block), "keywords", None)
+    return not (isinstance(keywords, dict) and keywords.get("use_reentrant") is False)
