@@ -265,6 +265,38 @@ def test_a_whole_vlm_step_with_the_tower_and_language_layers_graphed(monkeypatch
     assert lm_shapes[3] == (rows_, 1, tokens, tokens)  # the rows differ in length: the padding mask goes in too
 
 
+def test_dpo_forwards_reference_then_policy_through_both_graph_parts(monkeypatch, rerun_captures):
+    """A DPO micro-batch's two forwards through the fused log-prob head: the reference (adapters
+    off, no gradient) then the policy, as sftop's DPO trainer orders them.  The reference takes
+    forward-only captures of its own keys, the policy training ones; log-probabilities and every
+    LoRA gradient equal the eager model's."""
+    from sftop.kernels.patching.logprob_head import install_logprob_head
+
+    model, graphed, batch, tower_graphs, language_graphs = _qwen_vlm(monkeypatch)
+    labels = batch.pop("labels")
+    for m in (model, graphed):
+        assert install_logprob_head(m.get_base_model()) == "fused"
+
+    def dpo_step(m):
+        m.zero_grad(set_to_none=True)
+        with torch.no_grad(), m.disable_adapter():
+            ref = m(**batch, labels=labels, fused_lm_head=True, use_cache=False).log_probs
+        policy = m(**batch, labels=labels, fused_lm_head=True, use_cache=False).log_probs
+        ((policy - ref) * torch.linspace(0.5, 1.5, policy.shape[-1])).sum().backward()
+        return ref, policy.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    for step in range(4):
+        ref_e, pol_e, grads_e = dpo_step(model)
+        ref_g, pol_g, grads_g = dpo_step(graphed)
+        assert rel_err(ref_g, ref_e) < 1e-6 and rel_err(pol_g, pol_e) < 1e-6, step
+        assert grads_g.keys() == grads_e.keys() and any(".visual." in n for n in grads_e), step
+        for n in grads_e:
+            assert rel_err(grads_g[n], grads_e[n]) < 1e-5, (step, n)
+    for graphs in (tower_graphs, language_graphs):
+        assert graphs.stats.captures == 2 and graphs.stats.failures == []  # the policy's, then the reference's
+    assert sorted(backward for _shapes, _n, backward in rerun_captures) == [False, False, True, True]
+
+
 def test_the_part_says_why_it_stays_stock(monkeypatch):
     model = _lora_tower_model()
     monkeypatch.delenv(VG.ENV_SWITCH, raising=False)
