@@ -10,6 +10,9 @@ AdamW at lr 2e-4, reference = the model with its adapter disabled:
   log-prob head (`sftop.kernels.fused_linear_logprob`) on the policy and reference forwards.
 - sftop-eager (when `--paths` names it): the sftop path with its CUDA graphs off
   (`SFTOP_CUDA_GRAPHS=0`), to compare the graphed step's speed and memory with the eager one's.
+- sftop-shared (when `--paths` names it): the sftop path with `dpo.share_prompt` on, each pair's
+  prompt run once (sftop/kernels/shared_prompt.py); tokens/s still counts both sides' whole rows,
+  as for every path, so the ratio is the same pairs trained faster.
 - unsloth (when `--paths` names it): Unsloth's recipe, `PatchDPOTrainer()`, then
   `FastLanguageModel.from_pretrained` and `get_peft_model(use_gradient_checkpointing="unsloth")`, in
   TRL's `DPOTrainer`.  Unsloth is imported in its own process, first, as it asks; where it cannot be
@@ -243,7 +246,14 @@ def _one(args, path: str) -> dict:
         from sftop.engine.train.dpo import SftopDPOTrainer
         from sftop.engine.train.trainer import UpdateGuard
 
-        trainer = SftopDPOTrainer(model=model, guard=UpdateGuard(5), save_total_limit=1, kernel_head=True, **common)
+        trainer = SftopDPOTrainer(
+            model=model,
+            guard=UpdateGuard(5),
+            save_total_limit=1,
+            kernel_head=True,
+            share_prompt=path == "sftop-shared",
+            **common,
+        )
     load_s = time.perf_counter() - t_load
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -268,6 +278,7 @@ def _one(args, path: str) -> dict:
 
         stats = _graph_stats(trainer.model)
         out["graphs"] = trainer.sftop_graphs if stats is None else dataclasses.asdict(stats)
+        out["shared_prompt"] = trainer.sftop_shared_prompt
     if args.device == "cuda":
         # the peak step (PeakMeter: graph pools included), and the allocator's whole footprint
         # (reserved: every pool, fragmentation and cache), the same measure for every path
@@ -343,7 +354,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--paths",
         default="stock,sftop",
-        help="comma-separated: stock, sftop, sftop-eager (sftop with its CUDA graphs off), unsloth",
+        help="comma-separated: stock, sftop, sftop-eager (sftop with its CUDA graphs off), sftop-shared "
+        "(sftop with each pair's prompt run once), unsloth",
     )
     ap.add_argument(
         "--checkpointing",
@@ -368,9 +380,10 @@ def main(argv=None) -> int:
     if args.answer >= args.seq:
         ap.error("--answer must be smaller than --seq")
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    unknown = sorted(set(paths) - {"stock", "sftop", "sftop-eager", "unsloth"})
+    known = ("stock", "sftop", "sftop-eager", "sftop-shared", "unsloth")
+    unknown = sorted(set(paths) - set(known))
     if unknown:
-        ap.error(f"unknown path(s) {', '.join(unknown)}: choose among stock, sftop, sftop-eager, unsloth")
+        ap.error(f"unknown path(s) {', '.join(unknown)}: choose among {', '.join(known)}")
 
     if args.one:
         print("RESULT " + json.dumps(_one(args, args.one)), flush=True)
@@ -459,6 +472,8 @@ def main(argv=None) -> int:
                         else ""
                     )
                 )
+            if r.get("path") == "sftop-shared":
+                print(f"         each prompt once: {r.get('shared_prompt')}")
             if "profile_share" in r:
                 print(
                     f"         GPU busy {r['profile_gpu_busy_ms_per_step']:.1f} ms of a {r['profile_wall_ms_per_step']:.1f} "

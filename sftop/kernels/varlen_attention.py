@@ -190,7 +190,15 @@ def _varlen_ok(module, query, key, attention_mask, dropout, scaling) -> bool:
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention interface: (module, q, k, v, mask, ...) -> (output [B, T, H, D], None)."""
     from .kept_attention import applies as kept_applies, kept_attention
+    from .shared_prompt import KWARG as SHARED_PROMPT
 
+    shared = kwargs.get(SHARED_PROMPT)
+    if shared is not None:
+        # DPO pairs with each prompt once (shared_prompt.py); decided by the call's own arguments, so
+        # a checkpoint's recomputation takes this path as its first run did (never the kept one)
+        from .shared_prompt import shared_prompt_attention
+
+        return shared_prompt_attention(query, key, value, shared, scaling, dropout), None
     unpacked_capture = _capturing_unpacked(kwargs)
     kept = kept_applies(module, query, key, attention_mask, dropout, kwargs)
     if (

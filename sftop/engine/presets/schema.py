@@ -274,6 +274,11 @@ class DpoSection(_Section):
     reference: str = Field(
         "adapter-off", description="adapter-off: the model without the trained adapter; or a model path"
     )
+    share_prompt: bool = Field(
+        False,
+        description="Run each pair's prompt once for both answers (text models, sftop's kernels on a GPU); "
+        "the same log-probabilities with less work",
+    )
 
     @field_validator("reference")
     @classmethod

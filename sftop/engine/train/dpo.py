@@ -18,6 +18,7 @@ counts) and its kernels:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any, Callable
@@ -26,10 +27,11 @@ import torch
 from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer
 
-from sftop.engine.train.dpo_batch_check import BatchCheckingCollator, take_batch_check
+from sftop.engine.train.dpo_batch_check import BatchCheckingCollator, take_batch_check, take_shared_prompt
 from sftop.engine.train.dpo_step import DeferredMetrics, sigmoid_dpo_loss, takes_fast_path
 from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
 from sftop.kernels.logprob_graphs import labels_from_one_batch
+from sftop.kernels.shared_prompt import shared_prompt_scope
 from sftop.kernels.patching import checkpointing
 
 
@@ -87,6 +89,7 @@ class SftopDPOTrainer(DPOTrainer):
         kernel_parts: dict | None = None,
         keep_ref_adapter: bool = False,
         reference_adapter: Path | None = None,
+        share_prompt: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -121,8 +124,7 @@ class SftopDPOTrainer(DPOTrainer):
         policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         checkpointing.install(policy)
         self._sftop_policy = policy
-        # the graphs' batch check worked out on the host as each batch is collated
-        self.data_collator = BatchCheckingCollator(self.data_collator)
+        self.sftop_shared_prompt = "off: dpo.share_prompt = false"
         if kernel_head:
             from sftop.kernels.logprob_graphs import graphs_status
             from sftop.kernels.patching.logprob_head import install_logprob_head
@@ -132,6 +134,10 @@ class SftopDPOTrainer(DPOTrainer):
                 self.sftop_graphs = graphs_status(policy, kernel_parts)
             if self.ref_model is not None:
                 install_logprob_head(self.ref_model)
+        if share_prompt:
+            self.sftop_shared_prompt = _shared_prompt_status(policy, self.sftop_head, vision="row" in _columns(kwargs))
+        # the graphs' batch check (and the shared-prompt layout) worked out on the host as each batch is collated
+        self.data_collator = BatchCheckingCollator(self.data_collator, share_prompt=self.sftop_shared_prompt == "on")
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # sftop's data pipeline already tokenised the pairs (and applied the length policy); a vision
@@ -149,18 +155,26 @@ class SftopDPOTrainer(DPOTrainer):
         # lowers the eager peak and lets the CUDA graphs of both forwards share one memory pool
         # (sftop/kernels/cuda_graphs.py).
         inputs, checked = take_batch_check(inputs)
+        inputs, layout = take_shared_prompt(inputs)
         if self.precompute_ref_logps:
             return super()._compute_loss(model, inputs, return_outputs)
+        if layout is not None:
+            layout = layout.to(inputs["input_ids"].device, non_blocking=True)
         # both forwards build their labels from this batch the same way: the graphs take its batch
         # check from the collator, worked out on the host (or read it once where the batch came
         # without it), and the host never waits for the GPU to choose a captured step
-        # (sftop/kernels/logprob_graphs.py)
-        with labels_from_one_batch(self._sftop_policy, checked):
+        # (sftop/kernels/logprob_graphs.py); with dpo.share_prompt both run each prompt once
+        # (sftop/kernels/shared_prompt.py)
+        with contextlib.ExitStack() as scopes:
+            scopes.enter_context(labels_from_one_batch(self._sftop_policy, checked))
+            for lm in (self._sftop_policy, self.ref_model):
+                if lm is not None:
+                    scopes.enter_context(shared_prompt_scope(lm, layout))
             return self._reference_then_policy(model, inputs, return_outputs)
 
     def compute_ref_log_probs(self, model, inputs):
         # TRL's own callers too (its dataset-wide precomputation) hand the model every batch key
-        return super().compute_ref_log_probs(model, take_batch_check(inputs)[0])
+        return super().compute_ref_log_probs(model, take_shared_prompt(take_batch_check(inputs)[0])[0])
 
     def _reference_then_policy(self, model, inputs, return_outputs):
         reference = self.ref_model if self.ref_model is not None else self.model
@@ -190,6 +204,25 @@ class SftopDPOTrainer(DPOTrainer):
         # as SftopTrainer does: a read here would stall the host after every micro-batch's backward
         self.sftop_guard.note_loss(loss)
         return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+
+
+def _columns(trainer_kwargs: dict) -> set:
+    return set(getattr(trainer_kwargs.get("train_dataset"), "column_names", None) or [])
+
+
+def _shared_prompt_status(policy, head: str, vision: bool) -> str:
+    """ "on", or "off: why" for dpo.share_prompt."""
+    from sftop.kernels import compat
+    from sftop.kernels.varlen_attention import NAME
+
+    if vision:
+        return "off: vision-language pairs (their images run through the tower per side)"
+    if head != "fused":
+        return f"off: needs sftop's fused log-prob head ({head})"
+    config = policy.config.get_text_config() if hasattr(policy.config, "get_text_config") else policy.config
+    if compat.attn_implementation(config) != NAME:
+        return "off: needs sftop's packed attention (part attention), which reads the shared layout"
+    return "on"
 
 
 def reference_adapter(ref: str) -> Path | None:
@@ -305,11 +338,13 @@ def build_dpo_trainer(run):
         # starting from an earlier adapter: the reference is that adapter, frozen as it was
         keep_ref_adapter=bool(preset.model.adapter) and ref_model is None,
         reference_adapter=ref_adapter,
+        share_prompt=preset.dpo.share_prompt,
     )
     trainer.remove_callback(PrinterCallback)
     run.info.kernels["logprob_head"] = trainer.sftop_head
     run.info.kernels["reference"] = trainer.sftop_reference
     run.info.kernels["dpo_graphs"] = trainer.sftop_graphs
+    run.info.kernels["shared_prompt"] = trainer.sftop_shared_prompt
     events.trainer = trainer
     events.guard = guard
     run.events, run.guard, run.trainer = events, guard, trainer

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 BATCH_CHECK_KEY = "sftop_batch_check"
+SHARED_PROMPT_KEY = "sftop_shared_prompt"
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,14 @@ def host_batch_check(batch: dict) -> HostBatchCheck | None:
 
 
 class BatchCheckingCollator:
-    """A DPO collator whose batches carry their `HostBatchCheck` under BATCH_CHECK_KEY; any other
+    """A DPO collator whose batches carry their `HostBatchCheck` under BATCH_CHECK_KEY and, with
+    `share_prompt` (dpo.share_prompt), the layout that runs each pair's prompt once under
+    SHARED_PROMPT_KEY (sftop/kernels/shared_prompt.py), both worked out in host memory; any other
     attribute is the wrapped collator's."""
 
-    def __init__(self, collator: Any):
+    def __init__(self, collator: Any, share_prompt: bool = False):
         self.collator = collator
+        self.share_prompt = share_prompt
 
     def __call__(self, features):
         batch = self.collator(features)
@@ -61,6 +65,10 @@ class BatchCheckingCollator:
             checked = host_batch_check(batch)
             if checked is not None:
                 batch[BATCH_CHECK_KEY] = checked
+            if self.share_prompt:
+                layout = host_shared_prompt(batch)
+                if layout is not None:
+                    batch[SHARED_PROMPT_KEY] = layout
         return batch
 
     def __getattr__(self, name: str):
@@ -69,9 +77,33 @@ class BatchCheckingCollator:
         return getattr(self.collator, name)
 
 
+def host_shared_prompt(batch: dict):
+    """The shared-prompt layout of a collated text DPO batch in host memory, or None (tensors already
+    on a GPU, images, pairs whose rows do not share their prompt)."""
+    from sftop.kernels.shared_prompt import build_layout
+
+    if any(k not in _TEXT_KEYS for k in batch):
+        return None  # images (pixel values and their grids) or anything else the layout does not carry
+    ids, completion, mask = (batch.get(k) for k in ("input_ids", "completion_mask", "attention_mask"))
+    if ids is None or completion is None or mask is None:
+        return None
+    return build_layout(ids, mask, completion)
+
+
+_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "completion_mask", BATCH_CHECK_KEY})
+
+
 def take_batch_check(inputs: dict) -> tuple[dict, HostBatchCheck | None]:
     """The batch without the check (what TRL and the model get), and the check, if it carried one."""
     if BATCH_CHECK_KEY not in inputs:
         return inputs, None
     inputs = dict(inputs)
     return inputs, inputs.pop(BATCH_CHECK_KEY)
+
+
+def take_shared_prompt(inputs: dict):
+    """The batch without its shared-prompt layout, and the layout (None where it carried none)."""
+    if SHARED_PROMPT_KEY not in inputs:
+        return inputs, None
+    inputs = dict(inputs)
+    return inputs, inputs.pop(SHARED_PROMPT_KEY)

@@ -61,10 +61,14 @@ def install_logprob_head(model: nn.Module) -> str:
         from trl.trainer.utils import FusedCausalLMOutput
 
         from ..logprob_graphs import graphed_logprobs
+        from ..shared_prompt import layout_for_call, shared_prompt_logprobs
 
         kwargs["use_cache"] = False
-        graphed = None if args else graphed_logprobs(self, kwargs, labels, shift_labels)
-        if graphed is not None:  # replayed from a CUDA graph (sftop/kernels/logprob_graphs.py)
+        shared = None if args else layout_for_call(self, kwargs, shift_labels)
+        graphed = None if args or shared is not None else graphed_logprobs(self, kwargs, labels, shift_labels)
+        if shared is not None:  # each pair's prompt once (sftop/kernels/shared_prompt.py)
+            log_probs, entropy, mean_logits, is_top1, mask = shared_prompt_logprobs(self, shared, labels, softcap)
+        elif graphed is not None:  # replayed from a CUDA graph (sftop/kernels/logprob_graphs.py)
             log_probs, entropy, mean_logits, is_top1 = graphed
             mask = labels[:, 1:].to(log_probs.device) != -100
         else:

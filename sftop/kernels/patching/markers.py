@@ -50,6 +50,8 @@ LOGPROB_HEAD = "_sftop_logprob_head"
 LOGPROB_GRAPHS = "_sftop_logprob_graphs"
 # set while one micro-batch's log-prob forwards run (logprob_graphs.labels_from_one_batch)
 LABELS_FROM_ONE_BATCH = "_sftop_labels_from_one_batch"
+# set while one micro-batch's log-prob forwards run with each prompt once (shared_prompt.py)
+SHARED_PROMPT = "_sftop_shared_prompt"
 
 # vision tower parts (patching/vision_tower.py): the tower config's attention implementation
 # before ours (its forwards, and the vision MLP's GLU and LoRA_MLP_ADAPTER, use the names above)
