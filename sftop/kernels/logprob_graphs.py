@@ -223,13 +223,11 @@ def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
         return None
     if not (_capturable(ids) and ids.dim() == 2 and ids.shape[1] >= 2 and labels.shape == ids.shape):
         return None
-    if not lm.training or lm.__dict__.get(M.OFFLOADING):
-        return None
     if not token_ids_only(kwargs, ids, false_flags=("return_dict", "output_attentions", "output_hidden_states")):
         return None
-    graphs = lm.__dict__.get(M.LOGPROB_GRAPHS)
-    if graphs is None or graphs.owner is not lm.__dict__.get(M.GRAPHS):
-        graphs = lm.__dict__[M.LOGPROB_GRAPHS] = LogprobGraphs(lm)
+    graphs = logprob_graphs_of(lm)
+    if graphs is None:
+        return None
     mask = kwargs.get("attention_mask")
     labels = labels.to(ids.device)
     scope = lm.__dict__.get(M.LABELS_FROM_ONE_BATCH)
@@ -278,6 +276,18 @@ def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
     if out is None:
         return None
     return tuple(o[:, : tokens - 1] for o in out)
+
+
+def logprob_graphs_of(lm: nn.Module) -> LogprobGraphs | None:
+    """The model's log-prob graphs for a training-mode call, made at the first one; None where the
+    cuda_graphs part decided graphs may not be used, in evaluation, or under transformers' own
+    (blocking) offload of the checkpoints."""
+    if lm.__dict__.get(M.GRAPHS) is None or not lm.training or lm.__dict__.get(M.OFFLOADING):
+        return None
+    graphs = lm.__dict__.get(M.LOGPROB_GRAPHS)
+    if graphs is None or graphs.owner is not lm.__dict__.get(M.GRAPHS):
+        graphs = lm.__dict__[M.LOGPROB_GRAPHS] = LogprobGraphs(lm)
+    return graphs
 
 
 def _capturable(ids: torch.Tensor) -> bool:

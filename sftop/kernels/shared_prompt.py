@@ -265,7 +265,26 @@ def layout_for_call(lm, kwargs: dict, shift_labels) -> SharedPromptLayout | None
 
 def shared_prompt_logprobs(lm, layout: SharedPromptLayout, labels: torch.Tensor, softcap):
     """(log_probs, entropy, mean_logits, is_top1, mask) in the padded batch's [2B, T-1] layout, as the
-    log-prob head's eager path returns them, from one forward of the packed row."""
+    log-prob head's eager path returns them, from one forward of the packed row: replayed from the
+    model's log-prob CUDA graphs once the layout's shape repeats (a fixed-shape batch, as in a
+    benchmark), else eagerly."""
+    scored = _graphed(lm, layout, softcap)
+    if scored is None:
+        scored = _scored(lm, layout, softcap)
+    logp, ent, mean, top1 = scored
+    mask = labels[:, 1:].to(logp.device) != -100
+    return (
+        logp.new_zeros(mask.shape).masked_scatter(mask, logp),
+        ent.new_zeros(mask.shape).masked_scatter(mask, ent),
+        mean.new_zeros(mask.shape).masked_scatter(mask, mean),
+        top1.new_zeros(mask.shape).masked_scatter(mask, top1),
+        mask,
+    )
+
+
+def _scored(lm, layout: SharedPromptLayout, softcap, chunk_bytes: int | None = None):
+    """(log_prob, entropy, mean_logit, is_top1) of each scored position, [M] each: the backbone over
+    the packed row, then the fused kernel over the positions that predict an answer token."""
     from .fused_linear_logprob import fused_linear_logprob
     from .patching import markers as M
     from .varlen_attention import rows_given
@@ -274,19 +293,71 @@ def shared_prompt_logprobs(lm, layout: SharedPromptLayout, labels: torch.Tensor,
     out = lm.base_model(input_ids=layout.ids, position_ids=layout.positions, use_cache=False, **{KWARG: layout})
     hidden = out.last_hidden_state[0]
     head = lm.get_output_embeddings()
-    logp, ent, mean, top1 = fused_linear_logprob(
+    return fused_linear_logprob(
         hidden.index_select(0, layout.scored_src).to(head.weight.device),
         head.weight,
         layout.scored_labels.to(head.weight.device),
         softcap=softcap,
         compute_dtype=lm.__dict__.get(M.LOSS_DTYPE),
+        chunk_bytes=chunk_bytes,
         stats=True,
     )
-    mask = labels[:, 1:].to(head.weight.device) != -100
-    return (
-        logp.new_zeros(mask.shape).masked_scatter(mask, logp),
-        ent.new_zeros(mask.shape).masked_scatter(mask, ent),
-        mean.new_zeros(mask.shape).masked_scatter(mask, mean),
-        top1.new_zeros(mask.shape).masked_scatter(mask, top1),
-        mask,
+
+
+def _graphed(lm, layout: SharedPromptLayout, softcap):
+    """`_scored` from the model's log-prob graphs (logprob_graphs.py), or None for the eager path.
+
+    The key holds every shape and host integer the captured work bakes in (the packed row's and
+    the gathered keys' lengths, the segment count, the scored positions, the longest segments);
+    the layout's tensors are the graph's inputs, so pairs of the same shapes replay whatever their
+    tokens and prompt lengths."""
+    from .cuda_graphs import capturable
+    from .graph_layout import keyed_slots
+    from .logprob_graphs import CHUNK_BYTES, logprob_graphs_of
+    from .patching import markers as M
+
+    if not capturable(layout.ids):
+        return None
+    graphs = logprob_graphs_of(lm)
+    if graphs is None:
+        return None
+    grad = torch.is_grad_enabled()
+    head = (
+        "shared_prompt",
+        grad,
+        layout.tokens,
+        int(layout.kv_index.shape[0]),
+        int(layout.cu_q.shape[0]),
+        int(layout.scored_src.shape[0]),
+        layout.max_q,
+        layout.max_k,
+        torch.is_autocast_enabled("cuda"),
+        torch.get_autocast_dtype("cuda"),
+        graphs.layout.checkpointing(),
+        lm.__dict__.get(M.GC_MODE),
     )
+    key, slots = keyed_slots(lm, graphs.layout, head, graphs.steps.would_capture)
+    if slots is None:
+        return None
+    trainable = [slot for slot in slots if slot[2].requires_grad]
+    if grad and not trainable:
+        return None
+    max_q, max_k, batch_shape, rows_tokens = layout.max_q, layout.max_k, layout.batch_shape, layout.rows_tokens
+    chunk = CHUNK_BYTES
+
+    def step(ids, positions, cu_q, cu_k, kv_index, src, labels):
+        static = SharedPromptLayout(
+            ids, positions, cu_q, cu_k, kv_index, max_q, max_k, src, labels, batch_shape, rows_tokens
+        )
+        return _scored(lm, static, softcap, chunk_bytes=chunk)
+
+    inputs = (
+        layout.ids,
+        layout.positions,
+        layout.cu_q,
+        layout.cu_k,
+        layout.kv_index,
+        layout.scored_src,
+        layout.scored_labels,
+    )
+    return graphs.steps.replay(key, step, inputs, trainable, backward=grad)

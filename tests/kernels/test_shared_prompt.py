@@ -150,6 +150,56 @@ def test_the_log_prob_head_with_each_prompt_once_equals_the_padded_batch(monkeyp
     assert calls == []
 
 
+def test_pairs_of_one_shape_replay_from_the_log_prob_graphs(monkeypatch):
+    """DPO's order, reference (adapters off, no gradient) then policy, with the model's log-prob
+    graphs allowed: the layout's tensors are the captured step's inputs, so batches of other tokens
+    but the same shapes replay it, with the eager path's outputs and gradients."""
+    from _rerun_steps import rerun_captures
+
+    from sftop.kernels.cuda_graphs import StepGraphs
+    from sftop.kernels.logprob_graphs import graph_stats
+    from sftop.kernels.patching import markers as M
+
+    made = rerun_captures(monkeypatch)
+    g = torch.Generator().manual_seed(2)
+
+    def batch():
+        # the same shapes every time (what a fixed-length benchmark feeds): other tokens only
+        words = torch.randint(4, VOCAB, (2, 16), generator=g).tolist()
+        return _batch([(w[:6], w[6:10], w[10:]) for w in words])
+
+    eager, graphed = _patched_llama(), _patched_llama()
+    graphed.get_base_model().__dict__[M.GRAPHS] = StepGraphs()  # the cuda_graphs part's "graphs allowed"
+
+    def dpo_step(model, ids, mask, labels, layout):
+        lm = model.get_base_model()
+        model.zero_grad(set_to_none=True)
+        with SP.shared_prompt_scope(lm, layout):
+            with torch.no_grad(), model.disable_adapter():
+                ref = lm(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
+            out = lm(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        weights = torch.linspace(0.5, 1.5, out.log_probs.shape[-1])
+        ((out.log_probs - ref) * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return ref, out.log_probs.detach(), out.entropy.detach(), grads
+
+    for step in range(4):
+        ids, mask, completion = batch()
+        lay = SP.build_layout(ids, mask, completion)
+        labels = ids.masked_fill(completion == 0, -100)
+        ref_e, pol_e, ent_e, grads_e = dpo_step(eager, ids, mask, labels, lay)
+        ref_g, pol_g, ent_g, grads_g = dpo_step(graphed, ids, mask, labels, lay)
+        assert rel_err(ref_g, ref_e) < 1e-6 and rel_err(pol_g, pol_e) < 1e-6 and rel_err(ent_g, ent_e) < 1e-6, step
+        assert grads_g.keys() == grads_e.keys()
+        for n in grads_e:
+            assert rel_err(grads_g[n], grads_e[n]) < 1e-5, (step, n)
+    stats = graph_stats(graphed.get_base_model())
+    # the policy step captured on its second sighting, the reference one sighting later (after a
+    # training capture), then both replayed: policy steps 2-4, reference steps 3-4
+    assert [backward for _shapes, _n, backward in made] == [True, False], made
+    assert stats.failures == [] and stats.replays == 5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_gpu_flash_path_equals_the_mask_path():

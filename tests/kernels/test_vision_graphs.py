@@ -14,11 +14,11 @@ equal the eager tower.
 from __future__ import annotations
 
 import copy
-import types
 
 import pytest
 import torch
 from _kernel_testutil import rel_err
+from _rerun_steps import rerun_captures as install_rerun_captures
 from test_vision_tower import _pixels, _run_tower, _tower, _tower_model
 
 from sftop.kernels import cuda_graphs as cg
@@ -49,48 +49,9 @@ def _with_graphs(model, monkeypatch) -> cg.StepGraphs:
     return tower.__dict__[M.TOWER_GRAPHS]
 
 
-class _RerunStep(cg.CapturedStep):
-    """A captured step on the CPU: each "replay" runs the captured function afresh on the static
-    inputs (forward with autograd, backward by autograd.grad into the static gradients)."""
-
-    def __init__(self, fn, inputs, slots, backward, grad_inputs=()):
-        self.fn, self.n_inputs, self.backward = fn, len(inputs), backward
-        self.grad_inputs = tuple(grad_inputs)
-        self.static_inputs = [t.detach().clone() for t in inputs]
-        for i in self.grad_inputs:
-            self.static_inputs[i].requires_grad_()
-        self.params = [p for _m, _n, p in slots]
-        self.outputs, self.grads, self.grad_ptrs, self.grad_out = [], [], set(), None
-        self.input_grads = []
-        self.fwd = types.SimpleNamespace(replay=self._forward)
-        self.bwd = types.SimpleNamespace(replay=self._backward) if backward else None
-
-    def _forward(self):
-        with torch.enable_grad() if self.backward else torch.no_grad():
-            self._out = self.fn(*self.static_inputs)
-        self.outputs = [self._out.detach()]
-        self.grad_out = torch.zeros_like(self._out)
-
-    def _backward(self):
-        wrt = self.params + [self.static_inputs[i] for i in self.grad_inputs]
-        made = torch.autograd.grad(self._out, wrt, self.grad_out, allow_unused=True)
-        self.grads, self.input_grads = list(made[: len(self.params)]), list(made[len(self.params) :])
-
-
 @pytest.fixture
 def rerun_captures(monkeypatch):
-    """Captures on the CPU as `_RerunStep`s; the (input shapes, trainable count, backward) of each."""
-    made = []
-
-    def capture(self, fn, inputs, slots, backward=True, grad_inputs=()):
-        made.append(([tuple(t.shape) for t in inputs], len(slots), backward))
-        self.stats.captures += 1
-        return _RerunStep(fn, inputs, slots, backward, grad_inputs), None
-
-    monkeypatch.setattr(cg, "capturable", lambda t: True)
-    monkeypatch.setattr(cg, "_room_for_capture", lambda static_bytes=0: None)
-    monkeypatch.setattr(cg.StepGraphs, "_capture", capture)
-    return made
+    return install_rerun_captures(monkeypatch)
 
 
 def test_sftops_tower_forward_equals_transformers(monkeypatch):
