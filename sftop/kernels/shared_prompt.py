@@ -271,15 +271,9 @@ def shared_prompt_logprobs(lm, layout: SharedPromptLayout, labels: torch.Tensor,
     scored = _graphed(lm, layout, softcap)
     if scored is None:
         scored = _scored(lm, layout, softcap)
-    logp, ent, mean, top1 = scored
-    mask = labels[:, 1:].to(logp.device) != -100
-    return (
-        logp.new_zeros(mask.shape).masked_scatter(mask, logp),
-        ent.new_zeros(mask.shape).masked_scatter(mask, ent),
-        mean.new_zeros(mask.shape).masked_scatter(mask, mean),
-        top1.new_zeros(mask.shape).masked_scatter(mask, top1),
-        mask,
-    )
+    from .patching.logprob_head import padded_rows
+
+    return padded_rows(scored, labels[:, 1:].to(scored[0].device) != -100)
 
 
 def _scored(lm, layout: SharedPromptLayout, softcap, chunk_bytes: int | None = None):

@@ -19,7 +19,7 @@ import pytest
 import torch
 from _kernel_testutil import rel_err
 from _rerun_steps import rerun_captures as install_rerun_captures
-from test_vision_tower import _pixels, _run_tower, _tower, _tower_model
+from test_vision_tower import _pixels, _run_tower, _tower, _tower_model, wide_qwen25_vl_bf16
 
 from sftop.kernels import cuda_graphs as cg
 from sftop.kernels.patching import markers as M
@@ -296,36 +296,10 @@ def test_gpu_graphed_blocks_equal_the_eager_tower(checkpointing, monkeypatch):
     linear: the captured blocks' outputs and LoRA gradients equal the eager tower's over three
     steps (first sighting eager, second captured, third replayed)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from sftop.kernels import patch_model
 
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        ),
-        vision_config=dict(
-            depth=4,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=64,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[1, 3],
-        ),
-    )
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(
-        config, attn_implementation="sdpa", dtype=torch.bfloat16
-    ).cuda()
+    model = wide_qwen25_vl_bf16()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False))
     eager = copy.deepcopy(model)
     for m in (model, eager):

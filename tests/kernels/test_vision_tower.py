@@ -301,14 +301,10 @@ def test_gpu_flash_segments_match_float64_reference(head_dim):
         assert rel_err(t.grad, r.grad) < 2e-2
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_gpu_bf16_tower_equals_stock_with_one_attention_launch_a_block(monkeypatch):
-    """A Qwen2.5-VL tower of the 3B's width (1280, 16 heads, head dim 80), four blocks, bf16, LoRA."""
-    from peft import LoraConfig, get_peft_model
+def wide_qwen25_vl_bf16():
+    """A bf16 Qwen2.5-VL on the GPU whose tower has Qwen2.5-VL-3B's width (1280, 16 heads, head dim
+    80), four blocks (full attention in 1 and 3), and a one-layer language model; seeded."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from sftop.kernels import patch_model
 
     config = Qwen2_5_VLConfig(
         text_config=dict(
@@ -336,6 +332,18 @@ def test_gpu_bf16_tower_equals_stock_with_one_attention_launch_a_block(monkeypat
     model = Qwen2_5_VLForConditionalGeneration._from_config(
         config, attn_implementation="sdpa", dtype=torch.bfloat16
     ).cuda()
+    return model
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_bf16_tower_equals_stock_with_one_attention_launch_a_block(monkeypatch):
+    """A Qwen2.5-VL tower of the 3B's width (1280, 16 heads, head dim 80), four blocks, bf16, LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    from sftop.kernels import patch_model
+
+    model = wide_qwen25_vl_bf16()
     targets = r".*visual\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj)"
     stock = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=targets))
     reference = copy.deepcopy(stock).float()

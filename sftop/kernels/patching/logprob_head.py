@@ -114,14 +114,14 @@ def _eager_logprobs(self, args, kwargs, labels, shift_labels, softcap):
         compute_dtype=self.__dict__.get(M.LOSS_DTYPE),
         stats=True,
     )
+    return padded_rows((logp, ent, mean, top1), mask)
+
+
+def padded_rows(scored, mask):
+    """(log_probs, entropy, mean_logits, is_top1, mask): each value of `scored` ([M] per scored
+    position, in `mask`'s row-major order) put back at its [B, T-1] place, zeros elsewhere."""
     # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero, not an error)
-    return (
-        logp.new_zeros(mask.shape).masked_scatter(mask, logp),
-        ent.new_zeros(mask.shape).masked_scatter(mask, ent),
-        mean.new_zeros(mask.shape).masked_scatter(mask, mean),
-        top1.new_zeros(mask.shape).masked_scatter(mask, top1),
-        mask,
-    )
+    return (*(v.new_zeros(mask.shape).masked_scatter(mask, v) for v in scored), mask)
 
 
 def _with(kwargs: dict, labels, shift_labels, num_items_in_batch) -> dict:
