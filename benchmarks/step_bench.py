@@ -275,8 +275,10 @@ def _build(args, path: str):
 
         if path == "sftop-eager":  # the same patched model without CUDA graphs, for the ratio
             os.environ["SFTOP_CUDA_GRAPHS"] = "0"
-        if path == "sftop-tower-graphs":  # a VLM's tower blocks and language layers from CUDA graphs (opt-in)
+        if path == "sftop-tower-graphs":  # a VLM's tower and language graphs asked for by name (the default)
             os.environ["SFTOP_VISION_GRAPHS"] = "1"
+        if path == "sftop-no-vision-graphs":  # a VLM's step without them, for the ratio
+            os.environ["SFTOP_VISION_GRAPHS"] = "0"
         if vlm_shapes.is_vision_shape(args.model):
             # as `sftop run` does for a VLM: the kernels on the language layers its family names
             from sftop.engine.models.vision.loading import apply_vision_kernels
@@ -577,7 +579,7 @@ def run_paths(paths: list[str], command) -> list[dict]:
     return results
 
 
-PATHS = ("stock", "sftop", "sftop-eager", "sftop-language", "sftop-tower-graphs", "unsloth")
+PATHS = ("stock", "sftop", "sftop-eager", "sftop-language", "sftop-tower-graphs", "sftop-no-vision-graphs", "unsloth")
 
 
 def compare_with_unsloth(results: list[dict]) -> None:
@@ -614,7 +616,8 @@ def main(argv=None) -> int:
         help="comma-separated: stock, sftop (patched, CUDA graphs on), sftop-eager (patched, graphs off), "
         "sftop-language (vision shapes: the language layers patched, the vision tower stock), "
         "sftop-tower-graphs (vision shapes: sftop with the tower's blocks and the language layers replayed "
-        "from CUDA graphs: SFTOP_VISION_GRAPHS=1), "
+        "from CUDA graphs, named: SFTOP_VISION_GRAPHS=1, the default), "
+        "sftop-no-vision-graphs (vision shapes: sftop with those graphs off: SFTOP_VISION_GRAPHS=0), "
         "unsloth (Unsloth's recipe in its own process; see --peer-pythonpath)",
     )
     ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)

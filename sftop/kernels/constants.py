@@ -34,7 +34,8 @@ MAX_BUCKET_GRAPHS = 8
 
 # Turns sftop's CUDA graphs (SFT and DPO steps) off when set to 0 (docs/configuration.md)
 CUDA_GRAPHS_ENV = "SFTOP_CUDA_GRAPHS"
-# the vision tower's block graphs (patching/vision_graphs.py): opt-in until measured on a GPU
+# a Qwen2.5-VL model's tower and language graphs (patching/vision_graphs.py, language_graphs.py):
+# on unless set to 0
 VISION_GRAPHS_ENV = "SFTOP_VISION_GRAPHS"
 
 # dh ([tokens, intermediate]) is the one intermediate-sized buffer the one-Function LoRA MLP's

@@ -124,18 +124,26 @@ def test_blocks_replay_from_the_graphs_like_the_eager_tower(monkeypatch, rerun_c
     assert not graphs._steps and graphs._pool is None
 
 
-@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-def test_checkpointed_blocks_with_a_grad_hooked_patch_embedding(reentrant, monkeypatch, rerun_captures):
+@pytest.mark.parametrize("kind", ["non-reentrant", "reentrant", "offload-hf"])
+def test_checkpointed_blocks_with_a_grad_hooked_patch_embedding(kind, monkeypatch, rerun_captures):
     """transformers' enable_input_require_grads marks the patch embedding's output as needing a
     gradient: the captured blocks take it as such.  Reentrant checkpoints give autograd.grad no
-    parameter gradients, so their blocks stay eager instead of handing out none."""
+    parameter gradients, and transformers' offload (save_on_cpu) pins host memory per saved tensor,
+    which a capture cannot do: under either the blocks stay eager."""
     eager = _lora_tower_model()
     graphed = copy.deepcopy(eager)
     patch_vision_tower(eager)
     graphs = _with_graphs(graphed, monkeypatch)
+    if kind == "offload-hf" and not HAS_CUDA:  # transformers' save_on_cpu, pinned only where a GPU is
+        import transformers.modeling_utils as modeling_utils
+
+        real = modeling_utils.save_on_cpu
+        monkeypatch.setattr(modeling_utils, "save_on_cpu", lambda pin_memory, device_type: real(False, device_type))
     for m in (eager, graphed):
         m.train()
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        m.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": kind == "reentrant"}, offload=kind == "offload-hf"
+        )
         m.enable_input_require_grads()
     pixels, grid = _pixels(eager.config.vision_config)
     for call in range(3):
@@ -146,7 +154,7 @@ def test_checkpointed_blocks_with_a_grad_hooked_patch_embedding(reentrant, monke
         assert lora and grads_g.keys() == grads_e.keys(), call
         for n in grads_e:
             assert rel_err(grads_g[n], grads_e[n]) < 1e-6, (call, n)
-    assert (graphs.stats.captures, graphs.stats.replays) == ((0, 0) if reentrant else (1, 2))
+    assert (graphs.stats.captures, graphs.stats.replays) == ((1, 2) if kind == "non-reentrant" else (0, 0))
 
 
 def _qwen_vlm(monkeypatch, device="cpu", dtype=torch.float32):
@@ -260,9 +268,9 @@ def test_dpo_forwards_reference_then_policy_through_both_graph_parts(monkeypatch
 
 def test_the_part_says_why_it_stays_stock(monkeypatch):
     model = _lora_tower_model()
-    monkeypatch.delenv(VG.ENV_SWITCH, raising=False)
-    assert patch_vision_tower(model)["vision_graphs"] == "stock: off unless SFTOP_VISION_GRAPHS=1"
-    monkeypatch.setenv(VG.ENV_SWITCH, "1")
+    monkeypatch.setenv(VG.ENV_SWITCH, "0")
+    assert patch_vision_tower(model)["vision_graphs"] == "stock: turned off by SFTOP_VISION_GRAPHS=0"
+    monkeypatch.delenv(VG.ENV_SWITCH)  # on by default
     if not HAS_CUDA:
         assert patch_vision_tower(model)["vision_graphs"] == "stock: CUDA graphs need a CUDA GPU"
     monkeypatch.setenv(cg.ENV_SWITCH, "0")
@@ -276,8 +284,8 @@ def test_the_part_says_why_it_stays_stock(monkeypatch):
     from sftop.kernels.patching import language_graphs as LG
 
     assert LG.patch_language_graphs(qwen2).startswith("stock: only Qwen2_5_VLTextModel")
-    monkeypatch.delenv(VG.ENV_SWITCH)
-    assert LG.patch_language_graphs(model) == "stock: off unless SFTOP_VISION_GRAPHS=1"
+    monkeypatch.setenv(VG.ENV_SWITCH, "0")
+    assert LG.patch_language_graphs(model) == "stock: turned off by SFTOP_VISION_GRAPHS=0"
     # unpatching takes the tower's graphs off with its forward
     _with_graphs(model, monkeypatch)
     tower = _tower(model)

@@ -265,8 +265,8 @@ def test_vision_kernels_report_the_tower_parts(monkeypatch):
     model = get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
     report = loading.apply_vision_kernels(model, family, "on")
     parts = report["vision_parts"]
-    for p in GRAPH_PARTS:  # opt-in (tests/kernels/test_vision_graphs.py)
-        assert parts[p] == "stock: off unless SFTOP_VISION_GRAPHS=1", parts
+    for p in GRAPH_PARTS:  # on by default where there is a GPU (tests/kernels/test_vision_graphs.py)
+        assert parts[p] == ("fused" if torch.cuda.is_available() else "stock: CUDA graphs need a CUDA GPU"), parts
     assert {p: v for p, v in parts.items() if p not in GRAPH_PARTS} == {p: "fused" for p in KERNEL_PARTS}
     assert "vision tower patched" in report["reason"] and report["enabled"]
 

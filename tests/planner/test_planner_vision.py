@@ -189,8 +189,9 @@ def test_vlm_dpo_counts_each_pairs_images_once_per_side():
 
 
 def test_vision_graphs_keep_one_tower_block_working_set_in_their_pool():
-    """SFTOP_VISION_GRAPHS=1 on a GPU: Qwen2.5-VL's adapted tower graphed, its pool holding one
-    block's working set beside the block inputs; a frozen tower, the CPU, or kernels off: nothing."""
+    """The VLM graphs on a GPU: Qwen2.5-VL's adapted tower graphed, its pool holding one block's
+    working set beside the block inputs; a frozen tower, the CPU, kernels off, or "offload"
+    checkpointing (transformers' save_on_cpu, which a capture cannot take): nothing."""
     shape = ModelShape.from_config(QWEN25_VL_3B)
     load = ImageLoad.from_rows([256] * 8)
     adapted = VisionTraining.from_parts(["language", "vision", "attention", "mlp"])
@@ -206,8 +207,16 @@ def test_vision_graphs_keep_one_tower_block_working_set_in_their_pool():
     added = graphed.terms["vision_graph_pool"] + graphed.terms["graph_pool"]
     assert graphed.allocated_bytes == eager.allocated_bytes + added
     assert any("vision tower's CUDA graphs keep" in n for n in graphed.notes)
-    for kw in (dict(vision_training=VisionTraining()), dict(on_gpu=False), dict(kernels=False, loss="chunked")):
-        assert "vision_graph_pool" not in est(vision_graphs=True, **kw).terms, kw
+    for kw in (
+        dict(vision_training=VisionTraining()),
+        dict(on_gpu=False),
+        dict(kernels=False, loss="chunked"),
+        dict(checkpointing="offload"),
+    ):
+        terms = est(vision_graphs=True, **kw).terms
+        assert "vision_graph_pool" not in terms, kw
+        # the language layers' pool goes with them, except beside a frozen tower
+        assert ("graph_pool" in terms) == ("vision_training" in kw), kw
 
 
 def test_vision_graphs_keep_the_language_layers_transients_in_their_pool_for_unpacked_rows():
@@ -226,15 +235,15 @@ def test_vision_graphs_keep_the_language_layers_transients_in_their_pool_for_unp
 
 
 def test_the_plan_counts_the_tower_graphs_only_when_asked(monkeypatch):
-    """The preset's setup takes SFTOP_VISION_GRAPHS on a GPU with the kernels, never on the CPU or
-    with every graph switched off."""
+    """The preset's setup counts the VLM graphs on a GPU with the kernels unless SFTOP_VISION_GRAPHS=0,
+    never on the CPU or with every graph switched off."""
     from sftop.engine.planner.solve import setup_from_preset
     from sftop.engine.presets.schema import Preset
 
     preset = Preset.model_validate({"model": {"name": "local/qwen-vl"}, "train": {"effective_batch": 4}})
-    monkeypatch.delenv("SFTOP_VISION_GRAPHS", raising=False)
+    monkeypatch.setenv("SFTOP_VISION_GRAPHS", "0")
     assert setup_from_preset(preset, "cuda:0").vision_graphs is False
-    monkeypatch.setenv("SFTOP_VISION_GRAPHS", "1")
+    monkeypatch.delenv("SFTOP_VISION_GRAPHS")  # on by default
     assert setup_from_preset(preset, "cuda:0").vision_graphs is True
     assert setup_from_preset(preset, "cpu").vision_graphs is False
     monkeypatch.setenv("SFTOP_CUDA_GRAPHS", "0")

@@ -243,8 +243,11 @@ class Setup:
     # their pool keeps a step's transients for replay, beside which a batch of a length not captured
     # yet runs eagerly.
     cuda_graphs: bool = False
-    # A Qwen2.5-VL tower's blocks replayed from CUDA graphs (sftop/kernels/patching/vision_graphs.py,
-    # SFTOP_VISION_GRAPHS=1): their pool keeps the tower's working set for good
+    # A Qwen2.5-VL model's tower blocks and language layers replayed from CUDA graphs
+    # (sftop/kernels/patching/vision_graphs.py, language_graphs.py; on unless SFTOP_VISION_GRAPHS=0):
+    # their pools keep the tower's working set and the language layers' transients for good.  Not
+    # under "offload" checkpointing, whose copies (transformers' save_on_cpu) a capture cannot take
+    vision_graphs: bool = False
     vision_graphs: bool = False
     # One chunk's logits in sftop's fused loss (the trainer sets what the plan chose: Plan.loss_chunk_mib)
     loss_chunk_bytes: int = FUSED_CE_CHUNK_BYTES
@@ -636,8 +639,8 @@ def graph_pool_bytes(shape: ModelShape, setup: Setup, tokens: int, seq_len: int,
     (`tokens` is the largest), without dropout.  Both: plus the one set of gradient buffers every
     captured step shares, which stays beside an eager step's own gradients.  Never without the
     fused loss (kernels off) or on the CPU.
-    A VLM: only with SFTOP_VISION_GRAPHS=1 (`vision_graphs`), whose language layers replay for
-    unpacked rows without dropout (sftop/kernels/patching/language_graphs.py): their transients are
+    A VLM: with `vision_graphs` (on unless SFTOP_VISION_GRAPHS=0) and checkpointing other than
+    "offload", whose language layers replay for unpacked rows without dropout (sftop/kernels/patching/language_graphs.py): their transients are
     the text terms' dynamic memory.  The tower's pool is an image term (vision_graph_pool)."""
     if setup.images is not None:
         return _language_graph_pool(shape, setup, tokens, seq_len, rows)
@@ -658,8 +661,15 @@ def graph_pool_bytes(shape: ModelShape, setup: Setup, tokens: int, seq_len: int,
     return dynamic + eager.terms["lora_grads"]
 
 
+def _vision_graphs_engage(setup: Setup) -> bool:
+    """A VLM's graphs replay: asked for, on a GPU with the kernels, and not under a VLM's "offload"
+    checkpointing (transformers' save_on_cpu, which a capture cannot take:
+    sftop/kernels/patching/graph_checks.py)."""
+    return setup.vision_graphs and setup.on_gpu and setup.kernels and setup.checkpointing != "offload"
+
+
 def _language_graph_pool(shape: ModelShape, setup: Setup, tokens: int, seq_len: int, rows: int) -> int:
-    if not (setup.vision_graphs and setup.on_gpu and setup.kernels) or setup.packed or setup.lora_dropout > 0:
+    if not _vision_graphs_engage(setup) or setup.packed or setup.lora_dropout > 0:
         return 0
     text = replace(setup, images=None, vision_graphs=False, cuda_graphs=False)
     eager = estimate(shape, text, tokens, seq_len=seq_len, rows=rows)
@@ -685,13 +695,7 @@ def _add_image_terms(terms: dict[str, int], shape: ModelShape, setup: Setup, row
         optimizer_bytes_per_param=8 if setup.optimizer == "adamw" else 2,
     )
     terms.update(image)
-    if (
-        setup.vision_graphs
-        and setup.on_gpu
-        and setup.kernels
-        and shape.vision.gated_mlp
-        and "vision_activations" in image
-    ):
+    if _vision_graphs_engage(setup) and shape.vision.gated_mlp and "vision_activations" in image:
         # Qwen2.5-VL's, the one gated tower among the families (the part graphs no other): the
         # graphs' pool keeps one block's working set, which an eager step frees for the language
         # model, beside the block inputs it holds for the backward (vision_activations)

@@ -287,7 +287,7 @@ def _vision_graphs_asked() -> bool:
     from sftop.kernels.constants import VISION_GRAPHS_ENV
     from sftop.kernels.env import env_flag
 
-    return env_flag(VISION_GRAPHS_ENV, default=False)
+    return env_flag(VISION_GRAPHS_ENV, default=True)
 
 
 def _target_notes(preset: Any) -> list[str]:

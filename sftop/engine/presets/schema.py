@@ -275,9 +275,9 @@ class DpoSection(_Section):
         "adapter-off", description="adapter-off: the model without the trained adapter; or a model path"
     )
     share_prompt: bool = Field(
-        False,
+        True,
         description="Run each pair's prompt once for both answers (text models, sftop's kernels on a GPU); "
-        "the same log-probabilities with less work",
+        "the same log-probabilities with less work; false runs TRL's padded pairs",
     )
 
     @field_validator("reference")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from .. import compat
 from ..constants import VISION_GRAPHS_ENV
@@ -19,8 +20,8 @@ def install_refusal(module: nn.Module) -> str | None:
 
     if not enabled_by_env():
         return f"stock: turned off by {ENV_SWITCH}=0"
-    if not env_flag(VISION_GRAPHS_ENV, default=False):
-        return f"stock: off unless {VISION_GRAPHS_ENV}=1"
+    if not env_flag(VISION_GRAPHS_ENV, default=True):
+        return f"stock: turned off by {VISION_GRAPHS_ENV}=0"
     if not torch.cuda.is_available():
         return "stock: CUDA graphs need a CUDA GPU"
     if (
@@ -43,14 +44,22 @@ def plain_call(kwargs: dict, config) -> bool:
     return all(v is None or v is False for v in kwargs.values())
 
 
-def reentrant_checkpoints(block: nn.Module) -> bool:
-    """Whether `block` runs through reentrant checkpoints (or checkpoints of a kind not known to be
-    non-reentrant).  A reentrant checkpoint's backward accumulates into the parameters' .grad itself
-    and gives `torch.autograd.grad` nothing: a captured backward, which asks autograd.grad for the
-    gradients, would hand out none and the adapters would silently stop learning."""
+def uncapturable_checkpoints(block: nn.Module) -> bool:
+    """Whether `block` runs through checkpoints a captured step cannot take: reentrant ones, or any
+    wrapper other than torch's non-reentrant checkpoint and sftop's own.
+
+    A reentrant checkpoint's backward accumulates into the parameters' .grad itself and gives
+    `torch.autograd.grad` nothing: a captured backward, which asks autograd.grad for the gradients,
+    would hand out none and the adapters would silently stop learning.  transformers' offload
+    (`gradient_checkpointing_enable(offload=True)`) wraps torch's checkpoint in `save_on_cpu`, which
+    allocates pinned host memory for every saved tensor and waits on each copy: a capture fails on
+    its first copy (measured on Qwen2.5-VL-3B, docs/benchmarks.md), so such a step runs eagerly."""
     if not getattr(block, "gradient_checkpointing", False):
         return False
     if M.STOCK_CHECKPOINT_FUNCTION in block.__dict__:
         return False  # sftop's own checkpoint function (lean or offloaded), non-reentrant only
-    keywords = getattr(compat.checkpoint_function(block), "keywords", None)
-    return not (isinstance(keywords, dict) and keywords.get("use_reentrant") is False)
+    fn = compat.checkpoint_function(block)
+    keywords = getattr(fn, "keywords", None)
+    if not (isinstance(keywords, dict) and keywords.get("use_reentrant") is False):
+        return True
+    return getattr(fn, "func", None) is not torch_checkpoint

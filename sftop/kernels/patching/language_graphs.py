@@ -17,10 +17,10 @@ parameter's address, `requires_grad` and adapter state (graph_layout.py).  The c
 hands the embeddings' gradient on (`grad_inputs`), so the vision tower's adapters keep learning.
 The fused loss after it stays eager.
 
-Off unless `SFTOP_VISION_GRAPHS=1`, like the tower's graphs, until measured on a GPU.  Eager for
-packed rows (their fourth row of text positions marks the samples for the packed attention, which
-reads the boundaries on the host), caches, sliding-window layers, reentrant checkpoints and
-evaluation.
+On with the tower's graphs (`SFTOP_VISION_GRAPHS=0` turns both off).  Eager for packed rows
+(their fourth row of text positions marks the samples for the packed attention, which reads the
+boundaries on the host), caches, sliding-window layers, reentrant checkpoints, transformers'
+blocking offload of the checkpoints, and evaluation.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import nn
 from .. import compat
 from . import markers as M
 from .forwards import set_forward
-from .graph_checks import install_refusal, plain_call, reentrant_checkpoints
+from .graph_checks import install_refusal, plain_call, uncapturable_checkpoints
 
 FUSED = "fused"
 TEXT_CLASS = "Qwen2_5_VLTextModel"
@@ -103,7 +103,7 @@ def _forward(
         or position_ids.shape[0] != 3  # four rows: packed samples (see the module docstring)
         or not capturable(inputs_embeds)
         or len(self.layers) == 0
-        or reentrant_checkpoints(self.layers[0])
+        or uncapturable_checkpoints(self.layers[0])
     )
     if eager:
         return base(

@@ -23,10 +23,12 @@ except that the loop over the blocks runs through a `StepGraphs` of the tower (c
     a patch embedding with trainable parameters of its own (whose gradient the graph does not
     give) keeps the blocks eager.
 
-Off by default until measured on a GPU: `SFTOP_VISION_GRAPHS=1` turns it on (and
-`SFTOP_CUDA_GRAPHS=0` keeps every graph off).  Refused when the tower's attention is not sftop's
-one-launch segment attention (the stock one reads the segments back to the host in every layer,
-which a capture does not allow), under dropout, without CUDA, or under multi-process training.
+On by default (measured: 1.60x the eager step on Qwen2.5-VL-3B in bf16, docs/benchmarks.md);
+`SFTOP_VISION_GRAPHS=0` turns it and language_graphs off, `SFTOP_CUDA_GRAPHS=0` every graph.
+Refused when the tower's attention is not sftop's one-launch segment attention (the stock one reads
+the segments back to the host in every layer, which a capture does not allow), under dropout,
+without CUDA, or under multi-process training; eager under transformers' blocking offload of the
+checkpoints (graph_checks.uncapturable_checkpoints).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from .. import compat
 from ..constants import VISION_GRAPHS_ENV
 from . import markers as M
 from .forwards import set_forward
-from .graph_checks import install_refusal, plain_call, reentrant_checkpoints
+from .graph_checks import install_refusal, plain_call, uncapturable_checkpoints
 
 FUSED = "fused"
 ENV_SWITCH = VISION_GRAPHS_ENV
@@ -162,7 +164,7 @@ def _replayed(tower, graphs, hidden, cos, sin, cu_full, max_full, cu_window, max
     if not tower.training or not capturable(hidden):
         return None  # evaluation; the CPU
     blocks = tower.blocks
-    if len(blocks) == 0 or reentrant_checkpoints(blocks[0]):
+    if len(blocks) == 0 or uncapturable_checkpoints(blocks[0]):
         return None
     # transformers' enable_input_require_grads hooks the tower's patch embedding (its input embedding
     # layer) to mark its output as needing a gradient.  Nothing trainable lies behind it (`upstream`

@@ -13,7 +13,7 @@ Parts (each reported "fused" or "stock: why", like patch_model's):
   * vision_patch_embed: the patch embedding, a Conv3d whose kernel is the whole patch, as the one
     GEMM it is (the convolution path pays cuDNN's setup for a product);
   * vision_graphs: Qwen2.5-VL's blocks replayed from CUDA graphs once an image layout repeats
-    (patching/vision_graphs.py; off unless SFTOP_VISION_GRAPHS=1);
+    (patching/vision_graphs.py; on unless SFTOP_VISION_GRAPHS=0);
   * language_graphs: not a tower part, but the same switch: the model's Qwen2.5-VL language layers
     replayed from CUDA graphs, their gradient handed back to the image embeddings
     (patching/language_graphs.py).
