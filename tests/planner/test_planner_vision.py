@@ -248,3 +248,36 @@ def test_the_plan_counts_the_tower_graphs_only_when_asked(monkeypatch):
     assert setup_from_preset(preset, "cpu").vision_graphs is False
     monkeypatch.setenv("SFTOP_CUDA_GRAPHS", "0")
     assert setup_from_preset(preset, "cuda:0").vision_graphs is False
+
+
+def test_where_the_vlm_graphs_pools_do_not_fit_the_candidate_trains_eagerly_without_them():
+    """Both VLM pools (the tower's and the language layers') go when the budget leaves no room for
+    them, the same candidate then fitting as an eager step, timed as before (the step-time model has
+    no term for a VLM's graphs)."""
+    from sftop.engine.gpu import GIB
+    from sftop.engine.planner import plan_run
+    from sftop.engine.planner.solve import _candidate
+    from sftop.engine.presets.schema import Preset
+
+    preset = Preset.model_validate(
+        {
+            "model": {"name": "local/qwen-vl"},
+            "data": {"max_length": 1024, "packing": False},
+            "plan": {"micro_batch": 4, "gradient_checkpointing": "on"},
+            "train": {"effective_batch": 4},
+        }
+    )
+    ctx = plan_run(preset, QWEN25_VL_3B, gpu_memory_gib=80, image_tokens_per_row=[256] * 8).context
+    adapted = VisionTraining.from_parts(["language", "vision", "attention", "mlp"])
+    # as sized once the planner credits sftop's kernels on a VLM (it sizes them stock today)
+    setup = replace(ctx.setup, kernels=True, loss="fused", on_gpu=True, vision_graphs=True, vision_training=adapted)
+    ctx = replace(ctx, setup=setup)
+    roomy = _candidate(replace(ctx, budget_bytes=80 * GIB), "on", 4)
+    pools = roomy.estimate.terms["vision_graph_pool"] + roomy.estimate.terms["graph_pool"]
+    assert roomy.graphs and roomy.fits and pools > 0
+    tight = _candidate(replace(ctx, budget_bytes=roomy.device_bytes - pools // 2), "on", 4)
+    assert not tight.graphs and tight.fits
+    assert "vision_graph_pool" not in tight.estimate.terms and "graph_pool" not in tight.estimate.terms
+    assert roomy.device_bytes - tight.device_bytes >= pools  # the pools and their share of the margin
+    assert any("CUDA graphs off" in n for n in tight.estimate.notes)
+    assert tight.time_s == roomy.time_s

@@ -401,9 +401,15 @@ def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int,
         tokens = min(tokens, ctx.packed_tokens[min(micro_batch, len(ctx.packed_tokens)) - 1])
     # rows: a packed micro-batch's image load is its rows' images, however few tokens it holds
     est, allocated, device = _sized(ctx, setup, tokens, sequences)
-    graphs = "graph_pool" in est.terms
+    graphs = "graph_pool" in est.terms or "vision_graph_pool" in est.terms
+    vlm = setup.images is not None
     eager = False
-    if graphs and device > ctx.budget_bytes and not setup.preference and setup.loss_chunk_bytes > SMALL_LOSS_CHUNK:
+    if (
+        graphs
+        and device > ctx.budget_bytes
+        and not (setup.preference or vlm)  # a VLM's fused loss runs outside its graphs
+        and setup.loss_chunk_bytes > SMALL_LOSS_CHUNK
+    ):
         # smaller logits chunks take memory off the step's peak, which the pool holds a second time
         small = replace(setup, loss_chunk_bytes=SMALL_LOSS_CHUNK)
         s_est, s_allocated, s_device = _sized(ctx, small, tokens, sequences)
@@ -419,19 +425,22 @@ def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int,
         # default logits chunk where that fits, else the smaller one)
         need = (device - ctx.budget_bytes) / GIB
         chunks = [setup.loss_chunk_bytes]
-        if not setup.preference and SMALL_LOSS_CHUNK not in chunks:
+        if not (setup.preference or vlm) and SMALL_LOSS_CHUNK not in chunks:
             chunks.append(SMALL_LOSS_CHUNK)
-        sized = [_sized(ctx, replace(setup, cuda_graphs=False, loss_chunk_bytes=c), tokens, sequences) for c in chunks]
+        # a VLM's tower and language graphs (parts vision_graphs, language_graphs) refuse the same way
+        no_graphs = replace(setup, cuda_graphs=False, vision_graphs=False)
+        sized = [_sized(ctx, replace(no_graphs, loss_chunk_bytes=c), tokens, sequences) for c in chunks]
         pick = next((i for i, (_e, _a, d) in enumerate(sized) if d <= ctx.budget_bytes), None)
         if pick is None:
             pick = min(range(len(sized)), key=lambda i: sized[i][2])
         est, allocated, device = sized[pick]
-        setup = replace(setup, cuda_graphs=False, loss_chunk_bytes=chunks[pick])
+        setup = replace(no_graphs, loss_chunk_bytes=chunks[pick])
         est.notes.append(
             f"CUDA graphs off: their pool would need {need:.2f} GiB more than the budget, so this plan trains "
             "eagerly (slower: the host launches every kernel)"
         )
-        graphs, eager = False, True
+        # the step-time model has no term for a VLM's graphs, so its eager step is timed as before
+        graphs, eager = False, not vlm
     grad_accum = ctx.effective_batch // micro_batch
     t = step_time_s(
         ctx.shape,
