@@ -248,7 +248,6 @@ class Setup:
     # their pools keep the tower's working set and the language layers' transients for good.  Not
     # under "offload" checkpointing, whose copies (transformers' save_on_cpu) a capture cannot take
     vision_graphs: bool = False
-    vision_graphs: bool = False
     # One chunk's logits in sftop's fused loss (the trainer sets what the plan chose: Plan.loss_chunk_mib)
     loss_chunk_bytes: int = FUSED_CE_CHUNK_BYTES
     # A VLM: image tokens per row from the data check (ImageLoad), and which vision parts LoRA
