@@ -660,15 +660,19 @@ def graph_pool_bytes(shape: ModelShape, setup: Setup, tokens: int, seq_len: int,
     return dynamic + eager.terms["lora_grads"]
 
 
-def _vision_graphs_engage(setup: Setup) -> bool:
-    """A VLM's graphs replay: asked for, on a GPU with the kernels, and not under a VLM's "offload"
-    checkpointing (transformers' save_on_cpu, which a capture cannot take:
-    sftop/kernels/patching/graph_checks.py)."""
-    return setup.vision_graphs and setup.on_gpu and setup.kernels and setup.checkpointing != "offload"
+def _vision_graphs_engage(shape: ModelShape, setup: Setup) -> bool:
+    """A Qwen2.5-VL model's graphs replay: asked for (`vision_graphs`, which setup_from_preset sets
+    only where the run patches the kernels), on a GPU, for Qwen2.5-VL (the one gated tower among the
+    families, the only model both graph parts take), and not under a VLM's "offload" checkpointing
+    (transformers' save_on_cpu, which a capture cannot take: sftop/kernels/patching/graph_checks.py).
+    Not `setup.kernels`: the planner sizes a VLM's layers as stock (kernels_cover) while the run
+    patches them and replays these graphs, whose pools must be counted all the same."""
+    gated_tower = shape.vision is not None and shape.vision.gated_mlp
+    return setup.vision_graphs and setup.on_gpu and gated_tower and setup.checkpointing != "offload"
 
 
 def _language_graph_pool(shape: ModelShape, setup: Setup, tokens: int, seq_len: int, rows: int) -> int:
-    if not _vision_graphs_engage(setup) or setup.packed or setup.lora_dropout > 0:
+    if not _vision_graphs_engage(shape, setup) or setup.packed or setup.lora_dropout > 0:
         return 0
     text = replace(setup, images=None, vision_graphs=False, cuda_graphs=False)
     eager = estimate(shape, text, tokens, seq_len=seq_len, rows=rows)
@@ -694,7 +698,7 @@ def _add_image_terms(terms: dict[str, int], shape: ModelShape, setup: Setup, row
         optimizer_bytes_per_param=8 if setup.optimizer == "adamw" else 2,
     )
     terms.update(image)
-    if _vision_graphs_engage(setup) and shape.vision.gated_mlp and "vision_activations" in image:
+    if _vision_graphs_engage(shape, setup) and "vision_activations" in image:
         # Qwen2.5-VL's, the one gated tower among the families (the part graphs no other): the
         # graphs' pool keeps one block's working set, which an eager step frees for the language
         # model, beside the block inputs it holds for the backward (vision_activations)
