@@ -353,3 +353,37 @@ def test_gpu_whole_vlm_step_with_both_graph_parts_equals_eager(checkpointing, mo
     for graphs in (tower_graphs, language_graphs):
         assert graphs.stats.failures == []
         assert (graphs.stats.eager_calls, graphs.stats.captures, graphs.stats.replays) == (1, 1, 2)
+
+
+def test_a_frozen_tower_runs_no_backward_through_its_blocks(monkeypatch):
+    """transformers' enable_input_require_grads marks the patch embeddings as needing a gradient,
+    so the stock frozen tower saves its blocks' tensors and runs their backward for nothing; sftop's
+    forward cuts that path (eagerly too: a layout seen once), the merger's LoRA still learning."""
+    from peft import LoraConfig, get_peft_model
+
+    def frozen_blocks_model():
+        model, _ = _tower_model("qwen2_5_vl")
+        merger = r".*visual\.merger\.mlp\.(0|2)"
+        return get_peft_model(model, LoraConfig(r=4, target_modules=merger, init_lora_weights=False))
+
+    stock = frozen_blocks_model()
+    patched = copy.deepcopy(stock)
+    _with_graphs(patched, monkeypatch)
+    block_backwards = {"stock": 0, "patched": 0}
+    for name, m in (("stock", stock), ("patched", patched)):
+        m.train()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.enable_input_require_grads()
+
+        def count(*_args, name=name):
+            block_backwards[name] += 1
+
+        _tower(m).blocks[0].register_full_backward_hook(count)
+    pixels, grid = _pixels(stock.config.vision_config)
+    out_s, grads_s = _run_tower(stock, pixels, grid)
+    out_p, grads_p = _run_tower(patched, pixels, grid)
+    assert block_backwards == {"stock": 1, "patched": 0}
+    assert rel_err(out_p, out_s) < 1e-5
+    assert grads_p.keys() == grads_s.keys() and grads_s and all("merger" in n for n in grads_s)
+    for n in grads_s:
+        assert rel_err(grads_p[n], grads_s[n]) < 1e-5, n

@@ -125,6 +125,12 @@ def tower_forward(tower: nn.Module, graphs, hidden_states: torch.Tensor, grid_th
     upstream = embedded.grad_fn is not None
     n = embedded.shape[0]
     hidden = tower.permute_input_for_window_attn(embedded, window_index, seq_len=n)
+    if hidden.requires_grad and not upstream and not any(p.requires_grad for p in tower.blocks.parameters()):
+        # transformers' enable_input_require_grads marks the patch embeddings as needing a gradient
+        # (for reentrant checkpoints), but nothing trainable lies behind them or in the blocks: a
+        # frozen tower (the default LoRA parts) would save its blocks' tensors and run their
+        # backward for a gradient no one reads.  The merger after them takes its own.
+        hidden = hidden.detach()
     cos, sin = (
         tower.permute_input_for_window_attn(f, window_index, seq_len=n)
         for f in tower.rotary_pos_emb(hidden, position_ids)
