@@ -294,6 +294,10 @@ def load_vision_model(preset, family: VisionFamily):
             hint='Choose parts the model has, e.g. lora.parts = ["language", "attention", "mlp"]',
         ) from None
     kernels = apply_vision_kernels(model, family, preset.train.kernels)
+    from sftop.engine.models.vision import frozen_tower
+
+    # not a kernel: the same arithmetic with the frozen tower's backward left out, on every path
+    kernels["frozen_tower"] = frozen_tower.install(model)
     total, trainable = count_params(model)
     info = ModelInfo(
         source=section.name,
