@@ -148,8 +148,10 @@ def _vision_skip_modules(cfg) -> list[str]:
     return quantization_skip_modules(family, cfg)
 
 
-def _lora_targets(name: str):
-    return vlm_shapes.SHAPES[name].lora_targets if vlm_shapes.is_vision_shape(name) else LORA_TARGETS
+def _lora_targets(name: str, frozen_tower: bool = False):
+    if not vlm_shapes.is_vision_shape(name):
+        return LORA_TARGETS
+    return vlm_shapes.LANGUAGE_LORA if frozen_tower else vlm_shapes.SHAPES[name].lora_targets
 
 
 def _checkpointing(args, path: str) -> dict:
@@ -181,8 +183,9 @@ def _build_unsloth(args):
     if vlm_shapes.is_vision_shape(args.model):
         from unsloth import FastVisionModel as fast
 
-        model, _ = unsloth_peer.vision_model(args.model_dir, args.seq, args.four_bit)
-        recipe = "FastVisionModel, get_peft_model(vision + language, attention + MLP), checkpointing 'unsloth'"
+        model, _ = unsloth_peer.vision_model(args.model_dir, args.seq, args.four_bit, vision=not args.frozen_tower)
+        layers = "language" if args.frozen_tower else "vision + language"
+        recipe = f"FastVisionModel, get_peft_model({layers}, attention + MLP), checkpointing 'unsloth'"
     else:
         from unsloth import FastLanguageModel as fast
 
@@ -266,7 +269,11 @@ def _build(args, path: str):
     model = get_peft_model(
         model,
         LoraConfig(
-            r=16, lora_alpha=16, lora_dropout=0.0, target_modules=_lora_targets(args.model), task_type="CAUSAL_LM"
+            r=16,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules=_lora_targets(args.model, args.frozen_tower),
+            task_type="CAUSAL_LM",
         ),
     )
     report = None
@@ -287,6 +294,9 @@ def _build(args, path: str):
             family = family_for_config(model.config)
             assert family is not None, f"{args.model}: a vision shape whose model_type no vision family claims"
             report = apply_vision_kernels(model, family, "auto")
+            from sftop.engine.models.vision import frozen_tower
+
+            report["frozen_tower"] = frozen_tower.install(model)  # as `sftop run`'s loader does
             if path == "sftop-language":  # the tower's own parts off: what they add, in the same call
                 from sftop.kernels.patching.towers import patch_towers
 
@@ -611,6 +621,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--4bit", dest="four_bit", action="store_true")
     ap.add_argument(
+        "--frozen-tower",
+        action="store_true",
+        help="vision shapes: LoRA on the language model only, the tower frozen (sftop's default LoRA parts); "
+        "every path, Unsloth's with finetune_vision_layers=False",
+    )
+    ap.add_argument(
         "--paths",
         default="stock,sftop",
         help="comma-separated: stock, sftop (patched, CUDA graphs on), sftop-eager (patched, graphs off), "
@@ -684,6 +700,8 @@ def main(argv=None) -> int:
             cmd.append("--memory-phases")
         if args.vision_parts:
             cmd.append("--vision-parts")
+        if args.frozen_tower:
+            cmd.append("--frozen-tower")
         return unsloth_peer.command(cmd, args.peer_pythonpath) if path == "unsloth" else cmd
 
     results = run_paths(paths, command)
@@ -696,6 +714,7 @@ def main(argv=None) -> int:
         warmup=args.warmup,
         sftop_checkpointing=args.checkpointing,
         four_bit=args.four_bit,
+        frozen_tower=args.frozen_tower,
         **bench_common.result_header(args.device, "triton", "transformers"),
         results=results,
     )

@@ -126,9 +126,10 @@ def language_model(model_dir: str, max_seq_length: int, four_bit: bool, targets:
     return model, tokenizer
 
 
-def vision_model(model_dir: str, max_seq_length: int, four_bit: bool):
+def vision_model(model_dir: str, max_seq_length: int, four_bit: bool, vision: bool = True):
     """Unsloth's vision recipe: `FastVisionModel.from_pretrained` (which quantises what it chooses
-    under 4-bit), then LoRA r=16, alpha 16 on the vision and language layers' attention and MLP."""
+    under 4-bit), then LoRA r=16, alpha 16 on the language layers' attention and MLP, and on the
+    vision layers' too unless `vision` is False."""
     import torch
     from unsloth import FastVisionModel
 
@@ -141,7 +142,7 @@ def vision_model(model_dir: str, max_seq_length: int, four_bit: bool):
     )
     model = FastVisionModel.get_peft_model(
         model,
-        finetune_vision_layers=True,
+        finetune_vision_layers=vision,
         finetune_language_layers=True,
         finetune_attention_modules=True,
         finetune_mlp_modules=True,

@@ -30,14 +30,12 @@ class VisionShape:
     lora_targets: str
 
 
+# the language model's seven projections: the LoRA of `--frozen-tower` runs (the default parts)
+LANGUAGE_LORA = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 _QWEN_LORA = (
-    r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    r"|.*visual\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj)"
+    LANGUAGE_LORA + r"|.*visual\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj)"
 )
-_GEMMA_LORA = (
-    r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    r"|.*vision_tower.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
-)
+_GEMMA_LORA = LANGUAGE_LORA + r"|.*vision_tower.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
 
 SHAPES: dict[str, VisionShape] = {
     "qwen2.5-vl-3b": VisionShape(
