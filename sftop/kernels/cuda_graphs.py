@@ -92,6 +92,12 @@ def enabled_by_env() -> bool:
     return env_flag(ENV_SWITCH, default=True)
 
 
+def several_processes() -> bool:
+    """Training runs in several processes: their collectives run in hooks outside a replayed graph."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 @dataclass
 class GraphStats:
     eager_calls: int = 0

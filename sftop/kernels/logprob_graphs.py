@@ -174,6 +174,29 @@ def scored_start(first: int, length: int) -> int:
     return half if 0 < half <= first else 0
 
 
+def keyed_trainable(lm: nn.Module, graphs, head: tuple):
+    """(key, trainable slots) of a log-prob graph call whose own shapes and host integers are
+    `head`, or None for the eager path (a key not to be captured, or gradients asked of a model
+    with nothing trainable).  The key adds what every such call bakes in: grad mode is in `head`;
+    autocast, the layers' checkpointing and sftop's checkpoint mode are added here."""
+    head = (
+        *head,
+        torch.is_autocast_enabled("cuda"),
+        torch.get_autocast_dtype("cuda"),
+        graphs.layout.checkpointing(),
+        lm.__dict__.get(M.GC_MODE),
+    )
+    key, slots = keyed_slots(lm, graphs.layout, head, graphs.steps.would_capture)
+    if slots is None:
+        return None
+    # a forward-only capture takes them too: the capture runs them as views of themselves
+    # (cuda_graphs._aliased), which autocast never serves from its cache of casts made before it
+    trainable = [slot for slot in slots if slot[2].requires_grad]
+    if torch.is_grad_enabled() and not trainable:
+        return None
+    return key, trainable
+
+
 def graph_inputs(ids: torch.Tensor, labels: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids padded on the right to `length` (id 0), and the labels shifted for causal LM
     (position t scores token t+1) padded with IGNORE_INDEX to the same length."""
@@ -245,26 +268,10 @@ def graphed_logprobs(lm: nn.Module, kwargs: dict, labels, shift_labels):
     length = padded_length(tokens)
     start = scored_start(first, length)
 
-    head = (
-        "logprobs",
-        grad,
-        ids.shape[0],
-        length,
-        start,
-        ids.dtype,
-        torch.is_autocast_enabled("cuda"),
-        torch.get_autocast_dtype("cuda"),
-        graphs.layout.checkpointing(),
-        lm.__dict__.get(M.GC_MODE),
-    )
-    key, slots = keyed_slots(lm, graphs.layout, head, graphs.steps.would_capture)
-    if slots is None:
+    keyed = keyed_trainable(lm, graphs, ("logprobs", grad, ids.shape[0], length, start, ids.dtype))
+    if keyed is None:
         return None
-    # a forward-only capture takes them too: the capture runs them as views of themselves
-    # (cuda_graphs._aliased), which autocast never serves from its cache of casts made before it
-    trainable = [slot for slot in slots if slot[2].requires_grad]
-    if grad and not trainable:
-        return None
+    key, trainable = keyed
     inputs = graph_inputs(ids, labels, length)
 
     chunk = CHUNK_BYTES

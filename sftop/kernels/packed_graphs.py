@@ -171,9 +171,9 @@ def mark_rows_given(model: nn.Module, inputs: dict) -> None:
 
 def release_graphs(model: nn.Module) -> None:
     """Drop every CUDA graph captured for `model` (fixed-shape, packed, DPO's log-prob steps, a
-    vision-language model's tower blocks and language layers) with the memory pools they keep: after an out-of-memory error the run
-    goes on with a smaller plan, which needs that memory and captures its own shapes again where
-    there is room."""
+    vision-language model's tower blocks and language layers) with the memory pools they keep:
+    after an out-of-memory error the run goes on with a smaller plan, which needs that memory and
+    captures its own shapes again where there is room."""
     lm = causal_lm(model)
     for name in (_GRAPHS, _PACKED_GRAPHS):
         graphs = lm.__dict__.get(name)

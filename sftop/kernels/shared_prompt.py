@@ -306,9 +306,7 @@ def _graphed(lm, layout: SharedPromptLayout, softcap):
     the layout's tensors are the graph's inputs, so pairs of the same shapes replay whatever their
     tokens and prompt lengths."""
     from .cuda_graphs import capturable
-    from .graph_layout import keyed_slots
-    from .logprob_graphs import CHUNK_BYTES, logprob_graphs_of
-    from .patching import markers as M
+    from .logprob_graphs import CHUNK_BYTES, keyed_trainable, logprob_graphs_of
 
     if not capturable(layout.ids):
         return None
@@ -325,17 +323,11 @@ def _graphed(lm, layout: SharedPromptLayout, softcap):
         int(layout.scored_src.shape[0]),
         layout.max_q,
         layout.max_k,
-        torch.is_autocast_enabled("cuda"),
-        torch.get_autocast_dtype("cuda"),
-        graphs.layout.checkpointing(),
-        lm.__dict__.get(M.GC_MODE),
     )
-    key, slots = keyed_slots(lm, graphs.layout, head, graphs.steps.would_capture)
-    if slots is None:
+    keyed = keyed_trainable(lm, graphs, head)
+    if keyed is None:
         return None
-    trainable = [slot for slot in slots if slot[2].requires_grad]
-    if grad and not trainable:
-        return None
+    key, trainable = keyed
     max_q, max_k, batch_shape, rows_tokens = layout.max_q, layout.max_k, layout.batch_shape, layout.rows_tokens
     chunk = CHUNK_BYTES
 

@@ -16,7 +16,7 @@ from . import markers as M
 
 def install_refusal(module: nn.Module) -> str | None:
     """ "stock: why" when CUDA graphs may not replay `module`'s work, else None."""
-    from ..cuda_graphs import ENV_SWITCH, enabled_by_env
+    from ..cuda_graphs import ENV_SWITCH, enabled_by_env, several_processes
 
     if not enabled_by_env():
         return f"stock: turned off by {ENV_SWITCH}=0"
@@ -24,11 +24,7 @@ def install_refusal(module: nn.Module) -> str | None:
         return f"stock: turned off by {VISION_GRAPHS_ENV}=0"
     if not torch.cuda.is_available():
         return "stock: CUDA graphs need a CUDA GPU"
-    if (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    ):
+    if several_processes():
         return "stock: not under multi-process training"
     for m in module.modules():
         if isinstance(m, nn.Dropout) and m.p > 0:

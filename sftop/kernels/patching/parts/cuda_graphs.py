@@ -13,7 +13,7 @@ from ..registry import FamilySpec
 
 
 def apply(model: nn.Module, spec: FamilySpec) -> str:
-    from ...cuda_graphs import ENV_SWITCH, StepGraphs, enabled_by_env, no_rng_stash
+    from ...cuda_graphs import ENV_SWITCH, StepGraphs, enabled_by_env, no_rng_stash, several_processes
 
     if not enabled_by_env():
         return f"stock: turned off by {ENV_SWITCH}=0"
@@ -21,11 +21,7 @@ def apply(model: nn.Module, spec: FamilySpec) -> str:
         return "stock: CUDA graphs need a CUDA GPU"
     if model.__dict__.get(M.PART) != "loss":
         return "stock: needs the fused loss part"
-    if (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    ):
+    if several_processes():
         return "stock: not under multi-process training"
     why = _randomness(model)
     if why:
