@@ -163,8 +163,8 @@ def discard_pending() -> None:
 class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
     """saved_tensors_hooks that keep large saved tensors in pinned memory, copying on side streams."""
 
-    def __init__(self, min_bytes: int = DEFAULT_MIN_BYTES, prefetch: bool = True):
-        self.min_bytes = min_bytes
+    def __init__(self, min_bytes: int | None = None, prefetch: bool = True):
+        self.min_bytes = DEFAULT_MIN_BYTES if min_bytes is None else min_bytes
         self.prefetch = prefetch
         self._last: weakref.ref[_Offloaded] | None = None
         self._pending: list[tuple[torch.Tensor, _Offloaded]] = []  # under capture: until the compute stream waits

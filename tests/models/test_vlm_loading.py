@@ -177,6 +177,10 @@ def test_patch_model_finds_a_vlms_language_layers(tiny_vlm):
     assert report.parts["mlp"] == "fused"  # Qwen2-VL's text MLP is Qwen2MLP
     assert report.parts["loss"].startswith("stock: not applied")
     assert report.parts["cuda_graphs"].startswith("stock: not applied")
+    # the overlapped offload is a VLM part (the tower's blocks and the language layers), on a GPU
+    assert report.parts["checkpoint_offload"] == (
+        "fused" if torch.cuda.is_available() else "stock: offloading to host memory needs a CUDA GPU"
+    )
     patch_model(model, enable=False)
 
 

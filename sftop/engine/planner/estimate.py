@@ -245,8 +245,8 @@ class Setup:
     cuda_graphs: bool = False
     # A Qwen2.5-VL model's tower blocks and language layers replayed from CUDA graphs
     # (sftop/kernels/patching/vision_graphs.py, language_graphs.py; on unless SFTOP_VISION_GRAPHS=0):
-    # their pools keep the tower's working set and the language layers' transients for good.  Not
-    # under "offload" checkpointing, whose copies (transformers' save_on_cpu) a capture cannot take
+    # their pools keep the tower's working set and the language layers' transients for good, under
+    # "offload" checkpointing too (sftop's overlapped copies, which a capture takes)
     vision_graphs: bool = False
     # One chunk's logits in sftop's fused loss (the trainer sets what the plan chose: Plan.loss_chunk_mib)
     loss_chunk_bytes: int = FUSED_CE_CHUNK_BYTES
@@ -638,8 +638,8 @@ def graph_pool_bytes(shape: ModelShape, setup: Setup, tokens: int, seq_len: int,
     (`tokens` is the largest), without dropout.  Both: plus the one set of gradient buffers every
     captured step shares, which stays beside an eager step's own gradients.  Never without the
     fused loss (kernels off) or on the CPU.
-    A VLM: with `vision_graphs` (on unless SFTOP_VISION_GRAPHS=0) and checkpointing other than
-    "offload", whose language layers replay for unpacked rows without dropout (sftop/kernels/patching/language_graphs.py): their transients are
+    A VLM: with `vision_graphs` (on unless SFTOP_VISION_GRAPHS=0), whose language layers replay for
+    unpacked rows without dropout (sftop/kernels/patching/language_graphs.py): their transients are
     the text terms' dynamic memory.  The tower's pool is an image term (vision_graph_pool)."""
     if setup.images is not None:
         return _language_graph_pool(shape, setup, tokens, seq_len, rows)
@@ -663,12 +663,12 @@ def graph_pool_bytes(shape: ModelShape, setup: Setup, tokens: int, seq_len: int,
 def _vision_graphs_engage(shape: ModelShape, setup: Setup) -> bool:
     """A Qwen2.5-VL model's graphs replay: asked for (`vision_graphs`, which setup_from_preset sets
     only where the run patches the kernels), on a GPU, for Qwen2.5-VL (the one gated tower among the
-    families, the only model both graph parts take), and not under a VLM's "offload" checkpointing
-    (transformers' save_on_cpu, which a capture cannot take: sftop/kernels/patching/graph_checks.py).
-    Not `setup.kernels`: the planner sizes a VLM's layers as stock (kernels_cover) while the run
-    patches them and replays these graphs, whose pools must be counted all the same."""
+    families, the only model both graph parts take).  Under "offload" checkpointing too: a run that
+    patches the kernels offloads through sftop's overlapped copies (part checkpoint_offload), which
+    a capture takes.  Not `setup.kernels`: the planner sizes a VLM's layers as stock (kernels_cover)
+    while the run patches them and replays these graphs, whose pools must be counted all the same."""
     gated_tower = shape.vision is not None and shape.vision.gated_mlp
-    return setup.vision_graphs and setup.on_gpu and gated_tower and setup.checkpointing != "offload"
+    return setup.vision_graphs and setup.on_gpu and gated_tower
 
 
 def _language_graph_pool(shape: ModelShape, setup: Setup, tokens: int, seq_len: int, rows: int) -> int:
@@ -694,6 +694,7 @@ def _add_image_terms(terms: dict[str, int], shape: ModelShape, setup: Setup, row
         image_tokens=image_tokens,
         dtype_bytes=DTYPE_BYTES[setup.dtype],
         checkpointing=setup.checkpointing != "off",
+        offloaded=setup.checkpointing == "offload",
         lora_r=setup.lora_r,
         optimizer_bytes_per_param=8 if setup.optimizer == "adamw" else 2,
     )

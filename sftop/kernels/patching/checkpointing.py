@@ -29,6 +29,17 @@ def _layer_checkpoint_function(stock_fn, gc_kwargs: dict, lean: bool, overlapped
     return functools.partial(checkpoint_marking_recompute, _checkpoint=inner, _offload=hooks)
 
 
+def layer_stack(name: str) -> str:
+    """The container of the layer named `name` ("model.visual.blocks" for "model.visual.blocks.3").
+
+    Each stack gets its own offload hooks.  Their chain of saved inputs fetches the next layer's
+    input ahead in backward, which is right within a stack but not across two: a vision-language
+    model's tower and language layers may replay from separate CUDA graphs (vision_graphs.py,
+    language_graphs.py), and a copy the language layers' captured backward started for the tower's
+    last block would land in the language graphs' pool, unread by the tower's own replay."""
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
 def install(model: nn.Module) -> None:
     """Wrap the model's `gradient_checkpointing_enable` (what Trainer calls) so that the layers get
     `_layer_checkpoint_function` when the parts that need it are on.  Idempotent."""
@@ -67,15 +78,16 @@ def install(model: nn.Module) -> None:
         model.__dict__[M.OFFLOADING] = bool(offload and not overlapped)
         model.__dict__[M.GC_MODE] = (lean, overlapped)  # part of a captured step's key
         if overlapped or lean:
-            fns = {}  # one function for all layers: the offload hooks chain the saved inputs
-            for m in model.modules():
+            fns = {}  # one function per stack of layers: its offload hooks chain the saved inputs
+            for name, m in model.named_modules():
                 stock_fn = compat.checkpoint_function(m)
                 if stock_fn is not None:
-                    if id(stock_fn) not in fns:
-                        fns[id(stock_fn)] = _layer_checkpoint_function(stock_fn, gc_kwargs, lean, overlapped)
+                    key = (id(stock_fn), layer_stack(name))
+                    if key not in fns:
+                        fns[key] = _layer_checkpoint_function(stock_fn, gc_kwargs, lean, overlapped)
                     # what unpatch puts back (transformers sets a fresh one on every enable call)
                     m.__dict__[M.STOCK_CHECKPOINT_FUNCTION] = stock_fn
-                    compat.set_checkpoint_function(m, fns[id(stock_fn)])
+                    compat.set_checkpoint_function(m, fns[key])
 
     model.__dict__[M.GC_ENABLE] = gradient_checkpointing_enable
 

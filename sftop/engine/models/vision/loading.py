@@ -17,9 +17,12 @@ from typing import Any
 from sftop.engine.errors import ModelError
 from sftop.engine.models.vision.family import VisionFamily
 
-# The kernel parts a VLM gets: those that act on single language layers by their class. The loss,
-# checkpointing and CUDA-graph parts assume the model is the causal LM itself, which a VLM is not.
-VLM_KERNEL_PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "attention")
+# The kernel parts a VLM gets: those that act on single language layers by their class, and the
+# overlapped offload of the checkpointed layers' inputs (the tower's blocks and the language
+# layers, each stack its own chain), which the VLM graph parts can capture where transformers' own
+# offload cannot.  The loss, lean-recompute and text CUDA-graph parts assume the model is the causal
+# LM itself, which a VLM is not.
+VLM_KERNEL_PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "attention", "checkpoint_offload")
 
 
 def vlm_kernel_parts(model) -> tuple[str, ...]:
