@@ -266,6 +266,67 @@ def test_dpo_forwards_reference_then_policy_through_both_graph_parts(monkeypatch
     assert sorted(backward for _shapes, _n, backward in rerun_captures) == [False, False, True, True]
 
 
+def test_re_enabled_checkpointing_keeps_the_captured_steps(monkeypatch, rerun_captures):
+    """`gradient_checkpointing_enable` sets a fresh checkpoint function on every call, and TRL's
+    DPOTrainer calls it after every reference forward: the keys hold what the function is made of,
+    so each step after the capture replays instead of capturing again."""
+    model, graphed, batch, tower_graphs, language_graphs = _qwen_vlm(monkeypatch)
+    for step in range(4):
+        for m in (model, graphed):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss_e, grads_e = _vlm_step(model, batch)
+        loss_g, grads_g = _vlm_step(graphed, batch)
+        assert rel_err(loss_g, loss_e) < 1e-6, step
+        for n in grads_e:
+            assert rel_err(grads_g[n], grads_e[n]) < 1e-5, (step, n)
+    for graphs in (tower_graphs, language_graphs):
+        assert (graphs.stats.eager_calls, graphs.stats.captures, graphs.stats.replays) == (1, 1, 3)
+
+
+def test_checkpoint_keys_tell_the_functions_apart_not_their_objects():
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    from sftop.kernels import checkpoint_offload as co
+    from sftop.kernels.patching.graph_checks import checkpoint_key
+
+    def block(fn):
+        m = torch.nn.Linear(2, 2)
+        m.gradient_checkpointing, m._gradient_checkpointing_func = True, fn
+        return m
+
+    plain = [block(functools.partial(checkpoint, use_reentrant=False)) for _ in range(2)]
+    assert checkpoint_key(plain[0]) == checkpoint_key(plain[1])
+    offloaded = [block(co.checkpoint_function({"use_reentrant": False})) for _ in range(2)]
+    assert checkpoint_key(offloaded[0]) == checkpoint_key(offloaded[1])  # new hooks, same work
+    assert checkpoint_key(offloaded[0]) != checkpoint_key(plain[0])
+    assert checkpoint_key(block(functools.partial(checkpoint, use_reentrant=True))) != checkpoint_key(plain[0])
+    hash(checkpoint_key(offloaded[0]))
+
+
+def test_offload_hooks_chain_each_layer_stack_apart(monkeypatch):
+    """sftop's offloaded checkpointing on a VLM: one hooks object for the tower's blocks, another
+    for the language layers, so backward never fetches a tower block's input ahead from inside the
+    language layers' captured backward."""
+    from sftop.kernels.patching import checkpointing
+
+    model, _graphed, batch, _t, _l = _qwen_vlm(monkeypatch)
+    base = model.get_base_model()
+    checkpointing.install(base)
+    base.__dict__[M.OFFLOAD_OK] = True  # what part checkpoint_offload sets where a GPU is
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=True)
+
+    def hooks_of(layers):
+        return {id(layer._gradient_checkpointing_func.keywords["_offload"]) for layer in layers}
+
+    tower = hooks_of(base.model.visual.blocks)
+    language = hooks_of(base.model.language_model.layers)
+    assert len(tower) == 1 and len(language) == 1 and tower != language
+    assert checkpointing.layer_stack("model.visual.blocks.3") == "model.visual.blocks"
+    _vlm_step(model, batch)  # the hooks leave CPU tensors where they are: the step runs as before
+
+
 def test_the_part_says_why_it_stays_stock(monkeypatch):
     model = _lora_tower_model()
     monkeypatch.setenv(VG.ENV_SWITCH, "0")
@@ -335,14 +396,22 @@ def test_gpu_graphed_blocks_equal_the_eager_tower(checkpointing, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
+@pytest.mark.parametrize("checkpointing", ["off", "on", "offload"])
 def test_gpu_whole_vlm_step_with_both_graph_parts_equals_eager(checkpointing, monkeypatch):
     """The tiny Qwen2.5-VL in bf16 on the GPU, real captures of the tower's blocks and the language
-    layers: loss and every LoRA gradient equal the eager model's over three steps."""
+    layers: loss and every LoRA gradient equal the eager model's over three steps.  "offload": the
+    graphed model's checkpointed inputs go to host memory through sftop's overlapped offload (every
+    size of them here), which both captures take, against the eager model's plain checkpoints."""
+    from sftop.kernels import checkpoint_offload as co
+
+    monkeypatch.setattr(co, "DEFAULT_MIN_BYTES", 0)
     model, graphed, batch, tower_graphs, language_graphs = _qwen_vlm(monkeypatch, "cuda", torch.bfloat16)
-    if checkpointing:
+    if checkpointing != "off":
         for m in (model, graphed):
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+                offload=checkpointing == "offload" and m is graphed,
+            )
     for step in range(3):
         loss_e, grads_e = _vlm_step(model, batch)
         loss_g, grads_g = _vlm_step(graphed, batch)
@@ -353,6 +422,9 @@ def test_gpu_whole_vlm_step_with_both_graph_parts_equals_eager(checkpointing, mo
     for graphs in (tower_graphs, language_graphs):
         assert graphs.stats.failures == []
         assert (graphs.stats.eager_calls, graphs.stats.captures, graphs.stats.replays) == (1, 1, 2)
+        # the captured step copies into host buffers of its own exactly when offloading
+        (captured,) = graphs._steps.values()
+        assert bool(captured.host_buffers) is (checkpointing == "offload")
 
 
 def test_a_frozen_tower_runs_no_backward_through_its_blocks(monkeypatch):

@@ -4,6 +4,9 @@ part applies where they overlap."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Hashable
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
@@ -59,3 +62,25 @@ def uncapturable_checkpoints(block: nn.Module) -> bool:
     if not (isinstance(keywords, dict) and keywords.get("use_reentrant") is False):
         return True
     return getattr(fn, "func", None) is not torch_checkpoint
+
+
+def checkpoint_key(block: nn.Module) -> Hashable:
+    """What a captured step's key holds of `block`'s checkpoint function: the functions and
+    settings it is made of, not the object itself.
+
+    `gradient_checkpointing_enable` sets a fresh function on every call (transformers' partial of
+    torch's checkpoint, or sftop's lean or offloaded one with new hooks), and preference tuning
+    calls it again after every reference forward (TRL's DPOTrainer switches checkpointing off for
+    that forward).  Keyed by the object, every DPO step of a vision-language model would have
+    captured its graphs afresh.  The hooks objects inside sftop's functions hold no setting a
+    replay uses (a captured step copies into its own reserved host buffers): their type stands in."""
+    return _described(compat.checkpoint_function(block))
+
+
+def _described(value) -> Hashable:
+    if isinstance(value, functools.partial):
+        keywords = tuple(sorted((k, _described(v)) for k, v in value.keywords.items()))
+        return (_described(value.func), tuple(_described(a) for a in value.args), keywords)
+    if value is None or isinstance(value, (bool, int, float, str)) or callable(value):
+        return value  # a function or class is its own stable key
+    return type(value).__qualname__

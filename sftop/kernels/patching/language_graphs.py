@@ -30,10 +30,9 @@ import sys
 import torch
 from torch import nn
 
-from .. import compat
 from . import markers as M
 from .forwards import set_forward
-from .graph_checks import install_refusal, plain_call, uncapturable_checkpoints
+from .graph_checks import checkpoint_key, install_refusal, plain_call, uncapturable_checkpoints
 
 FUSED = "fused"
 TEXT_CLASS = "Qwen2_5_VLTextModel"
@@ -177,7 +176,7 @@ def _replayed(lm, graphs, hidden, cos, sin, mask):
         torch.is_autocast_enabled("cuda"),
         torch.get_autocast_dtype("cuda"),
         layout.checkpointing(),
-        compat.checkpoint_function(lm.layers[0]),
+        checkpoint_key(lm.layers[0]),
     )
     key, slots = keyed_slots(lm, layout, head, graphs.would_capture)
     if slots is None:
