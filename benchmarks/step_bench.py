@@ -286,6 +286,11 @@ def _build(args, path: str):
             os.environ["SFTOP_VISION_GRAPHS"] = "1"
         if path == "sftop-no-vision-graphs":  # a VLM's step without them, for the ratio
             os.environ["SFTOP_VISION_GRAPHS"] = "0"
+        if path == "sftop-small-loss-chunk":  # the fused loss in the planner's small logits chunks
+            from sftop.kernels.constants import SMALL_FUSED_CE_CHUNK_BYTES
+            from sftop.kernels.fused_linear_cross_entropy import set_chunk_bytes
+
+            set_chunk_bytes(SMALL_FUSED_CE_CHUNK_BYTES)
         if vlm_shapes.is_vision_shape(args.model):
             # as `sftop run` does for a VLM: the kernels on the language layers its family names
             from sftop.engine.models.vision.loading import apply_vision_kernels
@@ -589,7 +594,16 @@ def run_paths(paths: list[str], command) -> list[dict]:
     return results
 
 
-PATHS = ("stock", "sftop", "sftop-eager", "sftop-language", "sftop-tower-graphs", "sftop-no-vision-graphs", "unsloth")
+PATHS = (
+    "stock",
+    "sftop",
+    "sftop-eager",
+    "sftop-language",
+    "sftop-tower-graphs",
+    "sftop-no-vision-graphs",
+    "sftop-small-loss-chunk",
+    "unsloth",
+)
 
 
 def compare_with_unsloth(results: list[dict]) -> None:
@@ -634,6 +648,8 @@ def main(argv=None) -> int:
         "sftop-tower-graphs (vision shapes: sftop with the tower's blocks and the language layers replayed "
         "from CUDA graphs, named: SFTOP_VISION_GRAPHS=1, the default), "
         "sftop-no-vision-graphs (vision shapes: sftop with those graphs off: SFTOP_VISION_GRAPHS=0), "
+        "sftop-small-loss-chunk (sftop with the fused loss's logits in 64 MiB chunks, the planner's small "
+        "chunk, instead of 256 MiB), "
         "unsloth (Unsloth's recipe in its own process; see --peer-pythonpath)",
     )
     ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)
