@@ -37,9 +37,10 @@ def test_sampler_yields_each_step_split_and_resumes_through_accelerate():
         TokenBalancedSampler(lengths, rows_per_step=2, micro_batches=3, seed=0)
 
 
-def test_split_step_loss_and_lora_gradients_equal_one_packed_micro_batch():
+def test_split_step_loss_and_lora_gradients_equal_one_packed_micro_batch(home):
     """float32, tiny model: the sum of the micro-batch losses (each over the step's label tokens)
-    and the accumulated LoRA gradients equal those of the whole step packed at once (rel 1e-5)."""
+    and the accumulated LoRA gradients equal those of the whole step packed at once (rel 1e-5 of
+    each gradient's largest entry)."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(demo_dir(), attn_implementation="sdpa", dtype=torch.float32)
     model = get_peft_model(
@@ -70,7 +71,9 @@ def test_split_step_loss_and_lora_gradients_equal_one_packed_micro_batch():
     split_loss, split_grads = run(groups)
     assert split_loss == pytest.approx(whole_loss, rel=1e-5)
     for a, b in zip(split_grads, whole_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        # float32 sums in another order: a gradient's near-zero entries differ by rounding of its
+        # largest ones, so the absolute tolerance scales with them
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
 @pytest.mark.slow
