@@ -172,6 +172,12 @@ class OverlappedOffload(torch.autograd.graph.saved_tensors_hooks):
         _LIVE.add(self)
         super().__init__(self._pack, self._unpack)
 
+    def graph_key(self) -> tuple:
+        """What a CUDA graph's key holds of these hooks: the settings that change what a captured
+        step offloads (patching/graph_checks.checkpoint_key), not the object, which every
+        `gradient_checkpointing_enable` call makes anew."""
+        return (type(self).__qualname__, self.min_bytes, self.prefetch)
+
     # one pair of side streams per device, shared by every instance (streams are a limited resource)
     _streams: dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 

@@ -301,6 +301,10 @@ def test_checkpoint_keys_tell_the_functions_apart_not_their_objects():
     offloaded = [block(co.checkpoint_function({"use_reentrant": False})) for _ in range(2)]
     assert checkpoint_key(offloaded[0]) == checkpoint_key(offloaded[1])  # new hooks, same work
     assert checkpoint_key(offloaded[0]) != checkpoint_key(plain[0])
+    # what the hooks offload is part of the captured work
+    assert checkpoint_key(block(co.checkpoint_function({"use_reentrant": False}, min_bytes=0))) != checkpoint_key(
+        offloaded[0]
+    )
     assert checkpoint_key(block(functools.partial(checkpoint, use_reentrant=True))) != checkpoint_key(plain[0])
     hash(checkpoint_key(offloaded[0]))
 

@@ -71,9 +71,10 @@ def checkpoint_key(block: nn.Module) -> Hashable:
     `gradient_checkpointing_enable` sets a fresh function on every call (transformers' partial of
     torch's checkpoint, or sftop's lean or offloaded one with new hooks), and preference tuning
     calls it again after every reference forward (TRL's DPOTrainer switches checkpointing off for
-    that forward).  Keyed by the object, every DPO step of a vision-language model would have
-    captured its graphs afresh.  The hooks objects inside sftop's functions hold no setting a
-    replay uses (a captured step copies into its own reserved host buffers): their type stands in."""
+    that forward).  Keyed by the object, a checkpointed vision-language DPO run never saw a key
+    twice, so it never captured.  An object inside the function (sftop's offload hooks) stands in
+    by its `graph_key()`, the settings that change what a capture records (its host buffers are
+    the captured step's own), or else by its type."""
     return _described(compat.checkpoint_function(block))
 
 
@@ -83,4 +84,5 @@ def _described(value) -> Hashable:
         return (_described(value.func), tuple(_described(a) for a in value.args), keywords)
     if value is None or isinstance(value, (bool, int, float, str)) or callable(value):
         return value  # a function or class is its own stable key
-    return type(value).__qualname__
+    graph_key = getattr(value, "graph_key", None)
+    return graph_key() if callable(graph_key) else type(value).__qualname__
