@@ -103,7 +103,7 @@ def test_image_load_uses_the_largest_rows_not_the_mean():
 def test_image_terms_frozen_tower():
     v = VisionShape.from_config(QWEN25_VL_3B)
     terms, transient = image_terms(
-        v, VisionTraining(), image_tokens=1024, dtype_bytes=2, checkpointing=False, lora_r=16
+        v, VisionTraining(), image_tokens=1024, dtype_bytes=2, checkpointing="off", lora_r=16
     )
     patches = 4096
     assert terms == {"pixel_values": patches * 1176 * (4 + 2)}
@@ -116,14 +116,14 @@ def test_image_terms_adapted_tower_with_and_without_checkpointing():
     v = VisionShape.from_config(QWEN25_VL_3B)
     training = VisionTraining.from_parts(["language", "vision", "projector", "attention", "mlp"])
     assert training.vision and training.projector and training.attention and training.mlp
-    full, transient = image_terms(v, training, image_tokens=256, dtype_bytes=2, checkpointing=False, lora_r=16)
+    full, transient = image_terms(v, training, image_tokens=256, dtype_bytes=2, checkpointing="off", lora_r=16)
     per_layer = 2 * (2 * 1280 + 3 * 1280 + 1280 + 1280 + 3 * 3420) + 8
     assert transient == 0
     assert full["vision_activations"] == 1024 * 32 * per_layer
     assert full["projector_activations"] == 256 * 2 * (2 * 5120 + 2048)
     lora = 32 * (16 * (1280 + 3840) + 16 * 2560 + 16 * (1280 + 3420) * 3) + 16 * 10240 + 16 * (5120 + 2048)
     assert full["vision_lora"] == lora * (4 + 4 + 8)
-    ckpt, _ = image_terms(v, training, image_tokens=256, dtype_bytes=2, checkpointing=True, lora_r=16)
+    ckpt, _ = image_terms(v, training, image_tokens=256, dtype_bytes=2, checkpointing="on", lora_r=16)
     assert ckpt["vision_activations"] == 1024 * (32 * 2 * 1280 + per_layer)
     assert ckpt["vision_activations"] < full["vision_activations"] / 8
 

@@ -693,8 +693,7 @@ def _add_image_terms(terms: dict[str, int], shape: ModelShape, setup: Setup, row
         setup.vision_training or VisionTraining(),
         image_tokens=image_tokens,
         dtype_bytes=DTYPE_BYTES[setup.dtype],
-        checkpointing=setup.checkpointing != "off",
-        offloaded=setup.checkpointing == "offload",
+        checkpointing=setup.checkpointing,
         lora_r=setup.lora_r,
         optimizer_bytes_per_param=8 if setup.optimizer == "adamw" else 2,
     )

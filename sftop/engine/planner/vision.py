@@ -178,18 +178,18 @@ def image_terms(
     *,
     image_tokens: int,
     dtype_bytes: int,
-    checkpointing: bool,
+    checkpointing: str,
     lora_r: int,
     optimizer_bytes_per_param: int = 8,
-    offloaded: bool = False,
 ) -> tuple[dict[str, int], int]:
     """(bytes of each image term held through the step, the vision forward's own transient peak)
     for a micro-batch holding `image_tokens` image tokens.
 
     The transient is a frozen tower's working set: live only while the tower runs, before the
     language model's forward, so it adds to the step's peak only when it outgrows the text terms.
-    `offloaded`: the checkpointed blocks' inputs live in host memory (sftop's overlapped offload or
-    transformers' save_on_cpu, both over the tower's blocks too), two of them on the GPU at a time.
+    `checkpointing`: the plan's mode, "off", "on" or "offload" (the checkpointed blocks' inputs in
+    host memory, by sftop's overlapped offload or transformers' save_on_cpu, both over the tower's
+    blocks too: two of them on the GPU at a time).
     """
     dt = dtype_bytes
     patches = image_tokens * v.patches_per_token
@@ -198,8 +198,8 @@ def image_terms(
     terms["pixel_values"] = patches * v.pixel_values_per_patch * (FP32 + dt)
     transient = 0
     if training.vision:
-        if checkpointing:
-            inputs = min(2, v.layers) if offloaded else v.layers
+        if checkpointing != "off":
+            inputs = min(2, v.layers) if checkpointing == "offload" else v.layers
             saved = inputs * dt * v.hidden + layer_saved_bytes_per_patch(v, dt)  # inputs + one recomputed layer
         else:
             saved = v.layers * layer_saved_bytes_per_patch(v, dt)
