@@ -64,6 +64,18 @@ def uncapturable_checkpoints(block: nn.Module) -> bool:
     return getattr(fn, "func", None) is not torch_checkpoint
 
 
+def call_modes(layout, block: nn.Module) -> tuple:
+    """What a graph part's key adds to its call's own shapes, for both VLM parts alike: autocast,
+    whether the layers checkpoint (`layout`, graph_layout.ModelLayout) and what their checkpoint
+    function is made of (`block`: the first of them)."""
+    return (
+        torch.is_autocast_enabled("cuda"),
+        torch.get_autocast_dtype("cuda"),
+        layout.checkpointing(),
+        checkpoint_key(block),
+    )
+
+
 def checkpoint_key(block: nn.Module) -> Hashable:
     """What a captured step's key holds of `block`'s checkpoint function: the functions and
     settings it is made of, not the object itself.

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import markers as M
 from .forwards import set_forward
-from .graph_checks import checkpoint_key, install_refusal, plain_call, uncapturable_checkpoints
+from .graph_checks import call_modes, install_refusal, plain_call, uncapturable_checkpoints
 
 FUSED = "fused"
 TEXT_CLASS = "Qwen2_5_VLTextModel"
@@ -173,10 +173,7 @@ def _replayed(lm, graphs, hidden, cos, sin, mask):
         tuple(cos.shape),
         cos.dtype,
         None if mask is None else (tuple(mask.shape), mask.dtype),
-        torch.is_autocast_enabled("cuda"),
-        torch.get_autocast_dtype("cuda"),
-        layout.checkpointing(),
-        checkpoint_key(lm.layers[0]),
+        *call_modes(layout, lm.layers[0]),
     )
     key, slots = keyed_slots(lm, layout, head, graphs.would_capture)
     if slots is None:

@@ -42,7 +42,7 @@ from .. import compat
 from ..constants import VISION_GRAPHS_ENV
 from . import markers as M
 from .forwards import set_forward
-from .graph_checks import checkpoint_key, install_refusal, plain_call, uncapturable_checkpoints
+from .graph_checks import call_modes, install_refusal, plain_call, uncapturable_checkpoints
 
 FUSED = "fused"
 ENV_SWITCH = VISION_GRAPHS_ENV
@@ -193,10 +193,7 @@ def _replayed(tower, graphs, hidden, cos, sin, cu_full, max_full, cu_window, max
         max_full,
         tuple(cu_window.shape),
         max_window,
-        torch.is_autocast_enabled("cuda"),
-        torch.get_autocast_dtype("cuda"),
-        layout.checkpointing(),
-        checkpoint_key(blocks[0]),
+        *call_modes(layout, blocks[0]),
     )
     key, slots = keyed_slots(blocks, layout, head, graphs.would_capture)
     if slots is None:
