@@ -34,9 +34,6 @@ from .constants import MAX_BUCKET_GRAPHS
 
 CU_MULTIPLE = 8  # row-boundary tensors are padded to a multiple of this many entries
 _PACKED_GRAPHS = "_sftop_packed_graphs"
-_GRAPHS = "_sftop_graphs"  # set by the cuda_graphs patch part when graphs may be used
-_OFFLOADING = "_sftop_offloading"  # transformers' own blocking offload is on: not capturable
-_GC_MODE = "_sftop_gc_mode"
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -64,7 +61,7 @@ def _eligible(lm: nn.Module, inputs: dict) -> bool:
         and ids.shape[0] == 1
     ):
         return False
-    if lm.__dict__.get(_GRAPHS) is None or lm.__dict__.get(_OFFLOADING):
+    if lm.__dict__.get(M.GRAPHS) is None or lm.__dict__.get(M.OFFLOADING):
         return False
     if compat.attn_implementation(lm.config) != VARLEN:
         return False
@@ -109,7 +106,7 @@ def packed_graphed_loss(model: nn.Module, inputs: dict, num_items_in_batch=None)
         torch.is_autocast_enabled("cuda"),
         torch.get_autocast_dtype("cuda"),
         layout.checkpointing(),
-        lm.__dict__.get(_GC_MODE),
+        lm.__dict__.get(M.GC_MODE),
     )
     key, slots = keyed_slots(lm, layout, head, graphs.would_capture)
     trainable = [slot for slot in slots or () if slot[2].requires_grad]
@@ -175,7 +172,7 @@ def release_graphs(model: nn.Module) -> None:
     after an out-of-memory error the run goes on with a smaller plan, which needs that memory and
     captures its own shapes again where there is room."""
     lm = causal_lm(model)
-    for name in (_GRAPHS, _PACKED_GRAPHS):
+    for name in (M.GRAPHS, _PACKED_GRAPHS):
         graphs = lm.__dict__.get(name)
         if isinstance(graphs, StepGraphs):
             graphs.release()

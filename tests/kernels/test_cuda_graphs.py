@@ -644,7 +644,7 @@ def test_release_drops_every_captured_step_and_the_pool(monkeypatch):
     model.w = torch.nn.Parameter(torch.randn(5))
     slots = [(model, "w", model.w)]
     fixed, packed, logprob = cg.StepGraphs(), cg.StepGraphs(), cg.StepGraphs()
-    model.__dict__[packed_graphs._GRAPHS] = fixed
+    model.__dict__[M.GRAPHS] = fixed
     model.__dict__[packed_graphs._PACKED_GRAPHS] = packed
     dpo = types.SimpleNamespace(steps=logprob)  # a LogprobGraphs as DPO's head keeps it on the model
     model.__dict__[M.LOGPROB_GRAPHS] = dpo
