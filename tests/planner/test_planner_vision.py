@@ -300,13 +300,15 @@ MEASURED_QWEN25_VL_3B = [
     ("on", False, True, 9.91, "vlm_qwen2.5-vl-3b_bf16_graphs_with_unsloth.json, sftop-tower-graphs"),
     ("on", True, False, 5.08, "vlm_qwen2.5-vl-3b_nf4_tower16_with_unsloth.json, sftop"),
     ("offload", True, False, 4.33, "vlm_qwen2.5-vl-3b_nf4_offload_graphs_with_unsloth.json, sftop"),
+    # sftop's overlapped offload, both graph parts replaying (2026-12-07, benchmarks/results/2026-12-07_h100/)
+    ("offload", True, True, 5.21, "vlm_qwen2.5-vl-3b_nf4_offload_with_unsloth.json, sftop"),
 ]
 
 
 @pytest.mark.parametrize("checkpointing, nf4, graphs, measured_gib, source", MEASURED_QWEN25_VL_3B)
 def test_qwen25_vl_plans_sit_over_the_measured_peaks(monkeypatch, checkpointing, nf4, graphs, measured_gib, source):
     """The planner sizes a VLM's language layers as stock (kernels_cover) while the run patches
-    them: over the measured allocated peak, never under, by 9-20 %.  The graphs' pools count
+    them: over the measured allocated peak, never under, by 9-26 %.  The graphs' pools count
     although the layers are sized stock: without them the graphed step's plan (9.75 GiB) was under
     its measured 9.91."""
     from sftop.engine.planner import plan_run
