@@ -118,7 +118,7 @@ def packed_graphed_loss(model: nn.Module, inputs: dict, num_items_in_batch=None)
     weight = lm.get_output_embeddings().weight
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     one = graphs.unit(ids.device)
-    loss_dtype = getattr(lm, "_sftop_loss_dtype", None)
+    loss_dtype = lm.__dict__.get(M.LOSS_DTYPE)
 
     def loss_sum(ids_, labels_, positions_, cu_):
         # the bucket's length bounds every row: flash attention only sizes its grid with it
