@@ -9,6 +9,13 @@ by the innermost sftop frame (else the innermost frame outside torch) that alloc
 Recording stacks slows the step down: this says where memory goes, never how fast anything is.
 
   python benchmarks/memory_peak.py --model llama-3.1-8b --4bit --batch 2 --checkpointing offload
+
+Vision shapes take step_bench.py's image batches.  `--unrecorded 2 --steps 1` records one replayed
+step only: the live blocks at its peak are what sits outside the graphs' pools, and each pool's
+reservation is listed beside them.
+
+  python benchmarks/memory_peak.py --model qwen2.5-vl-3b --4bit --batch 4 --seq 1024 \
+      --checkpointing offload --unrecorded 2 --steps 1
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_bench
+import vlm_shapes
 
 
 def _where(frames: list[dict]) -> str:
@@ -58,19 +66,41 @@ def peak_blocks(trace: list[dict]) -> tuple[int, int, dict[str, int]]:
     return peak, at, dict(sorted(sites.items(), key=lambda kv: -kv[1]))
 
 
+def pool_reservations(segments: list[dict]) -> dict[str, dict[str, int]]:
+    """Reserved and allocated bytes of each memory pool at the snapshot: "default" for the ordinary
+    cache, the pool's id for a CUDA graphs' private pool (which keeps its blocks between replays)."""
+    out: dict[str, dict[str, int]] = {}
+    for seg in segments:
+        pool_id = tuple(seg.get("segment_pool_id", (0, 0)))
+        name = "default" if pool_id == (0, 0) else f"graphs{pool_id}"
+        entry = out.setdefault(name, {"reserved": 0, "allocated": 0})
+        entry["reserved"] += seg["total_size"]
+        entry["allocated"] += seg["allocated_size"]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(step_bench.SHAPES), default="llama-3.2-1b")
+    ap.add_argument("--model", choices=sorted([*step_bench.SHAPES, *vlm_shapes.SHAPES]), default="llama-3.2-1b")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=2, help="recorded steps (eager, then the capture)")
+    ap.add_argument(
+        "--unrecorded",
+        type=int,
+        default=0,
+        help="steps run before recording starts: 2 records only replays, where the graphs' pools are "
+        "reserved already and what the trace shows is the memory outside them",
+    )
     ap.add_argument("--4bit", dest="four_bit", action="store_true")
-    ap.add_argument("--path", default="sftop", choices=["stock", "sftop", "sftop-eager"])
+    ap.add_argument("--path", default="sftop", choices=["stock", "sftop", "sftop-eager", "sftop-small-loss-chunk"])
     ap.add_argument("--checkpointing", choices=["on", "offload"], default="offload")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--json", help="write the result here")
     args = ap.parse_args(argv)
     args.device = "cuda"
+    args.frozen_tower = False
+    vision = vlm_shapes.is_vision_shape(args.model)
 
     import torch
 
@@ -83,20 +113,32 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
     model.train()
     gen = torch.Generator(device="cuda").manual_seed(1)
-    vocab = model.config.vocab_size
+    vocab = model.config.get_text_config().vocab_size
+    make_batch = vlm_shapes.batch_maker(args.model, model.config, args.batch, args.seq, "cuda", gen) if vision else None
+
+    def step():
+        if vision:
+            loss = model(**make_batch()).loss
+        else:
+            ids = torch.randint(0, vocab, (args.batch, args.seq), device="cuda", generator=gen)
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.unrecorded):
+        step()
     torch.cuda.synchronize()
     steady = torch.cuda.memory_allocated()
     torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="alloc", stacks="python")
     for _ in range(args.steps):
-        ids = torch.randint(0, vocab, (args.batch, args.seq), device="cuda", generator=gen)
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step()
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     trace = [ev for dev in snap["device_traces"] for ev in dev]
     peak, at, sites = peak_blocks(trace)
+    pools = pool_reservations(snap["segments"])
     mib = 2**20
     result = dict(
         model=args.model,
@@ -110,6 +152,8 @@ def main(argv=None) -> int:
         events=len(trace),
         patch=report,
         live_at_peak_mib={k: round(v / mib, 1) for k, v in list(sites.items())[: args.top]},
+        pools_mib={k: {n: round(b / mib, 1) for n, b in v.items()} for k, v in pools.items()},
+        graphs=step_bench._graph_stats(model),
     )
     print(
         f"{args.model} {'nf4' if args.four_bit else 'bf16'} {args.path}: {result['allocated_before_mib']} MiB "
@@ -118,6 +162,8 @@ def main(argv=None) -> int:
     )
     for site, size in result["live_at_peak_mib"].items():
         print(f"  {size:9.1f} MiB  {site}")
+    for pool, sizes in result["pools_mib"].items():
+        print(f"  pool {pool}: {sizes['reserved']} MiB reserved, {sizes['allocated']} MiB of it allocated at the end")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -40,3 +40,18 @@ def test_live_blocks_at_the_peak_grouped_by_sftop_frame():
         )
         == "llama.py:9 fwd"
     )
+
+
+def test_pool_reservations_split_the_ordinary_cache_from_each_graph_pool():
+    segments = [
+        {"segment_pool_id": (0, 0), "total_size": 100, "allocated_size": 40},
+        {"segment_pool_id": (1, 2), "total_size": 60, "allocated_size": 10},
+        {"segment_pool_id": (0, 0), "total_size": 20, "allocated_size": 20},
+        {"segment_pool_id": (1, 5), "total_size": 8, "allocated_size": 0},
+        {"total_size": 4, "allocated_size": 4},  # an older torch without pool ids: the ordinary cache
+    ]
+    assert memory_peak.pool_reservations(segments) == {
+        "default": {"reserved": 124, "allocated": 64},
+        "graphs(1, 2)": {"reserved": 60, "allocated": 10},
+        "graphs(1, 5)": {"reserved": 8, "allocated": 0},
+    }
