@@ -309,7 +309,8 @@ def _build(args, path: str):
         else:
             report = patch_model(model).to_dict()
         # as in `sftop run`, where Trainer enables checkpointing on the patched model
-        _enable_checkpointing(model, args, path)
+        if args.checkpointing != "off":
+            _enable_checkpointing(model, args, path)
     return model, report
 
 
@@ -655,9 +656,10 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)
     ap.add_argument(
         "--checkpointing",
-        choices=["on", "offload", "offload-hf"],
+        choices=["on", "offload", "offload-hf", "off"],
         default="on",
-        help="sftop path only; the stock path always keeps its layer inputs on the GPU",
+        help="sftop path only; the stock path always keeps its layer inputs on the GPU. off: no "
+        "checkpointing on any path (what the planner chooses where the GPU has room)",
     )
     ap.add_argument("--profile", action="store_true", help="torch.profiler share of GPU time by kernel category")
     ap.add_argument("--memory-phases", action="store_true", help="peak memory in forward, loss, backward, optimizer")

@@ -45,6 +45,11 @@ plan.max_memory_gib = its measured peak (rounded down to 1/10,000 GiB). sftop's 
 device footprint, CUDA context included, the peer's peak its allocated memory only: `--cap-extra-gib
 0 0.6` adds a second capped row with the 0.6 GiB context on top (`sftop:at-NAME-peak+0.6`).
 
+`--step-reference` then times step_bench.py's fixed-shape step (sftop's path, every row full, CUDA
+graphs as `sftop run` has them) at the sftop row's plan: its largest micro-batch in tokens as rows of
+the data's longest length, the same checkpointing. The table ends with the whole run's useful
+tokens/s as a share of that step's tokens/s, held to at least 80%, and both peaks.
+
 Writes whole_run.json and whole_run.md to --out.
 """
 
@@ -450,6 +455,88 @@ def run_sftop(
     return sftop
 
 
+STEP_SHAPES = {"llama-1b": "llama-3.2-1b", "tiny": "tiny"}  # step_bench.py's names of the same shapes
+TARGET_OF_STEP = 0.80  # a whole run's useful tokens/s over the fixed-shape step's, at the same plan
+
+
+def reference_shape(plan: dict, longest: int = CAP) -> tuple[int, int, str] | str:
+    """(batch, seq, checkpointing) of the fixed-shape step that matches a whole run's plan: its largest
+    micro-batch in tokens as rows of the data's longest length (every row full, none padded), with
+    the plan's checkpointing; or why there is none."""
+    tokens = plan.get("tokens_per_micro_batch")
+    if not tokens and plan.get("micro_batch"):
+        tokens = plan["micro_batch"] * longest
+    if not tokens:
+        return "the plan names no micro-batch size"
+    seq = min(longest, int(tokens))
+    batch = max(1, round(tokens / seq))
+    checkpointing = str(plan.get("gradient_checkpointing", "on"))
+    if checkpointing not in ("on", "off", "offload"):
+        return f"checkpointing {checkpointing!r} has no fixed-shape counterpart"
+    return batch, seq, checkpointing
+
+
+def run_step_reference(row: dict, shape: str, env: dict, out: Path, device: str = "cuda", longest: int = CAP) -> dict:
+    """step_bench.py's sftop path at the whole run's plan, in its own process: the rate a whole run
+    is held to (at least 80% of it, at the same plan and so about the same memory)."""
+    found = reference_shape(row.get("plan") or {}, longest)
+    if isinstance(found, str):
+        return {"not_run": found}
+    batch, seq, checkpointing = found
+    result_path = out / "step-reference.json"
+    result_path.unlink(missing_ok=True)
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "step_bench.py"),
+        "--model",
+        STEP_SHAPES[shape],
+        "--batch",
+        str(batch),
+        "--seq",
+        str(seq),
+        "--steps",
+        "12",
+        "--warmup",
+        "3",
+        "--checkpointing",
+        checkpointing,
+        "--paths",
+        "sftop",
+        "--device",
+        device,
+        "--json",
+        str(result_path),
+    ]
+    done = subprocess.run(command, env=env)
+    ref: dict[str, Any] = {"batch": batch, "seq": seq, "checkpointing": checkpointing}
+    results = json.loads(result_path.read_text()).get("results", []) if result_path.is_file() else []
+    step = next((r for r in results if r.get("path") == "sftop" and r.get("tokens_per_s")), None)
+    if step is None:
+        ref["failed"] = f"step_bench.py exit {done.returncode}"
+        return ref
+    ref.update(tokens_per_s=step["tokens_per_s"], peak_gib=step.get("peak_gib"), cuda_graphs=step.get("cuda_graphs"))
+    rate = row.get("useful_tokens_per_s")
+    if rate:
+        ref["whole_over_step"] = rate / step["tokens_per_s"]
+        ref["met"] = ref["whole_over_step"] >= TARGET_OF_STEP
+    return ref
+
+
+def step_reference_line(ref: dict, row: dict) -> str:
+    where = f"{ref.get('batch')} x {ref.get('seq')}, checkpointing {ref.get('checkpointing')}"
+    if "not_run" in ref:
+        return f"Fixed-shape step reference: not run ({ref['not_run']})."
+    if "whole_over_step" not in ref:
+        return f"Fixed-shape step reference ({where}): {ref.get('failed', 'no rate')}."
+    peak = ref.get("peak_gib")
+    return (
+        f"sftop whole run / fixed-shape step ({where}: {ref['tokens_per_s']:,.0f} tokens/s"
+        + (f", peak {peak:.2f} GiB" if peak is not None else "")
+        + f"; the run's peak {row.get('peak_allocated_gib') or float('nan'):.2f} GiB): "
+        f"{ref['whole_over_step']:.0%}, target at least {TARGET_OF_STEP:.0%}: {'met' if ref['met'] else 'MISSED'}."
+    )
+
+
 def finished_whole(row: dict, returncode: int) -> bool:
     """Whether a run trained over all of its data: only then do the data's tokens over its training
     time make its rate (a run that failed after a few steps saw a fraction of them)."""
@@ -588,6 +675,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("NAME", "KEY=V"),
         help="an extra sftop row: a name, then preset overrides as `sftop run --set` takes them",
     )
+    ap.add_argument(
+        "--step-reference",
+        action="store_true",
+        help="after the sftop row, time step_bench.py's fixed-shape step at that row's plan (its largest "
+        "micro-batch as rows of the data's longest length, the same checkpointing) in the same command, "
+        "and report the whole run's useful tokens/s as a share of it (target: at least 80%%)",
+    )
     ap.add_argument("--trl-worker", nargs=3, metavar=("MODEL_DIR", "DATA", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument(
         "--unsloth-worker", nargs=5, metavar=("MODEL_DIR", "DATA", "OUT", "BATCH", "ACCUM"), help=argparse.SUPPRESS
@@ -717,6 +811,9 @@ def main(argv: list[str] | None = None) -> int:
             {k: v for k, v in sftop.items() if k not in ("plan", "data", "kernels", "step_tokens_per_s", "profile")},
             flush=True,
         )
+    if args.step_reference and report.get("sftop", {}).get("plan"):
+        report["step_reference"] = run_step_reference(report["sftop"], args.shape, env, out)
+        print("step_reference:", report["step_reference"], flush=True)
     report["sftop_rows"] = [name for name, _ in runs] + [
         n for n in report if n.startswith("sftop:") and "not_run" in report[n]
     ]
@@ -860,6 +957,8 @@ def write_markdown(out: Path, report: dict) -> None:
     for name in report.get("sftop_rows", []):
         if (report.get(name) or {}).get("profile"):
             lines += ["", *profile_lines(name, report[name]["profile"])]
+    if report.get("step_reference"):
+        lines += ["", step_reference_line(report["step_reference"], report.get("sftop") or {})]
     targets = report.get("targets_vs_unsloth_8x1", [])
     if targets:
         lines.append("")
