@@ -222,6 +222,20 @@ def weights_by_precision(model) -> dict[str, dict[str, int]]:
     return out
 
 
+def _graphed_vlm(model: str, path: str) -> bool:
+    """A vision shape whose step replays the tower's and language layers' graphs on this path (the
+    environment switches as the path set them); `sftop-default-loss-chunk` keeps the default chunk."""
+    from sftop.kernels.constants import CUDA_GRAPHS_ENV, VISION_GRAPHS_ENV
+    from sftop.kernels.env import env_flag
+
+    return (
+        vlm_shapes.is_vision_shape(model)
+        and path != "sftop-default-loss-chunk"
+        and env_flag(CUDA_GRAPHS_ENV, default=True)
+        and env_flag(VISION_GRAPHS_ENV, default=True)
+    )
+
+
 def _build(args, path: str):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -286,7 +300,9 @@ def _build(args, path: str):
             os.environ["SFTOP_VISION_GRAPHS"] = "1"
         if path == "sftop-no-vision-graphs":  # a VLM's step without them, for the ratio
             os.environ["SFTOP_VISION_GRAPHS"] = "0"
-        if path == "sftop-small-loss-chunk":  # the fused loss in the planner's small logits chunks
+        if path == "sftop-small-loss-chunk" or _graphed_vlm(args.model, path):
+            # the fused loss in the planner's small logits chunks; a VLM with its graphs always takes
+            # them, as `sftop run`'s plan does (docs/planner.md)
             from sftop.kernels.constants import SMALL_FUSED_CE_CHUNK_BYTES
             from sftop.kernels.fused_linear_cross_entropy import set_chunk_bytes
 
@@ -603,6 +619,7 @@ PATHS = (
     "sftop-tower-graphs",
     "sftop-no-vision-graphs",
     "sftop-small-loss-chunk",
+    "sftop-default-loss-chunk",
     "unsloth",
 )
 
@@ -650,7 +667,8 @@ def main(argv=None) -> int:
         "from CUDA graphs, named: SFTOP_VISION_GRAPHS=1, the default), "
         "sftop-no-vision-graphs (vision shapes: sftop with those graphs off: SFTOP_VISION_GRAPHS=0), "
         "sftop-small-loss-chunk (sftop with the fused loss's logits in 64 MiB chunks, the planner's small "
-        "chunk, instead of 256 MiB), "
+        "chunk, instead of 256 MiB; a vision shape's sftop path takes them already while its graphs are on, "
+        "as `sftop run` does), sftop-default-loss-chunk (vision shapes: sftop with 256 MiB chunks), "
         "unsloth (Unsloth's recipe in its own process; see --peer-pythonpath)",
     )
     ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)

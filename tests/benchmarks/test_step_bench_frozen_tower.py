@@ -37,3 +37,16 @@ def test_a_frozen_tower_run_on_the_cpu(tmp_path):
     assert sftop["patch"]["frozen_tower"].startswith("on:")
     # the same arithmetic without the tower's backward: the same losses step for step
     assert stock["losses"] == sftop["losses"] and len(stock["losses"]) == 2
+
+
+def test_a_graphed_vision_shape_takes_the_small_logits_chunk_as_sftop_run_does(monkeypatch):
+    monkeypatch.delenv("SFTOP_VISION_GRAPHS", raising=False)
+    monkeypatch.delenv("SFTOP_CUDA_GRAPHS", raising=False)
+    assert step_bench._graphed_vlm("qwen2.5-vl-3b", "sftop")
+    assert not step_bench._graphed_vlm("qwen2.5-vl-3b", "sftop-default-loss-chunk")
+    assert not step_bench._graphed_vlm("llama-3.2-1b", "sftop")  # text: the default chunk
+    monkeypatch.setenv("SFTOP_VISION_GRAPHS", "0")  # what sftop-no-vision-graphs sets
+    assert not step_bench._graphed_vlm("qwen2.5-vl-3b", "sftop")
+    monkeypatch.setenv("SFTOP_VISION_GRAPHS", "1")
+    monkeypatch.setenv("SFTOP_CUDA_GRAPHS", "0")  # what sftop-eager sets
+    assert not step_bench._graphed_vlm("qwen2.5-vl-3b", "sftop")

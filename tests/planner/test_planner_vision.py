@@ -327,3 +327,32 @@ def test_qwen25_vl_plans_sit_over_the_measured_peaks(monkeypatch, checkpointing,
     plan = plan_run(preset, QWEN25_VL_3B, gpu_memory_gib=80, image_tokens_per_row=[256] * 4)
     assert ("vision_graph_pool" in plan.breakdown) is graphs
     assert 1.0 <= plan.predicted_allocated_gib / measured_gib <= 1.3, (source, plan.predicted_allocated_gib)
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_a_vlm_with_graphs_takes_the_small_logits_chunk(monkeypatch, graphs):
+    """A VLM's fused loss runs eagerly beside the graphs' idle pools, so its logits chunk adds to the
+    step's peak (measured 0.19 GiB on Qwen2.5-VL-3B NF4 between 256 and 64 MiB chunks, same speed):
+    with the graphs the plan carries 64 MiB chunks, which the trainer sets; without them the default."""
+    from sftop.engine.planner import plan_run
+    from sftop.engine.presets.schema import Preset
+
+    monkeypatch.setenv("SFTOP_VISION_GRAPHS", "1" if graphs else "0")
+    preset = Preset.model_validate(
+        {
+            "model": {"name": "local/qwen-vl", "load_in_4bit": True},
+            "data": {"max_length": 1024, "packing": False},
+            "plan": {"micro_batch": 4, "gradient_checkpointing": "offload"},
+            "train": {"effective_batch": 4},
+            "lora": {"r": 16, "parts": ["language", "vision", "attention", "mlp"]},
+        }
+    )
+    plan = plan_run(preset, QWEN25_VL_3B, gpu_memory_gib=80, image_tokens_per_row=[256] * 4)
+    notes = [n for n in plan.notes if "MiB chunks" in n]
+    if graphs:
+        assert plan.loss_chunk_mib == 64
+        assert notes == [
+            "the loss computes its logits in 64 MiB chunks: it runs beside the vision-language graphs' pools"
+        ]
+    else:
+        assert plan.loss_chunk_mib is None and notes == []

@@ -404,6 +404,18 @@ def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int,
     graphs = "graph_pool" in est.terms or "vision_graph_pool" in est.terms
     vlm = setup.images is not None
     eager = False
+    if vlm and "vision_graph_pool" in est.terms and setup.loss_chunk_bytes > SMALL_LOSS_CHUNK:
+        # A VLM's fused loss runs eagerly between its graphs' replays, while both pools keep their
+        # transients reserved: its logits chunk is the step's eager peak on top of them.  Measured
+        # (docs/benchmarks.md, 2026-12-07, Qwen2.5-VL-3B NF4): 64 MiB chunks took 0.19 GiB off the
+        # peak at the same speed (13,291 against 13,135 tokens/s).  The planner sizes a VLM's loss
+        # as stock, so the estimate does not move; the trainer takes the chunk from the plan.
+        setup = replace(setup, loss_chunk_bytes=SMALL_LOSS_CHUNK)
+        est, allocated, device = _sized(ctx, setup, tokens, sequences)
+        est.notes.append(
+            f"the loss computes its logits in {SMALL_LOSS_CHUNK >> 20} MiB chunks: it runs beside the "
+            "vision-language graphs' pools"
+        )
     if (
         graphs
         and device > ctx.budget_bytes
