@@ -188,10 +188,12 @@ def test_vlm_dpo_counts_each_pairs_images_once_per_side():
     assert dpo.tokens_per_micro_batch == 2 * 2 * 1024
 
 
-def test_vision_graphs_keep_one_tower_block_working_set_in_their_pool():
+def test_vision_graphs_keep_one_tower_block_backward_in_their_pool():
     """The VLM graphs on a GPU: Qwen2.5-VL's adapted tower graphed, its pool holding one block's
-    working set beside the block inputs, also where the layers are sized as stock (the planner
-    sizes a VLM's layers so while the run patches them), under "offload" checkpointing too (sftop's
+    backward (the recomputed block's saved tensors, their gradients and its working set: measured
+    373 MiB at this shape, 2026-12-07) beside the block inputs, also where the layers are sized as
+    stock (the planner sizes a VLM's layers so while the run patches them; the language layers'
+    pool is sized from the patched layers either way), under "offload" checkpointing too (sftop's
     overlapped copies, which a capture takes: two block inputs on the GPU instead of all of them); a
     frozen tower or the CPU: nothing."""
     shape = ModelShape.from_config(QWEN25_VL_3B)
@@ -204,14 +206,17 @@ def test_vision_graphs_keep_one_tower_block_working_set_in_their_pool():
 
     eager, graphed = est(), est(vision_graphs=True)
     working = 2 * (1280 + 3 * 1280 + 1280 + 2 * 3420)  # input, q/k/v, attention out, gated MLP hidden
-    assert graphed.terms["vision_graph_pool"] == 4 * 256 * 4 * working
+    # norms' inputs and outputs, q/k/v, attention out, gate/up/activation, the norms' fp32 statistics
+    saved = 2 * (2 * 1280 + 3 * 1280 + 1280 + 1280 + 3 * 3420) + 2 * 4
+    assert graphed.terms["vision_graph_pool"] == 4 * 256 * 4 * (2 * saved + working)
+    assert round(graphed.terms["vision_graph_pool"] / 2**20) == 404  # against 373 measured
     # beside the language layers' pool (the next test)
     added = graphed.terms["vision_graph_pool"] + graphed.terms["graph_pool"]
     assert graphed.allocated_bytes == eager.allocated_bytes + added
     assert any("vision tower's CUDA graphs keep" in n for n in graphed.notes)
     stock_sized = est(vision_graphs=True, kernels=False, loss="chunked")
     assert stock_sized.terms["vision_graph_pool"] == graphed.terms["vision_graph_pool"]
-    assert stock_sized.terms["graph_pool"] > 0
+    assert stock_sized.terms["graph_pool"] == graphed.terms["graph_pool"] > 0
     offloaded = est(vision_graphs=True, checkpointing="offload")
     assert offloaded.terms["vision_graph_pool"] == graphed.terms["vision_graph_pool"]
     block_inputs = 4 * 256 * 4 * 2 * 1280  # patches x bf16 x hidden, one block's input
@@ -302,15 +307,18 @@ MEASURED_QWEN25_VL_3B = [
     ("offload", True, False, 4.33, "vlm_qwen2.5-vl-3b_nf4_offload_graphs_with_unsloth.json, sftop"),
     # sftop's overlapped offload, both graph parts replaying (2026-12-07, benchmarks/results/2026-12-07_h100/)
     ("offload", True, True, 5.21, "vlm_qwen2.5-vl-3b_nf4_offload_with_unsloth.json, sftop"),
+    # the same with 64 MiB logits chunks, which such a plan now takes (2026-12-07, 08:16 UTC)
+    ("offload", True, True, 5.02, "vlm_qwen2.5-vl-3b_nf4_offload_small_chunk.json, sftop-small-loss-chunk"),
 ]
 
 
 @pytest.mark.parametrize("checkpointing, nf4, graphs, measured_gib, source", MEASURED_QWEN25_VL_3B)
 def test_qwen25_vl_plans_sit_over_the_measured_peaks(monkeypatch, checkpointing, nf4, graphs, measured_gib, source):
     """The planner sizes a VLM's language layers as stock (kernels_cover) while the run patches
-    them: over the measured allocated peak, never under, by 9-26 %.  The graphs' pools count
+    them: over the measured allocated peak, never under, by 9-23 %.  The graphs' pools count
     although the layers are sized stock: without them the graphed step's plan (9.75 GiB) was under
-    its measured 9.91."""
+    its measured 9.91.  The pools are sized from what the patched step keeps (docs/planner.md);
+    sized from stock layers and a forward working set, the last row was 30 % over."""
     from sftop.engine.planner import plan_run
     from sftop.engine.presets.schema import Preset
 
@@ -326,7 +334,7 @@ def test_qwen25_vl_plans_sit_over_the_measured_peaks(monkeypatch, checkpointing,
     )
     plan = plan_run(preset, QWEN25_VL_3B, gpu_memory_gib=80, image_tokens_per_row=[256] * 4)
     assert ("vision_graph_pool" in plan.breakdown) is graphs
-    assert 1.0 <= plan.predicted_allocated_gib / measured_gib <= 1.3, (source, plan.predicted_allocated_gib)
+    assert 1.0 <= plan.predicted_allocated_gib / measured_gib <= 1.25, (source, plan.predicted_allocated_gib)
 
 
 @pytest.mark.parametrize("graphs", [True, False])

@@ -158,6 +158,14 @@ def vision_lora_params(v: VisionShape, training: VisionTraining, r: int) -> int:
     return params
 
 
+def layer_backward_bytes_per_patch(v: VisionShape, dt: int) -> int:
+    """An adapted layer's backward, per patch: the recomputed layer's saved tensors, gradients of
+    as many bytes at most, and the layer's working set.  Measured as the tower graphs' pool of a
+    Qwen2.5-VL-3B step (4,096 patches, LoRA on attention and MLP, 2026-12-07): 373 MiB of
+    transients, where this gives 404 and one forward working set 103 (docs/planner.md)."""
+    return 2 * layer_saved_bytes_per_patch(v, dt) + layer_working_bytes_per_patch(v, dt)
+
+
 def layer_saved_bytes_per_patch(v: VisionShape, dt: int) -> int:
     """What one adapted vision layer saves for backward, per patch: its norms' inputs and outputs,
     q/k/v, the attention output, the MLP's up (and gate) projections and activation."""
