@@ -528,13 +528,18 @@ def step_reference_line(ref: dict, row: dict) -> str:
         return f"Fixed-shape step reference: not run ({ref['not_run']})."
     if "whole_over_step" not in ref:
         return f"Fixed-shape step reference ({where}): {ref.get('failed', 'no rate')}."
-    peak = ref.get("peak_gib")
+    peak, run_peak = ref.get("peak_gib"), row.get("peak_allocated_gib")
     return (
         f"sftop whole run / fixed-shape step ({where}: {ref['tokens_per_s']:,.0f} tokens/s"
-        + (f", peak {peak:.2f} GiB" if peak is not None else "")
-        + f"; the run's peak {row.get('peak_allocated_gib') or float('nan'):.2f} GiB): "
-        f"{ref['whole_over_step']:.0%}, target at least {TARGET_OF_STEP:.0%}: {'met' if ref['met'] else 'MISSED'}."
+        + (f", peak {peak:.2f} GiB" if _measured(peak) else "")
+        + (f"; the run's peak {run_peak:.2f} GiB" if _measured(run_peak) else "")
+        + f"): {ref['whole_over_step']:.0%}, target at least {TARGET_OF_STEP:.0%}: {'met' if ref['met'] else 'MISSED'}."
     )
+
+
+def _measured(gib) -> bool:
+    """A memory figure that was measured (a CPU run has none: None or NaN)."""
+    return isinstance(gib, (int, float)) and math.isfinite(gib)
 
 
 def finished_whole(row: dict, returncode: int) -> bool:
@@ -812,7 +817,12 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if args.step_reference and report.get("sftop", {}).get("plan"):
-        report["step_reference"] = run_step_reference(report["sftop"], args.shape, env, out)
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU smoke test runs it too
+        report["step_reference"] = run_step_reference(
+            report["sftop"], args.shape, env, out, device=device, longest=data_stats["max"]
+        )
         print("step_reference:", report["step_reference"], flush=True)
     report["sftop_rows"] = [name for name, _ in runs] + [
         n for n in report if n.startswith("sftop:") and "not_run" in report[n]

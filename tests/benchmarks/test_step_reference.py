@@ -43,11 +43,14 @@ def test_the_reference_runs_step_bench_and_holds_the_run_to_80_percent(tmp_path)
     assert ref["met"] is False
     line = whole_run.step_reference_line(ref, row)
     assert line.startswith("sftop whole run / fixed-shape step (3 x 32, checkpointing off: ")
-    assert line.endswith("target at least 80%: MISSED.")
+    assert line.endswith("; the run's peak 0.50 GiB): 0%, target at least 80%: MISSED.")
+    assert "nan" not in line  # the CPU's step has no peak: left out, not printed as nan
     # a run at the step's own rate meets it
     fast = {**row, "useful_tokens_per_s": ref["tokens_per_s"] * 0.8}
     ref2 = {**ref, "whole_over_step": 0.8, "met": True}
-    assert whole_run.step_reference_line(ref2, fast).endswith("80%, target at least 80%: met.")
+    assert whole_run.step_reference_line(ref2, fast).endswith("): 80%, target at least 80%: met.")
+    gpu = {**ref2, "peak_gib": 2.5}
+    assert ", peak 2.50 GiB; the run's peak 0.50 GiB): 80%" in whole_run.step_reference_line(gpu, fast)
 
 
 def test_a_plan_without_a_size_is_not_run(tmp_path):
