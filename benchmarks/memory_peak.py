@@ -100,7 +100,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.device = "cuda"
     args.frozen_tower = False
-    vision = vlm_shapes.is_vision_shape(args.model)
 
     import torch
 
@@ -113,18 +112,7 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
     model.train()
     gen = torch.Generator(device="cuda").manual_seed(1)
-    vocab = model.config.get_text_config().vocab_size
-    make_batch = vlm_shapes.batch_maker(args.model, model.config, args.batch, args.seq, "cuda", gen) if vision else None
-
-    def step():
-        if vision:
-            loss = model(**make_batch()).loss
-        else:
-            ids = torch.randint(0, vocab, (args.batch, args.seq), device="cuda", generator=gen)
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step, _make_batch = step_bench.training_step(model, opt, args, gen)
 
     for _ in range(args.unrecorded):
         step()

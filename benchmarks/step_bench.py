@@ -381,20 +381,7 @@ def _one(args, path: str) -> dict:
     gen = torch.Generator(device=args.device).manual_seed(1)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     vocab = model.config.get_text_config().vocab_size
-    make_batch = (
-        vlm_shapes.batch_maker(args.model, model.config, args.batch, args.seq, args.device, gen) if vision else None
-    )
-
-    def step():
-        if vision:
-            loss = model(**make_batch()).loss
-        else:
-            ids = torch.randint(0, vocab, (args.batch, args.seq), device=args.device, generator=gen)
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    step, make_batch = training_step(model, opt, args, gen)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -448,6 +435,33 @@ def _one(args, path: str) -> dict:
         except Exception as exc:  # noqa: BLE001 - the timing above must survive a profiler problem
             result["profile_error"] = f"{type(exc).__name__}: {exc}"
     return result
+
+
+def training_step(model, opt, args, gen):
+    """(step, make_batch): `step()` trains one step on a fresh random batch of args.batch rows of
+    args.seq tokens (a vision shape's rows with their image, else token ids as their own labels) and
+    returns its loss; `make_batch` makes a vision shape's batches (None for a text shape)."""
+    import torch
+
+    vocab = model.config.get_text_config().vocab_size
+    make_batch = (
+        vlm_shapes.batch_maker(args.model, model.config, args.batch, args.seq, args.device, gen)
+        if vlm_shapes.is_vision_shape(args.model)
+        else None
+    )
+
+    def step():
+        if make_batch is not None:
+            loss = model(**make_batch()).loss
+        else:
+            ids = torch.randint(0, vocab, (args.batch, args.seq), device=args.device, generator=gen)
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, make_batch
 
 
 def _vision_parts(model, make_batch, opt, args, sync) -> dict:
