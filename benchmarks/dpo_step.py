@@ -49,6 +49,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common
@@ -159,7 +160,10 @@ def _one(args, path: str) -> dict:
             if args.profile and len(self.times) == args.warmup + args.steps:  # the timed steps are done
                 from torch.profiler import ProfilerActivity, profile
 
-                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                # Python stacks only for a trace: they cost host time the summary's figures would carry
+                self.prof = profile(
+                    activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=bool(args.trace)
+                )
                 self.prof.__enter__()
             self.t0 = time.perf_counter()
 
@@ -307,7 +311,18 @@ def _one(args, path: str) -> dict:
         out["profile_gpu_busy_ms_per_step"] = round(busy, 2)
         out["profile_gpu_idle_share"] = round(max(0.0, 1 - busy / (wall * 1e3)), 3)
         out["profile_top_host_ops"] = profiling.top_host_ops(timer.prof, PROFILED_STEPS)
+        if args.trace:
+            Path(args.trace).parent.mkdir(parents=True, exist_ok=True)
+            timer.prof.export_chrome_trace(args.trace)
     return out
+
+
+def trace_for_path(trace: str, path: str) -> str:
+    """Each path's own trace file beside the one asked for: `dpo.json.gz` -> `dpo.sftop.json.gz`."""
+    where = Path(trace)
+    name = where.name
+    stem, dot, ext = name.partition(".")
+    return str(where.with_name(f"{stem}.{path}{dot}{ext}" if dot else f"{stem}.{path}"))
 
 
 def _default_graph_chunk_mib() -> int:
@@ -350,6 +365,11 @@ def main(argv=None) -> int:
         "--profile",
         action="store_true",
         help="profile two more steps: GPU time by kernel kind, and the share of the step the GPU waits",
+    )
+    ap.add_argument(
+        "--trace",
+        help="with --profile: write the profiled steps' Chrome trace (with Python stacks) here; "
+        "benchmarks/trace_gaps.py names what the host ran while the GPU waited",
     )
     ap.add_argument(
         "--paths",
@@ -417,6 +437,8 @@ def main(argv=None) -> int:
         ]
         if args.profile:
             cmd += ["--profile"]
+            if args.trace:
+                cmd += ["--trace", trace_for_path(args.trace, path)]
         cmd += ["--checkpointing", args.checkpointing]
         if args.graph_chunk_mib:
             cmd += ["--graph-chunk-mib", str(args.graph_chunk_mib)]
