@@ -1014,7 +1014,10 @@ def _run_locked(preset, run_dir: RunDir, resume: bool) -> int:
             run.resolve()
             run.load()
             run.check_disk()
-            return run.train()
+            code = run.train()
+            if world > 1:
+                _leave_process_group()
+            return code
         except Exception as exc:  # noqa: BLE001 - every outcome ends with one terminal event
             if not isinstance(exc, SftopError) and is_disk_full(exc):
                 exc = DiskFullError(run_dir.path, run.disk_needed())
@@ -1035,6 +1038,20 @@ def _run_locked(preset, run_dir: RunDir, resume: bool) -> int:
             return code
         finally:
             run.signals.uninstall()
+
+
+def _leave_process_group() -> None:
+    """Close this rank's process group once its run has ended (finished or stopped).
+
+    Why: a rank that exits with its group still open leaves the backend's threads to the
+    interpreter's teardown, which at times aborts the process after the run's clean end ("terminate
+    called without an active exception", exit status 134), and the supervisor then read a rank that
+    had finished as one that failed.  Only after a clean end: a failed rank's peers may still wait in
+    a collective, and closing the group then could hang instead of exiting."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # Where transformers reads a checkpoint back: a failure inside these is the checkpoint's, not training's.
