@@ -259,3 +259,15 @@ def fused_linear_cross_entropy(
         torch.is_grad_enabled(),
         select_rows,
     )
+
+
+def loss_from_sum(total: torch.Tensor, labels: torch.Tensor, num_items_in_batch, ignore_index: int = -100):
+    """The loss `fused_linear_cross_entropy` returns, from the sum of its token losses (what a
+    CUDA graph computes, `num_items_in_batch` = 1): divided by `num_items_in_batch` where given,
+    else by the labels that count.  Applied outside a graph, the denominator can change every
+    step without a new capture."""
+    if num_items_in_batch is None:
+        return total / (labels != ignore_index).sum().clamp(min=1)
+    if torch.is_tensor(num_items_in_batch):
+        return total / num_items_in_batch.to(device=total.device, dtype=torch.float32)
+    return total / float(num_items_in_batch)

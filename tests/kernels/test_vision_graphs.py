@@ -232,6 +232,8 @@ def test_a_whole_vlm_step_with_the_tower_and_language_layers_graphed(monkeypatch
     lm_shapes = rerun_captures[1][0]
     assert lm_shapes[0][:2] == (rows_, tokens)  # the embeddings, then cos and sin
     assert lm_shapes[3] == (rows_, 1, tokens, tokens)  # the rows differ in length: the padding mask goes in too
+    # the loss part's shifted labels go in last: the loss is computed inside the language graphs
+    assert lm_shapes[4] == (rows_, tokens) and len(lm_shapes) == 5
 
 
 def test_dpo_forwards_reference_then_policy_through_both_graph_parts(monkeypatch, rerun_captures):

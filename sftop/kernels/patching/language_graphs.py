@@ -15,7 +15,15 @@ that the decoder layers and the final norm run through a `StepGraphs` of the tex
 cos/sin and mask shapes, grad mode, autocast, the layers' checkpointing and its function, and every
 parameter's address, `requires_grad` and adapter state (graph_layout.py).  The captured backward
 hands the embeddings' gradient on (`grad_inputs`), so the vision tower's adapters keep learning.
-The fused loss after it stays eager.
+
+The loss goes into the same graphs: the loss part asks for it (`loss_inside`) with the shifted
+labels and the output head, and the captured step ends with sftop's fused linear cross-entropy
+(its token losses summed; the loss part divides outside the graph, so the count may change every
+step).  Eager beside the graphs, the loss's logits chunk and gradient buffers sat in the ordinary
+cache on top of the graphs' pool at the step's peak (Qwen2.5-VL-3B: 169 MiB of a step's
+allocations live at its peak, 64 MiB of them the logits chunk, docs/benchmarks.md); inside, they
+take blocks of the pool the layers' forward has freed by then.  The text model then returns no
+hidden states (`last_hidden_state` None): only the loss part, which asked, reads the output.
 
 On with the tower's graphs (`SFTOP_VISION_GRAPHS=0` turns both off).  Eager for packed rows
 (their fourth row of text positions marks the samples for the packed attention, which reads the
@@ -25,7 +33,9 @@ blocking offload of the checkpoints, and evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -37,6 +47,41 @@ from .graph_checks import call_modes, install_refusal, plain_call, uncapturable_
 FUSED = "fused"
 TEXT_CLASS = "Qwen2_5_VLTextModel"
 _MEMBERS = ("layers", "norm", "rotary_emb")
+
+
+@dataclass
+class LossInside:
+    """The loss part's request: the graphs end with the loss of these shifted labels through this
+    output head, and leave its token-loss sum in `total` (None: the call ran eagerly, the loss is
+    the caller's to compute from the hidden states)."""
+
+    labels: torch.Tensor
+    weight: torch.Tensor
+    ignore_index: int
+    softcap: float | None
+    compute_dtype: torch.dtype | None
+    total: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def loss_inside(model: nn.Module, labels, weight, ignore_index: int, softcap, compute_dtype):
+    """While `model`'s backbone runs: its graphed language layers compute the loss too.  Yields the
+    request (read its `total` afterwards), or None where they cannot: no graphed text model, or an
+    output head that trains (its gradient is not among the layers' captured ones)."""
+    found = model.__dict__.get(M.LANGUAGE_GRAPHED_MODELS)
+    if found is None:  # looked up once per model: a walk over every module costs host time a step
+        found = model.__dict__[M.LANGUAGE_GRAPHED_MODELS] = find_language_models(model)
+    found = [lm for lm in found if M.LANGUAGE_GRAPHS in lm.__dict__]  # the part may be off since
+    if len(found) != 1 or weight.requires_grad or labels.ndim != 2:
+        yield None
+        return
+    lm = found[0]
+    request = LossInside(labels, weight, ignore_index, softcap, compute_dtype)
+    lm.__dict__[M.LANGUAGE_LOSS] = request
+    try:
+        yield request
+    finally:
+        lm.__dict__.pop(M.LANGUAGE_LOSS, None)
 
 
 def find_language_models(model: nn.Module) -> list[nn.Module]:
@@ -73,6 +118,8 @@ def unpatch_language_graphs(model: nn.Module) -> None:
 
     for lm in find_language_models(model):
         restore_forward(lm)
+    for module in model.modules():
+        module.__dict__.pop(M.LANGUAGE_GRAPHED_MODELS, None)
 
 
 def _forward(
@@ -131,7 +178,21 @@ def language_forward(lm: nn.Module, graphs, inputs_embeds, attention_mask, posit
         position_ids=None,
     )
     cos, sin = lm.rotary_emb(inputs_embeds, position_ids)
-    hidden = run_layers(lm, graphs, inputs_embeds, cos, sin, mask)
+    request = lm.__dict__.get(M.LANGUAGE_LOSS)
+    if (
+        request is not None
+        and torch.is_grad_enabled()
+        and tuple(request.labels.shape) == tuple(inputs_embeds.shape[:2])
+    ):
+        total = _replayed(lm, graphs, inputs_embeds, cos, sin, mask, request)
+        if total is not None:
+            request.total = total
+            return BaseModelOutputWithPast(last_hidden_state=None, past_key_values=None)
+        # a first sighting, or a capture refused: eagerly, the loss left to the loss part (a
+        # second try without the loss would count, and capture, a key of its own)
+        hidden = _layers(lm, inputs_embeds, cos, sin, mask)
+    else:
+        hidden = run_layers(lm, graphs, inputs_embeds, cos, sin, mask)
     return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=None)
 
 
@@ -157,13 +218,15 @@ def run_layers(lm: nn.Module, graphs, hidden, cos, sin, mask):
     return out
 
 
-def _replayed(lm, graphs, hidden, cos, sin, mask):
+def _replayed(lm, graphs, hidden, cos, sin, mask, loss: LossInside | None = None):
+    """The layers' output (or, with `loss`, the loss's token sum) from the graphs, or None: run
+    eagerly."""
     from ..graph_layout import keyed_slots, layout_of
 
     if mask is not None and not isinstance(mask, torch.Tensor):
         return None  # a mask object of another attention implementation
-    layout = layout_of(graphs, lm)
     grad = torch.is_grad_enabled()
+    layout = layout_of(graphs, lm)
     head = (
         "language_layers",
         grad,
@@ -174,6 +237,7 @@ def _replayed(lm, graphs, hidden, cos, sin, mask):
         cos.dtype,
         None if mask is None else (tuple(mask.shape), mask.dtype),
         *call_modes(layout, lm.layers[0]),
+        None if loss is None else _loss_key(loss),
     )
     key, slots = keyed_slots(lm, layout, head, graphs.would_capture)
     if slots is None:
@@ -181,13 +245,50 @@ def _replayed(lm, graphs, hidden, cos, sin, mask):
     trainable = [slot for slot in slots if slot[2].requires_grad]
     # a frozen language model still hands the embeddings' gradient on (LoRA on the tower alone)
     backward = grad and bool(trainable or hidden.requires_grad)
-    inputs = (hidden, cos, sin) if mask is None else (hidden, cos, sin, mask)
+    if loss is not None and not backward:
+        return None
+    n_masks = 0 if mask is None else 1
+    inputs = (hidden, cos, sin) + ((mask,) if mask is not None else ())
+    if loss is not None:
+        inputs += (loss.labels.to(hidden.device),)
+        one = graphs.unit(hidden.device)
 
-    def step(hidden_, cos_, sin_, mask_=None):
-        return _layers(lm, hidden_, cos_, sin_, mask_)
+    def step(hidden_, cos_, sin_, *rest):
+        out = _layers(lm, hidden_, cos_, sin_, rest[0] if n_masks else None)
+        if loss is None:
+            return out
+        from ..fused_linear_cross_entropy import fused_linear_cross_entropy
+
+        return fused_linear_cross_entropy(
+            out,
+            loss.weight,
+            rest[n_masks],
+            num_items_in_batch=one,
+            ignore_index=loss.ignore_index,
+            softcap=loss.softcap,
+            compute_dtype=loss.compute_dtype,
+            select_rows=False,  # dropping rows that do not count reads a count on the host
+        )
 
     grad_inputs = (0,) if backward and hidden.requires_grad else ()
     return graphs.replay(key, step, inputs, trainable if backward else [], backward=backward, grad_inputs=grad_inputs)
+
+
+def _loss_key(loss: LossInside) -> tuple:
+    """What of the loss shapes its captured work: the labels' shape and dtype, the head's tensor
+    (its address: a replaced head is captured afresh), the ignored label, softcap, matmul dtype."""
+    w = loss.weight
+    return (
+        "loss",
+        tuple(loss.labels.shape),
+        loss.labels.dtype,
+        w.data_ptr(),
+        tuple(w.shape),
+        w.dtype,
+        loss.ignore_index,
+        loss.softcap,
+        loss.compute_dtype,
+    )
 
 
 def graph_stats(model: nn.Module):

@@ -60,6 +60,10 @@ VISION_ATTN_IMPLEMENTATION = "_sftop_vision_attn_implementation"
 TOWER_GRAPHS = "_sftop_tower_graphs"
 # language_graphs (patching/language_graphs.py): a VLM text model's StepGraphs for its layers
 LANGUAGE_GRAPHS = "_sftop_language_graphs"
+# set on the text model while the loss part asks its graphs for the loss (language_graphs.loss_inside)
+LANGUAGE_LOSS = "_sftop_language_loss"
+# on the model whose loss part asks: its text models with graphs, looked up once
+LANGUAGE_GRAPHED_MODELS = "_sftop_language_graphed_models"
 
 # what unpatch removes from every module's __dict__ once its forward is restored
 MODULE_MARKERS = (
@@ -77,6 +81,8 @@ MODULE_MARKERS = (
     GRAPHS,
     TOWER_GRAPHS,
     LANGUAGE_GRAPHS,
+    LANGUAGE_LOSS,
+    LANGUAGE_GRAPHED_MODELS,
 )
 # what unpatch removes from the patched model itself
 MODEL_MARKERS = (GC_ENABLE, LEAN, OFFLOAD_OK, OFFLOADING, GC_MODE, ATTN_IMPLEMENTATION)

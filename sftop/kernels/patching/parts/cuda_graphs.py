@@ -82,7 +82,7 @@ def graphed_loss(self, graphs, kwargs, shift_labels, num_items, ignore_index):
     trainable = [slot for slot in slots or () if slot[2].requires_grad]
     if not trainable:
         return None
-    from ...fused_linear_cross_entropy import fused_linear_cross_entropy
+    from ...fused_linear_cross_entropy import fused_linear_cross_entropy, loss_from_sum
 
     backbone = getattr(self, self.base_model_prefix)
     weight = self.get_output_embeddings().weight
@@ -108,11 +108,7 @@ def graphed_loss(self, graphs, kwargs, shift_labels, num_items, ignore_index):
     total = graphs.loss_sum(key, loss_sum, (ids, labels), trainable)
     if total is None:
         return None
-    if num_items is None:
-        return total / (labels != ignore_index).sum().clamp(min=1)
-    if torch.is_tensor(num_items):
-        return total / num_items.to(device=total.device, dtype=torch.float32)
-    return total / float(num_items)
+    return loss_from_sum(total, labels, num_items, ignore_index)
 
 
 # GRAPHS sits on the model, whose forward the loss part replaced: unpatch drops it with that forward

@@ -18,7 +18,8 @@ RETURN_LOGITS_ENV = "SFTOP_RETURN_LOGITS"
 def _forward(self, orig, *args, **kwargs):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from ...fused_linear_cross_entropy import fused_linear_cross_entropy
+    from ...fused_linear_cross_entropy import fused_linear_cross_entropy, loss_from_sum
+    from ..language_graphs import loss_inside
 
     labels = kwargs.get("labels")
     shift_labels = kwargs.get("shift_labels")
@@ -53,10 +54,17 @@ def _forward(self, orig, *args, **kwargs):
             result = CausalLMOutputWithPast(loss=loss, logits=None)
             return result.to_tuple() if return_dict is False else result
     backbone = getattr(self, self.base_model_prefix)
-    out = backbone(**kwargs)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     head = self.get_output_embeddings()
     softcap = getattr(self.config, "final_logit_softcapping", None)
+    compute_dtype = self.__dict__.get(M.LOSS_DTYPE)
+    # a vision-language model's graphed language layers take the loss into their graphs
+    with loss_inside(self, shift_labels, head.weight, ignore_index, softcap, compute_dtype) as graphed:
+        out = backbone(**kwargs)
+    if graphed is not None and graphed.total is not None:
+        loss = loss_from_sum(graphed.total, graphed.labels, num_items, ignore_index)
+        result = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None))
+        return result.to_tuple() if return_dict is False else result
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     loss = fused_linear_cross_entropy(
         hidden,
         head.weight,
@@ -64,7 +72,7 @@ def _forward(self, orig, *args, **kwargs):
         num_items_in_batch=num_items,
         ignore_index=ignore_index,
         softcap=softcap,
-        compute_dtype=self.__dict__.get(M.LOSS_DTYPE),
+        compute_dtype=compute_dtype,
     )
     result = CausalLMOutputWithPast(
         loss=loss,
