@@ -27,8 +27,10 @@ import torch
 from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer
 
+from sftop.engine.train import adapter_switch
 from sftop.engine.train.dpo_batch_check import BatchCheckingCollator, take_batch_check, take_shared_prompt
 from sftop.engine.train.dpo_step import DeferredMetrics, sigmoid_dpo_loss, takes_fast_path
+from sftop.engine.train.train_mode import train_call_skipped
 from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
 from sftop.kernels.logprob_graphs import labels_from_one_batch
 from sftop.kernels.shared_prompt import shared_prompt_scope
@@ -77,6 +79,7 @@ class SftopDPOTrainer(DPOTrainer):
     _rotate_sftop_checkpoints = SftopTrainer._rotate_sftop_checkpoints
     _checkpoint_bytes = SftopTrainer._checkpoint_bytes
     take_step_counts = SftopTrainer.take_step_counts
+    floating_point_ops = SftopTrainer.floating_point_ops
     data_collator: Any  # TRL's collator, wrapped in __init__ (dpo_batch_check.BatchCheckingCollator)
 
     def __init__(
@@ -102,6 +105,9 @@ class SftopDPOTrainer(DPOTrainer):
         self.sftop_metrics = DeferredMetrics()
         self.sftop_step_tokens = 0
         self.sftop_step_samples = 0
+        self.sftop_flos_per_token: int | None = None
+        # the reference forward's adapter switch without PEFT's per-call status report (adapter_switch.py)
+        adapter_switch.install(self.model)
         peft_config = getattr(self.model, "peft_config", {})
         if "ref" in peft_config and not keep_ref_adapter:
             # TRL copies the adapter of any PeftModel it is given into a frozen "ref" adapter; for a
@@ -199,7 +205,8 @@ class SftopDPOTrainer(DPOTrainer):
         # the batch is [chosen rows; rejected rows]: tokens of both forwards, samples = pairs
         self.sftop_step_tokens += inputs["attention_mask"].sum()
         self.sftop_step_samples += inputs["attention_mask"].shape[0] // 2
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        with train_call_skipped(model):  # transformers' per-step model.train() walks every module
+            loss = super().training_step(model, inputs, num_items_in_batch)
         # kept on the device and read with the gradient norm, once per optimizer step (UpdateGuard),
         # as SftopTrainer does: a read here would stall the host after every micro-batch's backward
         self.sftop_guard.note_loss(loss)

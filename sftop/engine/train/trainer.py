@@ -21,6 +21,7 @@ from sftop.engine.diskfull import DiskFullError, is_disk_full, tree_bytes
 from sftop.engine.rundir import CHECKPOINT_PREFIX
 from sftop.engine.train.distributed import ranks_max
 from sftop.engine.train.manifest import verify_checkpoint, write_manifest
+from sftop.engine.train.train_mode import train_call_skipped
 
 # Files without which a checkpoint cannot be resumed (the adapter, optimizer, scheduler, position).
 REQUIRED_CHECKPOINT_FILES = (
@@ -254,7 +255,8 @@ class SftopTrainer(SFTTrainer):
             samples -= pad_rows
         self.sftop_step_tokens += tokens
         self.sftop_step_samples += samples
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        with train_call_skipped(model):  # transformers' per-step model.train() walks every module
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self.sftop_guard.note_loss(loss)
         # The returned loss only feeds the logged average: a non-finite one (its update is skipped)
         # counts as 0 there, decided on the device. transformers' own check (logging_nan_inf_filter,
