@@ -77,3 +77,59 @@ def test_the_dpo_trainer_reference_forward_keeps_the_plans_checkpointing(home, t
     assert first[1][:2] == [True, False] and len(first[1]) >= 2
     trainer.compute_ref_log_probs(trainer.model, batch)  # TRL switches checkpointing off and on here
     assert _state(base) == first
+
+
+def _embedding_hooks(model) -> int:
+    return len(model.get_input_embeddings()._forward_hooks)
+
+
+def test_trl_s_switch_around_the_reference_forward_is_a_pause(monkeypatch):
+    """TRL switches checkpointing off and back on with the same arguments around every reference
+    forward: sftop's wrapper turns the layers' flags off and on again, without transformers' full
+    enable (a walk over every module and fresh checkpoint functions), and the layers keep the very
+    functions they had; arguments that differ take the full path."""
+    from peft import LoraConfig, get_peft_model
+
+    from sftop.engine.train.checkpointing_api import enable_checkpointing
+
+    base = _llama()
+    checkpointing.install(base)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    _as_trainer_enables(model, PLAN_KWARGS)
+    first = _state(base)
+    functions = [m._gradient_checkpointing_func for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    full = []  # transformers' enable and disable both set every module through this walk
+    real = type(base)._set_gradient_checkpointing
+    monkeypatch.setattr(
+        type(base), "_set_gradient_checkpointing", lambda self, *a, **k: (full.append(1), real(self, *a, **k))[1]
+    )
+    for _ in range(3):
+        with disable_gradient_checkpointing(model, PLAN_KWARGS):
+            assert not any(_state(base)[1]) and not base.is_gradient_checkpointing
+        assert _state(base) == first
+    assert full == []
+    after = [m._gradient_checkpointing_func for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert all(a is b for a, b in zip(after, functions))
+    # paused, then other arguments: the full enable runs and builds what they ask
+    model.gradient_checkpointing_disable()
+    enable_checkpointing(model, {"use_reentrant": False}, every_n_layers=1, offload=False)
+    assert full == [1] and _state(base) == (False, [True, True, True, True])
+
+
+def test_the_input_gradient_hooks_do_not_pile_up(monkeypatch):
+    """Every full enable registers the input embeddings' gradient hook, and transformers' disable
+    leaves a PeftModel base's in place: one more hook a reference forward, each run by every later
+    forward.  With sftop's wrapper there is one however often checkpointing is switched."""
+    from peft import LoraConfig, get_peft_model
+
+    base = _llama()
+    checkpointing.install(base)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    for every in (1, 2, 1, 2):  # different arguments each time: the full path
+        with disable_gradient_checkpointing(model, {"use_reentrant": False, "every_n_layers": every}):
+            pass
+        model.gradient_checkpointing_enable({"use_reentrant": False}, every_n_layers=every)
+    assert _embedding_hooks(base) == 1
+    ids = torch.randint(0, 64, (1, 5))
+    out = model.get_input_embeddings()(ids)
+    assert out.requires_grad  # the one hook still marks the embeddings

@@ -34,6 +34,9 @@ ATTN_IMPLEMENTATION = "_sftop_attn_implementation"
 # (an instance attribute over the PreTrainedModel method), what each part switched on, how the
 # last enable call set the layers up, and on each layer the checkpoint function it had before ours
 GC_ENABLE = "gradient_checkpointing_enable"
+GC_DISABLE = "gradient_checkpointing_disable"
+# the last full enable's arguments and flags, for a pause (patching/checkpointing.py)
+GC_LAST = "_sftop_gc_last"
 LEAN = "_sftop_lean_recompute"
 OFFLOAD_OK = "_sftop_offload_ok"
 OFFLOADING = "_sftop_offloading"
@@ -85,6 +88,6 @@ MODULE_MARKERS = (
     LANGUAGE_GRAPHED_MODELS,
 )
 # what unpatch removes from the patched model itself
-MODEL_MARKERS = (GC_ENABLE, LEAN, OFFLOAD_OK, OFFLOADING, GC_MODE, ATTN_IMPLEMENTATION)
+MODEL_MARKERS = (GC_ENABLE, GC_DISABLE, GC_LAST, LEAN, OFFLOAD_OK, OFFLOADING, GC_MODE, ATTN_IMPLEMENTATION)
 
 ALL = frozenset(v for k, v in globals().items() if k.isupper() and isinstance(v, str))
