@@ -23,8 +23,13 @@ from collections import defaultdict
 from pathlib import Path
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
-# frames that say nothing about who made the host busy: the interpreter's and the profiler's own
-NOISE = ("<built-in method", "torch/nn/modules/module.py", "torch/utils/_contextlib.py", "threading.py")
+# frames that say nothing about who made the host busy: builtins, module-call plumbing, decorators
+NOISE_PREFIXES = ("<built-in method", "threading.py")
+NOISE_FUNCTIONS = ("_call_impl", "_wrapped_call_impl", "decorate_context")
+
+
+def _noise(frame: str) -> bool:
+    return frame.startswith(NOISE_PREFIXES) or frame.rsplit(": ", 1)[-1] in NOISE_FUNCTIONS
 
 
 def load_events(path: Path) -> list[dict]:
@@ -103,7 +108,7 @@ def explain(path: Path, min_ms: float = 0.2, frames: int = 4, top: int = 15) -> 
     by_frames: dict[str, list[float]] = defaultdict(list)
     largest = []
     for (a, b), covering in zip(gaps, stacks_at(events, [(a + b) / 2 for a, b in gaps])):
-        stack = [frame_name(e) for e in covering if not frame_name(e).startswith(NOISE)]
+        stack = [frame_name(e) for e in covering if not _noise(frame_name(e))]
         key = " > ".join(stack[-frames:]) if stack else "(nothing on the host: between steps, or another thread)"
         by_frames[key].append((b - a) / 1e3)
         largest.append(((b - a) / 1e3, stack[-3 * frames :]))

@@ -422,9 +422,11 @@ def run_sftop(
     out: Path,
     data_tokens: int,
     profile: tuple[int, int] | None = None,
+    stacks: bool = False,
 ) -> dict:
     """`sftop run` of the benchmark preset with `--set` overrides, in its own process; its measurements.
-    `profile`: (first step, steps) of a torch profiler window in the trainer (sftop/engine/train/profiling.py)."""
+    `profile`: (first step, steps) of a torch profiler window in the trainer (sftop/engine/train/profiling.py);
+    `stacks`: with Python stacks, whose trace names what the host ran while the GPU waited (trace_gaps.py)."""
     if run_dir.exists():
         import shutil
 
@@ -439,6 +441,8 @@ def run_sftop(
 
         run_env[profiling.STEPS_ENV] = f"{profile[0]}:{profile[1]}"
         run_env[profiling.DIR_ENV] = str(profile_dir)
+        if stacks:
+            run_env[profiling.STACKS_ENV] = "1"
     t1 = time.time()
     done = subprocess.run(command, env=run_env)
     sftop = read_sftop_events(run_dir) if (run_dir / "events.jsonl").is_file() else {}
@@ -589,6 +593,11 @@ def read_profile(profile_dir: Path, run_dir: Path) -> dict:
         summary["gpu_ms_per_1k_tokens"] = round(gpu, 3)
         summary["unprofiled_wall_ms_per_1k_tokens"] = round(wall, 3)
         summary["gpu_busy_share_unprofiled"] = round(gpu / wall, 4)
+    trace = profile_dir / str(summary.get("trace", ""))
+    if summary.get("stacks") and trace.is_file():
+        import trace_gaps
+
+        summary["idle_gaps"] = trace_gaps.explain(trace, frames=4, top=10)
     return summary
 
 
@@ -618,6 +627,14 @@ def profile_lines(name: str, profile: dict) -> list[str]:
         + "; ".join(f"{n} {ms:.2f} ms x{calls:g}" for n, ms, calls in profile["top_host_ops"][:8])
         + f". Trace: {profile.get('dir', '')}/{profile.get('trace', '(none)')}.",
     ]
+    gaps = profile.get("idle_gaps")
+    if gaps:
+        lines.append(
+            f"Where the GPU waited (Python stacks on, so the host ran slower than unprofiled): "
+            f"{gaps['idle_ms']:.1f} ms idle in {gaps['gaps']} gaps over the window; by the host's innermost frames: "
+            + "; ".join(f"{g['idle_ms']:.1f} ms in {g['gaps']} gaps: {g['frames']}" for g in gaps["by_frames"][:6])
+            + "."
+        )
     return lines
 
 
@@ -673,6 +690,12 @@ def main(argv: list[str] | None = None) -> int:
         "the row's tokens/s then includes the profiler's overhead",
     )
     ap.add_argument(
+        "--profile-stacks",
+        action="store_true",
+        help="with --profile: record Python stacks too and say what the host ran while the GPU waited "
+        "(benchmarks/trace_gaps.py); slows the profiled steps further",
+    )
+    ap.add_argument(
         "--variant",
         nargs="+",
         action="append",
@@ -692,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         "--unsloth-worker", nargs=5, metavar=("MODEL_DIR", "DATA", "OUT", "BATCH", "ACCUM"), help=argparse.SUPPRESS
     )
     args = ap.parse_args(argv)
+    args.profile = args.profile or args.profile_stacks
     if args.trl_worker:
         trl_worker(Path(args.trl_worker[0]), Path(args.trl_worker[1]), Path(args.trl_worker[2]), args.seed)
         return 0
@@ -809,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
             out,
             data_stats["tokens"],
             profile=window if name == "sftop" else None,
+            stacks=args.profile_stacks,
         )
         report[name] = sftop
         print(

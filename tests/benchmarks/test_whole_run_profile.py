@@ -59,3 +59,56 @@ def test_the_summary_is_set_against_unprofiled_steps(tmp_path):
     assert "aten::mm 3.50 ms x110" in text
     missing = whole_run.read_profile(tmp_path / "nowhere", run_dir)
     assert "missing" in missing and "sftop profile: no " in whole_run.profile_lines("sftop", missing)[0]
+
+
+def test_a_trace_with_stacks_says_where_the_gpu_waited(tmp_path):
+    import gzip
+
+    run_dir, profile_dir = tmp_path / "run", tmp_path / "profile"
+    profile_dir.mkdir()
+    writer = EventWriter(run_dir / "events.jsonl")
+    for step in range(1, 5):
+        writer.write({"type": "step", "step": step, "tokens_seen": 1000 * step, "time": 0.1 * step})
+    writer.close()
+    events = [
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 0, "dur": 100, "pid": 1, "tid": 7},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 1100, "dur": 100, "pid": 1, "tid": 7},
+        {
+            "ph": "X",
+            "cat": "python_function",
+            "name": "transformers/trainer.py(1): training_step",
+            "ts": 0,
+            "dur": 1200,
+            "pid": 1,
+            "tid": 1,
+        },
+        {
+            "ph": "X",
+            "cat": "python_function",
+            "name": "torch/nn/modules/module.py(2): train",
+            "ts": 150,
+            "dur": 900,
+            "pid": 1,
+            "tid": 1,
+        },
+    ]
+    (profile_dir / "trace.json.gz").write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    summary = {
+        "steps": [2, 3],
+        "wall_ms_per_step": 2.0,
+        "gpu_busy_ms_per_step": 0.1,
+        "gpu_busy_share": 0.05,
+        "host_syncs_per_step": 0.0,
+        "host_syncs_by_cause": {},
+        "top_host_ops": [],
+        "trace": "trace.json.gz",
+        "stacks": True,
+    }
+    (profile_dir / SUMMARY).write_text(json.dumps(summary))
+    read = whole_run.read_profile(profile_dir, run_dir)
+    assert read["idle_gaps"]["idle_ms"] == 1.0 and read["idle_gaps"]["gaps"] == 1
+    text = "\n".join(whole_run.profile_lines("sftop", read))
+    assert "1.0 ms in 1 gaps: transformers/trainer.py(1): training_step > torch/nn/modules/module.py(2): train" in text
+    # without stacks the trace is not read for gaps
+    (profile_dir / SUMMARY).write_text(json.dumps({**summary, "stacks": False}))
+    assert "idle_gaps" not in whole_run.read_profile(profile_dir, run_dir)

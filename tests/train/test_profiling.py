@@ -57,6 +57,23 @@ def test_a_run_writes_its_profile_window(home, tmp_path, monkeypatch):
     assert (out / profiling.TRACE).stat().st_size > 0
 
 
+def test_stacks_asked_for_put_python_frames_in_the_trace(home, tmp_path, monkeypatch):
+    import gzip
+
+    out = tmp_path / "profile"
+    monkeypatch.setenv(profiling.STEPS_ENV, "2:1")
+    monkeypatch.setenv(profiling.DIR_ENV, str(out))
+    monkeypatch.setenv(profiling.STACKS_ENV, "1")
+    run, writer = prepared_run(fast_preset("train.max_steps=3", "train.save_steps=100"), tmp_path / "run")
+    run.build_trainer().train()
+    writer.close()
+    assert json.loads((out / profiling.SUMMARY).read_text())["stacks"] is True
+    with gzip.open(out / profiling.TRACE, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    frames = [e["name"] for e in events if e.get("cat") == "python_function"]
+    assert any("sftop/engine/train/trainer.py" in f and "training_step" in f for f in frames)
+
+
 def test_a_profiler_that_cannot_start_leaves_the_run_going(tmp_path, monkeypatch):
     import torch.profiler
     from types import SimpleNamespace

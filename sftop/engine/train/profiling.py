@@ -28,6 +28,9 @@ from transformers import TrainerCallback
 
 STEPS_ENV = "SFTOP_PROFILE_STEPS"
 DIR_ENV = "SFTOP_PROFILE_DIR"
+# "1": record Python stacks too, so that benchmarks/trace_gaps.py can name what the host ran while
+# the GPU waited (they slow the host further: compare rates on an unprofiled run)
+STACKS_ENV = "SFTOP_PROFILE_STACKS"
 SUMMARY = "profile.json"
 TRACE = "trace.json.gz"
 # CUDA runtime calls that block the calling host thread until the device (or a stream) is done
@@ -54,12 +57,14 @@ def profiler_callback(run_dir: Path) -> StepProfiler | None:
     window = requested_window()
     if window is None:
         return None
-    return StepProfiler(*window, Path(os.environ.get(DIR_ENV) or run_dir))
+    stacks = os.environ.get(STACKS_ENV, "").strip() == "1"
+    return StepProfiler(*window, Path(os.environ.get(DIR_ENV) or run_dir), stacks=stacks)
 
 
 class StepProfiler(TrainerCallback):
-    def __init__(self, first: int, count: int, out_dir: Path):
+    def __init__(self, first: int, count: int, out_dir: Path, stacks: bool = False):
         self.first, self.count, self.out_dir = first, count, Path(out_dir)
+        self.stacks = stacks
         self._prof: Any = None
         self._t0 = 0.0
         self.summary: dict | None = None
@@ -81,7 +86,7 @@ class StepProfiler(TrainerCallback):
             activities.append(ProfilerActivity.CUDA)
         self._sync()  # the window starts with nothing queued from earlier steps
         try:
-            prof = profile(activities=activities)
+            prof = profile(activities=activities, with_stack=self.stacks)
             prof.__enter__()
         except Exception as exc:  # noqa: BLE001 - a profiler that cannot start must not fail the run
             self._failed(exc)
@@ -118,6 +123,7 @@ class StepProfiler(TrainerCallback):
             self.summary["trace"] = TRACE
         except Exception as exc:  # noqa: BLE001 - the summary is what matters; say why the trace is missing
             self.summary["trace_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        self.summary["stacks"] = self.stacks
         (self.out_dir / SUMMARY).write_text(json.dumps(self.summary, indent=1))
 
     def on_train_end(self, args, state, control, **kwargs):
