@@ -663,3 +663,42 @@ def test_release_drops_every_captured_step_and_the_pool(monkeypatch):
     assert fixed.replay("k", None, (x,), slots) is None
     fixed.replay("k", None, (x,), slots)[0].sum().backward()
     assert fixed.holds("k") and captured == [True, True, True, True]
+
+
+def test_a_full_garbage_collection_runs_only_where_the_warm_ups_left_memory():
+    """Before a capture the warm-ups' garbage goes: the young generations always, a full collection
+    (every object of the process) only where GPU memory is still allocated beyond the baseline."""
+    calls = []
+
+    def collect(generation=2):
+        calls.append(generation)
+        return 0
+
+    assert cg.collect_warm_up_garbage(1000, allocated=lambda: 1000, collect=collect) is False
+    assert calls == [1]
+    calls.clear()
+    left = iter([1500])  # a cycle still holds a warm-up's tensor after the young collection
+    assert cg.collect_warm_up_garbage(1000, allocated=lambda: next(left), collect=collect) is True
+    assert calls == [1, 2]
+
+
+def test_later_captures_of_a_model_warm_up_once(monkeypatch):
+    """A model's first capture runs two warm-up steps (Triton compiles, cuBLAS workspaces, scratch
+    buffers); its later ones (other shapes, other buckets) one, each a whole eager step saved."""
+    runs = []
+
+    class Recorded:
+        grad_ptrs: set = set()
+        grads: list = []
+
+        def __init__(self, *args, warm_up_runs, **kwargs):
+            runs.append(warm_up_runs)
+
+    monkeypatch.setattr(cg, "CapturedStep", Recorded)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    graphs = cg.StepGraphs()
+    x = torch.ones(2)
+    for _ in range(3):
+        step, why = graphs._capture(lambda t: t * 2, (x,), [], backward=False)
+        assert why is None and isinstance(step, Recorded)
+    assert runs == [cg.WARMUP_RUNS, cg.LATER_WARMUP_RUNS, cg.LATER_WARMUP_RUNS] == [2, 1, 1]
