@@ -96,6 +96,20 @@ def enabled_by_env() -> bool:
     return env_flag(ENV_SWITCH, default=True)
 
 
+# Why the run's plan left no room for the graphs' pool (None: captures follow the room check).
+_plan_refusal: str | None = None
+
+
+def refuse_captures(why: str | None) -> None:
+    """Capture nothing in this process from now on (`why`: the plan's reason), or, with None, let
+    captures follow `_room_for_capture` again.  The planner sizes a plan without the graphs' pool
+    where the pool does not fit its budget; the room check, made at capture time from what the
+    allocator holds then, does not know that budget, and once let a capture under a memory cap run
+    out of memory on a plan sized eagerly (docs/benchmarks.md, 2026-12-07)."""
+    global _plan_refusal
+    _plan_refusal = why
+
+
 def several_processes() -> bool:
     """Training runs in several processes: their collectives run in hooks outside a replayed graph."""
     dist = torch.distributed
@@ -461,7 +475,11 @@ class StepGraphs:
             if seen < wait:
                 self.stats.eager_calls += 1
                 return None
-            why = self._refuse_all or _room_for_capture(self._new_gradient_bytes(slots) if backward else 0)
+            why = (
+                self._refuse_all
+                or _plan_refusal
+                or _room_for_capture(self._new_gradient_bytes(slots) if backward else 0)
+            )
             if why is None:
                 step, why = self._capture(fn, inputs, slots, backward, grad_inputs)
             if step is None:

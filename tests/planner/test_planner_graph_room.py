@@ -100,6 +100,10 @@ def test_where_no_pool_fits_the_plan_trains_eagerly_and_is_timed_as_host_bound(p
     assert plan.predicted_peak_gib <= 3.4 and "graph_pool" not in plan.breakdown
     assert any("CUDA graphs off" in n and "trains eagerly" in n for n in plan.notes)
     assert not any(c["cuda_graphs"] for c in plan.candidates if c["fits"])
+    # the plan says so to the trainer, which then captures nothing (test_the_trainer_takes_...)
+    assert plan.graphs_refused is not None and plan.graphs_refused in plan.notes
+    assert plan.to_dict()["graphs_refused"] == plan.graphs_refused
+    assert planned(4.3).graphs_refused is None  # graphs that fit
     layers = ModelShape.from_config(llama_1b().to_dict()).layers
     passes = 3  # forward, recomputation, backward: offloaded checkpointing recomputes every block
     assert plan.modelled_step_s >= EAGER_HOST_S_PER_LAYER_PASS * layers * passes * plan.grad_accum - 1e-9
@@ -129,9 +133,47 @@ def test_the_trainer_takes_the_plans_loss_chunk():
 
     vocab = 128256
     try:
-        _Run.apply_loss_chunk(SimpleNamespace(plan=SimpleNamespace(loss_chunk_mib=64)))
+        _Run.apply_plan_to_kernels(SimpleNamespace(plan=SimpleNamespace(loss_chunk_mib=64)))
         assert flce.chunk_rows(8192, vocab, 2) == (64 << 20) // (vocab * 2)
-        _Run.apply_loss_chunk(SimpleNamespace(plan=SimpleNamespace(loss_chunk_mib=None)))
+        _Run.apply_plan_to_kernels(SimpleNamespace(plan=SimpleNamespace(loss_chunk_mib=None)))
         assert flce.chunk_rows(8192, vocab, 2) == FUSED_CE_CHUNK_BYTES // (vocab * 2)
     finally:
+        flce.set_chunk_bytes(None)
+
+
+def test_the_trainer_captures_nothing_where_the_plan_has_no_room_for_the_pool(monkeypatch):
+    """A plan sized eagerly because the graphs' pool does not fit (Plan.graphs_refused) turns every
+    capture of the process off, whatever the capture-time room check would say; the next plan that
+    has room turns them back on."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "kernels"))
+    from _rerun_steps import rerun_captures
+
+    from sftop.engine.train.runner import _Run
+    from sftop.kernels import cuda_graphs as cg
+    from sftop.kernels import fused_linear_cross_entropy as flce
+
+    made = rerun_captures(monkeypatch)  # the room check always says yes here
+    weight = torch.nn.Parameter(torch.ones(3))
+    slots = [(None, "w", weight)]
+    x = torch.ones(3)
+    why = "CUDA graphs off: their pool would need 0.33 GiB more than the budget"
+    try:
+        _Run.apply_plan_to_kernels(SimpleNamespace(plan=SimpleNamespace(loss_chunk_mib=None, graphs_refused=why)))
+        graphs = cg.StepGraphs()
+        for _ in range(3):
+            assert graphs.replay("k", lambda t: (t * weight).sum(), (x,), slots) is None
+        assert made == [] and graphs.stats.captures == 0 and graphs.stats.failures == [why]
+        _Run.apply_plan_to_kernels(SimpleNamespace(plan=SimpleNamespace(loss_chunk_mib=None, graphs_refused=None)))
+        fresh = cg.StepGraphs()
+        for _ in range(2):
+            fresh.replay("k", lambda t: (t * weight).sum(), (x,), slots)
+        assert fresh.stats.captures == 1
+    finally:
+        cg.refuse_captures(None)
         flce.set_chunk_bytes(None)

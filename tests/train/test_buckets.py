@@ -191,3 +191,23 @@ def test_auto_buckets_follow_the_graphs_and_say_why(home, tmp_path, monkeypatch)
     assert isinstance(collator, BucketedCollator) and collator.sizes == (128,)
     assert run.buckets_reason.startswith(f"on: {len(collator.sizes)} lengths fitted to the data")
     assert run.started_event(400).environment["length_buckets"] == run.buckets_reason
+
+
+def test_a_plan_without_room_for_the_graphs_pads_to_no_buckets(home, tmp_path, monkeypatch):
+    """Padding to a bucket pays only where its graph replays: a plan sized eagerly because the graphs'
+    pool does not fit (Plan.graphs_refused) gets no buckets under "auto", and says why."""
+    from sftop.engine.train import buckets
+    from sftop.kernels import cuda_graphs as cg
+
+    monkeypatch.setattr(_Run, "packed_graphs_on", lambda self: True)
+    monkeypatch.setattr(buckets, "MAX_PADDING_SHARE", 1.0)
+    run, _ = prepared_run(fast_preset("train.max_steps=400"), tmp_path / "eager")
+    why = "CUDA graphs off: their pool would need 0.33 GiB more than the budget"
+    run.plan.graphs_refused = why
+    try:
+        trainer = run.build_trainer()
+        assert not isinstance(trainer.data_collator, BucketedCollator)
+        assert run.buckets_reason == f"off: the plan trains eagerly ({why})"
+        assert cg._plan_refusal == why  # and the process captures nothing
+    finally:
+        cg.refuse_captures(None)

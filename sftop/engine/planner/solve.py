@@ -180,6 +180,11 @@ class Plan:
     # default (so that CUDA graphs' pool fits); None: the default. The trainer sets it
     # (fused_linear_cross_entropy.set_chunk_bytes).
     loss_chunk_mib: int | None = None
+    # Why this plan trains eagerly where sftop's CUDA graphs would engage: their pool does not fit
+    # the budget (None: no such refusal).  The trainer then captures nothing for the run
+    # (sftop.kernels.cuda_graphs.refuse_captures): its own room check, made at capture time, once
+    # let a capture run out of memory under a cap the plan had sized eagerly (docs/benchmarks.md).
+    graphs_refused: str | None = None
     context: PlanContext | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,6 +223,7 @@ class _Candidate:
     fits: bool
     graphs: bool = False  # sftop's CUDA graphs engage (their pool is in the estimate)
     loss_chunk_bytes: int = FUSED_CE_CHUNK_BYTES
+    graphs_refused: str | None = None  # they would engage, but their pool does not fit: why
 
     def key(self) -> tuple:
         # Fastest first; on a tie, less recomputation, then the bigger micro-batch.
@@ -404,6 +410,7 @@ def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int,
     graphs = "graph_pool" in est.terms or "vision_graph_pool" in est.terms
     vlm = setup.images is not None
     eager = False
+    refused: str | None = None
     if vlm and "vision_graph_pool" in est.terms and setup.loss_chunk_bytes > SMALL_LOSS_CHUNK:
         # A VLM's fused loss runs eagerly between its graphs' replays, while both pools keep their
         # transients reserved: its logits chunk is the step's eager peak on top of them.  Measured
@@ -447,10 +454,11 @@ def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int,
             pick = min(range(len(sized)), key=lambda i: sized[i][2])
         est, allocated, device = sized[pick]
         setup = replace(no_graphs, loss_chunk_bytes=chunks[pick])
-        est.notes.append(
+        refused = (
             f"CUDA graphs off: their pool would need {need:.2f} GiB more than the budget, so this plan trains "
             "eagerly (slower: the host launches every kernel)"
         )
+        est.notes.append(refused)
         # the step-time model has no term for a VLM's graphs, so its eager step is timed as before
         graphs, eager = False, not vlm
     grad_accum = ctx.effective_batch // micro_batch
@@ -479,6 +487,7 @@ def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int,
         device <= ctx.budget_bytes,
         graphs,
         setup.loss_chunk_bytes,
+        refused,
     )
 
 
@@ -568,6 +577,7 @@ def _plan_from(ctx: PlanContext, chosen: _Candidate, candidates: list[_Candidate
         memory_cap=None if ctx.cap is None else ctx.cap.text,
         split_by=ctx.split_by if ctx.packing and ctx.packed_tokens and not ctx.setup.preference else "rows",
         loss_chunk_mib=None if chosen.loss_chunk_bytes == FUSED_CE_CHUNK_BYTES else chosen.loss_chunk_bytes >> 20,
+        graphs_refused=chosen.graphs_refused,
         context=ctx,
     )
 

@@ -480,7 +480,7 @@ class _Run:
     def build_trainer(self):
         import torch
 
-        self.apply_loss_chunk()
+        self.apply_plan_to_kernels()
         if self.preset.train.task == "dpo":
             from sftop.engine.train.dpo import build_dpo_trainer
 
@@ -634,6 +634,11 @@ class _Run:
         if not buckets_wanted(setting, self.packed_graphs_on()):
             if setting == "auto":
                 self.buckets_reason = "off: packed micro-batches cannot replay CUDA graphs here"
+            return
+        refused = getattr(self.plan, "graphs_refused", None)
+        if refused and setting == "auto":
+            # padding to a bucket only pays where the bucket's graph replays
+            self.buckets_reason = f"off: the plan trains eagerly ({refused})"
             return
         args = trainer.args
         limited = bool(args.max_steps and args.max_steps > 0)
@@ -799,17 +804,20 @@ class _Run:
         gc.collect()
         return found
 
-    def apply_loss_chunk(self) -> None:
-        """The fused loss's logits chunk the plan chose (Plan.loss_chunk_mib: smaller where the
-        default leaves CUDA graphs' pool no room), for every loss this process computes from now on.
-        build_trainer calls it: every plan change (data sizing, probe, out-of-memory step-down) is
-        followed by a new trainer before the next step."""
+    def apply_plan_to_kernels(self) -> None:
+        """What the plan decided for the kernels, for everything this process computes from now on:
+        the fused loss's logits chunk (Plan.loss_chunk_mib: smaller where the default leaves CUDA
+        graphs' pool no room), and no captures where the pool does not fit at all
+        (Plan.graphs_refused).  build_trainer calls it: every plan change (data sizing, probe,
+        out-of-memory step-down) is followed by a new trainer before the next step."""
         mib = getattr(self.plan, "loss_chunk_mib", None)
         try:
+            from sftop.kernels.cuda_graphs import refuse_captures
             from sftop.kernels.fused_linear_cross_entropy import set_chunk_bytes
-        except ImportError:  # no Triton: no fused loss to size
+        except ImportError:  # no Triton: no fused loss to size, no graphs
             return
         set_chunk_bytes(None if mib is None else int(mib) << 20)
+        refuse_captures(getattr(self.plan, "graphs_refused", None))
 
     def set_plan(self, new, step: int, reason: str) -> None:
         """Switch to a smaller plan: record it, and make preset.toml repeat the plan that fits."""
