@@ -115,7 +115,7 @@ def test_summary_ratios_and_targets_against_unsloth(tmp_path, monkeypatch):
             "wall_s": 30.0,
         }
 
-    def fake_sftop(preset_path, run_dir, sets, env, out, data_tokens, profile=None):
+    def fake_sftop(preset_path, run_dir, sets, env, out, data_tokens, profile=None, stacks=False):
         calls.append((run_dir.name, sets))
         cap = next((float(s.split("=")[1]) for s in sets if s.startswith("plan.max_memory_gib=")), None)
         rate, peak = (15_000.0, 3.4) if cap else (41_000.0, 18.9)  # capped: under 2x and over its cap
