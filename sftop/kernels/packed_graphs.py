@@ -112,7 +112,7 @@ def packed_graphed_loss(model: nn.Module, inputs: dict, num_items_in_batch=None)
     trainable = [slot for slot in slots or () if slot[2].requires_grad]
     if not trainable:
         return None
-    from .fused_linear_cross_entropy import fused_linear_cross_entropy
+    from .fused_linear_cross_entropy import fused_linear_cross_entropy, loss_from_sum
 
     backbone = getattr(lm, lm.base_model_prefix)
     weight = lm.get_output_embeddings().weight
@@ -146,11 +146,7 @@ def packed_graphed_loss(model: nn.Module, inputs: dict, num_items_in_batch=None)
     total = graphs.loss_sum(key, loss_sum, (ids, labels, positions, cu), trainable)
     if total is None:
         return None
-    if num_items_in_batch is None:
-        return total / (labels != ignore_index).sum().clamp(min=1)
-    if torch.is_tensor(num_items_in_batch):
-        return total / num_items_in_batch.to(device=total.device, dtype=torch.float32)
-    return total / float(num_items_in_batch)
+    return loss_from_sum(total, labels, num_items_in_batch, ignore_index)
 
 
 def mark_rows_given(model: nn.Module, inputs: dict) -> None:
