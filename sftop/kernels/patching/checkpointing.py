@@ -43,11 +43,12 @@ def layer_stack(name: str) -> str:
 
 @dataclass
 class _Enabled:
-    """What the last full enable was asked and the per-module flags it left."""
+    """What the last full enable was asked, the modules with a checkpointing flag, and while paused
+    the flags they had when the disable came (None: not paused)."""
 
     args: tuple
-    flags: list[tuple[nn.Module, bool]]
-    paused: bool = False
+    modules: list[nn.Module]
+    paused_flags: list[bool] | None = None
 
 
 def install(model: nn.Module) -> None:
@@ -83,10 +84,10 @@ def install(model: nn.Module) -> None:
         offload = bool(gc_kwargs.pop("offload", offload))
         args = (repr(sorted(gc_kwargs.items())), gradient_checkpointing_kwargs is None, every_n_layers, offload)
         last = model.__dict__.get(M.GC_LAST)
-        if last is not None and last.paused and last.args == args:
-            for m, flag in last.flags:
+        if last is not None and last.paused_flags is not None and last.args == args:
+            for m, flag in zip(last.modules, last.paused_flags):
                 m.gradient_checkpointing = flag
-            last.paused = False
+            last.paused_flags = None
             return
         given = None if gradient_checkpointing_kwargs is None else (gc_kwargs or None)
         # reentrant checkpointing saves nothing through autograd's hooks and recomputes inside
@@ -125,8 +126,8 @@ def install(model: nn.Module) -> None:
                     # what unpatch puts back (transformers sets a fresh one on every enable call)
                     m.__dict__[M.STOCK_CHECKPOINT_FUNCTION] = stock_fn
                     compat.set_checkpoint_function(m, fns[key])
-        flags = [(m, bool(m.gradient_checkpointing)) for m in model.modules() if hasattr(m, "gradient_checkpointing")]
-        model.__dict__[M.GC_LAST] = _Enabled(args, flags)
+        flagged = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        model.__dict__[M.GC_LAST] = _Enabled(args, flagged)
 
     def gradient_checkpointing_disable():
         last = model.__dict__.get(M.GC_LAST)
@@ -135,11 +136,10 @@ def install(model: nn.Module) -> None:
         if last is None or getattr(model, "_hf_peft_config_loaded", False):
             model.__dict__.pop(M.GC_LAST, None)
             return original_disable()
-        if not last.paused:
-            last.flags = [(m, bool(m.gradient_checkpointing)) for m, _flag in last.flags]
-            for m, _flag in last.flags:
+        if last.paused_flags is None:
+            last.paused_flags = [bool(m.gradient_checkpointing) for m in last.modules]
+            for m in last.modules:
                 m.gradient_checkpointing = False
-            last.paused = True
         return None
 
     model.__dict__[M.GC_ENABLE] = gradient_checkpointing_enable
