@@ -412,8 +412,9 @@ def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int,
     eager = False
     refused: str | None = None
     if vlm and "vision_graph_pool" in est.terms and setup.loss_chunk_bytes > SMALL_LOSS_CHUNK:
-        # A VLM's fused loss runs eagerly between its graphs' replays, while both pools keep their
-        # transients reserved: its logits chunk is the step's eager peak on top of them.  Measured
+        # A VLM's fused loss runs inside its language graphs (patching/language_graphs.py), where
+        # its logits chunk takes blocks of the pool the layers' forward freed: a 256 MiB chunk needs
+        # a block that large there.  Measured with the loss still eager beside both pools
         # (docs/benchmarks.md, 2026-12-07, Qwen2.5-VL-3B NF4): 64 MiB chunks took 0.19 GiB off the
         # peak at the same speed (13,291 against 13,135 tokens/s).  The planner sizes a VLM's loss
         # as stock, so the estimate does not move; the trainer takes the chunk from the plan.
@@ -426,7 +427,7 @@ def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int,
     if (
         graphs
         and device > ctx.budget_bytes
-        and not (setup.preference or vlm)  # a VLM's fused loss runs outside its graphs
+        and not (setup.preference or vlm)  # a VLM with graphs took the small chunk above
         and setup.loss_chunk_bytes > SMALL_LOSS_CHUNK
     ):
         # smaller logits chunks take memory off the step's peak, which the pool holds a second time
