@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from sftop.engine.train import adapter_switch
 
 
-def _lora(seed: int = 0):
+def _llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=97,
@@ -23,7 +23,11 @@ def _lora(seed: int = 0):
         num_attention_heads=4,
         num_key_value_heads=2,
     )
-    base = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def _lora(seed: int = 0):
+    base = _llama(seed)
     return get_peft_model(
         base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
     )
@@ -83,19 +87,10 @@ def test_mixed_and_all_off_states_end_as_peft_ends_them(monkeypatch):
 
 
 def test_prompt_learning_keeps_peft_s_own_switch():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = get_peft_model(LlamaForCausalLM(config), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    model = get_peft_model(_llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     assert not adapter_switch.install(model)
     assert "disable_adapter" not in model.__dict__
-    assert not adapter_switch.install(LlamaForCausalLM(config))
+    assert not adapter_switch.install(_llama())
 
 
 def test_the_dpo_trainer_s_reference_forward_builds_no_status_report(home, tmp_path, monkeypatch):
