@@ -80,8 +80,9 @@ import torch
 
 from . import checkpoint_offload as offload
 from . import compat
-from .constants import CUDA_GRAPHS_ENV
+from .constants import CUDA_GRAPHS_ENV, SHARED_GRAPH_POOL_ENV
 from .env import env_flag
+from .nested_graphs import NestedPools
 
 ENV_SWITCH = CUDA_GRAPHS_ENV
 MAX_KEYS = 4  # captured shapes per model; later new shapes run eagerly
@@ -190,6 +191,7 @@ class CapturedStep:
 
     grad_inputs: tuple[int, ...] = ()
     input_grads: list[torch.Tensor | None] = []
+    _pending: tuple | None = None  # what a backward capture still to be made needs
 
     def __init__(
         self,
@@ -203,8 +205,10 @@ class CapturedStep:
         grad_buffers: list[torch.Tensor | None] | None = None,
         grad_inputs: tuple[int, ...] = (),
         warm_up_runs: int = WARMUP_RUNS,
+        defer_backward: bool = False,
     ):
         self.n_inputs = len(inputs)
+        self.slots, self.pool = slots, pool
         self.backward = backward
         self.grad_inputs = grad_inputs if backward else ()
         self.static_inputs = [t.detach().clone() for t in inputs]
@@ -236,9 +240,10 @@ class CapturedStep:
         # the warm-up's blocks sit in the ordinary cache; the pool can't use them
         torch.cuda.empty_cache()
         self.fwd = torch.cuda.CUDAGraph()
-        self.bwd = torch.cuda.CUDAGraph() if backward else None
-        grads: tuple = ()
+        self.bwd: torch.cuda.CUDAGraph | None = None
         self.input_grads = []
+        self.grads: list[torch.Tensor | None] = []
+        self.grad_ptrs: set[int] = set()
         with no_rng_stash(), causal_masks_skipped(), _no_garbage_collection():
             with torch.cuda.graph(self.fwd, pool=pool, stream=side), _aliased(slots) as aliases:
                 with offload.offloading_into(self.host_buffers) if backward else contextlib.nullcontext():
@@ -247,17 +252,34 @@ class CapturedStep:
                     offload.settle_pending()  # the copies to host joined before the capture ends
             # allocated between the captures: an ordinary static buffer that backward copies into
             self.grad_out = torch.ones_like(outs[0])
-            if backward:
-                with torch.cuda.graph(self.bwd, pool=pool, stream=side):
-                    made = torch.autograd.grad(
-                        outs[0], [*aliases, *wrt_inputs], grad_outputs=self.grad_out, allow_unused=True
-                    )
-                    grads = _into_shared(made[: len(aliases)], grad_buffers)
-                    # static buffers of this graph, rewritten by its next backward replay
-                    self.input_grads = list(made[len(aliases) :])
-                    del made  # freed inside the capture: pool blocks the next capture may take
         self.outputs = [o.detach() for o in outs]
         self.loss = self.outputs[0]
+        # what the backward capture needs; `outs[0]`'s autograd graph holds the forward's saved
+        # tensors (pool blocks) allocated until then
+        self._pending = (outs[0], aliases, wrt_inputs, pool, side, no_rng_stash, grad_buffers) if backward else None
+        del outs
+        if backward and not defer_backward:
+            self.capture_backward()
+
+    @property
+    def backward_pending(self) -> bool:
+        """A training step whose backward is not captured yet (nested_graphs.py defers it)."""
+        return self._pending is not None
+
+    def capture_backward(self) -> None:
+        """Capture the backward of the captured forward: right after it, or (deferred) at the first
+        backward that needs it, once the captures that replay in between are made."""
+        assert self._pending is not None, "captured already, or a forward-only step"
+        out, aliases, wrt_inputs, pool, side, no_rng_stash, grad_buffers = self._pending
+        self._pending = None
+        self.bwd = torch.cuda.CUDAGraph()
+        with no_rng_stash(), causal_masks_skipped(), _no_garbage_collection():
+            with torch.cuda.graph(self.bwd, pool=pool, stream=side):
+                made = torch.autograd.grad(out, [*aliases, *wrt_inputs], grad_outputs=self.grad_out, allow_unused=True)
+                grads = _into_shared(made[: len(aliases)], grad_buffers)
+                # static buffers of this graph, rewritten by its next backward replay
+                self.input_grads = list(made[len(aliases) :])
+                del made  # freed inside the capture: pool blocks the next capture may take
         self.grads = list(grads)
         self.grad_ptrs = {g.data_ptr() for g in self.grads if g is not None}
 
@@ -348,7 +370,7 @@ def _as_tuple(out) -> tuple[torch.Tensor, ...]:
 class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graphs, step, *tensors):
-        graphs.reclaim_grads(tensors[step.n_inputs :])
+        graphs.reclaim_before_replay(tensors[step.n_inputs :])
         step.load(tensors[: step.n_inputs])
         step.fwd.replay()
         ctx.graphs, ctx.step = graphs, step
@@ -363,6 +385,8 @@ class _Replay(torch.autograd.Function):
     def backward(ctx, grad, *_metric_grads):
         graphs, step = ctx.graphs, ctx.step
         graphs.take_armed(step, ctx.generation)
+        if step.backward_pending:
+            graphs.capture_deferred_backward(step)
         step.grad_out.copy_(grad)
         step.bwd.replay()
         return (None, None) + tuple(step.handed_out_input_grads()) + tuple(step.handed_out_grads())
@@ -377,11 +401,16 @@ class StepGraphs:
         self._generation = 0
         self.stats = GraphStats()
         self.one = None  # a device 1.0 for the loss's denominator inside graphs (no host tensor in a capture)
+        # a pool shared with another StepGraphs whose replays nest with these (nested_graphs.py)
+        self.group: NestedPools | None = None
         self._forget()
 
     def _forget(self) -> None:
         """The state of a model nothing was captured for (what `release` goes back to)."""
         self._pool = None  # every capture's, forward-only ones too (see the module docstring)
+        # in a group: the training captures outside its shared cycle (`_pool` is then the first pool
+        # used, where forward-only captures go)
+        self._private_pool = None
         self._trained: dict[int, torch.Tensor] = {}  # the parameters whose gradients captured steps hand out
         self._seen: dict = {}
         self._steps: dict = {}
@@ -397,6 +426,8 @@ class StepGraphs:
         an out-of-memory error, the smaller plan that follows needs that memory (it captures its own
         shapes again if there is room)."""
         self._forget()
+        if self.group is not None:
+            self.group.forget()
 
     def unit(self, device) -> torch.Tensor:
         if self.one is None or self.one.device != device:
@@ -404,6 +435,11 @@ class StepGraphs:
         return self.one
 
     # -- replay bookkeeping
+    @property
+    def armed(self) -> bool:
+        """A graphed training forward waits for its backward."""
+        return self._armed is not None
+
     def arm(self, step) -> int:
         self._generation += 1
         self._armed = (step, self._generation)
@@ -456,7 +492,7 @@ class StepGraphs:
         transients could overwrite.  `grad_inputs`: the positions of inputs whose gradient the
         backward hands on (activations from eager work before the step, such as embeddings an
         image tower wrote into); the key must tell such calls apart from others."""
-        if not backward and self._armed is not None:
+        if not backward and (self.group.any_armed() if self.group is not None else self.armed):
             self.stats.eager_calls += 1
             return None
         step = self._steps.get(key)
@@ -488,13 +524,8 @@ class StepGraphs:
                 self.stats.eager_calls += 1
                 return None
             self._steps[key] = step
-            self._grad_ptrs |= step.grad_ptrs
-            if backward:
-                self._trained.update((id(p), p) for _m, _n, p in slots)
-                # the gradients this capture kept become the shared ones of parameters that had none
-                for (_m, _n, p), g in zip(slots, step.grads):
-                    if g is not None:
-                        self._grad_buffers[id(p)] = g
+            if backward and not step.backward_pending:
+                self._keep_gradients(step, slots)
             self._seen.pop(key, None)
         if step.backward != backward or (backward and step.grad_inputs != tuple(grad_inputs)):
             # a key must tell the kinds apart; never guess
@@ -504,18 +535,61 @@ class StepGraphs:
             )
         self.stats.replays += 1
         if not backward:
-            self.reclaim_grads(self._trained.values())
+            self.reclaim_before_replay(self._trained.values())
             step.load(inputs)
             step.fwd.replay()
             outs = step.taken_outputs()
             return outs[0] if len(outs) == 1 else outs
         return _Replay.apply(self, step, *inputs, *(p for _m, _n, p in slots))
 
+    def _keep_gradients(self, step, slots) -> None:
+        """A training step's backward is captured: its gradients are what replays hand out."""
+        self._grad_ptrs |= step.grad_ptrs
+        self._trained.update((id(p), p) for _m, _n, p in slots)
+        # the gradients this capture kept become the shared ones of parameters that had none
+        for (_m, _n, p), g in zip(slots, step.grads):
+            if g is not None:
+                self._grad_buffers[id(p)] = g
+
+    def capture_deferred_backward(self, step) -> None:
+        """The backward of a step whose capture waited for the group's other captures
+        (nested_graphs.py), captured at its first backward; the group's cycle closes either way."""
+        try:
+            step.capture_backward()
+        except torch.cuda.OutOfMemoryError:
+            raise  # the trainer's recovery takes it: a smaller plan, the graphs released
+        except Exception as exc:
+            raise RuntimeError(
+                f"sftop CUDA graphs: capturing a deferred backward failed ({type(exc).__name__}: {exc}). "
+                f"Set {SHARED_GRAPH_POOL_ENV}=0 to capture it with its forward, or {ENV_SWITCH}=0 to train "
+                "without graphs."
+            ) from exc
+        finally:
+            if self.group is not None:
+                self.group.close()
+        self._keep_gradients(step, step.slots)
+
+    def _pool_for(self, backward: bool):
+        """The pool a capture goes to, and whether its backward capture waits (nested_graphs.py)."""
+        if backward and self.group is not None:
+            shared, defer = self.group.training_pool(self)
+            if shared is not None:
+                if self._pool is None:
+                    self._pool = shared
+                return shared, defer
+            if self._private_pool is None:
+                self._private_pool = torch.cuda.graph_pool_handle()
+            if self._pool is None:
+                self._pool = self._private_pool
+            return self._private_pool, False
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool, False
+
     def _capture(self, fn, inputs, slots, backward=True, grad_inputs=()):
         from . import scratch
 
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        pool, defer = self._pool_for(backward)
         # a graph bakes in the scratch buffers' addresses: they must never be freed from now on
         scratch.freeze_all()
         try:
@@ -523,15 +597,18 @@ class StepGraphs:
                 fn,
                 inputs,
                 slots,
-                self._pool,
+                pool,
                 self._no_rng_stash,
                 backward=backward,
                 warm_up_in_pool=bool(self._trained),
                 grad_buffers=self._shared_grads(slots) if backward else None,
                 grad_inputs=tuple(grad_inputs),
                 warm_up_runs=WARMUP_RUNS if self.stats.captures == 0 else LATER_WARMUP_RUNS,
+                defer_backward=defer,
             )
         except Exception as exc:  # noqa: BLE001 - an uncapturable model keeps training eagerly
+            if defer and self.group is not None:
+                self.group.close()
             offload.discard_pending()
             torch.cuda.synchronize()
             why = f"capture failed ({type(exc).__name__}: {str(exc)[:300]})"
@@ -561,6 +638,17 @@ class StepGraphs:
         """What a training capture adds for good: the shared gradients its parameters lack so far."""
         shared = self._shared_grads(slots)
         return _gradient_bytes([slot for slot, buf in zip(slots, shared) if buf is None])
+
+    def reclaim_before_replay(self, params) -> None:
+        """`reclaim_grads` of `params`, or in a group of every member's trained parameters: a
+        member's replay may rewrite the others' static gradients (nested_graphs.py)."""
+        if self.group is not None:
+            self.group.reclaim_all()
+        else:
+            self.reclaim_grads(params)
+
+    def reclaim_own_grads(self) -> None:
+        self.reclaim_grads(self._trained.values())
 
     def reclaim_grads(self, params) -> None:
         """Before any replay: a parameter's .grad that is still a captured step's static gradient

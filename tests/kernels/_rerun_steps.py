@@ -8,6 +8,7 @@ the gradients handed out, the order rules) runs as on a GPU; only the graph itse
 
 from __future__ import annotations
 
+import itertools
 import types
 
 import torch
@@ -16,8 +17,11 @@ from sftop.kernels import cuda_graphs as cg
 
 
 class RerunStep(cg.CapturedStep):
-    def __init__(self, fn, inputs, slots, backward, grad_inputs=()):
+    def __init__(self, fn, inputs, slots, backward, grad_inputs=(), pool=None, defer_backward=False):
         self.fn, self.n_inputs, self.backward = fn, len(inputs), backward
+        self.slots, self.pool = slots, pool
+        # a backward whose capture waits (nested_graphs.py): nothing to capture here but the flag
+        self._pending = True if backward and defer_backward else None
         self.grad_inputs = tuple(grad_inputs)
         self.static_inputs = [t.detach().clone() for t in inputs]
         for i in self.grad_inputs:
@@ -27,6 +31,10 @@ class RerunStep(cg.CapturedStep):
         self.input_grads = []
         self.fwd = types.SimpleNamespace(replay=self._forward)
         self.bwd = types.SimpleNamespace(replay=self._backward) if backward else None
+
+    def capture_backward(self):
+        assert self._pending is not None
+        self._pending = None
 
     def _forward(self):
         with torch.enable_grad() if self.backward else torch.no_grad():
@@ -43,14 +51,18 @@ class RerunStep(cg.CapturedStep):
 
 
 def rerun_captures(monkeypatch) -> list:
-    """Make captures `RerunStep`s on the CPU; the (input shapes, trainable count, backward) of each."""
+    """Make captures `RerunStep`s on the CPU; the (input shapes, trainable count, backward) of each.
+    Each step's `pool` is the pool handle it would be captured into (handles counted from 1)."""
     made = []
 
     def capture(self, fn, inputs, slots, backward=True, grad_inputs=()):
+        pool, defer = self._pool_for(backward)
         made.append(([tuple(t.shape) for t in inputs], len(slots), backward))
         self.stats.captures += 1
-        return RerunStep(fn, inputs, slots, backward, grad_inputs), None
+        return RerunStep(fn, inputs, slots, backward, grad_inputs, pool, defer), None
 
+    handles = itertools.count(1)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (next(handles), 0))
     monkeypatch.setattr(cg, "capturable", lambda t: True)
     monkeypatch.setattr(cg, "_room_for_capture", lambda static_bytes=0: None)
     monkeypatch.setattr(cg.StepGraphs, "_capture", capture)

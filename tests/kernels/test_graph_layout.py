@@ -23,6 +23,7 @@ class _Step:
     backward = True
     grad_inputs: tuple = ()
     grad_ptrs: set = set()
+    backward_pending = False  # captured with its forward
     grads: list = []  # no gradients kept: the shared set stays empty
 
 

@@ -236,6 +236,42 @@ def test_a_whole_vlm_step_with_the_tower_and_language_layers_graphed(monkeypatch
     assert lm_shapes[4] == (rows_, tokens) and len(lm_shapes) == 5
 
 
+def test_the_first_captures_of_tower_and_language_layers_share_one_pool(monkeypatch, rerun_captures):
+    """The tower's first training capture opens the shared cycle and waits for its backward; the
+    language layers' capture in the same step joins its pool; the tower's backward, captured at its
+    first backward, closes it.  Gradient accumulation over two micro-batches a step still gives the
+    eager model's gradients (every member's .grad moved off the shared static buffers before any
+    member replays).  Switched off, each stack keeps a pool of its own."""
+    model, graphed, batch, tower_graphs, language_graphs = _qwen_vlm(monkeypatch)
+    group = tower_graphs.group
+    assert group is not None and group is language_graphs.group and group.leader is tower_graphs
+
+    def accumulated(m):
+        m.zero_grad(set_to_none=True)
+        for _ in range(2):
+            m(**batch, use_cache=False).loss.backward()
+        return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    for step in range(3):
+        grads_e, grads_g = accumulated(model), accumulated(graphed)
+        assert grads_g.keys() == grads_e.keys(), step
+        for n in grads_e:
+            assert rel_err(grads_g[n], grads_e[n]) < 1e-5, (step, n)
+    (tower_step,) = tower_graphs._steps.values()
+    (language_step,) = language_graphs._steps.values()
+    assert tower_step.pool == language_step.pool == group.pool == (1, 0)
+    assert not tower_step.backward_pending and group.state == "closed"
+
+    monkeypatch.setenv("SFTOP_SHARED_GRAPH_POOL", "0")
+    _model, graphed, batch, tower_graphs, language_graphs = _qwen_vlm(monkeypatch)
+    assert tower_graphs.group is None and language_graphs.group is None
+    for _ in range(2):
+        _vlm_step(graphed, batch)
+    (tower_step,) = tower_graphs._steps.values()
+    (language_step,) = language_graphs._steps.values()
+    assert tower_step.pool != language_step.pool
+
+
 def test_dpo_forwards_reference_then_policy_through_both_graph_parts(monkeypatch, rerun_captures):
     """A DPO micro-batch's two forwards through the fused log-prob head: the reference (adapters
     off, no gradient) then the policy, as sftop's DPO trainer orders them.  The reference takes
@@ -265,6 +301,9 @@ def test_dpo_forwards_reference_then_policy_through_both_graph_parts(monkeypatch
             assert rel_err(grads_g[n], grads_e[n]) < 1e-5, (step, n)
     for graphs in (tower_graphs, language_graphs):
         assert graphs.stats.captures == 2 and graphs.stats.failures == []  # the policy's, then the reference's
+        # the reference's forward-only steps replay while no graphed forward waits for its backward,
+        # into the pool the policy's shared cycle made
+        assert {step.pool for step in graphs._steps.values()} == {tower_graphs.group.pool}
     assert sorted(backward for _shapes, _n, backward in rerun_captures) == [False, False, True, True]
 
 
@@ -431,6 +470,40 @@ def test_gpu_whole_vlm_step_with_both_graph_parts_equals_eager(checkpointing, mo
         # the captured step copies into host buffers of its own exactly when offloading
         (captured,) = graphs._steps.values()
         assert bool(captured.host_buffers) is (checkpointing == "offload")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_accumulated_vlm_steps_through_one_shared_pool(monkeypatch):
+    """Offloaded checkpointing, two micro-batches a step: the tower's and language layers' captures
+    live in one memory pool (the tower's backward captured at its first backward, after the
+    language layers'), and the accumulated LoRA gradients equal the eager model's over three steps,
+    the tower's static gradients moved off before the language layers' replays rewrite the pool."""
+    from sftop.kernels import checkpoint_offload as co
+
+    monkeypatch.setattr(co, "DEFAULT_MIN_BYTES", 0)
+    model, graphed, batch, tower_graphs, language_graphs = _qwen_vlm(monkeypatch, "cuda", torch.bfloat16)
+    for m in (model, graphed):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=m is graphed)
+
+    def accumulated(m):
+        m.zero_grad(set_to_none=True)
+        for _ in range(2):
+            m(**batch, use_cache=False).loss.backward()
+        return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    for step in range(3):
+        grads_e, grads_g = accumulated(model), accumulated(graphed)
+        assert grads_g.keys() == grads_e.keys() and any(".visual." in n for n in grads_e), step
+        for n in grads_e:
+            assert rel_err(grads_g[n], grads_e[n]) < 2e-2, (step, n)
+    for graphs in (tower_graphs, language_graphs):
+        assert graphs.stats.failures == [] and graphs.stats.captures == 1
+    assert tower_graphs.group.state == "closed"
+    (tower_step,) = tower_graphs._steps.values()
+    (language_step,) = language_graphs._steps.values()
+    assert tower_step.pool == language_step.pool == tower_graphs.group.pool
+    assert language_graphs._private_pool is None and tower_graphs._private_pool is None
 
 
 def test_a_frozen_tower_runs_no_backward_through_its_blocks(monkeypatch):

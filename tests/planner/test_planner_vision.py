@@ -188,8 +188,9 @@ def test_vlm_dpo_counts_each_pairs_images_once_per_side():
     assert dpo.tokens_per_micro_batch == 2 * 2 * 1024
 
 
-def test_vision_graphs_keep_one_tower_block_backward_in_their_pool():
-    """The VLM graphs on a GPU: Qwen2.5-VL's adapted tower graphed, its pool holding one block's
+def test_vision_graphs_keep_one_tower_block_backward_in_their_pool(monkeypatch):
+    """The VLM graphs on a GPU, each stack in a pool of its own (SFTOP_SHARED_GRAPH_POOL=0; the
+    shared pool is the next test's): Qwen2.5-VL's adapted tower graphed, its pool holding one block's
     backward (the recomputed block's saved tensors, their gradients and its working set: measured
     373 MiB at this shape, 2026-12-07) beside the block inputs, also where the layers are sized as
     stock (the planner sizes a VLM's layers so while the run patches them; the language layers'
@@ -199,6 +200,7 @@ def test_vision_graphs_keep_one_tower_block_backward_in_their_pool():
     shape = ModelShape.from_config(QWEN25_VL_3B)
     load = ImageLoad.from_rows([256] * 8)
     adapted = VisionTraining.from_parts(["language", "vision", "attention", "mlp"])
+    monkeypatch.setenv("SFTOP_SHARED_GRAPH_POOL", "0")
 
     def est(**kw):
         setup = dict(dtype="bf16", checkpointing="on", kernels=True, images=load, vision_training=adapted)
@@ -230,6 +232,31 @@ def test_vision_graphs_keep_one_tower_block_backward_in_their_pool():
         assert "vision_graph_pool" not in terms, kw
         # the language layers' pool goes with them, except beside a frozen tower
         assert ("graph_pool" in terms) == ("vision_training" in kw), kw
+
+
+def test_the_tower_graphs_count_only_beyond_the_language_layers_pool_they_share(monkeypatch):
+    """One pool for the tower's and the language layers' graphs (kernels/nested_graphs.py): the
+    tower's working set counts only where it outgrows the language layers'; packed rows (the
+    language layers eager) leave the tower a pool of its own."""
+    shape = ModelShape.from_config(QWEN25_VL_3B)
+    adapted = VisionTraining.from_parts(["language", "vision", "attention", "mlp"])
+
+    def est(images, shared, **kw):
+        monkeypatch.setenv("SFTOP_SHARED_GRAPH_POOL", "1" if shared else "0")
+        setup = Setup(dtype="bf16", checkpointing="offload", kernels=True, images=images, vision_training=adapted)
+        return estimate(shape, replace(setup, vision_graphs=True, **kw), 4 * 1024, seq_len=1024)
+
+    for images, beyond in ((ImageLoad.from_rows([256] * 8), False), (ImageLoad.from_rows([1024] * 8), True)):
+        apart, shared = est(images, False), est(images, True)
+        tower, language = apart.terms["vision_graph_pool"], apart.terms["graph_pool"]
+        assert shared.terms["graph_pool"] == language > 0
+        assert shared.terms["vision_graph_pool"] == max(0, tower - language)
+        assert (tower > language) is beyond  # at 1,024 image tokens a row the tower's set is the larger
+        assert apart.allocated_bytes - shared.allocated_bytes == min(tower, language)
+        assert any("share the language layers' pool" in n for n in shared.notes)
+    packed_apart, packed = est(images, False, packed=True), est(images, True, packed=True)
+    assert "graph_pool" not in packed.terms
+    assert packed.terms["vision_graph_pool"] == packed_apart.terms["vision_graph_pool"] > 0
 
 
 def test_vision_graphs_keep_the_language_layers_transients_in_their_pool_for_unpacked_rows():
@@ -360,7 +387,7 @@ def test_a_vlm_with_graphs_takes_the_small_logits_chunk(monkeypatch, graphs):
     if graphs:
         assert plan.loss_chunk_mib == 64
         assert notes == [
-            "the loss computes its logits in 64 MiB chunks: it runs beside the vision-language graphs' pools"
+            "the loss computes its logits in 64 MiB chunks: it runs inside the vision-language graphs, in their pool"
         ]
     else:
         assert plan.loss_chunk_mib is None and notes == []

@@ -607,6 +607,8 @@ def estimate(
             f"CUDA graphs keep {pool / GIB:.2f} GiB of step transients in their pool for replay; a batch of "
             "a length not captured yet runs eagerly beside it"
         )
+    if "vision_graph_pool" in terms:
+        _share_vision_graph_pool(terms, notes)
     allocated = sum(terms.values())
     dynamic = allocated - terms["weights"] - terms["lora_params"]
     terms["allocator_margin"] = int(ALLOCATOR_MARGIN * dynamic)
@@ -683,6 +685,25 @@ def _language_graph_pool(shape: ModelShape, setup: Setup, tokens: int, seq_len: 
     return eager.allocated_bytes - sum(eager.terms.get(k, 0) for k in _STATIC_TERMS) + eager.terms["lora_grads"]
 
 
+def _share_vision_graph_pool(terms: dict[str, int], notes: list[str]) -> None:
+    """The tower's graphs share the language layers' pool (sftop/kernels/nested_graphs.py; unless
+    SFTOP_SHARED_GRAPH_POOL=0) wherever both replay: the tower's steps run before and after the
+    language layers', never beside them, so the one pool holds the larger of the two working sets
+    and the tower's counts only beyond the language layers' (measured apart on Qwen2.5-VL-3B NF4
+    under offload, 2026-12-07: 373 and 406 MiB idle, docs/benchmarks.md)."""
+    from sftop.kernels.nested_graphs import sharing_enabled
+
+    tower, language = terms["vision_graph_pool"], terms.get("graph_pool", 0)
+    if language and sharing_enabled():
+        terms["vision_graph_pool"] = max(0, tower - language)
+        notes.append(
+            f"the vision tower's CUDA graphs share the language layers' pool: {terms['vision_graph_pool'] / GIB:.2f} "
+            f"GiB more for its working set ({tower / GIB:.2f} GiB)"
+        )
+    else:
+        notes.append(f"the vision tower's CUDA graphs keep {tower / GIB:.2f} GiB of its working set in their pool")
+
+
 def _add_image_terms(terms: dict[str, int], shape: ModelShape, setup: Setup, rows: int, notes: list[str]) -> None:
     """A VLM's pixels, vision tower and projector (sftop.engine.planner.vision), sized for the
     micro-batch of `rows` rows with the most image tokens."""
@@ -711,9 +732,6 @@ def _add_image_terms(terms: dict[str, int], shape: ModelShape, setup: Setup, row
 
         patches = image_tokens * shape.vision.patches_per_token
         terms["vision_graph_pool"] = patches * layer_backward_bytes_per_patch(shape.vision, DTYPE_BYTES[setup.dtype])
-        notes.append(
-            f"the vision tower's CUDA graphs keep {terms['vision_graph_pool'] / GIB:.2f} GiB of its working set in their pool"
-        )
     if transient > text_dynamic:
         # the vision tower's forward is the step's peak: what it needs beyond the text terms
         terms["vision_forward_transient"] = transient - text_dynamic

@@ -421,8 +421,8 @@ def _candidate(ctx: PlanContext, checkpointing: Checkpointing, micro_batch: int,
         setup = replace(setup, loss_chunk_bytes=SMALL_LOSS_CHUNK)
         est, allocated, device = _sized(ctx, setup, tokens, sequences)
         est.notes.append(
-            f"the loss computes its logits in {SMALL_LOSS_CHUNK >> 20} MiB chunks: it runs beside the "
-            "vision-language graphs' pools"
+            f"the loss computes its logits in {SMALL_LOSS_CHUNK >> 20} MiB chunks: it runs inside the "
+            "vision-language graphs, in their pool"
         )
     if (
         graphs

@@ -25,6 +25,10 @@ allocations live at its peak, 64 MiB of them the logits chunk, docs/benchmarks.m
 take blocks of the pool the layers' forward has freed by then.  The text model then returns no
 hidden states (`last_hidden_state` None): only the loss part, which asked, reads the output.
 
+The tower's graphs and these share one memory pool for their first captured step (the tower's
+replays wrap these: nested_graphs.py), which holds the larger of the two steps' transients where
+a pool each held both.
+
 On with the tower's graphs (`SFTOP_VISION_GRAPHS=0` turns both off).  Eager for packed rows
 (their fourth row of text positions marks the samples for the packed attention, which reads the
 boundaries on the host), caches, sliding-window layers, reentrant checkpoints, transformers'
@@ -91,6 +95,7 @@ def find_language_models(model: nn.Module) -> list[nn.Module]:
 def patch_language_graphs(model: nn.Module) -> str:
     """Install the part on every Qwen2.5-VL text model inside `model`; "fused" or "stock: why"."""
     from ..cuda_graphs import StepGraphs, no_rng_stash
+    from ..nested_graphs import nest
 
     found = find_language_models(model)
     if not found:
@@ -110,6 +115,11 @@ def patch_language_graphs(model: nn.Module) -> str:
         if M.LANGUAGE_GRAPHS not in lm.__dict__:
             lm.__dict__[M.LANGUAGE_GRAPHS] = StepGraphs(no_rng_stash(lm))
         set_forward(lm, _forward, "language_graphs")
+    towers = [m.__dict__[M.TOWER_GRAPHS] for m in model.modules() if M.TOWER_GRAPHS in m.__dict__]
+    if len(found) == 1 and len(towers) == 1:
+        # the tower's replays wrap the language layers' (its forward before, its backward after):
+        # one memory pool for both (nested_graphs.py)
+        nest(leader=towers[0], follower=found[0].__dict__[M.LANGUAGE_GRAPHS])
     return FUSED
 
 
