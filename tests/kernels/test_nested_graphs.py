@@ -14,6 +14,11 @@ from sftop.kernels import cuda_graphs as cg
 from sftop.kernels import nested_graphs as NG
 
 
+@pytest.fixture(autouse=True)
+def sharing_on(monkeypatch):
+    monkeypatch.setenv("SFTOP_SHARED_GRAPH_POOL", "1")
+
+
 @pytest.fixture
 def handles(monkeypatch):
     counter = itertools.count(1)

@@ -242,6 +242,7 @@ def test_the_first_captures_of_tower_and_language_layers_share_one_pool(monkeypa
     first backward, closes it.  Gradient accumulation over two micro-batches a step still gives the
     eager model's gradients (every member's .grad moved off the shared static buffers before any
     member replays).  Switched off, each stack keeps a pool of its own."""
+    monkeypatch.setenv("SFTOP_SHARED_GRAPH_POOL", "1")
     model, graphed, batch, tower_graphs, language_graphs = _qwen_vlm(monkeypatch)
     group = tower_graphs.group
     assert group is not None and group is language_graphs.group and group.leader is tower_graphs
@@ -279,6 +280,7 @@ def test_dpo_forwards_reference_then_policy_through_both_graph_parts(monkeypatch
     LoRA gradient equal the eager model's."""
     from sftop.kernels.patching.logprob_head import install_logprob_head
 
+    monkeypatch.setenv("SFTOP_SHARED_GRAPH_POOL", "1")
     model, graphed, batch, tower_graphs, language_graphs = _qwen_vlm(monkeypatch)
     labels = batch.pop("labels")
     for m in (model, graphed):
@@ -482,6 +484,7 @@ def test_gpu_accumulated_vlm_steps_through_one_shared_pool(monkeypatch):
     from sftop.kernels import checkpoint_offload as co
 
     monkeypatch.setattr(co, "DEFAULT_MIN_BYTES", 0)
+    monkeypatch.setenv("SFTOP_SHARED_GRAPH_POOL", "1")
     model, graphed, batch, tower_graphs, language_graphs = _qwen_vlm(monkeypatch, "cuda", torch.bfloat16)
     for m in (model, graphed):
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=m is graphed)
