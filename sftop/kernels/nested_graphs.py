@@ -48,33 +48,27 @@ def sharing_enabled() -> bool:
 
 
 class NestedPools:
-    """The shared pool of a leader `StepGraphs` and the followers whose replays nest inside its
+    """The shared pool of a leader `StepGraphs` and the follower whose replays nest inside its
     forward and backward; see the module docstring.  Holds only the policy and the pool handle:
     the captures and replays stay each member's."""
 
-    def __init__(self, new_pool=None) -> None:
-        self._new_pool = new_pool  # a factory of pool handles (torch.cuda.graph_pool_handle)
-        self.leader: Any = None
-        self.followers: list[Any] = []
+    def __init__(self, leader, follower) -> None:
+        self.leader: Any = leader
+        self.follower: Any = follower
+        self.members = (leader, follower)
         self.state = UNUSED
         self.pool = None
-
-    @property
-    def members(self) -> list[Any]:
-        return ([self.leader] if self.leader is not None else []) + self.followers
 
     def training_pool(self, graphs) -> tuple[Any, bool]:
         """The pool a training capture of `graphs` goes to, and whether its backward waits (the
         leader's, opening the cycle); (None, False): its private pool."""
         if graphs is self.leader and self.state == UNUSED:
-            if self._new_pool is None:
-                import torch
+            import torch
 
-                self._new_pool = torch.cuda.graph_pool_handle
-            self.pool = self._new_pool()
+            self.pool = torch.cuda.graph_pool_handle()
             self.state = OPEN
             return self.pool, True
-        if graphs in self.followers and self.state == OPEN:
+        if graphs is self.follower and self.state == OPEN:
             return self.pool, False
         return None, False
 
@@ -106,7 +100,6 @@ def nest(leader, follower) -> NestedPools | None:
     already belongs to a group; the group, or None."""
     if not sharing_enabled() or leader.group is not None or follower.group is not None:
         return None
-    group = NestedPools()
-    group.leader, group.followers = leader, [follower]
+    group = NestedPools(leader, follower)
     leader.group = follower.group = group
     return group
