@@ -212,6 +212,14 @@ def _vlm_step(model, batch):
     return out.loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _accumulated_step(model, batch, micro_batches: int = 2):
+    """The LoRA gradients of `micro_batches` backward passes over `batch`, accumulated in .grad."""
+    model.zero_grad(set_to_none=True)
+    for _ in range(micro_batches):
+        model(**batch, use_cache=False).loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def test_a_whole_vlm_step_with_the_tower_and_language_layers_graphed(monkeypatch, rerun_captures):
     """With both graph parts the loss and every LoRA gradient equal the eager model's over three
     steps, the tower's adapters learning through the gradient the language layers hand back."""
@@ -247,14 +255,8 @@ def test_the_first_captures_of_tower_and_language_layers_share_one_pool(monkeypa
     group = tower_graphs.group
     assert group is not None and group is language_graphs.group and group.leader is tower_graphs
 
-    def accumulated(m):
-        m.zero_grad(set_to_none=True)
-        for _ in range(2):
-            m(**batch, use_cache=False).loss.backward()
-        return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
-
     for step in range(3):
-        grads_e, grads_g = accumulated(model), accumulated(graphed)
+        grads_e, grads_g = _accumulated_step(model, batch), _accumulated_step(graphed, batch)
         assert grads_g.keys() == grads_e.keys(), step
         for n in grads_e:
             assert rel_err(grads_g[n], grads_e[n]) < 1e-5, (step, n)
@@ -489,14 +491,8 @@ def test_gpu_accumulated_vlm_steps_through_one_shared_pool(monkeypatch):
     for m in (model, graphed):
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=m is graphed)
 
-    def accumulated(m):
-        m.zero_grad(set_to_none=True)
-        for _ in range(2):
-            m(**batch, use_cache=False).loss.backward()
-        return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
-
     for step in range(3):
-        grads_e, grads_g = accumulated(model), accumulated(graphed)
+        grads_e, grads_g = _accumulated_step(model, batch), _accumulated_step(graphed, batch)
         assert grads_g.keys() == grads_e.keys() and any(".visual." in n for n in grads_e), step
         for n in grads_e:
             assert rel_err(grads_g[n], grads_e[n]) < 2e-2, (step, n)
