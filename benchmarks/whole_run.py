@@ -411,7 +411,25 @@ def read_sftop_events(run_dir: Path) -> dict:
         result["final_loss"] = steps[-1].get("loss")
     if finished:
         result["runtime_s"] = finished.get("runtime_s")
+        if finished.get("graphs"):
+            result["graphs"] = finished["graphs"]
     return result
+
+
+def graphs_line(name: str, row: dict) -> str | None:
+    """Where a row's CUDA graph captures went: a short run's rate depends on what they cost."""
+    g = row.get("graphs")
+    if not g:
+        return None
+    train_s = row.get("train_s")
+    share = f" ({g['capture_s'] / train_s:.0%} of the train time)" if train_s else ""
+    phases = ", ".join(f"{phase} {s:.2f} s" for phase, s in g["capture_s_by_phase"].items())
+    return (
+        f"{name} CUDA graphs: {g['captures']} captured in {g['capture_s']:.2f} s{share} ({phases}); "
+        f"{g['replays']} replays, {g['eager_calls']} eager calls"
+        + (f"; {len(g['failures'])} refused or failed: {g['failures'][0]}" if g["failures"] else "")
+        + "."
+    )
 
 
 def run_sftop(
@@ -989,6 +1007,10 @@ def write_markdown(out: Path, report: dict) -> None:
             f"sftop / TRL useful tokens/s: {report['speedup_vs_trl']:.2f}x "
             "(target: at least 7.5x; the peers on one H100, docs/peers.md: TRL+PEFT 1,816, Unsloth 3,396).",
         ]
+    for name in report.get("sftop_rows", []):
+        line = graphs_line(name, report.get(name) or {})
+        if line:
+            lines += ["", line]
     for name in report.get("sftop_rows", []):
         if (report.get(name) or {}).get("profile"):
             lines += ["", *profile_lines(name, report[name]["profile"])]

@@ -138,6 +138,9 @@ class RunFinished(Event):
     final_loss: float | None
     adapter_path: str | None
     runtime_s: float
+    # what sftop's CUDA graphs did (shapes captured, replays, eager calls, capture seconds); None
+    # where the run used none
+    graphs: dict[str, Any] | None = None
     type: str = field(init=False, default="run_finished")
 
 

@@ -72,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import time
 import warnings
 from typing import Any
 from dataclasses import dataclass, field
@@ -117,12 +118,33 @@ def several_processes() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+CAPTURE_PHASES = ("warm_up", "clean_up", "forward", "backward")
+
+
 @dataclass
 class GraphStats:
     eager_calls: int = 0
     captures: int = 0
     replays: int = 0
     failures: list[str] = field(default_factory=list)
+    # host seconds the captures took, by phase (CAPTURE_PHASES): a capture step costs several eager
+    # steps, and a short run's rate depends on how many it makes (docs/benchmarks.md, whole runs)
+    capture_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CAPTURE_PHASES, 0.0))
+
+    def timed(self, phase: str):
+        """A context that adds its wall time to `phase`."""
+        return _Timed(self.capture_seconds, phase)
+
+
+class _Timed:
+    def __init__(self, into: dict[str, float], phase: str):
+        self.into, self.phase = into, phase
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.into[self.phase] += time.perf_counter() - self.t0
 
 
 class StaleGraphBackward(RuntimeError):
@@ -206,7 +228,9 @@ class CapturedStep:
         grad_inputs: tuple[int, ...] = (),
         warm_up_runs: int = WARMUP_RUNS,
         defer_backward: bool = False,
+        stats: GraphStats | None = None,
     ):
+        self.stats = stats or GraphStats()
         self.n_inputs = len(inputs)
         self.slots, self.pool = slots, pool
         self.backward = backward
@@ -222,29 +246,31 @@ class CapturedStep:
         moved = None
         warm_pool = pool if warm_up_in_pool and not backward else None
         before_warm_up = torch.cuda.memory_allocated()
-        with no_rng_stash(), causal_masks_skipped(), torch.cuda.stream(side), _allocating_into(warm_pool):
-            for run in range(warm_up_runs):
-                last = run == warm_up_runs - 1 and backward
-                with offload.recording_offloads() if last else contextlib.nullcontext() as moved:
-                    outs = _as_tuple(fn(*self.static_inputs))
-                if backward:
-                    torch.autograd.grad(
-                        outs[0], params + wrt_inputs, grad_outputs=torch.ones_like(outs[0]), allow_unused=True
-                    )
-                del outs
-        torch.cuda.current_stream().wait_stream(side)
-        # offloaded checkpoints (checkpoint_offload.py): the replays copy into these pinned buffers
-        self.host_buffers = offload.reserve_host_buffers(moved) if backward else []
-        torch.cuda.synchronize()
-        collect_warm_up_garbage(before_warm_up)
-        # the warm-up's blocks sit in the ordinary cache; the pool can't use them
-        torch.cuda.empty_cache()
+        with self.stats.timed("warm_up"):
+            with no_rng_stash(), causal_masks_skipped(), torch.cuda.stream(side), _allocating_into(warm_pool):
+                for run in range(warm_up_runs):
+                    last = run == warm_up_runs - 1 and backward
+                    with offload.recording_offloads() if last else contextlib.nullcontext() as moved:
+                        outs = _as_tuple(fn(*self.static_inputs))
+                    if backward:
+                        torch.autograd.grad(
+                            outs[0], params + wrt_inputs, grad_outputs=torch.ones_like(outs[0]), allow_unused=True
+                        )
+                    del outs
+            torch.cuda.current_stream().wait_stream(side)
+            # offloaded checkpoints (checkpoint_offload.py): the replays copy into these pinned buffers
+            self.host_buffers = offload.reserve_host_buffers(moved) if backward else []
+            torch.cuda.synchronize()
+        with self.stats.timed("clean_up"):
+            collect_warm_up_garbage(before_warm_up)
+            # the warm-up's blocks sit in the ordinary cache; the pool can't use them
+            torch.cuda.empty_cache()
         self.fwd = torch.cuda.CUDAGraph()
         self.bwd: torch.cuda.CUDAGraph | None = None
         self.input_grads = []
         self.grads: list[torch.Tensor | None] = []
         self.grad_ptrs: set[int] = set()
-        with no_rng_stash(), causal_masks_skipped(), _no_garbage_collection():
+        with self.stats.timed("forward"), no_rng_stash(), causal_masks_skipped(), _no_garbage_collection():
             with torch.cuda.graph(self.fwd, pool=pool, stream=side), _aliased(slots) as aliases:
                 with offload.offloading_into(self.host_buffers) if backward else contextlib.nullcontext():
                     outs = _as_tuple(fn(*self.static_inputs))
@@ -273,7 +299,7 @@ class CapturedStep:
         out, aliases, wrt_inputs, pool, side, no_rng_stash, grad_buffers = self._pending
         self._pending = None
         self.bwd = torch.cuda.CUDAGraph()
-        with no_rng_stash(), causal_masks_skipped(), _no_garbage_collection():
+        with self.stats.timed("backward"), no_rng_stash(), causal_masks_skipped(), _no_garbage_collection():
             with torch.cuda.graph(self.bwd, pool=pool, stream=side):
                 made = torch.autograd.grad(out, [*aliases, *wrt_inputs], grad_outputs=self.grad_out, allow_unused=True)
                 grads = _into_shared(made[: len(aliases)], grad_buffers)
@@ -605,6 +631,7 @@ class StepGraphs:
                 grad_inputs=tuple(grad_inputs),
                 warm_up_runs=WARMUP_RUNS if self.stats.captures == 0 else LATER_WARMUP_RUNS,
                 defer_backward=defer,
+                stats=self.stats,
             )
         except Exception as exc:  # noqa: BLE001 - an uncapturable model keeps training eagerly
             if defer and self.group is not None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import compat, cuda_graphs
-from .cuda_graphs import StepGraphs, no_rng_stash
+from .cuda_graphs import CAPTURE_PHASES, StepGraphs, no_rng_stash
 from .patching import markers as M
 from .graph_layout import keyed_slots, layout_of
 from .varlen_attention import NAME as VARLEN
@@ -162,26 +162,48 @@ def mark_rows_given(model: nn.Module, inputs: dict) -> None:
         rows_given(positions)
 
 
-def release_graphs(model: nn.Module) -> None:
-    """Drop every CUDA graph captured for `model` (fixed-shape, packed, DPO's log-prob steps, a
-    vision-language model's tower blocks and language layers) with the memory pools they keep:
-    after an out-of-memory error the run goes on with a smaller plan, which needs that memory and
-    captures its own shapes again where there is room."""
+def step_graphs_of(model: nn.Module) -> list[StepGraphs]:
+    """Every `StepGraphs` sftop's patches hung on `model`: fixed-shape, packed, DPO's log-prob steps,
+    a vision-language model's tower blocks and language layers."""
     lm = causal_lm(model)
-    for name in (M.GRAPHS, _PACKED_GRAPHS):
-        graphs = lm.__dict__.get(name)
-        if isinstance(graphs, StepGraphs):
-            graphs.release()
+    found = [g for name in (M.GRAPHS, _PACKED_GRAPHS) if isinstance(g := lm.__dict__.get(name), StepGraphs)]
+    logprob = lm.__dict__.get(M.LOGPROB_GRAPHS)
+    if logprob is not None and isinstance(getattr(logprob, "steps", None), StepGraphs):
+        found.append(logprob.steps)
+    for module in lm.modules():  # a vision-language model's tower and language layers (patching/*_graphs.py)
+        found += [
+            g for name in (M.TOWER_GRAPHS, M.LANGUAGE_GRAPHS) if isinstance(g := module.__dict__.get(name), StepGraphs)
+        ]
+    return list({id(g): g for g in found}.values())
+
+
+def release_graphs(model: nn.Module) -> None:
+    """Drop every CUDA graph captured for `model` with the memory pools they keep: after an
+    out-of-memory error the run goes on with a smaller plan, which needs that memory and captures
+    its own shapes again where there is room."""
+    for graphs in step_graphs_of(model):
+        graphs.release()
     # DPO's (logprob_graphs.LogprobGraphs): its steps and the last batch check go; the next graphed
     # call starts a fresh one
-    logprob = lm.__dict__.pop(M.LOGPROB_GRAPHS, None)
-    if logprob is not None and isinstance(getattr(logprob, "steps", None), StepGraphs):
-        logprob.steps.release()
-    for module in lm.modules():  # a vision-language model's tower and language layers (patching/*_graphs.py)
-        for name in (M.TOWER_GRAPHS, M.LANGUAGE_GRAPHS):
-            graphs = module.__dict__.get(name)
-            if isinstance(graphs, StepGraphs):
-                graphs.release()
+    causal_lm(model).__dict__.pop(M.LOGPROB_GRAPHS, None)
+
+
+def graphs_summary(model: nn.Module) -> dict | None:
+    """What `model`'s CUDA graphs did over a run, summed over all of them, or None where nothing
+    used them: shapes captured, replays, calls run eagerly, failures, and the host seconds the
+    captures took by phase (cuda_graphs.CAPTURE_PHASES)."""
+    all_stats = [g.stats for g in step_graphs_of(model)]
+    if not any(s.captures or s.replays or s.eager_calls or s.failures for s in all_stats):
+        return None
+    seconds = {phase: round(sum(s.capture_seconds[phase] for s in all_stats), 3) for phase in CAPTURE_PHASES}
+    return {
+        "captures": sum(s.captures for s in all_stats),
+        "replays": sum(s.replays for s in all_stats),
+        "eager_calls": sum(s.eager_calls for s in all_stats),
+        "failures": [why for s in all_stats for why in s.failures],
+        "capture_s": round(sum(seconds.values()), 3),
+        "capture_s_by_phase": seconds,
+    }
 
 
 def packed_graph_stats(model: nn.Module):

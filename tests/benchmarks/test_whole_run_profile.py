@@ -112,3 +112,26 @@ def test_a_trace_with_stacks_says_where_the_gpu_waited(tmp_path):
     # without stacks the trace is not read for gaps
     (profile_dir / SUMMARY).write_text(json.dumps({**summary, "stacks": False}))
     assert "idle_gaps" not in whole_run.read_profile(profile_dir, run_dir)
+
+
+def test_the_row_says_what_its_graph_captures_cost(tmp_path):
+    graphs = {
+        "captures": 8,
+        "replays": 110,
+        "eager_calls": 7,
+        "failures": [],
+        "capture_s": 8.5,
+        "capture_s_by_phase": {"warm_up": 2.0, "clean_up": 0.5, "forward": 2.5, "backward": 3.5},
+    }
+    with EventWriter(tmp_path / "events.jsonl") as writer:
+        writer.write({"type": "run_started", "plan": {"micro_batch": 8, "grad_accum": 1}})
+        writer.write({"type": "step", "step": 1, "loss": 1.0, "tokens_per_s": 100.0})
+        writer.write({"type": "run_finished", "step": 1, "runtime_s": 20.0, "graphs": graphs})
+    row = whole_run.read_sftop_events(tmp_path)
+    assert row["graphs"] == graphs
+    row["train_s"] = 17.0
+    assert whole_run.graphs_line("sftop", row) == (
+        "sftop CUDA graphs: 8 captured in 8.50 s (50% of the train time) (warm_up 2.00 s, clean_up 0.50 s, "
+        "forward 2.50 s, backward 3.50 s); 110 replays, 7 eager calls."
+    )
+    assert whole_run.graphs_line("sftop", {}) is None  # an eager run, or one from before the summary

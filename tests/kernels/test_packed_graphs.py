@@ -14,7 +14,16 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 import sftop.kernels as K
 from sftop.engine.train.buckets import PADDING_ROWS, PADDING_TOKENS, BucketedCollator
 from sftop.kernels import cuda_graphs as cg
-from sftop.kernels.packed_graphs import packed_graph_stats, packed_graphed_loss, padded_boundaries
+from sftop.kernels.packed_graphs import (
+    _PACKED_GRAPHS,
+    causal_lm,
+    graphs_summary,
+    packed_graph_stats,
+    packed_graphed_loss,
+    padded_boundaries,
+    release_graphs,
+)
+from sftop.kernels.patching import markers as M
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -24,6 +33,34 @@ def test_row_boundaries_are_padded_with_empty_rows():
     assert padded_boundaries(cu).tolist() == [0, 3, 5, 8, 8, 8, 8, 8]
     assert padded_boundaries(torch.arange(8)).tolist() == list(range(8))
     assert padded_boundaries(torch.arange(9), multiple=4).tolist() == list(range(9)) + [8, 8, 8]
+
+
+def test_a_runs_graph_summary_adds_up_every_graph_set_once():
+    m = tiny_model("llama")
+    assert graphs_summary(m) is None  # nothing patched: no graphs
+    lm = causal_lm(m)
+    fixed, packed = cg.StepGraphs(), cg.StepGraphs()
+    lm.__dict__[M.GRAPHS] = fixed
+    assert graphs_summary(m) is None  # patched, but no call reached the graphs
+    lm.__dict__[_PACKED_GRAPHS] = packed
+    tower = lm.model.layers[0]
+    tower.__dict__[M.TOWER_GRAPHS] = packed  # the same set reached twice counts once
+    fixed.stats.eager_calls, fixed.stats.captures, fixed.stats.replays = 2, 1, 30
+    fixed.stats.capture_seconds.update(warm_up=0.25, clean_up=0.125, forward=0.5, backward=0.75)
+    packed.stats.eager_calls, packed.stats.captures, packed.stats.replays = 5, 3, 40
+    packed.stats.failures.append("no room")
+    packed.stats.capture_seconds.update(warm_up=1.0, forward=0.5)
+    summary = graphs_summary(m)
+    assert summary == {
+        "captures": 4,
+        "replays": 70,
+        "eager_calls": 7,
+        "failures": ["no room"],
+        "capture_s": 3.125,
+        "capture_s_by_phase": {"warm_up": 1.25, "clean_up": 0.125, "forward": 1.0, "backward": 0.75},
+    }
+    release_graphs(m)  # dropping the graphs keeps what they did: a step-down's run still reports it
+    assert graphs_summary(m)["captures"] == 4
 
 
 def test_a_cpu_model_always_runs_eagerly():
@@ -102,6 +139,11 @@ def test_bucketed_graphs_match_eager_on_packed_batches(monkeypatch):
     stats = packed_graph_stats(graphed)
     assert stats.captures >= 1 and stats.replays >= 1 and not stats.failures, stats
     assert stats.eager_calls + stats.replays == len(batches)
+    # every phase of a training capture took host time, and the run's summary counts it
+    assert all(stats.capture_seconds[phase] > 0 for phase in cg.CAPTURE_PHASES), stats.capture_seconds
+    summary = graphs_summary(graphed)
+    assert (summary["captures"], summary["replays"]) == (stats.captures, stats.replays)
+    assert summary["capture_s"] == pytest.approx(sum(stats.capture_seconds.values()), abs=5e-3)
     (l_e, g_e), (l_g, g_g) = ref, got
     for a, b in zip(l_e, l_g):
         assert abs(a - b) <= 2e-2 * abs(a), (l_e, l_g)

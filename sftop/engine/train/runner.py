@@ -189,6 +189,26 @@ def release_cuda_graphs(model) -> None:
     release_graphs(model)
 
 
+def cuda_graphs_summary(model) -> dict | None:
+    """What sftop's CUDA graphs of `model` did over the run (packed_graphs.graphs_summary), or None."""
+    try:
+        from sftop.kernels.packed_graphs import graphs_summary
+    except ImportError:  # no Triton, so no kernels and no graphs
+        return None
+    return graphs_summary(model)
+
+
+def graphs_line(summary: dict) -> str:
+    """One line for the trainer's log: a run's captures cost several eager steps each."""
+    line = (
+        f"sftop: CUDA graphs: {summary['captures']} captured in {summary['capture_s']:.1f} s, "
+        f"{summary['replays']} replays, {summary['eager_calls']} eager calls"
+    )
+    if summary["failures"]:
+        line += f"; {len(summary['failures'])} refused or failed (first: {summary['failures'][0]})"
+    return line
+
+
 class _Run:
     def __init__(self, preset, run_dir: RunDir, writer: EventWriter, resume: bool):
         self.preset = preset
@@ -940,6 +960,9 @@ class _Run:
             return 0
         adapter = self.save_adapter()
         loss = "n/a" if events.last_loss is None else f"{events.last_loss:.4f}"
+        graphs = cuda_graphs_summary(self.model)
+        if graphs is not None:
+            print(graphs_line(graphs), flush=True)
         print(f"sftop: finished at step {step}, final loss {loss}; adapter saved to {adapter}", flush=True)
         self.writer.write(
             RunFinished(
@@ -947,6 +970,7 @@ class _Run:
                 final_loss=events.last_loss,
                 adapter_path=str(adapter),
                 runtime_s=round(time.time() - self.t0, 2),
+                graphs=graphs,
             )
         )
         return 0
