@@ -310,8 +310,12 @@ class CapturedStep:
         self.grad_ptrs = {g.data_ptr() for g in self.grads if g is not None}
 
     def load(self, inputs) -> None:
+        # through `.data`, which leaves the buffers' version counters alone: a deferred backward
+        # capture (nested_graphs.py) differentiates the capture's own forward graph after the first
+        # replay has loaded its inputs, and autograd would take that load for an in-place change of
+        # a tensor the forward saved.  It is none: the replays read the buffers afresh every time.
         for dst, src in zip(self.static_inputs, inputs):
-            dst.copy_(src)
+            dst.data.copy_(src)
 
     def handed_out_input_grads(self) -> list[torch.Tensor | None]:
         """One gradient per input (None where the capture took none): copies, which autograd passes

@@ -20,13 +20,19 @@ class RerunStep(cg.CapturedStep):
     def __init__(self, fn, inputs, slots, backward, grad_inputs=(), pool=None, defer_backward=False):
         self.fn, self.n_inputs, self.backward = fn, len(inputs), backward
         self.slots, self.pool = slots, pool
-        # a backward whose capture waits (nested_graphs.py): nothing to capture here but the flag
-        self._pending = True if backward and defer_backward else None
         self.grad_inputs = tuple(grad_inputs)
         self.static_inputs = [t.detach().clone() for t in inputs]
         for i in self.grad_inputs:
             self.static_inputs[i].requires_grad_()
         self.params = [p for _m, _n, p in slots]
+        # a backward whose capture waits (nested_graphs.py): as on a GPU, the capture's own forward
+        # keeps its autograd graph until then, and the backward capture differentiates that graph,
+        # so anything written in place into what it saved in between fails here as it would there
+        self._pending = None
+        if backward and defer_backward:
+            with torch.enable_grad():
+                out = fn(*self.static_inputs)
+            self._pending = out[0] if isinstance(out, (tuple, list)) else out
         self.outputs, self.grads, self.grad_ptrs, self.grad_out = [], [], set(), None
         self.input_grads = []
         self.fwd = types.SimpleNamespace(replay=self._forward)
@@ -34,7 +40,9 @@ class RerunStep(cg.CapturedStep):
 
     def capture_backward(self):
         assert self._pending is not None
-        self._pending = None
+        out, self._pending = self._pending, None
+        wrt = self.params + [self.static_inputs[i] for i in self.grad_inputs]
+        torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
 
     def _forward(self):
         with torch.enable_grad() if self.backward else torch.no_grad():
