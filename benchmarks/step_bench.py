@@ -300,8 +300,8 @@ def _build(args, path: str):
             os.environ["SFTOP_VISION_GRAPHS"] = "1"
         if path == "sftop-no-vision-graphs":  # a VLM's step without them, for the ratio
             os.environ["SFTOP_VISION_GRAPHS"] = "0"
-        if path == "sftop-shared-pool":  # a VLM's tower and language graphs in one memory pool
-            os.environ["SFTOP_SHARED_GRAPH_POOL"] = "1"
+        if path == "sftop-pool-each":  # a VLM's tower and language graphs each in a pool of its own
+            os.environ["SFTOP_SHARED_GRAPH_POOL"] = "0"
         if path == "sftop-small-loss-chunk" or _graphed_vlm(args.model, path):
             # the fused loss in the planner's small logits chunks; a VLM with its graphs always takes
             # them, as `sftop run`'s plan does (docs/planner.md)
@@ -634,7 +634,7 @@ PATHS = (
     "sftop-language",
     "sftop-tower-graphs",
     "sftop-no-vision-graphs",
-    "sftop-shared-pool",
+    "sftop-pool-each",
     "sftop-small-loss-chunk",
     "sftop-default-loss-chunk",
     "unsloth",
@@ -683,8 +683,8 @@ def main(argv=None) -> int:
         "sftop-tower-graphs (vision shapes: sftop with the tower's blocks and the language layers replayed "
         "from CUDA graphs, named: SFTOP_VISION_GRAPHS=1, the default), "
         "sftop-no-vision-graphs (vision shapes: sftop with those graphs off: SFTOP_VISION_GRAPHS=0), "
-        "sftop-shared-pool (vision shapes: those graphs in one memory pool, SFTOP_SHARED_GRAPH_POOL=1, "
-        "instead of a pool each), "
+        "sftop-pool-each (vision shapes: those graphs in a memory pool each, SFTOP_SHARED_GRAPH_POOL=0, "
+        "instead of the one they share), "
         "sftop-small-loss-chunk (sftop with the fused loss's logits in 64 MiB chunks, the planner's small "
         "chunk, instead of 256 MiB; a vision shape's sftop path takes them already while its graphs are on, "
         "as `sftop run` does), sftop-default-loss-chunk (vision shapes: sftop with 256 MiB chunks), "

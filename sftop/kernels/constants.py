@@ -37,7 +37,7 @@ CUDA_GRAPHS_ENV = "SFTOP_CUDA_GRAPHS"
 # a Qwen2.5-VL model's tower and language graphs (patching/vision_graphs.py, language_graphs.py):
 # on unless set to 0
 VISION_GRAPHS_ENV = "SFTOP_VISION_GRAPHS"
-# their one shared memory pool (nested_graphs.py): off unless set to 1 (a pool per stack)
+# their one shared memory pool (nested_graphs.py): on unless set to 0, which keeps a pool per stack
 SHARED_GRAPH_POOL_ENV = "SFTOP_SHARED_GRAPH_POOL"
 
 # dh ([tokens, intermediate]) is the one intermediate-sized buffer the one-Function LoRA MLP's

@@ -30,8 +30,7 @@ backward (`any_armed`), when no free block holds anything a later replay reads. 
 member's replay may overwrite of the others' (the static gradients a .grad still points at
 during gradient accumulation) is moved out first for every member (`reclaim_all`).
 
-Off by default: the deferred backward capture (made from inside autograd's backward) has run on
-the CPU stand-in of the tests but not yet on a GPU.  `SFTOP_SHARED_GRAPH_POOL=1` turns it on."""
+`SFTOP_SHARED_GRAPH_POOL=0` keeps a pool per stack (for comparison)."""
 
 from __future__ import annotations
 
@@ -44,7 +43,7 @@ UNUSED, OPEN, CLOSED = "unused", "open", "closed"
 
 
 def sharing_enabled() -> bool:
-    return env_flag(SHARED_GRAPH_POOL_ENV, False)
+    return env_flag(SHARED_GRAPH_POOL_ENV, True)
 
 
 class NestedPools:

@@ -686,8 +686,8 @@ def _language_graph_pool(shape: ModelShape, setup: Setup, tokens: int, seq_len: 
 
 
 def _share_vision_graph_pool(terms: dict[str, int], notes: list[str]) -> None:
-    """The tower's graphs share the language layers' pool (sftop/kernels/nested_graphs.py; with
-    SFTOP_SHARED_GRAPH_POOL=1) wherever both replay: the tower's steps run before and after the
+    """The tower's graphs share the language layers' pool (sftop/kernels/nested_graphs.py; unless
+    SFTOP_SHARED_GRAPH_POOL=0) wherever both replay: the tower's steps run before and after the
     language layers', never beside them, so the one pool holds the larger of the two working sets
     and the tower's counts only beyond the language layers' (measured apart on Qwen2.5-VL-3B NF4
     under offload, 2026-12-07: 373 and 406 MiB idle, docs/benchmarks.md)."""

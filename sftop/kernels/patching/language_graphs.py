@@ -25,8 +25,8 @@ allocations live at its peak, 64 MiB of them the logits chunk, docs/benchmarks.m
 take blocks of the pool the layers' forward has freed by then.  The text model then returns no
 hidden states (`last_hidden_state` None): only the loss part, which asked, reads the output.
 
-With SFTOP_SHARED_GRAPH_POOL=1 the tower's graphs and these share one memory pool for their first
-captured step (the tower's replays wrap these: nested_graphs.py), which holds the larger of the two steps' transients where
+The tower's graphs and these share one memory pool for their first captured step (the tower's
+replays wrap these: nested_graphs.py), which holds the larger of the two steps' transients where
 a pool each held both.
 
 On with the tower's graphs (`SFTOP_VISION_GRAPHS=0` turns both off).  Eager for packed rows
