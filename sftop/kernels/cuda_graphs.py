@@ -11,7 +11,8 @@ How:
   * `StepGraphs` (one per patched model) sees a call, keyed by everything that shapes the captured
     work (input shapes, autocast, checkpointing, which tensors the parameters are).  The first
     sighting of a key runs eagerly: variable-length batches (packing) never pay for a capture.
-    The second one captures: warm-up runs on a side stream (Triton compiles, cuBLAS workspaces,
+    The second one captures (the first, for keys the caller knows recur: a packed run's length
+    buckets fitted to its data): warm-up runs on a side stream (Triton compiles, cuBLAS workspaces,
     the 4-bit scratch buffer reaching its size; two before the model's first capture, one before
     each later one), then the forward (loss *sum*) and
     `torch.autograd.grad` of it w.r.t. the trainable parameters, into one private memory pool.
@@ -425,9 +426,13 @@ class _Replay(torch.autograd.Function):
 class StepGraphs:
     """Captured steps of one model, keyed; see the module docstring."""
 
-    def __init__(self, no_rng_stash=None, max_keys: int = MAX_KEYS):
+    def __init__(self, no_rng_stash=None, max_keys: int = MAX_KEYS, recurring=None):
         self._no_rng_stash = no_rng_stash or contextlib.nullcontext
         self.max_keys = max_keys
+        # keys the caller knows will recur (a packed run's length buckets, fitted to its data):
+        # their training steps are captured at the first sighting, without an eager run before the
+        # capture's own warm-up, which does the same work (packed_graphs.py)
+        self._recurring = recurring or (lambda key: False)
         self._generation = 0
         self.stats = GraphStats()
         self.one = None  # a device 1.0 for the loss's denominator inside graphs (no host tensor in a capture)
@@ -498,7 +503,7 @@ class StepGraphs:
             key not in self._steps
             and key not in self._refused
             and len(self._steps) < self.max_keys
-            and self._seen.get(key, 0) + 1 >= CAPTURE_ON_SIGHTING
+            and self._seen.get(key, 0) + 1 >= (1 if self._recurring(key) else CAPTURE_ON_SIGHTING)
         )
 
     def loss_sum(self, key, fn, inputs: tuple[torch.Tensor, ...], slots: list):
@@ -537,7 +542,10 @@ class StepGraphs:
             # transients mirror the training forward's, with less kept), where captured first its
             # free blocks get split by the training capture's smaller requests and the training
             # step's largest transient (the logits' chunk) needs a segment of its own
-            wait = CAPTURE_ON_SIGHTING + (0 if backward or self._trained else 1)
+            if backward and self._recurring(key):
+                wait = 1
+            else:
+                wait = CAPTURE_ON_SIGHTING + (0 if backward or self._trained else 1)
             if seen < wait:
                 self.stats.eager_calls += 1
                 return None

@@ -3,7 +3,9 @@
 Why: the fixed-shape graphs (cuda_graphs.py) only replay a batch whose shape repeats, and a packed
 micro-batch of mixed-length rows has a new length almost every step, so packed runs trained
 eagerly and host-bound.  The trainer pads each packed row up to one of a few lengths
-(sftop/engine/train/buckets.py); here each bucket length is captured once and replayed.
+(sftop/engine/train/buckets.py); here each bucket length is captured once and replayed.  Lengths
+fitted to the run's data recur by construction, so each is captured at its first sighting
+(`expect_length_buckets`); other lengths wait for a second, as every shape does in cuda_graphs.py.
 
 What a captured packed step takes as inputs (copied into static buffers each replay): the token
 ids, the shifted labels, the position ids, and the rows' boundaries `cu_seq_lens`, padded to a
@@ -20,6 +22,8 @@ buckets are captured per model; their steps share one set of gradient buffers (c
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -34,6 +38,7 @@ from .constants import MAX_BUCKET_GRAPHS
 
 CU_MULTIPLE = 8  # row-boundary tensors are padded to a multiple of this many entries
 _PACKED_GRAPHS = "_sftop_packed_graphs"
+_FITTED_BUCKETS = "_sftop_fitted_buckets"  # expect_length_buckets
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -81,6 +86,20 @@ def _eligible(lm: nn.Module, inputs: dict) -> bool:
     return all(torch.is_tensor(inputs.get(k)) for k in ("labels", "position_ids", "cu_seq_lens_q"))
 
 
+def expect_length_buckets(model: nn.Module, sizes: tuple[int, ...]) -> None:
+    """The run's packed micro-batches come padded to these lengths, fitted to its data so that each
+    recurs (engine/train/buckets.py): a bucket's graph is then captured at its first sighting.
+    The eager first sighting that other shapes get would cost a whole host-bound step per bucket
+    (0.1-0.5 s each on Llama-3.2-1B, docs/benchmarks.md), where the capture's warm-up does the
+    same work anyway."""
+    causal_lm(model).__dict__[_FITTED_BUCKETS] = frozenset(int(size) for size in sizes)
+
+
+def _is_fitted_bucket(lm: nn.Module, key: tuple) -> bool:
+    # key[1]: the micro-batch's padded length (the head packed_graphed_loss builds)
+    return key[1] in lm.__dict__.get(_FITTED_BUCKETS, ())
+
+
 def packed_graphed_loss(model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor | None:
     """The mean token loss of a packed micro-batch from its bucket's captured step, or None when it
     must run eagerly (first sighting of a bucket, not eligible, capture refused)."""
@@ -89,7 +108,9 @@ def packed_graphed_loss(model: nn.Module, inputs: dict, num_items_in_batch=None)
         return None
     graphs = lm.__dict__.get(_PACKED_GRAPHS)
     if graphs is None:
-        graphs = lm.__dict__[_PACKED_GRAPHS] = StepGraphs(no_rng_stash(lm), max_keys=MAX_BUCKET_GRAPHS)
+        graphs = lm.__dict__[_PACKED_GRAPHS] = StepGraphs(
+            no_rng_stash(lm), max_keys=MAX_BUCKET_GRAPHS, recurring=functools.partial(_is_fitted_bucket, lm)
+        )
     ignore_index = -100
     ids = inputs["input_ids"]
     tokens = ids.shape[1]

@@ -682,6 +682,34 @@ def test_a_full_garbage_collection_runs_only_where_the_warm_ups_left_memory():
     assert calls == [1, 2]
 
 
+def test_keys_known_to_recur_are_captured_at_their_first_sighting(monkeypatch):
+    """A packed run's fitted length buckets recur by construction: their training step is captured
+    the first time, without an eager step before the capture's warm-up; other keys still wait for a
+    second sighting, and a forward-only step keeps its own rule."""
+    captured = []
+
+    def capture(self, fn, inputs, slots, backward=True, grad_inputs=()):
+        captured.append(backward)
+        return _fake_step(slots[0][2], backward), None
+
+    monkeypatch.setattr(cg.StepGraphs, "_capture", capture)
+    monkeypatch.setattr(cg, "_room_for_capture", lambda static_bytes=0: None)
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.randn(5))
+    slots = [(module, "w", module.w)]
+    graphs = cg.StepGraphs(recurring=lambda key: key[1] in (128, 256))
+    assert graphs.would_capture(("packed", 128)) and not graphs.would_capture(("packed", 300))
+    for length in (128, 300, 256, 300, 128):
+        out = graphs.replay(("packed", length), None, (torch.randn(5),), slots)
+        if out is not None:
+            out[0].sum().backward()
+    assert captured == [True] * 3  # 128 and 256 at once, 300 on its second sighting
+    assert all(graphs.holds(("packed", n)) for n in (128, 256, 300))
+    assert (graphs.stats.eager_calls, graphs.stats.replays) == (1, 4)
+    with torch.no_grad():  # forward-only: waits for its second sighting after a training capture
+        assert graphs.replay(("reference", 128), None, (torch.randn(5),), slots, backward=False) is None
+
+
 def test_later_captures_of_a_model_warm_up_once(monkeypatch):
     """A model's first capture runs two warm-up steps (Triton compiles, cuBLAS workspaces, scratch
     buffers); its later ones (other shapes, other buckets) one, each a whole eager step saved."""

@@ -17,6 +17,7 @@ from sftop.kernels import cuda_graphs as cg
 from sftop.kernels.packed_graphs import (
     _PACKED_GRAPHS,
     causal_lm,
+    expect_length_buckets,
     graphs_summary,
     packed_graph_stats,
     packed_graphed_loss,
@@ -123,7 +124,10 @@ def _losses_and_grads(model, batches, graphed):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_bucketed_graphs_match_eager_on_packed_batches(monkeypatch):
+@pytest.mark.parametrize("fitted", [False, True], ids=["second-sighting", "fitted-first-sighting"])
+def test_bucketed_graphs_match_eager_on_packed_batches(monkeypatch, fitted):
+    """Buckets fitted to the data (`expect_length_buckets`) are captured at their first sighting,
+    the model's very first step included: nothing runs eagerly before its capture's warm-ups."""
     graphed = tiny_model("llama", dtype=torch.bfloat16)
     eager = twin(graphed)
     monkeypatch.setenv(cg.ENV_SWITCH, "0")
@@ -134,11 +138,14 @@ def test_bucketed_graphs_match_eager_on_packed_batches(monkeypatch):
         pytest.skip(f"packed attention unavailable here: {report.parts.get('attention')}")
     assert report.parts["cuda_graphs"] == "fused", report.parts
     batches = _packed_batches(10)
+    if fitted:
+        expect_length_buckets(graphed, (128, 192, 256))
     ref = _losses_and_grads(eager, batches, graphed=False)
     got = _losses_and_grads(graphed, batches, graphed=True)
     stats = packed_graph_stats(graphed)
     assert stats.captures >= 1 and stats.replays >= 1 and not stats.failures, stats
     assert stats.eager_calls + stats.replays == len(batches)
+    assert (stats.eager_calls == 0) == fitted, stats
     # every phase of a training capture took host time, and the run's summary counts it
     assert all(stats.capture_seconds[phase] > 0 for phase in cg.CAPTURE_PHASES), stats.capture_seconds
     summary = graphs_summary(graphed)

@@ -191,6 +191,25 @@ def test_auto_buckets_follow_the_graphs_and_say_why(home, tmp_path, monkeypatch)
     assert isinstance(collator, BucketedCollator) and collator.sizes == (128,)
     assert run.buckets_reason.startswith(f"on: {len(collator.sizes)} lengths fitted to the data")
     assert run.started_event(400).environment["length_buckets"] == run.buckets_reason
+    # fitted lengths recur: their graphs are captured at the first sighting (packed_graphs.py)
+    from sftop.kernels.packed_graphs import _is_fitted_bucket, causal_lm
+
+    lm = causal_lm(run.model)
+    assert _is_fitted_bucket(lm, ("packed", 128)) and not _is_fitted_bucket(lm, ("packed", 256))
+
+
+def test_the_fixed_ladder_of_buckets_waits_for_a_second_sighting(home, tmp_path, monkeypatch):
+    """train.length_buckets = "on" on a run too short to fit lengths to: a fixed ladder, whose
+    lengths may each come once, so none is captured before it comes again."""
+    from sftop.kernels.packed_graphs import _is_fitted_bucket, causal_lm
+
+    monkeypatch.setattr(_Run, "packed_graphs_on", lambda self: True)
+    run, _ = prepared_run(fast_preset("train.max_steps=1", 'train.length_buckets="on"'), tmp_path / "on")
+    trainer = run.build_trainer()
+    assert isinstance(trainer.data_collator, BucketedCollator)
+    assert run.buckets_reason.startswith("on (train.length_buckets = on)")
+    lm = causal_lm(run.model)
+    assert not any(_is_fitted_bucket(lm, ("packed", size)) for size in trainer.data_collator.sizes)
 
 
 def test_a_plan_without_room_for_the_graphs_pads_to_no_buckets(home, tmp_path, monkeypatch):

@@ -685,6 +685,7 @@ class _Run:
                 else math.ceil(len(lengths) / self.plan.micro_batch) * math.ceil(args.num_train_epochs)
             )
             sizes = data_bucket_sizes(lengths, self.plan.micro_batch, micro_batches, seed=self.preset.train.seed)
+        fitted = bool(sizes)
         if sizes:
             self.buckets_reason = (
                 f"on: {len(sizes)} lengths fitted to the data ({', '.join(map(str, sizes))} tokens) "
@@ -701,6 +702,10 @@ class _Run:
             )
             return
         trainer.data_collator = BucketedCollator(trainer.data_collator, sizes, self.tokenizer.pad_token_id)
+        if fitted:  # each fitted length recurs: its graph is captured at its first sighting
+            from sftop.kernels.packed_graphs import expect_length_buckets
+
+            expect_length_buckets(self.model, sizes)
 
     def started_event(self, total_steps: int) -> RunStarted:
         return RunStarted(
