@@ -73,3 +73,25 @@ def test_sftop_trainers_step_skips_the_walk(monkeypatch, home, tmp_path):
     assert torch.isfinite(loss)
     assert model not in walked
     assert any(p.grad is not None for n, p in model.named_parameters() if n in before)
+
+
+def test_the_flags_are_read_off_a_list_made_again_when_the_tree_grows():
+    """The check reads a flat list of modules made once, not a walk per micro-batch, and a module
+    added anywhere in the tree later (in evaluation mode) is seen at the next check."""
+    from sftop.engine.train import train_mode
+
+    model = Counting()
+    model.train()
+    assert training_everywhere(model)
+    listed = train_mode._modules_of(model)
+    assert train_mode._modules_of(model) is listed  # no new walk while the tree is unchanged
+    late = nn.Dropout(0.5).eval()
+    model.inner.append(late)  # a ModuleList/Sequential append registers through add_module
+    assert train_mode._modules_of(model) is not listed and late in train_mode._modules_of(model)
+    assert not training_everywhere(model)
+    model.inner[0].extra = nn.Linear(2, 2).eval()  # attribute assignment registers too
+    late.train()
+    assert not training_everywhere(model)
+    with train_call_skipped(model):
+        model.train()  # the real call: a module was in evaluation mode
+    assert training_everywhere(model) and model.inner[0].extra.training

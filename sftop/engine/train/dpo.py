@@ -32,6 +32,7 @@ from sftop.engine.train.dpo_batch_check import BatchCheckingCollator, take_batch
 from sftop.engine.train.dpo_step import DeferredMetrics, sigmoid_dpo_loss, takes_fast_path
 from sftop.engine.train.train_mode import train_call_skipped
 from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
+from sftop.engine.train.zero_grad import OptimizerZeroGrad
 from sftop.kernels.logprob_graphs import labels_from_one_batch
 from sftop.kernels.shared_prompt import shared_prompt_scope
 from sftop.kernels.patching import checkpointing
@@ -335,7 +336,7 @@ def build_dpo_trainer(run):
         train_dataset=run.data.train,
         eval_dataset=run.data.eval,
         processing_class=run.tokenizer,
-        callbacks=[guard, events],
+        callbacks=[guard, events, OptimizerZeroGrad()],
         guard=guard,
         save_total_limit=preset.train.save_total_limit,
         on_checkpoint=run.on_checkpoint,

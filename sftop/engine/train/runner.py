@@ -510,6 +510,7 @@ class _Run:
         from sftop.engine.train.config import build_sft_config
         from sftop.engine.train.fsdp import fsdp2_active
         from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
+        from sftop.engine.train.zero_grad import OptimizerZeroGrad
 
         on_cuda = torch.cuda.is_available()
         args = build_sft_config(
@@ -542,7 +543,7 @@ class _Run:
             processing_class=self.tokenizer,
             # the sample answers are the same on every rank: rank 0 writes them (under FSDP2 every
             # rank generates with it, since each forward gathers the sharded weights from all)
-            callbacks=[guard, events] + ([samples] if self.rank == 0 or fsdp2_active() else []),
+            callbacks=[guard, events, OptimizerZeroGrad()] + ([samples] if self.rank == 0 or fsdp2_active() else []),
             guard=guard,
             save_total_limit=self.preset.train.save_total_limit,
             on_checkpoint=self.on_checkpoint,
