@@ -15,7 +15,11 @@ step only: the live blocks at its peak are what sits outside the graphs' pools, 
 reservation is listed beside them.
 
   python benchmarks/memory_peak.py --model qwen2.5-vl-3b --4bit --batch 4 --seq 1024 \
-      --checkpointing offload --unrecorded 2 --steps 1
+      --checkpointing offload --unrecorded 2 --steps 1 --frames 3
+
+`--frames N` also groups the live blocks by their innermost N frames outside torch, so a block that
+a library allocates inside a call of sftop's (the backbone's own eager work before the graphs) is
+named by the library's line.
 """
 
 from __future__ import annotations
@@ -36,14 +40,35 @@ def _where(frames: list[dict]) -> str:
         if "/sftop/" in f["filename"]:
             return f"{f['filename'].split('/sftop/')[-1]}:{f['line']} {f['name']}"
     for f in frames:
-        name = f["filename"]
-        if "/torch/" not in name and not name.startswith("<") and "/python3" not in name:
-            return f"{name.split('/')[-1]}:{f['line']} {f['name']}"
+        if _outside_torch(f):
+            return f"{f['filename'].split('/')[-1]}:{f['line']} {f['name']}"
     return frames[0]["name"] if frames else "?"
 
 
-def peak_blocks(trace: list[dict]) -> tuple[int, int, dict[str, int]]:
-    """(peak live bytes, index of that event, {allocation site: live bytes at the peak})."""
+def _outside_torch(f: dict) -> bool:
+    name = f["filename"]
+    return "/torch/" not in name and not name.startswith("<") and "/python3" not in name
+
+
+def _short(filename: str) -> str:
+    """A frame's file relative to its package root: `transformers/...`, `sftop/...`."""
+    for root in ("/sftop/", "/site-packages/"):
+        if root in filename:
+            rest = filename.rsplit(root, 1)[-1]
+            return f"sftop/{rest}" if root == "/sftop/" else rest
+    return filename.split("/")[-1]
+
+
+def _stack(frames: list[dict], depth: int) -> str:
+    """The innermost `depth` frames outside torch's and Python's own code, innermost first: which
+    library line allocated a block, and what of sftop's called it."""
+    kept = [f for f in frames if _outside_torch(f)][:depth]
+    return " < ".join(f"{_short(f['filename'])}:{f['line']}" for f in kept) or "?"
+
+
+def peak_blocks(trace: list[dict], depth: int = 0) -> tuple[int, int, dict[str, int]]:
+    """(peak live bytes, index of that event, {allocation site: live bytes at the peak}); sites are
+    the innermost sftop frame (`_where`), or with `depth` the innermost `depth` frames (`_stack`)."""
     live, total, peak, at = {}, 0, -1, 0
     for i, ev in enumerate(trace):
         if ev["action"] == "alloc":
@@ -61,7 +86,8 @@ def peak_blocks(trace: list[dict]) -> tuple[int, int, dict[str, int]]:
         elif ev["action"] in ("free_requested", "free_completed"):
             blocks.pop(ev["addr"], None)
     for ev in blocks.values():
-        key = _where(ev.get("frames", []))
+        frames = ev.get("frames", [])
+        key = _stack(frames, depth) if depth else _where(frames)
         sites[key] = sites.get(key, 0) + ev["size"]
     return peak, at, dict(sorted(sites.items(), key=lambda kv: -kv[1]))
 
@@ -96,6 +122,13 @@ def main(argv=None) -> int:
     ap.add_argument("--path", default="sftop", choices=["stock", "sftop", "sftop-eager", "sftop-small-loss-chunk"])
     ap.add_argument("--checkpointing", choices=["on", "offload"], default="offload")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument(
+        "--frames",
+        type=int,
+        default=0,
+        help="also list the live blocks by their innermost N frames outside torch (transformers' own "
+        "lines included), to split a site that allocates inside a library call",
+    )
     ap.add_argument("--json", help="write the result here")
     args = ap.parse_args(argv)
     args.device = "cuda"
@@ -127,6 +160,7 @@ def main(argv=None) -> int:
     trace = [ev for dev in snap["device_traces"] for ev in dev]
     peak, at, sites = peak_blocks(trace)
     pools = pool_reservations(snap["segments"])
+    stacks = peak_blocks(trace, args.frames)[2] if args.frames else {}
     mib = 2**20
     result = dict(
         model=args.model,
@@ -141,6 +175,7 @@ def main(argv=None) -> int:
         patch=report,
         live_at_peak_mib={k: round(v / mib, 1) for k, v in list(sites.items())[: args.top]},
         pools_mib={k: {n: round(b / mib, 1) for n, b in v.items()} for k, v in pools.items()},
+        live_at_peak_by_stack_mib={k: round(v / mib, 1) for k, v in list(stacks.items())[: args.top]},
         graphs=step_bench._graph_stats(model),
     )
     print(
@@ -149,6 +184,10 @@ def main(argv=None) -> int:
         f"peak (event {at} of {len(trace)})"
     )
     for site, size in result["live_at_peak_mib"].items():
+        print(f"  {size:9.1f} MiB  {site}")
+    if stacks:
+        print(f"  by their innermost {args.frames} frames outside torch:")
+    for site, size in result["live_at_peak_by_stack_mib"].items():
         print(f"  {size:9.1f} MiB  {site}")
     for pool, sizes in result["pools_mib"].items():
         print(f"  pool {pool}: {sizes['reserved']} MiB reserved, {sizes['allocated']} MiB of it allocated at the end")

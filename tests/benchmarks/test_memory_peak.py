@@ -42,6 +42,27 @@ def test_live_blocks_at_the_peak_grouped_by_sftop_frame():
     )
 
 
+def test_live_blocks_by_their_innermost_library_frames():
+    """--frames: a block a library allocated inside a call of sftop's is named by the library's line."""
+    inner = [
+        {"filename": "/x/torch/nn/modules/sparse.py", "line": 190, "name": "forward"},
+        {"filename": "/env/site-packages/transformers/models/qwen2_5_vl/modeling.py", "line": 1201, "name": "forward"},
+        {"filename": "/env/site-packages/sftop/kernels/patching/parts/loss.py", "line": 62, "name": "_forward"},
+        {"filename": "/bench/step_bench.py", "line": 5, "name": "step"},
+    ]
+    scatter = [dict(inner[1], line=1250), *inner[2:]]
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 16, "frames": inner},
+        {"action": "alloc", "addr": 2, "size": 16, "frames": scatter},
+        {"action": "alloc", "addr": 3, "size": 4, "frames": scatter},
+    ]
+    assert memory_peak.peak_blocks(trace)[2] == {"kernels/patching/parts/loss.py:62 _forward": 36}
+    assert memory_peak.peak_blocks(trace, depth=2)[2] == {
+        "transformers/models/qwen2_5_vl/modeling.py:1250 < sftop/kernels/patching/parts/loss.py:62": 20,
+        "transformers/models/qwen2_5_vl/modeling.py:1201 < sftop/kernels/patching/parts/loss.py:62": 16,
+    }
+
+
 def test_pool_reservations_split_the_ordinary_cache_from_each_graph_pool():
     segments = [
         {"segment_pool_id": (0, 0), "total_size": 100, "allocated_size": 40},
