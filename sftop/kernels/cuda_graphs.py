@@ -132,20 +132,14 @@ class GraphStats:
     # steps, and a short run's rate depends on how many it makes (docs/benchmarks.md, whole runs)
     capture_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CAPTURE_PHASES, 0.0))
 
+    @contextlib.contextmanager
     def timed(self, phase: str):
-        """A context that adds its wall time to `phase`."""
-        return _Timed(self.capture_seconds, phase)
-
-
-class _Timed:
-    def __init__(self, into: dict[str, float], phase: str):
-        self.into, self.phase = into, phase
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.into[self.phase] += time.perf_counter() - self.t0
+        """Adds the wall time of its body to `phase`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.capture_seconds[phase] += time.perf_counter() - start
 
 
 class StaleGraphBackward(RuntimeError):

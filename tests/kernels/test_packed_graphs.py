@@ -64,6 +64,17 @@ def test_a_runs_graph_summary_adds_up_every_graph_set_once():
     assert graphs_summary(m)["captures"] == 4
 
 
+def test_capture_phases_add_up_their_wall_time_even_when_they_fail(monkeypatch):
+    ticks = iter([10.0, 10.25, 20.0, 20.5])
+    monkeypatch.setattr(cg.time, "perf_counter", lambda: next(ticks))
+    stats = cg.GraphStats()
+    with stats.timed("warm_up"):
+        pass
+    with pytest.raises(RuntimeError), stats.timed("warm_up"):
+        raise RuntimeError("capture failed")
+    assert stats.capture_seconds == {"warm_up": 0.75, "clean_up": 0.0, "forward": 0.0, "backward": 0.0}
+
+
 def test_a_cpu_model_always_runs_eagerly():
     m = tiny_model("llama")
     m.train()
