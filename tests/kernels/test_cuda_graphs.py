@@ -193,9 +193,9 @@ def test_forward_only_replays_share_the_pool_safely():
     assert torch.equal(module.w.grad, want)
 
 
-def test_a_forward_only_step_is_captured_after_the_training_step(monkeypatch):
-    """Both seen twice: the training step is captured then, the forward-only one (into the blocks the
-    training step freed) one sighting later, once a training step is captured."""
+def _fake_captures(monkeypatch):
+    """Captures made as `_fake_step`s of one parameter: the list of their `backward` flags, and the
+    parameter's slots."""
     captured = []
 
     def capture(self, fn, inputs, slots, backward=True, grad_inputs=()):
@@ -206,7 +206,13 @@ def test_a_forward_only_step_is_captured_after_the_training_step(monkeypatch):
     monkeypatch.setattr(cg, "_room_for_capture", lambda static_bytes=0: None)
     module = torch.nn.Module()
     module.w = torch.nn.Parameter(torch.randn(5))
-    slots = [(module, "w", module.w)]
+    return captured, [(module, "w", module.w)]
+
+
+def test_a_forward_only_step_is_captured_after_the_training_step(monkeypatch):
+    """Both seen twice: the training step is captured then, the forward-only one (into the blocks the
+    training step freed) one sighting later, once a training step is captured."""
+    captured, slots = _fake_captures(monkeypatch)
     graphs = cg.StepGraphs()
     x = torch.randn(5)
     for _ in range(3):
@@ -686,17 +692,7 @@ def test_keys_known_to_recur_are_captured_at_their_first_sighting(monkeypatch):
     """A packed run's fitted length buckets recur by construction: their training step is captured
     the first time, without an eager step before the capture's warm-up; other keys still wait for a
     second sighting, and a forward-only step keeps its own rule."""
-    captured = []
-
-    def capture(self, fn, inputs, slots, backward=True, grad_inputs=()):
-        captured.append(backward)
-        return _fake_step(slots[0][2], backward), None
-
-    monkeypatch.setattr(cg.StepGraphs, "_capture", capture)
-    monkeypatch.setattr(cg, "_room_for_capture", lambda static_bytes=0: None)
-    module = torch.nn.Module()
-    module.w = torch.nn.Parameter(torch.randn(5))
-    slots = [(module, "w", module.w)]
+    captured, slots = _fake_captures(monkeypatch)
     graphs = cg.StepGraphs(recurring=lambda key: key[1] in (128, 256))
     assert graphs.would_capture(("packed", 128)) and not graphs.would_capture(("packed", 300))
     for length in (128, 300, 256, 300, 128):
