@@ -7,8 +7,8 @@ on a CPU; 11 ms a step with a profiler's stacks on a Llama-3.2-1B whole run, doc
 A LoRA model's parameters with gradients are its adapters, which are exactly what the optimizer
 holds: setting those gradients to None is the same result without the walk.
 
-How: at the start of training the model's `zero_grad` is shadowed by one that clears the gradients
-of the optimizer's parameters, but only where every parameter that requires a gradient is one of
+How: at the start of training the model's `zero_grad` is shadowed by the optimizer's own, which
+clears the gradients of its parameters, but only where every parameter that requires a gradient is one of
 them (otherwise the real walk runs, as before).  The optimizer is held weakly: after an
 out-of-memory step-down the old trainer's optimizer and its states must be freed, and a model whose
 optimizer is gone walks its modules again.
@@ -24,35 +24,23 @@ from transformers import TrainerCallback
 _SHADOW = "zero_grad"
 
 
-def optimizer_params(optimizer) -> list[nn.Parameter]:
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's optimizer
-    return [p for group in inner.param_groups for p in group["params"]]
-
-
 def clear_through_optimizer(model: nn.Module, optimizer) -> bool:
-    """Shadow `model.zero_grad` by a clear of `optimizer`'s gradients; False (nothing changed) where
-    a parameter that requires a gradient is not the optimizer's."""
+    """Shadow `model.zero_grad` by `optimizer`'s own `zero_grad`; False (nothing changed) where a
+    parameter that requires a gradient is not the optimizer's."""
     model.__dict__.pop(_SHADOW, None)
-    params = optimizer_params(optimizer)
-    held = {id(p) for p in params}
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's optimizer
+    held = {id(p) for group in inner.param_groups for p in group["params"]}
     if any(p.requires_grad and id(p) not in held for p in model.parameters()):
         return False
-    weak_params = [weakref.ref(p) for p in params]
-    alive = weakref.ref(optimizer)
+    alive = weakref.ref(inner)
     walk = type(model).zero_grad
 
     def zero_grad(set_to_none: bool = True) -> None:
-        if alive() is None:
+        torch_optimizer = alive()
+        if torch_optimizer is None:
             walk(model, set_to_none)
-            return
-        for ref in weak_params:
-            p = ref()
-            if p is None or p.grad is None:
-                continue
-            if set_to_none:
-                p.grad = None
-            else:
-                p.grad.detach_().zero_()
+        else:
+            torch_optimizer.zero_grad(set_to_none=set_to_none)
 
     model.__dict__[_SHADOW] = zero_grad
     return True
