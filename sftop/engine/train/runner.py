@@ -180,22 +180,26 @@ def _model_config(preset):
     return load_model_config(preset)
 
 
+def _graph_kernels():
+    """sftop.kernels.packed_graphs, or None where there is no Triton, so no kernels and no graphs."""
+    try:
+        from sftop.kernels import packed_graphs
+    except ImportError:
+        return None
+    return packed_graphs
+
+
 def release_cuda_graphs(model) -> None:
     """sftop's captured CUDA graphs of `model` and their pool, dropped (no-op without the kernels)."""
-    try:
-        from sftop.kernels.packed_graphs import release_graphs
-    except ImportError:  # no Triton, so no kernels and no graphs
-        return
-    release_graphs(model)
+    kernels = _graph_kernels()
+    if kernels is not None:
+        kernels.release_graphs(model)
 
 
 def cuda_graphs_summary(model) -> dict | None:
     """What sftop's CUDA graphs of `model` did over the run (packed_graphs.graphs_summary), or None."""
-    try:
-        from sftop.kernels.packed_graphs import graphs_summary
-    except ImportError:  # no Triton, so no kernels and no graphs
-        return None
-    return graphs_summary(model)
+    kernels = _graph_kernels()
+    return None if kernels is None else kernels.graphs_summary(model)
 
 
 def graphs_line(summary: dict) -> str:
@@ -686,12 +690,15 @@ class _Run:
                 else math.ceil(len(lengths) / self.plan.micro_batch) * math.ceil(args.num_train_epochs)
             )
             sizes = data_bucket_sizes(lengths, self.plan.micro_batch, micro_batches, seed=self.preset.train.seed)
-        fitted = bool(sizes)
         if sizes:
             self.buckets_reason = (
                 f"on: {len(sizes)} lengths fitted to the data ({', '.join(map(str, sizes))} tokens) "
                 f"for {micro_batches:,} micro-batches"
             )
+            # each fitted length recurs: its graph is captured at its first sighting
+            from sftop.kernels.packed_graphs import expect_length_buckets
+
+            expect_length_buckets(self.model, sizes)
         elif setting == "on":
             # asked for on a run too short to fit buckets to: the plan's fixed ladder
             sizes = bucket_sizes(int(self.plan.tokens_per_micro_batch))
@@ -703,10 +710,6 @@ class _Run:
             )
             return
         trainer.data_collator = BucketedCollator(trainer.data_collator, sizes, self.tokenizer.pad_token_id)
-        if fitted:  # each fitted length recurs: its graph is captured at its first sighting
-            from sftop.kernels.packed_graphs import expect_length_buckets
-
-            expect_length_buckets(self.model, sizes)
 
     def started_event(self, total_steps: int) -> RunStarted:
         return RunStarted(
