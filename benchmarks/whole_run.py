@@ -640,6 +640,11 @@ def profile_lines(name: str, profile: dict) -> list[str]:
             if profile["host_syncs_by_cause"]
             else ""
         )
+        + (
+            "; copies per step: " + ", ".join(f"{k} x{v:g}" for k, v in profile["copies_per_step"].items())
+            if profile.get("copies_per_step")
+            else ""
+        )
         + ".",
         "Top host-side operations (own CPU ms per step, calls per step): "
         + "; ".join(f"{n} {ms:.2f} ms x{calls:g}" for n, ms, calls in profile["top_host_ops"][:8])

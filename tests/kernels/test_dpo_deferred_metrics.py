@@ -44,7 +44,7 @@ def _logged(trainer, batches, monkeypatch, fast: bool):
 
 def test_deferred_metrics_are_trls_and_read_once_per_log(tmp_path, monkeypatch):
     from sftop.engine.train.dpo import SftopDPOTrainer
-    from sftop.engine.train.trainer import UpdateGuard
+    from sftop.engine.train.update_guard import UpdateGuard
 
     model = tiny_model("llama", init_lora_weights=False)  # B != 0: policy != reference
     K.patch_model(model)
@@ -85,7 +85,7 @@ def test_deferred_metrics_are_trls_and_read_once_per_log(tmp_path, monkeypatch):
 
 def test_other_losses_and_evaluation_take_trls_step(tmp_path):
     from sftop.engine.train.dpo import SftopDPOTrainer
-    from sftop.engine.train.trainer import UpdateGuard
+    from sftop.engine.train.update_guard import UpdateGuard
 
     model = tiny_model("llama")
     trainer = _trainer(SftopDPOTrainer, model, tmp_path, "ipo", guard=UpdateGuard(5), save_total_limit=1)

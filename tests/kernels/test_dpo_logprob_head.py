@@ -69,7 +69,7 @@ def test_patched_dpo_equals_stock_trl(tmp_path, loss_type):
     import trl
 
     from sftop.engine.train.dpo import SftopDPOTrainer
-    from sftop.engine.train.trainer import UpdateGuard
+    from sftop.engine.train.update_guard import UpdateGuard
 
     stock_model = tiny_model("llama", init_lora_weights=False)  # B != 0: policy != reference
     ours_model = twin(stock_model)

@@ -254,7 +254,7 @@ def test_dpo_guard_skips_a_non_finite_update_with_one_read_per_optimizer_step(tm
     from transformers import TrainerCallback
 
     from sftop.engine.train.dpo import SftopDPOTrainer
-    from sftop.engine.train.trainer import UpdateGuard
+    from sftop.engine.train.update_guard import UpdateGuard
     from test_dpo_logprob_head import _trainer
 
     class Poisoned(SftopDPOTrainer):
@@ -316,7 +316,7 @@ def test_graphed_path_through_trl_equals_eager_with_the_capture_run_directly(tmp
     import trl
 
     from sftop.engine.train.dpo import SftopDPOTrainer
-    from sftop.engine.train.trainer import UpdateGuard
+    from sftop.engine.train.update_guard import UpdateGuard
     from test_dpo_logprob_head import _trainer
 
     calls, reads, known = [], [], []
@@ -431,7 +431,7 @@ def _dpo_steps(model, tmp_path, batches, accumulate=1, peaks=None):
     import trl
 
     from sftop.engine.train.dpo import SftopDPOTrainer
-    from sftop.engine.train.trainer import UpdateGuard
+    from sftop.engine.train.update_guard import UpdateGuard
     from test_trl_compat import _tokenizer
 
     args = trl.DPOConfig(

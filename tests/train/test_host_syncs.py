@@ -35,22 +35,46 @@ class ReadCounter:
         return read
 
 
-def test_one_read_back_per_optimizer_step_whatever_the_accumulation(home, tmp_path, monkeypatch):
-    preset = fast_preset("train.max_steps=3", "train.save_steps=100", "plan.micro_batch=1", "plan.grad_accum=4")
+def test_a_steps_values_are_read_after_the_next_steps_micro_batches_are_queued(home, tmp_path, monkeypatch):
+    """The update guard's verdict and the log line of step N are read back once each, and only after
+    step N+1's micro-batches have run their forwards: on a GPU the host then never waits between
+    steps with nothing queued. The last step's are read at the run's end."""
+    from sftop.engine.train.step_readback import HeldValues
+
+    steps, accumulation = 3, 4
+    preset = fast_preset(
+        f"train.max_steps={steps}",
+        "train.save_steps=100",
+        "plan.micro_batch=1",
+        f"plan.grad_accum={accumulation}",
+        "train.sample_prompts=[]",
+    )
     run, writer = prepared_run(preset, tmp_path / "run")
     trainer = run.build_trainer()
     assert trainer.args.logging_nan_inf_filter is False  # transformers' own per-micro-batch check
+    timeline: list = []
+    run.model.register_forward_pre_hook(lambda module, args: timeline.append("forward"))
+    real_read = HeldValues.read
+    monkeypatch.setattr(HeldValues, "read", lambda held: timeline.append(("read", held.step)) or real_read(held))
     counter = ReadCounter(monkeypatch)
     trainer.train()
     monkeypatch.undo()
     writer.close()
-    assert counter.calls == ["on_pre_optimizer_step:tolist"] * 3, counter.calls
-    steps = of_type(events_of(run.run_dir.path), "step")
-    assert [s["step"] for s in steps] == [1, 2, 3] and all(s["loss"] > 0 and s["grad_norm"] > 0 for s in steps)
+    assert run.guard.lagging
+    reads = [(timeline[:i].count("forward"), event[1]) for i, event in enumerate(timeline) if event != "forward"]
+    assert sorted(step for _forwards, step in reads) == [1, 1, 2, 2, 3, 3]
+    for forwards, step in reads:
+        assert forwards == accumulation * min(step + 1, steps), (step, forwards, timeline)
+    assert counter.calls == ["read:tolist"] * 2 * steps, counter.calls
+    logged = of_type(events_of(run.run_dir.path), "step")
+    assert [s["step"] for s in logged] == [1, 2, 3] and all(s["loss"] > 0 and s["grad_norm"] > 0 for s in logged)
+    assert [round(s["learning_rate"], 6) for s in logged] == [0.003, 0.002, 0.001]
+    history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert history == pytest.approx([s["loss"] for s in logged], rel=1e-6)
 
 
 def test_a_non_finite_micro_batch_still_skips_its_update(home, tmp_path):
-    from sftop.engine.train.trainer import UpdateGuard
+    from sftop.engine.train.update_guard import UpdateGuard
 
     guard = UpdateGuard(max_bad_steps=3)
     model = torch.nn.Linear(2, 1)
@@ -71,9 +95,10 @@ def test_a_non_finite_micro_batch_still_skips_its_update(home, tmp_path):
 
 # Reads of tensor values to the host anywhere in a training step (transformers, TRL, PEFT, torch,
 # sftop), by the function that made them, that are expected once per optimizer step: the update
-# guard's one read (gradient norm and the losses' finiteness), then the log line's loss and gradient
-# norm (logging_steps = 1), which find the device already idle.
-PER_STEP = {"on_pre_optimizer_step:tolist": 1, "_maybe_log_save_evaluate:item": 2}
+# guard's verdict (gradient norm and the losses' finiteness) and the log line's loss and gradient
+# norm (logging_steps = 1), each copied to pinned host memory and read one step later
+# (step_readback.py).
+PER_STEP = {"read:tolist": 2}
 # Reads of host tensors, which never wait for the device: the collators (in a worker process on a GPU).
 HOST_DATA = {"torch_call", "pad_to_bucket"}
 # Once per run: the data loader's seed, and the run's mean loss at its end.

@@ -33,12 +33,16 @@ def test_syncs_are_counted_per_step_with_what_made_them():
         ("cudaLaunchKernel", False, 50, 60, 1),
         ("gemm", True, 0, 3_000_000, 7),
         ("gemm", True, 4_000_000, 7_000_000, 7),
+        ("Memcpy HtoD (Pageable -> Device)", True, 3_500_000, 3_500_100, 7),
+        ("Memcpy HtoD (Pinned -> Device)", True, 3_600_000, 3_600_100, 7),
+        ("Memcpy HtoD (Pinned -> Device)", True, 3_700_000, 3_700_100, 7),
     ]
     summary = profiling.summarise(events, steps=2, wall_s=0.01)
     assert summary["host_syncs_per_step"] == 1
     assert summary["host_syncs_by_cause"] == {"cudaStreamSynchronize in aten::item": 1}
     assert summary["gpu_busy_ms_per_step"] == 3.0 and summary["gpu_busy_share"] == 0.6
-    assert summary["top_gpu_kernels"] == [["gemm", 3.0]]
+    assert summary["top_gpu_kernels"][0] == ["gemm", 3.0]
+    assert summary["copies_per_step"] == {"Memcpy HtoD (Pinned -> Device)": 1, "Memcpy HtoD (Pageable -> Device)": 0.5}
 
 
 def test_a_run_writes_its_profile_window(home, tmp_path, monkeypatch):

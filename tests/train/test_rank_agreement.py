@@ -101,7 +101,7 @@ def _guard_rank(rank: int, init_file: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from sftop.engine.train.trainer import UpdateGuard
+    from sftop.engine.train.update_guard import UpdateGuard
 
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20)

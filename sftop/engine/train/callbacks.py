@@ -102,8 +102,7 @@ class RunEvents(TrainerCallback):
         self._window_tokens += tokens
         self._window_samples += samples
         guard = self.guard
-        if guard is not None and guard.step_bad:
-            self.writer.write(BadStep(step=state.global_step, loss=None, grad_norm=None, consecutive=guard.consecutive))
+        self._write_bad_steps()
         if self._checkpoint_wanted():
             control.should_save = True
         signal_name = self._stop_requested()
@@ -112,6 +111,13 @@ class RunEvents(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def _write_bad_steps(self) -> None:
+        """The skipped updates the guard has found since the last call (one step late where it reads
+        its verdicts late), each before its step's log line."""
+        if self.guard is not None:
+            for step, consecutive in self.guard.take_unreported():
+                self.writer.write(BadStep(step=step, loss=None, grad_norm=None, consecutive=consecutive))
 
     def _checkpoint_wanted(self) -> bool:
         """The "checkpoint now" request, taken at the same step by every rank of a multi-process run.
@@ -132,7 +138,8 @@ class RunEvents(TrainerCallback):
             return
         now = time.perf_counter()
         elapsed = max(now - self._window_start, 1e-9)
-        bad = self.guard is not None and self.guard.step_bad
+        self._write_bad_steps()
+        bad = self.guard is not None and self.guard.was_bad(state.global_step)
         loss = None if bad else clean_number(logs.get("loss"))
         if loss is not None:
             self.last_loss = loss

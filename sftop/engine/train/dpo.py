@@ -31,7 +31,8 @@ from sftop.engine.train import adapter_switch
 from sftop.engine.train.dpo_batch_check import BatchCheckingCollator, take_batch_check, take_shared_prompt
 from sftop.engine.train.dpo_step import DeferredMetrics, sigmoid_dpo_loss, takes_fast_path
 from sftop.engine.train.train_mode import train_call_skipped
-from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
+from sftop.engine.train.trainer import SftopTrainer
+from sftop.engine.train.update_guard import UpdateGuard
 from sftop.engine.train.zero_grad import OptimizerZeroGrad
 from sftop.kernels.logprob_graphs import labels_from_one_batch
 from sftop.kernels.shared_prompt import shared_prompt_scope

@@ -210,8 +210,15 @@ def summarise(events: list[tuple[str, bool, int, int, int]], steps: int, wall_s:
         )
         label = f"{name} in {outer}"
         syncs[label] = syncs.get(label, 0) + 1
+    # a copy from pageable host memory makes the host wait for everything queued before it, like a
+    # sync, without a sync call: counted by kind (the device names them "Memcpy HtoD (Pageable ...)")
+    copies: dict[str, int] = {}
+    for name, on_device, _s, _e, _t in events:
+        if on_device and name.startswith("Memcpy"):
+            copies[name] = copies.get(name, 0) + 1
     wall_ms = wall_s * 1e3 / steps
     return {
+        "copies_per_step": {k: round(v / steps, 2) for k, v in sorted(copies.items(), key=lambda kv: -kv[1])},
         "gpu_busy_ms_per_step": round(busy_ms, 3),
         "gpu_busy_share": round(busy_ms / wall_ms, 4) if wall_ms > 0 else None,
         "host_syncs_per_step": round(sum(syncs.values()) / steps, 2),

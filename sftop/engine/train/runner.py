@@ -42,7 +42,7 @@ from sftop.engine.train.signals import StopSignals
 if TYPE_CHECKING:
     from sftop.engine.models.vision.family import VisionFamily
     from sftop.engine.train.callbacks import RunEvents
-    from sftop.engine.train.trainer import UpdateGuard
+    from sftop.engine.train.update_guard import UpdateGuard
     from sftop.engine.train.vision_data import VisionPreparedData
 
 MAX_OOM_RETRIES = 4
@@ -513,7 +513,8 @@ class _Run:
         from sftop.engine.train.callbacks import RunEvents
         from sftop.engine.train.config import build_sft_config
         from sftop.engine.train.fsdp import fsdp2_active
-        from sftop.engine.train.trainer import SftopTrainer, UpdateGuard
+        from sftop.engine.train.trainer import SftopTrainer
+        from sftop.engine.train.update_guard import UpdateGuard
         from sftop.engine.train.zero_grad import OptimizerZeroGrad
 
         on_cuda = torch.cuda.is_available()
@@ -527,7 +528,7 @@ class _Run:
             on_cuda=on_cuda,
             vision=self.vision is not None,
         )
-        guard = UpdateGuard(self.preset.train.max_bad_steps)
+        guard = UpdateGuard(self.preset.train.max_bad_steps, lag=True)  # one process: the guard checks it
         events = RunEvents(
             self.writer,
             started=self.started_event,

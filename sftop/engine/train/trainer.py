@@ -1,11 +1,11 @@
-"""TRL's SFTTrainer with three additions: atomic checkpoints, NaN/inf update skipping, token counting.
+"""TRL's SFTTrainer with four additions: atomic checkpoints, NaN/inf update skipping, token counting,
+and log lines read one step late (step_readback.py).
 
 Everything else (the loop, packing, loss, optimizer, scheduler, resume) is TRL/transformers.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from trl import SFTTrainer
 
 from sftop.engine.diskfull import DiskFullError, is_disk_full, tree_bytes
 from sftop.engine.rundir import CHECKPOINT_PREFIX
-from sftop.engine.train.distributed import ranks_max
 from sftop.engine.train.manifest import verify_checkpoint, write_manifest
+from sftop.engine.train.step_readback import HeldValues
 from sftop.engine.train.train_mode import train_call_skipped
+from sftop.engine.train.update_guard import UpdateGuard
 
 # Files without which a checkpoint cannot be resumed (the adapter, optimizer, scheduler, position).
 REQUIRED_CHECKPOINT_FILES = (
@@ -87,98 +88,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The global L2 norm of `grads`. FSDP2 ranks hold shards (DTensors): their squares are summed
-    over the ranks, so every rank reads the same norm and skips (or keeps) the same update."""
-    from sftop.engine.train.fsdp import local_grad_square_sum, sharded_grads
-
-    if sharded_grads(grads):
-        squares = local_grad_square_sum(grads)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(squares)
-        return squares.sqrt()
-    norms = torch._foreach_norm(grads)
-    return torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms]))
-
-
-class UpdateGuard(TrainerCallback):
-    """Skips an optimizer update whose loss or gradients are NaN/inf, and counts them in a row.
-
-    The gradients are dropped (set to None, which every torch optimizer treats as "no update for
-    this parameter", so Adam's moments and step counts stay untouched) and the scheduler step is
-    skipped the same way transformers skips it after an fp16 overflow.
-    """
-
-    def __init__(self, max_bad_steps: int):
-        self.max_bad_steps = max_bad_steps
-        self.loss_bad = False  # set by the trainer when a micro-batch loss was not finite
-        self.step_bad = False  # the update just attempted was skipped
-        self.consecutive = 0
-        self.last_grad_norm: float | None = None
-        self.failed = False
-        # All micro-batch losses of this optimizer step finite, kept on the device: reading it back
-        # per micro-batch would stall the host once per micro-batch; it is read with the gradient
-        # norm, in the one host sync of an optimizer step.
-        self._losses_finite: torch.Tensor | None = None
-
-    def note_loss(self, loss: torch.Tensor) -> None:
-        """Record whether a micro-batch loss was finite, without waiting for the GPU."""
-        finite = torch.isfinite(loss.detach()).all()
-        self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        # what the optimizer updates: its few LoRA tensors, not a walk over every module of the model
-        source = (
-            (p for group in optimizer.param_groups for p in group["params"])
-            if optimizer is not None
-            else model.parameters()
-        )
-        params = [p for p in source if p.grad is not None]
-        grads_bad = False
-        losses_finite, self._losses_finite = self._losses_finite, None
-        if params:
-            total = _grad_norm([p.grad for p in params])
-            flags = [total]
-            if losses_finite is not None:
-                flags.append(losses_finite.to(device=total.device, dtype=total.dtype))
-            read = torch.stack(flags).tolist()  # the one host sync of the step
-            grads_bad = not math.isfinite(read[0])
-            self.last_grad_norm = None if grads_bad else read[0]
-            if len(read) > 1 and read[1] < 1:
-                self.loss_bad = True
-        elif losses_finite is not None and not bool(losses_finite):
-            self.loss_bad = True
-        # Each rank of a multi-process run sees only its own micro-batches' losses: a loss that is
-        # not finite on one rank (a batch with nothing to score) may come with finite gradients. All
-        # ranks must skip the same updates, or their adapters drift apart and one rank stops on a
-        # streak of bad steps while the others wait for it.
-        grads_bad, self.loss_bad = (bool(flag) for flag in ranks_max([grads_bad, self.loss_bad]))
-        self.step_bad = self.loss_bad or grads_bad
-        self.loss_bad = False
-        if self.step_bad:
-            for p in params:
-                p.grad = None
-            self.consecutive += 1
-        else:
-            self.consecutive = 0
-        if optimizer is not None and getattr(optimizer, "scaler", None) is None:
-            optimizer._is_overflow = self.step_bad
-
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        # With an fp16 grad scaler, accelerate recomputes the flag in step(): set it again.
-        if self.step_bad and optimizer is not None:
-            optimizer._is_overflow = True
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.step_bad:
-            control.should_save = False  # checkpoints only at good steps: resuming never starts mid-streak
-        if self.consecutive >= self.max_bad_steps:
-            self.failed = True
-            control.should_training_stop = True
-            control.should_save = False  # keep the last good checkpoint as the newest one
-        return control
-
-
 class SftopTrainer(SFTTrainer):
     def __init__(
         self,
@@ -201,6 +110,9 @@ class SftopTrainer(SFTTrainer):
         # token-balanced micro-batches (token_batches.py): a batch sampler over sftop's row order
         self.sftop_token_sampler = None
         self.sftop_flos_per_token: int | None = None
+        # log lines whose loss and gradient norm are still on their way from the device
+        self.sftop_held_logs: list[tuple[HeldValues, int, float | None]] = []
+        guard.on_settled = self.sftop_write_held_logs
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -280,6 +192,66 @@ class SftopTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             return loss * self.accelerator.num_processes
         return loss
+
+    def _maybe_log_save_evaluate(
+        self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate=None
+    ):
+        """With the update guard reading one step late, a step's log line is held until the next
+        step's update instead of reading its loss here (a wait for the GPU at every step); a
+        checkpoint, an evaluation or the run's end reads what is held first."""
+        if not self.sftop_guard.lagging:
+            return super()._maybe_log_save_evaluate(
+                tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate
+            )
+        control, state = self.control, self.state
+        if control.should_log and state.global_step > self._globalstep_last_logged:
+            steps = state.global_step - self._globalstep_last_logged
+            held = HeldValues(state.global_step, {"loss_sum": tr_loss, "grad_norm": grad_norm})
+            tr_loss -= tr_loss  # on the device, after the copy above, as transformers resets it
+            rate = self._get_learning_rate() if learning_rate is None else learning_rate
+            self.sftop_held_logs.append((held, steps, rate))
+            self._globalstep_last_logged = state.global_step
+            self.store_flos()
+        if control.should_evaluate or control.should_save or control.should_training_stop:
+            self.sftop_guard.settle(control, self.lr_scheduler)
+            self.sftop_write_held_logs()
+        return super()._maybe_log_save_evaluate(
+            tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate
+        )
+
+    def sftop_write_held_logs(self) -> None:
+        """Log the held lines of the steps whose update verdicts the guard has read (transformers'
+        own log call, so callbacks, the log history and the run's mean loss see them as before)."""
+        settled = self.sftop_guard.settled_through
+        while self.sftop_held_logs and settled is not None and self.sftop_held_logs[0][0].step <= settled:
+            held, steps, rate = self.sftop_held_logs.pop(0)
+            values = held.read()
+            loss_sum, grad_norm = values["loss_sum"] or 0.0, values["grad_norm"]
+            logs: dict[str, float] = {"loss": loss_sum / steps}
+            if grad_norm is not None:
+                logs["grad_norm"] = grad_norm
+            if rate is not None:
+                logs["learning_rate"] = rate
+            self._total_loss_scalar += loss_sum
+            self.log(logs)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            # A run that fails mid-step (out of memory, a stop) still logs the steps it finished:
+            # the last one's line is held until the next step's update, which never comes.
+            try:
+                self.sftop_guard.settle(None, self.lr_scheduler)
+                self.sftop_write_held_logs()
+            except Exception:  # noqa: BLE001 - the failure being raised matters more than a log line
+                pass
+            raise
+
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        self.sftop_guard.settle(self.control, self.lr_scheduler)
+        self.sftop_write_held_logs()
+        return super()._finalize_training(trial, num_train_samples, start_time)
 
     def take_step_counts(self) -> tuple[int, int]:
         if self.accelerator.num_processes > 1:  # the step's tokens and rows over every rank
