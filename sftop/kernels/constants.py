@@ -45,6 +45,13 @@ SHARED_GRAPH_POOL_ENV = "SFTOP_SHARED_GRAPH_POOL"
 # which takes most of it off the layer's backward peak (84 of 112 MiB at Llama-3.1-8B, 2 x 2048
 # tokens: the peak of a checkpointed step).  Each chunk's GEMM still has at least a thousand rows.
 MLP_DH_CHUNK_BYTES = 32 << 20
+# Under checkpointing the LoRA MLP saves neither gate nor up for backward (the two largest tensors a
+# layer saves, [tokens, intermediate] each): its first run computes the layer a token chunk at a
+# time, and backward rebuilds gate and up a chunk at a time, so the layer's forward and backward
+# peaks hold three chunk buffers of at most this size instead of two or three whole
+# intermediate-sized tensors.  The recomputation, whose gate and up GEMMs this moves into backward,
+# then computes no GEMM of the MLP at all: the same FLOPs.  Chunks keep at least 128 rows.
+MLP_REGATE_CHUNK_BYTES = 16 << 20
 
 
 def dh_chunk_rows(n_tok: int, width: int, elem: int, chunk_bytes: int = MLP_DH_CHUNK_BYTES) -> int:

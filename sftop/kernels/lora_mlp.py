@@ -1,6 +1,10 @@
 """The whole LoRA gated MLP as one autograd Function: down(glu(gate(x), up(x))) where each of
 gate/up/down is base(x) + s * (x @ A^T) @ B^T.
 
+Under gradient checkpointing (a layer run handed in) it saves less still: not even gate and up.
+The first run goes a token chunk at a time, the recomputation computes only the rank-r products,
+and backward rebuilds gate and up chunk by chunk (constants.MLP_REGATE_CHUNK_BYTES says why).
+
 Why one Function instead of three PEFT layers and an activation:
   * memory: only x, the gate and up pre-activations and three rank-r products are saved.  The
     activation output h is not kept: backward recomputes it in the same Triton pass that turns
@@ -23,7 +27,7 @@ import torch
 from torch import nn
 
 from . import compat
-from .constants import MLP_DH_CHUNK_BYTES, dh_chunk_rows
+from .constants import MLP_DH_CHUNK_BYTES, MLP_REGATE_CHUNK_BYTES, dh_chunk_rows
 from .glu import glu_backward_inplace, glu_forward
 from .nf4 import dequantize_4bit_weight
 
@@ -118,6 +122,111 @@ def _down_and_glu_backward(d2, d_bd, w_down, adc, sd, e, g, kind, p_ad):
     return acc.mul_(sd).to(p_ad)
 
 
+# gate and up are rebuilt in token chunks of this size under checkpointing; tests lower it here
+REGATE_CHUNK_BYTES = MLP_REGATE_CHUNK_BYTES
+
+
+def _regate_rows(n_tok: int, width: int, elem: int) -> int:
+    return dh_chunk_rows(n_tok, width, elem, REGATE_CHUNK_BYTES)
+
+
+def _gate_up_chunk(x, xa_g, xa_u, bases, adapters, scales, e_buf, g_buf):
+    """gate and up of one token chunk, into the chunk buffers."""
+    gate_base, up_base, _down = bases
+    _ag, bgc, _au, buc, _ad, _bd = adapters
+    sg, su, _sd = scales
+    n, dt = x.shape[0], x.dtype
+    e = adapter_then_base(x, base_weight(gate_base, dt).t(), xa_g, bgc.t(), sg, out=e_buf[:n])
+    g = adapter_then_base(x, base_weight(up_base, dt).t(), xa_u, buc.t(), su, out=g_buf[:n])
+    return e, g
+
+
+def _down_chunk(h, down_base, ha_d, bdc, sd, out):
+    """The down projection of one chunk's h, into `out`, with its rank-r product `ha_d` given."""
+    return adapter_then_base(h, base_weight(down_base, h.dtype).t(), ha_d, bdc.t(), sd, out=out)
+
+
+def _chunked_first_run(x2, xa_g, xa_u, bases, adapters, scales, kind):
+    """A checkpointed layer's first run, a token chunk at a time: (output, h @ A_down^T)."""
+    n_tok, width = x2.shape[0], bases[0].out_features
+    rows = _regate_rows(n_tok, width, x2.element_size())
+    adc, bdc, sd = adapters[4], adapters[5], scales[2]
+    out = torch.empty(n_tok, bases[2].out_features, dtype=x2.dtype, device=x2.device)
+    ha_d = torch.empty(n_tok, adc.shape[0], dtype=x2.dtype, device=x2.device)
+    e_buf, g_buf = (torch.empty(rows, width, dtype=x2.dtype, device=x2.device) for _ in range(2))
+    for start in range(0, n_tok, rows):
+        stop = min(n_tok, start + rows)
+        e, g = _gate_up_chunk(x2[start:stop], xa_g[start:stop], xa_u[start:stop], bases, adapters, scales, e_buf, g_buf)
+        h = glu_forward(e, g, kind)
+        torch.mm(h, adc.t(), out=ha_d[start:stop])
+        _down_chunk(h, bases[2], ha_d[start:stop], bdc, sd, out[start:stop])
+    return out, ha_d
+
+
+def _recomputed_ha_d(x2, xa_g, xa_u, bases, adapters, scales, kind):
+    """h @ A_down^T rebuilt in chunks, for a recomputation whose first run kept nothing."""
+    n_tok, width = x2.shape[0], bases[0].out_features
+    rows = _regate_rows(n_tok, width, x2.element_size())
+    adc = adapters[4]
+    ha_d = torch.empty(n_tok, adc.shape[0], dtype=x2.dtype, device=x2.device)
+    e_buf, g_buf = (torch.empty(rows, width, dtype=x2.dtype, device=x2.device) for _ in range(2))
+    for start in range(0, n_tok, rows):
+        stop = min(n_tok, start + rows)
+        e, g = _gate_up_chunk(x2[start:stop], xa_g[start:stop], xa_u[start:stop], bases, adapters, scales, e_buf, g_buf)
+        torch.mm(glu_forward(e, g, kind), adc.t(), out=ha_d[start:stop])
+    return ha_d
+
+
+def _chunked_backward(d2, x2, xa_g, xa_u, ha_d, bases, adapters, scales, kind, p_dtypes):
+    """Backward of a checkpointed run: gate and up rebuilt a token chunk at a time, each chunk
+    taken through dh, the GLU backward and dX; the adapters' gradients add up over the chunks in
+    fp32, each chunk product rounded once, as _down_and_glu_backward's are."""
+    gate_base, up_base, down_base = bases
+    agc, bgc, auc, buc, adc, bdc = adapters
+    sg, su, sd = scales
+    p_ag, p_bg, p_au, p_bu, p_ad, p_bd = p_dtypes
+    n_tok, width, dt = x2.shape[0], gate_base.out_features, x2.dtype
+    rows = _regate_rows(n_tok, width, x2.element_size())
+    d_bd = d2 @ bdc
+    grad_bd = scaled_mm(d2.t(), ha_d, sd, p_bd)
+    if sg == su:
+        a_both, s_both = torch.cat([agc, auc]), sg
+    else:
+        a_both, s_both = torch.cat([agc * sg, auc * su]), 1.0
+    e_buf, g_buf, dh_buf = (torch.empty(rows, width, dtype=dt, device=x2.device) for _ in range(3))
+    rank = adc.shape[0]
+    acc_ad = torch.zeros(rank, width, dtype=torch.float32, device=x2.device)
+    acc_bg = torch.zeros(width, agc.shape[0], dtype=torch.float32, device=x2.device)
+    acc_bu = torch.zeros(width, auc.shape[0], dtype=torch.float32, device=x2.device)
+    deg_b = torch.empty(n_tok, agc.shape[0] + auc.shape[0], dtype=dt, device=x2.device)  # [de @ B_g, dg @ B_u]
+    dx = torch.empty_like(x2)
+    for start in range(0, n_tok, rows):
+        stop = min(n_tok, start + rows)
+        e, g = _gate_up_chunk(x2[start:stop], xa_g[start:stop], xa_u[start:stop], bases, adapters, scales, e_buf, g_buf)
+        dh = adapter_then_base(
+            d2[start:stop], base_weight(down_base, dt), d_bd[start:stop], adc, sd, out=dh_buf[: stop - start]
+        )
+        glu_backward_inplace(dh, e, g, kind)  # dh -> h, e -> d(gate), g -> d(up)
+        acc_ad += d_bd[start:stop].t() @ dh
+        acc_bg += e.t() @ xa_g[start:stop]
+        acc_bu += g.t() @ xa_u[start:stop]
+        torch.mm(e, bgc, out=deg_b[start:stop, : agc.shape[0]])
+        torch.mm(g, buc, out=deg_b[start:stop, agc.shape[0] :])
+        adapter_then_base(e, base_weight(gate_base, dt), deg_b[start:stop], a_both, s_both, out=dx[start:stop])
+        dx[start:stop].addmm_(g, base_weight(up_base, dt))
+    grad_ag = scaled_mm(deg_b[:, : agc.shape[0]].t(), x2, sg, p_ag)
+    grad_au = scaled_mm(deg_b[:, agc.shape[0] :].t(), x2, su, p_au)
+    return (
+        dx,
+        grad_ag,
+        acc_bg.mul_(sg).to(p_bg),
+        grad_au,
+        acc_bu.mul_(su).to(p_bu),
+        acc_ad.mul_(sd).to(p_ad),
+        grad_bd,
+    )
+
+
 class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, kind, dtype, run=None):
@@ -133,6 +242,23 @@ class LoRAMLPFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype).contiguous()
         agc, bgc, auc, buc, adc, bdc = (t.to(dtype) for t in (ag, bg, au, bu, ad, bd))
+        ctx.bases, ctx.scales, ctx.kind, ctx.x_shape, ctx.x_dtype = bases, scales, kind, shape, x.dtype
+        ctx.p_dtypes = [t.dtype for t in (ag, bg, au, bu, ad, bd)]
+        ctx.chunked = run is not None
+        if ctx.chunked:
+            # a checkpointed layer: both runs save the same small tensors, no gate or up
+            adapters = (agc, bgc, auc, buc, adc, bdc)
+            xa_g, xa_u = x2 @ agc.t(), x2 @ auc.t()
+            if run.recomputing:
+                ha_d = run.kept()
+                if ha_d is None:
+                    ha_d = _recomputed_ha_d(x2, xa_g, xa_u, bases, adapters, scales, kind)
+                out = torch.empty(x2.shape[0], down_base.out_features, dtype=dtype, device=x2.device)
+            else:
+                out, ha_d = _chunked_first_run(x2, xa_g, xa_u, bases, adapters, scales, kind)
+                run.keep(ha_d)
+            ctx.save_for_backward(x2, xa_g, xa_u, ha_d, *adapters)
+            return out.view(*shape[:-1], out.shape[-1])
         e, xa_g = _project(x2, gate_base, agc, bgc, sg)
         g, xa_u = _project(x2, up_base, auc, buc, su)
         if run is not None and run.recomputing:
@@ -152,8 +278,6 @@ class LoRAMLPFunction(torch.autograd.Function):
                 run.keep(ha_d)
         # the compute-dtype adapter copies are tiny; keeping them saves backward six casts
         ctx.save_for_backward(x2, e, g, xa_g, xa_u, ha_d, agc, bgc, auc, buc, adc, bdc)
-        ctx.bases, ctx.scales, ctx.kind, ctx.x_shape, ctx.x_dtype = bases, scales, kind, shape, x.dtype
-        ctx.p_dtypes = [t.dtype for t in (ag, bg, au, bu, ad, bd)]
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -163,6 +287,14 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dout):
+        if ctx.chunked:
+            x2, xa_g, xa_u, ha_d, *adapters = ctx.saved_tensors
+            d2 = dout.reshape(-1, dout.shape[-1]).to(x2.dtype)
+            dx, *lora_grads = _chunked_backward(
+                d2, x2, xa_g, xa_u, ha_d, ctx.bases, adapters, ctx.scales, ctx.kind, ctx.p_dtypes
+            )
+            grads = (dx.view(ctx.x_shape).to(ctx.x_dtype), *lora_grads, None, None, None, None, None)
+            return grads[: len(ctx.needs_input_grad)]
         x2, e, g, xa_g, xa_u, ha_d, agc, bgc, auc, buc, adc, bdc = ctx.saved_tensors
         gate_base, up_base, down_base = ctx.bases
         sg, su, sd = ctx.scales

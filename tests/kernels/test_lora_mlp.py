@@ -5,6 +5,7 @@ from torch import nn
 
 import sftop.kernels as K
 from sftop.kernels.glu import GEGLU, SWIGLU
+import sftop.kernels.lora_mlp as lm
 from sftop.kernels.lora_mlp import LoRAMLPFunction
 
 from _kernel_testutil import rel_err
@@ -100,3 +101,79 @@ def test_lora_mlp_path_respects_disabled_adapters_and_dropout():
     d.eval()
     d_fused.eval()
     assert rel_err(d_fused(input_ids=ids, labels=ids).loss, d(input_ids=ids, labels=ids).loss) < 1e-5
+
+
+def _mlp_case(device, dtype, n, hid, inter, r):
+    f64 = dict(dtype=torch.float64)
+    base = [
+        nn.Linear(i, o, bias=False).to(device, dtype).requires_grad_(False)
+        for i, o in ((hid, inter), (hid, inter), (inter, hid))
+    ]
+    shapes = [(r, hid), (inter, r), (r, hid), (inter, r), (r, inter), (hid, r)]
+    lora = [(torch.randn(s, **f64) / 3).float().to(device).requires_grad_() for s in shapes]
+    x = torch.randn((1, n, hid), **f64).to(device, dtype).requires_grad_()
+    return base, lora, x
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["h-product-kept", "h-product-rebuilt"])
+@pytest.mark.parametrize("kind", [SWIGLU, GEGLU])
+@pytest.mark.parametrize("n,hid,inter,r,chunk_rows", [(13, 24, 40, 4, 5), (9, 32, 72, 3, 9), (19, 16, 48, 2, 4)])
+def test_checkpointed_mlp_rebuilds_gate_and_up_in_chunks_with_reference_gradients(
+    poison, monkeypatch, kind, n, hid, inter, r, chunk_rows, kept
+):
+    """Under checkpointing neither gate nor up is saved: the first run and backward go a token
+    chunk at a time (13 rows -> 5+5+3), the recomputation computes no projection; loss and every
+    gradient are those of the float64 reference, through torch's checkpoint and its recomputation."""
+    from sftop.kernels import recompute
+
+    device, dtype = "cpu", torch.float32
+    monkeypatch.setattr(lm, "REGATE_CHUNK_BYTES", chunk_rows * inter * dtype.itemsize)
+    assert lm._regate_rows(n, inter, dtype.itemsize) == chunk_rows
+    base, lora, x = _mlp_case(device, dtype, n, hid, inter, r)
+    scales = (0.5, 2.0, 1.25) if kind == SWIGLU else (1.5, 1.5, 0.75)
+    if not kept:  # a first run that kept nothing: the recomputation rebuilds h @ A_down^T itself
+        monkeypatch.setattr(recompute, "keep_for_recompute", lambda tensor, offload=False: None)
+    projections = {"first run and backward": 0, "recompute": 0}
+    real_chunk = lm._gate_up_chunk
+
+    def counted(*args):
+        projections["recompute" if recompute.recomputing() else "first run and backward"] += 1
+        return real_chunk(*args)
+
+    monkeypatch.setattr(lm, "_gate_up_chunk", counted)
+    def layer(x, *lora):
+        out = LoRAMLPFunction.apply(x, *lora, tuple(base), scales, kind, dtype, recompute.current_layer_run())
+        return out * 1.5 + x  # as a decoder layer's residual: nothing reads the output in backward
+
+    out = recompute.checkpoint_marking_recompute(layer, x, *lora, use_reentrant=False)
+    dout = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad(out, [x, *lora], dout)
+    chunks = -(-n // chunk_rows)
+    # the first run: every chunk; the recomputation: none, or every chunk for h @ A_down^T; backward: every chunk
+    assert projections == {"first run and backward": chunks + chunks, "recompute": 0 if kept else chunks}
+
+    xr = x.detach().double().requires_grad_()
+    lr = [t.detach().double().requires_grad_() for t in lora]
+    ref = _ref(xr, *[b.weight.detach().double() for b in base], *lr, scales, kind) * 1.5 + xr
+    refs = torch.autograd.grad(ref, [xr, *lr], dout.double())
+    assert rel_err(out, ref) < 1e-5
+    for got, want, p in zip(grads, refs, [x, *lora]):
+        assert got.dtype == p.dtype and got.shape == p.shape
+        assert rel_err(got, want) < 1e-5
+
+
+def test_checkpointed_mlp_saves_no_intermediate_sized_tensor():
+    """What a checkpointed layer's MLP saves for backward: its input and rank-r products, never a
+    [tokens, intermediate] tensor (the Function without a layer run saves gate and up)."""
+    from sftop.kernels.recompute import LayerRun
+
+    n, hid, inter, r = 12, 16, 64, 2
+    base, lora, x = _mlp_case("cpu", torch.float32, n, hid, inter, r)
+    sizes = {}
+    for name, run in (("whole", None), ("checkpointed", LayerRun(False))):
+        seen = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(tuple(t.shape)) or t, lambda t: t):
+            LoRAMLPFunction.apply(x, *lora, tuple(base), (1.0, 1.0, 1.0), SWIGLU, torch.float32, run)
+        sizes[name] = seen
+    assert sizes["whole"].count((n, inter)) == 2
+    assert (n, inter) not in sizes["checkpointed"] and (n, hid) in sizes["checkpointed"]

@@ -70,16 +70,22 @@ def test_the_recomputation_reads_what_the_first_run_kept_in_order():
 
 
 def _down_projections(monkeypatch):
-    """Count the down projections lora_mlp runs, split by whether they ran in a recomputation."""
+    """Count the down projections lora_mlp runs (whole, or a checkpointed run's token chunks),
+    split by whether they ran in a recomputation."""
     counts = {"forward": 0, "recompute": 0}
-    real = lm._project
+    real, real_chunk = lm._project, lm._down_chunk
 
     def counting(inp, base, a, b, scale):
         if base.in_features > base.out_features:  # down: intermediate -> hidden
             counts["recompute" if recomputing() else "forward"] += 1
         return real(inp, base, a, b, scale)
 
+    def counting_chunk(*args):
+        counts["recompute" if recomputing() else "forward"] += 1
+        return real_chunk(*args)
+
     monkeypatch.setattr(lm, "_project", counting)
+    monkeypatch.setattr(lm, "_down_chunk", counting_chunk)
     return counts
 
 
