@@ -52,6 +52,9 @@ MLP_DH_CHUNK_BYTES = 32 << 20
 # intermediate-sized tensors.  The recomputation, whose gate and up GEMMs this moves into backward,
 # then computes no GEMM of the MLP at all: the same FLOPs.  Chunks keep at least 128 rows.
 MLP_REGATE_CHUNK_BYTES = 16 << 20
+# Off unless set to 1: its memory and speed on a GPU are not measured yet (docs/kernels.md); it also
+# launches more, smaller GEMMs, which an eagerly trained (host-bound) step pays for.
+CHUNKED_MLP_ENV = "SFTOP_CHUNKED_MLP"
 
 
 def dh_chunk_rows(n_tok: int, width: int, elem: int, chunk_bytes: int = MLP_DH_CHUNK_BYTES) -> int:

@@ -1,7 +1,8 @@
 """The whole LoRA gated MLP as one autograd Function: down(glu(gate(x), up(x))) where each of
 gate/up/down is base(x) + s * (x @ A^T) @ B^T.
 
-Under gradient checkpointing (a layer run handed in) it saves less still: not even gate and up.
+Under gradient checkpointing (a layer run handed in, and SFTOP_CHUNKED_MLP=1) it saves less still:
+not even gate and up.
 The first run goes a token chunk at a time, the recomputation computes only the rank-r products,
 and backward rebuilds gate and up chunk by chunk (constants.MLP_REGATE_CHUNK_BYTES says why).
 
@@ -27,7 +28,8 @@ import torch
 from torch import nn
 
 from . import compat
-from .constants import MLP_DH_CHUNK_BYTES, MLP_REGATE_CHUNK_BYTES, dh_chunk_rows
+from .constants import CHUNKED_MLP_ENV, MLP_DH_CHUNK_BYTES, MLP_REGATE_CHUNK_BYTES, dh_chunk_rows
+from .env import env_flag
 from .glu import glu_backward_inplace, glu_forward
 from .nf4 import dequantize_4bit_weight
 
@@ -244,7 +246,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         agc, bgc, auc, buc, adc, bdc = (t.to(dtype) for t in (ag, bg, au, bu, ad, bd))
         ctx.bases, ctx.scales, ctx.kind, ctx.x_shape, ctx.x_dtype = bases, scales, kind, shape, x.dtype
         ctx.p_dtypes = [t.dtype for t in (ag, bg, au, bu, ad, bd)]
-        ctx.chunked = run is not None
+        ctx.chunked = run is not None and env_flag(CHUNKED_MLP_ENV, default=False)
         if ctx.chunked:
             # a checkpointed layer: both runs save the same small tensors, no gate or up
             adapters = (agc, bgc, auc, buc, adc, bdc)

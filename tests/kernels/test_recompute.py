@@ -11,7 +11,7 @@ import sftop.kernels.lora_mlp as lm
 from sftop.kernels.recompute import checkpoint_marking_recompute, keep_for_recompute, kept_from_first_run, recomputing
 
 from _kernel_testutil import rel_err
-from _tiny_models import tiny_model, twin
+from _tiny_models import tiny_config, tiny_model, twin
 
 
 def test_only_the_recomputation_is_marked():
@@ -89,8 +89,12 @@ def _down_projections(monkeypatch):
     return counts
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["gate-up-saved", "SFTOP_CHUNKED_MLP"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_recomputed_layers_skip_the_down_projection_with_stock_gradients(monkeypatch, poison, family):
+def test_recomputed_layers_skip_the_down_projection_with_stock_gradients(monkeypatch, poison, family, chunked):
+    if chunked:  # gate and up rebuilt in backward, in two token chunks of the 2 x 11 tokens
+        monkeypatch.setenv("SFTOP_CHUNKED_MLP", "1")
+        monkeypatch.setattr(lm, "REGATE_CHUNK_BYTES", 12 * tiny_config(family).intermediate_size * 4)
     stock = tiny_model(family)
     fused = twin(stock)
     report = K.patch_model(fused)
@@ -113,10 +117,12 @@ def test_recomputed_layers_skip_the_down_projection_with_stock_gradients(monkeyp
         loss = m(input_ids=ids, labels=ids).loss
         loss.backward()
         losses.append(loss.detach())
-    # two layers: the forward pass projects twice, the two recomputations not at all; they take
-    # the down adapter's rank-r product from the first run, so they skip the activation too
-    assert counts == {"forward": 2, "recompute": 0}
-    assert activations == {"forward": 2, "recompute": 0}
+    # two layers: the forward pass projects twice (each in two chunks when chunked), the two
+    # recomputations not at all; they take the down adapter's rank-r product from the first run,
+    # so they skip the activation too
+    per_layer = 2 if chunked else 1
+    assert counts == {"forward": 2 * per_layer, "recompute": 0}
+    assert activations == {"forward": 2 * per_layer, "recompute": 0}
     assert rel_err(losses[1], losses[0]) < 1e-5
     stock_grads = {n: p.grad for n, p in stock.named_parameters() if p.requires_grad}
     for n, p in fused.named_parameters():
