@@ -12,6 +12,7 @@ from sftop.engine.train.buckets import (
     bucket_sizes,
     data_bucket_sizes,
     fewest_padding_split,
+    fitted_bucket_sizes,
     pad_to_bucket,
 )
 from sftop.engine.train.runner import _Run
@@ -110,7 +111,7 @@ def _chat_lengths(n=2000, seed=1):
     return [min(2048, max(16, int(math.exp(rng.gauss(math.log(300), 0.85))))) for _ in range(n)]
 
 
-def _brute_force(lengths, most, least, multiple):
+def _brute_force(lengths, most, least, multiple, per_bucket=0.0):
     import itertools
 
     cands = sorted({-(-n // multiple) * multiple for n in lengths})
@@ -125,7 +126,7 @@ def _brute_force(lengths, most, least, multiple):
                 held.append(len(inside))
                 cost += sum(size - n for n in inside)
                 lo = size
-            if min(held) >= least and cost < best[1]:
+            if min(held) >= least and (best[0] is None or cost + k * per_bucket < best[1] + len(best[0]) * per_bucket):
                 best = (combo, cost)
     return best
 
@@ -137,9 +138,10 @@ def test_fewest_padding_split_is_optimal_and_keeps_every_bucket_used():
     for trial in range(12):
         lengths = [rng.randint(1, 900) for _ in range(rng.randint(5, 40))]
         most, least = rng.randint(1, 4), rng.randint(1, 6)
-        sizes, cost = fewest_padding_split(lengths, most, least, 64)
-        want, want_cost = _brute_force(lengths, most, least, 64)
-        assert cost == want_cost, (trial, lengths, most, least)
+        per_bucket = rng.choice([0.0, 500.0, 5000.0])
+        sizes, cost = fewest_padding_split(lengths, most, least, 64, per_bucket=per_bucket)
+        want, want_cost = _brute_force(lengths, most, least, 64, per_bucket)
+        assert cost == want_cost and len(sizes) == len(want or ()), (trial, lengths, most, least, per_bucket)
         if want is None:
             assert sizes == ()
         else:
@@ -155,17 +157,22 @@ def test_data_buckets_fit_a_long_run_and_refuse_a_short_one():
 
     lengths = _chat_lengths()
     sizes = data_bucket_sizes(lengths, 8, 250, seed=0)
-    assert 4 <= len(sizes) <= 8 and list(sizes) == sorted(set(sizes)) and all(s % 128 == 0 for s in sizes)
-    # on fresh micro-batches: little padding, every bucket used often enough, almost all covered
+    assert 3 <= len(sizes) <= 8 and list(sizes) == sorted(set(sizes)) and all(s % 128 == 0 for s in sizes)
+    # on fresh micro-batches: bounded padding, every bucket used often enough, almost all covered
     rng = random.Random(99)
     sums = [sum(rng.sample(lengths, 8)) for _ in range(5000)]
     padded = [bucket_for(n, sizes) for n in sums]
-    assert sum(padded) / sum(sums) - 1 < 0.125
+    assert sum(padded) / sum(sums) - 1 < 0.2
     assert sum(n > sizes[-1] for n in sums) / len(sums) < 0.01
     share = [sum(p == s for p in padded) / len(sums) for s in sizes]
     assert min(share) * 250 >= 10  # at least 12 expected, with sampling noise
-    # 75 micro-batches cannot fill buckets tightly enough: unpadded, eager
-    assert data_bucket_sizes(lengths, 8, 75, seed=0) == ()
+    # a longer run earns back more captures: as many buckets or more, and less padding per token
+    longer = data_bucket_sizes(lengths, 8, 2000, seed=0)
+    assert len(longer) >= len(sizes) and len(longer) == 8
+    assert sum(bucket_for(n, longer) for n in sums) < sum(padded)
+    # 75 micro-batches earn back only a few captures: fewer buckets, more padding; 23 not two
+    short = data_bucket_sizes(lengths, 8, 75, seed=0)
+    assert 1 <= len(short) < len(sizes)
     assert data_bucket_sizes(lengths, 8, 23, seed=0) == ()
     # rows all of one length pack to one length: one bucket, no padding
     assert data_bucket_sizes([300] * 100, 8, 500) == (2432,)
@@ -185,6 +192,7 @@ def test_auto_buckets_follow_the_graphs_and_say_why(home, tmp_path, monkeypatch)
     from sftop.engine.train import buckets
 
     monkeypatch.setattr(buckets, "MAX_PADDING_SHARE", 1.0)
+    monkeypatch.setattr(buckets, "EAGER_EXTRA_SHARE", 100.0)
     run, _ = prepared_run(fast_preset("train.max_steps=400"), tmp_path / "long")
     trainer = run.build_trainer()
     collator = trainer.data_collator
@@ -220,6 +228,7 @@ def test_a_plan_without_room_for_the_graphs_pads_to_no_buckets(home, tmp_path, m
 
     monkeypatch.setattr(_Run, "packed_graphs_on", lambda self: True)
     monkeypatch.setattr(buckets, "MAX_PADDING_SHARE", 1.0)
+    monkeypatch.setattr(buckets, "EAGER_EXTRA_SHARE", 100.0)
     run, _ = prepared_run(fast_preset("train.max_steps=400"), tmp_path / "eager")
     why = "CUDA graphs off: their pool would need 0.33 GiB more than the budget"
     run.plan.graphs_refused = why
@@ -230,3 +239,34 @@ def test_a_plan_without_room_for_the_graphs_pads_to_no_buckets(home, tmp_path, m
         assert cg._plan_refusal == why  # and the process captures nothing
     finally:
         cg.refuse_captures(None)
+
+
+def test_the_bucket_count_spends_least_on_padding_and_captures_together():
+    """Fewer buckets pad more, more buckets capture more: the count fitted is the one with the least
+    of both, a capture counted as CAPTURE_COST_MICRO_BATCHES micro-batches of the mean length."""
+    import math
+    import random
+
+    from sftop.engine.train import buckets
+
+    lengths = _chat_lengths(1000)
+    rng = random.Random(0)
+    run = [sum(rng.sample(lengths, 8)) for _ in range(125)]  # a 1,000-row run, 8 rows a step
+    sizes = fitted_bucket_sizes(run, 125, min_replays=1)
+    covered = sorted(run)[: math.ceil(buckets.TOP_SHARE * len(run))]
+    mean = sum(covered) / len(covered)
+
+    def cost(k):
+        found, padding = fewest_padding_split(covered, k, 1, 128)
+        return padding + len(found) * buckets.CAPTURE_COST_MICRO_BATCHES * mean
+
+    assert 1 < len(sizes) < 8
+    assert cost(len(sizes)) == min(cost(k) for k in range(1, 9))
+    assert cost(len(sizes)) < cost(8)  # eight buckets would pad less and cost more
+    # with captures free the count is the one that pads least
+    free = buckets.CAPTURE_COST_MICRO_BATCHES
+    try:
+        buckets.CAPTURE_COST_MICRO_BATCHES = 0
+        assert len(fitted_bucket_sizes(run, 125, min_replays=1)) == 8
+    finally:
+        buckets.CAPTURE_COST_MICRO_BATCHES = free

@@ -66,14 +66,18 @@ def buckets_wanted(setting: str, graphs_on: bool) -> bool:
     return setting == "on" or (setting == "auto" and graphs_on)
 
 
-# A bucket's capture costs about four eager steps (its first sighting, two warm-up runs, the
-# capture), and a replay saves about 40 % of an eager step (docs/benchmarks.md: steady-state
-# steps of 54,400 against 31,500 tokens/s, 1B on an H100), so a bucket pays for itself after
-# about seven replays: it is only made where the run is expected to fill it that often, with margin.
+# A bucket's capture costs about eight replayed micro-batches of the run's mean length
+# (docs/benchmarks.md, 2026-12-07: 8 captures in 3.19 s against a median replayed step of 48.5 ms,
+# 1B on an H100; the capture step's own batch then replays), and a replay saves about 40 % of an
+# eager step (steady-state steps of 54,400 against 31,500 tokens/s), so a bucket pays for itself
+# after a dozen replays or so: it is only made where the run is expected to fill it that often.
 MIN_REPLAYS_PER_BUCKET = 12
+CAPTURE_COST_MICRO_BATCHES = 8
+# What an eager micro-batch costs beyond a replayed one of the same tokens, as a share of it.
+EAGER_EXTRA_SHARE = 0.7
 MAX_DATA_BUCKETS = 8  # packed_graphs.MAX_BUCKET_GRAPHS: more could not all be captured
-# Padding is GPU time spent on nothing: past this share of the tokens it eats what the replays save.
-MAX_PADDING_SHARE = 0.125
+# Padding is GPU time spent on nothing: past this share of the tokens no bucket count is worth it.
+MAX_PADDING_SHARE = 0.25
 TOP_SHARE = 0.995  # micro-batches above the largest bucket (the rarest, longest) run unpadded, eagerly
 SAMPLED_BATCHES = 4096
 
@@ -115,7 +119,14 @@ def fitted_bucket_sizes(
     multiple: int = BUCKET_MULTIPLE,
 ) -> tuple[int, ...]:
     """`data_bucket_sizes` from micro-batch lengths already known: sampled ones, or every micro-batch
-    of a run whose steps are split by tokens (sftop/engine/planner/token_split.py)."""
+    of a run whose steps are split by tokens (sftop/engine/planner/token_split.py).
+
+    How many: the count with the least time in padding and captures together, each capture
+    counted as `CAPTURE_COST_MICRO_BATCHES` micro-batches of the mean length: more buckets pad less
+    but capture more, and a short run cannot earn back eight captures (a 1,000-row run of 125
+    micro-batches pads 8.4 % with eight and 15.7 % with four, and the four cost about 20
+    micro-batches less). None where even the best count costs more than training unpadded and
+    eagerly, or would pad more than `MAX_PADDING_SHARE` of the tokens."""
     count = min(max_buckets, micro_batches // max(1, min_replays))
     sums = sorted(int(n) for n in batch_tokens)
     if count < 2 or not sums:
@@ -123,15 +134,23 @@ def fitted_bucket_sizes(
     top = sums[min(len(sums) - 1, math.ceil(TOP_SHARE * len(sums)) - 1)]
     covered = [n for n in sums if n <= top]
     least = math.ceil(min_replays * len(sums) / micro_batches)  # samples a bucket must hold
-    sizes, padding = fewest_padding_split(covered, count, least, multiple)
-    if not sizes or padding > MAX_PADDING_SHARE * sum(covered):
+    tokens = sum(covered)
+    # a capture in the samples' units: the run has micro_batches of them, the samples len(sums)
+    per_capture = CAPTURE_COST_MICRO_BATCHES * tokens / len(covered) * len(sums) / micro_batches
+    sizes, padding = fewest_padding_split(covered, count, least, multiple, per_bucket=per_capture)
+    bucketed = padding + len(sizes) * per_capture
+    if not sizes or padding > MAX_PADDING_SHARE * tokens or bucketed >= EAGER_EXTRA_SHARE * tokens:
         return ()
     return sizes
 
 
-def fewest_padding_split(lengths: list[int], most: int, least: int, multiple: int) -> tuple[tuple[int, ...], float]:
+def fewest_padding_split(
+    lengths: list[int], most: int, least: int, multiple: int, per_bucket: float = 0.0
+) -> tuple[tuple[int, ...], float]:
     """At most `most` bucket sizes (multiples of `multiple`) that hold every one of `lengths` with the
     fewest padding tokens in all, each bucket holding at least `least` of them; ((), inf) if none can.
+    `per_bucket`: what each bucket costs besides its padding, in padding tokens: the count chosen
+    is the one with the least padding plus that cost (the padding is returned).
 
     Buckets end at a rounded-up length (any other end pads more), so the search runs over those
     candidates: best[k][j] is the least padding of the lengths up to candidate j in k buckets, the
@@ -170,7 +189,7 @@ def fewest_padding_split(lengths: list[int], most: int, least: int, multiple: in
                     best[k][j], back[k][j] = cost, i
     if c == 0:
         return (), inf
-    k = min(range(1, most + 1), key=lambda kk: best[kk][c - 1])
+    k = min(range(1, most + 1), key=lambda kk: best[kk][c - 1] + kk * per_bucket)
     cost = best[k][c - 1]
     if cost == inf:
         return (), inf
