@@ -302,6 +302,8 @@ def _build(args, path: str):
             os.environ["SFTOP_VISION_GRAPHS"] = "0"
         if path == "sftop-pool-each":  # a VLM's tower and language graphs each in a pool of its own
             os.environ["SFTOP_SHARED_GRAPH_POOL"] = "0"
+        if path == "sftop-chunked-mlp":  # checkpointed LoRA MLPs rebuild gate and up in backward
+            os.environ["SFTOP_CHUNKED_MLP"] = "1"
         if path == "sftop-small-loss-chunk" or _graphed_vlm(args.model, path):
             # the fused loss in the planner's small logits chunks; a VLM with its graphs always takes
             # them, as `sftop run`'s plan does (docs/planner.md)
@@ -635,6 +637,7 @@ PATHS = (
     "sftop-tower-graphs",
     "sftop-no-vision-graphs",
     "sftop-pool-each",
+    "sftop-chunked-mlp",
     "sftop-small-loss-chunk",
     "sftop-default-loss-chunk",
     "unsloth",
@@ -685,6 +688,8 @@ def main(argv=None) -> int:
         "sftop-no-vision-graphs (vision shapes: sftop with those graphs off: SFTOP_VISION_GRAPHS=0), "
         "sftop-pool-each (vision shapes: those graphs in a memory pool each, SFTOP_SHARED_GRAPH_POOL=0, "
         "instead of the one they share), "
+        "sftop-chunked-mlp (checkpointed LoRA MLPs save neither gate nor up and rebuild them in token "
+        "chunks in backward: SFTOP_CHUNKED_MLP=1), "
         "sftop-small-loss-chunk (sftop with the fused loss's logits in 64 MiB chunks, the planner's small "
         "chunk, instead of 256 MiB; a vision shape's sftop path takes them already while its graphs are on, "
         "as `sftop run` does), sftop-default-loss-chunk (vision shapes: sftop with 256 MiB chunks), "
