@@ -141,3 +141,19 @@ def test_held_values_keep_numbers_and_read_tensors_as_floats():
     held = HeldValues(7, {"loss": loss, "norm": None, "count": 3, "bad": torch.tensor(True)})
     loss.add_(1.0)  # a later change on the device does not reach what was held
     assert held.step == 7 and held.read() == {"norm": None, "count": 3.0, "loss": 2.5, "bad": 1.0}
+
+
+def test_an_fp16_grad_scaler_keeps_verdicts_read_at_once():
+    """fp16's grad scaler sets the fused optimizer's found_inf itself, which would overwrite the
+    guard's: with a scaler the guard reads before each update."""
+    weight = torch.nn.Parameter(torch.zeros(3))
+    inner = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    optimizer = Wrapped(inner)
+    optimizer.scaler = object()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lambda step: 1.0)
+    guard = UpdateGuard(max_bad_steps=3, lag=True)
+    weight.grad = torch.full_like(weight, NAN)
+    guard.on_pre_optimizer_step(
+        None, types.SimpleNamespace(global_step=0), TrainerControl(), optimizer=optimizer, lr_scheduler=scheduler
+    )
+    assert not guard.lagging and guard.step_bad and weight.grad is None and guard.bad_steps == {1: 1}

@@ -35,8 +35,8 @@ class UpdateGuard(TrainerCallback):
     Adam's moments and step counts stay untouched) and the scheduler step is skipped the same way
     transformers skips it after an fp16 overflow.
 
-    Read one step late (`lag=True`, with torch's fused AdamW, a LambdaLR schedule and one process;
-    step_readback.py says why): the verdict goes to the optimizer on the device (`found_inf`: the
+    Read one step late (`lag=True`, with torch's fused AdamW without fp16's grad scaler, a LambdaLR
+    schedule and one process; step_readback.py says why): the verdict goes to the optimizer on the device (`found_inf`: the
     fused update skips itself and takes its step counts back) and to the host at the next step's
     update, which then takes back the scheduler step the bad update had. Inside a streak of bad
     updates, and wherever a checkpoint, an evaluation or the end of the run needs it (`settle`), the
@@ -99,6 +99,8 @@ class UpdateGuard(TrainerCallback):
                 and step is not None
                 and optimizer is not None
                 and skips_on_device(optimizer)
+                # fp16's grad scaler sets the fused optimizer's found_inf itself, over this one's
+                and getattr(optimizer, "scaler", None) is None
                 and can_step_back(lr_scheduler)
                 and not (torch.distributed.is_available() and torch.distributed.is_initialized())
             )
