@@ -85,3 +85,48 @@ def test_language_layers_take_the_kernels_and_match_stock(name, monkeypatch):
     unpatch(fused)
     u_out, u_grads = _loss_and_grads(fused, batch)
     assert u_out.logits is not None and rel_err(u_out.loss, s_out.loss) < 1e-6
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["default", "SFTOP_CHUNKED_MLP"])
+def test_chunked_mlp_reaches_the_language_layers_under_checkpointing(chunked, monkeypatch):
+    """With SFTOP_CHUNKED_MLP=1 a Qwen2.5-VL model's language layers get lean recomputation, so
+    their checkpointed MLPs rebuild gate and up in token chunks in backward (none in the
+    recomputation); loss and LoRA gradients stay the stock model's. Unset, neither applies."""
+    import sftop.kernels.lora_mlp as lm
+    from sftop.kernels import recompute
+
+    name = "qwen2_5_vl"
+    if chunked:
+        monkeypatch.setenv("SFTOP_CHUNKED_MLP", "1")
+    else:
+        monkeypatch.delenv("SFTOP_CHUNKED_MLP", raising=False)
+    fam = family(name)
+    batch = VisionCollator(fam, processor(name))([single(image(name, 2, 3)), rows(name)["two-turns"]])
+    batch = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in batch.items()}
+    stock = _lora_model(name)
+    fused = copy.deepcopy(stock)
+    report = patch_model(fused, model_type=fam.language_model_type, only=vlm_kernel_parts(fused))
+    assert (report.parts["lean_recompute"] == "fused") == chunked, report.parts["lean_recompute"]
+    tokens = batch["input_ids"].numel()
+    monkeypatch.setattr(lm, "REGATE_CHUNK_BYTES", (tokens // 3) * fused.config.text_config.intermediate_size * 4)
+    built = {"backward or first run": 0, "recomputation": 0}
+    real = lm._gate_up_chunk
+
+    def counted(*args):
+        built["recomputation" if recompute.recomputing() else "backward or first run"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(lm, "_gate_up_chunk", counted)
+    for m in (stock, fused):
+        m.train()
+    fused.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    s_out, s_grads = _loss_and_grads(stock, batch)
+    f_out, f_grads = _loss_and_grads(fused, batch)
+    layers = fused.config.text_config.num_hidden_layers
+    chunks = -(-tokens // lm._regate_rows(tokens, fused.config.text_config.intermediate_size, 4))
+    assert chunks > 1 or not chunked
+    # every layer: its chunks in the first run and again in backward; nothing in the recomputation
+    assert built == {"backward or first run": 2 * layers * chunks if chunked else 0, "recomputation": 0}
+    assert rel_err(f_out.loss, s_out.loss) < 1e-5
+    for n, g in s_grads.items():
+        assert rel_err(f_grads[n], g) < 1e-4, n

@@ -27,12 +27,19 @@ VLM_KERNEL_PARTS = ("rms_norm", "rope", "mlp", "lora", "attention_lora", "attent
 
 def vlm_kernel_parts(model) -> tuple[str, ...]:
     """VLM_KERNEL_PARTS, and the fused loss where a kernel family file describes this VLM itself
-    (sftop/kernels/patching/families/): its loss part knows the model's own forward."""
+    (sftop/kernels/patching/families/): its loss part knows the model's own forward.  With
+    SFTOP_CHUNKED_MLP=1 such a VLM's layers also get lean recomputation, which hands their MLPs the
+    layer run the chunked MLP needs (docs/kernels.md; off by default until measured on a GPU)."""
+    from sftop.kernels.constants import CHUNKED_MLP_ENV
+    from sftop.kernels.env import env_flag
     from sftop.kernels.patching.registry import MULTIMODAL
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     own = getattr(getattr(base, "config", None), "model_type", None)
-    return VLM_KERNEL_PARTS + (("loss",) if own in MULTIMODAL else ())
+    if own not in MULTIMODAL:
+        return VLM_KERNEL_PARTS
+    lean = ("lean_recompute",) if env_flag(CHUNKED_MLP_ENV, default=False) else ()
+    return VLM_KERNEL_PARTS + ("loss",) + lean
 
 
 def model_config(model_section) -> Any:
