@@ -551,11 +551,18 @@ def step_reference_line(ref: dict, row: dict) -> str:
     if "whole_over_step" not in ref:
         return f"Fixed-shape step reference ({where}): {ref.get('failed', 'no rate')}."
     peak, run_peak = ref.get("peak_gib"), row.get("peak_allocated_gib")
+    median = row.get("step_tokens_per_s_median")
     return (
         f"sftop whole run / fixed-shape step ({where}: {ref['tokens_per_s']:,.0f} tokens/s"
         + (f", peak {peak:.2f} GiB" if _measured(peak) else "")
         + (f"; the run's peak {run_peak:.2f} GiB" if _measured(run_peak) else "")
         + f"): {ref['whole_over_step']:.0%}, target at least {TARGET_OF_STEP:.0%}: {'met' if ref['met'] else 'MISSED'}."
+        # what the run's steps reach once captured, without the captures and first steps around them
+        + (
+            f" Its median step: {median:,.0f} tokens/s, {median / ref['tokens_per_s']:.0%} of the fixed-shape step."
+            if isinstance(median, (int, float)) and median > 0
+            else ""
+        )
     )
 
 

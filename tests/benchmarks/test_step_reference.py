@@ -53,6 +53,11 @@ def test_the_reference_runs_step_bench_and_holds_the_run_to_80_percent(tmp_path)
     assert whole_run.step_reference_line(ref2, fast).endswith("): 80%, target at least 80%: met.")
     gpu = {**ref2, "peak_gib": 2.5}
     assert ", peak 2.50 GiB; the run's peak 0.50 GiB): 80%" in whole_run.step_reference_line(gpu, fast)
+    # the run's median step beside it: how far the captured steps themselves get
+    steady = {**fast, "step_tokens_per_s_median": ref["tokens_per_s"] * 0.9}
+    assert whole_run.step_reference_line(ref2, steady).endswith(
+        f"target at least 80%: met. Its median step: {ref['tokens_per_s'] * 0.9:,.0f} tokens/s, 90% of the fixed-shape step."
+    )
 
 
 def test_a_plan_without_a_size_is_not_run(tmp_path):
