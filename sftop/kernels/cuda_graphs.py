@@ -259,7 +259,8 @@ class CapturedStep:
         with self.stats.timed("clean_up"):
             collect_warm_up_garbage(before_warm_up)
             # the warm-up's blocks sit in the ordinary cache; the pool can't use them
-            torch.cuda.empty_cache()
+            if cache_release_needed():
+                torch.cuda.empty_cache()
         self.fwd = torch.cuda.CUDAGraph()
         self.bwd: torch.cuda.CUDAGraph | None = None
         self.input_grads = []
@@ -720,13 +721,9 @@ def token_ids_only(kwargs: dict, ids: torch.Tensor, false_flags: tuple[str, ...]
     return True
 
 
-def _room_for_capture(static_bytes: int = 0) -> str | None:
-    """Refuse to capture unless the largest step transient seen so far fits twice beside what is
-    live: once in the graphs' pool (which keeps it for good) and once in the ordinary cache, which
-    eager steps of other shapes still need and which the pool cannot borrow from; plus
-    `static_bytes`, what the captured step keeps allocated for good (the shared gradient buffers,
-    at the first training capture).  A plan sized tightly to the GPU therefore trains
-    eagerly rather than risk running out of memory."""
+def _capture_room(static_bytes: int = 0) -> tuple[int, int, int]:
+    """(free, cached, needed) bytes for a capture: the device's free memory (under a memory cap, what
+    is left under it), the ordinary cache's unused blocks, and what `_room_for_capture` asks for."""
     free, total = torch.cuda.mem_get_info()
     # Under a memory cap (plan.max_memory_gib: torch.cuda.set_per_process_memory_fraction) what
     # counts is the room left under it, however much the GPU itself has free.
@@ -737,6 +734,29 @@ def _room_for_capture(static_bytes: int = 0) -> str | None:
         free = max(0, min(free, int(fraction * total) - torch.cuda.memory_reserved()))
     cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     need = 2 * (torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()) + static_bytes
+    return free, cached, need
+
+
+def cache_release_needed() -> bool:
+    """Whether a capture needs the ordinary cache's unused blocks given back first: only where the
+    device's free memory (under a cap, the room left under it) does not hold what a capture asks
+    for.  While a stream captures, the allocator cannot free cached blocks to make room, so under
+    a tight plan they must go before; elsewhere giving them back only makes the eager steps after
+    the capture allocate them again.  (A capture's clean-up, this and the garbage collection
+    together, took 66 ms on average in a 1B whole run on an H100, docs/benchmarks.md, 2026-12-07;
+    how much of it was this is not measured.)"""
+    free, _cached, need = _capture_room()
+    return free < need
+
+
+def _room_for_capture(static_bytes: int = 0) -> str | None:
+    """Refuse to capture unless the largest step transient seen so far fits twice beside what is
+    live: once in the graphs' pool (which keeps it for good) and once in the ordinary cache, which
+    eager steps of other shapes still need and which the pool cannot borrow from; plus
+    `static_bytes`, what the captured step keeps allocated for good (the shared gradient buffers,
+    at the first training capture).  A plan sized tightly to the GPU therefore trains
+    eagerly rather than risk running out of memory."""
+    free, cached, need = _capture_room(static_bytes)
     if free + cached < need:
         return (
             f"not enough free GPU memory to capture ({(free + cached) / 2**30:.2f} GiB free, {need / 2**30:.2f} needed)"

@@ -726,3 +726,14 @@ def test_later_captures_of_a_model_warm_up_once(monkeypatch):
         step, why = graphs._capture(lambda t: t * 2, (x,), [], backward=False)
         assert why is None and isinstance(step, Recorded)
     assert runs == [cg.WARMUP_RUNS, cg.LATER_WARMUP_RUNS, cg.LATER_WARMUP_RUNS] == [2, 1, 1]
+
+
+def test_the_cache_is_given_back_before_a_capture_only_where_free_memory_is_short(monkeypatch):
+    """A capture asks for twice the largest step transient (here 0.2 GiB) beside what is live. With
+    the GPU's free memory (under a cap, what is left under it) holding that, the ordinary cache's
+    blocks stay for the eager steps after it; short of it, they go back first."""
+    _fake_allocator(monkeypatch, limit_gib=80.0, allocated_gib=2.5, peak_gib=2.7, reserved_gib=3.0)
+    assert not cg.cache_release_needed()  # 70 GiB free
+    _fake_allocator(monkeypatch, limit_gib=3.3, allocated_gib=2.5, peak_gib=2.7, reserved_gib=3.0)
+    assert cg.cache_release_needed()  # 0.3 GiB left under the cap, 0.4 needed: the 0.5 cached must go
+    assert cg._room_for_capture() is None  # and with them it fits
