@@ -148,12 +148,13 @@ def _down_chunk(h, down_base, ha_d, bdc, sd, out):
     return adapter_then_base(h, base_weight(down_base, h.dtype).t(), ha_d, bdc.t(), sd, out=out)
 
 
-def _chunked_first_run(x2, xa_g, xa_u, bases, adapters, scales, kind):
-    """A checkpointed layer's first run, a token chunk at a time: (output, h @ A_down^T)."""
+def _chunked_first_run(x2, xa_g, xa_u, bases, adapters, scales, kind, down: bool = True):
+    """A checkpointed layer's run a token chunk at a time: (output, h @ A_down^T).  `down=False`
+    (a recomputation whose first run kept nothing) builds only h @ A_down^T: output None."""
     n_tok, width = x2.shape[0], bases[0].out_features
     rows = _regate_rows(n_tok, width, x2.element_size())
     adc, bdc, sd = adapters[4], adapters[5], scales[2]
-    out = torch.empty(n_tok, bases[2].out_features, dtype=x2.dtype, device=x2.device)
+    out = torch.empty(n_tok, bases[2].out_features, dtype=x2.dtype, device=x2.device) if down else None
     ha_d = torch.empty(n_tok, adc.shape[0], dtype=x2.dtype, device=x2.device)
     e_buf, g_buf = (torch.empty(rows, width, dtype=x2.dtype, device=x2.device) for _ in range(2))
     for start in range(0, n_tok, rows):
@@ -161,22 +162,17 @@ def _chunked_first_run(x2, xa_g, xa_u, bases, adapters, scales, kind):
         e, g = _gate_up_chunk(x2[start:stop], xa_g[start:stop], xa_u[start:stop], bases, adapters, scales, e_buf, g_buf)
         h = glu_forward(e, g, kind)
         torch.mm(h, adc.t(), out=ha_d[start:stop])
-        _down_chunk(h, bases[2], ha_d[start:stop], bdc, sd, out[start:stop])
+        if out is not None:
+            _down_chunk(h, bases[2], ha_d[start:stop], bdc, sd, out[start:stop])
     return out, ha_d
 
 
-def _recomputed_ha_d(x2, xa_g, xa_u, bases, adapters, scales, kind):
-    """h @ A_down^T rebuilt in chunks, for a recomputation whose first run kept nothing."""
-    n_tok, width = x2.shape[0], bases[0].out_features
-    rows = _regate_rows(n_tok, width, x2.element_size())
-    adc = adapters[4]
-    ha_d = torch.empty(n_tok, adc.shape[0], dtype=x2.dtype, device=x2.device)
-    e_buf, g_buf = (torch.empty(rows, width, dtype=x2.dtype, device=x2.device) for _ in range(2))
-    for start in range(0, n_tok, rows):
-        stop = min(n_tok, start + rows)
-        e, g = _gate_up_chunk(x2[start:stop], xa_g[start:stop], xa_u[start:stop], bases, adapters, scales, e_buf, g_buf)
-        torch.mm(glu_forward(e, g, kind), adc.t(), out=ha_d[start:stop])
-    return ha_d
+def _both_adapters(agc, auc, sg, su):
+    """The gate and up adapters' A stacked, with one scale, for both adapters' part of dX in one
+    rank-2r product."""
+    if sg == su:
+        return torch.cat([agc, auc]), sg
+    return torch.cat([agc * sg, auc * su]), 1.0
 
 
 def _chunked_backward(d2, x2, xa_g, xa_u, ha_d, bases, adapters, scales, kind, p_dtypes):
@@ -191,10 +187,7 @@ def _chunked_backward(d2, x2, xa_g, xa_u, ha_d, bases, adapters, scales, kind, p
     rows = _regate_rows(n_tok, width, x2.element_size())
     d_bd = d2 @ bdc
     grad_bd = scaled_mm(d2.t(), ha_d, sd, p_bd)
-    if sg == su:
-        a_both, s_both = torch.cat([agc, auc]), sg
-    else:
-        a_both, s_both = torch.cat([agc * sg, auc * su]), 1.0
+    a_both, s_both = _both_adapters(agc, auc, sg, su)
     e_buf, g_buf, dh_buf = (torch.empty(rows, width, dtype=dt, device=x2.device) for _ in range(3))
     rank = adc.shape[0]
     acc_ad = torch.zeros(rank, width, dtype=torch.float32, device=x2.device)
@@ -254,7 +247,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             if run.recomputing:
                 ha_d = run.kept()
                 if ha_d is None:
-                    ha_d = _recomputed_ha_d(x2, xa_g, xa_u, bases, adapters, scales, kind)
+                    _, ha_d = _chunked_first_run(x2, xa_g, xa_u, bases, adapters, scales, kind, down=False)
                 out = torch.empty(x2.shape[0], down_base.out_features, dtype=dtype, device=x2.device)
             else:
                 out, ha_d = _chunked_first_run(x2, xa_g, xa_u, bases, adapters, scales, kind)
@@ -319,10 +312,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         grad_au = scaled_mm(dg_b.t(), x2, su, p_au)
 
         # both adapters' part of dX in one rank-2r product, then both base GEMMs add into it
-        if sg == su:
-            a_both, s_both = torch.cat([agc, auc]), sg
-        else:
-            a_both, s_both = torch.cat([agc * sg, auc * su]), 1.0
+        a_both, s_both = _both_adapters(agc, auc, sg, su)
         dx = adapter_then_base(de, base_weight(gate_base, dt), torch.cat([de_b, dg_b], dim=1), a_both, s_both)
         dx.addmm_(dg, base_weight(up_base, dt))
 

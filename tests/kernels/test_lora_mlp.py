@@ -21,16 +21,8 @@ def _ref(x, wg, wu, wd, ag, bg, au, bu, ad, bd, s, kind):
     return proj(h, wd, ad, bd, s[2])
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 5], ids=["whole", "dh-in-chunks"])
-@pytest.mark.parametrize("kind", [SWIGLU, GEGLU])
-@pytest.mark.parametrize("n,hid,inter,r", [(7, 24, 40, 4), (2 * 9, 32, 72, 3)])
-def test_lora_mlp_function_matches_reference(case, poison, monkeypatch, kind, n, hid, inter, r, chunk_rows):
-    device, dtype, tol = case
-    if chunk_rows:  # backward builds dh at most 5 token rows at a time (7 -> 4+3, 18 -> 5+5+5+3)
-        import sftop.kernels.lora_mlp as lm
-
-        monkeypatch.setattr(lm, "DH_CHUNK_BYTES", chunk_rows * inter * dtype.itemsize)
-        assert 1 < -(-n // lm._dh_chunk_rows(n, inter, dtype.itemsize))
+def _mlp_case(device, dtype, n, hid, inter, r, shape=None):
+    """Frozen gate/up/down bases, the six adapter tensors and an input of `shape` (default one row of n)."""
     f64 = dict(dtype=torch.float64)
     base = [
         nn.Linear(i, o, bias=False).to(device, dtype).requires_grad_(False)
@@ -39,11 +31,22 @@ def test_lora_mlp_function_matches_reference(case, poison, monkeypatch, kind, n,
     # adapters stay fp32 (as PEFT keeps them) whatever the compute dtype
     shapes = [(r, hid), (inter, r), (r, hid), (inter, r), (r, inter), (hid, r)]
     lora = [(torch.randn(s, **f64) / 3).float().to(device).requires_grad_() for s in shapes]
-    shape = (1, n, hid) if n % 2 else (2, n // 2, hid)
-    x = torch.randn(shape, **f64).to(device, dtype).requires_grad_()
+    x = torch.randn(shape or (1, n, hid), **f64).to(device, dtype).requires_grad_()
+    return base, lora, x
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 5], ids=["whole", "dh-in-chunks"])
+@pytest.mark.parametrize("kind", [SWIGLU, GEGLU])
+@pytest.mark.parametrize("n,hid,inter,r", [(7, 24, 40, 4), (2 * 9, 32, 72, 3)])
+def test_lora_mlp_function_matches_reference(case, poison, monkeypatch, kind, n, hid, inter, r, chunk_rows):
+    device, dtype, tol = case
+    if chunk_rows:  # backward builds dh at most 5 token rows at a time (7 -> 4+3, 18 -> 5+5+5+3)
+        monkeypatch.setattr(lm, "DH_CHUNK_BYTES", chunk_rows * inter * dtype.itemsize)
+        assert 1 < -(-n // lm._dh_chunk_rows(n, inter, dtype.itemsize))
+    base, lora, x = _mlp_case(device, dtype, n, hid, inter, r, shape=(1, n, hid) if n % 2 else (2, n // 2, hid))
     scales = (0.5, 2.0, 1.25)
     out = LoRAMLPFunction.apply(x, *lora, tuple(base), scales, kind, dtype)
-    dout = torch.randn(out.shape, **f64).to(device, dtype)
+    dout = torch.randn(out.shape, dtype=torch.float64).to(device, dtype)
     grads = torch.autograd.grad(out, [x, *lora], dout)
 
     xr = x.detach().double().cpu().requires_grad_()
@@ -101,18 +104,6 @@ def test_lora_mlp_path_respects_disabled_adapters_and_dropout():
     d.eval()
     d_fused.eval()
     assert rel_err(d_fused(input_ids=ids, labels=ids).loss, d(input_ids=ids, labels=ids).loss) < 1e-5
-
-
-def _mlp_case(device, dtype, n, hid, inter, r):
-    f64 = dict(dtype=torch.float64)
-    base = [
-        nn.Linear(i, o, bias=False).to(device, dtype).requires_grad_(False)
-        for i, o in ((hid, inter), (hid, inter), (inter, hid))
-    ]
-    shapes = [(r, hid), (inter, r), (r, hid), (inter, r), (r, inter), (hid, r)]
-    lora = [(torch.randn(s, **f64) / 3).float().to(device).requires_grad_() for s in shapes]
-    x = torch.randn((1, n, hid), **f64).to(device, dtype).requires_grad_()
-    return base, lora, x
 
 
 @pytest.mark.parametrize("kept", [True, False], ids=["h-product-kept", "h-product-rebuilt"])
