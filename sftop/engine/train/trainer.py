@@ -213,11 +213,16 @@ class SftopTrainer(SFTTrainer):
             self._globalstep_last_logged = state.global_step
             self.store_flos()
         if control.should_evaluate or control.should_save or control.should_training_stop:
-            self.sftop_guard.settle(control, self.lr_scheduler)
-            self.sftop_write_held_logs()
+            self.sftop_read_held(control)
         return super()._maybe_log_save_evaluate(
             tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate
         )
+
+    def sftop_read_held(self, control=None) -> None:
+        """Read the guard's held verdict (it tells `control`, where given, not to save a bad update
+        or to stop), then write the log lines held until then."""
+        self.sftop_guard.settle(control, self.lr_scheduler)
+        self.sftop_write_held_logs()
 
     def sftop_write_held_logs(self) -> None:
         """Log the held lines of the steps whose update verdicts the guard has read (transformers'
@@ -242,15 +247,13 @@ class SftopTrainer(SFTTrainer):
             # A run that fails mid-step (out of memory, a stop) still logs the steps it finished:
             # the last one's line is held until the next step's update, which never comes.
             try:
-                self.sftop_guard.settle(None, self.lr_scheduler)
-                self.sftop_write_held_logs()
+                self.sftop_read_held()
             except Exception:  # noqa: BLE001 - the failure being raised matters more than a log line
                 pass
             raise
 
     def _finalize_training(self, trial, num_train_samples, start_time):
-        self.sftop_guard.settle(self.control, self.lr_scheduler)
-        self.sftop_write_held_logs()
+        self.sftop_read_held(self.control)
         return super()._finalize_training(trial, num_train_samples, start_time)
 
     def take_step_counts(self) -> tuple[int, int]:

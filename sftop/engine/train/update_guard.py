@@ -47,7 +47,6 @@ class UpdateGuard(TrainerCallback):
         self.max_bad_steps = max_bad_steps
         # With one bad step allowed, the run must stop at that step: there is no late reading then.
         self.lag = lag and max_bad_steps > 1
-        self.loss_bad = False  # set by the trainer when a micro-batch loss was not finite
         self.step_bad = False  # the update just attempted was skipped (known at once)
         self.consecutive = 0
         self.last_grad_norm: float | None = None
@@ -59,6 +58,7 @@ class UpdateGuard(TrainerCallback):
         self._lagging: bool | None = None  # decided at the first update, from the optimizer and scheduler
         self._held: HeldValues | None = None  # the last update's verdict, not read yet
         self.bad_steps: dict[int, int] = {}  # step -> bad updates in a row at it
+        self.settled_through: int | None = None  # the last step whose verdict is known
         self.unreported: list[tuple[int, int]] = []  # (step, in a row) not written as events yet
         # The trainer's held log lines: written once the guard has read their steps' verdicts.
         self.on_settled: Callable[[], None] | None = None
@@ -67,13 +67,6 @@ class UpdateGuard(TrainerCallback):
     def lagging(self) -> bool:
         """Whether verdicts are read one step late (known from the first update on)."""
         return bool(self._lagging)
-
-    @property
-    def settled_through(self) -> int | None:
-        """The last step whose verdict is known; None before the first update (or without steps)."""
-        return self._settled_through
-
-    _settled_through: int | None = None
 
     def note_loss(self, loss: torch.Tensor) -> None:
         """Record whether a micro-batch loss was finite, without waiting for the GPU."""
@@ -113,7 +106,7 @@ class UpdateGuard(TrainerCallback):
                 self._record(step, self.step_bad)
 
     def _read_now(self, params, losses_finite, optimizer) -> None:
-        grads_bad = False
+        grads_bad = loss_bad = False
         if params:
             total = _grad_norm([p.grad for p in params])
             flags = [total]
@@ -122,17 +115,15 @@ class UpdateGuard(TrainerCallback):
             read = torch.stack(flags).tolist()  # the one host read of the step
             grads_bad = not math.isfinite(read[0])
             self.last_grad_norm = None if grads_bad else read[0]
-            if len(read) > 1 and read[1] < 1:
-                self.loss_bad = True
+            loss_bad = len(read) > 1 and read[1] < 1
         elif losses_finite is not None and not bool(losses_finite):
-            self.loss_bad = True
+            loss_bad = True
         # Each rank of a multi-process run sees only its own micro-batches' losses: a loss that is
         # not finite on one rank (a batch with nothing to score) may come with finite gradients. All
         # ranks must skip the same updates, or their adapters drift apart and one rank stops on a
         # streak of bad steps while the others wait for it.
-        grads_bad, self.loss_bad = (bool(flag) for flag in ranks_max([grads_bad, self.loss_bad]))
-        self.step_bad = self.loss_bad or grads_bad
-        self.loss_bad = False
+        grads_bad, loss_bad = (bool(flag) for flag in ranks_max([grads_bad, loss_bad]))
+        self.step_bad = loss_bad or grads_bad
         if self.step_bad:
             for p in params:
                 p.grad = None
@@ -147,9 +138,6 @@ class UpdateGuard(TrainerCallback):
         bad = ~torch.isfinite(total)
         if losses_finite is not None:
             bad = bad | ~losses_finite.to(bad.device)
-        if self.loss_bad:  # a verdict the host already has
-            bad = torch.ones_like(bad)
-            self.loss_bad = False
         # the fused update skips itself (and takes its step counts back) where this is 1
         getattr(optimizer, "optimizer", optimizer).found_inf = bad.to(torch.float32)
         previous, self._held = self._held, HeldValues(step, {"grad_norm": total, "bad": bad})
@@ -192,7 +180,7 @@ class UpdateGuard(TrainerCallback):
         return bad
 
     def _record(self, step: int, bad: bool) -> None:
-        self._settled_through = step
+        self.settled_through = step
         if bad:
             self.bad_steps[step] = self.consecutive
             self.unreported.append((step, self.consecutive))
