@@ -125,8 +125,8 @@ def fitted_bucket_sizes(
     counted as `CAPTURE_COST_MICRO_BATCHES` micro-batches of the mean length: more buckets pad less
     but capture more, and a short run cannot earn back eight captures (1,000 chat-like rows of
     median 300 tokens in 125 micro-batches pad 8.4 % with eight and 15.7 % with four, and the four
-    cost about 20 micro-batches less). None where even the best count costs more than training unpadded and
-    eagerly, or would pad more than `MAX_PADDING_SHARE` of the tokens."""
+    cost about 20 micro-batches less). None where even the best count costs more than training
+    unpadded and eagerly, or would pad more than `MAX_PADDING_SHARE` of the tokens."""
     count = min(max_buckets, micro_batches // max(1, min_replays))
     sums = sorted(int(n) for n in batch_tokens)
     if count < 2 or not sums:

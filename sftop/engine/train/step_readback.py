@@ -63,8 +63,10 @@ def step_back(scheduler) -> bool:
     skips the scheduler after an fp16 overflow. Only schedulers whose rate is a function of the step
     count (LambdaLR, which transformers' linear, cosine and constant schedules are) can; False for
     any other (the caller then reads each verdict before its scheduler step)."""
+    if not can_step_back(scheduler):
+        return False
     inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps torch's scheduler
-    if not isinstance(inner, torch.optim.lr_scheduler.LambdaLR) or inner.last_epoch < 1:
+    if inner.last_epoch < 1:
         return False
     inner.last_epoch -= 1
     rates = [base * rate(inner.last_epoch) for base, rate in zip(inner.base_lrs, inner.lr_lambdas)]
