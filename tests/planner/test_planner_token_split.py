@@ -11,6 +11,7 @@ from sftop.engine.planner import plan_run
 from sftop.engine.planner.solve import SplitByTokens, packed_token_bounds, size_for_data
 from sftop.engine.planner.token_split import (
     epoch_order,
+    epoch_steps,
     epochs_covered,
     largest_micro_batch,
     split_bounds,
@@ -48,6 +49,68 @@ def test_effective_batch_stays_exact_and_order_is_seeded_per_epoch():
         assert sorted(i for s in steps for g in s for i in g) == list(range(203))
     assert epoch_order(50, 7, 0) == epoch_order(50, 7, 0) != epoch_order(50, 7, 1)
     assert epoch_order(50, 8, 0) != epoch_order(50, 7, 0)
+
+
+def test_equal_token_steps_keep_the_effective_batch_and_every_row_once():
+    lengths = whole_run_lengths(203)
+    order = epoch_order(203, 7, 0)
+    steps = epoch_steps(lengths, 8, seed=7, epoch=0, balanced=True)
+    assert [len(s) for s in steps] == [8] * 25 + [3]
+    assert sorted(i for s in steps for i in s) == list(range(203))
+    assert steps[-1] == order[200:]  # the partial step: the order's last rows, last, as without balancing
+    position = {row: p for p, row in enumerate(order)}
+    assert all([position[i] for i in s] == sorted(position[i] for i in s) for s in steps)  # rows keep their order
+    assert sorted(map(sorted, steps[:-1])) != sorted(sorted(order[i : i + 8]) for i in range(0, 200, 8))
+    # deterministic from (seed, epoch), another for another epoch or seed
+    assert epoch_steps(lengths, 8, 7, 0, True) == steps
+    assert epoch_steps(lengths, 8, 7, 1, True) != steps and epoch_steps(lengths, 8, 8, 0, True) != steps
+    exact = epoch_steps(lengths[:200], 8, 7, 0, True)  # no partial step
+    assert [len(s) for s in exact] == [8] * 25 and sorted(i for s in exact for i in s) == list(range(200))
+    assert epoch_steps(lengths[:5], 8, 7, 0, True) == [epoch_order(5, 7, 0)]  # only a partial step
+
+
+def test_unbalanced_steps_are_consecutive_rows_of_the_order():
+    """train.equal_token_steps = "off": the steps sftop took before equal-token steps existed."""
+    lengths = whole_run_lengths(203)
+    for epoch in (0, 1):
+        order = epoch_order(203, 7, epoch)
+        slices = [order[i : i + 8] for i in range(0, 203, 8)]
+        assert epoch_steps(lengths, 8, 7, epoch, balanced=False) == slices
+        assert list(step_batches(lengths, 8, 2, 7, epoch, balanced=False)) == [
+            [[s[p] for p in g] for g in split_step([lengths[i] for i in s], 2)] for s in slices
+        ]
+
+
+def test_equal_token_steps_hold_about_equal_tokens():
+    """1,000 chat rows (median 300 tokens, at most 2,048), 8 a step: random steps hold 1,680 to
+    6,832 tokens, equal-token ones 3,211 to 3,447; every epoch alike."""
+    lengths = whole_run_lengths(1000)
+
+    def sums(balanced, epoch):
+        return [sum(lengths[i] for i in s) for s in epoch_steps(lengths, 8, 42, epoch, balanced)]
+
+    random_steps, equal_steps = sums(False, 0), sums(True, 0)
+    assert (min(random_steps), max(random_steps)) == (1680, 6832)
+    assert (min(equal_steps), max(equal_steps)) == (3211, 3447)
+    for epoch in (1, 2):
+        spread = max(sums(True, epoch)) - min(sums(True, epoch))
+        assert spread <= 300 < 4000 <= max(sums(False, epoch)) - min(sums(False, epoch))
+        assert spread <= max(lengths) // 4
+        assert max(sums(True, epoch)) < max(sums(False, epoch))
+    assert sorted(equal_steps) != equal_steps  # long and short steps come shuffled, not in a fixed pattern
+
+
+def test_equal_token_steps_mix_other_rows_each_epoch():
+    """Steps composed from the rows' length ranks alone would pair the same rows every epoch; with
+    lengths compared in 64-token grains, about as few row pairs meet again as with random steps."""
+    lengths = whole_run_lengths(1000)
+
+    def pairs(steps):
+        return {(a, b) for s in steps for a in s for b in s if a < b}
+
+    for balanced in (True, False):
+        first, second = (pairs(epoch_steps(lengths, 8, 42, e, balanced)) for e in (0, 1))
+        assert len(first & second) < 0.02 * len(first)
 
 
 def test_bounds_are_the_largest_micro_batch_that_really_occurs():
@@ -98,6 +161,27 @@ def test_uncapped_plan_is_sized_for_the_real_largest_step_not_the_8_longest_rows
     assert (plan.micro_batch, plan.gradient_checkpointing) == (8, "off")
     assert plan.tokens_per_micro_batch == largest_micro_batch(lengths, 8, 1, 42, 1)
     assert plan.tokens_per_micro_batch < 0.6 * packed_token_bounds(lengths, 8)[-1]
+
+
+def test_plan_is_sized_for_the_largest_equal_token_micro_batch():
+    """Equal-token steps' largest micro-batch is far below random steps' (3,421 tokens against
+    7,363 in one micro-batch a step): under a 4 GiB cap the plan then takes a step in one
+    micro-batch where random steps needed two."""
+    lengths = whole_run_lengths()
+    capped = plan_run(preset(effective_batch=8, max_memory_gib=4), llama_1b(), gpus=one_gpu(80))
+    equal = size_for_data(capped, lengths, split=SplitByTokens(seed=42, epochs=1, balanced=True))
+    mixed = size_for_data(capped, lengths, split=SplitByTokens(seed=42, epochs=1, balanced=False))
+    assert (equal.split_by, equal.grad_accum, equal.tokens_per_micro_batch) == ("tokens", 1, 3421)
+    assert (mixed.split_by, mixed.grad_accum, mixed.tokens_per_micro_batch) == ("tokens", 2, 3736)
+    assert equal.tokens_per_micro_batch == largest_micro_batch(lengths, 8, 1, 42, 1, balanced=True)
+    assert mixed.tokens_per_micro_batch == largest_micro_batch(lengths, 8, 2, 42, 1, balanced=False)
+    assert equal.predicted_peak_gib <= 4.0 and equal.modelled_step_s < mixed.modelled_step_s
+    uncapped = plan_run(preset(effective_batch=8), llama_1b(), gpus=one_gpu(80))
+    sizes = [
+        size_for_data(uncapped, lengths, split=SplitByTokens(seed=42, epochs=1, balanced=b)).tokens_per_micro_batch
+        for b in (True, False)
+    ]
+    assert sizes == [3421, 7363]
 
 
 def test_step_down_keeps_the_token_split():

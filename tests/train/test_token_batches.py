@@ -8,7 +8,14 @@ from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from sftop.engine.models.demo import demo_dir
-from sftop.engine.planner.token_split import split_step, step_batches
+from sftop.engine.planner.token_split import (
+    largest_micro_batch,
+    micro_batch_tokens,
+    split_bounds,
+    split_step,
+    step_batches,
+)
+from sftop.engine.train.buckets import fitted_bucket_sizes
 from sftop.engine.train.token_batches import TokenBalancedSampler
 
 
@@ -35,6 +42,62 @@ def test_sampler_yields_each_step_split_and_resumes_through_accelerate():
     assert list(resumed) == expected[6:]
     with pytest.raises(ValueError, match="micro_batches"):
         TokenBalancedSampler(lengths, rows_per_step=2, micro_batches=3, seed=0)
+
+
+def _chat_lengths(n, seed=42):
+    """Log-normal row lengths, median 300 tokens, clipped to 1..2,048 (as the planner tests draw them)."""
+    import math
+    import random
+
+    rng = random.Random(seed)
+    sigma = math.sqrt(2 * math.log(420 / 300))
+    return [int(min(2048, max(1, round(rng.lognormvariate(math.log(300), sigma))))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+def test_the_sampler_serves_the_micro_batches_the_planner_sized_with_equal_token_steps(parts):
+    """The trainer's micro-batches are those the planner sized for and the buckets were fitted to:
+    the same tokens in the same order, over two epochs, with a partial last step."""
+    lengths = _chat_lengths(1003)
+    sampler = TokenBalancedSampler(lengths, rows_per_step=8, micro_batches=parts, seed=11, balanced=True)
+    served = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 125 * parts + min(3, parts)
+        assert sorted(i for b in batches for i in b) == list(range(1003))
+        served += [sum(lengths[i] for i in b) for b in batches]
+    assert served == micro_batch_tokens(lengths, 8, parts, 11, 2, balanced=True)
+    assert largest_micro_batch(lengths, 8, parts, 11, 2, balanced=True) == max(served)
+    assert split_bounds(lengths, 8, 11, 2, balanced=True)[8 // parts - 1] == max(served)
+    assert split_bounds(lengths, 8, 11, 2, multiple=128, balanced=True)[8 // parts - 1] == -(-max(served) // 128) * 128
+    # the composition is the one the flag asks for
+    unbalanced = TokenBalancedSampler(lengths, rows_per_step=8, micro_batches=parts, seed=11, balanced=False)
+    assert [sum(lengths[i] for i in b) for b in unbalanced] == micro_batch_tokens(lengths, 8, parts, 11, 1, False)
+    assert max(served) < largest_micro_batch(lengths, 8, parts, 11, 2, balanced=False)
+
+
+def _padding_share(run, sizes):
+    """Padding tokens over trained tokens where each micro-batch is padded up to its bucket (those
+    above the largest bucket run unpadded)."""
+    return sum(next(s for s in sizes if s >= n) - n for n in run if n <= sizes[-1]) / sum(run)
+
+
+def test_equal_token_steps_need_fewer_buckets_and_less_padding():
+    """Why train.equal_token_steps exists: 1,000 chat rows, 8 a step (125 steps). Random steps'
+    micro-batches need 4 buckets (one micro-batch a step) or 5 (two) and still pad 17 % / 14 %;
+    equal-token steps need 1 or 3 and pad about 4 %."""
+    lengths = _chat_lengths(1000)
+    found = {}
+    for balanced in (False, True):
+        for parts in (1, 2):
+            run = micro_batch_tokens(lengths, 8, parts, 42, 1, balanced)
+            sizes = fitted_bucket_sizes(run, len(run))
+            found[balanced, parts] = (sizes, round(_padding_share(run, sizes), 3))
+    assert found[False, 1] == ((2688, 3584, 4608, 6912), 0.170)
+    assert found[False, 2] == ((1408, 1792, 2176, 2560, 3456), 0.140)
+    assert found[True, 1] == ((3456,), 0.042)
+    assert found[True, 2] == ((1664, 1792, 2048), 0.044)
 
 
 def test_split_step_loss_and_lora_gradients_equal_one_packed_micro_batch(home):

@@ -907,10 +907,12 @@ def _plan_cpu(
 
 @dataclass(frozen=True)
 class SplitByTokens:
-    """The trainer's row order for token-balanced micro-batches: its seed and the epochs it covers."""
+    """The trainer's row order for token-balanced micro-batches: its seed, the epochs it covers and
+    whether its steps are composed of about equal tokens (train.equal_token_steps)."""
 
     seed: int
     epochs: int
+    balanced: bool = True
 
 
 def packed_token_bounds(lengths, most_rows: int, multiple: int = 1) -> tuple[int, ...]:
@@ -945,7 +947,7 @@ def size_for_data(plan: Plan, lengths, multiple: int = 1, split: SplitByTokens |
     if split is not None:
         from sftop.engine.planner.token_split import split_bounds
 
-        exact = split_bounds(lengths, ctx.effective_batch, split.seed, split.epochs, multiple)
+        exact = split_bounds(lengths, ctx.effective_batch, split.seed, split.epochs, multiple, split.balanced)
         # exact for the micro-batch sizes the planner makes (divisors); the b-longest bound elsewhere
         bounds = tuple(e or b for e, b in zip(exact, bounds))
         split_by = "tokens"

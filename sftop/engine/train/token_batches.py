@@ -1,7 +1,8 @@
 """The trainer's side of token-balanced micro-batches (sftop/engine/planner/token_split.py).
 
-`TokenBalancedSampler` yields the row indices of each micro-batch: every optimizer step takes the
-next `rows_per_step` rows of sftop's seeded epoch order and splits them into `micro_batches` groups
+`TokenBalancedSampler` yields the row indices of each micro-batch: every optimizer step takes its
+`rows_per_step` rows from sftop's seeded epoch order (`epoch_steps`: steps of about equal tokens
+with train.equal_token_steps on, else consecutive rows) and splits them into `micro_batches` groups
 of about equal tokens. transformers' Trainer passes a `BatchRebalanceSampler` to its DataLoader as
 the batch sampler and calls `set_epoch` on it each epoch; on resume accelerate skips the micro-batches
 already trained, which lands on the same rows because the order depends only on (seed, epoch).
@@ -25,20 +26,25 @@ class TokenBalancedSampler(BatchRebalanceSampler):
     as `batch_sampler`; the grouping is sftop's. Single process only (each rank would see every group).
     """
 
-    def __init__(self, lengths: Sequence[int], rows_per_step: int, micro_batches: int, seed: int):
+    def __init__(
+        self, lengths: Sequence[int], rows_per_step: int, micro_batches: int, seed: int, *, balanced: bool = True
+    ):
         if rows_per_step < 1 or micro_batches < 1 or micro_batches > rows_per_step:
             raise ValueError(f"need 1 <= micro_batches ({micro_batches}) <= rows_per_step ({rows_per_step})")
         self.lengths = [int(n) for n in lengths]
         self.rows_per_step = rows_per_step
         self.micro_batches = micro_batches
         self.seed = seed
+        self.balanced = balanced  # equal-token steps (train.equal_token_steps), as the planner sized them
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        for step in step_batches(self.lengths, self.rows_per_step, self.micro_batches, self.seed, self.epoch):
+        for step in step_batches(
+            self.lengths, self.rows_per_step, self.micro_batches, self.seed, self.epoch, self.balanced
+        ):
             yield from step
 
     def __len__(self) -> int:
