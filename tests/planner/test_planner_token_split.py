@@ -206,6 +206,23 @@ def test_preset_key(setting):
     assert p.plan.split_by == setting
 
 
+def test_equal_token_steps_key_defaults_on_and_reaches_the_planners_split(monkeypatch):
+    from sftop.engine.errors import PresetError
+    from sftop.engine.presets import load_preset
+    from sftop.engine.train.plan_data import token_split_for
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    default, _ = load_preset("demo")
+    assert default.train.equal_token_steps == "on"
+    split = token_split_for(default, 100, 8)
+    assert split is not None and split.balanced is True
+    off, _ = load_preset("demo", ['train.equal_token_steps="off"'])
+    split = token_split_for(off, 100, 8)
+    assert split is not None and split.balanced is False
+    with pytest.raises(PresetError, match="equal_token_steps"):
+        load_preset("demo", ['train.equal_token_steps="yes"'])
+
+
 def test_sftop_plan_reads_the_data_and_shows_the_split(home, capsys):
     from sftop.cli import main
 

@@ -77,6 +77,45 @@ def test_the_sampler_serves_the_micro_batches_the_planner_sized_with_equal_token
     assert max(served) < largest_micro_batch(lengths, 8, parts, 11, 2, balanced=False)
 
 
+def test_the_runs_sampler_and_plan_follow_train_equal_token_steps(home, tmp_path, monkeypatch):
+    """The preset key reaches both sides: the plan is sized for the steps the sampler will serve,
+    "off" serves consecutive rows of the seeded order, and the bucket reason says which."""
+    from sftop.engine.planner.token_split import epoch_order
+    from sftop.engine.train import buckets
+    from sftop.engine.train.runner import _Run
+    from train_helpers import fast_preset, prepared_run
+
+    monkeypatch.setattr(_Run, "packed_graphs_on", lambda self: True)
+    monkeypatch.setattr(buckets, "MAX_PADDING_SHARE", 1.0)  # the demo's rows are far shorter than a bucket
+    monkeypatch.setattr(buckets, "EAGER_EXTRA_SHARE", 100.0)
+    for setting, balanced in (("on", True), ("off", False)):
+        preset = fast_preset(
+            "train.max_steps=400",
+            "data.packing=true",
+            f'train.equal_token_steps="{setting}"',
+            "train.effective_batch=4",
+        )
+        run, writer = prepared_run(preset, tmp_path / setting)
+        try:
+            run.size_plan_for_data()
+            assert run.plan.split_by == "tokens"
+            trainer = run.build_trainer()
+            sampler = trainer.sftop_token_sampler
+            assert isinstance(sampler, TokenBalancedSampler) and sampler.balanced is balanced
+            lengths, parts, seed = run.train_lengths, run.plan.grad_accum, preset.train.seed
+            served = list(sampler)
+            assert served == [g for s in step_batches(lengths, 4, parts, seed, 0, balanced) for g in s]
+            assert run.plan.tokens_per_micro_batch >= max(sum(lengths[i] for i in g) for g in served)
+            steps = [sorted(i for g in served[k : k + parts] for i in g) for k in range(0, len(served), parts)]
+            order = epoch_order(len(lengths), seed, 0)
+            consecutive = [sorted(order[k : k + 4]) for k in range(0, len(order), 4)]
+            assert (steps == consecutive) is not balanced
+            assert run.buckets_reason.startswith("on: ")
+            assert run.buckets_reason.endswith(" of equal-token steps") is balanced
+        finally:
+            writer.close()
+
+
 def _padding_share(run, sizes):
     """Padding tokens over trained tokens where each micro-batch is padded up to its bucket (those
     above the largest bucket run unpadded)."""

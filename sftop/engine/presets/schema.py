@@ -124,6 +124,13 @@ class TrainSection(_Section):
         "auto = on where CUDA graphs can replay them and the run is long enough for their captures to "
         "pay (lengths fitted to the data); the padding is never trained on or counted as throughput",
     )
+    equal_token_steps: Literal["on", "off"] = Field(
+        "on",
+        description="Compose each optimizer step of a packed run from rows of about equal total tokens "
+        "(still exactly effective_batch rows, each row once per epoch): fewer CUDA-graph captures, less "
+        "padding, a smaller largest micro-batch; off = consecutive rows of the seeded shuffle. Only "
+        "where sftop orders the rows: packed runs whose steps are split by tokens (plan.split_by)",
+    )
     task: Literal["sft", "dpo"] = Field("sft", description="sft: supervised; dpo: preference pairs ([dpo])")
     sample_prompts: list[str] = Field(
         default_factory=list,

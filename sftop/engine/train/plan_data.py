@@ -17,11 +17,21 @@ from sftop.engine.planner.token_split import epochs_covered
 
 def token_split_for(preset: Any, rows: int, effective_batch: int) -> SplitByTokens | None:
     """plan.split_by: token-balanced micro-batches for packed single-process runs unless "rows" is
-    asked for; None keeps the Trainer's own order (b rows per micro-batch)."""
+    asked for; None keeps the Trainer's own order (b rows per micro-batch). The steps are of about
+    equal tokens unless train.equal_token_steps is off: the runner's sampler reads the same key."""
     if getattr(preset.plan, "split_by", "auto") == "rows" or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         return None
     train = preset.train
-    return SplitByTokens(seed=train.seed, epochs=epochs_covered(rows, effective_batch, train.epochs, train.max_steps))
+    return SplitByTokens(
+        seed=train.seed,
+        epochs=epochs_covered(rows, effective_batch, train.epochs, train.max_steps),
+        balanced=equal_token_steps(preset),
+    )
+
+
+def equal_token_steps(preset: Any) -> bool:
+    """train.equal_token_steps: the planner's split and the trainer's sampler both ask here."""
+    return getattr(preset.train, "equal_token_steps", "on") == "on"
 
 
 def bucket_multiple(preset: Any, graphs_on: bool = True) -> int:

@@ -596,15 +596,16 @@ class _Run:
             old.gradient_checkpointing,
             old.checkpoint_every_n_layers,
         )
+        equal = ", steps of about equal tokens" if split is not None and split.balanced else ""
         if same:
             self.plan = new
             if new.split_by == "tokens":
-                self.message(f"Plan {new.describe()}: sized for the data's largest micro-batch")
+                self.message(f"Plan {new.describe()}: sized for the data's largest micro-batch{equal}")
             return
         if new.split_by == "tokens":
             reason = (
                 f"sized for the data: each step's {new.effective_batch} rows split by tokens into "
-                f"{new.grad_accum} micro-batch(es), the largest of the run {new.tokens_per_micro_batch} tokens"
+                f"{new.grad_accum} micro-batch(es), the largest of the run {new.tokens_per_micro_batch} tokens" + equal
             )
         else:
             reason = (
@@ -621,6 +622,7 @@ class _Run:
             self.packing and getattr(self.plan, "split_by", "rows") == "tokens" and getattr(self, "train_lengths", None)
         ):
             return None
+        from sftop.engine.train.plan_data import equal_token_steps
         from sftop.engine.train.token_batches import TokenBalancedSampler
 
         if dataset is not None and len(dataset) != len(self.train_lengths):
@@ -630,7 +632,11 @@ class _Run:
                 "and report this"
             )
         return TokenBalancedSampler(
-            self.train_lengths, self.plan.effective_batch, self.plan.grad_accum, self.preset.train.seed
+            self.train_lengths,
+            self.plan.effective_batch,
+            self.plan.grad_accum,
+            self.preset.train.seed,
+            balanced=equal_token_steps(self.preset),  # the steps size_plan_for_data sized the plan for
         )
 
     def packed_graphs_on(self) -> bool:
@@ -680,7 +686,7 @@ class _Run:
             if limited:
                 epochs = max(1, math.ceil(micro_batches / per_epoch))
             run = micro_batch_tokens(
-                sampler.lengths, sampler.rows_per_step, sampler.micro_batches, sampler.seed, epochs
+                sampler.lengths, sampler.rows_per_step, sampler.micro_batches, sampler.seed, epochs, sampler.balanced
             )[:micro_batches]
             sizes = fitted_bucket_sizes(run, micro_batches)
         else:
@@ -695,6 +701,7 @@ class _Run:
             self.buckets_reason = (
                 f"on: {len(sizes)} lengths fitted to the data ({', '.join(map(str, sizes))} tokens) "
                 f"for {micro_batches:,} micro-batches"
+                + (" of equal-token steps" if sampler is not None and sampler.balanced else "")
             )
             # each fitted length recurs: its graph is captured at its first sighting
             from sftop.kernels.packed_graphs import expect_length_buckets
