@@ -220,3 +220,42 @@ def test_run_split_by_tokens_trains_as_one_packed_micro_batch(home, tmp_path, mo
     for a, b in zip(split, whole):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+
+
+def test_a_resume_keeps_the_composition_of_steps(home, tmp_path):
+    """train.equal_token_steps decides which rows each step holds: a resume cannot change it, and a
+    run recorded before the key existed (it trained consecutive rows) resumes with "off"."""
+    import tomli_w
+
+    from sftop.engine.errors import PresetError
+    from sftop.engine.events import EventWriter
+    from sftop.engine.presets import load_preset
+    from sftop.engine.rundir import RunDir
+    from sftop.engine.train.resume_check import check_resume, incompatible_changes
+    from sftop.engine.train.runner import _Run
+
+    on, off = {"train": {"equal_token_steps": "on"}}, {"train": {"equal_token_steps": "off"}}
+    assert incompatible_changes(on, off) == ["`train.equal_token_steps` 'on' -> 'off'"]
+    assert incompatible_changes(off, on) == ["`train.equal_token_steps` 'off' -> 'on'"]
+    assert incompatible_changes(on, on) == incompatible_changes(off, off) == []
+
+    preset, _ = load_preset("demo")
+    recorded = preset.model_dump(mode="json", exclude_none=True)
+    run = RunDir(tmp_path / "newer").create()
+    run.preset.write_text(tomli_w.dumps(recorded), encoding="utf-8")
+    with pytest.raises(PresetError, match="equal_token_steps"):
+        check_resume(run, load_preset("demo", ['train.equal_token_steps="off"'])[0])
+
+    del recorded["train"]["equal_token_steps"]
+    run = RunDir(tmp_path / "older").create()
+    run.preset.write_text(tomli_w.dumps(recorded), encoding="utf-8")
+    check_resume(run, preset)  # not refused: the resume keeps what the run trained with
+    with EventWriter(run.events) as writer:
+        resumed = _Run(preset, run, writer, resume=True).keep_predated_keys(preset)
+        assert resumed.train.equal_token_steps == "off"
+        fresh = RunDir(tmp_path / "fresh").create()
+        assert _Run(preset, fresh, writer, resume=False).keep_predated_keys(preset) is preset
+    from train_helpers import events_of, of_type
+
+    said = [m["text"] for m in of_type(events_of(run.path), "message")]
+    assert said == ['Resuming a run recorded before these keys existed, as it trained: train.equal_token_steps = "off"']

@@ -21,12 +21,18 @@ FROZEN_SECTIONS = ("model", "lora", "data")
 # which rows are trained. A run records packing off where its model cannot pack (a VLM, attention
 # that leaks across packed rows); a resume of the user's own preset then decides the same again.
 CHANGEABLE_IN_FROZEN = {"data.max_bad_fraction", "data.packing"}
-FROZEN_TRAIN_KEYS = {"train.seed", "train.effective_batch"}
+# train.equal_token_steps decides which rows each optimizer step holds, as the seed does: changed
+# mid-epoch, the resumed steps would train some rows twice and skip others.
+FROZEN_TRAIN_KEYS = {"train.seed", "train.effective_batch", "train.equal_token_steps"}
 FREE_TOP_LEVEL = {"name", "description", "train", "plan"}
 FROZEN_TEXT = (
     "the model, lora and data sections (data.max_bad_fraction and data.packing excepted), train.seed, "
-    "train.effective_batch and the task"
+    "train.effective_batch, train.equal_token_steps and the task"
 )
+# Frozen keys newer than some recorded runs, with what a run whose preset.toml lacks one trained
+# with: its resume keeps that, whatever the preset it resumes with says (runner.keep_predated_keys),
+# so they are not compared.
+RECORDED_BEFORE_KEY: dict[str, str] = {"train.equal_token_steps": "off"}
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -50,12 +56,13 @@ def _frozen(key: str) -> bool:
 
 
 def incompatible_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """`key old -> new` for each key that a resume cannot change. "auto" matches what it resolved to."""
+    """`key old -> new` for each key that a resume cannot change. "auto" matches what it resolved to;
+    a key the run's preset predates is kept as the run trained (RECORDED_BEFORE_KEY), not compared."""
     before, after = _flatten(old), _flatten(new)
     changes = []
     for key in sorted(set(before) | set(after)):
         a, b = before.get(key), after.get(key)
-        if a == b or not _frozen(key) or b == "auto":
+        if a == b or not _frozen(key) or b == "auto" or (key in RECORDED_BEFORE_KEY and key not in before):
             continue
         changes.append(f"`{key}` {a!r} -> {b!r}")
     return changes
@@ -103,6 +110,15 @@ def check_resume(run: RunDir, preset) -> None:
             hint=f"Its adapter is in {run.adapter}. To train it further, resume with more steps: "
             f"`sftop resume {run.name} --set train.max_steps={done * 2}`",
         )
+
+
+def predated_keys(run: RunDir) -> dict[str, str]:
+    """The keys of RECORDED_BEFORE_KEY that the run's preset.toml predates, with what it trained with."""
+    original = _read_original(run)
+    if original is None:
+        return {}
+    recorded = _flatten(original)
+    return {key: value for key, value in RECORDED_BEFORE_KEY.items() if key not in recorded}
 
 
 def resume_preset_path(run: RunDir) -> Path:

@@ -264,7 +264,7 @@ class _Run:
         image_tokens = self.prepare_vision_data(config)
         # reads GPUs through NVML: CUDA itself is not started yet
         self.force_cpu()
-        preset = self.replan_for_processes(preset)
+        preset = self.replan_for_processes(self.keep_predated_keys(preset))
         self.plan = make_plan(preset, config, image_tokens_per_row=image_tokens)
         self.place_rank()
         self.pin_gpu()
@@ -328,6 +328,28 @@ class _Run:
         self.plan = dataclasses.replace(self.plan, device=device)
         if self.plan.context is not None:
             self.plan.context.device = device  # replans (OOM step-down) keep this rank's device
+
+    def keep_predated_keys(self, preset):
+        """A resume of a run recorded before a key that decides which rows each step holds
+        (train.equal_token_steps): the run goes on as it trained, whatever the preset says, since
+        steps composed otherwise mid-epoch would train some rows twice and skip others."""
+        if not self.resume:
+            return preset
+        from sftop.engine.train.resume_check import predated_keys
+
+        data = preset.model_dump(mode="json")
+        kept = []
+        for key, value in predated_keys(self.run_dir).items():
+            section, name = key.split(".")
+            if data[section].get(name) != value:
+                data[section][name] = value
+                kept.append(f'{key} = "{value}"')
+        if not kept:
+            return preset
+        self.message(f"Resuming a run recorded before these keys existed, as it trained: {', '.join(kept)}")
+        from sftop.engine.presets import Preset
+
+        return Preset.model_validate(data)
 
     def replan_for_processes(self, preset):
         """A resume on another number of processes than the run recorded: the recorded per-process
