@@ -108,13 +108,17 @@ def epoch_steps(
         return [order[start : start + rows_per_step] for start in range(0, rows, rows_per_step)]
     count = full // rows_per_step
     steps: list[list[int]] = [[] for _ in range(count)]
-    heap = [(0, s) for s in range(count)]  # (tokens so far, step) of the steps not yet full
-    grain = STEP_GRAIN_TOKENS
-    for pos in sorted(range(full), key=lambda p: (-(int(lengths[order[p]]) // grain), p)):
-        load, s = heapq.heappop(heap)
+    # the steps not yet full, as tokens so far * count + step: the lightest, then the lowest step
+    heap = list(range(count))
+    tokens = [int(lengths[i]) for i in order[:full]]
+    grains = [-(n // STEP_GRAIN_TOKENS) for n in tokens]
+    for pos in sorted(range(full), key=grains.__getitem__):  # stable: a grain's rows in shuffled order
+        s = heap[0] % count
         steps[s].append(pos)
-        if len(steps[s]) < rows_per_step:  # a full step leaves the heap for good
-            heapq.heappush(heap, (load + int(lengths[order[pos]]), s))
+        if len(steps[s]) < rows_per_step:
+            heapq.heapreplace(heap, heap[0] + tokens[pos] * count)
+        else:
+            heapq.heappop(heap)  # a full step leaves the heap for good
     composed = [[order[p] for p in sorted(step)] for step in steps]
     random.Random(f"sftop-steps:{seed}:{epoch}").shuffle(composed)  # not the rows' stream
     if full < rows:
