@@ -257,9 +257,10 @@ class CapturedStep:
             self.host_buffers = offload.reserve_host_buffers(moved) if backward else []
             torch.cuda.synchronize()
         with self.stats.timed("clean_up"):
-            collect_warm_up_garbage(before_warm_up)
             # the warm-up's blocks sit in the ordinary cache; the pool can't use them
-            if cache_release_needed():
+            short = cache_release_needed()
+            collect_warm_up_garbage(before_warm_up, full=short)
+            if short:
                 torch.cuda.empty_cache()
         self.fwd = torch.cuda.CUDAGraph()
         self.bwd: torch.cuda.CUDAGraph | None = None
@@ -330,18 +331,21 @@ class CapturedStep:
         return tuple(o.clone() for o in self.outputs)
 
 
-def collect_warm_up_garbage(before: int, allocated=None, collect=gc.collect) -> bool:
+def collect_warm_up_garbage(before: int, allocated=None, collect=gc.collect, full: bool = True) -> bool:
     """Free what the warm-up runs left in reference cycles, so that the cache can give their
     blocks back before the capture takes its own; True where a full collection ran.
 
     Why not always a full collection: it walks every Python object of the process (half a million
-    in a training process, 0.24 s on a CPU measured with the demo model loaded), and a packed run
-    captures up to 8 shapes.  The young generations hold what the warm-ups just made; only where
-    GPU memory is still allocated beyond what it was before them (`before`, bytes) does the full
-    collection run, as it always did."""
+    in a training process, 0.24 s on a CPU measured with the demo model loaded; 0.39 s of a 7.0 s
+    1B whole run on an H100, docs/benchmarks.md, 2026-12-07).  The young generations hold what the
+    warm-ups just made; only where GPU memory is still allocated beyond what it was before them
+    (`before`, bytes) and `full` (the capture is short of room: `cache_release_needed`) does the
+    full collection run.  A first capture always leaves some allocated (the side stream's cuBLAS
+    workspace, scratch buffers), so with room to spare the search would cost its time for nothing
+    the capture needs; Python's own collections free any cycles later."""
     allocated = allocated or torch.cuda.memory_allocated
     collect(1)
-    if allocated() <= before:
+    if not full or allocated() <= before:
         return False
     collect()
     return True

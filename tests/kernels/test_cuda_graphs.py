@@ -673,7 +673,8 @@ def test_release_drops_every_captured_step_and_the_pool(monkeypatch):
 
 def test_a_full_garbage_collection_runs_only_where_the_warm_ups_left_memory():
     """Before a capture the warm-ups' garbage goes: the young generations always, a full collection
-    (every object of the process) only where GPU memory is still allocated beyond the baseline."""
+    (every object of the process) only where GPU memory is still allocated beyond the baseline and
+    the capture is short of room."""
     calls = []
 
     def collect(generation=2):
@@ -686,6 +687,11 @@ def test_a_full_garbage_collection_runs_only_where_the_warm_ups_left_memory():
     left = iter([1500])  # a cycle still holds a warm-up's tensor after the young collection
     assert cg.collect_warm_up_garbage(1000, allocated=lambda: next(left), collect=collect) is True
     assert calls == [1, 2]
+    calls.clear()
+    # with room to spare for the capture (full=False) memory left allocated is no reason to search
+    # every object: a first capture always leaves some (cuBLAS workspace, scratch buffers)
+    assert cg.collect_warm_up_garbage(1000, allocated=lambda: 1500, collect=collect, full=False) is False
+    assert calls == [1]
 
 
 def test_keys_known_to_recur_are_captured_at_their_first_sighting(monkeypatch):
