@@ -46,13 +46,22 @@ def _where(frames: list[dict]) -> str:
 
 
 def _outside_torch(f: dict) -> bool:
+    """A frame of neither torch nor Python's standard library.  Judged by the path inside the
+    environment's packages folder, since the environment itself may live under a folder named
+    `torch` or `python3.x` (a venv in /opt/torch/.venv/lib/python3.12/site-packages), whose
+    libraries' frames (transformers') are exactly what --frames is for."""
     name = f["filename"]
-    return "/torch/" not in name and not name.startswith("<") and "/python3" not in name
+    if name.startswith("<"):
+        return False
+    for root in ("/site-packages/", "/dist-packages/"):
+        if root in name:
+            return not name.rsplit(root, 1)[-1].startswith("torch/")
+    return "/torch/" not in name and "/python3" not in name
 
 
 def _short(filename: str) -> str:
     """A frame's file relative to its package root: `transformers/...`, `sftop/...`."""
-    for root in ("/sftop/", "/site-packages/"):
+    for root in ("/sftop/", "/site-packages/", "/dist-packages/"):
         if root in filename:
             rest = filename.rsplit(root, 1)[-1]
             return f"sftop/{rest}" if root == "/sftop/" else rest

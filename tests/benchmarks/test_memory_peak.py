@@ -63,6 +63,24 @@ def test_live_blocks_by_their_innermost_library_frames():
     }
 
 
+def test_library_frames_count_in_an_environment_under_a_torch_or_python3_folder():
+    """A venv at /opt/torch/.venv/lib/python3.12/site-packages: transformers' frames are still a
+    library's, torch's own and the standard library's are not (they once hid every transformers
+    line, leaving sftop's call of the backbone as the innermost frame)."""
+    env = "/opt/torch/.venv/lib/python3.12/site-packages"
+    frames = [
+        {"filename": f"{env}/torch/nn/modules/sparse.py", "line": 190, "name": "forward"},
+        {"filename": "/usr/lib/python3.12/contextlib.py", "line": 81, "name": "inner"},
+        {"filename": f"{env}/transformers/models/qwen2_5_vl/modeling.py", "line": 1201, "name": "forward"},
+        {"filename": "/work/repo/sftop/kernels/patching/parts/loss.py", "line": 62, "name": "_forward"},
+    ]
+    assert [memory_peak._outside_torch(f) for f in frames] == [False, False, True, True]
+    trace = [{"action": "alloc", "addr": 1, "size": 16, "frames": frames}]
+    assert memory_peak.peak_blocks(trace, depth=2)[2] == {
+        "transformers/models/qwen2_5_vl/modeling.py:1201 < sftop/kernels/patching/parts/loss.py:62": 16
+    }
+
+
 def test_pool_reservations_split_the_ordinary_cache_from_each_graph_pool():
     segments = [
         {"segment_pool_id": (0, 0), "total_size": 100, "allocated_size": 40},
