@@ -746,9 +746,9 @@ def cache_release_needed() -> bool:
     device's free memory (under a cap, the room left under it) does not hold what a capture asks
     for.  While a stream captures, the allocator cannot free cached blocks to make room, so under
     a tight plan they must go before; elsewhere giving them back only makes the eager steps after
-    the capture allocate them again.  (A capture's clean-up, this and the garbage collection
-    together, took 66 ms on average in a 1B whole run on an H100, docs/benchmarks.md, 2026-12-07;
-    how much of it was this is not measured.)"""
+    the capture allocate them again.  (With room to spare neither this nor the full garbage
+    collection runs: a capture's clean-up took 1 ms in a 1B whole run on an H100, where the
+    collection alone had taken 0.39 s, docs/benchmarks.md, 2026-12-07.)"""
     free, _cached, need = _capture_room()
     return free < need
 

@@ -29,7 +29,8 @@ def vlm_kernel_parts(model) -> tuple[str, ...]:
     """VLM_KERNEL_PARTS, and the fused loss where a kernel family file describes this VLM itself
     (sftop/kernels/patching/families/): its loss part knows the model's own forward.  With
     SFTOP_CHUNKED_MLP=1 such a VLM's layers also get lean recomputation, which hands their MLPs the
-    layer run the chunked MLP needs (docs/kernels.md; off by default until measured on a GPU)."""
+    layer run the chunked MLP needs (docs/kernels.md; off by default: on a GPU it saved little at a
+    cost in speed)."""
     from sftop.kernels.constants import CHUNKED_MLP_ENV
     from sftop.kernels.env import env_flag
     from sftop.kernels.patching.registry import MULTIMODAL
