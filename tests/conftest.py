@@ -37,3 +37,21 @@ def home(sftop_home, monkeypatch):
     monkeypatch.setenv("SFTOP_HOME", str(sftop_home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # these tests never touch the hub
     return sftop_home
+
+
+@pytest.fixture
+def gate_up_chunks(monkeypatch):
+    """How often the chunked LoRA MLP (SFTOP_CHUNKED_MLP) computes a token chunk's gate and up, by
+    where: a checkpoint's recomputation, or the first run and backward."""
+    import sftop.kernels.lora_mlp as lm
+    from sftop.kernels import recompute
+
+    counts = {"first run or backward": 0, "recomputation": 0}
+    real = lm._gate_up_chunk
+
+    def counted(*args):
+        counts["recomputation" if recompute.recomputing() else "first run or backward"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(lm, "_gate_up_chunk", counted)
+    return counts
