@@ -36,11 +36,12 @@ class UpdateGuard(TrainerCallback):
     transformers skips it after an fp16 overflow.
 
     Read one step late (`lag=True`, with torch's fused AdamW without fp16's grad scaler, a LambdaLR
-    schedule and one process; step_readback.py says why): the verdict goes to the optimizer on the device (`found_inf`: the
-    fused update skips itself and takes its step counts back) and to the host at the next step's
-    update, which then takes back the scheduler step the bad update had. Inside a streak of bad
-    updates, and wherever a checkpoint, an evaluation or the end of the run needs it (`settle`), the
-    verdict is read at once, so a run stops and saves at the same steps either way.
+    schedule and one process; step_readback.py says why): the verdict goes to the optimizer on the
+    device (`found_inf`: the fused update skips itself and takes its step counts back) and to the
+    host at the next step's update, which then takes back the scheduler step the bad update had.
+    Inside a streak of bad updates, and wherever a checkpoint, an evaluation or the end of the run
+    needs it (`settle`), the verdict is read at once, so a run stops and saves at the same steps
+    either way.
     """
 
     def __init__(self, max_bad_steps: int, lag: bool = False):
