@@ -128,7 +128,11 @@ def main(argv=None) -> int:
         "reserved already and what the trace shows is the memory outside them",
     )
     ap.add_argument("--4bit", dest="four_bit", action="store_true")
-    ap.add_argument("--path", default="sftop", choices=["stock", "sftop", "sftop-eager", "sftop-small-loss-chunk"])
+    ap.add_argument(
+        "--path",
+        default="sftop",
+        choices=["stock", "sftop", "sftop-eager", "sftop-small-loss-chunk", "sftop-stock-merge"],
+    )
     ap.add_argument("--checkpointing", choices=["on", "offload"], default="offload")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument(

@@ -326,6 +326,11 @@ def _build(args, path: str):
                 from sftop.kernels.patching.towers import patch_towers
 
                 report["vision_parts"] = patch_towers(model, enable=False)
+            if path == "sftop-stock-merge":  # transformers' masked_scatter merge of the image features
+                from sftop.kernels.patching.image_merge import unpatch_image_merge
+
+                unpatch_image_merge(model)
+                report["vision_parts"]["image_merge"] = "stock: taken off for the comparison"
         else:
             report = patch_model(model).to_dict()
         # as in `sftop run`, where Trainer enables checkpointing on the patched model
@@ -640,6 +645,7 @@ PATHS = (
     "sftop-chunked-mlp",
     "sftop-small-loss-chunk",
     "sftop-default-loss-chunk",
+    "sftop-stock-merge",
     "unsloth",
 )
 
@@ -693,6 +699,8 @@ def main(argv=None) -> int:
         "sftop-small-loss-chunk (sftop with the fused loss's logits in 64 MiB chunks, the planner's small "
         "chunk, instead of 256 MiB; a vision shape's sftop path takes them already while its graphs are on, "
         "as `sftop run` does), sftop-default-loss-chunk (vision shapes: sftop with 256 MiB chunks), "
+        "sftop-stock-merge (vision shapes: sftop with transformers' masked_scatter merge of the image "
+        "features instead of part image_merge), "
         "unsloth (Unsloth's recipe in its own process; see --peer-pythonpath)",
     )
     ap.add_argument("--peer-pythonpath", default="", help=unsloth_peer.HELP)

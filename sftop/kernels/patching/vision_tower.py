@@ -16,7 +16,10 @@ Parts (each reported "fused" or "stock: why", like patch_model's):
     (patching/vision_graphs.py; on unless SFTOP_VISION_GRAPHS=0);
   * language_graphs: not a tower part, but the same switch: the model's Qwen2.5-VL language layers
     replayed from CUDA graphs, their gradient handed back to the image embeddings
-    (patching/language_graphs.py).
+    (patching/language_graphs.py);
+  * image_merge: not a tower part either: the model's image and video features written into the
+    token embeddings by row rather than by transformers' masked_scatter, whose prefix sum over
+    every element of the embeddings sat at the step's peak (patching/image_merge.py).
 
 Only modules inside a tower are touched; the language model is patch_model's.  As there, module
 instances get a new `forward` that calls back into the originals (the same `set_forward`,
@@ -41,6 +44,7 @@ from .._runtime import kernels_available
 from . import markers as M
 from .forwards import restore_forward, set_forward
 from .towers import apply_parts
+from .image_merge import patch_image_merge, unpatch_image_merge
 from .language_graphs import patch_language_graphs, unpatch_language_graphs
 from .vision_graphs import patch_graphs
 
@@ -54,9 +58,10 @@ VISION_PARTS = (
     "vision_patch_embed",
     "vision_graphs",
     "language_graphs",
+    "image_merge",
 )
-# the parts applied per tower; language_graphs takes the model's language layers (language_graphs.py)
-TOWER_PARTS = VISION_PARTS[:-1]
+# the parts applied per tower; language_graphs and image_merge take the model (their own modules)
+TOWER_PARTS = VISION_PARTS[:-2]
 
 _ATTN_ORIG = M.VISION_ATTN_IMPLEMENTATION
 _ROPE_FN = "apply_rotary_pos_emb_vision"
@@ -330,6 +335,7 @@ def patch_vision_tower(model: nn.Module, *, enable: bool = True) -> dict[str, st
                 restore_forward(m)
             _restore_attention(tower)
         unpatch_language_graphs(model)
+        unpatch_image_merge(model)
         return {p: "stock: disabled" for p in VISION_PARTS}
     if not towers:
         return {p: f"stock: no vision tower sftop knows (known: {', '.join(sorted(TOWERS))})" for p in VISION_PARTS}
@@ -338,4 +344,8 @@ def patch_vision_tower(model: nn.Module, *, enable: bool = True) -> dict[str, st
         report["language_graphs"] = patch_language_graphs(model)
     except Exception as exc:  # noqa: BLE001 - like a tower part: reported stock, never taking the others down
         report["language_graphs"] = f"stock: patch failed ({type(exc).__name__}: {exc})"
+    try:
+        report["image_merge"] = patch_image_merge(model)
+    except Exception as exc:  # noqa: BLE001 - as above
+        report["image_merge"] = f"stock: patch failed ({type(exc).__name__}: {exc})"
     return report
