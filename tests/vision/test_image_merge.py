@@ -149,3 +149,32 @@ def test_calls_it_does_not_take_go_to_the_stock_forward(name, monkeypatch):
 def test_other_models_are_reported_stock_with_why():
     gemma = family("gemma3").tiny_model(seed=1)
     assert IM.patch_image_merge(gemma) == "stock: only Qwen2VLModel and Qwen2_5_VLModel merge image features this way"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_merge_is_exact_and_allocates_no_prefix_sum():
+    """Qwen2.5-VL-3B's step shape (4 rows of 1,024 tokens, hidden 2,048, 256 image tokens a row) in
+    bf16: the rows equal masked_scatter's, and the merge allocates its output and a row index only,
+    where masked_scatter also takes a contiguous mask and an int64 prefix sum of every element."""
+    batch, tokens, hidden = 4, 1024, 2048
+    g = torch.Generator("cuda").manual_seed(0)
+    embeds = torch.randn(batch, tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
+    placeholders = torch.zeros(batch, tokens, dtype=torch.bool, device="cuda")
+    placeholders[:, 10:266] = True
+    features = torch.randn(batch * 256, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def transient(fn) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - before
+
+    ours, ours_bytes = transient(lambda: IM.merge_rows(embeds, placeholders, features, "pixel_values"))
+    stock, stock_bytes = transient(lambda: embeds.masked_scatter(placeholders[..., None], features))
+    assert torch.equal(ours, stock)
+    output = embeds.numel() * embeds.element_size()  # 16 MiB
+    assert ours_bytes <= output + 2 * 2**20  # the output, the row index (32 KiB) and the allocator's rounding
+    assert stock_bytes >= output + 8 * embeds.numel()  # the prefix sum alone: 64 MiB

@@ -3,9 +3,9 @@ embeddings by row, not by transformers' `masked_scatter`.
 
 Why: transformers merges them with `inputs_embeds.masked_scatter(mask, features)`, where the mask
 is the placeholder tokens' [batch, tokens, 1] broadcast to the embeddings' [batch, tokens, hidden].
-On CUDA that op makes the broadcast mask contiguous and takes an int64 prefix sum over every one
-of its elements: for 4 rows of 1,024 tokens at Qwen2.5-VL-3B's hidden size of 2,048, 8 MiB of mask
-and 64 MiB of prefix sum beside the two embedding tensors.  With the tower and the language layers
+On CUDA that op takes an int64 prefix sum of the embeddings' full shape (`empty(self.sizes(),
+kLong)` in torch's kernel): for 4 rows of 1,024 tokens at Qwen2.5-VL-3B's hidden size of 2,048,
+64 MiB beside the two embedding tensors.  With the tower and the language layers
 replayed from CUDA graphs, this eager moment before the language layers is where a step's
 allocations outside the graphs' pool peak (docs/benchmarks.md), so every one of those bytes adds
 to the step's peak.
