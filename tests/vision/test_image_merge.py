@@ -164,7 +164,7 @@ def test_gpu_merge_is_exact_and_allocates_no_prefix_sum():
     placeholders[:, 10:266] = True
     features = torch.randn(batch * 256, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
 
-    def transient(fn) -> int:
+    def transient(fn) -> tuple[torch.Tensor, int]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
