@@ -75,22 +75,21 @@ def _forward(self, base, *args, **kwargs):
         or all(kwargs.get(values_key) is None for values_key, *_ in _MODALITIES)
     ):
         return base(input_ids=input_ids, **kwargs)
-    call = dict(kwargs)
     # the stock forward hands what its signature does not name on to the feature methods
     named = _named_arguments(type(self), "forward")
-    features_kwargs = {k: v for k, v in call.items() if k not in named}
+    features_kwargs = {k: v for k, v in kwargs.items() if k not in named}
     embeds = self.get_input_embeddings()(input_ids)
     for values_key, grid_key, token_key, method in _MODALITIES:
-        values = call.pop(values_key, None)
+        values = kwargs.pop(values_key, None)
         if values is None:
             continue
-        features = getattr(self, method)(values, call.get(grid_key), **features_kwargs).pooler_output
+        features = getattr(self, method)(values, kwargs.get(grid_key), **features_kwargs).pooler_output
         features = torch.cat(list(features), dim=0).to(embeds.device, embeds.dtype)
         embeds = merge_rows(embeds, input_ids == getattr(self.config, token_key), features, values_key)
-    if call.get("position_ids") is None:
-        call["position_ids"] = _positions(self, input_ids, embeds, call)
-    call["inputs_embeds"] = embeds
-    return base(input_ids=None, **call)
+    if kwargs.get("position_ids") is None:
+        kwargs["position_ids"] = _positions(self, input_ids, embeds, kwargs)
+    kwargs["inputs_embeds"] = embeds
+    return base(input_ids=None, **kwargs)
 
 
 _NAMED: dict[tuple[type, str], frozenset[str]] = {}

@@ -50,18 +50,18 @@ from .vision_graphs import patch_graphs
 
 FUSED = "fused"
 # vision_graphs last: it needs vision_attention's one-launch attention in place
-VISION_PARTS = (
+# the parts applied per tower
+TOWER_PARTS = (
     "vision_attention",
     "vision_rope",
     "vision_rms_norm",
     "vision_mlp",
     "vision_patch_embed",
     "vision_graphs",
-    "language_graphs",
-    "image_merge",
 )
-# the parts applied per tower; language_graphs and image_merge take the model (their own modules)
-TOWER_PARTS = VISION_PARTS[:-2]
+# the parts applied to the whole model: they take its own modules (language_graphs.py, image_merge.py)
+MODEL_PARTS = ("language_graphs", "image_merge")
+VISION_PARTS = TOWER_PARTS + MODEL_PARTS
 
 _ATTN_ORIG = M.VISION_ATTN_IMPLEMENTATION
 _ROPE_FN = "apply_rotary_pos_emb_vision"
@@ -322,6 +322,7 @@ _PATCHERS = {
     "vision_patch_embed": _patch_patch_embed,
     "vision_graphs": patch_graphs,
 }
+_MODEL_PATCHERS = {"language_graphs": patch_language_graphs, "image_merge": patch_image_merge}
 
 
 def patch_vision_tower(model: nn.Module, *, enable: bool = True) -> dict[str, str]:
@@ -340,12 +341,5 @@ def patch_vision_tower(model: nn.Module, *, enable: bool = True) -> dict[str, st
     if not towers:
         return {p: f"stock: no vision tower sftop knows (known: {', '.join(sorted(TOWERS))})" for p in VISION_PARTS}
     report = apply_parts(TOWER_PARTS, _PATCHERS, towers)
-    try:
-        report["language_graphs"] = patch_language_graphs(model)
-    except Exception as exc:  # noqa: BLE001 - like a tower part: reported stock, never taking the others down
-        report["language_graphs"] = f"stock: patch failed ({type(exc).__name__}: {exc})"
-    try:
-        report["image_merge"] = patch_image_merge(model)
-    except Exception as exc:  # noqa: BLE001 - as above
-        report["image_merge"] = f"stock: patch failed ({type(exc).__name__}: {exc})"
+    report.update(apply_parts(MODEL_PARTS, _MODEL_PATCHERS, [(model,)]))
     return report
